@@ -1,0 +1,718 @@
+"""The ``postlane`` command line: argument parsing and output, nothing else.
+
+Every command calls the same :class:`postlane.app.AsyncPostlane` the HTTP API calls. Listings take
+``--json`` (one JSON document on stdout). Errors are one line on stderr and a non-zero exit; a
+traceback only with ``--debug`` (or ``POSTLANE_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from postlane.app import AsyncPostlane
+from postlane.classify import ReplyClass, classify
+from postlane.config import Config, format_duration, load_config, parse_duration
+from postlane.errors import PostlaneError, ValidationError
+from postlane.message import Attachment, Lane, Message, RecipientState
+from postlane.records import MessageView, Selector
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+
+out = Console(highlight=False, soft_wrap=True)
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+
+
+class _State:
+    def __init__(self) -> None:
+        self.config_path: str | None = None
+        self.debug = False
+        self._config: Config | None = None
+
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+
+def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        ctx.ensure_object(_State).config_path = value
+    return value
+
+
+def config_option(func: F) -> F:
+    """``--config`` accepted after the command too (``postlane queue list --config x.toml``)."""
+    return click.option(
+        "--config",
+        "config_after",
+        metavar="PATH",
+        expose_value=False,
+        is_eager=True,
+        callback=_remember_config,
+        help="Configuration file (also accepted before the command).",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")(
+        func
+    )
+
+
+def state() -> _State:
+    return click.get_current_context().ensure_object(_State)
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+async def _with_app(action: Callable[[AsyncPostlane], Coroutine[Any, Any, T]]) -> T:
+    async with AsyncPostlane(state().config()) as app:
+        return await action(app)
+
+
+def with_app(action: Callable[[AsyncPostlane], Coroutine[Any, Any, T]]) -> T:
+    return run_async(_with_app(action))
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def age(seconds: float) -> str:
+    return format_duration(seconds) if seconds > 0 else "0s"
+
+
+def _lanes(values: Sequence[str]) -> tuple[Lane, ...]:
+    try:
+        return tuple(Lane(v.lower()) for v in values)
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (lanes are high, normal, low)") from None
+
+
+def _states(values: Sequence[str]) -> tuple[RecipientState, ...]:
+    try:
+        return tuple(RecipientState(v.lower()) for v in values)
+    except ValueError:
+        known = ", ".join(s.value for s in RecipientState)
+        raise click.BadParameter(f"unknown state (states are {known})") from None
+
+
+def _classes(values: Sequence[str]) -> tuple[ReplyClass, ...]:
+    try:
+        return tuple(ReplyClass(v.lower()) for v in values)
+    except ValueError:
+        known = ", ".join(c.value for c in ReplyClass)
+        raise click.BadParameter(f"unknown class (classes are {known})") from None
+
+
+def _older_than(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    import time
+
+    return time.time() - seconds
+
+
+def selector_options(func: F) -> F:
+    """exiqgrep's habits: every selector narrows the set."""
+    options = [
+        click.option("--lane", "lanes", multiple=True, help="high, normal or low (repeatable)."),
+        click.option("--state", "states", multiple=True, help="Recipient state (repeatable)."),
+        click.option("--domain", "domains", multiple=True, help="Recipient domain (repeatable)."),
+        click.option("--class", "classes", multiple=True, help="Class of the last reply."),
+        click.option("--older-than", metavar="DURATION", help='Arrived before, e.g. "2h".'),
+        click.option("--sender", metavar="ADDR", help="Envelope sender."),
+        click.option("--recipient", metavar="ADDR", help="Recipient address."),
+        click.option(
+            "--metadata", "metadata", multiple=True, metavar="KEY=VALUE", help="Metadata match."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_selector(
+    ids: Sequence[str] = (),
+    *,
+    all_: bool = False,
+    lanes: Sequence[str] = (),
+    states: Sequence[str] = (),
+    domains: Sequence[str] = (),
+    classes: Sequence[str] = (),
+    older_than: str | None = None,
+    sender: str | None = None,
+    recipient: str | None = None,
+    metadata: Sequence[str] = (),
+) -> Selector:
+    pairs: dict[str, str] = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--metadata")
+        pairs[key] = value
+    return Selector(
+        ids=tuple(ids),
+        all=all_,
+        lanes=_lanes(lanes),
+        states=_states(states),
+        domains=tuple(d.lower() for d in domains),
+        classes=_classes(classes),
+        older_than=_older_than(older_than),
+        sender=sender,
+        recipient=recipient,
+        metadata=pairs,
+    )
+
+
+# -- the group ---------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--config",
+    metavar="PATH",
+    envvar="POSTLANE_CONFIG",
+    help="Configuration file (default: $POSTLANE_CONFIG, else ./postlane.toml, else defaults).",
+)
+@click.option("--debug", is_flag=True, envvar="POSTLANE_DEBUG", help="Tracebacks and debug logs.")
+@click.version_option(package_name="postlane")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, debug: bool) -> None:
+    """postlane: a durable outbound email queue."""
+    st = ctx.ensure_object(_State)
+    if config is not None and st.config_path is None:
+        st.config_path = config
+    st.debug = debug
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not debug:
+        for noisy in ("aiosmtplib", "mail.log", "uvicorn.access", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- serve, worker -----------------------------------------------------------------------------
+
+
+@cli.command()
+@config_option
+def serve() -> None:
+    """Worker + HTTP API + metrics + SMTP submission, in one process."""
+    from postlane import serve as service
+
+    st = state()
+    _setup_logging(st.debug)
+    run_async(service.run(st.config(), ingest=True))
+
+
+@cli.command()
+@config_option
+@click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
+def worker(burst: bool) -> None:
+    """Delivery only (run several against one PostgreSQL to scale out)."""
+    from postlane import serve as service
+
+    st = state()
+    _setup_logging(st.debug)
+    if burst:
+        run_async(_burst(st.config()))
+    else:
+        run_async(service.run(st.config(), ingest=False))
+
+
+async def _burst(config: Config) -> None:
+    from postlane.transports import transport_for
+    from postlane.worker import Worker
+
+    transport = transport_for(config)
+    async with AsyncPostlane(config) as app:
+        worker = Worker.from_config(config, app.store, transport, clock=app.clock)
+        await worker.reclaim_dead_owners()
+        try:
+            attempts = await worker.run_until_idle()
+        finally:
+            await transport.close()
+        click.echo(f"{attempts} attempt(s), {worker.sent} delivered", err=True)
+
+
+# -- send --------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _text(path: str) -> str:
+    try:
+        return _read(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path} is not UTF-8 text") from None
+
+
+def _headers(values: Sequence[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not 'Name: value'", param_hint="--header")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+@cli.command()
+@config_option
+@click.option("--from", "sender", metavar="ADDR", help="Sender (taken from --eml when omitted).")
+@click.option("--to", "to", multiple=True, metavar="ADDR", help="Recipient (repeatable).")
+@click.option("--cc", multiple=True, metavar="ADDR", help="Cc recipient (repeatable).")
+@click.option("--bcc", multiple=True, metavar="ADDR", help="Bcc recipient, never in headers.")
+@click.option("--subject", help="Subject line.")
+@click.option("--text", help="Plain-text body.")
+@click.option("--text-file", metavar="FILE", help="Plain-text body from a file ('-': stdin).")
+@click.option("--html-file", metavar="FILE", help="HTML body from a file.")
+@click.option("--eml", metavar="FILE", help="A complete RFC 5322 message ('-': stdin).")
+@click.option("--attach", multiple=True, metavar="FILE", help="Attach a file (repeatable).")
+@click.option("--lane", default="normal", show_default=True, help="high, normal or low.")
+@click.option("--idempotency-key", metavar="KEY", help="Enqueue at most once per key.")
+@click.option("--header", "header", multiple=True, metavar='"K: V"', help="Extra header.")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Free metadata.")
+@json_option
+def send(
+    sender: str | None,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    subject: str | None,
+    text: str | None,
+    text_file: str | None,
+    html_file: str | None,
+    eml: str | None,
+    attach: tuple[str, ...],
+    lane: str,
+    idempotency_key: str | None,
+    header: tuple[str, ...],
+    metadata: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Enqueue a message; prints its id once it is durably stored."""
+    if text is not None and text_file is not None:
+        raise click.UsageError("give --text or --text-file, not both")
+    meta: dict[str, str] = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--metadata")
+        meta[key] = value
+    if eml is not None:
+        message = Message(
+            sender=sender or "",
+            to=to,
+            cc=cc,
+            bcc=bcc,
+            raw=_read(eml),
+            lane=lane,
+            idempotency_key=idempotency_key,
+            metadata=meta,
+        )
+        if subject or text or text_file or html_file or header or attach:
+            raise click.UsageError("--eml carries its own subject, body and headers")
+    else:
+        if not sender:
+            raise click.UsageError("--from is required (or give --eml)")
+        body = _text(text_file) if text_file else text
+        if body is None and html_file is None and not attach and not sys.stdin.isatty():
+            body = sys.stdin.read()
+        message = Message(
+            sender=sender,
+            to=to,
+            cc=cc,
+            bcc=bcc,
+            subject=subject,
+            text=body,
+            html=_text(html_file) if html_file else None,
+            attachments=[_attachment(path) for path in attach],
+            headers=_headers(header),
+            lane=lane,
+            idempotency_key=idempotency_key,
+            metadata=meta,
+        )
+
+    result = with_app(lambda app: app.send(message))
+    if as_json:
+        print_json(result.as_json())
+    else:
+        click.echo(result.id)
+        if result.duplicate:
+            click.echo(f"duplicate: idempotency key already used by {result.id}", err=True)
+
+
+def _attachment(path: str) -> Attachment:
+    import mimetypes
+
+    content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    return Attachment(filename=Path(path).name, content=_read(path), content_type=content_type)
+
+
+# -- queue -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def queue() -> None:
+    """Look at and act on the queue (postqueue, postsuper, exim -bp)."""
+
+
+@queue.command("list")
+@config_option
+@selector_options
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000))
+@json_option
+def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
+    """List messages not yet finished (--state sent/dead for the others)."""
+    selector = build_selector(**selectors)
+    messages = with_app(lambda app: app.list(selector, limit=limit))
+    if as_json:
+        print_json([m.as_json() for m in messages])
+        return
+    if not messages:
+        out.print("Mail queue is empty")
+        return
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for column in ("Queue ID", "Lane", "Size", "Arrival", "Sender / Recipients"):
+        table.add_column(column, no_wrap=column != "Sender / Recipients")
+    for message in messages:
+        table.add_row(
+            message.id,
+            message.lane.value,
+            str(message.size),
+            when(message.created_at),
+            _recipients_cell(message),
+        )
+    out.print(table)
+    total = sum(len(m.recipients) for m in messages)
+    size_kb = sum(m.size for m in messages) / 1024
+    out.print(f"-- {size_kb:.0f} Kbytes in {len(messages)} messages, {total} recipients")
+
+
+def _recipients_cell(message: MessageView) -> Text:
+    cell = Text(message.sender)
+    for r in message.recipients:
+        cell.append(f"\n  {r.address} ", style="")
+        cell.append(f"[{r.state.value}", style=_STATE_STYLE.get(r.state, ""))
+        if r.attempts:
+            cell.append(f", {r.attempts} attempt(s)")
+        if r.state is RecipientState.DEFERRED and r.next_attempt_at:
+            cell.append(f", next {when(r.next_attempt_at)}")
+        cell.append("]", style=_STATE_STYLE.get(r.state, ""))
+        if r.last_response is not None and r.state is not RecipientState.SENT:
+            reply = r.last_response
+            code = " ".join(str(x) for x in (reply.code, reply.enhanced) if x)
+            cell.append(f"\n    ({code} {reply.text.splitlines()[0] if reply.text else ''})".rstrip())
+    return cell
+
+
+_STATE_STYLE = {
+    RecipientState.SENT: "green",
+    RecipientState.DEAD: "red",
+    RecipientState.DEFERRED: "yellow",
+    RecipientState.HELD: "magenta",
+    RecipientState.SUPPRESSED: "dim",
+}
+
+
+@queue.command("show")
+@config_option
+@click.argument("queue_id", metavar="ID")
+@click.option("--raw", is_flag=True, help="Print the stored message bytes (postcat -q).")
+@json_option
+def queue_show(queue_id: str, raw: bool, as_json: bool) -> None:
+    """One message and each recipient's attempt history."""
+    if raw:
+        content = with_app(lambda app: app.content(queue_id))
+        sys.stdout.buffer.write(content)
+        return
+    message = with_app(lambda app: app.get(queue_id, history=True))
+    if as_json:
+        print_json(message.as_json())
+        return
+    out.print(f"[bold]{message.id}[/]  {message.state.value}  lane {message.lane.value}")
+    for label, value in (
+        ("Message-ID", message.message_id),
+        ("From", message.sender),
+        ("Subject", message.subject),
+        ("Arrived", when(message.created_at)),
+        ("Size", f"{message.size} bytes"),
+        ("Idempotency key", message.idempotency_key or "-"),
+    ):
+        out.print(f"  {label + ':':<17}{value}", markup=False)
+    if message.metadata:
+        out.print(f"  {'Metadata:':<17}{json.dumps(dict(message.metadata))}", markup=False)
+    for r in message.recipients:
+        out.print()
+        line = Text(f"  {r.address}  ")
+        line.append(r.state.value, style=_STATE_STYLE.get(r.state, ""))
+        line.append(f"  attempts {r.attempts}  destination {r.destination}")
+        if r.state in (RecipientState.DEFERRED, RecipientState.QUEUED) and r.next_attempt_at:
+            line.append(f"  next {when(r.next_attempt_at)}")
+        if r.reason:
+            line.append(f"  ({r.reason})")
+        out.print(line)
+        if r.history:
+            table = Table(box=None, show_edge=False, padding=(0, 1), header_style="dim")
+            for column in ("at", "class", "code", "text", "ms", "relay"):
+                table.add_column(column)
+            for a in r.history:
+                code = " ".join(str(x) for x in (a.code, a.enhanced) if x)
+                table.add_row(when(a.at), a.cls.value, code, a.text, str(a.duration_ms), a.relay)
+            out.print(table)
+
+
+# -- stats -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@config_option
+@json_option
+def stats(as_json: bool) -> None:
+    """Depth and oldest age by lane, counts by state (qshape's first question)."""
+    result = with_app(lambda app: app.stats())
+    if as_json:
+        print_json(result.as_json())
+        return
+    table = Table(header_style="bold")
+    for column in ("lane", "ready", "deferred", "held", "sending", "oldest"):
+        table.add_column(column, justify="right" if column != "lane" else "left")
+    for lane in Lane:
+        s = result.lanes[lane]
+        table.add_row(
+            lane.value, str(s.ready), str(s.deferred), str(s.held), str(s.sending),
+            age(s.oldest_age_seconds),
+        )
+    out.print(table)
+    out.print(
+        f"sent {result.sent}   dead {result.dead}   suppressed {result.suppressed}   "
+        f"suppression list {result.suppression_list}"
+    )
+
+
+# -- classify ----------------------------------------------------------------------------------
+
+
+@cli.command("classify")
+@config_option
+@click.argument("reply")
+@json_option
+def classify_command(reply: str, as_json: bool) -> None:
+    """Classify one server reply ('-' reads it from stdin) and say which rule decided."""
+    if reply == "-":
+        reply = sys.stdin.read()
+    reply = reply.replace("\\r\\n", "\n").replace("\\n", "\n")
+    verdict = classify(reply)
+    if as_json:
+        data = {"class": verdict.cls.value, "code": verdict.code, "enhanced": verdict.enhanced}
+        data["rule"] = verdict.rule
+        explanation = getattr(verdict, "explanation", "")
+        if explanation:
+            data["explanation"] = explanation
+        print_json(data)
+        return
+    code = " ".join(str(x) for x in (verdict.code, verdict.enhanced) if x) or "no code"
+    out.print(f"[bold]{verdict.cls.value}[/]  ({code})", markup=True)
+    explanation = getattr(verdict, "explanation", "") or ""
+    out.print(f"rule: {verdict.rule}" + (f": {explanation}" if explanation else ""), markup=False)
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: recipients that will not be retried, with their full failure context."""
+
+
+@dlq.command("list")
+@config_option
+@selector_options
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000))
+@json_option
+def dlq_list(limit: int, as_json: bool, **selectors: Any) -> None:
+    """Dead letters, newest first (one row per dead recipient)."""
+    selectors["states"] = ()
+    selector = build_selector(**selectors)
+    letters = with_app(lambda app: app.dead_letters(selector, limit=limit))
+    if as_json:
+        print_json([d.as_json() for d in letters])
+        return
+    if not letters:
+        out.print("No dead letters")
+        return
+    table = Table(box=None, show_edge=False, header_style="bold")
+    for column in ("Queue ID", "Recipient", "Class", "Attempts", "Died", "Last reply"):
+        table.add_column(column, no_wrap=column != "Last reply")
+    for d in letters:
+        reply = d.last_response
+        text = ""
+        if reply is not None:
+            text = " ".join(str(x) for x in (reply.code, reply.enhanced) if x)
+            text = f"{text} {reply.text.splitlines()[0] if reply.text else ''}".strip()
+        if d.reason and not text:
+            text = d.reason
+        table.add_row(d.id, d.address, d.cls.value, str(d.attempts), when(d.dead_at), text)
+    out.print(table)
+    out.print(f"-- {len(letters)} dead recipient(s)")
+
+
+@dlq.command("show")
+@config_option
+@click.argument("queue_id", metavar="ID")
+@json_option
+def dlq_show(queue_id: str, as_json: bool) -> None:
+    """A message's dead recipients with every attempt."""
+    letters = with_app(lambda app: app.dead_letter(queue_id))
+    if as_json:
+        print_json([d.as_json() for d in letters])
+        return
+    for d in letters:
+        out.print(f"[bold]{d.id}[/] {d.address}  [red]{d.cls.value}[/]  died {when(d.dead_at)}")
+        out.print(f"  from {d.sender}, subject {d.subject!r}, lane {d.lane.value}", markup=False)
+        if d.reason:
+            out.print(f"  reason: {d.reason}", markup=False)
+        for a in d.history or ():
+            code = " ".join(str(x) for x in (a.code, a.enhanced) if x)
+            out.print(
+                f"  {when(a.at)}  {a.cls.value:<13} {code:<10} {a.text}  "
+                f"[{a.relay} -> {a.destination}, {a.duration_ms} ms]",
+                markup=False,
+            )
+
+
+# -- suppression -------------------------------------------------------------------------------
+
+
+@cli.group()
+def suppress() -> None:
+    """The suppression list: addresses never attempted again (hard bounces land here)."""
+
+
+@suppress.command("list")
+@config_option
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@json_option
+def suppress_list(limit: int, as_json: bool) -> None:
+    entries = with_app(lambda app: app.suppressions(limit=limit))
+    if as_json:
+        print_json([e.as_json() for e in entries])
+        return
+    if not entries:
+        out.print("The suppression list is empty")
+        return
+    table = Table(box=None, show_edge=False, header_style="bold")
+    for column in ("Address", "Since", "Source", "Reason"):
+        table.add_column(column)
+    for e in entries:
+        reason = e.text or e.reason or ""
+        table.add_row(e.address, when(e.created_at), e.source, reason.splitlines()[0] if reason else "")
+    out.print(table)
+
+
+@suppress.command("add")
+@config_option
+@click.argument("address")
+@click.option("--reason", help="Why (kept with the entry).")
+def suppress_add(address: str, reason: str | None) -> None:
+    added = with_app(lambda app: app.suppress(address, reason=reason))
+    click.echo(f"{address}: {'added' if added else 'already suppressed'}")
+
+
+@suppress.command("remove")
+@config_option
+@click.argument("address")
+def suppress_remove(address: str) -> None:
+    removed = with_app(lambda app: app.unsuppress(address))
+    if not removed:
+        raise PostlaneError(f"{address} is not on the suppression list")
+    click.echo(f"{address}: removed")
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script: one line per error, never a traceback unless --debug."""
+    debug = os.environ.get("POSTLANE_DEBUG", "") not in ("", "0") or "--debug" in (
+        argv if argv is not None else sys.argv[1:]
+    )
+    try:
+        code = cli.main(args=argv, prog_name="postlane", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        code = 130
+    except ValidationError as exc:
+        click.echo(f"postlane: refused: {exc.message}", err=True)
+        code = EXIT_ERROR
+    except PostlaneError as exc:
+        click.echo(f"postlane: error: {exc.message}", err=True)
+        code = EXIT_ERROR
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(
+            f"postlane: internal error: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
+            err=True,
+        )
+        code = EXIT_INTERNAL
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Configuration: one TOML file, environment overrides, and defaults that work with no file at all.
+
+Lookup order: ``--config PATH``, else ``$POSTLANE_CONFIG``, else ``./postlane.toml``, else the
+built-in defaults. Durations are strings (``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"2d"``),
+sizes too (``"25MB"``). Any unknown key or bad value is a :class:`ConfigError` naming the key.
+
+Environment overrides: ``POSTLANE_<SECTION>_<KEY>`` for any scalar key (``POSTLANE_STORE_URL``,
+``POSTLANE_DELIVERY_RELAY``), and ``POSTLANE_API_TOKEN``, which adds one bearer token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from postlane.errors import ConfigError
+from postlane.message import Lane
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def parse_duration(text: str) -> float:
+    """``"1h30m"`` -> 5400.0 seconds. Raises ValueError on anything else."""
+    text = text.strip()
+    pos = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f'expected a duration like "500ms", "30s", "5m", "1h" or "2d", got {text!r}')
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of :func:`parse_duration`, for humans: 5400 -> ``"1h30m"``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    out = []
+    rest = round(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            out.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(out[:2]) or "0s"
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f'expected a size like "25MB" or "512KiB", got {text!r}')
+    unit = (match.group(2) or "B").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:8025"`` or ``"[::1]:8025"`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'expected HOST:PORT like "127.0.0.1:8025", got {text!r}')
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _duration(value: Any) -> float:
+    if not isinstance(value, str):
+        raise ValueError(f'expected a duration string like "30s" or "2d", got {value!r}')
+    return parse_duration(value)
+
+
+def _size(value: Any) -> int:
+    if not isinstance(value, str):
+        raise ValueError(f'expected a size string like "25MB", got {value!r}')
+    return parse_size(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    number = _int(value)
+    if number == 0:
+        raise ValueError("expected a positive integer, got 0")
+    return number
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"expected a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _listen(value: Any) -> str:
+    parse_listen(_str(value))
+    return str(value)
+
+
+def _durations(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f'expected a non-empty list of durations like ["1m", "5m"], got {value!r}')
+    return tuple(_duration(item) for item in value)
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return tuple(_str(item) for item in value)
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    networks = _strings(value)
+    for net in networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{net!r} is not a network like 127.0.0.0/8") from exc
+    return networks
+
+
+def _users(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f'expected a table like {{ app = "password" }}, got {value!r}')
+    return {str(name): _str(secret) for name, secret in value.items()}
+
+
+def _opt(parse: Any) -> Any:
+    def parse_optional(value: Any) -> Any:
+        return None if value in (None, "") else parse(value)
+
+    return parse_optional
+
+
+def _setting(default: Any, parse: Any, *, env: bool = True) -> Any:
+    if isinstance(default, list | dict | tuple):
+        frozen = tuple(default) if isinstance(default, list | tuple) else dict(default)
+        return field(default_factory=lambda: frozen, metadata={"parse": parse, "env": env})
+    return field(default=default, metadata={"parse": parse, "env": env})
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = _setting("sqlite:///postlane.db", _str)
+    #: sent (and suppressed) messages are removed this long after their last delivery
+    retention: float = _setting(7 * 86400.0, _duration)
+    #: dead letters are removed this long after they died, unless requeued first
+    dead_retention: float = _setting(30 * 86400.0, _duration)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    relay: str = _setting("capture://postlane-capture", _str)
+    concurrency: int = _setting(100, _positive_int)
+    lease: float = _setting(60.0, _duration)
+    #: deliveries claimed per store round trip
+    batch_size: int = _setting(50, _positive_int)
+    #: how long SIGTERM waits for in-flight sends before handing the rest back
+    shutdown_grace: float = _setting(30.0, _duration)
+    #: fallback poll when no wake-up arrives (other processes enqueueing into SQLite)
+    poll_interval: float = _setting(1.0, _duration)
+    connect_timeout: float = _setting(30.0, _duration)
+    command_timeout: float = _setting(120.0, _duration)
+    #: messages sent over one SMTP connection before it is closed and replaced
+    messages_per_connection: int = _setting(100, _positive_int)
+    #: open connections kept per relay or MX host
+    connections_per_host: int = _setting(20, _positive_int)
+    helo_name: str | None = _setting(None, _opt(_str))
+    tls_verify: bool = _setting(True, _bool)
+    #: CA bundle for outbound TLS (default: the system's)
+    tls_ca: str | None = _setting(None, _opt(_str))
+    username: str | None = _setting(None, _opt(_str))
+    password: str | None = _setting(None, _opt(_str))
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    delays: tuple[float, ...] = _setting((60.0, 300.0, 900.0, 3600.0, 14400.0), _durations)
+    max_attempts: int = _setting(8, _positive_int)
+    max_age: float = _setting(2 * 86400.0, _duration)
+    #: each delay is spread by up to this fraction either way, so retries do not come in waves
+    jitter: float = _setting(0.1, _fraction)
+
+
+@dataclass(frozen=True)
+class LaneConfig:
+    """Per-lane overrides of [retry]; None means "as [retry] says"."""
+
+    delays: tuple[float, ...] | None = _setting(None, _opt(_durations))
+    max_attempts: int | None = _setting(None, _opt(_positive_int))
+    max_age: float | None = _setting(None, _opt(_duration))
+    #: share of each claim kept for this lane when others are busy (never starved)
+    share: float | None = _setting(None, _opt(_fraction))
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = _setting("127.0.0.1:8025", _listen)
+    tokens: tuple[str, ...] = _setting((), _strings, env=False)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listen: str = _setting("127.0.0.1:2587", _listen)
+    trusted_networks: tuple[str, ...] = _setting(("127.0.0.0/8", "::1/128"), _networks)
+    users: dict[str, str] = _setting({}, _users, env=False)
+    tls_cert: str | None = _setting(None, _opt(_str))
+    tls_key: str | None = _setting(None, _opt(_str))
+    max_size: int = _setting(25 * 1000 * 1000, _size)
+    hostname: str | None = _setting(None, _opt(_str))
+
+
+_LANE_SECTIONS = tuple(lane.value for lane in Lane)
+
+
+@dataclass(frozen=True)
+class Config:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    lanes: dict[str, LaneConfig] = field(
+        default_factory=lambda: {name: LaneConfig() for name in _LANE_SECTIONS}
+    )
+    http: HttpConfig = field(default_factory=HttpConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    #: where the configuration came from, for messages ("built-in defaults" when no file)
+    source: str = "built-in defaults"
+    #: the directory relative paths are resolved against
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def resolve_path(self, path: str) -> Path:
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else self.base_dir / candidate
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "store": StoreConfig,
+    "delivery": DeliveryConfig,
+    "retry": RetryConfig,
+    "http": HttpConfig,
+    "smtp": SmtpConfig,
+}
+
+
+def _build_section(cls: type[Any], table: Any, prefix: str, env: Mapping[str, str]) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{prefix}: expected a table ([{prefix}]), got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key {prefix}.{key} (known keys in [{prefix}]: {known})")
+        values[key] = _parse_value(fields[key], raw, f"{prefix}.{key}")
+    env_prefix = "POSTLANE_" + prefix.replace(".", "_").upper() + "_"
+    for name, text in env.items():
+        if not name.startswith(env_prefix):
+            continue
+        key = name[len(env_prefix) :].lower()
+        target = fields.get(key)
+        if target is None:
+            raise ConfigError(f"unknown setting {name} (no key {prefix}.{key} to override)")
+        values[key] = _parse_env(target, text, name)
+    return cls(**values)
+
+
+def _parse_value(spec: dataclasses.Field[Any], raw: Any, name: str) -> Any:
+    try:
+        return spec.metadata["parse"](raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _parse_env(spec: dataclasses.Field[Any], text: str, name: str) -> Any:
+    """Environment values are strings: try the string, then what the TOML value would have been."""
+    if not spec.metadata.get("env", True):
+        raise ConfigError(f"{name}: this key cannot be set from the environment")
+    candidates: list[Any] = [text]
+    if text.isdigit():
+        candidates.append(int(text))
+    if text.lower() in ("true", "false"):
+        candidates.append(text.lower() == "true")
+    candidates.append([part.strip() for part in text.split(",") if part.strip()])
+    first_error: ConfigError | None = None
+    for raw in candidates:
+        try:
+            return _parse_value(spec, raw, name)
+        except ConfigError as exc:
+            first_error = first_error or exc
+    assert first_error is not None
+    raise first_error
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Config:
+    """Read the configuration the way the CLI does (see the module docstring)."""
+    env = os.environ if env is None else env
+    cwd = cwd or Path.cwd()
+    chosen: Path | None = None
+    if path is not None:
+        chosen = Path(path)
+        if not chosen.is_file():
+            raise ConfigError(f"configuration file {chosen} does not exist")
+    elif env.get("POSTLANE_CONFIG"):
+        chosen = Path(env["POSTLANE_CONFIG"])
+        if not chosen.is_file():
+            raise ConfigError(f"configuration file {chosen} (from $POSTLANE_CONFIG) does not exist")
+    elif (cwd / "postlane.toml").is_file():
+        chosen = cwd / "postlane.toml"
+    data: dict[str, Any] = {}
+    if chosen is not None:
+        try:
+            data = tomllib.loads(chosen.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {chosen}: {exc.strerror}") from None
+    return config_from_dict(
+        data,
+        env=env,
+        source=str(chosen) if chosen else "built-in defaults",
+        base_dir=(chosen.resolve().parent if chosen else cwd),
+    )
+
+
+def config_from_dict(
+    data: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    source: str = "built-in defaults",
+    base_dir: Path | None = None,
+) -> Config:
+    """Build a :class:`Config` from an already-parsed TOML document (tests use this directly)."""
+    env = {} if env is None else env
+    unknown = set(data) - set(_SECTIONS) - {"lanes"}
+    if unknown:
+        known = ", ".join(sorted([*_SECTIONS, "lanes"]))
+        raise ConfigError(f"unknown section [{sorted(unknown)[0]}] (known sections: {known})")
+    sections = {
+        name: _build_section(cls, data.get(name, {}), name, env) for name, cls in _SECTIONS.items()
+    }
+    lanes_table = data.get("lanes", {})
+    if not isinstance(lanes_table, Mapping):
+        raise ConfigError("lanes: expected tables like [lanes.high]")
+    for name in lanes_table:
+        if name not in _LANE_SECTIONS:
+            raise ConfigError(f"unknown lane [lanes.{name}] (lanes are high, normal, low)")
+    lanes = {
+        name: _build_section(LaneConfig, lanes_table.get(name, {}), f"lanes.{name}", env)
+        for name in _LANE_SECTIONS
+    }
+    http: HttpConfig = sections["http"]
+    if env.get("POSTLANE_API_TOKEN"):
+        http = dataclasses.replace(http, tokens=(*http.tokens, env["POSTLANE_API_TOKEN"]))
+    smtp: SmtpConfig = sections["smtp"]
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        raise ConfigError("smtp.tls_cert and smtp.tls_key must be set together")
+    return Config(
+        store=sections["store"],
+        delivery=sections["delivery"],
+        retry=sections["retry"],
+        lanes=lanes,
+        http=http,
+        smtp=smtp,
+        source=source,
+        base_dir=base_dir or Path.cwd(),
+    )

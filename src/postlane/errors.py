@@ -1,0 +1,61 @@
+"""postlane's exceptions.
+
+Every error a user can meet is a :class:`PostlaneError` carrying a message they can act on. The
+CLI prints it as one line, the HTTP API answers it as JSON with a 4xx status, SMTP submission as a
+5xx (or 4xx) reply::
+
+    PostlaneError
+    ├── ConfigError          a bad or unknown configuration key (names the key)
+    ├── ValidationError      a message that cannot be accepted (bad address, header injection, ...)
+    │   └── MessageTooLarge  over the configured max_size
+    ├── NotFound             no message, dead letter or suppression with that id or address
+    ├── StoreUnavailable     the store cannot be reached or is locked for too long
+    └── TransportError       a relay or provider that cannot be configured or reached
+"""
+
+from __future__ import annotations
+
+
+class PostlaneError(Exception):
+    """Base class of every error postlane reports to a user."""
+
+    #: A stable, machine-readable code used in JSON errors.
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(PostlaneError):
+    """The configuration file or environment holds an unknown key or a bad value."""
+
+    code = "config_error"
+
+
+class ValidationError(PostlaneError):
+    """A message was refused before anything was stored."""
+
+    code = "invalid_message"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class MessageTooLarge(ValidationError):
+    code = "message_too_large"
+
+
+class NotFound(PostlaneError):
+    code = "not_found"
+
+
+class StoreUnavailable(PostlaneError):
+    """The store could not be opened or answered with an error the caller cannot fix."""
+
+    code = "store_unavailable"
+
+
+class TransportError(PostlaneError):
+    code = "transport_error"

@@ -1,0 +1,55 @@
+"""Lane scheduling: high first, while normal and low keep a guaranteed share.
+
+Each claim asks the store for a quota per lane and then fills what is left in lane order. The
+quotas come from credits: every claim of ``n`` slots gives normal and low ``n * share`` credit,
+whole credits become quota, fractions carry over. With one free slot at a time, normal still gets
+one claim in four (share 0.25) while high is busy. A lane with nothing due loses its credit, so an
+idle lane does not bank a burst.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from postlane.config import Config
+from postlane.message import Lane
+
+DEFAULT_SHARES: Mapping[Lane, float] = {Lane.NORMAL: 0.25, Lane.LOW: 0.1}
+
+
+class LaneScheduler:
+    def __init__(self, shares: Mapping[Lane, float] | None = None) -> None:
+        self.shares = dict(DEFAULT_SHARES if shares is None else shares)
+        self._credit = {lane: 0.0 for lane in self.shares}
+
+    @classmethod
+    def from_config(cls, config: Config) -> LaneScheduler:
+        shares = dict(DEFAULT_SHARES)
+        for lane in (Lane.NORMAL, Lane.LOW):
+            share = config.lanes[lane.value].share
+            if share is not None:
+                shares[lane] = share
+        return cls(shares)
+
+    def quotas(self, slots: int) -> list[tuple[Lane, int]]:
+        """Per-lane quotas for a claim of ``slots``: high first, then normal, then low."""
+        reserved: dict[Lane, int] = {}
+        left = slots
+        for lane in (Lane.NORMAL, Lane.LOW):
+            self._credit[lane] += slots * self.shares.get(lane, 0.0)
+            whole = min(int(self._credit[lane]), left)
+            reserved[lane] = whole
+            left -= whole
+        return [(Lane.HIGH, left), (Lane.NORMAL, reserved[Lane.NORMAL]), (Lane.LOW, reserved[Lane.LOW])]
+
+    def claimed(self, quotas: list[tuple[Lane, int]], got: Mapping[Lane, int]) -> None:
+        """Spend the credit of what each lane got; a lane that got less than its quota had nothing
+        more due, so its credit is dropped."""
+        for lane, quota in quotas:
+            if lane not in self._credit:
+                continue
+            taken = got.get(lane, 0)
+            if taken < quota:
+                self._credit[lane] = 0.0
+            else:
+                self._credit[lane] = max(0.0, self._credit[lane] - quota)

@@ -1,0 +1,444 @@
+"""The message model: what an application hands in, how it is validated, and the bytes we store.
+
+A :class:`Message` is the application's draft: addresses, subject, bodies, attachments, extra
+headers (or a whole raw RFC 5322 message), a lane, an idempotency key and free metadata.
+:func:`prepare` validates it and renders the final MIME bytes once, with a ``Message-ID`` fixed for
+good, into a :class:`PreparedMessage`, which is all the store and the transports ever see.
+Nothing here knows about storage or networks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email import policy as email_policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.utils import formatdate, getaddresses
+from enum import StrEnum
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from postlane.errors import MessageTooLarge, ValidationError
+
+
+class Lane(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class RecipientState(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    HELD = "held"
+    SENT = "sent"
+    DEAD = "dead"
+    SUPPRESSED = "suppressed"
+
+
+#: states a recipient can still leave on its own
+PENDING_STATES = frozenset(
+    {RecipientState.QUEUED, RecipientState.SENDING, RecipientState.DEFERRED, RecipientState.HELD}
+)
+#: states that end a recipient's delivery
+FINAL_STATES = frozenset({RecipientState.SENT, RecipientState.DEAD, RecipientState.SUPPRESSED})
+
+MAX_RECIPIENTS = 1000
+MAX_IDEMPOTENCY_KEY = 255
+MAX_METADATA_BYTES = 16 * 1024
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ':'
+#: headers the model sets itself; an app sets them through the fields, not `headers`
+_RESERVED_HEADERS = {
+    "from": "from",
+    "to": "to",
+    "cc": "cc",
+    "bcc": "bcc",
+    "subject": "subject",
+    "date": None,
+    "mime-version": None,
+    "content-type": None,
+    "content-transfer-encoding": None,
+}
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+
+
+def new_message_id(now: float | None = None) -> str:
+    """A sortable, unique queue id: 48 bits of milliseconds then 42 random bits, 18 characters."""
+    millis = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    value = (millis << 42) | secrets.randbits(42)
+    chars = []
+    for _ in range(18):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content: bytes
+    content_type: str = "application/octet-stream"
+
+
+@dataclass
+class Message:
+    """An email as an application hands it to postlane (Python API, HTTP API, CLI)."""
+
+    sender: str
+    to: Sequence[str] = ()
+    cc: Sequence[str] = ()
+    bcc: Sequence[str] = ()
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    attachments: Sequence[Attachment] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: a complete RFC 5322 message; then `to`/`cc`/`bcc` are the envelope recipients, taken from
+    #: its To/Cc/Bcc headers when empty, and `subject`/`text`/`html`/`headers` must be unset
+    raw: bytes | str | None = None
+    lane: Lane | str = Lane.NORMAL
+    idempotency_key: str | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str
+    domain: str
+
+
+@dataclass(frozen=True)
+class PreparedMessage:
+    """A validated message with its final bytes: what the store keeps, once per message."""
+
+    id: str
+    sender: str
+    recipients: tuple[Recipient, ...]
+    lane: Lane
+    subject: str
+    message_id: str
+    idempotency_key: str | None
+    metadata: Mapping[str, Any]
+    content: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.content)
+
+
+def parse_lane(value: Lane | str | None) -> Lane:
+    if value is None or value == "":
+        return Lane.NORMAL
+    try:
+        return Lane(str(value).lower())
+    except ValueError:
+        raise ValidationError(
+            f"unknown lane {value!r} (lanes are high, normal, low)", field="lane"
+        ) from None
+
+
+def _no_line_breaks(value: str, what: str) -> str:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ValidationError(
+            f"{what} contains a line break (header injection refused)", field=what
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class _Mailbox:
+    display_name: str
+    address: str  # addr-spec, domain lower-cased
+    local_part: str
+    domain: str  # ASCII (IDNA) form, lower-cased
+
+    def header(self) -> Address:
+        return Address(display_name=self.display_name, username=self.local_part, domain=self.domain)
+
+
+def parse_address(value: str, what: str = "address") -> _Mailbox:
+    """Validate one address (``a@b.example`` or ``Name <a@b.example>``) with email-validator."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"{what} is empty", field=what)
+    _no_line_breaks(value, what)
+    try:
+        valid = validate_email(
+            value.strip(),
+            check_deliverability=False,
+            allow_smtputf8=True,
+            allow_display_name=True,
+        )
+    except EmailNotValidError as exc:
+        raise ValidationError(f"{what} {value!r} is not a valid address: {exc}", field=what) from None
+    domain = (valid.ascii_domain or valid.domain).lower()
+    return _Mailbox(
+        display_name=valid.display_name or "",
+        address=f"{valid.local_part}@{domain}",
+        local_part=valid.local_part,
+        domain=domain,
+    )
+
+
+def _mailboxes(values: Sequence[str] | str, what: str) -> list[_Mailbox]:
+    if isinstance(values, str):
+        values = [values]
+    return [parse_address(value, what) for value in values]
+
+
+def _unique_recipients(mailboxes: Sequence[_Mailbox]) -> tuple[Recipient, ...]:
+    seen: set[str] = set()
+    out: list[Recipient] = []
+    for box in mailboxes:
+        key = box.address.lower()
+        if key not in seen:
+            seen.add(key)
+            out.append(Recipient(address=box.address, domain=box.domain))
+    if not out:
+        raise ValidationError("the message has no recipient", field="to")
+    if len(out) > MAX_RECIPIENTS:
+        raise ValidationError(
+            f"too many recipients ({len(out)}; at most {MAX_RECIPIENTS} per message)", field="to"
+        )
+    return tuple(out)
+
+
+def _check_common(message: Message) -> tuple[Lane, str | None, dict[str, Any]]:
+    lane = parse_lane(message.lane)
+    key = message.idempotency_key
+    if key is not None:
+        if not isinstance(key, str) or not key.strip():
+            raise ValidationError("idempotency_key must be a non-empty string", field="idempotency_key")
+        if len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+            raise ValidationError(
+                f"idempotency_key must be printable and at most {MAX_IDEMPOTENCY_KEY} characters",
+                field="idempotency_key",
+            )
+    metadata = dict(message.metadata or {})
+    if not isinstance(message.metadata or {}, Mapping):
+        raise ValidationError("metadata must be an object", field="metadata")
+    try:
+        encoded = json.dumps(metadata)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"metadata must be JSON: {exc}", field="metadata") from None
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise ValidationError(
+            f"metadata is {len(encoded)} bytes as JSON; at most {MAX_METADATA_BYTES}",
+            field="metadata",
+        )
+    return lane, key, metadata
+
+
+def _check_size(content: bytes, max_size: int) -> None:
+    if len(content) > max_size:
+        raise MessageTooLarge(
+            f"the message is {len(content)} bytes, over the limit of {max_size} bytes"
+        )
+
+
+def prepare(
+    message: Message,
+    *,
+    max_size: int,
+    now: float | None = None,
+    message_id: str | None = None,
+) -> PreparedMessage:
+    """Validate ``message`` and render its final bytes. Raises :class:`ValidationError`."""
+    lane, key, metadata = _check_common(message)
+    queue_id = message_id or new_message_id(now)
+    if message.raw is not None:
+        return _prepare_raw(message, lane, key, metadata, queue_id, max_size, now)
+
+    sender = parse_address(message.sender, "from")
+    to = _mailboxes(message.to, "to")
+    cc = _mailboxes(message.cc, "cc")
+    bcc = _mailboxes(message.bcc, "bcc")
+    recipients = _unique_recipients([*to, *cc, *bcc])
+    subject = _no_line_breaks(message.subject or "", "subject")
+    if message.text is None and message.html is None and not message.attachments:
+        raise ValidationError("the message has no body (give text, html or attachments)", field="text")
+
+    mail = EmailMessage(policy=email_policy.SMTP)
+    mail["From"] = sender.header()
+    if to:
+        mail["To"] = [box.header() for box in to]
+    if cc:
+        mail["Cc"] = [box.header() for box in cc]
+    if not to and not cc:
+        mail["To"] = "undisclosed-recipients:;"
+    mail["Subject"] = subject
+    mail["Date"] = formatdate(now, usegmt=True)
+    extra_message_id: str | None = None
+    for name, value in (message.headers or {}).items():
+        _check_header(name, value)
+        if name.lower() == "message-id":
+            extra_message_id = _check_message_id(value)
+            continue
+        mail[name] = value
+    mail["Message-ID"] = extra_message_id or f"<{queue_id}@{sender.domain}>"
+
+    if message.text is not None and message.html is not None:
+        mail.set_content(message.text)
+        mail.add_alternative(message.html, subtype="html")
+    elif message.html is not None:
+        mail.set_content(message.html, subtype="html")
+    else:
+        mail.set_content(message.text or "")
+    for attachment in message.attachments:
+        _add_attachment(mail, attachment)
+
+    try:
+        content = mail.as_bytes()
+    except (ValueError, UnicodeError) as exc:  # the email package's own refusals
+        raise ValidationError(f"cannot render the message: {exc}") from None
+    _check_size(content, max_size)
+    return PreparedMessage(
+        id=queue_id,
+        sender=sender.address,
+        recipients=recipients,
+        lane=lane,
+        subject=subject,
+        message_id=mail["Message-ID"],
+        idempotency_key=key,
+        metadata=metadata,
+        content=content,
+    )
+
+
+def _check_header(name: Any, value: Any) -> None:
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        raise ValidationError(f"{name!r} is not a valid header name", field="headers")
+    if not isinstance(value, str):
+        raise ValidationError(f"header {name} must be a string", field="headers")
+    _no_line_breaks(value, f"header {name}")
+    lowered = name.lower()
+    if lowered in _RESERVED_HEADERS:
+        instead = _RESERVED_HEADERS[lowered]
+        hint = f"use the {instead!r} field" if instead else "postlane sets it"
+        raise ValidationError(f"header {name} cannot be set in headers ({hint})", field="headers")
+
+
+_MESSAGE_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
+
+
+def _check_message_id(value: str) -> str:
+    value = value.strip()
+    if not _MESSAGE_ID.fullmatch(value):
+        raise ValidationError(
+            f"Message-ID {value!r} must look like <unique@domain>", field="headers"
+        )
+    return value
+
+
+def _add_attachment(mail: EmailMessage, attachment: Attachment) -> None:
+    if not isinstance(attachment, Attachment):
+        raise ValidationError("attachments must be Attachment values", field="attachments")
+    filename = _no_line_breaks(attachment.filename or "attachment", "attachment filename")
+    maintype, _, subtype = (attachment.content_type or "").partition("/")
+    if not maintype or not subtype or "\n" in attachment.content_type:
+        raise ValidationError(
+            f"attachment {filename!r}: content type {attachment.content_type!r} is not type/subtype",
+            field="attachments",
+        )
+    if not isinstance(attachment.content, bytes | bytearray):
+        raise ValidationError(f"attachment {filename!r}: content must be bytes", field="attachments")
+    mail.add_attachment(bytes(attachment.content), maintype=maintype, subtype=subtype, filename=filename)
+
+
+def _prepare_raw(
+    message: Message,
+    lane: Lane,
+    key: str | None,
+    metadata: dict[str, Any],
+    queue_id: str,
+    max_size: int,
+    now: float | None,
+) -> PreparedMessage:
+    if message.subject or message.text or message.html or message.headers or message.attachments:
+        raise ValidationError(
+            "a raw message carries its own subject, body and headers; send those fields or raw, not both",
+            field="raw",
+        )
+    raw = message.raw.encode("utf-8") if isinstance(message.raw, str) else bytes(message.raw or b"")
+    raw = _LINE_ENDINGS.sub(b"\r\n", raw)
+    head, sep, _body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValidationError("the raw message has no blank line between headers and body", field="raw")
+    _check_size(raw, max_size)
+    headers = BytesHeaderParser(policy=email_policy.default).parsebytes(head + b"\r\n\r\n")
+    if headers.defects or not head or head[:1].isspace():
+        raise ValidationError("the raw message's header section is malformed", field="raw")
+
+    sender_text = message.sender or _first_address(headers.get_all("From") or [])
+    if not sender_text:
+        raise ValidationError("no sender: give from, or a From header in the raw message", field="from")
+    sender = parse_address(sender_text, "from")
+    envelope = [*_as_list(message.to), *_as_list(message.cc), *_as_list(message.bcc)]
+    if not envelope:
+        envelope = [
+            address
+            for name in ("To", "Cc", "Bcc")
+            for _, address in getaddresses([str(v) for v in headers.get_all(name) or []])
+            if address
+        ]
+    recipients = _unique_recipients([parse_address(value, "to") for value in envelope])
+
+    added = b""
+    if "Bcc" in headers:
+        raw = _drop_header(raw, b"bcc")
+    message_id = headers.get("Message-ID")
+    if message_id is None:
+        message_id = f"<{queue_id}@{sender.domain}>"
+        added += b"Message-ID: " + message_id.encode("ascii") + b"\r\n"
+    else:
+        message_id = str(message_id).strip()
+    if headers.get("Date") is None:
+        added += b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
+    content = added + raw
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    _check_size(content, max_size)
+    return PreparedMessage(
+        id=queue_id,
+        sender=sender.address,
+        recipients=recipients,
+        lane=lane,
+        subject=str(headers.get("Subject", "") or ""),
+        message_id=message_id,
+        idempotency_key=key,
+        metadata=metadata,
+        content=content,
+    )
+
+
+def _as_list(values: Sequence[str] | str) -> list[str]:
+    return [values] if isinstance(values, str) else list(values)
+
+
+def _first_address(values: Sequence[Any]) -> str:
+    found = getaddresses([str(value) for value in values])
+    return found[0][1] if found else ""
+
+
+def _drop_header(raw: bytes, lowered_name: bytes) -> bytes:
+    """Remove every occurrence of one header (with its folded continuation lines) from ``raw``."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    kept: list[bytes] = []
+    dropping = False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.split(b":", 1)[0].strip().lower() == lowered_name
+        if not dropping:
+            kept.append(line)
+    return b"\r\n".join(kept) + b"\r\n\r\n" + body

@@ -1,0 +1,176 @@
+"""Prometheus metrics: counters the worker feeds, gauges read from the store at scrape time.
+
+Gauges that describe the queue (depth, oldest age, dead-letter depth) are read from the store
+when ``/metrics`` is scraped, so several processes on one PostgreSQL report the same truth.
+Counters and histograms are this process's own. ``destination`` is a bounded label: a known
+provider, one of the first :data:`MAX_DOMAIN_LABELS` other destinations seen, else ``other``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from postlane.classify import ReplyClass, Verdict
+from postlane.destinations import provider_names
+from postlane.message import Lane
+from postlane.policy import Action, Decision
+from postlane.records import Stats
+
+if TYPE_CHECKING:
+    from postlane.app import AsyncPostlane
+
+MAX_DOMAIN_LABELS = 20
+LATENCY_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
+RECOVERY_BUCKETS = (60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400)
+
+
+class DestinationLabels:
+    """Keeps the ``destination`` label's values bounded."""
+
+    def __init__(self, limit: int = MAX_DOMAIN_LABELS) -> None:
+        self._known = provider_names()
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def __call__(self, destination: str) -> str:
+        if destination in self._known or destination in self._seen:
+            return destination
+        if len(self._seen) < self._limit:
+            self._seen.add(destination)
+            return destination
+        return "other"
+
+
+class _StoreGauges(Collector):
+    def __init__(self) -> None:
+        self.stats: Stats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "postlane_queue_depth", "Recipients waiting, by lane and state", labels=["lane", "state"]
+        )
+        oldest = GaugeMetricFamily(
+            "postlane_oldest_message_age_seconds",
+            "Age of the oldest message not yet delivered (queued, deferred or sending), by lane",
+            labels=["lane"],
+        )
+        dead = GaugeMetricFamily("postlane_dead_letter_depth", "Dead-lettered recipients kept")
+        finished = GaugeMetricFamily(
+            "postlane_recipients", "Recipients kept in a final state", labels=["state"]
+        )
+        stats = self.stats
+        if stats is not None:
+            for lane in Lane:
+                lane_stats = stats.lanes[lane]
+                for state, value in (
+                    ("queued", lane_stats.ready),
+                    ("deferred", lane_stats.deferred),
+                    ("held", lane_stats.held),
+                    ("sending", lane_stats.sending),
+                ):
+                    depth.add_metric([lane.value, state], value)
+                oldest.add_metric([lane.value], lane_stats.oldest_age_seconds)
+            dead.add_metric([], stats.dead)
+            finished.add_metric(["sent"], stats.sent)
+            finished.add_metric(["suppressed"], stats.suppressed)
+        yield depth
+        yield oldest
+        yield dead
+        yield finished
+
+
+class Metrics:
+    """The metrics of one postlane process (a registry of its own, so tests can make many)."""
+
+    def __init__(self, app: AsyncPostlane | None = None) -> None:
+        self.app = app
+        self.registry = CollectorRegistry()
+        self.destination_label = DestinationLabels()
+        self._gauges = _StoreGauges()
+        self.registry.register(self._gauges)
+        self.attempts = Counter(
+            "postlane_delivery_attempts",
+            "Delivery attempts by lane, destination and response class",
+            ["lane", "destination", "class"],
+            registry=self.registry,
+        )
+        self.bounces = Counter(
+            "postlane_bounces", "Bounces by type (hard, soft)", ["type"], registry=self.registry
+        )
+        self.dead_letters = Counter(
+            "postlane_dead_letters",
+            "Recipients dead-lettered, by the class of their last reply",
+            ["class"],
+            registry=self.registry,
+        )
+        self.recovery = Histogram(
+            "postlane_dead_letter_recovery_seconds",
+            "Time from dead-lettering to requeue",
+            buckets=RECOVERY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "postlane_delivery_latency_seconds",
+            "Time from enqueue to delivered, by lane",
+            ["lane"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.enqueued = Counter(
+            "postlane_enqueued_messages",
+            "Messages accepted, by ingest path",
+            ["source"],
+            registry=self.registry,
+        )
+        self.scrape_errors = Counter(
+            "postlane_store_read_errors",
+            "Scrapes whose store read failed (queue gauges then stale)",
+            registry=self.registry,
+        )
+        for cls in ReplyClass:
+            if cls is not ReplyClass.DELIVERED:
+                self.dead_letters.labels(cls.value)
+        for kind in ("hard", "soft"):
+            self.bounces.labels(kind)
+
+    def attempted(
+        self,
+        *,
+        lane: Lane,
+        destination: str,
+        verdict: Verdict,
+        decision: Decision,
+        created_at: float,
+        now: float,
+    ) -> None:
+        self.attempts.labels(lane.value, self.destination_label(destination), verdict.cls.value).inc()
+        if verdict.cls is ReplyClass.HARD_BOUNCE:
+            self.bounces.labels("hard").inc()
+        elif verdict.cls is ReplyClass.SOFT_BOUNCE:
+            self.bounces.labels("soft").inc()
+        if decision.action is Action.SEND:
+            self.latency.labels(lane.value).observe(max(0.0, now - created_at))
+        elif decision.action is Action.DEAD:
+            self.dead_letters.labels(verdict.cls.value).inc()
+
+    def recovered(self, dead_for_seconds: float) -> None:
+        self.recovery.observe(max(0.0, dead_for_seconds))
+
+    async def refresh(self) -> None:
+        """Read the store-derived gauges (called before each scrape)."""
+        if self.app is None:
+            return
+        try:
+            self._gauges.stats = await self.app.stats()
+        except Exception:
+            self.scrape_errors.inc()
+
+    async def exposition(self) -> bytes:
+        await self.refresh()
+        return generate_latest(self.registry)
+

@@ -1,0 +1,150 @@
+"""What the queue does with each verdict: the retry schedule, max attempts, max age, per lane.
+
+A :class:`RetryPolicy` is an immutable value; :meth:`Policy.decide` is pure: given a verdict, a
+delivery's history so far and the time, it returns a :class:`Decision`. Nothing here sleeps,
+stores or sends. The contract's table, in code:
+
+=============  =======================================================================
+delivered      sent
+temporary      retry on the schedule (uses an attempt)
+throttled      defer by the destination's cool-down; uses no attempt
+connection     retry with backoff; uses no attempt
+soft_bounce    retry on the schedule (uses an attempt)
+hard_bounce    dead-letter and suppress the address
+policy_block   5xx: dead-letter (never suppress); 4xx: retry on the schedule
+message_error  5xx: dead-letter; 4xx: retry on the schedule (the server said "not now")
+=============  =======================================================================
+
+Every retry is bounded by ``max_attempts`` (counted attempts) and by ``max_age``: no attempt is
+ever scheduled at or after a message's expiry; it is dead-lettered instead.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+
+from postlane.classify import ReplyClass, Verdict
+from postlane.config import Config, format_duration
+from postlane.message import Lane
+
+
+class Action(StrEnum):
+    SEND = "sent"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    delays: tuple[float, ...]
+    max_attempts: int
+    max_age: float
+    jitter: float = 0.0
+
+    def delay(self, tries: int, rng: random.Random | None = None) -> float:
+        """The wait after the ``tries``-th try (1-based); the last staged delay repeats."""
+        base = self.delays[min(max(tries, 1), len(self.delays)) - 1]
+        if self.jitter and rng is not None:
+            base *= 1 + rng.uniform(-self.jitter, self.jitter)
+        return base
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    next_attempt_at: float | None = None
+    #: whether this try used up one of max_attempts
+    counted: bool = True
+    suppress: bool = False
+    reason: str | None = None
+
+
+_RETRY_ON_SCHEDULE = frozenset({ReplyClass.TEMPORARY, ReplyClass.SOFT_BOUNCE})
+_UNCOUNTED = frozenset({ReplyClass.THROTTLED, ReplyClass.CONNECTION})
+
+
+class Policy:
+    """The retry policies of the three lanes, and the decision for each verdict."""
+
+    def __init__(self, lanes: dict[Lane, RetryPolicy], rng: random.Random | None = None) -> None:
+        self._lanes = lanes
+        self._rng = rng or random.Random()
+
+    @classmethod
+    def from_config(cls, config: Config, rng: random.Random | None = None) -> Policy:
+        lanes = {}
+        for lane in Lane:
+            override = config.lanes[lane.value]
+            lanes[lane] = RetryPolicy(
+                delays=override.delays or config.retry.delays,
+                max_attempts=override.max_attempts or config.retry.max_attempts,
+                max_age=override.max_age or config.retry.max_age,
+                jitter=config.retry.jitter,
+            )
+        return cls(lanes, rng)
+
+    def for_lane(self, lane: Lane) -> RetryPolicy:
+        return self._lanes[lane]
+
+    def expires_at(self, lane: Lane, created_at: float) -> float:
+        return created_at + self._lanes[lane].max_age
+
+    def refuse_before_sending(
+        self, lane: Lane, *, attempts: int, created_at: float, now: float
+    ) -> str | None:
+        """Why a claimed delivery must be dead-lettered without a try (None: go ahead).
+
+        Covers what no retry decision caught: a lease abandoned by a dead worker, a hold released
+        after expiry, a configuration that lowered the limits."""
+        retry = self._lanes[lane]
+        if now >= created_at + retry.max_age:
+            return f"max_age {format_duration(retry.max_age)} exceeded"
+        if attempts >= retry.max_attempts:
+            return f"max_attempts {retry.max_attempts} reached"
+        return None
+
+    def decide(
+        self,
+        verdict: Verdict,
+        *,
+        lane: Lane,
+        attempts: int,
+        deferrals: int,
+        created_at: float,
+        now: float,
+        cool_down: float | None = None,
+    ) -> Decision:
+        """Decide what follows one try. ``attempts``/``deferrals`` are the counts before it;
+        ``cool_down`` is how long the destination asked us to wait (throttling, Retry-After)."""
+        cls = verdict.cls
+        if cls is ReplyClass.DELIVERED:
+            return Decision(Action.SEND)
+        if cls is ReplyClass.HARD_BOUNCE:
+            return Decision(Action.DEAD, suppress=True, reason="hard bounce")
+        is_4xx = verdict.code is not None and 400 <= verdict.code < 500
+        if cls in (ReplyClass.POLICY_BLOCK, ReplyClass.MESSAGE_ERROR) and not is_4xx:
+            return Decision(Action.DEAD, reason=cls.value.replace("_", " "))
+
+        retry = self._lanes[lane]
+        counted = cls not in _UNCOUNTED
+        if counted:
+            used = attempts + 1
+            if used >= retry.max_attempts:
+                return Decision(Action.DEAD, reason=f"max_attempts {retry.max_attempts} reached")
+            wait = retry.delay(used, self._rng)
+        elif cls is ReplyClass.THROTTLED:
+            wait = cool_down if cool_down is not None else retry.delay(1, self._rng)
+        else:  # connection: back off over consecutive deferrals, without using attempts
+            wait = retry.delay(attempts + deferrals + 1, self._rng)
+        if cool_down is not None:
+            wait = max(wait, cool_down)
+        next_at = now + wait
+        if next_at >= created_at + retry.max_age:
+            return Decision(
+                Action.DEAD,
+                counted=counted,
+                reason=f"max_age {format_duration(retry.max_age)} reached before the next try",
+            )
+        return Decision(Action.RETRY, next_attempt_at=next_at, counted=counted)

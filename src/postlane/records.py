@@ -1,0 +1,331 @@
+"""Values that cross the store boundary: what a claim hands a worker, what a worker records, and
+the read-side views the CLI, HTTP API and dashboard render (with their contract JSON shapes)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from postlane.classify import ReplyClass
+from postlane.clock import iso
+from postlane.message import Lane, RecipientState
+
+# -- delivery side -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One recipient of one message, leased to a worker."""
+
+    id: int
+    address: str
+    domain: str
+    destination: str
+    attempts: int
+    #: tries that used up no attempt (throttled, connection), for backoff spacing
+    deferrals: int
+
+
+@dataclass(frozen=True)
+class ClaimedMessage:
+    """A message with the deliveries of it that one claim leased, and its stored bytes."""
+
+    queue_id: str
+    lane: Lane
+    sender: str
+    message_id: str
+    idempotency_key: str | None
+    created_at: float
+    content: bytes
+    deliveries: tuple[Delivery, ...]
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One try at delivering to one recipient, as it goes into the attempt history."""
+
+    at: float
+    cls: ReplyClass
+    code: int | None
+    enhanced: str | None
+    text: str
+    relay: str
+    destination: str
+    duration_ms: int
+    #: False for throttled/connection deferrals, which use up no attempt
+    counted: bool = True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The new state of one leased delivery, recorded with its attempt in one transaction."""
+
+    delivery_id: int
+    state: RecipientState
+    attempts: int
+    deferrals: int
+    next_attempt_at: float | None
+    attempt: AttemptRecord | None
+    #: add the address to the suppression list (hard bounce)
+    suppress: bool = False
+    #: why the queue decided this (e.g. "max_attempts 8 reached"), kept with dead letters
+    reason: str | None = None
+
+
+# -- read side -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int | None
+    enhanced: str | None
+    text: str
+    cls: ReplyClass
+
+    def as_json(self) -> dict[str, Any]:
+        return {"code": self.code, "enhanced": self.enhanced, "text": self.text, "class": self.cls}
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    at: float
+    cls: ReplyClass
+    code: int | None
+    enhanced: str | None
+    text: str
+    duration_ms: int
+    relay: str
+    destination: str
+    counted: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "at": iso(self.at),
+            "class": self.cls,
+            "code": self.code,
+            "enhanced": self.enhanced,
+            "text": self.text,
+            "duration_ms": self.duration_ms,
+            "relay": self.relay,
+            "destination": self.destination,
+            "counted": self.counted,
+        }
+
+
+@dataclass(frozen=True)
+class RecipientView:
+    address: str
+    domain: str
+    destination: str
+    state: RecipientState
+    attempts: int
+    next_attempt_at: float | None
+    last_response: Reply | None
+    updated_at: float
+    reason: str | None = None
+    history: tuple[AttemptView, ...] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "address": self.address,
+            "domain": self.domain,
+            "destination": self.destination,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": iso(self.next_attempt_at) if self.state in _WAITING else None,
+            "last_response": self.last_response.as_json() if self.last_response else None,
+            "reason": self.reason,
+        }
+        if self.history is not None:
+            data["history"] = [attempt.as_json() for attempt in self.history]
+        return data
+
+
+_WAITING = frozenset({RecipientState.QUEUED, RecipientState.DEFERRED})
+
+#: a message's state is its least advanced recipient's, in this order
+_MESSAGE_STATE_ORDER = (
+    RecipientState.SENDING,
+    RecipientState.QUEUED,
+    RecipientState.DEFERRED,
+    RecipientState.HELD,
+    RecipientState.DEAD,
+    RecipientState.SENT,
+    RecipientState.SUPPRESSED,
+)
+
+
+def message_state(states: Sequence[RecipientState]) -> RecipientState:
+    present = set(states)
+    for state in _MESSAGE_STATE_ORDER:
+        if state in present:
+            return state
+    return RecipientState.QUEUED
+
+
+@dataclass(frozen=True)
+class MessageView:
+    id: str
+    lane: Lane
+    created_at: float
+    sender: str
+    subject: str
+    size: int
+    message_id: str
+    idempotency_key: str | None
+    metadata: Mapping[str, Any]
+    recipients: tuple[RecipientView, ...]
+
+    @property
+    def state(self) -> RecipientState:
+        return message_state([r.state for r in self.recipients])
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "lane": self.lane,
+            "state": self.state,
+            "created_at": iso(self.created_at),
+            "sender": self.sender,
+            "subject": self.subject,
+            "size": self.size,
+            "message_id": self.message_id,
+            "idempotency_key": self.idempotency_key,
+            "metadata": dict(self.metadata),
+            "recipients": [r.as_json() for r in self.recipients],
+        }
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead recipient (the DLQ is one row per dead recipient; ``id`` is its message's id)."""
+
+    id: str
+    address: str
+    domain: str
+    destination: str
+    lane: Lane
+    attempts: int
+    cls: ReplyClass
+    dead_at: float
+    last_response: Reply | None
+    relay: str
+    reason: str | None
+    sender: str
+    subject: str
+    history: tuple[AttemptView, ...] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "address": self.address,
+            "domain": self.domain,
+            "destination": self.destination,
+            "lane": self.lane,
+            "attempts": self.attempts,
+            "class": self.cls,
+            "dead_at": iso(self.dead_at),
+            "last_response": (
+                {
+                    "code": self.last_response.code,
+                    "enhanced": self.last_response.enhanced,
+                    "text": self.last_response.text,
+                }
+                if self.last_response
+                else None
+            ),
+            "relay": self.relay,
+            "reason": self.reason,
+            "sender": self.sender,
+            "subject": self.subject,
+        }
+        if self.history is not None:
+            data["history"] = [attempt.as_json() for attempt in self.history]
+        return data
+
+
+@dataclass(frozen=True)
+class Suppression:
+    address: str
+    created_at: float
+    source: str
+    reason: str | None
+    code: int | None = None
+    enhanced: str | None = None
+    text: str | None = None
+    queue_id: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "created_at": iso(self.created_at),
+            "source": self.source,
+            "reason": self.reason,
+            "code": self.code,
+            "enhanced": self.enhanced,
+            "text": self.text,
+            "id": self.queue_id,
+        }
+
+
+@dataclass(frozen=True)
+class LaneStats:
+    ready: int = 0
+    deferred: int = 0
+    held: int = 0
+    sending: int = 0
+    oldest_age_seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "deferred": self.deferred,
+            "held": self.held,
+            "sending": self.sending,
+            "oldest_age_seconds": round(self.oldest_age_seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Stats:
+    lanes: Mapping[Lane, LaneStats]
+    sent: int
+    dead: int
+    suppressed: int
+    #: size of the suppression list (addresses), as opposed to recipients recorded suppressed
+    suppression_list: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "lanes": {lane.value: self.lanes.get(lane, LaneStats()).as_json() for lane in Lane},
+            "sent": self.sent,
+            "dead": self.dead,
+            "suppressed": self.suppressed,
+            "suppression_list": self.suppression_list,
+        }
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    id: str
+    duplicate: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "duplicate": self.duplicate}
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which deliveries an operator command touches (exiqgrep's habits: every field narrows)."""
+
+    ids: tuple[str, ...] = ()
+    all: bool = False
+    lanes: tuple[Lane, ...] = ()
+    states: tuple[RecipientState, ...] = ()
+    domains: tuple[str, ...] = ()
+    classes: tuple[ReplyClass, ...] = ()
+    older_than: float | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,45 @@
+"""Stores: where postlane keeps messages, deliveries, attempts and suppressions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from postlane.clock import Clock
+from postlane.errors import ConfigError
+from postlane.store.base import Store
+
+__all__ = ["Store", "open_store_url"]
+
+
+def open_store_url(url: str, *, base_dir: Path | None = None, clock: Clock | None = None) -> Store:
+    """The store for a ``store.url`` (not yet opened: call ``await store.open()``)."""
+    if url.startswith("sqlite://"):
+        from postlane.store.sqlite import SQLiteStore
+
+        return SQLiteStore(sqlite_path(url, base_dir))
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from postlane.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(
+                f"store.url is PostgreSQL but psycopg is missing ({exc}); "
+                "install postlane[postgres]"
+            ) from None
+        return PostgresStore(url)
+    raise ConfigError(
+        f"store.url {url.split(':', 1)[0]!r} is not supported "
+        '(use "sqlite:///path.db" or "postgresql://user@host/db")'
+    )
+
+
+def sqlite_path(url: str, base_dir: Path | None = None) -> Path:
+    """``sqlite:///postlane.db`` is relative to ``base_dir``; ``sqlite:////var/x.db`` absolute."""
+    rest = url[len("sqlite://") :]
+    if rest.startswith("/"):
+        rest = rest[1:]
+    if not rest:
+        raise ConfigError("store.url: no database path (e.g. sqlite:///postlane.db)")
+    path = Path(rest)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path

@@ -1,0 +1,113 @@
+"""The store protocol: durable state, leases, transitions and queries, and nothing about SMTP or
+HTTP. Two implementations: :mod:`postlane.store.sqlite` (the embedded default) and
+:mod:`postlane.store.postgres`. One contract test suite runs unchanged against both."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from postlane.message import Lane, PreparedMessage
+from postlane.records import (
+    ClaimedMessage,
+    DeadLetter,
+    EnqueueResult,
+    MessageView,
+    Outcome,
+    Selector,
+    Stats,
+    Suppression,
+)
+
+
+class Store(Protocol):
+    """Everything the queue keeps. Every method is one transaction."""
+
+    #: where the data lives, for messages (never includes a password)
+    description: str
+
+    async def open(self) -> None:
+        """Connect, and bring the schema to the current version (migrations run here)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    # -- ingest ----------------------------------------------------------------------------------
+
+    async def enqueue(self, messages: Sequence[PreparedMessage], now: float) -> list[EnqueueResult]:
+        """Store messages durably; return only after the commit. A message whose idempotency key
+        is already stored creates nothing and returns the first message's id, ``duplicate`` set.
+        Recipients on the suppression list are stored ``suppressed`` and never attempted."""
+        ...
+
+    # -- delivery --------------------------------------------------------------------------------
+
+    async def claim_due(
+        self,
+        owner: str,
+        quotas: Sequence[tuple[Lane, int]],
+        *,
+        limit: int,
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedMessage]:
+        """Lease due deliveries: up to each lane's quota in the order given, then more from the
+        lanes in that order until ``limit`` in all. Oldest due first within a lane."""
+        ...
+
+    async def record(self, owner: str, outcomes: Sequence[Outcome], now: float) -> int:
+        """Apply outcomes of deliveries leased by ``owner`` (each with its attempt record, all in
+        one transaction). A delivery no longer leased by ``owner`` (deleted, reaped) is skipped.
+        Returns how many were applied."""
+        ...
+
+    async def renew_leases(self, owner: str, lease_until: float) -> int: ...
+
+    async def hand_back(self, owner: str, delivery_ids: Sequence[int] | None, now: float) -> int:
+        """Return leased deliveries unattempted (graceful shutdown): no attempt is recorded."""
+        ...
+
+    async def reap_expired_leases(self, now: float) -> int:
+        """Make deliveries whose lease ran out due again, recording an attempt with an unknown
+        outcome (the worker may have sent before it died)."""
+        ...
+
+    async def expire_owner_leases(self, owners: Sequence[str], now: float) -> int:
+        """End now the leases of owners known to be dead (a restarted single-host serve)."""
+        ...
+
+    async def lease_owners(self) -> list[str]: ...
+
+    async def next_due_at(self) -> float | None:
+        """The earliest next attempt time among waiting deliveries (None: nothing waits)."""
+        ...
+
+    async def purge_finished(self, now: float, retention: float, dead_retention: float) -> int:
+        """Remove finished messages past their retention; returns how many."""
+        ...
+
+    # -- read side -------------------------------------------------------------------------------
+
+    async def get_message(self, queue_id: str, *, history: bool = False) -> MessageView:
+        """Raises :class:`postlane.errors.NotFound`."""
+        ...
+
+    async def get_content(self, queue_id: str) -> bytes: ...
+
+    async def list_messages(self, selector: Selector, *, limit: int) -> list[MessageView]: ...
+
+    async def stats(self, now: float) -> Stats: ...
+
+    async def list_dead(self, selector: Selector, *, limit: int) -> list[DeadLetter]: ...
+
+    async def get_dead(self, queue_id: str) -> list[DeadLetter]: ...
+
+    # -- suppression -----------------------------------------------------------------------------
+
+    async def list_suppressions(self, *, limit: int) -> list[Suppression]: ...
+
+    async def add_suppression(self, suppression: Suppression) -> bool: ...
+
+    async def remove_suppression(self, address: str) -> bool: ...
+
+    async def is_suppressed(self, addresses: Sequence[str]) -> Mapping[str, bool]: ...

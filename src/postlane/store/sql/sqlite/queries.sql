@@ -1,0 +1,183 @@
+-- Named queries of the SQLite store. Each is under a "-- name: NAME" header with one line saying
+-- what it does; postlane.store.sqlite loads them at import. Parameters are :named.
+
+-- name: insert_message
+-- Store a message's content and headers once, whatever its number of recipients.
+INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
+                      created_at, done_at, content)
+VALUES (:id, :lane, :sender, :subject, :message_id, :idempotency_key, :size, :metadata,
+        :created_at, :done_at, :content);
+
+-- name: message_by_idempotency_key
+-- The first message stored under an idempotency key.
+SELECT id FROM messages WHERE idempotency_key = :key;
+
+-- name: insert_delivery
+-- One recipient of a new message.
+INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state,
+                        next_attempt_at, updated_at, reason)
+VALUES (:queue_id, :address, :domain, :destination, :lane, :created_at, :state,
+        :created_at, :created_at, :reason);
+
+-- name: claim_lane
+-- Lease the oldest due deliveries of one lane. The subquery walks deliveries_due in
+-- next_attempt_at order and stops after :limit rows.
+UPDATE deliveries
+SET state = 'sending', lease_owner = :owner, lease_expires_at = :lease_until, updated_at = :now
+WHERE id IN (
+    SELECT id FROM deliveries INDEXED BY deliveries_due
+    WHERE state IN ('queued', 'deferred') AND lane = :lane AND next_attempt_at <= :now
+    ORDER BY next_attempt_at
+    LIMIT :limit
+)
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals;
+
+-- name: record_outcome
+-- Apply one outcome, only if the delivery is still leased by this worker. An operator's hold
+-- during the send wins over a retry.
+UPDATE deliveries
+SET state = CASE WHEN hold_after = 1 AND :state IN ('queued', 'deferred') THEN 'held'
+                 ELSE :state END,
+    attempts = :attempts, deferrals = :deferrals,
+    next_attempt_at = coalesce(:next_attempt_at, next_attempt_at),
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = 0,
+    last_code = CASE WHEN :class IS NULL THEN last_code ELSE :code END,
+    last_enhanced = CASE WHEN :class IS NULL THEN last_enhanced ELSE :enhanced END,
+    last_text = CASE WHEN :class IS NULL THEN last_text ELSE :text END,
+    last_class = coalesce(:class, last_class),
+    reason = :reason, updated_at = :now
+WHERE id = :id AND state = 'sending' AND lease_owner = :owner
+RETURNING queue_id, address;
+
+-- name: insert_attempt
+-- One try in a delivery's history.
+INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
+                      duration_ms, counted)
+VALUES (:delivery_id, :at, :class, :code, :enhanced, :text, :relay, :destination,
+        :duration_ms, :counted);
+
+-- name: mark_done
+-- Note when a message's last recipient reached a final state (for retention).
+UPDATE messages SET done_at = :now
+WHERE id = :queue_id AND done_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM deliveries
+                  WHERE queue_id = :queue_id
+                    AND state IN ('queued', 'sending', 'deferred', 'held'));
+
+-- name: insert_suppression
+-- Add an address to the suppression list (first reason wins).
+INSERT INTO suppressions (address, created_at, source, reason, code, enhanced, text, queue_id)
+VALUES (:address, :created_at, :source, :reason, :code, :enhanced, :text, :queue_id)
+ON CONFLICT (address) DO NOTHING;
+
+-- name: renew_leases
+-- Push out every lease a live worker holds.
+UPDATE deliveries SET lease_expires_at = :lease_until
+WHERE lease_owner = :owner AND state = 'sending';
+
+-- name: hand_back_all
+-- Return every delivery a worker holds, unattempted (graceful shutdown).
+UPDATE deliveries
+SET state = CASE WHEN hold_after = 1 THEN 'held'
+                 WHEN attempts > 0 OR deferrals > 0 THEN 'deferred' ELSE 'queued' END,
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = 0, updated_at = :now
+WHERE lease_owner = :owner AND state = 'sending';
+
+-- name: hand_back_one
+-- Return one delivery a worker holds, unattempted.
+UPDATE deliveries
+SET state = CASE WHEN hold_after = 1 THEN 'held'
+                 WHEN attempts > 0 OR deferrals > 0 THEN 'deferred' ELSE 'queued' END,
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = 0, updated_at = :now
+WHERE id = :id AND lease_owner = :owner AND state = 'sending';
+
+-- name: expired_leases
+-- Deliveries whose worker stopped renewing its lease.
+SELECT id, lease_owner, destination FROM deliveries INDEXED BY deliveries_leased
+WHERE state = 'sending' AND lease_expires_at <= :now
+LIMIT 1000;
+
+-- name: reap_lease
+-- Make a delivery with an expired lease due now; the try counts (it may have been sent).
+UPDATE deliveries
+SET state = CASE WHEN hold_after = 1 THEN 'held' ELSE 'queued' END,
+    attempts = attempts + 1, next_attempt_at = :now,
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = 0,
+    last_code = NULL, last_enhanced = NULL, last_text = :text, last_class = 'temporary',
+    reason = 'lease expired', updated_at = :now
+WHERE id = :id AND state = 'sending' AND lease_expires_at <= :now;
+
+-- name: expire_owner_leases
+-- End the leases of a dead owner now, so the next reap returns its deliveries.
+UPDATE deliveries SET lease_expires_at = :now
+WHERE lease_owner = :owner AND state = 'sending';
+
+-- name: lease_owners
+-- Workers that hold leases.
+SELECT DISTINCT lease_owner FROM deliveries INDEXED BY deliveries_leased
+WHERE state = 'sending' AND lease_owner IS NOT NULL;
+
+-- name: next_due_at
+-- The earliest next attempt time of any waiting delivery.
+SELECT min(next_at) FROM (
+    SELECT min(next_attempt_at) AS next_at FROM deliveries INDEXED BY deliveries_due
+    WHERE state IN ('queued', 'deferred') AND lane = 'high'
+    UNION ALL
+    SELECT min(next_attempt_at) FROM deliveries INDEXED BY deliveries_due
+    WHERE state IN ('queued', 'deferred') AND lane = 'normal'
+    UNION ALL
+    SELECT min(next_attempt_at) FROM deliveries INDEXED BY deliveries_due
+    WHERE state IN ('queued', 'deferred') AND lane = 'low'
+);
+
+-- name: finished_messages
+-- Messages past their retention: all recipients final, none dead (dead letters have their own).
+SELECT id FROM messages INDEXED BY messages_done
+WHERE done_at <= :cutoff
+  AND (done_at <= :dead_cutoff
+       OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.id
+                      AND d.state = 'dead'))
+LIMIT 500;
+
+-- name: delete_message
+-- Remove a message; its deliveries and attempts go with it (ON DELETE CASCADE).
+DELETE FROM messages WHERE id = :id;
+
+-- name: message
+-- One message's stored fields (not its content).
+SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at
+FROM messages WHERE id = :id;
+
+-- name: message_content
+-- A message's stored bytes.
+SELECT content FROM messages WHERE id = :id;
+
+-- name: message_recipients
+-- The recipients of one message, in the order they were given.
+SELECT id, address, domain, destination, state, attempts, next_attempt_at, last_code,
+       last_enhanced, last_text, last_class, updated_at, reason
+FROM deliveries WHERE queue_id = :id ORDER BY id;
+
+-- name: delivery_history
+-- Every attempt of one delivery, oldest first.
+SELECT at, class, code, enhanced, text, duration_ms, relay, destination, counted
+FROM attempts WHERE delivery_id = :id ORDER BY id;
+
+-- name: counts_by_lane_state
+-- Depth by lane and state, and the oldest creation time in each (covered by an index).
+SELECT lane, state, count(*), min(created_at)
+FROM deliveries INDEXED BY deliveries_lane_state
+GROUP BY lane, state;
+
+-- name: suppression_count
+-- How many addresses are on the suppression list.
+SELECT count(*) FROM suppressions;
+
+-- name: suppressions
+-- The suppression list, newest first.
+SELECT address, created_at, source, reason, code, enhanced, text, queue_id
+FROM suppressions ORDER BY created_at DESC LIMIT :limit;
+
+-- name: delete_suppression
+-- Take an address off the suppression list.
+DELETE FROM suppressions WHERE address = :address;

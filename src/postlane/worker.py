@@ -1,0 +1,527 @@
+"""The delivery worker: claim, send, classify, decide, record; shut down gracefully.
+
+One asyncio task claims due deliveries in batches (lane quotas from :mod:`postlane.lanes`) while
+at most ``concurrency`` deliveries are in flight; each claimed message is sent by its own task;
+results go to a recorder that writes them in batches, each outcome with its attempt, in one
+transaction. Leases are renewed while sends run. On stop (SIGTERM, Ctrl-C), claiming stops,
+in-flight sends get ``shutdown_grace`` to finish and whatever is left is handed back unattempted.
+
+Nothing a transport does stalls the queue: an unexpected exception becomes an attempt classed
+``temporary`` with its text recorded, and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from postlane.classify import ReplyClass, Verdict
+from postlane.clock import Clock, SystemClock
+from postlane.config import Config, DeliveryConfig
+from postlane.lanes import LaneScheduler
+from postlane.message import Lane, RecipientState
+from postlane.policy import Action, Decision, Policy
+from postlane.records import AttemptRecord, ClaimedMessage, Delivery, Outcome
+from postlane.store.base import Store
+from postlane.transports.base import Envelope, Response, Transport
+
+log = logging.getLogger("postlane.worker")
+
+#: how often finished messages past their retention are removed
+PURGE_INTERVAL = 600.0
+
+
+class DeliveryObserver(Protocol):
+    """Told about every decided try (metrics implement this)."""
+
+    def attempted(
+        self,
+        *,
+        lane: Lane,
+        destination: str,
+        verdict: Verdict,
+        decision: Decision,
+        created_at: float,
+        now: float,
+    ) -> None: ...
+
+
+class _NoObserver:
+    def attempted(self, **_: object) -> None:
+        return None
+
+
+def lease_owner_id() -> str:
+    """``host/pid/process-start/random``: names this process in leases, so a restarted serve on
+    the same host can tell its own dead processes' leases apart (pids get reused)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{process_start_ticks(os.getpid())}/{os.urandom(3).hex()}"
+
+
+def process_start_ticks(pid: int) -> int:
+    """The process's start time in clock ticks since boot (Linux), 0 when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read().decode("ascii", "replace")
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True when ``owner`` names a process of this host that no longer runs."""
+    parts = owner.split("/")
+    if len(parts) != 4 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid, started = int(parts[1]), int(parts[2])
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, someone else's
+    return started != 0 and process_start_ticks(pid) not in (0, started)
+
+
+@dataclass
+class _Pending:
+    outcome: Outcome
+    done: asyncio.Future[None]
+
+
+class Worker:
+    """Delivers what the store has due through one transport."""
+
+    def __init__(
+        self,
+        store: Store,
+        transport: Transport,
+        policy: Policy,
+        *,
+        delivery: DeliveryConfig | None = None,
+        clock: Clock | None = None,
+        lanes: LaneScheduler | None = None,
+        observer: DeliveryObserver | None = None,
+        owner: str | None = None,
+        wake: asyncio.Event | None = None,
+        retention: tuple[float, float] | None = None,
+    ) -> None:
+        self.store = store
+        self.transport = transport
+        self.policy = policy
+        self.settings = delivery or DeliveryConfig()
+        self.clock = clock or SystemClock()
+        self.lanes = lanes or LaneScheduler()
+        self.observer: DeliveryObserver = observer or _NoObserver()
+        self.owner = owner or lease_owner_id()
+        #: set by in-process enqueues so an idle worker claims at once
+        self.wake = wake or asyncio.Event()
+        #: (sent retention, dead-letter retention) in seconds; None keeps everything
+        self.retention = retention
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._slot_freed = asyncio.Event()
+        self._recorder_queue: list[_Pending] = []
+        self._recorder_wake = asyncio.Event()
+        self._recorder_task: asyncio.Task[None] | None = None
+        self.sent = 0
+        self.attempts = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        store: Store,
+        transport: Transport,
+        **kwargs: object,
+    ) -> Worker:
+        return cls(
+            store,
+            transport,
+            Policy.from_config(config),
+            delivery=config.delivery,
+            lanes=LaneScheduler.from_config(config),
+            retention=(config.store.retention, config.store.dead_retention),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    # -- running ---------------------------------------------------------------------------------
+
+    async def reclaim_dead_owners(self) -> int:
+        """End at once the leases held by dead processes of this host, and make them due."""
+        dead = [owner for owner in await self.store.lease_owners() if owner_is_dead(owner)]
+        now = self.clock.now()
+        if dead:
+            await self.store.expire_owner_leases(dead, now)
+            log.info("reclaimed leases of %d stopped process(es) on this host", len(dead))
+        return await self.store.reap_expired_leases(now)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until ``stop`` is set, then shut down gracefully."""
+        self._start_recorder()
+        helpers = [
+            asyncio.create_task(self._renew_leases(stop), name="postlane-lease-renewal"),
+            asyncio.create_task(self._housekeeping(stop), name="postlane-housekeeping"),
+        ]
+        try:
+            await self._claim_loop(stop)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await self._shutdown()
+
+    async def run_until_idle(self) -> int:
+        """Deliver everything due now, wait for it to be recorded, return (arq's "burst" mode).
+        Returns the number of attempts made. Useful for tests with an injected clock."""
+        self._start_recorder()
+        before = self.attempts
+        try:
+            while True:
+                claimed = await self._claim_batch()
+                if not claimed and not self._tasks:
+                    break
+                if not claimed:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                await self._wait_for_slot()
+        finally:
+            await self._drain_tasks(timeout=None)
+            await self._stop_recorder()
+        return self.attempts - before
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        poll = self.settings.poll_interval
+        while not stop.is_set():
+            await self._wait_for_slot(stop)
+            if stop.is_set():
+                return
+            got = await self._claim_batch()
+            if got:
+                continue
+            # nothing due now: sleep until new mail, the next due time, or the poll interval
+            next_due = await self.store.next_due_at()
+            timeout = poll
+            if next_due is not None:
+                timeout = max(0.0, min(poll, next_due - self.clock.now()))
+            self.wake.clear()
+            await _first_of(stop.wait(), self.wake.wait(), timeout=timeout)
+
+    async def _wait_for_slot(self, stop: asyncio.Event | None = None) -> None:
+        threshold = max(1, min(self.settings.batch_size, self.settings.concurrency) // 4)
+        while self.settings.concurrency - self._in_flight < threshold and self._in_flight:
+            self._slot_freed.clear()
+            if stop is None:
+                await self._slot_freed.wait()
+            else:
+                await _first_of(stop.wait(), self._slot_freed.wait(), timeout=None)
+                if stop.is_set():
+                    return
+
+    async def _claim_batch(self) -> int:
+        free = self.settings.concurrency - self._in_flight
+        if free <= 0:
+            return 0
+        limit = min(free, self.settings.batch_size)
+        quotas = self.lanes.quotas(limit)
+        now = self.clock.now()
+        claimed = await self.store.claim_due(
+            self.owner,
+            quotas,
+            limit=limit,
+            now=now,
+            lease_until=now + self.settings.lease,
+        )
+        got: Counter[Lane] = Counter()
+        total = 0
+        for message in claimed:
+            got[message.lane] += len(message.deliveries)
+            total += len(message.deliveries)
+        self.lanes.claimed(quotas, got)
+        for message in claimed:
+            self._start(message)
+        return total
+
+    def _start(self, message: ClaimedMessage) -> None:
+        size = len(message.deliveries)
+        self._in_flight += size
+        task = asyncio.create_task(self._deliver(message), name=f"postlane-deliver-{message.queue_id}")
+        self._tasks.add(task)
+
+        def finished(done: asyncio.Task[None]) -> None:
+            self._tasks.discard(done)
+            self._in_flight -= size
+            self._slot_freed.set()
+
+        task.add_done_callback(finished)
+
+    # -- one message -----------------------------------------------------------------------------
+
+    async def _deliver(self, message: ClaimedMessage) -> None:
+        now = self.clock.now()
+        outcomes: list[Outcome] = []
+        to_send: list[Delivery] = []
+        for delivery in message.deliveries:
+            refusal = self.policy.refuse_before_sending(
+                message.lane, attempts=delivery.attempts, created_at=message.created_at, now=now
+            )
+            if refusal is None:
+                to_send.append(delivery)
+            else:
+                outcomes.append(_dead_without_try(delivery, refusal, now))
+        if to_send:
+            outcomes.extend(await self._send(message, to_send))
+        await self._record(outcomes)
+
+    async def _send(self, message: ClaimedMessage, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        envelope = Envelope(
+            queue_id=message.queue_id,
+            sender=message.sender,
+            recipients=tuple(d.address for d in deliveries),
+            content=message.content,
+            message_id=message.message_id,
+            idempotency_key=message.idempotency_key,
+        )
+        started = time.monotonic()
+        try:
+            responses = await self.transport.send(envelope)
+            if len(responses) != len(deliveries):
+                raise RuntimeError(
+                    f"transport {self.transport.name} returned {len(responses)} responses "
+                    f"for {len(deliveries)} recipients"
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # invariant 9: an unknown failure is a temporary attempt
+            log.exception("transport %s failed unexpectedly", self.transport.name)
+            text = f"unexpected error in transport {self.transport.name}: {type(exc).__name__}: {exc}"
+            responses = [
+                Response(None, text, self.transport.name, failure=ReplyClass.TEMPORARY)
+                for _ in deliveries
+            ]
+        duration_ms = int((time.monotonic() - started) * 1000)
+        now = self.clock.now()
+        return [
+            self._decide(message, delivery, response, duration_ms, now)
+            for delivery, response in zip(deliveries, responses, strict=True)
+        ]
+
+    def _decide(
+        self,
+        message: ClaimedMessage,
+        delivery: Delivery,
+        response: Response,
+        duration_ms: int,
+        now: float,
+    ) -> Outcome:
+        verdict = response.verdict()
+        decision = self.policy.decide(
+            verdict,
+            lane=message.lane,
+            attempts=delivery.attempts,
+            deferrals=delivery.deferrals,
+            created_at=message.created_at,
+            now=now,
+            cool_down=response.retry_after,
+        )
+        self.attempts += 1
+        self.observer.attempted(
+            lane=message.lane,
+            destination=delivery.destination,
+            verdict=verdict,
+            decision=decision,
+            created_at=message.created_at,
+            now=now,
+        )
+        attempt = AttemptRecord(
+            at=now,
+            cls=verdict.cls,
+            code=verdict.code,
+            enhanced=verdict.enhanced,
+            text=verdict.text or response.text,
+            relay=response.relay,
+            destination=delivery.destination,
+            duration_ms=duration_ms,
+            counted=decision.counted,
+        )
+        attempts = delivery.attempts + (1 if decision.counted else 0)
+        deferrals = delivery.deferrals + (0 if decision.counted else 1)
+        if decision.action is Action.SEND:
+            self.sent += 1
+            state = RecipientState.SENT
+        elif decision.action is Action.DEAD:
+            state = RecipientState.DEAD
+        else:
+            state = RecipientState.DEFERRED
+        return Outcome(
+            delivery_id=delivery.id,
+            state=state,
+            attempts=attempts,
+            deferrals=deferrals,
+            next_attempt_at=decision.next_attempt_at,
+            attempt=attempt,
+            suppress=decision.suppress,
+            reason=decision.reason,
+        )
+
+    # -- recording -------------------------------------------------------------------------------
+
+    def _start_recorder(self) -> None:
+        if self._recorder_task is None or self._recorder_task.done():
+            self._recorder_task = asyncio.create_task(self._recorder(), name="postlane-recorder")
+
+    async def _record(self, outcomes: Sequence[Outcome]) -> None:
+        """Queue outcomes for the recorder and wait until they are committed."""
+        if not outcomes:
+            return
+        loop = asyncio.get_running_loop()
+        waits = []
+        for outcome in outcomes:
+            pending = _Pending(outcome, loop.create_future())
+            self._recorder_queue.append(pending)
+            waits.append(pending.done)
+        self._recorder_wake.set()
+        await asyncio.gather(*waits)
+
+    async def _recorder(self) -> None:
+        """Write queued outcomes in batches: one transaction for everything waiting."""
+        while True:
+            await self._recorder_wake.wait()
+            self._recorder_wake.clear()
+            while self._recorder_queue:
+                batch, self._recorder_queue = self._recorder_queue, []
+                try:
+                    await self._write_outcomes([p.outcome for p in batch])
+                except asyncio.CancelledError:
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.cancel()
+                    raise
+                except Exception as exc:
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.set_exception(exc)
+                    continue
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
+
+    async def _write_outcomes(self, outcomes: list[Outcome]) -> None:
+        """Record, retrying while the store is briefly unavailable: a result we fail to record
+        would be retried after the lease and sent twice."""
+        delay = 0.05
+        deadline = time.monotonic() + max(self.settings.lease / 2, 1.0)
+        while True:
+            try:
+                await self.store.record(self.owner, outcomes, self.clock.now())
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    log.exception("could not record %d outcome(s)", len(outcomes))
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _stop_recorder(self) -> None:
+        if self._recorder_task is None:
+            return
+        while self._recorder_queue:
+            self._recorder_wake.set()
+            await asyncio.sleep(0)
+        self._recorder_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._recorder_task
+        self._recorder_task = None
+
+    # -- leases, housekeeping, shutdown ------------------------------------------------------------
+
+    async def _renew_leases(self, stop: asyncio.Event) -> None:
+        interval = max(self.settings.lease / 3, 0.05)
+        while not stop.is_set():
+            await _first_of(stop.wait(), timeout=interval)
+            if self._in_flight:
+                try:
+                    await self.store.renew_leases(self.owner, self.clock.now() + self.settings.lease)
+                except Exception:
+                    log.exception("could not renew leases")
+
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        """Return deliveries of dead workers (lease expired) and remove old finished messages."""
+        interval = max(min(self.settings.lease / 2, 30.0), 0.05)
+        last_purge = 0.0
+        while not stop.is_set():
+            try:
+                reaped = await self.store.reap_expired_leases(self.clock.now())
+                if reaped:
+                    log.warning("%d delivery(ies) returned after their worker's lease ran out", reaped)
+                    self.wake.set()
+                if time.monotonic() - last_purge > PURGE_INTERVAL:
+                    last_purge = time.monotonic()
+                    await self._purge()
+            except Exception:
+                log.exception("housekeeping failed")
+            await _first_of(stop.wait(), timeout=interval)
+
+    async def _purge(self) -> None:
+        if self.retention is None:
+            return
+        removed = await self.store.purge_finished(self.clock.now(), *self.retention)
+        if removed:
+            log.info("removed %d finished message(s) past their retention", removed)
+
+    async def _drain_tasks(self, timeout: float | None) -> None:
+        if not self._tasks:
+            return
+        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _shutdown(self) -> None:
+        in_flight = len(self._tasks)
+        if in_flight:
+            log.info(
+                "stopping: waiting up to %.0fs for %d send(s) in flight",
+                self.settings.shutdown_grace,
+                in_flight,
+            )
+        await self._drain_tasks(timeout=self.settings.shutdown_grace)
+        await self._stop_recorder()
+        returned = await self.store.hand_back(self.owner, None, self.clock.now())
+        if returned:
+            log.info("handed back %d unsent delivery(ies)", returned)
+
+
+def _dead_without_try(delivery: Delivery, reason: str, now: float) -> Outcome:
+    return Outcome(
+        delivery_id=delivery.id,
+        state=RecipientState.DEAD,
+        attempts=delivery.attempts,
+        deferrals=delivery.deferrals,
+        next_attempt_at=None,
+        attempt=None,  # the last real reply stays the dead letter's last response
+        reason=reason,
+    )
+
+
+async def _first_of(*waits: Awaitable[object], timeout: float | None) -> None:
+    """Wait until any of ``waits`` completes or ``timeout`` passes; cancel the rest."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+OnStarted = Callable[[], Awaitable[None]]
