@@ -675,6 +675,13 @@ def suppress_remove(address: str) -> None:
     click.echo(f"{address}: removed")
 
 
+# -- simulator ---------------------------------------------------------------------------------
+
+from postlane.simulate import simulate_command  # noqa: E402
+
+cli.add_command(simulate_command)
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 

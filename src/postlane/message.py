@@ -146,11 +146,19 @@ def parse_lane(value: Lane | str | None) -> Lane:
         ) from None
 
 
+#: everything str.splitlines() breaks on: the email package treats them all as line ends
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
 def _no_line_breaks(value: str, what: str) -> str:
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise ValidationError(
-            f"{what} contains a line break (header injection refused)", field=what
-        )
+    """Refuse header values that could start a new header line (header injection)."""
+    for char in value:
+        if char in _LINE_BREAKS:
+            raise ValidationError(
+                f"{what} contains a line break (header injection refused)", field=what
+            )
+        if (char < " " and char != "\t") or char == "\x7f":
+            raise ValidationError(f"{what} contains a control character {char!r}", field=what)
     return value
 
 

@@ -421,8 +421,8 @@ class SQLiteStore:
             ids = [
                 row[0]
                 for row in conn.execute(
-                    f"SELECT queue_id, min(created_at) AS c FROM deliveries d WHERE {where} "
-                    "GROUP BY queue_id ORDER BY c, queue_id LIMIT :limit",
+                    f"SELECT queue_id, min(created_at) AS c, min(id) AS first FROM deliveries d "
+                    f"WHERE {where} GROUP BY queue_id ORDER BY c, first LIMIT :limit",
                     {**params, "limit": limit},
                 )
             ]

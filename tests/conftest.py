@@ -1,0 +1,179 @@
+"""Fixtures that build real things: a store on a temporary file, an SMTP server on a free port
+with scripted replies, a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP as SMTPServer
+
+from postlane.clock import FakeClock
+from postlane.config import Config, config_from_dict
+from postlane.store.sqlite import SQLiteStore
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    data: dict[str, Any] = {
+        "store": {"url": f"sqlite:///{tmp_path / 'postlane.db'}"},
+        "delivery": {"relay": f"capture://{tmp_path / 'captured'}"},
+        "retry": {"jitter": 0},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_from_dict(data, base_dir=tmp_path)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def _postgres_url() -> str | None:
+    return os.environ.get("POSTLANE_TEST_POSTGRES")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """Every backend, so one contract test body runs against each."""
+    if request.param == "sqlite":
+        sqlite = SQLiteStore(tmp_path / "store.db")
+        await sqlite.open()
+        yield sqlite
+        await sqlite.close()
+        return
+    url = _postgres_url()
+    if url is None:
+        if IN_CI:
+            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
+        pytest.skip("PostgreSQL tests need POSTLANE_TEST_POSTGRES=postgresql://...")
+    try:
+        from postlane.store.postgres import PostgresStore
+    except ImportError:
+        if IN_CI:
+            raise
+        pytest.skip("the PostgreSQL store is not available")
+    pg = PostgresStore(url, schema=f"test_{os.getpid()}_{id(request)}")
+    await pg.open()
+    try:
+        yield pg
+    finally:
+        await pg.drop_schema()
+        await pg.close()
+
+
+# -- a scripted SMTP server ----------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+@dataclass
+class ScriptedHandler:
+    """Records what it receives; replies as scripted.
+
+    ``rcpt`` maps a recipient address to the reply its RCPT gets; ``data`` is a list of replies
+    for successive DATA commands (then 250); ``mail`` likewise for MAIL FROM."""
+
+    received: list[Received] = field(default_factory=list)
+    rcpt: dict[str, str] = field(default_factory=dict)
+    data: list[str] = field(default_factory=list)
+    mail: list[str] = field(default_factory=list)
+    connections: int = 0
+    #: close the connection (no reply) on the next DATA this many times
+    drop_data: int = 0
+    data_delay: float = 0.0
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if self.mail:
+            reply = self.mail.pop(0)
+            if not reply.startswith("2"):
+                return reply
+        envelope.mail_from = address
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        reply = self.rcpt.get(address)
+        if reply is not None and not reply.startswith("2"):
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
+        if self.drop_data > 0:
+            self.drop_data -= 1
+            server.transport.close()
+            return "421 closing"  # never seen by the client: the transport is closed
+        if self.data:
+            reply = self.data.pop(0)
+            if not reply.startswith("2"):
+                return reply
+        self.received.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.original_content))
+        )
+        self.event.set()
+        return "250 2.0.0 OK queued"
+
+    def message_ids(self) -> list[str]:
+        out = []
+        for r in self.received:
+            head = r.content.split(b"\r\n\r\n", 1)[0]
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"message-id:"):
+                    out.append(line.split(b":", 1)[1].strip().decode())
+        return out
+
+
+@dataclass
+class SMTPPeer:
+    host: str
+    port: int
+    handler: ScriptedHandler
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+
+@pytest.fixture
+async def smtp_peer() -> AsyncIterator[SMTPPeer]:
+    handler = ScriptedHandler()
+    loop = asyncio.get_running_loop()
+
+    def factory() -> SMTPServer:
+        handler.connections += 1
+        return SMTPServer(handler, hostname="peer.test", loop=loop)
+
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield SMTPPeer("127.0.0.1", port, handler)
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("POSTLANE_CONFIG", raising=False)
+    yield tmp_path

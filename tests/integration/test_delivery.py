@@ -1,0 +1,287 @@
+"""The worker and the SMTP relay transport against a real SMTP server (aiosmtpd, in-process) with
+scripted replies, and an injected clock: retry spacing is checked without sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postlane.app import AsyncPostlane
+from postlane.classify import ReplyClass
+from postlane.clock import FakeClock
+from postlane.message import Lane, RecipientState
+from postlane.transports import transport_for
+from postlane.transports.base import Envelope, Response
+from postlane.worker import Worker
+from tests.conftest import SMTPPeer, free_port, make_config
+
+
+class Harness:
+    def __init__(self, app: AsyncPostlane, worker: Worker, clock: FakeClock) -> None:
+        self.app = app
+        self.worker = worker
+        self.clock = clock
+
+    async def send(self, *to: str, **fields: Any) -> str:
+        fields.setdefault("sender", "app@example.com")
+        fields.setdefault("subject", "hello")
+        fields.setdefault("text", "body")
+        return (await self.app.send(to=list(to), **fields)).id
+
+    async def run(self) -> int:
+        return await self.worker.run_until_idle()
+
+    async def recipient(self, queue_id: str, address: str) -> Any:
+        view = await self.app.get(queue_id, history=True)
+        return next(r for r in view.recipients if r.address == address)
+
+    async def advance_to_next_due(self) -> float:
+        due = await self.app.store.next_due_at()
+        assert due is not None
+        await self.clock.advance(max(0.0, due - self.clock.now()))
+        return due
+
+
+async def harness(tmp_path: Path, clock: FakeClock, relay: str, **sections: dict[str, Any]) -> Harness:
+    sections.setdefault("delivery", {})
+    sections["delivery"] = {"relay": relay, "connect_timeout": "2s", "command_timeout": "2s", **sections["delivery"]}
+    config = make_config(tmp_path, **sections)
+    app = AsyncPostlane(config, clock=clock)
+    await app.open()
+    worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+    return Harness(app, worker, clock)
+
+
+@pytest.fixture
+async def h(tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer) -> Any:
+    harness_ = await harness(tmp_path, clock, smtp_peer.url, retry={"delays": ["1m", "5m", "15m"], "max_attempts": 4})
+    yield harness_
+    await harness_.worker.transport.close()
+    await harness_.app.close()
+
+
+async def test_a_message_is_delivered_once_with_its_message_id(h: Harness, smtp_peer: SMTPPeer) -> None:
+    queue_id = await h.send("ada@example.net", "bob@example.org")
+    assert await h.run() == 2
+    [received] = smtp_peer.handler.received
+    assert received.mail_from == "app@example.com"
+    assert received.rcpt_tos == ["ada@example.net", "bob@example.org"]  # one transaction
+    view = await h.app.get(queue_id)
+    assert smtp_peer.handler.message_ids() == [view.message_id]
+    assert view.state is RecipientState.SENT
+    history = view.recipients[0].history or ()
+    assert history[0].cls is ReplyClass.DELIVERED and history[0].code == 250
+    assert history[0].relay == smtp_peer.url
+
+
+async def test_connections_are_reused_for_many_messages(h: Harness, smtp_peer: SMTPPeer) -> None:
+    for i in range(30):
+        await h.send(f"user{i}@example.net")
+    await h.run()
+    assert len(smtp_peer.handler.received) == 30
+    assert smtp_peer.handler.connections <= h.worker.settings.connections_per_host
+
+
+async def test_a_550_on_one_rcpt_fails_only_that_recipient(h: Harness, smtp_peer: SMTPPeer) -> None:
+    smtp_peer.handler.rcpt["gone@example.net"] = "550 5.1.1 <gone@example.net>: Recipient address rejected: User unknown"
+    queue_id = await h.send("ok@example.net", "gone@example.net")
+    await h.run()
+    ok = await h.recipient(queue_id, "ok@example.net")
+    gone = await h.recipient(queue_id, "gone@example.net")
+    assert ok.state is RecipientState.SENT
+    assert gone.state is RecipientState.DEAD and gone.last_response.cls is ReplyClass.HARD_BOUNCE
+    assert [r.rcpt_tos for r in smtp_peer.handler.received] == [["ok@example.net"]]
+    assert (await h.app.store.is_suppressed(["gone@example.net"]))["gone@example.net"]
+    # nothing is resent to the accepted recipient afterwards
+    await h.clock.advance(86400)
+    assert await h.run() == 0
+    assert len(smtp_peer.handler.received) == 1
+
+
+async def test_a_suppressed_address_is_recorded_and_never_attempted(h: Harness, smtp_peer: SMTPPeer) -> None:
+    await h.app.suppress("blocked@example.net")
+    queue_id = await h.send("blocked@example.net")
+    assert await h.run() == 0
+    assert (await h.recipient(queue_id, "blocked@example.net")).state is RecipientState.SUPPRESSED
+    assert smtp_peer.handler.received == []
+
+
+async def test_temporary_failures_retry_on_the_schedule_then_dead_letter(h: Harness, smtp_peer: SMTPPeer) -> None:
+    smtp_peer.handler.data = ["451 4.3.0 Temporary local problem"] * 10
+    queue_id = await h.send("ada@example.net")
+    start = h.clock.now()
+    await h.run()
+    due_times = []
+    for _ in range(3):
+        due_times.append(await h.advance_to_next_due() - start)
+        await h.run()
+    r = await h.recipient(queue_id, "ada@example.net")
+    # attempts at 0, +1m, +1m+5m, +1m+5m+15m; the 4th is max_attempts
+    assert due_times == [60, 360, 1260]
+    assert r.state is RecipientState.DEAD and r.attempts == 4
+    assert [a.cls for a in r.history] == [ReplyClass.TEMPORARY] * 4
+    assert all(a.code == 451 for a in r.history)
+    [letter] = await h.app.dead_letter(queue_id)
+    assert "max_attempts 4" in (letter.reason or "")
+
+
+async def test_retry_then_success(h: Harness, smtp_peer: SMTPPeer) -> None:
+    smtp_peer.handler.data = ["452 4.2.2 Mailbox full"]
+    queue_id = await h.send("ada@example.net")
+    await h.run()
+    r = await h.recipient(queue_id, "ada@example.net")
+    assert r.state is RecipientState.DEFERRED and r.attempts == 1
+    assert r.last_response.cls is ReplyClass.SOFT_BOUNCE
+    assert await h.run() == 0  # not due yet: nothing is attempted early
+    await h.advance_to_next_due()
+    await h.run()
+    r = await h.recipient(queue_id, "ada@example.net")
+    assert r.state is RecipientState.SENT and r.attempts == 2
+    assert len(smtp_peer.handler.received) == 1
+
+
+async def test_421_at_rcpt_defers_without_using_an_attempt(h: Harness, smtp_peer: SMTPPeer) -> None:
+    smtp_peer.handler.rcpt["a@example.net"] = "421 4.7.0 Too many connections, slow down"
+    queue_id = await h.send("a@example.net", "b@example.net")
+    await h.run()
+    a = await h.recipient(queue_id, "a@example.net")
+    b = await h.recipient(queue_id, "b@example.net")
+    # the server closes after 421: both recipients are deferred, neither uses an attempt
+    for r in (a, b):
+        assert r.state is RecipientState.DEFERRED
+        assert r.attempts == 0
+        assert r.last_response.cls is ReplyClass.THROTTLED
+    del smtp_peer.handler.rcpt["a@example.net"]
+    await h.advance_to_next_due()
+    await h.run()
+    assert (await h.app.get(queue_id)).state is RecipientState.SENT
+
+
+async def test_a_message_error_dead_letters_without_suppressing(h: Harness, smtp_peer: SMTPPeer) -> None:
+    smtp_peer.handler.data = ["552 5.3.4 Message size exceeds fixed maximum message size"]
+    queue_id = await h.send("a@example.net")
+    await h.run()
+    r = await h.recipient(queue_id, "a@example.net")
+    assert r.state is RecipientState.DEAD and r.last_response.cls is ReplyClass.MESSAGE_ERROR
+    assert not (await h.app.store.is_suppressed(["a@example.net"]))["a@example.net"]
+
+
+async def test_a_dropped_connection_mid_data_is_retried_not_lost(h: Harness, smtp_peer: SMTPPeer) -> None:
+    smtp_peer.handler.drop_data = 1
+    queue_id = await h.send("a@example.net")
+    await h.run()
+    r = await h.recipient(queue_id, "a@example.net")
+    assert r.state is RecipientState.DEFERRED
+    assert r.last_response.cls is ReplyClass.CONNECTION and r.attempts == 0
+    await h.advance_to_next_due()
+    await h.run()
+    assert (await h.recipient(queue_id, "a@example.net")).state is RecipientState.SENT
+    assert len(smtp_peer.handler.received) == 1
+
+
+async def test_max_age_dead_letters_before_the_next_try(tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer) -> None:
+    h = await harness(tmp_path, clock, smtp_peer.url, retry={"delays": ["10m"], "max_attempts": 50},
+                      lanes={"high": {"max_age": "25m"}})
+    try:
+        smtp_peer.handler.data = ["451 4.3.0 try later"] * 10
+        queue_id = await h.send("a@example.net", lane="high")
+        await h.run()
+        await h.advance_to_next_due()
+        await h.run()  # +10m, then +20m would be the last before 25m
+        await h.advance_to_next_due()
+        await h.run()
+        r = await h.recipient(queue_id, "a@example.net")
+        assert r.state is RecipientState.DEAD and r.attempts == 3
+        assert "max_age 25m" in (r.reason or "")
+    finally:
+        await h.worker.transport.close()
+        await h.app.close()
+
+
+async def test_max_age_applies_to_a_leased_and_abandoned_message(tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer) -> None:
+    h = await harness(tmp_path, clock, smtp_peer.url, lanes={"high": {"max_age": "30m"}}, delivery={"lease": "1m"})
+    try:
+        queue_id = await h.send("a@example.net", lane="high")
+        # a worker leases it and dies without a word
+        await h.app.store.claim_due("dead/1/1/x", [(Lane.HIGH, 1)], limit=1, now=clock.now(), lease_until=clock.now() + 60)
+        await clock.advance(31 * 60)
+        assert await h.app.store.reap_expired_leases(clock.now()) == 1
+        assert await h.run() == 0  # dead-lettered without a try
+        r = await h.recipient(queue_id, "a@example.net")
+        assert r.state is RecipientState.DEAD and "max_age 30m exceeded" in (r.reason or "")
+        assert smtp_peer.handler.received == []
+    finally:
+        await h.worker.transport.close()
+        await h.app.close()
+
+
+async def test_connection_refused_is_a_connection_deferral(tmp_path: Path, clock: FakeClock) -> None:
+    h = await harness(tmp_path, clock, f"smtp://127.0.0.1:{free_port()}")
+    try:
+        queue_id = await h.send("a@example.net")
+        await h.run()
+        r = await h.recipient(queue_id, "a@example.net")
+        assert r.state is RecipientState.DEFERRED and r.attempts == 0
+        assert r.last_response.cls is ReplyClass.CONNECTION
+        assert "127.0.0.1" in r.last_response.text
+    finally:
+        await h.worker.transport.close()
+        await h.app.close()
+
+
+async def test_a_silent_server_times_out(tmp_path: Path, clock: FakeClock) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never greets
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    h = await harness(tmp_path, clock, f"smtp://127.0.0.1:{port}", delivery={"connect_timeout": "300ms"})
+    try:
+        queue_id = await h.send("a@example.net")
+        await h.run()
+        r = await h.recipient(queue_id, "a@example.net")
+        assert r.last_response.cls is ReplyClass.CONNECTION
+        assert "timed out" in r.last_response.text.lower()
+    finally:
+        server.close()
+        await h.worker.transport.close()
+        await h.app.close()
+
+
+class ExplodingTransport:
+    name = "exploding://"
+
+    async def send(self, envelope: Envelope) -> list[Response]:
+        raise RuntimeError("kaboom")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_an_unexpected_transport_error_is_a_temporary_attempt(tmp_path: Path, clock: FakeClock) -> None:
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        worker = Worker.from_config(config, app.store, ExplodingTransport(), clock=clock)
+        queue_id = (await app.send(sender="a@example.com", to=["b@example.net"], text="x")).id
+        assert await worker.run_until_idle() == 1
+        r = (await app.get(queue_id)).recipients[0]
+        assert r.state is RecipientState.DEFERRED and r.attempts == 1
+        assert r.last_response.cls is ReplyClass.TEMPORARY
+        assert "kaboom" in r.last_response.text
+
+
+async def test_capture_transport_writes_eml_files(tmp_path: Path, clock: FakeClock) -> None:
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        result = await app.send(sender="a@example.com", to=["b@example.net"], bcc=["c@example.org"], text="hi")
+        await worker.run_until_idle()
+        [path] = list((tmp_path / "captured").glob("*.eml"))
+        content = path.read_bytes()
+        assert content.startswith(b"X-Postlane-Envelope-From: <a@example.com>\r\n")
+        assert b"X-Postlane-Envelope-To: <b@example.net>, <c@example.org>" in content
+        assert (await app.get(result.id)).state is RecipientState.SENT

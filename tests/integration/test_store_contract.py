@@ -1,0 +1,313 @@
+"""The store contract: one body per behaviour, run against every backend (the `store` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from postlane.classify import ReplyClass
+from postlane.errors import NotFound
+from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
+from postlane.records import AttemptRecord, Outcome, Selector, Suppression
+
+T0 = 1_800_000_000.0
+ALL_LANES = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
+
+
+def msg(*to: str, lane: str = "normal", key: str | None = None, sender: str = "app@example.com",
+        metadata: dict[str, Any] | None = None) -> PreparedMessage:
+    return prepare(
+        Message(sender=sender, to=list(to or ["ada@example.net"]), subject="s", text="body",
+                lane=lane, idempotency_key=key, metadata=metadata),
+        max_size=1_000_000,
+        now=T0,
+    )
+
+
+def attempt(cls: ReplyClass, code: int | None = 250, now: float = T0, counted: bool = True) -> AttemptRecord:
+    return AttemptRecord(now, cls, code, None, f"{code} reply", "smtp://relay:25", "example.net", 12, counted)
+
+
+async def claim(store: Any, now: float = T0, limit: int = 100, owner: str = "w1", lease: float = 60) -> list[Any]:
+    return await store.claim_due(owner, ALL_LANES, limit=limit, now=now, lease_until=now + lease)
+
+
+def deliveries(claimed: list[Any]) -> list[Any]:
+    return [d for m in claimed for d in m.deliveries]
+
+
+async def test_enqueue_then_read_back(store: Any) -> None:
+    prepared = msg("ada@example.net", "bob@gmail.com", metadata={"user": 42})
+    [result] = await store.enqueue([prepared], T0)
+    assert result.id == prepared.id and not result.duplicate
+    view = await store.get_message(prepared.id)
+    assert view.state is RecipientState.QUEUED
+    assert view.message_id == prepared.message_id
+    assert view.size == len(prepared.content)
+    assert view.metadata == {"user": 42}
+    assert [(r.address, r.destination) for r in view.recipients] == [
+        ("ada@example.net", "example.net"),
+        ("bob@gmail.com", "google"),
+    ]
+    assert await store.get_content(prepared.id) == prepared.content
+
+
+async def test_unknown_ids_are_not_found(store: Any) -> None:
+    with pytest.raises(NotFound):
+        await store.get_message("nope")
+    with pytest.raises(NotFound):
+        await store.get_content("nope")
+    with pytest.raises(NotFound):
+        await store.get_dead("nope")
+
+
+async def test_same_idempotency_key_returns_the_first_id(store: Any) -> None:
+    first = msg(key="signup-42")
+    again = msg("other@example.net", key="signup-42")
+    [a] = await store.enqueue([first], T0)
+    [b] = await store.enqueue([again], T0 + 1)
+    assert (a.id, a.duplicate) == (first.id, False)
+    assert (b.id, b.duplicate) == (first.id, True)
+    with pytest.raises(NotFound):
+        await store.get_message(again.id)
+
+
+async def test_idempotency_holds_under_concurrent_enqueues(store: Any) -> None:
+    candidates = [msg(key="race") for _ in range(50)]
+    results = await asyncio.gather(*(store.enqueue([m], T0) for m in candidates))
+    flat = [r for batch in results for r in batch]
+    assert sum(not r.duplicate for r in flat) == 1
+    assert len({r.id for r in flat}) == 1
+    listed = await store.list_messages(Selector(), limit=100)
+    assert len(listed) == 1
+
+
+async def test_a_batch_with_a_repeated_key_stores_one(store: Any) -> None:
+    results = await store.enqueue([msg(key="k"), msg(key="k")], T0)
+    assert [r.duplicate for r in results] == [False, True]
+    assert results[0].id == results[1].id
+
+
+async def test_suppressed_recipients_are_never_claimed(store: Any) -> None:
+    await store.add_suppression(Suppression("Gone@Example.net", T0, "operator", "test"))
+    prepared = msg("gone@example.net", "here@example.net")
+    await store.enqueue([prepared], T0)
+    view = await store.get_message(prepared.id)
+    assert {r.address: r.state for r in view.recipients} == {
+        "gone@example.net": RecipientState.SUPPRESSED,
+        "here@example.net": RecipientState.QUEUED,
+    }
+    assert [d.address for d in deliveries(await claim(store))] == ["here@example.net"]
+
+
+async def test_a_message_whose_recipients_are_all_suppressed_is_finished(store: Any) -> None:
+    await store.add_suppression(Suppression("gone@example.net", T0, "operator", None))
+    prepared = msg("gone@example.net")
+    await store.enqueue([prepared], T0)
+    assert (await store.get_message(prepared.id)).state is RecipientState.SUPPRESSED
+    assert await claim(store) == []
+
+
+async def test_claims_take_the_high_lane_first(store: Any) -> None:
+    low, normal, high = msg(lane="low"), msg(lane="normal"), msg(lane="high")
+    await store.enqueue([low, normal, high], T0)
+    claimed = await store.claim_due("w", ALL_LANES, limit=1, now=T0, lease_until=T0 + 60)
+    assert [m.queue_id for m in claimed] == [high.id]
+    claimed = await store.claim_due(
+        "w", [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 1)], limit=1, now=T0, lease_until=T0 + 60
+    )
+    assert [m.queue_id for m in claimed] == [low.id]
+
+
+async def test_a_claimed_delivery_is_leased_and_not_claimed_twice(store: Any) -> None:
+    prepared = msg("a@example.net", "b@example.net")
+    await store.enqueue([prepared], T0)
+    first = await claim(store, owner="w1")
+    assert len(first) == 1 and len(first[0].deliveries) == 2
+    assert first[0].content == prepared.content
+    assert first[0].sender == "app@example.com"
+    assert await claim(store, owner="w2") == []
+    view = await store.get_message(prepared.id)
+    assert {r.state for r in view.recipients} == {RecipientState.SENDING}
+
+
+async def test_claim_respects_the_limit(store: Any) -> None:
+    await store.enqueue([msg() for _ in range(10)], T0)
+    assert len(deliveries(await claim(store, limit=4))) == 4
+    assert len(deliveries(await claim(store, limit=100))) == 6
+
+
+async def test_recording_sent_and_dead_writes_attempts_and_suppresses(store: Any) -> None:
+    prepared = msg("ok@example.net", "gone@example.net")
+    await store.enqueue([prepared], T0)
+    ok, gone = deliveries(await claim(store))
+    applied = await store.record(
+        "w1",
+        [
+            Outcome(ok.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED, 250)),
+            Outcome(gone.id, RecipientState.DEAD, 1, 0, None, attempt(ReplyClass.HARD_BOUNCE, 550),
+                    suppress=True, reason="hard bounce"),
+        ],
+        T0 + 1,
+    )
+    assert applied == 2
+    view = await store.get_message(prepared.id, history=True)
+    by_address = {r.address: r for r in view.recipients}
+    assert by_address["ok@example.net"].state is RecipientState.SENT
+    assert by_address["gone@example.net"].state is RecipientState.DEAD
+    assert by_address["gone@example.net"].last_response.code == 550  # type: ignore[union-attr]
+    assert [a.cls for a in by_address["gone@example.net"].history or ()] == [ReplyClass.HARD_BOUNCE]
+    assert view.state is RecipientState.DEAD
+    suppressed = await store.is_suppressed(["GONE@example.net", "ok@example.net"])
+    assert suppressed == {"GONE@example.net": True, "ok@example.net": False}
+    [entry] = await store.list_suppressions(limit=10)
+    assert (entry.source, entry.code, entry.queue_id) == ("bounce", 550, prepared.id)
+    [dead] = await store.get_dead(prepared.id)
+    assert dead.address == "gone@example.net" and dead.cls is ReplyClass.HARD_BOUNCE
+    assert dead.relay == "smtp://relay:25" and dead.reason == "hard bounce"
+    assert [a.code for a in dead.history or ()] == [550]
+
+
+async def test_a_result_from_a_worker_that_lost_its_lease_is_ignored(store: Any) -> None:
+    await store.enqueue([msg()], T0)
+    [d] = deliveries(await claim(store, owner="w1"))
+    applied = await store.record(
+        "intruder", [Outcome(d.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))], T0
+    )
+    assert applied == 0
+
+
+async def test_a_deferred_delivery_comes_due_at_its_time(store: Any) -> None:
+    prepared = msg()
+    await store.enqueue([prepared], T0)
+    [d] = deliveries(await claim(store))
+    await store.record(
+        "w1",
+        [Outcome(d.id, RecipientState.DEFERRED, 1, 0, T0 + 300, attempt(ReplyClass.TEMPORARY, 451))],
+        T0,
+    )
+    view = await store.get_message(prepared.id)
+    assert view.recipients[0].state is RecipientState.DEFERRED
+    assert view.recipients[0].next_attempt_at == T0 + 300
+    assert await store.next_due_at() == T0 + 300
+    assert await claim(store, now=T0 + 299) == []
+    [again] = deliveries(await claim(store, now=T0 + 300))
+    assert again.attempts == 1
+
+
+async def test_hand_back_returns_deliveries_unattempted(store: Any) -> None:
+    prepared = msg("a@example.net", "b@example.net")
+    await store.enqueue([prepared], T0)
+    await claim(store, owner="w1")
+    assert await store.hand_back("w1", None, T0 + 1) == 2
+    view = await store.get_message(prepared.id, history=True)
+    assert all(r.state is RecipientState.QUEUED and r.attempts == 0 and not r.history for r in view.recipients)
+    assert len(deliveries(await claim(store, owner="w2", now=T0 + 1))) == 2
+
+
+async def test_an_expired_lease_is_reaped_with_an_attempt(store: Any) -> None:
+    prepared = msg()
+    await store.enqueue([prepared], T0)
+    await claim(store, owner="dead-worker", lease=60)
+    assert await store.reap_expired_leases(T0 + 59) == 0
+    await store.renew_leases("dead-worker", T0 + 120)
+    assert await store.reap_expired_leases(T0 + 100) == 0
+    assert await store.reap_expired_leases(T0 + 120) == 1
+    view = await store.get_message(prepared.id, history=True)
+    recipient = view.recipients[0]
+    assert recipient.state is RecipientState.QUEUED and recipient.attempts == 1
+    assert "lease expired" in (recipient.history or ())[0].text
+    [d] = deliveries(await claim(store, owner="w2", now=T0 + 120))
+    assert d.attempts == 1
+
+
+async def test_leases_of_dead_owners_can_be_ended_at_once(store: Any) -> None:
+    await store.enqueue([msg(), msg()], T0)
+    await claim(store, owner="host/1/1/a", limit=1)
+    await claim(store, owner="host/2/2/b", limit=1)
+    assert sorted(await store.lease_owners()) == ["host/1/1/a", "host/2/2/b"]
+    assert await store.expire_owner_leases(["host/1/1/a"], T0 + 1) == 1
+    assert await store.reap_expired_leases(T0 + 1) == 1
+    assert await store.lease_owners() == ["host/2/2/b"]
+
+
+async def test_stats_count_by_lane_and_state(store: Any) -> None:
+    await store.enqueue([msg(lane="high"), msg("a@example.net", "b@example.net", lane="low")], T0)
+    await store.enqueue([msg(lane="low")], T0 + 50)
+    stats = await store.stats(T0 + 100)
+    assert stats.lanes[Lane.HIGH].ready == 1
+    assert stats.lanes[Lane.LOW].ready == 3
+    assert stats.lanes[Lane.LOW].oldest_age_seconds == pytest.approx(100)
+    assert stats.lanes[Lane.NORMAL].oldest_age_seconds == 0
+    assert stats.as_json()["lanes"]["high"] == {
+        "ready": 1, "deferred": 0, "held": 0, "sending": 0, "oldest_age_seconds": 100.0
+    }
+    claimed = deliveries(await claim(store, now=T0 + 100, limit=1))
+    await store.record("w1", [Outcome(claimed[0].id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))], T0 + 100)
+    stats = await store.stats(T0 + 100)
+    assert stats.sent == 1 and stats.lanes[Lane.HIGH].ready == 0
+
+
+async def test_list_messages_selects_by_lane_domain_state_sender_and_metadata(store: Any) -> None:
+    a = msg("x@gmail.com", lane="high", metadata={"tenant": "t1"})
+    b = msg("y@example.net", lane="low", sender="news@example.com")
+    await store.enqueue([a, b], T0)
+
+    async def ids(**kw: Any) -> list[str]:
+        return [m.id for m in await store.list_messages(Selector(**kw), limit=10)]
+
+    assert await ids() == [a.id, b.id]
+    assert await ids(lanes=(Lane.LOW,)) == [b.id]
+    assert await ids(domains=("gmail.com",)) == [a.id]
+    assert await ids(sender="NEWS@example.com") == [b.id]
+    assert await ids(recipient="x@gmail.com") == [a.id]
+    assert await ids(metadata={"tenant": "t1"}) == [a.id]
+    assert await ids(ids=(b.id,)) == [b.id]
+    assert await ids(states=(RecipientState.SENT,)) == []
+
+
+async def test_dead_letters_list_with_selectors(store: Any) -> None:
+    prepared = msg("gone@example.net")
+    await store.enqueue([prepared], T0)
+    [d] = deliveries(await claim(store))
+    await store.record("w1", [Outcome(d.id, RecipientState.DEAD, 1, 0, None, attempt(ReplyClass.POLICY_BLOCK, 554), reason="policy block")], T0)
+    [letter] = await store.list_dead(Selector(), limit=10)
+    assert letter.id == prepared.id and letter.cls is ReplyClass.POLICY_BLOCK
+    assert letter.as_json()["last_response"] == {"code": 554, "enhanced": None, "text": "554 reply"}
+    assert await store.list_dead(Selector(classes=(ReplyClass.HARD_BOUNCE,)), limit=10) == []
+    assert len(await store.list_dead(Selector(domains=("example.net",)), limit=10)) == 1
+
+
+async def test_suppression_list_add_and_remove(store: Any) -> None:
+    assert await store.add_suppression(Suppression("a@example.net", T0, "operator", "asked"))
+    assert not await store.add_suppression(Suppression("A@example.net", T0, "operator", "again"))
+    assert [s.address for s in await store.list_suppressions(limit=10)] == ["a@example.net"]
+    assert await store.remove_suppression("A@EXAMPLE.NET")
+    assert not await store.remove_suppression("a@example.net")
+    assert await store.list_suppressions(limit=10) == []
+
+
+async def test_finished_messages_are_purged_after_retention_dead_ones_later(store: Any) -> None:
+    sent, dead, pending = msg(), msg(), msg()
+    await store.enqueue([sent, dead, pending], T0)
+    by_message = {m.queue_id: m.deliveries[0] for m in await claim(store)}
+    await store.record(
+        "w1",
+        [
+            Outcome(by_message[sent.id].id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED)),
+            Outcome(by_message[dead.id].id, RecipientState.DEAD, 1, 0, None, attempt(ReplyClass.HARD_BOUNCE, 550)),
+        ],
+        T0,
+    )
+    await store.hand_back("w1", None, T0)
+    assert await store.purge_finished(T0 + 100, retention=3600, dead_retention=7200) == 0
+    assert await store.purge_finished(T0 + 3600, retention=3600, dead_retention=7200) == 1
+    with pytest.raises(NotFound):
+        await store.get_message(sent.id)
+    await store.get_message(dead.id)
+    assert await store.purge_finished(T0 + 7200, retention=3600, dead_retention=7200) == 1
+    with pytest.raises(NotFound):
+        await store.get_message(dead.id)
+    await store.get_message(pending.id)  # never purged while pending

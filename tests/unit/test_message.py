@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import email
+from email import policy
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from postlane.errors import MessageTooLarge, ValidationError
+from postlane.message import (
+    Attachment,
+    Lane,
+    Message,
+    new_message_id,
+    parse_address,
+    prepare,
+)
+
+LIMIT = 1_000_000
+
+
+def render(**fields: object) -> email.message.EmailMessage:
+    prepared = prepare(Message(**fields), max_size=LIMIT)  # type: ignore[arg-type]
+    parsed = email.message_from_bytes(prepared.content, policy=policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    return parsed
+
+
+def test_a_simple_message_renders_with_message_id_and_date() -> None:
+    prepared = prepare(
+        Message(sender="App <app@example.com>", to=["ada@example.net"], subject="Hi", text="Hello"),
+        max_size=LIMIT,
+    )
+    parsed = email.message_from_bytes(prepared.content, policy=policy.default)
+    assert parsed["From"] == "App <app@example.com>"
+    assert parsed["To"] == "ada@example.net"
+    assert parsed["Subject"] == "Hi"
+    assert parsed["Date"]
+    assert parsed["Message-ID"] == prepared.message_id == f"<{prepared.id}@example.com>"
+    assert prepared.sender == "app@example.com"
+    assert [r.address for r in prepared.recipients] == ["ada@example.net"]
+    assert b"\r\n" in prepared.content and b"\n" not in prepared.content.replace(b"\r\n", b"")
+
+
+def test_bcc_is_an_envelope_recipient_and_never_a_header() -> None:
+    prepared = prepare(
+        Message(sender="a@example.com", to=["b@example.net"], bcc=["secret@example.org"], text="x"),
+        max_size=LIMIT,
+    )
+    assert [r.address for r in prepared.recipients] == ["b@example.net", "secret@example.org"]
+    assert b"secret@example.org" not in prepared.content
+    assert b"Bcc" not in prepared.content
+
+
+def test_only_bcc_gives_undisclosed_recipients() -> None:
+    parsed = render(sender="a@example.com", bcc=["x@example.org"], text="x")
+    assert "undisclosed" in parsed["To"]
+
+
+def test_text_and_html_make_an_alternative_with_attachments() -> None:
+    parsed = render(
+        sender="a@example.com",
+        to=["b@example.net"],
+        cc=["c@example.net"],
+        text="plain",
+        html="<p>html</p>",
+        attachments=[Attachment("r.pdf", b"%PDF-1.4", "application/pdf")],
+    )
+    assert parsed["Cc"] == "c@example.net"
+    assert parsed.get_content_type() == "multipart/mixed"
+    body = parsed.get_body(("plain",))
+    assert body is not None and body.get_content().strip() == "plain"
+    html = parsed.get_body(("html",))
+    assert html is not None and "html" in html.get_content()
+    attachments = list(parsed.iter_attachments())
+    assert attachments[0].get_filename() == "r.pdf"
+    assert attachments[0].get_content() == b"%PDF-1.4"
+
+
+def test_non_ascii_subject_is_encoded() -> None:
+    parsed = render(sender="a@example.com", to=["b@example.net"], subject="Grüße ✓", text="x")
+    assert parsed["Subject"] == "Grüße ✓"
+
+
+def test_recipients_are_deduplicated_case_insensitively() -> None:
+    prepared = prepare(
+        Message(sender="a@example.com", to=["B@Example.net", "b@example.net"], cc=["b@EXAMPLE.NET"], text="x"),
+        max_size=LIMIT,
+    )
+    assert len(prepared.recipients) == 1
+    assert prepared.recipients[0].domain == "example.net"
+
+
+def test_client_message_id_is_kept() -> None:
+    prepared = prepare(
+        Message(sender="a@example.com", to=["b@example.net"], text="x", headers={"Message-ID": "<mine@app.example>"}),
+        max_size=LIMIT,
+    )
+    assert prepared.message_id == "<mine@app.example>"
+
+
+def test_extra_headers_are_added() -> None:
+    parsed = render(
+        sender="a@example.com",
+        to=["b@example.net"],
+        text="x",
+        headers={"Reply-To": "help@example.com", "List-Unsubscribe": "<mailto:u@example.com>"},
+    )
+    assert parsed["Reply-To"] == "help@example.com"
+    assert parsed["List-Unsubscribe"] == "<mailto:u@example.com>"
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"to": ["not-an-address"]}, "not a valid address"),
+        ({"to": ["a@b@c.example"]}, "not a valid address"),
+        ({"sender": "nobody"}, "not a valid address"),
+        ({"to": []}, "no recipient"),
+        ({"subject": "hi\r\nBcc: victim@example.org"}, "header injection"),
+        ({"subject": "hi\nX-Evil: 1"}, "header injection"),
+        ({"headers": {"X-Tag": "a\r\nBcc: v@example.org"}}, "header injection"),
+        ({"headers": {"X Bad": "v"}}, "not a valid header name"),
+        ({"headers": {"Bcc": "v@example.org"}}, "cannot be set"),
+        ({"headers": {"From": "x@example.org"}}, "cannot be set"),
+        ({"headers": {"Message-ID": "nonsense"}}, "Message-ID"),
+        ({"to": ["Ada\r\n <ada@example.net>"]}, "header injection"),
+        ({"lane": "urgent"}, "unknown lane"),
+        ({"text": None}, "no body"),
+        ({"idempotency_key": ""}, "idempotency_key"),
+        ({"idempotency_key": "x" * 300}, "idempotency_key"),
+        ({"metadata": {"x": object()}}, "metadata"),
+        ({"attachments": [Attachment("a\r\nb", b"x")]}, "header injection"),
+        ({"attachments": [Attachment("a.bin", b"x", "nonsense")]}, "content type"),
+    ],
+)
+def test_refusals_are_clear(fields: dict[str, object], match: str) -> None:
+    base: dict[str, object] = {"sender": "a@example.com", "to": ["b@example.net"], "text": "hello"}
+    base.update(fields)
+    with pytest.raises(ValidationError, match=match):
+        prepare(Message(**base), max_size=LIMIT)  # type: ignore[arg-type]
+
+
+def test_over_max_size_is_refused() -> None:
+    with pytest.raises(MessageTooLarge, match="over the limit"):
+        prepare(Message(sender="a@example.com", to=["b@example.net"], text="x" * 2000), max_size=1000)
+
+
+def test_too_many_recipients() -> None:
+    with pytest.raises(ValidationError, match="too many recipients"):
+        prepare(
+            Message(sender="a@example.com", to=[f"u{i}@example.net" for i in range(1001)], text="x"),
+            max_size=LIMIT,
+        )
+
+
+def test_lanes_parse_case_insensitively() -> None:
+    prepared = prepare(
+        Message(sender="a@example.com", to=["b@example.net"], text="x", lane="HIGH"), max_size=LIMIT
+    )
+    assert prepared.lane is Lane.HIGH
+
+
+RAW = (
+    b"From: App <app@example.com>\n"
+    b"To: ada@example.net\n"
+    b"Bcc: hidden@example.org\n"
+    b"Subject: raw one\n"
+    b"\n"
+    b"body line\n"
+)
+
+
+def test_raw_message_gets_message_id_and_crlf_and_loses_bcc() -> None:
+    prepared = prepare(Message(sender="", raw=RAW), max_size=LIMIT)
+    assert prepared.sender == "app@example.com"
+    assert [r.address for r in prepared.recipients] == ["ada@example.net", "hidden@example.org"]
+    assert prepared.content.startswith(b"Message-ID: <")
+    assert b"Bcc" not in prepared.content
+    assert b"\r\nbody line\r\n" in prepared.content
+    assert prepared.subject == "raw one"
+
+
+def test_raw_message_keeps_its_message_id_and_envelope() -> None:
+    raw = b"Message-ID: <keep@example.com>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n" + RAW
+    prepared = prepare(
+        Message(sender="bounce@example.com", to=["x@example.net"], raw=raw), max_size=LIMIT
+    )
+    assert prepared.message_id == "<keep@example.com>"
+    assert prepared.content.startswith(b"Message-ID: <keep@example.com>")
+    assert [r.address for r in prepared.recipients] == ["x@example.net"]
+    assert prepared.sender == "bounce@example.com"
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (b"no header section at all", "no blank line"),
+        (b" folded: first\r\n\r\nbody", "malformed"),
+        (b"Subject: x\r\n\r\nbody", "no sender"),
+    ],
+)
+def test_bad_raw_messages_are_refused(raw: bytes, match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        prepare(Message(sender="", to=["b@example.net"], raw=raw), max_size=LIMIT)
+
+
+def test_raw_with_other_fields_is_refused() -> None:
+    with pytest.raises(ValidationError, match="raw"):
+        prepare(Message(sender="a@example.com", to=["b@example.net"], raw=RAW, subject="x"), max_size=LIMIT)
+
+
+def test_queue_ids_sort_by_time_and_are_unique() -> None:
+    first = new_message_id(1_700_000_000.0)
+    later = new_message_id(1_700_000_001.0)
+    assert first < later
+    assert len({new_message_id(1_700_000_000.0) for _ in range(10_000)}) == 10_000
+    assert len(first) == 18 and first.isalnum()
+
+
+def test_display_name_addresses_are_accepted() -> None:
+    mailbox = parse_address('"Lovelace, Ada" <Ada@Example.NET>')
+    assert mailbox.address == "Ada@example.net"
+    assert mailbox.display_name == "Lovelace, Ada"
+
+
+@given(st.text(min_size=1, max_size=40))
+def test_header_values_with_line_breaks_never_render(value: str) -> None:
+    message = Message(sender="a@example.com", to=["b@example.net"], text="x", subject=value)
+    if len(value.splitlines()) > 1 or any(c < " " and c != "\t" for c in value):
+        with pytest.raises(ValidationError):
+            prepare(message, max_size=LIMIT)
+    else:
+        try:
+            prepared = prepare(message, max_size=LIMIT)
+        except ValidationError:
+            return  # e.g. characters the email package refuses: refused, not rendered
+        parsed = email.message_from_bytes(prepared.content, policy=policy.default)
+        assert set(parsed.keys()) >= {"From", "To", "Subject", "Message-ID"}
+        assert "Bcc" not in parsed
