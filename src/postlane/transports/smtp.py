@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 from aiosmtplib import (
+    SMTPAuthenticationError,
     SMTPConnectError,
     SMTPDataError,
     SMTPException,
@@ -169,6 +170,12 @@ class SMTPRelayTransport:
         except _Refused:
             client.close()
             raise
+        except SMTPAuthenticationError as exc:
+            # the relay refused our credentials: a configuration problem of the relay, retried
+            # (and pausing it) rather than dead-lettering every message
+            client.close()
+            text = f"{s.name}: authentication failed: {reply_text(exc.code, exc.message)}"
+            raise _Refused(text, exc.code, ReplyClass.CONNECTION) from exc
         except SMTPResponseException as exc:
             client.close()
             raise _Refused(reply_text(exc.code, exc.message), exc.code, None) from exc

@@ -1,0 +1,189 @@
+"""STARTTLS, certificate verification and AUTH against a real TLS-speaking aiosmtpd (trustme
+certificates): credentials never cross in clear."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from postlane.classify import ReplyClass
+from postlane.config import DeliveryConfig
+from postlane.transports.base import Envelope
+from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
+from tests.conftest import ScriptedHandler
+
+
+@dataclass
+class TLSPeer:
+    port: int
+    handler: ScriptedHandler
+    ca_file: Path
+    auth_attempts: list[tuple[str, str, bool]]
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def start_peer(tmp_path: Path, ca: trustme.CA, *, offer_tls: bool) -> tuple[Any, TLSPeer]:
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    handler = ScriptedHandler()
+    attempts: list[tuple[str, str, bool]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        ok = (data.login, data.password) == (b"app", b"s3cret")
+        attempts.append((data.login.decode(), data.password.decode(), server._tls_protocol is not None))
+        return AuthResult(success=ok, handled=False)
+
+    loop = asyncio.get_running_loop()
+
+    def factory() -> SMTPServer:
+        return SMTPServer(
+            handler,
+            hostname="tls.test",
+            tls_context=context if offer_tls else None,
+            require_starttls=offer_tls,
+            authenticator=authenticator,
+            auth_require_tls=False,  # a bad server that would take AUTH in clear: we must not
+            loop=loop,
+        )
+
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, TLSPeer(port, handler, ca_file, attempts)
+
+
+@pytest.fixture
+async def tls_peer(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[TLSPeer]:
+    server, peer = await start_peer(tmp_path, ca, offer_tls=True)
+    yield peer
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def plain_peer(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[TLSPeer]:
+    server, peer = await start_peer(tmp_path, ca, offer_tls=False)
+    yield peer
+    server.close()
+    await server.wait_closed()
+
+
+def transport(url: str, **settings: Any) -> SMTPRelayTransport:
+    delivery = DeliveryConfig(**{"connect_timeout": 3.0, "command_timeout": 3.0, **settings})
+    return SMTPRelayTransport(RelaySettings.from_url(url, delivery))
+
+
+ENVELOPE = Envelope("q1", "app@example.com", ("ada@example.net",), b"Subject: hi\r\n\r\nbody\r\n", "<q1@x>")
+
+
+async def test_starttls_is_used_when_offered_and_certificates_verified(tls_peer: TLSPeer) -> None:
+    t = transport(f"smtp://127.0.0.1:{tls_peer.port}", tls_ca=str(tls_peer.ca_file))
+    try:
+        [response] = await t.send(ENVELOPE)
+    finally:
+        await t.close()
+    assert response.code == 250, response.text
+    assert len(tls_peer.handler.received) == 1
+
+
+async def test_an_untrusted_certificate_is_a_connection_failure(tls_peer: TLSPeer) -> None:
+    t = transport(f"smtp://127.0.0.1:{tls_peer.port}")  # system CAs do not know trustme's CA
+    try:
+        [response] = await t.send(ENVELOPE)
+    finally:
+        await t.close()
+    assert response.verdict().cls is ReplyClass.CONNECTION
+    assert "certificate" in response.text.lower() or "tls" in response.text.lower()
+    assert tls_peer.handler.received == []
+
+
+async def test_verification_can_be_turned_off(tls_peer: TLSPeer) -> None:
+    t = transport(f"smtp://127.0.0.1:{tls_peer.port}", tls_verify=False)
+    try:
+        [response] = await t.send(ENVELOPE)
+    finally:
+        await t.close()
+    assert response.code == 250
+
+
+async def test_auth_happens_only_inside_tls(tls_peer: TLSPeer) -> None:
+    t = transport(f"smtp://app:s3cret@127.0.0.1:{tls_peer.port}", tls_ca=str(tls_peer.ca_file))
+    try:
+        [response] = await t.send(ENVELOPE)
+    finally:
+        await t.close()
+    assert response.code == 250
+    assert tls_peer.auth_attempts == [("app", "s3cret", True)]
+
+
+async def test_credentials_are_never_sent_in_clear(plain_peer: TLSPeer) -> None:
+    t = transport(f"smtp://app:s3cret@127.0.0.1:{plain_peer.port}")
+    try:
+        [response] = await t.send(ENVELOPE)
+    finally:
+        await t.close()
+    assert plain_peer.auth_attempts == []  # the server never saw a password
+    assert response.verdict().cls is ReplyClass.CONNECTION
+    assert "in clear" in response.text
+    assert plain_peer.handler.received == []
+
+
+async def test_wrong_credentials_are_a_relay_problem_not_a_dead_letter(tls_peer: TLSPeer) -> None:
+    t = transport(f"smtp://app:wrong@127.0.0.1:{tls_peer.port}", tls_ca=str(tls_peer.ca_file))
+    try:
+        [response] = await t.send(ENVELOPE)
+    finally:
+        await t.close()
+    assert response.verdict().cls is ReplyClass.CONNECTION
+    assert "authentication failed" in response.text
+    assert "wrong" not in response.text
+
+
+async def test_password_in_config_is_used_when_url_has_none(tls_peer: TLSPeer) -> None:
+    t = transport(
+        f"smtp://127.0.0.1:{tls_peer.port}", tls_ca=str(tls_peer.ca_file), username="app", password="s3cret"
+    )
+    try:
+        [response] = await t.send(ENVELOPE)
+    finally:
+        await t.close()
+    assert response.code == 250
+
+
+async def test_implicit_tls_smtps(tmp_path: Path, ca: trustme.CA) -> None:
+    cert = ca.issue_cert("127.0.0.1")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    handler = ScriptedHandler()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTPServer(handler, hostname="tls.test", loop=loop), "127.0.0.1", 0, ssl=context
+    )
+    port = server.sockets[0].getsockname()[1]
+    t = transport(f"smtps://127.0.0.1:{port}", tls_ca=str(ca_file))
+    try:
+        [response] = await t.send(ENVELOPE)
+    finally:
+        await t.close()
+        server.close()
+        await server.wait_closed()
+    assert response.code == 250
+    assert len(handler.received) == 1
