@@ -694,6 +694,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = cli.main(args=argv, prog_name="postlane", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "postlane"
+        click.echo(f"postlane: error: {exc.format_message()} (see '{command} --help')", err=True)
+        code = EXIT_USAGE
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code

@@ -1,0 +1,98 @@
+"""Migrations run on start: an old database is brought to the current schema with its data, and
+ends up identical to a database built fresh."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from postlane.errors import StoreUnavailable
+from postlane.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, _split_statements
+
+
+def schema_of(path: Path) -> list[tuple[str, str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [(kind, name, " ".join(sql.split())) for kind, name, sql in rows]
+
+
+def build_version_1(path: Path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    version, _, sql = MIGRATIONS[0]
+    assert version == 1
+    for statement in _split_statements(sql):
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO messages (id, lane, sender, subject, message_id, size, created_at, content) "
+        "VALUES ('old1', 'normal', 'a@example.com', 'kept', '<old1@example.com>', 3, 1.0, x'616263')"
+    )
+    conn.execute(
+        "INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state, "
+        "next_attempt_at, updated_at) VALUES ('old1', 'b@example.net', 'example.net', "
+        "'example.net', 'normal', 1.0, 'deferred', 2.0, 1.0)"
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+
+
+def test_there_is_more_than_one_migration() -> None:
+    assert SCHEMA_VERSION >= 2 and [m[0] for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+
+
+async def test_an_old_database_is_migrated_with_its_data(tmp_path: Path) -> None:
+    old = tmp_path / "old.db"
+    build_version_1(old)
+    store = SQLiteStore(old)
+    await store.open()
+    try:
+        view = await store.get_message("old1")
+        assert view.subject == "kept" and view.recipients[0].next_attempt_at == 2.0
+        assert await store.get_content("old1") == b"abc"
+    finally:
+        await store.close()
+    fresh = tmp_path / "fresh.db"
+    store = SQLiteStore(fresh)
+    await store.open()
+    await store.close()
+    assert schema_of(old) == schema_of(fresh)
+    conn = sqlite3.connect(old)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+async def test_a_database_from_a_newer_postlane_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    store = SQLiteStore(path)
+    with pytest.raises(StoreUnavailable, match="newer than this postlane"):
+        await store.open()
+
+
+async def test_an_unusable_path_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    store = SQLiteStore(blocker / "queue.db")
+    with pytest.raises(StoreUnavailable, match="cannot create"):
+        await store.open()
+
+
+def test_claim_and_stats_queries_use_their_indexes(tmp_path: Path) -> None:
+    from postlane.store.sqlite import Q, connect, migrate
+
+    conn = connect(tmp_path / "plan.db")
+    migrate(conn)
+    params = {"owner": "w", "now": 1.0, "lease_until": 2.0, "lane": "high", "limit": 10}
+    plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["claim_lane"], params))
+    assert "USING INDEX deliveries_due" in plan
+    plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["counts_by_lane_state"]))
+    assert "COVERING INDEX deliveries_lane_state" in plan
+    conn.close()
