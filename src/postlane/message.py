@@ -410,7 +410,10 @@ def _prepare_raw(
         message_id = str(message_id).strip()
     if headers.get("Date") is None:
         added += b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
-    content = added + raw
+    # missing headers go at the end of the header section (as Postfix's cleanup does), so trace
+    # headers such as Received stay on top
+    head, _, body = raw.partition(b"\r\n\r\n")
+    content = head + b"\r\n" + added + b"\r\n" + body
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
     _check_size(content, max_size)

@@ -176,7 +176,10 @@ def test_raw_message_gets_message_id_and_crlf_and_loses_bcc() -> None:
     prepared = prepare(Message(sender="", raw=RAW), max_size=LIMIT)
     assert prepared.sender == "app@example.com"
     assert [r.address for r in prepared.recipients] == ["ada@example.net", "hidden@example.org"]
-    assert prepared.content.startswith(b"Message-ID: <")
+    head = prepared.content.split(b"\r\n\r\n")[0]
+    assert head.startswith(b"From: App <app@example.com>\r\n")
+    assert b"\r\nMessage-ID: " + prepared.message_id.encode() + b"\r\n" in head + b"\r\n"
+    assert b"\r\nDate: " in head
     assert b"Bcc" not in prepared.content
     assert b"\r\nbody line\r\n" in prepared.content
     assert prepared.subject == "raw one"
@@ -189,6 +192,7 @@ def test_raw_message_keeps_its_message_id_and_envelope() -> None:
     )
     assert prepared.message_id == "<keep@example.com>"
     assert prepared.content.startswith(b"Message-ID: <keep@example.com>")
+    assert prepared.content.count(b"Message-ID") == 1 and prepared.content.count(b"Date:") == 1
     assert [r.address for r in prepared.recipients] == ["x@example.net"]
     assert prepared.sender == "bounce@example.com"
 
