@@ -103,7 +103,9 @@ class ScriptedHandler:
     data_delay: float = 0.0
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
         if self.mail:
             reply = self.mail.pop(0)
             if not reply.startswith("2"):
@@ -111,7 +113,9 @@ class ScriptedHandler:
         envelope.mail_from = address
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
         reply = self.rcpt.get(address)
         if reply is not None and not reply.startswith("2"):
             return reply

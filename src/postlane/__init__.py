@@ -1,11 +1,11 @@
 """postlane: a durable outbound email queue.
 
-    import postlane
+import postlane
 
-    mail = postlane.Postlane()                      # postlane.toml, or SQLite in the cwd
-    result = mail.send(sender="app@example.com", to=["ada@example.net"],
-                       subject="Welcome", text="Hello Ada", lane="high")
-    print(result.id, result.duplicate)
+mail = postlane.Postlane()                      # postlane.toml, or SQLite in the cwd
+result = mail.send(sender="app@example.com", to=["ada@example.net"],
+                   subject="Welcome", text="Hello Ada", lane="high")
+print(result.id, result.duplicate)
 """
 
 from postlane.app import AsyncPostlane, Postlane

@@ -118,7 +118,10 @@ class AsyncPostlane:
     async def content(self, queue_id: str) -> bytes:
         return await self.store.get_content(_check_id(queue_id))
 
-    async def list(self, selector: Selector | None = None, *, limit: int = 1000) -> list[MessageView]:
+    async def messages(
+        self, selector: Selector | None = None, *, limit: int = 1000
+    ) -> list[MessageView]:
+        """Messages matching ``selector`` (default: those not yet finished), oldest first."""
         return await self.store.list_messages(selector or Selector(), limit=_limit(limit))
 
     async def stats(self) -> Stats:
@@ -137,7 +140,9 @@ class AsyncPostlane:
     async def suppressions(self, *, limit: int = 1000) -> list[Suppression]:
         return await self.store.list_suppressions(limit=_limit(limit))
 
-    async def suppress(self, address: str, *, reason: str | None = None, source: str = "operator") -> bool:
+    async def suppress(
+        self, address: str, *, reason: str | None = None, source: str = "operator"
+    ) -> bool:
         from postlane.message import parse_address
 
         mailbox = parse_address(address, "address")
@@ -165,7 +170,12 @@ def _message_from_fields(fields: dict[str, Any]) -> Message:
 
 
 def _check_id(queue_id: str) -> str:
-    if not isinstance(queue_id, str) or not queue_id or len(queue_id) > 64 or not queue_id.isalnum():
+    if (
+        not isinstance(queue_id, str)
+        or not queue_id
+        or len(queue_id) > 64
+        or not queue_id.isalnum()
+    ):
         raise NotFound(f"no message with id {queue_id!r}")
     return queue_id
 
@@ -181,7 +191,9 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="postlane-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="postlane-loop", daemon=True
+        )
         self._thread.start()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -233,13 +245,15 @@ class Postlane:
     def get(self, queue_id: str, *, history: bool = True) -> MessageView:
         return self._portal.run(self._async.get(queue_id, history=history))
 
-    def list(self, selector: Selector | None = None, *, limit: int = 1000) -> list[MessageView]:
-        return self._portal.run(self._async.list(selector, limit=limit))
+    def messages(self, selector: Selector | None = None, *, limit: int = 1000) -> list[MessageView]:
+        return self._portal.run(self._async.messages(selector, limit=limit))
 
     def stats(self) -> Stats:
         return self._portal.run(self._async.stats())
 
-    def dead_letters(self, selector: Selector | None = None, *, limit: int = 1000) -> list[DeadLetter]:
+    def dead_letters(
+        self, selector: Selector | None = None, *, limit: int = 1000
+    ) -> list[DeadLetter]:
         return self._portal.run(self._async.dead_letters(selector, limit=limit))
 
     def suppress(self, address: str, *, reason: str | None = None) -> bool:
@@ -249,7 +263,9 @@ class Postlane:
         return self._portal.run(self._async.unsuppress(address))
 
 
-async def _build(config: Config | None, path: str | Path | None, clock: Clock | None) -> AsyncPostlane:
+async def _build(
+    config: Config | None, path: str | Path | None, clock: Clock | None
+) -> AsyncPostlane:
     app = AsyncPostlane(config, config_path=path, clock=clock)
     await app.open()
     return app

@@ -411,7 +411,7 @@ def queue() -> None:
 def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
     """List messages not yet finished (--state sent/dead for the others)."""
     selector = build_selector(**selectors)
-    messages = with_app(lambda app: app.list(selector, limit=limit))
+    messages = with_app(lambda app: app.messages(selector, limit=limit))
     if as_json:
         print_json([m.as_json() for m in messages])
         return
@@ -448,7 +448,9 @@ def _recipients_cell(message: MessageView) -> Text:
         if r.last_response is not None and r.state is not RecipientState.SENT:
             reply = r.last_response
             code = " ".join(str(x) for x in (reply.code, reply.enhanced) if x)
-            cell.append(f"\n    ({code} {reply.text.splitlines()[0] if reply.text else ''})".rstrip())
+            cell.append(
+                f"\n    ({code} {reply.text.splitlines()[0] if reply.text else ''})".rstrip()
+            )
     return cell
 
 
@@ -526,7 +528,11 @@ def stats(as_json: bool) -> None:
     for lane in Lane:
         s = result.lanes[lane]
         table.add_row(
-            lane.value, str(s.ready), str(s.deferred), str(s.held), str(s.sending),
+            lane.value,
+            str(s.ready),
+            str(s.deferred),
+            str(s.held),
+            str(s.sending),
             age(s.oldest_age_seconds),
         )
     out.print(table)
@@ -652,7 +658,9 @@ def suppress_list(limit: int, as_json: bool) -> None:
         table.add_column(column)
     for e in entries:
         reason = e.text or e.reason or ""
-        table.add_row(e.address, when(e.created_at), e.source, reason.splitlines()[0] if reason else "")
+        table.add_row(
+            e.address, when(e.created_at), e.source, reason.splitlines()[0] if reason else ""
+        )
     out.print(table)
 
 

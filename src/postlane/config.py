@@ -48,7 +48,9 @@ def parse_duration(text: str) -> float:
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
     if pos != len(text) or not text:
-        raise ValueError(f'expected a duration like "500ms", "30s", "5m", "1h" or "2d", got {text!r}')
+        raise ValueError(
+            f'expected a duration like "500ms", "30s", "5m", "1h" or "2d", got {text!r}'
+        )
     return total
 
 
@@ -238,7 +240,7 @@ class HttpConfig:
 class SmtpConfig:
     listen: str = _setting("127.0.0.1:2587", _listen)
     trusted_networks: tuple[str, ...] = _setting(("127.0.0.0/8", "::1/128"), _networks)
-    users: dict[str, str] = _setting({}, _users, env=False)
+    users: dict[str, str] = _setting({}, _users, env=False)  # noqa: RUF009 (a field())
     tls_cert: str | None = _setting(None, _opt(_str))
     tls_key: str | None = _setting(None, _opt(_str))
     max_size: int = _setting(25 * 1000 * 1000, _size)

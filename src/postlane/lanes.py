@@ -40,7 +40,11 @@ class LaneScheduler:
             whole = min(int(self._credit[lane]), left)
             reserved[lane] = whole
             left -= whole
-        return [(Lane.HIGH, left), (Lane.NORMAL, reserved[Lane.NORMAL]), (Lane.LOW, reserved[Lane.LOW])]
+        return [
+            (Lane.HIGH, left),
+            (Lane.NORMAL, reserved[Lane.NORMAL]),
+            (Lane.LOW, reserved[Lane.LOW]),
+        ]
 
     def claimed(self, quotas: list[tuple[Lane, int]], got: Mapping[Lane, int]) -> None:
         """Spend the credit of what each lane got; a lane that got less than its quota had nothing

@@ -186,7 +186,9 @@ def parse_address(value: str, what: str = "address") -> _Mailbox:
             allow_display_name=True,
         )
     except EmailNotValidError as exc:
-        raise ValidationError(f"{what} {value!r} is not a valid address: {exc}", field=what) from None
+        raise ValidationError(
+            f"{what} {value!r} is not a valid address: {exc}", field=what
+        ) from None
     domain = (valid.ascii_domain or valid.domain).lower()
     return _Mailbox(
         display_name=valid.display_name or "",
@@ -224,7 +226,9 @@ def _check_common(message: Message) -> tuple[Lane, str | None, dict[str, Any]]:
     key = message.idempotency_key
     if key is not None:
         if not isinstance(key, str) or not key.strip():
-            raise ValidationError("idempotency_key must be a non-empty string", field="idempotency_key")
+            raise ValidationError(
+                "idempotency_key must be a non-empty string", field="idempotency_key"
+            )
         if len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
             raise ValidationError(
                 f"idempotency_key must be printable and at most {MAX_IDEMPOTENCY_KEY} characters",
@@ -272,7 +276,9 @@ def prepare(
     recipients = _unique_recipients([*to, *cc, *bcc])
     subject = _no_line_breaks(message.subject or "", "subject")
     if message.text is None and message.html is None and not message.attachments:
-        raise ValidationError("the message has no body (give text, html or attachments)", field="text")
+        raise ValidationError(
+            "the message has no body (give text, html or attachments)", field="text"
+        )
 
     mail = EmailMessage(policy=email_policy.SMTP)
     mail["From"] = sender.header()
@@ -353,12 +359,17 @@ def _add_attachment(mail: EmailMessage, attachment: Attachment) -> None:
     maintype, _, subtype = (attachment.content_type or "").partition("/")
     if not maintype or not subtype or "\n" in attachment.content_type:
         raise ValidationError(
-            f"attachment {filename!r}: content type {attachment.content_type!r} is not type/subtype",
+            f"attachment {filename!r}: content type {attachment.content_type!r} "
+            "is not type/subtype",
             field="attachments",
         )
     if not isinstance(attachment.content, bytes | bytearray):
-        raise ValidationError(f"attachment {filename!r}: content must be bytes", field="attachments")
-    mail.add_attachment(bytes(attachment.content), maintype=maintype, subtype=subtype, filename=filename)
+        raise ValidationError(
+            f"attachment {filename!r}: content must be bytes", field="attachments"
+        )
+    mail.add_attachment(
+        bytes(attachment.content), maintype=maintype, subtype=subtype, filename=filename
+    )
 
 
 def _prepare_raw(
@@ -372,14 +383,17 @@ def _prepare_raw(
 ) -> PreparedMessage:
     if message.subject or message.text or message.html or message.headers or message.attachments:
         raise ValidationError(
-            "a raw message carries its own subject, body and headers; send those fields or raw, not both",
+            "a raw message carries its own subject, body and headers; "
+            "send those fields or raw, not both",
             field="raw",
         )
     raw = message.raw.encode("utf-8") if isinstance(message.raw, str) else bytes(message.raw or b"")
     raw = _LINE_ENDINGS.sub(b"\r\n", raw)
     head, sep, _body = raw.partition(b"\r\n\r\n")
     if not sep:
-        raise ValidationError("the raw message has no blank line between headers and body", field="raw")
+        raise ValidationError(
+            "the raw message has no blank line between headers and body", field="raw"
+        )
     _check_size(raw, max_size)
     headers = BytesHeaderParser(policy=email_policy.default).parsebytes(head + b"\r\n\r\n")
     if headers.defects or not head or head[:1].isspace():
@@ -387,7 +401,9 @@ def _prepare_raw(
 
     sender_text = message.sender or _first_address(headers.get_all("From") or [])
     if not sender_text:
-        raise ValidationError("no sender: give from, or a From header in the raw message", field="from")
+        raise ValidationError(
+            "no sender: give from, or a From header in the raw message", field="from"
+        )
     sender = parse_address(sender_text, "from")
     envelope = [*_as_list(message.to), *_as_list(message.cc), *_as_list(message.bcc)]
     if not envelope:

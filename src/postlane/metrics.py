@@ -52,7 +52,9 @@ class _StoreGauges(Collector):
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
-            "postlane_queue_depth", "Recipients waiting, by lane and state", labels=["lane", "state"]
+            "postlane_queue_depth",
+            "Recipients waiting, by lane and state",
+            labels=["lane", "state"],
         )
         oldest = GaugeMetricFamily(
             "postlane_oldest_message_age_seconds",
@@ -148,7 +150,9 @@ class Metrics:
         created_at: float,
         now: float,
     ) -> None:
-        self.attempts.labels(lane.value, self.destination_label(destination), verdict.cls.value).inc()
+        self.attempts.labels(
+            lane.value, self.destination_label(destination), verdict.cls.value
+        ).inc()
         if verdict.cls is ReplyClass.HARD_BOUNCE:
             self.bounces.labels("hard").inc()
         elif verdict.cls is ReplyClass.SOFT_BOUNCE:
@@ -173,4 +177,3 @@ class Metrics:
     async def exposition(self) -> bytes:
         await self.refresh()
         return generate_latest(self.registry)
-

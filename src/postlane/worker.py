@@ -62,7 +62,8 @@ class _NoObserver:
 def lease_owner_id() -> str:
     """``host/pid/process-start/random``: names this process in leases, so a restarted serve on
     the same host can tell its own dead processes' leases apart (pids get reused)."""
-    return f"{socket.gethostname()}/{os.getpid()}/{process_start_ticks(os.getpid())}/{os.urandom(3).hex()}"
+    pid = os.getpid()
+    return f"{socket.gethostname()}/{pid}/{process_start_ticks(pid)}/{os.urandom(3).hex()}"
 
 
 def process_start_ticks(pid: int) -> int:
@@ -254,7 +255,9 @@ class Worker:
     def _start(self, message: ClaimedMessage) -> None:
         size = len(message.deliveries)
         self._in_flight += size
-        task = asyncio.create_task(self._deliver(message), name=f"postlane-deliver-{message.queue_id}")
+        task = asyncio.create_task(
+            self._deliver(message), name=f"postlane-deliver-{message.queue_id}"
+        )
         self._tasks.add(task)
 
         def finished(done: asyncio.Task[None]) -> None:
@@ -303,7 +306,9 @@ class Worker:
             raise
         except Exception as exc:  # invariant 9: an unknown failure is a temporary attempt
             log.exception("transport %s failed unexpectedly", self.transport.name)
-            text = f"unexpected error in transport {self.transport.name}: {type(exc).__name__}: {exc}"
+            text = (
+                f"unexpected error in transport {self.transport.name}: {type(exc).__name__}: {exc}"
+            )
             responses = [
                 Response(None, text, self.transport.name, failure=ReplyClass.TEMPORARY)
                 for _ in deliveries
@@ -450,7 +455,9 @@ class Worker:
             await _first_of(stop.wait(), timeout=interval)
             if self._in_flight:
                 try:
-                    await self.store.renew_leases(self.owner, self.clock.now() + self.settings.lease)
+                    await self.store.renew_leases(
+                        self.owner, self.clock.now() + self.settings.lease
+                    )
                 except Exception:
                     log.exception("could not renew leases")
 
@@ -462,7 +469,9 @@ class Worker:
             try:
                 reaped = await self.store.reap_expired_leases(self.clock.now())
                 if reaped:
-                    log.warning("%d delivery(ies) returned after their worker's lease ran out", reaped)
+                    log.warning(
+                        "%d delivery(ies) returned after their worker's lease ran out", reaped
+                    )
                     self.wake.set()
                 if time.monotonic() - last_purge > PURGE_INTERVAL:
                     last_purge = time.monotonic()
@@ -481,7 +490,7 @@ class Worker:
     async def _drain_tasks(self, timeout: float | None) -> None:
         if not self._tasks:
             return
-        done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:

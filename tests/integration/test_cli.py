@@ -10,13 +10,21 @@ from typing import Any
 import pytest
 
 
-def postlane(*args: str, cwd: Path, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def postlane(
+    *args: str, cwd: Path, input: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     import os
 
     environment = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
     environment.update(env or {})
     return subprocess.run(
-        ["postlane", *args], cwd=cwd, capture_output=True, text=True, input=input, timeout=60, env=environment
+        ["postlane", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=60,
+        env=environment,
     )
 
 
@@ -36,22 +44,70 @@ def one_line_error(result: subprocess.CompletedProcess[str], contains: str) -> N
 
 def test_send_list_show_stats_with_json(tmp_path: Path) -> None:
     out = json.loads(
-        ok("send", "--from", "app@example.com", "--to", "ada@example.net", "--to", "bob@example.org",
-           "--subject", "Hi", "--text", "Hello", "--lane", "high", "--idempotency-key", "k1",
-           "--header", "X-Campaign: spring", "--json", cwd=tmp_path)
+        ok(
+            "send",
+            "--from",
+            "app@example.com",
+            "--to",
+            "ada@example.net",
+            "--to",
+            "bob@example.org",
+            "--subject",
+            "Hi",
+            "--text",
+            "Hello",
+            "--lane",
+            "high",
+            "--idempotency-key",
+            "k1",
+            "--header",
+            "X-Campaign: spring",
+            "--json",
+            cwd=tmp_path,
+        )
     )
     assert set(out) == {"id", "duplicate"} and out["duplicate"] is False
-    again = json.loads(ok("send", "--from", "app@example.com", "--to", "x@example.net", "--text", "x",
-                          "--idempotency-key", "k1", "--json", cwd=tmp_path))
+    again = json.loads(
+        ok(
+            "send",
+            "--from",
+            "app@example.com",
+            "--to",
+            "x@example.net",
+            "--text",
+            "x",
+            "--idempotency-key",
+            "k1",
+            "--json",
+            cwd=tmp_path,
+        )
+    )
     assert again == {"id": out["id"], "duplicate": True}
 
     [message] = json.loads(ok("queue", "list", "--json", cwd=tmp_path))
-    expected = {"id", "lane", "state", "created_at", "sender", "subject", "size", "message_id",
-                "idempotency_key", "recipients"}
+    expected = {
+        "id",
+        "lane",
+        "state",
+        "created_at",
+        "sender",
+        "subject",
+        "size",
+        "message_id",
+        "idempotency_key",
+        "recipients",
+    }
     assert expected <= set(message)
     assert message["lane"] == "high" and message["state"] == "queued"
     assert message["created_at"].endswith("Z")
-    recipient_fields = {"address", "domain", "state", "attempts", "next_attempt_at", "last_response"}
+    recipient_fields = {
+        "address",
+        "domain",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "last_response",
+    }
     assert all(recipient_fields <= set(r) for r in message["recipients"])
 
     shown = json.loads(ok("queue", "show", out["id"], "--json", cwd=tmp_path))
@@ -61,7 +117,13 @@ def test_send_list_show_stats_with_json(tmp_path: Path) -> None:
     stats = json.loads(ok("stats", "--json", cwd=tmp_path))
     assert set(stats) >= {"lanes", "sent", "dead", "suppressed"}
     assert set(stats["lanes"]) == {"high", "normal", "low"}
-    assert set(stats["lanes"]["high"]) == {"ready", "deferred", "held", "sending", "oldest_age_seconds"}
+    assert set(stats["lanes"]["high"]) == {
+        "ready",
+        "deferred",
+        "held",
+        "sending",
+        "oldest_age_seconds",
+    }
     assert stats["lanes"]["high"]["ready"] == 2
 
     human = ok("queue", "list", cwd=tmp_path)
@@ -71,7 +133,9 @@ def test_send_list_show_stats_with_json(tmp_path: Path) -> None:
 
 
 def test_burst_worker_delivers_to_the_capture_folder(tmp_path: Path) -> None:
-    queue_id = ok("send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", cwd=tmp_path).strip()
+    queue_id = ok(
+        "send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", cwd=tmp_path
+    ).strip()
     ok("worker", "--burst", cwd=tmp_path)
     assert list((tmp_path / "postlane-capture").glob(f"{queue_id}-*.eml"))
     [sent] = json.loads(ok("queue", "list", "--state", "sent", "--json", cwd=tmp_path))
@@ -85,7 +149,9 @@ def test_send_reads_an_eml_and_stdin(tmp_path: Path) -> None:
     queue_id = ok("send", "--eml", str(eml), cwd=tmp_path).strip()
     shown = json.loads(ok("queue", "show", queue_id, "--json", cwd=tmp_path))
     assert shown["subject"] == "from eml" and shown["recipients"][0]["address"] == "b@example.net"
-    queue_id = ok("send", "--from", "a@example.com", "--to", "b@example.net", cwd=tmp_path, input="piped body").strip()
+    queue_id = ok(
+        "send", "--from", "a@example.com", "--to", "b@example.net", cwd=tmp_path, input="piped body"
+    ).strip()
     assert "piped body" in ok("queue", "show", queue_id, "--raw", cwd=tmp_path)
 
 
@@ -93,26 +159,69 @@ def test_config_before_or_after_the_command(tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     config = tmp_path / "custom.toml"
     config.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "custom.db"}"\n')
-    ok("--config", str(config), "send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", cwd=tmp_path / "elsewhere")
+    ok(
+        "--config",
+        str(config),
+        "send",
+        "--from",
+        "a@example.com",
+        "--to",
+        "b@example.net",
+        "--text",
+        "x",
+        cwd=tmp_path / "elsewhere",
+    )
     assert (tmp_path / "custom.db").exists()
-    assert len(json.loads(ok("queue", "list", "--json", "--config", str(config), cwd=tmp_path / "elsewhere"))) == 1
-    assert len(json.loads(ok("queue", "list", "--json", cwd=tmp_path / "elsewhere", env={"POSTLANE_CONFIG": str(config)}))) == 1
+    assert (
+        len(
+            json.loads(
+                ok("queue", "list", "--json", "--config", str(config), cwd=tmp_path / "elsewhere")
+            )
+        )
+        == 1
+    )
+    assert (
+        len(
+            json.loads(
+                ok(
+                    "queue",
+                    "list",
+                    "--json",
+                    cwd=tmp_path / "elsewhere",
+                    env={"POSTLANE_CONFIG": str(config)},
+                )
+            )
+        )
+        == 1
+    )
 
 
 def test_classify_explains(tmp_path: Path) -> None:
-    out = json.loads(ok("classify", "550 5.1.1 <x@example.com>: Recipient address rejected: User unknown", "--json", cwd=tmp_path))
+    out = json.loads(
+        ok(
+            "classify",
+            "550 5.1.1 <x@example.com>: Recipient address rejected: User unknown",
+            "--json",
+            cwd=tmp_path,
+        )
+    )
     assert out["class"] == "hard_bounce" and out["code"] == 550 and out["enhanced"] == "5.1.1"
     human = ok("classify", "421 4.7.0 Try again later, closing connection", cwd=tmp_path)
     assert "rule" in human
 
 
 def test_dlq_and_suppression_commands(tmp_path: Path) -> None:
-    assert "added" in ok("suppress", "add", "gone@example.net", "--reason", "asked us", cwd=tmp_path)
+    assert "added" in ok(
+        "suppress", "add", "gone@example.net", "--reason", "asked us", cwd=tmp_path
+    )
     [entry] = json.loads(ok("suppress", "list", "--json", cwd=tmp_path))
     assert entry["address"] == "gone@example.net" and entry["source"] == "operator"
     assert json.loads(ok("dlq", "list", "--json", cwd=tmp_path)) == []
     assert "removed" in ok("suppress", "remove", "gone@example.net", cwd=tmp_path)
-    one_line_error(postlane("suppress", "remove", "gone@example.net", cwd=tmp_path), "not on the suppression list")
+    one_line_error(
+        postlane("suppress", "remove", "gone@example.net", cwd=tmp_path),
+        "not on the suppression list",
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,9 +229,38 @@ def test_dlq_and_suppression_commands(tmp_path: Path) -> None:
     [
         (["queue", "show", "nosuchid"], "no message with id"),
         (["dlq", "show", "nosuchid"], "no message with id"),
-        (["send", "--from", "a@example.com", "--to", "bad@@x", "--text", "x"], "not a valid address"),
-        (["send", "--from", "a@example.com", "--to", "b@example.net", "--subject", "a\nBcc: x@y.z", "--text", "x"], "header injection"),
-        (["send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", "--lane", "urgent"], "unknown lane"),
+        (
+            ["send", "--from", "a@example.com", "--to", "bad@@x", "--text", "x"],
+            "not a valid address",
+        ),
+        (
+            [
+                "send",
+                "--from",
+                "a@example.com",
+                "--to",
+                "b@example.net",
+                "--subject",
+                "a\nBcc: x@y.z",
+                "--text",
+                "x",
+            ],
+            "header injection",
+        ),
+        (
+            [
+                "send",
+                "--from",
+                "a@example.com",
+                "--to",
+                "b@example.net",
+                "--text",
+                "x",
+                "--lane",
+                "urgent",
+            ],
+            "unknown lane",
+        ),
         (["send", "--from", "a@example.com", "--text", "x"], "no recipient"),
         (["queue", "list", "--state", "bogus"], "unknown state"),
         (["queue", "list", "--lane", "bogus"], "lanes are"),
@@ -131,7 +269,9 @@ def test_dlq_and_suppression_commands(tmp_path: Path) -> None:
         (["suppress", "add", "not an address"], "not a valid address"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path: Path, args: list[str], contains: str) -> None:
+def test_bad_input_is_one_clear_line_and_a_nonzero_exit(
+    tmp_path: Path, args: list[str], contains: str
+) -> None:
     one_line_error(postlane(*args, cwd=tmp_path), contains)
     if args[0] == "send":
         assert json.loads(ok("queue", "list", "--json", cwd=tmp_path)) == []  # nothing half-stored

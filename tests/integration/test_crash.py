@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from tests.conftest import SMTPPeer, make_config
 
 from postlane.app import AsyncPostlane
 from postlane.message import Message, RecipientState
-from tests.conftest import SMTPPeer, make_config
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ async def test_every_acknowledged_id_survives_sigkill(tmp_path: Path) -> None:
         f"""
         import sys, postlane
         from postlane.config import config_from_dict
-        config = config_from_dict({{"store": {{"url": "sqlite:///{tmp_path / 'queue.db'}"}}}})
+        config = config_from_dict({{"store": {{"url": "sqlite:///{tmp_path / "queue.db"}"}}}})
         mail = postlane.Postlane(config)
         i = 0
         while True:
@@ -80,14 +80,24 @@ async def enqueue(tmp_path: Path, count: int) -> None:
     config = make_config(tmp_path, store={"url": f"sqlite:///{tmp_path / 'queue.db'}"})
     async with AsyncPostlane(config) as app:
         await app.send_many(
-            [Message(sender="a@example.com", to=[f"u{i}@example.net"], subject=str(i), text="x") for i in range(count)]
+            [
+                Message(sender="a@example.com", to=[f"u{i}@example.net"], subject=str(i), text="x")
+                for i in range(count)
+            ]
         )
 
 
 async def run_worker(config: Path, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postlane.cli", "--config", str(config), "worker", *args,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "postlane.cli",
+        "--config",
+        str(config),
+        "worker",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -124,7 +134,9 @@ async def test_sigterm_hands_back_and_a_restart_sends_nothing_twice(
 ) -> None:
     total = 300
     smtp_peer.handler.data_delay = 0.01
-    config = write_config(tmp_path, smtp_peer.url, concurrency=8, batch_size=8, shutdown_grace="10s")
+    config = write_config(
+        tmp_path, smtp_peer.url, concurrency=8, batch_size=8, shutdown_grace="10s"
+    )
     await enqueue(tmp_path, total)
     worker = await run_worker(config)
     await wait_for(lambda: len(smtp_peer.handler.received) >= total // 3, 60, "deliveries to start")

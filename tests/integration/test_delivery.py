@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import SMTPPeer, free_port, make_config
 
 from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass
@@ -16,7 +17,6 @@ from postlane.message import Lane, RecipientState
 from postlane.transports import transport_for
 from postlane.transports.base import Envelope, Response
 from postlane.worker import Worker
-from tests.conftest import SMTPPeer, free_port, make_config
 
 
 class Harness:
@@ -45,9 +45,16 @@ class Harness:
         return due
 
 
-async def harness(tmp_path: Path, clock: FakeClock, relay: str, **sections: dict[str, Any]) -> Harness:
+async def harness(
+    tmp_path: Path, clock: FakeClock, relay: str, **sections: dict[str, Any]
+) -> Harness:
     sections.setdefault("delivery", {})
-    sections["delivery"] = {"relay": relay, "connect_timeout": "2s", "command_timeout": "2s", **sections["delivery"]}
+    sections["delivery"] = {
+        "relay": relay,
+        "connect_timeout": "2s",
+        "command_timeout": "2s",
+        **sections["delivery"],
+    }
     config = make_config(tmp_path, **sections)
     app = AsyncPostlane(config, clock=clock)
     await app.open()
@@ -57,13 +64,17 @@ async def harness(tmp_path: Path, clock: FakeClock, relay: str, **sections: dict
 
 @pytest.fixture
 async def h(tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer) -> Any:
-    harness_ = await harness(tmp_path, clock, smtp_peer.url, retry={"delays": ["1m", "5m", "15m"], "max_attempts": 4})
+    harness_ = await harness(
+        tmp_path, clock, smtp_peer.url, retry={"delays": ["1m", "5m", "15m"], "max_attempts": 4}
+    )
     yield harness_
     await harness_.worker.transport.close()
     await harness_.app.close()
 
 
-async def test_a_message_is_delivered_once_with_its_message_id(h: Harness, smtp_peer: SMTPPeer) -> None:
+async def test_a_message_is_delivered_once_with_its_message_id(
+    h: Harness, smtp_peer: SMTPPeer
+) -> None:
     queue_id = await h.send("ada@example.net", "bob@example.org")
     assert await h.run() == 2
     [received] = smtp_peer.handler.received
@@ -86,7 +97,9 @@ async def test_connections_are_reused_for_many_messages(h: Harness, smtp_peer: S
 
 
 async def test_a_550_on_one_rcpt_fails_only_that_recipient(h: Harness, smtp_peer: SMTPPeer) -> None:
-    smtp_peer.handler.rcpt["gone@example.net"] = "550 5.1.1 <gone@example.net>: Recipient address rejected: User unknown"
+    smtp_peer.handler.rcpt["gone@example.net"] = (
+        "550 5.1.1 <gone@example.net>: Recipient address rejected: User unknown"
+    )
     queue_id = await h.send("ok@example.net", "gone@example.net")
     await h.run()
     ok = await h.recipient(queue_id, "ok@example.net")
@@ -101,7 +114,9 @@ async def test_a_550_on_one_rcpt_fails_only_that_recipient(h: Harness, smtp_peer
     assert len(smtp_peer.handler.received) == 1
 
 
-async def test_a_suppressed_address_is_recorded_and_never_attempted(h: Harness, smtp_peer: SMTPPeer) -> None:
+async def test_a_suppressed_address_is_recorded_and_never_attempted(
+    h: Harness, smtp_peer: SMTPPeer
+) -> None:
     await h.app.suppress("blocked@example.net")
     queue_id = await h.send("blocked@example.net")
     assert await h.run() == 0
@@ -109,7 +124,9 @@ async def test_a_suppressed_address_is_recorded_and_never_attempted(h: Harness, 
     assert smtp_peer.handler.received == []
 
 
-async def test_temporary_failures_retry_on_the_schedule_then_dead_letter(h: Harness, smtp_peer: SMTPPeer) -> None:
+async def test_temporary_failures_retry_on_the_schedule_then_dead_letter(
+    h: Harness, smtp_peer: SMTPPeer
+) -> None:
     smtp_peer.handler.data = ["451 4.3.0 Temporary local problem"] * 10
     queue_id = await h.send("ada@example.net")
     start = h.clock.now()
@@ -160,7 +177,9 @@ async def test_421_at_rcpt_defers_without_using_an_attempt(h: Harness, smtp_peer
     assert (await h.app.get(queue_id)).state is RecipientState.SENT
 
 
-async def test_a_message_error_dead_letters_without_suppressing(h: Harness, smtp_peer: SMTPPeer) -> None:
+async def test_a_message_error_dead_letters_without_suppressing(
+    h: Harness, smtp_peer: SMTPPeer
+) -> None:
     smtp_peer.handler.data = ["552 5.3.4 Message size exceeds fixed maximum message size"]
     queue_id = await h.send("a@example.net")
     await h.run()
@@ -169,7 +188,9 @@ async def test_a_message_error_dead_letters_without_suppressing(h: Harness, smtp
     assert not (await h.app.store.is_suppressed(["a@example.net"]))["a@example.net"]
 
 
-async def test_a_dropped_connection_mid_data_is_retried_not_lost(h: Harness, smtp_peer: SMTPPeer) -> None:
+async def test_a_dropped_connection_mid_data_is_retried_not_lost(
+    h: Harness, smtp_peer: SMTPPeer
+) -> None:
     smtp_peer.handler.drop_data = 1
     queue_id = await h.send("a@example.net")
     await h.run()
@@ -182,9 +203,16 @@ async def test_a_dropped_connection_mid_data_is_retried_not_lost(h: Harness, smt
     assert len(smtp_peer.handler.received) == 1
 
 
-async def test_max_age_dead_letters_before_the_next_try(tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer) -> None:
-    h = await harness(tmp_path, clock, smtp_peer.url, retry={"delays": ["10m"], "max_attempts": 50},
-                      lanes={"high": {"max_age": "25m"}})
+async def test_max_age_dead_letters_before_the_next_try(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    h = await harness(
+        tmp_path,
+        clock,
+        smtp_peer.url,
+        retry={"delays": ["10m"], "max_attempts": 50},
+        lanes={"high": {"max_age": "25m"}},
+    )
     try:
         smtp_peer.handler.data = ["451 4.3.0 try later"] * 10
         queue_id = await h.send("a@example.net", lane="high")
@@ -201,12 +229,18 @@ async def test_max_age_dead_letters_before_the_next_try(tmp_path: Path, clock: F
         await h.app.close()
 
 
-async def test_max_age_applies_to_a_leased_and_abandoned_message(tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer) -> None:
-    h = await harness(tmp_path, clock, smtp_peer.url, lanes={"high": {"max_age": "30m"}}, delivery={"lease": "1m"})
+async def test_max_age_applies_to_a_leased_and_abandoned_message(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    h = await harness(
+        tmp_path, clock, smtp_peer.url, lanes={"high": {"max_age": "30m"}}, delivery={"lease": "1m"}
+    )
     try:
         queue_id = await h.send("a@example.net", lane="high")
         # a worker leases it and dies without a word
-        await h.app.store.claim_due("dead/1/1/x", [(Lane.HIGH, 1)], limit=1, now=clock.now(), lease_until=clock.now() + 60)
+        await h.app.store.claim_due(
+            "dead/1/1/x", [(Lane.HIGH, 1)], limit=1, now=clock.now(), lease_until=clock.now() + 60
+        )
         await clock.advance(31 * 60)
         assert await h.app.store.reap_expired_leases(clock.now()) == 1
         assert await h.run() == 0  # dead-lettered without a try
@@ -218,7 +252,9 @@ async def test_max_age_applies_to_a_leased_and_abandoned_message(tmp_path: Path,
         await h.app.close()
 
 
-async def test_connection_refused_is_a_connection_deferral(tmp_path: Path, clock: FakeClock) -> None:
+async def test_connection_refused_is_a_connection_deferral(
+    tmp_path: Path, clock: FakeClock
+) -> None:
     h = await harness(tmp_path, clock, f"smtp://127.0.0.1:{free_port()}")
     try:
         queue_id = await h.send("a@example.net")
@@ -239,7 +275,9 @@ async def test_a_silent_server_times_out(tmp_path: Path, clock: FakeClock) -> No
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    h = await harness(tmp_path, clock, f"smtp://127.0.0.1:{port}", delivery={"connect_timeout": "300ms"})
+    h = await harness(
+        tmp_path, clock, f"smtp://127.0.0.1:{port}", delivery={"connect_timeout": "300ms"}
+    )
     try:
         queue_id = await h.send("a@example.net")
         await h.run()
@@ -262,7 +300,9 @@ class ExplodingTransport:
         return None
 
 
-async def test_an_unexpected_transport_error_is_a_temporary_attempt(tmp_path: Path, clock: FakeClock) -> None:
+async def test_an_unexpected_transport_error_is_a_temporary_attempt(
+    tmp_path: Path, clock: FakeClock
+) -> None:
     config = make_config(tmp_path)
     async with AsyncPostlane(config, clock=clock) as app:
         worker = Worker.from_config(config, app.store, ExplodingTransport(), clock=clock)
@@ -278,7 +318,9 @@ async def test_capture_transport_writes_eml_files(tmp_path: Path, clock: FakeClo
     config = make_config(tmp_path)
     async with AsyncPostlane(config, clock=clock) as app:
         worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
-        result = await app.send(sender="a@example.com", to=["b@example.net"], bcc=["c@example.org"], text="hi")
+        result = await app.send(
+            sender="a@example.com", to=["b@example.net"], bcc=["c@example.org"], text="hi"
+        )
         await worker.run_until_idle()
         [path] = list((tmp_path / "captured").glob("*.eml"))
         content = path.read_bytes()

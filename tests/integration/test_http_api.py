@@ -9,12 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.conftest import free_port, make_config
 
 from postlane.app import AsyncPostlane
 from postlane.clock import FakeClock
 from postlane.ingest.http import build_app, start_http
 from postlane.metrics import Metrics
-from tests.conftest import free_port, make_config
 
 TOKEN = "t0ken-for-tests"
 MESSAGE = {"from": "app@example.com", "to": ["ada@example.net"], "subject": "Hi", "text": "Hello"}
@@ -37,11 +37,13 @@ async def client(app: AsyncPostlane) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def queue_is_empty(app: AsyncPostlane) -> bool:
-    return await app.list() == []
+    return await app.messages() == []
 
 
 async def test_post_then_get(client: httpx.AsyncClient) -> None:
-    response = await client.post("/v1/messages", json={**MESSAGE, "lane": "high", "metadata": {"user": 7}})
+    response = await client.post(
+        "/v1/messages", json={**MESSAGE, "lane": "high", "metadata": {"user": 7}}
+    )
     assert response.status_code == 202
     body = response.json()
     assert set(body) == {"id", "duplicate"} and body["duplicate"] is False
@@ -58,13 +60,19 @@ async def test_idempotency_key_in_body_or_header(client: httpx.AsyncClient) -> N
 
 
 async def test_attachments_and_raw(client: httpx.AsyncClient, app: AsyncPostlane) -> None:
-    attachment = {"filename": "a.txt", "content": base64.b64encode(b"hello").decode(), "content_type": "text/plain"}
+    attachment = {
+        "filename": "a.txt",
+        "content": base64.b64encode(b"hello").decode(),
+        "content_type": "text/plain",
+    }
     r = await client.post("/v1/messages", json={**MESSAGE, "attachments": [attachment]})
     assert r.status_code == 202
     content = await app.content(r.json()["id"])
     assert b"a.txt" in content
     raw = "From: a@example.com\r\nTo: b@example.net\r\nSubject: raw\r\n\r\nbody\r\n"
-    r = await client.post("/v1/messages", json={"raw": raw, "from": "a@example.com", "to": ["b@example.net"]})
+    r = await client.post(
+        "/v1/messages", json={"raw": raw, "from": "a@example.com", "to": ["b@example.net"]}
+    )
     assert r.status_code == 202
 
 
@@ -76,7 +84,7 @@ async def test_batch_is_one_result_per_item(client: httpx.AsyncClient, app: Asyn
     assert body["accepted"] == 2 and body["refused"] == 2
     assert "id" in body["results"][0] and "id" in body["results"][3]
     assert body["results"][1]["error"]["code"] == "invalid_message"
-    assert len(await app.list()) == 2
+    assert len(await app.messages()) == 2
 
 
 async def test_stats_and_metrics(client: httpx.AsyncClient) -> None:
@@ -97,18 +105,30 @@ async def test_stats_and_metrics(client: httpx.AsyncClient) -> None:
         ({"headers": {"Authorization": "Bearer wrong"}}, 401, "unauthorized"),
         ({"json": {**MESSAGE, "to": ["not-an-address"]}}, 422, "invalid_message"),
         ({"json": {**MESSAGE, "subject": "x\r\nBcc: v@example.org"}}, 422, "invalid_message"),
-        ({"json": {**MESSAGE, "headers": {"X-A": "1\nBcc: v@example.org"}}}, 422, "invalid_message"),
+        (
+            {"json": {**MESSAGE, "headers": {"X-A": "1\nBcc: v@example.org"}}},
+            422,
+            "invalid_message",
+        ),
         ({"json": {**MESSAGE, "to": []}}, 422, "invalid_message"),
         ({"json": {**MESSAGE, "lane": "urgent"}}, 422, "invalid_message"),
         ({"json": {**MESSAGE, "text": "x" * 30_000}}, 413, "message_too_large"),
-        ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "invalid_json"),
+        (
+            {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
+            400,
+            "invalid_json",
+        ),
         ({"json": {**MESSAGE, "form": "typo@example.com"}}, 400, "unknown_field"),
         ({"json": {**MESSAGE, "to": 5}}, 400, "invalid_field"),
         ({"json": ["not", "an", "object"]}, 400, "invalid_field"),
     ],
 )
 async def test_refusals_are_json_errors_and_store_nothing(
-    client: httpx.AsyncClient, app: AsyncPostlane, request_kw: dict[str, Any], status: int, code: str
+    client: httpx.AsyncClient,
+    app: AsyncPostlane,
+    request_kw: dict[str, Any],
+    status: int,
+    code: str,
 ) -> None:
     kw = {"json": MESSAGE, **request_kw}
     response = await client.post("/v1/messages", **kw)
@@ -141,8 +161,11 @@ async def test_without_tokens_only_loopback_is_answered(tmp_path: Path) -> None:
 async def test_served_over_a_real_socket(tmp_path: Path) -> None:
     port = free_port()
     config = make_config(tmp_path, http={"listen": f"127.0.0.1:{port}"})
-    async with AsyncPostlane(config) as postlane, start_http(config, postlane) as address:
-        async with httpx.AsyncClient(base_url=address) as c:
-            r = await c.post("/v1/messages", json=MESSAGE)
-            assert r.status_code == 202
-            assert (await c.get("/healthz")).status_code == 200
+    async with (
+        AsyncPostlane(config) as postlane,
+        start_http(config, postlane) as address,
+        httpx.AsyncClient(base_url=address) as c,
+    ):
+        r = await c.post("/v1/messages", json=MESSAGE)
+        assert r.status_code == 202
+        assert (await c.get("/healthz")).status_code == 200

@@ -31,7 +31,8 @@ def build_version_1(path: Path) -> None:
         conn.execute(statement)
     conn.execute(
         "INSERT INTO messages (id, lane, sender, subject, message_id, size, created_at, content) "
-        "VALUES ('old1', 'normal', 'a@example.com', 'kept', '<old1@example.com>', 3, 1.0, x'616263')"
+        "VALUES ('old1', 'normal', 'a@example.com', 'kept', '<old1@example.com>', 3, 1.0, "
+        "x'616263')"
     )
     conn.execute(
         "INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state, "
@@ -91,8 +92,12 @@ def test_claim_and_stats_queries_use_their_indexes(tmp_path: Path) -> None:
     conn = connect(tmp_path / "plan.db")
     migrate(conn)
     params = {"owner": "w", "now": 1.0, "lease_until": 2.0, "lane": "high", "limit": 10}
-    plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["claim_lane"], params))
+    plan = " ".join(
+        str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["claim_lane"], params)
+    )
     assert "USING INDEX deliveries_due" in plan
-    plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["counts_by_lane_state"]))
+    plan = " ".join(
+        str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["counts_by_lane_state"])
+    )
     assert "COVERING INDEX deliveries_lane_state" in plan
     conn.close()

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -37,8 +36,13 @@ async def test_serve_accepts_http_and_smtp_delivers_and_stops_on_sigterm(tmp_pat
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n'
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "postlane.cli", "serve", cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "postlane.cli",
+        "serve",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{http_port}"
     try:
@@ -48,13 +52,18 @@ async def test_serve_accepts_http_and_smtp_delivers_and_stops_on_sigterm(tmp_pat
                 return (await client.get("/healthz")).status_code == 200
 
             await wait_until(healthy, 30, "serve to answer /healthz")
-            r = await client.post("/v1/messages", json={"from": "a@example.com", "to": ["b@example.net"], "text": "via http"})
+            r = await client.post(
+                "/v1/messages",
+                json={"from": "a@example.com", "to": ["b@example.net"], "text": "via http"},
+            )
             assert r.status_code == 202
             http_id = r.json()["id"]
 
             def submit() -> None:
                 with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as s:
-                    s.sendmail("a@example.com", ["c@example.net"], b"Subject: via smtp\r\n\r\nhi\r\n")
+                    s.sendmail(
+                        "a@example.com", ["c@example.net"], b"Subject: via smtp\r\n\r\nhi\r\n"
+                    )
 
             await asyncio.to_thread(submit)
 
@@ -69,7 +78,7 @@ async def test_serve_accepts_http_and_smtp_delivers_and_stops_on_sigterm(tmp_pat
         assert len(list((tmp_path / "postlane-capture").glob("*.eml"))) == 2
     finally:
         process.send_signal(signal.SIGTERM)
-        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
     log = err.decode()
     assert process.returncode == 0, log
     assert "nothing leaves this machine" in log

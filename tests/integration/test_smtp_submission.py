@@ -4,6 +4,7 @@ AUTH only after STARTTLS, per-recipient answers, SIZE, and 250 only after the du
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import smtplib
 import ssl
@@ -14,12 +15,12 @@ from typing import Any, TypeVar
 
 import pytest
 import trustme
+from tests.conftest import free_port, make_config
 
 from postlane.app import AsyncPostlane
 from postlane.errors import StoreUnavailable
 from postlane.ingest.smtp import hash_password, start_smtp, verify_password
 from postlane.store.sqlite import SQLiteStore
-from tests.conftest import free_port, make_config
 
 T = TypeVar("T")
 MESSAGE = b"From: app@example.com\r\nTo: ada@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -41,7 +42,9 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-async def listen(tmp_path: Path, ca: trustme.CA | None, store: Any = None, **smtp: Any) -> AsyncIterator[Listener]:
+async def listen(
+    tmp_path: Path, ca: trustme.CA | None, store: Any = None, **smtp: Any
+) -> AsyncIterator[Listener]:
     port = free_port()
     settings: dict[str, Any] = {"listen": f"127.0.0.1:{port}", "max_size": "50KB", **smtp}
     if ca is not None:
@@ -55,14 +58,14 @@ async def listen(tmp_path: Path, ca: trustme.CA | None, store: Any = None, **smt
 
 @pytest.fixture
 async def trusted(tmp_path: Path) -> AsyncIterator[Listener]:
-    async for listener in listen(tmp_path, None):
+    async with listen(tmp_path, None) as listener:
         yield listener
 
 
 @pytest.fixture
 async def auth_only(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[Listener]:
     users = {"app": hash_password("s3cret"), "plain": "clear-pass"}
-    async for listener in listen(tmp_path, ca, trusted_networks=[], users=users):
+    async with listen(tmp_path, ca, trusted_networks=[], users=users) as listener:
         yield listener
 
 
@@ -79,7 +82,7 @@ async def test_trusted_client_submits_without_auth(trusted: Listener) -> None:
 
     refused = await in_thread(submit)
     assert refused == {}
-    [message] = await trusted.app.list()
+    [message] = await trusted.app.messages()
     assert [r.address for r in message.recipients] == ["ada@example.net", "bob@example.org"]
     content = await trusted.app.content(message.id)
     assert content.startswith(b"Received: from ")
@@ -90,10 +93,14 @@ async def test_trusted_client_submits_without_auth(trusted: Listener) -> None:
 async def test_client_message_id_is_kept(trusted: Listener) -> None:
     def submit() -> None:
         with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10) as s:
-            s.sendmail("app@example.com", ["ada@example.net"], b"Message-ID: <mine@app.example>\r\n" + MESSAGE)
+            s.sendmail(
+                "app@example.com",
+                ["ada@example.net"],
+                b"Message-ID: <mine@app.example>\r\n" + MESSAGE,
+            )
 
     await in_thread(submit)
-    [message] = await trusted.app.list()
+    [message] = await trusted.app.messages()
     assert message.message_id == "<mine@app.example>"
 
 
@@ -111,7 +118,7 @@ async def test_each_rcpt_is_answered_on_its_own(trusted: Listener) -> None:
     good, bad, data = await in_thread(submit)
     assert good[0] == 250 and bad[0] == 553 and data[0] == 250
     assert b"queued as" in data[1]
-    [message] = await trusted.app.list()
+    [message] = await trusted.app.messages()
     assert [r.address for r in message.recipients] == ["ada@example.net", "bob@example.org"]
 
 
@@ -127,7 +134,7 @@ async def test_size_is_announced_and_enforced(trusted: Listener) -> None:
     size, reply = await in_thread(submit)
     assert size == 50_000
     assert reply[0] == 552
-    assert await trusted.app.list() == []
+    assert await trusted.app.messages() == []
 
 
 async def test_unauthenticated_untrusted_client_is_refused(auth_only: Listener) -> None:
@@ -139,7 +146,7 @@ async def test_unauthenticated_untrusted_client_is_refused(auth_only: Listener) 
 
     code, text = await in_thread(submit)
     assert code == 530 and b"STARTTLS" in text
-    assert await auth_only.app.list() == []
+    assert await auth_only.app.messages() == []
 
 
 async def test_auth_after_starttls_with_a_hashed_password(auth_only: Listener) -> None:
@@ -153,7 +160,7 @@ async def test_auth_after_starttls_with_a_hashed_password(auth_only: Listener) -
             return s.sendmail("app@example.com", ["ada@example.net"], MESSAGE)
 
     assert await in_thread(submit) == {}
-    [message] = await auth_only.app.list()
+    [message] = await auth_only.app.messages()
     assert b"with ESMTPSA" in await auth_only.app.content(message.id)
 
 
@@ -183,7 +190,7 @@ async def test_wrong_credentials_get_535_and_nothing_is_stored(auth_only: Listen
         return 0
 
     assert await in_thread(submit) == 535
-    assert await auth_only.app.list() == []
+    assert await auth_only.app.messages() == []
 
 
 class BrokenStore(SQLiteStore):
@@ -192,10 +199,11 @@ class BrokenStore(SQLiteStore):
 
 
 async def test_store_failure_answers_421_and_no_250(tmp_path: Path) -> None:
-    async for listener in listen(tmp_path, None, store=BrokenStore(tmp_path / "broken.db")):
+    async with listen(tmp_path, None, store=BrokenStore(tmp_path / "broken.db")) as listener:
+        port = listener.port
 
         def submit() -> tuple[int, bytes]:
-            with smtplib.SMTP("127.0.0.1", listener.port, timeout=10) as s:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
                 s.ehlo()
                 s.mail("app@example.com")
                 s.rcpt("ada@example.net")
@@ -219,11 +227,19 @@ def test_password_hashes_verify() -> None:
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
 async def test_swaks_submits(trusted: Listener) -> None:
     process = await asyncio.create_subprocess_exec(
-        "swaks", "--server", f"127.0.0.1:{trusted.port}", "--from", "app@example.com",
-        "--to", "ada@example.net", "--header", "Subject: from swaks",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "swaks",
+        "--server",
+        f"127.0.0.1:{trusted.port}",
+        "--from",
+        "app@example.com",
+        "--to",
+        "ada@example.net",
+        "--header",
+        "Subject: from swaks",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0, out.decode()
-    [message] = await trusted.app.list()
+    [message] = await trusted.app.messages()
     assert message.subject == "from swaks"

@@ -14,12 +14,12 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from tests.conftest import ScriptedHandler
 
 from postlane.classify import ReplyClass
 from postlane.config import DeliveryConfig
 from postlane.transports.base import Envelope
 from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
-from tests.conftest import ScriptedHandler
 
 
 @dataclass
@@ -44,10 +44,14 @@ async def start_peer(tmp_path: Path, ca: trustme.CA, *, offer_tls: bool) -> tupl
     handler = ScriptedHandler()
     attempts: list[tuple[str, str, bool]] = []
 
-    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+    def authenticator(
+        server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
         assert isinstance(data, LoginPassword)
         ok = (data.login, data.password) == (b"app", b"s3cret")
-        attempts.append((data.login.decode(), data.password.decode(), server._tls_protocol is not None))
+        attempts.append(
+            (data.login.decode(), data.password.decode(), server._tls_protocol is not None)
+        )
         return AuthResult(success=ok, handled=False)
 
     loop = asyncio.get_running_loop()
@@ -89,7 +93,9 @@ def transport(url: str, **settings: Any) -> SMTPRelayTransport:
     return SMTPRelayTransport(RelaySettings.from_url(url, delivery))
 
 
-ENVELOPE = Envelope("q1", "app@example.com", ("ada@example.net",), b"Subject: hi\r\n\r\nbody\r\n", "<q1@x>")
+ENVELOPE = Envelope(
+    "q1", "app@example.com", ("ada@example.net",), b"Subject: hi\r\n\r\nbody\r\n", "<q1@x>"
+)
 
 
 async def test_starttls_is_used_when_offered_and_certificates_verified(tls_peer: TLSPeer) -> None:
@@ -157,7 +163,10 @@ async def test_wrong_credentials_are_a_relay_problem_not_a_dead_letter(tls_peer:
 
 async def test_password_in_config_is_used_when_url_has_none(tls_peer: TLSPeer) -> None:
     t = transport(
-        f"smtp://127.0.0.1:{tls_peer.port}", tls_ca=str(tls_peer.ca_file), username="app", password="s3cret"
+        f"smtp://127.0.0.1:{tls_peer.port}",
+        tls_ca=str(tls_peer.ca_file),
+        username="app",
+        password="s3cret",
     )
     try:
         [response] = await t.send(ENVELOPE)

@@ -16,21 +16,39 @@ T0 = 1_800_000_000.0
 ALL_LANES = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
 
 
-def msg(*to: str, lane: str = "normal", key: str | None = None, sender: str = "app@example.com",
-        metadata: dict[str, Any] | None = None) -> PreparedMessage:
+def msg(
+    *to: str,
+    lane: str = "normal",
+    key: str | None = None,
+    sender: str = "app@example.com",
+    metadata: dict[str, Any] | None = None,
+) -> PreparedMessage:
     return prepare(
-        Message(sender=sender, to=list(to or ["ada@example.net"]), subject="s", text="body",
-                lane=lane, idempotency_key=key, metadata=metadata),
+        Message(
+            sender=sender,
+            to=list(to or ["ada@example.net"]),
+            subject="s",
+            text="body",
+            lane=lane,
+            idempotency_key=key,
+            metadata=metadata,
+        ),
         max_size=1_000_000,
         now=T0,
     )
 
 
-def attempt(cls: ReplyClass, code: int | None = 250, now: float = T0, counted: bool = True) -> AttemptRecord:
-    return AttemptRecord(now, cls, code, None, f"{code} reply", "smtp://relay:25", "example.net", 12, counted)
+def attempt(
+    cls: ReplyClass, code: int | None = 250, now: float = T0, counted: bool = True
+) -> AttemptRecord:
+    return AttemptRecord(
+        now, cls, code, None, f"{code} reply", "smtp://relay:25", "example.net", 12, counted
+    )
 
 
-async def claim(store: Any, now: float = T0, limit: int = 100, owner: str = "w1", lease: float = 60) -> list[Any]:
+async def claim(
+    store: Any, now: float = T0, limit: int = 100, owner: str = "w1", lease: float = 60
+) -> list[Any]:
     return await store.claim_due(owner, ALL_LANES, limit=limit, now=now, lease_until=now + lease)
 
 
@@ -147,8 +165,16 @@ async def test_recording_sent_and_dead_writes_attempts_and_suppresses(store: Any
         "w1",
         [
             Outcome(ok.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED, 250)),
-            Outcome(gone.id, RecipientState.DEAD, 1, 0, None, attempt(ReplyClass.HARD_BOUNCE, 550),
-                    suppress=True, reason="hard bounce"),
+            Outcome(
+                gone.id,
+                RecipientState.DEAD,
+                1,
+                0,
+                None,
+                attempt(ReplyClass.HARD_BOUNCE, 550),
+                suppress=True,
+                reason="hard bounce",
+            ),
         ],
         T0 + 1,
     )
@@ -174,7 +200,9 @@ async def test_a_result_from_a_worker_that_lost_its_lease_is_ignored(store: Any)
     await store.enqueue([msg()], T0)
     [d] = deliveries(await claim(store, owner="w1"))
     applied = await store.record(
-        "intruder", [Outcome(d.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))], T0
+        "intruder",
+        [Outcome(d.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))],
+        T0,
     )
     assert applied == 0
 
@@ -185,7 +213,11 @@ async def test_a_deferred_delivery_comes_due_at_its_time(store: Any) -> None:
     [d] = deliveries(await claim(store))
     await store.record(
         "w1",
-        [Outcome(d.id, RecipientState.DEFERRED, 1, 0, T0 + 300, attempt(ReplyClass.TEMPORARY, 451))],
+        [
+            Outcome(
+                d.id, RecipientState.DEFERRED, 1, 0, T0 + 300, attempt(ReplyClass.TEMPORARY, 451)
+            )
+        ],
         T0,
     )
     view = await store.get_message(prepared.id)
@@ -203,7 +235,10 @@ async def test_hand_back_returns_deliveries_unattempted(store: Any) -> None:
     await claim(store, owner="w1")
     assert await store.hand_back("w1", None, T0 + 1) == 2
     view = await store.get_message(prepared.id, history=True)
-    assert all(r.state is RecipientState.QUEUED and r.attempts == 0 and not r.history for r in view.recipients)
+    assert all(
+        r.state is RecipientState.QUEUED and r.attempts == 0 and not r.history
+        for r in view.recipients
+    )
     assert len(deliveries(await claim(store, owner="w2", now=T0 + 1))) == 2
 
 
@@ -242,10 +277,18 @@ async def test_stats_count_by_lane_and_state(store: Any) -> None:
     assert stats.lanes[Lane.LOW].oldest_age_seconds == pytest.approx(100)
     assert stats.lanes[Lane.NORMAL].oldest_age_seconds == 0
     assert stats.as_json()["lanes"]["high"] == {
-        "ready": 1, "deferred": 0, "held": 0, "sending": 0, "oldest_age_seconds": 100.0
+        "ready": 1,
+        "deferred": 0,
+        "held": 0,
+        "sending": 0,
+        "oldest_age_seconds": 100.0,
     }
     claimed = deliveries(await claim(store, now=T0 + 100, limit=1))
-    await store.record("w1", [Outcome(claimed[0].id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))], T0 + 100)
+    await store.record(
+        "w1",
+        [Outcome(claimed[0].id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))],
+        T0 + 100,
+    )
     stats = await store.stats(T0 + 100)
     assert stats.sent == 1 and stats.lanes[Lane.HIGH].ready == 0
 
@@ -272,7 +315,21 @@ async def test_dead_letters_list_with_selectors(store: Any) -> None:
     prepared = msg("gone@example.net")
     await store.enqueue([prepared], T0)
     [d] = deliveries(await claim(store))
-    await store.record("w1", [Outcome(d.id, RecipientState.DEAD, 1, 0, None, attempt(ReplyClass.POLICY_BLOCK, 554), reason="policy block")], T0)
+    await store.record(
+        "w1",
+        [
+            Outcome(
+                d.id,
+                RecipientState.DEAD,
+                1,
+                0,
+                None,
+                attempt(ReplyClass.POLICY_BLOCK, 554),
+                reason="policy block",
+            )
+        ],
+        T0,
+    )
     [letter] = await store.list_dead(Selector(), limit=10)
     assert letter.id == prepared.id and letter.cls is ReplyClass.POLICY_BLOCK
     assert letter.as_json()["last_response"] == {"code": 554, "enhanced": None, "text": "554 reply"}
@@ -296,8 +353,22 @@ async def test_finished_messages_are_purged_after_retention_dead_ones_later(stor
     await store.record(
         "w1",
         [
-            Outcome(by_message[sent.id].id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED)),
-            Outcome(by_message[dead.id].id, RecipientState.DEAD, 1, 0, None, attempt(ReplyClass.HARD_BOUNCE, 550)),
+            Outcome(
+                by_message[sent.id].id,
+                RecipientState.SENT,
+                1,
+                0,
+                None,
+                attempt(ReplyClass.DELIVERED),
+            ),
+            Outcome(
+                by_message[dead.id].id,
+                RecipientState.DEAD,
+                1,
+                0,
+                None,
+                attempt(ReplyClass.HARD_BOUNCE, 550),
+            ),
         ],
         T0,
     )

@@ -102,11 +102,20 @@ def test_every_provider_rule_has_a_real_reply_in_the_corpus() -> None:
     ("reply", "expected"),
     [
         # 4xx replies that are really policy blocks
-        ("451 4.7.26 Unauthenticated email is not accepted due to domain's DMARC policy", "policy_block"),
+        (
+            "451 4.7.26 Unauthenticated email is not accepted due to domain's DMARC policy",
+            "policy_block",
+        ),
         ("421 4.7.0 IP not in whitelist for RCPT domain, closing connection.", "policy_block"),
         ("421 4.7.0 TLS required for RCPT domain, closing connection.", "policy_block"),
-        ("421 4.7.1 [TS03] All messages from 192.0.2.1 will be permanently deferred", "policy_block"),
-        ("450 4.1.8 <a@nowhere.example>: Sender address rejected: Domain not found", "policy_block"),
+        (
+            "421 4.7.1 [TS03] All messages from 192.0.2.1 will be permanently deferred",
+            "policy_block",
+        ),
+        (
+            "450 4.1.8 <a@nowhere.example>: Sender address rejected: Domain not found",
+            "policy_block",
+        ),
         # 5xx replies that are really rate limits
         ("550 5.4.5 Daily user sending quota exceeded.", "throttled"),
         ("550 5.7.1 Too many recipients this hour", "throttled"),
@@ -116,7 +125,10 @@ def test_every_provider_rule_has_a_real_reply_in_the_corpus() -> None:
         # a mailbox quota is a soft bounce, whatever the code
         ("552 5.2.2 <a@example.com>: mailbox quota exceeded", "soft_bounce"),
         ("550 5.1.1 <a@example.com>: Mailbox full", "soft_bounce"),
-        ("552 5.1.1 Boite du destinataire pleine. Recipient overquota. OFR_417 [417]", "soft_bounce"),
+        (
+            "552 5.1.1 Boite du destinataire pleine. Recipient overquota. OFR_417 [417]",
+            "soft_bounce",
+        ),
         # unknown recipients coded as policy or network
         ("550 5.7.1 <a@example.com>: user unknown", "hard_bounce"),
         ("550 5.4.1 Recipient address rejected: Access denied. AS(201806281)", "hard_bounce"),
@@ -139,7 +151,7 @@ def test_reply_wording_decides_over_the_code(reply: str, expected: str) -> None:
     assert verdict.cls == ReplyClass(expected), explain(verdict)
 
 
-# --- the fallbacks, and the decisions they encode ---------------------------------------------------
+# --- the fallbacks, and the decisions they encode -------------------------------------------------
 
 
 def test_plain_421_is_temporary_not_throttled() -> None:
@@ -181,7 +193,9 @@ def test_4xx_user_unknown_is_temporary_because_the_server_is_not_sure() -> None:
         ("451 see https://example.com/help", "temporary", "code-4xx-transient"),
     ],
 )
-def test_unexplained_reply_falls_back_on_its_basic_code(reply: str, expected: str, rule: str) -> None:
+def test_unexplained_reply_falls_back_on_its_basic_code(
+    reply: str, expected: str, rule: str
+) -> None:
     verdict = classify(reply)
     assert (verdict.cls, verdict.rule) == (ReplyClass(expected), rule)
 
@@ -252,7 +266,7 @@ def test_every_shipped_rule_explains_itself() -> None:
     assert len({rule.name for rule in rules}) == len(rules)
 
 
-# --- parsing ----------------------------------------------------------------------------------------
+# --- parsing --------------------------------------------------------------------------------------
 
 GMAIL_NO_SUCH_USER_TEXT = (
     "The email account that you tried to reach does not exist. Please try\n"
@@ -378,7 +392,7 @@ def test_any_text_after_a_5xx_code_is_classified_as_a_failure(text: str) -> None
     assert verdict.cls not in (ReplyClass.DELIVERED, ReplyClass.CONNECTION)
 
 
-# --- the rules file -----------------------------------------------------------------------------------
+# --- the rules file -------------------------------------------------------------------------------
 
 
 def test_shipped_rules_are_loaded_once() -> None:
@@ -419,9 +433,22 @@ def test_first_matching_rule_wins_and_all_conditions_must_hold() -> None:
 
 
 def test_text_matches_across_wrapped_lines() -> None:
-    rules = load_rules('[[rules]]\nname = "r"\nclass = "throttled"\ntext = "unusual rate of mail"\n')
+    rules = load_rules(
+        '[[rules]]\nname = "r"\nclass = "throttled"\ntext = "unusual rate of mail"\n'
+    )
     verdict = rules.classify("421-4.7.28 an unusual rate of\r\n421 4.7.28 mail from your IP")
     assert verdict.rule == "r"
+
+
+def test_patterns_match_any_case_and_keep_their_escapes() -> None:
+    rules = load_rules(
+        '[[rules]]\nname = "r"\nclass = "throttled"\n'
+        "text = ['\\bIB504\\b', 'USER \\S+ OVER\\W+LIMIT']\n"
+    )
+    assert rules.classify("550 This IP has sent too many messages. ib504").rule == "r"
+    assert rules.classify("550 user kim@example.com over-limit").rule == "r"
+    assert rules.classify("550 user  over limit").rule == "unmatched"  # \S+ still needs a word
+    assert rules.classify("550 IB5040").rule == "unmatched"  # \b is still a word boundary
 
 
 def test_rules_load_from_a_path(tmp_path: Path) -> None:
@@ -440,7 +467,10 @@ def test_rules_load_from_a_path(tmp_path: Path) -> None:
         ("rules = 3", "array of tables"),
         ('[[rules]]\nclass = "temporary"\ncode = "4xx"', "'name'"),
         ('[[rules]]\nname = "a"\nclass = "bounce"\ncode = "4xx"', "'class' must be one of"),
-        ('[[rules]]\nname = "a"\nclass = "temporary"\ncode = "4xx"\ntxt = "x"', "unknown key 'txt'"),
+        (
+            '[[rules]]\nname = "a"\nclass = "temporary"\ncode = "4xx"\ntxt = "x"',
+            "unknown key 'txt'",
+        ),
         ('[[rules]]\nname = "a"\nclass = "temporary"', "at least one of"),
         ('[[rules]]\nname = "a"\nclass = "temporary"\ncode = "6xx"', "bad code"),
         ('[[rules]]\nname = "a"\nclass = "temporary"\ncode = "5x9-599"', "bad code"),

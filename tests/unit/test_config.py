@@ -98,13 +98,13 @@ max_size = "25MB"
 
 
 def test_postlane_toml_in_cwd_is_found(tmp_path: Path) -> None:
-    (tmp_path / "postlane.toml").write_text('[delivery]\nconcurrency = 7\n')
+    (tmp_path / "postlane.toml").write_text("[delivery]\nconcurrency = 7\n")
     assert load_config(env={}, cwd=tmp_path).delivery.concurrency == 7
 
 
 def test_env_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "other.toml"
-    path.write_text('[delivery]\nconcurrency = 3\n')
+    path.write_text("[delivery]\nconcurrency = 3\n")
     assert load_config(env={"POSTLANE_CONFIG": str(path)}, cwd=tmp_path).delivery.concurrency == 3
 
 

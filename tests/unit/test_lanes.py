@@ -6,7 +6,9 @@ from postlane.lanes import LaneScheduler
 from postlane.message import Lane
 
 
-def simulate(scheduler: LaneScheduler, rounds: int, slots: int, backlog: set[Lane]) -> Counter[Lane]:
+def simulate(
+    scheduler: LaneScheduler, rounds: int, slots: int, backlog: set[Lane]
+) -> Counter[Lane]:
     """Claim ``rounds`` times with every lane in ``backlog`` always having more due."""
     total: Counter[Lane] = Counter()
     for _ in range(rounds):

@@ -85,7 +85,12 @@ def test_non_ascii_subject_is_encoded() -> None:
 
 def test_recipients_are_deduplicated_case_insensitively() -> None:
     prepared = prepare(
-        Message(sender="a@example.com", to=["B@Example.net", "b@example.net"], cc=["b@EXAMPLE.NET"], text="x"),
+        Message(
+            sender="a@example.com",
+            to=["B@Example.net", "b@example.net"],
+            cc=["b@EXAMPLE.NET"],
+            text="x",
+        ),
         max_size=LIMIT,
     )
     assert len(prepared.recipients) == 1
@@ -94,7 +99,12 @@ def test_recipients_are_deduplicated_case_insensitively() -> None:
 
 def test_client_message_id_is_kept() -> None:
     prepared = prepare(
-        Message(sender="a@example.com", to=["b@example.net"], text="x", headers={"Message-ID": "<mine@app.example>"}),
+        Message(
+            sender="a@example.com",
+            to=["b@example.net"],
+            text="x",
+            headers={"Message-ID": "<mine@app.example>"},
+        ),
         max_size=LIMIT,
     )
     assert prepared.message_id == "<mine@app.example>"
@@ -144,13 +154,17 @@ def test_refusals_are_clear(fields: dict[str, object], match: str) -> None:
 
 def test_over_max_size_is_refused() -> None:
     with pytest.raises(MessageTooLarge, match="over the limit"):
-        prepare(Message(sender="a@example.com", to=["b@example.net"], text="x" * 2000), max_size=1000)
+        prepare(
+            Message(sender="a@example.com", to=["b@example.net"], text="x" * 2000), max_size=1000
+        )
 
 
 def test_too_many_recipients() -> None:
     with pytest.raises(ValidationError, match="too many recipients"):
         prepare(
-            Message(sender="a@example.com", to=[f"u{i}@example.net" for i in range(1001)], text="x"),
+            Message(
+                sender="a@example.com", to=[f"u{i}@example.net" for i in range(1001)], text="x"
+            ),
             max_size=LIMIT,
         )
 
@@ -212,7 +226,10 @@ def test_bad_raw_messages_are_refused(raw: bytes, match: str) -> None:
 
 def test_raw_with_other_fields_is_refused() -> None:
     with pytest.raises(ValidationError, match="raw"):
-        prepare(Message(sender="a@example.com", to=["b@example.net"], raw=RAW, subject="x"), max_size=LIMIT)
+        prepare(
+            Message(sender="a@example.com", to=["b@example.net"], raw=RAW, subject="x"),
+            max_size=LIMIT,
+        )
 
 
 def test_queue_ids_sort_by_time_and_are_unique() -> None:

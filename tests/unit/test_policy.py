@@ -24,8 +24,12 @@ def verdict(cls: ReplyClass, code: int | None = 450) -> Verdict:
     return Verdict(cls, code, None, "text")
 
 
-def decide(p: Policy, v: Verdict, attempts: int = 0, deferrals: int = 0, now: float = T0, **kw: float):
-    return p.decide(v, lane=Lane.NORMAL, attempts=attempts, deferrals=deferrals, created_at=T0, now=now, **kw)
+def decide(
+    p: Policy, v: Verdict, attempts: int = 0, deferrals: int = 0, now: float = T0, **kw: float
+):
+    return p.decide(
+        v, lane=Lane.NORMAL, attempts=attempts, deferrals=deferrals, created_at=T0, now=now, **kw
+    )
 
 
 def test_delivered_is_sent() -> None:
@@ -106,8 +110,12 @@ def test_max_age_bounds_uncounted_deferrals_too() -> None:
 def test_refuse_before_sending_covers_abandoned_leases_and_lowered_limits() -> None:
     p = policy(max_attempts=3, max_age=3600)
     assert p.refuse_before_sending(Lane.NORMAL, attempts=0, created_at=T0, now=T0 + 10) is None
-    assert "max_age" in (p.refuse_before_sending(Lane.NORMAL, attempts=0, created_at=T0, now=T0 + 3600) or "")
-    assert "max_attempts" in (p.refuse_before_sending(Lane.NORMAL, attempts=3, created_at=T0, now=T0) or "")
+    assert "max_age" in (
+        p.refuse_before_sending(Lane.NORMAL, attempts=0, created_at=T0, now=T0 + 3600) or ""
+    )
+    assert "max_attempts" in (
+        p.refuse_before_sending(Lane.NORMAL, attempts=3, created_at=T0, now=T0) or ""
+    )
 
 
 def test_jitter_spreads_within_bounds() -> None:

@@ -146,7 +146,9 @@ def message_from_json(data: Any, idempotency_header: str | None = None) -> Messa
     for item in data.get("attachments") or []:
         if not isinstance(item, dict) or not isinstance(item.get("content"), str):
             raise ApiError(
-                400, "invalid_field", "each attachment is {filename, content (base64), content_type}"
+                400,
+                "invalid_field",
+                "each attachment is {filename, content (base64), content_type}",
             )
         try:
             content = base64.b64decode(item["content"], validate=True)
@@ -337,7 +339,8 @@ async def start_http(
         )
     )
     task = asyncio.create_task(server.serve(sockets=[sock]), name="postlane-http")
-    while not server.started and not task.done():
+    # uvicorn has no "started" event; its startup is quick (the socket is already bound)
+    while not server.started and not task.done():  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     if task.done():
         task.result()

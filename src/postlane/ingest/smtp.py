@@ -59,7 +59,11 @@ def verify_password(password: str, stored: str) -> bool:
         _, n, r, p, salt, digest = stored.split("$")
         expected = base64.b64decode(digest)
         actual = hashlib.scrypt(
-            password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
+            password.encode(),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
             dklen=len(expected),
         )
     except (ValueError, TypeError):
@@ -180,7 +184,7 @@ class SubmissionHandler:
         return AuthResult(success=False, handled=False)
 
 
-class SubmissionServer(SMTP):  # type: ignore[misc]
+class SubmissionServer(SMTP):
     """aiosmtpd's SMTP with a growing delay after failed AUTH, then a disconnect."""
 
     async def smtp_AUTH(self, arg: str) -> None:
@@ -188,8 +192,8 @@ class SubmissionServer(SMTP):  # type: ignore[misc]
         session = self.session
         if session is None or session.authenticated:
             return
-        failures = getattr(session, "postlane_auth_failures", 0) + 1
-        session.postlane_auth_failures = failures
+        self._auth_failures = getattr(self, "_auth_failures", 0) + 1
+        failures = self._auth_failures
         if failures >= MAX_AUTH_FAILURES:
             await self.push("421 4.7.0 Too many failed authentications, closing")
             if self.transport is not None:

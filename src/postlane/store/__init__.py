@@ -19,13 +19,14 @@ def open_store_url(url: str, *, base_dir: Path | None = None, clock: Clock | Non
         return SQLiteStore(sqlite_path(url, base_dir))
     if url.startswith(("postgresql://", "postgres://")):
         try:
-            from postlane.store.postgres import PostgresStore
+            from postlane.store.postgres import PostgresStore  # type: ignore[import-not-found]
         except ImportError as exc:
             raise ConfigError(
                 f"store.url is PostgreSQL but psycopg is missing ({exc}); "
                 "install postlane[postgres]"
             ) from None
-        return PostgresStore(url)
+        store: Store = PostgresStore(url)
+        return store
     raise ConfigError(
         f"store.url {url.split(':', 1)[0]!r} is not supported "
         '(use "sqlite:///path.db" or "postgresql://user@host/db")'

@@ -138,7 +138,9 @@ class _Writer:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="postlane-sqlite-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="postlane-sqlite-writer", daemon=True
+        )
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self.commits = 0
@@ -199,9 +201,9 @@ class _Writer:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            error = _unavailable(exc, self._path)
+            refusal = _unavailable(exc, self._path)
             for job in batch:
-                job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+                job.loop.call_soon_threadsafe(_settle, job.future, None, refusal)
             return
         try:
             for job in batch:
@@ -227,9 +229,9 @@ class _Writer:
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            error = _unavailable(exc, self._path)
+            failure = _unavailable(exc, self._path)
             for job in batch:
-                job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+                job.loop.call_soon_threadsafe(_settle, job.future, None, failure)
             return
         for job, result, error in outcomes:
             job.loop.call_soon_threadsafe(_settle, job.future, result, error)
@@ -270,7 +272,9 @@ class SQLiteStore:
         except OSError as exc:
             raise StoreUnavailable(f"cannot create {self.path.parent}: {exc.strerror}") from None
         await asyncio.to_thread(self._writer.start)
-        self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="postlane-sqlite-read")
+        self._reader_pool = ThreadPoolExecutor(
+            self._readers, thread_name_prefix="postlane-sqlite-read"
+        )
 
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.stop)
@@ -340,9 +344,11 @@ class SQLiteStore:
 
     async def renew_leases(self, owner: str, lease_until: float) -> int:
         return await self._write(
-            lambda conn: conn.execute(
-                Q["renew_leases"], {"owner": owner, "lease_until": lease_until}
-            ).rowcount
+            lambda conn: (
+                conn.execute(
+                    Q["renew_leases"], {"owner": owner, "lease_until": lease_until}
+                ).rowcount
+            )
         )
 
     async def hand_back(self, owner: str, delivery_ids: Sequence[int] | None, now: float) -> int:
@@ -495,7 +501,9 @@ class SQLiteStore:
 
     async def remove_suppression(self, address: str) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
-            return bool(conn.execute(Q["delete_suppression"], {"address": address.lower()}).rowcount)
+            return bool(
+                conn.execute(Q["delete_suppression"], {"address": address.lower()}).rowcount
+            )
 
         return await self._write(run)
 
@@ -572,7 +580,9 @@ def _enqueue(
                     "lane": message.lane.value,
                     "created_at": now,
                     "state": "suppressed" if r.address.lower() in suppressed else "queued",
-                    "reason": "on the suppression list" if r.address.lower() in suppressed else None,
+                    "reason": "on the suppression list"
+                    if r.address.lower() in suppressed
+                    else None,
                 }
                 for r in message.recipients
             ],
@@ -643,9 +653,7 @@ def _claim(
     return claimed_messages
 
 
-def _record(
-    conn: sqlite3.Connection, owner: str, outcomes: Sequence[Outcome], now: float
-) -> int:
+def _record(conn: sqlite3.Connection, owner: str, outcomes: Sequence[Outcome], now: float) -> int:
     attempts: list[dict[str, Any]] = []
     touched: set[str] = set()
     applied = 0
@@ -716,7 +724,9 @@ def _reap(conn: sqlite3.Connection, now: float) -> int:
         rows = conn.execute(Q["expired_leases"], {"now": now}).fetchall()
         for delivery_id, owner, destination in rows:
             text = f"worker {owner} stopped without recording a result (lease expired)"
-            if conn.execute(Q["reap_lease"], {"id": delivery_id, "now": now, "text": text}).rowcount:
+            if conn.execute(
+                Q["reap_lease"], {"id": delivery_id, "now": now, "text": text}
+            ).rowcount:
                 conn.execute(
                     Q["insert_attempt"],
                     {
