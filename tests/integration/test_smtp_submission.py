@@ -42,6 +42,7 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
+@contextlib.asynccontextmanager
 async def listen(
     tmp_path: Path, ca: trustme.CA | None, store: Any = None, **smtp: Any
 ) -> AsyncIterator[Listener]:
