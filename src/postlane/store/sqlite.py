@@ -135,8 +135,9 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 class _Writer:
     """The writer thread: runs queued jobs in group commits (see the module docstring)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_jobs: int = MAX_JOBS_PER_COMMIT) -> None:
         self._path = path
+        self._max_jobs = max_jobs
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, name="postlane-sqlite-writer", daemon=True
@@ -181,7 +182,7 @@ class _Writer:
                     return
                 batch = [job]
                 stop = False
-                while len(batch) < MAX_JOBS_PER_COMMIT:
+                while len(batch) < self._max_jobs:
                     try:
                         more = self._jobs.get_nowait()
                     except queue.Empty:
@@ -254,10 +255,14 @@ def _unavailable(exc: BaseException, path: Path) -> BaseException:
 class SQLiteStore:
     """The :class:`postlane.store.base.Store` on one SQLite file."""
 
-    def __init__(self, path: Path | str, *, readers: int = 2) -> None:
+    def __init__(
+        self, path: Path | str, *, readers: int = 2, max_jobs_per_commit: int = MAX_JOBS_PER_COMMIT
+    ) -> None:
+        """``max_jobs_per_commit=1`` turns group commit off (one fsync per write; for
+        measuring what group commit buys)."""
         self.path = Path(path)
         self.description = f"sqlite:///{self.path}"
-        self._writer = _Writer(self.path)
+        self._writer = _Writer(self.path, max_jobs_per_commit)
         self._readers = readers
         self._reader_pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
