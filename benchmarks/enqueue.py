@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import done_progress, progress, table  # noqa: E402
+from _common import done_progress, progress, table
 
-from postlane.app import AsyncPostlane  # noqa: E402
-from postlane.config import config_from_dict  # noqa: E402
-from postlane.message import Message, new_message_id, prepare  # noqa: E402
-from postlane.store.sqlite import SQLiteStore  # noqa: E402
+from postlane.app import AsyncPostlane
+from postlane.config import config_from_dict
+from postlane.message import Message, new_message_id, prepare
+from postlane.store.sqlite import SQLiteStore
 
 BODY = "Hello, this is a transactional message. " * 25  # ~1 KB
 

@@ -16,8 +16,8 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email import policy as email_policy
 from email import encoders
+from email import policy as email_policy
 from email.charset import BASE64, QP, Charset
 from email.header import Header
 from email.headerregistry import Address
@@ -389,8 +389,8 @@ def _mailbox_text(box: _Mailbox) -> str:
 def _text_part(text: str, subtype: str) -> MIMEText:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     plain = text.isascii() and all(len(line) <= _MAX_LINE for line in text.split("\n"))
-    part = MIMEText(text, subtype, "us-ascii" if plain else _UTF8)
-    return part
+    # MIMEText takes a Charset too (typeshed says str): ours makes UTF-8 text quoted-printable
+    return MIMEText(text, subtype, "us-ascii" if plain else _UTF8)  # type: ignore[arg-type]
 
 
 def _attachment_part(attachment: Attachment) -> MIMEBase:
@@ -446,7 +446,8 @@ def _render(body: MIMEBase, headers: list[tuple[str, str]]) -> bytes:
         del body[name]
     utf8 = any(not value.isascii() for name, value in headers if name in _ADDRESS_HEADERS)
     for name, value in headers:
-        body[name] = value if utf8 else _header_value(value)
+        # a Header is a valid header value (typeshed's Message is generic over str only)
+        body[name] = value if utf8 else _header_value(value)  # type: ignore[assignment]
     for name, value in mime_headers:
         body[name] = value
     try:
