@@ -1,16 +1,24 @@
-"""The SMTP relay transport (``smtp://``, ``smtps://``) on aiosmtplib.
+"""The SMTP relay transport (``smtp://``, ``smtps://``).
+
+aiosmtplib opens each connection: TCP or implicit TLS, EHLO, STARTTLS whenever the relay offers
+it, and AUTH, which is only ever sent inside TLS (credentials never cross in clear).
+Certificates are verified unless ``tls_verify = false``.
+
+The mail transactions on an open connection are run by :class:`_ReplyReader` below, because
+aiosmtplib does not pipeline: with PIPELINING (RFC 2920) MAIL, every RCPT and DATA leave in one
+write and their replies are read together, two round trips per message instead of four. Servers
+without PIPELINING get the same commands one at a time.
 
 Connections are pooled per relay and reused for many messages (up to
-``messages_per_connection``); STARTTLS is used whenever the relay offers it, and is required
-before AUTH: credentials are never sent in clear. Certificates are verified unless
-``tls_verify = false``. Every recipient gets its own response: a 550 on one RCPT does not fail
-the others, and the accepted ones are sent once, in the same transaction.
+``messages_per_connection``). Every recipient gets its own response: a 550 on one RCPT does not
+fail the others, and the accepted ones are sent once, in the same transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 import time
@@ -22,12 +30,8 @@ import aiosmtplib
 from aiosmtplib import (
     SMTPAuthenticationError,
     SMTPConnectError,
-    SMTPDataError,
     SMTPException,
-    SMTPRecipientRefused,
     SMTPResponseException,
-    SMTPSenderRefused,
-    SMTPServerDisconnected,
     SMTPTimeoutError,
 )
 
@@ -39,6 +43,11 @@ from postlane.transports.base import Envelope, Response, no_reply
 #: a pooled connection idle longer than this is closed rather than reused (servers drop idle
 #: clients after a few minutes; RFC 5321 says at least 5)
 IDLE_TIMEOUT = 30.0
+#: longest reply line we accept (RFC 5321 says 512; be generous, not unbounded)
+MAX_REPLY_LINE = 8192
+MAX_REPLY_LINES = 100
+_DOT_LINES = re.compile(rb"(?m)^\.")
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -92,15 +101,124 @@ class RelaySettings:
         )
 
 
+class _Disconnected(Exception):
+    """The server closed the connection, or a reply did not come in time."""
+
+
+class _ReplyReader(asyncio.Protocol):
+    """Reads SMTP replies off a connection that aiosmtplib opened, so several commands can be
+    written at once (PIPELINING) and their replies read in order."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []
+        self._replies: deque[tuple[int, str]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed: str | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    # -- asyncio.Protocol --
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    self._close("reply line too long")
+                return
+            line = bytes(self._buffer[: end + 1]).rstrip(b"\r\n")
+            del self._buffer[: end + 1]
+            self._lines.append(line)
+            if len(line) < 3 or not line[:3].isdigit() or len(self._lines) > MAX_REPLY_LINES:
+                self._close(f"malformed reply line {line[:80]!r}")
+                return
+            if line[3:4] == b"-":
+                continue
+            code = int(line[:3])
+            text = "\r\n".join(raw.decode("utf-8", "replace") for raw in self._lines)
+            self._lines = []
+            self._replies.append((code, text))
+            self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = self._closed or (f"connection lost ({exc})" if exc else "connection closed")
+        self._writable.set()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._closed = self._closed or "connection closed by the server"
+        self._wake()
+        return False
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- use --
+
+    @property
+    def open(self) -> bool:
+        return self._closed is None and not self.transport.is_closing()
+
+    def _close(self, why: str) -> None:
+        self._closed = why
+        self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        if not self.open:
+            raise _Disconnected(self._closed or "connection closed")
+        self.transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        if not self._writable.is_set():
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._writable.wait()
+            except TimeoutError:
+                self._close("timed out sending the message")
+                raise _Disconnected("timed out sending the message") from None
+        if self._closed is not None:
+            raise _Disconnected(self._closed)
+
+    async def reply(self, timeout: float) -> tuple[int, str]:
+        while not self._replies:
+            if self._closed is not None:
+                raise _Disconnected(self._closed)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
+                self._close("timed out waiting for a reply")
+                raise _Disconnected("timed out waiting for a reply") from None
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
+
+
 @dataclass
 class _Connection:
     client: aiosmtplib.SMTP
+    reader: _ReplyReader
+    pipelining: bool
+    size: bool
+    smtputf8: bool
     sent: int = 0
     idle_since: float = field(default_factory=time.monotonic)
 
     @property
     def usable(self) -> bool:
-        return self.client.is_connected and time.monotonic() - self.idle_since < IDLE_TIMEOUT
+        return self.reader.open and time.monotonic() - self.idle_since < IDLE_TIMEOUT
 
 
 class _Refused(Exception):
@@ -113,12 +231,34 @@ class _Refused(Exception):
         self.failure = failure
 
 
+class _StaleConnection(Exception):
+    """A pooled connection turned out closed before any command was answered: nothing was
+    sent, so the message can go on a fresh connection."""
+
+
 def reply_text(code: int, message: str) -> str:
-    """Rebuild the reply as the server wrote it (aiosmtplib strips the code from each line)."""
+    """Rebuild a reply as the server wrote it (aiosmtplib strips the code from each line)."""
     lines = message.split("\n") or [""]
     return "\r\n".join(
         f"{code}{'-' if i < len(lines) - 1 else ' '}{line}" for i, line in enumerate(lines)
     )
+
+
+def _address(value: str, encoding: str) -> bytes:
+    return b"<" + value.encode(encoding) + b">"
+
+
+def _payload(content: bytes) -> bytes:
+    """DATA payload: CRLF line ends (already so when stored), dots stuffed, the final dot."""
+    data = content
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:  # stored content is CRLF already
+        data = _LINE_ENDS.sub(b"\r\n", data)
+    if data.startswith(b".") or b"\n." in data:
+        data = _DOT_LINES.sub(b"..", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
 
 
 class SMTPRelayTransport:
@@ -182,14 +322,27 @@ class SMTPRelayTransport:
         except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             client.close()
             raise _Refused(f"{s.name}: {_describe(exc)}", None, ReplyClass.CONNECTION) from exc
-        return _Connection(client)
+        transport = client.transport
+        # (uvloop's transports are not asyncio.Transport subclasses, hence no isinstance here)
+        if transport is None or transport.is_closing():
+            client.close()
+            raise _Refused(f"{s.name}: connection closed after EHLO", None, ReplyClass.CONNECTION)
+        reader = _ReplyReader(transport)  # type: ignore[arg-type]
+        transport.set_protocol(reader)  # from here on, the transactions are ours
+        return _Connection(
+            client=client,
+            reader=reader,
+            pipelining=client.supports_extension("pipelining"),
+            size=client.supports_extension("size"),
+            smtputf8=client.supports_extension("smtputf8"),
+        )
 
     async def _acquire(self) -> _Connection:
         while self._idle:
             connection = self._idle.pop()
             if connection.usable:
                 return connection
-            _close_quietly(connection)
+            self._close_connection(connection, polite=False)
         return await self._connect()
 
     def _release(self, connection: _Connection, healthy: bool) -> None:
@@ -198,9 +351,9 @@ class SMTPRelayTransport:
             not healthy
             or self._closing
             or connection.sent >= self.settings.messages_per_connection
-            or not connection.client.is_connected
+            or not connection.reader.open
         ):
-            _close_quietly(connection, polite=healthy)
+            self._close_connection(connection, polite=healthy)
             return
         connection.idle_since = time.monotonic()
         self._idle.append(connection)
@@ -217,11 +370,11 @@ class SMTPRelayTransport:
                     ]
                 fresh = connection.sent == 0
                 try:
-                    responses, healthy = await self._transaction(connection.client, envelope)
+                    responses, healthy = await self._transaction(connection, envelope)
                 except _StaleConnection:
-                    _close_quietly(connection, polite=False)
+                    self._close_connection(connection, polite=False)
                     if retry_on_fresh and not fresh:
-                        continue  # a pooled connection the server had dropped: nothing was sent
+                        continue
                     text = f"{self.name}: connection closed before MAIL FROM was answered"
                     return [no_reply(text, self.name) for _ in envelope.recipients]
                 self._release(connection, healthy)
@@ -229,123 +382,163 @@ class SMTPRelayTransport:
         raise AssertionError("unreachable")
 
     async def _transaction(
-        self, client: aiosmtplib.SMTP, envelope: Envelope
+        self, connection: _Connection, envelope: Envelope
     ) -> tuple[list[Response], bool]:
-        """MAIL, RCPT per recipient, DATA; returns per-recipient responses and whether the
-        connection can be reused."""
+        """MAIL, RCPT per recipient, DATA (pipelined when offered), then the message. Returns a
+        response per recipient and whether the connection can be reused."""
         relay = self.name
+        reader = connection.reader
+        timeout = self.settings.command_timeout
         count = len(envelope.recipients)
-        options: list[str] = []
-        if client.supports_extension("size"):
-            options.append(f"SIZE={len(envelope.content)}")
         encoding = "ascii"
-        if not _is_ascii(envelope.sender, *envelope.recipients):
-            if not client.supports_extension("smtputf8"):
+        mail = b"MAIL FROM:" + _address(envelope.sender, "utf-8")
+        if connection.size:
+            mail += b" SIZE=%d" % len(envelope.content)
+        if not all(value.isascii() for value in (envelope.sender, *envelope.recipients)):
+            if not connection.smtputf8:
                 text = "553 5.6.7 the relay does not support SMTPUTF8 for non-ASCII addresses"
                 return [Response(553, text, relay) for _ in range(count)], True
-            options.append("SMTPUTF8")
+            mail += b" SMTPUTF8"
             encoding = "utf-8"
-        try:
-            await client.mail(envelope.sender, options=options, encoding=encoding)
-        except SMTPSenderRefused as exc:
-            text = reply_text(exc.code, exc.message)
-            return [Response(exc.code, text, relay) for _ in range(count)], await _reset(client)
-        except (SMTPServerDisconnected, ConnectionError) as exc:
-            raise _StaleConnection from exc
-        except (SMTPException, OSError, TimeoutError) as exc:
-            return _all_failed(count, f"{relay}: MAIL FROM: {_describe(exc)}", relay), False
+        commands = [mail] + [b"RCPT TO:" + _address(r, encoding) for r in envelope.recipients]
+        commands.append(b"DATA")
 
+        replies: list[tuple[int, str]] = []
+        try:
+            if connection.pipelining:
+                reader.write(b"".join(c + b"\r\n" for c in commands))
+                for _ in commands:
+                    replies.append(await reader.reply(timeout))
+                    if replies[-1][0] == 421:  # closing: nothing more will be answered
+                        break
+            else:
+                for command in commands:
+                    reader.write(command + b"\r\n")
+                    replies.append(await reader.reply(timeout))
+                    code = replies[-1][0]
+                    if code == 421 or (len(replies) == 1 and code >= 400):
+                        break  # MAIL refused: no point sending RCPT
+                    if command == b"DATA" or (len(replies) == count + 1 and not _any_ok(replies)):
+                        break
+        except _Disconnected as exc:
+            if not replies:
+                raise _StaleConnection from exc
+            text = f"{relay}: connection lost during the transaction ({exc})"
+            return _fill(replies, count, relay, no_reply(text, relay)), False
+
+        mail_code, mail_text = replies[0]
+        if mail_code >= 300:
+            answer = Response(mail_code, mail_text, relay)
+            return [answer] * count, await self._reset(connection, mail_code)
         results: list[Response | None] = [None] * count
         accepted: list[int] = []
         closing: Response | None = None
-        for index, recipient in enumerate(envelope.recipients):
-            if closing is not None:
-                results[index] = closing
-                continue
-            try:
-                await client.rcpt(recipient, encoding=encoding)
-                accepted.append(index)
-            except SMTPRecipientRefused as exc:
-                results[index] = Response(exc.code, reply_text(exc.code, exc.message), relay)
-                if exc.code == 421:  # the server is closing: the rest get the same answer
+        for index in range(count):
+            if 1 + index < len(replies):
+                code, text = replies[1 + index]
+                if code in (250, 251):
+                    accepted.append(index)
+                    continue
+                results[index] = Response(code, text, relay)
+                if code == 421:
                     closing = results[index]
-            except (SMTPException, OSError, TimeoutError) as exc:
-                closing = no_reply(f"{relay}: RCPT TO: {_describe(exc)}", relay)
-                results[index] = closing
-        if closing is not None and not client.is_connected:
-            return [r or closing for r in results], False
-        if not accepted:
-            return [r for r in results if r is not None], await _reset(client)
+            else:
+                results[index] = closing or no_reply(f"{relay}: no reply to RCPT TO", relay)
+        data_reply = replies[count + 1] if len(replies) > count + 1 else None
 
-        healthy = True
+        if not accepted:
+            if data_reply is not None and data_reply[0] == 354:
+                # RFC 2920: DATA was accepted although no recipient was; end it empty
+                with contextlib.suppress(_Disconnected):
+                    reader.write(b".\r\n")
+                    await reader.reply(timeout)
+            healthy = closing is None and await self._reset(connection, 0)
+            return [r for r in results if r is not None], healthy
+        if data_reply is None or data_reply[0] != 354:
+            if data_reply is None:
+                answer = closing or no_reply(f"{relay}: no reply to DATA", relay)
+            else:
+                answer = Response(data_reply[0], data_reply[1], relay)
+            for index in accepted:
+                results[index] = answer
+            code = data_reply[0] if data_reply else 421
+            return [r for r in results if r is not None], await self._reset(connection, code)
+
         try:
-            reply = await client.data(envelope.content)
-            data_response = Response(reply.code, reply_text(reply.code, reply.message), relay)
-        except SMTPDataError as exc:
-            data_response = Response(exc.code, reply_text(exc.code, exc.message), relay)
-            healthy = exc.code != 421 and await _reset(client)
-        except (SMTPException, OSError, TimeoutError) as exc:
+            reader.write(_payload(envelope.content))
+            await reader.drain(timeout)
+            code, text = await reader.reply(timeout)
+        except _Disconnected as exc:
             # No final reply: the message may or may not have been taken. Retried (at most one
             # duplicate), never dropped.
-            data_response = no_reply(f"{relay}: DATA: {_describe(exc)}", relay)
-            healthy = False
+            answer = no_reply(f"{relay}: DATA: {exc}", relay)
+            for index in accepted:
+                results[index] = answer
+            return [r for r in results if r is not None], False
+        answer = Response(code, text, relay)
         for index in accepted:
-            results[index] = data_response
-        return [r if r is not None else data_response for r in results], healthy
+            results[index] = answer
+        healthy = code < 400 or (code != 421 and await self._reset(connection, code))
+        return [r for r in results if r is not None], healthy
+
+    async def _reset(self, connection: _Connection, code: int) -> bool:
+        """RSET after a failed transaction; False when the connection should not be reused."""
+        if code == 421 or not connection.reader.open:
+            return False
+        try:
+            connection.reader.write(b"RSET\r\n")
+            reply_code, _ = await connection.reader.reply(self.settings.command_timeout)
+        except _Disconnected:
+            return False
+        return reply_code == 250
+
+    def _close_connection(self, connection: _Connection, *, polite: bool) -> None:
+        if polite and connection.reader.open:
+            task = asyncio.ensure_future(self._quit(connection))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+        else:
+            connection.reader.transport.close()
+            connection.client.close()
+
+    async def _quit(self, connection: _Connection) -> None:
+        try:
+            connection.reader.write(b"QUIT\r\n")
+            await connection.reader.reply(timeout=5)
+        except _Disconnected:
+            pass
+        finally:
+            connection.reader.transport.close()
+            connection.client.close()
 
     async def close(self) -> None:
         self._closing = True
-        while self._idle:
-            connection = self._idle.pop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.client.quit(), timeout=2)
-            connection.client.close()
-
-
-class _StaleConnection(Exception):
-    """A pooled connection was closed by the server before the transaction started."""
-
-
-async def _reset(client: aiosmtplib.SMTP) -> bool:
-    """RSET after a failed transaction; False when the connection should not be reused."""
-    if not client.is_connected:
-        return False
-    try:
-        response = await client.rset()
-    except (SMTPException, OSError, TimeoutError):
-        client.close()
-        return False
-    return response.code == 250
-
-
-def _all_failed(count: int, text: str, relay: str) -> list[Response]:
-    return [no_reply(text, relay) for _ in range(count)]
-
-
-def _close_quietly(connection: _Connection, polite: bool = False) -> None:
-    client = connection.client
-    if polite and client.is_connected:
-        task = asyncio.ensure_future(_quit(client))
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
-    else:
-        client.close()
+        quits = [self._quit(connection) for connection in self._idle]
+        self._idle.clear()
+        await asyncio.gather(*quits)
 
 
 _BACKGROUND: set[asyncio.Future[None]] = set()
 
 
-async def _quit(client: aiosmtplib.SMTP) -> None:
-    try:
-        await asyncio.wait_for(client.quit(), timeout=5)
-    except (SMTPException, OSError, TimeoutError):
-        pass
-    finally:
-        client.close()
+def _any_ok(replies: list[tuple[int, str]]) -> bool:
+    return any(code in (250, 251) for code, _ in replies[1:])
 
 
-def _is_ascii(*values: str) -> bool:
-    return all(value.isascii() for value in values)
+def _fill(
+    replies: list[tuple[int, str]], count: int, relay: str, missing: Response
+) -> list[Response]:
+    """Responses for a transaction cut short: what each recipient got, else ``missing``."""
+    if replies and replies[0][0] >= 300:
+        return [Response(replies[0][0], replies[0][1], relay)] * count
+    out = []
+    for index in range(count):
+        if 1 + index < len(replies) and replies[1 + index][0] not in (250, 251):
+            code, text = replies[1 + index]
+            out.append(Response(code, text, relay))
+        else:
+            out.append(missing)
+    return out
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,0 +1,246 @@
+"""End-to-end deliveries per second into Postfix's smtp-sink: postlane beside Postfix, same run.
+
+    python benchmarks/deliver.py [-n 10000] [--size 2048] [--sessions 20] [--skip-postfix]
+
+Both receive N messages of SIZE bytes from smtp-source over 20 SMTP sessions, store each durably
+before answering 250, and relay everything to an smtp-sink that exits after N messages:
+
+- Postfix: smtp-source -> Postfix on 127.0.0.1:25 -> smtp-sink :2525 (set up by
+  ../shared/anchors/postfix-relay.sh: run it once, as root);
+- postlane: smtp-source -> `postlane serve` (SQLite, SMTP submission) -> smtp-sink.
+
+A second postlane row enqueues the same N messages through the Python API first and then times
+delivery alone (the worker's side). Ratios are printed; absolute numbers drift on a shared
+machine, ratios measured in one run do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import done_progress, progress, table  # noqa: E402
+
+SINK_USER = "nobody"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool) or (
+        f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None
+    )
+    if path is None:
+        sys.exit(
+            f"{tool} is missing: install Postfix (../shared/anchors/postfix-relay.sh as root, or "
+            "apt-get install postfix)"
+        )
+    return path
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_open(port):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+        time.sleep(0.05)
+
+
+def start_sink(port: int, count: int) -> subprocess.Popen[bytes]:
+    sink = subprocess.Popen(
+        [need("smtp-sink"), "-u", SINK_USER, "-M", str(count), f"127.0.0.1:{port}", "1000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return sink
+
+
+def inject(port: int, count: int, size: int, sessions: int) -> float:
+    """smtp-source into ``port``; returns the seconds until every message was accepted."""
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            need("smtp-source"),
+            "-s",
+            str(sessions),
+            "-m",
+            str(count),
+            "-l",
+            str(size),
+            "-f",
+            "sender@example.com",
+            "-t",
+            "rcpt@example.net",
+            f"127.0.0.1:{port}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - start
+
+
+def wait_sink(sink: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        sink.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        sink.kill()
+        raise SystemExit("the sink did not receive every message in time") from None
+
+
+def measure_postfix(count: int, size: int, sessions: int) -> tuple[float, float] | None:
+    if not port_open(25):
+        return None
+    subprocess.run(["postsuper", "-d", "ALL"], capture_output=True, check=False)
+    start = time.perf_counter()
+    sink = start_sink(2525, count)
+    accepted = inject(25, count, size, sessions)
+    wait_sink(sink, timeout=600)
+    return accepted, time.perf_counter() - start
+
+
+def write_config(folder: Path, sink_port: int, smtp_port: int, http_port: int) -> Path:
+    config = folder / "postlane.toml"
+    config.write_text(
+        f"""
+[store]
+url = "sqlite:///{folder / "bench.db"}"
+[delivery]
+relay = "smtp://127.0.0.1:{sink_port}"
+concurrency = 100
+messages_per_connection = 1000
+[http]
+listen = "127.0.0.1:{http_port}"
+[smtp]
+listen = "127.0.0.1:{smtp_port}"
+"""
+    )
+    return config
+
+
+def measure_postlane_smtp(count: int, size: int, sessions: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        sink_port, smtp_port, http_port = free_port(), free_port(), free_port()
+        config = write_config(folder, sink_port, smtp_port, http_port)
+        sink = start_sink(sink_port, count)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "postlane.cli", "--config", str(config), "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_port(smtp_port)
+            start = time.perf_counter()
+            accepted = inject(smtp_port, count, size, sessions)
+            wait_sink(sink, timeout=600)
+            return accepted, time.perf_counter() - start
+        finally:
+            serve.terminate()
+            serve.wait(timeout=60)
+
+
+def measure_postlane_worker(count: int, size: int) -> float:
+    """Enqueue through the API first, then time delivery alone (`postlane worker --burst`)."""
+    from postlane.app import Postlane
+    from postlane.config import load_config
+    from postlane.message import Message
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        sink_port = free_port()
+        config_path = write_config(folder, sink_port, free_port(), free_port())
+        mail = Postlane(load_config(config_path))
+        body = "x" * 70 + "\n"
+        text = body * max(1, size // len(body))
+        batch = [
+            Message(
+                sender="sender@example.com", to=["rcpt@example.net"], subject=f"m{i}", text=text
+            )
+            for i in range(count)
+        ]
+        for start in range(0, count, 1000):
+            mail.send_many(batch[start : start + 1000])
+        mail.close()
+        sink = start_sink(sink_port, count)
+        began = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "postlane.cli",
+                "--config",
+                str(config_path),
+                "worker",
+                "--burst",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_sink(sink, timeout=60)
+        return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", type=int, default=10_000, help="messages")
+    parser.add_argument("--size", type=int, default=2048, help="bytes per message")
+    parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
+    parser.add_argument("--skip-postfix", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: smtp-sink drops privileges to 'nobody' and postsuper needs root")
+    n = args.n
+
+    postfix = None
+    if not args.skip_postfix:
+        progress(f"Postfix: {n} messages through smtp-source -> postfix -> smtp-sink")
+        postfix = measure_postfix(n, args.size, args.sessions)
+    progress(f"postlane: {n} messages through smtp-source -> postlane serve -> smtp-sink")
+    accepted, end_to_end = measure_postlane_smtp(n, args.size, args.sessions)
+    progress(f"postlane: {n} messages enqueued by the API, then delivered by a worker")
+    worker_only = measure_postlane_worker(n, args.size)
+    done_progress()
+
+    rows = []
+    if postfix is not None:
+        rows.append(
+            ("Postfix 127.0.0.1:25", f"{n / postfix[0]:,.0f}", f"{n / postfix[1]:,.0f}", "1.0x")
+        )
+    ratio = f"{(n / end_to_end) / (n / postfix[1]):.2f}x" if postfix else "-"
+    rows.append(
+        ("postlane serve (SMTP in)", f"{n / accepted:,.0f}", f"{n / end_to_end:,.0f}", ratio)
+    )
+    ratio = f"{(n / worker_only) / (n / postfix[1]):.2f}x" if postfix else "-"
+    rows.append(("postlane worker (delivery only)", "-", f"{n / worker_only:,.0f}", ratio))
+    print(f"{n} messages of {args.size} bytes, {args.sessions} sessions, into smtp-sink")
+    print(table(["", "accepted/s", "delivered/s (end to end)", "vs Postfix"], rows))
+    if postfix is None:
+        print("(Postfix is not listening on 127.0.0.1:25: run ../shared/anchors/postfix-relay.sh)")
+
+
+if __name__ == "__main__":
+    main()
