@@ -55,12 +55,13 @@ from pathlib import Path
 from typing import Any, AnyStr, TypeVar
 
 import click
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from postlane.classify import ReplyClass, classify
 from postlane.clock import Clock, SystemClock, iso
 from postlane.config import parse_duration, parse_listen, parse_size
 from postlane.errors import ConfigError
+from postlane.ingest.smtpd import FastSMTP
 
 __all__ = [
     "Connect",
@@ -884,7 +885,7 @@ class _Transaction(Envelope):
         self.throttled = False
 
 
-class _ProviderSMTP(SMTP):
+class _ProviderSMTP(FastSMTP):
     """aiosmtpd's server with the scenario's connect behaviour, its wording for aiosmtpd's own
     refusals, and RFC 5321's "421 closes the channel", which real providers follow."""
 
@@ -944,73 +945,6 @@ class _ProviderSMTP(SMTP):
             if transport is not None:
                 transport.close()
 
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's DATA, reading the message in chunks instead of line by line (a 100 kB
-        message is a few reads, not a thousand awaits and log calls); same replies, same
-        dot-unstuffing, same size limit."""
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
-        envelope = self.envelope
-        assert envelope is not None
-        if not envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content = await self._read_message()
-        if content is None:
-            await self.push("552 Error: Too much mail data")  # in the scenario's words
-            self.envelope = self._create_envelope()
-            return
-        envelope.content = envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self.envelope = self._create_envelope()
-        await self.push("250 OK" if status is MISSING else status)
-
-    async def _read_message(self) -> bytes | None:
-        """The message up to the lone dot, unstuffed; None if over the size limit (read to its
-        end all the same, RFC 5321 4.2.5)."""
-        reader = self._reader
-        limit = self.data_size_limit
-        chunks: list[bytes] = []
-        size = 0
-        tail = b"\r\n"  # the last bytes read: is a ".\r\n" at the start of a line?
-        while True:
-            try:
-                piece = await reader.readuntil(b".\r\n")
-            except asyncio.LimitOverrunError as exc:
-                # no ".\r\n" in the (small) stream limit: take what can be taken, read on
-                piece = await reader.readexactly(exc.consumed)
-                ended = False
-            else:
-                ended = True
-            tail = piece[-5:] if len(piece) >= 5 else (tail + piece)[-5:]
-            ended = ended and tail[-5:-3] == b"\r\n"
-            size += len(piece)
-            if limit is None or size <= limit + 3:
-                chunks.append(piece)
-            if ended:
-                break
-        if limit is not None and size - 3 > limit:
-            return None
-        message = b"".join(chunks)[:-3]
-        # RFC 5321 4.5.2: a line's leading dot was doubled by the client
-        message = message.replace(b"\r\n.", b"\r\n")
-        return message[1:] if message.startswith(b".") else message
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's address parsing, with a fast path for the plain paths nearly all mail
-        uses (what aiosmtpd's RFC 5322 parser would return for them)."""
-        match = _PLAIN_PATH.match(arg) if arg else None
-        if match is None or (
-            self.local_part_limit and len(match.group(1).rpartition("@")[0]) > self.local_part_limit
-        ):
-            return super()._getaddr(arg)
-        return match.group(1), match.group(2).lstrip()
-
     def refuse_at_once(self) -> None:
         """Close with a TCP reset, before any greeting: the client sees a refused connection."""
         transport = self.transport
@@ -1024,11 +958,6 @@ class _ProviderSMTP(SMTP):
             transport.abort()
         else:
             transport.close()
-
-
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-#: a plain ``<local@domain>`` path, which needs no RFC 5322 parser (aiosmtpd's is slow)
-_PLAIN_PATH = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z")
 
 
 #: aiosmtpd's own replies that a provider words differently, and the stage they answer

@@ -20,8 +20,6 @@ import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from email.utils import formatdate
 from typing import Any
 
@@ -36,6 +34,7 @@ from postlane.errors import (
     StoreUnavailable,
     ValidationError,
 )
+from postlane.ingest.smtpd import FastSMTP
 from postlane.message import MAX_RECIPIENTS, Message, parse_address
 
 log = logging.getLogger("postlane.smtp")
@@ -97,6 +96,10 @@ class SubmissionHandler:
         self.users = config.smtp.users
         self.hostname = config.smtp.hostname or socket.gethostname()
         self.accepted = 0
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd scans the handler per connection for handle_* hooks and auth_* methods
+        return _HANDLER_NAMES
 
     def _may_submit(self, session: Session) -> bool:
         peer = session.peer[0] if isinstance(session.peer, tuple) else session.peer
@@ -186,35 +189,13 @@ class SubmissionHandler:
         return AuthResult(success=False, handled=False)
 
 
-class SubmissionServer(SMTP):
-    """aiosmtpd's SMTP with a growing delay after failed AUTH, then a disconnect.
+_HANDLER_NAMES = sorted(
+    name for name in dir(SubmissionHandler) if name.startswith(("handle_", "auth_"))
+)
 
-    Two aiosmtpd 1.4 costs are avoided here, each a large share of a submission's CPU time when
-    clients open one connection per message: its constructor scans every attribute of the
-    instance (``inspect.getmembers``) for ``auth_*`` methods, and its address parser defines a
-    ``typing.Protocol`` class on every MAIL and RCPT. Behaviour is unchanged.
-    """
 
-    def __dir__(self) -> list[str]:
-        # what aiosmtpd's constructor looks for: auth_* mechanisms and smtp_* commands
-        return _METHOD_NAMES
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        if not arg:
-            return "", ""
-        try:
-            if arg.lstrip().startswith("<"):
-                angle, rest = get_angle_addr(arg)
-                addr = str(angle.addr_spec)
-            else:
-                spec, rest = get_addr_spec(arg)
-                addr = str(spec.addr_spec)
-        except HeaderParseError:
-            return None, None
-        local_part = addr.rpartition("@")[0]
-        if self.local_part_limit and len(local_part) > self.local_part_limit:
-            return None, None
-        return addr, str(rest)
+class SubmissionServer(FastSMTP):
+    """aiosmtpd's SMTP with a growing delay after failed AUTH, then a disconnect."""
 
     async def smtp_AUTH(self, arg: str) -> None:
         await super().smtp_AUTH(arg)
@@ -229,11 +210,6 @@ class SubmissionServer(SMTP):
                 self.transport.close()
             return
         await asyncio.sleep(0.5 * 2**failures)
-
-
-_METHOD_NAMES = sorted(
-    name for name in dir(SubmissionServer) if name.startswith(("auth_", "smtp_"))
-)
 
 
 def server_tls_context(config: Config) -> ssl.SSLContext | None:
