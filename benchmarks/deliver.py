@@ -250,7 +250,8 @@ def main() -> None:
         )
     )
     print(
-        f"{n} messages of {args.size} bytes into smtp-sink; every one stored durably before it was acknowledged"
+        f"{n} messages of {args.size} bytes into smtp-sink; "
+        "every one stored durably before it was acknowledged"
     )
     print(table(["", "accepted/s", "delivery alone/s", "end to end/s", "vs Postfix"], rows))
     if postfix is None:
