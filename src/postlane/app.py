@@ -14,22 +14,30 @@ directory)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, load_config
 from postlane.errors import NotFound, ValidationError
 from postlane.message import Message, PreparedMessage, prepare
 from postlane.records import (
+    DeadGroup,
     DeadLetter,
     EnqueueResult,
+    ExportedMessage,
     MessageView,
+    SelectionCount,
     Selector,
+    ShapeRow,
     Stats,
     Suppression,
 )
@@ -38,6 +46,57 @@ from postlane.store import Store, open_store_url
 T = TypeVar("T")
 #: listings are bounded; a caller wanting more pages narrows the selector
 MAX_LIMIT = 10_000
+
+
+class QueueAction(StrEnum):
+    """What an operator can do to selected deliveries (Postfix's postqueue/postsuper verbs)."""
+
+    FLUSH = "flush"
+    HOLD = "hold"
+    RELEASE = "release"
+    DELETE = "delete"
+    REQUEUE = "requeue"
+    PURGE = "purge"
+
+
+#: the states each action applies to (a selector's --state narrows within them)
+ACTION_STATES: dict[QueueAction, tuple[str, ...]] = {
+    QueueAction.FLUSH: ("queued", "deferred"),
+    QueueAction.HOLD: ("queued", "deferred", "sending"),
+    QueueAction.RELEASE: ("held", "sending"),
+    QueueAction.DELETE: ("queued", "deferred", "held", "sending"),
+    QueueAction.REQUEUE: ("dead",),
+    QueueAction.PURGE: ("dead",),
+}
+#: delete may also remove finished recipients when asked for them by --state
+_DELETABLE = ("queued", "deferred", "held", "sending", "sent", "dead", "suppressed")
+#: qshape's age buckets (minutes: 5 10 20 40 80 160 320 640 1280), in seconds
+QSHAPE_EDGES: tuple[float, ...] = tuple(60.0 * m for m in (5, 10, 20, 40, 80, 160, 320, 640, 1280))
+
+
+def action_states(action: QueueAction, selector: Selector) -> tuple[str, ...]:
+    allowed = _DELETABLE if action is QueueAction.DELETE else ACTION_STATES[action]
+    if not selector.states:
+        return ACTION_STATES[action]
+    chosen = tuple(s.value for s in selector.states if s.value in allowed)
+    if not chosen:
+        wanted = ", ".join(s.value for s in selector.states)
+        raise ValidationError(
+            f"{action.value} does not apply to {wanted} recipients "
+            f"(it applies to: {', '.join(allowed)})"
+        )
+    return chosen
+
+
+class ActionObserver(Protocol):
+    """Told about operator actions worth a metric (the metrics implement this)."""
+
+    def recovered(self, dead_for_seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def recovered(self, dead_for_seconds: float) -> None:
+        return None
 
 
 class AsyncPostlane:
@@ -58,6 +117,7 @@ class AsyncPostlane:
         )
         #: set after every enqueue, so a worker in this process wakes at once
         self.wake = asyncio.Event()
+        self.observer: ActionObserver = _NoObserver()
         self._opened = False
 
     async def open(self) -> AsyncPostlane:
@@ -134,6 +194,100 @@ class AsyncPostlane:
 
     async def dead_letter(self, queue_id: str) -> list[DeadLetter]:
         return await self.store.get_dead(_check_id(queue_id))
+
+    # -- operator actions --------------------------------------------------------------------------
+
+    async def summarize(self, action: QueueAction, selector: Selector) -> list[SelectionCount]:
+        """What ``action`` would touch: counts by lane, domain, state and last reply class."""
+        return await self.store.summarize(selector, action_states(action, selector))
+
+    async def act(
+        self,
+        action: QueueAction,
+        selector: Selector,
+        *,
+        export: IO[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+        slice_size: int = 500,
+    ) -> int:
+        """Apply ``action`` to every delivery ``selector`` picks, a slice at a time; returns how
+        many changed. With ``export``, each slice is written there (JSON Lines, flushed to disk)
+        before it is deleted, so an exported delete can always be undone with :meth:`import_`."""
+        states = action_states(action, selector)
+        after = 0
+        changed = 0
+        while True:
+            ids = await self.store.select_delivery_ids(
+                selector, states, after=after, limit=slice_size
+            )
+            if not ids:
+                return changed
+            after = ids[-1]
+            if export is not None:
+                for record in await self.store.export_deliveries(ids):
+                    export.write(json.dumps(record.as_json(), separators=(",", ":")) + "\n")
+                export.flush()
+                with contextlib.suppress(OSError, ValueError):
+                    os.fsync(export.fileno())
+            changed += await self._apply(action, ids)
+            if progress is not None:
+                progress(changed)
+
+    async def _apply(self, action: QueueAction, ids: list[int]) -> int:
+        now = self.clock.now()
+        if action is QueueAction.FLUSH:
+            count = await self.store.flush(ids, now)
+        elif action is QueueAction.HOLD:
+            count = await self.store.hold(ids, now)
+        elif action is QueueAction.RELEASE:
+            count = await self.store.release(ids, now)
+        elif action is QueueAction.REQUEUE:
+            recovered = await self.store.requeue_dead(ids, now)
+            for seconds in recovered:
+                self.observer.recovered(seconds)
+            count = len(recovered)
+        else:  # DELETE, PURGE
+            count = await self.store.delete_deliveries(ids)
+        if action in (QueueAction.FLUSH, QueueAction.RELEASE, QueueAction.REQUEUE):
+            self.wake.set()
+        return count
+
+    async def import_(
+        self, lines: Iterable[str], *, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Bring back what ``queue delete --export`` wrote; returns recipients restored."""
+        restored = 0
+        batch: list[ExportedMessage] = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                batch.append(ExportedMessage.from_json(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValidationError(
+                    f"line {number}: not a postlane export record ({exc})"
+                ) from None
+            if len(batch) >= 100:
+                restored += await self.store.import_messages(batch, self.clock.now())
+                batch = []
+                if progress is not None:
+                    progress(restored)
+        if batch:
+            restored += await self.store.import_messages(batch, self.clock.now())
+        if progress is not None:
+            progress(restored)
+        self.wake.set()
+        return restored
+
+    async def dead_groups(
+        self, selector: Selector | None = None, *, limit: int = 100
+    ) -> list[DeadGroup]:
+        return await self.store.dead_groups(selector or Selector(), limit=_limit(limit))
+
+    async def shape(
+        self, edges: Sequence[float] = QSHAPE_EDGES, *, limit: int = 50
+    ) -> list[ShapeRow]:
+        return await self.store.shape(self.clock.now(), edges, limit=_limit(limit))
 
     # -- suppression -----------------------------------------------------------------------------
 

@@ -19,15 +19,16 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from postlane.app import AsyncPostlane
+from postlane.app import QSHAPE_EDGES, AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass, classify
 from postlane.config import Config, format_duration, load_config, parse_duration
 from postlane.errors import PostlaneError, ValidationError
 from postlane.message import Attachment, Lane, Message, RecipientState
-from postlane.records import MessageView, Selector
+from postlane.records import MessageView, SelectionCount, Selector, ShapeRow
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -521,9 +522,14 @@ def queue_show(queue_id: str, raw: bool, as_json: bool) -> None:
 
 @cli.command()
 @config_option
+@click.option("--shape", is_flag=True, help="Age buckets by destination domain (qshape).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 @json_option
-def stats(as_json: bool) -> None:
-    """Depth and oldest age by lane, counts by state (qshape's first question)."""
+def stats(shape: bool, limit: int, as_json: bool) -> None:
+    """Depth and oldest age by lane, counts by state; --shape for where the backlog sits."""
+    if shape:
+        _print_shape(with_app(lambda app: app.shape(limit=limit)), as_json)
+        return
     result = with_app(lambda app: app.stats())
     if as_json:
         print_json(result.as_json())
@@ -546,6 +552,24 @@ def stats(as_json: bool) -> None:
         f"sent {result.sent}   dead {result.dead}   suppressed {result.suppressed}   "
         f"suppression list {result.suppression_list}"
     )
+
+
+def _print_shape(rows: Sequence[ShapeRow], as_json: bool) -> None:
+    if as_json:
+        print_json([row.as_json(QSHAPE_EDGES) for row in rows])
+        return
+    labels = [f"{int(e // 60)}" for e in QSHAPE_EDGES] + [f"{int(QSHAPE_EDGES[-1] // 60)}+"]
+    table = Table(box=None, show_edge=False, header_style="bold", pad_edge=False)
+    table.add_column("domain")
+    table.add_column("T", justify="right")
+    for label in labels:
+        table.add_column(label, justify="right")
+    totals = [sum(row.buckets[i] for row in rows) for i in range(len(labels))]
+    table.add_row("TOTAL", str(sum(r.total for r in rows)), *map(str, totals), style="bold")
+    for row in rows:
+        table.add_row(row.domain, str(row.total), *map(str, row.buckets))
+    out.print("waiting recipients by domain and age in minutes (qshape)")
+    out.print(table)
 
 
 # -- classify ----------------------------------------------------------------------------------
@@ -587,11 +611,42 @@ def dlq() -> None:
 @config_option
 @selector_options
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000))
+@click.option(
+    "--rows/--group",
+    "rows",
+    default=None,
+    help="One line per dead recipient, or per group of identical failures (default: group, "
+    "except with --json, whose default is the contract's one row per recipient).",
+)
 @json_option
-def dlq_list(limit: int, as_json: bool, **selectors: Any) -> None:
-    """Dead letters, newest first (one row per dead recipient)."""
+def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> None:
+    """Dead letters: grouped by class, domain and reply, or one row per recipient."""
     selectors["states"] = ()
     selector = build_selector(**selectors)
+    if rows is None:
+        rows = as_json
+    if not rows:
+        groups = with_app(lambda app: app.dead_groups(selector, limit=limit))
+        if as_json:
+            print_json([g.as_json() for g in groups])
+            return
+        if not groups:
+            out.print("No dead letters")
+            return
+        table = Table(box=None, show_edge=False, header_style="bold")
+        for column in ("Count", "Class", "Domain", "Reply", "Last died", "e.g."):
+            table.add_column(column, justify="right" if column == "Count" else "left")
+        for g in groups:
+            code = " ".join(str(x) for x in (g.code, g.enhanced) if x)
+            reply = f"{code} {g.reply.splitlines()[0] if g.reply else ''}".strip()
+            table.add_row(
+                f"{g.count:,}", g.cls.value, g.domain, reply, when(g.last_dead_at), g.sample_id
+            )
+        out.print(table)
+        out.print(
+            f"-- {sum(g.count for g in groups):,} dead recipient(s) in {len(groups)} group(s)"
+        )
+        return
     letters = with_app(lambda app: app.dead_letters(selector, limit=limit))
     if as_json:
         print_json([d.as_json() for d in letters])
@@ -603,11 +658,11 @@ def dlq_list(limit: int, as_json: bool, **selectors: Any) -> None:
     for column in ("Queue ID", "Recipient", "Class", "Attempts", "Died", "Last reply"):
         table.add_column(column, no_wrap=column != "Last reply")
     for d in letters:
-        reply = d.last_response
+        last = d.last_response
         text = ""
-        if reply is not None:
-            text = " ".join(str(x) for x in (reply.code, reply.enhanced) if x)
-            text = f"{text} {reply.text.splitlines()[0] if reply.text else ''}".strip()
+        if last is not None:
+            text = " ".join(str(x) for x in (last.code, last.enhanced) if x)
+            text = f"{text} {last.text.splitlines()[0] if last.text else ''}".strip()
         if d.reason and not text:
             text = d.reason
         table.add_row(d.id, d.address, d.cls.value, str(d.attempts), when(d.dead_at), text)
@@ -687,6 +742,180 @@ def suppress_remove(address: str) -> None:
     if not removed:
         raise PostlaneError(f"{address} is not on the suppression list")
     click.echo(f"{address}: removed")
+
+
+# -- operator actions --------------------------------------------------------------------------
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _targets(
+    ids: Sequence[str], all_: bool, selectors: dict[str, Any], *, required: bool
+) -> Selector:
+    if ids and all_:
+        raise click.UsageError("give message IDs or --all, not both")
+    if required and not ids and not all_:
+        raise click.UsageError("give message IDs, or --all (selectors then narrow it)")
+    return build_selector(ids, all_=all_, **selectors)
+
+
+def _show_selection(action: QueueAction, counts: Sequence[SelectionCount]) -> int:
+    total = sum(c.count for c in counts)
+    table = Table(box=None, show_edge=False, header_style="bold", pad_edge=False)
+    for column in ("lane", "domain", "state", "last class", "recipients"):
+        table.add_column(column, justify="right" if column == "recipients" else "left")
+    for c in counts[:30]:
+        table.add_row(
+            c.lane.value, c.domain, c.state.value, c.cls.value if c.cls else "-", f"{c.count:,}"
+        )
+    if len(counts) > 30:
+        rest = sum(c.count for c in counts[30:])
+        table.add_row("...", f"({len(counts) - 30} more groups)", "", "", f"{rest:,}")
+    err.print(f"{action.value} will touch {total:,} recipient(s):")
+    err.print(table)
+    return total
+
+
+def run_action(
+    action: QueueAction,
+    selector: Selector,
+    *,
+    confirm: bool,
+    yes: bool = False,
+    export_path: str | None = None,
+) -> None:
+    """Show what an action touches, ask when it destroys, apply it with progress."""
+
+    async def go(app: AsyncPostlane) -> int:
+        counts = await app.summarize(action, selector)
+        total = (
+            _show_selection(action, counts)
+            if (confirm or err.is_terminal)
+            else sum(c.count for c in counts)
+        )
+        if total == 0:
+            err.print(f"nothing to {action.value}")
+            return 0
+        question = f"{action.value.capitalize()} {total:,} recipient(s)?"
+        if confirm and not yes and not click.confirm(question, default=False, err=True):
+            raise click.Abort()
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+            disable=not err.is_terminal,
+        ) as bar:
+            task = bar.add_task(action.value, total=total)
+            return await app.act(
+                action,
+                selector,
+                export=export,
+                progress=lambda n: bar.update(task, completed=n),
+            )
+
+    try:
+        export = open(export_path, "a", encoding="utf-8") if export_path else None  # noqa: SIM115
+    except OSError as exc:
+        raise PostlaneError(f"cannot write {export_path}: {exc.strerror}") from None
+    try:
+        done = with_app(go)
+    finally:
+        if export is not None:
+            export.close()
+    past = {
+        "flush": "flushed",
+        "hold": "held",
+        "release": "released",
+        "delete": "deleted",
+        "requeue": "requeued",
+        "purge": "purged",
+    }[action.value]
+    suffix = f" (exported to {export_path})" if export_path else ""
+    click.echo(f"{past} {done:,} recipient(s){suffix}", err=True)
+
+
+def action_options(func: F) -> F:
+    func = selector_options(func)
+    func = click.option("--all", "all_", is_flag=True, help="Every message (selectors narrow).")(
+        func
+    )
+    func = click.argument("ids", nargs=-1, metavar="[ID]...")(func)
+    return config_option(func)
+
+
+@queue.command("flush")
+@action_options
+def queue_flush(ids: tuple[str, ...], all_: bool, **selectors: Any) -> None:
+    """Make deferred deliveries due now (postqueue -f; with IDs, postqueue -i)."""
+    run_action(QueueAction.FLUSH, _targets(ids, all_, selectors, required=False), confirm=False)
+
+
+@queue.command("hold")
+@action_options
+def queue_hold(ids: tuple[str, ...], all_: bool, **selectors: Any) -> None:
+    """Hold deliveries: not attempted until released (postsuper -h)."""
+    run_action(QueueAction.HOLD, _targets(ids, all_, selectors, required=True), confirm=False)
+
+
+@queue.command("release")
+@action_options
+def queue_release(ids: tuple[str, ...], all_: bool, **selectors: Any) -> None:
+    """Release held deliveries, due now (postsuper -H)."""
+    run_action(QueueAction.RELEASE, _targets(ids, all_, selectors, required=True), confirm=False)
+
+
+@queue.command("delete")
+@action_options
+@click.option("--export", "export_path", metavar="FILE", help="Write what is deleted (JSON Lines).")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def queue_delete(
+    ids: tuple[str, ...], all_: bool, export_path: str | None, yes: bool, **selectors: Any
+) -> None:
+    """Delete deliveries, showing what and asking first (postsuper -d)."""
+    selector = _targets(ids, all_, selectors, required=True)
+    run_action(QueueAction.DELETE, selector, confirm=True, yes=yes, export_path=export_path)
+
+
+@queue.command("import")
+@config_option
+@click.argument("path", metavar="FILE")
+def queue_import(path: str) -> None:
+    """Bring back what `queue delete --export` wrote ('-': stdin)."""
+
+    try:
+        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise PostlaneError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        restored = with_app(lambda app: app.import_(handle))
+    finally:
+        if handle is not sys.stdin:
+            handle.close()
+    click.echo(f"imported {restored:,} recipient(s)", err=True)
+
+
+@dlq.command("requeue")
+@action_options
+def dlq_requeue(ids: tuple[str, ...], all_: bool, **selectors: Any) -> None:
+    """Give dead letters a fresh start: attempts reset, due now (postsuper -r)."""
+    selectors["states"] = ()
+    run_action(QueueAction.REQUEUE, _targets(ids, all_, selectors, required=True), confirm=False)
+
+
+@dlq.command("purge")
+@action_options
+@click.option("--export", "export_path", metavar="FILE", help="Write what is purged (JSON Lines).")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def dlq_purge(
+    ids: tuple[str, ...], all_: bool, export_path: str | None, yes: bool, **selectors: Any
+) -> None:
+    """Drop dead letters for good, showing what and asking first."""
+    selectors["states"] = ()
+    selector = _targets(ids, all_, selectors, required=True)
+    run_action(QueueAction.PURGE, selector, confirm=True, yes=yes, export_path=export_path)
 
 
 # -- simulator ---------------------------------------------------------------------------------

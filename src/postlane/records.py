@@ -25,6 +25,9 @@ class Delivery:
     attempts: int
     #: tries that used up no attempt (throttled, connection), for backoff spacing
     deferrals: int
+    #: when this recipient joined the queue (its message's arrival, or its requeue from the
+    #: dead-letter queue): max_age counts from here
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -329,3 +332,192 @@ class Selector:
     sender: str | None = None
     recipient: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+# -- operator side -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectionCount:
+    """How many selected deliveries share a lane, domain, state and last reply class."""
+
+    lane: Lane
+    domain: str
+    state: RecipientState
+    cls: ReplyClass | None
+    count: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "lane": self.lane,
+            "domain": self.domain,
+            "state": self.state,
+            "class": self.cls,
+            "count": self.count,
+        }
+
+
+@dataclass(frozen=True)
+class DeadGroup:
+    """Dead letters that failed the same way: same class, domain and (normalised) reply."""
+
+    cls: ReplyClass
+    domain: str
+    code: int | None
+    enhanced: str | None
+    reply: str
+    count: int
+    first_dead_at: float
+    last_dead_at: float
+    sample_id: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "class": self.cls,
+            "domain": self.domain,
+            "code": self.code,
+            "enhanced": self.enhanced,
+            "reply": self.reply,
+            "count": self.count,
+            "first_dead_at": iso(self.first_dead_at),
+            "last_dead_at": iso(self.last_dead_at),
+            "sample_id": self.sample_id,
+        }
+
+
+@dataclass(frozen=True)
+class ShapeRow:
+    """qshape's row: a destination domain's waiting recipients by age bucket."""
+
+    domain: str
+    total: int
+    buckets: tuple[int, ...]
+
+    def as_json(self, edges: Sequence[float]) -> dict[str, Any]:
+        labels = [f"{int(e // 60)}m" for e in edges] + [f"{int(edges[-1] // 60)}m+"]
+        return {
+            "domain": self.domain,
+            "total": self.total,
+            "buckets": dict(zip(labels, self.buckets, strict=True)),
+        }
+
+
+@dataclass(frozen=True)
+class ExportedRecipient:
+    address: str
+    domain: str
+    destination: str
+    state: RecipientState
+    attempts: int
+    deferrals: int
+    next_attempt_at: float
+    created_at: float
+    last_response: Reply | None
+    reason: str | None
+    history: tuple[AttemptView, ...]
+
+
+@dataclass(frozen=True)
+class ExportedMessage:
+    """Everything about a message (content, recipients, histories), for `queue delete --export`
+    and `queue import`: one JSON line each."""
+
+    id: str
+    lane: Lane
+    sender: str
+    subject: str
+    message_id: str
+    idempotency_key: str | None
+    metadata: Mapping[str, Any]
+    created_at: float
+    content: bytes
+    recipients: tuple[ExportedRecipient, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        import base64
+
+        return {
+            "format": "postlane-export/1",
+            "id": self.id,
+            "lane": self.lane,
+            "sender": self.sender,
+            "subject": self.subject,
+            "message_id": self.message_id,
+            "idempotency_key": self.idempotency_key,
+            "metadata": dict(self.metadata),
+            "created_at": self.created_at,
+            "content": base64.b64encode(self.content).decode("ascii"),
+            "recipients": [
+                {
+                    "address": r.address,
+                    "domain": r.domain,
+                    "destination": r.destination,
+                    "state": r.state,
+                    "attempts": r.attempts,
+                    "deferrals": r.deferrals,
+                    "next_attempt_at": r.next_attempt_at,
+                    "created_at": r.created_at,
+                    "last_response": r.last_response.as_json() if r.last_response else None,
+                    "reason": r.reason,
+                    "history": [{**a.as_json(), "at": a.at} for a in r.history],
+                }
+                for r in self.recipients
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ExportedMessage:
+        """The inverse of :meth:`as_json` (raises KeyError/ValueError/TypeError on bad input)."""
+        import base64
+
+        if data.get("format") != "postlane-export/1":
+            raise ValueError("not a postlane export line (format postlane-export/1)")
+        recipients = []
+        for r in data["recipients"]:
+            last = r.get("last_response")
+            recipients.append(
+                ExportedRecipient(
+                    address=str(r["address"]),
+                    domain=str(r["domain"]),
+                    destination=str(r["destination"]),
+                    state=RecipientState(r["state"]),
+                    attempts=int(r["attempts"]),
+                    deferrals=int(r["deferrals"]),
+                    next_attempt_at=float(r["next_attempt_at"]),
+                    created_at=float(r["created_at"]),
+                    last_response=(
+                        Reply(
+                            last["code"], last["enhanced"], last["text"], ReplyClass(last["class"])
+                        )
+                        if last
+                        else None
+                    ),
+                    reason=r.get("reason"),
+                    history=tuple(
+                        AttemptView(
+                            at=float(a["at"]),
+                            cls=ReplyClass(a["class"]),
+                            code=a["code"],
+                            enhanced=a["enhanced"],
+                            text=str(a["text"]),
+                            duration_ms=int(a["duration_ms"]),
+                            relay=str(a["relay"]),
+                            destination=str(a["destination"]),
+                            counted=bool(a["counted"]),
+                        )
+                        for a in r["history"]
+                    ),
+                )
+            )
+        return cls(
+            id=str(data["id"]),
+            lane=Lane(data["lane"]),
+            sender=str(data["sender"]),
+            subject=str(data["subject"]),
+            message_id=str(data["message_id"]),
+            idempotency_key=data.get("idempotency_key"),
+            metadata=dict(data.get("metadata") or {}),
+            created_at=float(data["created_at"]),
+            content=base64.b64decode(data["content"]),
+            recipients=tuple(recipients),
+        )

@@ -275,7 +275,7 @@ class Worker:
         to_send: list[Delivery] = []
         for delivery in message.deliveries:
             refusal = self.policy.refuse_before_sending(
-                message.lane, attempts=delivery.attempts, created_at=message.created_at, now=now
+                message.lane, attempts=delivery.attempts, created_at=delivery.created_at, now=now
             )
             if refusal is None:
                 to_send.append(delivery)
@@ -334,7 +334,7 @@ class Worker:
             lane=message.lane,
             attempts=delivery.attempts,
             deferrals=delivery.deferrals,
-            created_at=message.created_at,
+            created_at=delivery.created_at,
             now=now,
             cool_down=response.retry_after,
         )

@@ -10,11 +10,15 @@ from typing import Protocol
 from postlane.message import Lane, PreparedMessage
 from postlane.records import (
     ClaimedMessage,
+    DeadGroup,
     DeadLetter,
     EnqueueResult,
+    ExportedMessage,
     MessageView,
     Outcome,
+    SelectionCount,
     Selector,
+    ShapeRow,
     Stats,
     Suppression,
 )
@@ -101,6 +105,62 @@ class Store(Protocol):
     async def list_dead(self, selector: Selector, *, limit: int) -> list[DeadLetter]: ...
 
     async def get_dead(self, queue_id: str) -> list[DeadLetter]: ...
+
+    # -- operator actions ------------------------------------------------------------------------
+    #
+    # Bulk actions walk the selection in slices of delivery ids (select, then act on those ids),
+    # so a million-row delete never holds a write lock for long, can show progress, and exports
+    # exactly what it deletes. Each action re-checks the state it applies to, so racing a worker
+    # is safe: a delivery that moved on meanwhile is left alone.
+
+    async def select_delivery_ids(
+        self, selector: Selector, states: Sequence[str], *, after: int, limit: int
+    ) -> list[int]:
+        """Ids of deliveries matching ``selector`` in ``states``, above ``after``, ascending."""
+        ...
+
+    async def summarize(self, selector: Selector, states: Sequence[str]) -> list[SelectionCount]:
+        """What an action would touch: counts by lane, domain, state and last reply class."""
+        ...
+
+    async def export_deliveries(self, delivery_ids: Sequence[int]) -> list[ExportedMessage]:
+        """Full records (content, recipients among ``delivery_ids``, histories) by message."""
+        ...
+
+    async def flush(self, delivery_ids: Sequence[int], now: float) -> int:
+        """Queued or deferred deliveries become due now."""
+        ...
+
+    async def hold(self, delivery_ids: Sequence[int], now: float) -> int:
+        """Queued or deferred deliveries become held; one being sent is held after its try."""
+        ...
+
+    async def release(self, delivery_ids: Sequence[int], now: float) -> int:
+        """Held deliveries become due now."""
+        ...
+
+    async def delete_deliveries(self, delivery_ids: Sequence[int]) -> int:
+        """Remove deliveries (with their attempts); a message left without any goes too."""
+        ...
+
+    async def requeue_dead(self, delivery_ids: Sequence[int], now: float) -> list[float]:
+        """Dead deliveries get a fresh start (attempts 0, due now, max_age counted from now);
+        returns how long each had been dead (for the recovery-time metric)."""
+        ...
+
+    async def import_messages(self, messages: Sequence[ExportedMessage], now: float) -> int:
+        """Bring back exported messages with their ids, Message-IDs, content and histories;
+        recipients that were waiting or being sent come back due now. Returns how many
+        recipients were restored (one already present is skipped)."""
+        ...
+
+    async def dead_groups(self, selector: Selector, *, limit: int) -> list[DeadGroup]:
+        """Dead letters grouped by class, domain and normalised reply, largest group first."""
+        ...
+
+    async def shape(self, now: float, edges: Sequence[float], *, limit: int) -> list[ShapeRow]:
+        """Waiting recipients by domain and age bucket (qshape); ``edges`` in seconds."""
+        ...
 
     # -- suppression -----------------------------------------------------------------------------
 

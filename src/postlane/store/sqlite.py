@@ -14,10 +14,12 @@ wait on SQLite's lock (``busy_timeout``) when they write.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import queue
 import sqlite3
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,19 +33,25 @@ from postlane.message import FINAL_STATES, Lane, PreparedMessage, RecipientState
 from postlane.records import (
     AttemptView,
     ClaimedMessage,
+    DeadGroup,
     DeadLetter,
     Delivery,
     EnqueueResult,
+    ExportedMessage,
+    ExportedRecipient,
     LaneStats,
     MessageView,
     Outcome,
     RecipientView,
     Reply,
+    SelectionCount,
     Selector,
+    ShapeRow,
     Stats,
     Suppression,
 )
 from postlane.store.sql import load_migrations, load_queries
+from postlane.triage import group_dead_letters
 
 T = TypeVar("T")
 Q = load_queries("sqlite")
@@ -477,6 +485,113 @@ class SQLiteStore:
 
         return await self._read(run)
 
+    # -- operator actions ------------------------------------------------------------------------
+
+    async def select_delivery_ids(
+        self, selector: Selector, states: Sequence[str], *, after: int, limit: int
+    ) -> list[int]:
+        def run(conn: sqlite3.Connection) -> list[int]:
+            where, params = _where(selector, default_states=states, forced_states=states)
+            return [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT d.id FROM deliveries d WHERE {where} AND d.id > :after "
+                    "ORDER BY d.id LIMIT :limit",
+                    {**params, "after": after, "limit": limit},
+                )
+            ]
+
+        return await self._read(run)
+
+    async def summarize(self, selector: Selector, states: Sequence[str]) -> list[SelectionCount]:
+        def run(conn: sqlite3.Connection) -> list[SelectionCount]:
+            where, params = _where(selector, default_states=states, forced_states=states)
+            return [
+                SelectionCount(Lane(lane), domain, RecipientState(state), _cls(cls), count)
+                for lane, domain, state, cls, count in conn.execute(
+                    "SELECT lane, domain, state, last_class, count(*) FROM deliveries d "
+                    f"WHERE {where} GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2",
+                    params,
+                )
+            ]
+
+        return await self._read(run)
+
+    async def export_deliveries(self, delivery_ids: Sequence[int]) -> list[ExportedMessage]:
+        def run(conn: sqlite3.Connection) -> list[ExportedMessage]:
+            ids = json.dumps(list(delivery_ids))
+            return [
+                _exported(conn, queue_id, ids)
+                for (queue_id,) in conn.execute(Q["queue_ids_of"], {"ids": ids}).fetchall()
+            ]
+
+        return await self._read(run)
+
+    async def flush(self, delivery_ids: Sequence[int], now: float) -> int:
+        params = {"ids": json.dumps(list(delivery_ids)), "now": now}
+        return await self._write(lambda conn: int(conn.execute(Q["flush"], params).rowcount))
+
+    async def hold(self, delivery_ids: Sequence[int], now: float) -> int:
+        params = {"ids": json.dumps(list(delivery_ids)), "now": now}
+
+        def run(conn: sqlite3.Connection) -> int:
+            held = conn.execute(Q["hold"], params).rowcount
+            return int(held + conn.execute(Q["hold_after_send"], params).rowcount)
+
+        return await self._write(run)
+
+    async def release(self, delivery_ids: Sequence[int], now: float) -> int:
+        params = {"ids": json.dumps(list(delivery_ids)), "now": now}
+
+        def run(conn: sqlite3.Connection) -> int:
+            released = conn.execute(Q["release"], params).rowcount
+            return int(released + conn.execute(Q["release_after_send"], params).rowcount)
+
+        return await self._write(run)
+
+    async def delete_deliveries(self, delivery_ids: Sequence[int]) -> int:
+        return await self._write(lambda conn: _delete(conn, list(delivery_ids)))
+
+    async def requeue_dead(self, delivery_ids: Sequence[int], now: float) -> list[float]:
+        return await self._write(lambda conn: _requeue(conn, list(delivery_ids), now))
+
+    async def import_messages(self, messages: Sequence[ExportedMessage], now: float) -> int:
+        return await self._write(lambda conn: _import(conn, messages, now))
+
+    async def dead_groups(self, selector: Selector, *, limit: int) -> list[DeadGroup]:
+        def run(conn: sqlite3.Connection) -> list[DeadGroup]:
+            where, params = _where(selector, default_states=("dead",), forced_states=("dead",))
+            rows = conn.execute(
+                "SELECT last_class, domain, last_code, last_enhanced, last_text, count(*), "
+                "min(updated_at), max(updated_at), min(queue_id) "
+                f"FROM deliveries d WHERE {where} GROUP BY 1, 2, 3, 4, 5",
+                params,
+            ).fetchall()
+            return group_dead_letters(rows, limit)
+
+        return await self._read(run)
+
+    async def shape(self, now: float, edges: Sequence[float], *, limit: int) -> list[ShapeRow]:
+        def run(conn: sqlite3.Connection) -> list[ShapeRow]:
+            bounds = [0.0, *edges]
+            columns = [
+                f"sum(CASE WHEN :now - created_at >= {lo!r} AND :now - created_at < {hi!r} "
+                "THEN 1 ELSE 0 END)"
+                for lo, hi in itertools.pairwise(bounds)
+            ]
+            columns.append(f"sum(CASE WHEN :now - created_at >= {bounds[-1]!r} THEN 1 ELSE 0 END)")
+            sql = (
+                f"SELECT domain, count(*), {', '.join(columns)} FROM deliveries "
+                "WHERE state IN ('queued', 'deferred', 'sending') "
+                "GROUP BY domain ORDER BY 2 DESC, 1 LIMIT :limit"
+            )
+            return [
+                ShapeRow(domain=row[0], total=row[1], buckets=tuple(int(v) for v in row[2:]))
+                for row in conn.execute(sql, {"now": now, "limit": limit})
+            ]
+
+        return await self._read(run)
+
     # -- suppression -----------------------------------------------------------------------------
 
     async def list_suppressions(self, *, limit: int) -> list[Suppression]:
@@ -620,7 +735,8 @@ def _claim(
     if not rows:
         return []
     by_message: dict[str, list[Delivery]] = defaultdict(list)
-    for _lane, (delivery_id, queue_id, address, domain, destination, attempts, deferrals) in rows:
+    for _lane, row in rows:
+        delivery_id, queue_id, address, domain, destination, attempts, deferrals, created = row
         by_message[queue_id].append(
             Delivery(
                 id=delivery_id,
@@ -629,6 +745,7 @@ def _claim(
                 destination=destination,
                 attempts=attempts,
                 deferrals=deferrals,
+                created_at=created,
             )
         )
     claimed_messages: list[ClaimedMessage] = []
@@ -752,6 +869,121 @@ def _reap(conn: sqlite3.Connection, now: float) -> int:
             return total
 
 
+def _delete(conn: sqlite3.Connection, delivery_ids: list[int]) -> int:
+    rows = conn.execute(Q["delete_deliveries"], {"ids": json.dumps(delivery_ids)}).fetchall()
+    now = time.time()
+    for queue_id in {row[0] for row in rows}:
+        conn.execute(Q["delete_empty_message"], {"queue_id": queue_id})
+        conn.execute(Q["mark_done"], {"queue_id": queue_id, "now": now})
+    return len(rows)
+
+
+def _requeue(conn: sqlite3.Connection, delivery_ids: list[int], now: float) -> list[float]:
+    ids = json.dumps(delivery_ids)
+    dead = conn.execute(Q["dead_for_requeue"], {"ids": ids}).fetchall()
+    conn.execute(Q["requeue_dead"], {"ids": ids, "now": now})
+    for _id, queue_id, address, cls, dead_at in dead:
+        conn.execute(Q["reopen_message"], {"queue_id": queue_id})
+        conn.execute(
+            Q["insert_recovery"],
+            {
+                "queue_id": queue_id,
+                "address": address,
+                "class": cls,
+                "dead_at": dead_at,
+                "requeued_at": now,
+            },
+        )
+    return [max(0.0, now - row[4]) for row in dead]
+
+
+#: what an imported recipient comes back as: waiting or being sent -> due now
+_IMPORTED_STATE = {
+    RecipientState.SENDING: RecipientState.QUEUED,
+    RecipientState.QUEUED: RecipientState.QUEUED,
+    RecipientState.DEFERRED: RecipientState.QUEUED,
+}
+
+
+def _import(conn: sqlite3.Connection, messages: Sequence[ExportedMessage], now: float) -> int:
+    restored = 0
+    for message in messages:
+        if conn.execute(Q["message"], {"id": message.id}).fetchone() is None:
+            key = message.idempotency_key
+            if (
+                key is not None
+                and conn.execute(Q["message_by_idempotency_key"], {"key": key}).fetchone()
+            ):
+                key = None  # another message holds the key now; keep this one all the same
+            conn.execute(
+                Q["insert_message"],
+                {
+                    "id": message.id,
+                    "lane": message.lane.value,
+                    "sender": message.sender,
+                    "subject": message.subject,
+                    "message_id": message.message_id,
+                    "idempotency_key": key,
+                    "size": len(message.content),
+                    "metadata": json.dumps(dict(message.metadata), separators=(",", ":")),
+                    "created_at": message.created_at,
+                    "done_at": None,
+                    "content": message.content,
+                },
+            )
+        for r in message.recipients:
+            exists = conn.execute(
+                Q["delivery_exists"], {"queue_id": message.id, "address": r.address}
+            ).fetchone()
+            if exists:
+                continue
+            state = _IMPORTED_STATE.get(r.state, r.state)
+            reply = r.last_response
+            (delivery_id,) = conn.execute(
+                Q["import_delivery"],
+                {
+                    "queue_id": message.id,
+                    "address": r.address,
+                    "domain": r.domain,
+                    "destination": r.destination,
+                    "lane": message.lane.value,
+                    "created_at": r.created_at,
+                    "state": state.value,
+                    "attempts": r.attempts,
+                    "deferrals": r.deferrals,
+                    "next_attempt_at": now if state is RecipientState.QUEUED else r.next_attempt_at,
+                    "code": reply.code if reply else None,
+                    "enhanced": reply.enhanced if reply else None,
+                    "text": reply.text if reply else None,
+                    "class": reply.cls.value if reply else None,
+                    "reason": "imported" if state is not r.state else r.reason,
+                    "now": now,
+                },
+            ).fetchone()
+            conn.executemany(
+                Q["insert_attempt"],
+                [
+                    {
+                        "delivery_id": delivery_id,
+                        "at": a.at,
+                        "class": a.cls.value,
+                        "code": a.code,
+                        "enhanced": a.enhanced,
+                        "text": a.text,
+                        "relay": a.relay,
+                        "destination": a.destination,
+                        "duration_ms": a.duration_ms,
+                        "counted": int(a.counted),
+                    }
+                    for a in r.history
+                ],
+            )
+            restored += 1
+        conn.execute(Q["reopen_message"], {"queue_id": message.id})
+        conn.execute(Q["mark_done"], {"queue_id": message.id, "now": now})
+    return restored
+
+
 def _suppression_params(s: Suppression) -> dict[str, Any]:
     return {
         "address": s.address.lower(),
@@ -766,6 +998,58 @@ def _suppression_params(s: Suppression) -> dict[str, Any]:
 
 
 # -- read helpers --------------------------------------------------------------------------------
+
+
+def _cls(value: Any) -> ReplyClass | None:
+    return ReplyClass(value) if value else None
+
+
+def _exported(conn: sqlite3.Connection, queue_id: str, ids: str) -> ExportedMessage:
+    row = conn.execute(Q["message_with_content"], {"id": queue_id}).fetchone()
+    _id, lane, sender, subject, message_id, key, _size, metadata, created_at, content = row
+    recipients = tuple(
+        ExportedRecipient(
+            address=address,
+            domain=domain,
+            destination=destination,
+            state=RecipientState(state),
+            attempts=attempts,
+            deferrals=deferrals,
+            next_attempt_at=next_at,
+            created_at=created,
+            last_response=_reply(code, enhanced, text, cls),
+            reason=reason,
+            history=_history(conn, delivery_id),
+        )
+        for (
+            delivery_id,
+            address,
+            domain,
+            destination,
+            state,
+            attempts,
+            deferrals,
+            next_at,
+            created,
+            code,
+            enhanced,
+            text,
+            cls,
+            reason,
+        ) in conn.execute(Q["export_recipients"], {"queue_id": queue_id, "ids": ids}).fetchall()
+    )
+    return ExportedMessage(
+        id=queue_id,
+        lane=Lane(lane),
+        sender=sender,
+        subject=subject,
+        message_id=message_id,
+        idempotency_key=key,
+        metadata=json.loads(metadata),
+        created_at=created_at,
+        content=bytes(content),
+        recipients=recipients,
+    )
 
 
 def _reply(code: Any, enhanced: Any, text: Any, cls: Any) -> Reply | None:

@@ -30,7 +30,7 @@ WHERE id IN (
     ORDER BY next_attempt_at
     LIMIT :limit
 )
-RETURNING id, queue_id, address, domain, destination, attempts, deferrals;
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;
 
 -- name: record_outcome
 -- Apply one outcome, only if the delivery is still leased by this worker. An operator's hold
@@ -181,3 +181,89 @@ FROM suppressions ORDER BY created_at DESC LIMIT :limit;
 -- name: delete_suppression
 -- Take an address off the suppression list.
 DELETE FROM suppressions WHERE address = :address;
+
+-- name: flush
+-- Make queued or deferred deliveries due now (postqueue -f).
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = :now, updated_at = :now, reason = 'flushed'
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state IN ('queued', 'deferred');
+
+-- name: hold
+-- Hold queued or deferred deliveries (postsuper -h).
+UPDATE deliveries SET state = 'held', updated_at = :now, reason = 'held by an operator'
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state IN ('queued', 'deferred');
+
+-- name: hold_after_send
+-- A delivery being sent is held once its try is recorded (unless it was delivered).
+UPDATE deliveries SET hold_after = 1
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'sending';
+
+-- name: release
+-- Release held deliveries, due now (postsuper -H).
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = :now, updated_at = :now, reason = 'released'
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'held';
+
+-- name: release_after_send
+-- Cancel a pending hold of a delivery being sent.
+UPDATE deliveries SET hold_after = 0
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'sending';
+
+-- name: delete_deliveries
+-- Remove deliveries; their attempts go with them (ON DELETE CASCADE).
+DELETE FROM deliveries WHERE id IN (SELECT value FROM json_each(:ids)) RETURNING queue_id;
+
+-- name: delete_empty_message
+-- Remove a message none of whose recipients is left.
+DELETE FROM messages
+WHERE id = :queue_id AND NOT EXISTS (SELECT 1 FROM deliveries WHERE queue_id = :queue_id);
+
+-- name: dead_for_requeue
+-- The dead deliveries among some ids, with when they died.
+SELECT id, queue_id, address, last_class, updated_at FROM deliveries
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead';
+
+-- name: requeue_dead
+-- A dead delivery starts afresh: no attempts used, due now, max_age counted from now.
+UPDATE deliveries
+SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = :now, created_at = :now,
+    updated_at = :now, reason = 'requeued from the dead-letter queue'
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead';
+
+-- name: reopen_message
+-- A message with a recipient waiting again is not finished.
+UPDATE messages SET done_at = NULL WHERE id = :queue_id;
+
+-- name: insert_recovery
+-- A dead letter an operator requeued (recovery time = requeued_at - dead_at).
+INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, requeued_at)
+VALUES (:queue_id, :address, :class, :dead_at, :requeued_at);
+
+-- name: export_recipients
+-- The selected recipients of one message, everything about them.
+SELECT id, address, domain, destination, state, attempts, deferrals, next_attempt_at,
+       created_at, last_code, last_enhanced, last_text, last_class, reason
+FROM deliveries WHERE queue_id = :queue_id AND id IN (SELECT value FROM json_each(:ids))
+ORDER BY id;
+
+-- name: message_with_content
+-- A message's stored fields and bytes.
+SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at, content
+FROM messages WHERE id = :id;
+
+-- name: queue_ids_of
+-- The messages of some deliveries.
+SELECT DISTINCT queue_id FROM deliveries WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: delivery_exists
+-- Whether a message already has a recipient (import skips it).
+SELECT 1 FROM deliveries WHERE queue_id = :queue_id AND lower(address) = lower(:address);
+
+-- name: import_delivery
+-- An exported recipient, back with its state and history.
+INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state,
+                        attempts, deferrals, next_attempt_at, last_code, last_enhanced,
+                        last_text, last_class, reason, updated_at)
+VALUES (:queue_id, :address, :domain, :destination, :lane, :created_at, :state, :attempts,
+        :deferrals, :next_attempt_at, :code, :enhanced, :text, :class, :reason, :now)
+RETURNING id;
