@@ -64,12 +64,13 @@ ACTION_STATES: dict[QueueAction, tuple[str, ...]] = {
     QueueAction.FLUSH: ("queued", "deferred"),
     QueueAction.HOLD: ("queued", "deferred", "sending"),
     QueueAction.RELEASE: ("held", "sending"),
-    QueueAction.DELETE: ("queued", "deferred", "held", "sending"),
+    # a delivery being sent is never deleted under its worker: its result decides
+    QueueAction.DELETE: ("queued", "deferred", "held"),
     QueueAction.REQUEUE: ("dead",),
     QueueAction.PURGE: ("dead",),
 }
 #: delete may also remove finished recipients when asked for them by --state
-_DELETABLE = ("queued", "deferred", "held", "sending", "sent", "dead", "suppressed")
+_DELETABLE = ("queued", "deferred", "held", "sent", "dead", "suppressed")
 #: qshape's age buckets (minutes: 5 10 20 40 80 160 320 640 1280), in seconds
 QSHAPE_EDGES: tuple[float, ...] = tuple(60.0 * m for m in (5, 10, 20, 40, 80, 160, 320, 640, 1280))
 
@@ -198,7 +199,10 @@ class AsyncPostlane:
     # -- operator actions --------------------------------------------------------------------------
 
     async def summarize(self, action: QueueAction, selector: Selector) -> list[SelectionCount]:
-        """What ``action`` would touch: counts by lane, domain, state and last reply class."""
+        """What ``action`` would touch: counts by lane, domain, state and last reply class.
+        Raises :class:`NotFound` for a message id that does not exist."""
+        for queue_id in selector.ids:
+            await self.store.get_message(_check_id(queue_id), history=False)
         return await self.store.summarize(selector, action_states(action, selector))
 
     async def act(

@@ -933,6 +933,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = os.environ.get("POSTLANE_DEBUG", "") not in ("", "0") or "--debug" in (
         argv if argv is not None else sys.argv[1:]
     )
+    for console in (out, err):
+        if not console.is_terminal:  # piped: one line per row, never wrapped at 80 columns
+            console.width = 250
     try:
         code = cli.main(args=argv, prog_name="postlane", standalone_mode=False)
     except click.exceptions.Exit as exc:

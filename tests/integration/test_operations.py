@@ -1,0 +1,404 @@
+"""Operator commands on a populated queue: every selector, the confirmation, export and import,
+dead-letter triage, and actions racing a running worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from postlane.app import AsyncPostlane, QueueAction
+from postlane.classify import ReplyClass
+from postlane.cli import main
+from postlane.config import Config
+from postlane.message import Lane, Message, RecipientState
+from postlane.records import AttemptRecord, Outcome, Selector
+from postlane.transports import transport_for
+from postlane.worker import Worker
+from tests.conftest import SMTPPeer, make_config
+
+ALL = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
+
+
+def cli(config: Config, *args: str, input: str | None = None) -> tuple[int, str, str]:
+    """Run the real entry point in-process: (exit code, stdout, stderr)."""
+    runner = CliRunner()
+    path = config.base_dir / "postlane.toml"
+    with runner.isolation(input=input) as (out, err, _):
+        try:
+            main(["--config", str(path), *args])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+def write_config(tmp_path: Path) -> Config:
+    (tmp_path / "postlane.toml").write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
+        f'[delivery]\nrelay = "capture://{tmp_path / "captured"}"\n'
+    )
+    return make_config(tmp_path, store={"url": f"sqlite:///{tmp_path / 'q.db'}"})
+
+
+def attempt(cls: ReplyClass, code: int, text: str) -> AttemptRecord:
+    return AttemptRecord(time.time(), cls, code, None, text, "smtp://relay:25", "x", 5)
+
+
+async def populate(config: Config) -> dict[str, str]:
+    """A queue with every state: returns names -> queue ids."""
+    ids: dict[str, str] = {}
+    async with AsyncPostlane(config) as app:
+
+        async def send(name: str, *to: str, **kw: Any) -> None:
+            result = await app.send(
+                sender=kw.pop("sender", "app@example.com"), to=list(to), text="x", **kw
+            )
+            ids[name] = result.id
+
+        await send("queued_high", "a@gmail.com", lane="high", metadata={"tenant": "t1"})
+        await send("news", "b@example.net", "c@example.org", lane="low", sender="news@example.com")
+        await send("deferred", "d@yahoo.com")
+        await send("dead1", "bounce1@example.net")
+        await send("dead2", "bounce2@example.net")
+        await send("sent", "e@example.net")
+        now = time.time()
+        claimed = await app.store.claim_due("w", ALL, limit=100, now=now, lease_until=now + 60)
+        by_id = {m.queue_id: m for m in claimed}
+        outcomes = []
+        for name, state, cls, code, text in (
+            ("deferred", RecipientState.DEFERRED, ReplyClass.TEMPORARY, 451, "451 4.3.0 try later"),
+            (
+                "dead1",
+                RecipientState.DEAD,
+                ReplyClass.HARD_BOUNCE,
+                550,
+                "550 5.1.1 <bounce1@example.net> unknown id AB12CD34EF",
+            ),
+            (
+                "dead2",
+                RecipientState.DEAD,
+                ReplyClass.HARD_BOUNCE,
+                550,
+                "550 5.1.1 <bounce2@example.net> unknown id XY98ZW76QP",
+            ),
+            ("sent", RecipientState.SENT, ReplyClass.DELIVERED, 250, "250 ok"),
+        ):
+            for d in by_id[ids[name]].deliveries:
+                nxt = now + 3600 if state is RecipientState.DEFERRED else None
+                outcomes.append(Outcome(d.id, state, 1, 0, nxt, attempt(cls, code, text)))
+        await app.store.record("w", outcomes, now)
+        await app.store.hand_back("w", None, now)
+    return ids
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> tuple[Config, dict[str, str]]:
+    config = write_config(tmp_path)
+    return config, asyncio.run(populate(config))
+
+
+def listed(config: Config, *args: str) -> list[dict[str, Any]]:
+    code, out, err = cli(config, "queue", "list", "--json", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_every_selector_of_queue_list(queue: tuple[Config, dict[str, str]]) -> None:
+    config, ids = queue
+
+    def names(*args: str) -> set[str]:
+        by_id = {v: k for k, v in ids.items()}
+        return {by_id[m["id"]] for m in listed(config, *args)}
+
+    assert names() == {"queued_high", "news", "deferred"}
+    assert names("--lane", "high") == {"queued_high"}
+    assert names("--state", "deferred") == {"deferred"}
+    assert names("--state", "dead") == {"dead1", "dead2"}
+    assert names("--state", "sent") == {"sent"}
+    assert names("--domain", "example.org") == {"news"}
+    assert names("--class", "temporary") == {"deferred"}
+    assert names("--sender", "news@example.com") == {"news"}
+    assert names("--recipient", "a@gmail.com") == {"queued_high"}
+    assert names("--metadata", "tenant=t1") == {"queued_high"}
+    assert names("--older-than", "1h") == set()
+    assert names("--lane", "low", "--domain", "example.net") == {"news"}
+
+
+def test_human_listing_shows_the_delay_reason(queue: tuple[Config, dict[str, str]]) -> None:
+    config, ids = queue
+    code, out, _ = cli(config, "queue", "list")
+    assert code == 0
+    assert ids["deferred"] in out and "451 4.3.0" in out and "try later" in out
+
+
+def test_flush_makes_deferred_due_now(queue: tuple[Config, dict[str, str]]) -> None:
+    config, ids = queue
+    code, _, err = cli(config, "queue", "flush", "--domain", "yahoo.com")
+    assert code == 0 and "flushed 1" in err
+    [message] = listed(config, "--domain", "yahoo.com")
+    r = message["recipients"][0]
+    assert r["state"] == "queued" and r["attempts"] == 1  # flushing uses no attempt
+
+
+def test_hold_and_release_by_id(queue: tuple[Config, dict[str, str]]) -> None:
+    config, ids = queue
+    assert cli(config, "queue", "hold", ids["news"])[0] == 0
+    assert {r["state"] for r in listed(config, "--state", "held")[0]["recipients"]} == {"held"}
+    async def claim_everything_due_tomorrow() -> set[str]:
+        async with AsyncPostlane(config) as app:  # held deliveries are never claimed
+            now = time.time()
+            claimed = await app.store.claim_due(
+                "w", ALL, limit=100, now=now + 86400, lease_until=now + 86460
+            )
+            await app.store.hand_back("w", None, now)
+            return {m.queue_id for m in claimed}
+
+    assert ids["news"] not in asyncio.run(claim_everything_due_tomorrow())
+    assert cli(config, "queue", "release", ids["news"])[0] == 0
+    assert listed(config, "--state", "held") == []
+
+
+def test_bulk_actions_need_ids_or_all(queue: tuple[Config, dict[str, str]]) -> None:
+    config, _ = queue
+    for verb in ("hold", "release", "delete"):
+        code, _, err = cli(config, "queue", verb)
+        assert code == 2 and "--all" in err
+
+
+def test_delete_asks_and_no_changes_nothing(queue: tuple[Config, dict[str, str]]) -> None:
+    config, ids = queue
+    before = listed(config)
+    code, _, err = cli(config, "queue", "delete", "--all", input="n\n")
+    assert code != 0
+    assert "delete will touch 4 recipient(s)" in err
+    assert "example.net" in err and "deferred" in err  # counts by domain and state shown
+    assert listed(config) == before
+
+
+def test_export_then_import_restores_content_ids_and_history(
+    queue: tuple[Config, dict[str, str]], tmp_path: Path
+) -> None:
+    config, ids = queue
+    export = tmp_path / "deleted.jsonl"
+    names = ("queued_high", "news", "deferred")
+
+    async def snapshot() -> dict[str, Any]:
+        async with AsyncPostlane(config) as app:
+            return {
+                name: (await app.content(ids[name]), await app.get(ids[name])) for name in names
+            }
+
+    originals = asyncio.run(snapshot())
+    code, _, err = cli(config, "queue", "delete", "--all", "--export", str(export), "--yes")
+    assert code == 0 and "deleted 4" in err
+    assert listed(config) == []
+    assert len(export.read_text().splitlines()) == 3
+    code, _, err = cli(config, "queue", "import", str(export))
+    assert code == 0 and "imported 4" in err
+    restored = asyncio.run(snapshot())
+    for name, (content, view) in originals.items():
+        again_content, again = restored[name]
+        assert again_content == content
+        assert again.message_id == view.message_id
+        assert [r.address for r in again.recipients] == [r.address for r in view.recipients]
+        for old, new in zip(view.recipients, again.recipients, strict=True):
+            assert [a.text for a in old.history or ()] == [a.text for a in new.history or ()]
+
+
+def test_partial_delete_by_domain_keeps_the_other_recipients(
+    queue: tuple[Config, dict[str, str]], tmp_path: Path
+) -> None:
+    config, ids = queue
+    code, _, _ = cli(
+        config,
+        "queue",
+        "delete",
+        "--all",
+        "--domain",
+        "example.org",
+        "--yes",
+        "--export",
+        str(tmp_path / "x.jsonl"),
+    )
+    assert code == 0
+    [news] = listed(config, "--sender", "news@example.com")
+    assert [r["address"] for r in news["recipients"]] == ["b@example.net"]
+    assert cli(config, "queue", "import", str(tmp_path / "x.jsonl"))[0] == 0
+    [news] = listed(config, "--sender", "news@example.com")
+    assert {r["address"] for r in news["recipients"]} == {"b@example.net", "c@example.org"}
+
+
+def test_dead_letters_group_identical_failures(queue: tuple[Config, dict[str, str]]) -> None:
+    config, ids = queue
+    code, out, _ = cli(config, "dlq", "list", "--group", "--json")
+    [group] = json.loads(out)
+    assert (
+        group["count"] == 2 and group["class"] == "hard_bounce" and group["domain"] == "example.net"
+    )
+    assert "<address>" in group["reply"] and "<id>" in group["reply"]
+    code, out, _ = cli(config, "dlq", "list")
+    assert code == 0 and "2" in out and "hard_bounce" in out
+    rows = json.loads(cli(config, "dlq", "list", "--json")[1])  # the contract: one row each
+    assert {r["id"] for r in rows} == {ids["dead1"], ids["dead2"]}
+    fields = {
+        "id",
+        "address",
+        "domain",
+        "lane",
+        "attempts",
+        "class",
+        "dead_at",
+        "last_response",
+        "relay",
+    }
+    assert all(fields <= set(r) for r in rows)
+    assert rows[0]["relay"] == "smtp://relay:25"
+
+
+def test_requeue_gives_a_fresh_start_and_purge_drops(
+    queue: tuple[Config, dict[str, str]],
+) -> None:
+    config, ids = queue
+    code, _, err = cli(config, "dlq", "requeue", ids["dead1"])
+    assert code == 0 and "requeued 1" in err
+    [message] = listed(config, "--recipient", "bounce1@example.net")
+    assert message["recipients"][0]["state"] == "queued"
+    assert message["recipients"][0]["attempts"] == 0
+    code, _, _ = cli(config, "dlq", "purge", "--all", "--class", "hard_bounce", input="y\n")
+    assert code == 0
+    assert json.loads(cli(config, "dlq", "list", "--json")[1]) == []
+
+
+def test_stats_shape(queue: tuple[Config, dict[str, str]]) -> None:
+    config, _ = queue
+    code, out, _ = cli(config, "stats", "--shape", "--json")
+    rows = {r["domain"]: r for r in json.loads(out)}
+    assert rows["gmail.com"]["total"] == 1 and rows["gmail.com"]["buckets"]["5m"] == 1
+    assert "yahoo.com" in rows
+    assert "qshape" in cli(config, "stats", "--shape")[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "contains"),
+    [
+        (["queue", "hold", "nosuchid"], "no message with id"),
+        (["queue", "delete", "nosuchid", "--yes"], "no message with id"),
+        (["dlq", "requeue", "nosuchid"], "no message with id"),
+        (["queue", "hold", "--all", "--state", "sent"], "does not apply"),
+        (["queue", "hold", "--all", "--class", "nonsense"], "unknown class"),
+        (["queue", "hold", "x", "--all"], "not both"),
+        (["queue", "import", "/nonexistent/file"], "cannot read"),
+    ],
+)
+def test_bad_ids_and_selectors_are_one_line(
+    queue: tuple[Config, dict[str, str]], args: list[str], contains: str
+) -> None:
+    config, _ = queue
+    code, _, err = cli(config, *args)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and contains in lines[0], err
+
+
+def test_an_unreachable_store_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "postlane.toml").write_text('[store]\nurl = "sqlite:////proc/none/q.db"\n')
+    config = make_config(tmp_path)
+    code, _, err = cli(config, "queue", "list")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "cannot" in err
+
+
+# -- racing a running worker ---------------------------------------------------------------------
+
+
+async def run_worker_against(
+    peer: SMTPPeer, config: Config, app: AsyncPostlane
+) -> tuple[Worker, asyncio.Event, asyncio.Task[None]]:
+    worker = Worker.from_config(config, app.store, transport_for(config), wake=app.wake)
+    stop = asyncio.Event()
+    return worker, stop, asyncio.create_task(worker.run(stop))
+
+
+async def wait_until(check: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_holding_mid_delivery_loses_nothing_and_sends_nothing_twice(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    config = make_config(
+        tmp_path, delivery={"relay": smtp_peer.url, "concurrency": 4, "batch_size": 4}
+    )
+    smtp_peer.handler.data_delay = 0.02
+    async with AsyncPostlane(config) as app:
+        await app.send_many(
+            [
+                Message(sender="a@example.com", to=[f"u{i}@example.net"], text=str(i))
+                for i in range(40)
+            ]
+        )
+        worker, stop, task = await run_worker_against(smtp_peer, config, app)
+        await wait_until(lambda: _at_least(smtp_peer, 5))
+        await app.act(QueueAction.HOLD, Selector(all=True))
+        await wait_until(lambda: _none_sending(app))
+        stats = await app.stats()
+        held, sent = stats.lanes[Lane.NORMAL].held, stats.sent
+        assert held + sent == 40 and held > 0
+        assert len(smtp_peer.handler.received) == sent  # held ones were not sent
+        await app.act(QueueAction.RELEASE, Selector(all=True))
+        await wait_until(lambda: _sent(app, 40))
+        stop.set()
+        await task
+    counts = Counter(smtp_peer.handler.message_ids())
+    assert len(counts) == 40 and max(counts.values()) == 1
+
+
+async def test_deleting_mid_delivery_with_export_then_import_sends_each_once(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    config = make_config(
+        tmp_path, delivery={"relay": smtp_peer.url, "concurrency": 4, "batch_size": 4}
+    )
+    smtp_peer.handler.data_delay = 0.02
+    export = tmp_path / "deleted.jsonl"
+    async with AsyncPostlane(config) as app:
+        await app.send_many(
+            [
+                Message(sender="a@example.com", to=[f"u{i}@example.net"], text=str(i))
+                for i in range(40)
+            ]
+        )
+        worker, stop, task = await run_worker_against(smtp_peer, config, app)
+        await wait_until(lambda: _at_least(smtp_peer, 5))
+        with export.open("w") as handle:
+            deleted = await app.act(QueueAction.DELETE, Selector(all=True), export=handle)
+        assert deleted > 0
+        await wait_until(lambda: _none_sending(app))
+        with export.open() as handle:
+            assert await app.import_(handle) == deleted
+        await wait_until(lambda: _sent(app, 40))
+        stop.set()
+        await task
+    counts = Counter(smtp_peer.handler.message_ids())
+    assert len(counts) == 40 and max(counts.values()) == 1
+
+
+async def _at_least(peer: SMTPPeer, n: int) -> bool:
+    return len(peer.handler.received) >= n
+
+
+async def _none_sending(app: AsyncPostlane) -> bool:
+    stats = await app.stats()
+    return all(stats.lanes[lane].sending == 0 for lane in Lane)
+
+
+async def _sent(app: AsyncPostlane, n: int) -> bool:
+    return (await app.stats()).sent >= n
