@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.conftest import SMTPPeer, make_config
 
 from postlane.app import AsyncPostlane
 from postlane.message import Message, RecipientState
+from tests.conftest import SMTPPeer, make_config
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import SMTPPeer, free_port, make_config
 
 from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass
@@ -17,6 +16,7 @@ from postlane.message import Lane, RecipientState
 from postlane.transports import transport_for
 from postlane.transports.base import Envelope, Response
 from postlane.worker import Worker
+from tests.conftest import SMTPPeer, free_port, make_config
 
 
 class Harness:

@@ -9,12 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import free_port, make_config
 
 from postlane.app import AsyncPostlane
 from postlane.clock import FakeClock
 from postlane.ingest.http import build_app, start_http
 from postlane.metrics import Metrics
+from tests.conftest import free_port, make_config
 
 TOKEN = "t0ken-for-tests"
 MESSAGE = {"from": "app@example.com", "to": ["ada@example.net"], "subject": "Hi", "text": "Hello"}

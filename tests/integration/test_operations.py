@@ -138,7 +138,7 @@ def test_human_listing_shows_the_delay_reason(queue: tuple[Config, dict[str, str
 
 
 def test_flush_makes_deferred_due_now(queue: tuple[Config, dict[str, str]]) -> None:
-    config, ids = queue
+    config, _ids = queue
     code, _, err = cli(config, "queue", "flush", "--domain", "yahoo.com")
     assert code == 0 and "flushed 1" in err
     [message] = listed(config, "--domain", "yahoo.com")
@@ -172,7 +172,7 @@ def test_bulk_actions_need_ids_or_all(queue: tuple[Config, dict[str, str]]) -> N
 
 
 def test_delete_asks_and_no_changes_nothing(queue: tuple[Config, dict[str, str]]) -> None:
-    config, ids = queue
+    config, _ids = queue
     before = listed(config)
     code, _, err = cli(config, "queue", "delete", "--all", input="n\n")
     assert code != 0
@@ -214,7 +214,7 @@ def test_export_then_import_restores_content_ids_and_history(
 def test_partial_delete_by_domain_keeps_the_other_recipients(
     queue: tuple[Config, dict[str, str]], tmp_path: Path
 ) -> None:
-    config, ids = queue
+    config, _ids = queue
     code, _, _ = cli(
         config,
         "queue",
@@ -277,7 +277,7 @@ def test_requeue_gives_a_fresh_start_and_purge_drops(
 
 def test_stats_shape(queue: tuple[Config, dict[str, str]]) -> None:
     config, _ = queue
-    code, out, _ = cli(config, "stats", "--shape", "--json")
+    _code, out, _ = cli(config, "stats", "--shape", "--json")
     rows = {r["domain"]: r for r in json.loads(out)}
     assert rows["gmail.com"]["total"] == 1 and rows["gmail.com"]["buckets"]["5m"] == 1
     assert "yahoo.com" in rows
@@ -345,7 +345,7 @@ async def test_holding_mid_delivery_loses_nothing_and_sends_nothing_twice(
                 for i in range(40)
             ]
         )
-        worker, stop, task = await run_worker_against(smtp_peer, config, app)
+        _worker, stop, task = await run_worker_against(smtp_peer, config, app)
         await wait_until(lambda: _at_least(smtp_peer, 5))
         await app.act(QueueAction.HOLD, Selector(all=True))
         await wait_until(lambda: _none_sending(app))
@@ -376,7 +376,7 @@ async def test_deleting_mid_delivery_with_export_then_import_sends_each_once(
                 for i in range(40)
             ]
         )
-        worker, stop, task = await run_worker_against(smtp_peer, config, app)
+        _worker, stop, task = await run_worker_against(smtp_peer, config, app)
         await wait_until(lambda: _at_least(smtp_peer, 5))
         with export.open("w") as handle:
             deleted = await app.act(QueueAction.DELETE, Selector(all=True), export=handle)

@@ -15,12 +15,12 @@ from typing import Any, TypeVar
 
 import pytest
 import trustme
-from tests.conftest import free_port, make_config
 
 from postlane.app import AsyncPostlane
 from postlane.errors import StoreUnavailable
 from postlane.ingest.smtp import hash_password, start_smtp, verify_password
 from postlane.store.sqlite import SQLiteStore
+from tests.conftest import free_port, make_config
 
 T = TypeVar("T")
 MESSAGE = b"From: app@example.com\r\nTo: ada@example.net\r\nSubject: hi\r\n\r\nhello\r\n"

@@ -14,12 +14,12 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from tests.conftest import ScriptedHandler
 
 from postlane.classify import ReplyClass
 from postlane.config import DeliveryConfig
 from postlane.transports.base import Envelope
 from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
+from tests.conftest import ScriptedHandler
 
 
 @dataclass
