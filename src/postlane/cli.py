@@ -918,6 +918,26 @@ def dlq_purge(
     run_action(QueueAction.PURGE, selector, confirm=True, yes=yes, export_path=export_path)
 
 
+# -- hash-password -----------------------------------------------------------------------------
+
+
+@cli.command("hash-password")
+@click.option(
+    "--stdin", "from_stdin", is_flag=True, help="Read the password from stdin (for scripts)."
+)
+def hash_password_command(from_stdin: bool) -> None:
+    """Print a hash for [smtp] users (scrypt, salted): users = { app = "scrypt$..." }."""
+    from postlane.ingest.smtp import hash_password
+
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
+    if not password:
+        raise click.UsageError("the password is empty")
+    click.echo(hash_password(password))
+
+
 # -- simulator ---------------------------------------------------------------------------------
 
 from postlane.simulate import simulate_command  # noqa: E402
