@@ -233,7 +233,10 @@ class LaneConfig:
 @dataclass(frozen=True)
 class HttpConfig:
     listen: str = _setting("127.0.0.1:8025", _listen)
+    #: bearer tokens with the "admin" scope: everything, operations included
     tokens: tuple[str, ...] = _setting((), _strings, env=False)
+    #: bearer tokens with the "send" scope: enqueue, and read back their own messages
+    send_tokens: tuple[str, ...] = _setting((), _strings, env=False)
 
 
 @dataclass(frozen=True)

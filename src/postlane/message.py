@@ -135,6 +135,8 @@ class PreparedMessage:
     idempotency_key: str | None
     metadata: Mapping[str, Any]
     content: bytes
+    #: who handed it in (a token fingerprint, an SMTP user); set by ingest, not by validation
+    submitter: str | None = None
 
     @property
     def size(self) -> int:

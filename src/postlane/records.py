@@ -179,6 +179,8 @@ class MessageView:
     idempotency_key: str | None
     metadata: Mapping[str, Any]
     recipients: tuple[RecipientView, ...]
+    #: who handed it in (not part of the JSON: it identifies an API token)
+    submitter: str | None = None
 
     @property
     def state(self) -> RecipientState:

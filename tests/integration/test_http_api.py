@@ -169,3 +169,102 @@ async def test_served_over_a_real_socket(tmp_path: Path) -> None:
         r = await c.post("/v1/messages", json=MESSAGE)
         assert r.status_code == 202
         assert (await c.get("/healthz")).status_code == 200
+
+
+SEND_TOKEN = "send-scope-token"
+
+
+@pytest.fixture
+async def scoped(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[AsyncPostlane, Any]]:
+    config = make_config(tmp_path, http={"tokens": [TOKEN], "send_tokens": [SEND_TOKEN, "other"]})
+    async with AsyncPostlane(config, clock=clock) as postlane:
+        asgi = build_app(config, postlane, Metrics(postlane))
+        transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
+
+        def client(token: str) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                transport=transport,
+                base_url="http://postlane",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+
+        yield postlane, client
+
+
+async def test_a_send_token_reads_only_its_own_messages(scoped: tuple[AsyncPostlane, Any]) -> None:
+    _, client = scoped
+    async with client(SEND_TOKEN) as mine, client("other") as theirs, client(TOKEN) as admin:
+        queue_id = (await mine.post("/v1/messages", json=MESSAGE)).json()["id"]
+        assert (await mine.get(f"/v1/messages/{queue_id}")).status_code == 200
+        r = await theirs.get(f"/v1/messages/{queue_id}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert (await admin.get(f"/v1/messages/{queue_id}")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/v1/stats", None),
+        ("GET", "/v1/messages", None),
+        ("POST", "/v1/actions/hold", {"all": True}),
+        ("GET", "/v1/dead-letters", None),
+        ("GET", "/v1/suppressions", None),
+        ("POST", "/v1/suppressions", {"address": "x@example.net"}),
+    ],
+)
+async def test_a_send_token_cannot_operate(
+    scoped: tuple[AsyncPostlane, Any], method: str, path: str, body: Any
+) -> None:
+    _, client = scoped
+    async with client(SEND_TOKEN) as c:
+        r = await c.request(method, path, json=body)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+
+
+async def test_admin_operations_over_http(scoped: tuple[AsyncPostlane, Any]) -> None:
+    _, client = scoped
+    async with client(TOKEN) as c:
+        ids = [
+            (
+                await c.post(
+                    "/v1/messages", json={**MESSAGE, "to": [f"u{i}@example.net"], "lane": lane}
+                )
+            ).json()["id"]
+            for i, lane in enumerate(["high", "low", "low"])
+        ]
+        listed = (await c.get("/v1/messages", params={"lane": "low"})).json()
+        assert {m["id"] for m in listed} == set(ids[1:])
+        dry = (
+            await c.post("/v1/actions/hold", json={"all": True, "lane": "low", "dry_run": True})
+        ).json()
+        assert sum(g["count"] for g in dry["would_touch"]) == 2
+        assert (await c.post("/v1/actions/hold", json={"all": True, "lane": "low"})).json() == {
+            "action": "hold",
+            "count": 2,
+        }
+        held = (await c.get("/v1/messages", params={"state": "held"})).json()
+        assert {m["id"] for m in held} == set(ids[1:])
+        r = await c.post("/v1/actions/delete", json={"lane": "low"})
+        assert r.status_code == 400  # needs ids or all
+        r = await c.post("/v1/actions/explode", json={"all": True})
+        assert r.status_code == 404
+        r = await c.post("/v1/actions/hold", json={"ids": ["nosuchid"]})
+        assert r.status_code == 404
+        assert (
+            await c.post("/v1/suppressions", json={"address": "gone@example.net"})
+        ).status_code == 201
+        assert [s["address"] for s in (await c.get("/v1/suppressions")).json()] == [
+            "gone@example.net"
+        ]
+        assert (await c.delete("/v1/suppressions/gone@example.net")).status_code == 200
+        assert (await c.delete("/v1/suppressions/gone@example.net")).status_code == 404
+        assert (await c.get("/v1/dead-letters")).json() == []
+        assert (await c.get("/v1/dead-letters/groups")).json() == []
+
+
+async def test_the_api_describes_itself(scoped: tuple[AsyncPostlane, Any]) -> None:
+    _, client = scoped
+    async with client("no token needed") as c:
+        document = (await c.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.")
+    assert {"/v1/messages", "/v1/messages/batch", "/v1/stats"} <= set(document["paths"])

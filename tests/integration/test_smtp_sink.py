@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.conftest import IN_CI, free_port, make_config
 
 from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass, classify
@@ -33,6 +32,7 @@ from postlane.records import RecipientView
 from postlane.transports import transport_for
 from postlane.transports.smtp import SMTPRelayTransport
 from postlane.worker import Worker
+from tests.conftest import IN_CI, free_port, make_config
 
 
 def _find_smtp_sink() -> str | None:
@@ -117,7 +117,7 @@ class Sink:
                         writer.close()
                         with contextlib.suppress(OSError):
                             await writer.wait_closed()
-                if greeting.startswith(b"220"):
+                if greeting[:3].isdigit():  # 220, or what -f/-r/-Q connect make it say
                     return
             except (OSError, TimeoutError):
                 pass
@@ -226,7 +226,7 @@ class Harness:
 
     async def recipients(self, queue_ids: Sequence[str] | None = None) -> list[RecipientView]:
         """Every recipient of the messages sent (or of ``queue_ids``)."""
-        out = []
+        out: list[RecipientView] = []
         for queue_id in self.queue_ids if queue_ids is None else queue_ids:
             out.extend((await self.app.get(queue_id, history=False)).recipients)
         return out
@@ -234,25 +234,35 @@ class Harness:
     async def states(self) -> Counter[RecipientState]:
         return Counter(r.state for r in await self.recipients())
 
+    async def close(self) -> None:
+        await self.worker.transport.close()
+        await self.app.close()
+
     async def advance_to_next_due(self) -> None:
         due = await self.app.store.next_due_at()
         assert due is not None, "nothing is waiting for a retry"
         await self.clock.advance(max(0.0, due - self.clock.now()))
 
 
-@pytest.fixture
-async def h(tmp_path: Path, clock: FakeClock, sink: Sink) -> AsyncIterator[Harness]:
+async def open_harness(
+    tmp_path: Path, clock: FakeClock, sink: Sink, **delivery: str | int
+) -> Harness:
     config = make_config(
         tmp_path,
-        delivery={"relay": sink.url, "connect_timeout": "2s", "command_timeout": "2s"},
+        delivery={"relay": sink.url, "connect_timeout": "2s", "command_timeout": "2s", **delivery},
         retry={"delays": ["1m", "5m"], "max_attempts": 5},
     )
     app = AsyncPostlane(config, clock=clock)
     await app.open()
     worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
-    yield Harness(app, worker, clock)
-    await worker.transport.close()
-    await app.close()
+    return Harness(app, worker, clock)
+
+
+@pytest.fixture
+async def h(tmp_path: Path, clock: FakeClock, sink: Sink) -> AsyncIterator[Harness]:
+    harness = await open_harness(tmp_path, clock, sink)
+    yield harness
+    await harness.close()
 
 
 def _recipient_lists(count: int, prefix: str = "user") -> list[list[str]]:
@@ -261,7 +271,11 @@ def _recipient_lists(count: int, prefix: str = "user") -> list[list[str]]:
     for i in range(count):
         if i % 5 == 0:
             lists.append(
-                [f"{prefix}{i}a@example.net", f"{prefix}{i}b@example.org", f"{prefix}{i}c@a.test"]
+                [
+                    f"{prefix}{i}a@example.net",
+                    f"{prefix}{i}b@example.org",
+                    f"{prefix}{i}c@example.com",
+                ]
             )
         else:
             lists.append([f"{prefix}{i}@example.net"])
@@ -276,25 +290,51 @@ def _total(sent: dict[str, list[str]]) -> int:
 # -- plain delivery ------------------------------------------------------------------------------
 
 
-async def test_200_messages_arrive_once_each_with_every_recipient_over_pipelining(
+async def test_200_messages_reach_every_recipient_exactly_once_over_pipelining(
     h: Harness, sink: Sink
 ) -> None:
     await sink.start()
     sent = await h.send(_recipient_lists(200))
     assert await h.run() == _total(sent)
 
-    arrivals = sink.arrivals()
-    counts = Counter(a.message_id for a in arrivals)
-    assert set(counts) == set(sent)
-    assert set(counts.values()) == {1}
-    for arrival in arrivals:  # one transaction per message, every recipient in it, in order
-        assert list(arrival.recipients) == sent[arrival.message_id]
+    # counted per (Message-ID, recipient): no recipient may get it twice, or not at all
+    deliveries = Counter(
+        (arrival.message_id, recipient)
+        for arrival in sink.arrivals()
+        for recipient in arrival.recipients
+    )
+    expected = {(message_id, to) for message_id, tos in sent.items() for to in tos}
+    assert set(deliveries) == expected
+    assert set(deliveries.values()) == {1}
     assert await h.states() == {RecipientState.SENT: _total(sent)}
 
     # smtp-sink offers PIPELINING: the pooled connections ran pipelined transactions
     transport = h.worker.transport
     assert isinstance(transport, SMTPRelayTransport)
     assert transport._idle and all(c.pipelining for c in transport._idle)
+
+
+async def test_a_message_whose_recipients_are_due_together_goes_out_in_one_transaction(
+    tmp_path: Path, clock: FakeClock, sink: Sink
+) -> None:
+    await sink.start()
+    h = await open_harness(tmp_path, clock, sink, batch_size=4)
+    try:
+        # 1 + 1 + 3 recipients: a claim of 4 deliveries ends after the third message's second
+        sent = await h.send(
+            [
+                ["a@example.net"],
+                ["b@example.net"],
+                ["c@example.net", "d@example.org", "e@example.com"],
+            ]
+        )
+        assert await h.run() == _total(sent)
+    finally:
+        await h.close()
+    arrivals = sink.arrivals()
+    assert Counter(a.message_id for a in arrivals) == Counter(dict.fromkeys(sent, 1))
+    for arrival in arrivals:  # every recipient in the one transaction, in order
+        assert list(arrival.recipients) == sent[arrival.message_id]
 
 
 # -- soft rejects (-r): deferred, retried, delivered once ---------------------------------------
@@ -308,12 +348,13 @@ async def test_a_soft_reject_defers_as_temporary_and_delivers_once_after_the_ret
     sent = await h.send(_recipient_lists(12))
     assert await h.run() == _total(sent)
 
+    assert classify(SINK_450).cls is ReplyClass.TEMPORARY
     for r in await h.recipients():
         assert r.state is RecipientState.DEFERRED
         assert r.attempts == 1
         assert r.last_response is not None
         assert r.last_response.cls is ReplyClass.TEMPORARY
-        assert r.last_response.code == 450
+        assert (r.last_response.code, r.last_response.enhanced) == (450, "4.3.0")
     assert sink.arrivals() == []
 
     await sink.restart()
@@ -341,14 +382,15 @@ async def test_a_hard_reject_dead_letters_and_suppresses_only_unknown_users(
     sent = await h.send(_recipient_lists(6))
     assert await h.run() == _total(sent)
 
-    addresses = []
+    addresses: list[str] = []
     for r in await h.recipients():
         addresses.append(r.address)
         assert r.state is RecipientState.DEAD
         assert r.last_response is not None
         assert r.last_response.cls is cls
         assert r.last_response.code == int(reply[:3])
-        assert reply[4:] in r.last_response.text
+        assert r.last_response.enhanced == reply.split()[1]
+        assert r.last_response.text == reply.split(" ", 2)[2]
     letters = [letter for queue_id in h.queue_ids for letter in await h.app.dead_letter(queue_id)]
     assert sorted(letter.address for letter in letters) == sorted(addresses)
     assert {letter.cls for letter in letters} == {cls}
@@ -358,6 +400,29 @@ async def test_a_hard_reject_dead_letters_and_suppresses_only_unknown_users(
     # nothing is retried
     await h.clock.advance(86400)
     assert await h.run() == 0
+
+
+# -- refusals before any message: the relay, not the message ----------------------------------
+
+
+async def test_a_relay_without_esmtp_is_greeted_with_helo_and_takes_the_mail(
+    h: Harness, sink: Sink
+) -> None:
+    await sink.start("-e")  # answers EHLO with "500 5.5.1 Error: unknown command"
+    sent = await h.send(_recipient_lists(6))
+    assert await h.run() == _total(sent)
+    assert await h.states() == {RecipientState.SENT: _total(sent)}
+    assert sink.arrival_counts() == Counter(dict.fromkeys(sent, 1))
+
+
+async def test_a_5xx_greeting_defers_the_queue_instead_of_dead_lettering_it(
+    h: Harness, sink: Sink
+) -> None:
+    await sink.start("-f", "connect", "-B", "554 5.7.1 No SMTP service here")
+    sent = await h.send(_recipient_lists(6))
+    assert await h.run() == _total(sent)
+    assert await h.states() == {RecipientState.DEFERRED: _total(sent)}
+    assert await h.app.dead_letters() == []
 
 
 # -- 421 and disconnect (-Q) --------------------------------------------------------------------
@@ -420,10 +485,11 @@ async def test_a_disconnect_after_the_final_dot_loses_nothing_and_duplicates_at_
     await h.run()
     await sink.restart("-q", ".")
     in_flight = await h.send(_recipient_lists(10, prefix="late"))
+    in_flight_ids = h.queue_ids[-len(in_flight) :]
     assert await h.run() == _total(in_flight)
 
     # the sink took each message but answered nothing: the sender cannot know, so it retries
-    for r in await h.recipients():
+    for r in await h.recipients(in_flight_ids):
         assert r.state is RecipientState.DEFERRED
         assert r.last_response is not None
         assert r.last_response.cls is ReplyClass.CONNECTION

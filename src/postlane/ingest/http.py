@@ -1,9 +1,13 @@
-"""The HTTP API (Starlette on uvicorn): enqueue, read, stats, metrics, health.
+"""The HTTP API (Starlette on uvicorn): enqueue, read, operate, stats, metrics, health.
 
-Bearer tokens from ``[http] tokens`` or ``$POSTLANE_API_TOKEN``. With no token configured the API
-answers only clients on loopback. ``/metrics`` and ``/healthz`` need no token, so a Prometheus
-scraper and a load balancer can reach them. Errors are ``{"error": {"code", "message"}}`` with a
-4xx status, and a refused request stores nothing.
+Bearer tokens carry a scope. ``[http] tokens`` (and ``$POSTLANE_API_TOKEN``) are ``admin``:
+everything, operations included. ``[http] send_tokens`` are ``send``: enqueue, and read back
+the messages that token enqueued. With no token configured at all the API answers only clients
+on loopback (with every scope). ``/metrics`` and ``/healthz`` need no token, so a Prometheus
+scraper and a load balancer can reach them. The API describes itself at ``/openapi.json``.
+
+Errors are ``{"error": {"code", "message"}}`` with a 4xx status (503 when the store is down),
+and a refused request stores nothing.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
+import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from enum import StrEnum
 from typing import Any
 
 import uvicorn
@@ -26,21 +33,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from postlane.app import AsyncPostlane
-from postlane.config import Config, parse_listen
+from postlane.app import AsyncPostlane, QueueAction
+from postlane.classify import ReplyClass
+from postlane.config import Config, parse_duration, parse_listen
 from postlane.errors import (
+    ConfigError,
     MessageTooLarge,
     NotFound,
     PostlaneError,
     StoreUnavailable,
     ValidationError,
 )
-from postlane.message import Attachment, Message
+from postlane.ingest.openapi import openapi_document
+from postlane.message import Attachment, Lane, Message, RecipientState
 from postlane.metrics import Metrics
+from postlane.records import Selector
 
 log = logging.getLogger("postlane.http")
 
 MAX_BATCH = 1000
+MAX_LIST = 1000
 #: JSON (and base64) inflate a message: the body may be this much larger than max_size
 JSON_OVERHEAD = 1.4
 _MESSAGE_FIELDS = {
@@ -58,6 +70,30 @@ _MESSAGE_FIELDS = {
     "attachments",
     "raw",
 }
+_SELECTOR_FIELDS = {
+    "ids",
+    "all",
+    "lane",
+    "state",
+    "domain",
+    "class",
+    "older_than",
+    "sender",
+    "recipient",
+    "metadata",
+}
+
+
+class Scope(StrEnum):
+    SEND = "send"
+    ADMIN = "admin"
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    scope: Scope
+    #: recorded with what this caller enqueues: a token's fingerprint, never the token
+    submitter: str | None
 
 
 class ApiError(Exception):
@@ -80,19 +116,37 @@ def _is_loopback(request: Request) -> bool:
         return False
 
 
-def check_token(request: Request, tokens: tuple[str, ...]) -> None:
-    if not tokens:
-        if not _is_loopback(request):
-            raise ApiError(
-                403, "forbidden", "no API token is configured: the API answers only on loopback"
-            )
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
-    if not any(hmac.compare_digest(token.strip().encode(), t.encode()) for t in tokens):
-        raise ApiError(401, "unauthorized", "the token is not valid")
+def fingerprint(token: str) -> str:
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+class Tokens:
+    def __init__(self, admin: tuple[str, ...], send: tuple[str, ...]) -> None:
+        self._known = [(t.encode(), Scope.ADMIN) for t in admin] + [
+            (t.encode(), Scope.SEND) for t in send
+        ]
+
+    def caller(self, request: Request) -> Caller:
+        if not self._known:
+            if not _is_loopback(request):
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    "no API token is configured: the API answers only on loopback",
+                )
+            return Caller(Scope.ADMIN, None)
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+        found: Scope | None = None
+        for known, scope in self._known:  # compare with every token: no timing hint
+            if hmac.compare_digest(token.encode(), known):
+                found = scope
+        if found is None:
+            raise ApiError(401, "unauthorized", "the token is not valid")
+        return Caller(found, fingerprint(token))
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -143,7 +197,10 @@ def message_from_json(data: Any, idempotency_header: str | None = None) -> Messa
     if metadata is not None and not isinstance(metadata, dict):
         raise ApiError(400, "invalid_field", "metadata must be an object")
     attachments = []
-    for item in data.get("attachments") or []:
+    raw_attachments = data.get("attachments") or []
+    if not isinstance(raw_attachments, list):
+        raise ApiError(400, "invalid_field", "attachments must be a list")
+    for item in raw_attachments:
         if not isinstance(item, dict) or not isinstance(item.get("content"), str):
             raise ApiError(
                 400,
@@ -162,7 +219,6 @@ def message_from_json(data: Any, idempotency_header: str | None = None) -> Messa
             )
         )
     key = _optional_str(data, "idempotency_key") or idempotency_header
-    raw = _optional_str(data, "raw")
     return Message(
         sender=_optional_str(data, "from") or "",
         to=_strings(data.get("to"), "to"),
@@ -173,11 +229,68 @@ def message_from_json(data: Any, idempotency_header: str | None = None) -> Messa
         html=_optional_str(data, "html"),
         headers=headers,
         attachments=attachments,
-        raw=raw,
+        raw=_optional_str(data, "raw"),
         lane=_optional_str(data, "lane") or "normal",
         idempotency_key=key,
         metadata=metadata,
     )
+
+
+def _enum_list(values: list[str], enum: type[StrEnum], name: str) -> tuple[Any, ...]:
+    try:
+        return tuple(enum(v.lower()) for v in values)
+    except ValueError:
+        known = ", ".join(e.value for e in enum)
+        raise ApiError(400, "invalid_field", f"{name}: one of {known}") from None
+
+
+def selector_from(data: dict[str, Any]) -> Selector:
+    """A selector from JSON (or query parameters): every field narrows."""
+    unknown = sorted(set(data) - _SELECTOR_FIELDS)
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown selector {unknown[0]!r}")
+    older = _optional_str(data, "older_than")
+    older_than = None
+    if older is not None:
+        try:
+            import time
+
+            older_than = time.time() - parse_duration(older)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_field", f"older_than: {exc}") from None
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ApiError(400, "invalid_field", "metadata must be an object of strings")
+    all_ = data.get("all", False)
+    if not isinstance(all_, bool):
+        raise ApiError(400, "invalid_field", "all must be true or false")
+    return Selector(
+        ids=tuple(_strings(data.get("ids"), "ids")),
+        all=all_,
+        lanes=_enum_list(_strings(data.get("lane"), "lane"), Lane, "lane"),
+        states=_enum_list(_strings(data.get("state"), "state"), RecipientState, "state"),
+        domains=tuple(d.lower() for d in _strings(data.get("domain"), "domain")),
+        classes=_enum_list(_strings(data.get("class"), "class"), ReplyClass, "class"),
+        older_than=older_than,
+        sender=_optional_str(data, "sender"),
+        recipient=_optional_str(data, "recipient"),
+        metadata=metadata,
+    )
+
+
+def _query_selector(request: Request) -> tuple[Selector, int]:
+    params: dict[str, Any] = {}
+    for key in request.query_params:
+        if key == "limit":
+            continue
+        values = request.query_params.getlist(key)
+        params[key] = values if key in ("ids", "lane", "state", "domain", "class") else values[-1]
+    if "all" in params:
+        params["all"] = params["all"] in ("1", "true", "yes")
+    limit_text = request.query_params.get("limit", "100")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST:
+        raise ApiError(400, "invalid_field", f"limit must be 1 to {MAX_LIST}")
+    return selector_from(params), int(limit_text)
 
 
 def _postlane_error(exc: PostlaneError) -> JSONResponse:
@@ -192,37 +305,38 @@ def _postlane_error(exc: PostlaneError) -> JSONResponse:
     return error_response(400, exc.code, exc.message)
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request, Caller], Awaitable[Response]]
 
 
 def build_app(config: Config, app: AsyncPostlane, metrics: Metrics | None = None) -> Starlette:
     """The Starlette application (tests drive it with httpx's ASGI transport)."""
-    tokens = config.http.tokens
-    max_size = config.smtp.max_size
-    body_limit = int(max_size * JSON_OVERHEAD) + 64 * 1024
+    tokens = Tokens(config.http.tokens, config.http.send_tokens)
+    body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
 
-    def guarded(handler: Handler, *, auth: bool = True) -> Handler:
-        async def endpoint(request: Request) -> Response:
+    def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
             try:
-                if auth:
-                    check_token(request, tokens)
-                return await handler(request)
+                caller = tokens.caller(request) if scope is not None else Caller(Scope.ADMIN, None)
+                if scope is Scope.ADMIN and caller.scope is not Scope.ADMIN:
+                    raise ApiError(403, "forbidden", "this needs a token with the admin scope")
+                return await handler(request, caller)
             except ApiError as exc:
                 return error_response(exc.status, exc.code, exc.message)
             except PostlaneError as exc:
                 return _postlane_error(exc)
 
-        return endpoint
+        return run
 
-    async def post_message(request: Request) -> Response:
+    async def post_message(request: Request, caller: Caller) -> Response:
         data = await read_json(request, body_limit)
         message = message_from_json(data, request.headers.get("idempotency-key"))
-        result = await app.send(message)
+        prepared = dataclasses.replace(app.prepare(message), submitter=caller.submitter)
+        [result] = await app.send_prepared([prepared])
         if metrics is not None and not result.duplicate:
             metrics.enqueued.labels("http").inc()
         return JSONResponse(result.as_json(), status_code=202)
 
-    async def post_batch(request: Request) -> Response:
+    async def post_batch(request: Request, caller: Caller) -> Response:
         data = await read_json(request, body_limit * 4)
         items = data.get("messages") if isinstance(data, dict) else data
         if not isinstance(items, list) or not items:
@@ -234,11 +348,13 @@ def build_app(config: Config, app: AsyncPostlane, metrics: Metrics | None = None
         positions = []
         for index, item in enumerate(items):
             try:
-                prepared.append(app.prepare(message_from_json(item)))
+                prepared.append(
+                    dataclasses.replace(
+                        app.prepare(message_from_json(item)), submitter=caller.submitter
+                    )
+                )
                 positions.append(index)
-            except ApiError as exc:
-                results[index] = {"error": {"code": exc.code, "message": exc.message}}
-            except PostlaneError as exc:
+            except (ApiError, PostlaneError) as exc:
                 results[index] = {"error": {"code": exc.code, "message": exc.message}}
         if prepared:
             stored = await app.send_prepared(prepared)  # one durable commit for all of them
@@ -252,25 +368,85 @@ def build_app(config: Config, app: AsyncPostlane, metrics: Metrics | None = None
             status_code=202 if accepted == len(items) else 207,
         )
 
-    async def get_message(request: Request) -> Response:
+    async def get_message(request: Request, caller: Caller) -> Response:
         view = await app.get(request.path_params["queue_id"], history=True)
+        if caller.scope is Scope.SEND and view.submitter != caller.submitter:
+            raise NotFound(f"no message with id {view.id}")  # not yours: as if it did not exist
         return JSONResponse(view.as_json())
 
-    async def get_stats(request: Request) -> Response:
+    async def list_messages(request: Request, caller: Caller) -> Response:
+        selector, limit = _query_selector(request)
+        views = await app.messages(selector, limit=limit)
+        return JSONResponse([v.as_json() for v in views])
+
+    async def get_stats(request: Request, caller: Caller) -> Response:
         return JSONResponse((await app.stats()).as_json())
 
-    async def get_metrics(request: Request) -> Response:
+    async def post_action(request: Request, caller: Caller) -> Response:
+        try:
+            action = QueueAction(request.path_params["action"])
+        except ValueError:
+            known = ", ".join(a.value for a in QueueAction)
+            raise ApiError(
+                404, "not_found", f"no action {request.path_params['action']!r} ({known})"
+            ) from None
+        data = await read_json(request, 1024 * 1024)
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_field", "send a selector object")
+        dry_run = data.pop("dry_run", False)
+        selector = selector_from(data)
+        if not selector.ids and not selector.all and action is not QueueAction.FLUSH:
+            raise ApiError(400, "invalid_field", 'give "ids" or "all": true (selectors narrow)')
+        counts = await app.summarize(action, selector)
+        if dry_run:
+            return JSONResponse({"would_touch": [c.as_json() for c in counts]})
+        count = await app.act(action, selector)
+        return JSONResponse({"action": action.value, "count": count})
+
+    async def list_dead(request: Request, caller: Caller) -> Response:
+        selector, limit = _query_selector(request)
+        letters = await app.dead_letters(selector, limit=limit)
+        return JSONResponse([d.as_json() for d in letters])
+
+    async def dead_groups(request: Request, caller: Caller) -> Response:
+        selector, limit = _query_selector(request)
+        groups = await app.dead_groups(selector, limit=limit)
+        return JSONResponse([g.as_json() for g in groups])
+
+    async def list_suppressions(request: Request, caller: Caller) -> Response:
+        entries = await app.suppressions(limit=10_000)
+        return JSONResponse([e.as_json() for e in entries])
+
+    async def add_suppression(request: Request, caller: Caller) -> Response:
+        data = await read_json(request, 64 * 1024)
+        if not isinstance(data, dict) or not isinstance(data.get("address"), str):
+            raise ApiError(400, "invalid_field", 'send {"address": ..., "reason": ...}')
+        added = await app.suppress(data["address"], reason=_optional_str(data, "reason"))
+        return JSONResponse(
+            {"address": data["address"], "added": added}, status_code=201 if added else 200
+        )
+
+    async def remove_suppression(request: Request, caller: Caller) -> Response:
+        removed = await app.unsuppress(request.path_params["address"])
+        if not removed:
+            raise NotFound(f"{request.path_params['address']} is not on the suppression list")
+        return JSONResponse({"address": request.path_params["address"], "removed": True})
+
+    async def get_metrics(request: Request, caller: Caller) -> Response:
         if metrics is None:
             raise ApiError(404, "not_found", "metrics are not enabled")
         body = await metrics.exposition()
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def healthz(request: Request) -> Response:
+    async def healthz(request: Request, caller: Caller) -> Response:
         try:
             await asyncio.wait_for(app.store.next_due_at(), timeout=5)
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def openapi(request: Request, caller: Caller) -> Response:
+        return JSONResponse(openapi_document())
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(404, "not_found", f"no route {request.url.path}")
@@ -282,13 +458,24 @@ def build_app(config: Config, app: AsyncPostlane, metrics: Metrics | None = None
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "unexpected error (logged)")
 
+    send, admin, public = Scope.SEND, Scope.ADMIN, None
     routes = [
-        Route("/v1/messages", guarded(post_message), methods=["POST"]),
-        Route("/v1/messages/batch", guarded(post_batch), methods=["POST"]),
-        Route("/v1/messages/{queue_id}", guarded(get_message), methods=["GET"]),
-        Route("/v1/stats", guarded(get_stats), methods=["GET"]),
-        Route("/metrics", guarded(get_metrics, auth=False), methods=["GET"]),
-        Route("/healthz", guarded(healthz, auth=False), methods=["GET"]),
+        Route("/v1/messages", endpoint(post_message, send), methods=["POST"]),
+        Route("/v1/messages", endpoint(list_messages, admin), methods=["GET"]),
+        Route("/v1/messages/batch", endpoint(post_batch, send), methods=["POST"]),
+        Route("/v1/messages/{queue_id}", endpoint(get_message, send), methods=["GET"]),
+        Route("/v1/stats", endpoint(get_stats, admin), methods=["GET"]),
+        Route("/v1/actions/{action}", endpoint(post_action, admin), methods=["POST"]),
+        Route("/v1/dead-letters", endpoint(list_dead, admin), methods=["GET"]),
+        Route("/v1/dead-letters/groups", endpoint(dead_groups, admin), methods=["GET"]),
+        Route("/v1/suppressions", endpoint(list_suppressions, admin), methods=["GET"]),
+        Route("/v1/suppressions", endpoint(add_suppression, admin), methods=["POST"]),
+        Route(
+            "/v1/suppressions/{address}", endpoint(remove_suppression, admin), methods=["DELETE"]
+        ),
+        Route("/metrics", endpoint(get_metrics, public), methods=["GET"]),
+        Route("/healthz", endpoint(healthz, public), methods=["GET"]),
+        Route("/openapi.json", endpoint(openapi, public), methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -306,8 +493,6 @@ class _Server(uvicorn.Server):
 
 def bind(listen: str, what: str) -> socket.socket:
     """A listening socket, or a one-line error naming the setting."""
-    from postlane.errors import ConfigError
-
     host, port = parse_listen(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -345,7 +530,7 @@ async def start_http(
     if task.done():
         task.result()
     address = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-    if not config.http.tokens:
+    if not config.http.tokens and not config.http.send_tokens:
         log.info("HTTP API on %s (no token configured: loopback clients only)", address)
     else:
         log.info("HTTP API on %s", address)

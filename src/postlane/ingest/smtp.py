@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -145,8 +146,10 @@ class SubmissionHandler:
             to=list(envelope.rcpt_tos),
             raw=received + content,
         )
+        user = session.auth_data if isinstance(session.auth_data, str) else None
+        submitter = f"smtp:{user}" if user else "smtp:trusted"
         try:
-            prepared = self.app.prepare(message)
+            prepared = dataclasses.replace(self.app.prepare(message), submitter=submitter)
             result = (await self.app.send_prepared([prepared]))[0]
         except MessageTooLarge as exc:
             return f"552 5.3.4 {exc.message}"

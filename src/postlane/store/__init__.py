@@ -19,7 +19,7 @@ def open_store_url(url: str, *, base_dir: Path | None = None, clock: Clock | Non
         return SQLiteStore(sqlite_path(url, base_dir))
     if url.startswith(("postgresql://", "postgres://")):
         try:
-            from postlane.store.postgres import PostgresStore  # type: ignore[import-not-found]
+            from postlane.store.postgres import PostgresStore
         except ImportError as exc:
             raise ConfigError(
                 f"store.url is PostgreSQL but psycopg is missing ({exc}); "

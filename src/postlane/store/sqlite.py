@@ -686,6 +686,7 @@ def _enqueue(
                 "metadata": json.dumps(message.metadata, separators=(",", ":")),
                 "created_at": now,
                 "done_at": now if all_suppressed else None,
+                "submitter": message.submitter,
                 "content": message.content,
             },
         )
@@ -734,6 +735,11 @@ def _claim(
         rows.extend((lane, row) for row in claimed.fetchall())
     if not rows:
         return []
+    lanes = {row[1]: lane for lane, row in rows}
+    rest = conn.execute(
+        Q["claim_rest_of_messages"], {**params, "queue_ids": json.dumps(list(lanes))}
+    ).fetchall()
+    rows.extend((lanes[row[1]], row) for row in rest)
     by_message: dict[str, list[Delivery]] = defaultdict(list)
     for _lane, row in rows:
         delivery_id, queue_id, address, domain, destination, attempts, deferrals, created = row
@@ -928,6 +934,7 @@ def _import(conn: sqlite3.Connection, messages: Sequence[ExportedMessage], now: 
                     "metadata": json.dumps(dict(message.metadata), separators=(",", ":")),
                     "created_at": message.created_at,
                     "done_at": None,
+                    "submitter": None,
                     "content": message.content,
                 },
             )
@@ -1085,7 +1092,7 @@ def _message_views(
         row = conn.execute(Q["message"], {"id": queue_id}).fetchone()
         if row is None:
             continue
-        _id, lane, sender, subject, message_id, key, size, metadata, created_at = row
+        _id, lane, sender, subject, message_id, key, size, metadata, created_at, submitter = row
         recipients = tuple(
             RecipientView(
                 address=address,
@@ -1127,6 +1134,7 @@ def _message_views(
                 idempotency_key=key,
                 metadata=json.loads(metadata),
                 recipients=recipients,
+                submitter=submitter,
             )
         )
     return views

@@ -31,6 +31,7 @@ from aiosmtplib import (
     SMTPAuthenticationError,
     SMTPConnectError,
     SMTPException,
+    SMTPHeloError,
     SMTPResponseException,
     SMTPTimeoutError,
 )
@@ -294,7 +295,7 @@ class SMTPRelayTransport:
         )
         try:
             await client.connect(timeout=s.connect_timeout)
-            await client.ehlo()
+            await _greet(client)
             if not s.implicit_tls and client.supports_extension("starttls"):
                 await client.starttls(tls_context=self._context())
                 await client.ehlo()
@@ -317,8 +318,16 @@ class SMTPRelayTransport:
             text = f"{s.name}: authentication failed: {reply_text(exc.code, exc.message)}"
             raise _Refused(text, exc.code, ReplyClass.CONNECTION) from exc
         except SMTPResponseException as exc:
+            # Refused before any message (greeting, EHLO, STARTTLS): a fact about the relay, not
+            # about a recipient, so it never dead-letters mail. A 421 is classified as written
+            # (a relay asking to slow down); anything else is a connection-class failure.
             client.close()
-            raise _Refused(reply_text(exc.code, exc.message), exc.code, None) from exc
+            text = reply_text(exc.code, exc.message)
+            if exc.code == 421:
+                raise _Refused(text, exc.code, None) from exc
+            raise _Refused(
+                f"{s.name} refused the session: {text}", exc.code, ReplyClass.CONNECTION
+            ) from exc
         except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             client.close()
             raise _Refused(f"{s.name}: {_describe(exc)}", None, ReplyClass.CONNECTION) from exc
@@ -377,6 +386,9 @@ class SMTPRelayTransport:
                         continue
                     text = f"{self.name}: connection closed before MAIL FROM was answered"
                     return [no_reply(text, self.name) for _ in envelope.recipients]
+                except BaseException:  # cancelled mid-transaction: never pool it, close it
+                    self._close_connection(connection, polite=False)
+                    raise
                 self._release(connection, healthy)
                 return responses
         raise AssertionError("unreachable")
@@ -519,6 +531,19 @@ class SMTPRelayTransport:
 
 
 _BACKGROUND: set[asyncio.Future[None]] = set()
+
+#: EHLO refusals after which HELO is tried (RFC 5321 4.1.4: an old server may not know EHLO)
+_EHLO_UNKNOWN = frozenset({500, 501, 502, 504, 550})
+
+
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO for a server that does not speak ESMTP."""
+    try:
+        await client.ehlo()
+    except SMTPHeloError as exc:
+        if exc.code not in _EHLO_UNKNOWN:
+            raise
+        await client.helo()
 
 
 def _any_ok(replies: list[tuple[int, str]]) -> bool:

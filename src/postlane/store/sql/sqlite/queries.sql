@@ -4,9 +4,9 @@
 -- name: insert_message
 -- Store a message's content and headers once, whatever its number of recipients.
 INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
-                      created_at, done_at, content)
+                      created_at, done_at, submitter, content)
 VALUES (:id, :lane, :sender, :subject, :message_id, :idempotency_key, :size, :metadata,
-        :created_at, :done_at, :content);
+        :created_at, :done_at, :submitter, :content);
 
 -- name: message_by_idempotency_key
 -- The first message stored under an idempotency key.
@@ -145,7 +145,8 @@ DELETE FROM messages WHERE id = :id;
 
 -- name: message
 -- One message's stored fields (not its content).
-SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at
+SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at,
+       submitter
 FROM messages WHERE id = :id;
 
 -- name: message_content
@@ -267,3 +268,12 @@ INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at
 VALUES (:queue_id, :address, :domain, :destination, :lane, :created_at, :state, :attempts,
         :deferrals, :next_attempt_at, :code, :enhanced, :text, :class, :reason, :now)
 RETURNING id;
+
+-- name: claim_rest_of_messages
+-- Lease the other due deliveries of messages a claim reached, so one message's recipients go
+-- out in one transaction (a claim may pass its limit by the rest of one message).
+UPDATE deliveries
+SET state = 'sending', lease_owner = :owner, lease_expires_at = :lease_until, updated_at = :now
+WHERE queue_id IN (SELECT value FROM json_each(:queue_ids))
+  AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;

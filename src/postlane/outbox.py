@@ -1,0 +1,96 @@
+"""The transactional outbox: enqueue mail inside the application's own PostgreSQL transaction.
+
+An application that writes a sign-up row and then calls an email API has two commits and a gap
+between them: a crash in the gap loses the welcome mail, a failed send after the commit is not
+retried, a rollback after the send mails someone who does not exist. With postlane on the same
+PostgreSQL database, the mail is written by the application's transaction itself::
+
+    async with conn.transaction():
+        await conn.execute("INSERT INTO users (email) VALUES (%s)", [email])
+        await enqueue_in_transaction(conn, Message(sender=..., to=[email], ...))
+    # COMMIT: the user and the mail are durable together; ROLLBACK: neither exists
+
+postlane's workers deliver it like any other message (they are notified at the commit). These
+functions never commit or roll back: the caller's transaction decides. Only on a connection in
+autocommit mode with no transaction open do they commit on their own (the message alone is
+then atomic, like :meth:`postlane.store.postgres.PostgresStore.enqueue`).
+
+The statements are the store's (:func:`postlane.store.postgres.enqueue_plan`), so a message
+enqueued here is stored exactly as one enqueued through the API. psycopg errors reach the
+caller unchanged: they concern the caller's transaction, which the caller retries or abandons.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from postlane.message import Message, PreparedMessage, prepare
+from postlane.records import EnqueueResult
+from postlane.store.postgres import enqueue_plan, in_schema, run_plan, run_plan_sync
+
+__all__ = ["enqueue_in_transaction", "enqueue_in_transaction_sync"]
+
+#: the default size limit, as postlane's own ``ingest.max_size``
+DEFAULT_MAX_SIZE = 25_000_000
+
+
+def _prepared(message: Message | PreparedMessage, max_size: int, now: float) -> PreparedMessage:
+    """Validate and render (raises :class:`postlane.errors.ValidationError`) before any SQL."""
+    if isinstance(message, PreparedMessage):
+        return message
+    return prepare(message, max_size=max_size, now=now)
+
+
+def _outside_transaction(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> bool:
+    return conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE
+
+
+async def enqueue_in_transaction(
+    conn: psycopg.AsyncConnection[Any],
+    message: Message | PreparedMessage,
+    *,
+    schema: str | None = None,
+    max_size: int = DEFAULT_MAX_SIZE,
+    now: float | None = None,
+) -> EnqueueResult:
+    """Enqueue ``message`` on the caller's async psycopg connection, in its transaction.
+
+    The mail becomes durable, and workers are notified, when the caller commits; a rollback
+    leaves nothing. ``schema`` is the store's schema (``store.url``'s ``?schema=``), if it has
+    one: it applies to these statements only, the caller's search_path is left as it was.
+    Returns the queue id (``duplicate`` set when the idempotency key was already stored, or is
+    being stored by a concurrent transaction that then commits)."""
+    at = time.time() if now is None else now
+    prepared = _prepared(message, max_size, at)
+    plan = in_schema(enqueue_plan([prepared], at), schema)
+    if _outside_transaction(conn):
+        async with conn.transaction():
+            [result] = await run_plan(conn, plan)
+    else:
+        [result] = await run_plan(conn, plan)
+    return result
+
+
+def enqueue_in_transaction_sync(
+    conn: psycopg.Connection[Any],
+    message: Message | PreparedMessage,
+    *,
+    schema: str | None = None,
+    max_size: int = DEFAULT_MAX_SIZE,
+    now: float | None = None,
+) -> EnqueueResult:
+    """:func:`enqueue_in_transaction` on a blocking psycopg connection (Django, SQLAlchemy,
+    any synchronous application)."""
+    at = time.time() if now is None else now
+    prepared = _prepared(message, max_size, at)
+    plan = in_schema(enqueue_plan([prepared], at), schema)
+    if _outside_transaction(conn):
+        with conn.transaction():
+            [result] = run_plan_sync(conn, plan)
+    else:
+        [result] = run_plan_sync(conn, plan)
+    return result

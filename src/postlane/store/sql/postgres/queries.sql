@@ -1,0 +1,460 @@
+-- Named queries of the PostgreSQL store. Each is under a "-- name: NAME" header with one line
+-- saying what it does; postlane.store.postgres loads them at import. Parameters are psycopg's
+-- %(named)s placeholders (so a literal percent sign would be written %%).
+--
+-- Batches travel as arrays: `unnest(%(x)s::type[], ...)` turns parallel arrays into rows, so one
+-- statement (one plan, one round trip) inserts or updates a whole batch. The explicit casts
+-- type arrays that psycopg cannot type by itself (a list of only NULLs, an empty list).
+-- The store reads under READ COMMITTED; comments below say where that matters.
+
+-- name: lock_migrations
+-- Serialise schema changes of one schema: processes starting together queue up here.
+SELECT pg_advisory_xact_lock(hashtextextended('postlane.migrate:' || %(schema)s, 0));
+
+-- name: create_version_table
+-- The applied migrations; created before any migration so the first one can be recorded.
+CREATE TABLE IF NOT EXISTS postlane_schema_version (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: schema_version
+-- The newest applied migration (0: a fresh schema).
+SELECT coalesce(max(version), 0) FROM postlane_schema_version;
+
+-- name: record_migration
+-- Note one migration as applied.
+INSERT INTO postlane_schema_version (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: set_search_path
+-- Point unqualified names at one schema, for the session or (local) for this transaction only.
+SELECT set_config('search_path', quote_ident(%(schema)s), %(local)s);
+
+-- name: search_path
+-- The search_path in force, to be put back after a local change.
+SELECT current_setting('search_path');
+
+-- name: restore_search_path
+-- Put a saved search_path back for the rest of this transaction.
+SELECT set_config('search_path', %(search_path)s, true);
+
+-- name: read_snapshot
+-- One snapshot for a multi-statement read (a consistent view, like SQLite's read transaction).
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- name: suppressed_among
+-- Which of some lower-cased addresses are on the suppression list.
+SELECT address FROM suppressions WHERE address = ANY(%(addresses)s::text[]);
+
+-- name: insert_messages
+-- Store new messages (content once per message); one whose idempotency key is already stored
+-- is skipped. Under READ COMMITTED, a conflicting row of a concurrent uncommitted transaction
+-- makes this wait for that transaction: if it commits, ours is skipped, if it rolls back, ours
+-- goes in. That makes the key hold under concurrent enqueues from any number of processes.
+INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
+                      created_at, done_at, submitter, content)
+SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata::jsonb,
+       created_at, done_at, submitter, content
+FROM unnest(%(id)s::text[], %(lane)s::text[], %(sender)s::text[], %(subject)s::text[],
+            %(message_id)s::text[], %(idempotency_key)s::text[], %(size)s::integer[],
+            %(metadata)s::text[], %(created_at)s::float8[], %(done_at)s::float8[],
+            %(submitter)s::text[], %(content)s::bytea[])
+     AS m (id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at,
+           done_at, submitter, content)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id;
+
+-- name: messages_by_idempotency_key
+-- The messages first stored under some idempotency keys (a new statement: under READ
+-- COMMITTED it sees the row a concurrent transaction committed while insert_messages waited).
+SELECT idempotency_key, id FROM messages WHERE idempotency_key = ANY(%(keys)s::text[]);
+
+-- name: insert_deliveries
+-- The recipients of new messages, due at once (or suppressed, never attempted).
+INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state,
+                        next_attempt_at, updated_at, reason)
+SELECT queue_id, address, domain, destination, lane, created_at, state, created_at, created_at,
+       reason
+FROM unnest(%(queue_id)s::text[], %(address)s::text[], %(domain)s::text[],
+            %(destination)s::text[], %(lane)s::text[], %(created_at)s::float8[],
+            %(state)s::text[], %(reason)s::text[])
+     AS d (queue_id, address, domain, destination, lane, created_at, state, reason);
+
+-- name: notify_enqueued
+-- Wake listening workers. NOTIFY is transactional: it is delivered at COMMIT and dropped on
+-- ROLLBACK, so a worker never wakes for mail that is not there. The payload names the schema
+-- holding the tables, so stores in other schemas of the same database ignore it.
+SELECT pg_notify('postlane_enqueued', relnamespace::regnamespace::text)
+FROM pg_class WHERE oid = 'messages'::regclass;
+
+-- name: tables_schema
+-- The schema holding postlane's tables, as notify_enqueued names it.
+SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = 'messages'::regclass;
+
+-- name: listen
+-- Subscribe this connection to enqueue notifications.
+LISTEN postlane_enqueued;
+
+-- name: claim_lane
+-- Lease the oldest due deliveries of one lane. The subquery walks deliveries_due in
+-- next_attempt_at order and stops after %(limit)s rows.
+-- FOR UPDATE SKIP LOCKED is what lets many workers on many hosts claim from one table at once:
+-- a row another worker's claim has locked (and is about to lease) is skipped instead of waited
+-- for, so claims neither queue up behind each other nor lease a delivery twice. After the lock,
+-- PostgreSQL re-checks the WHERE clause on the row's latest version, so a row another claim
+-- leased and committed meanwhile (no longer 'queued'/'deferred') is dropped too.
+UPDATE deliveries
+SET state = 'sending', lease_owner = %(owner)s, lease_expires_at = %(lease_until)s,
+    updated_at = %(now)s
+WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE state IN ('queued', 'deferred') AND lane = %(lane)s AND next_attempt_at <= %(now)s
+    ORDER BY next_attempt_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;
+
+-- name: claimed_messages
+-- The stored fields and bytes of the messages a claim leased deliveries of.
+SELECT id, lane, sender, message_id, idempotency_key, created_at, content
+FROM messages WHERE id = ANY(%(ids)s::text[]);
+
+-- name: lock_messages_of
+-- Lock, in id order, the messages of deliveries about to reach a final state. Two workers
+-- finishing the last two recipients of one message at once would each, under READ COMMITTED,
+-- still see the other's recipient pending and neither would mark the message done; holding
+-- the message row makes the second wait and then see the first's result. FOR NO KEY UPDATE
+-- does not block inserts of rows referencing the message; the id order prevents deadlocks.
+SELECT id FROM messages
+WHERE id IN (SELECT queue_id FROM deliveries WHERE id = ANY(%(ids)s::bigint[]))
+ORDER BY id
+FOR NO KEY UPDATE;
+
+-- name: record_outcomes
+-- Apply a batch of outcomes, each only if its delivery is still leased by this worker. An
+-- operator's hold during the send wins over a retry; an outcome without an attempt (class
+-- NULL) keeps the previous reply.
+UPDATE deliveries AS d
+SET state = CASE WHEN d.hold_after AND o.state IN ('queued', 'deferred') THEN 'held'
+                 ELSE o.state END,
+    attempts = o.attempts, deferrals = o.deferrals,
+    next_attempt_at = coalesce(o.next_attempt_at, d.next_attempt_at),
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = false,
+    last_code = CASE WHEN o.class IS NULL THEN d.last_code ELSE o.code END,
+    last_enhanced = CASE WHEN o.class IS NULL THEN d.last_enhanced ELSE o.enhanced END,
+    last_text = CASE WHEN o.class IS NULL THEN d.last_text ELSE o.text END,
+    last_class = coalesce(o.class, d.last_class),
+    reason = o.reason, updated_at = %(now)s
+FROM unnest(%(id)s::bigint[], %(state)s::text[], %(attempts)s::integer[],
+            %(deferrals)s::integer[], %(next_attempt_at)s::float8[], %(code)s::integer[],
+            %(enhanced)s::text[], %(text)s::text[], %(class)s::text[], %(reason)s::text[])
+     AS o (id, state, attempts, deferrals, next_attempt_at, code, enhanced, text, class, reason)
+WHERE d.id = o.id AND d.state = 'sending' AND d.lease_owner = %(owner)s
+RETURNING d.id, d.queue_id, d.address;
+
+-- name: insert_attempts
+-- Tries in deliveries' histories.
+INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
+                      duration_ms, counted)
+SELECT *
+FROM unnest(%(delivery_id)s::bigint[], %(at)s::float8[], %(class)s::text[],
+            %(code)s::integer[], %(enhanced)s::text[], %(text)s::text[], %(relay)s::text[],
+            %(destination)s::text[], %(duration_ms)s::integer[], %(counted)s::boolean[]);
+
+-- name: mark_done
+-- Note when messages' last recipient reached a final state (for retention).
+UPDATE messages AS m SET done_at = %(now)s
+WHERE m.id = ANY(%(ids)s::text[]) AND m.done_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM deliveries d
+                  WHERE d.queue_id = m.id
+                    AND d.state IN ('queued', 'sending', 'deferred', 'held'));
+
+-- name: insert_suppression
+-- Add an address to the suppression list (first reason wins).
+INSERT INTO suppressions (address, created_at, source, reason, code, enhanced, text, queue_id)
+VALUES (%(address)s, %(created_at)s, %(source)s, %(reason)s, %(code)s, %(enhanced)s, %(text)s,
+        %(queue_id)s)
+ON CONFLICT (address) DO NOTHING;
+
+-- name: renew_leases
+-- Push out every lease a live worker holds.
+UPDATE deliveries SET lease_expires_at = %(lease_until)s
+WHERE lease_owner = %(owner)s AND state = 'sending';
+
+-- name: hand_back_all
+-- Return every delivery a worker holds, unattempted (graceful shutdown).
+UPDATE deliveries
+SET state = CASE WHEN hold_after THEN 'held'
+                 WHEN attempts > 0 OR deferrals > 0 THEN 'deferred' ELSE 'queued' END,
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = false, updated_at = %(now)s
+WHERE lease_owner = %(owner)s AND state = 'sending';
+
+-- name: hand_back_some
+-- Return some deliveries a worker holds, unattempted.
+UPDATE deliveries
+SET state = CASE WHEN hold_after THEN 'held'
+                 WHEN attempts > 0 OR deferrals > 0 THEN 'deferred' ELSE 'queued' END,
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = false, updated_at = %(now)s
+WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s AND state = 'sending';
+
+-- name: reap_expired_leases
+-- Make up to 1000 deliveries whose lease ran out due now, each with an attempt of unknown
+-- outcome (the worker may have sent before it died), in one statement. SKIP LOCKED: a row
+-- locked by its worker's late record is that worker's to settle, and two reapers on two hosts
+-- split the rows instead of waiting on each other. RETURNING cannot see the old lease_owner
+-- (before PostgreSQL 18), so the CTE that locks the rows carries it.
+WITH expired AS (
+    SELECT id, lease_owner FROM deliveries
+    WHERE state = 'sending' AND lease_expires_at <= %(now)s
+    ORDER BY id
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+), reaped AS (
+    UPDATE deliveries AS d
+    SET state = CASE WHEN d.hold_after THEN 'held' ELSE 'queued' END,
+        attempts = d.attempts + 1, next_attempt_at = %(now)s,
+        lease_owner = NULL, lease_expires_at = NULL, hold_after = false,
+        last_code = NULL, last_enhanced = NULL,
+        last_text = 'worker ' || e.lease_owner
+                    || ' stopped without recording a result (lease expired)',
+        last_class = 'temporary', reason = 'lease expired', updated_at = %(now)s
+    FROM expired AS e
+    WHERE d.id = e.id
+    RETURNING d.id, d.destination, d.last_text
+)
+INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
+                      duration_ms, counted)
+SELECT id, %(now)s, 'temporary', NULL, NULL, last_text, '', destination, 0, true FROM reaped;
+
+-- name: expire_owner_leases
+-- End the leases of dead owners now, so the next reap returns their deliveries.
+UPDATE deliveries SET lease_expires_at = %(now)s
+WHERE lease_owner = ANY(%(owners)s::text[]) AND state = 'sending';
+
+-- name: lease_owners
+-- Workers that hold leases.
+SELECT DISTINCT lease_owner FROM deliveries
+WHERE state = 'sending' AND lease_owner IS NOT NULL
+ORDER BY lease_owner;
+
+-- name: next_due_at
+-- The earliest next attempt time of any waiting delivery: one index probe per lane (least()
+-- ignores NULLs), where a min() over all lanes would read the whole partial index.
+SELECT least(
+    (SELECT min(next_attempt_at) FROM deliveries
+     WHERE state IN ('queued', 'deferred') AND lane = 'high'),
+    (SELECT min(next_attempt_at) FROM deliveries
+     WHERE state IN ('queued', 'deferred') AND lane = 'normal'),
+    (SELECT min(next_attempt_at) FROM deliveries
+     WHERE state IN ('queued', 'deferred') AND lane = 'low'));
+
+-- name: purge_finished
+-- Remove up to 500 messages past their retention (all recipients final; dead letters kept for
+-- their own retention); deliveries and attempts go with them (ON DELETE CASCADE).
+DELETE FROM messages
+WHERE id IN (
+    SELECT id FROM messages
+    WHERE done_at <= %(cutoff)s
+      AND (done_at <= %(dead_cutoff)s
+           OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.id
+                          AND d.state = 'dead'))
+    LIMIT 500
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id;
+
+-- name: messages
+-- Some messages' stored fields (not their content).
+SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at,
+       submitter
+FROM messages WHERE id = ANY(%(ids)s::text[]);
+
+-- name: message_exists
+-- Whether a message is stored.
+SELECT 1 FROM messages WHERE id = %(id)s;
+
+-- name: message_content
+-- A message's stored bytes.
+SELECT content FROM messages WHERE id = %(id)s;
+
+-- name: recipients_of
+-- The recipients of some messages, each message's in the order they were given.
+SELECT queue_id, id, address, domain, destination, state, attempts, next_attempt_at, last_code,
+       last_enhanced, last_text, last_class, updated_at, reason
+FROM deliveries WHERE queue_id = ANY(%(ids)s::text[]) ORDER BY queue_id, id;
+
+-- name: histories_of
+-- Every attempt of some deliveries, oldest first.
+SELECT delivery_id, at, class, code, enhanced, text, duration_ms, relay, destination, counted
+FROM attempts WHERE delivery_id = ANY(%(ids)s::bigint[]) ORDER BY delivery_id, id;
+
+-- name: list_message_ids
+-- The messages with a selected recipient, oldest first ({selection} is a WHERE clause over
+-- deliveries d, built from a Selector).
+SELECT queue_id, min(created_at) AS c, min(id) AS first FROM deliveries d
+WHERE {selection}
+GROUP BY queue_id ORDER BY c, first LIMIT %(limit)s;
+
+-- name: dead_letters
+-- Dead recipients with their message's sender and subject and their last relay
+-- ({selection} as above; then an ORDER BY and LIMIT are appended).
+SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
+       d.last_class, d.updated_at, d.last_code, d.last_enhanced, d.last_text, d.reason,
+       m.sender, m.subject,
+       (SELECT relay FROM attempts a WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1)
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE {selection}
+
+-- name: counts_by_lane_state
+-- Depth by lane and state, and the oldest creation time in each (covered by an index).
+SELECT lane, state, count(*), min(created_at) FROM deliveries GROUP BY lane, state;
+
+-- name: suppression_count
+-- How many addresses are on the suppression list.
+SELECT count(*) FROM suppressions;
+
+-- name: suppressions
+-- The suppression list, newest first.
+SELECT address, created_at, source, reason, code, enhanced, text, queue_id
+FROM suppressions ORDER BY created_at DESC, address LIMIT %(limit)s;
+
+-- name: delete_suppression
+-- Take an address off the suppression list.
+DELETE FROM suppressions WHERE address = %(address)s;
+
+-- name: select_delivery_ids
+-- A slice of the selected deliveries, in id order from just above %(after)s ({selection} as
+-- above): bulk actions walk a selection in such slices.
+SELECT d.id FROM deliveries d
+WHERE {selection} AND d.id > %(after)s
+ORDER BY d.id LIMIT %(limit)s;
+
+-- name: summarize
+-- What an action would touch: counts by lane, domain, state and last reply class.
+SELECT lane, domain, state, last_class, count(*) FROM deliveries d
+WHERE {selection}
+GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2;
+
+-- name: dead_groups
+-- Dead letters that failed alike (before masking the replies' details in Python).
+SELECT last_class, domain, last_code, last_enhanced, last_text, count(*), min(updated_at),
+       max(updated_at), min(queue_id)
+FROM deliveries d
+WHERE {selection}
+GROUP BY 1, 2, 3, 4, 5;
+
+-- name: shape
+-- Waiting recipients by domain and age bucket (qshape), busiest domains first. width_bucket
+-- numbers the bucket whose lower bound (%(bounds)s, ascending from 0) an age reaches: 1 for
+-- [0, first edge), ..., the last for ages past the last edge; 0 (a future created_at) counts
+-- in the total only.
+WITH counts AS (
+    SELECT domain, width_bucket(%(now)s - created_at, %(bounds)s::float8[]) AS bucket,
+           count(*) AS n
+    FROM deliveries
+    WHERE state IN ('queued', 'deferred', 'sending')
+    GROUP BY 1, 2
+)
+SELECT domain, sum(n)::bigint AS total, array_agg(bucket ORDER BY bucket),
+       array_agg(n ORDER BY bucket)
+FROM counts
+GROUP BY domain
+ORDER BY total DESC, domain
+LIMIT %(limit)s;
+
+-- name: flush
+-- Make queued or deferred deliveries due now (postqueue -f).
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = %(now)s, updated_at = %(now)s, reason = 'flushed'
+WHERE id = ANY(%(ids)s::bigint[]) AND state IN ('queued', 'deferred');
+
+-- name: hold
+-- Hold queued or deferred deliveries (postsuper -h).
+UPDATE deliveries SET state = 'held', updated_at = %(now)s, reason = 'held by an operator'
+WHERE id = ANY(%(ids)s::bigint[]) AND state IN ('queued', 'deferred');
+
+-- name: hold_after_send
+-- A delivery being sent is held once its try is recorded (unless it was delivered).
+UPDATE deliveries SET hold_after = true
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'sending';
+
+-- name: release
+-- Release held deliveries, due now (postsuper -H).
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = %(now)s, updated_at = %(now)s, reason = 'released'
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'held';
+
+-- name: release_after_send
+-- Cancel a pending hold of a delivery being sent.
+UPDATE deliveries SET hold_after = false
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'sending';
+
+-- name: delete_deliveries
+-- Remove deliveries; their attempts go with them (ON DELETE CASCADE).
+DELETE FROM deliveries WHERE id = ANY(%(ids)s::bigint[]) RETURNING queue_id;
+
+-- name: delete_empty_messages
+-- Remove messages none of whose recipients is left.
+DELETE FROM messages AS m
+WHERE m.id = ANY(%(ids)s::text[])
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = m.id);
+
+-- name: requeue_dead
+-- Dead deliveries start afresh: no attempts used, due now, max_age counted from now. Returns
+-- when each had died (updated_at before this update: the FROM row is the old version).
+UPDATE deliveries AS d
+SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = %(now)s,
+    created_at = %(now)s, updated_at = %(now)s, reason = 'requeued from the dead-letter queue'
+FROM deliveries AS old
+WHERE old.id = d.id AND d.id = ANY(%(ids)s::bigint[]) AND d.state = 'dead'
+RETURNING d.queue_id, d.address, d.last_class, old.updated_at;
+
+-- name: reopen_messages
+-- Messages with a recipient waiting again are not finished.
+UPDATE messages SET done_at = NULL WHERE id = ANY(%(ids)s::text[]) AND done_at IS NOT NULL;
+
+-- name: insert_recoveries
+-- Dead letters an operator requeued (recovery time = requeued_at - dead_at).
+INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, requeued_at)
+SELECT queue_id, address, class, dead_at, %(now)s
+FROM unnest(%(queue_id)s::text[], %(address)s::text[], %(class)s::text[],
+            %(dead_at)s::float8[]) AS r (queue_id, address, class, dead_at);
+
+-- name: messages_with_content
+-- Some messages' stored fields and bytes.
+SELECT id, lane, sender, subject, message_id, idempotency_key, metadata, created_at, content
+FROM messages WHERE id = ANY(%(ids)s::text[]) ORDER BY id;
+
+-- name: export_recipients
+-- Some deliveries, everything about them, by message and in the order given.
+SELECT queue_id, id, address, domain, destination, state, attempts, deferrals,
+       next_attempt_at, created_at, last_code, last_enhanced, last_text, last_class, reason
+FROM deliveries WHERE id = ANY(%(ids)s::bigint[]) ORDER BY queue_id, id;
+
+-- name: message_or_key
+-- Whether a message id is stored, and whether an idempotency key is held (by any message).
+SELECT EXISTS (SELECT 1 FROM messages WHERE id = %(id)s),
+       EXISTS (SELECT 1 FROM messages WHERE idempotency_key = %(key)s);
+
+-- name: import_message
+-- An exported message, back with its id, Message-ID and content.
+INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
+                      created_at, content)
+VALUES (%(id)s, %(lane)s, %(sender)s, %(subject)s, %(message_id)s, %(idempotency_key)s,
+        %(size)s, %(metadata)s, %(created_at)s, %(content)s);
+
+-- name: delivery_exists
+-- Whether a message already has a recipient (import skips it).
+SELECT 1 FROM deliveries WHERE queue_id = %(queue_id)s AND lower(address) = lower(%(address)s);
+
+-- name: import_delivery
+-- An exported recipient, back with its state and history.
+INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state,
+                        attempts, deferrals, next_attempt_at, last_code, last_enhanced,
+                        last_text, last_class, reason, updated_at)
+VALUES (%(queue_id)s, %(address)s, %(domain)s, %(destination)s, %(lane)s, %(created_at)s,
+        %(state)s, %(attempts)s, %(deferrals)s, %(next_attempt_at)s, %(code)s, %(enhanced)s,
+        %(text)s, %(class)s, %(reason)s, %(now)s)
+RETURNING id;
