@@ -1,0 +1,171 @@
+"""The SMTP submission listener against hostile input: garbage commands, 10 kB lines, bare LF,
+a missing final dot, pipelined commands, SMTP smuggling. No crash, no 250 for a half message,
+nothing half-stored, and the listener still serves the next client."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from postlane.app import AsyncPostlane
+from postlane.ingest.smtp import start_smtp
+from tests.conftest import free_port, make_config
+
+
+@pytest.fixture
+async def listener(tmp_path: Path) -> AsyncIterator[tuple[AsyncPostlane, int]]:
+    port = free_port()
+    config = make_config(tmp_path, smtp={"listen": f"127.0.0.1:{port}", "max_size": "20KB"})
+    async with AsyncPostlane(config) as app, start_smtp(config, app):
+        yield app, port
+
+
+async def converse(port: int, data: bytes, *, read_for: float = 0.5) -> bytes:
+    """Send raw bytes, then read whatever the server says until it closes or goes quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), timeout=read_for)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def still_serves(port: int) -> None:
+    def submit() -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.sendmail("a@example.com", ["b@example.net"], b"Subject: ok\r\n\r\nfine\r\n")
+
+    await asyncio.to_thread(submit)
+
+
+ENVELOPE = b"EHLO fuzz\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+
+
+async def test_pipelined_commands_are_answered_in_order(
+    listener: tuple[AsyncPostlane, int],
+) -> None:
+    app, port = listener
+    reply = await converse(port, ENVELOPE + b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    codes = [line[:3] for line in reply.split(b"\r\n") if line[:3].isdigit() and line[3:4] == b" "]
+    assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
+    assert len(await app.messages()) == 1
+
+
+async def test_a_missing_final_dot_stores_nothing(listener: tuple[AsyncPostlane, int]) -> None:
+    app, port = listener
+    reply = await converse(port, ENVELOPE + b"Subject: cut\r\n\r\nno end")
+    assert b"queued as" not in reply
+    assert await app.messages() == []
+    await still_serves(port)
+
+
+async def test_bare_lf_dot_does_not_end_the_message(listener: tuple[AsyncPostlane, int]) -> None:
+    """SMTP smuggling: "\\n.\\n" or "\\r\\n.\\n" must not end DATA and start a hidden second
+    message (the smuggled MAIL/RCPT stays inside the first message's body)."""
+    app, port = listener
+    smuggled = (
+        b"Subject: outer\r\n\r\nbody\n.\nMAIL FROM:<evil@example.com>\r\n"
+        b"RCPT TO:<victim@example.org>\r\nDATA\r\nSubject: inner\r\n\r\nx\r\n.\r\nQUIT\r\n"
+    )
+    await converse(port, ENVELOPE + smuggled)
+    [message] = await app.messages()
+    assert [r.address for r in message.recipients] == ["b@example.net"]
+    assert b"victim@example.org" in await app.content(message.id)  # still just body text
+
+
+async def test_a_10kb_command_line_is_refused_and_the_listener_lives(
+    listener: tuple[AsyncPostlane, int],
+) -> None:
+    app, port = listener
+    reply = await converse(
+        port, b"EHLO " + b"x" * 10_000 + b"\r\nMAIL FROM:<" + b"y" * 10_000 + b">\r\n"
+    )
+    assert b"500" in reply or reply.startswith(b"220")
+    assert await app.messages() == []
+    await still_serves(port)
+
+
+async def test_a_10kb_body_line_is_stored_or_refused_never_cut(
+    listener: tuple[AsyncPostlane, int],
+) -> None:
+    app, port = listener
+    body = b"Subject: long\r\n\r\n" + b"z" * 10_000 + b"\r\n.\r\nQUIT\r\n"
+    reply = await converse(port, ENVELOPE + body)
+    stored = await app.messages()
+    if b"queued as" in reply:
+        [message] = stored
+        assert b"z" * 10_000 in await app.content(message.id)
+    else:
+        assert stored == []
+
+
+async def test_data_without_recipients_is_refused(listener: tuple[AsyncPostlane, int]) -> None:
+    app, port = listener
+    reply = await converse(port, b"EHLO x\r\nMAIL FROM:<a@example.com>\r\nDATA\r\n.\r\nQUIT\r\n")
+    assert b"503" in reply
+    assert await app.messages() == []
+
+
+GARBAGE = st.lists(
+    st.one_of(
+        st.binary(max_size=300),
+        st.sampled_from(
+            [
+                b"EHLO x\r\n",
+                b"HELO\r\n",
+                b"MAIL FROM:<a@example.com>\r\n",
+                b"MAIL FROM:<>\r\n",
+                b"MAIL FROM:a@b\r\n",
+                b"RCPT TO:<b@example.net>\r\n",
+                b"RCPT TO:<\x00@\xff>\r\n",
+                b"DATA\r\n",
+                b".\r\n",
+                b"\n.\n",
+                b"RSET\r\n",
+                b"NOOP\r\n",
+                b"AUTH PLAIN AGFwcABwdw==\r\n",
+                b"STARTTLS\r\n",
+                b"BDAT 10 LAST\r\n",
+                b"\r\n",
+            ]
+        ),
+    ),
+    max_size=12,
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(chunks=GARBAGE)
+async def test_garbage_never_crashes_or_half_stores(
+    listener: tuple[AsyncPostlane, int], chunks: list[bytes]
+) -> None:
+    app, port = listener
+    before = len(await app.messages(limit=10_000))
+    reply = await converse(port, b"".join(chunks), read_for=0.2)
+    assert not reply or reply.startswith(b"220")
+    after = await app.messages(limit=10_000)
+    assert len(after) - before == reply.count(b"queued as")  # stored iff acknowledged
+    for message in after:
+        assert message.recipients  # a stored message always has its recipients
