@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -186,7 +187,15 @@ class AsyncPostlane:
         return await self.store.list_messages(selector or Selector(), limit=_limit(limit))
 
     async def stats(self) -> Stats:
-        return await self.store.stats(self.clock.now())
+        stats = await self.store.stats(self.clock.now())
+        destinations = await self.store.destination_states()
+        now = self.clock.now()
+        busy = tuple(
+            d
+            for d in destinations
+            if d.in_flight or d.rate is not None or (d.paused_until or 0) > now
+        )
+        return dataclasses.replace(stats, destinations=busy)
 
     async def dead_letters(
         self, selector: Selector | None = None, *, limit: int = 1000
@@ -218,6 +227,8 @@ class AsyncPostlane:
         many changed. With ``export``, each slice is written there (JSON Lines, flushed to disk)
         before it is deleted, so an exported delete can always be undone with :meth:`import_`."""
         states = action_states(action, selector)
+        if action is QueueAction.FLUSH:
+            await self.lift_pauses(selector)
         after = 0
         changed = 0
         while True:
@@ -233,11 +244,23 @@ class AsyncPostlane:
                 export.flush()
                 with contextlib.suppress(OSError, ValueError):
                     os.fsync(export.fileno())
-            changed += await self._apply(action, ids)
+            changed += await self._apply(action, ids, states)
             if progress is not None:
                 progress(changed)
 
-    async def _apply(self, action: QueueAction, ids: list[int]) -> int:
+    async def lift_pauses(self, selector: Selector) -> None:
+        """A flush lifts the pause (and slow-down) of the destinations it touches: all of
+        them when the selector does not narrow by domain or id (``postqueue -f``)."""
+        from postlane.destinations import destination_for
+
+        if not selector.domains and not selector.ids and not selector.recipient:
+            await self.store.lift_destinations(None, self.clock.now())
+            return
+        counts = await self.store.summarize(selector, ("queued", "deferred"))
+        names = sorted({destination_for(c.domain) for c in counts} | set(selector.domains))
+        await self.store.lift_destinations(names, self.clock.now())
+
+    async def _apply(self, action: QueueAction, ids: list[int], states: Sequence[str]) -> int:
         now = self.clock.now()
         if action is QueueAction.FLUSH:
             count = await self.store.flush(ids, now)
@@ -251,7 +274,7 @@ class AsyncPostlane:
                 self.observer.recovered(seconds)
             count = len(recovered)
         else:  # DELETE, PURGE
-            count = await self.store.delete_deliveries(ids)
+            count = await self.store.delete_deliveries(ids, states)
         if action in (QueueAction.FLUSH, QueueAction.RELEASE, QueueAction.REQUEUE):
             self.wake.set()
         return count

@@ -552,6 +552,20 @@ def stats(shape: bool, limit: int, as_json: bool) -> None:
         f"sent {result.sent}   dead {result.dead}   suppressed {result.suppressed}   "
         f"suppression list {result.suppression_list}"
     )
+    if result.destinations:
+        busy = Table(box=None, show_edge=False, header_style="bold", pad_edge=False)
+        for column in ("destination", "in flight", "rate/s", "paused until", "why"):
+            busy.add_column(column)
+        for d in result.destinations:
+            busy.add_row(
+                d.destination,
+                str(d.in_flight),
+                "-" if d.rate is None else f"{d.rate:.1f}",
+                when(d.paused_until),
+                d.reason or "",
+            )
+        out.print()
+        out.print(busy)
 
 
 def _print_shape(rows: Sequence[ShapeRow], as_json: bool) -> None:

@@ -250,6 +250,85 @@ class SmtpConfig:
     hostname: str | None = _setting(None, _opt(_str))
 
 
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(
+            f"expected messages per second (a number >= 0; 0 = no limit), got {value!r}"
+        )
+    return float(value)
+
+
+def _regex(value: Any) -> str:
+    text = _str(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    return text
+
+
+def _choice(*allowed: str) -> Any:
+    def parse_choice(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return str(value)
+
+    return parse_choice
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    """Per-destination limits and adaptive slow-down (see postlane.throttle)."""
+
+    enabled: bool = _setting(True, _bool)
+    #: look up MX hosts to recognise providers behind custom domains ("auto": when relay = "mx")
+    mx_lookup: str = _setting("auto", _choice("auto", "true", "false"))
+    #: messages/s a destination may still be allowed when it keeps saying "slow down"
+    min_rate: float = _setting(0.2, _rate)
+    #: messages/s added back per second of successful sends after a slow-down
+    increase: float = _setting(0.5, _rate)
+    #: how long a throttled delivery waits before it is tried again
+    cool_down: float = _setting(60.0, _duration)
+    #: consecutive connection failures that pause a destination
+    pause_after: int = _setting(3, _positive_int)
+    #: the first pause; each failed probe doubles it, up to max_pause
+    pause: float = _setting(30.0, _duration)
+    max_pause: float = _setting(1800.0, _duration)
+
+
+@dataclass(frozen=True)
+class DestinationLimits:
+    """``[destinations.NAME]``: limits of one destination (a provider like ``google``, a domain,
+    ``default`` for all others, or ``relay`` for the relay itself)."""
+
+    concurrency: int = _setting(0, _int)
+    rate: float = _setting(0.0, _rate)
+    #: recipient domains that belong to this provider (extends data/providers.toml)
+    domains: tuple[str, ...] = _setting((), _strings, env=False)
+    #: MX host suffixes that identify this provider
+    mx_suffixes: tuple[str, ...] = _setting((), _strings, env=False)
+
+
+@dataclass(frozen=True)
+class ShapingRule:
+    """``[[shaping]]``: a reply pattern and what to do about it (KumoMTA-style automation)."""
+
+    #: regular expression searched in the reply text (case-insensitive)
+    match: str | None = _setting(None, _opt(_regex))
+    #: enhanced status code, or its prefix ("4.7.28", "5.7.")
+    enhanced: str | None = _setting(None, _opt(_str))
+    #: only for these destinations (names; empty: any)
+    destinations: tuple[str, ...] = _setting((), _strings, env=False)
+    action: str = _setting("pause", _choice("pause", "rate"))
+    #: how long the pause or the rate holds
+    duration: float = _setting(600.0, _duration)
+    #: the rate to set (messages/s) for action = "rate"
+    rate: float = _setting(1.0, _rate)
+    #: act after this many matches within `within`
+    after: int = _setting(1, _positive_int)
+    within: float = _setting(300.0, _duration)
+
+
 _LANE_SECTIONS = tuple(lane.value for lane in Lane)
 
 
@@ -263,6 +342,9 @@ class Config:
     )
     http: HttpConfig = field(default_factory=HttpConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    destinations: dict[str, DestinationLimits] = field(default_factory=dict)
+    shaping: tuple[ShapingRule, ...] = ()
     #: where the configuration came from, for messages ("built-in defaults" when no file)
     source: str = "built-in defaults"
     #: the directory relative paths are resolved against
@@ -279,6 +361,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "retry": RetryConfig,
     "http": HttpConfig,
     "smtp": SmtpConfig,
+    "throttle": ThrottleConfig,
 }
 
 
@@ -376,9 +459,9 @@ def config_from_dict(
 ) -> Config:
     """Build a :class:`Config` from an already-parsed TOML document (tests use this directly)."""
     env = {} if env is None else env
-    unknown = set(data) - set(_SECTIONS) - {"lanes"}
+    unknown = set(data) - set(_SECTIONS) - {"lanes", "destinations", "shaping"}
     if unknown:
-        known = ", ".join(sorted([*_SECTIONS, "lanes"]))
+        known = ", ".join(sorted([*_SECTIONS, "lanes", "destinations", "shaping"]))
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}] (known sections: {known})")
     sections = {
         name: _build_section(cls, data.get(name, {}), name, env) for name, cls in _SECTIONS.items()
@@ -393,6 +476,22 @@ def config_from_dict(
         name: _build_section(LaneConfig, lanes_table.get(name, {}), f"lanes.{name}", env)
         for name in _LANE_SECTIONS
     }
+    destinations_table = data.get("destinations", {})
+    if not isinstance(destinations_table, Mapping):
+        raise ConfigError("destinations: expected tables like [destinations.google]")
+    destinations = {
+        str(name): _build_section(DestinationLimits, table, f"destinations.{name}", {})
+        for name, table in destinations_table.items()
+    }
+    shaping_list = data.get("shaping", [])
+    if not isinstance(shaping_list, list):
+        raise ConfigError("shaping: expected [[shaping]] tables")
+    shaping = []
+    for number, table in enumerate(shaping_list, 1):
+        rule = _build_section(ShapingRule, table, f"shaping[{number}]", {})
+        if rule.match is None and rule.enhanced is None:
+            raise ConfigError(f"shaping[{number}]: give match (a regex) or enhanced (a code)")
+        shaping.append(rule)
     http: HttpConfig = sections["http"]
     if env.get("POSTLANE_API_TOKEN"):
         http = dataclasses.replace(http, tokens=(*http.tokens, env["POSTLANE_API_TOKEN"]))
@@ -406,6 +505,9 @@ def config_from_dict(
         lanes=lanes,
         http=http,
         smtp=smtp,
+        throttle=sections["throttle"],
+        destinations=destinations,
+        shaping=tuple(shaping),
         source=source,
         base_dir=base_dir or Path.cwd(),
     )

@@ -8,6 +8,8 @@ provider, one of the first :data:`MAX_DOMAIN_LABELS` other destinations seen, el
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -47,8 +49,9 @@ class DestinationLabels:
 
 
 class _StoreGauges(Collector):
-    def __init__(self) -> None:
+    def __init__(self, label: DestinationLabels) -> None:
         self.stats: Stats | None = None
+        self.label = label
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -65,8 +68,33 @@ class _StoreGauges(Collector):
         finished = GaugeMetricFamily(
             "postlane_recipients", "Recipients kept in a final state", labels=["state"]
         )
+        rate = GaugeMetricFamily(
+            "postlane_destination_rate",
+            "Messages per second a destination is allowed now (+Inf: no limit)",
+            labels=["destination"],
+        )
+        paused = GaugeMetricFamily(
+            "postlane_destination_paused",
+            "1 while a destination is paused (repeated connection failures, shaping rules)",
+            labels=["destination"],
+        )
+        in_flight = GaugeMetricFamily(
+            "postlane_destination_in_flight",
+            "Deliveries being sent, by destination",
+            labels=["destination"],
+        )
         stats = self.stats
         if stats is not None:
+            now = time.time()
+            seen: set[str] = set()
+            for d in stats.destinations:
+                name = self.label(d.destination)
+                if name in seen:
+                    continue  # bounded label: the first of the "other" ones speaks for them
+                seen.add(name)
+                rate.add_metric([name], math.inf if d.rate is None else d.rate)
+                paused.add_metric([name], 1.0 if (d.paused_until or 0) > now else 0.0)
+                in_flight.add_metric([name], d.in_flight)
             for lane in Lane:
                 lane_stats = stats.lanes[lane]
                 for state, value in (
@@ -84,6 +112,9 @@ class _StoreGauges(Collector):
         yield oldest
         yield dead
         yield finished
+        yield rate
+        yield paused
+        yield in_flight
 
 
 class Metrics:
@@ -93,7 +124,7 @@ class Metrics:
         self.app = app
         self.registry = CollectorRegistry()
         self.destination_label = DestinationLabels()
-        self._gauges = _StoreGauges()
+        self._gauges = _StoreGauges(self.destination_label)
         self.registry.register(self._gauges)
         self.attempts = Counter(
             "postlane_delivery_attempts",

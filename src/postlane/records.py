@@ -300,6 +300,8 @@ class Stats:
     suppressed: int
     #: size of the suppression list (addresses), as opposed to recipients recorded suppressed
     suppression_list: int = 0
+    #: busy destinations: being sent to, slowed down or paused
+    destinations: tuple[DestinationStatus, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -308,6 +310,7 @@ class Stats:
             "dead": self.dead,
             "suppressed": self.suppressed,
             "suppression_list": self.suppression_list,
+            "destinations": [d.as_json() for d in self.destinations],
         }
 
 
@@ -334,6 +337,33 @@ class Selector:
     sender: str | None = None
     recipient: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DestinationStatus:
+    """What ``stats`` and the HTTP API show about a destination (also what is persisted)."""
+
+    destination: str
+    #: the rate allowed now (messages/second), None when unlimited
+    rate: float | None
+    #: the configured ceiling (None: no limit configured)
+    configured_rate: float | None
+    paused_until: float | None
+    reason: str | None
+    in_flight: int = 0
+    concurrency: int | None = None
+    updated_at: float = 0.0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "destination": self.destination,
+            "rate": None if self.rate is None else round(self.rate, 3),
+            "configured_rate": self.configured_rate,
+            "concurrency": self.concurrency,
+            "in_flight": self.in_flight,
+            "paused_until": iso(self.paused_until),
+            "reason": self.reason,
+        }
 
 
 # -- operator side -------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from typing import Protocol
 
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock, SystemClock
-from postlane.config import Config, DeliveryConfig
+from postlane.config import Config, DeliveryConfig, ThrottleConfig
 from postlane.lanes import LaneScheduler
 from postlane.message import Lane, RecipientState
 from postlane.policy import Action, Decision, Policy
 from postlane.records import AttemptRecord, ClaimedMessage, Delivery, Outcome
 from postlane.store.base import Store
+from postlane.throttle import Throttle
 from postlane.transports.base import Envelope, Response, Transport
 
 log = logging.getLogger("postlane.worker")
@@ -116,6 +117,7 @@ class Worker:
         owner: str | None = None,
         wake: asyncio.Event | None = None,
         retention: tuple[float, float] | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -129,6 +131,10 @@ class Worker:
         self.wake = wake or asyncio.Event()
         #: (sent retention, dead-letter retention) in seconds; None keeps everything
         self.retention = retention
+        self.throttle = throttle or Throttle(ThrottleConfig(enabled=False))
+        #: the relay (or provider account) every delivery also goes through, a throttle key
+        self._shared: str | None = getattr(transport, "shared_destination", None)
+        self._paused_deferred: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._slot_freed = asyncio.Event()
@@ -153,6 +159,7 @@ class Worker:
             delivery=config.delivery,
             lanes=LaneScheduler.from_config(config),
             retention=(config.store.retention, config.store.dead_retention),
+            throttle=Throttle.from_config(config),
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -186,6 +193,7 @@ class Worker:
         Returns the number of attempts made. Useful for tests with an injected clock."""
         self._start_recorder()
         before = self.attempts
+        await self.sync_throttle()
         try:
             while True:
                 claimed = await self._claim_batch()
@@ -198,6 +206,7 @@ class Worker:
         finally:
             await self._drain_tasks(timeout=None)
             await self._stop_recorder()
+            await self.sync_throttle()
         return self.attempts - before
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
@@ -211,6 +220,9 @@ class Worker:
                 continue
             # nothing due now: sleep until new mail, the next due time, or the poll interval
             next_due = await self.store.next_due_at()
+            paused = self.relay_paused_until()
+            if paused is not None:
+                next_due = paused if next_due is None else max(next_due, paused)
             timeout = poll
             if next_due is not None:
                 timeout = max(0.0, min(poll, next_due - self.clock.now()))
@@ -228,9 +240,15 @@ class Worker:
                 if stop.is_set():
                     return
 
+    def relay_paused_until(self) -> float | None:
+        """While the relay itself is paused, nothing is claimed at all."""
+        if self._shared is None:
+            return None
+        return self.throttle.paused_until(self._shared, self.clock.now())
+
     async def _claim_batch(self) -> int:
         free = self.settings.concurrency - self._in_flight
-        if free <= 0:
+        if free <= 0 or self.relay_paused_until() is not None:
             return 0
         limit = min(free, self.settings.batch_size)
         quotas = self.lanes.quotas(limit)
@@ -269,21 +287,57 @@ class Worker:
 
     # -- one message -----------------------------------------------------------------------------
 
+    def _keys(self, delivery: Delivery) -> list[str]:
+        """The throttle keys a delivery needs a slot from: its destination, and the relay."""
+        shared = self._shared
+        return [delivery.destination, shared] if shared else [delivery.destination]
+
+    def _feedback_key(self, delivery: Delivery) -> str:
+        """Whose limits a slow-down or a connection failure speaks about: the relay's when
+        relaying (the relay answered), else the destination's."""
+        return self._shared or delivery.destination
+
     async def _deliver(self, message: ClaimedMessage) -> None:
         now = self.clock.now()
         outcomes: list[Outcome] = []
         to_send: list[Delivery] = []
+        waiting: list[tuple[int, float]] = []
         for delivery in message.deliveries:
             refusal = self.policy.refuse_before_sending(
                 message.lane, attempts=delivery.attempts, created_at=delivery.created_at, now=now
             )
-            if refusal is None:
-                to_send.append(delivery)
-            else:
+            if refusal is not None:
                 outcomes.append(_dead_without_try(delivery, refusal, now))
+                continue
+            admission = self.throttle.admit(self._keys(delivery), now)
+            if admission.at is None:
+                to_send.append(delivery)
+                continue
+            waiting.append((delivery.id, admission.at))
+            if admission.paused_destination and admission.paused_destination != self._shared:
+                await self._defer_paused(admission.paused_destination, admission.at, now)
+        if waiting:
+            await self.store.defer_unattempted(
+                self.owner, waiting, now, "waiting for the destination's rate, cap or pause"
+            )
         if to_send:
-            outcomes.extend(await self._send(message, to_send))
+            try:
+                outcomes.extend(await self._send(message, to_send))
+            finally:
+                for delivery in to_send:
+                    self.throttle.release(self._keys(delivery))
         await self._record(outcomes)
+
+    async def _defer_paused(self, destination: str, until: float, now: float) -> None:
+        """Push a paused destination's backlog to the end of its pause (once per pause)."""
+        if self._paused_deferred.get(destination, 0.0) >= until:
+            return
+        self._paused_deferred[destination] = until
+        moved = await self.store.defer_destination(
+            destination, until, now, f"destination {destination} is paused"
+        )
+        if moved:
+            log.info("destination %s paused: %d waiting delivery(ies) deferred", destination, moved)
 
     async def _send(self, message: ClaimedMessage, deliveries: Sequence[Delivery]) -> list[Outcome]:
         envelope = Envelope(
@@ -329,6 +383,13 @@ class Worker:
         now: float,
     ) -> Outcome:
         verdict = response.verdict()
+        feedback = self._feedback_key(delivery)
+        self.throttle.observe(feedback, verdict, now)
+        if feedback != delivery.destination and verdict.cls is ReplyClass.DELIVERED:
+            self.throttle.observe(delivery.destination, verdict, now)
+        cool_down = response.retry_after
+        if cool_down is None and verdict.cls is ReplyClass.THROTTLED:
+            cool_down = self.throttle.cool_down(feedback, now)
         decision = self.policy.decide(
             verdict,
             lane=message.lane,
@@ -336,7 +397,7 @@ class Worker:
             deferrals=delivery.deferrals,
             created_at=delivery.created_at,
             now=now,
-            cool_down=response.retry_after,
+            cool_down=cool_down,
         )
         self.attempts += 1
         self.observer.attempted(
@@ -463,10 +524,11 @@ class Worker:
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         """Return deliveries of dead workers (lease expired) and remove old finished messages."""
-        interval = max(min(self.settings.lease / 2, 30.0), 0.05)
+        interval = max(min(self.settings.lease / 2, 1.0), 0.05)
         last_purge = 0.0
         while not stop.is_set():
             try:
+                await self.sync_throttle()
                 reaped = await self.store.reap_expired_leases(self.clock.now())
                 if reaped:
                     log.warning(
@@ -479,6 +541,17 @@ class Worker:
             except Exception:
                 log.exception("housekeeping failed")
             await _first_of(stop.wait(), timeout=interval)
+
+    async def sync_throttle(self) -> None:
+        """Persist this worker's pauses and slow-downs; adopt other processes' and operators'."""
+        if not self.throttle.enabled:
+            return
+        now = self.clock.now()
+        changes = self.throttle.changes(now)
+        if changes:
+            await self.store.save_destination_states(changes)
+        for status in await self.store.destination_states():
+            self.throttle.adopt(status, now)
 
     async def _purge(self) -> None:
         if self.retention is None:

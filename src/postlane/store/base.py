@@ -12,6 +12,7 @@ from postlane.records import (
     ClaimedMessage,
     DeadGroup,
     DeadLetter,
+    DestinationStatus,
     EnqueueResult,
     ExportedMessage,
     MessageView,
@@ -139,8 +140,9 @@ class Store(Protocol):
         """Held deliveries become due now."""
         ...
 
-    async def delete_deliveries(self, delivery_ids: Sequence[int]) -> int:
-        """Remove deliveries (with their attempts); a message left without any goes too."""
+    async def delete_deliveries(self, delivery_ids: Sequence[int], states: Sequence[str]) -> int:
+        """Remove deliveries still in ``states`` (with their attempts); a message left without
+        any goes too. A delivery that moved to another state meanwhile is left alone."""
         ...
 
     async def requeue_dead(self, delivery_ids: Sequence[int], now: float) -> list[float]:
@@ -160,6 +162,34 @@ class Store(Protocol):
 
     async def shape(self, now: float, edges: Sequence[float], *, limit: int) -> list[ShapeRow]:
         """Waiting recipients by domain and age bucket (qshape); ``edges`` in seconds."""
+        ...
+
+    # -- throttling ------------------------------------------------------------------------------
+
+    async def defer_unattempted(
+        self, owner: str, deferrals: Sequence[tuple[int, float]], now: float, reason: str
+    ) -> int:
+        """Hand leased deliveries back to wait until the given times, using no attempt (their
+        destination cannot take them now)."""
+        ...
+
+    async def defer_destination(
+        self, destination: str, until: float, now: float, reason: str
+    ) -> int:
+        """Push every waiting delivery of a paused destination to the end of its pause."""
+        ...
+
+    async def save_destination_states(self, statuses: Sequence[DestinationStatus]) -> None:
+        """Record destinations' pauses and rates, for other processes and for ``stats``."""
+        ...
+
+    async def destination_states(self) -> list[DestinationStatus]:
+        """Recorded pauses and rates, with how many deliveries are being sent to each."""
+        ...
+
+    async def lift_destinations(self, destinations: Sequence[str] | None, now: float) -> int:
+        """End pauses and slow-downs (all when None) and make their deferred deliveries due
+        now; returns how many deliveries became due."""
         ...
 
     # -- suppression -----------------------------------------------------------------------------

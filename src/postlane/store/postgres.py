@@ -39,6 +39,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from postlane.classify import ReplyClass
+from postlane.destinations import destination_for
 from postlane.errors import ConfigError, NotFound, StoreUnavailable
 from postlane.message import FINAL_STATES, Lane, PreparedMessage, RecipientState
 from postlane.records import (
@@ -47,6 +48,7 @@ from postlane.records import (
     DeadGroup,
     DeadLetter,
     Delivery,
+    DestinationStatus,
     EnqueueResult,
     ExportedMessage,
     ExportedRecipient,
@@ -99,8 +101,6 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
     transaction the driver's connection is in. A constant number of statements per batch: the
     suppression check, the message rows, the recipient rows, the notification (and a look-up
     of existing ids when an idempotency key was already stored)."""
-    from postlane.destinations import destination_for
-
     addresses = sorted({r.address.lower() for m in messages for r in m.recipients})
     suppressed: set[str] = set()
     if addresses:
@@ -134,9 +134,7 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
 
     new = [m for m in messages if m.id in stored]
     if new:
-        yield Statement(
-            Q["insert_deliveries"], _delivery_columns(new, suppressed, now, destination_for)
-        )
+        yield Statement(Q["insert_deliveries"], _delivery_columns(new, suppressed, now))
         yield Statement(Q["notify_enqueued"], {})
     results: list[EnqueueResult] = []
     seen: set[str] = set()
@@ -153,7 +151,7 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
 
 
 def in_schema(plan: Plan[T], schema: str | None) -> Plan[T]:
-    """Run ``plan`` with ``schema`` first on the search_path for those statements only: the
+    """Run ``plan`` with the search_path set to ``schema`` for its statements only: the
     caller's transaction gets its own search_path back afterwards (the transactional outbox)."""
     if schema is None:
         return (yield from plan)
@@ -215,10 +213,7 @@ def _message_columns(
 
 
 def _delivery_columns(
-    messages: Sequence[PreparedMessage],
-    suppressed: set[str],
-    now: float,
-    destination_for: Callable[[str], str],
+    messages: Sequence[PreparedMessage], suppressed: set[str], now: float
 ) -> dict[str, list[Any]]:
     """insert_deliveries's parameters: one array per column, a row per recipient."""
     columns: dict[str, list[Any]] = defaultdict(list)
@@ -372,13 +367,14 @@ class PostgresStore:
             try:
                 async with conn.transaction():
                     await conn.execute(Q["lock_migrations"], {"schema": self.schema or ""})
-                    if self.schema:
+                    if self.schema and not await _scalar(
+                        conn, Q["schema_exists"], {"schema": self.schema}
+                    ):
                         await conn.execute(
-                            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
-                                sql.Identifier(self.schema)
-                            )
+                            sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema))
                         )
-                    await conn.execute(Q["create_version_table"])
+                    if not await _scalar(conn, Q["version_table_exists"]):
+                        await conn.execute(Q["create_version_table"])
                     version = await _scalar(conn, Q["schema_version"])
                     if version > SCHEMA_VERSION:
                         raise StoreUnavailable(
@@ -733,6 +729,73 @@ class PostgresStore:
 
         return await self._run(run)
 
+    # -- throttling ------------------------------------------------------------------------------
+
+    async def defer_unattempted(
+        self, owner: str, deferrals: Sequence[tuple[int, float]], now: float, reason: str
+    ) -> int:
+        first = dict(reversed(deferrals))  # a delivery listed twice: its first time wins
+        if not first:
+            return 0
+        params = {
+            "id": list(first),
+            "next_attempt_at": list(first.values()),
+            "owner": owner,
+            "now": now,
+            "reason": reason,
+        }
+        return await self._run(lambda conn: _rowcount(conn, Q["defer_unattempted"], params))
+
+    async def defer_destination(
+        self, destination: str, until: float, now: float, reason: str
+    ) -> int:
+        params = {"destination": destination, "until": until, "now": now, "reason": reason}
+        return await self._run(lambda conn: _rowcount(conn, Q["defer_destination"], params))
+
+    async def save_destination_states(self, statuses: Sequence[DestinationStatus]) -> None:
+        # one row per destination (an upsert may not touch a row twice): the last one wins
+        latest = {s.destination: s for s in statuses}
+        if not latest:
+            return
+        params = {
+            "destination": list(latest),
+            "rate": [s.rate for s in latest.values()],
+            "paused_until": [s.paused_until for s in latest.values()],
+            "reason": [s.reason for s in latest.values()],
+            "updated_at": [s.updated_at for s in latest.values()],
+        }
+        await self._run(lambda conn: _rowcount(conn, Q["save_destination_states"], params))
+
+    async def destination_states(self) -> list[DestinationStatus]:
+        async def run(conn: Conn) -> list[DestinationStatus]:
+            sending = {name: int(n) for name, n in await _fetch(conn, Q["sending_by_destination"])}
+            states = {
+                name: DestinationStatus(
+                    name, rate, None, paused, reason, sending.get(name, 0), None, at
+                )
+                for name, rate, paused, reason, at in await _fetch(conn, Q["destination_states"])
+            }
+            for name, count in sending.items():
+                if name not in states:
+                    states[name] = DestinationStatus(name, None, None, None, None, count)
+            return sorted(states.values(), key=lambda s: s.destination)
+
+        return await self._run(run, snapshot=True)
+
+    async def lift_destinations(self, destinations: Sequence[str] | None, now: float) -> int:
+        async def run(conn: Conn) -> int:
+            if destinations is None:
+                rows = await _fetch(conn, Q["lift_all_destinations"], {"now": now})
+                names = [row[0] for row in rows]
+            else:
+                names = list(destinations)
+                await conn.execute(Q["lift_destinations"], {"destinations": names, "now": now})
+            return await _rowcount(
+                conn, Q["flush_destinations"], {"destinations": names, "now": now}
+            )
+
+        return await self._run(run)
+
     # -- suppression -----------------------------------------------------------------------------
 
     async def list_suppressions(self, *, limit: int) -> list[Suppression]:
@@ -800,7 +863,8 @@ async def _claim(
     lease_until: float,
 ) -> list[ClaimedMessage]:
     """Each lane's quota in the order given, then fill up to ``limit`` from the lanes in that
-    order (exactly as the SQLite store's claim)."""
+    order, then the other due recipients of the messages reached (as the SQLite store's
+    claim)."""
     rows: list[Row] = []
     params = {"owner": owner, "now": now, "lease_until": lease_until}
     for lane, quota in quotas:
@@ -815,6 +879,8 @@ async def _claim(
         rows += await _fetch(conn, Q["claim_lane"], {**params, "lane": lane.value, "limit": fill})
     if not rows:
         return []
+    queue_ids = list(dict.fromkeys(row[1] for row in rows))
+    rows += await _fetch(conn, Q["claim_rest_of_messages"], {**params, "queue_ids": queue_ids})
     by_message: dict[str, list[Delivery]] = defaultdict(list)
     for delivery_id, queue_id, address, domain, destination, attempts, deferrals, created in rows:
         by_message[queue_id].append(
@@ -1012,9 +1078,15 @@ async def _export(conn: Conn, delivery_ids: list[int]) -> list[ExportedMessage]:
     for row in await _fetch(conn, Q["export_recipients"], {"ids": delivery_ids}):
         recipients[row[0]].append(row[1:])
     histories = await _histories(conn, [r[0] for rows in recipients.values() for r in rows])
+    messages = {
+        row[0]: row
+        for row in await _fetch(conn, Q["messages_with_content"], {"ids": list(recipients)})
+    }
     exported = []
-    for row in await _fetch(conn, Q["messages_with_content"], {"ids": list(recipients)}):
-        queue_id, lane, sender, subject, message_id, key, metadata, created_at, content = row
+    for queue_id in recipients:
+        _id, lane, sender, subject, message_id, key, metadata, created_at, content = messages[
+            queue_id
+        ]
         exported.append(
             ExportedMessage(
                 id=queue_id,

@@ -36,6 +36,7 @@ from postlane.records import (
     DeadGroup,
     DeadLetter,
     Delivery,
+    DestinationStatus,
     EnqueueResult,
     ExportedMessage,
     ExportedRecipient,
@@ -549,8 +550,8 @@ class SQLiteStore:
 
         return await self._write(run)
 
-    async def delete_deliveries(self, delivery_ids: Sequence[int]) -> int:
-        return await self._write(lambda conn: _delete(conn, list(delivery_ids)))
+    async def delete_deliveries(self, delivery_ids: Sequence[int], states: Sequence[str]) -> int:
+        return await self._write(lambda conn: _delete(conn, list(delivery_ids), list(states)))
 
     async def requeue_dead(self, delivery_ids: Sequence[int], now: float) -> list[float]:
         return await self._write(lambda conn: _requeue(conn, list(delivery_ids), now))
@@ -591,6 +592,80 @@ class SQLiteStore:
             ]
 
         return await self._read(run)
+
+    # -- throttling ------------------------------------------------------------------------------
+
+    async def defer_unattempted(
+        self,
+        owner: str,
+        deferrals: Sequence[tuple[int, float]],
+        now: float,
+        reason: str,
+    ) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return sum(
+                conn.execute(
+                    Q["defer_unattempted"],
+                    {"id": i, "owner": owner, "next_attempt_at": t, "now": now, "reason": reason},
+                ).rowcount
+                for i, t in deferrals
+            )
+
+        return await self._write(run)
+
+    async def defer_destination(
+        self, destination: str, until: float, now: float, reason: str
+    ) -> int:
+        params = {"destination": destination, "until": until, "now": now, "reason": reason}
+        return await self._write(
+            lambda conn: int(conn.execute(Q["defer_destination"], params).rowcount)
+        )
+
+    async def save_destination_states(self, statuses: Sequence[DestinationStatus]) -> None:
+        rows = [
+            {
+                "destination": s.destination,
+                "rate": s.rate,
+                "paused_until": s.paused_until,
+                "reason": s.reason,
+                "updated_at": s.updated_at,
+            }
+            for s in statuses
+        ]
+        await self._write(lambda conn: conn.executemany(Q["save_destination_state"], rows))
+
+    async def destination_states(self) -> list[DestinationStatus]:
+        def run(conn: sqlite3.Connection) -> list[DestinationStatus]:
+            sending = dict(conn.execute(Q["sending_by_destination"]).fetchall())
+            states = {
+                name: DestinationStatus(
+                    name, rate, None, paused, reason, sending.get(name, 0), None, at
+                )
+                for name, rate, paused, reason, at in conn.execute(Q["destination_states"])
+            }
+            for name, count in sending.items():
+                if name not in states:
+                    states[name] = DestinationStatus(name, None, None, None, None, count)
+            return sorted(states.values(), key=lambda s: s.destination)
+
+        return await self._read(run)
+
+    async def lift_destinations(self, destinations: Sequence[str] | None, now: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            if destinations is None:
+                conn.execute(Q["lift_all_destinations"], {"now": now})
+                names = [r[0] for r in conn.execute("SELECT destination FROM destination_state")]
+            else:
+                names = list(destinations)
+                for name in names:
+                    conn.execute(Q["lift_destination"], {"destination": name, "now": now})
+            return int(
+                conn.execute(
+                    Q["flush_destinations"], {"destinations": json.dumps(names), "now": now}
+                ).rowcount
+            )
+
+        return await self._write(run)
 
     # -- suppression -----------------------------------------------------------------------------
 
@@ -875,8 +950,9 @@ def _reap(conn: sqlite3.Connection, now: float) -> int:
             return total
 
 
-def _delete(conn: sqlite3.Connection, delivery_ids: list[int]) -> int:
-    rows = conn.execute(Q["delete_deliveries"], {"ids": json.dumps(delivery_ids)}).fetchall()
+def _delete(conn: sqlite3.Connection, delivery_ids: list[int], states: list[str]) -> int:
+    params = {"ids": json.dumps(delivery_ids), "states": json.dumps(states)}
+    rows = conn.execute(Q["delete_deliveries"], params).fetchall()
     now = time.time()
     for queue_id in {row[0] for row in rows}:
         conn.execute(Q["delete_empty_message"], {"queue_id": queue_id})

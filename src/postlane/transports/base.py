@@ -49,6 +49,10 @@ def no_reply(text: str, relay: str, cls: ReplyClass = ReplyClass.CONNECTION) -> 
 
 
 class Transport(Protocol):
+    """Send one message to some recipients. A transport may also have a
+    ``shared_destination`` attribute: the throttle destination every delivery goes through
+    (a relay, a provider account), charged with its slow-downs and connection failures."""
+
     #: how attempts name this transport ("smtp://host:port", "capture:///path")
     name: str
 

@@ -265,6 +265,10 @@ def _payload(content: bytes) -> bytes:
 class SMTPRelayTransport:
     """Deliver everything to one relay (smarthost) over pooled SMTP connections."""
 
+    #: every delivery also goes through the relay: a throttle destination of its own
+    #: (``[destinations.relay]``), which slow-downs and connection failures are charged to
+    shared_destination = "relay"
+
     def __init__(self, settings: RelaySettings) -> None:
         self.settings = settings
         self.name = settings.name

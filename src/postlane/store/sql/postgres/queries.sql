@@ -11,9 +11,18 @@
 -- Serialise schema changes of one schema: processes starting together queue up here.
 SELECT pg_advisory_xact_lock(hashtextextended('postlane.migrate:' || %(schema)s, 0));
 
+-- name: schema_exists
+-- Whether a schema exists (checked first: CREATE SCHEMA IF NOT EXISTS would still need the
+-- CREATE privilege on the database, which a DBA-made schema's user may lack).
+SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s);
+
+-- name: version_table_exists
+-- Whether postlane_schema_version exists where the search_path points.
+SELECT to_regclass('postlane_schema_version') IS NOT NULL;
+
 -- name: create_version_table
 -- The applied migrations; created before any migration so the first one can be recorded.
-CREATE TABLE IF NOT EXISTS postlane_schema_version (
+CREATE TABLE postlane_schema_version (
     version    integer PRIMARY KEY,
     name       text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
@@ -112,6 +121,21 @@ WHERE id IN (
     WHERE state IN ('queued', 'deferred') AND lane = %(lane)s AND next_attempt_at <= %(now)s
     ORDER BY next_attempt_at
     LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;
+
+-- name: claim_rest_of_messages
+-- Lease the other due deliveries of messages a claim reached, so one message's recipients go
+-- out in one transaction (a claim may pass its limit by the rest of one message). SKIP LOCKED
+-- as above: a recipient another host's claim holds is that host's to send.
+UPDATE deliveries
+SET state = 'sending', lease_owner = %(owner)s, lease_expires_at = %(lease_until)s,
+    updated_at = %(now)s
+WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE queue_id = ANY(%(queue_ids)s::text[])
+      AND state IN ('queued', 'deferred') AND next_attempt_at <= %(now)s
     FOR UPDATE SKIP LOCKED
 )
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;
@@ -392,8 +416,12 @@ UPDATE deliveries SET hold_after = false
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'sending';
 
 -- name: delete_deliveries
--- Remove deliveries; their attempts go with them (ON DELETE CASCADE).
-DELETE FROM deliveries WHERE id = ANY(%(ids)s::bigint[]) RETURNING queue_id;
+-- Remove deliveries; their attempts go with them (ON DELETE CASCADE). Never one being sent:
+-- a worker on another host may have leased it since the operator selected it (and exported
+-- it as waiting), and deleting it then would let an import send it a second time.
+DELETE FROM deliveries
+WHERE id = ANY(%(ids)s::bigint[]) AND state <> 'sending'
+RETURNING queue_id;
 
 -- name: delete_empty_messages
 -- Remove messages none of whose recipients is left.
@@ -425,13 +453,14 @@ FROM unnest(%(queue_id)s::text[], %(address)s::text[], %(class)s::text[],
 -- name: messages_with_content
 -- Some messages' stored fields and bytes.
 SELECT id, lane, sender, subject, message_id, idempotency_key, metadata, created_at, content
-FROM messages WHERE id = ANY(%(ids)s::text[]) ORDER BY id;
+FROM messages WHERE id = ANY(%(ids)s::text[]);
 
 -- name: export_recipients
--- Some deliveries, everything about them, by message and in the order given.
+-- Some deliveries, everything about them, in id order (so messages come in the order of
+-- their first selected recipient, as in the SQLite store).
 SELECT queue_id, id, address, domain, destination, state, attempts, deferrals,
        next_attempt_at, created_at, last_code, last_enhanced, last_text, last_class, reason
-FROM deliveries WHERE id = ANY(%(ids)s::bigint[]) ORDER BY queue_id, id;
+FROM deliveries WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id;
 
 -- name: message_or_key
 -- Whether a message id is stored, and whether an idempotency key is held (by any message).
@@ -458,3 +487,60 @@ VALUES (%(queue_id)s, %(address)s, %(domain)s, %(destination)s, %(lane)s, %(crea
         %(state)s, %(attempts)s, %(deferrals)s, %(next_attempt_at)s, %(code)s, %(enhanced)s,
         %(text)s, %(class)s, %(reason)s, %(now)s)
 RETURNING id;
+
+-- name: defer_unattempted
+-- Hand leased deliveries back to wait until given times, without an attempt (a destination
+-- that cannot take them now: rate, concurrency, pause).
+UPDATE deliveries AS d
+SET state = CASE WHEN d.hold_after THEN 'held'
+                 WHEN o.next_attempt_at > %(now)s THEN 'deferred' ELSE 'queued' END,
+    next_attempt_at = o.next_attempt_at, lease_owner = NULL, lease_expires_at = NULL,
+    hold_after = false, reason = %(reason)s, updated_at = %(now)s
+FROM unnest(%(id)s::bigint[], %(next_attempt_at)s::float8[]) AS o (id, next_attempt_at)
+WHERE d.id = o.id AND d.lease_owner = %(owner)s AND d.state = 'sending';
+
+-- name: defer_destination
+-- Push every waiting delivery of a paused destination to the end of its pause, so claims do
+-- not walk over them meanwhile (uses deliveries_destination).
+UPDATE deliveries
+SET next_attempt_at = %(until)s, reason = %(reason)s, updated_at = %(now)s
+WHERE destination = %(destination)s AND state IN ('queued', 'deferred')
+  AND next_attempt_at < %(until)s;
+
+-- name: flush_destinations
+-- A flush makes the deferred deliveries of these destinations due now.
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = %(now)s, reason = 'flushed', updated_at = %(now)s
+WHERE destination = ANY(%(destinations)s::text[])
+  AND state IN ('queued', 'deferred') AND next_attempt_at > %(now)s;
+
+-- name: save_destination_states
+-- Record destinations' pauses and rates (upsert; one row per destination in a batch).
+INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
+SELECT *
+FROM unnest(%(destination)s::text[], %(rate)s::float8[], %(paused_until)s::float8[],
+            %(reason)s::text[], %(updated_at)s::float8[])
+ON CONFLICT (destination) DO UPDATE
+SET rate = excluded.rate, paused_until = excluded.paused_until, reason = excluded.reason,
+    updated_at = excluded.updated_at;
+
+-- name: destination_states
+-- Every destination's recorded pause and rate.
+SELECT destination, rate, paused_until, reason, updated_at FROM destination_state
+ORDER BY destination;
+
+-- name: lift_destinations
+-- An operator's flush ends some destinations' pauses and slow-downs.
+UPDATE destination_state
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = %(now)s
+WHERE destination = ANY(%(destinations)s::text[]);
+
+-- name: lift_all_destinations
+-- An operator's flush of everything ends every pause and slow-down; returns the destinations.
+UPDATE destination_state
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = %(now)s
+RETURNING destination;
+
+-- name: sending_by_destination
+-- Deliveries being sent now, by destination.
+SELECT destination, count(*) FROM deliveries WHERE state = 'sending' GROUP BY destination;

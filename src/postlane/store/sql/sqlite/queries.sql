@@ -211,8 +211,11 @@ UPDATE deliveries SET hold_after = 0
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'sending';
 
 -- name: delete_deliveries
--- Remove deliveries; their attempts go with them (ON DELETE CASCADE).
-DELETE FROM deliveries WHERE id IN (SELECT value FROM json_each(:ids)) RETURNING queue_id;
+-- Remove deliveries still in the given states (one a worker claimed meanwhile is left alone);
+-- their attempts go with them (ON DELETE CASCADE).
+DELETE FROM deliveries
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state IN (SELECT value FROM json_each(:states))
+RETURNING queue_id;
 
 -- name: delete_empty_message
 -- Remove a message none of whose recipients is left.
@@ -277,3 +280,57 @@ SET state = 'sending', lease_owner = :owner, lease_expires_at = :lease_until, up
 WHERE queue_id IN (SELECT value FROM json_each(:queue_ids))
   AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;
+
+-- name: defer_unattempted
+-- Hand a leased delivery back to wait until a given time, without an attempt (a destination
+-- that cannot take it now: rate, concurrency, pause).
+UPDATE deliveries
+SET state = CASE WHEN hold_after = 1 THEN 'held'
+                 WHEN :next_attempt_at > :now THEN 'deferred' ELSE 'queued' END,
+    next_attempt_at = :next_attempt_at, lease_owner = NULL, lease_expires_at = NULL,
+    hold_after = 0, reason = :reason, updated_at = :now
+WHERE id = :id AND lease_owner = :owner AND state = 'sending';
+
+-- name: defer_destination
+-- Push every waiting delivery of a paused destination to the end of its pause, so claims do
+-- not walk over them meanwhile (uses deliveries_destination).
+UPDATE deliveries
+SET next_attempt_at = :until, reason = :reason, updated_at = :now
+WHERE destination = :destination AND state IN ('queued', 'deferred')
+  AND next_attempt_at < :until;
+
+-- name: flush_destinations
+-- A flush makes the deferred deliveries of these destinations due now.
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = :now, reason = 'flushed', updated_at = :now
+WHERE destination IN (SELECT value FROM json_each(:destinations))
+  AND state IN ('queued', 'deferred') AND next_attempt_at > :now;
+
+-- name: save_destination_state
+-- Record a destination's pause and rate (upsert).
+INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
+VALUES (:destination, :rate, :paused_until, :reason, :updated_at)
+ON CONFLICT (destination) DO UPDATE
+SET rate = excluded.rate, paused_until = excluded.paused_until, reason = excluded.reason,
+    updated_at = excluded.updated_at;
+
+-- name: destination_states
+-- Every destination's recorded pause and rate.
+SELECT destination, rate, paused_until, reason, updated_at FROM destination_state
+ORDER BY destination;
+
+-- name: lift_destination
+-- An operator's flush ends a destination's pause and slow-down.
+UPDATE destination_state
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now
+WHERE destination = :destination;
+
+-- name: lift_all_destinations
+-- An operator's flush of everything ends every pause and slow-down.
+UPDATE destination_state
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now;
+
+-- name: sending_by_destination
+-- Deliveries being sent now, by destination.
+SELECT destination, count(*) FROM deliveries INDEXED BY deliveries_leased
+WHERE state = 'sending' GROUP BY destination;

@@ -1,0 +1,367 @@
+"""Per-destination throttling: send as fast as each destination allows, and no faster.
+
+Each destination (a provider such as ``google``, a recipient domain, or the relay itself) has:
+
+- a **concurrency** cap (sends in flight) and a **rate** (a token bucket, messages/second), from
+  ``[destinations.NAME]`` with ``[destinations.default]`` for the others (0 = no limit);
+- an **adaptive rate**: a ``throttled`` reply sets the allowed rate to half of what was being
+  sent (never below ``min_rate``), at most once a second; every successful send lets it creep
+  back by ``increase`` messages/second per second (additive increase, multiplicative decrease:
+  the rate settles just under what the destination accepts, with few refusals);
+- a **pause**: after ``pause_after`` consecutive ``connection`` failures (refused, DNS, TLS), or
+  when a ``[[shaping]]`` rule says so, nothing is sent to it until the pause ends; then one
+  delivery probes: success opens it again, failure pauses it again for twice as long (up to
+  ``max_pause``).
+
+The :class:`Throttle` is pure bookkeeping with an injected clock: the worker asks
+:meth:`Throttle.admit` before each send (``None``: go; a time: come back then, no attempt used),
+reports each result to :meth:`Throttle.observe`, and persists what :meth:`Throttle.changes`
+returns so that ``stats``, the HTTP API and other workers see pauses and rates.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from postlane.classify import ReplyClass, Verdict
+from postlane.config import Config, DestinationLimits, ShapingRule, ThrottleConfig
+from postlane.records import DestinationStatus
+
+#: the reason recorded when an operator lifts a pause or slow-down (``queue flush``)
+LIFTED = "lifted by an operator"
+#: a shaping rule or a slow-down never acts on one destination more than once per this
+DECREASE_INTERVAL = 1.0
+#: successes are counted over this window to know the rate that was actually being sent
+MEASURE_WINDOW = 2.0
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The answer of :meth:`Throttle.admit`: ``at`` None means go now."""
+
+    at: float | None
+    #: set when a destination is paused (or probing after a pause): the worker defers that
+    #: destination's whole backlog instead of sending deliveries back one by one
+    paused_destination: str | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.at is None
+
+
+@dataclass
+class _Destination:
+    name: str
+    limits: DestinationLimits
+    rate: float | None  # allowed now; None: no limit
+    tokens: float = 1.0
+    refilled_at: float = 0.0
+    in_flight: int = 0
+    failures: int = 0  # consecutive connection failures
+    pause_level: int = 0
+    paused_until: float | None = None
+    probing: bool = False
+    reason: str | None = None
+    last_decrease: float = float("-inf")
+    sent: deque[float] = field(default_factory=deque)
+    #: slots promised to deliveries sent back to wait: the next one goes after this
+    reserved_until: float = 0.0
+    changed: bool = False
+    #: the newest recorded state this process has seen (its own or another's)
+    synced_at: float = float("-inf")
+
+    @property
+    def configured_rate(self) -> float | None:
+        return self.limits.rate or None
+
+
+class Throttle:
+    def __init__(
+        self,
+        settings: ThrottleConfig,
+        limits: dict[str, DestinationLimits] | None = None,
+        rules: Sequence[ShapingRule] = (),
+    ) -> None:
+        self.settings = settings
+        self._limits = dict(limits or {})
+        self._default = self._limits.get("default", DestinationLimits())
+        self._destinations: dict[str, _Destination] = {}
+        self._rules = [(rule, _compile(rule)) for rule in rules]
+        self._rule_hits: dict[tuple[int, str], deque[float]] = {}
+
+    @classmethod
+    def from_config(cls, config: Config) -> Throttle:
+        return cls(config.throttle, config.destinations, config.shaping)
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    def _get(self, name: str) -> _Destination:
+        state = self._destinations.get(name)
+        if state is None:
+            limits = self._limits.get(name, self._default)
+            state = _Destination(name, limits, rate=limits.rate or None)
+            self._destinations[name] = state
+        return state
+
+    # -- before a send -----------------------------------------------------------------------
+
+    def admit(self, keys: Iterable[str], now: float) -> Admission:
+        """May a delivery go to all of ``keys`` now? If so its slot is taken (call
+        :meth:`release` when the send is over). If not, :class:`Admission` says when to come
+        back: deliveries sent back for a rate or a concurrency cap get successive slots, so a
+        backlog is spread over time instead of coming back all at once."""
+        if not self.enabled:
+            return Admission(None)
+        states = [self._get(key) for key in keys]
+        worst: tuple[float, _Destination, bool] | None = None
+        for state in states:
+            wait, paused = self._wait(state, now)
+            if wait > 0 and (worst is None or wait > worst[0]):
+                worst = (wait, state, paused)
+        if worst is not None:
+            wait, state, paused = worst
+            if paused:
+                return Admission(now + wait, paused_destination=state.name)
+            slot = max(now + wait, state.reserved_until)
+            state.reserved_until = slot + self._interval(state, now)
+            return Admission(slot)
+        for state in states:
+            self._refill(state, now)
+            if state.rate is not None:
+                state.tokens -= 1.0
+            state.in_flight += 1
+        return Admission(None)
+
+    def _wait(self, state: _Destination, now: float) -> tuple[float, bool]:
+        """(seconds to wait, whether because of a pause or a probe)."""
+        if state.paused_until is not None:
+            if now < state.paused_until:
+                return state.paused_until - now, True
+            state.probing = True  # the pause is over: one delivery probes first
+        if state.probing and state.in_flight >= 1:
+            return min(5.0, self.settings.cool_down), True
+        limit = state.limits.concurrency
+        if limit and state.in_flight >= limit:
+            return self._interval(state, now), False
+        if state.rate is None:
+            return 0.0, False
+        self._refill(state, now)
+        if state.tokens >= 1.0:
+            return 0.0, False
+        return (1.0 - state.tokens) / max(state.rate, 1e-6), False
+
+    def _interval(self, state: _Destination, now: float) -> float:
+        """The spacing of slots given to waiting deliveries: the rate's, or for a concurrency
+        cap the rate at which sends are finishing."""
+        if state.rate is not None:
+            return 1.0 / max(state.rate, 1e-6)
+        finishing = max(self._sent_rate(state, now), float(state.limits.concurrency or 1))
+        return 1.0 / finishing
+
+    def _refill(self, state: _Destination, now: float) -> None:
+        if state.rate is None:
+            return
+        burst = max(1.0, state.rate)  # at most a second's worth saved up
+        if now > state.refilled_at:
+            state.tokens = min(burst, state.tokens + (now - state.refilled_at) * state.rate)
+        state.refilled_at = now
+
+    def release(self, keys: Iterable[str]) -> None:
+        if not self.enabled:
+            return
+        for key in keys:
+            state = self._get(key)
+            state.in_flight = max(0, state.in_flight - 1)
+
+    # -- after a send ------------------------------------------------------------------------
+
+    def observe(self, key: str, verdict: Verdict, now: float) -> None:
+        """Adapt ``key``'s limits to one reply."""
+        if not self.enabled:
+            return
+        state = self._get(key)
+        cls = verdict.cls
+        if cls is ReplyClass.CONNECTION:
+            if state.paused_until is not None and now < state.paused_until:
+                return  # results of sends started before the pause: already counted
+            state.failures += 1
+            if state.probing or state.failures >= self.settings.pause_after:
+                self._pause(
+                    state, now, f"{state.failures} connection failure(s): {verdict.text[:200]}"
+                )
+        elif cls is ReplyClass.THROTTLED:
+            state.failures = 0
+            self._slow_down(state, now, f"throttled: {verdict.text[:200]}")
+        else:
+            state.failures = 0
+            if state.probing or state.paused_until is not None:
+                state.probing = False
+                state.paused_until = None
+                state.pause_level = 0
+                state.reason = None
+                state.changed = True
+            if cls is ReplyClass.DELIVERED:
+                self._speed_up(state, now)
+        self._apply_rules(state, verdict, now)
+
+    def _pause(
+        self, state: _Destination, now: float, reason: str, duration: float | None = None
+    ) -> None:
+        if duration is None:
+            duration = min(self.settings.max_pause, self.settings.pause * 2**state.pause_level)
+            state.pause_level += 1
+        state.paused_until = now + duration
+        state.probing = False
+        state.failures = 0
+        state.reason = reason
+        state.changed = True
+
+    def _sent_rate(self, state: _Destination, now: float) -> float:
+        while state.sent and state.sent[0] < now - MEASURE_WINDOW:
+            state.sent.popleft()
+        return len(state.sent) / MEASURE_WINDOW
+
+    def _slow_down(self, state: _Destination, now: float, reason: str) -> None:
+        if now - state.last_decrease < DECREASE_INTERVAL:
+            return
+        state.last_decrease = now
+        measured = self._sent_rate(state, now)
+        if state.rate is None:
+            # no limit so far: what was being sent (at least what is in flight right now)
+            current = max(measured, float(state.in_flight), 2 * self.settings.min_rate)
+        else:
+            current = min(state.rate, measured) if measured else state.rate
+        new_rate = max(self.settings.min_rate, current / 2)
+        state.rate = new_rate
+        state.tokens = min(state.tokens, 0.0)
+        state.reason = reason
+        state.changed = True
+
+    def _speed_up(self, state: _Destination, now: float) -> None:
+        state.sent.append(now)
+        while state.sent[0] < now - MEASURE_WINDOW:
+            state.sent.popleft()
+        if state.rate is None:
+            return
+        # additive increase: `increase` messages/s per second of sending at the current rate
+        state.rate += self.settings.increase / max(state.rate, 1e-6)
+        ceiling = state.configured_rate
+        if ceiling is not None and state.rate >= ceiling:
+            state.rate = ceiling
+            if state.reason and state.reason.startswith("throttled"):
+                state.reason = None
+                state.changed = True
+
+    def _apply_rules(self, state: _Destination, verdict: Verdict, now: float) -> None:
+        for number, (rule, pattern) in enumerate(self._rules):
+            if rule.destinations and not any(
+                fnmatch.fnmatchcase(state.name, glob) for glob in rule.destinations
+            ):
+                continue
+            if rule.enhanced is not None and not (verdict.enhanced or "").startswith(rule.enhanced):
+                continue
+            if pattern is not None and not pattern.search(verdict.text):
+                continue
+            hits = self._rule_hits.setdefault((number, state.name), deque())
+            hits.append(now)
+            while hits and hits[0] < now - rule.within:
+                hits.popleft()
+            if len(hits) < rule.after:
+                continue
+            hits.clear()
+            what = rule.match or rule.enhanced
+            if rule.action == "pause":
+                self._pause(state, now, f"shaping rule {number + 1} ({what})", rule.duration)
+            else:
+                state.rate = rule.rate
+                state.tokens = min(state.tokens, 0.0)
+                state.reason = f"shaping rule {number + 1} ({what}): rate {rule.rate}/s"
+                state.changed = True
+
+    # -- queries and persistence -------------------------------------------------------------
+
+    def cool_down(self, key: str, now: float) -> float:
+        """How long a delivery refused with ``throttled`` waits: the cool-down, or longer when
+        the destination is paused."""
+        state = self._get(key)
+        if state.paused_until is not None and state.paused_until > now:
+            return max(self.settings.cool_down, state.paused_until - now)
+        return self.settings.cool_down
+
+    def paused_until(self, key: str, now: float) -> float | None:
+        state = self._destinations.get(key)
+        if state is None or state.paused_until is None or state.paused_until <= now:
+            return None
+        return state.paused_until
+
+    def lift(self, names: Iterable[str] | None = None) -> None:
+        """End pauses and slow-downs (``queue flush``): as configured again."""
+        wanted = None if names is None else set(names)
+        for state in self._destinations.values():
+            if wanted is None or state.name in wanted:
+                self._lift(state)
+                state.changed = True
+
+    def _lift(self, state: _Destination) -> None:
+        state.paused_until = None
+        state.probing = False
+        state.pause_level = 0
+        state.failures = 0
+        state.rate = state.configured_rate
+        state.reserved_until = 0.0
+        state.reason = None
+
+    def changes(self, now: float) -> list[DestinationStatus]:
+        """Destinations whose pause, rate or reason changed since the last call."""
+        out = []
+        for state in self._destinations.values():
+            if state.changed:
+                state.changed = False
+                state.synced_at = now
+                out.append(self._status(state, now))
+        return out
+
+    def adopt(self, status: DestinationStatus, now: float) -> None:
+        """Take what another process (or an operator's flush) recorded since we last looked:
+        a longer pause, a lower rate, or a lift."""
+        state = self._get(status.destination)
+        if status.updated_at <= state.synced_at:
+            return
+        state.synced_at = status.updated_at
+        if status.reason == LIFTED:
+            self._lift(state)
+            return
+        if status.paused_until is not None and status.paused_until > now:
+            if state.paused_until is None or status.paused_until > state.paused_until:
+                state.paused_until = status.paused_until
+                state.probing = False
+                state.reason = status.reason
+        if status.rate is not None and (state.rate is None or status.rate < state.rate):
+            state.rate = status.rate
+            state.reason = status.reason
+
+    def statuses(self, now: float) -> list[DestinationStatus]:
+        return [self._status(s, now) for s in self._destinations.values()]
+
+    def _status(self, state: _Destination, now: float) -> DestinationStatus:
+        paused = state.paused_until if state.paused_until and state.paused_until > now else None
+        return DestinationStatus(
+            destination=state.name,
+            rate=state.rate,
+            configured_rate=state.configured_rate,
+            paused_until=paused,
+            reason=state.reason,
+            in_flight=state.in_flight,
+            concurrency=state.limits.concurrency or None,
+            updated_at=now,
+        )
+
+
+def _compile(rule: ShapingRule) -> re.Pattern[str] | None:
+    return re.compile(rule.match, re.IGNORECASE) if rule.match else None
