@@ -314,6 +314,7 @@ class Throttle:
         state.pause_level = 0
         state.failures = 0
         state.rate = state.configured_rate
+        state.tokens = max(state.tokens, 1.0)
         state.reserved_until = 0.0
         state.reason = None
 
@@ -337,11 +338,11 @@ class Throttle:
         if status.reason == LIFTED:
             self._lift(state)
             return
-        if status.paused_until is not None and status.paused_until > now:
-            if state.paused_until is None or status.paused_until > state.paused_until:
-                state.paused_until = status.paused_until
-                state.probing = False
-                state.reason = status.reason
+        longer = state.paused_until is None or (status.paused_until or 0) > state.paused_until
+        if status.paused_until is not None and status.paused_until > now and longer:
+            state.paused_until = status.paused_until
+            state.probing = False
+            state.reason = status.reason
         if status.rate is not None and (state.rate is None or status.rate < state.rate):
             state.rate = status.rate
             state.reason = status.reason

@@ -1,0 +1,193 @@
+"""Throttle bookkeeping with explicit times: token bucket, concurrency, halving and recovery,
+pauses and probes, shaping rules. Nothing sleeps."""
+
+from __future__ import annotations
+
+import pytest
+
+from postlane.classify import ReplyClass, Verdict
+from postlane.config import DestinationLimits, ShapingRule, ThrottleConfig
+from postlane.records import DestinationStatus
+from postlane.throttle import LIFTED, Throttle
+
+T0 = 1_000.0
+OK = Verdict(ReplyClass.DELIVERED, 250, "2.0.0", "ok")
+SLOW = Verdict(ReplyClass.THROTTLED, 421, "4.7.28", "rate limited")
+DOWN = Verdict(ReplyClass.CONNECTION, None, None, "connection refused")
+
+
+def throttle(rate: float = 0.0, concurrency: int = 0, **settings: float) -> Throttle:
+    limits = {"d": DestinationLimits(rate=rate, concurrency=concurrency)}
+    return Throttle(ThrottleConfig(**settings), limits)  # type: ignore[arg-type]
+
+
+def send(t: Throttle, now: float, verdict: Verdict = OK, key: str = "d") -> bool:
+    """Admit, then finish at once with ``verdict``; whether it was admitted."""
+    if not t.admit([key], now).admitted:
+        return False
+    t.release([key])
+    t.observe(key, verdict, now)
+    return True
+
+
+def test_the_token_bucket_admits_the_rate_and_spaces_the_rest() -> None:
+    t = throttle(rate=10)
+    admitted = [t.admit(["d"], T0).at is None for _ in range(15)]
+    assert admitted.count(True) == 10  # a second's worth saved up, no more
+    t2 = throttle(rate=10)
+    for _ in range(10):
+        t2.admit(["d"], T0)
+    slots = [t2.admit(["d"], T0).at for _ in range(5)]
+    assert slots == pytest.approx([T0 + 0.1, T0 + 0.2, T0 + 0.3, T0 + 0.4, T0 + 0.5])
+    t3 = throttle(rate=10)
+    count = sum(send(t3, T0 + i * 0.01) for i in range(300))  # 3 seconds of asking
+    assert 38 <= count <= 41  # the saved-up second, then 10/s
+
+
+def test_concurrency_caps_sends_in_flight() -> None:
+    t = throttle(concurrency=2)
+    assert t.admit(["d"], T0).admitted and t.admit(["d"], T0).admitted
+    third = t.admit(["d"], T0)
+    assert not third.admitted and third.paused_destination is None
+    t.release(["d"])
+    assert t.admit(["d"], T0).admitted
+
+
+def test_a_delivery_needs_a_slot_from_every_key() -> None:
+    t = Throttle(ThrottleConfig(), {"relay": DestinationLimits(concurrency=1)})
+    assert t.admit(["google", "relay"], T0).admitted
+    assert not t.admit(["yahoo", "relay"], T0).admitted  # the relay is full
+    t.release(["google", "relay"])
+    assert t.admit(["yahoo", "relay"], T0).admitted
+
+
+def test_throttled_halves_what_was_being_sent_once_a_second_down_to_the_floor() -> None:
+    t = throttle(min_rate=1.0)
+    for i in range(40):  # 20/s for two seconds
+        send(t, T0 + i * 0.05)
+    now = T0 + 2.0
+    t.observe("d", SLOW, now)
+    [status] = t.statuses(now)
+    assert status.rate == pytest.approx(10, rel=0.15)
+    t.observe("d", SLOW, now + 0.5)  # within the second: no second cut
+    assert t.statuses(now)[0].rate == pytest.approx(status.rate)
+    for k in range(1, 10):
+        t.observe("d", SLOW, now + k * 1.1)
+    assert t.statuses(now)[0].rate == 1.0  # never below min_rate
+    assert "throttled" in (t.statuses(now)[0].reason or "")
+
+
+def test_successes_let_the_rate_creep_back_to_the_configured_limit() -> None:
+    t = throttle(rate=20, increase=2.0)
+    t.observe("d", SLOW, T0)
+    slowed = t.statuses(T0)[0].rate
+    assert slowed is not None and slowed <= 10
+    now = T0
+    for _ in range(200):
+        now += 1 / 10
+        send(t, now)
+    final = t.statuses(now)[0].rate
+    assert final == 20  # capped at the configured rate
+    assert t.statuses(now)[0].reason is None
+
+
+def test_recovery_is_additive_per_second() -> None:
+    t = throttle(rate=100, increase=1.0, min_rate=0.1)
+    t.observe("d", SLOW, T0)
+    start = t.statuses(T0)[0].rate
+    assert start is not None
+    now = T0
+    sent = 0
+    while now < T0 + 5:
+        now += 1 / start
+        sent += send(t, now)
+    grown = t.statuses(now)[0].rate
+    assert grown is not None and 3.5 <= grown - start <= 6.5  # about +1/s per second
+
+
+def test_repeated_connection_failures_pause_then_a_probe_decides() -> None:
+    t = throttle(pause_after=3, pause=30, max_pause=100)
+    for _ in range(3):
+        send(t, T0, DOWN)
+    admission = t.admit(["d"], T0 + 1)
+    assert admission.at == T0 + 30 and admission.paused_destination == "d"
+    send(t, T0 + 2, DOWN)  # a result of a send started before the pause: not counted again
+    assert t.paused_until("d", T0 + 2) == T0 + 30
+    # the pause is over: one probe at a time
+    assert t.admit(["d"], T0 + 30).admitted
+    second = t.admit(["d"], T0 + 30)
+    assert not second.admitted and second.paused_destination == "d"
+    t.release(["d"])
+    t.observe("d", DOWN, T0 + 31)  # the probe failed: paused twice as long
+    assert t.paused_until("d", T0 + 31) == T0 + 31 + 60
+    assert t.admit(["d"], T0 + 91).admitted  # probe again
+    t.release(["d"])
+    t.observe("d", OK, T0 + 92)  # it worked: open
+    assert t.admit(["d"], T0 + 92).admitted and t.admit(["d"], T0 + 92).admitted
+    assert t.paused_until("d", T0 + 92) is None
+
+
+def test_pauses_grow_no_longer_than_max_pause() -> None:
+    t = throttle(pause_after=1, pause=30, max_pause=50)
+    now = T0
+    for _ in range(5):
+        send(t, now, DOWN)
+        until = t.paused_until("d", now)
+        assert until is not None and until - now <= 50
+        now = until
+        assert t.admit(["d"], now).admitted
+        t.release(["d"])
+
+
+def test_a_shaping_rule_pauses_after_n_matches_in_a_window() -> None:
+    rule = ShapingRule(enhanced="5.7.", action="pause", duration=600, after=2, within=60)
+    t = Throttle(ThrottleConfig(), {}, [rule])
+    blocked = Verdict(ReplyClass.POLICY_BLOCK, 554, "5.7.1", "blocked by reputation")
+    t.observe("d", blocked, T0)
+    assert t.paused_until("d", T0) is None
+    t.observe("d", blocked, T0 + 100)  # the first fell out of the window
+    assert t.paused_until("d", T0 + 100) is None
+    t.observe("d", blocked, T0 + 110)
+    assert t.paused_until("d", T0 + 110) == T0 + 710
+    assert "shaping rule 1" in (t.statuses(T0 + 110)[0].reason or "")
+
+
+def test_a_shaping_rule_sets_a_rate_for_matching_destinations_only() -> None:
+    rule = ShapingRule(match="unusual rate", destinations=("goog*",), action="rate", rate=2.0)
+    t = Throttle(ThrottleConfig(), {}, [rule])
+    text = Verdict(ReplyClass.THROTTLED, 421, "4.7.28", "an unusual rate of unsolicited mail")
+    t.observe("google", text, T0)
+    t.observe("yahoo", text, T0)
+    rates = {s.destination: s.rate for s in t.statuses(T0)}
+    assert rates["google"] == 2.0
+    assert rates["yahoo"] != 2.0
+
+
+def test_flush_lifts_pauses_and_slow_downs() -> None:
+    t = throttle(rate=50, pause_after=1)
+    send(t, T0, DOWN)
+    t.observe("d", SLOW, T0)
+    t.lift(["d"])
+    [status] = t.statuses(T0)
+    assert status.paused_until is None and status.rate == 50 and status.reason is None
+    assert t.admit(["d"], T0).admitted
+
+
+def test_changes_are_persisted_once_and_other_processes_are_adopted() -> None:
+    t = throttle(pause_after=1)
+    send(t, T0, DOWN)
+    [change] = t.changes(T0)
+    assert change.destination == "d" and change.paused_until == T0 + 30
+    assert t.changes(T0) == []
+    other = throttle()
+    other.adopt(change, T0 + 1)
+    assert other.paused_until("d", T0 + 1) == T0 + 30
+    other.adopt(DestinationStatus("d", None, None, None, LIFTED, updated_at=T0 + 2), T0 + 2)
+    assert other.paused_until("d", T0 + 2) is None
+    other.adopt(change, T0 + 3)  # older than what it knows: ignored
+    assert other.paused_until("d", T0 + 3) is None
+
+
+def test_a_disabled_throttle_admits_everything() -> None:
+    t = Throttle(ThrottleConfig(enabled=False), {"d": DestinationLimits(rate=1, concurrency=1)})
+    assert all(t.admit(["d"], T0).admitted for _ in range(100))
