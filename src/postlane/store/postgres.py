@@ -667,9 +667,11 @@ class PostgresStore:
 
         return await self._run(run)
 
-    async def delete_deliveries(self, delivery_ids: Sequence[int]) -> int:
+    async def delete_deliveries(self, delivery_ids: Sequence[int], states: Sequence[str]) -> int:
+        params = {"ids": list(delivery_ids), "states": list(states)}
+
         async def run(conn: Conn) -> int:
-            rows = await _fetch(conn, Q["delete_deliveries"], {"ids": list(delivery_ids)})
+            rows = await _fetch(conn, Q["delete_deliveries"], params)
             touched = sorted({row[0] for row in rows})
             if touched:
                 await conn.execute(Q["delete_empty_messages"], {"ids": touched})

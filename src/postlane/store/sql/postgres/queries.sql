@@ -416,11 +416,12 @@ UPDATE deliveries SET hold_after = false
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'sending';
 
 -- name: delete_deliveries
--- Remove deliveries; their attempts go with them (ON DELETE CASCADE). Never one being sent:
--- a worker on another host may have leased it since the operator selected it (and exported
--- it as waiting), and deleting it then would let an import send it a second time.
+-- Remove deliveries still in the given states; their attempts go with them (ON DELETE
+-- CASCADE). The state is checked again here: a worker on another host may have leased one
+-- since the operator selected (and exported) it, and deleting it then would let an import
+-- send it a second time.
 DELETE FROM deliveries
-WHERE id = ANY(%(ids)s::bigint[]) AND state <> 'sending'
+WHERE id = ANY(%(ids)s::bigint[]) AND state = ANY(%(states)s::text[])
 RETURNING queue_id;
 
 -- name: delete_empty_messages

@@ -1,0 +1,557 @@
+"""What only the PostgreSQL store does: migrations under a lock, several hosts claiming from one
+table, LISTEN/NOTIFY wake-ups, the transactional outbox, the claim index; and the operator
+actions answering exactly as the SQLite store does. Every test gets its own schema."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from postlane.classify import ReplyClass
+from postlane.errors import NotFound, StoreUnavailable
+from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
+from postlane.outbox import enqueue_in_transaction, enqueue_in_transaction_sync
+from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector
+from postlane.store.base import Store
+from postlane.store.postgres import SCHEMA_VERSION, PostgresStore, Q
+from postlane.store.sqlite import SQLiteStore
+from tests.conftest import IN_CI, _postgres_url
+
+T0 = 1_800_000_000.0
+ALL_LANES = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
+
+OpenStore = Callable[..., Awaitable[PostgresStore]]
+
+
+@pytest.fixture
+def pg_url() -> str:
+    url = _postgres_url()
+    if url is None:
+        if IN_CI:
+            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
+        pytest.skip("PostgreSQL tests need POSTLANE_TEST_POSTGRES=postgresql://...")
+    return url
+
+
+@pytest.fixture
+def schema() -> str:
+    return f"t_{uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def open_store(pg_url: str, schema: str) -> AsyncIterator[OpenStore]:
+    """Opens stores (each with its own pool, like separate hosts) on the test's schema, or on
+    another one; drops every schema used and closes every store at the end."""
+    opened: list[PostgresStore] = []
+
+    async def open_one(schema_name: str = schema, **kwargs: Any) -> PostgresStore:
+        store = PostgresStore(pg_url, schema=schema_name, **kwargs)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.drop_schema()
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> PostgresStore:
+    return await open_store()
+
+
+async def connect(
+    url: str, schema: str | None = None, **kwargs: Any
+) -> psycopg.AsyncConnection[Any]:
+    """An application's own connection (search_path untouched unless ``schema``)."""
+    conn = await psycopg.AsyncConnection.connect(url, **kwargs)
+    if schema is not None:
+        await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        await conn.commit()
+    return conn
+
+
+def msg(*to: str, key: str | None = None, lane: str = "normal") -> PreparedMessage:
+    return prepare(
+        Message(
+            sender="app@example.com",
+            to=list(to or ["ada@example.net"]),
+            subject="s",
+            text="body",
+            lane=lane,
+            idempotency_key=key,
+        ),
+        max_size=1_000_000,
+        now=T0,
+    )
+
+
+def attempt(cls: ReplyClass, code: int, text: str = "reply") -> AttemptRecord:
+    return AttemptRecord(T0, cls, code, None, f"{code} {text}", "smtp://relay:25", "x", 7)
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def test_description_never_shows_a_password() -> None:
+    url = "postgresql://mailer:s3cret@db.internal:5432/mail?sslmode=require&password=other"
+    description = PostgresStore(url, schema="outbox").description
+    assert "s3cret" not in description and "other" not in description
+    assert description.startswith("postgresql://mailer:***@db.internal:5432/mail?")
+    assert "sslmode=require" in description and description.endswith("(schema outbox)")
+    keywords = PostgresStore("host=db user=mailer password='s 3cret' dbname=mail").description
+    assert "3cret" not in keywords and "password=***" in keywords
+    store: Store = PostgresStore("postgresql://mailer@db/mail")  # the protocol, for mypy
+    assert store.description == "postgresql://mailer@db/mail"
+
+
+# -- migrations ------------------------------------------------------------------------------------
+
+
+async def tables_and_versions(url: str, schema: str) -> tuple[set[str], list[tuple[int, Any]]]:
+    async with await connect(url, schema, autocommit=True) as conn:
+        cursor = await conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", [schema]
+        )
+        tables = {row[0] for row in await cursor.fetchall()}
+        cursor = await conn.execute(
+            "SELECT version, applied_at FROM postlane_schema_version ORDER BY version"
+        )
+        return tables, await cursor.fetchall()
+
+
+async def test_open_creates_the_schema_and_opening_again_changes_nothing(
+    pg_url: str, schema: str, open_store: OpenStore
+) -> None:
+    # hosts starting together: the advisory lock lets one migrate, the others find it done
+    await asyncio.gather(*(open_store() for _ in range(4)))
+    tables, versions = await tables_and_versions(pg_url, schema)
+    assert {"messages", "deliveries", "attempts", "suppressions"} <= tables
+    assert [v for v, _ in versions] == list(range(1, SCHEMA_VERSION + 1))
+    await open_store()
+    assert await tables_and_versions(pg_url, schema) == (tables, versions)
+
+
+async def test_the_schema_can_come_from_the_url(pg_url: str, schema: str) -> None:
+    separator = "&" if "?" in pg_url else "?"
+    store = PostgresStore(f"{pg_url}{separator}schema={schema}")
+    await store.open()
+    try:
+        assert store.schema == schema
+        [result] = await store.enqueue([msg()], T0)
+        tables, _ = await tables_and_versions(pg_url, schema)
+        assert "messages" in tables
+        assert (await store.get_message(result.id)).id == result.id
+    finally:
+        await store.drop_schema()
+        await store.close()
+
+
+async def test_a_schema_newer_than_this_postlane_is_refused(
+    pg_url: str, schema: str, store: PostgresStore
+) -> None:
+    async with await connect(pg_url, schema, autocommit=True) as conn:
+        await conn.execute("INSERT INTO postlane_schema_version (version, name) VALUES (999, 'x')")
+    newer = PostgresStore(pg_url, schema=schema)
+    with pytest.raises(StoreUnavailable, match="schema version 999"):
+        await newer.open()
+
+
+async def test_an_unreachable_server_is_store_unavailable_without_the_password() -> None:
+    store = PostgresStore("postgresql://u:s3cret@127.0.0.1:1/db", timeout=2)
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.open()
+    assert "s3cret" not in str(caught.value) and "127.0.0.1:1" in str(caught.value)
+
+
+# -- many hosts ------------------------------------------------------------------------------------
+
+
+async def test_two_hosts_claiming_at_once_never_lease_the_same_delivery(
+    open_store: OpenStore,
+) -> None:
+    host_a, host_b = await open_store(), await open_store()
+    messages = [msg(*(f"r{i}-{j}@example.net" for j in range(10))) for i in range(200)]
+    await host_a.enqueue(messages, T0)
+
+    async def claim_until_empty(store: PostgresStore, owner: str) -> list[int]:
+        leased: list[int] = []
+        while True:
+            claimed = await store.claim_due(owner, ALL_LANES, limit=50, now=T0, lease_until=T0 + 60)
+            if not claimed:
+                return leased
+            leased += [d.id for m in claimed for d in m.deliveries]
+
+    runs = await asyncio.gather(
+        claim_until_empty(host_a, "a/1"),
+        claim_until_empty(host_a, "a/2"),
+        claim_until_empty(host_b, "b/1"),
+        claim_until_empty(host_b, "b/2"),
+    )
+    every = [delivery_id for run in runs for delivery_id in run]
+    assert len(every) == 2000 and len(set(every)) == 2000  # all leased, none twice
+    assert sum(1 for run in runs if run) >= 2  # they really raced
+    assert sorted(await host_b.lease_owners()) == sorted(
+        owner for owner, run in zip(["a/1", "a/2", "b/1", "b/2"], runs, strict=True) if run
+    )
+
+
+async def test_a_message_finished_by_two_hosts_at_once_is_done(open_store: OpenStore) -> None:
+    host_a, host_b = await open_store(), await open_store()
+    messages = [msg("one@example.net", "two@example.net") for _ in range(20)]
+    await host_a.enqueue(messages, T0)
+    # each host ends up leasing one recipient of every message (a claim takes a message's
+    # whole due rest, so host A hands one of each back for host B to claim)
+    claimed = await host_a.claim_due("a", ALL_LANES, limit=100, now=T0, lease_until=T0 + 60)
+    ids_a = [m.deliveries[0].id for m in claimed]
+    assert await host_a.hand_back("a", [m.deliveries[1].id for m in claimed], T0) == 20
+    claimed = await host_b.claim_due("b", ALL_LANES, limit=100, now=T0, lease_until=T0 + 60)
+    ids_b = [d.id for m in claimed for d in m.deliveries]
+    assert len(ids_b) == 20 and not set(ids_a) & set(ids_b)
+
+    def sent(ids: list[int]) -> list[Outcome]:
+        return [
+            Outcome(i, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED, 250))
+            for i in ids
+        ]
+
+    applied = await asyncio.gather(
+        *(host_a.record("a", sent([a]), T0 + 1) for a in ids_a),
+        *(host_b.record("b", sent([b]), T0 + 1) for b in ids_b),
+    )
+    assert sum(applied) == 40
+    # every message saw its last recipient finish, whichever host recorded last
+    assert await host_a.purge_finished(T0 + 100, retention=10, dead_retention=10) == 20
+
+
+async def test_reaping_on_two_hosts_reaps_each_lease_once(open_store: OpenStore) -> None:
+    host_a, host_b = await open_store(), await open_store()
+    await host_a.enqueue([msg(*(f"r{j}@example.net" for j in range(30))) for _ in range(50)], T0)
+    await host_a.claim_due("dead", ALL_LANES, limit=1500, now=T0, lease_until=T0 + 60)
+    reaped = await asyncio.gather(
+        host_a.reap_expired_leases(T0 + 60), host_b.reap_expired_leases(T0 + 60)
+    )
+    assert sum(reaped) == 1500
+    stats = await host_b.stats(T0 + 60)
+    assert stats.lanes[Lane.NORMAL].ready == 1500 and stats.lanes[Lane.NORMAL].sending == 0
+    [listed] = await host_b.list_messages(Selector(), limit=1)
+    view = await host_b.get_message(listed.id, history=True)
+    assert all(r.attempts == 1 and len(r.history or ()) == 1 for r in view.recipients)
+
+
+# -- LISTEN/NOTIFY ---------------------------------------------------------------------------------
+
+
+async def test_an_enqueue_wakes_a_waiting_worker_at_commit(open_store: OpenStore) -> None:
+    worker, api = await open_store(), await open_store()
+    assert await worker.wait_for_work(0) is True  # starts listening: look once more
+    assert await worker.wait_for_work(0.1) is False
+    started = time.monotonic()
+    waiting = asyncio.create_task(worker.wait_for_work(30))
+    await api.enqueue([msg(), msg()], T0)
+    assert await waiting is True
+    assert time.monotonic() - started < 10  # woken by the commit, not by the 30 s timeout
+    assert await worker.wait_for_work(0) is False  # the burst was one wake-up
+
+
+async def test_a_notification_between_waits_is_not_lost(open_store: OpenStore) -> None:
+    worker, api = await open_store(), await open_store()
+    await worker.wait_for_work(0)
+    await api.enqueue([msg()], T0)  # while nobody waits
+    assert await worker.wait_for_work(30) is True
+
+
+async def test_a_cancelled_wait_leaves_the_listener_working(open_store: OpenStore) -> None:
+    worker, api = await open_store(), await open_store()
+    await worker.wait_for_work(0)
+    with pytest.raises(TimeoutError):  # cancelled mid-wait, as a worker's stop event would
+        await asyncio.wait_for(worker.wait_for_work(30), timeout=0.2)
+    await api.enqueue([msg()], T0)
+    started = time.monotonic()
+    assert await worker.wait_for_work(30) is True
+    assert time.monotonic() - started < 10
+
+
+async def test_enqueues_in_another_schema_do_not_wake(open_store: OpenStore, schema: str) -> None:
+    worker = await open_store()
+    elsewhere = await open_store(f"{schema}_other")
+    await worker.wait_for_work(0)
+    await elsewhere.enqueue([msg()], T0)
+    assert await worker.wait_for_work(0.3) is False
+
+
+async def test_a_lost_listening_connection_is_replaced(open_store: OpenStore, pg_url: str) -> None:
+    worker, api = await open_store(), await open_store()
+    await worker.wait_for_work(0)
+    listener = worker._listener  # the store's own LISTEN connection, cut by the server
+    assert listener is not None
+    async with await connect(pg_url, autocommit=True) as admin:
+        await admin.execute("SELECT pg_terminate_backend(%s)", [listener.info.backend_pid])
+    assert await worker.wait_for_work(5) is True  # lost: may have missed one, look again
+    assert await worker.wait_for_work(0) is True  # listening again (a fresh start)
+    await api.enqueue([msg()], T0)
+    assert await worker.wait_for_work(30) is True
+
+
+# -- the transactional outbox ---------------------------------------------------------------------
+
+
+def signup(to: str = "new@example.net", key: str | None = None) -> Message:
+    return Message(
+        sender="app@example.com", to=[to], subject="Welcome", text="hi", idempotency_key=key
+    )
+
+
+async def make_users_table(url: str, schema: str) -> None:
+    async with await connect(url, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("CREATE TABLE {}.users (email text PRIMARY KEY)").format(sql.Identifier(schema))
+        )
+
+
+async def test_an_outbox_enqueue_rolled_back_with_its_transaction_leaves_nothing(
+    pg_url: str, schema: str, store: PostgresStore
+) -> None:
+    await make_users_table(pg_url, schema)
+    await store.wait_for_work(0)
+    async with await connect(pg_url) as conn:
+        await conn.execute(
+            sql.SQL("INSERT INTO {}.users VALUES ('new@example.net')").format(
+                sql.Identifier(schema)
+            )
+        )
+        result = await enqueue_in_transaction(conn, signup(), schema=schema, now=T0)
+        await conn.rollback()
+    with pytest.raises(NotFound):
+        await store.get_message(result.id)
+    assert await store.list_messages(Selector(), limit=10) == []
+    assert await store.claim_due("w", ALL_LANES, limit=10, now=T0, lease_until=T0 + 60) == []
+    assert await store.wait_for_work(0.2) is False  # a rolled-back NOTIFY is never sent
+
+
+async def test_an_outbox_enqueue_committed_with_its_transaction_is_delivered(
+    pg_url: str, schema: str, store: PostgresStore
+) -> None:
+    await make_users_table(pg_url, schema)
+    await store.wait_for_work(0)
+    async with await connect(pg_url) as conn:
+        before = await (await conn.execute("SHOW search_path")).fetchone()
+        await conn.execute(
+            sql.SQL("INSERT INTO {}.users VALUES ('new@example.net')").format(
+                sql.Identifier(schema)
+            )
+        )
+        result = await enqueue_in_transaction(conn, signup(), schema=schema, now=T0)
+        # the caller's own statements still resolve as before, in the same transaction
+        assert await (await conn.execute("SHOW search_path")).fetchone() == before
+        assert await store.list_messages(Selector(), limit=10) == []  # not before the commit
+        await conn.commit()
+    assert not result.duplicate
+    assert await store.wait_for_work(30) is True
+    [claimed] = await store.claim_due("w", ALL_LANES, limit=10, now=T0, lease_until=T0 + 60)
+    assert claimed.queue_id == result.id
+    assert [d.address for d in claimed.deliveries] == ["new@example.net"]
+    assert b"Subject: Welcome" in claimed.content
+
+
+async def test_the_blocking_outbox_shares_the_idempotency_key_with_the_store(
+    pg_url: str, schema: str, store: PostgresStore
+) -> None:
+    [first] = await store.enqueue([msg(key="welcome-42")], T0)
+
+    def in_a_sync_app() -> tuple[Any, Any]:
+        # client-side binding, as Django's psycopg connections do by default
+        with psycopg.connect(pg_url, cursor_factory=psycopg.ClientCursor) as conn:
+            again = enqueue_in_transaction_sync(conn, signup(key="welcome-42"), schema=schema)
+            other = enqueue_in_transaction_sync(conn, signup(key="welcome-43"), schema=schema)
+            conn.commit()
+        return again, other
+
+    again, other = await asyncio.to_thread(in_a_sync_app)
+    assert (again.id, again.duplicate) == (first.id, True)
+    assert not other.duplicate
+    assert {m.id for m in await store.list_messages(Selector(), limit=10)} == {first.id, other.id}
+    assert b"\r\nSubject: Welcome\r\n" in await store.get_content(other.id)
+
+
+async def test_the_outbox_on_an_autocommit_connection_commits_by_itself(
+    pg_url: str, schema: str, store: PostgresStore
+) -> None:
+    async with await connect(pg_url, schema, autocommit=True) as conn:
+        result = await enqueue_in_transaction(conn, signup(), now=T0)  # search_path: schema
+    assert (await store.get_message(result.id)).recipients[0].address == "new@example.net"
+
+
+# -- the claim index -------------------------------------------------------------------------------
+
+
+async def test_the_claim_reads_the_partial_due_index_in_order(
+    pg_url: str, schema: str, store: PostgresStore
+) -> None:
+    [result] = await store.enqueue([msg()], T0)
+    async with await connect(pg_url, schema, autocommit=True) as conn:
+        # a deep history of finished rows and a backlog of many claims' worth of waiting ones
+        await conn.execute(
+            "INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, "
+            "state, next_attempt_at, updated_at) "
+            "SELECT %(id)s, 'r' || i || '@example.net', 'example.net', 'example.net', "
+            "(ARRAY['high', 'normal', 'low'])[1 + i %% 3], %(t)s, "
+            "CASE WHEN i %% 4 = 0 THEN 'queued' ELSE 'sent' END, %(t)s + i, %(t)s "
+            "FROM generate_series(1, 30000) AS i",
+            {"id": result.id, "t": T0},
+        )
+        await conn.execute("ANALYZE deliveries")
+        cursor = await conn.execute(
+            "EXPLAIN (FORMAT JSON) " + Q["claim_lane"],
+            {"owner": "w", "now": T0 + 1e6, "lease_until": T0, "lane": "normal", "limit": 50},
+        )
+        [(plan,)] = await cursor.fetchall()
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    found = nodes(plan[0]["Plan"])
+    assert any(n.get("Index Name") == "deliveries_due" for n in found), plan
+    assert not any(n["Node Type"] == "Sort" for n in found), plan  # the index gives the order
+    assert not any(
+        n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "deliveries" for n in found
+    ), plan
+
+
+# -- same answers as SQLite ------------------------------------------------------------------------
+
+
+async def operator_scenario(store: Any, messages: list[PreparedMessage]) -> dict[str, Any]:
+    """Every operator action on a small queue, and every answer."""
+    await store.enqueue(messages, T0)
+    claimed = await store.claim_due("w", ALL_LANES, limit=100, now=T0, lease_until=T0 + 60)
+    by_id = {m.queue_id: m.deliveries for m in claimed}
+    deferred = by_id[messages[2].id][0].id
+    dead = [by_id[messages[3].id][0].id, by_id[messages[4].id][0].id]
+    await store.record(
+        "w",
+        [
+            Outcome(
+                deferred,
+                RecipientState.DEFERRED,
+                1,
+                0,
+                T0 + 3600,
+                attempt(ReplyClass.TEMPORARY, 451),
+            ),
+            *(
+                Outcome(
+                    d,
+                    RecipientState.DEAD,
+                    1,
+                    0,
+                    None,
+                    attempt(ReplyClass.HARD_BOUNCE, 550, f"5.1.1 <x{d}@example.net> unknown"),
+                )
+                for d in dead
+            ),
+        ],
+        T0,
+    )
+    await store.hand_back("w", None, T0)
+    out: dict[str, Any] = {}
+    pending = ["queued", "deferred", "held"]
+    out["ids"] = await store.select_delivery_ids(Selector(), pending, after=0, limit=100)
+    out["ids_after"] = await store.select_delivery_ids(Selector(), pending, after=2, limit=2)
+    out["summary"] = await store.summarize(Selector(), pending)
+    out["summary_dead"] = await store.summarize(Selector(domains=("example.net",)), ["dead"])
+    out["groups"] = await store.dead_groups(Selector(), limit=10)
+    out["shape"] = await store.shape(T0 + 600, [300.0, 3600.0], limit=10)
+    exported = await store.export_deliveries([*dead, deferred])
+    out["export"] = [m.as_json() for m in exported]
+    out["flush"] = await store.flush([deferred], T0 + 1)
+    out["hold"] = await store.hold(out["ids"], T0 + 2)
+    out["release"] = await store.release(out["ids"][:2], T0 + 3)
+    out["requeued"] = await store.requeue_dead(dead, T0 + 10)
+    out["deleted"] = await store.delete_deliveries(dead, ["dead"])
+    out["not_deleted"] = await store.delete_deliveries([deferred], ["dead", "held"])
+    out["after_delete"] = [m.as_json() for m in await store.list_messages(Selector(), limit=10)]
+    out["imported"] = await store.import_messages(exported, T0 + 20)
+    out["imported_again"] = await store.import_messages(exported, T0 + 21)
+    out["after_import"] = [
+        m.as_json() for m in await store.list_messages(Selector(states=()), limit=10)
+    ]
+    out["stats"] = (await store.stats(T0 + 30)).as_json()
+    return out
+
+
+async def throttling_scenario(store: Any, messages: list[PreparedMessage]) -> dict[str, Any]:
+    """A claim that reaches a message leases all its due recipients; throttle deferrals,
+    destination pauses and their lifting."""
+    await store.enqueue(messages, T0)
+    out: dict[str, Any] = {}
+    claimed = await store.claim_due("w", ALL_LANES, limit=1, now=T0, lease_until=T0 + 60)
+    out["claimed"] = [(m.queue_id, [d.address for d in m.deliveries]) for m in claimed]
+    ids = [d.id for m in claimed for d in m.deliveries]
+    out["deferred"] = await store.defer_unattempted(
+        "w", [(ids[0], T0 + 30), (ids[0], T0 + 99), (ids[1], T0)], T0, "rate"
+    )
+    out["paused"] = await store.defer_destination("google", T0 + 600, T0, "421 slow down")
+    await store.save_destination_states(
+        [
+            DestinationStatus("google", 0.5, 2.0, T0 + 600, "421", updated_at=T0),
+            DestinationStatus("yahoo", None, None, None, None, updated_at=T0),
+            DestinationStatus("yahoo", 1.0, None, None, "429", updated_at=T0 + 1),
+        ]
+    )
+    await store.claim_due("w2", ALL_LANES, limit=100, now=T0, lease_until=T0 + 60)
+    out["states"] = await store.destination_states()
+    out["lifted_one"] = await store.lift_destinations(["google"], T0 + 5)
+    out["lifted_all"] = await store.lift_destinations(None, T0 + 6)
+    out["states_after"] = await store.destination_states()
+    out["messages"] = [
+        m.as_json() for m in await store.list_messages(Selector(states=()), limit=10)
+    ]
+    return out
+
+
+async def test_claims_and_throttling_answer_as_the_sqlite_store_does(
+    store: PostgresStore, tmp_path: Path
+) -> None:
+    messages = [
+        msg("a@gmail.com", "b@gmail.com", "c@example.net"),
+        msg("d@gmail.com", lane="low"),
+        msg("e@yahoo.com", "f@example.org", lane="high"),
+    ]
+    sqlite = SQLiteStore(tmp_path / "reference.db")
+    await sqlite.open()
+    try:
+        expected = await throttling_scenario(sqlite, messages)
+    finally:
+        await sqlite.close()
+    assert expected["claimed"][0][1] == ["e@yahoo.com", "f@example.org"]  # the whole message
+    assert await throttling_scenario(store, messages) == expected
+
+
+async def test_operator_actions_answer_as_the_sqlite_store_does(
+    store: PostgresStore, tmp_path: Path
+) -> None:
+    messages = [
+        msg("a@gmail.com", lane="high"),
+        msg("b@example.net", "c@example.org", lane="low"),
+        msg("d@yahoo.com"),
+        msg("bounce1@example.net"),
+        msg("bounce2@example.net"),
+    ]
+    sqlite = SQLiteStore(tmp_path / "reference.db")
+    await sqlite.open()
+    try:
+        expected = await operator_scenario(sqlite, messages)
+    finally:
+        await sqlite.close()
+    assert await operator_scenario(store, messages) == expected
