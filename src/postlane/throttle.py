@@ -35,6 +35,11 @@ from postlane.records import DestinationStatus
 LIFTED = "lifted by an operator"
 #: a shaping rule or a slow-down never acts on one destination more than once per this
 DECREASE_INTERVAL = 1.0
+#: deliveries sent back to wait are given slots at most this far ahead
+MAX_SLOT_AHEAD = 120.0
+#: when a destination's rate has grown this much past the rate its waiting deliveries were
+#: spaced at, they are called back to be spaced again
+HASTEN_FACTOR = 1.5
 #: successes are counted over this window to know the rate that was actually being sent
 MEASURE_WINDOW = 2.0
 
@@ -70,6 +75,8 @@ class _Destination:
     sent: deque[float] = field(default_factory=deque)
     #: slots promised to deliveries sent back to wait: the next one goes after this
     reserved_until: float = 0.0
+    #: the rate those slots were spaced at (they are pulled in when it grows well past it)
+    slotted_rate: float | None = None
     changed: bool = False
     #: the newest recorded state this process has seen (its own or another's)
     synced_at: float = float("-inf")
@@ -128,7 +135,9 @@ class Throttle:
             wait, state, paused = worst
             if paused:
                 return Admission(now + wait, paused_destination=state.name)
-            slot = max(now + wait, state.reserved_until)
+            if state.reserved_until <= now:
+                state.slotted_rate = state.rate
+            slot = min(max(now + wait, state.reserved_until), now + MAX_SLOT_AHEAD)
             state.reserved_until = slot + self._interval(state, now)
             return Admission(slot)
         for state in states:
@@ -317,6 +326,20 @@ class Throttle:
         state.tokens = max(state.tokens, 1.0)
         state.reserved_until = 0.0
         state.reason = None
+
+    def to_hasten(self, now: float) -> list[str]:
+        """Destinations whose waiting deliveries were spaced for a rate well below today's:
+        they should be made due now, to be spaced again (call about once a second)."""
+        names = []
+        for state in self._destinations.values():
+            slotted = state.slotted_rate
+            if state.reserved_until <= now or slotted is None:
+                continue
+            if state.rate is None or state.rate >= HASTEN_FACTOR * slotted:
+                state.reserved_until = now
+                state.slotted_rate = state.rate
+                names.append(state.name)
+        return names
 
     def changes(self, now: float) -> list[DestinationStatus]:
         """Destinations whose pause, rate or reason changed since the last call."""

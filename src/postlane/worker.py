@@ -38,6 +38,8 @@ log = logging.getLogger("postlane.worker")
 
 #: how often finished messages past their retention are removed
 PURGE_INTERVAL = 600.0
+#: the reason recorded on deliveries sent back to wait for their destination (no attempt)
+WAITING_FOR_DESTINATION = "waiting for the destination's rate, cap or pause"
 
 
 class DeliveryObserver(Protocol):
@@ -317,9 +319,7 @@ class Worker:
             if admission.paused_destination and admission.paused_destination != self._shared:
                 await self._defer_paused(admission.paused_destination, admission.at, now)
         if waiting:
-            await self.store.defer_unattempted(
-                self.owner, waiting, now, "waiting for the destination's rate, cap or pause"
-            )
+            await self.store.defer_unattempted(self.owner, waiting, now, WAITING_FOR_DESTINATION)
         if to_send:
             try:
                 outcomes.extend(await self._send(message, to_send))
@@ -550,6 +550,11 @@ class Worker:
         changes = self.throttle.changes(now)
         if changes:
             await self.store.save_destination_states(changes)
+        for name in self.throttle.to_hasten(now):
+            # the relay's rate governs every destination: call back all that wait for it
+            destination = None if name == self._shared else name
+            if await self.store.hasten(destination, now, WAITING_FOR_DESTINATION):
+                self.wake.set()
         for status in await self.store.destination_states():
             self.throttle.adopt(status, now)
 

@@ -179,6 +179,11 @@ class Store(Protocol):
         """Push every waiting delivery of a paused destination to the end of its pause."""
         ...
 
+    async def hasten(self, destination: str | None, now: float, reason: str) -> int:
+        """Make due now the deliveries of ``destination`` (all, when None) that wait with
+        ``reason`` (sent back for a slot): their destination can take them sooner now."""
+        ...
+
     async def save_destination_states(self, statuses: Sequence[DestinationStatus]) -> None:
         """Record destinations' pauses and rates, for other processes and for ``stats``."""
         ...

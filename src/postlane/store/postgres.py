@@ -754,6 +754,11 @@ class PostgresStore:
         params = {"destination": destination, "until": until, "now": now, "reason": reason}
         return await self._run(lambda conn: _rowcount(conn, Q["defer_destination"], params))
 
+    async def hasten(self, destination: str | None, now: float, reason: str) -> int:
+        params = {"destination": destination, "now": now, "reason": reason}
+        query = Q["hasten_all"] if destination is None else Q["hasten_destination"]
+        return await self._run(lambda conn: _rowcount(conn, query, params))
+
     async def save_destination_states(self, statuses: Sequence[DestinationStatus]) -> None:
         # one row per destination (an upsert may not touch a row twice): the last one wins
         latest = {s.destination: s for s in statuses}

@@ -621,6 +621,11 @@ class SQLiteStore:
             lambda conn: int(conn.execute(Q["defer_destination"], params).rowcount)
         )
 
+    async def hasten(self, destination: str | None, now: float, reason: str) -> int:
+        params = {"destination": destination, "now": now, "reason": reason}
+        query = Q["hasten_all"] if destination is None else Q["hasten_destination"]
+        return await self._write(lambda conn: int(conn.execute(query, params).rowcount))
+
     async def save_destination_states(self, statuses: Sequence[DestinationStatus]) -> None:
         rows = [
             {

@@ -545,3 +545,14 @@ RETURNING destination;
 -- name: sending_by_destination
 -- Deliveries being sent now, by destination.
 SELECT destination, count(*) FROM deliveries WHERE state = 'sending' GROUP BY destination;
+
+-- name: hasten_destination
+-- Call back a destination's deliveries that wait for a slot, to be spaced at its new rate.
+UPDATE deliveries SET next_attempt_at = %(now)s, updated_at = %(now)s
+WHERE destination = %(destination)s AND state IN ('queued', 'deferred')
+  AND next_attempt_at > %(now)s AND reason = %(reason)s;
+
+-- name: hasten_all
+-- Call back every delivery that waits for a slot (the relay's rate grew).
+UPDATE deliveries SET next_attempt_at = %(now)s, updated_at = %(now)s
+WHERE state IN ('queued', 'deferred') AND next_attempt_at > %(now)s AND reason = %(reason)s;

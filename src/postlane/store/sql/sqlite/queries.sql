@@ -334,3 +334,14 @@ SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_
 -- Deliveries being sent now, by destination.
 SELECT destination, count(*) FROM deliveries INDEXED BY deliveries_leased
 WHERE state = 'sending' GROUP BY destination;
+
+-- name: hasten_destination
+-- Call back a destination's deliveries that wait for a slot, to be spaced at its new rate.
+UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
+WHERE destination = :destination AND state IN ('queued', 'deferred')
+  AND next_attempt_at > :now AND reason = :reason;
+
+-- name: hasten_all
+-- Call back every delivery that waits for a slot (the relay's rate grew).
+UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
+WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now AND reason = :reason;

@@ -1,0 +1,157 @@
+"""Throttling end to end, in real time against real servers: postlane's delivered rate settles
+under what a rate-limiting server accepts, with few refusals; a broken destination does not slow
+a healthy one down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postlane.app import AsyncPostlane
+from postlane.classify import ReplyClass
+from postlane.config import Config
+from postlane.message import Message
+from postlane.simulate import Scenario, Simulator
+from postlane.transports import transport_for
+from postlane.transports.base import Envelope, Response, Transport
+from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
+from postlane.worker import Worker
+from tests.conftest import SMTPPeer, free_port, make_config
+
+pytestmark = pytest.mark.slow
+
+GMAIL_421 = """421-4.7.28 [127.0.0.1] Our system has detected an unusual rate of
+421-4.7.28 unsolicited mail originating from your IP address. To protect our
+421-4.7.28 users from spam, mail sent from your IP address has been temporarily
+421 4.7.28 rate limited. {id} - gsmtp
+"""
+
+
+async def deliver_all(app: AsyncPostlane, worker: Worker, count: int, deadline: float) -> float:
+    """Run ``worker`` until ``count`` recipients are sent; returns the seconds it took."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    started = time.monotonic()
+    try:
+        while (await app.stats()).sent < count:
+            assert time.monotonic() - started < deadline, f"not delivered in {deadline}s"
+            assert not task.done(), task.exception()
+            await asyncio.sleep(0.05)
+        return time.monotonic() - started
+    finally:
+        stop.set()
+        await task
+
+
+async def attempts_of(app: AsyncPostlane, ids: Sequence[str]) -> list[Any]:
+    out = []
+    for queue_id in ids:
+        view = await app.get(queue_id)
+        for recipient in view.recipients:
+            out.extend(recipient.history or ())
+    return sorted(out, key=lambda a: a.at)
+
+
+async def test_delivered_rate_converges_under_the_servers_limit_with_few_refusals(
+    tmp_path: Path,
+) -> None:
+    limit = 40  # messages/s the server accepts from one client, then 421 4.7.28
+    count = 700
+    scenario = Scenario.from_dict(
+        {"throttle": {"rate": limit, "burst": limit, "stage": "data", "reply": GMAIL_421}}
+    )
+    async with Simulator(scenario, host="127.0.0.1", port=0) as simulator:
+        host, port = simulator.address
+        config = make_config(
+            tmp_path,
+            delivery={"relay": f"smtp://{host}:{port}", "concurrency": 20, "batch_size": 20},
+            throttle={"increase": 4.0, "min_rate": 1.0, "cool_down": "2s"},
+            retry={"delays": ["2s"]},
+        )
+        async with AsyncPostlane(config) as app:
+            results = await app.send_many(
+                [
+                    Message(sender="a@example.com", to=[f"u{i}@gmail.com"], text="x")
+                    for i in range(count)
+                ]
+            )
+            worker = Worker.from_config(config, app.store, transport_for(config), wake=app.wake)
+            await deliver_all(app, worker, count, deadline=120)
+            attempts = await attempts_of(app, [r.id for r in results])
+            await worker.transport.close()
+
+    throttled = [a for a in attempts if a.cls is ReplyClass.THROTTLED]
+    delivered = [a for a in attempts if a.cls is ReplyClass.DELIVERED]
+    assert len(delivered) == count
+    assert throttled, "the server never refused: the test did not exercise throttling"
+    assert all(not a.counted for a in throttled)  # no attempt used up by a slow-down
+    # converged: from 3 s after the first refusal to the end
+    start = throttled[0].at + 3.0
+    end = delivered[-1].at
+    later = [a for a in attempts if a.at >= start]
+    refused = sum(a.cls is ReplyClass.THROTTLED for a in later)
+    sent = sum(a.cls is ReplyClass.DELIVERED for a in later)
+    assert end - start > 5, "too little time after convergence to judge"
+    assert refused / len(later) < 0.05, f"{refused} of {len(later)} attempts refused"
+    assert sent / (end - start) <= limit * 1.1
+
+
+class ByDomain:
+    """A test transport: each recipient domain has its own SMTP server (what MX delivery does)."""
+
+    def __init__(self, routes: dict[str, Transport]) -> None:
+        self.routes = routes
+        self.name = "by-domain"
+
+    async def send(self, envelope: Envelope) -> list[Response]:
+        domain = envelope.recipients[0].rpartition("@")[2]
+        return await self.routes[domain].send(envelope)
+
+    async def close(self) -> None:
+        for transport in self.routes.values():
+            await transport.close()
+
+
+def relay(port: int, config: Config) -> SMTPRelayTransport:
+    return SMTPRelayTransport(RelaySettings.from_url(f"smtp://127.0.0.1:{port}", config.delivery))
+
+
+async def healthy_throughput(tmp_path: Path, peer: SMTPPeer, *, with_broken: bool) -> float:
+    config = make_config(
+        tmp_path,
+        delivery={"concurrency": 20, "batch_size": 20, "connect_timeout": "1s"},
+        throttle={"pause_after": 3, "pause": "30s"},
+        retry={"delays": ["30s"]},
+    )
+    routes: dict[str, Transport] = {"healthy.example": relay(peer.port, config)}
+    if with_broken:
+        routes["broken.example"] = relay(free_port(), config)  # nothing listens: refused
+    async with AsyncPostlane(config) as app:
+        messages = [
+            Message(sender="a@example.com", to=[f"u{i}@healthy.example"], text="x")
+            for i in range(300)
+        ]
+        if with_broken:
+            messages += [
+                Message(sender="a@example.com", to=[f"u{i}@broken.example"], text="x")
+                for i in range(300)
+            ]
+        await app.send_many(messages)
+        worker = Worker.from_config(config, app.store, ByDomain(routes), wake=app.wake)
+        seconds = await deliver_all(app, worker, 300, deadline=60)
+        await worker.transport.close()
+    return 300 / seconds
+
+
+async def test_a_refusing_destination_does_not_slow_the_healthy_one(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    smtp_peer.handler.data_delay = 0.005
+    alone = await healthy_throughput(tmp_path / "alone", smtp_peer, with_broken=False)
+    beside = await healthy_throughput(tmp_path / "beside", smtp_peer, with_broken=True)
+    assert beside >= alone * 0.9, f"healthy alone {alone:.0f}/s, beside a broken one {beside:.0f}/s"
