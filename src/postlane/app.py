@@ -28,6 +28,7 @@ from typing import IO, Any, Protocol, TypeVar
 
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, load_config
+from postlane.destinations import DestinationMap
 from postlane.errors import NotFound, ValidationError
 from postlane.message import Message, PreparedMessage, prepare
 from postlane.records import (
@@ -120,6 +121,7 @@ class AsyncPostlane:
         #: set after every enqueue, so a worker in this process wakes at once
         self.wake = asyncio.Event()
         self.observer: ActionObserver = _NoObserver()
+        self.destinations = DestinationMap.from_config(self.config)
         self._opened = False
 
     async def open(self) -> AsyncPostlane:
@@ -168,9 +170,28 @@ class AsyncPostlane:
         return await self.send_prepared([self.prepare(m) for m in messages])
 
     async def send_prepared(self, prepared: Sequence[PreparedMessage]) -> list[EnqueueResult]:
+        prepared = await self._with_destinations(prepared)
         results = await self.store.enqueue(prepared, self.clock.now())
         self.wake.set()
         return results
+
+    async def _with_destinations(
+        self, prepared: Sequence[PreparedMessage]
+    ) -> Sequence[PreparedMessage]:
+        """Each recipient's destination (a provider, or its domain), from the table and, with
+        MX lookups on, from its domain's MX hosts."""
+        domains = {r.domain for message in prepared for r in message.recipients}
+        found = await self.destinations.resolve(domains)
+        return [
+            dataclasses.replace(
+                message,
+                recipients=tuple(
+                    dataclasses.replace(r, destination=found.get(r.domain, r.domain))
+                    for r in message.recipients
+                ),
+            )
+            for message in prepared
+        ]
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -251,13 +272,13 @@ class AsyncPostlane:
     async def lift_pauses(self, selector: Selector) -> None:
         """A flush lifts the pause (and slow-down) of the destinations it touches: all of
         them when the selector does not narrow by domain or id (``postqueue -f``)."""
-        from postlane.destinations import destination_for
-
         if not selector.domains and not selector.ids and not selector.recipient:
             await self.store.lift_destinations(None, self.clock.now())
             return
         counts = await self.store.summarize(selector, ("queued", "deferred"))
-        names = sorted({destination_for(c.domain) for c in counts} | set(selector.domains))
+        names = sorted(
+            {self.destinations.for_domain(c.domain) for c in counts} | set(selector.domains)
+        )
         await self.store.lift_destinations(names, self.clock.now())
 
     async def _apply(self, action: QueueAction, ids: list[int], states: Sequence[str]) -> int:

@@ -120,6 +120,8 @@ class Message:
 class Recipient:
     address: str
     domain: str
+    #: the throttling destination (a provider or the domain); set at enqueue, None: by domain
+    destination: str | None = None
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,8 @@ async def test_421_at_rcpt_defers_without_using_an_attempt(h: Harness, smtp_peer
         assert r.state is RecipientState.DEFERRED
         assert r.attempts == 0
         assert r.last_response.cls is ReplyClass.THROTTLED
+        # not retried before the destination's cool-down ([throttle] cool_down, 60 s)
+        assert r.next_attempt_at >= h.clock.now() + 60
     del smtp_peer.handler.rcpt["a@example.net"]
     for _ in range(10):  # the relay asked to slow down: the rest goes out at the slower rate
         await h.advance_to_next_due()

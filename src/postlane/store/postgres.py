@@ -223,7 +223,7 @@ def _delivery_columns(
             columns["queue_id"].append(m.id)
             columns["address"].append(r.address)
             columns["domain"].append(r.domain)
-            columns["destination"].append(destination_for(r.domain))
+            columns["destination"].append(r.destination or destination_for(r.domain))
             columns["lane"].append(m.lane.value)
             columns["created_at"].append(now)
             columns["state"].append("suppressed" if is_suppressed else "queued")

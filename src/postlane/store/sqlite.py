@@ -777,7 +777,7 @@ def _enqueue(
                     "queue_id": message.id,
                     "address": r.address,
                     "domain": r.domain,
-                    "destination": destination_for(r.domain),
+                    "destination": r.destination or destination_for(r.domain),
                     "lane": message.lane.value,
                     "created_at": now,
                     "state": "suppressed" if r.address.lower() in suppressed else "queued",
