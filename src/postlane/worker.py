@@ -229,7 +229,11 @@ class Worker:
             if next_due is not None:
                 timeout = max(0.0, min(poll, next_due - self.clock.now()))
             self.wake.clear()
-            await _first_of(stop.wait(), self.wake.wait(), timeout=timeout)
+            waits: list[Awaitable[object]] = [stop.wait(), self.wake.wait()]
+            store_wait = getattr(self.store, "wait_for_work", None)
+            if store_wait is not None:  # PostgreSQL: LISTEN/NOTIFY from other processes' enqueues
+                waits.append(store_wait(timeout))
+            await _first_of(*waits, timeout=timeout)
 
     async def _wait_for_slot(self, stop: asyncio.Event | None = None) -> None:
         threshold = max(1, min(self.settings.batch_size, self.settings.concurrency) // 4)
