@@ -121,6 +121,8 @@ class AsyncPostlane:
         #: set after every enqueue, so a worker in this process wakes at once
         self.wake = asyncio.Event()
         self.observer: ActionObserver = _NoObserver()
+        #: the worker running in this process, if any (for /readyz)
+        self.worker: Any = None
         self.destinations = DestinationMap.from_config(self.config)
         self._opened = False
 

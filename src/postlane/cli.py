@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -226,14 +225,9 @@ def cli(ctx: click.Context, config: str | None, debug: bool) -> None:
 
 
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not debug:
-        for noisy in ("aiosmtplib", "mail.log", "uvicorn.access", "asyncio"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    from postlane.logs import setup_logging
+
+    setup_logging(state().config().log, debug=debug)
 
 
 # -- serve, worker -----------------------------------------------------------------------------
@@ -930,6 +924,54 @@ def dlq_purge(
     selectors["states"] = ()
     selector = _targets(ids, all_, selectors, required=True)
     run_action(QueueAction.PURGE, selector, confirm=True, yes=yes, export_path=export_path)
+
+
+# -- alerts ------------------------------------------------------------------------------------
+
+
+@cli.command("alerts")
+@config_option
+@click.option(
+    "--prometheus-rules", "rules", is_flag=True, help="Print the rules as a Prometheus rules file."
+)
+@json_option
+def alerts_command(rules: bool, as_json: bool) -> None:
+    """Evaluate the alert rules now, on the recorded history (what serve records each minute)."""
+    from postlane.alerts import HISTORY_NEEDED, current_samples, evaluate, firing_first
+    from postlane.alerts import prometheus_rules as render
+
+    if rules:
+        click.echo(render(), nl=False)
+        return
+
+    async def go(app: AsyncPostlane) -> list[Any]:
+        import math
+
+        now = app.clock.now()
+        history = await app.store.samples(now - HISTORY_NEEDED)
+        minute = math.floor(now / 60.0) * 60.0
+        if not history or history[-1].at < minute:  # serve did not record this minute yet
+            finished = await app.store.finished_between(minute - 60.0, minute)
+            history = [*history, *current_samples(await app.stats(), minute, finished)]
+        return firing_first(evaluate(history, now))
+
+    verdicts = with_app(go)
+    if as_json:
+        print_json([a.as_json() for a in verdicts])
+        return
+    table = Table(box=None, show_edge=False, header_style="bold", pad_edge=False)
+    for column in ("state", "alert", "labels", "value", "detail"):
+        table.add_column(column)
+    for alert in verdicts:
+        state_text = Text("FIRING", style="bold red") if alert.firing else Text("ok", style="green")
+        labels = ",".join(f"{k}={v}" for k, v in alert.labels.items())
+        table.add_row(state_text, alert.rule.name, labels, f"{alert.value:g}", alert.detail)
+    out.print(table)
+    firing = [a for a in verdicts if a.firing]
+    if firing:
+        out.print(f"{len(firing)} firing; runbooks:")
+        for alert in firing:
+            out.print(f"  {alert.rule.name}: {alert.rule.runbook_url}", markup=False)
 
 
 # -- hash-password -----------------------------------------------------------------------------

@@ -329,6 +329,25 @@ class ShapingRule:
     within: float = _setting(300.0, _duration)
 
 
+@dataclass(frozen=True)
+class AlertsConfig:
+    #: Alertmanager-compatible endpoint for firing and resolved alerts (none: log only)
+    webhook: str | None = _setting(None, _opt(_str))
+    #: how often serve records the history and evaluates the rules
+    interval: float = _setting(60.0, _duration)
+    #: how long the recorded history (one row per lane per minute) is kept
+    history: float = _setting(7 * 86400.0, _duration)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    #: "text" (one readable line per event) or "json" (one JSON object per line)
+    format: str = _setting("text", _choice("text", "json"))
+    level: str = _setting("info", _choice("debug", "info", "warning", "error"))
+    #: one line per delivery attempt (id, domain, destination, class, code, duration)
+    attempts: bool = _setting(True, _bool)
+
+
 _LANE_SECTIONS = tuple(lane.value for lane in Lane)
 
 
@@ -343,6 +362,8 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     destinations: dict[str, DestinationLimits] = field(default_factory=dict)
     shaping: tuple[ShapingRule, ...] = ()
     #: where the configuration came from, for messages ("built-in defaults" when no file)
@@ -362,6 +383,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "http": HttpConfig,
     "smtp": SmtpConfig,
     "throttle": ThrottleConfig,
+    "alerts": AlertsConfig,
+    "log": LogConfig,
 }
 
 
@@ -506,6 +529,8 @@ def config_from_dict(
         http=http,
         smtp=smtp,
         throttle=sections["throttle"],
+        alerts=sections["alerts"],
+        log=sections["log"],
         destinations=destinations,
         shaping=tuple(shaping),
         source=source,

@@ -553,3 +553,43 @@ class ExportedMessage:
             content=base64.b64decode(data["content"]),
             recipients=tuple(recipients),
         )
+
+
+# -- recorded history ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One minute of recorded history: a lane's depth and oldest age, or (``lane`` "*") the
+    queue-wide events of the minute before and the destinations paused then."""
+
+    at: float
+    lane: str
+    ready: int = 0
+    deferred: int = 0
+    held: int = 0
+    sending: int = 0
+    oldest_age: float = 0.0
+    sent: int = 0
+    dead: int = 0
+    hard_bounces: int = 0
+    paused: tuple[str, ...] = ()
+
+    @property
+    def depth(self) -> int:
+        return self.ready + self.deferred + self.sending
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "at": iso(self.at),
+            "lane": self.lane,
+            "ready": self.ready,
+            "deferred": self.deferred,
+            "held": self.held,
+            "sending": self.sending,
+            "oldest_age_seconds": round(self.oldest_age, 3),
+            "sent": self.sent,
+            "dead": self.dead,
+            "hard_bounces": self.hard_bounces,
+            "paused": list(self.paused),
+        }

@@ -36,6 +36,20 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return remove
 
 
+async def _monitor(config: Config, app: AsyncPostlane, stop: asyncio.Event) -> None:
+    """Record the history and evaluate the alert rules every ``[alerts] interval``."""
+    from postlane.alerts import AlertMonitor
+
+    monitor = AlertMonitor.from_config(app, config)
+    while not stop.is_set():
+        try:
+            await monitor.run_once(app.clock.now())
+        except Exception:
+            log.exception("alert evaluation failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=config.alerts.interval)
+
+
 def announce(config: Config, app: AsyncPostlane, transport: Transport) -> None:
     log.info("configuration: %s", config.source)
     log.info("store: %s", app.store.description)
@@ -66,23 +80,29 @@ async def run(
         from postlane.metrics import Metrics
 
         metrics = Metrics(app)
+        app.observer = metrics
         worker = Worker.from_config(
             config, app.store, transport, wake=app.wake, clock=app.clock, observer=metrics
         )
+        app.worker = worker
         await worker.reclaim_dead_owners()
         async with contextlib.AsyncExitStack() as servers:
             if ingest:
                 from postlane.ingest.http import start_http
                 from postlane.ingest.smtp import start_smtp
 
-                await servers.enter_async_context(start_http(config, app, metrics))
+                await servers.enter_async_context(start_http(config, app, metrics, worker))
                 await servers.enter_async_context(start_smtp(config, app))
             if on_ready is not None:
                 await on_ready(app)
-            log.info("postlane is running (pid owner %s)", worker.owner)
+            log.info("postlane is running (lease owner %s)", worker.owner)
+            monitor = asyncio.create_task(_monitor(config, app, stop), name="postlane-alerts")
             try:
                 await worker.run(stop)
             finally:
+                monitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitor
                 await transport.close()
         log.info("postlane stopped")
     remove_handlers()

@@ -35,6 +35,8 @@ from postlane.throttle import Throttle
 from postlane.transports.base import Envelope, Response, Transport
 
 log = logging.getLogger("postlane.worker")
+#: one line per delivery attempt (never the address's local part, never the content)
+attempt_log = logging.getLogger("postlane.attempts")
 
 #: how often finished messages past their retention are removed
 PURGE_INTERVAL = 600.0
@@ -145,6 +147,8 @@ class Worker:
         self._recorder_task: asyncio.Task[None] | None = None
         self.sent = 0
         self.attempts = 0
+        #: True while run() delivers (for /readyz)
+        self.running = False
 
     @classmethod
     def from_config(
@@ -178,6 +182,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set, then shut down gracefully."""
+        self.running = True
         self._start_recorder()
         helpers = [
             asyncio.create_task(self._renew_leases(stop), name="postlane-lease-renewal"),
@@ -186,6 +191,7 @@ class Worker:
         try:
             await self._claim_loop(stop)
         finally:
+            self.running = False
             for helper in helpers:
                 helper.cancel()
             await self._shutdown()
@@ -404,6 +410,31 @@ class Worker:
             cool_down=cool_down,
         )
         self.attempts += 1
+        if attempt_log.isEnabledFor(logging.INFO):
+            attempt_log.info(
+                "attempt id=%s domain=%s destination=%s class=%s code=%s enhanced=%s "
+                "duration_ms=%d next=%s",
+                message.queue_id,
+                delivery.domain,
+                delivery.destination,
+                verdict.cls.value,
+                verdict.code if verdict.code is not None else "-",
+                verdict.enhanced or "-",
+                duration_ms,
+                decision.action.value,
+                extra={
+                    "event": "attempt",
+                    "id": message.queue_id,
+                    "domain": delivery.domain,
+                    "destination": delivery.destination,
+                    "class": verdict.cls.value,
+                    "code": verdict.code,
+                    "enhanced": verdict.enhanced,
+                    "duration_ms": duration_ms,
+                    "decision": decision.action.value,
+                    "lane": message.lane.value,
+                },
+            )
         self.observer.attempted(
             lane=message.lane,
             destination=delivery.destination,

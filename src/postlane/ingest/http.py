@@ -308,7 +308,9 @@ def _postlane_error(exc: PostlaneError) -> JSONResponse:
 Handler = Callable[[Request, Caller], Awaitable[Response]]
 
 
-def build_app(config: Config, app: AsyncPostlane, metrics: Metrics | None = None) -> Starlette:
+def build_app(
+    config: Config, app: AsyncPostlane, metrics: Metrics | None = None, worker: Any = None
+) -> Starlette:
     """The Starlette application (tests drive it with httpx's ASGI transport)."""
     tokens = Tokens(config.http.tokens, config.http.send_tokens)
     body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
@@ -439,10 +441,19 @@ def build_app(config: Config, app: AsyncPostlane, metrics: Metrics | None = None
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def healthz(request: Request, caller: Caller) -> Response:
+        """The process is up (for a load balancer's liveness check)."""
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request, caller: Caller) -> Response:
+        """The store answers and, in serve, the worker runs (for readiness checks)."""
         try:
             await asyncio.wait_for(app.store.next_due_at(), timeout=5)
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        if worker is not None and not getattr(worker, "running", True):
+            return JSONResponse(
+                {"status": "unavailable", "error": "the worker is not running"}, status_code=503
+            )
         return JSONResponse({"status": "ok"})
 
     async def openapi(request: Request, caller: Caller) -> Response:
@@ -475,6 +486,7 @@ def build_app(config: Config, app: AsyncPostlane, metrics: Metrics | None = None
         ),
         Route("/metrics", endpoint(get_metrics, public), methods=["GET"]),
         Route("/healthz", endpoint(healthz, public), methods=["GET"]),
+        Route("/readyz", endpoint(readyz, public), methods=["GET"]),
         Route("/openapi.json", endpoint(openapi, public), methods=["GET"]),
     ]
     return Starlette(
@@ -509,14 +521,14 @@ def bind(listen: str, what: str) -> socket.socket:
 
 @contextlib.asynccontextmanager
 async def start_http(
-    config: Config, app: AsyncPostlane, metrics: Metrics | None = None
+    config: Config, app: AsyncPostlane, metrics: Metrics | None = None, worker: Any = None
 ) -> AsyncIterator[str]:
     """Serve the API until the context exits; yields the address it listens on."""
     sock = bind(config.http.listen, "http.listen")
     host, port = sock.getsockname()[:2]
     server = _Server(
         uvicorn.Config(
-            build_app(config, app, metrics),
+            build_app(config, app, metrics, worker),
             log_level="warning",
             lifespan="off",
             access_log=False,

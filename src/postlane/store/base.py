@@ -17,6 +17,7 @@ from postlane.records import (
     ExportedMessage,
     MessageView,
     Outcome,
+    Sample,
     SelectionCount,
     Selector,
     ShapeRow,
@@ -196,6 +197,33 @@ class Store(Protocol):
         """End pauses and slow-downs (all when None) and make their deferred deliveries due
         now; returns how many deliveries became due."""
         ...
+
+    # -- recorded history ------------------------------------------------------------------------
+
+    async def record_samples(self, samples: Sequence[Sample]) -> bool:
+        """Record one minute's samples; False when another process recorded it first."""
+        ...
+
+    async def samples(self, since: float) -> list[Sample]:
+        """The recorded history from ``since`` on, oldest first."""
+        ...
+
+    async def finished_between(self, start: float, end: float) -> tuple[int, int, int]:
+        """(delivered, dead-lettered, of which hard bounces) in ``[start, end)``."""
+        ...
+
+    async def purge_samples(self, before: float) -> int: ...
+
+    async def recoveries_after(self, after_id: int) -> list[tuple[int, float]]:
+        """Requeued dead letters recorded after row ``after_id``: (row id, seconds dead)."""
+        ...
+
+    async def alert_transition(self, name: str, firing: bool, now: float) -> bool:
+        """Record that an alert fires (or resolves); True only for the caller that changed it,
+        so one process notifies."""
+        ...
+
+    async def alerts_firing(self) -> list[tuple[str, float]]: ...
 
     # -- suppression -----------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ from postlane.records import (
     Outcome,
     RecipientView,
     Reply,
+    Sample,
     SelectionCount,
     Selector,
     ShapeRow,
@@ -803,6 +804,54 @@ class PostgresStore:
 
         return await self._run(run)
 
+    # -- recorded history ------------------------------------------------------------------------
+
+    async def record_samples(self, samples: Sequence[Sample]) -> bool:
+        rows = [_sample_params(sample) for sample in samples]
+
+        async def run(conn: Conn) -> bool:
+            inserted = 0
+            for row in rows:
+                inserted += await _rowcount(conn, Q["insert_sample"], row)
+            return inserted > 0
+
+        return await self._run(run)
+
+    async def samples(self, since: float) -> list[Sample]:
+        async def run(conn: Conn) -> list[Sample]:
+            rows = await _fetch(conn, Q["samples_since"], {"since": since})
+            return [_sample(row) for row in rows]
+
+        return await self._run(run, snapshot=True)
+
+    async def finished_between(self, start: float, end: float) -> tuple[int, int, int]:
+        async def run(conn: Conn) -> tuple[int, int, int]:
+            [row] = await _fetch(conn, Q["finished_between"], {"start": start, "end": end})
+            return int(row[0]), int(row[1]), int(row[2])
+
+        return await self._run(run, snapshot=True)
+
+    async def purge_samples(self, before: float) -> int:
+        return await self._run(lambda conn: _rowcount(conn, Q["purge_samples"], {"before": before}))
+
+    async def recoveries_after(self, after_id: int) -> list[tuple[int, float]]:
+        async def run(conn: Conn) -> list[tuple[int, float]]:
+            rows = await _fetch(conn, Q["recoveries_after"], {"after": after_id})
+            return [(int(i), float(seconds)) for i, seconds in rows]
+
+        return await self._run(run, snapshot=True)
+
+    async def alert_transition(self, name: str, firing: bool, now: float) -> bool:
+        query = Q["alert_fire"] if firing else Q["alert_resolve"]
+        params = {"name": name, "now": now}
+        return bool(await self._run(lambda conn: _rowcount(conn, query, params)))
+
+    async def alerts_firing(self) -> list[tuple[str, float]]:
+        async def run(conn: Conn) -> list[tuple[str, float]]:
+            return [(str(n), float(t)) for n, t in await _fetch(conn, Q["alerts_firing"])]
+
+        return await self._run(run, snapshot=True)
+
     # -- suppression -----------------------------------------------------------------------------
 
     async def list_suppressions(self, *, limit: int) -> list[Suppression]:
@@ -1143,6 +1192,39 @@ async def _export(conn: Conn, delivery_ids: list[int]) -> list[ExportedMessage]:
 
 def _cls(value: Any) -> ReplyClass | None:
     return ReplyClass(value) if value else None
+
+
+def _sample(row: Sequence[Any]) -> Sample:
+    at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard, paused = row
+    return Sample(
+        at=float(at),
+        lane=str(lane),
+        ready=int(ready),
+        deferred=int(deferred),
+        held=int(held),
+        sending=int(sending),
+        oldest_age=float(oldest_age),
+        sent=int(sent),
+        dead=int(dead),
+        hard_bounces=int(hard),
+        paused=tuple(json.loads(paused)),
+    )
+
+
+def _sample_params(sample: Sample) -> dict[str, Any]:
+    return {
+        "at": sample.at,
+        "lane": sample.lane,
+        "ready": sample.ready,
+        "deferred": sample.deferred,
+        "held": sample.held,
+        "sending": sample.sending,
+        "oldest_age": sample.oldest_age,
+        "sent": sample.sent,
+        "dead": sample.dead,
+        "hard_bounces": sample.hard_bounces,
+        "paused": json.dumps(list(sample.paused)),
+    }
 
 
 def _suppression_params(s: Suppression) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from postlane.records import (
     Outcome,
     RecipientView,
     Reply,
+    Sample,
     SelectionCount,
     Selector,
     ShapeRow,
@@ -672,6 +673,55 @@ class SQLiteStore:
 
         return await self._write(run)
 
+    # -- recorded history ------------------------------------------------------------------------
+
+    async def record_samples(self, samples: Sequence[Sample]) -> bool:
+        rows = [_sample_params(sample) for sample in samples]
+
+        def run(conn: sqlite3.Connection) -> bool:
+            return sum(conn.execute(Q["insert_sample"], row).rowcount for row in rows) > 0
+
+        return await self._write(run)
+
+    async def samples(self, since: float) -> list[Sample]:
+        def run(conn: sqlite3.Connection) -> list[Sample]:
+            return [_sample(row) for row in conn.execute(Q["samples_since"], {"since": since})]
+
+        return await self._read(run)
+
+    async def finished_between(self, start: float, end: float) -> tuple[int, int, int]:
+        def run(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            params = {"start": start, "end": end}
+            sent = conn.execute(Q["sent_between"], params).fetchone()[0]
+            dead, hard = conn.execute(Q["dead_between"], params).fetchone()
+            return int(sent), int(dead), int(hard)
+
+        return await self._read(run)
+
+    async def purge_samples(self, before: float) -> int:
+        return await self._write(
+            lambda conn: int(conn.execute(Q["purge_samples"], {"before": before}).rowcount)
+        )
+
+    async def recoveries_after(self, after_id: int) -> list[tuple[int, float]]:
+        def run(conn: sqlite3.Connection) -> list[tuple[int, float]]:
+            return [
+                (int(i), float(s))
+                for i, s in conn.execute(Q["recoveries_after"], {"after": after_id})
+            ]
+
+        return await self._read(run)
+
+    async def alert_transition(self, name: str, firing: bool, now: float) -> bool:
+        query = Q["alert_fire"] if firing else Q["alert_resolve"]
+        params = {"name": name, "now": now}
+        return await self._write(lambda conn: bool(conn.execute(query, params).rowcount))
+
+    async def alerts_firing(self) -> list[tuple[str, float]]:
+        return await self._read(
+            lambda conn: [(n, float(t)) for n, t in conn.execute(Q["alerts_firing"])]
+        )
+
     # -- suppression -----------------------------------------------------------------------------
 
     async def list_suppressions(self, *, limit: int) -> list[Suppression]:
@@ -1070,6 +1120,39 @@ def _import(conn: sqlite3.Connection, messages: Sequence[ExportedMessage], now: 
         conn.execute(Q["reopen_message"], {"queue_id": message.id})
         conn.execute(Q["mark_done"], {"queue_id": message.id, "now": now})
     return restored
+
+
+def _sample(row: Sequence[Any]) -> Sample:
+    at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard, paused = row
+    return Sample(
+        at=at,
+        lane=lane,
+        ready=ready,
+        deferred=deferred,
+        held=held,
+        sending=sending,
+        oldest_age=oldest_age,
+        sent=sent,
+        dead=dead,
+        hard_bounces=hard,
+        paused=tuple(json.loads(paused)),
+    )
+
+
+def _sample_params(sample: Sample) -> dict[str, Any]:
+    return {
+        "at": sample.at,
+        "lane": sample.lane,
+        "ready": sample.ready,
+        "deferred": sample.deferred,
+        "held": sample.held,
+        "sending": sample.sending,
+        "oldest_age": sample.oldest_age,
+        "sent": sample.sent,
+        "dead": sample.dead,
+        "hard_bounces": sample.hard_bounces,
+        "paused": json.dumps(list(sample.paused)),
+    }
 
 
 def _suppression_params(s: Suppression) -> dict[str, Any]:

@@ -556,3 +556,47 @@ WHERE destination = %(destination)s AND state IN ('queued', 'deferred')
 -- Call back every delivery that waits for a slot (the relay's rate grew).
 UPDATE deliveries SET next_attempt_at = %(now)s, updated_at = %(now)s
 WHERE state IN ('queued', 'deferred') AND next_attempt_at > %(now)s AND reason = %(reason)s;
+
+-- name: insert_sample
+-- One minute's sample of a lane (the first process to record a minute wins).
+INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
+                            hard_bounces, paused)
+VALUES (%(at)s, %(lane)s, %(ready)s, %(deferred)s, %(held)s, %(sending)s, %(oldest_age)s,
+        %(sent)s, %(dead)s, %(hard_bounces)s, %(paused)s::jsonb)
+ON CONFLICT (at, lane) DO NOTHING;
+
+-- name: samples_since
+-- The recorded history from a time on, oldest first.
+SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
+       paused::text
+FROM metric_samples WHERE at >= %(since)s ORDER BY at, lane;
+
+-- name: purge_samples
+-- Forget history older than the retention.
+DELETE FROM metric_samples WHERE at < %(before)s;
+
+-- name: finished_between
+-- Recipients delivered, dead-lettered, and hard-bounced in a time range.
+SELECT (SELECT count(*) FROM deliveries
+        WHERE state = 'sent' AND updated_at >= %(start)s AND updated_at < %(end)s),
+       count(*), count(*) FILTER (WHERE last_class = 'hard_bounce')
+FROM deliveries WHERE state = 'dead' AND updated_at >= %(start)s AND updated_at < %(end)s;
+
+-- name: recoveries_after
+-- Dead letters requeued since a row id (for the recovery-time histogram).
+SELECT id, requeued_at - dead_at FROM dead_letter_recoveries WHERE id > %(after)s ORDER BY id;
+
+-- name: alert_fire
+-- An alert starts firing: a row only for the process that made the change.
+INSERT INTO alert_state (name, firing, since, updated_at) VALUES (%(name)s, true, %(now)s, %(now)s)
+ON CONFLICT (name) DO UPDATE SET firing = true, since = %(now)s, updated_at = %(now)s
+WHERE NOT alert_state.firing;
+
+-- name: alert_resolve
+-- A firing alert resolves: a row only for the process that made the change.
+UPDATE alert_state SET firing = false, since = %(now)s, updated_at = %(now)s
+WHERE name = %(name)s AND firing;
+
+-- name: alerts_firing
+-- Alerts recorded as firing, with since when.
+SELECT name, since FROM alert_state WHERE firing ORDER BY name;

@@ -345,3 +345,50 @@ WHERE destination = :destination AND state IN ('queued', 'deferred')
 -- Call back every delivery that waits for a slot (the relay's rate grew).
 UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
 WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now AND reason = :reason;
+
+-- name: insert_sample
+-- One minute's sample of a lane (the first process to record a minute wins).
+INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
+                            hard_bounces, paused)
+VALUES (:at, :lane, :ready, :deferred, :held, :sending, :oldest_age, :sent, :dead,
+        :hard_bounces, :paused)
+ON CONFLICT (at, lane) DO NOTHING;
+
+-- name: samples_since
+-- The recorded history from a time on, oldest first.
+SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces, paused
+FROM metric_samples WHERE at >= :since ORDER BY at, lane;
+
+-- name: purge_samples
+-- Forget history older than the retention.
+DELETE FROM metric_samples WHERE at < :before;
+
+-- name: sent_between
+-- Recipients delivered in a time range.
+SELECT count(*) FROM deliveries INDEXED BY deliveries_sent_at
+WHERE state = 'sent' AND updated_at >= :start AND updated_at < :end;
+
+-- name: dead_between
+-- Recipients dead-lettered in a time range, and how many of them were hard bounces.
+SELECT count(*), coalesce(sum(last_class = 'hard_bounce'), 0)
+FROM deliveries INDEXED BY deliveries_dead
+WHERE state = 'dead' AND updated_at >= :start AND updated_at < :end;
+
+-- name: recoveries_after
+-- Dead letters requeued since a row id (for the recovery-time histogram).
+SELECT id, requeued_at - dead_at FROM dead_letter_recoveries WHERE id > :after ORDER BY id;
+
+-- name: alert_fire
+-- An alert starts firing: true only for the process that made the change.
+INSERT INTO alert_state (name, firing, since, updated_at) VALUES (:name, 1, :now, :now)
+ON CONFLICT (name) DO UPDATE SET firing = 1, since = :now, updated_at = :now
+WHERE alert_state.firing = 0;
+
+-- name: alert_resolve
+-- A firing alert resolves: true only for the process that made the change.
+UPDATE alert_state SET firing = 0, since = :now, updated_at = :now
+WHERE name = :name AND firing = 1;
+
+-- name: alerts_firing
+-- Alerts recorded as firing, with since when.
+SELECT name, since FROM alert_state WHERE firing = 1 ORDER BY name;
