@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, TypeVar
 
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, load_config
@@ -91,17 +91,6 @@ def action_states(action: QueueAction, selector: Selector) -> tuple[str, ...]:
     return chosen
 
 
-class ActionObserver(Protocol):
-    """Told about operator actions worth a metric (the metrics implement this)."""
-
-    def recovered(self, dead_for_seconds: float) -> None: ...
-
-
-class _NoObserver:
-    def recovered(self, dead_for_seconds: float) -> None:
-        return None
-
-
 class AsyncPostlane:
     """postlane for asyncio code. Open it (``async with`` or :meth:`open`) before use."""
 
@@ -120,7 +109,6 @@ class AsyncPostlane:
         )
         #: set after every enqueue, so a worker in this process wakes at once
         self.wake = asyncio.Event()
-        self.observer: ActionObserver = _NoObserver()
         #: the worker running in this process, if any (for /readyz)
         self.worker: Any = None
         self.destinations = DestinationMap.from_config(self.config)
@@ -292,10 +280,8 @@ class AsyncPostlane:
         elif action is QueueAction.RELEASE:
             count = await self.store.release(ids, now)
         elif action is QueueAction.REQUEUE:
-            recovered = await self.store.requeue_dead(ids, now)
-            for seconds in recovered:
-                self.observer.recovered(seconds)
-            count = len(recovered)
+            # each requeue is recorded with how long it was dead (the recovery-time metric)
+            count = len(await self.store.requeue_dead(ids, now))
         else:  # DELETE, PURGE
             count = await self.store.delete_deliveries(ids, states)
         if action in (QueueAction.FLUSH, QueueAction.RELEASE, QueueAction.REQUEUE):

@@ -160,6 +160,8 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        #: the last dead_letter_recoveries row observed; -1 until the first scrape
+        self._recovery_seen = -1
         self.scrape_errors = Counter(
             "postlane_store_read_errors",
             "Scrapes whose store read failed (queue gauges then stale)",
@@ -197,13 +199,22 @@ class Metrics:
         self.recovery.observe(max(0.0, dead_for_seconds))
 
     async def refresh(self) -> None:
-        """Read the store-derived gauges (called before each scrape)."""
+        """Read the store-derived gauges, and requeued dead letters recorded since the last
+        scrape (by any process: an operator's CLI, another host), before each scrape."""
         if self.app is None:
             return
         try:
             self._gauges.stats = await self.app.stats()
+            recoveries = await self.app.store.recoveries_after(self._recovery_seen)
         except Exception:
             self.scrape_errors.inc()
+            return
+        first = self._recovery_seen < 0  # the first scrape only learns where history ends
+        for row_id, seconds in recoveries:
+            if not first:
+                self.recovered(seconds)
+            self._recovery_seen = max(self._recovery_seen, row_id)
+        self._recovery_seen = max(self._recovery_seen, 0)
 
     async def exposition(self) -> bytes:
         await self.refresh()

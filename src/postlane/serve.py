@@ -80,7 +80,6 @@ async def run(
         from postlane.metrics import Metrics
 
         metrics = Metrics(app)
-        app.observer = metrics
         worker = Worker.from_config(
             config, app.store, transport, wake=app.wake, clock=app.clock, observer=metrics
         )

@@ -1,0 +1,346 @@
+"""Metrics, alerts and logs, driven with an injected clock through growth, steady state and
+recovery: the metrics and `postlane alerts` verdicts at each step, the webhook's
+notifications, and the shipped Prometheus rules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from postlane.alerts import AlertMonitor, load_rules, prometheus_rules
+from postlane.app import AsyncPostlane, QueueAction
+from postlane.classify import ReplyClass
+from postlane.clock import FakeClock
+from postlane.config import LogConfig
+from postlane.logs import JSONFormatter, setup_logging
+from postlane.message import Lane, Message, RecipientState
+from postlane.metrics import Metrics
+from postlane.records import AttemptRecord, Outcome, Selector
+from postlane.transports import transport_for
+from postlane.worker import Worker
+from tests.conftest import IN_CI, free_port, make_config
+
+ROOT = Path(__file__).resolve().parents[2]
+ALL = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
+
+
+@contextlib.asynccontextmanager
+async def webhook() -> AsyncIterator[tuple[str, list[list[dict[str, Any]]]]]:
+    """A local Alertmanager stand-in recording what it is sent."""
+    received: list[list[dict[str, Any]]] = []
+
+    async def alerts(request: Request) -> JSONResponse:
+        received.append(await request.json())
+        return JSONResponse({})
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            Starlette(routes=[Route("/api/v2/alerts", alerts, methods=["POST"])]),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 (uvicorn has no started event)
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/api/v2/alerts", received
+    finally:
+        server.should_exit = True
+        await task
+
+
+def firing(alerts: list[Any]) -> set[str]:
+    return {a.key for a in alerts if a.firing}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus exposition text (labels in any order)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not exposed")
+
+
+async def test_growth_steady_state_and_recovery(tmp_path: Path, clock: FakeClock) -> None:
+    async with webhook() as (url, received):
+        config = make_config(tmp_path, alerts={"webhook": url})
+        async with AsyncPostlane(config, clock=clock) as app:
+            metrics = Metrics(app)
+            monitor = AlertMonitor.from_config(app, config)
+            worker = Worker.from_config(
+                config, app.store, transport_for(config), clock=clock, observer=metrics
+            )
+
+            async def enqueue(count: int) -> None:
+                await app.send_many(
+                    [
+                        Message(sender="a@x.example", to=[f"u{i}@y.example"], text="x", lane="low")
+                        for i in range(count)
+                    ]
+                )
+
+            # -- growth: mail arrives, nothing goes out, for 20 minutes
+            for _ in range(20):
+                await enqueue(10)
+                verdicts = await monitor.run_once(clock.now())
+                await clock.advance(60)
+            assert "PostlaneOldestMessageAgeGrowing{lane=low}" in firing(verdicts)
+            assert "PostlaneNoDeliveries" in firing(verdicts)
+            assert "PostlaneOldestMessageAgeGrowing{lane=normal}" not in firing(verdicts)
+            text = (await metrics.exposition()).decode()
+            assert metric(text, "postlane_queue_depth", lane="low", state="queued") == 200
+            assert metric(text, "postlane_oldest_message_age_seconds", lane="low") >= 19 * 60
+            fired = [a for batch in received for a in batch if "endsAt" not in a]
+            assert {a["labels"]["alertname"] for a in fired} >= {
+                "PostlaneOldestMessageAgeGrowing",
+                "PostlaneNoDeliveries",
+            }
+            assert all(a["annotations"]["runbook_url"].endswith(".md") for a in fired)
+
+            # -- recovery and steady state: everything waiting goes out, then each minute's mail
+            for _ in range(20):
+                await enqueue(10)
+                await worker.run_until_idle()
+                verdicts = await monitor.run_once(clock.now())
+                await clock.advance(60)
+            assert firing(verdicts) == set()
+            resolved = [a for batch in received for a in batch if "endsAt" in a]
+            assert {a["labels"]["alertname"] for a in resolved} >= {
+                "PostlaneOldestMessageAgeGrowing",
+                "PostlaneNoDeliveries",
+            }
+            text = (await metrics.exposition()).decode()
+            assert metric(text, "postlane_queue_depth", lane="low", state="queued") == 0
+            delivered = metric(
+                text,
+                "postlane_delivery_attempts_total",
+                lane="low",
+                destination="y.example",
+                **{"class": "delivered"},
+            )
+            assert delivered == 400
+            assert metric(text, "postlane_delivery_latency_seconds_count", lane="low") == 400
+
+            # postlane alerts reads the same recorded history
+            history = await app.store.samples(clock.now() - 3600)
+            assert {s.lane for s in history} == {"high", "normal", "low", "*"}
+            assert sum(s.sent for s in history if s.lane == "*") >= 390
+
+
+async def test_a_deep_queue_that_drains_stays_quiet(tmp_path: Path, clock: FakeClock) -> None:
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        monitor = AlertMonitor.from_config(app, config)
+
+        async def deliver(count: int) -> None:  # a worker that delivers `count` a minute
+            now = clock.now()
+            claimed = await app.store.claim_due(
+                "w", ALL, limit=count, now=now, lease_until=now + 60
+            )
+            ok = AttemptRecord(now, ReplyClass.DELIVERED, 250, None, "ok", "r", "d", 1)
+            await app.store.record(
+                "w",
+                [
+                    Outcome(d.id, RecipientState.SENT, 1, 0, None, ok)
+                    for m in claimed
+                    for d in m.deliveries
+                ],
+                now,
+            )
+
+        for _ in range(20):  # a backlog builds: 100 a minute, none out
+            await app.send_many(
+                [
+                    Message(sender="a@x.example", to=[f"u{i}@y.example"], text="x")
+                    for i in range(100)
+                ]
+            )
+            verdicts = await monitor.run_once(clock.now())
+            await clock.advance(60)
+        assert "PostlaneOldestMessageAgeGrowing{lane=normal}" in firing(verdicts)
+        for minute in range(12):  # it drains: 200 out, 100 in, every minute; still deep
+            await app.send_many(
+                [
+                    Message(sender="a@x.example", to=[f"v{minute}-{i}@y.example"], text="x")
+                    for i in range(100)
+                ]
+            )
+            await deliver(200)
+            verdicts = await monitor.run_once(clock.now())
+            await clock.advance(60)
+        stats = await app.stats()
+        assert stats.lanes[Lane.NORMAL].ready >= 500  # still a deep queue
+        assert "PostlaneOldestMessageAgeGrowing{lane=normal}" not in firing(verdicts)
+        assert "PostlaneNoDeliveries" not in firing(verdicts)
+
+
+async def test_dead_letter_spike_and_hard_bounce_ratio(tmp_path: Path, clock: FakeClock) -> None:
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        monitor = AlertMonitor.from_config(app, config)
+        await app.send_many(
+            [Message(sender="a@x.example", to=[f"u{i}@y.example"], text="x") for i in range(80)]
+        )
+        await clock.advance(60)
+        now = clock.now()
+        claimed = await app.store.claim_due("w", ALL, limit=100, now=now, lease_until=now + 60)
+        bounce = AttemptRecord(
+            now, ReplyClass.HARD_BOUNCE, 550, "5.1.1", "no such user", "r", "d", 1
+        )
+        await app.store.record(
+            "w",
+            [
+                Outcome(d.id, RecipientState.DEAD, 1, 0, None, bounce)
+                for m in claimed
+                for d in m.deliveries
+            ],
+            now,
+        )
+        await clock.advance(60)
+        verdicts = await monitor.run_once(clock.now())
+        assert {"PostlaneDeadLetterSpike", "PostlaneHardBounceRatio"} <= firing(verdicts)
+        for _ in range(31):
+            await clock.advance(60)
+            verdicts = await monitor.run_once(clock.now())
+        assert firing(verdicts) == set()
+
+
+async def test_recovery_time_is_measured_from_requeues_by_any_process(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        metrics = Metrics(app)
+        await metrics.exposition()  # the first scrape learns where history ends
+        [result] = await app.send_many(
+            [Message(sender="a@x.example", to=["b@y.example"], text="x")]
+        )
+        now = clock.now()
+        [m] = await app.store.claim_due("w", ALL, limit=1, now=now, lease_until=now + 60)
+        fail = AttemptRecord(now, ReplyClass.POLICY_BLOCK, 554, "5.7.1", "blocked", "r", "d", 1)
+        await app.store.record(
+            "w", [Outcome(m.deliveries[0].id, RecipientState.DEAD, 1, 0, None, fail)], now
+        )
+        await clock.advance(3600)
+        async with AsyncPostlane(config, clock=clock) as operator:  # e.g. the CLI
+            await operator.act(QueueAction.REQUEUE, Selector(ids=(result.id,)))
+        text = (await metrics.exposition()).decode()
+        assert metric(text, "postlane_dead_letter_recovery_seconds_count") == 1
+        assert metric(text, "postlane_dead_letter_recovery_seconds_sum") == pytest.approx(3600)
+
+
+def test_the_shipped_rules_are_the_generated_ones_and_their_runbooks_exist() -> None:
+    shipped = (ROOT / "deploy/prometheus/postlane.rules.yml").read_text()
+    assert shipped == prometheus_rules(), "regenerate: postlane alerts --prometheus-rules"
+    for rule in load_rules():
+        path = rule.runbook_url.split("/blob/main/", 1)[1]
+        runbook = ROOT / path
+        assert runbook.is_file(), f"{rule.name}: {path} is missing"
+        assert rule.name in runbook.read_text()
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None and not IN_CI, reason="promtool is not installed"
+)
+def test_promtool_checks_and_unit_tests_the_rules() -> None:
+    folder = ROOT / "deploy/prometheus"
+    check = subprocess.run(
+        ["promtool", "check", "rules", "postlane.rules.yml"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run(
+        ["promtool", "test", "rules", "postlane.rules.test.yml"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    )
+    assert test.returncode == 0, test.stdout + test.stderr
+
+
+async def test_one_log_line_per_attempt_and_no_secret_or_body(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path)
+    caplog.set_level(logging.INFO)
+    async with AsyncPostlane(config, clock=clock) as app:
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        result = await app.send(
+            sender="a@x.example",
+            to=["secret-person@y.example"],
+            text="TOP SECRET BODY",
+            subject="s",
+        )
+        await worker.run_until_idle()
+    [line] = [r for r in caplog.records if r.name == "postlane.attempts"]
+    text = line.getMessage()
+    assert f"id={result.id}" in text and "domain=y.example" in text and "class=delivered" in text
+    assert "duration_ms=" in text
+    assert "TOP SECRET BODY" not in caplog.text and "secret-person" not in caplog.text
+    data = json.loads(JSONFormatter().format(line))
+    assert data["event"] == "attempt" and data["class"] == "delivered" and data["id"] == result.id
+    assert data["code"] == 250
+
+
+def test_setup_logging_json(capfd: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_logging(LogConfig(format="json"))
+        logging.getLogger("postlane.test").warning("hello %s", "world", extra={"event": "x"})
+        err = capfd.readouterr().err.strip().splitlines()[-1]
+        data = json.loads(err)
+        assert (
+            data["message"] == "hello world" and data["level"] == "warning" and data["event"] == "x"
+        )
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+async def test_readyz_reflects_the_store_and_the_worker(tmp_path: Path) -> None:
+    import httpx
+
+    from postlane.ingest.http import build_app
+
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config) as app:
+        worker = Worker.from_config(config, app.store, transport_for(config))
+        asgi = build_app(config, app, None, worker)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=asgi), base_url="http://p"
+        ) as c:
+            assert (await c.get("/healthz")).status_code == 200
+            assert (await c.get("/readyz")).status_code == 503  # the worker is not running
+            stop = asyncio.Event()
+            task = asyncio.create_task(worker.run(stop))
+            deadline = time.monotonic() + 10
+            while not worker.running:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert (await c.get("/readyz")).json() == {"status": "ok"}
+            stop.set()
+            await task
