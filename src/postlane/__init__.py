@@ -10,6 +10,7 @@ print(result.id, result.duplicate)
 
 from postlane.app import AsyncPostlane, Postlane
 from postlane.classify import ReplyClass, Verdict, classify
+from postlane.client import AsyncClient, Client
 from postlane.config import Config, load_config
 from postlane.errors import (
     ConfigError,
@@ -26,8 +27,10 @@ from postlane.records import EnqueueResult, Selector
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "AsyncPostlane",
     "Attachment",
+    "Client",
     "Config",
     "ConfigError",
     "EnqueueResult",

@@ -91,7 +91,7 @@ async def run(
                 from postlane.ingest.smtp import start_smtp
 
                 await servers.enter_async_context(start_http(config, app, metrics, worker))
-                await servers.enter_async_context(start_smtp(config, app))
+                await servers.enter_async_context(start_smtp(config, app, metrics))
             if on_ready is not None:
                 await on_ready(app)
             log.info("postlane is running (lease owner %s)", worker.owner)

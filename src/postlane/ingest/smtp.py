@@ -90,8 +90,9 @@ class _Networks:
 class SubmissionHandler:
     """aiosmtpd hooks: who may submit, per-recipient answers, and the durable enqueue."""
 
-    def __init__(self, config: Config, app: AsyncPostlane) -> None:
+    def __init__(self, config: Config, app: AsyncPostlane, metrics: Any = None) -> None:
         self.app = app
+        self.metrics = metrics
         self.config = config
         self.trusted = _Networks(config.smtp.trusted_networks)
         self.users = config.smtp.users
@@ -161,6 +162,8 @@ class SubmissionHandler:
         except PostlaneError as exc:
             return f"451 4.3.0 {exc.message}"
         self.accepted += 1
+        if self.metrics is not None and not result.duplicate:
+            self.metrics.enqueued.labels("smtp").inc()
         return f"250 2.0.0 Ok: queued as {result.id}"
 
     def _received_header(self, session: Session, server: SMTP) -> bytes:
@@ -230,11 +233,11 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 @contextlib.asynccontextmanager
-async def start_smtp(config: Config, app: AsyncPostlane) -> AsyncIterator[str]:
+async def start_smtp(config: Config, app: AsyncPostlane, metrics: Any = None) -> AsyncIterator[str]:
     """Listen for SMTP submission until the context exits; yields "host:port"."""
     from postlane.ingest.http import bind
 
-    handler = SubmissionHandler(config, app)
+    handler = SubmissionHandler(config, app, metrics)
     tls_context = server_tls_context(config)
     if config.smtp.users and tls_context is None:
         log.warning(
