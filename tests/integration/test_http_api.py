@@ -206,8 +206,8 @@ async def test_a_send_token_reads_only_its_own_messages(scoped: tuple[AsyncPostl
     [
         ("GET", "/v1/stats", None),
         ("GET", "/v1/messages", None),
-        ("POST", "/v1/actions/hold", {"all": True}),
-        ("GET", "/v1/dead-letters", None),
+        ("POST", "/v1/queue/hold", {"all": True}),
+        ("GET", "/v1/dlq", None),
         ("GET", "/v1/suppressions", None),
         ("POST", "/v1/suppressions", {"address": "x@example.net"}),
     ],
@@ -232,23 +232,26 @@ async def test_admin_operations_over_http(scoped: tuple[AsyncPostlane, Any]) -> 
             ).json()["id"]
             for i, lane in enumerate(["high", "low", "low"])
         ]
-        listed = (await c.get("/v1/messages", params={"lane": "low"})).json()
+        listed = (await c.get("/v1/queue", params={"lane": "low"})).json()
         assert {m["id"] for m in listed} == set(ids[1:])
         dry = (
-            await c.post("/v1/actions/hold", json={"all": True, "lane": "low", "dry_run": True})
+            await c.post("/v1/queue/hold", json={"all": True, "lane": "low", "dry_run": True})
         ).json()
         assert sum(g["count"] for g in dry["would_touch"]) == 2
-        assert (await c.post("/v1/actions/hold", json={"all": True, "lane": "low"})).json() == {
+        assert (await c.post("/v1/queue/hold", json={"all": True, "lane": "low"})).json() == {
             "action": "hold",
             "count": 2,
         }
         held = (await c.get("/v1/messages", params={"state": "held"})).json()
         assert {m["id"] for m in held} == set(ids[1:])
-        r = await c.post("/v1/actions/delete", json={"lane": "low"})
+        r = await c.post("/v1/queue/delete", json={"lane": "low"})
         assert r.status_code == 400  # needs ids or all
-        r = await c.post("/v1/actions/explode", json={"all": True})
+        r = await c.post("/v1/queue/explode", json={"all": True})
         assert r.status_code == 404
-        r = await c.post("/v1/actions/hold", json={"ids": ["nosuchid"]})
+        r = await c.post("/v1/queue/requeue", json={"all": True})  # a dead-letter action
+        assert r.status_code == 404
+        assert (await c.post("/v1/dlq/requeue", json={"all": True})).json()["count"] == 0
+        r = await c.post("/v1/queue/hold", json={"ids": ["nosuchid"]})
         assert r.status_code == 404
         assert (
             await c.post("/v1/suppressions", json={"address": "gone@example.net"})
@@ -258,8 +261,8 @@ async def test_admin_operations_over_http(scoped: tuple[AsyncPostlane, Any]) -> 
         ]
         assert (await c.delete("/v1/suppressions/gone@example.net")).status_code == 200
         assert (await c.delete("/v1/suppressions/gone@example.net")).status_code == 404
-        assert (await c.get("/v1/dead-letters")).json() == []
-        assert (await c.get("/v1/dead-letters/groups")).json() == []
+        assert (await c.get("/v1/dlq")).json() == []
+        assert (await c.get("/v1/dlq/groups")).json() == []
 
 
 async def test_the_api_describes_itself(scoped: tuple[AsyncPostlane, Any]) -> None:

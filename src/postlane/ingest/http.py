@@ -84,6 +84,10 @@ _SELECTOR_FIELDS = {
 }
 
 
+_QUEUE_ACTIONS = (QueueAction.FLUSH, QueueAction.HOLD, QueueAction.RELEASE, QueueAction.DELETE)
+_DLQ_ACTIONS = (QueueAction.REQUEUE, QueueAction.PURGE)
+
+
 class Scope(StrEnum):
     SEND = "send"
     ADMIN = "admin"
@@ -385,10 +389,13 @@ def build_app(
         return JSONResponse((await app.stats()).as_json())
 
     async def post_action(request: Request, caller: Caller) -> Response:
+        allowed = _DLQ_ACTIONS if request.url.path.startswith("/v1/dlq/") else _QUEUE_ACTIONS
         try:
             action = QueueAction(request.path_params["action"])
+            if action not in allowed:
+                raise ValueError(action)
         except ValueError:
-            known = ", ".join(a.value for a in QueueAction)
+            known = ", ".join(a.value for a in allowed)
             raise ApiError(
                 404, "not_found", f"no action {request.path_params['action']!r} ({known})"
             ) from None
@@ -476,9 +483,11 @@ def build_app(
         Route("/v1/messages/batch", endpoint(post_batch, send), methods=["POST"]),
         Route("/v1/messages/{queue_id}", endpoint(get_message, send), methods=["GET"]),
         Route("/v1/stats", endpoint(get_stats, admin), methods=["GET"]),
-        Route("/v1/actions/{action}", endpoint(post_action, admin), methods=["POST"]),
-        Route("/v1/dead-letters", endpoint(list_dead, admin), methods=["GET"]),
-        Route("/v1/dead-letters/groups", endpoint(dead_groups, admin), methods=["GET"]),
+        Route("/v1/queue", endpoint(list_messages, admin), methods=["GET"]),
+        Route("/v1/queue/{action}", endpoint(post_action, admin), methods=["POST"]),
+        Route("/v1/dlq", endpoint(list_dead, admin), methods=["GET"]),
+        Route("/v1/dlq/groups", endpoint(dead_groups, admin), methods=["GET"]),
+        Route("/v1/dlq/{action}", endpoint(post_action, admin), methods=["POST"]),
         Route("/v1/suppressions", endpoint(list_suppressions, admin), methods=["GET"]),
         Route("/v1/suppressions", endpoint(add_suppression, admin), methods=["POST"]),
         Route(

@@ -57,6 +57,33 @@ _SELECTOR_PARAMS = [
 ]
 
 
+def _action_path(actions: list[str], bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": f"{', '.join(actions)} selected deliveries (admin)",
+            "security": bearer,
+            "parameters": [
+                {
+                    "name": "action",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": actions},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Selector"}}
+                },
+            },
+            "responses": {
+                "200": _json({"type": "object"}, "How many changed (or would, with dry_run)"),
+                **_error_responses(400, 401, 403, 404, 422, 503),
+            },
+        }
+    }
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     reply = {
@@ -325,34 +352,22 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
-        "/v1/actions/{action}": {
-            "post": {
-                "summary": "flush, hold, release, delete, requeue or purge selected deliveries",
+        "/v1/queue": {
+            "get": {
+                "summary": "List the queue (admin); default: not yet finished (mailq)",
                 "security": bearer,
-                "parameters": [
-                    {
-                        "name": "action",
-                        "in": "path",
-                        "required": True,
-                        "schema": {
-                            "type": "string",
-                            "enum": ["flush", "hold", "release", "delete", "requeue", "purge"],
-                        },
-                    }
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Selector"}}
-                    },
-                },
+                "parameters": _SELECTOR_PARAMS,
                 "responses": {
-                    "200": _json({"type": "object"}, "How many changed (or would, with dry_run)"),
-                    **_error_responses(400, 401, 403, 404, 422, 503),
+                    "200": _json(
+                        {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
+                        "Messages, oldest first",
+                    ),
+                    **_error_responses(400, 401, 403, 503),
                 },
             }
         },
-        "/v1/dead-letters": {
+        "/v1/queue/{action}": _action_path(["flush", "hold", "release", "delete"], bearer),
+        "/v1/dlq": {
             "get": {
                 "summary": "Dead letters, one row per dead recipient (admin)",
                 "security": bearer,
@@ -363,7 +378,7 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
-        "/v1/dead-letters/groups": {
+        "/v1/dlq/groups": {
             "get": {
                 "summary": "Dead letters grouped by class, domain and reply (admin)",
                 "security": bearer,
@@ -374,6 +389,7 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/dlq/{action}": _action_path(["requeue", "purge"], bearer),
         "/v1/suppressions": {
             "get": {
                 "summary": "The suppression list (admin)",
