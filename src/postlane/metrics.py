@@ -143,7 +143,7 @@ class Metrics:
         )
         self.recovery = Histogram(
             "postlane_dead_letter_recovery_seconds",
-            "Time from dead-lettering to requeue",
+            "Time from dead-lettered to delivered, for dead letters an operator requeued",
             buckets=RECOVERY_BUCKETS,
             registry=self.registry,
         )
@@ -199,8 +199,8 @@ class Metrics:
         self.recovery.observe(max(0.0, dead_for_seconds))
 
     async def refresh(self) -> None:
-        """Read the store-derived gauges, and requeued dead letters recorded since the last
-        scrape (by any process: an operator's CLI, another host), before each scrape."""
+        """Read the store-derived gauges, and the recoveries recorded since the last scrape
+        (requeued dead letters delivered, whoever requeued them), before each scrape."""
         if self.app is None:
             return
         try:

@@ -226,7 +226,7 @@ async def test_dead_letter_spike_and_hard_bounce_ratio(tmp_path: Path, clock: Fa
         assert firing(verdicts) == set()
 
 
-async def test_recovery_time_is_measured_from_requeues_by_any_process(
+async def test_recovery_time_runs_from_dead_to_delivered_whoever_requeued(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     config = make_config(tmp_path)
@@ -246,8 +246,13 @@ async def test_recovery_time_is_measured_from_requeues_by_any_process(
         async with AsyncPostlane(config, clock=clock) as operator:  # e.g. the CLI
             await operator.act(QueueAction.REQUEUE, Selector(ids=(result.id,)))
         text = (await metrics.exposition()).decode()
+        assert metric(text, "postlane_dead_letter_recovery_seconds_count") == 0  # not yet delivered
+        await clock.advance(600)
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        assert await worker.run_until_idle() == 1
+        text = (await metrics.exposition()).decode()
         assert metric(text, "postlane_dead_letter_recovery_seconds_count") == 1
-        assert metric(text, "postlane_dead_letter_recovery_seconds_sum") == pytest.approx(3600)
+        assert metric(text, "postlane_dead_letter_recovery_seconds_sum") == pytest.approx(4200)
 
 
 def test_the_shipped_rules_are_the_generated_ones_and_their_runbooks_exist() -> None:

@@ -687,16 +687,6 @@ class PostgresStore:
             rows = await _fetch(conn, Q["requeue_dead"], {"ids": list(delivery_ids), "now": now})
             if rows:
                 await conn.execute(Q["reopen_messages"], {"ids": sorted({r[0] for r in rows})})
-                await conn.execute(
-                    Q["insert_recoveries"],
-                    {
-                        "queue_id": [r[0] for r in rows],
-                        "address": [r[1] for r in rows],
-                        "class": [r[2] for r in rows],
-                        "dead_at": [r[3] for r in rows],
-                        "now": now,
-                    },
-                )
             return [max(0.0, now - dead_at) for _q, _a, _c, dead_at in rows]
 
         return await self._run(run)
@@ -1039,6 +1029,11 @@ async def _record(conn: Conn, owner: str, outcomes: Sequence[Outcome], now: floa
             await cursor.executemany(Q["insert_suppression"], suppressions)
     if done:
         await conn.execute(Q["mark_done"], {"ids": sorted(done), "now": now})
+    sent = [
+        o.delivery_id for o in batch if o.delivery_id in applied and o.state is RecipientState.SENT
+    ]
+    if sent:  # requeued dead letters that got through: their recovery time
+        await conn.execute(Q["record_recoveries"], {"ids": sent, "now": now})
     return len(applied)
 
 

@@ -940,6 +940,10 @@ def _record(conn: sqlite3.Connection, owner: str, outcomes: Sequence[Outcome], n
         queue_id, address = row
         if outcome.state in FINAL_STATES:
             touched.add(queue_id)
+        if outcome.state is RecipientState.SENT:  # a requeued dead letter recovered?
+            params = {"id": outcome.delivery_id, "now": now}
+            if conn.execute(Q["insert_recovery"], params).rowcount:
+                conn.execute(Q["clear_dead_since"], params)
         if attempt is not None:
             attempts.append(
                 {
@@ -1019,18 +1023,8 @@ def _requeue(conn: sqlite3.Connection, delivery_ids: list[int], now: float) -> l
     ids = json.dumps(delivery_ids)
     dead = conn.execute(Q["dead_for_requeue"], {"ids": ids}).fetchall()
     conn.execute(Q["requeue_dead"], {"ids": ids, "now": now})
-    for _id, queue_id, address, cls, dead_at in dead:
+    for _id, queue_id, _address, _cls, _dead_at in dead:
         conn.execute(Q["reopen_message"], {"queue_id": queue_id})
-        conn.execute(
-            Q["insert_recovery"],
-            {
-                "queue_id": queue_id,
-                "address": address,
-                "class": cls,
-                "dead_at": dead_at,
-                "requeued_at": now,
-            },
-        )
     return [max(0.0, now - row[4]) for row in dead]
 
 

@@ -435,7 +435,8 @@ WHERE m.id = ANY(%(ids)s::text[])
 -- when each had died (updated_at before this update: the FROM row is the old version).
 UPDATE deliveries AS d
 SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = %(now)s,
-    created_at = %(now)s, updated_at = %(now)s, reason = 'requeued from the dead-letter queue'
+    created_at = %(now)s, dead_since = old.updated_at, updated_at = %(now)s,
+    reason = 'requeued from the dead-letter queue'
 FROM deliveries AS old
 WHERE old.id = d.id AND d.id = ANY(%(ids)s::bigint[]) AND d.state = 'dead'
 RETURNING d.queue_id, d.address, d.last_class, old.updated_at;
@@ -443,13 +444,6 @@ RETURNING d.queue_id, d.address, d.last_class, old.updated_at;
 -- name: reopen_messages
 -- Messages with a recipient waiting again are not finished.
 UPDATE messages SET done_at = NULL WHERE id = ANY(%(ids)s::text[]) AND done_at IS NOT NULL;
-
--- name: insert_recoveries
--- Dead letters an operator requeued (recovery time = requeued_at - dead_at).
-INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, requeued_at)
-SELECT queue_id, address, class, dead_at, %(now)s
-FROM unnest(%(queue_id)s::text[], %(address)s::text[], %(class)s::text[],
-            %(dead_at)s::float8[]) AS r (queue_id, address, class, dead_at);
 
 -- name: messages_with_content
 -- Some messages' stored fields and bytes.
@@ -584,7 +578,7 @@ FROM deliveries WHERE state = 'dead' AND updated_at >= %(start)s AND updated_at 
 
 -- name: recoveries_after
 -- Dead letters requeued since a row id (for the recovery-time histogram).
-SELECT id, requeued_at - dead_at FROM dead_letter_recoveries WHERE id > %(after)s ORDER BY id;
+SELECT id, recovered_at - dead_at FROM dead_letter_recoveries WHERE id > %(after)s ORDER BY id;
 
 -- name: alert_fire
 -- An alert starts firing: a row only for the process that made the change.
@@ -600,3 +594,15 @@ WHERE name = %(name)s AND firing;
 -- name: alerts_firing
 -- Alerts recorded as firing, with since when.
 SELECT name, since FROM alert_state WHERE firing ORDER BY name;
+
+-- name: record_recoveries
+-- Requeued dead letters that were just delivered: their recovery time (dead to delivered).
+WITH recovered AS (
+    SELECT id, queue_id, address, dead_since FROM deliveries
+    WHERE id = ANY(%(ids)s::bigint[]) AND state = 'sent' AND dead_since IS NOT NULL
+    FOR UPDATE
+), logged AS (
+    INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, recovered_at)
+    SELECT queue_id, address, 'delivered', dead_since, %(now)s FROM recovered
+)
+UPDATE deliveries AS d SET dead_since = NULL FROM recovered WHERE d.id = recovered.id;

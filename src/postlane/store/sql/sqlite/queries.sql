@@ -228,10 +228,11 @@ SELECT id, queue_id, address, last_class, updated_at FROM deliveries
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead';
 
 -- name: requeue_dead
--- A dead delivery starts afresh: no attempts used, due now, max_age counted from now.
+-- A dead delivery starts afresh: no attempts used, due now, max_age counted from now; it
+-- remembers when it died, for the recovery time once it is delivered.
 UPDATE deliveries
 SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = :now, created_at = :now,
-    updated_at = :now, reason = 'requeued from the dead-letter queue'
+    dead_since = updated_at, updated_at = :now, reason = 'requeued from the dead-letter queue'
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead';
 
 -- name: reopen_message
@@ -239,9 +240,14 @@ WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead';
 UPDATE messages SET done_at = NULL WHERE id = :queue_id;
 
 -- name: insert_recovery
--- A dead letter an operator requeued (recovery time = requeued_at - dead_at).
-INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, requeued_at)
-VALUES (:queue_id, :address, :class, :dead_at, :requeued_at);
+-- A requeued dead letter was delivered (recovery time = recovered_at - dead_at).
+INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, recovered_at)
+SELECT queue_id, address, 'delivered', dead_since, :now FROM deliveries
+WHERE id = :id AND dead_since IS NOT NULL;
+
+-- name: clear_dead_since
+-- The recovery is recorded.
+UPDATE deliveries SET dead_since = NULL WHERE id = :id AND dead_since IS NOT NULL;
 
 -- name: export_recipients
 -- The selected recipients of one message, everything about them.
@@ -376,7 +382,7 @@ WHERE state = 'dead' AND updated_at >= :start AND updated_at < :end;
 
 -- name: recoveries_after
 -- Dead letters requeued since a row id (for the recovery-time histogram).
-SELECT id, requeued_at - dead_at FROM dead_letter_recoveries WHERE id > :after ORDER BY id;
+SELECT id, recovered_at - dead_at FROM dead_letter_recoveries WHERE id > :after ORDER BY id;
 
 -- name: alert_fire
 -- An alert starts firing: true only for the process that made the change.
