@@ -1,0 +1,96 @@
+"""The Python API as applications use it: the sync `Postlane` from many threads (a Django view),
+the async `AsyncPostlane` from asyncio code, and both on one store."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import postlane
+from postlane.errors import NotFound, ValidationError
+from tests.conftest import make_config
+
+
+def test_the_sync_api_is_safe_from_many_threads(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with postlane.Postlane(config) as mail:
+
+        def send(i: int) -> str:
+            return mail.send(sender="app@example.com", to=[f"u{i}@example.net"], text=str(i)).id
+
+        with ThreadPoolExecutor(20) as pool:
+            ids = list(pool.map(send, range(200)))
+        assert len(set(ids)) == 200
+        assert len(mail.messages(limit=1000)) == 200
+        assert mail.stats().lanes[postlane.Lane.NORMAL].ready == 200
+
+
+def test_an_idempotency_key_holds_across_threads(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with postlane.Postlane(config) as mail:
+        barrier = threading.Barrier(16)
+
+        def send(_: int) -> tuple[str, bool]:
+            barrier.wait()
+            result = mail.send(
+                sender="a@example.com", to=["b@example.net"], text="x", idempotency_key="k"
+            )
+            return result.id, result.duplicate
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(send, range(16)))
+        assert len({i for i, _ in results}) == 1
+        assert sum(not duplicate for _, duplicate in results) == 1
+
+
+def test_the_sync_api_works_where_an_event_loop_runs(tmp_path: Path) -> None:
+    """A sync call from code that runs inside an event loop (an async framework calling a
+    sync helper) does not collide with that loop."""
+    config = make_config(tmp_path)
+
+    async def inside_a_loop() -> str:
+        with postlane.Postlane(config) as mail:
+            return mail.send(sender="a@example.com", to=["b@example.net"], text="x").id
+
+    assert asyncio.run(inside_a_loop())
+
+
+async def test_the_async_api(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    async with postlane.AsyncPostlane(config) as mail:
+        result = await mail.send(
+            postlane.Message(sender="a@example.com", to=["b@example.net"], text="x", lane="high")
+        )
+        view = await mail.get(result.id)
+        assert view.lane is postlane.Lane.HIGH
+        results = await mail.send_many(
+            [
+                postlane.Message(sender="a@example.com", to=[f"u{i}@example.net"], text="x")
+                for i in range(5)
+            ]
+        )
+        assert len({r.id for r in results}) == 5
+        with pytest.raises(ValidationError, match="not a valid address"):
+            await mail.send(sender="a@example.com", to=["nope"], text="x")
+        with pytest.raises(ValidationError, match="unknown message field"):
+            await mail.send(sender="a@example.com", to=["b@example.net"], text="x", colour="red")
+        with pytest.raises(NotFound):
+            await mail.get("nosuchid")
+        assert await mail.send(from_="a@example.com", to=["b@example.net"], text="x")
+
+
+def test_a_bad_batch_stores_nothing(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with postlane.Postlane(config) as mail:
+        with pytest.raises(ValidationError):
+            mail.send_many(
+                [
+                    postlane.Message(sender="a@example.com", to=["b@example.net"], text="ok"),
+                    postlane.Message(sender="a@example.com", to=["bad@@example.net"], text="no"),
+                ]
+            )
+        assert mail.messages() == []
