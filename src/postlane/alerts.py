@@ -39,6 +39,7 @@ RUNBOOK_BASE = "https://github.com/postlane/postlane/blob/main/docs/runbooks/"
 #: how far back evaluation looks (the longest window of any rule, and some)
 HISTORY_NEEDED = 3600.0
 _CHECKS = ("growing", "above", "dead_spike", "hard_bounce_ratio", "paused", "stalled")
+_LANES = tuple(lane.value for lane in Lane)
 
 
 @dataclass(frozen=True)
@@ -254,9 +255,10 @@ def evaluate(
                 alerts.append(Alert(rule, {"destination": name}, firing, 1.0, "paused throughout"))
         elif rule.check == "stalled":
             sent = sum(s.sent for s in recent_wide)
+            times = sorted({s.at for s in samples if s.at >= now - window and s.lane != "*"})
             depths = [
-                sum(s.depth for s in by_lane.get(lane.value, []) if s.at == at)
-                for at in sorted({s.at for s in samples if s.at >= now - window and s.lane != "*"})
+                sum(s.depth for name in _LANES for s in by_lane.get(name, []) if s.at == at)
+                for at in times
             ]
             firing = (
                 _covers(recent_wide, now, window) and sent == 0 and bool(depths) and min(depths) > 0

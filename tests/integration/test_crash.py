@@ -88,7 +88,8 @@ async def enqueue(tmp_path: Path, count: int) -> None:
 
 
 async def run_worker(config: Path, *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+    log = open(config.parent / f"worker-{time.monotonic_ns()}.log", "wb")  # noqa: ASYNC230, SIM115
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "postlane.cli",
@@ -97,14 +98,16 @@ async def run_worker(config: Path, *args: str) -> asyncio.subprocess.Process:
         "worker",
         *args,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=log,  # a file: a pipe nobody reads would fill up and block the process
     )
+    log.close()  # the child has its own copy
+    return process
 
 
 async def finish(config: Path) -> None:
     process = await run_worker(config, "--burst")
-    _, err = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode == 0, err.decode()
+    await asyncio.wait_for(process.wait(), timeout=60)
+    assert process.returncode == 0, f"see {config.parent}/worker-*.log"
 
 
 async def test_sigkill_mid_run_loses_nothing_and_duplicates_at_most_the_in_flight(
@@ -141,8 +144,8 @@ async def test_sigterm_hands_back_and_a_restart_sends_nothing_twice(
     worker = await run_worker(config)
     await wait_for(lambda: len(smtp_peer.handler.received) >= total // 3, 60, "deliveries to start")
     worker.send_signal(signal.SIGTERM)
-    _, err = await asyncio.wait_for(worker.communicate(), timeout=30)
-    assert worker.returncode == 0, err.decode()
+    await asyncio.wait_for(worker.wait(), timeout=30)
+    assert worker.returncode == 0, f"see {tmp_path}/worker-*.log"
     assert len(smtp_peer.handler.received) < total, "the worker finished before SIGTERM"
     stats = await _stats(tmp_path)
     assert sum(stats.lanes[lane].sending for lane in stats.lanes) == 0  # nothing left leased

@@ -25,10 +25,46 @@ def _smtp(config: Config) -> Transport:
     return SMTPRelayTransport(RelaySettings.from_url(config.delivery.relay, config.delivery))
 
 
+def _mx(config: Config) -> Transport:
+    from postlane.destinations import DestinationMap
+    from postlane.transports.mx import MXTransport
+
+    return MXTransport.from_config(config.delivery, destinations=DestinationMap.from_config(config))
+
+
+def _sendgrid(config: Config) -> Transport:
+    from postlane.transports.sendgrid import SendGridTransport
+
+    return SendGridTransport.from_url(config.delivery.relay, config.delivery)
+
+
+def _postmark(config: Config) -> Transport:
+    from postlane.transports.postmark import PostmarkTransport
+
+    return PostmarkTransport.from_url(config.delivery.relay, config.delivery)
+
+
+def _mailgun(config: Config) -> Transport:
+    from postlane.transports.mailgun import MailgunTransport
+
+    return MailgunTransport.from_url(config.delivery.relay, config.delivery)
+
+
+def _ses(config: Config) -> Transport:
+    from postlane.transports.ses import SESTransport
+
+    return SESTransport.from_url(config.delivery.relay, config.delivery)
+
+
 SCHEMES: dict[str, Callable[[Config], Transport]] = {
     "capture": _capture,
     "smtp": _smtp,
     "smtps": _smtp,
+    "mx": _mx,
+    "sendgrid": _sendgrid,
+    "postmark": _postmark,
+    "mailgun": _mailgun,
+    "ses": _ses,
 }
 
 

@@ -63,7 +63,7 @@ import dns.name
 import dns.resolver
 from aiosmtplib import SMTPException, SMTPResponseException
 
-from postlane.classify import ReplyClass
+from postlane.classify import ReplyClass, classify
 from postlane.config import DeliveryConfig
 from postlane.destinations import DestinationMap
 from postlane.dkim import DkimSigner
@@ -131,6 +131,10 @@ class _ClearTextRetry(Exception):
     """Opportunistic STARTTLS failed: the connection is retried without it."""
 
 
+class _NoAddress(Exception):
+    """DNS says the host has no address (NXDOMAIN, or neither A nor AAAA records)."""
+
+
 class _MXHostPool(SMTPRelayTransport):
     """The pooled connections to one MX host, on whichever of its addresses answers.
 
@@ -164,8 +168,14 @@ class _MXHostPool(SMTPRelayTransport):
             raise _HostUnavailable(refused, self.name) from refused
 
     async def _connect(self) -> _Connection:
+        try:
+            addresses = await self._addresses(self.mx_host)
+        except _NoAddress as exc:
+            # an MX host without an address is the domain's misconfiguration, often fixed
+            # within hours: retried like an unreachable host, never a bounce
+            raise _Refused(f"{self.name}: {exc}", None, ReplyClass.CONNECTION) from exc
         refusals: list[_Refused] = []
-        for address in await self._addresses(self.mx_host):
+        for address in addresses:
             try:
                 return await self._connect_to(address, starttls=True)
             except _ClearTextRetry:
@@ -203,10 +213,10 @@ class _MXHostPool(SMTPRelayTransport):
             raise
         except SMTPResponseException as exc:
             # refused before any message (greeting, EHLO): a fact about the host, not about a
-            # recipient; a 421 is classified as written, anything else is a connection failure
+            # recipient; a rate-limit refusal is throttled, anything else a connection failure
             client.close()
             text = reply_text(exc.code, exc.message)
-            if exc.code == 421:
+            if classify(text).cls is ReplyClass.THROTTLED:  # "too many connections": slow down
                 raise _Refused(text, exc.code, None) from exc
             raise _Refused(
                 f"{where} refused the session: {text}", exc.code, ReplyClass.CONNECTION
@@ -235,9 +245,10 @@ class _MXHostPool(SMTPRelayTransport):
         except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             if not self.verified:
                 raise _ClearTextRetry from exc
+            code = exc.code if isinstance(exc, SMTPResponseException) else None
             raise _Refused(
                 f"{where}: TLS is required for this destination: {_describe(exc)}",
-                getattr(exc, "code", None) if isinstance(exc, SMTPResponseException) else None,
+                code,
                 ReplyClass.CONNECTION,
             ) from exc
 
@@ -331,6 +342,8 @@ class MXTransport:
         by_domain: dict[str, list[int]] = {}
         for index, recipient in enumerate(envelope.recipients):
             by_domain.setdefault(recipient_domain(recipient), []).append(index)
+        if not by_domain:
+            return []
         if len(by_domain) == 1:
             return await self._deliver_domain(next(iter(by_domain)), envelope)
         results: list[Response | None] = [None] * len(envelope.recipients)
@@ -395,6 +408,11 @@ class MXTransport:
             if pool.drop_idle():
                 del self._pools[key]
 
+    @property
+    def pooled_hosts(self) -> list[str]:
+        """The MX hosts with a connection pool now (idle ones are dropped by the sweep)."""
+        return sorted({host for host, _ in self._pools})
+
     async def close(self) -> None:
         pools = list(self._pools.values())
         self._pools.clear()
@@ -439,10 +457,12 @@ class MXTransport:
                 domain, 550, f"550 5.1.2 domain {domain} does not exist (NXDOMAIN)"
             )
         except dns.resolver.NoAnswer:
-            return await self._implicit_route(domain, name)
+            return await self._implicit_route(domain)
         except dns.exception.DNSException as exc:
-            return Route.unreachable(domain, f"DNS: MX lookup of {domain} failed: {_dns_error(exc)}")
-        records = [(int(r.preference), r.exchange) for r in answer]  # type: ignore[attr-defined]
+            return Route.unreachable(
+                domain, f"DNS: MX lookup of {domain} failed: {_dns_error(exc)}"
+            )
+        records = [(int(r.preference), r.exchange) for r in answer]
         if any(exchange == dns.name.root for _, exchange in records):
             return Route.refused(
                 domain,
@@ -452,19 +472,21 @@ class MXTransport:
         hosts = [(preference, _host_text(exchange)) for preference, exchange in records]
         return Route(domain, _in_delivery_order(hosts), primary=min(hosts)[1])
 
-    async def _implicit_route(self, domain: str, name: dns.name.Name) -> Route:
+    async def _implicit_route(self, domain: str) -> Route:
         """No MX records: the domain itself, if it has an address (RFC 5321 5.1)."""
         try:
             await self.addresses(domain)
+        except _NoAddress:
+            return Route.refused(
+                domain, 550, f"550 5.1.2 domain {domain} has no MX or address records"
+            )
         except _Refused as refusal:
-            if refusal.code is not None:  # it has none: permanent
-                return Route.refused(domain, refusal.code, refusal.text)
             return Route.unreachable(domain, refusal.text)
         return Route(domain, (domain,), primary=domain)
 
     async def addresses(self, host: str) -> list[str]:
-        """The host's addresses, IPv4 first. Raises :class:`_Refused`: with a 550 code when the
-        host has no address at all, as a connection failure when DNS could not tell."""
+        """The host's addresses, IPv4 first. Raises :class:`_NoAddress` when it has none, and
+        :class:`_Refused` (a connection failure) when DNS could not tell."""
         literal = _address_literal(host)
         if literal is not None:
             return [literal]
@@ -491,7 +513,7 @@ class MXTransport:
             raise _Refused(
                 f"DNS: address lookup of {host} failed: {detail}", None, ReplyClass.CONNECTION
             )
-        raise _Refused(f"550 5.1.2 {host} has no MX or address records", 550, None)
+        raise _NoAddress(f"{host} has no address (no A or AAAA record)")
 
     async def mx_destination(self, domain: str) -> str:
         """The throttle destination of ``domain`` for direct delivery: a known provider (by

@@ -36,7 +36,7 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
-from postlane.classify import ReplyClass
+from postlane.classify import ReplyClass, classify
 from postlane.config import DeliveryConfig
 from postlane.errors import ConfigError
 from postlane.transports.base import Envelope, Response, no_reply
@@ -323,11 +323,11 @@ class SMTPRelayTransport:
             raise _Refused(text, exc.code, ReplyClass.CONNECTION) from exc
         except SMTPResponseException as exc:
             # Refused before any message (greeting, EHLO, STARTTLS): a fact about the relay, not
-            # about a recipient, so it never dead-letters mail. A 421 is classified as written
-            # (a relay asking to slow down); anything else is a connection-class failure.
+            # about a recipient, so it never dead-letters mail. A refusal worded as a rate limit is
+            # "throttled"; anything else (421 "service not available" too) is connection-class.
             client.close()
             text = reply_text(exc.code, exc.message)
-            if exc.code == 421:
+            if classify(text).cls is ReplyClass.THROTTLED:  # "too many connections": slow down
                 raise _Refused(text, exc.code, None) from exc
             raise _Refused(
                 f"{s.name} refused the session: {text}", exc.code, ReplyClass.CONNECTION

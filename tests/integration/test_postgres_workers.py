@@ -1,0 +1,150 @@
+"""Many worker processes on one PostgreSQL: three `postlane worker` processes and one
+`postlane serve` deliver 5,000 messages to a local SMTP server, each exactly once; then again
+with one worker SIGKILLed mid-run: nothing lost, duplicates no more than its in-flight
+deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from postlane.app import AsyncPostlane
+from postlane.config import config_from_dict
+from postlane.message import Message
+from postlane.store.postgres import PostgresStore
+from tests.conftest import IN_CI, SMTPPeer, _postgres_url, free_port
+
+pytestmark = pytest.mark.slow
+
+COUNT = 5000
+CONCURRENCY = 20
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    url = _postgres_url()
+    if url is None:
+        if IN_CI:
+            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
+        pytest.skip("PostgreSQL tests need POSTLANE_TEST_POSTGRES=postgresql://...")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield f"{url}{'&' if '?' in url else '?'}schema={schema}"
+    store = PostgresStore(url, schema=schema)
+    await store.open()
+    await store.drop_schema()
+    await store.close()
+
+
+def write_config(folder: Path, url: str, relay: str) -> Path:
+    path = folder / "postlane.toml"
+    path.write_text(
+        f"""
+[store]
+url = "{url}"
+[delivery]
+relay = "{relay}"
+concurrency = {CONCURRENCY}
+batch_size = {CONCURRENCY}
+lease = "3s"
+[http]
+listen = "127.0.0.1:{free_port()}"
+[smtp]
+listen = "127.0.0.1:{free_port()}"
+"""
+    )
+    return path
+
+
+async def enqueue(url: str, count: int, tag: str) -> None:
+    config = config_from_dict({"store": {"url": url}})
+    async with AsyncPostlane(config) as app:
+        for start in range(0, count, 1000):
+            await app.send_many(
+                [
+                    Message(sender="a@example.com", to=[f"{tag}{i}@example.net"], text="x")
+                    for i in range(start, min(count, start + 1000))
+                ]
+            )
+
+
+async def start(config: Path, command: str) -> asyncio.subprocess.Process:
+    log = open(config.parent / f"{command}-{time.monotonic_ns()}.log", "wb")  # noqa: ASYNC230, SIM115
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "postlane.cli",
+        "--config",
+        str(config),
+        command,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=log,  # a file: a pipe nobody reads would fill up and block the process
+    )
+    log.close()  # the child has its own copy
+    return process
+
+
+async def wait_for(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def sent_count(url: str) -> int:
+    config = config_from_dict({"store": {"url": url}})
+    async with AsyncPostlane(config) as app:
+        return (await app.stats()).sent
+
+
+async def run_fleet(url: str, peer: SMTPPeer, folder: Path, *, kill_one: bool) -> Counter[str]:
+    folder.mkdir()  # noqa: ASYNC240
+    config = write_config(folder, url, peer.url)
+    await enqueue(url, COUNT, folder.name)
+    processes = [await start(config, "serve")] + [await start(config, "worker") for _ in range(3)]
+    try:
+        if kill_one:
+            await wait_for(
+                lambda: len(peer.handler.received) >= COUNT // 3, 120, "a third delivered"
+            )
+            os.kill(processes[1].pid, signal.SIGKILL)
+            await processes[1].wait()
+        deadline = time.monotonic() + 180
+        while await sent_count(url) < COUNT:
+            assert time.monotonic() < deadline, f"only {await sent_count(url)} of {COUNT} sent"
+            for p in processes[(2 if kill_one else 1) :]:
+                assert p.returncode is None, (await p.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
+            await asyncio.sleep(0.2)
+    finally:
+        for p in processes:
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+        for p in processes:
+            await asyncio.wait_for(p.wait(), timeout=60)
+    return Counter(peer.handler.message_ids())
+
+
+async def test_three_workers_and_serve_deliver_each_message_exactly_once(
+    pg_schema: str, smtp_peer: SMTPPeer, tmp_path: Path
+) -> None:
+    counts = await run_fleet(pg_schema, smtp_peer, tmp_path / "fleet", kill_one=False)
+    assert len(counts) == COUNT
+    assert max(counts.values()) == 1
+
+
+async def test_a_worker_killed_mid_run_loses_nothing(
+    pg_schema: str, smtp_peer: SMTPPeer, tmp_path: Path
+) -> None:
+    smtp_peer.handler.data_delay = 0.002  # keep the run long enough to kill a worker in it
+    counts = await run_fleet(pg_schema, smtp_peer, tmp_path / "killed", kill_one=True)
+    assert len(counts) == COUNT  # nothing lost: its leases ran out and others took them
+    duplicates = sum(n - 1 for n in counts.values())
+    assert duplicates <= CONCURRENCY  # at most what the killed worker had in flight
