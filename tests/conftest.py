@@ -27,14 +27,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+def make_config(tmp_path: Path, **sections: Any) -> Config:
     data: dict[str, Any] = {
         "store": {"url": f"sqlite:///{tmp_path / 'postlane.db'}"},
         "delivery": {"relay": f"capture://{tmp_path / 'captured'}"},
         "retry": {"jitter": 0},
     }
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, list):  # arrays of tables: [[routes]], [[shaping]]
+            data[name] = values
+        else:
+            data.setdefault(name, {}).update(values)
     return config_from_dict(data, base_dir=tmp_path)
 
 

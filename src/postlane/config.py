@@ -208,6 +208,9 @@ class DeliveryConfig:
     tls_ca: str | None = _setting(None, _opt(_str))
     username: str | None = _setting(None, _opt(_str))
     password: str | None = _setting(None, _opt(_str))
+    #: direct MX delivery: destinations whose certificate must verify ("example.com" and its
+    #: subdomains, ".example.org" for subdomains only, "google", or "*" for all)
+    require_tls: tuple[str, ...] = _setting((), _strings, env=False)
 
 
 @dataclass(frozen=True)
@@ -330,6 +333,28 @@ class ShapingRule:
 
 
 @dataclass(frozen=True)
+class DkimKey:
+    """``[dkim."example.com"]``: sign mail from this domain (and its subdomains)."""
+
+    selector: str = _setting("", _str)
+    #: PEM file of the private key (``postlane dkim keygen`` writes one)
+    private_key: str = _setting("", _str)
+
+
+@dataclass(frozen=True)
+class Route:
+    """``[[routes]]``: which relay a delivery goes through, by lane, sender domain or recipient
+    domain (each narrows; globs allowed); the first matching route wins, else [delivery] relay."""
+
+    lane: tuple[str, ...] = _setting((), _strings, env=False)
+    sender_domain: tuple[str, ...] = _setting((), _strings, env=False)
+    recipient_domain: tuple[str, ...] = _setting((), _strings, env=False)
+    relay: str = _setting("", _str)
+    #: used while the relay (its destination) is paused
+    fallback: str | None = _setting(None, _opt(_str))
+
+
+@dataclass(frozen=True)
 class AlertsConfig:
     #: Alertmanager-compatible endpoint for firing and resolved alerts (none: log only)
     webhook: str | None = _setting(None, _opt(_str))
@@ -366,6 +391,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     destinations: dict[str, DestinationLimits] = field(default_factory=dict)
     shaping: tuple[ShapingRule, ...] = ()
+    dkim: dict[str, DkimKey] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
     #: where the configuration came from, for messages ("built-in defaults" when no file)
     source: str = "built-in defaults"
     #: the directory relative paths are resolved against
@@ -482,9 +509,10 @@ def config_from_dict(
 ) -> Config:
     """Build a :class:`Config` from an already-parsed TOML document (tests use this directly)."""
     env = {} if env is None else env
-    unknown = set(data) - set(_SECTIONS) - {"lanes", "destinations", "shaping"}
+    tables = {"lanes", "destinations", "shaping", "dkim", "routes"}
+    unknown = set(data) - set(_SECTIONS) - tables
     if unknown:
-        known = ", ".join(sorted([*_SECTIONS, "lanes", "destinations", "shaping"]))
+        known = ", ".join(sorted([*_SECTIONS, *tables]))
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}] (known sections: {known})")
     sections = {
         name: _build_section(cls, data.get(name, {}), name, env) for name, cls in _SECTIONS.items()
@@ -515,6 +543,27 @@ def config_from_dict(
         if rule.match is None and rule.enhanced is None:
             raise ConfigError(f"shaping[{number}]: give match (a regex) or enhanced (a code)")
         shaping.append(rule)
+    dkim_table = data.get("dkim", {})
+    if not isinstance(dkim_table, Mapping):
+        raise ConfigError('dkim: expected tables like [dkim."example.com"]')
+    dkim = {}
+    for domain, table in dkim_table.items():
+        key = _build_section(DkimKey, table, f"dkim.{domain}", {})
+        if not key.selector or not key.private_key:
+            raise ConfigError(f"dkim.{domain}: give selector and private_key")
+        dkim[str(domain).lower()] = key
+    routes_list = data.get("routes", [])
+    if not isinstance(routes_list, list):
+        raise ConfigError("routes: expected [[routes]] tables")
+    routes = []
+    for number, table in enumerate(routes_list, 1):
+        route = _build_section(Route, table, f"routes[{number}]", {})
+        if not route.relay:
+            raise ConfigError(f"routes[{number}]: give relay (where this route's mail goes)")
+        for lane in route.lane:
+            if lane not in _LANE_SECTIONS:
+                raise ConfigError(f"routes[{number}].lane: unknown lane {lane!r}")
+        routes.append(route)
     http: HttpConfig = sections["http"]
     if env.get("POSTLANE_API_TOKEN"):
         http = dataclasses.replace(http, tokens=(*http.tokens, env["POSTLANE_API_TOKEN"]))
@@ -533,6 +582,8 @@ def config_from_dict(
         log=sections["log"],
         destinations=destinations,
         shaping=tuple(shaping),
+        dkim=dkim,
+        routes=tuple(routes),
         source=source,
         base_dir=base_dir or Path.cwd(),
     )

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from postlane.app import AsyncPostlane
 from postlane.clock import Clock
 from postlane.config import Config
-from postlane.transports import describe_relay, transport_for
+from postlane.transports import transport_for
 from postlane.transports.base import Transport
 from postlane.worker import Worker
 
@@ -60,7 +60,7 @@ def announce(config: Config, app: AsyncPostlane, transport: Transport) -> None:
             transport.name.removeprefix("capture://"),
         )
     else:
-        log.info("delivery: %s", describe_relay(config))
+        log.info("delivery: %s", transport.name)  # a transport's name never holds a secret
 
 
 async def run(

@@ -138,6 +138,8 @@ class Worker:
         self.throttle = throttle or Throttle(ThrottleConfig(enabled=False))
         #: the relay (or provider account) every delivery also goes through, a throttle key
         self._shared: str | None = getattr(transport, "shared_destination", None)
+        if hasattr(transport, "paused"):  # a router takes a route's fallback while it is paused
+            transport.paused = self._relay_paused
         self._paused_deferred: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
@@ -252,6 +254,9 @@ class Worker:
                 if stop.is_set():
                     return
 
+    def _relay_paused(self, name: str) -> bool:
+        return self.throttle.paused_until(name, self.clock.now()) is not None
+
     def relay_paused_until(self) -> float | None:
         """While the relay itself is paused, nothing is claimed at all."""
         if self._shared is None:
@@ -299,43 +304,65 @@ class Worker:
 
     # -- one message -----------------------------------------------------------------------------
 
-    def _keys(self, delivery: Delivery) -> list[str]:
-        """The throttle keys a delivery needs a slot from: its destination, and the relay."""
-        shared = self._shared
-        return [delivery.destination, shared] if shared else [delivery.destination]
+    def _shared_for(self, message: ClaimedMessage, delivery: Delivery) -> str | None:
+        """The relay (or provider account) this delivery goes through, a throttle key of its
+        own: the transport's, or the route's when routing."""
+        chooser = getattr(self.transport, "shared_destination_for", None)
+        if chooser is not None:
+            shared: str | None = chooser(message.lane.value, message.sender, delivery.domain)
+            return shared
+        return self._shared
 
-    def _feedback_key(self, delivery: Delivery) -> str:
+    def _feedback_key(self, message: ClaimedMessage, delivery: Delivery) -> str:
         """Whose limits a slow-down or a connection failure speaks about: the relay's when
         relaying (the relay answered), else the destination's."""
-        return self._shared or delivery.destination
+        return self._shared_for(message, delivery) or delivery.destination
 
     async def _deliver(self, message: ClaimedMessage) -> None:
         now = self.clock.now()
         outcomes: list[Outcome] = []
-        to_send: list[Delivery] = []
-        waiting: list[tuple[int, float]] = []
+        by_relay: dict[str | None, list[Delivery]] = {}
         for delivery in message.deliveries:
             refusal = self.policy.refuse_before_sending(
                 message.lane, attempts=delivery.attempts, created_at=delivery.created_at, now=now
             )
             if refusal is not None:
                 outcomes.append(_dead_without_try(delivery, refusal, now))
-                continue
-            admission = self.throttle.admit(self._keys(delivery), now)
-            if admission.at is None:
-                to_send.append(delivery)
-                continue
-            waiting.append((delivery.id, admission.at))
-            if admission.paused_destination and admission.paused_destination != self._shared:
-                await self._defer_paused(admission.paused_destination, admission.at, now)
+            else:
+                by_relay.setdefault(self._shared_for(message, delivery), []).append(delivery)
+        to_send: list[Delivery] = []
+        relays: list[str] = []
+        waiting: list[tuple[int, float]] = []
+        for relay, group in by_relay.items():
+            # a relay takes a message's recipients in one transaction: one slot for all of them
+            if relay is not None:
+                admission = self.throttle.admit([relay], now)
+                if admission.at is not None:
+                    waiting.extend((d.id, admission.at) for d in group)
+                    continue
+            admitted = []
+            for delivery in group:
+                admission = self.throttle.admit([delivery.destination], now)
+                if admission.at is None:
+                    admitted.append(delivery)
+                    continue
+                waiting.append((delivery.id, admission.at))
+                if admission.paused_destination:
+                    await self._defer_paused(admission.paused_destination, admission.at, now)
+            if relay is not None:
+                if admitted:
+                    relays.append(relay)
+                else:
+                    self.throttle.release([relay])
+            to_send.extend(admitted)
         if waiting:
             await self.store.defer_unattempted(self.owner, waiting, now, WAITING_FOR_DESTINATION)
         if to_send:
             try:
                 outcomes.extend(await self._send(message, to_send))
             finally:
-                for delivery in to_send:
-                    self.throttle.release(self._keys(delivery))
+                self.throttle.release(relays)
+                self.throttle.release([d.destination for d in to_send])
         await self._record(outcomes)
 
     async def _defer_paused(self, destination: str, until: float, now: float) -> None:
@@ -357,6 +384,7 @@ class Worker:
             content=message.content,
             message_id=message.message_id,
             idempotency_key=message.idempotency_key,
+            lane=message.lane.value,
         )
         started = time.monotonic()
         try:
@@ -393,7 +421,7 @@ class Worker:
         now: float,
     ) -> Outcome:
         verdict = response.verdict()
-        feedback = self._feedback_key(delivery)
+        feedback = self._feedback_key(message, delivery)
         self.throttle.observe(feedback, verdict, now)
         if feedback != delivery.destination and verdict.cls is ReplyClass.DELIVERED:
             self.throttle.observe(delivery.destination, verdict, now)

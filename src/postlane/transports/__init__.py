@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from postlane.config import Config
 from postlane.errors import ConfigError
 from postlane.transports.base import Envelope, Response, Transport
 
-__all__ = ["Envelope", "Response", "Transport", "describe_relay", "transport_for"]
+if TYPE_CHECKING:
+    from postlane.dkim import DkimSigner
+
+__all__ = ["Envelope", "Response", "Transport", "transport_for"]
 
 
 def _capture(config: Config) -> Transport:
@@ -19,17 +25,38 @@ def _capture(config: Config) -> Transport:
     return CaptureTransport(Path(capture_folder(config)))
 
 
+def _signer(config: Config) -> DkimSigner | None:
+    """The DKIM signer of ``[dkim."domain"]`` tables (None without any)."""
+    if not config.dkim:
+        return None
+    from postlane.dkim import DkimSigner
+
+    keys = {domain: (key.selector, key.private_key) for domain, key in config.dkim.items()}
+    return DkimSigner.from_files(keys, base_dir=config.base_dir)
+
+
 def _smtp(config: Config) -> Transport:
     from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
 
-    return SMTPRelayTransport(RelaySettings.from_url(config.delivery.relay, config.delivery))
+    relay = SMTPRelayTransport(RelaySettings.from_url(config.delivery.relay, config.delivery))
+    signer = _signer(config)
+    if signer is None:
+        return relay
+    from postlane.dkim import SigningTransport
+
+    return SigningTransport(relay, signer)
 
 
 def _mx(config: Config) -> Transport:
     from postlane.destinations import DestinationMap
     from postlane.transports.mx import MXTransport
 
-    return MXTransport.from_config(config.delivery, destinations=DestinationMap.from_config(config))
+    return MXTransport.from_config(
+        config.delivery,
+        destinations=DestinationMap.from_config(config),
+        require_tls=config.delivery.require_tls,
+        signer=_signer(config),
+    )
 
 
 def _sendgrid(config: Config) -> Transport:
@@ -76,19 +103,40 @@ def capture_folder(config: Config) -> str:
     return str(config.resolve_path(rest or "postlane-capture"))
 
 
+def _one(config: Config, relay: str, built: dict[str, Transport], where: str) -> Transport:
+    """The transport of one relay URL (one per URL: routes sharing a relay share its pool)."""
+    if relay not in built:
+        scheme = relay.split(":", 1)[0].lower()
+        factory = SCHEMES.get(scheme)
+        if factory is None:
+            known = ", ".join(f"{name}://" for name in SCHEMES)
+            raise ConfigError(f"{where}: unknown scheme {scheme!r} (known: {known})")
+        delivery = dataclasses.replace(config.delivery, relay=relay)
+        transport = factory(dataclasses.replace(config, delivery=delivery))
+        if where != "delivery.relay" and getattr(transport, "shared_destination", None) == "relay":
+            # a routed SMTP relay is a destination of its own, apart from [delivery] relay
+            parts = urlsplit(relay)
+            transport.shared_destination = f"relay:{parts.hostname}:{parts.port or ''}".rstrip(":")  # type: ignore[attr-defined]
+        built[relay] = transport
+    return built[relay]
+
+
 def transport_for(config: Config) -> Transport:
-    scheme = config.delivery.relay.split(":", 1)[0].lower()
-    factory = SCHEMES.get(scheme)
-    if factory is None:
-        known = ", ".join(f"{name}://" for name in SCHEMES)
-        raise ConfigError(f"delivery.relay: unknown scheme {scheme!r} (known: {known})")
-    return factory(config)
+    """The transport of ``[delivery] relay``, or a router over ``[[routes]]`` when there are
+    any (see :mod:`postlane.transports.router`)."""
+    built: dict[str, Transport] = {}
+    default = _one(config, config.delivery.relay, built, "delivery.relay")
+    if not config.routes:
+        return default
+    from postlane.transports.router import Router, RouteRule
 
-
-def describe_relay(config: Config) -> str:
-    """The relay for log lines, without any password."""
-    relay = config.delivery.relay
-    if "@" in relay and "://" in relay:
-        scheme, rest = relay.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return relay
+    routes = []
+    for number, route in enumerate(config.routes, 1):
+        primary = _one(config, route.relay, built, f"routes[{number}].relay")
+        fallback = (
+            _one(config, route.fallback, built, f"routes[{number}].fallback")
+            if route.fallback
+            else None
+        )
+        routes.append((RouteRule.from_config(route), primary, fallback))
+    return Router(default, routes)

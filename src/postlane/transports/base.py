@@ -21,6 +21,8 @@ class Envelope:
     content: bytes
     message_id: str
     idempotency_key: str | None = None
+    #: the message's lane (routing rules may choose a transport by it)
+    lane: str = "normal"
 
 
 @dataclass(frozen=True)
