@@ -61,11 +61,10 @@ LANE_HEADER = "X-Postlane-Lane"
 IDEMPOTENCY_KEY_HEADER = "X-Postlane-Idempotency-Key"
 METADATA_HEADER = "X-Postlane-Metadata"
 #: headers that steer postlane: read, then removed before the message is stored
-_CONTROL_HEADERS = frozenset(
-    h.lower() for h in (LANE_HEADER, IDEMPOTENCY_KEY_HEADER, METADATA_HEADER)
-)
+_CONTROL_NAMES = (LANE_HEADER, IDEMPOTENCY_KEY_HEADER, METADATA_HEADER)
+_CONTROL_HEADERS = frozenset(name.lower() for name in _CONTROL_NAMES)
 #: never in what recipients see (Django leaves Bcc out, but an app may put it in ``headers=``)
-_STRIPPED = (LANE_HEADER, IDEMPOTENCY_KEY_HEADER, METADATA_HEADER, "Bcc")
+_STRIPPED = (*_CONTROL_NAMES, "Bcc")
 
 
 # -- converting a Django message -----------------------------------------------------------------

@@ -107,11 +107,19 @@ class PostlaneMail:
         """Run a worker until nothing is due, as ``postlane worker`` would, with every delivery
         captured; returns the number of delivery attempts. Deferred deliveries (none, unless
         the test set them up) stay for a later call."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="postlane-deliver") as pool:
-            # a thread of its own: works the same from sync tests and from inside a running
-            # event loop (an async test), and shares nothing with the app's loop thread
+        # a thread of its own: works the same from sync tests and from inside a running event
+        # loop (an async test), and shares nothing with the app's loop thread
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postlane-deliver")
+        try:
             future = pool.submit(asyncio.run, self._deliver())
-            return future.result(timeout=DELIVER_TIMEOUT)
+            try:
+                return future.result(timeout=DELIVER_TIMEOUT)
+            except TimeoutError:
+                raise RuntimeError(
+                    f"postlane_mail.deliver() did not finish within {DELIVER_TIMEOUT:.0f}s"
+                ) from None
+        finally:
+            pool.shutdown(wait=False)
 
     async def _deliver(self) -> int:
         from postlane.app import AsyncPostlane
@@ -139,6 +147,13 @@ class PostlaneMail:
 
     def close(self) -> None:
         self.app.close()
+
+    def __repr__(self) -> str:
+        # shown by pytest when an assertion about .messages fails: say where to look
+        delivered = (
+            len(list(self.capture_folder.glob("*.eml"))) if self.capture_folder.is_dir() else 0
+        )
+        return f"<PostlaneMail: {delivered} delivered into {self.capture_folder}>"
 
 
 def _parse_capture(content: bytes) -> DeliveredMessage:

@@ -1,0 +1,372 @@
+"""The Django email backend in a real Django project (tests/integration/django_project), driven
+by Django's test client: views send with Django's own mail API, and the mail reaches a real SMTP
+server through postlane's queue and worker, content, attachments and envelope intact.
+
+Three ways in: a local postlane store (the default), a postlane server over HTTP
+(``POSTLANE_URL``), and the transactional outbox on PostgreSQL (``POSTLANE_OUTBOX``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import django
+import psycopg
+import pytest
+from django.core import mail as django_mail
+from django.db import connections
+from django.test import Client as DjangoClient
+from django.test import override_settings
+from psycopg import sql
+
+import postlane
+import postlane.django
+from postlane.app import AsyncPostlane
+from postlane.config import Config, load_config
+from postlane.errors import PostlaneError, ValidationError
+from postlane.ingest.http import start_http
+from postlane.message import Lane
+from postlane.pytest_plugin import PostlaneMail
+from postlane.transports import transport_for
+from postlane.worker import Worker
+from tests.conftest import IN_CI, SMTPPeer, _postgres_url, free_port
+from tests.integration.django_project.views import RECEIPT_PDF
+
+SETTINGS_MODULE = "tests.integration.django_project.settings"
+TOKEN = "django-test-token"
+RECEIPT = {
+    "to": ["ada@example.net"],
+    "cc": ["bob@example.org"],
+    "bcc": ["audit@example.com"],
+    "lane": "high",
+    "key": "receipt-8812",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def django_project() -> Iterator[None]:
+    """Django configured from the test project's settings, for this module only: the variable
+    is put back afterwards (Django's settings, once read, stay for the process)."""
+    previous = os.environ.get("DJANGO_SETTINGS_MODULE")
+    os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS_MODULE
+    try:
+        django.setup()
+        yield
+    finally:
+        postlane.django.reset()
+        if previous is None:
+            del os.environ["DJANGO_SETTINGS_MODULE"]
+        else:
+            os.environ["DJANGO_SETTINGS_MODULE"] = previous
+
+
+@pytest.fixture
+def web() -> DjangoClient:
+    return DjangoClient()
+
+
+def write_config(folder: Path, store_url: str, relay: str, **http: Any) -> Path:
+    """A postlane.toml, as a project would have one, for POSTLANE_CONFIG."""
+    lines = [
+        "[store]",
+        f"url = {json.dumps(store_url)}",
+        "[delivery]",
+        f"relay = {json.dumps(relay)}",
+        "[retry]",
+        "jitter = 0",
+    ]
+    if http:
+        lines += ["[http]", *(f"{key} = {json.dumps(value)}" for key, value in http.items())]
+    path = folder / "postlane.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def local_postlane(tmp_path: Path, smtp_peer: SMTPPeer) -> Iterator[Config]:
+    """The default mode: the backend's own postlane on a SQLite file, relaying to smtp_peer."""
+    path = write_config(tmp_path, f"sqlite:///{tmp_path / 'postlane.db'}", smtp_peer.url)
+    with override_settings(POSTLANE_CONFIG=str(path)):
+        yield load_config(path)
+
+
+async def deliver(app: AsyncPostlane) -> int:
+    """Run a worker over ``app``'s store until nothing is due, as ``postlane worker`` would."""
+    transport = transport_for(app.config)
+    try:
+        return await Worker.from_config(app.config, app.store, transport).run_until_idle()
+    finally:
+        await transport.close()
+
+
+def parse(content: bytes) -> EmailMessage:
+    message = BytesParser(policy=policy.default).parsebytes(content)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def lines(content: Any) -> Any:
+    """Text with the wire's CRLF line ends as Python's; bytes as they are."""
+    return content.replace("\r\n", "\n") if isinstance(content, str) else content
+
+
+def assert_is_the_receipt(content: bytes) -> None:
+    """What the recipients' server got is what the view wrote, minus Bcc and postlane's
+    control headers."""
+    message = parse(content)
+    assert message["Subject"] == "Your receipt — order 8812"
+    assert message["From"] == "Shop <shop@example.com>"
+    assert message["To"] == "ada@example.net"
+    assert message["Cc"] == "bob@example.org"
+    assert message["Reply-To"] == "help@example.com"
+    assert message["X-Order"] == "8812"
+    assert message["Message-ID"]
+    for hidden in ("Bcc", "X-Postlane-Lane", "X-Postlane-Idempotency-Key", "X-Postlane-Metadata"):
+        assert hidden not in message, hidden
+    assert b"audit@example.com" not in content
+    text = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert text is not None and html is not None
+    assert lines(text.get_content()) == "Thank you for your order.\nTotal: 12,50 €\n"
+    assert lines(html.get_content()) == "<p>Thank you for your order.</p><p>Total: 12,50 €</p>"
+    attachments = {
+        part.get_filename(): (part.get_content_type(), lines(part.get_content()))
+        for part in message.iter_attachments()
+    }
+    assert attachments == {
+        "receipt.pdf": ("application/pdf", RECEIPT_PDF),
+        "notes.txt": ("text/plain", "Delivered to the café.\n"),
+    }
+
+
+# -- the default mode: a local postlane store ----------------------------------------------------
+
+
+async def test_a_view_sends_a_receipt_that_reaches_the_smtp_server_intact(
+    web: DjangoClient, local_postlane: Config, smtp_peer: SMTPPeer
+) -> None:
+    response = await asyncio.to_thread(web.post, "/receipt/", RECEIPT)
+    assert response.status_code == 200
+    assert response.json()["sent"] == 1
+    queue_id = response.json()["id"]
+    async with AsyncPostlane(local_postlane) as app:
+        view = await app.get(queue_id)
+        assert view.lane is Lane.HIGH
+        assert view.idempotency_key == "receipt-8812"
+        assert view.metadata == {"order": "8812"}
+        assert view.sender == "shop@example.com"
+        assert await deliver(app) == 3
+        assert {r.state for r in (await app.get(queue_id)).recipients} == {"sent"}
+    [received] = smtp_peer.handler.received  # one domain-less relay: one transaction
+    assert received.mail_from == "shop@example.com"
+    assert sorted(received.rcpt_tos) == ["ada@example.net", "audit@example.com", "bob@example.org"]
+    assert_is_the_receipt(received.content)
+
+
+async def test_the_idempotency_header_makes_a_repeated_view_store_one_message(
+    web: DjangoClient, local_postlane: Config
+) -> None:
+    first = await asyncio.to_thread(web.post, "/receipt/", RECEIPT)
+    again = await asyncio.to_thread(web.post, "/receipt/", RECEIPT)
+    assert first.json()["id"] == again.json()["id"]
+    assert again.json()["sent"] == 1  # accepted: that message is queued already
+    async with AsyncPostlane(local_postlane) as app:
+        assert [m.id for m in await app.messages()] == [first.json()["id"]]
+
+
+def test_the_default_lane_applies_without_a_header(local_postlane: Config) -> None:
+    with override_settings(POSTLANE_DEFAULT_LANE="low"):
+        message = django_mail.EmailMessage("Hi", "Hello", to=["ada@example.net"])
+        assert message.send() == 1
+        with postlane.Postlane(local_postlane) as app:
+            assert app.get(message.postlane_id).lane is Lane.LOW
+
+
+def test_mail_is_handed_over_on_commit_and_never_for_a_rollback(
+    web: DjangoClient, local_postlane: Config
+) -> None:
+    assert web.post("/sign-up/", {"email": "gone@example.net", "fail": "1"}).json() == {
+        "committed": False
+    }
+    assert web.post("/sign-up/", {"email": "new@example.net"}).json() == {"committed": True}
+    with postlane.Postlane(local_postlane) as app:
+        [message] = app.messages()
+    assert [r.address for r in message.recipients] == ["new@example.net"]
+    assert message.subject == "Welcome"
+
+
+def test_threads_share_one_store_and_every_message_is_stored(local_postlane: Config) -> None:
+    barrier = threading.Barrier(8)
+    counts: list[int] = []
+
+    def send(n: int) -> None:
+        barrier.wait(timeout=10)
+        counts.append(django_mail.send_mail("Hi", "Hello", None, [f"user{n}@example.net"]))
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert counts == [1] * 8
+    assert len(postlane.django._senders) == 1  # one postlane per process, not per thread
+    with postlane.Postlane(local_postlane) as app:
+        assert len(app.messages()) == 8
+
+
+def test_refused_messages_raise_unless_fail_silently(local_postlane: Config) -> None:
+    with pytest.raises(ValidationError, match="not a valid address"):
+        django_mail.send_mail("Hi", "Hello", None, ["not an address"])
+    assert django_mail.send_mail("Hi", "Hello", None, ["not an address"], fail_silently=True) == 0
+    bad_lane = django_mail.EmailMessage(
+        "Hi", "Hello", to=["ada@example.net"], headers={"X-Postlane-Lane": "urgent"}
+    )
+    with pytest.raises(ValidationError, match="unknown lane 'urgent'"):
+        bad_lane.send()
+    bad_metadata = django_mail.EmailMessage(
+        "Hi", "Hello", to=["ada@example.net"], headers={"X-Postlane-Metadata": "[1]"}
+    )
+    with pytest.raises(ValidationError, match="must be a JSON object"):
+        bad_metadata.send()
+    # a message with no recipient at all is skipped, as Django's SMTP backend does
+    assert django_mail.EmailMessage("Hi", "Hello").send() == 0
+    with postlane.Postlane(local_postlane) as app:
+        assert app.messages() == []
+
+
+def test_a_project_can_send_through_the_pytest_plugins_postlane(
+    web: DjangoClient, postlane_mail: PostlaneMail
+) -> None:
+    with override_settings(POSTLANE_CONFIG=postlane_mail.config):
+        web.post("/sign-up/", {"email": "ada@example.net"})
+    postlane_mail.deliver()
+    [message] = postlane_mail.messages
+    assert (message["To"], message["Subject"]) == ("ada@example.net", "Welcome")
+    assert message.envelope_from == "shop@example.com"
+
+
+# -- HTTP mode: a postlane server ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def postlane_server(tmp_path: Path, smtp_peer: SMTPPeer) -> AsyncIterator[AsyncPostlane]:
+    """A postlane server (HTTP API on a free port, a bearer token), relaying to smtp_peer; the
+    Django project sends to it with POSTLANE_URL."""
+    path = write_config(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'server.db'}",
+        smtp_peer.url,
+        listen=f"127.0.0.1:{free_port()}",
+        tokens=[TOKEN],
+    )
+    config = load_config(path)
+    async with AsyncPostlane(config) as app, start_http(config, app) as address:
+        with override_settings(POSTLANE_URL=address, POSTLANE_TOKEN=TOKEN):
+            yield app
+
+
+async def test_http_mode_sends_to_a_postlane_server_which_delivers_it_intact(
+    web: DjangoClient, postlane_server: AsyncPostlane, smtp_peer: SMTPPeer
+) -> None:
+    # the view runs in a thread: its blocking HTTP call needs this loop free to answer
+    response = await asyncio.to_thread(web.post, "/receipt/", RECEIPT)
+    queue_id = response.json()["id"]
+    view = await postlane_server.get(queue_id)
+    assert (view.lane, view.idempotency_key) == (Lane.HIGH, "receipt-8812")
+    assert sorted(r.address for r in view.recipients) == [
+        "ada@example.net",
+        "audit@example.com",
+        "bob@example.org",
+    ]
+    again = await asyncio.to_thread(web.post, "/receipt/", RECEIPT)
+    assert again.json()["id"] == queue_id
+    assert await deliver(postlane_server) == 3
+    [received] = smtp_peer.handler.received
+    assert sorted(received.rcpt_tos) == ["ada@example.net", "audit@example.com", "bob@example.org"]
+    assert_is_the_receipt(received.content)
+
+
+async def test_http_mode_reports_a_refusal_as_one_postlane_error(
+    postlane_server: AsyncPostlane,
+) -> None:
+    def send_with_a_wrong_token() -> int:
+        with override_settings(POSTLANE_TOKEN="wrong"):
+            return django_mail.send_mail("Hi", "Hello", None, ["ada@example.net"])
+
+    with pytest.raises(PostlaneError, match=r"\(HTTP 401 unauthorized\): the token is not valid"):
+        await asyncio.to_thread(send_with_a_wrong_token)
+    assert await postlane_server.messages() == []
+
+
+# -- the transactional outbox on PostgreSQL ------------------------------------------------------
+
+
+def with_schema(url: str, schema: str) -> str:
+    parts = urlsplit(url)
+    query = f"{parts.query}&" if parts.query else ""
+    return urlunsplit(parts._replace(query=query + urlencode({"schema": schema})))
+
+
+@pytest.fixture
+def outbox_schema(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """postlane's tables in a schema of their own in the PostgreSQL database Django's
+    ``postgres`` alias uses, and a sign-up table beside them; all dropped afterwards."""
+    url = _postgres_url()
+    if url is None:
+        if IN_CI:
+            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
+        pytest.skip("the outbox test needs PostgreSQL: set POSTLANE_TEST_POSTGRES=postgresql://...")
+    schema = f"dj_{uuid.uuid4().hex[:12]}"
+    path = write_config(tmp_path, with_schema(url, schema), f"capture://{tmp_path / 'captured'}")
+    with postlane.Postlane(config_path=path):  # creates the schema and postlane's tables
+        pass
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE TABLE {}.signups (email text)").format(sql.Identifier(schema)))
+    try:
+        yield path, schema
+    finally:
+        connections["postgres"].close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_the_outbox_commits_the_mail_with_the_views_transaction_or_not_at_all(
+    web: DjangoClient, outbox_schema: tuple[Path, str]
+) -> None:
+    path, schema = outbox_schema
+    with override_settings(
+        POSTLANE_CONFIG=str(path),
+        POSTLANE_OUTBOX=True,
+        POSTLANE_OUTBOX_DATABASE="postgres",
+        SIGNUP_TABLE=f'"{schema}".signups',
+    ):
+        kept = web.post("/sign-up-outbox/", {"email": "new@example.net"}).json()
+        gone = web.post("/sign-up-outbox/", {"email": "gone@example.net", "fail": "1"}).json()
+    assert kept == {"committed": True, "sent": 1}
+    assert gone == {"committed": False}
+    with postlane.Postlane(config_path=path) as app:
+        [message] = app.messages()
+    assert [r.address for r in message.recipients] == ["new@example.net"]
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute(f'SELECT email FROM "{schema}".signups')
+        assert cursor.fetchall() == [("new@example.net",)]
+
+
+def test_the_outbox_refuses_a_store_that_is_not_postgresql(local_postlane: Config) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    with (
+        override_settings(POSTLANE_OUTBOX=True),
+        pytest.raises(ImproperlyConfigured, match=r"store\.url to be the PostgreSQL database"),
+    ):
+        django_mail.send_mail("Hi", "Hello", None, ["ada@example.net"], fail_silently=True)
