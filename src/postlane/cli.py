@@ -994,6 +994,63 @@ def hash_password_command(from_stdin: bool) -> None:
     click.echo(hash_password(password))
 
 
+# -- dkim --------------------------------------------------------------------------------------
+
+
+@cli.group()
+def dkim() -> None:
+    """DKIM keys for signing what SMTP and MX delivery send."""
+
+
+@dkim.command("keygen")
+@click.argument("domain")
+@click.option("--selector", default="postlane", show_default=True, help="DKIM selector.")
+@click.option(
+    "--out",
+    "out_path",
+    metavar="FILE",
+    help="Where to write the private key (PEM).  [default: dkim/DOMAIN.pem]",
+)
+@click.option("--bits", default=2048, show_default=True, type=click.IntRange(1024, 4096))
+@click.option("--force", is_flag=True, help="Overwrite an existing key file.")
+@json_option
+def dkim_keygen(
+    domain: str, selector: str, out_path: str | None, bits: int, force: bool, as_json: bool
+) -> None:
+    """Make a key pair for DOMAIN: write the private key, print the DNS record to publish."""
+    from postlane.dkim import dns_record_name, generate_key, valid_domain, zone_file_entry
+
+    domain = domain.strip().rstrip(".").lower()
+    if not valid_domain(domain):
+        raise click.UsageError(f"{domain!r} is not a domain name")
+    path = Path(out_path) if out_path else Path("dkim") / f"{domain}.pem"
+    if path.exists() and not force:
+        raise PostlaneError(f"{path} exists: keep it, or pass --force to replace it")
+    key = generate_key(domain, selector, bits=bits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # created 0600 from the start: the key is never readable by others, not even for a moment
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key.private_pem)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_TRUNC
+    if as_json:
+        print_json(
+            {
+                "domain": domain,
+                "selector": selector,
+                "private_key": str(path),
+                "record_name": dns_record_name(domain, selector),
+                "record": key.dns_record,
+            }
+        )
+        return
+    click.echo(f"wrote {path} (keep it private: mode 0600)")
+    click.echo("publish this TXT record:")
+    click.echo(zone_file_entry(domain, selector, key.dns_record))
+    click.echo("then configure it:")
+    click.echo(f'[dkim."{domain}"]\nselector = "{selector}"\nprivate_key = "{path}"')
+
+
 # -- simulator ---------------------------------------------------------------------------------
 
 from postlane.simulate import simulate_command  # noqa: E402

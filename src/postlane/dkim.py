@@ -53,6 +53,8 @@ __all__ = [
     "SigningTransport",
     "dns_record_name",
     "generate_key",
+    "valid_domain",
+    "zone_file_entry",
 ]
 
 #: header fields signed when present (RFC 6376 5.4.1's list, trimmed to what our mail carries)
@@ -273,6 +275,24 @@ def _generate_with_openssl(bits: int) -> tuple[bytes, bytes]:
         except (subprocess.SubprocessError, OSError) as exc:
             raise PostlaneError(f"openssl could not generate a DKIM key: {exc}") from exc
         return key_file.read_bytes(), public_der
+
+
+def valid_domain(domain: str) -> bool:
+    """A host name: dot-separated DNS labels of letters, digits and hyphens, at least two."""
+    labels = domain.split(".")
+    return (
+        len(labels) >= 2
+        and len(domain) <= 253
+        and all(
+            label
+            and len(label) <= 63
+            and not label.startswith("-")
+            and not label.endswith("-")
+            and label.replace("-", "").isalnum()
+            and label.isascii()
+            for label in labels
+        )
+    )
 
 
 def _valid_selector(selector: str) -> bool:

@@ -9,6 +9,7 @@ and looks it up there over the wire, as a receiver would.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -203,3 +204,36 @@ def test_keys_can_be_generated_with_the_openssl_command(monkeypatch: pytest.Monk
     assert dkim.verify(
         signed, dnsfunc=lambda q, timeout=5: generated.dns_record.encode() if q == name else None
     )
+
+
+def test_keygen_writes_a_private_key_and_prints_the_record_that_verifies(tmp_path: Path) -> None:
+    from tests.integration.test_cli import ok, one_line_error, postlane
+
+    printed = ok("dkim", "keygen", "Sender.Test", "--selector", "pl2026", cwd=tmp_path)
+    path = tmp_path / "dkim" / "sender.test.pem"
+    assert f"wrote {path.relative_to(tmp_path)}" in printed
+    assert path.stat().st_mode & 0o777 == 0o600
+    [entry] = [line for line in printed.splitlines() if "IN TXT" in line]
+    assert entry.startswith("pl2026._domainkey.sender.test. IN TXT (")
+    record = "".join(entry.split('"')[1::2])  # what a resolver returns: the strings joined
+
+    # the key file is what [dkim."sender.test"] private_key points at, as printed
+    assert 'private_key = "dkim/sender.test.pem"' in printed
+    signer = DkimSigner.from_files(
+        {"sender.test": ("pl2026", "dkim/sender.test.pem")}, base_dir=tmp_path
+    )
+    signed = signer.sign(message(), "sender.test")
+    name = b"pl2026._domainkey.sender.test."
+    assert dkim.verify(signed, dnsfunc=lambda q, timeout=5: record.encode() if q == name else None)
+
+    # never overwrites a key in use; refuses a bad domain with one line
+    one_line_error(
+        postlane("dkim", "keygen", "sender.test", "--selector", "pl2026", cwd=tmp_path), "exists"
+    )
+    one_line_error(postlane("dkim", "keygen", "not a domain", cwd=tmp_path), "not a domain name")
+    as_json = json.loads(
+        ok("dkim", "keygen", "other.test", "--out", "keys/o.pem", "--json", cwd=tmp_path)
+    )
+    assert as_json["record_name"] == "postlane._domainkey.other.test"
+    assert as_json["record"].startswith("v=DKIM1; k=rsa; p=")
+    assert (tmp_path / "keys" / "o.pem").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
