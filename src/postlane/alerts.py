@@ -268,8 +268,18 @@ def evaluate(
     return alerts
 
 
-def current_samples(stats: Stats, at: float, finished: tuple[int, int, int]) -> list[Sample]:
-    """The samples of one minute: each lane's depth and age, and the queue-wide events."""
+#: attempt classes that leave a delivery waiting for its next try
+DEFERRING_CLASSES = ("temporary", "throttled", "connection")
+
+
+def current_samples(
+    stats: Stats,
+    at: float,
+    finished: tuple[int, int, int],
+    attempts: Mapping[str, int] | None = None,
+) -> list[Sample]:
+    """The samples of one minute: each lane's depth and age, and the queue-wide events
+    (``finished``: delivered, dead, hard bounces; ``attempts``: the minute's attempts by class)."""
     samples = [
         Sample(
             at=at,
@@ -284,7 +294,19 @@ def current_samples(stats: Stats, at: float, finished: tuple[int, int, int]) -> 
     ]
     sent, dead, hard = finished
     paused = tuple(d.destination for d in stats.destinations if (d.paused_until or 0) > at)
-    samples.append(Sample(at=at, lane="*", sent=sent, dead=dead, hard_bounces=hard, paused=paused))
+    attempts = attempts or {}
+    samples.append(
+        Sample(
+            at=at,
+            lane="*",
+            sent=sent,
+            dead=dead,
+            hard_bounces=hard,
+            paused=paused,
+            deferrals=sum(attempts.get(cls, 0) for cls in DEFERRING_CLASSES),
+            soft_bounces=attempts.get("soft_bounce", 0),
+        )
+    )
     return samples
 
 
@@ -311,7 +333,8 @@ class AlertMonitor:
         minute = math.floor(now / 60.0) * 60.0
         stats = await self.app.stats()
         finished = await self.app.store.finished_between(minute - 60.0, minute)
-        samples = current_samples(stats, minute, finished)
+        attempts = await self.app.store.attempt_classes_between(minute - 60.0, minute)
+        samples = current_samples(stats, minute, finished, attempts)
         await self.app.store.record_samples(samples)
         return samples
 

@@ -3,9 +3,10 @@ the read-side views the CLI, HTTP API and dashboard render (with their contract 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from postlane.classify import ReplyClass
 from postlane.clock import iso
@@ -574,10 +575,57 @@ class Sample:
     dead: int = 0
     hard_bounces: int = 0
     paused: tuple[str, ...] = ()
+    #: attempts of the minute before that deferred (temporary, throttled, connection)
+    deferrals: int = 0
+    #: attempts of the minute before classed soft_bounce
+    soft_bounces: int = 0
+
+    #: the stores' column order (``samples_since``)
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "at",
+        "lane",
+        "ready",
+        "deferred",
+        "held",
+        "sending",
+        "oldest_age",
+        "sent",
+        "dead",
+        "hard_bounces",
+        "paused",
+        "deferrals",
+        "soft_bounces",
+    )
 
     @property
     def depth(self) -> int:
         return self.ready + self.deferred + self.sending
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Sample:
+        """A sample from a ``samples_since`` row (``paused`` as JSON text)."""
+        values = dict(zip(cls.COLUMNS, row, strict=True))
+        return cls(
+            at=float(values["at"]),
+            lane=str(values["lane"]),
+            ready=int(values["ready"]),
+            deferred=int(values["deferred"]),
+            held=int(values["held"]),
+            sending=int(values["sending"]),
+            oldest_age=float(values["oldest_age"]),
+            sent=int(values["sent"]),
+            dead=int(values["dead"]),
+            hard_bounces=int(values["hard_bounces"]),
+            paused=tuple(json.loads(values["paused"])),
+            deferrals=int(values["deferrals"]),
+            soft_bounces=int(values["soft_bounces"]),
+        )
+
+    def params(self) -> dict[str, Any]:
+        """The ``insert_sample`` parameters."""
+        values = {name: getattr(self, name) for name in self.COLUMNS}
+        values["paused"] = json.dumps(list(self.paused))
+        return values
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -591,5 +639,7 @@ class Sample:
             "sent": self.sent,
             "dead": self.dead,
             "hard_bounces": self.hard_bounces,
+            "deferrals": self.deferrals,
+            "soft_bounces": self.soft_bounces,
             "paused": list(self.paused),
         }

@@ -311,6 +311,63 @@ async def test_list_messages_selects_by_lane_domain_state_sender_and_metadata(st
     assert await ids(states=(RecipientState.SENT,)) == []
 
 
+async def test_message_pages_follow_arrival_order_and_never_repeat(store: Any) -> None:
+    # 25 messages of 1 to 3 recipients; a few are delivered (outside the default selection)
+    prepared = [
+        msg(*[f"r{i}-{j}@{'gmail.com' if i % 2 else 'example.net'}" for j in range(1 + i % 3)])
+        for i in range(25)
+    ]
+    await store.enqueue(prepared, T0)
+    first = deliveries(await claim(store, limit=3))  # message 0's one recipient, message 1's two
+    await store.record(
+        "w1",
+        [
+            Outcome(d.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))
+            for d in first
+        ],
+        T0 + 1,
+    )
+    expected = [p.id for p in prepared[2:]]
+
+    async def walk(selector: Selector, size: int) -> list[str]:
+        seen: list[str] = []
+        after: int | None = 0
+        while after is not None:
+            page, after = await store.page_messages(selector, after=after, limit=size)
+            assert len(page) <= size
+            seen += [m.id for m in page]
+        return seen
+
+    for size in (1, 4, 7, 23, 100):
+        assert await walk(Selector(), size) == expected
+    gmail = [p.id for i, p in enumerate(prepared) if i % 2 and i >= 2]
+    assert await walk(Selector(domains=("gmail.com",)), 5) == gmail
+    page, after = await store.page_messages(Selector(), after=0, limit=4)
+    assert [len(m.recipients) for m in page] == [1 + i % 3 for i in range(2, 6)]  # all recipients
+    assert after is not None
+    page, last = await store.page_messages(Selector(), after=0, limit=23)
+    assert len(page) == 23 and last is None
+
+
+async def test_attempts_are_counted_by_minute_class_and_destination(store: Any) -> None:
+    await store.enqueue([msg("a@example.net", "b@example.net", "c@example.net")], T0)
+    a, b, c = deliveries(await claim(store))
+    deferred = RecipientState.DEFERRED
+    await store.record(
+        "w1",
+        [
+            Outcome(a.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED, now=T0)),
+            Outcome(b.id, deferred, 1, 0, T0 + 99, attempt(ReplyClass.TEMPORARY, 451, T0 + 5)),
+            Outcome(c.id, deferred, 1, 0, T0 + 99, attempt(ReplyClass.SOFT_BOUNCE, 452, T0 + 70)),
+        ],
+        T0 + 70,
+    )
+    assert await store.attempt_classes_between(T0, T0 + 60) == {"delivered": 1, "temporary": 1}
+    assert await store.attempt_classes_between(T0 + 60, T0 + 120) == {"soft_bounce": 1}
+    replies = sorted(await store.destination_replies(T0 + 1))
+    assert replies == [("example.net", "soft_bounce", 1), ("example.net", "temporary", 1)]
+
+
 async def test_dead_letters_list_with_selectors(store: Any) -> None:
     prepared = msg("gone@example.net")
     await store.enqueue([prepared], T0)

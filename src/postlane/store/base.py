@@ -102,6 +102,14 @@ class Store(Protocol):
 
     async def list_messages(self, selector: Selector, *, limit: int) -> list[MessageView]: ...
 
+    async def page_messages(
+        self, selector: Selector, *, after: int, limit: int
+    ) -> tuple[list[MessageView], int | None]:
+        """Messages with a selected recipient in arrival order, after the cursor ``after`` (0
+        for the first page): the page and the next page's cursor (None on the last page). Walks
+        the primary key and stops at the page's end, so a page costs the same at any depth."""
+        ...
+
     async def stats(self, now: float) -> Stats: ...
 
     async def list_dead(self, selector: Selector, *, limit: int) -> list[DeadLetter]: ...
@@ -212,6 +220,14 @@ class Store(Protocol):
         """(delivered, dead-lettered, of which hard bounces) in ``[start, end)``."""
         ...
 
+    async def attempt_classes_between(self, start: float, end: float) -> Mapping[str, int]:
+        """Attempts in ``[start, end)`` counted by class (a minute's deferrals, soft bounces)."""
+        ...
+
+    async def destination_replies(self, since: float) -> list[tuple[str, str, int]]:
+        """Attempts since ``since``: (destination, class, count)."""
+        ...
+
     async def purge_samples(self, before: float) -> int: ...
 
     async def recoveries_after(self, after_id: int) -> list[tuple[int, float]]:
@@ -234,3 +250,35 @@ class Store(Protocol):
     async def remove_suppression(self, address: str) -> bool: ...
 
     async def is_suppressed(self, addresses: Sequence[str]) -> Mapping[str, bool]: ...
+
+
+class Pager:
+    """Collects a page of distinct messages from delivery rows read in id order (a message's
+    deliveries are consecutive rows); the next page starts at the first message left out."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.ids: list[str] = []
+        self.seen: set[str] = set()
+        #: the next page's cursor, set once a message beyond this page was seen
+        self.next_after: int | None = None
+        #: where the next read starts
+        self.last_row = 0
+
+    @property
+    def chunk(self) -> int:
+        return max(4 * self.limit, 200)
+
+    def feed(self, rows: Sequence[tuple[int, str]]) -> bool:
+        """Take a chunk of (delivery id, queue id) rows; True when the page is complete (or
+        the rows ran out)."""
+        for row_id, queue_id in rows:
+            self.last_row = row_id
+            if queue_id in self.seen:
+                continue
+            if len(self.ids) == self.limit:
+                self.next_after = row_id - 1
+                return True
+            self.ids.append(queue_id)
+            self.seen.add(queue_id)
+        return len(rows) < self.chunk

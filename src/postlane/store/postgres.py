@@ -64,6 +64,7 @@ from postlane.records import (
     Stats,
     Suppression,
 )
+from postlane.store.base import Pager
 from postlane.store.sql import load_migrations, load_queries
 from postlane.triage import group_dead_letters
 
@@ -579,6 +580,27 @@ class PostgresStore:
 
         return await self._run(run, snapshot=True)
 
+    async def page_messages(
+        self, selector: Selector, *, after: int, limit: int
+    ) -> tuple[list[MessageView], int | None]:
+        async def run(conn: Conn) -> tuple[list[MessageView], int | None]:
+            where, params = _selection(selector, default_states=_PENDING)
+            query = Q["page_rows"].replace("{selection}", where)
+            pager = Pager(limit)
+            pager.last_row = after
+            while not pager.feed(
+                [
+                    (int(row[0]), str(row[1]))
+                    for row in await _fetch(
+                        conn, query, {**params, "after": pager.last_row, "limit": pager.chunk}
+                    )
+                ]
+            ):
+                pass
+            return await _message_views(conn, pager.ids, history=False), pager.next_after
+
+        return await self._run(run, snapshot=True)
+
     async def stats(self, now: float) -> Stats:
         async def run(conn: Conn) -> Stats:
             rows = await _fetch(conn, Q["counts_by_lane_state"])
@@ -797,7 +819,7 @@ class PostgresStore:
     # -- recorded history ------------------------------------------------------------------------
 
     async def record_samples(self, samples: Sequence[Sample]) -> bool:
-        rows = [_sample_params(sample) for sample in samples]
+        rows = [sample.params() for sample in samples]
 
         async def run(conn: Conn) -> bool:
             inserted = 0
@@ -810,7 +832,7 @@ class PostgresStore:
     async def samples(self, since: float) -> list[Sample]:
         async def run(conn: Conn) -> list[Sample]:
             rows = await _fetch(conn, Q["samples_since"], {"since": since})
-            return [_sample(row) for row in rows]
+            return [Sample.from_row(row) for row in rows]
 
         return await self._run(run, snapshot=True)
 
@@ -818,6 +840,20 @@ class PostgresStore:
         async def run(conn: Conn) -> tuple[int, int, int]:
             [row] = await _fetch(conn, Q["finished_between"], {"start": start, "end": end})
             return int(row[0]), int(row[1]), int(row[2])
+
+        return await self._run(run, snapshot=True)
+
+    async def attempt_classes_between(self, start: float, end: float) -> Mapping[str, int]:
+        async def run(conn: Conn) -> dict[str, int]:
+            rows = await _fetch(conn, Q["attempt_classes_between"], {"start": start, "end": end})
+            return {str(cls): int(n) for cls, n in rows}
+
+        return await self._run(run, snapshot=True)
+
+    async def destination_replies(self, since: float) -> list[tuple[str, str, int]]:
+        async def run(conn: Conn) -> list[tuple[str, str, int]]:
+            rows = await _fetch(conn, Q["destination_replies_since"], {"since": since})
+            return [(str(d), str(c), int(n)) for d, c, n in rows]
 
         return await self._run(run, snapshot=True)
 
@@ -1187,39 +1223,6 @@ async def _export(conn: Conn, delivery_ids: list[int]) -> list[ExportedMessage]:
 
 def _cls(value: Any) -> ReplyClass | None:
     return ReplyClass(value) if value else None
-
-
-def _sample(row: Sequence[Any]) -> Sample:
-    at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard, paused = row
-    return Sample(
-        at=float(at),
-        lane=str(lane),
-        ready=int(ready),
-        deferred=int(deferred),
-        held=int(held),
-        sending=int(sending),
-        oldest_age=float(oldest_age),
-        sent=int(sent),
-        dead=int(dead),
-        hard_bounces=int(hard),
-        paused=tuple(json.loads(paused)),
-    )
-
-
-def _sample_params(sample: Sample) -> dict[str, Any]:
-    return {
-        "at": sample.at,
-        "lane": sample.lane,
-        "ready": sample.ready,
-        "deferred": sample.deferred,
-        "held": sample.held,
-        "sending": sample.sending,
-        "oldest_age": sample.oldest_age,
-        "sent": sample.sent,
-        "dead": sample.dead,
-        "hard_bounces": sample.hard_bounces,
-        "paused": json.dumps(list(sample.paused)),
-    }
 
 
 def _suppression_params(s: Suppression) -> dict[str, Any]:

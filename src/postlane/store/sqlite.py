@@ -52,6 +52,7 @@ from postlane.records import (
     Stats,
     Suppression,
 )
+from postlane.store.base import Pager
 from postlane.store.sql import load_migrations, load_queries
 from postlane.triage import group_dead_letters
 
@@ -451,6 +452,24 @@ class SQLiteStore:
 
         return await self._read(run)
 
+    async def page_messages(
+        self, selector: Selector, *, after: int, limit: int
+    ) -> tuple[list[MessageView], int | None]:
+        def run(conn: sqlite3.Connection) -> tuple[list[MessageView], int | None]:
+            where, params = _where(selector, default_states=_PENDING)
+            query = Q["page_rows"].replace("{selection}", where)
+            pager = Pager(limit)
+            pager.last_row = after
+            while not pager.feed(
+                conn.execute(
+                    query, {**params, "after": pager.last_row, "limit": pager.chunk}
+                ).fetchall()
+            ):
+                pass
+            return _message_views(conn, pager.ids, history=False), pager.next_after
+
+        return await self._read(run)
+
     async def stats(self, now: float) -> Stats:
         def run(conn: sqlite3.Connection) -> Stats:
             rows = conn.execute(Q["counts_by_lane_state"]).fetchall()
@@ -676,7 +695,7 @@ class SQLiteStore:
     # -- recorded history ------------------------------------------------------------------------
 
     async def record_samples(self, samples: Sequence[Sample]) -> bool:
-        rows = [_sample_params(sample) for sample in samples]
+        rows = [sample.params() for sample in samples]
 
         def run(conn: sqlite3.Connection) -> bool:
             return sum(conn.execute(Q["insert_sample"], row).rowcount for row in rows) > 0
@@ -685,7 +704,9 @@ class SQLiteStore:
 
     async def samples(self, since: float) -> list[Sample]:
         def run(conn: sqlite3.Connection) -> list[Sample]:
-            return [_sample(row) for row in conn.execute(Q["samples_since"], {"since": since})]
+            return [
+                Sample.from_row(row) for row in conn.execute(Q["samples_since"], {"since": since})
+            ]
 
         return await self._read(run)
 
@@ -695,6 +716,20 @@ class SQLiteStore:
             sent = conn.execute(Q["sent_between"], params).fetchone()[0]
             dead, hard = conn.execute(Q["dead_between"], params).fetchone()
             return int(sent), int(dead), int(hard)
+
+        return await self._read(run)
+
+    async def attempt_classes_between(self, start: float, end: float) -> Mapping[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(Q["attempt_classes_between"], {"start": start, "end": end})
+            return {str(cls): int(n) for cls, n in rows}
+
+        return await self._read(run)
+
+    async def destination_replies(self, since: float) -> list[tuple[str, str, int]]:
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            rows = conn.execute(Q["destination_replies_since"], {"since": since})
+            return [(str(d), str(c), int(n)) for d, c, n in rows]
 
         return await self._read(run)
 
@@ -1114,39 +1149,6 @@ def _import(conn: sqlite3.Connection, messages: Sequence[ExportedMessage], now: 
         conn.execute(Q["reopen_message"], {"queue_id": message.id})
         conn.execute(Q["mark_done"], {"queue_id": message.id, "now": now})
     return restored
-
-
-def _sample(row: Sequence[Any]) -> Sample:
-    at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard, paused = row
-    return Sample(
-        at=at,
-        lane=lane,
-        ready=ready,
-        deferred=deferred,
-        held=held,
-        sending=sending,
-        oldest_age=oldest_age,
-        sent=sent,
-        dead=dead,
-        hard_bounces=hard,
-        paused=tuple(json.loads(paused)),
-    )
-
-
-def _sample_params(sample: Sample) -> dict[str, Any]:
-    return {
-        "at": sample.at,
-        "lane": sample.lane,
-        "ready": sample.ready,
-        "deferred": sample.deferred,
-        "held": sample.held,
-        "sending": sample.sending,
-        "oldest_age": sample.oldest_age,
-        "sent": sample.sent,
-        "dead": sample.dead,
-        "hard_bounces": sample.hard_bounces,
-        "paused": json.dumps(list(sample.paused)),
-    }
 
 
 def _suppression_params(s: Suppression) -> dict[str, Any]:

@@ -554,15 +554,16 @@ WHERE state IN ('queued', 'deferred') AND next_attempt_at > %(now)s AND reason =
 -- name: insert_sample
 -- One minute's sample of a lane (the first process to record a minute wins).
 INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
-                            hard_bounces, paused)
+                            hard_bounces, paused, deferrals, soft_bounces)
 VALUES (%(at)s, %(lane)s, %(ready)s, %(deferred)s, %(held)s, %(sending)s, %(oldest_age)s,
-        %(sent)s, %(dead)s, %(hard_bounces)s, %(paused)s::jsonb)
+        %(sent)s, %(dead)s, %(hard_bounces)s, %(paused)s::jsonb, %(deferrals)s,
+        %(soft_bounces)s)
 ON CONFLICT (at, lane) DO NOTHING;
 
 -- name: samples_since
 -- The recorded history from a time on, oldest first.
 SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
-       paused::text
+       paused::text, deferrals, soft_bounces
 FROM metric_samples WHERE at >= %(since)s ORDER BY at, lane;
 
 -- name: purge_samples
@@ -606,3 +607,18 @@ WITH recovered AS (
     SELECT queue_id, address, 'delivered', dead_since, %(now)s FROM recovered
 )
 UPDATE deliveries AS d SET dead_since = NULL FROM recovered WHERE d.id = recovered.id;
+
+-- name: attempt_classes_between
+-- Attempts in a time range, by class (a minute's deferrals and soft bounces).
+SELECT class, count(*) FROM attempts WHERE at >= %(start)s AND at < %(end)s GROUP BY class;
+
+-- name: destination_replies_since
+-- Recent attempts by destination and class (the dashboard's destinations page).
+SELECT destination, class, count(*) FROM attempts WHERE at >= %(since)s
+GROUP BY destination, class;
+
+-- name: page_rows
+-- Deliveries in arrival order after a cursor (the dashboard's queue pages; {selection} narrows).
+SELECT d.id, d.queue_id FROM deliveries d
+WHERE d.id > %(after)s AND {selection}
+ORDER BY d.id LIMIT %(limit)s;

@@ -355,14 +355,15 @@ WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now AND reason = :r
 -- name: insert_sample
 -- One minute's sample of a lane (the first process to record a minute wins).
 INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
-                            hard_bounces, paused)
+                            hard_bounces, paused, deferrals, soft_bounces)
 VALUES (:at, :lane, :ready, :deferred, :held, :sending, :oldest_age, :sent, :dead,
-        :hard_bounces, :paused)
+        :hard_bounces, :paused, :deferrals, :soft_bounces)
 ON CONFLICT (at, lane) DO NOTHING;
 
 -- name: samples_since
 -- The recorded history from a time on, oldest first.
-SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces, paused
+SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces, paused,
+       deferrals, soft_bounces
 FROM metric_samples WHERE at >= :since ORDER BY at, lane;
 
 -- name: purge_samples
@@ -398,3 +399,18 @@ WHERE name = :name AND firing = 1;
 -- name: alerts_firing
 -- Alerts recorded as firing, with since when.
 SELECT name, since FROM alert_state WHERE firing = 1 ORDER BY name;
+
+-- name: attempt_classes_between
+-- Attempts in a time range, by class (a minute's deferrals and soft bounces).
+SELECT class, count(*) FROM attempts WHERE at >= :start AND at < :end GROUP BY class;
+
+-- name: destination_replies_since
+-- Recent attempts by destination and class (the dashboard's destinations page).
+SELECT destination, class, count(*) FROM attempts WHERE at >= :since
+GROUP BY destination, class;
+
+-- name: page_rows
+-- Deliveries in arrival order after a cursor (the dashboard's queue pages; {selection} narrows).
+SELECT d.id, d.queue_id FROM deliveries d
+WHERE d.id > :after AND {selection}
+ORDER BY d.id LIMIT :limit;
