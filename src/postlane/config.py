@@ -240,6 +240,8 @@ class HttpConfig:
     tokens: tuple[str, ...] = _setting((), _strings, env=False)
     #: bearer tokens with the "send" scope: enqueue, and read back their own messages
     send_tokens: tuple[str, ...] = _setting((), _strings, env=False)
+    #: the web dashboard at / (admin tokens log in; without tokens, loopback clients only)
+    dashboard: bool = _setting(True, _bool)
 
 
 @dataclass(frozen=True)

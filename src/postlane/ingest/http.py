@@ -31,7 +31,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
@@ -113,7 +113,11 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 
 def _is_loopback(request: Request) -> bool:
-    host = request.client.host if request.client else ""
+    return is_loopback_host(request.client.host if request.client else "")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8 and ::1 (a peer on this machine)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -477,7 +481,7 @@ def build_app(
         return error_response(500, "internal_error", "unexpected error (logged)")
 
     send, admin, public = Scope.SEND, Scope.ADMIN, None
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/v1/messages", endpoint(post_message, send), methods=["POST"]),
         Route("/v1/messages", endpoint(list_messages, admin), methods=["GET"]),
         Route("/v1/messages/batch", endpoint(post_batch, send), methods=["POST"]),
@@ -498,6 +502,10 @@ def build_app(
         Route("/readyz", endpoint(readyz, public), methods=["GET"]),
         Route("/openapi.json", endpoint(openapi, public), methods=["GET"]),
     ]
+    if config.http.dashboard:
+        from postlane.dashboard import dashboard_routes
+
+        routes += dashboard_routes(config, app)
     return Starlette(
         routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},

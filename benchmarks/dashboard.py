@@ -1,0 +1,140 @@
+"""The dashboard's queue pages with 10,000 and with 1,000,000 messages queued, side by side with
+the previous approach (the CLI's ``queue list`` query: group every selected delivery by message,
+sort, then cut).
+
+    python benchmarks/dashboard.py [--small 10000] [--large 1000000] [--pages 20]
+
+A page is 50 messages. "cursor" is ``Store.page_messages``: it walks the primary key from the
+page's cursor and stops at the page's end; "group by" is ``Store.list_messages``'s query paged with
+``OFFSET`` (group every waiting delivery by message, sort by arrival, skip, cut). Measured for the
+first page and for the page in the middle of the queue, each the median of ``--pages`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import done_progress, progress, table
+from claims import fill
+
+from postlane.records import MessageView, Selector
+from postlane.store.sqlite import SQLiteStore, _message_views
+
+PAGE = 50
+
+
+async def median_ms(read: object, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        await read()  # type: ignore[operator]
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+async def cursor_at(store: SQLiteStore, pages: int) -> int:
+    """The cursor of page ``pages``: just before its first message's first delivery (found once,
+    not part of the timing)."""
+
+    def run(conn: sqlite3.Connection) -> int:
+        row = conn.execute(
+            "SELECT min(id) AS first FROM deliveries GROUP BY queue_id ORDER BY first "
+            "LIMIT 1 OFFSET ?",
+            (pages * PAGE,),
+        ).fetchone()
+        return int(row[0]) - 1
+
+    return await store._read(run)
+
+
+async def offset_page(store: SQLiteStore, offset: int) -> list[MessageView]:
+    """The previous approach, paged by offset: ``list_messages``'s query (group the selected
+    deliveries by message, sort by arrival) with ``OFFSET``, then the page's views."""
+
+    def run(conn: sqlite3.Connection) -> list[MessageView]:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT queue_id, min(created_at) AS c, min(id) AS first FROM deliveries d "
+                "WHERE d.state IN ('queued', 'deferred', 'held', 'sending') "
+                "GROUP BY queue_id ORDER BY c, first LIMIT ? OFFSET ?",
+                (PAGE, offset),
+            )
+        ]
+        return _message_views(conn, ids, history=False)
+
+    return await store._read(run)
+
+
+async def measure(depth: int, repeats: int, folder: Path) -> list[tuple[str, float, float]]:
+    store = SQLiteStore(folder / f"dashboard-{depth}.db")
+    await store.open()
+    try:
+        await fill(store, depth, time.time())
+        rows = []
+        total_pages = depth // PAGE
+        for where, page_number in (("first", 0), ("middle", total_pages // 2)):
+            progress(f"depth {depth:,}: {where} page")
+            selector = Selector()
+            after = await cursor_at(store, page_number) if page_number else 0
+
+            async def by_cursor(after: int = after, selector: Selector = selector) -> None:
+                views, _ = await store.page_messages(selector, after=after, limit=PAGE)
+                assert len(views) == PAGE
+
+            async def by_group(offset: int = page_number * PAGE) -> None:
+                assert len(await offset_page(store, offset)) == PAGE
+
+            cursor_ms = await median_ms(by_cursor, repeats)
+            group_ms = await median_ms(by_group, max(3, repeats // 5))
+            rows.append((where, cursor_ms, group_ms))
+        return rows
+    finally:
+        await store.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--large", type=int, default=1_000_000)
+    parser.add_argument("--pages", type=int, default=20, help="reads per measurement")
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        results = {
+            depth: await measure(depth, args.pages, Path(tmp)) for depth in (args.small, args.large)
+        }
+    done_progress()
+    print(f"one page of {PAGE} messages (median ms), SQLite, messages waiting in the queue")
+    body = []
+    for depth, rows in results.items():
+        for where, cursor_ms, group_ms in rows:
+            body.append(
+                (
+                    f"{depth:,}",
+                    where,
+                    f"{cursor_ms:.1f}",
+                    f"{group_ms:.1f}",
+                    f"{group_ms / cursor_ms:.0f}x",
+                )
+            )
+    print(table(["queued", "page", "cursor", "group by (previous)", "ratio"], body))
+    small_first = results[args.small][0][1]
+    large_middle = results[args.large][1][1]
+    print(f"cursor: middle page at {args.large:,} / first page at {args.small:,}: "
+          f"{large_middle / small_first:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

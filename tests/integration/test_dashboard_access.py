@@ -1,0 +1,141 @@
+"""The dashboard's doors, through a real HTTP client (httpx over ASGI): who gets in, what a
+forged form gets, what bad input gets. The pages themselves are tested in a browser
+(tests/browser)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from postlane.app import AsyncPostlane
+from postlane.clock import FakeClock
+from postlane.ingest.http import build_app
+from postlane.message import RecipientState
+from tests.conftest import make_config
+
+TOKEN = "admin-t0ken"
+SEND_TOKEN = "send-t0ken"
+
+
+async def client_for(
+    app: AsyncPostlane, host: str = "127.0.0.1"
+) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=build_app(app.config, app), client=(host, 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as client:
+        yield client
+
+
+@pytest.fixture
+async def open_app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[AsyncPostlane]:
+    async with AsyncPostlane(make_config(tmp_path), clock=clock) as app:
+        yield app
+
+
+@pytest.fixture
+async def locked_app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[AsyncPostlane]:
+    config = make_config(tmp_path, http={"tokens": [TOKEN], "send_tokens": [SEND_TOKEN]})
+    async with AsyncPostlane(config, clock=clock) as app:
+        yield app
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
+    assert match, "the page has no CSRF token"
+    return match.group(1)
+
+
+async def test_without_tokens_only_loopback_clients_get_in(open_app: AsyncPostlane) -> None:
+    async for local in client_for(open_app):
+        page = await local.get("/")
+        assert page.status_code == 200 and "Is mail flowing?" in page.text
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert page.headers["x-frame-options"] == "DENY"
+        assert (await local.get("/ui/static/dashboard.js")).status_code == 200
+    async for remote in client_for(open_app, host="203.0.113.9"):
+        for path in ("/", "/queue", "/dlq"):
+            assert (await remote.get(path)).status_code == 403
+        post = await remote.post("/suppressions", data={"address": "a@example.net"})
+        assert post.status_code == 403
+    assert await open_app.suppressions() == []
+
+
+async def test_an_admin_token_logs_in_and_nothing_else_does(locked_app: AsyncPostlane) -> None:
+    async for client in client_for(locked_app):
+        first = await client.get("/queue")
+        assert first.status_code == 303 and first.headers["location"] == "/login?next=%2Fqueue"
+        assert (await client.get("/login")).status_code == 200
+        for wrong in ("nope", SEND_TOKEN, ""):
+            refused = await client.post("/login", data={"token": wrong, "next": "/queue"})
+            assert refused.status_code == 401 and "set-cookie" not in refused.headers
+        ok = await client.post("/login", data={"token": TOKEN, "next": "/queue"})
+        assert ok.status_code == 303 and ok.headers["location"] == "/queue"
+        cookie = ok.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert TOKEN.lower() not in cookie  # the cookie is derived from the token, not the token
+        assert (await client.get("/queue")).status_code == 200
+        # the next page is ours only: never a redirect to another site
+        evil = await client.post("/login", data={"token": TOKEN, "next": "//evil.example/x"})
+        assert evil.headers["location"] == "/"
+    async for script in client_for(locked_app):
+        script.headers["Authorization"] = f"Bearer {TOKEN}"
+        assert (await script.get("/dlq")).status_code == 200
+        script.headers["Authorization"] = f"Bearer {SEND_TOKEN}"
+        assert (await script.get("/dlq")).status_code == 303  # a send token is not an admin
+
+
+async def test_a_form_without_its_csrf_token_changes_nothing(open_app: AsyncPostlane) -> None:
+    result = await open_app.send(
+        sender="a@example.com", to=["b@example.net"], subject="s", text="t"
+    )
+    async for client in client_for(open_app):
+        form = {"action": "hold", "ids": result.id, "back": "/queue"}
+        forged = await client.post("/queue/action", data=form)
+        assert forged.status_code == 403
+        assert (await open_app.get(result.id)).recipients[0].state is RecipientState.QUEUED
+
+        token = csrf_of((await client.get("/queue")).text)
+        done = await client.post("/queue/action", data={**form, "csrf": token})
+        assert done.status_code == 303
+        assert done.headers["location"] == "/queue?done=held+1+recipient%28s%29"
+        assert (await open_app.get(result.id)).recipients[0].state is RecipientState.HELD
+
+
+async def test_bad_input_gets_a_page_saying_what_is_wrong(open_app: AsyncPostlane) -> None:
+    async for client in client_for(open_app):
+        token = csrf_of((await client.get("/suppressions")).text)
+        bad_lane = await client.get("/queue?lane=urgent")
+        assert bad_lane.status_code == 400 and "urgent" in bad_lane.text
+        bad_age = await client.get("/queue?older_than=soon")
+        assert bad_age.status_code == 400 and "older than" in bad_age.text
+        missing = await client.get("/queue/06h2d8f54jxm527gfm")
+        assert missing.status_code == 404 and "no message" in missing.text
+        bad_action = await client.post("/queue/action", data={"action": "nuke", "csrf": token})
+        assert bad_action.status_code == 400 and "nuke" in bad_action.text
+        as_json = await client.post("/suppressions", json={"address": "a@example.net"})
+        assert as_json.status_code == 400
+        bad_address = await client.post(
+            "/suppressions", data={"address": "not an address", "csrf": token}
+        )
+        assert bad_address.status_code == 400
+        nothing = await client.post(
+            "/queue/action", data={"action": "hold", "csrf": token, "back": "//evil.example"}
+        )
+        assert nothing.status_code == 303
+        assert nothing.headers["location"].startswith("/?done=select+messages+first")
+        for response in (bad_lane, bad_age, missing, bad_action, bad_address):
+            assert "Traceback" not in response.text
+    assert await open_app.suppressions() == []
+
+
+async def test_the_dashboard_can_be_turned_off(tmp_path: Path) -> None:
+    config = make_config(tmp_path, http={"dashboard": False})
+    async with AsyncPostlane(config) as app:
+        async for client in client_for(app):
+            off = await client.get("/")
+            assert off.status_code == 404 and off.json()["error"]["code"] == "not_found"
+            assert (await client.get("/v1/stats")).status_code == 200  # the API stays
