@@ -247,7 +247,14 @@ def serve() -> None:
 @cli.command()
 @config_option
 @click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
-def worker(burst: bool) -> None:
+@click.option(
+    "--metrics",
+    "metrics_listen",
+    metavar="HOST:PORT",
+    envvar="POSTLANE_WORKER_METRICS",
+    help="Serve /metrics, /healthz and /readyz there (e.g. 127.0.0.1:9025).",
+)
+def worker(burst: bool, metrics_listen: str | None) -> None:
     """Delivery only (run several against one PostgreSQL to scale out)."""
     from postlane import serve as service
 
@@ -256,7 +263,14 @@ def worker(burst: bool) -> None:
     if burst:
         run_async(_burst(st.config()))
     else:
-        run_async(service.run(st.config(), ingest=False))
+        if metrics_listen is not None:
+            from postlane.config import parse_listen
+
+            try:
+                parse_listen(metrics_listen)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--metrics") from None
+        run_async(service.run(st.config(), ingest=False, metrics_listen=metrics_listen))
 
 
 async def _burst(config: Config) -> None:

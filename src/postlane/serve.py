@@ -70,8 +70,10 @@ async def run(
     stop: asyncio.Event | None = None,
     clock: Clock | None = None,
     on_ready: Callable[[AsyncPostlane], Awaitable[None]] | None = None,
+    metrics_listen: str | None = None,
 ) -> None:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully."""
+    """Run until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully. A worker
+    (``ingest=False``) serves /metrics, /healthz and /readyz on ``metrics_listen`` if given."""
     stop = stop or asyncio.Event()
     remove_handlers = _install_signal_handlers(stop)
     transport = transport_for(config)
@@ -92,6 +94,12 @@ async def run(
 
                 await servers.enter_async_context(start_http(config, app, metrics, worker))
                 await servers.enter_async_context(start_smtp(config, app, metrics))
+            elif metrics_listen is not None:
+                from postlane.ingest.http import start_http
+
+                await servers.enter_async_context(
+                    start_http(config, app, metrics, worker, probes_on=metrics_listen)
+                )
             if on_ready is not None:
                 await on_ready(app)
             log.info("postlane is running (lease owner %s)", worker.owner)

@@ -85,3 +85,44 @@ async def test_serve_accepts_http_and_smtp_delivers_and_stops_on_sigterm(tmp_pat
     assert "nothing leaves this machine" in log
     assert "postlane stopped" in log
     assert "Traceback" not in log
+
+
+async def test_a_worker_serves_its_own_metrics_and_probes_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """On a fleet each `postlane worker` counts its own attempts: it must be scrapable."""
+    metrics_port = free_port()
+    (tmp_path / "postlane.toml").write_text('[delivery]\npoll_interval = "100ms"\n')
+    send = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postlane.cli", "send", "--from", "a@example.com",
+        "--to", "b@example.net", "--subject", "s", "--text", "t", cwd=tmp_path,
+    )  # fmt: skip
+    assert await send.wait() == 0
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postlane.cli", "worker", "--metrics", f"127.0.0.1:{metrics_port}",
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as client:
+
+            async def counted() -> bool:
+                text = (await client.get("/metrics")).text
+                return 'postlane_delivery_attempts_total{class="delivered"' in text
+
+            await wait_until(counted, 30, "the worker's /metrics to count its delivery")
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
+            for path in ("/v1/stats", "/", "/v1/queue"):  # no API, no dashboard on a worker
+                assert (await client.get(path)).status_code == 404
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, err.decode()
+    assert "metrics and health probes on" in err.decode()
+    bad = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "postlane.cli", "worker", "--metrics", "nowhere",
+        cwd=tmp_path, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await bad.communicate()
+    assert bad.returncode != 0 and "Traceback" not in err.decode()
+    assert "HOST:PORT" in err.decode()

@@ -317,9 +317,15 @@ Handler = Callable[[Request, Caller], Awaitable[Response]]
 
 
 def build_app(
-    config: Config, app: AsyncPostlane, metrics: Metrics | None = None, worker: Any = None
+    config: Config,
+    app: AsyncPostlane,
+    metrics: Metrics | None = None,
+    worker: Any = None,
+    *,
+    probes_only: bool = False,
 ) -> Starlette:
-    """The Starlette application (tests drive it with httpx's ASGI transport)."""
+    """The Starlette application (tests drive it with httpx's ASGI transport). With
+    ``probes_only`` (``postlane worker --metrics``): /metrics, /healthz and /readyz only."""
     tokens = Tokens(config.http.tokens, config.http.send_tokens)
     body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
 
@@ -502,7 +508,10 @@ def build_app(
         Route("/readyz", endpoint(readyz, public), methods=["GET"]),
         Route("/openapi.json", endpoint(openapi, public), methods=["GET"]),
     ]
-    if config.http.dashboard:
+    if probes_only:
+        probes = ("/metrics", "/healthz", "/readyz")
+        routes = [r for r in routes if getattr(r, "path", None) in probes]
+    elif config.http.dashboard:
         from postlane.dashboard import dashboard_routes
 
         routes += dashboard_routes(config, app)
@@ -538,14 +547,21 @@ def bind(listen: str, what: str) -> socket.socket:
 
 @contextlib.asynccontextmanager
 async def start_http(
-    config: Config, app: AsyncPostlane, metrics: Metrics | None = None, worker: Any = None
+    config: Config,
+    app: AsyncPostlane,
+    metrics: Metrics | None = None,
+    worker: Any = None,
+    *,
+    probes_on: str | None = None,
 ) -> AsyncIterator[str]:
-    """Serve the API until the context exits; yields the address it listens on."""
-    sock = bind(config.http.listen, "http.listen")
+    """Serve the API until the context exits; yields the address it listens on. With
+    ``probes_on`` (HOST:PORT), serve only /metrics, /healthz and /readyz there (a worker)."""
+    listen = probes_on or config.http.listen
+    sock = bind(listen, "worker --metrics" if probes_on else "http.listen")
     host, port = sock.getsockname()[:2]
     server = _Server(
         uvicorn.Config(
-            build_app(config, app, metrics, worker),
+            build_app(config, app, metrics, worker, probes_only=probes_on is not None),
             log_level="warning",
             lifespan="off",
             access_log=False,
@@ -559,7 +575,9 @@ async def start_http(
     if task.done():
         task.result()
     address = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
-    if not config.http.tokens and not config.http.send_tokens:
+    if probes_on is not None:
+        log.info("metrics and health probes on %s", address)
+    elif not config.http.tokens and not config.http.send_tokens:
         log.info("HTTP API on %s (no token configured: loopback clients only)", address)
     else:
         log.info("HTTP API on %s", address)
