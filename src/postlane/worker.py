@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -283,9 +284,42 @@ class Worker:
             got[message.lane] += len(message.deliveries)
             total += len(message.deliveries)
         self.lanes.claimed(quotas, got)
-        for message in claimed:
+        for message in await self._without_suppressed(claimed):
             self._start(message)
         return total
+
+    async def _without_suppressed(
+        self, claimed: Sequence[ClaimedMessage]
+    ) -> list[ClaimedMessage]:
+        """Recipients put on the suppression list after their message was queued (a hard
+        bounce of another message, an operator) are recorded ``suppressed``, never sent."""
+        addresses = [d.address for m in claimed for d in m.deliveries]
+        if not addresses:
+            return list(claimed)
+        listed = await self.store.is_suppressed(addresses)
+        if not any(listed.values()):
+            return list(claimed)
+        outcomes = []
+        kept = []
+        for message in claimed:
+            keep = tuple(d for d in message.deliveries if not listed.get(d.address))
+            outcomes += [
+                Outcome(
+                    delivery_id=d.id,
+                    state=RecipientState.SUPPRESSED,
+                    attempts=d.attempts,
+                    deferrals=d.deferrals,
+                    next_attempt_at=None,
+                    attempt=None,
+                    reason="on the suppression list",
+                )
+                for d in message.deliveries
+                if listed.get(d.address)
+            ]
+            if keep:
+                kept.append(dataclasses.replace(message, deliveries=keep))
+        await self._record(outcomes)
+        return kept
 
     def _start(self, message: ClaimedMessage) -> None:
         size = len(message.deliveries)

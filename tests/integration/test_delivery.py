@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from postlane.app import AsyncPostlane
+from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
 from postlane.message import Lane, RecipientState
+from postlane.records import Selector
 from postlane.transports import transport_for
 from postlane.transports.base import Envelope, Response
 from postlane.worker import Worker
@@ -122,6 +123,31 @@ async def test_a_suppressed_address_is_recorded_and_never_attempted(
     assert await h.run() == 0
     assert (await h.recipient(queue_id, "blocked@example.net")).state is RecipientState.SUPPRESSED
     assert smtp_peer.handler.received == []
+
+
+async def test_an_address_suppressed_after_its_mail_was_queued_is_not_sent(
+    h: Harness, smtp_peer: SMTPPeer
+) -> None:
+    # a bounce of one message suppresses the address for the others already waiting
+    smtp_peer.handler.rcpt["gone@example.net"] = "550 5.1.1 User unknown"
+    first = await h.send("gone@example.net")
+    second = await h.send("gone@example.net", "ok@example.net")
+    await h.app.act(QueueAction.HOLD, Selector(ids=(second,)))
+    await h.run()
+    assert (await h.recipient(first, "gone@example.net")).state is RecipientState.DEAD
+    # and an operator's `suppress add` counts as much for mail queued before it
+    third = await h.send("later@example.net")
+    await h.app.act(QueueAction.HOLD, Selector(ids=(third,)))
+    await h.app.suppress("later@example.net", reason="asked to stop")
+    await h.app.act(QueueAction.RELEASE, Selector(all=True))
+    await h.run()
+    gone = await h.recipient(second, "gone@example.net")
+    assert gone.state is RecipientState.SUPPRESSED and gone.attempts == 0
+    assert (await h.recipient(second, "ok@example.net")).state is RecipientState.SENT
+    assert (await h.recipient(third, "later@example.net")).state is RecipientState.SUPPRESSED
+    sent_to = [r.rcpt_tos for r in smtp_peer.handler.received]
+    assert sent_to == [["ok@example.net"]]  # the 550 was refused at RCPT: nothing else arrived
+    assert (await h.app.get(third)).state is RecipientState.SUPPRESSED
 
 
 async def test_temporary_failures_retry_on_the_schedule_then_dead_letter(
