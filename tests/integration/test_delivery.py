@@ -4,6 +4,7 @@ scripted replies, and an injected clock: retry spacing is checked without sleepi
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,51 @@ async def test_a_silent_server_times_out(tmp_path: Path, clock: FakeClock) -> No
         server.close()
         await h.worker.transport.close()
         await h.app.close()
+
+
+async def test_a_server_that_stalls_after_the_data_times_out_per_command(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    smtp_peer.handler.data_delay = 5.0  # the reply to the final dot never comes in time
+    h = await harness(tmp_path, clock, smtp_peer.url, delivery={"command_timeout": "300ms"})
+    try:
+        queue_id = await h.send("a@example.net")
+        started = time.monotonic()
+        await h.run()
+        assert time.monotonic() - started < 4.0  # the command timeout, not the server, ended it
+        r = await h.recipient(queue_id, "a@example.net")
+        assert r.state is RecipientState.DEFERRED  # may have arrived: retried, never dropped
+        assert r.last_response.cls is ReplyClass.CONNECTION
+        assert "timed out" in r.last_response.text.lower()
+    finally:
+        await h.worker.transport.close()
+        await h.app.close()
+
+
+async def test_a_send_that_outlasts_the_lease_keeps_it_and_is_sent_once(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    """The worker renews its leases while a slow server holds the DATA reply, so another
+    worker's reaper never takes the delivery back to send it again."""
+    smtp_peer.handler.data_delay = 1.5  # two and a half leases
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url, "lease": "600ms"})
+    async with AsyncPostlane(config) as app:
+        queue_id = (await app.send(sender="a@example.com", to=["b@example.net"], text="x")).id
+        transport = transport_for(config)
+        worker = Worker.from_config(config, app.store, transport)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        reaped = 0
+        deadline = time.monotonic() + 20
+        while (await app.get(queue_id)).state is not RecipientState.SENT:
+            assert time.monotonic() < deadline, "the slow send never finished"
+            reaped += await app.store.reap_expired_leases(time.time())  # another host's reaper
+            await asyncio.sleep(0.05)
+        stop.set()
+        await running
+        await transport.close()
+    assert reaped == 0
+    assert len(smtp_peer.handler.received) == 1
 
 
 class ExplodingTransport:
