@@ -966,7 +966,9 @@ def alerts_command(rules: bool, as_json: bool) -> None:
         minute = math.floor(now / 60.0) * 60.0
         if not history or history[-1].at < minute:  # serve did not record this minute yet
             finished = await app.store.finished_between(minute - 60.0, minute)
-            history = [*history, *current_samples(await app.stats(), minute, finished)]
+            attempts = await app.store.attempt_classes_between(minute - 60.0, minute)
+            stats = await app.stats()
+            history = [*history, *current_samples(stats, minute, finished, attempts)]
         return firing_first(evaluate(history, now))
 
     verdicts = with_app(go)

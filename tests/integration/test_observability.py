@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -349,3 +350,45 @@ async def test_readyz_reflects_the_store_and_the_worker(tmp_path: Path) -> None:
             assert (await c.get("/readyz")).json() == {"status": "ok"}
             stop.set()
             await task
+
+
+async def test_the_alerts_command_reads_the_recorded_history_and_this_minute(
+    tmp_path: Path,
+) -> None:
+    """`postlane alerts` as an operator runs it: serve recorded the last 20 minutes of a low
+    lane that only grows; the command adds the current minute itself and reports the alerts."""
+    clock = FakeClock(start=time.time() - 21 * 60)
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        monitor = AlertMonitor.from_config(app, config)
+        for minute in range(20):
+            await app.send_many(
+                [
+                    Message(sender="a@x.example", to=[f"u{minute}-{i}@y.example"], text="x",
+                            lane="low")
+                    for i in range(5)
+                ]
+            )  # fmt: skip
+            await monitor.run_once(clock.now())
+            await clock.advance(60)
+    (tmp_path / "postlane.toml").write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path / "postlane.db"}"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+
+    def postlane(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["postlane", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    done = await asyncio.to_thread(postlane, "alerts", "--json")
+    assert done.returncode == 0, done.stderr
+    verdicts = {
+        (a["alert"], tuple(sorted(a["labels"].items()))): a for a in json.loads(done.stdout)
+    }
+    growing = verdicts[("PostlaneOldestMessageAgeGrowing", (("lane", "low"),))]
+    assert growing["firing"] is True and growing["runbook_url"].endswith(".md")
+    assert verdicts[("PostlaneNoDeliveries", ())]["firing"] is True
+    assert verdicts[("PostlaneOldestMessageAgeGrowing", (("lane", "high"),))]["firing"] is False
+    human = await asyncio.to_thread(postlane, "alerts")
+    assert "FIRING" in human.stdout and "runbooks:" in human.stdout
