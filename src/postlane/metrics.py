@@ -195,6 +195,9 @@ class Metrics:
         elif decision.action is Action.DEAD:
             self.dead_letters.labels(verdict.cls.value).inc()
 
+    def dead_without_try(self, cls: ReplyClass) -> None:
+        self.dead_letters.labels(cls.value).inc()
+
     def recovered(self, dead_for_seconds: float) -> None:
         self.recovery.observe(max(0.0, dead_for_seconds))
 

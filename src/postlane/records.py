@@ -29,6 +29,8 @@ class Delivery:
     #: when this recipient joined the queue (its message's arrival, or its requeue from the
     #: dead-letter queue): max_age counts from here
     created_at: float
+    #: the class of its last reply (None before any)
+    last_class: ReplyClass | None = None
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,16 @@ class DeliveryObserver(Protocol):
         now: float,
     ) -> None: ...
 
+    def dead_without_try(self, cls: ReplyClass) -> None:
+        """A recipient dead-lettered before a try (max_age or max_attempts already reached)."""
+        ...
+
 
 class _NoObserver:
     def attempted(self, **_: object) -> None:
+        return None
+
+    def dead_without_try(self, cls: ReplyClass) -> None:
         return None
 
 
@@ -288,9 +295,7 @@ class Worker:
             self._start(message)
         return total
 
-    async def _without_suppressed(
-        self, claimed: Sequence[ClaimedMessage]
-    ) -> list[ClaimedMessage]:
+    async def _without_suppressed(self, claimed: Sequence[ClaimedMessage]) -> list[ClaimedMessage]:
         """Recipients put on the suppression list after their message was queued (a hard
         bounce of another message, an operator) are recorded ``suppressed``, never sent."""
         addresses = [d.address for m in claimed for d in m.deliveries]
@@ -362,6 +367,8 @@ class Worker:
             )
             if refusal is not None:
                 outcomes.append(_dead_without_try(delivery, refusal, now))
+                # counted under its last reply's class, as its dead letter shows it
+                self.observer.dead_without_try(delivery.last_class or ReplyClass.TEMPORARY)
             else:
                 by_relay.setdefault(self._shared_for(message, delivery), []).append(delivery)
         to_send: list[Delivery] = []

@@ -1078,3 +1078,30 @@ async def test_a_relay_that_greets_every_connection_with_421_dead_letters_nothin
         recipients = await run.recipients(ids)
         assert (await run.app.stats()).dead == 0
         assert all(r.attempts == 0 for r in recipients)
+
+
+async def test_an_outage_longer_than_max_age_dead_letters_as_connection_failures(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """No attempt is used while the relay is down, but max_age still ends the wait: the dead
+    letters say it was the connection, and nobody is suppressed for it."""
+    async with rehearsal(
+        tmp_path,
+        clock,
+        Scenario.load("outage"),
+        retry={"delays": ["1m"], "max_attempts": 3, "max_age": "20m"},
+        throttle={"pause": "1m", "max_pause": "5m"},
+    ) as run:
+        ids = await run.send_each(f"user{i}@example.net" for i in range(5))
+        for _ in range(30):  # half an hour of outage, past the 20 minutes mail may wait
+            await run.worker.run_until_idle()
+            await clock.advance(60)
+        letters = [d for queue_id in ids for d in await run.app.dead_letter(queue_id)]
+        assert len(letters) == 5
+        for letter in letters:
+            assert letter.cls is ReplyClass.CONNECTION, letter
+            assert letter.attempts == 0  # the outage used up no attempt ...
+            assert (letter.reason or "").startswith("max_age 20m"), letter.reason  # ... age did
+            assert letter.history and all(a.cls is ReplyClass.CONNECTION for a in letter.history)
+        assert (await run.app.stats()).suppression_list == 0
+        assert await run.metric("postlane_dead_letters_total", **{"class": "connection"}) == 5

@@ -964,7 +964,10 @@ async def _claim(
     queue_ids = list(dict.fromkeys(row[1] for row in rows))
     rows += await _fetch(conn, Q["claim_rest_of_messages"], {**params, "queue_ids": queue_ids})
     by_message: dict[str, list[Delivery]] = defaultdict(list)
-    for delivery_id, queue_id, address, domain, destination, attempts, deferrals, created in rows:
+    for row in rows:
+        delivery_id, queue_id, address, domain, destination, attempts, deferrals, created, last = (
+            row
+        )
         by_message[queue_id].append(
             Delivery(
                 id=delivery_id,
@@ -974,6 +977,7 @@ async def _claim(
                 attempts=attempts,
                 deferrals=deferrals,
                 created_at=created,
+                last_class=ReplyClass(last) if last else None,
             )
         )
     claimed = [

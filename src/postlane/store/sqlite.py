@@ -907,7 +907,9 @@ def _claim(
     rows.extend((lanes[row[1]], row) for row in rest)
     by_message: dict[str, list[Delivery]] = defaultdict(list)
     for _lane, row in rows:
-        delivery_id, queue_id, address, domain, destination, attempts, deferrals, created = row
+        delivery_id, queue_id, address, domain, destination, attempts, deferrals, created, last = (
+            row
+        )
         by_message[queue_id].append(
             Delivery(
                 id=delivery_id,
@@ -917,6 +919,7 @@ def _claim(
                 attempts=attempts,
                 deferrals=deferrals,
                 created_at=created,
+                last_class=ReplyClass(last) if last else None,
             )
         )
     claimed_messages: list[ClaimedMessage] = []

@@ -123,7 +123,8 @@ WHERE id IN (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
+          last_class;
 
 -- name: claim_rest_of_messages
 -- Lease the other due deliveries of messages a claim reached, so one message's recipients go
@@ -138,7 +139,8 @@ WHERE id IN (
       AND state IN ('queued', 'deferred') AND next_attempt_at <= %(now)s
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
+          last_class;
 
 -- name: claimed_messages
 -- The stored fields and bytes of the messages a claim leased deliveries of.

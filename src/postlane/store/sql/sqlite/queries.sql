@@ -30,7 +30,8 @@ WHERE id IN (
     ORDER BY next_attempt_at
     LIMIT :limit
 )
-RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
+          last_class;
 
 -- name: record_outcome
 -- Apply one outcome, only if the delivery is still leased by this worker. An operator's hold
@@ -285,7 +286,8 @@ UPDATE deliveries
 SET state = 'sending', lease_owner = :owner, lease_expires_at = :lease_until, updated_at = :now
 WHERE queue_id IN (SELECT value FROM json_each(:queue_ids))
   AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
-RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at;
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
+          last_class;
 
 -- name: defer_unattempted
 -- Hand a leased delivery back to wait until a given time, without an attempt (a destination
