@@ -1,6 +1,6 @@
 """Claim + record throughput with 10,000 and with 1,000,000 deliveries queued, side by side.
 
-    python benchmarks/claims.py [--small 10000] [--large 1000000] [--measure 20000] [--batch 50]
+    python benchmarks/claims.py [--small 10000] [--large 1000000] [--measure 5000] [--batch 50]
 
 A worker's store cycle is: claim a batch of due deliveries under a lease, then record their
 results (each with its attempt row) in one transaction. The claim index holds only waiting rows

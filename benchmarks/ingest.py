@@ -43,7 +43,7 @@ def serve_config(folder: Path, smtp_port: int, http_port: int) -> Path:
     config.write_text(
         f"""
 [store]
-url = "sqlite:///{folder / 'ingest.db'}"
+url = "sqlite:///{folder / "ingest.db"}"
 [delivery]
 relay = "smtp://127.0.0.1:{free_port()}"
 [http]
@@ -86,9 +86,7 @@ async def post_batches(port: int, count: int, size: int) -> float:
         "subject": "batch",
         "text": line * max(1, size // len(line)),
     }
-    batches = [
-        {"messages": [message] * min(100, count - start)} for start in range(0, count, 100)
-    ]
+    batches = [{"messages": [message] * min(100, count - start)} for start in range(0, count, 100)]
     queue: asyncio.Queue[dict[str, object]] = asyncio.Queue()
     for batch in batches:
         queue.put_nowait(batch)
