@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import smtplib
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,74 @@ async def test_wrong_credentials_get_535_and_nothing_is_stored(auth_only: Listen
 
     assert await in_thread(submit) == 535
     assert await auth_only.app.messages() == []
+
+
+async def test_auth_login_works_and_repeated_failures_slow_down_then_disconnect(
+    auth_only: Listener,
+) -> None:
+    assert auth_only.ca is not None
+    context = client_context(auth_only.ca)
+
+    def login_mechanism() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", auth_only.port, timeout=10) as s:
+            s.starttls(context=context)
+            s.ehlo()
+            s.user, s.password = "app", "s3cret"
+            return s.auth("LOGIN", s.auth_login, initial_response_ok=False)
+
+    code, _ = await in_thread(login_mechanism)
+    assert code == 235
+
+    def guess_three_times() -> list[tuple[int, float]]:
+        answers = []
+        s = smtplib.SMTP("127.0.0.1", auth_only.port, timeout=30)
+        try:
+            s.starttls(context=context)
+            s.ehlo()
+            for attempt in range(3):
+                started = time.monotonic()
+                s.user, s.password = "app", f"guess{attempt}"
+                try:
+                    s.auth("PLAIN", s.auth_plain)  # one mechanism: login() would try two
+                except smtplib.SMTPAuthenticationError as exc:
+                    answers.append((exc.smtp_code, time.monotonic() - started))
+                except smtplib.SMTPServerDisconnected:
+                    answers.append((421, time.monotonic() - started))
+                    break
+                except smtplib.SMTPResponseException as exc:
+                    answers.append((exc.smtp_code, time.monotonic() - started))
+            try:  # the third failure's 535 is followed by a 421 and the end of the session
+                answers.append((s.noop()[0], 0.0))
+            except smtplib.SMTPServerDisconnected:
+                answers.append((-1, 0.0))
+        finally:
+            s.close()  # no QUIT: the server hung up
+        return answers
+
+    (first, _), (second, t2), (third, t3), (after, _) = await in_thread(guess_three_times)
+    assert (first, second, third) == (535, 535, 535)
+    assert after in (421, -1)  # closed: "421 Too many failed authentications", then hung up
+    # the server takes no next command until a growing delay has passed: 1 s, then 2 s
+    assert t2 >= 0.9 and t3 >= 1.9
+
+
+async def test_hash_password_prints_a_hash_that_verifies(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        "postlane", "hash-password", "--stdin", cwd=tmp_path,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate(b"correct horse\n")
+    assert process.returncode == 0, err
+    printed = out.decode().strip()
+    assert printed.startswith("scrypt$") and "correct horse" not in printed
+    assert verify_password("correct horse", printed)
+    empty = await asyncio.create_subprocess_exec(
+        "postlane", "hash-password", "--stdin", cwd=tmp_path,
+        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await empty.communicate(b"\n")
+    assert empty.returncode != 0 and b"Traceback" not in err
 
 
 class BrokenStore(SQLiteStore):
