@@ -291,6 +291,30 @@ async def test_connection_dropped_mid_data_raises_server_disconnected() -> None:
     assert replies(report, "data") == {"connection": 1, "delivered": 1}
 
 
+async def test_the_builtin_drops_scenario_closes_about_one_connection_in_ten() -> None:
+    async with serving("drops") as simulator:
+        outcomes = [
+            await asyncio.to_thread(send, simulator.address, [f"user{i}@example.com"])
+            for i in range(60)
+        ]
+    dropped = [o for o in outcomes if o.code is None]
+    assert 1 <= len(dropped) <= 15  # 10% of 60, drawn from the scenario's fixed seed
+    assert all(o.code == 250 for o in outcomes if o.code is not None)
+    report = simulator.report()
+    assert report["dropped"] == len(dropped)
+    assert report["messages"] == 60 - len(dropped)  # counted as received only when answered
+    assert replies(report, "data") == {"connection": len(dropped), "delivered": 60 - len(dropped)}
+
+
+async def test_the_builtin_slow_scenario_answers_late_but_accepts() -> None:
+    async with serving("slow") as simulator:
+        started = time.monotonic()
+        outcome = await asyncio.to_thread(send, simulator.address, ["a@example.com"])
+        took = time.monotonic() - started
+    assert outcome.code == 250
+    assert took >= 1.0 + 0.2 + 0.2 + 0.1 + 1.0  # greeting, EHLO, MAIL, RCPT, end of DATA
+
+
 async def test_tls_required_530_before_starttls_and_250_after() -> None:
     async with serving("tls-required") as simulator:
         in_clear = await asyncio.to_thread(send, simulator.address, ["a@example.com"])
