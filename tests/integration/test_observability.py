@@ -392,3 +392,50 @@ async def test_the_alerts_command_reads_the_recorded_history_and_this_minute(
     assert verdicts[("PostlaneOldestMessageAgeGrowing", (("lane", "high"),))]["firing"] is False
     human = await asyncio.to_thread(postlane, "alerts")
     assert "FIRING" in human.stdout and "runbooks:" in human.stdout
+
+
+async def test_serve_evaluates_the_rules_on_its_own_and_notifies_the_webhook(
+    tmp_path: Path,
+) -> None:
+    """The monitor inside `postlane serve`: with twenty minutes of growth recorded and the relay
+    down, serve evaluates the rules by itself and posts the firing alerts to the webhook."""
+    clock = FakeClock(start=time.time() - 21 * 60)
+    dead_relay = f"smtp://127.0.0.1:{free_port()}"  # nothing listens: mail keeps waiting
+    async with webhook() as (url, received):
+        config = make_config(tmp_path, delivery={"relay": dead_relay})
+        async with AsyncPostlane(config, clock=clock) as app:
+            monitor = AlertMonitor(app)  # records history only: no webhook for the seeding
+            for minute in range(20):
+                await app.send_many(
+                    [
+                        Message(sender="a@x.example", to=[f"u{minute}-{i}@y.example"], text="x",
+                                lane="low")
+                        for i in range(5)
+                    ]
+                )  # fmt: skip
+                await monitor.record(clock.now())
+                await clock.advance(60)
+        (tmp_path / "postlane.toml").write_text(
+            f'[store]\nurl = "sqlite:///{tmp_path / "postlane.db"}"\n'
+            f'[delivery]\nrelay = "{dead_relay}"\n'
+            f'[alerts]\nwebhook = "{url}"\ninterval = "1s"\n'
+            f'[http]\nlisten = "127.0.0.1:{free_port()}"\n'
+            f'[smtp]\nlisten = "127.0.0.1:{free_port()}"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+        serve = await asyncio.create_subprocess_exec(
+            "postlane", "serve", cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not any(a for batch in received for a in batch):
+                assert time.monotonic() < deadline, "serve never notified the webhook"
+                assert serve.returncode is None
+                await asyncio.sleep(0.05)
+        finally:
+            serve.terminate()
+            _, err = await serve.communicate()
+    names = {a["labels"]["alertname"] for batch in received for a in batch if "endsAt" not in a}
+    assert {"PostlaneOldestMessageAgeGrowing", "PostlaneNoDeliveries"} <= names
+    assert "alert PostlaneOldestMessageAgeGrowing{lane=low} firing" in err.decode()
