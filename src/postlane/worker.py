@@ -32,7 +32,7 @@ from postlane.message import Lane, RecipientState
 from postlane.policy import Action, Decision, Policy
 from postlane.records import AttemptRecord, ClaimedMessage, Delivery, Outcome
 from postlane.store.base import Store
-from postlane.throttle import Throttle
+from postlane.throttle import Admission, Throttle
 from postlane.transports.base import Envelope, Response, Transport
 
 log = logging.getLogger("postlane.worker")
@@ -374,6 +374,8 @@ class Worker:
         to_send: list[Delivery] = []
         relays: list[str] = []
         waiting: list[tuple[int, float]] = []
+        #: paused destinations whose recorded state was read again for this message
+        checked: set[str] = set()
         for relay, group in by_relay.items():
             # a relay takes a message's recipients in one transaction: one slot for all of them
             if relay is not None:
@@ -383,13 +385,11 @@ class Worker:
                     continue
             admitted = []
             for delivery in group:
-                admission = self.throttle.admit([delivery.destination], now)
+                admission = await self._admit(delivery.destination, now, checked)
                 if admission.at is None:
                     admitted.append(delivery)
-                    continue
-                waiting.append((delivery.id, admission.at))
-                if admission.paused_destination:
-                    await self._defer_paused(admission.paused_destination, admission.at, now)
+                else:
+                    waiting.append((delivery.id, admission.at))
             if relay is not None:
                 if admitted:
                     relays.append(relay)
@@ -406,16 +406,57 @@ class Worker:
                 self.throttle.release([d.destination for d in to_send])
         await self._record(outcomes)
 
-    async def _defer_paused(self, destination: str, until: float, now: float) -> None:
-        """Push a paused destination's backlog to the end of its pause (once per pause)."""
+    async def _admit(self, destination: str, now: float, checked: set[str]) -> Admission:
+        """The throttle's answer for one delivery. When the destination is paused, its
+        recorded state is read again first (once per message, in ``checked``): a pause an
+        operator lifted from another process is adopted and the delivery goes; otherwise the
+        destination's backlog is deferred to the end of the pause."""
+        admission = self.throttle.admit([destination], now)
+        paused = admission.paused_destination
+        if paused is None or admission.at is None:
+            return admission
+        lifted = paused not in checked and await self._pause_lifted(paused, now)
+        checked.add(paused)
+        if not lifted:
+            lifted = not await self._defer_paused(paused, admission.at, now)
+        return self.throttle.admit([destination], now) if lifted else admission
+
+    async def _defer_paused(self, destination: str, until: float, now: float) -> bool:
+        """Push a paused destination's backlog to the end of its pause (once per pause).
+        Returns False when the pause turned out lifted meanwhile (an operator's flush that
+        committed while we deferred): the backlog is then given back at once."""
         if self._paused_deferred.get(destination, 0.0) >= until:
-            return
+            return True
         self._paused_deferred[destination] = until
-        moved = await self.store.defer_destination(
-            destination, until, now, f"destination {destination} is paused"
-        )
+        reason = f"destination {destination} is paused"
+        paused = self.throttle.paused_until(destination, now) is not None  # else a probe waits
+        moved = await self.store.defer_destination(destination, until, now, reason)
+        if paused and (
+            self.throttle.paused_until(destination, now) is None
+            or await self._pause_lifted(destination, now)
+        ):
+            self._paused_deferred.pop(destination, None)
+            await self.store.hasten(destination, now, reason)
+            return False
         if moved:
             log.info("destination %s paused: %d waiting delivery(ies) deferred", destination, moved)
+        return True
+
+    async def _pause_lifted(self, destination: str, now: float) -> bool:
+        """Read ``destination``'s recorded state again and adopt it: True when an operator's
+        flush (another process, not yet adopted by :meth:`sync_throttle`) has lifted the pause
+        this worker still holds. Deliveries the flush made due must not be pushed back to the
+        end of the pause it ended."""
+        if self.throttle.paused_until(destination, now) is None:
+            return False
+        for status in await self.store.destination_states():
+            if status.destination == destination:
+                self.throttle.adopt(status, now)
+        if self.throttle.paused_until(destination, now) is not None:
+            return False
+        self._paused_deferred.pop(destination, None)
+        log.info("destination %s: pause lifted by an operator", destination)
+        return True
 
     async def _send(self, message: ClaimedMessage, deliveries: Sequence[Delivery]) -> list[Outcome]:
         envelope = Envelope(

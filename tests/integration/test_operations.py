@@ -4,9 +4,11 @@ dead-letter triage, and actions racing a running worker."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,12 @@ from click.testing import CliRunner
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
 from postlane.cli import main
+from postlane.clock import FakeClock
 from postlane.config import Config
 from postlane.message import Lane, Message, RecipientState
-from postlane.records import AttemptRecord, Outcome, Selector
+from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector
+from postlane.store import Store
+from postlane.throttle import LIFTED
 from postlane.transports import transport_for
 from postlane.worker import Worker
 from tests.conftest import SMTPPeer, make_config
@@ -146,10 +151,24 @@ def test_flush_makes_deferred_due_now(queue: tuple[Config, dict[str, str]]) -> N
     assert r["state"] == "queued" and r["attempts"] == 1  # flushing uses no attempt
 
 
+def test_flush_by_id_makes_that_message_due_now(queue: tuple[Config, dict[str, str]]) -> None:
+    config, ids = queue
+    before = time.time()
+    code, _, err = cli(config, "queue", "flush", ids["deferred"])
+    assert code == 0 and "flushed 1" in err
+    [message] = listed(config, "--state", "queued", "--domain", "yahoo.com")
+    assert message["id"] == ids["deferred"]
+    [r] = message["recipients"]
+    assert r["state"] == "queued" and r["attempts"] == 1
+    due = datetime.fromisoformat(r["next_attempt_at"]).timestamp()
+    assert before - 1 <= due <= time.time() + 1  # due now, not in an hour
+
+
 def test_hold_and_release_by_id(queue: tuple[Config, dict[str, str]]) -> None:
     config, ids = queue
     assert cli(config, "queue", "hold", ids["news"])[0] == 0
     assert {r["state"] for r in listed(config, "--state", "held")[0]["recipients"]} == {"held"}
+
     async def claim_everything_due_tomorrow() -> set[str]:
         async with AsyncPostlane(config) as app:  # held deliveries are never claimed
             now = time.time()
@@ -402,3 +421,150 @@ async def _none_sending(app: AsyncPostlane) -> bool:
 
 async def _sent(app: AsyncPostlane, n: int) -> bool:
     return (await app.stats()).sent >= n
+
+
+# -- flush versus a paused destination -----------------------------------------------------------
+
+T0 = 1_800_000_000.0
+
+
+async def enqueue_routed(app: AsyncPostlane, address: str, destination: str) -> str:
+    """Enqueue as an MX lookup at enqueue would: ``destination`` stored with the recipient (a
+    custom domain whose MX hosts are a provider's), which no table maps its domain to."""
+    prepared = app.prepare(Message(sender="app@example.com", to=[address], text="x"))
+    recipients = tuple(dataclasses.replace(r, destination=destination) for r in prepared.recipients)
+    [result] = await app.store.enqueue(
+        [dataclasses.replace(prepared, recipients=recipients)], app.clock.now()
+    )
+    return result.id
+
+
+async def pause(store: Store, destination: str, *, at: float, until: float) -> None:
+    """What a worker records when a destination fails: its pause, and its backlog deferred."""
+    await store.save_destination_states(
+        [DestinationStatus(destination, None, None, until, "3 connection failure(s)", 0, None, at)]
+    )
+    await store.defer_destination(destination, until, at, f"destination {destination} is paused")
+
+
+async def recorded(store: Store, destination: str) -> DestinationStatus:
+    [status] = [s for s in await store.destination_states() if s.destination == destination]
+    return status
+
+
+async def recipient(app: AsyncPostlane, queue_id: str) -> Any:
+    [r] = (await app.get(queue_id, history=False)).recipients
+    return r
+
+
+def test_flush_by_domain_lifts_the_pause_of_the_destination_stored_at_enqueue(
+    tmp_path: Path,
+) -> None:
+    """corp.example.net reached google through its MX hosts at enqueue: flushing that domain
+    lifts google's pause (the table alone would have named the domain), and the worker
+    delivers."""
+    config = write_config(tmp_path)
+    now = time.time()
+
+    async def setup() -> str:
+        async with AsyncPostlane(config) as app:
+            queue_id = await enqueue_routed(app, "ada@corp.example.net", "google")
+            await pause(app.store, "google", at=now, until=now + 600)
+            assert (await recipient(app, queue_id)).next_attempt_at == now + 600
+            return queue_id
+
+    queue_id = asyncio.run(setup())
+    code, _, err = cli(config, "queue", "flush", "--domain", "corp.example.net")
+    assert code == 0 and "flushed" in err, err
+
+    async def deliver() -> tuple[DestinationStatus, Any, int]:
+        async with AsyncPostlane(config) as app:
+            status = await recorded(app.store, "google")
+            transport = transport_for(config)
+            worker = Worker.from_config(config, app.store, transport)
+            try:
+                await worker.run_until_idle()
+            finally:
+                await transport.close()
+            return status, await recipient(app, queue_id), worker.sent
+
+    status, delivered, sent = asyncio.run(deliver())
+    assert status.paused_until is None and status.reason == LIFTED
+    assert sent == 1 and delivered.state is RecipientState.SENT
+
+
+async def test_a_flush_lifts_only_the_destinations_of_what_it_selects(
+    store: Store, tmp_path: Path
+) -> None:
+    clock = FakeClock(T0)
+    app = AsyncPostlane(make_config(tmp_path), store=store, clock=clock)  # opened by the fixture
+    ada = await enqueue_routed(app, "ada@corp.example.net", "google")
+    bob = await enqueue_routed(app, "bob@other.example.org", "other.example.org")
+    for destination in ("google", "other.example.org"):
+        await pause(store, destination, at=T0 - 10, until=T0 + 600)
+    assert await app.act(QueueAction.FLUSH, Selector(domains=("corp.example.net",))) == 1
+    assert (await recorded(store, "google")).paused_until is None
+    assert (await recorded(store, "other.example.org")).paused_until == T0 + 600
+    assert (await recipient(app, ada)).next_attempt_at == T0
+    assert (await recipient(app, bob)).next_attempt_at == T0 + 600
+
+
+class OperatorRacesTheWorker:
+    """The store as a worker sees it, while an operator's flush from another process commits
+    at one chosen moment: just before the worker's next claim, or while it defers a paused
+    destination's backlog (after it last read the destination's recorded state)."""
+
+    def __init__(self, store: Store, moment: str, flush: Any) -> None:
+        self._store = store
+        self._moment = moment
+        self._flush = flush
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def _maybe_flush(self, moment: str) -> None:
+        if self._moment == moment and self._flush is not None:
+            flush, self._flush = self._flush, None
+            await flush()
+
+    async def claim_due(self, *args: Any, **kwargs: Any) -> Any:
+        await self._maybe_flush("before the claim")
+        return await self._store.claim_due(*args, **kwargs)
+
+    async def defer_destination(self, *args: Any, **kwargs: Any) -> Any:
+        await self._maybe_flush("while deferring")
+        return await self._store.defer_destination(*args, **kwargs)
+
+
+@pytest.mark.parametrize("moment", ["before the claim", "while deferring"])
+async def test_a_worker_holding_a_lifted_pause_does_not_push_flushed_mail_back(
+    tmp_path: Path, moment: str
+) -> None:
+    """The worker adopted google's pause; an operator lifts it from another process before
+    the worker adopts the lift. What the flush made due is delivered now, not at the end of the
+    old pause (and mail claimed meanwhile goes too)."""
+    config = make_config(tmp_path)
+    clock = FakeClock(T0)
+    async with (
+        AsyncPostlane(config, clock=clock) as app,
+        AsyncPostlane(config, clock=clock) as operator,
+    ):
+        backlog = await enqueue_routed(app, "ada@corp.example.net", "google")
+        await pause(app.store, "google", at=T0 - 10, until=T0 + 600)
+        fresh = await enqueue_routed(app, "bob@gmail.com", "google")  # due now: claimed first
+        racing = OperatorRacesTheWorker(
+            app.store,
+            moment,
+            lambda: operator.act(QueueAction.FLUSH, Selector(domains=("corp.example.net",))),
+        )
+        transport = transport_for(config)
+        worker = Worker.from_config(config, racing, transport, clock=clock)  # type: ignore[arg-type]
+        try:
+            await worker.run_until_idle()
+        finally:
+            await transport.close()
+        assert racing._flush is None  # the operator's flush did run at that moment
+        assert (await recipient(app, backlog)).state is RecipientState.SENT
+        assert (await recipient(app, fresh)).state is RecipientState.SENT
+        assert worker.sent == 2
+        assert worker.throttle.paused_until("google", clock.now()) is None

@@ -665,6 +665,17 @@ class PostgresStore:
 
         return await self._run(run)
 
+    async def selected_destinations(self, selector: Selector, states: Sequence[str]) -> list[str]:
+        """The destinations the selected deliveries were given at enqueue (MX lookups
+        included), so a flush lifts the pause its deliveries actually wait for."""
+        where, params = _selection(selector, default_states=states, forced_states=states)
+        query = Q["selected_destinations"].replace("{selection}", where)
+
+        async def run(conn: Conn) -> list[str]:
+            return [row[0] for row in await _fetch(conn, query, params)]
+
+        return await self._run(run)
+
     async def export_deliveries(self, delivery_ids: Sequence[int]) -> list[ExportedMessage]:
         return await self._run(lambda conn: _export(conn, list(delivery_ids)), snapshot=True)
 

@@ -538,6 +538,22 @@ class SQLiteStore:
 
         return await self._read(run)
 
+    async def selected_destinations(self, selector: Selector, states: Sequence[str]) -> list[str]:
+        """The destinations the selected deliveries were given at enqueue (MX lookups
+        included), so a flush lifts the pause its deliveries actually wait for."""
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            where, params = _where(selector, default_states=states, forced_states=states)
+            return [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT DISTINCT destination FROM deliveries d WHERE {where} ORDER BY 1",
+                    params,
+                )
+            ]
+
+        return await self._read(run)
+
     async def export_deliveries(self, delivery_ids: Sequence[int]) -> list[ExportedMessage]:
         def run(conn: sqlite3.Connection) -> list[ExportedMessage]:
             ids = json.dumps(list(delivery_ids))

@@ -363,6 +363,12 @@ SELECT lane, domain, state, last_class, count(*) FROM deliveries d
 WHERE {selection}
 GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2;
 
+-- name: selected_destinations
+-- The destinations of the selected deliveries, as stored at enqueue ({selection} as above).
+SELECT DISTINCT destination FROM deliveries d
+WHERE {selection}
+ORDER BY 1;
+
 -- name: dead_groups
 -- Dead letters that failed alike (before masking the replies' details in Python).
 SELECT last_class, domain, last_code, last_enhanced, last_text, count(*), min(updated_at),
