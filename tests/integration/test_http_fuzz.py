@@ -1,5 +1,6 @@
 """A bounded property-based fuzz run of the HTTP API from its own OpenAPI document
-(schemathesis): whatever a client sends, the API answers without a 5xx."""
+(schemathesis): whatever a client sends, the API answers without a 5xx; and a property test
+mixing valid and broken submissions: a message is stored whole or not at all."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
 from postlane.app import AsyncPostlane
@@ -72,3 +75,65 @@ def test_no_input_makes_the_api_fail(case: schemathesis.Case) -> None:
     case.call_and_validate(
         headers={"Authorization": f"Bearer {TOKEN}"}, checks=[not_a_server_error]
     )
+
+
+VALID = {"from": "app@example.com", "to": ["ada@example.net"], "subject": "Hi", "text": "Hello"}
+MUTATIONS = st.sampled_from(
+    [
+        ("from", "not an address"),
+        ("from", "app@example.com\r\nBcc: victim@example.org"),
+        ("subject", "Hi\r\nBcc: victim@example.org"),
+        ("subject", "x" * 2000),
+        ("to", []),
+        ("to", ["ok@example.net", "bad@@example.net"]),
+        ("cc", ["carol@example.net"]),
+        ("bcc", ["hidden@example.net"]),
+        ("lane", "urgent"),
+        ("lane", "high"),
+        ("headers", {"X-Campaign": "winter"}),
+        ("headers", {"X-Evil": "a\nb"}),
+        ("html", "<p>hi</p>"),
+        ("text", None),
+        (
+            "attachments",
+            [{"filename": "a.txt", "content": "aGVsbG8=", "content_type": "text/plain"}],
+        ),
+        ("attachments", [{"filename": "a.txt", "content": "%%% not base64"}]),
+        ("metadata", {"user": 7}),
+        ("metadata", "not an object"),
+        ("idempotency_key", "k" * 300),
+        ("unknown_field", 1),
+    ]
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(mutations=st.lists(MUTATIONS, max_size=3))
+def test_a_message_is_stored_whole_or_not_at_all(
+    live_api: str, mutations: list[tuple[str, object]]
+) -> None:
+    """Valid and broken submissions mixed: a 202 is a whole, readable message; anything else
+    stores nothing at all (the stats do not move)."""
+    body: dict[str, object] = dict(VALID)
+    for key, value in mutations:
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    with httpx.Client(base_url=live_api, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        before = client.get("/v1/stats").json()
+        answer = client.post("/v1/messages", json=body)
+        after = client.get("/v1/stats").json()
+        assert answer.status_code in (202, 400, 413, 422), answer.text
+        waiting = sum(lane["ready"] for lane in after["lanes"].values())
+        waiting_before = sum(lane["ready"] for lane in before["lanes"].values())
+        if answer.status_code != 202:
+            assert answer.json()["error"]["code"]
+            assert waiting == waiting_before  # nothing half-stored
+            return
+        message = client.get(f"/v1/messages/{answer.json()['id']}").json()
+        to = body["to"] if isinstance(body["to"], list) else []
+        expected = len(to) + len(body.get("cc", [])) + len(body.get("bcc", []))  # type: ignore[arg-type]
+        assert len(message["recipients"]) == expected
+        assert waiting == waiting_before + expected
+        assert message["size"] > 0 and message["message_id"].startswith("<")
