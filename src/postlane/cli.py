@@ -153,9 +153,23 @@ def _older_than(value: str | None) -> float | None:
 
 def selector_options(func: F) -> F:
     """exiqgrep's habits: every selector narrows the set."""
+    return _selector_options(func, states=True)
+
+
+def dead_letter_selector_options(func: F) -> F:
+    """The selectors of dead letters: no ``--state``, a dead letter is always ``dead``."""
+    return _selector_options(func, states=False)
+
+
+def _selector_options(func: F, *, states: bool) -> F:
     options = [
         click.option("--lane", "lanes", multiple=True, help="high, normal or low (repeatable)."),
-        click.option("--state", "states", multiple=True, help="Recipient state (repeatable)."),
+    ]
+    if states:
+        options.append(
+            click.option("--state", "states", multiple=True, help="Recipient state (repeatable).")
+        )
+    options += [
         click.option("--domain", "domains", multiple=True, help="Recipient domain (repeatable)."),
         click.option("--class", "classes", multiple=True, help="Class of the last reply."),
         click.option("--older-than", metavar="DURATION", help='Arrived before, e.g. "2h".'),
@@ -631,7 +645,7 @@ def dlq() -> None:
 
 @dlq.command("list")
 @config_option
-@selector_options
+@dead_letter_selector_options
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000))
 @click.option(
     "--rows/--group",
@@ -643,7 +657,6 @@ def dlq() -> None:
 @json_option
 def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> None:
     """Dead letters: grouped by class, domain and reply, or one row per recipient."""
-    selectors["states"] = ()
     selector = build_selector(**selectors)
     if rows is None:
         rows = as_json
@@ -860,7 +873,14 @@ def run_action(
 
 
 def action_options(func: F) -> F:
-    func = selector_options(func)
+    return _action_options(selector_options(func))
+
+
+def dead_letter_action_options(func: F) -> F:
+    return _action_options(dead_letter_selector_options(func))
+
+
+def _action_options(func: F) -> F:
     func = click.option("--all", "all_", is_flag=True, help="Every message (selectors narrow).")(
         func
     )
@@ -920,22 +940,20 @@ def queue_import(path: str) -> None:
 
 
 @dlq.command("requeue")
-@action_options
+@dead_letter_action_options
 def dlq_requeue(ids: tuple[str, ...], all_: bool, **selectors: Any) -> None:
     """Give dead letters a fresh start: attempts reset, due now (postsuper -r)."""
-    selectors["states"] = ()
     run_action(QueueAction.REQUEUE, _targets(ids, all_, selectors, required=True), confirm=False)
 
 
 @dlq.command("purge")
-@action_options
+@dead_letter_action_options
 @click.option("--export", "export_path", metavar="FILE", help="Write what is purged (JSON Lines).")
 @click.option("--yes", is_flag=True, help="Do not ask.")
 def dlq_purge(
     ids: tuple[str, ...], all_: bool, export_path: str | None, yes: bool, **selectors: Any
 ) -> None:
     """Drop dead letters for good, showing what and asking first."""
-    selectors["states"] = ()
     selector = _targets(ids, all_, selectors, required=True)
     run_action(QueueAction.PURGE, selector, confirm=True, yes=yes, export_path=export_path)
 

@@ -135,6 +135,24 @@ def test_every_selector_of_queue_list(queue: tuple[Config, dict[str, str]]) -> N
     assert names("--lane", "low", "--domain", "example.net") == {"news"}
 
 
+def test_older_than_selects_what_arrived_before(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    async def arrive(hours_ago: float) -> str:
+        async with AsyncPostlane(config) as app:
+            prepared = app.prepare(Message(sender="a@example.com", to=["b@example.net"], text="x"))
+            [result] = await app.store.enqueue([prepared], time.time() - hours_ago * 3600)
+            return result.id
+
+    old, new = asyncio.run(arrive(3)), asyncio.run(arrive(0))
+    assert [m["id"] for m in listed(config, "--older-than", "2h")] == [old]
+    assert listed(config, "--older-than", "4h") == []
+    assert {m["id"] for m in listed(config)} == {old, new}
+    code, _, err = cli(config, "queue", "hold", "--all", "--older-than", "2h")
+    assert code == 0 and "held 1" in err
+    assert [m["id"] for m in listed(config, "--state", "held")] == [old]
+
+
 def test_human_listing_shows_the_delay_reason(queue: tuple[Config, dict[str, str]]) -> None:
     config, ids = queue
     code, out, _ = cli(config, "queue", "list")
@@ -292,6 +310,74 @@ def test_requeue_gives_a_fresh_start_and_purge_drops(
     code, _, _ = cli(config, "dlq", "purge", "--all", "--class", "hard_bounce", input="y\n")
     assert code == 0
     assert json.loads(cli(config, "dlq", "list", "--json")[1]) == []
+
+
+def test_requeue_by_selectors_touches_only_what_they_pick(
+    queue: tuple[Config, dict[str, str]],
+) -> None:
+    config, ids = queue
+
+    async def dead_letter_blocked() -> str:
+        async with AsyncPostlane(config) as app:
+            result = await app.send(sender="a@example.com", to=["c@blocked.example.com"], text="x")
+            now = time.time()
+            claimed = await app.store.claim_due("w", ALL, limit=100, now=now, lease_until=now + 60)
+            block = attempt(ReplyClass.POLICY_BLOCK, 554, "554 5.7.1 listed at a blocklist")
+            [message] = [m for m in claimed if m.queue_id == result.id]
+            outcomes = [
+                Outcome(d.id, RecipientState.DEAD, 1, 0, None, block) for d in message.deliveries
+            ]
+            await app.store.record("w", outcomes, now)
+            await app.store.hand_back("w", None, now)  # the others, untouched
+            return result.id
+
+    blocked = asyncio.run(dead_letter_blocked())
+
+    def dead() -> set[str]:
+        return {d["id"] for d in json.loads(cli(config, "dlq", "list", "--json")[1])}
+
+    assert dead() == {ids["dead1"], ids["dead2"], blocked}
+    code, _, err = cli(config, "dlq", "requeue", "--all", "--domain", "blocked.example.com")
+    assert code == 0 and "requeued 1" in err
+    assert dead() == {ids["dead1"], ids["dead2"]}
+    [message] = listed(config, "--recipient", "c@blocked.example.com")
+    assert message["recipients"][0]["state"] == "queued"
+    assert message["recipients"][0]["attempts"] == 0
+    code, _, err = cli(config, "dlq", "requeue", "--all", "--class", "policy_block")
+    assert code == 0 and "nothing to requeue" in err and "requeued 0" in err
+    code, _, err = cli(
+        config,
+        "dlq",
+        "requeue",
+        "--all",
+        "--class",
+        "hard_bounce",
+        "--recipient",
+        "bounce2@example.net",
+    )
+    assert code == 0 and "requeued 1" in err
+    assert dead() == {ids["dead1"]}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dlq", "list", "--state", "bogus"],
+        ["dlq", "list", "--state", "dead"],
+        ["dlq", "requeue", "--all", "--state", "dead"],
+        ["dlq", "purge", "--all", "--state", "queued", "--yes"],
+    ],
+)
+def test_dead_letter_commands_refuse_state(
+    queue: tuple[Config, dict[str, str]], args: list[str]
+) -> None:
+    """A dead letter is always dead: --state would be ignored, so it is refused."""
+    config, ids = queue
+    code, _, err = cli(config, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--state" in lines[0], err
+    rows = json.loads(cli(config, "dlq", "list", "--json")[1])
+    assert {r["id"] for r in rows} == {ids["dead1"], ids["dead2"]}  # nothing changed
 
 
 def test_stats_shape(queue: tuple[Config, dict[str, str]]) -> None:
