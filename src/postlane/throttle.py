@@ -11,7 +11,10 @@ Each destination (a provider such as ``google``, a recipient domain, or the rela
 - a **pause**: after ``pause_after`` consecutive ``connection`` failures (refused, DNS, TLS), or
   when a ``[[shaping]]`` rule says so, nothing is sent to it until the pause ends; then one
   delivery probes: success opens it again, failure pauses it again for twice as long (up to
-  ``max_pause``).
+  ``max_pause``);
+- a **held rate**: a ``[[shaping]]`` rule with ``action = "rate"`` sets the rate and holds it as
+  a ceiling for the rule's ``duration`` (successes creep back up to it, never above); then the
+  rate creeps back toward the configured limit as after a slow-down.
 
 The :class:`Throttle` is pure bookkeeping with an injected clock: the worker asks
 :meth:`Throttle.admit` before each send (``None``: go; a time: come back then, no attempt used),
@@ -22,13 +25,20 @@ returns so that ``stats``, the HTTP API and other workers see pauses and rates.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from postlane.classify import ReplyClass, Verdict
-from postlane.config import Config, DestinationLimits, ShapingRule, ThrottleConfig
+from postlane.config import (
+    Config,
+    DestinationLimits,
+    ShapingRule,
+    ThrottleConfig,
+    format_duration,
+)
 from postlane.records import DestinationStatus
 
 #: the reason recorded when an operator lifts a pause or slow-down (``queue flush``)
@@ -72,6 +82,10 @@ class _Destination:
     probing: bool = False
     reason: str | None = None
     last_decrease: float = float("-inf")
+    #: a shaping rule's rate: the ceiling until ``held_until``, whatever successes say
+    held_rate: float | None = None
+    held_until: float = float("-inf")
+    held_reason: str | None = None
     sent: deque[float] = field(default_factory=deque)
     #: slots promised to deliveries sent back to wait: the next one goes after this
     reserved_until: float = 0.0
@@ -260,12 +274,35 @@ class Throttle:
             return
         # additive increase: `increase` messages/s per second of sending at the current rate
         state.rate += self.settings.increase / max(state.rate, 1e-6)
-        ceiling = state.configured_rate
+        ceiling = self._ceiling(state, now)
         if ceiling is not None and state.rate >= ceiling:
             state.rate = ceiling
-            if state.reason and state.reason.startswith("throttled"):
-                state.reason = None
+            # back at the ceiling: the slow-down is over (a held rate keeps its rule's reason)
+            reason = state.held_reason if state.held_rate is not None else None
+            if state.reason != reason:
+                state.reason = reason
                 state.changed = True
+
+    def _ceiling(self, state: _Destination, now: float) -> float | None:
+        """The most the rate may grow to now: the configured rate, or a shaping rule's held
+        rate until it ends."""
+        self._end_hold(state, now)
+        if state.held_rate is None:
+            return state.configured_rate
+        return min(state.held_rate, state.configured_rate or state.held_rate)
+
+    def _end_hold(self, state: _Destination, now: float) -> None:
+        """A shaping rule's rate has held for its duration: from now on the rate creeps back
+        toward the configured rate, as after a slow-down."""
+        if state.held_rate is None or now < state.held_until:
+            return
+        if state.reason == state.held_reason:
+            at_ceiling = state.rate is None or state.rate >= (state.configured_rate or math.inf)
+            state.reason = None if at_ceiling else f"recovering after {state.held_reason}"
+            state.changed = True
+        state.held_rate = None
+        state.held_until = float("-inf")
+        state.held_reason = None
 
     def _apply_rules(self, state: _Destination, verdict: Verdict, now: float) -> None:
         for number, (rule, pattern) in enumerate(self._rules):
@@ -288,10 +325,18 @@ class Throttle:
             if rule.action == "pause":
                 self._pause(state, now, f"shaping rule {number + 1} ({what})", rule.duration)
             else:
-                state.rate = rule.rate
-                state.tokens = min(state.tokens, 0.0)
-                state.reason = f"shaping rule {number + 1} ({what}): rate {rule.rate}/s"
-                state.changed = True
+                self._hold(state, now, rule, f"shaping rule {number + 1} ({what})")
+
+    def _hold(self, state: _Destination, now: float, rule: ShapingRule, name: str) -> None:
+        """Set ``rule``'s rate (never above the configured one) and hold it for its duration."""
+        rate = min(rule.rate, state.configured_rate or rule.rate)
+        state.rate = rate
+        state.tokens = min(state.tokens, 0.0)
+        state.held_rate = rate
+        state.held_until = now + rule.duration
+        state.held_reason = f"{name}: rate {rate}/s for {format_duration(rule.duration)}"
+        state.reason = state.held_reason
+        state.changed = True
 
     # -- queries and persistence -------------------------------------------------------------
 
@@ -322,6 +367,9 @@ class Throttle:
         state.probing = False
         state.pause_level = 0
         state.failures = 0
+        state.held_rate = None
+        state.held_until = float("-inf")
+        state.held_reason = None
         state.rate = state.configured_rate
         state.tokens = max(state.tokens, 1.0)
         state.reserved_until = 0.0
@@ -345,6 +393,7 @@ class Throttle:
         """Destinations whose pause, rate or reason changed since the last call."""
         out = []
         for state in self._destinations.values():
+            self._end_hold(state, now)
             if state.changed:
                 state.changed = False
                 state.synced_at = now
@@ -371,6 +420,8 @@ class Throttle:
             state.reason = status.reason
 
     def statuses(self, now: float) -> list[DestinationStatus]:
+        for state in self._destinations.values():
+            self._end_hold(state, now)
         return [self._status(s, now) for s in self._destinations.values()]
 
     def _status(self, state: _Destination, now: float) -> DestinationStatus:

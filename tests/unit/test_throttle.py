@@ -163,6 +163,81 @@ def test_a_shaping_rule_sets_a_rate_for_matching_destinations_only() -> None:
     assert rates["yahoo"] != 2.0
 
 
+GMAIL_RATE = Verdict(ReplyClass.THROTTLED, 421, "4.7.28", "an unusual rate of unsolicited mail")
+#: a "slow down" the rule below does not match
+BUSY = Verdict(ReplyClass.THROTTLED, 450, "4.2.1", "too many messages, slow down")
+
+
+def shaped(rate: float = 20.0, **settings: float) -> Throttle:
+    """``d`` configured at ``rate``/s, with a rule: 4.7.28 holds it at 2/s for 10 minutes."""
+    rule = ShapingRule(enhanced="4.7.28", action="rate", rate=2.0, duration=600)
+    limits = {"d": DestinationLimits(rate=rate)}
+    return Throttle(ThrottleConfig(**settings), limits, [rule])  # type: ignore[arg-type]
+
+
+def send_for(t: Throttle, start: float, seconds: float, step: float = 0.05) -> tuple[int, float]:
+    """Send successfully as fast as ``t`` admits, asking every ``step`` seconds; returns the
+    number sent and the time the last ask was made."""
+    now, sent = start, 0
+    while now < start + seconds:
+        sent += send(t, now)
+        now += step
+    return sent, now
+
+
+def test_a_shaping_rate_rule_holds_its_rate_for_its_duration_then_recovers() -> None:
+    t = shaped(rate=20, increase=2.0)
+    t.observe("d", GMAIL_RATE, T0)
+    [status] = t.statuses(T0)
+    assert status.rate == 2.0
+    assert "shaping rule 1" in (status.reason or "") and "2.0/s for 10m" in (status.reason or "")
+    # ten minutes of successes: the rate stays at 2/s (no creeping back), and so does the pace
+    sent, now = send_for(t, T0, 599)
+    [status] = t.statuses(now)
+    assert status.rate == 2.0 and "2.0/s" in (status.reason or "")
+    assert sent == pytest.approx(2 * 599, abs=5)
+    # the hold is over: reported once, then successes let the rate creep back to the limit
+    [change] = t.changes(T0 + 600)
+    assert change.rate == 2.0 and "recovering after shaping rule 1" in (change.reason or "")
+    sent, now = send_for(t, T0 + 600, 120)
+    [status] = t.statuses(now)
+    assert status.rate == 20 and status.reason is None
+    assert sent > 2 * 120 * 2  # well above the held pace
+
+
+def test_a_held_rate_caps_recovery_after_a_slow_down_until_it_ends() -> None:
+    t = shaped(rate=20, increase=2.0, min_rate=0.5)
+    t.observe("d", GMAIL_RATE, T0)
+    t.observe("d", BUSY, T0 + 10)  # "slow down" on top: halved below the held rate
+    slowed = t.statuses(T0 + 10)[0].rate
+    assert slowed is not None and slowed < 2.0
+    _, now = send_for(t, T0 + 10, 200)
+    [status] = t.statuses(now)
+    assert status.rate == 2.0  # back up to the held rate, not beyond it
+    assert "shaping rule 1" in (status.reason or "")
+    _, now = send_for(t, T0 + 600, 120)
+    assert t.statuses(now)[0].rate == 20
+
+
+def test_a_shaping_rate_rule_never_raises_the_configured_rate() -> None:
+    t = shaped(rate=1.0)
+    t.observe("d", GMAIL_RATE, T0)
+    assert t.statuses(T0)[0].rate == 1.0
+    sent, _ = send_for(t, T0, 100)
+    assert sent <= 101
+
+
+def test_flush_ends_a_held_rate() -> None:
+    t = shaped(rate=20, increase=2.0)
+    t.observe("d", GMAIL_RATE, T0)
+    t.lift(["d"])
+    [status] = t.statuses(T0)
+    assert status.rate == 20 and status.reason is None
+    t.observe("d", BUSY, T0 + 1)
+    send_for(t, T0 + 1, 120)
+    assert t.statuses(T0 + 121)[0].rate == 20  # recovers to the limit: no hold left
+
+
 def test_flush_lifts_pauses_and_slow_downs() -> None:
     t = throttle(rate=50, pause_after=1)
     send(t, T0, DOWN)
