@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -925,18 +925,36 @@ def queue_delete(
 @config_option
 @click.argument("path", metavar="FILE")
 def queue_import(path: str) -> None:
-    """Bring back what `queue delete --export` wrote ('-': stdin)."""
+    """Bring back what `queue delete --export` wrote ('-': stdin). Every line is checked
+    before anything is stored: a bad line imports nothing."""
+    from postlane.app import check_export
 
     try:
-        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+        handle = _spool_stdin() if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
     except OSError as exc:
         raise PostlaneError(f"cannot read {path}: {exc.strerror}") from None
     try:
+        try:
+            check_export(handle)
+        except UnicodeDecodeError:
+            raise PostlaneError(f"{path}: not UTF-8 text (not a postlane export)") from None
+        handle.seek(0)
         restored = with_app(lambda app: app.import_(handle))
     finally:
-        if handle is not sys.stdin:
-            handle.close()
+        handle.close()
     click.echo(f"imported {restored:,} recipient(s)", err=True)
+
+
+def _spool_stdin() -> IO[str]:
+    """stdin's bytes in a temporary file, to be read twice (checked, then imported)."""
+    import io
+    import shutil
+    import tempfile
+
+    spool = tempfile.TemporaryFile()  # noqa: SIM115
+    shutil.copyfileobj(sys.stdin.buffer, spool)
+    spool.seek(0)
+    return io.TextIOWrapper(spool, encoding="utf-8")
 
 
 @dlq.command("requeue")

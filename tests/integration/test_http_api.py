@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,14 @@ import httpx
 import pytest
 
 from postlane.app import AsyncPostlane
+from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
+from postlane.errors import StoreUnavailable
+from postlane.ingest import http as http_module
 from postlane.ingest.http import build_app, start_http
+from postlane.message import Lane, RecipientState
 from postlane.metrics import Metrics
+from postlane.records import AttemptRecord, Outcome
 from tests.conftest import free_port, make_config
 
 TOKEN = "t0ken-for-tests"
@@ -29,6 +35,20 @@ async def app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[AsyncPostlane]:
 
 @pytest.fixture
 async def client(app: AsyncPostlane) -> AsyncIterator[httpx.AsyncClient]:
+    asgi = build_app(app.config, app, Metrics(app))
+    transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
+        c.headers["Authorization"] = f"Bearer {TOKEN}"
+        yield c
+
+
+@pytest.fixture
+async def small_exports(
+    app: AsyncPostlane, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of an API whose export (and import) size limit is its floor: twice the body
+    limit (about 180 kB with max_size 20KB)."""
+    monkeypatch.setattr(http_module, "EXPORT_BYTES", 0)
     asgi = build_app(app.config, app, Metrics(app))
     transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
     async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
@@ -271,3 +291,298 @@ async def test_the_api_describes_itself(scoped: tuple[AsyncPostlane, Any]) -> No
         document = (await c.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.")
     assert {"/v1/messages", "/v1/messages/batch", "/v1/stats"} <= set(document["paths"])
+
+
+# -- safe deletes: export, then import ------------------------------------------------------------
+
+ALL_LANES = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
+
+
+async def with_history(app: AsyncPostlane, queue_id: str, state: RecipientState, text: str) -> None:
+    """Give a message's recipients one attempt each, leaving them ``state``."""
+    now = app.clock.now()
+    claimed = await app.store.claim_due("w", ALL_LANES, limit=100, now=now, lease_until=now + 60)
+    cls = ReplyClass.TEMPORARY if state is RecipientState.DEFERRED else ReplyClass.HARD_BOUNCE
+    code = int(text[:3])
+    attempt = AttemptRecord(now, cls, code, text[4:9], text, "smtp://relay:25", "x", 7)
+    due = now + 3600 if state is RecipientState.DEFERRED else None
+    outcomes = [
+        Outcome(d.id, state, 1, 0, due, attempt)
+        for m in claimed
+        if m.queue_id == queue_id
+        for d in m.deliveries
+    ]
+    await app.store.record("w", outcomes, now)
+    await app.store.hand_back("w", None, now)
+
+
+async def snapshot(app: AsyncPostlane, ids: list[str]) -> dict[str, Any]:
+    out = {}
+    for queue_id in ids:
+        view = await app.get(queue_id)
+        out[queue_id] = (
+            await app.content(queue_id),
+            view.message_id,
+            [
+                (r.address, r.state, r.attempts, [a.text for a in r.history or ()])
+                for r in view.recipients
+            ],
+        )
+    return out
+
+
+def export_lines(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+async def test_delete_with_export_then_import_restores_content_ids_and_history(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    ids = [
+        (await client.post("/v1/messages", json={**MESSAGE, "to": to})).json()["id"]
+        for to in (["ada@example.net", "bob@example.org"], ["cy@example.net"])
+    ]
+    await with_history(app, ids[0], RecipientState.DEFERRED, "451 4.3.0 try again later")
+    before = await snapshot(app, ids)
+    response = await client.post("/v1/queue/delete", json={"all": True, "export": True})
+    records = export_lines(response)
+    assert response.headers["x-postlane-count"] == "3"
+    assert [r["id"] for r in records] == ids and all(
+        r["format"] == "postlane-export/1" for r in records
+    )
+    assert await queue_is_empty(app)
+
+    imported = await client.post(
+        "/v1/queue/import",
+        content=response.content,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert imported.status_code == 200, imported.text
+    assert imported.json() == {"records": 2, "imported": 3}
+    after = await snapshot(app, ids)
+    for queue_id in ids:
+        content, message_id, recipients = after[queue_id]
+        old_content, old_message_id, old_recipients = before[queue_id]
+        assert content == old_content and message_id == old_message_id
+        # the same recipients, attempts and histories; waiting ones come back due now
+        assert [(a, n, h) for a, _s, n, h in recipients] == [
+            (a, n, h) for a, _s, n, h in old_recipients
+        ]
+    assert after[ids[0]][2][0][3] == ["451 4.3.0 try again later"]
+    again = await client.post("/v1/queue/import", content=response.content)
+    assert again.json() == {"records": 2, "imported": 0}  # already there: skipped
+
+
+async def test_purge_with_export_then_import_brings_the_dead_letter_back(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    queue_id = (await client.post("/v1/messages", json=MESSAGE)).json()["id"]
+    await with_history(app, queue_id, RecipientState.DEAD, "550 5.1.1 no such user")
+    before = (await client.get("/v1/dlq")).json()
+    assert [d["id"] for d in before] == [queue_id]
+    response = await client.post("/v1/dlq/purge", json={"ids": [queue_id], "export": True})
+    [record] = export_lines(response)
+    assert record["recipients"][0]["state"] == "dead"
+    assert (await client.get("/v1/dlq")).json() == []
+    r = await client.post("/v1/queue/import", content=response.content)
+    assert r.json() == {"records": 1, "imported": 1}
+    assert (await client.get("/v1/dlq")).json() == before
+
+
+async def test_an_export_with_nothing_selected_is_empty(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/queue/delete", json={"all": True, "export": True})
+    assert export_lines(response) == [] and response.headers["x-postlane-count"] == "0"
+
+
+def _valid_line(queue_id: str = "AAAA1111", **changes: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "format": "postlane-export/1",
+        "id": queue_id,
+        "lane": "normal",
+        "sender": "app@example.com",
+        "subject": "Hi",
+        "message_id": f"<{queue_id}@example.com>",
+        "idempotency_key": None,
+        "metadata": {},
+        "created_at": 1_800_000_000.0,
+        "content": base64.b64encode(b"Subject: Hi\r\n\r\nHello\r\n").decode(),
+        "recipients": [
+            {
+                "address": "ada@example.net",
+                "domain": "example.net",
+                "destination": "example.net",
+                "state": "queued",
+                "attempts": 0,
+                "deferrals": 0,
+                "next_attempt_at": 1_800_000_000.0,
+                "created_at": 1_800_000_000.0,
+                "last_response": None,
+                "reason": None,
+                "history": [],
+            }
+        ],
+    }
+    record["recipients"][0].update(changes.pop("recipient", {}))
+    return {**record, **changes}
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record)
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ("not json", "line 2"),
+        ("[1, 2]", "one JSON object"),
+        (_line({**_valid_line("BBBB2222"), "format": "other/1"}), "format"),
+        (
+            _line({k: v for k, v in _valid_line("BBBB2222").items() if k != "recipients"}),
+            "recipients",
+        ),
+        (_line(_valid_line("../../etc")), "message id"),
+        (_line(_valid_line("BBBB2222", subject="a\u0000b")), "NUL"),
+        (
+            _line(_valid_line("BBBB2222", recipient={"address": "x\r\nRCPT TO:<v@evil.example>"})),
+            "line 2",
+        ),
+        (_line(_valid_line("BBBB2222", recipient={"domain": "other.example"})), "domain"),
+        (_line(_valid_line("BBBB2222", recipient={"attempts": 10**30})), "attempts"),
+        (_line(_valid_line("BBBB2222", created_at=1e300)), "year 10000"),
+        (_line(_valid_line("BBBB2222", recipient={"state": "lost"})), "line 2"),
+        (_line(_valid_line("BBBB2222", recipients=[])), "no recipients"),
+        ("[" * 100_000, "line 2"),
+    ],
+    ids=[
+        "not json",
+        "not an object",
+        "another format",
+        "no recipients field",
+        "a path for an id",
+        "NUL",
+        "SMTP injection",
+        "address outside its domain",
+        "huge count",
+        "far future",
+        "unknown state",
+        "empty recipients",
+        "nested too deep",
+    ],
+)
+async def test_a_bad_import_line_is_a_400_and_imports_nothing(
+    client: httpx.AsyncClient, app: AsyncPostlane, bad: str, says: str
+) -> None:
+    body = _line(_valid_line()) + "\n" + bad + "\n"
+    r = await client.post("/v1/queue/import", content=body.encode())
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_export" and says in error["message"], error
+    assert error["message"].startswith("line 2:")
+    assert await queue_is_empty(app)  # not even the good first line
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [(b"", 400), (b"\n\n", 400), (b"\xff\xfe not utf-8", 400), (b"x" * 300_000, 413)],
+    ids=["empty", "blank lines", "not utf-8", "too large"],
+)
+async def test_import_refuses_empty_undecodable_and_oversized_bodies(
+    small_exports: httpx.AsyncClient, app: AsyncPostlane, body: bytes, status: int
+) -> None:
+    r = await small_exports.post("/v1/queue/import", content=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    assert await queue_is_empty(app)
+
+
+async def test_a_valid_import_line_is_queued_due_now(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    r = await client.post("/v1/queue/import", content=_line(_valid_line()))
+    assert r.json() == {"records": 1, "imported": 1}
+    view = await app.get("AAAA1111")
+    assert view.message_id == "<AAAA1111@example.com>"
+    assert view.recipients[0].state is RecipientState.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/queue/flush", {"all": True, "export": True}, 400),
+        ("/v1/queue/hold", {"all": True, "export": True}, 400),
+        ("/v1/dlq/requeue", {"all": True, "export": True}, 400),
+        ("/v1/queue/delete", {"all": True, "export": "yes"}, 400),
+        ("/v1/queue/delete", {"all": True, "dry_run": "no"}, 400),
+    ],
+)
+async def test_export_applies_to_delete_and_purge_only(
+    client: httpx.AsyncClient, app: AsyncPostlane, path: str, body: Any, status: int
+) -> None:
+    await client.post("/v1/messages", json=MESSAGE)
+    r = await client.post(path, json=body)
+    assert r.status_code == status and r.json()["error"]["code"] == "invalid_field", r.text
+    [message] = await app.messages()
+    assert message.recipients[0].state is RecipientState.QUEUED  # nothing done
+
+
+async def test_an_export_over_the_limits_is_refused_before_anything_is_deleted(
+    small_exports: httpx.AsyncClient, app: AsyncPostlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = small_exports
+    for i in range(12):  # about 20 kB each once in base64: past the 2 x body limit (~180 kB)
+        r = await client.post("/v1/messages", json={**MESSAGE, "text": f"{i}" + "x" * 14_000})
+        assert r.status_code == 202
+    r = await client.post("/v1/queue/delete", json={"all": True, "export": True})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "export_too_large"
+    assert len(await app.messages()) == 12
+    monkeypatch.setattr(http_module, "MAX_EXPORT_RECIPIENTS", 5)
+    r = await client.post("/v1/queue/delete", json={"all": True, "export": True})
+    assert r.status_code == 413 and "at most 5 recipients" in r.json()["error"]["message"]
+    assert len(await app.messages()) == 12
+
+
+async def test_an_export_that_fails_part_way_is_undone(
+    client: httpx.AsyncClient, app: AsyncPostlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The selection grew past one slice while deleting, and the store failed on the second:
+    the first slice, already deleted, is imported back before the error is returned."""
+    ids = [
+        (await client.post("/v1/messages", json={**MESSAGE, "to": [f"u{i}@example.net"]})).json()[
+            "id"
+        ]
+        for i in range(3)
+    ]
+    before = await snapshot(app, ids)
+    monkeypatch.setattr(http_module, "MAX_EXPORT_RECIPIENTS", 2)
+
+    async def nothing_selected(*_: Any) -> list[Any]:
+        return []  # as if the 3 arrived after the count
+
+    monkeypatch.setattr(app, "summarize", nothing_selected)
+    real_delete = app.store.delete_deliveries
+    calls = []
+
+    async def fail_the_second(delivery_ids: Any, states: Any) -> int:
+        calls.append(list(delivery_ids))
+        if len(calls) == 2:
+            raise StoreUnavailable("the store went away")
+        return await real_delete(delivery_ids, states)
+
+    monkeypatch.setattr(app.store, "delete_deliveries", fail_the_second)
+    r = await client.post("/v1/queue/delete", json={"all": True, "export": True})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+    assert [len(c) for c in calls] == [2, 1]
+    assert await snapshot(app, ids) == before
+
+
+async def test_the_api_describes_export_and_import(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    assert (
+        "application/x-ndjson"
+        in document["paths"]["/v1/queue/import"]["post"]["requestBody"]["content"]
+    )
+    delete = document["paths"]["/v1/queue/{action}"]["post"]["responses"]["200"]["content"]
+    assert "application/x-ndjson" in delete
+    assert "export" in document["components"]["schemas"]["Selector"]["properties"]

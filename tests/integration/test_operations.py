@@ -248,6 +248,45 @@ def test_export_then_import_restores_content_ids_and_history(
             assert [a.text for a in old.history or ()] == [a.text for a in new.history or ()]
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [b"not json\n", b'{"format": "postlane-export/1"}\n', b"\xff\xfe\n"],
+    ids=["not json", "not a record", "not utf-8"],
+)
+def test_an_import_with_a_bad_line_imports_nothing(tmp_path: Path, bad: bytes) -> None:
+    """Past the first batch of 100 too: every line is checked before anything is stored."""
+    config = write_config(tmp_path)
+
+    async def fill() -> None:
+        async with AsyncPostlane(config) as app:
+            await app.send_many(
+                [
+                    Message(sender="a@example.com", to=[f"u{i}@example.net"], text=str(i))
+                    for i in range(150)
+                ]
+            )
+
+    asyncio.run(fill())
+    export = tmp_path / "deleted.jsonl"
+    code, _, _ = cli(config, "queue", "delete", "--all", "--export", str(export), "--yes")
+    assert code == 0 and len(export.read_text().splitlines()) == 150
+    export.write_bytes(export.read_bytes() + bad)  # good lines first, then a bad one
+    code, _, err = cli(config, "queue", "import", str(export))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert "line 151" in lines[0] or "UTF-8" in lines[0], err
+    assert listed(config) == []  # not even the good lines
+
+
+def test_import_from_stdin(queue: tuple[Config, dict[str, str]], tmp_path: Path) -> None:
+    config, ids = queue
+    export = tmp_path / "deleted.jsonl"
+    assert cli(config, "queue", "delete", ids["news"], "--export", str(export), "--yes")[0] == 0
+    code, _, err = cli(config, "queue", "import", "-", input=export.read_text())
+    assert code == 0 and "imported 2" in err
+    assert [m["id"] for m in listed(config, "--sender", "news@example.com")] == [ids["news"]]
+
+
 def test_partial_delete_by_domain_keeps_the_other_recipients(
     queue: tuple[Config, dict[str, str]], tmp_path: Path
 ) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -33,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from postlane.app import AsyncPostlane, QueueAction
+from postlane.app import AsyncPostlane, QueueAction, check_export
 from postlane.classify import ReplyClass
 from postlane.config import Config, parse_duration, parse_listen
 from postlane.errors import (
@@ -53,6 +54,13 @@ log = logging.getLogger("postlane.http")
 
 MAX_BATCH = 1000
 MAX_LIST = 1000
+#: an exported delete or purge over HTTP takes at most this many recipients (one slice: it is
+#: exported and deleted in one go); more is a job for `postlane queue delete --export`
+MAX_EXPORT_RECIPIENTS = 1000
+#: an export (and so an import) body is at most this large, and at least two messages of
+#: max_size (JSON and base64 included)
+EXPORT_BYTES = 64 * 1024 * 1024
+NDJSON = "application/x-ndjson"
 #: JSON (and base64) inflate a message: the body may be this much larger than max_size
 JSON_OVERHEAD = 1.4
 _MESSAGE_FIELDS = {
@@ -86,6 +94,8 @@ _SELECTOR_FIELDS = {
 
 _QUEUE_ACTIONS = (QueueAction.FLUSH, QueueAction.HOLD, QueueAction.RELEASE, QueueAction.DELETE)
 _DLQ_ACTIONS = (QueueAction.REQUEUE, QueueAction.PURGE)
+#: the actions that can answer with what they removed (``"export": true``)
+_EXPORTING = (QueueAction.DELETE, QueueAction.PURGE)
 
 
 class Scope(StrEnum):
@@ -157,7 +167,8 @@ class Tokens:
         return Caller(found, fingerprint(token))
 
 
-async def read_json(request: Request, limit: int) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, "message_too_large", f"the request body is over {limit} bytes")
@@ -166,6 +177,11 @@ async def read_json(request: Request, limit: int) -> Any:
         body.extend(chunk)
         if len(body) > limit:
             raise ApiError(413, "message_too_large", f"the request body is over {limit} bytes")
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -301,6 +317,35 @@ def _query_selector(request: Request) -> tuple[Selector, int]:
     return selector_from(params), int(limit_text)
 
 
+def _flag(data: dict[str, Any], name: str) -> bool:
+    value = data.pop(name, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, "invalid_field", f"{name} must be true or false")
+    return value
+
+
+class _ExportBuffer(io.StringIO):
+    """An exported delete's JSON Lines, in memory, refused past ``limit`` characters (ASCII:
+    bytes). :meth:`AsyncPostlane.act` writes a slice here before deleting it, so the refusal
+    comes before that slice is deleted."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.size = 0
+
+    def write(self, text: str, /) -> int:
+        if self.size + len(text) > self.limit:
+            raise ApiError(
+                413,
+                "export_too_large",
+                f"the export would pass {self.limit} bytes: narrow the selector, or use "
+                "`postlane queue delete --export FILE`",
+            )
+        self.size += len(text)
+        return super().write(text)
+
+
 def _postlane_error(exc: PostlaneError) -> JSONResponse:
     if isinstance(exc, MessageTooLarge):
         return error_response(413, exc.code, exc.message)
@@ -328,6 +373,7 @@ def build_app(
     ``probes_only`` (``postlane worker --metrics``): /metrics, /healthz and /readyz only."""
     tokens = Tokens(config.http.tokens, config.http.send_tokens)
     body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
+    export_limit = max(EXPORT_BYTES, 2 * body_limit)
 
     def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
@@ -412,15 +458,78 @@ def build_app(
         data = await read_json(request, 1024 * 1024)
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_field", "send a selector object")
-        dry_run = data.pop("dry_run", False)
+        dry_run = _flag(data, "dry_run")
+        export = _flag(data, "export")
+        if export and action not in _EXPORTING:
+            raise ApiError(400, "invalid_field", "export applies to delete and purge")
         selector = selector_from(data)
         if not selector.ids and not selector.all and action is not QueueAction.FLUSH:
             raise ApiError(400, "invalid_field", 'give "ids" or "all": true (selectors narrow)')
         counts = await app.summarize(action, selector)
         if dry_run:
             return JSONResponse({"would_touch": [c.as_json() for c in counts]})
+        if export:
+            return await exported(action, selector, sum(c.count for c in counts))
         count = await app.act(action, selector)
         return JSONResponse({"action": action.value, "count": count})
+
+    async def exported(action: QueueAction, selector: Selector, selected: int) -> Response:
+        """Delete (or purge) and answer with what was deleted, as `postlane queue delete
+        --export` writes it. All or nothing: should the action fail part-way (the store, the
+        size limit), what it had deleted is imported back before the error is returned."""
+        if selected > MAX_EXPORT_RECIPIENTS:
+            raise ApiError(
+                413,
+                "export_too_large",
+                f"an exported {action.value} takes at most {MAX_EXPORT_RECIPIENTS} recipients "
+                f"({selected:,} selected): narrow the selector, or use "
+                "`postlane queue delete --export FILE`",
+            )
+        buffer = _ExportBuffer(export_limit)
+        removed = 0  # how much of the buffer describes slices already deleted
+
+        def slice_done(_: int) -> None:
+            nonlocal removed
+            removed = buffer.size
+
+        try:
+            count = await app.act(
+                action,
+                selector,
+                export=buffer,
+                progress=slice_done,
+                slice_size=MAX_EXPORT_RECIPIENTS,
+            )
+        except Exception:
+            if removed:
+                try:
+                    await app.import_(buffer.getvalue()[:removed].split("\n"), batch_size=None)
+                except Exception:
+                    log.exception("an exported %s failed and could not be undone", action.value)
+                    raise
+            raise
+        return Response(
+            buffer.getvalue(),
+            media_type=NDJSON,
+            headers={"X-Postlane-Count": str(count)},
+        )
+
+    async def import_export(request: Request, caller: Caller) -> Response:
+        """`postlane queue import` over HTTP: every line is checked before anything is stored,
+        then all are stored in one transaction."""
+        body = await read_body(request, export_limit)
+        try:
+            lines = body.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_export", "the body is not UTF-8 JSON Lines") from None
+        try:
+            records = check_export(lines)
+        except ValidationError as exc:
+            raise ApiError(400, "invalid_export", exc.message) from None
+        if not records:
+            raise ApiError(400, "invalid_export", "the body holds no export record")
+        restored = await app.import_(lines, batch_size=None)
+        return JSONResponse({"records": records, "imported": restored})
 
     async def list_dead(request: Request, caller: Caller) -> Response:
         selector, limit = _query_selector(request)
@@ -494,6 +603,7 @@ def build_app(
         Route("/v1/messages/{queue_id}", endpoint(get_message, send), methods=["GET"]),
         Route("/v1/stats", endpoint(get_stats, admin), methods=["GET"]),
         Route("/v1/queue", endpoint(list_messages, admin), methods=["GET"]),
+        Route("/v1/queue/import", endpoint(import_export, admin), methods=["POST"]),
         Route("/v1/queue/{action}", endpoint(post_action, admin), methods=["POST"]),
         Route("/v1/dlq", endpoint(list_dead, admin), methods=["GET"]),
         Route("/v1/dlq/groups", endpoint(dead_groups, admin), methods=["GET"]),

@@ -57,7 +57,26 @@ _SELECTOR_PARAMS = [
 ]
 
 
+#: what `postlane queue delete --export` writes: one JSON object per message (content base64)
+_EXPORT_LINES = {
+    "type": "string",
+    "description": "JSON Lines: one postlane-export/1 record per message, with its content "
+    "(base64), selected recipients and their attempt histories.",
+}
+
+
 def _action_path(actions: list[str], bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
+    exporting = [a for a in actions if a in ("delete", "purge")]
+    ok = _json({"type": "object"}, "How many changed (or would, with dry_run)")
+    if exporting:
+        ok["description"] += f'; with "export": true ({", ".join(exporting)}), what was removed'
+        ok["content"]["application/x-ndjson"] = {"schema": _EXPORT_LINES}
+        ok["headers"] = {
+            "X-Postlane-Count": {
+                "description": "Recipients removed (with export)",
+                "schema": {"type": "integer"},
+            }
+        }
     return {
         "post": {
             "summary": f"{', '.join(actions)} selected deliveries (admin)",
@@ -77,8 +96,8 @@ def _action_path(actions: list[str], bearer: list[dict[str, list[str]]]) -> dict
                 },
             },
             "responses": {
-                "200": _json({"type": "object"}, "How many changed (or would, with dry_run)"),
-                **_error_responses(400, 401, 403, 404, 422, 503),
+                "200": ok,
+                **_error_responses(400, 401, 403, 404, 413, 422, 503),
             },
         }
     }
@@ -258,6 +277,11 @@ def openapi_document() -> dict[str, Any]:
                 "recipient": {"type": "string"},
                 "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
                 "dry_run": {"type": "boolean"},
+                "export": {
+                    "type": "boolean",
+                    "description": "delete and purge only: answer with what was removed, as "
+                    "JSON Lines (at most 1000 recipients; all or nothing)",
+                },
             },
         },
     }
@@ -363,6 +387,36 @@ def openapi_document() -> dict[str, Any]:
                         "Messages, oldest first",
                     ),
                     **_error_responses(400, 401, 403, 503),
+                },
+            }
+        },
+        "/v1/queue/import": {
+            "post": {
+                "summary": "Bring back what an exported delete or purge returned (admin)",
+                "description": "Every line is checked before anything is stored, then all are "
+                "stored in one transaction: a bad line imports nothing. Messages and recipients "
+                "already present are skipped.",
+                "security": bearer,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-ndjson": {"schema": _EXPORT_LINES},
+                        "text/plain": {"schema": _EXPORT_LINES},
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["records", "imported"],
+                            "properties": {
+                                "records": {"type": "integer"},
+                                "imported": {"type": "integer"},
+                            },
+                        },
+                        "Records read, recipients restored",
+                    ),
+                    **_error_responses(400, 401, 403, 413, 503),
                 },
             }
         },
