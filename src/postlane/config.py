@@ -308,10 +308,22 @@ class DestinationLimits:
 
     concurrency: int = _setting(0, _int)
     rate: float = _setting(0.0, _rate)
+    #: messages sent over one SMTP connection to this destination (or relay) before it is
+    #: closed and replaced (0: as [delivery] messages_per_connection)
+    messages_per_connection: int = _setting(0, _int)
     #: recipient domains that belong to this provider (extends data/providers.toml)
     domains: tuple[str, ...] = _setting((), _strings, env=False)
     #: MX host suffixes that identify this provider
     mx_suffixes: tuple[str, ...] = _setting((), _strings, env=False)
+
+
+def destination_limits(
+    destinations: Mapping[str, DestinationLimits], name: str
+) -> DestinationLimits:
+    """The limits of destination ``name``: its own ``[destinations.NAME]`` table, else
+    ``[destinations.default]`` (a table of its own replaces the default one as a whole)."""
+    default = destinations.get("default", DestinationLimits())
+    return destinations.get(name, default)
 
 
 @dataclass(frozen=True)

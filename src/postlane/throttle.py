@@ -37,6 +37,7 @@ from postlane.config import (
     DestinationLimits,
     ShapingRule,
     ThrottleConfig,
+    destination_limits,
     format_duration,
 )
 from postlane.records import DestinationStatus
@@ -109,7 +110,6 @@ class Throttle:
     ) -> None:
         self.settings = settings
         self._limits = dict(limits or {})
-        self._default = self._limits.get("default", DestinationLimits())
         self._destinations: dict[str, _Destination] = {}
         self._rules = [(rule, _compile(rule)) for rule in rules]
         self._rule_hits: dict[tuple[int, str], deque[float]] = {}
@@ -125,7 +125,7 @@ class Throttle:
     def _get(self, name: str) -> _Destination:
         state = self._destinations.get(name)
         if state is None:
-            limits = self._limits.get(name, self._default)
+            limits = destination_limits(self._limits, name)
             state = _Destination(name, limits, rate=limits.rate or None)
             self._destinations[name] = state
         return state

@@ -21,6 +21,8 @@ import trustme
 from aiosmtpd.smtp import SMTP as SMTPServer
 
 from postlane.classify import ReplyClass
+from postlane.config import DestinationLimits
+from postlane.destinations import DestinationMap, merge_providers
 from postlane.transports.base import Envelope, Response
 from postlane.transports.mx import MXTransport
 from tests.conftest import ScriptedHandler
@@ -331,6 +333,56 @@ async def test_connections_are_reused_per_mx_host_across_messages_and_domains(
         assert classes(await transport.send(envelope(recipient))) == [ReplyClass.DELIVERED]
     assert len(server.received) == 3
     assert server.connections == 1
+
+
+async def test_each_domain_keeps_its_messages_per_connection_on_a_shared_mx_host(
+    hosts: MXHosts, dns_server: DNSServer, make_transport: Transports
+) -> None:
+    server = await hosts.start("127.0.0.2")
+    dns_server.zone.update(
+        {
+            "strict.test": {"MX": [(10, "mx.shared.test")]},
+            "loose.test": {"MX": [(10, "mx.shared.test")]},
+            "mx.shared.test": {"A": ["127.0.0.2"]},
+        }
+    )
+    transport = make_transport(
+        limits={"strict.test": DestinationLimits(messages_per_connection=2)},
+        messages_per_connection=100,  # [delivery]'s, for every other destination
+    )
+
+    async def send(recipient: str, count: int) -> None:
+        for _ in range(count):
+            assert classes(await transport.send(envelope(recipient))) == [ReplyClass.DELIVERED]
+
+    await send("a@strict.test", 5)
+    assert server.connections == 3  # 2 + 2 + 1
+    await send("b@loose.test", 4)  # goes on over the connection strict.test left open
+    assert server.connections == 3
+    await send("a@strict.test", 1)  # that connection has carried 5: too many for strict.test
+    assert server.connections == 4
+    await send("b@loose.test", 1)
+    assert server.connections == 4
+    assert len(server.received) == 11
+
+
+async def test_a_providers_messages_per_connection_applies_to_domains_behind_its_mx(
+    hosts: MXHosts, dns_server: DNSServer, make_transport: Transports
+) -> None:
+    server = await hosts.start("127.0.0.2")
+    dns_server.zone.update(
+        {
+            "corp.test": {"MX": [(10, "mx1.acme-mail.test")]},
+            "mx1.acme-mail.test": {"A": ["127.0.0.2"]},
+        }
+    )
+    acme = DestinationLimits(mx_suffixes=("acme-mail.test",), messages_per_connection=1)
+    transport = make_transport(
+        destinations=DestinationMap(merge_providers({"acme": acme})), limits={"acme": acme}
+    )
+    for recipient in ("a@corp.test", "b@corp.test", "c@corp.test"):
+        assert classes(await transport.send(envelope(recipient))) == [ReplyClass.DELIVERED]
+    assert server.connections == 3
 
 
 # -- TLS --------------------------------------------------------------------------------------

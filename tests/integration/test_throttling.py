@@ -1,6 +1,6 @@
-"""Throttling end to end, in real time against real servers: postlane's delivered rate settles
-under what a rate-limiting server accepts, with few refusals; a broken destination does not slow
-a healthy one down."""
+"""Throttling end to end, against real servers: postlane's delivered rate settles under what a
+rate-limiting server accepts, with few refusals; a broken destination does not slow a healthy
+one down; a relay's connections carry no more messages than its destination allows."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass, Verdict
+from postlane.clock import FakeClock
 from postlane.config import Config
 from postlane.message import Lane, Message, RecipientState
 from postlane.policy import Decision
@@ -25,8 +26,6 @@ from postlane.transports.base import Envelope, Response, Transport
 from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
 from postlane.worker import Worker
 from tests.conftest import SMTPPeer, free_port, make_config
-
-pytestmark = pytest.mark.slow
 
 GMAIL_421 = """421-4.7.28 [127.0.0.1] Our system has detected an unusual rate of
 421-4.7.28 unsolicited mail originating from your IP address. To protect our
@@ -60,6 +59,7 @@ async def attempts_of(app: AsyncPostlane, ids: Sequence[str]) -> list[Any]:
     return sorted(out, key=lambda a: a.at)
 
 
+@pytest.mark.slow
 async def test_delivered_rate_converges_under_the_servers_limit_with_few_refusals(
     tmp_path: Path,
 ) -> None:
@@ -204,6 +204,7 @@ async def run_healthy(tmp_path: Path, peer: SMTPPeer, *, with_broken: bool) -> H
     return HealthyRun(seconds, tries, statuses.get("broken.example"), broken_views)
 
 
+@pytest.mark.slow
 async def test_a_refusing_destination_does_not_slow_the_healthy_one(
     tmp_path: Path, smtp_peer: SMTPPeer
 ) -> None:
@@ -247,3 +248,54 @@ async def test_a_refusing_destination_does_not_slow_the_healthy_one(
     assert best_beside >= best_alone * 0.9, (
         f"healthy alone {best_alone:.0f}/s, beside a broken one {best_beside:.0f}/s"
     )
+
+
+# -- messages per connection -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "routed"),
+    [("relay", False), ("default", False), ("relay:127.0.0.1:{port}", True)],
+)
+async def test_a_relay_connection_carries_no_more_than_its_destinations_messages_per_connection(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer, table: str, routed: bool
+) -> None:
+    # one connection at a time, so the number of connections is exact; [delivery] would allow
+    # 100 per connection, the relay's destination allows 3
+    delivery = {"connections_per_host": 1, "messages_per_connection": 100}
+    sections: dict[str, Any] = {
+        "delivery": {**delivery, "relay": smtp_peer.url},
+        "destinations": {table.format(port=smtp_peer.port): {"messages_per_connection": 3}},
+    }
+    if routed:  # a routed relay is the destination "relay:HOST:PORT"
+        sections["delivery"] = delivery
+        sections["routes"] = [{"recipient_domain": ["*"], "relay": smtp_peer.url}]
+    config = make_config(tmp_path, **sections)
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send_many(
+            [Message(sender="a@example.com", to=[f"u{i}@x.example"], text="x") for i in range(7)]
+        )
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        await worker.run_until_idle()
+        await worker.transport.close()
+    assert len(smtp_peer.handler.received) == 7
+    assert smtp_peer.handler.connections == 3  # 3 + 3 + 1
+
+
+async def test_without_a_destination_limit_the_delivery_setting_applies(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    config = make_config(
+        tmp_path,
+        delivery={"relay": smtp_peer.url, "connections_per_host": 1, "messages_per_connection": 4},
+        destinations={"x.example": {"messages_per_connection": 1}},  # not the relay's
+    )
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send_many(
+            [Message(sender="a@example.com", to=[f"u{i}@x.example"], text="x") for i in range(7)]
+        )
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        await worker.run_until_idle()
+        await worker.transport.close()
+    assert len(smtp_peer.handler.received) == 7
+    assert smtp_peer.handler.connections == 2  # 4 + 3

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from postlane.config import Config
+from postlane.config import Config, destination_limits
 from postlane.errors import ConfigError
 from postlane.transports.base import Envelope, Response, Transport
 
@@ -35,10 +35,14 @@ def _signer(config: Config) -> DkimSigner | None:
     return DkimSigner.from_files(keys, base_dir=config.base_dir)
 
 
-def _smtp(config: Config) -> Transport:
+def _smtp(config: Config, destination: str = "relay") -> Transport:
+    """``destination`` names the relay as a throttle destination; its ``[destinations.NAME]``
+    limits apply (messages per connection)."""
     from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
 
-    relay = SMTPRelayTransport(RelaySettings.from_url(config.delivery.relay, config.delivery))
+    limits = destination_limits(config.destinations, destination)
+    settings = RelaySettings.from_url(config.delivery.relay, config.delivery, limits)
+    relay = SMTPRelayTransport(settings, destination=destination)
     signer = _signer(config)
     if signer is None:
         return relay
@@ -56,6 +60,7 @@ def _mx(config: Config) -> Transport:
         destinations=DestinationMap.from_config(config),
         require_tls=config.delivery.require_tls,
         signer=_signer(config),
+        limits=config.destinations,
     )
 
 
@@ -112,11 +117,14 @@ def _one(config: Config, relay: str, built: dict[str, Transport], where: str) ->
             known = ", ".join(f"{name}://" for name in SCHEMES)
             raise ConfigError(f"{where}: unknown scheme {scheme!r} (known: {known})")
         delivery = dataclasses.replace(config.delivery, relay=relay)
-        transport = factory(dataclasses.replace(config, delivery=delivery))
-        if where != "delivery.relay" and getattr(transport, "shared_destination", None) == "relay":
+        relay_config = dataclasses.replace(config, delivery=delivery)
+        if factory is _smtp and where != "delivery.relay":
             # a routed SMTP relay is a destination of its own, apart from [delivery] relay
             parts = urlsplit(relay)
-            transport.shared_destination = f"relay:{parts.hostname}:{parts.port or ''}".rstrip(":")  # type: ignore[attr-defined]
+            name = f"relay:{parts.hostname}:{parts.port or ''}".rstrip(":")
+            transport = _smtp(relay_config, name)
+        else:
+            transport = factory(relay_config)
         built[relay] = transport
     return built[relay]
 

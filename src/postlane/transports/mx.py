@@ -34,13 +34,16 @@ TLS
 
 Connections
     Each MX host has a pool of its own, :class:`SMTPRelayTransport`'s, reused by every domain
-    that host serves (pipelined transactions, ``messages_per_connection``, RSET after a failed
-    transaction). Only how a connection is opened differs, so only that is overridden here.
+    that host serves (pipelined transactions, RSET after a failed transaction). Only how a
+    connection is opened differs, so only that is overridden here. A connection carries at most
+    the ``messages_per_connection`` of the destination each message goes to (its
+    ``[destinations.NAME]`` or ``[destinations.default]`` table, else ``[delivery]``'s).
 
 Destinations
     Domains served by the same MX hosts share limits: :meth:`MXTransport.mx_destination` names
     the throttle destination of a domain (a provider recognised by its MX suffix, else the
-    primary MX host, else the domain itself).
+    primary MX host, else the domain itself). Limits per connection are looked up under the
+    destination the queue records for a recipient: :meth:`MXTransport.limits_destination`.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -64,7 +67,7 @@ import dns.resolver
 from aiosmtplib import SMTPException, SMTPResponseException
 
 from postlane.classify import ReplyClass, classify
-from postlane.config import DeliveryConfig
+from postlane.config import DeliveryConfig, DestinationLimits, destination_limits
 from postlane.destinations import DestinationMap
 from postlane.dkim import DkimSigner
 from postlane.transports.base import Envelope, Response
@@ -154,16 +157,18 @@ class _MXHostPool(SMTPRelayTransport):
         self._addresses = addresses
         self._busy = 0
 
-    async def send(self, envelope: Envelope) -> list[Response]:
+    async def send(
+        self, envelope: Envelope, *, messages_per_connection: int | None = None
+    ) -> list[Response]:
         self._busy += 1
         try:
-            return await super().send(envelope)
+            return await super().send(envelope, messages_per_connection=messages_per_connection)
         finally:
             self._busy -= 1
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self, per_connection: int) -> _Connection:
         try:
-            return await super()._acquire()
+            return await super()._acquire(per_connection)
         except _Refused as refused:
             raise _HostUnavailable(refused, self.name) from refused
 
@@ -284,11 +289,14 @@ class MXTransport:
         dns_timeout: float = DNS_TIMEOUT,
         messages_per_connection: int = 100,
         connections_per_host: int = 20,
+        limits: Mapping[str, DestinationLimits] | None = None,
     ) -> None:
         """``port`` and ``resolver`` are there for tests (and for networks that reach the
         internet's port 25 through a redirect); ``require_tls`` lists the destinations that
         need verified TLS, ``tls_ca`` the CA bundle that verifies them (default: the system's);
-        ``signer`` DKIM-signs every message before it leaves."""
+        ``signer`` DKIM-signs every message before it leaves; ``limits`` are the
+        ``[destinations.NAME]`` tables (their ``messages_per_connection`` win over the
+        argument's)."""
         self.helo_name = helo_name or socket.gethostname()
         self.port = port
         self.require_tls = frozenset(entry.lower().rstrip(".") for entry in require_tls)
@@ -300,6 +308,7 @@ class MXTransport:
         self.dns_timeout = dns_timeout
         self.messages_per_connection = messages_per_connection
         self.connections_per_host = connections_per_host
+        self.limits = dict(limits or {})
         if resolver is None:
             resolver = dns.asyncresolver.Resolver()
             resolver.cache = dns.resolver.Cache()  # honours each answer's TTL
@@ -316,8 +325,10 @@ class MXTransport:
         signer: DkimSigner | None = None,
         destinations: DestinationMap | None = None,
         resolver: dns.asyncresolver.Resolver | None = None,
+        limits: Mapping[str, DestinationLimits] | None = None,
     ) -> MXTransport:
-        """The transport ``[delivery]`` describes (timeouts, HELO name, pool sizes)."""
+        """The transport ``[delivery]`` describes (timeouts, HELO name, pool sizes), with the
+        ``[destinations.NAME]`` ``limits``."""
         return cls(
             helo_name=delivery.helo_name,
             require_tls=require_tls,
@@ -329,6 +340,7 @@ class MXTransport:
             command_timeout=delivery.command_timeout,
             messages_per_connection=delivery.messages_per_connection,
             connections_per_host=delivery.connections_per_host,
+            limits=limits,
         )
 
     # -- sending ----------------------------------------------------------------------------------
@@ -368,11 +380,14 @@ class MXTransport:
         if not route.hosts:
             return [route.response(self.name)] * count
         verified = self.tls_required(domain, route)
+        limits = destination_limits(self.limits, self.limits_destination(domain, route))
+        per_connection = limits.messages_per_connection or self.messages_per_connection
         refusals: list[_Refused] = []
         relay = self.name
         for host in route.hosts:
+            pool = self._pool(host, verified)
             try:
-                return await self._pool(host, verified).send(envelope)
+                return await pool.send(envelope, messages_per_connection=per_connection)
             except _HostUnavailable as unavailable:
                 refusals.append(unavailable.refusal)
                 relay = unavailable.relay
@@ -514,6 +529,20 @@ class MXTransport:
                 f"DNS: address lookup of {host} failed: {detail}", None, ReplyClass.CONNECTION
             )
         raise _NoAddress(f"{host} has no address (no A or AAAA record)")
+
+    def limits_destination(self, domain: str, route: Route) -> str:
+        """The destination whose ``[destinations.NAME]`` limits apply to mail for ``domain``:
+        the one the queue records for its recipients (a known provider, by domain or by MX
+        suffix in preference order, else the domain itself)."""
+        domain = domain.lower().rstrip(".")
+        known = self.destinations.for_domain(domain)
+        if known != domain:
+            return known
+        for host in route.hosts:
+            provider = self.destinations.for_mx(host)
+            if provider is not None:
+                return provider
+        return domain
 
     async def mx_destination(self, domain: str) -> str:
         """The throttle destination of ``domain`` for direct delivery: a known provider (by

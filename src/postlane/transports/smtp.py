@@ -9,9 +9,10 @@ aiosmtplib does not pipeline: with PIPELINING (RFC 2920) MAIL, every RCPT and DA
 write and their replies are read together, two round trips per message instead of four. Servers
 without PIPELINING get the same commands one at a time.
 
-Connections are pooled per relay and reused for many messages (up to
-``messages_per_connection``). Every recipient gets its own response: a 550 on one RCPT does not
-fail the others, and the accepted ones are sent once, in the same transaction.
+Connections are pooled per relay and reused for many messages: up to the relay destination's
+``[destinations.relay] messages_per_connection``, else ``[delivery] messages_per_connection``.
+Every recipient gets its own response: a 550 on one RCPT does not fail the others, and the
+accepted ones are sent once, in the same transaction.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from aiosmtplib import (
 )
 
 from postlane.classify import ReplyClass, classify
-from postlane.config import DeliveryConfig
+from postlane.config import DeliveryConfig, DestinationLimits
 from postlane.errors import ConfigError
 from postlane.transports.base import Envelope, Response, no_reply
 
@@ -73,7 +74,11 @@ class RelaySettings:
         return f"{scheme}://{host}:{self.port}"
 
     @classmethod
-    def from_url(cls, url: str, delivery: DeliveryConfig) -> RelaySettings:
+    def from_url(
+        cls, url: str, delivery: DeliveryConfig, limits: DestinationLimits | None = None
+    ) -> RelaySettings:
+        """The relay at ``url`` as ``[delivery]`` describes it; ``limits`` are the relay
+        destination's own (its ``messages_per_connection`` wins over ``[delivery]``'s)."""
         parts = urlsplit(url)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
             raise ConfigError(
@@ -95,7 +100,9 @@ class RelaySettings:
             helo_name=delivery.helo_name or socket.gethostname(),
             connect_timeout=delivery.connect_timeout,
             command_timeout=delivery.command_timeout,
-            messages_per_connection=delivery.messages_per_connection,
+            messages_per_connection=(
+                (limits and limits.messages_per_connection) or delivery.messages_per_connection
+            ),
             connections=delivery.connections_per_host,
             tls_verify=delivery.tls_verify,
             tls_ca=delivery.tls_ca,
@@ -265,13 +272,12 @@ def _payload(content: bytes) -> bytes:
 class SMTPRelayTransport:
     """Deliver everything to one relay (smarthost) over pooled SMTP connections."""
 
-    #: every delivery also goes through the relay: a throttle destination of its own
-    #: (``[destinations.relay]``), which slow-downs and connection failures are charged to
-    shared_destination = "relay"
-
-    def __init__(self, settings: RelaySettings) -> None:
+    def __init__(self, settings: RelaySettings, *, destination: str = "relay") -> None:
         self.settings = settings
         self.name = settings.name
+        #: every delivery also goes through the relay: a throttle destination of its own
+        #: (``[destinations.relay]``), which slow-downs and connection failures are charged to
+        self.shared_destination = destination
         self._idle: deque[_Connection] = deque()
         self._slots = asyncio.Semaphore(settings.connections)
         self._tls_context: ssl.SSLContext | None = None
@@ -350,32 +356,49 @@ class SMTPRelayTransport:
             smtputf8=client.supports_extension("smtputf8"),
         )
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self, per_connection: int) -> _Connection:
+        """The most recently used idle connection that has carried fewer than
+        ``per_connection`` messages, else a new one. (Idle connections that have carried more
+        stay for destinations that allow more: an MX host's pool serves several.)"""
+        found: _Connection | None = None
+        spent: deque[_Connection] = deque()
         while self._idle:
             connection = self._idle.pop()
-            if connection.usable:
-                return connection
-            self._close_connection(connection, polite=False)
-        return await self._connect()
+            if not connection.usable:
+                self._close_connection(connection, polite=False)
+            elif connection.sent < per_connection:
+                found = connection
+                break
+            else:
+                spent.appendleft(connection)
+        self._idle.extend(spent)
+        return found or await self._connect()
 
-    def _release(self, connection: _Connection, healthy: bool) -> None:
+    def _release(self, connection: _Connection, healthy: bool, per_connection: int) -> None:
         connection.sent += 1
         if (
             not healthy
             or self._closing
-            or connection.sent >= self.settings.messages_per_connection
+            or connection.sent >= per_connection
             or not connection.reader.open
+            or len(self._idle) >= self.settings.connections
         ):
             self._close_connection(connection, polite=healthy)
             return
         connection.idle_since = time.monotonic()
         self._idle.append(connection)
 
-    async def send(self, envelope: Envelope) -> list[Response]:
+    async def send(
+        self, envelope: Envelope, *, messages_per_connection: int | None = None
+    ) -> list[Response]:
+        """Send ``envelope`` on a pooled connection; one response per recipient.
+        ``messages_per_connection`` (default: the relay's) is the most messages a connection
+        carrying this one may carry in all."""
+        per_connection = messages_per_connection or self.settings.messages_per_connection
         async with self._slots:
             for retry_on_fresh in (True, False):
                 try:
-                    connection = await self._acquire()
+                    connection = await self._acquire(per_connection)
                 except _Refused as refused:
                     return [
                         Response(refused.code, refused.text, self.name, refused.failure)
@@ -393,7 +416,7 @@ class SMTPRelayTransport:
                 except BaseException:  # cancelled mid-transaction: never pool it, close it
                     self._close_connection(connection, polite=False)
                     raise
-                self._release(connection, healthy)
+                self._release(connection, healthy, per_connection)
                 return responses
         raise AssertionError("unreachable")
 
