@@ -265,6 +265,9 @@ def test_dlq_and_suppression_commands(tmp_path: Path) -> None:
         (["queue", "list", "--state", "bogus"], "unknown state"),
         (["queue", "list", "--lane", "bogus"], "lanes are"),
         (["queue", "list", "--older-than", "soon"], "duration"),
+        (["dlq", "list", "--state", "bogus"], "--state"),  # dead letters are always dead
+        (["dlq", "requeue", "--all", "--state", "dead"], "--state"),
+        (["queue", "import", "/nonexistent/export.jsonl"], "cannot read"),
         (["--config", "/nonexistent.toml", "stats"], "does not exist"),
         (["suppress", "add", "not an address"], "not a valid address"),
     ],
