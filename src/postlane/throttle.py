@@ -261,10 +261,16 @@ class Throttle:
         else:
             current = min(state.rate, measured) if measured else state.rate
         new_rate = max(self.settings.min_rate, current / 2)
-        state.rate = new_rate
-        state.tokens = min(state.tokens, 0.0)
+        self._cut(state, new_rate, now)
         state.reason = reason
         state.changed = True
+
+    def _cut(self, state: _Destination, rate: float, now: float) -> None:
+        """Lower the rate from ``now`` on: the bucket is emptied, so the next send waits for
+        the new rate (a destination that had no limit had no bucket to refill until now)."""
+        state.rate = rate
+        state.tokens = min(state.tokens, 0.0)
+        state.refilled_at = now
 
     def _speed_up(self, state: _Destination, now: float) -> None:
         state.sent.append(now)
@@ -330,8 +336,7 @@ class Throttle:
     def _hold(self, state: _Destination, now: float, rule: ShapingRule, name: str) -> None:
         """Set ``rule``'s rate (never above the configured one) and hold it for its duration."""
         rate = min(rule.rate, state.configured_rate or rule.rate)
-        state.rate = rate
-        state.tokens = min(state.tokens, 0.0)
+        self._cut(state, rate, now)
         state.held_rate = rate
         state.held_until = now + rule.duration
         state.held_reason = f"{name}: rate {rate}/s for {format_duration(rule.duration)}"

@@ -77,6 +77,15 @@ def test_throttled_halves_what_was_being_sent_once_a_second_down_to_the_floor() 
     assert "throttled" in (t.statuses(now)[0].reason or "")
 
 
+def test_a_slow_down_from_no_limit_takes_effect_at_once() -> None:
+    t = throttle(min_rate=0.5)
+    assert send(t, T0)
+    t.observe("d", SLOW, T0 + 0.1)  # 0.5/s from now: the next send in 2 seconds, not now
+    assert t.statuses(T0 + 0.1)[0].rate == 0.5
+    waiting = t.admit(["d"], T0 + 0.1)
+    assert waiting.at == pytest.approx(T0 + 2.1)
+
+
 def test_successes_let_the_rate_creep_back_to_the_configured_limit() -> None:
     t = throttle(rate=20, increase=2.0)
     t.observe("d", SLOW, T0)
