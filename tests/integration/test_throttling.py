@@ -5,19 +5,24 @@ one down; a relay's connections carry no more messages than its destination allo
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass, Verdict
-from postlane.clock import FakeClock
+from postlane.clock import FakeClock, iso
 from postlane.config import Config
+from postlane.ingest.http import build_app
 from postlane.message import Lane, Message, RecipientState
+from postlane.metrics import Metrics
 from postlane.policy import Decision
 from postlane.records import DestinationStatus, MessageView, Selector
 from postlane.simulate import Scenario, Simulator
@@ -248,6 +253,72 @@ async def test_a_refusing_destination_does_not_slow_the_healthy_one(
     assert best_beside >= best_alone * 0.9, (
         f"healthy alone {best_alone:.0f}/s, beside a broken one {best_beside:.0f}/s"
     )
+
+
+# -- seeing it ---------------------------------------------------------------------------------
+
+
+async def test_stats_the_api_and_metrics_show_a_slowed_down_and_a_paused_destination(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    config = make_config(
+        tmp_path,
+        # one send at a time: the slow-down's arithmetic is exact
+        delivery={"concurrency": 1, "batch_size": 1, "connect_timeout": "1s"},
+        throttle={"pause_after": 3, "pause": "5m", "min_rate": 0.5},
+        retry={"delays": ["1m"]},
+    )
+    smtp_peer.handler.data = ["421 4.7.28 Our system has detected an unusual rate of mail"]
+    clock.set(time.time())  # /metrics tells a pause from the wall clock, not the app's
+    routes: dict[str, Transport] = {
+        "slow.example": relay(smtp_peer.port, config),
+        "down.example": relay(free_port(), config),  # nothing listens: refused
+    }
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send_many(
+            [
+                Message(sender="a@example.com", to=[f"u{i}@{domain}"], text="x")
+                for i in range(4)
+                for domain in ("slow.example", "down.example")
+            ]
+        )
+        worker = Worker.from_config(config, app.store, ByDomain(routes), clock=clock)
+        await worker.run_until_idle()
+        await worker.transport.close()
+        now = clock.now()
+
+        stats = {d.destination: d for d in (await app.stats()).destinations}
+        slow, down = stats["slow.example"], stats["down.example"]
+        # "slow down" with one send in flight: half of 1/s (min_rate 0.5 sets the floor)
+        assert slow.rate == 0.5 and slow.paused_until is None
+        assert (slow.reason or "").startswith("throttled: Our system has detected an unusual rate")
+        assert down.paused_until == pytest.approx(now + 300, abs=1)
+        assert "3 connection failure(s)" in (down.reason or "")
+
+        api = build_app(config, app, Metrics(app))
+        transport = httpx.ASGITransport(app=api, client=("127.0.0.1", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as client:
+            body = (await client.get("/v1/stats")).json()
+            metrics = (await client.get("/metrics")).text
+    listed = {d["destination"]: d for d in body["destinations"]}
+    assert listed["slow.example"]["rate"] == 0.5
+    assert listed["slow.example"]["paused_until"] is None
+    assert listed["slow.example"]["reason"].startswith("throttled")
+    assert listed["down.example"]["paused_until"] == iso(down.paused_until)
+    assert "connection failure" in listed["down.example"]["reason"]
+    assert gauge(metrics, "postlane_destination_rate", "slow.example") == 0.5
+    assert gauge(metrics, "postlane_destination_paused", "slow.example") == 0
+    assert gauge(metrics, "postlane_destination_rate", "down.example") == math.inf
+    assert gauge(metrics, "postlane_destination_paused", "down.example") == 1
+
+
+def gauge(text: str, name: str, destination: str) -> float:
+    """One destination's sample of a gauge in Prometheus exposition text."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == {"destination": destination}:
+                return float(sample.value)
+    raise AssertionError(f"{name}{{destination={destination!r}}} not exposed")
 
 
 # -- messages per connection -----------------------------------------------------------------
