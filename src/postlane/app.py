@@ -271,20 +271,10 @@ class AsyncPostlane:
             await self.store.lift_destinations(None, self.clock.now())
             return
         states = (*ACTION_STATES[QueueAction.FLUSH], "sending")
-        names = set(await self._selected_destinations(selector, states))
+        names = set(await self.store.selected_destinations(selector, states))
         for domain in selector.domains:  # named by the operator, even with nothing waiting
             names |= {domain, self.destinations.for_domain(domain)}
         await self.store.lift_destinations(sorted(names), self.clock.now())
-
-    async def _selected_destinations(self, selector: Selector, states: Sequence[str]) -> list[str]:
-        # both shipped stores implement it; a store without it falls back on the domain table
-        # (no DNS: a domain routed to a provider by its MX hosts is then missed)
-        stored = getattr(self.store, "selected_destinations", None)
-        if stored is not None:
-            names: list[str] = await stored(selector, states)
-            return names
-        counts = await self.store.summarize(selector, states)
-        return sorted({self.destinations.for_domain(c.domain) for c in counts})
 
     async def _apply(self, action: QueueAction, ids: list[int], states: Sequence[str]) -> int:
         now = self.clock.now()

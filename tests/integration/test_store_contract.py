@@ -368,6 +368,24 @@ async def test_attempts_are_counted_by_minute_class_and_destination(store: Any) 
     assert replies == [("example.net", "soft_bounce", 1), ("example.net", "temporary", 1)]
 
 
+async def test_selected_destinations_are_the_ones_stored_at_enqueue(store: Any) -> None:
+    a = msg("x@gmail.com", "y@example.net")
+    b = msg("z@corp.example")
+    await store.enqueue([a, b], T0)
+    waiting = ("queued", "deferred", "sending")
+    assert await store.selected_destinations(Selector(), waiting) == [
+        "corp.example",
+        "example.net",
+        "google",
+    ]
+    only_a = Selector(ids=(a.id,))
+    assert await store.selected_destinations(only_a, waiting) == ["example.net", "google"]
+    assert await store.selected_destinations(Selector(domains=("gmail.com",)), waiting) == [
+        "google"
+    ]
+    assert await store.selected_destinations(Selector(), ("dead",)) == []
+
+
 async def test_dead_letters_list_with_selectors(store: Any) -> None:
     prepared = msg("gone@example.net")
     await store.enqueue([prepared], T0)

@@ -129,6 +129,11 @@ class Store(Protocol):
         """Ids of deliveries matching ``selector`` in ``states``, above ``after``, ascending."""
         ...
 
+    async def selected_destinations(self, selector: Selector, states: Sequence[str]) -> list[str]:
+        """The destinations (stored at enqueue, MX lookups included) of the selected deliveries
+        in ``states``: what a flush must lift."""
+        ...
+
     async def summarize(self, selector: Selector, states: Sequence[str]) -> list[SelectionCount]:
         """What an action would touch: counts by lane, domain, state and last reply class."""
         ...
