@@ -31,10 +31,11 @@ REPLIES = {
     "blocked.example": "554 5.7.1 Service unavailable; Client host [192.0.2.7] blocked using "
     "zen.spamhaus.org",
     "slow.example": "451 4.7.1 Greylisted, please try again later",
+    "grey.example": "451 4.7.1 Greylisted, please try again later",
     "full.example": "452 4.2.2 Mailbox full",
 }
 #: waiting messages in the low lane: more than a page, to page through
-NEWSLETTERS = 64
+NEWSLETTERS = 90
 HELD = 3
 
 
@@ -95,7 +96,7 @@ async def seed(directory: Path) -> Seeded:
 
     async with AsyncPostlane(config) as app:
         for i in range(8):  # password resets: delivered, one greylisted
-            domain = "slow.example" if i == 0 else "gmail.com"
+            domain = "grey.example" if i == 0 else "gmail.com"
             await app.send(
                 sender="accounts@shop.example",
                 to=[to(f"user{i}@{domain}")],
@@ -120,7 +121,7 @@ async def seed(directory: Path) -> Seeded:
                 text="Your invoice is attached.",
             )
         for i in range(NEWSLETTERS):  # greylisted and full mailboxes: deferred
-            domain = "slow.example" if i % 3 else "full.example"
+            domain = "full.example" if i % 3 else "slow.example"
             await app.send(
                 sender="news@shop.example",
                 to=[to(f"reader{i}@{domain}"), to(f"friend{i}@outlook.com")],
@@ -163,7 +164,7 @@ async def seed(directory: Path) -> Seeded:
             ]
         )
         await _history(app, now)
-        [deferred] = await app.messages(Selector(lanes=(), recipient="user0@slow.example"))
+        [deferred] = await app.messages(Selector(lanes=(), recipient="user0@grey.example"))
     server.close()
     await server.wait_closed()
     # the dashboard runs with the default capture relay: what is released or requeued arrives

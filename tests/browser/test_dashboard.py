@@ -213,7 +213,9 @@ def test_the_queue_filters_and_pages_without_repeating(
     page.goto(seeded.http + "/queue?domain=full.example")
     rows = page.locator("tr[data-id]")
     expect(rows.first).to_contain_text("Mailbox full")
-    assert rows.count() == len(run_cli(seeded.config, "queue", "list", "--domain", "full.example"))
+    shown_ids = rows.evaluate_all("rows => rows.map(r => r.dataset.id)")
+    listed = run_cli(seeded.config, "queue", "list", "--domain", "full.example")
+    assert shown_ids == [m["id"] for m in listed][:50]  # the first page of what the CLI lists
 
 
 def test_a_message_can_be_held_and_released_from_its_page(
@@ -221,7 +223,7 @@ def test_a_message_can_be_held_and_released_from_its_page(
 ) -> None:
     queue_id = seeded.deferred_id
     page.goto(f"{seeded.http}/queue/{queue_id}")
-    recipient = page.locator('section[data-address="user0@slow.example"]')
+    recipient = page.locator('section[data-address="user0@grey.example"]')
     expect(recipient).to_contain_text("451 4.7.1 Greylisted")  # the attempt, with its reply
     expect(page.locator("table.headers")).to_contain_text("Reset your password")
     screenshot(page, "message", tmp_path)
