@@ -9,7 +9,6 @@ provider, one of the first :data:`MAX_DOMAIN_LABELS` other destinations seen, el
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -51,6 +50,8 @@ class DestinationLabels:
 class _StoreGauges(Collector):
     def __init__(self, label: DestinationLabels) -> None:
         self.stats: Stats | None = None
+        #: when ``stats`` was read (the app's clock: a paused_until is compared with it)
+        self.read_at = 0.0
         self.label = label
 
     def collect(self) -> Iterator[Metric]:
@@ -85,7 +86,7 @@ class _StoreGauges(Collector):
         )
         stats = self.stats
         if stats is not None:
-            now = time.time()
+            now = self.read_at
             seen: set[str] = set()
             for d in stats.destinations:
                 name = self.label(d.destination)
@@ -208,6 +209,7 @@ class Metrics:
             return
         try:
             self._gauges.stats = await self.app.stats()
+            self._gauges.read_at = self.app.clock.now()
             recoveries = await self.app.store.recoveries_after(self._recovery_seen)
         except Exception:
             self.scrape_errors.inc()
