@@ -9,7 +9,7 @@ provider, one of the first :data:`MAX_DOMAIN_LABELS` other destinations seen, el
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -31,12 +31,21 @@ RECOVERY_BUCKETS = (60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400)
 
 
 class DestinationLabels:
-    """Keeps the ``destination`` label's values bounded."""
+    """Keeps the ``destination`` label's values bounded: a known provider, one of ``limit``
+    other destinations (the busiest of the last day when the process starts, see
+    :meth:`seed`, then the first seen), else ``other``. A label never changes once given, so
+    each series stays continuous."""
 
     def __init__(self, limit: int = MAX_DOMAIN_LABELS) -> None:
         self._known = provider_names()
         self._seen: set[str] = set()
         self._limit = limit
+
+    def seed(self, busiest: Sequence[str]) -> None:
+        """Give labels first to these destinations (busiest first), as far as the limit goes:
+        every process on one store seeds from the same attempts, so their labels agree."""
+        for destination in busiest:
+            self(destination)
 
     def __call__(self, destination: str) -> str:
         if destination in self._known or destination in self._seen:
@@ -195,6 +204,18 @@ class Metrics:
             self.latency.labels(lane.value).observe(max(0.0, now - created_at))
         elif decision.action is Action.DEAD:
             self.dead_letters.labels(verdict.cls.value).inc()
+
+    async def seed_destinations(self, window: float = 86400.0) -> None:
+        """Label the busiest destinations of the last ``window`` seconds first (serve and
+        worker call this once at start)."""
+        if self.app is None:
+            return
+        totals: dict[str, int] = {}
+        for destination, _cls, count in await self.app.store.destination_replies(
+            self.app.clock.now() - window
+        ):
+            totals[destination] = totals.get(destination, 0) + count
+        self.destination_label.seed(sorted(totals, key=lambda d: (-totals[d], d)))
 
     def dead_without_try(self, cls: ReplyClass) -> None:
         self.dead_letters.labels(cls.value).inc()

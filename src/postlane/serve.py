@@ -82,6 +82,7 @@ async def run(
         from postlane.metrics import Metrics
 
         metrics = Metrics(app)
+        await metrics.seed_destinations()
         worker = Worker.from_config(
             config, app.store, transport, wake=app.wake, clock=app.clock, observer=metrics
         )

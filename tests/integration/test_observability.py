@@ -439,3 +439,30 @@ async def test_serve_evaluates_the_rules_on_its_own_and_notifies_the_webhook(
     names = {a["labels"]["alertname"] for batch in received for a in batch if "endsAt" not in a}
     assert {"PostlaneOldestMessageAgeGrowing", "PostlaneNoDeliveries"} <= names
     assert "alert PostlaneOldestMessageAgeGrowing{lane=low} firing" in err.decode()
+
+
+async def test_destination_labels_are_bounded_and_go_to_the_busiest_first(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        quiet = [Message(sender="a@x.example", to=[f"u@quiet{q:02}.example"], text="x")
+                 for q in range(30)]  # fmt: skip
+        busy = [Message(sender="a@x.example", to=[f"u{i}@busy{b}.example"], text="x")
+                for b in range(5) for i in range(10)]  # fmt: skip
+        await app.send_many(quiet + busy)  # the quiet ones are seen first
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        await worker.run_until_idle()
+        await clock.advance(3600)
+
+        metrics = Metrics(app)  # a process starting an hour later
+        await metrics.seed_destinations()
+        label = metrics.destination_label
+        assert [label(f"busy{b}.example") for b in range(5)] == [
+            f"busy{b}.example" for b in range(5)
+        ]
+        named = [q for q in range(30) if label(f"quiet{q:02}.example") != "other"]
+        assert named == list(range(15))  # 20 labels: the 5 busiest, then 15 others by name
+        assert label("brand-new.example") == "other"
+        assert label("google") == "google"  # known providers are always their own label
+        assert label("busy0.example") == "busy0.example"  # a label never changes
