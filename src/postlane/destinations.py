@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+import dns.asyncresolver
+
 from postlane.config import Config, DestinationLimits
 
 #: how long an MX answer (or the lack of one) is trusted
@@ -69,11 +71,17 @@ class DestinationMap:
     """Maps recipient domains to destinations (with an MX cache when lookups are on)."""
 
     def __init__(
-        self, providers: Iterable[Provider] | None = None, *, mx_lookup: bool = False
+        self,
+        providers: Iterable[Provider] | None = None,
+        *,
+        mx_lookup: bool = False,
+        resolver: dns.asyncresolver.Resolver | None = None,
     ) -> None:
         self.providers = tuple(known_providers() if providers is None else providers)
         self._by_domain = {d: p.name for p in self.providers for d in p.domains}
         self.mx_lookup = mx_lookup
+        #: the resolver for MX lookups (None: the system's)
+        self.resolver = resolver
         self._mx_cache: dict[str, tuple[float, str]] = {}
 
     @classmethod
@@ -118,18 +126,23 @@ class DestinationMap:
         return out
 
     async def _by_mx(self, domain: str) -> str:
-        import dns.asyncresolver
+        """A known provider whose MX suffix one of the domain's MX hosts has; else its primary
+        MX host, so that domains hosted on the same servers share one set of limits (and one
+        pause); else (no MX, a null MX, a DNS failure) the domain itself."""
         import dns.exception
 
+        resolver = self.resolver or dns.asyncresolver.get_default_resolver()
         try:
-            answer = await dns.asyncresolver.resolve(domain, "MX", lifetime=MX_TIMEOUT)
+            answer = await resolver.resolve(domain, "MX", lifetime=MX_TIMEOUT)
         except (dns.exception.DNSException, OSError):
             return domain
-        for record in sorted(answer, key=lambda r: r.preference):
+        records = sorted(answer, key=lambda r: r.preference)
+        for record in records:
             provider = self.for_mx(str(record.exchange))
             if provider is not None:
                 return provider
-        return domain
+        primary = str(records[0].exchange).lower().rstrip(".") if records else ""
+        return primary or domain  # a null MX ("0 .") names no host
 
 
 _DEFAULT = DestinationMap()

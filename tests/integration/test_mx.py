@@ -532,3 +532,53 @@ async def test_idle_connections_and_unused_pools_are_swept(
     # and a fresh pool (and connection) serves the message
     assert classes(await transport.send(envelope("b@two.test"))) == [ReplyClass.DELIVERED]
     assert server.connections == 2
+
+
+async def test_the_queue_gives_domains_on_the_same_mx_hosts_one_destination(
+    dns_server: DNSServer, tmp_path: Path
+) -> None:
+    """What the queue stores at enqueue (and throttles by): a provider found by its MX hosts,
+    else the primary MX host, so two domains hosted on one server share its rate, cap and
+    pause; else the domain."""
+    dns_server.zone.update(
+        {
+            "shop-a.example": {"MX": [(10, "mx1.hoster.test"), (20, "mx2.hoster.test")]},
+            "shop-b.example": {"MX": [(5, "MX1.hoster.test.")]},
+            "corp.example": {"MX": [(1, "aspmx.l.google.com")]},
+            "bare.test": {"A": ["127.0.0.9"]},
+            "null.test": {"MX": [(0, ".")]},
+            "broken.test": SERVFAIL,
+        }
+    )
+    destinations = DestinationMap(mx_lookup=True, resolver=dns_server.resolver())
+    found = await destinations.resolve(
+        ["shop-a.example", "shop-b.example", "corp.example", "bare.test", "null.test", "broken.test",
+         "missing.test", "gmail.com"]
+    )  # fmt: skip
+    assert found == {
+        "shop-a.example": "mx1.hoster.test",
+        "shop-b.example": "mx1.hoster.test",  # same server: same destination
+        "corp.example": "google",
+        "bare.test": "bare.test",
+        "null.test": "null.test",
+        "broken.test": "broken.test",
+        "missing.test": "missing.test",
+        "gmail.com": "google",  # from the table, no lookup
+    }
+    assert ("gmail.com", "MX") not in dns_server.queries
+
+    from postlane.app import AsyncPostlane
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path, delivery={"relay": "mx"})
+    async with AsyncPostlane(config) as app:
+        app.destinations = destinations
+        sent = await app.send(
+            sender="a@x.example", to=["u@shop-a.example", "v@shop-b.example", "w@corp.example"], text="x"
+        )
+        view = await app.get(sent.id)
+        assert [r.destination for r in view.recipients] == [
+            "mx1.hoster.test",
+            "mx1.hoster.test",
+            "google",
+        ]
