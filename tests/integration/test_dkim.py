@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -191,8 +192,12 @@ def test_the_dns_record_and_its_zone_file_entry(key: GeneratedKey) -> None:
     assert key.private_pem.startswith(b"-----BEGIN PRIVATE KEY-----")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_keys_can_be_generated_with_the_openssl_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("the openssl command is missing, but CI must run this test")
+        pytest.skip("needs the openssl command")
+
     def no_cryptography(bits: int) -> tuple[bytes, bytes]:
         raise ImportError("cryptography")
 

@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 
 from postlane.classify import ReplyClass
+from postlane.clock import FakeClock
 from postlane.errors import NotFound, StoreUnavailable
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.outbox import enqueue_in_transaction, enqueue_in_transaction_sync
@@ -23,7 +24,9 @@ from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector
 from postlane.store.base import Store
 from postlane.store.postgres import SCHEMA_VERSION, PostgresStore, Q
 from postlane.store.sqlite import SQLiteStore
-from tests.conftest import IN_CI, _postgres_url
+from postlane.transports import transport_for
+from postlane.worker import Worker
+from tests.conftest import IN_CI, _postgres_url, make_config
 
 T0 = 1_800_000_000.0
 ALL_LANES = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
@@ -340,7 +343,7 @@ async def test_an_outbox_enqueue_rolled_back_with_its_transaction_leaves_nothing
 
 
 async def test_an_outbox_enqueue_committed_with_its_transaction_is_delivered(
-    pg_url: str, schema: str, store: PostgresStore
+    pg_url: str, schema: str, store: PostgresStore, tmp_path: Path
 ) -> None:
     await make_users_table(pg_url, schema)
     await store.wait_for_work(0)
@@ -357,11 +360,21 @@ async def test_an_outbox_enqueue_committed_with_its_transaction_is_delivered(
         assert await store.list_messages(Selector(), limit=10) == []  # not before the commit
         await conn.commit()
     assert not result.duplicate
-    assert await store.wait_for_work(30) is True
-    [claimed] = await store.claim_due("w", ALL_LANES, limit=10, now=T0, lease_until=T0 + 60)
-    assert claimed.queue_id == result.id
-    assert [d.address for d in claimed.deliveries] == ["new@example.net"]
-    assert b"Subject: Welcome" in claimed.content
+    assert await store.wait_for_work(30) is True  # the commit woke the workers
+    # a worker delivers it like any other message
+    config = make_config(tmp_path)  # the capture transport: one .eml per delivery
+    transport = transport_for(config)
+    worker = Worker.from_config(config, store, transport, clock=FakeClock(T0))
+    try:
+        assert await worker.run_until_idle() == 1
+    finally:
+        await transport.close()
+    view = await store.get_message(result.id, history=True)
+    assert [(r.address, r.state) for r in view.recipients] == [
+        ("new@example.net", RecipientState.SENT)
+    ]
+    [eml] = (tmp_path / "captured").glob("*.eml")
+    assert b"Subject: Welcome" in eml.read_bytes()
 
 
 async def test_the_blocking_outbox_shares_the_idempotency_key_with_the_store(

@@ -92,6 +92,14 @@ async def start(config: Path, command: str) -> asyncio.subprocess.Process:
     return process
 
 
+def logs(folder: Path) -> str:
+    """The tail of every process's log, for a failure message."""
+    return "\n".join(
+        f"{log.name}: {log.read_text(errors='replace')[-1500:]}"
+        for log in sorted(folder.glob("*.log"))
+    )
+
+
 async def wait_for(condition: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
@@ -121,7 +129,7 @@ async def run_fleet(url: str, peer: SMTPPeer, folder: Path, *, kill_one: bool) -
         while await sent_count(url) < COUNT:
             assert time.monotonic() < deadline, f"only {await sent_count(url)} of {COUNT} sent"
             for p in processes[(2 if kill_one else 1) :]:
-                assert p.returncode is None, (await p.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
+                assert p.returncode is None, logs(folder)
             await asyncio.sleep(0.2)
     finally:
         for p in processes:

@@ -386,6 +386,39 @@ async def test_selected_destinations_are_the_ones_stored_at_enqueue(store: Any) 
     assert await store.selected_destinations(Selector(), ("dead",)) == []
 
 
+async def test_alert_transitions_are_recorded_once_for_every_process(store: Any) -> None:
+    assert await store.alerts_firing() == []
+    assert await store.alert_transition("NoDeliveries", True, T0) is True  # this one notifies
+    assert await store.alert_transition("NoDeliveries", True, T0 + 60) is False  # no change
+    assert await store.alert_transition("Growing{lane=low}", True, T0 + 60) is True
+    assert sorted(await store.alerts_firing()) == [("Growing{lane=low}", T0 + 60),
+                                                   ("NoDeliveries", T0)]  # fmt: skip
+    assert await store.alert_transition("NoDeliveries", False, T0 + 120) is True  # resolved
+    assert await store.alert_transition("NoDeliveries", False, T0 + 180) is False
+    assert await store.alerts_firing() == [("Growing{lane=low}", T0 + 60)]
+
+
+async def test_destination_states_are_shared_and_lifted(store: Any) -> None:
+    from postlane.records import DestinationStatus
+
+    await store.enqueue([msg("a@gmail.com")], T0)
+    await store.save_destination_states(
+        [
+            DestinationStatus("google", 2.0, 10.0, T0 + 600, "421 4.7.28 rate limited",
+                              updated_at=T0),
+            DestinationStatus("example.net", 5.0, None, None, "throttled", updated_at=T0),
+        ]
+    )  # fmt: skip
+    states = {d.destination: d for d in await store.destination_states()}
+    assert states["google"].paused_until == T0 + 600 and states["google"].rate == 2.0
+    assert states["google"].reason == "421 4.7.28 rate limited"
+    assert states["example.net"].paused_until is None and states["example.net"].rate == 5.0
+    await store.lift_destinations(["google"], T0 + 1)
+    states = {d.destination: d for d in await store.destination_states()}
+    assert not states.get("google") or not states["google"].paused_until
+    assert states["example.net"].rate == 5.0  # only the lifted one changed
+
+
 async def test_dead_letters_list_with_selectors(store: Any) -> None:
     prepared = msg("gone@example.net")
     await store.enqueue([prepared], T0)
