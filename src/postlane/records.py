@@ -223,6 +223,8 @@ class DeadLetter:
     sender: str
     subject: str
     history: tuple[AttemptView, ...] | None = None
+    #: the store's row of this recipient (not part of the JSON: selects exactly this one)
+    delivery_id: int = 0
 
     def as_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -340,6 +342,8 @@ class Selector:
     sender: str | None = None
     recipient: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: exact recipients by their store rows (the dashboard's dead-letter groups)
+    delivery_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ async def client_for(
     app: AsyncPostlane, host: str = "127.0.0.1"
 ) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=build_app(app.config, app), client=(host, 5555))
-    async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8025") as client:
         yield client
 
 
@@ -56,6 +56,17 @@ async def test_without_tokens_only_loopback_clients_get_in(open_app: AsyncPostla
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
         assert page.headers["x-frame-options"] == "DENY"
         assert (await local.get("/ui/static/dashboard.js")).status_code == 200
+    # DNS rebinding: a page of evil.example re-pointed at 127.0.0.1 connects from loopback,
+    # but names itself in Host: no page, no CSRF token to steal, no action
+    transport = httpx.ASGITransport(
+        app=build_app(open_app.config, open_app), client=("127.0.0.1", 1)
+    )
+    async with httpx.AsyncClient(transport=transport, base_url="http://evil.example") as rebound:
+        for path in ("/", "/queue", "/suppressions", "/v1/stats"):
+            page = await rebound.get(path)
+            assert page.status_code == 403 and 'name="csrf"' not in page.text, path
+        post = await rebound.post("/suppressions", data={"address": "a@example.net"})
+        assert post.status_code == 403
     async for remote in client_for(open_app, host="203.0.113.9"):
         for path in ("/", "/queue", "/dlq"):
             assert (await remote.get(path)).status_code == 403

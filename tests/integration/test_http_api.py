@@ -173,9 +173,25 @@ async def test_without_tokens_only_loopback_is_answered(tmp_path: Path) -> None:
         asgi = build_app(config, postlane)
         for host, expected in (("127.0.0.1", 202), ("::1", 202), ("192.0.2.7", 403)):
             transport = httpx.ASGITransport(app=asgi, client=(host, 1234))
-            async with httpx.AsyncClient(transport=transport, base_url="http://p") as c:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://127.0.0.1:8025"
+            ) as c:
                 r = await c.post("/v1/messages", json=MESSAGE)
                 assert r.status_code == expected, (host, r.text)
+        # a loopback peer that calls us by another name is a browser tricked by DNS
+        # rebinding (evil.example re-pointed at 127.0.0.1): refused, however it connects
+        stored = len(await postlane.messages())
+        transport = httpx.ASGITransport(app=asgi, client=("127.0.0.1", 1234))
+        for base, expected in (
+            ("http://evil.example:8025", 403),
+            ("http://localhost:8025", 202),
+            ("http://[::1]:8025", 202),
+            ("http://127.0.0.1", 202),
+        ):
+            async with httpx.AsyncClient(transport=transport, base_url=base) as c:
+                r = await c.post("/v1/messages", json=MESSAGE)
+                assert r.status_code == expected, (base, r.text)
+        assert len(await postlane.messages()) == stored + 3  # the refused one stored nothing
 
 
 async def test_served_over_a_real_socket(tmp_path: Path) -> None:

@@ -551,10 +551,8 @@ async def test_the_queue_gives_domains_on_the_same_mx_hosts_one_destination(
         }
     )
     destinations = DestinationMap(mx_lookup=True, resolver=dns_server.resolver())
-    found = await destinations.resolve(
-        ["shop-a.example", "shop-b.example", "corp.example", "bare.test", "null.test", "broken.test",
-         "missing.test", "gmail.com"]
-    )  # fmt: skip
+    domains = ["shop-a.example", "shop-b.example", "corp.example", "bare.test", "null.test"]
+    found = await destinations.resolve([*domains, "broken.test", "missing.test", "gmail.com"])
     assert found == {
         "shop-a.example": "mx1.hoster.test",
         "shop-b.example": "mx1.hoster.test",  # same server: same destination
@@ -574,7 +572,9 @@ async def test_the_queue_gives_domains_on_the_same_mx_hosts_one_destination(
     async with AsyncPostlane(config) as app:
         app.destinations = destinations
         sent = await app.send(
-            sender="a@x.example", to=["u@shop-a.example", "v@shop-b.example", "w@corp.example"], text="x"
+            sender="a@x.example",
+            to=["u@shop-a.example", "v@shop-b.example", "w@corp.example"],
+            text="x",
         )
         view = await app.get(sent.id)
         assert [r.destination for r in view.recipients] == [

@@ -15,6 +15,7 @@ browser cannot post to a dashboard on localhost.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -52,6 +53,8 @@ GROUP_LIMIT = 10_000
 WINDOWS = {"1h": 3600.0, "3h": 3 * 3600.0, "6h": 6 * 3600.0, "24h": 86400.0}
 #: actions that show what they will touch and ask first (as the CLI does)
 CONFIRMED = {QueueAction.DELETE, QueueAction.PURGE, QueueAction.REQUEUE}
+#: actions that can hand over what they remove (JSON Lines for `postlane queue import`)
+EXPORTABLE = {QueueAction.DELETE, QueueAction.PURGE}
 SESSION_COOKIE = "postlane_session"
 DEFERRING = ("temporary", "throttled", "connection")
 
@@ -114,10 +117,13 @@ class Access:
     def visitor(self, request: Request) -> Visitor:
         if not self.tokens:
             host = request.client.host if request.client else ""
-            from postlane.ingest.http import is_loopback_host
+            from postlane.ingest.http import addressed_locally, is_loopback_host
 
-            if not is_loopback_host(host):
-                raise PermissionError("no admin token is configured: loopback clients only")
+            if not is_loopback_host(host) or not addressed_locally(request):
+                raise PermissionError(
+                    "no admin token is configured: loopback clients only, addressing this "
+                    "server as localhost or 127.0.0.1"
+                )
             return Visitor("loopback", browser=True)
         scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and bearer.strip():
@@ -393,11 +399,14 @@ def dashboard_routes(config: Config, app: AsyncPostlane) -> list[BaseRoute]:
         back = _safe_back(str(form.get("back", "/queue")))
         group = str(form.get("group", ""))
         filters = _filters(dict(form.items()))
-        if group:  # a dead-letter group: the recipients whose failure reads the same
-            ids = await _group_ids(app, group, filters)
-            if not ids:
+        if group:  # a dead-letter group: exactly the recipients whose failure reads the same
+            rows = await _group_rows(app, group, filters)
+            if not rows:
                 return _back(back, "that group is empty now")
-            selector = selector_from_filters(filters, ids)
+            selector = dataclasses.replace(
+                selector_from_filters(filters), all=False, delivery_ids=tuple(rows)
+            )
+            ids = []
         else:
             ids = [str(v) for v in form.getlist("ids") if str(v).strip()]
             if form.get("all") == "1":  # every message the filter matches: its recipients
@@ -415,8 +424,8 @@ def dashboard_routes(config: Config, app: AsyncPostlane) -> list[BaseRoute]:
                 ("back", back),
                 ("group", group),
                 *[(k, v) for k, v in filters.items()],
-                *[("ids", i) for i in ([] if group else ids)],
-                *([("all", "1")] if not ids else []),
+                *[("ids", i) for i in ids],
+                *([("all", "1")] if not ids and not group else []),
             ]
             return render(
                 request,
@@ -428,15 +437,16 @@ def dashboard_routes(config: Config, app: AsyncPostlane) -> list[BaseRoute]:
                 hidden=hidden,
                 back=back,
             )
-        if action is QueueAction.DELETE and form.get("export") == "1":
+        if action in EXPORTABLE and form.get("export") == "1":
             buffer = io.StringIO()
             count = await app.act(action, selector, export=buffer)
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(app.clock.now()))
+            name = f"postlane-{action.value}d-{stamp}.jsonl"
             return Response(
                 buffer.getvalue(),
                 media_type="application/x-ndjson",
                 headers={
-                    "Content-Disposition": f'attachment; filename="postlane-deleted-{stamp}.jsonl"',
+                    "Content-Disposition": f'attachment; filename="{name}"',
                     "X-Postlane-Deleted": str(count),
                 },
             )
@@ -453,19 +463,22 @@ def dashboard_routes(config: Config, app: AsyncPostlane) -> list[BaseRoute]:
         selector = selector_from_filters(filters)
         groups = await app.dead_groups(selector, limit=200)
         recent = await app.dead_letters(selector, limit=PAGE_SIZE)
+        stats = await app.stats()
         return render(
             request,
             visitor,
             "dlq.html",
             groups=[(g, _key_of_group(g)) for g in groups],
             recent=recent,
-            total=sum(g.count for g in groups),
+            total=stats.dead if not filters else sum(g.count for g in groups),
+            shown=sum(g.count for g in groups),
             filters=filters,
         )
 
     async def suppressions(request: Request, visitor: Visitor) -> Response:
         entries = await app.suppressions(limit=1000)
-        return render(request, visitor, "suppressions.html", entries=entries)
+        total = (await app.stats()).suppression_list
+        return render(request, visitor, "suppressions.html", entries=entries, total=total)
 
     async def suppress(request: Request, visitor: Visitor) -> Response:
         form = await _form(request)
@@ -530,11 +543,12 @@ def dashboard_routes(config: Config, app: AsyncPostlane) -> list[BaseRoute]:
     ]
 
 
-async def _group_ids(app: AsyncPostlane, key: str, filters: dict[str, str]) -> list[str]:
-    """The messages whose dead recipients fall in group ``key`` (narrowed by its class and
-    domain, given with the form)."""
+async def _group_rows(app: AsyncPostlane, key: str, filters: dict[str, str]) -> list[int]:
+    """The dead recipients (store rows) in group ``key``: the most recent ``GROUP_LIMIT`` of
+    its class and domain (given with the form) whose reply reads the same. Exactly those:
+    a message's other dead recipients, in other groups, are left alone."""
     letters = await app.dead_letters(selector_from_filters(filters), limit=GROUP_LIMIT)
-    return sorted({d.id for d in letters if _key_of_letter(d) == key})
+    return sorted(d.delivery_id for d in letters if _key_of_letter(d) == key)
 
 
 FORM_LIMIT = 1024 * 1024

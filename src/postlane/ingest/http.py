@@ -134,6 +134,18 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def addressed_locally(request: Request) -> bool:
+    """The request names this machine in its Host header (``localhost``, a loopback address,
+    any port). Without tokens, a loopback peer is trusted only then: a web page whose name an
+    attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name as Host, not these."""
+    host = request.headers.get("host", "").strip().lower()
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name == "localhost" or name.endswith(".localhost") or is_loopback_host(name)
+
+
 def fingerprint(token: str) -> str:
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
@@ -146,11 +158,12 @@ class Tokens:
 
     def caller(self, request: Request) -> Caller:
         if not self._known:
-            if not _is_loopback(request):
+            if not _is_loopback(request) or not addressed_locally(request):
                 raise ApiError(
                     403,
                     "forbidden",
-                    "no API token is configured: the API answers only on loopback",
+                    "no API token is configured: the API answers only loopback clients "
+                    "addressing it as localhost or 127.0.0.1",
                 )
             return Caller(Scope.ADMIN, None)
         header = request.headers.get("authorization", "")

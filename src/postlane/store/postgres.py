@@ -1420,6 +1420,7 @@ async def _dead_letters(conn: Conn, rows: Sequence[Row], *, history: bool) -> li
                 sender=sender,
                 subject=subject,
                 history=histories[delivery_id] if history else None,
+                delivery_id=delivery_id,
             )
         )
     return letters
@@ -1441,6 +1442,9 @@ def _selection(
     if selector.ids:
         clauses.append("d.queue_id = ANY(%(ids)s::text[])")
         params["ids"] = list(selector.ids)
+    if selector.delivery_ids:
+        clauses.append("d.id = ANY(%(delivery_ids)s::bigint[])")
+        params["delivery_ids"] = list(selector.delivery_ids)
     if selector.lanes:
         clauses.append("d.lane = ANY(%(lanes)s::text[])")
         params["lanes"] = [lane.value for lane in selector.lanes]

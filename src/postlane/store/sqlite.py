@@ -1392,6 +1392,7 @@ def _dead_letter(conn: sqlite3.Connection, row: Sequence[Any], *, history: bool)
         sender=sender,
         subject=subject,
         history=_history(conn, delivery_id) if history else None,
+        delivery_id=delivery_id,
     )
 
 
@@ -1405,7 +1406,7 @@ def _where(
     clauses: list[str] = []
     params: dict[str, Any] = {}
 
-    def among(column: str, values: Sequence[str], prefix: str) -> None:
+    def among(column: str, values: Sequence[str | int], prefix: str) -> None:
         names = []
         for i, value in enumerate(values):
             params[f"{prefix}{i}"] = value
@@ -1418,6 +1419,8 @@ def _where(
     among("d.state", states, "st")
     if selector.ids:
         among("d.queue_id", list(selector.ids), "id")
+    if selector.delivery_ids:
+        among("d.id", [int(i) for i in selector.delivery_ids], "di")
     if selector.lanes:
         among("d.lane", [lane.value for lane in selector.lanes], "ln")
     if selector.domains:
