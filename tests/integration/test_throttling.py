@@ -297,7 +297,9 @@ async def test_stats_the_api_and_metrics_show_a_slowed_down_and_a_paused_destina
 
         api = build_app(config, app, Metrics(app))
         transport = httpx.ASGITransport(app=api, client=("127.0.0.1", 1234))
-        async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1:8025"
+        ) as client:
             body = (await client.get("/v1/stats")).json()
             metrics = (await client.get("/metrics")).text
     listed = {d["destination"]: d for d in body["destinations"]}
