@@ -8,6 +8,8 @@ A page is 50 messages. "cursor" is ``Store.page_messages``: it walks the primary
 page's cursor and stops at the page's end; "group by" is ``Store.list_messages``'s query paged with
 ``OFFSET`` (group every waiting delivery by message, sort by arrival, skip, cut). Measured for the
 first page and for the page in the middle of the queue, each the median of ``--pages`` reads.
+Then a search by recipient and by sender that finds one message among all the others, with
+the search indexes (schema version 9) and with them dropped (the schema before).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import done_progress, progress, table
 from claims import fill
 
+from postlane.message import Message, prepare
 from postlane.records import MessageView, Selector
 from postlane.store.sqlite import SQLiteStore, _message_views
 
@@ -97,9 +100,47 @@ async def measure(depth: int, repeats: int, folder: Path) -> list[tuple[str, flo
             cursor_ms = await median_ms(by_cursor, repeats)
             group_ms = await median_ms(by_group, max(3, repeats // 5))
             rows.append((where, cursor_ms, group_ms))
+        rows += await measure_search(store, repeats)
         return rows
     finally:
         await store.close()
+
+
+async def measure_search(store: SQLiteStore, repeats: int) -> list[tuple[str, float, float]]:
+    """One page of a search by recipient and by sender (one matching message among all the
+    others), with the search indexes, then with them dropped (the previous schema)."""
+    needle = prepare(
+        Message(sender="Billing@Shop.example", to=["Ada@Example.net"], subject="s", text="x"),
+        max_size=10**7,
+    )
+    await store.enqueue([needle], time.time())
+    searches = {
+        "by recipient": Selector(recipient="ada@example.net"),
+        "by sender": Selector(sender="billing@shop.example"),
+    }
+
+    async def timed() -> dict[str, float]:
+        out = {}
+        for name, selector in searches.items():
+
+            async def search(selector: Selector = selector) -> None:
+                views, _ = await store.page_messages(selector, after=0, limit=PAGE)
+                assert [v.id for v in views] == [needle.id]
+
+            out[name] = await median_ms(search, repeats)
+        return out
+
+    progress("searching, with the indexes")
+    indexed = await timed()
+
+    def drop(conn: sqlite3.Connection) -> None:
+        conn.execute("DROP INDEX deliveries_address")
+        conn.execute("DROP INDEX messages_sender")
+
+    await store._write(drop)
+    progress("searching, without them")
+    scanned = await timed()
+    return [(name, indexed[name], scanned[name]) for name in searches]
 
 
 async def main() -> None:
@@ -120,6 +161,8 @@ async def main() -> None:
     body = []
     for depth, rows in results.items():
         for where, cursor_ms, group_ms in rows:
+            if where.startswith("by "):
+                continue
             body.append(
                 (
                     f"{depth:,}",
@@ -130,6 +173,18 @@ async def main() -> None:
                 )
             )
     print(table(["queued", "page", "cursor", "group by (previous)", "ratio"], body))
+    print("a search finding one message: with the search indexes vs without them (previous)")
+    print(
+        table(
+            ["queued", "search", "indexed", "full scan (previous)", "ratio"],
+            [
+                (f"{depth:,}", where, f"{fast:.1f}", f"{slow:.1f}", f"{slow / fast:.0f}x")
+                for depth, rows in results.items()
+                for where, fast, slow in rows
+                if where.startswith("by ")
+            ],
+        )
+    )
     small_first = results[args.small][0][1]
     large_middle = results[args.large][1][1]
     print(f"cursor: middle page at {args.large:,} / first page at {args.small:,}: "
