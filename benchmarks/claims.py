@@ -25,6 +25,7 @@ from _common import done_progress, progress, table
 from postlane.classify import ReplyClass
 from postlane.message import Lane, Message, RecipientState, new_message_id, prepare
 from postlane.records import AttemptRecord, Outcome
+from postlane.store.base import Store
 from postlane.store.sqlite import SQLiteStore
 
 QUOTAS = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
@@ -45,6 +46,32 @@ async def fill(store: SQLiteStore, count: int, now: float) -> None:
             progress(f"filling: {start:,} / {count:,}")
 
 
+async def claim_and_record(store: Store, measured: int, batch: int, now: float) -> int:
+    """A worker's store cycle without the sending: claim a batch of due deliveries under a
+    lease, record each delivered with its attempt; until ``measured`` are done. Returns how
+    many were."""
+    done = 0
+    while done < measured:
+        claimed = await store.claim_due("bench", QUOTAS, limit=batch, now=now, lease_until=now + 60)
+        if not claimed:
+            raise SystemExit(f"the queue ran dry after {done:,}: raise the depth")
+        outcomes = [
+            Outcome(
+                d.id,
+                RecipientState.SENT,
+                1,
+                0,
+                None,
+                AttemptRecord(now, ReplyClass.DELIVERED, 250, "2.0.0", "ok", "bench", "x", 1),
+            )
+            for m in claimed
+            for d in m.deliveries
+        ]
+        await store.record("bench", outcomes, now)
+        done += len(outcomes)
+    return done
+
+
 async def measure(depth: int, measured: int, batch: int, folder: Path) -> float:
     store = SQLiteStore(folder / f"claims-{depth}.db")
     await store.open()
@@ -52,26 +79,8 @@ async def measure(depth: int, measured: int, batch: int, folder: Path) -> float:
         now = time.time()
         await fill(store, depth, now)
         progress(f"claiming {measured:,} at depth {depth:,}")
-        done = 0
         started = time.perf_counter()
-        while done < measured:
-            claimed = await store.claim_due(
-                "bench", QUOTAS, limit=batch, now=now, lease_until=now + 60
-            )
-            outcomes = [
-                Outcome(
-                    d.id,
-                    RecipientState.SENT,
-                    1,
-                    0,
-                    None,
-                    AttemptRecord(now, ReplyClass.DELIVERED, 250, "2.0.0", "ok", "bench", "x", 1),
-                )
-                for m in claimed
-                for d in m.deliveries
-            ]
-            await store.record("bench", outcomes, now)
-            done += len(outcomes)
+        done = await claim_and_record(store, measured, batch, now)
         return done / (time.perf_counter() - started)
     finally:
         await store.close()

@@ -44,17 +44,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import psycopg
 from _common import done_progress, progress, table
+from claims import claim_and_record
 from deliver import SINK_USER, free_port, wait_port
 from psycopg import sql
 
-from postlane.classify import ReplyClass
 from postlane.destinations import destination_for
-from postlane.message import Lane, Message, PreparedMessage, RecipientState, new_message_id, prepare
-from postlane.records import AttemptRecord, Outcome
+from postlane.message import Message, PreparedMessage, new_message_id, prepare
 from postlane.store.postgres import PostgresStore, Q, masked, split_schema
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-QUOTAS = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
 #: what the worker processes call themselves in pg_stat_activity (to see them listening)
 WORKER_APP = "postlane-bench-worker"
 LOAD_CHUNK = 50_000
@@ -422,30 +420,10 @@ async def claims_per_second(
             )
             now = await load(conn, template, depth)
         progress(f"claiming {measured:,} at depth {depth:,}")
-        done = 0
         groups = {"this script": [os.getpid()]}
         cpu_before = CPUTimes.now(groups)
         started = time.perf_counter()
-        while done < measured:
-            claimed = await store.claim_due(
-                "bench", QUOTAS, limit=batch, now=now, lease_until=now + 60
-            )
-            if not claimed:
-                raise SystemExit(f"the queue ran dry after {done:,}: raise the depth")
-            outcomes = [
-                Outcome(
-                    d.id,
-                    RecipientState.SENT,
-                    1,
-                    0,
-                    None,
-                    AttemptRecord(now, ReplyClass.DELIVERED, 250, "2.0.0", "ok", "bench", "x", 1),
-                )
-                for m in claimed
-                for d in m.deliveries
-            ]
-            await store.record("bench", outcomes, now)
-            done += len(outcomes)
+        done = await claim_and_record(store, measured, batch, now)
         rate = done / (time.perf_counter() - started)
         cpu_after = CPUTimes.now(groups)
         return Claims(depth, rate, cpu_after.cores_since(cpu_before) if cpu_after else None)

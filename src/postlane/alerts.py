@@ -328,13 +328,17 @@ class AlertMonitor:
     def from_config(cls, app: Any, config: Config) -> AlertMonitor:
         return cls(app, webhook=config.alerts.webhook, history=config.alerts.history)
 
-    async def record(self, now: float) -> list[Sample]:
-        """Record the samples of the minute ``now`` falls in (once, whoever comes first)."""
+    async def sample(self, now: float) -> list[Sample]:
+        """The samples of the minute ``now`` falls in, read from the store, not recorded."""
         minute = math.floor(now / 60.0) * 60.0
         stats = await self.app.stats()
         finished = await self.app.store.finished_between(minute - 60.0, minute)
         attempts = await self.app.store.attempt_classes_between(minute - 60.0, minute)
-        samples = current_samples(stats, minute, finished, attempts)
+        return current_samples(stats, minute, finished, attempts)
+
+    async def record(self, now: float) -> list[Sample]:
+        """Record the samples of the minute ``now`` falls in (once, whoever comes first)."""
+        samples = await self.sample(now)
         await self.app.store.record_samples(samples)
         return samples
 

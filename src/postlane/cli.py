@@ -12,7 +12,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -24,6 +23,7 @@ from rich.text import Text
 
 from postlane.app import QSHAPE_EDGES, AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass, classify
+from postlane.clock import when
 from postlane.config import Config, format_duration, load_config, parse_duration
 from postlane.errors import PostlaneError, ValidationError
 from postlane.message import Attachment, Lane, Message, RecipientState
@@ -104,12 +104,6 @@ def with_app(action: Callable[[AsyncPostlane], Coroutine[Any, Any, T]]) -> T:
 
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-
-
-def when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def age(seconds: float) -> str:
@@ -987,7 +981,7 @@ def dlq_purge(
 @json_option
 def alerts_command(rules: bool, as_json: bool) -> None:
     """Evaluate the alert rules now, on the recorded history (what serve records each minute)."""
-    from postlane.alerts import HISTORY_NEEDED, current_samples, evaluate, firing_first
+    from postlane.alerts import HISTORY_NEEDED, AlertMonitor, evaluate, firing_first
     from postlane.alerts import prometheus_rules as render
 
     if rules:
@@ -995,16 +989,10 @@ def alerts_command(rules: bool, as_json: bool) -> None:
         return
 
     async def go(app: AsyncPostlane) -> list[Any]:
-        import math
-
         now = app.clock.now()
         history = await app.store.samples(now - HISTORY_NEEDED)
-        minute = math.floor(now / 60.0) * 60.0
-        if not history or history[-1].at < minute:  # serve did not record this minute yet
-            finished = await app.store.finished_between(minute - 60.0, minute)
-            attempts = await app.store.attempt_classes_between(minute - 60.0, minute)
-            stats = await app.stats()
-            history = [*history, *current_samples(stats, minute, finished, attempts)]
+        if not history or history[-1].at < now - now % 60:  # serve did not record this minute
+            history = [*history, *await AlertMonitor(app).sample(now)]
         return firing_first(evaluate(history, now))
 
     verdicts = with_app(go)

@@ -54,6 +54,13 @@ class FakeClock:
         self._now = when
 
 
+def when(ts: float | None) -> str:
+    """A time for people: ``2026-11-29 09:27:54`` (UTC), or ``-`` for none."""
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def iso(ts: float | None) -> str | None:
     """An epoch time as an ISO 8601 UTC string (the contract's JSON time format)."""
     if ts is None:

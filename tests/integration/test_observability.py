@@ -352,15 +352,12 @@ async def test_readyz_reflects_the_store_and_the_worker(tmp_path: Path) -> None:
             await task
 
 
-async def test_the_alerts_command_reads_the_recorded_history_and_this_minute(
-    tmp_path: Path,
-) -> None:
-    """`postlane alerts` as an operator runs it: serve recorded the last 20 minutes of a low
-    lane that only grows; the command adds the current minute itself and reports the alerts."""
+async def record_twenty_minutes_of_growth(config: Any) -> None:
+    """What serve would have recorded over the last twenty minutes (up to a minute ago): five
+    low-lane messages a minute arriving, none leaving."""
     clock = FakeClock(start=time.time() - 21 * 60)
-    config = make_config(tmp_path)
     async with AsyncPostlane(config, clock=clock) as app:
-        monitor = AlertMonitor.from_config(app, config)
+        monitor = AlertMonitor(app)  # records the history only, notifies nobody
         for minute in range(20):
             await app.send_many(
                 [
@@ -369,8 +366,16 @@ async def test_the_alerts_command_reads_the_recorded_history_and_this_minute(
                     for i in range(5)
                 ]
             )  # fmt: skip
-            await monitor.run_once(clock.now())
+            await monitor.record(clock.now())
             await clock.advance(60)
+
+
+async def test_the_alerts_command_reads_the_recorded_history_and_this_minute(
+    tmp_path: Path,
+) -> None:
+    """`postlane alerts` as an operator runs it: serve recorded the last 20 minutes of a low
+    lane that only grows; the command adds the current minute itself and reports the alerts."""
+    await record_twenty_minutes_of_growth(make_config(tmp_path))
     (tmp_path / "postlane.toml").write_text(
         f'[store]\nurl = "sqlite:///{tmp_path / "postlane.db"}"\n'
     )
@@ -399,22 +404,9 @@ async def test_serve_evaluates_the_rules_on_its_own_and_notifies_the_webhook(
 ) -> None:
     """The monitor inside `postlane serve`: with twenty minutes of growth recorded and the relay
     down, serve evaluates the rules by itself and posts the firing alerts to the webhook."""
-    clock = FakeClock(start=time.time() - 21 * 60)
     dead_relay = f"smtp://127.0.0.1:{free_port()}"  # nothing listens: mail keeps waiting
     async with webhook() as (url, received):
-        config = make_config(tmp_path, delivery={"relay": dead_relay})
-        async with AsyncPostlane(config, clock=clock) as app:
-            monitor = AlertMonitor(app)  # records history only: no webhook for the seeding
-            for minute in range(20):
-                await app.send_many(
-                    [
-                        Message(sender="a@x.example", to=[f"u{minute}-{i}@y.example"], text="x",
-                                lane="low")
-                        for i in range(5)
-                    ]
-                )  # fmt: skip
-                await monitor.record(clock.now())
-                await clock.advance(60)
+        await record_twenty_minutes_of_growth(make_config(tmp_path, delivery={"relay": dead_relay}))
         (tmp_path / "postlane.toml").write_text(
             f'[store]\nurl = "sqlite:///{tmp_path / "postlane.db"}"\n'
             f'[delivery]\nrelay = "{dead_relay}"\n'

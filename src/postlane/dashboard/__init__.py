@@ -37,10 +37,11 @@ from starlette.staticfiles import StaticFiles
 
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
-from postlane.clock import iso
+from postlane.clock import iso, when
 from postlane.config import Config, format_duration, parse_duration
 from postlane.dashboard.charts import Series, line_chart
 from postlane.errors import NotFound, PostlaneError
+from postlane.ingest.http import Tokens, addressed_locally, is_loopback_host
 from postlane.message import Lane, RecipientState
 from postlane.records import DeadGroup, DeadLetter, Sample, Selector
 from postlane.triage import normalize_reply
@@ -67,17 +68,11 @@ _env = jinja2.Environment(
 )
 
 
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
-
-
 def _age(seconds: float) -> str:
     return format_duration(seconds) if seconds >= 1 else "0s"
 
 
-_env.filters["when"] = _when
+_env.filters["when"] = when
 _env.filters["age"] = _age
 _env.filters["iso"] = iso
 
@@ -99,6 +94,7 @@ class Access:
 
     def __init__(self, admin_tokens: Sequence[str]) -> None:
         self.tokens = [t.encode() for t in admin_tokens]
+        self._admin = Tokens(tuple(admin_tokens), ())
         self._csrf_key = secrets.token_bytes(32)
 
     @staticmethod
@@ -108,17 +104,13 @@ class Access:
 
     def login(self, token: str) -> str | None:
         """The session cookie's value for an admin token, or None."""
-        found = None
-        for known in self.tokens:  # compare with every token: no timing hint
-            if hmac.compare_digest(token.encode(), known):
-                found = known
-        return None if found is None else self.session_value(found)
+        if self._admin.scope_of(token) is None:
+            return None
+        return self.session_value(token.encode())
 
     def visitor(self, request: Request) -> Visitor:
         if not self.tokens:
             host = request.client.host if request.client else ""
-            from postlane.ingest.http import addressed_locally, is_loopback_host
-
             if not is_loopback_host(host) or not addressed_locally(request):
                 raise PermissionError(
                     "no admin token is configured: loopback clients only, addressing this "

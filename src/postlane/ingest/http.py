@@ -156,6 +156,14 @@ class Tokens:
             (t.encode(), Scope.SEND) for t in send
         ]
 
+    def scope_of(self, token: str) -> Scope | None:
+        """The scope of a token, or None for an unknown one."""
+        found: Scope | None = None
+        for known, scope in self._known:  # compare with every token: no timing hint
+            if hmac.compare_digest(token.encode(), known):
+                found = scope
+        return found
+
     def caller(self, request: Request) -> Caller:
         if not self._known:
             if not _is_loopback(request) or not addressed_locally(request):
@@ -171,10 +179,7 @@ class Tokens:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
-        found: Scope | None = None
-        for known, scope in self._known:  # compare with every token: no timing hint
-            if hmac.compare_digest(token.encode(), known):
-                found = scope
+        found = self.scope_of(token)
         if found is None:
             raise ApiError(401, "unauthorized", "the token is not valid")
         return Caller(found, fingerprint(token))
