@@ -97,6 +97,9 @@ def test_a_projects_tests_use_the_fixtures_through_the_entry_point(
     pytester: pytest.Pytester,
 ) -> None:
     pytester.makepyfile(test_welcome=USERS_TESTS, test_limits=OVERRIDDEN_CONFIG)
+    # the project's own pytest settings, as any project using pytest-asyncio has them (an unset
+    # loop scope is pytest-asyncio's warning, not the plugin's)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     # a separate process: the plugin is found as users get it, through the pytest11 entry
     # point; -W error: it must not warn either
     result = pytester.runpytest_subprocess("-W", "error", "-p", "no:cacheprovider")
