@@ -88,6 +88,12 @@ class Store(Protocol):
         """The earliest next attempt time among waiting deliveries (None: nothing waits)."""
         ...
 
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for an enqueue to commit; True when one did (claim
+        again), False on timeout. An idle worker's wake-up, in place of a blind sleep: SQLite
+        hears this process's enqueues, PostgreSQL every process's (LISTEN/NOTIFY)."""
+        ...
+
     async def purge_finished(self, now: float, retention: float, dead_retention: float) -> int:
         """Remove finished messages past their retention; returns how many."""
         ...

@@ -279,6 +279,8 @@ class SQLiteStore:
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        #: set when an enqueue of this process commits (wait_for_work)
+        self._enqueued = asyncio.Event()
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -338,7 +340,18 @@ class SQLiteStore:
     # -- ingest ----------------------------------------------------------------------------------
 
     async def enqueue(self, messages: Sequence[PreparedMessage], now: float) -> list[EnqueueResult]:
-        return await self._write(lambda conn: _enqueue(conn, messages, now))
+        results = await self._write(lambda conn: _enqueue(conn, messages, now))
+        self._enqueued.set()
+        return results
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Wait for an enqueue of this process (other processes' are found by polling)."""
+        try:
+            await asyncio.wait_for(self._enqueued.wait(), timeout=max(0.0, timeout))
+        except TimeoutError:
+            return False
+        self._enqueued.clear()
+        return True
 
     # -- delivery --------------------------------------------------------------------------------
 
