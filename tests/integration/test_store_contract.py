@@ -490,3 +490,246 @@ async def test_finished_messages_are_purged_after_retention_dead_ones_later(stor
     with pytest.raises(NotFound):
         await store.get_message(dead.id)
     await store.get_message(pending.id)  # never purged while pending
+
+
+# -- every other Store method, by name, on every backend ------------------------------------------
+
+WAITING = ("queued", "deferred", "held")
+
+
+async def test_wait_for_work_wakes_on_an_enqueue_and_times_out_without_one(store: Any) -> None:
+    await store.wait_for_work(0)  # PostgreSQL starts listening on the first call
+    assert await store.wait_for_work(0.05) is False
+    waiter = asyncio.create_task(store.wait_for_work(10))
+    await asyncio.sleep(0)  # let it start waiting
+    await store.enqueue([msg()], T0)
+    assert await asyncio.wait_for(waiter, 10) is True
+
+
+async def test_selection_walks_in_slices_and_summarizes(store: Any) -> None:
+    a = msg("a@gmail.com", "b@example.net", lane="high")
+    b = msg("c@example.net", lane="low")
+    await store.enqueue([a, b], T0)
+    first = await store.select_delivery_ids(Selector(), WAITING, after=0, limit=2)
+    rest = await store.select_delivery_ids(Selector(), WAITING, after=first[-1], limit=2)
+    assert len(first) == 2 and len(rest) == 1 and first[-1] < rest[0]
+    assert await store.select_delivery_ids(Selector(), ("dead",), after=0, limit=10) == []
+    by_domain = await store.select_delivery_ids(
+        Selector(domains=("example.net",)), WAITING, after=0, limit=10
+    )
+    assert len(by_domain) == 2
+    # states outside the action's states are never selected, whatever the selector asks
+    assert (
+        await store.select_delivery_ids(
+            Selector(states=(RecipientState.SENT,)), WAITING, after=0, limit=10
+        )
+        == []
+    )
+    counts = {(c.lane, c.domain, c.state, c.cls): c.count
+              for c in await store.summarize(Selector(), WAITING)}  # fmt: skip
+    assert counts == {
+        (Lane.HIGH, "gmail.com", RecipientState.QUEUED, None): 1,
+        (Lane.HIGH, "example.net", RecipientState.QUEUED, None): 1,
+        (Lane.LOW, "example.net", RecipientState.QUEUED, None): 1,
+    }
+    summary = await store.summarize(Selector(lanes=(Lane.LOW,)), WAITING)
+    assert [(c.domain, c.count) for c in summary] == [("example.net", 1)]
+
+
+async def test_flush_hold_and_release(store: Any) -> None:
+    prepared = msg("a@example.net", "b@example.net")
+    await store.enqueue([prepared], T0)
+    a, b = deliveries(await claim(store))
+    await store.record(
+        "w1",
+        [Outcome(a.id, RecipientState.DEFERRED, 1, 0, T0 + 900, attempt(ReplyClass.TEMPORARY))],
+        T0,
+    )
+    # b is being sent: a hold applies once its try is recorded
+    assert await store.hold([a.id, b.id], T0 + 1) == 2
+    states = {r.address: r.state for r in (await store.get_message(prepared.id)).recipients}
+    assert states == {"a@example.net": RecipientState.HELD, "b@example.net": RecipientState.SENDING}
+    await store.record(
+        "w1",
+        [Outcome(b.id, RecipientState.DEFERRED, 1, 0, T0 + 900, attempt(ReplyClass.TEMPORARY))],
+        T0 + 2,
+    )
+    states = {r.address: r.state for r in (await store.get_message(prepared.id)).recipients}
+    assert set(states.values()) == {RecipientState.HELD}
+    assert await store.flush([a.id], T0 + 3) == 0  # held deliveries are not flushed
+    assert await store.release([a.id, b.id], T0 + 3) == 2
+    view = await store.get_message(prepared.id)
+    assert all(r.state is RecipientState.QUEUED for r in view.recipients)
+    assert all(r.next_attempt_at == T0 + 3 for r in view.recipients)
+    await store.hold([a.id], T0 + 4)
+    [c] = deliveries(await claim(store, now=T0 + 4))
+    assert c.id == b.id
+    await store.record(
+        "w1",
+        [Outcome(b.id, RecipientState.DEFERRED, 2, 0, T0 + 900, attempt(ReplyClass.TEMPORARY))],
+        T0 + 5,
+    )
+    assert await store.flush([a.id, b.id], T0 + 6) == 1  # only the deferred one
+    assert (await store.get_message(prepared.id)).recipients[1].next_attempt_at == T0 + 6
+
+
+async def test_a_pending_hold_is_cancelled_by_a_release(store: Any) -> None:
+    await store.enqueue([msg()], T0)
+    [d] = deliveries(await claim(store))
+    assert await store.hold([d.id], T0) == 1
+    assert await store.release([d.id], T0) == 1
+    await store.record(
+        "w1",
+        [Outcome(d.id, RecipientState.DEFERRED, 1, 0, T0 + 60, attempt(ReplyClass.TEMPORARY))],
+        T0 + 1,
+    )
+    [view] = await store.list_messages(Selector(), limit=1)
+    assert view.recipients[0].state is RecipientState.DEFERRED
+
+
+async def test_delete_export_and_import_round_trip(store: Any) -> None:
+    prepared = msg("a@example.net", "b@example.net", key="k-1", metadata={"t": "x"})
+    await store.enqueue([prepared], T0)
+    a, b = deliveries(await claim(store))
+    await store.record(
+        "w1",
+        [Outcome(a.id, RecipientState.DEFERRED, 1, 0, T0 + 900, attempt(ReplyClass.TEMPORARY))],
+        T0,
+    )
+    [exported] = await store.export_deliveries([a.id, b.id])
+    assert exported.id == prepared.id and exported.content == prepared.content
+    assert exported.idempotency_key == "k-1" and exported.metadata == {"t": "x"}
+    by_address = {r.address: r for r in exported.recipients}
+    assert by_address["a@example.net"].state is RecipientState.DEFERRED
+    assert [h.code for h in by_address["a@example.net"].history] == [250]
+    assert by_address["b@example.net"].state is RecipientState.SENDING
+    # b is being sent: only a (deferred) is deleted
+    assert await store.delete_deliveries([a.id, b.id], WAITING) == 1
+    assert [r.address for r in (await store.get_message(prepared.id)).recipients] == [
+        "b@example.net"
+    ]
+    await store.hand_back("w1", None, T0)
+    assert await store.delete_deliveries([b.id], WAITING) == 1
+    with pytest.raises(NotFound):  # a message left without recipients goes too
+        await store.get_message(prepared.id)
+    assert await store.import_messages([exported], T0 + 10) == 2
+    assert await store.import_messages([exported], T0 + 10) == 0  # already there: skipped
+    view = await store.get_message(prepared.id, history=True)
+    assert view.idempotency_key == "k-1" and view.message_id == prepared.message_id
+    by_address = {r.address: r for r in view.recipients}
+    # waiting or being sent comes back due now, with its history
+    assert by_address["a@example.net"].state is RecipientState.QUEUED
+    assert by_address["a@example.net"].next_attempt_at == T0 + 10
+    assert by_address["a@example.net"].attempts == 1
+    assert [h.code for h in by_address["a@example.net"].history or ()] == [250]
+    assert by_address["b@example.net"].state is RecipientState.QUEUED
+    assert await store.get_content(prepared.id) == prepared.content
+    [again] = await store.enqueue([msg(key="k-1")], T0 + 11)
+    assert again.duplicate and again.id == prepared.id
+
+
+async def test_dead_letters_are_requeued_grouped_and_recovered(store: Any) -> None:
+    prepared = msg("x@example.net", "y@example.net", "z@gmail.com")
+    await store.enqueue([prepared], T0)
+    x, y, z = deliveries(await claim(store))
+    await store.record(
+        "w1",
+        [
+            Outcome(
+                d.id, RecipientState.DEAD, 3, 0, None,
+                attempt(ReplyClass.POLICY_BLOCK, 554, now=T0 + 10),
+            )
+            for d in (x, y, z)
+        ],
+        T0 + 10,
+    )  # fmt: skip
+    groups = await store.dead_groups(Selector(), limit=10)
+    assert sorted((g.domain, g.count, g.cls) for g in groups) == [
+        ("example.net", 2, ReplyClass.POLICY_BLOCK),
+        ("gmail.com", 1, ReplyClass.POLICY_BLOCK),
+    ]
+    assert groups[0].count == 2 and groups[0].sample_id == prepared.id  # largest first
+    assert await store.dead_groups(Selector(domains=("gmail.com",)), limit=10) != []
+    assert await store.finished_between(T0, T0 + 60) == (0, 3, 0)
+    waited = await store.requeue_dead([x.id, z.id], T0 + 100)
+    assert sorted(waited) == [90.0, 90.0]
+    view = await store.get_message(prepared.id)
+    states = {r.address: (r.state, r.attempts) for r in view.recipients}
+    assert states["x@example.net"] == (RecipientState.QUEUED, 0)
+    assert states["y@example.net"][0] is RecipientState.DEAD
+    assert await store.requeue_dead([x.id], T0 + 101) == []  # no longer dead
+    claimed = deliveries(await claim(store, now=T0 + 100))
+    assert {d.id for d in claimed} == {x.id, z.id}
+    assert all(d.created_at == T0 + 100 for d in claimed)  # max_age counted from the requeue
+    await store.record(
+        "w1",
+        [
+            Outcome(d.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))
+            for d in claimed
+        ],
+        T0 + 130,
+    )
+    recoveries = await store.recoveries_after(0)
+    assert sorted(seconds for _id, seconds in recoveries) == [120.0, 120.0]
+    assert await store.recoveries_after(max(i for i, _ in recoveries)) == []
+    assert await store.finished_between(T0 + 100, T0 + 200) == (2, 0, 0)
+
+
+async def test_shape_counts_waiting_recipients_by_domain_and_age(store: Any) -> None:
+    await store.enqueue([msg("a@example.net"), msg("b@example.net", "c@gmail.com")], T0)
+    await store.enqueue([msg("d@example.net")], T0 + 250)
+    rows = await store.shape(T0 + 300, [60, 600], limit=10)
+    assert [(r.domain, r.total, r.buckets) for r in rows] == [
+        ("example.net", 3, (1, 2, 0)),
+        ("gmail.com", 1, (0, 1, 0)),
+    ]
+    assert [r.domain for r in await store.shape(T0 + 300, [60], limit=1)] == ["example.net"]
+    assert (await store.shape(T0 + 10_000, [60, 600], limit=10))[0].buckets == (0, 0, 3)
+
+
+async def test_unattempted_deferrals_use_no_attempt(store: Any) -> None:
+    prepared = msg("a@example.net", "b@example.net")
+    await store.enqueue([prepared], T0)
+    a, b = deliveries(await claim(store))
+    reason = "waiting for the destination"
+    assert await store.defer_unattempted("w1", [(a.id, T0 + 30), (b.id, T0)], T0, reason) == 2
+    assert await store.defer_unattempted("w1", [(a.id, T0 + 30)], T0, reason) == 0  # not leased
+    view = await store.get_message(prepared.id, history=True)
+    by_address = {r.address: r for r in view.recipients}
+    assert by_address["a@example.net"].state is RecipientState.DEFERRED
+    assert by_address["a@example.net"].next_attempt_at == T0 + 30
+    assert by_address["b@example.net"].state is RecipientState.QUEUED
+    assert all(r.attempts == 0 and not r.history and r.reason == reason for r in view.recipients)
+
+
+async def test_a_paused_destination_is_deferred_then_hastened(store: Any) -> None:
+    await store.enqueue([msg("a@gmail.com"), msg("b@gmail.com"), msg("c@example.net")], T0)
+    reason = "destination google is paused"
+    assert await store.defer_destination("google", T0 + 600, T0, reason) == 2
+    assert await store.defer_destination("google", T0 + 600, T0, reason) == 0  # already there
+    claimed = deliveries(await claim(store))
+    assert [d.address for d in claimed] == ["c@example.net"]
+    assert await store.hasten("google", T0 + 1, "another reason") == 0
+    assert await store.hasten("example.net", T0 + 1, reason) == 0
+    assert await store.hasten("google", T0 + 1, reason) == 2
+    assert len(deliveries(await claim(store, now=T0 + 1))) == 2
+    await store.enqueue([msg("d@gmail.com"), msg("e@example.org")], T0 + 2)
+    await store.defer_destination("google", T0 + 600, T0 + 2, reason)
+    await store.defer_destination("example.org", T0 + 600, T0 + 2, reason)
+    assert await store.hasten(None, T0 + 3, reason) == 2  # every destination
+
+
+async def test_samples_are_recorded_once_per_minute_and_purged(store: Any) -> None:
+    from postlane.records import Sample
+
+    first = Sample(at=T0, lane="high", ready=3, oldest_age=12.5, paused=("google",))
+    assert await store.record_samples([first, Sample(at=T0, lane="*", sent=7)]) is True
+    assert await store.record_samples([Sample(at=T0, lane="high", ready=99)]) is False
+    await store.record_samples([Sample(at=T0 + 60, lane="high", ready=4, soft_bounces=2)])
+    samples = await store.samples(T0)
+    assert [(s.at, s.lane) for s in samples] == [(T0, "*"), (T0, "high"), (T0 + 60, "high")]
+    assert samples[1] == first
+    assert samples[2].soft_bounces == 2
+    assert [s.at for s in await store.samples(T0 + 1)] == [T0 + 60]
+    assert await store.purge_samples(T0 + 60) == 2
+    assert [s.at for s in await store.samples(0)] == [T0 + 60]
