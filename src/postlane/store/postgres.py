@@ -737,7 +737,7 @@ class PostgresStore:
         return await self._run(run)
 
     async def shape(self, now: float, edges: Sequence[float], *, limit: int) -> list[ShapeRow]:
-        bounds = [0.0, *edges]
+        bounds = [0.0, *(float(edge) for edge in edges)]
 
         async def run(conn: Conn) -> list[ShapeRow]:
             shaped = []
