@@ -93,11 +93,11 @@ def test_claim_and_stats_queries_use_their_indexes(tmp_path: Path) -> None:
     migrate(conn)
     params = {"owner": "w", "now": 1.0, "lease_until": 2.0, "lane": "high", "limit": 10}
     plan = " ".join(
-        str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["claim_lane"], params)
+        str(tuple(row)) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["claim_lane"], params)
     )
     assert "USING INDEX deliveries_due" in plan
     plan = " ".join(
-        str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["counts_by_lane_state"])
+        str(tuple(row)) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["counts_by_lane_state"])
     )
     assert "COVERING INDEX deliveries_lane_state" in plan
     conn.close()

@@ -1,6 +1,11 @@
-"""The store protocol: durable state, leases, transitions and queries, and nothing about SMTP or
-HTTP. Two implementations: :mod:`postlane.store.sqlite` (the embedded default) and
-:mod:`postlane.store.postgres`. One contract test suite runs unchanged against both."""
+"""The store's protocols: durable state, leases, transitions and queries, and nothing about SMTP
+or HTTP. One :class:`Store` made of role protocols (as pgqueuer's ports), so each part of
+postlane can say which role it needs: delivery (claims, leases, results), operator views and
+actions, throttle state, recorded history and alerts, and the suppression list.
+
+One implementation written once (:mod:`postlane.store.sqlstore`) over two databases:
+:mod:`postlane.store.sqlite` (the embedded default) and :mod:`postlane.store.postgres`. One
+contract test suite runs unchanged against both."""
 
 from __future__ import annotations
 
@@ -26,27 +31,14 @@ from postlane.records import (
 )
 
 
-class Store(Protocol):
-    """Everything the queue keeps. Every method is one transaction."""
-
-    #: where the data lives, for messages (never includes a password)
-    description: str
-
-    async def open(self) -> None:
-        """Connect, and bring the schema to the current version (migrations run here)."""
-        ...
-
-    async def close(self) -> None: ...
-
-    # -- ingest ----------------------------------------------------------------------------------
+class DeliveryStore(Protocol):
+    """What ingest and workers need: enqueue, claim under a lease, record results, reap."""
 
     async def enqueue(self, messages: Sequence[PreparedMessage], now: float) -> list[EnqueueResult]:
         """Store messages durably; return only after the commit. A message whose idempotency key
         is already stored creates nothing and returns the first message's id, ``duplicate`` set.
         Recipients on the suppression list are stored ``suppressed`` and never attempted."""
         ...
-
-    # -- delivery --------------------------------------------------------------------------------
 
     async def claim_due(
         self,
@@ -98,7 +90,9 @@ class Store(Protocol):
         """Remove finished messages past their retention; returns how many."""
         ...
 
-    # -- read side -------------------------------------------------------------------------------
+
+class OperatorStore(Protocol):
+    """What the CLI, the HTTP API and the dashboard read and do to the queue."""
 
     async def get_message(self, queue_id: str, *, history: bool = False) -> MessageView:
         """Raises :class:`postlane.errors.NotFound`."""
@@ -122,8 +116,6 @@ class Store(Protocol):
 
     async def get_dead(self, queue_id: str) -> list[DeadLetter]: ...
 
-    # -- operator actions ------------------------------------------------------------------------
-    #
     # Bulk actions walk the selection in slices of delivery ids (select, then act on those ids),
     # so a million-row delete never holds a write lock for long, can show progress, and exports
     # exactly what it deletes. Each action re-checks the state it applies to, so racing a worker
@@ -184,7 +176,9 @@ class Store(Protocol):
         """Waiting recipients by domain and age bucket (qshape); ``edges`` in seconds."""
         ...
 
-    # -- throttling ------------------------------------------------------------------------------
+
+class ThrottleStore(Protocol):
+    """Destinations' shared state: pauses and rates, and the deliveries waiting on them."""
 
     async def defer_unattempted(
         self, owner: str, deferrals: Sequence[tuple[int, float]], now: float, reason: str
@@ -217,7 +211,9 @@ class Store(Protocol):
         now; returns how many deliveries became due."""
         ...
 
-    # -- recorded history ------------------------------------------------------------------------
+
+class HistoryStore(Protocol):
+    """The recorded history behind charts and alert rules, and the alerts' shared state."""
 
     async def record_samples(self, samples: Sequence[Sample]) -> bool:
         """Record one minute's samples; False when another process recorded it first."""
@@ -252,7 +248,9 @@ class Store(Protocol):
 
     async def alerts_firing(self) -> list[tuple[str, float]]: ...
 
-    # -- suppression -----------------------------------------------------------------------------
+
+class SuppressionStore(Protocol):
+    """The suppression list: addresses never to be sent to."""
 
     async def list_suppressions(self, *, limit: int) -> list[Suppression]: ...
 
@@ -263,33 +261,14 @@ class Store(Protocol):
     async def is_suppressed(self, addresses: Sequence[str]) -> Mapping[str, bool]: ...
 
 
-class Pager:
-    """Collects a page of distinct messages from delivery rows read in id order (a message's
-    deliveries are consecutive rows); the next page starts at the first message left out."""
+class Store(DeliveryStore, OperatorStore, ThrottleStore, HistoryStore, SuppressionStore, Protocol):
+    """Everything the queue keeps. Every method is one transaction."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.ids: list[str] = []
-        self.seen: set[str] = set()
-        #: the next page's cursor, set once a message beyond this page was seen
-        self.next_after: int | None = None
-        #: where the next read starts
-        self.last_row = 0
+    #: where the data lives, for messages (never includes a password)
+    description: str
 
-    @property
-    def chunk(self) -> int:
-        return max(4 * self.limit, 200)
+    async def open(self) -> None:
+        """Connect, and bring the schema to the current version (migrations run here)."""
+        ...
 
-    def feed(self, rows: Sequence[tuple[int, str]]) -> bool:
-        """Take a chunk of (delivery id, queue id) rows; True when the page is complete (or
-        the rows ran out)."""
-        for row_id, queue_id in rows:
-            self.last_row = row_id
-            if queue_id in self.seen:
-                continue
-            if len(self.ids) == self.limit:
-                self.next_after = row_id - 1
-                return True
-            self.ids.append(queue_id)
-            self.seen.add(queue_id)
-        return len(rows) < self.chunk
+    async def close(self) -> None: ...

@@ -1,9 +1,12 @@
 -- Named queries of the PostgreSQL store. Each is under a "-- name: NAME" header with one line
--- saying what it does; postlane.store.postgres loads them at import. Parameters are psycopg's
--- %(named)s placeholders (so a literal percent sign would be written %%).
+-- saying what it does; the algorithms that run them are written once, for both databases, in
+-- postlane/store/sqlstore.py. Parameters are psycopg's %(named)s placeholders (so a literal
+-- percent sign would be written %%). Every column a caller reads is named (aggregates carry an
+-- alias), as the SQLite queries of the same name name it.
 --
 -- Batches travel as arrays: `unnest(%(x)s::type[], ...)` turns parallel arrays into rows, so one
--- statement (one plan, one round trip) inserts or updates a whole batch. The explicit casts
+-- statement (one round trip) inserts or updates a whole batch (SQLite runs its version of a
+-- batch query once per row). The explicit casts
 -- type arrays that psycopg cannot type by itself (a list of only NULLs, an empty list).
 -- The store reads under READ COMMITTED; comments below say where that matters.
 
@@ -42,7 +45,7 @@ SELECT set_config('search_path', quote_ident(%(schema)s), %(local)s);
 
 -- name: search_path
 -- The search_path in force, to be put back after a local change.
-SELECT current_setting('search_path');
+SELECT current_setting('search_path') AS search_path;
 
 -- name: restore_search_path
 -- Put a saved search_path back for the rest of this transaction.
@@ -51,6 +54,21 @@ SELECT set_config('search_path', %(search_path)s, true);
 -- name: read_snapshot
 -- One snapshot for a multi-statement read (a consistent view, like SQLite's read transaction).
 SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- name: notify_enqueued
+-- Wake listening workers. NOTIFY is transactional: it is delivered at COMMIT and dropped on
+-- ROLLBACK, so a worker never wakes for mail that is not there. The payload names the schema
+-- holding the tables, so stores in other schemas of the same database ignore it.
+SELECT pg_notify('postlane_enqueued', relnamespace::regnamespace::text)
+FROM pg_class WHERE oid = 'messages'::regclass;
+
+-- name: tables_schema
+-- The schema holding postlane's tables, as notify_enqueued names it.
+SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = 'messages'::regclass;
+
+-- name: listen
+-- Subscribe this connection to enqueue notifications.
+LISTEN postlane_enqueued;
 
 -- name: suppressed_among
 -- Which of some lower-cased addresses are on the suppression list.
@@ -89,21 +107,6 @@ FROM unnest(%(queue_id)s::text[], %(address)s::text[], %(domain)s::text[],
             %(destination)s::text[], %(lane)s::text[], %(created_at)s::float8[],
             %(state)s::text[], %(reason)s::text[])
      AS d (queue_id, address, domain, destination, lane, created_at, state, reason);
-
--- name: notify_enqueued
--- Wake listening workers. NOTIFY is transactional: it is delivered at COMMIT and dropped on
--- ROLLBACK, so a worker never wakes for mail that is not there. The payload names the schema
--- holding the tables, so stores in other schemas of the same database ignore it.
-SELECT pg_notify('postlane_enqueued', relnamespace::regnamespace::text)
-FROM pg_class WHERE oid = 'messages'::regclass;
-
--- name: tables_schema
--- The schema holding postlane's tables, as notify_enqueued names it.
-SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = 'messages'::regclass;
-
--- name: listen
--- Subscribe this connection to enqueue notifications.
-LISTEN postlane_enqueued;
 
 -- name: claim_lane
 -- Lease the oldest due deliveries of one lane. The subquery walks deliveries_due in
@@ -198,11 +201,29 @@ WHERE m.id = ANY(%(ids)s::text[]) AND m.done_at IS NULL
                     AND d.state IN ('queued', 'sending', 'deferred', 'held'));
 
 -- name: insert_suppression
--- Add an address to the suppression list (first reason wins).
+-- Add addresses to the suppression list (first reason wins; an address twice in one batch:
+-- its first row).
 INSERT INTO suppressions (address, created_at, source, reason, code, enhanced, text, queue_id)
-VALUES (%(address)s, %(created_at)s, %(source)s, %(reason)s, %(code)s, %(enhanced)s, %(text)s,
-        %(queue_id)s)
+SELECT DISTINCT ON (address) address, created_at, source, reason, code, enhanced, text,
+       queue_id
+FROM unnest(%(address)s::text[], %(created_at)s::float8[], %(source)s::text[],
+            %(reason)s::text[], %(code)s::integer[], %(enhanced)s::text[], %(text)s::text[],
+            %(queue_id)s::text[]) WITH ORDINALITY
+     AS s (address, created_at, source, reason, code, enhanced, text, queue_id, n)
+ORDER BY address, n
 ON CONFLICT (address) DO NOTHING;
+
+-- name: insert_recoveries
+-- Requeued dead letters that were just delivered: their recovery time (dead to delivered).
+-- The rows are this transaction's own (record_outcomes just updated them).
+INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, recovered_at)
+SELECT queue_id, address, 'delivered', dead_since, %(now)s FROM deliveries
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'sent' AND dead_since IS NOT NULL;
+
+-- name: clear_dead_since
+-- Their recovery is recorded.
+UPDATE deliveries SET dead_since = NULL
+WHERE id = ANY(%(ids)s::bigint[]) AND dead_since IS NOT NULL;
 
 -- name: renew_leases
 -- Push out every lease a live worker holds.
@@ -225,34 +246,27 @@ SET state = CASE WHEN hold_after THEN 'held'
     lease_owner = NULL, lease_expires_at = NULL, hold_after = false, updated_at = %(now)s
 WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s AND state = 'sending';
 
--- name: reap_expired_leases
--- Make up to 1000 deliveries whose lease ran out due now, each with an attempt of unknown
--- outcome (the worker may have sent before it died), in one statement. SKIP LOCKED: a row
--- locked by its worker's late record is that worker's to settle, and two reapers on two hosts
--- split the rows instead of waiting on each other. RETURNING cannot see the old lease_owner
--- (before PostgreSQL 18), so the CTE that locks the rows carries it.
-WITH expired AS (
-    SELECT id, lease_owner FROM deliveries
-    WHERE state = 'sending' AND lease_expires_at <= %(now)s
-    ORDER BY id
-    LIMIT 1000
-    FOR UPDATE SKIP LOCKED
-), reaped AS (
-    UPDATE deliveries AS d
-    SET state = CASE WHEN d.hold_after THEN 'held' ELSE 'queued' END,
-        attempts = d.attempts + 1, next_attempt_at = %(now)s,
-        lease_owner = NULL, lease_expires_at = NULL, hold_after = false,
-        last_code = NULL, last_enhanced = NULL,
-        last_text = 'worker ' || e.lease_owner
-                    || ' stopped without recording a result (lease expired)',
-        last_class = 'temporary', reason = 'lease expired', updated_at = %(now)s
-    FROM expired AS e
-    WHERE d.id = e.id
-    RETURNING d.id, d.destination, d.last_text
-)
-INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
-                      duration_ms, counted)
-SELECT id, %(now)s, 'temporary', NULL, NULL, last_text, '', destination, 0, true FROM reaped;
+-- name: expired_leases
+-- A slice of deliveries whose worker stopped renewing its lease, locked for this reap. SKIP
+-- LOCKED: a row locked by its worker's late record is that worker's to settle, and two
+-- reapers on two hosts split the rows instead of waiting on each other.
+SELECT id FROM deliveries
+WHERE state = 'sending' AND lease_expires_at <= %(now)s
+ORDER BY id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: reap_leases
+-- Make deliveries with an expired lease due now; the try counts (it may have been sent).
+UPDATE deliveries
+SET state = CASE WHEN hold_after THEN 'held' ELSE 'queued' END,
+    attempts = attempts + 1, next_attempt_at = %(now)s,
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = false,
+    last_code = NULL, last_enhanced = NULL,
+    last_text = 'worker ' || lease_owner || ' stopped without recording a result (lease expired)',
+    last_class = 'temporary', reason = 'lease expired', updated_at = %(now)s
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'sending' AND lease_expires_at <= %(now)s
+RETURNING id, destination, last_text;
 
 -- name: expire_owner_leases
 -- End the leases of dead owners now, so the next reap returns their deliveries.
@@ -274,10 +288,10 @@ SELECT least(
     (SELECT min(next_attempt_at) FROM deliveries
      WHERE state IN ('queued', 'deferred') AND lane = 'normal'),
     (SELECT min(next_attempt_at) FROM deliveries
-     WHERE state IN ('queued', 'deferred') AND lane = 'low'));
+     WHERE state IN ('queued', 'deferred') AND lane = 'low')) AS next_at;
 
 -- name: purge_finished
--- Remove up to 500 messages past their retention (all recipients final; dead letters kept for
+-- Remove a slice of messages past their retention (all recipients final; dead letters kept for
 -- their own retention); deliveries and attempts go with them (ON DELETE CASCADE).
 DELETE FROM messages
 WHERE id IN (
@@ -286,7 +300,7 @@ WHERE id IN (
       AND (done_at <= %(dead_cutoff)s
            OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.id
                           AND d.state = 'dead'))
-    LIMIT 500
+    LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
 RETURNING id;
@@ -299,7 +313,7 @@ FROM messages WHERE id = ANY(%(ids)s::text[]);
 
 -- name: message_exists
 -- Whether a message is stored.
-SELECT 1 FROM messages WHERE id = %(id)s;
+SELECT 1 AS found FROM messages WHERE id = %(id)s;
 
 -- name: message_content
 -- A message's stored bytes.
@@ -319,36 +333,46 @@ FROM attempts WHERE delivery_id = ANY(%(ids)s::bigint[]) ORDER BY delivery_id, i
 -- name: list_message_ids
 -- The messages with a selected recipient, oldest first ({selection} is a WHERE clause over
 -- deliveries d, built from a Selector).
-SELECT queue_id, min(created_at) AS c, min(id) AS first FROM deliveries d
+SELECT queue_id, min(created_at) AS first_created, min(id) AS first_id FROM deliveries d
 WHERE {selection}
-GROUP BY queue_id ORDER BY c, first LIMIT %(limit)s;
+GROUP BY queue_id ORDER BY first_created, first_id LIMIT %(limit)s;
+
+-- name: page_rows
+-- Deliveries in arrival order after a cursor (the dashboard's queue pages; {selection} narrows).
+SELECT d.id, d.queue_id FROM deliveries d
+WHERE d.id > %(after)s AND {selection}
+ORDER BY d.id LIMIT %(limit)s;
+
+-- name: counts_by_lane_state
+-- Depth by lane and state, and the oldest creation time in each (covered by an index).
+SELECT lane, state, count(*) AS n, min(created_at) AS oldest FROM deliveries GROUP BY lane, state;
+
+-- name: suppression_count
+-- How many addresses are on the suppression list.
+SELECT count(*) AS n FROM suppressions;
 
 -- name: dead_letters
--- Dead recipients with their message's sender and subject and their last relay
--- ({selection} as above; then an ORDER BY and LIMIT are appended).
+-- Dead recipients with their message's sender and subject and their last relay, newest first
+-- ({selection} as above).
 SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
        d.last_class, d.updated_at, d.last_code, d.last_enhanced, d.last_text, d.reason,
        m.sender, m.subject,
        (SELECT relay FROM attempts a WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1)
+           AS relay
 FROM deliveries d JOIN messages m ON m.id = d.queue_id
 WHERE {selection}
+ORDER BY d.updated_at DESC, d.id LIMIT %(limit)s;
 
--- name: counts_by_lane_state
--- Depth by lane and state, and the oldest creation time in each (covered by an index).
-SELECT lane, state, count(*), min(created_at) FROM deliveries GROUP BY lane, state;
-
--- name: suppression_count
--- How many addresses are on the suppression list.
-SELECT count(*) FROM suppressions;
-
--- name: suppressions
--- The suppression list, newest first.
-SELECT address, created_at, source, reason, code, enhanced, text, queue_id
-FROM suppressions ORDER BY created_at DESC, address LIMIT %(limit)s;
-
--- name: delete_suppression
--- Take an address off the suppression list.
-DELETE FROM suppressions WHERE address = %(address)s;
+-- name: dead_letters_of
+-- The dead recipients of one message, as dead_letters gives them.
+SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
+       d.last_class, d.updated_at, d.last_code, d.last_enhanced, d.last_text, d.reason,
+       m.sender, m.subject,
+       (SELECT relay FROM attempts a WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1)
+           AS relay
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE d.queue_id = %(id)s AND d.state = 'dead'
+ORDER BY d.id;
 
 -- name: select_delivery_ids
 -- A slice of the selected deliveries, in id order from just above %(after)s ({selection} as
@@ -359,7 +383,7 @@ ORDER BY d.id LIMIT %(limit)s;
 
 -- name: summarize
 -- What an action would touch: counts by lane, domain, state and last reply class.
-SELECT lane, domain, state, last_class, count(*) FROM deliveries d
+SELECT lane, domain, state, last_class, count(*) AS n FROM deliveries d
 WHERE {selection}
 GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2;
 
@@ -371,30 +395,28 @@ ORDER BY 1;
 
 -- name: dead_groups
 -- Dead letters that failed alike (before masking the replies' details in Python).
-SELECT last_class, domain, last_code, last_enhanced, last_text, count(*), min(updated_at),
-       max(updated_at), min(queue_id)
+SELECT last_class, domain, last_code, last_enhanced, last_text, count(*) AS n,
+       min(updated_at) AS first_dead_at, max(updated_at) AS last_dead_at,
+       min(queue_id) AS sample_id
 FROM deliveries d
 WHERE {selection}
 GROUP BY 1, 2, 3, 4, 5;
 
 -- name: shape
--- Waiting recipients by domain and age bucket (qshape), busiest domains first. width_bucket
--- numbers the bucket whose lower bound (%(bounds)s, ascending from 0) an age reaches: 1 for
--- [0, first edge), ..., the last for ages past the last edge; 0 (a future created_at) counts
--- in the total only.
+-- Waiting recipients by domain and age bucket (qshape; {bucket} numbers a recipient's age
+-- bucket), the busiest domains first.
 WITH counts AS (
-    SELECT domain, width_bucket(%(now)s - created_at, %(bounds)s::float8[]) AS bucket,
-           count(*) AS n
+    SELECT domain, {bucket} AS bucket, count(*) AS n
     FROM deliveries
     WHERE state IN ('queued', 'deferred', 'sending')
     GROUP BY 1, 2
+), totals AS (
+    SELECT domain, sum(n)::bigint AS total FROM counts
+    GROUP BY domain ORDER BY total DESC, domain LIMIT %(limit)s
 )
-SELECT domain, sum(n)::bigint AS total, array_agg(bucket ORDER BY bucket),
-       array_agg(n ORDER BY bucket)
-FROM counts
-GROUP BY domain
-ORDER BY total DESC, domain
-LIMIT %(limit)s;
+SELECT c.domain, t.total, c.bucket, c.n
+FROM counts c JOIN totals t ON t.domain = c.domain
+ORDER BY t.total DESC, c.domain, c.bucket;
 
 -- name: flush
 -- Make queued or deferred deliveries due now (postqueue -f).
@@ -439,47 +461,46 @@ WHERE m.id = ANY(%(ids)s::text[])
   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = m.id);
 
 -- name: requeue_dead
--- Dead deliveries start afresh: no attempts used, due now, max_age counted from now. Returns
--- when each had died (updated_at before this update: the FROM row is the old version).
-UPDATE deliveries AS d
+-- Dead deliveries start afresh: no attempts used, due now, max_age counted from now. Each
+-- remembers when it died (dead_since: updated_at before this update), for the recovery time.
+UPDATE deliveries
 SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = %(now)s,
-    created_at = %(now)s, dead_since = old.updated_at, updated_at = %(now)s,
+    created_at = %(now)s, dead_since = updated_at, updated_at = %(now)s,
     reason = 'requeued from the dead-letter queue'
-FROM deliveries AS old
-WHERE old.id = d.id AND d.id = ANY(%(ids)s::bigint[]) AND d.state = 'dead'
-RETURNING d.queue_id, d.address, d.last_class, old.updated_at;
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'dead'
+RETURNING queue_id, dead_since AS dead_at;
 
 -- name: reopen_messages
 -- Messages with a recipient waiting again are not finished.
 UPDATE messages SET done_at = NULL WHERE id = ANY(%(ids)s::text[]) AND done_at IS NOT NULL;
+
+-- name: export_recipients
+-- Some deliveries, everything about them, in id order.
+SELECT queue_id, id, address, domain, destination, state, attempts, deferrals,
+       next_attempt_at, created_at, last_code, last_enhanced, last_text, last_class, reason
+FROM deliveries WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id;
 
 -- name: messages_with_content
 -- Some messages' stored fields and bytes.
 SELECT id, lane, sender, subject, message_id, idempotency_key, metadata, created_at, content
 FROM messages WHERE id = ANY(%(ids)s::text[]);
 
--- name: export_recipients
--- Some deliveries, everything about them, in id order (so messages come in the order of
--- their first selected recipient, as in the SQLite store).
-SELECT queue_id, id, address, domain, destination, state, attempts, deferrals,
-       next_attempt_at, created_at, last_code, last_enhanced, last_text, last_class, reason
-FROM deliveries WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id;
-
 -- name: message_or_key
 -- Whether a message id is stored, and whether an idempotency key is held (by any message).
-SELECT EXISTS (SELECT 1 FROM messages WHERE id = %(id)s),
-       EXISTS (SELECT 1 FROM messages WHERE idempotency_key = %(key)s);
+SELECT EXISTS (SELECT 1 FROM messages WHERE id = %(id)s) AS message_exists,
+       EXISTS (SELECT 1 FROM messages WHERE idempotency_key = %(key)s) AS key_held;
 
 -- name: import_message
 -- An exported message, back with its id, Message-ID and content.
 INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
                       created_at, content)
 VALUES (%(id)s, %(lane)s, %(sender)s, %(subject)s, %(message_id)s, %(idempotency_key)s,
-        %(size)s, %(metadata)s, %(created_at)s, %(content)s);
+        %(size)s, %(metadata)s::jsonb, %(created_at)s, %(content)s);
 
 -- name: delivery_exists
 -- Whether a message already has a recipient (import skips it).
-SELECT 1 FROM deliveries WHERE queue_id = %(queue_id)s AND lower(address) = lower(%(address)s);
+SELECT 1 AS found FROM deliveries
+WHERE queue_id = %(queue_id)s AND lower(address) = lower(%(address)s);
 
 -- name: import_delivery
 -- An exported recipient, back with its state and history.
@@ -510,12 +531,16 @@ SET next_attempt_at = %(until)s, reason = %(reason)s, updated_at = %(now)s
 WHERE destination = %(destination)s AND state IN ('queued', 'deferred')
   AND next_attempt_at < %(until)s;
 
--- name: flush_destinations
--- A flush makes the deferred deliveries of these destinations due now.
-UPDATE deliveries
-SET state = 'queued', next_attempt_at = %(now)s, reason = 'flushed', updated_at = %(now)s
-WHERE destination = ANY(%(destinations)s::text[])
-  AND state IN ('queued', 'deferred') AND next_attempt_at > %(now)s;
+-- name: hasten_destination
+-- Call back a destination's deliveries that wait for a slot, to be spaced at its new rate.
+UPDATE deliveries SET next_attempt_at = %(now)s, updated_at = %(now)s
+WHERE destination = %(destination)s AND state IN ('queued', 'deferred')
+  AND next_attempt_at > %(now)s AND reason = %(reason)s;
+
+-- name: hasten_all
+-- Call back every delivery that waits for a slot (the relay's rate grew).
+UPDATE deliveries SET next_attempt_at = %(now)s, updated_at = %(now)s
+WHERE state IN ('queued', 'deferred') AND next_attempt_at > %(now)s AND reason = %(reason)s;
 
 -- name: save_destination_states
 -- Record destinations' pauses and rates (upsert; one row per destination in a batch).
@@ -532,6 +557,10 @@ SET rate = excluded.rate, paused_until = excluded.paused_until, reason = exclude
 SELECT destination, rate, paused_until, reason, updated_at FROM destination_state
 ORDER BY destination;
 
+-- name: sending_by_destination
+-- Deliveries being sent now, by destination.
+SELECT destination, count(*) AS n FROM deliveries WHERE state = 'sending' GROUP BY destination;
+
 -- name: lift_destinations
 -- An operator's flush ends some destinations' pauses and slow-downs.
 UPDATE destination_state
@@ -544,34 +573,31 @@ UPDATE destination_state
 SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = %(now)s
 RETURNING destination;
 
--- name: sending_by_destination
--- Deliveries being sent now, by destination.
-SELECT destination, count(*) FROM deliveries WHERE state = 'sending' GROUP BY destination;
+-- name: flush_destinations
+-- A flush makes the deferred deliveries of these destinations due now.
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = %(now)s, reason = 'flushed', updated_at = %(now)s
+WHERE destination = ANY(%(destinations)s::text[])
+  AND state IN ('queued', 'deferred') AND next_attempt_at > %(now)s;
 
--- name: hasten_destination
--- Call back a destination's deliveries that wait for a slot, to be spaced at its new rate.
-UPDATE deliveries SET next_attempt_at = %(now)s, updated_at = %(now)s
-WHERE destination = %(destination)s AND state IN ('queued', 'deferred')
-  AND next_attempt_at > %(now)s AND reason = %(reason)s;
-
--- name: hasten_all
--- Call back every delivery that waits for a slot (the relay's rate grew).
-UPDATE deliveries SET next_attempt_at = %(now)s, updated_at = %(now)s
-WHERE state IN ('queued', 'deferred') AND next_attempt_at > %(now)s AND reason = %(reason)s;
-
--- name: insert_sample
--- One minute's sample of a lane (the first process to record a minute wins).
+-- name: insert_samples
+-- Minutes' samples of lanes (the first process to record a minute wins).
 INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
                             hard_bounces, paused, deferrals, soft_bounces)
-VALUES (%(at)s, %(lane)s, %(ready)s, %(deferred)s, %(held)s, %(sending)s, %(oldest_age)s,
-        %(sent)s, %(dead)s, %(hard_bounces)s, %(paused)s::jsonb, %(deferrals)s,
-        %(soft_bounces)s)
+SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
+       paused::jsonb, deferrals, soft_bounces
+FROM unnest(%(at)s::float8[], %(lane)s::text[], %(ready)s::integer[], %(deferred)s::integer[],
+            %(held)s::integer[], %(sending)s::integer[], %(oldest_age)s::float8[],
+            %(sent)s::integer[], %(dead)s::integer[], %(hard_bounces)s::integer[],
+            %(paused)s::text[], %(deferrals)s::integer[], %(soft_bounces)s::integer[])
+     AS s (at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
+           paused, deferrals, soft_bounces)
 ON CONFLICT (at, lane) DO NOTHING;
 
 -- name: samples_since
 -- The recorded history from a time on, oldest first.
 SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
-       paused::text, deferrals, soft_bounces
+       paused::text AS paused, deferrals, soft_bounces
 FROM metric_samples WHERE at >= %(since)s ORDER BY at, lane;
 
 -- name: purge_samples
@@ -581,22 +607,23 @@ DELETE FROM metric_samples WHERE at < %(before)s;
 -- name: finished_between
 -- Recipients delivered, dead-lettered, and hard-bounced in a time range.
 SELECT (SELECT count(*) FROM deliveries
-        WHERE state = 'sent' AND updated_at >= %(start)s AND updated_at < %(end)s),
-       count(*), count(*) FILTER (WHERE last_class = 'hard_bounce')
+        WHERE state = 'sent' AND updated_at >= %(start)s AND updated_at < %(end)s) AS sent,
+       count(*) AS dead, count(*) FILTER (WHERE last_class = 'hard_bounce') AS hard_bounces
 FROM deliveries WHERE state = 'dead' AND updated_at >= %(start)s AND updated_at < %(end)s;
 
 -- name: recoveries_after
 -- Dead letters requeued since a row id (for the recovery-time histogram).
-SELECT id, recovered_at - dead_at FROM dead_letter_recoveries WHERE id > %(after)s ORDER BY id;
+SELECT id, recovered_at - dead_at AS seconds FROM dead_letter_recoveries
+WHERE id > %(after)s ORDER BY id;
 
 -- name: alert_fire
--- An alert starts firing: a row only for the process that made the change.
+-- An alert starts firing: a change only for the process that made it.
 INSERT INTO alert_state (name, firing, since, updated_at) VALUES (%(name)s, true, %(now)s, %(now)s)
 ON CONFLICT (name) DO UPDATE SET firing = true, since = %(now)s, updated_at = %(now)s
 WHERE NOT alert_state.firing;
 
 -- name: alert_resolve
--- A firing alert resolves: a row only for the process that made the change.
+-- A firing alert resolves: a change only for the process that made it.
 UPDATE alert_state SET firing = false, since = %(now)s, updated_at = %(now)s
 WHERE name = %(name)s AND firing;
 
@@ -604,29 +631,20 @@ WHERE name = %(name)s AND firing;
 -- Alerts recorded as firing, with since when.
 SELECT name, since FROM alert_state WHERE firing ORDER BY name;
 
--- name: record_recoveries
--- Requeued dead letters that were just delivered: their recovery time (dead to delivered).
-WITH recovered AS (
-    SELECT id, queue_id, address, dead_since FROM deliveries
-    WHERE id = ANY(%(ids)s::bigint[]) AND state = 'sent' AND dead_since IS NOT NULL
-    FOR UPDATE
-), logged AS (
-    INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, recovered_at)
-    SELECT queue_id, address, 'delivered', dead_since, %(now)s FROM recovered
-)
-UPDATE deliveries AS d SET dead_since = NULL FROM recovered WHERE d.id = recovered.id;
-
 -- name: attempt_classes_between
 -- Attempts in a time range, by class (a minute's deferrals and soft bounces).
-SELECT class, count(*) FROM attempts WHERE at >= %(start)s AND at < %(end)s GROUP BY class;
+SELECT class, count(*) AS n FROM attempts WHERE at >= %(start)s AND at < %(end)s GROUP BY class;
 
 -- name: destination_replies_since
 -- Recent attempts by destination and class (the dashboard's destinations page).
-SELECT destination, class, count(*) FROM attempts WHERE at >= %(since)s
+SELECT destination, class, count(*) AS n FROM attempts WHERE at >= %(since)s
 GROUP BY destination, class;
 
--- name: page_rows
--- Deliveries in arrival order after a cursor (the dashboard's queue pages; {selection} narrows).
-SELECT d.id, d.queue_id FROM deliveries d
-WHERE d.id > %(after)s AND {selection}
-ORDER BY d.id LIMIT %(limit)s;
+-- name: suppressions
+-- The suppression list, newest first.
+SELECT address, created_at, source, reason, code, enhanced, text, queue_id
+FROM suppressions ORDER BY created_at DESC, address LIMIT %(limit)s;
+
+-- name: delete_suppression
+-- Take an address off the suppression list.
+DELETE FROM suppressions WHERE address = %(address)s;

@@ -1,19 +1,30 @@
 -- Named queries of the SQLite store. Each is under a "-- name: NAME" header with one line saying
--- what it does; postlane.store.sqlite loads them at import. Parameters are :named.
+-- what it does; the algorithms that run them are written once, for both databases, in
+-- postlane/store/sqlstore.py. Parameters are :named; an array parameter arrives as JSON text
+-- and is read with json_each. A batch query runs once per row. Every column a caller reads is
+-- named (aggregates carry an alias), as the PostgreSQL queries of the same name name it.
 
--- name: insert_message
--- Store a message's content and headers once, whatever its number of recipients.
+-- name: suppressed_among
+-- Which of some lower-cased addresses are on the suppression list.
+SELECT address FROM suppressions WHERE address IN (SELECT value FROM json_each(:addresses));
+
+-- name: insert_messages
+-- Store a new message (content once per message, whatever its number of recipients); one whose
+-- idempotency key is already stored is skipped (the unique key, not a check-then-insert).
 INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
                       created_at, done_at, submitter, content)
 VALUES (:id, :lane, :sender, :subject, :message_id, :idempotency_key, :size, :metadata,
-        :created_at, :done_at, :submitter, :content);
+        :created_at, :done_at, :submitter, :content)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id;
 
--- name: message_by_idempotency_key
--- The first message stored under an idempotency key.
-SELECT id FROM messages WHERE idempotency_key = :key;
+-- name: messages_by_idempotency_key
+-- The messages first stored under some idempotency keys.
+SELECT idempotency_key, id FROM messages
+WHERE idempotency_key IN (SELECT value FROM json_each(:keys));
 
--- name: insert_delivery
--- One recipient of a new message.
+-- name: insert_deliveries
+-- One recipient of a new message, due at once (or suppressed, never attempted).
 INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state,
                         next_attempt_at, updated_at, reason)
 VALUES (:queue_id, :address, :domain, :destination, :lane, :created_at, :state,
@@ -33,9 +44,25 @@ WHERE id IN (
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
           last_class;
 
--- name: record_outcome
+-- name: claim_rest_of_messages
+-- Lease the other due deliveries of messages a claim reached, so one message's recipients go
+-- out in one transaction (a claim may pass its limit by the rest of one message).
+UPDATE deliveries
+SET state = 'sending', lease_owner = :owner, lease_expires_at = :lease_until, updated_at = :now
+WHERE queue_id IN (SELECT value FROM json_each(:queue_ids))
+  AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
+RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
+          last_class;
+
+-- name: claimed_messages
+-- The stored fields and bytes of the messages a claim leased deliveries of.
+SELECT id, lane, sender, message_id, idempotency_key, created_at, content
+FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: record_outcomes
 -- Apply one outcome, only if the delivery is still leased by this worker. An operator's hold
--- during the send wins over a retry.
+-- during the send wins over a retry; an outcome without an attempt (class NULL) keeps the
+-- previous reply.
 UPDATE deliveries
 SET state = CASE WHEN hold_after = 1 AND :state IN ('queued', 'deferred') THEN 'held'
                  ELSE :state END,
@@ -48,9 +75,9 @@ SET state = CASE WHEN hold_after = 1 AND :state IN ('queued', 'deferred') THEN '
     last_class = coalesce(:class, last_class),
     reason = :reason, updated_at = :now
 WHERE id = :id AND state = 'sending' AND lease_owner = :owner
-RETURNING queue_id, address;
+RETURNING id, queue_id, address;
 
--- name: insert_attempt
+-- name: insert_attempts
 -- One try in a delivery's history.
 INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
                       duration_ms, counted)
@@ -58,18 +85,29 @@ VALUES (:delivery_id, :at, :class, :code, :enhanced, :text, :relay, :destination
         :duration_ms, :counted);
 
 -- name: mark_done
--- Note when a message's last recipient reached a final state (for retention).
+-- Note when messages' last recipient reached a final state (for retention).
 UPDATE messages SET done_at = :now
-WHERE id = :queue_id AND done_at IS NULL
-  AND NOT EXISTS (SELECT 1 FROM deliveries
-                  WHERE queue_id = :queue_id
-                    AND state IN ('queued', 'sending', 'deferred', 'held'));
+WHERE id IN (SELECT value FROM json_each(:ids)) AND done_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM deliveries d
+                  WHERE d.queue_id = messages.id
+                    AND d.state IN ('queued', 'sending', 'deferred', 'held'));
 
 -- name: insert_suppression
 -- Add an address to the suppression list (first reason wins).
 INSERT INTO suppressions (address, created_at, source, reason, code, enhanced, text, queue_id)
 VALUES (:address, :created_at, :source, :reason, :code, :enhanced, :text, :queue_id)
 ON CONFLICT (address) DO NOTHING;
+
+-- name: insert_recoveries
+-- Requeued dead letters that were just delivered: their recovery time (dead to delivered).
+INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, recovered_at)
+SELECT queue_id, address, 'delivered', dead_since, :now FROM deliveries
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'sent' AND dead_since IS NOT NULL;
+
+-- name: clear_dead_since
+-- Their recovery is recorded.
+UPDATE deliveries SET dead_since = NULL
+WHERE id IN (SELECT value FROM json_each(:ids)) AND dead_since IS NOT NULL;
 
 -- name: renew_leases
 -- Push out every lease a live worker holds.
@@ -84,43 +122,47 @@ SET state = CASE WHEN hold_after = 1 THEN 'held'
     lease_owner = NULL, lease_expires_at = NULL, hold_after = 0, updated_at = :now
 WHERE lease_owner = :owner AND state = 'sending';
 
--- name: hand_back_one
--- Return one delivery a worker holds, unattempted.
+-- name: hand_back_some
+-- Return some deliveries a worker holds, unattempted.
 UPDATE deliveries
 SET state = CASE WHEN hold_after = 1 THEN 'held'
                  WHEN attempts > 0 OR deferrals > 0 THEN 'deferred' ELSE 'queued' END,
     lease_owner = NULL, lease_expires_at = NULL, hold_after = 0, updated_at = :now
-WHERE id = :id AND lease_owner = :owner AND state = 'sending';
+WHERE id IN (SELECT value FROM json_each(:ids)) AND lease_owner = :owner AND state = 'sending';
 
 -- name: expired_leases
--- Deliveries whose worker stopped renewing its lease.
-SELECT id, lease_owner, destination FROM deliveries INDEXED BY deliveries_leased
+-- Deliveries whose worker stopped renewing its lease, a slice at a time.
+SELECT id FROM deliveries INDEXED BY deliveries_leased
 WHERE state = 'sending' AND lease_expires_at <= :now
-LIMIT 1000;
+LIMIT :limit;
 
--- name: reap_lease
--- Make a delivery with an expired lease due now; the try counts (it may have been sent).
+-- name: reap_leases
+-- Make deliveries with an expired lease due now; the try counts (it may have been sent).
 UPDATE deliveries
 SET state = CASE WHEN hold_after = 1 THEN 'held' ELSE 'queued' END,
     attempts = attempts + 1, next_attempt_at = :now,
     lease_owner = NULL, lease_expires_at = NULL, hold_after = 0,
-    last_code = NULL, last_enhanced = NULL, last_text = :text, last_class = 'temporary',
-    reason = 'lease expired', updated_at = :now
-WHERE id = :id AND state = 'sending' AND lease_expires_at <= :now;
+    last_code = NULL, last_enhanced = NULL,
+    last_text = 'worker ' || lease_owner || ' stopped without recording a result (lease expired)',
+    last_class = 'temporary', reason = 'lease expired', updated_at = :now
+WHERE id IN (SELECT value FROM json_each(:ids))
+  AND state = 'sending' AND lease_expires_at <= :now
+RETURNING id, destination, last_text;
 
 -- name: expire_owner_leases
--- End the leases of a dead owner now, so the next reap returns its deliveries.
+-- End the leases of dead owners now, so the next reap returns their deliveries.
 UPDATE deliveries SET lease_expires_at = :now
-WHERE lease_owner = :owner AND state = 'sending';
+WHERE lease_owner IN (SELECT value FROM json_each(:owners)) AND state = 'sending';
 
 -- name: lease_owners
 -- Workers that hold leases.
 SELECT DISTINCT lease_owner FROM deliveries INDEXED BY deliveries_leased
-WHERE state = 'sending' AND lease_owner IS NOT NULL;
+WHERE state = 'sending' AND lease_owner IS NOT NULL
+ORDER BY lease_owner;
 
 -- name: next_due_at
--- The earliest next attempt time of any waiting delivery.
-SELECT min(next_at) FROM (
+-- The earliest next attempt time of any waiting delivery: one index probe per lane.
+SELECT min(next_at) AS next_at FROM (
     SELECT min(next_attempt_at) AS next_at FROM deliveries INDEXED BY deliveries_due
     WHERE state IN ('queued', 'deferred') AND lane = 'high'
     UNION ALL
@@ -131,58 +173,134 @@ SELECT min(next_at) FROM (
     WHERE state IN ('queued', 'deferred') AND lane = 'low'
 );
 
--- name: finished_messages
--- Messages past their retention: all recipients final, none dead (dead letters have their own).
-SELECT id FROM messages INDEXED BY messages_done
-WHERE done_at <= :cutoff
-  AND (done_at <= :dead_cutoff
-       OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.id
-                      AND d.state = 'dead'))
-LIMIT 500;
+-- name: purge_finished
+-- Remove a slice of messages past their retention (all recipients final; dead letters kept for
+-- their own retention); deliveries and attempts go with them (ON DELETE CASCADE).
+DELETE FROM messages
+WHERE id IN (
+    SELECT id FROM messages INDEXED BY messages_done
+    WHERE done_at <= :cutoff
+      AND (done_at <= :dead_cutoff
+           OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.id
+                          AND d.state = 'dead'))
+    LIMIT :limit
+)
+RETURNING id;
 
--- name: delete_message
--- Remove a message; its deliveries and attempts go with it (ON DELETE CASCADE).
-DELETE FROM messages WHERE id = :id;
-
--- name: message
--- One message's stored fields (not its content).
+-- name: messages
+-- Some messages' stored fields (not their content).
 SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at,
        submitter
-FROM messages WHERE id = :id;
+FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: message_exists
+-- Whether a message is stored.
+SELECT 1 AS found FROM messages WHERE id = :id;
 
 -- name: message_content
 -- A message's stored bytes.
 SELECT content FROM messages WHERE id = :id;
 
--- name: message_recipients
--- The recipients of one message, in the order they were given.
-SELECT id, address, domain, destination, state, attempts, next_attempt_at, last_code,
+-- name: recipients_of
+-- The recipients of some messages, each message's in the order they were given.
+SELECT queue_id, id, address, domain, destination, state, attempts, next_attempt_at, last_code,
        last_enhanced, last_text, last_class, updated_at, reason
-FROM deliveries WHERE queue_id = :id ORDER BY id;
+FROM deliveries WHERE queue_id IN (SELECT value FROM json_each(:ids)) ORDER BY queue_id, id;
 
--- name: delivery_history
--- Every attempt of one delivery, oldest first.
-SELECT at, class, code, enhanced, text, duration_ms, relay, destination, counted
-FROM attempts WHERE delivery_id = :id ORDER BY id;
+-- name: histories_of
+-- Every attempt of some deliveries, oldest first.
+SELECT delivery_id, at, class, code, enhanced, text, duration_ms, relay, destination, counted
+FROM attempts WHERE delivery_id IN (SELECT value FROM json_each(:ids)) ORDER BY delivery_id, id;
+
+-- name: list_message_ids
+-- The messages with a selected recipient, oldest first ({selection}: a WHERE clause over
+-- deliveries d, built from a Selector).
+SELECT queue_id, min(created_at) AS first_created, min(id) AS first_id FROM deliveries d
+WHERE {selection}
+GROUP BY queue_id ORDER BY first_created, first_id LIMIT :limit;
+
+-- name: page_rows
+-- Deliveries in arrival order after a cursor (the dashboard's queue pages; {selection} narrows).
+SELECT d.id, d.queue_id FROM deliveries d
+WHERE d.id > :after AND {selection}
+ORDER BY d.id LIMIT :limit;
 
 -- name: counts_by_lane_state
 -- Depth by lane and state, and the oldest creation time in each (covered by an index).
-SELECT lane, state, count(*), min(created_at)
+SELECT lane, state, count(*) AS n, min(created_at) AS oldest
 FROM deliveries INDEXED BY deliveries_lane_state
 GROUP BY lane, state;
 
 -- name: suppression_count
 -- How many addresses are on the suppression list.
-SELECT count(*) FROM suppressions;
+SELECT count(*) AS n FROM suppressions;
 
--- name: suppressions
--- The suppression list, newest first.
-SELECT address, created_at, source, reason, code, enhanced, text, queue_id
-FROM suppressions ORDER BY created_at DESC LIMIT :limit;
+-- name: dead_letters
+-- Dead recipients with their message's sender and subject and their last relay, newest first
+-- ({selection} as above).
+SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
+       d.last_class, d.updated_at, d.last_code, d.last_enhanced, d.last_text, d.reason,
+       m.sender, m.subject,
+       (SELECT relay FROM attempts a WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1)
+           AS relay
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE {selection}
+ORDER BY d.updated_at DESC, d.id LIMIT :limit;
 
--- name: delete_suppression
--- Take an address off the suppression list.
-DELETE FROM suppressions WHERE address = :address;
+-- name: dead_letters_of
+-- The dead recipients of one message, as dead_letters gives them.
+SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
+       d.last_class, d.updated_at, d.last_code, d.last_enhanced, d.last_text, d.reason,
+       m.sender, m.subject,
+       (SELECT relay FROM attempts a WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1)
+           AS relay
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE d.queue_id = :id AND d.state = 'dead'
+ORDER BY d.id;
+
+-- name: select_delivery_ids
+-- A slice of the selected deliveries, in id order from just above :after ({selection} as
+-- above): bulk actions walk a selection in such slices.
+SELECT d.id FROM deliveries d
+WHERE {selection} AND d.id > :after
+ORDER BY d.id LIMIT :limit;
+
+-- name: summarize
+-- What an action would touch: counts by lane, domain, state and last reply class.
+SELECT lane, domain, state, last_class, count(*) AS n FROM deliveries d
+WHERE {selection}
+GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2;
+
+-- name: selected_destinations
+-- The destinations of the selected deliveries, as stored at enqueue ({selection} as above).
+SELECT DISTINCT destination FROM deliveries d
+WHERE {selection}
+ORDER BY 1;
+
+-- name: dead_groups
+-- Dead letters that failed alike (before masking the replies' details in Python).
+SELECT last_class, domain, last_code, last_enhanced, last_text, count(*) AS n,
+       min(updated_at) AS first_dead_at, max(updated_at) AS last_dead_at,
+       min(queue_id) AS sample_id
+FROM deliveries d
+WHERE {selection}
+GROUP BY 1, 2, 3, 4, 5;
+
+-- name: shape
+-- Waiting recipients by domain and age bucket (qshape; {bucket} numbers a recipient's age
+-- bucket), the busiest domains first.
+WITH counts AS (
+    SELECT domain, {bucket} AS bucket, count(*) AS n
+    FROM deliveries
+    WHERE state IN ('queued', 'deferred', 'sending')
+    GROUP BY 1, 2
+), totals AS (
+    SELECT domain, sum(n) AS total FROM counts
+    GROUP BY domain ORDER BY total DESC, domain LIMIT :limit
+)
+SELECT c.domain, t.total, c.bucket, c.n
+FROM counts c JOIN totals t ON t.domain = c.domain
+ORDER BY t.total DESC, c.domain, c.bucket;
 
 -- name: flush
 -- Make queued or deferred deliveries due now (postqueue -f).
@@ -218,57 +336,52 @@ DELETE FROM deliveries
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state IN (SELECT value FROM json_each(:states))
 RETURNING queue_id;
 
--- name: delete_empty_message
--- Remove a message none of whose recipients is left.
+-- name: delete_empty_messages
+-- Remove messages none of whose recipients is left.
 DELETE FROM messages
-WHERE id = :queue_id AND NOT EXISTS (SELECT 1 FROM deliveries WHERE queue_id = :queue_id);
-
--- name: dead_for_requeue
--- The dead deliveries among some ids, with when they died.
-SELECT id, queue_id, address, last_class, updated_at FROM deliveries
-WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead';
+WHERE id IN (SELECT value FROM json_each(:ids))
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.id);
 
 -- name: requeue_dead
--- A dead delivery starts afresh: no attempts used, due now, max_age counted from now; it
--- remembers when it died, for the recovery time once it is delivered.
+-- Dead deliveries start afresh: no attempts used, due now, max_age counted from now. Each
+-- remembers when it died (dead_since: updated_at before this update), for the recovery time.
 UPDATE deliveries
 SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = :now, created_at = :now,
     dead_since = updated_at, updated_at = :now, reason = 'requeued from the dead-letter queue'
-WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead';
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead'
+RETURNING queue_id, dead_since AS dead_at;
 
--- name: reopen_message
--- A message with a recipient waiting again is not finished.
-UPDATE messages SET done_at = NULL WHERE id = :queue_id;
-
--- name: insert_recovery
--- A requeued dead letter was delivered (recovery time = recovered_at - dead_at).
-INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, recovered_at)
-SELECT queue_id, address, 'delivered', dead_since, :now FROM deliveries
-WHERE id = :id AND dead_since IS NOT NULL;
-
--- name: clear_dead_since
--- The recovery is recorded.
-UPDATE deliveries SET dead_since = NULL WHERE id = :id AND dead_since IS NOT NULL;
+-- name: reopen_messages
+-- Messages with a recipient waiting again are not finished.
+UPDATE messages SET done_at = NULL
+WHERE id IN (SELECT value FROM json_each(:ids)) AND done_at IS NOT NULL;
 
 -- name: export_recipients
--- The selected recipients of one message, everything about them.
-SELECT id, address, domain, destination, state, attempts, deferrals, next_attempt_at,
-       created_at, last_code, last_enhanced, last_text, last_class, reason
-FROM deliveries WHERE queue_id = :queue_id AND id IN (SELECT value FROM json_each(:ids))
-ORDER BY id;
+-- Some deliveries, everything about them, in id order.
+SELECT queue_id, id, address, domain, destination, state, attempts, deferrals,
+       next_attempt_at, created_at, last_code, last_enhanced, last_text, last_class, reason
+FROM deliveries WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id;
 
--- name: message_with_content
--- A message's stored fields and bytes.
-SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at, content
-FROM messages WHERE id = :id;
+-- name: messages_with_content
+-- Some messages' stored fields and bytes.
+SELECT id, lane, sender, subject, message_id, idempotency_key, metadata, created_at, content
+FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
 
--- name: queue_ids_of
--- The messages of some deliveries.
-SELECT DISTINCT queue_id FROM deliveries WHERE id IN (SELECT value FROM json_each(:ids));
+-- name: message_or_key
+-- Whether a message id is stored, and whether an idempotency key is held (by any message).
+SELECT EXISTS (SELECT 1 FROM messages WHERE id = :id) AS message_exists,
+       EXISTS (SELECT 1 FROM messages WHERE idempotency_key = :key) AS key_held;
+
+-- name: import_message
+-- An exported message, back with its id, Message-ID and content.
+INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
+                      created_at, content)
+VALUES (:id, :lane, :sender, :subject, :message_id, :idempotency_key, :size, :metadata,
+        :created_at, :content);
 
 -- name: delivery_exists
 -- Whether a message already has a recipient (import skips it).
-SELECT 1 FROM deliveries WHERE queue_id = :queue_id AND lower(address) = lower(:address);
+SELECT 1 AS found FROM deliveries WHERE queue_id = :queue_id AND lower(address) = lower(:address);
 
 -- name: import_delivery
 -- An exported recipient, back with its state and history.
@@ -278,16 +391,6 @@ INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at
 VALUES (:queue_id, :address, :domain, :destination, :lane, :created_at, :state, :attempts,
         :deferrals, :next_attempt_at, :code, :enhanced, :text, :class, :reason, :now)
 RETURNING id;
-
--- name: claim_rest_of_messages
--- Lease the other due deliveries of messages a claim reached, so one message's recipients go
--- out in one transaction (a claim may pass its limit by the rest of one message).
-UPDATE deliveries
-SET state = 'sending', lease_owner = :owner, lease_expires_at = :lease_until, updated_at = :now
-WHERE queue_id IN (SELECT value FROM json_each(:queue_ids))
-  AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
-RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
-          last_class;
 
 -- name: defer_unattempted
 -- Hand a leased delivery back to wait until a given time, without an attempt (a destination
@@ -307,14 +410,18 @@ SET next_attempt_at = :until, reason = :reason, updated_at = :now
 WHERE destination = :destination AND state IN ('queued', 'deferred')
   AND next_attempt_at < :until;
 
--- name: flush_destinations
--- A flush makes the deferred deliveries of these destinations due now.
-UPDATE deliveries
-SET state = 'queued', next_attempt_at = :now, reason = 'flushed', updated_at = :now
-WHERE destination IN (SELECT value FROM json_each(:destinations))
-  AND state IN ('queued', 'deferred') AND next_attempt_at > :now;
+-- name: hasten_destination
+-- Call back a destination's deliveries that wait for a slot, to be spaced at its new rate.
+UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
+WHERE destination = :destination AND state IN ('queued', 'deferred')
+  AND next_attempt_at > :now AND reason = :reason;
 
--- name: save_destination_state
+-- name: hasten_all
+-- Call back every delivery that waits for a slot (the relay's rate grew).
+UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
+WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now AND reason = :reason;
+
+-- name: save_destination_states
 -- Record a destination's pause and rate (upsert).
 INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
 VALUES (:destination, :rate, :paused_until, :reason, :updated_at)
@@ -327,34 +434,31 @@ SET rate = excluded.rate, paused_until = excluded.paused_until, reason = exclude
 SELECT destination, rate, paused_until, reason, updated_at FROM destination_state
 ORDER BY destination;
 
--- name: lift_destination
--- An operator's flush ends a destination's pause and slow-down.
-UPDATE destination_state
-SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now
-WHERE destination = :destination;
-
--- name: lift_all_destinations
--- An operator's flush of everything ends every pause and slow-down.
-UPDATE destination_state
-SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now;
-
 -- name: sending_by_destination
 -- Deliveries being sent now, by destination.
-SELECT destination, count(*) FROM deliveries INDEXED BY deliveries_leased
+SELECT destination, count(*) AS n FROM deliveries INDEXED BY deliveries_leased
 WHERE state = 'sending' GROUP BY destination;
 
--- name: hasten_destination
--- Call back a destination's deliveries that wait for a slot, to be spaced at its new rate.
-UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
-WHERE destination = :destination AND state IN ('queued', 'deferred')
-  AND next_attempt_at > :now AND reason = :reason;
+-- name: lift_destinations
+-- An operator's flush ends some destinations' pauses and slow-downs.
+UPDATE destination_state
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now
+WHERE destination IN (SELECT value FROM json_each(:destinations));
 
--- name: hasten_all
--- Call back every delivery that waits for a slot (the relay's rate grew).
-UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
-WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now AND reason = :reason;
+-- name: lift_all_destinations
+-- An operator's flush of everything ends every pause and slow-down; returns the destinations.
+UPDATE destination_state
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now
+RETURNING destination;
 
--- name: insert_sample
+-- name: flush_destinations
+-- A flush makes the deferred deliveries of these destinations due now.
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = :now, reason = 'flushed', updated_at = :now
+WHERE destination IN (SELECT value FROM json_each(:destinations))
+  AND state IN ('queued', 'deferred') AND next_attempt_at > :now;
+
+-- name: insert_samples
 -- One minute's sample of a lane (the first process to record a minute wins).
 INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
                             hard_bounces, paused, deferrals, soft_bounces)
@@ -372,29 +476,27 @@ FROM metric_samples WHERE at >= :since ORDER BY at, lane;
 -- Forget history older than the retention.
 DELETE FROM metric_samples WHERE at < :before;
 
--- name: sent_between
--- Recipients delivered in a time range.
-SELECT count(*) FROM deliveries INDEXED BY deliveries_sent_at
-WHERE state = 'sent' AND updated_at >= :start AND updated_at < :end;
-
--- name: dead_between
--- Recipients dead-lettered in a time range, and how many of them were hard bounces.
-SELECT count(*), coalesce(sum(last_class = 'hard_bounce'), 0)
+-- name: finished_between
+-- Recipients delivered, dead-lettered, and hard-bounced in a time range.
+SELECT (SELECT count(*) FROM deliveries INDEXED BY deliveries_sent_at
+        WHERE state = 'sent' AND updated_at >= :start AND updated_at < :end) AS sent,
+       count(*) AS dead, coalesce(sum(last_class = 'hard_bounce'), 0) AS hard_bounces
 FROM deliveries INDEXED BY deliveries_dead
 WHERE state = 'dead' AND updated_at >= :start AND updated_at < :end;
 
 -- name: recoveries_after
 -- Dead letters requeued since a row id (for the recovery-time histogram).
-SELECT id, recovered_at - dead_at FROM dead_letter_recoveries WHERE id > :after ORDER BY id;
+SELECT id, recovered_at - dead_at AS seconds FROM dead_letter_recoveries
+WHERE id > :after ORDER BY id;
 
 -- name: alert_fire
--- An alert starts firing: true only for the process that made the change.
+-- An alert starts firing: a change only for the process that made it.
 INSERT INTO alert_state (name, firing, since, updated_at) VALUES (:name, 1, :now, :now)
 ON CONFLICT (name) DO UPDATE SET firing = 1, since = :now, updated_at = :now
 WHERE alert_state.firing = 0;
 
 -- name: alert_resolve
--- A firing alert resolves: true only for the process that made the change.
+-- A firing alert resolves: a change only for the process that made it.
 UPDATE alert_state SET firing = 0, since = :now, updated_at = :now
 WHERE name = :name AND firing = 1;
 
@@ -404,15 +506,18 @@ SELECT name, since FROM alert_state WHERE firing = 1 ORDER BY name;
 
 -- name: attempt_classes_between
 -- Attempts in a time range, by class (a minute's deferrals and soft bounces).
-SELECT class, count(*) FROM attempts WHERE at >= :start AND at < :end GROUP BY class;
+SELECT class, count(*) AS n FROM attempts WHERE at >= :start AND at < :end GROUP BY class;
 
 -- name: destination_replies_since
 -- Recent attempts by destination and class (the dashboard's destinations page).
-SELECT destination, class, count(*) FROM attempts WHERE at >= :since
+SELECT destination, class, count(*) AS n FROM attempts WHERE at >= :since
 GROUP BY destination, class;
 
--- name: page_rows
--- Deliveries in arrival order after a cursor (the dashboard's queue pages; {selection} narrows).
-SELECT d.id, d.queue_id FROM deliveries d
-WHERE d.id > :after AND {selection}
-ORDER BY d.id LIMIT :limit;
+-- name: suppressions
+-- The suppression list, newest first.
+SELECT address, created_at, source, reason, code, enhanced, text, queue_id
+FROM suppressions ORDER BY created_at DESC, address LIMIT :limit;
+
+-- name: delete_suppression
+-- Take an address off the suppression list.
+DELETE FROM suppressions WHERE address = :address;

@@ -1,0 +1,286 @@
+"""The delivery role, written once for both databases: enqueue, claim under a lease, record
+results, renew and reap leases, purge what is finished (:class:`postlane.store.base.DeliveryStore`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TypeVar
+
+from postlane.errors import StoreUnavailable
+from postlane.message import FINAL_STATES, Lane, PreparedMessage, RecipientState
+from postlane.records import (
+    ClaimedMessage,
+    Delivery,
+    EnqueueResult,
+    Outcome,
+)
+from postlane.store import rows
+from postlane.store.plans import (
+    Plan,
+    Row,
+    SQLRole,
+    Statement,
+    batch,
+    execute,
+    fetch,
+    fetch_one,
+)
+
+T = TypeVar("T")
+
+#: a transaction lost to a concurrent enqueue's idempotency key is run again this many times
+KEY_TRIES = 3
+#: rows a reap or a purge handles per statement (each slice its own short write)
+REAP_SLICE = 1000
+PURGE_SLICE = 500
+
+
+def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[EnqueueResult]]:
+    """Store ``messages``: a constant number of statements per batch (the suppression check,
+    the message rows, the recipient rows, and a look-up of existing ids when an idempotency key
+    was already stored). A message whose key is stored creates nothing and gets the first id.
+
+    The first message per key in the batch is the candidate; later ones repeat it. Candidates
+    with a key go in key order, so two concurrent batches take their locks in the same order."""
+    addresses = sorted({r.address.lower() for m in messages for r in m.recipients})
+    suppressed: set[str] = set()
+    if addresses:
+        found = yield from fetch("suppressed_among", {"addresses": addresses})
+        suppressed = {row["address"] for row in found}
+
+    candidates: dict[str, PreparedMessage] = {}
+    for message in messages:
+        if message.idempotency_key is not None:
+            candidates.setdefault(message.idempotency_key, message)
+    keyless = [m for m in messages if m.idempotency_key is None]
+    pending = sorted(candidates.values(), key=lambda m: m.idempotency_key or "") + keyless
+    stored: set[str] = set()
+    id_of_key: dict[str, str] = {}
+    for _ in range(KEY_TRIES):
+        if not pending:
+            break
+        message_rows = [
+            rows.message_params(
+                m, now=now, done=all(r.address.lower() in suppressed for r in m.recipients)
+            )
+            for m in pending
+        ]
+        inserted = yield from batch("insert_messages", message_rows)
+        stored.update(row["id"] for row in inserted.rows)
+        lost = [m.idempotency_key for m in pending if m.id not in stored and m.idempotency_key]
+        if lost:
+            found = yield from fetch("messages_by_idempotency_key", {"keys": lost})
+            id_of_key.update((row["idempotency_key"], row["id"]) for row in found)
+        # a key whose row was purged between the two statements: try that message again
+        pending = [m for m in pending if m.id not in stored and m.idempotency_key not in id_of_key]
+    if pending:
+        raise StoreUnavailable("an idempotency key kept changing hands; enqueue again")
+
+    yield from batch(
+        "insert_deliveries",
+        [
+            rows.delivery_params(m, r, now=now, suppressed=r.address.lower() in suppressed)
+            for m in messages
+            if m.id in stored
+            for r in m.recipients
+        ],
+    )
+    results: list[EnqueueResult] = []
+    seen: set[str] = set()
+    for message in messages:
+        key = message.idempotency_key
+        if message.id in stored and message.id not in seen:
+            seen.add(message.id)
+            results.append(EnqueueResult(id=message.id, duplicate=False))
+        elif key is not None and candidates[key].id in stored:
+            results.append(EnqueueResult(id=candidates[key].id, duplicate=True))
+        elif key is not None:
+            results.append(EnqueueResult(id=id_of_key[key], duplicate=True))
+    return results
+
+
+def notified(plan: Plan[list[EnqueueResult]], query: str | None) -> Plan[list[EnqueueResult]]:
+    """``plan``, then the dialect's wake-up query when something new was stored."""
+    results = yield from plan
+    if query is not None and any(not r.duplicate for r in results):
+        yield Statement(query)
+    return results
+
+
+class SQLDelivery(SQLRole):
+    """Ingest and workers' operations."""
+
+    async def enqueue(self, messages: Sequence[PreparedMessage], now: float) -> list[EnqueueResult]:
+        results = await self.db.write(
+            lambda: notified(enqueue_plan(messages, now), self.dialect.notify_query)
+        )
+        self.db.enqueued()
+        return results
+
+    async def claim_due(
+        self,
+        owner: str,
+        quotas: Sequence[tuple[Lane, int]],
+        *,
+        limit: int,
+        now: float,
+        lease_until: float,
+    ) -> list[ClaimedMessage]:
+        def claim() -> Plan[list[ClaimedMessage]]:
+            """Each lane's quota in the order given, then fill up to ``limit`` from the lanes in
+            that order, then the other due recipients of the messages reached (so one
+            message's recipients go out in one transaction)."""
+            params = {"owner": owner, "now": now, "lease_until": lease_until}
+            leased: list[Row] = []
+            for lane, quota in quotas:
+                if quota > 0:
+                    leased += yield from fetch(
+                        "claim_lane", {**params, "lane": lane.value, "limit": quota}
+                    )
+            for lane, _ in quotas:
+                fill = limit - len(leased)
+                if fill <= 0:
+                    break
+                leased += yield from fetch(
+                    "claim_lane", {**params, "lane": lane.value, "limit": fill}
+                )
+            if not leased:
+                return []
+            queue_ids = list(dict.fromkeys(row["queue_id"] for row in leased))
+            leased += yield from fetch("claim_rest_of_messages", {**params, "queue_ids": queue_ids})
+            by_message: dict[str, list[Delivery]] = defaultdict(list)
+            for row in leased:
+                by_message[row["queue_id"]].append(rows.delivery(row))
+            found = yield from fetch("claimed_messages", {"ids": list(by_message)})
+            claimed = [rows.claimed_message(row, by_message[row["id"]]) for row in found]
+            claimed.sort(key=lambda m: (m.created_at, m.queue_id))
+            return claimed
+
+        return await self.db.write(claim)
+
+    async def record(self, owner: str, outcomes: Sequence[Outcome], now: float) -> int:
+        def record() -> Plan[int]:
+            """The outcomes in one statement, then their attempts, suppressions, finished
+            messages and recoveries. A delivery no longer leased by ``owner`` is skipped; one
+            listed twice gets its first outcome."""
+            first: dict[int, Outcome] = {}
+            for outcome in outcomes:
+                first.setdefault(outcome.delivery_id, outcome)
+            todo = list(first.values())
+            if not todo:
+                return 0
+            finals = [o.delivery_id for o in todo if o.state in FINAL_STATES]
+            if finals and self.dialect.row_locks:
+                # Two workers finishing a message's last two recipients would each still see
+                # the other's pending and neither would mark it done: lock the messages first.
+                yield from fetch("lock_messages_of", {"ids": finals})
+            applied_rows = yield from batch(
+                "record_outcomes",
+                [rows.outcome_params(o) for o in todo],
+                {"owner": owner, "now": now},
+            )
+            applied = {row["id"]: (row["queue_id"], row["address"]) for row in applied_rows.rows}
+            attempts, suppressions, done, sent = [], [], set(), []
+            for o in todo:
+                if o.delivery_id not in applied:
+                    continue  # no longer ours: deleted or reaped meanwhile
+                queue_id, address = applied[o.delivery_id]
+                if o.state in FINAL_STATES:
+                    done.add(queue_id)
+                if o.state is RecipientState.SENT:
+                    sent.append(o.delivery_id)
+                if o.attempt is not None:
+                    attempts.append(rows.attempt_params(o.delivery_id, o.attempt))
+                if o.suppress:
+                    suppressions.append(rows.bounce_suppression(address, queue_id, o.attempt, now))
+            yield from batch("insert_attempts", attempts)
+            yield from batch("insert_suppression", suppressions)
+            if done:
+                yield from execute("mark_done", {"ids": sorted(done), "now": now})
+            if sent:  # requeued dead letters that got through: their recovery time
+                yield from execute("insert_recoveries", {"ids": sent, "now": now})
+                yield from execute("clear_dead_since", {"ids": sent})
+            return len(applied)
+
+        return await self.db.write(record)
+
+    async def renew_leases(self, owner: str, lease_until: float) -> int:
+        params = {"owner": owner, "lease_until": lease_until}
+        return await self.db.write(lambda: execute("renew_leases", params))
+
+    async def hand_back(self, owner: str, delivery_ids: Sequence[int] | None, now: float) -> int:
+        if delivery_ids is None:
+            return await self.db.write(
+                lambda: execute("hand_back_all", {"owner": owner, "now": now})
+            )
+        if not delivery_ids:
+            return 0
+        params = {"owner": owner, "now": now, "ids": list(delivery_ids)}
+        return await self.db.write(lambda: execute("hand_back_some", params))
+
+    async def reap_expired_leases(self, now: float) -> int:
+        def reap() -> Plan[int]:
+            """Deliveries whose lease ran out are due again, each with an attempt of unknown
+            outcome (the worker may have sent before it died)."""
+            total = 0
+            while True:
+                expired = yield from fetch("expired_leases", {"now": now, "limit": REAP_SLICE})
+                if expired:
+                    ids = [row["id"] for row in expired]
+                    reaped = yield from fetch("reap_leases", {"ids": ids, "now": now})
+                    yield from batch(
+                        "insert_attempts",
+                        [
+                            {
+                                "delivery_id": row["id"],
+                                "at": now,
+                                "class": "temporary",
+                                "code": None,
+                                "enhanced": None,
+                                "text": row["last_text"],
+                                "relay": "",
+                                "destination": row["destination"],
+                                "duration_ms": 0,
+                                "counted": True,
+                            }
+                            for row in reaped
+                        ],
+                    )
+                    total += len(reaped)
+                if len(expired) < REAP_SLICE:
+                    return total
+
+        return await self.db.write(reap)
+
+    async def expire_owner_leases(self, owners: Sequence[str], now: float) -> int:
+        if not owners:
+            return 0
+        params = {"owners": list(owners), "now": now}
+        return await self.db.write(lambda: execute("expire_owner_leases", params))
+
+    async def lease_owners(self) -> list[str]:
+        found = await self.db.read(lambda: fetch("lease_owners"))
+        return [row["lease_owner"] for row in found]
+
+    async def next_due_at(self) -> float | None:
+        row = await self.db.read(lambda: fetch_one("next_due_at"))
+        value = None if row is None else row["next_at"]
+        return None if value is None else float(value)
+
+    async def wait_for_work(self, timeout: float) -> bool:
+        return await self.db.wait_for_work(timeout)
+
+    async def purge_finished(self, now: float, retention: float, dead_retention: float) -> int:
+        params = {
+            "cutoff": now - retention,
+            "dead_cutoff": now - dead_retention,
+            "limit": PURGE_SLICE,
+        }
+        total = 0
+        while True:  # in slices, each its own short transaction
+            removed = len(await self.db.write(lambda: fetch("purge_finished", params)))
+            total += removed
+            if removed < PURGE_SLICE:
+                return total

@@ -1,0 +1,192 @@
+"""How the store's logic is written once for two databases: as *plans*.
+
+A plan is a generator that yields :class:`Statement` s (a named query of the dialect and its
+parameters) and receives each one's :class:`Result`; its return value is the operation's result.
+Plans do no I/O: SQLite's writer thread runs them synchronously inside its group commit,
+PostgreSQL runs them on a pooled async connection (or on the application's own connection, for
+the transactional outbox). The algorithms (claim, record, reap, import/export, ...) live in
+:mod:`postlane.store.sqlstore` as plans; each dialect keeps only its queries and what its
+database truly does differently (a :class:`Dialect`).
+
+Parameters are plain Python values; a list or tuple travels as the database's own array form
+(a PostgreSQL array, a JSON array that SQLite reads with ``json_each``). A *batch* statement
+(``rows=``) runs once per row on SQLite and once over parallel arrays on PostgreSQL
+(``unnest``), so one plan is cheap on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from postlane.records import Selector
+
+T = TypeVar("T")
+Row = Mapping[str, Any]
+
+_NO_PARAMS: Mapping[str, Any] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One named query of the dialect. ``fill`` replaces ``{name}`` placeholders in its text
+    with SQL fragments built at run time (a selection's WHERE clause); values always travel as
+    parameters. ``rows``: a batch, the statement once per row (merged over ``params``)."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=lambda: _NO_PARAMS)
+    rows: Sequence[Mapping[str, Any]] | None = None
+    fill: Mapping[str, str] = field(default_factory=lambda: _NO_PARAMS)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a statement gave back: its rows (by column name) and how many rows it changed."""
+
+    rows: list[Row]
+    rowcount: int
+
+
+EMPTY = Result([], 0)
+
+#: a sans-IO operation: yields statements, receives their results, returns its value
+Plan = Generator[Statement, Result, T]
+
+
+def fetch(
+    name: str, params: Mapping[str, Any] = _NO_PARAMS, *, fill: Mapping[str, str] = _NO_PARAMS
+) -> Plan[list[Row]]:
+    """The rows of one statement."""
+    result = yield Statement(name, params, fill=fill)
+    return result.rows
+
+
+def fetch_one(name: str, params: Mapping[str, Any] = _NO_PARAMS) -> Plan[Row | None]:
+    """The first row of one statement, or None."""
+    result = yield Statement(name, params)
+    return result.rows[0] if result.rows else None
+
+
+def execute(name: str, params: Mapping[str, Any] = _NO_PARAMS) -> Plan[int]:
+    """How many rows one statement changed."""
+    result = yield Statement(name, params)
+    return result.rowcount
+
+
+def batch(
+    name: str, rows: Sequence[Mapping[str, Any]], params: Mapping[str, Any] = _NO_PARAMS
+) -> Plan[Result]:
+    """One statement over many rows (nothing runs for no rows)."""
+    if not rows:
+        return EMPTY
+    return (yield Statement(name, params, rows=rows))
+
+
+class Dialect:
+    """What differs between the SQL of the two databases, beyond the queries themselves."""
+
+    #: the dialect's named queries (``sql/<name>/queries.sql``)
+    queries: Mapping[str, str]
+    #: whether rows must be locked explicitly against concurrent writers (PostgreSQL; SQLite
+    #: has a single writer)
+    row_locks: bool = False
+    #: a query run in the enqueue's transaction when it stored something (wake-ups)
+    notify_query: str | None = None
+
+    def param(self, name: str) -> str:
+        """The placeholder of a named parameter."""
+        raise NotImplementedError
+
+    def any_of(self, column: str, param: str, sql_type: str) -> str:
+        """``column`` is one of the array parameter ``param``'s values."""
+        raise NotImplementedError
+
+    def metadata_matches(self, metadata: Mapping[str, str], params: dict[str, Any]) -> str:
+        """A condition on ``messages.metadata``: each key holds that string."""
+        raise NotImplementedError
+
+    def sql(self, statement: Statement) -> str:
+        """The text of a statement, its placeholders filled."""
+        text = self.queries[statement.name]
+        for name, fragment in statement.fill.items():
+            text = text.replace("{" + name + "}", fragment)
+        return text
+
+
+def selection(
+    dialect: Dialect,
+    selector: Selector,
+    *,
+    default_states: Sequence[str],
+    forced_states: Sequence[str] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """A WHERE clause over ``deliveries d`` for a selector (every field narrows), and its
+    parameters. The clause is built from fixed fragments only; every value is a parameter.
+    ``forced_states``: the states an action applies to, whatever the selector asks."""
+    states = [s.value for s in selector.states] or list(default_states)
+    if forced_states is not None:
+        states = [s for s in states if s in forced_states]
+    clauses = [dialect.any_of("d.state", "states", "text")]
+    params: dict[str, Any] = {"states": states}
+    arrays: list[tuple[str, str, str, list[Any]]] = [
+        ("d.queue_id", "ids", "text", list(selector.ids)),
+        ("d.id", "delivery_ids", "bigint", [int(i) for i in selector.delivery_ids]),
+        ("d.lane", "lanes", "text", [lane.value for lane in selector.lanes]),
+        ("d.domain", "domains", "text", [d.lower() for d in selector.domains]),
+        ("d.last_class", "classes", "text", [c.value for c in selector.classes]),
+    ]
+    for column, name, sql_type, values in arrays:
+        if values:
+            clauses.append(dialect.any_of(column, name, sql_type))
+            params[name] = values
+    if selector.older_than is not None:
+        clauses.append(f"d.created_at <= {dialect.param('older_than')}")
+        params["older_than"] = selector.older_than
+    if selector.recipient:
+        clauses.append(f"lower(d.address) = {dialect.param('recipient')}")
+        params["recipient"] = selector.recipient.lower()
+    if selector.sender:
+        clauses.append(
+            "d.queue_id IN (SELECT id FROM messages "
+            f"WHERE lower(sender) = {dialect.param('sender')})"
+        )
+        params["sender"] = selector.sender.lower()
+    if selector.metadata:
+        matches = dialect.metadata_matches(selector.metadata, params)
+        clauses.append(f"d.queue_id IN (SELECT id FROM messages WHERE {matches})")
+    return " AND ".join(clauses), params
+
+
+class Database(Protocol):
+    """Where plans run: what a dialect module provides."""
+
+    description: str
+    dialect: Dialect
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write(self, plan: Callable[[], Plan[T]]) -> T:
+        """Run a plan in one write transaction (the factory may be called again to retry)."""
+        ...
+
+    async def read(self, plan: Callable[[], Plan[T]]) -> T:
+        """Run a plan in one read-only snapshot."""
+        ...
+
+    async def wait_for_work(self, timeout: float) -> bool: ...
+
+    def enqueued(self) -> None:
+        """An enqueue of this process committed (in-process wake-ups)."""
+        ...
+
+
+class SQLRole:
+    """What every part of the store written over a :class:`Database` holds (the role classes
+    of :mod:`postlane.store.delivery`, ``operator``, ``throttle_state``, ``history`` and
+    ``suppressions``, put together by :class:`postlane.store.sqlstore.SQLStore`)."""
+
+    db: Database
+    dialect: Dialect

@@ -1,0 +1,327 @@
+"""Rows to records and records to parameters, by column name, in one place for both databases.
+
+Every query names its columns (aggregates carry an alias), so a record is built from
+``row["column"]`` whatever the database, and a change of columns is made here once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from postlane.classify import ReplyClass
+from postlane.destinations import destination_for
+from postlane.message import Lane, PreparedMessage, Recipient, RecipientState
+from postlane.records import (
+    AttemptRecord,
+    AttemptView,
+    ClaimedMessage,
+    DeadLetter,
+    Delivery,
+    DestinationStatus,
+    ExportedMessage,
+    ExportedRecipient,
+    MessageView,
+    Outcome,
+    RecipientView,
+    Reply,
+    Sample,
+    Suppression,
+)
+from postlane.store.plans import Row
+
+# -- rows to records -------------------------------------------------------------------------------
+
+
+def json_value(value: Any) -> Any:
+    """A JSON column: text in SQLite, already decoded from PostgreSQL's jsonb."""
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def reply_class(value: Any) -> ReplyClass | None:
+    return ReplyClass(value) if value else None
+
+
+def last_reply(row: Row) -> Reply | None:
+    """A delivery's last reply (None before any try)."""
+    if row["last_class"] is None:
+        return None
+    return Reply(
+        code=row["last_code"],
+        enhanced=row["last_enhanced"],
+        text=row["last_text"] or "",
+        cls=ReplyClass(row["last_class"]),
+    )
+
+
+def delivery(row: Row) -> Delivery:
+    return Delivery(
+        id=row["id"],
+        address=row["address"],
+        domain=row["domain"],
+        destination=row["destination"],
+        attempts=row["attempts"],
+        deferrals=row["deferrals"],
+        created_at=row["created_at"],
+        last_class=reply_class(row["last_class"]),
+    )
+
+
+def claimed_message(row: Row, deliveries: Sequence[Delivery]) -> ClaimedMessage:
+    return ClaimedMessage(
+        queue_id=row["id"],
+        lane=Lane(row["lane"]),
+        sender=row["sender"],
+        message_id=row["message_id"],
+        idempotency_key=row["idempotency_key"],
+        created_at=row["created_at"],
+        content=bytes(row["content"]),
+        deliveries=tuple(sorted(deliveries, key=lambda d: d.id)),
+    )
+
+
+def attempt_view(row: Row) -> AttemptView:
+    return AttemptView(
+        at=row["at"],
+        cls=ReplyClass(row["class"]),
+        code=row["code"],
+        enhanced=row["enhanced"],
+        text=row["text"],
+        duration_ms=row["duration_ms"],
+        relay=row["relay"],
+        destination=row["destination"],
+        counted=bool(row["counted"]),
+    )
+
+
+def recipient_view(row: Row, history: tuple[AttemptView, ...] | None) -> RecipientView:
+    return RecipientView(
+        address=row["address"],
+        domain=row["domain"],
+        destination=row["destination"],
+        state=RecipientState(row["state"]),
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_response=last_reply(row),
+        updated_at=row["updated_at"],
+        reason=row["reason"],
+        history=history,
+    )
+
+
+def message_view(row: Row, recipients: Sequence[RecipientView]) -> MessageView:
+    return MessageView(
+        id=row["id"],
+        lane=Lane(row["lane"]),
+        created_at=row["created_at"],
+        sender=row["sender"],
+        subject=row["subject"],
+        size=row["size"],
+        message_id=row["message_id"],
+        idempotency_key=row["idempotency_key"],
+        metadata=json_value(row["metadata"]),
+        recipients=tuple(recipients),
+        submitter=row["submitter"],
+    )
+
+
+def dead_letter(row: Row, history: tuple[AttemptView, ...] | None) -> DeadLetter:
+    cls = ReplyClass(row["last_class"]) if row["last_class"] else ReplyClass.TEMPORARY
+    last = last_reply(row)
+    return DeadLetter(
+        id=row["queue_id"],
+        address=row["address"],
+        domain=row["domain"],
+        destination=row["destination"],
+        lane=Lane(row["lane"]),
+        attempts=row["attempts"],
+        cls=cls,
+        dead_at=row["updated_at"],
+        last_response=last,
+        relay=row["relay"] or "",
+        reason=row["reason"],
+        sender=row["sender"],
+        subject=row["subject"],
+        history=history,
+        delivery_id=row["id"],
+    )
+
+
+def exported_recipient(row: Row, history: tuple[AttemptView, ...]) -> ExportedRecipient:
+    return ExportedRecipient(
+        address=row["address"],
+        domain=row["domain"],
+        destination=row["destination"],
+        state=RecipientState(row["state"]),
+        attempts=row["attempts"],
+        deferrals=row["deferrals"],
+        next_attempt_at=row["next_attempt_at"],
+        created_at=row["created_at"],
+        last_response=last_reply(row),
+        reason=row["reason"],
+        history=history,
+    )
+
+
+def exported_message(row: Row, recipients: Sequence[ExportedRecipient]) -> ExportedMessage:
+    return ExportedMessage(
+        id=row["id"],
+        lane=Lane(row["lane"]),
+        sender=row["sender"],
+        subject=row["subject"],
+        message_id=row["message_id"],
+        idempotency_key=row["idempotency_key"],
+        metadata=json_value(row["metadata"]),
+        created_at=row["created_at"],
+        content=bytes(row["content"]),
+        recipients=tuple(recipients),
+    )
+
+
+def suppression(row: Row) -> Suppression:
+    return Suppression(
+        address=row["address"],
+        created_at=row["created_at"],
+        source=row["source"],
+        reason=row["reason"],
+        code=row["code"],
+        enhanced=row["enhanced"],
+        text=row["text"],
+        queue_id=row["queue_id"],
+    )
+
+
+def destination_status(row: Row, in_flight: int) -> DestinationStatus:
+    return DestinationStatus(
+        destination=row["destination"],
+        rate=row["rate"],
+        configured_rate=None,
+        paused_until=row["paused_until"],
+        reason=row["reason"],
+        in_flight=in_flight,
+        concurrency=None,
+        updated_at=row["updated_at"],
+    )
+
+
+def sample(row: Row) -> Sample:
+    return Sample(
+        at=float(row["at"]),
+        lane=str(row["lane"]),
+        ready=int(row["ready"]),
+        deferred=int(row["deferred"]),
+        held=int(row["held"]),
+        sending=int(row["sending"]),
+        oldest_age=float(row["oldest_age"]),
+        sent=int(row["sent"]),
+        dead=int(row["dead"]),
+        hard_bounces=int(row["hard_bounces"]),
+        paused=tuple(json_value(row["paused"])),
+        deferrals=int(row["deferrals"]),
+        soft_bounces=int(row["soft_bounces"]),
+    )
+
+
+# -- records to parameters -------------------------------------------------------------------------
+
+
+def compact_json(value: Mapping[str, Any]) -> str:
+    return json.dumps(dict(value), separators=(",", ":"))
+
+
+def message_params(message: PreparedMessage, *, now: float, done: bool) -> dict[str, Any]:
+    """``insert_messages``'s row for a new message (``done``: every recipient suppressed)."""
+    return {
+        "id": message.id,
+        "lane": message.lane.value,
+        "sender": message.sender,
+        "subject": message.subject,
+        "message_id": message.message_id,
+        "idempotency_key": message.idempotency_key,
+        "size": message.size,
+        "metadata": compact_json(message.metadata),
+        "created_at": now,
+        "done_at": now if done else None,
+        "submitter": message.submitter,
+        "content": message.content,
+    }
+
+
+def delivery_params(
+    message: PreparedMessage, recipient: Recipient, *, now: float, suppressed: bool
+) -> dict[str, Any]:
+    """``insert_deliveries``'s row: one recipient of a new message, due at once (or
+    suppressed, never attempted)."""
+    return {
+        "queue_id": message.id,
+        "address": recipient.address,
+        "domain": recipient.domain,
+        "destination": recipient.destination or destination_for(recipient.domain),
+        "lane": message.lane.value,
+        "created_at": now,
+        "state": "suppressed" if suppressed else "queued",
+        "reason": "on the suppression list" if suppressed else None,
+    }
+
+
+def outcome_params(outcome: Outcome) -> dict[str, Any]:
+    """``record_outcomes``'s row: an outcome without an attempt keeps the previous reply."""
+    a = outcome.attempt
+    return {
+        "id": outcome.delivery_id,
+        "state": outcome.state.value,
+        "attempts": outcome.attempts,
+        "deferrals": outcome.deferrals,
+        "next_attempt_at": outcome.next_attempt_at,
+        "code": a.code if a else None,
+        "enhanced": a.enhanced if a else None,
+        "text": a.text if a else None,
+        "class": a.cls.value if a else None,
+        "reason": outcome.reason,
+    }
+
+
+def attempt_params(delivery_id: int, attempt: AttemptRecord | AttemptView) -> dict[str, Any]:
+    """``insert_attempts``'s row (a new try, or one of an imported history)."""
+    return {
+        "delivery_id": delivery_id,
+        "at": attempt.at,
+        "class": attempt.cls.value,
+        "code": attempt.code,
+        "enhanced": attempt.enhanced,
+        "text": attempt.text,
+        "relay": attempt.relay,
+        "destination": attempt.destination,
+        "duration_ms": attempt.duration_ms,
+        "counted": bool(attempt.counted),
+    }
+
+
+def suppression_params(s: Suppression) -> dict[str, Any]:
+    return {
+        "address": s.address.lower(),
+        "created_at": s.created_at,
+        "source": s.source,
+        "reason": s.reason,
+        "code": s.code,
+        "enhanced": s.enhanced,
+        "text": s.text,
+        "queue_id": s.queue_id,
+    }
+
+
+def bounce_suppression(
+    address: str, queue_id: str, attempt: AttemptRecord | None, now: float
+) -> dict[str, Any]:
+    """The suppression a hard bounce adds (first reason wins)."""
+    return {
+        "address": address.lower(),
+        "created_at": now,
+        "source": "bounce",
+        "reason": attempt.cls.value if attempt else "hard_bounce",
+        "code": attempt.code if attempt else None,
+        "enhanced": attempt.enhanced if attempt else None,
+        "text": attempt.text if attempt else None,
+        "queue_id": queue_id,
+    }

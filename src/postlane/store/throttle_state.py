@@ -1,0 +1,86 @@
+"""The throttle-state role, written once for both databases: destinations' recorded pauses and
+rates, shared by every process, and the deliveries that wait on them
+(:class:`postlane.store.base.ThrottleStore`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from postlane.records import (
+    DestinationStatus,
+)
+from postlane.store import rows
+from postlane.store.plans import (
+    Plan,
+    SQLRole,
+    batch,
+    execute,
+    fetch,
+)
+
+
+class SQLThrottle(SQLRole):
+    """Destinations' shared state."""
+
+    async def defer_unattempted(
+        self, owner: str, deferrals: Sequence[tuple[int, float]], now: float, reason: str
+    ) -> int:
+        first = dict(reversed(deferrals))  # a delivery listed twice: its first time wins
+        deferred = [{"id": i, "next_attempt_at": at} for i, at in first.items()]
+        shared = {"owner": owner, "now": now, "reason": reason}
+        result = await self.db.write(lambda: batch("defer_unattempted", deferred, shared))
+        return result.rowcount
+
+    async def defer_destination(
+        self, destination: str, until: float, now: float, reason: str
+    ) -> int:
+        params = {"destination": destination, "until": until, "now": now, "reason": reason}
+        return await self.db.write(lambda: execute("defer_destination", params))
+
+    async def hasten(self, destination: str | None, now: float, reason: str) -> int:
+        params = {"destination": destination, "now": now, "reason": reason}
+        query = "hasten_all" if destination is None else "hasten_destination"
+        return await self.db.write(lambda: execute(query, params))
+
+    async def save_destination_states(self, statuses: Sequence[DestinationStatus]) -> None:
+        latest = {s.destination: s for s in statuses}  # one row per destination: the last wins
+        states = [
+            {
+                "destination": s.destination,
+                "rate": s.rate,
+                "paused_until": s.paused_until,
+                "reason": s.reason,
+                "updated_at": s.updated_at,
+            }
+            for s in latest.values()
+        ]
+        await self.db.write(lambda: batch("save_destination_states", states))
+
+    async def destination_states(self) -> list[DestinationStatus]:
+        def run() -> Plan[list[DestinationStatus]]:
+            sending = {
+                r["destination"]: int(r["n"]) for r in (yield from fetch("sending_by_destination"))
+            }
+            states = {
+                r["destination"]: rows.destination_status(r, sending.get(r["destination"], 0))
+                for r in (yield from fetch("destination_states"))
+            }
+            for name, count in sending.items():
+                if name not in states:
+                    states[name] = DestinationStatus(name, None, None, None, None, count)
+            return sorted(states.values(), key=lambda s: s.destination)
+
+        return await self.db.read(run)
+
+    async def lift_destinations(self, destinations: Sequence[str] | None, now: float) -> int:
+        def run() -> Plan[int]:
+            if destinations is None:
+                lifted = yield from fetch("lift_all_destinations", {"now": now})
+                names = [row["destination"] for row in lifted]
+            else:
+                names = list(destinations)
+                yield from execute("lift_destinations", {"destinations": names, "now": now})
+            return (yield from execute("flush_destinations", {"destinations": names, "now": now}))
+
+        return await self.db.write(run)
