@@ -58,7 +58,6 @@ def _mx(config: Config) -> Transport:
     return MXTransport.from_config(
         config.delivery,
         destinations=DestinationMap.from_config(config),
-        require_tls=config.delivery.require_tls,
         signer=_signer(config),
         limits=config.destinations,
     )
