@@ -170,8 +170,10 @@ class SESTransport(http_api.ProviderTransport):
         credentials, region = url.credentials_at()  # ses://REGION: credentials from env
         region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", "")
         if not _REGION.fullmatch(region):
+            # (ses://KEY:SECRET without @REGION reads the credentials as the region: not shown)
+            shown = "KEY:SECRET" if ":" in region else region
             raise ConfigError(
-                f"delivery.relay: {region!r} is not an AWS region; expected ses://KEY:SECRET@REGION"
+                f"delivery.relay: {shown!r} is not an AWS region; expected ses://KEY:SECRET@REGION"
             )
         access_key, _, secret_key = credentials.partition(":")
         return {
