@@ -912,6 +912,18 @@ async def test_bad_relay_urls_are_configuration_errors(url: str, message: str) -
         cls.from_url(url, env={})
 
 
+async def test_configuration_errors_and_reprs_never_show_a_credential() -> None:
+    with pytest.raises(ConfigError, match="not an AWS region") as raised:
+        SESTransport.from_url("ses://AKID:se%2Fcret", env={})  # @REGION forgotten
+    assert "se/cret" not in str(raised.value)
+    transport = SendGridTransport.from_url("sendgrid://SG.abc", env={})
+    try:
+        assert "SG.abc" not in repr(transport)
+        assert "SG.abc" not in repr(vars(transport))
+    finally:
+        await transport.close()
+
+
 async def test_retry_after_takes_seconds_or_an_http_date() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
     assert parse_retry_after("120", now) == 120.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from postlane.transports.base import Envelope, Response, Transport
 
 if TYPE_CHECKING:
     from postlane.dkim import DkimSigner
+    from postlane.transports.http_api import ProviderTransport
 
 __all__ = ["Envelope", "Response", "Transport", "transport_for"]
 
@@ -58,34 +60,22 @@ def _mx(config: Config) -> Transport:
     return MXTransport.from_config(
         config.delivery,
         destinations=DestinationMap.from_config(config),
-        require_tls=config.delivery.require_tls,
         signer=_signer(config),
         limits=config.destinations,
     )
 
 
-def _sendgrid(config: Config) -> Transport:
-    from postlane.transports.sendgrid import SendGridTransport
+def _provider(module: str, class_name: str) -> Callable[[Config], Transport]:
+    """The factory of a provider API transport, ``postlane.transports.MODULE.CLASS_NAME``
+    built by its ``from_url``; the module is imported when first used, like the others."""
 
-    return SendGridTransport.from_url(config.delivery.relay, config.delivery)
+    def build(config: Config) -> Transport:
+        provider: type[ProviderTransport] = getattr(
+            import_module(f"postlane.transports.{module}"), class_name
+        )
+        return provider.from_url(config.delivery.relay, config.delivery)
 
-
-def _postmark(config: Config) -> Transport:
-    from postlane.transports.postmark import PostmarkTransport
-
-    return PostmarkTransport.from_url(config.delivery.relay, config.delivery)
-
-
-def _mailgun(config: Config) -> Transport:
-    from postlane.transports.mailgun import MailgunTransport
-
-    return MailgunTransport.from_url(config.delivery.relay, config.delivery)
-
-
-def _ses(config: Config) -> Transport:
-    from postlane.transports.ses import SESTransport
-
-    return SESTransport.from_url(config.delivery.relay, config.delivery)
+    return build
 
 
 SCHEMES: dict[str, Callable[[Config], Transport]] = {
@@ -93,10 +83,10 @@ SCHEMES: dict[str, Callable[[Config], Transport]] = {
     "smtp": _smtp,
     "smtps": _smtp,
     "mx": _mx,
-    "sendgrid": _sendgrid,
-    "postmark": _postmark,
-    "mailgun": _mailgun,
-    "ses": _ses,
+    "sendgrid": _provider("sendgrid", "SendGridTransport"),
+    "postmark": _provider("postmark", "PostmarkTransport"),
+    "mailgun": _provider("mailgun", "MailgunTransport"),
+    "ses": _provider("ses", "SESTransport"),
 }
 
 

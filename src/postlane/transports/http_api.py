@@ -1,10 +1,17 @@
-"""What the provider API transports (SendGrid, Postmark, Mailgun, Amazon SES) share: an httpx
-client with timeouts, the relay URL forms, the mapping of HTTP answers to response classes, and
-reading the stored MIME message for the providers that want its parts as JSON.
+"""What the provider API transports (SendGrid, Postmark, Mailgun, Amazon SES) share: the relay
+URL and its credentials, an httpx client with timeouts, sending the calls, and the mapping of
+HTTP answers to responses.
 
-A provider module says how to build its request (:meth:`ProviderTransport.calls`) and how to
-read its answer (:meth:`ProviderTransport.read_answer`); everything else is here:
+A provider module holds only what is its own: its relay URL's arguments
+(:meth:`ProviderTransport.url_arguments`), how a request carries its credentials
+(:meth:`~ProviderTransport.authenticate`), the request's payload
+(:meth:`~ProviderTransport.calls`) and how its answers read
+(:meth:`~ProviderTransport.read_answer`). Everything else is here:
 
+- **Relay URLs.** ``scheme://CREDENTIALS[@WHERE][?option=value&...]``, percent-decoded; a
+  credential missing from the URL is read from the provider's environment variable;
+  ``?base_url=`` points at a simulator or proxy, ``?region=`` picks one of the provider's API
+  hosts. ``[delivery]``'s timeouts and pool size apply.
 - **One answer for many recipients.** An API call accepts or refuses the whole message. When a
   provider names the recipients at fault (SendGrid's ``personalizations.0.to.1.email``,
   Postmark's "Found inactive addresses: ..."), those get the refusal and the message is sent
@@ -19,8 +26,10 @@ read its answer (:meth:`ProviderTransport.read_answer`); everything else is here
   failures ``connection`` (a configuration or account problem: retried and pausing the provider,
   never dead-lettering mail, the same reasoning as SMTP AUTH failures); 413 and other 4xx
   ``message_error``. Providers refine these from their documented error codes.
-- **Secrets.** API keys travel only in request headers; a transport's ``name`` (recorded with
-  every attempt) never contains them, nor does any response text.
+- **Secrets.** API keys travel only in request headers, added by
+  :meth:`~ProviderTransport.authenticate` and otherwise kept as :class:`Secret` (masked in any
+  repr or text); a transport's ``name`` (recorded with every attempt) never contains them, nor
+  does any response text or configuration error.
 """
 
 from __future__ import annotations
@@ -30,12 +39,8 @@ import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email import policy as email_policy
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.parser import BytesParser
-from email.utils import getaddresses, parsedate_to_datetime
-from typing import Any
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, Self
 from urllib.parse import parse_qsl, unquote
 
 import httpx
@@ -49,11 +54,15 @@ from postlane.transports.base import Envelope, Response, no_reply
 __all__ = [
     "Accepted",
     "Call",
-    "ParsedMessage",
+    "Outcome",
     "ProviderTransport",
     "ProviderURL",
     "Refused",
+    "Secret",
+    "envelope_tags",
+    "json_object",
     "parse_retry_after",
+    "secret_from",
 ]
 
 #: a synthetic reply code and enhanced status per class, for texts that classify() reads back
@@ -108,6 +117,20 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Secret:
+    """A credential. Its repr and text are masked, so it shows in no log line, traceback or
+    error message; :meth:`reveal` is for the request that carries it."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __str__(self) -> str:
+        return "********"
+
+
+@dataclass(frozen=True)
 class ProviderURL:
     """A provider relay URL, ``scheme://CREDENTIALS[@WHERE][?option=value&...]``, split up.
 
@@ -116,7 +139,8 @@ class ProviderURL:
     """
 
     scheme: str
-    credentials: str
+    #: (never in a repr: it is usually a secret)
+    credentials: str = field(repr=False)
     #: what follows the last ``@``; None when there is no ``@``
     where: str | None
     options: dict[str, str]
@@ -141,6 +165,26 @@ class ProviderURL:
             )
         return cls(scheme, unquote(credentials), where, options)
 
+    def credentials_at(self) -> tuple[str, str]:
+        """``(CREDENTIALS, PLACE)`` of ``scheme://CREDENTIALS@PLACE``; ``("", PLACE)`` of
+        ``scheme://PLACE``, whose credentials come from the environment."""
+        if self.where is None:
+            return "", self.credentials
+        return self.credentials, self.where
+
+    def base_url(self, regions: Mapping[str, str]) -> str | None:
+        """``?base_url=``, else the API of ``?region=`` (one of ``regions``, the first by
+        default); None when the provider has no regions."""
+        base_url = self.options.get("base_url") or None
+        if not regions:
+            return base_url
+        region = self.options.get("region", next(iter(regions)))
+        if region not in regions:
+            raise ConfigError(
+                f"delivery.relay: {self.scheme} region must be one of {sorted(regions)}"
+            )
+        return base_url or regions[region]
+
 
 def secret_from(value: str, env: Mapping[str, str], variable: str, what: str) -> str:
     """``value`` if given, else ``$variable``; a :class:`ConfigError` when neither is set."""
@@ -148,123 +192,6 @@ def secret_from(value: str, env: Mapping[str, str], variable: str, what: str) ->
     if not secret:
         raise ConfigError(f"delivery.relay: no {what}: put it in the URL or set ${variable}")
     return secret
-
-
-@dataclass(frozen=True)
-class Attachment:
-    filename: str | None
-    content_type: str
-    content: bytes
-    content_id: str | None
-    inline: bool
-
-
-@dataclass
-class ParsedMessage:
-    """The parts of a stored message that JSON APIs want: addresses, subject, bodies,
-    attachments, and the other header fields to pass through."""
-
-    sender: Address | None
-    reply_to: list[Address]
-    to: list[str]
-    cc: list[str]
-    subject: str
-    text: str | None
-    html: str | None
-    attachments: list[Attachment] = field(default_factory=list)
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    #: display names of the To and Cc addresses, by lower-cased address
-    names: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, content: bytes, *, exclude_headers: frozenset[str]) -> ParsedMessage:
-        """Read ``content``; header fields named in ``exclude_headers`` (lower case) are the
-        ones the API sets from its own fields, the others are passed through."""
-        message = BytesParser(policy=email_policy.default).parsebytes(content)
-        assert isinstance(message, EmailMessage)
-        text_part = message.get_body(preferencelist=("plain",))
-        html_part = message.get_body(preferencelist=("html",))
-        attachments = []
-        for part in message.walk():
-            if part.is_multipart() or part is text_part or part is html_part:
-                continue
-            payload = part.get_payload(decode=True)
-            content_id = part.get("Content-ID")
-            attachments.append(
-                Attachment(
-                    filename=part.get_filename(),
-                    content_type=part.get_content_type(),
-                    content=payload if isinstance(payload, bytes) else b"",
-                    content_id=str(content_id).strip("<> ") if content_id else None,
-                    inline=part.get_content_disposition() != "attachment"
-                    and content_id is not None,
-                )
-            )
-        to, cc = _addresses(message, "to"), _addresses(message, "cc")
-        return cls(
-            sender=_first_address(message, "from"),
-            reply_to=_addresses(message, "reply-to"),
-            to=[a.addr_spec.lower() for a in to],
-            cc=[a.addr_spec.lower() for a in cc],
-            subject=str(message.get("subject", "")),
-            text=_content(text_part),
-            html=_content(html_part),
-            attachments=attachments,
-            headers=[
-                (name, str(value))
-                for name, value in message.items()
-                if name.lower() not in exclude_headers
-            ],
-            names={a.addr_spec.lower(): a.display_name for a in to + cc if a.display_name},
-        )
-
-    def mailbox(self, address: str) -> tuple[str, str | None]:
-        """``address`` and the display name the message's headers give it, if any."""
-        return address, self.names.get(address.lower())
-
-    def split(self, recipients: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-        """The recipients as To, Cc and Bcc: where the message's headers show them (a recipient
-        in neither To nor Cc is a Bcc)."""
-        to: list[str] = []
-        cc: list[str] = []
-        bcc: list[str] = []
-        for recipient in recipients:
-            lowered = recipient.lower()
-            (to if lowered in self.to else cc if lowered in self.cc else bcc).append(recipient)
-        return to, cc, bcc
-
-
-def _addresses(message: EmailMessage, name: str) -> list[Address]:
-    out: list[Address] = []
-    for value in message.get_all(name, []):
-        addresses = getattr(value, "addresses", None)
-        if addresses is not None:
-            out.extend(addresses)
-        else:  # an unparsable header: fall back to the plain parser
-            out.extend(
-                Address(display_name=display, addr_spec=spec)
-                for display, spec in getaddresses([str(value)])
-                if "@" in spec
-            )
-    return out
-
-
-def _first_address(message: EmailMessage, name: str) -> Address | None:
-    found = _addresses(message, name)
-    return found[0] if found else None
-
-
-def _content(part: Any) -> str | None:
-    if part is None:
-        return None
-    try:
-        text = str(part.get_content())
-    except (LookupError, ValueError):  # an unknown charset: the bytes, decoded leniently
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes):
-            return None
-        text = payload.decode("utf-8", "replace")
-    return text.replace("\r\n", "\n")  # stored with CRLF (SMTP's); JSON bodies use LF
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -281,11 +208,23 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def json_or_none(answer: httpx.Response) -> Any:
+def json_object(answer: httpx.Response) -> dict[str, Any]:
+    """The answer's JSON object; empty when its body is not one (a proxy's page, plain text)."""
     try:
-        return answer.json()
+        body = answer.json()
     except ValueError:
-        return None
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def envelope_tags(envelope: Envelope) -> dict[str, str]:
+    """What names the message in the provider's event webhooks, which have no idempotency key
+    of their own: the queue id, and the message's idempotency key if it has one (a duplicate
+    sent after a timeout can at least be recognised)."""
+    tags = {"postlane_queue_id": envelope.queue_id}
+    if envelope.idempotency_key:
+        tags["postlane_idempotency_key"] = envelope.idempotency_key
+    return tags
 
 
 def short(text: str) -> str:
@@ -297,10 +236,15 @@ def short(text: str) -> str:
 class ProviderTransport(abc.ABC):
     """Send through a provider's HTTP API (see the module docstring)."""
 
-    #: the provider's name: the throttle destination every delivery is charged to
-    provider: str
+    #: the provider's name: its relay URL's scheme, and the throttle destination every
+    #: delivery is charged to
+    provider: ClassVar[str]
     #: where the API is when no ``base_url`` is given
-    default_base_url: str
+    default_base_url: ClassVar[str]
+    #: the relay URL's options besides ``base_url`` (and ``region`` when there are ``regions``)
+    url_options: ClassVar[tuple[str, ...]] = ()
+    #: the API's base URL by ``?region=`` name, the default first; empty: no regions
+    regions: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self,
@@ -323,6 +267,26 @@ class ProviderTransport(abc.ABC):
             follow_redirects=False,
         )
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        delivery: DeliveryConfig | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> Self:
+        """The transport of relay ``url`` (its forms: the provider module's docstring) with
+        ``[delivery]``'s timeouts and pool size; credentials the URL leaves out are read from
+        ``env`` (default: the process's environment)."""
+        known_options = (*cls.url_options, "region") if cls.regions else cls.url_options
+        parsed = ProviderURL.parse(url, cls.provider, known_options)
+        arguments = cls.url_arguments(parsed, os.environ if env is None else env)
+        base_url = parsed.base_url(cls.regions)
+        return cls(**arguments, base_url=base_url, **cls.delivery_settings(delivery))
+
     @staticmethod
     def delivery_settings(delivery: DeliveryConfig | None) -> dict[str, Any]:
         """Constructor arguments from ``[delivery]``: its timeouts and pool size."""
@@ -336,6 +300,16 @@ class ProviderTransport(abc.ABC):
 
     # -- what a provider module provides --------------------------------------------------------
 
+    @classmethod
+    @abc.abstractmethod
+    def url_arguments(cls, url: ProviderURL, env: Mapping[str, str]) -> dict[str, Any]:
+        """The constructor's arguments that the relay URL gives (credentials from ``env`` when
+        the URL has none), but ``base_url``."""
+
+    @abc.abstractmethod
+    def authenticate(self, request: httpx.Request) -> None:
+        """Add the credentials to ``request``: a header, or a signature over it."""
+
     @abc.abstractmethod
     def calls(self, envelope: Envelope, recipients: Sequence[str]) -> list[Call]:
         """The request(s) that deliver ``envelope`` to ``recipients`` (usually one)."""
@@ -344,22 +318,58 @@ class ProviderTransport(abc.ABC):
     def read_answer(self, answer: httpx.Response, call: Call) -> Outcome:
         """What the provider's answer to ``call`` means."""
 
+    def post(
+        self,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        data: Mapping[str, Any] | None = None,
+        files: Mapping[str, tuple[str, bytes, str]] | None = None,
+    ) -> httpx.Request:
+        """A POST to ``path`` of the API, carrying the credentials (:meth:`authenticate`)."""
+        request = self._client.build_request(
+            "POST",
+            f"{self.base_url}{path}",
+            headers=headers,
+            json=json,
+            content=content,
+            data=data,
+            files=files,
+        )
+        self.authenticate(request)
+        return request
+
+    def refused(
+        self,
+        answer: httpx.Response,
+        cls: ReplyClass,
+        reason: str,
+        recipients: frozenset[str] | None = None,
+        *,
+        about_a_recipient: bool = False,
+    ) -> Refused:
+        """``answer`` refuses the call as ``cls``: with its status, and when throttled, the
+        wait it asks for (:meth:`retry_after`)."""
+        retry_after = self.retry_after(answer) if cls is ReplyClass.THROTTLED else None
+        return Refused(cls, reason, answer.status_code, recipients, about_a_recipient, retry_after)
+
     def default_outcome(self, answer: httpx.Response, reason: str) -> Outcome:
         """The class an HTTP status means when the provider's own codes say nothing more."""
         status = answer.status_code
         if 200 <= status < 300:
             return Accepted()
         if status == 429:
-            return Refused(
-                ReplyClass.THROTTLED, reason, status, retry_after=self.retry_after(answer)
-            )
+            return self.refused(answer, ReplyClass.THROTTLED, reason)
         if status >= 500 or status == 408:
-            return Refused(ReplyClass.TEMPORARY, reason, status)
+            return self.refused(answer, ReplyClass.TEMPORARY, reason)
         if status in (401, 403, 404, 405, 407):
-            return Refused(ReplyClass.CONNECTION, reason, status)
-        return Refused(ReplyClass.MESSAGE_ERROR, reason, status)
+            return self.refused(answer, ReplyClass.CONNECTION, reason)
+        return self.refused(answer, ReplyClass.MESSAGE_ERROR, reason)
 
     def retry_after(self, answer: httpx.Response) -> float | None:
+        """The wait ``answer`` asks for: its ``Retry-After``."""
         return parse_retry_after(answer.headers.get("retry-after"), self.clock.now())
 
     # -- sending --------------------------------------------------------------------------------
@@ -454,7 +464,3 @@ class ProviderTransport(abc.ABC):
 
     async def close(self) -> None:
         await self._client.aclose()
-
-
-def from_env(env: Mapping[str, str] | None) -> Mapping[str, str]:
-    return os.environ if env is None else env

@@ -33,20 +33,9 @@ from typing import Any
 import httpx
 
 from postlane.classify import ReplyClass
-from postlane.config import DeliveryConfig
 from postlane.errors import ConfigError
+from postlane.transports import http_api
 from postlane.transports.base import Envelope
-from postlane.transports.http_api import (
-    Accepted,
-    Call,
-    Outcome,
-    ProviderTransport,
-    ProviderURL,
-    Refused,
-    from_env,
-    json_or_none,
-    secret_from,
-)
 
 __all__ = ["MailgunTransport"]
 
@@ -55,64 +44,51 @@ _BAD_ADDRESS = ("not a valid address", "invalid address", "is not a valid email"
 _SANDBOX = ("sandbox subdomains", "authorized recipients")
 
 
-class MailgunTransport(ProviderTransport):
+class MailgunTransport(http_api.ProviderTransport):
     """Send raw MIME through Mailgun (see the module docstring)."""
 
     provider = "mailgun"
     default_base_url = REGIONS["us"]
+    regions = REGIONS
 
     def __init__(self, api_key: str, domain: str, **settings: Any) -> None:
         super().__init__(**settings)
-        self._authorization = "Basic " + base64.b64encode(f"api:{api_key}".encode()).decode()
+        basic = base64.b64encode(f"api:{api_key}".encode()).decode()
+        self._authorization = http_api.Secret(f"Basic {basic}")
         self.domain = domain
         self.name = f"mailgun://{domain}"
 
     @classmethod
-    def from_url(
-        cls,
-        url: str,
-        delivery: DeliveryConfig | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-    ) -> MailgunTransport:
-        parsed = ProviderURL.parse(url, "mailgun", ["region"])
-        if parsed.where is None:  # mailgun://DOMAIN, the key from the environment
-            key, domain = "", parsed.credentials
-        else:
-            key, domain = parsed.credentials, parsed.where
+    def url_arguments(cls, url: http_api.ProviderURL, env: Mapping[str, str]) -> dict[str, Any]:
+        key, domain = url.credentials_at()  # mailgun://DOMAIN: the key from the environment
         if not domain:
             raise ConfigError("delivery.relay: expected mailgun://API_KEY@DOMAIN")
-        key = secret_from(key, from_env(env), "MAILGUN_API_KEY", "Mailgun API key")
-        region = parsed.options.get("region", "us")
-        if region not in REGIONS:
-            raise ConfigError(f"delivery.relay: mailgun region must be one of {sorted(REGIONS)}")
-        base_url = parsed.options.get("base_url") or REGIONS[region]
-        return cls(key, domain, base_url=base_url, **cls.delivery_settings(delivery))
+        key = http_api.secret_from(key, env, "MAILGUN_API_KEY", "Mailgun API key")
+        return {"api_key": key, "domain": domain}
 
-    def calls(self, envelope: Envelope, recipients: Sequence[str]) -> list[Call]:
-        fields: dict[str, Any] = {"to": list(recipients), "v:postlane-queue-id": envelope.queue_id}
-        if envelope.idempotency_key:
-            fields["v:postlane-idempotency-key"] = envelope.idempotency_key
-        request = self._client.build_request(
-            "POST",
-            f"{self.base_url}/v3/{self.domain}/messages.mime",
+    def authenticate(self, request: httpx.Request) -> None:
+        request.headers["Authorization"] = self._authorization.reveal()
+
+    def calls(self, envelope: Envelope, recipients: Sequence[str]) -> list[http_api.Call]:
+        fields: dict[str, Any] = {"to": list(recipients)}
+        for name, value in http_api.envelope_tags(envelope).items():
+            fields[f"v:{name.replace('_', '-')}"] = value  # v:postlane-queue-id
+        request = self.post(
+            f"/v3/{self.domain}/messages.mime",
             data=fields,
             files={"message": ("message.mime", envelope.content, "message/rfc822")},
-            headers={"Authorization": self._authorization},
         )
-        return [Call(request, tuple(recipients))]
+        return [http_api.Call(request, tuple(recipients))]
 
-    def read_answer(self, answer: httpx.Response, call: Call) -> Outcome:
-        status = answer.status_code
-        body = json_or_none(answer)
-        body = body if isinstance(body, dict) else {}
+    def read_answer(self, answer: httpx.Response, call: http_api.Call) -> http_api.Outcome:
+        body = http_api.json_object(answer)
         reason = str(body.get("message") or answer.text or "no text")
-        if 200 <= status < 300:
-            return Accepted(body.get("id"))
+        if 200 <= answer.status_code < 300:
+            return http_api.Accepted(body.get("id"))
         lowered = reason.lower()
-        if status == 400:
+        if answer.status_code == 400:
             if any(phrase in lowered for phrase in _SANDBOX):
-                return Refused(ReplyClass.POLICY_BLOCK, reason, status)
+                return self.refused(answer, ReplyClass.POLICY_BLOCK, reason)
             if any(phrase in lowered for phrase in _BAD_ADDRESS):
-                return Refused(ReplyClass.HARD_BOUNCE, reason, status, about_a_recipient=True)
+                return self.refused(answer, ReplyClass.HARD_BOUNCE, reason, about_a_recipient=True)
         return self.default_outcome(answer, reason)

@@ -34,9 +34,10 @@ TLS
 
 Connections
     Each MX host has a pool of its own, :class:`SMTPRelayTransport`'s, reused by every domain
-    that host serves (pipelined transactions, RSET after a failed transaction). Only how a
-    connection is opened differs, so only that is overridden here. A connection carries at most
-    the ``messages_per_connection`` of the destination each message goes to (its
+    that host serves; its sessions are :mod:`postlane.transports.session`'s (pipelined
+    transactions, RSET after a failed transaction). Only where a session is opened (each of the
+    host's addresses in turn) and its TLS policy differ, so only that is here. A session carries
+    at most the ``messages_per_connection`` of the destination each message goes to (its
     ``[destinations.NAME]`` or ``[destinations.default]`` table, else ``[delivery]``'s).
 
 Destinations
@@ -53,34 +54,22 @@ import dataclasses
 import ipaddress
 import random
 import socket
-import ssl
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-import aiosmtplib
 import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.resolver
-from aiosmtplib import SMTPException, SMTPResponseException
 
-from postlane.classify import ReplyClass, classify
+from postlane.classify import ReplyClass
 from postlane.config import DeliveryConfig, DestinationLimits, destination_limits
 from postlane.destinations import DestinationMap
 from postlane.dkim import DkimSigner
 from postlane.transports.base import Envelope, Response
-from postlane.transports.smtp import (
-    RelaySettings,
-    SMTPRelayTransport,
-    _Connection,
-    _describe,
-    _greet,
-    _Refused,
-    _ReplyReader,
-    reply_text,
-)
+from postlane.transports.session import ClearTextRetry, Refusal, Session, TLSPolicy, open_session
+from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
 
 __all__ = ["MXTransport", "Route"]
 
@@ -91,6 +80,16 @@ DNS_TIMEOUT = 10.0
 #: pools are looked over at most this often: idle connections past their time closed, pools
 #: of MX hosts no longer in use dropped (a busy MTA meets thousands of MX hosts a day)
 SWEEP_INTERVAL = 30.0
+#: the ``[delivery]`` settings that :meth:`MXTransport.from_config` passes on, as named there
+_DELIVERY_SETTINGS = (
+    "helo_name",
+    "require_tls",
+    "tls_ca",
+    "connect_timeout",
+    "command_timeout",
+    "messages_per_connection",
+    "connections_per_host",
+)
 
 
 @dataclass(frozen=True)
@@ -122,16 +121,12 @@ class Route:
 
 
 class _HostUnavailable(Exception):
-    """No connection to an MX host could be made: the next MX host is tried."""
+    """No session with an MX host could be opened: the next MX host is tried."""
 
-    def __init__(self, refusal: _Refused, relay: str) -> None:
+    def __init__(self, refusal: Refusal, relay: str) -> None:
         super().__init__(refusal.text)
         self.refusal = refusal
         self.relay = relay
-
-
-class _ClearTextRetry(Exception):
-    """Opportunistic STARTTLS failed: the connection is retried without it."""
 
 
 class _NoAddress(Exception):
@@ -139,11 +134,12 @@ class _NoAddress(Exception):
 
 
 class _MXHostPool(SMTPRelayTransport):
-    """The pooled connections to one MX host, on whichever of its addresses answers.
+    """The pooled sessions with one MX host, on whichever of its addresses answers.
 
-    Everything but opening a connection is :class:`SMTPRelayTransport`'s: the transactions,
-    pipelining, reuse and RSET. A host that cannot be reached raises :class:`_HostUnavailable`
-    out of :meth:`send` instead of answering, so the next MX host can be tried.
+    Everything but which address to open a session to, and with what TLS policy, is
+    :class:`SMTPRelayTransport`'s: the transactions, pipelining, reuse and RSET. A host that
+    cannot be reached raises :class:`_HostUnavailable` out of :meth:`send` instead of answering,
+    so the next MX host can be tried.
     """
 
     def __init__(
@@ -166,106 +162,48 @@ class _MXHostPool(SMTPRelayTransport):
         finally:
             self._busy -= 1
 
-    async def _acquire(self, per_connection: int) -> _Connection:
+    async def _acquire(self, per_connection: int) -> Session:
         try:
             return await super()._acquire(per_connection)
-        except _Refused as refused:
-            raise _HostUnavailable(refused, self.name) from refused
+        except Refusal as refusal:
+            raise _HostUnavailable(refusal, self.name) from refusal
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Session:
         try:
             addresses = await self._addresses(self.mx_host)
         except _NoAddress as exc:
             # an MX host without an address is the domain's misconfiguration, often fixed
             # within hours: retried like an unreachable host, never a bounce
-            raise _Refused(f"{self.name}: {exc}", None, ReplyClass.CONNECTION) from exc
-        refusals: list[_Refused] = []
+            raise Refusal(f"{self.name}: {exc}", None, ReplyClass.CONNECTION) from exc
+        refusals: list[Refusal] = []
         for address in addresses:
             try:
                 return await self._connect_to(address, starttls=True)
-            except _ClearTextRetry:
+            except ClearTextRetry:
                 try:
                     return await self._connect_to(address, starttls=False)
-                except _Refused as refused:
-                    refusals.append(refused)
-            except _Refused as refused:
-                refusals.append(refused)
+                except Refusal as refusal:
+                    refusals.append(refusal)
+            except Refusal as refusal:
+                refusals.append(refusal)
         raise _combine(refusals, f"{self.name}: no address to connect to")
 
-    async def _connect_to(self, address: str, *, starttls: bool) -> _Connection:
-        s = self.settings
-        where = f"{self.name} [{address}]"
-        client = aiosmtplib.SMTP(
-            hostname=address,
-            port=s.port,
-            local_hostname=s.helo_name,
-            timeout=s.command_timeout,
-            start_tls=False,
+    async def _connect_to(self, address: str, *, starttls: bool) -> Session:
+        """A session with the MX host at ``address``: STARTTLS whenever offered, its
+        certificate checked for the MX host's name when the destination requires TLS (see the
+        module docstring)."""
+        tls = TLSPolicy(
+            self._context(),
+            starttls=starttls,
+            server_hostname=self.mx_host,
+            required=self.verified,
+            clear_text_retry=not self.verified,
         )
-        try:
-            await client.connect(timeout=s.connect_timeout)
-            await _greet(client)
-            if starttls and client.supports_extension("starttls"):
-                await self._start_tls(client, where)
-            elif self.verified:
-                raise _Refused(
-                    f"{where} does not offer STARTTLS, and TLS is required for this destination",
-                    None,
-                    ReplyClass.CONNECTION,
-                )
-        except (_Refused, _ClearTextRetry):
-            client.close()
-            raise
-        except SMTPResponseException as exc:
-            # refused before any message (greeting, EHLO): a fact about the host, not about a
-            # recipient; a rate-limit refusal is throttled, anything else a connection failure
-            client.close()
-            text = reply_text(exc.code, exc.message)
-            if classify(text).cls is ReplyClass.THROTTLED:  # "too many connections": slow down
-                raise _Refused(text, exc.code, None) from exc
-            raise _Refused(
-                f"{where} refused the session: {text}", exc.code, ReplyClass.CONNECTION
-            ) from exc
-        except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
-            client.close()
-            raise _Refused(f"{where}: {_describe(exc)}", None, ReplyClass.CONNECTION) from exc
-        transport = client.transport
-        if transport is None or transport.is_closing():
-            client.close()
-            raise _Refused(f"{where}: connection closed after EHLO", None, ReplyClass.CONNECTION)
-        reader = _ReplyReader(transport)  # type: ignore[arg-type]
-        transport.set_protocol(reader)  # from here on the transactions are the relay code's
-        return _Connection(
-            client=client,
-            reader=reader,
-            pipelining=client.supports_extension("pipelining"),
-            size=client.supports_extension("size"),
-            smtputf8=client.supports_extension("smtputf8"),
-        )
-
-    async def _start_tls(self, client: aiosmtplib.SMTP, where: str) -> None:
-        try:
-            await client.starttls(server_hostname=self.mx_host, tls_context=self._context())
-            await client.ehlo()
-        except (SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
-            if not self.verified:
-                raise _ClearTextRetry from exc
-            code = exc.code if isinstance(exc, SMTPResponseException) else None
-            raise _Refused(
-                f"{where}: TLS is required for this destination: {_describe(exc)}",
-                code,
-                ReplyClass.CONNECTION,
-            ) from exc
+        return await open_session(self.settings, tls, address)
 
     def drop_idle(self) -> bool:
-        """Close idle connections past their time; True when the pool holds nothing at all."""
-        keep: deque[_Connection] = deque()
-        for connection in self._idle:
-            if connection.usable:
-                keep.append(connection)
-            else:
-                self._close_connection(connection, polite=connection.reader.open)
-        self._idle = keep
+        """Close idle sessions past their time; True when the pool holds nothing at all."""
+        self.close_expired()
         return not self._idle and not self._busy
 
 
@@ -297,17 +235,25 @@ class MXTransport:
         ``signer`` DKIM-signs every message before it leaves; ``limits`` are the
         ``[destinations.NAME]`` tables (their ``messages_per_connection`` win over the
         argument's)."""
-        self.helo_name = helo_name or socket.gethostname()
-        self.port = port
+        #: every MX host's session and pool settings, but for its name and TLS verification
+        self.host_settings = RelaySettings(
+            host="",
+            port=port,
+            implicit_tls=False,
+            username=None,
+            password=None,
+            helo_name=helo_name or socket.gethostname(),
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+            messages_per_connection=messages_per_connection,
+            connections=connections_per_host,
+            tls_verify=False,
+            tls_ca=tls_ca,
+        )
         self.require_tls = frozenset(entry.lower().rstrip(".") for entry in require_tls)
-        self.tls_ca = tls_ca
         self.signer = signer
         self.destinations = destinations or DestinationMap()
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
         self.dns_timeout = dns_timeout
-        self.messages_per_connection = messages_per_connection
-        self.connections_per_host = connections_per_host
         self.limits = dict(limits or {})
         if resolver is None:
             resolver = dns.asyncresolver.Resolver()
@@ -321,26 +267,16 @@ class MXTransport:
         cls,
         delivery: DeliveryConfig,
         *,
-        require_tls: Collection[str] = (),
         signer: DkimSigner | None = None,
         destinations: DestinationMap | None = None,
         resolver: dns.asyncresolver.Resolver | None = None,
         limits: Mapping[str, DestinationLimits] | None = None,
     ) -> MXTransport:
-        """The transport ``[delivery]`` describes (timeouts, HELO name, pool sizes), with the
-        ``[destinations.NAME]`` ``limits``."""
+        """The transport ``[delivery]`` describes (its settings of the same names: TLS,
+        timeouts, HELO name, pool sizes), with the ``[destinations.NAME]`` ``limits``."""
+        settings = {name: getattr(delivery, name) for name in _DELIVERY_SETTINGS}
         return cls(
-            helo_name=delivery.helo_name,
-            require_tls=require_tls,
-            tls_ca=delivery.tls_ca,
-            signer=signer,
-            destinations=destinations,
-            resolver=resolver,
-            connect_timeout=delivery.connect_timeout,
-            command_timeout=delivery.command_timeout,
-            messages_per_connection=delivery.messages_per_connection,
-            connections_per_host=delivery.connections_per_host,
-            limits=limits,
+            **settings, signer=signer, destinations=destinations, resolver=resolver, limits=limits
         )
 
     # -- sending ----------------------------------------------------------------------------------
@@ -381,8 +317,10 @@ class MXTransport:
             return [route.response(self.name)] * count
         verified = self.tls_required(domain, route)
         limits = destination_limits(self.limits, self.limits_destination(domain, route))
-        per_connection = limits.messages_per_connection or self.messages_per_connection
-        refusals: list[_Refused] = []
+        per_connection = (
+            limits.messages_per_connection or self.host_settings.messages_per_connection
+        )
+        refusals: list[Refusal] = []
         relay = self.name
         for host in route.hosts:
             pool = self._pool(host, verified)
@@ -392,25 +330,12 @@ class MXTransport:
                 refusals.append(unavailable.refusal)
                 relay = unavailable.relay
         refusal = _combine(refusals, f"no MX host of {domain} could be reached")
-        return [Response(refusal.code, refusal.text, relay, refusal.failure)] * count
+        return [refusal.response(relay)] * count
 
     def _pool(self, host: str, verified: bool) -> _MXHostPool:
         pool = self._pools.get((host, verified))
         if pool is None:
-            settings = RelaySettings(
-                host=host,
-                port=self.port,
-                implicit_tls=False,
-                username=None,
-                password=None,
-                helo_name=self.helo_name,
-                connect_timeout=self.connect_timeout,
-                command_timeout=self.command_timeout,
-                messages_per_connection=self.messages_per_connection,
-                connections=self.connections_per_host,
-                tls_verify=verified,
-                tls_ca=self.tls_ca,
-            )
+            settings = dataclasses.replace(self.host_settings, host=host, tls_verify=verified)
             pool = self._pools[(host, verified)] = _MXHostPool(settings, self.addresses)
         return pool
 
@@ -495,13 +420,13 @@ class MXTransport:
             return Route.refused(
                 domain, 550, f"550 5.1.2 domain {domain} has no MX or address records"
             )
-        except _Refused as refusal:
+        except Refusal as refusal:
             return Route.unreachable(domain, refusal.text)
         return Route(domain, (domain,), primary=domain)
 
     async def addresses(self, host: str) -> list[str]:
         """The host's addresses, IPv4 first. Raises :class:`_NoAddress` when it has none, and
-        :class:`_Refused` (a connection failure) when DNS could not tell."""
+        :class:`Refusal` (a connection failure) when DNS could not tell."""
         literal = _address_literal(host)
         if literal is not None:
             return [literal]
@@ -525,7 +450,7 @@ class MXTransport:
             return found
         if errors:
             detail = _dns_error(errors[0])
-            raise _Refused(
+            raise Refusal(
                 f"DNS: address lookup of {host} failed: {detail}", None, ReplyClass.CONNECTION
             )
         raise _NoAddress(f"{host} has no address (no A or AAAA record)")
@@ -602,12 +527,12 @@ def _dns_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _combine(refusals: list[_Refused], nothing: str) -> _Refused:
+def _combine(refusals: list[Refusal], nothing: str) -> Refusal:
     """One refusal for several failed hosts or addresses: the last one's code and class (a reply
     such as a 421 greeting stays as written), the others' texts kept for the record."""
     if not refusals:
-        return _Refused(nothing, None, ReplyClass.CONNECTION)
+        return Refusal(nothing, None, ReplyClass.CONNECTION)
     last = refusals[-1]
     if last.failure is None or len(refusals) == 1:
         return last
-    return _Refused("; ".join(r.text for r in refusals), last.code, last.failure)
+    return Refusal("; ".join(r.text for r in refusals), last.code, last.failure)

@@ -38,41 +38,12 @@ from typing import Any
 import httpx
 
 from postlane.classify import ReplyClass
-from postlane.config import DeliveryConfig
+from postlane.transports import http_api
 from postlane.transports.base import Envelope
-from postlane.transports.http_api import (
-    Accepted,
-    Call,
-    Outcome,
-    ParsedMessage,
-    ProviderTransport,
-    ProviderURL,
-    Refused,
-    from_env,
-    json_or_none,
-    secret_from,
-)
+from postlane.transports.parsed_message import BUILT_HEADERS, ParsedMessage
 
 __all__ = ["PostmarkTransport"]
 
-_BUILT_HEADERS = frozenset(
-    {
-        "from",
-        "to",
-        "cc",
-        "bcc",
-        "subject",
-        "reply-to",
-        "date",
-        "mime-version",
-        "content-type",
-        "content-transfer-encoding",
-        "content-disposition",
-        "received",
-        "return-path",
-        "dkim-signature",
-    }
-)
 #: the two wordings postmark's own client library parses (postmark-gem lib/postmark/error.rb)
 _INACTIVE = (
     re.compile(r"Found inactive addresses: (.+?)\. Inactive", re.IGNORECASE | re.DOTALL),
@@ -83,42 +54,36 @@ _ACCOUNT_CANNOT_SEND = frozenset({10, 405, 412, 413})
 _BAD_REQUEST = frozenset({402, 403, 409, 411})
 
 
-class PostmarkTransport(ProviderTransport):
+class PostmarkTransport(http_api.ProviderTransport):
     """Send through Postmark's Email API (see the module docstring)."""
 
     provider = "postmark"
     default_base_url = "https://api.postmarkapp.com"
+    url_options = ("stream",)
 
     def __init__(self, server_token: str, *, stream: str | None = None, **settings: Any) -> None:
         super().__init__(**settings)
-        self._token = server_token
+        self._token = http_api.Secret(server_token)
         self.stream = stream
 
     @classmethod
-    def from_url(
-        cls,
-        url: str,
-        delivery: DeliveryConfig | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-    ) -> PostmarkTransport:
-        parsed = ProviderURL.parse(url, "postmark", ["stream"])
-        token = secret_from(
-            parsed.credentials, from_env(env), "POSTMARK_SERVER_TOKEN", "Postmark server token"
+    def url_arguments(cls, url: http_api.ProviderURL, env: Mapping[str, str]) -> dict[str, Any]:
+        token = http_api.secret_from(
+            url.credentials, env, "POSTMARK_SERVER_TOKEN", "Postmark server token"
         )
-        return cls(
-            token,
-            stream=parsed.options.get("stream") or None,
-            base_url=parsed.options.get("base_url") or None,
-            **cls.delivery_settings(delivery),
-        )
+        return {"server_token": token, "stream": url.options.get("stream") or None}
 
-    def calls(self, envelope: Envelope, recipients: Sequence[str]) -> list[Call]:
-        message = ParsedMessage.parse(envelope.content, exclude_headers=_BUILT_HEADERS)
+    def authenticate(self, request: httpx.Request) -> None:
+        request.headers["X-Postmark-Server-Token"] = self._token.reveal()
+
+    def calls(self, envelope: Envelope, recipients: Sequence[str]) -> list[http_api.Call]:
+        message = ParsedMessage.parse(envelope.content, exclude_headers=BUILT_HEADERS)
         to, cc, bcc = message.split(recipients)
         groups = [(to, cc, bcc)] if to else [([r], [], []) for r in recipients]
         return [
-            Call(self._request(envelope, message, *group), (*group[0], *group[1], *group[2]))
+            http_api.Call(
+                self._request(envelope, message, *group), (*group[0], *group[1], *group[2])
+            )
             for group in groups
         ]
 
@@ -135,7 +100,7 @@ class PostmarkTransport(ProviderTransport):
             "From": sender,
             "To": self._addresses(message, to),
             "Subject": message.subject,
-            "Metadata": {"postlane_queue_id": envelope.queue_id},
+            "Metadata": http_api.envelope_tags(envelope),
         }
         if cc:
             payload["Cc"] = self._addresses(message, cc)
@@ -159,16 +124,9 @@ class PostmarkTransport(ProviderTransport):
                 }
                 for a in message.attachments
             ]
-        if envelope.idempotency_key:
-            payload["Metadata"]["postlane_idempotency_key"] = envelope.idempotency_key
         if self.stream:
             payload["MessageStream"] = self.stream
-        return self._client.build_request(
-            "POST",
-            f"{self.base_url}/email",
-            json=payload,
-            headers={"Accept": "application/json", "X-Postmark-Server-Token": self._token},
-        )
+        return self.post("/email", json=payload, headers={"Accept": "application/json"})
 
     @staticmethod
     def _addresses(message: ParsedMessage, addresses: list[str]) -> str:
@@ -178,36 +136,32 @@ class PostmarkTransport(ProviderTransport):
             out.append(str(Address(display_name=name or "", addr_spec=address)))
         return ", ".join(out)
 
-    def read_answer(self, answer: httpx.Response, call: Call) -> Outcome:
-        status = answer.status_code
-        body = json_or_none(answer)
-        body = body if isinstance(body, dict) else {}
+    def read_answer(self, answer: httpx.Response, call: http_api.Call) -> http_api.Outcome:
+        body = http_api.json_object(answer)
         code = body.get("ErrorCode")
         text = str(body.get("Message") or answer.text or "no text")
-        if 200 <= status < 300 and code in (0, None):
-            return Accepted(body.get("MessageID"))
+        if 200 <= answer.status_code < 300 and code in (0, None):
+            return http_api.Accepted(body.get("MessageID"))
         reason = f"ErrorCode {code}: {text}" if code is not None else text
         if code == 406:
             inactive = _inactive_addresses(text)
             if inactive:
-                return Refused(ReplyClass.HARD_BOUNCE, reason, status, inactive)
-            return Refused(ReplyClass.HARD_BOUNCE, reason, status, about_a_recipient=True)
+                return self.refused(answer, ReplyClass.HARD_BOUNCE, reason, inactive)
+            return self.refused(answer, ReplyClass.HARD_BOUNCE, reason, about_a_recipient=True)
         if code == 300:
             if _BAD_ADDRESS.search(text):
-                return Refused(ReplyClass.HARD_BOUNCE, reason, status, about_a_recipient=True)
-            return Refused(ReplyClass.MESSAGE_ERROR, reason, status)
-        if code in (400, 401) and status != 401:
-            return Refused(ReplyClass.POLICY_BLOCK, reason, status)
+                return self.refused(answer, ReplyClass.HARD_BOUNCE, reason, about_a_recipient=True)
+            return self.refused(answer, ReplyClass.MESSAGE_ERROR, reason)
+        if code in (400, 401) and answer.status_code != 401:
+            return self.refused(answer, ReplyClass.POLICY_BLOCK, reason)
         if code in _ACCOUNT_CANNOT_SEND:
-            return Refused(ReplyClass.CONNECTION, reason, status)
+            return self.refused(answer, ReplyClass.CONNECTION, reason)
         if code in _BAD_REQUEST:
-            return Refused(ReplyClass.MESSAGE_ERROR, reason, status)
+            return self.refused(answer, ReplyClass.MESSAGE_ERROR, reason)
         if code == 100:
-            return Refused(ReplyClass.TEMPORARY, reason, status)
+            return self.refused(answer, ReplyClass.TEMPORARY, reason)
         if code == 429:
-            return Refused(
-                ReplyClass.THROTTLED, reason, status, retry_after=self.retry_after(answer)
-            )
+            return self.refused(answer, ReplyClass.THROTTLED, reason)
         return self.default_outcome(answer, reason)
 
 

@@ -41,77 +41,38 @@ from typing import Any
 import httpx
 
 from postlane.classify import ReplyClass
-from postlane.config import DeliveryConfig
-from postlane.errors import ConfigError
+from postlane.transports import http_api
 from postlane.transports.base import Envelope
-from postlane.transports.http_api import (
-    Accepted,
-    Call,
-    Outcome,
-    ParsedMessage,
-    ProviderTransport,
-    ProviderURL,
-    Refused,
-    from_env,
-    json_or_none,
-    secret_from,
-)
+from postlane.transports.parsed_message import BUILT_HEADERS, ParsedMessage
 
 __all__ = ["SendGridTransport"]
 
 REGIONS = {"global": "https://api.sendgrid.com", "eu": "https://api.eu.sendgrid.com"}
 #: header fields Mail Send sets itself or refuses in ``headers`` (its reserved list, and ours)
-_BUILT_HEADERS = frozenset(
-    {
-        "from",
-        "to",
-        "cc",
-        "bcc",
-        "subject",
-        "reply-to",
-        "sender",
-        "date",
-        "mime-version",
-        "content-type",
-        "content-transfer-encoding",
-        "content-disposition",
-        "received",
-        "return-path",
-        "dkim-signature",
-        "x-sg-id",
-        "x-sg-eid",
-    }
-)
+_BUILT_HEADERS = BUILT_HEADERS | {"sender", "x-sg-id", "x-sg-eid"}
 _RECIPIENT_FIELD = re.compile(r"personalizations\.(\d+)\.(to|cc|bcc)\.(\d+)(?:\.email)?")
 
 
-class SendGridTransport(ProviderTransport):
+class SendGridTransport(http_api.ProviderTransport):
     """Send through SendGrid's v3 Mail Send API (see the module docstring)."""
 
     provider = "sendgrid"
     default_base_url = REGIONS["global"]
+    regions = REGIONS
 
     def __init__(self, api_key: str, **settings: Any) -> None:
         super().__init__(**settings)
-        self._api_key = api_key
+        self._api_key = http_api.Secret(api_key)
 
     @classmethod
-    def from_url(
-        cls,
-        url: str,
-        delivery: DeliveryConfig | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-    ) -> SendGridTransport:
-        parsed = ProviderURL.parse(url, "sendgrid", ["region"])
-        key = secret_from(parsed.credentials, from_env(env), "SENDGRID_API_KEY", "SendGrid API key")
-        region = parsed.options.get("region", "global")
-        if region not in REGIONS:
-            raise ConfigError(f"delivery.relay: sendgrid region must be one of {sorted(REGIONS)}")
-        base_url = parsed.options.get("base_url") or REGIONS[region]
-        return cls(key, base_url=base_url, **cls.delivery_settings(delivery))
+    def url_arguments(cls, url: http_api.ProviderURL, env: Mapping[str, str]) -> dict[str, Any]:
+        key = http_api.secret_from(url.credentials, env, "SENDGRID_API_KEY", "SendGrid API key")
+        return {"api_key": key}
 
-    def calls(self, envelope: Envelope, recipients: Sequence[str]) -> list[Call]:
+    def authenticate(self, request: httpx.Request) -> None:
+        request.headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
+
+    def calls(self, envelope: Envelope, recipients: Sequence[str]) -> list[http_api.Call]:
         message = ParsedMessage.parse(envelope.content, exclude_headers=_BUILT_HEADERS)
         personalizations, fields = _personalizations(message, recipients)
         payload: dict[str, Any] = {
@@ -125,10 +86,8 @@ class SendGridTransport(ProviderTransport):
                 for kind, value in (("text/plain", message.text), ("text/html", message.html))
                 if value
             ],
-            "custom_args": {"postlane_queue_id": envelope.queue_id},
+            "custom_args": http_api.envelope_tags(envelope),
         }
-        if envelope.idempotency_key:
-            payload["custom_args"]["postlane_idempotency_key"] = envelope.idempotency_key
         if message.reply_to:
             first = message.reply_to[0]
             payload["reply_to"] = _mailbox(first.addr_spec, first.display_name)
@@ -148,20 +107,13 @@ class SendGridTransport(ProviderTransport):
                 }
                 for a in message.attachments
             ]
-        request = self._client.build_request(
-            "POST",
-            f"{self.base_url}/v3/mail/send",
-            json=payload,
-            headers={"Authorization": f"Bearer {self._api_key}"},
-        )
-        return [Call(request, tuple(recipients), fields)]
+        return [http_api.Call(self.post("/v3/mail/send", json=payload), tuple(recipients), fields)]
 
-    def read_answer(self, answer: httpx.Response, call: Call) -> Outcome:
+    def read_answer(self, answer: httpx.Response, call: http_api.Call) -> http_api.Outcome:
         status = answer.status_code
         if 200 <= status < 300:
-            return Accepted(answer.headers.get("x-message-id"))
-        body = json_or_none(answer)
-        errors = body.get("errors") if isinstance(body, dict) else None
+            return http_api.Accepted(answer.headers.get("x-message-id"))
+        errors = http_api.json_object(answer).get("errors")
         errors = [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
         reason = "; ".join(str(e.get("message", "")) for e in errors) or answer.text or "no text"
         lowered = reason.lower()
@@ -178,16 +130,14 @@ class SendGridTransport(ProviderTransport):
                         continue
                 unnamed = unnamed or (about_address and "valid" in lowered)
             if named:
-                return Refused(ReplyClass.HARD_BOUNCE, reason, status, frozenset(named))
+                return self.refused(answer, ReplyClass.HARD_BOUNCE, reason, frozenset(named))
             if unnamed:
-                return Refused(ReplyClass.HARD_BOUNCE, reason, status, about_a_recipient=True)
-            return Refused(ReplyClass.MESSAGE_ERROR, reason, status)
+                return self.refused(answer, ReplyClass.HARD_BOUNCE, reason, about_a_recipient=True)
+            return self.refused(answer, ReplyClass.MESSAGE_ERROR, reason)
         if status == 401 and "credits" in lowered:
-            return Refused(
-                ReplyClass.THROTTLED, reason, status, retry_after=self.retry_after(answer)
-            )
+            return self.refused(answer, ReplyClass.THROTTLED, reason)
         if status == 403 and "sender identity" in lowered:
-            return Refused(ReplyClass.POLICY_BLOCK, reason, status)
+            return self.refused(answer, ReplyClass.POLICY_BLOCK, reason)
         return self.default_outcome(answer, reason)
 
     def retry_after(self, answer: httpx.Response) -> float | None:

@@ -46,20 +46,9 @@ from urllib.parse import quote
 import httpx
 
 from postlane.classify import ReplyClass
-from postlane.config import DeliveryConfig
 from postlane.errors import ConfigError
+from postlane.transports import http_api
 from postlane.transports.base import Envelope
-from postlane.transports.http_api import (
-    Accepted,
-    Call,
-    Outcome,
-    ProviderTransport,
-    ProviderURL,
-    Refused,
-    from_env,
-    json_or_none,
-    secret_from,
-)
 
 __all__ = ["SESTransport", "sigv4_headers"]
 
@@ -151,11 +140,12 @@ def sigv4_headers(
     return out
 
 
-class SESTransport(ProviderTransport):
+class SESTransport(http_api.ProviderTransport):
     """Send raw MIME through Amazon SES API v2 (see the module docstring)."""
 
     provider = "ses"
     default_base_url = "https://email.us-east-1.amazonaws.com"
+    url_options = ("configuration_set",)
 
     def __init__(
         self,
@@ -172,52 +162,55 @@ class SESTransport(ProviderTransport):
         self.region = region
         self.configuration_set = configuration_set
         self._access_key = access_key
-        self._secret_key = secret_key
-        self._session_token = session_token
+        self._secret_key = http_api.Secret(secret_key)
+        self._session_token = http_api.Secret(session_token) if session_token else None
 
     @classmethod
-    def from_url(
-        cls,
-        url: str,
-        delivery: DeliveryConfig | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-    ) -> SESTransport:
-        parsed = ProviderURL.parse(url, "ses", ["configuration_set"])
-        environment = from_env(env)
-        if parsed.where is None:  # ses://REGION, the credentials from the environment
-            credentials, region = "", parsed.credentials
-        else:
-            credentials, region = parsed.credentials, parsed.where
-        region = (
-            region or environment.get("AWS_REGION") or environment.get("AWS_DEFAULT_REGION", "")
-        )
+    def url_arguments(cls, url: http_api.ProviderURL, env: Mapping[str, str]) -> dict[str, Any]:
+        credentials, region = url.credentials_at()  # ses://REGION: credentials from env
+        region = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION", "")
         if not _REGION.fullmatch(region):
+            # (ses://KEY:SECRET without @REGION reads the credentials as the region: not shown)
+            shown = "KEY:SECRET" if ":" in region else region
             raise ConfigError(
-                f"delivery.relay: {region!r} is not an AWS region; expected ses://KEY:SECRET@REGION"
+                f"delivery.relay: {shown!r} is not an AWS region; expected ses://KEY:SECRET@REGION"
             )
         access_key, _, secret_key = credentials.partition(":")
-        access_key = secret_from(access_key, environment, "AWS_ACCESS_KEY_ID", "AWS access key")
-        secret_key = secret_from(
-            secret_key, environment, "AWS_SECRET_ACCESS_KEY", "AWS secret access key"
-        )
-        token = None if credentials else environment.get("AWS_SESSION_TOKEN") or None
-        return cls(
-            access_key,
-            secret_key,
-            region,
-            session_token=token,
-            configuration_set=parsed.options.get("configuration_set") or None,
-            base_url=parsed.options.get("base_url") or None,
-            **cls.delivery_settings(delivery),
+        return {
+            "access_key": http_api.secret_from(
+                access_key, env, "AWS_ACCESS_KEY_ID", "AWS access key"
+            ),
+            "secret_key": http_api.secret_from(
+                secret_key, env, "AWS_SECRET_ACCESS_KEY", "AWS secret access key"
+            ),
+            "region": region,
+            "session_token": None if credentials else env.get("AWS_SESSION_TOKEN") or None,
+            "configuration_set": url.options.get("configuration_set") or None,
+        }
+
+    def authenticate(self, request: httpx.Request) -> None:
+        """Sign ``request`` (its Content-Type, Host and X-Amz-Date headers and its body)."""
+        token = self._session_token.reveal() if self._session_token else None
+        request.headers.update(
+            sigv4_headers(
+                method=request.method,
+                url=request.url,
+                headers={"Content-Type": request.headers["Content-Type"]},
+                body=request.content,
+                access_key=self._access_key,
+                secret_key=self._secret_key.reveal(),
+                region=self.region,
+                service=SERVICE,
+                now=self.clock.now(),
+                session_token=token,
+            )
         )
 
-    def calls(self, envelope: Envelope, recipients: Sequence[str]) -> list[Call]:
-        tags = [{"Name": "postlane_queue_id", "Value": _tag_value(envelope.queue_id)}]
-        if envelope.idempotency_key:
-            tags.append(
-                {"Name": "postlane_idempotency_key", "Value": _tag_value(envelope.idempotency_key)}
-            )
+    def calls(self, envelope: Envelope, recipients: Sequence[str]) -> list[http_api.Call]:
+        tags = [
+            {"Name": name, "Value": _tag_value(value)}
+            for name, value in http_api.envelope_tags(envelope).items()
+        ]
         payload: dict[str, Any] = {
             "Content": {"Raw": {"Data": base64.b64encode(envelope.content).decode("ascii")}},
             "Destination": {"ToAddresses": list(recipients)},
@@ -225,30 +218,17 @@ class SESTransport(ProviderTransport):
         }
         if self.configuration_set:
             payload["ConfigurationSetName"] = self.configuration_set
-        body = json.dumps(payload).encode()
-        url = httpx.URL(f"{self.base_url}/v2/email/outbound-emails")
-        headers = {"Content-Type": "application/json"}
-        headers |= sigv4_headers(
-            method="POST",
-            url=url,
-            headers=headers,
-            body=body,
-            access_key=self._access_key,
-            secret_key=self._secret_key,
-            region=self.region,
-            service=SERVICE,
-            now=self.clock.now(),
-            session_token=self._session_token,
+        request = self.post(
+            "/v2/email/outbound-emails",
+            content=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
         )
-        request = self._client.build_request("POST", url, content=body, headers=headers)
-        return [Call(request, tuple(recipients))]
+        return [http_api.Call(request, tuple(recipients))]
 
-    def read_answer(self, answer: httpx.Response, call: Call) -> Outcome:
-        status = answer.status_code
-        body = json_or_none(answer)
-        body = body if isinstance(body, dict) else {}
-        if 200 <= status < 300:
-            return Accepted(body.get("MessageId"))
+    def read_answer(self, answer: httpx.Response, call: http_api.Call) -> http_api.Outcome:
+        body = http_api.json_object(answer)
+        if 200 <= answer.status_code < 300:
+            return http_api.Accepted(body.get("MessageId"))
         kind = str(
             answer.headers.get("x-amzn-errortype") or body.get("__type") or body.get("code") or ""
         )
@@ -260,19 +240,17 @@ class SESTransport(ProviderTransport):
             if "not verified" in lowered:
                 named = _unverified_identities(text)
                 if named & {r.lower() for r in call.recipients}:
-                    return Refused(ReplyClass.POLICY_BLOCK, reason, status, named)
-                return Refused(ReplyClass.POLICY_BLOCK, reason, status)
-            return Refused(ReplyClass.MESSAGE_ERROR, reason, status)
+                    return self.refused(answer, ReplyClass.POLICY_BLOCK, reason, named)
+                return self.refused(answer, ReplyClass.POLICY_BLOCK, reason)
+            return self.refused(answer, ReplyClass.MESSAGE_ERROR, reason)
         if kind == "BadRequestException" and any(p in lowered for p in _BAD_ADDRESS):
-            return Refused(ReplyClass.HARD_BOUNCE, reason, status, about_a_recipient=True)
+            return self.refused(answer, ReplyClass.HARD_BOUNCE, reason, about_a_recipient=True)
         if kind == "MailFromDomainNotVerifiedException":
-            return Refused(ReplyClass.POLICY_BLOCK, reason, status)
-        if kind in _THROTTLED or status == 429:
-            return Refused(
-                ReplyClass.THROTTLED, reason, status, retry_after=self.retry_after(answer)
-            )
+            return self.refused(answer, ReplyClass.POLICY_BLOCK, reason)
+        if kind in _THROTTLED or answer.status_code == 429:
+            return self.refused(answer, ReplyClass.THROTTLED, reason)
         if kind in _ACCOUNT:
-            return Refused(ReplyClass.CONNECTION, reason, status)
+            return self.refused(answer, ReplyClass.CONNECTION, reason)
         return self.default_outcome(answer, reason)
 
 
