@@ -14,6 +14,7 @@ from postlane.client import AsyncClient, Client
 from postlane.config import Config, load_config
 from postlane.errors import (
     ConfigError,
+    IdempotencyConflict,
     MessageTooLarge,
     NotFound,
     PostlaneError,
@@ -34,6 +35,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EnqueueResult",
+    "IdempotencyConflict",
     "Lane",
     "Message",
     "MessageTooLarge",

@@ -8,6 +8,7 @@ CLI prints it as one line, the HTTP API answers it as JSON with a 4xx status, SM
     ├── ConfigError          a bad or unknown configuration key (names the key)
     ├── ValidationError      a message that cannot be accepted (bad address, header injection, ...)
     │   └── MessageTooLarge  over the configured max_size
+    ├── IdempotencyConflict  an idempotency key reused with another payload (HTTP 409)
     ├── NotFound             no message, dead letter or suppression with that id or address
     ├── StoreUnavailable     the store cannot be reached or is locked for too long
     └── TransportError       a relay or provider that cannot be configured or reached
@@ -45,6 +46,22 @@ class ValidationError(PostlaneError):
 
 class MessageTooLarge(ValidationError):
     code = "message_too_large"
+
+
+class IdempotencyConflict(PostlaneError):
+    """An idempotency key its submitter already used for a different message (Stripe's rule:
+    the same key with the same payload is a retry and gets the first id; with another payload it
+    is a mistake, and nothing is stored)."""
+
+    code = "idempotency_conflict"
+
+    def __init__(self, key: str, existing_id: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was already used for message {existing_id} with a "
+            "different payload; use a new key for a new message"
+        )
+        self.key = key
+        self.existing_id = existing_id
 
 
 class NotFound(PostlaneError):

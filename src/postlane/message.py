@@ -9,7 +9,9 @@ Nothing here knows about storage or networks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import re
 import secrets
@@ -137,8 +139,17 @@ class PreparedMessage:
     idempotency_key: str | None
     metadata: Mapping[str, Any]
     content: bytes
-    #: who handed it in (a token fingerprint, an SMTP user); set by ingest, not by validation
+    #: who handed it in (a token fingerprint, an SMTP user); set by ingest, not by validation.
+    #: An idempotency key is the submitter's own: the same key from another submitter is another
+    #: message.
     submitter: str | None = None
+    #: a digest of the submission (everything but the idempotency key), when it has a key: a
+    #: key reused with another payload is a conflict, not a duplicate
+    fingerprint: str | None = None
+    #: not before this time (epoch seconds; None: at once)
+    send_at: float | None = None
+    #: never after this time: a recipient not sent by then is dead-lettered as expired
+    expires_at: float | None = None
 
     @property
     def size(self) -> int:
@@ -285,7 +296,46 @@ def prepare(
     lane, key, metadata = _check_common(message)
     queue_id = message_id or new_message_id(now)
     if message.raw is not None:
-        return _prepare_raw(message, lane, key, metadata, queue_id, max_size, now)
+        prepared = _prepare_raw(message, lane, key, metadata, queue_id, max_size, now)
+    else:
+        prepared = _prepare_parts(message, lane, key, metadata, queue_id, max_size, now)
+    if key is None:
+        return prepared
+    return dataclasses.replace(prepared, fingerprint=submission_fingerprint(message))
+
+
+def submission_fingerprint(message: Message) -> str:
+    """A digest of everything an application handed in but the idempotency key: equal for a
+    retry of the same submission, different for another message under the same key."""
+    digest = hashlib.sha256()
+
+    def part(value: Any) -> None:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode("utf-8"))
+        digest.update(b"\x00")
+
+    part([message.sender, _as_list(message.to), _as_list(message.cc), _as_list(message.bcc)])
+    part([message.subject, message.text, message.html, str(message.lane)])
+    part(sorted((message.headers or {}).items()))
+    part(message.metadata or {})
+    for attachment in message.attachments:
+        part([attachment.filename, attachment.content_type])
+        digest.update(hashlib.sha256(attachment.content).digest())
+    raw = message.raw.encode("utf-8") if isinstance(message.raw, str) else message.raw
+    if raw is not None:
+        digest.update(hashlib.sha256(bytes(raw)).digest())
+    return digest.hexdigest()
+
+
+def _prepare_parts(
+    message: Message,
+    lane: Lane,
+    key: str | None,
+    metadata: Mapping[str, Any],
+    queue_id: str,
+    max_size: int,
+    now: float | None,
+) -> PreparedMessage:
+    """A message from its parts: headers written here, the body rendered as MIME."""
 
     sender = parse_address(message.sender, "from")
     to = _mailboxes(message.to, "to")

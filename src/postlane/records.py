@@ -31,6 +31,8 @@ class Delivery:
     created_at: float
     #: the class of its last reply (None before any)
     last_class: ReplyClass | None = None
+    #: never sent after this time (None: max_age decides)
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class Outcome:
     suppress: bool = False
     #: why the queue decided this (e.g. "max_attempts 8 reached"), kept with dead letters
     reason: str | None = None
+    #: the event this change is told as, when not the state's own (``expired`` for a dead
+    #: letter whose time ran out)
+    event: str | None = None
 
 
 # -- read side -----------------------------------------------------------------------------------
@@ -184,6 +189,10 @@ class MessageView:
     recipients: tuple[RecipientView, ...]
     #: who handed it in (not part of the JSON: it identifies an API token)
     submitter: str | None = None
+    #: not before this time (None: at once)
+    send_at: float | None = None
+    #: never after this time
+    expires_at: float | None = None
 
     @property
     def state(self) -> RecipientState:
@@ -201,6 +210,8 @@ class MessageView:
             "message_id": self.message_id,
             "idempotency_key": self.idempotency_key,
             "metadata": dict(self.metadata),
+            "send_at": iso(self.send_at) if self.send_at is not None else None,
+            "expires_at": iso(self.expires_at) if self.expires_at is not None else None,
             "recipients": [r.as_json() for r in self.recipients],
         }
 
@@ -316,6 +327,54 @@ class Stats:
             "suppressed": self.suppressed,
             "suppression_list": self.suppression_list,
             "destinations": [d.as_json() for d in self.destinations],
+        }
+
+
+#: the event types, in the order a recipient can meet them
+EVENT_TYPES = (
+    "queued",
+    "sent",
+    "deferred",
+    "bounced",
+    "complained",
+    "unsubscribed",
+    "dead",
+    "suppressed",
+    "expired",
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened to one recipient, as the event log keeps it (``/v1/events``, webhooks)."""
+
+    id: int
+    type: str
+    at: float
+    #: postlane's id of the message
+    queue_id: str
+    recipient: str | None
+    lane: Lane
+    cls: ReplyClass | None
+    code: int | None
+    enhanced: str | None
+    text: str | None
+    #: the message's own metadata
+    metadata: Mapping[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "type": self.type,
+            "at": iso(self.at),
+            "message_id": self.queue_id,
+            "recipient": self.recipient,
+            "lane": self.lane,
+            "class": self.cls,
+            "code": self.code,
+            "enhanced": self.enhanced,
+            "text": self.text,
+            "metadata": dict(self.metadata),
         }
 
 

@@ -342,6 +342,26 @@ async def test_an_outbox_enqueue_rolled_back_with_its_transaction_leaves_nothing
     assert await store.wait_for_work(0.2) is False  # a rolled-back NOTIFY is never sent
 
 
+async def test_an_event_committed_later_is_never_behind_a_passed_cursor(
+    pg_url: str, schema: str, store: PostgresStore
+) -> None:
+    """Event ids are handed out before commit: a transaction that took the smaller id and
+    commits last must still be read after the cursor that passed the larger one."""
+    async with await connect(pg_url) as conn:  # takes its event ids first, commits last
+        slow = await enqueue_in_transaction(conn, signup("slow@example.net"), schema=schema,
+                                            now=T0)  # fmt: skip
+        fast = msg()
+        await store.enqueue([fast], T0 + 1)
+        assert await store.events_after(None, limit=10) == []  # not behind the open one
+        await conn.commit()
+    events = await store.events_after(None, limit=10)
+    assert [e.queue_id for e in events] == [slow.id, fast.id]
+    assert events[0].id < events[1].id  # ids in the order they were taken, read by commit
+    later = msg()
+    await store.enqueue([later], T0 + 2)
+    assert [e.queue_id for e in await store.events_after(events[-1].id, limit=10)] == [later.id]
+
+
 async def test_an_outbox_enqueue_committed_with_its_transaction_is_delivered(
     pg_url: str, schema: str, store: PostgresStore, tmp_path: Path
 ) -> None:
@@ -380,7 +400,8 @@ async def test_an_outbox_enqueue_committed_with_its_transaction_is_delivered(
 async def test_the_blocking_outbox_shares_the_idempotency_key_with_the_store(
     pg_url: str, schema: str, store: PostgresStore
 ) -> None:
-    [first] = await store.enqueue([msg(key="welcome-42")], T0)
+    # the same submission (a retry), first through the store
+    [first] = await store.enqueue([prepare(signup(key="welcome-42"), max_size=10**6)], T0)
 
     def in_a_sync_app() -> tuple[Any, Any]:
         # client-side binding, as Django's psycopg connections do by default

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
 
 from postlane.classify import ReplyClass
-from postlane.errors import NotFound
+from postlane.errors import IdempotencyConflict, NotFound
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.records import AttemptRecord, Outcome, Selector, Suppression
 
@@ -83,7 +84,7 @@ async def test_unknown_ids_are_not_found(store: Any) -> None:
 
 async def test_same_idempotency_key_returns_the_first_id(store: Any) -> None:
     first = msg(key="signup-42")
-    again = msg("other@example.net", key="signup-42")
+    again = msg(key="signup-42")  # a retry: the same payload, another attempt to store it
     [a] = await store.enqueue([first], T0)
     [b] = await store.enqueue([again], T0 + 1)
     assert (a.id, a.duplicate) == (first.id, False)
@@ -733,3 +734,151 @@ async def test_samples_are_recorded_once_per_minute_and_purged(store: Any) -> No
     assert [s.at for s in await store.samples(T0 + 1)] == [T0 + 60]
     assert await store.purge_samples(T0 + 60) == 2
     assert [s.at for s in await store.samples(0)] == [T0 + 60]
+
+
+# -- idempotency keys belong to their submitter ---------------------------------------------------
+
+
+def submitted(prepared: PreparedMessage, submitter: str | None) -> PreparedMessage:
+    return dataclasses.replace(prepared, submitter=submitter)
+
+
+async def test_an_idempotency_key_belongs_to_its_submitter(store: Any) -> None:
+    mine = submitted(msg(key="receipt-9001"), "token:a")
+    theirs = submitted(msg(key="receipt-9001"), "token:b")
+    [a] = await store.enqueue([mine], T0)
+    [b] = await store.enqueue([theirs], T0)  # another submitter's key: another message
+    assert not a.duplicate and not b.duplicate and a.id != b.id
+    [again] = await store.enqueue([submitted(msg(key="receipt-9001"), "token:a")], T0 + 1)
+    assert again.duplicate and again.id == mine.id  # a retry: the same payload
+
+
+async def test_a_key_reused_with_another_payload_is_a_conflict(store: Any) -> None:
+    first = msg("ada@example.net", key="k")
+    await store.enqueue([first], T0)
+    other = msg("bob@example.net", key="k")
+    with pytest.raises(IdempotencyConflict) as raised:
+        await store.enqueue([msg("carol@example.net"), other], T0 + 1)
+    assert raised.value.existing_id == first.id and raised.value.key == "k"
+    assert [m.id for m in await store.list_messages(Selector(), limit=10)] == [first.id]
+    with pytest.raises(IdempotencyConflict):  # two payloads under one key in one batch
+        await store.enqueue([msg("x@example.net", key="j"), msg("y@example.net", key="j")], T0)
+    assert len(await store.list_messages(Selector(), limit=10)) == 1
+
+
+# -- scheduled and expiring mail ------------------------------------------------------------------
+
+
+async def test_scheduled_mail_waits_queued_until_its_time(store: Any) -> None:
+    later = dataclasses.replace(msg(), send_at=T0 + 3600)
+    await store.enqueue([later], T0)
+    view = await store.get_message(later.id)
+    assert view.send_at == T0 + 3600 and view.as_json()["send_at"] is not None
+    recipient = view.recipients[0]
+    assert recipient.state is RecipientState.QUEUED and recipient.next_attempt_at == T0 + 3600
+    assert await claim(store, now=T0 + 3599) == []
+    assert len(await claim(store, now=T0 + 3600)) == 1
+    past = dataclasses.replace(msg(), send_at=T0 - 60)  # in the past: at once
+    await store.enqueue([past], T0)
+    assert (await store.get_message(past.id)).recipients[0].next_attempt_at == T0
+
+
+async def test_expired_mail_is_never_claimed_and_is_dead_lettered(store: Any) -> None:
+    soon = dataclasses.replace(msg("a@example.net", "b@example.net"), expires_at=T0 + 60)
+    await store.enqueue([soon], T0)
+    [d, _] = deliveries(await claim(store, now=T0, limit=1))  # both: one message
+    await store.record(
+        "w1",
+        [Outcome(d.id, RecipientState.DEFERRED, 1, 0, T0 + 30, attempt(ReplyClass.TEMPORARY))],
+        T0,
+    )
+    await store.hand_back("w1", None, T0)
+    assert d.expires_at == T0 + 60
+    assert await claim(store, now=T0 + 60) == []  # due, but expired
+    assert await store.expire_due(T0 + 59) == 0
+    assert await store.expire_due(T0 + 60) == 2
+    view = await store.get_message(soon.id)
+    assert all(r.state is RecipientState.DEAD and r.reason == "expired" for r in view.recipients)
+    assert {e.type for e in await store.events_after(None, limit=100)} >= {"expired"}
+    assert await store.purge_finished(T0 + 60 + 31 * 86400, 7 * 86400, 30 * 86400) == 1
+
+
+# -- the event log --------------------------------------------------------------------------------
+
+
+async def test_every_change_of_a_recipient_is_an_event_in_order(store: Any) -> None:
+    await store.add_suppression(Suppression("gone@example.net", T0, "operator", None))
+    prepared = msg("ok@example.net", "later@example.net", "gone@example.net",
+                   metadata={"order": "42"})  # fmt: skip
+    await store.enqueue([prepared], T0)
+    ok, later = deliveries(await claim(store))
+    await store.record(
+        "w1",
+        [
+            Outcome(ok.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED)),
+            Outcome(
+                later.id, RecipientState.DEFERRED, 1, 0, T0 + 60,
+                attempt(ReplyClass.TEMPORARY, 451),
+            ),
+        ],
+        T0 + 1,
+    )  # fmt: skip
+    [later_again] = deliveries(await claim(store, now=T0 + 60))
+    await store.record(
+        "w1",
+        [
+            Outcome(
+                later_again.id, RecipientState.DEAD, 2, 0, None,
+                attempt(ReplyClass.HARD_BOUNCE, 550), suppress=True,
+            )
+        ],
+        T0 + 61,
+    )  # fmt: skip
+    events = await store.events_after(None, limit=100)
+    assert [(e.type, e.recipient) for e in events] == [
+        ("queued", "ok@example.net"),
+        ("queued", "later@example.net"),
+        ("suppressed", "gone@example.net"),
+        ("sent", "ok@example.net"),
+        ("deferred", "later@example.net"),
+        ("dead", "later@example.net"),
+    ]
+    assert [e.id for e in events] == sorted(e.id for e in events)
+    assert all(e.queue_id == prepared.id and e.metadata == {"order": "42"} for e in events)
+    dead = events[-1]
+    assert (dead.cls, dead.code, dead.text) == (ReplyClass.HARD_BOUNCE, 550, "550 reply")
+    assert dead.as_json()["message_id"] == prepared.id and dead.as_json()["id"] == str(dead.id)
+    # a cursor, a type filter and a limit
+    assert [e.type for e in await store.events_after(events[2].id, limit=2)] == ["sent", "deferred"]
+    assert [e.type for e in await store.events_after(None, limit=10, types=["sent", "dead"])] == [
+        "sent",
+        "dead",
+    ]
+    assert await store.events_after(events[-1].id, limit=10) == []
+    with pytest.raises(NotFound):
+        await store.events_after(events[-1].id + 1000, limit=10)
+
+
+async def test_reaped_and_requeued_deliveries_are_events_and_events_expire(store: Any) -> None:
+    await store.enqueue([msg()], T0)
+    await claim(store, owner="gone", lease=10)
+    await store.reap_expired_leases(T0 + 10)
+    [d] = deliveries(await claim(store, now=T0 + 10))
+    await store.record(
+        "w1",
+        [
+            Outcome(
+                d.id, RecipientState.DEAD, 2, 0, None,
+                attempt(ReplyClass.POLICY_BLOCK, 554, now=T0 + 11),
+            )
+        ],
+        T0 + 11,
+    )  # fmt: skip
+    await store.requeue_dead([d.id], T0 + 100)
+    events = await store.events_after(None, limit=100)
+    assert [e.type for e in events] == ["queued", "deferred", "dead", "queued"]
+    assert "lease expired" in (events[1].text or "")
+    assert await store.purge_events(T0 + 11) == 2
+    assert [e.type for e in await store.events_after(None, limit=100)] == ["dead", "queued"]
+    with pytest.raises(NotFound):  # a purged cursor cannot be followed
+        await store.events_after(events[0].id, limit=10)

@@ -19,6 +19,7 @@ from postlane.records import (
     DeadLetter,
     DestinationStatus,
     EnqueueResult,
+    Event,
     ExportedMessage,
     MessageView,
     Outcome,
@@ -35,9 +36,13 @@ class DeliveryStore(Protocol):
     """What ingest and workers need: enqueue, claim under a lease, record results, reap."""
 
     async def enqueue(self, messages: Sequence[PreparedMessage], now: float) -> list[EnqueueResult]:
-        """Store messages durably; return only after the commit. A message whose idempotency key
-        is already stored creates nothing and returns the first message's id, ``duplicate`` set.
-        Recipients on the suppression list are stored ``suppressed`` and never attempted."""
+        """Store messages durably; return only after the commit. Idempotency keys belong to
+        their submitter: a message whose submitter already stored its key creates nothing and
+        returns the first message's id, ``duplicate`` set; with a different payload it raises
+        :class:`postlane.errors.IdempotencyConflict` and nothing is stored. Recipients on the
+        suppression list are stored ``suppressed`` and never attempted; a ``send_at`` in the
+        future makes the recipients due then. Each recipient gets its ``queued`` (or
+        ``suppressed``) event."""
         ...
 
     async def claim_due(
@@ -84,6 +89,11 @@ class DeliveryStore(Protocol):
         """Wait up to ``timeout`` seconds for an enqueue to commit; True when one did (claim
         again), False on timeout. An idle worker's wake-up, in place of a blind sleep: SQLite
         hears this process's enqueues, PostgreSQL every process's (LISTEN/NOTIFY)."""
+        ...
+
+    async def expire_due(self, now: float) -> int:
+        """Dead-letter waiting deliveries whose ``expires_at`` has passed (reason and event
+        ``expired``); returns how many. Claims never lease an expired delivery."""
         ...
 
     async def purge_finished(self, now: float, retention: float, dead_retention: float) -> int:
@@ -213,7 +223,22 @@ class ThrottleStore(Protocol):
 
 
 class HistoryStore(Protocol):
-    """The recorded history behind charts and alert rules, and the alerts' shared state."""
+    """The event log, the recorded history behind charts and alert rules, and the alerts'
+    shared state."""
+
+    async def events_after(
+        self, after: int | None, *, limit: int, types: Sequence[str] = ()
+    ) -> list[Event]:
+        """Events after the event ``after`` (None: from the oldest kept), in commit order, at
+        most ``limit``; only of ``types`` when given. An event is written in the transaction of
+        the change it tells, so none is lost or invented by a crash, and none ever appears
+        behind a cursor a reader has passed (on PostgreSQL too, across processes). Raises
+        :class:`postlane.errors.NotFound` for a cursor no longer kept."""
+        ...
+
+    async def purge_events(self, before: float) -> int:
+        """Forget events older than ``before``; returns how many."""
+        ...
 
     async def record_samples(self, samples: Sequence[Sample]) -> bool:
         """Record one minute's samples; False when another process recorded it first."""

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TypeVar
 
-from postlane.errors import StoreUnavailable
+from postlane.errors import IdempotencyConflict, StoreUnavailable
 from postlane.message import FINAL_STATES, Lane, PreparedMessage, RecipientState
 from postlane.records import (
     ClaimedMessage,
@@ -39,25 +39,30 @@ PURGE_SLICE = 500
 
 def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[EnqueueResult]]:
     """Store ``messages``: a constant number of statements per batch (the suppression check,
-    the message rows, the recipient rows, and a look-up of existing ids when an idempotency key
-    was already stored). A message whose key is stored creates nothing and gets the first id.
+    the message rows, the recipient rows, their ``queued`` events, and a look-up of existing
+    messages when an idempotency key was already stored).
 
-    The first message per key in the batch is the candidate; later ones repeat it. Candidates
-    with a key go in key order, so two concurrent batches take their locks in the same order."""
+    A key belongs to its submitter. A message whose submitter already stored its key creates
+    nothing and gets the first id; with a different payload (fingerprint) it is refused with
+    :class:`IdempotencyConflict` and nothing of the batch is stored. The first message per key
+    in the batch is the candidate; later ones repeat it. Candidates with a key go in key order,
+    so two concurrent batches take their locks in the same order and never deadlock."""
     addresses = sorted({r.address.lower() for m in messages for r in m.recipients})
     suppressed: set[str] = set()
     if addresses:
         found = yield from fetch("suppressed_among", {"addresses": addresses})
         suppressed = {row["address"] for row in found}
 
-    candidates: dict[str, PreparedMessage] = {}
+    candidates: dict[tuple[str, str], PreparedMessage] = {}
     for message in messages:
-        if message.idempotency_key is not None:
-            candidates.setdefault(message.idempotency_key, message)
+        key = _key(message)
+        if key is not None:
+            first = candidates.setdefault(key, message)
+            _same_payload(first, message.fingerprint, key[1], first.id)
     keyless = [m for m in messages if m.idempotency_key is None]
-    pending = sorted(candidates.values(), key=lambda m: m.idempotency_key or "") + keyless
+    pending = [candidates[key] for key in sorted(candidates)] + keyless
     stored: set[str] = set()
-    id_of_key: dict[str, str] = {}
+    existing: dict[tuple[str, str], Row] = {}
     for _ in range(KEY_TRIES):
         if not pending:
             break
@@ -69,36 +74,58 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
         ]
         inserted = yield from batch("insert_messages", message_rows)
         stored.update(row["id"] for row in inserted.rows)
-        lost = [m.idempotency_key for m in pending if m.id not in stored and m.idempotency_key]
+        lost = [key for m in pending if m.id not in stored and (key := _key(m)) is not None]
         if lost:
-            found = yield from fetch("messages_by_idempotency_key", {"keys": lost})
-            id_of_key.update((row["idempotency_key"], row["id"]) for row in found)
+            found_rows = yield from batch(
+                "messages_by_idempotency_key", [{"scope": s, "key": k} for s, k in lost]
+            )
+            existing.update(
+                ((row["idempotency_scope"], row["idempotency_key"]), row) for row in found_rows.rows
+            )
         # a key whose row was purged between the two statements: try that message again
-        pending = [m for m in pending if m.id not in stored and m.idempotency_key not in id_of_key]
+        pending = [m for m in pending if m.id not in stored and _key(m) not in existing]
     if pending:
         raise StoreUnavailable("an idempotency key kept changing hands; enqueue again")
+    for key, row in existing.items():
+        _same_payload(candidates[key], row["fingerprint"], key[1], row["id"])
 
+    new = [m for m in messages if m.id in stored]
     yield from batch(
         "insert_deliveries",
         [
             rows.delivery_params(m, r, now=now, suppressed=r.address.lower() in suppressed)
-            for m in messages
-            if m.id in stored
+            for m in new
             for r in m.recipients
         ],
     )
+    if new:
+        yield from execute("insert_enqueue_events", {"ids": [m.id for m in new], "now": now})
     results: list[EnqueueResult] = []
     seen: set[str] = set()
     for message in messages:
-        key = message.idempotency_key
+        key = _key(message)
         if message.id in stored and message.id not in seen:
             seen.add(message.id)
             results.append(EnqueueResult(id=message.id, duplicate=False))
         elif key is not None and candidates[key].id in stored:
             results.append(EnqueueResult(id=candidates[key].id, duplicate=True))
         elif key is not None:
-            results.append(EnqueueResult(id=id_of_key[key], duplicate=True))
+            results.append(EnqueueResult(id=existing[key]["id"], duplicate=True))
     return results
+
+
+def _key(message: PreparedMessage) -> tuple[str, str] | None:
+    """A message's idempotency key with its owner, or None."""
+    if message.idempotency_key is None:
+        return None
+    return rows.idempotency_scope(message), message.idempotency_key
+
+
+def _same_payload(message: PreparedMessage, fingerprint: str | None, key: str, first: str) -> None:
+    """A repeated key must come with the payload it first came with (unknown on either side,
+    as for messages stored before fingerprints: a retry)."""
+    if fingerprint is not None and message.fingerprint not in (None, fingerprint):
+        raise IdempotencyConflict(key, first)
 
 
 def notified(plan: Plan[list[EnqueueResult]], query: str | None) -> Plan[list[EnqueueResult]]:
@@ -196,6 +223,10 @@ class SQLDelivery(SQLRole):
                 if o.suppress:
                     suppressions.append(rows.bounce_suppression(address, queue_id, o.attempt, now))
             yield from batch("insert_attempts", attempts)
+            yield from batch(
+                "insert_events",
+                [rows.outcome_event(o, now) for o in todo if o.delivery_id in applied],
+            )
             yield from batch("insert_suppression", suppressions)
             if done:
                 yield from execute("mark_done", {"ids": sorted(done), "now": now})
@@ -248,6 +279,21 @@ class SQLDelivery(SQLRole):
                             for row in reaped
                         ],
                     )
+                    yield from batch(
+                        "insert_events",
+                        [
+                            {
+                                "type": "deferred",
+                                "at": now,
+                                "delivery_id": row["id"],
+                                "class": "temporary",
+                                "code": None,
+                                "enhanced": None,
+                                "text": row["last_text"],
+                            }
+                            for row in reaped
+                        ],
+                    )
                     total += len(reaped)
                 if len(expired) < REAP_SLICE:
                     return total
@@ -271,6 +317,41 @@ class SQLDelivery(SQLRole):
 
     async def wait_for_work(self, timeout: float) -> bool:
         return await self.db.wait_for_work(timeout)
+
+    async def expire_due(self, now: float) -> int:
+        """Dead-letter the waiting deliveries whose ``expires_at`` has passed (reason
+        ``expired``, event ``expired``): mail useless after a moment is never sent late, even
+        when its destination was paused past the time."""
+
+        def expire() -> Plan[int]:
+            expired = yield from fetch("expire_deliveries", {"now": now, "limit": REAP_SLICE})
+            if not expired:
+                return 0
+            yield from batch(
+                "insert_events",
+                [
+                    {
+                        "type": "expired",
+                        "at": now,
+                        "delivery_id": row["id"],
+                        "class": None,
+                        "code": None,
+                        "enhanced": None,
+                        "text": "expired before it could be delivered",
+                    }
+                    for row in expired
+                ],
+            )
+            queue_ids = sorted({row["queue_id"] for row in expired})
+            yield from execute("mark_done", {"ids": queue_ids, "now": now})
+            return len(expired)
+
+        total = 0
+        while True:
+            expired = await self.db.write(expire)
+            total += expired
+            if expired < REAP_SLICE:
+                return total
 
     async def purge_finished(self, now: float, retention: float, dead_retention: float) -> int:
         params = {

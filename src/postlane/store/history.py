@@ -1,17 +1,17 @@
-"""The history role, written once for both databases: the minutes' samples behind charts and
-alert rules, attempts counted by class and destination, recoveries, and the alerts' shared
-state (:class:`postlane.store.base.HistoryStore`).
+"""The history role, written once for both databases: the event log, the minutes' samples
+behind charts and alert rules, attempts counted by class and destination, recoveries, and the
+alerts' shared state (:class:`postlane.store.base.HistoryStore`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from postlane.records import (
-    Sample,
-)
+from postlane.errors import NotFound
+from postlane.records import Event, Sample
 from postlane.store import rows
 from postlane.store.plans import (
+    Plan,
     SQLRole,
     batch,
     execute,
@@ -21,7 +21,39 @@ from postlane.store.plans import (
 
 
 class SQLHistory(SQLRole):
-    """Recorded history and alert state."""
+    """Recorded history, the event log and alert state."""
+
+    async def events_after(
+        self, after: int | None, *, limit: int, types: Sequence[str] = ()
+    ) -> list[Event]:
+        """Events after the event ``after`` (None: from the oldest kept), in order, at most
+        ``limit``; only of ``types`` when given. Raises :class:`NotFound` for a cursor that is
+        not kept (purged, or never was): reading on would skip events unseen."""
+
+        def run() -> Plan[list[Event]]:
+            tx, position = "0", 0
+            if after is not None:
+                cursor = yield from fetch_one("event_cursor", {"id": after})
+                if cursor is None:
+                    raise NotFound(f"no event {after} is kept (expired by retention, or unknown)")
+                tx, position = str(cursor["tx"]), int(cursor["id"])
+            found = yield from fetch(
+                "events_after",
+                {
+                    "tx": tx,
+                    "after": position,
+                    "any_type": not types,
+                    "types": list(types),
+                    "limit": limit,
+                },
+            )
+            return [rows.event(row) for row in found]
+
+        return await self.db.read(run)
+
+    async def purge_events(self, before: float) -> int:
+        """Forget events older than ``before`` (their retention)."""
+        return await self.db.write(lambda: execute("purge_events", {"before": before}))
 
     async def record_samples(self, samples: Sequence[Sample]) -> bool:
         params = [sample.params() for sample in samples]

@@ -308,6 +308,21 @@ class SQLOperator(SQLRole):
             if requeued:
                 queue_ids = sorted({row["queue_id"] for row in requeued})
                 yield from execute("reopen_messages", {"ids": queue_ids})
+                yield from batch(
+                    "insert_events",
+                    [
+                        {
+                            "type": "queued",
+                            "at": now,
+                            "delivery_id": row["id"],
+                            "class": None,
+                            "code": None,
+                            "enhanced": None,
+                            "text": "requeued from the dead-letter queue",
+                        }
+                        for row in requeued
+                    ],
+                )
             return [max(0.0, now - row["dead_at"]) for row in requeued]
 
         return await self.db.write(run)
@@ -375,7 +390,7 @@ def _import_plan(messages: Sequence[ExportedMessage], now: float) -> Plan[int]:
     restored = 0
     for message in messages:
         found = yield from fetch_one(
-            "message_or_key", {"id": message.id, "key": message.idempotency_key}
+            "message_or_key", {"id": message.id, "scope": "", "key": message.idempotency_key}
         )
         assert found is not None
         if not found["message_exists"]:
@@ -387,6 +402,8 @@ def _import_plan(messages: Sequence[ExportedMessage], now: float) -> Plan[int]:
                     "sender": message.sender,
                     "subject": message.subject,
                     "message_id": message.message_id,
+                    "scope": "",  # an export does not say whose key it was: a local one
+                    "submitter": None,
                     "idempotency_key": None if found["key_held"] else message.idempotency_key,
                     "size": len(message.content),
                     "metadata": rows.compact_json(message.metadata),

@@ -20,6 +20,7 @@ from postlane.records import (
     DeadLetter,
     Delivery,
     DestinationStatus,
+    Event,
     ExportedMessage,
     ExportedRecipient,
     MessageView,
@@ -65,6 +66,7 @@ def delivery(row: Row) -> Delivery:
         deferrals=row["deferrals"],
         created_at=row["created_at"],
         last_class=reply_class(row["last_class"]),
+        expires_at=row["expires_at"],
     )
 
 
@@ -123,6 +125,8 @@ def message_view(row: Row, recipients: Sequence[RecipientView]) -> MessageView:
         metadata=json_value(row["metadata"]),
         recipients=tuple(recipients),
         submitter=row["submitter"],
+        send_at=row["send_at"],
+        expires_at=row["expires_at"],
     )
 
 
@@ -205,6 +209,22 @@ def destination_status(row: Row, in_flight: int) -> DestinationStatus:
     )
 
 
+def event(row: Row) -> Event:
+    return Event(
+        id=int(row["id"]),
+        type=row["type"],
+        at=row["at"],
+        queue_id=row["queue_id"],
+        recipient=row["recipient"],
+        lane=Lane(row["lane"]),
+        cls=reply_class(row["class"]),
+        code=row["code"],
+        enhanced=row["enhanced"],
+        text=row["text"],
+        metadata=json_value(row["metadata"]),
+    )
+
+
 def sample(row: Row) -> Sample:
     return Sample(
         at=float(row["at"]),
@@ -238,21 +258,32 @@ def message_params(message: PreparedMessage, *, now: float, done: bool) -> dict[
         "sender": message.sender,
         "subject": message.subject,
         "message_id": message.message_id,
+        "idempotency_scope": idempotency_scope(message),
         "idempotency_key": message.idempotency_key,
+        "fingerprint": message.fingerprint,
         "size": message.size,
         "metadata": compact_json(message.metadata),
         "created_at": now,
+        "send_at": message.send_at,
+        "expires_at": message.expires_at,
         "done_at": now if done else None,
         "submitter": message.submitter,
         "content": message.content,
     }
 
 
+def idempotency_scope(message: PreparedMessage) -> str:
+    """Whose key it is: its submitter's (a token, an SMTP user), '' for local callers."""
+    return message.submitter or ""
+
+
 def delivery_params(
     message: PreparedMessage, recipient: Recipient, *, now: float, suppressed: bool
 ) -> dict[str, Any]:
-    """``insert_deliveries``'s row: one recipient of a new message, due at once (or
-    suppressed, never attempted)."""
+    """``insert_deliveries``'s row: one recipient of a new message, due at once or at its
+    ``send_at`` (or suppressed, never attempted)."""
+    scheduled = message.send_at is not None and message.send_at > now
+    reason = "scheduled" if scheduled else None
     return {
         "queue_id": message.id,
         "address": recipient.address,
@@ -260,8 +291,35 @@ def delivery_params(
         "destination": recipient.destination or destination_for(recipient.domain),
         "lane": message.lane.value,
         "created_at": now,
+        "next_attempt_at": message.send_at if scheduled else now,
+        "expires_at": message.expires_at,
         "state": "suppressed" if suppressed else "queued",
-        "reason": "on the suppression list" if suppressed else None,
+        "reason": "on the suppression list" if suppressed else reason,
+    }
+
+
+#: the event a recipient's new state is told as
+EVENT_OF_STATE = {
+    RecipientState.SENT: "sent",
+    RecipientState.DEFERRED: "deferred",
+    RecipientState.DEAD: "dead",
+    RecipientState.SUPPRESSED: "suppressed",
+    RecipientState.QUEUED: "queued",
+    RecipientState.HELD: "deferred",
+}
+
+
+def outcome_event(outcome: Outcome, now: float) -> dict[str, Any]:
+    """``insert_events``'s row for a recorded outcome (its attempt's reply, if it had one)."""
+    a = outcome.attempt
+    return {
+        "type": outcome.event or EVENT_OF_STATE[outcome.state],
+        "at": a.at if a else now,
+        "delivery_id": outcome.delivery_id,
+        "class": a.cls.value if a else None,
+        "code": a.code if a else None,
+        "enhanced": a.enhanced if a else None,
+        "text": a.text if a else outcome.reason,
     }
 
 

@@ -36,6 +36,8 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 #: how long a writer waits for another process's write lock before giving up
 BUSY_TIMEOUT_MS = 10_000
+#: the line that marks a migration rebuilding a table (run with foreign keys off)
+FOREIGN_KEYS_OFF = "-- postlane: foreign keys off"
 #: most jobs in one group commit (bounds the transaction, not the queue)
 MAX_JOBS_PER_COMMIT = 256
 
@@ -70,15 +72,25 @@ def migrate(conn: sqlite3.Connection) -> int:
     for number, _name, sql in MIGRATIONS:
         if number <= version:
             continue
+        # a migration that rebuilds a table runs with foreign keys off (a dropped parent must
+        # not cascade), and checks them before it commits; the pragma is a no-op in a transaction
+        rebuilds = FOREIGN_KEYS_OFF in sql
+        if rebuilds:
+            conn.execute("PRAGMA foreign_keys = OFF")
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in _split_statements(sql):
                 conn.execute(statement)
+            if rebuilds and conn.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                raise StoreUnavailable(f"migration {number} would break a foreign key")
             conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        finally:
+            if rebuilds:
+                conn.execute("PRAGMA foreign_keys = ON")
         version = number
     return version
 

@@ -79,34 +79,66 @@ SELECT address FROM suppressions WHERE address = ANY(%(addresses)s::text[]);
 -- is skipped. Under READ COMMITTED, a conflicting row of a concurrent uncommitted transaction
 -- makes this wait for that transaction: if it commits, ours is skipped, if it rolls back, ours
 -- goes in. That makes the key hold under concurrent enqueues from any number of processes.
-INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
-                      created_at, done_at, submitter, content)
-SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata::jsonb,
-       created_at, done_at, submitter, content
+INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_scope, idempotency_key,
+                      fingerprint, size, metadata, created_at, send_at, expires_at, done_at,
+                      submitter, content)
+SELECT id, lane, sender, subject, message_id, idempotency_scope, idempotency_key, fingerprint,
+       size, metadata::jsonb, created_at, send_at, expires_at, done_at, submitter, content
 FROM unnest(%(id)s::text[], %(lane)s::text[], %(sender)s::text[], %(subject)s::text[],
-            %(message_id)s::text[], %(idempotency_key)s::text[], %(size)s::integer[],
-            %(metadata)s::text[], %(created_at)s::float8[], %(done_at)s::float8[],
-            %(submitter)s::text[], %(content)s::bytea[])
-     AS m (id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at,
-           done_at, submitter, content)
-ON CONFLICT (idempotency_key) DO NOTHING
+            %(message_id)s::text[], %(idempotency_scope)s::text[], %(idempotency_key)s::text[],
+            %(fingerprint)s::text[], %(size)s::integer[], %(metadata)s::text[],
+            %(created_at)s::float8[], %(send_at)s::float8[], %(expires_at)s::float8[],
+            %(done_at)s::float8[], %(submitter)s::text[], %(content)s::bytea[])
+     AS m (id, lane, sender, subject, message_id, idempotency_scope, idempotency_key,
+           fingerprint, size, metadata, created_at, send_at, expires_at, done_at, submitter,
+           content)
+ON CONFLICT (idempotency_scope, idempotency_key) DO NOTHING
 RETURNING id;
 
 -- name: messages_by_idempotency_key
--- The messages first stored under some idempotency keys (a new statement: under READ
--- COMMITTED it sees the row a concurrent transaction committed while insert_messages waited).
-SELECT idempotency_key, id FROM messages WHERE idempotency_key = ANY(%(keys)s::text[]);
+-- The messages first stored under some submitters' idempotency keys, and their payloads'
+-- digests (a new statement: under READ COMMITTED it sees the row a concurrent transaction
+-- committed while insert_messages waited).
+SELECT m.idempotency_scope, m.idempotency_key, m.id, m.fingerprint
+FROM messages m
+JOIN unnest(%(scope)s::text[], %(key)s::text[]) AS k (scope, key)
+  ON m.idempotency_scope = k.scope AND m.idempotency_key = k.key;
 
 -- name: insert_deliveries
--- The recipients of new messages, due at once (or suppressed, never attempted).
+-- The recipients of new messages, due at once or at their send_at (or suppressed, never
+-- attempted).
 INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state,
-                        next_attempt_at, updated_at, reason)
-SELECT queue_id, address, domain, destination, lane, created_at, state, created_at, created_at,
-       reason
+                        next_attempt_at, expires_at, updated_at, reason)
+SELECT queue_id, address, domain, destination, lane, created_at, state, next_attempt_at,
+       expires_at, created_at, reason
 FROM unnest(%(queue_id)s::text[], %(address)s::text[], %(domain)s::text[],
             %(destination)s::text[], %(lane)s::text[], %(created_at)s::float8[],
-            %(state)s::text[], %(reason)s::text[])
-     AS d (queue_id, address, domain, destination, lane, created_at, state, reason);
+            %(next_attempt_at)s::float8[], %(expires_at)s::float8[], %(state)s::text[],
+            %(reason)s::text[])
+     AS d (queue_id, address, domain, destination, lane, created_at, next_attempt_at,
+           expires_at, state, reason);
+
+-- name: insert_enqueue_events
+-- The events of new messages' recipients: queued, or suppressed (never attempted).
+INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane, metadata)
+SELECT CASE WHEN d.state = 'suppressed' THEN 'suppressed' ELSE 'queued' END, %(now)s,
+       d.queue_id, d.id, d.address, d.lane, m.metadata
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE d.queue_id = ANY(%(ids)s::text[])
+ORDER BY d.id;
+
+-- name: insert_events
+-- Events of deliveries, with their messages' lanes and metadata.
+INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane, class, code, enhanced,
+                    text, metadata)
+SELECT e.type, e.at, d.queue_id, d.id, d.address, d.lane, e.class, e.code, e.enhanced, e.text,
+       m.metadata
+FROM unnest(%(type)s::text[], %(at)s::float8[], %(delivery_id)s::bigint[], %(class)s::text[],
+            %(code)s::integer[], %(enhanced)s::text[], %(text)s::text[]) WITH ORDINALITY
+     AS e (type, at, delivery_id, class, code, enhanced, text, n)
+JOIN deliveries d ON d.id = e.delivery_id
+JOIN messages m ON m.id = d.queue_id
+ORDER BY e.n;
 
 -- name: claim_lane
 -- Lease the oldest due deliveries of one lane. The subquery walks deliveries_due in
@@ -122,12 +154,13 @@ SET state = 'sending', lease_owner = %(owner)s, lease_expires_at = %(lease_until
 WHERE id IN (
     SELECT id FROM deliveries
     WHERE state IN ('queued', 'deferred') AND lane = %(lane)s AND next_attempt_at <= %(now)s
+      AND (expires_at IS NULL OR expires_at > %(now)s)
     ORDER BY next_attempt_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
-          last_class;
+          last_class, expires_at;
 
 -- name: claim_rest_of_messages
 -- Lease the other due deliveries of messages a claim reached, so one message's recipients go
@@ -140,10 +173,11 @@ WHERE id IN (
     SELECT id FROM deliveries
     WHERE queue_id = ANY(%(queue_ids)s::text[])
       AND state IN ('queued', 'deferred') AND next_attempt_at <= %(now)s
+      AND (expires_at IS NULL OR expires_at > %(now)s)
     FOR UPDATE SKIP LOCKED
 )
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
-          last_class;
+          last_class, expires_at;
 
 -- name: claimed_messages
 -- The stored fields and bytes of the messages a claim leased deliveries of.
@@ -290,6 +324,20 @@ SELECT least(
     (SELECT min(next_attempt_at) FROM deliveries
      WHERE state IN ('queued', 'deferred') AND lane = 'low')) AS next_at;
 
+-- name: expire_deliveries
+-- A slice of waiting deliveries whose time ran out: dead, never sent late.
+UPDATE deliveries
+SET state = 'dead', reason = 'expired', lease_owner = NULL, lease_expires_at = NULL,
+    hold_after = false, updated_at = %(now)s
+WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE expires_at IS NOT NULL AND expires_at <= %(now)s
+      AND state IN ('queued', 'deferred', 'held')
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, queue_id;
+
 -- name: purge_finished
 -- Remove a slice of messages past their retention (all recipients final; dead letters kept for
 -- their own retention); deliveries and attempts go with them (ON DELETE CASCADE).
@@ -308,7 +356,7 @@ RETURNING id;
 -- name: messages
 -- Some messages' stored fields (not their content).
 SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at,
-       submitter
+       submitter, send_at, expires_at
 FROM messages WHERE id = ANY(%(ids)s::text[]);
 
 -- name: message_exists
@@ -468,7 +516,7 @@ SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = %(now)s,
     created_at = %(now)s, dead_since = updated_at, updated_at = %(now)s,
     reason = 'requeued from the dead-letter queue'
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'dead'
-RETURNING queue_id, dead_since AS dead_at;
+RETURNING id, queue_id, dead_since AS dead_at;
 
 -- name: reopen_messages
 -- Messages with a recipient waiting again are not finished.
@@ -486,16 +534,18 @@ SELECT id, lane, sender, subject, message_id, idempotency_key, metadata, created
 FROM messages WHERE id = ANY(%(ids)s::text[]);
 
 -- name: message_or_key
--- Whether a message id is stored, and whether an idempotency key is held (by any message).
+-- Whether a message id is stored, and whether its submitter's idempotency key is held.
 SELECT EXISTS (SELECT 1 FROM messages WHERE id = %(id)s) AS message_exists,
-       EXISTS (SELECT 1 FROM messages WHERE idempotency_key = %(key)s) AS key_held;
+       EXISTS (SELECT 1 FROM messages
+               WHERE idempotency_scope = %(scope)s AND idempotency_key = %(key)s) AS key_held;
 
 -- name: import_message
 -- An exported message, back with its id, Message-ID and content.
-INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
-                      created_at, content)
-VALUES (%(id)s, %(lane)s, %(sender)s, %(subject)s, %(message_id)s, %(idempotency_key)s,
-        %(size)s, %(metadata)s::jsonb, %(created_at)s, %(content)s);
+INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_scope, idempotency_key,
+                      size, metadata, created_at, submitter, content)
+VALUES (%(id)s, %(lane)s, %(sender)s, %(subject)s, %(message_id)s, %(scope)s,
+        %(idempotency_key)s, %(size)s, %(metadata)s::jsonb, %(created_at)s, %(submitter)s,
+        %(content)s);
 
 -- name: delivery_exists
 -- Whether a message already has a recipient (import skips it).
@@ -648,3 +698,22 @@ FROM suppressions ORDER BY created_at DESC, address LIMIT %(limit)s;
 -- name: delete_suppression
 -- Take an address off the suppression list.
 DELETE FROM suppressions WHERE address = %(address)s;
+
+-- name: events_after
+-- Events after a cursor, in (tx, id) order, of transactions older than every one still
+-- running: a transaction that took its ids earlier but commits later is read once it has
+-- committed, never behind a cursor already passed.
+SELECT id, type, at, queue_id, recipient, lane, class, code, enhanced, text, metadata
+FROM events
+WHERE (tx, id) > (%(tx)s::xid8, %(after)s)
+  AND tx < pg_snapshot_xmin(pg_current_snapshot())
+  AND (%(any_type)s OR type = ANY(%(types)s::text[]))
+ORDER BY tx, id LIMIT %(limit)s;
+
+-- name: event_cursor
+-- The position of a kept event (a cursor that names it can be followed).
+SELECT tx::text AS tx, id FROM events WHERE id = %(id)s;
+
+-- name: purge_events
+-- Forget events older than their retention.
+DELETE FROM events WHERE at < %(before)s;

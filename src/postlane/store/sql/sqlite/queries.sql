@@ -10,25 +10,47 @@ SELECT address FROM suppressions WHERE address IN (SELECT value FROM json_each(:
 
 -- name: insert_messages
 -- Store a new message (content once per message, whatever its number of recipients); one whose
--- idempotency key is already stored is skipped (the unique key, not a check-then-insert).
-INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
-                      created_at, done_at, submitter, content)
-VALUES (:id, :lane, :sender, :subject, :message_id, :idempotency_key, :size, :metadata,
-        :created_at, :done_at, :submitter, :content)
-ON CONFLICT (idempotency_key) DO NOTHING
+-- submitter already stored its idempotency key is skipped (the unique key, not a
+-- check-then-insert).
+INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_scope, idempotency_key,
+                      fingerprint, size, metadata, created_at, send_at, expires_at, done_at,
+                      submitter, content)
+VALUES (:id, :lane, :sender, :subject, :message_id, :idempotency_scope, :idempotency_key,
+        :fingerprint, :size, :metadata, :created_at, :send_at, :expires_at, :done_at,
+        :submitter, :content)
+ON CONFLICT (idempotency_scope, idempotency_key) DO NOTHING
 RETURNING id;
 
 -- name: messages_by_idempotency_key
--- The messages first stored under some idempotency keys.
-SELECT idempotency_key, id FROM messages
-WHERE idempotency_key IN (SELECT value FROM json_each(:keys));
+-- The message first stored under one submitter's idempotency key, and its payload's digest.
+SELECT idempotency_scope, idempotency_key, id, fingerprint FROM messages
+WHERE idempotency_scope = :scope AND idempotency_key = :key;
 
 -- name: insert_deliveries
--- One recipient of a new message, due at once (or suppressed, never attempted).
+-- One recipient of a new message, due at once or at its send_at (or suppressed, never
+-- attempted).
 INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state,
-                        next_attempt_at, updated_at, reason)
+                        next_attempt_at, expires_at, updated_at, reason)
 VALUES (:queue_id, :address, :domain, :destination, :lane, :created_at, :state,
-        :created_at, :created_at, :reason);
+        :next_attempt_at, :expires_at, :created_at, :reason);
+
+-- name: insert_enqueue_events
+-- The events of new messages' recipients: queued, or suppressed (never attempted).
+INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane, metadata)
+SELECT CASE WHEN d.state = 'suppressed' THEN 'suppressed' ELSE 'queued' END, :now, d.queue_id,
+       d.id, d.address, d.lane, m.metadata
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE d.queue_id IN (SELECT value FROM json_each(:ids))
+ORDER BY d.id;
+
+-- name: insert_events
+-- One event of a delivery, with its message's lane and metadata.
+INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane, class, code, enhanced,
+                    text, metadata)
+SELECT :type, :at, d.queue_id, d.id, d.address, d.lane, :class, :code, :enhanced, :text,
+       m.metadata
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE d.id = :delivery_id;
 
 -- name: claim_lane
 -- Lease the oldest due deliveries of one lane. The subquery walks deliveries_due in
@@ -38,11 +60,12 @@ SET state = 'sending', lease_owner = :owner, lease_expires_at = :lease_until, up
 WHERE id IN (
     SELECT id FROM deliveries INDEXED BY deliveries_due
     WHERE state IN ('queued', 'deferred') AND lane = :lane AND next_attempt_at <= :now
+      AND (expires_at IS NULL OR expires_at > :now)
     ORDER BY next_attempt_at
     LIMIT :limit
 )
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
-          last_class;
+          last_class, expires_at;
 
 -- name: claim_rest_of_messages
 -- Lease the other due deliveries of messages a claim reached, so one message's recipients go
@@ -51,8 +74,9 @@ UPDATE deliveries
 SET state = 'sending', lease_owner = :owner, lease_expires_at = :lease_until, updated_at = :now
 WHERE queue_id IN (SELECT value FROM json_each(:queue_ids))
   AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
+  AND (expires_at IS NULL OR expires_at > :now)
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
-          last_class;
+          last_class, expires_at;
 
 -- name: claimed_messages
 -- The stored fields and bytes of the messages a claim leased deliveries of.
@@ -173,6 +197,19 @@ SELECT min(next_at) AS next_at FROM (
     WHERE state IN ('queued', 'deferred') AND lane = 'low'
 );
 
+-- name: expire_deliveries
+-- A slice of waiting deliveries whose time ran out: dead, never sent late.
+UPDATE deliveries
+SET state = 'dead', reason = 'expired', lease_owner = NULL, lease_expires_at = NULL,
+    hold_after = 0, updated_at = :now
+WHERE id IN (
+    SELECT id FROM deliveries INDEXED BY deliveries_expiring
+    WHERE expires_at IS NOT NULL AND expires_at <= :now
+      AND state IN ('queued', 'deferred', 'held')
+    LIMIT :limit
+)
+RETURNING id, queue_id;
+
 -- name: purge_finished
 -- Remove a slice of messages past their retention (all recipients final; dead letters kept for
 -- their own retention); deliveries and attempts go with them (ON DELETE CASCADE).
@@ -190,7 +227,7 @@ RETURNING id;
 -- name: messages
 -- Some messages' stored fields (not their content).
 SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at,
-       submitter
+       submitter, send_at, expires_at
 FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: message_exists
@@ -349,7 +386,7 @@ UPDATE deliveries
 SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = :now, created_at = :now,
     dead_since = updated_at, updated_at = :now, reason = 'requeued from the dead-letter queue'
 WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'dead'
-RETURNING queue_id, dead_since AS dead_at;
+RETURNING id, queue_id, dead_since AS dead_at;
 
 -- name: reopen_messages
 -- Messages with a recipient waiting again are not finished.
@@ -368,16 +405,17 @@ SELECT id, lane, sender, subject, message_id, idempotency_key, metadata, created
 FROM messages WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: message_or_key
--- Whether a message id is stored, and whether an idempotency key is held (by any message).
+-- Whether a message id is stored, and whether its submitter's idempotency key is held.
 SELECT EXISTS (SELECT 1 FROM messages WHERE id = :id) AS message_exists,
-       EXISTS (SELECT 1 FROM messages WHERE idempotency_key = :key) AS key_held;
+       EXISTS (SELECT 1 FROM messages
+               WHERE idempotency_scope = :scope AND idempotency_key = :key) AS key_held;
 
 -- name: import_message
 -- An exported message, back with its id, Message-ID and content.
-INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, metadata,
-                      created_at, content)
-VALUES (:id, :lane, :sender, :subject, :message_id, :idempotency_key, :size, :metadata,
-        :created_at, :content);
+INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_scope, idempotency_key,
+                      size, metadata, created_at, submitter, content)
+VALUES (:id, :lane, :sender, :subject, :message_id, :scope, :idempotency_key, :size, :metadata,
+        :created_at, :submitter, :content);
 
 -- name: delivery_exists
 -- Whether a message already has a recipient (import skips it).
@@ -521,3 +559,18 @@ FROM suppressions ORDER BY created_at DESC, address LIMIT :limit;
 -- name: delete_suppression
 -- Take an address off the suppression list.
 DELETE FROM suppressions WHERE address = :address;
+
+-- name: events_after
+-- Events after a cursor, in order (one writer: ids are in commit order).
+SELECT id, type, at, queue_id, recipient, lane, class, code, enhanced, text, metadata
+FROM events
+WHERE id > :after AND (:any_type OR type IN (SELECT value FROM json_each(:types)))
+ORDER BY id LIMIT :limit;
+
+-- name: event_cursor
+-- The position of a kept event (a cursor that names it can be followed).
+SELECT 0 AS tx, id FROM events WHERE id = :id;
+
+-- name: purge_events
+-- Forget events older than their retention.
+DELETE FROM events WHERE at < :before;
