@@ -1,21 +1,31 @@
-"""Claim + record throughput with 10,000 and with 1,000,000 deliveries queued, side by side.
+"""Claim + record throughput with 10,000 and with 1,000,000 deliveries queued, each in batches and
+one delivery at a time, side by side.
 
     python benchmarks/claims.py [--small 10000] [--large 1000000] [--measure 5000] [--batch 50]
 
 A worker's store cycle is: claim a batch of due deliveries under a lease, then record their
 results (each with its attempt row) in one transaction. The claim index holds only waiting rows
 and is walked in next-attempt order, so the depth of the queue should not change the cost of a
-claim; this measures that claim.
+claim; this measures that claim, at both depths.
+
+The baseline, in the same run and on the same queue: one claim transaction and one record
+transaction per message (``--batch 1``), the approach docs/benchmarks.md's batches replaced.
+The two ways alternate in chunks of 10 batches until each has done --measure deliveries, so both
+see the same depth and the same machine; the queue must hold both: --small at least twice
+--measure.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,16 +82,59 @@ async def claim_and_record(store: Store, measured: int, batch: int, now: float) 
     return done
 
 
-async def measure(depth: int, measured: int, batch: int, folder: Path) -> float:
+@dataclasses.dataclass
+class Way:
+    """One way of claiming and recording, with what it did so far."""
+
+    label: str
+    batch: int
+    done: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds
+
+
+def batched_and_one_at_a_time(batch: int) -> list[Way]:
+    """The store's way (batches of ``batch``) and its baseline (one message per transaction)."""
+    return [Way(f"batches of {batch}", batch), Way("one per message", 1)]
+
+
+async def side_by_side(
+    store: Store,
+    ways: Sequence[Way],
+    measured: int,
+    now: float,
+    *,
+    label: str,
+    around: Callable[[Way], AbstractContextManager[object]] | None = None,
+) -> None:
+    """Claim and record ``measured`` deliveries each way, in alternating chunks from the one
+    queue, so the ways see the same depth and a drift of the machine hits them alike. ``around``
+    wraps each timed chunk (e.g. to count the CPU used)."""
+    chunk = 10 * max(way.batch for way in ways)
+    while any(way.done < measured for way in ways):
+        for way in ways:
+            count = min(chunk, measured - way.done)
+            if count <= 0:
+                continue
+            with around(way) if around is not None else contextlib.nullcontext():
+                started = time.perf_counter()
+                way.done += await claim_and_record(store, count, way.batch, now)
+                way.seconds += time.perf_counter() - started
+        progress(f"{label}: " + ", ".join(f"{w.label} {w.done:,}/{measured:,}" for w in ways))
+
+
+async def measure(depth: int, measured: int, batch: int, folder: Path) -> list[Way]:
     store = SQLiteStore(folder / f"claims-{depth}.db")
     await store.open()
     try:
         now = time.time()
         await fill(store, depth, now)
-        progress(f"claiming {measured:,} at depth {depth:,}")
-        started = time.perf_counter()
-        done = await claim_and_record(store, measured, batch, now)
-        return done / (time.perf_counter() - started)
+        ways = batched_and_one_at_a_time(batch)
+        await side_by_side(store, ways, measured, now, label=f"queued {depth:,}")
+        return ways
     finally:
         await store.close()
 
@@ -92,22 +145,31 @@ async def main() -> None:
     )
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=1_000_000)
-    parser.add_argument("--measure", type=int, default=5_000, help="deliveries claimed+recorded")
+    parser.add_argument(
+        "--measure", type=int, default=5_000, help="deliveries claimed+recorded each way"
+    )
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
+    if min(args.small, args.large) < 2 * args.measure:
+        parser.error("each depth must hold both ways' deliveries: at least twice --measure")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         small = await measure(args.small, args.measure, args.batch, Path(tmp))
         large = await measure(args.large, args.measure, args.batch, Path(tmp))
     done_progress()
-    print(f"claim + record, batches of {args.batch}, SQLite (WAL, synchronous=FULL), one process")
     print(
-        table(
-            ["queued", "deliveries/s"],
-            [(f"{args.small:,}", f"{small:,.0f}"), (f"{args.large:,}", f"{large:,.0f}")],
-        )
+        f"claim + record of {args.measure:,} deliveries each way, SQLite (WAL, "
+        "synchronous=FULL), one process; the ways alternate in chunks on one queue"
     )
-    print(f"ratio (large / small): {large / small:.2f}")
+    rows = [
+        (f"{depth:,}", *(f"{way.rate:,.0f}" for way in ways), f"{ways[0].rate / ways[1].rate:.1f}x")
+        for depth, ways in ((args.small, small), (args.large, large))
+    ]
+    print(table(["queued", *(f"{w.label}/s" for w in small), "ratio"], rows))
+    print(
+        f"ratio ({args.large:,} / {args.small:,} queued): "
+        + ", ".join(f"{a.label} {b.rate / a.rate:.2f}" for a, b in zip(small, large, strict=True))
+    )
 
 
 if __name__ == "__main__":

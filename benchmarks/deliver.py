@@ -26,9 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import done_progress, progress, table
+
+from tests.processes import PostlaneProcess, ProcessFailed, start_postlane
 
 SINK_USER = "nobody"
 
@@ -99,12 +102,25 @@ def inject(port: int, count: int, size: int, sessions: int) -> float:
     return time.perf_counter() - start
 
 
-def wait_sink(sink: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_sink(
+    sink: subprocess.Popen[bytes], timeout: float, feeder: PostlaneProcess | None = None
+) -> None:
+    """Until the sink has had its N messages (it exits then). With ``feeder``, the postlane
+    process delivering into it: its death ends the wait at once, with its log."""
     try:
-        sink.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+        if feeder is None:
+            sink.wait(timeout=timeout)
+        else:
+            feeder.wait_until_blocking(
+                lambda: sink.poll() is not None,
+                "the sink to receive every message",
+                timeout=timeout,
+                every=0.01,
+            )
+    except (subprocess.TimeoutExpired, ProcessFailed) as failed:
         sink.kill()
-        raise SystemExit("the sink did not receive every message in time") from None
+        sink.wait()
+        raise SystemExit(f"the sink did not receive every message in time: {failed}") from None
 
 
 def measure_postfix(count: int, size: int, sessions: int) -> tuple[float, float] | None:
@@ -143,20 +159,13 @@ def measure_postlane_smtp(count: int, size: int, sessions: int) -> tuple[float, 
         sink_port, smtp_port, http_port = free_port(), free_port(), free_port()
         config = write_config(folder, sink_port, smtp_port, http_port)
         sink = start_sink(sink_port, count)
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "postlane.cli", "--config", str(config), "serve"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(smtp_port)
+        serve = start_postlane("serve", config=config, log=folder / "serve.log", stop_timeout=60)
+        with serve:
+            serve.wait_running_blocking()  # SMTP and HTTP listening, worker started
             start = time.perf_counter()
             accepted = inject(smtp_port, count, size, sessions)
-            wait_sink(sink, timeout=600)
+            wait_sink(sink, timeout=600, feeder=serve)
             return accepted, time.perf_counter() - start
-        finally:
-            serve.terminate()
-            serve.wait(timeout=60)
 
 
 def measure_postlane_api(count: int, size: int) -> tuple[float, float]:
@@ -185,17 +194,10 @@ def measure_postlane_api(count: int, size: int) -> tuple[float, float]:
         mail.close()
         sink = start_sink(sink_port, count)
         began = time.perf_counter()
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "postlane.cli", "--config", str(config_path), "worker"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_sink(sink, timeout=600)
+        log = folder / "worker.log"
+        with start_postlane("worker", config=config_path, log=log, stop_timeout=60) as worker:
+            wait_sink(sink, timeout=600, feeder=worker)
             delivered = time.perf_counter() - began
-        finally:
-            worker.terminate()
-            worker.wait(timeout=60)
         return enqueued, delivered
 
 

@@ -20,10 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import done_progress, progress, table
-from deliver import free_port, inject, port_open, start_sink, wait_port
+from deliver import free_port, inject, port_open, start_sink
+
+from tests.processes import start_postlane
 
 
 def measure_postfix(count: int, size: int, sessions: int) -> float | None:
@@ -60,20 +63,12 @@ def measure_postlane(count: int, size: int, sessions: int) -> tuple[float, float
         folder = Path(tmp)
         smtp_port, http_port = free_port(), free_port()
         config = serve_config(folder, smtp_port, http_port)
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "postlane.cli", "--config", str(config), "serve"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(smtp_port)
-            wait_port(http_port)
+        serve = start_postlane("serve", config=config, log=folder / "serve.log", stop_timeout=60)
+        with serve:
+            serve.wait_running_blocking()  # SMTP and HTTP listening
             smtp_seconds = inject(smtp_port, count, size, sessions)
             http_seconds = asyncio.run(post_batches(http_port, count, size))
             return smtp_seconds, http_seconds
-        finally:
-            serve.terminate()
-            serve.wait(timeout=60)
 
 
 async def post_batches(port: int, count: int, size: int) -> float:

@@ -1,5 +1,6 @@
-"""PostgreSQL: deliveries per second with 1 and 2 worker processes, and claim + record
-throughput with 10,000 and 1,000,000 deliveries queued, side by side.
+"""PostgreSQL: deliveries per second with 1 and 2 worker processes beside one worker on SQLite,
+and claim + record throughput with 10,000 and 1,000,000 deliveries queued, in batches beside one
+delivery at a time; all side by side in one run.
 
     python benchmarks/postgres.py [--dsn URL] [-n 10000] [--size 2048] [--workers 1 2]
                                   [--rounds 3] [--small 10000] [--big 1000000]
@@ -11,14 +12,18 @@ measurement runs in a schema of its own (``?schema=bench_...``), dropped afterwa
 Workers: N messages are enqueued in one transaction while K `postlane worker` processes wait on
 LISTEN/NOTIFY (started beforehand, so their start-up is not timed); the time runs from that
 commit to the last delivery recorded as sent into Postfix's smtp-sink (an in-process aiosmtpd
-sink if smtp-sink is missing). Each worker count runs --rounds times, interleaved; the median
-run is shown, with the CPU the workers, PostgreSQL and the whole machine used meanwhile.
+sink if smtp-sink is missing). The baselines, measured in the same rounds: one worker (always
+run, whatever --workers says), and one worker on a SQLite store (postlane's default, polling
+every 10 ms since SQLite cannot wake another process). Each runs --rounds times, interleaved;
+the median run is shown, with the CPU the workers, PostgreSQL and the whole machine used
+meanwhile.
 
 Claims: the queue is bulk-loaded with INSERT ... SELECT from generate_series into the real
 tables (so every index is the real one), vacuumed and analyzed; then one process claims and
-records deliveries in batches with the store's own claim_due() and record(), as
-benchmarks/claims.py does on SQLite. Each depth is loaded and measured --rounds times (the
-median is shown).
+records deliveries with the store's own claim_due() and record(), in batches and, as the
+baseline, one claim and one record transaction per delivery, alternating in chunks on the same
+queue (as benchmarks/claims.py does on SQLite). Each depth is loaded and measured --rounds times
+(the round with the median batched rate is shown, both ways of it).
 """
 
 from __future__ import annotations
@@ -29,28 +34,33 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlencode
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
 sys.path.insert(0, str(Path(__file__).parent))
 
 import psycopg
 from _common import done_progress, progress, table
-from claims import claim_and_record
+from claims import Way, batched_and_one_at_a_time, side_by_side
 from deliver import SINK_USER, free_port, wait_port
 from psycopg import sql
 
 from postlane.destinations import destination_for
 from postlane.message import Message, PreparedMessage, new_message_id, prepare
+from postlane.store.base import Store
 from postlane.store.postgres import PostgresStore, Q, masked, split_schema
+from postlane.store.sqlite import SQLiteStore
+from tests.processes import PostlaneProcess, ProcessFailed, start_postlane, stop_all
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 #: what the worker processes call themselves in pg_stat_activity (to see them listening)
@@ -172,17 +182,49 @@ class CPUTimes:
         busy = sum(cpu) - cpu[3] - cpu[4]
         return cls(time.monotonic(), used, postgres, busy / os.sysconf("SC_CLK_TCK"))
 
+    def used_since(self, before: CPUTimes) -> tuple[float, dict[str, float]]:
+        """Wall seconds since ``before``, and the CPU seconds used meanwhile: by each group, by
+        "PostgreSQL", and by "other": the rest of the machine, i.e. whatever else ran meanwhile
+        (near 0 when quiet)."""
+        used = {name: t - before.groups[name] for name, t in self.groups.items()}
+        used["PostgreSQL"] = sum(
+            t - before.postgres.get(pid, 0.0) for pid, t in self.postgres.items()
+        )
+        used["other"] = max(0.0, (self.machine - before.machine) - sum(used.values()))
+        return self.at - before.at, used
+
     def cores_since(self, before: CPUTimes | None) -> dict[str, float] | None:
-        """Cores kept busy on average since ``before``: by each group, by "PostgreSQL", and by
-        "other": the rest of the machine, i.e. whatever else ran meanwhile (near 0 when quiet)."""
+        """Cores kept busy on average since ``before``, by the names of :meth:`used_since`."""
         if before is None:
             return None
-        wall = self.at - before.at
-        cores = {name: (t - before.groups[name]) / wall for name, t in self.groups.items()}
-        postgres = sum(t - before.postgres.get(pid, 0.0) for pid, t in self.postgres.items())
-        cores["PostgreSQL"] = postgres / wall
-        cores["other"] = max(0.0, (self.machine - before.machine) / wall - sum(cores.values()))
-        return cores
+        wall, used = self.used_since(before)
+        return {name: seconds / wall for name, seconds in used.items()}
+
+
+@dataclasses.dataclass
+class CPUTotal:
+    """CPU used over several timed stretches (the chunks of one way of claiming)."""
+
+    wall: float = 0.0
+    used: Counter[str] = dataclasses.field(default_factory=Counter)
+    measured: bool = True
+
+    @contextlib.contextmanager
+    def meter(self, groups: Mapping[str, Sequence[int]]) -> Iterator[None]:
+        before = CPUTimes.now(groups)
+        yield
+        after = CPUTimes.now(groups)
+        if before is None or after is None:
+            self.measured = False
+            return
+        wall, used = after.used_since(before)
+        self.wall += wall
+        self.used.update(used)
+
+    def cores(self) -> dict[str, float] | None:
+        if not self.measured or not self.wall:
+            return None
+        return {name: seconds / self.wall for name, seconds in self.used.items()}
 
 
 def cpu_cells(cores: Mapping[str, float] | None, names: Sequence[str]) -> list[str]:
@@ -192,10 +234,12 @@ def cpu_cells(cores: Mapping[str, float] | None, names: Sequence[str]) -> list[s
 # -- deliveries per second with K worker processes -------------------------------------------------
 
 DRAIN_CPU = ["workers", "PostgreSQL", "sink + this script", "other"]
+POSTGRES, SQLITE = "PostgreSQL", "SQLite"
 
 
 @dataclasses.dataclass(frozen=True)
 class Drain:
+    store: str
     workers: int
     seconds: float
     attempts: int
@@ -206,7 +250,7 @@ class Drain:
         return count / self.seconds
 
 
-def write_config(folder: Path, url: str, relay_port: int) -> Path:
+def write_config(folder: Path, url: str, relay_port: int, *, poll_interval: str = "1s") -> Path:
     config = folder / "postlane.toml"
     config.write_text(
         f"""
@@ -216,6 +260,7 @@ url = "{url}"
 relay = "smtp://127.0.0.1:{relay_port}"
 concurrency = 100
 messages_per_connection = 1000
+poll_interval = "{poll_interval}"
 [http]
 listen = "127.0.0.1:{free_port()}"
 [smtp]
@@ -225,121 +270,131 @@ listen = "127.0.0.1:{free_port()}"
     return config
 
 
-def log_file(folder: Path, name: str) -> IO[bytes]:
-    # handed to a child process, closed by the caller once the child has its own copy
-    return open(folder / f"{name}.log", "wb")
+def check_running(processes: Sequence[PostlaneProcess]) -> None:
+    for process in processes:
+        process.check_running()
 
 
-async def start_worker(config: Path, name: str) -> asyncio.subprocess.Process:
-    log = log_file(config.parent, name)
-    try:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "postlane.cli",
-            "--config",
-            str(config),
-            "worker",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=log,  # a file: a pipe nobody reads would fill up and block the worker
-        )
-    finally:
-        log.close()  # the child has its own copy
-
-
-def check_alive(processes: list[asyncio.subprocess.Process], folder: Path) -> None:
-    for n, process in enumerate(processes, 1):
-        if process.returncode is not None:
-            tail = (folder / f"worker{n}.log").read_text(errors="replace")[-2000:]
-            raise SystemExit(f"worker {n} exited with {process.returncode}:\n{tail}")
-
-
-async def wait_listening(
-    dsn: str, processes: list[asyncio.subprocess.Process], folder: Path
-) -> None:
+async def wait_listening(dsn: str, processes: Sequence[PostlaneProcess]) -> None:
     """Until every worker has its LISTEN connection (started, and woken by the enqueue's
     NOTIFY from now on): its last statement is the listen query or the one after it."""
-    deadline = time.monotonic() + 60
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        while True:
+
+        async def listening() -> bool:
+            check_running(processes)
             cursor = await conn.execute(
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE application_name = %s AND query = ANY(%s)",
                 [WORKER_APP, [Q["listen"], Q["tables_schema"]]],
             )
             row = await cursor.fetchone()
-            if row is not None and row[0] >= len(processes):
-                return
-            check_alive(processes, folder)
-            if time.monotonic() > deadline:
-                raise SystemExit("the workers did not start listening within 60 s")
-            await asyncio.sleep(0.1)
+            return row is not None and row[0] >= len(processes)
+
+        await processes[0].wait_until(listening, "every worker to LISTEN", timeout=60, every=0.1)
+
+
+def sqlite_results(path: Path) -> tuple[float, int]:
+    """When the last delivery was recorded as sent, and how many attempts were made."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        row = conn.execute(
+            "SELECT (SELECT max(updated_at) FROM deliveries WHERE state = 'sent'),"
+            " (SELECT count(*) FROM attempts)"
+        ).fetchone()
+    return float(row[0]), int(row[1])
+
+
+async def postgres_results(conninfo: str, schema: str) -> tuple[float, int]:
+    async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+        await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        cursor = await conn.execute(
+            "SELECT (SELECT max(updated_at) FROM deliveries WHERE state = 'sent'),"
+            " (SELECT count(*) FROM attempts)"
+        )
+        row = await cursor.fetchone()
+    assert row is not None
+    return float(row[0]), int(row[1])
 
 
 async def drain(
-    dsn: str, workers: int, template: PreparedMessage, count: int, sink: Sink, sink_port: int
+    dsn: str,
+    backend: str,
+    workers: int,
+    template: PreparedMessage,
+    count: int,
+    sink: Sink,
+    sink_port: int,
 ) -> Drain:
-    """K worker processes, waiting; ``count`` messages enqueued in one transaction; the time
-    from its commit until the last of them is recorded as sent."""
+    """K worker processes on ``backend`` (PostgreSQL or SQLite), waiting; ``count`` messages
+    enqueued in one transaction; the time from its commit until the last of them is recorded
+    as sent."""
     conninfo, _ = split_schema(dsn)
     schema = new_schema()
-    store = PostgresStore(conninfo, schema=schema)
-    await store.open()
-    processes: list[asyncio.subprocess.Process] = []
-    try:
-        messages = [dataclasses.replace(template, id=new_message_id()) for _ in range(count)]
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        store: Store
+        if backend == POSTGRES:
+            store = PostgresStore(conninfo, schema=schema)
             url = with_params(conninfo, schema=schema, application_name=WORKER_APP)
             config = write_config(folder, url, sink_port)
+        else:
+            store = SQLiteStore(folder / "queue.db")
+            # no NOTIFY across processes: the worker polls, often enough not to add to the time
+            url = f"sqlite:///{folder / 'queue.db'}"
+            config = write_config(folder, url, sink_port, poll_interval="10ms")
+        name = f"{workers} {backend} worker(s)"
+        await store.open()
+        processes: list[PostlaneProcess] = []
+        try:
+            messages = [dataclasses.replace(template, id=new_message_id()) for _ in range(count)]
             for n in range(1, workers + 1):
-                processes.append(await start_worker(config, f"worker{n}"))
-            progress(f"{workers} worker(s): starting")
-            await wait_listening(conninfo, processes, folder)
+                processes.append(
+                    start_postlane("worker", config=config, log=folder / f"worker{n}.log")
+                )
+            progress(f"{name}: starting")
+            if backend == POSTGRES:
+                await wait_listening(conninfo, processes)
+            else:
+                for process in processes:
+                    await process.wait_running(timeout=60)
 
-            progress(f"{workers} worker(s): enqueueing {count:,} messages")
+            progress(f"{name}: enqueueing {count:,} messages")
             await store.enqueue(messages, time.time())
-            committed = time.time()  # the workers wake at this commit (NOTIFY)
+            committed = time.time()  # the workers wake at this commit (NOTIFY, or their poll)
             groups = {
                 "workers": [p.pid for p in processes],
                 "sink + this script": [sink.pid, os.getpid()],
             }
             cpu_before = CPUTimes.now(groups)
-            deadline = time.monotonic() + max(120.0, count / 50)
-            while True:
+            cpu_after: list[CPUTimes | None] = []
+
+            async def all_sent() -> bool:
+                check_running(processes)
                 stats = await store.stats(time.time())
-                progress(f"{workers} worker(s): {stats.sent:,} / {count:,} sent")
+                progress(f"{name}: {stats.sent:,} / {count:,} sent")
                 if stats.dead or stats.suppressed:
                     raise SystemExit(f"{stats.dead} dead, {stats.suppressed} suppressed: not clean")
-                if stats.sent >= count:
-                    cpu_after = CPUTimes.now(groups)
-                    break
-                check_alive(processes, folder)
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"only {stats.sent:,} of {count:,} sent in time")
-                await asyncio.sleep(0.1)
-            async with await psycopg.AsyncConnection.connect(conninfo) as conn:
-                await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-                cursor = await conn.execute(
-                    "SELECT (SELECT max(updated_at) FROM deliveries WHERE state = 'sent'),"
-                    " (SELECT count(*) FROM attempts)"
-                )
-                row = await cursor.fetchone()
-                assert row is not None
-                last_sent, attempts = row
+                if stats.sent < count:
+                    return False
+                cpu_after.append(CPUTimes.now(groups))
+                return True
+
+            await processes[0].wait_until(
+                all_sent, f"{count:,} sent", timeout=max(120.0, count / 50), every=0.1
+            )
+            if backend == POSTGRES:
+                last_sent, attempts = await postgres_results(conninfo, schema)
+            else:
+                last_sent, attempts = await asyncio.to_thread(sqlite_results, folder / "queue.db")
+            await stop_all(processes, timeout=60)
+        finally:
             for process in processes:
-                process.send_signal(signal.SIGTERM)
-            for process in processes:
-                await asyncio.wait_for(process.wait(), timeout=60)
-        used = cpu_after.cores_since(cpu_before) if cpu_after else None
-        return Drain(workers, float(last_sent) - committed, int(attempts), used)
-    finally:
-        for process in processes:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        await store.drop_schema()
-        await store.close()
+                if process.running:
+                    await process.kill()
+            if isinstance(store, PostgresStore):
+                await store.drop_schema()
+            await store.close()
+    used = cpu_after[0].cores_since(cpu_before) if cpu_after[0] else None
+    return Drain(backend, workers, last_sent - committed, attempts, used)
 
 
 # -- claim + record at depth -----------------------------------------------------------------------
@@ -402,9 +457,10 @@ CLAIM_CPU = ["this script", "PostgreSQL", "other"]
 @dataclasses.dataclass(frozen=True)
 class Claims:
     depth: int
-    rate: float
-    #: cores kept busy meanwhile, by CLAIM_CPU (None without /proc)
-    cores: dict[str, float] | None
+    #: the store's way (batches) first, then the baseline (one per message)
+    ways: list[Way]
+    #: cores kept busy meanwhile by each way, by CLAIM_CPU (None without /proc)
+    cores: list[dict[str, float] | None]
 
 
 async def claims_per_second(
@@ -419,14 +475,18 @@ async def claims_per_second(
                 sql.SQL("SET search_path TO {}").format(sql.Identifier(store.schema or ""))
             )
             now = await load(conn, template, depth)
-        progress(f"claiming {measured:,} at depth {depth:,}")
         groups = {"this script": [os.getpid()]}
-        cpu_before = CPUTimes.now(groups)
-        started = time.perf_counter()
-        done = await claim_and_record(store, measured, batch, now)
-        rate = done / (time.perf_counter() - started)
-        cpu_after = CPUTimes.now(groups)
-        return Claims(depth, rate, cpu_after.cores_since(cpu_before) if cpu_after else None)
+        ways = batched_and_one_at_a_time(batch)
+        cpu = {way.label: CPUTotal() for way in ways}
+        await side_by_side(
+            store,
+            ways,
+            measured,
+            now,
+            label=f"queued {depth:,}",
+            around=lambda way: cpu[way.label].meter(groups),
+        )
+        return Claims(depth, ways, [cpu[way.label].cores() for way in ways])
     finally:
         await store.drop_schema()
         await store.close()
@@ -448,19 +508,27 @@ def server_version(dsn: str) -> str:
 
 
 async def run_workers(args: argparse.Namespace, sink: Sink, sink_port: int) -> list[Drain]:
-    """Every worker count once per round (interleaved, so drift on a shared machine hits them
-    alike); for each count, the run with the median rate."""
+    """One SQLite worker and every PostgreSQL worker count (1 always among them) once per round,
+    interleaved so that drift on a shared machine hits them alike; for each, the median run."""
     template = template_message(args.size)
-    runs: dict[int, list[Drain]] = {k: [] for k in args.workers}
+    setups = [(SQLITE, 1)] + [(POSTGRES, k) for k in worker_counts(args)]
+    runs: dict[tuple[str, int], list[Drain]] = {setup: [] for setup in setups}
     for _ in range(args.rounds):
-        for k in args.workers:
-            runs[k].append(await drain(args.dsn, k, template, args.n, sink, sink_port))
-    return [sorted(runs[k], key=lambda d: d.seconds)[len(runs[k]) // 2] for k in args.workers]
+        for backend, k in setups:
+            runs[backend, k].append(
+                await drain(args.dsn, backend, k, template, args.n, sink, sink_port)
+            )
+    return [sorted(r, key=lambda d: d.seconds)[len(r) // 2] for r in runs.values()]
+
+
+def worker_counts(args: argparse.Namespace) -> list[int]:
+    """--workers, with 1 added: one worker is what more workers are compared with."""
+    return sorted({1, *args.workers})
 
 
 async def run_claims(args: argparse.Namespace) -> tuple[Claims, Claims]:
-    """Both depths once per round, each on a freshly loaded queue; for each, the run with the
-    median rate."""
+    """Both depths once per round, each on a freshly loaded queue; for each, the round with the
+    median batched rate (both ways of it, so their ratio is of one queue and one moment)."""
     template = template_message(1500)  # as benchmarks/claims.py
     runs: dict[int, list[Claims]] = {args.small: [], args.big: []}
     for _ in range(args.rounds):
@@ -468,8 +536,75 @@ async def run_claims(args: argparse.Namespace) -> tuple[Claims, Claims]:
             runs[depth].append(
                 await claims_per_second(args.dsn, template, depth, args.measure, args.batch)
             )
-    small, big = (sorted(r, key=lambda c: c.rate)[len(r) // 2] for r in runs.values())
+    small, big = (sorted(r, key=lambda c: c.ways[0].rate)[len(r) // 2] for r in runs.values())
     return small, big
+
+
+def print_drains(args: argparse.Namespace, drains: list[Drain], sink: Sink | None) -> None:
+    print(
+        f"`postlane worker` processes delivering {args.n:,} queued messages of "
+        f"{args.size:,} bytes into {sink.name if sink else '?'}; concurrency 100 per process; "
+        f"median of {args.rounds} round(s)"
+    )
+    sqlite = next(d for d in drains if d.store == SQLITE)
+    one = next(d for d in drains if d.store == POSTGRES and d.workers == 1)
+    print(
+        table(
+            ["store", "workers", "deliveries/s", "seconds", "attempts", "vs SQLite", "vs 1 worker"]
+            + [f"CPU: {name}" for name in DRAIN_CPU],
+            [
+                [
+                    d.store,
+                    d.workers,
+                    f"{d.rate(args.n):,.0f}",
+                    f"{d.seconds:.2f}",
+                    f"{d.attempts:,}",
+                    f"{sqlite.seconds / d.seconds:.2f}x",
+                    f"{one.seconds / d.seconds:.2f}x" if d.store == POSTGRES else "-",
+                    *cpu_cells(d.cores, DRAIN_CPU),
+                ]
+                for d in drains
+            ],
+        )
+    )
+    for d in drains:
+        if d.store == POSTGRES and d.workers > 1:
+            print(f"ratio ({d.workers} workers / 1): {one.seconds / d.seconds:.2f}")
+    print(f"ratio (1 PostgreSQL worker / 1 SQLite worker): {sqlite.seconds / one.seconds:.2f}")
+
+
+def print_claims(args: argparse.Namespace, small: Claims, big: Claims) -> None:
+    print(
+        f"claim + record of {args.measure:,} deliveries each way, one process; the ways "
+        f"alternate in chunks on one queue; median of {args.rounds} round(s), each on a freshly "
+        "loaded queue"
+    )
+    rows = []
+    for claims in (small, big):
+        baseline = claims.ways[-1]
+        for way, cores in zip(claims.ways, claims.cores, strict=True):
+            rows.append(
+                [
+                    f"{claims.depth:,}",
+                    way.label,
+                    f"{way.rate:,.0f}",
+                    f"{way.rate / baseline.rate:.1f}x",
+                    *cpu_cells(cores, CLAIM_CPU),
+                ]
+            )
+    print(
+        table(
+            ["queued", "claims", "deliveries/s", f"vs {small.ways[-1].label}"]
+            + [f"CPU: {name}" for name in CLAIM_CPU],
+            rows,
+        )
+    )
+    print(
+        f"ratio ({big.depth:,} / {small.depth:,} queued): "
+        + ", ".join(
+            f"{a.label} {b.rate / a.rate:.2f}" for a, b in zip(small.ways, big.ways, strict=True)
+        )
+    )
 
 
 def main() -> None:
@@ -479,70 +614,43 @@ def main() -> None:
     parser.add_argument("--dsn", default=os.environ.get("POSTLANE_TEST_POSTGRES") or DEFAULT_DSN)
     parser.add_argument("-n", type=int, default=10_000, help="messages the workers deliver")
     parser.add_argument("--size", type=int, default=2048, help="bytes per delivered message")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="process counts")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="process counts (1 is always run)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="runs of each measurement (median)")
     parser.add_argument("--small", type=int, default=10_000, help="the small queue depth")
     parser.add_argument("--big", type=int, default=1_000_000, help="the big queue depth")
-    parser.add_argument("--measure", type=int, default=5_000, help="deliveries claimed+recorded")
+    parser.add_argument(
+        "--measure", type=int, default=5_000, help="deliveries claimed+recorded each way"
+    )
     parser.add_argument("--batch", type=int, default=50, help="claim batch size")
     parser.add_argument("--skip-workers", action="store_true")
     parser.add_argument("--skip-claims", action="store_true")
     args = parser.parse_args()
+    if not args.skip_claims and min(args.small, args.big) < 2 * args.measure:
+        parser.error("each depth must hold both ways' deliveries: at least twice --measure")
     version = server_version(args.dsn)
 
     drains: list[Drain] = []
     sink = None
-    if not args.skip_workers:
-        sink_port = free_port()
-        with smtp_sink(sink_port) as sink:
-            drains = asyncio.run(run_workers(args, sink, sink_port))
-    claims = None if args.skip_claims else asyncio.run(run_claims(args))
+    try:
+        if not args.skip_workers:
+            sink_port = free_port()
+            with smtp_sink(sink_port) as sink:
+                drains = asyncio.run(run_workers(args, sink, sink_port))
+        claims = None if args.skip_claims else asyncio.run(run_claims(args))
+    except ProcessFailed as failed:  # a worker died or hung: its log says why
+        done_progress()
+        sys.exit(f"postgres.py: a worker process {failed}")
     done_progress()
 
     print(f"PostgreSQL {version} at {masked(args.dsn)}; {os.cpu_count()} CPU cores")
     if drains:
         print()
-        print(
-            f"`postlane worker` processes delivering {args.n:,} queued messages of "
-            f"{args.size:,} bytes into {sink.name if sink else '?'}; concurrency 100 per process; "
-            f"median of {args.rounds} round(s)"
-        )
-        print(
-            table(
-                ["workers", "deliveries/s", "seconds", "attempts"]
-                + [f"CPU: {name}" for name in DRAIN_CPU],
-                [
-                    [
-                        d.workers,
-                        f"{d.rate(args.n):,.0f}",
-                        f"{d.seconds:.2f}",
-                        f"{d.attempts:,}",
-                        *cpu_cells(d.cores, DRAIN_CPU),
-                    ]
-                    for d in drains
-                ],
-            )
-        )
-        if len(drains) > 1:
-            ratio = drains[-1].rate(args.n) / drains[0].rate(args.n)
-            print(f"ratio ({drains[-1].workers} workers / {drains[0].workers}): {ratio:.2f}")
+        print_drains(args, drains, sink)
     if claims is not None:
-        small, big = claims
         print()
-        print(
-            f"claim + record, batches of {args.batch}, {args.measure:,} deliveries, one process; "
-            f"median of {args.rounds} round(s), each on a freshly loaded queue"
-        )
-        print(
-            table(
-                ["queued", "deliveries/s"] + [f"CPU: {name}" for name in CLAIM_CPU],
-                [
-                    [f"{c.depth:,}", f"{c.rate:,.0f}", *cpu_cells(c.cores, CLAIM_CPU)]
-                    for c in (small, big)
-                ],
-            )
-        )
-        print(f"ratio (big / small): {big.rate / small.rate:.2f}")
+        print_claims(args, *claims)
     if drains or claims:
         print(
             "\nCPU: cores kept busy on average while timed; PostgreSQL counts the server's "

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import httpx
 import pytest
 
 from tests.browser.seed import HELD, NEWSLETTERS, Seeded, seed
+from tests.processes import start_postlane
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -71,29 +71,14 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> N
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     directory = tmp_path_factory.mktemp("dashboard")
     seeded = asyncio.run(seed(directory))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
-    env["POSTLANE_CONFIG"] = str(seeded.config)
-    log = (directory / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "postlane.cli", "serve"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=directory,
-    )
-
-    def up() -> bool:
-        assert process.poll() is None, (directory / "serve.log").read_text()
-        try:
-            return httpx.get(seeded.http + "/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    eventually(up, "postlane serve answers")
-    yield seeded
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    env = {"POSTLANE_CONFIG": str(seeded.config)}
+    with start_postlane("serve", env=env, cwd=directory, log=directory / "serve.log") as process:
+        process.wait_until_blocking(
+            lambda: httpx.get(seeded.http + "/readyz", timeout=1).status_code == 200,
+            "postlane serve to answer /readyz",
+            ignoring=(httpx.HTTPError,),
+        )
+        yield seeded
 
 
 @pytest.fixture(scope="module")

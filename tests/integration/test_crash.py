@@ -4,11 +4,8 @@ delivering worker, restart, and count what the SMTP server received by Message-I
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 from postlane.app import AsyncPostlane
 from postlane.message import Message, RecipientState
 from tests.conftest import SMTPPeer, make_config
+from tests.processes import PostlaneProcess, run_postlane, start_postlane
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +30,6 @@ def write_config(tmp_path: Path, relay: str, **delivery: object) -> Path:
     path = tmp_path / "postlane.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-async def wait_for(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_every_acknowledged_id_survives_sigkill(tmp_path: Path) -> None:
@@ -87,27 +77,13 @@ async def enqueue(tmp_path: Path, count: int) -> None:
         )
 
 
-async def run_worker(config: Path, *args: str) -> asyncio.subprocess.Process:
-    log = open(config.parent / f"worker-{time.monotonic_ns()}.log", "wb")  # noqa: ASYNC230, SIM115
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "postlane.cli",
-        "--config",
-        str(config),
-        "worker",
-        *args,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=log,  # a file: a pipe nobody reads would fill up and block the process
-    )
-    log.close()  # the child has its own copy
-    return process
+def start_worker(config: Path, *args: str) -> PostlaneProcess:
+    return start_postlane("worker", *args, config=config, log=config.parent / "worker.log")
 
 
 async def finish(config: Path) -> None:
-    process = await run_worker(config, "--burst")
-    await asyncio.wait_for(process.wait(), timeout=60)
-    assert process.returncode == 0, f"see {config.parent}/worker-*.log"
+    """``postlane worker --burst``: what a restarted worker does, until nothing is due."""
+    await run_postlane("worker", "--burst", config=config, log=config.parent / "worker.log")
 
 
 async def test_sigkill_mid_run_loses_nothing_and_duplicates_at_most_the_in_flight(
@@ -117,10 +93,11 @@ async def test_sigkill_mid_run_loses_nothing_and_duplicates_at_most_the_in_fligh
     smtp_peer.handler.data_delay = 0.01
     config = write_config(tmp_path, smtp_peer.url, concurrency=concurrency, batch_size=8)
     await enqueue(tmp_path, total)
-    worker = await run_worker(config)
-    await wait_for(lambda: len(smtp_peer.handler.received) >= total // 3, 60, "deliveries to start")
-    os.kill(worker.pid, signal.SIGKILL)
-    await worker.wait()
+    async with start_worker(config) as worker:
+        await worker.wait_until(
+            lambda: len(smtp_peer.handler.received) >= total // 3, "a third delivered", timeout=60
+        )
+        await worker.kill()  # SIGKILL: no chance to hand anything back
     killed_at = len(smtp_peer.handler.received)
     assert killed_at < total, "the worker finished before it could be killed"
     await finish(config)  # a restart on the same host reclaims the dead worker's leases at once
@@ -141,11 +118,11 @@ async def test_sigterm_hands_back_and_a_restart_sends_nothing_twice(
         tmp_path, smtp_peer.url, concurrency=8, batch_size=8, shutdown_grace="10s"
     )
     await enqueue(tmp_path, total)
-    worker = await run_worker(config)
-    await wait_for(lambda: len(smtp_peer.handler.received) >= total // 3, 60, "deliveries to start")
-    worker.send_signal(signal.SIGTERM)
-    await asyncio.wait_for(worker.wait(), timeout=30)
-    assert worker.returncode == 0, f"see {tmp_path}/worker-*.log"
+    async with start_worker(config) as worker:
+        await worker.wait_until(
+            lambda: len(smtp_peer.handler.received) >= total // 3, "a third delivered", timeout=60
+        )
+        assert await worker.stop() == 0, worker.describe()
     assert len(smtp_peer.handler.received) < total, "the worker finished before SIGTERM"
     stats = await _stats(tmp_path)
     assert sum(stats.lanes[lane].sending for lane in stats.lanes) == 0  # nothing left leased

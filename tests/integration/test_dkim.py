@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -165,6 +166,121 @@ async def test_from_and_subject_are_oversigned(signer: DkimSigner, key: Generate
     signed = (await signer.sign_envelope(envelope(message()))).content
     # a second From added after signing (the classic abuse of a valid signature) breaks it
     assert not dkim.verify(b"From: attacker@evil.test\r\n" + signed, dnsfunc=published(key))
+
+
+#: the fields that must never be added to a signed message, so postlane signs each once more than
+#: it occurs (RFC 6376 5.4.2; OpenDKIM's OversignHeaders). Written out here, not read from
+#: postlane.dkim: dropping one there, or the oversigning itself, must fail these tests.
+OVERSIGNED = ("from", "to", "cc", "subject", "date", "message-id", "reply-to")
+#: what an attacker would add to a message carrying a valid signature
+FORGED = {
+    "From": "Shop <refunds@attacker.test>",
+    "To": "victim@example.test",
+    "Cc": "archive@attacker.test",
+    "Subject": "Action needed: confirm your refund",
+    "Date": "Fri, 02 Jan 2026 00:00:00 +0000",
+    "Message-ID": "<forged@attacker.test>",
+    "Reply-To": "refunds@attacker.test",
+}
+# A product bug: DkimSigner.sign lists an oversigned name once more only when the message has the
+# field, and only once more however often it occurs. The fix: count the occurrences, list each
+# signed name that many times, then every name of OVERSIGNED_HEADERS once more, present or not.
+NOT_N_PLUS_ONE = (
+    "DkimSigner.sign oversigns a field only when present, and only once: a field the message "
+    "lacks (Reply-To, Cc) or has twice can still be added after signing"
+)
+
+
+def every_oversigned_field() -> bytes:
+    """:func:`message` with the two oversigned fields it lacks: Cc and Reply-To."""
+    return message().replace(
+        b"Subject:", b"Cc: bo@example.test\r\nReply-To: help@sender.test\r\nSubject:"
+    )
+
+
+def two_to_fields() -> bytes:
+    """A raw message may carry a field twice (RFC 5322 forbids it; postlane takes raw mail)."""
+    return message().replace(
+        b"To: ann@example.test\r\n", b"To: ann@example.test\r\nTo: bo@x.test\r\n"
+    )
+
+
+def field_names(content: bytes) -> list[str]:
+    """The header field names of ``content``, lower-cased, in order."""
+    head = content.split(b"\r\n\r\n", 1)[0]
+    return [
+        line.split(b":", 1)[0].strip().lower().decode()
+        for line in head.split(b"\r\n")
+        if line and not line[:1].isspace()
+    ]
+
+
+def signed_field_names(signed: bytes) -> list[str]:
+    """The ``h=`` tag of the DKIM-Signature on top of ``signed``: the signed names, in order."""
+    assert signed.startswith(b"DKIM-Signature:")
+    lines = signed.split(b"\r\n")
+    field = lines[0] + b"".join(line for line in lines[1:] if line[:1] in (b" ", b"\t"))
+    tags = dict(
+        tag.strip().split(b"=", 1) for tag in field.split(b":", 1)[1].split(b";") if tag.strip()
+    )
+    return [name.strip().lower().decode() for name in tags[b"h"].split(b":")]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(every_oversigned_field(), id="each field once"),
+        pytest.param(
+            message(),
+            id="no Cc, no Reply-To",
+            marks=pytest.mark.xfail(strict=True, reason=NOT_N_PLUS_ONE),
+        ),
+        pytest.param(
+            two_to_fields(),
+            id="To twice",
+            marks=pytest.mark.xfail(strict=True, reason=NOT_N_PLUS_ONE),
+        ),
+    ],
+)
+def test_each_field_that_must_not_be_added_is_signed_once_more_than_it_occurs(
+    signer: DkimSigner, content: bytes
+) -> None:
+    signed = signer.sign(content, "sender.test")
+    occurs = Counter(field_names(content))
+    listed = Counter(signed_field_names(signed))
+    assert {name: listed[name] for name in OVERSIGNED} == {
+        name: occurs[name] + 1 for name in OVERSIGNED
+    }
+
+
+@pytest.mark.parametrize("field", list(FORGED))
+def test_a_field_added_after_signing_breaks_the_signature(
+    signer: DkimSigner, key: GeneratedKey, field: str
+) -> None:
+    signed = signer.sign(every_oversigned_field(), "sender.test")
+    assert dkim.verify(signed, dnsfunc=published(key))
+    # on top, above the signature: a verifier takes signed fields from the bottom up, so only an
+    # extra entry in h= (signing "no further field") makes it count this one
+    forged = f"{field}: {FORGED[field]}\r\n".encode() + signed
+    assert not dkim.verify(forged, dnsfunc=published(key))
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_N_PLUS_ONE)
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        pytest.param(message(), "Reply-To", id="Reply-To to a message without one"),
+        pytest.param(message(), "Cc", id="Cc to a message without one"),
+        pytest.param(two_to_fields(), "To", id="a third To"),
+    ],
+)
+def test_a_field_added_where_there_was_none_or_two_breaks_the_signature(
+    signer: DkimSigner, key: GeneratedKey, content: bytes, field: str
+) -> None:
+    signed = signer.sign(content, "sender.test")
+    assert dkim.verify(signed, dnsfunc=published(key))
+    forged = f"{field}: {FORGED[field]}\r\n".encode() + signed
+    assert not dkim.verify(forged, dnsfunc=published(key))
 
 
 def test_keys_are_read_from_files_and_bad_ones_fail_at_start(

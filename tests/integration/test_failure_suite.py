@@ -16,13 +16,10 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import re
-import signal
 import sys
-import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,9 +40,12 @@ from postlane.simulate import Scenario, Simulator, find_message_id
 from postlane.transports import transport_for
 from postlane.worker import Worker
 from tests.conftest import make_config
+from tests.processes import run_postlane, start_postlane
 
 ROOT = Path(__file__).resolve().parents[2]
 SENDER = "app@example.com"
+#: what `postlane simulate` prints once it accepts connections
+LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 # -- provider replies, as providers word them ------------------------------------------------------
 
@@ -487,38 +487,9 @@ async def fill_queue(tmp_path: Path, count: int) -> None:
         )
 
 
-async def start_worker(config: Path, log: Path, *args: str) -> asyncio.subprocess.Process:
-    with log.open("ab") as stderr:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "postlane.cli",
-            "--config",
-            str(config),
-            "worker",
-            *args,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-        )
-
-
-def read_log(log: Path) -> str:
-    return log.read_text(errors="replace")
-
-
 async def finish_with_a_burst_worker(config: Path, log: Path) -> None:
     """``postlane worker --burst``: what a restarted worker does, until nothing is due."""
-    process = await start_worker(config, log, "--burst")
-    await asyncio.wait_for(process.wait(), timeout=60)
-    assert process.returncode == 0, read_log(log)
-
-
-async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    await run_postlane("worker", "--burst", config=config, log=log)
 
 
 @pytest.mark.slow
@@ -528,10 +499,7 @@ async def test_sigterm_mid_run_and_a_restart_deliver_every_message_id_exactly_on
     scenario_file = tmp_path / "slow-accept.toml"
     scenario_file.write_text(SLOW_ACCEPT)
     report_file, received = tmp_path / "report.json", tmp_path / "received"
-    simulate = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "postlane.cli",
+    simulate = start_postlane(
         "simulate",
         "--listen",
         "127.0.0.1:0",
@@ -541,14 +509,14 @@ async def test_sigterm_mid_run_and_a_restart_deliver_every_message_id_exactly_on
         str(report_file),
         "--store-dir",
         str(received),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        log=tmp_path / "simulate.log",
     )
-    try:
-        assert simulate.stderr is not None
-        banner = (await asyncio.wait_for(simulate.stderr.readline(), timeout=30)).decode()
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", banner)
-        assert found, banner
+    async with simulate:
+        await simulate.wait_until(
+            lambda: LISTENING.search(simulate.output()) is not None, "the simulator to listen"
+        )
+        found = LISTENING.search(simulate.output())
+        assert found is not None
         config = write_config(
             tmp_path,
             f"smtp://127.0.0.1:{found.group(1)}",
@@ -563,11 +531,11 @@ async def test_sigterm_mid_run_and_a_restart_deliver_every_message_id_exactly_on
             async def a_third_sent() -> bool:
                 return (await app.stats()).sent >= RESTART_MESSAGES // 3
 
-            worker = await start_worker(config, log)
-            await wait_until(a_third_sent, 60, "a third of the messages to be delivered")
-            worker.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(worker.wait(), timeout=30)
-            assert worker.returncode == 0, read_log(log)
+            async with start_postlane("worker", config=config, log=log) as worker:
+                await worker.wait_until(
+                    a_third_sent, "a third of the messages to be delivered", timeout=60
+                )
+                assert await worker.stop() == 0, worker.describe()
             stats = await app.stats()
             assert stats.sent < RESTART_MESSAGES, "the worker finished before SIGTERM"
             assert sum(lane.sending for lane in stats.lanes.values()) == 0  # all handed back
@@ -576,12 +544,8 @@ async def test_sigterm_mid_run_and_a_restart_deliver_every_message_id_exactly_on
             assert (await app.stats()).sent == RESTART_MESSAGES
             sent = await app.messages(Selector(states=(RecipientState.SENT,)), limit=1000)
             expected = {view.message_id for view in sent}
-    finally:
-        if simulate.returncode is None:
-            simulate.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(simulate.communicate(), timeout=30)
+        assert await simulate.stop() == 0, simulate.describe()
 
-    assert simulate.returncode == 0
     report = json.loads(report_file.read_text())
     assert report["messages"] == RESTART_MESSAGES
     no_duplicates(report)
@@ -608,10 +572,11 @@ async def test_sigkill_mid_run_and_a_restart_lose_nothing_and_duplicate_at_most_
         async def a_third_received() -> bool:
             return int(simulator.report()["messages"]) >= RESTART_MESSAGES // 3
 
-        worker = await start_worker(config, log)
-        await wait_until(a_third_received, 60, "a third of the messages to arrive")
-        os.kill(worker.pid, signal.SIGKILL)  # no chance to finish or hand back anything
-        await worker.wait()
+        async with start_postlane("worker", config=config, log=log) as worker:
+            await worker.wait_until(
+                a_third_received, "a third of the messages to arrive", timeout=60
+            )
+            await worker.kill()  # no chance to finish or hand back anything
         assert simulator.report()["messages"] < RESTART_MESSAGES, "finished before SIGKILL"
         await finish_with_a_burst_worker(config, log)  # reclaims the dead worker's leases
         report = simulator.report()

@@ -36,6 +36,7 @@ from postlane.records import AttemptRecord, Outcome, Selector
 from postlane.transports import transport_for
 from postlane.worker import Worker
 from tests.conftest import IN_CI, free_port, make_config
+from tests.processes import start_postlane
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
@@ -414,23 +415,15 @@ async def test_serve_evaluates_the_rules_on_its_own_and_notifies_the_webhook(
             f'[http]\nlisten = "127.0.0.1:{free_port()}"\n'
             f'[smtp]\nlisten = "127.0.0.1:{free_port()}"\n'
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
-        serve = await asyncio.create_subprocess_exec(
-            "postlane", "serve", cwd=tmp_path, env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 30
-            while not any(a for batch in received for a in batch):
-                assert time.monotonic() < deadline, "serve never notified the webhook"
-                assert serve.returncode is None
-                await asyncio.sleep(0.05)
-        finally:
-            serve.terminate()
-            _, err = await serve.communicate()
+        async with start_postlane("serve", cwd=tmp_path, log=tmp_path / "serve.log") as serve:
+            await serve.wait_until(
+                lambda: any(a for batch in received for a in batch),
+                "serve to notify the webhook",
+            )
+            await serve.stop()
     names = {a["labels"]["alertname"] for batch in received for a in batch if "endsAt" not in a}
     assert {"PostlaneOldestMessageAgeGrowing", "PostlaneNoDeliveries"} <= names
-    assert "alert PostlaneOldestMessageAgeGrowing{lane=low} firing" in err.decode()
+    assert "alert PostlaneOldestMessageAgeGrowing{lane=low} firing" in serve.output()
 
 
 async def test_destination_labels_are_bounded_and_go_to_the_busiest_first(

@@ -5,11 +5,6 @@ deliveries."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -22,6 +17,7 @@ from postlane.config import config_from_dict
 from postlane.message import Message
 from postlane.store.postgres import PostgresStore
 from tests.conftest import IN_CI, SMTPPeer, _postgres_url, free_port
+from tests.processes import start_postlane, stopping
 
 pytestmark = pytest.mark.slow
 
@@ -76,67 +72,30 @@ async def enqueue(url: str, count: int, tag: str) -> None:
             )
 
 
-async def start(config: Path, command: str) -> asyncio.subprocess.Process:
-    log = open(config.parent / f"{command}-{time.monotonic_ns()}.log", "wb")  # noqa: ASYNC230, SIM115
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "postlane.cli",
-        "--config",
-        str(config),
-        command,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=log,  # a file: a pipe nobody reads would fill up and block the process
-    )
-    log.close()  # the child has its own copy
-    return process
-
-
-def logs(folder: Path) -> str:
-    """The tail of every process's log, for a failure message."""
-    return "\n".join(
-        f"{log.name}: {log.read_text(errors='replace')[-1500:]}"
-        for log in sorted(folder.glob("*.log"))
-    )
-
-
-async def wait_for(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def sent_count(url: str) -> int:
-    config = config_from_dict({"store": {"url": url}})
-    async with AsyncPostlane(config) as app:
-        return (await app.stats()).sent
-
-
 async def run_fleet(url: str, peer: SMTPPeer, folder: Path, *, kill_one: bool) -> Counter[str]:
     folder.mkdir()  # noqa: ASYNC240
     config = write_config(folder, url, peer.url)
     await enqueue(url, COUNT, folder.name)
-    processes = [await start(config, "serve")] + [await start(config, "worker") for _ in range(3)]
-    try:
+    serve = start_postlane("serve", config=config, log=folder / "serve.log")
+    workers = [
+        start_postlane("worker", config=config, log=folder / f"worker{n}.log") for n in (1, 2, 3)
+    ]
+    async with (
+        stopping([serve, *workers], timeout=60),
+        AsyncPostlane(config_from_dict({"store": {"url": url}})) as app,
+    ):
         if kill_one:
-            await wait_for(
-                lambda: len(peer.handler.received) >= COUNT // 3, 120, "a third delivered"
+            await workers[0].wait_until(
+                lambda: len(peer.handler.received) >= COUNT // 3, "a third delivered", timeout=120
             )
-            os.kill(processes[1].pid, signal.SIGKILL)
-            await processes[1].wait()
-        deadline = time.monotonic() + 180
-        while await sent_count(url) < COUNT:
-            assert time.monotonic() < deadline, f"only {await sent_count(url)} of {COUNT} sent"
-            for p in processes[(2 if kill_one else 1) :]:
-                assert p.returncode is None, logs(folder)
-            await asyncio.sleep(0.2)
-    finally:
-        for p in processes:
-            if p.returncode is None:
-                p.send_signal(signal.SIGTERM)
-        for p in processes:
-            await asyncio.wait_for(p.wait(), timeout=60)
+            await workers[0].kill()
+
+        async def all_sent() -> bool:
+            for worker in workers[(1 if kill_one else 0) :]:
+                worker.check_running()
+            return (await app.stats()).sent >= COUNT
+
+        await serve.wait_until(all_sent, f"all {COUNT} sent", timeout=180, every=0.2)
     return Counter(peer.handler.message_ids())
 
 

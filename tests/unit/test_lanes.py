@@ -1,40 +1,37 @@
+"""LaneScheduler alone: the quotas it asks of each claim, and how it spends and drops the credit
+behind them. What a claim then gets from a real store, with the real worker, is checked in
+tests/integration/test_lane_fairness.py."""
+
 from __future__ import annotations
 
 from collections import Counter
 
-from postlane.lanes import LaneScheduler
+from postlane.config import config_from_dict
+from postlane.lanes import DEFAULT_SHARES, LaneScheduler
 from postlane.message import Lane
 
 
-def simulate(
-    scheduler: LaneScheduler, rounds: int, slots: int, backlog: set[Lane]
-) -> Counter[Lane]:
-    """Claim ``rounds`` times with every lane in ``backlog`` always having more due."""
-    total: Counter[Lane] = Counter()
-    for _ in range(rounds):
-        quotas = scheduler.quotas(slots)
-        got: Counter[Lane] = Counter()
-        left = slots
-        for lane, quota in quotas:  # the quota pass
-            take = min(quota, left) if lane in backlog else 0
-            got[lane] += take
-            left -= take
-        for lane, _ in quotas:  # the fill pass, lane order
-            if lane in backlog and left:
-                got[lane] += left
-                left = 0
-        scheduler.claimed(quotas, got)
-        total.update(got)
-    return total
+def claim_in_full(scheduler: LaneScheduler, slots: int) -> dict[Lane, int]:
+    """One claim of ``slots`` in which every lane had more due than its quota, so each got it."""
+    quotas = scheduler.quotas(slots)
+    scheduler.claimed(quotas, dict(quotas))
+    return dict(quotas)
 
 
-def test_high_goes_first_when_alone() -> None:
-    got = simulate(LaneScheduler(), 100, 10, {Lane.HIGH})
-    assert got == Counter({Lane.HIGH: 1000})
+def test_high_is_asked_first_for_every_slot_the_shares_do_not_reserve() -> None:
+    scheduler = LaneScheduler()
+    for _ in range(100):
+        quotas = scheduler.quotas(10)
+        assert [lane for lane, _ in quotas] == [Lane.HIGH, Lane.NORMAL, Lane.LOW]
+        assert sum(quota for _, quota in quotas) == 10
+        scheduler.claimed(quotas, dict(quotas))
 
 
 def test_normal_and_low_keep_their_share_under_a_busy_high_lane() -> None:
-    got = simulate(LaneScheduler(), 400, 10, {Lane.HIGH, Lane.NORMAL, Lane.LOW})
+    scheduler = LaneScheduler()
+    got: Counter[Lane] = Counter()
+    for _ in range(400):
+        got.update(claim_in_full(scheduler, 10))
     total = sum(got.values())
     assert got[Lane.NORMAL] / total >= 0.24
     assert got[Lane.LOW] / total >= 0.09
@@ -42,13 +39,27 @@ def test_normal_and_low_keep_their_share_under_a_busy_high_lane() -> None:
 
 
 def test_one_slot_at_a_time_still_serves_every_lane() -> None:
-    got = simulate(LaneScheduler(), 1000, 1, {Lane.HIGH, Lane.NORMAL, Lane.LOW})
+    scheduler = LaneScheduler()
+    got: Counter[Lane] = Counter()
+    for _ in range(1000):
+        got.update(claim_in_full(scheduler, 1))
     assert got[Lane.NORMAL] >= 240
     assert got[Lane.LOW] >= 90
 
 
 def test_an_idle_lane_does_not_bank_credit() -> None:
     scheduler = LaneScheduler()
-    simulate(scheduler, 100, 10, {Lane.HIGH})  # low had nothing due all along
+    for _ in range(100):  # only high had anything due: it took every slot
+        quotas = scheduler.quotas(10)
+        scheduler.claimed(quotas, {Lane.HIGH: 10})
     quotas = dict(scheduler.quotas(10))
     assert quotas[Lane.LOW] <= 1
+
+
+def test_shares_come_from_the_lanes_tables_of_the_configuration() -> None:
+    default = LaneScheduler.from_config(config_from_dict({}))
+    assert default.shares == DEFAULT_SHARES == {Lane.NORMAL: 0.25, Lane.LOW: 0.1}
+    configured = LaneScheduler.from_config(
+        config_from_dict({"lanes": {"normal": {"share": 0.5}, "low": {"share": 0.2}}})
+    )
+    assert dict(configured.quotas(10)) == {Lane.HIGH: 3, Lane.NORMAL: 5, Lane.LOW: 2}
