@@ -32,6 +32,7 @@ import dataclasses
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -156,12 +157,15 @@ class DkimSigner:
         if key is None:
             return content
         signer = dkim.DKIM(content, linesep=b"\r\n")
-        present = {name.lower() for name, _ in signer.headers}
-        include = [name.encode() for name in SIGNED_HEADERS if name.encode() in present]
+        occurs = Counter(name.lower() for name, _ in signer.headers)
+        # each field as often as it occurs (the verifier takes instances from the bottom up)
+        include = [name.encode() for name in SIGNED_HEADERS for _ in range(occurs[name.encode()])]
         if b"from" not in include:  # RFC 6376 requires From; without one, there is no signing
             return content
-        # a name listed once more than the field occurs signs its absence (RFC 6376 5.4.2)
-        include += [name.encode() for name in OVERSIGNED_HEADERS if name.encode() in present]
+        # a name listed once more than the field occurs signs that no other instance exists
+        # (RFC 6376 5.4.2): one added in transit, or a Reply-To/Cc the message never had, breaks
+        # the signature
+        include += [name.encode() for name in OVERSIGNED_HEADERS]
         signature: bytes = signer.sign(
             key.selector.encode(),
             key.domain.encode(),
