@@ -16,11 +16,13 @@ Parameters are plain Python values; a list or tuple travels as the database's ow
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from postlane.records import Selector
+from postlane.store.sql import load_common_queries, load_queries
 
 T = TypeVar("T")
 Row = Mapping[str, Any]
@@ -83,10 +85,14 @@ def batch(
     return (yield Statement(name, params, rows=rows))
 
 
+_ANY = re.compile(r"@any\(([\w.]+), (\w+), (\w+)\)")
+
+
 class Dialect:
     """What differs between the SQL of the two databases, beyond the queries themselves."""
 
-    #: the dialect's named queries (``sql/<name>/queries.sql``)
+    #: the named queries: the shared ones (``sql/queries.sql``) in this database's form, and
+    #: its own (``sql/<name>/queries.sql``)
     queries: Mapping[str, str]
     #: whether rows must be locked explicitly against concurrent writers (PostgreSQL; SQLite
     #: has a single writer)
@@ -105,6 +111,17 @@ class Dialect:
     def metadata_matches(self, metadata: Mapping[str, str], params: dict[str, Any]) -> str:
         """A condition on ``messages.metadata``: each key holds that string."""
         raise NotImplementedError
+
+    def __init__(self, name: str) -> None:
+        shared = {query: self.render(text) for query, text in load_common_queries().items()}
+        own = load_queries(name)
+        if twice := shared.keys() & own.keys():
+            raise RuntimeError(f"{name}/queries.sql redefines shared queries: {sorted(twice)}")
+        self.queries = {**shared, **own}
+
+    def render(self, text: str) -> str:
+        """A shared query in this database's form (its ``@any(...)`` conditions)."""
+        return _ANY.sub(lambda m: self.any_of(m[1], m[2], m[3]), text)
 
     def sql(self, statement: Statement) -> str:
         """The text of a statement, its placeholders filled."""

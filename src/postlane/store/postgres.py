@@ -41,13 +41,12 @@ from postlane.records import EnqueueResult
 from postlane.store import delivery
 from postlane.store.delivery import notified
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
-from postlane.store.sql import load_migrations, load_queries
+from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
 
-Q = load_queries("postgres")
 MIGRATIONS = load_migrations("postgres")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -60,12 +59,15 @@ TRANSACTION_TRIES = 3
 class PostgresDialect(Dialect):
     """PostgreSQL's SQL: psycopg's ``%(named)s`` parameters, arrays as arrays, row locks."""
 
-    queries = Q
     row_locks = True
     notify_query = "notify_enqueued"
 
     def param(self, name: str) -> str:
         return f"%({name})s"
+
+    def render(self, text: str) -> str:
+        """A shared query with psycopg's placeholders (``:name`` is ``%(name)s`` here)."""
+        return super().render(re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", text))
 
     def any_of(self, column: str, param: str, sql_type: str) -> str:
         return f"{column} = ANY(%({param})s::{sql_type}[])"
@@ -76,7 +78,9 @@ class PostgresDialect(Dialect):
         return "metadata @> %(metadata)s"
 
 
-DIALECT = PostgresDialect()
+DIALECT = PostgresDialect("postgres")
+#: every named query, as this database runs it
+Q = DIALECT.queries
 
 
 def _columns(statement: Statement) -> dict[str, Any]:

@@ -26,11 +26,10 @@ from typing import Any, TypeVar
 
 from postlane.errors import StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
-from postlane.store.sql import load_migrations, load_queries
+from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
 
 T = TypeVar("T")
-Q = load_queries("sqlite")
 MIGRATIONS = load_migrations("sqlite")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -251,8 +250,6 @@ def _unavailable(exc: BaseException, path: Path) -> BaseException:
 class SQLiteDialect(Dialect):
     """SQLite's SQL: ``:named`` parameters, arrays as JSON read with ``json_each``."""
 
-    queries = Q
-
     def param(self, name: str) -> str:
         return f":{name}"
 
@@ -268,7 +265,9 @@ class SQLiteDialect(Dialect):
         return " AND ".join(clauses)
 
 
-DIALECT = SQLiteDialect()
+DIALECT = SQLiteDialect("sqlite")
+#: every named query, as this database runs it
+Q = DIALECT.queries
 
 
 def _bound(params: Mapping[str, Any]) -> dict[str, Any]:

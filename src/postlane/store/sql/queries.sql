@@ -1,0 +1,334 @@
+-- Named queries both databases run as they are written here. Each is under a "-- name: NAME"
+-- header with one line saying what it does; the algorithms that run them are written once, in
+-- postlane/store/*.py. Parameters are :named (PostgreSQL's dialect turns them into psycopg's
+-- %(named)s); @any(column, parameter, type) is "column is one of the array parameter's values"
+-- in each database's own form (json_each in SQLite, = ANY(array) in PostgreSQL). Booleans are
+-- written TRUE and FALSE, which SQLite reads as 1 and 0. A query only one database can run as
+-- written lives in that database's folder under the same kind of header.
+
+-- name: suppressed_among
+-- Which of some lower-cased addresses are on the suppression list.
+SELECT address FROM suppressions WHERE @any(address, addresses, text);
+
+-- name: insert_enqueue_events
+-- The events of new messages' recipients: queued, or suppressed (never attempted).
+INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane, metadata)
+SELECT CASE WHEN d.state = 'suppressed' THEN 'suppressed' ELSE 'queued' END, :now, d.queue_id,
+       d.id, d.address, d.lane, m.metadata
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE @any(d.queue_id, ids, text)
+ORDER BY d.id;
+
+-- name: claimed_messages
+-- The stored fields and bytes of the messages a claim leased deliveries of.
+SELECT id, lane, sender, message_id, idempotency_key, created_at, content
+FROM messages WHERE @any(id, ids, text);
+
+-- name: mark_done
+-- Note when messages' last recipient reached a final state (for retention).
+UPDATE messages SET done_at = :now
+WHERE @any(id, ids, text) AND done_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM deliveries d
+                  WHERE d.queue_id = messages.id
+                    AND d.state IN ('queued', 'sending', 'deferred', 'held'));
+
+-- name: insert_recoveries
+-- Requeued dead letters that were just delivered: their recovery time (dead to delivered).
+INSERT INTO dead_letter_recoveries (queue_id, address, class, dead_at, recovered_at)
+SELECT queue_id, address, 'delivered', dead_since, :now FROM deliveries
+WHERE @any(id, ids, bigint) AND state = 'sent' AND dead_since IS NOT NULL;
+
+-- name: clear_dead_since
+-- Their recovery is recorded.
+UPDATE deliveries SET dead_since = NULL
+WHERE @any(id, ids, bigint) AND dead_since IS NOT NULL;
+
+-- name: renew_leases
+-- Push out every lease a live worker holds.
+UPDATE deliveries SET lease_expires_at = :lease_until
+WHERE lease_owner = :owner AND state = 'sending';
+
+-- name: hand_back_all
+-- Return every delivery a worker holds, unattempted (graceful shutdown).
+UPDATE deliveries
+SET state = CASE WHEN hold_after THEN 'held'
+                 WHEN attempts > 0 OR deferrals > 0 THEN 'deferred' ELSE 'queued' END,
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = FALSE, updated_at = :now
+WHERE lease_owner = :owner AND state = 'sending';
+
+-- name: hand_back_some
+-- Return some deliveries a worker holds, unattempted.
+UPDATE deliveries
+SET state = CASE WHEN hold_after THEN 'held'
+                 WHEN attempts > 0 OR deferrals > 0 THEN 'deferred' ELSE 'queued' END,
+    lease_owner = NULL, lease_expires_at = NULL, hold_after = FALSE, updated_at = :now
+WHERE @any(id, ids, bigint) AND lease_owner = :owner AND state = 'sending';
+
+-- name: expire_owner_leases
+-- End the leases of dead owners now, so the next reap returns their deliveries.
+UPDATE deliveries SET lease_expires_at = :now
+WHERE @any(lease_owner, owners, text) AND state = 'sending';
+
+-- name: messages
+-- Some messages' stored fields (not their content).
+SELECT id, lane, sender, subject, message_id, idempotency_key, size, metadata, created_at,
+       submitter, send_at, expires_at
+FROM messages WHERE @any(id, ids, text);
+
+-- name: message_exists
+-- Whether a message is stored.
+SELECT 1 AS found FROM messages WHERE id = :id;
+
+-- name: message_content
+-- A message's stored bytes.
+SELECT content FROM messages WHERE id = :id;
+
+-- name: recipients_of
+-- The recipients of some messages, each message's in the order they were given.
+SELECT queue_id, id, address, domain, destination, state, attempts, next_attempt_at, last_code,
+       last_enhanced, last_text, last_class, updated_at, reason
+FROM deliveries WHERE @any(queue_id, ids, text) ORDER BY queue_id, id;
+
+-- name: histories_of
+-- Every attempt of some deliveries, oldest first.
+SELECT delivery_id, at, class, code, enhanced, text, duration_ms, relay, destination, counted
+FROM attempts WHERE @any(delivery_id, ids, bigint) ORDER BY delivery_id, id;
+
+-- name: list_message_ids
+-- The messages with a selected recipient, oldest first ({selection}: a WHERE clause over
+-- deliveries d, built from a Selector).
+SELECT queue_id, min(created_at) AS first_created, min(id) AS first_id FROM deliveries d
+WHERE {selection}
+GROUP BY queue_id ORDER BY first_created, first_id LIMIT :limit;
+
+-- name: page_rows
+-- Deliveries in arrival order after a cursor (the dashboard's queue pages; {selection} narrows).
+SELECT d.id, d.queue_id FROM deliveries d
+WHERE d.id > :after AND {selection}
+ORDER BY d.id LIMIT :limit;
+
+-- name: suppression_count
+-- How many addresses are on the suppression list.
+SELECT count(*) AS n FROM suppressions;
+
+-- name: dead_letters
+-- Dead recipients with their message's sender and subject and their last relay, newest first
+-- ({selection} as above).
+SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
+       d.last_class, d.updated_at, d.last_code, d.last_enhanced, d.last_text, d.reason,
+       m.sender, m.subject,
+       (SELECT relay FROM attempts a WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1)
+           AS relay
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE {selection}
+ORDER BY d.updated_at DESC, d.id LIMIT :limit;
+
+-- name: dead_letters_of
+-- The dead recipients of one message, as dead_letters gives them.
+SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
+       d.last_class, d.updated_at, d.last_code, d.last_enhanced, d.last_text, d.reason,
+       m.sender, m.subject,
+       (SELECT relay FROM attempts a WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1)
+           AS relay
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE d.queue_id = :id AND d.state = 'dead'
+ORDER BY d.id;
+
+-- name: select_delivery_ids
+-- A slice of the selected deliveries, in id order from just above :after ({selection} as
+-- above): bulk actions walk a selection in such slices.
+SELECT d.id FROM deliveries d
+WHERE {selection} AND d.id > :after
+ORDER BY d.id LIMIT :limit;
+
+-- name: summarize
+-- What an action would touch: counts by lane, domain, state and last reply class.
+SELECT lane, domain, state, last_class, count(*) AS n FROM deliveries d
+WHERE {selection}
+GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2;
+
+-- name: selected_destinations
+-- The destinations of the selected deliveries, as stored at enqueue ({selection} as above).
+SELECT DISTINCT destination FROM deliveries d
+WHERE {selection}
+ORDER BY 1;
+
+-- name: dead_groups
+-- Dead letters that failed alike (before masking the replies' details in Python).
+SELECT last_class, domain, last_code, last_enhanced, last_text, count(*) AS n,
+       min(updated_at) AS first_dead_at, max(updated_at) AS last_dead_at,
+       min(queue_id) AS sample_id
+FROM deliveries d
+WHERE {selection}
+GROUP BY 1, 2, 3, 4, 5;
+
+-- name: flush
+-- Make queued or deferred deliveries due now (postqueue -f).
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = :now, updated_at = :now, reason = 'flushed'
+WHERE @any(id, ids, bigint) AND state IN ('queued', 'deferred');
+
+-- name: hold
+-- Hold queued or deferred deliveries (postsuper -h).
+UPDATE deliveries SET state = 'held', updated_at = :now, reason = 'held by an operator'
+WHERE @any(id, ids, bigint) AND state IN ('queued', 'deferred');
+
+-- name: hold_after_send
+-- A delivery being sent is held once its try is recorded (unless it was delivered).
+UPDATE deliveries SET hold_after = TRUE WHERE @any(id, ids, bigint) AND state = 'sending';
+
+-- name: release
+-- Release held deliveries, due now (postsuper -H).
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = :now, updated_at = :now, reason = 'released'
+WHERE @any(id, ids, bigint) AND state = 'held';
+
+-- name: release_after_send
+-- Cancel a pending hold of a delivery being sent.
+UPDATE deliveries SET hold_after = FALSE WHERE @any(id, ids, bigint) AND state = 'sending';
+
+-- name: delete_deliveries
+-- Remove deliveries still in the given states (one a worker claimed meanwhile is left alone);
+-- their attempts go with them (ON DELETE CASCADE).
+DELETE FROM deliveries
+WHERE @any(id, ids, bigint) AND @any(state, states, text)
+RETURNING queue_id;
+
+-- name: delete_empty_messages
+-- Remove messages none of whose recipients is left.
+DELETE FROM messages
+WHERE @any(id, ids, text)
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.id);
+
+-- name: requeue_dead
+-- Dead deliveries start afresh: no attempts used, due now, max_age counted from now. Each
+-- remembers when it died (dead_since: updated_at before this update), for the recovery time.
+UPDATE deliveries
+SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = :now, created_at = :now,
+    dead_since = updated_at, updated_at = :now, reason = 'requeued from the dead-letter queue'
+WHERE @any(id, ids, bigint) AND state = 'dead'
+RETURNING id, queue_id, dead_since AS dead_at;
+
+-- name: reopen_messages
+-- Messages with a recipient waiting again are not finished.
+UPDATE messages SET done_at = NULL
+WHERE @any(id, ids, text) AND done_at IS NOT NULL;
+
+-- name: export_recipients
+-- Some deliveries, everything about them, in id order.
+SELECT queue_id, id, address, domain, destination, state, attempts, deferrals,
+       next_attempt_at, created_at, last_code, last_enhanced, last_text, last_class, reason
+FROM deliveries WHERE @any(id, ids, bigint) ORDER BY id;
+
+-- name: messages_with_content
+-- Some messages' stored fields and bytes.
+SELECT id, lane, sender, subject, message_id, idempotency_key, metadata, created_at, content
+FROM messages WHERE @any(id, ids, text);
+
+-- name: message_or_key
+-- Whether a message id is stored, and whether its submitter's idempotency key is held.
+SELECT EXISTS (SELECT 1 FROM messages WHERE id = :id) AS message_exists,
+       EXISTS (SELECT 1 FROM messages
+               WHERE idempotency_scope = :scope AND idempotency_key = :key) AS key_held;
+
+-- name: delivery_exists
+-- Whether a message already has a recipient (import skips it).
+SELECT 1 AS found FROM deliveries WHERE queue_id = :queue_id AND lower(address) = lower(:address);
+
+-- name: import_delivery
+-- An exported recipient, back with its state and history.
+INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state,
+                        attempts, deferrals, next_attempt_at, last_code, last_enhanced,
+                        last_text, last_class, reason, updated_at)
+VALUES (:queue_id, :address, :domain, :destination, :lane, :created_at, :state, :attempts,
+        :deferrals, :next_attempt_at, :code, :enhanced, :text, :class, :reason, :now)
+RETURNING id;
+
+-- name: defer_destination
+-- Push every waiting delivery of a paused destination to the end of its pause, so claims do
+-- not walk over them meanwhile (uses deliveries_destination).
+UPDATE deliveries
+SET next_attempt_at = :until, reason = :reason, updated_at = :now
+WHERE destination = :destination AND state IN ('queued', 'deferred')
+  AND next_attempt_at < :until;
+
+-- name: hasten_destination
+-- Call back a destination's deliveries that wait for a slot, to be spaced at its new rate.
+UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
+WHERE destination = :destination AND state IN ('queued', 'deferred')
+  AND next_attempt_at > :now AND reason = :reason;
+
+-- name: hasten_all
+-- Call back every delivery that waits for a slot (the relay's rate grew).
+UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
+WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now AND reason = :reason;
+
+-- name: destination_states
+-- Every destination's recorded pause and rate.
+SELECT destination, rate, paused_until, reason, updated_at FROM destination_state
+ORDER BY destination;
+
+-- name: lift_destinations
+-- An operator's flush ends some destinations' pauses and slow-downs.
+UPDATE destination_state
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now
+WHERE @any(destination, destinations, text);
+
+-- name: lift_all_destinations
+-- An operator's flush of everything ends every pause and slow-down; returns the destinations.
+UPDATE destination_state
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now
+RETURNING destination;
+
+-- name: flush_destinations
+-- A flush makes the deferred deliveries of these destinations due now.
+UPDATE deliveries
+SET state = 'queued', next_attempt_at = :now, reason = 'flushed', updated_at = :now
+WHERE @any(destination, destinations, text)
+  AND state IN ('queued', 'deferred') AND next_attempt_at > :now;
+
+-- name: purge_samples
+-- Forget history older than the retention.
+DELETE FROM metric_samples WHERE at < :before;
+
+-- name: recoveries_after
+-- Dead letters requeued since a row id (for the recovery-time histogram).
+SELECT id, recovered_at - dead_at AS seconds FROM dead_letter_recoveries
+WHERE id > :after ORDER BY id;
+
+-- name: alert_fire
+-- An alert starts firing: a change only for the process that made it.
+INSERT INTO alert_state (name, firing, since, updated_at) VALUES (:name, TRUE, :now, :now)
+ON CONFLICT (name) DO UPDATE SET firing = TRUE, since = :now, updated_at = :now
+WHERE NOT alert_state.firing;
+
+-- name: alert_resolve
+-- A firing alert resolves: a change only for the process that made it.
+UPDATE alert_state SET firing = FALSE, since = :now, updated_at = :now
+WHERE name = :name AND firing;
+
+-- name: alerts_firing
+-- Alerts recorded as firing, with since when.
+SELECT name, since FROM alert_state WHERE firing ORDER BY name;
+
+-- name: attempt_classes_between
+-- Attempts in a time range, by class (a minute's deferrals and soft bounces).
+SELECT class, count(*) AS n FROM attempts WHERE at >= :start AND at < :end GROUP BY class;
+
+-- name: destination_replies_since
+-- Recent attempts by destination and class (the dashboard's destinations page).
+SELECT destination, class, count(*) AS n FROM attempts WHERE at >= :since
+GROUP BY destination, class;
+
+-- name: suppressions
+-- The suppression list, newest first.
+SELECT address, created_at, source, reason, code, enhanced, text, queue_id
+FROM suppressions ORDER BY created_at DESC, address LIMIT :limit;
+
+-- name: delete_suppression
+-- Take an address off the suppression list.
+DELETE FROM suppressions WHERE address = :address;
+
+-- name: purge_events
+-- Forget events older than their retention.
+DELETE FROM events WHERE at < :before;
