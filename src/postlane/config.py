@@ -15,10 +15,10 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from postlane import toml_values
 from postlane.errors import ConfigError
@@ -29,6 +29,8 @@ from postlane.toml_values import format_duration as format_duration
 from postlane.toml_values import parse_duration as parse_duration
 from postlane.toml_values import parse_listen as parse_listen
 from postlane.toml_values import parse_size as parse_size
+
+T = TypeVar("T")
 
 # the readers of each setting's value (ValueError saying what was expected; see toml_values)
 _str = toml_values.string
@@ -439,43 +441,15 @@ def config_from_dict(
         name: _build_section(LaneConfig, lanes_table.get(name, {}), f"lanes.{name}", env)
         for name in _LANE_SECTIONS
     }
-    destinations_table = data.get("destinations", {})
-    if not isinstance(destinations_table, Mapping):
-        raise ConfigError("destinations: expected tables like [destinations.google]")
-    destinations = {
-        str(name): _build_section(DestinationLimits, table, f"destinations.{name}", {})
-        for name, table in destinations_table.items()
+    destinations = _tables_by_name(data, "destinations", DestinationLimits, "google")
+    shaping = _array_of_tables(data, "shaping", ShapingRule, _check_shaping)
+    dkim = {
+        domain.lower(): key
+        for domain, key in _tables_by_name(
+            data, "dkim", DkimKey, '"example.com"', _check_dkim
+        ).items()
     }
-    shaping_list = data.get("shaping", [])
-    if not isinstance(shaping_list, list):
-        raise ConfigError("shaping: expected [[shaping]] tables")
-    shaping = []
-    for number, table in enumerate(shaping_list, 1):
-        rule = _build_section(ShapingRule, table, f"shaping[{number}]", {})
-        if rule.match is None and rule.enhanced is None:
-            raise ConfigError(f"shaping[{number}]: give match (a regex) or enhanced (a code)")
-        shaping.append(rule)
-    dkim_table = data.get("dkim", {})
-    if not isinstance(dkim_table, Mapping):
-        raise ConfigError('dkim: expected tables like [dkim."example.com"]')
-    dkim = {}
-    for domain, table in dkim_table.items():
-        key = _build_section(DkimKey, table, f"dkim.{domain}", {})
-        if not key.selector or not key.private_key:
-            raise ConfigError(f"dkim.{domain}: give selector and private_key")
-        dkim[str(domain).lower()] = key
-    routes_list = data.get("routes", [])
-    if not isinstance(routes_list, list):
-        raise ConfigError("routes: expected [[routes]] tables")
-    routes = []
-    for number, table in enumerate(routes_list, 1):
-        route = _build_section(Route, table, f"routes[{number}]", {})
-        if not route.relay:
-            raise ConfigError(f"routes[{number}]: give relay (where this route's mail goes)")
-        for lane in route.lane:
-            if lane not in _LANE_SECTIONS:
-                raise ConfigError(f"routes[{number}].lane: unknown lane {lane!r}")
-        routes.append(route)
+    routes = _array_of_tables(data, "routes", Route, _check_route)
     http: HttpConfig = sections["http"]
     if env.get("POSTLANE_API_TOKEN"):
         http = dataclasses.replace(http, tokens=(*http.tokens, env["POSTLANE_API_TOKEN"]))
@@ -493,9 +467,65 @@ def config_from_dict(
         alerts=sections["alerts"],
         log=sections["log"],
         destinations=destinations,
-        shaping=tuple(shaping),
+        shaping=shaping,
         dkim=dkim,
-        routes=tuple(routes),
+        routes=routes,
         source=source,
         base_dir=base_dir or Path.cwd(),
     )
+
+
+def _tables_by_name(
+    data: Mapping[str, Any],
+    name: str,
+    cls: type[T],
+    example: str,
+    check: Callable[[T, str], None] | None = None,
+) -> dict[str, T]:
+    """``[name.KEY]`` tables (``[destinations.google]``), each read as a ``cls`` and passed to
+    ``check``, which raises ConfigError for what the keys alone cannot say."""
+    tables = data.get(name, {})
+    if not isinstance(tables, Mapping):
+        raise ConfigError(f"{name}: expected tables like [{name}.{example}]")
+    items: dict[str, T] = {}
+    for key, table in tables.items():
+        where = f"{name}.{key}"
+        item = _build_section(cls, table, where, {})
+        if check is not None:
+            check(item, where)
+        items[str(key)] = item
+    return items
+
+
+def _array_of_tables(
+    data: Mapping[str, Any], name: str, cls: type[T], check: Callable[[T, str], None]
+) -> tuple[T, ...]:
+    """``[[name]]`` tables (``[[routes]]``), each read as a ``cls`` and passed to ``check``."""
+    entries = data.get(name, [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{name}: expected [[{name}]] tables")
+    items = []
+    for number, table in enumerate(entries, 1):
+        where = f"{name}[{number}]"
+        item = _build_section(cls, table, where, {})
+        check(item, where)
+        items.append(item)
+    return tuple(items)
+
+
+def _check_shaping(rule: ShapingRule, where: str) -> None:
+    if rule.match is None and rule.enhanced is None:
+        raise ConfigError(f"{where}: give match (a regex) or enhanced (a code)")
+
+
+def _check_dkim(key: DkimKey, where: str) -> None:
+    if not key.selector or not key.private_key:
+        raise ConfigError(f"{where}: give selector and private_key")
+
+
+def _check_route(route: Route, where: str) -> None:
+    if not route.relay:
+        raise ConfigError(f"{where}: give relay (where this route's mail goes)")
+    for lane in route.lane:
+        if lane not in _LANE_SECTIONS:
+            raise ConfigError(f"{where}.lane: unknown lane {lane!r}")
