@@ -10,7 +10,7 @@ import click
 from postlane.app import QueueAction
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, with_app
-from postlane.cli.output import first_line, listing, out, print_json, reply_code
+from postlane.cli.output import first_line, json_or_empty, listing, out, print_json, reply_code
 from postlane.cli.selectors import build_selector, dead_letter_selector_options
 from postlane.clock import when
 
@@ -39,11 +39,7 @@ def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> 
         rows = as_json
     if not rows:
         groups = with_app(lambda app: app.dead_groups(selector, limit=limit))
-        if as_json:
-            print_json([g.as_json() for g in groups])
-            return
-        if not groups:
-            out.print("No dead letters")
+        if json_or_empty(groups, as_json=as_json, empty="No dead letters"):
             return
         table = listing("Count", "Class", "Domain", "Reply", "Last died", "e.g.", right={"Count"})
         for g in groups:
@@ -57,11 +53,7 @@ def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> 
         )
         return
     letters = with_app(lambda app: app.dead_letters(selector, limit=limit))
-    if as_json:
-        print_json([d.as_json() for d in letters])
-        return
-    if not letters:
-        out.print("No dead letters")
+    if json_or_empty(letters, as_json=as_json, empty="No dead letters"):
         return
     columns = ("Queue ID", "Recipient", "Class", "Attempts", "Died", "Last reply")
     table = listing(*columns, wrap={"Last reply"})

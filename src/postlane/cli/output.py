@@ -7,8 +7,8 @@ so a pipe gets only the result. Piped, neither wraps: one line per row.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
 
 import click
 from rich.console import Console
@@ -29,6 +29,24 @@ def unwrap_when_piped() -> None:
 
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+class Row(Protocol):
+    """A listing's row: a record the API also returns as JSON."""
+
+    def as_json(self) -> Any: ...
+
+
+def json_or_empty(rows: Sequence[Row], *, as_json: bool, empty: str) -> bool:
+    """With ``--json``, print the rows as one JSON list; without rows, print ``empty``. True when
+    that is the whole output, False when the caller prints the rows its own way."""
+    if as_json:
+        print_json([row.as_json() for row in rows])
+        return True
+    if not rows:
+        out.print(empty)
+        return True
+    return False
 
 
 def listing(

@@ -13,7 +13,7 @@ from rich.text import Text
 from postlane.app import QueueAction
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, with_app
-from postlane.cli.output import first_line, listing, out, print_json, reply_code
+from postlane.cli.output import first_line, json_or_empty, listing, out, print_json, reply_code
 from postlane.cli.selectors import build_selector, selector_options
 from postlane.clock import when
 from postlane.errors import PostlaneError
@@ -44,11 +44,7 @@ def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
     """List messages not yet finished (--state sent/dead for the others)."""
     selector = build_selector(**selectors)
     messages = with_app(lambda app: app.messages(selector, limit=limit))
-    if as_json:
-        print_json([m.as_json() for m in messages])
-        return
-    if not messages:
-        out.print("Mail queue is empty")
+    if json_or_empty(messages, as_json=as_json, empty="Mail queue is empty"):
         return
     columns = ("Queue ID", "Lane", "Size", "Arrival", "Sender / Recipients")
     table = listing(*columns, wrap={"Sender / Recipients"}, pad_edge=False)

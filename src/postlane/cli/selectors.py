@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import click
@@ -16,6 +17,7 @@ from postlane.message import Lane, RecipientState
 from postlane.records import Selector
 
 F = TypeVar("F", bound=Callable[..., Any])
+E = TypeVar("E", bound=StrEnum)
 
 
 def _lanes(values: Sequence[str]) -> tuple[Lane, ...]:
@@ -26,19 +28,19 @@ def _lanes(values: Sequence[str]) -> tuple[Lane, ...]:
 
 
 def _states(values: Sequence[str]) -> tuple[RecipientState, ...]:
-    try:
-        return tuple(RecipientState(v.lower()) for v in values)
-    except ValueError:
-        known = ", ".join(s.value for s in RecipientState)
-        raise click.BadParameter(f"unknown state (states are {known})") from None
+    return _members(RecipientState, values, "state", "states")
 
 
 def _classes(values: Sequence[str]) -> tuple[ReplyClass, ...]:
+    return _members(ReplyClass, values, "class", "classes")
+
+
+def _members(enum: type[E], values: Sequence[str], what: str, plural: str) -> tuple[E, ...]:
     try:
-        return tuple(ReplyClass(v.lower()) for v in values)
+        return tuple(enum(v.lower()) for v in values)
     except ValueError:
-        known = ", ".join(c.value for c in ReplyClass)
-        raise click.BadParameter(f"unknown class (classes are {known})") from None
+        known = ", ".join(member.value for member in enum)
+        raise click.BadParameter(f"unknown {what} ({plural} are {known})") from None
 
 
 def _older_than(value: str | None) -> float | None:

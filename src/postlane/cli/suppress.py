@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from postlane.cli.context import config_option, json_option, with_app
-from postlane.cli.output import first_line, listing, out, print_json
+from postlane.cli.output import first_line, json_or_empty, listing, out
 from postlane.clock import when
 from postlane.errors import PostlaneError
 
@@ -21,11 +21,7 @@ def suppress() -> None:
 @json_option
 def suppress_list(limit: int, as_json: bool) -> None:
     entries = with_app(lambda app: app.suppressions(limit=limit))
-    if as_json:
-        print_json([e.as_json() for e in entries])
-        return
-    if not entries:
-        out.print("The suppression list is empty")
+    if json_or_empty(entries, as_json=as_json, empty="The suppression list is empty"):
         return
     table = listing("Address", "Since", "Source", "Reason")
     for e in entries:
