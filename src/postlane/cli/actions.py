@@ -123,9 +123,9 @@ def action_command(
     destructive: bool = False,
 ) -> click.Command:
     """The command ``name`` applying ``action`` to message IDs or ``--all``, narrowed by the
-    selectors (a dead letter's when ``dead_letters``); without IDs or ``--all`` it acts on
-    everything the selectors match unless ``required``. A ``destructive`` action shows what it
-    will touch and asks (``--yes`` does not), and can ``--export`` what it removes."""
+    selectors (a dead letter's when ``dead_letters``); IDs or ``--all`` must be given when
+    ``required`` (``queue flush`` alone may go without). A ``destructive`` action shows what it
+    will touch and asks (not with ``--yes``), and can ``--export`` what it removes."""
 
     def command(
         ids: tuple[str, ...],
