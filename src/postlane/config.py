@@ -15,118 +15,35 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from postlane import toml_values
 from postlane.errors import ConfigError
 from postlane.message import Lane
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-}
+# The value syntax lives in toml_values; postlane's modules import these four from here.
+from postlane.toml_values import format_duration as format_duration
+from postlane.toml_values import parse_duration as parse_duration
+from postlane.toml_values import parse_listen as parse_listen
+from postlane.toml_values import parse_size as parse_size
 
+T = TypeVar("T")
 
-def parse_duration(text: str) -> float:
-    """``"1h30m"`` -> 5400.0 seconds. Raises ValueError on anything else."""
-    text = text.strip()
-    pos = 0
-    total = 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise ValueError(
-            f'expected a duration like "500ms", "30s", "5m", "1h" or "2d", got {text!r}'
-        )
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    """The inverse of :func:`parse_duration`, for humans: 5400 -> ``"1h30m"``."""
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    out = []
-    rest = round(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if rest >= size:
-            out.append(f"{rest // size}{unit}")
-            rest %= size
-    return "".join(out[:2]) or "0s"
-
-
-def parse_size(text: str) -> int:
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise ValueError(f'expected a size like "25MB" or "512KiB", got {text!r}')
-    unit = (match.group(2) or "B").lower()
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``"127.0.0.1:8025"`` or ``"[::1]:8025"`` -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f'expected HOST:PORT like "127.0.0.1:8025", got {text!r}')
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
-
-
-def _duration(value: Any) -> float:
-    if not isinstance(value, str):
-        raise ValueError(f'expected a duration string like "30s" or "2d", got {value!r}')
-    return parse_duration(value)
-
-
-def _size(value: Any) -> int:
-    if not isinstance(value, str):
-        raise ValueError(f'expected a size string like "25MB", got {value!r}')
-    return parse_size(value)
-
-
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
-    return value
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected an integer, got {value!r}")
-    if value < 0:
-        raise ValueError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _positive_int(value: Any) -> int:
-    number = _int(value)
-    if number == 0:
-        raise ValueError("expected a positive integer, got 0")
-    return number
-
-
-def _fraction(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ValueError(f"expected a number between 0 and 1, got {value!r}")
-    return float(value)
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
-    return value
+# the readers of each setting's value (ValueError saying what was expected; see toml_values)
+_str = toml_values.string
+_bool = toml_values.boolean
+_duration = toml_values.duration
+_size = toml_values.size
+_choice = toml_values.choice
+_int = toml_values.integer_where(lambda number: number >= 0, "a non-negative integer")
+_positive_int = toml_values.positive_integer
+_fraction = toml_values.number_where(lambda value: 0 <= value <= 1, "a number between 0 and 1")
+_rate = toml_values.number_where(
+    lambda value: not value < 0, "messages per second (a number >= 0; 0 = no limit)"
+)
 
 
 def _listen(value: Any) -> str:
@@ -255,14 +172,6 @@ class SmtpConfig:
     hostname: str | None = _setting(None, _opt(_str))
 
 
-def _rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(
-            f"expected messages per second (a number >= 0; 0 = no limit), got {value!r}"
-        )
-    return float(value)
-
-
 def _regex(value: Any) -> str:
     text = _str(value)
     try:
@@ -270,15 +179,6 @@ def _regex(value: Any) -> str:
     except re.error as exc:
         raise ValueError(f"not a regular expression: {exc}") from None
     return text
-
-
-def _choice(*allowed: str) -> Any:
-    def parse_choice(value: Any) -> str:
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
-        return str(value)
-
-    return parse_choice
 
 
 @dataclass(frozen=True)
@@ -541,43 +441,15 @@ def config_from_dict(
         name: _build_section(LaneConfig, lanes_table.get(name, {}), f"lanes.{name}", env)
         for name in _LANE_SECTIONS
     }
-    destinations_table = data.get("destinations", {})
-    if not isinstance(destinations_table, Mapping):
-        raise ConfigError("destinations: expected tables like [destinations.google]")
-    destinations = {
-        str(name): _build_section(DestinationLimits, table, f"destinations.{name}", {})
-        for name, table in destinations_table.items()
+    destinations = _tables_by_name(data, "destinations", DestinationLimits, "google")
+    shaping = _array_of_tables(data, "shaping", ShapingRule, _check_shaping)
+    dkim = {
+        domain.lower(): key
+        for domain, key in _tables_by_name(
+            data, "dkim", DkimKey, '"example.com"', _check_dkim
+        ).items()
     }
-    shaping_list = data.get("shaping", [])
-    if not isinstance(shaping_list, list):
-        raise ConfigError("shaping: expected [[shaping]] tables")
-    shaping = []
-    for number, table in enumerate(shaping_list, 1):
-        rule = _build_section(ShapingRule, table, f"shaping[{number}]", {})
-        if rule.match is None and rule.enhanced is None:
-            raise ConfigError(f"shaping[{number}]: give match (a regex) or enhanced (a code)")
-        shaping.append(rule)
-    dkim_table = data.get("dkim", {})
-    if not isinstance(dkim_table, Mapping):
-        raise ConfigError('dkim: expected tables like [dkim."example.com"]')
-    dkim = {}
-    for domain, table in dkim_table.items():
-        key = _build_section(DkimKey, table, f"dkim.{domain}", {})
-        if not key.selector or not key.private_key:
-            raise ConfigError(f"dkim.{domain}: give selector and private_key")
-        dkim[str(domain).lower()] = key
-    routes_list = data.get("routes", [])
-    if not isinstance(routes_list, list):
-        raise ConfigError("routes: expected [[routes]] tables")
-    routes = []
-    for number, table in enumerate(routes_list, 1):
-        route = _build_section(Route, table, f"routes[{number}]", {})
-        if not route.relay:
-            raise ConfigError(f"routes[{number}]: give relay (where this route's mail goes)")
-        for lane in route.lane:
-            if lane not in _LANE_SECTIONS:
-                raise ConfigError(f"routes[{number}].lane: unknown lane {lane!r}")
-        routes.append(route)
+    routes = _array_of_tables(data, "routes", Route, _check_route)
     http: HttpConfig = sections["http"]
     if env.get("POSTLANE_API_TOKEN"):
         http = dataclasses.replace(http, tokens=(*http.tokens, env["POSTLANE_API_TOKEN"]))
@@ -595,9 +467,65 @@ def config_from_dict(
         alerts=sections["alerts"],
         log=sections["log"],
         destinations=destinations,
-        shaping=tuple(shaping),
+        shaping=shaping,
         dkim=dkim,
-        routes=tuple(routes),
+        routes=routes,
         source=source,
         base_dir=base_dir or Path.cwd(),
     )
+
+
+def _tables_by_name(
+    data: Mapping[str, Any],
+    name: str,
+    cls: type[T],
+    example: str,
+    check: Callable[[T, str], None] | None = None,
+) -> dict[str, T]:
+    """``[name.KEY]`` tables (``[destinations.google]``), each read as a ``cls`` and passed to
+    ``check``, which raises ConfigError for what the keys alone cannot say."""
+    tables = data.get(name, {})
+    if not isinstance(tables, Mapping):
+        raise ConfigError(f"{name}: expected tables like [{name}.{example}]")
+    items: dict[str, T] = {}
+    for key, table in tables.items():
+        where = f"{name}.{key}"
+        item = _build_section(cls, table, where, {})
+        if check is not None:
+            check(item, where)
+        items[str(key)] = item
+    return items
+
+
+def _array_of_tables(
+    data: Mapping[str, Any], name: str, cls: type[T], check: Callable[[T, str], None]
+) -> tuple[T, ...]:
+    """``[[name]]`` tables (``[[routes]]``), each read as a ``cls`` and passed to ``check``."""
+    entries = data.get(name, [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{name}: expected [[{name}]] tables")
+    items = []
+    for number, table in enumerate(entries, 1):
+        where = f"{name}[{number}]"
+        item = _build_section(cls, table, where, {})
+        check(item, where)
+        items.append(item)
+    return tuple(items)
+
+
+def _check_shaping(rule: ShapingRule, where: str) -> None:
+    if rule.match is None and rule.enhanced is None:
+        raise ConfigError(f"{where}: give match (a regex) or enhanced (a code)")
+
+
+def _check_dkim(key: DkimKey, where: str) -> None:
+    if not key.selector or not key.private_key:
+        raise ConfigError(f"{where}: give selector and private_key")
+
+
+def _check_route(route: Route, where: str) -> None:
+    if not route.relay:
+        raise ConfigError(f"{where}: give relay (where this route's mail goes)")
+    for lane in route.lane:
+        if lane not in _LANE_SECTIONS:
+            raise ConfigError(f"{where}.lane: unknown lane {lane!r}")

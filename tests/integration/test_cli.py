@@ -288,3 +288,46 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
 def test_an_unreachable_store_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "postlane.toml").write_text('[store]\nurl = "sqlite:////proc/no/such/dir/q.db"\n')
     one_line_error(postlane("stats", cwd=tmp_path), "cannot")
+
+
+# what each command imports, in a fresh interpreter: main(), then which modules were loaded
+_IMPORTED_BY = """
+import json, sys
+from postlane.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def imported_by(*args: str, cwd: Path) -> set[str]:
+    import os
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTED_BY, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment,
+    )
+    return set(json.loads(result.stderr.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("args", [["--help"], ["stats", "--help"], ["stats", "--json"]])
+def test_commands_other_than_simulate_do_not_load_the_simulator(
+    tmp_path: Path, args: list[str]
+) -> None:
+    modules = imported_by(*args, cwd=tmp_path)
+    assert "postlane.cli" in modules
+    assert not {
+        m for m in modules if m == "postlane.simulate" or m.startswith("postlane.simulate.")
+    }
+
+
+def test_the_simulate_command_loads_the_simulator(tmp_path: Path) -> None:
+    assert "postlane.simulate.simulator" in imported_by("simulate", "--list", cwd=tmp_path)

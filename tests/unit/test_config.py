@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -15,6 +16,7 @@ from postlane.config import (
     parse_size,
 )
 from postlane.errors import ConfigError
+from postlane.simulate import Scenario
 
 
 @pytest.mark.parametrize(
@@ -167,3 +169,25 @@ def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("config", "scenario", "expected"),
+    [
+        ({"store": {"url": 5}}, {"hostname": 5}, "expected a string, got 5"),
+        ({"log": {"attempts": "yes"}}, {"rules": [{"drop": "yes"}]}, "expected true or false"),
+        ({"delivery": {"lease": 5}}, {"delays": {"rcpt": 5}}, 'a duration string like "30s"'),
+        ({"retry": {"max_attempts": 0}}, {"throttle": {"rate": 1, "burst": 0}}, "positive integer"),
+        ({"log": {"format": "xml"}}, {"tls": "xml"}, "expected one of "),
+    ],
+)
+def test_the_configuration_and_scenarios_check_values_alike(
+    config: dict[str, Any], scenario: dict[str, Any], expected: str
+) -> None:
+    """Both read through postlane.toml_values: one kind of value, one check, the same words."""
+    with pytest.raises(ConfigError) as in_config:
+        config_from_dict(config)
+    with pytest.raises(ConfigError) as in_scenario:
+        Scenario.from_dict(scenario)
+    assert expected in in_config.value.message
+    assert expected in in_scenario.value.message

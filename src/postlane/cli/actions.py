@@ -1,0 +1,153 @@
+"""Operator actions on selected deliveries (flush, hold, release, delete; requeue, purge): show
+what an action touches, ask first when it destroys, apply it with a progress bar.
+
+:func:`action_command` makes each of them a command; ``queue`` and ``dlq`` add them to their
+groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from postlane.app import AsyncPostlane, QueueAction
+from postlane.cli.context import config_option, with_app
+from postlane.cli.output import err, listing
+from postlane.cli.selectors import build_selector, dead_letter_selector_options, selector_options
+from postlane.errors import PostlaneError
+from postlane.records import SelectionCount, Selector
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_PAST = {
+    QueueAction.FLUSH: "flushed",
+    QueueAction.HOLD: "held",
+    QueueAction.RELEASE: "released",
+    QueueAction.DELETE: "deleted",
+    QueueAction.REQUEUE: "requeued",
+    QueueAction.PURGE: "purged",
+}
+
+
+def targets(
+    ids: Sequence[str], all_: bool, selectors: dict[str, Any], *, required: bool
+) -> Selector:
+    """The deliveries an action is for: message IDs or ``--all``, narrowed by the selectors."""
+    if ids and all_:
+        raise click.UsageError("give message IDs or --all, not both")
+    if required and not ids and not all_:
+        raise click.UsageError("give message IDs, or --all (selectors then narrow it)")
+    return build_selector(ids, all_=all_, **selectors)
+
+
+def _show_selection(action: QueueAction, counts: Sequence[SelectionCount]) -> int:
+    total = sum(c.count for c in counts)
+    table = listing(
+        "lane", "domain", "state", "last class", "recipients", right={"recipients"}, pad_edge=False
+    )
+    for c in counts[:30]:
+        table.add_row(
+            c.lane.value, c.domain, c.state.value, c.cls.value if c.cls else "-", f"{c.count:,}"
+        )
+    if len(counts) > 30:
+        rest = sum(c.count for c in counts[30:])
+        table.add_row("...", f"({len(counts) - 30} more groups)", "", "", f"{rest:,}")
+    err.print(f"{action.value} will touch {total:,} recipient(s):")
+    err.print(table)
+    return total
+
+
+def run_action(
+    action: QueueAction,
+    selector: Selector,
+    *,
+    confirm: bool,
+    yes: bool = False,
+    export_path: str | None = None,
+) -> None:
+    """Show what an action touches, ask when it destroys, apply it with progress."""
+
+    async def go(app: AsyncPostlane) -> int:
+        counts = await app.summarize(action, selector)
+        total = (
+            _show_selection(action, counts)
+            if (confirm or err.is_terminal)
+            else sum(c.count for c in counts)
+        )
+        if total == 0:
+            err.print(f"nothing to {action.value}")
+            return 0
+        question = f"{action.value.capitalize()} {total:,} recipient(s)?"
+        if confirm and not yes and not click.confirm(question, default=False, err=True):
+            raise click.Abort()
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+            disable=not err.is_terminal,
+        ) as bar:
+            task = bar.add_task(action.value, total=total)
+            return await app.act(
+                action,
+                selector,
+                export=export,
+                progress=lambda n: bar.update(task, completed=n),
+            )
+
+    try:
+        export = open(export_path, "a", encoding="utf-8") if export_path else None  # noqa: SIM115
+    except OSError as exc:
+        raise PostlaneError(f"cannot write {export_path}: {exc.strerror}") from None
+    try:
+        done = with_app(go)
+    finally:
+        if export is not None:
+            export.close()
+    suffix = f" (exported to {export_path})" if export_path else ""
+    click.echo(f"{_PAST[action]} {done:,} recipient(s){suffix}", err=True)
+
+
+def action_command(
+    name: str,
+    action: QueueAction,
+    help: str,
+    *,
+    dead_letters: bool = False,
+    required: bool = True,
+    destructive: bool = False,
+) -> click.Command:
+    """The command ``name`` applying ``action`` to message IDs or ``--all``, narrowed by the
+    selectors (a dead letter's when ``dead_letters``); IDs or ``--all`` must be given when
+    ``required`` (``queue flush`` alone may go without). A ``destructive`` action shows what it
+    will touch and asks (not with ``--yes``), and can ``--export`` what it removes."""
+
+    def command(
+        ids: tuple[str, ...],
+        all_: bool,
+        export_path: str | None = None,
+        yes: bool = False,
+        **selectors: Any,
+    ) -> None:
+        selector = targets(ids, all_, selectors, required=required)
+        run_action(action, selector, confirm=destructive, yes=yes, export_path=export_path)
+
+    if destructive:
+        command = click.option("--yes", is_flag=True, help="Do not ask.")(command)
+        command = click.option(
+            "--export",
+            "export_path",
+            metavar="FILE",
+            help=f"Write what is {_PAST[action]} (JSON Lines).",
+        )(command)
+    command = (dead_letter_selector_options if dead_letters else selector_options)(command)
+    command = click.option("--all", "all_", is_flag=True, help="Every message (selectors narrow).")(
+        command
+    )
+    command = click.argument("ids", nargs=-1, metavar="[ID]...")(command)
+    return click.command(name, help=help)(config_option(command))

@@ -1,0 +1,112 @@
+"""``postlane dlq``: dead letters, recipients that will not be retried, with their full failure
+context; requeued or purged by the same selectors as the queue's actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from postlane.app import QueueAction
+from postlane.cli.actions import action_command
+from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.output import first_line, json_or_empty, listing, out, print_json, reply_code
+from postlane.cli.selectors import build_selector, dead_letter_selector_options
+from postlane.clock import when
+
+
+@click.group()
+def dlq() -> None:
+    """Dead letters: recipients that will not be retried, with their full failure context."""
+
+
+@dlq.command("list")
+@config_option
+@dead_letter_selector_options
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000))
+@click.option(
+    "--rows/--group",
+    "rows",
+    default=None,
+    help="One line per dead recipient, or per group of identical failures (default: group, "
+    "except with --json, whose default is the contract's one row per recipient).",
+)
+@json_option
+def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> None:
+    """Dead letters: grouped by class, domain and reply, or one row per recipient."""
+    selector = build_selector(**selectors)
+    if rows is None:
+        rows = as_json
+    if not rows:
+        groups = with_app(lambda app: app.dead_groups(selector, limit=limit))
+        if json_or_empty(groups, as_json=as_json, empty="No dead letters"):
+            return
+        table = listing("Count", "Class", "Domain", "Reply", "Last died", "e.g.", right={"Count"})
+        for g in groups:
+            reply = f"{reply_code(g.code, g.enhanced)} {first_line(g.reply)}".strip()
+            table.add_row(
+                f"{g.count:,}", g.cls.value, g.domain, reply, when(g.last_dead_at), g.sample_id
+            )
+        out.print(table)
+        out.print(
+            f"-- {sum(g.count for g in groups):,} dead recipient(s) in {len(groups)} group(s)"
+        )
+        return
+    letters = with_app(lambda app: app.dead_letters(selector, limit=limit))
+    if json_or_empty(letters, as_json=as_json, empty="No dead letters"):
+        return
+    columns = ("Queue ID", "Recipient", "Class", "Attempts", "Died", "Last reply")
+    table = listing(*columns, wrap={"Last reply"})
+    for d in letters:
+        last = d.last_response
+        text = ""
+        if last is not None:
+            text = f"{reply_code(last.code, last.enhanced)} {first_line(last.text)}".strip()
+        if d.reason and not text:
+            text = d.reason
+        table.add_row(d.id, d.address, d.cls.value, str(d.attempts), when(d.dead_at), text)
+    out.print(table)
+    out.print(f"-- {len(letters)} dead recipient(s)")
+
+
+@dlq.command("show")
+@config_option
+@click.argument("queue_id", metavar="ID")
+@json_option
+def dlq_show(queue_id: str, as_json: bool) -> None:
+    """A message's dead recipients with every attempt."""
+    letters = with_app(lambda app: app.dead_letter(queue_id))
+    if as_json:
+        print_json([d.as_json() for d in letters])
+        return
+    for d in letters:
+        out.print(f"[bold]{d.id}[/] {d.address}  [red]{d.cls.value}[/]  died {when(d.dead_at)}")
+        out.print(f"  from {d.sender}, subject {d.subject!r}, lane {d.lane.value}", markup=False)
+        if d.reason:
+            out.print(f"  reason: {d.reason}", markup=False)
+        for a in d.history or ():
+            code = reply_code(a.code, a.enhanced)
+            out.print(
+                f"  {when(a.at)}  {a.cls.value:<13} {code:<10} {a.text}  "
+                f"[{a.relay} -> {a.destination}, {a.duration_ms} ms]",
+                markup=False,
+            )
+
+
+dlq.add_command(
+    action_command(
+        "requeue",
+        QueueAction.REQUEUE,
+        "Give dead letters a fresh start: attempts reset, due now (postsuper -r).",
+        dead_letters=True,
+    )
+)
+dlq.add_command(
+    action_command(
+        "purge",
+        QueueAction.PURGE,
+        "Drop dead letters for good, showing what and asking first.",
+        dead_letters=True,
+        destructive=True,
+    )
+)

@@ -1,0 +1,81 @@
+"""How the commands print: the consoles, JSON, listing tables, ages and replies.
+
+Listings go to stdout (``out``); what an operator action shows and asks goes to stderr (``err``),
+so a pipe gets only the result. Piped, neither wraps: one line per row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from postlane.config import format_duration
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def unwrap_when_piped() -> None:
+    """Piped output gets one line per row, never wrapped at 80 columns."""
+    for console in (out, err):
+        if not console.is_terminal:
+            console.width = 250
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+class Row(Protocol):
+    """A listing's row: a record the API also returns as JSON."""
+
+    def as_json(self) -> Any: ...
+
+
+def json_or_empty(rows: Sequence[Row], *, as_json: bool, empty: str) -> bool:
+    """With ``--json``, print the rows as one JSON list; without rows, print ``empty``. True when
+    that is the whole output, False when the caller prints the rows its own way."""
+    if as_json:
+        print_json([row.as_json() for row in rows])
+        return True
+    if not rows:
+        out.print(empty)
+        return True
+    return False
+
+
+def listing(
+    *columns: str,
+    right: Collection[str] = (),
+    wrap: Collection[str] | None = None,
+    pad_edge: bool = True,
+) -> Table:
+    """A borderless table with bold headings: ``right`` columns are right-aligned, and only the
+    ``wrap`` ones wrap (all do when it is None)."""
+    table = Table(box=None, show_edge=False, header_style="bold", pad_edge=pad_edge)
+    for column in columns:
+        table.add_column(
+            column,
+            justify="right" if column in right else "left",
+            no_wrap=wrap is not None and column not in wrap,
+        )
+    return table
+
+
+def age(seconds: float) -> str:
+    return format_duration(seconds) if seconds > 0 else "0s"
+
+
+def reply_code(code: int | None, enhanced: str | None) -> str:
+    """``"550 5.1.1"``, ``"421"``, or ``""``: the codes of a reply that has them."""
+    return " ".join(str(x) for x in (code, enhanced) if x)
+
+
+def first_line(text: str | None) -> str:
+    """A reply's or reason's first line: a listing shows one line per row."""
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,190 @@
+"""``postlane queue``: look at the queue and act on it (postqueue, postsuper, exim -bp)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO, Any
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from postlane.app import QueueAction
+from postlane.cli.actions import action_command
+from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.output import first_line, json_or_empty, listing, out, print_json, reply_code
+from postlane.cli.selectors import build_selector, selector_options
+from postlane.clock import when
+from postlane.errors import PostlaneError
+from postlane.message import RecipientState
+from postlane.records import MessageView
+
+#: how a recipient's state is coloured in listings
+STATE_STYLE = {
+    RecipientState.SENT: "green",
+    RecipientState.DEAD: "red",
+    RecipientState.DEFERRED: "yellow",
+    RecipientState.HELD: "magenta",
+    RecipientState.SUPPRESSED: "dim",
+}
+
+
+@click.group()
+def queue() -> None:
+    """Look at and act on the queue (postqueue, postsuper, exim -bp)."""
+
+
+@queue.command("list")
+@config_option
+@selector_options
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000))
+@json_option
+def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
+    """List messages not yet finished (--state sent/dead for the others)."""
+    selector = build_selector(**selectors)
+    messages = with_app(lambda app: app.messages(selector, limit=limit))
+    if json_or_empty(messages, as_json=as_json, empty="Mail queue is empty"):
+        return
+    columns = ("Queue ID", "Lane", "Size", "Arrival", "Sender / Recipients")
+    table = listing(*columns, wrap={"Sender / Recipients"}, pad_edge=False)
+    for message in messages:
+        table.add_row(
+            message.id,
+            message.lane.value,
+            str(message.size),
+            when(message.created_at),
+            _recipients_cell(message),
+        )
+    out.print(table)
+    total = sum(len(m.recipients) for m in messages)
+    size_kb = sum(m.size for m in messages) / 1024
+    out.print(f"-- {size_kb:.0f} Kbytes in {len(messages)} messages, {total} recipients")
+
+
+def _recipients_cell(message: MessageView) -> Text:
+    cell = Text(message.sender)
+    for r in message.recipients:
+        cell.append(f"\n  {r.address} ", style="")
+        cell.append(f"[{r.state.value}", style=STATE_STYLE.get(r.state, ""))
+        if r.attempts:
+            cell.append(f", {r.attempts} attempt(s)")
+        if r.state is RecipientState.DEFERRED and r.next_attempt_at:
+            cell.append(f", next {when(r.next_attempt_at)}")
+        cell.append("]", style=STATE_STYLE.get(r.state, ""))
+        if r.last_response is not None and r.state is not RecipientState.SENT:
+            reply = r.last_response
+            code = reply_code(reply.code, reply.enhanced)
+            cell.append(f"\n    ({code} {first_line(reply.text)})".rstrip())
+    return cell
+
+
+@queue.command("show")
+@config_option
+@click.argument("queue_id", metavar="ID")
+@click.option("--raw", is_flag=True, help="Print the stored message bytes (postcat -q).")
+@json_option
+def queue_show(queue_id: str, raw: bool, as_json: bool) -> None:
+    """One message and each recipient's attempt history."""
+    if raw:
+        content = with_app(lambda app: app.content(queue_id))
+        sys.stdout.buffer.write(content)
+        return
+    message = with_app(lambda app: app.get(queue_id, history=True))
+    if as_json:
+        print_json(message.as_json())
+        return
+    out.print(f"[bold]{message.id}[/]  {message.state.value}  lane {message.lane.value}")
+    for label, value in (
+        ("Message-ID", message.message_id),
+        ("From", message.sender),
+        ("Subject", message.subject),
+        ("Arrived", when(message.created_at)),
+        ("Size", f"{message.size} bytes"),
+        ("Idempotency key", message.idempotency_key or "-"),
+    ):
+        out.print(f"  {label + ':':<17}{value}", markup=False)
+    if message.metadata:
+        out.print(f"  {'Metadata:':<17}{json.dumps(dict(message.metadata))}", markup=False)
+    for r in message.recipients:
+        out.print()
+        line = Text(f"  {r.address}  ")
+        line.append(r.state.value, style=STATE_STYLE.get(r.state, ""))
+        line.append(f"  attempts {r.attempts}  destination {r.destination}")
+        if r.state in (RecipientState.DEFERRED, RecipientState.QUEUED) and r.next_attempt_at:
+            line.append(f"  next {when(r.next_attempt_at)}")
+        if r.reason:
+            line.append(f"  ({r.reason})")
+        out.print(line)
+        if r.history:
+            table = Table(box=None, show_edge=False, padding=(0, 1), header_style="dim")
+            for column in ("at", "class", "code", "text", "ms", "relay"):
+                table.add_column(column)
+            for a in r.history:
+                code = reply_code(a.code, a.enhanced)
+                table.add_row(when(a.at), a.cls.value, code, a.text, str(a.duration_ms), a.relay)
+            out.print(table)
+
+
+queue.add_command(
+    action_command(
+        "flush",
+        QueueAction.FLUSH,
+        "Make deferred deliveries due now (postqueue -f; with IDs, postqueue -i).",
+        required=False,
+    )
+)
+queue.add_command(
+    action_command(
+        "hold", QueueAction.HOLD, "Hold deliveries: not attempted until released (postsuper -h)."
+    )
+)
+queue.add_command(
+    action_command(
+        "release", QueueAction.RELEASE, "Release held deliveries, due now (postsuper -H)."
+    )
+)
+queue.add_command(
+    action_command(
+        "delete",
+        QueueAction.DELETE,
+        "Delete deliveries, showing what and asking first (postsuper -d).",
+        destructive=True,
+    )
+)
+
+
+@queue.command("import")
+@config_option
+@click.argument("path", metavar="FILE")
+def queue_import(path: str) -> None:
+    """Bring back what `queue delete --export` wrote ('-': stdin). Every line is checked
+    before anything is stored: a bad line imports nothing."""
+    from postlane.app import check_export
+
+    try:
+        handle = _spool_stdin() if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise PostlaneError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        try:
+            check_export(handle)
+        except UnicodeDecodeError:
+            raise PostlaneError(f"{path}: not UTF-8 text (not a postlane export)") from None
+        handle.seek(0)
+        restored = with_app(lambda app: app.import_(handle))
+    finally:
+        handle.close()
+    click.echo(f"imported {restored:,} recipient(s)", err=True)
+
+
+def _spool_stdin() -> IO[str]:
+    """stdin's bytes in a temporary file, to be read twice (checked, then imported)."""
+    import io
+    import shutil
+    import tempfile
+
+    spool = tempfile.TemporaryFile()  # noqa: SIM115
+    shutil.copyfileobj(sys.stdin.buffer, spool)
+    spool.seek(0)
+    return io.TextIOWrapper(spool, encoding="utf-8")

@@ -1,0 +1,128 @@
+"""``postlane send``: enqueue one message from the command line (sendmail's job)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.output import print_json
+from postlane.cli.selectors import metadata_pairs
+from postlane.message import Attachment, Message
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _text(path: str) -> str:
+    try:
+        return _read(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path} is not UTF-8 text") from None
+
+
+def _headers(values: Sequence[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not 'Name: value'", param_hint="--header")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def _attachment(path: str) -> Attachment:
+    import mimetypes
+
+    content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    return Attachment(filename=Path(path).name, content=_read(path), content_type=content_type)
+
+
+@click.command()
+@config_option
+@click.option("--from", "sender", metavar="ADDR", help="Sender (taken from --eml when omitted).")
+@click.option("--to", "to", multiple=True, metavar="ADDR", help="Recipient (repeatable).")
+@click.option("--cc", multiple=True, metavar="ADDR", help="Cc recipient (repeatable).")
+@click.option("--bcc", multiple=True, metavar="ADDR", help="Bcc recipient, never in headers.")
+@click.option("--subject", help="Subject line.")
+@click.option("--text", help="Plain-text body.")
+@click.option("--text-file", metavar="FILE", help="Plain-text body from a file ('-': stdin).")
+@click.option("--html-file", metavar="FILE", help="HTML body from a file.")
+@click.option("--eml", metavar="FILE", help="A complete RFC 5322 message ('-': stdin).")
+@click.option("--attach", multiple=True, metavar="FILE", help="Attach a file (repeatable).")
+@click.option("--lane", default="normal", show_default=True, help="high, normal or low.")
+@click.option("--idempotency-key", metavar="KEY", help="Enqueue at most once per key.")
+@click.option("--header", "header", multiple=True, metavar='"K: V"', help="Extra header.")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Free metadata.")
+@json_option
+def send(
+    sender: str | None,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    subject: str | None,
+    text: str | None,
+    text_file: str | None,
+    html_file: str | None,
+    eml: str | None,
+    attach: tuple[str, ...],
+    lane: str,
+    idempotency_key: str | None,
+    header: tuple[str, ...],
+    metadata: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Enqueue a message; prints its id once it is durably stored."""
+    if text is not None and text_file is not None:
+        raise click.UsageError("give --text or --text-file, not both")
+    meta = metadata_pairs(metadata)
+    if eml is not None:
+        message = Message(
+            sender=sender or "",
+            to=to,
+            cc=cc,
+            bcc=bcc,
+            raw=_read(eml),
+            lane=lane,
+            idempotency_key=idempotency_key,
+            metadata=meta,
+        )
+        if subject or text or text_file or html_file or header or attach:
+            raise click.UsageError("--eml carries its own subject, body and headers")
+    else:
+        if not sender:
+            raise click.UsageError("--from is required (or give --eml)")
+        body = _text(text_file) if text_file else text
+        if body is None and html_file is None and not attach and not sys.stdin.isatty():
+            body = sys.stdin.read()
+        message = Message(
+            sender=sender,
+            to=to,
+            cc=cc,
+            bcc=bcc,
+            subject=subject,
+            text=body,
+            html=_text(html_file) if html_file else None,
+            attachments=[_attachment(path) for path in attach],
+            headers=_headers(header),
+            lane=lane,
+            idempotency_key=idempotency_key,
+            metadata=meta,
+        )
+
+    result = with_app(lambda app: app.send(message))
+    if as_json:
+        print_json(result.as_json())
+    else:
+        click.echo(result.id)
+        if result.duplicate:
+            click.echo(f"duplicate: idempotency key already used by {result.id}", err=True)

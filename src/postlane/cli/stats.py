@@ -1,0 +1,118 @@
+"""``postlane stats`` and ``postlane alerts``: how the queue is doing (qshape's view included),
+and which alert rules fire now."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from postlane.app import QSHAPE_EDGES, AsyncPostlane
+from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.output import age, listing, out, print_json
+from postlane.clock import when
+from postlane.message import Lane
+from postlane.records import ShapeRow
+
+
+@click.command()
+@config_option
+@click.option("--shape", is_flag=True, help="Age buckets by destination domain (qshape).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@json_option
+def stats(shape: bool, limit: int, as_json: bool) -> None:
+    """Depth and oldest age by lane, counts by state; --shape for where the backlog sits."""
+    if shape:
+        _print_shape(with_app(lambda app: app.shape(limit=limit)), as_json)
+        return
+    result = with_app(lambda app: app.stats())
+    if as_json:
+        print_json(result.as_json())
+        return
+    table = Table(header_style="bold")
+    for column in ("lane", "ready", "deferred", "held", "sending", "oldest"):
+        table.add_column(column, justify="right" if column != "lane" else "left")
+    for lane in Lane:
+        s = result.lanes[lane]
+        table.add_row(
+            lane.value,
+            str(s.ready),
+            str(s.deferred),
+            str(s.held),
+            str(s.sending),
+            age(s.oldest_age_seconds),
+        )
+    out.print(table)
+    out.print(
+        f"sent {result.sent}   dead {result.dead}   suppressed {result.suppressed}   "
+        f"suppression list {result.suppression_list}"
+    )
+    if result.destinations:
+        columns = ("destination", "in flight", "rate/s", "paused until", "why")
+        busy = listing(*columns, pad_edge=False)
+        for d in result.destinations:
+            busy.add_row(
+                d.destination,
+                str(d.in_flight),
+                "-" if d.rate is None else f"{d.rate:.1f}",
+                when(d.paused_until),
+                d.reason or "",
+            )
+        out.print()
+        out.print(busy)
+
+
+def _print_shape(rows: Sequence[ShapeRow], as_json: bool) -> None:
+    if as_json:
+        print_json([row.as_json(QSHAPE_EDGES) for row in rows])
+        return
+    labels = [f"{int(e // 60)}" for e in QSHAPE_EDGES] + [f"{int(QSHAPE_EDGES[-1] // 60)}+"]
+    table = listing("domain", "T", *labels, right={"T", *labels}, pad_edge=False)
+    totals = [sum(row.buckets[i] for row in rows) for i in range(len(labels))]
+    table.add_row("TOTAL", str(sum(r.total for r in rows)), *map(str, totals), style="bold")
+    for row in rows:
+        table.add_row(row.domain, str(row.total), *map(str, row.buckets))
+    out.print("waiting recipients by domain and age in minutes (qshape)")
+    out.print(table)
+
+
+@click.command("alerts")
+@config_option
+@click.option(
+    "--prometheus-rules", "rules", is_flag=True, help="Print the rules as a Prometheus rules file."
+)
+@json_option
+def alerts_command(rules: bool, as_json: bool) -> None:
+    """Evaluate the alert rules now, on the recorded history (what serve records each minute)."""
+    from postlane.alerts import HISTORY_NEEDED, AlertMonitor, evaluate, firing_first
+    from postlane.alerts import prometheus_rules as render
+
+    if rules:
+        click.echo(render(), nl=False)
+        return
+
+    async def go(app: AsyncPostlane) -> list[Any]:
+        now = app.clock.now()
+        history = await app.store.samples(now - HISTORY_NEEDED)
+        if not history or history[-1].at < now - now % 60:  # serve did not record this minute
+            history = [*history, *await AlertMonitor(app).sample(now)]
+        return firing_first(evaluate(history, now))
+
+    verdicts = with_app(go)
+    if as_json:
+        print_json([a.as_json() for a in verdicts])
+        return
+    table = listing("state", "alert", "labels", "value", "detail", pad_edge=False)
+    for alert in verdicts:
+        state_text = Text("FIRING", style="bold red") if alert.firing else Text("ok", style="green")
+        labels = ",".join(f"{k}={v}" for k, v in alert.labels.items())
+        table.add_row(state_text, alert.rule.name, labels, f"{alert.value:g}", alert.detail)
+    out.print(table)
+    firing = [a for a in verdicts if a.firing]
+    if firing:
+        out.print(f"{len(firing)} firing; runbooks:")
+        for alert in firing:
+            out.print(f"  {alert.rule.name}: {alert.rule.runbook_url}", markup=False)

@@ -1,0 +1,167 @@
+"""The values postlane's TOML files hold, and the readers that check them.
+
+Durations (``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"2d"``), sizes (``"25MB"``) and
+``HOST:PORT`` addresses are parsed here, for the configuration, the simulator's scenario files,
+the command line and the HTTP API alike.
+
+A *reader* takes a value as :mod:`tomllib` gave it and returns it typed, or raises ValueError
+saying what it expected (``expected a string, got 5``); the caller names the key. The
+configuration (:mod:`postlane.config`) and the scenarios (:mod:`postlane.simulate.scenario`) read
+through the same readers, so one kind of value is checked one way, in the same words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+#: checks one TOML value and returns it typed; ValueError saying what it expected
+Reader = Callable[[Any], T]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+# -- the syntax of durations, sizes and addresses ----------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """``"1h30m"`` -> 5400.0 seconds. Raises ValueError on anything else."""
+    text = text.strip()
+    pos = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(
+            f'expected a duration like "500ms", "30s", "5m", "1h" or "2d", got {text!r}'
+        )
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of :func:`parse_duration`, for humans: 5400 -> ``"1h30m"``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    out = []
+    rest = round(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            out.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(out[:2]) or "0s"
+
+
+def parse_size(text: str) -> int:
+    """``"25MB"`` -> 25000000 bytes (KB, MB, GB are powers of 1000; KiB, MiB, GiB of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f'expected a size like "25MB" or "512KiB", got {text!r}')
+    unit = (match.group(2) or "B").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:8025"`` or ``"[::1]:8025"`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'expected HOST:PORT like "127.0.0.1:8025", got {text!r}')
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+# -- readers -----------------------------------------------------------------------------------
+
+
+def expected(what: str, value: Any) -> ValueError:
+    """The error of every reader: ``expected {what}, got {value!r}``."""
+    return ValueError(f"expected {what}, got {value!r}")
+
+
+def of_type(kind: type[T], what: str) -> Reader[T]:
+    """A reader taking values of ``kind`` as they are."""
+
+    def read(value: Any) -> T:
+        if not isinstance(value, kind):
+            raise expected(what, value)
+        return value
+
+    return read
+
+
+string: Reader[str] = of_type(str, "a string")
+boolean: Reader[bool] = of_type(bool, "true or false")
+
+
+def integer(value: Any) -> int:
+    """A TOML integer (``true`` is not 1 here, though Python says so)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise expected("an integer", value)
+    return value
+
+
+def integer_where(accept: Callable[[int], bool], what: str) -> Reader[int]:
+    """A reader of integers that ``accept`` approves, e.g. ``integer_where(lambda n: n > 0, "a
+    positive integer")``."""
+
+    def read(value: Any) -> int:
+        number = integer(value)
+        if not accept(number):
+            raise expected(what, number)
+        return number
+
+    return read
+
+
+def number_where(accept: Callable[[float], bool], what: str) -> Reader[float]:
+    """A reader of numbers, integer or float (never a boolean), that ``accept`` approves."""
+
+    def read(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not accept(value):
+            raise expected(what, value)
+        return float(value)
+
+    return read
+
+
+positive_integer = integer_where(lambda number: number > 0, "a positive integer")
+
+
+def duration(value: Any) -> float:
+    """A duration string, in seconds (a bare number is refused: seconds or minutes?)."""
+    if not isinstance(value, str):
+        raise expected('a duration string like "30s" or "2d"', value)
+    return parse_duration(value)
+
+
+def size(value: Any) -> int:
+    """A size string, in bytes."""
+    if not isinstance(value, str):
+        raise expected('a size string like "25MB"', value)
+    return parse_size(value)
+
+
+def choice(*allowed: str) -> Reader[str]:
+    """A reader of one of the ``allowed`` strings."""
+
+    def read(value: Any) -> str:
+        if value not in allowed:
+            raise expected(f"one of {', '.join(allowed)}", value)
+        return str(value)
+
+    return read
