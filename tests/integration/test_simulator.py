@@ -81,7 +81,8 @@ def outcome_of(send: Any) -> Outcome:
     except smtplib.SMTPResponseException as exc:
         error = exc.smtp_error
         return Outcome(exc.smtp_code, error.decode() if isinstance(error, bytes) else str(error))
-    except smtplib.SMTPServerDisconnected as exc:
+    except (smtplib.SMTPServerDisconnected, ConnectionResetError) as exc:
+        # a dropped connection: closed, or reset when the server closes with unread input
         return Outcome(None, str(exc))
     return Outcome(250, "", dict(refused or {}))
 
@@ -730,3 +731,10 @@ def test_cli_stops_after_duration(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["messages"] == 0
     assert report["elapsed_seconds"] >= 0.2
+
+
+@pytest.mark.parametrize("rate", [float("inf"), float("nan"), 0, -1])
+def test_a_throttle_rate_that_is_not_a_finite_positive_number_is_refused(rate: float) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Scenario.from_dict({"throttle": {"rate": rate}})
+    assert "throttle.rate" in caught.value.message and "\n" not in caught.value.message

@@ -245,7 +245,9 @@ _string = toml_values.string
 _integer = toml_values.integer
 _boolean = toml_values.boolean
 _positive_integer = toml_values.positive_integer
-_positive_number = toml_values.number_where(lambda value: value > 0, "a number above 0")
+_positive_number = toml_values.number_where(
+    lambda value: 0 < value < math.inf, "a finite number above 0"
+)
 _probability = toml_values.number_where(
     lambda value: 0 <= value <= 1, "a probability between 0 and 1"
 )
