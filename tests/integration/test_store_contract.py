@@ -882,3 +882,8 @@ async def test_reaped_and_requeued_deliveries_are_events_and_events_expire(store
     assert [e.type for e in await store.events_after(None, limit=100)] == ["dead", "queued"]
     with pytest.raises(NotFound):  # a purged cursor cannot be followed
         await store.events_after(events[0].id, limit=10)
+
+
+async def test_the_readiness_check_writes(store: Any) -> None:
+    await store.check(T0)
+    await store.check(T0 + 1)  # again: one row, updated

@@ -11,12 +11,16 @@ from postlane.store.base import Store
 __all__ = ["Store", "open_store_url"]
 
 
-def open_store_url(url: str, *, base_dir: Path | None = None, clock: Clock | None = None) -> Store:
-    """The store for a ``store.url`` (not yet opened: call ``await store.open()``)."""
+def open_store_url(
+    url: str, *, base_dir: Path | None = None, clock: Clock | None = None, create: bool = True
+) -> Store:
+    """The store for a ``store.url`` (not yet opened: call ``await store.open()``).
+    ``create=False``: a SQLite file that does not exist is an error when opened, not a new
+    empty queue (operator commands run from the wrong directory)."""
     if url.startswith("sqlite://"):
         from postlane.store.sqlite import SQLiteStore
 
-        return SQLiteStore(sqlite_path(url, base_dir))
+        return SQLiteStore(sqlite_path(url, base_dir), create=create)
     if url.startswith(("postgresql://", "postgres://")):
         try:
             from postlane.store.postgres import PostgresStore

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -234,7 +235,9 @@ class _Writer:
 
 
 def _translate(exc: Exception) -> BaseException:
-    if isinstance(exc, sqlite3.OperationalError):
+    """Any database error is the store's failure (a locked, full or corrupted file): callers
+    answer it as such (SMTP 421, HTTP 503), never as a refusal of what they were given."""
+    if isinstance(exc, sqlite3.Error):
         return StoreUnavailable(f"SQLite: {exc}")
     return exc
 
@@ -306,13 +309,27 @@ def run_plan(conn: sqlite3.Connection, plan: Plan[T]) -> T:
         return result
 
 
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only: it holds whole messages. SQLite
+    gives its WAL and shared-memory files the database file's permissions."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create {path}: {exc.strerror}") from None
+
+
 class SQLiteDatabase:
     """One SQLite file: the writer thread for writes, a pool of reader threads for reads."""
 
     dialect: Dialect = DIALECT
 
-    def __init__(self, path: Path, *, readers: int, max_jobs_per_commit: int) -> None:
+    def __init__(
+        self, path: Path, *, readers: int, max_jobs_per_commit: int, create: bool = True
+    ) -> None:
         self.path = path
+        #: whether opening may create the file (operator commands only read an existing queue)
+        self.create = create
         self.description = f"sqlite:///{path}"
         self._writer = _Writer(path, max_jobs_per_commit)
         self._readers = readers
@@ -324,10 +341,13 @@ class SQLiteDatabase:
         self._enqueued = asyncio.Event()
 
     async def open(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot create {self.path.parent}: {exc.strerror}") from None
+        if not self.path.exists():
+            if not self.create:
+                raise StoreUnavailable(
+                    f"there is no queue at {self.path} (postlane serve creates it; run where "
+                    "postlane.toml is, or give --config)"
+                )
+            _create_private(self.path)
         await asyncio.to_thread(self._writer.start)
         self._reader_pool = ThreadPoolExecutor(
             self._readers, thread_name_prefix="postlane-sqlite-read"
@@ -364,8 +384,11 @@ class SQLiteDatabase:
             raise StoreUnavailable("the SQLite store is not open")
 
         def in_thread() -> T:
-            conn = self._reader()
-            conn.execute("BEGIN")  # one snapshot for multi-statement reads
+            try:
+                conn = self._reader()
+                conn.execute("BEGIN")  # one snapshot for multi-statement reads
+            except sqlite3.Error as exc:
+                raise _unavailable(exc, self.path) from exc
             try:
                 return run_plan(conn, plan())
             except sqlite3.Error as exc:
@@ -392,13 +415,19 @@ class SQLiteStore(SQLStore):
     """The :class:`postlane.store.base.Store` on one SQLite file."""
 
     def __init__(
-        self, path: Path | str, *, readers: int = 2, max_jobs_per_commit: int = MAX_JOBS_PER_COMMIT
+        self,
+        path: Path | str,
+        *,
+        readers: int = 2,
+        max_jobs_per_commit: int = MAX_JOBS_PER_COMMIT,
+        create: bool = True,
     ) -> None:
         """``max_jobs_per_commit=1`` turns group commit off (one fsync per write; for
-        measuring what group commit buys)."""
+        measuring what group commit buys). ``create=False``: opening a file that does not
+        exist is an error, not a new empty queue."""
         self.path = Path(path)
         self.sqlite = SQLiteDatabase(
-            self.path, readers=readers, max_jobs_per_commit=max_jobs_per_commit
+            self.path, readers=readers, max_jobs_per_commit=max_jobs_per_commit, create=create
         )
         super().__init__(self.sqlite)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from postlane.store.delivery import SQLDelivery
 from postlane.store.history import SQLHistory
 from postlane.store.operator import SQLOperator
-from postlane.store.plans import Database
+from postlane.store.plans import Database, execute
 from postlane.store.suppressions import SQLSuppressions
 from postlane.store.throttle_state import SQLThrottle
 
@@ -35,3 +35,8 @@ class SQLStore(SQLDelivery, SQLOperator, SQLThrottle, SQLHistory, SQLSuppression
 
     async def close(self) -> None:
         await self.db.close()
+
+    async def check(self, now: float) -> None:
+        """Make one small write now; raises :class:`postlane.errors.StoreUnavailable` when the
+        store cannot take writes (what a readiness probe asks)."""
+        await self.db.write(lambda: execute("record_check", {"now": now}))

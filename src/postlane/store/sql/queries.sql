@@ -332,3 +332,8 @@ DELETE FROM suppressions WHERE address = :address;
 -- name: purge_events
 -- Forget events older than their retention.
 DELETE FROM events WHERE at < :before;
+
+-- name: record_check
+-- The readiness probe's write.
+INSERT INTO store_checks (id, checked_at) VALUES (1, :now)
+ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at;

@@ -1,0 +1,75 @@
+"""What only the SQLite store does with its files: they are private, an operator command never
+creates one, and a damaged file is the store's failure (StoreUnavailable), never a refusal."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from postlane.errors import StoreUnavailable
+from postlane.message import Message, prepare
+from postlane.records import Selector
+from postlane.store import open_store_url
+from postlane.store.sqlite import SQLiteStore
+
+T0 = 1_800_000_000.0
+
+
+def mail(n: int = 0) -> object:
+    return prepare(
+        Message(sender="app@example.com", to=[f"u{n}@example.net"], subject="s", text="x" * 500),
+        max_size=10**6,
+        now=T0,
+    )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_the_database_and_its_wal_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "postlane.db"
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await store.enqueue([mail()], T0)  # type: ignore[list-item]
+        for name in ("postlane.db", "postlane.db-wal", "postlane.db-shm"):
+            assert mode(tmp_path / name) == 0o600, name
+    finally:
+        await store.close()
+
+
+async def test_an_operator_command_never_creates_a_queue(tmp_path: Path) -> None:
+    path = tmp_path / "elsewhere" / "postlane.db"
+    store = open_store_url(f"sqlite:///{path}", create=False)
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.open()
+    assert str(path) in caught.value.message and "postlane serve creates it" in caught.value.message
+    assert not path.exists() and not path.parent.exists()
+
+
+async def test_a_damaged_database_is_the_stores_failure_not_the_callers(tmp_path: Path) -> None:
+    path = tmp_path / "postlane.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.enqueue([mail(n) for n in range(200)], T0)  # type: ignore[misc]
+    await store.close()
+    store = SQLiteStore(path)
+    await store.open()  # the schema read while the file was whole; now it breaks under it
+    try:
+        data = bytearray(path.read_bytes())
+        page = 4096
+        for start in range(8 * page, len(data) - page, page):
+            data[start + 8 : start + page] = b"\xa5" * (page - 8)
+        path.write_bytes(bytes(data))
+        with pytest.raises(StoreUnavailable):
+            await store.enqueue([mail(999)], T0)  # type: ignore[list-item]
+        with pytest.raises(StoreUnavailable):
+            await store.list_messages(Selector(), limit=500)
+    finally:
+        await store.close()
+    with pytest.raises(StoreUnavailable) as caught:  # and opening it again says so
+        await SQLiteStore(path).open()
+    assert "malformed" in caught.value.message
