@@ -10,6 +10,7 @@ Nothing here knows about storage or networks.
 from __future__ import annotations
 
 import dataclasses
+import email
 import functools
 import hashlib
 import json
@@ -304,9 +305,17 @@ def prepare(
     return dataclasses.replace(prepared, fingerprint=submission_fingerprint(message))
 
 
+#: headers a re-rendering of the same message changes (a retried view, a new Date each time)
+_VOLATILE_HEADERS = frozenset({"date", "message-id", "mime-version", "received"})
+
+
 def submission_fingerprint(message: Message) -> str:
     """A digest of everything an application handed in but the idempotency key: equal for a
-    retry of the same submission, different for another message under the same key."""
+    retry of the same submission, different for another message under the same key.
+
+    A retry may render the same message again (a framework's new Date and Message-ID, new
+    MIME boundaries): those are left out, so a raw message counts by its headers and its parts'
+    decoded contents."""
     digest = hashlib.sha256()
 
     def part(value: Any) -> None:
@@ -315,15 +324,36 @@ def submission_fingerprint(message: Message) -> str:
 
     part([message.sender, _as_list(message.to), _as_list(message.cc), _as_list(message.bcc)])
     part([message.subject, message.text, message.html, str(message.lane)])
-    part(sorted((message.headers or {}).items()))
+    part(sorted((k.lower(), v) for k, v in (message.headers or {}).items()
+                if k.lower() not in _VOLATILE_HEADERS))  # fmt: skip
     part(message.metadata or {})
     for attachment in message.attachments:
         part([attachment.filename, attachment.content_type])
         digest.update(hashlib.sha256(attachment.content).digest())
-    raw = message.raw.encode("utf-8") if isinstance(message.raw, str) else message.raw
-    if raw is not None:
-        digest.update(hashlib.sha256(bytes(raw)).digest())
+    if message.raw is not None:
+        raw = message.raw.encode("utf-8") if isinstance(message.raw, str) else bytes(message.raw)
+        for mime_part in email.message_from_bytes(raw, policy=email_policy.compat32).walk():
+            part(
+                [
+                    (name.lower(), _without_boundary(name, str(value)))
+                    for name, value in mime_part.items()
+                    if name.lower() not in _VOLATILE_HEADERS
+                ]
+            )
+            if not mime_part.is_multipart():
+                payload = mime_part.get_payload(decode=True)
+                digest.update(
+                    hashlib.sha256(payload if isinstance(payload, bytes) else b"").digest()
+                )
     return digest.hexdigest()
+
+
+_BOUNDARY = re.compile(r';\s*boundary="?[^";]*"?', re.IGNORECASE)
+
+
+def _without_boundary(name: str, value: str) -> str:
+    """A Content-Type without its boundary parameter (a fresh one on every rendering)."""
+    return _BOUNDARY.sub("", value) if name.lower() == "content-type" else value
 
 
 def _prepare_parts(

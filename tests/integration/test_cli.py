@@ -67,22 +67,19 @@ def test_send_list_show_stats_with_json(tmp_path: Path) -> None:
         )
     )
     assert set(out) == {"id", "duplicate"} and out["duplicate"] is False
-    again = json.loads(
-        ok(
-            "send",
-            "--from",
-            "app@example.com",
-            "--to",
-            "x@example.net",
-            "--text",
-            "x",
-            "--idempotency-key",
-            "k1",
-            "--json",
-            cwd=tmp_path,
-        )
-    )
+    first_send = [
+        "send", "--from", "app@example.com", "--to", "ada@example.net", "--to",
+        "bob@example.org", "--subject", "Hi", "--text", "Hello", "--lane", "high",
+        "--idempotency-key", "k1", "--header", "X-Campaign: spring", "--json",
+    ]  # fmt: skip
+    again = json.loads(ok(*first_send, cwd=tmp_path))  # a retry: the same submission
     assert again == {"id": out["id"], "duplicate": True}
+    # the key again with another message: refused in one line, nothing stored
+    refused = postlane(
+        "send", "--from", "app@example.com", "--to", "x@example.net", "--text", "x",
+        "--idempotency-key", "k1", cwd=tmp_path,
+    )  # fmt: skip
+    one_line_error(refused, "idempotency key 'k1' was already used")
 
     [message] = json.loads(ok("queue", "list", "--json", cwd=tmp_path))
     expected = {

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import email
 from email import policy
 
@@ -15,6 +16,7 @@ from postlane.message import (
     new_message_id,
     parse_address,
     prepare,
+    submission_fingerprint,
 )
 
 LIMIT = 1_000_000
@@ -260,3 +262,55 @@ def test_header_values_with_line_breaks_never_render(value: str) -> None:
         parsed = email.message_from_bytes(prepared.content, policy=policy.default)
         assert set(parsed.keys()) >= {"From", "To", "Subject", "Message-ID"}
         assert "Bcc" not in parsed
+
+
+# -- the submission's fingerprint (an idempotency key reused with another payload) ---------------
+
+
+def rendered(body: str, boundary: str, date: str, message_id: str) -> bytes:
+    """A multipart message as a framework renders it: its own Date, Message-ID and boundary
+    each time."""
+    return (
+        f"From: app@example.com\r\nTo: ada@example.net\r\nSubject: Receipt\r\nDate: {date}\r\n"
+        f"Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'
+        f"--{boundary}\r\nContent-Type: text/plain\r\n\r\n{body}\r\n"
+        f"--{boundary}\r\nContent-Type: text/html\r\n\r\n<p>{body}</p>\r\n--{boundary}--\r\n"
+    ).encode()
+
+
+def test_a_re_rendered_message_has_the_same_fingerprint() -> None:
+    first = Message(sender="", raw=rendered("Total 12", "b1", "Fri, 1 Jan 2027 00:00:00 +0000",
+                                            "<1@x>"))  # fmt: skip
+    again = Message(sender="", raw=rendered("Total 12", "b2", "Fri, 1 Jan 2027 00:00:05 +0000",
+                                            "<2@x>"))  # fmt: skip
+    other = Message(sender="", raw=rendered("Total 13", "b1", "Fri, 1 Jan 2027 00:00:00 +0000",
+                                            "<1@x>"))  # fmt: skip
+    assert submission_fingerprint(first) == submission_fingerprint(again)
+    assert submission_fingerprint(first) != submission_fingerprint(other)
+
+
+def test_the_fingerprint_covers_every_part_of_a_submission_but_its_key() -> None:
+    base = Message(sender="app@example.com", to=["ada@example.net"], subject="Hi", text="x",
+                   idempotency_key="k", metadata={"order": 1})  # fmt: skip
+    same = dataclasses.replace(base, idempotency_key="other", headers={"Date": "now"})
+    assert submission_fingerprint(base) == submission_fingerprint(same)
+    for change in (
+        {"to": ["bob@example.net"]},
+        {"cc": ["carol@example.net"]},
+        {"subject": "Hello"},
+        {"text": "y"},
+        {"html": "<p>x</p>"},
+        {"lane": "high"},
+        {"metadata": {"order": 2}},
+        {"headers": {"X-Campaign": "spring"}},
+        {"attachments": [Attachment("a.txt", b"1")]},
+    ):
+        assert submission_fingerprint(dataclasses.replace(base, **change)) != (
+            submission_fingerprint(base)
+        ), change
+    prepared = prepare(base, max_size=10**6)
+    assert prepared.fingerprint == submission_fingerprint(base)
+    assert (
+        prepare(dataclasses.replace(base, idempotency_key=None), max_size=10**6).fingerprint is None
+    )
