@@ -640,13 +640,16 @@ def build_app(
         probes = ("/metrics", "/healthz", "/readyz")
         routes = [r for r in routes if getattr(r, "path", None) in probes]
     elif config.http.dashboard:
-        from postlane.dashboard import dashboard_routes
+        from postlane import dashboard
 
-        routes += dashboard_routes(config, app)
-    return Starlette(
+        routes += dashboard.dashboard_routes()
+    asgi = Starlette(
         routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
     )
+    if config.http.dashboard and not probes_only:
+        dashboard.install(asgi.state, config, app)
+    return asgi
 
 
 class _Server(uvicorn.Server):
