@@ -1,5 +1,9 @@
-"""Running postlane: ``serve`` (worker + HTTP API + metrics + SMTP submission, one process) and
-``worker`` (delivery only, for scaling out against one PostgreSQL)."""
+"""Running postlane: ``serve`` (worker + HTTP API + dashboard + metrics + SMTP submission, one
+process) and ``worker`` (delivery only, for scaling out against one PostgreSQL).
+
+``serve`` is where the HTTP API (:mod:`postlane.ingest.http`) and the dashboard
+(:mod:`postlane.dashboard`) meet: :func:`build_app` mounts them side by side on one Starlette
+application; neither knows the other."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from postlane.app import AsyncPostlane
 from postlane.clock import Clock
@@ -16,7 +21,34 @@ from postlane.transports import transport_for
 from postlane.transports.base import Transport
 from postlane.worker import Worker
 
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from postlane.metrics import Metrics
+
 log = logging.getLogger("postlane")
+
+
+def build_app(
+    config: Config,
+    app: AsyncPostlane,
+    metrics: Metrics | None = None,
+    worker: Worker | None = None,
+    *,
+    probes_only: bool = False,
+) -> Starlette:
+    """serve's HTTP face: the API and, beside it, the dashboard (unless ``[http] dashboard =
+    false``); with ``probes_only`` (a worker's ``--metrics``), /metrics, /healthz and /readyz.
+    What no route answers gets the API's JSON errors."""
+    # imported here: a worker without --metrics never loads the dashboard
+    from postlane import dashboard
+    from postlane.ingest import http as api
+
+    asgi = api.build_app(config, app, metrics, worker, probes_only=probes_only)
+    if config.http.dashboard and not probes_only:
+        asgi.router.routes += dashboard.dashboard_routes()
+        dashboard.install(asgi.state, config, app)
+    return asgi
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
@@ -89,18 +121,16 @@ async def run(
         app.worker = worker
         await worker.reclaim_dead_owners()
         async with contextlib.AsyncExitStack() as servers:
+            if ingest or metrics_listen is not None:
+                from postlane.ingest.server import serve_http
+
+                probes_on = None if ingest else metrics_listen
+                asgi = build_app(config, app, metrics, worker, probes_only=probes_on is not None)
+                await servers.enter_async_context(serve_http(asgi, config, probes_on=probes_on))
             if ingest:
-                from postlane.ingest.http import start_http
                 from postlane.ingest.smtp import start_smtp
 
-                await servers.enter_async_context(start_http(config, app, metrics, worker))
                 await servers.enter_async_context(start_smtp(config, app, metrics))
-            elif metrics_listen is not None:
-                from postlane.ingest.http import start_http
-
-                await servers.enter_async_context(
-                    start_http(config, app, metrics, worker, probes_on=metrics_listen)
-                )
             if on_ready is not None:
                 await on_ready(app)
             log.info("postlane is running (lease owner %s)", worker.owner)

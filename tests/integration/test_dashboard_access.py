@@ -13,8 +13,8 @@ import pytest
 
 from postlane.app import AsyncPostlane
 from postlane.clock import FakeClock
-from postlane.ingest.http import build_app
 from postlane.message import RecipientState
+from postlane.serve import build_app
 from tests.conftest import make_config
 
 TOKEN = "admin-t0ken"

@@ -7,14 +7,19 @@ the dashboard's Content-Security-Policy forbids inline styles.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
+from typing import Any
 
 from markupsafe import Markup
 
-__all__ = ["Series", "line_chart"]
+from postlane.message import Lane
+from postlane.records import Sample
+
+__all__ = ["Series", "line_chart", "overview_charts"]
 
 WIDTH, HEIGHT = 600, 160
 LEFT, RIGHT, TOP, BOTTOM = 48, 8, 10, 22
@@ -117,3 +122,46 @@ def _value(value: float, unit: str) -> str:
     if value >= 1000:
         return f"{value / 1000:g}k"
     return f"{value:g}"
+
+
+def overview_charts(samples: Sequence[Sample], start: float, end: float) -> dict[str, Any]:
+    """The overview's charts of the recorded history (one sample per minute, per lane and for
+    the whole queue, ``"*"``) between ``start`` and ``end``, and the window's totals."""
+    by_lane: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_lane[s.lane].append(s)
+    lanes = [lane.value for lane in Lane]
+    wide = by_lane.get("*", [])
+    per_minute = [
+        Series("delivered", [(s.at, s.sent) for s in wide]),
+        Series("deferred", [(s.at, s.deferrals) for s in wide]),
+        Series("dead", [(s.at, s.dead) for s in wide]),
+    ]
+    bounces = [
+        Series("hard bounces", [(s.at, s.hard_bounces) for s in wide]),
+        Series("soft bounces", [(s.at, s.soft_bounces) for s in wide]),
+    ]
+    return {
+        "depth": line_chart(
+            "Waiting per lane (ready + deferred + sending)",
+            [Series(lane, [(s.at, s.depth) for s in by_lane.get(lane, [])]) for lane in lanes],
+            start=start,
+            end=end,
+        ),
+        "age": line_chart(
+            "Oldest waiting message per lane",
+            [Series(lane, [(s.at, s.oldest_age) for s in by_lane.get(lane, [])]) for lane in lanes],
+            start=start,
+            end=end,
+            unit="s",
+        ),
+        "flow": line_chart("Recipients per minute", per_minute, start=start, end=end),
+        "bounces": line_chart("Bounces per minute", bounces, start=start, end=end),
+        "totals": {
+            "delivered": sum(s.sent for s in wide),
+            "deferred": sum(s.deferrals for s in wide),
+            "dead": sum(s.dead for s in wide),
+            "hard": sum(s.hard_bounces for s in wide),
+            "soft": sum(s.soft_bounces for s in wide),
+        },
+    }

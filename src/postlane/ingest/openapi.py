@@ -2,7 +2,9 @@
 
 Written out by hand, next to the handlers in :mod:`postlane.ingest.http`: it is the contract
 clients generate code from, and the fuzz test (``tests/integration/test_http_fuzz.py``) drives the
-API from it.
+API from it. The fragments every operation repeats (a JSON body, a JSON answer, the error
+answers, a listing's selector parameters) are made by the small functions below, so each path
+reads as what it does.
 """
 
 from __future__ import annotations
@@ -11,51 +13,138 @@ from functools import cache
 from typing import Any
 
 from postlane import __version__
+from postlane.classify import ReplyClass
+from postlane.message import Lane, RecipientState
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
-_STRINGS = {
-    "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 1000}]
+Schema = dict[str, Any]
+
+_ERROR_TEXT = {
+    400: "Malformed request",
+    401: "Missing or invalid token",
+    403: "The token's scope does not allow this",
+    404: "Not found",
+    413: "Too large",
+    422: "The message was refused (nothing stored)",
+    503: "The store cannot be reached",
 }
+#: the operations that need a token
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+
+# -- fragments -------------------------------------------------------------------------------------
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _type(*names: str, **extra: Any) -> Schema:
+    """``{"type": "string"}``, or a list of types (``"integer", "null"``), with extras."""
+    return {"type": names[0] if len(names) == 1 else list(names), **extra}
+
+
+def _array(items: Schema, **extra: Any) -> Schema:
+    return {"type": "array", "items": items, **extra}
+
+
+def _object(properties: dict[str, Any], *, required: tuple[str, ...] = ()) -> Schema:
+    if not required:
+        return {"type": "object", "properties": properties}
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def _integers(*names: str) -> dict[str, Schema]:
+    return {name: _type("integer") for name in names}
+
+
+def _strings(*names: str) -> dict[str, Schema]:
+    return {name: _type("string") for name in names}
+
+
+def _enum(values: Any) -> Schema:
+    return {"type": "string", "enum": [v.value for v in values]}
+
+
+def _json(schema: Schema, description: str) -> dict[str, Any]:
+    """An answer with a JSON body."""
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _json_object(description: str) -> dict[str, Any]:
+    return _json(_type("object"), description)
+
+
+def _body(schema: Schema, *media: str) -> dict[str, Any]:
+    """A required request body of ``schema`` in each of ``media`` (default JSON)."""
+    return {
+        "required": True,
+        "content": {m: {"schema": schema} for m in media or ("application/json",)},
+    }
+
+
+def _path_parameter(name: str, schema: Schema | None = None) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema or _type("string")}
 
 
 def _error_responses(*statuses: int) -> dict[str, Any]:
-    text = {
-        400: "Malformed request",
-        401: "Missing or invalid token",
-        403: "The token's scope does not allow this",
-        404: "Not found",
-        413: "Too large",
-        422: "The message was refused (nothing stored)",
-        503: "The store cannot be reached",
-    }
     return {
-        str(s): {
-            "description": text[s],
-            "content": {"application/json": {"schema": _ERROR}},
-        }
+        str(s): {"description": _ERROR_TEXT[s], "content": {"application/json": {"schema": _ERROR}}}
         for s in statuses
     }
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _operation(
+    summary: str,
+    answers: dict[str, Any],
+    errors: tuple[int, ...],
+    *,
+    description: str | None = None,
+    parameters: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    public: bool = False,
+) -> dict[str, Any]:
+    """One operation: its answers, then the error answers it may give."""
+    operation: dict[str, Any] = {"summary": summary}
+    if description is not None:
+        operation["description"] = description
+    if not public:
+        operation["security"] = _BEARER
+    if parameters is not None:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = body
+    operation["responses"] = {**answers, **_error_responses(*errors)}
+    return operation
 
+
+def _listing(summary: str, items: Schema, description: str) -> dict[str, Any]:
+    """A GET of a list narrowed by the selector's query parameters."""
+    return _operation(
+        summary,
+        {"200": _json(_array(items), description)},
+        (400, 401, 403, 503),
+        parameters=_SELECTOR_PARAMS,
+    )
+
+
+_ERROR = _ref("Error")
+#: a string, or a list of them (recipients; selector fields)
+_STRINGS = {"oneOf": [_type("string"), _array(_type("string"), maxItems=1000)]}
+_DURATION = _type("string", example="2h")
 
 _SELECTOR_PARAMS = [
     {"name": name, "in": "query", "required": False, "schema": schema}
     for name, schema in (
-        ("ids", {"type": "array", "items": {"type": "string"}}),
-        ("lane", {"type": "array", "items": {"$ref": "#/components/schemas/Lane"}}),
-        ("state", {"type": "array", "items": {"$ref": "#/components/schemas/State"}}),
-        ("domain", {"type": "array", "items": {"type": "string"}}),
-        ("class", {"type": "array", "items": {"$ref": "#/components/schemas/Class"}}),
-        ("older_than", {"type": "string", "example": "2h"}),
-        ("sender", {"type": "string"}),
-        ("recipient", {"type": "string"}),
-        ("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+        ("ids", _array(_type("string"))),
+        ("lane", _array(_ref("Lane"))),
+        ("state", _array(_ref("State"))),
+        ("domain", _array(_type("string"))),
+        ("class", _array(_ref("Class"))),
+        ("older_than", _DURATION),
+        ("sender", _type("string")),
+        ("recipient", _type("string")),
+        ("limit", _type("integer", minimum=1, maximum=1000, default=100)),
     )
 ]
-
 
 #: what `postlane queue delete --export` writes: one JSON object per message (content base64)
 _EXPORT_LINES = {
@@ -65,447 +154,311 @@ _EXPORT_LINES = {
 }
 
 
-def _action_path(actions: list[str], bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
+# -- schemas ---------------------------------------------------------------------------------------
+
+
+def _recipient() -> Schema:
+    """A recipient of a message, with its last reply and (``GET /v1/messages/{id}``) history."""
+    reply = {
+        "type": ["object", "null"],
+        "properties": {
+            "code": _type("integer", "null"),
+            "enhanced": _type("string", "null"),
+            "text": _type("string"),
+            "class": _ref("Class"),
+        },
+    }
+    attempt = _object(
+        {
+            "at": _type("string", format="date-time"),
+            "class": _ref("Class"),
+            "code": _type("integer", "null"),
+            "enhanced": _type("string", "null"),
+            "text": _type("string"),
+            "duration_ms": _type("integer"),
+            **_strings("relay", "destination"),
+        }
+    )
+    return _object(
+        {
+            **_strings("address", "domain", "destination"),
+            "state": _ref("State"),
+            "attempts": _type("integer"),
+            "next_attempt_at": _type("string", "null", format="date-time"),
+            "last_response": reply,
+            "history": _array(attempt),
+        },
+        required=("address", "domain", "state", "attempts", "next_attempt_at", "last_response"),
+    )
+
+
+def _new_message() -> Schema:
+    attachment = _object(
+        {
+            "filename": _type("string"),
+            "content": _type("string", contentEncoding="base64"),
+            "content_type": _type("string", example="application/pdf"),
+        },
+        required=("content",),
+    )
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Fields of a message, or `raw` (an RFC 5322 message) with from/to.",
+        "properties": {
+            "from": _type("string", example="App <app@example.com>"),
+            "to": _STRINGS,
+            "cc": _STRINGS,
+            "bcc": _STRINGS,
+            **_strings("subject", "text", "html"),
+            "headers": _type("object", additionalProperties=_type("string")),
+            "lane": _ref("Lane"),
+            "idempotency_key": _type("string", maxLength=255),
+            "metadata": _type("object"),
+            "attachments": _array(attachment),
+            "raw": _type("string"),
+        },
+    }
+
+
+def _message() -> Schema:
+    properties = {
+        "id": _type("string"),
+        "lane": _ref("Lane"),
+        "state": _ref("State"),
+        "created_at": _type("string", format="date-time"),
+        **_strings("sender", "subject"),
+        "size": _type("integer"),
+        "message_id": _type("string"),
+        "idempotency_key": _type("string", "null"),
+        "metadata": _type("object"),
+        "recipients": _array(_recipient()),
+    }
+    return _object(properties, required=tuple(p for p in properties if p != "metadata"))
+
+
+def _stats() -> dict[str, Schema]:
+    waiting = ("ready", "deferred", "held", "sending")
+    lanes = {lane.value: _ref("LaneStats") for lane in Lane}
+    return {
+        "LaneStats": _object(
+            {**_integers(*waiting), "oldest_age_seconds": _type("number")},
+            required=(*waiting, "oldest_age_seconds"),
+        ),
+        "Stats": _object(
+            {"lanes": _object(lanes), **_integers("sent", "dead", "suppressed")},
+            required=("lanes", "sent", "dead", "suppressed"),
+        ),
+    }
+
+
+def _selector() -> Schema:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "ids": _array(_type("string")),
+            "all": _type("boolean"),
+            **dict.fromkeys(("lane", "state", "domain", "class"), _STRINGS),
+            "older_than": _DURATION,
+            **_strings("sender", "recipient"),
+            "metadata": _type("object", additionalProperties=_type("string")),
+            "dry_run": _type("boolean"),
+            "export": _type(
+                "boolean",
+                description="delete and purge only: answer with what was removed, as "
+                "JSON Lines (at most 1000 recipients; all or nothing)",
+            ),
+        },
+    }
+
+
+def _schemas() -> dict[str, Schema]:
+    error = _object(_strings("code", "message"), required=("code", "message"))
+    return {
+        "Lane": _enum(Lane),
+        "State": _enum(RecipientState),
+        "Class": _enum(ReplyClass),
+        "Error": _object({"error": error}, required=("error",)),
+        "NewMessage": _new_message(),
+        "Enqueued": _object(
+            {"id": _type("string"), "duplicate": _type("boolean")}, required=("id", "duplicate")
+        ),
+        "Message": _message(),
+        **_stats(),
+        "Selector": _selector(),
+    }
+
+
+# -- paths -----------------------------------------------------------------------------------------
+
+
+def _action_path(actions: list[str]) -> dict[str, Any]:
+    """``POST /v1/queue/{action}`` or ``/v1/dlq/{action}``: a selector in, counts (or, for an
+    exported delete or purge, what was removed) out."""
     exporting = [a for a in actions if a in ("delete", "purge")]
-    ok = _json({"type": "object"}, "How many changed (or would, with dry_run)")
+    ok = _json_object("How many changed (or would, with dry_run)")
     if exporting:
         ok["description"] += f'; with "export": true ({", ".join(exporting)}), what was removed'
         ok["content"]["application/x-ndjson"] = {"schema": _EXPORT_LINES}
         ok["headers"] = {
             "X-Postlane-Count": {
                 "description": "Recipients removed (with export)",
-                "schema": {"type": "integer"},
+                "schema": _type("integer"),
             }
         }
     return {
-        "post": {
-            "summary": f"{', '.join(actions)} selected deliveries (admin)",
-            "security": bearer,
-            "parameters": [
+        "post": _operation(
+            f"{', '.join(actions)} selected deliveries (admin)",
+            {"200": ok},
+            (400, 401, 403, 404, 413, 422, 503),
+            parameters=[_path_parameter("action", _type("string", enum=actions))],
+            body=_body(_ref("Selector")),
+        )
+    }
+
+
+def _message_paths() -> dict[str, Any]:
+    batch = _object(
+        {
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 1000,
+                "items": _ref("NewMessage"),
+            }
+        },
+        required=("messages",),
+    )
+    return {
+        "/v1/messages": {
+            "post": _operation(
+                "Enqueue a message (202 once durably stored)",
+                {"202": _json(_ref("Enqueued"), "Stored")},
+                (400, 401, 403, 413, 422, 503),
+                parameters=[{"name": "Idempotency-Key", "in": "header", "schema": _type("string")}],
+                body=_body(_ref("NewMessage")),
+            ),
+            "get": _listing(
+                "List messages (admin); default: not yet finished",
+                _ref("Message"),
+                "Messages, oldest first",
+            ),
+        },
+        "/v1/messages/batch": {
+            "post": _operation(
+                "Enqueue up to 1000 messages in one durable commit",
                 {
-                    "name": "action",
-                    "in": "path",
-                    "required": True,
-                    "schema": {"type": "string", "enum": actions},
-                }
-            ],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Selector"}}
+                    "202": _json_object("All stored"),
+                    "207": _json_object("Some refused: one result per item"),
                 },
-            },
-            "responses": {
-                "200": ok,
-                **_error_responses(400, 401, 403, 404, 413, 422, 503),
-            },
+                (400, 401, 403, 413, 503),
+                body=_body(batch),
+            )
+        },
+        "/v1/messages/{queue_id}": {
+            "get": _operation(
+                "A message with each recipient's attempt history",
+                {"200": _json(_ref("Message"), "The message")},
+                (401, 403, 404, 503),
+                parameters=[_path_parameter("queue_id")],
+            )
+        },
+        "/v1/stats": {
+            "get": _operation(
+                "Depth and oldest age by lane, counts by state (admin)",
+                {"200": _json(_ref("Stats"), "Stats")},
+                (401, 403, 503),
+            )
+        },
+    }
+
+
+def _operator_paths() -> dict[str, Any]:
+    imported = _object(_integers("records", "imported"), required=("records", "imported"))
+    return {
+        "/v1/queue": {
+            "get": _listing(
+                "List the queue (admin); default: not yet finished (mailq)",
+                _ref("Message"),
+                "Messages, oldest first",
+            )
+        },
+        "/v1/queue/import": {
+            "post": _operation(
+                "Bring back what an exported delete or purge returned (admin)",
+                {"200": _json(imported, "Records read, recipients restored")},
+                (400, 401, 403, 413, 503),
+                description="Every line is checked before anything is stored, then all are "
+                "stored in one transaction: a bad line imports nothing. Messages and recipients "
+                "already present are skipped.",
+                body=_body(_EXPORT_LINES, "application/x-ndjson", "text/plain"),
+            )
+        },
+        "/v1/queue/{action}": _action_path(["flush", "hold", "release", "delete"]),
+        "/v1/dlq": {
+            "get": _listing(
+                "Dead letters, one row per dead recipient (admin)",
+                _type("object"),
+                "Dead letters",
+            )
+        },
+        "/v1/dlq/groups": {
+            "get": _listing(
+                "Dead letters grouped by class, domain and reply (admin)",
+                _type("object"),
+                "Groups",
+            )
+        },
+        "/v1/dlq/{action}": _action_path(["requeue", "purge"]),
+    }
+
+
+def _suppression_paths() -> dict[str, Any]:
+    entry = _object(_strings("address", "reason"), required=("address",))
+    return {
+        "/v1/suppressions": {
+            "get": _operation(
+                "The suppression list (admin)",
+                {"200": _json(_array(_type("object")), "Entries")},
+                (401, 403, 503),
+            ),
+            "post": _operation(
+                "Add an address to the suppression list (admin)",
+                {"201": _json_object("Added"), "200": _json_object("Already there")},
+                (400, 401, 403, 422, 503),
+                body=_body(entry),
+            ),
+        },
+        "/v1/suppressions/{address}": {
+            "delete": _operation(
+                "Take an address off the suppression list (admin)",
+                {"200": _json_object("Removed")},
+                (401, 403, 404, 503),
+                parameters=[_path_parameter("address")],
+            )
+        },
+    }
+
+
+def _probe_paths() -> dict[str, Any]:
+    return {
+        "/healthz": {
+            "get": _operation(
+                "Health (no token needed)",
+                {
+                    "200": _json_object("Healthy"),
+                    "503": _json_object("The store cannot be reached"),
+                },
+                (),
+                public=True,
+            )
         }
     }
 
 
 @cache
 def openapi_document() -> dict[str, Any]:
-    reply = {
-        "type": ["object", "null"],
-        "properties": {
-            "code": {"type": ["integer", "null"]},
-            "enhanced": {"type": ["string", "null"]},
-            "text": {"type": "string"},
-            "class": {"$ref": "#/components/schemas/Class"},
-        },
-    }
-    attempt = {
-        "type": "object",
-        "properties": {
-            "at": {"type": "string", "format": "date-time"},
-            "class": {"$ref": "#/components/schemas/Class"},
-            "code": {"type": ["integer", "null"]},
-            "enhanced": {"type": ["string", "null"]},
-            "text": {"type": "string"},
-            "duration_ms": {"type": "integer"},
-            "relay": {"type": "string"},
-            "destination": {"type": "string"},
-        },
-    }
-    recipient = {
-        "type": "object",
-        "required": ["address", "domain", "state", "attempts", "next_attempt_at", "last_response"],
-        "properties": {
-            "address": {"type": "string"},
-            "domain": {"type": "string"},
-            "destination": {"type": "string"},
-            "state": {"$ref": "#/components/schemas/State"},
-            "attempts": {"type": "integer"},
-            "next_attempt_at": {"type": ["string", "null"], "format": "date-time"},
-            "last_response": reply,
-            "history": {"type": "array", "items": attempt},
-        },
-    }
-    schemas: dict[str, Any] = {
-        "Lane": {"type": "string", "enum": ["high", "normal", "low"]},
-        "State": {
-            "type": "string",
-            "enum": ["queued", "sending", "deferred", "held", "sent", "dead", "suppressed"],
-        },
-        "Class": {
-            "type": "string",
-            "enum": [
-                "delivered",
-                "temporary",
-                "throttled",
-                "connection",
-                "soft_bounce",
-                "hard_bounce",
-                "policy_block",
-                "message_error",
-            ],
-        },
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["code", "message"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                }
-            },
-        },
-        "NewMessage": {
-            "type": "object",
-            "additionalProperties": False,
-            "description": "Fields of a message, or `raw` (an RFC 5322 message) with from/to.",
-            "properties": {
-                "from": {"type": "string", "example": "App <app@example.com>"},
-                "to": _STRINGS,
-                "cc": _STRINGS,
-                "bcc": _STRINGS,
-                "subject": {"type": "string"},
-                "text": {"type": "string"},
-                "html": {"type": "string"},
-                "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-                "lane": {"$ref": "#/components/schemas/Lane"},
-                "idempotency_key": {"type": "string", "maxLength": 255},
-                "metadata": {"type": "object"},
-                "attachments": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["content"],
-                        "properties": {
-                            "filename": {"type": "string"},
-                            "content": {"type": "string", "contentEncoding": "base64"},
-                            "content_type": {"type": "string", "example": "application/pdf"},
-                        },
-                    },
-                },
-                "raw": {"type": "string"},
-            },
-        },
-        "Enqueued": {
-            "type": "object",
-            "required": ["id", "duplicate"],
-            "properties": {"id": {"type": "string"}, "duplicate": {"type": "boolean"}},
-        },
-        "Message": {
-            "type": "object",
-            "required": [
-                "id",
-                "lane",
-                "state",
-                "created_at",
-                "sender",
-                "subject",
-                "size",
-                "message_id",
-                "idempotency_key",
-                "recipients",
-            ],
-            "properties": {
-                "id": {"type": "string"},
-                "lane": {"$ref": "#/components/schemas/Lane"},
-                "state": {"$ref": "#/components/schemas/State"},
-                "created_at": {"type": "string", "format": "date-time"},
-                "sender": {"type": "string"},
-                "subject": {"type": "string"},
-                "size": {"type": "integer"},
-                "message_id": {"type": "string"},
-                "idempotency_key": {"type": ["string", "null"]},
-                "metadata": {"type": "object"},
-                "recipients": {"type": "array", "items": recipient},
-            },
-        },
-        "LaneStats": {
-            "type": "object",
-            "required": ["ready", "deferred", "held", "sending", "oldest_age_seconds"],
-            "properties": {
-                "ready": {"type": "integer"},
-                "deferred": {"type": "integer"},
-                "held": {"type": "integer"},
-                "sending": {"type": "integer"},
-                "oldest_age_seconds": {"type": "number"},
-            },
-        },
-        "Stats": {
-            "type": "object",
-            "required": ["lanes", "sent", "dead", "suppressed"],
-            "properties": {
-                "lanes": {
-                    "type": "object",
-                    "properties": {
-                        lane: {"$ref": "#/components/schemas/LaneStats"}
-                        for lane in ("high", "normal", "low")
-                    },
-                },
-                "sent": {"type": "integer"},
-                "dead": {"type": "integer"},
-                "suppressed": {"type": "integer"},
-            },
-        },
-        "Selector": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "ids": {"type": "array", "items": {"type": "string"}},
-                "all": {"type": "boolean"},
-                "lane": _STRINGS,
-                "state": _STRINGS,
-                "domain": _STRINGS,
-                "class": _STRINGS,
-                "older_than": {"type": "string", "example": "2h"},
-                "sender": {"type": "string"},
-                "recipient": {"type": "string"},
-                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                "dry_run": {"type": "boolean"},
-                "export": {
-                    "type": "boolean",
-                    "description": "delete and purge only: answer with what was removed, as "
-                    "JSON Lines (at most 1000 recipients; all or nothing)",
-                },
-            },
-        },
-    }
-    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
-    paths: dict[str, Any] = {
-        "/v1/messages": {
-            "post": {
-                "summary": "Enqueue a message (202 once durably stored)",
-                "security": bearer,
-                "parameters": [
-                    {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/NewMessage"}}
-                    },
-                },
-                "responses": {
-                    "202": _json({"$ref": "#/components/schemas/Enqueued"}, "Stored"),
-                    **_error_responses(400, 401, 403, 413, 422, 503),
-                },
-            },
-            "get": {
-                "summary": "List messages (admin); default: not yet finished",
-                "security": bearer,
-                "parameters": _SELECTOR_PARAMS,
-                "responses": {
-                    "200": _json(
-                        {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
-                        "Messages, oldest first",
-                    ),
-                    **_error_responses(400, 401, 403, 503),
-                },
-            },
-        },
-        "/v1/messages/batch": {
-            "post": {
-                "summary": "Enqueue up to 1000 messages in one durable commit",
-                "security": bearer,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["messages"],
-                                "properties": {
-                                    "messages": {
-                                        "type": "array",
-                                        "minItems": 1,
-                                        "maxItems": 1000,
-                                        "items": {"$ref": "#/components/schemas/NewMessage"},
-                                    }
-                                },
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "202": _json({"type": "object"}, "All stored"),
-                    "207": _json({"type": "object"}, "Some refused: one result per item"),
-                    **_error_responses(400, 401, 403, 413, 503),
-                },
-            }
-        },
-        "/v1/messages/{queue_id}": {
-            "get": {
-                "summary": "A message with each recipient's attempt history",
-                "security": bearer,
-                "parameters": [
-                    {
-                        "name": "queue_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                ],
-                "responses": {
-                    "200": _json({"$ref": "#/components/schemas/Message"}, "The message"),
-                    **_error_responses(401, 403, 404, 503),
-                },
-            }
-        },
-        "/v1/stats": {
-            "get": {
-                "summary": "Depth and oldest age by lane, counts by state (admin)",
-                "security": bearer,
-                "responses": {
-                    "200": _json({"$ref": "#/components/schemas/Stats"}, "Stats"),
-                    **_error_responses(401, 403, 503),
-                },
-            }
-        },
-        "/v1/queue": {
-            "get": {
-                "summary": "List the queue (admin); default: not yet finished (mailq)",
-                "security": bearer,
-                "parameters": _SELECTOR_PARAMS,
-                "responses": {
-                    "200": _json(
-                        {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
-                        "Messages, oldest first",
-                    ),
-                    **_error_responses(400, 401, 403, 503),
-                },
-            }
-        },
-        "/v1/queue/import": {
-            "post": {
-                "summary": "Bring back what an exported delete or purge returned (admin)",
-                "description": "Every line is checked before anything is stored, then all are "
-                "stored in one transaction: a bad line imports nothing. Messages and recipients "
-                "already present are skipped.",
-                "security": bearer,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/x-ndjson": {"schema": _EXPORT_LINES},
-                        "text/plain": {"schema": _EXPORT_LINES},
-                    },
-                },
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["records", "imported"],
-                            "properties": {
-                                "records": {"type": "integer"},
-                                "imported": {"type": "integer"},
-                            },
-                        },
-                        "Records read, recipients restored",
-                    ),
-                    **_error_responses(400, 401, 403, 413, 503),
-                },
-            }
-        },
-        "/v1/queue/{action}": _action_path(["flush", "hold", "release", "delete"], bearer),
-        "/v1/dlq": {
-            "get": {
-                "summary": "Dead letters, one row per dead recipient (admin)",
-                "security": bearer,
-                "parameters": _SELECTOR_PARAMS,
-                "responses": {
-                    "200": _json({"type": "array", "items": {"type": "object"}}, "Dead letters"),
-                    **_error_responses(400, 401, 403, 503),
-                },
-            }
-        },
-        "/v1/dlq/groups": {
-            "get": {
-                "summary": "Dead letters grouped by class, domain and reply (admin)",
-                "security": bearer,
-                "parameters": _SELECTOR_PARAMS,
-                "responses": {
-                    "200": _json({"type": "array", "items": {"type": "object"}}, "Groups"),
-                    **_error_responses(400, 401, 403, 503),
-                },
-            }
-        },
-        "/v1/dlq/{action}": _action_path(["requeue", "purge"], bearer),
-        "/v1/suppressions": {
-            "get": {
-                "summary": "The suppression list (admin)",
-                "security": bearer,
-                "responses": {
-                    "200": _json({"type": "array", "items": {"type": "object"}}, "Entries"),
-                    **_error_responses(401, 403, 503),
-                },
-            },
-            "post": {
-                "summary": "Add an address to the suppression list (admin)",
-                "security": bearer,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["address"],
-                                "properties": {
-                                    "address": {"type": "string"},
-                                    "reason": {"type": "string"},
-                                },
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "201": _json({"type": "object"}, "Added"),
-                    "200": _json({"type": "object"}, "Already there"),
-                    **_error_responses(400, 401, 403, 422, 503),
-                },
-            },
-        },
-        "/v1/suppressions/{address}": {
-            "delete": {
-                "summary": "Take an address off the suppression list (admin)",
-                "security": bearer,
-                "parameters": [
-                    {
-                        "name": "address",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                ],
-                "responses": {
-                    "200": _json({"type": "object"}, "Removed"),
-                    **_error_responses(401, 403, 404, 503),
-                },
-            }
-        },
-        "/healthz": {
-            "get": {
-                "summary": "Health (no token needed)",
-                "responses": {
-                    "200": _json({"type": "object"}, "Healthy"),
-                    "503": _json({"type": "object"}, "The store cannot be reached"),
-                },
-            }
-        },
-    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -515,8 +468,13 @@ def openapi_document() -> dict[str, Any]:
             "or send (`[http] send_tokens`: enqueue and read own messages).",
         },
         "components": {
-            "schemas": schemas,
+            "schemas": _schemas(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
-        "paths": paths,
+        "paths": {
+            **_message_paths(),
+            **_operator_paths(),
+            **_suppression_paths(),
+            **_probe_paths(),
+        },
     }

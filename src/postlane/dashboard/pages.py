@@ -1,0 +1,314 @@
+"""The dashboard's pages and the forms they post: overview, destinations, queue, one message,
+dead letters, suppressions, log in and out. Each is a function of the request and the visitor's
+session, served through :func:`postlane.dashboard.rendering.page`; each action goes through the
+same :class:`~postlane.app.AsyncPostlane` methods as the CLI and the HTTP API."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from urllib.parse import urlencode
+
+from starlette.datastructures import ImmutableMultiDict
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from postlane.app import AsyncPostlane, QueueAction
+from postlane.auth import SESSION_COOKIE, Session
+from postlane.classify import ReplyClass
+from postlane.dashboard.charts import overview_charts
+from postlane.dashboard.forms import (
+    back_to,
+    filters_of,
+    read_form,
+    safe_back,
+    selector_from_filters,
+)
+from postlane.dashboard.groups import group_rows, key_of_group
+from postlane.dashboard.rendering import SECURITY_HEADERS, context, render, templates
+from postlane.errors import PostlaneError
+from postlane.message import Lane, RecipientState
+from postlane.records import Selector
+
+PAGE_SIZE = 50
+WINDOWS = {"1h": 3600.0, "3h": 3 * 3600.0, "6h": 6 * 3600.0, "24h": 86400.0}
+#: actions that show what they will touch and ask first (as the CLI does)
+CONFIRMED = {QueueAction.DELETE, QueueAction.PURGE, QueueAction.REQUEUE}
+#: actions that can hand over what they remove (JSON Lines for `postlane queue import`)
+EXPORTABLE = {QueueAction.DELETE, QueueAction.PURGE}
+#: a session lasts this long in the browser (the token it derives from may outlive it)
+SESSION_SECONDS = 12 * 3600
+
+
+def _postlane(request: Request) -> AsyncPostlane:
+    return context(request).postlane
+
+
+# -- overview and destinations -------------------------------------------------------------------
+
+
+async def overview(request: Request, session: Session) -> Response:
+    app = _postlane(request)
+    window = request.query_params.get("window", "3h")
+    if window not in WINDOWS:
+        window = "3h"
+    now = app.clock.now()
+    start = now - WINDOWS[window]
+    stats = await app.stats()
+    samples = await app.store.samples(start)
+    firing = await app.store.alerts_firing()
+    lanes = [(lane.value, stats.lanes.get(lane)) for lane in Lane]
+    return render(
+        request,
+        session,
+        "overview.html",
+        stats=stats,
+        lanes=lanes,
+        history=overview_charts(samples, start, now),
+        window=window,
+        windows=list(WINDOWS),
+        firing=firing,
+        paused=[d for d in stats.destinations if (d.paused_until or 0) > now],
+    )
+
+
+async def destinations(request: Request, session: Session) -> Response:
+    app = _postlane(request)
+    now = app.clock.now()
+    stats = await app.stats()
+    replies: dict[str, dict[str, int]] = defaultdict(dict)
+    for destination, cls, count in await app.store.destination_replies(now - 900.0):
+        replies[destination][cls] = count
+    states = {d.destination: d for d in await app.store.destination_states()}
+    names = sorted(
+        {d.destination for d in stats.destinations} | set(replies),
+        key=lambda n: (-sum(replies.get(n, {}).values()), n),
+    )
+    rows = [
+        {
+            "name": name,
+            "status": states.get(name),
+            "paused": (states[name].paused_until or 0) > now if name in states else False,
+            "replies": sorted(replies.get(name, {}).items(), key=lambda kv: -kv[1]),
+            "total": sum(replies.get(name, {}).values()),
+        }
+        for name in names
+    ]
+    return render(request, session, "destinations.html", rows=rows)
+
+
+async def lift(request: Request, session: Session) -> Response:
+    app = _postlane(request)
+    form = await read_form(request)
+    name = str(form.get("destination", "")).strip()
+    if not name:
+        raise PostlaneError("which destination?")
+    await app.store.lift_destinations([name], app.clock.now())
+    app.wake.set()
+    return back_to("/destinations", f"lifted the pause on {name}")
+
+
+# -- queue -----------------------------------------------------------------------------------------
+
+
+async def queue(request: Request, session: Session) -> Response:
+    app = _postlane(request)
+    jump = request.query_params.get("id", "").strip()
+    if jump:
+        return RedirectResponse(f"/queue/{jump}", status_code=303)
+    filters = filters_of(request.query_params)
+    selector = selector_from_filters(app.clock, filters)
+    after_text = request.query_params.get("after", "0")
+    after = int(after_text) if after_text.isdigit() else 0
+    views, next_after = await app.store.page_messages(selector, after=after, limit=PAGE_SIZE)
+    return render(
+        request,
+        session,
+        "queue.html",
+        messages=views,
+        filters=filters,
+        query=urlencode(filters),
+        after=after,
+        next_after=next_after,
+        lanes=[lane.value for lane in Lane],
+        states=[s.value for s in RecipientState],
+        classes=[c.value for c in ReplyClass],
+    )
+
+
+async def message(request: Request, session: Session) -> Response:
+    app = _postlane(request)
+    queue_id = request.path_params["queue_id"]
+    view = await app.get(queue_id, history=True)
+    content = await app.content(queue_id)
+    head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    headers = list(BytesHeaderParser().parsebytes(head).items())
+    return render(request, session, "message.html", message=view, headers=headers)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """What an action form chose, and the form fields that choose it again (to confirm)."""
+
+    selector: Selector
+    fields: list[tuple[str, str]]
+
+
+async def act(request: Request, session: Session) -> Response:
+    """An action on what a form chose (ticked messages, every message the filter matches, or
+    a dead-letter group): asks first when the action needs it, exports when asked to."""
+    app = _postlane(request)
+    form = await read_form(request)
+    try:
+        action = QueueAction(str(form.get("action", "")))
+    except ValueError:
+        raise PostlaneError(f"no action {form.get('action')!r}") from None
+    back = safe_back(str(form.get("back", "/queue")))
+    choice = await _chosen(app, form)
+    if isinstance(choice, str):
+        return back_to(back, choice)
+    if action in CONFIRMED and form.get("confirm") != "1":
+        counts = await app.summarize(action, choice.selector)
+        return render(
+            request,
+            session,
+            "confirm.html",
+            action=action.value,
+            counts=counts,
+            total=sum(c.count for c in counts),
+            hidden=[("action", action.value), ("back", back), *choice.fields],
+            back=back,
+        )
+    if action in EXPORTABLE and form.get("export") == "1":
+        return await _download(app, action, choice.selector)
+    count = await app.act(action, choice.selector)
+    verb = {"flush": "flushed", "hold": "held", "release": "released"}.get(
+        action.value, action.value + "d"
+    )
+    return back_to(back, f"{verb} {count:,} recipient(s)")
+
+
+async def _chosen(app: AsyncPostlane, form: ImmutableMultiDict[str, str]) -> _Choice | str:
+    """What the form chose, or a note saying why there is nothing to act on."""
+    group = str(form.get("group", ""))
+    filters = filters_of(dict(form.items()))
+    if group:  # a dead-letter group: exactly the recipients whose failure reads the same
+        rows = await group_rows(app, group, filters)
+        if not rows:
+            return "that group is empty now"
+        selector = dataclasses.replace(
+            selector_from_filters(app.clock, filters), all=False, delivery_ids=tuple(rows)
+        )
+        return _Choice(selector, [("group", group), *filters.items()])
+    ids = [str(v) for v in form.getlist("ids") if str(v).strip()]
+    if form.get("all") == "1":  # every message the filter matches: its recipients
+        ids = []
+    elif ids:  # the messages ticked: all their recipients, whatever the page's filter
+        filters = {}
+    else:
+        return "select messages first (or apply to all matching)"
+    fields = [("group", group), *filters.items(), *[("ids", i) for i in ids]]
+    if not ids:
+        fields.append(("all", "1"))
+    return _Choice(selector_from_filters(app.clock, filters, ids), fields)
+
+
+async def _download(app: AsyncPostlane, action: QueueAction, selector: Selector) -> Response:
+    """Delete (or purge) and hand over what was removed, for `postlane queue import`."""
+    buffer = io.StringIO()
+    count = await app.act(action, selector, export=buffer)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(app.clock.now()))
+    name = f"postlane-{action.value}d-{stamp}.jsonl"
+    return Response(
+        buffer.getvalue(),
+        media_type="application/x-ndjson",
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "X-Postlane-Deleted": str(count),
+        },
+    )
+
+
+# -- dead letters and suppressions -----------------------------------------------------------------
+
+
+async def dlq(request: Request, session: Session) -> Response:
+    app = _postlane(request)
+    filters = filters_of(request.query_params)
+    selector = selector_from_filters(app.clock, filters)
+    groups = await app.dead_groups(selector, limit=200)
+    recent = await app.dead_letters(selector, limit=PAGE_SIZE)
+    stats = await app.stats()
+    return render(
+        request,
+        session,
+        "dlq.html",
+        groups=[(g, key_of_group(g)) for g in groups],
+        recent=recent,
+        total=stats.dead if not filters else sum(g.count for g in groups),
+        shown=sum(g.count for g in groups),
+        filters=filters,
+    )
+
+
+async def suppressions(request: Request, session: Session) -> Response:
+    app = _postlane(request)
+    entries = await app.suppressions(limit=1000)
+    total = (await app.stats()).suppression_list
+    return render(request, session, "suppressions.html", entries=entries, total=total)
+
+
+async def suppress(request: Request, session: Session) -> Response:
+    app = _postlane(request)
+    form = await read_form(request)
+    address = str(form.get("address", "")).strip()
+    if str(form.get("remove", "")) == "1":
+        removed = await app.unsuppress(address)
+        note = f"removed {address}" if removed else f"{address} was not on the list"
+    else:
+        reason = str(form.get("reason", "")).strip() or None
+        added = await app.suppress(address, reason=reason)
+        note = f"added {address}" if added else f"{address} was already on the list"
+    return back_to("/suppressions", note)
+
+
+# -- log in and out --------------------------------------------------------------------------------
+
+
+async def login_page(request: Request) -> Response:
+    next_page = safe_back(request.query_params.get("next", "/"))
+    html = templates.get_template("login.html").render(next=next_page, failed=False)
+    return HTMLResponse(html, headers=SECURITY_HEADERS)
+
+
+async def login_post(request: Request) -> Response:
+    """An admin token in, a session cookie derived from it out (never the token itself)."""
+    try:
+        form = await read_form(request)
+    except PostlaneError as exc:
+        return HTMLResponse(exc.message, status_code=400, headers=SECURITY_HEADERS)
+    next_page = safe_back(str(form.get("next", "/")))
+    value = context(request).tokens.login(str(form.get("token", "")).strip())
+    if value is None:
+        html = templates.get_template("login.html").render(next=next_page, failed=True)
+        return HTMLResponse(html, status_code=401, headers=SECURITY_HEADERS)
+    response = RedirectResponse(next_page, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        value,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        max_age=SESSION_SECONDS,
+    )
+    return response
+
+
+async def logout(request: Request, session: Session) -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response

@@ -1,0 +1,136 @@
+"""How a dashboard page is served: who may see it, its CSRF check, its template, its headers.
+
+Every page handler is a plain function of the request and the visitor's
+:class:`~postlane.auth.Session`; :func:`page` wraps it with the access check (a login redirect,
+or a 403 for a stranger when no admin token is set), the CSRF check of posted forms, and an
+error page for a :class:`~postlane.errors.PostlaneError`. What the handlers need (the
+application, the tokens, the CSRF key) is a :class:`DashboardContext` on ``request.app.state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import urlencode
+
+import jinja2
+from starlette.datastructures import State
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from postlane.app import AsyncPostlane
+from postlane.auth import Csrf, NotLocal, Session, Tokens, Unauthenticated
+from postlane.clock import iso, when
+from postlane.config import Config, format_duration
+from postlane.dashboard.forms import read_form
+from postlane.errors import NotFound, PostlaneError
+
+__all__ = ["SECURITY_HEADERS", "DashboardContext", "context", "install", "page", "render"]
+
+#: seconds between refreshes of a page's ``<main>`` by its script
+REFRESH = 5
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+_NOT_LOCAL = (
+    "no admin token is configured: loopback clients only, addressing this server as "
+    "localhost or 127.0.0.1"
+)
+
+
+def _age(seconds: float) -> str:
+    return format_duration(seconds) if seconds >= 1 else "0s"
+
+
+templates = jinja2.Environment(
+    loader=jinja2.PackageLoader("postlane", "dashboard/templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+templates.filters["when"] = when
+templates.filters["age"] = _age
+templates.filters["iso"] = iso
+
+
+@dataclass(frozen=True)
+class DashboardContext:
+    """What the dashboard's pages need, kept on ``app.state.dashboard`` (see :func:`install`)."""
+
+    postlane: AsyncPostlane
+    tokens: Tokens
+    #: made at start: a restart invalidates open forms, never a session
+    csrf: Csrf
+
+
+def install(state: State, config: Config, postlane: AsyncPostlane) -> None:
+    """Give the dashboard's pages, wherever they are mounted, what they need."""
+    state.dashboard = DashboardContext(postlane, Tokens.from_config(config.http), Csrf())
+
+
+def context(request: Request) -> DashboardContext:
+    return cast(DashboardContext, request.app.state.dashboard)
+
+
+def render(
+    request: Request, session: Session, template: str, status: int = 200, **values: Any
+) -> HTMLResponse:
+    """A page from its template, with what every page shows (the CSRF token, the log-out
+    button, the time, the note of what was just done) and the security headers."""
+    dashboard = context(request)
+    html = templates.get_template(template).render(
+        request=request,
+        path=request.url.path,
+        csrf=dashboard.csrf.token(session),
+        login=dashboard.tokens.admin_configured,
+        refresh=REFRESH,
+        now=dashboard.postlane.clock.now(),
+        done=request.query_params.get("done"),
+        **values,
+    )
+    return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+
+
+def forbidden(reason: str) -> HTMLResponse:
+    return HTMLResponse(f"<h1>403</h1><p>{reason}</p>", status_code=403, headers=SECURITY_HEADERS)
+
+
+Page = Callable[[Request, Session], Awaitable[Response]]
+
+
+def page(handler: Page, *, post: bool = False) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette endpoint serving ``handler`` to a visitor who may see the dashboard; with
+    ``post``, only for a form that carries this session's CSRF token."""
+
+    async def run(request: Request) -> Response:
+        dashboard = context(request)
+        try:
+            session = dashboard.tokens.session(request)
+        except NotLocal:
+            return forbidden(_NOT_LOCAL)
+        except Unauthenticated:
+            target = "/login?" + urlencode({"next": request.url.path})
+            return RedirectResponse(target, status_code=303)
+        try:
+            if post:
+                form = await read_form(request)
+                if not dashboard.csrf.check(session, str(form.get("csrf", ""))):
+                    return forbidden("the form is stale or not ours (reload the page)")
+            return await handler(request, session)
+        except NotFound as exc:
+            return render(request, session, "error.html", 404, message=exc.message)
+        except PostlaneError as exc:
+            return render(request, session, "error.html", 400, message=exc.message)
+
+    return run
