@@ -18,6 +18,7 @@ retries; to make *your* retries across calls safe, pass your own ``idempotency_k
 
 Errors are postlane's own (:mod:`postlane.errors`), each with the server's message:
 :class:`ValidationError` (400, 422; :class:`MessageTooLarge` for 413), :class:`NotFound` (404),
+:class:`IdempotencyConflict` (409: the key was used for another message),
 :class:`StoreUnavailable` once the retries are used up, :class:`PostlaneError` otherwise (401,
 403, ...). httpx's exceptions never reach the caller for these expected failures.
 """
@@ -39,6 +40,7 @@ from urllib.parse import quote
 import httpx
 
 from postlane.errors import (
+    IdempotencyConflict,
     MessageTooLarge,
     NotFound,
     PostlaneError,
@@ -205,6 +207,9 @@ def _interpret(response: httpx.Response) -> Any:
             ) from None
     code, message = _error_body(response)
     error: PostlaneError
+    if status == 409 and code == IdempotencyConflict.code:
+        body = response.json()["error"]
+        raise IdempotencyConflict(str(body["key"]), str(body["id"]))
     if status == 413:
         error = MessageTooLarge(message)
     elif status in (400, 422):

@@ -369,6 +369,16 @@ def test_refusals_are_postlanes_own_errors_with_the_servers_message(live_api: Li
     assert [m.id for m in live_api.messages()] == [batch.value.results[0].id]
 
 
+def test_a_key_reused_for_another_message_is_an_idempotency_conflict(live_api: LiveAPI) -> None:
+    with postlane.Client(live_api.url, token=TOKEN) as mail:
+        first = mail.send(**MESSAGE, idempotency_key="order-7")
+        assert mail.send(**MESSAGE, idempotency_key="order-7").id == first.id  # a retry
+        with pytest.raises(postlane.IdempotencyConflict) as refused:
+            mail.send(**{**MESSAGE, "subject": "Another"}, idempotency_key="order-7")
+    assert (refused.value.key, refused.value.existing_id) == ("order-7", first.id)
+    assert [m.id for m in live_api.messages()] == [first.id]
+
+
 def test_a_raw_message_that_is_not_utf8_is_refused_before_sending(live_api: LiveAPI) -> None:
     raw = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: x\r\n\r\ncaf\xe9\r\n"
     with (

@@ -237,6 +237,31 @@ async def test_a_send_token_reads_only_its_own_messages(scoped: tuple[AsyncPostl
         assert (await admin.get(f"/v1/messages/{queue_id}")).status_code == 200
 
 
+async def test_idempotency_keys_are_scoped_to_the_submitter_and_payload_compared(
+    scoped: tuple[AsyncPostlane, Any],
+) -> None:
+    """Finding 3: another token could claim a key first and the real receipt was then never
+    sent; a reused key with another payload was a silent duplicate."""
+    app, client = scoped
+    receipt = {**MESSAGE, "subject": "Receipt 9001", "idempotency_key": "receipt-9001"}
+    squatter = {**MESSAGE, "to": ["attacker@example.net"], "idempotency_key": "receipt-9001"}
+    async with client("other") as theirs, client(SEND_TOKEN) as mine:
+        claimed = await theirs.post("/v1/messages", json=squatter)
+        assert claimed.status_code == 202
+        first = await mine.post("/v1/messages", json=receipt)
+        assert first.status_code == 202 and first.json()["duplicate"] is False
+        assert first.json()["id"] != claimed.json()["id"]  # the real receipt is stored
+        retry = await mine.post("/v1/messages", json=receipt)
+        assert retry.status_code == 202
+        assert retry.json() == {"id": first.json()["id"], "duplicate": True}
+        reused = await mine.post("/v1/messages", json={**receipt, "subject": "Another message"})
+        assert reused.status_code == 409
+        error = reused.json()["error"]
+        assert error["code"] == "idempotency_conflict" and error["id"] == first.json()["id"]
+        assert error["key"] == "receipt-9001"
+    assert len(await app.messages()) == 2  # nothing stored by the refused one
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [

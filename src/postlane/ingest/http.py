@@ -46,6 +46,7 @@ from postlane.auth import (
 )
 from postlane.config import Config
 from postlane.errors import (
+    IdempotencyConflict,
     MessageTooLarge,
     NotFound,
     PostlaneError,
@@ -119,6 +120,9 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 
 def _postlane_error(exc: PostlaneError) -> JSONResponse:
+    if isinstance(exc, IdempotencyConflict):  # Stripe's answer; the body names the first id
+        error = {"code": exc.code, "message": exc.message, "id": exc.existing_id, "key": exc.key}
+        return JSONResponse({"error": error}, status_code=409)
     if isinstance(exc, MessageTooLarge):
         return error_response(413, exc.code, exc.message)
     if isinstance(exc, ValidationError):
