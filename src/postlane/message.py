@@ -51,6 +51,10 @@ class RecipientState(StrEnum):
     SENT = "sent"
     DEAD = "dead"
     SUPPRESSED = "suppressed"
+    #: it was sent, then a DSN or a provider's event said it failed for good
+    BOUNCED = "bounced"
+    #: it was sent, then its recipient reported it as spam
+    COMPLAINED = "complained"
 
 
 #: states a recipient can still leave on its own
@@ -58,7 +62,15 @@ PENDING_STATES = frozenset(
     {RecipientState.QUEUED, RecipientState.SENDING, RecipientState.DEFERRED, RecipientState.HELD}
 )
 #: states that end a recipient's delivery
-FINAL_STATES = frozenset({RecipientState.SENT, RecipientState.DEAD, RecipientState.SUPPRESSED})
+FINAL_STATES = frozenset(
+    {
+        RecipientState.SENT,
+        RecipientState.DEAD,
+        RecipientState.SUPPRESSED,
+        RecipientState.BOUNCED,
+        RecipientState.COMPLAINED,
+    }
+)
 
 MAX_RECIPIENTS = 1000
 MAX_IDEMPOTENCY_KEY = 255

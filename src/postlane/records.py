@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from postlane.classify import ReplyClass
@@ -162,6 +163,8 @@ _MESSAGE_STATE_ORDER = (
     RecipientState.DEFERRED,
     RecipientState.HELD,
     RecipientState.DEAD,
+    RecipientState.BOUNCED,
+    RecipientState.COMPLAINED,
     RecipientState.SENT,
     RecipientState.SUPPRESSED,
 )
@@ -268,25 +271,153 @@ class DeadLetter:
 
 @dataclass(frozen=True)
 class Suppression:
+    """An address postlane never sends to: for every sender (``scope`` "*") or for one sender
+    domain, until ``expires_at`` (None: for good)."""
+
     address: str
     created_at: float
+    #: where it came from: bounce, dsn, arf, webhook:ses, unsubscribe, operator, api
     source: str
+    #: why: hard_bounce, complaint, unsubscribe or manual
     reason: str | None
     code: int | None = None
     enhanced: str | None = None
     text: str | None = None
     queue_id: str | None = None
+    scope: str = "*"
+    expires_at: float | None = None
+    #: a note: an operator's words, or the reply or report that caused it
+    detail: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
             "address": self.address,
-            "created_at": iso(self.created_at),
-            "source": self.source,
             "reason": self.reason,
+            "scope": self.scope,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at) if self.expires_at is not None else None,
+            "detail": self.detail,
+            "source": self.source,
             "code": self.code,
             "enhanced": self.enhanced,
             "text": self.text,
             "id": self.queue_id,
+        }
+
+
+#: why an address is suppressed
+SUPPRESSION_REASONS = ("hard_bounce", "complaint", "unsubscribe", "manual")
+
+
+class FeedbackKind(StrEnum):
+    """What was heard about a delivery after its first hop (a DSN, a complaint, an event)."""
+
+    #: failed for good after it was sent: the recipient ends ``bounced``
+    BOUNCED = "bounced"
+    #: a transient failure after it was sent: counted as a soft bounce, no state changes
+    SOFT_BOUNCE = "soft_bounce"
+    #: a DSN with action "delayed": an event, no state changes
+    DELAYED = "delayed"
+    #: reported as spam: the recipient ends ``complained``
+    COMPLAINED = "complained"
+    #: the recipient asked to receive no more (one-click unsubscribe): an event and a
+    #: suppression, no state changes
+    UNSUBSCRIBED = "unsubscribed"
+    #: a provider confirmed the final delivery: kept in the history, nothing else changes
+    DELIVERED = "delivered"
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """Something heard about one delivery after its first hop, to record in one transaction:
+    the recipient's new state, an entry in its history, an event and a suppression."""
+
+    kind: FeedbackKind
+    delivery_id: int
+    at: float
+    #: where it came from (dsn, arf, plain-bounce, webhook:ses, unsubscribe, ...)
+    source: str
+    cls: ReplyClass | None = None
+    code: int | None = None
+    enhanced: str | None = None
+    text: str | None = None
+    #: add the address to the suppression list: (scope, reason, expires_at)
+    suppression: tuple[str, str, float | None] | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """How a :class:`Feedback` was applied: the recipient's state after it (None: no such
+    delivery) and whether it changed anything."""
+
+    delivery_id: int
+    state: RecipientState | None
+    changed: bool
+
+
+@dataclass(frozen=True)
+class DeliveryRef:
+    """One delivery found by what a bounce or an event names (its message and address)."""
+
+    delivery_id: int
+    queue_id: str
+    address: str
+    state: RecipientState
+    sender: str
+    lane: Lane
+
+
+@dataclass(frozen=True)
+class UnmatchedFeedback:
+    """A report nothing could be matched to, kept for an operator to look at."""
+
+    id: int
+    received_at: float
+    source: str
+    kind: str
+    reason: str
+    mail_from: str | None
+    rcpt_to: str | None
+    content: bytes
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "received_at": iso(self.received_at),
+            "source": self.source,
+            "kind": self.kind,
+            "reason": self.reason,
+            "mail_from": self.mail_from,
+            "rcpt_to": self.rcpt_to,
+            "size": len(self.content),
+        }
+
+
+@dataclass(frozen=True)
+class WebhookEndpointState:
+    """Where an outbound webhook endpoint is in the event log, and how it fares."""
+
+    name: str
+    cursor: int
+    failures: int
+    paused_until: float | None
+    last_error: str | None
+    last_error_at: float | None
+    last_success_at: float | None
+    delivered: int
+    lease_owner: str | None
+    lease_expires_at: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "cursor": str(self.cursor),
+            "failures": self.failures,
+            "paused_until": iso(self.paused_until) if self.paused_until else None,
+            "last_error": self.last_error,
+            "last_error_at": iso(self.last_error_at) if self.last_error_at else None,
+            "last_success_at": iso(self.last_success_at) if self.last_success_at else None,
+            "delivered": self.delivered,
         }
 
 
@@ -318,6 +449,9 @@ class Stats:
     suppression_list: int = 0
     #: busy destinations: being sent to, slowed down or paused
     destinations: tuple[DestinationStatus, ...] = ()
+    #: recipients sent, then bounced (a DSN or provider event) or complained about
+    bounced: int = 0
+    complained: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -325,6 +459,8 @@ class Stats:
             "sent": self.sent,
             "dead": self.dead,
             "suppressed": self.suppressed,
+            "bounced": self.bounced,
+            "complained": self.complained,
             "suppression_list": self.suppression_list,
             "destinations": [d.as_json() for d in self.destinations],
         }

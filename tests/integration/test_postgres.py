@@ -362,6 +362,21 @@ async def test_an_event_committed_later_is_never_behind_a_passed_cursor(
     assert [e.queue_id for e in await store.events_after(events[-1].id, limit=10)] == [later.id]
 
 
+async def test_a_transaction_in_another_database_does_not_hold_events_back(
+    pg_url: str, store: PostgresStore
+) -> None:
+    """Transaction ids are the whole server's: a write transaction left open in another
+    database (another application on the same server) writes no events here and must not stall
+    the event log."""
+    other_database = psycopg.conninfo.make_conninfo(pg_url, dbname="postgres")
+    async with await psycopg.AsyncConnection.connect(other_database) as elsewhere:
+        await elsewhere.execute("SELECT pg_current_xact_id()")  # holds an id, stays open
+        prepared = msg()
+        await store.enqueue([prepared], T0)
+        assert [e.queue_id for e in await store.events_after(None, limit=10)] == [prepared.id]
+        await elsewhere.rollback()
+
+
 async def test_an_outbox_enqueue_committed_with_its_transaction_is_delivered(
     pg_url: str, schema: str, store: PostgresStore, tmp_path: Path
 ) -> None:

@@ -887,3 +887,252 @@ async def test_reaped_and_requeued_deliveries_are_events_and_events_expire(store
 async def test_the_readiness_check_writes(store: Any) -> None:
     await store.check(T0)
     await store.check(T0 + 1)  # again: one row, updated
+
+
+# -- suppressions: scopes and expiry --------------------------------------------------------------
+
+
+async def test_a_suppression_holds_for_every_sender_or_for_one_sender_domain(store: Any) -> None:
+    await store.add_suppression(
+        Suppression("news@example.net", T0, "arf", "complaint", scope="shop.example",
+                    detail="reported as spam")
+    )  # fmt: skip
+    await store.add_suppression(
+        Suppression("gone@example.net", T0, "operator", "manual", expires_at=T0 + 100)
+    )
+    assert await store.is_suppressed(["news@example.net"], sender="a@shop.example", now=T0) == {
+        "news@example.net": True
+    }
+    assert await store.is_suppressed(["news@example.net"], sender="a@other.example", now=T0) == {
+        "news@example.net": False
+    }
+    assert (await store.is_suppressed(["gone@example.net"], now=T0 + 99))["gone@example.net"]
+    assert not (await store.is_suppressed(["gone@example.net"], now=T0 + 100))["gone@example.net"]
+    # at enqueue: the complaint holds for shop.example's mail only; the expiry is honoured
+    shop = msg("news@example.net", sender="receipts@shop.example")
+    other = msg("news@example.net", "gone@example.net", sender="app@other.example")
+    await store.enqueue([shop], T0)
+    await store.enqueue([other], T0 + 200)
+    assert (await store.get_message(shop.id)).state is RecipientState.SUPPRESSED
+    assert {r.state for r in (await store.get_message(other.id)).recipients} == {
+        RecipientState.QUEUED
+    }
+    listed = {(s.address, s.scope): s for s in await store.list_suppressions(limit=10)}
+    complaint = listed[("news@example.net", "shop.example")]
+    assert (complaint.reason, complaint.detail, complaint.source) == (
+        "complaint",
+        "reported as spam",
+        "arf",
+    )
+    assert complaint.as_json()["scope"] == "shop.example"
+    assert listed[("gone@example.net", "*")].as_json()["expires_at"] is not None
+
+
+async def test_an_expired_suppression_is_replaced_and_scopes_are_removed_apart(store: Any) -> None:
+    old = Suppression("a@example.net", T0, "operator", "manual", expires_at=T0 + 10)
+    assert await store.add_suppression(old)
+    again = Suppression("a@example.net", T0 + 5, "operator", "manual", detail="still")
+    assert not await store.add_suppression(again)  # the first holds while it lasts
+    later = Suppression("a@example.net", T0 + 20, "unsubscribe", "unsubscribe")
+    assert await store.add_suppression(later)  # it had ended: replaced
+    [entry] = await store.list_suppressions(limit=10)
+    assert (entry.reason, entry.expires_at) == ("unsubscribe", None)
+    await store.add_suppression(Suppression("a@example.net", T0, "arf", "complaint",
+                                            scope="shop.example"))  # fmt: skip
+    assert await store.remove_suppression("A@example.net", "SHOP.example")
+    assert [s.scope for s in await store.list_suppressions(limit=10)] == ["*"]
+    await store.add_suppression(Suppression("a@example.net", T0, "arf", "complaint",
+                                            scope="shop.example"))  # fmt: skip
+    assert await store.remove_suppression("a@example.net")  # every scope
+    assert await store.list_suppressions(limit=10) == []
+
+
+# -- feedback after the first hop -----------------------------------------------------------------
+
+
+async def sent_message(store: Any, *to: str, sender: str = "app@example.com") -> list[Any]:
+    prepared = msg(*to, sender=sender)
+    await store.enqueue([prepared], T0)
+    claimed = deliveries(await claim(store))
+    await store.record(
+        "w1",
+        [
+            Outcome(d.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))
+            for d in claimed
+        ],
+        T0 + 1,
+    )
+    return claimed
+
+
+async def test_an_asynchronous_bounce_moves_a_sent_recipient_once(store: Any) -> None:
+    from postlane.records import Feedback, FeedbackKind
+
+    [ada, bob] = await sent_message(store, "ada@example.net", "bob@example.net")
+    bounce = Feedback(
+        FeedbackKind.BOUNCED, ada.id, T0 + 60, "dsn", ReplyClass.HARD_BOUNCE, 550, "5.1.1",
+        "550 5.1.1 <ada@example.net>: user unknown", suppression=("*", "hard_bounce", None),
+    )  # fmt: skip
+    complaint = Feedback(
+        FeedbackKind.COMPLAINED, bob.id, T0 + 70, "arf", None,
+        suppression=("example.com", "complaint", None),
+    )  # fmt: skip
+    results = await store.record_feedback([bounce, complaint], T0 + 80)
+    assert [(r.state, r.changed) for r in results] == [
+        (RecipientState.BOUNCED, True),
+        (RecipientState.COMPLAINED, True),
+    ]
+    assert await store.record_feedback([bounce], T0 + 90) == [
+        await_result(ada.id, RecipientState.BOUNCED, False)
+    ]  # a repeat changes nothing
+    view = await store.get_message(ada.queue_id if hasattr(ada, "queue_id") else
+                                   (await store.delivery_refs([ada.id]))[0].queue_id,
+                                   history=True)  # fmt: skip
+    by_address = {r.address: r for r in view.recipients}
+    assert by_address["ada@example.net"].state is RecipientState.BOUNCED
+    assert by_address["ada@example.net"].last_response.code == 550  # type: ignore[union-attr]
+    assert [h.relay for h in by_address["ada@example.net"].history or ()] == [
+        "smtp://relay:25",
+        "dsn",
+    ]
+    assert by_address["bob@example.net"].state is RecipientState.COMPLAINED
+    events = [e.type for e in await store.events_after(None, limit=100)]
+    assert events[-2:] == ["bounced", "complained"] and events.count("bounced") == 1
+    listed = {(s.address, s.scope, s.reason) for s in await store.list_suppressions(limit=10)}
+    assert listed == {
+        ("ada@example.net", "*", "hard_bounce"),
+        ("bob@example.net", "example.com", "complaint"),
+    }
+    stats = await store.stats(T0 + 100)
+    assert (stats.sent, stats.bounced, stats.complained) == (0, 1, 1)
+
+
+def await_result(delivery_id: int, state: RecipientState, changed: bool) -> Any:
+    from postlane.records import FeedbackResult
+
+    return FeedbackResult(delivery_id, state, changed)
+
+
+async def test_feedback_that_changes_no_state_is_history_and_an_event(store: Any) -> None:
+    from postlane.records import Feedback, FeedbackKind
+
+    [ada] = await sent_message(store, "ada@example.net")
+    await store.enqueue([msg("waiting@example.net")], T0)
+    [waiting] = [
+        r for r in await store.find_deliveries("WAITING@example.net", message_id=None,
+                                               queue_id=None)
+    ] or [None]  # fmt: skip
+    results = await store.record_feedback(
+        [
+            Feedback(FeedbackKind.SOFT_BOUNCE, ada.id, T0 + 5, "dsn", ReplyClass.SOFT_BOUNCE,
+                     452, "4.2.2", "mailbox full"),
+            Feedback(FeedbackKind.DELAYED, ada.id, T0 + 6, "dsn", ReplyClass.TEMPORARY, 451),
+            Feedback(FeedbackKind.UNSUBSCRIBED, ada.id, T0 + 7, "unsubscribe",
+                     suppression=("example.com", "unsubscribe", None)),
+            Feedback(FeedbackKind.DELIVERED, ada.id, T0 + 8, "webhook:ses", ReplyClass.DELIVERED,
+                     250),
+            Feedback(FeedbackKind.BOUNCED, 10**9, T0 + 9, "dsn", ReplyClass.HARD_BOUNCE, 550),
+        ],
+        T0 + 10,
+    )  # fmt: skip
+    assert [(r.state, r.changed) for r in results] == [
+        (RecipientState.SENT, True),
+        (RecipientState.SENT, True),
+        (RecipientState.SENT, True),
+        (RecipientState.SENT, True),
+        (None, False),  # no such delivery
+    ]
+    assert waiting is None  # find_deliveries needs a message to look in
+    events = [e.type for e in await store.events_after(None, limit=100)]
+    assert events[-3:] == ["deferred", "deferred", "unsubscribed"]
+    assert await store.attempt_classes_between(T0 + 5, T0 + 9) == {
+        "soft_bounce": 1,
+        "temporary": 1,
+        "delivered": 1,
+    }
+    assert (await store.is_suppressed(["ada@example.net"], sender="x@example.com"))[
+        "ada@example.net"
+    ]
+
+
+async def test_a_bounce_for_a_recipient_never_sent_changes_nothing(store: Any) -> None:
+    from postlane.records import Feedback, FeedbackKind
+
+    prepared = msg("waiting@example.net")
+    await store.enqueue([prepared], T0)
+    [ref] = await store.find_deliveries("Waiting@Example.net", queue_id=prepared.id)
+    [by_header] = await store.find_deliveries("waiting@example.net", message_id=prepared.message_id)
+    assert ref == by_header and ref.state is RecipientState.QUEUED
+    assert ref.sender == "app@example.com" and ref.lane is Lane.NORMAL
+    [result] = await store.record_feedback(
+        [Feedback(FeedbackKind.BOUNCED, ref.delivery_id, T0, "dsn", ReplyClass.HARD_BOUNCE, 550,
+                  suppression=("*", "hard_bounce", None))],
+        T0,
+    )  # fmt: skip
+    assert (result.state, result.changed) == (RecipientState.QUEUED, False)
+    assert await store.list_suppressions(limit=10) == []
+    assert [r.delivery_id for r in await store.delivery_refs([ref.delivery_id, 10**9])] == [
+        ref.delivery_id
+    ]
+
+
+async def test_unmatched_reports_are_kept_for_review(store: Any) -> None:
+    first = await store.record_unmatched(
+        source="bounce listener", kind="dsn", reason="no recipient matched", content=b"x" * 10,
+        now=T0, mail_from="", rcpt_to="b-zz@bounce.example",
+    )  # fmt: skip
+    second = await store.record_unmatched(
+        source="webhook:ses", kind="event", reason="unknown message", content=b"{}", now=T0 + 1
+    )
+    listed = await store.list_unmatched(limit=10)
+    assert [u.id for u in listed] == [second, first]
+    assert listed[1].content == b"x" * 10 and listed[1].rcpt_to == "b-zz@bounce.example"
+    assert listed[1].as_json()["size"] == 10
+    assert await store.purge_unmatched(T0 + 1) == 1
+
+
+async def test_a_shared_secret_is_made_once(store: Any) -> None:
+    first = await store.secret("verp", T0)
+    assert len(first) == 32 and await store.secret("verp", T0 + 1) == first
+    assert await store.secret("unsubscribe", T0) != first
+
+
+# -- outbound webhook endpoints -------------------------------------------------------------------
+
+
+async def test_a_webhook_endpoint_is_leased_and_follows_its_cursor(store: Any) -> None:
+    state = await store.claim_webhook_endpoint(
+        "app", "w1", now=T0, lease_until=T0 + 30, start_after=7
+    )
+    assert state is not None and (state.cursor, state.failures) == (7, 0)
+    assert await store.claim_webhook_endpoint(
+        "app", "w2", now=T0 + 1, lease_until=T0 + 31, start_after=0
+    ) is None  # fmt: skip
+    assert await store.webhook_delivered("app", "w1", cursor=12, count=5, now=T0 + 2)
+    assert not await store.webhook_delivered("app", "w2", cursor=20, count=1, now=T0 + 2)
+    assert await store.webhook_failed(
+        "app", "w1", error="HTTP 500", paused_until=T0 + 60, now=T0 + 3
+    )
+    [listed] = await store.webhook_endpoints()
+    assert (listed.cursor, listed.delivered, listed.failures, listed.last_error) == (
+        12,
+        5,
+        1,
+        "HTTP 500",
+    )
+    assert listed.paused_until == T0 + 60 and listed.as_json()["cursor"] == "12"
+    # its holder stopped renewing: another process takes it where it was
+    taken = await store.claim_webhook_endpoint(
+        "app", "w2", now=T0 + 31, lease_until=T0 + 61, start_after=0
+    )
+    assert taken is not None and taken.cursor == 12 and taken.lease_owner == "w2"
+    assert await store.replay_webhook("app", after=3, now=T0 + 32)
+    [replayed] = await store.webhook_endpoints()
+    assert (replayed.cursor, replayed.failures, replayed.paused_until) == (3, 0, None)
+    await store.release_webhook_endpoint("app", "w2")
+    assert await store.claim_webhook_endpoint(
+        "app", "w3", now=T0 + 33, lease_until=T0 + 63, start_after=0
+    ) is not None  # fmt: skip
+    await store.claim_webhook_endpoint("old", "w3", now=T0, lease_until=T0 + 1, start_after=0)
+    assert await store.forget_webhook_endpoints(["app"]) == 1
+    assert [e.name for e in await store.webhook_endpoints()] == ["app"]

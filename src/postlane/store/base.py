@@ -17,10 +17,13 @@ from postlane.records import (
     ClaimedMessage,
     DeadGroup,
     DeadLetter,
+    DeliveryRef,
     DestinationStatus,
     EnqueueResult,
     Event,
     ExportedMessage,
+    Feedback,
+    FeedbackResult,
     MessageView,
     Outcome,
     Sample,
@@ -29,6 +32,8 @@ from postlane.records import (
     ShapeRow,
     Stats,
     Suppression,
+    UnmatchedFeedback,
+    WebhookEndpointState,
 )
 
 
@@ -277,13 +282,99 @@ class HistoryStore(Protocol):
 class SuppressionStore(Protocol):
     """The suppression list: addresses never to be sent to."""
 
-    async def list_suppressions(self, *, limit: int) -> list[Suppression]: ...
+    async def list_suppressions(self, *, limit: int) -> list[Suppression]:
+        """The list, newest first (expired entries included: they say when they ended)."""
+        ...
 
-    async def add_suppression(self, suppression: Suppression) -> bool: ...
+    async def add_suppression(self, suppression: Suppression) -> bool:
+        """Add an entry; False when the address is already suppressed in that scope (the
+        first entry wins, unless it has expired)."""
+        ...
 
-    async def remove_suppression(self, address: str) -> bool: ...
+    async def remove_suppression(self, address: str, scope: str | None = None) -> bool:
+        """Take an address off the list, in one scope or (None) in every scope."""
+        ...
 
-    async def is_suppressed(self, addresses: Sequence[str]) -> Mapping[str, bool]: ...
+    async def is_suppressed(
+        self, addresses: Sequence[str], *, sender: str = "", now: float | None = None
+    ) -> Mapping[str, bool]:
+        """Which addresses mail from ``sender`` must not go to: suppressed for every sender or
+        for ``sender``'s domain, and (with ``now``) not expired."""
+        ...
+
+
+class FeedbackStore(Protocol):
+    """What is heard after the first hop: DSNs, complaints, provider events, unsubscribes."""
+
+    async def delivery_refs(self, delivery_ids: Sequence[int]) -> list[DeliveryRef]:
+        """The deliveries with these ids that exist (a token names one by id)."""
+        ...
+
+    async def find_deliveries(
+        self, address: str, *, queue_id: str | None = None, message_id: str | None = None
+    ) -> list[DeliveryRef]:
+        """The deliveries to ``address`` of the message with postlane's id ``queue_id``, or
+        with the Message-ID header ``message_id``."""
+        ...
+
+    async def record_feedback(self, items: Sequence[Feedback], now: float) -> list[FeedbackResult]:
+        """Apply feedback, each item in the same transaction as its state change (a sent
+        recipient becomes ``bounced`` or ``complained``; a repeat changes nothing), history
+        entry, event and suppression."""
+        ...
+
+    async def record_unmatched(
+        self,
+        *,
+        source: str,
+        kind: str,
+        reason: str,
+        content: bytes,
+        now: float,
+        mail_from: str | None = None,
+        rcpt_to: str | None = None,
+    ) -> int:
+        """Keep a report nothing matched, for the operator; returns its id."""
+        ...
+
+    async def list_unmatched(self, *, limit: int) -> list[UnmatchedFeedback]: ...
+
+    async def purge_unmatched(self, before: float) -> int: ...
+
+    async def secret(self, name: str, now: float) -> bytes:
+        """A random key made once and shared by every process of this store."""
+        ...
+
+
+class WebhookStore(Protocol):
+    """Outbound webhook endpoints: their place in the event log, failures, pauses, leases."""
+
+    async def claim_webhook_endpoint(
+        self, name: str, owner: str, *, now: float, lease_until: float, start_after: int
+    ) -> WebhookEndpointState | None:
+        """Lease an endpoint (made at ``start_after`` the first time); None while another
+        process holds it. Claiming again renews the lease."""
+        ...
+
+    async def release_webhook_endpoint(self, name: str, owner: str) -> None: ...
+
+    async def webhook_delivered(
+        self, name: str, owner: str, *, cursor: int, count: int, now: float
+    ) -> bool:
+        """The endpoint acknowledged events up to ``cursor``; False when no longer held."""
+        ...
+
+    async def webhook_failed(
+        self, name: str, owner: str, *, error: str, paused_until: float, now: float
+    ) -> bool: ...
+
+    async def webhook_endpoints(self) -> list[WebhookEndpointState]: ...
+
+    async def replay_webhook(self, name: str, *, after: int, now: float) -> bool:
+        """Send again from the event after ``after``."""
+        ...
+
+    async def forget_webhook_endpoints(self, keep: Sequence[str]) -> int: ...
 
 
 class Store(DeliveryStore, OperatorStore, ThrottleStore, HistoryStore, SuppressionStore, Protocol):

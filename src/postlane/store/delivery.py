@@ -48,10 +48,14 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
     in the batch is the candidate; later ones repeat it. Candidates with a key go in key order,
     so two concurrent batches take their locks in the same order and never deadlock."""
     addresses = sorted({r.address.lower() for m in messages for r in m.recipients})
-    suppressed: set[str] = set()
+    listed: dict[str, set[str]] = {}
     if addresses:
-        found = yield from fetch("suppressed_among", {"addresses": addresses})
-        suppressed = {row["address"] for row in found}
+        found = yield from fetch("suppressed_among", {"addresses": addresses, "now": now})
+        listed = rows.scopes_by_address(found)
+    suppressed = {
+        m.id: {r.address for r in m.recipients if rows.listed_for(listed, r.address, m.sender)}
+        for m in messages
+    }
 
     candidates: dict[tuple[str, str], PreparedMessage] = {}
     for message in messages:
@@ -67,9 +71,7 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
         if not pending:
             break
         message_rows = [
-            rows.message_params(
-                m, now=now, done=all(r.address.lower() in suppressed for r in m.recipients)
-            )
+            rows.message_params(m, now=now, done=len(suppressed[m.id]) == len(m.recipients))
             for m in pending
         ]
         inserted = yield from batch("insert_messages", message_rows)
@@ -93,7 +95,7 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
     yield from batch(
         "insert_deliveries",
         [
-            rows.delivery_params(m, r, now=now, suppressed=r.address.lower() in suppressed)
+            rows.delivery_params(m, r, now=now, suppressed=r.address in suppressed[m.id])
             for m in new
             for r in m.recipients
         ],

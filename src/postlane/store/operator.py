@@ -456,7 +456,7 @@ def _stats(counts: Sequence[Row], now: float, suppression_list: int) -> Stats:
         by_lane_state[(lane, state)] = n
         if state in ("queued", "deferred", "sending") and min_created is not None:
             oldest[lane] = min(oldest.get(lane, min_created), min_created)
-        if state in ("sent", "dead", "suppressed"):
+        if state in ("sent", "dead", "suppressed", "bounced", "complained"):
             finals[state] += n
     lanes = {
         lane: LaneStats(
@@ -474,4 +474,6 @@ def _stats(counts: Sequence[Row], now: float, suppression_list: int) -> Stats:
         dead=finals["dead"],
         suppressed=finals["suppressed"],
         suppression_list=suppression_list,
+        bounced=finals["bounced"],
+        complained=finals["complained"],
     )

@@ -19,6 +19,7 @@ from postlane.records import (
     ClaimedMessage,
     DeadLetter,
     Delivery,
+    DeliveryRef,
     DestinationStatus,
     Event,
     ExportedMessage,
@@ -29,6 +30,8 @@ from postlane.records import (
     Reply,
     Sample,
     Suppression,
+    UnmatchedFeedback,
+    WebhookEndpointState,
 )
 from postlane.store.plans import Row
 
@@ -193,6 +196,48 @@ def suppression(row: Row) -> Suppression:
         enhanced=row["enhanced"],
         text=row["text"],
         queue_id=row["queue_id"],
+        scope=row["scope"],
+        expires_at=row["expires_at"],
+        detail=row["detail"],
+    )
+
+
+def delivery_ref(row: Row) -> DeliveryRef:
+    return DeliveryRef(
+        delivery_id=row["id"],
+        queue_id=row["queue_id"],
+        address=row["address"],
+        state=RecipientState(row["state"]),
+        sender=row["sender"],
+        lane=Lane(row["lane"]),
+    )
+
+
+def unmatched_feedback(row: Row) -> UnmatchedFeedback:
+    return UnmatchedFeedback(
+        id=int(row["id"]),
+        received_at=row["received_at"],
+        source=row["source"],
+        kind=row["kind"],
+        reason=row["reason"],
+        mail_from=row["mail_from"],
+        rcpt_to=row["rcpt_to"],
+        content=bytes(row["content"]),
+    )
+
+
+def webhook_endpoint(row: Row) -> WebhookEndpointState:
+    return WebhookEndpointState(
+        name=row["name"],
+        cursor=int(row["cursor"]),
+        failures=int(row["failures"]),
+        paused_until=row["paused_until"],
+        last_error=row["last_error"],
+        last_error_at=row["last_error_at"],
+        last_success_at=row["last_success_at"],
+        delivered=int(row["delivered"]),
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
     )
 
 
@@ -359,9 +404,12 @@ def attempt_params(delivery_id: int, attempt: AttemptRecord | AttemptView) -> di
 def suppression_params(s: Suppression) -> dict[str, Any]:
     return {
         "address": s.address.lower(),
+        "scope": s.scope.lower(),
+        "reason": s.reason or "manual",
         "created_at": s.created_at,
+        "expires_at": s.expires_at,
+        "detail": s.detail,
         "source": s.source,
-        "reason": s.reason,
         "code": s.code,
         "enhanced": s.enhanced,
         "text": s.text,
@@ -372,14 +420,37 @@ def suppression_params(s: Suppression) -> dict[str, Any]:
 def bounce_suppression(
     address: str, queue_id: str, attempt: AttemptRecord | None, now: float
 ) -> dict[str, Any]:
-    """The suppression a hard bounce adds (first reason wins)."""
+    """The suppression a hard bounce adds, for every sender (first reason wins)."""
     return {
         "address": address.lower(),
+        "scope": "*",
+        "reason": "hard_bounce",
         "created_at": now,
+        "expires_at": None,
+        "detail": attempt.text if attempt else None,
         "source": "bounce",
-        "reason": attempt.cls.value if attempt else "hard_bounce",
         "code": attempt.code if attempt else None,
         "enhanced": attempt.enhanced if attempt else None,
         "text": attempt.text if attempt else None,
         "queue_id": queue_id,
     }
+
+
+def sender_domain(sender: str) -> str:
+    """The domain of an envelope sender (a suppression's scope), lower-cased; '' for <>."""
+    return sender.rpartition("@")[2].lower()
+
+
+def scopes_by_address(found: Sequence[Row]) -> dict[str, set[str]]:
+    """Active suppressions (``suppressed_among`` rows) as address -> scopes."""
+    listed: dict[str, set[str]] = {}
+    for row in found:
+        listed.setdefault(row["address"], set()).add(row["scope"])
+    return listed
+
+
+def listed_for(listed: Mapping[str, set[str]], address: str, sender: str) -> bool:
+    """Whether mail from ``sender`` to ``address`` is suppressed: for every sender, or for
+    the sender's domain."""
+    scopes = listed.get(address.lower(), set())
+    return "*" in scopes or sender_domain(sender) in scopes

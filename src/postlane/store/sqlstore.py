@@ -3,8 +3,9 @@ named queries (:mod:`postlane.store.plans`), run by a :class:`postlane.store.pla
 
 The operations live by role, as the protocols in :mod:`postlane.store.base` split them:
 :mod:`~postlane.store.delivery`, :mod:`~postlane.store.operator`,
-:mod:`~postlane.store.throttle_state`, :mod:`~postlane.store.history` and
-:mod:`~postlane.store.suppressions`. The two databases differ only below: SQLite
+:mod:`~postlane.store.throttle_state`, :mod:`~postlane.store.history`,
+:mod:`~postlane.store.suppressions`, :mod:`~postlane.store.feedback` and
+:mod:`~postlane.store.webhooks`. The two databases differ only below: SQLite
 (:mod:`postlane.store.sqlite`) runs plans in its writer thread's group commit or on its reader
 threads; PostgreSQL (:mod:`postlane.store.postgres`) runs them on a pooled connection, one
 transaction each, and adds what only it has (``FOR UPDATE SKIP LOCKED`` inside its queries, row
@@ -14,14 +15,24 @@ locks, LISTEN/NOTIFY).
 from __future__ import annotations
 
 from postlane.store.delivery import SQLDelivery
+from postlane.store.feedback import SQLFeedback
 from postlane.store.history import SQLHistory
 from postlane.store.operator import SQLOperator
 from postlane.store.plans import Database, execute
 from postlane.store.suppressions import SQLSuppressions
 from postlane.store.throttle_state import SQLThrottle
+from postlane.store.webhooks import SQLWebhooks
 
 
-class SQLStore(SQLDelivery, SQLOperator, SQLThrottle, SQLHistory, SQLSuppressions):
+class SQLStore(
+    SQLDelivery,
+    SQLOperator,
+    SQLThrottle,
+    SQLHistory,
+    SQLSuppressions,
+    SQLFeedback,
+    SQLWebhooks,
+):
     """Every store operation over a :class:`Database`. Each method is one transaction."""
 
     def __init__(self, db: Database) -> None:

@@ -1,4 +1,5 @@
-"""The suppression role, written once for both databases: the addresses never to be sent to
+"""The suppression role, written once for both databases: the addresses never to be sent to,
+for every sender or one sender domain, for good or until they expire
 (:class:`postlane.store.base.SuppressionStore`).
 """
 
@@ -6,16 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from postlane.records import (
-    Suppression,
-)
+from postlane.records import Suppression
 from postlane.store import rows
-from postlane.store.plans import (
-    SQLRole,
-    batch,
-    execute,
-    fetch,
-)
+from postlane.store.plans import SQLRole, batch, execute, fetch
 
 
 class SQLSuppressions(SQLRole):
@@ -26,16 +20,28 @@ class SQLSuppressions(SQLRole):
         return [rows.suppression(row) for row in found]
 
     async def add_suppression(self, suppression: Suppression) -> bool:
+        """False when the address is already suppressed in that scope (the first entry wins,
+        unless it has expired)."""
         params = [rows.suppression_params(suppression)]
         result = await self.db.write(lambda: batch("insert_suppression", params))
         return bool(result.rowcount)
 
-    async def remove_suppression(self, address: str) -> bool:
-        params = {"address": address.lower()}
-        return bool(await self.db.write(lambda: execute("delete_suppression", params)))
+    async def remove_suppression(self, address: str, scope: str | None = None) -> bool:
+        """Take an address off the list, in one scope or (None) in all."""
+        params = {"address": address.lower(), "scope": scope.lower() if scope else None}
+        query = "delete_suppression" if scope is None else "delete_suppression_in_scope"
+        return bool(await self.db.write(lambda: execute(query, params)))
 
-    async def is_suppressed(self, addresses: Sequence[str]) -> Mapping[str, bool]:
+    async def is_suppressed(
+        self,
+        addresses: Sequence[str],
+        *,
+        sender: str = "",
+        now: float | None = None,
+    ) -> Mapping[str, bool]:
         lowered = sorted({a.lower() for a in addresses})
-        found = await self.db.read(lambda: fetch("suppressed_among", {"addresses": lowered}))
-        listed = {row["address"] for row in found}
-        return {a: a.lower() in listed for a in addresses}
+        found = await self.db.read(
+            lambda: fetch("suppressed_among", {"addresses": lowered, "now": now})
+        )
+        listed = rows.scopes_by_address(found)
+        return {a: rows.listed_for(listed, a, sender) for a in addresses}

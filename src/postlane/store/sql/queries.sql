@@ -7,8 +7,9 @@
 -- written lives in that database's folder under the same kind of header.
 
 -- name: suppressed_among
--- Which of some lower-cased addresses are on the suppression list.
-SELECT address FROM suppressions WHERE @any(address, addresses, text);
+-- Active suppressions of some lower-cased addresses, with their scopes (a NULL :now: any).
+SELECT address, scope FROM suppressions
+WHERE @any(address, addresses, text) AND coalesce(expires_at > :now, TRUE);
 
 -- name: insert_enqueue_events
 -- The events of new messages' recipients: queued, or suppressed (never attempted).
@@ -322,12 +323,17 @@ GROUP BY destination, class;
 
 -- name: suppressions
 -- The suppression list, newest first.
-SELECT address, created_at, source, reason, code, enhanced, text, queue_id
-FROM suppressions ORDER BY created_at DESC, address LIMIT :limit;
+SELECT address, scope, reason, created_at, expires_at, detail, source, code, enhanced, text,
+       queue_id
+FROM suppressions ORDER BY created_at DESC, address, scope LIMIT :limit;
 
 -- name: delete_suppression
--- Take an address off the suppression list.
+-- Take an address off the suppression list, in every scope.
 DELETE FROM suppressions WHERE address = :address;
+
+-- name: delete_suppression_in_scope
+-- Take an address off the suppression list in one scope.
+DELETE FROM suppressions WHERE address = :address AND scope = :scope;
 
 -- name: purge_events
 -- Forget events older than their retention.
@@ -337,3 +343,97 @@ DELETE FROM events WHERE at < :before;
 -- The readiness probe's write.
 INSERT INTO store_checks (id, checked_at) VALUES (1, :now)
 ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at;
+
+-- name: deliveries_by_id
+-- Some deliveries, with their message's sender (a token names a delivery by id).
+SELECT d.id, d.queue_id, d.address, d.state, d.lane, m.sender
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE @any(d.id, ids, bigint)
+ORDER BY d.id;
+
+-- name: deliveries_of_message_to
+-- The deliveries to an address (lower-cased) of one message.
+SELECT d.id, d.queue_id, d.address, d.state, d.lane, m.sender
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE d.queue_id = :queue_id AND lower(d.address) = :address
+ORDER BY d.id;
+
+-- name: deliveries_of_message_id_to
+-- The deliveries to an address (lower-cased) of the messages with a Message-ID header.
+SELECT d.id, d.queue_id, d.address, d.state, d.lane, m.sender
+FROM messages m JOIN deliveries d ON d.queue_id = m.id
+WHERE m.message_id = :message_id AND lower(d.address) = :address
+ORDER BY d.id;
+
+-- name: insert_unmatched
+-- Keep a report nothing matched, for the operator.
+INSERT INTO feedback_unmatched (received_at, source, kind, reason, mail_from, rcpt_to, content)
+VALUES (:received_at, :source, :kind, :reason, :mail_from, :rcpt_to, :content)
+RETURNING id;
+
+-- name: unmatched
+-- Reports nothing matched, newest first.
+SELECT id, received_at, source, kind, reason, mail_from, rcpt_to, content
+FROM feedback_unmatched ORDER BY id DESC LIMIT :limit;
+
+-- name: purge_unmatched
+-- Forget unmatched reports older than their retention.
+DELETE FROM feedback_unmatched WHERE received_at < :before;
+
+-- name: insert_secret
+-- Make a shared key once (the first process to ask makes it).
+INSERT INTO secrets (name, value, created_at) VALUES (:name, :value, :now)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: secret
+-- A shared key.
+SELECT value FROM secrets WHERE name = :name;
+
+-- name: create_webhook_endpoint
+-- An endpoint's state, the first time it is claimed.
+INSERT INTO webhook_endpoints (name, cursor, updated_at) VALUES (:name, :cursor, :now)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: lease_webhook_endpoint
+-- Lease an endpoint: free, already ours, or its holder's lease ran out.
+UPDATE webhook_endpoints
+SET lease_owner = :owner, lease_expires_at = :lease_until, updated_at = :now
+WHERE name = :name
+  AND (lease_owner IS NULL OR lease_owner = :owner OR lease_expires_at <= :now)
+RETURNING name, cursor, failures, paused_until, last_error, last_error_at, last_success_at,
+          delivered, lease_owner, lease_expires_at;
+
+-- name: release_webhook_endpoint
+-- Hand an endpoint back (a graceful stop).
+UPDATE webhook_endpoints SET lease_owner = NULL, lease_expires_at = NULL
+WHERE name = :name AND lease_owner = :owner;
+
+-- name: webhook_delivered
+-- Events up to a cursor were acknowledged: move on, and the endpoint is healthy.
+UPDATE webhook_endpoints
+SET cursor = :cursor, delivered = delivered + :count, failures = 0, paused_until = NULL,
+    last_success_at = :now, updated_at = :now
+WHERE name = :name AND lease_owner = :owner AND cursor <= :cursor;
+
+-- name: webhook_failed
+-- One more failure in a row; the endpoint waits until a time.
+UPDATE webhook_endpoints
+SET failures = failures + 1, paused_until = :paused_until, last_error = :error,
+    last_error_at = :now, updated_at = :now
+WHERE name = :name AND lease_owner = :owner;
+
+-- name: webhook_endpoints
+-- Every endpoint's state.
+SELECT name, cursor, failures, paused_until, last_error, last_error_at, last_success_at,
+       delivered, lease_owner, lease_expires_at
+FROM webhook_endpoints ORDER BY name;
+
+-- name: replay_webhook
+-- An operator sends an endpoint's events again from a cursor, at once.
+UPDATE webhook_endpoints
+SET cursor = :cursor, failures = 0, paused_until = NULL, updated_at = :now
+WHERE name = :name;
+
+-- name: forget_webhook_endpoints
+-- Remove the state of endpoints no longer configured.
+DELETE FROM webhook_endpoints WHERE NOT @any(name, names, text);

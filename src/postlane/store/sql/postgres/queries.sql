@@ -209,17 +209,24 @@ FROM unnest(%(delivery_id)s::bigint[], %(at)s::float8[], %(class)s::text[],
             %(destination)s::text[], %(duration_ms)s::integer[], %(counted)s::boolean[]);
 
 -- name: insert_suppression
--- Add addresses to the suppression list (first reason wins; an address twice in one batch:
--- its first row).
-INSERT INTO suppressions (address, created_at, source, reason, code, enhanced, text, queue_id)
-SELECT DISTINCT ON (address) address, created_at, source, reason, code, enhanced, text,
-       queue_id
-FROM unnest(%(address)s::text[], %(created_at)s::float8[], %(source)s::text[],
-            %(reason)s::text[], %(code)s::integer[], %(enhanced)s::text[], %(text)s::text[],
+-- Add addresses to the suppression list in their scopes (the first entry wins, unless it
+-- expired; an address twice in one batch: its first row).
+INSERT INTO suppressions (address, scope, reason, created_at, expires_at, detail, source, code,
+                          enhanced, text, queue_id)
+SELECT DISTINCT ON (address, scope) address, scope, reason, created_at, expires_at, detail,
+       source, code, enhanced, text, queue_id
+FROM unnest(%(address)s::text[], %(scope)s::text[], %(reason)s::text[],
+            %(created_at)s::float8[], %(expires_at)s::float8[], %(detail)s::text[],
+            %(source)s::text[], %(code)s::integer[], %(enhanced)s::text[], %(text)s::text[],
             %(queue_id)s::text[]) WITH ORDINALITY
-     AS s (address, created_at, source, reason, code, enhanced, text, queue_id, n)
-ORDER BY address, n
-ON CONFLICT (address) DO NOTHING;
+     AS s (address, scope, reason, created_at, expires_at, detail, source, code, enhanced,
+           text, queue_id, n)
+ORDER BY address, scope, n
+ON CONFLICT (address, scope) DO UPDATE
+SET reason = excluded.reason, created_at = excluded.created_at, expires_at = excluded.expires_at,
+    detail = excluded.detail, source = excluded.source, code = excluded.code,
+    enhanced = excluded.enhanced, text = excluded.text, queue_id = excluded.queue_id
+WHERE suppressions.expires_at IS NOT NULL AND suppressions.expires_at <= excluded.created_at;
 
 -- name: expired_leases
 -- A slice of deliveries whose worker stopped renewing its lease, locked for this reap. SKIP
@@ -370,16 +377,50 @@ SELECT (SELECT count(*) FROM deliveries
 FROM deliveries WHERE state = 'dead' AND updated_at >= %(start)s AND updated_at < %(end)s;
 
 -- name: events_after
--- Events after a cursor, in (tx, id) order, of transactions older than every one still
--- running: a transaction that took its ids earlier but commits later is read once it has
--- committed, never behind a cursor already passed.
+-- Events after a cursor, in (tx, id) order, of transactions that finished before every write
+-- transaction of this database still running: ids are taken before commit, so a transaction
+-- that took its ids earlier but commits later is read once it has committed, never behind a
+-- cursor already passed. The horizon is the snapshot's oldest running transaction, leaving out
+-- those pg_stat_activity shows in other databases (they write no events here); one it cannot
+-- place (another user's, or one that ended meanwhile) counts, which only delays.
+WITH snapshot AS (
+    SELECT pg_current_snapshot() AS s
+), elsewhere AS (
+    SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
+    WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database()
+), horizon AS (
+    SELECT coalesce(
+        (SELECT running.xid
+         FROM snapshot, pg_snapshot_xip(snapshot.s) AS running (xid)
+         WHERE running.xid::text::bigint %% 4294967296 NOT IN (SELECT xid FROM elsewhere)
+         ORDER BY running.xid LIMIT 1),
+        (SELECT pg_snapshot_xmax(s) FROM snapshot)) AS tx
+)
 SELECT id, type, at, queue_id, recipient, lane, class, code, enhanced, text, metadata
 FROM events
 WHERE (tx, id) > (%(tx)s::xid8, %(after)s)
-  AND tx < pg_snapshot_xmin(pg_current_snapshot())
+  AND tx < (SELECT tx FROM horizon)
   AND (%(any_type)s OR type = ANY(%(types)s::text[]))
 ORDER BY tx, id LIMIT %(limit)s;
 
 -- name: event_cursor
 -- The position of a kept event (a cursor that names it can be followed).
 SELECT tx::text AS tx, id FROM events WHERE id = %(id)s;
+
+-- name: deliveries_for_feedback
+-- The deliveries a batch of feedback is about, locked in id order: two reports of the same
+-- recipient at once (a DSN and a webhook) apply one after the other, never both.
+SELECT id, queue_id, address, state, destination FROM deliveries
+WHERE id = ANY(%(ids)s::bigint[])
+ORDER BY id
+FOR UPDATE;
+
+-- name: feedback_state
+-- Recipients' states after feedback (bounced, complained), with the report as the last reply.
+UPDATE deliveries AS d
+SET state = f.state, last_code = f.code, last_enhanced = f.enhanced, last_text = f.text,
+    last_class = coalesce(f.class, d.last_class), reason = f.reason, updated_at = %(now)s
+FROM unnest(%(id)s::bigint[], %(state)s::text[], %(code)s::integer[], %(enhanced)s::text[],
+            %(text)s::text[], %(class)s::text[], %(reason)s::text[])
+     AS f (id, state, code, enhanced, text, class, reason)
+WHERE d.id = f.id;

@@ -91,10 +91,16 @@ VALUES (:delivery_id, :at, :class, :code, :enhanced, :text, :relay, :destination
         :duration_ms, :counted);
 
 -- name: insert_suppression
--- Add an address to the suppression list (first reason wins).
-INSERT INTO suppressions (address, created_at, source, reason, code, enhanced, text, queue_id)
-VALUES (:address, :created_at, :source, :reason, :code, :enhanced, :text, :queue_id)
-ON CONFLICT (address) DO NOTHING;
+-- Add an address to the suppression list in a scope (the first entry wins, unless it expired).
+INSERT INTO suppressions (address, scope, reason, created_at, expires_at, detail, source, code,
+                          enhanced, text, queue_id)
+VALUES (:address, :scope, :reason, :created_at, :expires_at, :detail, :source, :code, :enhanced,
+        :text, :queue_id)
+ON CONFLICT (address, scope) DO UPDATE
+SET reason = excluded.reason, created_at = excluded.created_at, expires_at = excluded.expires_at,
+    detail = excluded.detail, source = excluded.source, code = excluded.code,
+    enhanced = excluded.enhanced, text = excluded.text, queue_id = excluded.queue_id
+WHERE suppressions.expires_at IS NOT NULL AND suppressions.expires_at <= excluded.created_at;
 
 -- name: expired_leases
 -- Deliveries whose worker stopped renewing its lease, a slice at a time.
@@ -245,3 +251,15 @@ ORDER BY id LIMIT :limit;
 -- name: event_cursor
 -- The position of a kept event (a cursor that names it can be followed).
 SELECT 0 AS tx, id FROM events WHERE id = :id;
+
+-- name: deliveries_for_feedback
+-- The deliveries a batch of feedback is about (one writer: nothing else changes them meanwhile).
+SELECT id, queue_id, address, state, destination FROM deliveries
+WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: feedback_state
+-- A recipient's state after feedback (bounced, complained), with the report as its last reply.
+UPDATE deliveries
+SET state = :state, last_code = :code, last_enhanced = :enhanced, last_text = :text,
+    last_class = coalesce(:class, last_class), reason = :reason, updated_at = :now
+WHERE id = :id;

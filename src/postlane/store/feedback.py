@@ -1,0 +1,209 @@
+"""The feedback role, written once for both databases: what is heard about a delivery after its
+first hop (DSNs, complaints, provider events, unsubscribes) recorded in one transaction with its
+state change, history entry, event and suppression; reports nothing matched, kept for review;
+and the keys behind the tokens that name a delivery (:class:`postlane.store.base.FeedbackStore`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from postlane.message import RecipientState
+from postlane.records import (
+    DeliveryRef,
+    Feedback,
+    FeedbackKind,
+    FeedbackResult,
+    UnmatchedFeedback,
+)
+from postlane.store import rows
+from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one
+
+#: the state a kind of feedback moves a recipient to, from the states it may leave
+_MOVES: dict[FeedbackKind, tuple[RecipientState, frozenset[RecipientState]]] = {
+    FeedbackKind.BOUNCED: (RecipientState.BOUNCED, frozenset({RecipientState.SENT})),
+    FeedbackKind.COMPLAINED: (
+        RecipientState.COMPLAINED,
+        frozenset({RecipientState.SENT, RecipientState.BOUNCED}),
+    ),
+}
+#: the event each kind is told as (None: history only)
+_EVENTS = {
+    FeedbackKind.BOUNCED: "bounced",
+    FeedbackKind.COMPLAINED: "complained",
+    FeedbackKind.UNSUBSCRIBED: "unsubscribed",
+    FeedbackKind.SOFT_BOUNCE: "deferred",
+    FeedbackKind.DELAYED: "deferred",
+    FeedbackKind.DELIVERED: None,
+}
+#: the most kept of an unmatched report's content
+UNMATCHED_CONTENT_LIMIT = 256 * 1024
+
+
+class SQLFeedback(SQLRole):
+    """Feedback after the first hop."""
+
+    async def delivery_refs(self, delivery_ids: Sequence[int]) -> list[DeliveryRef]:
+        """The deliveries with these ids that exist (a token names one by id)."""
+        found = await self.db.read(lambda: fetch("deliveries_by_id", {"ids": list(delivery_ids)}))
+        return [rows.delivery_ref(row) for row in found]
+
+    async def find_deliveries(
+        self, address: str, *, queue_id: str | None = None, message_id: str | None = None
+    ) -> list[DeliveryRef]:
+        """The deliveries to ``address`` of the message with postlane's id ``queue_id``, or
+        with the Message-ID header ``message_id`` (a bounce quoting the original's headers)."""
+        params = {"address": address.lower(), "queue_id": queue_id, "message_id": message_id}
+        if queue_id is not None:
+            found = await self.db.read(lambda: fetch("deliveries_of_message_to", params))
+        elif message_id is not None:
+            found = await self.db.read(lambda: fetch("deliveries_of_message_id_to", params))
+        else:
+            return []
+        return [rows.delivery_ref(row) for row in found]
+
+    async def record_feedback(self, items: Sequence[Feedback], now: float) -> list[FeedbackResult]:
+        """Apply each item in one transaction: a bounce moves a sent recipient to ``bounced``
+        and a complaint to ``complained`` (a repeat of either changes nothing), each item with
+        a history entry, its event and its suppression. A delivery that does not exist gets a
+        result with no state."""
+        return await self.db.write(lambda: _feedback_plan(items, now))
+
+    async def record_unmatched(
+        self,
+        *,
+        source: str,
+        kind: str,
+        reason: str,
+        content: bytes,
+        now: float,
+        mail_from: str | None = None,
+        rcpt_to: str | None = None,
+    ) -> int:
+        """Keep a report nothing matched (or nothing could read) for the operator; returns its
+        id. The content is kept up to :data:`UNMATCHED_CONTENT_LIMIT` bytes."""
+        params = {
+            "received_at": now,
+            "source": source,
+            "kind": kind,
+            "reason": reason,
+            "mail_from": mail_from,
+            "rcpt_to": rcpt_to,
+            "content": content[:UNMATCHED_CONTENT_LIMIT],
+        }
+        row = await self.db.write(lambda: fetch_one("insert_unmatched", params))
+        assert row is not None
+        return int(row["id"])
+
+    async def list_unmatched(self, *, limit: int) -> list[UnmatchedFeedback]:
+        """Unmatched reports, newest first."""
+        found = await self.db.read(lambda: fetch("unmatched", {"limit": limit}))
+        return [rows.unmatched_feedback(row) for row in found]
+
+    async def purge_unmatched(self, before: float) -> int:
+        return await self.db.write(lambda: execute("purge_unmatched", {"before": before}))
+
+    async def secret(self, name: str, now: float) -> bytes:
+        """A random key made once and shared by every process of this store (the key behind
+        VERP and unsubscribe tokens)."""
+
+        def run() -> Plan[bytes]:
+            params = {"name": name, "value": secrets.token_bytes(32), "now": now}
+            yield from execute("insert_secret", params)
+            row = yield from fetch_one("secret", {"name": name})
+            assert row is not None
+            return bytes(row["value"])
+
+        return await self.db.write(run)
+
+
+def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackResult]]:
+    if not items:
+        return []
+    ids = sorted({item.delivery_id for item in items})
+    current: dict[int, Row] = {
+        row["id"]: row for row in (yield from fetch("deliveries_for_feedback", {"ids": ids}))
+    }
+    states = {i: RecipientState(row["state"]) for i, row in current.items()}
+    results: list[FeedbackResult] = []
+    moves: list[dict[str, Any]] = []
+    attempts: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    suppressions: list[dict[str, Any]] = []
+    for item in items:
+        row = current.get(item.delivery_id)
+        if row is None:
+            results.append(FeedbackResult(item.delivery_id, None, False))
+            continue
+        state = states[item.delivery_id]
+        move = _MOVES.get(item.kind)
+        if move is not None:
+            target, leaves = move
+            if state not in leaves:  # a repeat, or a recipient never sent: nothing changes
+                results.append(FeedbackResult(item.delivery_id, state, False))
+                continue
+            moves.append(
+                {
+                    "id": item.delivery_id,
+                    "state": target.value,
+                    "code": item.code,
+                    "enhanced": item.enhanced,
+                    "text": item.text,
+                    "class": item.cls.value if item.cls else None,
+                    "reason": f"{item.kind.value} ({item.source})",
+                }
+            )
+            states[item.delivery_id] = state = target
+        if item.cls is not None:  # the report in the recipient's history
+            attempts.append(
+                {
+                    "delivery_id": item.delivery_id,
+                    "at": item.at,
+                    "class": item.cls.value,
+                    "code": item.code,
+                    "enhanced": item.enhanced,
+                    "text": item.text or "",
+                    "relay": item.source,
+                    "destination": row["destination"],
+                    "duration_ms": 0,
+                    "counted": False,
+                }
+            )
+        if item.suppression is not None:
+            scope, reason, expires_at = item.suppression
+            suppressions.append(
+                {
+                    "address": row["address"].lower(),
+                    "scope": scope.lower(),
+                    "reason": reason,
+                    "created_at": now,
+                    "expires_at": expires_at,
+                    "detail": item.text,
+                    "source": item.source,
+                    "code": item.code,
+                    "enhanced": item.enhanced,
+                    "text": item.text,
+                    "queue_id": row["queue_id"],
+                }
+            )
+        event = _EVENTS[item.kind]
+        if event is not None:
+            events.append(
+                {
+                    "type": event,
+                    "at": item.at,
+                    "delivery_id": item.delivery_id,
+                    "class": item.cls.value if item.cls else None,
+                    "code": item.code,
+                    "enhanced": item.enhanced,
+                    "text": item.text,
+                }
+            )
+        results.append(FeedbackResult(item.delivery_id, state, True))
+    yield from batch("feedback_state", moves, {"now": now})
+    yield from batch("insert_attempts", attempts)
+    yield from batch("insert_events", events)
+    yield from batch("insert_suppression", suppressions)
+    return results
