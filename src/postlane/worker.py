@@ -45,19 +45,23 @@ PURGE_INTERVAL = 600.0
 WAITING_FOR_DESTINATION = "waiting for the destination's rate, cap or pause"
 
 
+@dataclass(frozen=True)
+class DecidedAttempt:
+    """One try and what the policy decided after it, as observers are told it."""
+
+    lane: Lane
+    destination: str
+    verdict: Verdict
+    decision: Decision
+    #: when the message was enqueued (delivery latency counts from here)
+    created_at: float
+    now: float
+
+
 class DeliveryObserver(Protocol):
     """Told about every decided try (metrics implement this)."""
 
-    def attempted(
-        self,
-        *,
-        lane: Lane,
-        destination: str,
-        verdict: Verdict,
-        decision: Decision,
-        created_at: float,
-        now: float,
-    ) -> None: ...
+    def attempted(self, attempt: DecidedAttempt) -> None: ...
 
     def dead_without_try(self, cls: ReplyClass) -> None:
         """A recipient dead-lettered before a try (max_age or max_attempts already reached)."""
@@ -65,7 +69,7 @@ class DeliveryObserver(Protocol):
 
 
 class _NoObserver:
-    def attempted(self, **_: object) -> None:
+    def attempted(self, attempt: DecidedAttempt) -> None:
         return None
 
     def dead_without_try(self, cls: ReplyClass) -> None:
@@ -166,17 +170,25 @@ class Worker:
         config: Config,
         store: Store,
         transport: Transport,
-        **kwargs: object,
+        *,
+        clock: Clock | None = None,
+        observer: DeliveryObserver | None = None,
+        owner: str | None = None,
+        wake: asyncio.Event | None = None,
     ) -> Worker:
+        """A worker as ``config`` says: its retry policy, lanes, retention and throttle."""
         return cls(
             store,
             transport,
             Policy.from_config(config),
             delivery=config.delivery,
+            clock=clock,
             lanes=LaneScheduler.from_config(config),
+            observer=observer,
+            owner=owner,
+            wake=wake,
             retention=(config.store.retention, config.store.dead_retention),
             throttle=Throttle.from_config(config),
-            **kwargs,  # type: ignore[arg-type]
         )
 
     # -- running ---------------------------------------------------------------------------------
@@ -546,12 +558,9 @@ class Worker:
                 },
             )
         self.observer.attempted(
-            lane=message.lane,
-            destination=delivery.destination,
-            verdict=verdict,
-            decision=decision,
-            created_at=message.created_at,
-            now=now,
+            DecidedAttempt(
+                message.lane, delivery.destination, verdict, decision, message.created_at, now
+            )
         )
         attempt = AttemptRecord(
             at=now,
