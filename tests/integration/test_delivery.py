@@ -16,7 +16,7 @@ from postlane.clock import FakeClock
 from postlane.message import Lane, RecipientState
 from postlane.records import Selector
 from postlane.transports import transport_for
-from postlane.transports.base import Envelope, Response
+from postlane.transports.base import BaseTransport, Envelope, Response
 from postlane.worker import Worker
 from tests.conftest import SMTPPeer, free_port, make_config
 
@@ -369,7 +369,7 @@ async def test_a_send_that_outlasts_the_lease_keeps_it_and_is_sent_once(
     assert len(smtp_peer.handler.received) == 1
 
 
-class ExplodingTransport:
+class ExplodingTransport(BaseTransport):
     name = "exploding://"
 
     async def send(self, envelope: Envelope) -> list[Response]:

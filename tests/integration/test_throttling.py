@@ -26,7 +26,7 @@ from postlane.metrics import Metrics
 from postlane.records import DestinationStatus, MessageView, Selector
 from postlane.simulate import Scenario, Simulator
 from postlane.transports import transport_for
-from postlane.transports.base import Envelope, Response, Transport
+from postlane.transports.base import BaseTransport, Envelope, Response, Transport
 from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
 from postlane.worker import DecidedAttempt, Worker
 from tests.conftest import SMTPPeer, free_port, make_config
@@ -108,7 +108,7 @@ async def test_delivered_rate_converges_under_the_servers_limit_with_few_refusal
     assert sent / (end - start) <= limit * 1.1
 
 
-class ByDomain:
+class ByDomain(BaseTransport):
     """A test transport: each recipient domain has its own SMTP server (what MX delivery does)."""
 
     def __init__(self, routes: dict[str, Transport]) -> None:
