@@ -44,7 +44,7 @@ import dkim
 import dkim.crypto
 
 from postlane.errors import ConfigError, PostlaneError
-from postlane.transports.base import Envelope, Response, Transport
+from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response, Transport
 
 __all__ = [
     "SIGNED_HEADERS",
@@ -193,16 +193,21 @@ class DkimSigner:
         return dataclasses.replace(envelope, content=signed)
 
 
-class SigningTransport:
+class SigningTransport(BaseTransport):
     """A transport that DKIM-signs each message, then hands it to ``inner`` (e.g. the SMTP
-    relay transport); everything else, its name and shared destination, is ``inner``'s."""
+    relay transport); everything else, its name, shared destination and routes, is ``inner``'s."""
 
     def __init__(self, inner: Transport, signer: DkimSigner) -> None:
         self.inner = inner
         self.signer = signer
         self.name = inner.name
-        #: the worker reads this to charge the relay (None: no shared destination)
-        self.shared_destination: str | None = getattr(inner, "shared_destination", None)
+        self.shared_destination = inner.shared_destination
+
+    def shared_destination_for(self, lane: str, sender: str, recipient_domain: str) -> str | None:
+        return self.inner.shared_destination_for(lane, sender, recipient_domain)
+
+    def follow_pauses(self, is_paused: PauseCheck) -> None:
+        self.inner.follow_pauses(is_paused)
 
     async def send(self, envelope: Envelope) -> list[Response]:
         return await self.inner.send(await self.signer.sign_envelope(envelope))

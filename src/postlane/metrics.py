@@ -16,14 +16,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from postlane.classify import ReplyClass, Verdict
+from postlane.classify import ReplyClass
 from postlane.destinations import provider_names
 from postlane.message import Lane
-from postlane.policy import Action, Decision
+from postlane.policy import Action
 from postlane.records import Stats
 
 if TYPE_CHECKING:
     from postlane.app import AsyncPostlane
+    from postlane.worker import DecidedAttempt
 
 MAX_DOMAIN_LABELS = 20
 LATENCY_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
@@ -183,26 +184,19 @@ class Metrics:
         for kind in ("hard", "soft"):
             self.bounces.labels(kind)
 
-    def attempted(
-        self,
-        *,
-        lane: Lane,
-        destination: str,
-        verdict: Verdict,
-        decision: Decision,
-        created_at: float,
-        now: float,
-    ) -> None:
+    def attempted(self, attempt: DecidedAttempt) -> None:
+        """Count one decided try (the worker's :class:`~postlane.worker.DeliveryObserver`)."""
+        verdict, lane = attempt.verdict, attempt.lane.value
         self.attempts.labels(
-            lane.value, self.destination_label(destination), verdict.cls.value
+            lane, self.destination_label(attempt.destination), verdict.cls.value
         ).inc()
         if verdict.cls is ReplyClass.HARD_BOUNCE:
             self.bounces.labels("hard").inc()
         elif verdict.cls is ReplyClass.SOFT_BOUNCE:
             self.bounces.labels("soft").inc()
-        if decision.action is Action.SEND:
-            self.latency.labels(lane.value).observe(max(0.0, now - created_at))
-        elif decision.action is Action.DEAD:
+        if attempt.decision.action is Action.SEND:
+            self.latency.labels(lane).observe(max(0.0, attempt.now - attempt.created_at))
+        elif attempt.decision.action is Action.DEAD:
             self.dead_letters.labels(verdict.cls.value).inc()
 
     async def seed_destinations(self, window: float = 86400.0) -> None:

@@ -16,7 +16,12 @@ message_error  5xx: dead-letter; 4xx: retry on the schedule (the server said "no
 =============  =======================================================================
 
 Every retry is bounded by ``max_attempts`` (counted attempts) and by ``max_age``: no attempt is
-ever scheduled at or after a message's expiry; it is dead-lettered instead.
+ever scheduled at or after a message's expiry; it is dead-lettered instead. A wait the server
+asked for (``Retry-After``) is honoured whatever the class: a retry never comes sooner.
+
+:meth:`Decision.outcome` turns a decision into the delivery's new state as the store records it
+(state, attempts and deferrals counted, next try, suppression, reason); :func:`untried` is the
+new state of a delivery that gets no try at all.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from enum import StrEnum
 
 from postlane.classify import ReplyClass, Verdict
 from postlane.config import Config, format_duration
-from postlane.message import Lane
+from postlane.message import Lane, RecipientState
+from postlane.records import AttemptRecord, Delivery, Outcome
 
 
 class Action(StrEnum):
@@ -60,7 +66,39 @@ class Decision:
     suppress: bool = False
     reason: str | None = None
 
+    def outcome(self, delivery: Delivery, attempt: AttemptRecord) -> Outcome:
+        """``delivery``'s new state after the try this decision follows, with its attempt."""
+        return Outcome(
+            delivery_id=delivery.id,
+            state=_STATES[self.action],
+            attempts=delivery.attempts + (1 if self.counted else 0),
+            deferrals=delivery.deferrals + (0 if self.counted else 1),
+            next_attempt_at=self.next_attempt_at,
+            attempt=attempt,
+            suppress=self.suppress,
+            reason=self.reason,
+        )
 
+
+def untried(delivery: Delivery, state: RecipientState, reason: str) -> Outcome:
+    """``delivery``'s new state when it gets no try (dead-lettered past its limits, or on the
+    suppression list): its counts stay, and its last real reply stays its last response."""
+    return Outcome(
+        delivery_id=delivery.id,
+        state=state,
+        attempts=delivery.attempts,
+        deferrals=delivery.deferrals,
+        next_attempt_at=None,
+        attempt=None,
+        reason=reason,
+    )
+
+
+_STATES = {
+    Action.SEND: RecipientState.SENT,
+    Action.RETRY: RecipientState.DEFERRED,
+    Action.DEAD: RecipientState.DEAD,
+}
 _RETRY_ON_SCHEDULE = frozenset({ReplyClass.TEMPORARY, ReplyClass.SOFT_BOUNCE})
 _UNCOUNTED = frozenset({ReplyClass.THROTTLED, ReplyClass.CONNECTION})
 
@@ -117,7 +155,8 @@ class Policy:
         cool_down: float | None = None,
     ) -> Decision:
         """Decide what follows one try. ``attempts``/``deferrals`` are the counts before it;
-        ``cool_down`` is how long the destination asked us to wait (throttling, Retry-After)."""
+        ``cool_down`` is how long the destination asked us to wait (throttling, Retry-After):
+        the next try is never sooner, whatever the class."""
         cls = verdict.cls
         if cls is ReplyClass.DELIVERED:
             return Decision(Action.SEND)

@@ -16,10 +16,11 @@ Each destination (a provider such as ``google``, a recipient domain, or the rela
   a ceiling for the rule's ``duration`` (successes creep back up to it, never above); then the
   rate creeps back toward the configured limit as after a slow-down.
 
-The :class:`Throttle` is pure bookkeeping with an injected clock: the worker asks
-:meth:`Throttle.admit` before each send (``None``: go; a time: come back then, no attempt used),
-reports each result to :meth:`Throttle.observe`, and persists what :meth:`Throttle.changes`
-returns so that ``stats``, the HTTP API and other workers see pauses and rates.
+The :class:`Throttle` is pure bookkeeping with explicit times; the worker's
+:class:`~postlane.gate.ThrottleGate` is its only user: it asks :meth:`Throttle.admit` before
+each send (``None``: go; a time: come back then, no attempt used), reports each result to
+:meth:`Throttle.observe`, and persists what :meth:`Throttle.changes` returns so that ``stats``,
+the HTTP API and other workers see pauses and rates.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Admission:
     """The answer of :meth:`Throttle.admit`: ``at`` None means go now."""
 
     at: float | None
-    #: set when a destination is paused (or probing after a pause): the worker defers that
+    #: set when a destination is paused (or probing after a pause): the gate defers that
     #: destination's whole backlog instead of sending deliveries back one by one
     paused_destination: str | None = None
 

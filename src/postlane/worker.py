@@ -1,10 +1,14 @@
-"""The delivery worker: claim, send, classify, decide, record; shut down gracefully.
+"""The delivery worker: claim, gate, send, decide, record; shut down gracefully.
 
 One asyncio task claims due deliveries in batches (lane quotas from :mod:`postlane.lanes`) while
-at most ``concurrency`` deliveries are in flight; each claimed message is sent by its own task;
-results go to a recorder that writes them in batches, each outcome with its attempt, in one
-transaction. Leases are renewed while sends run. On stop (SIGTERM, Ctrl-C), claiming stops,
-in-flight sends get ``shutdown_grace`` to finish and whatever is left is handed back unattempted.
+at most ``concurrency`` deliveries are in flight; each claimed message is delivered by its own
+task: what is past ``max_age`` or ``max_attempts`` is dead-lettered without a try, the
+:class:`~postlane.gate.ThrottleGate` admits the rest or sends it back to wait, the transport
+sends, each reply is classified, reported to the gate and decided by the
+:class:`~postlane.policy.Policy`. Results go to a recorder that writes them in batches, each
+outcome with its attempt, in one transaction. Leases are renewed while sends run. On stop
+(SIGTERM, Ctrl-C), claiming stops, in-flight sends get ``shutdown_grace`` to finish and whatever
+is left is handed back unattempted.
 
 Nothing a transport does stalls the queue: an unexpected exception becomes an attempt classed
 ``temporary`` with its text recorded, and the worker goes on.
@@ -20,19 +24,20 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, DeliveryConfig, ThrottleConfig
+from postlane.gate import WAITING_FOR_DESTINATION, ThrottleGate
 from postlane.lanes import LaneScheduler
 from postlane.message import Lane, RecipientState
-from postlane.policy import Action, Decision, Policy
+from postlane.policy import Action, Decision, Policy, untried
 from postlane.records import AttemptRecord, ClaimedMessage, Delivery, Outcome
 from postlane.store.base import Store
-from postlane.throttle import Admission, Throttle
+from postlane.throttle import Throttle
 from postlane.transports.base import Envelope, Response, Transport
 
 log = logging.getLogger("postlane.worker")
@@ -41,23 +46,25 @@ attempt_log = logging.getLogger("postlane.attempts")
 
 #: how often finished messages past their retention are removed
 PURGE_INTERVAL = 600.0
-#: the reason recorded on deliveries sent back to wait for their destination (no attempt)
-WAITING_FOR_DESTINATION = "waiting for the destination's rate, cap or pause"
+
+
+@dataclass(frozen=True)
+class DecidedAttempt:
+    """One try and what the policy decided after it, as observers are told it."""
+
+    lane: Lane
+    destination: str
+    verdict: Verdict
+    decision: Decision
+    #: when the message was enqueued (delivery latency counts from here)
+    created_at: float
+    now: float
 
 
 class DeliveryObserver(Protocol):
     """Told about every decided try (metrics implement this)."""
 
-    def attempted(
-        self,
-        *,
-        lane: Lane,
-        destination: str,
-        verdict: Verdict,
-        decision: Decision,
-        created_at: float,
-        now: float,
-    ) -> None: ...
+    def attempted(self, attempt: DecidedAttempt) -> None: ...
 
     def dead_without_try(self, cls: ReplyClass) -> None:
         """A recipient dead-lettered before a try (max_age or max_attempts already reached)."""
@@ -65,7 +72,7 @@ class DeliveryObserver(Protocol):
 
 
 class _NoObserver:
-    def attempted(self, **_: object) -> None:
+    def attempted(self, attempt: DecidedAttempt) -> None:
         return None
 
     def dead_without_try(self, cls: ReplyClass) -> None:
@@ -143,12 +150,13 @@ class Worker:
         self.wake = wake or asyncio.Event()
         #: (sent retention, dead-letter retention) in seconds; None keeps everything
         self.retention = retention
-        self.throttle = throttle or Throttle(ThrottleConfig(enabled=False))
-        #: the relay (or provider account) every delivery also goes through, a throttle key
-        self._shared: str | None = getattr(transport, "shared_destination", None)
-        if hasattr(transport, "paused"):  # a router takes a route's fallback while it is paused
-            transport.paused = self._relay_paused
-        self._paused_deferred: dict[str, float] = {}
+        self.gate = ThrottleGate(
+            throttle or Throttle(ThrottleConfig(enabled=False)),
+            store,
+            transport,
+            self.clock,
+            self.wake,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._slot_freed = asyncio.Event()
@@ -160,23 +168,35 @@ class Worker:
         #: True while run() delivers (for /readyz)
         self.running = False
 
+    @property
+    def throttle(self) -> Throttle:
+        return self.gate.throttle
+
     @classmethod
     def from_config(
         cls,
         config: Config,
         store: Store,
         transport: Transport,
-        **kwargs: object,
+        *,
+        clock: Clock | None = None,
+        observer: DeliveryObserver | None = None,
+        owner: str | None = None,
+        wake: asyncio.Event | None = None,
     ) -> Worker:
+        """A worker as ``config`` says: its retry policy, lanes, retention and throttle."""
         return cls(
             store,
             transport,
             Policy.from_config(config),
             delivery=config.delivery,
+            clock=clock,
             lanes=LaneScheduler.from_config(config),
+            observer=observer,
+            owner=owner,
+            wake=wake,
             retention=(config.store.retention, config.store.dead_retention),
             throttle=Throttle.from_config(config),
-            **kwargs,  # type: ignore[arg-type]
         )
 
     # -- running ---------------------------------------------------------------------------------
@@ -238,18 +258,20 @@ class Worker:
                 continue
             # nothing due now: sleep until new mail, the next due time, or the poll interval
             next_due = await self.store.next_due_at()
-            paused = self.relay_paused_until()
+            paused = self.gate.relay_paused_until()
             if paused is not None:
                 next_due = paused if next_due is None else max(next_due, paused)
             timeout = poll
             if next_due is not None:
                 timeout = max(0.0, min(poll, next_due - self.clock.now()))
             self.wake.clear()
-            waits: list[Awaitable[object]] = [stop.wait(), self.wake.wait()]
-            store_wait = getattr(self.store, "wait_for_work", None)
-            if store_wait is not None:  # PostgreSQL: LISTEN/NOTIFY from other processes' enqueues
-                waits.append(store_wait(timeout))
-            await _first_of(*waits, timeout=timeout)
+            # the store hears enqueues (PostgreSQL: LISTEN/NOTIFY from other processes' too)
+            await _first_of(
+                stop.wait(),
+                self.wake.wait(),
+                self.store.wait_for_work(timeout),
+                timeout=timeout,
+            )
 
     async def _wait_for_slot(self, stop: asyncio.Event | None = None) -> None:
         threshold = max(1, min(self.settings.batch_size, self.settings.concurrency) // 4)
@@ -262,18 +284,13 @@ class Worker:
                 if stop.is_set():
                     return
 
-    def _relay_paused(self, name: str) -> bool:
-        return self.throttle.paused_until(name, self.clock.now()) is not None
-
     def relay_paused_until(self) -> float | None:
         """While the relay itself is paused, nothing is claimed at all."""
-        if self._shared is None:
-            return None
-        return self.throttle.paused_until(self._shared, self.clock.now())
+        return self.gate.relay_paused_until()
 
     async def _claim_batch(self) -> int:
         free = self.settings.concurrency - self._in_flight
-        if free <= 0 or self.relay_paused_until() is not None:
+        if free <= 0 or self.gate.relay_paused_until() is not None:
             return 0
         limit = min(free, self.settings.batch_size)
         quotas = self.lanes.quotas(limit)
@@ -309,15 +326,7 @@ class Worker:
         for message in claimed:
             keep = tuple(d for d in message.deliveries if not listed.get(d.address))
             outcomes += [
-                Outcome(
-                    delivery_id=d.id,
-                    state=RecipientState.SUPPRESSED,
-                    attempts=d.attempts,
-                    deferrals=d.deferrals,
-                    next_attempt_at=None,
-                    attempt=None,
-                    reason="on the suppression list",
-                )
+                untried(d, RecipientState.SUPPRESSED, "on the suppression list")
                 for d in message.deliveries
                 if listed.get(d.address)
             ]
@@ -343,120 +352,32 @@ class Worker:
 
     # -- one message -----------------------------------------------------------------------------
 
-    def _shared_for(self, message: ClaimedMessage, delivery: Delivery) -> str | None:
-        """The relay (or provider account) this delivery goes through, a throttle key of its
-        own: the transport's, or the route's when routing."""
-        chooser = getattr(self.transport, "shared_destination_for", None)
-        if chooser is not None:
-            shared: str | None = chooser(message.lane.value, message.sender, delivery.domain)
-            return shared
-        return self._shared
-
-    def _feedback_key(self, message: ClaimedMessage, delivery: Delivery) -> str:
-        """Whose limits a slow-down or a connection failure speaks about: the relay's when
-        relaying (the relay answered), else the destination's."""
-        return self._shared_for(message, delivery) or delivery.destination
-
     async def _deliver(self, message: ClaimedMessage) -> None:
+        """Claimed → gate → send → decide → record, for one message's deliveries."""
         now = self.clock.now()
         outcomes: list[Outcome] = []
-        by_relay: dict[str | None, list[Delivery]] = {}
+        alive: list[Delivery] = []
         for delivery in message.deliveries:
             refusal = self.policy.refuse_before_sending(
                 message.lane, attempts=delivery.attempts, created_at=delivery.created_at, now=now
             )
-            if refusal is not None:
-                outcomes.append(_dead_without_try(delivery, refusal, now))
-                # counted under its last reply's class, as its dead letter shows it
-                self.observer.dead_without_try(delivery.last_class or ReplyClass.TEMPORARY)
-            else:
-                by_relay.setdefault(self._shared_for(message, delivery), []).append(delivery)
-        to_send: list[Delivery] = []
-        relays: list[str] = []
-        waiting: list[tuple[int, float]] = []
-        #: paused destinations whose recorded state was read again for this message
-        checked: set[str] = set()
-        for relay, group in by_relay.items():
-            # a relay takes a message's recipients in one transaction: one slot for all of them
-            if relay is not None:
-                admission = self.throttle.admit([relay], now)
-                if admission.at is not None:
-                    waiting.extend((d.id, admission.at) for d in group)
-                    continue
-            admitted = []
-            for delivery in group:
-                admission = await self._admit(delivery.destination, now, checked)
-                if admission.at is None:
-                    admitted.append(delivery)
-                else:
-                    waiting.append((delivery.id, admission.at))
-            if relay is not None:
-                if admitted:
-                    relays.append(relay)
-                else:
-                    self.throttle.release([relay])
-            to_send.extend(admitted)
-        if waiting:
-            await self.store.defer_unattempted(self.owner, waiting, now, WAITING_FOR_DESTINATION)
-        if to_send:
+            if refusal is None:
+                alive.append(delivery)
+                continue
+            outcomes.append(untried(delivery, RecipientState.DEAD, refusal))
+            # counted under its last reply's class, as its dead letter shows it
+            self.observer.dead_without_try(delivery.last_class or ReplyClass.TEMPORARY)
+        clearance = await self.gate.admit(message, alive, now)
+        if clearance.waiting:
+            await self.store.defer_unattempted(
+                self.owner, clearance.waiting, now, WAITING_FOR_DESTINATION
+            )
+        if clearance.to_send:
             try:
-                outcomes.extend(await self._send(message, to_send))
+                outcomes.extend(await self._send(message, clearance.to_send))
             finally:
-                self.throttle.release(relays)
-                self.throttle.release([d.destination for d in to_send])
+                self.gate.release(clearance)
         await self._record(outcomes)
-
-    async def _admit(self, destination: str, now: float, checked: set[str]) -> Admission:
-        """The throttle's answer for one delivery. When the destination is paused, its
-        recorded state is read again first (once per message, in ``checked``): a pause an
-        operator lifted from another process is adopted and the delivery goes; otherwise the
-        destination's backlog is deferred to the end of the pause."""
-        admission = self.throttle.admit([destination], now)
-        paused = admission.paused_destination
-        if paused is None or admission.at is None:
-            return admission
-        lifted = paused not in checked and await self._pause_lifted(paused, now)
-        checked.add(paused)
-        if not lifted:
-            lifted = not await self._defer_paused(paused, admission.at, now)
-        return self.throttle.admit([destination], now) if lifted else admission
-
-    async def _defer_paused(self, destination: str, until: float, now: float) -> bool:
-        """Push a paused destination's backlog to the end of its pause (once per pause).
-        Returns False when the pause turned out lifted meanwhile (an operator's flush that
-        committed while we deferred): the backlog is then given back at once."""
-        if self._paused_deferred.get(destination, 0.0) >= until:
-            return True
-        self._paused_deferred[destination] = until
-        reason = f"destination {destination} is paused"
-        paused = self.throttle.paused_until(destination, now) is not None  # else a probe waits
-        moved = await self.store.defer_destination(destination, until, now, reason)
-        if paused and (
-            self.throttle.paused_until(destination, now) is None
-            or await self._pause_lifted(destination, now)
-        ):
-            self._paused_deferred.pop(destination, None)
-            await self.store.hasten(destination, now, reason)
-            return False
-        if moved:
-            log.info("destination %s paused: %d waiting delivery(ies) deferred", destination, moved)
-        return True
-
-    async def _pause_lifted(self, destination: str, now: float) -> bool:
-        """Read ``destination``'s recorded state again and adopt it: True when an operator's
-        flush (another process, not yet adopted by :meth:`sync_throttle`) has lifted the pause
-        this worker still holds. Deliveries the flush made due must not be pushed back to the
-        end of the pause it ended."""
-        if self.throttle.paused_until(destination, now) is None:
-            return False
-        for status in await self.store.destination_states():
-            if status.destination == destination:
-                self.throttle.adopt(status, now)
-        if self.throttle.paused_until(destination, now) is not None:
-            return False
-        self._paused_deferred.pop(destination, None)
-        log.info("destination %s: pause lifted by an operator", destination)
-        return True
 
     async def _send(self, message: ClaimedMessage, deliveries: Sequence[Delivery]) -> list[Outcome]:
         envelope = Envelope(
@@ -502,14 +423,9 @@ class Worker:
         duration_ms: int,
         now: float,
     ) -> Outcome:
+        """One reply: the gate adapts the limits to it, the policy decides what follows."""
         verdict = response.verdict()
-        feedback = self._feedback_key(message, delivery)
-        self.throttle.observe(feedback, verdict, now)
-        if feedback != delivery.destination and verdict.cls is ReplyClass.DELIVERED:
-            self.throttle.observe(delivery.destination, verdict, now)
-        cool_down = response.retry_after
-        if cool_down is None and verdict.cls is ReplyClass.THROTTLED:
-            cool_down = self.throttle.cool_down(feedback, now)
+        cool_down = self.gate.observe(message, delivery, verdict, response.retry_after, now)
         decision = self.policy.decide(
             verdict,
             lane=message.lane,
@@ -520,38 +436,13 @@ class Worker:
             cool_down=cool_down,
         )
         self.attempts += 1
-        if attempt_log.isEnabledFor(logging.INFO):
-            attempt_log.info(
-                "attempt id=%s domain=%s destination=%s class=%s code=%s enhanced=%s "
-                "duration_ms=%d next=%s",
-                message.queue_id,
-                delivery.domain,
-                delivery.destination,
-                verdict.cls.value,
-                verdict.code if verdict.code is not None else "-",
-                verdict.enhanced or "-",
-                duration_ms,
-                decision.action.value,
-                extra={
-                    "event": "attempt",
-                    "id": message.queue_id,
-                    "domain": delivery.domain,
-                    "destination": delivery.destination,
-                    "class": verdict.cls.value,
-                    "code": verdict.code,
-                    "enhanced": verdict.enhanced,
-                    "duration_ms": duration_ms,
-                    "decision": decision.action.value,
-                    "lane": message.lane.value,
-                },
-            )
+        if decision.action is Action.SEND:
+            self.sent += 1
+        _log_attempt(message, delivery, verdict, decision, duration_ms)
         self.observer.attempted(
-            lane=message.lane,
-            destination=delivery.destination,
-            verdict=verdict,
-            decision=decision,
-            created_at=message.created_at,
-            now=now,
+            DecidedAttempt(
+                message.lane, delivery.destination, verdict, decision, message.created_at, now
+            )
         )
         attempt = AttemptRecord(
             at=now,
@@ -564,25 +455,7 @@ class Worker:
             duration_ms=duration_ms,
             counted=decision.counted,
         )
-        attempts = delivery.attempts + (1 if decision.counted else 0)
-        deferrals = delivery.deferrals + (0 if decision.counted else 1)
-        if decision.action is Action.SEND:
-            self.sent += 1
-            state = RecipientState.SENT
-        elif decision.action is Action.DEAD:
-            state = RecipientState.DEAD
-        else:
-            state = RecipientState.DEFERRED
-        return Outcome(
-            delivery_id=delivery.id,
-            state=state,
-            attempts=attempts,
-            deferrals=deferrals,
-            next_attempt_at=decision.next_attempt_at,
-            attempt=attempt,
-            suppress=decision.suppress,
-            reason=decision.reason,
-        )
+        return decision.outcome(delivery, attempt)
 
     # -- recording -------------------------------------------------------------------------------
 
@@ -689,19 +562,7 @@ class Worker:
 
     async def sync_throttle(self) -> None:
         """Persist this worker's pauses and slow-downs; adopt other processes' and operators'."""
-        if not self.throttle.enabled:
-            return
-        now = self.clock.now()
-        changes = self.throttle.changes(now)
-        if changes:
-            await self.store.save_destination_states(changes)
-        for name in self.throttle.to_hasten(now):
-            # the relay's rate governs every destination: call back all that wait for it
-            destination = None if name == self._shared else name
-            if await self.store.hasten(destination, now, WAITING_FOR_DESTINATION):
-                self.wake.set()
-        for status in await self.store.destination_states():
-            self.throttle.adopt(status, now)
+        await self.gate.sync()
 
     async def _purge(self) -> None:
         if self.retention is None:
@@ -734,18 +595,6 @@ class Worker:
             log.info("handed back %d unsent delivery(ies)", returned)
 
 
-def _dead_without_try(delivery: Delivery, reason: str, now: float) -> Outcome:
-    return Outcome(
-        delivery_id=delivery.id,
-        state=RecipientState.DEAD,
-        attempts=delivery.attempts,
-        deferrals=delivery.deferrals,
-        next_attempt_at=None,
-        attempt=None,  # the last real reply stays the dead letter's last response
-        reason=reason,
-    )
-
-
 async def _first_of(*waits: Awaitable[object], timeout: float | None) -> None:
     """Wait until any of ``waits`` completes or ``timeout`` passes; cancel the rest."""
     tasks = [asyncio.ensure_future(w) for w in waits]
@@ -756,4 +605,37 @@ async def _first_of(*waits: Awaitable[object], timeout: float | None) -> None:
             task.cancel()
 
 
-OnStarted = Callable[[], Awaitable[None]]
+def _log_attempt(
+    message: ClaimedMessage,
+    delivery: Delivery,
+    verdict: Verdict,
+    decision: Decision,
+    duration_ms: int,
+) -> None:
+    """One line per attempt (never the address's local part, never the content)."""
+    if not attempt_log.isEnabledFor(logging.INFO):
+        return
+    attempt_log.info(
+        "attempt id=%s domain=%s destination=%s class=%s code=%s enhanced=%s "
+        "duration_ms=%d next=%s",
+        message.queue_id,
+        delivery.domain,
+        delivery.destination,
+        verdict.cls.value,
+        verdict.code if verdict.code is not None else "-",
+        verdict.enhanced or "-",
+        duration_ms,
+        decision.action.value,
+        extra={
+            "event": "attempt",
+            "id": message.queue_id,
+            "domain": delivery.domain,
+            "destination": delivery.destination,
+            "class": verdict.cls.value,
+            "code": verdict.code,
+            "enhanced": verdict.enhanced,
+            "duration_ms": duration_ms,
+            "decision": decision.action.value,
+            "lane": message.lane.value,
+        },
+    )

@@ -16,7 +16,7 @@ from postlane.clock import FakeClock
 from postlane.message import Lane, RecipientState
 from postlane.records import Selector
 from postlane.transports import transport_for
-from postlane.transports.base import Envelope, Response
+from postlane.transports.base import BaseTransport, Envelope, Response
 from postlane.worker import Worker
 from tests.conftest import SMTPPeer, free_port, make_config
 
@@ -286,6 +286,91 @@ async def test_max_age_applies_to_a_leased_and_abandoned_message(
         await h.app.close()
 
 
+async def test_a_retry_that_would_fall_on_the_expiry_is_dead_lettered_at_once(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    h = await harness(
+        tmp_path,
+        clock,
+        smtp_peer.url,
+        retry={"delays": ["10m"], "max_attempts": 50},
+        lanes={"high": {"max_age": "20m"}},
+    )
+    try:
+        smtp_peer.handler.data = ["451 4.3.0 try later"] * 10
+        queue_id = await h.send("a@example.net", lane="high")
+        await h.run()
+        await h.advance_to_next_due()
+        await h.run()  # +10m; the next try would be at +20m, the expiry itself
+        r = await h.recipient(queue_id, "a@example.net")
+        assert r.state is RecipientState.DEAD and r.attempts == 2
+        assert r.reason == "max_age 20m reached before the next try"
+    finally:
+        await h.worker.transport.close()
+        await h.app.close()
+
+
+async def test_a_delivery_claimed_exactly_at_its_expiry_is_not_sent(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    h = await harness(
+        tmp_path, clock, smtp_peer.url, lanes={"high": {"max_age": "30m"}}, delivery={"lease": "1m"}
+    )
+    try:
+        queue_id = await h.send("a@example.net", lane="high")
+        await h.app.store.claim_due(
+            "dead/1/1/x", [(Lane.HIGH, 1)], limit=1, now=clock.now(), lease_until=clock.now() + 60
+        )
+        await clock.advance(30 * 60)  # to the second
+        assert await h.app.store.reap_expired_leases(clock.now()) == 1
+        assert await h.run() == 0
+        r = await h.recipient(queue_id, "a@example.net")
+        assert r.state is RecipientState.DEAD and r.reason == "max_age 30m exceeded"
+        assert smtp_peer.handler.received == []
+    finally:
+        await h.worker.transport.close()
+        await h.app.close()
+
+
+class Answering(BaseTransport):
+    """A transport whose every recipient gets ``response`` (a provider API that says when to
+    come back, as the worker sees it)."""
+
+    def __init__(self, response: Response) -> None:
+        self.name = response.relay
+        self.response = response
+
+    async def send(self, envelope: Envelope) -> list[Response]:
+        return [self.response for _ in envelope.recipients]
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "cls"),
+    [
+        (451, "451 4.3.0 try again later", ReplyClass.TEMPORARY),
+        (452, "452 4.2.2 mailbox full", ReplyClass.SOFT_BOUNCE),
+    ],
+)
+async def test_a_counted_reply_with_retry_after_is_not_retried_sooner(
+    tmp_path: Path, clock: FakeClock, code: int, text: str, cls: ReplyClass
+) -> None:
+    config = make_config(tmp_path, retry={"delays": ["1m"], "max_attempts": 5})
+    busy = Response(code, text, "api://provider.example", retry_after=600.0)
+    async with AsyncPostlane(config, clock=clock) as app:
+        worker = Worker.from_config(config, app.store, Answering(busy), clock=clock)
+        queue_id = (await app.send(sender="a@example.com", to=["b@example.net"], text="x")).id
+        assert await worker.run_until_idle() == 1
+        r = (await app.get(queue_id)).recipients[0]
+        assert r.state is RecipientState.DEFERRED and r.attempts == 1
+        assert r.last_response.cls is cls
+        # the schedule says a minute; the server said ten
+        assert r.next_attempt_at == clock.now() + 600
+        await clock.advance(60)
+        assert await worker.run_until_idle() == 0
+        await clock.advance(540)
+        assert await worker.run_until_idle() == 1
+
+
 async def test_connection_refused_is_a_connection_deferral(
     tmp_path: Path, clock: FakeClock
 ) -> None:
@@ -369,7 +454,7 @@ async def test_a_send_that_outlasts_the_lease_keeps_it_and_is_sent_once(
     assert len(smtp_peer.handler.received) == 1
 
 
-class ExplodingTransport:
+class ExplodingTransport(BaseTransport):
     name = "exploding://"
 
     async def send(self, envelope: Envelope) -> list[Response]:

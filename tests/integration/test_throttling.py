@@ -17,19 +17,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from postlane.app import AsyncPostlane
-from postlane.classify import ReplyClass, Verdict
+from postlane.classify import ReplyClass
 from postlane.clock import FakeClock, iso
 from postlane.config import Config
 from postlane.ingest.http import build_app
-from postlane.message import Lane, Message, RecipientState
+from postlane.message import Message, RecipientState
 from postlane.metrics import Metrics
-from postlane.policy import Decision
 from postlane.records import DestinationStatus, MessageView, Selector
 from postlane.simulate import Scenario, Simulator
 from postlane.transports import transport_for
-from postlane.transports.base import Envelope, Response, Transport
+from postlane.transports.base import BaseTransport, Envelope, Response, Transport
 from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
-from postlane.worker import Worker
+from postlane.worker import DecidedAttempt, Worker
 from tests.conftest import SMTPPeer, free_port, make_config
 
 GMAIL_421 = """421-4.7.28 [127.0.0.1] Our system has detected an unusual rate of
@@ -109,7 +108,7 @@ async def test_delivered_rate_converges_under_the_servers_limit_with_few_refusal
     assert sent / (end - start) <= limit * 1.1
 
 
-class ByDomain:
+class ByDomain(BaseTransport):
     """A test transport: each recipient domain has its own SMTP server (what MX delivery does)."""
 
     def __init__(self, routes: dict[str, Transport]) -> None:
@@ -148,17 +147,10 @@ class TryLog:
 
     tries: list[Try] = field(default_factory=list)
 
-    def attempted(
-        self,
-        *,
-        lane: Lane,
-        destination: str,
-        verdict: Verdict,
-        decision: Decision,
-        created_at: float,
-        now: float,
-    ) -> None:
-        self.tries.append(Try(destination, verdict.cls, decision.counted, now))
+    def attempted(self, attempt: DecidedAttempt) -> None:
+        self.tries.append(
+            Try(attempt.destination, attempt.verdict.cls, attempt.decision.counted, attempt.now)
+        )
 
     def to(self, destination: str) -> list[Try]:
         return [t for t in self.tries if t.destination == destination]

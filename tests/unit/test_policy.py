@@ -8,8 +8,9 @@ import pytest
 
 from postlane.classify import ReplyClass, Verdict
 from postlane.config import config_from_dict
-from postlane.message import Lane
-from postlane.policy import Action, Policy, RetryPolicy
+from postlane.message import Lane, RecipientState
+from postlane.policy import Action, Policy, RetryPolicy, untried
+from postlane.records import AttemptRecord, Delivery, Outcome
 
 T0 = 1_800_000_000.0
 DELAYS = (60.0, 300.0, 900.0)
@@ -137,3 +138,124 @@ def test_per_lane_overrides_come_from_config() -> None:
     assert p.for_lane(Lane.NORMAL).max_age == 172800
     assert p.for_lane(Lane.LOW).delays == (3600,)
     assert p.for_lane(Lane.NORMAL).delays == (60,)
+
+
+# -- a server's Retry-After ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "code"),
+    [
+        (ReplyClass.TEMPORARY, 503),  # a provider API's 503 with Retry-After
+        (ReplyClass.SOFT_BOUNCE, 452),
+        (ReplyClass.POLICY_BLOCK, 451),
+        (ReplyClass.MESSAGE_ERROR, 451),
+    ],
+)
+def test_a_counted_retry_waits_for_the_servers_retry_after(cls: ReplyClass, code: int) -> None:
+    # the schedule says 60 s; the server asked for 10 minutes
+    d = decide(policy(), verdict(cls, code), cool_down=600.0)
+    assert d.action is Action.RETRY and d.counted
+    assert d.next_attempt_at == T0 + 600
+
+
+def test_a_short_retry_after_never_brings_a_counted_retry_before_the_schedule() -> None:
+    d = decide(policy(), verdict(ReplyClass.TEMPORARY, 503), attempts=1, cool_down=5.0)
+    assert d.next_attempt_at == T0 + 300  # the second delay, not 5 s
+
+
+def test_a_connection_deferral_waits_for_the_servers_retry_after() -> None:
+    d = decide(policy(), verdict(ReplyClass.CONNECTION, None), cool_down=600.0)
+    assert d.action is Action.RETRY and not d.counted
+    assert d.next_attempt_at == T0 + 600
+
+
+# -- max_age, at its boundary ------------------------------------------------------------------
+
+
+def test_a_retry_due_exactly_at_expiry_is_dead_lettered_instead() -> None:
+    p = policy(max_age=3600)
+    # the next try would be at T0 + 3600: the message's expiry itself
+    d = decide(p, verdict(ReplyClass.TEMPORARY), now=T0 + 3540)
+    assert d.action is Action.DEAD and "max_age 1h" in (d.reason or "")
+    # a second earlier, it is the last try allowed
+    d = decide(p, verdict(ReplyClass.TEMPORARY), now=T0 + 3539)
+    assert d.action is Action.RETRY and d.next_attempt_at == T0 + 3599
+
+
+def test_an_uncounted_deferral_due_exactly_at_expiry_is_dead_lettered_instead() -> None:
+    p = policy(max_age=3600)
+    d = decide(p, verdict(ReplyClass.THROTTLED, 421), now=T0 + 3570, cool_down=30.0)
+    assert d.action is Action.DEAD and d.counted is False
+    d = decide(p, verdict(ReplyClass.THROTTLED, 421), now=T0 + 3569, cool_down=30.0)
+    assert d.action is Action.RETRY and d.next_attempt_at == T0 + 3599
+
+
+def test_a_delivery_claimed_exactly_at_expiry_is_refused_without_a_try() -> None:
+    p = policy(max_age=3600)
+    at_expiry = p.refuse_before_sending(Lane.NORMAL, attempts=0, created_at=T0, now=T0 + 3600)
+    assert at_expiry == "max_age 1h exceeded"
+    just_before = p.refuse_before_sending(Lane.NORMAL, attempts=0, created_at=T0, now=T0 + 3599.999)
+    assert just_before is None
+
+
+# -- from a decision to the delivery's new state ----------------------------------------------
+
+
+def delivery(attempts: int = 2, deferrals: int = 3) -> Delivery:
+    return Delivery(7, "ada@example.net", "example.net", "example.net", attempts, deferrals, T0)
+
+
+def attempt_record(cls: ReplyClass, counted: bool = True) -> AttemptRecord:
+    return AttemptRecord(T0, cls, 450, None, "text", "smtp://relay", "example.net", 12, counted)
+
+
+def test_a_counted_retry_uses_an_attempt_and_waits_deferred() -> None:
+    d = decide(policy(), verdict(ReplyClass.TEMPORARY), attempts=2, deferrals=3)
+    attempt = attempt_record(ReplyClass.TEMPORARY)
+    outcome = d.outcome(delivery(), attempt)
+    assert outcome == Outcome(
+        delivery_id=7,
+        state=RecipientState.DEFERRED,
+        attempts=3,
+        deferrals=3,
+        next_attempt_at=T0 + 900,
+        attempt=attempt,
+    )
+
+
+def test_an_uncounted_deferral_counts_a_deferral_not_an_attempt() -> None:
+    d = decide(policy(), verdict(ReplyClass.THROTTLED, 421), cool_down=60.0)
+    outcome = d.outcome(delivery(), attempt_record(ReplyClass.THROTTLED, counted=False))
+    assert (outcome.state, outcome.attempts, outcome.deferrals) == (RecipientState.DEFERRED, 2, 4)
+    assert outcome.next_attempt_at == T0 + 60
+
+
+def test_a_hard_bounce_becomes_a_suppressed_dead_letter_with_its_reason() -> None:
+    d = decide(policy(), verdict(ReplyClass.HARD_BOUNCE, 550))
+    outcome = d.outcome(delivery(), attempt_record(ReplyClass.HARD_BOUNCE))
+    assert (outcome.state, outcome.attempts, outcome.next_attempt_at) == (
+        RecipientState.DEAD,
+        3,
+        None,
+    )
+    assert outcome.suppress and outcome.reason == "hard bounce"
+
+
+def test_a_delivered_reply_is_sent() -> None:
+    d = decide(policy(), verdict(ReplyClass.DELIVERED, 250))
+    outcome = d.outcome(delivery(), attempt_record(ReplyClass.DELIVERED))
+    assert (outcome.state, outcome.attempts, outcome.suppress) == (RecipientState.SENT, 3, False)
+
+
+def test_an_untried_delivery_keeps_its_counts_and_last_reply() -> None:
+    outcome = untried(delivery(), RecipientState.DEAD, "max_age 1h exceeded")
+    assert outcome == Outcome(
+        delivery_id=7,
+        state=RecipientState.DEAD,
+        attempts=2,
+        deferrals=3,
+        next_attempt_at=None,
+        attempt=None,  # the last real reply stays the dead letter's last response
+        reason="max_age 1h exceeded",
+    )

@@ -1,12 +1,17 @@
 """The transport protocol: send one message to some recipients, get one response per recipient.
 
-Transports know nothing of the store, retries or lanes. A response carries the reply as the
-server wrote it (classification happens outside), or, when there was no reply at all (refused,
-reset, timeout, DNS, TLS), a ``failure`` class saying so.
+Transports know nothing of the store or retries. A response carries the reply as the server
+wrote it (classification happens outside), or, when there was no reply at all (refused, reset,
+timeout, DNS, TLS), a ``failure`` class saying so.
+
+What else the worker needs of a transport (the relay a delivery goes through, a way to learn
+which relays are paused) is declared on :class:`Transport` too; :class:`BaseTransport` gives
+every hook its default, and transports inherit it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,13 +55,35 @@ def no_reply(text: str, relay: str, cls: ReplyClass = ReplyClass.CONNECTION) -> 
     return Response(code=None, text=text, relay=relay, failure=cls)
 
 
+#: whether a shared destination (a relay, a provider account) is paused now
+PauseCheck = Callable[[str], bool]
+
+
 class Transport(Protocol):
-    """Send one message to some recipients. A transport may also have a
-    ``shared_destination`` attribute: the throttle destination every delivery goes through
-    (a relay, a provider account), charged with its slow-downs and connection failures."""
+    """Send one message to some recipients, and say which relay the mail goes through.
+
+    Every member is declared here, so the worker and the throttle gate never probe a transport
+    for what it can do; :class:`BaseTransport` gives each hook its usual default."""
 
     #: how attempts name this transport ("smtp://host:port", "capture:///path")
     name: str
+
+    @property
+    def shared_destination(self) -> str | None:
+        """The throttle destination every delivery goes through (a relay, a provider account),
+        charged with its slow-downs and connection failures; None when deliveries go straight
+        to their own destinations (direct MX, the capture folder) or depend on the route."""
+        ...
+
+    def shared_destination_for(self, lane: str, sender: str, recipient_domain: str) -> str | None:
+        """The shared destination of one delivery: :attr:`shared_destination`, or the chosen
+        route's when routing."""
+        ...
+
+    def follow_pauses(self, is_paused: PauseCheck) -> None:
+        """Learn how to tell whether a shared destination is paused now (the throttle gate
+        calls this once): a router then takes a route's fallback while its relay is paused."""
+        ...
 
     async def send(self, envelope: Envelope) -> list[Response]:
         """Deliver ``envelope`` to its recipients; one response per recipient, in order."""
@@ -65,3 +92,24 @@ class Transport(Protocol):
     async def close(self) -> None:
         """Close pooled connections (after in-flight sends finish)."""
         ...
+
+
+class BaseTransport:
+    """Every hook of :class:`Transport` with its usual default, for transports to inherit
+    (httpx's ``AsyncBaseTransport`` style): no shared destination, pauses ignored, nothing to
+    close. A transport overrides :meth:`send` and what it has to say."""
+
+    name: str
+    shared_destination: str | None = None
+
+    def shared_destination_for(self, lane: str, sender: str, recipient_domain: str) -> str | None:
+        return self.shared_destination
+
+    def follow_pauses(self, is_paused: PauseCheck) -> None:
+        return None  # only a transport that chooses between relays has a use for it
+
+    async def send(self, envelope: Envelope) -> list[Response]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None

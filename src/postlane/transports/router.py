@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from postlane.config import Route
-from postlane.transports.base import Envelope, Response, Transport
+from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response, Transport
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,10 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-class Router:
-    """A transport that sends each recipient through the transport its route chooses."""
+class Router(BaseTransport):
+    """A transport that sends each recipient through the transport its route chooses. It has
+    no shared destination of its own: each delivery has its route's
+    (:meth:`shared_destination_for`)."""
 
     name = "router"
 
@@ -67,23 +69,25 @@ class Router:
     ) -> None:
         self.default = default
         self.routes = list(routes)
-        #: whether a shared destination (a relay) is paused now; the worker sets this from its
-        #: throttle so the router takes the fallback instead
-        self.paused: Callable[[str], bool] = lambda _name: False
+        #: whether a shared destination (a relay) is paused now: nothing is, until the throttle
+        #: gate says how to tell (:meth:`follow_pauses`)
+        self._is_paused: PauseCheck = lambda _name: False
+
+    def follow_pauses(self, is_paused: PauseCheck) -> None:
+        self._is_paused = is_paused
 
     def choose(self, lane: str, sender: str, recipient_domain: str) -> Transport:
         sender_domain = _domain(sender)
         for rule, primary, fallback in self.routes:
             if rule.matches(lane, sender_domain, recipient_domain):
-                shared = getattr(primary, "shared_destination", None)
-                if fallback is not None and shared is not None and self.paused(shared):
+                shared = primary.shared_destination
+                if fallback is not None and shared is not None and self._is_paused(shared):
                     return fallback
                 return primary
         return self.default
 
     def shared_destination_for(self, lane: str, sender: str, recipient_domain: str) -> str | None:
-        chosen = self.choose(lane, sender, recipient_domain)
-        return getattr(chosen, "shared_destination", None)
+        return self.choose(lane, sender, recipient_domain).shared_destination
 
     async def send(self, envelope: Envelope) -> list[Response]:
         parts: dict[int, tuple[Transport, list[int]]] = {}

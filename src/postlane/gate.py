@@ -1,0 +1,237 @@
+"""The throttle gate: which of a claimed message's deliveries may go now, and what each reply
+says about the limits it went through.
+
+The gate owns the worker's :class:`~postlane.throttle.Throttle` and the pause state recorded in
+the store. The worker asks it once per message (:meth:`ThrottleGate.admit`), gives the slots
+back when the send is over (:meth:`ThrottleGate.release`), reports every reply
+(:meth:`ThrottleGate.observe`) and syncs it with the store about once a second
+(:meth:`ThrottleGate.sync`). Nothing else touches the throttle.
+
+Keys. A delivery needs a slot from its destination and, when it goes through a relay or a
+provider account (the transport's ``shared_destination_for``), from that relay too: one for all
+of a message's recipients through it, as they go in one transaction. A reply is charged to the
+relay when relaying (the relay answered), else to the destination
+(:meth:`ThrottleGate.feedback_key`).
+
+Pauses. A paused destination's whole backlog is deferred to the end of its pause, once per
+pause, instead of deliveries being sent back one by one. Before deferring, the gate reads the
+destination's recorded state again: an operator may have lifted the pause from another process
+(``queue flush``), and what the flush made due must go now, not at the end of the old pause.
+The transport is told which relays are paused (``follow_pauses``), so a router takes a route's
+fallback meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from postlane.classify import ReplyClass, Verdict
+from postlane.clock import Clock
+from postlane.records import ClaimedMessage, Delivery
+from postlane.store.base import Store
+from postlane.throttle import Admission, Throttle
+from postlane.transports.base import Transport
+
+#: the worker's log: operators read pauses and deferrals beside the worker's other lines
+log = logging.getLogger("postlane.worker")
+
+#: the reason recorded on deliveries sent back to wait for their destination (no attempt)
+WAITING_FOR_DESTINATION = "waiting for the destination's rate, cap or pause"
+
+
+@dataclass
+class Clearance:
+    """What :meth:`ThrottleGate.admit` lets through of one message's deliveries."""
+
+    #: go now: their slots are taken until :meth:`ThrottleGate.release`
+    to_send: list[Delivery] = field(default_factory=list)
+    #: (delivery id, when to come back): sent back to wait, using no attempt
+    waiting: list[tuple[int, float]] = field(default_factory=list)
+    #: the relays whose slot this message holds (one each, whatever its recipients)
+    relays: list[str] = field(default_factory=list)
+
+
+class ThrottleGate:
+    """Admission, feedback and pause state of one worker's deliveries through ``transport``."""
+
+    def __init__(
+        self,
+        throttle: Throttle,
+        store: Store,
+        transport: Transport,
+        clock: Clock,
+        wake: asyncio.Event,
+    ) -> None:
+        """``wake`` is set whenever the gate makes waiting deliveries due (the worker's claim
+        loop waits on it)."""
+        self.throttle = throttle
+        self.store = store
+        self.transport = transport
+        self.clock = clock
+        self.wake = wake
+        #: the relay (or provider account) every delivery goes through, None when routed
+        self.relay = transport.shared_destination
+        #: the end of the pause each paused destination's backlog was deferred to
+        self._deferred_until: dict[str, float] = {}
+        transport.follow_pauses(self.is_paused)
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def relay_for(self, message: ClaimedMessage, delivery: Delivery) -> str | None:
+        """The relay (or provider account) ``delivery`` goes through: the transport's, or the
+        route's when routing."""
+        return self.transport.shared_destination_for(
+            message.lane.value, message.sender, delivery.domain
+        )
+
+    def feedback_key(self, message: ClaimedMessage, delivery: Delivery) -> str:
+        """Whose limits a slow-down or a connection failure speaks about: the relay's when
+        relaying (the relay answered), else the destination's."""
+        return self.relay_for(message, delivery) or delivery.destination
+
+    def is_paused(self, name: str) -> bool:
+        """Whether destination (or relay) ``name`` is paused now."""
+        return self.throttle.paused_until(name, self.clock.now()) is not None
+
+    def relay_paused_until(self) -> float | None:
+        """The end of the pause of the relay every delivery goes through: meanwhile nothing is
+        claimed at all."""
+        if self.relay is None:
+            return None
+        return self.throttle.paused_until(self.relay, self.clock.now())
+
+    # -- before a send -----------------------------------------------------------------------
+
+    async def admit(
+        self, message: ClaimedMessage, deliveries: Sequence[Delivery], now: float
+    ) -> Clearance:
+        """Take slots for what may go of ``deliveries`` (of ``message``) now; say when the rest
+        should come back. Call :meth:`release` with the answer once the send is over."""
+        by_relay: dict[str | None, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_relay.setdefault(self.relay_for(message, delivery), []).append(delivery)
+        clearance = Clearance()
+        #: paused destinations whose recorded state was read again for this message
+        checked: set[str] = set()
+        for relay, group in by_relay.items():
+            # a relay takes a message's recipients in one transaction: one slot for all of them
+            if relay is not None:
+                admission = self.throttle.admit([relay], now)
+                if admission.at is not None:
+                    clearance.waiting.extend((d.id, admission.at) for d in group)
+                    continue
+            admitted = []
+            for delivery in group:
+                admission = await self._admit_to(delivery.destination, now, checked)
+                if admission.at is None:
+                    admitted.append(delivery)
+                else:
+                    clearance.waiting.append((delivery.id, admission.at))
+            if relay is not None:
+                if admitted:
+                    clearance.relays.append(relay)
+                else:
+                    self.throttle.release([relay])
+            clearance.to_send.extend(admitted)
+        return clearance
+
+    def release(self, clearance: Clearance) -> None:
+        """Give back the slots :meth:`admit` took: the send is over."""
+        self.throttle.release(clearance.relays)
+        self.throttle.release([d.destination for d in clearance.to_send])
+
+    async def _admit_to(self, destination: str, now: float, checked: set[str]) -> Admission:
+        """The throttle's answer for one delivery. When the destination is paused, its
+        recorded state is read again first (once per message, in ``checked``): a pause an
+        operator lifted from another process is adopted and the delivery goes; otherwise the
+        destination's backlog is deferred to the end of the pause."""
+        admission = self.throttle.admit([destination], now)
+        paused = admission.paused_destination
+        if paused is None or admission.at is None:
+            return admission
+        lifted = paused not in checked and await self._pause_lifted(paused, now)
+        checked.add(paused)
+        if not lifted:
+            lifted = not await self._defer_backlog(paused, admission.at, now)
+        return self.throttle.admit([destination], now) if lifted else admission
+
+    async def _defer_backlog(self, destination: str, until: float, now: float) -> bool:
+        """Push a paused destination's backlog to the end of its pause (once per pause).
+        Returns False when the pause turned out lifted meanwhile (an operator's flush that
+        committed while we deferred): the backlog is then given back at once."""
+        if self._deferred_until.get(destination, 0.0) >= until:
+            return True
+        self._deferred_until[destination] = until
+        reason = f"destination {destination} is paused"
+        paused = self.throttle.paused_until(destination, now) is not None  # else a probe waits
+        moved = await self.store.defer_destination(destination, until, now, reason)
+        if paused and (
+            self.throttle.paused_until(destination, now) is None
+            or await self._pause_lifted(destination, now)
+        ):
+            self._deferred_until.pop(destination, None)
+            await self.store.hasten(destination, now, reason)
+            return False
+        if moved:
+            log.info("destination %s paused: %d waiting delivery(ies) deferred", destination, moved)
+        return True
+
+    async def _pause_lifted(self, destination: str, now: float) -> bool:
+        """Read ``destination``'s recorded state again and adopt it: True when an operator's
+        flush (another process, not yet adopted by :meth:`sync`) has lifted the pause this
+        gate still holds. Deliveries the flush made due must not be pushed back to the end of
+        the pause it ended."""
+        if self.throttle.paused_until(destination, now) is None:
+            return False
+        for status in await self.store.destination_states():
+            if status.destination == destination:
+                self.throttle.adopt(status, now)
+        if self.throttle.paused_until(destination, now) is not None:
+            return False
+        self._deferred_until.pop(destination, None)
+        log.info("destination %s: pause lifted by an operator", destination)
+        return True
+
+    # -- after a send ------------------------------------------------------------------------
+
+    def observe(
+        self,
+        message: ClaimedMessage,
+        delivery: Delivery,
+        verdict: Verdict,
+        retry_after: float | None,
+        now: float,
+    ) -> float | None:
+        """Adapt the limits to one reply, and return how long its delivery must wait before a
+        retry: the server's ``Retry-After``, else for a slow-down the cool-down of whoever
+        asked for it (None: the retry schedule alone decides)."""
+        feedback = self.feedback_key(message, delivery)
+        self.throttle.observe(feedback, verdict, now)
+        if feedback != delivery.destination and verdict.cls is ReplyClass.DELIVERED:
+            self.throttle.observe(delivery.destination, verdict, now)
+        if retry_after is None and verdict.cls is ReplyClass.THROTTLED:
+            return self.throttle.cool_down(feedback, now)
+        return retry_after
+
+    # -- the store ---------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Persist this worker's pauses and slow-downs; adopt other processes' and operators'.
+        Deliveries spaced for a rate well below today's are made due again (and the worker
+        woken)."""
+        if not self.throttle.enabled:
+            return
+        now = self.clock.now()
+        changes = self.throttle.changes(now)
+        if changes:
+            await self.store.save_destination_states(changes)
+        for name in self.throttle.to_hasten(now):
+            # the relay's rate governs every destination: call back all that wait for it
+            destination = None if name == self.relay else name
+            if await self.store.hasten(destination, now, WAITING_FOR_DESTINATION):
+                self.wake.set()
+        for status in await self.store.destination_states():
+            self.throttle.adopt(status, now)

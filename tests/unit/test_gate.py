@@ -1,0 +1,333 @@
+"""The throttle gate with a fake clock: admission within a destination's rate and cap (and a
+time to come back when refused), one relay slot per message, a paused destination's backlog
+deferred once per pause, an operator's lift read back from a real SQLite store, and whose
+limits a reply speaks about. Nothing sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from postlane.app import AsyncPostlane
+from postlane.classify import ReplyClass, Verdict
+from postlane.clock import FakeClock
+from postlane.config import DestinationLimits, ThrottleConfig
+from postlane.gate import Clearance, ThrottleGate
+from postlane.message import Lane
+from postlane.records import ClaimedMessage, Delivery, DestinationStatus
+from postlane.store.sqlite import SQLiteStore
+from postlane.throttle import Throttle
+from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response
+from postlane.transports.router import Router, RouteRule
+from tests.conftest import make_config
+
+T0 = FakeClock().now()
+OK = Verdict(ReplyClass.DELIVERED, 250, "2.0.0", "ok")
+SLOW = Verdict(ReplyClass.THROTTLED, 421, "4.7.28", "rate limited")
+DOWN = Verdict(ReplyClass.CONNECTION, None, None, "connection refused")
+LATER = Verdict(ReplyClass.TEMPORARY, 503, None, "503 service unavailable")
+
+
+class Relay(BaseTransport):
+    """All a gate asks of a transport: the relay it goes through, and a pause check to follow.
+    (Sending is the worker's business, not the gate's.)"""
+
+    def __init__(self, shared: str | None = None) -> None:
+        self.name = f"test://{shared}"
+        self.shared_destination = shared
+        self.is_paused: PauseCheck | None = None
+
+    def follow_pauses(self, is_paused: PauseCheck) -> None:
+        self.is_paused = is_paused
+
+    async def send(self, envelope: Envelope) -> list[Response]:
+        raise AssertionError("the gate never sends")
+
+
+class CountingStore(SQLiteStore):
+    """A real SQLite store that counts the backlog deferrals it is asked for."""
+
+    deferred: list[tuple[str, float]]
+
+    async def defer_destination(
+        self, destination: str, until: float, now: float, reason: str
+    ) -> int:
+        self.deferred.append((destination, until))
+        return await super().defer_destination(destination, until, now, reason)
+
+
+@pytest.fixture
+async def app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[AsyncPostlane]:
+    store = CountingStore(tmp_path / "gate.db")
+    store.deferred = []
+    async with AsyncPostlane(make_config(tmp_path), store=store, clock=clock) as app:
+        yield app
+
+
+def gate(
+    app: AsyncPostlane,
+    transport: BaseTransport | None = None,
+    limits: dict[str, DestinationLimits] | None = None,
+    **settings: float,
+) -> ThrottleGate:
+    throttle = Throttle(ThrottleConfig(**settings), limits)  # type: ignore[arg-type]
+    return ThrottleGate(throttle, app.store, transport or Relay(), app.clock, asyncio.Event())
+
+
+_ids = itertools.count(1)
+
+
+def message(*addresses: str, lane: Lane = Lane.NORMAL) -> ClaimedMessage:
+    """A claimed message (not in the store): each recipient's destination is its domain."""
+    deliveries = tuple(
+        Delivery(next(_ids), a, a.rpartition("@")[2], a.rpartition("@")[2], 0, 0, T0)
+        for a in addresses
+    )
+    return ClaimedMessage("q", lane, "app@example.com", "<m@x>", None, T0, b"x", deliveries)
+
+
+async def admit(g: ThrottleGate, m: ClaimedMessage) -> Clearance:
+    return await g.admit(m, m.deliveries, g.clock.now())
+
+
+def ids(deliveries: Sequence[Delivery]) -> list[int]:
+    return [d.id for d in deliveries]
+
+
+# -- admission ---------------------------------------------------------------------------------
+
+
+async def test_deliveries_within_the_concurrency_cap_go_and_the_rest_wait(
+    app: AsyncPostlane,
+) -> None:
+    g = gate(app, limits={"example.net": DestinationLimits(concurrency=2)})
+    first = message("a@example.net", "b@example.net", "c@example.net")
+    a, b, c = first.deliveries
+    clearance = await admit(g, first)
+    assert ids(clearance.to_send) == [a.id, b.id]
+    [(waiting, at)] = clearance.waiting
+    assert waiting == c.id and at > T0  # back later, no attempt used
+    assert (await admit(g, message("d@example.net"))).to_send == []  # still full
+    g.release(clearance)
+    assert len((await admit(g, message("e@example.net"))).to_send) == 1
+
+
+async def test_a_refused_delivery_is_given_the_time_its_destinations_rate_allows(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    g = gate(app, limits={"example.net": DestinationLimits(rate=1)})
+    m = message("a@example.net", "b@example.net", "c@example.net")
+    a, b, c = m.deliveries
+    clearance = await admit(g, m)
+    assert ids(clearance.to_send) == [a.id]
+    # one a second: each one sent back gets a slot of its own, not all the same moment
+    assert clearance.waiting == [(b.id, T0 + 1.0), (c.id, T0 + 2.0)]
+    await clock.advance(1.0)
+    assert len((await admit(g, message("d@example.net"))).to_send) == 1
+
+
+async def test_a_message_through_a_relay_takes_one_relay_slot_for_all_its_recipients(
+    app: AsyncPostlane,
+) -> None:
+    g = gate(app, Relay("relay"), limits={"relay": DestinationLimits(concurrency=1)})
+    first = await admit(g, message("a@example.net", "b@example.org"))
+    assert len(first.to_send) == 2 and first.relays == ["relay"]  # one transaction
+    second = message("c@example.net")
+    refused = await admit(g, second)
+    assert refused.to_send == [] and refused.relays == []
+    assert ids(second.deliveries) == [w for w, _ in refused.waiting]
+    g.release(first)
+    assert len((await admit(g, message("d@example.net"))).to_send) == 1
+
+
+async def test_with_throttling_off_everything_goes(app: AsyncPostlane) -> None:
+    g = gate(app, Relay("relay"), enabled=False)
+    clearance = await admit(g, message(*(f"u{i}@example.net" for i in range(50))))
+    assert len(clearance.to_send) == 50 and clearance.waiting == []
+
+
+# -- pauses ------------------------------------------------------------------------------------
+
+
+async def queue(app: AsyncPostlane, *addresses: str) -> None:
+    for address in addresses:
+        await app.send(sender="app@example.com", to=[address], text="x")
+
+
+async def claim(app: AsyncPostlane, count: int) -> list[ClaimedMessage]:
+    now = app.clock.now()
+    return await app.store.claim_due(
+        "gate-test/1/1/x", [(Lane.NORMAL, count)], limit=count, now=now, lease_until=now + 600
+    )
+
+
+async def test_a_paused_destination_defers_its_backlog_once_per_pause(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    store = app.store
+    assert isinstance(store, CountingStore)
+    await queue(app, *(f"u{i}@down.example" for i in range(5)))
+    claimed = await claim(app, 3)  # three in hand, two more wait in the store
+    assert await store.next_due_at() == T0
+    g = gate(app, pause_after=1, pause=60)
+    g.throttle.observe("down.example", DOWN, T0)  # paused until T0 + 60
+
+    first = await admit(g, claimed[0])
+    assert first.to_send == [] and first.waiting == [(claimed[0].deliveries[0].id, T0 + 60)]
+    assert store.deferred == [("down.example", T0 + 60)]
+    assert await store.next_due_at() == T0 + 60  # the two waiting in the store: not before
+
+    second = await admit(g, claimed[1])  # the same pause: its backlog is already deferred
+    assert second.waiting == [(claimed[1].deliveries[0].id, T0 + 60)]
+    assert store.deferred == [("down.example", T0 + 60)]
+
+    # the pause ends: one delivery probes, fails, and the destination pauses twice as long
+    await clock.advance(60)
+    probe = await admit(g, claimed[2])
+    assert len(probe.to_send) == 1
+    g.release(probe)
+    g.throttle.observe("down.example", DOWN, clock.now())
+    again = await admit(g, message("v@down.example"))
+    assert again.waiting[0][1] == T0 + 60 + 120
+    assert store.deferred == [("down.example", T0 + 60), ("down.example", T0 + 180)]
+
+
+async def test_an_operators_lift_from_another_process_is_read_back_before_deferring(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    store = app.store
+    assert isinstance(store, CountingStore)
+    g = gate(app, pause_after=1, pause=600)
+    g.throttle.observe("down.example", DOWN, T0)
+    await g.sync()  # the pause is recorded, as every worker records it
+    [recorded] = [s for s in await store.destination_states() if s.destination == "down.example"]
+    assert recorded.paused_until == T0 + 600
+
+    await clock.advance(5)
+    await store.lift_destinations(["down.example"], clock.now())  # `queue flush`, elsewhere
+    await queue(app, "ada@down.example")
+    [claimed] = await claim(app, 1)
+
+    clearance = await admit(g, claimed)
+    assert len(clearance.to_send) == 1 and clearance.waiting == []  # it goes now
+    assert store.deferred == []  # nothing was pushed back to the end of the lifted pause
+    assert g.throttle.paused_until("down.example", clock.now()) is None
+
+
+async def test_a_pause_is_recorded_and_another_processs_pause_adopted(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    g = gate(app, pause_after=1, pause=60)
+    g.throttle.observe("down.example", DOWN, T0)
+    await g.sync()
+    statuses = {s.destination: s for s in await app.store.destination_states()}
+    assert statuses["down.example"].paused_until == T0 + 60
+
+    await clock.advance(1)
+    other = DestinationStatus("google", None, None, T0 + 300, "3 connection failure(s)")
+    other = dataclasses.replace(other, updated_at=T0 + 1)
+    await app.store.save_destination_states([other])
+    await g.sync()
+    assert g.throttle.paused_until("google", clock.now()) == T0 + 300
+    assert g.is_paused("google")
+
+
+async def test_while_the_relay_is_paused_nothing_may_be_claimed(app: AsyncPostlane) -> None:
+    g = gate(app, Relay("relay"), pause_after=1, pause=30)
+    assert g.relay_paused_until() is None
+    g.throttle.observe("relay", DOWN, T0)
+    assert g.relay_paused_until() == T0 + 30
+
+
+async def test_the_transport_is_handed_the_gates_pause_check(app: AsyncPostlane) -> None:
+    relay = Relay("relay")
+    g = gate(app, relay, pause_after=1, pause=30)
+    assert relay.is_paused is not None and relay.is_paused("relay") is False
+    g.throttle.observe("relay", DOWN, T0)
+    assert relay.is_paused("relay") is True
+
+
+async def test_a_router_takes_a_routes_fallback_while_the_gate_holds_its_relay_paused(
+    app: AsyncPostlane,
+) -> None:
+    primary, fallback = Relay("relay:primary"), Relay("relay:fallback")
+    rule = RouteRule(lanes=frozenset({"high"}), sender_domains=(), recipient_domains=())
+    router = Router(Relay(), [(rule, primary, fallback)])
+    g = gate(app, router, pause_after=1, pause=30)
+    urgent = message("ada@example.net", lane=Lane.HIGH)
+    [ada] = urgent.deliveries
+    assert g.relay_for(urgent, ada) == "relay:primary"
+    g.throttle.observe("relay:primary", DOWN, T0)
+    assert g.relay_for(urgent, ada) == "relay:fallback"
+    assert router.choose("high", "app@example.com", "example.net") is fallback
+    [bob] = message("bob@example.net").deliveries  # normal lane: the default relay, none
+    assert g.relay_for(message("bob@example.net"), bob) is None
+
+
+# -- feedback ----------------------------------------------------------------------------------
+
+
+async def test_a_reply_through_a_relay_speaks_about_the_relays_limits(
+    app: AsyncPostlane,
+) -> None:
+    g = gate(app, Relay("relay"), cool_down=45)
+    m = message("ada@example.net")
+    [ada] = m.deliveries
+    assert g.feedback_key(m, ada) == "relay"
+    assert g.observe(m, ada, SLOW, None, T0) == 45  # the relay's cool-down
+    slowed = {s.destination: s for s in g.throttle.statuses(T0)}
+    assert (slowed["relay"].reason or "").startswith("throttled")
+    assert "example.net" not in slowed  # the destination never answered
+
+
+async def test_without_a_relay_a_reply_speaks_about_the_destinations_limits(
+    app: AsyncPostlane,
+) -> None:
+    g = gate(app, Relay(None), cool_down=45)
+    m = message("ada@example.net")
+    [ada] = m.deliveries
+    assert g.feedback_key(m, ada) == "example.net"
+    g.observe(m, ada, SLOW, None, T0)
+    assert [s.destination for s in g.throttle.statuses(T0)] == ["example.net"]
+
+
+async def test_a_delivered_reply_through_a_relay_counts_for_the_destination_too(
+    app: AsyncPostlane,
+) -> None:
+    g = gate(app, Relay("relay"))
+    m = message("ada@example.net")
+    [ada] = m.deliveries
+    assert g.observe(m, ada, OK, None, T0) is None
+    assert sorted(s.destination for s in g.throttle.statuses(T0)) == ["example.net", "relay"]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "retry_after", "wait"),
+    [
+        (LATER, 600.0, 600.0),  # a counted reply's Retry-After is the wait
+        (SLOW, 600.0, 600.0),  # the server's word wins over our cool-down
+        (SLOW, None, 45.0),  # else a slow-down waits the cool-down
+        (LATER, None, None),  # else the retry schedule alone decides
+        (DOWN, None, None),
+    ],
+)
+async def test_the_wait_a_reply_asks_for(
+    app: AsyncPostlane, verdict: Verdict, retry_after: float | None, wait: float | None
+) -> None:
+    g = gate(app, Relay("relay"), cool_down=45)
+    m = message("ada@example.net")
+    assert g.observe(m, m.deliveries[0], verdict, retry_after, T0) == wait
+
+
+async def test_a_slow_down_while_paused_waits_for_the_end_of_the_pause(
+    app: AsyncPostlane,
+) -> None:
+    g = gate(app, Relay("relay"), cool_down=45, pause_after=1, pause=300)
+    m = message("ada@example.net")
+    g.throttle.observe("relay", DOWN, T0)
+    assert g.observe(m, m.deliveries[0], SLOW, None, T0 + 10) == 290
