@@ -315,20 +315,28 @@ class Worker:
     async def _without_suppressed(self, claimed: Sequence[ClaimedMessage]) -> list[ClaimedMessage]:
         """Recipients put on the suppression list after their message was queued (a hard
         bounce of another message, an operator) are recorded ``suppressed``, never sent."""
-        addresses = [d.address for m in claimed for d in m.deliveries]
-        if not addresses:
-            return list(claimed)
-        listed = await self.store.is_suppressed(addresses)
+        # a suppression holds for every sender or for one sender domain: one look-up per
+        # sender domain in the batch (usually one)
+        by_domain: dict[str, list[str]] = {}
+        for message in claimed:
+            domain = message.sender.rpartition("@")[2].lower()
+            by_domain.setdefault(domain, []).extend(d.address for d in message.deliveries)
+        now = self.clock.now()
+        listed: dict[tuple[str, str], bool] = {}
+        for domain, addresses in by_domain.items():
+            found = await self.store.is_suppressed(addresses, sender=f"@{domain}", now=now)
+            listed.update(((domain, a), hit) for a, hit in found.items())
         if not any(listed.values()):
             return list(claimed)
         outcomes = []
         kept = []
         for message in claimed:
-            keep = tuple(d for d in message.deliveries if not listed.get(d.address))
+            domain = message.sender.rpartition("@")[2].lower()
+            keep = tuple(d for d in message.deliveries if not listed.get((domain, d.address)))
             outcomes += [
                 untried(d, RecipientState.SUPPRESSED, "on the suppression list")
                 for d in message.deliveries
-                if listed.get(d.address)
+                if listed.get((domain, d.address))
             ]
             if keep:
                 kept.append(dataclasses.replace(message, deliveries=keep))

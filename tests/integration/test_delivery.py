@@ -14,7 +14,7 @@ from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
 from postlane.message import Lane, RecipientState
-from postlane.records import Selector
+from postlane.records import Selector, Suppression
 from postlane.transports import transport_for
 from postlane.transports.base import BaseTransport, Envelope, Response
 from postlane.worker import Worker
@@ -149,6 +149,23 @@ async def test_an_address_suppressed_after_its_mail_was_queued_is_not_sent(
     sent_to = [r.rcpt_tos for r in smtp_peer.handler.received]
     assert sent_to == [["ok@example.net"]]  # the 550 was refused at RCPT: nothing else arrived
     assert (await h.app.get(third)).state is RecipientState.SUPPRESSED
+
+
+async def test_a_suppression_for_one_sender_domain_stops_only_its_mail(
+    h: Harness, smtp_peer: SMTPPeer
+) -> None:
+    shop = await h.send("ada@example.net", sender="receipts@shop.example")
+    other = await h.send("ada@example.net", sender="app@other.example")
+    await h.app.act(QueueAction.HOLD, Selector(all=True))
+    # a complaint about shop.example's mail, after both were queued
+    await h.app.store.add_suppression(
+        Suppression("ada@example.net", h.clock.now(), "arf", "complaint", scope="shop.example")
+    )
+    await h.app.act(QueueAction.RELEASE, Selector(all=True))
+    await h.run()
+    assert (await h.recipient(shop, "ada@example.net")).state is RecipientState.SUPPRESSED
+    assert (await h.recipient(other, "ada@example.net")).state is RecipientState.SENT
+    assert [r.mail_from for r in smtp_peer.handler.received] == ["app@other.example"]
 
 
 async def test_temporary_failures_retry_on_the_schedule_then_dead_letter(

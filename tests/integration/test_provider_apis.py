@@ -516,6 +516,15 @@ async def test_a_5xx_is_temporary(h: Harness) -> None:
     assert "HTTP 503" in responses[0].text
 
 
+async def test_a_503_with_retry_after_carries_the_wait_to_the_policy(h: Harness) -> None:
+    """A counted reply's Retry-After delays its retry (the policy takes the longer of the
+    schedule and the wait): the transport must hand it over, not only for throttling."""
+    h.api.scripted.append(Reply(503, "Service Unavailable", {"Retry-After": "600"}))
+    [response] = await h.transport.send(envelope("ann@example.org"))
+    assert response.verdict().cls is ReplyClass.TEMPORARY
+    assert response.retry_after == 600.0
+
+
 async def test_refused_credentials_are_a_connection_failure(h: Harness) -> None:
     h.api.scripted.append(h.provider.unauthorized)
     [response] = await h.transport.send(envelope("ann@example.org"))

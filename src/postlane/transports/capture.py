@@ -8,7 +8,7 @@ import itertools
 import os
 from pathlib import Path
 
-from postlane.transports.base import Envelope, Response
+from postlane.transports.base import BaseTransport, Envelope, Response
 
 #: headers prepended to each captured file, so the envelope is visible (like Postfix's
 #: X-Original-To / Return-Path)
@@ -16,7 +16,7 @@ ENVELOPE_FROM = "X-Postlane-Envelope-From"
 ENVELOPE_TO = "X-Postlane-Envelope-To"
 
 
-class CaptureTransport:
+class CaptureTransport(BaseTransport):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.name = f"capture://{folder}"

@@ -49,7 +49,7 @@ from postlane.classify import ReplyClass, classify
 from postlane.clock import Clock, SystemClock
 from postlane.config import DeliveryConfig
 from postlane.errors import ConfigError
-from postlane.transports.base import Envelope, Response, no_reply
+from postlane.transports.base import BaseTransport, Envelope, Response, no_reply
 
 __all__ = [
     "Accepted",
@@ -233,7 +233,7 @@ def short(text: str) -> str:
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
 
 
-class ProviderTransport(abc.ABC):
+class ProviderTransport(BaseTransport, abc.ABC):
     """Send through a provider's HTTP API (see the module docstring)."""
 
     #: the provider's name: its relay URL's scheme, and the throttle destination every
@@ -350,9 +350,9 @@ class ProviderTransport(abc.ABC):
         *,
         about_a_recipient: bool = False,
     ) -> Refused:
-        """``answer`` refuses the call as ``cls``: with its status, and when throttled, the
-        wait it asks for (:meth:`retry_after`)."""
-        retry_after = self.retry_after(answer) if cls is ReplyClass.THROTTLED else None
+        """``answer`` refuses the call as ``cls``: with its status and the wait it asks for
+        (:meth:`retry_after`): a 503's Retry-After delays a counted retry too."""
+        retry_after = self.retry_after(answer)
         return Refused(cls, reason, answer.status_code, recipients, about_a_recipient, retry_after)
 
     def default_outcome(self, answer: httpx.Response, reason: str) -> Outcome:

@@ -67,7 +67,7 @@ from postlane.classify import ReplyClass
 from postlane.config import DeliveryConfig, DestinationLimits, destination_limits
 from postlane.destinations import DestinationMap
 from postlane.dkim import DkimSigner
-from postlane.transports.base import Envelope, Response
+from postlane.transports.base import BaseTransport, Envelope, Response
 from postlane.transports.session import ClearTextRetry, Refusal, Session, TLSPolicy, open_session
 from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
 
@@ -207,7 +207,7 @@ class _MXHostPool(SMTPRelayTransport):
         return not self._idle and not self._busy
 
 
-class MXTransport:
+class MXTransport(BaseTransport):
     """Deliver each recipient to its domain's MX hosts (see the module docstring)."""
 
     name = "mx"

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from postlane.config import DeliveryConfig, DestinationLimits
 from postlane.errors import ConfigError
-from postlane.transports.base import Envelope, Response, no_reply
+from postlane.transports.base import BaseTransport, Envelope, Response, no_reply
 from postlane.transports.session import (
     Refusal,
     Session,
@@ -98,7 +98,7 @@ class RelaySettings:
         )
 
 
-class SMTPRelayTransport:
+class SMTPRelayTransport(BaseTransport):
     """Deliver everything to one relay (smarthost) over pooled SMTP sessions."""
 
     def __init__(self, settings: RelaySettings, *, destination: str = "relay") -> None:
