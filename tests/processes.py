@@ -74,8 +74,12 @@ class PostlaneProcess:
         *,
         log_start: int = 0,
         stop_timeout: float = 30.0,
+        group: bool = False,
     ) -> None:
         self.args = tuple(args)
+        #: signals go to its whole process group (started through a wrapper that does not pass
+        #: them on, such as ``unshare --fork``)
+        self.group = group
         self.log = log
         self.popen = popen
         #: where this run's output begins in ``log`` (several runs may append to one log)
@@ -209,7 +213,14 @@ class PostlaneProcess:
     def terminate(self) -> None:
         """SIGTERM, if it still runs: a graceful stop (leases handed back, servers closed)."""
         if self.running:
-            self.popen.send_signal(signal.SIGTERM)
+            self._signal(signal.SIGTERM)
+
+    def _signal(self, number: int) -> None:
+        if self.group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, number)
+        else:
+            self.popen.send_signal(number)
 
     async def stop(self, *, timeout: float | None = None) -> int:
         """SIGTERM and the exit status; SIGKILL and :class:`ProcessFailed` if it has not stopped
@@ -224,12 +235,12 @@ class PostlaneProcess:
     async def kill(self) -> int:
         """SIGKILL (no chance to hand anything back) and the exit status."""
         if self.running:
-            self.popen.send_signal(signal.SIGKILL)
+            self._signal(signal.SIGKILL)
         return await self.wait_exit(timeout=30.0)
 
     def _kill_and_reap(self) -> None:
         if self.popen.poll() is None:
-            self.popen.kill()
+            self._signal(signal.SIGKILL)
             self.popen.wait()
 
     # -- as a context: stopped on the way out, its log attached to any failure -------------------
@@ -290,12 +301,19 @@ def start_postlane(
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
     stop_timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
 ) -> PostlaneProcess:
     """Start ``postlane [--config CONFIG] ARGS...`` with its stdout and stderr appended to
     ``log``, in ``cwd``, with :func:`clean_environment` (``env`` added). Returns at once: wait
     for what you need with :meth:`PostlaneProcess.wait_until` or ``wait_running``. Used as a
-    context, it is stopped on the way out (SIGTERM, SIGKILL after ``stop_timeout``)."""
-    command = [*POSTLANE, *(["--config", str(config)] if config is not None else []), *args]
+    context, it is stopped on the way out (SIGTERM, SIGKILL after ``stop_timeout``).
+    ``wrapper``: a command that runs it (``unshare --pid --fork``: another PID namespace)."""
+    command = [
+        *wrapper,
+        *POSTLANE,
+        *(["--config", str(config)] if config is not None else []),
+        *args,
+    ]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
         start = out.tell()
@@ -306,8 +324,11 @@ def start_postlane(
             stderr=subprocess.STDOUT,
             cwd=cwd,
             env=clean_environment(env),
+            start_new_session=bool(wrapper),
         )
-    return PostlaneProcess(args, log, popen, log_start=start, stop_timeout=stop_timeout)
+    return PostlaneProcess(
+        args, log, popen, log_start=start, stop_timeout=stop_timeout, group=bool(wrapper)
+    )
 
 
 async def run_postlane(

@@ -17,11 +17,8 @@ Nothing a transport does stalls the queue: an unexpected exception becomes an at
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import os
-import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Sequence
@@ -33,8 +30,10 @@ from postlane.clock import Clock, SystemClock
 from postlane.config import Config, DeliveryConfig, ThrottleConfig
 from postlane.gate import WAITING_FOR_DESTINATION, ThrottleGate
 from postlane.lanes import LaneScheduler
+from postlane.leases import lease_owner_id, owner_is_dead
 from postlane.message import Lane, RecipientState
 from postlane.policy import Action, Decision, Policy, untried
+from postlane.recorder import Recorder
 from postlane.records import AttemptRecord, ClaimedMessage, Delivery, Outcome
 from postlane.store.base import Store
 from postlane.throttle import Throttle
@@ -79,47 +78,6 @@ class _NoObserver:
         return None
 
 
-def lease_owner_id() -> str:
-    """``host/pid/process-start/random``: names this process in leases, so a restarted serve on
-    the same host can tell its own dead processes' leases apart (pids get reused)."""
-    pid = os.getpid()
-    return f"{socket.gethostname()}/{pid}/{process_start_ticks(pid)}/{os.urandom(3).hex()}"
-
-
-def process_start_ticks(pid: int) -> int:
-    """The process's start time in clock ticks since boot (Linux), 0 when unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read().decode("ascii", "replace")
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def owner_is_dead(owner: str) -> bool:
-    """True when ``owner`` names a process of this host that no longer runs."""
-    parts = owner.split("/")
-    if len(parts) != 4 or parts[0] != socket.gethostname():
-        return False
-    try:
-        pid, started = int(parts[1]), int(parts[2])
-    except ValueError:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # alive, someone else's
-    return started != 0 and process_start_ticks(pid) not in (0, started)
-
-
-@dataclass
-class _Pending:
-    outcome: Outcome
-    done: asyncio.Future[None]
-
-
 class Worker:
     """Delivers what the store has due through one transport."""
 
@@ -160,9 +118,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._slot_freed = asyncio.Event()
-        self._recorder_queue: list[_Pending] = []
-        self._recorder_wake = asyncio.Event()
-        self._recorder_task: asyncio.Task[None] | None = None
+        self.recorder = Recorder(store, self.owner, self.clock, self.settings.lease)
         self.sent = 0
         self.attempts = 0
         #: True while run() delivers (for /readyz)
@@ -213,7 +169,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set, then shut down gracefully."""
         self.running = True
-        self._start_recorder()
+        self.recorder.start()
         helpers = [
             asyncio.create_task(self._renew_leases(stop), name="postlane-lease-renewal"),
             asyncio.create_task(self._housekeeping(stop), name="postlane-housekeeping"),
@@ -229,7 +185,7 @@ class Worker:
     async def run_until_idle(self) -> int:
         """Deliver everything due now, wait for it to be recorded, return (arq's "burst" mode).
         Returns the number of attempts made. Useful for tests with an injected clock."""
-        self._start_recorder()
+        self.recorder.start()
         before = self.attempts
         await self.sync_throttle()
         try:
@@ -243,7 +199,7 @@ class Worker:
                 await self._wait_for_slot()
         finally:
             await self._drain_tasks(timeout=None)
-            await self._stop_recorder()
+            await self.recorder.stop()
             await self.sync_throttle()
         return self.attempts - before
 
@@ -340,7 +296,7 @@ class Worker:
             ]
             if keep:
                 kept.append(dataclasses.replace(message, deliveries=keep))
-        await self._record(outcomes)
+        await self.recorder.record(outcomes)
         return kept
 
     def _start(self, message: ClaimedMessage) -> None:
@@ -385,7 +341,7 @@ class Worker:
                 outcomes.extend(await self._send(message, clearance.to_send))
             finally:
                 self.gate.release(clearance)
-        await self._record(outcomes)
+        await self.recorder.record(outcomes)
 
     async def _send(self, message: ClaimedMessage, deliveries: Sequence[Delivery]) -> list[Outcome]:
         envelope = Envelope(
@@ -465,75 +421,6 @@ class Worker:
         )
         return decision.outcome(delivery, attempt)
 
-    # -- recording -------------------------------------------------------------------------------
-
-    def _start_recorder(self) -> None:
-        if self._recorder_task is None or self._recorder_task.done():
-            self._recorder_task = asyncio.create_task(self._recorder(), name="postlane-recorder")
-
-    async def _record(self, outcomes: Sequence[Outcome]) -> None:
-        """Queue outcomes for the recorder and wait until they are committed."""
-        if not outcomes:
-            return
-        loop = asyncio.get_running_loop()
-        waits = []
-        for outcome in outcomes:
-            pending = _Pending(outcome, loop.create_future())
-            self._recorder_queue.append(pending)
-            waits.append(pending.done)
-        self._recorder_wake.set()
-        await asyncio.gather(*waits)
-
-    async def _recorder(self) -> None:
-        """Write queued outcomes in batches: one transaction for everything waiting."""
-        while True:
-            await self._recorder_wake.wait()
-            self._recorder_wake.clear()
-            while self._recorder_queue:
-                batch, self._recorder_queue = self._recorder_queue, []
-                try:
-                    await self._write_outcomes([p.outcome for p in batch])
-                except asyncio.CancelledError:
-                    for p in batch:
-                        if not p.done.done():
-                            p.done.cancel()
-                    raise
-                except Exception as exc:
-                    for p in batch:
-                        if not p.done.done():
-                            p.done.set_exception(exc)
-                    continue
-                for p in batch:
-                    if not p.done.done():
-                        p.done.set_result(None)
-
-    async def _write_outcomes(self, outcomes: list[Outcome]) -> None:
-        """Record, retrying while the store is briefly unavailable: a result we fail to record
-        would be retried after the lease and sent twice."""
-        delay = 0.05
-        deadline = time.monotonic() + max(self.settings.lease / 2, 1.0)
-        while True:
-            try:
-                await self.store.record(self.owner, outcomes, self.clock.now())
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    log.exception("could not record %d outcome(s)", len(outcomes))
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def _stop_recorder(self) -> None:
-        if self._recorder_task is None:
-            return
-        while self._recorder_queue:
-            self._recorder_wake.set()
-            await asyncio.sleep(0)
-        self._recorder_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._recorder_task
-        self._recorder_task = None
-
     # -- leases, housekeeping, shutdown ------------------------------------------------------------
 
     async def _renew_leases(self, stop: asyncio.Event) -> None:
@@ -597,7 +484,7 @@ class Worker:
                 in_flight,
             )
         await self._drain_tasks(timeout=self.settings.shutdown_grace)
-        await self._stop_recorder()
+        await self.recorder.stop()
         returned = await self.store.hand_back(self.owner, None, self.clock.now())
         if returned:
             log.info("handed back %d unsent delivery(ies)", returned)

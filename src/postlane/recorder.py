@@ -1,0 +1,106 @@
+"""The worker's recorder: outcomes of many sends written in batches, each batch one transaction.
+
+Sends finish one by one; writing each result on its own would cost a commit per recipient. The
+recorder queues outcomes, writes everything waiting in one :meth:`Store.record` call, and wakes
+each caller once its outcome is durable. A store briefly unavailable is retried for up to half
+a lease: a result that is never recorded would be sent again after the lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from postlane.clock import Clock
+from postlane.records import Outcome
+from postlane.store.base import DeliveryStore
+
+log = logging.getLogger("postlane.worker")
+
+
+@dataclass
+class _Pending:
+    outcome: Outcome
+    done: asyncio.Future[None]
+
+
+class Recorder:
+    """Batches outcomes into store transactions (see the module docstring)."""
+
+    def __init__(self, store: DeliveryStore, owner: str, clock: Clock, lease: float) -> None:
+        self.store = store
+        self.owner = owner
+        self.clock = clock
+        self.lease = lease
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="postlane-recorder")
+
+    async def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Queue outcomes and wait until they are committed."""
+        if not outcomes:
+            return
+        loop = asyncio.get_running_loop()
+        waits = []
+        for outcome in outcomes:
+            pending = _Pending(outcome, loop.create_future())
+            self._queue.append(pending)
+            waits.append(pending.done)
+        self._wake.set()
+        await asyncio.gather(*waits)
+
+    async def stop(self) -> None:
+        """Write what is queued, then stop."""
+        if self._task is None:
+            return
+        while self._queue:
+            self._wake.set()
+            await asyncio.sleep(0)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    await self._write([p.outcome for p in batch])
+                except asyncio.CancelledError:
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.cancel()
+                    raise
+                except Exception as exc:
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.set_exception(exc)
+                    continue
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
+
+    async def _write(self, outcomes: list[Outcome]) -> None:
+        delay = 0.05
+        deadline = time.monotonic() + max(self.lease / 2, 1.0)
+        while True:
+            try:
+                await self.store.record(self.owner, outcomes, self.clock.now())
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    log.exception("could not record %d outcome(s)", len(outcomes))
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)

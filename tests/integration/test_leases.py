@@ -1,0 +1,119 @@
+"""Lease owners that cannot be mistaken (audit finding 4): a live worker's leases are never
+reclaimed, a provably dead one's are at once; a worker in another PID namespace on the same
+host name (containers with host networking) cannot be proven dead from here, so it is left to
+its lease."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from postlane.clock import SystemClock
+from postlane.leases import boot_id, lease_owner_id, owner_is_dead, pid_namespace
+from postlane.message import Message, prepare
+from postlane.policy import Policy
+from postlane.store.sqlite import SQLiteStore
+from postlane.transports.capture import CaptureTransport
+from postlane.worker import Worker
+from tests.conftest import IN_CI, SMTPPeer, make_config
+from tests.processes import start_postlane
+
+T0 = 1_800_000_000.0
+
+
+def test_this_process_is_alive_and_a_finished_one_is_dead() -> None:
+    me = lease_owner_id()
+    assert not owner_is_dead(me)
+    child = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    out, _ = child.communicate()
+    host, _pid, _start, boot, namespace, tag = me.split("/")
+    gone = "/".join((host, out.strip(), "1", boot, namespace, tag))
+    assert owner_is_dead(gone)
+
+
+@pytest.mark.parametrize(
+    "part",
+    ["host", "boot", "namespace"],
+)
+def test_a_process_of_another_host_boot_or_pid_namespace_is_never_proven_dead(part: str) -> None:
+    host, _pid, start, boot, namespace, tag = lease_owner_id().split("/")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that no longer runs here
+    fields = {"host": host, "boot": boot, "namespace": namespace}
+    fields[part] = "elsewhere"
+    owner = "/".join((fields["host"], str(child.pid), start, fields["boot"],
+                      fields["namespace"], tag))  # fmt: skip
+    assert not owner_is_dead(owner)
+    assert not owner_is_dead(f"{host}/{child.pid}/{start}/{tag}")  # an older format: its lease
+
+
+def test_the_owner_names_this_boot_and_pid_namespace() -> None:
+    host, pid, _start, boot, namespace, _tag = lease_owner_id().split("/")
+    assert host == socket.gethostname() and int(pid) == os.getpid()
+    assert boot == boot_id() and namespace == pid_namespace() and boot and namespace
+
+
+def can_unshare() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True)  # fmt: skip
+    return probe.returncode == 0
+
+
+async def test_a_worker_in_another_pid_namespace_keeps_its_leases(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    """The audit's finding: a worker in its own PID namespace, on the same host name, had its
+    in-flight leases "reclaimed" by a serve starting beside it, and its mail sent twice."""
+    if not can_unshare():
+        if IN_CI:
+            pytest.fail("CI runs as root with unshare: this test must run there")
+        pytest.skip("needs `unshare --pid --fork` (root, util-linux)")
+    smtp_peer.handler.data_delay = 60.0  # the worker's sends stay in flight
+    database = tmp_path / "queue.db"
+    (tmp_path / "postlane.toml").write_text(
+        f'[store]\nurl = "sqlite:///{database}"\n'
+        f'[delivery]\nrelay = "{smtp_peer.url}"\nlease = "30s"\nshutdown_grace = "1s"\n'
+    )
+    store = SQLiteStore(database)
+    await store.open()
+    try:
+        messages = [
+            prepare(
+                Message(sender="app@example.com", to=[f"u{n}@example.net"], text="x"),
+                max_size=10**6,
+            )
+            for n in range(3)
+        ]
+        await store.enqueue(messages, SystemClock().now())
+        worker_process = start_postlane(
+            "worker",
+            config=tmp_path / "postlane.toml",
+            log=tmp_path / "worker.log",
+            wrapper=("unshare", "--pid", "--fork", "--mount-proc"),
+        )
+        async with worker_process:
+
+            async def leased() -> bool:
+                return bool(await store.lease_owners())
+
+            await worker_process.wait_until(leased, "the worker's sends in flight")
+            [owner] = await store.lease_owners()
+            assert owner.split("/")[4] != pid_namespace()  # it is in another namespace
+            # a serve (or worker) starting beside it, in this namespace, on this host
+            beside = Worker(store, CaptureTransport(tmp_path / "captured"),
+                            Policy.from_config(make_config(tmp_path)))  # fmt: skip
+            assert await beside.reclaim_dead_owners() == 0
+            assert await store.lease_owners() == [owner]  # still the live worker's
+            await asyncio.sleep(0)
+    finally:
+        await store.close()
