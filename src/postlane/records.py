@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, ClassVar
 
 from postlane.classify import ReplyClass
@@ -309,118 +308,6 @@ class Suppression:
 SUPPRESSION_REASONS = ("hard_bounce", "complaint", "unsubscribe", "manual")
 
 
-class FeedbackKind(StrEnum):
-    """What was heard about a delivery after its first hop (a DSN, a complaint, an event)."""
-
-    #: failed for good after it was sent: the recipient ends ``bounced``
-    BOUNCED = "bounced"
-    #: a transient failure after it was sent: counted as a soft bounce, no state changes
-    SOFT_BOUNCE = "soft_bounce"
-    #: a DSN with action "delayed": an event, no state changes
-    DELAYED = "delayed"
-    #: reported as spam: the recipient ends ``complained``
-    COMPLAINED = "complained"
-    #: the recipient asked to receive no more (one-click unsubscribe): an event and a
-    #: suppression, no state changes
-    UNSUBSCRIBED = "unsubscribed"
-    #: a provider confirmed the final delivery: kept in the history, nothing else changes
-    DELIVERED = "delivered"
-
-
-@dataclass(frozen=True)
-class Feedback:
-    """Something heard about one delivery after its first hop, to record in one transaction:
-    the recipient's new state, an entry in its history, an event and a suppression."""
-
-    kind: FeedbackKind
-    delivery_id: int
-    at: float
-    #: where it came from (dsn, arf, plain-bounce, webhook:ses, unsubscribe, ...)
-    source: str
-    cls: ReplyClass | None = None
-    code: int | None = None
-    enhanced: str | None = None
-    text: str | None = None
-    #: add the address to the suppression list: (scope, reason, expires_at)
-    suppression: tuple[str, str, float | None] | None = None
-
-
-@dataclass(frozen=True)
-class FeedbackResult:
-    """How a :class:`Feedback` was applied: the recipient's state after it (None: no such
-    delivery) and whether it changed anything."""
-
-    delivery_id: int
-    state: RecipientState | None
-    changed: bool
-
-
-@dataclass(frozen=True)
-class DeliveryRef:
-    """One delivery found by what a bounce or an event names (its message and address)."""
-
-    delivery_id: int
-    queue_id: str
-    address: str
-    state: RecipientState
-    sender: str
-    lane: Lane
-
-
-@dataclass(frozen=True)
-class UnmatchedFeedback:
-    """A report nothing could be matched to, kept for an operator to look at."""
-
-    id: int
-    received_at: float
-    source: str
-    kind: str
-    reason: str
-    mail_from: str | None
-    rcpt_to: str | None
-    content: bytes
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "received_at": iso(self.received_at),
-            "source": self.source,
-            "kind": self.kind,
-            "reason": self.reason,
-            "mail_from": self.mail_from,
-            "rcpt_to": self.rcpt_to,
-            "size": len(self.content),
-        }
-
-
-@dataclass(frozen=True)
-class WebhookEndpointState:
-    """Where an outbound webhook endpoint is in the event log, and how it fares."""
-
-    name: str
-    cursor: int
-    failures: int
-    paused_until: float | None
-    last_error: str | None
-    last_error_at: float | None
-    last_success_at: float | None
-    delivered: int
-    lease_owner: str | None
-    lease_expires_at: float | None
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "cursor": str(self.cursor),
-            "failures": self.failures,
-            "paused_until": iso(self.paused_until) if self.paused_until else None,
-            "last_error": self.last_error,
-            "last_error_at": iso(self.last_error_at) if self.last_error_at else None,
-            "last_success_at": iso(self.last_success_at) if self.last_success_at else None,
-            "delivered": self.delivered,
-        }
-
-
 @dataclass(frozen=True)
 class LaneStats:
     ready: int = 0
@@ -463,54 +350,6 @@ class Stats:
             "complained": self.complained,
             "suppression_list": self.suppression_list,
             "destinations": [d.as_json() for d in self.destinations],
-        }
-
-
-#: the event types, in the order a recipient can meet them
-EVENT_TYPES = (
-    "queued",
-    "sent",
-    "deferred",
-    "bounced",
-    "complained",
-    "unsubscribed",
-    "dead",
-    "suppressed",
-    "expired",
-)
-
-
-@dataclass(frozen=True)
-class Event:
-    """What happened to one recipient, as the event log keeps it (``/v1/events``, webhooks)."""
-
-    id: int
-    type: str
-    at: float
-    #: postlane's id of the message
-    queue_id: str
-    recipient: str | None
-    lane: Lane
-    cls: ReplyClass | None
-    code: int | None
-    enhanced: str | None
-    text: str | None
-    #: the message's own metadata
-    metadata: Mapping[str, Any]
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": str(self.id),
-            "type": self.type,
-            "at": iso(self.at),
-            "message_id": self.queue_id,
-            "recipient": self.recipient,
-            "lane": self.lane,
-            "class": self.cls,
-            "code": self.code,
-            "enhanced": self.enhanced,
-            "text": self.text,
-            "metadata": dict(self.metadata),
         }
 
 

@@ -966,7 +966,7 @@ async def sent_message(store: Any, *to: str, sender: str = "app@example.com") ->
 
 
 async def test_an_asynchronous_bounce_moves_a_sent_recipient_once(store: Any) -> None:
-    from postlane.records import Feedback, FeedbackKind
+    from postlane.feedback import Feedback, FeedbackKind
 
     [ada, bob] = await sent_message(store, "ada@example.net", "bob@example.net")
     bounce = Feedback(
@@ -1008,13 +1008,13 @@ async def test_an_asynchronous_bounce_moves_a_sent_recipient_once(store: Any) ->
 
 
 def await_result(delivery_id: int, state: RecipientState, changed: bool) -> Any:
-    from postlane.records import FeedbackResult
+    from postlane.feedback import FeedbackResult
 
     return FeedbackResult(delivery_id, state, changed)
 
 
 async def test_feedback_that_changes_no_state_is_history_and_an_event(store: Any) -> None:
-    from postlane.records import Feedback, FeedbackKind
+    from postlane.feedback import Feedback, FeedbackKind
 
     [ada] = await sent_message(store, "ada@example.net")
     await store.enqueue([msg("waiting@example.net")], T0)
@@ -1056,7 +1056,7 @@ async def test_feedback_that_changes_no_state_is_history_and_an_event(store: Any
 
 
 async def test_a_bounce_for_a_recipient_never_sent_changes_nothing(store: Any) -> None:
-    from postlane.records import Feedback, FeedbackKind
+    from postlane.feedback import Feedback, FeedbackKind
 
     prepared = msg("waiting@example.net")
     await store.enqueue([prepared], T0)

@@ -12,18 +12,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from postlane.events import Event, WebhookEndpointState
+from postlane.feedback import DeliveryRef, Feedback, FeedbackResult, UnmatchedFeedback
 from postlane.message import Lane, PreparedMessage
 from postlane.records import (
     ClaimedMessage,
     DeadGroup,
     DeadLetter,
-    DeliveryRef,
     DestinationStatus,
     EnqueueResult,
-    Event,
     ExportedMessage,
-    Feedback,
-    FeedbackResult,
     MessageView,
     Outcome,
     Sample,
@@ -32,8 +30,6 @@ from postlane.records import (
     ShapeRow,
     Stats,
     Suppression,
-    UnmatchedFeedback,
-    WebhookEndpointState,
 )
 
 

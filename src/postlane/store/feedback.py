@@ -10,14 +10,8 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+from postlane.feedback import DeliveryRef, Feedback, FeedbackKind, FeedbackResult, UnmatchedFeedback
 from postlane.message import RecipientState
-from postlane.records import (
-    DeliveryRef,
-    Feedback,
-    FeedbackKind,
-    FeedbackResult,
-    UnmatchedFeedback,
-)
 from postlane.store import rows
 from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from postlane.errors import NotFound
-from postlane.records import Event, Sample
+from postlane.events import Event
+from postlane.records import Sample
 from postlane.store import rows
 from postlane.store.plans import (
     Plan,

@@ -12,6 +12,8 @@ from typing import Any
 
 from postlane.classify import ReplyClass
 from postlane.destinations import destination_for
+from postlane.events import Event, WebhookEndpointState
+from postlane.feedback import DeliveryRef, UnmatchedFeedback
 from postlane.message import Lane, PreparedMessage, Recipient, RecipientState
 from postlane.records import (
     AttemptRecord,
@@ -19,9 +21,7 @@ from postlane.records import (
     ClaimedMessage,
     DeadLetter,
     Delivery,
-    DeliveryRef,
     DestinationStatus,
-    Event,
     ExportedMessage,
     ExportedRecipient,
     MessageView,
@@ -30,8 +30,6 @@ from postlane.records import (
     Reply,
     Sample,
     Suppression,
-    UnmatchedFeedback,
-    WebhookEndpointState,
 )
 from postlane.store.plans import Row
 

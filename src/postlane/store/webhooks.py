@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from postlane.records import WebhookEndpointState
+from postlane.events import WebhookEndpointState
 from postlane.store import rows
 from postlane.store.plans import Plan, SQLRole, execute, fetch, fetch_one
 

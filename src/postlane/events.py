@@ -1,0 +1,87 @@
+"""The event log: what happened to each recipient, in commit order, as ``/v1/events``, outbound
+webhooks and in-process subscribers tell it; and each webhook endpoint's place in it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from postlane.classify import ReplyClass
+from postlane.clock import iso
+from postlane.message import Lane
+
+#: the event types, in the order a recipient can meet them
+EVENT_TYPES = (
+    "queued",
+    "sent",
+    "deferred",
+    "bounced",
+    "complained",
+    "unsubscribed",
+    "dead",
+    "suppressed",
+    "expired",
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened to one recipient, as the event log keeps it (``/v1/events``, webhooks)."""
+
+    id: int
+    type: str
+    at: float
+    #: postlane's id of the message
+    queue_id: str
+    recipient: str | None
+    lane: Lane
+    cls: ReplyClass | None
+    code: int | None
+    enhanced: str | None
+    text: str | None
+    #: the message's own metadata
+    metadata: Mapping[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "type": self.type,
+            "at": iso(self.at),
+            "message_id": self.queue_id,
+            "recipient": self.recipient,
+            "lane": self.lane,
+            "class": self.cls,
+            "code": self.code,
+            "enhanced": self.enhanced,
+            "text": self.text,
+            "metadata": dict(self.metadata),
+        }
+
+
+@dataclass(frozen=True)
+class WebhookEndpointState:
+    """Where an outbound webhook endpoint is in the event log, and how it fares."""
+
+    name: str
+    cursor: int
+    failures: int
+    paused_until: float | None
+    last_error: str | None
+    last_error_at: float | None
+    last_success_at: float | None
+    delivered: int
+    lease_owner: str | None
+    lease_expires_at: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "cursor": str(self.cursor),
+            "failures": self.failures,
+            "paused_until": iso(self.paused_until) if self.paused_until else None,
+            "last_error": self.last_error,
+            "last_error_at": iso(self.last_error_at) if self.last_error_at else None,
+            "last_success_at": iso(self.last_success_at) if self.last_success_at else None,
+            "delivered": self.delivered,
+        }
