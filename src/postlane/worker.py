@@ -188,6 +188,7 @@ class Worker:
         self.recorder.start()
         before = self.attempts
         await self.sync_throttle()
+        await self.store.expire_due(self.clock.now())
         try:
             while True:
                 claimed = await self._claim_batch()
@@ -448,6 +449,9 @@ class Worker:
                         "%d delivery(ies) returned after their worker's lease ran out", reaped
                     )
                     self.wake.set()
+                expired = await self.store.expire_due(self.clock.now())
+                if expired:
+                    log.info("%d delivery(ies) expired before they could be sent", expired)
                 if time.monotonic() - last_purge > PURGE_INTERVAL:
                     last_purge = time.monotonic()
                     await self._purge()

@@ -4,6 +4,7 @@ scripted replies, and an injected clock: retry spacing is checked without sleepi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
-from postlane.message import Lane, RecipientState
+from postlane.message import Lane, Message, RecipientState
 from postlane.records import Selector, Suppression
 from postlane.transports import transport_for
 from postlane.transports.base import BaseTransport, Envelope, Response
@@ -166,6 +167,29 @@ async def test_a_suppression_for_one_sender_domain_stops_only_its_mail(
     assert (await h.recipient(shop, "ada@example.net")).state is RecipientState.SUPPRESSED
     assert (await h.recipient(other, "ada@example.net")).state is RecipientState.SENT
     assert [r.mail_from for r in smtp_peer.handler.received] == ["app@other.example"]
+
+
+async def test_mail_that_expires_during_an_outage_is_dead_lettered_and_never_sent_late(
+    h: Harness, smtp_peer: SMTPPeer
+) -> None:
+    """A one-time code is useless after its time: a recipient not sent by ``expires_at`` is
+    dead (reason and event ``expired``), even while its destination could not take it."""
+    smtp_peer.handler.data = ["451 4.3.0 Temporary local problem"] * 3
+    prepared = dataclasses.replace(
+        h.app.prepare(Message(sender="app@example.com", to=["ada@example.net"], text="1234")),
+        expires_at=h.clock.now() + 300,
+    )
+    [result] = await h.app.store.enqueue([prepared], h.clock.now())
+    await h.run()  # 451: deferred for a minute
+    assert (await h.recipient(result.id, "ada@example.net")).state is RecipientState.DEFERRED
+    await h.clock.advance(301)  # the outage outlasts the code; the server is fine again
+    smtp_peer.handler.data = []
+    await h.run()
+    expired = await h.recipient(result.id, "ada@example.net")
+    assert expired.state is RecipientState.DEAD and expired.reason == "expired"
+    assert smtp_peer.handler.received == []  # nothing was sent late
+    events = await h.app.store.events_after(None, limit=10)
+    assert [e.type for e in events] == ["queued", "deferred", "expired"]
 
 
 async def test_temporary_failures_retry_on_the_schedule_then_dead_letter(
