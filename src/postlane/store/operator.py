@@ -188,8 +188,13 @@ class SQLOperator(SQLRole):
         return await self.db.read(run)
 
     async def get_dead(self, queue_id: str) -> list[DeadLetter]:
+        fill, params = self._selection(Selector(ids=(queue_id,)), ("dead",), ("dead",))
+
         def run() -> Plan[list[DeadLetter]]:
-            found = yield from fetch("dead_letters_of", {"id": queue_id})
+            found = sorted(
+                (yield from fetch("dead_letters", {**params, "limit": 10**6}, fill=fill)),
+                key=lambda row: int(row["id"]),
+            )
             if not found:
                 exists = yield from fetch_one("message_exists", {"id": queue_id})
                 raise NotFound(
@@ -270,20 +275,21 @@ class SQLOperator(SQLRole):
         return await self.db.write(lambda: execute("flush", params))
 
     async def hold(self, delivery_ids: Sequence[int], now: float) -> int:
-        params = {"ids": list(delivery_ids), "now": now}
-
-        def run() -> Plan[int]:
-            held = yield from execute("hold", params)
-            return held + (yield from execute("hold_after_send", params))
-
-        return await self.db.write(run)
+        return await self._also_after_send("hold", "hold_after_send", delivery_ids, now)
 
     async def release(self, delivery_ids: Sequence[int], now: float) -> int:
+        return await self._also_after_send("release", "release_after_send", delivery_ids, now)
+
+    async def _also_after_send(
+        self, query: str, after_send: str, delivery_ids: Sequence[int], now: float
+    ) -> int:
+        """An action on waiting deliveries, and the same one noted on deliveries being sent
+        (applied once their try is recorded), in one transaction."""
         params = {"ids": list(delivery_ids), "now": now}
 
         def run() -> Plan[int]:
-            released = yield from execute("release", params)
-            return released + (yield from execute("release_after_send", params))
+            waiting = yield from execute(query, params)
+            return waiting + (yield from execute(after_send, params))
 
         return await self.db.write(run)
 

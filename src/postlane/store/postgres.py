@@ -24,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -101,42 +101,47 @@ def _prepared(statement: Statement) -> tuple[str, Mapping[str, Any]] | None:
     return DIALECT.sql(statement), _columns(statement)
 
 
+class _Steps(Generic[T]):
+    """A plan's statements as PostgreSQL runs them (an empty batch is answered at once), for
+    an async or a blocking driver; ``value`` is the plan's result once ``next`` gives None."""
+
+    def __init__(self, plan: Plan[T]) -> None:
+        self.plan = plan
+        self.result: Result | None = None
+        self.value: T
+
+    def answer(self, found: Sequence[Any], rowcount: int) -> None:
+        self.result = Result(list(found), max(rowcount, 0))
+
+    def next(self) -> tuple[str, Mapping[str, Any]] | None:
+        try:
+            statement = self.plan.send(self.result) if self.result else next(self.plan)
+            while (prepared := _prepared(statement)) is None:
+                statement = self.plan.send(EMPTY)
+        except StopIteration as done:
+            self.value = done.value
+            return None
+        return prepared
+
+
 async def run_plan(conn: psycopg.AsyncConnection[Any], plan: Plan[T]) -> T:
     """Execute a plan on an async connection, in its current transaction (no commit)."""
-    try:
-        statement = next(plan)
-        while True:
-            prepared = _prepared(statement)
-            if prepared is None:
-                statement = plan.send(EMPTY)
-                continue
-            async with conn.cursor(row_factory=dict_row) as cursor:
-                await cursor.execute(*prepared)
-                found = await cursor.fetchall() if cursor.description is not None else []
-                result = Result(list(found), max(cursor.rowcount, 0))
-            statement = plan.send(result)
-    except StopIteration as done:
-        value: T = done.value
-        return value
+    steps = _Steps(plan)
+    while (prepared := steps.next()) is not None:
+        async with conn.cursor(row_factory=dict_row) as cursor:
+            await cursor.execute(*prepared)
+            steps.answer(await cursor.fetchall() if cursor.description else [], cursor.rowcount)
+    return steps.value
 
 
 def run_plan_sync(conn: psycopg.Connection[Any], plan: Plan[T]) -> T:
     """Execute a plan on a blocking connection, in its current transaction (no commit)."""
-    try:
-        statement = next(plan)
-        while True:
-            prepared = _prepared(statement)
-            if prepared is None:
-                statement = plan.send(EMPTY)
-                continue
-            with conn.cursor(row_factory=dict_row) as cursor:
-                cursor.execute(*prepared)
-                found = cursor.fetchall() if cursor.description is not None else []
-                result = Result(list(found), max(cursor.rowcount, 0))
-            statement = plan.send(result)
-    except StopIteration as done:
-        value: T = done.value
-        return value
+    steps = _Steps(plan)
+    while (prepared := steps.next()) is not None:
+        with conn.cursor(row_factory=dict_row) as cursor:
+            cursor.execute(*prepared)
+            steps.answer(cursor.fetchall() if cursor.description else [], cursor.rowcount)
+    return steps.value
 
 
 def enqueue_plan(messages: list[PreparedMessage], now: float) -> Plan[list[EnqueueResult]]:

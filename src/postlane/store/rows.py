@@ -6,9 +6,10 @@ Every query names its columns (aggregates carry an alias), so a record is built 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from postlane.classify import ReplyClass
 from postlane.destinations import destination_for
@@ -35,6 +36,26 @@ from postlane.store.plans import Row
 
 # -- rows to records -------------------------------------------------------------------------------
 
+R = TypeVar("R")
+
+
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _field_names(record: type[Any]) -> tuple[str, ...]:
+    names = _FIELDS.get(record)
+    if names is None:
+        names = _FIELDS[record] = tuple(f.name for f in dataclasses.fields(record))
+    return names
+
+
+def build(record: type[R], row: Row, /, **given: Any) -> R:
+    """A record whose every field is the row's column of the same name, but those ``given``
+    (converted values, or fields that are not columns). A missing column is a KeyError: a
+    query and its record must agree."""
+    names = _field_names(record)
+    return record(**{name: row[name] for name in names if name not in given}, **given)
+
 
 def json_value(value: Any) -> Any:
     """A JSON column: text in SQLite, already decoded from PostgreSQL's jsonb."""
@@ -58,232 +79,120 @@ def last_reply(row: Row) -> Reply | None:
 
 
 def delivery(row: Row) -> Delivery:
-    return Delivery(
-        id=row["id"],
-        address=row["address"],
-        domain=row["domain"],
-        destination=row["destination"],
-        attempts=row["attempts"],
-        deferrals=row["deferrals"],
-        created_at=row["created_at"],
-        last_class=reply_class(row["last_class"]),
-        expires_at=row["expires_at"],
-    )
+    return build(Delivery, row, last_class=reply_class(row["last_class"]))
 
 
 def claimed_message(row: Row, deliveries: Sequence[Delivery]) -> ClaimedMessage:
-    return ClaimedMessage(
+    return build(
+        ClaimedMessage,
+        row,
         queue_id=row["id"],
         lane=Lane(row["lane"]),
-        sender=row["sender"],
-        message_id=row["message_id"],
-        idempotency_key=row["idempotency_key"],
-        created_at=row["created_at"],
         content=bytes(row["content"]),
         deliveries=tuple(sorted(deliveries, key=lambda d: d.id)),
     )
 
 
 def attempt_view(row: Row) -> AttemptView:
-    return AttemptView(
-        at=row["at"],
-        cls=ReplyClass(row["class"]),
-        code=row["code"],
-        enhanced=row["enhanced"],
-        text=row["text"],
-        duration_ms=row["duration_ms"],
-        relay=row["relay"],
-        destination=row["destination"],
-        counted=bool(row["counted"]),
-    )
+    return build(AttemptView, row, cls=ReplyClass(row["class"]), counted=bool(row["counted"]))
 
 
 def recipient_view(row: Row, history: tuple[AttemptView, ...] | None) -> RecipientView:
-    return RecipientView(
-        address=row["address"],
-        domain=row["domain"],
-        destination=row["destination"],
+    return build(
+        RecipientView,
+        row,
         state=RecipientState(row["state"]),
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
         last_response=last_reply(row),
-        updated_at=row["updated_at"],
-        reason=row["reason"],
         history=history,
     )
 
 
 def message_view(row: Row, recipients: Sequence[RecipientView]) -> MessageView:
-    return MessageView(
-        id=row["id"],
+    return build(
+        MessageView,
+        row,
         lane=Lane(row["lane"]),
-        created_at=row["created_at"],
-        sender=row["sender"],
-        subject=row["subject"],
-        size=row["size"],
-        message_id=row["message_id"],
-        idempotency_key=row["idempotency_key"],
         metadata=json_value(row["metadata"]),
         recipients=tuple(recipients),
-        submitter=row["submitter"],
-        send_at=row["send_at"],
-        expires_at=row["expires_at"],
     )
 
 
 def dead_letter(row: Row, history: tuple[AttemptView, ...] | None) -> DeadLetter:
-    cls = ReplyClass(row["last_class"]) if row["last_class"] else ReplyClass.TEMPORARY
-    last = last_reply(row)
-    return DeadLetter(
+    return build(
+        DeadLetter,
+        row,
         id=row["queue_id"],
-        address=row["address"],
-        domain=row["domain"],
-        destination=row["destination"],
         lane=Lane(row["lane"]),
-        attempts=row["attempts"],
-        cls=cls,
+        cls=ReplyClass(row["last_class"]) if row["last_class"] else ReplyClass.TEMPORARY,
         dead_at=row["updated_at"],
-        last_response=last,
+        last_response=last_reply(row),
         relay=row["relay"] or "",
-        reason=row["reason"],
-        sender=row["sender"],
-        subject=row["subject"],
         history=history,
         delivery_id=row["id"],
     )
 
 
 def exported_recipient(row: Row, history: tuple[AttemptView, ...]) -> ExportedRecipient:
-    return ExportedRecipient(
-        address=row["address"],
-        domain=row["domain"],
-        destination=row["destination"],
+    return build(
+        ExportedRecipient,
+        row,
         state=RecipientState(row["state"]),
-        attempts=row["attempts"],
-        deferrals=row["deferrals"],
-        next_attempt_at=row["next_attempt_at"],
-        created_at=row["created_at"],
         last_response=last_reply(row),
-        reason=row["reason"],
         history=history,
     )
 
 
 def exported_message(row: Row, recipients: Sequence[ExportedRecipient]) -> ExportedMessage:
-    return ExportedMessage(
-        id=row["id"],
+    return build(
+        ExportedMessage,
+        row,
         lane=Lane(row["lane"]),
-        sender=row["sender"],
-        subject=row["subject"],
-        message_id=row["message_id"],
-        idempotency_key=row["idempotency_key"],
         metadata=json_value(row["metadata"]),
-        created_at=row["created_at"],
         content=bytes(row["content"]),
         recipients=tuple(recipients),
     )
 
 
 def suppression(row: Row) -> Suppression:
-    return Suppression(
-        address=row["address"],
-        created_at=row["created_at"],
-        source=row["source"],
-        reason=row["reason"],
-        code=row["code"],
-        enhanced=row["enhanced"],
-        text=row["text"],
-        queue_id=row["queue_id"],
-        scope=row["scope"],
-        expires_at=row["expires_at"],
-        detail=row["detail"],
-    )
+    return build(Suppression, row)
 
 
 def delivery_ref(row: Row) -> DeliveryRef:
-    return DeliveryRef(
+    return build(
+        DeliveryRef,
+        row,
         delivery_id=row["id"],
-        queue_id=row["queue_id"],
-        address=row["address"],
         state=RecipientState(row["state"]),
-        sender=row["sender"],
         lane=Lane(row["lane"]),
     )
 
 
 def unmatched_feedback(row: Row) -> UnmatchedFeedback:
-    return UnmatchedFeedback(
-        id=int(row["id"]),
-        received_at=row["received_at"],
-        source=row["source"],
-        kind=row["kind"],
-        reason=row["reason"],
-        mail_from=row["mail_from"],
-        rcpt_to=row["rcpt_to"],
-        content=bytes(row["content"]),
-    )
+    return build(UnmatchedFeedback, row, content=bytes(row["content"]))
 
 
 def webhook_endpoint(row: Row) -> WebhookEndpointState:
-    return WebhookEndpointState(
-        name=row["name"],
-        cursor=int(row["cursor"]),
-        failures=int(row["failures"]),
-        paused_until=row["paused_until"],
-        last_error=row["last_error"],
-        last_error_at=row["last_error_at"],
-        last_success_at=row["last_success_at"],
-        delivered=int(row["delivered"]),
-        lease_owner=row["lease_owner"],
-        lease_expires_at=row["lease_expires_at"],
-    )
+    return build(WebhookEndpointState, row)
 
 
 def destination_status(row: Row, in_flight: int) -> DestinationStatus:
-    return DestinationStatus(
-        destination=row["destination"],
-        rate=row["rate"],
-        configured_rate=None,
-        paused_until=row["paused_until"],
-        reason=row["reason"],
-        in_flight=in_flight,
-        concurrency=None,
-        updated_at=row["updated_at"],
+    return build(
+        DestinationStatus, row, configured_rate=None, in_flight=in_flight, concurrency=None
     )
 
 
 def event(row: Row) -> Event:
-    return Event(
-        id=int(row["id"]),
-        type=row["type"],
-        at=row["at"],
-        queue_id=row["queue_id"],
-        recipient=row["recipient"],
+    return build(
+        Event,
+        row,
         lane=Lane(row["lane"]),
         cls=reply_class(row["class"]),
-        code=row["code"],
-        enhanced=row["enhanced"],
-        text=row["text"],
         metadata=json_value(row["metadata"]),
     )
 
 
 def sample(row: Row) -> Sample:
-    return Sample(
-        at=float(row["at"]),
-        lane=str(row["lane"]),
-        ready=int(row["ready"]),
-        deferred=int(row["deferred"]),
-        held=int(row["held"]),
-        sending=int(row["sending"]),
-        oldest_age=float(row["oldest_age"]),
-        sent=int(row["sent"]),
-        dead=int(row["dead"]),
-        hard_bounces=int(row["hard_bounces"]),
-        paused=tuple(json_value(row["paused"])),
-        deferrals=int(row["deferrals"]),
-        soft_bounces=int(row["soft_bounces"]),
-    )
+    return build(Sample, row, paused=tuple(json_value(row["paused"])))
 
 
 # -- records to parameters -------------------------------------------------------------------------

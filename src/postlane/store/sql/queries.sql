@@ -124,17 +124,6 @@ FROM deliveries d JOIN messages m ON m.id = d.queue_id
 WHERE {selection}
 ORDER BY d.updated_at DESC, d.id LIMIT :limit;
 
--- name: dead_letters_of
--- The dead recipients of one message, as dead_letters gives them.
-SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
-       d.last_class, d.updated_at, d.last_code, d.last_enhanced, d.last_text, d.reason,
-       m.sender, m.subject,
-       (SELECT relay FROM attempts a WHERE a.delivery_id = d.id ORDER BY a.id DESC LIMIT 1)
-           AS relay
-FROM deliveries d JOIN messages m ON m.id = d.queue_id
-WHERE d.queue_id = :id AND d.state = 'dead'
-ORDER BY d.id;
-
 -- name: select_delivery_ids
 -- A slice of the selected deliveries, in id order from just above :after ({selection} as
 -- above): bulk actions walk a selection in such slices.
@@ -437,3 +426,19 @@ WHERE name = :name;
 -- name: forget_webhook_endpoints
 -- Remove the state of endpoints no longer configured.
 DELETE FROM webhook_endpoints WHERE NOT @any(name, names, text);
+
+-- name: shape
+-- Waiting recipients by domain and age bucket (qshape; {bucket} numbers a recipient's age
+-- bucket), the busiest domains first.
+WITH counts AS (
+    SELECT domain, {bucket} AS bucket, count(*) AS n
+    FROM deliveries
+    WHERE state IN ('queued', 'deferred', 'sending')
+    GROUP BY 1, 2
+), totals AS (
+    SELECT domain, sum(n) AS total FROM counts
+    GROUP BY domain ORDER BY total DESC, domain LIMIT :limit
+)
+SELECT c.domain, t.total, c.bucket, c.n
+FROM counts c JOIN totals t ON t.domain = c.domain
+ORDER BY t.total DESC, c.domain, c.bucket;

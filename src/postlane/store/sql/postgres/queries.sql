@@ -300,22 +300,6 @@ RETURNING id;
 -- Depth by lane and state, and the oldest creation time in each (covered by an index).
 SELECT lane, state, count(*) AS n, min(created_at) AS oldest FROM deliveries GROUP BY lane, state;
 
--- name: shape
--- Waiting recipients by domain and age bucket (qshape; {bucket} numbers a recipient's age
--- bucket), the busiest domains first.
-WITH counts AS (
-    SELECT domain, {bucket} AS bucket, count(*) AS n
-    FROM deliveries
-    WHERE state IN ('queued', 'deferred', 'sending')
-    GROUP BY 1, 2
-), totals AS (
-    SELECT domain, sum(n)::bigint AS total FROM counts
-    GROUP BY domain ORDER BY total DESC, domain LIMIT %(limit)s
-)
-SELECT c.domain, t.total, c.bucket, c.n
-FROM counts c JOIN totals t ON t.domain = c.domain
-ORDER BY t.total DESC, c.domain, c.bucket;
-
 -- name: import_message
 -- An exported message, back with its id, Message-ID and content.
 INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_scope, idempotency_key,
