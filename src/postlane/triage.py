@@ -50,17 +50,7 @@ def group_dead_letters(rows: Iterable[Sequence[Any]], limit: int) -> list[DeadGr
             group[2] = max(group[2], last)
             group[3] = min(group[3], sample)
     out = [
-        DeadGroup(
-            cls=ReplyClass(cls),
-            domain=domain,
-            code=code,
-            enhanced=enhanced,
-            reply=reply,
-            count=count,
-            first_dead_at=first,
-            last_dead_at=last,
-            sample_id=sample,
-        )
+        DeadGroup(ReplyClass(cls), domain, code, enhanced, reply, count, first, last, sample)
         for (cls, domain, code, enhanced, reply), (count, first, last, sample) in groups.items()
     ]
     out.sort(key=lambda g: (-g.count, -g.last_dead_at))

@@ -98,8 +98,17 @@ def attempt_view(row: Row) -> AttemptView:
 
 
 def recipient_view(row: Row, history: tuple[AttemptView, ...] | None) -> RecipientView:
+    return _recipient(RecipientView, row, history)
+
+
+def exported_recipient(row: Row, history: tuple[AttemptView, ...]) -> ExportedRecipient:
+    return _recipient(ExportedRecipient, row, history)
+
+
+def _recipient(record: type[R], row: Row, history: tuple[AttemptView, ...] | None) -> R:
+    """A recipient as the read side shows it or an export carries it (the same columns)."""
     return build(
-        RecipientView,
+        record,
         row,
         state=RecipientState(row["state"]),
         last_response=last_reply(row),
@@ -108,12 +117,22 @@ def recipient_view(row: Row, history: tuple[AttemptView, ...] | None) -> Recipie
 
 
 def message_view(row: Row, recipients: Sequence[RecipientView]) -> MessageView:
+    return _message(MessageView, row, recipients)
+
+
+def exported_message(row: Row, recipients: Sequence[ExportedRecipient]) -> ExportedMessage:
+    return _message(ExportedMessage, row, recipients, content=bytes(row["content"]))
+
+
+def _message(record: type[R], row: Row, recipients: Sequence[Any], **given: Any) -> R:
+    """A message as the read side shows it or an export carries it."""
     return build(
-        MessageView,
+        record,
         row,
         lane=Lane(row["lane"]),
         metadata=json_value(row["metadata"]),
         recipients=tuple(recipients),
+        **given,
     )
 
 
@@ -129,27 +148,6 @@ def dead_letter(row: Row, history: tuple[AttemptView, ...] | None) -> DeadLetter
         relay=row["relay"] or "",
         history=history,
         delivery_id=row["id"],
-    )
-
-
-def exported_recipient(row: Row, history: tuple[AttemptView, ...]) -> ExportedRecipient:
-    return build(
-        ExportedRecipient,
-        row,
-        state=RecipientState(row["state"]),
-        last_response=last_reply(row),
-        history=history,
-    )
-
-
-def exported_message(row: Row, recipients: Sequence[ExportedRecipient]) -> ExportedMessage:
-    return build(
-        ExportedMessage,
-        row,
-        lane=Lane(row["lane"]),
-        metadata=json_value(row["metadata"]),
-        content=bytes(row["content"]),
-        recipients=tuple(recipients),
     )
 
 
