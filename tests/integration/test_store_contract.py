@@ -1077,12 +1077,12 @@ async def test_a_bounce_for_a_recipient_never_sent_changes_nothing(store: Any) -
 
 
 async def test_unmatched_reports_are_kept_for_review(store: Any) -> None:
-    first = await store.record_unmatched(
-        source="bounce listener", kind="dsn", reason="no recipient matched", content=b"x" * 10,
-        now=T0, mail_from="", rcpt_to="b-zz@bounce.example",
-    )  # fmt: skip
+    from postlane.feedback import Report
+
+    bounce = Report("bounce listener", "dsn", b"x" * 10, "", "b-zz@bounce.example")
+    first = await store.record_unmatched(bounce, "no recipient matched", T0)
     second = await store.record_unmatched(
-        source="webhook:ses", kind="event", reason="unknown message", content=b"{}", now=T0 + 1
+        Report("webhook:ses", "event", b"{}"), "unknown message", T0 + 1
     )
     listed = await store.list_unmatched(limit=10)
     assert [u.id for u in listed] == [second, first]

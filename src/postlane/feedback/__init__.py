@@ -71,6 +71,19 @@ class DeliveryRef:
 
 
 @dataclass(frozen=True)
+class Report:
+    """A report as it arrived (a bounce, a complaint, a webhook's payload), before matching."""
+
+    #: where it came from: the bounce listener, webhook:ses, ...
+    source: str
+    #: what it looked like: dsn, arf, plain, auto-reply, event, unreadable
+    kind: str
+    content: bytes
+    mail_from: str | None = None
+    rcpt_to: str | None = None
+
+
+@dataclass(frozen=True)
 class UnmatchedFeedback:
     """A report nothing could be matched to, kept for an operator to look at."""
 

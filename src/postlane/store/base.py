@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from postlane.events import Event, WebhookEndpointState
-from postlane.feedback import DeliveryRef, Feedback, FeedbackResult, UnmatchedFeedback
+from postlane.feedback import DeliveryRef, Feedback, FeedbackResult, Report, UnmatchedFeedback
 from postlane.message import Lane, PreparedMessage
 from postlane.records import (
     ClaimedMessage,
@@ -319,18 +319,8 @@ class FeedbackStore(Protocol):
         entry, event and suppression."""
         ...
 
-    async def record_unmatched(
-        self,
-        *,
-        source: str,
-        kind: str,
-        reason: str,
-        content: bytes,
-        now: float,
-        mail_from: str | None = None,
-        rcpt_to: str | None = None,
-    ) -> int:
-        """Keep a report nothing matched, for the operator; returns its id."""
+    async def record_unmatched(self, report: Report, reason: str, now: float) -> int:
+        """Keep a report nothing matched, for the operator, saying why; returns its id."""
         ...
 
     async def list_unmatched(self, *, limit: int) -> list[UnmatchedFeedback]: ...

@@ -10,7 +10,14 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from postlane.feedback import DeliveryRef, Feedback, FeedbackKind, FeedbackResult, UnmatchedFeedback
+from postlane.feedback import (
+    DeliveryRef,
+    Feedback,
+    FeedbackKind,
+    FeedbackResult,
+    Report,
+    UnmatchedFeedback,
+)
 from postlane.message import RecipientState
 from postlane.store import rows
 from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one
@@ -65,27 +72,17 @@ class SQLFeedback(SQLRole):
         result with no state."""
         return await self.db.write(lambda: _feedback_plan(items, now))
 
-    async def record_unmatched(
-        self,
-        *,
-        source: str,
-        kind: str,
-        reason: str,
-        content: bytes,
-        now: float,
-        mail_from: str | None = None,
-        rcpt_to: str | None = None,
-    ) -> int:
-        """Keep a report nothing matched (or nothing could read) for the operator; returns its
-        id. The content is kept up to :data:`UNMATCHED_CONTENT_LIMIT` bytes."""
+    async def record_unmatched(self, report: Report, reason: str, now: float) -> int:
+        """Keep a report nothing matched (or nothing could read) for the operator, saying
+        why; returns its id. The content is kept up to :data:`UNMATCHED_CONTENT_LIMIT` bytes."""
         params = {
             "received_at": now,
-            "source": source,
-            "kind": kind,
+            "source": report.source,
+            "kind": report.kind,
             "reason": reason,
-            "mail_from": mail_from,
-            "rcpt_to": rcpt_to,
-            "content": content[:UNMATCHED_CONTENT_LIMIT],
+            "mail_from": report.mail_from,
+            "rcpt_to": report.rcpt_to,
+            "content": report.content[:UNMATCHED_CONTENT_LIMIT],
         }
         row = await self.db.write(lambda: fetch_one("insert_unmatched", params))
         assert row is not None
