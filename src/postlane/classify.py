@@ -41,7 +41,9 @@ The rules file
     Every condition given must hold (``code``, ``enhanced``, ``text``, ``unless``); within a list
     any one entry is enough. ``text`` and ``unless`` are Python regular expressions searched,
     case-insensitively, in the reply text (its first 8192 characters) with its lines joined and
-    runs of whitespace collapsed to one space, so a phrase wrapped over two lines still matches.
+    runs of whitespace collapsed to one space, so a phrase wrapped over two lines still matches;
+    copies of the reply's own code left inside the text when a log or a DSN joined a multi-line
+    reply into one line ("... Please try 550-5.1.1 double-checking ...") are removed first.
     A rule with an ``enhanced`` condition never matches a reply without an enhanced code. A rule
     needs at least one of ``code``, ``enhanced`` or ``text``. Put specific rules above general
     ones; the file ends with fallbacks on the enhanced code (RFC 3463), then on the basic code
@@ -122,6 +124,32 @@ _MATCH_LIMIT = 8192
 _NO_REPLY = "no-reply"
 _ACCEPTED = "accepted"
 _UNMATCHED = "unmatched"
+
+
+#: A reply's own code repeated inside its text, as continuation lines read once a log or a DSN
+#: has joined them with spaces: "... Please try 550-5.1.1 double-checking ...".
+_EMBEDDED_CODE = re.compile(
+    r"(?<!\S)([2-5][0-9][0-9])(?:-(?:#?[245]\.[0-9]{1,3}\.[0-9]{1,3}(?!\S))?"
+    r"| #?[245]\.[0-9]{1,3}\.[0-9]{1,3}(?!\S))"
+)
+
+
+def _flat_text(text: str, code: int) -> str:
+    """The text rules match: one line, whitespace collapsed, lower-cased (see _fold_case).
+
+    It is no longer than any real reply needs (a hostile server cannot make matching slow), and
+    copies of the reply's own code left inside the text by continuation lines joined with spaces
+    ("550-5.1.1", "550 5.1.1", "554-") are removed, so a phrase wrapped across them still
+    matches. The reply text a :class:`Verdict` carries is left as the server wrote it.
+    """
+    flat = " ".join(text[:_MATCH_LIMIT].split()).lower()
+    digits = str(code)
+    if digits not in flat:
+        return flat
+    stripped = _EMBEDDED_CODE.sub(
+        lambda match: "" if match.group(1) == digits else match.group(0), flat
+    )
+    return " ".join(stripped.split())
 
 
 @dataclass(frozen=True)
@@ -246,9 +274,7 @@ class RuleSet:
                 _ACCEPTED,
                 explanation="2xx: the server accepted the message",
             )
-        # Rules see the text on one line, whitespace collapsed, lower-cased (see _fold_case),
-        # and no longer than any real reply needs: a hostile server cannot make matching slow.
-        flat_text = " ".join(parsed.text[:_MATCH_LIMIT].split()).lower()
+        flat_text = _flat_text(parsed.text, code)
         for rule in self._by_class[code // 100]:
             if rule.matches(code, parsed.enhanced, flat_text):
                 return Verdict(
