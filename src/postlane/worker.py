@@ -353,6 +353,7 @@ class Worker:
             message_id=message.message_id,
             idempotency_key=message.idempotency_key,
             lane=message.lane.value,
+            delivery_ids=tuple(d.id for d in deliveries),
         )
         started = time.monotonic()
         try:

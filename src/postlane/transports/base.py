@@ -28,6 +28,9 @@ class Envelope:
     idempotency_key: str | None = None
     #: the message's lane (routing rules may choose a transport by it)
     lane: str = "normal"
+    #: each recipient's delivery id, in the order of ``recipients`` (a VERP return path or an
+    #: unsubscribe link names one delivery); empty when not known (a test's own envelope)
+    delivery_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
