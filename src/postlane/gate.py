@@ -38,6 +38,9 @@ from postlane.transports.base import Transport
 #: the worker's log: operators read pauses and deferrals beside the worker's other lines
 log = logging.getLogger("postlane.worker")
 
+#: how long a process's share of a destination's limits lasts unless renewed (it renews about
+#: once a second; a process that dies gives its share back within this)
+SHARE_LEASE = 3.0
 #: the reason recorded on deliveries sent back to wait for their destination (no attempt)
 WAITING_FOR_DESTINATION = "waiting for the destination's rate, cap or pause"
 
@@ -64,6 +67,7 @@ class ThrottleGate:
         transport: Transport,
         clock: Clock,
         wake: asyncio.Event,
+        owner: str = "",
     ) -> None:
         """``wake`` is set whenever the gate makes waiting deliveries due (the worker's claim
         loop waits on it)."""
@@ -72,6 +76,8 @@ class ThrottleGate:
         self.transport = transport
         self.clock = clock
         self.wake = wake
+        #: this process's name in the fleet's shares of destinations' limits
+        self.owner = owner
         #: the relay (or provider account) every delivery goes through, None when routed
         self.relay = transport.shared_destination
         #: the end of the pause each paused destination's backlog was deferred to
@@ -235,3 +241,12 @@ class ThrottleGate:
                 self.wake.set()
         for status in await self.store.destination_states():
             self.throttle.adopt(status, now)
+        shares = await self.store.share_destinations(
+            self.owner, self.throttle.demands(now), now, now + SHARE_LEASE
+        )
+        self.throttle.set_shares(shares, self.owner, now)
+
+    async def leave_fleet(self) -> None:
+        """Give this process's shares back at once (a graceful stop)."""
+        if self.throttle.enabled:
+            await self.store.forget_shares(self.owner)

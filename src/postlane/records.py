@@ -411,6 +411,17 @@ class DestinationStatus:
 
 
 @dataclass(frozen=True)
+class FleetShares:
+    """Live demands of the fleet's processes on some destinations, by destination then
+    owner, and how many processes hold shares at all."""
+
+    demands: Mapping[str, Mapping[str, float]]
+    owners: int
+    #: since when each (destination, owner) has been asked for
+    since: Mapping[tuple[str, str], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SelectionCount:
     """How many selected deliveries share a lane, domain, state and last reply class."""
 

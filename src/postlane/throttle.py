@@ -16,6 +16,11 @@ Each destination (a provider such as ``google``, a recipient domain, or the rela
   a ceiling for the rule's ``duration`` (successes creep back up to it, never above); then the
   rate creeps back toward the configured limit as after a slow-down.
 
+Limits hold for the whole fleet: every process sending to a limited destination tells the store
+its demand about once a second (:meth:`Throttle.demands`) and takes the share of the rate and
+of the concurrency its demand is of all live demands (:meth:`Throttle.set_shares`); a process
+alone has all of it, and one that stops returns its share within a lease.
+
 The :class:`Throttle` is pure bookkeeping with explicit times; the worker's
 :class:`~postlane.gate.ThrottleGate` is its only user: it asks :meth:`Throttle.admit` before
 each send (``None``: go; a time: come back then, no attempt used), reports each result to
@@ -29,7 +34,7 @@ import fnmatch
 import math
 import re
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from postlane.classify import ReplyClass, Verdict
@@ -41,7 +46,7 @@ from postlane.config import (
     destination_limits,
     format_duration,
 )
-from postlane.records import DestinationStatus
+from postlane.records import DestinationStatus, FleetShares
 
 #: the reason recorded when an operator lifts a pause or slow-down (``queue flush``)
 LIFTED = "lifted by an operator"
@@ -54,6 +59,13 @@ MAX_SLOT_AHEAD = 120.0
 HASTEN_FACTOR = 1.5
 #: successes are counted over this window to know the rate that was actually being sent
 MEASURE_WINDOW = 2.0
+#: a destination's demand is what was asked of it over this window
+DEMAND_WINDOW = 2.0
+#: a process that joined the fleet this recently is still starting (see :meth:`set_shares`)
+JOINING = 3.0
+#: the name under which every process says it is alive in the fleet's shares (so that one
+#: starting beside others takes an even share of a destination before its first demand)
+PRESENCE = "*"
 
 
 @dataclass(frozen=True)
@@ -96,10 +108,26 @@ class _Destination:
     changed: bool = False
     #: the newest recorded state this process has seen (its own or another's)
     synced_at: float = float("-inf")
+    #: this process's part of the fleet's rate (1.0: alone, or not yet shared)
+    share: float = 1.0
+    #: this process's part of the concurrency cap (None: the whole cap)
+    slots: int | None = None
+    #: when sends to it were asked for, admitted or not (its demand)
+    asked: deque[float] = field(default_factory=deque)
 
     @property
     def configured_rate(self) -> float | None:
         return self.limits.rate or None
+
+    @property
+    def local_rate(self) -> float | None:
+        """The rate this process may send at: its share of the fleet's."""
+        return None if self.rate is None else self.rate * self.share
+
+    @property
+    def limited(self) -> bool:
+        """Whether the fleet shares a configured limit of this destination."""
+        return bool(self.limits.rate or self.limits.concurrency)
 
 
 class Throttle:
@@ -114,6 +142,8 @@ class Throttle:
         self._destinations: dict[str, _Destination] = {}
         self._rules = [(rule, _compile(rule)) for rule in rules]
         self._rule_hits: dict[tuple[int, str], deque[float]] = {}
+        #: the share a destination not yet shared starts with: 1 / the processes sharing
+        self._first_share = 1.0
 
     @classmethod
     def from_config(cls, config: Config) -> Throttle:
@@ -127,7 +157,7 @@ class Throttle:
         state = self._destinations.get(name)
         if state is None:
             limits = destination_limits(self._limits, name)
-            state = _Destination(name, limits, rate=limits.rate or None)
+            state = _Destination(name, limits, rate=limits.rate or None, share=self._first_share)
             self._destinations[name] = state
         return state
 
@@ -141,6 +171,8 @@ class Throttle:
         if not self.enabled:
             return Admission(None)
         states = [self._get(key) for key in keys]
+        for state in states:
+            state.asked.append(now)
         worst: tuple[float, _Destination, bool] | None = None
         for state in states:
             wait, paused = self._wait(state, now)
@@ -157,7 +189,7 @@ class Throttle:
             return Admission(slot)
         for state in states:
             self._refill(state, now)
-            if state.rate is not None:
+            if state.local_rate is not None:
                 state.tokens -= 1.0
             state.in_flight += 1
         return Admission(None)
@@ -170,30 +202,35 @@ class Throttle:
             state.probing = True  # the pause is over: one delivery probes first
         if state.probing and state.in_flight >= 1:
             return min(5.0, self.settings.cool_down), True
-        limit = state.limits.concurrency
-        if limit and state.in_flight >= limit:
+        cap = state.limits.concurrency or None
+        if cap is not None and state.slots is not None:
+            cap = state.slots  # this process's part of the fleet's cap
+        if cap is not None and state.in_flight >= cap:
             return self._interval(state, now), False
-        if state.rate is None:
+        rate = state.local_rate
+        if rate is None:
             return 0.0, False
         self._refill(state, now)
         if state.tokens >= 1.0:
             return 0.0, False
-        return (1.0 - state.tokens) / max(state.rate, 1e-6), False
+        return (1.0 - state.tokens) / max(rate, 1e-6), False
 
     def _interval(self, state: _Destination, now: float) -> float:
         """The spacing of slots given to waiting deliveries: the rate's, or for a concurrency
         cap the rate at which sends are finishing."""
-        if state.rate is not None:
-            return 1.0 / max(state.rate, 1e-6)
+        rate = state.local_rate
+        if rate is not None:
+            return 1.0 / max(rate, 1e-6)
         finishing = max(self._sent_rate(state, now), float(state.limits.concurrency or 1))
         return 1.0 / finishing
 
     def _refill(self, state: _Destination, now: float) -> None:
-        if state.rate is None:
+        rate = state.local_rate
+        if rate is None:
             return
-        burst = max(1.0, state.rate)  # at most a second's worth saved up
+        burst = max(1.0, rate)  # at most a second's worth saved up
         if now > state.refilled_at:
-            state.tokens = min(burst, state.tokens + (now - state.refilled_at) * state.rate)
+            state.tokens = min(burst, state.tokens + (now - state.refilled_at) * rate)
         state.refilled_at = now
 
     def release(self, keys: Iterable[str]) -> None:
@@ -224,7 +261,10 @@ class Throttle:
             self._slow_down(state, now, f"throttled: {verdict.text[:200]}")
         else:
             state.failures = 0
-            if state.probing or state.paused_until is not None:
+            # the probe after a pause went through: open again. A success during a pause comes
+            # from a send started before it, and lifts nothing.
+            ended = state.paused_until is not None and state.paused_until <= now
+            if state.probing or ended:
                 state.probing = False
                 state.paused_until = None
                 state.pause_level = 0
@@ -255,7 +295,8 @@ class Throttle:
         if now - state.last_decrease < DECREASE_INTERVAL:
             return
         state.last_decrease = now
-        measured = self._sent_rate(state, now)
+        # what the fleet was sending: this process sends its share of it
+        measured = self._sent_rate(state, now) / max(state.share, 1e-6)
         if state.rate is None:
             # no limit so far: what was being sent (at least what is in flight right now)
             current = max(measured, float(state.in_flight), 2 * self.settings.min_rate)
@@ -279,8 +320,10 @@ class Throttle:
             state.sent.popleft()
         if state.rate is None:
             return
-        # additive increase: `increase` messages/s per second of sending at the current rate
-        state.rate += self.settings.increase / max(state.rate, 1e-6)
+        # additive increase: `increase` messages/s per second of sending at the current rate.
+        # This process sends its share of the fleet's successes, and each process keeps its own
+        # estimate of the fleet's rate: each grows it as a lone sender would.
+        state.rate += self.settings.increase / max(state.rate * state.share, 1e-6)
         ceiling = self._ceiling(state, now)
         if ceiling is not None and state.rate >= ceiling:
             state.rate = ceiling
@@ -343,6 +386,52 @@ class Throttle:
         state.held_reason = f"{name}: rate {rate}/s for {format_duration(rule.duration)}"
         state.reason = state.held_reason
         state.changed = True
+
+    # -- the fleet's shares ----------------------------------------------------------------------
+
+    def demands(self, now: float) -> dict[str, float]:
+        """This process's demand on each limited destination it sends to (sends asked for per
+        second over the last :data:`DEMAND_WINDOW`, plus those in flight); a destination left
+        alone for the window is not listed (its share goes back to the others)."""
+        out = {}
+        for state in self._destinations.values():
+            while state.asked and state.asked[0] < now - DEMAND_WINDOW:
+                state.asked.popleft()
+            if state.limited and (state.asked or state.in_flight):
+                out[state.name] = len(state.asked) / DEMAND_WINDOW + state.in_flight
+        out[PRESENCE] = 1.0
+        return out
+
+    def set_shares(self, shares: FleetShares, owner: str, now: float) -> None:
+        """Take this process's share of each destination's limits: its demand's part of all
+        live demands, of the rate and (largest remainders first, the same on every process)
+        of the concurrency cap. A process that joined the fleet within :data:`JOINING` and
+        has not asked for a destination yet counts as wanting as much as this one (it is
+        starting, and will); a destination seen for the first time starts with an even share
+        among the processes sharing."""
+        self._first_share = 1.0 / max(1, shares.owners)
+        joining = {
+            other
+            for (name, other), since in shares.since.items()
+            if name == PRESENCE and other != owner and now - since < JOINING
+        }
+        for name, by_owner in shares.demands.items():
+            if name == PRESENCE:
+                continue
+            state = self._get(name)
+            mine = by_owner.get(owner, 0.0)
+            demands = {**{other: mine for other in joining}, **by_owner}
+            total = sum(demands.values())
+            state.share = mine / total if total > 0 else 1.0
+            cap = state.limits.concurrency
+            state.slots = _split(cap, demands).get(owner, 0) if cap else None
+
+    @property
+    def has_limits(self) -> bool:
+        """Whether any destination has a configured rate or concurrency the fleet shares."""
+        return self.enabled and any(
+            limits.rate or limits.concurrency for limits in self._limits.values()
+        )
 
     # -- queries and persistence -------------------------------------------------------------
 
@@ -442,6 +531,20 @@ class Throttle:
             concurrency=state.limits.concurrency or None,
             updated_at=now,
         )
+
+
+def _split(cap: int, demands: Mapping[str, float]) -> dict[str, int]:
+    """``cap`` slots split by demand: whole parts first, then one more each by largest
+    remainder (ties by owner), so every process computes the same split."""
+    total = sum(demands.values())
+    if total <= 0:
+        return {owner: 0 for owner in demands}
+    exact = {owner: cap * demand / total for owner, demand in demands.items()}
+    slots = {owner: int(value) for owner, value in exact.items()}
+    left = cap - sum(slots.values())
+    for owner in sorted(exact, key=lambda o: (-(exact[o] - slots[o]), o))[:left]:
+        slots[owner] += 1
+    return slots
 
 
 def _compile(rule: ShapingRule) -> re.Pattern[str] | None:

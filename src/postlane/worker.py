@@ -45,6 +45,9 @@ attempt_log = logging.getLogger("postlane.attempts")
 
 #: how often finished messages past their retention are removed
 PURGE_INTERVAL = 600.0
+#: how long a worker waits before its first claim for processes starting beside it to show
+#: up in the fleet's shares of destinations' limits (only when there are such limits)
+JOIN_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class Worker:
             transport,
             self.clock,
             self.wake,
+            owner=self.owner,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
@@ -170,6 +174,7 @@ class Worker:
         """Deliver until ``stop`` is set, then shut down gracefully."""
         self.running = True
         self.recorder.start()
+        await self._join_fleet(stop)
         helpers = [
             asyncio.create_task(self._renew_leases(stop), name="postlane-lease-renewal"),
             asyncio.create_task(self._housekeeping(stop), name="postlane-housekeeping"),
@@ -181,6 +186,19 @@ class Worker:
             for helper in helpers:
                 helper.cancel()
             await self._shutdown()
+
+    async def _join_fleet(self, stop: asyncio.Event) -> None:
+        """Before the first claim, when destinations have limits the fleet shares: say this
+        worker is here, and give processes starting beside it a moment to say so too, so that
+        none takes a whole destination's rate for itself in its first second."""
+        if not self.gate.throttle.has_limits:
+            return
+        try:
+            await self.gate.sync()
+            await _first_of(stop.wait(), timeout=JOIN_DELAY)
+            await self.gate.sync()
+        except Exception:
+            log.exception("could not join the fleet's shares of destinations' limits")
 
     async def run_until_idle(self) -> int:
         """Deliver everything due now, wait for it to be recorded, return (arq's "burst" mode).
@@ -493,6 +511,10 @@ class Worker:
         returned = await self.store.hand_back(self.owner, None, self.clock.now())
         if returned:
             log.info("handed back %d unsent delivery(ies)", returned)
+        try:
+            await self.gate.leave_fleet()
+        except Exception:
+            log.exception("could not give back this worker's shares of destinations' limits")
 
 
 async def _first_of(*waits: Awaitable[object], timeout: float | None) -> None:

@@ -1136,3 +1136,23 @@ async def test_a_webhook_endpoint_is_leased_and_follows_its_cursor(store: Any) -
     await store.claim_webhook_endpoint("old", "w3", now=T0, lease_until=T0 + 1, start_after=0)
     assert await store.forget_webhook_endpoints(["app"]) == 1
     assert [e.name for e in await store.webhook_endpoints()] == ["app"]
+
+
+# -- the fleet's shares of destinations' limits ---------------------------------------------------
+
+
+async def test_processes_share_a_destination_by_demand_for_a_lease(store: Any) -> None:
+    first = await store.share_destinations("a", {"google": 30.0, "*": 1.0}, T0, T0 + 3)
+    assert first.demands == {"google": {"a": 30.0}, "*": {"a": 1.0}} and first.owners == 1
+    both = await store.share_destinations("b", {"google": 10.0, "*": 1.0}, T0 + 1, T0 + 4)
+    assert both.demands["google"] == {"a": 30.0, "b": 10.0} and both.owners == 2
+    assert both.since[("google", "a")] == T0 and both.since[("google", "b")] == T0 + 1
+    renewed = await store.share_destinations("a", {"google": 20.0, "*": 1.0}, T0 + 2, T0 + 5)
+    assert renewed.demands["google"] == {"a": 20.0, "b": 10.0}
+    assert renewed.since[("google", "a")] == T0  # since it first asked, not since renewed
+    # b stopped renewing: its share is gone once its lease runs out
+    alone = await store.share_destinations("a", {"google": 20.0, "*": 1.0}, T0 + 4, T0 + 7)
+    assert alone.demands["google"] == {"a": 20.0} and alone.owners == 1
+    await store.forget_shares("a")
+    left = await store.share_destinations("c", {"google": 1.0}, T0 + 5, T0 + 8)
+    assert left.demands["google"] == {"c": 1.0}

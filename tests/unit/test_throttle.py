@@ -275,3 +275,44 @@ def test_changes_are_persisted_once_and_other_processes_are_adopted() -> None:
 def test_a_disabled_throttle_admits_everything() -> None:
     t = Throttle(ThrottleConfig(enabled=False), {"d": DestinationLimits(rate=1, concurrency=1)})
     assert all(t.admit(["d"], T0).admitted for _ in range(100))
+
+
+def test_a_success_from_a_send_started_before_a_pause_does_not_lift_it() -> None:
+    rule = ShapingRule(enhanced="4.7.0", action="pause", duration=30.0, after=1, within=10.0)
+    t = Throttle(ThrottleConfig(), {"d": DestinationLimits()}, [rule])
+    t.observe("d", Verdict(ReplyClass.TEMPORARY, 421, "4.7.0", "try again later"), T0)
+    assert t.paused_until("d", T0) == T0 + 30
+    t.observe("d", OK, T0 + 0.1)  # a send that was in flight when the pause began
+    assert t.paused_until("d", T0 + 0.1) == T0 + 30
+    # after the pause, one delivery probes; its success opens the destination again
+    assert t.admit(["d"], T0 + 30).admitted
+    t.observe("d", OK, T0 + 30.5)
+    t.release(["d"])
+    assert t.paused_until("d", T0 + 31) is None and t.admit(["d"], T0 + 31).admitted
+
+
+def test_the_fleets_shares_split_rate_and_concurrency_by_demand() -> None:
+    from postlane.records import FleetShares
+    from postlane.throttle import PRESENCE
+
+    t = throttle(rate=40, concurrency=10)
+    shares = FleetShares(
+        {"d": {"a": 30.0, "b": 10.0}, PRESENCE: {"a": 1.0, "b": 1.0}},
+        2,
+        {("d", "a"): T0, ("d", "b"): T0, (PRESENCE, "a"): T0 - 60, (PRESENCE, "b"): T0 - 60},
+    )
+    t.set_shares(shares, "a", T0)
+    assert t.admit(["d"], T0).admitted  # a holds 3/4: 30 messages/s, 8 of the 10 slots
+    state = t._get("d")
+    assert state.share == pytest.approx(0.75) and state.slots == 8
+    t.set_shares(shares, "b", T0)
+    assert state.share == pytest.approx(0.25) and state.slots == 2
+    # a process that has just joined and not asked yet counts as wanting as much
+    joining = FleetShares(
+        {"d": {"a": 30.0}, PRESENCE: {"a": 1.0, "c": 1.0}},
+        2,
+        {("d", "a"): T0, (PRESENCE, "a"): T0 - 60, (PRESENCE, "c"): T0 - 1},
+    )
+    t.set_shares(joining, "a", T0)
+    assert state.share == pytest.approx(0.5) and state.slots == 5
+    assert "d" in t.demands(T0) and t.demands(T0)[PRESENCE] == 1.0

@@ -22,6 +22,7 @@ from postlane.records import (
     DestinationStatus,
     EnqueueResult,
     ExportedMessage,
+    FleetShares,
     MessageView,
     Outcome,
     Sample,
@@ -216,6 +217,16 @@ class ThrottleStore(Protocol):
     async def destination_states(self) -> list[DestinationStatus]:
         """Recorded pauses and rates, with how many deliveries are being sent to each."""
         ...
+
+    async def share_destinations(
+        self, owner: str, demands: Mapping[str, float], now: float, lease_until: float
+    ) -> FleetShares:
+        """Renew this process's demands on limited destinations until ``lease_until``; return
+        every live demand on them and how many processes hold shares: each process takes the
+        share of a destination's rate and concurrency its demand is of the total."""
+        ...
+
+    async def forget_shares(self, owner: str) -> None: ...
 
     async def lift_destinations(self, destinations: Sequence[str] | None, now: float) -> int:
         """End pauses and slow-downs (all when None) and make their deferred deliveries due

@@ -5,11 +5,9 @@ rates, shared by every process, and the deliveries that wait on them
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from postlane.records import (
-    DestinationStatus,
-)
+from postlane.records import DestinationStatus, FleetShares
 from postlane.store import rows
 from postlane.store.plans import (
     Plan,
@@ -17,6 +15,7 @@ from postlane.store.plans import (
     batch,
     execute,
     fetch,
+    fetch_one,
 )
 
 
@@ -84,3 +83,31 @@ class SQLThrottle(SQLRole):
             return (yield from execute("flush_destinations", {"destinations": names, "now": now}))
 
         return await self.db.write(run)
+
+    async def share_destinations(
+        self, owner: str, demands: Mapping[str, float], now: float, lease_until: float
+    ) -> FleetShares:
+        """Renew this process's demands on destinations until ``lease_until``, forget expired
+        ones, and return every live demand on those destinations and how many processes hold
+        shares (one transaction)."""
+        rows_ = [{"destination": d, "demand": float(v)} for d, v in sorted(demands.items())]
+
+        def run() -> Plan[FleetShares]:
+            yield from execute("forget_expired_shares", {"now": now})
+            yield from batch(
+                "renew_shares", rows_, {"owner": owner, "now": now, "expires_at": lease_until}
+            )
+            found = yield from fetch("live_shares", {"destinations": sorted(demands), "now": now})
+            owners = yield from fetch_one("live_share_owners", {"now": now})
+            demands_by: dict[str, dict[str, float]] = {}
+            since: dict[tuple[str, str], float] = {}
+            for row in found:
+                demands_by.setdefault(row["destination"], {})[row["owner"]] = float(row["demand"])
+                since[(row["destination"], row["owner"])] = float(row["since"])
+            return FleetShares(demands_by, int(owners["n"]) if owners else 0, since)
+
+        return await self.db.write(run)
+
+    async def forget_shares(self, owner: str) -> None:
+        """A process stops: its shares go back to the others at once."""
+        await self.db.write(lambda: execute("forget_shares", {"owner": owner}))

@@ -442,3 +442,22 @@ WITH counts AS (
 SELECT c.domain, t.total, c.bucket, c.n
 FROM counts c JOIN totals t ON t.domain = c.domain
 ORDER BY t.total DESC, c.domain, c.bucket;
+
+-- name: forget_expired_shares
+-- Shares whose process stopped renewing them.
+DELETE FROM destination_shares WHERE expires_at <= :now;
+
+-- name: forget_shares
+-- A process stops: its shares go back to the others at once.
+DELETE FROM destination_shares WHERE owner = :owner;
+
+-- name: live_shares
+-- The live demands on some destinations, and every live process (for a destination not yet
+-- shared: a fair guess of its share).
+SELECT destination, owner, demand, since FROM destination_shares
+WHERE @any(destination, destinations, text) AND expires_at > :now
+ORDER BY destination, owner;
+
+-- name: live_share_owners
+-- How many processes hold live shares.
+SELECT count(DISTINCT owner) AS n FROM destination_shares WHERE expires_at > :now;

@@ -408,3 +408,11 @@ FROM unnest(%(id)s::bigint[], %(state)s::text[], %(code)s::integer[], %(enhanced
             %(text)s::text[], %(class)s::text[], %(reason)s::text[])
      AS f (id, state, code, enhanced, text, class, reason)
 WHERE d.id = f.id;
+
+-- name: renew_shares
+-- One process's demands on destinations, for a lease.
+INSERT INTO destination_shares (destination, owner, demand, since, expires_at)
+SELECT destination, %(owner)s, demand, %(now)s, %(expires_at)s
+FROM unnest(%(destination)s::text[], %(demand)s::float8[]) AS s (destination, demand)
+ON CONFLICT (destination, owner) DO UPDATE
+SET demand = excluded.demand, expires_at = excluded.expires_at;

@@ -247,3 +247,10 @@ UPDATE deliveries
 SET state = :state, last_code = :code, last_enhanced = :enhanced, last_text = :text,
     last_class = coalesce(:class, last_class), reason = :reason, updated_at = :now
 WHERE id = :id;
+
+-- name: renew_shares
+-- One process's demand on a destination, for a lease.
+INSERT INTO destination_shares (destination, owner, demand, since, expires_at)
+VALUES (:destination, :owner, :demand, :now, :expires_at)
+ON CONFLICT (destination, owner) DO UPDATE
+SET demand = excluded.demand, expires_at = excluded.expires_at;

@@ -1,0 +1,199 @@
+"""A destination's limits hold for the whole fleet (issue 21): three `postlane worker`
+processes on one PostgreSQL against a server that refuses above 40 messages/s send at most
+40/s together (+10%), with few refusals once they have converged; one killed mid-run gives its
+share back within a lease and nothing is lost; a pause one worker learns stops the others
+within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from aiosmtpd.smtp import SMTP as SMTPServer
+from psycopg import sql
+
+from postlane.app import AsyncPostlane
+from postlane.config import config_from_dict
+from postlane.store.postgres import PostgresStore, split_schema
+from tests.conftest import ScriptedHandler, free_port
+from tests.integration.test_postgres_workers import enqueue, pg_schema  # noqa: F401
+from tests.processes import start_postlane, stopping
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 40.0
+
+
+class RateLimitedHandler(ScriptedHandler):
+    """Takes at most ``LIMIT`` messages per second (a token bucket of one second's worth);
+    refuses the others with a rate-limit reply, as a provider does. Records when each was
+    taken and refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = LIMIT
+        self.refilled = time.monotonic()
+        self.accepted_at: list[float] = []
+        self.refused_at: list[float] = []
+        self.replies: list[str] = []  # answer every DATA with these first (a 421 burst)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        now = time.monotonic()
+        if self.replies:
+            self.refused_at.append(now)
+            return self.replies.pop(0)
+        self.tokens = min(LIMIT, self.tokens + (now - self.refilled) * LIMIT)
+        self.refilled = now
+        if self.tokens < 1:
+            self.refused_at.append(now)
+            return "421 4.7.28 Our system has detected an unusual rate of mail: rate limited"
+        self.tokens -= 1
+        self.accepted_at.append(now)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+async def limited_peer() -> AsyncIterator[tuple[str, RateLimitedHandler]]:
+    handler = RateLimitedHandler()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTPServer(handler, hostname="limited.test", loop=loop), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    yield f"smtp://127.0.0.1:{port}", handler
+    server.close()
+    await server.wait_closed()
+
+
+def write_config(folder: Path, url: str, relay: str, **extra: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "postlane.toml"
+    lines = [
+        "[store]",
+        f'url = "{url}"',
+        "[delivery]",
+        f'relay = "{relay}"',
+        "concurrency = 20",
+        'lease = "3s"',
+        'shutdown_grace = "2s"',
+        "[destinations.relay]",
+        f"rate = {LIMIT}",
+        "[http]",
+        f'listen = "127.0.0.1:{free_port()}"',
+        "[smtp]",
+        f'listen = "127.0.0.1:{free_port()}"',
+    ]
+    lines += [f"{key} = {value}" for key, value in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def busiest(times: list[float], window: float) -> int:
+    """The most events in any ``window`` seconds."""
+    most, start = 0, 0
+    for end, at in enumerate(times):
+        while times[start] < at - window:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+async def test_three_workers_share_a_destinations_rate(
+    pg_schema: str,  # noqa: F811
+    limited_peer: tuple[str, RateLimitedHandler],
+    tmp_path: Path,
+) -> None:
+    relay, handler = limited_peer
+    count = 600
+    config = write_config(tmp_path, pg_schema, relay)
+    await enqueue(pg_schema, count, "fleet")
+    workers = [
+        start_postlane("worker", config=config, log=tmp_path / f"worker{n}.log") for n in (1, 2, 3)
+    ]
+    async with stopping(workers, timeout=60):
+        await workers[0].wait_until(
+            lambda: len(handler.accepted_at) >= count // 2, "half delivered", timeout=120
+        )
+        await workers[0].kill()  # it dies holding its share and its leases
+        url, schema = split_schema(pg_schema)
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+
+            async def shared_by_two() -> bool:
+                cursor = await conn.execute(
+                    sql.SQL(
+                        "SELECT count(*) FROM {}.destination_shares "
+                        "WHERE destination = 'relay' AND expires_at > %s"
+                    ).format(sql.Identifier(schema or "public")),
+                    [time.time()],
+                )
+                row = await cursor.fetchone()
+                return row is not None and row[0] == 2
+
+            # its share goes back to the two others within a lease (3 s) and a sync (1 s)
+            await workers[1].wait_until(shared_by_two, "the relay shared by two", timeout=5)
+
+        async with AsyncPostlane(config_from_dict({"store": {"url": pg_schema}})) as app:
+
+            async def all_sent() -> bool:
+                for worker in workers[1:]:
+                    worker.check_running()
+                return (await app.stats()).sent >= count
+
+            await workers[1].wait_until(all_sent, f"all {count} sent", timeout=180, every=0.2)
+    accepted = sorted(handler.accepted_at)
+    start = accepted[0] + 3.0  # converged: every worker has its share
+    steady = [t for t in accepted if t >= start]
+    span = steady[-1] - steady[0]
+    rate = (len(steady) - 1) / span
+    assert rate <= LIMIT * 1.1, f"the fleet sent {rate:.1f}/s under a limit of {LIMIT}/s"
+    assert busiest(steady, 2.0) <= 2 * LIMIT * 1.1 + 1
+    refused_late = [t for t in handler.refused_at if t >= start]
+    assert len(refused_late) < 0.05 * (len(steady) + len(refused_late)), (
+        f"{len(refused_late)} refused after convergence, {len(steady)} accepted"
+    )
+    assert len(set(handler.message_ids())) == count  # nothing lost
+
+
+async def test_a_pause_one_worker_learns_stops_the_others_within_a_second(
+    pg_schema: str,  # noqa: F811
+    limited_peer: tuple[str, RateLimitedHandler],
+    tmp_path: Path,
+) -> None:
+    relay, handler = limited_peer
+    # a 4xx burst the shaping rule turns into a pause of the relay
+    config = write_config(tmp_path, pg_schema, relay)
+    with config.open("a") as out:
+        out.write(
+            '[[shaping]]\nenhanced = "4.7.0"\nafter = 3\nwithin = "10s"\naction = "pause"\n'
+            'duration = "30s"\n'
+        )
+    await enqueue(pg_schema, 400, "pause")
+    workers = [
+        start_postlane("worker", config=config, log=tmp_path / f"worker{n}.log") for n in (1, 2)
+    ]
+    store = PostgresStore(pg_schema)
+    await store.open()
+    try:
+        async with stopping(workers, timeout=60):
+            await workers[0].wait_until(
+                lambda: len(handler.accepted_at) >= 40, "both sending", timeout=60
+            )
+            handler.replies = ["421 4.7.0 Try again later, closing connection"] * 6
+
+            async def paused() -> bool:
+                states = {s.destination: s for s in await store.destination_states()}
+                relay_state = states.get("relay")
+                return bool(relay_state and relay_state.paused_until)
+
+            await workers[0].wait_until(paused, "the relay paused", timeout=30)
+            paused_seen = time.monotonic()
+            await asyncio.sleep(3.0)  # within the pause: nobody should be sending now
+            late = [t for t in handler.accepted_at + handler.refused_at if t > paused_seen + 1.0]
+            assert late == [], f"{len(late)} tries more than a second after the pause"
+    finally:
+        await store.close()
