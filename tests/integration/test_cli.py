@@ -413,6 +413,11 @@ def test_verbose_and_stats_say_which_store(queue_dir: Path) -> None:
         ),
         ('[delivery]\nrelay = "postmark://${POSTLANE_NO_SUCH_TOKEN}"\n', "POSTLANE_NO_SUCH"),
         ('[delivery]\nrelay = "postmark://S3cretRelayPw?colour=red"\n', "unknown option"),
+        (
+            '[[routes]]\nlane = ["high"]\nfallback = "mx"\n'
+            'relay = "postmark://S3cretRelayPw?colour=red"\n',
+            "routes[1].relay: unknown option 'colour'",
+        ),
         ('[delivery]\nrelay = "ses://AKIAKEY:S3cretRelayPw"\n', "not an AWS region"),
         ('[dkim."example.com"]\nselector = "s1"\nprivate_key = "none.pem"\n', "private_key"),
         ("[delivery]\npassword = 12345678\n", "delivery.password: expected a string"),

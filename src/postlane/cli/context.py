@@ -5,6 +5,7 @@ loop and application it runs on."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -45,18 +46,43 @@ def check_transports(config: Config) -> None:
     """Build the transports of ``[delivery] relay`` and ``[[routes]]`` as a worker would (their
     URLs, credentials and options checked; nothing is connected), read the DKIM keys, and
     close them: a ConfigError naming the key, its secrets masked, for what they refuse."""
-    from postlane.transports import transport_for
+    from postlane.transports import Transport, transport_for
 
+    built: list[Transport] = []
     try:
         if config.dkim:  # read even when this relay does not sign (capture, the APIs)
             from postlane.dkim import DkimSigner  # (slow to import: only when needed)
 
             keys = {domain: (key.selector, key.private_key) for domain, key in config.dkim.items()}
             DkimSigner.from_files(keys, base_dir=config.base_dir)
-        transport = transport_for(config)
+        # each relay alone first: a provider's error says "delivery.relay", whichever it was
+        for where, relay in _relays(config):
+            alone = dataclasses.replace(
+                config, delivery=dataclasses.replace(config.delivery, relay=relay), routes=()
+            )
+            try:
+                built.append(transport_for(alone))
+            except ConfigError as exc:
+                raise ConfigError(exc.message.replace("delivery.relay", where, 1)) from None
+        built.append(transport_for(config))
     except ConfigError as exc:
         raise ConfigError(config.redact(exc.message)) from None
-    asyncio.run(transport.close())
+    finally:
+        asyncio.run(_close(built))
+
+
+def _relays(config: Config) -> list[tuple[str, str]]:
+    """Every relay URL of the configuration, with the key that gives it."""
+    relays = [("delivery.relay", config.delivery.relay)]
+    for number, route in enumerate(config.routes, 1):
+        relays.append((f"routes[{number}].relay", route.relay))
+        if route.fallback:
+            relays.append((f"routes[{number}].fallback", route.fallback))
+    return relays
+
+
+async def _close(transports: list[Any]) -> None:
+    await asyncio.gather(*(transport.close() for transport in transports))
 
 
 def invocation() -> Invocation:
