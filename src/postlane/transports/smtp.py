@@ -20,9 +20,9 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from postlane import redact
 from postlane.config import DeliveryConfig, DestinationLimits
 from postlane.errors import ConfigError
-from postlane.redact import mask_url
 from postlane.transports.base import Envelope, Response, no_reply
 from postlane.transports.session import (
     Refusal,
@@ -70,7 +70,7 @@ class RelaySettings:
         """The relay at ``url`` as ``[delivery]`` describes it; ``limits`` are the relay
         destination's own (its ``messages_per_connection`` wins over ``[delivery]``'s)."""
         parts = urlsplit(url)
-        shown = mask_url(url)  # never the password
+        shown = redact.mask_url(url)  # never the password
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
             raise ConfigError(
                 f"delivery.relay {shown!r}: expected smtp://host[:port] or smtps://host[:port]"
