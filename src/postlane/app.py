@@ -30,7 +30,7 @@ from typing import IO, Any, TypeVar
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, load_config
 from postlane.destinations import DestinationMap
-from postlane.errors import NotFound, ValidationError
+from postlane.errors import NotFound, SuppressedRecipients, ValidationError
 from postlane.message import Message, PreparedMessage, prepare
 from postlane.records import (
     DeadGroup,
@@ -78,6 +78,19 @@ _DELETABLE = ("queued", "deferred", "held", "sent", "dead", "suppressed")
 QSHAPE_EDGES: tuple[float, ...] = tuple(60.0 * m for m in (5, 10, 20, 40, 80, 160, 320, 640, 1280))
 
 
+@dataclasses.dataclass(frozen=True)
+class Requeued:
+    """What :meth:`AsyncPostlane.requeue` did."""
+
+    #: recipients requeued
+    count: int
+    #: addresses whose suppression was lifted for the requeue (``unsuppress=True``)
+    unsuppressed: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"requeued": self.count, "unsuppressed": list(self.unsuppressed)}
+
+
 def action_states(action: QueueAction, selector: Selector) -> tuple[str, ...]:
     allowed = _DELETABLE if action is QueueAction.DELETE else ACTION_STATES[action]
     if not selector.states:
@@ -102,11 +115,14 @@ class AsyncPostlane:
         config_path: str | Path | None = None,
         store: Store | None = None,
         clock: Clock | None = None,
+        create: bool = True,
     ) -> None:
+        """``create=False``: the store must exist already (a SQLite file that does not is a
+        :class:`~postlane.errors.StoreUnavailable` when opened, not a new empty queue)."""
         self.config = config if config is not None else load_config(config_path)
         self.clock: Clock = clock or SystemClock()
         self.store: Store = store or open_store_url(
-            self.config.store.url, base_dir=self.config.base_dir
+            self.config.store.url, base_dir=self.config.base_dir, create=create
         )
         #: set after every enqueue, so a worker in this process wakes at once
         self.wake = asyncio.Event()
@@ -292,6 +308,48 @@ class AsyncPostlane:
         if action in (QueueAction.FLUSH, QueueAction.RELEASE, QueueAction.REQUEUE):
             self.wake.set()
         return count
+
+    async def requeue(
+        self,
+        selector: Selector,
+        *,
+        unsuppress: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> Requeued:
+        """Requeue the dead letters ``selector`` picks, saying what will happen to them.
+
+        A dead letter whose address is on the suppression list (a hard bounce's, usually)
+        would be marked ``suppressed`` by the worker at once, never attempted: unless
+        ``unsuppress``, such a requeue is refused with :class:`SuppressedRecipients` naming the
+        addresses, and nothing changes. With ``unsuppress``, their suppression is lifted first
+        (new mail to them is sent again too), then everything selected is requeued."""
+        for queue_id in selector.ids:  # an unknown id is an error, as for every action
+            await self.store.get_message(_check_id(queue_id), history=False)
+        suppressed = await self.suppressed_dead_letters(selector)
+        if suppressed and not unsuppress:
+            raise SuppressedRecipients(suppressed)
+        for address in suppressed:
+            await self.store.remove_suppression(address)
+        requeued = await self.act(QueueAction.REQUEUE, selector, progress=progress)
+        return Requeued(requeued, tuple(suppressed))
+
+    async def suppressed_dead_letters(
+        self, selector: Selector, *, slice_size: int = 500
+    ) -> list[str]:
+        """The addresses on the suppression list among the dead letters ``selector`` picks."""
+        states = action_states(QueueAction.REQUEUE, selector)
+        found: set[str] = set()
+        after = 0
+        while True:
+            ids = await self.store.select_delivery_ids(
+                selector, states, after=after, limit=slice_size
+            )
+            if not ids:
+                return sorted(found)
+            after = ids[-1]
+            letters = await self.store.list_dead(Selector(delivery_ids=tuple(ids)), limit=len(ids))
+            listed = await self.store.is_suppressed(sorted({d.address for d in letters}))
+            found.update(address for address, suppressed in listed.items() if suppressed)
 
     async def import_(
         self,

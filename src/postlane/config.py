@@ -2,20 +2,33 @@
 
 Lookup order: ``--config PATH``, else ``$POSTLANE_CONFIG``, else ``./postlane.toml``, else the
 built-in defaults. Durations are strings (``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"2d"``),
-sizes too (``"25MB"``). Any unknown key or bad value is a :class:`ConfigError` naming the key.
+sizes too (``"25MB"``). Any unknown key or bad value is a :class:`ConfigError` naming the key,
+and no message shows a secret (:mod:`postlane.redact`).
 
-Environment overrides: ``POSTLANE_<SECTION>_<KEY>`` for any scalar key (``POSTLANE_STORE_URL``,
-``POSTLANE_DELIVERY_RELAY``), and ``POSTLANE_API_TOKEN``, which adds one bearer token.
+Where values come from, besides the file's own:
+
+- ``${VAR}`` in any string value is replaced by the environment variable (``$$`` is a ``$``;
+  ``${VAR:-default}`` when it may be unset); an unset variable is an error naming the key.
+- ``KEY_file = "PATH"`` for a secret-bearing key (the relay URL, the store URL, passwords,
+  tokens, users, webhook secrets) reads the value from that file, trimmed: Docker and
+  Kubernetes secrets.
+- ``POSTLANE_<SECTION>_<KEY>`` (and ``POSTLANE_LANES_<LANE>_<KEY>``) overrides any key of the
+  fixed sections, ``_FILE`` forms included (``POSTLANE_DELIVERY_PASSWORD_FILE``); lists are
+  comma-separated. ``POSTLANE_API_TOKEN`` adds one bearer token. Named tables and arrays of
+  tables (``[destinations.NAME]``, ``[dkim."DOMAIN"]``, ``[[routes]]``, ``[[shaping]]``) have no
+  environment form: a ``POSTLANE_DESTINATIONS_...`` variable is refused (use ``${VAR}`` in the
+  file), as is any variable naming a section, or nearly, that is not a key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +36,7 @@ from typing import Any, TypeVar
 from postlane import toml_values
 from postlane.errors import ConfigError
 from postlane.message import Lane
+from postlane.redact import is_secret_key, mask_url, redact, url_secrets
 
 # The value syntax lives in toml_values; postlane's modules import these four from here.
 from postlane.toml_values import format_duration as format_duration
@@ -53,13 +67,13 @@ def _listen(value: Any) -> str:
 
 def _durations(value: Any) -> tuple[float, ...]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f'expected a non-empty list of durations like ["1m", "5m"], got {value!r}')
+        raise toml_values.expected('a non-empty list of durations like ["1m", "5m"]', value)
     return tuple(_duration(item) for item in value)
 
 
 def _strings(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
-        raise ValueError(f"expected a list of strings, got {value!r}")
+        raise toml_values.expected("a list of strings", value)
     return tuple(_str(item) for item in value)
 
 
@@ -75,8 +89,70 @@ def _networks(value: Any) -> tuple[str, ...]:
 
 def _users(value: Any) -> dict[str, str]:
     if not isinstance(value, Mapping):
-        raise ValueError(f'expected a table like {{ app = "password" }}, got {value!r}')
+        raise toml_values.expected('a table like { app = "password" }', value)
     return {str(name): _str(secret) for name, secret in value.items()}
+
+
+#: the relay forms, as the documentation writes them, by scheme (``transports.SCHEMES`` has a
+#: transport for each; a test keeps the two in step)
+RELAY_FORMS: dict[str, str] = {
+    "smtp": "smtp://[user:pass@]host[:port]",
+    "smtps": "smtps://host[:port]",
+    "mx": '"mx"',
+    "capture": "capture:///path",
+    "sendgrid": "sendgrid://KEY",
+    "postmark": "postmark://TOKEN",
+    "mailgun": "mailgun://KEY@DOMAIN",
+    "ses": "ses://ACCESS:SECRET@REGION",
+}
+
+
+def _relay(value: Any) -> str:
+    """A relay URL of a known form; an SMTP relay's host and port are checked here too (a
+    provider's credentials and options when its transport is built: ``postlane.transports``)."""
+    text = _str(value)
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if text.lower() == "mx" or (sep and scheme == "mx"):
+        return text
+    if not sep or scheme not in RELAY_FORMS:
+        forms = list(RELAY_FORMS.values())
+        raise toml_values.expected(", ".join(forms[:-1]) + " or " + forms[-1], mask_url(text))
+    if scheme in ("smtp", "smtps"):
+        _check_host_and_port(rest, mask_url(text))
+    return text
+
+
+def _check_host_and_port(rest: str, shown: str) -> None:
+    """The host and the port (1 to 65535, in decimal) of ``[user:pass@]host[:port][/...]``."""
+    host_port = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    if host_port.startswith("["):  # [IPv6]:port
+        host, _, after = host_port[1:].partition("]")
+        port = after[1:] if after.startswith(":") else None
+    else:
+        host, colon, port_text = host_port.rpartition(":")
+        host, port = (host, port_text) if colon else (host_port, None)
+    if not host:
+        raise ValueError(f"no host in {shown!r}")
+    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"bad port {port!r} in {shown!r} (a number from 1 to 65535)")
+
+
+def _store_url(value: Any) -> str:
+    text = _str(value)
+    if not text.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise toml_values.expected(
+            '"sqlite:///path.db" or "postgresql://user:pass@host:5432/db"',
+            mask_url(text),
+        )
+    return text
+
+
+def _http_url(value: Any) -> str:
+    text = _str(value)
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise toml_values.expected("an http:// or https:// URL", mask_url(text))
+    return text
 
 
 def _opt(parse: Any) -> Any:
@@ -86,16 +162,20 @@ def _opt(parse: Any) -> Any:
     return parse_optional
 
 
-def _setting(default: Any, parse: Any, *, env: bool = True) -> Any:
+def _setting(default: Any, parse: Any, *, env: bool = True, file: bool = False) -> Any:
+    """A key: its default and its reader. ``env=False``: no environment form. ``file``: it
+    may hold credentials, so ``KEY_file`` reads it from a file (secret keys always may:
+    :func:`postlane.redact.is_secret_key`)."""
+    metadata = {"parse": parse, "env": env, "file": file}
     if isinstance(default, list | dict | tuple):
         frozen = tuple(default) if isinstance(default, list | tuple) else dict(default)
-        return field(default_factory=lambda: frozen, metadata={"parse": parse, "env": env})
-    return field(default=default, metadata={"parse": parse, "env": env})
+        return field(default_factory=lambda: frozen, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    url: str = _setting("sqlite:///postlane.db", _str)
+    url: str = _setting("sqlite:///postlane.db", _store_url, file=True)
     #: sent (and suppressed) messages are removed this long after their last delivery
     retention: float = _setting(7 * 86400.0, _duration)
     #: dead letters are removed this long after they died, unless requeued first
@@ -104,7 +184,7 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    relay: str = _setting("capture://postlane-capture", _str)
+    relay: str = _setting("capture://postlane-capture", _relay, file=True)
     concurrency: int = _setting(100, _positive_int)
     lease: float = _setting(60.0, _duration)
     #: deliveries claimed per store round trip
@@ -127,7 +207,7 @@ class DeliveryConfig:
     password: str | None = _setting(None, _opt(_str))
     #: direct MX delivery: destinations whose certificate must verify ("example.com" and its
     #: subdomains, ".example.org" for subdomains only, "google", or "*" for all)
-    require_tls: tuple[str, ...] = _setting((), _strings, env=False)
+    require_tls: tuple[str, ...] = _setting((), _strings)
 
 
 @dataclass(frozen=True)
@@ -154,9 +234,9 @@ class LaneConfig:
 class HttpConfig:
     listen: str = _setting("127.0.0.1:8025", _listen)
     #: bearer tokens with the "admin" scope: everything, operations included
-    tokens: tuple[str, ...] = _setting((), _strings, env=False)
+    tokens: tuple[str, ...] = _setting((), _strings)
     #: bearer tokens with the "send" scope: enqueue, and read back their own messages
-    send_tokens: tuple[str, ...] = _setting((), _strings, env=False)
+    send_tokens: tuple[str, ...] = _setting((), _strings)
     #: the web dashboard at / (admin tokens log in; without tokens, loopback clients only)
     dashboard: bool = _setting(True, _bool)
 
@@ -165,7 +245,7 @@ class HttpConfig:
 class SmtpConfig:
     listen: str = _setting("127.0.0.1:2587", _listen)
     trusted_networks: tuple[str, ...] = _setting(("127.0.0.0/8", "::1/128"), _networks)
-    users: dict[str, str] = _setting({}, _users, env=False)  # noqa: RUF009 (a field())
+    users: dict[str, str] = _setting({}, _users)  # noqa: RUF009 (a field())
     tls_cert: str | None = _setting(None, _opt(_str))
     tls_key: str | None = _setting(None, _opt(_str))
     max_size: int = _setting(25 * 1000 * 1000, _size)
@@ -212,9 +292,9 @@ class DestinationLimits:
     #: closed and replaced (0: as [delivery] messages_per_connection)
     messages_per_connection: int = _setting(0, _int)
     #: recipient domains that belong to this provider (extends data/providers.toml)
-    domains: tuple[str, ...] = _setting((), _strings, env=False)
+    domains: tuple[str, ...] = _setting((), _strings)
     #: MX host suffixes that identify this provider
-    mx_suffixes: tuple[str, ...] = _setting((), _strings, env=False)
+    mx_suffixes: tuple[str, ...] = _setting((), _strings)
 
 
 def destination_limits(
@@ -235,7 +315,7 @@ class ShapingRule:
     #: enhanced status code, or its prefix ("4.7.28", "5.7.")
     enhanced: str | None = _setting(None, _opt(_str))
     #: only for these destinations (names; empty: any)
-    destinations: tuple[str, ...] = _setting((), _strings, env=False)
+    destinations: tuple[str, ...] = _setting((), _strings)
     action: str = _setting("pause", _choice("pause", "rate"))
     #: how long the pause or the rate holds
     duration: float = _setting(600.0, _duration)
@@ -260,18 +340,18 @@ class Route:
     """``[[routes]]``: which relay a delivery goes through, by lane, sender domain or recipient
     domain (each narrows; globs allowed); the first matching route wins, else [delivery] relay."""
 
-    lane: tuple[str, ...] = _setting((), _strings, env=False)
-    sender_domain: tuple[str, ...] = _setting((), _strings, env=False)
-    recipient_domain: tuple[str, ...] = _setting((), _strings, env=False)
-    relay: str = _setting("", _str)
+    lane: tuple[str, ...] = _setting((), _strings)
+    sender_domain: tuple[str, ...] = _setting((), _strings)
+    recipient_domain: tuple[str, ...] = _setting((), _strings)
+    relay: str = _setting("", _relay, file=True)
     #: used while the relay (its destination) is paused
-    fallback: str | None = _setting(None, _opt(_str))
+    fallback: str | None = _setting(None, _opt(_relay), file=True)
 
 
 @dataclass(frozen=True)
 class AlertsConfig:
     #: Alertmanager-compatible endpoint for firing and resolved alerts (none: log only)
-    webhook: str | None = _setting(None, _opt(_str))
+    webhook: str | None = _setting(None, _opt(_http_url), file=True)
     #: how often serve records the history and evaluates the rules
     interval: float = _setting(60.0, _duration)
     #: how long the recorded history (one row per lane per minute) is kept
@@ -311,10 +391,23 @@ class Config:
     source: str = "built-in defaults"
     #: the directory relative paths are resolved against
     base_dir: Path = field(default_factory=Path.cwd)
+    #: every secret the configuration holds (passwords, tokens, URL credentials, the contents
+    #: of ``*_file`` keys), for :meth:`redact`
+    secrets: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def resolve_path(self, path: str) -> Path:
         candidate = Path(path).expanduser()
         return candidate if candidate.is_absolute() else self.base_dir / candidate
+
+    def redact(self, text: str) -> str:
+        """``text`` (an error message, a log line) with this configuration's secrets masked."""
+        return redact(text, self.secrets)
+
+    def __repr__(self) -> str:  # a traceback or a debug log may show it: no secret in it
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
+        return self.redact(f"Config({shown})")
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -329,53 +422,302 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def _build_section(cls: type[Any], table: Any, prefix: str, env: Mapping[str, str]) -> Any:
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"{prefix}: expected a table ([{prefix}]), got {table!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for key, raw in table.items():
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown key {prefix}.{key} (known keys in [{prefix}]: {known})")
-        values[key] = _parse_value(fields[key], raw, f"{prefix}.{key}")
-    env_prefix = "POSTLANE_" + prefix.replace(".", "_").upper() + "_"
-    for name, text in env.items():
-        if not name.startswith(env_prefix):
+#: environment variables postlane reads that are not keys of the file
+_OTHER_VARIABLES = frozenset(
+    {"POSTLANE_CONFIG", "POSTLANE_DEBUG", "POSTLANE_API_TOKEN", "POSTLANE_WORKER_METRICS"}
+)
+#: sections of named tables or arrays of tables: no environment form (``${VAR}`` in the file)
+_TABLE_SECTIONS = ("destinations", "dkim", "routes", "shaping")
+#: ``${VAR}``, ``${VAR:-default}`` and ``$$``; any other ``$`` is itself (``scrypt$...``)
+_REFERENCE = re.compile(r"\$(?:(\$)|\{([^}]*)\}|(\{))")
+_VARIABLE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class _Given:
+    """A key's value as given, before its reader checks it."""
+
+    value: Any
+    #: what an error names: the key, the ``KEY_file`` key or the environment variable
+    origin: str
+    #: text from the environment, a file or a ``${VAR}``: read as the environment's values are
+    #: (``"5"`` may be the number 5, ``"a,b"`` a list)
+    text: bool = False
+
+
+def _environment_overrides(env: Mapping[str, str]) -> dict[str, dict[str, tuple[str, str]]]:
+    """The ``POSTLANE_*`` variables that set keys: {``"delivery"`` or ``"lanes.high"``: {key:
+    (variable, text)}}. A variable naming a section without a key of it, a named table's
+    section, or a near miss of a section (``POSTLANE_DELIVRY_RELAY``) is refused; others are
+    not the configuration's (``POSTLANE_CONFIG``, the Django integration's, the tests')."""
+    found: dict[str, dict[str, tuple[str, str]]] = {}
+    for variable, text in env.items():
+        if not variable.startswith("POSTLANE_") or variable in _OTHER_VARIABLES:
             continue
-        key = name[len(env_prefix) :].lower()
-        target = fields.get(key)
-        if target is None:
-            raise ConfigError(f"unknown setting {name} (no key {prefix}.{key} to override)")
-        values[key] = _parse_env(target, text, name)
-    return cls(**values)
+        word, _, key = variable[len("POSTLANE_") :].lower().partition("_")
+        if word == "lanes":
+            lane, _, key = key.partition("_")
+            if lane not in _LANE_SECTIONS:
+                raise ConfigError(f"unknown setting {variable} (lanes are high, normal, low)")
+            section = f"lanes.{lane}"
+        elif word in _SECTIONS:
+            section = word
+        elif word in _TABLE_SECTIONS:
+            raise ConfigError(
+                f"unknown setting {variable}: [{word}] tables cannot be set from the "
+                f'environment; write them in the file, where "${{VAR}}" reads a variable '
+                f'(e.g. rate = "${{GOOGLE_RATE}}")'
+            )
+        else:
+            near = difflib.get_close_matches(
+                word, [*_SECTIONS, "lanes", *_TABLE_SECTIONS], n=1, cutoff=0.8
+            )
+            if near:
+                raise ConfigError(
+                    f"unknown setting {variable} (there is no section [{word}]: "
+                    f"POSTLANE_{near[0].upper()}_...?)"
+                )
+            continue
+        if not key:
+            raise ConfigError(f"unknown setting {variable} (POSTLANE_{word.upper()}_KEY)")
+        found.setdefault(section, {})[key] = (variable, text)
+    return found
 
 
-def _parse_value(spec: dataclasses.Field[Any], raw: Any, name: str) -> Any:
-    try:
-        return spec.metadata["parse"](raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+def _kind(spec: dataclasses.Field[Any]) -> type:
+    """list, dict or str: what shape a key's value has (by its default)."""
+    if spec.default_factory is not dataclasses.MISSING:
+        return type(spec.default_factory())
+    return str
 
 
-def _parse_env(spec: dataclasses.Field[Any], text: str, name: str) -> Any:
-    """Environment values are strings: try the string, then what the TOML value would have been."""
-    if not spec.metadata.get("env", True):
-        raise ConfigError(f"{name}: this key cannot be set from the environment")
-    candidates: list[Any] = [text]
-    if text.isdigit():
-        candidates.append(int(text))
+def _has_file_form(spec: dataclasses.Field[Any]) -> bool:
+    return bool(spec.metadata.get("file")) or is_secret_key(spec.name)
+
+
+def _text_candidates(text: str) -> Iterator[Any]:
+    """What a string from the environment may stand for, in order: itself, a number, a
+    boolean, a comma-separated list, a table of ``name:value`` pairs."""
+    yield text
+    if re.fullmatch(r"[+-]?\d+", text):
+        yield int(text)
+    elif re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?", text):
+        yield float(text)
     if text.lower() in ("true", "false"):
-        candidates.append(text.lower() == "true")
-    candidates.append([part.strip() for part in text.split(",") if part.strip()])
-    first_error: ConfigError | None = None
-    for raw in candidates:
+        yield text.lower() == "true"
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    yield parts
+    if parts and all(":" in part for part in parts):
+        yield dict(_pair(part) for part in parts)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """``name:value`` -> (name, value)."""
+    name, _, value = text.partition(":")
+    return name.strip(), value.strip()
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    if isinstance(value, Mapping):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
+
+
+class _Reader:
+    """Reads one configuration: ``${VAR}`` references, ``KEY_file`` keys, the environment's
+    overrides, and every value through its key's reader; remembers each secret it meets, so
+    that no error it raises shows one (nor any later message: :attr:`Config.secrets`)."""
+
+    def __init__(self, env: Mapping[str, str], base_dir: Path) -> None:
+        self.env = env
+        self.base_dir = base_dir
+        self.secrets: set[str] = set()
+        self.overrides = _environment_overrides(env)
+        for section in self.overrides.values():
+            for key, (_variable, text) in section.items():
+                self.remember(key, text)
+
+    def remember(self, key: str, value: Any, *, secret: bool = False) -> None:
+        """Keep the secrets of a value: all of it for a secret key, the credentials of URLs."""
+        secret = secret or is_secret_key(key)
+        for leaf in _leaves(value):
+            if isinstance(leaf, str):
+                found = ({leaf} if secret else set()) | (
+                    url_secrets(leaf) if "://" in leaf else set()
+                )
+                # a ${VAR} reference is no secret (its value, once expanded, is remembered)
+                self.secrets.update(part for part in found if "${" not in part)
+            elif secret and isinstance(leaf, int | float) and not isinstance(leaf, bool):
+                self.secrets.add(str(leaf))
+
+    def remember_tree(self, data: Any, key: str = "") -> None:
+        if isinstance(data, Mapping):
+            for name, value in data.items():
+                self.remember_tree(value, str(name))
+        elif isinstance(data, list):
+            for item in data:
+                self.remember_tree(item, key)
+        else:
+            self.remember(key, data)
+
+    # -- ${VAR} and KEY_file ------------------------------------------------------------------
+
+    def expand(self, value: Any, where: str) -> tuple[Any, bool]:
+        """``value`` with ``${VAR}`` replaced in its strings (lists and tables too), and
+        whether any was."""
+        if isinstance(value, str):
+            return self._expand_string(value, where)
+        if isinstance(value, list):
+            items = [self.expand(item, f"{where}[{n}]") for n, item in enumerate(value, 1)]
+            return [item for item, _ in items], any(changed for _, changed in items)
+        if isinstance(value, Mapping):
+            pairs = {k: self.expand(v, f"{where}.{k}") for k, v in value.items()}
+            return {k: v for k, (v, _) in pairs.items()}, any(c for _, c in pairs.values())
+        return value, False
+
+    def _expand_string(self, text: str, where: str) -> tuple[str, bool]:
+        expanded = False
+
+        def substitute(match: re.Match[str]) -> str:
+            nonlocal expanded
+            if match[1]:
+                return "$"
+            reference = _VARIABLE.fullmatch(match[2] or "") if match[3] is None else None
+            if reference is None:
+                raise ConfigError(
+                    f"{where}: {match[0]!r} is not a reference like ${{VAR}} (write $$ for a $)"
+                )
+            name, default = reference[1], reference[2]
+            found = self.env.get(name)
+            if found is None or (default is not None and found == ""):
+                if default is None:
+                    raise ConfigError(
+                        f"{where}: the environment variable {name} is not set (set it, or "
+                        f"write $${{{name}}} for the text ${{{name}}} itself)"
+                    )
+                found = default
+            expanded = True
+            return found
+
+        return _REFERENCE.sub(substitute, text), expanded
+
+    def read_file(self, path_value: Any, kind: type, where: str) -> Any:
+        """The value a ``KEY_file`` key names: the file's text, trimmed (a list: its lines;
+        a table: its ``name:value`` lines)."""
+        path_text, _ = self.expand(path_value, where)
+        if not isinstance(path_text, str) or not path_text:
+            raise ConfigError(f"{where}: expected the path of a file, got {path_text!r}")
+        path = Path(path_text).expanduser()
+        if not path.is_absolute():
+            path = self.base_dir / path
         try:
-            return _parse_value(spec, raw, name)
-        except ConfigError as exc:
-            first_error = first_error or exc
-    assert first_error is not None
-    raise first_error
+            content = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{where}: cannot read {path}: {reason}") from None
+        if not content:
+            raise ConfigError(f"{where}: {path} is empty")
+        lines = [line.strip() for line in content.splitlines() if line.strip()]
+        if kind is tuple:
+            value: Any = lines
+        elif kind is dict:
+            if not all(":" in line for line in lines):
+                raise ConfigError(f"{where}: {path}: expected one name:value line per entry")
+            value = dict(_pair(line) for line in lines)
+        else:
+            value = content
+        self.remember(where, value, secret=True)
+        return value
+
+    # -- sections -------------------------------------------------------------------------------
+
+    def section(self, cls: type[T], table: Any, prefix: str) -> T:
+        """A section (or one named table) read as a ``cls``: the file's keys, then the
+        environment's (which replace them)."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{prefix}: expected a table ([{prefix}]), got {table!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        given = self._from_file(table, fields, prefix)
+        given.update(self._from_environment(self.overrides.get(prefix, {}), fields, prefix))
+        values = {key: self.parse(fields[key], item) for key, item in given.items()}
+        return cls(**values)
+
+    def _from_file(
+        self, table: Mapping[str, Any], fields: Mapping[str, dataclasses.Field[Any]], prefix: str
+    ) -> dict[str, _Given]:
+        given: dict[str, _Given] = {}
+        for key, raw in table.items():
+            where = f"{prefix}.{key}"
+            base = key.removesuffix("_file")
+            if key not in fields and base in fields and _has_file_form(fields[base]):
+                if base in table:
+                    raise ConfigError(f"give {prefix}.{base} or {where}, not both")
+                value = self.read_file(raw, _kind(fields[base]), where)
+                given[base] = _Given(value, where, text=_kind(fields[base]) is str)
+            elif key in fields:
+                self.remember(key, raw)
+                value, expanded = self.expand(raw, where)
+                self.remember(key, value)
+                given[key] = _Given(value, where, text=expanded and isinstance(value, str))
+            else:
+                known = ", ".join(_known_keys(fields))
+                raise ConfigError(f"unknown key {where} (known keys in [{prefix}]: {known})")
+        return given
+
+    def _from_environment(
+        self,
+        variables: Mapping[str, tuple[str, str]],
+        fields: Mapping[str, dataclasses.Field[Any]],
+        prefix: str,
+    ) -> dict[str, _Given]:
+        given: dict[str, _Given] = {}
+        for key, (variable, text) in variables.items():
+            base = key.removesuffix("_file")
+            if key not in fields and base in fields and _has_file_form(fields[base]):
+                if base in variables:
+                    raise ConfigError(f"give {variables[base][0]} or {variable}, not both")
+                value = self.read_file(text, _kind(fields[base]), variable)
+                given[base] = _Given(value, variable, text=_kind(fields[base]) is str)
+            elif key in fields:
+                if not fields[key].metadata.get("env", True):
+                    raise ConfigError(f"{variable}: this key cannot be set from the environment")
+                given[key] = _Given(text, variable, text=True)
+            else:
+                raise ConfigError(f"unknown setting {variable} (no key {prefix}.{key} to set)")
+        return given
+
+    def parse(self, spec: dataclasses.Field[Any], given: _Given) -> Any:
+        """The value ``spec``'s reader makes of ``given`` (text: of the first reading of it
+        that the reader takes); a ConfigError naming where it came from, never the value of
+        a secret."""
+        candidates = _text_candidates(given.value) if given.text else iter([given.value])
+        first_error: ValueError | None = None
+        for raw in candidates:
+            try:
+                return spec.metadata["parse"](raw)
+            except ValueError as exc:
+                first_error = first_error or exc
+        assert first_error is not None
+        if is_secret_key(spec.name):
+            problem = (
+                first_error.without_value()
+                if isinstance(first_error, toml_values.UnexpectedValue)
+                else "not a valid value (not shown: it is a secret)"
+            )
+        else:
+            problem = str(first_error)
+        raise ConfigError(f"{given.origin}: {problem}")
+
+
+def _known_keys(fields: Mapping[str, dataclasses.Field[Any]]) -> list[str]:
+    names = set(fields)
+    names |= {f"{name}_file" for name, spec in fields.items() if _has_file_form(spec)}
+    return sorted(names)
 
 
 def load_config(
@@ -421,15 +763,29 @@ def config_from_dict(
     source: str = "built-in defaults",
     base_dir: Path | None = None,
 ) -> Config:
-    """Build a :class:`Config` from an already-parsed TOML document (tests use this directly)."""
+    """Build a :class:`Config` from an already-parsed TOML document (tests use this directly).
+    ``env`` is the environment (``${VAR}`` and the ``POSTLANE_*`` overrides); none by default."""
     env = {} if env is None else env
-    tables = {"lanes", "destinations", "shaping", "dkim", "routes"}
+    base_dir = base_dir or Path.cwd()
+    reader: _Reader | None = None
+    try:
+        reader = _Reader(env, base_dir)
+        reader.remember_tree(data)
+        return _read(data, reader, source, base_dir)
+    except ConfigError as exc:
+        # the net under the readers' care: no secret met so far shows in the message
+        secrets = reader.secrets if reader is not None else set()
+        raise ConfigError(redact(exc.message, secrets)) from None
+
+
+def _read(data: Mapping[str, Any], reader: _Reader, source: str, base_dir: Path) -> Config:
+    tables = {"lanes", *_TABLE_SECTIONS}
     unknown = set(data) - set(_SECTIONS) - tables
     if unknown:
         known = ", ".join(sorted([*_SECTIONS, *tables]))
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}] (known sections: {known})")
     sections = {
-        name: _build_section(cls, data.get(name, {}), name, env) for name, cls in _SECTIONS.items()
+        name: reader.section(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()
     }
     lanes_table = data.get("lanes", {})
     if not isinstance(lanes_table, Mapping):
@@ -438,21 +794,23 @@ def config_from_dict(
         if name not in _LANE_SECTIONS:
             raise ConfigError(f"unknown lane [lanes.{name}] (lanes are high, normal, low)")
     lanes = {
-        name: _build_section(LaneConfig, lanes_table.get(name, {}), f"lanes.{name}", env)
+        name: reader.section(LaneConfig, lanes_table.get(name, {}), f"lanes.{name}")
         for name in _LANE_SECTIONS
     }
-    destinations = _tables_by_name(data, "destinations", DestinationLimits, "google")
-    shaping = _array_of_tables(data, "shaping", ShapingRule, _check_shaping)
+    destinations = _tables_by_name(data, reader, "destinations", DestinationLimits, "google")
+    shaping = _array_of_tables(data, reader, "shaping", ShapingRule, _check_shaping)
     dkim = {
         domain.lower(): key
         for domain, key in _tables_by_name(
-            data, "dkim", DkimKey, '"example.com"', _check_dkim
+            data, reader, "dkim", DkimKey, '"example.com"', _check_dkim
         ).items()
     }
-    routes = _array_of_tables(data, "routes", Route, _check_route)
+    routes = _array_of_tables(data, reader, "routes", Route, _check_route)
     http: HttpConfig = sections["http"]
-    if env.get("POSTLANE_API_TOKEN"):
-        http = dataclasses.replace(http, tokens=(*http.tokens, env["POSTLANE_API_TOKEN"]))
+    api_token = reader.env.get("POSTLANE_API_TOKEN")
+    if api_token:
+        reader.remember("tokens", api_token)
+        http = dataclasses.replace(http, tokens=(*http.tokens, api_token))
     smtp: SmtpConfig = sections["smtp"]
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         raise ConfigError("smtp.tls_cert and smtp.tls_key must be set together")
@@ -471,12 +829,14 @@ def config_from_dict(
         dkim=dkim,
         routes=routes,
         source=source,
-        base_dir=base_dir or Path.cwd(),
+        base_dir=base_dir,
+        secrets=frozenset(reader.secrets),
     )
 
 
 def _tables_by_name(
     data: Mapping[str, Any],
+    reader: _Reader,
     name: str,
     cls: type[T],
     example: str,
@@ -490,7 +850,7 @@ def _tables_by_name(
     items: dict[str, T] = {}
     for key, table in tables.items():
         where = f"{name}.{key}"
-        item = _build_section(cls, table, where, {})
+        item = reader.section(cls, table, where)
         if check is not None:
             check(item, where)
         items[str(key)] = item
@@ -498,7 +858,11 @@ def _tables_by_name(
 
 
 def _array_of_tables(
-    data: Mapping[str, Any], name: str, cls: type[T], check: Callable[[T, str], None]
+    data: Mapping[str, Any],
+    reader: _Reader,
+    name: str,
+    cls: type[T],
+    check: Callable[[T, str], None],
 ) -> tuple[T, ...]:
     """``[[name]]`` tables (``[[routes]]``), each read as a ``cls`` and passed to ``check``."""
     entries = data.get(name, [])
@@ -507,7 +871,7 @@ def _array_of_tables(
     items = []
     for number, table in enumerate(entries, 1):
         where = f"{name}[{number}]"
-        item = _build_section(cls, table, where, {})
+        item = reader.section(cls, table, where)
         check(item, where)
         items.append(item)
     return tuple(items)

@@ -10,6 +10,7 @@ CLI prints it as one line, the HTTP API answers it as JSON with a 4xx status, SM
     │   └── MessageTooLarge  over the configured max_size
     ├── IdempotencyConflict  an idempotency key reused with another payload (HTTP 409)
     ├── NotFound             no message, dead letter or suppression with that id or address
+    ├── SuppressedRecipients a requeue of dead letters whose addresses are suppressed (HTTP 409)
     ├── StoreUnavailable     the store cannot be reached or is locked for too long
     └── TransportError       a relay or provider that cannot be configured or reached
 """
@@ -66,6 +67,26 @@ class IdempotencyConflict(PostlaneError):
 
 class NotFound(PostlaneError):
     code = "not_found"
+
+
+class SuppressedRecipients(PostlaneError):
+    """A requeue of dead letters whose addresses are on the suppression list: requeued, they
+    would be marked ``suppressed`` at once and never attempted. Nothing was requeued; lift
+    their suppression with the requeue (``unsuppress``), or remove them from the list first."""
+
+    code = "suppressed_recipients"
+
+    def __init__(self, addresses: list[str] | tuple[str, ...]) -> None:
+        self.addresses = tuple(addresses)
+        shown = ", ".join(self.addresses[:5])
+        if len(self.addresses) > 5:
+            shown += f" and {len(self.addresses) - 5} more"
+        super().__init__(
+            f"{len(self.addresses)} of these dead letters are on the suppression list ({shown}): "
+            "requeued, they would be marked suppressed and never attempted; nothing was "
+            "requeued. Requeue with unsuppress to lift their suppression, or remove them from "
+            "the list first"
+        )
 
 
 class StoreUnavailable(PostlaneError):

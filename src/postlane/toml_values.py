@@ -48,9 +48,7 @@ def parse_duration(text: str) -> float:
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
     if pos != len(text) or not text:
-        raise ValueError(
-            f'expected a duration like "500ms", "30s", "5m", "1h" or "2d", got {text!r}'
-        )
+        raise expected('a duration like "500ms", "30s", "5m", "1h" or "2d"', text)
     return total
 
 
@@ -71,7 +69,7 @@ def parse_size(text: str) -> int:
     """``"25MB"`` -> 25000000 bytes (KB, MB, GB are powers of 1000; KiB, MiB, GiB of 1024)."""
     match = _SIZE.fullmatch(text.strip())
     if not match:
-        raise ValueError(f'expected a size like "25MB" or "512KiB", got {text!r}')
+        raise expected('a size like "25MB" or "512KiB"', text)
     unit = (match.group(2) or "B").lower()
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
@@ -80,7 +78,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     """``"127.0.0.1:8025"`` or ``"[::1]:8025"`` -> (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f'expected HOST:PORT like "127.0.0.1:8025", got {text!r}')
+        raise expected('HOST:PORT like "127.0.0.1:8025"', text)
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 
@@ -88,9 +86,41 @@ def parse_listen(text: str) -> tuple[str, int]:
 # -- readers -----------------------------------------------------------------------------------
 
 
-def expected(what: str, value: Any) -> ValueError:
+class UnexpectedValue(ValueError):
+    """The error of every reader: ``expected {what}, got {value!r}``. It keeps ``what`` and
+    ``value`` apart, so a secret's error can say what was expected without showing the value
+    (:meth:`without_value`)."""
+
+    def __init__(self, what: str, value: Any) -> None:
+        super().__init__(f"expected {what}, got {value!r}")
+        self.what = what
+        self.value = value
+
+    def without_value(self) -> str:
+        """``expected {what}, got {the kind of value}`` (``got an integer``)."""
+        return f"expected {self.what}, got {kind_of(self.value)}"
+
+
+def expected(what: str, value: Any) -> UnexpectedValue:
     """The error of every reader: ``expected {what}, got {value!r}``."""
-    return ValueError(f"expected {what}, got {value!r}")
+    return UnexpectedValue(what, value)
+
+
+def kind_of(value: Any) -> str:
+    """What kind of TOML value ``value`` is, in words: ``a string``, ``an integer``, ..."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
 
 
 def of_type(kind: type[T], what: str) -> Reader[T]:

@@ -34,6 +34,19 @@ def ok(*args: str, cwd: Path, **kw: Any) -> str:
     return result.stdout
 
 
+def new_queue(cwd: Path, *config: str) -> None:
+    """Create the store there as a user does: only ``serve`` and ``worker`` make one (a burst
+    worker with nothing to deliver)."""
+    ok(*config, "worker", "--burst", cwd=cwd)
+
+
+@pytest.fixture
+def queue_dir(tmp_path: Path) -> Path:
+    """A folder with an empty queue in it (./postlane.db)."""
+    new_queue(tmp_path)
+    return tmp_path
+
+
 def one_line_error(result: subprocess.CompletedProcess[str], contains: str) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -42,7 +55,8 @@ def one_line_error(result: subprocess.CompletedProcess[str], contains: str) -> N
     assert contains in lines[0], lines[0]
 
 
-def test_send_list_show_stats_with_json(tmp_path: Path) -> None:
+def test_send_list_show_stats_with_json(queue_dir: Path) -> None:
+    tmp_path = queue_dir
     out = json.loads(
         ok(
             "send",
@@ -129,7 +143,8 @@ def test_send_list_show_stats_with_json(tmp_path: Path) -> None:
     assert "X-Campaign: spring" in raw
 
 
-def test_burst_worker_delivers_to_the_capture_folder(tmp_path: Path) -> None:
+def test_burst_worker_delivers_to_the_capture_folder(queue_dir: Path) -> None:
+    tmp_path = queue_dir
     queue_id = ok(
         "send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", cwd=tmp_path
     ).strip()
@@ -140,7 +155,8 @@ def test_burst_worker_delivers_to_the_capture_folder(tmp_path: Path) -> None:
     assert json.loads(ok("queue", "list", "--json", cwd=tmp_path)) == []
 
 
-def test_send_reads_an_eml_and_stdin(tmp_path: Path) -> None:
+def test_send_reads_an_eml_and_stdin(queue_dir: Path) -> None:
+    tmp_path = queue_dir
     eml = tmp_path / "m.eml"
     eml.write_text("From: a@example.com\nTo: b@example.net\nSubject: from eml\n\nhi\n")
     queue_id = ok("send", "--eml", str(eml), cwd=tmp_path).strip()
@@ -156,6 +172,7 @@ def test_config_before_or_after_the_command(tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     config = tmp_path / "custom.toml"
     config.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "custom.db"}"\n')
+    new_queue(tmp_path / "elsewhere", "--config", str(config))
     ok(
         "--config",
         str(config),
@@ -207,14 +224,16 @@ def test_classify_explains(tmp_path: Path) -> None:
     assert "rule" in human
 
 
-def test_dlq_and_suppression_commands(tmp_path: Path) -> None:
-    assert "added" in ok(
-        "suppress", "add", "gone@example.net", "--reason", "asked us", cwd=tmp_path
-    )
+def test_dlq_and_suppression_commands(queue_dir: Path) -> None:
+    tmp_path = queue_dir
+    added = postlane("suppress", "add", "gone@example.net", "--reason", "asked us", cwd=tmp_path)
+    assert added.returncode == 0 and added.stdout == ""  # a confirmation: on stderr
+    assert "gone@example.net: added" in added.stderr
     [entry] = json.loads(ok("suppress", "list", "--json", cwd=tmp_path))
     assert entry["address"] == "gone@example.net" and entry["source"] == "operator"
     assert json.loads(ok("dlq", "list", "--json", cwd=tmp_path)) == []
-    assert "removed" in ok("suppress", "remove", "gone@example.net", cwd=tmp_path)
+    removed = postlane("suppress", "remove", "gone@example.net", cwd=tmp_path)
+    assert removed.returncode == 0 and "gone@example.net: removed" in removed.stderr
     one_line_error(
         postlane("suppress", "remove", "gone@example.net", cwd=tmp_path),
         "not on the suppression list",
@@ -256,11 +275,14 @@ def test_dlq_and_suppression_commands(tmp_path: Path) -> None:
                 "--lane",
                 "urgent",
             ],
-            "unknown lane",
+            "'urgent' is not one of high, normal, low",
         ),
         (["send", "--from", "a@example.com", "--text", "x"], "no recipient"),
-        (["queue", "list", "--state", "bogus"], "unknown state"),
-        (["queue", "list", "--lane", "bogus"], "lanes are"),
+        (["queue", "list", "--state", "bogus"], "'bogus' is not one of queued, sending,"),
+        (["queue", "list", "--lane", "bogus"], "'--lane': 'bogus' is not one of high, normal"),
+        (["queue", "list", "--metadata", "novalue"], "'novalue' is not KEY=VALUE"),
+        (["classify", ""], "give a server reply to classify"),
+        (["classify", "  "], "give a server reply to classify"),
         (["queue", "list", "--older-than", "soon"], "duration"),
         (["dlq", "list", "--state", "bogus"], "--state"),  # dead letters are always dead
         (["dlq", "requeue", "--all", "--state", "dead"], "--state"),
@@ -270,8 +292,9 @@ def test_dlq_and_suppression_commands(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_is_one_clear_line_and_a_nonzero_exit(
-    tmp_path: Path, args: list[str], contains: str
+    queue_dir: Path, args: list[str], contains: str
 ) -> None:
+    tmp_path = queue_dir
     one_line_error(postlane(*args, cwd=tmp_path), contains)
     if args[0] == "send":
         assert json.loads(ok("queue", "list", "--json", cwd=tmp_path)) == []  # nothing half-stored
@@ -284,7 +307,8 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
 
 def test_an_unreachable_store_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "postlane.toml").write_text('[store]\nurl = "sqlite:////proc/no/such/dir/q.db"\n')
-    one_line_error(postlane("stats", cwd=tmp_path), "cannot")
+    one_line_error(postlane("stats", cwd=tmp_path), "there is no queue at /proc/no/such/dir/q.db")
+    one_line_error(postlane("worker", "--burst", cwd=tmp_path), "cannot")
 
 
 # what each command imports, in a fresh interpreter: main(), then which modules were loaded
@@ -328,3 +352,135 @@ def test_commands_other_than_simulate_do_not_load_the_simulator(
 
 def test_the_simulate_command_loads_the_simulator(tmp_path: Path) -> None:
     assert "postlane.simulate.simulator" in imported_by("simulate", "--list", cwd=tmp_path)
+
+
+# -- which queue (new user's item 2) -------------------------------------------------------------
+
+
+def test_commands_run_from_another_directory_never_start_a_new_queue(tmp_path: Path) -> None:
+    """The real console script, from a directory with no queue: every command that reads or
+    changes the queue says there is none (naming where it looked), and creates nothing."""
+    server, elsewhere = tmp_path / "server", tmp_path / "elsewhere"
+    server.mkdir()
+    elsewhere.mkdir()
+    new_queue(server)
+    ok("send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", cwd=server)
+    send = ["send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x"]
+    for args in (["queue", "list"], ["stats"], send, ["dlq", "list"], ["suppress", "list"]):
+        one_line_error(
+            postlane(*args, cwd=elsewhere), f"there is no queue at {elsewhere / 'postlane.db'}"
+        )
+    assert list(elsewhere.iterdir()) == []  # no postlane.db, no capture folder
+    # with its configuration, the server's queue is found from anywhere
+    (server / "postlane.toml").write_text("")
+    listed = json.loads(
+        ok("queue", "list", "--json", "--config", str(server / "postlane.toml"), cwd=elsewhere)
+    )
+    assert len(listed) == 1
+
+
+def test_verbose_and_stats_say_which_store(queue_dir: Path) -> None:
+    store = f"sqlite:///{queue_dir / 'postlane.db'}"
+    for args in (["-v", "queue", "list"], ["queue", "list", "--verbose"], ["dlq", "list", "-v"]):
+        result = postlane(*args, cwd=queue_dir)
+        assert result.returncode == 0, result.stderr
+        assert f"store: {store}" in result.stderr.splitlines()
+        assert "configuration: built-in defaults" in result.stderr.splitlines()
+        assert "store:" not in result.stdout
+    human = ok("stats", cwd=queue_dir)
+    assert f"store: {store}" in human.splitlines()
+    header = human.splitlines()[0].split()
+    assert header == ["lane", "queued", "deferred", "held", "sending", "oldest"]
+    data = json.loads(ok("stats", "--json", cwd=queue_dir))
+    assert data["store"] == store
+    assert set(data["lanes"]["normal"]) >= {"ready"}  # the contract's key stays
+
+
+# -- the whole configuration, checked by every command (new user's item 5; audit 9) ---------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ('[delivery]\nrelay = "smtpx://relay.example.com"\n', '"mx", capture:///path'),
+        (
+            '[delivery]\nrelay = "smtp://relayuser:S3cretRelayPw@relay.example.com:99999"\n',
+            "delivery.relay: bad port '99999'",
+        ),
+        (
+            '[[routes]]\nlane = ["high"]\nrelay = "smtp://u:S3cretRelayPw@relay.example.com:0x19"\n',
+            "routes[1].relay: bad port '0x19'",
+        ),
+        ('[delivery]\nrelay = "postmark://${POSTLANE_NO_SUCH_TOKEN}"\n', "POSTLANE_NO_SUCH"),
+        ('[delivery]\nrelay = "postmark://S3cretRelayPw?colour=red"\n', "unknown option"),
+        (
+            '[[routes]]\nlane = ["high"]\nfallback = "mx"\n'
+            'relay = "postmark://S3cretRelayPw?colour=red"\n',
+            "routes[1].relay: unknown option 'colour'",
+        ),
+        ('[delivery]\nrelay = "ses://AKIAKEY:S3cretRelayPw"\n', "not an AWS region"),
+        ('[dkim."example.com"]\nselector = "s1"\nprivate_key = "none.pem"\n', "private_key"),
+        ("[delivery]\npassword = 12345678\n", "delivery.password: expected a string"),
+    ],
+)
+def test_every_command_checks_the_whole_configuration(
+    queue_dir: Path, toml: str, named: str
+) -> None:
+    (queue_dir / "postlane.toml").write_text(toml)
+    for args in (["stats"], ["queue", "list"], ["worker", "--burst"]):
+        result = postlane(*args, cwd=queue_dir)
+        one_line_error(result, named)
+        assert "S3cretRelayPw" not in result.stderr and "12345678" not in result.stderr
+
+
+def test_a_relay_url_takes_its_token_from_the_environment(queue_dir: Path) -> None:
+    (queue_dir / "postlane.toml").write_text('[delivery]\nrelay = "postmark://${POSTMARK_TOKEN}"\n')
+    result = postlane("-v", "stats", cwd=queue_dir, env={"POSTMARK_TOKEN": "pm-server-token"})
+    assert result.returncode == 0, result.stderr
+
+
+# -- files others must not read (audit 8) ---------------------------------------------------------
+
+
+def test_worker_warns_once_about_a_database_and_a_dkim_key_others_can_read(
+    queue_dir: Path,
+) -> None:
+    ok("dkim", "keygen", "example.com", "--selector", "s1", cwd=queue_dir)
+    (queue_dir / "postlane.toml").write_text(
+        '[dkim."example.com"]\nselector = "s1"\nprivate_key = "dkim/example.com.pem"\n'
+    )
+    quiet = postlane("worker", "--burst", cwd=queue_dir)
+    assert quiet.returncode == 0 and "readable by other users" not in quiet.stderr
+    (queue_dir / "postlane.db").chmod(0o644)
+    (queue_dir / "dkim" / "example.com.pem").chmod(0o640)
+    loud = postlane("worker", "--burst", cwd=queue_dir)
+    assert loud.returncode == 0, loud.stderr
+    [warning] = [line for line in loud.stderr.splitlines() if "readable by other users" in line]
+    assert f"{queue_dir / 'postlane.db'} (mode 0644)" in warning
+    assert f"{queue_dir / 'dkim' / 'example.com.pem'} (mode 0640)" in warning
+
+
+# -- polish (new user's item 10) --------------------------------------------------------------
+
+
+def test_python_dash_m_postlane_is_the_cli(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "postlane", "classify", "550 5.1.1 unknown user", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["class"] == "hard_bounce"
+
+
+def test_suppress_help_describes_each_command(tmp_path: Path) -> None:
+    text = ok("suppress", "--help", cwd=tmp_path)
+    for command in ("add", "list", "remove"):
+        [line] = [line for line in text.splitlines() if line.strip().startswith(command + " ")]
+        assert len(line.split()) > 2, line  # a description after the name

@@ -73,6 +73,7 @@ async def test_a_worker_serves_its_own_metrics_and_probes_and_nothing_else(
     (tmp_path / "postlane.toml").write_text('[delivery]\npoll_interval = "100ms"\n')
     log = tmp_path / "postlane.log"
     send = ("send", "--from", "a@example.com", "--to", "b@example.net", "--subject", "s")
+    await run_postlane("worker", "--burst", cwd=tmp_path, log=log)  # creates the queue
     await run_postlane(*send, "--text", "t", cwd=tmp_path, log=log)
     listen = f"127.0.0.1:{metrics_port}"
     async with start_postlane("worker", "--metrics", listen, cwd=tmp_path, log=log) as process:

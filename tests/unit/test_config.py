@@ -191,3 +191,307 @@ def test_the_configuration_and_scenarios_check_values_alike(
         Scenario.from_dict(scenario)
     assert expected in in_config.value.message
     assert expected in in_scenario.value.message
+
+
+# -- secrets never shown (audit finding 9) --------------------------------------------------------
+
+SECRET = "S3cretRelayPw"
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "named"),
+    [
+        (
+            {"delivery": {"relay": f"smtp://relayuser:{SECRET}@relay.example.com:99999"}},
+            {},
+            "delivery.relay",
+        ),
+        ({"delivery": {"relay": f"smtpx://relayuser:{SECRET}@relay.example.com"}}, {}, "relay"),
+        ({"delivery": {"relay": f"smtp://u:{SECRET}@:25"}}, {}, "delivery.relay"),
+        ({"delivery": {"password": 12345678}}, {}, "delivery.password"),
+        ({"delivery": {"password": [SECRET]}}, {}, "delivery.password"),
+        ({"delivery": {"username": 5, "password": SECRET}}, {}, "delivery.username"),
+        (
+            {"routes": [{"relay": f"smtp://u:{SECRET}@relay.example.com:0x19"}]},
+            {},
+            "routes[1].relay",
+        ),
+        (
+            {"routes": [{"relay": "mx", "fallback": f"smtps://u:{SECRET}@h:0"}]},
+            {},
+            "routes[1].fallback",
+        ),
+        ({"http": {"tokens": SECRET}}, {}, "http.tokens"),
+        ({"http": {"tokens": [[SECRET]]}}, {}, "http.tokens"),
+        ({"http": {"send_tokens": [SECRET, 5]}}, {}, "http.send_tokens"),
+        ({"smtp": {"users": f"app:{SECRET}"}}, {}, "smtp.users"),
+        ({"smtp": {"users": {"app": [SECRET]}}}, {}, "smtp.users"),
+        ({"store": {"url": f"mysql://u:{SECRET}@db.example.com/q"}}, {}, "store.url"),
+        ({"alerts": {"webhook": f"ftp://u:{SECRET}@hooks.example.com"}}, {}, "alerts.webhook"),
+        ({"delivery": {"relay": f"postmark://{SECRET}", "concurrency": "x"}}, {}, "concurrency"),
+        (
+            {"delivery": {"relay": "smtp://u:${PW}@relay.example.com:99999"}},
+            {"PW": SECRET},
+            "delivery.relay",
+        ),
+        ({}, {"POSTLANE_DELIVERY_RELAY": f"smtp://u:{SECRET}@h:bad"}, "POSTLANE_DELIVERY_RELAY"),
+        ({}, {"POSTLANE_HTTP_TOKENS": SECRET, "POSTLANE_RETRY_DELAYS": "x"}, "RETRY_DELAYS"),
+        ({"delivery": {"password": SECRET, "lease": "soon"}}, {}, "delivery.lease"),
+    ],
+)
+def test_no_config_error_shows_a_secret(
+    data: dict[str, Any], env: dict[str, str], named: str
+) -> None:
+    """Every error is a ConfigError naming the key, and none holds the secret: not a URL's
+    password, not a secret key's value, not what a ${VAR} put there."""
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict(data, env=env)
+    assert named in raised.value.message
+    assert SECRET not in raised.value.message
+    assert "12345678" not in raised.value.message
+
+
+def test_a_secret_keys_error_says_what_was_expected_without_the_value() -> None:
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict({"delivery": {"password": 12345678}})
+    assert raised.value.message == "delivery.password: expected a string, got an integer"
+
+
+def test_config_redacts_its_secrets_in_any_text(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("FileS3cret\n")
+    config = config_from_dict(
+        {
+            "delivery": {"relay": f"smtp://u:{SECRET}@relay.example.com", "password": "Pw12345"},
+            "http": {"tokens_file": "token"},
+        },
+        base_dir=tmp_path,
+        env={"POSTLANE_API_TOKEN": "ApiS3cret"},
+    )
+    text = f"{SECRET} Pw12345 FileS3cret ApiS3cret relay.example.com"
+    assert config.redact(text) == "**** **** **** **** relay.example.com"
+    assert SECRET not in repr(config)
+
+
+def test_url_masking() -> None:
+    from postlane.redact import mask_url
+
+    assert mask_url(f"smtp://user:{SECRET}@h:587") == "smtp://user:****@h:587"
+    assert mask_url("smtp://user@h") == "smtp://user@h"
+    assert mask_url(f"postmark://{SECRET}") == "postmark://****"
+    assert mask_url(f"mailgun://{SECRET}@mg.example.com") == "mailgun://****@mg.example.com"
+    assert mask_url(f"ses://AKIA:{SECRET}@eu-west-1") == "ses://****@eu-west-1"
+    assert mask_url(f"https://h/x?token={SECRET}&a=b") == "https://h/x?token=****&a=b"
+    assert mask_url("mx") == "mx"
+
+
+# -- the relay's forms (new user's item 5) ------------------------------------------------------
+
+
+def test_a_bad_relay_lists_the_forms_as_the_docs_write_them() -> None:
+    from postlane.config import RELAY_FORMS
+
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict({"delivery": {"relay": "smtpx://relay.example.com"}})
+    docs = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    for form in RELAY_FORMS.values():
+        assert form in raised.value.message
+        assert f"`{form}`" in docs, form
+    assert "mx://" not in raised.value.message
+
+
+def test_every_relay_form_has_a_transport() -> None:
+    from postlane.config import RELAY_FORMS
+    from postlane.transports import SCHEMES
+
+    assert set(RELAY_FORMS) == set(SCHEMES)
+
+
+@pytest.mark.parametrize(
+    "relay",
+    ["mx", "smtp://relay.example.com", "smtp://u:p@[::1]:2525", "capture:///tmp/x", "ses://x"],
+)
+def test_good_relays_pass(relay: str) -> None:
+    assert config_from_dict({"delivery": {"relay": relay}}).delivery.relay == relay
+
+
+# -- ${VAR} and *_file (new user's item 3) ------------------------------------------------------
+
+
+def test_variables_are_expanded_in_every_string_value() -> None:
+    config = config_from_dict(
+        {
+            "delivery": {"relay": "postmark://${POSTMARK_TOKEN}", "lease": "${LEASE}"},
+            "http": {"tokens": ["${TOKEN_A}", "b-${TOKEN_B}"]},
+            "smtp": {"users": {"app": "${APP_PASSWORD}"}},
+            "destinations": {"google": {"rate": "${GOOGLE_RATE}", "concurrency": "${CONC}"}},
+            "routes": [{"lane": ["${LANE}"], "relay": "smtp://${RELAY_HOST}:25"}],
+        },
+        env={
+            "POSTMARK_TOKEN": "pm-123",
+            "LEASE": "2m",
+            "TOKEN_A": "a",
+            "TOKEN_B": "b",
+            "APP_PASSWORD": "pw",
+            "GOOGLE_RATE": "0.5",
+            "CONC": "4",
+            "LANE": "high",
+            "RELAY_HOST": "mta.internal",
+        },
+    )
+    assert config.delivery.relay == "postmark://pm-123"
+    assert config.delivery.lease == 120
+    assert config.http.tokens == ("a", "b-b")
+    assert config.smtp.users == {"app": "pw"}
+    assert config.destinations["google"].rate == 0.5
+    assert config.destinations["google"].concurrency == 4
+    assert config.routes[0].lane == ("high",) and config.routes[0].relay == "smtp://mta.internal:25"
+
+
+def test_double_dollar_is_a_dollar_and_a_lone_dollar_is_itself() -> None:
+    config = config_from_dict(
+        {"smtp": {"users": {"a": "pa$$word", "b": "scrypt$16384$8$1$c2FsdA$aGFzaA", "c": "$${X}"}}}
+    )
+    assert config.smtp.users == {"a": "pa$word", "b": "scrypt$16384$8$1$c2FsdA$aGFzaA", "c": "${X}"}
+
+
+def test_a_default_is_used_when_the_variable_is_unset_or_empty() -> None:
+    data = {"delivery": {"helo_name": "${HELO:-mail.example.com}"}}
+    assert config_from_dict(data).delivery.helo_name == "mail.example.com"
+    assert config_from_dict(data, env={"HELO": ""}).delivery.helo_name == "mail.example.com"
+    assert config_from_dict(data, env={"HELO": "mx1"}).delivery.helo_name == "mx1"
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({"delivery": {"relay": "postmark://${POSTMARK_TOKEN}"}}, "delivery.relay"),
+        ({"http": {"tokens": ["ok", "${POSTMARK_TOKEN}"]}}, "http.tokens[2]"),
+        ({"routes": [{"relay": "smtp://${POSTMARK_TOKEN}"}]}, "routes[1].relay"),
+    ],
+)
+def test_an_unset_variable_names_the_key_and_the_variable(data: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict(data, env={})
+    assert raised.value.message.startswith(f"{named}: ")
+    assert "POSTMARK_TOKEN is not set" in raised.value.message
+
+
+def test_a_broken_reference_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"delivery\.helo_name: '\$\{' is not a reference"):
+        config_from_dict({"delivery": {"helo_name": "a${b"}})
+
+
+def test_secret_bearing_keys_read_from_files(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "password").write_text("  Pw from a file \n")
+    (secrets / "relay").write_text("smtp://u:pw@relay.example.com:587\n")
+    (secrets / "tokens").write_text("tok-1\n\ntok-2\n")
+    (secrets / "users").write_text("app: scrypt$1$2$3\nweb:plain:with:colons\n")
+    (secrets / "db").write_text(f"sqlite:///{tmp_path / 'q.db'}")
+    config = config_from_dict(
+        {
+            "store": {"url_file": "secrets/db"},
+            "delivery": {"relay_file": "secrets/relay", "password_file": "secrets/password"},
+            "http": {"tokens_file": str(secrets / "tokens")},
+            "smtp": {"users_file": "secrets/users"},
+            "routes": [{"lane": ["high"], "relay_file": "secrets/relay"}],
+        },
+        base_dir=tmp_path,
+    )
+    assert config.delivery.password == "Pw from a file"  # trimmed
+    assert config.delivery.relay == "smtp://u:pw@relay.example.com:587"
+    assert config.http.tokens == ("tok-1", "tok-2")
+    assert config.smtp.users == {"app": "scrypt$1$2$3", "web": "plain:with:colons"}
+    assert config.store.url.endswith("q.db")
+    assert config.routes[0].relay == config.delivery.relay
+    assert "Pw from a file" in config.secrets
+
+
+def test_file_forms_from_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("from-env-file\n")
+    config = config_from_dict(
+        {"delivery": {"password": "from the file"}},
+        env={"POSTLANE_DELIVERY_PASSWORD_FILE": str(tmp_path / "pw")},
+    )
+    assert config.delivery.password == "from-env-file"  # the environment wins
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "message"),
+    [
+        (
+            {"delivery": {"password": "x", "password_file": "pw"}},
+            {},
+            "give delivery.password or delivery.password_file, not both",
+        ),
+        (
+            {},
+            {"POSTLANE_DELIVERY_PASSWORD": "x", "POSTLANE_DELIVERY_PASSWORD_FILE": "pw"},
+            "give POSTLANE_DELIVERY_PASSWORD or POSTLANE_DELIVERY_PASSWORD_FILE, not both",
+        ),
+        ({"delivery": {"password_file": "missing"}}, {}, "delivery.password_file: cannot read"),
+        ({"delivery": {"password_file": "empty"}}, {}, "delivery.password_file: "),
+        ({"delivery": {"concurrency_file": "pw"}}, {}, "unknown key delivery.concurrency_file"),
+        ({"delivery": {"password_file": 5}}, {}, "delivery.password_file: expected the path"),
+    ],
+)
+def test_file_form_mistakes_name_the_key(
+    tmp_path: Path, data: dict[str, Any], env: dict[str, str], message: str
+) -> None:
+    (tmp_path / "pw").write_text("secret")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict(data, env=env, base_dir=tmp_path)
+    assert message in raised.value.message
+
+
+# -- the environment (new user's item 3) -------------------------------------------------------
+
+
+def test_env_sets_lists_and_tables_too() -> None:
+    config = config_from_dict(
+        {},
+        env={
+            "POSTLANE_HTTP_TOKENS": "t1, t2",
+            "POSTLANE_HTTP_SEND_TOKENS": "s1",
+            "POSTLANE_SMTP_USERS": "app:scrypt$1$2$3,web:pw",
+            "POSTLANE_DELIVERY_REQUIRE_TLS": "google,example.com",
+            "POSTLANE_THROTTLE_MIN_RATE": "0.5",
+        },
+    )
+    assert config.http.tokens == ("t1", "t2")
+    assert config.http.send_tokens == ("s1",)
+    assert config.smtp.users == {"app": "scrypt$1$2$3", "web": "pw"}
+    assert config.delivery.require_tls == ("google", "example.com")
+    assert config.throttle.min_rate == 0.5
+
+
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        ("POSTLANE_DESTINATIONS_GOOGLE_RATE", "[destinations] tables cannot be set from the"),
+        ("POSTLANE_DKIM_EXAMPLE_COM_SELECTOR", "[dkim] tables cannot be set from the"),
+        ("POSTLANE_ROUTES_1_RELAY", "[routes] tables cannot be set from the"),
+        ("POSTLANE_DELIVRY_RELAY", "POSTLANE_DELIVERY_...?"),
+        ("POSTLANE_LANE_HIGH_MAX_AGE", "POSTLANE_LANES_...?"),
+        ("POSTLANE_LANES_URGENT_MAX_AGE", "lanes are high, normal, low"),
+        ("POSTLANE_DELIVERY", "unknown setting POSTLANE_DELIVERY"),
+    ],
+)
+def test_env_variables_that_set_nothing_are_refused(variable: str, message: str) -> None:
+    """Never silently ignored: what looks like configuration and is not is an error."""
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict({}, env={variable: "5"})
+    assert variable in raised.value.message and message in raised.value.message
+
+
+def test_variables_that_are_not_configuration_are_left_alone() -> None:
+    env = {
+        "POSTLANE_CONFIG": "x.toml",
+        "POSTLANE_DEBUG": "1",
+        "POSTLANE_WORKER_METRICS": "127.0.0.1:9025",
+        "POSTLANE_TEST_POSTGRES": "postgresql://...",
+        "POSTLANE_URL": "http://postlane:8025",  # the Django integration's
+    }
+    assert config_from_dict({}, env=env) == config_from_dict({})

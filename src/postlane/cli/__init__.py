@@ -47,14 +47,24 @@ EXIT_INTERNAL = 70
     help="Configuration file (default: $POSTLANE_CONFIG, else ./postlane.toml, else defaults).",
 )
 @click.option("--debug", is_flag=True, envvar="POSTLANE_DEBUG", help="Tracebacks and debug logs.")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Say which configuration and store a command uses (on stderr).",
+)
 @click.version_option(package_name="postlane")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, debug: bool) -> None:
-    """postlane: a durable outbound email queue."""
+def cli(ctx: click.Context, config: str | None, debug: bool, verbose: bool) -> None:
+    """postlane: a durable outbound email queue.
+
+    What a command produces (listings, ids, JSON) goes to stdout; what it says about what it
+    does (what an action touches, its question and outcome, errors) goes to stderr."""
     current = ctx.ensure_object(Invocation)
     if config is not None and current.config_path is None:
         current.config_path = config
     current.debug = debug
+    current.verbose = current.verbose or verbose
 
 
 for command in (

@@ -7,17 +7,20 @@ groups.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.cli.context import config_option, with_app
-from postlane.cli.output import err, listing
+from postlane.cli.output import err, listing, show
 from postlane.cli.selectors import build_selector, dead_letter_selector_options, selector_options
-from postlane.errors import PostlaneError
+from postlane.errors import PostlaneError, SuppressedRecipients
 from postlane.records import SelectionCount, Selector
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -45,9 +48,7 @@ def targets(
 
 def _show_selection(action: QueueAction, counts: Sequence[SelectionCount]) -> int:
     total = sum(c.count for c in counts)
-    table = listing(
-        "lane", "domain", "state", "last class", "recipients", right={"recipients"}, pad_edge=False
-    )
+    table = listing("lane", "domain", "state", "last class", "recipients", right={"recipients"})
     for c in counts[:30]:
         table.add_row(
             c.lane.value, c.domain, c.state.value, c.cls.value if c.cls else "-", f"{c.count:,}"
@@ -56,7 +57,7 @@ def _show_selection(action: QueueAction, counts: Sequence[SelectionCount]) -> in
         rest = sum(c.count for c in counts[30:])
         table.add_row("...", f"({len(counts) - 30} more groups)", "", "", f"{rest:,}")
     err.print(f"{action.value} will touch {total:,} recipient(s):")
-    err.print(table)
+    show(table, console=err)
     return total
 
 
@@ -67,10 +68,15 @@ def run_action(
     confirm: bool,
     yes: bool = False,
     export_path: str | None = None,
+    unsuppress: bool = False,
 ) -> None:
-    """Show what an action touches, ask when it destroys, apply it with progress."""
+    """Show what an action touches, ask when it destroys, apply it with progress. A requeue
+    goes through :meth:`AsyncPostlane.requeue` (refused for suppressed addresses unless
+    ``unsuppress``)."""
+    unsuppressed: tuple[str, ...] = ()
 
-    async def go(app: AsyncPostlane) -> int:
+    async def go(app: AsyncPostlane) -> int | None:
+        nonlocal unsuppressed
         counts = await app.summarize(action, selector)
         total = (
             _show_selection(action, counts)
@@ -78,8 +84,7 @@ def run_action(
             else sum(c.count for c in counts)
         )
         if total == 0:
-            err.print(f"nothing to {action.value}")
-            return 0
+            return None
         question = f"{action.value.capitalize()} {total:,} recipient(s)?"
         if confirm and not yes and not click.confirm(question, default=False, err=True):
             raise click.Abort()
@@ -93,24 +98,56 @@ def run_action(
             disable=not err.is_terminal,
         ) as bar:
             task = bar.add_task(action.value, total=total)
-            return await app.act(
-                action,
-                selector,
-                export=export,
-                progress=lambda n: bar.update(task, completed=n),
-            )
 
-    try:
-        export = open(export_path, "a", encoding="utf-8") if export_path else None  # noqa: SIM115
-    except OSError as exc:
-        raise PostlaneError(f"cannot write {export_path}: {exc.strerror}") from None
+            def progress(n: int) -> None:
+                bar.update(task, completed=n)
+
+            if action is QueueAction.REQUEUE:
+                requeued = await app.requeue(selector, unsuppress=unsuppress, progress=progress)
+                unsuppressed = requeued.unsuppressed
+                return requeued.count
+            return await app.act(action, selector, export=export, progress=progress)
+
+    export = open_export(export_path) if export_path else None
     try:
         done = with_app(go)
+    except SuppressedRecipients as exc:
+        raise PostlaneError(_suppressed_refusal(exc.addresses)) from None
     finally:
         if export is not None:
             export.close()
+    if done is None:
+        click.echo(f"nothing to {action.value}", err=True)
+        return
+    for address in unsuppressed:
+        click.echo(f"{address}: removed from the suppression list", err=True)
     suffix = f" (exported to {export_path})" if export_path else ""
     click.echo(f"{_PAST[action]} {done:,} recipient(s){suffix}", err=True)
+
+
+def _suppressed_refusal(addresses: Sequence[str]) -> str:
+    shown = ", ".join(addresses[:5]) + (
+        f" and {len(addresses) - 5} more" if len(addresses) > 5 else ""
+    )
+    return (
+        f"not requeued: {len(addresses)} of these dead letters are on the suppression list "
+        f"({shown}), so a worker would mark them suppressed without trying them; add "
+        "--unsuppress to lift their suppression and requeue them, or run "
+        "'postlane suppress remove ADDR' first (or narrow the selection, e.g. --class)"
+    )
+
+
+def open_export(path: str) -> IO[str]:
+    """The ``--export`` file, appended to. It holds whole messages: created readable by its
+    owner only (0600), and a file of ours that was readable by others is made so too."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        raise PostlaneError(f"cannot write {path}: {exc.strerror}") from None
+    if stat.S_ISREG(os.fstat(fd).st_mode):  # never a terminal's or a pipe's mode
+        with contextlib.suppress(OSError):  # not ours: its owner decides
+            os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def action_command(
@@ -132,11 +169,26 @@ def action_command(
         all_: bool,
         export_path: str | None = None,
         yes: bool = False,
+        unsuppress: bool = False,
         **selectors: Any,
     ) -> None:
         selector = targets(ids, all_, selectors, required=required)
-        run_action(action, selector, confirm=destructive, yes=yes, export_path=export_path)
+        run_action(
+            action,
+            selector,
+            confirm=destructive,
+            yes=yes,
+            export_path=export_path,
+            unsuppress=unsuppress,
+        )
 
+    if action is QueueAction.REQUEUE:
+        command = click.option(
+            "--unsuppress",
+            is_flag=True,
+            help="Lift the suppression of the addresses requeued (else a suppressed address "
+            "refuses the requeue: a worker would mark it suppressed without trying it).",
+        )(command)
     if destructive:
         command = click.option("--yes", is_flag=True, help="Do not ask.")(command)
         command = click.option(

@@ -20,6 +20,8 @@ def classify_command(reply: str, as_json: bool) -> None:
     if reply == "-":
         reply = sys.stdin.read()
     reply = reply.replace("\\r\\n", "\n").replace("\\n", "\n")
+    if not reply.strip():
+        raise click.UsageError('give a server reply to classify, e.g. "550 5.1.1 User unknown"')
     verdict = classify(reply)
     if as_json:
         data = {

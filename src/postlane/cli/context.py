@@ -1,9 +1,11 @@
-"""What every command shares: the ``--config`` and ``--debug`` it was given, the configuration
-they load (once, when a command first needs it), and the event loop and application it runs on."""
+"""What every command shares: the ``--config``, ``--debug`` and ``--verbose`` it was given, the
+configuration they load (once, when a command first needs it, and checked whole), and the event
+loop and application it runs on."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -11,6 +13,7 @@ import click
 
 from postlane.app import AsyncPostlane
 from postlane.config import Config, load_config
+from postlane.errors import ConfigError
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -22,12 +25,64 @@ class Invocation:
     def __init__(self) -> None:
         self.config_path: str | None = None
         self.debug = False
+        #: say which configuration and which store the command uses (on stderr)
+        self.verbose = False
         self._config: Config | None = None
 
     def config(self) -> Config:
+        """The configuration, loaded and checked the first time: every key, and the transports
+        its relays describe (built, not connected), so a command fails on what ``serve`` would
+        fail on. Call it outside the event loop."""
         if self._config is None:
-            self._config = load_config(self.config_path)
+            config = load_config(self.config_path)
+            check_transports(config)
+            if self.verbose:
+                click.echo(f"configuration: {config.source}", err=True)
+            self._config = config
         return self._config
+
+
+def check_transports(config: Config) -> None:
+    """Build the transports of ``[delivery] relay`` and ``[[routes]]`` as a worker would (their
+    URLs, credentials and options checked; nothing is connected), read the DKIM keys, and
+    close them: a ConfigError naming the key, its secrets masked, for what they refuse."""
+    from postlane.transports import Transport, transport_for
+
+    built: list[Transport] = []
+    try:
+        if config.dkim:  # read even when this relay does not sign (capture, the APIs)
+            from postlane.dkim import DkimSigner  # (slow to import: only when needed)
+
+            keys = {domain: (key.selector, key.private_key) for domain, key in config.dkim.items()}
+            DkimSigner.from_files(keys, base_dir=config.base_dir)
+        # each relay alone first: a provider's error says "delivery.relay", whichever it was
+        for where, relay in _relays(config):
+            alone = dataclasses.replace(
+                config, delivery=dataclasses.replace(config.delivery, relay=relay), routes=()
+            )
+            try:
+                built.append(transport_for(alone))
+            except ConfigError as exc:
+                raise ConfigError(exc.message.replace("delivery.relay", where, 1)) from None
+        built.append(transport_for(config))
+    except ConfigError as exc:
+        raise ConfigError(config.redact(exc.message)) from None
+    finally:
+        asyncio.run(_close(built))
+
+
+def _relays(config: Config) -> list[tuple[str, str]]:
+    """Every relay URL of the configuration, with the key that gives it."""
+    relays = [("delivery.relay", config.delivery.relay)]
+    for number, route in enumerate(config.routes, 1):
+        relays.append((f"routes[{number}].relay", route.relay))
+        if route.fallback:
+            relays.append((f"routes[{number}].fallback", route.fallback))
+    return relays
+
+
+async def _close(transports: list[Any]) -> None:
+    await asyncio.gather(*(transport.close() for transport in transports))
 
 
 def invocation() -> Invocation:
@@ -41,8 +96,25 @@ def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | N
     return value
 
 
+def _remember_verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(Invocation).verbose = True
+    return value
+
+
 def config_option(func: F) -> F:
-    """``--config`` accepted after the command too (``postlane queue list --config x.toml``)."""
+    """``--config`` and ``-v`` accepted after the command too (``postlane queue list --config
+    x.toml -v``)."""
+    func = click.option(
+        "-v",
+        "--verbose",
+        "verbose_after",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_remember_verbose,
+        help="Say which configuration and store are used (on stderr).",
+    )(func)
     return click.option(
         "--config",
         "config_after",
@@ -78,11 +150,26 @@ def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coroutine)
 
 
-async def _with_app(action: Callable[[AsyncPostlane], Coroutine[Any, Any, T]]) -> T:
-    async with AsyncPostlane(invocation().config()) as app:
+async def _with_app(
+    config: Config,
+    action: Callable[[AsyncPostlane], Coroutine[Any, Any, T]],
+    *,
+    create: bool,
+    verbose: bool,
+) -> T:
+    app = AsyncPostlane(config, create=create)
+    if verbose:
+        click.echo(f"store: {app.store.description}", err=True)
+    async with app:
         return await action(app)
 
 
-def with_app(action: Callable[[AsyncPostlane], Coroutine[Any, Any, T]]) -> T:
-    """Run ``action`` on the application (the store the configuration names), then close it."""
-    return run_async(_with_app(action))
+def with_app(
+    action: Callable[[AsyncPostlane], Coroutine[Any, Any, T]], *, create: bool = False
+) -> T:
+    """Run ``action`` on the application (the store the configuration names), then close it.
+    The store must exist (a command run from the wrong directory must not start a new, empty
+    queue there): only ``create=True`` (``serve``, ``worker``) makes one."""
+    current = invocation()
+    config = current.config()
+    return run_async(_with_app(config, action, create=create, verbose=current.verbose))

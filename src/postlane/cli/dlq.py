@@ -10,7 +10,15 @@ import click
 from postlane.app import QueueAction
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, with_app
-from postlane.cli.output import first_line, json_or_empty, listing, out, print_json, reply_code
+from postlane.cli.output import (
+    json_or_empty,
+    listing,
+    out,
+    print_json,
+    reply_code,
+    reply_line,
+    show,
+)
 from postlane.cli.selectors import build_selector, dead_letter_selector_options
 from postlane.clock import when
 
@@ -43,11 +51,11 @@ def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> 
             return
         table = listing("Count", "Class", "Domain", "Reply", "Last died", "e.g.", right={"Count"})
         for g in groups:
-            reply = f"{reply_code(g.code, g.enhanced)} {first_line(g.reply)}".strip()
+            reply = reply_line(g.code, g.enhanced, g.reply)
             table.add_row(
                 f"{g.count:,}", g.cls.value, g.domain, reply, when(g.last_dead_at), g.sample_id
             )
-        out.print(table)
+        show(table)
         out.print(
             f"-- {sum(g.count for g in groups):,} dead recipient(s) in {len(groups)} group(s)"
         )
@@ -61,11 +69,11 @@ def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> 
         last = d.last_response
         text = ""
         if last is not None:
-            text = f"{reply_code(last.code, last.enhanced)} {first_line(last.text)}".strip()
+            text = reply_line(last.code, last.enhanced, last.text)
         if d.reason and not text:
             text = d.reason
         table.add_row(d.id, d.address, d.cls.value, str(d.attempts), when(d.dead_at), text)
-    out.print(table)
+    show(table)
     out.print(f"-- {len(letters)} dead recipient(s)")
 
 
@@ -97,7 +105,8 @@ dlq.add_command(
     action_command(
         "requeue",
         QueueAction.REQUEUE,
-        "Give dead letters a fresh start: attempts reset, due now (postsuper -r).",
+        "Give dead letters a fresh start: attempts reset, due now (postsuper -r). An address "
+        "on the suppression list refuses the requeue unless --unsuppress lifts its suppression.",
         dead_letters=True,
     )
 )

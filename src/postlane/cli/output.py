@@ -1,7 +1,9 @@
 """How the commands print: the consoles, JSON, listing tables, ages and replies.
 
-Listings go to stdout (``out``); what an operator action shows and asks goes to stderr (``err``),
-so a pipe gets only the result. Piped, neither wraps: one line per row.
+As Postfix's commands do: what a command produces (listings, records, ids, JSON) goes to stdout
+(``out``); what it says about what it is doing (what an action will touch, its question, its
+outcome, like postsuper's "Deleted: 3 messages", and errors) goes to stderr (``err``), so a pipe
+gets only the result. Piped, nothing wraps and no line is padded: one line per row.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 from postlane.config import format_duration
@@ -20,11 +22,28 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+#: the width of piped output: as wide as a row is (a terminal's own width is used on one)
+PIPED_WIDTH = 10_000
+
+
 def unwrap_when_piped() -> None:
-    """Piped output gets one line per row, never wrapped at 80 columns."""
+    """Piped output gets one line per row, never wrapped at 80 columns (see :func:`show`)."""
     for console in (out, err):
         if not console.is_terminal:
-            console.width = 250
+            console.width = PIPED_WIDTH
+
+
+def show(renderable: RenderableType, *, console: Console = out) -> None:
+    """Print a table (or any renderable): as it is on a terminal; piped, each line without the
+    spaces that pad it to the table's width."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    text = "\n".join(line.rstrip() for line in captured.get().splitlines())
+    console.file.write(text + "\n")
+    console.file.flush()
 
 
 def print_json(data: Any) -> None:
@@ -53,10 +72,11 @@ def listing(
     *columns: str,
     right: Collection[str] = (),
     wrap: Collection[str] | None = None,
-    pad_edge: bool = True,
+    pad_edge: bool = False,
 ) -> Table:
     """A borderless table with bold headings: ``right`` columns are right-aligned, and only the
-    ``wrap`` ones wrap (all do when it is None)."""
+    ``wrap`` ones wrap (all do when it is None). No padding at the edges: the first column
+    starts at the line's start."""
     table = Table(box=None, show_edge=False, header_style="bold", pad_edge=pad_edge)
     for column in columns:
         table.add_column(
@@ -74,6 +94,12 @@ def age(seconds: float) -> str:
 def reply_code(code: int | None, enhanced: str | None) -> str:
     """``"550 5.1.1"``, ``"421"``, or ``""``: the codes of a reply that has them."""
     return " ".join(str(x) for x in (code, enhanced) if x)
+
+
+def reply_line(code: int | None, enhanced: str | None, text: str | None) -> str:
+    """A reply on one line: its codes, then its text's first line (no codes, no leading
+    space: a connection failure has none)."""
+    return " ".join(part for part in (reply_code(code, enhanced), first_line(text)) if part)
 
 
 def first_line(text: str | None) -> str:

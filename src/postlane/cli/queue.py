@@ -7,13 +7,21 @@ import sys
 from typing import IO, Any
 
 import click
-from rich.table import Table
+from rich.padding import Padding
 from rich.text import Text
 
 from postlane.app import QueueAction
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, with_app
-from postlane.cli.output import first_line, json_or_empty, listing, out, print_json, reply_code
+from postlane.cli.output import (
+    json_or_empty,
+    listing,
+    out,
+    print_json,
+    reply_code,
+    reply_line,
+    show,
+)
 from postlane.cli.selectors import build_selector, selector_options
 from postlane.clock import when
 from postlane.errors import PostlaneError
@@ -47,7 +55,7 @@ def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
     if json_or_empty(messages, as_json=as_json, empty="Mail queue is empty"):
         return
     columns = ("Queue ID", "Lane", "Size", "Arrival", "Sender / Recipients")
-    table = listing(*columns, wrap={"Sender / Recipients"}, pad_edge=False)
+    table = listing(*columns, wrap={"Sender / Recipients"})
     for message in messages:
         table.add_row(
             message.id,
@@ -56,7 +64,7 @@ def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
             when(message.created_at),
             _recipients_cell(message),
         )
-    out.print(table)
+    show(table)
     total = sum(len(m.recipients) for m in messages)
     size_kb = sum(m.size for m in messages) / 1024
     out.print(f"-- {size_kb:.0f} Kbytes in {len(messages)} messages, {total} recipients")
@@ -74,8 +82,7 @@ def _recipients_cell(message: MessageView) -> Text:
         cell.append("]", style=STATE_STYLE.get(r.state, ""))
         if r.last_response is not None and r.state is not RecipientState.SENT:
             reply = r.last_response
-            code = reply_code(reply.code, reply.enhanced)
-            cell.append(f"\n    ({code} {first_line(reply.text)})".rstrip())
+            cell.append(f"\n    ({reply_line(reply.code, reply.enhanced, reply.text)})")
     return cell
 
 
@@ -103,7 +110,7 @@ def queue_show(queue_id: str, raw: bool, as_json: bool) -> None:
         ("Size", f"{message.size} bytes"),
         ("Idempotency key", message.idempotency_key or "-"),
     ):
-        out.print(f"  {label + ':':<17}{value}", markup=False)
+        out.print(f"  {label + ':':<17}{value}".rstrip(), markup=False)
     if message.metadata:
         out.print(f"  {'Metadata:':<17}{json.dumps(dict(message.metadata))}", markup=False)
     for r in message.recipients:
@@ -117,13 +124,12 @@ def queue_show(queue_id: str, raw: bool, as_json: bool) -> None:
             line.append(f"  ({r.reason})")
         out.print(line)
         if r.history:
-            table = Table(box=None, show_edge=False, padding=(0, 1), header_style="dim")
-            for column in ("at", "class", "code", "text", "ms", "relay"):
-                table.add_column(column)
+            table = listing("at", "class", "code", "text", "ms", "relay", right={"ms"})
+            table.header_style = "dim"
             for a in r.history:
                 code = reply_code(a.code, a.enhanced)
                 table.add_row(when(a.at), a.cls.value, code, a.text, str(a.duration_ms), a.relay)
-            out.print(table)
+            show(Padding(table, (0, 0, 0, 4), expand=False))
 
 
 queue.add_command(

@@ -4,64 +4,68 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from enum import StrEnum
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
 
+from postlane import selectors
 from postlane.classify import ReplyClass
-from postlane.config import parse_duration
+from postlane.clock import SystemClock
+from postlane.errors import ValidationError
 from postlane.message import Lane, RecipientState
 from postlane.records import Selector
 
 F = TypeVar("F", bound=Callable[..., Any])
-E = TypeVar("E", bound=StrEnum)
+
+#: the option of each field of postlane.selectors.parse_selector
+_OPTIONS = {
+    "lane": "--lane",
+    "state": "--state",
+    "domain": "--domain",
+    "class": "--class",
+    "older_than": "--older-than",
+    "sender": "--sender",
+    "recipient": "--recipient",
+    "metadata": "--metadata",
+}
+_CHOICES: Mapping[str, Sequence[str]] = {
+    "lane": [lane.value for lane in Lane],
+    "state": [state.value for state in RecipientState],
+    "class": [cls.value for cls in ReplyClass],
+}
 
 
-def _lanes(values: Sequence[str]) -> tuple[Lane, ...]:
+@contextmanager
+def _as_bad_parameter(given: Mapping[str, Any]) -> Iterator[None]:
+    """The shared parser's ValidationError as click's error naming the option: ``Invalid
+    value for '--lane': 'urgent' is not one of high, normal, low``."""
     try:
-        return tuple(Lane(v.lower()) for v in values)
-    except ValueError as exc:
-        raise click.BadParameter(f"{exc} (lanes are high, normal, low)") from None
+        yield
+    except ValidationError as exc:
+        field = exc.field or ""
+        choices = _CHOICES.get(field)
+        values = given.get(field) or ()
+        wrong = [v for v in values if choices and v.lower() not in choices]
+        if choices and wrong:
+            message = f"{wrong[0]!r} is not one of {', '.join(choices)}"
+        else:
+            message = exc.message.removeprefix(f"{field}: ")
+        raise click.BadParameter(message, param_hint=repr(_OPTIONS.get(field, field))) from None
 
 
-def _states(values: Sequence[str]) -> tuple[RecipientState, ...]:
-    return _members(RecipientState, values, "state", "states")
-
-
-def _classes(values: Sequence[str]) -> tuple[ReplyClass, ...]:
-    return _members(ReplyClass, values, "class", "classes")
-
-
-def _members(enum: type[E], values: Sequence[str], what: str, plural: str) -> tuple[E, ...]:
-    try:
-        return tuple(enum(v.lower()) for v in values)
-    except ValueError:
-        known = ", ".join(member.value for member in enum)
-        raise click.BadParameter(f"unknown {what} ({plural} are {known})") from None
-
-
-def _older_than(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--older-than") from None
-    return time.time() - seconds
+def lane_choice(value: str) -> str:
+    """A ``--lane`` value checked as the selectors check theirs (``send --lane``)."""
+    with _as_bad_parameter({"lane": [value]}):
+        selectors.parse_selector({"lane": value}, SystemClock())
+    return value.lower()
 
 
 def metadata_pairs(items: Sequence[str]) -> dict[str, str]:
     """``--metadata KEY=VALUE`` options as a dict (the last of a key wins)."""
-    pairs: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--metadata")
-        pairs[key] = value
-    return pairs
+    with _as_bad_parameter({}):
+        return selectors.metadata_pairs(items)
 
 
 def selector_options(func: F) -> F:
@@ -110,18 +114,20 @@ def build_selector(
     recipient: str | None = None,
     metadata: Sequence[str] = (),
 ) -> Selector:
-    """The :class:`Selector` the selector options (and message IDs, or ``--all``) describe;
-    click.BadParameter naming the option for a bad value."""
-    pairs = metadata_pairs(metadata)
-    return Selector(
-        ids=tuple(ids),
-        all=all_,
-        lanes=_lanes(lanes),
-        states=_states(states),
-        domains=tuple(d.lower() for d in domains),
-        classes=_classes(classes),
-        older_than=_older_than(older_than),
-        sender=sender,
-        recipient=recipient,
-        metadata=pairs,
-    )
+    """The :class:`Selector` the selector options (and message IDs, or ``--all``) describe,
+    read by :func:`postlane.selectors.parse_selector` as the HTTP API and the dashboard read
+    theirs; click.BadParameter naming the option for a bad value."""
+    fields: dict[str, Any] = {
+        "ids": list(ids),
+        "all": all_,
+        "lane": list(lanes),
+        "state": list(states),
+        "domain": list(domains),
+        "class": list(classes),
+        "older_than": older_than,
+        "sender": sender,
+        "recipient": recipient,
+        "metadata": metadata_pairs(metadata),
+    }
+    with _as_bad_parameter(fields):
+        return selectors.parse_selector(fields, SystemClock())

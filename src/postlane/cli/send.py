@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
-from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.context import config_option, invocation, json_option, with_app
 from postlane.cli.output import print_json
-from postlane.cli.selectors import metadata_pairs
-from postlane.message import Attachment, Message
+from postlane.cli.selectors import lane_choice, metadata_pairs
+from postlane.message import Attachment, Message, prepare
 
 
 def _read(path: str) -> bytes:
@@ -85,6 +86,7 @@ def send(
     if text is not None and text_file is not None:
         raise click.UsageError("give --text or --text-file, not both")
     meta = metadata_pairs(metadata)
+    lane = lane_choice(lane)
     if eml is not None:
         message = Message(
             sender=sender or "",
@@ -119,7 +121,10 @@ def send(
             metadata=meta,
         )
 
-    result = with_app(lambda app: app.send(message))
+    # checked before the store is opened: a bad message is refused whether or not there is one
+    config = invocation().config()
+    prepared = prepare(message, max_size=config.smtp.max_size, now=time.time())
+    [result] = with_app(lambda app: app.send_prepared([prepared]))
     if as_json:
         print_json(result.as_json())
     else:

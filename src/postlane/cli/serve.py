@@ -1,7 +1,11 @@
 """``postlane serve`` and ``postlane worker``: the commands that run postlane (the whole service,
-or delivery alone)."""
+or delivery alone). They are the only commands that create the store."""
 
 from __future__ import annotations
+
+import logging
+import stat
+from pathlib import Path
 
 import click
 
@@ -17,7 +21,9 @@ def serve() -> None:
     from postlane import serve as service
 
     setup_logging()
-    run_async(service.run(invocation().config(), ingest=True))
+    config = invocation().config()
+    warn_about_readable_files(config)
+    run_async(service.run(config, ingest=True))
 
 
 @click.command()
@@ -36,6 +42,7 @@ def worker(burst: bool, metrics_listen: str | None) -> None:
 
     setup_logging()
     config = invocation().config()
+    warn_about_readable_files(config)
     if burst:
         run_async(_burst(config))
     else:
@@ -55,7 +62,7 @@ async def _burst(config: Config) -> None:
     from postlane.worker import Worker
 
     transport = transport_for(config)
-    async with AsyncPostlane(config) as app:
+    async with AsyncPostlane(config, create=True) as app:
         worker = Worker.from_config(config, app.store, transport, clock=app.clock)
         await worker.reclaim_dead_owners()
         try:
@@ -63,3 +70,35 @@ async def _burst(config: Config) -> None:
         finally:
             await transport.close()
         click.echo(f"{attempts} attempt(s), {worker.sent} delivered", err=True)
+
+
+def readable_by_others(config: Config) -> list[tuple[Path, int]]:
+    """The files holding what others must not read that group or others can: the SQLite
+    database (whole messages; new ones are created 0600, older ones may be 0644) and the DKIM
+    private keys. Each with its permission bits."""
+    from postlane.store import sqlite_path
+
+    paths: list[Path] = []
+    if config.store.url.startswith("sqlite://"):
+        paths.append(sqlite_path(config.store.url, config.base_dir))
+    paths += [config.resolve_path(key.private_key) for key in config.dkim.values()]
+    found = []
+    for path in paths:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            continue  # not there yet (the store creates its file 0600), or not ours to see
+        if mode & 0o044:
+            found.append((path, mode))
+    return found
+
+
+def warn_about_readable_files(config: Config) -> None:
+    """One warning line at start naming the files :func:`readable_by_others` finds."""
+    found = readable_by_others(config)
+    if found:
+        files = ", ".join(f"{path} (mode {mode:04o})" for path, mode in found)
+        logging.getLogger("postlane").warning(
+            "readable by other users: %s; they hold whole messages or private keys: chmod 600 them",
+            files,
+        )

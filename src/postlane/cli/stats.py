@@ -7,15 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-from rich.table import Table
 from rich.text import Text
 
 from postlane.app import QSHAPE_EDGES, AsyncPostlane
 from postlane.cli.context import config_option, json_option, with_app
-from postlane.cli.output import age, listing, out, print_json
+from postlane.cli.output import age, listing, out, print_json, show
 from postlane.clock import when
 from postlane.message import Lane
-from postlane.records import ShapeRow
+from postlane.records import ShapeRow, Stats
 
 
 @click.command()
@@ -28,13 +27,13 @@ def stats(shape: bool, limit: int, as_json: bool) -> None:
     if shape:
         _print_shape(with_app(lambda app: app.shape(limit=limit)), as_json)
         return
-    result = with_app(lambda app: app.stats())
+    result, store = with_app(_stats_of_store)
     if as_json:
-        print_json(result.as_json())
+        # the contract's "ready" stays the JSON key of what --state and the metrics call queued
+        print_json({**result.as_json(), "store": store})
         return
-    table = Table(header_style="bold")
-    for column in ("lane", "ready", "deferred", "held", "sending", "oldest"):
-        table.add_column(column, justify="right" if column != "lane" else "left")
+    columns = ("lane", "queued", "deferred", "held", "sending", "oldest")
+    table = listing(*columns, right=set(columns[1:]))
     for lane in Lane:
         s = result.lanes[lane]
         table.add_row(
@@ -45,14 +44,14 @@ def stats(shape: bool, limit: int, as_json: bool) -> None:
             str(s.sending),
             age(s.oldest_age_seconds),
         )
-    out.print(table)
+    show(table)
     out.print(
         f"sent {result.sent}   dead {result.dead}   suppressed {result.suppressed}   "
-        f"suppression list {result.suppression_list}"
+        f"suppression list {result.suppression_list}",
+        markup=False,
     )
     if result.destinations:
-        columns = ("destination", "in flight", "rate/s", "paused until", "why")
-        busy = listing(*columns, pad_edge=False)
+        busy = listing("destination", "in flight", "rate/s", "paused until", "why")
         for d in result.destinations:
             busy.add_row(
                 d.destination,
@@ -62,7 +61,12 @@ def stats(shape: bool, limit: int, as_json: bool) -> None:
                 d.reason or "",
             )
         out.print()
-        out.print(busy)
+        show(busy)
+    out.print(f"store: {store}", markup=False)
+
+
+async def _stats_of_store(app: AsyncPostlane) -> tuple[Stats, str]:
+    return await app.stats(), app.store.description
 
 
 def _print_shape(rows: Sequence[ShapeRow], as_json: bool) -> None:
@@ -70,13 +74,13 @@ def _print_shape(rows: Sequence[ShapeRow], as_json: bool) -> None:
         print_json([row.as_json(QSHAPE_EDGES) for row in rows])
         return
     labels = [f"{int(e // 60)}" for e in QSHAPE_EDGES] + [f"{int(QSHAPE_EDGES[-1] // 60)}+"]
-    table = listing("domain", "T", *labels, right={"T", *labels}, pad_edge=False)
+    table = listing("domain", "T", *labels, right={"T", *labels})
     totals = [sum(row.buckets[i] for row in rows) for i in range(len(labels))]
     table.add_row("TOTAL", str(sum(r.total for r in rows)), *map(str, totals), style="bold")
     for row in rows:
         table.add_row(row.domain, str(row.total), *map(str, row.buckets))
     out.print("waiting recipients by domain and age in minutes (qshape)")
-    out.print(table)
+    show(table)
 
 
 @click.command("alerts")
@@ -105,12 +109,12 @@ def alerts_command(rules: bool, as_json: bool) -> None:
     if as_json:
         print_json([a.as_json() for a in verdicts])
         return
-    table = listing("state", "alert", "labels", "value", "detail", pad_edge=False)
+    table = listing("state", "alert", "labels", "value", "detail")
     for alert in verdicts:
         state_text = Text("FIRING", style="bold red") if alert.firing else Text("ok", style="green")
         labels = ",".join(f"{k}={v}" for k, v in alert.labels.items())
         table.add_row(state_text, alert.rule.name, labels, f"{alert.value:g}", alert.detail)
-    out.print(table)
+    show(table)
     firing = [a for a in verdicts if a.firing]
     if firing:
         out.print(f"{len(firing)} firing; runbooks:")

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from postlane import redact
 from postlane.config import DeliveryConfig, DestinationLimits
 from postlane.errors import ConfigError
 from postlane.transports.base import BaseTransport, Envelope, Response, no_reply
@@ -69,15 +70,16 @@ class RelaySettings:
         """The relay at ``url`` as ``[delivery]`` describes it; ``limits`` are the relay
         destination's own (its ``messages_per_connection`` wins over ``[delivery]``'s)."""
         parts = urlsplit(url)
+        shown = redact.mask_url(url)  # never the password
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
             raise ConfigError(
-                f"delivery.relay {url!r}: expected smtp://host[:port] or smtps://host[:port]"
+                f"delivery.relay {shown!r}: expected smtp://host[:port] or smtps://host[:port]"
             )
         implicit_tls = parts.scheme == "smtps"
         try:
             port = parts.port or (465 if implicit_tls else 25)
         except ValueError:
-            raise ConfigError(f"delivery.relay {url!r}: bad port") from None
+            raise ConfigError(f"delivery.relay {shown!r}: bad port") from None
         username = unquote(parts.username) if parts.username else delivery.username
         password = unquote(parts.password) if parts.password else delivery.password
         return cls(

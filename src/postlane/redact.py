@@ -1,0 +1,107 @@
+"""Keeping secrets out of messages: URLs with their credentials masked, and known secret values
+replaced wherever they appear.
+
+Configuration errors, log lines and ``-v`` output may name a relay URL or a store URL; the
+password in ``smtp://user:PASSWORD@host`` or the token in ``postmark://TOKEN`` must never show
+with it. :func:`mask_url` masks what a URL's own syntax marks as a credential;
+:func:`redact` is the net under it, replacing the values the configuration declared secret
+(``password``, ``tokens``, ``*_file`` contents, ...) in any text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+__all__ = ["MASK", "is_secret_key", "mask_url", "redact", "url_secrets"]
+
+#: what a secret is replaced with
+MASK = "****"
+
+#: keys whose values are secrets: shown in no message, masked in every one
+_SECRET_WORDS = ("password", "secret", "token", "tokens", "key", "users", "signature")
+#: keys named like secrets that hold the path of a file holding one (the path is no secret)
+_PATHS = frozenset({"private_key", "tls_key"})
+#: schemes whose user info may be a user name alone, no secret (``smtp://user@host``)
+_USER_NAMES = frozenset({"smtp", "smtps", "postgresql", "postgres"})
+#: URL schemes whose credentials are the whole part before ``@`` (or, without one, the host
+#: part itself: ``postmark://TOKEN``)
+_CREDENTIALS_IN_HOST = frozenset({"sendgrid", "postmark"})
+_PROVIDER_SCHEMES = frozenset({"sendgrid", "postmark", "mailgun", "ses"})
+#: a secret shorter than this is not replaced in free text (it would mangle the words around)
+_SHORTEST = 4
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a configuration key holds a secret: ``password``, ``secret``, ``token(s)``,
+    ``key`` and the keys ending so (``signing_key``, ``verification_key``, ``send_tokens``),
+    and ``[smtp] users`` (passwords by user name)."""
+    name = key.lower().rsplit(".", 1)[-1]
+    if name in _PATHS:
+        return False
+    return any(name == word or name.endswith("_" + word) for word in _SECRET_WORDS)
+
+
+def mask_url(url: str) -> str:
+    """``url`` fit for a message: the password of its user info masked (the whole user info,
+    or the host part of ``sendgrid://KEY`` and ``postmark://TOKEN``, for provider URLs), and
+    query values whose names are secret (``?token=...``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    scheme_name = scheme.lower()
+    rest, question, query = rest.partition("?")
+    path_start = rest.find("/")
+    netloc, path = (rest, "") if path_start < 0 else (rest[:path_start], rest[path_start:])
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        if scheme_name in _USER_NAMES and ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":" + MASK
+        elif scheme_name not in _USER_NAMES:
+            userinfo = MASK
+        netloc = f"{userinfo}@{host}"
+    elif scheme_name in _CREDENTIALS_IN_HOST and netloc:
+        netloc = MASK
+    if question:
+        pairs = []
+        for pair in query.split("&"):
+            name, equals, _value = pair.partition("=")
+            pairs.append(f"{name}={MASK}" if equals and is_secret_key(name) else pair)
+        query = "&".join(pairs)
+    return f"{scheme}://{netloc}{path}{question}{query}"
+
+
+def url_secrets(url: str) -> set[str]:
+    """The credentials :func:`mask_url` hides in ``url`` (to :func:`redact` them elsewhere:
+    a message may quote the URL in pieces)."""
+    found: set[str] = set()
+    masked = mask_url(url)
+    if masked == url:
+        return found
+    # the differing stretches of the URL and its masked form are the secrets
+    for original, _ in _differences(url, masked):
+        found.add(original)
+        if ":" in original:  # ses://KEY:SECRET@REGION: each half is a secret too
+            found.update(part for part in original.split(":") if part)
+    return found
+
+
+def _differences(text: str, masked: str) -> Iterable[tuple[str, str]]:
+    pattern = "(.*?)".join(re.escape(part) for part in masked.split(MASK))
+    match = re.fullmatch(pattern, text, re.DOTALL)
+    if match is None:
+        return []
+    return [(group, MASK) for group in match.groups() if group]
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every one of ``secrets`` replaced by :data:`MASK` (the longest first, so
+    a secret that contains another goes whole; as written, and as Python's repr escapes it)."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) < _SHORTEST:
+            continue
+        text = text.replace(secret, MASK)
+        escaped = repr(secret)[1:-1]
+        if escaped != secret:
+            text = text.replace(escaped, MASK)
+    return text
