@@ -426,6 +426,12 @@ _SECTIONS: dict[str, type[Any]] = {
 _OTHER_VARIABLES = frozenset(
     {"POSTLANE_CONFIG", "POSTLANE_DEBUG", "POSTLANE_API_TOKEN", "POSTLANE_WORKER_METRICS"}
 )
+#: what Kubernetes (and Docker links) put in every pod's environment for a Service named
+#: ``postlane-smtp`` and the like: never configuration
+_SERVICE_LINK = re.compile(
+    r"POSTLANE_[A-Z0-9_]*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)"
+    r"(_(ADDR|PORT|PROTO))?)?)"
+)
 #: sections of named tables or arrays of tables: no environment form (``${VAR}`` in the file)
 _TABLE_SECTIONS = ("destinations", "dkim", "routes", "shaping")
 #: ``${VAR}``, ``${VAR:-default}`` and ``$$``; any other ``$`` is itself (``scrypt$...``)
@@ -454,6 +460,8 @@ def _environment_overrides(env: Mapping[str, str]) -> dict[str, dict[str, tuple[
     for variable, text in env.items():
         if not variable.startswith("POSTLANE_") or variable in _OTHER_VARIABLES:
             continue
+        if _SERVICE_LINK.fullmatch(variable):
+            continue  # Kubernetes' and Docker's links to a service named postlane-...
         word, _, key = variable[len("POSTLANE_") :].lower().partition("_")
         if word == "lanes":
             lane, _, key = key.partition("_")

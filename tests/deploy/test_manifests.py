@@ -450,7 +450,7 @@ def test_kubernetes_secrets_referenced_by_pods_are_in_the_example() -> None:
 def test_kubernetes_migration_job_opens_the_store_once() -> None:
     (job,) = [d for d in kubernetes_documents() if d["kind"] == "Job"]
     box = container(job["spec"]["template"])
-    assert box["args"][0] == "stats"  # opening the store migrates it (no `migrate` command yet)
+    assert box["args"] == ["migrate"]
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     assert job["spec"]["backoffLimit"] >= 1 and job["spec"]["ttlSecondsAfterFinished"] > 0
 

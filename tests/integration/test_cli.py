@@ -484,3 +484,12 @@ def test_suppress_help_describes_each_command(tmp_path: Path) -> None:
     for command in ("add", "list", "remove"):
         [line] = [line for line in text.splitlines() if line.strip().startswith(command + " ")]
         assert len(line.split()) > 2, line  # a description after the name
+
+
+def test_migrate_creates_the_store_says_its_schema_and_exits(tmp_path: Path) -> None:
+    from postlane.store.sqlite import SCHEMA_VERSION
+
+    out = ok("migrate", cwd=tmp_path)
+    assert (tmp_path / "postlane.db").exists()
+    assert out.strip().endswith(f"schema version {SCHEMA_VERSION}")
+    assert ok("migrate", cwd=tmp_path) == out  # again: nothing left to do

@@ -495,3 +495,19 @@ def test_variables_that_are_not_configuration_are_left_alone() -> None:
         "POSTLANE_URL": "http://postlane:8025",  # the Django integration's
     }
     assert config_from_dict({}, env=env) == config_from_dict({})
+
+
+def test_kubernetes_service_links_are_not_configuration(tmp_path: Path) -> None:
+    """A Service named postlane-smtp puts POSTLANE_SMTP_SERVICE_HOST and friends in every pod's
+    environment: postlane must start, not refuse them as unknown settings."""
+    links = {
+        "POSTLANE_SMTP_SERVICE_HOST": "10.0.0.7",
+        "POSTLANE_SMTP_SERVICE_PORT": "2587",
+        "POSTLANE_SMTP_SERVICE_PORT_SUBMISSION": "2587",
+        "POSTLANE_SMTP_PORT": "tcp://10.0.0.7:2587",
+        "POSTLANE_SMTP_PORT_2587_TCP": "tcp://10.0.0.7:2587",
+        "POSTLANE_SMTP_PORT_2587_TCP_ADDR": "10.0.0.7",
+        "POSTLANE_HTTP_PORT_8025_TCP_PROTO": "tcp",
+    }
+    config = load_config(None, env=links, cwd=tmp_path)
+    assert config.smtp.listen == "127.0.0.1:2587"

@@ -26,7 +26,7 @@ from postlane.cli.dlq import dlq
 from postlane.cli.output import unwrap_when_piped
 from postlane.cli.queue import queue
 from postlane.cli.send import send
-from postlane.cli.serve import serve, worker
+from postlane.cli.serve import migrate, serve, worker
 from postlane.cli.simulate import simulate_command
 from postlane.cli.stats import alerts_command, stats
 from postlane.cli.suppress import suppress
@@ -70,6 +70,7 @@ def cli(ctx: click.Context, config: str | None, debug: bool, verbose: bool) -> N
 for command in (
     serve,
     worker,
+    migrate,
     send,
     queue,
     stats,

@@ -1,5 +1,5 @@
 """``postlane serve`` and ``postlane worker``: the commands that run postlane (the whole service,
-or delivery alone). They are the only commands that create the store."""
+or delivery alone); and ``postlane migrate``. They are the only commands that create the store."""
 
 from __future__ import annotations
 
@@ -54,6 +54,21 @@ def worker(burst: bool, metrics_listen: str | None) -> None:
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint="--metrics") from None
         run_async(service.run(config, ingest=False, metrics_listen=metrics_listen))
+
+
+@click.command()
+@config_option
+def migrate() -> None:
+    """Create the store, or bring its schema up to this postlane's, then exit (a deployment's
+    migration job; serve and worker do it too when they start)."""
+    run_async(_migrate(invocation().config()))
+
+
+async def _migrate(config: Config) -> None:
+    from postlane.store import schema_version
+
+    async with AsyncPostlane(config, create=True) as app:
+        click.echo(f"{app.store.description}: schema version {schema_version(config.store.url)}")
 
 
 async def _burst(config: Config) -> None:

@@ -37,6 +37,17 @@ def open_store_url(
     )
 
 
+def schema_version(url: str) -> int:
+    """The schema version this postlane brings a store at ``url`` to (what ``open`` does)."""
+    if url.startswith("sqlite://"):
+        from postlane.store.sqlite import SCHEMA_VERSION as sqlite_version
+
+        return sqlite_version
+    from postlane.store.postgres import SCHEMA_VERSION as postgres_version
+
+    return postgres_version
+
+
 def sqlite_path(url: str, base_dir: Path | None = None) -> Path:
     """``sqlite:///postlane.db`` is relative to ``base_dir``; ``sqlite:////var/x.db`` absolute."""
     rest = url[len("sqlite://") :]
