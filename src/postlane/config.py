@@ -365,6 +365,10 @@ class LogConfig:
     level: str = _setting("info", _choice("debug", "info", "warning", "error"))
     #: one line per delivery attempt (id, domain, destination, class, code, duration)
     attempts: bool = _setting(True, _bool)
+    #: the recipient in each attempt line: "none" (the domain only: the default), "hash"
+    #: (a pseudonym: the first 16 hex digits of the SHA-256 of the lower-cased address, the
+    #: same in every line) or "full" (the address)
+    recipients: str = _setting("none", _choice("none", "hash", "full"))
 
 
 _LANE_SECTIONS = tuple(lane.value for lane in Lane)

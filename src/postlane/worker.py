@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -98,8 +99,11 @@ class Worker:
         wake: asyncio.Event | None = None,
         retention: tuple[float, float] | None = None,
         throttle: Throttle | None = None,
+        log_recipients: str = "none",
     ) -> None:
         self.store = store
+        #: how attempt lines show recipients ([log] recipients: none, hash, full)
+        self.log_recipients = log_recipients
         self.transport = transport
         self.policy = policy
         self.settings = delivery or DeliveryConfig()
@@ -157,6 +161,7 @@ class Worker:
             wake=wake,
             retention=(config.store.retention, config.store.dead_retention),
             throttle=Throttle.from_config(config),
+            log_recipients=config.log.recipients,
         )
 
     # -- running ---------------------------------------------------------------------------------
@@ -422,7 +427,7 @@ class Worker:
         self.attempts += 1
         if decision.action is Action.SEND:
             self.sent += 1
-        _log_attempt(message, delivery, verdict, decision, duration_ms)
+        _log_attempt(message, delivery, verdict, decision, duration_ms, self.log_recipients)
         self.observer.attempted(
             DecidedAttempt(
                 message.lane, delivery.destination, verdict, decision, message.created_at, now
@@ -533,15 +538,19 @@ def _log_attempt(
     verdict: Verdict,
     decision: Decision,
     duration_ms: int,
+    recipients: str = "none",
 ) -> None:
-    """One line per attempt (never the address's local part, never the content)."""
+    """One line per attempt, never the content; the recipient as ``[log] recipients`` says
+    (by default the domain only)."""
     if not attempt_log.isEnabledFor(logging.INFO):
         return
+    recipient = logged_recipient(delivery.address, recipients)
     attempt_log.info(
-        "attempt id=%s domain=%s destination=%s class=%s code=%s enhanced=%s "
+        "attempt id=%s domain=%s%s destination=%s class=%s code=%s enhanced=%s "
         "duration_ms=%d next=%s",
         message.queue_id,
         delivery.domain,
+        f" recipient={recipient}" if recipient else "",
         delivery.destination,
         verdict.cls.value,
         verdict.code if verdict.code is not None else "-",
@@ -552,6 +561,7 @@ def _log_attempt(
             "event": "attempt",
             "id": message.queue_id,
             "domain": delivery.domain,
+            **({"recipient": recipient} if recipient else {}),
             "destination": delivery.destination,
             "class": verdict.cls.value,
             "code": verdict.code,
@@ -561,3 +571,12 @@ def _log_attempt(
             "lane": message.lane.value,
         },
     )
+
+
+def logged_recipient(address: str, mode: str) -> str | None:
+    """A recipient as an attempt line shows it: nothing, a pseudonym, or the address."""
+    if mode == "full":
+        return address
+    if mode == "hash":
+        return hashlib.sha256(address.lower().encode("utf-8")).hexdigest()[:16]
+    return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from aiosmtpd.smtp import SMTP as SMTPServer
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,7 +37,7 @@ from postlane.metrics import Metrics
 from postlane.records import AttemptRecord, Outcome, Selector
 from postlane.transports import transport_for
 from postlane.worker import Worker
-from tests.conftest import IN_CI, free_port, make_config
+from tests.conftest import IN_CI, ScriptedHandler, free_port, make_config
 from tests.processes import start_postlane
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -310,6 +312,44 @@ async def test_one_log_line_per_attempt_and_no_secret_or_body(
     data = json.loads(JSONFormatter().format(line))
     assert data["event"] == "attempt" and data["class"] == "delivered" and data["id"] == result.id
     assert data["code"] == 250
+
+
+@pytest.mark.parametrize(
+    ("mode", "shown"),
+    [
+        ("hash", hashlib.sha256(b"ada@y.example").hexdigest()[:16]),
+        ("full", "Ada@y.example"),
+    ],
+)
+async def test_attempt_lines_can_say_which_recipient_got_which_reply(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture, mode: str, shown: str
+) -> None:
+    """Three recipients of one message answered 550, 450 and 250: with [log] recipients the
+    lines tell them apart (by a pseudonym or the address); by default only the domain shows."""
+    # the domain is normalised at enqueue (Ada@y.example); the local part is kept as given
+    peer_replies = {"Ada@y.example": "550 5.1.1 no such user", "bob@y.example": "450 4.2.1 busy"}
+    handler = ScriptedHandler(rcpt=peer_replies)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTPServer(handler, loop=loop), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = make_config(
+            tmp_path, delivery={"relay": f"smtp://127.0.0.1:{port}"}, log={"recipients": mode}
+        )
+        caplog.set_level(logging.INFO)
+        async with AsyncPostlane(config, clock=clock) as app:
+            worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+            await app.send(sender="a@x.example", to=["Ada@Y.example", "bob@y.example",
+                                                     "cy@y.example"], text="x")  # fmt: skip
+            await worker.run_until_idle()
+            await worker.transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    lines = [r.getMessage() for r in caplog.records if r.name == "postlane.attempts"]
+    [refused] = [line for line in lines if "code=550" in line]
+    assert f"recipient={shown}" in refused
+    assert len({line.split("recipient=")[1].split()[0] for line in lines}) == 3
 
 
 def test_setup_logging_json(capfd: pytest.CaptureFixture[str]) -> None:
