@@ -38,7 +38,7 @@ from postlane.recorder import Recorder
 from postlane.records import AttemptRecord, ClaimedMessage, Delivery, Outcome
 from postlane.store.base import Store
 from postlane.throttle import Throttle
-from postlane.transports.base import Envelope, Response, Transport
+from postlane.transports.base import Envelope, Response, Transport, interrupted
 
 log = logging.getLogger("postlane.worker")
 #: one line per delivery attempt (never the address's local part, never the content)
@@ -511,11 +511,20 @@ class Worker:
                 self.settings.shutdown_grace,
                 in_flight,
             )
+        before = interrupted.after_handover
         await self._drain_tasks(timeout=self.settings.shutdown_grace)
+        cut = interrupted.after_handover - before
+        if cut:
+            log.warning(
+                "stopping cut off %d send(s) after the message was handed over (the server had "
+                "it, its reply had not come): they are tried again, so those recipients may get "
+                "it twice; a longer delivery.shutdown_grace avoids this",
+                cut,
+            )
         await self.recorder.stop()
         returned = await self.store.hand_back(self.owner, None, self.clock.now())
         if returned:
-            log.info("handed back %d unsent delivery(ies)", returned)
+            log.info("handed back %d delivery(ies) to be tried again", returned)
         try:
             await self.gate.leave_fleet()
         except Exception:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
-from postlane.clock import FakeClock
+from postlane.clock import FakeClock, SystemClock
 from postlane.message import Lane, Message, RecipientState
 from postlane.records import Selector, Suppression
 from postlane.transports import transport_for
@@ -532,3 +533,35 @@ async def test_capture_transport_writes_eml_files(tmp_path: Path, clock: FakeClo
         assert content.startswith(b"X-Postlane-Envelope-From: <a@example.com>\r\n")
         assert b"X-Postlane-Envelope-To: <b@example.net>, <c@example.org>" in content
         assert (await app.get(result.id)).state is RecipientState.SENT
+
+
+async def test_a_stop_that_cuts_a_send_after_its_final_dot_says_so(
+    tmp_path: Path, smtp_peer: SMTPPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Audit finding 13: a shutdown_grace shorter than the server's reply time cuts sends off
+    after the whole message went out; the log counts them (their recipients may get the
+    message twice) instead of only "handed back N"."""
+    smtp_peer.handler.data_delay = 30.0  # the server takes its time to answer the final dot
+    h = await harness(tmp_path, SystemClock(), smtp_peer.url,
+                      delivery={"shutdown_grace": "200ms"})  # fmt: skip
+    try:
+        caplog.set_level(logging.INFO)
+        whole_message = asyncio.Event()
+        handle_data = smtp_peer.handler.handle_DATA
+
+        async def answer_late(server: Any, session: Any, envelope: Any) -> str:
+            whole_message.set()  # aiosmtpd calls this once the final dot has arrived
+            return await handle_data(server, session, envelope)
+
+        smtp_peer.handler.handle_DATA = answer_late  # type: ignore[method-assign]
+        await h.send("ada@example.net")
+        stop = asyncio.Event()
+        running = asyncio.create_task(h.worker.run(stop))
+        await asyncio.wait_for(whole_message.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    finally:
+        await h.worker.transport.close()
+        await h.app.close()
+    assert "stopping cut off 1 send(s) after the message was handed over" in caplog.text
+    assert "handed back 1 delivery(ies)" in caplog.text

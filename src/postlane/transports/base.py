@@ -11,7 +11,9 @@ every hook its default, and transports inherit it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -116,3 +118,26 @@ class BaseTransport:
 
     async def close(self) -> None:
         return None
+
+
+class InterruptedSends:
+    """How many sends of this process were cut off after the message was handed over (an SMTP
+    server had the whole message but no reply had come; a provider had the request): their
+    recipients may get the message twice, as the delivery is tried again. A worker stopping
+    past its ``shutdown_grace`` says how many."""
+
+    def __init__(self) -> None:
+        self.after_handover = 0
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count a cancellation inside this block (the handed-over part of a send)."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.after_handover += 1
+            raise
+
+
+#: this process's count (transports add to it, the worker reads it when it stops)
+interrupted = InterruptedSends()

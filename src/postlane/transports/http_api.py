@@ -49,7 +49,7 @@ from postlane.classify import ReplyClass, classify
 from postlane.clock import Clock, SystemClock
 from postlane.config import DeliveryConfig
 from postlane.errors import ConfigError
-from postlane.transports.base import BaseTransport, Envelope, Response, no_reply
+from postlane.transports.base import BaseTransport, Envelope, Response, interrupted, no_reply
 
 __all__ = [
     "Accepted",
@@ -435,7 +435,8 @@ class ProviderTransport(BaseTransport, abc.ABC):
 
     async def _call(self, call: Call) -> Outcome:
         try:
-            answer = await self._client.send(call.request)
+            with interrupted.counting():  # the provider may have the request from the start
+                answer = await self._client.send(call.request)
         except httpx.TimeoutException:
             # the provider may or may not have taken it: retried (at most one duplicate)
             return Refused(ReplyClass.CONNECTION, f"{self.name}: timed out")

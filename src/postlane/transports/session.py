@@ -40,7 +40,7 @@ from aiosmtplib import (
 )
 
 from postlane.classify import ReplyClass, classify
-from postlane.transports.base import Envelope, Response, no_reply
+from postlane.transports.base import Envelope, Response, interrupted, no_reply
 
 __all__ = [
     "ClearTextRetry",
@@ -496,8 +496,9 @@ class Session:
 
         try:
             reader.write(_payload(envelope.content))
-            await reader.drain(timeout)
-            code, text = await reader.reply(timeout)
+            with interrupted.counting():  # the whole message is the server's from here
+                await reader.drain(timeout)
+                code, text = await reader.reply(timeout)
         except Disconnected as exc:
             # No final reply: the message may or may not have been taken. Retried (at most one
             # duplicate), never dropped.
