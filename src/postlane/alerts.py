@@ -31,6 +31,7 @@ from postlane.config import Config, parse_duration
 from postlane.errors import ConfigError
 from postlane.message import Lane
 from postlane.records import Sample, Stats
+from postlane.throttle import MISCONFIGURED
 
 log = logging.getLogger("postlane.alerts")
 
@@ -38,7 +39,15 @@ log = logging.getLogger("postlane.alerts")
 RUNBOOK_BASE = "https://github.com/postlane/postlane/blob/main/docs/runbooks/"
 #: how far back evaluation looks (the longest window of any rule, and some)
 HISTORY_NEEDED = 3600.0
-_CHECKS = ("growing", "above", "dead_spike", "hard_bounce_ratio", "paused", "stalled")
+_CHECKS = (
+    "growing",
+    "above",
+    "dead_spike",
+    "hard_bounce_ratio",
+    "paused",
+    "misconfigured",
+    "stalled",
+)
 _LANES = tuple(lane.value for lane in Lane)
 
 
@@ -253,6 +262,15 @@ def evaluate(
                     name in s.paused for s in recent_wide
                 )
                 alerts.append(Alert(rule, {"destination": name}, firing, 1.0, "paused throughout"))
+        elif rule.check == "misconfigured":
+            # at once: nothing gets through until someone fixes the configuration
+            latest = recent_wide[-1].misconfigured if recent_wide else ()
+            names = (
+                set().union(*(set(s.misconfigured) for s in recent_wide)) if recent_wide else set()
+            )
+            for name in sorted(names):
+                firing = name in latest
+                alerts.append(Alert(rule, {"destination": name}, firing, 1.0, "misconfigured"))
         elif rule.check == "stalled":
             sent = sum(s.sent for s in recent_wide)
             times = sorted({s.at for s in samples if s.at >= now - window and s.lane != "*"})
@@ -294,6 +312,11 @@ def current_samples(
     ]
     sent, dead, hard = finished
     paused = tuple(d.destination for d in stats.destinations if (d.paused_until or 0) > at)
+    misconfigured = tuple(
+        d.destination
+        for d in stats.destinations
+        if (d.paused_until or 0) > at and (d.reason or "").startswith(MISCONFIGURED)
+    )
     attempts = attempts or {}
     samples.append(
         Sample(
@@ -305,6 +328,7 @@ def current_samples(
             paused=paused,
             deferrals=sum(attempts.get(cls, 0) for cls in DEFERRING_CLASSES),
             soft_bounces=attempts.get("soft_bounce", 0),
+            misconfigured=misconfigured,
         )
     )
     return samples

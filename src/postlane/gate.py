@@ -210,11 +210,18 @@ class ThrottleGate:
         verdict: Verdict,
         retry_after: float | None,
         now: float,
+        misconfigured: str | None = None,
     ) -> float | None:
         """Adapt the limits to one reply, and return how long its delivery must wait before a
         retry: the server's ``Retry-After``, else for a slow-down the cool-down of whoever
-        asked for it (None: the retry schedule alone decides)."""
+        asked for it (None: the retry schedule alone decides). A reply that says the relay is
+        misconfigured pauses it (its mail waits, held, until an operator fixes and flushes it
+        or the pause ends and a probe finds it fixed)."""
         feedback = self.feedback_key(message, delivery)
+        if misconfigured is not None:
+            if self.throttle.misconfigured(feedback, misconfigured, now):
+                log.error("%s is misconfigured: %s; its mail waits", feedback, misconfigured)
+            return self.throttle.cool_down(feedback, now)
         self.throttle.observe(feedback, verdict, now)
         if feedback != delivery.destination and verdict.cls is ReplyClass.DELIVERED:
             self.throttle.observe(delivery.destination, verdict, now)

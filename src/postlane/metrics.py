@@ -21,6 +21,7 @@ from postlane.destinations import provider_names
 from postlane.message import Lane
 from postlane.policy import Action
 from postlane.records import Stats
+from postlane.throttle import MISCONFIGURED
 
 if TYPE_CHECKING:
     from postlane.app import AsyncPostlane
@@ -89,6 +90,12 @@ class _StoreGauges(Collector):
             "1 while a destination is paused (repeated connection failures, shaping rules)",
             labels=["destination"],
         )
+        misconfigured = GaugeMetricFamily(
+            "postlane_destination_misconfigured",
+            "1 while a relay or provider account is paused because its configuration cannot work"
+            " (refused credentials, no TLS for AUTH, a rejected API key)",
+            labels=["destination"],
+        )
         in_flight = GaugeMetricFamily(
             "postlane_destination_in_flight",
             "Deliveries being sent, by destination",
@@ -104,7 +111,10 @@ class _StoreGauges(Collector):
                     continue  # bounded label: the first of the "other" ones speaks for them
                 seen.add(name)
                 rate.add_metric([name], math.inf if d.rate is None else d.rate)
-                paused.add_metric([name], 1.0 if (d.paused_until or 0) > now else 0.0)
+                is_paused = (d.paused_until or 0) > now
+                paused.add_metric([name], 1.0 if is_paused else 0.0)
+                wrong = is_paused and (d.reason or "").startswith(MISCONFIGURED)
+                misconfigured.add_metric([name], 1.0 if wrong else 0.0)
                 in_flight.add_metric([name], d.in_flight)
             for lane in Lane:
                 lane_stats = stats.lanes[lane]
@@ -125,6 +135,7 @@ class _StoreGauges(Collector):
         yield finished
         yield rate
         yield paused
+        yield misconfigured
         yield in_flight
 
 

@@ -3,10 +3,11 @@ the read-side views the CLI, HTTP API and dashboard render (with their contract 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from postlane.classify import ReplyClass
 from postlane.clock import iso
@@ -631,51 +632,18 @@ class Sample:
     #: attempts of the minute before classed soft_bounce
     soft_bounces: int = 0
 
-    #: the stores' column order (``samples_since``)
-    COLUMNS: ClassVar[tuple[str, ...]] = (
-        "at",
-        "lane",
-        "ready",
-        "deferred",
-        "held",
-        "sending",
-        "oldest_age",
-        "sent",
-        "dead",
-        "hard_bounces",
-        "paused",
-        "deferrals",
-        "soft_bounces",
-    )
+    #: relays or provider accounts paused then for a configuration that cannot work
+    misconfigured: tuple[str, ...] = ()
 
     @property
     def depth(self) -> int:
         return self.ready + self.deferred + self.sending
 
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Sample:
-        """A sample from a ``samples_since`` row (``paused`` as JSON text)."""
-        values = dict(zip(cls.COLUMNS, row, strict=True))
-        return cls(
-            at=float(values["at"]),
-            lane=str(values["lane"]),
-            ready=int(values["ready"]),
-            deferred=int(values["deferred"]),
-            held=int(values["held"]),
-            sending=int(values["sending"]),
-            oldest_age=float(values["oldest_age"]),
-            sent=int(values["sent"]),
-            dead=int(values["dead"]),
-            hard_bounces=int(values["hard_bounces"]),
-            paused=tuple(json.loads(values["paused"])),
-            deferrals=int(values["deferrals"]),
-            soft_bounces=int(values["soft_bounces"]),
-        )
-
     def params(self) -> dict[str, Any]:
-        """The ``insert_sample`` parameters."""
-        values = {name: getattr(self, name) for name in self.COLUMNS}
+        """The ``insert_samples`` parameters (lists as JSON text)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["paused"] = json.dumps(list(self.paused))
+        values["misconfigured"] = json.dumps(list(self.misconfigured))
         return values
 
     def as_json(self) -> dict[str, Any]:
@@ -693,4 +661,5 @@ class Sample:
             "deferrals": self.deferrals,
             "soft_bounces": self.soft_bounces,
             "paused": list(self.paused),
+            "misconfigured": list(self.misconfigured),
         }

@@ -50,6 +50,8 @@ from postlane.records import DestinationStatus, FleetShares
 
 #: the reason recorded when an operator lifts a pause or slow-down (``queue flush``)
 LIFTED = "lifted by an operator"
+#: how the reason of a pause for a misconfiguration begins (alerts and metrics look for it)
+MISCONFIGURED = "misconfigured: "
 #: a shaping rule or a slow-down never acts on one destination more than once per this
 DECREASE_INTERVAL = 1.0
 #: deliveries sent back to wait are given slots at most this far ahead
@@ -273,6 +275,16 @@ class Throttle:
             if cls is ReplyClass.DELIVERED:
                 self._speed_up(state, now)
         self._apply_rules(state, verdict, now)
+
+    def misconfigured(self, key: str, why: str, now: float) -> bool:
+        """``key`` can never work until its configuration changes: paused for ``max_pause``
+        with the reason ``misconfigured: why`` (a probe after it finds out whether it was
+        fixed; an operator's flush lifts it at once). True when this starts the pause."""
+        state = self._get(key)
+        if state.paused_until is not None and now < state.paused_until:
+            return False  # a send started before the pause: already known
+        self._pause(state, now, f"{MISCONFIGURED}{why}", self.settings.max_pause)
+        return True
 
     def _pause(
         self, state: _Destination, now: float, reason: str, duration: float | None = None

@@ -414,7 +414,9 @@ class Worker:
     ) -> Outcome:
         """One reply: the gate adapts the limits to it, the policy decides what follows."""
         verdict = response.verdict()
-        cool_down = self.gate.observe(message, delivery, verdict, response.retry_after, now)
+        cool_down = self.gate.observe(
+            message, delivery, verdict, response.retry_after, now, response.misconfigured
+        )
         decision = self.policy.decide(
             verdict,
             lane=message.lane,
@@ -427,7 +429,15 @@ class Worker:
         self.attempts += 1
         if decision.action is Action.SEND:
             self.sent += 1
-        _log_attempt(message, delivery, verdict, decision, duration_ms, self.log_recipients)
+        _log_attempt(
+            message,
+            delivery,
+            verdict,
+            decision,
+            duration_ms,
+            self.log_recipients,
+            response.misconfigured,
+        )
         self.observer.attempted(
             DecidedAttempt(
                 message.lane, delivery.destination, verdict, decision, message.created_at, now
@@ -548,15 +558,16 @@ def _log_attempt(
     decision: Decision,
     duration_ms: int,
     recipients: str = "none",
+    misconfigured: str | None = None,
 ) -> None:
     """One line per attempt, never the content; the recipient as ``[log] recipients`` says
-    (by default the domain only)."""
+    (by default the domain only); for a misconfiguration, what is wrong."""
     if not attempt_log.isEnabledFor(logging.INFO):
         return
     recipient = logged_recipient(delivery.address, recipients)
     attempt_log.info(
         "attempt id=%s domain=%s%s destination=%s class=%s code=%s enhanced=%s "
-        "duration_ms=%d next=%s",
+        "duration_ms=%d next=%s%s",
         message.queue_id,
         delivery.domain,
         f" recipient={recipient}" if recipient else "",
@@ -566,8 +577,10 @@ def _log_attempt(
         verdict.enhanced or "-",
         duration_ms,
         decision.action.value,
+        f' misconfigured="{misconfigured}"' if misconfigured else "",
         extra={
             "event": "attempt",
+            **({"misconfigured": misconfigured} if misconfigured else {}),
             "id": message.queue_id,
             "domain": delivery.domain,
             **({"recipient": recipient} if recipient else {}),

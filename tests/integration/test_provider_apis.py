@@ -530,6 +530,8 @@ async def test_refused_credentials_are_a_connection_failure(h: Harness) -> None:
     [response] = await h.transport.send(envelope("ann@example.org"))
     assert response.verdict().cls is ReplyClass.CONNECTION
     assert response.code is None
+    # a key the provider rejects can never work: the relay is paused for it (issue 17.4)
+    assert response.misconfigured is not None and "credentials" in response.misconfigured
     no_secrets([response], h.transport)
 
 

@@ -4,6 +4,7 @@ certificates): credentials never cross in clear."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -147,6 +148,7 @@ async def test_credentials_are_never_sent_in_clear(plain_peer: TLSPeer) -> None:
     assert plain_peer.auth_attempts == []  # the server never saw a password
     assert response.verdict().cls is ReplyClass.CONNECTION
     assert "in clear" in response.text
+    assert response.misconfigured is not None and "TLS its AUTH needs" in response.misconfigured
     assert plain_peer.handler.received == []
 
 
@@ -159,6 +161,7 @@ async def test_wrong_credentials_are_a_relay_problem_not_a_dead_letter(tls_peer:
     assert response.verdict().cls is ReplyClass.CONNECTION
     assert "authentication failed" in response.text
     assert "wrong" not in response.text
+    assert response.misconfigured is not None and "credentials" in response.misconfigured
 
 
 async def test_password_in_config_is_used_when_url_has_none(tls_peer: TLSPeer) -> None:
@@ -196,3 +199,57 @@ async def test_implicit_tls_smtps(tmp_path: Path, ca: trustme.CA) -> None:
         await server.wait_closed()
     assert response.code == 250
     assert len(handler.received) == 1
+
+
+async def test_a_relay_refusing_our_credentials_holds_its_mail_and_says_why(
+    tls_peer: TLSPeer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 17.4: a relay that can never work (wrong credentials) was classed `connection`
+    and retried quietly for two days, the log saying only class=connection code=-. Now it is
+    paused at once with the reason, its mail waits using no attempt, the log line and a metric
+    say why, and an alert fires."""
+    from postlane.alerts import AlertMonitor
+    from postlane.app import AsyncPostlane
+    from postlane.clock import FakeClock
+    from postlane.message import RecipientState
+    from postlane.metrics import Metrics
+    from postlane.transports import transport_for
+    from postlane.worker import Worker
+    from tests.conftest import make_config
+
+    clock = FakeClock()
+    relay = f"smtp://app:wrong@127.0.0.1:{tls_peer.port}"
+    config = make_config(tmp_path, delivery={"relay": relay, "tls_ca": str(tls_peer.ca_file)})
+    caplog.set_level(logging.INFO)
+    async with AsyncPostlane(config, clock=clock) as app:
+        metrics = Metrics(app)
+        worker = Worker.from_config(
+            config, app.store, transport_for(config), clock=clock, observer=metrics
+        )
+        try:
+            ids = [(await app.send(sender="app@example.com", to=[f"u{n}@example.net"],
+                                   text="x")).id for n in range(3)]  # fmt: skip
+            await worker.run_until_idle()
+            views = [await app.get(queue_id) for queue_id in ids]
+            assert all(v.recipients[0].state is RecipientState.DEFERRED for v in views)
+            assert all(v.recipients[0].attempts == 0 for v in views)  # no attempt used
+            tried = len(tls_peer.auth_attempts)  # what was already in flight, and no more:
+            later = await app.send(sender="app@example.com", to=["v@example.net"], text="y")
+            await worker.run_until_idle()
+            assert len(tls_peer.auth_attempts) == tried  # held: nothing tried while paused
+            # while the relay is paused nothing is even claimed: the new mail waits queued
+            waiting = (await app.get(later.id)).recipients[0]
+            assert waiting.state is RecipientState.QUEUED and waiting.attempts == 0
+            [relay_state] = [d for d in (await app.stats()).destinations
+                             if d.destination == "relay"]  # fmt: skip
+            assert relay_state.paused_until is not None
+            assert (relay_state.reason or "").startswith("misconfigured: the relay refused")
+            line = next(r.getMessage() for r in caplog.records if r.name == "postlane.attempts")
+            assert 'misconfigured="the relay refused the configured credentials (535)' in line
+            exposed = (await metrics.exposition()).decode()
+            assert 'postlane_destination_misconfigured{destination="relay"} 1.0' in exposed
+            monitor = AlertMonitor.from_config(app, config)
+            firing = [a for a in await monitor.run_once(clock.now()) if a.firing]
+            assert "PostlaneRelayMisconfigured" in {a.rule.name for a in firing}
+        finally:
+            await worker.transport.close()

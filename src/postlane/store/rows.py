@@ -190,7 +190,12 @@ def event(row: Row) -> Event:
 
 
 def sample(row: Row) -> Sample:
-    return build(Sample, row, paused=tuple(json_value(row["paused"])))
+    return build(
+        Sample,
+        row,
+        paused=tuple(json_value(row["paused"])),
+        misconfigured=tuple(json_value(row["misconfigured"])),
+    )
 
 
 # -- records to parameters -------------------------------------------------------------------------

@@ -49,6 +49,10 @@ class Response:
     failure: ReplyClass | None = None
     #: a wait the server asked for (HTTP Retry-After), seconds
     retry_after: float | None = None
+    #: why this can never work until an operator changes something (refused credentials, a
+    #: relay without the TLS that AUTH needs, an API key the provider rejects): the relay is
+    #: paused with this reason, an alert fires, nothing is tried meanwhile
+    misconfigured: str | None = None
 
     def verdict(self) -> Verdict:
         if self.failure is not None:

@@ -49,7 +49,7 @@ from postlane.classify import ReplyClass, classify
 from postlane.clock import Clock, SystemClock
 from postlane.config import DeliveryConfig
 from postlane.errors import ConfigError
-from postlane.transports.base import BaseTransport, Envelope, Response, interrupted, no_reply
+from postlane.transports.base import BaseTransport, Envelope, Response, interrupted
 
 __all__ = [
     "Accepted",
@@ -101,6 +101,18 @@ class Refused:
     recipients: frozenset[str] | None = None
     about_a_recipient: bool = False
     retry_after: float | None = None
+    #: why this call can never work until the configuration changes (see Response)
+    misconfigured: str | None = None
+
+
+#: HTTP statuses that say the configuration is wrong, not the message or the moment
+_MISCONFIGURED = {
+    401: "the provider rejected the configured credentials (HTTP 401): check the relay URL's key",
+    403: "the provider refused the configured credentials (HTTP 403): check the key and its rights",
+    404: "no provider API at the configured URL (HTTP 404): check the relay URL",
+    405: "no provider API at the configured URL (HTTP 405): check the relay URL",
+    407: "a proxy asks for credentials (HTTP 407): check the proxy settings",
+}
 
 
 Outcome = Accepted | Refused
@@ -353,7 +365,16 @@ class ProviderTransport(BaseTransport, abc.ABC):
         """``answer`` refuses the call as ``cls``: with its status and the wait it asks for
         (:meth:`retry_after`): a 503's Retry-After delays a counted retry too."""
         retry_after = self.retry_after(answer)
-        return Refused(cls, reason, answer.status_code, recipients, about_a_recipient, retry_after)
+        misconfigured = _MISCONFIGURED.get(answer.status_code)
+        return Refused(
+            cls,
+            reason,
+            answer.status_code,
+            recipients,
+            about_a_recipient,
+            retry_after,
+            misconfigured if cls is ReplyClass.CONNECTION else None,
+        )
 
     def default_outcome(self, answer: httpx.Response, reason: str) -> Outcome:
         """The class an HTTP status means when the provider's own codes say nothing more."""
@@ -458,10 +479,10 @@ class ProviderTransport(BaseTransport, abc.ABC):
         code, enhanced = _SYNTHETIC[refused.cls]
         if code is None:
             text = f"{self.provider}: {reason}{status}"
-            return no_reply(text, self.name, refused.cls)
+            return Response(None, text, self.name, refused.cls, misconfigured=refused.misconfigured)
         text = f"{code} {enhanced} {self.provider}: {reason}{status}"
         failure = None if classify(text).cls is refused.cls else refused.cls
-        return Response(code, text, self.name, failure, refused.retry_after)
+        return Response(code, text, self.name, failure, refused.retry_after, refused.misconfigured)
 
     async def close(self) -> None:
         await self._client.aclose()

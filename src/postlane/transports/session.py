@@ -133,15 +133,23 @@ class Server(Protocol):
 class Refusal(Exception):
     """The session could not be made usable; the text says why (a reply or a failure)."""
 
-    def __init__(self, response_text: str, code: int | None, failure: ReplyClass | None) -> None:
+    def __init__(
+        self,
+        response_text: str,
+        code: int | None,
+        failure: ReplyClass | None,
+        misconfigured: str | None = None,
+    ) -> None:
         super().__init__(response_text)
         self.text = response_text
         self.code = code
         self.failure = failure
+        #: why this session can never work until the configuration changes
+        self.misconfigured = misconfigured
 
     def response(self, relay: str) -> Response:
         """What every recipient of the message gets."""
-        return Response(self.code, self.text, relay, self.failure)
+        return Response(self.code, self.text, relay, self.failure, misconfigured=self.misconfigured)
 
 
 class ClearTextRetry(Exception):
@@ -179,6 +187,8 @@ async def open_session(server: Server, tls: TLSPolicy, address: str | None = Non
                     f"{where} does not offer STARTTLS; refusing to send credentials in clear",
                     None,
                     ReplyClass.CONNECTION,
+                    misconfigured="the relay does not offer the TLS its AUTH needs: use "
+                    "smtps:// or a relay port with STARTTLS",
                 )
             await client.login(server.username, server.password or "")
     except (Refusal, ClearTextRetry):
@@ -189,7 +199,8 @@ async def open_session(server: Server, tls: TLSPolicy, address: str | None = Non
         # (and pausing it) rather than dead-lettering every message
         client.close()
         text = f"{where}: authentication failed: {reply_text(exc.code, exc.message)}"
-        raise Refusal(text, exc.code, ReplyClass.CONNECTION) from exc
+        why = f"the relay refused the configured credentials ({exc.code}): check the relay URL"
+        raise Refusal(text, exc.code, ReplyClass.CONNECTION, misconfigured=why) from exc
     except SMTPResponseException as exc:
         # Refused before any message (greeting, EHLO, STARTTLS): a fact about the server, not
         # about a recipient, so it never dead-letters mail. A refusal worded as a rate limit is

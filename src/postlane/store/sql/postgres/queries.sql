@@ -336,21 +336,22 @@ SELECT destination, count(*) AS n FROM deliveries WHERE state = 'sending' GROUP 
 -- name: insert_samples
 -- Minutes' samples of lanes (the first process to record a minute wins).
 INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
-                            hard_bounces, paused, deferrals, soft_bounces)
+                            hard_bounces, paused, deferrals, soft_bounces, misconfigured)
 SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
-       paused::jsonb, deferrals, soft_bounces
+       paused::jsonb, deferrals, soft_bounces, misconfigured::jsonb
 FROM unnest(%(at)s::float8[], %(lane)s::text[], %(ready)s::integer[], %(deferred)s::integer[],
             %(held)s::integer[], %(sending)s::integer[], %(oldest_age)s::float8[],
             %(sent)s::integer[], %(dead)s::integer[], %(hard_bounces)s::integer[],
-            %(paused)s::text[], %(deferrals)s::integer[], %(soft_bounces)s::integer[])
+            %(paused)s::text[], %(deferrals)s::integer[], %(soft_bounces)s::integer[],
+            %(misconfigured)s::text[])
      AS s (at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
-           paused, deferrals, soft_bounces)
+           paused, deferrals, soft_bounces, misconfigured)
 ON CONFLICT (at, lane) DO NOTHING;
 
 -- name: samples_since
 -- The recorded history from a time on, oldest first.
 SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
-       paused::text AS paused, deferrals, soft_bounces
+       paused::text AS paused, deferrals, soft_bounces, misconfigured::text AS misconfigured
 FROM metric_samples WHERE at >= %(since)s ORDER BY at, lane;
 
 -- name: finished_between

@@ -206,15 +206,15 @@ WHERE state = 'sending' GROUP BY destination;
 -- name: insert_samples
 -- One minute's sample of a lane (the first process to record a minute wins).
 INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
-                            hard_bounces, paused, deferrals, soft_bounces)
+                            hard_bounces, paused, deferrals, soft_bounces, misconfigured)
 VALUES (:at, :lane, :ready, :deferred, :held, :sending, :oldest_age, :sent, :dead,
-        :hard_bounces, :paused, :deferrals, :soft_bounces)
+        :hard_bounces, :paused, :deferrals, :soft_bounces, :misconfigured)
 ON CONFLICT (at, lane) DO NOTHING;
 
 -- name: samples_since
 -- The recorded history from a time on, oldest first.
 SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces, paused,
-       deferrals, soft_bounces
+       deferrals, soft_bounces, misconfigured
 FROM metric_samples WHERE at >= :since ORDER BY at, lane;
 
 -- name: finished_between
