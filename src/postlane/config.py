@@ -333,6 +333,10 @@ class DkimKey:
     selector: str = _setting("", _str)
     #: PEM file of the private key (``postlane dkim keygen`` writes one)
     private_key: str = _setting("", _str)
+    #: a second signature beside the RSA one, Ed25519 (RFC 8463): its selector and PEM file
+    #: (``postlane dkim keygen --algorithm ed25519``)
+    ed25519_selector: str = _setting("", _str)
+    ed25519_private_key: str = _setting("", _str)
 
 
 @dataclass(frozen=True)
@@ -897,6 +901,8 @@ def _check_shaping(rule: ShapingRule, where: str) -> None:
 def _check_dkim(key: DkimKey, where: str) -> None:
     if not key.selector or not key.private_key:
         raise ConfigError(f"{where}: give selector and private_key")
+    if bool(key.ed25519_selector) != bool(key.ed25519_private_key):
+        raise ConfigError(f"{where}: give ed25519_selector and ed25519_private_key, or neither")
 
 
 def _check_route(route: Route, where: str) -> None:

@@ -33,8 +33,7 @@ def _signer(config: Config) -> DkimSigner | None:
         return None
     from postlane.dkim import DkimSigner
 
-    keys = {domain: (key.selector, key.private_key) for domain, key in config.dkim.items()}
-    return DkimSigner.from_files(keys, base_dir=config.base_dir)
+    return DkimSigner.from_config(config.dkim, base_dir=config.base_dir)
 
 
 def _smtp(config: Config, destination: str = "relay") -> Transport:
