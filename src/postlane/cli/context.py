@@ -53,8 +53,7 @@ def check_transports(config: Config) -> None:
         if config.dkim:  # read even when this relay does not sign (capture, the APIs)
             from postlane.dkim import DkimSigner  # (slow to import: only when needed)
 
-            keys = {domain: (key.selector, key.private_key) for domain, key in config.dkim.items()}
-            DkimSigner.from_files(keys, base_dir=config.base_dir)
+            DkimSigner.from_config(config.dkim, base_dir=config.base_dir).close()
         # each relay alone first: a provider's error says "delivery.relay", whichever it was
         for where, relay in _relays(config):
             alone = dataclasses.replace(
