@@ -189,6 +189,9 @@ class DeliveryConfig:
     lease: float = _setting(60.0, _duration)
     #: deliveries claimed per store round trip
     batch_size: int = _setting(50, _positive_int)
+    #: in-flight slots kept for the high lane (low and normal borrow them only while no high
+    #: mail is due); None: a tenth of ``concurrency``, at least one when it is 2 or more
+    high_reserve: int | None = _setting(None, _opt(_int))
     #: how long SIGTERM waits for in-flight sends before handing the rest back
     shutdown_grace: float = _setting(30.0, _duration)
     #: fallback poll when no wake-up arrives (other processes enqueueing into SQLite)
@@ -208,6 +211,13 @@ class DeliveryConfig:
     #: direct MX delivery: destinations whose certificate must verify ("example.com" and its
     #: subdomains, ".example.org" for subdomains only, "google", or "*" for all)
     require_tls: tuple[str, ...] = _setting((), _strings)
+
+    @property
+    def reserve_for_high(self) -> int:
+        """In-flight slots kept for the high lane (``high_reserve``, or its default)."""
+        if self.high_reserve is not None:
+            return min(self.high_reserve, self.concurrency - 1)
+        return 0 if self.concurrency < 2 else max(1, self.concurrency // 10)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock
+from postlane.message import Lane
 from postlane.records import ClaimedMessage, Delivery
 from postlane.store.base import Store
 from postlane.throttle import Admission, Throttle
@@ -120,18 +121,19 @@ class ThrottleGate:
         for delivery in deliveries:
             by_relay.setdefault(self.relay_for(message, delivery), []).append(delivery)
         clearance = Clearance()
+        urgent = message.lane is Lane.HIGH  # ahead of the other lanes' waiting deliveries
         #: paused destinations whose recorded state was read again for this message
         checked: set[str] = set()
         for relay, group in by_relay.items():
             # a relay takes a message's recipients in one transaction: one slot for all of them
             if relay is not None:
-                admission = self.throttle.admit([relay], now)
+                admission = self.throttle.admit([relay], now, urgent=urgent)
                 if admission.at is not None:
                     clearance.waiting.extend((d.id, admission.at) for d in group)
                     continue
             admitted = []
             for delivery in group:
-                admission = await self._admit_to(delivery.destination, now, checked)
+                admission = await self._admit_to(delivery.destination, now, checked, urgent=urgent)
                 if admission.at is None:
                     admitted.append(delivery)
                 else:
@@ -149,12 +151,14 @@ class ThrottleGate:
         self.throttle.release(clearance.relays)
         self.throttle.release([d.destination for d in clearance.to_send])
 
-    async def _admit_to(self, destination: str, now: float, checked: set[str]) -> Admission:
+    async def _admit_to(
+        self, destination: str, now: float, checked: set[str], *, urgent: bool = False
+    ) -> Admission:
         """The throttle's answer for one delivery. When the destination is paused, its
         recorded state is read again first (once per message, in ``checked``): a pause an
         operator lifted from another process is adopted and the delivery goes; otherwise the
         destination's backlog is deferred to the end of the pause."""
-        admission = self.throttle.admit([destination], now)
+        admission = self.throttle.admit([destination], now, urgent=urgent)
         paused = admission.paused_destination
         if paused is None or admission.at is None:
             return admission
@@ -162,7 +166,7 @@ class ThrottleGate:
         checked.add(paused)
         if not lifted:
             lifted = not await self._defer_backlog(paused, admission.at, now)
-        return self.throttle.admit([destination], now) if lifted else admission
+        return self.throttle.admit([destination], now, urgent=urgent) if lifted else admission
 
     async def _defer_backlog(self, destination: str, until: float, now: float) -> bool:
         """Push a paused destination's backlog to the end of its pause (once per pause).

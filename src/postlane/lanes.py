@@ -9,7 +9,11 @@ idle lane does not bank a burst.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Mapping
 
 from postlane.config import Config
 from postlane.message import Lane
@@ -57,3 +61,47 @@ class LaneScheduler:
                 self._credit[lane] = 0.0
             else:
                 self._credit[lane] = max(0.0, self._credit[lane] - quota)
+
+
+#: the order waiters are served in: high, normal, low (unknown lanes as normal)
+LANE_RANK: Mapping[str, int] = {lane.value: lane.rank for lane in Lane}
+
+
+class LaneSlots:
+    """A semaphore whose waiters are served by lane (high, normal, low), first come first
+    served within a lane: a password reset waiting for one of a relay's connections goes
+    before the newsletter that was waiting for it first."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, lane: str) -> AsyncIterator[None]:
+        await self.acquire(lane)
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def acquire(self, lane: str) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (LANE_RANK.get(lane, 1), next(self._arrivals), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release()  # the slot came as the waiter was cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, granted = heapq.heappop(self._waiters)
+            if not granted.done():  # (a cancelled waiter's future is done: skip it)
+                granted.set_result(None)
+                return
+        self._free += 1

@@ -42,6 +42,14 @@ class Lane(StrEnum):
     NORMAL = "normal"
     LOW = "low"
 
+    @property
+    def rank(self) -> int:
+        """0 for high, 1 for normal, 2 for low: the order lanes are served in."""
+        return _LANE_RANK[self]
+
+
+_LANE_RANK = {Lane.HIGH: 0, Lane.NORMAL: 1, Lane.LOW: 2}
+
 
 class RecipientState(StrEnum):
     QUEUED = "queued"

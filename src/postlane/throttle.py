@@ -105,6 +105,8 @@ class _Destination:
     sent: deque[float] = field(default_factory=deque)
     #: slots promised to deliveries sent back to wait: the next one goes after this
     reserved_until: float = 0.0
+    #: slots promised to waiting high-lane deliveries: they go ahead of the others' slots
+    urgent_until: float = 0.0
     #: the rate those slots were spaced at (they are pulled in when it grows well past it)
     slotted_rate: float | None = None
     changed: bool = False
@@ -165,11 +167,12 @@ class Throttle:
 
     # -- before a send -----------------------------------------------------------------------
 
-    def admit(self, keys: Iterable[str], now: float) -> Admission:
+    def admit(self, keys: Iterable[str], now: float, *, urgent: bool = False) -> Admission:
         """May a delivery go to all of ``keys`` now? If so its slot is taken (call
         :meth:`release` when the send is over). If not, :class:`Admission` says when to come
         back: deliveries sent back for a rate or a concurrency cap get successive slots, so a
-        backlog is spread over time instead of coming back all at once."""
+        backlog is spread over time instead of coming back all at once. An ``urgent`` delivery
+        (the high lane) gets the next slot ahead of that backlog, which moves back by one."""
         if not self.enabled:
             return Admission(None)
         states = [self._get(key) for key in keys]
@@ -186,8 +189,14 @@ class Throttle:
                 return Admission(now + wait, paused_destination=state.name)
             if state.reserved_until <= now:
                 state.slotted_rate = state.rate
+            interval = self._interval(state, now)
+            if urgent:
+                slot = min(max(now + wait, state.urgent_until), now + MAX_SLOT_AHEAD)
+                state.urgent_until = slot + interval
+                state.reserved_until = max(state.reserved_until, slot) + interval
+                return Admission(slot)
             slot = min(max(now + wait, state.reserved_until), now + MAX_SLOT_AHEAD)
-            state.reserved_until = slot + self._interval(state, now)
+            state.reserved_until = slot + interval
             return Admission(slot)
         for state in states:
             self._refill(state, now)
@@ -480,6 +489,7 @@ class Throttle:
         state.rate = state.configured_rate
         state.tokens = max(state.tokens, 1.0)
         state.reserved_until = 0.0
+        state.urgent_until = 0.0
         state.reason = None
 
     def to_hasten(self, now: float) -> list[str]:
@@ -492,6 +502,7 @@ class Throttle:
                 continue
             if state.rate is None or state.rate >= HASTEN_FACTOR * slotted:
                 state.reserved_until = now
+                state.urgent_until = min(state.urgent_until, now)
                 state.slotted_rate = state.rate
                 names.append(state.name)
         return names

@@ -125,6 +125,8 @@ class Worker:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
+        #: of which high-lane deliveries (the reserve is kept for them)
+        self._in_flight_high = 0
         self._slot_freed = asyncio.Event()
         self.recorder = Recorder(store, self.owner, self.clock, self.settings.lease)
         self.sent = 0
@@ -228,41 +230,65 @@ class Worker:
         return self.attempts - before
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
+        """Claim in batches while there is room; when the slots are nearly all busy, wait for
+        one to free or for new mail. New mail (an enqueue here, a NOTIFY, the poll) is claimed
+        as soon as one slot is free, not when a batch's worth are: it may be a password reset,
+        and the high lane's reserve is waiting for it."""
         poll = self.settings.poll_interval
+        threshold = self._batch_threshold()
+        nudged = False
         while not stop.is_set():
-            await self._wait_for_slot(stop)
-            if stop.is_set():
-                return
-            got = await self._claim_batch()
-            if got:
-                continue
-            # nothing due now: sleep until new mail, the next due time, or the poll interval
-            next_due = await self.store.next_due_at()
-            paused = self.gate.relay_paused_until()
-            if paused is not None:
-                next_due = paused if next_due is None else max(next_due, paused)
-            timeout = poll
-            if next_due is not None:
-                timeout = max(0.0, min(poll, next_due - self.clock.now()))
+            free = self.settings.concurrency - self._in_flight
+            if free >= threshold or (free > 0 and nudged):
+                nudged = False
+                if await self._claim_batch():
+                    continue
+                if self.settings.concurrency - self._in_flight >= threshold:
+                    await self._idle(stop, poll)
+                    nudged = True
+                    continue
+            # busy: wait for a slot to free, or for new mail to claim with the free ones
+            nudged = nudged or self.wake.is_set()
+            self._slot_freed.clear()
             self.wake.clear()
-            # the store hears enqueues (PostgreSQL: LISTEN/NOTIFY from other processes' too)
             await _first_of(
                 stop.wait(),
+                self._slot_freed.wait(),
                 self.wake.wait(),
-                self.store.wait_for_work(timeout),
-                timeout=timeout,
+                self.store.wait_for_work(poll),
+                timeout=poll,
             )
+            if self.wake.is_set() or not self._slot_freed.is_set():
+                nudged = True  # new mail, or the poll interval passed
 
-    async def _wait_for_slot(self, stop: asyncio.Event | None = None) -> None:
-        threshold = max(1, min(self.settings.batch_size, self.settings.concurrency) // 4)
+    async def _idle(self, stop: asyncio.Event, poll: float) -> None:
+        """Nothing due now: sleep until new mail, the next due time, or the poll interval."""
+        next_due = await self.store.next_due_at()
+        paused = self.gate.relay_paused_until()
+        if paused is not None:
+            next_due = paused if next_due is None else max(next_due, paused)
+        timeout = poll
+        if next_due is not None:
+            timeout = max(0.0, min(poll, next_due - self.clock.now()))
+        self.wake.clear()
+        # the store hears enqueues (PostgreSQL: LISTEN/NOTIFY from other processes' too)
+        await _first_of(
+            stop.wait(),
+            self.wake.wait(),
+            self.store.wait_for_work(timeout),
+            timeout=timeout,
+        )
+
+    def _batch_threshold(self) -> int:
+        """Free slots worth a claim of their own (a claim per freed slot would cost a store
+        round trip per delivery)."""
+        return max(1, min(self.settings.batch_size, self.settings.concurrency) // 4)
+
+    async def _wait_for_slot(self) -> None:
+        threshold = self._batch_threshold()
         while self.settings.concurrency - self._in_flight < threshold and self._in_flight:
             self._slot_freed.clear()
-            if stop is None:
-                await self._slot_freed.wait()
-            else:
-                await _first_of(stop.wait(), self._slot_freed.wait(), timeout=None)
-                if stop.is_set():
-                    return
+            await self._slot_freed.wait()
 
     def relay_paused_until(self) -> float | None:
         """While the relay itself is paused, nothing is claimed at all."""
@@ -281,6 +307,7 @@ class Worker:
             limit=limit,
             now=now,
             lease_until=now + self.settings.lease,
+            reserved={Lane.HIGH: self.settings.reserve_for_high - self._in_flight_high},
         )
         got: Counter[Lane] = Counter()
         total = 0
@@ -325,7 +352,9 @@ class Worker:
 
     def _start(self, message: ClaimedMessage) -> None:
         size = len(message.deliveries)
+        high = size if message.lane is Lane.HIGH else 0
         self._in_flight += size
+        self._in_flight_high += high
         task = asyncio.create_task(
             self._deliver(message), name=f"postlane-deliver-{message.queue_id}"
         )
@@ -334,6 +363,7 @@ class Worker:
         def finished(done: asyncio.Task[None]) -> None:
             self._tasks.discard(done)
             self._in_flight -= size
+            self._in_flight_high -= high
             self._slot_freed.set()
 
         task.add_done_callback(finished)

@@ -152,6 +152,41 @@ async def test_a_claimed_delivery_is_leased_and_not_claimed_twice(store: Any) ->
     assert {r.state for r in view.recipients} == {RecipientState.SENDING}
 
 
+async def test_slots_reserved_for_a_lane_are_borrowed_only_while_it_is_empty(store: Any) -> None:
+    lows = [msg(lane="low") for _ in range(6)]
+    await store.enqueue(lows, T0)
+    # the low lane's own quota first: it may not take the 2 slots held for high, but once
+    # high is found empty (it is asked next, in the fill), low borrows them
+    quotas = [(Lane.LOW, 4), (Lane.HIGH, 0), (Lane.NORMAL, 0)]
+    first = await store.claim_due(
+        "w", quotas, limit=4, now=T0, lease_until=T0 + 60, reserved={Lane.HIGH: 2}
+    )
+    assert len(first) == 4
+    high = msg(lane="high")
+    await store.enqueue([high], T0)
+    # high has mail now: of 2 slots held for it, it uses 1 and the other stays held
+    second = await store.claim_due(
+        "w", quotas, limit=2, now=T0, lease_until=T0 + 60, reserved={Lane.HIGH: 2}
+    )
+    assert [m.lane for m in second] == [Lane.HIGH, Lane.LOW]
+    assert second[0].queue_id == high.id
+
+
+async def test_claimed_messages_come_back_in_lane_order(store: Any) -> None:
+    low = msg(lane="low")
+    await store.enqueue([low], T0)
+    high = msg(lane="high")
+    await store.enqueue([high], T0 + 1)  # younger, but it starts first
+    claimed = await store.claim_due(
+        "w",
+        [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 1)],
+        limit=2,
+        now=T0 + 2,
+        lease_until=T0 + 60,
+    )
+    assert [m.queue_id for m in claimed] == [high.id, low.id]
+
+
 async def test_claim_respects_the_limit(store: Any) -> None:
     await store.enqueue([msg() for _ in range(10)], T0)
     assert len(deliveries(await claim(store, limit=4))) == 4

@@ -511,3 +511,20 @@ def test_kubernetes_service_links_are_not_configuration(tmp_path: Path) -> None:
     }
     config = load_config(None, env=links, cwd=tmp_path)
     assert config.smtp.listen == "127.0.0.1:2587"
+
+
+@pytest.mark.parametrize(
+    ("delivery", "reserve"),
+    [
+        ({"concurrency": 1}, 0),  # one slot: nothing to keep aside
+        ({"concurrency": 2}, 1),
+        ({"concurrency": 100}, 10),  # a tenth by default
+        ({"concurrency": 100, "high_reserve": 0}, 0),
+        ({"concurrency": 100, "high_reserve": 30}, 30),
+        ({"concurrency": 4, "high_reserve": 9}, 3),  # never every slot
+    ],
+)
+def test_the_high_lane_reserve_defaults_to_a_tenth_of_the_slots(
+    delivery: dict[str, int], reserve: int
+) -> None:
+    assert config_from_dict({"delivery": delivery}).delivery.reserve_for_high == reserve

@@ -4,10 +4,11 @@ tests/integration/test_lane_fairness.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 from postlane.config import config_from_dict
-from postlane.lanes import DEFAULT_SHARES, LaneScheduler
+from postlane.lanes import DEFAULT_SHARES, LaneScheduler, LaneSlots
 from postlane.message import Lane
 
 
@@ -63,3 +64,41 @@ def test_shares_come_from_the_lanes_tables_of_the_configuration() -> None:
         config_from_dict({"lanes": {"normal": {"share": 0.5}, "low": {"share": 0.2}}})
     )
     assert dict(configured.quotas(10)) == {Lane.HIGH: 3, Lane.NORMAL: 5, Lane.LOW: 2}
+
+
+async def test_slots_go_to_waiters_high_lane_first_then_in_arrival_order() -> None:
+    slots = LaneSlots(1)
+    await slots.acquire("low")  # the one connection, busy
+    served: list[str] = []
+
+    async def wait(name: str, lane: str) -> None:
+        async with slots.hold(lane):
+            served.append(name)
+
+    waiters = [
+        asyncio.create_task(wait(name, lane))
+        for name, lane in [
+            ("news1", "low"),
+            ("news2", "low"),
+            ("receipt", "normal"),
+            ("reset", "high"),
+        ]
+    ]
+    await asyncio.sleep(0)  # (one loop turn: every waiter is queued)
+    slots.release()
+    await asyncio.gather(*waiters)
+    assert served == ["reset", "receipt", "news1", "news2"]
+
+
+async def test_a_cancelled_waiter_gives_its_slot_to_the_next() -> None:
+    slots = LaneSlots(1)
+    await slots.acquire("low")
+    first = asyncio.create_task(slots.acquire("high"))
+    second = asyncio.create_task(slots.acquire("low"))
+    await asyncio.sleep(0)
+    first.cancel()
+    slots.release()
+    await asyncio.wait_for(second, timeout=5)  # (the cancelled one's turn passed on)
+    assert first.cancelled()
+    slots.release()
+    await asyncio.wait_for(slots.acquire("low"), timeout=5)  # every slot came back

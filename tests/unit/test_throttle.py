@@ -44,6 +44,19 @@ def test_the_token_bucket_admits_the_rate_and_spaces_the_rest() -> None:
     assert 38 <= count <= 41  # the saved-up second, then 10/s
 
 
+def test_a_high_lane_delivery_gets_the_next_slot_ahead_of_the_backlog() -> None:
+    t = throttle(rate=1)
+    t.admit(["d"], T0)  # the second's token
+    backlog = [t.admit(["d"], T0).at for _ in range(60)]  # newsletters: a minute of slots
+    assert backlog[0] == pytest.approx(T0 + 1) and backlog[-1] == pytest.approx(T0 + 60)
+    reset = t.admit(["d"], T0, urgent=True).at
+    assert reset == pytest.approx(T0 + 1)  # the next token, not the 61st
+    second = t.admit(["d"], T0, urgent=True).at
+    assert second == pytest.approx(T0 + 2)  # urgent ones are spaced among themselves too
+    # the backlog moved back by one slot each: the rate still holds overall
+    assert t.admit(["d"], T0).at == pytest.approx(T0 + 63)
+
+
 def test_concurrency_caps_sends_in_flight() -> None:
     t = throttle(concurrency=2)
     assert t.admit(["d"], T0).admitted and t.admit(["d"], T0).admitted

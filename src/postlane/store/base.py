@@ -55,9 +55,12 @@ class DeliveryStore(Protocol):
         limit: int,
         now: float,
         lease_until: float,
+        reserved: Mapping[Lane, int] | None = None,
     ) -> list[ClaimedMessage]:
         """Lease due deliveries: up to each lane's quota in the order given, then more from the
-        lanes in that order until ``limit`` in all. Oldest due first within a lane."""
+        lanes in that order until ``limit`` in all. Oldest due first within a lane; messages
+        come back in lane order. ``reserved`` slots of ``limit`` (a worker's share kept for the
+        high lane) go to no other lane unless that lane has nothing more due."""
         ...
 
     async def record(self, owner: str, outcomes: Sequence[Outcome], now: float) -> int:

@@ -5,7 +5,7 @@ results, renew and reap leases, purge what is finished (:class:`postlane.store.b
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from postlane.errors import IdempotencyConflict, StoreUnavailable
@@ -156,25 +156,40 @@ class SQLDelivery(SQLRole):
         limit: int,
         now: float,
         lease_until: float,
+        reserved: Mapping[Lane, int] | None = None,
     ) -> list[ClaimedMessage]:
         def claim() -> Plan[list[ClaimedMessage]]:
             """Each lane's quota in the order given, then fill up to ``limit`` from the lanes in
             that order, then the other due recipients of the messages reached (so one
-            message's recipients go out in one transaction)."""
+            message's recipients go out in one transaction). Slots ``reserved`` for a lane stay
+            out of the other lanes' reach until that lane is found to have nothing more due."""
             params = {"owner": owner, "now": now, "lease_until": lease_until}
             leased: list[Row] = []
-            for lane, quota in quotas:
-                if quota > 0:
-                    leased += yield from fetch(
-                        "claim_lane", {**params, "lane": lane.value, "limit": quota}
-                    )
-            for lane, _ in quotas:
-                fill = limit - len(leased)
-                if fill <= 0:
-                    break
-                leased += yield from fetch(
-                    "claim_lane", {**params, "lane": lane.value, "limit": fill}
+            held = {lane: n for lane, n in (reserved or {}).items() if n > 0}
+
+            def lease(lane: Lane, wanted: int) -> Plan[None]:
+                """Up to ``wanted`` of ``lane``, short of the slots held for the others."""
+                nonlocal leased
+                others = sum(n for other, n in held.items() if other is not lane)
+                wanted = min(wanted, limit - len(leased) - others)
+                if wanted <= 0:
+                    return
+                got = yield from fetch(
+                    "claim_lane", {**params, "lane": lane.value, "limit": wanted}
                 )
+                leased += got
+                if lane in held:  # short of what was asked: the lane is empty, free its slots
+                    held[lane] = 0 if len(got) < wanted else max(0, held[lane] - len(got))
+
+            for lane, quota in quotas:
+                yield from lease(lane, quota)
+            # the lanes still holding slots first: until they are found empty, the others
+            # cannot have those slots
+            order = [lane for lane, _ in quotas]
+            for lane in sorted(order, key=lambda lane: held.get(lane, 0) == 0):
+                if len(leased) >= limit:
+                    break
+                yield from lease(lane, limit - len(leased))
             if not leased:
                 return []
             queue_ids = list(dict.fromkeys(row["queue_id"] for row in leased))
@@ -184,7 +199,8 @@ class SQLDelivery(SQLRole):
                 by_message[row["queue_id"]].append(rows.delivery(row))
             found = yield from fetch("claimed_messages", {"ids": list(by_message)})
             claimed = [rows.claimed_message(row, by_message[row["id"]]) for row in found]
-            claimed.sort(key=lambda m: (m.created_at, m.queue_id))
+            # started in lane order, so a destination's limit admits high mail first
+            claimed.sort(key=lambda m: (m.lane.rank, m.created_at, m.queue_id))
             return claimed
 
         return await self.db.write(claim)

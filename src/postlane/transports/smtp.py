@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 from postlane import redact
 from postlane.config import DeliveryConfig, DestinationLimits
 from postlane.errors import ConfigError
+from postlane.lanes import LaneSlots
 from postlane.transports.base import BaseTransport, Envelope, Response, no_reply
 from postlane.transports.session import (
     Refusal,
@@ -110,7 +111,8 @@ class SMTPRelayTransport(BaseTransport):
         #: (``[destinations.relay]``), which slow-downs and connection failures are charged to
         self.shared_destination = destination
         self._idle: deque[Session] = deque()
-        self._slots = asyncio.Semaphore(settings.connections)
+        #: a connection each; waiters are served high lane first
+        self._slots = LaneSlots(settings.connections)
         self._tls_context: ssl.SSLContext | None = None
         self._closing = False
 
@@ -178,7 +180,7 @@ class SMTPRelayTransport(BaseTransport):
         ``messages_per_connection`` (default: the relay's) is the most messages a session
         carrying this one may carry in all."""
         per_connection = messages_per_connection or self.settings.messages_per_connection
-        async with self._slots:
+        async with self._slots.hold(envelope.lane):
             for retry_on_fresh in (True, False):
                 try:
                     session = await self._acquire(per_connection)
