@@ -127,8 +127,10 @@ async def test_finding_2_guessing_over_50_connections_gets_no_more_checks_than_t
         assert attack.get("accepted", 0) == 0
         assert attack["checked"] == checked <= 12, attack
         assert attack["refused"] > 50 and refused + at_connect > 50, attack
-        # before: every check ran scrypt on the loop (~40 ms each; /healthz waited 1.6 s)
-        assert max(lag.lags) < 1.0, lag.summary()
+        # before: every check ran scrypt on the loop (~40 ms each; /healthz waited 1.6 s at
+        # worst, 6.9 s in this setting); what is left is thousands of refused connections and
+        # a busy machine (test_finding_2_password_checks_run_off_the_event_loop is the exact one)
+        assert max(lag.lags) < 2.0, lag.summary()
         assert await asyncio.to_thread(log_in, listener, "s3cret", source="127.0.0.100") == 235
         assert await asyncio.to_thread(log_in, listener, "s3cret", source="127.0.0.101") == 421
 
@@ -136,11 +138,11 @@ async def test_finding_2_guessing_over_50_connections_gets_no_more_checks_than_t
 async def test_finding_2_password_checks_run_off_the_event_loop(
     tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A check that takes a whole second (a slow scrypt) holds up nobody else."""
+    """A check that takes two whole seconds (a slow scrypt) holds up nobody else."""
     check = Credentials.check
 
     def slow_check(self: Credentials, username: str, password: str) -> bool:
-        time.sleep(1.0)
+        time.sleep(2.0)
         return check(self, username, password)
 
     monkeypatch.setattr(Credentials, "check", slow_check)
@@ -151,7 +153,7 @@ async def test_finding_2_password_checks_run_off_the_event_loop(
                 asyncio.to_thread(log_in, listener, "wrong", source="127.0.0.6"),
             )
         assert codes == [235, 535]
-        assert max(lag.lags) < 0.5, lag.summary()
+        assert max(lag.lags) < 1.0, lag.summary()  # on the loop: 2 s, twice
 
 
 async def test_finding_2_an_address_over_its_budget_is_refused_unchecked_on_any_connection(
@@ -195,14 +197,15 @@ def test_finding_2_an_unknown_user_costs_what_a_wrong_password_costs() -> None:
 
     def fastest(username: str) -> float:
         times = []
-        for _ in range(5):
+        for _ in range(7):
             started = time.perf_counter()
             assert not credentials.check(username, "wrong")
             times.append(time.perf_counter() - started)
         return min(times)
 
     real, unknown, plain = fastest("app"), fastest("nobody"), fastest("plain")
-    assert 0.5 < unknown / real < 2 and 0.5 < plain / real < 2, (real, unknown, plain)
+    # before: unknown / real was about 1/130
+    assert 1 / 3 < unknown / real < 3 and 1 / 3 < plain / real < 3, (real, unknown, plain)
     assert credentials.check("app", "s3cret") and credentials.check("plain", "clear-pass")
 
 
