@@ -251,6 +251,13 @@ class HttpConfig:
     dashboard: bool = _setting(True, _bool)
 
 
+def _timeout(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return seconds
+
+
 @dataclass(frozen=True)
 class SmtpConfig:
     listen: str = _setting("127.0.0.1:2587", _listen)
@@ -260,6 +267,20 @@ class SmtpConfig:
     tls_key: str | None = _setting(None, _opt(_str))
     max_size: int = _setting(25 * 1000 * 1000, _size)
     hostname: str | None = _setting(None, _opt(_str))
+    # -- limits of the submission listener (see docs/ingest.md) --
+    #: each command must arrive within this of the last one (RFC 5321 4.5.3.2.7), else 421
+    command_timeout: float = _setting(300.0, _timeout)
+    #: the whole message, from DATA's 354 to its final dot (RFC 5321 4.5.3.2.6)
+    data_timeout: float = _setting(600.0, _timeout)
+    #: connections open at once; one more gets 421 at once and is closed
+    max_connections: int = _setting(100, _positive_int)
+    #: connections open at once from one address outside trusted_networks
+    max_connections_per_address: int = _setting(20, _positive_int)
+    #: failed AUTH attempts allowed from one address (an IPv6 /64), and from all addresses,
+    #: within auth_failure_window; beyond them AUTH is refused without checking the password
+    auth_failures_per_address: int = _setting(10, _positive_int)
+    auth_failures_total: int = _setting(100, _positive_int)
+    auth_failure_window: float = _setting(900.0, _timeout)
 
 
 def _regex(value: Any) -> str:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -194,6 +194,8 @@ class Metrics:
                 self.dead_letters.labels(cls.value)
         for kind in ("hard", "soft"):
             self.bounces.labels(kind)
+        #: SMTP submission's own counters (SmtpMetrics, below)
+        self.smtp = SmtpMetrics(self.registry)
 
     def attempted(self, attempt: DecidedAttempt) -> None:
         """Count one decided try (the worker's :class:`~postlane.worker.DeliveryObserver`)."""
@@ -250,3 +252,52 @@ class Metrics:
     async def exposition(self) -> bytes:
         await self.refresh()
         return generate_latest(self.registry)
+
+
+# -- SMTP submission -------------------------------------------------------------------------------
+
+
+class SmtpMetrics:
+    """What the SMTP submission listener refuses and why: AUTH failures and refusals, connection
+    caps, timeouts, and the 4xx answers a failing store or an unexpected error causes."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.auth_failures = Counter(
+            "postlane_smtp_auth_failures",
+            "Failed SMTP AUTH attempts: invalid (credentials checked and wrong) or refused "
+            "(over a failure budget: address or total; the password was not checked)",
+            ["result"],
+            registry=registry,
+        )
+        self.connections_refused = Counter(
+            "postlane_smtp_connections_refused",
+            "SMTP connections answered 421 at once: over max_connections (total), over "
+            "max_connections_per_address (address), or from an address over its AUTH budget (auth)",
+            ["cap"],
+            registry=registry,
+        )
+        self.timeouts = Counter(
+            "postlane_smtp_timeouts",
+            "SMTP sessions closed with 421 for silence: waiting for a command or for the message",
+            ["phase"],
+            registry=registry,
+        )
+        self.temporary_failures = Counter(
+            "postlane_smtp_temporary_failures",
+            "Submissions answered 4xx for postlane's own failure: the store (store) or an "
+            "unexpected error (internal)",
+            ["reason"],
+            registry=registry,
+        )
+        self.connections = Gauge(
+            "postlane_smtp_connections", "SMTP submission connections open", registry=registry
+        )
+        for result in ("invalid", "refused"):
+            self.auth_failures.labels(result)
+        for cap in ("total", "address", "auth"):
+            self.connections_refused.labels(cap)
+        for phase in ("command", "data"):
+            self.timeouts.labels(phase)
+        for reason in ("store", "internal"):
+            self.temporary_failures.labels(reason)

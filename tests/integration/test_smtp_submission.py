@@ -9,10 +9,12 @@ import shutil
 import smtplib
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import trustme
@@ -20,8 +22,13 @@ import trustme
 from postlane.app import AsyncPostlane
 from postlane.errors import StoreUnavailable
 from postlane.ingest.smtp import hash_password, start_smtp, verify_password
+from postlane.message import Message, prepare
+from postlane.metrics import Metrics
+from postlane.records import Selector
 from postlane.store.sqlite import SQLiteStore
-from tests.conftest import free_port, make_config
+from postlane.transports import transport_for
+from postlane.worker import Worker
+from tests.conftest import IN_CI, _postgres_url, free_port, make_config
 
 T = TypeVar("T")
 MESSAGE = b"From: app@example.com\r\nTo: ada@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -45,7 +52,11 @@ def ca() -> trustme.CA:
 
 @contextlib.asynccontextmanager
 async def listen(
-    tmp_path: Path, ca: trustme.CA | None, store: Any = None, **smtp: Any
+    tmp_path: Path,
+    ca: trustme.CA | None,
+    store: Any = None,
+    metrics: Metrics | None = None,
+    **smtp: Any,
 ) -> AsyncIterator[Listener]:
     port = free_port()
     settings: dict[str, Any] = {"listen": f"127.0.0.1:{port}", "max_size": "50KB", **smtp}
@@ -54,7 +65,7 @@ async def listen(
         cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
         settings.update(tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.pem"))
     config = make_config(tmp_path, smtp=settings)
-    async with AsyncPostlane(config, store=store) as app, start_smtp(config, app):
+    async with AsyncPostlane(config, store=store) as app, start_smtp(config, app, metrics):
         yield Listener(app, port, ca)
 
 
@@ -313,3 +324,287 @@ async def test_swaks_submits(trusted: Listener) -> None:
     assert process.returncode == 0, out.decode()
     [message] = await trusted.app.messages()
     assert message.subject == "from swaks"
+
+
+# -- audit finding 6: postlane's own trouble is temporary, and says nothing of its insides ---------
+
+
+def submit_one(port: int, message: bytes = MESSAGE) -> tuple[int, bytes]:
+    """MAIL, RCPT, DATA: the DATA reply (or, if the server hung up, what it said before)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo()
+        s.mail("app@example.com")
+        s.rcpt("ada@example.net")
+        try:
+            return s.data(message)
+        except smtplib.SMTPServerDisconnected:
+            return (-1, b"disconnected without an answer")
+
+
+def queue_of(count: int) -> list[Any]:
+    return [
+        prepare(
+            Message(
+                sender="app@example.com", to=[f"u{n}@example.net"], subject="s", text="x" * 500
+            ),
+            max_size=10**6,
+        )
+        for n in range(count)
+    ]
+
+
+async def test_finding_6_a_corrupted_sqlite_file_answers_421_never_5xx(tmp_path: Path) -> None:
+    """The database file is damaged under a running listener: every client is told 421 4.3.0
+    (try later), never 5xx (the sender would bounce the mail) nor the database's own words."""
+    path = tmp_path / "queue.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.enqueue(queue_of(200), time.time())
+    await store.close()
+    whole = path.read_bytes()
+    async with listen(tmp_path, None, store=SQLiteStore(path)) as listener:
+        damaged = bytearray(whole)
+        for start in range(8 * 4096, len(damaged) - 4096, 4096):  # as test_sqlite_files does
+            damaged[start + 8 : start + 4096] = b"\xa5" * (4096 - 8)
+        path.write_bytes(bytes(damaged))
+
+        def submit_then_noop() -> tuple[int, bytes, bool]:
+            with smtplib.SMTP("127.0.0.1", listener.port, timeout=30) as s:
+                s.ehlo()
+                s.mail("app@example.com")
+                s.rcpt("ada@example.net")
+                code, text = s.data(MESSAGE)
+                try:
+                    s.noop()
+                except smtplib.SMTPServerDisconnected:
+                    return code, text, True
+                return code, text, False
+
+        for _ in range(2):
+            code, text, hung_up = await in_thread(submit_then_noop)
+            assert code == 421 and text.startswith(b"4.3.0"), (code, text)
+            assert b"malformed" not in text and b"Error" not in text
+            assert hung_up  # 421: "closing transmission channel" (RFC 5321 4.2.2)
+    path.write_bytes(whole)  # nothing was half stored: the queue is as it was
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert len(await store.list_messages(Selector(), limit=1000)) == 200
+    finally:
+        await store.close()
+
+
+class CuttablePostgres:
+    """A TCP relay in front of PostgreSQL that can be cut (every connection dropped, new ones
+    refused) and restored on the same port: the database "stops" under a running store."""
+
+    def __init__(self, url: str) -> None:
+        self.target = urlsplit(url)
+        self.port = free_port()
+        user, at, _ = self.target.netloc.rpartition("@")
+        self.url = urlunsplit(self.target._replace(netloc=f"{user}{at}127.0.0.1:{self.port}"))
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        host, port = self.target.hostname or "127.0.0.1", self.target.port or 5432
+        server_r, server_w = await asyncio.open_connection(host, port)
+        self._writers |= {client_w, server_w}
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+        self._server = None
+
+
+async def test_finding_6_a_lost_postgresql_answers_421_and_stores_nothing_half(
+    tmp_path: Path,
+) -> None:
+    url = _postgres_url()
+    if url is None:
+        if IN_CI:
+            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
+        pytest.skip("PostgreSQL tests need POSTLANE_TEST_POSTGRES=postgresql://...")
+    from postlane.store.postgres import PostgresStore
+
+    database = CuttablePostgres(url)
+    await database.start()
+    store = PostgresStore(database.url, schema=f"t_{uuid.uuid4().hex[:12]}", timeout=3)
+    async with listen(tmp_path, None, store=store) as listener:
+        try:
+            await database.cut()
+            code, text = await in_thread(lambda: submit_one(listener.port))
+            assert code == 421 and text.startswith(b"4.3.0"), (code, text)
+            await database.start()
+            code, text = await in_thread(lambda: submit_one(listener.port))
+            assert code == 250, (code, text)
+            [message] = await listener.app.messages()  # the refused one left nothing behind
+            assert text.endswith(message.id.encode())
+        finally:
+            await store.drop_schema()
+    await database.cut()
+
+
+class ExplodingStore(SQLiteStore):
+    async def enqueue(self, messages: Any, now: float) -> Any:
+        raise RuntimeError("internal detail: /var/lib/postlane/secret")
+
+
+async def test_finding_6_an_unexpected_error_is_451_or_421_never_a_500_with_its_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ExplodingStore(tmp_path / "exploding.db")
+    async with listen(tmp_path, None, store=store) as listener:
+        code, text = await in_thread(lambda: submit_one(listener.port))
+        assert code == 451 and text.startswith(b"4.3.0"), (code, text)
+        assert b"RuntimeError" not in text and b"internal detail" not in text
+
+        def explode(*args: Any) -> Any:
+            raise RuntimeError("internal detail in MAIL")
+
+        monkeypatch.setattr("postlane.ingest.smtp.parse_address", explode)
+
+        def mail_from() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", listener.port, timeout=30) as s:
+                s.ehlo()
+                return s.mail("app@example.com")
+
+        code, text = await in_thread(mail_from)
+        assert code == 421 and text.startswith(b"4.3.0"), (code, text)
+        assert b"internal detail" not in text
+
+
+# -- audit finding 12: NUL bytes -------------------------------------------------------------------
+
+
+async def test_finding_12_a_message_with_nul_bytes_is_refused(trusted: Listener) -> None:
+    for message in (MESSAGE.replace(b"hello", b"hel\x00lo"), b"X-Odd: a\x00b\r\n" + MESSAGE):
+        code, text = await in_thread(lambda m=message: submit_one(trusted.port, m))  # type: ignore[misc]
+        assert code == 554 and text.startswith(b"5.6.0") and b"NUL" in text, (code, text)
+    assert await trusted.app.messages() == []
+
+
+# -- issue 17: control headers ---------------------------------------------------------------------
+
+
+async def test_issue_17_x_postlane_lane_chooses_the_lane_and_never_reaches_the_recipient(
+    trusted: Listener, tmp_path: Path
+) -> None:
+    message = (
+        b"X-Postlane-Lane: high\r\nFrom: app@example.com\r\nTo: ada@example.net\r\n"
+        b"X-Postlane-Idempotency-Key:\r\n reset-8812\r\nSubject: reset\r\n"
+        b'X-Postlane-Metadata: {"user": 42}\r\n\r\nyour code\r\n'
+    )
+    first = await in_thread(lambda: submit_one(trusted.port, message))
+    again = await in_thread(lambda: submit_one(trusted.port, message))
+    assert first[0] == again[0] == 250
+    [stored] = await trusted.app.messages()
+    assert stored.lane == "high" and stored.idempotency_key == "reset-8812"
+    assert stored.metadata == {"user": 42}
+    assert again[1].split()[4] == stored.id.encode() and b"duplicate" in again[1]
+    assert b"x-postlane" not in (await trusted.app.content(stored.id)).lower()
+    transport = transport_for(trusted.app.config)
+    try:
+        await Worker.from_config(trusted.app.config, trusted.app.store, transport).run_until_idle()
+    finally:
+        await transport.close()
+    [delivered] = (tmp_path / "captured").glob("*.eml")
+    # the capture folder's own envelope lines (X-Postlane-Envelope-*) aside, as sent
+    content = delivered.read_bytes().split(b"\r\n", 2)[2]
+    assert content.startswith(b"Received: ") and b"Subject: reset" in content
+    assert b"x-postlane" not in content.lower()
+
+
+async def test_issue_17_an_unknown_lane_or_control_header_is_refused_naming_the_choices(
+    trusted: Listener,
+) -> None:
+    urgent = await in_thread(
+        lambda: submit_one(trusted.port, b"X-Postlane-Lane: urgent\r\n" + MESSAGE)
+    )
+    assert urgent[0] == 550 and urgent[1].startswith(b"5.6.0"), urgent
+    assert b"urgent" in urgent[1] and b"high, normal, low" in urgent[1]
+    typo = await in_thread(
+        lambda: submit_one(trusted.port, b"X-Postlane-Lanes: high\r\n" + MESSAGE)
+    )
+    assert typo[0] == 550 and b"(known: X-Postlane-Lane, X-Postlane-Idempotency-Key" in typo[1]
+    assert await trusted.app.messages() == []
+
+
+async def test_issue_17_a_captured_message_can_be_submitted_again(
+    trusted: Listener, tmp_path: Path
+) -> None:
+    """The capture folder's X-Postlane-Envelope-* lines are postlane's own trace: dropped (with
+    their folded lines), not refused as unknown control headers."""
+    captured = (
+        b"X-Postlane-Envelope-From: <app@example.com>\r\n"
+        b"X-Postlane-Envelope-To: <ada@example.net>,\r\n <bob@example.org>\r\n" + MESSAGE
+    )
+    code, _ = await in_thread(lambda: submit_one(trusted.port, captured))
+    assert code == 250
+    [stored] = await trusted.app.messages()
+    content = await trusted.app.content(stored.id)
+    assert b"x-postlane" not in content.lower() and b"bob@" not in content
+
+
+# -- audit finding 13: stopping with sessions open -----------------------------------------------
+
+
+class SlowStore(SQLiteStore):
+    """Takes half a second to store, and says when a store has begun."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.storing = asyncio.Event()
+
+    async def enqueue(self, messages: Any, now: float) -> Any:
+        self.storing.set()
+        await asyncio.sleep(0.5)
+        return await super().enqueue(messages, now)
+
+
+async def test_finding_13_at_shutdown_a_message_being_stored_is_answered_and_the_rest_get_421(
+    tmp_path: Path,
+) -> None:
+    store = SlowStore(tmp_path / "slow.db")
+    stack = contextlib.AsyncExitStack()
+    listener = await stack.enter_async_context(listen(tmp_path, None, store=store))
+    idle_r, idle_w = await asyncio.open_connection("127.0.0.1", listener.port)
+    busy_r, busy_w = await asyncio.open_connection("127.0.0.1", listener.port)
+    for reader, writer in ((idle_r, idle_w), (busy_r, busy_w)):
+        writer.write(b"EHLO client\r\n")
+        assert (await reader.readline()).startswith(b"220")
+    busy_w.write(
+        b"MAIL FROM:<app@example.com>\r\nRCPT TO:<ada@example.net>\r\nDATA\r\n" + MESSAGE + b".\r\n"
+    )
+    await asyncio.wait_for(store.storing.wait(), timeout=10)
+    stopping = asyncio.create_task(stack.aclose())  # as serve does on SIGTERM
+    idle_said = await asyncio.wait_for(idle_r.read(), timeout=10)
+    busy_said = await asyncio.wait_for(busy_r.read(), timeout=10)
+    await asyncio.wait_for(stopping, timeout=10)
+    assert idle_said.splitlines()[-1].startswith(b"421 4.3.2"), idle_said
+    replies = busy_said.splitlines()
+    assert replies[-2].startswith(b"250 2.0.0 Ok: queued as"), busy_said
+    assert replies[-1].startswith(b"421 4.3.2"), busy_said
+    for writer in (idle_w, busy_w):
+        writer.close()
+    store = SQLiteStore(tmp_path / "slow.db")
+    await store.open()
+    try:
+        assert len(await store.list_messages(Selector(), limit=10)) == 1
+    finally:
+        await store.close()

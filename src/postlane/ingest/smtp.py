@@ -4,25 +4,42 @@ Clients in ``trusted_networks`` may submit without AUTH; everyone else must AUTH
 LOGIN), and AUTH is offered only after STARTTLS, so passwords never cross in clear. Nobody else
 can relay: this is never an open relay. SIZE is announced and enforced, each RCPT is answered on
 its own, a client's Message-ID is kept (one is added when missing), and 250 is sent only after
-the message is durably stored (421 when the store cannot take it).
+the message is durably stored.
+
+What the listener bounds (``[smtp]`` keys; docs/ingest.md has the table):
+
+- connections: ``max_connections`` at once, ``max_connections_per_address`` from one address
+  outside trusted_networks; one more gets ``421 4.7.0`` at once and is closed, unread;
+- time: each command within ``command_timeout``, the whole message within ``data_timeout``;
+  a silent client gets ``421 4.4.2`` and is closed;
+- AUTH guessing: failure budgets, growing delays, checks off the event loop
+  (:mod:`postlane.ingest.smtp_auth`).
+
+Answers that are postlane's own trouble are temporary, never 5xx: the store failing is
+``421 4.3.0`` (and the connection closes, as 421 says), any unexpected error ``451 4.3.0`` or
+``421 4.3.0``, never with the exception's text; a client retries later and nothing is half
+stored (an enqueue is one transaction).
+
+Control headers: ``X-Postlane-Lane``, ``X-Postlane-Idempotency-Key`` and ``X-Postlane-Metadata``
+(as the Django backend reads them) choose the lane, the idempotency key and the metadata, and are
+removed from the stored message; any other ``X-Postlane-*`` header is refused (a typo must not
+silently send in the wrong lane), but the capture folder's own envelope lines, which are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import collections
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import ipaddress
+import json
 import logging
-import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from email.utils import formatdate
-from typing import Any
+from typing import TYPE_CHECKING, Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -30,47 +47,34 @@ from postlane.app import AsyncPostlane
 from postlane.config import Config
 from postlane.errors import (
     ConfigError,
+    IdempotencyConflict,
     MessageTooLarge,
     PostlaneError,
     StoreUnavailable,
     ValidationError,
 )
+from postlane.ingest.smtp_auth import AuthGuard, Outcome, address_key
+from postlane.ingest.smtp_auth import hash_password as hash_password
+from postlane.ingest.smtp_auth import verify_password as verify_password
 from postlane.ingest.smtpd import FastSMTP
 from postlane.message import MAX_RECIPIENTS, Message, parse_address
+from postlane.metrics import SmtpMetrics
+
+if TYPE_CHECKING:
+    from postlane.metrics import Metrics
 
 log = logging.getLogger("postlane.smtp")
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 #: failed AUTH attempts on one connection before it is closed
 MAX_AUTH_FAILURES = 3
-
-
-def hash_password(password: str, *, salt: bytes | None = None) -> str:
-    """A hash for ``[smtp] users`` (what ``postlane hash-password`` prints): scrypt, salted."""
-    salt = salt or os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
-    b64 = base64.b64encode
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def verify_password(password: str, stored: str) -> bool:
-    """Check a password against a ``users`` entry (an scrypt hash, or a plain password)."""
-    if not stored.startswith("scrypt$"):
-        return hmac.compare_digest(password.encode(), stored.encode())
-    try:
-        _, n, r, p, salt, digest = stored.split("$")
-        expected = base64.b64decode(digest)
-        actual = hashlib.scrypt(
-            password.encode(),
-            salt=base64.b64decode(salt),
-            n=int(n),
-            r=int(r),
-            p=int(p),
-            dklen=len(expected),
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(actual, expected)
+#: the control headers a submitted message may carry (those the Django backend reads)
+CONTROL_HEADERS = frozenset(
+    {"x-postlane-lane", "x-postlane-idempotency-key", "x-postlane-metadata"}
+)
+#: postlane's own trace headers (the capture folder's envelope): dropped, never refused, so a
+#: captured message can be submitted again
+_DROPPED_HEADERS = frozenset({"x-postlane-envelope-from", "x-postlane-envelope-to"})
+_CONTROL_NAMES = "X-Postlane-Lane, X-Postlane-Idempotency-Key, X-Postlane-Metadata"
 
 
 class _Networks:
@@ -87,15 +91,89 @@ class _Networks:
         return any(address in network for network in self._networks)
 
 
+def _peer_host(peer: object) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Controls:
+    """What a submitted message's control headers ask for."""
+
+    lane: str = "normal"
+    idempotency_key: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def take_control_headers(content: bytes) -> tuple[Controls, bytes]:
+    """The ``X-Postlane-*`` headers of a submitted message: what the control headers ask for,
+    and the message without any of them. Raises :class:`ValidationError` for an unknown or
+    repeated one, or a bad value."""
+    values: dict[str, str] = {}
+    kept: list[bytes] = []
+    lines = content.splitlines(keepends=True)
+    taking: str | None = None  # the X-Postlane header whose folded lines are being taken out
+    for index, line in enumerate(lines):
+        if line in (b"\r\n", b"\n", b"\r"):  # the end of the header section
+            kept.extend(lines[index:])
+            break
+        if line[:1] in (b" ", b"\t"):
+            if taking is None:
+                kept.append(line)
+            elif taking in values:
+                values[taking] = f"{values[taking]} {_header_text(line.strip(), taking)}".strip()
+            continue
+        name, colon, value = line.partition(b":")
+        lowered = name.strip().lower().decode("ascii", "replace")
+        if not colon or not lowered.startswith("x-postlane-"):
+            taking = None
+            kept.append(line)
+            continue
+        taking = lowered
+        if lowered in _DROPPED_HEADERS:
+            continue
+        shown = name.strip().decode("ascii", "replace")
+        if lowered not in CONTROL_HEADERS:
+            raise ValidationError(f"unknown control header {shown} (known: {_CONTROL_NAMES})")
+        if lowered in values:
+            raise ValidationError(f"{shown} appears more than once")
+        values[lowered] = _header_text(value.strip(), shown)
+    else:
+        return Controls(), content  # no blank line: no header section (prepare refuses it)
+    return _controls(values), b"".join(kept)
+
+
+def _controls(values: dict[str, str]) -> Controls:
+    metadata = None
+    if "x-postlane-metadata" in values:
+        try:
+            metadata = json.loads(values["x-postlane-metadata"])
+        except ValueError as exc:
+            raise ValidationError(f"X-Postlane-Metadata is not JSON: {exc}") from None
+        if not isinstance(metadata, dict):
+            raise ValidationError("X-Postlane-Metadata must be a JSON object")
+    return Controls(
+        lane=values.get("x-postlane-lane", "") or "normal",
+        idempotency_key=values.get("x-postlane-idempotency-key") or None,
+        metadata=metadata,
+    )
+
+
+def _header_text(value: bytes, name: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError(f"{name} is not UTF-8 text") from None
+
+
 class SubmissionHandler:
     """aiosmtpd hooks: who may submit, per-recipient answers, and the durable enqueue."""
 
-    def __init__(self, config: Config, app: AsyncPostlane, metrics: Any = None) -> None:
+    def __init__(self, config: Config, app: AsyncPostlane, metrics: Metrics | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.smtp_metrics = metrics.smtp if metrics is not None else SmtpMetrics()
         self.config = config
         self.trusted = _Networks(config.smtp.trusted_networks)
-        self.users = config.smtp.users
         self.hostname = config.smtp.hostname or socket.gethostname()
         self.accepted = 0
 
@@ -104,8 +182,7 @@ class SubmissionHandler:
         return _HANDLER_NAMES
 
     def _may_submit(self, session: Session) -> bool:
-        peer = session.peer[0] if isinstance(session.peer, tuple) else session.peer
-        return bool(session.authenticated) or peer in self.trusted
+        return bool(session.authenticated) or _peer_host(session.peer) in self.trusted
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -141,33 +218,65 @@ class SubmissionHandler:
         content = envelope.original_content or b""
         if not isinstance(content, bytes):
             content = str(content).encode("utf-8")
-        received = self._received_header(session, server)
-        message = Message(
-            sender=envelope.mail_from or "",
-            to=list(envelope.rcpt_tos),
-            raw=received + content,
-        )
-        user = session.auth_data if isinstance(session.auth_data, str) else None
-        submitter = f"smtp:{user}" if user else "smtp:trusted"
+        if b"\x00" in content:
+            return "554 5.6.0 Message refused: it contains NUL bytes, which RFC 5322 forbids"
         try:
+            controls, content = take_control_headers(content)
+        except ValidationError as exc:
+            return f"550 5.6.0 {exc.message}"
+        try:
+            message = Message(
+                sender=envelope.mail_from or "",
+                to=list(envelope.rcpt_tos),
+                raw=self._received_header(session, server) + content,
+                lane=controls.lane,
+                idempotency_key=controls.idempotency_key,
+                metadata=controls.metadata,
+            )
+            user = session.auth_data if isinstance(session.auth_data, str) else None
+            submitter = f"smtp:{user}" if user else "smtp:trusted"
             prepared = dataclasses.replace(self.app.prepare(message), submitter=submitter)
-            result = (await self.app.send_prepared([prepared]))[0]
         except MessageTooLarge as exc:
             return f"552 5.3.4 {exc.message}"
         except ValidationError as exc:
+            if exc.field == "lane":
+                return f"550 5.6.0 X-Postlane-Lane: {exc.message}"
+            if exc.field == "idempotency_key":
+                return f"550 5.6.0 X-Postlane-Idempotency-Key: {exc.message}"
             return f"554 5.6.0 {exc.message}"
-        except StoreUnavailable:
-            log.exception("the store refused a submitted message")
+        except Exception:
+            return self._internal_error(session)
+        try:
+            result = (await self.app.send_prepared([prepared]))[0]
+        except ValidationError as exc:
+            return f"554 5.6.0 {exc.message}"
+        except IdempotencyConflict as exc:
+            return f"554 5.6.0 {exc.message}"
+        except StoreUnavailable as exc:
+            # the store's text may name its file or host: it goes to the log, not the client
+            log.error("SMTP: a submitted message was not stored: %s", exc.message)
+            self.smtp_metrics.temporary_failures.labels("store").inc()
             return "421 4.3.0 The queue cannot take the message now, try again later"
         except PostlaneError as exc:
-            return f"451 4.3.0 {exc.message}"
+            log.error("SMTP: a submitted message was not stored: %s", exc.message)
+            self.smtp_metrics.temporary_failures.labels("store").inc()
+            return "451 4.3.0 The queue cannot take the message now, try again later"
+        except Exception:
+            return self._internal_error(session)
         self.accepted += 1
-        if self.metrics is not None and not result.duplicate:
+        if result.duplicate:
+            return f"250 2.0.0 Ok: queued as {result.id} (a duplicate: the key was seen before)"
+        if self.metrics is not None:
             self.metrics.enqueued.labels("smtp").inc()
         return f"250 2.0.0 Ok: queued as {result.id}"
 
+    def _internal_error(self, session: Session) -> str:
+        log.exception("SMTP: unexpected error with a message from %s", _peer_host(session.peer))
+        self.smtp_metrics.temporary_failures.labels("internal").inc()
+        return "451 4.3.0 Local error in processing, try again later"
+
     def _received_header(self, session: Session, server: SMTP) -> bytes:
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        peer = _peer_host(session.peer)
         helo = session.host_name or "unknown"
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if server._tls_protocol is not None:
@@ -180,42 +289,235 @@ class SubmissionHandler:
         )
         return line.encode("utf-8", "replace")
 
-    def authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        username = auth_data.login.decode("utf-8", "replace")
-        password = auth_data.password.decode("utf-8", "replace")
-        stored = self.users.get(username)
-        if stored is not None and verify_password(password, stored):
-            return AuthResult(success=True, auth_data=username)
-        # never log the password; the user name helps the operator
-        log.warning("AUTH %s failed for user %r from %s", mechanism, username, session.peer)
-        return AuthResult(success=False, handled=False)
-
 
 _HANDLER_NAMES = sorted(
     name for name in dir(SubmissionHandler) if name.startswith(("handle_", "auth_"))
 )
 
 
+class Sessions:
+    """The connections open now: the caps on them, and closing them all at shutdown."""
+
+    def __init__(
+        self, config: Config, trusted: _Networks, guard: AuthGuard, metrics: SmtpMetrics
+    ) -> None:
+        self.max_total = config.smtp.max_connections
+        self.max_per_address = config.smtp.max_connections_per_address
+        self.hostname = config.smtp.hostname or socket.gethostname()
+        self.trusted = trusted
+        self.guard = guard
+        self.metrics = metrics
+        self.open: set[SubmissionServer] = set()
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self._all_closed = asyncio.Event()
+        #: set at shutdown: sessions still open are told 421 and closed
+        self.closing = False
+
+    def admit(self, server: SubmissionServer, host: str) -> str | None:
+        """None when the connection may go on, else the 421 it gets before being closed."""
+        trusted = host in self.trusted
+        key = address_key(host)
+        if self.closing:
+            refusal = f"421 4.3.2 {self.hostname} Service shutting down, try again later"
+        elif len(self.open) >= self.max_total:
+            self.metrics.connections_refused.labels("total").inc()
+            refusal = f"421 4.7.0 {self.hostname} Too many connections, try again later"
+        elif not trusted and self._per_address[key] >= self.max_per_address:
+            self.metrics.connections_refused.labels("address").inc()
+            refusal = (
+                f"421 4.7.0 {self.hostname} Too many connections from your address, try again later"
+            )
+        elif not trusted and self.guard.refuses_connections_from(host):
+            self.metrics.connections_refused.labels("auth").inc()
+            refusal = f"421 4.7.0 {self.hostname} Too many failed authentications, try again later"
+        else:
+            self.open.add(server)
+            self._per_address[key] += 1
+            self._all_closed.clear()
+            self.metrics.connections.set(len(self.open))
+            return None
+        # counted, not logged: an attacker reconnecting in a loop would fill the log
+        log.debug("SMTP: refused a connection from %s: %s", host, refusal)
+        return refusal
+
+    def release(self, server: SubmissionServer, host: str) -> None:
+        if server not in self.open:
+            return
+        self.open.discard(server)
+        key = address_key(host)
+        self._per_address[key] -= 1
+        if self._per_address[key] <= 0:
+            del self._per_address[key]
+        self.metrics.connections.set(len(self.open))
+        if not self.open:
+            self._all_closed.set()
+
+    async def close(self, grace: float) -> None:
+        """Tell every session 421 and close it, except those storing a message: they get up
+        to ``grace`` seconds to store it and answer, then are closed too."""
+        self.closing = True
+        for server in list(self.open):
+            if server.phase != "storing":
+                server.shut_down()
+        if self.open:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout=grace)
+        for server in list(self.open):
+            server.shut_down()
+        if self.open:  # connection_lost comes on the next turns of the loop
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout=1.0)
+
+
+class _Session(Session):
+    """aiosmtpd's session without the deprecation warning its own AUTH logs on each success
+    (it sets ``login_data`` itself)."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unchecked:
+    """Credentials aiosmtpd has parsed, not yet checked (see SubmissionServer._authenticate)."""
+
+    credentials: LoginPassword
+
+
 class SubmissionServer(FastSMTP):
-    """aiosmtpd's SMTP with a growing delay after failed AUTH, then a disconnect."""
+    """One submission connection: aiosmtpd's SMTP with the connection caps, timeouts that answer
+    421, AUTH checked by the listener's :class:`AuthGuard`, and 421 closing the connection."""
+
+    def __init__(
+        self,
+        handler: SubmissionHandler,
+        *,
+        sessions: Sessions,
+        guard: AuthGuard,
+        data_timeout: float,
+        **settings: Any,
+    ) -> None:
+        super().__init__(handler, **settings)
+        self._sessions = sessions
+        self._guard = guard
+        self._metrics = handler.smtp_metrics
+        self.data_timeout = data_timeout
+        self._host = ""
+        self._admitted = False
+        self._refused = False
+        self._auth_failures = 0
+
+    # -- the connection ----------------------------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admitted:  # STARTTLS: the same connection, now over TLS
+            super().connection_made(transport)
+            return
+        self._host = _peer_host(transport.get_extra_info("peername"))
+        refusal = self._sessions.admit(self, self._host)
+        if refusal is not None:
+            # answered and closed without reading a byte, nor starting a session
+            self._refused = True
+            writer = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
+            writer.write(refusal.encode("utf-8") + b"\r\n")
+            writer.close()
+            return
+        self._admitted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self._sessions.release(self, self._host)
+        super().connection_lost(error)
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        reply = status.encode("utf-8") if isinstance(status, str) else status
+        if reply.startswith(b"421") and self.transport is not None:
+            self.transport.close()  # 421: "closing transmission channel" (RFC 5321 4.2.2)
+
+    def _say_and_close(self, reply: str) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            self._writer.write(reply.encode("utf-8") + b"\r\n")
+        transport.close()
+
+    def _timeout_cb(self) -> None:
+        phase = "data" if self.phase == "data" else "command"
+        self._metrics.timeouts.labels(phase).inc()
+        waited = "the message" if phase == "data" else "a command"
+        log.info("SMTP: %s sent nothing in time, closing (waiting for %s)", self._host, waited)
+        self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    def shut_down(self) -> None:
+        self._say_and_close(f"421 4.3.2 {self.hostname} Service shutting down, try again later")
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd would answer "500 Error: (TypeName) text": permanent, and telling
+        log.error("SMTP: unexpected error in a session from %s", self._host, exc_info=error)
+        self._metrics.temporary_failures.labels("internal").inc()
+        return f"421 4.3.0 {self.hostname} Local error in processing, try again later"
+
+    # -- commands --------------------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        await super().smtp_DATA(arg)
+        if self._sessions.closing:
+            self.shut_down()
 
     async def smtp_AUTH(self, arg: str) -> None:
         await super().smtp_AUTH(arg)
         session = self.session
         if session is None or session.authenticated:
             return
-        self._auth_failures = getattr(self, "_auth_failures", 0) + 1
-        failures = self._auth_failures
-        if failures >= MAX_AUTH_FAILURES:
-            await self.push("421 4.7.0 Too many failed authentications, closing")
-            if self.transport is not None:
-                self.transport.close()
+        if self.transport is None or self.transport.is_closing():
             return
-        await asyncio.sleep(0.5 * 2**failures)
+        self._auth_failures += 1
+        if self._auth_failures >= MAX_AUTH_FAILURES:
+            await self.push("421 4.7.0 Too many failed authentications, closing")
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # aiosmtpd's auth_PLAIN and auth_LOGIN parse the credentials and call this, synchronously;
+        # the check is asynchronous (a thread), so they are handed back for _check
+        return AuthResult(success=False, handled=True, auth_data=_Unchecked(auth_data))
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check(await super().auth_LOGIN(_, args))
+
+    async def _check(self, parsed: AuthResult) -> AuthResult:
+        if not isinstance(parsed.auth_data, _Unchecked):
+            return parsed  # aiosmtpd refused it already (bad base64, aborted with "*")
+        login, password = parsed.auth_data.credentials
+        username = login.decode("utf-8", "replace")
+        outcome = await self._guard.authenticate(
+            self._host, username, password.decode("utf-8", "replace")
+        )
+        if outcome is Outcome.SUCCESS:
+            return AuthResult(success=True, auth_data=username)
+        if outcome is Outcome.REFUSED_ADDRESS:
+            await self.push("421 4.7.0 Too many failed authentications from your address, closing")
+            return AuthResult(success=False, handled=True)
+        if outcome is Outcome.REFUSED_TOTAL:
+            return AuthResult(
+                success=False,
+                handled=False,
+                message="454 4.7.0 Temporary authentication failure, try again later",
+            )
+        return AuthResult(success=False, handled=False)  # 535 5.7.8
 
 
 def server_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -233,9 +535,12 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 @contextlib.asynccontextmanager
-async def start_smtp(config: Config, app: AsyncPostlane, metrics: Any = None) -> AsyncIterator[str]:
-    """Listen for SMTP submission until the context exits; yields "host:port"."""
-    from postlane.ingest.http import bind
+async def start_smtp(
+    config: Config, app: AsyncPostlane, metrics: Metrics | None = None
+) -> AsyncIterator[str]:
+    """Listen for SMTP submission until the context exits; yields "host:port". On exit the
+    sessions still open are closed (see :meth:`Sessions.close`)."""
+    from postlane.ingest.server import bind
 
     handler = SubmissionHandler(config, app, metrics)
     tls_context = server_tls_context(config)
@@ -244,25 +549,36 @@ async def start_smtp(config: Config, app: AsyncPostlane, metrics: Any = None) ->
             "smtp.users is set but no tls_cert: AUTH is never offered in clear, so only "
             "trusted_networks can submit"
         )
+    guard = AuthGuard(config.smtp, handler.smtp_metrics)
+    guard.start()
+    sessions = Sessions(config, handler.trusted, guard, handler.smtp_metrics)
     sock = bind(config.smtp.listen, "smtp.listen")
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
         return SubmissionServer(
             handler,
+            sessions=sessions,
+            guard=guard,
+            data_timeout=config.smtp.data_timeout,
             data_size_limit=config.smtp.max_size,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=handler.hostname,
             ident="postlane",
             tls_context=tls_context,
+            timeout=config.smtp.command_timeout,
             auth_required=False,  # enforced per client in handle_MAIL (trusted networks)
             auth_require_tls=True,
-            authenticator=handler.authenticate,
             loop=loop,
         )
 
-    server = await loop.create_server(factory, sock=sock)
+    try:
+        server = await loop.create_server(factory, sock=sock)
+    except BaseException:
+        sock.close()
+        await guard.close()
+        raise
     host, port = sock.getsockname()[:2]
     log.info(
         "SMTP submission on %s:%s (%s)",
@@ -274,4 +590,6 @@ async def start_smtp(config: Config, app: AsyncPostlane, metrics: Any = None) ->
         yield f"{host}:{port}"
     finally:
         server.close()
+        await sessions.close(grace=config.delivery.shutdown_grace)
         await server.wait_closed()
+        await guard.close()

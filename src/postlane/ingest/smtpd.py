@@ -25,6 +25,12 @@ _PLAIN_PATH = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z
 
 class FastSMTP(SMTP):
     _method_names: ClassVar[dict[type, list[str]]] = {}
+    #: what the session is doing: "command" (waiting for one), "data" (receiving a message),
+    #: "storing" (the DATA handler has the message and has not answered yet)
+    phase = "command"
+    #: the whole message, from the 354 to its final dot, must arrive within this many seconds
+    #: (None: aiosmtpd's ``timeout``, which otherwise covers only the time to the next command)
+    data_timeout: float | None = None
 
     def __dir__(self) -> list[str]:
         # all aiosmtpd's constructor looks for: the auth_* mechanisms and smtp_* commands
@@ -61,15 +67,22 @@ class FastSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content = await self._read_message()
-        if content is None:
-            await self.push("552 Error: Too much mail data")
+        self.phase = "data"
+        self._reset_timeout(self.data_timeout)
+        try:
+            content = await self._read_message()
+            self._reset_timeout()  # the handler has the command timeout to answer
+            if content is None:
+                await self.push("552 Error: Too much mail data")
+                self.envelope = self._create_envelope()
+                return
+            envelope.content = envelope.original_content = content
+            self.phase = "storing"
+            status = await self._call_handler_hook("DATA")
             self.envelope = self._create_envelope()
-            return
-        envelope.content = envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self.envelope = self._create_envelope()
-        await self.push("250 OK" if status is MISSING else status)
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            self.phase = "command"
 
     async def _read_message(self) -> bytes | None:
         """The message up to the lone dot, unstuffed; None if over the size limit (read to its
