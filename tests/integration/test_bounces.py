@@ -670,6 +670,15 @@ async def test_clients_over_the_connection_cap_are_told_421(sqlite_world: World)
     assert counted.refusals == ["connections"]
 
 
+async def test_an_idle_client_is_dropped_after_the_timeout(sqlite_world: World) -> None:
+    async with listening(sqlite_world, timeout=0.3) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await reader.readline()).startswith(b"220")
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed by the server, not by the test
+        writer.close()
+
+
 async def test_a_store_that_cannot_record_gets_451_and_the_retry_is_recorded(
     sqlite_world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -289,7 +289,7 @@ def _part_text(part: Message) -> str:
 def _decoded_part(part: Message) -> str:
     payload = part.get_payload()
     if isinstance(payload, list):  # message/*: the email package parsed it into messages
-        text = "".join(sub.as_string() for sub in payload if isinstance(sub, Message))
+        text = "\n".join(_fields_text(sub) for sub in payload if isinstance(sub, Message))
         encoding = str(part.get("content-transfer-encoding", "")).strip().lower()
         if encoding in ("base64", "quoted-printable"):
             encoded = _clean(text).encode("ascii", "ignore")
@@ -310,6 +310,16 @@ def _decoded_part(part: Message) -> str:
         return raw.decode(charset, "replace")
     except LookupError:  # a charset Python does not know
         return raw.decode("utf-8", "replace")
+
+
+def _fields_text(block: Message) -> str:
+    """A parsed block back as text: its fields as they were written (folding kept), then
+    whatever the parser could not read as fields (much cheaper than ``as_string()``)."""
+    lines = [f"{name}: {value}" for name, value in block.items()]
+    body = block.get_payload()
+    if isinstance(body, str) and body:
+        lines.append(f"\n{body}")
+    return "\n".join(lines) + "\n"
 
 
 def _clean(text: str) -> str:
