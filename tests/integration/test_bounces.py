@@ -407,6 +407,25 @@ async def test_a_complaint_storm_is_written_in_batches_and_touches_only_its_reci
     assert len(await world.suppressions()) == len(complainers)
 
 
+async def test_a_report_that_trips_a_bug_is_kept_not_lost_nor_retried_forever(
+    sqlite_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = sqlite_world
+    sent = await world.send("nobody@example.net")
+    verp = world.verp(sent, "nobody@example.net")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("postlane.feedback.inbound.feedback_for", broken)
+    result = await world.processor.process(
+        sample("postfix-failed.eml", return_path=verp), mail_from="", rcpt_to=[verp]
+    )
+    assert result.disposition is Disposition.UNMATCHED
+    assert result.reason == "could not be processed: ZeroDivisionError: a bug"
+    assert await world.state(sent, "nobody@example.net") is RecipientState.SENT
+
+
 # -- plain-text bounces through the processor ----------------------------------------------------
 
 

@@ -57,6 +57,7 @@ from enum import StrEnum
 
 from postlane.classify import ReplyClass, Verdict, classify
 from postlane.clock import Clock, SystemClock
+from postlane.errors import StoreUnavailable
 from postlane.feedback import DeliveryRef, Feedback, FeedbackKind, FeedbackResult, Report
 from postlane.feedback.reports import (
     PARSE_LIMIT,
@@ -295,7 +296,9 @@ class BounceProcessor:
         self, content: bytes, *, mail_from: str | None = None, rcpt_to: Sequence[str] = ()
     ) -> InboundResult:
         """Read, match, classify and record one received message; returns what became of it.
-        Raises only what the store raises (the caller answers "try again later")."""
+        Raises only what the store raises (the caller answers "try again later"): anything
+        else that goes wrong keeps the message unmatched, saying what, so a report that trips
+        a bug is neither lost nor retried by its sender forever."""
         if len(content) > _THREAD_PARSE:
             parsed = await asyncio.to_thread(parse_report, content)
         else:
@@ -303,10 +306,23 @@ class BounceProcessor:
         report = Report(
             self.source, parsed.kind.value, content, mail_from, ", ".join(rcpt_to) or None
         )
+        try:
+            return await self._process(parsed, report, rcpt_to)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            log.exception("a %s could not be processed; keeping it for review", parsed.kind)
+            return await self._keep(
+                parsed, report, [f"could not be processed: {type(exc).__name__}: {exc}"]
+            )
+
+    async def _process(
+        self, parsed: ParsedReport, report: Report, rcpt_to: Sequence[str]
+    ) -> InboundResult:
         reason = _not_feedback(parsed)
         if reason is not None:
             return await self._keep(parsed, report, [reason])
-        matches, notes = await self._match(parsed, content, rcpt_to)
+        matches, notes = await self._match(parsed, report.content, rcpt_to)
         matches, notes, pending = await self._sent_only(matches, notes)
         source = _SOURCES[parsed.kind]
         now = self.clock.now()
@@ -332,7 +348,7 @@ class BounceProcessor:
             reason=kept.reason if kept else None,
             pending=tuple(pending),
         )
-        log.info("%s from %s: %s", parsed.kind, mail_from or "<>", result.summary())
+        log.info("%s from %s: %s", parsed.kind, report.mail_from or "<>", result.summary())
         return result
 
     async def close(self) -> None:

@@ -267,15 +267,18 @@ async def start_bounce_listener(
     settings: BounceListenerSettings | None = None,
     *,
     observer: BounceObserver | None = None,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[str]:
-    """Listen for bounces at ``settings.listen`` until the context exits; yields
+    """Listen for bounces at ``settings.listen`` (or on ``sock``, a socket already bound and
+    listening, e.g. one shared by several processes) until the context exits; yields
     ``host:port``. ``processor`` carries the bounce domain and the store."""
     from postlane.ingest.server import bind
 
     settings = settings or BounceListenerSettings()
     handler = BounceHandler(processor, settings, observer)
     hostname = settings.hostname or socket.gethostname()
-    sock = bind(settings.listen, "bounces.listen")
+    if sock is None:
+        sock = bind(settings.listen, "bounces.listen")
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
