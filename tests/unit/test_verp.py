@@ -70,5 +70,7 @@ def test_return_paths_quoted_in_a_report_are_found_once_and_only_if_valid() -> N
         f"Original-Mail-From: <{PATHS.address(9)}>\r\n"
         "Return-Path: <b-a-aaaaaaaaaaaaaaaa@bounce.example.com>\r\n"  # forged
         f"Reply-To: x{PATHS.address(11)}\r\n"  # not an address of ours: another local part
+        f"Sender: {PATHS.address(12)}.evil.example\r\n"  # another domain
+        f"Done at {PATHS.address(13)}.\r\n"  # a sentence's full stop is not a domain
     )
-    assert list(PATHS.find(text)) == [7, 9]
+    assert list(PATHS.find(text)) == [7, 9, 13]

@@ -120,7 +120,9 @@ def _address_pattern(domain: str) -> re.Pattern[str]:
     pattern = _PATTERNS.get(domain)
     if pattern is None:
         token = rf"{TOKEN_PREFIX}[0-9a-z]{{1,13}}-[a-z2-7]{{{MAC_CHARS}}}"
-        pattern = re.compile(rf"(?<![\w.+-])({token})@{re.escape(domain)}\b", re.IGNORECASE)
+        # the domain, and not the start of a longer one (bounce.example.com.evil.example)
+        end = r"(?![\w-]|\.[\w-])"
+        pattern = re.compile(rf"(?<![\w.+-])({token})@{re.escape(domain)}{end}", re.IGNORECASE)
         _PATTERNS[domain] = pattern
     return pattern
 
