@@ -533,6 +533,44 @@ async def test_an_envelope_without_delivery_ids_goes_through_as_it_is(
     ]
 
 
+async def test_a_bounce_to_the_return_path_a_worker_used_bounces_that_recipient(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    from postlane.app import AsyncPostlane
+    from postlane.transports import transport_for
+    from postlane.worker import Worker
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url, "tls_verify": False})
+    async with AsyncPostlane(config) as app:
+        key = await app.store.secret("verp", app.clock.now())
+        transport = VerpTransport(transport_for(config), DOMAIN, key)
+        worker = Worker.from_config(config, app.store, transport, clock=app.clock)
+        to = ["ada@example.net", "bob@example.net"]
+        queued = await app.send(Message(sender="app@shop.example", to=to, subject="s", text="b"))
+        assert await worker.run_until_idle() == 2
+        await transport.close()
+        return_paths = {r.rcpt_tos[0]: r.mail_from for r in smtp_peer.handler.received}
+        # the next hop, later, bounces bob's copy to the return path it came with
+        dsn = sample(
+            "postfix-failed.eml",
+            return_path=return_paths["bob@example.net"],
+            **{"nobody@example.net": "bob@example.net"},
+        )
+        world = World(app.store, ReturnPaths(DOMAIN, key), FakeClock())
+        async with listening(world) as (port, _):
+            _, data = await asyncio.to_thread(
+                smtp_send, port, "", [return_paths["bob@example.net"]], dsn
+            )
+        assert data[0] == 250
+        view = await app.get(queued.id, history=True)
+        states = {r.address: r.state for r in view.recipients}
+        assert states == {
+            "ada@example.net": RecipientState.SENT,
+            "bob@example.net": RecipientState.BOUNCED,
+        }
+
+
 class _Flaky(BaseTransport):
     name = "flaky://"
     shared_destination = "relay"
