@@ -76,7 +76,7 @@ class Report:
 
     #: where it came from: the bounce listener, webhook:ses, ...
     source: str
-    #: what it looked like: dsn, arf, plain, auto-reply, event, unreadable
+    #: what it looked like: dsn, arf, plain, auto-reply, unknown (no report), event, unreadable
     kind: str
     content: bytes
     mail_from: str | None = None
