@@ -180,6 +180,9 @@ class StoreConfig:
     retention: float = _setting(7 * 86400.0, _duration)
     #: dead letters are removed this long after they died, unless requeued first
     dead_retention: float = _setting(30 * 86400.0, _duration)
+    #: events (GET /v1/events, webhooks) are kept this long; a webhook endpoint failing for
+    #: longer misses the older ones
+    event_retention: float = _setting(30 * 86400.0, _duration)
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,37 @@ class SmtpConfig:
     auth_failures_per_address: int = _setting(10, _positive_int)
     auth_failures_total: int = _setting(100, _positive_int)
     auth_failure_window: float = _setting(900.0, _timeout)
+
+
+def _mail_domain(value: Any) -> str:
+    text = _str(value).strip().lower().rstrip(".")
+    labels = text.split(".")
+    if len(labels) < 2 or not all(
+        re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels
+    ):
+        raise ValueError(f"expected a domain name like bounces.example.com, got {value!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class BouncesConfig:
+    """Asynchronous bounces and complaints (docs/bounces.md): with a ``domain``, every
+    recipient gets its own return path there (VERP) and serve listens for what comes back."""
+
+    #: the return-path domain (its MX points at the listener); none: no VERP, no listener
+    domain: str | None = _setting(None, _opt(_mail_domain))
+    listen: str = _setting("127.0.0.1:2526", _listen)
+    max_size: int = _setting(25 * 1000 * 1000, _size)
+    #: a client idle this long, or one message's reading and recording, is cut off
+    timeout: float = _setting(300.0, _timeout)
+    max_connections: int = _setting(100, _positive_int)
+    #: local parts at the domain taken without a token: a feedback loop's address ("fbl")
+    report_addresses: tuple[str, ...] = _setting((), _strings)
+    #: where a complaint suppresses its recipient: "sender-domain" (mail from the complained-
+    #: about sender's domain) or "global" (all mail)
+    complaint_scope: str = _setting("sender-domain", _choice("sender-domain", "global"))
+    #: reports that matched no delivery are kept this long for a look (postlane feedback)
+    unmatched_retention: float = _setting(30 * 86400.0, _duration)
 
 
 def _regex(value: Any) -> str:
@@ -419,6 +453,7 @@ class Config:
     )
     http: HttpConfig = field(default_factory=HttpConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -455,6 +490,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "retry": RetryConfig,
     "http": HttpConfig,
     "smtp": SmtpConfig,
+    "bounces": BouncesConfig,
     "throttle": ThrottleConfig,
     "alerts": AlertsConfig,
     "log": LogConfig,
@@ -868,6 +904,7 @@ def _read(data: Mapping[str, Any], reader: _Reader, source: str, base_dir: Path)
         lanes=lanes,
         http=http,
         smtp=smtp,
+        bounces=sections["bounces"],
         throttle=sections["throttle"],
         alerts=sections["alerts"],
         log=sections["log"],

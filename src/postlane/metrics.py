@@ -25,6 +25,8 @@ from postlane.throttle import MISCONFIGURED
 
 if TYPE_CHECKING:
     from postlane.app import AsyncPostlane
+    from postlane.feedback import Feedback
+    from postlane.feedback.inbound import InboundResult
     from postlane.worker import DecidedAttempt
 
 MAX_DOMAIN_LABELS = 20
@@ -196,6 +198,8 @@ class Metrics:
             self.bounces.labels(kind)
         #: SMTP submission's own counters (SmtpMetrics, below)
         self.smtp = SmtpMetrics(self.registry)
+        #: what is heard after the first hop (FeedbackMetrics, below)
+        self.feedback = FeedbackMetrics(self.registry, self.bounces)
 
     def attempted(self, attempt: DecidedAttempt) -> None:
         """Count one decided try (the worker's :class:`~postlane.worker.DeliveryObserver`)."""
@@ -223,6 +227,14 @@ class Metrics:
         ):
             totals[destination] = totals.get(destination, 0) + count
         self.destination_label.seed(sorted(totals, key=lambda d: (-totals[d], d)))
+
+    # the bounce listener's observer (postlane.ingest.bounces.BounceObserver)
+
+    def report(self, result: InboundResult) -> None:
+        self.feedback.report(result)
+
+    def refused(self, reason: str) -> None:
+        self.feedback.refusals.labels(reason).inc()
 
     def dead_without_try(self, cls: ReplyClass) -> None:
         self.dead_letters.labels(cls.value).inc()
@@ -301,3 +313,57 @@ class SmtpMetrics:
             self.timeouts.labels(phase)
         for reason in ("store", "internal"):
             self.temporary_failures.labels(reason)
+
+
+# -- after the first hop ---------------------------------------------------------------------------
+
+
+#: FeedbackKind values (a literal list: metrics must not import the feedback package at start)
+FEEDBACK_TYPES = ("bounced", "soft_bounce", "delayed", "complained", "unsubscribed", "delivered")
+
+
+class FeedbackMetrics:
+    """Bounces, complaints and unsubscribes heard after the first hop (the bounce listener,
+    provider webhooks, one-click unsubscribes), and the reports the listener read."""
+
+    def __init__(self, registry: CollectorRegistry, bounces: Counter) -> None:
+        #: postlane_bounces_total{type}: a bounce heard later counts as one refused at once does
+        self.bounces = bounces
+        self.recorded = Counter(
+            "postlane_feedback",
+            "Feedback recorded about sent mail, by type (bounced, soft_bounce, delayed, "
+            "complained, unsubscribed, delivered) and source (dsn, arf, plain, webhook:ses, ...)",
+            ["type", "source"],
+            registry=registry,
+        )
+        self.reports = Counter(
+            "postlane_feedback_reports",
+            "Messages the bounce listener read, by kind (dsn, arf, plain, auto-reply, unknown, "
+            "unreadable) and what became of them (recorded, duplicate, unmatched, pending)",
+            ["kind", "disposition"],
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "postlane_bounce_refusals",
+            "What the bounce listener refused: recipient (no valid return-path token), size, "
+            "connections (over the cap), store (could not record: 451)",
+            ["reason"],
+            registry=registry,
+        )
+        for kind in FEEDBACK_TYPES:
+            self.recorded.labels(kind, "dsn")
+        for reason in ("recipient", "size", "connections", "store"):
+            self.refusals.labels(reason)
+
+    def recorded_feedback(self, items: Sequence[Feedback]) -> None:
+        for item in items:
+            self.recorded.labels(item.kind.value, item.source).inc()
+            # by the reply's class, as an attempt's bounce is counted
+            if item.cls is ReplyClass.HARD_BOUNCE:
+                self.bounces.labels("hard").inc()
+            elif item.cls is ReplyClass.SOFT_BOUNCE:
+                self.bounces.labels("soft").inc()
+
+    def report(self, result: InboundResult) -> None:
+        self.reports.labels(result.kind.value, result.disposition.value).inc()
+        self.recorded_feedback(result.recorded)

@@ -82,6 +82,33 @@ async def _monitor(config: Config, app: AsyncPostlane, stop: asyncio.Event) -> N
             await asyncio.wait_for(stop.wait(), timeout=config.alerts.interval)
 
 
+def _bounce_listener(
+    config: Config, app: AsyncPostlane, metrics: Metrics, verp_key: bytes
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """The listener for what comes back to ``[bounces] domain`` (docs/bounces.md)."""
+    from postlane.feedback.inbound import BounceProcessor, ComplaintScope
+    from postlane.feedback.verp import ReturnPaths
+    from postlane.ingest.bounces import BounceListenerSettings, start_bounce_listener
+
+    bounces = config.bounces
+    assert bounces.domain is not None
+    processor = BounceProcessor(
+        app.store,
+        ReturnPaths(bounces.domain, verp_key),
+        clock=app.clock,
+        complaint_scope=ComplaintScope(bounces.complaint_scope),
+    )
+    settings = BounceListenerSettings(
+        listen=bounces.listen,
+        max_size=bounces.max_size,
+        max_connections=bounces.max_connections,
+        timeout=bounces.timeout,
+        hostname=config.smtp.hostname,
+        report_addresses=bounces.report_addresses,
+    )
+    return start_bounce_listener(processor, settings, observer=metrics)
+
+
 def announce(config: Config, app: AsyncPostlane, transport: Transport) -> None:
     log.info("configuration: %s", config.source)
     log.info("store: %s", app.store.description)
@@ -108,8 +135,11 @@ async def run(
     (``ingest=False``) serves /metrics, /healthz and /readyz on ``metrics_listen`` if given."""
     stop = stop or asyncio.Event()
     remove_handlers = _install_signal_handlers(stop)
-    transport = transport_for(config)
     async with AsyncPostlane(config, clock=clock) as app:
+        verp_key = None
+        if config.bounces.domain is not None:
+            verp_key = await app.store.secret("verp", app.clock.now())
+        transport = transport_for(config, verp_key=verp_key)
         announce(config, app, transport)
         from postlane.metrics import Metrics
 
@@ -131,6 +161,10 @@ async def run(
                 from postlane.ingest.smtp import start_smtp
 
                 await servers.enter_async_context(start_smtp(config, app, metrics))
+                if verp_key is not None:
+                    await servers.enter_async_context(
+                        _bounce_listener(config, app, metrics, verp_key)
+                    )
             if on_ready is not None:
                 await on_ready(app)
             log.info("postlane is running (lease owner %s)", worker.owner)

@@ -82,6 +82,20 @@ class _NoObserver:
         return None
 
 
+@dataclass(frozen=True)
+class Retention:
+    """How long what is finished is kept, in seconds (``[store]``, ``[bounces]``)."""
+
+    #: sent messages
+    sent: float
+    #: dead letters
+    dead: float
+    #: the event log (None: forever)
+    events: float | None = None
+    #: reports that matched no delivery (None: forever)
+    unmatched: float | None = None
+
+
 class Worker:
     """Delivers what the store has due through one transport."""
 
@@ -97,7 +111,7 @@ class Worker:
         observer: DeliveryObserver | None = None,
         owner: str | None = None,
         wake: asyncio.Event | None = None,
-        retention: tuple[float, float] | None = None,
+        retention: Retention | None = None,
         throttle: Throttle | None = None,
         log_recipients: str = "none",
     ) -> None:
@@ -113,7 +127,7 @@ class Worker:
         self.owner = owner or lease_owner_id()
         #: set by in-process enqueues so an idle worker claims at once
         self.wake = wake or asyncio.Event()
-        #: (sent retention, dead-letter retention) in seconds; None keeps everything
+        #: how long finished messages, events and unmatched reports are kept; None: forever
         self.retention = retention
         self.gate = ThrottleGate(
             throttle or Throttle(ThrottleConfig(enabled=False)),
@@ -161,7 +175,12 @@ class Worker:
             observer=observer,
             owner=owner,
             wake=wake,
-            retention=(config.store.retention, config.store.dead_retention),
+            retention=Retention(
+                config.store.retention,
+                config.store.dead_retention,
+                events=config.store.event_retention,
+                unmatched=config.bounces.unmatched_retention,
+            ),
             throttle=Throttle.from_config(config),
             log_recipients=config.log.recipients,
         )
@@ -528,11 +547,21 @@ class Worker:
         await self.gate.sync()
 
     async def _purge(self) -> None:
-        if self.retention is None:
+        keep = self.retention
+        if keep is None:
             return
-        removed = await self.store.purge_finished(self.clock.now(), *self.retention)
+        now = self.clock.now()
+        removed = await self.store.purge_finished(now, keep.sent, keep.dead)
         if removed:
             log.info("removed %d finished message(s) past their retention", removed)
+        if keep.events is not None:
+            removed = await self.store.purge_events(now - keep.events)
+            if removed:
+                log.info("removed %d event(s) past [store] event_retention", removed)
+        if keep.unmatched is not None:
+            removed = await self.store.purge_unmatched(now - keep.unmatched)
+            if removed:
+                log.info("removed %d unmatched report(s) past their retention", removed)
 
     async def _drain_tasks(self, timeout: float | None) -> None:
         if not self._tasks:

@@ -815,3 +815,71 @@ def test_whatever_arrives_gets_an_answer_and_the_listener_stays_up(
             await store.close()
 
     asyncio.run(run())
+
+
+# -- serve, configured with [bounces] ------------------------------------------------------------
+
+
+async def test_serve_gives_each_recipient_a_return_path_and_records_what_comes_back(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    """[bounces] domain is all it takes: serve's worker sends with VERP return paths, serve
+    listens on [bounces] listen, a DSN there bounces the recipient, and the metrics count it."""
+    import time
+
+    import httpx
+
+    from postlane import serve
+    from postlane.app import AsyncPostlane
+    from tests.conftest import make_config
+
+    bounce_port, http_port, smtp_port = free_port(), free_port(), free_port()
+    config = make_config(
+        tmp_path,
+        delivery={"relay": smtp_peer.url, "poll_interval": "100ms"},
+        bounces={"domain": DOMAIN, "listen": f"127.0.0.1:{bounce_port}"},
+        http={"listen": f"127.0.0.1:{http_port}"},
+        smtp={"listen": f"127.0.0.1:{smtp_port}"},
+    )
+    stop = asyncio.Event()
+    started: asyncio.Future[AsyncPostlane] = asyncio.get_running_loop().create_future()
+
+    async def on_ready(app: AsyncPostlane) -> None:
+        started.set_result(app)
+
+    running = asyncio.create_task(serve.run(config, stop=stop, on_ready=on_ready))
+    try:
+        app = await asyncio.wait_for(started, 30)
+        to = ["ada@example.net", "bob@example.net"]
+        queued = await app.send(Message(sender="app@shop.example", to=to, subject="s", text="b"))
+        deadline = time.monotonic() + 30
+        while len(smtp_peer.handler.received) < 2:
+            assert time.monotonic() < deadline, "the worker did not deliver"
+            await asyncio.sleep(0.02)
+        return_paths = {r.rcpt_tos[0]: r.mail_from for r in smtp_peer.handler.received}
+        assert all(
+            path.startswith("b-") and path.endswith(f"@{DOMAIN}") for path in return_paths.values()
+        )
+        assert len(set(return_paths.values())) == 2  # one per recipient
+        dsn = sample(
+            "postfix-failed.eml",
+            return_path=return_paths["bob@example.net"],
+            **{"nobody@example.net": "bob@example.net"},
+        )
+        _, data = await asyncio.to_thread(
+            smtp_send, bounce_port, "", [return_paths["bob@example.net"]], dsn
+        )
+        assert data[0] == 250
+        view = await app.get(queued.id)
+        assert {r.address: r.state for r in view.recipients} == {
+            "ada@example.net": RecipientState.SENT,
+            "bob@example.net": RecipientState.BOUNCED,
+        }
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client:
+            metrics = (await client.get("/metrics")).text
+        assert 'postlane_feedback_total{source="dsn",type="bounced"} 1.0' in metrics
+        assert 'postlane_bounces_total{type="hard"} 1.0' in metrics
+        assert 'postlane_feedback_reports_total{disposition="recorded",kind="dsn"} 1.0' in metrics
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 60)

@@ -377,7 +377,16 @@ class WebhookStore(Protocol):
     async def forget_webhook_endpoints(self, keep: Sequence[str]) -> int: ...
 
 
-class Store(DeliveryStore, OperatorStore, ThrottleStore, HistoryStore, SuppressionStore, Protocol):
+class Store(
+    DeliveryStore,
+    OperatorStore,
+    ThrottleStore,
+    HistoryStore,
+    SuppressionStore,
+    FeedbackStore,
+    WebhookStore,
+    Protocol,
+):
     """Everything the queue keeps. Every method is one transaction."""
 
     #: where the data lives, for messages (never includes a password)

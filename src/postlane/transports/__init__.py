@@ -36,20 +36,32 @@ def _signer(config: Config) -> DkimSigner | None:
     return DkimSigner.from_config(config.dkim, base_dir=config.base_dir)
 
 
-def _smtp(config: Config, destination: str = "relay") -> Transport:
+def _smtp(config: Config, destination: str = "relay", verp_key: bytes | None = None) -> Transport:
     """``destination`` names the relay as a throttle destination; its ``[destinations.NAME]``
-    limits apply (messages per connection)."""
+    limits apply (messages per connection). With ``verp_key``, each recipient gets its own
+    return path (inside the DKIM signing: the message is signed once)."""
     from postlane.transports.smtp import RelaySettings, SMTPRelayTransport
 
     limits = destination_limits(config.destinations, destination)
     settings = RelaySettings.from_url(config.delivery.relay, config.delivery, limits)
-    relay = SMTPRelayTransport(settings, destination=destination)
+    relay: Transport = SMTPRelayTransport(settings, destination=destination)
+    relay = _verp(config, relay, verp_key)
     signer = _signer(config)
     if signer is None:
         return relay
     from postlane.dkim import SigningTransport
 
     return SigningTransport(relay, signer)
+
+
+def _verp(config: Config, transport: Transport, verp_key: bytes | None) -> Transport:
+    """``transport`` giving each recipient a return path at ``[bounces] domain`` (VERP), when
+    there is one and the store's key is given; else ``transport``."""
+    if config.bounces.domain is None or verp_key is None:
+        return transport
+    from postlane.feedback.verp import VerpTransport
+
+    return VerpTransport(transport, config.bounces.domain, verp_key)
 
 
 def _mx(config: Config) -> Transport:
@@ -97,8 +109,16 @@ def capture_folder(config: Config) -> str:
     return str(config.resolve_path(rest or "postlane-capture"))
 
 
-def _one(config: Config, relay: str, built: dict[str, Transport], where: str) -> Transport:
-    """The transport of one relay URL (one per URL: routes sharing a relay share its pool)."""
+def _one(
+    config: Config,
+    relay: str,
+    built: dict[str, Transport],
+    where: str,
+    verp_key: bytes | None = None,
+) -> Transport:
+    """The transport of one relay URL (one per URL: routes sharing a relay share its pool).
+    SMTP relays and MX delivery get VERP return paths with ``verp_key``; a provider's API
+    reports its bounces as events of its own (its webhooks)."""
     if relay not in built:
         scheme = relay.split(":", 1)[0].lower()
         factory = SCHEMES.get(scheme)
@@ -107,31 +127,36 @@ def _one(config: Config, relay: str, built: dict[str, Transport], where: str) ->
             raise ConfigError(f"{where}: unknown scheme {scheme!r} (known: {known})")
         delivery = dataclasses.replace(config.delivery, relay=relay)
         relay_config = dataclasses.replace(config, delivery=delivery)
-        if factory is _smtp and where != "delivery.relay":
+        if factory is _smtp:
             # a routed SMTP relay is a destination of its own, apart from [delivery] relay
             parts = urlsplit(relay)
             name = f"relay:{parts.hostname}:{parts.port or ''}".rstrip(":")
-            transport = _smtp(relay_config, name)
+            transport = _smtp(
+                relay_config, "relay" if where == "delivery.relay" else name, verp_key
+            )
+        elif factory is _mx:
+            transport = _verp(config, _mx(relay_config), verp_key)
         else:
             transport = factory(relay_config)
         built[relay] = transport
     return built[relay]
 
 
-def transport_for(config: Config) -> Transport:
+def transport_for(config: Config, *, verp_key: bytes | None = None) -> Transport:
     """The transport of ``[delivery] relay``, or a router over ``[[routes]]`` when there are
-    any (see :mod:`postlane.transports.router`)."""
+    any (see :mod:`postlane.transports.router`). ``verp_key`` (the store's ``verp`` secret,
+    which serve and worker pass) turns on the return paths of ``[bounces] domain``."""
     built: dict[str, Transport] = {}
-    default = _one(config, config.delivery.relay, built, "delivery.relay")
+    default = _one(config, config.delivery.relay, built, "delivery.relay", verp_key)
     if not config.routes:
         return default
     from postlane.transports.router import Router, RouteRule
 
     routes = []
     for number, route in enumerate(config.routes, 1):
-        primary = _one(config, route.relay, built, f"routes[{number}].relay")
+        primary = _one(config, route.relay, built, f"routes[{number}].relay", verp_key)
         fallback = (
-            _one(config, route.fallback, built, f"routes[{number}].fallback")
+            _one(config, route.fallback, built, f"routes[{number}].fallback", verp_key)
             if route.fallback
             else None
         )
