@@ -240,7 +240,15 @@ class AsyncPostlane:
         Raises :class:`NotFound` for a message id that does not exist."""
         for queue_id in selector.ids:
             await self.store.get_message(_check_id(queue_id), history=False)
+        selector = self._scheduled(action, selector)
         return await self.store.summarize(selector, action_states(action, selector))
+
+    def _scheduled(self, action: QueueAction, selector: Selector) -> Selector:
+        """A flush leaves mail scheduled for later alone unless ``selector.scheduled``: it is
+        not late, and a 3 a.m. ``postqueue -f`` must not send tomorrow's campaign."""
+        if action is QueueAction.FLUSH and not selector.scheduled:
+            return dataclasses.replace(selector, send_at_by=self.clock.now())
+        return selector
 
     async def act(
         self,
@@ -254,6 +262,7 @@ class AsyncPostlane:
         """Apply ``action`` to every delivery ``selector`` picks, a slice at a time; returns how
         many changed. With ``export``, each slice is written there (JSON Lines, flushed to disk)
         before it is deleted, so an exported delete can always be undone with :meth:`import_`."""
+        selector = self._scheduled(action, selector)
         states = action_states(action, selector)
         if action is QueueAction.FLUSH:
             await self.lift_pauses(selector)

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
@@ -105,7 +106,22 @@ def message_json(message: MessageInput | None = None, /, **fields: Any) -> dict[
         for name in ("to", "cc", "bcc"):
             if isinstance(data.get(name), tuple):
                 data[name] = list(data[name])
+    for name in ("send_at", "expires_at"):
+        data[name] = _when_json(data.get(name), name)
     return {name: value for name, value in data.items() if value is not None}
+
+
+def _when_json(value: Any, what: str) -> str | float | None:
+    """A time as the API takes it: ISO 8601 with its zone (an aware datetime), or as given.
+    A naive datetime is refused here, before any request: whose 9:30 would it be?"""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValidationError(
+                f"{what} has no time zone; give an aware datetime (e.g. tzinfo=UTC)", field=what
+            )
+        return value.isoformat()
+    result: str | float | None = value
+    return result
 
 
 def _dataclass_json(message: Message) -> dict[str, Any]:
@@ -122,6 +138,8 @@ def _dataclass_json(message: Message) -> dict[str, Any]:
         "lane": str(message.lane),
         "idempotency_key": message.idempotency_key,
         "metadata": dict(message.metadata) if message.metadata is not None else None,
+        "send_at": message.send_at,
+        "expires_at": message.expires_at,
     }
     if message.raw is not None:
         raw = message.raw

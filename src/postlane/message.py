@@ -14,11 +14,13 @@ import email
 import functools
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from email import encoders
 from email import policy as email_policy
 from email.charset import BASE64, QP, Charset
@@ -137,6 +139,10 @@ class Message:
     lane: Lane | str = Lane.NORMAL
     idempotency_key: str | None = None
     metadata: Mapping[str, Any] | None = None
+    #: not before this time: an aware datetime, ISO 8601 text with a zone, or Unix seconds
+    send_at: datetime | str | float | None = None
+    #: never after this time (same forms): a recipient not sent by then is dead, ``expired``
+    expires_at: datetime | str | float | None = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,65 @@ def _check_common(message: Message) -> tuple[Lane, str | None, dict[str, Any]]:
     return lane, key, metadata
 
 
+#: the furthest ahead send_at and expires_at may be (a year): a typo'd year is an error
+MAX_SCHEDULE_AHEAD = 366 * 86400.0
+
+
+def parse_when(value: datetime | str | float | None, what: str) -> float | None:
+    """Epoch seconds of ``value``: an aware datetime, ISO 8601 text with a zone
+    (``2026-12-02T09:30:00+01:00``, ``...Z``), or Unix seconds (a number or its text).
+    A time without a zone is refused: whose 9:30 would it be?"""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValidationError(f"{what} must be a time, not {value!r}", field=what)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValidationError(
+                f"{what} has no time zone; give an aware datetime (e.g. tzinfo=UTC)", field=what
+            )
+        seconds = value.timestamp()
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            try:
+                parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError:
+                raise ValidationError(
+                    f"{what} must be ISO 8601 with a time zone (2026-12-02T09:30:00Z) or Unix "
+                    f"seconds, got {value!r}",
+                    field=what,
+                ) from None
+            return parse_when(parsed, what)
+    else:
+        raise ValidationError(f"{what} must be a time, not {type(value).__name__}", field=what)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValidationError(f"{what} must be a time, got {value!r}", field=what)
+    return seconds
+
+
+def _check_schedule(message: Message, now: float | None) -> tuple[float | None, float | None]:
+    """``send_at`` and ``expires_at`` as epoch seconds, checked against ``now``."""
+    send_at = parse_when(message.send_at, "send_at")
+    expires_at = parse_when(message.expires_at, "expires_at")
+    current = time.time() if now is None else now
+    for value, what in ((send_at, "send_at"), (expires_at, "expires_at")):
+        if value is not None and value > current + MAX_SCHEDULE_AHEAD:
+            raise ValidationError(f"{what} is more than a year ahead", field=what)
+    if expires_at is not None:
+        if expires_at <= current:
+            raise ValidationError("expires_at has already passed", field="expires_at")
+        if send_at is not None and expires_at <= send_at:
+            raise ValidationError("expires_at must come after send_at", field="expires_at")
+    if send_at is not None and send_at <= current:
+        send_at = None  # a moment already past: at once
+    return send_at, expires_at
+
+
 def _check_size(content: bytes, max_size: int) -> None:
     if len(content) > max_size:
         raise MessageTooLarge(
@@ -315,11 +380,14 @@ def prepare(
 ) -> PreparedMessage:
     """Validate ``message`` and render its final bytes. Raises :class:`ValidationError`."""
     lane, key, metadata = _check_common(message)
+    send_at, expires_at = _check_schedule(message, now)
     queue_id = message_id or new_message_id(now)
     if message.raw is not None:
         prepared = _prepare_raw(message, lane, key, metadata, queue_id, max_size, now)
     else:
         prepared = _prepare_parts(message, lane, key, metadata, queue_id, max_size, now)
+    if send_at is not None or expires_at is not None:
+        prepared = dataclasses.replace(prepared, send_at=send_at, expires_at=expires_at)
     if key is None:
         return prepared
     return dataclasses.replace(prepared, fingerprint=submission_fingerprint(message))
@@ -347,6 +415,7 @@ def submission_fingerprint(message: Message) -> str:
     part(sorted((k.lower(), v) for k, v in (message.headers or {}).items()
                 if k.lower() not in _VOLATILE_HEADERS))  # fmt: skip
     part(message.metadata or {})
+    part([parse_when(message.send_at, "send_at"), parse_when(message.expires_at, "expires_at")])
     for attachment in message.attachments:
         part([attachment.filename, attachment.content_type])
         digest.update(hashlib.sha256(attachment.content).digest())

@@ -379,6 +379,12 @@ class Selector:
     metadata: Mapping[str, str] = field(default_factory=dict)
     #: exact recipients by their store rows (the dashboard's dead-letter groups)
     delivery_ids: tuple[int, ...] = ()
+    #: mail scheduled for later (``send_at`` still ahead): True includes it; None leaves it to
+    #: the action (a flush leaves it alone: it is not late, it is not yet due)
+    scheduled: bool | None = None
+    #: only mail whose ``send_at`` is at most this time, or none (set by the app, from
+    #: ``scheduled`` and the clock)
+    send_at_by: float | None = None
 
 
 @dataclass(frozen=True)

@@ -493,3 +493,27 @@ def test_migrate_creates_the_store_says_its_schema_and_exits(tmp_path: Path) -> 
     assert (tmp_path / "postlane.db").exists()
     assert out.strip().endswith(f"schema version {SCHEMA_VERSION}")
     assert ok("migrate", cwd=tmp_path) == out  # again: nothing left to do
+
+
+def test_send_schedules_with_at_and_expires_and_a_flush_leaves_it(queue_dir: Path) -> None:
+    from datetime import datetime
+
+    send = ("send", "--from", "a@example.com", "--to", "b@example.net", "--text", "t", "--json")
+    queued = json.loads(ok(*send, "--at", "2h", "--expires", "1d", cwd=queue_dir))
+    shown = json.loads(ok("queue", "show", queued["id"], "--json", cwd=queue_dir))
+    at = datetime.fromisoformat(shown["send_at"]).timestamp()
+    expires = datetime.fromisoformat(shown["expires_at"]).timestamp()
+    assert expires - at == pytest.approx(86400 - 7200, abs=5)
+    recipient = shown["recipients"][0]
+    assert recipient["state"] == "queued"
+    assert datetime.fromisoformat(recipient["next_attempt_at"]).timestamp() == at
+
+    ok("queue", "flush", "--all", cwd=queue_dir)  # not late: not yet due
+    shown = json.loads(ok("queue", "show", queued["id"], "--json", cwd=queue_dir))
+    assert datetime.fromisoformat(shown["recipients"][0]["next_attempt_at"]).timestamp() == at
+    ok("queue", "flush", "--all", "--scheduled", cwd=queue_dir)
+    shown = json.loads(ok("queue", "show", queued["id"], "--json", cwd=queue_dir))
+    assert datetime.fromisoformat(shown["recipients"][0]["next_attempt_at"]).timestamp() < at
+
+    one_line_error(postlane(*send, "--at", "2027-01-15T08:00:00", cwd=queue_dir), "no time zone")
+    one_line_error(postlane(*send, "--expires", "1700000000", cwd=queue_dir), "already passed")

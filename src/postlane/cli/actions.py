@@ -8,6 +8,7 @@ groups.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -170,9 +171,12 @@ def action_command(
         export_path: str | None = None,
         yes: bool = False,
         unsuppress: bool = False,
+        scheduled: bool = False,
         **selectors: Any,
     ) -> None:
         selector = targets(ids, all_, selectors, required=required)
+        if scheduled:
+            selector = dataclasses.replace(selector, scheduled=True)
         run_action(
             action,
             selector,
@@ -188,6 +192,13 @@ def action_command(
             is_flag=True,
             help="Lift the suppression of the addresses requeued (else a suppressed address "
             "refuses the requeue: a worker would mark it suppressed without trying it).",
+        )(command)
+    if action is QueueAction.FLUSH:
+        command = click.option(
+            "--scheduled",
+            is_flag=True,
+            help="Also send mail scheduled for later (send_at) now; without it a flush leaves "
+            "scheduled mail for its time.",
         )(command)
     if destructive:
         command = click.option("--yes", is_flag=True, help="Do not ask.")(command)

@@ -13,6 +13,7 @@ from postlane.cli.context import config_option, invocation, json_option, with_ap
 from postlane.cli.output import print_json
 from postlane.cli.selectors import lane_choice, metadata_pairs
 from postlane.message import Attachment, Message, prepare
+from postlane.toml_values import parse_duration
 
 
 def _read(path: str) -> bytes:
@@ -41,6 +42,18 @@ def _headers(values: Sequence[str]) -> dict[str, str]:
     return headers
 
 
+def _when(value: str | None, now: float) -> str | float | None:
+    """``--at``/``--expires``: a delay from now (``30m``, ``2h``, ``1d``) as Unix seconds;
+    anything else as given (ISO 8601 with a zone, Unix seconds), checked by the message."""
+    if value is None:
+        return None
+    try:
+        delay = parse_duration(value)
+    except ValueError:
+        return value
+    return now + delay if any(c.isalpha() for c in value) else value
+
+
 def _attachment(path: str) -> Attachment:
     import mimetypes
 
@@ -64,6 +77,19 @@ def _attachment(path: str) -> Attachment:
 @click.option("--idempotency-key", metavar="KEY", help="Enqueue at most once per key.")
 @click.option("--header", "header", multiple=True, metavar='"K: V"', help="Extra header.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Free metadata.")
+@click.option(
+    "--at",
+    "send_at",
+    metavar="WHEN",
+    help="Not before then: ISO 8601 with a zone (2026-12-24T09:00:00+01:00), Unix seconds, "
+    "or a delay (30m, 2h).",
+)
+@click.option(
+    "--expires",
+    "expires_at",
+    metavar="WHEN",
+    help="Never after then (same forms): unsent recipients are dead-lettered, 'expired'.",
+)
 @json_option
 def send(
     sender: str | None,
@@ -80,11 +106,15 @@ def send(
     idempotency_key: str | None,
     header: tuple[str, ...],
     metadata: tuple[str, ...],
+    send_at: str | None,
+    expires_at: str | None,
     as_json: bool,
 ) -> None:
     """Enqueue a message; prints its id once it is durably stored."""
     if text is not None and text_file is not None:
         raise click.UsageError("give --text or --text-file, not both")
+    now = time.time()
+    at, expires = _when(send_at, now), _when(expires_at, now)
     meta = metadata_pairs(metadata)
     lane = lane_choice(lane)
     if eml is not None:
@@ -97,6 +127,8 @@ def send(
             lane=lane,
             idempotency_key=idempotency_key,
             metadata=meta,
+            send_at=at,
+            expires_at=expires,
         )
         if subject or text or text_file or html_file or header or attach:
             raise click.UsageError("--eml carries its own subject, body and headers")
@@ -119,11 +151,13 @@ def send(
             lane=lane,
             idempotency_key=idempotency_key,
             metadata=meta,
+            send_at=at,
+            expires_at=expires,
         )
 
     # checked before the store is opened: a bad message is refused whether or not there is one
     config = invocation().config()
-    prepared = prepare(message, max_size=config.smtp.max_size, now=time.time())
+    prepared = prepare(message, max_size=config.smtp.max_size, now=now)
     [result] = with_app(lambda app: app.send_prepared([prepared]))
     if as_json:
         print_json(result.as_json())

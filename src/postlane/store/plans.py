@@ -160,6 +160,12 @@ def selection(
     if selector.older_than is not None:
         clauses.append(f"d.created_at <= {dialect.param('older_than')}")
         params["older_than"] = selector.older_than
+    if selector.send_at_by is not None:
+        clauses.append(
+            "NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = d.queue_id "
+            f"AND m.send_at > {dialect.param('send_at_by')})"
+        )
+        params["send_at_by"] = selector.send_at_by
     if selector.recipient:
         clauses.append(f"lower(d.address) = {dialect.param('recipient')}")
         params["recipient"] = selector.recipient.lower()

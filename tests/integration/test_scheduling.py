@@ -1,0 +1,114 @@
+"""Scheduling as applications and operators meet it: ``send_at`` and ``expires_at`` from the
+Python API (datetimes, ISO 8601, Unix seconds) (the CLI's ``--at`` and ``--expires``: in
+tests/integration/test_cli.py), a real
+worker on a real store with the clock injected, and an operator's flush that leaves scheduled
+mail alone unless told otherwise."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from postlane.app import AsyncPostlane, QueueAction
+from postlane.clock import FakeClock
+from postlane.errors import ValidationError
+from postlane.message import RecipientState, parse_when
+from postlane.records import Selector
+from postlane.transports import transport_for
+from postlane.worker import Worker
+from tests.conftest import make_config
+
+T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+
+
+def test_times_are_read_in_every_form_the_contract_gives() -> None:
+    at = datetime.fromtimestamp(T0, UTC)
+    assert parse_when(at, "send_at") == T0
+    assert parse_when(at.astimezone(timezone(timedelta(hours=-5))), "send_at") == T0
+    assert parse_when("2027-01-15T08:00:00Z", "send_at") == T0
+    assert parse_when("2027-01-15T09:00:00+01:00", "send_at") == T0
+    assert parse_when(T0, "send_at") == T0
+    assert parse_when(str(int(T0)), "send_at") == T0
+    assert parse_when(None, "send_at") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (datetime(2027, 1, 15, 8, 0), "no time zone"),
+        ("2027-01-15T08:00:00", "no time zone"),
+        ("next tuesday", "ISO 8601"),
+        (True, "must be a time"),
+        (-5, "must be a time"),
+        (float("nan"), "must be a time"),
+    ],
+)
+def test_a_time_that_could_mean_two_things_is_refused_naming_the_field(
+    value: object, says: str
+) -> None:
+    with pytest.raises(ValidationError, match=says) as caught:
+        parse_when(value, "send_at")  # type: ignore[arg-type]
+    assert caught.value.field == "send_at"
+
+
+async def test_scheduled_mail_waits_for_its_time_and_expired_mail_never_goes(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(T0)
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        later = await app.send(
+            sender="a@example.com",
+            to=["ada@example.net"],
+            text="happy new year",
+            send_at=datetime.fromtimestamp(T0 + 3600, UTC),
+        )
+        with pytest.raises(ValidationError, match="after send_at"):
+            await app.send(
+                sender="a@example.com",
+                to=["bob@example.net"],
+                text="x",
+                send_at=T0 + 3600,
+                expires_at=T0 + 1800,
+            )
+        with pytest.raises(ValidationError, match="already passed"):
+            await app.send(sender="a@example.com", to=["bob@example.net"], text="x", expires_at=T0)
+        code = await app.send(
+            sender="a@example.com", to=["bob@example.net"], text="code 123456", expires_at=T0 + 600
+        )
+        view = await app.get(later.id)
+        assert view.send_at == T0 + 3600
+        assert view.recipients[0].state is RecipientState.QUEUED
+        assert view.recipients[0].next_attempt_at == T0 + 3600
+
+        # the relay is down past the code's expiry: the code must never go late
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        await app.act(QueueAction.HOLD, Selector(ids=(code.id,)))
+        await clock.advance(601)
+        await app.act(QueueAction.RELEASE, Selector(ids=(code.id,)))
+        assert await worker.run_until_idle() == 0  # nothing due: the scheduled one waits
+        assert (await app.get(code.id)).recipients[0].state is RecipientState.DEAD
+        events = [e.type for e in await app.store.events_after(None, limit=100)]
+        assert "expired" in events
+
+        await clock.advance(3600)
+        assert await worker.run_until_idle() == 1
+        assert (await app.get(later.id)).recipients[0].state is RecipientState.SENT
+        await worker.transport.close()
+
+
+async def test_a_flush_leaves_scheduled_mail_for_its_time_unless_asked(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    async with AsyncPostlane(make_config(tmp_path), clock=clock) as app:
+        scheduled = await app.send(
+            sender="a@example.com", to=["ada@example.net"], text="x", send_at=T0 + 86400
+        )
+        assert await app.act(QueueAction.FLUSH, Selector(all=True)) == 0
+        view = await app.get(scheduled.id)
+        assert view.recipients[0].next_attempt_at == T0 + 86400
+        counts = await app.summarize(QueueAction.FLUSH, Selector(all=True))
+        assert sum(c.count for c in counts) == 0
+        assert await app.act(QueueAction.FLUSH, Selector(all=True, scheduled=True)) == 1
+        assert (await app.get(scheduled.id)).recipients[0].next_attempt_at == T0
