@@ -96,6 +96,10 @@ async def test_scheduled_mail_waits_for_its_time_and_expired_mail_never_goes(
         await clock.advance(3600)
         assert await worker.run_until_idle() == 1
         assert (await app.get(later.id)).recipients[0].state is RecipientState.SENT
+        # an operator's requeue overrides the expiry: it is sent
+        await app.requeue(Selector(ids=(code.id,)))
+        assert await worker.run_until_idle() == 1
+        assert (await app.get(code.id)).recipients[0].state is RecipientState.SENT
         await worker.transport.close()
 
 

@@ -191,11 +191,13 @@ WHERE @any(id, ids, text)
   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.queue_id = messages.id);
 
 -- name: requeue_dead
--- Dead deliveries start afresh: no attempts used, due now, max_age counted from now. Each
--- remembers when it died (dead_since: updated_at before this update), for the recovery time.
+-- Dead deliveries start afresh: no attempts used, due now, max_age counted from now, no
+-- expiry (an operator's requeue overrides expires_at). Each remembers when it died
+-- (dead_since: updated_at before this update), for the recovery time.
 UPDATE deliveries
 SET state = 'queued', attempts = 0, deferrals = 0, next_attempt_at = :now, created_at = :now,
-    dead_since = updated_at, updated_at = :now, reason = 'requeued from the dead-letter queue'
+    expires_at = NULL, dead_since = updated_at, updated_at = :now,
+    reason = 'requeued from the dead-letter queue'
 WHERE @any(id, ids, bigint) AND state = 'dead'
 RETURNING id, queue_id, dead_since AS dead_at;
 
