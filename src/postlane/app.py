@@ -627,6 +627,10 @@ class Postlane:
     def get(self, queue_id: str, *, history: bool = True) -> MessageView:
         return self._portal.run(self._async.get(queue_id, history=history))
 
+    def content(self, queue_id: str) -> bytes:
+        """The stored message's bytes, as they are sent."""
+        return self._portal.run(self._async.content(queue_id))
+
     def messages(self, selector: Selector | None = None, *, limit: int = 1000) -> list[MessageView]:
         return self._portal.run(self._async.messages(selector, limit=limit))
 

@@ -18,8 +18,10 @@ Where a message goes, by settings (see docs/frameworks.md):
 Django renders the MIME message itself (so everything Django can express survives: attachments,
 alternatives, cc, reply-to, extra headers, encodings); postlane gets those bytes with the
 envelope: the sender ``from_email`` and the recipients to + cc + bcc. Bcc never appears in the
-headers. Per message, the headers ``X-Postlane-Lane``, ``X-Postlane-Idempotency-Key`` and
-``X-Postlane-Metadata`` (a JSON object) choose the lane, the idempotency key and the metadata;
+headers. Per message, the headers ``X-Postlane-Lane``, ``X-Postlane-Idempotency-Key``,
+``X-Postlane-Metadata`` (a JSON object), ``X-Postlane-Send-At`` and ``X-Postlane-Expires-At``
+(ISO 8601 with a zone, or Unix seconds) choose the lane, the idempotency key, the metadata and
+the schedule;
 they are removed before the message is stored. ``POSTLANE_DEFAULT_LANE`` is the lane otherwise.
 
 ``send_messages`` returns how many messages postlane accepted (a duplicate idempotency key
@@ -60,8 +62,17 @@ __all__ = [
 LANE_HEADER = "X-Postlane-Lane"
 IDEMPOTENCY_KEY_HEADER = "X-Postlane-Idempotency-Key"
 METADATA_HEADER = "X-Postlane-Metadata"
+#: ISO 8601 with a zone, or Unix seconds (docs/scheduling.md)
+SEND_AT_HEADER = "X-Postlane-Send-At"
+EXPIRES_AT_HEADER = "X-Postlane-Expires-At"
 #: headers that steer postlane: read, then removed before the message is stored
-_CONTROL_NAMES = (LANE_HEADER, IDEMPOTENCY_KEY_HEADER, METADATA_HEADER)
+_CONTROL_NAMES = (
+    LANE_HEADER,
+    IDEMPOTENCY_KEY_HEADER,
+    METADATA_HEADER,
+    SEND_AT_HEADER,
+    EXPIRES_AT_HEADER,
+)
 _CONTROL_HEADERS = frozenset(name.lower() for name in _CONTROL_NAMES)
 #: never in what recipients see (Django leaves Bcc out, but an app may put it in ``headers=``)
 _STRIPPED = (*_CONTROL_NAMES, "Bcc")
@@ -102,6 +113,8 @@ def to_postlane_message(email: Any, default_lane: str = "normal") -> Message:
         lane=parse_lane(lane),
         idempotency_key=key,
         metadata=metadata,
+        send_at=controls.get(SEND_AT_HEADER.lower(), "").strip() or None,
+        expires_at=controls.get(EXPIRES_AT_HEADER.lower(), "").strip() or None,
     )
 
 

@@ -244,6 +244,33 @@ def test_refused_messages_raise_unless_fail_silently(local_postlane: Config) -> 
         assert app.messages() == []
 
 
+def test_schedule_headers_become_send_at_and_expires_at(local_postlane: Config) -> None:
+    import time
+    from datetime import UTC, datetime
+
+    send_at = int(time.time()) + 86400
+    email = django_mail.EmailMessage(
+        "Your code",
+        "123456",
+        to=["ada@example.net"],
+        headers={
+            "X-Postlane-Send-At": datetime.fromtimestamp(send_at, UTC).isoformat(),
+            "X-Postlane-Expires-At": str(send_at + 3600),
+        },
+    )
+    assert email.send() == 1
+    with postlane.Postlane(local_postlane) as app:
+        [listed] = app.messages()
+        view = app.get(listed.id)
+        assert (view.send_at, view.expires_at) == (send_at, send_at + 3600)
+        assert b"X-Postlane" not in app.content(listed.id)
+    naive = django_mail.EmailMessage(
+        "Hi", "Hello", to=["ada@example.net"], headers={"X-Postlane-Send-At": "2027-01-01 08:00"}
+    )
+    with pytest.raises(ValidationError, match="no time zone"):
+        naive.send()
+
+
 def test_a_project_can_send_through_the_pytest_plugins_postlane(
     web: DjangoClient, postlane_mail: PostlaneMail
 ) -> None:

@@ -530,6 +530,30 @@ async def test_issue_17_x_postlane_lane_chooses_the_lane_and_never_reaches_the_r
     assert b"x-postlane" not in content.lower()
 
 
+async def test_schedule_headers_set_send_at_and_expires_at(trusted: Listener) -> None:
+    import time
+    from datetime import UTC, datetime, timedelta, timezone
+
+    send_at = datetime.fromtimestamp(int(time.time()) + 86400, UTC)  # tomorrow, this second
+    message = (
+        b"X-Postlane-Send-At: "
+        + send_at.astimezone(timezone(timedelta(hours=1))).isoformat().encode()
+        + b"\r\nFrom: app@example.com\r\nTo: ada@example.net\r\nX-Postlane-Expires-At: "
+        + str(int(send_at.timestamp()) + 3600).encode()
+        + b"\r\nSubject: later\r\n\r\nhappy new year\r\n"
+    )
+    reply = await in_thread(lambda: submit_one(trusted.port, message))
+    assert reply[0] == 250
+    [stored] = await trusted.app.messages()
+    view = await trusted.app.get(stored.id)
+    assert view.send_at == send_at.timestamp()
+    assert view.expires_at == send_at.timestamp() + 3600
+    assert b"x-postlane" not in (await trusted.app.content(stored.id)).lower()
+    naive = message.replace(b"+01:00", b"")
+    refused = await in_thread(lambda: submit_one(trusted.port, naive))
+    assert refused[0] == 554 and b"no time zone" in refused[1]
+
+
 async def test_issue_17_an_unknown_lane_or_control_header_is_refused_naming_the_choices(
     trusted: Listener,
 ) -> None:

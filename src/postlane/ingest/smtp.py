@@ -20,7 +20,8 @@ Answers that are postlane's own trouble are temporary, never 5xx: the store fail
 ``421 4.3.0``, never with the exception's text; a client retries later and nothing is half
 stored (an enqueue is one transaction).
 
-Control headers: ``X-Postlane-Lane``, ``X-Postlane-Idempotency-Key`` and ``X-Postlane-Metadata``
+Control headers: ``X-Postlane-Lane``, ``X-Postlane-Idempotency-Key``, ``X-Postlane-Metadata``,
+``X-Postlane-Send-At`` and ``X-Postlane-Expires-At``
 (as the Django backend reads them) choose the lane, the idempotency key and the metadata, and are
 removed from the stored message; any other ``X-Postlane-*`` header is refused (a typo must not
 silently send in the wrong lane), but the capture folder's own envelope lines, which are dropped.
@@ -69,12 +70,21 @@ log = logging.getLogger("postlane.smtp")
 MAX_AUTH_FAILURES = 3
 #: the control headers a submitted message may carry (those the Django backend reads)
 CONTROL_HEADERS = frozenset(
-    {"x-postlane-lane", "x-postlane-idempotency-key", "x-postlane-metadata"}
+    {
+        "x-postlane-lane",
+        "x-postlane-idempotency-key",
+        "x-postlane-metadata",
+        "x-postlane-send-at",
+        "x-postlane-expires-at",
+    }
 )
 #: postlane's own trace headers (the capture folder's envelope): dropped, never refused, so a
 #: captured message can be submitted again
 _DROPPED_HEADERS = frozenset({"x-postlane-envelope-from", "x-postlane-envelope-to"})
-_CONTROL_NAMES = "X-Postlane-Lane, X-Postlane-Idempotency-Key, X-Postlane-Metadata"
+_CONTROL_NAMES = (
+    "X-Postlane-Lane, X-Postlane-Idempotency-Key, X-Postlane-Metadata, X-Postlane-Send-At, "
+    "X-Postlane-Expires-At"
+)
 
 
 class _Networks:
@@ -102,6 +112,9 @@ class Controls:
     lane: str = "normal"
     idempotency_key: str | None = None
     metadata: dict[str, Any] | None = None
+    #: ISO 8601 with a zone, or Unix seconds, as the header gave them (the message checks)
+    send_at: str | None = None
+    expires_at: str | None = None
 
 
 def take_control_headers(content: bytes) -> tuple[Controls, bytes]:
@@ -155,6 +168,8 @@ def _controls(values: dict[str, str]) -> Controls:
         lane=values.get("x-postlane-lane", "") or "normal",
         idempotency_key=values.get("x-postlane-idempotency-key") or None,
         metadata=metadata,
+        send_at=values.get("x-postlane-send-at") or None,
+        expires_at=values.get("x-postlane-expires-at") or None,
     )
 
 
@@ -232,6 +247,8 @@ class SubmissionHandler:
                 lane=controls.lane,
                 idempotency_key=controls.idempotency_key,
                 metadata=controls.metadata,
+                send_at=controls.send_at,
+                expires_at=controls.expires_at,
             )
             user = session.auth_data if isinstance(session.auth_data, str) else None
             submitter = f"smtp:{user}" if user else "smtp:trusted"
