@@ -22,6 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +34,7 @@ from postlane.destinations import DestinationMap
 from postlane.errors import NotFound, SuppressedRecipients, ValidationError
 from postlane.message import Message, PreparedMessage, prepare
 from postlane.records import (
+    SUPPRESSION_REASONS,
     DeadGroup,
     DeadLetter,
     EnqueueResult,
@@ -103,6 +105,22 @@ def action_states(action: QueueAction, selector: Selector) -> tuple[str, ...]:
             f"(it applies to: {', '.join(allowed)})"
         )
     return chosen
+
+
+def suppression_scope(scope: str | None) -> str:
+    """``*`` (every sender) or a sender domain, as the suppression list keeps it: lower case,
+    without a leading ``@``. Raises :class:`ValidationError` for anything else."""
+    if scope is None or scope.strip() == "*":
+        return "*"
+    domain = scope.strip().lstrip("@").lower().rstrip(".")
+    labels = domain.split(".")
+    if len(labels) < 2 or not all(
+        label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels
+    ):
+        raise ValidationError(
+            f"scope must be * or a sender domain like example.com, got {scope!r}", field="scope"
+        )
+    return domain
 
 
 class AsyncPostlane:
@@ -407,22 +425,46 @@ class AsyncPostlane:
         return await self.store.list_suppressions(limit=_limit(limit))
 
     async def suppress(
-        self, address: str, *, reason: str | None = None, source: str = "operator"
+        self,
+        address: str,
+        *,
+        reason: str | None = None,
+        scope: str | None = None,
+        expires_at: datetime | str | float | None = None,
+        detail: str | None = None,
+        source: str = "operator",
     ) -> bool:
-        from postlane.message import parse_address
+        """Put ``address`` on the suppression list: ``reason`` one of hard_bounce, complaint,
+        unsubscribe or manual (the default; any other text is kept as the ``detail`` of a
+        manual entry), for every sender (``scope`` "*", the default) or for one sender domain,
+        until ``expires_at`` (None: for good). False when it was already there in that scope."""
+        from postlane.message import parse_address, parse_when
 
         mailbox = parse_address(address, "address")
+        if reason is not None and reason not in SUPPRESSION_REASONS:
+            detail = f"{reason}; {detail}" if detail else reason
+            reason = None
+        until = parse_when(expires_at, "expires_at")
+        now = self.clock.now()
+        if until is not None and until <= now:
+            raise ValidationError("expires_at has already passed", field="expires_at")
         return await self.store.add_suppression(
             Suppression(
                 address=mailbox.address,
-                created_at=self.clock.now(),
+                created_at=now,
                 source=source,
-                reason=reason or "added by an operator",
+                reason=reason or "manual",
+                scope=suppression_scope(scope),
+                expires_at=until,
+                detail=detail,
             )
         )
 
-    async def unsuppress(self, address: str) -> bool:
-        return await self.store.remove_suppression(address.strip())
+    async def unsuppress(self, address: str, *, scope: str | None = None) -> bool:
+        """Take ``address`` off the list: in one scope, or (None) in every scope."""
+        return await self.store.remove_suppression(
+            address.strip(), None if scope is None else suppression_scope(scope)
+        )
 
 
 #: the export format's version tag, on every line
@@ -642,11 +684,27 @@ class Postlane:
     ) -> list[DeadLetter]:
         return self._portal.run(self._async.dead_letters(selector, limit=limit))
 
-    def suppress(self, address: str, *, reason: str | None = None) -> bool:
-        return self._portal.run(self._async.suppress(address, reason=reason))
+    def suppress(
+        self,
+        address: str,
+        *,
+        reason: str | None = None,
+        scope: str | None = None,
+        expires_at: datetime | str | float | None = None,
+        detail: str | None = None,
+    ) -> bool:
+        """See :meth:`AsyncPostlane.suppress`."""
+        return self._portal.run(
+            self._async.suppress(
+                address, reason=reason, scope=scope, expires_at=expires_at, detail=detail
+            )
+        )
 
-    def unsuppress(self, address: str) -> bool:
-        return self._portal.run(self._async.unsuppress(address))
+    def unsuppress(self, address: str, *, scope: str | None = None) -> bool:
+        return self._portal.run(self._async.unsuppress(address, scope=scope))
+
+    def suppressions(self, *, limit: int = 1000) -> list[Suppression]:
+        return self._portal.run(self._async.suppressions(limit=limit))
 
 
 async def _build(

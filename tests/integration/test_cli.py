@@ -517,3 +517,54 @@ def test_send_schedules_with_at_and_expires_and_a_flush_leaves_it(queue_dir: Pat
 
     one_line_error(postlane(*send, "--at", "2027-01-15T08:00:00", cwd=queue_dir), "no time zone")
     one_line_error(postlane(*send, "--expires", "1700000000", cwd=queue_dir), "already passed")
+
+
+def test_suppress_add_takes_reason_scope_and_expiry_and_lists_them_as_json(
+    queue_dir: Path,
+) -> None:
+    from datetime import datetime
+
+    ok("suppress", "add", "ada@example.net", "--reason", "complaint", "--scope", "Shop.Example",
+       "--expires", "90d", "--detail", "called support", cwd=queue_dir)  # fmt: skip
+    ok("suppress", "add", "bob@example.net", "--reason", "asked by phone", cwd=queue_dir)
+    entries = {e["address"]: e for e in json.loads(ok("suppress", "list", "--json", cwd=queue_dir))}
+    ada = entries["ada@example.net"]
+    assert (ada["reason"], ada["scope"], ada["detail"]) == (
+        "complaint",
+        "shop.example",
+        "called support",
+    )
+    created = datetime.fromisoformat(ada["created_at"]).timestamp()
+    expires = datetime.fromisoformat(ada["expires_at"]).timestamp()
+    assert expires - created == pytest.approx(90 * 86400, abs=5)
+    bob = entries["bob@example.net"]
+    assert (bob["reason"], bob["scope"], bob["expires_at"]) == ("manual", "*", None)
+    assert bob["detail"] == "asked by phone"
+
+    # a scoped entry holds mail from that sender domain only
+    send = ("send", "--to", "ada@example.net", "--text", "t", "--json")
+    shop = json.loads(ok(*send, "--from", "news@shop.example", cwd=queue_dir))
+    other = json.loads(ok(*send, "--from", "billing@bank.example", cwd=queue_dir))
+    state = {
+        name: json.loads(ok("queue", "show", queued["id"], "--json", cwd=queue_dir))["state"]
+        for name, queued in (("shop", shop), ("other", other))
+    }
+    assert state == {"shop": "suppressed", "other": "queued"}
+
+    one_line_error(
+        postlane("suppress", "add", "c@example.net", "--scope", "not a domain", cwd=queue_dir),
+        "scope must be * or a sender domain",
+    )
+    one_line_error(
+        postlane("suppress", "add", "c@example.net", "--expires", "soon", cwd=queue_dir),
+        "expires",
+    )
+    one_line_error(
+        postlane(
+            "suppress", "remove", "ada@example.net", "--scope", "other.example", cwd=queue_dir
+        ),
+        "not on the suppression list",
+    )
+    ok("suppress", "remove", "ada@example.net", "--scope", "shop.example", cwd=queue_dir)
+    remaining = [e["address"] for e in json.loads(ok("suppress", "list", "--json", cwd=queue_dir))]
+    assert remaining == ["bob@example.net"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 
 from postlane.cli.context import config_option, json_option, with_app
@@ -9,6 +11,7 @@ from postlane.cli.output import first_line, json_or_empty, listing, show
 from postlane.clock import when
 from postlane.errors import PostlaneError
 from postlane.message import parse_address
+from postlane.toml_values import parse_duration
 
 
 @click.group()
@@ -21,35 +24,82 @@ def suppress() -> None:
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 @json_option
 def suppress_list(limit: int, as_json: bool) -> None:
-    """The suppressed addresses, newest first, with why each was added."""
+    """The suppressed addresses, newest first: why (reason), for whose mail (scope: * for
+    every sender, or a sender domain), since and until when."""
     entries = with_app(lambda app: app.suppressions(limit=limit))
     if json_or_empty(entries, as_json=as_json, empty="The suppression list is empty"):
         return
-    table = listing("Address", "Since", "Source", "Reason")
+    table = listing("Address", "Reason", "Scope", "Since", "Until", "Source", "Detail")
     for e in entries:
-        reason = first_line(e.text or e.reason or "")
-        table.add_row(e.address, when(e.created_at), e.source, reason)
+        until = when(e.expires_at) if e.expires_at is not None else "never"
+        detail = first_line(e.detail or e.text or "")
+        table.add_row(
+            e.address, e.reason or "", e.scope, when(e.created_at), until, e.source, detail
+        )
     show(table)
 
 
 @suppress.command("add")
 @config_option
 @click.argument("address")
-@click.option("--reason", help="Why (kept with the entry).")
-def suppress_add(address: str, reason: str | None) -> None:
+@click.option(
+    "--reason",
+    default="manual",
+    show_default=True,
+    help="hard_bounce, complaint, unsubscribe or manual (other text is kept as the detail "
+    "of a manual entry).",
+)
+@click.option(
+    "--scope",
+    default="*",
+    show_default=True,
+    metavar="DOMAIN",
+    help="Only mail from this sender domain (* : every sender).",
+)
+@click.option(
+    "--expires",
+    metavar="WHEN",
+    help="Lift it by itself then: a delay (90d) or a time (ISO 8601 with a zone).",
+)
+@click.option("--detail", metavar="TEXT", help="A note kept with the entry.")
+def suppress_add(
+    address: str, reason: str, scope: str, expires: str | None, detail: str | None
+) -> None:
     """Suppress ADDRESS: mail to it is never attempted (queued mail to it included)."""
+    from postlane.app import suppression_scope
+    from postlane.message import parse_when
+
     parse_address(address, "address")  # refused before the store is opened
-    added = with_app(lambda app: app.suppress(address, reason=reason))
-    click.echo(f"{address}: {'added' if added else 'already suppressed'}", err=True)
+    suppression_scope(scope)
+    until = _until(expires)
+    parse_when(until, "expires")
+    added = with_app(
+        lambda app: app.suppress(
+            address, reason=reason, scope=scope, expires_at=until, detail=detail
+        )
+    )
+    where = "" if scope == "*" else f" (mail from {scope})"
+    click.echo(f"{address}{where}: {'added' if added else 'already suppressed'}", err=True)
+
+
+def _until(value: str | None) -> str | float | None:
+    """``--expires``: a delay from now (``90d``) as Unix seconds, else as given."""
+    if value is None:
+        return None
+    try:
+        return time.time() + parse_duration(value)
+    except ValueError:
+        return value
 
 
 @suppress.command("remove")
 @config_option
 @click.argument("address")
-def suppress_remove(address: str) -> None:
-    """Remove ADDRESS from the suppression list: mail to it is attempted again (dead letters
-    to it are not requeued: `postlane dlq requeue`)."""
-    removed = with_app(lambda app: app.unsuppress(address))
+@click.option("--scope", metavar="DOMAIN", help="Only the entry for this sender domain (* too).")
+def suppress_remove(address: str, scope: str | None) -> None:
+    """Remove ADDRESS from the suppression list (in every scope, or --scope's): mail to it is
+    attempted again (dead letters to it are not requeued: `postlane dlq requeue`)."""
+    removed = with_app(lambda app: app.unsuppress(address, scope=scope))
     if not removed:
         raise PostlaneError(f"{address} is not on the suppression list")
     click.echo(f"{address}: removed", err=True)
