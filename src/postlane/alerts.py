@@ -37,13 +37,12 @@ log = logging.getLogger("postlane.alerts")
 
 #: where the runbooks are published (the repository's docs/runbooks/)
 RUNBOOK_BASE = "https://github.com/postlane/postlane/blob/main/docs/runbooks/"
-#: how far back evaluation looks (the longest window of any rule, and some)
-HISTORY_NEEDED = 3600.0
 _CHECKS = (
     "growing",
     "above",
     "dead_spike",
     "hard_bounce_ratio",
+    "complaint_rate",
     "paused",
     "misconfigured",
     "stalled",
@@ -164,6 +163,12 @@ def rules_from_toml(text: str) -> tuple[AlertRule, ...]:
 # -- the Prometheus half -------------------------------------------------------------------------
 
 
+def history_needed(rules: Sequence[AlertRule] | None = None) -> float:
+    """How far back evaluation reads the recorded history: the longest window of any rule
+    (the complaint rate's day), at least an hour."""
+    return max([3600.0, *(rule.seconds("window") for rule in rules or load_rules())])
+
+
 def _quoted(text: str) -> str:
     return json.dumps(text)  # a JSON string is a valid double-quoted YAML scalar
 
@@ -250,11 +255,19 @@ def evaluate(
             firing = dead > int(rule.params["count"])
             alerts.append(Alert(rule, {}, firing, dead, f"{dead} dead-lettered"))
         elif rule.check == "hard_bounce_ratio":
-            hard = sum(s.hard_bounces for s in recent_wide)
+            # refused at once, or bounced after it was sent (a DSN, a provider's event)
+            hard = sum(s.hard_bounces + s.bounced for s in recent_wide)
             finished = sum(s.sent + s.dead for s in recent_wide)
             ratio = hard / finished if finished else 0.0
             firing = finished >= int(rule.params["minimum"]) and ratio > float(rule.params["ratio"])
             alerts.append(Alert(rule, {}, firing, ratio, f"{hard} hard of {finished} finished"))
+        elif rule.check == "complaint_rate":
+            complaints = sum(s.complaints for s in recent_wide)
+            sent = sum(s.sent for s in recent_wide)
+            rate = complaints / sent if sent else 0.0
+            firing = sent >= int(rule.params["minimum"]) and rate > float(rule.params["rate"])
+            detail = f"{complaints} complaint(s) for {sent} delivered ({rate:.2%})"
+            alerts.append(Alert(rule, {}, firing, rate, detail))
         elif rule.check == "paused":
             names = set().union(*(set(s.paused) for s in recent_wide)) if recent_wide else set()
             for name in sorted(names):
@@ -295,9 +308,11 @@ def current_samples(
     at: float,
     finished: tuple[int, int, int],
     attempts: Mapping[str, int] | None = None,
+    heard: Mapping[str, int] | None = None,
 ) -> list[Sample]:
     """The samples of one minute: each lane's depth and age, and the queue-wide events
-    (``finished``: delivered, dead, hard bounces; ``attempts``: the minute's attempts by class)."""
+    (``finished``: delivered, dead, hard bounces; ``attempts``: the minute's attempts by class;
+    ``heard``: events heard after the first hop by type, ``bounced`` and ``complained``)."""
     samples = [
         Sample(
             at=at,
@@ -311,6 +326,10 @@ def current_samples(
         for lane, s in stats.lanes.items()
     ]
     sent, dead, hard = finished
+    if attempts is not None and "delivered" in attempts:
+        # the minute's delivered attempts: a recipient that bounced or complained since (its
+        # state no longer ``sent``) was delivered all the same
+        sent = max(sent, attempts["delivered"])
     paused = tuple(d.destination for d in stats.destinations if (d.paused_until or 0) > at)
     misconfigured = tuple(
         d.destination
@@ -318,6 +337,7 @@ def current_samples(
         if (d.paused_until or 0) > at and (d.reason or "").startswith(MISCONFIGURED)
     )
     attempts = attempts or {}
+    heard = heard or {}
     samples.append(
         Sample(
             at=at,
@@ -329,6 +349,8 @@ def current_samples(
             deferrals=sum(attempts.get(cls, 0) for cls in DEFERRING_CLASSES),
             soft_bounces=attempts.get("soft_bounce", 0),
             misconfigured=misconfigured,
+            bounced=heard.get("bounced", 0),
+            complaints=heard.get("complained", 0),
         )
     )
     return samples
@@ -358,7 +380,10 @@ class AlertMonitor:
         stats = await self.app.stats()
         finished = await self.app.store.finished_between(minute - 60.0, minute)
         attempts = await self.app.store.attempt_classes_between(minute - 60.0, minute)
-        return current_samples(stats, minute, finished, attempts)
+        heard = await self.app.store.event_types_between(
+            minute - 60.0, minute, ("bounced", "complained")
+        )
+        return current_samples(stats, minute, finished, attempts, heard)
 
     async def record(self, now: float) -> list[Sample]:
         """Record the samples of the minute ``now`` falls in (once, whoever comes first)."""
@@ -367,7 +392,7 @@ class AlertMonitor:
         return samples
 
     async def evaluate(self, now: float) -> list[Alert]:
-        samples = await self.app.store.samples(now - HISTORY_NEEDED)
+        samples = await self.app.store.samples(now - history_needed(self.rules))
         return evaluate(samples, now, self.rules)
 
     async def run_once(self, now: float) -> list[Alert]:

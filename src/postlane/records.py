@@ -640,6 +640,10 @@ class Sample:
 
     #: relays or provider accounts paused then for a configuration that cannot work
     misconfigured: tuple[str, ...] = ()
+    #: recipients of the minute before reported bounced after they were sent (a DSN, an event)
+    bounced: int = 0
+    #: complaints of the minute before (a feedback loop's report, a provider's event)
+    complaints: int = 0
 
     @property
     def depth(self) -> int:

@@ -230,6 +230,75 @@ async def test_dead_letter_spike_and_hard_bounce_ratio(tmp_path: Path, clock: Fa
         assert firing(verdicts) == set()
 
 
+async def deliver_all(app: AsyncPostlane, count: int) -> list[int]:
+    """Enqueue and deliver ``count`` messages now; their delivery ids."""
+    await app.send_many(
+        [
+            Message(sender="news@shop.example", to=[f"u{i}@y.example"], text="x")
+            for i in range(count)
+        ]
+    )
+    now = app.clock.now()
+    claimed = await app.store.claim_due("w", ALL, limit=count, now=now, lease_until=now + 60)
+    ok = AttemptRecord(now, ReplyClass.DELIVERED, 250, None, "ok", "r", "d", 1)
+    ids = [d.id for m in claimed for d in m.deliveries]
+    await app.store.record("w", [Outcome(i, RecipientState.SENT, 1, 0, None, ok) for i in ids], now)
+    return ids
+
+
+async def test_complaints_over_a_tenth_and_three_tenths_of_a_percent_fire_the_complaint_alerts(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    from postlane.feedback import Feedback, FeedbackKind
+
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        monitor = AlertMonitor.from_config(app, config)
+        delivered = await deliver_all(app, 2000)
+
+        async def complaints(ids: list[int]) -> None:
+            now = clock.now()
+            await app.store.record_feedback(
+                [Feedback(FeedbackKind.COMPLAINED, i, now, "arf") for i in ids], now
+            )
+
+        await complaints(delivered[:3])  # 0.15%: over Gmail's 0.1%, under 0.3%
+        await clock.advance(60)
+        verdicts = await monitor.run_once(clock.now())
+        assert "PostlaneComplaintRateHigh" in firing(verdicts)
+        assert "PostlaneComplaintRateCritical" not in firing(verdicts)
+        await complaints(delivered[3:8])  # 0.4%
+        await clock.advance(60)
+        verdicts = await monitor.run_once(clock.now())
+        assert {"PostlaneComplaintRateHigh", "PostlaneComplaintRateCritical"} <= firing(verdicts)
+        detail = next(a.detail for a in verdicts if a.key == "PostlaneComplaintRateCritical")
+        assert detail == "8 complaint(s) for 2000 delivered (0.40%)"
+
+
+async def test_bounces_heard_after_delivery_count_in_the_hard_bounce_ratio(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    from postlane.feedback import Feedback, FeedbackKind
+
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        monitor = AlertMonitor.from_config(app, config)
+        delivered = await deliver_all(app, 100)
+        await clock.advance(60)
+        await monitor.run_once(clock.now())  # serve records every minute
+        now = clock.now()
+        await app.store.record_feedback(  # a relay's DSNs, minutes later
+            [
+                Feedback(FeedbackKind.BOUNCED, i, now, "dsn", ReplyClass.HARD_BOUNCE, 550)
+                for i in delivered[:10]
+            ],
+            now,
+        )
+        await clock.advance(60)
+        verdicts = await monitor.run_once(clock.now())
+        assert "PostlaneHardBounceRatio" in firing(verdicts)
+
+
 async def test_recovery_time_runs_from_dead_to_delivered_whoever_requeued(
     tmp_path: Path, clock: FakeClock
 ) -> None:

@@ -91,7 +91,7 @@ def _print_shape(rows: Sequence[ShapeRow], as_json: bool) -> None:
 @json_option
 def alerts_command(rules: bool, as_json: bool) -> None:
     """Evaluate the alert rules now, on the recorded history (what serve records each minute)."""
-    from postlane.alerts import HISTORY_NEEDED, AlertMonitor, evaluate, firing_first
+    from postlane.alerts import AlertMonitor, evaluate, firing_first, history_needed
     from postlane.alerts import prometheus_rules as render
 
     if rules:
@@ -100,7 +100,7 @@ def alerts_command(rules: bool, as_json: bool) -> None:
 
     async def go(app: AsyncPostlane) -> list[Any]:
         now = app.clock.now()
-        history = await app.store.samples(now - HISTORY_NEEDED)
+        history = await app.store.samples(now - history_needed())
         if not history or history[-1].at < now - now % 60:  # serve did not record this minute
             history = [*history, *await AlertMonitor(app).sample(now)]
         return firing_first(evaluate(history, now))

@@ -267,6 +267,12 @@ class HistoryStore(Protocol):
         """(delivered, dead-lettered, of which hard bounces) in ``[start, end)``."""
         ...
 
+    async def event_types_between(
+        self, start: float, end: float, types: Sequence[str]
+    ) -> Mapping[str, int]:
+        """Events of ``types`` in ``[start, end)`` counted by type (a minute's complaints)."""
+        ...
+
     async def attempt_classes_between(self, start: float, end: float) -> Mapping[str, int]:
         """Attempts in ``[start, end)`` counted by class (a minute's deferrals, soft bounces)."""
         ...

@@ -72,6 +72,16 @@ class SQLHistory(SQLRole):
         assert row is not None  # an aggregate always has its row
         return int(row["sent"]), int(row["dead"]), int(row["hard_bounces"])
 
+    async def event_types_between(
+        self, start: float, end: float, types: Sequence[str]
+    ) -> Mapping[str, int]:
+        found = await self.db.read(
+            lambda: fetch(
+                "event_types_between", {"start": start, "end": end, "types": list(types)}
+            )
+        )
+        return {str(row["type"]): int(row["n"]) for row in found}
+
     async def attempt_classes_between(self, start: float, end: float) -> Mapping[str, int]:
         found = await self.db.read(
             lambda: fetch("attempt_classes_between", {"start": start, "end": end})

@@ -463,3 +463,10 @@ ORDER BY destination, owner;
 -- name: live_share_owners
 -- How many processes hold live shares.
 SELECT count(DISTINCT owner) AS n FROM destination_shares WHERE expires_at > :now;
+
+-- name: event_types_between
+-- Events of some types in a time range, counted by type (a minute's bounces heard later and
+-- complaints, for the recorded history).
+SELECT type, count(*) AS n FROM events
+WHERE at >= :start AND at < :end AND @any(type, types, text)
+GROUP BY type;

@@ -336,22 +336,24 @@ SELECT destination, count(*) AS n FROM deliveries WHERE state = 'sending' GROUP 
 -- name: insert_samples
 -- Minutes' samples of lanes (the first process to record a minute wins).
 INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
-                            hard_bounces, paused, deferrals, soft_bounces, misconfigured)
+                            hard_bounces, paused, deferrals, soft_bounces, misconfigured,
+                            bounced, complaints)
 SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
-       paused::jsonb, deferrals, soft_bounces, misconfigured::jsonb
+       paused::jsonb, deferrals, soft_bounces, misconfigured::jsonb, bounced, complaints
 FROM unnest(%(at)s::float8[], %(lane)s::text[], %(ready)s::integer[], %(deferred)s::integer[],
             %(held)s::integer[], %(sending)s::integer[], %(oldest_age)s::float8[],
             %(sent)s::integer[], %(dead)s::integer[], %(hard_bounces)s::integer[],
             %(paused)s::text[], %(deferrals)s::integer[], %(soft_bounces)s::integer[],
-            %(misconfigured)s::text[])
+            %(misconfigured)s::text[], %(bounced)s::integer[], %(complaints)s::integer[])
      AS s (at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
-           paused, deferrals, soft_bounces, misconfigured)
+           paused, deferrals, soft_bounces, misconfigured, bounced, complaints)
 ON CONFLICT (at, lane) DO NOTHING;
 
 -- name: samples_since
 -- The recorded history from a time on, oldest first.
 SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces,
-       paused::text AS paused, deferrals, soft_bounces, misconfigured::text AS misconfigured
+       paused::text AS paused, deferrals, soft_bounces, misconfigured::text AS misconfigured,
+       bounced, complaints
 FROM metric_samples WHERE at >= %(since)s ORDER BY at, lane;
 
 -- name: finished_between

@@ -206,15 +206,17 @@ WHERE state = 'sending' GROUP BY destination;
 -- name: insert_samples
 -- One minute's sample of a lane (the first process to record a minute wins).
 INSERT INTO metric_samples (at, lane, ready, deferred, held, sending, oldest_age, sent, dead,
-                            hard_bounces, paused, deferrals, soft_bounces, misconfigured)
+                            hard_bounces, paused, deferrals, soft_bounces, misconfigured,
+                            bounced, complaints)
 VALUES (:at, :lane, :ready, :deferred, :held, :sending, :oldest_age, :sent, :dead,
-        :hard_bounces, :paused, :deferrals, :soft_bounces, :misconfigured)
+        :hard_bounces, :paused, :deferrals, :soft_bounces, :misconfigured, :bounced,
+        :complaints)
 ON CONFLICT (at, lane) DO NOTHING;
 
 -- name: samples_since
 -- The recorded history from a time on, oldest first.
 SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bounces, paused,
-       deferrals, soft_bounces, misconfigured
+       deferrals, soft_bounces, misconfigured, bounced, complaints
 FROM metric_samples WHERE at >= :since ORDER BY at, lane;
 
 -- name: finished_between
