@@ -26,6 +26,7 @@ import ipaddress
 import secrets
 from collections.abc import Sequence
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
@@ -44,6 +45,7 @@ __all__ = [
     "Tokens",
     "addressed_locally",
     "bearer_token",
+    "cross_site",
     "fingerprint",
     "is_local",
     "is_loopback_host",
@@ -127,6 +129,37 @@ def is_local(request: HTTPConnection) -> bool:
     """From a loopback peer and addressed to this machine: who gets in without a token."""
     peer = request.client.host if request.client else ""
     return is_loopback_host(peer) and addressed_locally(request)
+
+
+#: what ``Sec-Fetch-Site`` says of a request a page of this very origin made, or a user typed
+_SAME_ORIGIN = frozenset({"same-origin", "none"})
+
+
+def cross_site(request: HTTPConnection) -> str | None:
+    """Why a browser says this request comes from a page of another origin, or None.
+
+    A web page may send "simple" requests anywhere (a form post, or a ``fetch`` with a
+    ``text/plain`` body) without asking first; the browser then says where it came from. Its
+    ``Sec-Fetch-Site`` header (every current browser sends it) is believed first: only
+    ``same-origin`` (our own pages) and ``none`` (typed, bookmarked) pass. ``same-site`` is
+    refused too: another port of 127.0.0.1 is the same site. Without it, an ``Origin`` header
+    must name the host the request was sent to. Scripts and servers send neither, and pass."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        if fetch_site.strip().lower() in _SAME_ORIGIN:
+            return None
+        return f"Sec-Fetch-Site: {fetch_site[:40]}"
+    origin = request.headers.get("origin")
+    if origin is None:
+        return None
+    host = request.headers.get("host", "").strip().lower()
+    try:
+        named = urlsplit(origin.strip()).netloc.lower()
+    except ValueError:
+        named = ""
+    if origin.strip() == "null" or not named or named != host:
+        return f"Origin: {origin[:100]}"
+    return None
 
 
 def bearer_token(request: HTTPConnection) -> str | None:

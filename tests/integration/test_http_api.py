@@ -23,6 +23,7 @@ from postlane.records import AttemptRecord, Outcome
 from tests.conftest import free_port, make_config
 
 TOKEN = "t0ken-for-tests"
+NDJSON = {"Content-Type": "application/x-ndjson"}
 MESSAGE = {"from": "app@example.com", "to": ["ada@example.net"], "subject": "Hi", "text": "Hello"}
 
 
@@ -412,7 +413,7 @@ async def test_delete_with_export_then_import_restores_content_ids_and_history(
             (a, n, h) for a, _s, n, h in old_recipients
         ]
     assert after[ids[0]][2][0][3] == ["451 4.3.0 try again later"]
-    again = await client.post("/v1/queue/import", content=response.content)
+    again = await client.post("/v1/queue/import", headers=NDJSON, content=response.content)
     assert again.json() == {"records": 2, "imported": 0}  # already there: skipped
 
 
@@ -427,7 +428,7 @@ async def test_purge_with_export_then_import_brings_the_dead_letter_back(
     [record] = export_lines(response)
     assert record["recipients"][0]["state"] == "dead"
     assert (await client.get("/v1/dlq")).json() == []
-    r = await client.post("/v1/queue/import", content=response.content)
+    r = await client.post("/v1/queue/import", headers=NDJSON, content=response.content)
     assert r.json() == {"records": 1, "imported": 1}
     assert (await client.get("/v1/dlq")).json() == before
 
@@ -516,7 +517,7 @@ async def test_a_bad_import_line_is_a_400_and_imports_nothing(
     client: httpx.AsyncClient, app: AsyncPostlane, bad: str, says: str
 ) -> None:
     body = _line(_valid_line()) + "\n" + bad + "\n"
-    r = await client.post("/v1/queue/import", content=body.encode())
+    r = await client.post("/v1/queue/import", headers=NDJSON, content=body.encode())
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "invalid_export" and says in error["message"], error
@@ -532,7 +533,7 @@ async def test_a_bad_import_line_is_a_400_and_imports_nothing(
 async def test_import_refuses_empty_undecodable_and_oversized_bodies(
     small_exports: httpx.AsyncClient, app: AsyncPostlane, body: bytes, status: int
 ) -> None:
-    r = await small_exports.post("/v1/queue/import", content=body)
+    r = await small_exports.post("/v1/queue/import", headers=NDJSON, content=body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]
     assert await queue_is_empty(app)
@@ -541,7 +542,7 @@ async def test_import_refuses_empty_undecodable_and_oversized_bodies(
 async def test_a_valid_import_line_is_queued_due_now(
     client: httpx.AsyncClient, app: AsyncPostlane
 ) -> None:
-    r = await client.post("/v1/queue/import", content=_line(_valid_line()))
+    r = await client.post("/v1/queue/import", headers=NDJSON, content=_line(_valid_line()))
     assert r.json() == {"records": 1, "imported": 1}
     view = await app.get("AAAA1111")
     assert view.message_id == "<AAAA1111@example.com>"

@@ -29,7 +29,13 @@ from postlane.dashboard.forms import (
     selector_from_filters,
 )
 from postlane.dashboard.groups import group_rows, key_of_group
-from postlane.dashboard.rendering import SECURITY_HEADERS, context, render, templates
+from postlane.dashboard.rendering import (
+    SECURITY_HEADERS,
+    context,
+    refused_cross_site,
+    render,
+    templates,
+)
 from postlane.errors import PostlaneError
 from postlane.message import Lane, RecipientState
 from postlane.records import Selector
@@ -287,6 +293,9 @@ async def login_page(request: Request) -> Response:
 
 async def login_post(request: Request) -> Response:
     """An admin token in, a session cookie derived from it out (never the token itself)."""
+    refusal = refused_cross_site(request)  # another site logging the browser in as it likes
+    if refusal is not None:
+        return refusal
     try:
         form = await read_form(request)
     except PostlaneError as exc:

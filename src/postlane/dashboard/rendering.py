@@ -9,6 +9,8 @@ application, the tokens, the CSRF key) is a :class:`DashboardContext` on ``reque
 
 from __future__ import annotations
 
+import html
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -20,11 +22,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from postlane.app import AsyncPostlane
-from postlane.auth import Csrf, NotLocal, Session, Tokens, Unauthenticated
+from postlane.auth import Csrf, NotLocal, Session, Tokens, Unauthenticated, cross_site
 from postlane.clock import iso, when
 from postlane.config import Config, format_duration
 from postlane.dashboard.forms import read_form
-from postlane.errors import NotFound, PostlaneError
+from postlane.errors import NotFound, PostlaneError, StoreUnavailable
+from postlane.ingest.server import escaped_store_error
+
+log = logging.getLogger("postlane.dashboard")
 
 __all__ = ["SECURITY_HEADERS", "DashboardContext", "context", "install", "page", "render"]
 
@@ -102,8 +107,23 @@ def render(
     return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
 
+#: seconds a browser (or a proxy) is told to wait when the store cannot answer
+STORE_RETRY_AFTER = 5
+
+
 def forbidden(reason: str) -> HTMLResponse:
-    return HTMLResponse(f"<h1>403</h1><p>{reason}</p>", status_code=403, headers=SECURITY_HEADERS)
+    return HTMLResponse(
+        f"<h1>403</h1><p>{html.escape(reason)}</p>", status_code=403, headers=SECURITY_HEADERS
+    )
+
+
+def refused_cross_site(request: Request) -> HTMLResponse | None:
+    """A 403 for a form another site's page posts (besides the CSRF token, which such a page
+    cannot read: two locks), or None."""
+    refusal = cross_site(request)
+    if refusal is None:
+        return None
+    return forbidden(f"this form was posted from another site's page ({refusal})")
 
 
 Page = Callable[[Request, Session], Awaitable[Response]]
@@ -122,6 +142,8 @@ def page(handler: Page, *, post: bool = False) -> Callable[[Request], Awaitable[
         except Unauthenticated:
             target = "/login?" + urlencode({"next": request.url.path})
             return RedirectResponse(target, status_code=303)
+        if post and (refusal := refused_cross_site(request)) is not None:
+            return refusal
         try:
             if post:
                 form = await read_form(request)
@@ -130,7 +152,28 @@ def page(handler: Page, *, post: bool = False) -> Callable[[Request], Awaitable[
             return await handler(request, session)
         except NotFound as exc:
             return render(request, session, "error.html", 404, message=exc.message)
+        except StoreUnavailable as exc:  # not the visitor's fault: the page says so, and retries
+            return _store_unavailable(request, session, exc)
         except PostlaneError as exc:
             return render(request, session, "error.html", 400, message=exc.message)
+        except Exception as exc:
+            failure = escaped_store_error(exc)
+            if failure is None:
+                raise
+            log.exception("the store let a driver error through on %s", request.url.path)
+            return _store_unavailable(request, session, failure)
 
     return run
+
+
+def _store_unavailable(request: Request, session: Session, exc: StoreUnavailable) -> HTMLResponse:
+    response = render(
+        request,
+        session,
+        "error.html",
+        503,
+        message=exc.message,
+        heading="The store cannot answer now",
+    )
+    response.headers["Retry-After"] = str(STORE_RETRY_AFTER)
+    return response

@@ -25,6 +25,9 @@ import dataclasses
 import io
 import json
 import logging
+import math
+import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -43,6 +46,7 @@ from postlane.auth import (
     Refused,
     Scope,
     Tokens,
+    cross_site,
 )
 from postlane.config import Config
 from postlane.errors import (
@@ -54,8 +58,8 @@ from postlane.errors import (
     ValidationError,
 )
 from postlane.ingest.openapi import openapi_document
-from postlane.ingest.server import bind, serve_http
-from postlane.message import Attachment, Message
+from postlane.ingest.server import bind, escaped_store_error, serve_http
+from postlane.message import Attachment, Message, check_text
 from postlane.metrics import Metrics
 from postlane.records import Selector
 from postlane.selectors import SELECTOR_FIELDS, optional_string, parse_selector, string_list
@@ -76,6 +80,13 @@ MAX_EXPORT_RECIPIENTS = 1000
 #: max_size (JSON and base64 included)
 EXPORT_BYTES = 64 * 1024 * 1024
 NDJSON = "application/x-ndjson"
+#: what a JSON endpoint takes: never a type a web page may post cross-site without asking
+#: (text/plain, a form), so the browser asks first (CORS preflight) and we never say yes
+JSON_TYPES = ("application/json",)
+#: what the import endpoint takes (JSON Lines)
+NDJSON_TYPES = (NDJSON, "application/jsonl", "application/x-jsonlines")
+#: seconds a client is told to wait (Retry-After) when the store cannot answer
+STORE_RETRY_AFTER = 5
 #: JSON (and base64) inflate a message: the body may be this much larger than max_size
 JSON_OVERHEAD = 1.4
 _MESSAGE_FIELDS = {
@@ -106,31 +117,62 @@ _EXPORTING = (QueueAction.DELETE, QueueAction.PURGE)
 
 
 class ApiError(Exception):
-    """A refusal with its HTTP status and JSON error code."""
+    """A refusal with its HTTP status and JSON error code (and headers, e.g. Retry-After)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+class ApiJSON(JSONResponse):
+    """A JSON answer that renders whatever a store holds: a value strict JSON cannot carry (a
+    NaN, a lone surrogate, kept by an older version that let them in) is written as null or
+    as an escape, not a 500 on every later read."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except (ValueError, UnicodeEncodeError):
+            return json.dumps(
+                _finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")
+            ).encode("ascii")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return ApiJSON(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
 
 
 def _postlane_error(exc: PostlaneError) -> JSONResponse:
     if isinstance(exc, IdempotencyConflict):  # Stripe's answer; the body names the first id
         error = {"code": exc.code, "message": exc.message, "id": exc.existing_id, "key": exc.key}
-        return JSONResponse({"error": error}, status_code=409)
+        return ApiJSON({"error": error}, status_code=409)
     if isinstance(exc, MessageTooLarge):
         return error_response(413, exc.code, exc.message)
     if isinstance(exc, ValidationError):
         return error_response(422, exc.code, exc.message)
     if isinstance(exc, NotFound):
         return error_response(404, exc.code, exc.message)
-    if isinstance(exc, StoreUnavailable):
-        return error_response(503, exc.code, exc.message)
+    if isinstance(exc, StoreUnavailable):  # never the client's fault: it may retry
+        return error_response(503, exc.code, exc.message, {"Retry-After": str(STORE_RETRY_AFTER)})
     return error_response(400, exc.code, exc.message)
 
 
@@ -159,6 +201,32 @@ def _invalid_field() -> Iterator[None]:
 # -- what the endpoints share ----------------------------------------------------------------------
 
 
+class StoreHealth:
+    """The last store failure a request met, for /readyz: a small write can pass while the
+    pages mail needs are damaged (a corrupted file), so readiness also says no for a while
+    after requests failed."""
+
+    #: seconds a failure met by a request keeps /readyz at 503
+    MEMORY = 30.0
+
+    def __init__(self) -> None:
+        self.failed_at: float | None = None
+        self.reason = ""
+
+    def failed(self, reason: str) -> None:
+        self.failed_at = time.monotonic()
+        self.reason = reason
+
+    def recent_failure(self) -> str | None:
+        """What a request met in the last :attr:`MEMORY` seconds, or None."""
+        if self.failed_at is None:
+            return None
+        ago = time.monotonic() - self.failed_at
+        if ago > self.MEMORY:
+            return None
+        return f"a request failed {ago:.0f} s ago: {self.reason}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ApiContext:
     """What the API's endpoints need, kept on ``app.state.api`` (see :func:`install`)."""
@@ -173,6 +241,8 @@ class ApiContext:
     body_limit: int
     #: an export (or import) body is at most this large
     export_limit: int
+    #: store failures requests met (readiness)
+    store_health: StoreHealth = dataclasses.field(default_factory=StoreHealth)
 
     @classmethod
     def create(
@@ -220,9 +290,19 @@ def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Await
         try:
             return await handler(request, _caller(request, scope))
         except ApiError as exc:
-            return error_response(exc.status, exc.code, exc.message)
+            return error_response(exc.status, exc.code, exc.message, exc.headers)
+        except StoreUnavailable as exc:
+            _context(request).store_health.failed(exc.message)
+            return _postlane_error(exc)
         except PostlaneError as exc:
             return _postlane_error(exc)
+        except Exception as exc:
+            failure = escaped_store_error(exc)
+            if failure is None:
+                raise
+            log.exception("the store let a driver error through on %s", request.url.path)
+            _context(request).store_health.failed(failure.message)
+            return _postlane_error(failure)
 
     return run
 
@@ -230,6 +310,14 @@ def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Await
 def _caller(request: Request, scope: Scope | None) -> Caller:
     if scope is None:
         return Caller(Scope.ADMIN, None)
+    refusal = cross_site(request)
+    if refusal is not None:  # a web page the user visits, posting to the API behind its back
+        raise ApiError(
+            403,
+            "cross_site",
+            f"the browser says this request comes from another site's page ({refusal}); "
+            "the API takes requests from programs, not from web pages",
+        )
     try:
         caller = _context(request).tokens.caller(request)
     except Refused as exc:
@@ -255,12 +343,69 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def require_media_type(request: Request, accepted: Sequence[str]) -> None:
+    """Refuse (415) a body that does not say it is one of ``accepted``."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media not in accepted:
+        said = f"Content-Type {media!r}" if media else "no Content-Type"
+        raise ApiError(
+            415, "unsupported_media_type", f"send Content-Type: {accepted[0]} (got {said})"
+        )
+
+
 async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: ``application/json``, strict JSON (no NaN or Infinity, no number too
+    large for a float, no lone surrogate), nesting no deeper than Python's recursion limit."""
+    require_media_type(request, JSON_TYPES)
     body = await read_body(request, limit)
+    return parse_json(body)
+
+
+def parse_json(body: bytes | bytearray | str) -> Any:
+    """Strict JSON (see :func:`read_json`), or a 400 ``invalid_json`` saying what is wrong."""
     try:
-        return json.loads(body)
+        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body nests too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    _check_strings(data)
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ApiError(400, "invalid_json", f"the body is not valid JSON: {name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ApiError(400, "invalid_json", f"the number {text[:30]} is too large")
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_strings(data: Any) -> None:
+    """No string (nor key) holds a lone surrogate (a ``\\ud800`` escape alone): it is not
+    Unicode text, and could not be stored, shown or sent. Walked without recursion."""
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found is not None:
+                raise ApiError(
+                    400,
+                    "invalid_json",
+                    f"the body holds a lone surrogate {found.group()!r}: not Unicode text",
+                )
+        elif isinstance(value, dict):
+            pending.extend(value)
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def message_from_json(data: Any, idempotency_header: str | None = None) -> Message:
@@ -367,7 +512,7 @@ async def post_message(request: Request, caller: Caller) -> Response:
     [result] = await api.postlane.send_prepared([prepared])
     if api.metrics is not None and not result.duplicate:
         api.metrics.enqueued.labels("http").inc()
-    return JSONResponse(result.as_json(), status_code=202)
+    return ApiJSON(result.as_json(), status_code=202)
 
 
 async def post_batch(request: Request, caller: Caller) -> Response:
@@ -395,7 +540,7 @@ async def post_batch(request: Request, caller: Caller) -> Response:
         if api.metrics is not None:
             api.metrics.enqueued.labels("http").inc(sum(1 for r in stored if not r.duplicate))
     accepted = len(prepared)
-    return JSONResponse(
+    return ApiJSON(
         {"accepted": accepted, "refused": len(items) - accepted, "results": results},
         status_code=202 if accepted == len(items) else 207,
     )
@@ -405,7 +550,7 @@ async def get_message(request: Request, caller: Caller) -> Response:
     view = await _context(request).postlane.get(request.path_params["queue_id"], history=True)
     if caller.scope is Scope.SEND and view.submitter != caller.submitter:
         raise NotFound(f"no message with id {view.id}")  # not yours: as if it did not exist
-    return JSONResponse(view.as_json())
+    return ApiJSON(view.as_json())
 
 
 Listing = Callable[[AsyncPostlane, Selector, int], Awaitable[Sequence[Any]]]
@@ -417,7 +562,7 @@ def listing(fetch: Listing) -> Handler:
     async def run(request: Request, caller: Caller) -> Response:
         selector, limit = _query_selector(request)
         found = await fetch(_context(request).postlane, selector, limit)
-        return JSONResponse([item.as_json() for item in found])
+        return ApiJSON([item.as_json() for item in found])
 
     return run
 
@@ -428,7 +573,7 @@ dead_groups = listing(lambda app, selector, limit: app.dead_groups(selector, lim
 
 
 async def get_stats(request: Request, caller: Caller) -> Response:
-    return JSONResponse((await _context(request).postlane.stats()).as_json())
+    return ApiJSON((await _context(request).postlane.stats()).as_json())
 
 
 # -- operate ---------------------------------------------------------------------------------------
@@ -451,11 +596,11 @@ async def post_action(request: Request, caller: Caller) -> Response:
         raise ApiError(400, "invalid_field", 'give "ids" or "all": true (selectors narrow)')
     counts = await app.summarize(action, selector)
     if dry_run:
-        return JSONResponse({"would_touch": [c.as_json() for c in counts]})
+        return ApiJSON({"would_touch": [c.as_json() for c in counts]})
     if export:
         return await exported(request, action, selector, sum(c.count for c in counts))
     count = await app.act(action, selector)
-    return JSONResponse({"action": action.value, "count": count})
+    return ApiJSON({"action": action.value, "count": count})
 
 
 def _action(request: Request) -> QueueAction:
@@ -540,6 +685,7 @@ async def import_export(request: Request, caller: Caller) -> Response:
     """`postlane queue import` over HTTP: every line is checked before anything is stored,
     then all are stored in one transaction."""
     api = _context(request)
+    require_media_type(request, NDJSON_TYPES)
     body = await read_body(request, api.export_limit)
     try:
         lines = body.decode("utf-8").split("\n")
@@ -552,7 +698,7 @@ async def import_export(request: Request, caller: Caller) -> Response:
     if not records:
         raise ApiError(400, "invalid_export", "the body holds no export record")
     restored = await api.postlane.import_(lines, batch_size=None)
-    return JSONResponse({"records": records, "imported": restored})
+    return ApiJSON({"records": records, "imported": restored})
 
 
 # -- suppressions ----------------------------------------------------------------------------------
@@ -560,7 +706,7 @@ async def import_export(request: Request, caller: Caller) -> Response:
 
 async def list_suppressions(request: Request, caller: Caller) -> Response:
     entries = await _context(request).postlane.suppressions(limit=10_000)
-    return JSONResponse([e.as_json() for e in entries])
+    return ApiJSON([e.as_json() for e in entries])
 
 
 async def add_suppression(request: Request, caller: Caller) -> Response:
@@ -569,17 +715,17 @@ async def add_suppression(request: Request, caller: Caller) -> Response:
         raise ApiError(400, "invalid_field", 'send {"address": ..., "reason": ...}')
     with _invalid_field():
         reason = optional_string(data.get("reason"), "reason")
+    if reason is not None:
+        check_text(reason, "reason")  # a ValidationError: 422, as a message's fields
     added = await _context(request).postlane.suppress(data["address"], reason=reason)
-    return JSONResponse(
-        {"address": data["address"], "added": added}, status_code=201 if added else 200
-    )
+    return ApiJSON({"address": data["address"], "added": added}, status_code=201 if added else 200)
 
 
 async def remove_suppression(request: Request, caller: Caller) -> Response:
     address = request.path_params["address"]
     if not await _context(request).postlane.unsuppress(address):
         raise NotFound(f"{address} is not on the suppression list")
-    return JSONResponse({"address": address, "removed": True})
+    return ApiJSON({"address": address, "removed": True})
 
 
 # -- probes and description ------------------------------------------------------------------------
@@ -595,25 +741,44 @@ async def get_metrics(request: Request, caller: Caller) -> Response:
 
 async def healthz(request: Request, caller: Caller) -> Response:
     """The process is up (for a load balancer's liveness check)."""
-    return JSONResponse({"status": "ok"})
+    return ApiJSON({"status": "ok"})
+
+
+#: how long /readyz waits for the store's small write
+READY_TIMEOUT = 5.0
 
 
 async def readyz(request: Request, caller: Caller) -> Response:
-    """The store answers and, in serve, the worker runs (for readiness checks)."""
+    """The store takes a small write now (a full disk, a corrupted file, a lost server say
+    no) and, in serve, the worker runs: for readiness checks."""
     api = _context(request)
+    reason = None
     try:
-        await asyncio.wait_for(api.postlane.store.next_due_at(), timeout=5)
-    except Exception as exc:
-        return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
-    if api.worker is not None and not api.worker.running:
-        return JSONResponse(
-            {"status": "unavailable", "error": "the worker is not running"}, status_code=503
+        await asyncio.wait_for(
+            api.postlane.store.check(api.postlane.clock.now()), timeout=READY_TIMEOUT
         )
-    return JSONResponse({"status": "ok"})
+    except StoreUnavailable as exc:
+        reason = exc.message
+    except TimeoutError:
+        reason = f"the store did not answer within {READY_TIMEOUT:g} s"
+    except Exception as exc:  # a probe answers, whatever broke
+        log.exception("the readiness check failed")
+        reason = f"the store check failed: {type(exc).__name__}"
+    if reason is None:
+        reason = api.store_health.recent_failure()
+    if reason is None and api.worker is not None and not api.worker.running:
+        reason = "the worker is not running"
+    if reason is not None:
+        return ApiJSON(
+            {"status": "unavailable", "error": reason},
+            status_code=503,
+            headers={"Retry-After": str(STORE_RETRY_AFTER)},
+        )
+    return ApiJSON({"status": "ok"})
 
 
 async def openapi(request: Request, caller: Caller) -> Response:
-    return JSONResponse(openapi_document())
+    return ApiJSON(openapi_document())
 
 
 async def not_found(request: Request, exc: Exception) -> Response:

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,9 +17,19 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from postlane.config import Config, parse_listen
-from postlane.errors import ConfigError
+from postlane.errors import ConfigError, StoreUnavailable
 
 log = logging.getLogger("postlane.http")
+
+
+def escaped_store_error(exc: BaseException) -> StoreUnavailable | None:
+    """A database driver's own error that escaped the store (which should have raised
+    :class:`StoreUnavailable`), as the store's failure: a client is told to retry (503), never
+    that it broke something (500). The caller logs it: it is a bug in the store."""
+    psycopg = sys.modules.get("psycopg")  # loaded only with a PostgreSQL store
+    if isinstance(exc, sqlite3.Error) or (psycopg is not None and isinstance(exc, psycopg.Error)):
+        return StoreUnavailable(f"the store failed: {exc}")
+    return None
 
 
 class _Server(uvicorn.Server):
