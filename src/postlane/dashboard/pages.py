@@ -37,7 +37,7 @@ from postlane.dashboard.rendering import (
     templates,
 )
 from postlane.errors import PostlaneError
-from postlane.message import Lane, RecipientState
+from postlane.message import Lane, RecipientState, check_text
 from postlane.records import Selector
 
 PAGE_SIZE = 50
@@ -276,7 +276,7 @@ async def suppress(request: Request, session: Session) -> Response:
         removed = await app.unsuppress(address)
         note = f"removed {address}" if removed else f"{address} was not on the list"
     else:
-        reason = str(form.get("reason", "")).strip() or None
+        reason = check_text(str(form.get("reason", "")).strip(), "reason") or None
         added = await app.suppress(address, reason=reason)
         note = f"added {address}" if added else f"{address} was already on the list"
     return back_to("/suppressions", note)
