@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from starlette.applications import Starlette
 from starlette.datastructures import State
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -58,7 +58,7 @@ from postlane.errors import (
     ValidationError,
 )
 from postlane.ingest.openapi import openapi_document
-from postlane.ingest.server import bind, escaped_store_error, serve_http
+from postlane.ingest.server import HttpLimits, bind, escaped_store_error, serve_http
 from postlane.message import Attachment, Message, check_text
 from postlane.metrics import Metrics
 from postlane.records import Selector
@@ -72,6 +72,10 @@ __all__ = ["ApiContext", "api_routes", "bind", "build_app", "install", "start_ht
 log = logging.getLogger("postlane.http")
 
 MAX_BATCH = 1000
+#: a batch's body is at most this many times a message's
+BATCH_BODIES = 4
+#: seconds a client is told to wait (Retry-After) when the request budget is spent
+BUSY_RETRY_AFTER = 2
 MAX_LIST = 1000
 #: an exported delete or purge over HTTP takes at most this many recipients (one slice: it is
 #: exported and deleted in one go); more is a job for `postlane queue delete --export`
@@ -227,6 +231,56 @@ class StoreHealth:
         return f"a request failed {ago:.0f} s ago: {self.reason}"
 
 
+class RequestBudget:
+    """Bytes of request bodies being read or worked on, process-wide, bounded (audit finding
+    10: six 130 MB batches at once took 1.5 GB). A request takes its declared
+    ``Content-Length`` before its body is read (a chunked one, as it arrives) and gives it back
+    when answered; one that does not fit is answered 503 with Retry-After at once, unread. The
+    default fits one largest batch and one largest message besides, so a batch never blocks
+    ordinary sends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        #: requests turned away for want of room (a metric)
+        self.refused = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            self.refused += 1
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+class _Reservation:
+    """What one request holds of the :class:`RequestBudget`."""
+
+    def __init__(self, budget: RequestBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def hold(self, size: int) -> None:
+        """Hold ``size`` bytes in all, or refuse the request (503)."""
+        if size <= self.held:
+            return
+        if not self.budget.take(size - self.held):
+            raise ApiError(
+                503,
+                "busy",
+                "the server is reading as many large requests as it may at once: retry shortly",
+                {"Retry-After": str(BUSY_RETRY_AFTER)},
+            )
+        self.held = size
+
+    def release(self) -> None:
+        self.budget.give(self.held)
+        self.held = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ApiContext:
     """What the API's endpoints need, kept on ``app.state.api`` (see :func:`install`)."""
@@ -241,6 +295,10 @@ class ApiContext:
     body_limit: int
     #: an export (or import) body is at most this large
     export_limit: int
+    #: timeouts and sizes of the listener and of request bodies
+    limits: HttpLimits
+    #: request bytes in flight, process-wide
+    budget: RequestBudget
     #: store failures requests met (readiness)
     store_health: StoreHealth = dataclasses.field(default_factory=StoreHealth)
 
@@ -251,8 +309,12 @@ class ApiContext:
         postlane: AsyncPostlane,
         metrics: Metrics | None = None,
         worker: Worker | None = None,
+        limits: HttpLimits | None = None,
     ) -> ApiContext:
+        limits = limits or HttpLimits.from_config(config)
         body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
+        export_limit = max(EXPORT_BYTES, 2 * body_limit)
+        largest = max(BATCH_BODIES * body_limit, export_limit)
         return cls(
             postlane=postlane,
             config=config,
@@ -260,8 +322,15 @@ class ApiContext:
             metrics=metrics,
             worker=worker,
             body_limit=body_limit,
-            export_limit=max(EXPORT_BYTES, 2 * body_limit),
+            export_limit=export_limit,
+            limits=limits,
+            budget=RequestBudget(limits.request_bytes or largest + body_limit),
         )
+
+    @property
+    def batch_limit(self) -> int:
+        """A batch's JSON body is at most this large."""
+        return BATCH_BODIES * self.body_limit
 
 
 def install(
@@ -270,9 +339,11 @@ def install(
     postlane: AsyncPostlane,
     metrics: Metrics | None = None,
     worker: Worker | None = None,
-) -> None:
+    limits: HttpLimits | None = None,
+) -> ApiContext:
     """Give the API's endpoints, wherever they are mounted, what they need."""
-    state.api = ApiContext.create(config, postlane, metrics, worker)
+    state.api = ApiContext.create(config, postlane, metrics, worker, limits)
+    return cast(ApiContext, state.api)
 
 
 def _context(request: Request) -> ApiContext:
@@ -287,6 +358,8 @@ def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Await
     answering every refusal and :class:`PostlaneError` as a JSON error."""
 
     async def run(request: Request) -> Response:
+        reservation = _Reservation(_context(request).budget)
+        request.scope["postlane.reservation"] = reservation
         try:
             return await handler(request, _caller(request, scope))
         except ApiError as exc:
@@ -303,6 +376,8 @@ def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Await
             log.exception("the store let a driver error through on %s", request.url.path)
             _context(request).store_health.failed(failure.message)
             return _postlane_error(failure)
+        finally:
+            reservation.release()  # the body, parsed or not, is no longer held
 
     return run
 
@@ -330,17 +405,39 @@ def _caller(request: Request, scope: Scope | None) -> Caller:
 # -- reading requests ------------------------------------------------------------------------------
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes, dropped (408)
+    should it stall for the body timeout, and held against the request budget (503 when the
+    server is already reading as much as it may) before it is read."""
+    api = _context(request)
+    reservation = cast(_Reservation, request.scope["postlane.reservation"])
+    too_large = ApiError(413, "message_too_large", f"the request body is over {limit} bytes")
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, "message_too_large", f"the request body is over {limit} bytes")
+    if length is not None and length.isdigit():
+        if int(length) > limit:
+            raise too_large
+        reservation.hold(int(length))
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(api.limits.body_timeout):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return body
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"the request body stalled for {api.limits.body_timeout:g} s",
+                {"Connection": "close"},  # a stalled client is not kept
+            ) from None
+        except ClientDisconnect:
+            raise ApiError(400, "client_disconnected", "the client went away") from None
         body.extend(chunk)
         if len(body) > limit:
-            raise ApiError(413, "message_too_large", f"the request body is over {limit} bytes")
-    return bytes(body)
+            raise too_large
+        reservation.hold(len(body))  # a chunked body, counted as it comes
 
 
 def require_media_type(request: Request, accepted: Sequence[str]) -> None:
@@ -357,14 +454,20 @@ async def read_json(request: Request, limit: int) -> Any:
     """The body as JSON: ``application/json``, strict JSON (no NaN or Infinity, no number too
     large for a float, no lone surrogate), nesting no deeper than Python's recursion limit."""
     require_media_type(request, JSON_TYPES)
-    body = await read_body(request, limit)
-    return parse_json(body)
+    return parse_json(await read_body(request, limit))
 
 
-def parse_json(body: bytes | bytearray | str) -> Any:
-    """Strict JSON (see :func:`read_json`), or a 400 ``invalid_json`` saying what is wrong."""
+def parse_json(body: bytearray | str) -> Any:
+    """Strict JSON (see :func:`read_json`), or a 400 ``invalid_json`` saying what is wrong.
+    A body given as a bytearray is emptied once decoded: a large body is held once as bytes
+    or as text, never twice alongside what is parsed from it."""
     try:
-        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        if isinstance(body, bytearray):
+            text = body.decode("utf-8")
+            del body[:]
+        else:
+            text = body
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except RecursionError:
         raise ApiError(400, "invalid_json", "the body nests too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -517,7 +620,7 @@ async def post_message(request: Request, caller: Caller) -> Response:
 
 async def post_batch(request: Request, caller: Caller) -> Response:
     api = _context(request)
-    data = await read_json(request, api.body_limit * 4)
+    data = await read_json(request, api.batch_limit)
     items = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise ApiError(400, "invalid_field", 'send {"messages": [...]} with 1 to 1000 messages')
@@ -527,12 +630,14 @@ async def post_batch(request: Request, caller: Caller) -> Response:
     prepared = []
     positions = []
     for index, item in enumerate(items):
+        items[index] = None  # its JSON goes as its rendering comes: held once, not twice
         try:
             message = api.postlane.prepare(message_from_json(item))
             prepared.append(dataclasses.replace(message, submitter=caller.submitter))
             positions.append(index)
         except (ApiError, PostlaneError) as exc:
             results[index] = {"error": {"code": exc.code, "message": exc.message}}
+        del item
     if prepared:
         stored = await api.postlane.send_prepared(prepared)  # one durable commit for all
         for index, result in zip(positions, stored, strict=True):
@@ -839,6 +944,7 @@ def build_app(
     worker: Worker | None = None,
     *,
     probes_only: bool = False,
+    limits: HttpLimits | None = None,
 ) -> Starlette:
     """The API as a Starlette application (tests drive it with httpx's ASGI transport). With
     ``probes_only`` (``postlane worker --metrics``): /metrics, /healthz and /readyz only.
@@ -846,7 +952,7 @@ def build_app(
     asgi = Starlette(
         routes=api_routes(probes_only=probes_only), exception_handlers=EXCEPTION_HANDLERS
     )
-    install(asgi.state, config, app, metrics, worker)
+    install(asgi.state, config, app, metrics, worker, limits)
     return asgi
 
 
@@ -858,9 +964,12 @@ async def start_http(
     worker: Worker | None = None,
     *,
     probes_on: str | None = None,
+    limits: HttpLimits | None = None,
 ) -> AsyncIterator[str]:
     """Serve the API until the context exits; yields the address it listens on. With
-    ``probes_on`` (HOST:PORT), serve only /metrics, /healthz and /readyz there (a worker)."""
-    asgi = build_app(config, app, metrics, worker, probes_only=probes_on is not None)
-    async with serve_http(asgi, config, probes_on=probes_on) as address:
+    ``probes_on`` (HOST:PORT), serve only /metrics, /healthz and /readyz there (a worker).
+    ``limits`` default to the configuration's (see :class:`HttpLimits`)."""
+    limits = limits or HttpLimits.from_config(config)
+    asgi = build_app(config, app, metrics, worker, probes_only=probes_on is not None, limits=limits)
+    async with serve_http(asgi, config, probes_on=probes_on, limits=limits) as address:
         yield address
