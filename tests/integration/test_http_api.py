@@ -22,7 +22,7 @@ from postlane.metrics import Metrics
 from postlane.records import AttemptRecord, Outcome
 from tests.conftest import free_port, make_config
 
-TOKEN = "t0ken-for-tests"
+TOKEN = "t0ken-for-the-tests"
 NDJSON = {"Content-Type": "application/x-ndjson"}
 MESSAGE = {"from": "app@example.com", "to": ["ada@example.net"], "subject": "Hi", "text": "Hello"}
 
@@ -208,12 +208,15 @@ async def test_served_over_a_real_socket(tmp_path: Path) -> None:
         assert (await c.get("/healthz")).status_code == 200
 
 
-SEND_TOKEN = "send-scope-token"
+SEND_TOKEN = "send-scope-token-0001"
+OTHER_TOKEN = "send-scope-token-0002"
 
 
 @pytest.fixture
 async def scoped(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[AsyncPostlane, Any]]:
-    config = make_config(tmp_path, http={"tokens": [TOKEN], "send_tokens": [SEND_TOKEN, "other"]})
+    config = make_config(
+        tmp_path, http={"tokens": [TOKEN], "send_tokens": [SEND_TOKEN, OTHER_TOKEN]}
+    )
     async with AsyncPostlane(config, clock=clock) as postlane:
         asgi = build_app(config, postlane, Metrics(postlane))
         transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
@@ -230,7 +233,7 @@ async def scoped(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[AsyncP
 
 async def test_a_send_token_reads_only_its_own_messages(scoped: tuple[AsyncPostlane, Any]) -> None:
     _, client = scoped
-    async with client(SEND_TOKEN) as mine, client("other") as theirs, client(TOKEN) as admin:
+    async with client(SEND_TOKEN) as mine, client(OTHER_TOKEN) as theirs, client(TOKEN) as admin:
         queue_id = (await mine.post("/v1/messages", json=MESSAGE)).json()["id"]
         assert (await mine.get(f"/v1/messages/{queue_id}")).status_code == 200
         r = await theirs.get(f"/v1/messages/{queue_id}")
@@ -246,7 +249,7 @@ async def test_idempotency_keys_are_scoped_to_the_submitter_and_payload_compared
     app, client = scoped
     receipt = {**MESSAGE, "subject": "Receipt 9001", "idempotency_key": "receipt-9001"}
     squatter = {**MESSAGE, "to": ["attacker@example.net"], "idempotency_key": "receipt-9001"}
-    async with client("other") as theirs, client(SEND_TOKEN) as mine:
+    async with client(OTHER_TOKEN) as theirs, client(SEND_TOKEN) as mine:
         claimed = await theirs.post("/v1/messages", json=squatter)
         assert claimed.status_code == 202
         first = await mine.post("/v1/messages", json=receipt)

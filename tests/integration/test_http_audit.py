@@ -385,3 +385,56 @@ def test_issue_17_7_postlane_send_without_a_text_is_refused(tmp_path: Path) -> N
     sent = send("--subject", "with text", "--text", "hello", "--json")
     assert sent.returncode == 0, sent.stderr
     assert json.loads(sent.stdout)["duplicate"] is False
+
+
+# -- finding 11: bearer token guessing, short tokens -----------------------------------------------
+
+TOKEN = "audit-admin-token-0123456789"
+
+
+async def test_finding_11_wrong_bearer_tokens_get_429_with_retry_after(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = make_config(tmp_path, http={"tokens": [TOKEN]})
+    async with AsyncPostlane(config, clock=clock) as app:
+        asgi = build_app(config, app, Metrics(app))
+        guesser = httpx.ASGITransport(app=asgi, client=("203.0.113.9", 5555))
+        async with httpx.AsyncClient(transport=guesser, base_url="http://postlane") as c:
+            for n in range(5):
+                r = await c.get("/v1/stats", headers={"Authorization": f"Bearer guess-{n:011d}"})
+                assert r.status_code == 401
+            sixth = await c.get("/v1/stats", headers={"Authorization": "Bearer guess-0000000006"})
+            assert sixth.status_code == 401  # looked at, and now it must wait
+            r = await c.get("/v1/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "too_many_attempts"
+            await clock.advance(1)
+            r = await c.get("/v1/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 200
+            r = await c.get("/v1/stats", headers={"Authorization": "Bearer guess-0000000007"})
+            assert r.status_code == 401
+            r = await c.get("/v1/stats", headers={"Authorization": "Bearer guess-0000000008"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "2"  # twice as long
+            metrics = (await c.get("/metrics")).text
+            assert 'postlane_http_auth_failures_total{door="api"} 7.0' in metrics
+            assert 'postlane_http_auth_throttled_total{door="api"} 2.0' in metrics
+
+
+def test_finding_11_serve_refuses_a_short_token_at_start_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "postlane.toml").write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path / "q.db"}"\n[http]\ntokens = ["hunter2"]\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "postlane"), "serve"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "http.tokens" in output and "at least 16" in output, output
+    assert "hunter2" not in output and "Traceback" not in output
+    assert not (tmp_path / "q.db").exists()  # refused before anything was opened

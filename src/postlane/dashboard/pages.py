@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from postlane.app import AsyncPostlane, QueueAction
-from postlane.auth import SESSION_COOKIE, Session
+from postlane.auth import SESSION_COOKIE, InvalidToken, Session, TooManyAttempts
 from postlane.classify import ReplyClass
 from postlane.dashboard.charts import overview_charts
 from postlane.dashboard.forms import (
@@ -46,8 +46,6 @@ WINDOWS = {"1h": 3600.0, "3h": 3 * 3600.0, "6h": 6 * 3600.0, "24h": 86400.0}
 CONFIRMED = {QueueAction.DELETE, QueueAction.PURGE, QueueAction.REQUEUE}
 #: actions that can hand over what they remove (JSON Lines for `postlane queue import`)
 EXPORTABLE = {QueueAction.DELETE, QueueAction.PURGE}
-#: a session lasts this long in the browser (the token it derives from may outlive it)
-SESSION_SECONDS = 12 * 3600
 
 
 def _postlane(request: Request) -> AsyncPostlane:
@@ -292,7 +290,8 @@ async def login_page(request: Request) -> Response:
 
 
 async def login_post(request: Request) -> Response:
-    """An admin token in, a session cookie derived from it out (never the token itself)."""
+    """An admin token in, a new session's cookie out (never the token itself). Wrong tokens
+    are counted against the client: past a few, it waits before the next is looked at."""
     refusal = refused_cross_site(request)  # another site logging the browser in as it likes
     if refusal is not None:
         return refusal
@@ -301,8 +300,12 @@ async def login_post(request: Request) -> Response:
     except PostlaneError as exc:
         return HTMLResponse(exc.message, status_code=400, headers=SECURITY_HEADERS)
     next_page = safe_back(str(form.get("next", "/")))
-    value = context(request).tokens.login(str(form.get("token", "")).strip())
-    if value is None:
+    dashboard = context(request)
+    try:
+        value = dashboard.tokens.login(request, str(form.get("token", "")).strip())
+    except TooManyAttempts as exc:
+        return login_refused(next_page, exc)
+    except InvalidToken:
         html = templates.get_template("login.html").render(next=next_page, failed=True)
         return HTMLResponse(html, status_code=401, headers=SECURITY_HEADERS)
     response = RedirectResponse(next_page, status_code=303)
@@ -312,12 +315,23 @@ async def login_post(request: Request) -> Response:
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
-        max_age=SESSION_SECONDS,
+        max_age=int(dashboard.tokens.sessions.lifetime),
     )
     return response
 
 
+def login_refused(next_page: str, exc: TooManyAttempts) -> HTMLResponse:
+    """The login page, saying how long to wait (429 with Retry-After)."""
+    html = templates.get_template("login.html").render(
+        next=next_page, failed=False, wait=exc.retry_after
+    )
+    headers = {**SECURITY_HEADERS, "Retry-After": str(exc.retry_after)}
+    return HTMLResponse(html, status_code=429, headers=headers)
+
+
 async def logout(request: Request, session: Session) -> Response:
+    """End the session here (its cookie no longer works, even if kept), and in the browser."""
+    context(request).tokens.logout(request)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response

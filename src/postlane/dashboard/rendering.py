@@ -22,7 +22,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from postlane.app import AsyncPostlane
-from postlane.auth import Csrf, NotLocal, Session, Tokens, Unauthenticated, cross_site
+from postlane.auth import (
+    Csrf,
+    NotLocal,
+    Session,
+    Tokens,
+    TooManyAttempts,
+    Unauthenticated,
+    cross_site,
+)
 from postlane.clock import iso, when
 from postlane.config import Config, format_duration
 from postlane.dashboard.forms import read_form
@@ -79,9 +87,14 @@ class DashboardContext:
     csrf: Csrf
 
 
-def install(state: State, config: Config, postlane: AsyncPostlane) -> None:
-    """Give the dashboard's pages, wherever they are mounted, what they need."""
-    state.dashboard = DashboardContext(postlane, Tokens.from_config(config.http), Csrf())
+def install(
+    state: State, config: Config, postlane: AsyncPostlane, tokens: Tokens | None = None
+) -> None:
+    """Give the dashboard's pages, wherever they are mounted, what they need. ``tokens``: the
+    API's, when it is served beside (one count of failed attempts for both doors)."""
+    if tokens is None:
+        tokens = Tokens.from_config(config.http, clock=postlane.clock.now)
+    state.dashboard = DashboardContext(postlane, tokens, Csrf())
 
 
 def context(request: Request) -> DashboardContext:
@@ -139,6 +152,13 @@ def page(handler: Page, *, post: bool = False) -> Callable[[Request], Awaitable[
             session = dashboard.tokens.session(request)
         except NotLocal:
             return forbidden(_NOT_LOCAL)
+        except TooManyAttempts as exc:
+            return HTMLResponse(
+                f"<h1>429</h1><p>Too many wrong tokens from your address: retry in "
+                f"{exc.retry_after} s.</p>",
+                status_code=429,
+                headers={**SECURITY_HEADERS, "Retry-After": str(exc.retry_after)},
+            )
         except Unauthenticated:
             target = "/login?" + urlencode({"next": request.url.path})
             return RedirectResponse(target, status_code=303)

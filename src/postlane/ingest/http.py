@@ -31,6 +31,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.requests import ClientDisconnect, Request
@@ -46,6 +48,7 @@ from postlane.auth import (
     Refused,
     Scope,
     Tokens,
+    TooManyAttempts,
     cross_site,
 )
 from postlane.config import Config
@@ -58,7 +61,13 @@ from postlane.errors import (
     ValidationError,
 )
 from postlane.ingest.openapi import openapi_document
-from postlane.ingest.server import HttpLimits, bind, escaped_store_error, serve_http
+from postlane.ingest.server import (
+    HttpLimits,
+    Refusals,
+    bind,
+    escaped_store_error,
+    serve_http,
+)
 from postlane.message import Attachment, Message, check_text
 from postlane.metrics import Metrics
 from postlane.records import Selector
@@ -301,6 +310,8 @@ class ApiContext:
     budget: RequestBudget
     #: store failures requests met (readiness)
     store_health: StoreHealth = dataclasses.field(default_factory=StoreHealth)
+    #: what the listener turned away (serve_http counts into it; the metrics read it)
+    refusals: Refusals = dataclasses.field(default_factory=Refusals)
 
     @classmethod
     def create(
@@ -315,10 +326,10 @@ class ApiContext:
         body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
         export_limit = max(EXPORT_BYTES, 2 * body_limit)
         largest = max(BATCH_BODIES * body_limit, export_limit)
-        return cls(
+        api = cls(
             postlane=postlane,
             config=config,
-            tokens=Tokens.from_config(config.http),
+            tokens=Tokens.from_config(config.http, clock=postlane.clock.now),
             metrics=metrics,
             worker=worker,
             body_limit=body_limit,
@@ -326,11 +337,55 @@ class ApiContext:
             limits=limits,
             budget=RequestBudget(limits.request_bytes or largest + body_limit),
         )
+        if metrics is not None:
+            with contextlib.suppress(ValueError):  # already counted (one registry, two apps)
+                metrics.registry.register(_DoorMetrics(api))
+        return api
 
     @property
     def batch_limit(self) -> int:
         """A batch's JSON body is at most this large."""
         return BATCH_BODIES * self.body_limit
+
+
+class _DoorMetrics(Collector):
+    """What the HTTP doors turned away, read from their counts at scrape time."""
+
+    def __init__(self, api: ApiContext) -> None:
+        self.api = api
+
+    def collect(self) -> Iterator[Metric]:
+        attempts = self.api.tokens.attempts
+        failures = CounterMetricFamily(
+            "postlane_http_auth_failures",
+            "Wrong tokens, by door (api: a bearer token; dashboard; login: the login form)",
+            labels=["door"],
+        )
+        throttled = CounterMetricFamily(
+            "postlane_http_auth_throttled",
+            "Requests refused with 429 because their client failed too often lately, by door",
+            labels=["door"],
+        )
+        for door in _DOORS:
+            failures.add_metric([door], attempts.failures[door])
+            throttled.add_metric([door], attempts.throttled[door])
+        refused = CounterMetricFamily(
+            "postlane_http_refused",
+            "Requests and connections turned away: too_many_connections (over the cap), "
+            "header_timeout (a request head not sent in time), busy (request bytes in flight "
+            "over the budget)",
+            labels=["reason"],
+        )
+        counts = self.api.refusals.counts
+        refused.add_metric(["too_many_connections"], counts.get("connections", 0))
+        refused.add_metric(["header_timeout"], counts.get("header_timeouts", 0))
+        refused.add_metric(["busy"], self.api.budget.refused)
+        yield failures
+        yield throttled
+        yield refused
+
+
+_DOORS = ("api", "dashboard", "login")
 
 
 def install(
@@ -395,6 +450,13 @@ def _caller(request: Request, scope: Scope | None) -> Caller:
         )
     try:
         caller = _context(request).tokens.caller(request)
+    except TooManyAttempts as exc:
+        raise ApiError(
+            429,
+            "too_many_attempts",
+            f"too many wrong tokens from this client: retry after {exc.retry_after} s",
+            {"Retry-After": str(exc.retry_after)},
+        ) from None
     except Refused as exc:
         raise ApiError(*_REFUSALS[type(exc)]) from None
     if scope is Scope.ADMIN and caller.scope is not Scope.ADMIN:
@@ -971,5 +1033,8 @@ async def start_http(
     ``limits`` default to the configuration's (see :class:`HttpLimits`)."""
     limits = limits or HttpLimits.from_config(config)
     asgi = build_app(config, app, metrics, worker, probes_only=probes_on is not None, limits=limits)
-    async with serve_http(asgi, config, probes_on=probes_on, limits=limits) as address:
+    refusals = cast(ApiContext, asgi.state.api).refusals
+    async with serve_http(
+        asgi, config, probes_on=probes_on, limits=limits, refusals=refusals
+    ) as address:
         yield address
