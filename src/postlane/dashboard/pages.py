@@ -9,6 +9,7 @@ import dataclasses
 import io
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from urllib.parse import urlencode
@@ -17,6 +18,7 @@ from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from postlane.alerts import HISTORY_NEEDED, evaluate, load_rules
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.auth import SESSION_COOKIE, InvalidToken, Session, TooManyAttempts
 from postlane.classify import ReplyClass
@@ -38,7 +40,7 @@ from postlane.dashboard.rendering import (
 )
 from postlane.errors import PostlaneError
 from postlane.message import Lane, RecipientState, check_text
-from postlane.records import Selector
+from postlane.records import Sample, Selector
 
 PAGE_SIZE = 50
 WINDOWS = {"1h": 3600.0, "3h": 3 * 3600.0, "6h": 6 * 3600.0, "24h": 86400.0}
@@ -64,7 +66,7 @@ async def overview(request: Request, session: Session) -> Response:
     start = now - WINDOWS[window]
     stats = await app.stats()
     samples = await app.store.samples(start)
-    firing = await app.store.alerts_firing()
+    firing = firing_alerts(await app.store.alerts_firing(), samples, now)
     lanes = [(lane.value, stats.lanes.get(lane)) for lane in Lane]
     return render(
         request,
@@ -78,6 +80,50 @@ async def overview(request: Request, session: Session) -> Response:
         firing=firing,
         paused=[d for d in stats.destinations if (d.paused_until or 0) > now],
     )
+
+
+@dataclass(frozen=True)
+class FiringAlert:
+    """A firing alert as the overview's banner shows it: what is wrong, since when, the
+    evaluation's detail, and the runbook saying what to do."""
+
+    name: str
+    severity: str
+    summary: str
+    detail: str
+    since: float
+    runbook: str | None
+
+
+def firing_alerts(
+    firing: Sequence[tuple[str, float]], samples: Sequence[Sample], now: float
+) -> list[FiringAlert]:
+    """The alerts the monitor recorded as firing (``key``, since when), each with its rule's
+    summary and runbook, and the detail of an evaluation of ``samples`` now."""
+    recent = [s for s in samples if s.at >= now - HISTORY_NEEDED]
+    verdicts = {a.key: a.as_json() for a in evaluate(recent, now)} if firing else {}
+    rules = {rule.name: rule for rule in load_rules()}
+    shown = []
+    for key, since in firing:
+        name, _, inside = key.partition("{")
+        labels = dict(item.split("=", 1) for item in inside.rstrip("}").split(",") if "=" in item)
+        rule = rules.get(name)
+        verdict = verdicts.get(key, {})
+        summary = rule.summary if rule else name
+        shown.append(
+            FiringAlert(
+                name=name,
+                severity=rule.severity if rule else "",
+                summary=verdict.get("summary")
+                or summary.format(
+                    lane=labels.get("lane", ""), destination=labels.get("destination", "")
+                ),
+                detail=verdict.get("detail", ""),
+                since=since,
+                runbook=rule.runbook_url if rule else None,
+            )
+        )
+    return shown
 
 
 async def destinations(request: Request, session: Session) -> Response:

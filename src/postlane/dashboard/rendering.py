@@ -17,6 +17,7 @@ from typing import Any, cast
 from urllib.parse import urlencode
 
 import jinja2
+from markupsafe import Markup
 from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -65,6 +66,30 @@ def _age(seconds: float) -> str:
     return format_duration(seconds) if seconds >= 1 else "0s"
 
 
+def unicode_domain(domain: str) -> str:
+    """An internationalised domain as its reader knows it (``xn--bcher-kva.example``:
+    ``bücher.example``); anything that is not valid punycode is left as it is."""
+    labels = []
+    for label in domain.split("."):
+        if label[:4].lower() == "xn--":
+            try:
+                label = label[4:].encode("ascii").decode("punycode")
+            except (UnicodeError, ValueError):
+                return domain
+        labels.append(label)
+    return ".".join(labels)
+
+
+def _idn(value: str) -> Markup | str:
+    """An address or a domain shown in Unicode, with its ASCII form (what the queue, the
+    filters and the links use) as its tooltip; unchanged when it has no punycode label."""
+    local, at, domain = value.rpartition("@")
+    shown = unicode_domain(domain)
+    if shown == domain:
+        return value
+    return Markup('<span class="idn" title="{}">{}</span>').format(value, local + at + shown)
+
+
 templates = jinja2.Environment(
     loader=jinja2.PackageLoader("postlane", "dashboard/templates"),
     autoescape=True,
@@ -75,6 +100,7 @@ templates = jinja2.Environment(
 templates.filters["when"] = when
 templates.filters["age"] = _age
 templates.filters["iso"] = iso
+templates.filters["idn"] = _idn
 
 
 @dataclass(frozen=True)
