@@ -41,6 +41,7 @@ from starlette.requests import HTTPConnection
 
 from postlane.config import HttpConfig
 from postlane.errors import ConfigError
+from postlane.ingest.tally import Tally
 
 log = logging.getLogger("postlane.auth")
 
@@ -239,7 +240,6 @@ class Attempts:
     WIDE = 50
     WIDE_WINDOW = 60.0
     CLIENTS = 10_000
-    LOG_INTERVAL = 60.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -248,9 +248,7 @@ class Attempts:
         #: failures and refusals (429) by door since start (the metrics read them)
         self.failures: collections.Counter[str] = collections.Counter()
         self.throttled: collections.Counter[str] = collections.Counter()
-        self._unlogged: collections.Counter[str] = collections.Counter()
-        self._unlogged_throttled = 0
-        self._logged_at = -math.inf
+        self._tally = Tally(log, _describe_attempts)
 
     @property
     def remembered(self) -> int:
@@ -263,8 +261,7 @@ class Attempts:
         now = self._clock()
         if found is not None and found.locked_until > now:
             self.throttled[door] += 1
-            self._unlogged_throttled += 1
-            self._log(now)
+            self._tally.count(_THROTTLED)
             raise TooManyAttempts(found.locked_until - now)
 
     def failed(self, client: str, door: str) -> None:
@@ -287,26 +284,22 @@ class Attempts:
         while len(self._clients) > self.CLIENTS:
             self._clients.popitem(last=False)
         self.failures[door] += 1
-        self._unlogged[client] += 1
-        self._log(now)
+        self._tally.count(client)
 
-    def _log(self, now: float) -> None:
-        if now - self._logged_at < self.LOG_INTERVAL:
-            return
-        if not self._unlogged and not self._unlogged_throttled:
-            return
-        self._logged_at = now
-        worst = ", ".join(f"{c} ({n})" for c, n in self._unlogged.most_common(3))
-        log.warning(
-            "wrong tokens: %d failed attempt(s) from %d client(s) (most: %s), %d refused "
-            "while waiting (429), since the last such line",
-            sum(self._unlogged.values()),
-            len(self._unlogged),
-            worst or "none",
-            self._unlogged_throttled,
-        )
-        self._unlogged.clear()
-        self._unlogged_throttled = 0
+
+#: the tally's kind for a refusal while waiting (the other kinds are client addresses)
+_THROTTLED = "429"
+
+
+def _describe_attempts(counts: dict[str, int]) -> str:
+    throttled = counts.pop(_THROTTLED, 0)
+    busiest = sorted(counts.items(), key=lambda item: -item[1])[:3]
+    return (
+        f"wrong tokens since the last such line: {sum(counts.values())} failed attempt(s) "
+        f"from {len(counts)} client(s) (most: "
+        f"{', '.join(f'{c} ({n})' for c, n in busiest) or 'none'}), {throttled} refused "
+        "while waiting (429)"
+    )
 
 
 class Sessions:

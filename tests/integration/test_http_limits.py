@@ -46,7 +46,9 @@ async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
     )
     async with AsyncPostlane(config) as app:
         asgi = build_app(config, app, limits=limits)
-        async with serve_http(asgi, config, limits=limits) as address:
+        async with serve_http(
+            asgi, config, limits=limits, refusals=asgi.state.api.refusals
+        ) as address:
             yield Served(address, asgi.state.api)
 
 
@@ -121,13 +123,50 @@ async def test_finding_7_a_stalled_body_is_dropped_after_the_body_timeout(served
 
 @pytest.mark.parametrize(
     "served",
-    [HttpLimits(header_timeout=3.0, body_timeout=3.0, keep_alive=5, max_connections=30)],
+    [HttpLimits(header_timeout=5.0, body_timeout=5.0, keep_alive=5, max_connections=30)],
     indirect=True,
 )
-async def test_finding_7_connections_over_the_cap_are_refused_at_once(served: Served) -> None:
-    idle = [await served.connect() for _ in range(30)]  # the cap, held by clients saying nothing
+async def test_finding_7_a_flood_of_unfinished_requests_cannot_keep_out_whole_ones(
+    served: Served,
+) -> None:
+    """At the cap, a newcomer takes the place of the connection idle the longest: the flood
+    churns through its own connections, and a client sending whole requests is served."""
+    flood = []
+    for n in range(150):  # five times the cap, none of them ever finishing its head
+        connection = await served.connect()
+        connection[1].write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-N: %d" % n)
+        flood.append(connection)
+        if n % 25 == 24:
+            probe = time.monotonic()
+            assert await healthy(served.address)  # whole requests still get in, at once
+            assert time.monotonic() - probe < 0.5
+    oldest = await answer_of(flood[0], timeout=1)  # the first ones made room, told why
+    assert oldest.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in oldest
+    assert served.api.refusals.counts["evicted"] >= 120
+    for _, writer in flood:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "served",
+    [HttpLimits(header_timeout=3.0, body_timeout=3.0, keep_alive=5, max_connections=10)],
+    indirect=True,
+)
+async def test_finding_7_when_every_connection_is_busy_a_new_one_is_refused_at_once(
+    served: Served,
+) -> None:
+    body = json.dumps(MESSAGE).encode()
+    busy = []
+    for _ in range(10):  # the cap, each with a request under way (its body still arriving)
+        connection = await served.connect()
+        connection[1].write(
+            b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body[:5])
+        )
+        busy.append(connection)
     await asyncio.sleep(0.2)
-    for _ in range(10):
+    for _ in range(5):
         started = time.monotonic()
         refused = await served.connect()
         answer = await answer_of(refused, timeout=2)
@@ -135,7 +174,8 @@ async def test_finding_7_connections_over_the_cap_are_refused_at_once(served: Se
         assert time.monotonic() - started < 0.5  # refused at once, not left to time out
         assert answer.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in answer
         assert b"Retry-After: 1" in answer
-    for _, writer in idle:  # once they go, everyone is served again
+    assert served.api.refusals.counts["connections"] == 5
+    for _, writer in busy:  # once they go, everyone is served again
         writer.close()
     deadline = time.monotonic() + 5
     while not await healthy_or_refused(served.address):

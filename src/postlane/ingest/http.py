@@ -371,13 +371,14 @@ class _DoorMetrics(Collector):
             throttled.add_metric([door], attempts.throttled[door])
         refused = CounterMetricFamily(
             "postlane_http_refused",
-            "Requests and connections turned away: too_many_connections (over the cap), "
-            "header_timeout (a request head not sent in time), busy (request bytes in flight "
-            "over the budget)",
+            "Requests and connections turned away: too_many_connections (over the cap, all "
+            "busy), evicted (idle or unfinished, closed to make room), header_timeout (a "
+            "request head not sent in time), busy (request bytes in flight over the budget)",
             labels=["reason"],
         )
         counts = self.api.refusals.counts
         refused.add_metric(["too_many_connections"], counts.get("connections", 0))
+        refused.add_metric(["evicted"], counts.get("evicted", 0))
         refused.add_metric(["header_timeout"], counts.get("header_timeouts", 0))
         refused.add_metric(["busy"], self.api.budget.refused)
         yield failures

@@ -11,8 +11,9 @@ an unfinished request head, and its ``limit_concurrency`` counts requests, not c
 - a request's head (request line and headers) must arrive within ``header_timeout`` of the
   connection (or, on a kept-alive connection, of its first byte), else the connection is
   answered ``408`` and closed;
-- past ``max_connections`` open connections, a new one is answered ``503`` with
-  ``Retry-After`` and closed at once, before it can hold anything.
+- past ``max_connections`` open connections, a new one takes the place of the connection idle
+  the longest (no request under way: a head still arriving, or a kept-alive wait), else it is
+  answered ``503`` with ``Retry-After`` and closed at once, before it can hold anything.
 
 A body that stops arriving is the endpoints' to time out (``body_timeout``, see
 :func:`postlane.ingest.http.read_body`): by then the request is theirs.
@@ -28,7 +29,6 @@ import resource
 import socket
 import sqlite3
 import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -39,6 +39,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from postlane.config import Config, parse_listen
 from postlane.errors import ConfigError, StoreUnavailable
+from postlane.ingest.tally import Tally
 
 log = logging.getLogger("postlane.http")
 
@@ -87,31 +88,22 @@ class HttpLimits:
         return cls()
 
 
-class Refusals:
-    """What a listener turned away, counted and logged as one summary line a minute (a flood
-    of refusals must not become a flood of log lines)."""
+def _describe_refusals(counts: dict[str, int]) -> str:
+    said = {
+        "connections": "connections refused over the cap (max_connections)",
+        "evicted": "idle or unfinished connections closed to make room for new ones",
+        "header_timeouts": "request heads not sent in time (header_timeout)",
+    }
+    parts = [f"{n} {said.get(kind, kind)}" for kind, n in sorted(counts.items())]
+    return "HTTP listener, since the last such line: " + "; ".join(parts)
 
-    INTERVAL = 60.0
+
+class Refusals(Tally):
+    """What one listener turned away (``connections``, ``evicted``, ``header_timeouts``),
+    counted since start and logged as a summary line a minute."""
 
     def __init__(self) -> None:
-        self.counts: dict[str, int] = {"connections": 0, "header_timeouts": 0}
-        self._unlogged: dict[str, int] = {}
-        self._logged_at = -self.INTERVAL
-
-    def count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
-        self._unlogged[what] = self._unlogged.get(what, 0) + 1
-        now = time.monotonic()
-        if now - self._logged_at >= self.INTERVAL:
-            self._logged_at = now
-            summary = ", ".join(f"{n} {name}" for name, n in sorted(self._unlogged.items()))
-            self._unlogged.clear()
-            log.warning(
-                "HTTP listener turned clients away (over the last minute at most): %s "
-                "(connections: over the connection cap; header_timeouts: request heads "
-                "not sent in time)",
-                summary,
-            )
+        super().__init__(log, _describe_refusals)
 
 
 _OVER_CAP = (
@@ -133,52 +125,74 @@ _HEAD_TIMEOUT_BODY = (
 
 class GuardedH11(H11Protocol):
     """uvicorn's h11 protocol with a deadline on each request head and a connection cap (see
-    the module's docstring). :func:`guarded_protocol` makes one with its limits."""
+    the module's docstring). :func:`guarded_protocol` makes one per listener, with its limits.
+
+    At the cap, a new connection first makes room by closing the connection that has been
+    *idle* longest: one with no request under way (its head not all there, or kept alive
+    between requests). A client sending whole requests is thus served while a flood of
+    unfinished ones churns through; only when every connection is busy with a request is the
+    newcomer refused (503)."""
 
     limits: ClassVar[HttpLimits] = HttpLimits()
-    refusals: ClassVar[Refusals] = Refusals()
+    refusals: ClassVar[Refusals]
+    #: this listener's connections with no request under way, the longest idle first
+    idle: ClassVar[dict[GuardedH11, None]]
 
     _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
-            self.refusals.count("connections")
-            transport.write(_OVER_CAP % (len(_OVER_CAP_BODY), _OVER_CAP_BODY))
-            transport.close()
-            return
-        self._arm_head_timer()
+            if not self.idle:
+                self.refusals.count("connections")
+                transport.write(_OVER_CAP % (len(_OVER_CAP_BODY), _OVER_CAP_BODY))
+                transport.close()
+                return
+            next(iter(self.idle))._make_room()
+        self._wait_for_head()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self.transport.is_closing():
-            self._cancel_head_timer()
+            self._forget()
         elif self.conn.their_state is h11.IDLE:
-            self._arm_head_timer()  # a head under way (after a kept-alive wait): it has a deadline
+            self._wait_for_head()  # a head under way (after a kept-alive wait): its deadline
         else:
-            self._cancel_head_timer()  # the head is in: the request is the application's
+            self._forget()  # the head is in: the request is the application's
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._cancel_head_timer()  # waiting for the next request: keep-alive's timer runs
+        self._forget()  # kept alive: keep-alive's timer runs until the next head begins
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self.idle[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
+        self._forget()
         super().connection_lost(exc)
 
-    def _arm_head_timer(self) -> None:
+    def _wait_for_head(self) -> None:
+        self.idle.setdefault(self, None)
         if self._head_timer is None:
             self._head_timer = self.loop.call_later(
                 self.limits.header_timeout, self._head_timed_out
             )
 
-    def _cancel_head_timer(self) -> None:
+    def _forget(self) -> None:
+        self.idle.pop(self, None)
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _make_room(self) -> None:
+        self._forget()
+        self.refusals.count("evicted")
+        if self.cycle is None:  # no request yet: its client may be waiting for an answer
+            self.transport.write(_OVER_CAP % (len(_OVER_CAP_BODY), _OVER_CAP_BODY))
+        self.transport.close()
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        self.idle.pop(self, None)
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         self.refusals.count("header_timeouts")
@@ -188,8 +202,10 @@ class GuardedH11(H11Protocol):
 
 
 def guarded_protocol(limits: HttpLimits, refusals: Refusals) -> type[GuardedH11]:
-    """The protocol class of one listener, bound to its limits and its refusal counts."""
-    return type("GuardedH11", (GuardedH11,), {"limits": limits, "refusals": refusals})
+    """The protocol class of one listener, bound to its limits, its refusal counts and its
+    idle connections."""
+    attributes = {"limits": limits, "refusals": refusals, "idle": {}}
+    return type("GuardedH11", (GuardedH11,), attributes)
 
 
 class _Server(uvicorn.Server):
@@ -229,12 +245,13 @@ async def serve_http(
     context exits, within ``limits``; yields the address it listens on."""
     listen = probes_on or config.http.listen
     limits = limits or HttpLimits.from_config(config)
+    refusals = refusals or Refusals()
     sock = bind(listen, "worker --metrics" if probes_on else "http.listen")
     host, port = sock.getsockname()[:2]
     server = _Server(
         uvicorn.Config(
             asgi,
-            http=guarded_protocol(limits, refusals or Refusals()),
+            http=guarded_protocol(limits, refusals),
             ws="none",
             timeout_keep_alive=limits.keep_alive,
             log_level="warning",
@@ -262,3 +279,4 @@ async def serve_http(
         server.should_exit = True
         await task
         sock.close()
+        refusals.flush()  # what was turned away since the last line, not lost at a stop
