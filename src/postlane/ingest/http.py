@@ -5,10 +5,13 @@ Bearer tokens carry a scope (see :mod:`postlane.auth`). ``[http] tokens`` (and
 are ``send``: enqueue, and read back the messages that token enqueued. With no token configured
 at all the API answers only clients on loopback (with every scope). ``/metrics`` and ``/healthz``
 need no token, so a Prometheus scraper and a load balancer can reach them. The API describes
-itself at ``/openapi.json``.
+itself at ``/openapi.json``. It answers programs, not web pages: a body must be
+``application/json`` (415), and a request a browser says another site's page sent is refused
+(403 ``cross_site``; see ``docs/security.md``).
 
 Errors are ``{"error": {"code", "message"}}`` with a 4xx status (503 when the store is down),
-and a refused request stores nothing.
+and a refused request stores nothing. Bodies are read within bounds by
+:mod:`postlane.ingest.bodies`; the listener's own limits are :mod:`postlane.ingest.server`'s.
 
 The endpoints are plain functions that find what they need (the application, the config, the
 tokens, metrics) in an :class:`ApiContext` on ``request.app.state``: :func:`build_app` makes the
@@ -26,7 +29,6 @@ import io
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -35,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.datastructures import State
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -60,6 +62,17 @@ from postlane.errors import (
     StoreUnavailable,
     ValidationError,
 )
+from postlane.ingest.bodies import (
+    JSON_TYPES,
+    NDJSON,
+    NDJSON_TYPES,
+    ApiError,
+    RequestBudget,
+    Reservation,
+    parse_json,
+    require_media_type,
+)
+from postlane.ingest.bodies import read_body as read_within
 from postlane.ingest.openapi import openapi_document
 from postlane.ingest.server import (
     HttpLimits,
@@ -83,8 +96,6 @@ log = logging.getLogger("postlane.http")
 MAX_BATCH = 1000
 #: a batch's body is at most this many times a message's
 BATCH_BODIES = 4
-#: seconds a client is told to wait (Retry-After) when the request budget is spent
-BUSY_RETRY_AFTER = 2
 MAX_LIST = 1000
 #: an exported delete or purge over HTTP takes at most this many recipients (one slice: it is
 #: exported and deleted in one go); more is a job for `postlane queue delete --export`
@@ -92,12 +103,6 @@ MAX_EXPORT_RECIPIENTS = 1000
 #: an export (and so an import) body is at most this large, and at least two messages of
 #: max_size (JSON and base64 included)
 EXPORT_BYTES = 64 * 1024 * 1024
-NDJSON = "application/x-ndjson"
-#: what a JSON endpoint takes: never a type a web page may post cross-site without asking
-#: (text/plain, a form), so the browser asks first (CORS preflight) and we never say yes
-JSON_TYPES = ("application/json",)
-#: what the import endpoint takes (JSON Lines)
-NDJSON_TYPES = (NDJSON, "application/jsonl", "application/x-jsonlines")
 #: seconds a client is told to wait (Retry-After) when the store cannot answer
 STORE_RETRY_AFTER = 5
 #: JSON (and base64) inflate a message: the body may be this much larger than max_size
@@ -127,19 +132,6 @@ _EXPORTING = (QueueAction.DELETE, QueueAction.PURGE)
 
 
 # -- errors --------------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """A refusal with its HTTP status and JSON error code (and headers, e.g. Retry-After)."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 class ApiJSON(JSONResponse):
@@ -238,56 +230,6 @@ class StoreHealth:
         if ago > self.MEMORY:
             return None
         return f"a request failed {ago:.0f} s ago: {self.reason}"
-
-
-class RequestBudget:
-    """Bytes of request bodies being read or worked on, process-wide, bounded (audit finding
-    10: six 130 MB batches at once took 1.5 GB). A request takes its declared
-    ``Content-Length`` before its body is read (a chunked one, as it arrives) and gives it back
-    when answered; one that does not fit is answered 503 with Retry-After at once, unread. The
-    default fits one largest batch and one largest message besides, so a batch never blocks
-    ordinary sends."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        #: requests turned away for want of room (a metric)
-        self.refused = 0
-
-    def take(self, size: int) -> bool:
-        if self.used + size > self.limit:
-            self.refused += 1
-            return False
-        self.used += size
-        return True
-
-    def give(self, size: int) -> None:
-        self.used -= size
-
-
-class _Reservation:
-    """What one request holds of the :class:`RequestBudget`."""
-
-    def __init__(self, budget: RequestBudget) -> None:
-        self.budget = budget
-        self.held = 0
-
-    def hold(self, size: int) -> None:
-        """Hold ``size`` bytes in all, or refuse the request (503)."""
-        if size <= self.held:
-            return
-        if not self.budget.take(size - self.held):
-            raise ApiError(
-                503,
-                "busy",
-                "the server is reading as many large requests as it may at once: retry shortly",
-                {"Retry-After": str(BUSY_RETRY_AFTER)},
-            )
-        self.held = size
-
-    def release(self) -> None:
-        self.budget.give(self.held)
-        self.held = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,8 +340,9 @@ def install(
     limits: HttpLimits | None = None,
 ) -> ApiContext:
     """Give the API's endpoints, wherever they are mounted, what they need."""
-    state.api = ApiContext.create(config, postlane, metrics, worker, limits)
-    return cast(ApiContext, state.api)
+    api = ApiContext.create(config, postlane, metrics, worker, limits)
+    state.api = api
+    return api
 
 
 def _context(request: Request) -> ApiContext:
@@ -407,6 +350,8 @@ def _context(request: Request) -> ApiContext:
 
 
 Handler = Callable[[Request, Caller], Awaitable[Response]]
+#: where a request's hold on the request budget is kept (its ASGI scope)
+_RESERVATION = "postlane.reservation"
 
 
 def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Awaitable[Response]]:
@@ -414,8 +359,8 @@ def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Await
     answering every refusal and :class:`PostlaneError` as a JSON error."""
 
     async def run(request: Request) -> Response:
-        reservation = _Reservation(_context(request).budget)
-        request.scope["postlane.reservation"] = reservation
+        reservation = Reservation(_context(request).budget)
+        request.scope[_RESERVATION] = reservation
         try:
             return await handler(request, _caller(request, scope))
         except ApiError as exc:
@@ -469,48 +414,13 @@ def _caller(request: Request, scope: Scope | None) -> Caller:
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes, dropped (408)
-    should it stall for the body timeout, and held against the request budget (503 when the
-    server is already reading as much as it may) before it is read."""
-    api = _context(request)
-    reservation = cast(_Reservation, request.scope["postlane.reservation"])
-    too_large = ApiError(413, "message_too_large", f"the request body is over {limit} bytes")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit():
-        if int(length) > limit:
-            raise too_large
-        reservation.hold(int(length))
-    body = bytearray()
-    chunks = request.stream().__aiter__()
-    while True:
-        try:
-            async with asyncio.timeout(api.limits.body_timeout):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return body
-        except TimeoutError:
-            raise ApiError(
-                408,
-                "request_timeout",
-                f"the request body stalled for {api.limits.body_timeout:g} s",
-                {"Connection": "close"},  # a stalled client is not kept
-            ) from None
-        except ClientDisconnect:
-            raise ApiError(400, "client_disconnected", "the client went away") from None
-        body.extend(chunk)
-        if len(body) > limit:
-            raise too_large
-        reservation.hold(len(body))  # a chunked body, counted as it comes
-
-
-def require_media_type(request: Request, accepted: Sequence[str]) -> None:
-    """Refuse (415) a body that does not say it is one of ``accepted``."""
-    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media not in accepted:
-        said = f"Content-Type {media!r}" if media else "no Content-Type"
-        raise ApiError(
-            415, "unsupported_media_type", f"send Content-Type: {accepted[0]} (got {said})"
-        )
+    """The request body within ``limit`` bytes, the body timeout and the request budget."""
+    return await read_within(
+        request,
+        limit,
+        reservation=cast(Reservation, request.scope[_RESERVATION]),
+        timeout=_context(request).limits.body_timeout,
+    )
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -518,60 +428,6 @@ async def read_json(request: Request, limit: int) -> Any:
     large for a float, no lone surrogate), nesting no deeper than Python's recursion limit."""
     require_media_type(request, JSON_TYPES)
     return parse_json(await read_body(request, limit))
-
-
-def parse_json(body: bytearray | str) -> Any:
-    """Strict JSON (see :func:`read_json`), or a 400 ``invalid_json`` saying what is wrong.
-    A body given as a bytearray is emptied once decoded: a large body is held once as bytes
-    or as text, never twice alongside what is parsed from it."""
-    try:
-        if isinstance(body, bytearray):
-            text = body.decode("utf-8")
-            del body[:]
-        else:
-            text = body
-        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise ApiError(400, "invalid_json", "the body nests too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
-    _check_strings(data)
-    return data
-
-
-def _no_constant(name: str) -> Any:
-    raise ApiError(400, "invalid_json", f"the body is not valid JSON: {name} is not a JSON value")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ApiError(400, "invalid_json", f"the number {text[:30]} is too large")
-    return value
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _check_strings(data: Any) -> None:
-    """No string (nor key) holds a lone surrogate (a ``\\ud800`` escape alone): it is not
-    Unicode text, and could not be stored, shown or sent. Walked without recursion."""
-    pending = [data]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, str):
-            found = _SURROGATE.search(value)
-            if found is not None:
-                raise ApiError(
-                    400,
-                    "invalid_json",
-                    f"the body holds a lone surrogate {found.group()!r}: not Unicode text",
-                )
-        elif isinstance(value, dict):
-            pending.extend(value)
-            pending.extend(value.values())
-        elif isinstance(value, list):
-            pending.extend(value)
 
 
 def message_from_json(data: Any, idempotency_header: str | None = None) -> Message:
