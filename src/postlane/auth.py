@@ -209,9 +209,11 @@ def client_key(request: HTTPConnection) -> str:
         address = ipaddress.ip_address(peer)
     except ValueError:
         return peer or "unknown"
-    if address.version == 6 and address.ipv4_mapped is None:
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
+    return str(address)
 
 
 @dataclasses.dataclass
@@ -332,7 +334,7 @@ class Sessions:
         """The session ID of a live, untampered, not logged-out cookie, or None."""
         sid, _, rest = cookie.partition(".")
         issued_text, _, signature = rest.partition(".")
-        if not sid or not issued_text.isdigit() or not signature:
+        if not sid or not (issued_text.isascii() and issued_text.isdigit()) or not signature:
             return None
         payload = f"{sid}.{issued_text}"
         if not any(hmac.compare_digest(signature, self._sign(k, payload)) for k in self._keys):

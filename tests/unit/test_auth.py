@@ -151,6 +151,7 @@ def test_the_dashboard_lets_in_an_admin_by_token_or_cookie() -> None:
         request(),  # loopback is not enough once an admin token is set
         request(cookie="forged"),
         request(cookie=cookie.rsplit(".", 1)[0] + ".00"),
+        request(cookie="a.\u00b2.b"),  # a digit to str.isdigit, not to int()
     ):
         with pytest.raises(MissingToken):
             tokens.session(refused)
