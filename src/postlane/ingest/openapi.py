@@ -24,6 +24,7 @@ _ERROR_TEXT = {
     403: "The token's scope does not allow this, or a browser says another site's page sent "
     "it (code cross_site)",
     404: "Not found",
+    408: "The request body stalled (no byte for the body timeout): the connection is closed",
     413: "Too large",
     415: "The body is not of the type this endpoint takes (application/json)",
     422: "The message was refused (nothing stored)",
@@ -132,7 +133,7 @@ def _operation(
         operation["parameters"] = parameters
     if body is not None:
         operation["requestBody"] = body
-        errors = (*errors, 415)
+        errors = (*errors, 408, 415)
     operation["responses"] = {**answers, **_error_responses(*sorted(set(errors)))}
     return operation
 
