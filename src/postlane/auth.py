@@ -1,38 +1,55 @@
 """Who may use postlane over HTTP: scopes, bearer tokens, local clients and browser sessions.
 
 The HTTP API and the dashboard ask the same questions here and differ only in how they say no
-(the API answers JSON 401/403, the dashboard a login page or a 403 page)::
+(the API answers JSON 401/403/429, the dashboard a login page, a 403 or a 429 page)::
 
     Refused
-    ├── NotLocal        no token is configured and the request is not a local one
-    └── Unauthenticated no credential this door accepts
-        ├── MissingToken    no ``Authorization: Bearer`` (nor a session cookie)
-        └── InvalidToken    a bearer token that is not configured
+    ├── NotLocal         no token is configured and the request is not a local one
+    ├── TooManyAttempts  this client (or, under a wide attack, any failing one) must wait
+    └── Unauthenticated  no credential this door accepts
+        ├── MissingToken     no ``Authorization: Bearer`` (nor a live session cookie)
+        └── InvalidToken     a token that is not configured (or, at /login, not an admin's)
 
 ``[http] tokens`` (and ``$POSTLANE_API_TOKEN``) have the ``admin`` scope: everything. ``[http]
-send_tokens`` have ``send``: enqueue, and read back what that token enqueued. With no token
-configured only a *local* request gets in: a loopback peer that also names this machine in its
-Host header (a web page whose name an attacker re-points at 127.0.0.1, DNS rebinding, sends its
-own name). The dashboard's session cookie is derived from an admin token, and its forms carry a
-CSRF token bound to the session.
+send_tokens`` have ``send``: enqueue, and read back what that token enqueued. A token is at
+least :data:`MIN_TOKEN_LENGTH` characters. With no token configured only a *local* request gets
+in: a loopback peer that also names this machine in its Host header (a web page whose name an
+attacker re-points at 127.0.0.1, DNS rebinding, sends its own name).
+
+Wrong tokens are counted per client and in all (:class:`Attempts`): past a few, a client waits
+a doubling delay before its next token is even looked at (429). The dashboard's sessions
+(:class:`Sessions`) are random, signed with a key derived from an admin token, expire after a
+fixed lifetime and end at logout; its forms carry a CSRF token bound to the session.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import hmac
 import ipaddress
+import logging
+import math
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
 from postlane.config import HttpConfig
+from postlane.errors import ConfigError
+from postlane.ingest.tally import Tally
+
+log = logging.getLogger("postlane.auth")
 
 __all__ = [
+    "MIN_TOKEN_LENGTH",
     "SESSION_COOKIE",
+    "SESSION_LIFETIME",
+    "Attempts",
     "Caller",
     "Csrf",
     "InvalidToken",
@@ -41,17 +58,24 @@ __all__ = [
     "Refused",
     "Scope",
     "Session",
+    "Sessions",
     "Tokens",
+    "TooManyAttempts",
     "addressed_locally",
     "bearer_token",
+    "client_key",
+    "cross_site",
     "fingerprint",
     "is_local",
     "is_loopback_host",
-    "session_value",
 ]
 
 #: the dashboard's session cookie
 SESSION_COOKIE = "postlane_session"
+#: seconds a dashboard session lasts from its login, whatever is done with it
+SESSION_LIFETIME = 12 * 3600.0
+#: a token shorter than this is refused at start (a short one can be guessed)
+MIN_TOKEN_LENGTH = 16
 
 
 class Scope(StrEnum):
@@ -72,7 +96,8 @@ class Caller:
 class Session:
     """Who is looking at the dashboard (always with the admin scope)."""
 
-    #: what CSRF tokens are bound to: "loopback", or the start of the session value
+    #: what CSRF tokens are bound to: "loopback", the session's ID, or a bearer token's
+    #: fingerprint
     identity: str
     #: authenticated by the browser's cookie (or as a local visitor): forms need the CSRF token
     browser: bool
@@ -96,6 +121,15 @@ class MissingToken(Unauthenticated):
 
 class InvalidToken(Unauthenticated):
     """A bearer token that is not configured."""
+
+
+class TooManyAttempts(Refused):
+    """This client failed too often lately: its next credential is not looked at before
+    ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed attempts: retry after {retry_after:.0f} s")
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 def fingerprint(token: str) -> str:
@@ -129,6 +163,37 @@ def is_local(request: HTTPConnection) -> bool:
     return is_loopback_host(peer) and addressed_locally(request)
 
 
+#: what ``Sec-Fetch-Site`` says of a request a page of this very origin made, or a user typed
+_SAME_ORIGIN = frozenset({"same-origin", "none"})
+
+
+def cross_site(request: HTTPConnection) -> str | None:
+    """Why a browser says this request comes from a page of another origin, or None.
+
+    A web page may send "simple" requests anywhere (a form post, or a ``fetch`` with a
+    ``text/plain`` body) without asking first; the browser then says where it came from. Its
+    ``Sec-Fetch-Site`` header (every current browser sends it) is believed first: only
+    ``same-origin`` (our own pages) and ``none`` (typed, bookmarked) pass. ``same-site`` is
+    refused too: another port of 127.0.0.1 is the same site. Without it, an ``Origin`` header
+    must name the host the request was sent to. Scripts and servers send neither, and pass."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        if fetch_site.strip().lower() in _SAME_ORIGIN:
+            return None
+        return f"Sec-Fetch-Site: {fetch_site[:40]}"
+    origin = request.headers.get("origin")
+    if origin is None:
+        return None
+    host = request.headers.get("host", "").strip().lower()
+    try:
+        named = urlsplit(origin.strip()).netloc.lower()
+    except ValueError:
+        named = ""
+    if origin.strip() == "null" or not named or named != host:
+        return f"Origin: {origin[:100]}"
+    return None
+
+
 def bearer_token(request: HTTPConnection) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, or None."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -136,24 +201,199 @@ def bearer_token(request: HTTPConnection) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def session_value(token: str) -> str:
-    """The dashboard's session cookie for an admin token. Derived from the token, so it
-    survives restarts and dies when the token is rotated; it never reveals the token."""
-    return hmac.new(token.encode(), b"postlane-dashboard-session", hashlib.sha256).hexdigest()
+def client_key(request: HTTPConnection) -> str:
+    """Whom failed attempts are counted against: the peer's address, or for IPv6 its /64
+    (one host usually holds a whole /64, and could rotate through it)."""
+    peer = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer or "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+@dataclasses.dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+    locked_until: float = 0.0
+
+
+class Attempts:
+    """Failed credentials (wrong bearer tokens, wrong tokens at /login), per client and in all.
+
+    A client may fail :attr:`FREE` times; each further failure makes it wait before its next
+    credential is looked at at all, twice as long each time (:attr:`FIRST_WAIT` up to
+    :attr:`LONGEST_WAIT`); it is forgotten after :attr:`FORGET` seconds without a failure.
+    When all clients together failed more than :attr:`WIDE` times in the last minute (one
+    guesser behind many addresses), a failing client waits from its first failure. A client
+    that never fails never waits. Memory is bounded: at most :attr:`CLIENTS` clients are
+    remembered, the longest quiet forgotten first. Failures are logged as one summary line a
+    minute, without any token."""
+
+    FREE = 5
+    FIRST_WAIT = 1.0
+    LONGEST_WAIT = 300.0
+    FORGET = 900.0
+    WIDE = 50
+    WIDE_WINDOW = 60.0
+    CLIENTS = 10_000
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._clients: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
+        self._recent: collections.deque[float] = collections.deque()
+        #: failures and refusals (429) by door since start (the metrics read them)
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.throttled: collections.Counter[str] = collections.Counter()
+        self._tally = Tally(log, _describe_attempts)
+
+    @property
+    def remembered(self) -> int:
+        """How many clients are remembered (at most :attr:`CLIENTS`)."""
+        return len(self._clients)
+
+    def check(self, client: str, door: str) -> None:
+        """Raise :class:`TooManyAttempts` while ``client`` must wait."""
+        found = self._clients.get(client)
+        now = self._clock()
+        if found is not None and found.locked_until > now:
+            self.throttled[door] += 1
+            self._tally.count(_THROTTLED)
+            raise TooManyAttempts(found.locked_until - now)
+
+    def failed(self, client: str, door: str) -> None:
+        """Count a failed credential of ``client`` at ``door`` (``api``, ``dashboard``,
+        ``login``), and make it wait if it has failed too often."""
+        now = self._clock()
+        found = self._clients.pop(client, None) or _Failures()
+        if now - found.last > self.FORGET:
+            found.count = 0
+        found.count += 1
+        found.last = now
+        self._recent.append(now)
+        while self._recent and self._recent[0] < now - self.WIDE_WINDOW:
+            self._recent.popleft()
+        free = 0 if len(self._recent) > self.WIDE else self.FREE
+        if found.count > free:
+            wait = self.FIRST_WAIT * 2.0 ** min(found.count - free - 1, 30)
+            found.locked_until = now + min(wait, self.LONGEST_WAIT)
+        self._clients[client] = found  # the most recent last
+        while len(self._clients) > self.CLIENTS:
+            self._clients.popitem(last=False)
+        self.failures[door] += 1
+        self._tally.count(client)
+
+
+#: the tally's kind for a refusal while waiting (the other kinds are client addresses)
+_THROTTLED = "429"
+
+
+def _describe_attempts(counts: dict[str, int]) -> str:
+    throttled = counts.pop(_THROTTLED, 0)
+    busiest = sorted(counts.items(), key=lambda item: -item[1])[:3]
+    return (
+        f"wrong tokens since the last such line: {sum(counts.values())} failed attempt(s) "
+        f"from {len(counts)} client(s) (most: "
+        f"{', '.join(f'{c} ({n})' for c, n in busiest) or 'none'}), {throttled} refused "
+        "while waiting (429)"
+    )
+
+
+class Sessions:
+    """The dashboard's sessions: ``ID.ISSUED.SIGNATURE`` cookies, signed (HMAC-SHA256) with a
+    key derived from an admin token, so they hold across restarts and processes, die when the
+    token is rotated, and never reveal it. A session ends :data:`SESSION_LIFETIME` after its
+    login whatever is done with it, or at logout: a logged-out ID is remembered (in this
+    process) until it would have expired anyway."""
+
+    def __init__(
+        self,
+        admin: Sequence[str],
+        lifetime: float = SESSION_LIFETIME,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._keys = [
+            hmac.new(t.encode(), b"postlane-session-key", "sha256").digest() for t in admin
+        ]
+        self.lifetime = lifetime
+        self._clock = clock
+        #: logged-out session IDs, with when they would have expired
+        self._revoked: dict[str, float] = {}
+
+    def start(self, token_index: int) -> str:
+        """A new session's cookie value, signed with the key of admin token ``token_index``."""
+        payload = f"{secrets.token_urlsafe(18)}.{int(self._clock())}"
+        return f"{payload}.{self._sign(self._keys[token_index], payload)}"
+
+    def identity(self, cookie: str) -> str | None:
+        """The session ID of a live, untampered, not logged-out cookie, or None."""
+        sid, _, rest = cookie.partition(".")
+        issued_text, _, signature = rest.partition(".")
+        if not sid or not (issued_text.isascii() and issued_text.isdigit()) or not signature:
+            return None
+        payload = f"{sid}.{issued_text}"
+        if not any(hmac.compare_digest(signature, self._sign(k, payload)) for k in self._keys):
+            return None
+        issued = int(issued_text)
+        now = self._clock()
+        if not issued - 60 <= now < issued + self.lifetime or sid in self._revoked:
+            return None
+        return sid
+
+    def end(self, cookie: str) -> None:
+        """Log a session out: its cookie is refused from now on."""
+        sid = self.identity(cookie)
+        if sid is None:
+            return
+        now = self._clock()
+        issued = int(cookie.split(".")[1])
+        self._revoked = {s: t for s, t in self._revoked.items() if t > now}
+        self._revoked[sid] = issued + self.lifetime
+
+    @staticmethod
+    def _sign(key: bytes, payload: str) -> str:
+        return hmac.new(key, payload.encode(), hashlib.sha256).hexdigest()
 
 
 class Tokens:
-    """The configured bearer tokens and their scopes; answers who a request is."""
+    """The configured bearer tokens and their scopes, the failed attempts against them, and
+    the dashboard's sessions: answers who a request is. One instance serves the API and the
+    dashboard alike, so a guesser is counted once whichever door it knocks at."""
 
-    def __init__(self, admin: Sequence[str] = (), send: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        admin: Sequence[str] = (),
+        send: Sequence[str] = (),
+        *,
+        clock: Callable[[], float] = time.time,
+        session_lifetime: float = SESSION_LIFETIME,
+    ) -> None:
         self._known = [(t.encode(), Scope.ADMIN) for t in admin] + [
             (t.encode(), Scope.SEND) for t in send
         ]
-        self._sessions = [session_value(t) for t in admin]
+        self._admin = [t.encode() for t in admin]
+        self.attempts = Attempts(clock)
+        self.sessions = Sessions(admin, session_lifetime, clock)
 
     @classmethod
-    def from_config(cls, http: HttpConfig) -> Tokens:
-        return cls(http.tokens, http.send_tokens)
+    def from_config(cls, http: HttpConfig, *, clock: Callable[[], float] = time.time) -> Tokens:
+        """The tokens of ``[http]``; a token shorter than :data:`MIN_TOKEN_LENGTH` is a
+        :class:`ConfigError` naming its key and place (never the token)."""
+        for key, tokens in (("http.tokens", http.tokens), ("http.send_tokens", http.send_tokens)):
+            for number, token in enumerate(tokens, 1):
+                if len(token) < MIN_TOKEN_LENGTH:
+                    where = f"{key} (or $POSTLANE_API_TOKEN)" if key == "http.tokens" else key
+                    raise ConfigError(
+                        f"{where}: token {number} of {len(tokens)} is {len(token)} characters; "
+                        f"a token needs at least {MIN_TOKEN_LENGTH} (make one with "
+                        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+                    )
+        return cls(http.tokens, http.send_tokens, clock=clock)
 
     @property
     def configured(self) -> bool:
@@ -163,7 +403,7 @@ class Tokens:
     @property
     def admin_configured(self) -> bool:
         """Any admin token (else the dashboard lets in local requests only)."""
-        return bool(self._sessions)
+        return bool(self._admin)
 
     def scope_of(self, token: str) -> Scope | None:
         """The scope of a token, or None for an unknown one (``send`` if it is listed as both)."""
@@ -177,6 +417,13 @@ class Tokens:
                 found.add(scope)
         return found
 
+    def _admin_index(self, token: str) -> int | None:
+        found = None
+        for index, known in enumerate(self._admin):  # every one: no timing hint
+            if hmac.compare_digest(token.encode(), known) and found is None:
+                found = index
+        return found
+
     def caller(self, request: HTTPConnection) -> Caller:
         """The API's caller: a bearer token's scope, or admin for a local request when no token
         is configured. Raises :class:`Refused`."""
@@ -187,34 +434,49 @@ class Tokens:
         token = bearer_token(request)
         if token is None:
             raise MissingToken
+        client = client_key(request)
+        self.attempts.check(client, "api")
         scope = self.scope_of(token)
         if scope is None:
+            self.attempts.failed(client, "api")
             raise InvalidToken
         return Caller(scope, fingerprint(token))
 
-    def login(self, token: str) -> str | None:
-        """The session cookie's value for an admin token, or None for any other."""
-        if Scope.ADMIN not in self._scopes(token):
-            return None
-        return session_value(token)
+    def login(self, request: HTTPConnection, token: str) -> str:
+        """A new session's cookie value for an admin token. Raises :class:`TooManyAttempts`
+        while this client must wait, :class:`InvalidToken` for any other token."""
+        client = client_key(request)
+        self.attempts.check(client, "login")
+        index = self._admin_index(token)
+        if index is None:
+            self.attempts.failed(client, "login")
+            raise InvalidToken
+        return self.sessions.start(index)
+
+    def logout(self, request: HTTPConnection) -> None:
+        """End the request's session (its cookie is refused from now on, here and wherever
+        this process answers)."""
+        self.sessions.end(request.cookies.get(SESSION_COOKIE, ""))
 
     def session(self, request: HTTPConnection) -> Session:
-        """The dashboard's visitor: an admin bearer token or session cookie, or a local request
-        when no admin token is configured. Raises :class:`Refused`."""
+        """The dashboard's visitor: an admin bearer token or a live session cookie, or a local
+        request when no admin token is configured. Raises :class:`Refused`."""
         if not self.admin_configured:
             if not is_local(request):
                 raise NotLocal
             return Session("loopback", browser=True)
         token = bearer_token(request)
         if token is not None:
-            value = self.login(token)
-            if value is not None:
-                return Session(value[:16], browser=False)
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        for known in self._sessions:
-            if cookie and hmac.compare_digest(cookie, known):
-                return Session(cookie[:16], browser=True)
-        raise MissingToken
+            client = client_key(request)
+            self.attempts.check(client, "dashboard")
+            if self._admin_index(token) is not None:
+                return Session(fingerprint(token), browser=False)
+            self.attempts.failed(client, "dashboard")
+            raise InvalidToken
+        sid = self.sessions.identity(request.cookies.get(SESSION_COOKIE, ""))
+        if sid is None:  # none, expired, logged out or forged: log in again
+            raise MissingToken
+        return Session(sid, browser=True)
 
 
 class Csrf:

@@ -85,6 +85,8 @@ FINAL_STATES = frozenset(
 MAX_RECIPIENTS = 1000
 MAX_IDEMPOTENCY_KEY = 255
 MAX_METADATA_BYTES = 16 * 1024
+#: metadata nests at most this deep (a 100,000-deep value would break every later read)
+MAX_METADATA_DEPTH = 32
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ':'
 #: headers the model sets itself; an app sets them through the fields, not `headers`
 _RESERVED_HEADERS = {
@@ -196,10 +198,25 @@ def parse_lane(value: Lane | str | None) -> Lane:
 
 #: everything str.splitlines() breaks on: the email package treats them all as line ends
 _LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+#: what no text postlane stores may hold: NUL (SMTP and PostgreSQL refuse it, C readers stop at
+#: it) and lone surrogates (half a UTF-16 pair: not Unicode text, cannot be written as UTF-8)
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def check_text(value: str, what: str) -> str:
+    """Refuse a text holding a NUL character or a lone surrogate, naming the field. Every front
+    door (Python API, HTTP, SMTP, CLI) stores text only through this check."""
+    found = _UNSTORABLE.search(value)
+    if found is not None:
+        char = found.group()
+        kind = "a NUL character" if char == "\x00" else f"a lone surrogate {char!r}"
+        raise ValidationError(f"{what} contains {kind}", field=what)
+    return value
 
 
 def _no_line_breaks(value: str, what: str) -> str:
     """Refuse header values that could start a new header line (header injection)."""
+    check_text(value, what)
     for char in value:
         if char in _LINE_BREAKS:
             raise ValidationError(
@@ -222,7 +239,7 @@ def parse_address(value: str, what: str = "address") -> _Mailbox:
     """Validate one address (``a@b.example`` or ``Name <a@b.example>``) with email-validator."""
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(f"{what} is empty", field=what)
-    _no_line_breaks(value, what)
+    _no_line_breaks(value, what)  # also refuses NUL and lone surrogates
     found = _validated(value.strip())
     if isinstance(found, str):
         raise ValidationError(f"{what} {value!r} is not a valid address: {found}", field=what)
@@ -290,12 +307,14 @@ def _check_common(message: Message) -> tuple[Lane, str | None, dict[str, Any]]:
                 f"idempotency_key must be printable and at most {MAX_IDEMPOTENCY_KEY} characters",
                 field="idempotency_key",
             )
-    metadata = dict(message.metadata or {})
     if not isinstance(message.metadata or {}, Mapping):
         raise ValidationError("metadata must be an object", field="metadata")
+    metadata = dict(message.metadata or {})
+    _check_metadata(metadata)
     try:
-        encoded = json.dumps(metadata)
-    except (TypeError, ValueError) as exc:
+        # allow_nan=False: NaN and Infinity are not JSON, and no later reader could show them
+        encoded = json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValidationError(f"metadata must be JSON: {exc}", field="metadata") from None
     if len(encoded) > MAX_METADATA_BYTES:
         raise ValidationError(
@@ -362,6 +381,36 @@ def _check_schedule(message: Message, now: float | None) -> tuple[float | None, 
     if send_at is not None and send_at <= current:
         send_at = None  # a moment already past: at once
     return send_at, expires_at
+
+
+def _check_metadata(metadata: Mapping[str, Any]) -> None:
+    """Metadata is plain JSON every reader can show: strings without NUL or lone surrogates,
+    finite numbers, at most :data:`MAX_METADATA_DEPTH` levels deep (walked without recursion,
+    so no depth breaks the check itself)."""
+    pending: list[tuple[Any, int]] = [(metadata, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, Mapping | list | tuple):
+            if depth > MAX_METADATA_DEPTH:
+                raise ValidationError(
+                    f"metadata nests more than {MAX_METADATA_DEPTH} levels deep", field="metadata"
+                )
+            if isinstance(value, Mapping):
+                for key in value:
+                    if not isinstance(key, str):
+                        raise ValidationError("metadata keys must be strings", field="metadata")
+                    check_text(key, "metadata")
+                items = list(value.values())
+            else:
+                items = list(value)
+            pending.extend((item, depth + 1) for item in items)
+        elif isinstance(value, str):
+            check_text(value, "metadata")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValidationError(
+                f"metadata holds {value!r}: numbers must be finite (JSON has no NaN)",
+                field="metadata",
+            )
 
 
 def _check_size(content: bytes, max_size: int) -> None:
@@ -462,9 +511,12 @@ def _prepare_parts(
     bcc = _mailboxes(message.bcc, "bcc")
     recipients = _unique_recipients([*to, *cc, *bcc])
     subject = _no_line_breaks(message.subject or "", "subject")
-    if message.text is None and message.html is None and not message.attachments:
+    text = _body_text(message.text, "text")
+    html = _body_text(message.html, "html")
+    if text is None and html is None and not message.attachments:
         raise ValidationError(
-            "the message has no body (give text, html or attachments)", field="text"
+            "the message has no body (give a non-empty text or html, attachments, or raw)",
+            field="text",
         )
 
     headers: list[tuple[str, str]] = [("From", _address_header([sender]))]
@@ -487,7 +539,7 @@ def _prepare_parts(
     headers.append(("Message-ID", message_id))
     headers.extend(extra)
 
-    body = _body(message.text, message.html, message.attachments)
+    body = _body(text, html, message.attachments)
     content = _render(body, headers)
     _check_size(content, max_size)
     return PreparedMessage(
@@ -501,6 +553,17 @@ def _prepare_parts(
         metadata=metadata,
         content=content,
     )
+
+
+def _body_text(value: str | None, what: str) -> str | None:
+    """A text or html body, or None when it is missing, empty or only white space: one rule
+    for every front door, so ``"text": ""`` is no body, as a missing text is."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"{what} must be a string", field=what)
+    check_text(value, what)
+    return value if value.strip() else None
 
 
 def _check_header(name: Any, value: Any) -> None:
@@ -649,7 +712,12 @@ def _prepare_raw(
             "send those fields or raw, not both",
             field="raw",
         )
-    raw = message.raw.encode("utf-8") if isinstance(message.raw, str) else bytes(message.raw or b"")
+    if isinstance(message.raw, str):
+        raw = check_text(message.raw, "raw").encode("utf-8")
+    else:
+        raw = bytes(message.raw or b"")
+    if b"\x00" in raw:
+        raise ValidationError("raw contains a NUL character", field="raw")
     raw = _LINE_ENDINGS.sub(b"\r\n", raw)
     head, sep, _body = raw.partition(b"\r\n\r\n")
     if not sep:

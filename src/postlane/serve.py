@@ -47,7 +47,8 @@ def build_app(
     asgi = api.build_app(config, app, metrics, worker, probes_only=probes_only)
     if config.http.dashboard and not probes_only:
         asgi.router.routes += dashboard.dashboard_routes()
-        dashboard.install(asgi.state, config, app)
+        # the API's tokens: one count of failed attempts, whichever door a guesser knocks at
+        dashboard.install(asgi.state, config, app, tokens=asgi.state.api.tokens)
     return asgi
 
 
@@ -133,6 +134,10 @@ async def run(
 ) -> None:
     """Run until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully. A worker
     (``ingest=False``) serves /metrics, /healthz and /readyz on ``metrics_listen`` if given."""
+    if ingest:
+        from postlane.auth import Tokens
+
+        Tokens.from_config(config.http)  # a short token is refused before anything is opened
     stop = stop or asyncio.Event()
     remove_handlers = _install_signal_handlers(stop)
     async with AsyncPostlane(config, clock=clock) as app:
@@ -156,7 +161,9 @@ async def run(
 
                 probes_on = None if ingest else metrics_listen
                 asgi = build_app(config, app, metrics, worker, probes_only=probes_on is not None)
-                await servers.enter_async_context(serve_http(asgi, config, probes_on=probes_on))
+                await servers.enter_async_context(
+                    serve_http(asgi, config, probes_on=probes_on, refusals=asgi.state.api.refusals)
+                )
             if ingest:
                 from postlane.ingest.smtp import start_smtp
 

@@ -25,6 +25,10 @@ from postlane.transports import transport_for
 from postlane.worker import Worker
 from tests.conftest import ScriptedHandler
 
+#: an internationalised domain (bücher.example), stored and relayed in its ASCII form
+IDN_DOMAIN = "xn--bcher-kva.example"
+#: the alert the seeded history makes fire (the destination paused throughout)
+FIRING = "PostlaneDestinationPausedTooLong{destination=slow.example}"
 #: what the seeded relay answers, by recipient domain
 REPLIES = {
     "gone.example": "550 5.1.1 <{}>: Recipient address rejected: User unknown",
@@ -33,6 +37,7 @@ REPLIES = {
     "slow.example": "451 4.7.1 Greylisted, please try again later",
     "grey.example": "451 4.7.1 Greylisted, please try again later",
     "full.example": "452 4.2.2 Mailbox full",
+    IDN_DOMAIN: "451 4.7.1 Greylisted, please try again later",
 }
 #: waiting messages in the low lane: more than a page, to page through
 NEWSLETTERS = 90
@@ -105,6 +110,13 @@ async def seed(directory: Path) -> Seeded:
                 lane="high",
                 metadata={"kind": "password_reset"},
             )
+        await app.send(  # a reader at an internationalised domain, greylisted
+            sender="accounts@shop.example",
+            to=[to(f"leser@{IDN_DOMAIN}")],
+            subject="Reset your password",
+            text="Follow the link to choose a new password.",
+            lane="high",
+        )
         for i in range(12):  # a stale list: hard bounces (dead, suppressed)
             await app.send(
                 sender="news@shop.example",
@@ -164,6 +176,7 @@ async def seed(directory: Path) -> Seeded:
             ]
         )
         await _history(app, now)
+        await app.store.alert_transition(FIRING, True, now - 600)
         [deferred] = await app.messages(Selector(lanes=(), recipient="user0@grey.example"))
     server.close()
     await server.wait_closed()
@@ -194,6 +207,7 @@ async def _history(app: AsyncPostlane, now: float) -> None:
                 hard_bounces=int(3 * wave),
                 deferrals=int(60 * wave),
                 soft_bounces=int(9 * wave),
+                paused=("slow.example",) if back <= 40 else (),  # paused for 40 minutes now
             ),
         ]
     await app.store.record_samples(samples)

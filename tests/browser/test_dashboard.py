@@ -307,3 +307,63 @@ def test_the_suppression_list_takes_additions_and_removals(
     expect(page.locator(".flash")).to_contain_text("removed angry@customer.example")
     listed = {e["address"] for e in run_cli(seeded.config, "suppress", "list")}
     assert "angry@customer.example" not in listed
+
+
+# -- issue 17.9: what a new user found wrong on the pages --------------------------------------
+
+
+def test_issue_17_9_overview_numbers_stand_under_their_headers(seeded: Seeded, page: Page) -> None:
+    page.goto(seeded.http + "/")
+    offsets = page.evaluate(
+        """() => {
+        const right = (cell) => {
+          const range = document.createRange();
+          range.selectNodeContents(cell);
+          return range.getBoundingClientRect().right;
+        };
+        const table = document.querySelector("table.lanes");
+        const heads = [...table.querySelectorAll("thead th")];
+        return [...table.querySelectorAll("tbody tr")].flatMap((row) =>
+          [...row.children].slice(1).map((cell, i) => right(cell) - right(heads[i + 1])));
+      }"""
+    )
+    assert len(offsets) == 3 * 6 and all(abs(o) < 2 for o in offsets), offsets
+
+
+def test_issue_17_9_a_firing_alert_says_what_and_links_its_runbook(
+    seeded: Seeded, page: Page
+) -> None:
+    page.goto(seeded.http + "/")
+    alert = page.locator('[data-alert="PostlaneDestinationPausedTooLong"]')
+    expect(alert).to_contain_text("Destination slow.example has been paused for 30 minutes")
+    expect(alert).to_contain_text("paused throughout")  # the evaluation's detail
+    link = alert.get_by_role("link", name="runbook: what to do")
+    assert (link.get_attribute("href") or "").endswith("docs/runbooks/destination-paused.md")
+    assert (Path(__file__).parents[2] / "docs/runbooks/destination-paused.md").is_file()
+
+
+def test_issue_17_9_dead_letters_are_drawn_in_red(seeded: Seeded, page: Page) -> None:
+    page.goto(seeded.http + "/")
+    flow = page.locator("figure.chart-box", has_text="Recipients per minute")
+    dead = flow.locator(".legend .key", has_text="dead").locator("rect")
+    assert dead.get_attribute("fill") == "#b3261e"
+    assert flow.locator('polyline[stroke="#b3261e"]').count() == 1
+
+
+def test_issue_17_9_the_suppression_list_shows_the_reply(seeded: Seeded, page: Page) -> None:
+    page.goto(seeded.http + "/suppressions")
+    reply = page.locator('tr[data-address="old0@gone.example"] [data-reply]')
+    expect(reply).to_contain_text("550 5.1.1")
+    expect(reply).to_contain_text("User unknown")
+
+
+def test_issue_17_9_internationalised_domains_read_in_unicode(seeded: Seeded, page: Page) -> None:
+    page.goto(seeded.http + "/queue?lane=high&state=deferred")
+    shown = page.locator("ul.rcpts .idn", has_text="leser@bücher.example")
+    expect(shown).to_have_count(1)
+    assert shown.get_attribute("title") == "leser@xn--bcher-kva.example"  # the stored form
+    page.goto(seeded.http + "/destinations")
+    link = page.get_by_role("link", name="bücher.example")
+    assert link.get_attribute("href") == "/queue?domain=xn--bcher-kva.example"
+    link.click()  # the filter works on the ASCII form
+    expect(page.locator("tr[data-id]")).to_have_count(1)

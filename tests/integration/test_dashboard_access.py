@@ -5,6 +5,8 @@ forged form gets, what bad input gets. The pages themselves are tested in a brow
 from __future__ import annotations
 
 import re
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,13 +14,15 @@ import httpx
 import pytest
 
 from postlane.app import AsyncPostlane
+from postlane.auth import SESSION_COOKIE
 from postlane.clock import FakeClock
 from postlane.message import RecipientState
+from postlane.metrics import Metrics
 from postlane.serve import build_app
 from tests.conftest import make_config
 
-TOKEN = "admin-t0ken"
-SEND_TOKEN = "send-t0ken"
+TOKEN = "admin-t0ken-for-the-tests"
+SEND_TOKEN = "send-t0ken-for-the-tests"
 
 
 async def client_for(
@@ -150,3 +154,69 @@ async def test_the_dashboard_can_be_turned_off(tmp_path: Path) -> None:
             off = await client.get("/")
             assert off.status_code == 404 and off.json()["error"]["code"] == "not_found"
             assert (await client.get("/v1/stats")).status_code == 200  # the API stays
+
+
+# -- audit finding 11: login guessing, sessions ----------------------------------------------
+
+
+async def test_finding_11_login_guessing_is_slowed_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit made 5,966 wrong /login tries in 5 s. Now: a handful are looked at, the rest
+    are 429 with Retry-After, one summary line is logged (never a token), and /metrics counts."""
+    config = make_config(tmp_path, http={"tokens": [TOKEN]})
+    async with AsyncPostlane(config) as app:  # the real clock: real seconds
+        asgi = build_app(config, app, Metrics(app))
+        transport = httpx.ASGITransport(app=asgi, client=("203.0.113.9", 5555))
+        async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
+            answers: Counter[int] = Counter()
+            started = time.monotonic()
+            while time.monotonic() - started < 5.0:
+                guess = f"guess-{answers.total():08d}-xxxxxxxx"
+                r = await c.post("/login", data={"token": guess, "next": "/"})
+                answers[r.status_code] += 1
+                if r.status_code == 429:
+                    assert int(r.headers["retry-after"]) >= 1 and "try again" in r.text
+            looked_at = answers[401]
+            print(
+                f"\n{answers.total()} tries in 5 s, {looked_at} looked at ({looked_at / 5:.1f}/s)"
+            )
+            assert set(answers) == {401, 429}
+            assert looked_at <= 8  # 5 free, then after 1 s, after 2 more (4 more is past 5 s)
+            right = await c.post("/login", data={"token": TOKEN, "next": "/"})
+            assert right.status_code == 429  # while it waits, not even the right token is read
+            metrics = (await c.get("/metrics")).text
+            assert f'postlane_http_auth_failures_total{{door="login"}} {looked_at}.0' in metrics
+            assert 'postlane_http_auth_throttled_total{door="login"}' in metrics
+        other = httpx.ASGITransport(app=asgi, client=("198.51.100.4", 5555))
+        async with httpx.AsyncClient(transport=other, base_url="http://postlane") as elsewhere:
+            ok = await elsewhere.post("/login", data={"token": TOKEN, "next": "/"})
+            assert ok.status_code == 303  # the operator at another address is not locked out
+    lines = [r.getMessage() for r in caplog.records if r.name == "postlane.auth"]
+    assert len(lines) == 1 and "203.0.113.9" in lines[0] and "failed attempt" in lines[0]
+    assert "guess-" not in " ".join(lines) and TOKEN not in " ".join(lines)
+
+
+async def test_finding_11_a_session_ends_at_logout_and_after_its_lifetime(
+    locked_app: AsyncPostlane, clock: FakeClock
+) -> None:
+    async for client in client_for(locked_app):
+        login = await client.post("/login", data={"token": TOKEN, "next": "/queue"})
+        cookie = login.cookies[SESSION_COOKIE]
+        assert "max-age=43200" in login.headers["set-cookie"].lower()
+        page = await client.get("/queue")
+        assert page.status_code == 200
+        out = await client.post("/logout", data={"csrf": csrf_of(page.text)})
+        assert out.status_code == 303 and out.headers["location"] == "/login"
+        client.cookies.set(SESSION_COOKIE, cookie)  # the cookie kept (copied, stolen) after it
+        again = await client.get("/queue")
+        assert again.status_code == 303 and again.headers["location"].startswith("/login")
+
+        client.cookies.clear()
+        await client.post("/login", data={"token": TOKEN, "next": "/"})
+        assert (await client.get("/queue")).status_code == 200
+        await clock.advance(12 * 3600 - 10)
+        assert (await client.get("/queue")).status_code == 200
+        await clock.advance(20)  # twelve hours after the login, however busy
+        expired = await client.get("/queue")
+        assert expired.status_code == 303 and expired.headers["location"].startswith("/login")

@@ -22,7 +22,8 @@ from postlane.metrics import Metrics
 from postlane.records import AttemptRecord, Outcome
 from tests.conftest import free_port, make_config
 
-TOKEN = "t0ken-for-tests"
+TOKEN = "t0ken-for-the-tests"
+NDJSON = {"Content-Type": "application/x-ndjson"}
 MESSAGE = {"from": "app@example.com", "to": ["ada@example.net"], "subject": "Hi", "text": "Hello"}
 
 
@@ -207,12 +208,15 @@ async def test_served_over_a_real_socket(tmp_path: Path) -> None:
         assert (await c.get("/healthz")).status_code == 200
 
 
-SEND_TOKEN = "send-scope-token"
+SEND_TOKEN = "send-scope-token-0001"
+OTHER_TOKEN = "send-scope-token-0002"
 
 
 @pytest.fixture
 async def scoped(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[AsyncPostlane, Any]]:
-    config = make_config(tmp_path, http={"tokens": [TOKEN], "send_tokens": [SEND_TOKEN, "other"]})
+    config = make_config(
+        tmp_path, http={"tokens": [TOKEN], "send_tokens": [SEND_TOKEN, OTHER_TOKEN]}
+    )
     async with AsyncPostlane(config, clock=clock) as postlane:
         asgi = build_app(config, postlane, Metrics(postlane))
         transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
@@ -229,7 +233,7 @@ async def scoped(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[AsyncP
 
 async def test_a_send_token_reads_only_its_own_messages(scoped: tuple[AsyncPostlane, Any]) -> None:
     _, client = scoped
-    async with client(SEND_TOKEN) as mine, client("other") as theirs, client(TOKEN) as admin:
+    async with client(SEND_TOKEN) as mine, client(OTHER_TOKEN) as theirs, client(TOKEN) as admin:
         queue_id = (await mine.post("/v1/messages", json=MESSAGE)).json()["id"]
         assert (await mine.get(f"/v1/messages/{queue_id}")).status_code == 200
         r = await theirs.get(f"/v1/messages/{queue_id}")
@@ -245,7 +249,7 @@ async def test_idempotency_keys_are_scoped_to_the_submitter_and_payload_compared
     app, client = scoped
     receipt = {**MESSAGE, "subject": "Receipt 9001", "idempotency_key": "receipt-9001"}
     squatter = {**MESSAGE, "to": ["attacker@example.net"], "idempotency_key": "receipt-9001"}
-    async with client("other") as theirs, client(SEND_TOKEN) as mine:
+    async with client(OTHER_TOKEN) as theirs, client(SEND_TOKEN) as mine:
         claimed = await theirs.post("/v1/messages", json=squatter)
         assert claimed.status_code == 202
         first = await mine.post("/v1/messages", json=receipt)
@@ -412,7 +416,7 @@ async def test_delete_with_export_then_import_restores_content_ids_and_history(
             (a, n, h) for a, _s, n, h in old_recipients
         ]
     assert after[ids[0]][2][0][3] == ["451 4.3.0 try again later"]
-    again = await client.post("/v1/queue/import", content=response.content)
+    again = await client.post("/v1/queue/import", headers=NDJSON, content=response.content)
     assert again.json() == {"records": 2, "imported": 0}  # already there: skipped
 
 
@@ -427,7 +431,7 @@ async def test_purge_with_export_then_import_brings_the_dead_letter_back(
     [record] = export_lines(response)
     assert record["recipients"][0]["state"] == "dead"
     assert (await client.get("/v1/dlq")).json() == []
-    r = await client.post("/v1/queue/import", content=response.content)
+    r = await client.post("/v1/queue/import", headers=NDJSON, content=response.content)
     assert r.json() == {"records": 1, "imported": 1}
     assert (await client.get("/v1/dlq")).json() == before
 
@@ -516,7 +520,7 @@ async def test_a_bad_import_line_is_a_400_and_imports_nothing(
     client: httpx.AsyncClient, app: AsyncPostlane, bad: str, says: str
 ) -> None:
     body = _line(_valid_line()) + "\n" + bad + "\n"
-    r = await client.post("/v1/queue/import", content=body.encode())
+    r = await client.post("/v1/queue/import", headers=NDJSON, content=body.encode())
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "invalid_export" and says in error["message"], error
@@ -532,7 +536,7 @@ async def test_a_bad_import_line_is_a_400_and_imports_nothing(
 async def test_import_refuses_empty_undecodable_and_oversized_bodies(
     small_exports: httpx.AsyncClient, app: AsyncPostlane, body: bytes, status: int
 ) -> None:
-    r = await small_exports.post("/v1/queue/import", content=body)
+    r = await small_exports.post("/v1/queue/import", headers=NDJSON, content=body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]
     assert await queue_is_empty(app)
@@ -541,7 +545,7 @@ async def test_import_refuses_empty_undecodable_and_oversized_bodies(
 async def test_a_valid_import_line_is_queued_due_now(
     client: httpx.AsyncClient, app: AsyncPostlane
 ) -> None:
-    r = await client.post("/v1/queue/import", content=_line(_valid_line()))
+    r = await client.post("/v1/queue/import", headers=NDJSON, content=_line(_valid_line()))
     assert r.json() == {"records": 1, "imported": 1}
     view = await app.get("AAAA1111")
     assert view.message_id == "<AAAA1111@example.com>"

@@ -1,10 +1,13 @@
 """A bounded property-based fuzz run of the HTTP API from its own OpenAPI document
-(schemathesis): whatever a client sends, the API answers without a 5xx; and a property test
-mixing valid and broken submissions: a message is stored whole or not at all."""
+(schemathesis): whatever a client sends, the API answers without a 5xx; a property test
+mixing valid and broken submissions: a message is stored whole or not at all; and one over raw
+request bodies (audit finding 5): NaN and Infinity literals, lone surrogates, deep nesting,
+huge numbers and wrong types are 4xx, and nothing they leave behind breaks a later read."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,7 @@ from postlane.ingest.openapi import openapi_document
 from postlane.metrics import Metrics
 from tests.conftest import free_port, make_config
 
-TOKEN = "fuzz-token"
+TOKEN = "fuzz-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,8 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 # The API's own OpenAPI document, read at collection so each operation is a test of its own.
 # schemathesis's Python API (not its pytest plugin, which follows pytest's internals and broke on
 # pytest 9.2): a hypothesis test per operation, calling the live server.
+# JSON Lines (the import's body) are text to schemathesis: sent as text/plain would say
+schemathesis.serializer.alias("application/x-ndjson", "text/plain")
 SCHEMA = schemathesis.openapi.from_dict(openapi_document())
 OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 
@@ -145,3 +150,88 @@ def test_a_message_is_stored_whole_or_not_at_all(
         assert len(message["recipients"]) == expected
         assert waiting == waiting_before + expected
         assert message["size"] > 0 and message["message_id"].startswith("<")
+
+
+# -- audit finding 5: raw request bodies -------------------------------------------------------
+
+#: any text, lone surrogates included (json.dumps writes them as \\udXXX escapes)
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=12)
+#: any JSON value, and what JSON is not: NaN and the infinities (json.dumps writes the literals)
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ANY_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+#: literals written straight into a body: what json.dumps would never write
+LITERALS = st.one_of(
+    st.sampled_from(["NaN", "-NaN", "Infinity", "-Infinity", "1e999", "-1e400", "1E+99999"]),
+    st.sampled_from(['"\\ud800"', '"a\\udfffb"', '"\\udbff\\udbff"', '"\\u0000"', '"a\\u0000"']),
+    st.integers(300, 6000).map(lambda n: "9" * n),  # past int's 4300-digit limit, and below
+    st.integers(2, 100_000).map(lambda n: "[" * n + "]" * n),  # nesting, to 100k deep
+    st.integers(2, 50_000).map(lambda n: '{"a":' * n + "1" + "}" * n),
+    ANY_JSON.map(lambda v: json.dumps(v, allow_nan=True)),
+)
+#: a message's fields, each left valid, given any JSON value, or given a raw literal
+FIELDS = ["from", "to", "cc", "subject", "text", "html", "headers", "lane", "metadata", "raw"]
+
+
+@st.composite
+def message_bodies(draw: st.DrawFn) -> str:
+    fields = {k: json.dumps(v) for k, v in VALID.items()}
+    for name in draw(st.lists(st.sampled_from(FIELDS), max_size=3, unique=True)):
+        fields[name] = draw(LITERALS)
+    if draw(st.booleans()):
+        fields["metadata"] = "{" + f'"k": {draw(LITERALS)}' + "}"
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in fields.items()) + "}"
+
+
+#: where a body goes, and how it is wrapped there
+TARGETS = {
+    "/v1/messages": "{}",
+    "/v1/messages/batch": '{{"messages": [{}]}}',
+    "/v1/suppressions": '{{"address": "s@example.net", "reason": {}}}',
+    "/v1/queue/hold": '{{"all": true, "metadata": {}}}',
+    "/v1/dlq/requeue": '{{"ids": {}}}',
+}
+BODIES = st.one_of(
+    message_bodies(),
+    LITERALS,
+    st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+)
+
+
+def waiting_now(client: httpx.Client) -> int:
+    stats = client.get("/v1/stats")
+    assert stats.status_code == 200, stats.text
+    return sum(lane["ready"] for lane in stats.json()["lanes"].values())
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(target=st.sampled_from(sorted(TARGETS)), body=BODIES, raw_target=st.booleans())
+def test_finding_5_no_raw_json_body_makes_the_api_fail_or_breaks_a_later_read(
+    live_api: str, target: str, body: str, raw_target: bool
+) -> None:
+    """Whatever the body, the answer is below 500 and an error is the JSON error body; a
+    refused message stores nothing; what was stored can be read back, and so can the queue."""
+    content = body if raw_target and target != "/v1/messages" else TARGETS[target].format(body)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=live_api, headers=headers, timeout=60) as client:
+        before = waiting_now(client)
+        answer = client.post(target, content=content.encode("utf-8", "surrogatepass"))
+        assert answer.status_code < 500, (answer.status_code, answer.text, content[:300])
+        if answer.status_code >= 400:
+            assert answer.json()["error"]["code"], answer.text
+            if target.startswith("/v1/messages"):
+                assert waiting_now(client) == before  # nothing half-stored
+        elif target == "/v1/messages":
+            shown = client.get(f"/v1/messages/{answer.json()['id']}")
+            assert shown.status_code == 200, shown.text
+        for path in ("/v1/queue", "/v1/suppressions", "/v1/dlq"):
+            read = client.get(path, params={"limit": 200} if path != "/v1/suppressions" else {})
+            assert read.status_code == 200, (path, read.text)

@@ -28,10 +28,11 @@ async def test_serve_accepts_http_and_smtp_delivers_and_stops_on_sigterm(tmp_pat
     async with start_postlane("serve", cwd=tmp_path, log=tmp_path / "serve.log") as process:
         async with httpx.AsyncClient(base_url=base) as client:
 
-            async def healthy() -> bool:
-                return (await client.get("/healthz")).status_code == 200
+            async def ready() -> bool:  # every listener up and the worker running
+                return (await client.get("/readyz")).status_code == 200
 
-            await process.wait_until(healthy, "serve to answer /healthz", ignoring=UNREACHABLE)
+            await process.wait_until(ready, "serve to answer /readyz", ignoring=UNREACHABLE)
+            assert (await client.get("/healthz")).status_code == 200
             r = await client.post(
                 "/v1/messages",
                 json={"from": "a@example.com", "to": ["b@example.net"], "text": "via http"},

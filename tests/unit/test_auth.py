@@ -7,6 +7,7 @@ from starlette.requests import Request
 
 from postlane.auth import (
     SESSION_COOKIE,
+    Attempts,
     Caller,
     Csrf,
     InvalidToken,
@@ -15,15 +16,18 @@ from postlane.auth import (
     Scope,
     Session,
     Tokens,
+    TooManyAttempts,
     addressed_locally,
     bearer_token,
+    client_key,
     fingerprint,
     is_local,
-    session_value,
 )
+from postlane.config import config_from_dict
+from postlane.errors import ConfigError
 
-ADMIN = "admin-t0ken"
-SEND = "send-t0ken"
+ADMIN = "admin-t0ken-for-the-tests"
+SEND = "send-t0ken-for-the-tests"
 
 
 def request(
@@ -126,28 +130,35 @@ def test_with_tokens_the_api_wants_a_known_bearer_token() -> None:
     assert send.submitter is not None and SEND not in send.submitter
 
 
-def test_a_session_cookie_is_derived_from_an_admin_token_only() -> None:
+def test_a_session_is_started_by_an_admin_token_only() -> None:
     tokens = Tokens([ADMIN], [SEND])
-    value = tokens.login(ADMIN)
-    assert value == session_value(ADMIN) and ADMIN not in value
-    assert tokens.login(SEND) is None and tokens.login("") is None
-    assert session_value(ADMIN) != session_value(ADMIN + "x")
+    value = tokens.login(request(), ADMIN)
+    assert ADMIN not in value and value != tokens.login(request(), ADMIN)  # a new one each time
+    for wrong in (SEND, "", ADMIN + "x"):
+        with pytest.raises(InvalidToken):
+            tokens.login(request(), wrong)
 
 
 def test_the_dashboard_lets_in_an_admin_by_token_or_cookie() -> None:
     tokens = Tokens([ADMIN], [SEND])
     by_token = tokens.session(request(peer="192.0.2.7", authorization=f"Bearer {ADMIN}"))
-    assert by_token == Session(session_value(ADMIN)[:16], browser=False)
-    by_cookie = tokens.session(request(peer="192.0.2.7", cookie=session_value(ADMIN)))
-    assert by_cookie == Session(session_value(ADMIN)[:16], browser=True)
+    assert by_token == Session(fingerprint(ADMIN), browser=False)
+    cookie = tokens.login(request(), ADMIN)
+    by_cookie = tokens.session(request(peer="192.0.2.7", cookie=cookie))
+    assert by_cookie == Session(cookie.split(".")[0], browser=True)
+    other = Tokens([ADMIN + "-rotated"], [SEND])
     for refused in (
         request(),  # loopback is not enough once an admin token is set
-        request(authorization=f"Bearer {SEND}"),  # a send token is not an admin
-        request(cookie=session_value(SEND)),
         request(cookie="forged"),
+        request(cookie=cookie.rsplit(".", 1)[0] + ".00"),
+        request(cookie="a.\u00b2.b"),  # a digit to str.isdigit, not to int()
     ):
         with pytest.raises(MissingToken):
             tokens.session(refused)
+    with pytest.raises(InvalidToken):
+        tokens.session(request(authorization=f"Bearer {SEND}"))  # a send token is not an admin
+    with pytest.raises(MissingToken):
+        other.session(request(cookie=cookie))  # a rotated token ends its sessions
 
 
 def test_without_an_admin_token_the_dashboard_is_for_local_requests() -> None:
@@ -168,3 +179,126 @@ def test_a_csrf_token_is_bound_to_its_session_and_key() -> None:
     assert not csrf.check(Session("bbbb", browser=True), token)
     assert not Csrf(b"j" * 32).check(mine, token)  # a restart makes a new key
     assert csrf.check(Session("aaaa", browser=False), "")  # a script with a bearer token
+
+
+# -- audit finding 11: guessing is slowed, sessions end --------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_finding_11_a_client_failing_too_often_waits_longer_each_time() -> None:
+    clock = Clock()
+    attempts = Attempts(clock)
+    for _ in range(Attempts.FREE):  # a few typos are free
+        attempts.check("192.0.2.7", "login")
+        attempts.failed("192.0.2.7", "login")
+    waits = []
+    for _ in range(12):
+        attempts.check("192.0.2.7", "login")  # the wait is over: this one is looked at
+        attempts.failed("192.0.2.7", "login")
+        with pytest.raises(TooManyAttempts) as refused:
+            attempts.check("192.0.2.7", "login")
+        waits.append(refused.value.retry_after)
+        clock.now += refused.value.retry_after
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+    attempts.check("198.51.100.1", "login")  # another client is not held up
+    clock.now += Attempts.FORGET + 1  # quiet for long enough: forgotten
+    for _ in range(Attempts.FREE):
+        attempts.failed("192.0.2.7", "login")
+    attempts.check("192.0.2.7", "login")
+    assert attempts.failures["login"] == 2 * Attempts.FREE + 12
+    assert attempts.throttled["login"] == 12
+
+
+def test_finding_11_a_wide_attack_makes_every_failing_client_wait_at_once() -> None:
+    clock = Clock()
+    attempts = Attempts(clock)
+    for n in range(Attempts.WIDE + 1):  # one guess each from many addresses
+        attempts.failed(f"10.0.{n // 250}.{n % 250}", "api")
+    attempts.failed("203.0.113.5", "api")  # a newcomer's first failure now costs a wait
+    with pytest.raises(TooManyAttempts):
+        attempts.check("203.0.113.5", "api")
+    attempts.check("198.51.100.1", "api")  # who never fails never waits
+    clock.now += Attempts.WIDE_WINDOW + 1
+    attempts.failed("203.0.113.99", "api")  # the wave passed: first failures are free again
+    attempts.check("203.0.113.99", "api")
+
+
+def test_finding_11_remembered_clients_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Attempts, "CLIENTS", 100)
+    attempts = Attempts(Clock())
+    for n in range(1000):
+        attempts.failed(f"10.1.{n // 250}.{n % 250}", "api")
+    assert attempts.remembered == 100
+
+
+@pytest.mark.parametrize(
+    ("peer", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),  # the same /64: the same client
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+    ],
+)
+def test_finding_11_failures_are_counted_per_address_and_per_ipv6_64(peer: str, key: str) -> None:
+    assert client_key(request(peer=peer)) == key
+
+
+def test_finding_11_wrong_bearer_tokens_are_counted_and_then_not_looked_at() -> None:
+    clock = Clock()
+    tokens = Tokens([ADMIN], [SEND], clock=clock)
+    for _ in range(Attempts.FREE + 1):
+        with pytest.raises(InvalidToken):
+            tokens.caller(request(peer="192.0.2.7", authorization="Bearer guess-guess-guess"))
+    with pytest.raises(TooManyAttempts):  # the right token too: it is not even looked at
+        tokens.caller(request(peer="192.0.2.7", authorization=f"Bearer {ADMIN}"))
+    assert tokens.caller(request(peer="198.51.100.1", authorization=f"Bearer {ADMIN}"))
+    clock.now += 1
+    assert tokens.caller(request(peer="192.0.2.7", authorization=f"Bearer {ADMIN}"))
+
+
+def test_finding_11_a_session_expires_and_ends_at_logout() -> None:
+    clock = Clock()
+    tokens = Tokens([ADMIN], clock=clock, session_lifetime=3600)
+    cookie = tokens.login(request(), ADMIN)
+    assert tokens.session(request(cookie=cookie)).browser
+    clock.now += 3599
+    assert tokens.session(request(cookie=cookie)).browser
+    clock.now += 2  # absolute: however busy the session was
+    with pytest.raises(MissingToken):
+        tokens.session(request(cookie=cookie))
+    second = tokens.login(request(), ADMIN)
+    other = tokens.login(request(), ADMIN)
+    tokens.logout(request(cookie=second))
+    with pytest.raises(MissingToken):
+        tokens.session(request(cookie=second))  # ended here, whoever kept the cookie
+    assert tokens.session(request(cookie=other)).browser  # the others live on
+    restarted = Tokens([ADMIN], clock=clock, session_lifetime=3600)
+    assert restarted.session(request(cookie=other)).browser  # signed, not kept in memory
+
+
+@pytest.mark.parametrize(
+    ("http", "key"),
+    [
+        ({"tokens": ["short-token"]}, "http.tokens"),
+        ({"tokens": ["x" * 16, "y" * 15]}, "http.tokens"),
+        ({"send_tokens": ["abc"]}, "http.send_tokens"),
+    ],
+)
+def test_finding_11_a_token_shorter_than_16_characters_is_refused_at_start(
+    http: dict[str, list[str]], key: str
+) -> None:
+    config = config_from_dict({"http": http})
+    with pytest.raises(ConfigError) as refused:
+        Tokens.from_config(config.http)
+    assert key in refused.value.message and "16" in refused.value.message
+    for token in (*http.get("tokens", []), *http.get("send_tokens", [])):
+        assert token not in refused.value.message  # never the token itself
+    Tokens.from_config(config_from_dict({"http": {"tokens": ["z" * 16]}}).http)

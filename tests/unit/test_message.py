@@ -314,3 +314,90 @@ def test_the_fingerprint_covers_every_part_of_a_submission_but_its_key() -> None
     assert (
         prepare(dataclasses.replace(base, idempotency_key=None), max_size=10**6).fingerprint is None
     )
+
+
+# -- audit finding 5 and 12: what would break later reads is refused at the door ------------------
+
+BASE: dict[str, object] = {"sender": "a@example.com", "to": ["b@example.net"], "text": "hello"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "match"),
+    [
+        ({"text": "a\x00b"}, "text", "NUL"),
+        ({"html": "<p>\x00</p>"}, "html", "NUL"),
+        ({"subject": "a\x00b"}, "subject", "NUL"),
+        ({"headers": {"X-Tag": "a\x00"}}, "header X-Tag", "NUL"),
+        ({"metadata": {"k": "v\x00"}}, "metadata", "NUL"),
+        ({"metadata": {"k\x00": "v"}}, "metadata", "NUL"),
+        ({"attachments": [Attachment("a\x00.txt", b"x")]}, "attachment filename", "NUL"),
+        ({"text": "a\ud800b"}, "text", "lone surrogate"),
+        ({"html": "\udfff"}, "html", "lone surrogate"),
+        ({"subject": "\ud83d"}, "subject", "lone surrogate"),
+        ({"metadata": {"k": ["\udc80"]}}, "metadata", "lone surrogate"),
+        ({"to": ["b\ud800@example.net"]}, "to", "lone surrogate"),
+        ({"sender": "a\x00@example.com"}, "from", "NUL"),
+        ({"metadata": {"n": float("nan")}}, "metadata", "finite"),
+        ({"metadata": {"n": [float("inf")]}}, "metadata", "finite"),
+        ({"metadata": {"n": 10**5000}}, "metadata", "metadata must be JSON"),
+        ({"metadata": ["not", "an", "object"]}, "metadata", "object"),
+    ],
+)
+def test_finding_5_and_12_text_that_later_reads_cannot_show_is_refused(
+    fields: dict[str, object], field: str, match: str
+) -> None:
+    with pytest.raises(ValidationError, match=match) as refused:
+        prepare(Message(**{**BASE, **fields}), max_size=LIMIT)  # type: ignore[arg-type]
+    assert refused.value.field == field
+
+
+def test_finding_5_metadata_nested_deeper_than_the_limit_is_refused() -> None:
+    deep: object = "leaf"
+    for _ in range(100_000):  # what the audit sent: deeper than any recursion limit
+        deep = {"d": deep}
+    with pytest.raises(ValidationError, match="levels deep"):
+        prepare(Message(**{**BASE, "metadata": {"x": deep}}), max_size=LIMIT)  # type: ignore[arg-type]
+    shallow: object = "leaf"
+    for _ in range(20):
+        shallow = [shallow]
+    prepare(Message(**{**BASE, "metadata": {"x": shallow}}), max_size=LIMIT)  # type: ignore[arg-type]
+
+
+def test_finding_12_a_raw_message_with_a_nul_is_refused() -> None:
+    raw = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: s\r\n\r\nbo\x00dy\r\n"
+    with pytest.raises(ValidationError, match="NUL"):
+        prepare(Message(sender="", raw=raw), max_size=LIMIT)
+    with pytest.raises(ValidationError, match="NUL"):
+        prepare(Message(sender="", raw=raw.decode()), max_size=LIMIT)
+    with pytest.raises(ValidationError, match="surrogate"):
+        prepare(Message(sender="", raw=raw.decode().replace("\x00", "\ud800")), max_size=LIMIT)
+    prepare(Message(sender="", raw=raw.replace(b"\x00", b"")), max_size=LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("fields", "accepted"),
+    [
+        ({"text": "hello"}, True),
+        ({"text": ""}, False),
+        ({"text": " \r\n\t"}, False),
+        ({"text": None}, False),
+        ({"text": "", "html": ""}, False),
+        ({"text": "", "html": "<p>hi</p>"}, True),
+        ({"text": "", "attachments": [Attachment("a.txt", b"x", "text/plain")]}, True),
+    ],
+)
+def test_issue_17_7_a_message_needs_a_non_empty_body(
+    fields: dict[str, object], accepted: bool
+) -> None:
+    message = Message(**{**BASE, **fields})  # type: ignore[arg-type]
+    if accepted:
+        prepare(message, max_size=LIMIT)
+        return
+    with pytest.raises(ValidationError, match="no body") as refused:
+        prepare(message, max_size=LIMIT)
+    assert refused.value.field == "text"
+
+
+def test_issue_17_7_an_empty_text_beside_html_is_no_plain_part() -> None:
+    parsed = render(sender="a@example.com", to=["b@example.net"], text="", html="<p>hi</p>")
+    assert parsed.get_content_type() == "text/html"

@@ -25,12 +25,19 @@ WIDTH, HEIGHT = 600, 160
 LEFT, RIGHT, TOP, BOTTOM = 48, 8, 10, 22
 #: one colour per series, in order (distinguishable in colour-blind palettes: Okabe-Ito)
 COLOURS = ("#0072b2", "#e69f00", "#009e73", "#d55e00", "#cc79a7", "#56b4e9")
+#: what failure is drawn in, whatever its place: the dashboard's red (never a green)
+FAILURE = "#b3261e"
 
 
 @dataclass(frozen=True)
 class Series:
     name: str
     points: Sequence[tuple[float, float]]  # (unix time, value), oldest first
+    #: its own colour (else the next of COLOURS)
+    colour: str | None = None
+
+    def colour_at(self, index: int) -> str:
+        return self.colour or COLOURS[index % len(COLOURS)]
 
 
 def line_chart(
@@ -76,7 +83,7 @@ def line_chart(
             f'fill="#555">{label}</text>'
         )
     for index, s in enumerate(series):
-        colour = COLOURS[index % len(COLOURS)]
+        colour = s.colour_at(index)
         points = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in s.points)
         if len(s.points) == 1:
             [(t, v)] = s.points
@@ -89,7 +96,7 @@ def line_chart(
     parts.append("</svg>")
     legend = "".join(
         f'<span class="key"><svg width="12" height="12" aria-hidden="true"><rect width="12" '
-        f'height="12" fill="{COLOURS[i % len(COLOURS)]}"/></svg> {escape(s.name)}</span>'
+        f'height="12" fill="{s.colour_at(i)}"/></svg> {escape(s.name)}</span>'
         for i, s in enumerate(series)
     )
     empty = "" if any(s.points for s in series) else '<p class="muted">no history yet</p>'
@@ -135,10 +142,10 @@ def overview_charts(samples: Sequence[Sample], start: float, end: float) -> dict
     per_minute = [
         Series("delivered", [(s.at, s.sent) for s in wide]),
         Series("deferred", [(s.at, s.deferrals) for s in wide]),
-        Series("dead", [(s.at, s.dead) for s in wide]),
+        Series("dead", [(s.at, s.dead) for s in wide], colour=FAILURE),
     ]
     bounces = [
-        Series("hard bounces", [(s.at, s.hard_bounces) for s in wide]),
+        Series("hard bounces", [(s.at, s.hard_bounces) for s in wide], colour=FAILURE),
         Series("soft bounces", [(s.at, s.soft_bounces) for s in wide]),
     ]
     return {

@@ -4,6 +4,7 @@ and where to go back to afterwards (our own pages only)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import cast
 from urllib.parse import parse_qsl, urlencode
@@ -20,6 +21,8 @@ from postlane.selectors import parse_selector
 __all__ = ["FILTERS", "back_to", "filters_of", "read_form", "safe_back", "selector_from_filters"]
 
 FORM_LIMIT = 1024 * 1024
+#: seconds a posted form may take to arrive (a stalled one is dropped, not waited on)
+FORM_TIMEOUT = 30.0
 
 #: the filter fields of the queue and dead-letter pages, with the label each shows
 FILTERS = {
@@ -43,10 +46,14 @@ async def read_form(request: Request) -> ImmutableMultiDict[str, str]:
     if content_type != "application/x-www-form-urlencoded":
         raise PostlaneError("send the page's form (application/x-www-form-urlencoded)")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > FORM_LIMIT:
-            raise PostlaneError("the form is too large")
+    try:
+        async with asyncio.timeout(FORM_TIMEOUT):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > FORM_LIMIT:
+                    raise PostlaneError("the form is too large")
+    except TimeoutError:
+        raise PostlaneError("the form did not arrive in time") from None
     pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
     form = ImmutableMultiDict(pairs)
     request.scope["postlane.form"] = form

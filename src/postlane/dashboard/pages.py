@@ -9,6 +9,7 @@ import dataclasses
 import io
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from urllib.parse import urlencode
@@ -17,8 +18,9 @@ from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from postlane.alerts import evaluate, history_needed, load_rules
 from postlane.app import AsyncPostlane, QueueAction
-from postlane.auth import SESSION_COOKIE, Session
+from postlane.auth import SESSION_COOKIE, InvalidToken, Session, TooManyAttempts
 from postlane.classify import ReplyClass
 from postlane.dashboard.charts import overview_charts
 from postlane.dashboard.forms import (
@@ -29,10 +31,16 @@ from postlane.dashboard.forms import (
     selector_from_filters,
 )
 from postlane.dashboard.groups import group_rows, key_of_group
-from postlane.dashboard.rendering import SECURITY_HEADERS, context, render, templates
+from postlane.dashboard.rendering import (
+    SECURITY_HEADERS,
+    context,
+    refused_cross_site,
+    render,
+    templates,
+)
 from postlane.errors import PostlaneError
-from postlane.message import Lane, RecipientState
-from postlane.records import Selector
+from postlane.message import Lane, RecipientState, check_text
+from postlane.records import Sample, Selector
 
 PAGE_SIZE = 50
 WINDOWS = {"1h": 3600.0, "3h": 3 * 3600.0, "6h": 6 * 3600.0, "24h": 86400.0}
@@ -40,8 +48,6 @@ WINDOWS = {"1h": 3600.0, "3h": 3 * 3600.0, "6h": 6 * 3600.0, "24h": 86400.0}
 CONFIRMED = {QueueAction.DELETE, QueueAction.PURGE, QueueAction.REQUEUE}
 #: actions that can hand over what they remove (JSON Lines for `postlane queue import`)
 EXPORTABLE = {QueueAction.DELETE, QueueAction.PURGE}
-#: a session lasts this long in the browser (the token it derives from may outlive it)
-SESSION_SECONDS = 12 * 3600
 
 
 def _postlane(request: Request) -> AsyncPostlane:
@@ -60,7 +66,7 @@ async def overview(request: Request, session: Session) -> Response:
     start = now - WINDOWS[window]
     stats = await app.stats()
     samples = await app.store.samples(start)
-    firing = await app.store.alerts_firing()
+    firing = firing_alerts(await app.store.alerts_firing(), samples, now)
     lanes = [(lane.value, stats.lanes.get(lane)) for lane in Lane]
     return render(
         request,
@@ -74,6 +80,50 @@ async def overview(request: Request, session: Session) -> Response:
         firing=firing,
         paused=[d for d in stats.destinations if (d.paused_until or 0) > now],
     )
+
+
+@dataclass(frozen=True)
+class FiringAlert:
+    """A firing alert as the overview's banner shows it: what is wrong, since when, the
+    evaluation's detail, and the runbook saying what to do."""
+
+    name: str
+    severity: str
+    summary: str
+    detail: str
+    since: float
+    runbook: str | None
+
+
+def firing_alerts(
+    firing: Sequence[tuple[str, float]], samples: Sequence[Sample], now: float
+) -> list[FiringAlert]:
+    """The alerts the monitor recorded as firing (``key``, since when), each with its rule's
+    summary and runbook, and the detail of an evaluation of ``samples`` now."""
+    recent = [s for s in samples if s.at >= now - history_needed()]
+    verdicts = {a.key: a.as_json() for a in evaluate(recent, now)} if firing else {}
+    rules = {rule.name: rule for rule in load_rules()}
+    shown = []
+    for key, since in firing:
+        name, _, inside = key.partition("{")
+        labels = dict(item.split("=", 1) for item in inside.rstrip("}").split(",") if "=" in item)
+        rule = rules.get(name)
+        verdict = verdicts.get(key, {})
+        summary = rule.summary if rule else name
+        shown.append(
+            FiringAlert(
+                name=name,
+                severity=rule.severity if rule else "",
+                summary=verdict.get("summary")
+                or summary.format(
+                    lane=labels.get("lane", ""), destination=labels.get("destination", "")
+                ),
+                detail=verdict.get("detail", ""),
+                since=since,
+                runbook=rule.runbook_url if rule else None,
+            )
+        )
+    return shown
 
 
 async def destinations(request: Request, session: Session) -> Response:
@@ -270,7 +320,7 @@ async def suppress(request: Request, session: Session) -> Response:
         removed = await app.unsuppress(address)
         note = f"removed {address}" if removed else f"{address} was not on the list"
     else:
-        reason = str(form.get("reason", "")).strip() or None
+        reason = check_text(str(form.get("reason", "")).strip(), "reason") or None
         added = await app.suppress(address, reason=reason)
         note = f"added {address}" if added else f"{address} was already on the list"
     return back_to("/suppressions", note)
@@ -286,14 +336,22 @@ async def login_page(request: Request) -> Response:
 
 
 async def login_post(request: Request) -> Response:
-    """An admin token in, a session cookie derived from it out (never the token itself)."""
+    """An admin token in, a new session's cookie out (never the token itself). Wrong tokens
+    are counted against the client: past a few, it waits before the next is looked at."""
+    refusal = refused_cross_site(request)  # another site logging the browser in as it likes
+    if refusal is not None:
+        return refusal
     try:
         form = await read_form(request)
     except PostlaneError as exc:
         return HTMLResponse(exc.message, status_code=400, headers=SECURITY_HEADERS)
     next_page = safe_back(str(form.get("next", "/")))
-    value = context(request).tokens.login(str(form.get("token", "")).strip())
-    if value is None:
+    dashboard = context(request)
+    try:
+        value = dashboard.tokens.login(request, str(form.get("token", "")).strip())
+    except TooManyAttempts as exc:
+        return login_refused(next_page, exc)
+    except InvalidToken:
         html = templates.get_template("login.html").render(next=next_page, failed=True)
         return HTMLResponse(html, status_code=401, headers=SECURITY_HEADERS)
     response = RedirectResponse(next_page, status_code=303)
@@ -303,12 +361,23 @@ async def login_post(request: Request) -> Response:
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
-        max_age=SESSION_SECONDS,
+        max_age=int(dashboard.tokens.sessions.lifetime),
     )
     return response
 
 
+def login_refused(next_page: str, exc: TooManyAttempts) -> HTMLResponse:
+    """The login page, saying how long to wait (429 with Retry-After)."""
+    html = templates.get_template("login.html").render(
+        next=next_page, failed=False, wait=exc.retry_after
+    )
+    headers = {**SECURITY_HEADERS, "Retry-After": str(exc.retry_after)}
+    return HTMLResponse(html, status_code=429, headers=headers)
+
+
 async def logout(request: Request, session: Session) -> Response:
+    """End the session here (its cookie no longer works, even if kept), and in the browser."""
+    context(request).tokens.logout(request)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response

@@ -9,22 +9,36 @@ application, the tokens, the CSRF key) is a :class:`DashboardContext` on ``reque
 
 from __future__ import annotations
 
+import html
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlencode
 
 import jinja2
+from markupsafe import Markup
 from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from postlane.app import AsyncPostlane
-from postlane.auth import Csrf, NotLocal, Session, Tokens, Unauthenticated
+from postlane.auth import (
+    Csrf,
+    NotLocal,
+    Session,
+    Tokens,
+    TooManyAttempts,
+    Unauthenticated,
+    cross_site,
+)
 from postlane.clock import iso, when
 from postlane.config import Config, format_duration
 from postlane.dashboard.forms import read_form
-from postlane.errors import NotFound, PostlaneError
+from postlane.errors import NotFound, PostlaneError, StoreUnavailable
+from postlane.ingest.server import escaped_store_error
+
+log = logging.getLogger("postlane.dashboard")
 
 __all__ = ["SECURITY_HEADERS", "DashboardContext", "context", "install", "page", "render"]
 
@@ -52,6 +66,30 @@ def _age(seconds: float) -> str:
     return format_duration(seconds) if seconds >= 1 else "0s"
 
 
+def unicode_domain(domain: str) -> str:
+    """An internationalised domain as its reader knows it (``xn--bcher-kva.example``:
+    ``bücher.example``); anything that is not valid punycode is left as it is."""
+    labels = []
+    for label in domain.split("."):
+        if label[:4].lower() == "xn--":
+            try:
+                label = label[4:].encode("ascii").decode("punycode")
+            except (UnicodeError, ValueError):
+                return domain
+        labels.append(label)
+    return ".".join(labels)
+
+
+def _idn(value: str) -> Markup | str:
+    """An address or a domain shown in Unicode, with its ASCII form (what the queue, the
+    filters and the links use) as its tooltip; unchanged when it has no punycode label."""
+    local, at, domain = value.rpartition("@")
+    shown = unicode_domain(domain)
+    if shown == domain:
+        return value
+    return Markup('<span class="idn" title="{}">{}</span>').format(value, local + at + shown)
+
+
 templates = jinja2.Environment(
     loader=jinja2.PackageLoader("postlane", "dashboard/templates"),
     autoescape=True,
@@ -62,6 +100,7 @@ templates = jinja2.Environment(
 templates.filters["when"] = when
 templates.filters["age"] = _age
 templates.filters["iso"] = iso
+templates.filters["idn"] = _idn
 
 
 @dataclass(frozen=True)
@@ -74,9 +113,14 @@ class DashboardContext:
     csrf: Csrf
 
 
-def install(state: State, config: Config, postlane: AsyncPostlane) -> None:
-    """Give the dashboard's pages, wherever they are mounted, what they need."""
-    state.dashboard = DashboardContext(postlane, Tokens.from_config(config.http), Csrf())
+def install(
+    state: State, config: Config, postlane: AsyncPostlane, tokens: Tokens | None = None
+) -> None:
+    """Give the dashboard's pages, wherever they are mounted, what they need. ``tokens``: the
+    API's, when it is served beside (one count of failed attempts for both doors)."""
+    if tokens is None:
+        tokens = Tokens.from_config(config.http, clock=postlane.clock.now)
+    state.dashboard = DashboardContext(postlane, tokens, Csrf())
 
 
 def context(request: Request) -> DashboardContext:
@@ -102,8 +146,23 @@ def render(
     return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
 
+#: seconds a browser (or a proxy) is told to wait when the store cannot answer
+STORE_RETRY_AFTER = 5
+
+
 def forbidden(reason: str) -> HTMLResponse:
-    return HTMLResponse(f"<h1>403</h1><p>{reason}</p>", status_code=403, headers=SECURITY_HEADERS)
+    return HTMLResponse(
+        f"<h1>403</h1><p>{html.escape(reason)}</p>", status_code=403, headers=SECURITY_HEADERS
+    )
+
+
+def refused_cross_site(request: Request) -> HTMLResponse | None:
+    """A 403 for a form another site's page posts (besides the CSRF token, which such a page
+    cannot read: two locks), or None."""
+    refusal = cross_site(request)
+    if refusal is None:
+        return None
+    return forbidden(f"this form was posted from another site's page ({refusal})")
 
 
 Page = Callable[[Request, Session], Awaitable[Response]]
@@ -119,9 +178,18 @@ def page(handler: Page, *, post: bool = False) -> Callable[[Request], Awaitable[
             session = dashboard.tokens.session(request)
         except NotLocal:
             return forbidden(_NOT_LOCAL)
+        except TooManyAttempts as exc:
+            return HTMLResponse(
+                f"<h1>429</h1><p>Too many wrong tokens from your address: retry in "
+                f"{exc.retry_after} s.</p>",
+                status_code=429,
+                headers={**SECURITY_HEADERS, "Retry-After": str(exc.retry_after)},
+            )
         except Unauthenticated:
             target = "/login?" + urlencode({"next": request.url.path})
             return RedirectResponse(target, status_code=303)
+        if post and (refusal := refused_cross_site(request)) is not None:
+            return refusal
         try:
             if post:
                 form = await read_form(request)
@@ -130,7 +198,28 @@ def page(handler: Page, *, post: bool = False) -> Callable[[Request], Awaitable[
             return await handler(request, session)
         except NotFound as exc:
             return render(request, session, "error.html", 404, message=exc.message)
+        except StoreUnavailable as exc:  # not the visitor's fault: the page says so, and retries
+            return _store_unavailable(request, session, exc)
         except PostlaneError as exc:
             return render(request, session, "error.html", 400, message=exc.message)
+        except Exception as exc:
+            failure = escaped_store_error(exc)
+            if failure is None:
+                raise
+            log.exception("the store let a driver error through on %s", request.url.path)
+            return _store_unavailable(request, session, failure)
 
     return run
+
+
+def _store_unavailable(request: Request, session: Session, exc: StoreUnavailable) -> HTMLResponse:
+    response = render(
+        request,
+        session,
+        "error.html",
+        503,
+        message=exc.message,
+        heading="The store cannot answer now",
+    )
+    response.headers["Retry-After"] = str(STORE_RETRY_AFTER)
+    return response

@@ -5,10 +5,13 @@ Bearer tokens carry a scope (see :mod:`postlane.auth`). ``[http] tokens`` (and
 are ``send``: enqueue, and read back the messages that token enqueued. With no token configured
 at all the API answers only clients on loopback (with every scope). ``/metrics`` and ``/healthz``
 need no token, so a Prometheus scraper and a load balancer can reach them. The API describes
-itself at ``/openapi.json``.
+itself at ``/openapi.json``. It answers programs, not web pages: a body must be
+``application/json`` (415), and a request a browser says another site's page sent is refused
+(403 ``cross_site``; see ``docs/security.md``).
 
 Errors are ``{"error": {"code", "message"}}`` with a 4xx status (503 when the store is down),
-and a refused request stores nothing.
+and a refused request stores nothing. Bodies are read within bounds by
+:mod:`postlane.ingest.bodies`; the listener's own limits are :mod:`postlane.ingest.server`'s.
 
 The endpoints are plain functions that find what they need (the application, the config, the
 tokens, metrics) in an :class:`ApiContext` on ``request.app.state``: :func:`build_app` makes the
@@ -25,9 +28,13 @@ import dataclasses
 import io
 import json
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.requests import Request
@@ -43,6 +50,8 @@ from postlane.auth import (
     Refused,
     Scope,
     Tokens,
+    TooManyAttempts,
+    cross_site,
 )
 from postlane.config import Config
 from postlane.errors import (
@@ -53,9 +62,26 @@ from postlane.errors import (
     StoreUnavailable,
     ValidationError,
 )
+from postlane.ingest.bodies import (
+    JSON_TYPES,
+    NDJSON,
+    NDJSON_TYPES,
+    ApiError,
+    RequestBudget,
+    Reservation,
+    parse_json,
+    require_media_type,
+)
+from postlane.ingest.bodies import read_body as read_within
 from postlane.ingest.openapi import openapi_document
-from postlane.ingest.server import bind, serve_http
-from postlane.message import Attachment, Message
+from postlane.ingest.server import (
+    HttpLimits,
+    Refusals,
+    bind,
+    escaped_store_error,
+    serve_http,
+)
+from postlane.message import Attachment, Message, check_text
 from postlane.metrics import Metrics
 from postlane.records import Selector
 from postlane.selectors import SELECTOR_FIELDS, optional_string, parse_selector, string_list
@@ -68,6 +94,8 @@ __all__ = ["ApiContext", "api_routes", "bind", "build_app", "install", "start_ht
 log = logging.getLogger("postlane.http")
 
 MAX_BATCH = 1000
+#: a batch's body is at most this many times a message's
+BATCH_BODIES = 4
 MAX_LIST = 1000
 #: an exported delete or purge over HTTP takes at most this many recipients (one slice: it is
 #: exported and deleted in one go); more is a job for `postlane queue delete --export`
@@ -75,7 +103,8 @@ MAX_EXPORT_RECIPIENTS = 1000
 #: an export (and so an import) body is at most this large, and at least two messages of
 #: max_size (JSON and base64 included)
 EXPORT_BYTES = 64 * 1024 * 1024
-NDJSON = "application/x-ndjson"
+#: seconds a client is told to wait (Retry-After) when the store cannot answer
+STORE_RETRY_AFTER = 5
 #: JSON (and base64) inflate a message: the body may be this much larger than max_size
 JSON_OVERHEAD = 1.4
 _MESSAGE_FIELDS = {
@@ -105,32 +134,50 @@ _EXPORTING = (QueueAction.DELETE, QueueAction.PURGE)
 # -- errors --------------------------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """A refusal with its HTTP status and JSON error code."""
+class ApiJSON(JSONResponse):
+    """A JSON answer that renders whatever a store holds: a value strict JSON cannot carry (a
+    NaN, a lone surrogate, kept by an older version that let them in) is written as null or
+    as an escape, not a 500 on every later read."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except (ValueError, UnicodeEncodeError):
+            return json.dumps(
+                _finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")
+            ).encode("ascii")
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return ApiJSON(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
 
 
 def _postlane_error(exc: PostlaneError) -> JSONResponse:
     if isinstance(exc, IdempotencyConflict):  # Stripe's answer; the body names the first id
         error = {"code": exc.code, "message": exc.message, "id": exc.existing_id, "key": exc.key}
-        return JSONResponse({"error": error}, status_code=409)
+        return ApiJSON({"error": error}, status_code=409)
     if isinstance(exc, MessageTooLarge):
         return error_response(413, exc.code, exc.message)
     if isinstance(exc, ValidationError):
         return error_response(422, exc.code, exc.message)
     if isinstance(exc, NotFound):
         return error_response(404, exc.code, exc.message)
-    if isinstance(exc, StoreUnavailable):
-        return error_response(503, exc.code, exc.message)
+    if isinstance(exc, StoreUnavailable):  # never the client's fault: it may retry
+        return error_response(503, exc.code, exc.message, {"Retry-After": str(STORE_RETRY_AFTER)})
     return error_response(400, exc.code, exc.message)
 
 
@@ -159,6 +206,32 @@ def _invalid_field() -> Iterator[None]:
 # -- what the endpoints share ----------------------------------------------------------------------
 
 
+class StoreHealth:
+    """The last store failure a request met, for /readyz: a small write can pass while the
+    pages mail needs are damaged (a corrupted file), so readiness also says no for a while
+    after requests failed."""
+
+    #: seconds a failure met by a request keeps /readyz at 503
+    MEMORY = 30.0
+
+    def __init__(self) -> None:
+        self.failed_at: float | None = None
+        self.reason = ""
+
+    def failed(self, reason: str) -> None:
+        self.failed_at = time.monotonic()
+        self.reason = reason
+
+    def recent_failure(self) -> str | None:
+        """What a request met in the last :attr:`MEMORY` seconds, or None."""
+        if self.failed_at is None:
+            return None
+        ago = time.monotonic() - self.failed_at
+        if ago > self.MEMORY:
+            return None
+        return f"a request failed {ago:.0f} s ago: {self.reason}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ApiContext:
     """What the API's endpoints need, kept on ``app.state.api`` (see :func:`install`)."""
@@ -173,6 +246,14 @@ class ApiContext:
     body_limit: int
     #: an export (or import) body is at most this large
     export_limit: int
+    #: timeouts and sizes of the listener and of request bodies
+    limits: HttpLimits
+    #: request bytes in flight, process-wide
+    budget: RequestBudget
+    #: store failures requests met (readiness)
+    store_health: StoreHealth = dataclasses.field(default_factory=StoreHealth)
+    #: what the listener turned away (serve_http counts into it; the metrics read it)
+    refusals: Refusals = dataclasses.field(default_factory=Refusals)
 
     @classmethod
     def create(
@@ -181,17 +262,73 @@ class ApiContext:
         postlane: AsyncPostlane,
         metrics: Metrics | None = None,
         worker: Worker | None = None,
+        limits: HttpLimits | None = None,
     ) -> ApiContext:
+        limits = limits or HttpLimits.from_config(config)
         body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
-        return cls(
+        export_limit = max(EXPORT_BYTES, 2 * body_limit)
+        largest = max(BATCH_BODIES * body_limit, export_limit)
+        api = cls(
             postlane=postlane,
             config=config,
-            tokens=Tokens.from_config(config.http),
+            tokens=Tokens.from_config(config.http, clock=postlane.clock.now),
             metrics=metrics,
             worker=worker,
             body_limit=body_limit,
-            export_limit=max(EXPORT_BYTES, 2 * body_limit),
+            export_limit=export_limit,
+            limits=limits,
+            budget=RequestBudget(limits.request_bytes or largest + body_limit),
         )
+        if metrics is not None:
+            with contextlib.suppress(ValueError):  # already counted (one registry, two apps)
+                metrics.registry.register(_DoorMetrics(api))
+        return api
+
+    @property
+    def batch_limit(self) -> int:
+        """A batch's JSON body is at most this large."""
+        return BATCH_BODIES * self.body_limit
+
+
+class _DoorMetrics(Collector):
+    """What the HTTP doors turned away, read from their counts at scrape time."""
+
+    def __init__(self, api: ApiContext) -> None:
+        self.api = api
+
+    def collect(self) -> Iterator[Metric]:
+        attempts = self.api.tokens.attempts
+        failures = CounterMetricFamily(
+            "postlane_http_auth_failures",
+            "Wrong tokens, by door (api: a bearer token; dashboard; login: the login form)",
+            labels=["door"],
+        )
+        throttled = CounterMetricFamily(
+            "postlane_http_auth_throttled",
+            "Requests refused with 429 because their client failed too often lately, by door",
+            labels=["door"],
+        )
+        for door in _DOORS:
+            failures.add_metric([door], attempts.failures[door])
+            throttled.add_metric([door], attempts.throttled[door])
+        refused = CounterMetricFamily(
+            "postlane_http_refused",
+            "Requests and connections turned away: too_many_connections (over the cap, all "
+            "busy), evicted (idle or unfinished, closed to make room), header_timeout (a "
+            "request head not sent in time), busy (request bytes in flight over the budget)",
+            labels=["reason"],
+        )
+        counts = self.api.refusals.counts
+        refused.add_metric(["too_many_connections"], counts.get("connections", 0))
+        refused.add_metric(["evicted"], counts.get("evicted", 0))
+        refused.add_metric(["header_timeout"], counts.get("header_timeouts", 0))
+        refused.add_metric(["busy"], self.api.budget.refused)
+        yield failures
+        yield throttled
+        yield refused
+
+
+_DOORS = ("api", "dashboard", "login")
 
 
 def install(
@@ -200,9 +337,12 @@ def install(
     postlane: AsyncPostlane,
     metrics: Metrics | None = None,
     worker: Worker | None = None,
-) -> None:
+    limits: HttpLimits | None = None,
+) -> ApiContext:
     """Give the API's endpoints, wherever they are mounted, what they need."""
-    state.api = ApiContext.create(config, postlane, metrics, worker)
+    api = ApiContext.create(config, postlane, metrics, worker, limits)
+    state.api = api
+    return api
 
 
 def _context(request: Request) -> ApiContext:
@@ -210,6 +350,8 @@ def _context(request: Request) -> ApiContext:
 
 
 Handler = Callable[[Request, Caller], Awaitable[Response]]
+#: where a request's hold on the request budget is kept (its ASGI scope)
+_RESERVATION = "postlane.reservation"
 
 
 def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Awaitable[Response]]:
@@ -217,12 +359,26 @@ def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Await
     answering every refusal and :class:`PostlaneError` as a JSON error."""
 
     async def run(request: Request) -> Response:
+        reservation = Reservation(_context(request).budget)
+        request.scope[_RESERVATION] = reservation
         try:
             return await handler(request, _caller(request, scope))
         except ApiError as exc:
-            return error_response(exc.status, exc.code, exc.message)
+            return error_response(exc.status, exc.code, exc.message, exc.headers)
+        except StoreUnavailable as exc:
+            _context(request).store_health.failed(exc.message)
+            return _postlane_error(exc)
         except PostlaneError as exc:
             return _postlane_error(exc)
+        except Exception as exc:
+            failure = escaped_store_error(exc)
+            if failure is None:
+                raise
+            log.exception("the store let a driver error through on %s", request.url.path)
+            _context(request).store_health.failed(failure.message)
+            return _postlane_error(failure)
+        finally:
+            reservation.release()  # the body, parsed or not, is no longer held
 
     return run
 
@@ -230,8 +386,23 @@ def endpoint(handler: Handler, scope: Scope | None) -> Callable[[Request], Await
 def _caller(request: Request, scope: Scope | None) -> Caller:
     if scope is None:
         return Caller(Scope.ADMIN, None)
+    refusal = cross_site(request)
+    if refusal is not None:  # a web page the user visits, posting to the API behind its back
+        raise ApiError(
+            403,
+            "cross_site",
+            f"the browser says this request comes from another site's page ({refusal}); "
+            "the API takes requests from programs, not from web pages",
+        )
     try:
         caller = _context(request).tokens.caller(request)
+    except TooManyAttempts as exc:
+        raise ApiError(
+            429,
+            "too_many_attempts",
+            f"too many wrong tokens from this client: retry after {exc.retry_after} s",
+            {"Retry-After": str(exc.retry_after)},
+        ) from None
     except Refused as exc:
         raise ApiError(*_REFUSALS[type(exc)]) from None
     if scope is Scope.ADMIN and caller.scope is not Scope.ADMIN:
@@ -242,25 +413,21 @@ def _caller(request: Request, scope: Scope | None) -> Caller:
 # -- reading requests ------------------------------------------------------------------------------
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, "message_too_large", f"the request body is over {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise ApiError(413, "message_too_large", f"the request body is over {limit} bytes")
-    return bytes(body)
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The request body within ``limit`` bytes, the body timeout and the request budget."""
+    return await read_within(
+        request,
+        limit,
+        reservation=cast(Reservation, request.scope[_RESERVATION]),
+        timeout=_context(request).limits.body_timeout,
+    )
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    """The body as JSON: ``application/json``, strict JSON (no NaN or Infinity, no number too
+    large for a float, no lone surrogate), nesting no deeper than Python's recursion limit."""
+    require_media_type(request, JSON_TYPES)
+    return parse_json(await read_body(request, limit))
 
 
 def message_from_json(data: Any, idempotency_header: str | None = None) -> Message:
@@ -367,12 +534,12 @@ async def post_message(request: Request, caller: Caller) -> Response:
     [result] = await api.postlane.send_prepared([prepared])
     if api.metrics is not None and not result.duplicate:
         api.metrics.enqueued.labels("http").inc()
-    return JSONResponse(result.as_json(), status_code=202)
+    return ApiJSON(result.as_json(), status_code=202)
 
 
 async def post_batch(request: Request, caller: Caller) -> Response:
     api = _context(request)
-    data = await read_json(request, api.body_limit * 4)
+    data = await read_json(request, api.batch_limit)
     items = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise ApiError(400, "invalid_field", 'send {"messages": [...]} with 1 to 1000 messages')
@@ -382,12 +549,14 @@ async def post_batch(request: Request, caller: Caller) -> Response:
     prepared = []
     positions = []
     for index, item in enumerate(items):
+        items[index] = None  # its JSON goes as its rendering comes: held once, not twice
         try:
             message = api.postlane.prepare(message_from_json(item))
             prepared.append(dataclasses.replace(message, submitter=caller.submitter))
             positions.append(index)
         except (ApiError, PostlaneError) as exc:
             results[index] = {"error": {"code": exc.code, "message": exc.message}}
+        del item
     if prepared:
         stored = await api.postlane.send_prepared(prepared)  # one durable commit for all
         for index, result in zip(positions, stored, strict=True):
@@ -395,7 +564,7 @@ async def post_batch(request: Request, caller: Caller) -> Response:
         if api.metrics is not None:
             api.metrics.enqueued.labels("http").inc(sum(1 for r in stored if not r.duplicate))
     accepted = len(prepared)
-    return JSONResponse(
+    return ApiJSON(
         {"accepted": accepted, "refused": len(items) - accepted, "results": results},
         status_code=202 if accepted == len(items) else 207,
     )
@@ -405,7 +574,7 @@ async def get_message(request: Request, caller: Caller) -> Response:
     view = await _context(request).postlane.get(request.path_params["queue_id"], history=True)
     if caller.scope is Scope.SEND and view.submitter != caller.submitter:
         raise NotFound(f"no message with id {view.id}")  # not yours: as if it did not exist
-    return JSONResponse(view.as_json())
+    return ApiJSON(view.as_json())
 
 
 Listing = Callable[[AsyncPostlane, Selector, int], Awaitable[Sequence[Any]]]
@@ -417,7 +586,7 @@ def listing(fetch: Listing) -> Handler:
     async def run(request: Request, caller: Caller) -> Response:
         selector, limit = _query_selector(request)
         found = await fetch(_context(request).postlane, selector, limit)
-        return JSONResponse([item.as_json() for item in found])
+        return ApiJSON([item.as_json() for item in found])
 
     return run
 
@@ -428,7 +597,7 @@ dead_groups = listing(lambda app, selector, limit: app.dead_groups(selector, lim
 
 
 async def get_stats(request: Request, caller: Caller) -> Response:
-    return JSONResponse((await _context(request).postlane.stats()).as_json())
+    return ApiJSON((await _context(request).postlane.stats()).as_json())
 
 
 # -- operate ---------------------------------------------------------------------------------------
@@ -451,11 +620,11 @@ async def post_action(request: Request, caller: Caller) -> Response:
         raise ApiError(400, "invalid_field", 'give "ids" or "all": true (selectors narrow)')
     counts = await app.summarize(action, selector)
     if dry_run:
-        return JSONResponse({"would_touch": [c.as_json() for c in counts]})
+        return ApiJSON({"would_touch": [c.as_json() for c in counts]})
     if export:
         return await exported(request, action, selector, sum(c.count for c in counts))
     count = await app.act(action, selector)
-    return JSONResponse({"action": action.value, "count": count})
+    return ApiJSON({"action": action.value, "count": count})
 
 
 def _action(request: Request) -> QueueAction:
@@ -540,6 +709,7 @@ async def import_export(request: Request, caller: Caller) -> Response:
     """`postlane queue import` over HTTP: every line is checked before anything is stored,
     then all are stored in one transaction."""
     api = _context(request)
+    require_media_type(request, NDJSON_TYPES)
     body = await read_body(request, api.export_limit)
     try:
         lines = body.decode("utf-8").split("\n")
@@ -552,7 +722,7 @@ async def import_export(request: Request, caller: Caller) -> Response:
     if not records:
         raise ApiError(400, "invalid_export", "the body holds no export record")
     restored = await api.postlane.import_(lines, batch_size=None)
-    return JSONResponse({"records": records, "imported": restored})
+    return ApiJSON({"records": records, "imported": restored})
 
 
 # -- suppressions ----------------------------------------------------------------------------------
@@ -560,7 +730,7 @@ async def import_export(request: Request, caller: Caller) -> Response:
 
 async def list_suppressions(request: Request, caller: Caller) -> Response:
     entries = await _context(request).postlane.suppressions(limit=10_000)
-    return JSONResponse([e.as_json() for e in entries])
+    return ApiJSON([e.as_json() for e in entries])
 
 
 async def add_suppression(request: Request, caller: Caller) -> Response:
@@ -569,17 +739,17 @@ async def add_suppression(request: Request, caller: Caller) -> Response:
         raise ApiError(400, "invalid_field", 'send {"address": ..., "reason": ...}')
     with _invalid_field():
         reason = optional_string(data.get("reason"), "reason")
+    if reason is not None:
+        check_text(reason, "reason")  # a ValidationError: 422, as a message's fields
     added = await _context(request).postlane.suppress(data["address"], reason=reason)
-    return JSONResponse(
-        {"address": data["address"], "added": added}, status_code=201 if added else 200
-    )
+    return ApiJSON({"address": data["address"], "added": added}, status_code=201 if added else 200)
 
 
 async def remove_suppression(request: Request, caller: Caller) -> Response:
     address = request.path_params["address"]
     if not await _context(request).postlane.unsuppress(address):
         raise NotFound(f"{address} is not on the suppression list")
-    return JSONResponse({"address": address, "removed": True})
+    return ApiJSON({"address": address, "removed": True})
 
 
 # -- probes and description ------------------------------------------------------------------------
@@ -595,25 +765,44 @@ async def get_metrics(request: Request, caller: Caller) -> Response:
 
 async def healthz(request: Request, caller: Caller) -> Response:
     """The process is up (for a load balancer's liveness check)."""
-    return JSONResponse({"status": "ok"})
+    return ApiJSON({"status": "ok"})
+
+
+#: how long /readyz waits for the store's small write
+READY_TIMEOUT = 5.0
 
 
 async def readyz(request: Request, caller: Caller) -> Response:
-    """The store answers and, in serve, the worker runs (for readiness checks)."""
+    """The store takes a small write now (a full disk, a corrupted file, a lost server say
+    no) and, in serve, the worker runs: for readiness checks."""
     api = _context(request)
+    reason = None
     try:
-        await asyncio.wait_for(api.postlane.store.next_due_at(), timeout=5)
-    except Exception as exc:
-        return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
-    if api.worker is not None and not api.worker.running:
-        return JSONResponse(
-            {"status": "unavailable", "error": "the worker is not running"}, status_code=503
+        await asyncio.wait_for(
+            api.postlane.store.check(api.postlane.clock.now()), timeout=READY_TIMEOUT
         )
-    return JSONResponse({"status": "ok"})
+    except StoreUnavailable as exc:
+        reason = exc.message
+    except TimeoutError:
+        reason = f"the store did not answer within {READY_TIMEOUT:g} s"
+    except Exception as exc:  # a probe answers, whatever broke
+        log.exception("the readiness check failed")
+        reason = f"the store check failed: {type(exc).__name__}"
+    if reason is None:
+        reason = api.store_health.recent_failure()
+    if reason is None and api.worker is not None and not api.worker.running:
+        reason = "the worker is not running"
+    if reason is not None:
+        return ApiJSON(
+            {"status": "unavailable", "error": reason},
+            status_code=503,
+            headers={"Retry-After": str(STORE_RETRY_AFTER)},
+        )
+    return ApiJSON({"status": "ok"})
 
 
 async def openapi(request: Request, caller: Caller) -> Response:
-    return JSONResponse(openapi_document())
+    return ApiJSON(openapi_document())
 
 
 async def not_found(request: Request, exc: Exception) -> Response:
@@ -674,6 +863,7 @@ def build_app(
     worker: Worker | None = None,
     *,
     probes_only: bool = False,
+    limits: HttpLimits | None = None,
 ) -> Starlette:
     """The API as a Starlette application (tests drive it with httpx's ASGI transport). With
     ``probes_only`` (``postlane worker --metrics``): /metrics, /healthz and /readyz only.
@@ -681,7 +871,7 @@ def build_app(
     asgi = Starlette(
         routes=api_routes(probes_only=probes_only), exception_handlers=EXCEPTION_HANDLERS
     )
-    install(asgi.state, config, app, metrics, worker)
+    install(asgi.state, config, app, metrics, worker, limits)
     return asgi
 
 
@@ -693,9 +883,15 @@ async def start_http(
     worker: Worker | None = None,
     *,
     probes_on: str | None = None,
+    limits: HttpLimits | None = None,
 ) -> AsyncIterator[str]:
     """Serve the API until the context exits; yields the address it listens on. With
-    ``probes_on`` (HOST:PORT), serve only /metrics, /healthz and /readyz there (a worker)."""
-    asgi = build_app(config, app, metrics, worker, probes_only=probes_on is not None)
-    async with serve_http(asgi, config, probes_on=probes_on) as address:
+    ``probes_on`` (HOST:PORT), serve only /metrics, /healthz and /readyz there (a worker).
+    ``limits`` default to the configuration's (see :class:`HttpLimits`)."""
+    limits = limits or HttpLimits.from_config(config)
+    asgi = build_app(config, app, metrics, worker, probes_only=probes_on is not None, limits=limits)
+    refusals = cast(ApiContext, asgi.state.api).refusals
+    async with serve_http(
+        asgi, config, probes_on=probes_on, limits=limits, refusals=refusals
+    ) as address:
         yield address

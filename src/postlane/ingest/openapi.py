@@ -21,11 +21,15 @@ Schema = dict[str, Any]
 _ERROR_TEXT = {
     400: "Malformed request",
     401: "Missing or invalid token",
-    403: "The token's scope does not allow this",
+    403: "The token's scope does not allow this, or a browser says another site's page sent "
+    "it (code cross_site)",
     404: "Not found",
+    408: "The request body stalled (no byte for the body timeout): the connection is closed",
     413: "Too large",
+    415: "The body is not of the type this endpoint takes (application/json)",
     422: "The message was refused (nothing stored)",
-    503: "The store cannot be reached",
+    429: "Too many failed attempts with a wrong token from this client: wait Retry-After",
+    503: "The store cannot answer, or the server is busy: retry after Retry-After",
 }
 #: the operations that need a token
 _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -85,11 +89,25 @@ def _path_parameter(name: str, schema: Schema | None = None) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema or _type("string")}
 
 
-def _error_responses(*statuses: int) -> dict[str, Any]:
-    return {
-        str(s): {"description": _ERROR_TEXT[s], "content": {"application/json": {"schema": _ERROR}}}
-        for s in statuses
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again",
+        "schema": {"type": "integer"},
     }
+}
+
+
+def _error_responses(*statuses: int) -> dict[str, Any]:
+    answers: dict[str, Any] = {}
+    for status in statuses:
+        answer = {
+            "description": _ERROR_TEXT[status],
+            "content": {"application/json": {"schema": _ERROR}},
+        }
+        if status in (429, 503):
+            answer["headers"] = _RETRY_AFTER
+        answers[str(status)] = answer
+    return answers
 
 
 def _operation(
@@ -108,11 +126,15 @@ def _operation(
         operation["description"] = description
     if not public:
         operation["security"] = _BEARER
+        # what every door with a token may answer: a cross-site page (403), a client guessing
+        # tokens (429), a store that cannot answer or a server at its limits (503)
+        errors = (*errors, 403, 429, 503)
     if parameters is not None:
         operation["parameters"] = parameters
     if body is not None:
         operation["requestBody"] = body
-    operation["responses"] = {**answers, **_error_responses(*errors)}
+        errors = (*errors, 408, 415)
+    operation["responses"] = {**answers, **_error_responses(*sorted(set(errors)))}
     return operation
 
 
@@ -392,7 +414,7 @@ def _operator_paths() -> dict[str, Any]:
                 description="Every line is checked before anything is stored, then all are "
                 "stored in one transaction: a bad line imports nothing. Messages and recipients "
                 "already present are skipped.",
-                body=_body(_EXPORT_LINES, "application/x-ndjson", "text/plain"),
+                body=_body(_EXPORT_LINES, "application/x-ndjson"),
             )
         },
         "/v1/queue/{action}": _action_path(["flush", "hold", "release", "delete"]),
@@ -445,15 +467,27 @@ def _probe_paths() -> dict[str, Any]:
     return {
         "/healthz": {
             "get": _operation(
-                "Health (no token needed)",
+                "Liveness: the process answers (no token needed)",
+                {"200": _json_object("Alive")},
+                (),
+                public=True,
+            )
+        },
+        "/readyz": {
+            "get": _operation(
+                "Readiness: the store takes a write now, requests are not failing, the worker "
+                "runs (no token needed)",
                 {
-                    "200": _json_object("Healthy"),
-                    "503": _json_object("The store cannot be reached"),
+                    "200": _json_object("Ready"),
+                    "503": {
+                        **_json_object("Not ready: the reason is in error"),
+                        "headers": _RETRY_AFTER,
+                    },
                 },
                 (),
                 public=True,
             )
-        }
+        },
     }
 
 

@@ -76,9 +76,7 @@ class SQLHistory(SQLRole):
         self, start: float, end: float, types: Sequence[str]
     ) -> Mapping[str, int]:
         found = await self.db.read(
-            lambda: fetch(
-                "event_types_between", {"start": start, "end": end, "types": list(types)}
-            )
+            lambda: fetch("event_types_between", {"start": start, "end": end, "types": list(types)})
         )
         return {str(row["type"]): int(row["n"]) for row in found}
 
