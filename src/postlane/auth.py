@@ -393,7 +393,9 @@ class Tokens:
                         f"a token needs at least {MIN_TOKEN_LENGTH} (make one with "
                         "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
                     )
-        return cls(http.tokens, http.send_tokens, clock=clock)
+        return cls(
+            http.tokens, http.send_tokens, session_lifetime=http.session_lifetime, clock=clock
+        )
 
     @property
     def configured(self) -> bool:

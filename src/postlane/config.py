@@ -243,6 +243,13 @@ class LaneConfig:
     share: float | None = _setting(None, _opt(_fraction))
 
 
+def _timeout(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return seconds
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     listen: str = _setting("127.0.0.1:8025", _listen)
@@ -252,13 +259,20 @@ class HttpConfig:
     send_tokens: tuple[str, ...] = _setting((), _strings)
     #: the web dashboard at / (admin tokens log in; without tokens, loopback clients only)
     dashboard: bool = _setting(True, _bool)
-
-
-def _timeout(value: Any) -> float:
-    seconds = _duration(value)
-    if seconds <= 0:
-        raise ValueError(f"expected a duration above zero, got {value!r}")
-    return seconds
+    # -- limits of the HTTP listener (docs/security.md) --
+    #: a request's head (request line and headers) must arrive within this, else 408
+    header_timeout: float = _setting(10.0, _timeout)
+    #: how long a kept-alive connection may wait for its next request
+    keep_alive: float = _setting(5.0, _timeout)
+    #: a request body that stalls this long (no byte arriving) is dropped with 408
+    body_timeout: float = _setting(30.0, _timeout)
+    #: open connections at most (0: half the process's file descriptors, 64 to 1,000)
+    max_connections: int = _setting(0, _int)
+    #: bytes of request bodies read or worked on at once in the process (0: one largest batch
+    #: and a message); past it a request gets 503 busy, unread
+    max_request_bytes: int = _setting(0, _size)
+    #: a dashboard login lasts this long, however it is used
+    session_lifetime: float = _setting(43200.0, _timeout)
 
 
 @dataclass(frozen=True)

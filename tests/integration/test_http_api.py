@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -631,3 +632,60 @@ async def test_the_api_describes_export_and_import(client: httpx.AsyncClient) ->
     delete = document["paths"]["/v1/queue/{action}"]["post"]["responses"]["200"]["content"]
     assert "application/x-ndjson" in delete
     assert "export" in document["components"]["schemas"]["Selector"]["properties"]
+
+
+async def test_send_at_and_expires_at_over_http(
+    client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    now = clock.now()
+    body = {"from": "a@example.com", "to": ["b@example.net"], "text": "later"}
+    r = await client.post(
+        "/v1/messages",
+        json={**body, "send_at": "2027-01-15T10:00:00+01:00", "expires_at": now + 7200},
+    )
+    assert r.status_code == 202, r.text
+    shown = (await client.get(f"/v1/messages/{r.json()['id']}")).json()
+    assert shown["send_at"] == "2027-01-15T09:00:00.000Z"  # an hour from the clock's now
+    assert datetime.fromisoformat(shown["expires_at"]).timestamp() == now + 7200
+    assert shown["recipients"][0]["next_attempt_at"] == "2027-01-15T09:00:00.000Z"
+    for bad, says in (
+        ({"send_at": "2027-01-15T09:00:00"}, "no time zone"),
+        ({"expires_at": now - 1}, "already passed"),
+        ({"send_at": True}, "ISO 8601 text or Unix seconds"),
+    ):
+        r = await client.post("/v1/messages", json={**body, **bad})
+        assert r.status_code in (400, 422) and says in r.json()["error"]["message"], r.text
+    assert (await client.get("/v1/messages")).json()["messages"].__len__() == 1
+
+
+async def test_suppressions_take_reason_scope_expiry_and_detail_over_http(
+    client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    r = await client.post(
+        "/v1/suppressions",
+        json={
+            "address": "ada@example.net",
+            "reason": "complaint",
+            "scope": "shop.example",
+            "expires_at": clock.now() + 86400,
+            "detail": "support ticket 88",
+        },
+    )
+    assert r.status_code == 201, r.text
+    [entry] = (await client.get("/v1/suppressions")).json()
+    assert {k: entry[k] for k in ("address", "reason", "scope", "detail", "source")} == {
+        "address": "ada@example.net",
+        "reason": "complaint",
+        "scope": "shop.example",
+        "detail": "support ticket 88",
+        "source": "api",
+    }
+    assert datetime.fromisoformat(entry["expires_at"]).timestamp() == clock.now() + 86400
+    r = await client.post("/v1/suppressions", json={"address": "b@example.net", "scope": "x y"})
+    assert r.status_code == 422 and "scope must be" in r.json()["error"]["message"]
+    r = await client.post("/v1/suppressions", json={"address": "b@example.net", "why": "x"})
+    assert r.status_code == 400 and "why" in r.json()["error"]["message"]
+    r = await client.delete("/v1/suppressions/ada@example.net", params={"scope": "other.example"})
+    assert r.status_code == 404
+    r = await client.delete("/v1/suppressions/ada@example.net", params={"scope": "shop.example"})
+    assert r.status_code == 200

@@ -528,3 +528,27 @@ def test_the_high_lane_reserve_defaults_to_a_tenth_of_the_slots(
     delivery: dict[str, int], reserve: int
 ) -> None:
     assert config_from_dict({"delivery": delivery}).delivery.reserve_for_high == reserve
+
+
+def test_the_http_listeners_limits_come_from_the_http_section() -> None:
+    from postlane.auth import Tokens
+    from postlane.ingest.server import HttpLimits, default_max_connections
+
+    http = {
+        "header_timeout": "3s",
+        "keep_alive": "2s",
+        "body_timeout": "7s",
+        "max_connections": 7,
+        "max_request_bytes": "10MB",
+        "session_lifetime": "1h",
+    }
+    config = config_from_dict({"http": http})
+    limits = HttpLimits.from_config(config)
+    assert (limits.header_timeout, limits.keep_alive, limits.body_timeout) == (3.0, 2, 7.0)
+    assert (limits.max_connections, limits.request_bytes) == (7, 10_000_000)
+    assert Tokens.from_config(config.http).sessions.lifetime == 3600.0
+    defaults = HttpLimits.from_config(config_from_dict({}))
+    assert defaults.max_connections == default_max_connections()
+    assert defaults.request_bytes is None
+    with pytest.raises(ConfigError, match=r"http\.header_timeout"):
+        config_from_dict({"http": {"header_timeout": "0s"}})

@@ -121,6 +121,8 @@ _MESSAGE_FIELDS = {
     "metadata",
     "attachments",
     "raw",
+    "send_at",
+    "expires_at",
 }
 #: query parameters that may repeat (a list); the others take their last value
 _REPEATABLE = ("ids", "lane", "state", "domain", "class")
@@ -463,7 +465,19 @@ def message_from_json(data: Any, idempotency_header: str | None = None) -> Messa
             lane=optional_string(data.get("lane"), "lane") or "normal",
             idempotency_key=key or idempotency_header,
             metadata=metadata,
+            send_at=_when(data.get("send_at"), "send_at"),
+            expires_at=_when(data.get("expires_at"), "expires_at"),
         )
+
+
+def _when(value: Any, what: str) -> str | float | None:
+    """``send_at``/``expires_at`` as JSON gives them: ISO 8601 text or Unix seconds (the
+    message checks the rest)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ApiError(400, "invalid_field", f"{what} must be ISO 8601 text or Unix seconds")
 
 
 def _attachments(items: Any) -> list[Attachment]:
@@ -736,18 +750,36 @@ async def list_suppressions(request: Request, caller: Caller) -> Response:
 async def add_suppression(request: Request, caller: Caller) -> Response:
     data = await read_json(request, 64 * 1024)
     if not isinstance(data, dict) or not isinstance(data.get("address"), str):
-        raise ApiError(400, "invalid_field", 'send {"address": ..., "reason": ...}')
+        raise ApiError(
+            400,
+            "invalid_field",
+            'send {"address": ..., "reason": ..., "scope": ..., "expires_at": ..., "detail": ...}',
+        )
+    unknown = sorted(set(data) - {"address", "reason", "scope", "expires_at", "detail"})
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field {unknown[0]!r}")
     with _invalid_field():
         reason = optional_string(data.get("reason"), "reason")
-    if reason is not None:
-        check_text(reason, "reason")  # a ValidationError: 422, as a message's fields
-    added = await _context(request).postlane.suppress(data["address"], reason=reason)
+        scope = optional_string(data.get("scope"), "scope")
+        detail = optional_string(data.get("detail"), "detail")
+    for value, what in ((reason, "reason"), (scope, "scope"), (detail, "detail")):
+        if value is not None:
+            check_text(value, what)  # a ValidationError: 422, as a message's fields
+    added = await _context(request).postlane.suppress(
+        data["address"],
+        reason=reason,
+        scope=scope,
+        expires_at=_when(data.get("expires_at"), "expires_at"),
+        detail=detail,
+        source="api",
+    )
     return ApiJSON({"address": data["address"], "added": added}, status_code=201 if added else 200)
 
 
 async def remove_suppression(request: Request, caller: Caller) -> Response:
     address = request.path_params["address"]
-    if not await _context(request).postlane.unsuppress(address):
+    scope = request.query_params.get("scope")
+    if not await _context(request).postlane.unsuppress(address, scope=scope):
         raise NotFound(f"{address} is not on the suppression list")
     return ApiJSON({"address": address, "removed": True})
 

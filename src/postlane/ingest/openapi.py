@@ -239,8 +239,17 @@ def _new_message() -> Schema:
             "metadata": _type("object"),
             "attachments": _array(attachment),
             "raw": _type("string"),
+            "send_at": _WHEN,
+            "expires_at": _WHEN,
         },
     }
+
+
+#: a time given: ISO 8601 with its zone, or Unix seconds (docs/scheduling.md)
+_WHEN: Schema = {
+    "description": "ISO 8601 with a time zone (2026-12-24T08:00:00Z) or Unix seconds",
+    "oneOf": [_type("string", format="date-time"), _type("number", minimum=0)],
+}
 
 
 def _message() -> Schema:
@@ -255,8 +264,11 @@ def _message() -> Schema:
         "idempotency_key": _type("string", "null"),
         "metadata": _type("object"),
         "recipients": _array(_recipient()),
+        "send_at": _type("string", "null", format="date-time"),
+        "expires_at": _type("string", "null", format="date-time"),
     }
-    return _object(properties, required=tuple(p for p in properties if p != "metadata"))
+    optional = ("metadata", "send_at", "expires_at")
+    return _object(properties, required=tuple(p for p in properties if p not in optional))
 
 
 def _stats() -> dict[str, Schema]:
@@ -437,7 +449,23 @@ def _operator_paths() -> dict[str, Any]:
 
 
 def _suppression_paths() -> dict[str, Any]:
-    entry = _object(_strings("address", "reason"), required=("address",))
+    entry = {
+        **_object(
+            {
+                "address": _type("string"),
+                "reason": _type(
+                    "string",
+                    description="hard_bounce, complaint, unsubscribe or manual (other text: the "
+                    "detail of a manual entry)",
+                ),
+                "scope": _type("string", description="* (every sender) or a sender domain"),
+                "expires_at": _WHEN,
+                "detail": _type("string"),
+            },
+            required=("address",),
+        ),
+        "additionalProperties": False,
+    }
     return {
         "/v1/suppressions": {
             "get": _operation(

@@ -84,8 +84,16 @@ class HttpLimits:
 
     @classmethod
     def from_config(cls, config: Config) -> HttpLimits:
-        """The limits for ``config`` (the defaults: ``[http]`` has no keys for them yet)."""
-        return cls()
+        """The limits of ``[http]`` (0 for ``max_connections`` or ``max_request_bytes``: the
+        defaults that follow the process's descriptors and the largest batch)."""
+        http = config.http
+        return cls(
+            header_timeout=http.header_timeout,
+            keep_alive=max(1, round(http.keep_alive)),
+            body_timeout=http.body_timeout,
+            max_connections=http.max_connections or default_max_connections(),
+            request_bytes=http.max_request_bytes or None,
+        )
 
 
 def _describe_refusals(counts: dict[str, int]) -> str:

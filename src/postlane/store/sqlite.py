@@ -14,6 +14,7 @@ wait on SQLite's lock (``busy_timeout``) when they write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -390,11 +391,19 @@ class SQLiteDatabase:
             except sqlite3.Error as exc:
                 raise _unavailable(exc, self.path) from exc
             try:
-                return run_plan(conn, plan())
-            except sqlite3.Error as exc:
-                raise _unavailable(exc, self.path) from exc
-            finally:
+                result = run_plan(conn, plan())
+            except BaseException as exc:
+                # end the snapshot; a failure to do so must not hide what went wrong first
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
+                if isinstance(exc, sqlite3.Error):
+                    raise _unavailable(exc, self.path) from exc
+                raise
+            try:
                 conn.execute("COMMIT")
+            except sqlite3.Error as exc:  # a damaged file can fail even here
+                raise _unavailable(exc, self.path) from exc
+            return result
 
         return await asyncio.get_running_loop().run_in_executor(self._reader_pool, in_thread)
 
