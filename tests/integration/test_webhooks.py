@@ -704,3 +704,37 @@ async def test_subscribers_hear_new_events_in_order_sync_ones_off_the_event_loop
     assert [(kind, i) for kind, i, _ in heard if kind == "sync"] == [("sync", e.id) for e in new]
     assert all(other_thread for kind, _, other_thread in heard if kind == "sync")
     assert [i for kind, i, _ in heard if kind == "async"] == [e.id for e in new if e.type == "sent"]
+
+
+class RefusingSaves:
+    """The store, except that saving the cursor is refused ``times`` times, as PostgreSQL's
+    store refuses a cursor whose event has a lower id than the saved one although it comes
+    later in the log (ids are taken before commit; the log is in commit order)."""
+
+    def __init__(self, store: Any, times: int) -> None:
+        self._store = store
+        self.refusals = times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def webhook_delivered(self, *args: Any, **kwargs: Any) -> bool:
+        if self.refusals:
+            self.refusals -= 1
+            return False
+        return bool(await self._store.webhook_delivered(*args, **kwargs))
+
+
+async def test_a_refused_cursor_save_is_saved_later_not_taken_for_a_lost_lease(
+    sqlite: SQLiteStore, receiver: WebhookReceiver
+) -> None:
+    log = await make_events(sqlite, 5)
+    endpoint = endpoint_to(receiver)
+    refusing = RefusingSaves(sqlite, times=3)
+    sender = sender_for(refusing, endpoint)
+    async with running(sender):
+        await receiver.wait_until(lambda: len(receiver.accepted) == len(log), "everything")
+        await eventually(lambda: _saved(sqlite, endpoint.name, log[-1].id), "the cursor saved")
+        assert sender.senders[endpoint.name].holding
+    assert refusing.refusals == 0
+    assert len(receiver.received) == len(log)  # no tenure restarted: nothing sent twice

@@ -148,18 +148,21 @@ class MailFirst:
         self.activity = activity
         self.share = share
         self.max_lag = max_lag
-        self._seen = 0
-        self._moved_at = -self.QUIET
+        self._seen = 0 if activity is None else activity()
+        self._moved_at = self._looked_at = -self.QUIET
 
     def busy(self) -> bool:
-        """True while mail is being delivered."""
+        """True while mail is being delivered: the counter moved within the last half second
+        (as far as this can tell: a move is dated to the previous look, the earliest it can
+        have happened, so a long look away does not read as a busy moment)."""
         if self.activity is None:
             return False
         now = time.monotonic()
         value = self.activity()
         if value != self._seen:
             self._seen = value
-            self._moved_at = now
+            self._moved_at = self._looked_at
+        self._looked_at = now
         return now - self._moved_at < self.QUIET
 
     async def turn(self, age: float) -> None:

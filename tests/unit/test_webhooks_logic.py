@@ -3,6 +3,7 @@ with the Standard Webhooks reference library), the retry schedule."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import random
@@ -29,6 +30,7 @@ from postlane.webhooks.endpoints import (
     new_secret,
 )
 from postlane.webhooks.retry import RetrySchedule
+from postlane.webhooks.sender import MailFirst
 from postlane.webhooks.signing import Signer, payload, webhook_id
 
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
@@ -310,3 +312,40 @@ def test_an_endpoint_counts_as_paused_where_the_alert_fires() -> None:
     [rule] = [rule for rule in load_rules() if rule.check == "webhook_failing"]
     assert rule.params["failures"] == schedule.pause_after
     assert f">= {schedule.pause_after}" in rule.expr
+
+
+# -- mail first ----------------------------------------------------------------------------------
+
+
+async def test_webhooks_yield_to_mail_while_it_is_delivered() -> None:
+    attempts = 0
+
+    def activity() -> int:
+        return attempts
+
+    mail_first = MailFirst(activity, share=0.2, max_lag=60.0)
+    assert not mail_first.busy()
+    started = time.monotonic()
+    await mail_first.turn(age=0)  # mail idle: at once
+    assert time.monotonic() - started < 0.01
+    attempts += 1  # a delivery attempt: mail is busy for the next half second
+    assert mail_first.busy()
+    for _ in range(3):
+        await mail_first.turn(age=0)
+        # a request may start only in the first fifth of each quarter second
+        assert time.monotonic() % MailFirst.CYCLE < MailFirst.CYCLE * 0.2 + 0.02
+        await asyncio.sleep(MailFirst.CYCLE * 0.3)
+        attempts += 1
+    # an event over a minute old goes at once, busy or not
+    while time.monotonic() % MailFirst.CYCLE < MailFirst.CYCLE * 0.3:
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await mail_first.turn(age=61)
+    assert time.monotonic() - started < 0.01
+    # half a second without an attempt: mail is idle again
+    await asyncio.sleep(MailFirst.QUIET + 0.05)
+    assert not mail_first.busy()
+
+
+def test_without_an_activity_counter_webhooks_never_wait() -> None:
+    assert not MailFirst(None, share=0.1, max_lag=60).busy()
