@@ -744,3 +744,33 @@ async def test_a_refused_cursor_save_is_saved_later_not_taken_for_a_lost_lease(
         assert sender.senders[endpoint.name].holding
     assert refusing.refusals == 0
     assert len(receiver.received) == len(log)  # no tenure restarted: nothing sent twice
+
+
+async def test_the_cursor_never_passes_an_event_the_endpoint_did_not_acknowledge(
+    sqlite: SQLiteStore, receiver: WebhookReceiver
+) -> None:
+    log = await make_events(sqlite, 6, recipients=1)
+    stuck = log[1].queue_id  # every event of this message is refused, for now
+    receiver.answer = lambda request: (
+        Answer(500) if request.data["message_id"] == stuck else ok(request)
+    )
+    endpoint = endpoint_to(receiver)
+    others = [e for e in log if e.queue_id != stuck]
+    settings = SenderSettings(
+        lease=5.0, poll=0.02, save_every=0.05, retry=RetrySchedule(first=0.05, cap=0.2)
+    )
+    async with running(sender_for(sqlite, endpoint, settings=settings)):
+        # the other messages go on while this one waits
+        await receiver.wait_until(
+            lambda: set(first_arrivals(receiver.accepted)) == {e.id for e in others},
+            "the other messages' events",
+        )
+    first_stuck = next(n for n, e in enumerate(log) if e.queue_id == stuck)
+    state = await state_of(sqlite, endpoint.name)
+    assert state.cursor == log[first_stuck - 1].id  # just before the first unacknowledged one
+    receiver.answer = ok
+    async with running(sender_for(sqlite, endpoint, settings=settings)):
+        await receiver.wait_until(
+            lambda: set(first_arrivals(receiver.accepted)) == {e.id for e in log}, "everything"
+        )
+    assert_all_arrived_in_order(receiver, log)
