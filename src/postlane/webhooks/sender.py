@@ -288,7 +288,7 @@ class EndpointSender:
         self.recent: deque[DeliveryFailure] = deque(maxlen=RECENT_FAILURES)
         #: True while this process holds the endpoint's lease
         self.holding = False
-        #: events this process had acknowledged since it started
+        #: events acknowledged to this process since it started
         self.delivered = 0
         self._tenure: _Tenure | None = None
 
