@@ -135,8 +135,9 @@ class MailFirst:
     A webhook costs about what a delivery costs (a request and its reply through the event
     loop), and each message makes two events or more, so a sender going flat out beside a busy
     worker would take a third of its rate or more. While ``activity`` (a counter that moves
-    with each delivery attempt: the worker's) has moved within the last half second, requests
-    start only in the first ``share`` of every quarter second; when mail is idle, or the event
+    with each delivery attempt: the worker's) has moved within the last half second, or the
+    process started less than half a second ago, requests start only in the first ``share`` of
+    every quarter second; when mail is idle, or the event
     to send is more than ``max_lag`` seconds old, they start at once. So during a burst the
     webhooks fall behind by a bounded amount and catch up when it is over.
     """
@@ -149,7 +150,11 @@ class MailFirst:
         self.share = share
         self.max_lag = max_lag
         self._seen = 0 if activity is None else activity()
-        self._moved_at = self._looked_at = -self.QUIET
+        #: when the counter was last seen to move, and when it was last looked at (None: not
+        #: yet; a process starting with a backlog delivers at once, so mail counts as busy
+        #: until it has been quiet for a while)
+        self._moved_at: float | None = None
+        self._looked_at: float | None = None
 
     def busy(self) -> bool:
         """True while mail is being delivered: the counter moved within the last half second
@@ -159,9 +164,11 @@ class MailFirst:
             return False
         now = time.monotonic()
         value = self.activity()
-        if value != self._seen:
-            self._seen = value
+        if self._looked_at is None or self._moved_at is None:
+            self._moved_at = now
+        elif value != self._seen:
             self._moved_at = self._looked_at
+        self._seen = value
         self._looked_at = now
         return now - self._moved_at < self.QUIET
 
