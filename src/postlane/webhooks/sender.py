@@ -518,16 +518,19 @@ class _Tenure:
         ]
         keeper = asyncio.create_task(self._guard(self._keep()), name=f"postlane-webhook-{name}")
         reader = asyncio.create_task(self._guard(self._read()), name=f"postlane-webhook-{name}")
-        await _first_of(stop.wait(), self.ended.wait(), timeout=None)
-        self.end("stop")
-        reader.cancel()
-        keeper.cancel()
-        if self.reason == "stop" and self.in_flight:
-            # requests in flight may finish; lanes waiting to retry leave at once
-            await _first_of(self.idle.wait(), timeout=self.settings.shutdown_grace)
-        for task in (*lanes, reader, keeper):
-            task.cancel()
-        await asyncio.gather(*lanes, reader, keeper, return_exceptions=True)
+        tasks = (*lanes, reader, keeper)
+        try:
+            await _first_of(stop.wait(), self.ended.wait(), timeout=None)
+            self.end("stop")
+            reader.cancel()
+            keeper.cancel()
+            if self.reason == "stop" and self.in_flight:
+                # requests in flight may finish; lanes waiting to retry leave at once
+                await _first_of(self.idle.wait(), timeout=self.settings.shutdown_grace)
+        finally:
+            for task in tasks:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.reason == "stop":
             try:
                 await self._record_failures()
