@@ -338,7 +338,7 @@ async def test_timeouts_connection_failures_and_refusals_are_counted_by_outcome(
     counted: dict[str, int] = defaultdict(int)
 
     class Counting:
-        def attempted(self, endpoint: str, outcome: str, seconds: float) -> None:
+        def webhook_attempted(self, endpoint: str, outcome: str, seconds: float) -> None:
             assert outcome in OUTCOMES and seconds >= 0
             counted[outcome] += 1
 

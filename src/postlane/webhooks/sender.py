@@ -74,15 +74,16 @@ class WebhookSenderStore(HistoryStore, WebhookStore, Protocol):
 
 
 class WebhookObserver(Protocol):
-    """Told about every request to an endpoint (metrics implement this)."""
+    """Told about every request to an endpoint (metrics implement this; the method's name
+    differs from the worker's ``DeliveryObserver.attempted`` so one object can be both)."""
 
-    def attempted(self, endpoint: str, outcome: str, seconds: float) -> None:
+    def webhook_attempted(self, endpoint: str, outcome: str, seconds: float) -> None:
         """``outcome`` is one of :data:`OUTCOMES`; ``seconds`` is the request's duration."""
         ...
 
 
 class _NoObserver:
-    def attempted(self, endpoint: str, outcome: str, seconds: float) -> None:
+    def webhook_attempted(self, endpoint: str, outcome: str, seconds: float) -> None:
         return None
 
 
@@ -654,7 +655,7 @@ class _Tenure:
                 self.in_flight -= 1
                 if not self.in_flight:
                     self.idle.set()
-            observer.attempted(name, outcome, time.monotonic() - started)
+            observer.webhook_attempted(name, outcome, time.monotonic() - started)
             if outcome == "delivered":
                 if self.health.succeeded():
                     self.recovered = True
