@@ -29,6 +29,7 @@ from typing import Any
 from postlane.clock import iso
 from postlane.config import Config, parse_duration
 from postlane.errors import ConfigError
+from postlane.events import WebhookEndpointState
 from postlane.message import Lane
 from postlane.records import Sample, Stats
 from postlane.throttle import MISCONFIGURED
@@ -46,6 +47,7 @@ _CHECKS = (
     "paused",
     "misconfigured",
     "stalled",
+    "webhook_failing",
 )
 _LANES = tuple(lane.value for lane in Lane)
 
@@ -90,7 +92,9 @@ class Alert:
 
     def _text(self, template: str) -> str:
         return template.format(
-            lane=self.labels.get("lane", ""), destination=self.labels.get("destination", "")
+            lane=self.labels.get("lane", ""),
+            destination=self.labels.get("destination", ""),
+            endpoint=self.labels.get("endpoint", ""),
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -183,7 +187,11 @@ def prometheus_rules(rules: Sequence[AlertRule] | None = None) -> str:
         "    rules:",
     ]
     for rule in rules or load_rules():
-        placeholders = {"lane": "{{ $labels.lane }}", "destination": "{{ $labels.destination }}"}
+        placeholders = {
+            "lane": "{{ $labels.lane }}",
+            "destination": "{{ $labels.destination }}",
+            "endpoint": "{{ $labels.endpoint }}",
+        }
         lines += [
             f"      - alert: {rule.name}",
             f"        expr: {_quoted(rule.expr)}",
@@ -220,9 +228,13 @@ def _covers(samples: Sequence[Sample], now: float, window: float) -> bool:
 
 
 def evaluate(
-    samples: Sequence[Sample], now: float, rules: Sequence[AlertRule] | None = None
+    samples: Sequence[Sample],
+    now: float,
+    rules: Sequence[AlertRule] | None = None,
+    webhooks: Sequence[WebhookEndpointState] = (),
 ) -> list[Alert]:
-    """Every rule's verdict on the recorded history (``samples``, oldest first)."""
+    """Every rule's verdict on the recorded history (``samples``, oldest first) and on the
+    outbound webhook endpoints' state (``webhooks``, as the store keeps it)."""
     by_lane: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
         by_lane[sample.lane].append(sample)
@@ -296,6 +308,16 @@ def evaluate(
             )
             waiting = depths[-1] if depths else 0
             alerts.append(Alert(rule, {}, firing, waiting, f"{sent} delivered, {waiting} waiting"))
+        elif rule.check == "webhook_failing":
+            threshold = int(rule.params["failures"])
+            for state in webhooks:
+                detail = f"{state.failures} failure(s) in a row"
+                if state.failures and state.last_error:
+                    detail += f"; last: {state.last_error}"
+                firing = state.failures >= threshold
+                alerts.append(
+                    Alert(rule, {"endpoint": state.name}, firing, float(state.failures), detail)
+                )
     return alerts
 
 
@@ -393,7 +415,8 @@ class AlertMonitor:
 
     async def evaluate(self, now: float) -> list[Alert]:
         samples = await self.app.store.samples(now - history_needed(self.rules))
-        return evaluate(samples, now, self.rules)
+        webhooks = await self.app.store.webhook_endpoints()
+        return evaluate(samples, now, self.rules, webhooks)
 
     async def run_once(self, now: float) -> list[Alert]:
         """Record, evaluate, remember transitions, notify. Returns every verdict."""

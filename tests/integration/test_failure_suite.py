@@ -38,9 +38,12 @@ from postlane.metrics import Metrics
 from postlane.records import AttemptView, DeadLetter, MessageView, RecipientView, Selector
 from postlane.simulate import Scenario, Simulator, find_message_id
 from postlane.transports import transport_for
+from postlane.webhooks.endpoints import WebhookEndpoint, new_secret
+from postlane.webhooks.sender import SenderSettings, WebhookSender
 from postlane.worker import Worker
 from tests.conftest import make_config
 from tests.processes import run_postlane, start_postlane
+from tests.webhook_receiver import Answer, WebhookReceiver, signed_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 SENDER = "app@example.com"
@@ -1019,10 +1022,69 @@ async def test_a_bounce_storm_fires_the_bounce_alerts_with_runbooks_then_they_re
         no_duplicates(run.simulator.report())
 
 
+# -- 5. a webhook endpoint down: its alert fires with its runbook, and resolves ------------------
+
+WEBHOOK_ALERTS = {"PostlaneWebhookEndpointFailing{endpoint=app}"}
+
+
+async def test_a_webhook_endpoint_outage_fires_its_alert_with_a_runbook_then_it_resolves(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    secret = new_secret()
+
+    async def waiting_for_its_next_try(run: Rehearsal) -> None:
+        """Until the sender has tried whatever was due by the (fake) clock."""
+        for _ in range(500):
+            [state] = await run.app.store.webhook_endpoints()  # type: ignore[attr-defined]
+            if state.paused_until is None or state.paused_until > run.clock.now():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the webhook sender did not try again")
+
+    async with (
+        rehearsal(tmp_path, clock, Scenario.load("accept")) as run,
+        WebhookReceiver(secret) as receiver,
+    ):
+        receiver.answer = lambda request: Answer(503, body=b"maintenance")
+        endpoint = WebhookEndpoint.from_table(
+            {"url": receiver.url, "secret": secret, "allow_private": True, "name": "app"}
+        )
+        sender = WebhookSender(
+            run.app.store,  # type: ignore[arg-type]
+            [endpoint],
+            clock=clock,
+            settings=SenderSettings(poll=0.01, save_every=0.02),
+        )
+        monitor = AlertMonitor.from_config(run.app, run.config)
+        await run.send_each(["ada@example.net"])
+        stop = asyncio.Event()
+        sending = asyncio.create_task(sender.run(stop))
+        await receiver.wait_until(lambda: len(receiver.received) >= 1, "a first try")
+        fired: dict[str, Alert] = {}
+        for _ in range(120):
+            await waiting_for_its_next_try(run)
+            fired.update((a.key, a) for a in await run.minute(monitor) if a.firing)
+            if fired:
+                break
+        assert set(fired) == WEBHOOK_ALERTS
+        check_runbook(fired.popitem()[1])
+        # the application is back: the next try finds it, the backlog follows, the alert resolves
+        receiver.answer = signed_ok
+        for _ in range(120):
+            await waiting_for_its_next_try(run)
+            verdicts = await run.minute(monitor)
+            if not firing_keys(verdicts) and len(receiver.accepted) == 2:  # queued, sent
+                break
+        stop.set()
+        await sending
+        assert firing_keys(verdicts) == set()
+        assert [r.data["type"] for r in receiver.accepted] == ["queued", "sent"]
+
+
 def test_the_rehearsals_fire_every_alert_rule() -> None:
     """Each shipped alert rule is fired by one of the rehearsals above (so its runbook link is
     checked); a new rule needs a rehearsal here."""
-    fired = {key.split("{")[0] for key in OUTAGE_ALERTS | BOUNCE_ALERTS}
+    fired = {key.split("{")[0] for key in OUTAGE_ALERTS | BOUNCE_ALERTS | WEBHOOK_ALERTS}
     assert fired == {rule.name for rule in load_rules()}
 
 
