@@ -1081,10 +1081,77 @@ async def test_a_webhook_endpoint_outage_fires_its_alert_with_a_runbook_then_it_
         assert [r.data["type"] for r in receiver.accepted] == ["queued", "sent"]
 
 
+# -- 6. a relay that can never take postlane's mail as configured ----------------------------------
+
+MISCONFIGURED_ALERTS = {"PostlaneRelayMisconfigured{destination=relay}"}
+
+
+async def test_credentials_the_relay_cannot_take_fire_the_misconfiguration_alert_at_once(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The relay offers no TLS, and postlane never sends a password in clear: nothing can go
+    until the configuration changes, the alert says so in the first minute, no attempt used."""
+    async with rehearsal(
+        tmp_path,
+        clock,
+        Scenario.load("accept"),
+        delivery={"username": "app", "password": "correct-horse-battery"},
+    ) as run:
+        monitor = AlertMonitor.from_config(run.app, run.config)
+        [queued] = await run.send_each(["ada@example.net"])
+        verdicts = await run.minute(monitor)
+        fired = {alert.key: alert for alert in verdicts if alert.firing}
+        assert set(fired) == MISCONFIGURED_ALERTS
+        check_runbook(fired.popitem()[1])
+        [recipient] = await run.recipients([queued])
+        assert recipient.state is not RecipientState.DEAD and recipient.attempts == 0
+
+
+# -- 7. complaints: a feedback loop reports a newsletter as spam ----------------------------------
+
+COMPLAINT_ALERTS = {"PostlaneComplaintRateHigh", "PostlaneComplaintRateCritical"}
+
+
+async def test_complaints_over_the_providers_thresholds_fire_the_complaint_alerts(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    from postlane.feedback import Feedback, FeedbackKind
+
+    async with rehearsal(tmp_path, clock, Scenario.load("accept")) as run:
+        monitor = AlertMonitor.from_config(run.app, run.config)
+        ids = await run.send_each(f"reader{i}@gmail.com" for i in range(1000))
+        await run.minute(monitor)
+        assert (await run.app.stats()).sent == 1000
+        # the next minute, Gmail's feedback loop reports four of them as spam (0.4%)
+        refs = [
+            ref
+            for i in (7, 70, 700, 77)
+            for ref in await run.app.store.find_deliveries(f"reader{i}@gmail.com", queue_id=ids[i])
+        ]
+        assert len(refs) == 4
+        now = clock.now()
+        await run.app.store.record_feedback(
+            [Feedback(FeedbackKind.COMPLAINED, ref.delivery_id, now, "arf") for ref in refs], now
+        )
+        fired: dict[str, Alert] = {}
+        for _ in range(2):  # the minute they came in is recorded once it has passed
+            fired.update((a.key, a) for a in await run.minute(monitor) if a.firing)
+        assert set(fired) == COMPLAINT_ALERTS
+        for alert in fired.values():
+            check_runbook(alert)
+        # a day later, with nothing more reported, both resolve
+        await clock.advance(86400)
+        verdicts = await run.minute(monitor)
+        assert firing_keys(verdicts) == set()
+
+
 def test_the_rehearsals_fire_every_alert_rule() -> None:
     """Each shipped alert rule is fired by one of the rehearsals above (so its runbook link is
     checked); a new rule needs a rehearsal here."""
-    fired = {key.split("{")[0] for key in OUTAGE_ALERTS | BOUNCE_ALERTS | WEBHOOK_ALERTS}
+    rehearsed = (
+        OUTAGE_ALERTS | BOUNCE_ALERTS | WEBHOOK_ALERTS | MISCONFIGURED_ALERTS | COMPLAINT_ALERTS
+    )
+    fired = {key.split("{")[0] for key in rehearsed}
     assert fired == {rule.name for rule in load_rules()}
 
 
