@@ -32,6 +32,7 @@ from postlane.clock import Clock, SystemClock
 from postlane.config import Config, load_config
 from postlane.destinations import DestinationMap
 from postlane.errors import NotFound, SuppressedRecipients, ValidationError
+from postlane.events import Event
 from postlane.message import Message, PreparedMessage, prepare
 from postlane.records import (
     SUPPRESSION_REASONS,
@@ -419,6 +420,34 @@ class AsyncPostlane:
     ) -> list[ShapeRow]:
         return await self.store.shape(self.clock.now(), edges, limit=_limit(limit))
 
+    # -- events --------------------------------------------------------------------------------
+
+    async def events(
+        self, after: str | int | None = None, *, limit: int = 100, types: Sequence[str] = ()
+    ) -> EventPage:
+        """Events after the event ``after`` (None: from the oldest kept), in the order they
+        were committed, at most ``limit``, of ``types`` (default: all). Raises
+        :class:`ValidationError` for a bad cursor or type, :class:`NotFound` for a cursor
+        whose event retention removed (``[store] event_retention``)."""
+        from postlane.events import EVENT_TYPES
+
+        unknown = sorted(set(types) - set(EVENT_TYPES))
+        if unknown:
+            raise ValidationError(
+                f"unknown event type {unknown[0]!r} (known: {', '.join(EVENT_TYPES)})",
+                field="type",
+            )
+        cursor = _event_id(after)
+        try:
+            found = await self.store.events_after(cursor, limit=_limit(limit), types=tuple(types))
+        except NotFound:
+            raise NotFound(
+                f"event {cursor} is no longer kept ([store] event_retention); start again "
+                "without after= to read from the oldest event kept"
+            ) from None
+        following = found[-1].id if found else cursor
+        return EventPage(found, None if following is None else str(following))
+
     # -- suppression -----------------------------------------------------------------------------
 
     async def suppressions(self, *, limit: int = 1000) -> list[Suppression]:
@@ -591,6 +620,27 @@ def _message_from_fields(fields: dict[str, Any]) -> Message:
         return Message(**fields)
     except TypeError as exc:
         raise ValidationError(f"unknown message field: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EventPage:
+    """A page of the event log, and the cursor to read on from (``next``: the last event's id,
+    or the cursor given when there was nothing new)."""
+
+    events: list[Event]
+    next: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"events": [event.as_json() for event in self.events], "next": self.next}
+
+
+def _event_id(value: str | int | None) -> int | None:
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    if not text.isdigit() or len(text) > 19:
+        raise ValidationError(f"after must be an event id, got {value!r}", field="after")
+    return int(text)
 
 
 def _check_id(queue_id: str) -> str:

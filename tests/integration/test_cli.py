@@ -568,3 +568,34 @@ def test_suppress_add_takes_reason_scope_and_expiry_and_lists_them_as_json(
     ok("suppress", "remove", "ada@example.net", "--scope", "shop.example", cwd=queue_dir)
     remaining = [e["address"] for e in json.loads(ok("suppress", "list", "--json", cwd=queue_dir))]
     assert remaining == ["bob@example.net"]
+
+
+def test_events_lists_the_log_and_follow_prints_what_happens_next(queue_dir: Path) -> None:
+    import os
+    import select
+
+    send = ("send", "--from", "a@example.com", "--to", "b@example.net", "--text", "t", "--json")
+    first = json.loads(ok(*send, cwd=queue_dir))
+    page = json.loads(ok("events", "--json", cwd=queue_dir))
+    assert [(e["type"], e["message_id"]) for e in page["events"]] == [("queued", first["id"])]
+    assert page["next"] == page["events"][-1]["id"]
+    again = json.loads(ok("events", "--json", "--after", page["next"], cwd=queue_dir))
+    assert again == {"events": [], "next": page["next"]}
+    one_line_error(postlane("events", "--after", "x", cwd=queue_dir), "after must be an event id")
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+    command = ["postlane", "events", "--follow", "--json", "--after", page["next"]]
+    with subprocess.Popen(
+        command, cwd=queue_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=environment,
+    ) as follower:  # fmt: skip
+        try:
+            second = json.loads(ok(*send, cwd=queue_dir))
+            assert follower.stdout is not None
+            ready, _, _ = select.select([follower.stdout], [], [], 30)
+            assert ready, "the follower printed nothing within 30 s"
+            event = json.loads(follower.stdout.readline())
+            assert (event["type"], event["message_id"]) == ("queued", second["id"])
+        finally:
+            follower.terminate()
+            follower.wait(timeout=10)

@@ -689,3 +689,38 @@ async def test_suppressions_take_reason_scope_expiry_and_detail_over_http(
     assert r.status_code == 404
     r = await client.delete("/v1/suppressions/ada@example.net", params={"scope": "shop.example"})
     assert r.status_code == 200
+
+
+async def test_the_event_log_pages_in_order_with_a_cursor(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    body = {"from": "a@example.com", "text": "x"}
+    ids = [
+        (await client.post("/v1/messages", json={**body, "to": [f"u{i}@example.net"]})).json()["id"]
+        for i in range(3)
+    ]
+    await app.suppress("late@example.net")
+    await client.post("/v1/messages", json={**body, "to": ["late@example.net"]})
+    first = (await client.get("/v1/events", params={"limit": 2})).json()
+    assert [e["message_id"] for e in first["events"]] == ids[:2]
+    assert first["next"] == first["events"][-1]["id"]
+    rest = (await client.get("/v1/events", params={"after": first["next"]})).json()
+    assert [e["type"] for e in rest["events"]] == ["queued", "suppressed"]
+    only = (await client.get("/v1/events", params={"type": "suppressed"})).json()
+    assert [e["recipient"] for e in only["events"]] == ["late@example.net"]
+    assert set(only["events"][0]) == {
+        "id", "type", "at", "message_id", "recipient", "lane", "class", "code", "enhanced",
+        "text", "metadata",
+    }  # fmt: skip
+    end = (await client.get("/v1/events", params={"after": rest["next"]})).json()
+    assert end == {"events": [], "next": rest["next"]}
+    for params, status in (
+        ({"after": "x"}, 400),
+        ({"type": "opened"}, 400),
+        ({"limit": "0"}, 400),
+        ({"since": "1"}, 400),
+    ):
+        r = await client.get("/v1/events", params=params)
+        assert r.status_code == status, (params, r.text)
+    del client.headers["Authorization"]
+    assert (await client.get("/v1/events")).status_code == 401

@@ -23,6 +23,7 @@ from postlane.cli.classify import classify_command
 from postlane.cli.context import Invocation
 from postlane.cli.credentials import dkim, hash_password_command
 from postlane.cli.dlq import dlq
+from postlane.cli.events import events_command
 from postlane.cli.output import unwrap_when_piped
 from postlane.cli.queue import queue
 from postlane.cli.send import send
@@ -77,6 +78,7 @@ for command in (
     classify_command,
     dlq,
     suppress,
+    events_command,
     alerts_command,
     hash_password_command,
     dkim,

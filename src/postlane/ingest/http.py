@@ -784,6 +784,26 @@ async def remove_suppression(request: Request, caller: Caller) -> Response:
     return ApiJSON({"address": address, "removed": True})
 
 
+# -- events ----------------------------------------------------------------------------------------
+
+
+async def list_events(request: Request, caller: Caller) -> Response:
+    """``GET /v1/events?after=ID&limit=N&type=T``: the event log in commit order, and the
+    cursor to read on from."""
+    query = request.query_params
+    unknown = sorted(set(query) - {"after", "limit", "type"})
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown parameter {unknown[0]!r}")
+    limit_text = query.get("limit", "100")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST:
+        raise ApiError(400, "invalid_field", f"limit must be 1 to {MAX_LIST}")
+    with _invalid_field():
+        page = await _context(request).postlane.events(
+            query.get("after"), limit=int(limit_text), types=query.getlist("type")
+        )
+    return ApiJSON(page.as_json())
+
+
 # -- probes and description ------------------------------------------------------------------------
 
 
@@ -870,6 +890,7 @@ _ROUTES: tuple[tuple[str, str, Handler, Scope | None], ...] = (
     ("/v1/suppressions", "GET", list_suppressions, _ADMIN),
     ("/v1/suppressions", "POST", add_suppression, _ADMIN),
     ("/v1/suppressions/{address}", "DELETE", remove_suppression, _ADMIN),
+    ("/v1/events", "GET", list_events, _ADMIN),
     ("/metrics", "GET", get_metrics, _PUBLIC),
     ("/healthz", "GET", healthz, _PUBLIC),
     ("/readyz", "GET", readyz, _PUBLIC),

@@ -448,6 +448,53 @@ def _operator_paths() -> dict[str, Any]:
     }
 
 
+def _event_paths() -> dict[str, Any]:
+    from postlane.events import EVENT_TYPES
+
+    event = _object(
+        {
+            "id": _type("string"),
+            "type": _type("string", enum=list(EVENT_TYPES)),
+            "at": _type("string", format="date-time"),
+            "message_id": _type("string", description="postlane's id of the message"),
+            "recipient": _type("string", "null"),
+            "lane": _ref("Lane"),
+            "class": _type("string", "null"),
+            "code": _type("integer", "null"),
+            "enhanced": _type("string", "null"),
+            "text": _type("string", "null"),
+            "metadata": _type("object"),
+        },
+        required=("id", "type", "at", "message_id"),
+    )
+    page = _object(
+        {"events": _array(event), "next": _type("string", "null")}, required=("events", "next")
+    )
+    parameters: list[dict[str, Any]] = [
+        {"name": "after", "in": "query", "schema": _type("string", pattern="^[0-9]{1,19}$")},
+        {"name": "limit", "in": "query", "schema": _type("integer", minimum=1, maximum=1000)},
+        {
+            "name": "type",
+            "in": "query",
+            "schema": _array(_type("string", enum=list(EVENT_TYPES))),
+            "style": "form",
+            "explode": True,
+        },
+    ]
+    return {
+        "/v1/events": {
+            "get": _operation(
+                "The event log after a cursor, in commit order (admin)",
+                {"200": _json(page, "A page of events and the cursor to read on from")},
+                (400, 401, 404),
+                description="`next` is the cursor for the following call (the cursor given "
+                "when nothing new came). 404: the cursor's event is no longer kept.",
+                parameters=parameters,
+            )
+        }
+    }
+
+
 def _suppression_paths() -> dict[str, Any]:
     entry = {
         **_object(
@@ -537,6 +584,7 @@ def openapi_document() -> dict[str, Any]:
             **_message_paths(),
             **_operator_paths(),
             **_suppression_paths(),
+            **_event_paths(),
             **_probe_paths(),
         },
     }

@@ -1,0 +1,109 @@
+"""``postlane events``: the event log (what happened to each recipient), as the application
+reads it through ``GET /v1/events`` and webhooks; ``--follow`` keeps printing new ones."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import click
+
+from postlane.app import AsyncPostlane, EventPage
+from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.output import listing, print_json, show
+from postlane.clock import when
+from postlane.events import EVENT_TYPES, Event
+
+
+def _line(event: Event) -> str:
+    """One event as a line of text (``--follow``)."""
+    reply = " ".join(str(part) for part in (event.code, event.enhanced) if part)
+    parts = [
+        event.id,
+        when(event.at),
+        event.type,
+        event.queue_id,
+        event.recipient or "-",
+        event.lane.value,
+        reply,
+        (event.text or "").splitlines()[0] if event.text else "",
+    ]
+    return "  ".join(str(part) for part in parts if part != "")
+
+
+@click.command("events")
+@config_option
+@click.option("--after", metavar="ID", help="Only events after this one (a cursor: `next`).")
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    type=click.Choice(EVENT_TYPES),
+    help="Only events of this type (repeatable).",
+)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Keep printing events as they happen (from the newest on, or after --after); "
+    "with --json, one JSON object a line.",
+)
+@json_option
+def events_command(
+    after: str | None, types: tuple[str, ...], limit: int, follow: bool, as_json: bool
+) -> None:
+    """The event log, oldest first: queued, sent, deferred, bounced, complained, unsubscribed,
+    dead, suppressed, expired."""
+    if follow:
+        _follow(after, types, as_json)
+        return
+    page: EventPage = with_app(lambda app: app.events(after, limit=limit, types=types))
+    if as_json:
+        print_json(page.as_json())
+        return
+    if not page.events:
+        click.echo("No events" + (f" after {after}" if after else ""), err=True)
+        return
+    table = listing("id", "at", "type", "message", "recipient", "lane", "reply", right={"id"})
+    for event in page.events:
+        reply = " ".join(str(part) for part in (event.code, event.enhanced) if part)
+        table.add_row(
+            str(event.id),
+            when(event.at),
+            event.type,
+            event.queue_id,
+            event.recipient or "-",
+            event.lane.value,
+            reply,
+        )
+    show(table)
+    click.echo(f"next: postlane events --after {page.next}", err=True)
+
+
+def _follow(after: str | None, types: tuple[str, ...], as_json: bool) -> None:
+    from postlane.webhooks.subscribers import follow_events
+
+    async def go(app: AsyncPostlane) -> None:
+        start: Any = "latest" if after is None else int(await _checked(app, after))
+        async for event in follow_events(app.store, start, types=types, clock=app.clock):
+            if as_json:
+                click.echo(json.dumps(event.as_json(), ensure_ascii=False, default=str))
+            else:
+                click.echo(_line(event))
+            sys.stdout.flush()
+
+    try:
+        with_app(go)
+    except KeyboardInterrupt:  # Ctrl-C ends a follow: not an error
+        pass
+    except asyncio.CancelledError:
+        pass
+
+
+async def _checked(app: AsyncPostlane, after: str) -> str:
+    """``after`` checked as a cursor (a ValidationError names it) before following."""
+    await app.events(after, limit=1)
+    return after
