@@ -172,7 +172,16 @@ async def seed(directory: Path) -> Seeded:
                     paused_until=now + 1800,
                     reason="421 4.7.0 Too many connections from your host",
                     updated_at=now,
-                )
+                ),
+                # the relay itself asked to slow down: every delivery goes through it
+                DestinationStatus(
+                    destination="relay",
+                    rate=4.0,
+                    configured_rate=None,
+                    paused_until=None,
+                    reason="421 4.7.28 Our system has detected an unusual rate of mail",
+                    updated_at=now,
+                ),
             ]
         )
         await _history(app, now)

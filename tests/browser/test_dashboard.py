@@ -172,11 +172,30 @@ def test_a_paused_destination_is_shown_with_its_reason_and_can_be_lifted(
     expect(row).to_contain_text("421 4.7.0 Too many connections")
     expect(row).to_contain_text("temporary")  # its recent replies: the greylisting
     screenshot(page, "destinations", tmp_path)
+    expect(row.locator("[data-state]")).to_contain_text("paused until")
+    expect(row.locator("[data-reason]")).to_contain_text("421 4.7.0 Too many connections")
     row.get_by_role("button", name="Lift pause").click()
-    expect(page.locator(".flash")).to_contain_text("lifted the pause on slow.example")
+    expect(page.locator(".flash")).to_contain_text("lifted the pause and slow-down on slow.example")
     expect(page.locator('tr[data-destination="slow.example"] button')).to_have_count(0)
     status = run_cli(seeded.config, "stats")["destinations"]
     assert all(d["paused_until"] is None for d in status if d["destination"] == "slow.example")
+
+
+def test_issue_17_8_a_slowed_down_relay_is_its_own_row_and_can_be_lifted(
+    seeded: Seeded, page: Page
+) -> None:
+    page.goto(seeded.http + "/destinations")
+    row = page.locator('tr[data-destination="relay"]')
+    expect(row).to_have_attribute("data-kind", "relay")
+    expect(row.locator("[data-state]")).to_have_text("slowed down")  # not "paused"
+    expect(row.locator("[data-reason]")).to_contain_text("421 4.7.28")
+    expect(row).to_contain_text("4.0/s")
+    expect(row).to_contain_text("counted by recipient destination")
+    row.get_by_role("button", name="Lift slow-down").click()
+    expect(page.locator(".flash")).to_contain_text("lifted the pause and slow-down on relay")
+    expect(page.locator('tr[data-destination="relay"] button')).to_have_count(0)
+    status = run_cli(seeded.config, "stats")["destinations"]
+    assert all(d["rate"] is None for d in status if d["destination"] == "relay")
 
 
 def test_the_queue_filters_and_pages_without_repeating(

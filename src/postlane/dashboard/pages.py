@@ -38,6 +38,7 @@ from postlane.dashboard.rendering import (
     render,
     templates,
 )
+from postlane.destinations import provider_names
 from postlane.errors import PostlaneError
 from postlane.message import Lane, RecipientState, check_text
 from postlane.records import Sample, Selector
@@ -138,17 +139,43 @@ async def destinations(request: Request, session: Session) -> Response:
         {d.destination for d in stats.destinations} | set(replies),
         key=lambda n: (-sum(replies.get(n, {}).values()), n),
     )
-    rows = [
-        {
-            "name": name,
-            "status": states.get(name),
-            "paused": (states[name].paused_until or 0) > now if name in states else False,
-            "replies": sorted(replies.get(name, {}).items(), key=lambda kv: -kv[1]),
-            "total": sum(replies.get(name, {}).values()),
-        }
-        for name in names
-    ]
-    return render(request, session, "destinations.html", rows=rows)
+    providers = provider_names()
+    rows = []
+    for name in names:
+        status = states.get(name)
+        paused = status is not None and (status.paused_until or 0) > now
+        slowed = (
+            status is not None
+            and not paused
+            and status.rate is not None
+            and (status.configured_rate is None or status.rate < status.configured_rate)
+        )
+        rows.append(
+            {
+                "name": name,
+                "kind": _destination_kind(name, providers),
+                "status": status,
+                "paused": paused,
+                "slowed": slowed,
+                "replies": sorted(replies.get(name, {}).items(), key=lambda kv: -kv[1]),
+                "total": sum(replies.get(name, {}).values()),
+            }
+        )
+    return render(
+        request,
+        session,
+        "destinations.html",
+        rows=rows,
+        relay=app.config.redact(app.config.delivery.relay),
+    )
+
+
+def _destination_kind(name: str, providers: frozenset[str]) -> str:
+    """``relay`` (every delivery goes through it: its own slow-downs and pauses), ``provider``
+    (a mailbox provider's domains together) or ``domain``."""
+    if name == "relay" or name.startswith("relay:"):
+        return "relay"
+    return "provider" if name in providers else "domain"
 
 
 async def lift(request: Request, session: Session) -> Response:
@@ -159,7 +186,7 @@ async def lift(request: Request, session: Session) -> Response:
         raise PostlaneError("which destination?")
     await app.store.lift_destinations([name], app.clock.now())
     app.wake.set()
-    return back_to("/destinations", f"lifted the pause on {name}")
+    return back_to("/destinations", f"lifted the pause and slow-down on {name}")
 
 
 # -- queue -----------------------------------------------------------------------------------------
