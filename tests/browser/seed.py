@@ -216,6 +216,8 @@ async def _history(app: AsyncPostlane, now: float) -> None:
                 hard_bounces=int(3 * wave),
                 deferrals=int(60 * wave),
                 soft_bounces=int(9 * wave),
+                bounced=int(2 * wave),  # DSNs from beyond the relay, minutes later
+                complaints=1 if back % 30 == 0 else 0,
                 paused=("slow.example",) if back <= 40 else (),  # paused for 40 minutes now
             ),
         ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -156,6 +157,11 @@ def test_the_overview_shows_what_stats_json_says(
     assert stats["lanes"]["normal"]["held"] == HELD
     assert page.locator("svg.chart polyline").count() >= 8  # four charts, history drawn
     expect(page.locator(".warn")).to_contain_text("slow.example")  # the pause, at a glance
+    # what was heard after delivery (DSNs, complaints) is charted and summed beside the bounces
+    expect(page.locator("figure.chart-box", has_text="bounced later")).to_have_count(1)
+    expect(page.locator("nav.windows")).to_contain_text(
+        re.compile(r"[1-9][\d,]* bounced later, [1-9][\d,]* complaints")
+    )
     screenshot(page, "overview", tmp_path)
 
     # it stays live: a message sent meanwhile shows up without a reload (the script polls)

@@ -147,6 +147,9 @@ def overview_charts(samples: Sequence[Sample], start: float, end: float) -> dict
     bounces = [
         Series("hard bounces", [(s.at, s.hard_bounces) for s in wide], colour=FAILURE),
         Series("soft bounces", [(s.at, s.soft_bounces) for s in wide]),
+        # heard after the first hop: a DSN or a provider's event, and spam complaints
+        Series("bounced later", [(s.at, s.bounced) for s in wide]),
+        Series("complaints", [(s.at, s.complaints) for s in wide]),
     ]
     return {
         "depth": line_chart(
@@ -170,5 +173,7 @@ def overview_charts(samples: Sequence[Sample], start: float, end: float) -> dict
             "dead": sum(s.dead for s in wide),
             "hard": sum(s.hard_bounces for s in wide),
             "soft": sum(s.soft_bounces for s in wide),
+            "bounced": sum(s.bounced for s in wide),
+            "complaints": sum(s.complaints for s in wide),
         },
     }
