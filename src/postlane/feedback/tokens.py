@@ -63,9 +63,7 @@ class DeliveryTokens:
     @property
     def pattern(self) -> str:
         """A regular expression matching a token of this shape (not checking its MAC)."""
-        return (
-            rf"{re.escape(self.prefix)}[0-9a-z]{{1,{_ID_CHARS}}}-[a-z2-7]{{{self.mac_chars}}}"
-        )
+        return rf"{re.escape(self.prefix)}[0-9a-z]{{1,{_ID_CHARS}}}-[a-z2-7]{{{self.mac_chars}}}"
 
     def _mac(self, delivery_id: int) -> str:
         message = f"{self.purpose}:{delivery_id}".encode("ascii")

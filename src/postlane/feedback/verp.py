@@ -22,20 +22,16 @@ sends each recipient in its own transaction with its own return path.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from postlane.classify import ReplyClass
 from postlane.feedback.tokens import DeliveryTokens
-from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response, Transport
+from postlane.transports.base import Envelope, Response, Transport
+from postlane.transports.per_recipient import PerRecipientTransport
 
 __all__ = ["TOKEN_PREFIX", "ReturnPaths", "VerpTransport"]
-
-log = logging.getLogger("postlane.verp")
 
 #: what every VERP local part starts with
 TOKEN_PREFIX = "b-"
@@ -106,7 +102,7 @@ def _address_pattern(domain: str, token: str) -> re.Pattern[str]:
     return pattern
 
 
-class VerpTransport(BaseTransport):
+class VerpTransport(PerRecipientTransport):
     """A transport that gives every recipient its own return path (``b-<token>@domain``) and
     its own transaction, then hands each to ``inner``; the message's bytes (its ``From:``)
     are untouched, and the name, shared destination and routes are ``inner``'s.
@@ -120,46 +116,21 @@ class VerpTransport(BaseTransport):
     """
 
     def __init__(self, inner: Transport, domain: str, key: bytes) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.return_paths = ReturnPaths(domain, key)
-        self.name = inner.name
-        self.shared_destination = inner.shared_destination
-
-    def shared_destination_for(self, lane: str, sender: str, recipient_domain: str) -> str | None:
-        return self.inner.shared_destination_for(lane, sender, recipient_domain)
-
-    def follow_pauses(self, is_paused: PauseCheck) -> None:
-        self.inner.follow_pauses(is_paused)
 
     async def send(self, envelope: Envelope) -> list[Response]:
         ids = envelope.delivery_ids
         if not envelope.sender or not ids or len(ids) != len(envelope.recipients):
             return await self.inner.send(envelope)
-        transactions = [
-            dataclasses.replace(
-                envelope,
-                sender=self.return_paths.address(delivery_id),
-                recipients=(recipient,),
-                delivery_ids=(delivery_id,),
-            )
-            for recipient, delivery_id in zip(envelope.recipients, ids, strict=True)
-        ]
-        if len(transactions) == 1:
-            return await self.inner.send(transactions[0])
-        replies = await asyncio.gather(*(self._send_one(t) for t in transactions))
-        return [reply for one in replies for reply in one]
-
-    async def _send_one(self, envelope: Envelope) -> list[Response]:
-        try:
-            responses = await self.inner.send(envelope)
-        except Exception as exc:  # the worker's rule (invariant 9), per recipient here
-            log.exception("transport %s failed unexpectedly", self.inner.name)
-            text = f"unexpected error in transport {self.inner.name}: {type(exc).__name__}: {exc}"
-            return [Response(None, text, self.inner.name, failure=ReplyClass.TEMPORARY)]
-        if len(responses) != 1:
-            text = f"transport {self.inner.name} returned {len(responses)} responses for 1"
-            return [Response(None, text, self.inner.name, failure=ReplyClass.TEMPORARY)]
-        return responses
-
-    async def close(self) -> None:
-        await self.inner.close()
+        return await self.send_each(
+            [
+                dataclasses.replace(
+                    envelope,
+                    sender=self.return_paths.address(delivery_id),
+                    recipients=(recipient,),
+                    delivery_ids=(delivery_id,),
+                )
+                for recipient, delivery_id in zip(envelope.recipients, ids, strict=True)
+            ]
+        )
