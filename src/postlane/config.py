@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from postlane import toml_values
 from postlane.errors import ConfigError
@@ -441,6 +442,69 @@ class AlertsConfig:
     history: float = _setting(7 * 86400.0, _duration)
 
 
+def _unsubscribe_url(value: Any) -> str:
+    """An https URL (http only to a loopback host: a test, a proxy on this machine), without
+    query, fragment or credentials: the base each recipient's ``<url>/<token>`` link is made
+    from."""
+    text = _str(value).strip().rstrip("/")
+    shown = mask_url(text)
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        credentials = parts.username is not None or parts.password is not None
+    except ValueError:
+        raise toml_values.expected("an https:// URL", shown) from None
+    plain = text.isascii() and not any(c in text for c in ' <>"\\') and len(text) <= 400
+    if parts.scheme not in ("https", "http") or not host or parts.query or parts.fragment:
+        raise toml_values.expected(
+            'an https:// URL without query or fragment, like "https://mail.example.com/unsubscribe"',
+            shown,
+        )
+    if credentials or not plain:
+        raise toml_values.expected(
+            "an https:// URL of at most 400 ASCII characters, without credentials or spaces", shown
+        )
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ValueError(
+            f"{shown!r}: mail providers only take https:// unsubscribe links (http:// is allowed "
+            "for loopback hosts, to test)"
+        )
+    return text
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _unsubscribe_lanes(value: Any) -> tuple[str, ...]:
+    lanes = _strings(value)
+    for lane in lanes:
+        if lane not in _LANE_SECTIONS:
+            raise ValueError(f"unknown lane {lane!r} (lanes are high, normal, low)")
+    return tuple(dict.fromkeys(lanes))
+
+
+@dataclass(frozen=True)
+class UnsubscribeConfig:
+    """One-click unsubscribe (RFC 8058, docs/unsubscribe.md): with a ``url``, mail in ``lanes``
+    carries ``List-Unsubscribe: <url/TOKEN>`` and ``List-Unsubscribe-Post``, and serve answers
+    ``POST /u/TOKEN``, which suppresses that recipient."""
+
+    #: the public base of the links (the reverse proxy passes ``url/TOKEN`` to ``/u/TOKEN``);
+    #: none: no unsubscribe headers, no endpoint
+    url: str | None = _setting(None, _opt(_unsubscribe_url))
+    #: the lanes whose mail carries the headers (bulk mail; never password resets)
+    lanes: tuple[str, ...] = _setting(("low",), _unsubscribe_lanes)
+    #: what an unsubscribe stops: "sender-domain" (mail from that message's sender domain) or
+    #: "global" (all mail to the address)
+    scope: str = _setting("sender-domain", _choice("sender-domain", "global"))
+
+
 @dataclass(frozen=True)
 class LogConfig:
     #: "text" (one readable line per event) or "json" (one JSON object per line)
@@ -470,6 +534,7 @@ class Config:
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    unsubscribe: UnsubscribeConfig = field(default_factory=UnsubscribeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     destinations: dict[str, DestinationLimits] = field(default_factory=dict)
     shaping: tuple[ShapingRule, ...] = ()
@@ -507,6 +572,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "bounces": BouncesConfig,
     "throttle": ThrottleConfig,
     "alerts": AlertsConfig,
+    "unsubscribe": UnsubscribeConfig,
     "log": LogConfig,
 }
 
@@ -921,6 +987,7 @@ def _read(data: Mapping[str, Any], reader: _Reader, source: str, base_dir: Path)
         bounces=sections["bounces"],
         throttle=sections["throttle"],
         alerts=sections["alerts"],
+        unsubscribe=sections["unsubscribe"],
         log=sections["log"],
         destinations=destinations,
         shaping=shaping,

@@ -12,8 +12,10 @@ SES) sign with the keys set up in the provider's console instead.
 - Every signature is ``relaxed/relaxed`` (survives the header re-folding and whitespace changes
   relays make), over the header fields of :data:`SIGNED_HEADERS` that the message has, with
   ``From`` and the other fields that must never be added afterwards "oversigned" (listed once
-  more than they occur in ``h=``, so a field added later breaks the signature). The signatures
-  are prepended to the stored bytes at each attempt; the stored message itself is never changed.
+  more than they occur in ``h=``, so a field added later breaks the signature), and so are
+  ``List-Unsubscribe`` and ``List-Unsubscribe-Post`` when the message has them (RFC 8058: a
+  one-click link must be signed, and no second one may slip in). The signatures are prepended
+  to the stored bytes at each attempt; the stored message itself is never changed.
 - The signing domain is the ``From`` header's (what DMARC aligns with), else the envelope
   sender's; a key for a parent domain signs its subdomains (``d=example.com`` for
   ``news.example.com``, aligned under DMARC's relaxed mode). Mail from a domain without a key
@@ -91,6 +93,11 @@ SIGNED_HEADERS = (
 #: fields signed one extra time, so that adding one later invalidates the signature (a second
 #: From or Subject is the classic way to abuse a valid signature)
 OVERSIGNED_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "reply-to")
+#: fields signed one extra time when the message has them: a second List-Unsubscribe added in
+#: transit, above the signed one, would otherwise pass and could be the link a client shows
+#: (RFC 8058 4 requires both fields signed); a message without them may still gain them (a
+#: mailing list it is forwarded to)
+OVERSIGNED_WHEN_PRESENT = ("list-unsubscribe", "list-unsubscribe-post")
 KEY_BITS = 2048
 #: RFC 8301: verifiers refuse RSA keys shorter than this
 MIN_RSA_BITS = 1024
@@ -99,6 +106,7 @@ LINE_LENGTH = 78
 
 _SIGNED = tuple(name.encode() for name in SIGNED_HEADERS)
 _OVERSIGNED = tuple(name.encode() for name in OVERSIGNED_HEADERS)
+_OVERSIGNED_WHEN_PRESENT = tuple(name.encode() for name in OVERSIGNED_WHEN_PRESENT)
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 #: a run of spaces and tabs other than a single space (which relaxed canonicalisation keeps)
 _WSP_RUN = re.compile(rb" [ \t]+|\t[ \t]*")
@@ -239,6 +247,7 @@ class DkimSigner:
         # transit, or a Reply-To/Cc the message never had, breaks the signature
         names = [name for name in _SIGNED for _ in fields.get(name, ())]
         names += _OVERSIGNED
+        names += [name for name in _OVERSIGNED_WHEN_PRESENT if name in fields]
         remaining = {name: list(fields.get(name, ())) for name in _SIGNED}
         signed_fields = b"".join(
             _relaxed_field(remaining[name].pop()) for name in names if remaining[name]

@@ -45,6 +45,10 @@ def build_app(
     from postlane.ingest import http as api
 
     asgi = api.build_app(config, app, metrics, worker, probes_only=probes_only)
+    if config.unsubscribe.url is not None and not probes_only:
+        from postlane.ingest.unsubscribe import unsubscribe_routes
+
+        asgi.router.routes += unsubscribe_routes(config, app, metrics)
     if config.http.dashboard and not probes_only:
         asgi.router.routes += dashboard.dashboard_routes()
         # the API's tokens: one count of failed attempts, whichever door a guesser knocks at
@@ -144,7 +148,10 @@ async def run(
         verp_key = None
         if config.bounces.domain is not None:
             verp_key = await app.store.secret("verp", app.clock.now())
-        transport = transport_for(config, verp_key=verp_key)
+        unsubscribe_key = None
+        if config.unsubscribe.url is not None:
+            unsubscribe_key = await app.store.secret("unsubscribe", app.clock.now())
+        transport = transport_for(config, verp_key=verp_key, unsubscribe_key=unsubscribe_key)
         announce(config, app, transport)
         from postlane.metrics import Metrics
 

@@ -5,7 +5,8 @@ With ``[bounces] domain = "bounce.example.com"``, the delivery with id 42 is sen
 envelope sender (``MAIL FROM``, the future ``Return-Path``) ``b-16-<mac>@bounce.example.com``:
 ``16`` is 42 in base 36 and ``<mac>`` is the first 80 bits of HMAC-SHA256 over the id, keyed
 with the store's shared ``verp`` secret (32 random bytes every process reads with
-``await store.secret("verp", now)``), written in lower-case base 32. So:
+``await store.secret("verp", now)``), written in lower-case base 32
+(:class:`~postlane.feedback.tokens.DeliveryTokens`, shared with unsubscribe links). So:
 
 - nobody can make an address that names a delivery without the key: a forged bounce cannot
   suppress an arbitrary recipient, and the bounce listener refuses every other local part at
@@ -21,62 +22,43 @@ sends each recipient in its own transaction with its own return path.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import dataclasses
-import hashlib
-import hmac
-import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from postlane.classify import ReplyClass
-from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response, Transport
+from postlane.feedback.tokens import DeliveryTokens
+from postlane.transports.base import Envelope, Response, Transport
+from postlane.transports.per_recipient import PerRecipientTransport
 
 __all__ = ["TOKEN_PREFIX", "ReturnPaths", "VerpTransport"]
-
-log = logging.getLogger("postlane.verp")
 
 #: what every VERP local part starts with
 TOKEN_PREFIX = "b-"
 #: base-32 characters of the MAC kept in a token (80 bits: an online guess is hopeless)
 MAC_CHARS = 16
-#: a delivery id in base 36 (no leading zero), a hyphen, the MAC
-_TOKEN = re.compile(rf"{TOKEN_PREFIX}([1-9a-z][0-9a-z]{{0,12}})-([a-z2-7]{{{MAC_CHARS}}})")
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def _base36(number: int) -> str:
-    out = []
-    while number:
-        number, digit = divmod(number, 36)
-        out.append(_DIGITS[digit])
-    return "".join(reversed(out)) or "0"
 
 
 @dataclass(frozen=True)
 class ReturnPaths:
     """The VERP addresses of one bounce domain under one key: make them, and tell which
-    delivery one names (or that it names none)."""
+    delivery one names (or that it names none). The tokens are
+    :class:`~postlane.feedback.tokens.DeliveryTokens` of purpose ``verp``."""
 
     domain: str
     key: bytes = dataclasses.field(repr=False)
+    tokens: DeliveryTokens = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domain", self.domain.lower().rstrip("."))
         if len(self.key) < 16:
             raise ValueError("a VERP key needs at least 16 bytes")
-
-    def _mac(self, delivery_id: int) -> str:
-        digest = hmac.new(self.key, b"verp:%d" % delivery_id, hashlib.sha256).digest()
-        return base64.b32encode(digest).decode("ascii")[:MAC_CHARS].lower()
+        tokens = DeliveryTokens(self.key, prefix=TOKEN_PREFIX, purpose="verp", mac_chars=MAC_CHARS)
+        object.__setattr__(self, "tokens", tokens)
 
     def local_part(self, delivery_id: int) -> str:
         """``b-<id in base 36>-<mac>``: what names ``delivery_id``."""
-        if delivery_id < 1:
-            raise ValueError(f"a delivery id is positive, not {delivery_id}")
-        return f"{TOKEN_PREFIX}{_base36(delivery_id)}-{self._mac(delivery_id)}"
+        return self.tokens.make(delivery_id)
 
     def address(self, delivery_id: int) -> str:
         """The envelope sender of ``delivery_id``: ``b-<token>@<domain>``."""
@@ -85,13 +67,7 @@ class ReturnPaths:
     def verify_token(self, local_part: str) -> int | None:
         """The delivery id ``local_part`` names, or None when it is not a token made with this
         key (forged, mangled, or another sender's). Case does not matter."""
-        match = _TOKEN.fullmatch(local_part.strip().lower())
-        if match is None:
-            return None
-        delivery_id = int(match.group(1), 36)
-        if not hmac.compare_digest(match.group(2), self._mac(delivery_id)):
-            return None
-        return delivery_id
+        return self.tokens.verify(local_part)
 
     def delivery_id(self, address: str) -> int | None:
         """The delivery a whole address at the bounce domain names (None for any other)."""
@@ -104,7 +80,7 @@ class ReturnPaths:
         """The deliveries named by valid return paths anywhere in ``text`` (a bounce quoting
         the original's ``Return-Path``, a DSN's ``X-Postfix-Sender``, a complaint's
         ``Original-Mail-From``), each once, in order of appearance."""
-        pattern = _address_pattern(self.domain)
+        pattern = _address_pattern(self.domain, self.tokens.pattern)
         seen: set[int] = set()
         for match in pattern.finditer(text):
             delivery_id = self.verify_token(match.group(1))
@@ -116,10 +92,9 @@ class ReturnPaths:
 _PATTERNS: dict[str, re.Pattern[str]] = {}
 
 
-def _address_pattern(domain: str) -> re.Pattern[str]:
+def _address_pattern(domain: str, token: str) -> re.Pattern[str]:
     pattern = _PATTERNS.get(domain)
     if pattern is None:
-        token = rf"{TOKEN_PREFIX}[0-9a-z]{{1,13}}-[a-z2-7]{{{MAC_CHARS}}}"
         # the domain, and not the start of a longer one (bounce.example.com.evil.example)
         end = r"(?![\w-]|\.[\w-])"
         pattern = re.compile(rf"(?<![\w.+-])({token})@{re.escape(domain)}{end}", re.IGNORECASE)
@@ -127,7 +102,7 @@ def _address_pattern(domain: str) -> re.Pattern[str]:
     return pattern
 
 
-class VerpTransport(BaseTransport):
+class VerpTransport(PerRecipientTransport):
     """A transport that gives every recipient its own return path (``b-<token>@domain``) and
     its own transaction, then hands each to ``inner``; the message's bytes (its ``From:``)
     are untouched, and the name, shared destination and routes are ``inner``'s.
@@ -141,46 +116,21 @@ class VerpTransport(BaseTransport):
     """
 
     def __init__(self, inner: Transport, domain: str, key: bytes) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.return_paths = ReturnPaths(domain, key)
-        self.name = inner.name
-        self.shared_destination = inner.shared_destination
-
-    def shared_destination_for(self, lane: str, sender: str, recipient_domain: str) -> str | None:
-        return self.inner.shared_destination_for(lane, sender, recipient_domain)
-
-    def follow_pauses(self, is_paused: PauseCheck) -> None:
-        self.inner.follow_pauses(is_paused)
 
     async def send(self, envelope: Envelope) -> list[Response]:
         ids = envelope.delivery_ids
         if not envelope.sender or not ids or len(ids) != len(envelope.recipients):
             return await self.inner.send(envelope)
-        transactions = [
-            dataclasses.replace(
-                envelope,
-                sender=self.return_paths.address(delivery_id),
-                recipients=(recipient,),
-                delivery_ids=(delivery_id,),
-            )
-            for recipient, delivery_id in zip(envelope.recipients, ids, strict=True)
-        ]
-        if len(transactions) == 1:
-            return await self.inner.send(transactions[0])
-        replies = await asyncio.gather(*(self._send_one(t) for t in transactions))
-        return [reply for one in replies for reply in one]
-
-    async def _send_one(self, envelope: Envelope) -> list[Response]:
-        try:
-            responses = await self.inner.send(envelope)
-        except Exception as exc:  # the worker's rule (invariant 9), per recipient here
-            log.exception("transport %s failed unexpectedly", self.inner.name)
-            text = f"unexpected error in transport {self.inner.name}: {type(exc).__name__}: {exc}"
-            return [Response(None, text, self.inner.name, failure=ReplyClass.TEMPORARY)]
-        if len(responses) != 1:
-            text = f"transport {self.inner.name} returned {len(responses)} responses for 1"
-            return [Response(None, text, self.inner.name, failure=ReplyClass.TEMPORARY)]
-        return responses
-
-    async def close(self) -> None:
-        await self.inner.close()
+        return await self.send_each(
+            [
+                dataclasses.replace(
+                    envelope,
+                    sender=self.return_paths.address(delivery_id),
+                    recipients=(recipient,),
+                    delivery_ids=(delivery_id,),
+                )
+                for recipient, delivery_id in zip(envelope.recipients, ids, strict=True)
+            ]
+        )

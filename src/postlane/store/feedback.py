@@ -68,8 +68,9 @@ class SQLFeedback(SQLRole):
     async def record_feedback(self, items: Sequence[Feedback], now: float) -> list[FeedbackResult]:
         """Apply each item in one transaction: a bounce moves a sent recipient to ``bounced``
         and a complaint to ``complained`` (a repeat of either changes nothing), each item with
-        a history entry, its event and its suppression. A delivery that does not exist gets a
-        result with no state."""
+        a history entry, its event and its suppression. An unsubscribe whose address is already
+        suppressed in its scope (a second click) changes nothing: no event, no entry. A
+        delivery that does not exist gets a result with no state."""
         return await self.db.write(lambda: _feedback_plan(items, now))
 
     async def record_unmatched(self, report: Report, reason: str, now: float) -> int:
@@ -110,6 +111,24 @@ class SQLFeedback(SQLRole):
         return await self.db.write(run)
 
 
+def _unsubscribed(
+    items: Sequence[Feedback], current: dict[int, Row], now: float
+) -> Plan[set[tuple[str, str]]]:
+    """The (address, scope) entries of the suppression list that the batch's unsubscribes
+    would add and that are already there (active): those unsubscribes are repeats."""
+    addresses = sorted(
+        {
+            current[item.delivery_id]["address"].lower()
+            for item in items
+            if item.kind is FeedbackKind.UNSUBSCRIBED and item.delivery_id in current
+        }
+    )
+    if not addresses:
+        return set()
+    found = yield from fetch("suppressed_among", {"addresses": addresses, "now": now})
+    return {(row["address"], row["scope"]) for row in found}
+
+
 def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackResult]]:
     if not items:
         return []
@@ -118,6 +137,7 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
         row["id"]: row for row in (yield from fetch("deliveries_for_feedback", {"ids": ids}))
     }
     states = {i: RecipientState(row["state"]) for i, row in current.items()}
+    listed = yield from _unsubscribed(items, current, now)
     results: list[FeedbackResult] = []
     moves: list[dict[str, Any]] = []
     attempts: list[dict[str, Any]] = []
@@ -129,6 +149,12 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
             results.append(FeedbackResult(item.delivery_id, None, False))
             continue
         state = states[item.delivery_id]
+        if item.kind is FeedbackKind.UNSUBSCRIBED and item.suppression is not None:
+            entry = (row["address"].lower(), item.suppression[0].lower())
+            if entry in listed:  # a repeat: the address is already off this scope's list
+                results.append(FeedbackResult(item.delivery_id, state, False))
+                continue
+            listed.add(entry)
         move = _MOVES.get(item.kind)
         if move is not None:
             target, leaves = move

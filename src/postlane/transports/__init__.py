@@ -142,14 +142,29 @@ def _one(
     return built[relay]
 
 
-def transport_for(config: Config, *, verp_key: bytes | None = None) -> Transport:
+def _unsubscribe(config: Config, transport: Transport, key: bytes | None) -> Transport:
+    """``transport`` adding one-click unsubscribe links to the mail of ``[unsubscribe] lanes``,
+    when there is an ``[unsubscribe] url`` and the store's key is given; else ``transport``.
+    It wraps everything (routes, DKIM signing, VERP): each copy is signed with its link."""
+    if config.unsubscribe.url is None or key is None:
+        return transport
+    from postlane.feedback.unsubscribe import UnsubscribeLinks, UnsubscribeTransport
+
+    links = UnsubscribeLinks(config.unsubscribe.url, key)
+    return UnsubscribeTransport(transport, links, config.unsubscribe.lanes)
+
+
+def transport_for(
+    config: Config, *, verp_key: bytes | None = None, unsubscribe_key: bytes | None = None
+) -> Transport:
     """The transport of ``[delivery] relay``, or a router over ``[[routes]]`` when there are
     any (see :mod:`postlane.transports.router`). ``verp_key`` (the store's ``verp`` secret,
-    which serve and worker pass) turns on the return paths of ``[bounces] domain``."""
+    which serve and worker pass) turns on the return paths of ``[bounces] domain``;
+    ``unsubscribe_key`` (its ``unsubscribe`` secret) the links of ``[unsubscribe] url``."""
     built: dict[str, Transport] = {}
     default = _one(config, config.delivery.relay, built, "delivery.relay", verp_key)
     if not config.routes:
-        return default
+        return _unsubscribe(config, default, unsubscribe_key)
     from postlane.transports.router import Router, RouteRule
 
     routes = []
@@ -161,4 +176,4 @@ def transport_for(config: Config, *, verp_key: bytes | None = None) -> Transport
             else None
         )
         routes.append((RouteRule.from_config(route), primary, fallback))
-    return Router(default, routes)
+    return _unsubscribe(config, Router(default, routes), unsubscribe_key)
