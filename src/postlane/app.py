@@ -147,6 +147,8 @@ class AsyncPostlane:
         self.wake = asyncio.Event()
         #: the worker running in this process, if any (for /readyz)
         self.worker: Any = None
+        #: the webhook sender serve runs beside the worker (None: no [[webhooks.out]])
+        self.webhooks: Any = None
         self.destinations = DestinationMap.from_config(self.config)
         self._opened = False
 

@@ -44,6 +44,7 @@ from postlane.toml_values import format_duration as format_duration
 from postlane.toml_values import parse_duration as parse_duration
 from postlane.toml_values import parse_listen as parse_listen
 from postlane.toml_values import parse_size as parse_size
+from postlane.webhooks.endpoints import WebhookEndpoint, endpoints_from_config
 
 T = TypeVar("T")
 
@@ -540,6 +541,8 @@ class Config:
     shaping: tuple[ShapingRule, ...] = ()
     dkim: dict[str, DkimKey] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
+    #: ``[[webhooks.out]]``: the application's endpoints for signed event webhooks
+    webhooks_out: tuple[WebhookEndpoint, ...] = ()
     #: where the configuration came from, for messages ("built-in defaults" when no file)
     source: str = "built-in defaults"
     #: the directory relative paths are resolved against
@@ -588,7 +591,7 @@ _SERVICE_LINK = re.compile(
     r"(_(ADDR|PORT|PROTO))?)?)"
 )
 #: sections of named tables or arrays of tables: no environment form (``${VAR}`` in the file)
-_TABLE_SECTIONS = ("destinations", "dkim", "routes", "shaping")
+_TABLE_SECTIONS = ("destinations", "dkim", "routes", "shaping", "webhooks")
 #: ``${VAR}``, ``${VAR:-default}`` and ``$$``; any other ``$`` is itself (``scrypt$...``)
 _REFERENCE = re.compile(r"\$(?:(\$)|\{([^}]*)\}|(\{))")
 _VARIABLE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
@@ -969,6 +972,7 @@ def _read(data: Mapping[str, Any], reader: _Reader, source: str, base_dir: Path)
         ).items()
     }
     routes = _array_of_tables(data, reader, "routes", Route, _check_route)
+    webhooks_out = _webhooks_out(data, reader)
     http: HttpConfig = sections["http"]
     api_token = reader.env.get("POSTLANE_API_TOKEN")
     if api_token:
@@ -993,6 +997,7 @@ def _read(data: Mapping[str, Any], reader: _Reader, source: str, base_dir: Path)
         shaping=shaping,
         dkim=dkim,
         routes=routes,
+        webhooks_out=webhooks_out,
         source=source,
         base_dir=base_dir,
         secrets=frozenset(reader.secrets),
@@ -1040,6 +1045,44 @@ def _array_of_tables(
         check(item, where)
         items.append(item)
     return tuple(items)
+
+
+#: the tables ``[webhooks]`` may hold
+_WEBHOOK_TABLES = ("out",)
+
+
+def _webhooks_out(data: Mapping[str, Any], reader: _Reader) -> tuple[WebhookEndpoint, ...]:
+    """``[[webhooks.out]]`` tables: each value's ``${VAR}`` expanded, ``secret_file`` read
+    (and the secret remembered, so no error shows it), then checked as an endpoint."""
+    section = data.get("webhooks", {})
+    if not isinstance(section, Mapping):
+        raise ConfigError("webhooks: expected tables like [[webhooks.out]]")
+    unknown = sorted(set(section) - set(_WEBHOOK_TABLES))
+    if unknown:
+        raise ConfigError(
+            f"unknown table [webhooks.{unknown[0]}] (known: {', '.join(_WEBHOOK_TABLES)})"
+        )
+    entries = section.get("out", [])
+    if not isinstance(entries, list):
+        raise ConfigError("webhooks.out: expected [[webhooks.out]] tables")
+    tables = []
+    for number, table in enumerate(entries, 1):
+        where = f"webhooks.out[{number}]"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: expected a table ([[webhooks.out]]), got {table!r}")
+        resolved: dict[str, Any] = {}
+        for key, raw in table.items():
+            if key == "secret_file":
+                if "secret" in table:
+                    raise ConfigError(f"give {where}.secret or {where}.secret_file, not both")
+                resolved["secret"] = reader.read_file(raw, str, f"{where}.secret_file")
+                continue
+            reader.remember(key, raw)
+            value, _ = reader.expand(raw, f"{where}.{key}")
+            reader.remember(key, value)
+            resolved[key] = value
+        tables.append(resolved)
+    return endpoints_from_config(tables, "webhooks.out")
 
 
 def _check_shaping(rule: ShapingRule, where: str) -> None:

@@ -200,6 +200,8 @@ class Metrics:
         self.smtp = SmtpMetrics(self.registry)
         #: what is heard after the first hop (FeedbackMetrics, below)
         self.feedback = FeedbackMetrics(self.registry, self.bounces)
+        #: outbound webhooks (WebhookMetrics, below)
+        self.webhooks = WebhookMetrics(self.registry)
 
     def attempted(self, attempt: DecidedAttempt) -> None:
         """Count one decided try (the worker's :class:`~postlane.worker.DeliveryObserver`)."""
@@ -236,6 +238,12 @@ class Metrics:
     def refused(self, reason: str) -> None:
         self.feedback.refusals.labels(reason).inc()
 
+    # the webhook sender's observer (postlane.webhooks.sender.WebhookObserver)
+
+    def webhook_attempted(self, endpoint: str, outcome: str, seconds: float) -> None:
+        self.webhooks.deliveries.labels(endpoint, outcome).inc()
+        self.webhooks.duration.labels(endpoint).observe(max(0.0, seconds))
+
     def dead_without_try(self, cls: ReplyClass) -> None:
         self.dead_letters.labels(cls.value).inc()
 
@@ -254,6 +262,19 @@ class Metrics:
         except Exception:
             self.scrape_errors.inc()
             return
+        endpoints = self.app.config.webhooks_out
+        if endpoints:
+            from postlane.webhooks.operations import endpoint_gauges
+
+            try:
+                gauges = await endpoint_gauges(self.app.store, endpoints, now=self.app.clock.now())
+            except Exception:
+                self.scrape_errors.inc()
+                gauges = []
+            for gauge in gauges:
+                self.webhooks.failures.labels(gauge.name).set(gauge.failures)
+                self.webhooks.paused.labels(gauge.name).set(1 if gauge.paused else 0)
+                self.webhooks.lag.labels(gauge.name).set(gauge.lag_seconds)
         first = self._recovery_seen < 0  # the first scrape only learns where history ends
         for row_id, seconds in recoveries:
             if not first:
@@ -367,3 +388,44 @@ class FeedbackMetrics:
     def report(self, result: InboundResult) -> None:
         self.reports.labels(result.kind.value, result.disposition.value).inc()
         self.recorded_feedback(result.recorded)
+
+
+# -- outbound webhooks -----------------------------------------------------------------------------
+
+
+class WebhookMetrics:
+    """Requests to the application's webhook endpoints, and how each endpoint fares."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.deliveries = Counter(
+            "postlane_webhook_deliveries",
+            "Requests to webhook endpoints, by endpoint and outcome (delivered, rejected, "
+            "timeout, connection, refused)",
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "postlane_webhook_delivery_seconds",
+            "Time a webhook request took, by endpoint",
+            ["endpoint"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0),
+            registry=registry,
+        )
+        self.failures = Gauge(
+            "postlane_webhook_consecutive_failures",
+            "Failed requests in a row to a webhook endpoint (0: its last request succeeded)",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.paused = Gauge(
+            "postlane_webhook_endpoint_paused",
+            "1 while a webhook endpoint is paused after failing (retried on its schedule)",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "postlane_webhook_lag_seconds",
+            "Age of the oldest event a webhook endpoint has not acknowledged",
+            ["endpoint"],
+            registry=registry,
+        )

@@ -114,6 +114,29 @@ def _bounce_listener(
     return start_bounce_listener(processor, settings, observer=metrics)
 
 
+def _start_webhooks(
+    config: Config, app: AsyncPostlane, worker: Worker, metrics: Metrics, stop: asyncio.Event
+) -> asyncio.Task[None] | None:
+    """The sender of ``[[webhooks.out]]`` beside the worker (mail goes first: while the worker
+    delivers, webhook requests yield); None without endpoints."""
+    if not config.webhooks_out:
+        return None
+    from postlane.webhooks.sender import WebhookSender
+
+    sender = WebhookSender(
+        app.store,
+        config.webhooks_out,
+        clock=app.clock,
+        owner=worker.owner,
+        observer=metrics,
+        mail_activity=lambda: worker.attempts,
+    )
+    app.webhooks = sender
+    names = ", ".join(endpoint.name for endpoint in config.webhooks_out)
+    log.info("webhooks: sending events to %s", names)
+    return asyncio.create_task(sender.run(stop), name="postlane-webhooks")
+
+
 def announce(config: Config, app: AsyncPostlane, transport: Transport) -> None:
     log.info("configuration: %s", config.source)
     log.info("store: %s", app.store.description)
@@ -183,12 +206,16 @@ async def run(
                 await on_ready(app)
             log.info("postlane is running (lease owner %s)", worker.owner)
             monitor = asyncio.create_task(_monitor(config, app, stop), name="postlane-alerts")
+            webhooks = _start_webhooks(config, app, worker, metrics, stop)
             try:
                 await worker.run(stop)
             finally:
                 monitor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await monitor
+                if webhooks is not None:
+                    stop.set()  # (the worker may have ended on its own)
+                    await webhooks  # in-flight requests finish briefly, cursors are saved
                 await transport.close()
         log.info("postlane stopped")
     remove_handlers()

@@ -599,3 +599,24 @@ def test_events_lists_the_log_and_follow_prints_what_happens_next(queue_dir: Pat
         finally:
             follower.terminate()
             follower.wait(timeout=10)
+
+
+def test_webhooks_commands_show_the_configured_endpoints(tmp_path: Path) -> None:
+    secret = ok("webhooks", "secret", cwd=tmp_path).strip()
+    assert secret.startswith("whsec_") and len(secret) > 30
+    (tmp_path / "postlane.toml").write_text(
+        f'[[webhooks.out]]\nname = "app"\nurl = "https://app.example.com/hooks"\n'
+        f'secret = "{secret}"\nevents = ["bounced", "complained"]\n'
+    )
+    new_queue(tmp_path)
+    [row] = json.loads(ok("webhooks", "list", "--json", cwd=tmp_path))
+    assert (row["name"], row["state"], row["url"]) == (
+        "app",
+        "new",
+        "https://app.example.com/hooks",
+    )
+    assert secret not in json.dumps(row)
+    assert "app" in ok("webhooks", "list", cwd=tmp_path)
+    one_line_error(postlane("webhooks", "resume", "crm", cwd=tmp_path), "crm")
+    (tmp_path / "postlane.toml").write_text("")
+    one_line_error(postlane("webhooks", "list", cwd=tmp_path), "no webhook endpoint")

@@ -4,15 +4,19 @@ chunks, the end of the connection, informational replies, closed idle connection
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from postlane.webhooks.addresses import AddressRefused
 from postlane.webhooks.endpoints import check_url
 from postlane.webhooks.http import ConnectionFailed, EndpointClient, TimedOut
+from tests.conftest import SMTPPeer
 
 Script = Callable[[bytes], bytes | None]
 
@@ -219,3 +223,82 @@ async def test_a_refused_address_is_never_connected_to(serve: Callable[..., obje
     with pytest.raises(AddressRefused, match="loopback"):
         await client_for(server.port, allow_private=False).post(HEADERS, b"{}")
     assert server.connections == 0
+
+
+# -- serve: [[webhooks.out]] in the configuration is all it takes --------------------------------
+
+
+async def test_serve_sends_signed_events_to_the_configured_endpoint_and_shows_it(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    import httpx
+
+    from postlane import serve
+    from postlane.app import AsyncPostlane
+    from postlane.webhooks.endpoints import new_secret
+    from tests.conftest import free_port, make_config
+    from tests.webhook_receiver import WebhookReceiver
+
+    secret = new_secret()
+    (tmp_path / "hook.secret").write_text(secret + "\n")
+    http_port = free_port()
+    async with WebhookReceiver(secret) as receiver:
+        config = make_config(
+            tmp_path,
+            delivery={"relay": smtp_peer.url, "poll_interval": "100ms"},
+            http={"listen": f"127.0.0.1:{http_port}"},
+            smtp={"listen": f"127.0.0.1:{free_port()}"},
+            webhooks={
+                "out": [
+                    {
+                        "url": receiver.url,
+                        "secret_file": "hook.secret",
+                        "allow_private": True,
+                        "name": "app",
+                        "events": ["sent", "bounced"],
+                    }
+                ]
+            },
+        )
+        assert secret not in repr(config)
+        stop = asyncio.Event()
+        started: asyncio.Future[AsyncPostlane] = asyncio.get_running_loop().create_future()
+
+        async def on_ready(app: AsyncPostlane) -> None:
+            started.set_result(app)
+
+        running = asyncio.create_task(serve.run(config, stop=stop, on_ready=on_ready))
+        try:
+            app = await asyncio.wait_for(started, 30)
+            queued = await app.send(
+                sender="a@example.com", to=["ada@example.net"], text="x", metadata={"user": 7}
+            )
+            await receiver.wait_until(lambda: len(receiver.accepted) >= 1, "the sent event")
+            [event] = receiver.events()  # "queued" is not among the endpoint's events
+            assert (event["type"], event["message_id"]) == ("sent", queued.id)
+            assert event["metadata"] == {"user": 7}
+            assert all(request.verified for request in receiver.accepted)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client:
+
+                async def listed() -> dict[str, Any]:
+                    rows = (await client.get("/v1/webhooks/out")).json()
+                    return dict(rows[0])
+
+                deadline = asyncio.get_running_loop().time() + 30
+                row = await listed()
+                while row.get("delivered", 0) < 1:  # the cursor is saved about once a second
+                    assert asyncio.get_running_loop().time() < deadline, row
+                    await asyncio.sleep(0.1)
+                    row = await listed()
+                assert (row["name"], row["state"]) == ("app", "healthy")
+                assert secret not in json.dumps(row)
+                metrics = (await client.get("/metrics")).text
+                assert (
+                    'postlane_webhook_deliveries_total{endpoint="app",outcome="delivered"} 1.0'
+                    in metrics
+                )
+                assert 'postlane_webhook_consecutive_failures{endpoint="app"} 0.0' in metrics
+                assert (await client.post("/v1/webhooks/out/nope/resume")).status_code == 404
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 60)

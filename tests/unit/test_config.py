@@ -552,3 +552,36 @@ def test_the_http_listeners_limits_come_from_the_http_section() -> None:
     assert defaults.request_bytes is None
     with pytest.raises(ConfigError, match=r"http\.header_timeout"):
         config_from_dict({"http": {"header_timeout": "0s"}})
+
+
+WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def test_webhook_endpoints_read_variables_and_secret_files_and_never_show_the_secret(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "hook.secret").write_text(WHSEC + "\n")
+    data = {
+        "webhooks": {
+            "out": [
+                {"url": "${APP_HOOKS}", "secret_file": "hook.secret", "events": ["bounced"]},
+                {"url": "https://crm.example.com/mail", "secret": "${CRM_SECRET}", "name": "crm"},
+            ]
+        }
+    }
+    env = {"APP_HOOKS": "https://app.example.com/hooks", "CRM_SECRET": WHSEC}
+    config = config_from_dict(data, env=env, base_dir=tmp_path)
+    first, second = config.webhooks_out
+    assert (first.url, first.events, second.name) == (
+        "https://app.example.com/hooks",
+        frozenset({"bounced"}),
+        "crm",
+    )
+    assert WHSEC not in repr(config) and WHSEC in config.secrets
+    with pytest.raises(ConfigError, match=r"unknown table \[webhooks\.inbound\]") as caught:
+        config_from_dict({"webhooks": {"inbound": {}, "out": data["webhooks"]["out"]}}, env=env,
+                         base_dir=tmp_path)  # fmt: skip
+    bad = {"webhooks": {"out": [{"url": "https://a.example/h", "secret": WHSEC[:-4] + "!!!!"}]}}
+    with pytest.raises(ConfigError, match=r"webhooks\.out\[1\]\.secret") as caught:
+        config_from_dict(bad)
+    assert WHSEC[:-4] not in caught.value.message

@@ -31,6 +31,7 @@ from postlane.cli.serve import migrate, serve, worker
 from postlane.cli.simulate import simulate_command
 from postlane.cli.stats import alerts_command, stats
 from postlane.cli.suppress import suppress
+from postlane.cli.webhooks import webhooks
 from postlane.errors import PostlaneError, ValidationError
 
 __all__ = ["cli", "main"]
@@ -79,6 +80,7 @@ for command in (
     dlq,
     suppress,
     events_command,
+    webhooks,
     alerts_command,
     hash_password_command,
     dkim,

@@ -804,6 +804,86 @@ async def list_events(request: Request, caller: Caller) -> Response:
     return ApiJSON(page.as_json())
 
 
+# -- outbound webhooks (the operator's view) ------------------------------------------------------
+
+
+def _webhook_endpoints(request: Request) -> Any:
+    endpoints = _context(request).postlane.config.webhooks_out
+    if not endpoints:
+        raise NotFound("no webhook endpoint is configured ([[webhooks.out]])")
+    return endpoints
+
+
+async def list_webhooks(request: Request, caller: Caller) -> Response:
+    from postlane.webhooks.operations import endpoint_statuses
+
+    postlane = _context(request).postlane
+    statuses = await endpoint_statuses(
+        postlane.store, _webhook_endpoints(request), now=postlane.clock.now(),
+        sender=postlane.webhooks,
+    )  # fmt: skip
+    return ApiJSON(statuses)
+
+
+async def webhook_failures(request: Request, caller: Caller) -> Response:
+    from postlane.webhooks.operations import failures
+
+    postlane = _context(request).postlane
+    found = await failures(
+        postlane.store, _webhook_endpoints(request), sender=postlane.webhooks,
+        name=request.path_params["name"],
+    )  # fmt: skip
+    return ApiJSON(found)
+
+
+async def webhook_test(request: Request, caller: Caller) -> Response:
+    from postlane.webhooks.endpoints import endpoint_named
+    from postlane.webhooks.operations import send_test_event
+
+    endpoint = endpoint_named(_webhook_endpoints(request), request.path_params["name"])
+    result = await send_test_event(endpoint, now=_context(request).postlane.clock.now())
+    return ApiJSON(result.as_json())
+
+
+async def webhook_replay(request: Request, caller: Caller) -> Response:
+    from postlane.webhooks.operations import replay
+
+    data = await read_json(request, 4096) if await _has_body(request) else {}
+    if not isinstance(data, dict) or set(data) - {"after"}:
+        raise ApiError(400, "invalid_field", 'send {"after": EVENT_ID} or nothing')
+    after = data.get("after")
+    if after is not None:
+        with _invalid_field():
+            after = _event_cursor(after)
+    postlane = _context(request).postlane
+    name = request.path_params["name"]
+    await replay(
+        postlane.store, _webhook_endpoints(request), name, after=after, now=postlane.clock.now()
+    )
+    return ApiJSON({"endpoint": name, "replaying_after": None if after is None else str(after)})
+
+
+async def webhook_resume(request: Request, caller: Caller) -> Response:
+    from postlane.webhooks.operations import resume
+
+    postlane = _context(request).postlane
+    name = request.path_params["name"]
+    await resume(postlane.store, _webhook_endpoints(request), name, now=postlane.clock.now())
+    return ApiJSON({"endpoint": name, "resumed": True})
+
+
+async def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return length not in (None, "0") or "transfer-encoding" in request.headers
+
+
+def _event_cursor(value: Any) -> int:
+    text = str(value)
+    if isinstance(value, bool) or not text.isdigit() or len(text) > 19:
+        raise ValidationError(f"after must be an event id, got {value!r}", field="after")
+    return int(text)
+
+
 # -- probes and description ------------------------------------------------------------------------
 
 
@@ -891,6 +971,11 @@ _ROUTES: tuple[tuple[str, str, Handler, Scope | None], ...] = (
     ("/v1/suppressions", "POST", add_suppression, _ADMIN),
     ("/v1/suppressions/{address}", "DELETE", remove_suppression, _ADMIN),
     ("/v1/events", "GET", list_events, _ADMIN),
+    ("/v1/webhooks/out", "GET", list_webhooks, _ADMIN),
+    ("/v1/webhooks/out/{name}/failures", "GET", webhook_failures, _ADMIN),
+    ("/v1/webhooks/out/{name}/test", "POST", webhook_test, _ADMIN),
+    ("/v1/webhooks/out/{name}/replay", "POST", webhook_replay, _ADMIN),
+    ("/v1/webhooks/out/{name}/resume", "POST", webhook_resume, _ADMIN),
     ("/metrics", "GET", get_metrics, _PUBLIC),
     ("/healthz", "GET", healthz, _PUBLIC),
     ("/readyz", "GET", readyz, _PUBLIC),

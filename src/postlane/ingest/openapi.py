@@ -495,6 +495,56 @@ def _event_paths() -> dict[str, Any]:
     }
 
 
+def _webhook_paths() -> dict[str, Any]:
+    name = [_path_parameter("name")]
+    replay_body = {
+        **_object({"after": _type("string", pattern="^[0-9]{1,19}$")}),
+        "additionalProperties": False,
+    }
+    return {
+        "/v1/webhooks/out": {
+            "get": _operation(
+                "Each webhook endpoint: its settings (never its secret) and state (admin)",
+                {"200": _json(_array(_type("object")), "Endpoints")},
+                (401, 404),
+            )
+        },
+        "/v1/webhooks/out/{name}/failures": {
+            "get": _operation(
+                "An endpoint's recent failed requests, newest first (admin)",
+                {"200": _json(_array(_type("object")), "Failures")},
+                (401, 404),
+                parameters=name,
+            )
+        },
+        "/v1/webhooks/out/{name}/test": {
+            "post": _operation(
+                "POST one signed test event to the endpoint now, once (admin)",
+                {"200": _json_object("How it went: ok, status, error, seconds")},
+                (401, 404),
+                parameters=name,
+            )
+        },
+        "/v1/webhooks/out/{name}/replay": {
+            "post": _operation(
+                "Send the endpoint the events after `after` again (none: from the oldest kept)",
+                {"200": _json_object("Replaying")},
+                (400, 401, 404),
+                parameters=name,
+                body={**_body(replay_body), "required": False},
+            )
+        },
+        "/v1/webhooks/out/{name}/resume": {
+            "post": _operation(
+                "Try a failing or paused endpoint at once (admin)",
+                {"200": _json_object("Resumed")},
+                (401, 404),
+                parameters=name,
+            )
+        },
+    }
+
+
 def _suppression_paths() -> dict[str, Any]:
     entry = {
         **_object(
@@ -585,6 +635,7 @@ def openapi_document() -> dict[str, Any]:
             **_operator_paths(),
             **_suppression_paths(),
             **_event_paths(),
+            **_webhook_paths(),
             **_probe_paths(),
         },
     }
