@@ -377,6 +377,11 @@ def test_issue_17_7_postlane_send_without_a_text_is_refused(tmp_path: Path) -> N
             timeout=60,
         )
 
+    made = subprocess.run(  # only serve, worker and migrate make a queue
+        [str(script), "migrate"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
     missing = send("--subject", "no text")
     assert missing.returncode != 0, missing.stdout
     assert "no body" in missing.stderr and "Traceback" not in missing.stderr
