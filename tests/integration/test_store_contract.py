@@ -1143,8 +1143,16 @@ async def test_a_webhook_endpoint_is_leased_and_follows_its_cursor(store: Any) -
     assert await store.claim_webhook_endpoint(
         "app", "w2", now=T0 + 1, lease_until=T0 + 31, start_after=0
     ) is None  # fmt: skip
-    assert await store.webhook_delivered("app", "w1", cursor=12, count=5, now=T0 + 2)
-    assert not await store.webhook_delivered("app", "w2", cursor=20, count=1, now=T0 + 2)
+    assert await store.webhook_delivered("app", "w1", previous=7, cursor=12, count=5, now=T0 + 2)
+    assert not await store.webhook_delivered(  # not its holder
+        "app", "w2", previous=12, cursor=20, count=1, now=T0 + 2
+    )
+    assert not await store.webhook_delivered(  # not from where it is now: compare-and-set
+        "app", "w1", previous=7, cursor=20, count=1, now=T0 + 2
+    )
+    # a cursor may be a lower id than the one before (PostgreSQL: ids are taken before commit)
+    assert await store.webhook_delivered("app", "w1", previous=12, cursor=9, count=0, now=T0 + 2)
+    assert await store.webhook_delivered("app", "w1", previous=9, cursor=12, count=0, now=T0 + 2)
     assert await store.webhook_failed(
         "app", "w1", error="HTTP 500", paused_until=T0 + 60, now=T0 + 3
     )

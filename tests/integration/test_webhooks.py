@@ -713,9 +713,8 @@ async def test_subscribers_hear_new_events_in_order_sync_ones_off_the_event_loop
 
 
 class RefusingSaves:
-    """The store, except that saving the cursor is refused ``times`` times, as PostgreSQL's
-    store refuses a cursor whose event has a lower id than the saved one although it comes
-    later in the log (ids are taken before commit; the log is in commit order)."""
+    """The store, except that saving the cursor is refused ``times`` times (a transient
+    refusal: the lease and the cursor are as the sender left them)."""
 
     def __init__(self, store: Any, times: int) -> None:
         self._store = store

@@ -365,9 +365,10 @@ class WebhookStore(Protocol):
     async def release_webhook_endpoint(self, name: str, owner: str) -> None: ...
 
     async def webhook_delivered(
-        self, name: str, owner: str, *, cursor: int, count: int, now: float
+        self, name: str, owner: str, *, previous: int, cursor: int, count: int, now: float
     ) -> bool:
-        """The endpoint acknowledged events up to ``cursor``; False when no longer held."""
+        """The endpoint acknowledged events up to ``cursor``: its cursor moves from
+        ``previous`` (compare-and-set); False when no longer held or no longer ``previous``."""
         ...
 
     async def webhook_failed(

@@ -40,11 +40,19 @@ class SQLWebhooks(SQLRole):
         )
 
     async def webhook_delivered(
-        self, name: str, owner: str, *, cursor: int, count: int, now: float
+        self, name: str, owner: str, *, previous: int, cursor: int, count: int, now: float
     ) -> bool:
-        """Move the endpoint's cursor to ``cursor`` (``count`` events delivered up to it) and
-        clear its failures; False when ``owner`` no longer holds it."""
-        params = {"name": name, "owner": owner, "cursor": cursor, "count": count, "now": now}
+        """Move the endpoint's cursor from ``previous`` to ``cursor`` (``count`` events
+        delivered up to it) and clear its failures; False when ``owner`` no longer holds it or
+        the cursor is no longer ``previous`` (an operator replayed meanwhile)."""
+        params = {
+            "name": name,
+            "owner": owner,
+            "previous": previous,
+            "cursor": cursor,
+            "count": count,
+            "now": now,
+        }
         return bool(await self.db.write(lambda: execute("webhook_delivered", params)))
 
     async def webhook_failed(

@@ -759,6 +759,7 @@ class _Tenure:
         saved = await self.store.webhook_delivered(
             self.endpoint.name,
             self.sender.owner,
+            previous=self.stored_cursor,
             cursor=cursor,
             count=count,
             now=self.clock.now(),
@@ -769,9 +770,9 @@ class _Tenure:
             self.unsaved -= count
             self.recovered = False
             return
-        # Refused: the lease is gone, or (PostgreSQL) the cursor's event has a lower id than
-        # the one saved before although it comes later in the log (ids are taken before
-        # commit). The latter is saved with a later event.
+        # Refused: the lease is gone, or the stored cursor moved (an operator's replay or
+        # resume): the comparison ends this tenure either way; a transient refusal (a store
+        # hiccup) is saved with a later event.
         self._compare(await self.sender.row())
 
 

@@ -400,11 +400,13 @@ UPDATE webhook_endpoints SET lease_owner = NULL, lease_expires_at = NULL
 WHERE name = :name AND lease_owner = :owner;
 
 -- name: webhook_delivered
--- Events up to a cursor were acknowledged: move on, and the endpoint is healthy.
+-- Events up to a cursor were acknowledged: move on, and the endpoint is healthy. Only from the
+-- cursor the holder last saw (a compare-and-set: an operator's replay meanwhile wins; event ids
+-- are not in log order on PostgreSQL, so "not backwards" cannot be said by comparing ids).
 UPDATE webhook_endpoints
 SET cursor = :cursor, delivered = delivered + :count, failures = 0, paused_until = NULL,
     last_success_at = :now, updated_at = :now
-WHERE name = :name AND lease_owner = :owner AND cursor <= :cursor;
+WHERE name = :name AND lease_owner = :owner AND cursor = :previous;
 
 -- name: webhook_failed
 -- One more failure in a row; the endpoint waits until a time.
