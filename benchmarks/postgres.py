@@ -4,7 +4,7 @@ delivery at a time; all side by side in one run.
 
     python benchmarks/postgres.py [--dsn URL] [-n 10000] [--size 2048] [--workers 1 2]
                                   [--rounds 3] [--small 10000] [--big 1000000]
-                                  [--measure 5000] [--batch 50]
+                                  [--measure 5000] [--batch 50] [--fleet-limit 100000]
 
 --dsn defaults to $POSTLANE_TEST_POSTGRES, else postgresql://postgres@127.0.0.1:5432/test. Each
 measurement runs in a schema of its own (``?schema=bench_...``), dropped afterwards.
@@ -241,6 +241,8 @@ POSTGRES, SQLITE = "PostgreSQL", "SQLite"
 class Drain:
     store: str
     workers: int
+    #: the fleet-wide rate limit on the relay (None: no limit)
+    limit: float | None
     seconds: float
     attempts: int
     #: cores kept busy meanwhile, by DRAIN_CPU (None without /proc)
@@ -250,10 +252,21 @@ class Drain:
         return count / self.seconds
 
 
-def write_config(folder: Path, url: str, relay_port: int, *, poll_interval: str = "1s") -> Path:
+def write_config(
+    folder: Path,
+    url: str,
+    relay_port: int,
+    *,
+    poll_interval: str = "1s",
+    limit: float | None = None,
+) -> Path:
     config = folder / "postlane.toml"
+    # a limit the workers share through the store (issue 21), far above what they reach: what
+    # it costs is the sharing, not the waiting
+    limited = "" if limit is None else f"[destinations.relay]\nrate = {limit:g}\n"
     config.write_text(
-        f"""
+        limited
+        + f"""
 [store]
 url = "{url}"
 [delivery]
@@ -323,10 +336,11 @@ async def drain(
     count: int,
     sink: Sink,
     sink_port: int,
+    limit: float | None = None,
 ) -> Drain:
     """K worker processes on ``backend`` (PostgreSQL or SQLite), waiting; ``count`` messages
     enqueued in one transaction; the time from its commit until the last of them is recorded
-    as sent."""
+    as sent. With ``limit``, the relay has that fleet-wide rate."""
     conninfo, _ = split_schema(dsn)
     schema = new_schema()
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,13 +349,13 @@ async def drain(
         if backend == POSTGRES:
             store = PostgresStore(conninfo, schema=schema)
             url = with_params(conninfo, schema=schema, application_name=WORKER_APP)
-            config = write_config(folder, url, sink_port)
+            config = write_config(folder, url, sink_port, limit=limit)
         else:
             store = SQLiteStore(folder / "queue.db")
             # no NOTIFY across processes: the worker polls, often enough not to add to the time
             url = f"sqlite:///{folder / 'queue.db'}"
             config = write_config(folder, url, sink_port, poll_interval="10ms")
-        name = f"{workers} {backend} worker(s)"
+        name = f"{workers} {backend} worker(s)" + ("" if limit is None else ", fleet limit")
         await store.open()
         processes: list[PostlaneProcess] = []
         try:
@@ -394,7 +408,7 @@ async def drain(
                 await store.drop_schema()
             await store.close()
     used = cpu_after[0].cores_since(cpu_before) if cpu_after[0] else None
-    return Drain(backend, workers, last_sent - committed, attempts, used)
+    return Drain(backend, workers, limit, last_sent - committed, attempts, used)
 
 
 # -- claim + record at depth -----------------------------------------------------------------------
@@ -511,12 +525,15 @@ async def run_workers(args: argparse.Namespace, sink: Sink, sink_port: int) -> l
     """One SQLite worker and every PostgreSQL worker count (1 always among them) once per round,
     interleaved so that drift on a shared machine hits them alike; for each, the median run."""
     template = template_message(args.size)
-    setups = [(SQLITE, 1)] + [(POSTGRES, k) for k in worker_counts(args)]
-    runs: dict[tuple[str, int], list[Drain]] = {setup: [] for setup in setups}
+    limits: list[float | None] = [None] if args.fleet_limit is None else [None, args.fleet_limit]
+    setups = [(SQLITE, 1, None)] + [
+        (POSTGRES, k, limit) for k in worker_counts(args) for limit in limits
+    ]
+    runs: dict[tuple[str, int, float | None], list[Drain]] = {setup: [] for setup in setups}
     for _ in range(args.rounds):
-        for backend, k in setups:
-            runs[backend, k].append(
-                await drain(args.dsn, backend, k, template, args.n, sink, sink_port)
+        for backend, k, limit in setups:
+            runs[backend, k, limit].append(
+                await drain(args.dsn, backend, k, template, args.n, sink, sink_port, limit)
             )
     return [sorted(r, key=lambda d: d.seconds)[len(r) // 2] for r in runs.values()]
 
@@ -547,15 +564,25 @@ def print_drains(args: argparse.Namespace, drains: list[Drain], sink: Sink | Non
         f"median of {args.rounds} round(s)"
     )
     sqlite = next(d for d in drains if d.store == SQLITE)
-    one = next(d for d in drains if d.store == POSTGRES and d.workers == 1)
+    one = next(d for d in drains if d.store == POSTGRES and d.workers == 1 and d.limit is None)
     print(
         table(
-            ["store", "workers", "deliveries/s", "seconds", "attempts", "vs SQLite", "vs 1 worker"]
+            [
+                "store",
+                "workers",
+                "fleet limit",
+                "deliveries/s",
+                "seconds",
+                "attempts",
+                "vs SQLite",
+                "vs 1 worker",
+            ]
             + [f"CPU: {name}" for name in DRAIN_CPU],
             [
                 [
                     d.store,
                     d.workers,
+                    "-" if d.limit is None else f"{d.limit:,.0f}/s",
                     f"{d.rate(args.n):,.0f}",
                     f"{d.seconds:.2f}",
                     f"{d.attempts:,}",
@@ -568,8 +595,19 @@ def print_drains(args: argparse.Namespace, drains: list[Drain], sink: Sink | Non
         )
     )
     for d in drains:
-        if d.store == POSTGRES and d.workers > 1:
+        if d.store == POSTGRES and d.workers > 1 and d.limit is None:
             print(f"ratio ({d.workers} workers / 1): {one.seconds / d.seconds:.2f}")
+    for d in drains:
+        if d.limit is not None:
+            free = next(
+                e
+                for e in drains
+                if e.store == POSTGRES and e.workers == d.workers and e.limit is None
+            )
+            print(
+                f"ratio ({d.workers} worker(s), fleet limit / no limit): "
+                f"{free.seconds / d.seconds:.2f}"
+            )
     print(f"ratio (1 PostgreSQL worker / 1 SQLite worker): {sqlite.seconds / one.seconds:.2f}")
 
 
@@ -624,6 +662,14 @@ def main() -> None:
         "--measure", type=int, default=5_000, help="deliveries claimed+recorded each way"
     )
     parser.add_argument("--batch", type=int, default=50, help="claim batch size")
+    parser.add_argument(
+        "--fleet-limit",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="also run each PostgreSQL worker count with [destinations.relay] rate = RATE, a "
+        "fleet-wide limit far above the rate reached (its overhead, as a ratio)",
+    )
     parser.add_argument("--skip-workers", action="store_true")
     parser.add_argument("--skip-claims", action="store_true")
     args = parser.parse_args()
