@@ -442,7 +442,7 @@ def test_a_relay_url_takes_its_token_from_the_environment(queue_dir: Path) -> No
 # -- files others must not read (audit 8) ---------------------------------------------------------
 
 
-def test_worker_warns_once_about_a_database_and_a_dkim_key_others_can_read(
+def test_finding_8_worker_warns_once_about_a_database_and_a_dkim_key_others_can_read(
     queue_dir: Path,
 ) -> None:
     ok("dkim", "keygen", "example.com", "--selector", "s1", cwd=queue_dir)

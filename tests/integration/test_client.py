@@ -369,7 +369,9 @@ def test_refusals_are_postlanes_own_errors_with_the_servers_message(live_api: Li
     assert [m.id for m in live_api.messages()] == [batch.value.results[0].id]
 
 
-def test_a_key_reused_for_another_message_is_an_idempotency_conflict(live_api: LiveAPI) -> None:
+def test_finding_3_a_key_reused_for_another_message_is_an_idempotency_conflict(
+    live_api: LiveAPI,
+) -> None:
     with postlane.Client(live_api.url, token=TOKEN) as mail:
         first = mail.send(**MESSAGE, idempotency_key="order-7")
         assert mail.send(**MESSAGE, idempotency_key="order-7").id == first.id  # a retry

@@ -535,7 +535,7 @@ async def test_capture_transport_writes_eml_files(tmp_path: Path, clock: FakeClo
         assert (await app.get(result.id)).state is RecipientState.SENT
 
 
-async def test_a_stop_that_cuts_a_send_after_its_final_dot_says_so(
+async def test_finding_13_a_stop_that_cuts_a_send_after_its_final_dot_says_so(
     tmp_path: Path, smtp_peer: SMTPPeer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Audit finding 13: a shutdown_grace shorter than the server's reply time cuts sends off

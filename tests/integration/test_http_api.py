@@ -242,7 +242,7 @@ async def test_a_send_token_reads_only_its_own_messages(scoped: tuple[AsyncPostl
         assert (await admin.get(f"/v1/messages/{queue_id}")).status_code == 200
 
 
-async def test_idempotency_keys_are_scoped_to_the_submitter_and_payload_compared(
+async def test_finding_3_idempotency_keys_are_scoped_to_the_submitter_and_payload_compared(
     scoped: tuple[AsyncPostlane, Any],
 ) -> None:
     """Finding 3: another token could claim a key first and the real receipt was then never

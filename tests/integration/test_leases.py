@@ -43,7 +43,9 @@ def test_this_process_is_alive_and_a_finished_one_is_dead() -> None:
     "part",
     ["host", "boot", "namespace"],
 )
-def test_a_process_of_another_host_boot_or_pid_namespace_is_never_proven_dead(part: str) -> None:
+def test_finding_4_a_process_of_another_host_boot_or_pid_namespace_is_never_proven_dead(
+    part: str,
+) -> None:
     host, _pid, start, boot, namespace, tag = lease_owner_id().split("/")
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # a pid that no longer runs here
@@ -69,7 +71,7 @@ def can_unshare() -> bool:
     return probe.returncode == 0
 
 
-async def test_a_worker_in_another_pid_namespace_keeps_its_leases(
+async def test_finding_4_a_worker_in_another_pid_namespace_keeps_its_leases(
     tmp_path: Path, smtp_peer: SMTPPeer
 ) -> None:
     """The audit's finding: a worker in its own PID namespace, on the same host name, had its

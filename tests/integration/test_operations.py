@@ -749,7 +749,7 @@ async def test_the_requeue_of_the_python_api_says_what_will_happen(
 # -- export files (audit 8) and CLI polish (new user's item 10) ---------------------------------
 
 
-def test_export_files_are_readable_by_their_owner_only(
+def test_finding_8_export_files_are_readable_by_their_owner_only(
     queue: tuple[Config, dict[str, str]], tmp_path: Path
 ) -> None:
     config, ids = queue

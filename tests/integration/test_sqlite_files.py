@@ -29,7 +29,9 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-async def test_the_database_and_its_wal_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+async def test_finding_8_the_database_and_its_wal_are_readable_by_their_owner_only(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "postlane.db"
     store = SQLiteStore(path)
     await store.open()

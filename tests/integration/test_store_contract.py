@@ -778,7 +778,7 @@ def submitted(prepared: PreparedMessage, submitter: str | None) -> PreparedMessa
     return dataclasses.replace(prepared, submitter=submitter)
 
 
-async def test_an_idempotency_key_belongs_to_its_submitter(store: Any) -> None:
+async def test_finding_3_an_idempotency_key_belongs_to_its_submitter(store: Any) -> None:
     mine = submitted(msg(key="receipt-9001"), "token:a")
     theirs = submitted(msg(key="receipt-9001"), "token:b")
     [a] = await store.enqueue([mine], T0)

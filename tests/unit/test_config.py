@@ -239,7 +239,7 @@ SECRET = "S3cretRelayPw"
         ({"delivery": {"password": SECRET, "lease": "soon"}}, {}, "delivery.lease"),
     ],
 )
-def test_no_config_error_shows_a_secret(
+def test_finding_9_no_config_error_shows_a_secret(
     data: dict[str, Any], env: dict[str, str], named: str
 ) -> None:
     """Every error is a ConfigError naming the key, and none holds the secret: not a URL's
@@ -251,7 +251,7 @@ def test_no_config_error_shows_a_secret(
     assert "12345678" not in raised.value.message
 
 
-def test_a_secret_keys_error_says_what_was_expected_without_the_value() -> None:
+def test_finding_9_a_secret_keys_error_says_what_was_expected_without_the_value() -> None:
     with pytest.raises(ConfigError) as raised:
         config_from_dict({"delivery": {"password": 12345678}})
     assert raised.value.message == "delivery.password: expected a string, got an integer"
