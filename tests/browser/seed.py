@@ -184,6 +184,19 @@ async def seed(directory: Path) -> Seeded:
                 ),
             ]
         )
+        from postlane.feedback import Report
+
+        await app.store.record_unmatched(
+            Report(
+                "bounce listener",
+                "auto-reply",
+                b"From: ada@example.net\r\nSubject: Out of office\r\n\r\nBack on Monday.\r\n",
+                "ada@example.net",
+                "b-1-abcdefghijklmnop@bounce.example",
+            ),
+            "an automatic reply, not a bounce",
+            now,
+        )
         await _history(app, now)
         await app.store.alert_transition(FIRING, True, now - 600)
         [deferred] = await app.messages(Selector(lanes=(), recipient="user0@grey.example"))

@@ -392,3 +392,27 @@ def test_issue_17_9_internationalised_domains_read_in_unicode(seeded: Seeded, pa
     assert link.get_attribute("href") == "/queue?domain=xn--bcher-kva.example"
     link.click()  # the filter works on the ASCII form
     expect(page.locator("tr[data-id]")).to_have_count(1)
+
+
+def test_unmatched_reports_are_listed_and_readable(seeded: Seeded, page: Page) -> None:
+    page.goto(seeded.http + "/feedback")
+    row = page.locator("tr[data-report]").first
+    expect(row).to_contain_text("auto-reply")
+    expect(row).to_contain_text("an automatic reply, not a bounce")
+    row.get_by_role("link").click()
+    expect(page.locator("[data-raw]")).to_contain_text("Back on Monday.")
+
+
+def test_suppressions_show_reason_scope_and_expiry_and_remove_by_scope(
+    seeded: Seeded, page: Page
+) -> None:
+    page.goto(seeded.http + "/suppressions")
+    page.get_by_label("Address").fill("ada@shop-customer.example")
+    page.get_by_label("Scope").fill("shop.example")
+    page.get_by_role("button", name="Add").click()
+    row = page.locator('tr[data-address="ada@shop-customer.example"]')
+    expect(row).to_have_attribute("data-scope", "shop.example")
+    expect(row).to_contain_text("manual")
+    expect(row).to_contain_text("never")
+    row.get_by_role("button", name="Remove").click()
+    expect(page.locator('tr[data-address="ada@shop-customer.example"]')).to_have_count(0)

@@ -620,3 +620,34 @@ def test_webhooks_commands_show_the_configured_endpoints(tmp_path: Path) -> None
     one_line_error(postlane("webhooks", "resume", "crm", cwd=tmp_path), "crm")
     (tmp_path / "postlane.toml").write_text("")
     one_line_error(postlane("webhooks", "list", cwd=tmp_path), "no webhook endpoint")
+
+
+def test_feedback_lists_and_shows_unmatched_reports(queue_dir: Path) -> None:
+    import asyncio
+
+    from postlane.app import AsyncPostlane
+    from postlane.config import config_from_dict
+    from postlane.feedback import Report
+
+    content = b"From: ada@example.net\r\nSubject: Out of office\r\n\r\nBack on Monday.\r\n"
+    config = config_from_dict({"store": {"url": f"sqlite:///{queue_dir / 'postlane.db'}"}})
+
+    async def keep() -> int:
+        async with AsyncPostlane(config, create=False) as app:
+            return await app.store.record_unmatched(
+                Report("bounce listener", "auto-reply", content, "ada@example.net"),
+                "an automatic reply, not a bounce",
+                app.clock.now(),
+            )
+
+    assert "No unmatched reports" in ok("feedback", "list", cwd=queue_dir)
+    kept = asyncio.run(keep())
+    [listed] = json.loads(ok("feedback", "list", "--json", cwd=queue_dir))
+    assert (listed["id"], listed["kind"]) == (kept, "auto-reply")
+    assert "an automatic reply" in ok("feedback", "list", cwd=queue_dir)
+    assert "Back on Monday." in ok("feedback", "show", str(kept), cwd=queue_dir)
+    raw = subprocess.run(
+        ["postlane", "feedback", "show", str(kept), "--raw"], cwd=queue_dir, capture_output=True
+    )
+    assert raw.returncode == 0 and raw.stdout == content  # the bytes as received
+    one_line_error(postlane("feedback", "show", "999", cwd=queue_dir), "no unmatched report 999")

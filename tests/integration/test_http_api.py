@@ -724,3 +724,24 @@ async def test_the_event_log_pages_in_order_with_a_cursor(
         assert r.status_code == status, (params, r.text)
     del client.headers["Authorization"]
     assert (await client.get("/v1/events")).status_code == 401
+
+
+async def test_unmatched_reports_are_listed_without_content_and_shown_one_by_one(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    from postlane.feedback import Report
+
+    content = b"From: ada@example.net\r\nSubject: Out of office\r\n\r\nBack on Monday.\r\n"
+    kept = await app.store.record_unmatched(
+        Report("bounce listener", "auto-reply", content, "ada@example.net", "b-1@bounce.example"),
+        "an automatic reply, not a bounce",
+        app.clock.now(),
+    )
+    [listed] = (await client.get("/v1/feedback/unmatched")).json()
+    assert (listed["id"], listed["kind"], listed["size"]) == (kept, "auto-reply", len(content))
+    assert "content" not in listed
+    shown = (await client.get(f"/v1/feedback/unmatched/{kept}")).json()
+    assert shown["content"] == content.decode() and shown["reason"].startswith("an automatic")
+    assert (await client.get("/v1/feedback/unmatched/999999")).status_code == 404
+    assert (await client.get("/v1/feedback/unmatched/x")).status_code == 404
+    assert (await client.get("/v1/feedback/unmatched", params={"limit": "0"})).status_code == 400

@@ -1121,8 +1121,12 @@ async def test_unmatched_reports_are_kept_for_review(store: Any) -> None:
     )
     listed = await store.list_unmatched(limit=10)
     assert [u.id for u in listed] == [second, first]
-    assert listed[1].content == b"x" * 10 and listed[1].rcpt_to == "b-zz@bounce.example"
+    assert listed[1].content is None and listed[1].rcpt_to == "b-zz@bounce.example"
     assert listed[1].as_json()["size"] == 10
+    shown = await store.get_unmatched(first)
+    assert (shown.content, shown.size, shown.reason) == (b"x" * 10, 10, "no recipient matched")
+    with pytest.raises(NotFound):
+        await store.get_unmatched(second + 1000)
     assert await store.purge_unmatched(T0 + 1) == 1
 
 

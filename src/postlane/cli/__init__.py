@@ -24,6 +24,7 @@ from postlane.cli.context import Invocation
 from postlane.cli.credentials import dkim, hash_password_command
 from postlane.cli.dlq import dlq
 from postlane.cli.events import events_command
+from postlane.cli.feedback import feedback
 from postlane.cli.output import unwrap_when_piped
 from postlane.cli.queue import queue
 from postlane.cli.send import send
@@ -80,6 +81,7 @@ for command in (
     dlq,
     suppress,
     events_command,
+    feedback,
     webhooks,
     alerts_command,
     hash_password_command,

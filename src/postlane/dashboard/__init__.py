@@ -47,6 +47,7 @@ def dashboard_routes() -> list[BaseRoute]:
         Route("/dlq", page(pages.dlq), methods=["GET"]),
         Route("/suppressions", page(pages.suppressions), methods=["GET"]),
         Route("/suppressions", page(pages.suppress, post=True), methods=["POST"]),
+        Route("/feedback", page(pages.unmatched), methods=["GET"]),
         Route("/login", pages.login_page, methods=["GET"]),
         Route("/login", pages.login_post, methods=["POST"]),
         Route("/logout", page(pages.logout, post=True), methods=["POST"]),

@@ -343,14 +343,26 @@ async def suppress(request: Request, session: Session) -> Response:
     app = _postlane(request)
     form = await read_form(request)
     address = str(form.get("address", "")).strip()
+    scope = check_text(str(form.get("scope", "")).strip(), "scope") or None
     if str(form.get("remove", "")) == "1":
-        removed = await app.unsuppress(address)
+        removed = await app.unsuppress(address, scope=scope)
         note = f"removed {address}" if removed else f"{address} was not on the list"
     else:
         reason = check_text(str(form.get("reason", "")).strip(), "reason") or None
-        added = await app.suppress(address, reason=reason)
+        added = await app.suppress(address, reason=reason, scope=scope)
         note = f"added {address}" if added else f"{address} was already on the list"
     return back_to("/suppressions", note)
+
+
+async def unmatched(request: Request, session: Session) -> Response:
+    app = _postlane(request)
+    reports = await app.store.list_unmatched(limit=200)
+    shown = None
+    chosen = request.query_params.get("id", "")
+    if chosen.isdigit() and len(chosen) <= 19:
+        shown = await app.store.get_unmatched(int(chosen))
+    text = (shown.content or b"").decode("utf-8", "replace") if shown is not None else ""
+    return render(request, session, "feedback.html", reports=reports, shown=shown, shown_text=text)
 
 
 # -- log in and out --------------------------------------------------------------------------------

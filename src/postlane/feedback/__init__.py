@@ -94,7 +94,10 @@ class UnmatchedFeedback:
     reason: str
     mail_from: str | None
     rcpt_to: str | None
-    content: bytes
+    #: bytes kept (at most the first MiB of what arrived)
+    size: int
+    #: the report as received (None in a listing: read one with ``get_unmatched``)
+    content: bytes | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -105,5 +108,5 @@ class UnmatchedFeedback:
             "reason": self.reason,
             "mail_from": self.mail_from,
             "rcpt_to": self.rcpt_to,
-            "size": len(self.content),
+            "size": self.size,
         }

@@ -804,6 +804,26 @@ async def list_events(request: Request, caller: Caller) -> Response:
     return ApiJSON(page.as_json())
 
 
+# -- reports nothing matched ----------------------------------------------------------------------
+
+
+async def list_unmatched(request: Request, caller: Caller) -> Response:
+    limit_text = request.query_params.get("limit", "100")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST:
+        raise ApiError(400, "invalid_field", f"limit must be 1 to {MAX_LIST}")
+    reports = await _context(request).postlane.store.list_unmatched(limit=int(limit_text))
+    return ApiJSON([report.as_json() for report in reports])
+
+
+async def get_unmatched(request: Request, caller: Caller) -> Response:
+    text = request.path_params["report_id"]
+    if not text.isdigit() or len(text) > 19:
+        raise NotFound(f"no unmatched report {text!r}")
+    report = await _context(request).postlane.store.get_unmatched(int(text))
+    content = (report.content or b"").decode("utf-8", "replace")
+    return ApiJSON({**report.as_json(), "content": content})
+
+
 # -- outbound webhooks (the operator's view) ------------------------------------------------------
 
 
@@ -971,6 +991,8 @@ _ROUTES: tuple[tuple[str, str, Handler, Scope | None], ...] = (
     ("/v1/suppressions", "POST", add_suppression, _ADMIN),
     ("/v1/suppressions/{address}", "DELETE", remove_suppression, _ADMIN),
     ("/v1/events", "GET", list_events, _ADMIN),
+    ("/v1/feedback/unmatched", "GET", list_unmatched, _ADMIN),
+    ("/v1/feedback/unmatched/{report_id}", "GET", get_unmatched, _ADMIN),
     ("/v1/webhooks/out", "GET", list_webhooks, _ADMIN),
     ("/v1/webhooks/out/{name}/failures", "GET", webhook_failures, _ADMIN),
     ("/v1/webhooks/out/{name}/test", "POST", webhook_test, _ADMIN),

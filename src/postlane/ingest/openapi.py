@@ -495,6 +495,39 @@ def _event_paths() -> dict[str, Any]:
     }
 
 
+def _feedback_paths() -> dict[str, Any]:
+    report = _object(
+        {
+            "id": _type("integer"),
+            "received_at": _type("string", format="date-time"),
+            **_strings("source", "kind", "reason"),
+            "mail_from": _type("string", "null"),
+            "rcpt_to": _type("string", "null"),
+            "size": _type("integer"),
+        },
+        required=("id", "received_at", "source", "kind", "reason", "size"),
+    )
+    limit = {"name": "limit", "in": "query", "schema": _type("integer", minimum=1, maximum=1000)}
+    return {
+        "/v1/feedback/unmatched": {
+            "get": _operation(
+                "Reports that matched no delivery, newest first (admin)",
+                {"200": _json(_array(report), "Reports, without their contents")},
+                (400, 401),
+                parameters=[limit],
+            )
+        },
+        "/v1/feedback/unmatched/{report_id}": {
+            "get": _operation(
+                "One report that matched no delivery, with its content (admin)",
+                {"200": _json_object("The report and its content as text")},
+                (401, 404),
+                parameters=[_path_parameter("report_id")],
+            )
+        },
+    }
+
+
 def _webhook_paths() -> dict[str, Any]:
     name = [_path_parameter("name")]
     replay_body = {
@@ -635,6 +668,7 @@ def openapi_document() -> dict[str, Any]:
             **_operator_paths(),
             **_suppression_paths(),
             **_event_paths(),
+            **_feedback_paths(),
             **_webhook_paths(),
             **_probe_paths(),
         },

@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+from postlane.errors import NotFound
 from postlane.feedback import (
     DeliveryRef,
     Feedback,
@@ -90,9 +91,17 @@ class SQLFeedback(SQLRole):
         return int(row["id"])
 
     async def list_unmatched(self, *, limit: int) -> list[UnmatchedFeedback]:
-        """Unmatched reports, newest first."""
+        """Unmatched reports, newest first (without their contents)."""
         found = await self.db.read(lambda: fetch("unmatched", {"limit": limit}))
         return [rows.unmatched_feedback(row) for row in found]
+
+    async def get_unmatched(self, report_id: int) -> UnmatchedFeedback:
+        """One unmatched report with what was received; raises :class:`NotFound`."""
+        row = await self.db.read(lambda: fetch_one("unmatched_report", {"id": report_id}))
+        if row is None:
+            raise NotFound(f"no unmatched report {report_id} (purged after [bounces] "
+                           "unmatched_retention, or never kept)")  # fmt: skip
+        return rows.unmatched_feedback(row)
 
     async def purge_unmatched(self, before: float) -> int:
         return await self.db.write(lambda: execute("purge_unmatched", {"before": before}))

@@ -166,7 +166,13 @@ def delivery_ref(row: Row) -> DeliveryRef:
 
 
 def unmatched_feedback(row: Row) -> UnmatchedFeedback:
-    return build(UnmatchedFeedback, row, content=bytes(row["content"]))
+    content = row["content"] if "content" in row.keys() else None  # noqa: SIM118 (sqlite3.Row)
+    return build(
+        UnmatchedFeedback,
+        row,
+        size=int(row["size"]),
+        content=None if content is None else bytes(content),
+    )
 
 
 def webhook_endpoint(row: Row) -> WebhookEndpointState:

@@ -363,9 +363,15 @@ VALUES (:received_at, :source, :kind, :reason, :mail_from, :rcpt_to, :content)
 RETURNING id;
 
 -- name: unmatched
--- Reports nothing matched, newest first.
-SELECT id, received_at, source, kind, reason, mail_from, rcpt_to, content
+-- Reports nothing matched, newest first (their sizes, not their contents).
+SELECT id, received_at, source, kind, reason, mail_from, rcpt_to, length(content) AS size
 FROM feedback_unmatched ORDER BY id DESC LIMIT :limit;
+
+-- name: unmatched_report
+-- One report nothing matched, with what was received.
+SELECT id, received_at, source, kind, reason, mail_from, rcpt_to, length(content) AS size,
+       content
+FROM feedback_unmatched WHERE id = :id;
 
 -- name: purge_unmatched
 -- Forget unmatched reports older than their retention.
