@@ -16,6 +16,7 @@ from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
 from postlane.errors import StoreUnavailable
+from postlane.ingest import api_core
 from postlane.ingest import http as http_module
 from postlane.ingest.http import build_app, start_http
 from postlane.message import Lane, RecipientState
@@ -50,7 +51,7 @@ async def small_exports(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client of an API whose export (and import) size limit is its floor: twice the body
     limit (about 180 kB with max_size 20KB)."""
-    monkeypatch.setattr(http_module, "EXPORT_BYTES", 0)
+    monkeypatch.setattr(api_core, "EXPORT_BYTES", 0)
     asgi = build_app(app.config, app, Metrics(app))
     transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
     async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
