@@ -14,10 +14,11 @@ writes to a delivery, and the worker never waits for it) nor another endpoint. E
    window of at most ``window`` events. An event type the endpoint does not want is passed over
    (the cursor moves past it). A cursor whose event retention removed is logged and the
    endpoint goes on from the oldest event kept.
-3. **Sends** with ``concurrency`` requests in flight: the events of one message always go to
-   the same request lane, one after another, so they arrive in order; different messages go in
-   parallel. Each attempt is signed afresh (its own ``webhook-timestamp``), each event keeps
-   its ``webhook-id``.
+3. **Sends** with ``concurrency`` requests in flight: the events of one message go one after
+   another, each once the one before it was acknowledged, so they arrive in order; different
+   messages go in parallel, and a message whose event the endpoint refuses waits on its own
+   schedule while the others go on (no head-of-line blocking). Each attempt is signed afresh
+   (its own ``webhook-timestamp``), each event keeps its ``webhook-id``.
 4. **Moves the cursor** only past events the endpoint acknowledged (2xx) and every event before
    them, at most every ``save_every`` seconds (the cursor is one small write per second, not
    one per event: the mail queue shares the store). A crash sends again what was acknowledged
@@ -25,9 +26,11 @@ writes to a delivery, and the worker never waits for it) nor another endpoint. E
 5. **Backs off** on a failure (non-2xx, timeout, connection error, a refused address):
    :class:`~postlane.webhooks.retry.RetrySchedule`, starting within seconds, up to an hour.
    While failing, one request probes the endpoint and the others wait, so a down endpoint gets
-   one request per retry, not one per lane. The failures, the time of the next try and the
-   last error are kept in the store (``postlane webhooks list``); after ``pause_after``
-   failures in a row the endpoint counts as paused and an alert fires.
+   one request per retry, not one per lane. A message whose event the endpoint refuses while
+   it acknowledges others also waits on its own, longer after each refusal, so one event the
+   endpoint keeps refusing does not hold the others up. The failures, the time of the next
+   try and the last error are kept in the store (``postlane webhooks list``); after
+   ``pause_after`` failures in a row the endpoint counts as paused and an alert fires.
 
 An operator's ``replay`` (or ``resume``) changes the endpoint's state in the store; the sender
 holding it notices within a second and starts over from there.
@@ -43,7 +46,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from postlane.clock import Clock, SystemClock, iso
 from postlane.errors import NotFound
@@ -378,6 +381,9 @@ class EndpointSender:
         self.recent.append(failure)
 
 
+_Outcome = Literal["acked", "refused", "failed"]
+
+
 class _Ended(Exception):
     """The tenure is over: stop sending."""
 
@@ -412,6 +418,8 @@ class _Health:
         #: failure was counted does not count its own failure again
         self.generation = 0
         self.probing = False
+        #: requests acknowledged so far
+        self.acknowledged = 0
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
@@ -442,6 +450,7 @@ class _Health:
 
     def succeeded(self) -> bool:
         """A 2xx: the endpoint works. True when it was failing."""
+        self.acknowledged += 1
         if self.failures == 0 and self.paused_until is None:
             return False
         self.failures = 0
@@ -500,9 +509,14 @@ class _Tenure:
         self.reason = ""
         self.progress = asyncio.Event()
         self.urgent = asyncio.Event()
-        self.lanes: list[asyncio.Queue[tuple[_Slot, Event]]] = [
-            asyncio.Queue() for _ in range(self.endpoint.concurrency)
-        ]
+        #: per message (its queue id), its events read and not yet acknowledged, in log order;
+        #: a message is here exactly while it is ready, in flight or waiting to try again
+        self.chains: dict[str | None, deque[tuple[_Slot, Event]]] = {}
+        #: messages whose first unacknowledged event may go now
+        self.ready: asyncio.Queue[str | None] = asyncio.Queue()
+        #: messages waiting after a refusal: their refusals in a row and their wait
+        self.message_failures: dict[str | None, int] = {}
+        self.waiting: dict[str | None, asyncio.Task[None]] = {}
         self.warned_purge = False
 
     def end(self, reason: str) -> None:
@@ -514,8 +528,8 @@ class _Tenure:
         """Send until the tenure ends; returns why (stop, lost, changed, error)."""
         name = self.endpoint.name
         lanes = [
-            asyncio.create_task(self._guard(self._lane(queue)), name=f"postlane-webhook-{name}")
-            for queue in self.lanes
+            asyncio.create_task(self._guard(self._lane()), name=f"postlane-webhook-{name}")
+            for _ in range(self.endpoint.concurrency)
         ]
         keeper = asyncio.create_task(self._guard(self._keep()), name=f"postlane-webhook-{name}")
         reader = asyncio.create_task(self._guard(self._read()), name=f"postlane-webhook-{name}")
@@ -529,9 +543,9 @@ class _Tenure:
                 # requests in flight may finish; lanes waiting to retry leave at once
                 await _first_of(self.idle.wait(), timeout=self.settings.shutdown_grace)
         finally:
-            for task in tasks:
+            for task in (*tasks, *self.waiting.values()):
                 task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self.waiting.values(), return_exceptions=True)
         if self.reason == "stop":
             try:
                 await self._record_failures()
@@ -576,7 +590,12 @@ class _Tenure:
                 slot = _Slot(event.id, self.endpoint.wants(event.type))
                 self.pending.append(slot)
                 if slot.wanted:
-                    self.lanes[hash(event.queue_id) % len(self.lanes)].put_nowait((slot, event))
+                    chain = self.chains.get(event.queue_id)
+                    if chain is None:
+                        self.chains[event.queue_id] = deque([(slot, event)])
+                        self.ready.put_nowait(event.queue_id)
+                    else:
+                        chain.append((slot, event))
                 else:
                     slot.done = True
             self.read = events[-1].id
@@ -611,79 +630,115 @@ class _Tenure:
 
     # -- sending -------------------------------------------------------------------------------
 
-    async def _lane(self, queue: asyncio.Queue[tuple[_Slot, Event]]) -> None:
+    async def _lane(self) -> None:
+        """One request lane (its own connection): takes the next ready message and tries its
+        first unacknowledged event once."""
         client = self.sender.client()
         try:
             while True:
-                slot, event = await queue.get()
-                await self._deliver(client, event)
+                message = await self.ready.get()
+                chain = self.chains[message]
+                slot, event = chain[0]
+                outcome = await self._deliver(client, event)
+                if outcome == "failed":  # the endpoint's failure: its pause gates every message
+                    self.ready.put_nowait(message)
+                    continue
+                if outcome == "refused":  # refused while the endpoint works: this message's
+                    self._wait(message)
+                    continue
+                chain.popleft()
+                self.message_failures.pop(message, None)
+                if chain:
+                    self.ready.put_nowait(message)
+                else:
+                    del self.chains[message]
                 slot.done = True
                 self.sender.delivered += 1
                 self._advance()
         finally:
             client.close()
 
-    async def _deliver(self, client: EndpointClient, event: Event) -> None:
-        """POST one event until the endpoint acknowledges it."""
+    def _wait(self, message: str | None) -> None:
+        """The endpoint, working for other messages, refused this message's event: it goes
+        again after its own backoff, growing with its refusals in a row (the endpoint's pause,
+        shared by every message, comes on top), while the other messages go on."""
+        failures = self.message_failures.get(message, 0) + 1
+        self.message_failures[message] = failures
+        delay = self.settings.retry.ceiling(failures)
+
+        async def later() -> None:
+            try:
+                await self.clock.sleep(delay)
+            finally:
+                if self.waiting.get(message) is task:
+                    del self.waiting[message]
+                    self.ready.put_nowait(message)
+
+        task = asyncio.create_task(later(), name=f"postlane-webhook-{self.endpoint.name}-wait")
+        self.waiting[message] = task
+
+    async def _deliver(self, client: EndpointClient, event: Event) -> _Outcome:
+        """POST one event once the endpoint may be tried: acknowledged; refused while the
+        endpoint acknowledged other events (this message's failure); or failed with nothing
+        acknowledged meanwhile (the endpoint's failure, as far as anyone can tell)."""
         body = payload(event)
         msg_id = webhook_id(event.id)
         name = self.endpoint.name
         observer = self.sender.observer
-        while True:
-            await self.sender.mail_first.turn(self.clock.now() - event.at)
-            generation = await self.health.admit(self.ended)
-            headers = self.sender.signer.headers(msg_id, self.clock.now(), body)
-            started = time.monotonic()
-            self.in_flight += 1
-            self.idle.clear()
-            reply: Reply | None = None
-            try:
-                reply = await client.post(headers, body)
-                outcome = "delivered" if reply.ok else "rejected"
-                error = "" if reply.ok else reply.describe()
-            except AddressRefused as exc:
-                reply, outcome, error = None, "refused", exc.message
-            except TimedOut as exc:
-                reply, outcome, error = None, "timeout", exc.message
-            except WebhookDeliveryError as exc:
-                reply, outcome, error = None, "connection", exc.message
-            except Exception as exc:  # nothing unexpected stops the sender
-                log.exception("webhook endpoint %s: unexpected error sending", name)
-                reply, outcome, error = None, "connection", f"{type(exc).__name__}: {exc}"
-                client.close()
-            finally:
-                self.in_flight -= 1
-                if not self.in_flight:
-                    self.idle.set()
-            observer.webhook_attempted(name, outcome, time.monotonic() - started)
-            if outcome == "delivered":
-                if self.health.succeeded():
-                    self.recovered = True
-                    self.urgent.set()
-                    log.info("webhook endpoint %s: delivering again", name)
-                return
-            self.sender.failed_request(
-                DeliveryFailure(self.clock.now(), name, msg_id, outcome, error)
-            )
-            next_try = self.health.failed(
-                generation,
-                retry_after=reply.retry_after if reply is not None else None,
-                status=reply.status if reply is not None else None,
-            )
-            if next_try is not None:
-                self.failures_to_record.append((error, next_try))
+        await self.sender.mail_first.turn(self.clock.now() - event.at)
+        generation = await self.health.admit(self.ended)
+        acknowledged = self.health.acknowledged
+        headers = self.sender.signer.headers(msg_id, self.clock.now(), body)
+        started = time.monotonic()
+        self.in_flight += 1
+        self.idle.clear()
+        reply: Reply | None = None
+        try:
+            reply = await client.post(headers, body)
+            outcome = "delivered" if reply.ok else "rejected"
+            error = "" if reply.ok else reply.describe()
+        except AddressRefused as exc:
+            reply, outcome, error = None, "refused", exc.message
+        except TimedOut as exc:
+            reply, outcome, error = None, "timeout", exc.message
+        except WebhookDeliveryError as exc:
+            reply, outcome, error = None, "connection", exc.message
+        except Exception as exc:  # nothing unexpected stops the sender
+            log.exception("webhook endpoint %s: unexpected error sending", name)
+            reply, outcome, error = None, "connection", f"{type(exc).__name__}: {exc}"
+            client.close()
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+        observer.webhook_attempted(name, outcome, time.monotonic() - started)
+        if outcome == "delivered":
+            if self.health.succeeded():
+                self.recovered = True
                 self.urgent.set()
-                failures = self.health.failures
-                paused = self.settings.retry.paused(failures)
-                log.log(
-                    logging.ERROR if paused else logging.WARNING,
-                    "webhook endpoint %s: %s (%d failure(s) in a row%s; next try at %s)",
-                    name,
-                    error,
-                    failures,
-                    ", paused" if paused else "",
-                    iso(next_try),
-                )
+                log.info("webhook endpoint %s: delivering again", name)
+            return "acked"
+        self.sender.failed_request(DeliveryFailure(self.clock.now(), name, msg_id, outcome, error))
+        next_try = self.health.failed(
+            generation,
+            retry_after=reply.retry_after if reply is not None else None,
+            status=reply.status if reply is not None else None,
+        )
+        if next_try is not None:
+            self.failures_to_record.append((error, next_try))
+            self.urgent.set()
+            failures = self.health.failures
+            paused = self.settings.retry.paused(failures)
+            log.log(
+                logging.ERROR if paused else logging.WARNING,
+                "webhook endpoint %s: %s (%d failure(s) in a row%s; next try at %s)",
+                name,
+                error,
+                failures,
+                ", paused" if paused else "",
+                iso(next_try),
+            )
+        return "refused" if self.health.acknowledged != acknowledged else "failed"
 
     # -- keeping the store up to date ------------------------------------------------------------
 
