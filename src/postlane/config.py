@@ -28,7 +28,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +36,11 @@ from urllib.parse import urlsplit
 
 from postlane import toml_values
 from postlane.errors import ConfigError
+from postlane.feedback.providers.config import (
+    PROVIDERS,
+    ProviderWebhooks,
+    provider_webhooks_from_config,
+)
 from postlane.message import Lane
 from postlane.redact import is_secret_key, mask_url, redact, url_secrets
 
@@ -543,6 +548,8 @@ class Config:
     routes: tuple[Route, ...] = ()
     #: ``[[webhooks.out]]``: the application's endpoints for signed event webhooks
     webhooks_out: tuple[WebhookEndpoint, ...] = ()
+    #: ``[webhooks.ses]``, ``[webhooks.sendgrid]``, ...: the providers' signed event webhooks
+    provider_webhooks: ProviderWebhooks = field(default_factory=ProviderWebhooks)
     #: where the configuration came from, for messages ("built-in defaults" when no file)
     source: str = "built-in defaults"
     #: the directory relative paths are resolved against
@@ -973,6 +980,9 @@ def _read(data: Mapping[str, Any], reader: _Reader, source: str, base_dir: Path)
     }
     routes = _array_of_tables(data, reader, "routes", Route, _check_route)
     webhooks_out = _webhooks_out(data, reader)
+    provider_webhooks = provider_webhooks_from_config(
+        data.get("webhooks", {}), lambda table, where, keys: _resolved(reader, table, where, keys)
+    )
     http: HttpConfig = sections["http"]
     api_token = reader.env.get("POSTLANE_API_TOKEN")
     if api_token:
@@ -998,6 +1008,7 @@ def _read(data: Mapping[str, Any], reader: _Reader, source: str, base_dir: Path)
         dkim=dkim,
         routes=routes,
         webhooks_out=webhooks_out,
+        provider_webhooks=provider_webhooks,
         source=source,
         base_dir=base_dir,
         secrets=frozenset(reader.secrets),
@@ -1048,7 +1059,7 @@ def _array_of_tables(
 
 
 #: the tables ``[webhooks]`` may hold
-_WEBHOOK_TABLES = ("out",)
+_WEBHOOK_TABLES = ("out", *PROVIDERS)
 
 
 def _webhooks_out(data: Mapping[str, Any], reader: _Reader) -> tuple[WebhookEndpoint, ...]:
@@ -1070,19 +1081,28 @@ def _webhooks_out(data: Mapping[str, Any], reader: _Reader) -> tuple[WebhookEndp
         where = f"webhooks.out[{number}]"
         if not isinstance(table, Mapping):
             raise ConfigError(f"{where}: expected a table ([[webhooks.out]]), got {table!r}")
-        resolved: dict[str, Any] = {}
-        for key, raw in table.items():
-            if key == "secret_file":
-                if "secret" in table:
-                    raise ConfigError(f"give {where}.secret or {where}.secret_file, not both")
-                resolved["secret"] = reader.read_file(raw, str, f"{where}.secret_file")
-                continue
-            reader.remember(key, raw)
-            value, _ = reader.expand(raw, f"{where}.{key}")
-            reader.remember(key, value)
-            resolved[key] = value
-        tables.append(resolved)
+        tables.append(_resolved(reader, table, where, ("secret",)))
     return endpoints_from_config(tables, "webhooks.out")
+
+
+def _resolved(
+    reader: _Reader, table: Mapping[str, Any], where: str, file_keys: Collection[str]
+) -> dict[str, Any]:
+    """A ``[webhooks]`` table's values with ``${VAR}`` expanded and each ``KEY_file`` of
+    ``file_keys`` read (the secrets remembered, so no error shows them)."""
+    resolved: dict[str, Any] = {}
+    for key, raw in table.items():
+        base = key.removesuffix("_file")
+        if key != base and base in file_keys:
+            if base in table:
+                raise ConfigError(f"give {where}.{base} or {where}.{key}, not both")
+            resolved[base] = reader.read_file(raw, str, f"{where}.{key}")
+            continue
+        reader.remember(key, raw)
+        value, _ = reader.expand(raw, f"{where}.{key}")
+        reader.remember(key, value)
+        resolved[key] = value
+    return resolved
 
 
 def _check_shaping(rule: ShapingRule, where: str) -> None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from postlane.app import AsyncPostlane
     from postlane.feedback import Feedback
     from postlane.feedback.inbound import InboundResult
+    from postlane.feedback.providers.recorder import RecordedEvents
     from postlane.worker import DecidedAttempt
 
 MAX_DOMAIN_LABELS = 20
@@ -371,6 +372,22 @@ class FeedbackMetrics:
             ["reason"],
             registry=registry,
         )
+        self.provider_requests = Counter(
+            "postlane_provider_webhooks",
+            "Requests to the provider webhook endpoints, by provider (ses, sendgrid, postmark, "
+            "mailgun) and outcome (accepted, unverified: refused with 401, malformed: 400, "
+            "retry: 503 while a delivery they name is being sent)",
+            ["provider", "outcome"],
+            registry=registry,
+        )
+        self.provider_event_outcomes = Counter(
+            "postlane_provider_events",
+            "Events the provider webhooks carried, by provider and what became of them "
+            "(recorded, duplicate, unmatched: kept for review, ignored: a delivery of mail "
+            "postlane did not send)",
+            ["provider", "disposition"],
+            registry=registry,
+        )
         for kind in FEEDBACK_TYPES:
             self.recorded.labels(kind, "dsn")
         for reason in ("recipient", "size", "connections", "store"):
@@ -384,6 +401,19 @@ class FeedbackMetrics:
                 self.bounces.labels("hard").inc()
             elif item.cls is ReplyClass.SOFT_BOUNCE:
                 self.bounces.labels("soft").inc()
+
+    def provider_events(self, provider: str, result: RecordedEvents) -> None:
+        """What became of the events of one accepted provider webhook request."""
+        counts = {
+            "recorded": len(result.recorded),
+            "duplicate": result.duplicates,
+            "unmatched": result.unmatched,
+            "ignored": result.ignored,
+        }
+        for disposition, count in counts.items():
+            if count:
+                self.provider_event_outcomes.labels(provider, disposition).inc(count)
+        self.recorded_feedback(result.recorded)
 
     def report(self, result: InboundResult) -> None:
         self.reports.labels(result.kind.value, result.disposition.value).inc()

@@ -82,6 +82,7 @@ from postlane.ingest.http_feeds import (
     webhook_test,
 )
 from postlane.ingest.openapi import openapi_document
+from postlane.ingest.provider_webhooks import install_provider_webhooks, provider_webhook
 from postlane.ingest.server import (
     HttpLimits,
     bind,
@@ -403,6 +404,11 @@ _ROUTES: tuple[tuple[str, str, Handler, Scope | None], ...] = (
     ("/v1/webhooks/out/{name}/test", "POST", webhook_test, _ADMIN),
     ("/v1/webhooks/out/{name}/replay", "POST", webhook_replay, _ADMIN),
     ("/v1/webhooks/out/{name}/resume", "POST", webhook_resume, _ADMIN),
+    # the providers' own webhooks: their signature is the proof (ingest/provider_webhooks.py)
+    ("/v1/webhooks/ses", "POST", provider_webhook, _PUBLIC),
+    ("/v1/webhooks/sendgrid", "POST", provider_webhook, _PUBLIC),
+    ("/v1/webhooks/postmark", "POST", provider_webhook, _PUBLIC),
+    ("/v1/webhooks/mailgun", "POST", provider_webhook, _PUBLIC),
     ("/metrics", "GET", get_metrics, _PUBLIC),
     ("/healthz", "GET", healthz, _PUBLIC),
     ("/readyz", "GET", readyz, _PUBLIC),
@@ -437,6 +443,8 @@ def build_app(
         routes=api_routes(probes_only=probes_only), exception_handlers=EXCEPTION_HANDLERS
     )
     install(asgi.state, config, app, metrics, worker, limits)
+    if not probes_only:
+        install_provider_webhooks(asgi.state, config, app, metrics)
     return asgi
 
 

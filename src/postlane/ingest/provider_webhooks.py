@@ -1,0 +1,154 @@
+"""The providers' webhooks: ``POST /v1/webhooks/ses`` (SNS), ``/v1/webhooks/sendgrid``,
+``/v1/webhooks/postmark`` and ``/v1/webhooks/mailgun`` (routes in :mod:`postlane.ingest.http`).
+
+They need no bearer token, as the one-click unsubscribe needs none: the provider's signature (or
+Postmark's basic auth) is the proof, checked by :mod:`postlane.feedback.providers`. The API's
+other protections hold: the body is read within :data:`MAX_BODY` bytes, the body timeout and the
+request budget, and every error is JSON.
+
+- ``200`` ``{"received", "recorded", "duplicates", "unmatched", "ignored"}``: the events were
+  recorded, kept for the operator or ignored (an event about a message postlane does not know is
+  never an error: the provider would send it again forever).
+- ``401`` ``unauthorized``: the proof is missing, wrong, expired or replayed, the SNS topic is
+  not listed, or its certificate is not Amazon's. Nothing changes.
+- ``400`` ``invalid_json``: not JSON, or not the provider's shape.
+- ``404`` ``not_found``: that provider's ``[webhooks.NAME]`` table is not configured.
+- ``413``: over :data:`MAX_BODY`. ``503`` (with ``Retry-After``): the store cannot record, or a
+  delivery the events name is still being sent; the provider sends them again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from starlette.datastructures import State
+from starlette.requests import Request
+from starlette.responses import Response
+
+from postlane.auth import Caller
+from postlane.feedback.inbound import ComplaintScope
+from postlane.feedback.providers import Malformed, Received, Unverified
+from postlane.feedback.providers.mailgun import MailgunReceiver
+from postlane.feedback.providers.postmark import PostmarkReceiver
+from postlane.feedback.providers.recorder import EventRecorder
+from postlane.feedback.providers.sendgrid import SendGridReceiver
+from postlane.feedback.providers.ses import SESReceiver
+from postlane.feedback.providers.sns import SigningCertificates
+from postlane.ingest.api_core import STORE_RETRY_AFTER, ApiJSON, context_of, read_body
+from postlane.ingest.bodies import ApiError
+
+if TYPE_CHECKING:
+    from postlane.app import AsyncPostlane
+    from postlane.config import Config
+    from postlane.metrics import Metrics
+
+__all__ = ["MAX_BODY", "ProviderWebhooks", "install_provider_webhooks", "provider_webhook"]
+
+log = logging.getLogger("postlane.webhooks.in")
+
+#: the largest body read: SendGrid batches events up to about 1 MB, SNS messages are at most
+#: 256 KB, Postmark's bounce webhook may carry the bounce's content
+MAX_BODY = 4 * 1024 * 1024
+
+
+class Receiver(Protocol):
+    """Checks one provider's requests and reads their events."""
+
+    provider: str
+
+    async def receive(self, headers: Mapping[str, str], body: bytes, now: float) -> Received: ...
+
+
+@dataclass
+class ProviderWebhooks:
+    """What the endpoints share, on ``app.state.provider_webhooks``: a receiver per configured
+    provider, the recorder, and the SNS certificates (kept across requests)."""
+
+    receivers: dict[str, Receiver]
+    recorder: EventRecorder
+    certificates: SigningCertificates
+    metrics: Metrics | None = None
+
+
+def install_provider_webhooks(
+    state: State,
+    config: Config,
+    app: AsyncPostlane,
+    metrics: Metrics | None = None,
+    *,
+    certificates: SigningCertificates | None = None,
+) -> ProviderWebhooks:
+    """Give the provider endpoints what they need. ``certificates``: where SNS signing
+    certificates come from (by default fetched from Amazon's SNS hosts only; a test passes
+    its own, serving a certificate it made)."""
+    settings = config.provider_webhooks
+    certificates = certificates or SigningCertificates()
+    receivers: dict[str, Receiver] = {}
+    if settings.ses is not None:
+        receivers["ses"] = SESReceiver(settings.ses, certificates)
+    if settings.sendgrid is not None:
+        receivers["sendgrid"] = SendGridReceiver(settings.sendgrid)
+    if settings.postmark is not None:
+        receivers["postmark"] = PostmarkReceiver(settings.postmark)
+    if settings.mailgun is not None:
+        receivers["mailgun"] = MailgunReceiver(settings.mailgun)
+    recorder = EventRecorder(
+        app.store, app.clock, complaint_scope=ComplaintScope(config.bounces.complaint_scope)
+    )
+    hooks = ProviderWebhooks(receivers, recorder, certificates, metrics)
+    state.provider_webhooks = hooks
+    return hooks
+
+
+async def provider_webhook(request: Request, caller: Caller) -> Response:
+    """``POST /v1/webhooks/{provider}`` (see the module docstring)."""
+    provider = request.url.path.rstrip("/").rpartition("/")[2]
+    hooks: ProviderWebhooks | None = getattr(request.app.state, "provider_webhooks", None)
+    receiver = hooks.receivers.get(provider) if hooks is not None else None
+    if hooks is None or receiver is None:
+        raise ApiError(404, "not_found", f"[webhooks.{provider}] is not configured")
+    api = context_of(request)
+    body = bytes(await read_body(request, MAX_BODY))
+    try:
+        received = await receiver.receive(request.headers, body, api.postlane.clock.now())
+    except Unverified as exc:
+        _count(hooks, provider, "unverified")
+        log.warning("a %s webhook was refused: %s", provider, exc)
+        headers = {"WWW-Authenticate": 'Basic realm="postlane"'} if provider == "postmark" else None
+        raise ApiError(
+            401, "unauthorized", f"not verified as {provider}'s: {exc}", headers
+        ) from None
+    except Malformed as exc:
+        _count(hooks, provider, "malformed")
+        raise ApiError(400, "invalid_json", str(exc)) from None
+    try:
+        result = await hooks.recorder.record(received.events)
+    except BaseException:
+        if received.release is not None:
+            received.release()  # the provider sends it again: its token is not a replay then
+        raise
+    if result.pending:
+        if received.release is not None:
+            received.release()
+        _count(hooks, provider, "retry")
+        raise ApiError(
+            503,
+            "in_flight",
+            f"{result.pending} deliveries these events name are still being sent; "
+            "send them again later",
+            {"Retry-After": str(STORE_RETRY_AFTER)},
+        )
+    _count(hooks, provider, "accepted")
+    if hooks.metrics is not None:
+        hooks.metrics.feedback.provider_events(provider, result)
+    if result.recorded:
+        log.info("%s webhook: %s", provider, result.as_json())
+    return ApiJSON({"received": len(received.events), **result.as_json()})
+
+
+def _count(hooks: ProviderWebhooks, provider: str, outcome: str) -> None:
+    if hooks.metrics is not None:
+        hooks.metrics.feedback.provider_requests.labels(provider, outcome).inc()
