@@ -649,6 +649,63 @@ def _probe_paths() -> dict[str, Any]:
     }
 
 
+#: each provider's webhook: what proves it, and the media type it posts
+_PROVIDER_WEBHOOKS = {
+    "ses": (
+        "Amazon SES events through SNS",
+        "SNS notifications (Bounce, Complaint, Delivery, DeliveryDelay), verified against SNS's "
+        "signing certificate (SignatureVersion 1 or 2) and `[webhooks.ses] topic_arns`; a "
+        "SubscriptionConfirmation is confirmed by visiting its SubscribeURL. SNS posts "
+        "`text/plain`.",
+    ),
+    "sendgrid": (
+        "SendGrid Event Webhook",
+        "An array of events, signed (ECDSA P-256, headers X-Twilio-Email-Event-Webhook-"
+        "Signature and -Timestamp) with `[webhooks.sendgrid] verification_key`'s private half.",
+    ),
+    "postmark": (
+        "Postmark webhooks",
+        "Bounce, SpamComplaint and Delivery records, with HTTP basic auth "
+        "(`[webhooks.postmark] username` and `password`).",
+    ),
+    "mailgun": (
+        "Mailgun webhooks",
+        'One event, `{"signature": {"timestamp", "token", "signature"}, "event-data": {...}}`, '
+        "signed with HMAC-SHA256 and `[webhooks.mailgun] signing_key`; old timestamps and "
+        "reused tokens are refused.",
+    ),
+}
+
+
+def _provider_webhook_paths() -> dict[str, Any]:
+    result = _object(
+        _integers("received", "recorded", "duplicates", "unmatched", "ignored"),
+        required=("received", "recorded", "duplicates", "unmatched", "ignored"),
+    )
+    paths: dict[str, Any] = {}
+    for provider, (summary, description) in _PROVIDER_WEBHOOKS.items():
+        events = _array(_type("object")) if provider == "sendgrid" else _type("object")
+        media = {"application/json": {"schema": events}}
+        if provider == "ses":
+            media["text/plain"] = {"schema": _type("string")}
+        operation = _operation(
+            f"{summary} (no token: the provider's signature is the proof)",
+            {"200": _json(result, "The events were recorded, kept unmatched or ignored")},
+            (400, 401, 404, 413, 503),
+            description=description + " 404: not configured. 503: the store cannot record, "
+            "or a delivery the events name is still being sent (the provider sends it again).",
+            body={"required": True, "content": media},
+            public=True,
+        )
+        operation["responses"].pop("415", None)  # whatever type the provider says it posts
+        operation["responses"]["401"]["description"] = (
+            "Not verified: no, a wrong, an expired or a replayed signature (or credentials); "
+            "nothing changed"
+        )
+        paths[f"/v1/webhooks/{provider}"] = {"post": operation}
+    return paths
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     return {
@@ -670,6 +727,7 @@ def openapi_document() -> dict[str, Any]:
             **_event_paths(),
             **_feedback_paths(),
             **_webhook_paths(),
+            **_provider_webhook_paths(),
             **_probe_paths(),
         },
     }
