@@ -695,3 +695,37 @@ async def test_an_unconfigured_provider_is_not_found(tmp_path: Path) -> None:
             assert (await client.post("/v1/webhooks/mailgun", content=b"{}")).status_code == 401
     finally:
         await store.close()
+
+
+async def test_an_event_about_a_delivery_being_sent_is_retried_and_one_never_sent_is_kept(
+    site: Site,
+) -> None:
+    site.asgi.state.provider_webhooks.recorder.in_flight_wait = 0.2
+    store = site.app.store
+    prepared = prepare(
+        Message(sender="news@shop.example", to=["cy@example.net"], subject="S", text="T"),
+        max_size=1_000_000,
+    )
+    await store.enqueue([prepared], T0)
+    values = {**site.values("cy@example.net"), "queue_id": prepared.id}
+    body = sample("postmark-bounce.json", **values)
+    # still queued: never sent, so the bounce cannot apply; kept for review
+    kept = await site.post_postmark(body)
+    assert (kept.status_code, kept.json()["unmatched"]) == (200, 1)
+    [report] = await store.list_unmatched(limit=10)
+    assert "never sent" in report.reason
+    # being sent (claimed by a worker): the provider is asked to send it again
+    [claimed] = await store.claim_due("w1", ALL_LANES, limit=10, now=T0, lease_until=T0 + 600)
+    retry = await site.post_postmark(body)
+    assert retry.status_code == 503
+    assert retry.headers["retry-after"]
+    assert len(await store.list_unmatched(limit=10)) == 1  # nothing more kept
+    # once the worker has recorded it sent, the provider's retry bounces it
+    [delivery] = claimed.deliveries
+    attempt = AttemptRecord(
+        T0 + 1, ReplyClass.DELIVERED, 250, "2.0.0", "250 ok", "postmark", "postmark", 5
+    )
+    await store.record("w1", [Outcome(delivery.id, RecipientState.SENT, 1, 0, T0, attempt)], T0 + 1)
+    assert (await site.post_postmark(body)).json()["recorded"] == 1
+    [ref] = await store.find_deliveries("cy@example.net", queue_id=prepared.id)
+    assert ref.state is RecipientState.BOUNCED
