@@ -14,9 +14,10 @@ application's receivers::
 
 ``event`` is the event as ``GET /v1/events`` and the webhooks give it (a dict: ``id``, ``type``,
 ``at``, ``message_id``, ``recipient``, ``lane``, ``class``, ``code``, ``enhanced``, ``text``,
-``metadata``); ``sender`` is :class:`EventRelay`-like: the class that told it (see
-:mod:`postlane.django.events`). For each event :data:`mail_event` is sent first, then the
-signal of its type.
+``metadata``); ``sender`` is the class that told it:
+:class:`postlane.django.events.EventRelay` (the command) or
+:class:`postlane.webhooks.subscribers.EventSubscribers` (in process). For each event
+:data:`mail_event` is sent first, then the signal of its type.
 
 What sends them: ``manage.py postlane_events [--follow]`` (reads the log from a cursor it saves
 in ``POSTLANE_EVENTS_CURSOR_FILE``), or, in a process that embeds postlane,
