@@ -13,17 +13,22 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import django
+import psycopg
 import pytest
 from django.core import mail as django_mail
 from django.core.management import CommandError, call_command
+from django.db import connections, transaction
 from django.test import override_settings
+from psycopg import sql
 
+import postlane
 import postlane.django
 from postlane.app import AsyncPostlane
 from postlane.config import Config, load_config
@@ -32,8 +37,14 @@ from postlane.django.signals import SIGNALS, mail_event
 from postlane.errors import NotFound
 from postlane.ingest.http import start_http
 from postlane.webhooks.subscribers import EventSubscribers
-from tests.conftest import SMTPPeer, free_port
-from tests.integration.test_django import SETTINGS_MODULE, TOKEN, deliver, write_config
+from tests.conftest import IN_CI, SMTPPeer, _postgres_url, free_port
+from tests.integration.test_django import (
+    SETTINGS_MODULE,
+    TOKEN,
+    deliver,
+    with_schema,
+    write_config,
+)
 
 METADATA = {"user": "42", "plan": "pro"}
 
@@ -449,3 +460,52 @@ async def test_an_embedding_process_sends_the_signals_from_event_subscribers(
     for event, kind in zip(heard.events(), ["queued", "sent"], strict=True):
         assert_told(event, kind, queue_id, "ada@example.net")
     assert heard.types("sent") == ["sent"]
+
+
+# -- the outbox's PostgreSQL store as the source -------------------------------------------------
+
+
+@pytest.fixture
+def outbox_postlane(tmp_path: Path, smtp_peer: SMTPPeer) -> Iterator[Config]:
+    """postlane's tables in a schema of their own in the database of Django's ``postgres``
+    alias, relaying to smtp_peer; the project writes mail through the outbox."""
+    url = _postgres_url()
+    if url is None:
+        if IN_CI:
+            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
+        pytest.skip("needs PostgreSQL: set POSTLANE_TEST_POSTGRES=postgresql://...")
+    schema = f"dje_{uuid.uuid4().hex[:12]}"
+    path = write_config(tmp_path, with_schema(url, schema), smtp_peer.url)
+    with postlane.Postlane(config_path=path):  # creates the schema and postlane's tables
+        pass
+    try:
+        with override_settings(
+            POSTLANE_CONFIG=str(path), POSTLANE_OUTBOX=True, POSTLANE_OUTBOX_DATABASE="postgres"
+        ):
+            yield load_config(path)
+    finally:
+        connections["postgres"].close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+async def test_the_command_reads_the_outboxs_postgresql_store(
+    outbox_postlane: Config, smtp_peer: SMTPPeer, heard: Heard, cursor_file: Path
+) -> None:
+    def send_in_a_transaction() -> str:
+        try:
+            with transaction.atomic(using="postgres"):
+                return send_welcome()
+        finally:
+            connections["postgres"].close()  # this thread's connection
+
+    queue_id = await asyncio.to_thread(send_in_a_transaction)
+    async with AsyncPostlane(outbox_postlane) as app:
+        assert await deliver(app) == 1
+    assert len(smtp_peer.handler.received) == 1
+    output = await command()
+    for event, kind in zip(heard.events(), ["queued", "sent"], strict=True):
+        assert_told(event, kind, queue_id, "ada@example.net")
+    assert "2 event(s) relayed from postgresql://" in output
+    await command()
+    assert heard.types() == ["queued", "sent"]
