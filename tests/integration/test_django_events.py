@@ -11,6 +11,8 @@ import io
 import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -94,18 +96,18 @@ def heard() -> Iterator[Heard]:
 
     mail_event.connect(on_any, weak=False)
     connected.append((mail_event, on_any))
-    for name, signal in SIGNALS.items():
+    for name, typed in SIGNALS.items():
 
         def on_type(sender: Any, event: dict[str, Any], _name: str = name, **kw: Any) -> None:
             record.add(_name, event)
 
-        signal.connect(on_type, weak=False)
-        connected.append((signal, on_type))
+        typed.connect(on_type, weak=False)
+        connected.append((typed, on_type))
     try:
         yield record
     finally:
-        for signal, receiver in connected:
-            signal.disconnect(receiver)
+        for connected_signal, receiver in connected:
+            connected_signal.disconnect(receiver)
 
 
 @pytest.fixture
@@ -509,3 +511,58 @@ async def test_the_command_reads_the_outboxs_postgresql_store(
     assert "2 event(s) relayed from postgresql://" in output
     await command()
     assert heard.types() == ["queued", "sent"]
+
+
+# -- a real process: SIGTERM ---------------------------------------------------------------------
+
+
+async def test_sigterm_ends_a_following_process_with_its_cursor_saved(
+    local_postlane: Config, smtp_peer: SMTPPeer, tmp_path: Path
+) -> None:
+    cursor = tmp_path / "cursor.json"
+    root = Path(__file__).parents[2]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "django",
+        "postlane_events",
+        "--follow",
+        "--poll",
+        "0.05",
+        "--cursor-file",
+        str(cursor),
+        "-v",
+        "2",
+        f"--settings={SETTINGS_MODULE}",
+        cwd=root,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(root),
+            "POSTLANE_CONFIG": str(local_postlane.source),
+            "PYTHONUNBUFFERED": "1",
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        queue_id = await asyncio.to_thread(send_welcome)
+        async with AsyncPostlane(local_postlane) as app:
+            assert await deliver(app) == 1
+            [*_, sent] = (await app.events()).events
+        assert sent.type == "sent"
+        await until(lambda: CursorFile(cursor).load() == str(sent.id), "the cursor at sent")
+        process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    # -v 2: "ID  TYPE  MESSAGE  RECIPIENT" for each event relayed
+    told = [line.split("  ") for line in out.decode().splitlines() if "  " in line]
+    assert [parts[1:] for parts in told] == [
+        ["queued", queue_id, "ada@example.net"],
+        ["sent", queue_id, "ada@example.net"],
+    ]
+    assert told[-1][0] == str(sent.id)
+    assert "2 event(s) relayed" in out.decode()

@@ -163,7 +163,13 @@ class Command(BaseCommand):  # type: ignore[misc]
         if threading.current_thread() is not threading.main_thread():
             return None
         previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            # set from another thread: the handler may run while this thread holds the
+            # event's own lock (inside stop.wait), and setting it here would deadlock
+            threading.Thread(target=stop.set, name="postlane-events-stop").start()
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
         def restore() -> None:
             signal.signal(signal.SIGTERM, previous)
