@@ -758,6 +758,12 @@ class Postlane:
     def suppressions(self, *, limit: int = 1000) -> list[Suppression]:
         return self._portal.run(self._async.suppressions(limit=limit))
 
+    def events(
+        self, after: str | int | None = None, *, limit: int = 100, types: Sequence[str] = ()
+    ) -> EventPage:
+        """See :meth:`AsyncPostlane.events`."""
+        return self._portal.run(self._async.events(after, limit=limit, types=types))
+
 
 async def _build(
     config: Config | None, path: str | Path | None, clock: Clock | None

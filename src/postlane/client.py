@@ -183,6 +183,8 @@ class _Call:
     method: str
     path: str
     body: Any = None
+    #: query parameters (a list of pairs: a name may repeat, as ``type`` does)
+    params: tuple[tuple[str, str], ...] = ()
 
     @property
     def content(self) -> bytes | None:
@@ -319,6 +321,16 @@ class _Base:
     def _get_call(queue_id: str) -> _Call:
         return _Call("GET", f"/v1/messages/{quote(str(queue_id), safe='')}")
 
+    @staticmethod
+    def _events_call(after: str | int | None, limit: int, types: Sequence[str]) -> _Call:
+        if isinstance(types, str):
+            types = [types]
+        params = [("limit", str(limit))]
+        if after is not None and str(after) != "":
+            params.append(("after", str(after)))
+        params += [("type", str(kind)) for kind in types]
+        return _Call("GET", "/v1/events", params=tuple(params))
+
 
 class Client(_Base):
     """postlane's HTTP API from synchronous code (a Flask or Django view, a script).
@@ -361,6 +373,16 @@ class Client(_Base):
         data: dict[str, Any] = self._request(self._get_call(queue_id))
         return data
 
+    def events(
+        self, after: str | int | None = None, *, limit: int = 100, types: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """A page of the event log (``GET /v1/events``, an admin token): ``{"events": [...],
+        "next": ID}``, the events after the event ``after`` (None: from the oldest kept), in
+        commit order, at most ``limit``, of ``types`` (default all). Pass ``next`` back as
+        ``after`` to read on. :class:`~postlane.NotFound` when retention removed ``after``."""
+        data: dict[str, Any] = self._request(self._events_call(after, limit, types))
+        return data
+
     def close(self) -> None:
         self._http.close()
 
@@ -380,7 +402,9 @@ class Client(_Base):
         while True:
             tries += 1
             try:
-                response = self._http.request(call.method, call.path, content=call.content)
+                response = self._http.request(
+                    call.method, call.path, content=call.content, params=call.params
+                )
                 outcome = _interpret(response)
             except httpx.TransportError as exc:
                 outcome = _transport_retry(exc)
@@ -424,6 +448,13 @@ class AsyncClient(_Base):
         data: dict[str, Any] = await self._request(self._get_call(queue_id))
         return data
 
+    async def events(
+        self, after: str | int | None = None, *, limit: int = 100, types: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """A page of the event log (see :meth:`Client.events`)."""
+        data: dict[str, Any] = await self._request(self._events_call(after, limit, types))
+        return data
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -443,7 +474,9 @@ class AsyncClient(_Base):
         while True:
             tries += 1
             try:
-                response = await self._http.request(call.method, call.path, content=call.content)
+                response = await self._http.request(
+                    call.method, call.path, content=call.content, params=call.params
+                )
                 outcome = _interpret(response)
             except httpx.TransportError as exc:
                 outcome = _transport_retry(exc)

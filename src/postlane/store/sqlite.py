@@ -80,6 +80,13 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute("PRAGMA foreign_keys = OFF")
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # another process opening the same new file may have got here first (a Django
+            # project and its postlane_events started together): read the version again
+            # under the write lock
+            if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= number:
+                conn.execute("COMMIT")
+                version = number
+                continue
             for statement in _split_statements(sql):
                 conn.execute(statement)
             if rebuilds and conn.execute("PRAGMA foreign_key_check").fetchone() is not None:

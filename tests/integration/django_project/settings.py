@@ -15,7 +15,7 @@ SECRET_KEY = "postlane-test-project-not-a-secret"
 DEBUG = False
 ALLOWED_HOSTS = ["testserver", "localhost"]
 ROOT_URLCONF = "tests.integration.django_project.urls"
-INSTALLED_APPS: list[str] = []
+INSTALLED_APPS: list[str] = ["postlane.django"]  # manage.py postlane_events
 MIDDLEWARE: list[str] = []
 USE_TZ = True
 

@@ -28,6 +28,11 @@ they are removed before the message is stored. ``POSTLANE_DEFAULT_LANE`` is the 
 counts: that message is queued already) and sets ``message.postlane_id`` on each. With
 ``fail_silently``, postlane's errors (a refused message, an unreachable server) are swallowed;
 database errors in outbox mode never are, since they concern the caller's transaction.
+
+What happens to the mail afterwards (queued, sent, bounced, ...) reaches the application as
+Django signals, :data:`postlane.django.signals.mail_event` and one signal per event type, sent by
+``manage.py postlane_events [--follow]`` (add ``"postlane.django"`` to ``INSTALLED_APPS``) or in
+process by :func:`postlane.django.events.connect_subscribers` (:mod:`postlane.django.events`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from django.core.mail.backends.base import BaseEmailBackend  # type: ignore[impo
 from django.core.signals import setting_changed  # type: ignore[import-untyped]
 
 from postlane.config import Config, load_config
+from postlane.django.signals import mail_event
 from postlane.errors import ConfigError, PostlaneError, ValidationError
 from postlane.message import Message, parse_lane
 from postlane.records import EnqueueResult
@@ -55,6 +61,7 @@ __all__ = [
     "LANE_HEADER",
     "METADATA_HEADER",
     "EmailBackend",
+    "mail_event",
     "reset",
     "to_postlane_message",
 ]
