@@ -35,6 +35,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from enum import StrEnum
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
@@ -223,6 +224,10 @@ class _Failures:
     locked_until: float = 0.0
 
 
+#: what a credential names (a scope, an admin token's index)
+_Found = TypeVar("_Found")
+
+
 class Attempts:
     """Failed credentials (wrong bearer tokens, wrong tokens at /login), per client and in all.
 
@@ -265,6 +270,17 @@ class Attempts:
             self.throttled[door] += 1
             self._tally.count(_THROTTLED)
             raise TooManyAttempts(found.locked_until - now)
+
+    def verify(self, client: str, door: str, look_up: Callable[[], _Found | None]) -> _Found:
+        """What ``look_up`` finds for the credential ``client`` presents at ``door``; raises
+        :class:`TooManyAttempts` (before looking) while ``client`` must wait, and
+        :class:`InvalidToken` when nothing is found, counting the failure."""
+        self.check(client, door)
+        found = look_up()
+        if found is None:
+            self.failed(client, door)
+            raise InvalidToken
+        return found
 
     def failed(self, client: str, door: str) -> None:
         """Count a failed credential of ``client`` at ``door`` (``api``, ``dashboard``,
@@ -436,23 +452,13 @@ class Tokens:
         token = bearer_token(request)
         if token is None:
             raise MissingToken
-        client = client_key(request)
-        self.attempts.check(client, "api")
-        scope = self.scope_of(token)
-        if scope is None:
-            self.attempts.failed(client, "api")
-            raise InvalidToken
+        scope = self.attempts.verify(client_key(request), "api", lambda: self.scope_of(token))
         return Caller(scope, fingerprint(token))
 
     def login(self, request: HTTPConnection, token: str) -> str:
         """A new session's cookie value for an admin token. Raises :class:`TooManyAttempts`
         while this client must wait, :class:`InvalidToken` for any other token."""
-        client = client_key(request)
-        self.attempts.check(client, "login")
-        index = self._admin_index(token)
-        if index is None:
-            self.attempts.failed(client, "login")
-            raise InvalidToken
+        index = self.attempts.verify(client_key(request), "login", lambda: self._admin_index(token))
         return self.sessions.start(index)
 
     def logout(self, request: HTTPConnection) -> None:
@@ -469,12 +475,8 @@ class Tokens:
             return Session("loopback", browser=True)
         token = bearer_token(request)
         if token is not None:
-            client = client_key(request)
-            self.attempts.check(client, "dashboard")
-            if self._admin_index(token) is not None:
-                return Session(fingerprint(token), browser=False)
-            self.attempts.failed(client, "dashboard")
-            raise InvalidToken
+            self.attempts.verify(client_key(request), "dashboard", lambda: self._admin_index(token))
+            return Session(fingerprint(token), browser=False)
         sid = self.sessions.identity(request.cookies.get(SESSION_COOKIE, ""))
         if sid is None:  # none, expired, logged out or forged: log in again
             raise MissingToken

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -62,6 +62,9 @@ MAX_RETRY_DELAY = 5.0
 _SENDER_ALIASES = ("sender", "from_")
 
 MessageInput = Message | Mapping[str, Any]
+
+_TransportT = TypeVar("_TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
+_HttpT = TypeVar("_HttpT", httpx.Client, httpx.AsyncClient)
 
 
 class BatchRefused(ValidationError):
@@ -295,18 +298,40 @@ class _Backoff:
         return step / 2 + random.uniform(0, step / 2)
 
 
-class _Base:
+class _Base(Generic[_TransportT, _HttpT]):
+    """What both clients share: their arguments, headers and the calls they make; each opens
+    its own kind of httpx client (:meth:`_open`) and waits its own way between tries."""
+
     def __init__(
-        self, url: str, token: str | None, timeout: float, retries: int, backoff: float
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 10,
+        *,
+        retries: int = 3,
+        backoff: float = 0.2,
+        transport: _TransportT | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be 0 or more")
         self.url = url.rstrip("/")
         self.backoff = _Backoff(retries, backoff)
-        self._headers = {"Accept": "application/json", "Content-Type": "application/json"}
+        headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if token:
-            self._headers["Authorization"] = f"Bearer {token}"
-        self._timeout = httpx.Timeout(timeout)
+            headers["Authorization"] = f"Bearer {token}"
+        self._http: _HttpT = self._open(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout), transport=transport
+        )
+
+    @staticmethod
+    def _open(
+        *,
+        base_url: str,
+        headers: dict[str, str],
+        timeout: httpx.Timeout,
+        transport: _TransportT | None,
+    ) -> _HttpT:
+        raise NotImplementedError
 
     @staticmethod
     def _send_call(message: MessageInput | None, fields: dict[str, Any]) -> _Call:
@@ -332,7 +357,7 @@ class _Base:
         return _Call("GET", "/v1/events", params=tuple(params))
 
 
-class Client(_Base):
+class Client(_Base[httpx.BaseTransport, httpx.Client]):
     """postlane's HTTP API from synchronous code (a Flask or Django view, a script).
 
     ``url`` is the server (``http://host:8025``), ``token`` a bearer token (an admin or send
@@ -340,20 +365,7 @@ class Client(_Base):
     make one per process and share it (it is thread-safe); close it with :meth:`close` or
     ``with``. ``transport`` is passed to httpx (tests use it to reach an app in process)."""
 
-    def __init__(
-        self,
-        url: str,
-        token: str | None = None,
-        timeout: float = 10,
-        *,
-        retries: int = 3,
-        backoff: float = 0.2,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(url, token, timeout, retries, backoff)
-        self._http = httpx.Client(
-            base_url=self.url, headers=self._headers, timeout=self._timeout, transport=transport
-        )
+    _open = staticmethod(httpx.Client)
 
     def send(self, message: MessageInput | None = None, /, **fields: Any) -> EnqueueResult:
         """Enqueue one message; returns once the server has stored it durably.
@@ -415,25 +427,12 @@ class Client(_Base):
             time.sleep(self.backoff.delay(tries, outcome))
 
 
-class AsyncClient(_Base):
+class AsyncClient(_Base[httpx.AsyncBaseTransport, httpx.AsyncClient]):
     """:class:`Client` for asyncio code (FastAPI, Starlette, aiohttp): the same methods, to
     ``await``. Make one per process (e.g. in the app's lifespan) and close it with
     :meth:`aclose` or ``async with``."""
 
-    def __init__(
-        self,
-        url: str,
-        token: str | None = None,
-        timeout: float = 10,
-        *,
-        retries: int = 3,
-        backoff: float = 0.2,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        super().__init__(url, token, timeout, retries, backoff)
-        self._http = httpx.AsyncClient(
-            base_url=self.url, headers=self._headers, timeout=self._timeout, transport=transport
-        )
+    _open = staticmethod(httpx.AsyncClient)
 
     async def send(self, message: MessageInput | None = None, /, **fields: Any) -> EnqueueResult:
         """Enqueue one message (see :meth:`Client.send`)."""

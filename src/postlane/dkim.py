@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from postlane.clock import Clock, SystemClock
 from postlane.errors import ConfigError, PostlaneError
-from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response, Transport
+from postlane.transports.base import Envelope, Response, Transport, WrappingTransport
 
 if TYPE_CHECKING:
     from postlane.config import DkimKey as DkimTable
@@ -283,21 +283,13 @@ class DkimSigner:
         self._thread.shutdown(wait=False)
 
 
-class SigningTransport(BaseTransport):
+class SigningTransport(WrappingTransport):
     """A transport that DKIM-signs each message, then hands it to ``inner`` (e.g. the SMTP
     relay transport); everything else, its name, shared destination and routes, is ``inner``'s."""
 
     def __init__(self, inner: Transport, signer: DkimSigner) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.signer = signer
-        self.name = inner.name
-        self.shared_destination = inner.shared_destination
-
-    def shared_destination_for(self, lane: str, sender: str, recipient_domain: str) -> str | None:
-        return self.inner.shared_destination_for(lane, sender, recipient_domain)
-
-    def follow_pauses(self, is_paused: PauseCheck) -> None:
-        self.inner.follow_pauses(is_paused)
 
     async def send(self, envelope: Envelope) -> list[Response]:
         return await self.inner.send(await self.signer.sign_envelope(envelope))

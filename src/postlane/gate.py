@@ -58,32 +58,25 @@ class Clearance:
     relays: list[str] = field(default_factory=list)
 
 
+@dataclass(eq=False)
 class ThrottleGate:
     """Admission, feedback and pause state of one worker's deliveries through ``transport``."""
 
-    def __init__(
-        self,
-        throttle: Throttle,
-        store: Store,
-        transport: Transport,
-        clock: Clock,
-        wake: asyncio.Event,
-        owner: str = "",
-    ) -> None:
-        """``wake`` is set whenever the gate makes waiting deliveries due (the worker's claim
-        loop waits on it)."""
-        self.throttle = throttle
-        self.store = store
-        self.transport = transport
-        self.clock = clock
-        self.wake = wake
-        #: this process's name in the fleet's shares of destinations' limits
-        self.owner = owner
+    throttle: Throttle
+    store: Store
+    transport: Transport
+    clock: Clock
+    #: set whenever the gate makes waiting deliveries due (the worker's claim loop waits on it)
+    wake: asyncio.Event
+    #: this process's name in the fleet's shares of destinations' limits
+    owner: str = ""
+    #: the end of the pause each paused destination's backlog was deferred to
+    _deferred_until: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
         #: the relay (or provider account) every delivery goes through, None when routed
-        self.relay = transport.shared_destination
-        #: the end of the pause each paused destination's backlog was deferred to
-        self._deferred_until: dict[str, float] = {}
-        transport.follow_pauses(self.is_paused)
+        self.relay = self.transport.shared_destination
+        self.transport.follow_pauses(self.is_paused)
 
     # -- keys --------------------------------------------------------------------------------
 

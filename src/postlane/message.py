@@ -9,7 +9,6 @@ Nothing here knows about storage or networks.
 
 from __future__ import annotations
 
-import dataclasses
 import email
 import functools
 import hashlib
@@ -432,14 +431,36 @@ def prepare(
     send_at, expires_at = _check_schedule(message, now)
     queue_id = message_id or new_message_id(now)
     if message.raw is not None:
-        prepared = _prepare_raw(message, lane, key, metadata, queue_id, max_size, now)
+        rendered = _prepare_raw(message, queue_id, max_size, now)
     else:
-        prepared = _prepare_parts(message, lane, key, metadata, queue_id, max_size, now)
-    if send_at is not None or expires_at is not None:
-        prepared = dataclasses.replace(prepared, send_at=send_at, expires_at=expires_at)
-    if key is None:
-        return prepared
-    return dataclasses.replace(prepared, fingerprint=submission_fingerprint(message))
+        rendered = _prepare_parts(message, queue_id, now)
+    _check_size(rendered.content, max_size)
+    return PreparedMessage(
+        id=queue_id,
+        sender=rendered.sender,
+        recipients=rendered.recipients,
+        lane=lane,
+        subject=rendered.subject,
+        message_id=rendered.message_id,
+        idempotency_key=key,
+        metadata=metadata,
+        content=rendered.content,
+        fingerprint=None if key is None else submission_fingerprint(message),
+        send_at=send_at,
+        expires_at=expires_at,
+    )
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """What rendering a message (from its parts, or raw) settles: the envelope's sender and
+    recipients, the subject, the Message-ID and the final bytes."""
+
+    sender: str
+    recipients: tuple[Recipient, ...]
+    subject: str
+    message_id: str
+    content: bytes
 
 
 #: headers a re-rendering of the same message changes (a retried view, a new Date each time)
@@ -494,15 +515,7 @@ def _without_boundary(name: str, value: str) -> str:
     return _BOUNDARY.sub("", value) if name.lower() == "content-type" else value
 
 
-def _prepare_parts(
-    message: Message,
-    lane: Lane,
-    key: str | None,
-    metadata: Mapping[str, Any],
-    queue_id: str,
-    max_size: int,
-    now: float | None,
-) -> PreparedMessage:
+def _prepare_parts(message: Message, queue_id: str, now: float | None) -> _Rendered:
     """A message from its parts: headers written here, the body rendered as MIME."""
 
     sender = parse_address(message.sender, "from")
@@ -539,20 +552,8 @@ def _prepare_parts(
     headers.append(("Message-ID", message_id))
     headers.extend(extra)
 
-    body = _body(text, html, message.attachments)
-    content = _render(body, headers)
-    _check_size(content, max_size)
-    return PreparedMessage(
-        id=queue_id,
-        sender=sender.address,
-        recipients=recipients,
-        lane=lane,
-        subject=subject,
-        message_id=message_id,
-        idempotency_key=key,
-        metadata=metadata,
-        content=content,
-    )
+    content = _render(_body(text, html, message.attachments), headers)
+    return _Rendered(sender.address, recipients, subject, message_id, content)
 
 
 def _body_text(value: str | None, what: str) -> str | None:
@@ -697,15 +698,8 @@ def _render(body: MIMEBase, headers: list[tuple[str, str]]) -> bytes:
 _ADDRESS_HEADERS = frozenset({"From", "To", "Cc"})
 
 
-def _prepare_raw(
-    message: Message,
-    lane: Lane,
-    key: str | None,
-    metadata: dict[str, Any],
-    queue_id: str,
-    max_size: int,
-    now: float | None,
-) -> PreparedMessage:
+def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | None) -> _Rendered:
+    """A raw message as given, with the Message-ID and Date it lacks added and Bcc dropped."""
     if message.subject or message.text or message.html or message.headers or message.attachments:
         raise ValidationError(
             "a raw message carries its own subject, body and headers; "
@@ -764,18 +758,8 @@ def _prepare_raw(
     content = head + b"\r\n" + added + b"\r\n" + body
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
-    _check_size(content, max_size)
-    return PreparedMessage(
-        id=queue_id,
-        sender=sender.address,
-        recipients=recipients,
-        lane=lane,
-        subject=_decoded(headers.get("Subject")),
-        message_id=message_id,
-        idempotency_key=key,
-        metadata=metadata,
-        content=content,
-    )
+    subject = _decoded(headers.get("Subject"))
+    return _Rendered(sender.address, recipients, subject, message_id, content)
 
 
 def _decoded(value: Any) -> str:

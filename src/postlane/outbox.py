@@ -30,6 +30,7 @@ from psycopg.pq import TransactionStatus
 
 from postlane.message import Message, PreparedMessage, prepare
 from postlane.records import EnqueueResult
+from postlane.store.plans import Plan
 from postlane.store.postgres import enqueue_plan, in_schema, run_plan, run_plan_sync
 
 __all__ = ["enqueue_in_transaction", "enqueue_in_transaction_sync"]
@@ -38,11 +39,15 @@ __all__ = ["enqueue_in_transaction", "enqueue_in_transaction_sync"]
 DEFAULT_MAX_SIZE = 25_000_000
 
 
-def _prepared(message: Message | PreparedMessage, max_size: int, now: float) -> PreparedMessage:
-    """Validate and render (raises :class:`postlane.errors.ValidationError`) before any SQL."""
-    if isinstance(message, PreparedMessage):
-        return message
-    return prepare(message, max_size=max_size, now=now)
+def _enqueue_plan(
+    message: Message | PreparedMessage, schema: str | None, max_size: int, now: float | None
+) -> Plan[list[EnqueueResult]]:
+    """The statements that enqueue ``message`` in ``schema``: it is validated and rendered
+    (raises :class:`postlane.errors.ValidationError`) before any SQL."""
+    at = time.time() if now is None else now
+    if not isinstance(message, PreparedMessage):
+        message = prepare(message, max_size=max_size, now=at)
+    return in_schema(enqueue_plan([message], at), schema)
 
 
 def _outside_transaction(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> bool:
@@ -64,9 +69,7 @@ async def enqueue_in_transaction(
     one: it applies to these statements only, the caller's search_path is left as it was.
     Returns the queue id (``duplicate`` set when the idempotency key was already stored, or is
     being stored by a concurrent transaction that then commits)."""
-    at = time.time() if now is None else now
-    prepared = _prepared(message, max_size, at)
-    plan = in_schema(enqueue_plan([prepared], at), schema)
+    plan = _enqueue_plan(message, schema, max_size, now)
     if _outside_transaction(conn):
         async with conn.transaction():
             [result] = await run_plan(conn, plan)
@@ -85,9 +88,7 @@ def enqueue_in_transaction_sync(
 ) -> EnqueueResult:
     """:func:`enqueue_in_transaction` on a blocking psycopg connection (Django, SQLAlchemy,
     any synchronous application)."""
-    at = time.time() if now is None else now
-    prepared = _prepared(message, max_size, at)
-    plan = in_schema(enqueue_plan([prepared], at), schema)
+    plan = _enqueue_plan(message, schema, max_size, now)
     if _outside_transaction(conn):
         with conn.transaction():
             [result] = run_plan_sync(conn, plan)

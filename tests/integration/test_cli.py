@@ -9,14 +9,13 @@ from typing import Any
 
 import pytest
 
+from tests.processes import clean_environment
+
 
 def postlane(
     *args: str, cwd: Path, input: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    import os
-
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
-    environment.update(env or {})
+    environment = clean_environment(env)
     return subprocess.run(
         ["postlane", *args],
         cwd=cwd,
@@ -324,10 +323,9 @@ print(json.dumps(sorted(sys.modules)), file=sys.stderr)
 
 
 def imported_by(*args: str, cwd: Path) -> set[str]:
-    import os
     import sys
 
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+    environment = clean_environment()
     result = subprocess.run(
         [sys.executable, "-c", _IMPORTED_BY, *args],
         cwd=cwd,
@@ -464,7 +462,6 @@ def test_finding_8_worker_warns_once_about_a_database_and_a_dkim_key_others_can_
 
 
 def test_python_dash_m_postlane_is_the_cli(tmp_path: Path) -> None:
-    import os
     import sys
 
     result = subprocess.run(
@@ -473,7 +470,7 @@ def test_python_dash_m_postlane_is_the_cli(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")},
+        env=clean_environment(),
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["class"] == "hard_bounce"
@@ -571,7 +568,6 @@ def test_suppress_add_takes_reason_scope_and_expiry_and_lists_them_as_json(
 
 
 def test_events_lists_the_log_and_follow_prints_what_happens_next(queue_dir: Path) -> None:
-    import os
     import select
 
     send = ("send", "--from", "a@example.com", "--to", "b@example.net", "--text", "t", "--json")
@@ -583,7 +579,7 @@ def test_events_lists_the_log_and_follow_prints_what_happens_next(queue_dir: Pat
     assert again == {"events": [], "next": page["next"]}
     one_line_error(postlane("events", "--after", "x", cwd=queue_dir), "after must be an event id")
 
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+    environment = clean_environment()
     command = ["postlane", "events", "--follow", "--json", "--after", page["next"]]
     with subprocess.Popen(
         command, cwd=queue_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import json
 import re
-import sys
 import tomllib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from postlane.webhooks.endpoints import WebhookEndpoint, new_secret
 from postlane.webhooks.sender import SenderSettings, WebhookSender
 from postlane.worker import Worker
 from tests.conftest import make_config
-from tests.processes import run_postlane, start_postlane
+from tests.processes import POSTLANE, run_postlane, start_postlane
 from tests.webhook_receiver import Answer, WebhookReceiver, signed_ok
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -772,7 +771,7 @@ def run_cli(config: Path, *args: str) -> Any:
     import subprocess
 
     result = subprocess.run(
-        [sys.executable, "-m", "postlane.cli", "--config", str(config), *args, "--json"],
+        [*POSTLANE, "--config", str(config), *args, "--json"],
         capture_output=True,
         text=True,
         timeout=60,

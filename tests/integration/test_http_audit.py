@@ -7,7 +7,6 @@ a running application, and the installed ``postlane`` script for the CLI's side 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from postlane.clock import FakeClock
 from postlane.metrics import Metrics
 from postlane.serve import build_app
 from tests.conftest import make_config
+from tests.processes import clean_environment
 
 MESSAGE = {"from": "app@example.com", "to": ["ada@example.net"], "subject": "Hi", "text": "Hello"}
 JSON = {"Content-Type": "application/json"}
@@ -360,7 +360,7 @@ async def test_issue_17_7_an_empty_text_is_no_body_over_http(
 
 def test_issue_17_7_postlane_send_without_a_text_is_refused(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "postlane"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+    env = clean_environment()
     (tmp_path / "postlane.toml").write_text(
         f'[store]\nurl = "sqlite:///{tmp_path / "q.db"}"\n'
         f'[delivery]\nrelay = "capture://{tmp_path / "captured"}"\n'
@@ -429,7 +429,7 @@ def test_finding_11_serve_refuses_a_short_token_at_start_naming_the_key(tmp_path
     (tmp_path / "postlane.toml").write_text(
         f'[store]\nurl = "sqlite:///{tmp_path / "q.db"}"\n[http]\ntokens = ["hunter2"]\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+    env = clean_environment()
     done = subprocess.run(
         [str(Path(sys.executable).parent / "postlane"), "serve"],
         cwd=tmp_path,

@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -38,7 +37,7 @@ from postlane.records import AttemptRecord, Outcome, Selector
 from postlane.transports import transport_for
 from postlane.worker import Worker
 from tests.conftest import IN_CI, ScriptedHandler, free_port, make_config
-from tests.processes import start_postlane
+from tests.processes import clean_environment, start_postlane
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
@@ -489,7 +488,7 @@ async def test_the_alerts_command_reads_the_recorded_history_and_this_minute(
     (tmp_path / "postlane.toml").write_text(
         f'[store]\nurl = "sqlite:///{tmp_path / "postlane.db"}"\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
+    env = clean_environment()
 
     def postlane(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import smtplib
 import socket
@@ -35,6 +34,7 @@ from postlane.simulate import (
     builtin_scenarios,
     find_message_id,
 )
+from tests.processes import clean_environment
 
 Address = tuple[str, int]
 
@@ -616,10 +616,6 @@ def test_find_message_id(content: bytes, expected: bytes | None) -> None:
 # -- the command line ----------------------------------------------------------------------------
 
 
-def environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("POSTLANE_")}
-
-
 @contextlib.contextmanager
 def simulate(*args: str, cwd: Path) -> Iterator[tuple[subprocess.Popen[str], Address]]:
     """``postlane simulate`` on a free port, once it accepts connections."""
@@ -627,7 +623,7 @@ def simulate(*args: str, cwd: Path) -> Iterator[tuple[subprocess.Popen[str], Add
     process = subprocess.Popen(
         ["postlane", "simulate", "--listen", f"127.0.0.1:{port}", *args],
         cwd=cwd,
-        env=environment(),
+        env=clean_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -693,7 +689,7 @@ def test_cli_a_bad_scenario_is_a_one_line_error(tmp_path: Path) -> None:
     result = subprocess.run(
         ["postlane", "simulate", "--scenario", "nope", "--listen", "127.0.0.1:0"],
         cwd=tmp_path,
-        env=environment(),
+        env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=30,
@@ -708,7 +704,7 @@ def test_cli_lists_the_builtin_scenarios(tmp_path: Path) -> None:
     result = subprocess.run(
         ["postlane", "simulate", "--list"],
         cwd=tmp_path,
-        env=environment(),
+        env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=30,
@@ -722,7 +718,7 @@ def test_cli_stops_after_duration(tmp_path: Path) -> None:
     result = subprocess.run(
         ["postlane", "simulate", "--listen", "127.0.0.1:0", "--duration", "200ms"],
         cwd=tmp_path,
-        env=environment(),
+        env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=30,

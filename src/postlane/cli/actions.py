@@ -151,6 +151,21 @@ def open_export(path: str) -> IO[str]:
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
+#: the flag an action alone has, and its help
+_ACTION_FLAGS = {
+    QueueAction.REQUEUE: (
+        "--unsuppress",
+        "Lift the suppression of the addresses requeued (else a suppressed address refuses "
+        "the requeue: a worker would mark it suppressed without trying it).",
+    ),
+    QueueAction.FLUSH: (
+        "--scheduled",
+        "Also send mail scheduled for later (send_at) now; without it a flush leaves "
+        "scheduled mail for its time.",
+    ),
+}
+
+
 def action_command(
     name: str,
     action: QueueAction,
@@ -186,20 +201,9 @@ def action_command(
             unsuppress=unsuppress,
         )
 
-    if action is QueueAction.REQUEUE:
-        command = click.option(
-            "--unsuppress",
-            is_flag=True,
-            help="Lift the suppression of the addresses requeued (else a suppressed address "
-            "refuses the requeue: a worker would mark it suppressed without trying it).",
-        )(command)
-    if action is QueueAction.FLUSH:
-        command = click.option(
-            "--scheduled",
-            is_flag=True,
-            help="Also send mail scheduled for later (send_at) now; without it a flush leaves "
-            "scheduled mail for its time.",
-        )(command)
+    if action in _ACTION_FLAGS:
+        flag, flag_help = _ACTION_FLAGS[action]
+        command = click.option(flag, is_flag=True, help=flag_help)(command)
     if destructive:
         command = click.option("--yes", is_flag=True, help="Do not ask.")(command)
         command = click.option(

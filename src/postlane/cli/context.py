@@ -131,6 +131,11 @@ def json_option(func: F) -> F:
     )
 
 
+def limit_option(default: int, *, most: int = 10_000) -> Callable[[F], F]:
+    """``--limit``: how many rows a listing shows, ``default`` unless told, ``most`` at most."""
+    return click.option("--limit", default=default, show_default=True, type=click.IntRange(1, most))
+
+
 def setup_logging() -> None:
     """Logging as ``[log]`` says, debug included with ``--debug``."""
     from postlane.logs import setup_logging

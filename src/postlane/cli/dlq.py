@@ -9,7 +9,7 @@ import click
 
 from postlane.app import QueueAction
 from postlane.cli.actions import action_command
-from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import (
     json_or_empty,
     listing,
@@ -31,7 +31,7 @@ def dlq() -> None:
 @dlq.command("list")
 @config_option
 @dead_letter_selector_options
-@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000))
+@limit_option(1000)
 @click.option(
     "--rows/--group",
     "rows",

@@ -11,26 +11,30 @@ from typing import Any
 import click
 
 from postlane.app import AsyncPostlane, EventPage
-from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import listing, print_json, show
 from postlane.clock import when
 from postlane.events import EVENT_TYPES, Event
 
 
-def _line(event: Event) -> str:
-    """One event as a line of text (``--follow``)."""
+def _cells(event: Event) -> list[str]:
+    """One event's columns: id, at, type, message, recipient, lane, reply."""
     reply = " ".join(str(part) for part in (event.code, event.enhanced) if part)
-    parts = [
-        event.id,
+    return [
+        str(event.id),
         when(event.at),
         event.type,
         event.queue_id,
         event.recipient or "-",
         event.lane.value,
         reply,
-        (event.text or "").splitlines()[0] if event.text else "",
     ]
-    return "  ".join(str(part) for part in parts if part != "")
+
+
+def _line(event: Event) -> str:
+    """One event as a line of text (``--follow``): its columns and its reply's first line."""
+    parts = [*_cells(event), (event.text or "").splitlines()[0] if event.text else ""]
+    return "  ".join(part for part in parts if part != "")
 
 
 @click.command("events")
@@ -43,7 +47,7 @@ def _line(event: Event) -> str:
     type=click.Choice(EVENT_TYPES),
     help="Only events of this type (repeatable).",
 )
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@limit_option(100)
 @click.option(
     "--follow",
     "-f",
@@ -69,16 +73,7 @@ def events_command(
         return
     table = listing("id", "at", "type", "message", "recipient", "lane", "reply", right={"id"})
     for event in page.events:
-        reply = " ".join(str(part) for part in (event.code, event.enhanced) if part)
-        table.add_row(
-            str(event.id),
-            when(event.at),
-            event.type,
-            event.queue_id,
-            event.recipient or "-",
-            event.lane.value,
-            reply,
-        )
+        table.add_row(*_cells(event))
     show(table)
     click.echo(f"next: postlane events --after {page.next}", err=True)
 

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import first_line, json_or_empty, listing, print_json, show
 from postlane.clock import when
 
@@ -20,7 +20,7 @@ def feedback() -> None:
 
 @feedback.command("list")
 @config_option
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@limit_option(100)
 @json_option
 def feedback_list(limit: int, as_json: bool) -> None:
     """The unmatched reports, newest first, each with why nothing matched."""

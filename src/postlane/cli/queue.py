@@ -12,7 +12,7 @@ from rich.text import Text
 
 from postlane.app import QueueAction
 from postlane.cli.actions import action_command
-from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import (
     json_or_empty,
     listing,
@@ -46,7 +46,7 @@ def queue() -> None:
 @queue.command("list")
 @config_option
 @selector_options
-@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000))
+@limit_option(1000)
 @json_option
 def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
     """List messages not yet finished (--state sent/dead for the others)."""

@@ -117,43 +117,37 @@ def send(
     at, expires = _when(send_at, now), _when(expires_at, now)
     meta = metadata_pairs(metadata)
     lane = lane_choice(lane)
+    raw: bytes | None = None
+    body = text
     if eml is not None:
-        message = Message(
-            sender=sender or "",
-            to=to,
-            cc=cc,
-            bcc=bcc,
-            raw=_read(eml),
-            lane=lane,
-            idempotency_key=idempotency_key,
-            metadata=meta,
-            send_at=at,
-            expires_at=expires,
-        )
+        raw = _read(eml)
         if subject or text or text_file or html_file or header or attach:
             raise click.UsageError("--eml carries its own subject, body and headers")
     else:
         if not sender:
             raise click.UsageError("--from is required (or give --eml)")
-        body = _text(text_file) if text_file else text
+        if text_file:
+            body = _text(text_file)
         if body is None and html_file is None and not attach and not sys.stdin.isatty():
             body = sys.stdin.read()
-        message = Message(
-            sender=sender,
-            to=to,
-            cc=cc,
-            bcc=bcc,
-            subject=subject,
-            text=body,
-            html=_text(html_file) if html_file else None,
-            attachments=[_attachment(path) for path in attach],
-            headers=_headers(header),
-            lane=lane,
-            idempotency_key=idempotency_key,
-            metadata=meta,
-            send_at=at,
-            expires_at=expires,
-        )
+    # with --eml, every body and header option is unset (checked above)
+    message = Message(
+        sender=sender or "",
+        to=to,
+        cc=cc,
+        bcc=bcc,
+        subject=subject,
+        text=body,
+        html=_text(html_file) if html_file else None,
+        attachments=[_attachment(path) for path in attach],
+        headers=_headers(header),
+        raw=raw,
+        lane=lane,
+        idempotency_key=idempotency_key,
+        metadata=meta,
+        send_at=at,
+        expires_at=expires,
+    )
 
     # checked before the store is opened: a bad message is refused whether or not there is one
     config = invocation().config()

@@ -10,7 +10,7 @@ import click
 from rich.text import Text
 
 from postlane.app import QSHAPE_EDGES, AsyncPostlane
-from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import age, listing, out, print_json, show
 from postlane.clock import when
 from postlane.message import Lane
@@ -20,7 +20,7 @@ from postlane.records import ShapeRow, Stats
 @click.command()
 @config_option
 @click.option("--shape", is_flag=True, help="Age buckets by destination domain (qshape).")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@limit_option(50)
 @json_option
 def stats(shape: bool, limit: int, as_json: bool) -> None:
     """Depth and oldest age by lane, counts by state; --shape for where the backlog sits."""

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from postlane.cli.context import config_option, json_option, with_app
+from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import first_line, json_or_empty, listing, show
 from postlane.clock import when
 from postlane.errors import PostlaneError
@@ -21,7 +21,7 @@ def suppress() -> None:
 
 @suppress.command("list")
 @config_option
-@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@limit_option(1000, most=100_000)
 @json_option
 def suppress_list(limit: int, as_json: bool) -> None:
     """The suppressed addresses, newest first: why (reason), for whose mail (scope: * for

@@ -15,6 +15,7 @@ import random
 import socket
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, AnyStr
 
@@ -153,27 +154,21 @@ _AIOSMTPD_TOO_LARGE = {
 }
 
 
+@dataclass(eq=False)
 class Provider:
     """The aiosmtpd handler: plays the scenario, counts what it answers."""
 
-    def __init__(
-        self,
-        scenario: Scenario,
-        rng: random.Random,
-        clock: Clock,
-        stats: ReportCounts,
-        *,
-        store_dir: Path | None,
-        max_messages: int | None,
-        on_limit: Callable[[], None],
-    ) -> None:
-        self.scenario = scenario
-        self.rng = rng
-        self.clock = clock
-        self.stats = stats
-        self.store_dir = store_dir
-        self.max_messages = max_messages
-        self.on_limit = on_limit
+    scenario: Scenario
+    rng: random.Random
+    clock: Clock
+    stats: ReportCounts
+    _: KW_ONLY
+    store_dir: Path | None
+    max_messages: int | None
+    on_limit: Callable[[], None]
+
+    def __post_init__(self) -> None:
+        scenario = self.scenario
         self.delays = scenario.delays
         throttle = scenario.throttle
         self.throttle = throttle

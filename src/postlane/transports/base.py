@@ -124,6 +124,29 @@ class BaseTransport:
         return None
 
 
+class WrappingTransport(BaseTransport):
+    """A transport that changes how messages are sent and hands them to ``inner``: everything
+    else, its name, shared destination, routes and pauses, is ``inner``'s. A subclass
+    overrides :meth:`send` (and :meth:`close` when it holds something of its own)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.shared_destination = inner.shared_destination
+
+    def shared_destination_for(self, lane: str, sender: str, recipient_domain: str) -> str | None:
+        return self.inner.shared_destination_for(lane, sender, recipient_domain)
+
+    def follow_pauses(self, is_paused: PauseCheck) -> None:
+        self.inner.follow_pauses(is_paused)
+
+    async def send(self, envelope: Envelope) -> list[Response]:
+        return await self.inner.send(envelope)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 class InterruptedSends:
     """How many sends of this process were cut off after the message was handed over (an SMTP
     server had the whole message but no reply had come; a provider had the request): their

@@ -9,28 +9,17 @@ import logging
 from collections.abc import Sequence
 
 from postlane.classify import ReplyClass
-from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response, Transport
+from postlane.transports.base import Envelope, Response, WrappingTransport
 
 __all__ = ["PerRecipientTransport"]
 
 log = logging.getLogger("postlane.transports")
 
 
-class PerRecipientTransport(BaseTransport):
+class PerRecipientTransport(WrappingTransport):
     """A wrapper around ``inner`` that sends some messages as one transaction per recipient
     (:meth:`send_each`); everything else, its name, shared destination and routes, is
     ``inner``'s. Subclasses say in :meth:`send` which envelopes they split and how."""
-
-    def __init__(self, inner: Transport) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.shared_destination = inner.shared_destination
-
-    def shared_destination_for(self, lane: str, sender: str, recipient_domain: str) -> str | None:
-        return self.inner.shared_destination_for(lane, sender, recipient_domain)
-
-    def follow_pauses(self, is_paused: PauseCheck) -> None:
-        self.inner.follow_pauses(is_paused)
 
     async def send_each(self, transactions: Sequence[Envelope]) -> list[Response]:
         """Send single-recipient ``transactions`` through ``inner`` side by side; one response
@@ -52,6 +41,3 @@ class PerRecipientTransport(BaseTransport):
             text = f"transport {self.inner.name} returned {len(responses)} responses for 1"
             return [Response(None, text, self.inner.name, failure=ReplyClass.TEMPORARY)]
         return responses
-
-    async def close(self) -> None:
-        await self.inner.close()

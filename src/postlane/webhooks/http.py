@@ -23,7 +23,7 @@ import functools
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 from postlane import __version__
 from postlane.webhooks.addresses import Resolver, WebhookDeliveryError, resolve_allowed
@@ -272,25 +272,18 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+@dataclass(eq=False)
 class EndpointClient:
     """Posts to one endpoint over a kept-alive connection, one request at a time (a sender
     keeps one client per request it has in flight)."""
 
-    def __init__(
-        self,
-        parts: URLParts,
-        *,
-        allow_private: bool,
-        timeout: float,
-        resolver: Resolver,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self.parts = parts
-        self.allow_private = allow_private
-        self.timeout = timeout
-        self.resolver = resolver
-        self.ssl_context = ssl_context
-        self._connection: Connection | None = None
+    parts: URLParts
+    _: KW_ONLY
+    allow_private: bool
+    timeout: float
+    resolver: Resolver
+    ssl_context: ssl.SSLContext | None = None
+    _connection: Connection | None = field(default=None, init=False, repr=False)
 
     async def post(self, headers: Mapping[str, str], body: bytes) -> Reply:
         """POST ``body``; the reply, whatever its status. Raises
