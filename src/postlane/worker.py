@@ -22,7 +22,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +39,7 @@ from postlane.records import AttemptRecord, ClaimedMessage, Delivery, Outcome
 from postlane.store.base import Store
 from postlane.throttle import Throttle
 from postlane.transports.base import Envelope, Response, Transport, interrupted
+from postlane.waits import first_of
 
 log = logging.getLogger("postlane.worker")
 #: one line per delivery attempt (never the address's local part, never the content)
@@ -221,7 +222,7 @@ class Worker:
             return
         try:
             await self.gate.sync()
-            await _first_of(stop.wait(), timeout=JOIN_DELAY)
+            await first_of(stop.wait(), timeout=JOIN_DELAY)
             await self.gate.sync()
         except Exception:
             log.exception("could not join the fleet's shares of destinations' limits")
@@ -270,7 +271,7 @@ class Worker:
             nudged = nudged or self.wake.is_set()
             self._slot_freed.clear()
             self.wake.clear()
-            await _first_of(
+            await first_of(
                 stop.wait(),
                 self._slot_freed.wait(),
                 self.wake.wait(),
@@ -291,7 +292,7 @@ class Worker:
             timeout = max(0.0, min(poll, next_due - self.clock.now()))
         self.wake.clear()
         # the store hears enqueues (PostgreSQL: LISTEN/NOTIFY from other processes' too)
-        await _first_of(
+        await first_of(
             stop.wait(),
             self.wake.wait(),
             self.store.wait_for_work(timeout),
@@ -510,7 +511,7 @@ class Worker:
     async def _renew_leases(self, stop: asyncio.Event) -> None:
         interval = max(self.settings.lease / 3, 0.05)
         while not stop.is_set():
-            await _first_of(stop.wait(), timeout=interval)
+            await first_of(stop.wait(), timeout=interval)
             if self._in_flight:
                 try:
                     await self.store.renew_leases(
@@ -540,7 +541,7 @@ class Worker:
                     await self._purge()
             except Exception:
                 log.exception("housekeeping failed")
-            await _first_of(stop.wait(), timeout=interval)
+            await first_of(stop.wait(), timeout=interval)
 
     async def sync_throttle(self) -> None:
         """Persist this worker's pauses and slow-downs; adopt other processes' and operators'."""
@@ -598,16 +599,6 @@ class Worker:
             await self.gate.leave_fleet()
         except Exception:
             log.exception("could not give back this worker's shares of destinations' limits")
-
-
-async def _first_of(*waits: Awaitable[object], timeout: float | None) -> None:
-    """Wait until any of ``waits`` completes or ``timeout`` passes; cancel the rest."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def _log_attempt(

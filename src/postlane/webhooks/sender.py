@@ -53,6 +53,7 @@ from postlane.errors import NotFound
 from postlane.events import Event, WebhookEndpointState
 from postlane.leases import lease_owner_id, owner_is_dead
 from postlane.store.base import HistoryStore, WebhookStore
+from postlane.waits import first_of
 from postlane.webhooks.addresses import (
     AddressRefused,
     Resolver,
@@ -334,10 +335,10 @@ class EndpointSender:
             except Exception as exc:
                 trouble += 1
                 log.warning("webhook endpoint %s: cannot claim it: %s", self.name, exc)
-                await _first_of(stop.wait(), timeout=min(30.0, retry_in * trouble))
+                await first_of(stop.wait(), timeout=min(30.0, retry_in * trouble))
                 continue
             if state is None:
-                await _first_of(stop.wait(), timeout=retry_in)
+                await first_of(stop.wait(), timeout=retry_in)
                 continue
             self.holding = True
             tenure = self._tenure = _Tenure(self, state)
@@ -348,7 +349,7 @@ class EndpointSender:
                 self._tenure = None
             if reason == "error":
                 trouble += 1
-                await _first_of(stop.wait(), timeout=min(30.0, retry_in * trouble))
+                await first_of(stop.wait(), timeout=min(30.0, retry_in * trouble))
             else:
                 trouble = 0
 
@@ -434,7 +435,7 @@ class _Health:
             changed = self._changed
             now = self.clock.now()
             if self.paused_until is not None and now < self.paused_until:
-                await _first_of(
+                await first_of(
                     changed.wait(),
                     ended.wait(),
                     self.clock.sleep(self.paused_until - now),
@@ -446,7 +447,7 @@ class _Health:
             if not self.probing:
                 self.probing = True
                 return self.generation
-            await _first_of(changed.wait(), ended.wait(), timeout=None)
+            await first_of(changed.wait(), ended.wait(), timeout=None)
 
     def succeeded(self) -> bool:
         """A 2xx: the endpoint works. True when it was failing."""
@@ -535,13 +536,13 @@ class _Tenure:
         reader = asyncio.create_task(self._guard(self._read()), name=f"postlane-webhook-{name}")
         tasks = (*lanes, reader, keeper)
         try:
-            await _first_of(stop.wait(), self.ended.wait(), timeout=None)
+            await first_of(stop.wait(), self.ended.wait(), timeout=None)
             self.end("stop")
             reader.cancel()
             keeper.cancel()
             if self.reason == "stop" and self.in_flight:
                 # requests in flight may finish; lanes waiting to retry leave at once
-                await _first_of(self.idle.wait(), timeout=self.settings.shutdown_grace)
+                await first_of(self.idle.wait(), timeout=self.settings.shutdown_grace)
         finally:
             for task in (*tasks, *self.waiting.values()):
                 task.cancel()
@@ -576,7 +577,7 @@ class _Tenure:
             room = settings.window - len(self.pending)
             if room <= 0:
                 self.progress.clear()
-                await _first_of(self.progress.wait(), self.ended.wait(), timeout=1.0)
+                await first_of(self.progress.wait(), self.ended.wait(), timeout=1.0)
                 continue
             try:
                 events = await self.store.events_after(self.read, limit=min(room, settings.batch))
@@ -584,7 +585,7 @@ class _Tenure:
                 await self._purged()
                 continue
             if not events:
-                await _first_of(self.ended.wait(), timeout=settings.poll)
+                await first_of(self.ended.wait(), timeout=settings.poll)
                 continue
             for event in events:
                 slot = _Slot(event.id, self.endpoint.wants(event.type))
@@ -606,7 +607,7 @@ class _Tenure:
         what was read before it has been sent."""
         while self.pending and not self.ended.is_set():
             self.progress.clear()
-            await _first_of(self.progress.wait(), self.ended.wait(), timeout=1.0)
+            await first_of(self.progress.wait(), self.ended.wait(), timeout=1.0)
         if not self.warned_purge:
             log.warning(
                 "webhook endpoint %s: events after %s were removed by retention before it got "
@@ -750,7 +751,7 @@ class _Tenure:
         renewed = time.monotonic()
         last_save = time.monotonic()
         while not self.ended.is_set():
-            await _first_of(self.urgent.wait(), self.ended.wait(), timeout=settings.save_every)
+            await first_of(self.urgent.wait(), self.ended.wait(), timeout=settings.save_every)
             self.urgent.clear()
             if self.ended.is_set():
                 return
@@ -829,13 +830,3 @@ class _Tenure:
         # resume): the comparison ends this tenure either way; a transient refusal (a store
         # hiccup) is saved with a later event.
         self._compare(await self.sender.row())
-
-
-async def _first_of(*waits: Awaitable[object], timeout: float | None) -> None:
-    """Wait until any of ``waits`` completes or ``timeout`` passes; cancel the rest."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
