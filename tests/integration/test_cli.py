@@ -357,7 +357,9 @@ def test_the_simulate_command_loads_the_simulator(tmp_path: Path) -> None:
 # -- which queue (new user's item 2) -------------------------------------------------------------
 
 
-def test_commands_run_from_another_directory_never_start_a_new_queue(tmp_path: Path) -> None:
+def test_issue_17_2_commands_run_from_another_directory_never_start_a_new_queue(
+    tmp_path: Path,
+) -> None:
     """The real console script, from a directory with no queue: every command that reads or
     changes the queue says there is none (naming where it looked), and creates nothing."""
     server, elsewhere = tmp_path / "server", tmp_path / "elsewhere"
@@ -379,7 +381,7 @@ def test_commands_run_from_another_directory_never_start_a_new_queue(tmp_path: P
     assert len(listed) == 1
 
 
-def test_verbose_and_stats_say_which_store(queue_dir: Path) -> None:
+def test_issue_17_2_verbose_and_stats_say_which_store(queue_dir: Path) -> None:
     store = f"sqlite:///{queue_dir / 'postlane.db'}"
     for args in (["-v", "queue", "list"], ["queue", "list", "--verbose"], ["dlq", "list", "-v"]):
         result = postlane(*args, cwd=queue_dir)
@@ -433,7 +435,7 @@ def test_every_command_checks_the_whole_configuration(
         assert "S3cretRelayPw" not in result.stderr and "12345678" not in result.stderr
 
 
-def test_a_relay_url_takes_its_token_from_the_environment(queue_dir: Path) -> None:
+def test_issue_17_3_a_relay_url_takes_its_token_from_the_environment(queue_dir: Path) -> None:
     (queue_dir / "postlane.toml").write_text('[delivery]\nrelay = "postmark://${POSTMARK_TOKEN}"\n')
     result = postlane("-v", "stats", cwd=queue_dir, env={"POSTMARK_TOKEN": "pm-server-token"})
     assert result.returncode == 0, result.stderr
