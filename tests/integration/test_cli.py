@@ -425,7 +425,7 @@ def test_issue_17_2_verbose_and_stats_say_which_store(queue_dir: Path) -> None:
         ("[delivery]\npassword = 12345678\n", "delivery.password: expected a string"),
     ],
 )
-def test_every_command_checks_the_whole_configuration(
+def test_issue_17_5_every_command_checks_the_whole_configuration(
     queue_dir: Path, toml: str, named: str
 ) -> None:
     (queue_dir / "postlane.toml").write_text(toml)

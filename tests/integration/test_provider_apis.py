@@ -526,7 +526,9 @@ async def test_a_503_with_retry_after_carries_the_wait_to_the_policy(h: Harness)
     assert response.retry_after == 600.0
 
 
-async def test_refused_credentials_are_a_connection_failure(h: Harness) -> None:
+async def test_issue_17_4_a_providers_refused_credentials_are_a_connection_failure(
+    h: Harness,
+) -> None:
     h.api.scripted.append(h.provider.unauthorized)
     [response] = await h.transport.send(envelope("ann@example.org"))
     assert response.verdict().cls is ReplyClass.CONNECTION

@@ -287,7 +287,7 @@ def test_url_masking() -> None:
 # -- the relay's forms (new user's item 5) ------------------------------------------------------
 
 
-def test_a_bad_relay_lists_the_forms_as_the_docs_write_them() -> None:
+def test_issue_17_5_a_bad_relay_lists_the_forms_as_the_docs_write_them() -> None:
     from postlane.config import RELAY_FORMS
 
     with pytest.raises(ConfigError) as raised:
@@ -299,7 +299,7 @@ def test_a_bad_relay_lists_the_forms_as_the_docs_write_them() -> None:
     assert "mx://" not in raised.value.message
 
 
-def test_every_relay_form_has_a_transport() -> None:
+def test_issue_17_5_every_relay_form_has_a_transport() -> None:
     from postlane.config import RELAY_FORMS
     from postlane.transports import SCHEMES
 
@@ -310,7 +310,7 @@ def test_every_relay_form_has_a_transport() -> None:
     "relay",
     ["mx", "smtp://relay.example.com", "smtp://u:p@[::1]:2525", "capture:///tmp/x", "ses://x"],
 )
-def test_good_relays_pass(relay: str) -> None:
+def test_issue_17_5_good_relays_pass(relay: str) -> None:
     assert config_from_dict({"delivery": {"relay": relay}}).delivery.relay == relay
 
 
