@@ -763,7 +763,7 @@ def test_finding_8_export_files_are_readable_by_their_owner_only(
         assert export.read_text().strip()
 
 
-def test_nothing_to_flush_is_said_once(tmp_path: Path) -> None:
+def test_issue_17_10_nothing_to_flush_is_said_once(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
     async def create_the_queue() -> None:
@@ -775,7 +775,7 @@ def test_nothing_to_flush_is_said_once(tmp_path: Path) -> None:
     assert code == 0 and out == "" and err == "nothing to flush\n"
 
 
-def test_piped_listings_are_neither_padded_nor_wrapped(
+def test_issue_17_10_piped_listings_are_neither_padded_nor_wrapped(
     queue: tuple[Config, dict[str, str]],
 ) -> None:
     """A pipe gets one line per row: no trailing spaces to the table's (or 250 columns')
