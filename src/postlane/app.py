@@ -282,7 +282,28 @@ class AsyncPostlane:
     ) -> int:
         """Apply ``action`` to every delivery ``selector`` picks, a slice at a time; returns how
         many changed. With ``export``, each slice is written there (JSON Lines, flushed to disk)
-        before it is deleted, so an exported delete can always be undone with :meth:`import_`."""
+        before it is deleted, so an exported delete can always be undone with :meth:`import_`.
+
+        A requeue refuses, as :meth:`requeue` does without ``unsuppress``, dead letters whose
+        addresses are suppressed (:class:`SuppressedRecipients`): whoever asks (the dashboard,
+        the HTTP API), they would be marked ``suppressed`` and never attempted."""
+        if action is QueueAction.REQUEUE:
+            suppressed = await self.suppressed_dead_letters(selector)
+            if suppressed:
+                raise SuppressedRecipients(suppressed)
+        return await self._act(
+            action, selector, export=export, progress=progress, slice_size=slice_size
+        )
+
+    async def _act(
+        self,
+        action: QueueAction,
+        selector: Selector,
+        *,
+        export: IO[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+        slice_size: int = 500,
+    ) -> int:
         selector = self._scheduled(action, selector)
         states = action_states(action, selector)
         if action is QueueAction.FLUSH:
@@ -360,7 +381,7 @@ class AsyncPostlane:
             raise SuppressedRecipients(suppressed)
         for address in suppressed:
             await self.store.remove_suppression(address)
-        requeued = await self.act(QueueAction.REQUEUE, selector, progress=progress)
+        requeued = await self._act(QueueAction.REQUEUE, selector, progress=progress)
         return Requeued(requeued, tuple(suppressed))
 
     async def suppressed_dead_letters(

@@ -262,26 +262,8 @@ def test_dlq_and_suppression_commands(queue_dir: Path) -> None:
             ],
             "header injection",
         ),
-        (
-            [
-                "send",
-                "--from",
-                "a@example.com",
-                "--to",
-                "b@example.net",
-                "--text",
-                "x",
-                "--lane",
-                "urgent",
-            ],
-            "'urgent' is not one of high, normal, low",
-        ),
         (["send", "--from", "a@example.com", "--text", "x"], "no recipient"),
-        (["queue", "list", "--state", "bogus"], "'bogus' is not one of queued, sending,"),
-        (["queue", "list", "--lane", "bogus"], "'--lane': 'bogus' is not one of high, normal"),
         (["queue", "list", "--metadata", "novalue"], "'novalue' is not KEY=VALUE"),
-        (["classify", ""], "give a server reply to classify"),
-        (["classify", "  "], "give a server reply to classify"),
         (["queue", "list", "--older-than", "soon"], "duration"),
         (["dlq", "list", "--state", "bogus"], "--state"),  # dead letters are always dead
         (["dlq", "requeue", "--all", "--state", "dead"], "--state"),
@@ -297,6 +279,72 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(
     one_line_error(postlane(*args, cwd=tmp_path), contains)
     if args[0] == "send":
         assert json.loads(ok("queue", "list", "--json", cwd=tmp_path)) == []  # nothing half-stored
+
+
+@pytest.mark.parametrize(
+    ("args", "contains"),
+    [
+        (
+            [
+                "send",
+                "--from",
+                "a@example.com",
+                "--to",
+                "b@example.net",
+                "--text",
+                "x",
+                "--lane",
+                "urgent",
+            ],
+            "'urgent' is not one of high, normal, low",
+        ),
+        (["queue", "list", "--state", "bogus"], "'bogus' is not one of queued, sending,"),
+        (["queue", "list", "--lane", "bogus"], "'--lane': 'bogus' is not one of high, normal"),
+    ],
+)
+def test_issue_17_10_an_unknown_lane_or_state_lists_the_choices(
+    queue_dir: Path, args: list[str], contains: str
+) -> None:
+    """`--lane urgent` said `'urgent' is not a valid Lane`: the refusal lists the lanes."""
+    test_bad_input_is_one_clear_line_and_a_nonzero_exit(queue_dir, args, contains)
+
+
+@pytest.mark.parametrize("reply", ["", "  "])
+def test_issue_17_10_classify_refuses_an_empty_reply(queue_dir: Path, reply: str) -> None:
+    """`postlane classify ""` answered `connection (no code)`: it asks for a reply instead."""
+    one_line_error(postlane("classify", reply, cwd=queue_dir), "give a server reply to classify")
+
+
+def test_issue_17_10_confirmations_go_to_stderr_and_results_to_stdout(queue_dir: Path) -> None:
+    """Decided, as Postfix's commands do (docs/operations.md, Output): what a command produces
+    goes to stdout, what it says about what it did goes to stderr, so `ID=$(postlane send ...)`
+    and `postlane queue list | ...` get only the result."""
+    sent = postlane(
+        "send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", cwd=queue_dir
+    )
+    assert sent.returncode == 0 and sent.stderr == ""
+    queue_id = sent.stdout.strip()
+    assert len(sent.stdout.splitlines()) == 1 and " " not in queue_id  # the id alone
+    held = postlane("queue", "hold", queue_id, cwd=queue_dir)
+    assert held.returncode == 0 and held.stdout == "" and "held 1 recipient(s)" in held.stderr
+    added = postlane("suppress", "add", "gone@example.net", cwd=queue_dir)
+    assert added.returncode == 0 and added.stdout == ""
+    assert "gone@example.net: added" in added.stderr
+    [listed] = json.loads(ok("queue", "list", "--json", cwd=queue_dir))
+    assert listed["id"] == queue_id
+
+
+def test_issue_17_10_stats_names_states_as_state_and_metrics_do(queue_dir: Path) -> None:
+    """`stats` said `ready` where `--state` and the metrics say `queued`: its columns are the
+    states `queue list --state` takes (and the JSON keeps the contract's `ready` key)."""
+    from postlane.message import RecipientState
+
+    states = {state.value for state in RecipientState}
+    header = ok("stats", cwd=queue_dir).splitlines()[0].split()
+    assert header[0] == "lane" and header[-1] == "oldest"
+    assert "ready" not in header and set(header[1:-1]) <= states, header
+    for state in header[1:-1]:
+        assert json.loads(ok("queue", "list", "--state", state, "--json", cwd=queue_dir)) == []
 
 
 def test_bad_config_names_the_key(tmp_path: Path) -> None:
@@ -355,7 +403,9 @@ def test_the_simulate_command_loads_the_simulator(tmp_path: Path) -> None:
 # -- which queue (new user's item 2) -------------------------------------------------------------
 
 
-def test_commands_run_from_another_directory_never_start_a_new_queue(tmp_path: Path) -> None:
+def test_issue_17_2_commands_run_from_another_directory_never_start_a_new_queue(
+    tmp_path: Path,
+) -> None:
     """The real console script, from a directory with no queue: every command that reads or
     changes the queue says there is none (naming where it looked), and creates nothing."""
     server, elsewhere = tmp_path / "server", tmp_path / "elsewhere"
@@ -377,7 +427,7 @@ def test_commands_run_from_another_directory_never_start_a_new_queue(tmp_path: P
     assert len(listed) == 1
 
 
-def test_verbose_and_stats_say_which_store(queue_dir: Path) -> None:
+def test_issue_17_2_verbose_and_stats_say_which_store(queue_dir: Path) -> None:
     store = f"sqlite:///{queue_dir / 'postlane.db'}"
     for args in (["-v", "queue", "list"], ["queue", "list", "--verbose"], ["dlq", "list", "-v"]):
         result = postlane(*args, cwd=queue_dir)
@@ -421,7 +471,7 @@ def test_verbose_and_stats_say_which_store(queue_dir: Path) -> None:
         ("[delivery]\npassword = 12345678\n", "delivery.password: expected a string"),
     ],
 )
-def test_every_command_checks_the_whole_configuration(
+def test_issue_17_5_every_command_checks_the_whole_configuration(
     queue_dir: Path, toml: str, named: str
 ) -> None:
     (queue_dir / "postlane.toml").write_text(toml)
@@ -431,7 +481,7 @@ def test_every_command_checks_the_whole_configuration(
         assert "S3cretRelayPw" not in result.stderr and "12345678" not in result.stderr
 
 
-def test_a_relay_url_takes_its_token_from_the_environment(queue_dir: Path) -> None:
+def test_issue_17_3_a_relay_url_takes_its_token_from_the_environment(queue_dir: Path) -> None:
     (queue_dir / "postlane.toml").write_text('[delivery]\nrelay = "postmark://${POSTMARK_TOKEN}"\n')
     result = postlane("-v", "stats", cwd=queue_dir, env={"POSTMARK_TOKEN": "pm-server-token"})
     assert result.returncode == 0, result.stderr
@@ -461,7 +511,7 @@ def test_finding_8_worker_warns_once_about_a_database_and_a_dkim_key_others_can_
 # -- polish (new user's item 10) --------------------------------------------------------------
 
 
-def test_python_dash_m_postlane_is_the_cli(tmp_path: Path) -> None:
+def test_issue_17_10_python_dash_m_postlane_is_the_cli(tmp_path: Path) -> None:
     import sys
 
     result = subprocess.run(
@@ -476,7 +526,7 @@ def test_python_dash_m_postlane_is_the_cli(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["class"] == "hard_bounce"
 
 
-def test_suppress_help_describes_each_command(tmp_path: Path) -> None:
+def test_issue_17_10_suppress_help_describes_each_command(tmp_path: Path) -> None:
     text = ok("suppress", "--help", cwd=tmp_path)
     for command in ("add", "list", "remove"):
         [line] = [line for line in text.splitlines() if line.strip().startswith(command + " ")]

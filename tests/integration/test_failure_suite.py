@@ -1085,7 +1085,7 @@ async def test_a_webhook_endpoint_outage_fires_its_alert_with_a_runbook_then_it_
 MISCONFIGURED_ALERTS = {"PostlaneRelayMisconfigured{destination=relay}"}
 
 
-async def test_credentials_the_relay_cannot_take_fire_the_misconfiguration_alert_at_once(
+async def test_issue_17_4_credentials_the_relay_cannot_take_fire_the_misconfiguration_alert_at_once(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     """The relay offers no TLS, and postlane never sends a password in clear: nothing can go

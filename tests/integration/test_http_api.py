@@ -438,6 +438,32 @@ async def test_purge_with_export_then_import_brings_the_dead_letter_back(
     assert (await client.get("/v1/dlq")).json() == before
 
 
+async def test_issue_17_1_a_requeue_over_http_of_a_suppressed_address_is_409_naming_it(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    """Issue 17.1 over HTTP (and so for the dashboard: both call AsyncPostlane.act): a hard
+    bounce's address is suppressed, so a requeue as it stands would vanish as `suppressed` with
+    no attempt. It is refused, naming the address, and nothing changes; "unsuppress" lifts it."""
+    queue_id = (await client.post("/v1/messages", json=MESSAGE)).json()["id"]
+    await with_history(app, queue_id, RecipientState.DEAD, "550 5.1.1 no such user")
+    await app.suppress("ada@example.net")
+    refused = await client.post("/v1/dlq/requeue", json={"ids": [queue_id]})
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "suppressed_recipients"
+    assert error["addresses"] == ["ada@example.net"] and "ada@example.net" in error["message"]
+    assert [d["id"] for d in (await client.get("/v1/dlq")).json()] == [queue_id]
+    assert [s.address for s in await app.suppressions()] == ["ada@example.net"]
+    flag = await client.post("/v1/dlq/purge", json={"ids": [queue_id], "unsuppress": True})
+    assert flag.status_code == 400  # a requeue's flag only
+    done = await client.post("/v1/dlq/requeue", json={"ids": [queue_id], "unsuppress": True})
+    assert done.status_code == 200, done.text
+    assert done.json() == {"action": "requeue", "count": 1, "unsuppressed": ["ada@example.net"]}
+    assert (await client.get("/v1/dlq")).json() == [] and await app.suppressions() == []
+    [recipient] = (await client.get(f"/v1/messages/{queue_id}")).json()["recipients"]
+    assert recipient["state"] == "queued"
+
+
 async def test_an_export_with_nothing_selected_is_empty(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/queue/delete", json={"all": True, "export": True})
     assert export_lines(response) == [] and response.headers["x-postlane-count"] == "0"

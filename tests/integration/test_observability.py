@@ -389,7 +389,7 @@ async def test_one_log_line_per_attempt_and_no_secret_or_body(
         ("full", "Ada@y.example"),
     ],
 )
-async def test_attempt_lines_can_say_which_recipient_got_which_reply(
+async def test_issue_17_11_attempt_lines_can_say_which_recipient_got_which_reply(
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture, mode: str, shown: str
 ) -> None:
     """Three recipients of one message answered 550, 450 and 250: with [log] recipients the
@@ -418,6 +418,41 @@ async def test_attempt_lines_can_say_which_recipient_got_which_reply(
     [refused] = [line for line in lines if "code=550" in line]
     assert f"recipient={shown}" in refused
     assert len({line.split("recipient=")[1].split()[0] for line in lines}) == 3
+
+
+async def test_issue_17_11_by_default_attempt_lines_name_the_domain_only(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Privacy by default: without [log] recipients, the same three replies are logged with
+    the domain and no address, pseudonym or local part."""
+    peer_replies = {"ada@y.example": "550 5.1.1 no such user", "bob@y.example": "450 4.2.1 busy"}
+    handler = ScriptedHandler(rcpt=peer_replies)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTPServer(handler, loop=loop), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = make_config(tmp_path, delivery={"relay": f"smtp://127.0.0.1:{port}"})
+        assert config.log.recipients == "none"
+        caplog.set_level(logging.INFO)
+        async with AsyncPostlane(config, clock=clock) as app:
+            worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+            to = ["ada@y.example", "bob@y.example", "cy@y.example"]
+            await app.send(sender="a@x.example", to=to, text="x")
+            await worker.run_until_idle()
+            await worker.transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    lines = [r.getMessage() for r in caplog.records if r.name == "postlane.attempts"]
+    assert {code for line in lines for code in ("550", "450", "250") if f"code={code}" in line} == {
+        "550",
+        "450",
+        "250",
+    }
+    hashed = {hashlib.sha256(a.encode()).hexdigest()[:16] for a in to}
+    for line in lines:
+        assert "domain=y.example" in line and "recipient=" not in line, line
+        assert not any(part in line for part in ("ada", "bob", "cy@", *hashed)), line
 
 
 def test_setup_logging_json(capfd: pytest.CaptureFixture[str]) -> None:

@@ -698,7 +698,7 @@ async def test_a_worker_holding_a_lifted_pause_does_not_push_flushed_mail_back(
 # -- requeue of suppressed addresses (new user's item 1) ---------------------------------------
 
 
-def test_requeue_of_a_suppressed_address_is_refused_naming_it_and_the_way_out(
+def test_issue_17_1_requeue_of_a_suppressed_address_is_refused_naming_it_and_the_way_out(
     queue: tuple[Config, dict[str, str]],
 ) -> None:
     """A hard bounce's address is on the suppression list: requeued as it is, the worker would
@@ -722,7 +722,7 @@ def test_requeue_of_a_suppressed_address_is_refused_naming_it_and_the_way_out(
     assert message["recipients"][0]["state"] == "queued"
 
 
-async def test_the_requeue_of_the_python_api_says_what_will_happen(
+async def test_issue_17_1_the_requeue_of_the_python_api_says_what_will_happen(
     queue: tuple[Config, dict[str, str]],
 ) -> None:
     """AsyncPostlane.requeue: what the CLI and the HTTP API both call."""
@@ -763,7 +763,7 @@ def test_finding_8_export_files_are_readable_by_their_owner_only(
         assert export.read_text().strip()
 
 
-def test_nothing_to_flush_is_said_once(tmp_path: Path) -> None:
+def test_issue_17_10_nothing_to_flush_is_said_once(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 
     async def create_the_queue() -> None:
@@ -775,7 +775,7 @@ def test_nothing_to_flush_is_said_once(tmp_path: Path) -> None:
     assert code == 0 and out == "" and err == "nothing to flush\n"
 
 
-def test_piped_listings_are_neither_padded_nor_wrapped(
+def test_issue_17_10_piped_listings_are_neither_padded_nor_wrapped(
     queue: tuple[Config, dict[str, str]],
 ) -> None:
     """A pipe gets one line per row: no trailing spaces to the table's (or 250 columns')

@@ -25,6 +25,7 @@ from email.parser import BytesParser
 from email.policy import SMTP
 from email.policy import default as default_policy
 from email.utils import format_datetime, getaddresses
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -525,7 +526,9 @@ async def test_a_503_with_retry_after_carries_the_wait_to_the_policy(h: Harness)
     assert response.retry_after == 600.0
 
 
-async def test_refused_credentials_are_a_connection_failure(h: Harness) -> None:
+async def test_issue_17_4_a_providers_refused_credentials_are_a_connection_failure(
+    h: Harness,
+) -> None:
     h.api.scripted.append(h.provider.unauthorized)
     [response] = await h.transport.send(envelope("ann@example.org"))
     assert response.verdict().cls is ReplyClass.CONNECTION
@@ -942,3 +945,32 @@ async def test_retry_after_takes_seconds_or_an_http_date() -> None:
     assert parse_retry_after("Wed, 31 Dec 2025 00:00:00 GMT", now) == 0.0
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None, now) is None
+
+
+# -- issue 17.3: a provider token from the environment ---------------------------------------
+
+
+async def test_issue_17_3_a_relay_urls_variable_is_expanded_and_reaches_the_provider(
+    apis: dict[str, FakeAPI], tmp_path: Path
+) -> None:
+    """`relay = "postmark://${POSTMARK_TOKEN}"` as docs/transports.md shows it: the token the
+    fake Postmark receives is the variable's value (its check refuses any other, as the literal
+    `${POSTMARK_TOKEN}` was sent before); unset, the configuration is refused naming both."""
+    from postlane.config import load_config
+    from postlane.transports import transport_for
+
+    api = apis["postmark"]
+    path = tmp_path / "postlane.toml"
+    path.write_text(f'[delivery]\nrelay = "postmark://${{POSTMARK_TOKEN}}?base_url={api.url}"\n')
+    config = load_config(path, env={"POSTMARK_TOKEN": POSTMARK_TOKEN})
+    transport = transport_for(config)
+    try:
+        responses = await transport.send(envelope("ann@example.org"))
+    finally:
+        await transport.close()
+    assert classes(responses) == [ReplyClass.DELIVERED]
+    assert len(api.seen) == 1  # and the fake's check found the token right (api.problems)
+    with pytest.raises(ConfigError) as unset:
+        load_config(path, env={})
+    assert "delivery.relay" in unset.value.message
+    assert "POSTMARK_TOKEN is not set" in unset.value.message

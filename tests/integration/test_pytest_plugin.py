@@ -93,7 +93,7 @@ def test_the_overridden_limit_applies(postlane_mail):
 """
 
 
-def test_a_projects_tests_use_the_fixtures_through_the_entry_point(
+def test_issue_17_fresh_install_a_projects_tests_use_the_plugin_under_w_error(
     pytester: pytest.Pytester,
 ) -> None:
     pytester.makepyfile(test_welcome=USERS_TESTS, test_limits=OVERRIDDEN_CONFIG)

@@ -499,10 +499,10 @@ async def test_finding_12_a_message_with_nul_bytes_is_refused(trusted: Listener)
     assert await trusted.app.messages() == []
 
 
-# -- issue 17: control headers ---------------------------------------------------------------------
+# -- issue 17.6: control headers -------------------------------------------------------------------
 
 
-async def test_issue_17_x_postlane_lane_chooses_the_lane_and_never_reaches_the_recipient(
+async def test_issue_17_6_x_postlane_lane_chooses_the_lane_and_never_reaches_the_recipient(
     trusted: Listener, tmp_path: Path
 ) -> None:
     message = (
@@ -554,7 +554,7 @@ async def test_schedule_headers_set_send_at_and_expires_at(trusted: Listener) ->
     assert refused[0] == 554 and b"no time zone" in refused[1]
 
 
-async def test_issue_17_an_unknown_lane_or_control_header_is_refused_naming_the_choices(
+async def test_issue_17_6_an_unknown_lane_or_control_header_is_refused_naming_the_choices(
     trusted: Listener,
 ) -> None:
     urgent = await in_thread(
@@ -569,7 +569,7 @@ async def test_issue_17_an_unknown_lane_or_control_header_is_refused_naming_the_
     assert await trusted.app.messages() == []
 
 
-async def test_issue_17_a_captured_message_can_be_submitted_again(
+async def test_issue_17_6_a_captured_message_can_be_submitted_again(
     trusted: Listener, tmp_path: Path
 ) -> None:
     """The capture folder's X-Postlane-Envelope-* lines are postlane's own trace: dropped (with

@@ -139,7 +139,7 @@ async def test_auth_happens_only_inside_tls(tls_peer: TLSPeer) -> None:
     assert tls_peer.auth_attempts == [("app", "s3cret", True)]
 
 
-async def test_credentials_are_never_sent_in_clear(plain_peer: TLSPeer) -> None:
+async def test_issue_17_4_credentials_are_never_sent_in_clear(plain_peer: TLSPeer) -> None:
     t = transport(f"smtp://app:s3cret@127.0.0.1:{plain_peer.port}")
     try:
         [response] = await t.send(ENVELOPE)
@@ -152,7 +152,9 @@ async def test_credentials_are_never_sent_in_clear(plain_peer: TLSPeer) -> None:
     assert plain_peer.handler.received == []
 
 
-async def test_wrong_credentials_are_a_relay_problem_not_a_dead_letter(tls_peer: TLSPeer) -> None:
+async def test_issue_17_4_wrong_credentials_are_a_relay_problem_not_a_dead_letter(
+    tls_peer: TLSPeer,
+) -> None:
     t = transport(f"smtp://app:wrong@127.0.0.1:{tls_peer.port}", tls_ca=str(tls_peer.ca_file))
     try:
         [response] = await t.send(ENVELOPE)
@@ -201,7 +203,7 @@ async def test_implicit_tls_smtps(tmp_path: Path, ca: trustme.CA) -> None:
     assert len(handler.received) == 1
 
 
-async def test_a_relay_refusing_our_credentials_holds_its_mail_and_says_why(
+async def test_issue_17_4_a_relay_refusing_our_credentials_holds_its_mail_and_says_why(
     tls_peer: TLSPeer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue 17.4: a relay that can never work (wrong credentials) was classed `connection`

@@ -87,7 +87,7 @@ def test_real_reply_is_classified_as_expected(case: Case) -> None:
     assert verdict.rule
 
 
-def test_the_whole_corpus_agrees_with_its_expected_classes() -> None:
+def test_issue_17_classification_the_whole_corpus_agrees_with_its_expected_classes() -> None:
     """Agreement over both corpora, measured and printed; anything below 100% fails, naming
     every reply that disagrees and the rule that decided it."""
     mismatches: list[str] = []
@@ -109,7 +109,7 @@ def test_the_whole_corpus_agrees_with_its_expected_classes() -> None:
     assert not mismatches, f"{len(mismatches)} replies disagree:\n" + "\n".join(mismatches)
 
 
-def test_the_provider_corpus_covers_every_judgement_call_of_issue_17() -> None:
+def test_issue_17_classification_the_provider_corpus_covers_every_judgement_call() -> None:
     provider = [case for case in CASES if case.corpus == "provider_replies.toml"]
     assert len(provider) >= 150
     kinds = {case.kind for case in provider}
@@ -215,7 +215,9 @@ def test_reply_wording_decides_over_the_code(reply: str, expected: str) -> None:
         "500 The number of sessions exceeds the maximum",
     ],
 )
-def test_a_limit_on_connections_or_sessions_is_throttled_whatever_the_code(reply: str) -> None:
+def test_issue_17_classification_1_a_limit_on_connections_or_sessions_is_throttled(
+    reply: str,
+) -> None:
     assert classify(reply).cls is ReplyClass.THROTTLED, explain(classify(reply))
 
 
@@ -227,7 +229,9 @@ def test_a_limit_on_connections_or_sessions_is_throttled_whatever_the_code(reply
         "421 Too much load; please try again later.",
     ],
 )
-def test_a_refusal_that_names_no_limit_stays_temporary(reply: str) -> None:
+def test_issue_17_classification_1_a_refusal_that_names_no_limit_stays_temporary(
+    reply: str,
+) -> None:
     assert classify(reply).cls is ReplyClass.TEMPORARY, explain(classify(reply))
 
 
@@ -245,7 +249,9 @@ def test_a_refusal_that_names_no_limit_stays_temporary(reply: str) -> None:
         "421 4.7.0 mx.example.com Error: too many errors",
     ],
 )
-def test_a_temporary_failure_of_the_receivers_own_check_is_temporary(reply: str) -> None:
+def test_issue_17_classification_2_a_temporary_failure_of_the_receivers_own_check_is_temporary(
+    reply: str,
+) -> None:
     assert classify(reply).cls is ReplyClass.TEMPORARY, explain(classify(reply))
 
 
@@ -265,12 +271,16 @@ def test_a_temporary_failure_of_the_receivers_own_check_is_temporary(reply: str)
         "535 5.7.139 Authentication unsuccessful, account is disabled",
     ],
 )
-def test_a_refusal_of_the_sender_never_suppresses_the_recipient(reply: str) -> None:
+def test_issue_17_classification_4_a_refusal_of_the_sender_never_suppresses_the_recipient(
+    reply: str,
+) -> None:
     assert classify(reply).cls is ReplyClass.POLICY_BLOCK, explain(classify(reply))
 
 
 @given(st.sampled_from(["User unknown", "No such user", "account disabled", "mailbox full"]))
-def test_sender_wording_decides_over_any_recipient_wording(recipient_words: str) -> None:
+def test_issue_17_classification_4_sender_wording_decides_over_any_recipient_wording(
+    recipient_words: str,
+) -> None:
     verdict = classify(f"550 5.1.1 <me@example.com>: Sender address rejected: {recipient_words}")
     assert verdict.cls is ReplyClass.POLICY_BLOCK
 
@@ -291,7 +301,9 @@ def test_sender_wording_decides_over_any_recipient_wording(recipient_words: str)
         ("550 5.7.1 Your account has been disabled for sending spam", "policy_block"),
     ],
 )
-def test_a_disabled_recipient_is_hard_whatever_its_enhanced_code(reply: str, expected: str) -> None:
+def test_issue_17_classification_5_a_disabled_recipient_is_hard_whatever_its_enhanced_code(
+    reply: str, expected: str
+) -> None:
     assert classify(reply).cls == ReplyClass(expected), explain(classify(reply))
 
 
@@ -310,10 +322,62 @@ def test_a_disabled_recipient_is_hard_whatever_its_enhanced_code(reply: str, exp
         ("554 email rejected due to security policies - MCSpamSignature.sa.2.2", "policy_block"),
     ],
 )
-def test_the_message_itself_is_a_message_error_but_spam_stays_policy(
+def test_issue_17_classification_6_the_message_itself_is_a_message_error_but_spam_stays_policy(
     reply: str, expected: str
 ) -> None:
     assert classify(reply).cls == ReplyClass(expected), explain(classify(reply))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "552 5.2.2 <user@example.com>: mailbox full",
+        "452 4.2.2 <user@example.com>: over quota",
+        "522 5.2.0 Delivery failed: Over quota",
+        "550 5.7.1 Email quota exceeded.",
+        "550 5.7.1 <a@example.com>: Recipient address rejected: User a@example.com temporary "
+        "locked. Please try again later",
+    ],
+)
+def test_issue_17_classification_3_a_mailbox_limit_is_the_recipients_soft_bounce(
+    reply: str,
+) -> None:
+    """Rule 3: what the recipient's mailbox sets (its size, a lock) is recipient-side and
+    transient, whatever the code (5.7.1, 522, 550): soft_bounce, not policy or hard."""
+    assert classify(reply).cls is ReplyClass.SOFT_BOUNCE, explain(classify(reply))
+
+
+def test_issue_17_classification_3_a_size_limit_per_recipient_refuses_the_message() -> None:
+    reply = "552 5.2.3 RESOLVER.RST.RecipSizeLimit; message too large for this recipient"
+    assert classify(reply).cls is ReplyClass.MESSAGE_ERROR, explain(classify(reply))
+
+
+#: each judgement call of issue 17: its kind in provider_replies.toml, the number and opening
+#: words of its rule in docs/classification.md
+JUDGEMENT_CALLS = [
+    ("connection-limit", "1. **A limit on the number or rate of connections"),
+    ("receiver-temporary", "2. **A temporary failure of the receiving side's own checks"),
+    ("mailbox-limit", "3. **Limits the recipient's mailbox sets are recipient-side."),
+    ("sender-refusal", "4. **A refusal of the sender is never the recipient's hard bounce"),
+    ("disabled-recipient", "5. **A disabled recipient is a `hard_bounce` whatever"),
+    ("message-content", "6. **A refusal of the message's content or structure is"),
+]
+
+
+@pytest.mark.parametrize(("kind", "rule"), JUDGEMENT_CALLS, ids=[k for k, _ in JUDGEMENT_CALLS])
+def test_issue_17_classification_each_judgement_call_is_decided_in_the_docs_and_the_corpus_agrees(
+    kind: str, rule: str
+) -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "classification.md").read_text()
+    assert rule in docs, rule
+    cases = [c for c in CASES if c.corpus == "provider_replies.toml" and c.kind == kind]
+    assert len(cases) >= 10, kind
+    wrong = [
+        f"{c.id}: expected {c.cls}, got {explain(classify(c.reply))}"
+        for c in cases
+        if classify(c.reply).cls != c.cls
+    ]
+    assert not wrong, "\n".join(wrong)
 
 
 # --- the fallbacks, and the decisions they encode -------------------------------------------------

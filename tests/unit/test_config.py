@@ -287,7 +287,7 @@ def test_url_masking() -> None:
 # -- the relay's forms (new user's item 5) ------------------------------------------------------
 
 
-def test_a_bad_relay_lists_the_forms_as_the_docs_write_them() -> None:
+def test_issue_17_5_a_bad_relay_lists_the_forms_as_the_docs_write_them() -> None:
     from postlane.config import RELAY_FORMS
 
     with pytest.raises(ConfigError) as raised:
@@ -299,7 +299,7 @@ def test_a_bad_relay_lists_the_forms_as_the_docs_write_them() -> None:
     assert "mx://" not in raised.value.message
 
 
-def test_every_relay_form_has_a_transport() -> None:
+def test_issue_17_5_every_relay_form_has_a_transport() -> None:
     from postlane.config import RELAY_FORMS
     from postlane.transports import SCHEMES
 
@@ -310,14 +310,14 @@ def test_every_relay_form_has_a_transport() -> None:
     "relay",
     ["mx", "smtp://relay.example.com", "smtp://u:p@[::1]:2525", "capture:///tmp/x", "ses://x"],
 )
-def test_good_relays_pass(relay: str) -> None:
+def test_issue_17_5_good_relays_pass(relay: str) -> None:
     assert config_from_dict({"delivery": {"relay": relay}}).delivery.relay == relay
 
 
 # -- ${VAR} and *_file (new user's item 3) ------------------------------------------------------
 
 
-def test_variables_are_expanded_in_every_string_value() -> None:
+def test_issue_17_3_variables_are_expanded_in_every_string_value() -> None:
     config = config_from_dict(
         {
             "delivery": {"relay": "postmark://${POSTMARK_TOKEN}", "lease": "${LEASE}"},
@@ -347,14 +347,14 @@ def test_variables_are_expanded_in_every_string_value() -> None:
     assert config.routes[0].lane == ("high",) and config.routes[0].relay == "smtp://mta.internal:25"
 
 
-def test_double_dollar_is_a_dollar_and_a_lone_dollar_is_itself() -> None:
+def test_issue_17_3_double_dollar_is_a_dollar_and_a_lone_dollar_is_itself() -> None:
     config = config_from_dict(
         {"smtp": {"users": {"a": "pa$$word", "b": "scrypt$16384$8$1$c2FsdA$aGFzaA", "c": "$${X}"}}}
     )
     assert config.smtp.users == {"a": "pa$word", "b": "scrypt$16384$8$1$c2FsdA$aGFzaA", "c": "${X}"}
 
 
-def test_a_default_is_used_when_the_variable_is_unset_or_empty() -> None:
+def test_issue_17_3_a_default_is_used_when_the_variable_is_unset_or_empty() -> None:
     data = {"delivery": {"helo_name": "${HELO:-mail.example.com}"}}
     assert config_from_dict(data).delivery.helo_name == "mail.example.com"
     assert config_from_dict(data, env={"HELO": ""}).delivery.helo_name == "mail.example.com"
@@ -369,19 +369,21 @@ def test_a_default_is_used_when_the_variable_is_unset_or_empty() -> None:
         ({"routes": [{"relay": "smtp://${POSTMARK_TOKEN}"}]}, "routes[1].relay"),
     ],
 )
-def test_an_unset_variable_names_the_key_and_the_variable(data: dict[str, Any], named: str) -> None:
+def test_issue_17_3_an_unset_variable_names_the_key_and_the_variable(
+    data: dict[str, Any], named: str
+) -> None:
     with pytest.raises(ConfigError) as raised:
         config_from_dict(data, env={})
     assert raised.value.message.startswith(f"{named}: ")
     assert "POSTMARK_TOKEN is not set" in raised.value.message
 
 
-def test_a_broken_reference_is_refused() -> None:
+def test_issue_17_3_a_broken_reference_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"delivery\.helo_name: '\$\{' is not a reference"):
         config_from_dict({"delivery": {"helo_name": "a${b"}})
 
 
-def test_secret_bearing_keys_read_from_files(tmp_path: Path) -> None:
+def test_issue_17_3_secret_bearing_keys_read_from_files(tmp_path: Path) -> None:
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "password").write_text("  Pw from a file \n")
@@ -408,7 +410,7 @@ def test_secret_bearing_keys_read_from_files(tmp_path: Path) -> None:
     assert "Pw from a file" in config.secrets
 
 
-def test_file_forms_from_the_environment(tmp_path: Path) -> None:
+def test_issue_17_3_file_forms_from_the_environment(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("from-env-file\n")
     config = config_from_dict(
         {"delivery": {"password": "from the file"}},
@@ -436,7 +438,7 @@ def test_file_forms_from_the_environment(tmp_path: Path) -> None:
         ({"delivery": {"password_file": 5}}, {}, "delivery.password_file: expected the path"),
     ],
 )
-def test_file_form_mistakes_name_the_key(
+def test_issue_17_3_file_form_mistakes_name_the_key(
     tmp_path: Path, data: dict[str, Any], env: dict[str, str], message: str
 ) -> None:
     (tmp_path / "pw").write_text("secret")
@@ -449,7 +451,7 @@ def test_file_form_mistakes_name_the_key(
 # -- the environment (new user's item 3) -------------------------------------------------------
 
 
-def test_env_sets_lists_and_tables_too() -> None:
+def test_issue_17_3_env_sets_lists_and_tables_too() -> None:
     config = config_from_dict(
         {},
         env={
@@ -479,14 +481,14 @@ def test_env_sets_lists_and_tables_too() -> None:
         ("POSTLANE_DELIVERY", "unknown setting POSTLANE_DELIVERY"),
     ],
 )
-def test_env_variables_that_set_nothing_are_refused(variable: str, message: str) -> None:
+def test_issue_17_3_env_variables_that_set_nothing_are_refused(variable: str, message: str) -> None:
     """Never silently ignored: what looks like configuration and is not is an error."""
     with pytest.raises(ConfigError) as raised:
         config_from_dict({}, env={variable: "5"})
     assert variable in raised.value.message and message in raised.value.message
 
 
-def test_variables_that_are_not_configuration_are_left_alone() -> None:
+def test_issue_17_3_variables_that_are_not_configuration_are_left_alone() -> None:
     env = {
         "POSTLANE_CONFIG": "x.toml",
         "POSTLANE_DEBUG": "1",

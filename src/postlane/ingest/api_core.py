@@ -42,6 +42,7 @@ from postlane.errors import (
     NotFound,
     PostlaneError,
     StoreUnavailable,
+    SuppressedRecipients,
     ValidationError,
 )
 from postlane.ingest.bodies import (
@@ -140,6 +141,9 @@ def _postlane_error(exc: PostlaneError) -> JSONResponse:
     if isinstance(exc, IdempotencyConflict):  # Stripe's answer; the body names the first id
         error = {"code": exc.code, "message": exc.message, "id": exc.existing_id, "key": exc.key}
         return ApiJSON({"error": error}, status_code=409)
+    if isinstance(exc, SuppressedRecipients):  # nothing requeued; the body names them
+        named = {"code": exc.code, "message": exc.message, "addresses": list(exc.addresses)}
+        return ApiJSON({"error": named}, status_code=409)
     if isinstance(exc, MessageTooLarge):
         return error_response(413, exc.code, exc.message)
     if isinstance(exc, ValidationError):

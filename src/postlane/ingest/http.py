@@ -198,6 +198,8 @@ async def post_action(request: Request, caller: Caller) -> Response:
         raise ApiError(400, "invalid_field", "send a selector object")
     dry_run = body_flag(data, "dry_run")
     export = body_flag(data, "export")
+    # a requeue may lift the suppression of what it requeues (else it is refused: 409)
+    unsuppress = body_flag(data, "unsuppress") if action is QueueAction.REQUEUE else False
     if export and action not in _EXPORTING:
         raise ApiError(400, "invalid_field", "export applies to delete and purge")
     selector = selector_of(request, data)
@@ -208,6 +210,11 @@ async def post_action(request: Request, caller: Caller) -> Response:
         return ApiJSON({"would_touch": [c.as_json() for c in counts]})
     if export:
         return await exported(request, action, selector, sum(c.count for c in counts))
+    if action is QueueAction.REQUEUE:
+        requeued = await app.requeue(selector, unsuppress=unsuppress)
+        return ApiJSON(
+            {"action": action.value, "count": requeued.count, "unsuppressed": requeued.unsuppressed}
+        )
     count = await app.act(action, selector)
     return ApiJSON({"action": action.value, "count": count})
 

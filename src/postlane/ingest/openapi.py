@@ -25,6 +25,8 @@ _ERROR_TEXT = {
     "it (code cross_site)",
     404: "Not found",
     408: "The request body stalled (no byte for the body timeout): the connection is closed",
+    409: "Refused as asked, nothing changed: a requeue of suppressed addresses (the error's "
+    "addresses name them; unsuppress lifts them)",
     413: "Too large",
     415: "The body is not of the type this endpoint takes (application/json)",
     422: "The message was refused (nothing stored)",
@@ -298,6 +300,11 @@ def _selector() -> Schema:
             **_strings("sender", "recipient"),
             "metadata": _type("object", additionalProperties=_type("string")),
             "dry_run": _type("boolean"),
+            "unsuppress": _type(
+                "boolean",
+                description="requeue only: lift the suppression of the dead letters' addresses "
+                "(else a requeue of a suppressed address is refused, 409, naming it)",
+            ),
             "export": _type(
                 "boolean",
                 description="delete and purge only: answer with what was removed, as "
@@ -345,7 +352,7 @@ def _action_path(actions: list[str]) -> dict[str, Any]:
         "post": _operation(
             f"{', '.join(actions)} selected deliveries (admin)",
             {"200": ok},
-            (400, 401, 403, 404, 413, 422, 503),
+            (400, 401, 403, 404, *((409,) if "requeue" in actions else ()), 413, 422, 503),
             parameters=[_path_parameter("action", _type("string", enum=actions))],
             body=_body(_ref("Selector")),
         )
