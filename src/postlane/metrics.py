@@ -2,8 +2,13 @@
 
 Gauges that describe the queue (depth, oldest age, dead-letter depth) are read from the store
 when ``/metrics`` is scraped, so several processes on one PostgreSQL report the same truth.
-Counters and histograms are this process's own. ``destination`` is a bounded label: a known
-provider, one of the first :data:`MAX_DOMAIN_LABELS` other destinations seen, else ``other``.
+Counters and histograms are this process's own, except under ``serve --processes N``
+(:mod:`postlane.supervisor`): there prometheus_client's multiprocess mode keeps them in files
+shared by the processes (``PROMETHEUS_MULTIPROC_DIR``) and whichever process is scraped adds
+them all up, while the store's gauges are read once, by that process.
+
+``destination`` is a bounded label: a known provider, one of the first
+:data:`MAX_DOMAIN_LABELS` other destinations seen, else ``other``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from postlane.classify import ReplyClass
@@ -142,14 +148,33 @@ class _StoreGauges(Collector):
 
 
 class Metrics:
-    """The metrics of one postlane process (a registry of its own, so tests can make many)."""
+    """The metrics of one postlane process (a registry of its own, so tests can make many).
 
-    def __init__(self, app: AsyncPostlane | None = None) -> None:
+    ``across_processes`` (a child of ``serve --processes N``): /metrics shows the counters and
+    histograms of all the processes, added up from the multiprocess directory (set in the
+    environment before prometheus_client was imported), with the store's gauges once.
+    ``observes_recoveries``: this process counts requeued dead letters delivered (one process
+    of N, else each would count them)."""
+
+    def __init__(
+        self,
+        app: AsyncPostlane | None = None,
+        *,
+        across_processes: bool = False,
+        observes_recoveries: bool = True,
+    ) -> None:
         self.app = app
         self.registry = CollectorRegistry()
         self.destination_label = DestinationLabels()
         self._gauges = _StoreGauges(self.destination_label)
         self.registry.register(self._gauges)
+        self.observes_recoveries = observes_recoveries
+        #: what /metrics shows: this registry, or (across processes) the sums of all of them
+        self.exposed = self.registry
+        if across_processes:
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
+            self.exposed.register(self._gauges)
         self.attempts = Counter(
             "postlane_delivery_attempts",
             "Delivery attempts by lane, destination and response class",
@@ -258,7 +283,6 @@ class Metrics:
         try:
             self._gauges.stats = await self.app.stats()
             self._gauges.read_at = self.app.clock.now()
-            recoveries = await self.app.store.recoveries_after(self._recovery_seen)
         except Exception:
             self.scrape_errors.inc()
             return
@@ -275,7 +299,19 @@ class Metrics:
                 self.webhooks.failures.labels(gauge.name).set(gauge.failures)
                 self.webhooks.paused.labels(gauge.name).set(1 if gauge.paused else 0)
                 self.webhooks.lag.labels(gauge.name).set(gauge.lag_seconds)
-        first = self._recovery_seen < 0  # the first scrape only learns where history ends
+        await self.observe_recoveries()
+
+    async def observe_recoveries(self) -> None:
+        """Count the recoveries recorded since the last look (requeued dead letters delivered,
+        whoever requeued them), if this process is the one that counts them."""
+        if self.app is None or not self.observes_recoveries:
+            return
+        try:
+            recoveries = await self.app.store.recoveries_after(self._recovery_seen)
+        except Exception:
+            self.scrape_errors.inc()
+            return
+        first = self._recovery_seen < 0  # the first look only learns where history ends
         for row_id, seconds in recoveries:
             if not first:
                 self.recovered(seconds)
@@ -284,7 +320,7 @@ class Metrics:
 
     async def exposition(self) -> bytes:
         await self.refresh()
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 # -- SMTP submission -------------------------------------------------------------------------------
@@ -324,7 +360,10 @@ class SmtpMetrics:
             registry=registry,
         )
         self.connections = Gauge(
-            "postlane_smtp_connections", "SMTP submission connections open", registry=registry
+            "postlane_smtp_connections",
+            "SMTP submission connections open",
+            registry=registry,
+            multiprocess_mode="livesum",  # serve --processes N: the processes' connections
         )
         for result in ("invalid", "refused"):
             self.auth_failures.labels(result)
@@ -416,16 +455,19 @@ class WebhookMetrics:
             "Failed requests in a row to a webhook endpoint (0: its last request succeeded)",
             ["endpoint"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # read from the store by whichever is scraped
         )
         self.paused = Gauge(
             "postlane_webhook_endpoint_paused",
             "1 while a webhook endpoint is paused after failing (retried on its schedule)",
             ["endpoint"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.lag = Gauge(
             "postlane_webhook_lag_seconds",
             "Age of the oldest event a webhook endpoint has not acknowledged",
             ["endpoint"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )

@@ -553,10 +553,15 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
 
 @contextlib.asynccontextmanager
 async def start_smtp(
-    config: Config, app: AsyncPostlane, metrics: Metrics | None = None
+    config: Config,
+    app: AsyncPostlane,
+    metrics: Metrics | None = None,
+    *,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[str]:
-    """Listen for SMTP submission until the context exits; yields "host:port". On exit the
-    sessions still open are closed (see :meth:`Sessions.close`)."""
+    """Listen for SMTP submission on ``[smtp] listen`` (or on ``sock``, a socket already bound
+    and listening, shared by several processes) until the context exits; yields "host:port".
+    On exit the sessions still open are closed (see :meth:`Sessions.close`)."""
     from postlane.ingest.server import bind
 
     handler = SubmissionHandler(config, app, metrics)
@@ -569,7 +574,8 @@ async def start_smtp(
     guard = AuthGuard(config.smtp, handler.smtp_metrics)
     guard.start()
     sessions = Sessions(config, handler.trusted, guard, handler.smtp_metrics)
-    sock = bind(config.smtp.listen, "smtp.listen")
+    if sock is None:
+        sock = bind(config.smtp.listen, "smtp.listen")
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
