@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from postlane.app import AsyncPostlane
 from postlane.clock import Clock
-from postlane.config import Config
+from postlane.config import Config, format_duration
 from postlane.transports import transport_for
 from postlane.transports.base import Transport
 from postlane.worker import Worker
@@ -86,6 +86,7 @@ async def _monitor(
     from postlane.alerts import AlertMonitor
 
     monitor = AlertMonitor.from_config(app, config)
+    log.info("alerts: evaluating the rules every %s", format_duration(config.alerts.interval))
     while not stop.is_set():
         try:
             await monitor.run_once(app.clock.now())
@@ -248,7 +249,13 @@ async def run(
                 from postlane.ingest.smtp import start_smtp
 
                 await servers.enter_async_context(
-                    start_smtp(config, app, metrics, sock=sockets.get("smtp"))
+                    start_smtp(
+                        config,
+                        app,
+                        metrics,
+                        sock=sockets.get("smtp"),
+                        ident="postlane" if slot is None else f"postlane process {slot.index}",
+                    )
                 )
                 if verp_key is not None:
                     await servers.enter_async_context(

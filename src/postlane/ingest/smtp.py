@@ -558,10 +558,12 @@ async def start_smtp(
     metrics: Metrics | None = None,
     *,
     sock: socket.socket | None = None,
+    ident: str = "postlane",
 ) -> AsyncIterator[str]:
     """Listen for SMTP submission on ``[smtp] listen`` (or on ``sock``, a socket already bound
     and listening, shared by several processes) until the context exits; yields "host:port".
-    On exit the sessions still open are closed (see :meth:`Sessions.close`)."""
+    ``ident`` follows the host name in the 220 greeting (serve --processes N: which process
+    answered). On exit the sessions still open are closed (see :meth:`Sessions.close`)."""
     from postlane.ingest.server import bind
 
     handler = SubmissionHandler(config, app, metrics)
@@ -588,7 +590,7 @@ async def start_smtp(
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=handler.hostname,
-            ident="postlane",
+            ident=ident,
             tls_context=tls_context,
             timeout=config.smtp.command_timeout,
             auth_required=False,  # enforced per client in handle_MAIL (trusted networks)
