@@ -171,6 +171,12 @@ class Metrics:
         self.observes_recoveries = observes_recoveries
         #: what /metrics shows: this registry, or (across processes) the sums of all of them
         self.exposed = self.registry
+        self.across_processes = across_processes
+        #: collectors of this process's own tallies, copied into shared counters (across
+        #: processes; see :meth:`add_tallies`)
+        self._tallies: list[Collector] = []
+        self._shared: dict[str, Counter] = {}
+        self._copied: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         if across_processes:
             self.exposed = CollectorRegistry()
             MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
@@ -227,6 +233,39 @@ class Metrics:
         self.feedback = FeedbackMetrics(self.registry, self.bounces)
         #: outbound webhooks (WebhookMetrics, below)
         self.webhooks = WebhookMetrics(self.registry)
+
+    def add_tallies(self, collector: Collector) -> None:
+        """Show ``collector``'s counters, read at scrape time from this process's own tallies
+        (the HTTP doors' refusals). Across processes each process copies them into shared
+        counters (:meth:`share_tallies`), so every process's /metrics adds them all up.
+        ValueError if its names are already registered."""
+        self.registry.register(collector)
+        if self.across_processes:
+            self._tallies.append(collector)
+
+    def share_tallies(self) -> None:
+        """Copy what the tallies counted since the last copy into the shared counters (before
+        each scrape, and every few seconds: ``serve`` does it)."""
+        for collector in self._tallies:
+            for family in collector.collect():
+                if family.type != "counter":
+                    continue
+                for sample in family.samples:
+                    if not sample.name.endswith("_total"):
+                        continue
+                    key = (family.name, tuple(sorted(sample.labels.items())))
+                    copied = self._copied.get(key)
+                    if copied is not None and sample.value <= copied:
+                        continue
+                    self._copied[key] = sample.value
+                    counter = self._shared.get(family.name)
+                    if counter is None:
+                        counter = Counter(
+                            family.name, family.documentation, list(sample.labels), registry=None
+                        )
+                        self._shared[family.name] = counter
+                    child = counter.labels(**sample.labels) if sample.labels else counter
+                    child.inc(sample.value - (copied or 0.0))  # (0 the first time: the series)
 
     def attempted(self, attempt: DecidedAttempt) -> None:
         """Count one decided try (the worker's :class:`~postlane.worker.DeliveryObserver`)."""
@@ -320,6 +359,7 @@ class Metrics:
 
     async def exposition(self) -> bytes:
         await self.refresh()
+        self.share_tallies()
         return generate_latest(self.exposed)
 
 

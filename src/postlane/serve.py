@@ -98,15 +98,17 @@ async def _monitor(
             await asyncio.wait_for(stop.wait(), timeout=config.alerts.interval)
 
 
-async def _watch_supervisor(stop: asyncio.Event) -> None:
-    """Under ``serve --processes N``: stop when the supervisor is gone (killed with SIGKILL, it
-    could not stop its children), so that no orphan keeps the ports."""
+async def _supervised(metrics: Metrics, stop: asyncio.Event) -> None:
+    """Under ``serve --processes N``, every second: share this process's tallies with the
+    others' /metrics, and stop when the supervisor is gone (killed with SIGKILL, it could not
+    stop its children), so that no orphan keeps the ports."""
     supervisor = os.getppid()
     while not stop.is_set():
         if os.getppid() != supervisor:
             log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
             stop.set()
             return
+        metrics.share_tallies()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
 
@@ -283,7 +285,7 @@ async def run(
                 )
             if slot is not None:
                 background.append(
-                    asyncio.create_task(_watch_supervisor(stop), name="postlane-supervisor")
+                    asyncio.create_task(_supervised(metrics, stop), name="postlane-supervised")
                 )
             webhooks = _start_webhooks(config, app, worker, metrics, stop)
             try:

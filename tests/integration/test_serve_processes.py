@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 UNREACHABLE = (httpx.TransportError, OSError)
 #: the log line of the one alert evaluator (process 0)
 ALERTS_LINE = "alerts: evaluating the rules every"
+TOKEN = "t0ken-for-the-processes-test"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -60,7 +61,10 @@ class Fleet:
         # no kept-alive connection: each request is a new connection the kernel gives to one
         # of the processes
         self.client = httpx.AsyncClient(
-            base_url=self.base, limits=httpx.Limits(max_keepalive_connections=0), timeout=10
+            base_url=self.base,
+            limits=httpx.Limits(max_keepalive_connections=0),
+            timeout=10,
+            headers={"Authorization": f"Bearer {TOKEN}"},
         )
 
     async def healthz(self) -> dict[str, int]:
@@ -160,7 +164,7 @@ async def test_serve_processes_share_the_doors_the_queue_and_the_metrics(
     config.write_text(
         f'[store]\nurl = "{store_url}"\n'
         f'[delivery]\nrelay = "{smtp_peer.url}"\npoll_interval = "100ms"\n'
-        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\ntokens = ["{TOKEN}"]\n'
         f'[smtp]\nlisten = "127.0.0.1:{smtp_port}"\n'
     )
     log = tmp_path / "serve.log"
@@ -185,6 +189,18 @@ async def test_serve_processes_share_the_doors_the_queue_and_the_metrics(
             # read from the store once per scrape, not once per process
             assert await fleet.metric("postlane_recipients") == len(sent)
         assert process.output().count(ALERTS_LINE) == 1  # one evaluator: process 0
+
+        # what each process counts in memory (the HTTP doors' refusals) adds up too
+        for _ in range(6):
+            wrong = await fleet.client.get("/v1/stats", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code in (401, 429)
+
+        async def refusals_counted() -> bool:
+            failures = await fleet.metric("postlane_http_auth_failures_total")
+            throttled = await fleet.metric("postlane_http_auth_throttled_total")
+            return failures + throttled == 6
+
+        await process.wait_until(refusals_counted, "six refusals in /metrics")
 
         # SIGKILL process 0: it is started again (a new pid answers for it)
         os.kill(pids[0], 9)

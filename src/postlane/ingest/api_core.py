@@ -256,7 +256,7 @@ class ApiContext:
         )
         if metrics is not None:
             with contextlib.suppress(ValueError):  # already counted (one registry, two apps)
-                metrics.registry.register(_DoorMetrics(api))
+                metrics.add_tallies(_DoorMetrics(api))
         return api
 
     @property
