@@ -197,7 +197,11 @@ class Supervisor:
     def _request_stop(self, sig: signal.Signals) -> None:
         if not self._stop.is_set():
             log.info("%s: stopping the serve processes", sig.name)
-            self._stop.set()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop every child (SIGTERM, then SIGKILL past the grace); :meth:`run` returns."""
+        self._stop.set()
 
     async def _keep_running(self, index: int) -> None:
         """One child slot: start the child, wait for it, start it again if it died."""
