@@ -1,13 +1,15 @@
 """Messages accepted per second: postlane's SMTP submission beside Postfix's smtpd (same run),
 and postlane's HTTP batch endpoint.
 
-    sudo python benchmarks/ingest.py [-n 10000] [--size 2048] [--sessions 20]
+    sudo python benchmarks/ingest.py [-n 10000] [--size 2048] [--sessions 20] [--processes N]
 
 SMTP: smtp-source sends N messages of SIZE bytes over 20 sessions to each server; every 250 is
 given only after the message is durably stored (Postfix: its queue file fsynced; postlane: the
 commit). Postfix must be set up first (../shared/anchors/postfix-relay.sh); its relay target is
 smtp-sink, started here, so Postfix's queue drains while it accepts (as in production).
 HTTP: POST /v1/messages/batch with 100 messages per request, 4 concurrent clients.
+``--processes N``: postlane is measured again as ``serve --processes N`` (same run, same store
+kind), to compare one process with N on the same ports.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import done_progress, progress, table
 from deliver import free_port, inject, port_open, start_sink
 
-from tests.processes import start_postlane
+from tests.processes import RUNNING, start_postlane
 
 
 def measure_postfix(count: int, size: int, sessions: int) -> float | None:
@@ -58,14 +60,25 @@ listen = "127.0.0.1:{smtp_port}"
     return config
 
 
-def measure_postlane(count: int, size: int, sessions: int) -> tuple[float, float]:
+def measure_postlane(
+    count: int, size: int, sessions: int, processes: int = 1
+) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         smtp_port, http_port = free_port(), free_port()
         config = serve_config(folder, smtp_port, http_port)
-        serve = start_postlane("serve", config=config, log=folder / "serve.log", stop_timeout=60)
+        serve = start_postlane(
+            "serve",
+            "--processes",
+            str(processes),
+            config=config,
+            log=folder / "serve.log",
+            stop_timeout=60,
+        )
         with serve:
-            serve.wait_running_blocking()  # SMTP and HTTP listening
+            serve.wait_until_blocking(  # SMTP and HTTP listening in every process
+                lambda: serve.output().count(RUNNING) >= processes, "every process running"
+            )
             smtp_seconds = inject(smtp_port, count, size, sessions)
             http_seconds = asyncio.run(post_batches(http_port, count, size))
             return smtp_seconds, http_seconds
@@ -104,12 +117,17 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--processes", type=int, default=1, help="also measure serve --processes N")
     args = parser.parse_args()
     n = args.n
     progress(f"Postfix: {n} messages over {args.sessions} SMTP sessions")
     postfix = measure_postfix(n, args.size, args.sessions)
     progress(f"postlane: {n} messages over SMTP, then {n} through the batch endpoint")
     smtp, http = measure_postlane(n, args.size, args.sessions)
+    several = None
+    if args.processes > 1:
+        progress(f"postlane serve --processes {args.processes}: the same")
+        several = measure_postlane(n, args.size, args.sessions, args.processes)
     done_progress()
     rows = []
     if postfix is not None:
@@ -118,6 +136,12 @@ def main() -> None:
     rows.append(("postlane serve (SMTP)", f"{n / smtp:,.0f}", ratio))
     ratio = f"{postfix / http:.2f}x" if postfix else "-"
     rows.append(("postlane serve (HTTP batch of 100)", f"{n / http:,.0f}", ratio))
+    if several is not None:
+        label = f"postlane serve --processes {args.processes}"
+        ratio = f"{postfix / several[0]:.2f}x" if postfix else "-"
+        rows.append((f"{label} (SMTP)", f"{n / several[0]:,.0f}", ratio))
+        ratio = f"{postfix / several[1]:.2f}x" if postfix else "-"
+        rows.append((f"{label} (HTTP batch of 100)", f"{n / several[1]:,.0f}", ratio))
     print(f"{n} messages of {args.size} bytes accepted, each durably stored before its answer")
     print(table(["", "accepted/s", "vs Postfix"], rows))
     if postfix is None:

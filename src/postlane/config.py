@@ -511,6 +511,27 @@ class UnsubscribeConfig:
     scope: str = _setting("sender-domain", _choice("sender-domain", "global"))
 
 
+def parse_processes(value: Any) -> int:
+    """``[serve] processes`` (and ``serve --processes``): a positive integer, or ``"auto"`` for
+    one process per core."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (a container's)
+            return len(os.sched_getaffinity(0)) or 1
+        return os.cpu_count() or 1
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise toml_values.expected('a positive integer or "auto"', value)
+    return value
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    #: ``postlane serve`` processes sharing the ports and the store ("auto": one per core);
+    #: above 1, a supervisor process starts them and restarts any that dies (docs/deploy.md)
+    processes: int = _setting(1, parse_processes)
+
+
 @dataclass(frozen=True)
 class LogConfig:
     #: "text" (one readable line per event) or "json" (one JSON object per line)
@@ -542,6 +563,7 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     unsubscribe: UnsubscribeConfig = field(default_factory=UnsubscribeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     destinations: dict[str, DestinationLimits] = field(default_factory=dict)
     shaping: tuple[ShapingRule, ...] = ()
     dkim: dict[str, DkimKey] = field(default_factory=dict)
@@ -584,6 +606,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "alerts": AlertsConfig,
     "unsubscribe": UnsubscribeConfig,
     "log": LogConfig,
+    "serve": ServeConfig,
 }
 
 
@@ -1003,6 +1026,7 @@ def _read(data: Mapping[str, Any], reader: _Reader, source: str, base_dir: Path)
         alerts=sections["alerts"],
         unsubscribe=sections["unsubscribe"],
         log=sections["log"],
+        serve=sections["serve"],
         destinations=destinations,
         shaping=shaping,
         dkim=dkim,

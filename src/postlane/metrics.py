@@ -2,8 +2,13 @@
 
 Gauges that describe the queue (depth, oldest age, dead-letter depth) are read from the store
 when ``/metrics`` is scraped, so several processes on one PostgreSQL report the same truth.
-Counters and histograms are this process's own. ``destination`` is a bounded label: a known
-provider, one of the first :data:`MAX_DOMAIN_LABELS` other destinations seen, else ``other``.
+Counters and histograms are this process's own, except under ``serve --processes N``
+(:mod:`postlane.supervisor`): there prometheus_client's multiprocess mode keeps them in files
+shared by the processes (``PROMETHEUS_MULTIPROC_DIR``) and whichever process is scraped adds
+them all up, while the store's gauges are read once, by that process.
+
+``destination`` is a bounded label: a known provider, one of the first
+:data:`MAX_DOMAIN_LABELS` other destinations seen, else ``other``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from postlane.classify import ReplyClass
@@ -143,14 +149,39 @@ class _StoreGauges(Collector):
 
 
 class Metrics:
-    """The metrics of one postlane process (a registry of its own, so tests can make many)."""
+    """The metrics of one postlane process (a registry of its own, so tests can make many).
 
-    def __init__(self, app: AsyncPostlane | None = None) -> None:
+    ``across_processes`` (a child of ``serve --processes N``): /metrics shows the counters and
+    histograms of all the processes, added up from the multiprocess directory (set in the
+    environment before prometheus_client was imported), with the store's gauges once.
+    ``observes_recoveries``: this process counts requeued dead letters delivered (one process
+    of N, else each would count them)."""
+
+    def __init__(
+        self,
+        app: AsyncPostlane | None = None,
+        *,
+        across_processes: bool = False,
+        observes_recoveries: bool = True,
+    ) -> None:
         self.app = app
         self.registry = CollectorRegistry()
         self.destination_label = DestinationLabels()
         self._gauges = _StoreGauges(self.destination_label)
         self.registry.register(self._gauges)
+        self.observes_recoveries = observes_recoveries
+        #: what /metrics shows: this registry, or (across processes) the sums of all of them
+        self.exposed = self.registry
+        self.across_processes = across_processes
+        #: collectors of this process's own tallies, copied into shared counters (across
+        #: processes; see :meth:`add_tallies`)
+        self._tallies: list[Collector] = []
+        self._shared: dict[str, Counter] = {}
+        self._copied: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        if across_processes:
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
+            self.exposed.register(self._gauges)
         self.attempts = Counter(
             "postlane_delivery_attempts",
             "Delivery attempts by lane, destination and response class",
@@ -203,6 +234,39 @@ class Metrics:
         self.feedback = FeedbackMetrics(self.registry, self.bounces)
         #: outbound webhooks (WebhookMetrics, below)
         self.webhooks = WebhookMetrics(self.registry)
+
+    def add_tallies(self, collector: Collector) -> None:
+        """Show ``collector``'s counters, read at scrape time from this process's own tallies
+        (the HTTP doors' refusals). Across processes each process copies them into shared
+        counters (:meth:`share_tallies`), so every process's /metrics adds them all up.
+        ValueError if its names are already registered."""
+        self.registry.register(collector)
+        if self.across_processes:
+            self._tallies.append(collector)
+
+    def share_tallies(self) -> None:
+        """Copy what the tallies counted since the last copy into the shared counters (before
+        each scrape, and every few seconds: ``serve`` does it)."""
+        for collector in self._tallies:
+            for family in collector.collect():
+                if family.type != "counter":
+                    continue
+                for sample in family.samples:
+                    if not sample.name.endswith("_total"):
+                        continue
+                    key = (family.name, tuple(sorted(sample.labels.items())))
+                    copied = self._copied.get(key)
+                    if copied is not None and sample.value <= copied:
+                        continue
+                    self._copied[key] = sample.value
+                    counter = self._shared.get(family.name)
+                    if counter is None:
+                        counter = Counter(
+                            family.name, family.documentation, list(sample.labels), registry=None
+                        )
+                        self._shared[family.name] = counter
+                    child = counter.labels(**sample.labels) if sample.labels else counter
+                    child.inc(sample.value - (copied or 0.0))  # (0 the first time: the series)
 
     def attempted(self, attempt: DecidedAttempt) -> None:
         """Count one decided try (the worker's :class:`~postlane.worker.DeliveryObserver`)."""
@@ -259,7 +323,6 @@ class Metrics:
         try:
             self._gauges.stats = await self.app.stats()
             self._gauges.read_at = self.app.clock.now()
-            recoveries = await self.app.store.recoveries_after(self._recovery_seen)
         except Exception:
             self.scrape_errors.inc()
             return
@@ -276,7 +339,19 @@ class Metrics:
                 self.webhooks.failures.labels(gauge.name).set(gauge.failures)
                 self.webhooks.paused.labels(gauge.name).set(1 if gauge.paused else 0)
                 self.webhooks.lag.labels(gauge.name).set(gauge.lag_seconds)
-        first = self._recovery_seen < 0  # the first scrape only learns where history ends
+        await self.observe_recoveries()
+
+    async def observe_recoveries(self) -> None:
+        """Count the recoveries recorded since the last look (requeued dead letters delivered,
+        whoever requeued them), if this process is the one that counts them."""
+        if self.app is None or not self.observes_recoveries:
+            return
+        try:
+            recoveries = await self.app.store.recoveries_after(self._recovery_seen)
+        except Exception:
+            self.scrape_errors.inc()
+            return
+        first = self._recovery_seen < 0  # the first look only learns where history ends
         for row_id, seconds in recoveries:
             if not first:
                 self.recovered(seconds)
@@ -285,7 +360,8 @@ class Metrics:
 
     async def exposition(self) -> bytes:
         await self.refresh()
-        return generate_latest(self.registry)
+        self.share_tallies()
+        return generate_latest(self.exposed)
 
 
 # -- SMTP submission -------------------------------------------------------------------------------
@@ -325,7 +401,10 @@ class SmtpMetrics:
             registry=registry,
         )
         self.connections = Gauge(
-            "postlane_smtp_connections", "SMTP submission connections open", registry=registry
+            "postlane_smtp_connections",
+            "SMTP submission connections open",
+            registry=registry,
+            multiprocess_mode="livesum",  # serve --processes N: the processes' connections
         )
         for result in ("invalid", "refused"):
             self.auth_failures.labels(result)
@@ -446,16 +525,19 @@ class WebhookMetrics:
             "Failed requests in a row to a webhook endpoint (0: its last request succeeded)",
             ["endpoint"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # read from the store by whichever is scraped
         )
         self.paused = Gauge(
             "postlane_webhook_endpoint_paused",
             "1 while a webhook endpoint is paused after failing (retried on its schedule)",
             ["endpoint"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.lag = Gauge(
             "postlane_webhook_lag_seconds",
             "Age of the oldest event a webhook endpoint has not acknowledged",
             ["endpoint"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from postlane.app import AsyncPostlane
 from postlane.clock import Clock
-from postlane.config import Config
+from postlane.config import Config, format_duration
 from postlane.transports import transport_for
 from postlane.transports.base import Transport
 from postlane.worker import Worker
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
     from postlane.metrics import Metrics
+    from postlane.supervisor import ProcessSlot
 
 log = logging.getLogger("postlane")
 
@@ -36,6 +39,7 @@ def build_app(
     worker: Worker | None = None,
     *,
     probes_only: bool = False,
+    process: ProcessSlot | None = None,
 ) -> Starlette:
     """serve's HTTP face: the API and, beside it, the dashboard (unless ``[http] dashboard =
     false``); with ``probes_only`` (a worker's ``--metrics``), /metrics, /healthz and /readyz.
@@ -44,7 +48,7 @@ def build_app(
     from postlane import dashboard
     from postlane.ingest import http as api
 
-    asgi = api.build_app(config, app, metrics, worker, probes_only=probes_only)
+    asgi = api.build_app(config, app, metrics, worker, probes_only=probes_only, process=process)
     if config.unsubscribe.url is not None and not probes_only:
         from postlane.ingest.unsubscribe import unsubscribe_routes
 
@@ -73,22 +77,48 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return remove
 
 
-async def _monitor(config: Config, app: AsyncPostlane, stop: asyncio.Event) -> None:
-    """Record the history and evaluate the alert rules every ``[alerts] interval``."""
+async def _monitor(
+    config: Config, app: AsyncPostlane, stop: asyncio.Event, metrics: Metrics | None = None
+) -> None:
+    """Record the history and evaluate the alert rules every ``[alerts] interval``; with
+    ``metrics`` (process 0 of ``serve --processes N``, which any scrape may miss), count the
+    dead letters recovered meanwhile too."""
     from postlane.alerts import AlertMonitor
 
     monitor = AlertMonitor.from_config(app, config)
+    log.info("alerts: evaluating the rules every %s", format_duration(config.alerts.interval))
     while not stop.is_set():
         try:
             await monitor.run_once(app.clock.now())
         except Exception:
             log.exception("alert evaluation failed")
+        if metrics is not None:
+            await metrics.observe_recoveries()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=config.alerts.interval)
 
 
+async def _supervised(metrics: Metrics, stop: asyncio.Event) -> None:
+    """Under ``serve --processes N``, every second: share this process's tallies with the
+    others' /metrics, and stop when the supervisor is gone (killed with SIGKILL, it could not
+    stop its children), so that no orphan keeps the ports."""
+    supervisor = os.getppid()
+    while not stop.is_set():
+        if os.getppid() != supervisor:
+            log.warning("the supervisor (pid %d) is gone: stopping", supervisor)
+            stop.set()
+            return
+        metrics.share_tallies()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
 def _bounce_listener(
-    config: Config, app: AsyncPostlane, metrics: Metrics, verp_key: bytes
+    config: Config,
+    app: AsyncPostlane,
+    metrics: Metrics,
+    verp_key: bytes,
+    sock: socket.socket | None = None,
 ) -> contextlib.AbstractAsyncContextManager[str]:
     """The listener for what comes back to ``[bounces] domain`` (docs/bounces.md)."""
     from postlane.feedback.inbound import BounceProcessor, ComplaintScope
@@ -111,7 +141,7 @@ def _bounce_listener(
         hostname=config.smtp.hostname,
         report_addresses=bounces.report_addresses,
     )
-    return start_bounce_listener(processor, settings, observer=metrics)
+    return start_bounce_listener(processor, settings, observer=metrics, sock=sock)
 
 
 def _start_webhooks(
@@ -158,9 +188,15 @@ async def run(
     clock: Clock | None = None,
     on_ready: Callable[[AsyncPostlane], Awaitable[None]] | None = None,
     metrics_listen: str | None = None,
+    slot: ProcessSlot | None = None,
+    sockets: Mapping[str, socket.socket] | None = None,
 ) -> None:
     """Run until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully. A worker
-    (``ingest=False``) serves /metrics, /healthz and /readyz on ``metrics_listen`` if given."""
+    (``ingest=False``) serves /metrics, /healthz and /readyz on ``metrics_listen`` if given.
+    Under ``serve --processes N`` (:mod:`postlane.supervisor`), ``slot`` says which process
+    this is and ``sockets`` are the listening sockets it shares with the others (``http``,
+    ``smtp``, ``bounces``); only process 0 evaluates the alerts."""
+    sockets = sockets or {}
     if ingest:
         from postlane.auth import Tokens
 
@@ -178,7 +214,11 @@ async def run(
         announce(config, app, transport)
         from postlane.metrics import Metrics
 
-        metrics = Metrics(app)
+        metrics = Metrics(
+            app,
+            across_processes=slot is not None,
+            observes_recoveries=slot is None or slot.index == 0,
+        )
         await metrics.seed_destinations()
         worker = Worker.from_config(
             config, app.store, transport, wake=app.wake, clock=app.clock, observer=metrics
@@ -190,29 +230,71 @@ async def run(
                 from postlane.ingest.server import serve_http
 
                 probes_on = None if ingest else metrics_listen
-                asgi = build_app(config, app, metrics, worker, probes_only=probes_on is not None)
+                asgi = build_app(
+                    config,
+                    app,
+                    metrics,
+                    worker,
+                    probes_only=probes_on is not None,
+                    process=slot,
+                )
                 await servers.enter_async_context(
-                    serve_http(asgi, config, probes_on=probes_on, refusals=asgi.state.api.refusals)
+                    serve_http(
+                        asgi,
+                        config,
+                        probes_on=probes_on,
+                        refusals=asgi.state.api.refusals,
+                        sock=sockets.get("http"),
+                    )
                 )
             if ingest:
                 from postlane.ingest.smtp import start_smtp
 
-                await servers.enter_async_context(start_smtp(config, app, metrics))
+                await servers.enter_async_context(
+                    start_smtp(
+                        config,
+                        app,
+                        metrics,
+                        sock=sockets.get("smtp"),
+                        ident="postlane" if slot is None else f"postlane process {slot.index}",
+                    )
+                )
                 if verp_key is not None:
                     await servers.enter_async_context(
-                        _bounce_listener(config, app, metrics, verp_key)
+                        _bounce_listener(config, app, metrics, verp_key, sockets.get("bounces"))
                     )
             if on_ready is not None:
                 await on_ready(app)
-            log.info("postlane is running (lease owner %s)", worker.owner)
-            monitor = asyncio.create_task(_monitor(config, app, stop), name="postlane-alerts")
+            if slot is None:
+                log.info("postlane is running (lease owner %s)", worker.owner)
+            else:
+                log.info(
+                    "postlane is running (process %d of %d, pid %d, lease owner %s)",
+                    slot.index,
+                    slot.count,
+                    os.getpid(),
+                    worker.owner,
+                )
+            background = []
+            if slot is None or slot.index == 0:  # one alert evaluator for all the processes
+                background.append(
+                    asyncio.create_task(
+                        _monitor(config, app, stop, metrics if slot is not None else None),
+                        name="postlane-alerts",
+                    )
+                )
+            if slot is not None:
+                background.append(
+                    asyncio.create_task(_supervised(metrics, stop), name="postlane-supervised")
+                )
             webhooks = _start_webhooks(config, app, worker, metrics, stop)
             try:
                 await worker.run(stop)
             finally:
-                monitor.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await monitor
+                for task in background:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 if webhooks is not None:
                     stop.set()  # (the worker may have ended on its own)
                     await webhooks  # in-flight requests finish briefly, cursors are saved

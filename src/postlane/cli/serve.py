@@ -16,14 +16,50 @@ from postlane.config import Config
 
 @click.command()
 @config_option
-def serve() -> None:
-    """Worker + HTTP API + metrics + SMTP submission, in one process."""
+@click.option(
+    "--processes",
+    metavar="N|auto",
+    help="Run N serve processes on the same ports and store, under a supervisor that restarts "
+    'any that dies ("auto": one per core; default: [serve] processes, else 1).',
+)
+@click.option("--process-slot", hidden=True, help="(a supervised child: INDEX/COUNT)")
+@click.option("--listen-fd", "listen_fds", multiple=True, hidden=True, help="(NAME=FD)")
+def serve(processes: str | None, process_slot: str | None, listen_fds: tuple[str, ...]) -> None:
+    """Worker + HTTP API + metrics + SMTP submission, in one process (or in N, each all of
+    these, with --processes N)."""
     from postlane import serve as service
 
     setup_logging()
-    config = invocation().config()
+    current = invocation()
+    config = current.config()
+    if process_slot is not None:  # a child of the supervisor (postlane.supervisor)
+        from postlane.supervisor import ProcessSlot, inherited_sockets, parse_descriptors
+
+        try:
+            slot = ProcessSlot.parse(process_slot)
+            descriptors = parse_descriptors(listen_fds)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        sockets = inherited_sockets(descriptors)
+        run_async(service.run(config, ingest=True, slot=slot, sockets=sockets))
+        return
+    count = config.serve.processes
+    if processes is not None:
+        from postlane.config import parse_processes
+
+        try:
+            count = parse_processes(processes)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--processes") from None
     warn_about_readable_files(config)
-    run_async(service.run(config, ingest=True))
+    if count == 1:
+        run_async(service.run(config, ingest=True))
+        return
+    from postlane.supervisor import child_command, supervise
+
+    status = supervise(config, count, child_command(current.config_path, debug=current.debug))
+    if status != 0:
+        raise click.exceptions.Exit(status)
 
 
 @click.command()

@@ -65,6 +65,7 @@ from postlane.records import Selector
 from postlane.selectors import SELECTOR_FIELDS, optional_string, parse_selector, string_list
 
 if TYPE_CHECKING:
+    from postlane.supervisor import ProcessSlot
     from postlane.worker import Worker
 
 
@@ -228,6 +229,8 @@ class ApiContext:
     store_health: StoreHealth = dataclasses.field(default_factory=StoreHealth)
     #: what the listener turned away (serve_http counts into it; the metrics read it)
     refusals: Refusals = dataclasses.field(default_factory=Refusals)
+    #: which of ``serve --processes N``'s processes this is (None: serve alone)
+    process: ProcessSlot | None = None
 
     @classmethod
     def create(
@@ -237,6 +240,7 @@ class ApiContext:
         metrics: Metrics | None = None,
         worker: Worker | None = None,
         limits: HttpLimits | None = None,
+        process: ProcessSlot | None = None,
     ) -> ApiContext:
         limits = limits or HttpLimits.from_config(config)
         body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
@@ -252,10 +256,11 @@ class ApiContext:
             export_limit=export_limit,
             limits=limits,
             budget=RequestBudget(limits.request_bytes or largest + body_limit),
+            process=process,
         )
         if metrics is not None:
             with contextlib.suppress(ValueError):  # already counted (one registry, two apps)
-                metrics.registry.register(_DoorMetrics(api))
+                metrics.add_tallies(_DoorMetrics(api))
         return api
 
     @property
@@ -312,9 +317,10 @@ def install(
     metrics: Metrics | None = None,
     worker: Worker | None = None,
     limits: HttpLimits | None = None,
+    process: ProcessSlot | None = None,
 ) -> ApiContext:
     """Give the API's endpoints, wherever they are mounted, what they need."""
-    api = ApiContext.create(config, postlane, metrics, worker, limits)
+    api = ApiContext.create(config, postlane, metrics, worker, limits, process)
     state.api = api
     return api
 

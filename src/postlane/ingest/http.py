@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -92,6 +93,7 @@ from postlane.metrics import Metrics
 from postlane.records import Selector
 
 if TYPE_CHECKING:
+    from postlane.supervisor import ProcessSlot
     from postlane.worker import Worker
 
 
@@ -329,8 +331,12 @@ async def get_metrics(request: Request, caller: Caller) -> Response:
 
 
 async def healthz(request: Request, caller: Caller) -> Response:
-    """The process is up (for a load balancer's liveness check)."""
-    return ApiJSON({"status": "ok"})
+    """The process is up (for a load balancer's liveness check); under ``serve --processes
+    N``, which of them answered (its index and pid)."""
+    process = context_of(request).process
+    if process is None:
+        return ApiJSON({"status": "ok"})
+    return ApiJSON({"status": "ok", "process": process.index, "pid": os.getpid()})
 
 
 #: how long /readyz waits for the store's small write
@@ -442,6 +448,7 @@ def build_app(
     *,
     probes_only: bool = False,
     limits: HttpLimits | None = None,
+    process: ProcessSlot | None = None,
 ) -> Starlette:
     """The API as a Starlette application (tests drive it with httpx's ASGI transport). With
     ``probes_only`` (``postlane worker --metrics``): /metrics, /healthz and /readyz only.
@@ -449,7 +456,7 @@ def build_app(
     asgi = Starlette(
         routes=api_routes(probes_only=probes_only), exception_handlers=EXCEPTION_HANDLERS
     )
-    install(asgi.state, config, app, metrics, worker, limits)
+    install(asgi.state, config, app, metrics, worker, limits, process)
     if not probes_only:
         install_provider_webhooks(asgi.state, config, app, metrics)
     return asgi

@@ -248,13 +248,16 @@ async def serve_http(
     probes_on: str | None = None,
     limits: HttpLimits | None = None,
     refusals: Refusals | None = None,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[str]:
-    """Serve ``asgi`` on ``[http] listen`` (or on ``probes_on``, a worker's probes) until the
+    """Serve ``asgi`` on ``[http] listen`` (or on ``probes_on``, a worker's probes; or on
+    ``sock``, a socket already bound and listening, shared by several processes) until the
     context exits, within ``limits``; yields the address it listens on."""
     listen = probes_on or config.http.listen
     limits = limits or HttpLimits.from_config(config)
     refusals = refusals or Refusals()
-    sock = bind(listen, "worker --metrics" if probes_on else "http.listen")
+    if sock is None:
+        sock = bind(listen, "worker --metrics" if probes_on else "http.listen")
     host, port = sock.getsockname()[:2]
     server = _Server(
         uvicorn.Config(

@@ -553,10 +553,17 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
 
 @contextlib.asynccontextmanager
 async def start_smtp(
-    config: Config, app: AsyncPostlane, metrics: Metrics | None = None
+    config: Config,
+    app: AsyncPostlane,
+    metrics: Metrics | None = None,
+    *,
+    sock: socket.socket | None = None,
+    ident: str = "postlane",
 ) -> AsyncIterator[str]:
-    """Listen for SMTP submission until the context exits; yields "host:port". On exit the
-    sessions still open are closed (see :meth:`Sessions.close`)."""
+    """Listen for SMTP submission on ``[smtp] listen`` (or on ``sock``, a socket already bound
+    and listening, shared by several processes) until the context exits; yields "host:port".
+    ``ident`` follows the host name in the 220 greeting (serve --processes N: which process
+    answered). On exit the sessions still open are closed (see :meth:`Sessions.close`)."""
     from postlane.ingest.server import bind
 
     handler = SubmissionHandler(config, app, metrics)
@@ -569,7 +576,8 @@ async def start_smtp(
     guard = AuthGuard(config.smtp, handler.smtp_metrics)
     guard.start()
     sessions = Sessions(config, handler.trusted, guard, handler.smtp_metrics)
-    sock = bind(config.smtp.listen, "smtp.listen")
+    if sock is None:
+        sock = bind(config.smtp.listen, "smtp.listen")
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
@@ -582,7 +590,7 @@ async def start_smtp(
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=handler.hostname,
-            ident="postlane",
+            ident=ident,
             tls_context=tls_context,
             timeout=config.smtp.command_timeout,
             auth_required=False,  # enforced per client in handle_MAIL (trusted networks)
