@@ -103,6 +103,12 @@ class ComplaintScope(StrEnum):
     #: mail from every sender
     GLOBAL = "global"
 
+    def complaint_suppression(self, ref: DeliveryRef) -> tuple[str, str, None]:
+        """The suppression a complaint about ``ref`` adds: its scope, reason and expiry."""
+        domain = ref.sender.rpartition("@")[2].lower()
+        scope = "*" if self is ComplaintScope.GLOBAL or not domain else domain
+        return (scope, "complaint", None)
+
 
 class Disposition(StrEnum):
     """What became of one received message (a metric label)."""
@@ -449,14 +455,8 @@ class BounceProcessor:
             now,
             source,
             text=parsed.complaint.describe(),
-            suppression=(self._complaint_scope(match.ref), "complaint", None),
+            suppression=self.complaint_scope.complaint_suppression(match.ref),
         )
-
-    def _complaint_scope(self, ref: DeliveryRef) -> str:
-        domain = ref.sender.rpartition("@")[2].lower()
-        if self.complaint_scope is ComplaintScope.GLOBAL or not domain:
-            return "*"
-        return domain
 
     async def _keep(self, parsed: ParsedReport, report: Report, notes: list[str]) -> InboundResult:
         reason = "; ".join(notes)[:_REASON_LIMIT]

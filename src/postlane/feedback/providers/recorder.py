@@ -179,14 +179,8 @@ class EventRecorder:
             now,
             event.source,
             text=event.describe(),
-            suppression=(self._complaint_scope(match.ref), "complaint", None),
+            suppression=self.complaint_scope.complaint_suppression(match.ref),
         )
-
-    def _complaint_scope(self, ref: DeliveryRef) -> str:
-        domain = ref.sender.rpartition("@")[2].lower()
-        if self.complaint_scope is ComplaintScope.GLOBAL or not domain:
-            return "*"
-        return domain
 
 
 def _unmatched_note(event: ProviderEvent) -> str:
