@@ -98,6 +98,11 @@ class LaneSlots:
                 self.release()  # the slot came as the waiter was cancelled: pass it on
             raise
 
+    def waiting(self, lane: str) -> int:
+        """How many of ``lane``'s sends wait for a slot now."""
+        rank = LANE_RANK.get(lane, 1)
+        return sum(1 for r, _, granted in self._waiters if r == rank and not granted.done())
+
     def release(self) -> None:
         while self._waiters:
             _, _, granted = heapq.heappop(self._waiters)

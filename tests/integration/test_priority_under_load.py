@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP as SMTPServer
 
-from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
+from postlane.message import Lane, Message, PreparedMessage, prepare
 from postlane.transports import transport_for
+from postlane.transports.smtp import SMTPRelayTransport
 from postlane.worker import Worker
 from tests.conftest import make_config
 
@@ -152,11 +153,15 @@ async def test_a_high_message_waiting_for_a_connection_goes_before_the_low_ones(
         peer.release_one()  # a slot frees: the reset is claimed; the connection went to a news
         assert (await peer.next_arrival()).startswith("news")
 
-        async def reset_claimed() -> bool:
-            view = await store.get_message(reset.id)
-            return view.recipients[0].state is RecipientState.SENDING
+        relay = worker.transport
+        assert isinstance(relay, SMTPRelayTransport)
 
-        await wait_until(reset_claimed)
+        async def reset_waits_for_a_connection() -> bool:
+            # claimed, past the gate, and asking the relay for a connection behind the news
+            return relay.waiting("high") == 1
+
+        await wait_until(reset_waits_for_a_connection)
+        assert relay.waiting("low") >= 1  # news waited for a connection before the reset did
         peer.release_one()  # a connection frees: 6 news were waiting for it before the reset
         assert await peer.next_arrival() == "reset@example.net"
     finally:

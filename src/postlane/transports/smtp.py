@@ -116,6 +116,10 @@ class SMTPRelayTransport(BaseTransport):
         self._tls_context: ssl.SSLContext | None = None
         self._closing = False
 
+    def waiting(self, lane: str) -> int:
+        """How many of ``lane``'s sends wait for a connection to the relay now."""
+        return self._slots.waiting(lane)
+
     def _context(self) -> ssl.SSLContext:
         if self._tls_context is None:
             s = self.settings
