@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from aiosmtpd.smtp import SMTP as SMTPServer
@@ -19,6 +20,36 @@ from postlane.config import Config, config_from_dict
 from postlane.store.sqlite import SQLiteStore
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _database_per_worker() -> None:
+    """Under pytest-xdist (the suite runs on two processes), each worker gets a PostgreSQL
+    database of its own, ``<database>_gw0`` and so on, created at the first run: the event
+    log's read horizon waits for every write transaction running in its database, so workers
+    sharing one would hold back each other's events. The worker's tests (and the processes
+    they start) see it as ``$POSTLANE_TEST_POSTGRES``."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    url = os.environ.get("POSTLANE_TEST_POSTGRES")
+    if not worker or not url:
+        return
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(url)
+    name = f"{parts.path.lstrip('/') or 'postgres'}_{worker}"
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            # one CREATE DATABASE at a time: two at once fail on their shared template
+            conn.execute("SELECT pg_advisory_lock(hashtext('postlane-test-databases'))")
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
+            if found.fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.OperationalError:
+        return  # no server: the PostgreSQL tests say so (and fail under CI)
+    os.environ["POSTLANE_TEST_POSTGRES"] = urlunsplit(parts._replace(path=f"/{name}"))
+
+
+_database_per_worker()
 
 
 def free_port() -> int:
