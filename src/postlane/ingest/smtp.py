@@ -273,16 +273,20 @@ class SubmissionHandler:
             self.metrics.enqueued.labels("smtp").inc()
         return f"250 2.0.0 Ok: queued as {result.id}"
 
+    def too_big(self, session: Session) -> str:
+        return "552 Error: Too much mail data"
+
     def failed(self, session: Session, error: Exception) -> str:
         # never aiosmtpd's "500 Error: (TypeName) text": permanent, and telling
         log.error("SMTP: unexpected error in a session from %s", session.peer, exc_info=error)
         self.smtp_metrics.temporary_failures.labels("internal").inc()
         return f"421 4.3.0 {self.hostname} Local error in processing, try again later"
 
-    def timed_out(self, session: Session, phase: str) -> None:
+    def timed_out(self, session: Session, phase: str) -> str:
         self.smtp_metrics.timeouts.labels(phase).inc()
         waited = "the message" if phase == "data" else "a command"
         log.info("SMTP: %s sent nothing in time, closing (waiting for %s)", session.peer, waited)
+        return f"421 4.4.2 {self.hostname} Error: timeout exceeded"
 
     def _internal_error(self, session: Session) -> str:
         log.exception("SMTP: unexpected error with a message from %s", session.peer)

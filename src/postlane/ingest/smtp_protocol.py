@@ -152,12 +152,17 @@ class SmtpHandler(Protocol):
         message is stored, if it is stored)."""
         ...
 
+    def too_big(self, session: Session) -> str:
+        """The reply to a message over ``max_size`` (read to its end, RFC 5321 4.2.5)."""
+        ...
+
     def failed(self, session: Session, error: Exception) -> str:
         """The reply to an unexpected error in a command (logged and counted here)."""
         ...
 
-    def timed_out(self, session: Session, phase: str) -> None:
-        """A client sent nothing in time (``phase``: "command" or "data"); it is told 421."""
+    def timed_out(self, session: Session, phase: str) -> str | None:
+        """A client sent nothing in time (``phase``: "command" or "data"): what it is told
+        before the connection closes (None: nothing)."""
         ...
 
 
@@ -197,8 +202,6 @@ class ServerSettings:
     guard: AuthGuard | None = None
     #: failed AUTH attempts on one connection before it is closed
     max_auth_failures: int = 3
-    #: the reply to a message over max_size
-    too_big: str = "552 Error: Too much mail data"
     #: the replies of DATA out of order and with an argument
     need_rcpt: str = "503 Error: need RCPT command"
     data_syntax: str = "501 Syntax: DATA"
@@ -325,8 +328,11 @@ class SmtpConnection(asyncio.Protocol):
             return
         phase = "data" if self.phase == _DATA else "command"
         assert self.session is not None
-        self.handler.timed_out(self.session, phase)
-        self.say_and_close(f"421 4.4.2 {self.settings.hostname} Error: timeout exceeded")
+        reply = self.handler.timed_out(self.session, phase)
+        if reply is None:
+            self._transport.close()
+        else:
+            self.say_and_close(reply)
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -666,7 +672,8 @@ class SmtpConnection(asyncio.Protocol):
             self.envelope = Envelope()
             self.phase = _COMMAND
             self._set_deadline(self.settings.command_timeout)
-            self._reply(self.settings.too_big)
+            assert self.session is not None
+            self._reply(self.handler.too_big(self.session))
             return leftover
         self.envelope.content = content
         self.phase = _STORING
