@@ -404,7 +404,11 @@ class SmtpConnection(asyncio.Protocol):
             waiter.set_result(b"")  # an over-long answer: refused as bad base64
 
     def _reply(self, text: str) -> None:
-        self._replies.append(text.encode("utf-8", "surrogateescape") + b"\r\n")
+        if not text.isprintable():
+            # a reply may echo what the client sent: no control character (a CR, a NUL) nor
+            # undecodable byte goes back into the reply stream
+            text = "".join(c if c.isprintable() else "?" for c in text)
+        self._replies.append(text.encode() + b"\r\n")
         if text.startswith("421"):  # "closing transmission channel" (RFC 5321 4.2.2)
             self._close_after_flush = True
             self.phase = _BUSY  # nothing more is read
