@@ -86,10 +86,23 @@ _CONTROL_NAMES = (
 
 
 class _Networks:
+    #: answers remembered (each connection asks at connect and at MAIL; parsing costs more)
+    MEMORY = 4096
+
     def __init__(self, networks: Sequence[str]) -> None:
         self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._known: dict[str, bool] = {}
 
     def __contains__(self, host: object) -> bool:
+        key = str(host)
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= self.MEMORY:
+                self._known.clear()
+            known = self._known[key] = self._contains(key)
+        return known
+
+    def _contains(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(str(host))
         except ValueError:
