@@ -87,7 +87,7 @@ def measure_postlane(
         folder = Path(tmp)
         smtp_port, http_port = free_port(), free_port()
         config = serve_config(folder, smtp_port, http_port)
-        env = {"PYTHONPATH": str(source)} if source is not None else None
+        env: dict[str, str] = {"PYTHONPATH": str(source)} if source is not None else {}
         serve = start_postlane(
             "serve", config=config, log=folder / "serve.log", stop_timeout=60, env=env
         )
