@@ -274,3 +274,80 @@ async def test_postfix_relays_into_submission_with_pipelining(
     assert all(len(m.recipients) == 2 for m in messages)  # -r 2: two recipients each
     content = await trusted.app.content(messages[0].id)
     assert b"Received: from postfix.test" in content
+
+
+# -- CHUNKING (RFC 3030) ---------------------------------------------------------------------------
+
+
+async def converse(port: int, data: bytes) -> bytes:
+    """Send ``data`` in one write (it ends with QUIT) and read until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+def codes(said: bytes) -> list[bytes]:
+    return [line[:3] for line in said.split(b"\r\n") if line[:3].isdigit() and line[3:4] != b"-"]
+
+
+ENVELOPE = b"EHLO chunks\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<ada@example.net>\r\n"
+
+
+def bdat(chunk: bytes, *, last: bool = False) -> bytes:
+    return b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b"") + chunk
+
+
+async def test_bdat_chunks_make_one_message_taken_as_is(trusted: Listener) -> None:
+    """Chunks are octets, pipelined with their commands: no dot-stuffing, no end-of-data line;
+    a lone "." line is part of the message."""
+    first = b"From: app@example.com\r\nTo: ada@example.net\r\nSubject: chunked\r\n\r\n"
+    second = b".\r\n..two dots stay two\r\n"
+    said = await converse(
+        trusted.port, ENVELOPE + bdat(first) + bdat(second, last=True) + b"QUIT\r\n"
+    )
+    assert b"250-CHUNKING" in said
+    assert codes(said) == [b"220", b"250", b"250", b"250", b"250", b"250", b"221"], said
+    assert b"250 2.0.0 %d octets received" % len(first) in said
+    [message] = await trusted.app.messages()
+    assert (await trusted.app.content(message.id)).endswith(b"\r\n\r\n" + second)
+
+
+async def test_a_refused_chunk_is_still_read_and_never_run_as_commands(trusted: Listener) -> None:
+    smuggled = b"MAIL FROM:<evil@example.com>\r\n"
+    said = await converse(
+        trusted.port,
+        b"EHLO chunks\r\n" + bdat(smuggled, last=True) + b"NOOP\r\nQUIT\r\n",
+    )
+    assert codes(said) == [b"220", b"250", b"503", b"250", b"221"], said  # no MAIL reply
+    assert await trusted.app.messages() == []
+
+
+async def test_bdat_and_data_do_not_mix_and_rset_drops_the_chunks(trusted: Listener) -> None:
+    said = await converse(
+        trusted.port,
+        ENVELOPE + bdat(b"Subject: a\r\n") + b"DATA\r\nRSET\r\n"
+        + b"MAIL FROM:<app@example.com>\r\nRCPT TO:<ada@example.net>\r\n"
+        + bdat(b"Subject: b\r\n\r\nbody\r\n", last=True) + b"QUIT\r\n",
+    )  # fmt: skip
+    assert codes(said) == [
+        *[b"220", b"250", b"250", b"250"],
+        *[b"250", b"503", b"250"],  # the chunk, DATA refused, RSET
+        *[b"250", b"250", b"250", b"221"],
+    ], said
+    [message] = await trusted.app.messages()
+    content = await trusted.app.content(message.id)
+    assert b"Subject: b" in content and b"Subject: a" not in content
+
+
+async def test_chunks_over_the_size_limit_are_read_and_refused(trusted: Listener) -> None:
+    chunk = b"x" * 30_000  # two of them: over the 50 kB limit
+    said = await converse(
+        trusted.port,
+        ENVELOPE + bdat(chunk) + bdat(chunk, last=True) + b"NOOP\r\nQUIT\r\n",
+    )
+    assert codes(said) == [b"220", b"250", b"250", b"250", b"250", b"552", b"250", b"221"], said
+    assert await trusted.app.messages() == []

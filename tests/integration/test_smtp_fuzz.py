@@ -270,3 +270,28 @@ async def test_each_command_line_gets_exactly_one_valid_reply_in_order(
         assert len(codes) == len(lines) + 2, (lines, said)
         assert codes[-1] == b"250"
     assert await app.messages() == []
+
+
+BDAT_TRANSACTION = (
+    b"EHLO split\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+    b"BDAT 28\r\nSubject: chunks\r\n\r\n.\r\nBDAT\r\n"
+    b"BDAT 14 LAST\r\nlast\r\nQUIT\r\n\r\nQUIT\r\n"
+)
+
+
+async def test_a_chunked_transaction_split_at_every_byte_boundary(
+    listener: tuple[AsyncPostlane, int],
+) -> None:
+    """BDAT chunks whose octets look like commands ("BDAT", "QUIT"), cut at every byte: the
+    same replies and the same message every time, the look-alikes stored as they came."""
+    app, port = listener
+    splits = [[BDAT_TRANSACTION[:i], BDAT_TRANSACTION[i:]] for i in range(1, len(BDAT_TRANSACTION))]
+    expected = [b"220", b"250", b"250", b"250", b"250", b"250", b"221"]
+    for start in range(0, len(splits), 25):
+        said = await asyncio.gather(*(send_in_pieces(port, s) for s in splits[start : start + 25]))
+        for reply in said:
+            assert final_codes(reply) == expected, reply
+    messages = await app.messages(limit=1000)
+    assert len(messages) == len(splits)
+    contents = {(await app.content(m.id)).partition(b"\r\n\r\n")[2] for m in messages}
+    assert contents == {b".\r\nBDAT\r\nlast\r\nQUIT\r\n\r\n"}

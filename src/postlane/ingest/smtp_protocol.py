@@ -10,7 +10,8 @@ connection watches the deadlines.
 
 What it speaks: RFC 5321 (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, VRFY answered 252,
 HELP), PIPELINING (RFC 2920: commands buffered, answered in order, a batch of replies written
-at once), SIZE (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), STARTTLS (RFC 3207: what was
+at once), CHUNKING (RFC 3030: BDAT; a refused chunk is read all the same), SIZE (RFC 1870),
+8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), STARTTLS (RFC 3207: what was
 pipelined after it is discarded, the session starts anew) and AUTH PLAIN/LOGIN (RFC 4954, only
 over TLS). The replies and their texts are aiosmtpd's, which clients and tests know, where it had
 one. Only ``<CRLF>.<CRLF>`` ends a message (no SMTP smuggling with bare LF).
@@ -207,7 +208,7 @@ class ServerSettings:
     data_syntax: str = "501 Syntax: DATA"
 
 
-_COMMAND, _DATA, _STORING, _BUSY = "command", "data", "storing", "busy"
+_COMMAND, _DATA, _CHUNK, _STORING, _BUSY = "command", "data", "chunk", "storing", "busy"
 
 
 class SmtpConnection(asyncio.Protocol):
@@ -239,6 +240,11 @@ class SmtpConnection(asyncio.Protocol):
         self._message = bytearray()
         self._dropped = 0
         self._kept: bytes | None = None
+        # BDAT (RFC 3030): the octets of this chunk still to come, whether it is the last, and
+        # the reply it gets once read (None: the chunk is taken into the message)
+        self._chunk_left = 0
+        self._chunk_last = False
+        self._chunk_refusal: str | None = None
         # one timer per connection: it fires at or before the deadline and looks again
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -326,7 +332,7 @@ class SmtpConnection(asyncio.Protocol):
         if self.loop.time() < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._check_deadline)
             return
-        phase = "data" if self.phase == _DATA else "command"
+        phase = "data" if self.phase in (_DATA, _CHUNK) else "command"
         assert self.session is not None
         reply = self.handler.timed_out(self.session, phase)
         if reply is None:
@@ -337,8 +343,8 @@ class SmtpConnection(asyncio.Protocol):
     # -- reading -----------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.phase == _DATA:
-            leftover = self._take_message(data)
+        if self.phase == _DATA or self.phase == _CHUNK:
+            leftover = self._take_message(data) if self.phase == _DATA else self._take_chunk(data)
             if leftover is None:
                 return
             data = leftover
@@ -370,10 +376,13 @@ class SmtpConnection(asyncio.Protocol):
                     self._reply("500 Command line too long")
                     continue
                 self._command(line)
-                if self.phase == _DATA:
+                if self.phase == _DATA or self.phase == _CHUNK:
                     rest = bytes(buffer[start:])
                     start = len(buffer)
-                    leftover = self._take_message(rest)
+                    if self.phase == _DATA:
+                        leftover = self._take_message(rest)
+                    else:
+                        leftover = self._take_chunk(rest)
                     if leftover is not None:
                         buffer += leftover
         finally:
@@ -474,6 +483,7 @@ class SmtpConnection(asyncio.Protocol):
             return
         assert self.session is not None
         self.envelope = Envelope()
+        self._message = bytearray()
         self.session.extended_smtp = False
         self.session.host_name = arg
         self._reply(f"250 {self.settings.hostname}")
@@ -486,6 +496,7 @@ class SmtpConnection(asyncio.Protocol):
         assert session is not None
         settings = self.settings
         self.envelope = Envelope()
+        self._message = bytearray()
         session.extended_smtp = True
         session.host_name = arg
         lines = [
@@ -494,6 +505,7 @@ class SmtpConnection(asyncio.Protocol):
             f"SIZE {settings.max_size}",
             "8BITMIME",
             "SMTPUTF8",
+            "CHUNKING",
         ]
         if settings.tls_context is not None and not session.tls:
             lines.append("STARTTLS")
@@ -512,6 +524,7 @@ class SmtpConnection(asyncio.Protocol):
             self._reply("501 Syntax: RSET")
             return
         self.envelope = Envelope()
+        self._message = bytearray()
         self._reply("250 OK")
 
     def smtp_QUIT(self, arg: str | None) -> None:
@@ -631,6 +644,9 @@ class SmtpConnection(asyncio.Protocol):
         if arg:
             self._reply(self.settings.data_syntax)
             return
+        if self._message:  # RFC 3030 3: not both in one transaction
+            self._reply("503 5.5.1 Error: BDAT chunks already sent, DATA not allowed")
+            return
         self._reply("354 End data with <CR><LF>.<CR><LF>")
         self.phase = _DATA
         self._message = bytearray(b"\r\n")
@@ -650,15 +666,7 @@ class SmtpConnection(asyncio.Protocol):
         message += data
         end = message.find(_END_OF_DATA, start)
         if end < 0:
-            settings = self.settings
-            held = settings.max_size if settings.keep is None else settings.keep
-            if len(message) > held + 8:
-                # past what is held: keep its start (if wanted), then only the last bytes, where
-                # the end of the message may begin
-                if self._kept is None:
-                    self._kept = bytes(message[: held + 2])
-                self._dropped += len(message) - 4
-                del message[:-4]
+            self._trim()
             return None
         size = self._dropped + end  # the message's bytes, stuffed, with its last CRLF
         leftover = bytes(message[end + 5 :])
@@ -679,11 +687,7 @@ class SmtpConnection(asyncio.Protocol):
             assert self.session is not None
             self._reply(self.handler.too_big(self.session))
             return leftover
-        self.envelope.content = content
-        self.phase = _STORING
-        self._set_deadline(self.settings.command_timeout)  # the handler's time to answer
-        self._flush()
-        self._task = self.loop.create_task(self._store(self.envelope))
+        self._hand_over(content)
         self._buffer += leftover
         return None
 
@@ -704,6 +708,88 @@ class SmtpConnection(asyncio.Protocol):
             self.shut_down()
             return
         self._process()
+
+    # -- BDAT (RFC 3030 CHUNKING) ------------------------------------------------------------------
+
+    def smtp_BDAT(self, arg: str | None) -> None:
+        words = (arg or "").split()
+        last = len(words) == 2 and words[1].upper() == "LAST"
+        if not words or len(words) > 2 or not words[0].isdigit() or (len(words) == 2 and not last):
+            # without a size the chunk cannot be told from what follows: nothing is read
+            self._reply("501 5.5.4 Syntax: BDAT <chunk-size> [LAST]")
+            return
+        assert self.session is not None
+        refusal = None
+        if not self.session.host_name or not self.session.extended_smtp:
+            refusal = "503 5.5.1 Error: send EHLO first"
+        elif not self.envelope.rcpt_tos:
+            refusal = self.settings.need_rcpt
+        # the chunk is read even when refused (RFC 3030 4.2): its octets are not commands
+        self._chunk_left = int(words[0])
+        self._chunk_last = last
+        self._chunk_refusal = refusal
+        if refusal is None and not self._message:
+            self._message = bytearray(b"\r\n")  # as DATA's: the first of this message's chunks
+            self._dropped = 0
+            self._kept = None
+        self.phase = _CHUNK
+        self._set_deadline(self.settings.data_timeout)
+
+    def _take_chunk(self, data: bytes) -> bytes | None:
+        """Add ``data`` to the chunk being received; once it is complete, answer it and return
+        what followed it (None while more is to come, or once the message is with the handler)."""
+        count = self._chunk_left
+        piece, leftover = (data, b"") if len(data) <= count else (data[:count], data[count:])
+        self._chunk_left -= len(piece)
+        if self._chunk_refusal is None and piece:
+            self._hold(piece)
+        if self._chunk_left > 0:
+            return None
+        self.phase = _COMMAND
+        self._set_deadline(self.settings.command_timeout)
+        assert self.session is not None
+        if self._chunk_refusal is not None:
+            self._reply(self._chunk_refusal)
+            return leftover
+        size = self._dropped + len(self._message) - 2
+        if size > self.settings.max_size:
+            self._message = bytearray()
+            self.envelope = Envelope()
+            self._reply(self.handler.too_big(self.session))
+            return leftover
+        if not self._chunk_last:
+            self._reply(f"250 2.0.0 {size} octets received")
+            return leftover
+        held = self._kept if self._kept is not None else bytes(self._message)
+        self._message = bytearray()
+        self._kept = None
+        self._hand_over(held[2:])  # no dot-stuffing in chunks
+        self._buffer += leftover
+        return None
+
+    def _hold(self, data: bytes) -> None:
+        self._message += data
+        self._trim()
+
+    def _trim(self) -> None:
+        """Of the message being received keep what is held (``keep`` or ``max_size``), and of
+        what is past it only the last four bytes (where DATA's end may begin)."""
+        message = self._message
+        settings = self.settings
+        held = settings.max_size if settings.keep is None else settings.keep
+        if len(message) > held + 8:
+            if self._kept is None:
+                self._kept = bytes(message[: held + 2])
+            self._dropped += len(message) - 4
+            del message[:-4]
+
+    def _hand_over(self, content: bytes) -> None:
+        """The message has arrived: the handler has it until its reply."""
+        self.envelope.content = content
+        self.phase = _STORING
+        self._set_deadline(self.settings.command_timeout)  # the handler's time to answer
+        self._flush()
+        self._task = self.loop.create_task(self._store(self.envelope))
 
     # -- STARTTLS and AUTH -------------------------------------------------------------------------
 
