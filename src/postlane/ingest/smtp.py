@@ -410,10 +410,15 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
 
 @contextlib.asynccontextmanager
 async def start_smtp(
-    config: Config, app: AsyncPostlane, metrics: Metrics | None = None
+    config: Config,
+    app: AsyncPostlane,
+    metrics: Metrics | None = None,
+    *,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[str]:
-    """Listen for SMTP submission until the context exits; yields "host:port". On exit the
-    sessions still open are closed (see :meth:`Sessions.close`)."""
+    """Listen for SMTP submission at ``[smtp] listen`` (or on ``sock``, a socket already bound
+    and listening, e.g. one shared by several processes) until the context exits; yields
+    "host:port". On exit the sessions still open are closed (see :meth:`Sessions.close`)."""
     from postlane.ingest.server import bind
 
     handler = SubmissionHandler(config, app, metrics)
@@ -426,7 +431,8 @@ async def start_smtp(
     guard = AuthGuard(config.smtp, handler.smtp_metrics)
     guard.start()
     sessions = Sessions(config, handler.trusted, guard, handler.smtp_metrics)
-    sock = bind(config.smtp.listen, "smtp.listen")
+    if sock is None:
+        sock = bind(config.smtp.listen, "smtp.listen")
     loop = asyncio.get_running_loop()
 
     settings = ServerSettings(
