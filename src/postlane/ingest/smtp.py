@@ -128,9 +128,20 @@ def take_control_headers(content: bytes) -> tuple[Controls, bytes]:
     """The ``X-Postlane-*`` headers of a submitted message: what the control headers ask for,
     and the message without any of them. Raises :class:`ValidationError` for an unknown or
     repeated one, or a bad value."""
+    # the header section ends at its first empty line, at the latest where the first CRLF CRLF
+    # or LF LF is: only that much is looked at, and split in lines only if it names X-Postlane
+    # (a 25 MB body is neither copied nor split)
+    ends = [i for i in (content.find(b"\r\n\r\n"), content.find(b"\n\n")) if i >= 0]
+    if ends:
+        head_end = min(ends) + 4
+        if b"x-postlane-" not in content[:head_end].lower():
+            return Controls(), content
+        head, body = content[:head_end], content[head_end:]
+    else:
+        head, body = content, b""
     values: dict[str, str] = {}
     kept: list[bytes] = []
-    lines = content.splitlines(keepends=True)
+    lines = head.splitlines(keepends=True)
     taking: str | None = None  # the X-Postlane header whose folded lines are being taken out
     for index, line in enumerate(lines):
         if line in (b"\r\n", b"\n", b"\r"):  # the end of the header section
@@ -159,6 +170,7 @@ def take_control_headers(content: bytes) -> tuple[Controls, bytes]:
         values[lowered] = _header_text(value.strip(), shown)
     else:
         return Controls(), content  # no blank line: no header section (prepare refuses it)
+    kept.append(body)
     return _controls(values), b"".join(kept)
 
 
