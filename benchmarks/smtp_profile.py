@@ -35,7 +35,10 @@ from tests.processes import start_postlane
 BUCKETS = [
     ("delivery worker (polling an empty queue)", r"postlane/worker\.py"),
     ("handler: store enqueue, loop side", r"send_prepared"),
-    ("handler: message checks, headers, Received", r"handle_DATA|SubmissionHandler\.data"),
+    (
+        "handler: sender, recipients, message checks, Received",
+        r"handle_(MAIL|RCPT|DATA)|SubmissionHandler\.(mail|rcpt|data|_may_submit)",
+    ),
     (
         "socket writes (one send() per reply or batch)",
         r"StreamWriter\.write \(|_flush \(|\.push \(",
