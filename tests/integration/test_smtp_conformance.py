@@ -351,3 +351,26 @@ async def test_chunks_over_the_size_limit_are_read_and_refused(trusted: Listener
     )
     assert codes(said) == [b"220", b"250", b"250", b"250", b"250", b"552", b"250", b"221"], said
     assert await trusted.app.messages() == []
+
+
+def test_starttls_and_auth_on_uvloop(tmp_path: Path, ca: trustme.CA) -> None:
+    """What serve runs on: uvloop's start_tls, with the connection's reading paused between
+    the 220 and the handshake."""
+    import uvloop
+
+    async def scenario() -> int:
+        users = {"app": hash_password("s3cret")}
+        async with listen(tmp_path, ca, trusted_networks=[], users=users) as listener:
+            context = client_context(ca)
+
+            def submit() -> None:
+                for _ in range(5):
+                    with smtplib.SMTP("127.0.0.1", listener.port, timeout=10) as s:
+                        s.starttls(context=context)
+                        s.login("app", "s3cret")
+                        s.sendmail("app@example.com", ["ada@example.net"], MESSAGE)
+
+            await asyncio.to_thread(submit)
+            return len(await listener.app.messages())
+
+    assert uvloop.run(scenario()) == 5
