@@ -5,6 +5,7 @@ nothing half-stored, and the listener still serves the next client."""
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -171,3 +172,126 @@ async def test_garbage_never_crashes_or_half_stores(
     assert len(after) - before == reply.count(b"queued as")  # stored iff acknowledged
     for message in after:
         assert message.recipients  # a stored message always has its recipients
+
+
+# -- the lean server's reading: any split, any line ------------------------------------------------
+
+#: a reply line as RFC 5321 4.2 writes it: three digits, then a space or a hyphen and text
+REPLY_LINE = re.compile(rb"[2-5][0-9][0-9]([ -][\x20-\x7e\x80-\xff]*)?")
+TRANSACTION = (
+    b"EHLO split\r\nMAIL FROM:<a@example.com> BODY=8BITMIME\r\nRCPT TO:<b@example.net>\r\n"
+    b"RCPT TO:<c@example.org>\r\nDATA\r\n"
+    b"Subject: split\r\n\r\n..one dot\r\n...two\r\n..\r\n"  # dot-stuffed lines
+    b"last line\r\n.\r\nQUIT\r\n"
+)
+
+
+def reply_lines(said: bytes) -> list[bytes]:
+    lines = said.split(b"\r\n")
+    assert lines[-1] == b"", said  # every reply ends with CRLF
+    for line in lines[:-1]:
+        assert REPLY_LINE.fullmatch(line), (line, said)
+    return lines[:-1]
+
+
+def final_codes(said: bytes) -> list[bytes]:
+    return [line[:3] for line in reply_lines(said) if line[3:4] != b"-"]
+
+
+async def send_in_pieces(port: int, pieces: list[bytes]) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0)  # let the server read each piece on its own
+        async with asyncio.timeout(10):
+            return await reader.read()  # until QUIT closes
+    finally:
+        writer.close()
+
+
+async def test_a_pipelined_transaction_split_at_every_byte_boundary(
+    listener: tuple[AsyncPostlane, int],
+) -> None:
+    """The same pipelined transaction, cut in two at each of its bytes (and once sent a byte at
+    a time): the same replies in the same order, and the same message stored, every time."""
+    app, port = listener
+    splits = [[TRANSACTION[:i], TRANSACTION[i:]] for i in range(1, len(TRANSACTION))]
+    splits.append([bytes([b]) for b in TRANSACTION])
+    expected = [b"220", b"250", b"250", b"250", b"250", b"354", b"250", b"221"]
+    for start in range(0, len(splits), 25):
+        said = await asyncio.gather(*(send_in_pieces(port, s) for s in splits[start : start + 25]))
+        for reply in said:
+            assert final_codes(reply) == expected, reply
+    messages = await app.messages(limit=1000)
+    assert len(messages) == len(splits)
+    contents = {await app.content(m.id) for m in messages}
+    assert {c.partition(b"\r\n\r\n")[2] for c in contents} == {
+        b".one dot\r\n..two\r\n.\r\nlast line\r\n"
+    }
+
+
+COMMAND_LINE = st.one_of(
+    st.binary(max_size=80).filter(lambda b: b"\n" not in b),
+    st.builds(
+        lambda verb, arg: verb + b" " + arg,
+        st.sampled_from([b"MAIL FROM:", b"RCPT TO:", b"EHLO", b"HELO", b"VRFY", b"NOOP", b"RSET"]),
+        st.binary(max_size=60).filter(lambda b: b"\n" not in b),
+    ),
+    st.sampled_from(
+        [b"EHLO x", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.net>", b"x" * 600]
+    ),
+)
+#: these change what the next lines are (a message, a TLS hello, an AUTH answer) or close
+_SPECIAL = (b"DATA", b"AUTH", b"STARTTLS", b"QUIT", b"BDAT")
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(lines=st.lists(COMMAND_LINE, min_size=1, max_size=15))
+async def test_each_command_line_gets_exactly_one_valid_reply_in_order(
+    listener: tuple[AsyncPostlane, int], lines: list[bytes]
+) -> None:
+    """Random command lines, pipelined in one write and ended with NOOP: one well-formed reply
+    per line, in order (NOOP's last), unless too many unknown commands closed the session."""
+    app, port = listener
+    lines = [line for line in lines if not line.lstrip().upper().startswith(_SPECIAL)]
+    said = await converse(port, b"".join(line + b"\r\n" for line in lines) + b"NOOP\r\n")
+    codes = final_codes(said)
+    assert codes[0] == b"220"
+    if codes[-1] == b"502":  # five unknown commands: "goodbye", and nothing more is read
+        assert said.endswith(b"502 5.5.1 Too many unrecognized commands, goodbye.\r\n")
+    else:
+        assert len(codes) == len(lines) + 2, (lines, said)
+        assert codes[-1] == b"250"
+    assert await app.messages() == []
+
+
+BDAT_TRANSACTION = (
+    b"EHLO split\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+    b"BDAT 28\r\nSubject: chunks\r\n\r\n.\r\nBDAT\r\n"
+    b"BDAT 14 LAST\r\nlast\r\nQUIT\r\n\r\nQUIT\r\n"
+)
+
+
+async def test_a_chunked_transaction_split_at_every_byte_boundary(
+    listener: tuple[AsyncPostlane, int],
+) -> None:
+    """BDAT chunks whose octets look like commands ("BDAT", "QUIT"), cut at every byte: the
+    same replies and the same message every time, the look-alikes stored as they came."""
+    app, port = listener
+    splits = [[BDAT_TRANSACTION[:i], BDAT_TRANSACTION[i:]] for i in range(1, len(BDAT_TRANSACTION))]
+    expected = [b"220", b"250", b"250", b"250", b"250", b"250", b"221"]
+    for start in range(0, len(splits), 25):
+        said = await asyncio.gather(*(send_in_pieces(port, s) for s in splits[start : start + 25]))
+        for reply in said:
+            assert final_codes(reply) == expected, reply
+    messages = await app.messages(limit=1000)
+    assert len(messages) == len(splits)
+    contents = {(await app.content(m.id)).partition(b"\r\n\r\n")[2] for m in messages}
+    assert contents == {b".\r\nBDAT\r\nlast\r\nQUIT\r\n\r\n"}

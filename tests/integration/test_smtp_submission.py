@@ -632,3 +632,23 @@ async def test_finding_13_at_shutdown_a_message_being_stored_is_answered_and_the
         assert len(await store.list_messages(Selector(), limit=10)) == 1
     finally:
         await store.close()
+
+
+async def test_two_listeners_can_share_one_socket(tmp_path: Path) -> None:
+    """What ``serve --processes`` needs: a socket bound once, served by several listeners
+    (here two in one process, each with its own descriptor of the socket, as a forked process
+    has); every message is stored once."""
+    from postlane.ingest.server import bind
+
+    port = free_port()
+    config = make_config(tmp_path, smtp={"listen": f"127.0.0.1:{port}"})
+    sock = bind(config.smtp.listen, "smtp.listen")
+    async with (
+        AsyncPostlane(config) as app,
+        start_smtp(config, app, sock=sock) as first,
+        start_smtp(config, app, sock=sock.dup()) as second,
+    ):
+        assert first == second == f"127.0.0.1:{port}"
+        for _ in range(4):
+            await in_thread(lambda: submit_one(port))
+        assert len(await app.messages()) == 4

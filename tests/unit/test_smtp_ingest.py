@@ -127,3 +127,28 @@ def test_a_message_without_control_headers_is_left_as_it_is(
 ) -> None:
     message = b"".join(line + b"\r\n" for line in lines) + b"\r\n" + body
     assert take_control_headers(message) == (Controls(), message)
+
+
+BODY = st.binary(max_size=300)
+HEADER_LINES = st.lists(
+    st.sampled_from(
+        [b"Subject: hi", b"X-Postlane-Lane: high", b"x-postlane-metadata: {}", b" folded", b"To: a"]
+    ),
+    max_size=6,
+    unique=True,
+)
+
+
+@given(head=HEADER_LINES, eol=st.sampled_from([b"\r\n", b"\n"]), body=BODY)
+def test_only_the_header_section_is_read_and_the_body_comes_back_untouched(
+    head: list[bytes], eol: bytes, body: bytes
+) -> None:
+    content = b"".join(line + eol for line in head) + eol + body
+    try:
+        controls, kept = take_control_headers(content)
+    except ValidationError:
+        return  # a folded line after a control header, or the like: refused as a whole
+    assert kept.endswith(eol + body)
+    assert b"x-postlane" not in kept[: len(kept) - len(body)].lower()
+    if not any(line.lower().startswith(b"x-postlane") for line in head):
+        assert kept == content and controls == Controls()

@@ -30,19 +30,16 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
+from typing import Protocol
 
 from postlane.feedback.inbound import BounceProcessor, InboundResult
 from postlane.feedback.reports import PARSE_LIMIT
-from postlane.ingest.smtpd import FastSMTP
+from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
 
 __all__ = [
     "BounceHandler",
     "BounceListenerSettings",
     "BounceObserver",
-    "BounceServer",
     "start_bounce_listener",
 ]
 
@@ -95,7 +92,9 @@ class _NoObserver:
 
 
 class BounceHandler:
-    """aiosmtpd hooks: which recipients are accepted, and the durable processing."""
+    """What the bounce listener decides (its
+    :class:`~postlane.ingest.smtp_protocol.SmtpHandler`): which recipients are accepted, and the
+    durable processing. It is also the listener's gate: the connection cap."""
 
     def __init__(
         self,
@@ -109,12 +108,19 @@ class BounceHandler:
         self.domain = processor.return_paths.domain
         self.report_addresses = frozenset(a.lower() for a in settings.report_addresses)
         #: clients connected now (the cap counts them), closed when the listener stops
-        self.sessions: set[BounceServer] = set()
+        self.sessions: set[SmtpConnection] = set()
         self.processed = 0
+        self.closing = False
 
-    def __dir__(self) -> list[str]:
-        # aiosmtpd scans the handler per connection for handle_* hooks
-        return _HANDLER_NAMES
+    def admit(self, connection: SmtpConnection, host: str) -> str | None:
+        if len(self.sessions) >= self.settings.max_connections:
+            self.observer.refused("connections")
+            return "421 4.7.0 Too many connections, try again later"
+        self.sessions.add(connection)
+        return None
+
+    def release(self, connection: SmtpConnection, host: str) -> None:
+        self.sessions.discard(connection)
 
     def accepts(self, address: str) -> bool:
         """Whether mail for ``address`` is taken: at the bounce domain, with a valid token (or
@@ -126,17 +132,13 @@ class BounceHandler:
             return True
         return self.processor.return_paths.verify_token(local) is not None
 
-    async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
+    def mail(self, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         # any sender: DSNs come from <>, complaints from a feedback loop's address
         envelope.mail_from = address or ""
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
+    def rcpt(self, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
         if not self.accepts(address):
@@ -145,13 +147,10 @@ class BounceHandler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content = envelope.content
-        if not isinstance(content, bytes):
-            content = str(content or "").encode("utf-8", "surrogateescape")
+    async def data(self, session: Session, envelope: Envelope) -> str:
         try:
             result = await self.processor.process(
-                content, mail_from=envelope.mail_from, rcpt_to=list(envelope.rcpt_tos)
+                envelope.content, mail_from=envelope.mail_from, rcpt_to=list(envelope.rcpt_tos)
             )
         except Exception:  # the store could not take it: the sender keeps it and retries
             log.exception("a report could not be recorded; answered 451")
@@ -163,102 +162,22 @@ class BounceHandler:
             return "451 4.3.0 The delivery is still being sent, try again later"
         return f"250 2.0.0 OK: {_reply_text(result.summary())}"
 
-    async def handle_exception(self, error: Exception) -> str:
-        log.exception("bounce listener error", exc_info=error)
+    def too_big(self, session: Session) -> str:
+        self.observer.refused("size")
+        return "552 5.3.4 Message too big for this system"
+
+    def failed(self, session: Session, error: Exception) -> str:
+        log.error("bounce listener error", exc_info=error)
         return "451 4.3.0 Local error, try again later"
 
-
-_HANDLER_NAMES = sorted(name for name in dir(BounceHandler) if name.startswith("handle_"))
+    def timed_out(self, session: Session, phase: str) -> None:
+        log.info("bounce listener: %s sent nothing in time, closing", session.peer)
+        return None  # closed without a word, as before
 
 
 def _reply_text(text: str) -> str:
     """One printable line, short enough for an SMTP reply."""
     return "".join(c if " " <= c < "\x7f" else "?" for c in text)[:200]
-
-
-class BounceServer(FastSMTP):
-    """aiosmtpd's SMTP (with :class:`FastSMTP`'s speed-ups) with a connection cap and a DATA
-    that holds at most ``keep`` bytes of a message in memory."""
-
-    def __init__(self, handler: BounceHandler, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.bounce_handler = handler
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.bounce_handler.sessions.add(self)
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self.bounce_handler.sessions.discard(self)
-        super().connection_lost(error)
-
-    async def _handle_client(self) -> None:
-        handler = self.bounce_handler
-        if len(handler.sessions) > handler.settings.max_connections:
-            handler.observer.refused("connections")
-            await self.push("421 4.7.0 Too many connections, try again later")
-            if self.transport is not None:
-                self.transport.close()
-            return
-        await super()._handle_client()
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
-        envelope = self.envelope
-        assert envelope is not None
-        if not envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        settings = self.bounce_handler.settings
-        content = await _read_kept(self._reader, settings.max_size, settings.keep)
-        if content is None:
-            self.bounce_handler.observer.refused("size")
-            await self.push("552 5.3.4 Message too big for this system")
-            self.envelope = self._create_envelope()
-            return
-        envelope.content = envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self.envelope = self._create_envelope()
-        await self.push("250 OK" if status is MISSING else status)
-
-
-async def _read_kept(reader: asyncio.StreamReader, max_size: int, keep: int) -> bytes | None:
-    """A message's data up to the lone dot, unstuffed, of which only the first ``keep`` bytes
-    are held; None if it is over ``max_size`` (read to its end all the same)."""
-    chunks: list[bytes] = []
-    kept = 0
-    size = 0
-    tail = b"\r\n"  # the last bytes read: is a ".\r\n" at the start of a line?
-    while True:
-        try:
-            piece = await reader.readuntil(b".\r\n")
-            ended = True
-        except asyncio.LimitOverrunError as exc:
-            # no ".\r\n" within the stream's limit: take what is there and read on
-            piece = await reader.readexactly(exc.consumed)
-            ended = False
-        tail = piece[-5:] if len(piece) >= 5 else (tail + piece)[-5:]
-        ended = ended and tail[-5:-3] == b"\r\n"
-        size += len(piece)
-        if kept < keep + 3:
-            chunks.append(piece[: keep + 3 - kept])
-            kept += len(chunks[-1])
-        if ended:
-            break
-    if size - 3 > max_size:
-        return None
-    message = b"".join(chunks)
-    if size <= keep + 3:
-        message = message[:-3]  # the whole message: drop the ".\r\n" that ended it
-    # RFC 5321 4.5.2: a line's leading dot was doubled by the client
-    message = message.replace(b"\r\n.", b"\r\n")
-    return message[1:] if message.startswith(b".") else message
 
 
 @contextlib.asynccontextmanager
@@ -281,17 +200,19 @@ async def start_bounce_listener(
         sock = bind(settings.listen, "bounces.listen")
     loop = asyncio.get_running_loop()
 
-    def factory() -> SMTP:
-        return BounceServer(
-            handler,
-            data_size_limit=settings.max_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=hostname,
-            ident="postlane bounces",
-            timeout=settings.timeout,
-            loop=loop,
-        )
+    server_settings = ServerSettings(
+        hostname=hostname,
+        ident="postlane bounces",
+        max_size=settings.max_size,
+        keep=settings.keep,
+        command_timeout=settings.timeout,
+        data_timeout=settings.timeout,
+        need_rcpt="503 5.5.1 Error: need RCPT command",
+        data_syntax="501 5.5.4 Syntax: DATA",
+    )
+
+    def factory() -> SmtpConnection:
+        return SmtpConnection(handler, handler, server_settings)
 
     server = await loop.create_server(factory, sock=sock)
     host, port = sock.getsockname()[:2]
@@ -300,9 +221,9 @@ async def start_bounce_listener(
         yield f"{host}:{port}"
     finally:
         server.close()
+        handler.closing = True
         for session in list(handler.sessions):  # a stop does not wait for idle clients
-            if session.transport is not None:
-                session.transport.close()
+            session.shut_down()
         await server.wait_closed()
         await processor.close()
 

@@ -1,4 +1,4 @@
-"""SMTP submission (aiosmtpd): any language's mail library can hand messages to postlane.
+"""SMTP submission: any language's mail library can hand messages to postlane.
 
 Clients in ``trusted_networks`` may submit without AUTH; everyone else must AUTH (PLAIN or
 LOGIN), and AUTH is offered only after STARTTLS, so passwords never cross in clear. Nobody else
@@ -40,9 +40,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any, AnyStr, cast
-
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from typing import TYPE_CHECKING, Any
 
 from postlane.app import AsyncPostlane
 from postlane.config import Config
@@ -54,10 +52,10 @@ from postlane.errors import (
     StoreUnavailable,
     ValidationError,
 )
-from postlane.ingest.smtp_auth import AuthGuard, Outcome, address_key
+from postlane.ingest.smtp_auth import AuthGuard, address_key
 from postlane.ingest.smtp_auth import hash_password as hash_password
 from postlane.ingest.smtp_auth import verify_password as verify_password
-from postlane.ingest.smtpd import FastSMTP
+from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
 from postlane.message import MAX_RECIPIENTS, Message, parse_address
 from postlane.metrics import SmtpMetrics
 
@@ -88,10 +86,23 @@ _CONTROL_NAMES = (
 
 
 class _Networks:
+    #: answers remembered (each connection asks at connect and at MAIL; parsing costs more)
+    MEMORY = 4096
+
     def __init__(self, networks: Sequence[str]) -> None:
         self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self._known: dict[str, bool] = {}
 
     def __contains__(self, host: object) -> bool:
+        key = str(host)
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= self.MEMORY:
+                self._known.clear()
+            known = self._known[key] = self._contains(key)
+        return known
+
+    def _contains(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(str(host))
         except ValueError:
@@ -99,10 +110,6 @@ class _Networks:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
         return any(address in network for network in self._networks)
-
-
-def _peer_host(peer: object) -> str:
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +128,20 @@ def take_control_headers(content: bytes) -> tuple[Controls, bytes]:
     """The ``X-Postlane-*`` headers of a submitted message: what the control headers ask for,
     and the message without any of them. Raises :class:`ValidationError` for an unknown or
     repeated one, or a bad value."""
+    # the header section ends at its first empty line, at the latest where the first CRLF CRLF
+    # or LF LF is: only that much is looked at, and split in lines only if it names X-Postlane
+    # (a 25 MB body is neither copied nor split)
+    ends = [i for i in (content.find(b"\r\n\r\n"), content.find(b"\n\n")) if i >= 0]
+    if ends:
+        head_end = min(ends) + 4
+        if b"x-postlane-" not in content[:head_end].lower():
+            return Controls(), content
+        head, body = content[:head_end], content[head_end:]
+    else:
+        head, body = content, b""
     values: dict[str, str] = {}
     kept: list[bytes] = []
-    lines = content.splitlines(keepends=True)
+    lines = head.splitlines(keepends=True)
     taking: str | None = None  # the X-Postlane header whose folded lines are being taken out
     for index, line in enumerate(lines):
         if line in (b"\r\n", b"\n", b"\r"):  # the end of the header section
@@ -152,6 +170,7 @@ def take_control_headers(content: bytes) -> tuple[Controls, bytes]:
         values[lowered] = _header_text(value.strip(), shown)
     else:
         return Controls(), content  # no blank line: no header section (prepare refuses it)
+    kept.append(body)
     return _controls(values), b"".join(kept)
 
 
@@ -181,7 +200,9 @@ def _header_text(value: bytes, name: str) -> str:
 
 
 class SubmissionHandler:
-    """aiosmtpd hooks: who may submit, per-recipient answers, and the durable enqueue."""
+    """What the submission listener decides (its
+    :class:`~postlane.ingest.smtp_protocol.SmtpHandler`): who may submit, per-recipient answers,
+    and the durable enqueue."""
 
     def __init__(self, config: Config, app: AsyncPostlane, metrics: Metrics | None = None) -> None:
         self.app = app
@@ -192,18 +213,12 @@ class SubmissionHandler:
         self.hostname = config.smtp.hostname or socket.gethostname()
         self.accepted = 0
 
-    def __dir__(self) -> list[str]:
-        # aiosmtpd scans the handler per connection for handle_* hooks and auth_* methods
-        return _HANDLER_NAMES
-
     def _may_submit(self, session: Session) -> bool:
-        return bool(session.authenticated) or _peer_host(session.peer) in self.trusted
+        return session.authenticated or session.peer in self.trusted
 
-    async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
+    def mail(self, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if not self._may_submit(session):
-            if server.tls_context is not None and server._tls_protocol is None:
+            if session.tls_offered and not session.tls:
                 return "530 5.7.0 Must issue a STARTTLS command first, then AUTH"
             return "530 5.7.0 Authentication required"
         if not address:
@@ -216,9 +231,7 @@ class SubmissionHandler:
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
+    def rcpt(self, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
         try:
@@ -229,10 +242,8 @@ class SubmissionHandler:
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content or b""
-        if not isinstance(content, bytes):
-            content = str(content).encode("utf-8")
+    async def data(self, session: Session, envelope: Envelope) -> str:
+        content = envelope.content
         if b"\x00" in content:
             return "554 5.6.0 Message refused: it contains NUL bytes, which RFC 5322 forbids"
         try:
@@ -243,14 +254,14 @@ class SubmissionHandler:
             message = Message(
                 sender=envelope.mail_from or "",
                 to=list(envelope.rcpt_tos),
-                raw=self._received_header(session, server) + content,
+                raw=self._received_header(session) + content,
                 lane=controls.lane,
                 idempotency_key=controls.idempotency_key,
                 metadata=controls.metadata,
                 send_at=controls.send_at,
                 expires_at=controls.expires_at,
             )
-            user = session.auth_data if isinstance(session.auth_data, str) else None
+            user = session.auth_data
             submitter = f"smtp:{user}" if user else "smtp:trusted"
             prepared = dataclasses.replace(self.app.prepare(message), submitter=submitter)
         except MessageTooLarge as exc:
@@ -287,29 +298,38 @@ class SubmissionHandler:
             self.metrics.enqueued.labels("smtp").inc()
         return f"250 2.0.0 Ok: queued as {result.id}"
 
+    def too_big(self, session: Session) -> str:
+        return "552 Error: Too much mail data"
+
+    def failed(self, session: Session, error: Exception) -> str:
+        # never aiosmtpd's "500 Error: (TypeName) text": permanent, and telling
+        log.error("SMTP: unexpected error in a session from %s", session.peer, exc_info=error)
+        self.smtp_metrics.temporary_failures.labels("internal").inc()
+        return f"421 4.3.0 {self.hostname} Local error in processing, try again later"
+
+    def timed_out(self, session: Session, phase: str) -> str:
+        self.smtp_metrics.timeouts.labels(phase).inc()
+        waited = "the message" if phase == "data" else "a command"
+        log.info("SMTP: %s sent nothing in time, closing (waiting for %s)", session.peer, waited)
+        return f"421 4.4.2 {self.hostname} Error: timeout exceeded"
+
     def _internal_error(self, session: Session) -> str:
-        log.exception("SMTP: unexpected error with a message from %s", _peer_host(session.peer))
+        log.exception("SMTP: unexpected error with a message from %s", session.peer)
         self.smtp_metrics.temporary_failures.labels("internal").inc()
         return "451 4.3.0 Local error in processing, try again later"
 
-    def _received_header(self, session: Session, server: SMTP) -> bytes:
-        peer = _peer_host(session.peer)
+    def _received_header(self, session: Session) -> bytes:
         helo = session.host_name or "unknown"
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
-        if server._tls_protocol is not None:
+        if session.tls:
             protocol += "S"
         if session.authenticated:
             protocol += "A"
         line = (
-            f"Received: from {helo} ([{peer}])\r\n\tby {self.hostname} (postlane) "
+            f"Received: from {helo} ([{session.peer}])\r\n\tby {self.hostname} (postlane) "
             f"with {protocol};\r\n\t{formatdate(usegmt=True)}\r\n"
         )
         return line.encode("utf-8", "replace")
-
-
-_HANDLER_NAMES = sorted(
-    name for name in dir(SubmissionHandler) if name.startswith(("handle_", "auth_"))
-)
 
 
 class Sessions:
@@ -324,13 +344,13 @@ class Sessions:
         self.trusted = trusted
         self.guard = guard
         self.metrics = metrics
-        self.open: set[SubmissionServer] = set()
+        self.open: set[SmtpConnection] = set()
         self._per_address: collections.Counter[str] = collections.Counter()
         self._all_closed = asyncio.Event()
         #: set at shutdown: sessions still open are told 421 and closed
         self.closing = False
 
-    def admit(self, server: SubmissionServer, host: str) -> str | None:
+    def admit(self, server: SmtpConnection, host: str) -> str | None:
         """None when the connection may go on, else the 421 it gets before being closed."""
         trusted = host in self.trusted
         key = address_key(host)
@@ -357,7 +377,7 @@ class Sessions:
         log.debug("SMTP: refused a connection from %s: %s", host, refusal)
         return refusal
 
-    def release(self, server: SubmissionServer, host: str) -> None:
+    def release(self, server: SmtpConnection, host: str) -> None:
         if server not in self.open:
             return
         self.open.discard(server)
@@ -384,157 +404,6 @@ class Sessions:
         if self.open:  # connection_lost comes on the next turns of the loop
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), timeout=1.0)
-
-
-class _Session(Session):
-    """aiosmtpd's session without the deprecation warning its own AUTH logs on each success
-    (it sets ``login_data`` itself)."""
-
-    @property
-    def login_data(self) -> Any:
-        return self._login_data
-
-    @login_data.setter
-    def login_data(self, value: Any) -> None:
-        self._login_data = value
-
-
-@dataclasses.dataclass(frozen=True)
-class _Unchecked:
-    """Credentials aiosmtpd has parsed, not yet checked (see SubmissionServer._authenticate)."""
-
-    credentials: LoginPassword
-
-
-class SubmissionServer(FastSMTP):
-    """One submission connection: aiosmtpd's SMTP with the connection caps, timeouts that answer
-    421, AUTH checked by the listener's :class:`AuthGuard`, and 421 closing the connection."""
-
-    def __init__(
-        self,
-        handler: SubmissionHandler,
-        *,
-        sessions: Sessions,
-        guard: AuthGuard,
-        data_timeout: float,
-        **settings: Any,
-    ) -> None:
-        super().__init__(handler, **settings)
-        self._sessions = sessions
-        self._guard = guard
-        self._metrics = handler.smtp_metrics
-        self.data_timeout = data_timeout
-        self._host = ""
-        self._admitted = False
-        self._refused = False
-        self._auth_failures = 0
-
-    # -- the connection ----------------------------------------------------------------------------
-
-    def _create_session(self) -> Session:
-        return _Session(self.loop)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._admitted:  # STARTTLS: the same connection, now over TLS
-            super().connection_made(transport)
-            return
-        self._host = _peer_host(transport.get_extra_info("peername"))
-        refusal = self._sessions.admit(self, self._host)
-        if refusal is not None:
-            # answered and closed without reading a byte, nor starting a session
-            self._refused = True
-            writer = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
-            writer.write(refusal.encode("utf-8") + b"\r\n")
-            writer.close()
-            return
-        self._admitted = True
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        if self._refused:
-            return
-        self._sessions.release(self, self._host)
-        super().connection_lost(error)
-
-    async def push(self, status: AnyStr) -> None:
-        await super().push(status)
-        reply = status.encode("utf-8") if isinstance(status, str) else status
-        if reply.startswith(b"421") and self.transport is not None:
-            self.transport.close()  # 421: "closing transmission channel" (RFC 5321 4.2.2)
-
-    def _say_and_close(self, reply: str) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        with contextlib.suppress(Exception):
-            self._writer.write(reply.encode("utf-8") + b"\r\n")
-        transport.close()
-
-    def _timeout_cb(self) -> None:
-        phase = "data" if self.phase == "data" else "command"
-        self._metrics.timeouts.labels(phase).inc()
-        waited = "the message" if phase == "data" else "a command"
-        log.info("SMTP: %s sent nothing in time, closing (waiting for %s)", self._host, waited)
-        self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
-
-    def shut_down(self) -> None:
-        self._say_and_close(f"421 4.3.2 {self.hostname} Service shutting down, try again later")
-
-    async def handle_exception(self, error: Exception) -> str:
-        # aiosmtpd would answer "500 Error: (TypeName) text": permanent, and telling
-        log.error("SMTP: unexpected error in a session from %s", self._host, exc_info=error)
-        self._metrics.temporary_failures.labels("internal").inc()
-        return f"421 4.3.0 {self.hostname} Local error in processing, try again later"
-
-    # -- commands --------------------------------------------------------------------------------
-
-    async def smtp_DATA(self, arg: str) -> None:
-        await super().smtp_DATA(arg)
-        if self._sessions.closing:
-            self.shut_down()
-
-    async def smtp_AUTH(self, arg: str) -> None:
-        await super().smtp_AUTH(arg)
-        session = self.session
-        if session is None or session.authenticated:
-            return
-        if self.transport is None or self.transport.is_closing():
-            return
-        self._auth_failures += 1
-        if self._auth_failures >= MAX_AUTH_FAILURES:
-            await self.push("421 4.7.0 Too many failed authentications, closing")
-
-    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
-        # aiosmtpd's auth_PLAIN and auth_LOGIN parse the credentials and call this, synchronously;
-        # the check is asynchronous (a thread), so they are handed back for _check
-        return AuthResult(success=False, handled=True, auth_data=_Unchecked(auth_data))
-
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._check(await super().auth_PLAIN(_, args))
-
-    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._check(await super().auth_LOGIN(_, args))
-
-    async def _check(self, parsed: AuthResult) -> AuthResult:
-        if not isinstance(parsed.auth_data, _Unchecked):
-            return parsed  # aiosmtpd refused it already (bad base64, aborted with "*")
-        login, password = parsed.auth_data.credentials
-        username = login.decode("utf-8", "replace")
-        outcome = await self._guard.authenticate(
-            self._host, username, password.decode("utf-8", "replace")
-        )
-        if outcome is Outcome.SUCCESS:
-            return AuthResult(success=True, auth_data=username)
-        if outcome is Outcome.REFUSED_ADDRESS:
-            await self.push("421 4.7.0 Too many failed authentications from your address, closing")
-            return AuthResult(success=False, handled=True)
-        if outcome is Outcome.REFUSED_TOTAL:
-            return AuthResult(
-                success=False,
-                handled=False,
-                message="454 4.7.0 Temporary authentication failure, try again later",
-            )
-        return AuthResult(success=False, handled=False)  # 535 5.7.8
 
 
 def server_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -580,23 +449,19 @@ async def start_smtp(
         sock = bind(config.smtp.listen, "smtp.listen")
     loop = asyncio.get_running_loop()
 
-    def factory() -> SMTP:
-        return SubmissionServer(
-            handler,
-            sessions=sessions,
-            guard=guard,
-            data_timeout=config.smtp.data_timeout,
-            data_size_limit=config.smtp.max_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=handler.hostname,
-            ident=ident,
-            tls_context=tls_context,
-            timeout=config.smtp.command_timeout,
-            auth_required=False,  # enforced per client in handle_MAIL (trusted networks)
-            auth_require_tls=True,
-            loop=loop,
-        )
+    settings = ServerSettings(
+        hostname=handler.hostname,
+        ident=ident,
+        max_size=config.smtp.max_size,
+        command_timeout=config.smtp.command_timeout,
+        data_timeout=config.smtp.data_timeout,
+        tls_context=tls_context,
+        guard=guard,
+        max_auth_failures=MAX_AUTH_FAILURES,
+    )
+
+    def factory() -> SmtpConnection:
+        return SmtpConnection(handler, sessions, settings)
 
     try:
         server = await loop.create_server(factory, sock=sock)
