@@ -1,6 +1,7 @@
 """End-to-end deliveries per second into Postfix's smtp-sink: postlane beside Postfix, same run.
 
     python benchmarks/deliver.py [-n 10000] [--size 2048] [--sessions 20] [--skip-postfix]
+                                 [--processes N] [--store URL]
 
 Both receive N messages of SIZE bytes from smtp-source over 20 SMTP sessions, store each durably
 before answering 250, and relay everything to an smtp-sink that exits after N messages:
@@ -10,7 +11,10 @@ before answering 250, and relay everything to an smtp-sink that exits after N me
 - postlane: smtp-source -> `postlane serve` (SQLite, SMTP submission) -> smtp-sink.
 
 A second postlane row enqueues the same N messages through the Python API first and then times
-delivery alone (the worker's side). Ratios are printed; absolute numbers drift on a shared
+delivery alone (the worker's side). ``--processes N`` adds a row for ``postlane serve
+--processes N`` (the same SMTP-in test, N processes on the same ports), on the store ``--store``
+names (default: SQLite; a PostgreSQL URL puts every postlane row on it, in a fresh schema).
+Ratios are printed; absolute numbers drift on a shared
 machine, ratios measured in one run do not.
 """
 
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import done_progress, progress, table
 
-from tests.processes import PostlaneProcess, ProcessFailed, start_postlane
+from tests.processes import RUNNING, PostlaneProcess, ProcessFailed, start_postlane
 
 SINK_USER = "nobody"
 
@@ -134,12 +138,15 @@ def measure_postfix(count: int, size: int, sessions: int) -> tuple[float, float]
     return accepted, time.perf_counter() - start
 
 
-def write_config(folder: Path, sink_port: int, smtp_port: int, http_port: int) -> Path:
+def write_config(
+    folder: Path, sink_port: int, smtp_port: int, http_port: int, store: str | None = None
+) -> Path:
     config = folder / "postlane.toml"
+    url = store or f"sqlite:///{folder / 'bench.db'}"
     config.write_text(
         f"""
 [store]
-url = "sqlite:///{folder / "bench.db"}"
+url = "{url}"
 [delivery]
 relay = "smtp://127.0.0.1:{sink_port}"
 concurrency = 100
@@ -153,22 +160,39 @@ listen = "127.0.0.1:{smtp_port}"
     return config
 
 
-def measure_postlane_smtp(count: int, size: int, sessions: int) -> tuple[float, float]:
+def fresh_store(store: str | None, name: str) -> str | None:
+    """A PostgreSQL URL with a schema of its own (``?schema=``), or None (SQLite)."""
+    if store is None or not store.startswith("postgres"):
+        return store
+    separator = "&" if "?" in store else "?"
+    return f"{store}{separator}schema=bench_{name}_{os.getpid()}_{time.monotonic_ns()}"
+
+
+def measure_postlane_smtp(
+    count: int, size: int, sessions: int, processes: int = 1, store: str | None = None
+) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sink_port, smtp_port, http_port = free_port(), free_port(), free_port()
-        config = write_config(folder, sink_port, smtp_port, http_port)
+        config = write_config(
+            folder, sink_port, smtp_port, http_port, fresh_store(store, f"smtp{processes}")
+        )
         sink = start_sink(sink_port, count)
-        serve = start_postlane("serve", config=config, log=folder / "serve.log", stop_timeout=60)
+        several = ("--processes", str(processes)) if processes > 1 else ()
+        serve = start_postlane(
+            "serve", *several, config=config, log=folder / "serve.log", stop_timeout=60
+        )
         with serve:
-            serve.wait_running_blocking()  # SMTP and HTTP listening, worker started
+            serve.wait_until_blocking(  # SMTP and HTTP listening, a worker started, in each
+                lambda: serve.output().count(RUNNING) >= processes, "every process running"
+            )
             start = time.perf_counter()
             accepted = inject(smtp_port, count, size, sessions)
             wait_sink(sink, timeout=600, feeder=serve)
             return accepted, time.perf_counter() - start
 
 
-def measure_postlane_api(count: int, size: int) -> tuple[float, float]:
+def measure_postlane_api(count: int, size: int, store: str | None = None) -> tuple[float, float]:
     """Enqueue through the Python API (batches of 100, each acknowledged after its durable
     commit), then deliver with `postlane worker --burst`; returns (enqueue, delivery) seconds."""
     from postlane.app import Postlane
@@ -178,7 +202,9 @@ def measure_postlane_api(count: int, size: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sink_port = free_port()
-        config_path = write_config(folder, sink_port, free_port(), free_port())
+        config_path = write_config(
+            folder, sink_port, free_port(), free_port(), fresh_store(store, "api")
+        )
         line = "x" * 70 + "\n"
         text = line * max(1, size // len(line))
         mail = Postlane(load_config(config_path))
@@ -209,6 +235,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="bytes per message")
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
     parser.add_argument("--skip-postfix", action="store_true")
+    parser.add_argument("--processes", type=int, default=1, help="also serve --processes N")
+    parser.add_argument("--store", help="a PostgreSQL URL for postlane (default: SQLite)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: smtp-sink drops privileges to 'nobody' and postsuper needs root")
@@ -219,9 +247,15 @@ def main() -> None:
         progress(f"Postfix: {n} messages through smtp-source -> postfix -> smtp-sink")
         postfix = measure_postfix(n, args.size, args.sessions)
     progress(f"postlane: {n} messages through smtp-source -> postlane serve -> smtp-sink")
-    accepted, end_to_end = measure_postlane_smtp(n, args.size, args.sessions)
+    accepted, end_to_end = measure_postlane_smtp(n, args.size, args.sessions, store=args.store)
+    several = None
+    if args.processes > 1:
+        progress(f"postlane: the same through serve --processes {args.processes}")
+        several = measure_postlane_smtp(
+            n, args.size, args.sessions, args.processes, store=args.store
+        )
     progress(f"postlane: {n} messages enqueued by the API, then delivered by a worker")
-    enqueued, delivered = measure_postlane_api(n, args.size)
+    enqueued, delivered = measure_postlane_api(n, args.size, store=args.store)
     done_progress()
 
     def versus(seconds: float) -> str:
@@ -241,6 +275,16 @@ def main() -> None:
             versus(end_to_end),
         )
     )
+    if several is not None:
+        rows.append(
+            (
+                f"postlane serve --processes {args.processes} (SMTP in)",
+                f"{n / several[0]:,.0f}",
+                "-",
+                f"{n / several[1]:,.0f}",
+                versus(several[1]),
+            )
+        )
     total = enqueued + delivered
     rows.append(
         (
