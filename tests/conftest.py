@@ -36,7 +36,10 @@ def _database_per_worker() -> None:
     from psycopg import sql
 
     parts = urlsplit(url)
-    name = f"{parts.path.lstrip('/') or 'postgres'}_{worker}"
+    base = parts.path.lstrip("/") or "postgres"
+    if base.endswith(f"_{worker}"):
+        return  # done already (this module is imported twice: as conftest and as tests.conftest)
+    name = f"{base}_{worker}"
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             # one CREATE DATABASE at a time: two at once fail on their shared template

@@ -211,7 +211,9 @@ async def test_serve_processes_share_the_doors_the_queue_and_the_metrics(
 
         await process.wait_until(restarted, "process 0 to come back", ignoring=UNREACHABLE)
         assert f"serve process 0 (pid {pids[0]}) was killed by SIGKILL" in process.output()
-        assert process.output().count(ALERTS_LINE) == 2  # the new process 0 evaluates them
+        await process.wait_until(  # the new process 0 evaluates them (it says so once started)
+            lambda: process.output().count(ALERTS_LINE) == 2, "the new process 0's evaluator"
+        )
 
         more = await send_through_both_doors(fleet, "second", 4)
         sent |= more
