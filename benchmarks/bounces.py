@@ -203,7 +203,9 @@ async def run(args: argparse.Namespace, with_bounces: bool) -> tuple[float, floa
                 await enqueue(app, args.m, "new")
                 processor = BounceProcessor(app.store, ReturnPaths(DOMAIN, key), clock=app.clock)
                 settings = BounceListenerSettings(listen=f"127.0.0.1:{bounce_port}")
-                async with start_bounce_listener(processor, settings) as _:
+                async with start_bounce_listener(  # as serve runs it: mail first
+                    processor, settings, mail_activity=lambda: worker.attempts
+                ) as _:
                     feeder = None
                     if with_bounces:
                         feeder = await asyncio.create_subprocess_exec(

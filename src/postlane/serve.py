@@ -119,8 +119,10 @@ def _bounce_listener(
     metrics: Metrics,
     verp_key: bytes,
     sock: socket.socket | None = None,
+    mail_activity: Callable[[], int] | None = None,
 ) -> contextlib.AbstractAsyncContextManager[str]:
-    """The listener for what comes back to ``[bounces] domain`` (docs/bounces.md)."""
+    """The listener for what comes back to ``[bounces] domain`` (docs/bounces.md); while
+    ``mail_activity`` moves (the worker delivers), reports yield to mail."""
     from postlane.feedback.inbound import BounceProcessor, ComplaintScope
     from postlane.feedback.verp import ReturnPaths
     from postlane.ingest.bounces import BounceListenerSettings, start_bounce_listener
@@ -141,7 +143,9 @@ def _bounce_listener(
         hostname=config.smtp.hostname,
         report_addresses=bounces.report_addresses,
     )
-    return start_bounce_listener(processor, settings, observer=metrics, sock=sock)
+    return start_bounce_listener(
+        processor, settings, observer=metrics, sock=sock, mail_activity=mail_activity
+    )
 
 
 def _start_webhooks(
@@ -261,7 +265,14 @@ async def run(
                 )
                 if verp_key is not None:
                     await servers.enter_async_context(
-                        _bounce_listener(config, app, metrics, verp_key, sockets.get("bounces"))
+                        _bounce_listener(
+                            config,
+                            app,
+                            metrics,
+                            verp_key,
+                            sockets.get("bounces"),
+                            mail_activity=lambda: worker.attempts,
+                        )
                     )
             if on_ready is not None:
                 await on_ready(app)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import smtplib
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,16 @@ from postlane.feedback import FeedbackKind
 from postlane.feedback.inbound import BounceProcessor, ComplaintScope, Disposition
 from postlane.feedback.reports import ReportKind
 from postlane.feedback.verp import ReturnPaths, VerpTransport
-from postlane.ingest.bounces import BounceListenerSettings, start_bounce_listener
+from postlane.ingest.bounces import (
+    MAIL_FIRST_SHARE,
+    BounceListenerSettings,
+    start_bounce_listener,
+)
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.records import AttemptRecord, Outcome
 from postlane.store.sqlite import SQLiteStore
 from postlane.transports.base import BaseTransport, Envelope, Response
+from postlane.waits import MailFirst
 from tests.conftest import SMTPPeer, free_port
 
 DATA = Path(__file__).parent.parent / "data" / "feedback"
@@ -653,6 +659,72 @@ async def test_the_listener_records_a_dsn_from_the_null_sender_before_answering_
     # the 250 came after the commit: the state is there without waiting
     assert await world.state(sent, "nobody@example.net") is RecipientState.BOUNCED
     assert [r.disposition for r in counted.reports] == [Disposition.RECORDED]
+
+
+class NotingProcessor(BounceProcessor):
+    """The real processor, noting when each report starts and how many run at once."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self.starts: list[float] = []
+        self.running = 0
+        self.most = 0
+
+    async def process(self, content: bytes, **options: Any) -> Any:
+        self.starts.append(time.monotonic())
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            return await super().process(content, **options)
+        finally:
+            self.running -= 1
+
+
+async def test_while_the_worker_delivers_reports_wait_their_turn_one_at_a_time(
+    sqlite_world: World,
+) -> None:
+    """Mail first: with the worker's attempt counter moving, the listener reads and records
+    one report at a time, each starting in the first tenth of a quarter second; they are all
+    recorded all the same."""
+    world = sqlite_world
+    processor = NotingProcessor(world.store, world.paths, clock=world.clock, in_flight_wait=0.5)
+    attempts = 0
+
+    async def delivering() -> None:  # a busy worker, as far as the listener can tell
+        nonlocal attempts
+        while True:
+            attempts += 1
+            await asyncio.sleep(0.01)
+
+    to = [f"gone{n}@example.net" for n in range(12)]
+    sent = await world.send(*to)
+    settings = BounceListenerSettings(listen=f"127.0.0.1:{free_port()}")
+    busy = asyncio.create_task(delivering())
+    try:
+        async with start_bounce_listener(
+            processor, settings, mail_activity=lambda: attempts
+        ) as address:
+            port = int(address.rpartition(":")[2])
+            replies = await asyncio.gather(
+                *(
+                    asyncio.to_thread(
+                        smtp_send,
+                        port,
+                        "<>",
+                        [world.verp(sent, rcpt)],
+                        sample("postfix-failed.eml", return_path=world.verp(sent, rcpt)),
+                    )
+                    for rcpt in to
+                )
+            )
+    finally:
+        busy.cancel()
+    assert all(data[0] == 250 for _rcpt, data in replies)
+    assert processor.most == 1  # one at a time
+    window = MailFirst.CYCLE * MAIL_FIRST_SHARE + 0.01  # (a thread switch between the two)
+    late = [t % MailFirst.CYCLE for t in processor.starts if t % MailFirst.CYCLE >= window]
+    assert late == []  # each started in its turn
+    assert all([await world.state(sent, rcpt) is RecipientState.BOUNCED for rcpt in to])
 
 
 async def test_only_valid_tokens_at_the_bounce_domain_are_accepted(sqlite_world: World) -> None:

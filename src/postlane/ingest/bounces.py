@@ -28,13 +28,14 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from postlane.feedback.inbound import BounceProcessor, InboundResult
 from postlane.feedback.reports import PARSE_LIMIT
 from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
+from postlane.waits import MailFirst
 
 __all__ = [
     "BounceHandler",
@@ -46,6 +47,8 @@ __all__ = [
 log = logging.getLogger("postlane.bounces")
 
 MB = 1024 * 1024
+#: while the worker delivers, reports start in this share of every quarter second
+MAIL_FIRST_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,12 @@ class BounceHandler:
         processor: BounceProcessor,
         settings: BounceListenerSettings,
         observer: BounceObserver | None = None,
+        mail_first: MailFirst | None = None,
     ) -> None:
         self.processor = processor
+        #: while the worker beside it delivers, reports wait their turn, one at a time
+        self.mail_first = mail_first
+        self._one_at_a_time = asyncio.Lock()
         self.settings = settings
         self.observer: BounceObserver = observer or _NoObserver()
         self.domain = processor.return_paths.domain
@@ -148,6 +155,15 @@ class BounceHandler:
         return "250 2.1.5 OK"
 
     async def data(self, session: Session, envelope: Envelope) -> str:
+        if self.mail_first is None or not self.mail_first.busy():
+            return await self._process(envelope)
+        # mail first: a report is not urgent, and its sender waits for the answer (so a
+        # flood of them slows down with it) where a delivery would lose its pace
+        async with self._one_at_a_time:
+            await self.mail_first.turn(0.0)
+            return await self._process(envelope)
+
+    async def _process(self, envelope: Envelope) -> str:
         try:
             result = await self.processor.process(
                 envelope.content, mail_from=envelope.mail_from, rcpt_to=list(envelope.rcpt_tos)
@@ -187,14 +203,19 @@ async def start_bounce_listener(
     *,
     observer: BounceObserver | None = None,
     sock: socket.socket | None = None,
+    mail_activity: Callable[[], int] | None = None,
 ) -> AsyncIterator[str]:
     """Listen for bounces at ``settings.listen`` (or on ``sock``, a socket already bound and
     listening, e.g. one shared by several processes) until the context exits; yields
-    ``host:port``. ``processor`` carries the bounce domain and the store."""
+    ``host:port``. ``processor`` carries the bounce domain and the store. ``mail_activity``
+    (the worker's attempt counter): while it moves, reports are read and recorded one at a
+    time in a tenth of each quarter second (:class:`~postlane.waits.MailFirst`), so a flood
+    of them does not slow delivery; they catch up when mail is quiet."""
     from postlane.ingest.server import bind
 
     settings = settings or BounceListenerSettings()
-    handler = BounceHandler(processor, settings, observer)
+    mail_first = MailFirst(mail_activity, share=MAIL_FIRST_SHARE, max_lag=float("inf"))
+    handler = BounceHandler(processor, settings, observer, mail_first)
     hostname = settings.hostname or socket.gethostname()
     if sock is None:
         sock = bind(settings.listen, "bounces.listen")

@@ -53,7 +53,7 @@ from postlane.errors import NotFound
 from postlane.events import Event, WebhookEndpointState
 from postlane.leases import lease_owner_id, owner_is_dead
 from postlane.store.base import HistoryStore, WebhookStore
-from postlane.waits import first_of
+from postlane.waits import MailFirst, first_of
 from postlane.webhooks.addresses import (
     AddressRefused,
     Resolver,
@@ -132,58 +132,6 @@ class SenderSettings:
     busy_share: float = 0.1
     #: ... unless the event to send is older than this: then webhooks go at full speed
     max_lag: float = 60.0
-
-
-class MailFirst:
-    """Mail has priority over webhooks in a process that does both.
-
-    A webhook costs about what a delivery costs (a request and its reply through the event
-    loop), and each message makes two events or more, so a sender going flat out beside a busy
-    worker would take a third of its rate or more. While ``activity`` (a counter that moves
-    with each delivery attempt: the worker's) has moved within the last half second, or the
-    process started less than half a second ago, requests start only in the first ``share`` of
-    every quarter second; when mail is idle, or the event
-    to send is more than ``max_lag`` seconds old, they start at once. So during a burst the
-    webhooks fall behind by a bounded amount and catch up when it is over.
-    """
-
-    CYCLE = 0.25
-    QUIET = 0.5
-
-    def __init__(self, activity: Callable[[], int] | None, share: float, max_lag: float) -> None:
-        self.activity = activity
-        self.share = share
-        self.max_lag = max_lag
-        self._seen = 0 if activity is None else activity()
-        #: when the counter was last seen to move, and when it was last looked at (None: not
-        #: yet; a process starting with a backlog delivers at once, so mail counts as busy
-        #: until it has been quiet for a while)
-        self._moved_at: float | None = None
-        self._looked_at: float | None = None
-
-    def busy(self) -> bool:
-        """True while mail is being delivered: the counter moved within the last half second
-        (as far as this can tell: a move is dated to the previous look, the earliest it can
-        have happened, so a long look away does not read as a busy moment)."""
-        if self.activity is None:
-            return False
-        now = time.monotonic()
-        value = self.activity()
-        if self._looked_at is None or self._moved_at is None:
-            self._moved_at = now
-        elif value != self._seen:
-            self._moved_at = self._looked_at
-        self._seen = value
-        self._looked_at = now
-        return now - self._moved_at < self.QUIET
-
-    async def turn(self, age: float) -> None:
-        """Wait until a request for an event ``age`` seconds old may start."""
-        while age < self.max_lag and self.share < 1 and self.busy():
-            phase = time.monotonic() % self.CYCLE
-            if phase < self.CYCLE * self.share:
-                return
-            await asyncio.sleep(self.CYCLE - phase)
 
 
 class WebhookSender:
