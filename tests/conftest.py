@@ -4,8 +4,10 @@ with scripted replies, a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,31 @@ def clock() -> FakeClock:
 
 def _postgres_url() -> str | None:
     return os.environ.get("POSTLANE_TEST_POSTGRES")
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    """A PostgreSQL store URL with a fresh schema of its own (``?schema=``), dropped after."""
+    async with postgres_schema() as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """What :func:`pg_schema` gives, for fixtures that choose their store themselves."""
+    url = _postgres_url()
+    if url is None:
+        if IN_CI:
+            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
+        pytest.skip("PostgreSQL tests need POSTLANE_TEST_POSTGRES=postgresql://...")
+    from postlane.store.postgres import PostgresStore
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield f"{url}{'&' if '?' in url else '?'}schema={schema}"
+    store = PostgresStore(url, schema=schema)
+    await store.open()
+    await store.drop_schema()
+    await store.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -21,7 +21,7 @@ from postlane.app import AsyncPostlane
 from postlane.config import config_from_dict
 from postlane.store.postgres import PostgresStore, split_schema
 from tests.conftest import ScriptedHandler, free_port
-from tests.integration.test_postgres_workers import enqueue, pg_schema  # noqa: F401
+from tests.integration.test_postgres_workers import enqueue
 from tests.processes import start_postlane, stopping
 
 pytestmark = pytest.mark.slow
@@ -104,7 +104,7 @@ def busiest(times: list[float], window: float) -> int:
 
 
 async def test_three_workers_share_a_destinations_rate(
-    pg_schema: str,  # noqa: F811
+    pg_schema: str,
     limited_peer: tuple[str, RateLimitedHandler],
     tmp_path: Path,
 ) -> None:
@@ -160,7 +160,7 @@ async def test_three_workers_share_a_destinations_rate(
 
 
 async def test_a_pause_one_worker_learns_stops_the_others_within_a_second(
-    pg_schema: str,  # noqa: F811
+    pg_schema: str,
     limited_peer: tuple[str, RateLimitedHandler],
     tmp_path: Path,
 ) -> None:

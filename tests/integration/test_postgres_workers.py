@@ -5,9 +5,7 @@ deliveries."""
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,29 +13,13 @@ import pytest
 from postlane.app import AsyncPostlane
 from postlane.config import config_from_dict
 from postlane.message import Message
-from postlane.store.postgres import PostgresStore
-from tests.conftest import IN_CI, SMTPPeer, _postgres_url, free_port
+from tests.conftest import SMTPPeer, free_port
 from tests.processes import start_postlane, stopping
 
 pytestmark = pytest.mark.slow
 
 COUNT = 5000
 CONCURRENCY = 20
-
-
-@pytest.fixture
-async def pg_schema() -> AsyncIterator[str]:
-    url = _postgres_url()
-    if url is None:
-        if IN_CI:
-            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
-        pytest.skip("PostgreSQL tests need POSTLANE_TEST_POSTGRES=postgresql://...")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    yield f"{url}{'&' if '?' in url else '?'}schema={schema}"
-    store = PostgresStore(url, schema=schema)
-    await store.open()
-    await store.drop_schema()
-    await store.close()
 
 
 def write_config(folder: Path, url: str, relay: str) -> Path:

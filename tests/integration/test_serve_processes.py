@@ -11,7 +11,6 @@ import email
 import os
 import re
 import smtplib
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IN_CI, SMTPPeer, _postgres_url, free_port
+from tests.conftest import SMTPPeer, free_port, postgres_schema
 from tests.processes import PostlaneProcess, run_postlane, start_postlane
 
 pytestmark = pytest.mark.slow
@@ -36,19 +35,8 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'postlane.db'}"
         return
-    url = _postgres_url()
-    if url is None:
-        if IN_CI:
-            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
-        pytest.skip("PostgreSQL tests need POSTLANE_TEST_POSTGRES=postgresql://...")
-    from postlane.store.postgres import PostgresStore
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    yield f"{url}{'&' if '?' in url else '?'}schema={schema}"
-    store = PostgresStore(url, schema=schema)
-    await store.open()
-    await store.drop_schema()
-    await store.close()
+    async with postgres_schema() as url:
+        yield url
 
 
 class Fleet:
