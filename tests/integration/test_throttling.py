@@ -163,10 +163,6 @@ class HealthyRun:
     broken_status: DestinationStatus | None
     broken_views: list[MessageView]
 
-    @property
-    def throughput(self) -> float:
-        return HEALTHY / self.seconds
-
 
 async def run_healthy(tmp_path: Path, peer: SMTPPeer, *, with_broken: bool) -> HealthyRun:
     """Deliver HEALTHY messages to a healthy server; with ``with_broken``, as many messages to a
@@ -205,15 +201,10 @@ async def run_healthy(tmp_path: Path, peer: SMTPPeer, *, with_broken: bool) -> H
 async def test_a_refusing_destination_does_not_slow_the_healthy_one(
     tmp_path: Path, smtp_peer: SMTPPeer
 ) -> None:
-    # each send takes 30 ms, 20 in flight: the healthy domain alone runs for about 2 seconds
+    # each send takes 30 ms, 20 in flight: the healthy domain runs for about 2 seconds
     smtp_peer.handler.data_delay = 0.03
-    # alone and beside in turn, twice: each side's best run is compared (a throughput measured
-    # on a shared machine is only ever slower than it could be, never faster)
-    alone: list[HealthyRun] = []
-    beside: list[HealthyRun] = []
-    for turn in range(2):
-        alone.append(await run_healthy(tmp_path / f"alone{turn}", smtp_peer, with_broken=False))
-        beside.append(await run_healthy(tmp_path / f"beside{turn}", smtp_peer, with_broken=True))
+    beside = [await run_healthy(tmp_path / f"beside{turn}", smtp_peer, with_broken=True)
+              for turn in range(2)]  # fmt: skip
 
     for run in beside:
         # the broken domain was met at the start of the measured window, not after it
@@ -239,12 +230,12 @@ async def test_a_refusing_destination_does_not_slow_the_healthy_one(
         assert all(r.attempts == 0 and r.state is not RecipientState.SENT for r in recipients)
         assert all((r.next_attempt_at or 0) >= status.paused_until for r in recipients)
 
-    # and the healthy domain went at its full pace all along
-    best_alone = max(run.throughput for run in alone)
-    best_beside = max(run.throughput for run in beside)
-    assert best_beside >= best_alone * 0.9, (
-        f"healthy alone {best_alone:.0f}/s, beside a broken one {best_beside:.0f}/s"
-    )
+        # and so it cost the healthy domain nothing after its first tenth: every try of the
+        # broken one (at most CONCURRENCY + PAUSE_AFTER send slots, each a refused connect) came
+        # before the healthy domain's 100th delivery; the other 900 had every slot. (Checked by
+        # the tries' order, not by comparing throughputs: a rate measured beside other tests
+        # on a shared machine says more about the machine than about the worker.)
+        assert broken[-1].at <= healthy[HEALTHY // 10].at
 
 
 # -- seeing it ---------------------------------------------------------------------------------
