@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import django
 import psycopg
 import pytest
 from django.core import mail as django_mail
@@ -40,31 +39,17 @@ from postlane.django.signals import SIGNALS, mail_event
 from postlane.errors import NotFound
 from postlane.webhooks.subscribers import EventSubscribers
 from tests.conftest import IN_CI, SMTPPeer, _postgres_url
-from tests.integration.test_django import (  # noqa: F401 (postlane_server: a fixture)
+from tests.integration.test_django import (  # noqa: F401 (fixtures: used by name)
     SETTINGS_MODULE,
     TOKEN,
     deliver,
+    django_project,
     postlane_server,
     with_schema,
     write_config,
 )
 
 METADATA = {"user": "42", "plan": "pro"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def django_project() -> Iterator[None]:
-    previous = os.environ.get("DJANGO_SETTINGS_MODULE")
-    os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS_MODULE
-    try:
-        django.setup()
-        yield
-    finally:
-        postlane.django.reset()
-        if previous is None:
-            del os.environ["DJANGO_SETTINGS_MODULE"]
-        else:
-            os.environ["DJANGO_SETTINGS_MODULE"] = previous
 
 
 @dataclass
