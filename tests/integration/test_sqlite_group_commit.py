@@ -34,6 +34,8 @@ async def test_concurrent_enqueues_share_commits_and_all_are_stored(tmp_path: Pa
         single_commits = await enqueue_concurrently(single, 200)
         assert single_commits == 200  # the counter counts commits: one per enqueue without grouping
         assert grouped_commits <= 50  # with it, the 200 writes share a handful of commits
+        # and the enqueues waiting together ran as one plan (a few statements, not 200 x 5)
+        assert grouped.combined >= 100 and single.combined == 0
         reopened = SQLiteStore(tmp_path / "grouped.db")
         await reopened.open()
         try:

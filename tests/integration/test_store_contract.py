@@ -801,6 +801,42 @@ async def test_a_key_reused_with_another_payload_is_a_conflict(store: Any) -> No
     assert len(await store.list_messages(Selector(), limit=10)) == 1
 
 
+async def test_concurrent_enqueues_keep_their_own_results_times_and_failures(store: Any) -> None:
+    """Concurrent enqueue calls, which SQLite's group commit runs as one plan: each call keeps
+    its own time and results, a key repeated by two calls is one message, and a call whose key
+    conflicts fails alone (the others are stored)."""
+    stored_first = msg("ada@example.net", key="k")
+    await store.enqueue([stored_first], T0)
+    plain = [msg(f"user{i}@example.net") for i in range(30)]
+    twice = [msg("bob@example.net", key="same"), msg("bob@example.net", key="same")]
+    conflicting = msg("carol@example.net", key="k")  # k's first payload was another
+    calls = [[m] for m in plain[:15]] + [[twice[0]], [conflicting], [twice[1]]]
+    calls += [[m] for m in plain[15:]]
+    outcomes = await asyncio.gather(
+        *(store.enqueue(call, T0 + 1 + i) for i, call in enumerate(calls)),
+        return_exceptions=True,
+    )
+    refused = outcomes[16]
+    assert isinstance(refused, IdempotencyConflict) and refused.existing_id == stored_first.id
+    results = [r for i, r in enumerate(outcomes) if i != 16]
+    assert all(isinstance(r, list) and len(r) == 1 for r in results)
+    first, second = outcomes[15], outcomes[17]
+    assert isinstance(first, list) and isinstance(second, list)
+    assert [r.id for r in first] == [r.id for r in second]  # one message, whichever ran first
+    assert sorted([first[0].duplicate, second[0].duplicate]) == [False, True]
+    for i, message in enumerate(plain):
+        call = i if i < 15 else i + 3
+        got = outcomes[call]
+        assert isinstance(got, list) and got[0].id == message.id and not got[0].duplicate
+        view = await store.get_message(message.id)
+        assert view.created_at == T0 + 1 + call  # each call's own time, combined or not
+    events = await store.events_after(None, limit=1000, types=["queued"])
+    at = {e.queue_id: e.at for e in events}
+    assert all(at[m.id] == T0 + 1 + (i if i < 15 else i + 3) for i, m in enumerate(plain))
+    listed = await store.list_messages(Selector(), limit=100)
+    assert len(listed) == 1 + 30 + 1  # the first, the plain ones, one of the twins; no carol
+
+
 # -- scheduled and expiring mail ------------------------------------------------------------------
 
 

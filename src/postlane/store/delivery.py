@@ -37,20 +37,55 @@ REAP_SLICE = 1000
 PURGE_SLICE = 500
 
 
-def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[EnqueueResult]]:
-    """Store ``messages``: a constant number of statements per batch (the suppression check,
-    the message rows, the recipient rows, their ``queued`` events, and a look-up of existing
-    messages when an idempotency key was already stored).
+def enqueue_plan(
+    messages: Sequence[PreparedMessage], now: float, notify: str | None = None
+) -> Plan[list[EnqueueResult]]:
+    """Store ``messages`` at ``now`` (see :func:`enqueue_calls_plan`)."""
+    return (yield from _enqueue([(message, now) for message in messages], notify))
+
+
+#: one enqueue call: its messages and its time
+Call = tuple[Sequence[PreparedMessage], float]
+
+
+def enqueue_calls_plan(
+    calls: Sequence[Call], notify: str | None = None
+) -> Plan[list[list[EnqueueResult]]]:
+    """Several concurrent enqueue calls as one plan, each call's results apart (what the
+    database runs when it combines them into one transaction: the statements are per batch, not
+    per call). As if the calls ran one after the other, in order: a key repeated by a later call
+    is its duplicate; a key's conflict fails the whole plan (the database then runs each call
+    alone, so that only the conflicting one fails). ``notify``: the dialect's wake-up query,
+    run when something new was stored."""
+    entries = [(message, now) for messages, now in calls for message in messages]
+    results = yield from _enqueue(entries, notify)
+    split: list[list[EnqueueResult]] = []
+    start = 0
+    for messages, _now in calls:
+        split.append(results[start : start + len(messages)])
+        start += len(messages)
+    return split
+
+
+def _enqueue(
+    entries: Sequence[tuple[PreparedMessage, float]], notify: str | None
+) -> Plan[list[EnqueueResult]]:
+    """Store each message at its time: a constant number of statements per batch (the
+    suppression check, the message rows, the recipient rows, their ``queued`` events, and a
+    look-up of existing messages when an idempotency key was already stored).
 
     A key belongs to its submitter. A message whose submitter already stored its key creates
     nothing and gets the first id; with a different payload (fingerprint) it is refused with
     :class:`IdempotencyConflict` and nothing of the batch is stored. The first message per key
     in the batch is the candidate; later ones repeat it. Candidates with a key go in key order,
     so two concurrent batches take their locks in the same order and never deadlock."""
+    messages = [message for message, _now in entries]
+    at = {message.id: now for message, now in entries}
     addresses = sorted({r.address.lower() for m in messages for r in m.recipients})
     listed: dict[str, set[str]] = {}
     if addresses:
-        found = yield from fetch("suppressed_among", {"addresses": addresses, "now": now})
+        latest = max(at.values())
+        found = yield from fetch("suppressed_among", {"addresses": addresses, "now": latest})
         listed = rows.scopes_by_address(found)
     suppressed = {
         m.id: {r.address for r in m.recipients if rows.listed_for(listed, r.address, m.sender)}
@@ -71,7 +106,7 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
         if not pending:
             break
         message_rows = [
-            rows.message_params(m, now=now, done=len(suppressed[m.id]) == len(m.recipients))
+            rows.message_params(m, now=at[m.id], done=len(suppressed[m.id]) == len(m.recipients))
             for m in pending
         ]
         inserted = yield from batch("insert_messages", message_rows)
@@ -95,13 +130,13 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
     yield from batch(
         "insert_deliveries",
         [
-            rows.delivery_params(m, r, now=now, suppressed=r.address in suppressed[m.id])
+            rows.delivery_params(m, r, now=at[m.id], suppressed=r.address in suppressed[m.id])
             for m in new
             for r in m.recipients
         ],
     )
     if new:
-        yield from execute("insert_enqueue_events", {"ids": [m.id for m in new], "now": now})
+        yield from execute("insert_enqueue_events", {"ids": [m.id for m in new]})
     results: list[EnqueueResult] = []
     seen: set[str] = set()
     for message in messages:
@@ -113,6 +148,8 @@ def enqueue_plan(messages: Sequence[PreparedMessage], now: float) -> Plan[list[E
             results.append(EnqueueResult(id=candidates[key].id, duplicate=True))
         elif key is not None:
             results.append(EnqueueResult(id=existing[key]["id"], duplicate=True))
+    if new and notify is not None:
+        yield Statement(notify)
     return results
 
 
@@ -130,23 +167,17 @@ def _same_payload(message: PreparedMessage, fingerprint: str | None, key: str, f
         raise IdempotencyConflict(key, first)
 
 
-def notified(plan: Plan[list[EnqueueResult]], query: str | None) -> Plan[list[EnqueueResult]]:
-    """``plan``, then the dialect's wake-up query when something new was stored."""
-    results = yield from plan
-    if query is not None and any(not r.duplicate for r in results):
-        yield Statement(query)
-    return results
-
-
 class SQLDelivery(SQLRole):
     """Ingest and workers' operations."""
 
     async def enqueue(self, messages: Sequence[PreparedMessage], now: float) -> list[EnqueueResult]:
-        results = await self.db.write(
-            lambda: notified(enqueue_plan(messages, now), self.dialect.notify_query)
-        )
+        results = await self.db.write_combined(self._enqueue_calls, (messages, now))
         self.db.enqueued()
         return results
+
+    def _enqueue_calls(self, calls: list[Call]) -> Plan[list[list[EnqueueResult]]]:
+        """Concurrent enqueues, combined by the database into one plan where it can."""
+        return enqueue_calls_plan(calls, self.dialect.notify_query)
 
     async def claim_due(
         self,

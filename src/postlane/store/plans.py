@@ -25,6 +25,7 @@ from postlane.records import Selector
 from postlane.store.sql import load_common_queries, load_queries
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 Row = Mapping[str, Any]
 
 _NO_PARAMS: Mapping[str, Any] = {}
@@ -193,6 +194,12 @@ class Database(Protocol):
 
     async def write(self, plan: Callable[[], Plan[T]]) -> T:
         """Run a plan in one write transaction (the factory may be called again to retry)."""
+        ...
+
+    async def write_combined(self, combine: Callable[[list[Item]], Plan[list[T]]], item: Item) -> T:
+        """``combine([item])[0]``, in one write transaction; concurrent calls with the same
+        ``combine`` may run as one plan over all their items (each caller gets its own result).
+        Should the combined plan fail, each item runs alone, so a failure is its own caller's."""
         ...
 
     async def read(self, plan: Callable[[], Plan[T]]) -> T:

@@ -39,12 +39,12 @@ from postlane.errors import ConfigError, StoreUnavailable
 from postlane.message import PreparedMessage
 from postlane.records import EnqueueResult
 from postlane.store import delivery
-from postlane.store.delivery import notified
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 Conn = psycopg.AsyncConnection[Any]
 
 MIGRATIONS = load_migrations("postgres")
@@ -146,7 +146,7 @@ def run_plan_sync(conn: psycopg.Connection[Any], plan: Plan[T]) -> T:
 
 def enqueue_plan(messages: list[PreparedMessage], now: float) -> Plan[list[EnqueueResult]]:
     """The store's enqueue, notifying listening workers at the commit (the outbox's too)."""
-    return notified(delivery.enqueue_plan(messages, now), DIALECT.notify_query)
+    return delivery.enqueue_plan(messages, now, DIALECT.notify_query)
 
 
 def in_schema(plan: Plan[T], schema: str | None) -> Plan[T]:
@@ -323,6 +323,10 @@ class PostgresDatabase:
 
     async def write(self, plan: Callable[[], Plan[T]]) -> T:
         return await self._run(plan, snapshot=False)
+
+    async def write_combined(self, combine: Callable[[list[Item]], Plan[list[T]]], item: Item) -> T:
+        results = await self._run(lambda: combine([item]), snapshot=False)
+        return results[0]
 
     async def read(self, plan: Callable[[], Plan[T]]) -> T:
         return await self._run(plan, snapshot=True)

@@ -32,6 +32,7 @@ from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 MIGRATIONS = load_migrations("sqlite")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -120,20 +121,57 @@ def _split_statements(sql: str) -> list[str]:
     return statements
 
 
+#: runs the items of several jobs as one: their results, in order
+Combine = Callable[[sqlite3.Connection, list[Any]], list[Any]]
+
+
 @dataclass
 class _Job:
     run: Callable[[sqlite3.Connection], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    #: jobs with the same ``combine`` in one group commit run as one call over their items
+    combine: Combine | None = None
+    item: Any = None
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+#: what became of one job: its result, or its error
+_Outcome = tuple[_Job, Any, BaseException | None]
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in outcomes:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _report(outcomes: list[_Outcome]) -> None:
+    """Resolve the futures, one wake-up per event loop (not one per job)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+    for job, result, error in outcomes:
+        by_loop.setdefault(job.loop, []).append((job.future, result, error))
+    for loop, settled in by_loop.items():
+        loop.call_soon_threadsafe(_settle, settled)
+
+
+def _groups(batch: list[_Job]) -> list[list[_Job]]:
+    """The jobs of a group commit in order, those sharing a ``combine`` together at the place
+    of their first (concurrent writes: any order of them is one they could have run in)."""
+    groups: list[list[_Job]] = []
+    by_combine: dict[Combine, list[_Job]] = {}
+    for job in batch:
+        if job.combine is None:
+            groups.append([job])
+        elif (group := by_combine.get(job.combine)) is not None:
+            group.append(job)
+        else:
+            by_combine[job.combine] = group = [job]
+            groups.append(group)
+    return groups
 
 
 class _Writer:
@@ -149,6 +187,8 @@ class _Writer:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self.commits = 0
+        #: jobs that ran combined with others of their kind (see write_combined)
+        self.combined = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -161,13 +201,20 @@ class _Writer:
             self._jobs.put(None)
             self._thread.join()
 
-    def submit(self, run: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(
+        self,
+        run: Callable[[sqlite3.Connection], T],
+        combine: Combine | None = None,
+        item: Any = None,
+    ) -> asyncio.Future[T]:
+        """Queue a job; ``combine`` and ``item``: it may run with others of its kind, as
+        ``combine(conn, items)`` (see :meth:`SQLiteDatabase.write_combined`)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         if not self._thread.is_alive():
             future.set_exception(StoreUnavailable("the SQLite store is closed"))
             return future
-        self._jobs.put(_Job(run, loop, future))
+        self._jobs.put(_Job(run, loop, future, combine, item))
         return future
 
     def _run(self) -> None:
@@ -202,44 +249,67 @@ class _Writer:
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             refusal = _unavailable(exc, self._path)
-            for job in batch:
-                job.loop.call_soon_threadsafe(_settle, job.future, None, refusal)
+            _report([(job, None, refusal) for job in batch])
             return
+        outcomes: list[_Outcome] = []
         try:
-            for job in batch:
-                if len(batch) == 1:
-                    try:
-                        outcomes.append((job, job.run(conn), None))
-                    except Exception as exc:
-                        conn.execute("ROLLBACK")
-                        job.loop.call_soon_threadsafe(_settle, job.future, None, _translate(exc))
-                        return
-                    continue
-                conn.execute("SAVEPOINT job")
+            if len(batch) == 1:
+                job = batch[0]
                 try:
-                    result = job.run(conn)
+                    outcomes.append((job, job.run(conn), None))
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    outcomes.append((job, None, _translate(exc)))
-                else:
-                    outcomes.append((job, result, None))
-                conn.execute("RELEASE job")
+                    conn.execute("ROLLBACK")
+                    _report([(job, None, _translate(exc))])
+                    return
+            else:
+                for group in _groups(batch):
+                    if len(group) == 1 or not self._run_combined(conn, group, outcomes):
+                        for job in group:
+                            self._run_alone(conn, job, outcomes)
             conn.execute("COMMIT")
             self.commits += 1
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             failure = _unavailable(exc, self._path)
-            for job in batch:
-                job.loop.call_soon_threadsafe(_settle, job.future, None, failure)
+            _report([(job, None, failure) for job in batch])
             return
-        for job, result, error in outcomes:
-            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+        _report(outcomes)
+
+    @staticmethod
+    def _run_alone(conn: sqlite3.Connection, job: _Job, outcomes: list[_Outcome]) -> None:
+        """One job of a group commit, under its own savepoint: its failure undoes only it."""
+        conn.execute("SAVEPOINT job")
+        try:
+            result = job.run(conn)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO job")
+            outcomes.append((job, None, _translate(exc)))
+        else:
+            outcomes.append((job, result, None))
+        conn.execute("RELEASE job")
+
+    def _run_combined(
+        self, conn: sqlite3.Connection, group: list[_Job], outcomes: list[_Outcome]
+    ) -> bool:
+        """Jobs of one kind as one call; False (nothing done) when it failed."""
+        combine = group[0].combine
+        assert combine is not None
+        conn.execute("SAVEPOINT combined")
+        try:
+            results = combine(conn, [job.item for job in group])
+        except Exception:
+            conn.execute("ROLLBACK TO combined")
+            conn.execute("RELEASE combined")
+            return False
+        conn.execute("RELEASE combined")
+        self.combined += len(group)
+        outcomes.extend((job, result, None) for job, result in zip(group, results, strict=True))
+        return True
 
 
 def _translate(exc: Exception) -> BaseException:
@@ -281,12 +351,19 @@ DIALECT = SQLiteDialect("sqlite")
 Q = DIALECT.queries
 
 
-def _bound(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Parameters as sqlite3 binds them: an array as its JSON text (for json_each)."""
-    return {
-        name: json.dumps(list(value)) if isinstance(value, list | tuple) else value
-        for name, value in params.items()
-    }
+def _bound(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Parameters as sqlite3 binds them: an array as its JSON text (for json_each). Most
+    statements have no array: they keep their mapping as it is (this runs for every row)."""
+    arrays = [name for name, value in params.items() if type(value) in _ARRAYS]
+    if not arrays:
+        return params
+    bound = dict(params)
+    for name in arrays:
+        bound[name] = json.dumps(list(params[name]))
+    return bound
+
+
+_ARRAYS = (list, tuple)
 
 
 def _execute(conn: sqlite3.Connection, statement: Statement) -> Result:
@@ -300,7 +377,7 @@ def _execute(conn: sqlite3.Connection, statement: Statement) -> Result:
     shared = _bound(statement.params)
     found, changed = [], 0
     for row in statement.rows:  # in-process: a statement per row costs no round trip
-        cursor = conn.execute(sql, {**shared, **_bound(row)})
+        cursor = conn.execute(sql, {**shared, **_bound(row)} if shared else _bound(row))
         found += cursor.fetchall()
         changed += max(cursor.rowcount, 0)
     return Result(found, changed)
@@ -347,6 +424,8 @@ class SQLiteDatabase:
         self._lock = threading.Lock()
         #: set when an enqueue of this process commits (wait_for_work)
         self._enqueued = asyncio.Event()
+        #: each combine function's job runner (the key that groups its jobs)
+        self._combiners: dict[Callable[[list[Any]], Plan[list[Any]]], Combine] = {}
 
     async def open(self) -> None:
         if not self.path.exists():
@@ -375,8 +454,20 @@ class SQLiteDatabase:
     def commits(self) -> int:
         return self._writer.commits
 
+    @property
+    def combined(self) -> int:
+        return self._writer.combined
+
     async def write(self, plan: Callable[[], Plan[T]]) -> T:
         return await self._writer.submit(lambda conn: run_plan(conn, plan()))
+
+    async def write_combined(self, combine: Callable[[list[Item]], Plan[list[T]]], item: Item) -> T:
+        """The jobs of one group commit that share ``combine`` run as one plan: under load, a
+        hundred enqueues cost a few statements, not a few hundred."""
+        key = self._combiners.get(combine)
+        if key is None:
+            key = self._combiners[combine] = lambda conn, items: run_plan(conn, combine(items))
+        return await self._writer.submit(lambda conn: key(conn, [item])[0], key, item)
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -451,3 +542,8 @@ class SQLiteStore(SQLStore):
     def commits(self) -> int:
         """How many write transactions committed (tests and benchmarks check group commit)."""
         return self.sqlite.commits
+
+    @property
+    def combined(self) -> int:
+        """How many writes ran combined with others of their kind (enqueues, as one plan)."""
+        return self.sqlite.combined

@@ -12,10 +12,11 @@ SELECT address, scope FROM suppressions
 WHERE @any(address, addresses, text) AND coalesce(expires_at > :now, TRUE);
 
 -- name: insert_enqueue_events
--- The events of new messages' recipients: queued, or suppressed (never attempted).
+-- The events of new messages' recipients: queued, or suppressed (never attempted), at the time
+-- they joined the queue.
 INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane, metadata)
-SELECT CASE WHEN d.state = 'suppressed' THEN 'suppressed' ELSE 'queued' END, :now, d.queue_id,
-       d.id, d.address, d.lane, m.metadata
+SELECT CASE WHEN d.state = 'suppressed' THEN 'suppressed' ELSE 'queued' END, d.created_at,
+       d.queue_id, d.id, d.address, d.lane, m.metadata
 FROM deliveries d JOIN messages m ON m.id = d.queue_id
 WHERE @any(d.queue_id, ids, text)
 ORDER BY d.id;
