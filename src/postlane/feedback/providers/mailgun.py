@@ -31,6 +31,7 @@ import hashlib
 import hmac
 from collections import OrderedDict
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from postlane.feedback.providers import (
@@ -131,17 +132,18 @@ def mailgun_events(data: Any) -> list[ProviderEvent]:
     variables = data.get("user-variables")
     message = data.get("message")
     headers = message.get("headers") if isinstance(message, dict) else None
-    common: dict[str, Any] = {
-        "provider": PROVIDER,
-        "recipient": recipient,
-        "queue_id": text_of(variables.get("postlane-queue-id"))
+    event = partial(
+        ProviderEvent,
+        PROVIDER,
+        recipient=recipient,
+        queue_id=text_of(variables.get("postlane-queue-id"))
         if isinstance(variables, dict)
         else None,
-        "message_id": message_id_header(headers.get("message-id"))
+        message_id=message_id_header(headers.get("message-id"))
         if isinstance(headers, dict)
         else None,
-        "raw": data,
-    }
+        raw=data,
+    )
     status = data.get("delivery-status")
     status = status if isinstance(status, dict) else {}
     diagnostic = _diagnostic(status)
@@ -154,30 +156,17 @@ def mailgun_events(data: Any) -> list[ProviderEvent]:
         else:
             default = "4.0.0"
         return [
-            ProviderEvent(
-                heard=Heard.FAILED if permanent else Heard.DELAYED,
+            event(
+                Heard.FAILED if permanent else Heard.DELAYED,
                 status=text_of(status.get("enhanced-code")) or default,
                 diagnostic=diagnostic or f"Mailgun {reason}",
                 label=f"failed/{'permanent' if permanent else 'temporary'}/{reason}",
-                **common,
             )
         ]
     if kind == "complained":
-        return [
-            ProviderEvent(
-                heard=Heard.COMPLAINED, complaint_type="abuse", label="complained", **common
-            )
-        ]
+        return [event(Heard.COMPLAINED, complaint_type="abuse", label=kind)]
     if kind == "delivered":
-        return [
-            ProviderEvent(
-                heard=Heard.DELIVERED,
-                status="2.0.0",
-                diagnostic=diagnostic,
-                label="delivered",
-                **common,
-            )
-        ]
+        return [event(Heard.DELIVERED, status="2.0.0", diagnostic=diagnostic, label=kind)]
     return []
 
 
