@@ -40,6 +40,7 @@ from postlane.feedback.providers import (
     ProviderEvent,
     Received,
     Unverified,
+    check_timestamp,
     message_id_header,
     read_json,
     text_of,
@@ -107,10 +108,7 @@ class MailgunReceiver:
         if not all(isinstance(v, str) and v for v in (timestamp, token, given)):
             raise Unverified("the signature needs timestamp, token and signature")
         assert isinstance(timestamp, str) and isinstance(token, str) and isinstance(given, str)
-        if not timestamp.isascii() or not timestamp.isdigit():
-            raise Unverified("the timestamp is not Unix seconds")
-        if abs(now - int(timestamp)) > self.settings.max_age:
-            raise Unverified("the timestamp is outside max_age")
+        check_timestamp(timestamp, now, self.settings.max_age, "the timestamp")
         expected = hmac.new(
             self.settings.signing_key.encode(), (timestamp + token).encode(), hashlib.sha256
         ).hexdigest()

@@ -43,6 +43,7 @@ from postlane.feedback.providers import (
     ProviderEvent,
     Received,
     Unverified,
+    check_timestamp,
     message_id_header,
     read_json,
     text_of,
@@ -78,10 +79,7 @@ class SendGridReceiver:
         timestamp = headers.get(TIMESTAMP_HEADER.lower(), "")
         if not signature_text or not timestamp:
             raise Unverified(f"no {SIGNATURE_HEADER} and {TIMESTAMP_HEADER}")
-        if not timestamp.isascii() or not timestamp.isdigit():
-            raise Unverified(f"{TIMESTAMP_HEADER} is not Unix seconds")
-        if abs(now - int(timestamp)) > self.settings.max_age:
-            raise Unverified(f"{TIMESTAMP_HEADER} is outside max_age")
+        check_timestamp(timestamp, now, self.settings.max_age, TIMESTAMP_HEADER)
         try:
             signature = base64.b64decode(signature_text, validate=True)
         except (binascii.Error, ValueError):
