@@ -14,7 +14,7 @@ import pytest
 from postlane.classify import ReplyClass
 from postlane.feedback import DeliveryRef, FeedbackKind
 from postlane.feedback.inbound import feedback_for
-from postlane.feedback.providers import Heard, ProviderEvent
+from postlane.feedback.providers import Heard, ProviderEvent, Unverified, check_timestamp
 from postlane.feedback.providers.mailgun import SeenTokens, mailgun_events
 from postlane.feedback.providers.postmark import postmark_events
 from postlane.feedback.providers.sendgrid import sendgrid_events
@@ -169,6 +169,29 @@ def test_mailgun_tokens_are_taken_once_until_they_expire() -> None:
     assert seen.claim("a", 20.0 + 601)  # expired: long past any timestamp max_age accepts
     small = SeenTokens(max_age=300, limit=2)
     assert small.claim("x", 0) and small.claim("y", 0) and small.claim("z", 0)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "error"),
+    [
+        ("1000", None),
+        ("1300", None),  # exactly max_age ahead
+        ("700", None),  # exactly max_age old
+        ("1301", "X-Timestamp is outside max_age"),
+        ("699", "X-Timestamp is outside max_age"),
+        ("-1000", "X-Timestamp is not Unix seconds"),
+        ("1e3", "X-Timestamp is not Unix seconds"),
+        ("\u0661\u0662", "X-Timestamp is not Unix seconds"),  # digits, but not ASCII ones
+    ],
+)
+def test_a_signed_timestamp_is_unix_seconds_within_max_age(
+    timestamp: str, error: str | None
+) -> None:
+    if error is None:
+        check_timestamp(timestamp, 1000.0, 300.0, "X-Timestamp")
+        return
+    with pytest.raises(Unverified, match=f"^{re.escape(error)}$"):
+        check_timestamp(timestamp, 1000.0, 300.0, "X-Timestamp")
 
 
 @pytest.mark.parametrize(

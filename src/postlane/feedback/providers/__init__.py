@@ -46,6 +46,7 @@ __all__ = [
     "ProviderEvent",
     "Received",
     "Unverified",
+    "check_timestamp",
     "message_id_header",
     "read_json",
 ]
@@ -140,6 +141,15 @@ def read_json(body: bytes) -> Any:
         return json.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise Malformed(f"the body is not valid JSON: {exc}") from None
+
+
+def check_timestamp(timestamp: str, now: float, max_age: float, name: str) -> None:
+    """Refuse (:class:`Unverified`) a signed timestamp, called ``name`` in the error, that is not
+    Unix seconds or is older (or further ahead) than ``max_age`` seconds."""
+    if not timestamp.isascii() or not timestamp.isdigit():
+        raise Unverified(f"{name} is not Unix seconds")
+    if abs(now - int(timestamp)) > max_age:
+        raise Unverified(f"{name} is outside max_age")
 
 
 def message_id_header(value: Any) -> str | None:

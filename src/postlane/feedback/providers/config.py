@@ -128,7 +128,10 @@ def provider_webhooks_from_config(
         table = section[name]
         if not isinstance(table, Mapping):
             raise ConfigError(f"{where}: expected a table ([{where}]), got {table!r}")
-        found[name] = _READERS[name](_Table(resolve(table, where, _FILE_KEYS[name]), where))
+        read, file_keys = _READERS[name]
+        values = _Table(resolve(table, where, file_keys), where)
+        found[name] = read(values)
+        values.done()
     return ProviderWebhooks(**found)
 
 
@@ -209,46 +212,33 @@ def _verification_key(value: Any) -> str:
 
 
 def _ses(table: _Table) -> SESWebhook:
-    webhook = SESWebhook(topic_arns=table.get("topic_arns", _topic_arns))
-    table.done()
-    return webhook
+    return SESWebhook(topic_arns=table.get("topic_arns", _topic_arns))
 
 
 def _sendgrid(table: _Table) -> SendGridWebhook:
-    webhook = SendGridWebhook(
+    return SendGridWebhook(
         verification_key=table.get("verification_key", _verification_key),
         max_age=table.get("max_age", toml_values.duration, DEFAULT_MAX_AGE),
     )
-    table.done()
-    return webhook
 
 
 def _postmark(table: _Table) -> PostmarkWebhook:
-    webhook = PostmarkWebhook(
+    return PostmarkWebhook(
         username=table.get("username", _text), password=table.get("password", _text)
     )
-    table.done()
-    return webhook
 
 
 def _mailgun(table: _Table) -> MailgunWebhook:
-    webhook = MailgunWebhook(
+    return MailgunWebhook(
         signing_key=table.get("signing_key", _text),
         max_age=table.get("max_age", toml_values.duration, DEFAULT_MAX_AGE),
     )
-    table.done()
-    return webhook
 
 
-_READERS: dict[str, Callable[[_Table], Any]] = {
-    "ses": _ses,
-    "sendgrid": _sendgrid,
-    "postmark": _postmark,
-    "mailgun": _mailgun,
-}
-_FILE_KEYS: dict[str, tuple[str, ...]] = {
-    "ses": (),
-    "sendgrid": ("verification_key",),
-    "postmark": ("username", "password"),
-    "mailgun": ("signing_key",),
+#: each provider's table: how it is read, and the keys that may be given as ``KEY_file``
+_READERS: dict[str, tuple[Callable[[_Table], Any], tuple[str, ...]]] = {
+    "ses": (_ses, ()),
+    "sendgrid": (_sendgrid, ("verification_key",)),
+    "postmark": (_postmark, ("username", "password")),
+    "mailgun": (_mailgun, ("signing_key",)),
 }

@@ -31,6 +31,7 @@ import hashlib
 import hmac
 from collections import OrderedDict
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from postlane.feedback.providers import (
@@ -39,6 +40,7 @@ from postlane.feedback.providers import (
     ProviderEvent,
     Received,
     Unverified,
+    check_timestamp,
     message_id_header,
     read_json,
     text_of,
@@ -106,10 +108,7 @@ class MailgunReceiver:
         if not all(isinstance(v, str) and v for v in (timestamp, token, given)):
             raise Unverified("the signature needs timestamp, token and signature")
         assert isinstance(timestamp, str) and isinstance(token, str) and isinstance(given, str)
-        if not timestamp.isascii() or not timestamp.isdigit():
-            raise Unverified("the timestamp is not Unix seconds")
-        if abs(now - int(timestamp)) > self.settings.max_age:
-            raise Unverified("the timestamp is outside max_age")
+        check_timestamp(timestamp, now, self.settings.max_age, "the timestamp")
         expected = hmac.new(
             self.settings.signing_key.encode(), (timestamp + token).encode(), hashlib.sha256
         ).hexdigest()
@@ -131,17 +130,18 @@ def mailgun_events(data: Any) -> list[ProviderEvent]:
     variables = data.get("user-variables")
     message = data.get("message")
     headers = message.get("headers") if isinstance(message, dict) else None
-    common: dict[str, Any] = {
-        "provider": PROVIDER,
-        "recipient": recipient,
-        "queue_id": text_of(variables.get("postlane-queue-id"))
+    event = partial(
+        ProviderEvent,
+        PROVIDER,
+        recipient=recipient,
+        queue_id=text_of(variables.get("postlane-queue-id"))
         if isinstance(variables, dict)
         else None,
-        "message_id": message_id_header(headers.get("message-id"))
+        message_id=message_id_header(headers.get("message-id"))
         if isinstance(headers, dict)
         else None,
-        "raw": data,
-    }
+        raw=data,
+    )
     status = data.get("delivery-status")
     status = status if isinstance(status, dict) else {}
     diagnostic = _diagnostic(status)
@@ -154,30 +154,17 @@ def mailgun_events(data: Any) -> list[ProviderEvent]:
         else:
             default = "4.0.0"
         return [
-            ProviderEvent(
-                heard=Heard.FAILED if permanent else Heard.DELAYED,
+            event(
+                Heard.FAILED if permanent else Heard.DELAYED,
                 status=text_of(status.get("enhanced-code")) or default,
                 diagnostic=diagnostic or f"Mailgun {reason}",
                 label=f"failed/{'permanent' if permanent else 'temporary'}/{reason}",
-                **common,
             )
         ]
     if kind == "complained":
-        return [
-            ProviderEvent(
-                heard=Heard.COMPLAINED, complaint_type="abuse", label="complained", **common
-            )
-        ]
+        return [event(Heard.COMPLAINED, complaint_type="abuse", label=kind)]
     if kind == "delivered":
-        return [
-            ProviderEvent(
-                heard=Heard.DELIVERED,
-                status="2.0.0",
-                diagnostic=diagnostic,
-                label="delivered",
-                **common,
-            )
-        ]
+        return [event(Heard.DELIVERED, status="2.0.0", diagnostic=diagnostic, label=kind)]
     return []
 
 

@@ -32,6 +32,7 @@ import base64
 import binascii
 import hmac
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from postlane.feedback.providers import (
@@ -97,61 +98,32 @@ class PostmarkReceiver:
 def postmark_events(data: Mapping[str, Any]) -> list[ProviderEvent]:
     """The event one Postmark webhook tells (none for what postlane does not take)."""
     record = text_of(data.get("RecordType"))
+    # a delivery names its recipient ``Recipient``, a bounce and a complaint ``Email``
+    recipient = text_of(data.get("Recipient" if record == "Delivery" else "Email"))
+    if recipient is None:
+        return []
     metadata = data.get("Metadata")
-    common: dict[str, Any] = {
-        "provider": PROVIDER,
-        "queue_id": text_of(metadata.get("postlane_queue_id"))
-        if isinstance(metadata, dict)
-        else None,
-        "raw": data,
-    }
+    event = partial(
+        ProviderEvent,
+        PROVIDER,
+        recipient=recipient,
+        queue_id=text_of(metadata.get("postlane_queue_id")) if isinstance(metadata, dict) else None,
+        raw=data,
+    )
     if record == "Bounce":
-        recipient = text_of(data.get("Email"))
         kind = text_of(data.get("Type")) or "Unknown"
         details = text_of(data.get("Details")) or text_of(data.get("Description"))
-        if recipient is None:
-            return []
         if kind in _FAILED:
             heard, status = Heard.FAILED, _FAILED[kind]
         elif kind in _DELAYED:
             heard, status = Heard.DELAYED, "4.0.0"
         else:
             return []
-        return [
-            ProviderEvent(
-                heard=heard,
-                recipient=recipient,
-                status=status,
-                diagnostic=details or f"Postmark {kind}",
-                label=f"Bounce/{kind}",
-                **common,
-            )
-        ]
+        diagnostic = details or f"Postmark {kind}"
+        return [event(heard, status=status, diagnostic=diagnostic, label=f"Bounce/{kind}")]
     if record == "SpamComplaint":
-        recipient = text_of(data.get("Email"))
-        if recipient is None:
-            return []
-        return [
-            ProviderEvent(
-                heard=Heard.COMPLAINED,
-                recipient=recipient,
-                complaint_type="abuse",
-                label="SpamComplaint",
-                **common,
-            )
-        ]
+        return [event(Heard.COMPLAINED, complaint_type="abuse", label=record)]
     if record == "Delivery":
-        recipient = text_of(data.get("Recipient"))
-        if recipient is None:
-            return []
-        return [
-            ProviderEvent(
-                heard=Heard.DELIVERED,
-                recipient=recipient,
-                status="2.0.0",
-                diagnostic=text_of(data.get("Details")),
-                label="Delivery",
-                **common,
-            )
-        ]
+        details = text_of(data.get("Details"))
+        return [event(Heard.DELIVERED, status="2.0.0", diagnostic=details, label=record)]
     return []

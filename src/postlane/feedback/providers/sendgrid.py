@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -42,6 +43,7 @@ from postlane.feedback.providers import (
     ProviderEvent,
     Received,
     Unverified,
+    check_timestamp,
     message_id_header,
     read_json,
     text_of,
@@ -77,10 +79,7 @@ class SendGridReceiver:
         timestamp = headers.get(TIMESTAMP_HEADER.lower(), "")
         if not signature_text or not timestamp:
             raise Unverified(f"no {SIGNATURE_HEADER} and {TIMESTAMP_HEADER}")
-        if not timestamp.isascii() or not timestamp.isdigit():
-            raise Unverified(f"{TIMESTAMP_HEADER} is not Unix seconds")
-        if abs(now - int(timestamp)) > self.settings.max_age:
-            raise Unverified(f"{TIMESTAMP_HEADER} is outside max_age")
+        check_timestamp(timestamp, now, self.settings.max_age, TIMESTAMP_HEADER)
         try:
             signature = base64.b64decode(signature_text, validate=True)
         except (binascii.Error, ValueError):
@@ -101,61 +100,34 @@ def sendgrid_events(item: Any) -> list[ProviderEvent]:
     kind = text_of(item.get("event"))
     if recipient is None or kind is None:
         return []
-    common: dict[str, Any] = {
-        "provider": PROVIDER,
-        "recipient": recipient,
-        "queue_id": text_of(item.get("postlane_queue_id")),
-        "message_id": message_id_header(item.get("smtp-id")),
-        "raw": item,
-    }
+    event = partial(
+        ProviderEvent,
+        PROVIDER,
+        recipient=recipient,
+        queue_id=text_of(item.get("postlane_queue_id")),
+        message_id=message_id_header(item.get("smtp-id")),
+        raw=item,
+    )
     reason = text_of(item.get("reason"))
+    response = text_of(item.get("response"))
     if kind == "bounce":
         blocked = text_of(item.get("type")) == "blocked"
-        status = text_of(item.get("status"))
         return [
-            ProviderEvent(
-                heard=Heard.DELAYED if blocked else Heard.FAILED,
-                status=status or ("4.0.0" if blocked else "5.0.0"),
+            event(
+                Heard.DELAYED if blocked else Heard.FAILED,
+                status=text_of(item.get("status")) or ("4.0.0" if blocked else "5.0.0"),
                 diagnostic=reason,
                 label=f"bounce/{'blocked' if blocked else 'bounce'}",
-                **common,
             )
         ]
     if kind == "dropped":
-        bad = (reason or "").lower() in _BAD_ADDRESS_DROPS
-        return [
-            ProviderEvent(
-                heard=Heard.FAILED,
-                status="5.1.1" if bad else "5.0.0",
-                diagnostic=f"dropped by SendGrid: {reason or 'no reason given'}",
-                label="dropped",
-                **common,
-            )
-        ]
+        status = "5.1.1" if (reason or "").lower() in _BAD_ADDRESS_DROPS else "5.0.0"
+        diagnostic = f"dropped by SendGrid: {reason or 'no reason given'}"
+        return [event(Heard.FAILED, status=status, diagnostic=diagnostic, label="dropped")]
     if kind == "deferred":
-        return [
-            ProviderEvent(
-                heard=Heard.DELAYED,
-                status="4.0.0",
-                diagnostic=text_of(item.get("response")) or reason,
-                label="deferred",
-                **common,
-            )
-        ]
+        return [event(Heard.DELAYED, status="4.0.0", diagnostic=response or reason, label=kind)]
     if kind == "delivered":
-        return [
-            ProviderEvent(
-                heard=Heard.DELIVERED,
-                status="2.0.0",
-                diagnostic=text_of(item.get("response")),
-                label="delivered",
-                **common,
-            )
-        ]
+        return [event(Heard.DELIVERED, status="2.0.0", diagnostic=response, label=kind)]
     if kind == "spamreport":
-        return [
-            ProviderEvent(
-                heard=Heard.COMPLAINED, complaint_type="abuse", label="spamreport", **common
-            )
-        ]
+        return [event(Heard.COMPLAINED, complaint_type="abuse", label=kind)]
     return []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import httpx
@@ -92,24 +93,21 @@ def ses_events(event: Any) -> list[ProviderEvent]:
     tags = _mapping(mail.get("tags"))
     queue_ids = tags.get("postlane_queue_id")
     queue_id = text_of(queue_ids[0]) if isinstance(queue_ids, list) and queue_ids else None
-    common: dict[str, Any] = {
-        "provider": PROVIDER,
-        "queue_id": queue_id,
-        "message_id": message_id_header(_mapping(mail.get("commonHeaders")).get("messageId")),
-    }
+    provider_event = partial(
+        ProviderEvent,
+        PROVIDER,
+        queue_id=queue_id,
+        message_id=message_id_header(_mapping(mail.get("commonHeaders")).get("messageId")),
+        raw=event,
+    )
     if kind == "Bounce":
-        return _bounce(_mapping(event.get("bounce")), event, common)
+        return _bounce(_mapping(event.get("bounce")), provider_event)
     if kind == "Complaint":
         complaint = _mapping(event.get("complaint"))
         complaint_type = text_of(complaint.get("complaintFeedbackType")) or "abuse"
         return [
-            ProviderEvent(
-                heard=Heard.COMPLAINED,
-                recipient=address,
-                complaint_type=complaint_type,
-                label="Complaint",
-                raw=event,
-                **common,
+            provider_event(
+                Heard.COMPLAINED, recipient=address, complaint_type=complaint_type, label=kind
             )
             for address in _addresses(complaint.get("complainedRecipients"))
         ]
@@ -117,14 +115,12 @@ def ses_events(event: Any) -> list[ProviderEvent]:
         delay = _mapping(event.get("deliveryDelay"))
         label = f"DeliveryDelay/{text_of(delay.get('delayType')) or 'Undetermined'}"
         return [
-            ProviderEvent(
-                heard=Heard.DELAYED,
+            provider_event(
+                Heard.DELAYED,
                 recipient=address,
                 status=text_of(item.get("status")) or "4.0.0",
                 diagnostic=text_of(item.get("diagnosticCode")),
                 label=label,
-                raw=event,
-                **common,
             )
             for address, item in _recipients(delay.get("delayedRecipients"))
         ]
@@ -132,21 +128,17 @@ def ses_events(event: Any) -> list[ProviderEvent]:
         delivery = _mapping(event.get("delivery"))
         reply = text_of(delivery.get("smtpResponse"))
         return [
-            ProviderEvent(
-                heard=Heard.DELIVERED,
-                recipient=address,
-                diagnostic=reply,
-                status="2.0.0",
-                label="Delivery",
-                raw=event,
-                **common,
+            provider_event(
+                Heard.DELIVERED, recipient=address, status="2.0.0", diagnostic=reply, label=kind
             )
             for address in _plain_addresses(delivery.get("recipients"))
         ]
     return []
 
 
-def _bounce(bounce: Mapping[str, Any], event: Any, common: dict[str, Any]) -> list[ProviderEvent]:
+def _bounce(
+    bounce: Mapping[str, Any], provider_event: partial[ProviderEvent]
+) -> list[ProviderEvent]:
     kind = text_of(bounce.get("bounceType")) or "Undetermined"
     subtype = text_of(bounce.get("bounceSubType")) or "General"
     heard = Heard.DELAYED if kind == "Transient" else Heard.FAILED
@@ -163,14 +155,12 @@ def _bounce(bounce: Mapping[str, Any], event: Any, common: dict[str, Any]) -> li
     else:
         default = "5.0.0"
     return [
-        ProviderEvent(
-            heard=heard,
+        provider_event(
+            heard,
             recipient=address,
             status=text_of(item.get("status")) or default,
             diagnostic=text_of(item.get("diagnosticCode")) or f"SES bounce {kind}/{subtype}",
             label=f"Bounce/{kind}/{subtype}",
-            raw=event,
-            **common,
         )
         for address, item in _recipients(bounce.get("bouncedRecipients"))
     ]
