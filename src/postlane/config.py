@@ -66,39 +66,14 @@ _fraction = toml_values.number_where(lambda value: 0 <= value <= 1, "a number be
 _rate = toml_values.number_where(
     lambda value: not value < 0, "messages per second (a number >= 0; 0 = no limit)"
 )
-
-
-def _listen(value: Any) -> str:
-    parse_listen(_str(value))
-    return str(value)
-
-
-def _durations(value: Any) -> tuple[float, ...]:
-    if not isinstance(value, list) or not value:
-        raise toml_values.expected('a non-empty list of durations like ["1m", "5m"]', value)
-    return tuple(_duration(item) for item in value)
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise toml_values.expected("a list of strings", value)
-    return tuple(_str(item) for item in value)
-
-
-def _networks(value: Any) -> tuple[str, ...]:
-    networks = _strings(value)
-    for net in networks:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError as exc:
-            raise ValueError(f"{net!r} is not a network like 127.0.0.0/8") from exc
-    return networks
-
-
-def _users(value: Any) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        raise toml_values.expected('a table like { app = "password" }', value)
-    return {str(name): _str(secret) for name, secret in value.items()}
+_listen = toml_values.listen
+_durations = toml_values.durations
+_strings = toml_values.strings
+_networks = toml_values.networks
+_users = toml_values.string_table
+_mail_domain = toml_values.mail_domain
+_regex = toml_values.regex
+_http_url = toml_values.http_url
 
 
 #: the relay forms, as the documentation writes them, by scheme (``transports.SCHEMES`` has a
@@ -153,13 +128,6 @@ def _store_url(value: Any) -> str:
             '"sqlite:///path.db" or "postgresql://user:pass@host:5432/db"',
             mask_url(text),
         )
-    return text
-
-
-def _http_url(value: Any) -> str:
-    text = _str(value)
-    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
-        raise toml_values.expected("an http:// or https:// URL", mask_url(text))
     return text
 
 
@@ -308,16 +276,6 @@ class SmtpConfig:
     auth_failure_window: float = _setting(900.0, _timeout)
 
 
-def _mail_domain(value: Any) -> str:
-    text = _str(value).strip().lower().rstrip(".")
-    labels = text.split(".")
-    if len(labels) < 2 or not all(
-        re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels
-    ):
-        raise ValueError(f"expected a domain name like bounces.example.com, got {value!r}")
-    return text
-
-
 @dataclass(frozen=True)
 class BouncesConfig:
     """Asynchronous bounces and complaints (docs/bounces.md): with a ``domain``, every
@@ -337,15 +295,6 @@ class BouncesConfig:
     complaint_scope: str = _setting("sender-domain", _choice("sender-domain", "global"))
     #: reports that matched no delivery are kept this long for a look (postlane feedback)
     unmatched_retention: float = _setting(30 * 86400.0, _duration)
-
-
-def _regex(value: Any) -> str:
-    text = _str(value)
-    try:
-        re.compile(text)
-    except re.error as exc:
-        raise ValueError(f"not a regular expression: {exc}") from None
-    return text
 
 
 @dataclass(frozen=True)

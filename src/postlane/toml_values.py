@@ -12,9 +12,12 @@ through the same readers, so one kind of value is checked one way, in the same w
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
+
+from postlane.redact import mask_url
 
 T = TypeVar("T")
 #: checks one TOML value and returns it typed; ValueError saying what it expected
@@ -195,3 +198,70 @@ def choice(*allowed: str) -> Reader[str]:
         return str(value)
 
     return read
+
+
+def listen(value: Any) -> str:
+    """A listening address, ``host:port`` (checked, kept as written)."""
+    parse_listen(string(value))
+    return str(value)
+
+
+def durations(value: Any) -> tuple[float, ...]:
+    """A non-empty list of duration strings, in seconds."""
+    if not isinstance(value, list) or not value:
+        raise expected('a non-empty list of durations like ["1m", "5m"]', value)
+    return tuple(duration(item) for item in value)
+
+
+def strings(value: Any) -> tuple[str, ...]:
+    """A list of strings."""
+    if not isinstance(value, list):
+        raise expected("a list of strings", value)
+    return tuple(string(item) for item in value)
+
+
+def networks(value: Any) -> tuple[str, ...]:
+    """A list of IP networks (``127.0.0.0/8``), checked, kept as written."""
+    given = strings(value)
+    for net in given:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{net!r} is not a network like 127.0.0.0/8") from exc
+    return given
+
+
+def string_table(value: Any) -> dict[str, str]:
+    """A table of strings by name (``{ app = "password" }``)."""
+    if not isinstance(value, Mapping):
+        raise expected('a table like { app = "password" }', value)
+    return {str(name): string(secret) for name, secret in value.items()}
+
+
+def mail_domain(value: Any) -> str:
+    """A domain name, lower-cased, without a final dot."""
+    text = string(value).strip().lower().rstrip(".")
+    labels = text.split(".")
+    if len(labels) < 2 or not all(
+        re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels
+    ):
+        raise ValueError(f"expected a domain name like bounces.example.com, got {value!r}")
+    return text
+
+
+def regex(value: Any) -> str:
+    """A regular expression (checked, kept as written)."""
+    text = string(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    return text
+
+
+def http_url(value: Any) -> str:
+    """An ``http://`` or ``https://`` URL (shown masked when refused)."""
+    text = string(value)
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise expected("an http:// or https:// URL", mask_url(text))
+    return text
