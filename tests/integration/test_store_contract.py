@@ -802,37 +802,40 @@ async def test_a_key_reused_with_another_payload_is_a_conflict(store: Any) -> No
 
 
 async def test_concurrent_enqueues_keep_their_own_results_times_and_failures(store: Any) -> None:
-    """Concurrent enqueue calls, which SQLite's group commit runs as one plan: each call keeps
-    its own time and results, a key repeated by two calls is one message, and a call whose key
-    conflicts fails alone (the others are stored)."""
+    """Concurrent enqueue calls, which both stores run as one plan in a shared transaction
+    (group commit): each call keeps its own time and results, a key repeated by two calls is
+    one message, and a call whose key conflicts fails alone (the others are stored)."""
     stored_first = msg("ada@example.net", key="k")
     await store.enqueue([stored_first], T0)
     plain = [msg(f"user{i}@example.net") for i in range(30)]
+    before = store.combined
+    results = await asyncio.gather(
+        *(store.enqueue([m], T0 + 1 + i) for i, m in enumerate(plain[:15]))
+    )
+    assert store.combined > before  # they shared a transaction: one plan over their batch
+    assert [r.id for [r] in results] == [m.id for m in plain[:15]]
     twice = [msg("bob@example.net", key="same"), msg("bob@example.net", key="same")]
     conflicting = msg("carol@example.net", key="k")  # k's first payload was another
-    calls = [[m] for m in plain[:15]] + [[twice[0]], [conflicting], [twice[1]]]
-    calls += [[m] for m in plain[15:]]
+    calls = [[twice[0]], [conflicting], [twice[1]]] + [[m] for m in plain[15:]]
     outcomes = await asyncio.gather(
-        *(store.enqueue(call, T0 + 1 + i) for i, call in enumerate(calls)),
+        *(store.enqueue(call, T0 + 16 + i) for i, call in enumerate(calls)),
         return_exceptions=True,
     )
-    refused = outcomes[16]
+    refused = outcomes[1]
     assert isinstance(refused, IdempotencyConflict) and refused.existing_id == stored_first.id
-    results = [r for i, r in enumerate(outcomes) if i != 16]
-    assert all(isinstance(r, list) and len(r) == 1 for r in results)
-    first, second = outcomes[15], outcomes[17]
+    first, second = outcomes[0], outcomes[2]
     assert isinstance(first, list) and isinstance(second, list)
     assert [r.id for r in first] == [r.id for r in second]  # one message, whichever ran first
     assert sorted([first[0].duplicate, second[0].duplicate]) == [False, True]
-    for i, message in enumerate(plain):
-        call = i if i < 15 else i + 3
-        got = outcomes[call]
+    for i, message in enumerate(plain[15:]):
+        got = outcomes[3 + i]
         assert isinstance(got, list) and got[0].id == message.id and not got[0].duplicate
-        view = await store.get_message(message.id)
-        assert view.created_at == T0 + 1 + call  # each call's own time, combined or not
+    at = {m.id: T0 + 1 + i for i, m in enumerate(plain[:15])}
+    at |= {m.id: T0 + 19 + i for i, m in enumerate(plain[15:])}
+    for message in plain:  # each call's own time, combined or not
+        assert (await store.get_message(message.id)).created_at == at[message.id]
     events = await store.events_after(None, limit=1000, types=["queued"])
-    at = {e.queue_id: e.at for e in events}
-    assert all(at[m.id] == T0 + 1 + (i if i < 15 else i + 3) for i, m in enumerate(plain))
+    assert all(at[e.queue_id] == e.at for e in events if e.queue_id in at)
     listed = await store.list_messages(Selector(), limit=100)
     assert len(listed) == 1 + 30 + 1  # the first, the plain ones, one of the twins; no carol
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -200,6 +200,87 @@ def masked(url: str) -> str:
 # -- the database ----------------------------------------------------------------------------------
 
 
+#: transactions of one kind of combined write running at once: one commits while the next
+#: gathers the calls that arrive meanwhile
+COMBINED_IN_FLIGHT = 2
+#: calls in one combined transaction at most
+COMBINED_MAX_ITEMS = 256
+
+
+class _Combiner:
+    """PostgreSQL's group commit for one kind of write (enqueues). While
+    :data:`COMBINED_IN_FLIGHT` transactions of the kind run, new calls wait, and then go
+    together in the next one. Each enqueue's transaction sends a NOTIFY, and PostgreSQL commits
+    notifying transactions one at a time (a database-wide lock), so a hundred concurrent
+    enqueues would otherwise queue for their commits. Should a shared transaction fail, each of
+    its calls runs alone, so that a failure (an idempotency conflict) is only its caller's."""
+
+    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+        self._run = run
+        self._waiting: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: calls that ran in a transaction shared with others
+        self.combined = 0
+
+    async def submit(self, item: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._in_flight < COMBINED_IN_FLIGHT:
+            self._in_flight += 1
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _drain(self) -> None:
+        batch: list[tuple[Any, asyncio.Future[Any]]] = []
+        try:
+            while self._waiting:
+                batch = self._waiting[:COMBINED_MAX_ITEMS]
+                del self._waiting[:COMBINED_MAX_ITEMS]
+                await self._run_batch(batch)
+                batch = []
+        except BaseException as exc:  # cancelled (the store closing): no caller waits forever
+            for _item, future in batch + self._waiting:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"the write was interrupted ({exc!r})"))
+            self._waiting.clear()
+            raise
+        finally:
+            self._in_flight -= 1
+
+    async def _run_batch(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._run([item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _resolve(batch[0][1], None, exc)
+                return
+            alone = await asyncio.gather(
+                *(self._run([item]) for item, _ in batch), return_exceptions=True
+            )
+            for (_item, future), outcome in zip(batch, alone, strict=True):
+                if isinstance(outcome, BaseException):
+                    _resolve(future, None, outcome)
+                else:
+                    _resolve(future, outcome[0], None)
+            return
+        if len(batch) > 1:
+            self.combined += len(batch)
+        for (_item, future), result in zip(batch, results, strict=True):
+            _resolve(future, result, None)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class PostgresDatabase:
     """One PostgreSQL database (optionally one schema of it): a connection pool for plans, a
     dedicated connection for LISTEN, migrations under an advisory lock."""
@@ -229,6 +310,8 @@ class PostgresDatabase:
         self._listen_lock = asyncio.Lock()
         #: the notification payload meant for this store (the schema of its tables)
         self._payload: str | None = None
+        #: each combine function's gatherer of concurrent calls (write_combined)
+        self._combiners: dict[Callable[[list[Any]], Plan[list[Any]]], _Combiner] = {}
 
     async def open(self) -> None:
         """Bring the schema to the current version, then open the connection pool."""
@@ -324,9 +407,21 @@ class PostgresDatabase:
     async def write(self, plan: Callable[[], Plan[T]]) -> T:
         return await self._run(plan, snapshot=False)
 
+    @property
+    def combined(self) -> int:
+        return sum(combiner.combined for combiner in self._combiners.values())
+
     async def write_combined(self, combine: Callable[[list[Item]], Plan[list[T]]], item: Item) -> T:
-        results = await self._run(lambda: combine([item]), snapshot=False)
-        return results[0]
+        """Calls with the same ``combine`` share transactions (see :class:`_Combiner`)."""
+        combiner = self._combiners.get(combine)
+        if combiner is None:
+
+            async def run(items: list[Any]) -> list[Any]:
+                return await self._run(lambda: combine(items), snapshot=False)
+
+            combiner = self._combiners[combine] = _Combiner(run)
+        result: T = await combiner.submit(item)
+        return result
 
     async def read(self, plan: Callable[[], Plan[T]]) -> T:
         return await self._run(plan, snapshot=True)
@@ -433,6 +528,11 @@ class PostgresStore(SQLStore):
             url, schema=schema, min_size=min_size, max_size=max_size, timeout=timeout
         )
         super().__init__(self.postgres)
+
+    @property
+    def combined(self) -> int:
+        """How many writes ran in a transaction shared with others (enqueues, as one plan)."""
+        return self.postgres.combined
 
     @property
     def schema(self) -> str | None:
