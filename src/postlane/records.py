@@ -5,13 +5,64 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from postlane.classify import ReplyClass
 from postlane.clock import iso
 from postlane.message import Lane, RecipientState
+
+# -- JSON ----------------------------------------------------------------------------------------
+
+#: the key of a field's :class:`_JsonSpec` in its metadata
+_JSON = "postlane.json"
+
+
+@dataclass(frozen=True)
+class _JsonSpec:
+    key: str | None = None
+    render: Callable[[Any], Any] | None = None
+    shown: bool = True
+
+
+_PLAIN = _JsonSpec()
+
+
+def in_json(
+    *, key: str | None = None, render: Callable[[Any], Any] | None = None
+) -> Mapping[str, Any]:
+    """The metadata of a :class:`JsonRecord`'s field shown under ``key`` (instead of its own
+    name), its value passed through ``render`` (e.g. :func:`~postlane.clock.iso`):
+    ``field(metadata=in_json(key="class"))``."""
+    return {_JSON: _JsonSpec(key, render)}
+
+
+#: the metadata of a :class:`JsonRecord`'s field left out of its JSON
+NOT_IN_JSON: Mapping[str, Any] = {_JSON: _JsonSpec(shown=False)}
+
+
+def round_ms(seconds: float) -> float:
+    """A duration in seconds to the millisecond, as the JSON documents show durations."""
+    return round(seconds, 3)
+
+
+class JsonRecord:
+    """A dataclass whose JSON document (:meth:`as_json`) is its fields in the order they are
+    declared, under their own names and with their values as they are, unless their metadata
+    says otherwise (:func:`in_json`) or leaves them out (:data:`NOT_IN_JSON`)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            spec: _JsonSpec = f.metadata.get(_JSON, _PLAIN)
+            if spec.shown:
+                value = getattr(self, f.name)
+                data[spec.key or f.name] = value if spec.render is None else spec.render(value)
+        return data
+
 
 # -- delivery side -------------------------------------------------------------------------------
 
@@ -89,20 +140,17 @@ class Outcome:
 
 
 @dataclass(frozen=True)
-class Reply:
+class Reply(JsonRecord):
     code: int | None
     enhanced: str | None
     text: str
-    cls: ReplyClass
-
-    def as_json(self) -> dict[str, Any]:
-        return {"code": self.code, "enhanced": self.enhanced, "text": self.text, "class": self.cls}
+    cls: ReplyClass = field(metadata=in_json(key="class"))
 
 
 @dataclass(frozen=True)
-class AttemptView:
-    at: float
-    cls: ReplyClass
+class AttemptView(JsonRecord):
+    at: float = field(metadata=in_json(render=iso))
+    cls: ReplyClass = field(metadata=in_json(key="class"))
     code: int | None
     enhanced: str | None
     text: str
@@ -110,19 +158,6 @@ class AttemptView:
     relay: str
     destination: str
     counted: bool
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "at": iso(self.at),
-            "class": self.cls,
-            "code": self.code,
-            "enhanced": self.enhanced,
-            "text": self.text,
-            "duration_ms": self.duration_ms,
-            "relay": self.relay,
-            "destination": self.destination,
-            "counted": self.counted,
-        }
 
 
 @dataclass(frozen=True)
@@ -310,21 +345,12 @@ SUPPRESSION_REASONS = ("hard_bounce", "complaint", "unsubscribe", "manual")
 
 
 @dataclass(frozen=True)
-class LaneStats:
+class LaneStats(JsonRecord):
     ready: int = 0
     deferred: int = 0
     held: int = 0
     sending: int = 0
-    oldest_age_seconds: float = 0.0
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "ready": self.ready,
-            "deferred": self.deferred,
-            "held": self.held,
-            "sending": self.sending,
-            "oldest_age_seconds": round(self.oldest_age_seconds, 3),
-        }
+    oldest_age_seconds: float = field(default=0.0, metadata=in_json(render=round_ms))
 
 
 @dataclass(frozen=True)
@@ -355,12 +381,9 @@ class Stats:
 
 
 @dataclass(frozen=True)
-class EnqueueResult:
+class EnqueueResult(JsonRecord):
     id: str
     duplicate: bool
-
-    def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, "duplicate": self.duplicate}
 
 
 @dataclass(frozen=True)
@@ -429,51 +452,29 @@ class FleetShares:
 
 
 @dataclass(frozen=True)
-class SelectionCount:
+class SelectionCount(JsonRecord):
     """How many selected deliveries share a lane, domain, state and last reply class."""
 
     lane: Lane
     domain: str
     state: RecipientState
-    cls: ReplyClass | None
+    cls: ReplyClass | None = field(metadata=in_json(key="class"))
     count: int
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "lane": self.lane,
-            "domain": self.domain,
-            "state": self.state,
-            "class": self.cls,
-            "count": self.count,
-        }
 
 
 @dataclass(frozen=True)
-class DeadGroup:
+class DeadGroup(JsonRecord):
     """Dead letters that failed the same way: same class, domain and (normalised) reply."""
 
-    cls: ReplyClass
+    cls: ReplyClass = field(metadata=in_json(key="class"))
     domain: str
     code: int | None
     enhanced: str | None
     reply: str
     count: int
-    first_dead_at: float
-    last_dead_at: float
+    first_dead_at: float = field(metadata=in_json(render=iso))
+    last_dead_at: float = field(metadata=in_json(render=iso))
     sample_id: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "class": self.cls,
-            "domain": self.domain,
-            "code": self.code,
-            "enhanced": self.enhanced,
-            "reply": self.reply,
-            "count": self.count,
-            "first_dead_at": iso(self.first_dead_at),
-            "last_dead_at": iso(self.last_dead_at),
-            "sample_id": self.sample_id,
-        }
 
 
 @dataclass(frozen=True)
@@ -618,32 +619,33 @@ class ExportedMessage:
 
 
 @dataclass(frozen=True)
-class Sample:
+class Sample(JsonRecord):
     """One minute of recorded history: a lane's depth and oldest age, or (``lane`` "*") the
     queue-wide events of the minute before and the destinations paused then."""
 
-    at: float
+    at: float = field(metadata=in_json(render=iso))
     lane: str
     ready: int = 0
     deferred: int = 0
     held: int = 0
     sending: int = 0
-    oldest_age: float = 0.0
+    oldest_age: float = field(
+        default=0.0, metadata=in_json(key="oldest_age_seconds", render=round_ms)
+    )
     sent: int = 0
     dead: int = 0
     hard_bounces: int = 0
-    paused: tuple[str, ...] = ()
     #: attempts of the minute before that deferred (temporary, throttled, connection)
     deferrals: int = 0
     #: attempts of the minute before classed soft_bounce
     soft_bounces: int = 0
-
+    paused: tuple[str, ...] = field(default=(), metadata=in_json(render=list))
     #: relays or provider accounts paused then for a configuration that cannot work
-    misconfigured: tuple[str, ...] = ()
+    misconfigured: tuple[str, ...] = field(default=(), metadata=in_json(render=list))
     #: recipients of the minute before reported bounced after they were sent (a DSN, an event)
-    bounced: int = 0
+    bounced: int = field(default=0, metadata=NOT_IN_JSON)
     #: complaints of the minute before (a feedback loop's report, a provider's event)
-    complaints: int = 0
+    complaints: int = field(default=0, metadata=NOT_IN_JSON)
 
     @property
     def depth(self) -> int:
@@ -655,21 +657,3 @@ class Sample:
         values["paused"] = json.dumps(list(self.paused))
         values["misconfigured"] = json.dumps(list(self.misconfigured))
         return values
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "at": iso(self.at),
-            "lane": self.lane,
-            "ready": self.ready,
-            "deferred": self.deferred,
-            "held": self.held,
-            "sending": self.sending,
-            "oldest_age_seconds": round(self.oldest_age, 3),
-            "sent": self.sent,
-            "dead": self.dead,
-            "hard_bounces": self.hard_bounces,
-            "deferrals": self.deferrals,
-            "soft_bounces": self.soft_bounces,
-            "paused": list(self.paused),
-            "misconfigured": list(self.misconfigured),
-        }

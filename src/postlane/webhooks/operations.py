@@ -15,12 +15,13 @@ import os
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from postlane.clock import iso
 from postlane.errors import NotFound
 from postlane.events import Event, WebhookEndpointState
+from postlane.records import JsonRecord, in_json, round_ms
 from postlane.store.base import HistoryStore
 from postlane.webhooks.addresses import Resolver, WebhookDeliveryError, system_resolver
 from postlane.webhooks.endpoints import WebhookEndpoint, endpoint_named
@@ -175,7 +176,7 @@ async def failures(
 
 
 @dataclass(frozen=True)
-class WebhookTestResult:
+class WebhookTestResult(JsonRecord):
     """How a test event went."""
 
     endpoint: str
@@ -183,17 +184,7 @@ class WebhookTestResult:
     ok: bool
     status: int | None
     error: str | None
-    seconds: float
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "endpoint": self.endpoint,
-            "webhook_id": self.webhook_id,
-            "ok": self.ok,
-            "status": self.status,
-            "error": self.error,
-            "seconds": round(self.seconds, 3),
-        }
+    seconds: float = field(metadata=in_json(render=round_ms))
 
 
 def synthetic_event_body(webhook_id: str, now: float) -> bytes:

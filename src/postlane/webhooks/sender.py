@@ -52,6 +52,7 @@ from postlane.clock import Clock, SystemClock, iso
 from postlane.errors import NotFound
 from postlane.events import Event, WebhookEndpointState
 from postlane.leases import lease_owner_id, owner_is_dead
+from postlane.records import JsonRecord, in_json
 from postlane.store.base import HistoryStore, WebhookStore
 from postlane.waits import MailFirst, first_of
 from postlane.webhooks.addresses import (
@@ -92,23 +93,14 @@ class _NoObserver:
 
 
 @dataclass(frozen=True)
-class DeliveryFailure:
+class DeliveryFailure(JsonRecord):
     """One failed request, as an operator sees it."""
 
-    at: float
+    at: float = field(metadata=in_json(render=iso))
     endpoint: str
     webhook_id: str
     outcome: str
     error: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "at": iso(self.at),
-            "endpoint": self.endpoint,
-            "webhook_id": self.webhook_id,
-            "outcome": self.outcome,
-            "error": self.error,
-        }
 
 
 @dataclass(frozen=True)
