@@ -10,23 +10,9 @@ from typing import TypeVar
 
 from postlane.errors import IdempotencyConflict, StoreUnavailable
 from postlane.message import FINAL_STATES, Lane, PreparedMessage, RecipientState
-from postlane.records import (
-    ClaimedMessage,
-    Delivery,
-    EnqueueResult,
-    Outcome,
-)
+from postlane.records import ClaimedMessage, Delivery, EnqueueResult, Outcome
 from postlane.store import rows
-from postlane.store.plans import (
-    Plan,
-    Row,
-    SQLRole,
-    Statement,
-    batch,
-    execute,
-    fetch,
-    fetch_one,
-)
+from postlane.store.plans import Plan, Row, SQLRole, Statement, batch, execute, fetch, fetch_one
 
 T = TypeVar("T")
 

@@ -11,14 +11,7 @@ from postlane.errors import NotFound
 from postlane.events import Event
 from postlane.records import Sample
 from postlane.store import rows
-from postlane.store.plans import (
-    Plan,
-    SQLRole,
-    batch,
-    execute,
-    fetch,
-    fetch_one,
-)
+from postlane.store.plans import Plan, SQLRole, batch, execute, fetch, fetch_one
 
 
 class SQLHistory(SQLRole):

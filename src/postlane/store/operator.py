@@ -25,16 +25,7 @@ from postlane.records import (
     Stats,
 )
 from postlane.store import rows
-from postlane.store.plans import (
-    Plan,
-    Row,
-    SQLRole,
-    batch,
-    execute,
-    fetch,
-    fetch_one,
-    selection,
-)
+from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one, selection
 from postlane.triage import group_dead_letters
 
 #: states a waiting recipient can be in (what the queue's listings show by default)

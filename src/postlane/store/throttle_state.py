@@ -9,14 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from postlane.records import DestinationStatus, FleetShares
 from postlane.store import rows
-from postlane.store.plans import (
-    Plan,
-    SQLRole,
-    batch,
-    execute,
-    fetch,
-    fetch_one,
-)
+from postlane.store.plans import Plan, SQLRole, batch, execute, fetch, fetch_one
 
 
 class SQLThrottle(SQLRole):
