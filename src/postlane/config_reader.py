@@ -212,12 +212,10 @@ class Reader:
         given: dict[str, Given] = {}
         for key, raw in table.items():
             where = f"{prefix}.{key}"
-            base = key.removesuffix("_file")
-            if key not in fields and base in fields and has_file_form(fields[base]):
+            if (base := _file_form_of(key, fields)) is not None:
                 if base in table:
                     raise ConfigError(f"give {prefix}.{base} or {where}, not both")
-                value = self.read_file(raw, kind(fields[base]), where)
-                given[base] = Given(value, where, text=kind(fields[base]) is str)
+                given[base] = self._secret_file(raw, fields[base], where)
             elif key in fields:
                 self.remember(key, raw)
                 value, expanded = self.expand(raw, where)
@@ -236,12 +234,10 @@ class Reader:
     ) -> dict[str, Given]:
         given: dict[str, Given] = {}
         for key, (variable, text) in variables.items():
-            base = key.removesuffix("_file")
-            if key not in fields and base in fields and has_file_form(fields[base]):
+            if (base := _file_form_of(key, fields)) is not None:
                 if base in variables:
                     raise ConfigError(f"give {variables[base][0]} or {variable}, not both")
-                value = self.read_file(text, kind(fields[base]), variable)
-                given[base] = Given(value, variable, text=kind(fields[base]) is str)
+                given[base] = self._secret_file(text, fields[base], variable)
             elif key in fields:
                 if not fields[key].metadata.get("env", True):
                     raise ConfigError(f"{variable}: this key cannot be set from the environment")
@@ -249,6 +245,10 @@ class Reader:
             else:
                 raise ConfigError(f"unknown setting {variable} (no key {prefix}.{key} to set)")
         return given
+
+    def _secret_file(self, path: Any, spec: dataclasses.Field[Any], where: str) -> Given:
+        """A key's value read from the file a ``KEY_file`` form names."""
+        return Given(self.read_file(path, kind(spec), where), where, text=kind(spec) is str)
 
     def parse(self, spec: dataclasses.Field[Any], given: Given) -> Any:
         """The value ``spec``'s reader makes of ``given`` (text: of the first reading of it
@@ -331,6 +331,14 @@ class Reader:
             self.remember(key, value)
             resolved[key] = value
         return resolved
+
+
+def _file_form_of(key: str, fields: Mapping[str, dataclasses.Field[Any]]) -> str | None:
+    """The key that ``key`` is the ``KEY_file`` form of, or None."""
+    base = key.removesuffix("_file")
+    if key not in fields and base in fields and has_file_form(fields[base]):
+        return base
+    return None
 
 
 def known_keys(fields: Mapping[str, dataclasses.Field[Any]]) -> list[str]:
