@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 
 async def first_of(*waits: Awaitable[object], timeout: float | None) -> None:
@@ -68,3 +69,13 @@ class MailFirst:
             if phase < self.CYCLE * self.share:
                 return
             await asyncio.sleep(self.CYCLE - phase)
+
+
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Give a waiting caller its result or its error (unless it stopped waiting)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

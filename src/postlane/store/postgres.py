@@ -42,6 +42,7 @@ from postlane.store import delivery
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
+from postlane.waits import settle
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -255,30 +256,21 @@ class _Combiner:
             results = await self._run([item for item, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
-                _resolve(batch[0][1], None, exc)
+                settle(batch[0][1], None, exc)
                 return
             alone = await asyncio.gather(
                 *(self._run([item]) for item, _ in batch), return_exceptions=True
             )
             for (_item, future), outcome in zip(batch, alone, strict=True):
                 if isinstance(outcome, BaseException):
-                    _resolve(future, None, outcome)
+                    settle(future, None, outcome)
                 else:
-                    _resolve(future, outcome[0], None)
+                    settle(future, outcome[0], None)
             return
         if len(batch) > 1:
             self.combined += len(batch)
         for (_item, future), result in zip(batch, results, strict=True):
-            _resolve(future, result, None)
-
-
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+            settle(future, result, None)
 
 
 class PostgresDatabase:

@@ -30,6 +30,7 @@ from postlane.errors import StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
+from postlane.waits import settle
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -141,12 +142,7 @@ _Outcome = tuple[_Job, Any, BaseException | None]
 
 def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for future, result, error in outcomes:
-        if future.cancelled():
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+        settle(future, result, error)
 
 
 def _report(outcomes: list[_Outcome]) -> None:
@@ -416,7 +412,8 @@ class SQLiteDatabase:
         #: whether opening may create the file (operator commands only read an existing queue)
         self.create = create
         self.description = f"sqlite:///{path}"
-        self._writer = _Writer(path, max_jobs_per_commit)
+        #: the writer thread (its counters: commits, combined)
+        self.writer = _Writer(path, max_jobs_per_commit)
         self._readers = readers
         self._reader_pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -435,13 +432,13 @@ class SQLiteDatabase:
                     "postlane.toml is, or give --config)"
                 )
             _create_private(self.path)
-        await asyncio.to_thread(self._writer.start)
+        await asyncio.to_thread(self.writer.start)
         self._reader_pool = ThreadPoolExecutor(
             self._readers, thread_name_prefix="postlane-sqlite-read"
         )
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._writer.stop)
+        await asyncio.to_thread(self.writer.stop)
         if self._reader_pool is not None:
             self._reader_pool.shutdown(wait=True)
             self._reader_pool = None
@@ -450,16 +447,8 @@ class SQLiteDatabase:
                 conn.close()
             self._reader_conns.clear()
 
-    @property
-    def commits(self) -> int:
-        return self._writer.commits
-
-    @property
-    def combined(self) -> int:
-        return self._writer.combined
-
     async def write(self, plan: Callable[[], Plan[T]]) -> T:
-        return await self._writer.submit(lambda conn: run_plan(conn, plan()))
+        return await self.writer.submit(lambda conn: run_plan(conn, plan()))
 
     async def write_combined(self, combine: Callable[[list[Item]], Plan[list[T]]], item: Item) -> T:
         """The jobs of one group commit that share ``combine`` run as one plan: under load, a
@@ -467,7 +456,7 @@ class SQLiteDatabase:
         key = self._combiners.get(combine)
         if key is None:
             key = self._combiners[combine] = lambda conn, items: run_plan(conn, combine(items))
-        return await self._writer.submit(lambda conn: key(conn, [item])[0], key, item)
+        return await self.writer.submit(lambda conn: key(conn, [item])[0], key, item)
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -541,9 +530,9 @@ class SQLiteStore(SQLStore):
     @property
     def commits(self) -> int:
         """How many write transactions committed (tests and benchmarks check group commit)."""
-        return self.sqlite.commits
+        return self.sqlite.writer.commits
 
     @property
     def combined(self) -> int:
         """How many writes ran combined with others of their kind (enqueues, as one plan)."""
-        return self.sqlite.combined
+        return self.sqlite.writer.combined
