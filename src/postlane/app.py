@@ -20,13 +20,12 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypedDict, TypeVar, Unpack
 
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, load_config
@@ -166,12 +165,7 @@ class AsyncPostlane:
     async def __aenter__(self) -> AsyncPostlane:
         return await self.open()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     # -- sending ---------------------------------------------------------------------------------
@@ -291,32 +285,12 @@ class AsyncPostlane:
             suppressed = await self.suppressed_dead_letters(selector)
             if suppressed:
                 raise SuppressedRecipients(suppressed)
-        return await self._act(
-            action, selector, export=export, progress=progress, slice_size=slice_size
-        )
-
-    async def _act(
-        self,
-        action: QueueAction,
-        selector: Selector,
-        *,
-        export: IO[str] | None = None,
-        progress: Callable[[int], None] | None = None,
-        slice_size: int = 500,
-    ) -> int:
         selector = self._scheduled(action, selector)
         states = action_states(action, selector)
         if action is QueueAction.FLUSH:
             await self.lift_pauses(selector)
-        after = 0
         changed = 0
-        while True:
-            ids = await self.store.select_delivery_ids(
-                selector, states, after=after, limit=slice_size
-            )
-            if not ids:
-                return changed
-            after = ids[-1]
+        async for ids in self._delivery_ids(selector, states, slice_size):
             if export is not None:
                 for record in await self.store.export_deliveries(ids):
                     export.write(json.dumps(record.as_json(), separators=(",", ":")) + "\n")
@@ -326,6 +300,19 @@ class AsyncPostlane:
             changed += await self._apply(action, ids, states)
             if progress is not None:
                 progress(changed)
+        return changed
+
+    async def _delivery_ids(
+        self, selector: Selector, states: Sequence[str], slice_size: int
+    ) -> AsyncIterator[list[int]]:
+        """The ids of the deliveries in ``states`` that ``selector`` picks, in id order, a
+        slice of at most ``slice_size`` at a time (each read after the one before is used)."""
+        after = 0
+        while ids := await self.store.select_delivery_ids(
+            selector, states, after=after, limit=slice_size
+        ):
+            yield ids
+            after = ids[-1]
 
     async def lift_pauses(self, selector: Selector) -> None:
         """A flush lifts the pause (and slow-down) of the destinations it touches: all of
@@ -376,12 +363,11 @@ class AsyncPostlane:
         (new mail to them is sent again too), then everything selected is requeued."""
         for queue_id in selector.ids:  # an unknown id is an error, as for every action
             await self.store.get_message(_check_id(queue_id), history=False)
-        suppressed = await self.suppressed_dead_letters(selector)
-        if suppressed and not unsuppress:
-            raise SuppressedRecipients(suppressed)
+        suppressed = await self.suppressed_dead_letters(selector) if unsuppress else []
         for address in suppressed:
             await self.store.remove_suppression(address)
-        requeued = await self._act(QueueAction.REQUEUE, selector, progress=progress)
+        # act refuses, naming them, if the addresses of some are (still) suppressed
+        requeued = await self.act(QueueAction.REQUEUE, selector, progress=progress)
         return Requeued(requeued, tuple(suppressed))
 
     async def suppressed_dead_letters(
@@ -390,17 +376,11 @@ class AsyncPostlane:
         """The addresses on the suppression list among the dead letters ``selector`` picks."""
         states = action_states(QueueAction.REQUEUE, selector)
         found: set[str] = set()
-        after = 0
-        while True:
-            ids = await self.store.select_delivery_ids(
-                selector, states, after=after, limit=slice_size
-            )
-            if not ids:
-                return sorted(found)
-            after = ids[-1]
+        async for ids in self._delivery_ids(selector, states, slice_size):
             letters = await self.store.list_dead(Selector(delivery_ids=tuple(ids)), limit=len(ids))
             listed = await self.store.is_suppressed(sorted({d.address for d in letters}))
             found.update(address for address, suppressed in listed.items() if suppressed)
+        return sorted(found)
 
     async def import_(
         self,
@@ -703,6 +683,15 @@ class _LoopThread:
         self.loop.close()
 
 
+class _SuppressOptions(TypedDict, total=False):
+    """The keywords :meth:`Postlane.suppress` passes on to :meth:`AsyncPostlane.suppress`."""
+
+    reason: str | None
+    scope: str | None
+    expires_at: datetime | str | float | None
+    detail: str | None
+
+
 class Postlane:
     """postlane for synchronous code (Django views, scripts, Celery tasks): thread-safe; every
     call returns once done (``send`` once the message is durably stored)."""
@@ -757,21 +746,9 @@ class Postlane:
     ) -> list[DeadLetter]:
         return self._portal.run(self._async.dead_letters(selector, limit=limit))
 
-    def suppress(
-        self,
-        address: str,
-        *,
-        reason: str | None = None,
-        scope: str | None = None,
-        expires_at: datetime | str | float | None = None,
-        detail: str | None = None,
-    ) -> bool:
+    def suppress(self, address: str, **options: Unpack[_SuppressOptions]) -> bool:
         """See :meth:`AsyncPostlane.suppress`."""
-        return self._portal.run(
-            self._async.suppress(
-                address, reason=reason, scope=scope, expires_at=expires_at, detail=detail
-            )
-        )
+        return self._portal.run(self._async.suppress(address, **options))
 
     def unsuppress(self, address: str, *, scope: str | None = None) -> bool:
         return self._portal.run(self._async.unsuppress(address, scope=scope))

@@ -31,10 +31,9 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 from urllib.parse import quote
 
@@ -196,12 +195,13 @@ class _Call:
         return json.dumps(self.body, separators=(",", ":")).encode()
 
 
-@dataclass(frozen=True)
-class _Retry:
-    """Why the last try failed in a way worth another (its text ends up in the final error)."""
+class _Retry(Exception):
+    """Why a try failed in a way worth another (its text ends up in the final error)."""
 
-    reason: str
-    retry_after: float | None = None
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 def _error_body(response: httpx.Response) -> tuple[str, str]:
@@ -215,11 +215,11 @@ def _error_body(response: httpx.Response) -> tuple[str, str]:
 
 
 def _interpret(response: httpx.Response) -> Any:
-    """The JSON of a successful answer, a :class:`_Retry`, or raises the matching error."""
+    """The JSON of a successful answer; raises :class:`_Retry` or the matching error."""
     status = response.status_code
     if status in RETRY_STATUSES:
         code, message = _error_body(response)
-        return _Retry(f"HTTP {status} {code}: {message}", _retry_after(response))
+        raise _Retry(f"HTTP {status} {code}: {message}", _retry_after(response))
     if status < 400:
         try:
             return response.json()
@@ -298,6 +298,29 @@ class _Backoff:
         return step / 2 + random.uniform(0, step / 2)
 
 
+class _Try:
+    """One try of a call, ``with``-ed around its request (as tenacity does): a failure worth
+    another try (a 502/503/504 answer, a connection error or timeout) ends the block quietly
+    and is kept as :attr:`failure`; any other error passes through."""
+
+    def __init__(self, number: int, wait: float) -> None:
+        self.number = number
+        #: seconds to wait before this try (none before the first)
+        self.wait = wait
+        self.failure: _Retry | None = None
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, httpx.TransportError):
+            exc = _transport_retry(exc)
+        if isinstance(exc, _Retry):
+            self.failure = exc
+            return True
+        return False
+
+
 class _Base(Generic[_TransportT, _HttpT]):
     """What both clients share: their arguments, headers and the calls they make; each opens
     its own kind of httpx client (:meth:`_open`) and waits its own way between tries."""
@@ -332,6 +355,23 @@ class _Base(Generic[_TransportT, _HttpT]):
         transport: _TransportT | None,
     ) -> _HttpT:
         raise NotImplementedError
+
+    def _tries(self, call: _Call) -> Iterator[_Try]:
+        """The tries of ``call`` (see :class:`_Try`) until one returns or raises: each after
+        its backoff; when the last one fails, :class:`StoreUnavailable` says why."""
+        attempt = _Try(1, wait=0.0)
+        while True:
+            yield attempt
+            failure = attempt.failure
+            assert failure is not None, "a try that neither returned nor raised"
+            if attempt.number > self.backoff.retries:
+                raise _unavailable(call, self.url, attempt.number, failure)
+            attempt = _Try(attempt.number + 1, self.backoff.delay(attempt.number, failure))
+
+    def _build(self, call: _Call) -> httpx.Request:
+        return self._http.build_request(
+            call.method, call.path, content=call.content, params=call.params
+        )
 
     @staticmethod
     def _send_call(message: MessageInput | None, fields: dict[str, Any]) -> _Call:
@@ -401,30 +441,14 @@ class Client(_Base[httpx.BaseTransport, httpx.Client]):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _request(self, call: _Call) -> Any:
-        tries = 0
-        while True:
-            tries += 1
-            try:
-                response = self._http.request(
-                    call.method, call.path, content=call.content, params=call.params
-                )
-                outcome = _interpret(response)
-            except httpx.TransportError as exc:
-                outcome = _transport_retry(exc)
-            if not isinstance(outcome, _Retry):
-                return outcome
-            if tries > self.backoff.retries:
-                raise _unavailable(call, self.url, tries, outcome)
-            time.sleep(self.backoff.delay(tries, outcome))
+        for attempt in self._tries(call):
+            time.sleep(attempt.wait)
+            with attempt:
+                return _interpret(self._http.send(self._build(call)))
 
 
 class AsyncClient(_Base[httpx.AsyncBaseTransport, httpx.AsyncClient]):
@@ -460,27 +484,11 @@ class AsyncClient(_Base[httpx.AsyncBaseTransport, httpx.AsyncClient]):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def _request(self, call: _Call) -> Any:
-        tries = 0
-        while True:
-            tries += 1
-            try:
-                response = await self._http.request(
-                    call.method, call.path, content=call.content, params=call.params
-                )
-                outcome = _interpret(response)
-            except httpx.TransportError as exc:
-                outcome = _transport_retry(exc)
-            if not isinstance(outcome, _Retry):
-                return outcome
-            if tries > self.backoff.retries:
-                raise _unavailable(call, self.url, tries, outcome)
-            await asyncio.sleep(self.backoff.delay(tries, outcome))
+        for attempt in self._tries(call):
+            await asyncio.sleep(attempt.wait)
+            with attempt:
+                return _interpret(await self._http.send(self._build(call)))

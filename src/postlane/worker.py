@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypedDict, Unpack
 
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock, SystemClock
@@ -97,6 +97,15 @@ class Retention:
     unmatched: float | None = None
 
 
+class WorkerOptions(TypedDict, total=False):
+    """What :meth:`Worker.from_config` takes beside the configuration (see :class:`Worker`)."""
+
+    clock: Clock | None
+    observer: DeliveryObserver | None
+    owner: str | None
+    wake: asyncio.Event | None
+
+
 class Worker:
     """Delivers what the store has due through one transport."""
 
@@ -155,27 +164,16 @@ class Worker:
 
     @classmethod
     def from_config(
-        cls,
-        config: Config,
-        store: Store,
-        transport: Transport,
-        *,
-        clock: Clock | None = None,
-        observer: DeliveryObserver | None = None,
-        owner: str | None = None,
-        wake: asyncio.Event | None = None,
+        cls, config: Config, store: Store, transport: Transport, **options: Unpack[WorkerOptions]
     ) -> Worker:
-        """A worker as ``config`` says: its retry policy, lanes, retention and throttle."""
+        """A worker as ``config`` says: its retry policy, lanes, retention and throttle; the
+        ``options`` go to the worker as they are."""
         return cls(
             store,
             transport,
             Policy.from_config(config),
             delivery=config.delivery,
-            clock=clock,
             lanes=LaneScheduler.from_config(config),
-            observer=observer,
-            owner=owner,
-            wake=wake,
             retention=Retention(
                 config.store.retention,
                 config.store.dead_retention,
@@ -184,6 +182,7 @@ class Worker:
             ),
             throttle=Throttle.from_config(config),
             log_recipients=config.log.recipients,
+            **options,
         )
 
     # -- running ---------------------------------------------------------------------------------

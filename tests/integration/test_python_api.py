@@ -94,3 +94,28 @@ def test_a_bad_batch_stores_nothing(tmp_path: Path) -> None:
                 ]
             )
         assert mail.messages() == []
+
+
+def test_the_sync_api_passes_suppression_keywords_on(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with postlane.Postlane(config) as mail:
+        assert mail.suppress(
+            "ada@example.net",
+            reason="complaint",
+            scope="example.com",
+            expires_at="2099-01-01T00:00:00Z",
+            detail="ticket 12",
+        )
+        assert not mail.suppress("ada@example.net", scope="example.com")
+        assert mail.suppress("bob@example.net", reason="asked by phone")
+        ada, bob = sorted(mail.suppressions(), key=lambda s: s.address)
+        assert (ada.reason, ada.scope, ada.detail, ada.source) == (
+            "complaint",
+            "example.com",
+            "ticket 12",
+            "operator",
+        )
+        assert ada.expires_at is not None
+        assert (bob.reason, bob.detail) == ("manual", "asked by phone")
+        assert mail.unsuppress("ada@example.net")
+        assert [s.address for s in mail.suppressions()] == ["bob@example.net"]

@@ -232,37 +232,6 @@ class ApiContext:
     #: which of ``serve --processes N``'s processes this is (None: serve alone)
     process: ProcessSlot | None = None
 
-    @classmethod
-    def create(
-        cls,
-        config: Config,
-        postlane: AsyncPostlane,
-        metrics: Metrics | None = None,
-        worker: Worker | None = None,
-        limits: HttpLimits | None = None,
-        process: ProcessSlot | None = None,
-    ) -> ApiContext:
-        limits = limits or HttpLimits.from_config(config)
-        body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
-        export_limit = max(EXPORT_BYTES, 2 * body_limit)
-        largest = max(BATCH_BODIES * body_limit, export_limit)
-        api = cls(
-            postlane=postlane,
-            config=config,
-            tokens=Tokens.from_config(config.http, clock=postlane.clock.now),
-            metrics=metrics,
-            worker=worker,
-            body_limit=body_limit,
-            export_limit=export_limit,
-            limits=limits,
-            budget=RequestBudget(limits.request_bytes or largest + body_limit),
-            process=process,
-        )
-        if metrics is not None:
-            with contextlib.suppress(ValueError):  # already counted (one registry, two apps)
-                metrics.add_tallies(_DoorMetrics(api))
-        return api
-
     @property
     def batch_limit(self) -> int:
         """A batch's JSON body is at most this large."""
@@ -320,7 +289,25 @@ def install(
     process: ProcessSlot | None = None,
 ) -> ApiContext:
     """Give the API's endpoints, wherever they are mounted, what they need."""
-    api = ApiContext.create(config, postlane, metrics, worker, limits, process)
+    limits = limits or HttpLimits.from_config(config)
+    body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
+    export_limit = max(EXPORT_BYTES, 2 * body_limit)
+    largest = max(BATCH_BODIES * body_limit, export_limit)
+    api = ApiContext(
+        postlane=postlane,
+        config=config,
+        tokens=Tokens.from_config(config.http, clock=postlane.clock.now),
+        metrics=metrics,
+        worker=worker,
+        body_limit=body_limit,
+        export_limit=export_limit,
+        limits=limits,
+        budget=RequestBudget(limits.request_bytes or largest + body_limit),
+        process=process,
+    )
+    if metrics is not None:
+        with contextlib.suppress(ValueError):  # already counted (one registry, two apps)
+            metrics.add_tallies(_DoorMetrics(api))
     state.api = api
     return api
 
