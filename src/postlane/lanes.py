@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 
 from postlane.config import Config
@@ -61,6 +62,37 @@ class LaneScheduler:
                 self._credit[lane] = 0.0
             else:
                 self._credit[lane] = max(0.0, self._credit[lane] - quota)
+
+
+class HighDemand:
+    """The in-flight slots the normal and low lanes may never take, sized to the high lane's
+    recent traffic: the most high-lane sends in flight at once over the last ``window``
+    seconds, plus one spare while the worker has 10 slots or more (so the next password reset
+    finds a slot free instead of waiting for a newsletter's send to finish); at most half of
+    the slots.
+
+    ``[delivery] high_reserve`` is another thing: slots the other lanes may borrow while no high
+    mail is due. Borrowed, they are busy with low sends when a reset comes; these are not."""
+
+    def __init__(self, concurrency: int, window: float = 60.0) -> None:
+        self.window = window
+        self._spare = 1 if concurrency >= 10 else 0
+        self._ceiling = concurrency // 2
+        #: (time, in flight) of the rises that may still be the window's peak, decreasing
+        self._peaks: deque[tuple[float, int]] = deque()
+
+    def started(self, in_flight: int, now: float) -> None:
+        """High-lane sends in flight rose to ``in_flight``."""
+        while self._peaks and self._peaks[-1][1] <= in_flight:
+            self._peaks.pop()
+        self._peaks.append((now, in_flight))
+
+    def kept(self, now: float) -> int:
+        """Slots kept for the high lane now (in flight or free)."""
+        while self._peaks and self._peaks[0][0] < now - self.window:
+            self._peaks.popleft()
+        peak = self._peaks[0][1] if self._peaks else 0
+        return min(self._ceiling, peak + self._spare)
 
 
 #: the order waiters are served in: high, normal, low (unknown lanes as normal)

@@ -30,7 +30,7 @@ from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, DeliveryConfig, ThrottleConfig
 from postlane.gate import WAITING_FOR_DESTINATION, ThrottleGate
-from postlane.lanes import LaneScheduler
+from postlane.lanes import HighDemand, LaneScheduler
 from postlane.leases import lease_owner_id, owner_is_dead
 from postlane.message import Lane, RecipientState
 from postlane.policy import Action, Decision, Policy, untried
@@ -151,6 +151,8 @@ class Worker:
         self._in_flight = 0
         #: of which high-lane deliveries (the reserve is kept for them)
         self._in_flight_high = 0
+        #: slots the other lanes never take, sized to the high lane's recent traffic
+        self._high_demand = HighDemand(self.settings.concurrency)
         self._slot_freed = asyncio.Event()
         self.recorder = Recorder(store, self.owner, self.clock, self.settings.lease)
         self.sent = 0
@@ -258,11 +260,11 @@ class Worker:
         nudged = False
         while not stop.is_set():
             free = self.settings.concurrency - self._in_flight
-            if free >= threshold or (free > 0 and nudged):
+            if self._free_for_any_lane() >= threshold or (free > 0 and nudged):
                 nudged = False
                 if await self._claim_batch():
                     continue
-                if self.settings.concurrency - self._in_flight >= threshold:
+                if self._free_for_any_lane() >= threshold:
                     await self._idle(stop, poll)
                     nudged = True
                     continue
@@ -303,9 +305,16 @@ class Worker:
         round trip per delivery)."""
         return max(1, min(self.settings.batch_size, self.settings.concurrency) // 4)
 
+    def _held_for_high(self) -> int:
+        """Free slots that only high mail may take now (see :class:`HighDemand`)."""
+        return max(0, self._high_demand.kept(self.clock.now()) - self._in_flight_high)
+
+    def _free_for_any_lane(self) -> int:
+        return self.settings.concurrency - self._in_flight - self._held_for_high()
+
     async def _wait_for_slot(self) -> None:
         threshold = self._batch_threshold()
-        while self.settings.concurrency - self._in_flight < threshold and self._in_flight:
+        while self._free_for_any_lane() < threshold and self._in_flight:
             self._slot_freed.clear()
             await self._slot_freed.wait()
 
@@ -320,13 +329,18 @@ class Worker:
         limit = min(free, self.settings.batch_size)
         quotas = self.lanes.quotas(limit)
         now = self.clock.now()
+        # the high lane's slots: those kept from the others (its recent traffic), and those of
+        # [delivery] high_reserve beyond, which they may borrow while no high mail is due
+        kept = self._held_for_high()
+        borrowable = self.settings.reserve_for_high - self._in_flight_high - kept
         claimed = await self.store.claim_due(
             self.owner,
             quotas,
             limit=limit,
             now=now,
             lease_until=now + self.settings.lease,
-            reserved={Lane.HIGH: self.settings.reserve_for_high - self._in_flight_high},
+            reserved={Lane.HIGH: borrowable},
+            kept={Lane.HIGH: kept},
         )
         got: Counter[Lane] = Counter()
         total = 0
@@ -374,6 +388,8 @@ class Worker:
         high = size if message.lane is Lane.HIGH else 0
         self._in_flight += size
         self._in_flight_high += high
+        if high:
+            self._high_demand.started(self._in_flight_high, self.clock.now())
         task = asyncio.create_task(
             self._deliver(message), name=f"postlane-deliver-{message.queue_id}"
         )

@@ -56,11 +56,13 @@ class DeliveryStore(Protocol):
         now: float,
         lease_until: float,
         reserved: Mapping[Lane, int] | None = None,
+        kept: Mapping[Lane, int] | None = None,
     ) -> list[ClaimedMessage]:
         """Lease due deliveries: up to each lane's quota in the order given, then more from the
         lanes in that order until ``limit`` in all. Oldest due first within a lane; messages
         come back in lane order. ``reserved`` slots of ``limit`` (a worker's share kept for the
-        high lane) go to no other lane unless that lane has nothing more due."""
+        high lane) go to no other lane unless that lane has nothing more due; ``kept`` slots go
+        to no other lane beyond its quota (left free for that lane's next mail)."""
         ...
 
     async def record(self, owner: str, outcomes: Sequence[Outcome], now: float) -> int:

@@ -174,20 +174,27 @@ class SQLDelivery(SQLRole):
         now: float,
         lease_until: float,
         reserved: Mapping[Lane, int] | None = None,
+        kept: Mapping[Lane, int] | None = None,
     ) -> list[ClaimedMessage]:
         def claim() -> Plan[list[ClaimedMessage]]:
             """Each lane's quota in the order given, then fill up to ``limit`` from the lanes in
             that order, then the other due recipients of the messages reached (so one
             message's recipients go out in one transaction). Slots ``reserved`` for a lane stay
-            out of the other lanes' reach until that lane is found to have nothing more due."""
+            out of the other lanes' reach until that lane is found to have nothing more due;
+            slots ``kept`` for a lane, for good, beyond the other lanes' quotas (their share
+            of a claim is theirs whatever is kept)."""
             params = {"owner": owner, "now": now, "lease_until": lease_until}
             leased: list[Row] = []
             held = {lane: n for lane, n in (reserved or {}).items() if n > 0}
+            only = {lane: n for lane, n in (kept or {}).items() if n > 0}
 
-            def lease(lane: Lane, wanted: int) -> Plan[None]:
-                """Up to ``wanted`` of ``lane``, short of the slots held for the others."""
+            def lease(lane: Lane, wanted: int, *, filling: bool) -> Plan[None]:
+                """Up to ``wanted`` of ``lane``, short of the slots held for the others (and,
+                when ``filling`` beyond the quotas, of those kept for them)."""
                 nonlocal leased
                 others = sum(n for other, n in held.items() if other is not lane)
+                if filling:
+                    others += sum(n for other, n in only.items() if other is not lane)
                 wanted = min(wanted, limit - len(leased) - others)
                 if wanted <= 0:
                     return
@@ -199,14 +206,14 @@ class SQLDelivery(SQLRole):
                     held[lane] = 0 if len(got) < wanted else max(0, held[lane] - len(got))
 
             for lane, quota in quotas:
-                yield from lease(lane, quota)
+                yield from lease(lane, quota, filling=False)
             # the lanes still holding slots first: until they are found empty, the others
             # cannot have those slots
             order = [lane for lane, _ in quotas]
             for lane in sorted(order, key=lambda lane: held.get(lane, 0) == 0):
                 if len(leased) >= limit:
                     break
-                yield from lease(lane, limit - len(leased))
+                yield from lease(lane, limit - len(leased), filling=True)
             if not leased:
                 return []
             queue_ids = list(dict.fromkeys(row["queue_id"] for row in leased))
