@@ -26,8 +26,6 @@ being received in :mod:`~postlane.ingest.smtp_body`.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 import ssl
@@ -37,6 +35,7 @@ from typing import cast
 from postlane.ingest.smtp_auth import Outcome
 from postlane.ingest.smtp_body import MessageBuffer
 from postlane.ingest.smtp_listener import Envelope, Gate, ServerSettings, Session, SmtpHandler
+from postlane.ingest.smtp_sasl import MECHANISMS, SaslExchange
 from postlane.ingest.smtp_syntax import (
     COMMAND_LIMIT,
     LINE_LIMIT,
@@ -691,7 +690,7 @@ class SmtpConnection(asyncio.Protocol):
             self._auth_failed()
             return
         mechanism = words[0].upper()
-        if mechanism not in ("PLAIN", "LOGIN"):
+        if mechanism not in MECHANISMS:
             self._reply("504 5.5.4 Unrecognized authentication type")
             self._auth_failed()
             return
@@ -701,7 +700,8 @@ class SmtpConnection(asyncio.Protocol):
 
     async def _authenticate(self, mechanism: str, initial: str | None) -> None:
         try:
-            credentials = await self._credentials(mechanism, initial)
+            exchange = SaslExchange(self._ask, self._reply)
+            credentials = await exchange.credentials(mechanism, initial)
             if credentials is not None:
                 await self._check(*credentials)
             else:
@@ -714,55 +714,17 @@ class SmtpConnection(asyncio.Protocol):
         self._set_deadline(self.settings.command_timeout)
         self._process()
 
-    async def _credentials(self, mechanism: str, initial: str | None) -> tuple[str, str] | None:
-        """The user name and password of an AUTH exchange, or None once its error is answered."""
-        if mechanism == "PLAIN":
-            blob = await self._decoded(initial) if initial is not None else await self._ask(b"")
-            if blob is None:
-                return None
-            parts = blob.split(b"\x00")
-            if len(parts) != 3:
-                self._reply("501 5.5.2 Can't split auth value")
-                return None
-            login, password = parts[1], parts[2]
-        else:
-            login_or_none = (
-                await self._decoded(initial)
-                if initial is not None
-                else await self._ask(b"User Name\x00")
-            )
-            if login_or_none is None:
-                return None
-            password_or_none = await self._ask(b"Password\x00")
-            if password_or_none is None:
-                return None
-            login, password = login_or_none, password_or_none
-        return login.decode("utf-8", "replace"), password.decode("utf-8", "replace")
-
-    async def _decoded(self, text: str) -> bytes | None:
-        try:
-            return base64.b64decode(text.encode(), validate=True)
-        except (binascii.Error, ValueError):
-            self._reply("501 5.5.2 Can't decode base64")
-            return None
-
-    async def _ask(self, challenge: bytes) -> bytes | None:
-        """Send a 334 challenge and read the client's answer, decoded; None once a refusal is
-        answered (or the connection is gone)."""
-        self._reply("334 " + base64.b64encode(challenge).decode())
+    async def _ask(self, challenge: str) -> bytes | None:
+        """Send a 334 challenge and wait for the client's answer line (None: the connection is
+        gone)."""
+        self._reply(challenge)
         self._flush()
         waiter: asyncio.Future[bytes | None] = self.loop.create_future()
         self._line_waiter = waiter
         self._answer_waiter()
         line = await waiter
         self._line_waiter = None
-        if line is None:
-            return None
-        blob = line.strip()
-        if blob == b"*":
-            self._reply("501 5.7.0 Auth aborted")
-            return None
-        return await self._decoded(blob.decode("ascii", "replace"))
+        return line
 
     async def _check(self, username: str, password: str) -> None:
         session = self.session
