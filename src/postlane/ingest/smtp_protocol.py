@@ -19,8 +19,9 @@ one. Only ``<CRLF>.<CRLF>`` ends a message (no SMTP smuggling with bare LF).
 What a listener decides is an :class:`SmtpHandler` (who may send from and to whom, what is done
 with a message) and a :class:`Gate` (which connections are let in), both in
 :mod:`~postlane.ingest.smtp_listener`; the rest is here: the connection, its commands and their
-replies, with what a command line may hold in :mod:`~postlane.ingest.smtp_syntax` and the message
-being received in :mod:`~postlane.ingest.smtp_body`.
+replies, with what a command line may hold in :mod:`~postlane.ingest.smtp_syntax`, the message
+being received in :mod:`~postlane.ingest.smtp_body` and AUTH's exchange in
+:mod:`~postlane.ingest.smtp_sasl`.
 """
 
 from __future__ import annotations
