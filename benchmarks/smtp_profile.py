@@ -44,7 +44,10 @@ BUCKETS = [
         r"StreamWriter\.write \(|_flush \(|\.push \(",
     ),
     ("per-connection setup", r"connection_made|SMTP\.__init__|factory"),
-    ("SMTP server: parsing and dispatch (Python)", r"aiosmtpd|smtpd\.py|smtp_protocol\.py"),
+    (
+        "SMTP server: parsing and dispatch (Python)",
+        r"aiosmtpd|smtpd\.py|smtp_(protocol|syntax|body)\.py",
+    ),
 ]
 
 

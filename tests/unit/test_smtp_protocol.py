@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postlane.ingest import smtp_protocol
+from postlane.ingest import smtp_syntax
 from postlane.ingest.smtp_protocol import parse_path
 
 
@@ -41,7 +41,7 @@ ATOM = st.text("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+/=?^_`{|}~-", min_si
 )
 def test_the_fast_path_agrees_with_the_rfc_5322_parser(local: str, domain: str, rest: str) -> None:
     arg = f"<{local}@{domain}>{rest}"
-    slow = smtp_protocol.get_angle_addr(arg)
+    slow = smtp_syntax.get_angle_addr(arg)
     assert parse_path(arg) == (str(slow[0].addr_spec), str(slow[1]).strip())
 
 
@@ -58,4 +58,4 @@ def test_the_fast_path_agrees_with_the_rfc_5322_parser(local: str, domain: str, 
     ],
 )
 def test_parameters(words: list[str], expected: dict[str, str | bool] | None) -> None:
-    assert smtp_protocol._parameters(words) == expected
+    assert smtp_syntax.parse_parameters(words) == expected

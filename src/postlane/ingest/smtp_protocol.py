@@ -17,25 +17,33 @@ over TLS). The replies and their texts are aiosmtpd's, which clients and tests k
 one. Only ``<CRLF>.<CRLF>`` ends a message (no SMTP smuggling with bare LF).
 
 What a listener decides is an :class:`SmtpHandler` (who may send from and to whom, what is done
-with a message) and a :class:`Gate` (which connections are let in); the rest is here.
+with a message) and a :class:`Gate` (which connections are let in), both in
+:mod:`~postlane.ingest.smtp_listener`; the rest is here: the connection, its commands and their
+replies, with what a command line may hold in :mod:`~postlane.ingest.smtp_syntax`, the message
+being received in :mod:`~postlane.ingest.smtp_body` and AUTH's exchange in
+:mod:`~postlane.ingest.smtp_sasl`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
-import re
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
-from typing import Protocol, cast
+from typing import cast
 
-from postlane.ingest.smtp_auth import AuthGuard, Outcome
+from postlane.ingest.smtp_auth import Outcome
+from postlane.ingest.smtp_body import MessageBuffer
+from postlane.ingest.smtp_listener import Envelope, Gate, ServerSettings, Session, SmtpHandler
+from postlane.ingest.smtp_sasl import MECHANISMS, SaslExchange
+from postlane.ingest.smtp_syntax import (
+    COMMAND_LIMIT,
+    LINE_LIMIT,
+    MAIL_LIMIT,
+    parse_parameters,
+    parse_path,
+)
 
 __all__ = [
     "Envelope",
@@ -49,164 +57,15 @@ __all__ = [
 
 log = logging.getLogger("postlane.smtp")
 
-#: the longest command line (RFC 5321 4.5.3.1.4), with what SIZE and SMTPUTF8 add to MAIL
-COMMAND_LIMIT = 512
-MAIL_LIMIT = COMMAND_LIMIT + 26 + 10
-#: a line this long without its end is cut off unread, then answered 500 (aiosmtpd's limit)
-LINE_LIMIT = 1001
 #: unknown commands before the connection is closed
 BOGUS_LIMIT = 5
 #: input buffered while a command is being answered; past it, reading pauses
 BUFFER_LIMIT = 64 * 1024
-
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-#: a plain ``<local@domain>`` path, which needs no RFC 5322 parser
-_PLAIN_PATH = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)\Z")
-_END_OF_DATA = b"\r\n.\r\n"
-
-
-def parse_path(arg: str) -> tuple[str | None, str]:
-    """The address of a MAIL or RCPT path and what follows it (the parameters); the address is
-    None when the path cannot be parsed, ``"<>"`` for the null path. As aiosmtpd parses it, with
-    a fast path for the plain ``<local@domain>`` nearly all mail uses."""
-    if not arg:
-        return "", ""
-    match = _PLAIN_PATH.match(arg)
-    if match is not None:
-        return match.group(1), match.group(2).strip()
-    parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-    try:
-        address, rest = parse(arg)
-    except (HeaderParseError, IndexError, ValueError):
-        return None, ""
-    return str(address.addr_spec), str(rest).strip()
-
-
-def _parameters(words: list[str]) -> dict[str, str | bool] | None:
-    """ESMTP parameters (RFC 5321 4.1.2), or None if one is malformed."""
-    result: dict[str, str | bool] = {}
-    for word in words:
-        name, eq, value = word.partition("=")
-        if not name.isalnum() or (eq and not value):
-            return None
-        result[name] = value if eq else True
-    return result
-
-
-class Session:
-    """One connection's state, as the handler sees it."""
-
-    __slots__ = (
-        "auth_data",
-        "authenticated",
-        "extended_smtp",
-        "host_name",
-        "peer",
-        "tls",
-        "tls_offered",
-    )
-
-    def __init__(self, peer: str, tls_offered: bool) -> None:
-        #: the client's address
-        self.peer = peer
-        #: what the client said in EHLO or HELO (None before)
-        self.host_name: str | None = None
-        self.extended_smtp = False
-        #: the session runs over TLS (after STARTTLS)
-        self.tls = False
-        #: STARTTLS is offered on this listener
-        self.tls_offered = tls_offered
-        self.authenticated = False
-        #: the user name an AUTH succeeded with
-        self.auth_data: str | None = None
-
-
-class Envelope:
-    """One mail transaction: MAIL, the accepted RCPTs, then the message."""
-
-    __slots__ = ("content", "mail_from", "mail_options", "rcpt_options", "rcpt_tos", "smtp_utf8")
-
-    def __init__(self) -> None:
-        self.mail_from: str | None = None
-        self.mail_options: list[str] = []
-        self.rcpt_tos: list[str] = []
-        self.rcpt_options: list[str] = []
-        self.smtp_utf8 = False
-        #: the message as received, dot-unstuffed (at most ``keep`` bytes of it)
-        self.content: bytes = b""
-
-
-class SmtpHandler(Protocol):
-    """What one listener decides. ``mail`` and ``rcpt`` answer at once; each returns the whole
-    reply line (``"250 2.1.0 OK"``) and records what it accepts in the envelope."""
-
-    def mail(self, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
-        """A MAIL command whose syntax and parameters were checked; sets ``mail_from``."""
-        ...
-
-    def rcpt(self, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
-        """A RCPT command whose syntax was checked; appends to ``rcpt_tos``."""
-        ...
-
-    async def data(self, session: Session, envelope: Envelope) -> str:
-        """The message has arrived; the reply is given when this returns (so after the
-        message is stored, if it is stored)."""
-        ...
-
-    def too_big(self, session: Session) -> str:
-        """The reply to a message over ``max_size`` (read to its end, RFC 5321 4.2.5)."""
-        ...
-
-    def failed(self, session: Session, error: Exception) -> str:
-        """The reply to an unexpected error in a command (logged and counted here)."""
-        ...
-
-    def timed_out(self, session: Session, phase: str) -> str | None:
-        """A client sent nothing in time (``phase``: "command" or "data"): what it is told
-        before the connection closes (None: nothing)."""
-        ...
-
-
-class Gate(Protocol):
-    """Which connections a listener lets in, and whether it is stopping."""
-
-    @property
-    def closing(self) -> bool:
-        """The listener is stopping: a session that finishes a message is closed after it."""
-        ...
-
-    def admit(self, connection: SmtpConnection, host: str) -> str | None:
-        """None to let the connection in, else the 421 it is told before being closed."""
-        ...
-
-    def release(self, connection: SmtpConnection, host: str) -> None:
-        """An admitted connection has closed."""
-        ...
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """What one listener's connections share."""
-
-    hostname: str
-    #: the greeting's text after the host name
-    ident: str
-    #: a bigger message is read to its end and refused (SIZE announces it)
-    max_size: int
-    command_timeout: float
-    data_timeout: float
-    #: the most of one message held in memory (what is past it is read and dropped); None: all
-    keep: int | None = None
-    #: STARTTLS offered when set
-    tls_context: ssl.SSLContext | None = None
-    #: AUTH PLAIN/LOGIN offered after STARTTLS when set
-    guard: AuthGuard | None = None
-    #: failed AUTH attempts on one connection before it is closed
-    max_auth_failures: int = 3
-    #: the replies of DATA out of order and with an argument
-    need_rcpt: str = "503 Error: need RCPT command"
-    data_syntax: str = "501 Syntax: DATA"
-
+#: the reply to a MAIL or RCPT path that cannot be parsed, by its keyword (ESMTP adds to it)
+_PATH_SYNTAX = {
+    "FROM:": "501 Syntax: MAIL FROM: <address>",
+    "TO:": "501 Syntax: RCPT TO: <address>",
+}
 
 _COMMAND, _DATA, _CHUNK, _STORING, _BUSY = "command", "data", "chunk", "storing", "busy"
 
@@ -236,10 +95,8 @@ class SmtpConnection(asyncio.Protocol):
         self._paused = False
         self._task: asyncio.Task[None] | None = None
         self._line_waiter: asyncio.Future[bytes | None] | None = None
-        # the message being received: b"\r\n" + what came so far (see _take_message)
-        self._message = bytearray()
-        self._dropped = 0
-        self._kept: bytes | None = None
+        # the message being received, by DATA or BDAT
+        self._message = MessageBuffer(settings.max_size if settings.keep is None else settings.keep)
         # BDAT (RFC 3030): the octets of this chunk still to come, whether it is the last, and
         # the reply it gets once read (None: the chunk is taken into the message)
         self._chunk_left = 0
@@ -483,7 +340,7 @@ class SmtpConnection(asyncio.Protocol):
             return
         assert self.session is not None
         self.envelope = Envelope()
-        self._message = bytearray()
+        self._message.discard()
         self.session.extended_smtp = False
         self.session.host_name = arg
         self._reply(f"250 {self.settings.hostname}")
@@ -496,7 +353,7 @@ class SmtpConnection(asyncio.Protocol):
         assert session is not None
         settings = self.settings
         self.envelope = Envelope()
-        self._message = bytearray()
+        self._message.discard()
         session.extended_smtp = True
         session.host_name = arg
         lines = [
@@ -524,7 +381,7 @@ class SmtpConnection(asyncio.Protocol):
             self._reply("501 Syntax: RSET")
             return
         self.envelope = Envelope()
-        self._message = bytearray()
+        self._message.discard()
         self._reply("250 OK")
 
     def smtp_QUIT(self, arg: str | None) -> None:
@@ -552,28 +409,38 @@ class SmtpConnection(asyncio.Protocol):
     def smtp_HELP(self, arg: str | None) -> None:
         self._reply(f"250 Supported commands: {' '.join(sorted(_COMMANDS))}")
 
-    def _path(self, keyword: str, arg: str | None, syntax: str) -> tuple[str, list[str]] | None:
-        """The address and parameters of MAIL or RCPT, or None once the error is answered."""
+    def _path(self, keyword: str, arg: str | None) -> tuple[str, list[str]] | None:
+        """The address of MAIL or RCPT and the words of its parameters, or None once the error
+        is answered."""
         assert self.session is not None
-        if self.session.extended_smtp:
-            syntax += " [SP <mail-parameters>]"
         if arg is None or arg[: len(keyword)].upper() != keyword:
-            self._reply(syntax)
+            self._path_syntax_error(keyword)
             return None
         address, rest = parse_path(arg[len(keyword) :].strip())
         if address is None:
             self._reply("553 5.1.3 Error: malformed address")
             return None
         if not address or (rest and not self.session.extended_smtp):
-            self._reply(syntax)
+            self._path_syntax_error(keyword)
             return None
         return address, rest.upper().split()
+
+    def _parameters(self, keyword: str, options: list[str]) -> dict[str, str | bool] | None:
+        """The ESMTP parameters of MAIL or RCPT, or None once their syntax error is answered."""
+        params = parse_parameters(options)
+        if params is None:
+            self._path_syntax_error(keyword)
+        return params
+
+    def _path_syntax_error(self, keyword: str) -> None:
+        assert self.session is not None
+        syntax = _PATH_SYNTAX[keyword]
+        self._reply(syntax + (" [SP <mail-parameters>]" if self.session.extended_smtp else ""))
 
     def smtp_MAIL(self, arg: str | None) -> None:
         if self._helo_needed():
             return
-        syntax = "501 Syntax: MAIL FROM: <address>"
-        path = self._path("FROM:", arg, syntax)
+        path = self._path("FROM:", arg)
         if path is None:
             return
         address, options = path
@@ -581,9 +448,8 @@ class SmtpConnection(asyncio.Protocol):
         if envelope.mail_from is not None:
             self._reply("503 Error: nested MAIL command")
             return
-        params = _parameters(options)
+        params = self._parameters("FROM:", options)
         if params is None:
-            self._path_syntax_error(syntax)
             return
         body = params.pop("BODY", "7BIT")
         if body not in ("7BIT", "8BITMIME"):
@@ -596,7 +462,7 @@ class SmtpConnection(asyncio.Protocol):
         size = params.pop("SIZE", None)
         if size is not None:
             if not isinstance(size, str) or not size.isdigit():
-                self._path_syntax_error(syntax)
+                self._path_syntax_error("FROM:")
                 return
             if int(size) > self.settings.max_size:
                 self._reply("552 Error: message size exceeds fixed maximum message size")
@@ -610,24 +476,18 @@ class SmtpConnection(asyncio.Protocol):
             envelope.smtp_utf8 = smtputf8
         self._reply(reply)
 
-    def _path_syntax_error(self, syntax: str) -> None:
-        assert self.session is not None
-        self._reply(syntax + (" [SP <mail-parameters>]" if self.session.extended_smtp else ""))
-
     def smtp_RCPT(self, arg: str | None) -> None:
         if self._helo_needed():
             return
         if not self.envelope.mail_from:
             self._reply("503 Error: need MAIL command")
             return
-        syntax = "501 Syntax: RCPT TO: <address>"
-        path = self._path("TO:", arg, syntax)
+        path = self._path("TO:", arg)
         if path is None:
             return
         address, options = path
-        params = _parameters(options)
+        params = self._parameters("TO:", options)
         if params is None:
-            self._path_syntax_error(syntax)
             return
         if params:
             self._reply("555 RCPT TO parameters not recognized or not implemented")
@@ -649,9 +509,7 @@ class SmtpConnection(asyncio.Protocol):
             return
         self._reply("354 End data with <CR><LF>.<CR><LF>")
         self.phase = _DATA
-        self._message = bytearray(b"\r\n")
-        self._dropped = 0
-        self._kept = None
+        self._message.begin()
         self._set_deadline(self.settings.data_timeout)
 
     # -- DATA --------------------------------------------------------------------------------------
@@ -660,34 +518,18 @@ class SmtpConnection(asyncio.Protocol):
         """Add ``data`` to the message being received; at its end, hand it to the handler and
         return what followed it (pipelined commands), else None."""
         message = self._message
-        # the message is kept with a leading CRLF, so the end is always CRLF "." CRLF, even for
-        # an empty message, and a leading dot is unstuffed like every other
-        start = max(len(message) - 4, 0)
-        message += data
-        end = message.find(_END_OF_DATA, start)
-        if end < 0:
-            self._trim()
+        leftover = message.add_dotted(data)
+        if leftover is None:
             return None
-        size = self._dropped + end  # the message's bytes, stuffed, with its last CRLF
-        leftover = bytes(message[end + 5 :])
-        kept = self._kept
-        if size > self.settings.max_size:
-            content = None
-        elif kept is not None:
-            content = kept.replace(b"\r\n.", b"\r\n")[2:]
-        else:
-            # RFC 5321 4.5.2: a line's leading dot was doubled by the client
-            content = bytes(message[: end + 2]).replace(b"\r\n.", b"\r\n")[2:]
-        self._message = bytearray()
-        self._kept = None
-        if content is None:
+        if message.size > self.settings.max_size:
+            message.discard()
             self.envelope = Envelope()
             self.phase = _COMMAND
             self._set_deadline(self.settings.command_timeout)
             assert self.session is not None
             self._reply(self.handler.too_big(self.session))
             return leftover
-        self._hand_over(content)
+        self._hand_over(message.take(unstuff=True))
         self._buffer += leftover
         return None
 
@@ -729,9 +571,7 @@ class SmtpConnection(asyncio.Protocol):
         self._chunk_last = last
         self._chunk_refusal = refusal
         if refusal is None and not self._message:
-            self._message = bytearray(b"\r\n")  # as DATA's: the first of this message's chunks
-            self._dropped = 0
-            self._kept = None
+            self._message.begin()  # the first of this message's chunks
         self.phase = _CHUNK
         self._set_deadline(self.settings.data_timeout)
 
@@ -742,7 +582,7 @@ class SmtpConnection(asyncio.Protocol):
         piece, leftover = (data, b"") if len(data) <= count else (data[:count], data[count:])
         self._chunk_left -= len(piece)
         if self._chunk_refusal is None and piece:
-            self._hold(piece)
+            self._message.add(piece)
         if self._chunk_left > 0:
             return None
         self.phase = _COMMAND
@@ -751,37 +591,19 @@ class SmtpConnection(asyncio.Protocol):
         if self._chunk_refusal is not None:
             self._reply(self._chunk_refusal)
             return leftover
-        size = self._dropped + len(self._message) - 2
+        message = self._message
+        size = message.size
         if size > self.settings.max_size:
-            self._message = bytearray()
+            message.discard()
             self.envelope = Envelope()
             self._reply(self.handler.too_big(self.session))
             return leftover
         if not self._chunk_last:
             self._reply(f"250 2.0.0 {size} octets received")
             return leftover
-        held = self._kept if self._kept is not None else bytes(self._message)
-        self._message = bytearray()
-        self._kept = None
-        self._hand_over(held[2:])  # no dot-stuffing in chunks
+        self._hand_over(message.take(unstuff=False))  # no dot-stuffing in chunks
         self._buffer += leftover
         return None
-
-    def _hold(self, data: bytes) -> None:
-        self._message += data
-        self._trim()
-
-    def _trim(self) -> None:
-        """Of the message being received keep what is held (``keep`` or ``max_size``), and of
-        what is past it only the last four bytes (where DATA's end may begin)."""
-        message = self._message
-        settings = self.settings
-        held = settings.max_size if settings.keep is None else settings.keep
-        if len(message) > held + 8:
-            if self._kept is None:
-                self._kept = bytes(message[: held + 2])
-            self._dropped += len(message) - 4
-            del message[:-4]
 
     def _hand_over(self, content: bytes) -> None:
         """The message has arrived: the handler has it until its reply."""
@@ -869,7 +691,7 @@ class SmtpConnection(asyncio.Protocol):
             self._auth_failed()
             return
         mechanism = words[0].upper()
-        if mechanism not in ("PLAIN", "LOGIN"):
+        if mechanism not in MECHANISMS:
             self._reply("504 5.5.4 Unrecognized authentication type")
             self._auth_failed()
             return
@@ -879,7 +701,8 @@ class SmtpConnection(asyncio.Protocol):
 
     async def _authenticate(self, mechanism: str, initial: str | None) -> None:
         try:
-            credentials = await self._credentials(mechanism, initial)
+            exchange = SaslExchange(self._ask, self._reply)
+            credentials = await exchange.credentials(mechanism, initial)
             if credentials is not None:
                 await self._check(*credentials)
             else:
@@ -892,55 +715,17 @@ class SmtpConnection(asyncio.Protocol):
         self._set_deadline(self.settings.command_timeout)
         self._process()
 
-    async def _credentials(self, mechanism: str, initial: str | None) -> tuple[str, str] | None:
-        """The user name and password of an AUTH exchange, or None once its error is answered."""
-        if mechanism == "PLAIN":
-            blob = await self._decoded(initial) if initial is not None else await self._ask(b"")
-            if blob is None:
-                return None
-            parts = blob.split(b"\x00")
-            if len(parts) != 3:
-                self._reply("501 5.5.2 Can't split auth value")
-                return None
-            login, password = parts[1], parts[2]
-        else:
-            login_or_none = (
-                await self._decoded(initial)
-                if initial is not None
-                else await self._ask(b"User Name\x00")
-            )
-            if login_or_none is None:
-                return None
-            password_or_none = await self._ask(b"Password\x00")
-            if password_or_none is None:
-                return None
-            login, password = login_or_none, password_or_none
-        return login.decode("utf-8", "replace"), password.decode("utf-8", "replace")
-
-    async def _decoded(self, text: str) -> bytes | None:
-        try:
-            return base64.b64decode(text.encode(), validate=True)
-        except (binascii.Error, ValueError):
-            self._reply("501 5.5.2 Can't decode base64")
-            return None
-
-    async def _ask(self, challenge: bytes) -> bytes | None:
-        """Send a 334 challenge and read the client's answer, decoded; None once a refusal is
-        answered (or the connection is gone)."""
-        self._reply("334 " + base64.b64encode(challenge).decode())
+    async def _ask(self, challenge: str) -> bytes | None:
+        """Send a 334 challenge and wait for the client's answer line (None: the connection is
+        gone)."""
+        self._reply(challenge)
         self._flush()
         waiter: asyncio.Future[bytes | None] = self.loop.create_future()
         self._line_waiter = waiter
         self._answer_waiter()
         line = await waiter
         self._line_waiter = None
-        if line is None:
-            return None
-        blob = line.strip()
-        if blob == b"*":
-            self._reply("501 5.7.0 Auth aborted")
-            return None
-        return await self._decoded(blob.decode("ascii", "replace"))
+        return line
 
     async def _check(self, username: str, password: str) -> None:
         session = self.session
