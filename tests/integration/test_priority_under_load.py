@@ -130,6 +130,31 @@ async def test_a_high_message_behind_a_backlog_takes_the_next_free_slot(
         await stop_worker(worker, stop, task)
 
 
+async def test_a_high_message_finds_a_slot_kept_free_without_waiting_for_the_backlog(
+    store: Any, peer: HoldingPeer, tmp_path: Path
+) -> None:
+    # 10 slots: the low backlog fills all but one, which stays free for a password reset
+    config = make_config(
+        tmp_path, delivery={"relay": peer.url, "concurrency": 10, "batch_size": 10}
+    )
+    await store.enqueue([message(Lane.LOW, f"news{i}@example.net") for i in range(40)], time.time())
+    worker, stop, task = await run_worker(config, store)
+    try:
+        busy = [await peer.next_arrival() for _ in range(9)]
+        assert all(rcpt.startswith("news") for rcpt in busy)
+        await store.enqueue([message(Lane.HIGH, "reset@example.net")], time.time())
+        # no low send has finished: the reset goes out in the slot the backlog could not take
+        assert await peer.next_arrival() == "reset@example.net"
+        # the next low send to finish frees its slot for the next reset (the reset lane's
+        # recent peak, 1, and a spare), not for the backlog
+        peer.release_one()
+        await store.enqueue([message(Lane.HIGH, "reset2@example.net")], time.time())
+        assert await peer.next_arrival() == "reset2@example.net"
+    finally:
+        peer.open()
+        await stop_worker(worker, stop, task)
+
+
 async def test_a_high_message_waiting_for_a_connection_goes_before_the_low_ones(
     store: Any, peer: HoldingPeer, tmp_path: Path
 ) -> None:

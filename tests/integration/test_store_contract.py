@@ -172,6 +172,23 @@ async def test_slots_reserved_for_a_lane_are_borrowed_only_while_it_is_empty(sto
     assert second[0].queue_id == high.id
 
 
+async def test_slots_kept_for_a_lane_stay_free_beyond_the_other_lanes_quotas(store: Any) -> None:
+    await store.enqueue([msg(lane="low") for _ in range(6)], T0)
+    quotas = [(Lane.HIGH, 3), (Lane.NORMAL, 0), (Lane.LOW, 1)]
+    # high is empty, but its 2 kept slots stay free: low gets its quota (1) and fills only to 3
+    first = await store.claim_due(
+        "w", quotas, limit=5, now=T0, lease_until=T0 + 60, kept={Lane.HIGH: 2}
+    )
+    assert [m.lane for m in first] == [Lane.LOW] * 3
+    high = [msg(lane="high") for _ in range(3)]
+    await store.enqueue(high, T0)
+    # high takes its kept slots and more; low still gets its quota, its share of every claim
+    second = await store.claim_due(
+        "w", quotas, limit=4, now=T0, lease_until=T0 + 60, kept={Lane.HIGH: 2}
+    )
+    assert [m.lane for m in second] == [Lane.HIGH] * 3 + [Lane.LOW]
+
+
 async def test_claimed_messages_come_back_in_lane_order(store: Any) -> None:
     low = msg(lane="low")
     await store.enqueue([low], T0)

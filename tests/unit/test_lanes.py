@@ -8,7 +8,7 @@ import asyncio
 from collections import Counter
 
 from postlane.config import config_from_dict
-from postlane.lanes import DEFAULT_SHARES, LaneScheduler, LaneSlots
+from postlane.lanes import DEFAULT_SHARES, HighDemand, LaneScheduler, LaneSlots
 from postlane.message import Lane
 
 
@@ -102,3 +102,26 @@ async def test_a_cancelled_waiter_gives_its_slot_to_the_next() -> None:
     assert first.cancelled()
     slots.release()
     await asyncio.wait_for(slots.acquire("low"), timeout=5)  # every slot came back
+
+
+def test_the_high_lane_keeps_a_spare_slot_and_the_slots_of_its_recent_peak() -> None:
+    demand = HighDemand(20, window=60.0)
+    assert demand.kept(0.0) == 1  # no high mail yet: one spare slot, so the first reset waits not
+    demand.started(1, 1.0)
+    demand.started(2, 1.3)
+    demand.started(4, 1.9)
+    demand.started(3, 2.5)  # fewer in flight than the peak: the peak holds
+    assert demand.kept(3.0) == 5  # the peak, 4, and a spare for the next
+    assert demand.kept(61.8) == 5  # the peak was at 1.9: it still counts within the window
+    assert demand.kept(62.0) == 4  # then the highest since, 3 (at 2.5), and a spare
+    assert demand.kept(62.6) == 1  # a quiet minute: back to the spare alone
+    demand.started(30, 70.0)
+    assert demand.kept(70.0) == 10  # never more than half the slots
+
+
+def test_a_small_worker_keeps_no_spare_slot_for_the_high_lane() -> None:
+    demand = HighDemand(8, window=60.0)
+    assert demand.kept(0.0) == 0  # 8 slots: none idle for mail that may never come
+    demand.started(2, 1.0)
+    assert demand.kept(2.0) == 2  # but what high used lately stays its own
+    assert demand.kept(61.5) == 0
