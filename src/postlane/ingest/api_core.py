@@ -54,11 +54,7 @@ from postlane.ingest.bodies import (
     require_media_type,
 )
 from postlane.ingest.bodies import read_body as read_within
-from postlane.ingest.server import (
-    HttpLimits,
-    Refusals,
-    escaped_store_error,
-)
+from postlane.ingest.server import HttpLimits, Refusals, escaped_store_error
 from postlane.message import Attachment, Message
 from postlane.metrics import Metrics
 from postlane.records import Selector

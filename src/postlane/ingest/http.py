@@ -35,17 +35,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from postlane.app import AsyncPostlane, QueueAction, check_export
-from postlane.auth import (
-    Caller,
-    Scope,
-)
+from postlane.auth import Caller, Scope
 from postlane.config import Config
-from postlane.errors import (
-    NotFound,
-    PostlaneError,
-    StoreUnavailable,
-    ValidationError,
-)
+from postlane.errors import NotFound, PostlaneError, StoreUnavailable, ValidationError
 from postlane.ingest.api_core import (
     MAX_BATCH,
     STORE_RETRY_AFTER,
@@ -63,12 +55,7 @@ from postlane.ingest.api_core import (
     read_json,
     selector_of,
 )
-from postlane.ingest.bodies import (
-    NDJSON,
-    NDJSON_TYPES,
-    ApiError,
-    require_media_type,
-)
+from postlane.ingest.bodies import NDJSON, NDJSON_TYPES, ApiError, require_media_type
 from postlane.ingest.http_feeds import (
     add_suppression,
     get_unmatched,
@@ -84,11 +71,7 @@ from postlane.ingest.http_feeds import (
 )
 from postlane.ingest.openapi import openapi_document
 from postlane.ingest.provider_webhooks import install_provider_webhooks, provider_webhook
-from postlane.ingest.server import (
-    HttpLimits,
-    bind,
-    serve_http,
-)
+from postlane.ingest.server import HttpLimits, bind, serve_http
 from postlane.metrics import Metrics
 from postlane.records import Selector
 

@@ -9,13 +9,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from postlane.auth import (
-    Caller,
-)
-from postlane.errors import (
-    NotFound,
-    ValidationError,
-)
+from postlane.auth import Caller
+from postlane.errors import NotFound, ValidationError
 from postlane.ingest.api_core import (
     MAX_LIST,
     ApiJSON,
@@ -24,9 +19,7 @@ from postlane.ingest.api_core import (
     read_json,
     time_field,
 )
-from postlane.ingest.bodies import (
-    ApiError,
-)
+from postlane.ingest.bodies import ApiError
 from postlane.message import check_text
 from postlane.selectors import optional_string
 

@@ -69,7 +69,8 @@ def _enqueue(
     at = {message.id: now for message, now in entries}
     addresses = sorted({r.address.lower() for m in messages for r in m.recipients})
     listed: dict[str, set[str]] = {}
-    if addresses:
+    # most queues' suppression list is empty: one cheap statement instead of the look-up
+    if addresses and (yield from fetch_one("any_suppression")) is not None:
         latest = max(at.values())
         found = yield from fetch("suppressed_among", {"addresses": addresses, "now": latest})
         listed = rows.scopes_by_address(found)

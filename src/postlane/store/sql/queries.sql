@@ -6,6 +6,10 @@
 -- written TRUE and FALSE, which SQLite reads as 1 and 0. A query only one database can run as
 -- written lives in that database's folder under the same kind of header.
 
+-- name: any_suppression
+-- Whether the suppression list holds anything (enqueues skip the look-up while it is empty).
+SELECT 1 AS found FROM suppressions LIMIT 1;
+
 -- name: suppressed_among
 -- Active suppressions of some lower-cased addresses, with their scopes (a NULL :now: any).
 SELECT address, scope FROM suppressions
