@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from postlane.app import AsyncPostlane
 from postlane.clock import Clock
 from postlane.config import Config, format_duration
+from postlane.ingest.door import FrontDoor
 from postlane.transports import transport_for
 from postlane.transports.base import Transport
 from postlane.worker import Worker
@@ -33,13 +34,7 @@ log = logging.getLogger("postlane")
 
 
 def build_app(
-    config: Config,
-    app: AsyncPostlane,
-    metrics: Metrics | None = None,
-    worker: Worker | None = None,
-    *,
-    probes_only: bool = False,
-    process: ProcessSlot | None = None,
+    door: FrontDoor, *, probes_only: bool = False, process: ProcessSlot | None = None
 ) -> Starlette:
     """serve's HTTP face: the API and, beside it, the dashboard (unless ``[http] dashboard =
     false``); with ``probes_only`` (a worker's ``--metrics``), /metrics, /healthz and /readyz.
@@ -48,15 +43,15 @@ def build_app(
     from postlane import dashboard
     from postlane.ingest import http as api
 
-    asgi = api.build_app(config, app, metrics, worker, probes_only=probes_only, process=process)
-    if config.unsubscribe.url is not None and not probes_only:
+    asgi = api.build_app(door, probes_only=probes_only, process=process)
+    if door.config.unsubscribe.url is not None and not probes_only:
         from postlane.ingest.unsubscribe import unsubscribe_routes
 
-        asgi.router.routes += unsubscribe_routes(config, app, metrics)
-    if config.http.dashboard and not probes_only:
+        asgi.router.routes += unsubscribe_routes(door.config, door.app, door.metrics)
+    if door.config.http.dashboard and not probes_only:
         asgi.router.routes += dashboard.dashboard_routes()
         # the API's tokens: one count of failed attempts, whichever door a guesser knocks at
-        dashboard.install(asgi.state, config, app, tokens=asgi.state.api.tokens)
+        dashboard.install(asgi.state, door.config, door.app, tokens=asgi.state.api.tokens)
     return asgi
 
 
@@ -229,19 +224,13 @@ async def run(
         )
         app.worker = worker
         await worker.reclaim_dead_owners()
+        door = FrontDoor(config, app, metrics, worker)  # what the HTTP and SMTP doors share
         async with contextlib.AsyncExitStack() as servers:
             if ingest or metrics_listen is not None:
                 from postlane.ingest.server import serve_http
 
                 probes_on = None if ingest else metrics_listen
-                asgi = build_app(
-                    config,
-                    app,
-                    metrics,
-                    worker,
-                    probes_only=probes_on is not None,
-                    process=slot,
-                )
+                asgi = build_app(door, probes_only=probes_on is not None, process=slot)
                 await servers.enter_async_context(
                     serve_http(
                         asgi,
@@ -256,9 +245,7 @@ async def run(
 
                 await servers.enter_async_context(
                     start_smtp(
-                        config,
-                        app,
-                        metrics,
+                        door,
                         sock=sockets.get("smtp"),
                         ident="postlane" if slot is None else f"postlane process {slot.index}",
                     )

@@ -29,6 +29,7 @@ import postlane
 from postlane.app import AsyncPostlane
 from postlane.client import BatchRefused
 from postlane.errors import MessageTooLarge, NotFound, StoreUnavailable, ValidationError
+from postlane.ingest.door import FrontDoor
 from postlane.ingest.http import start_http
 from postlane.records import MessageView
 from tests.conftest import free_port, make_config
@@ -86,7 +87,7 @@ def live_api(tmp_path: Path, server_thread: LoopThread) -> Iterator[LiveAPI]:
 
     async def start() -> tuple[AsyncPostlane, str]:
         app = await stack.enter_async_context(AsyncPostlane(config))
-        return app, await stack.enter_async_context(start_http(config, app))
+        return app, await stack.enter_async_context(start_http(FrontDoor(config, app)))
 
     app, url = server_thread.run(start())
     yield LiveAPI(url, app, server_thread)

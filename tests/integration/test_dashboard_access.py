@@ -16,6 +16,7 @@ import pytest
 from postlane.app import AsyncPostlane
 from postlane.auth import SESSION_COOKIE
 from postlane.clock import FakeClock
+from postlane.ingest.door import FrontDoor
 from postlane.message import RecipientState
 from postlane.metrics import Metrics
 from postlane.serve import build_app
@@ -28,7 +29,7 @@ SEND_TOKEN = "send-t0ken-for-the-tests"
 async def client_for(
     app: AsyncPostlane, host: str = "127.0.0.1"
 ) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=build_app(app.config, app), client=(host, 5555))
+    transport = httpx.ASGITransport(app=build_app(FrontDoor(app.config, app)), client=(host, 5555))
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8025") as client:
         yield client
 
@@ -63,7 +64,7 @@ async def test_without_tokens_only_loopback_clients_get_in(open_app: AsyncPostla
     # DNS rebinding: a page of evil.example re-pointed at 127.0.0.1 connects from loopback,
     # but names itself in Host: no page, no CSRF token to steal, no action
     transport = httpx.ASGITransport(
-        app=build_app(open_app.config, open_app), client=("127.0.0.1", 1)
+        app=build_app(FrontDoor(open_app.config, open_app)), client=("127.0.0.1", 1)
     )
     async with httpx.AsyncClient(transport=transport, base_url="http://evil.example") as rebound:
         for path in ("/", "/queue", "/suppressions", "/v1/stats"):
@@ -166,7 +167,7 @@ async def test_finding_11_login_guessing_is_slowed_counted_and_logged(
     are 429 with Retry-After, one summary line is logged (never a token), and /metrics counts."""
     config = make_config(tmp_path, http={"tokens": [TOKEN]})
     async with AsyncPostlane(config) as app:  # the real clock: real seconds
-        asgi = build_app(config, app, Metrics(app))
+        asgi = build_app(FrontDoor(config, app, Metrics(app)))
         transport = httpx.ASGITransport(app=asgi, client=("203.0.113.9", 5555))
         async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
             answers: Counter[int] = Counter()

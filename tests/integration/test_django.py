@@ -34,6 +34,7 @@ import postlane.django
 from postlane.app import AsyncPostlane
 from postlane.config import Config, load_config
 from postlane.errors import PostlaneError, ValidationError
+from postlane.ingest.door import FrontDoor
 from postlane.ingest.http import start_http
 from postlane.message import Lane
 from postlane.pytest_plugin import PostlaneMail
@@ -297,7 +298,7 @@ async def postlane_server(tmp_path: Path, smtp_peer: SMTPPeer) -> AsyncIterator[
         tokens=[TOKEN],
     )
     config = load_config(path)
-    async with AsyncPostlane(config) as app, start_http(config, app) as address:
+    async with AsyncPostlane(config) as app, start_http(FrontDoor(config, app)) as address:
         with override_settings(POSTLANE_URL=address, POSTLANE_TOKEN=TOKEN):
             yield app
 

@@ -18,6 +18,7 @@ from postlane.clock import FakeClock
 from postlane.errors import StoreUnavailable
 from postlane.ingest import api_core
 from postlane.ingest import http as http_module
+from postlane.ingest.door import FrontDoor
 from postlane.ingest.http import build_app, start_http
 from postlane.message import Lane, RecipientState
 from postlane.metrics import Metrics
@@ -38,7 +39,7 @@ async def app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[AsyncPostlane]:
 
 @pytest.fixture
 async def client(app: AsyncPostlane) -> AsyncIterator[httpx.AsyncClient]:
-    asgi = build_app(app.config, app, Metrics(app))
+    asgi = build_app(FrontDoor(app.config, app, Metrics(app)))
     transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
     async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
         c.headers["Authorization"] = f"Bearer {TOKEN}"
@@ -52,7 +53,7 @@ async def small_exports(
     """A client of an API whose export (and import) size limit is its floor: twice the body
     limit (about 180 kB with max_size 20KB)."""
     monkeypatch.setattr(api_core, "EXPORT_BYTES", 0)
-    asgi = build_app(app.config, app, Metrics(app))
+    asgi = build_app(FrontDoor(app.config, app, Metrics(app)))
     transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
     async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
         c.headers["Authorization"] = f"Bearer {TOKEN}"
@@ -173,7 +174,7 @@ async def test_unknown_message_and_route(client: httpx.AsyncClient) -> None:
 async def test_without_tokens_only_loopback_is_answered(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     async with AsyncPostlane(config) as postlane:
-        asgi = build_app(config, postlane)
+        asgi = build_app(FrontDoor(config, postlane))
         for host, expected in (("127.0.0.1", 202), ("::1", 202), ("192.0.2.7", 403)):
             transport = httpx.ASGITransport(app=asgi, client=(host, 1234))
             async with httpx.AsyncClient(
@@ -202,7 +203,7 @@ async def test_served_over_a_real_socket(tmp_path: Path) -> None:
     config = make_config(tmp_path, http={"listen": f"127.0.0.1:{port}"})
     async with (
         AsyncPostlane(config) as postlane,
-        start_http(config, postlane) as address,
+        start_http(FrontDoor(config, postlane)) as address,
         httpx.AsyncClient(base_url=address) as c,
     ):
         r = await c.post("/v1/messages", json=MESSAGE)
@@ -220,7 +221,7 @@ async def scoped(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[AsyncP
         tmp_path, http={"tokens": [TOKEN], "send_tokens": [SEND_TOKEN, OTHER_TOKEN]}
     )
     async with AsyncPostlane(config, clock=clock) as postlane:
-        asgi = build_app(config, postlane, Metrics(postlane))
+        asgi = build_app(FrontDoor(config, postlane, Metrics(postlane)))
         transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
 
         def client(token: str) -> httpx.AsyncClient:

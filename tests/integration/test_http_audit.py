@@ -18,6 +18,7 @@ import pytest
 
 from postlane.app import AsyncPostlane
 from postlane.clock import FakeClock
+from postlane.ingest.door import FrontDoor
 from postlane.metrics import Metrics
 from postlane.serve import build_app
 from tests.conftest import make_config
@@ -38,7 +39,7 @@ async def app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[AsyncPostlane]:
 async def local(app: AsyncPostlane) -> AsyncIterator[httpx.AsyncClient]:
     """A client on this machine addressing the server as 127.0.0.1 (what a local page's
     fetch() also is: the Host check lets it in; only what the browser says keeps it out)."""
-    transport = httpx.ASGITransport(app=build_app(app.config, app, Metrics(app)))
+    transport = httpx.ASGITransport(app=build_app(FrontDoor(app.config, app, Metrics(app))))
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8025") as client:
         yield client
 
@@ -182,7 +183,7 @@ async def test_finding_5_input_that_would_break_later_reads_is_refused_and_nothi
     app: AsyncPostlane, body: str
 ) -> None:
     config = make_config(app.config.base_dir, smtp={"max_size": "1MB"})
-    transport = httpx.ASGITransport(app=build_app(config, app, Metrics(app)))
+    transport = httpx.ASGITransport(app=build_app(FrontDoor(config, app, Metrics(app))))
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8025") as c:
         r = await c.post("/v1/messages", content=body.encode(), headers=JSON)
         assert 400 <= r.status_code < 500, r.text
@@ -281,7 +282,7 @@ async def test_finding_6_a_corrupted_database_is_503_with_retry_after_and_not_re
             await seeding.send(sender="a@example.com", to=[f"u{n}@example.net"], text="x" * 500)
     async with AsyncPostlane(config, clock=clock) as app:
         transport = httpx.ASGITransport(
-            app=build_app(config, app, Metrics(app)), raise_app_exceptions=False
+            app=build_app(FrontDoor(config, app, Metrics(app))), raise_app_exceptions=False
         )
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8025") as c:
             assert (await c.get("/readyz")).status_code == 200
@@ -402,7 +403,7 @@ async def test_finding_11_wrong_bearer_tokens_get_429_with_retry_after(
 ) -> None:
     config = make_config(tmp_path, http={"tokens": [TOKEN]})
     async with AsyncPostlane(config, clock=clock) as app:
-        asgi = build_app(config, app, Metrics(app))
+        asgi = build_app(FrontDoor(config, app, Metrics(app)))
         guesser = httpx.ASGITransport(app=asgi, client=("203.0.113.9", 5555))
         async with httpx.AsyncClient(transport=guesser, base_url="http://postlane") as c:
             for n in range(5):

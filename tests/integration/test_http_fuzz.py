@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
 from postlane.app import AsyncPostlane
+from postlane.ingest.door import FrontDoor
 from postlane.ingest.http import start_http
 from postlane.ingest.openapi import openapi_document
 from postlane.metrics import Metrics
@@ -46,7 +47,10 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     async def serve() -> None:
         nonlocal stop
         stop = asyncio.Event()
-        async with AsyncPostlane(config) as app, start_http(config, app, Metrics(app)) as url:
+        async with (
+            AsyncPostlane(config) as app,
+            start_http(FrontDoor(config, app, Metrics(app))) as url,
+        ):
             address.append(url)
             ready.set()
             await stop.wait()

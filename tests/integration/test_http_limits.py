@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from postlane.app import AsyncPostlane
+from postlane.ingest.door import FrontDoor
 from postlane.ingest.http import ApiContext, build_app
 from postlane.ingest.server import HttpLimits, serve_http
 from tests.conftest import free_port, make_config
@@ -45,7 +46,7 @@ async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
         tmp_path, http={"listen": f"127.0.0.1:{free_port()}"}, smtp={"max_size": "100KB"}
     )
     async with AsyncPostlane(config) as app:
-        asgi = build_app(config, app, limits=limits)
+        asgi = build_app(FrontDoor(config, app), limits=limits)
         async with serve_http(
             asgi, config, limits=limits, refusals=asgi.state.api.refusals
         ) as address:

@@ -30,6 +30,7 @@ from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
 from postlane.config import LogConfig
+from postlane.ingest.door import FrontDoor
 from postlane.logs import JSONFormatter, setup_logging
 from postlane.message import Lane, Message, RecipientState
 from postlane.metrics import Metrics
@@ -483,7 +484,7 @@ async def test_readyz_reflects_the_store_and_the_worker(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     async with AsyncPostlane(config) as app:
         worker = Worker.from_config(config, app.store, transport_for(config))
-        asgi = build_app(config, app, None, worker)
+        asgi = build_app(FrontDoor(config, app, worker=worker))
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=asgi), base_url="http://p"
         ) as c:

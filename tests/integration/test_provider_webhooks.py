@@ -39,6 +39,7 @@ from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
 from postlane.feedback.providers.sns import SigningCertificates
+from postlane.ingest.door import FrontDoor
 from postlane.ingest.provider_webhooks import install_provider_webhooks
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.metrics import Metrics
@@ -358,12 +359,14 @@ async def site(store: Any, tmp_path: Path, https_peer: HTTPSPeer) -> AsyncIterat
     app = AsyncPostlane(config, store=store, clock=FakeClock(T0 + 60))
     prepared, ids = await sent_message(store, ["ada@example.net", "bob@example.net"])
     metrics = Metrics(app)
-    asgi = serve.build_app(config, app, metrics)  # as serve mounts it
+    asgi = serve.build_app(FrontDoor(config, app, metrics))  # as serve mounts it
     peer_client = https_peer.client()
     certificates = SigningCertificates(
         url_allowed=lambda url: url.startswith(https_peer.base + "/"), client=peer_client
     )
-    install_provider_webhooks(asgi.state, config, app, metrics, certificates=certificates)
+    install_provider_webhooks(
+        asgi.state, FrontDoor(config, app, metrics), certificates=certificates
+    )
     async with serving(asgi) as base_url, httpx.AsyncClient(base_url=base_url) as client:
         yield Site(
             app, client, metrics, prepared, ids, sendgrid_key, https_peer, certificates, asgi
@@ -457,7 +460,7 @@ async def test_sns_messages_that_do_not_verify_are_refused_and_change_nothing(
 async def test_by_default_only_amazons_sns_hosts_are_trusted(site: Site) -> None:
     """With the certificates a real deployment uses, a local certificate URL is refused
     before anything is fetched."""
-    install_provider_webhooks(site.asgi.state, site.app.config, site.app, site.metrics)
+    install_provider_webhooks(site.asgi.state, FrontDoor(site.app.config, site.app, site.metrics))
     event = sample("ses-bounce.json", **site.values())
     answer = await site.post_ses(sns_message("Notification", event, site.peer.cert_url))
     assert answer.status_code == 401
@@ -686,7 +689,7 @@ async def test_an_unconfigured_provider_is_not_found(tmp_path: Path) -> None:
     await store.open()
     try:
         app = AsyncPostlane(config, store=store, clock=FakeClock(T0))
-        asgi = serve.build_app(config, app)
+        asgi = serve.build_app(FrontDoor(config, app))
         async with serving(asgi) as base_url, httpx.AsyncClient(base_url=base_url) as client:
             for provider in ("ses", "sendgrid", "postmark"):
                 answer = await client.post(f"/v1/webhooks/{provider}", content=b"[]")

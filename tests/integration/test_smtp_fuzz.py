@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from postlane.app import AsyncPostlane
+from postlane.ingest.door import FrontDoor
 from postlane.ingest.smtp import start_smtp
 from tests.conftest import free_port, make_config
 
@@ -23,7 +24,7 @@ from tests.conftest import free_port, make_config
 async def listener(tmp_path: Path) -> AsyncIterator[tuple[AsyncPostlane, int]]:
     port = free_port()
     config = make_config(tmp_path, smtp={"listen": f"127.0.0.1:{port}", "max_size": "20KB"})
-    async with AsyncPostlane(config) as app, start_smtp(config, app):
+    async with AsyncPostlane(config) as app, start_smtp(FrontDoor(config, app)):
         yield app, port
 
 

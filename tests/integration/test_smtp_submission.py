@@ -21,6 +21,7 @@ import trustme
 
 from postlane.app import AsyncPostlane
 from postlane.errors import StoreUnavailable
+from postlane.ingest.door import FrontDoor
 from postlane.ingest.smtp import hash_password, start_smtp, verify_password
 from postlane.message import Message, prepare
 from postlane.metrics import Metrics
@@ -65,7 +66,10 @@ async def listen(
         cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
         settings.update(tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.pem"))
     config = make_config(tmp_path, smtp=settings)
-    async with AsyncPostlane(config, store=store) as app, start_smtp(config, app, metrics):
+    async with (
+        AsyncPostlane(config, store=store) as app,
+        start_smtp(FrontDoor(config, app, metrics)),
+    ):
         yield Listener(app, port, ca)
 
 
@@ -645,8 +649,8 @@ async def test_two_listeners_can_share_one_socket(tmp_path: Path) -> None:
     sock = bind(config.smtp.listen, "smtp.listen")
     async with (
         AsyncPostlane(config) as app,
-        start_smtp(config, app, sock=sock) as first,
-        start_smtp(config, app, sock=sock.dup()) as second,
+        start_smtp(FrontDoor(config, app), sock=sock) as first,
+        start_smtp(FrontDoor(config, app), sock=sock.dup()) as second,
     ):
         assert first == second == f"127.0.0.1:{port}"
         for _ in range(4):

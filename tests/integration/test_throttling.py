@@ -20,6 +20,7 @@ from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock, iso
 from postlane.config import Config
+from postlane.ingest.door import FrontDoor
 from postlane.ingest.http import build_app
 from postlane.message import Message, RecipientState
 from postlane.metrics import Metrics
@@ -278,7 +279,7 @@ async def test_stats_the_api_and_metrics_show_a_slowed_down_and_a_paused_destina
         assert down.paused_until == pytest.approx(now + 300, abs=1)
         assert "3 connection failure(s)" in (down.reason or "")
 
-        api = build_app(config, app, Metrics(app))
+        api = build_app(FrontDoor(config, app, Metrics(app)))
         transport = httpx.ASGITransport(app=api, client=("127.0.0.1", 1234))
         async with httpx.AsyncClient(
             transport=transport, base_url="http://127.0.0.1:8025"

@@ -31,6 +31,7 @@ from postlane.dkim import generate_key
 from postlane.errors import StoreUnavailable
 from postlane.feedback.unsubscribe import UnsubscribeLinks, UnsubscribeTransport
 from postlane.feedback.verp import ReturnPaths
+from postlane.ingest.door import FrontDoor
 from postlane.message import Lane, Message, RecipientState, prepare
 from postlane.metrics import Metrics
 from postlane.transports import transport_for
@@ -299,7 +300,7 @@ async def shop(request: pytest.FixtureRequest, store: Any, tmp_path: Path) -> As
     await store.enqueue([prepared], T0)
     ids = {a: (await store.find_deliveries(a, queue_id=prepared.id))[0].delivery_id for a in to}
     metrics = Metrics(app)
-    asgi = serve.build_app(config, app, metrics)  # mounted as serve mounts it
+    asgi = serve.build_app(FrontDoor(config, app, metrics))  # mounted as serve mounts it
     links = UnsubscribeLinks(URL, await store.secret("unsubscribe", T0))
     transport = httpx.ASGITransport(app=asgi)
     async with httpx.AsyncClient(

@@ -61,6 +61,7 @@ from postlane.records import Selector
 from postlane.selectors import SELECTOR_FIELDS, optional_string, parse_selector, string_list
 
 if TYPE_CHECKING:
+    from postlane.ingest.door import FrontDoor
     from postlane.supervisor import ProcessSlot
     from postlane.worker import Worker
 
@@ -277,33 +278,30 @@ _DOORS = ("api", "dashboard", "login")
 
 def install(
     state: State,
-    config: Config,
-    postlane: AsyncPostlane,
-    metrics: Metrics | None = None,
-    worker: Worker | None = None,
+    door: FrontDoor,
     limits: HttpLimits | None = None,
     process: ProcessSlot | None = None,
 ) -> ApiContext:
     """Give the API's endpoints, wherever they are mounted, what they need."""
-    limits = limits or HttpLimits.from_config(config)
-    body_limit = int(config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
+    limits = limits or HttpLimits.from_config(door.config)
+    body_limit = int(door.config.smtp.max_size * JSON_OVERHEAD) + 64 * 1024
     export_limit = max(EXPORT_BYTES, 2 * body_limit)
     largest = max(BATCH_BODIES * body_limit, export_limit)
     api = ApiContext(
-        postlane=postlane,
-        config=config,
-        tokens=Tokens.from_config(config.http, clock=postlane.clock.now),
-        metrics=metrics,
-        worker=worker,
+        postlane=door.app,
+        config=door.config,
+        tokens=Tokens.from_config(door.config.http, clock=door.app.clock.now),
+        metrics=door.metrics,
+        worker=door.worker,
         body_limit=body_limit,
         export_limit=export_limit,
         limits=limits,
         budget=RequestBudget(limits.request_bytes or largest + body_limit),
         process=process,
     )
-    if metrics is not None:
+    if door.metrics is not None:
         with contextlib.suppress(ValueError):  # already counted (one registry, two apps)
-            metrics.add_tallies(_DoorMetrics(api))
+            door.metrics.add_tallies(_DoorMetrics(api))
     state.api = api
     return api
 

@@ -36,7 +36,6 @@ from starlette.routing import BaseRoute, Route
 
 from postlane.app import AsyncPostlane, QueueAction, check_export
 from postlane.auth import Caller, Scope
-from postlane.config import Config
 from postlane.errors import NotFound, PostlaneError, StoreUnavailable, ValidationError
 from postlane.ingest.api_core import (
     MAX_BATCH,
@@ -72,12 +71,11 @@ from postlane.ingest.http_feeds import (
 from postlane.ingest.openapi import openapi_document
 from postlane.ingest.provider_webhooks import install_provider_webhooks, provider_webhook
 from postlane.ingest.server import HttpLimits, bind, serve_http
-from postlane.metrics import Metrics
 from postlane.records import Selector
 
 if TYPE_CHECKING:
+    from postlane.ingest.door import FrontDoor
     from postlane.supervisor import ProcessSlot
-    from postlane.worker import Worker
 
 
 __all__ = ["ApiContext", "api_routes", "bind", "build_app", "install", "start_http"]
@@ -424,10 +422,7 @@ def api_routes(*, probes_only: bool = False) -> list[BaseRoute]:
 
 
 def build_app(
-    config: Config,
-    app: AsyncPostlane,
-    metrics: Metrics | None = None,
-    worker: Worker | None = None,
+    door: FrontDoor,
     *,
     probes_only: bool = False,
     limits: HttpLimits | None = None,
@@ -439,29 +434,23 @@ def build_app(
     asgi = Starlette(
         routes=api_routes(probes_only=probes_only), exception_handlers=EXCEPTION_HANDLERS
     )
-    install(asgi.state, config, app, metrics, worker, limits, process)
+    install(asgi.state, door, limits, process)
     if not probes_only:
-        install_provider_webhooks(asgi.state, config, app, metrics)
+        install_provider_webhooks(asgi.state, door)
     return asgi
 
 
 @contextlib.asynccontextmanager
 async def start_http(
-    config: Config,
-    app: AsyncPostlane,
-    metrics: Metrics | None = None,
-    worker: Worker | None = None,
-    *,
-    probes_on: str | None = None,
-    limits: HttpLimits | None = None,
+    door: FrontDoor, *, probes_on: str | None = None, limits: HttpLimits | None = None
 ) -> AsyncIterator[str]:
     """Serve the API until the context exits; yields the address it listens on. With
     ``probes_on`` (HOST:PORT), serve only /metrics, /healthz and /readyz there (a worker).
     ``limits`` default to the configuration's (see :class:`HttpLimits`)."""
-    limits = limits or HttpLimits.from_config(config)
-    asgi = build_app(config, app, metrics, worker, probes_only=probes_on is not None, limits=limits)
+    limits = limits or HttpLimits.from_config(door.config)
+    asgi = build_app(door, probes_only=probes_on is not None, limits=limits)
     refusals = cast(ApiContext, asgi.state.api).refusals
     async with serve_http(
-        asgi, config, probes_on=probes_on, limits=limits, refusals=refusals
+        asgi, door.config, probes_on=probes_on, limits=limits, refusals=refusals
     ) as address:
         yield address

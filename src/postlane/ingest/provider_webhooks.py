@@ -41,8 +41,7 @@ from postlane.ingest.api_core import STORE_RETRY_AFTER, ApiJSON, context_of, rea
 from postlane.ingest.bodies import ApiError
 
 if TYPE_CHECKING:
-    from postlane.app import AsyncPostlane
-    from postlane.config import Config
+    from postlane.ingest.door import FrontDoor
     from postlane.metrics import Metrics
 
 __all__ = ["MAX_BODY", "ProviderWebhooks", "install_provider_webhooks", "provider_webhook"]
@@ -74,17 +73,12 @@ class ProviderWebhooks:
 
 
 def install_provider_webhooks(
-    state: State,
-    config: Config,
-    app: AsyncPostlane,
-    metrics: Metrics | None = None,
-    *,
-    certificates: SigningCertificates | None = None,
+    state: State, door: FrontDoor, *, certificates: SigningCertificates | None = None
 ) -> ProviderWebhooks:
     """Give the provider endpoints what they need. ``certificates``: where SNS signing
     certificates come from (by default fetched from Amazon's SNS hosts only; a test passes
     its own, serving a certificate it made)."""
-    settings = config.provider_webhooks
+    settings = door.config.provider_webhooks
     certificates = certificates or SigningCertificates()
     receivers: dict[str, Receiver] = {}
     if settings.ses is not None:
@@ -96,9 +90,11 @@ def install_provider_webhooks(
     if settings.mailgun is not None:
         receivers["mailgun"] = MailgunReceiver(settings.mailgun)
     recorder = EventRecorder(
-        app.store, app.clock, complaint_scope=ComplaintScope(config.bounces.complaint_scope)
+        door.app.store,
+        door.app.clock,
+        complaint_scope=ComplaintScope(door.config.bounces.complaint_scope),
     )
-    hooks = ProviderWebhooks(receivers, recorder, certificates, metrics)
+    hooks = ProviderWebhooks(receivers, recorder, certificates, door.metrics)
     state.provider_webhooks = hooks
     return hooks
 

@@ -60,6 +60,7 @@ from postlane.message import MAX_RECIPIENTS, Message, parse_address
 from postlane.metrics import SmtpMetrics
 
 if TYPE_CHECKING:
+    from postlane.ingest.door import FrontDoor
     from postlane.metrics import Metrics
 
 log = logging.getLogger("postlane.smtp")
@@ -422,12 +423,7 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
 
 @contextlib.asynccontextmanager
 async def start_smtp(
-    config: Config,
-    app: AsyncPostlane,
-    metrics: Metrics | None = None,
-    *,
-    sock: socket.socket | None = None,
-    ident: str = "postlane",
+    door: FrontDoor, *, sock: socket.socket | None = None, ident: str = "postlane"
 ) -> AsyncIterator[str]:
     """Listen for SMTP submission on ``[smtp] listen`` (or on ``sock``, a socket already bound
     and listening, shared by several processes) until the context exits; yields "host:port".
@@ -435,7 +431,8 @@ async def start_smtp(
     answered). On exit the sessions still open are closed (see :meth:`Sessions.close`)."""
     from postlane.ingest.server import bind
 
-    handler = SubmissionHandler(config, app, metrics)
+    config = door.config
+    handler = SubmissionHandler(config, door.app, door.metrics)
     tls_context = server_tls_context(config)
     if config.smtp.users and tls_context is None:
         log.warning(
