@@ -93,14 +93,21 @@ async def pg_schema() -> AsyncIterator[str]:
         yield url
 
 
-@contextlib.asynccontextmanager
-async def postgres_schema() -> AsyncIterator[str]:
-    """What :func:`pg_schema` gives, for fixtures that choose their store themselves."""
+def postgres_url_or_skip(who: str) -> str:
+    """``$POSTLANE_TEST_POSTGRES``; without it the test fails in CI and is skipped elsewhere,
+    the reason starting with ``who`` ("the outbox test needs")."""
     url = _postgres_url()
     if url is None:
         if IN_CI:
             pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
-        pytest.skip("PostgreSQL tests need POSTLANE_TEST_POSTGRES=postgresql://...")
+        pytest.skip(f"{who} POSTLANE_TEST_POSTGRES=postgresql://...")
+    return url
+
+
+@contextlib.asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """What :func:`pg_schema` gives, for fixtures that choose their store themselves."""
+    url = postgres_url_or_skip("PostgreSQL tests need")
     from postlane.store.postgres import PostgresStore
 
     schema = f"t_{uuid.uuid4().hex[:12]}"

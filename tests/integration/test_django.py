@@ -40,7 +40,7 @@ from postlane.message import Lane
 from postlane.pytest_plugin import PostlaneMail
 from postlane.transports import transport_for
 from postlane.worker import Worker
-from tests.conftest import IN_CI, SMTPPeer, _postgres_url, free_port
+from tests.conftest import SMTPPeer, free_port, postgres_url_or_skip
 from tests.integration.django_project.views import RECEIPT_PDF
 
 SETTINGS_MODULE = "tests.integration.django_project.settings"
@@ -349,11 +349,7 @@ def with_schema(url: str, schema: str) -> str:
 def outbox_schema(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """postlane's tables in a schema of their own in the PostgreSQL database Django's
     ``postgres`` alias uses, and a sign-up table beside them; all dropped afterwards."""
-    url = _postgres_url()
-    if url is None:
-        if IN_CI:
-            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
-        pytest.skip("the outbox test needs PostgreSQL: set POSTLANE_TEST_POSTGRES=postgresql://...")
+    url = postgres_url_or_skip("the outbox test needs PostgreSQL: set")
     schema = f"dj_{uuid.uuid4().hex[:12]}"
     path = write_config(tmp_path, with_schema(url, schema), f"capture://{tmp_path / 'captured'}")
     with postlane.Postlane(config_path=path):  # creates the schema and postlane's tables

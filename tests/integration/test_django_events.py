@@ -38,7 +38,7 @@ from postlane.django.events import CursorFile, EventRelay, connect_subscribers
 from postlane.django.signals import SIGNALS, mail_event
 from postlane.errors import NotFound
 from postlane.webhooks.subscribers import EventSubscribers
-from tests.conftest import IN_CI, SMTPPeer, _postgres_url
+from tests.conftest import SMTPPeer, postgres_url_or_skip
 from tests.integration.test_django import (  # noqa: F401 (fixtures: used by name)
     SETTINGS_MODULE,
     TOKEN,
@@ -446,11 +446,7 @@ async def test_an_embedding_process_sends_the_signals_from_event_subscribers(
 def outbox_postlane(tmp_path: Path, smtp_peer: SMTPPeer) -> Iterator[Config]:
     """postlane's tables in a schema of their own in the database of Django's ``postgres``
     alias, relaying to smtp_peer; the project writes mail through the outbox."""
-    url = _postgres_url()
-    if url is None:
-        if IN_CI:
-            pytest.fail("POSTLANE_TEST_POSTGRES is not set in CI")
-        pytest.skip("needs PostgreSQL: set POSTLANE_TEST_POSTGRES=postgresql://...")
+    url = postgres_url_or_skip("needs PostgreSQL: set")
     schema = f"dje_{uuid.uuid4().hex[:12]}"
     path = write_config(tmp_path, with_schema(url, schema), smtp_peer.url)
     with postlane.Postlane(config_path=path):  # creates the schema and postlane's tables
