@@ -168,6 +168,11 @@ async def test_serve_processes_share_the_doors_the_queue_and_the_metrics(
         assert set(subjects(smtp_peer)) == sent
         assert max(subjects(smtp_peer).values()) == 1  # each once
 
+        # the peer has a message before its sender has heard the 250 and counted the attempt
+        async def attempts_counted() -> bool:
+            return await fleet.metric("postlane_delivery_attempts_total") == len(sent)
+
+        await process.wait_until(attempts_counted, "every attempt counted")
         # whichever process answers, /metrics counts what all of them did (several scrapes,
         # new connections: both processes answer some)
         for _ in range(6):
