@@ -5,7 +5,8 @@ The gate owns the worker's :class:`~postlane.throttle.Throttle` and the pause st
 the store. The worker asks it once per message (:meth:`ThrottleGate.admit`), gives the slots
 back when the send is over (:meth:`ThrottleGate.release`), reports every reply
 (:meth:`ThrottleGate.observe`) and syncs it with the store about once a second
-(:meth:`ThrottleGate.sync`). Nothing else touches the throttle.
+(:meth:`ThrottleGate.sync`), and at once when a pause begins here or another process records
+a pause or a lift (:meth:`ThrottleGate.wait_for_news`). Nothing else touches the throttle.
 
 Keys. A delivery needs a slot from its destination and, when it goes through a relay or a
 provider account (the transport's ``shared_destination_for``), from that relay too: one for all
@@ -35,6 +36,7 @@ from postlane.records import ClaimedMessage, Delivery
 from postlane.store.base import Store
 from postlane.throttle import Admission, Throttle
 from postlane.transports.base import Transport
+from postlane.waits import first_of
 
 #: the worker's log: operators read pauses and deferrals beside the worker's other lines
 log = logging.getLogger("postlane.worker")
@@ -72,6 +74,8 @@ class ThrottleGate:
     owner: str = ""
     #: the end of the pause each paused destination's backlog was deferred to
     _deferred_until: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    #: set when a reply here began a pause: the fleet should hear of it now (:meth:`sync`)
+    _news: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
     def __post_init__(self) -> None:
         #: the relay (or provider account) every delivery goes through, None when routed
@@ -218,10 +222,13 @@ class ThrottleGate:
         if misconfigured is not None:
             if self.throttle.misconfigured(feedback, misconfigured, now):
                 log.error("%s is misconfigured: %s; its mail waits", feedback, misconfigured)
+                self._news.set()
             return self.throttle.cool_down(feedback, now)
         self.throttle.observe(feedback, verdict, now)
         if feedback != delivery.destination and verdict.cls is ReplyClass.DELIVERED:
             self.throttle.observe(delivery.destination, verdict, now)
+        if self.throttle.news:
+            self._news.set()
         if retry_after is None and verdict.cls is ReplyClass.THROTTLED:
             return self.throttle.cool_down(feedback, now)
         return retry_after
@@ -249,6 +256,20 @@ class ThrottleGate:
             self.owner, self.throttle.demands(now), now, now + SHARE_LEASE
         )
         self.throttle.set_shares(shares, self.owner, now)
+
+    async def wait_for_news(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for news to sync at once rather than at the next
+        periodic :meth:`sync`: a pause this worker began, or a pause or lift another process
+        (or an operator) recorded. True when there was some."""
+        if not self._news.is_set():
+            await first_of(self._news.wait(), self._stored_news(timeout), timeout=timeout)
+        heard = self._news.is_set()
+        self._news.clear()
+        return heard
+
+    async def _stored_news(self, timeout: float) -> None:
+        if await self.store.wait_for_destination_news(timeout):
+            self._news.set()
 
     async def leave_fleet(self) -> None:
         """Give this process's shares back at once (a graceful stop)."""

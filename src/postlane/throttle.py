@@ -35,7 +35,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from postlane.classify import ReplyClass, Verdict
 from postlane.config import (
@@ -110,8 +110,15 @@ class _Destination:
     #: the rate those slots were spaced at (they are pulled in when it grows well past it)
     slotted_rate: float | None = None
     changed: bool = False
+    #: the pause is this process's own (it saw the replies): recorded for the fleet. A pause
+    #: adopted from the store is not recorded again, so an operator's lift is never undone
+    #: by a process that had not heard of it yet.
+    own_pause: bool = False
     #: the newest recorded state this process has seen (its own or another's)
     synced_at: float = float("-inf")
+    #: when the last operator's lift this process adopted was recorded (a pause read in a
+    #: record older than that is over)
+    lifted_at: float = float("-inf")
     #: this process's part of the fleet's rate (1.0: alone, or not yet shared)
     share: float = 1.0
     #: this process's part of the concurrency cap (None: the whole cap)
@@ -148,6 +155,8 @@ class Throttle:
         self._rule_hits: dict[tuple[int, str], deque[float]] = {}
         #: the share a destination not yet shared starts with: 1 / the processes sharing
         self._first_share = 1.0
+        #: a pause began here since :meth:`changes` last ran: the fleet should hear at once
+        self.news = False
 
     @classmethod
     def from_config(cls, config: Config) -> Throttle:
@@ -277,6 +286,7 @@ class Throttle:
             ended = state.paused_until is not None and state.paused_until <= now
             if state.probing or ended:
                 state.probing = False
+                state.own_pause = False
                 state.paused_until = None
                 state.pause_level = 0
                 state.reason = None
@@ -302,10 +312,12 @@ class Throttle:
             duration = min(self.settings.max_pause, self.settings.pause * 2**state.pause_level)
             state.pause_level += 1
         state.paused_until = now + duration
+        state.own_pause = True
         state.probing = False
         state.failures = 0
         state.reason = reason
         state.changed = True
+        self.news = True
 
     def _sent_rate(self, state: _Destination, now: float) -> float:
         while state.sent and state.sent[0] < now - MEASURE_WINDOW:
@@ -480,6 +492,7 @@ class Throttle:
 
     def _lift(self, state: _Destination) -> None:
         state.paused_until = None
+        state.own_pause = False
         state.probing = False
         state.pause_level = 0
         state.failures = 0
@@ -508,31 +521,42 @@ class Throttle:
         return names
 
     def changes(self, now: float) -> list[DestinationStatus]:
-        """Destinations whose pause, rate or reason changed since the last call."""
+        """Destinations whose pause, rate or reason changed since the last call, to record.
+        A pause is recorded by the process that began it only (see ``own_pause``): the store
+        keeps a pause in force that a record without one does not mention."""
+        self.news = False
         out = []
         for state in self._destinations.values():
             self._end_hold(state, now)
             if state.changed:
                 state.changed = False
                 state.synced_at = now
-                out.append(self._status(state, now))
+                status = self._status(state, now)
+                if not state.own_pause and status.paused_until is not None:
+                    status = replace(status, paused_until=None, reason=None)
+                out.append(status)
         return out
 
     def adopt(self, status: DestinationStatus, now: float) -> None:
-        """Take what another process (or an operator's flush) recorded since we last looked:
-        a longer pause, a lower rate, or a lift."""
+        """Take what another process (or an operator's flush) recorded: a longer pause in
+        force (a fact for the whole fleet until it ends or is lifted, even in a record this
+        process made itself since: the store keeps another's pause through it), a lower rate
+        or a lift recorded since we last looked."""
         state = self._get(status.destination)
+        longer = state.paused_until is None or (status.paused_until or 0) > state.paused_until
+        paused = status.paused_until is not None and status.paused_until > now
+        if paused and longer and status.updated_at > state.lifted_at:
+            state.paused_until = status.paused_until
+            state.own_pause = False
+            state.probing = False
+            state.reason = status.reason
         if status.updated_at <= state.synced_at:
             return
         state.synced_at = status.updated_at
         if status.reason == LIFTED:
             self._lift(state)
+            state.lifted_at = status.updated_at
             return
-        longer = state.paused_until is None or (status.paused_until or 0) > state.paused_until
-        if status.paused_until is not None and status.paused_until > now and longer:
-            state.paused_until = status.paused_until
-            state.probing = False
-            state.reason = status.reason
         if status.rate is not None and (state.rate is None or status.rate < state.rate):
             state.rate = status.rate
             state.reason = status.reason

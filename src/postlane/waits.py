@@ -18,6 +18,18 @@ async def first_of(*waits: Awaitable[object], timeout: float | None) -> None:
             task.cancel()
 
 
+async def took(event: asyncio.Event, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``event``; True (and the event cleared) when it was
+    set, False on timeout."""
+    if not event.is_set():  # (wait_for with a timeout of 0 would time out even when set)
+        try:
+            await asyncio.wait_for(event.wait(), timeout=max(0.0, timeout))
+        except TimeoutError:
+            return False
+    event.clear()
+    return True
+
+
 class MailFirst:
     """Mail has priority over background work in a process that does both: webhook requests
     (:mod:`postlane.webhooks.sender`) and reports arriving at the bounce listener.

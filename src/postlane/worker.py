@@ -206,6 +206,7 @@ class Worker:
         helpers = [
             asyncio.create_task(self._renew_leases(stop), name="postlane-lease-renewal"),
             asyncio.create_task(self._housekeeping(stop), name="postlane-housekeeping"),
+            asyncio.create_task(self._follow_destinations(stop), name="postlane-destinations"),
         ]
         try:
             await self._claim_loop(stop)
@@ -535,13 +536,15 @@ class Worker:
                 except Exception:
                     log.exception("could not renew leases")
 
+    def _housekeeping_interval(self) -> float:
+        return max(min(self.settings.lease / 2, 1.0), 0.05)
+
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         """Return deliveries of dead workers (lease expired) and remove old finished messages."""
-        interval = max(min(self.settings.lease / 2, 1.0), 0.05)
+        interval = self._housekeeping_interval()
         last_purge = 0.0
         while not stop.is_set():
             try:
-                await self.sync_throttle()
                 reaped = await self.store.reap_expired_leases(self.clock.now())
                 if reaped:
                     log.warning(
@@ -557,6 +560,20 @@ class Worker:
             except Exception:
                 log.exception("housekeeping failed")
             await first_of(stop.wait(), timeout=interval)
+
+    async def _follow_destinations(self, stop: asyncio.Event) -> None:
+        """Sync destinations' pauses, rates and fleet shares with the store about once a
+        second, and at once on news: a pause begun here, a pause or a lift recorded by
+        another process or an operator. So a pause one worker learns stops the fleet within
+        moments, and a flush starts it again as soon."""
+        interval = self._housekeeping_interval()
+        while not stop.is_set():
+            try:
+                await self.sync_throttle()
+            except Exception:
+                log.exception("could not sync destinations' limits with the store")
+            if await self.gate.wait_for_news(interval):
+                self.wake.set()  # a lift may have made mail due: claim again
 
     async def sync_throttle(self) -> None:
         """Persist this worker's pauses and slow-downs; adopt other processes' and operators'."""

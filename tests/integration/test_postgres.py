@@ -306,6 +306,30 @@ async def test_a_lost_listening_connection_is_replaced(open_store: OpenStore, pg
     assert await worker.wait_for_work(30) is True
 
 
+async def test_a_pause_one_process_records_is_news_for_another_at_commit(
+    open_store: OpenStore, schema: str
+) -> None:
+    worker, other = await open_store(), await open_store()
+    elsewhere = await open_store(f"{schema}_other")
+    await worker.wait_for_work(0)  # listening, as a worker is between claims
+    await worker.wait_for_destination_news(0)  # (a fresh listener asks for a look once)
+    listening = asyncio.create_task(worker.wait_for_work(30))
+    await elsewhere.save_destination_states(
+        [DestinationStatus("relay", None, None, T0 + 30, "paused", updated_at=T0)]
+    )
+    assert await worker.wait_for_destination_news(0.3) is False  # another schema's
+    started = time.monotonic()
+    await other.save_destination_states(
+        [DestinationStatus("relay", None, None, T0 + 30, "paused", updated_at=T0)]
+    )
+    assert await worker.wait_for_destination_news(30) is True
+    assert time.monotonic() - started < 10  # at the commit, not at a timeout
+    await other.lift_destinations(["relay"], T0 + 1)
+    assert await worker.wait_for_destination_news(30) is True
+    assert not listening.done()  # news is not mail: the worker's wait for work goes on
+    listening.cancel()
+
+
 # -- the transactional outbox ---------------------------------------------------------------------
 
 

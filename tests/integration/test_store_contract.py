@@ -11,7 +11,7 @@ import pytest
 from postlane.classify import ReplyClass
 from postlane.errors import IdempotencyConflict, NotFound
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
-from postlane.records import AttemptRecord, Outcome, Selector, Suppression
+from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector, Suppression
 
 T0 = 1_800_000_000.0
 ALL_LANES = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
@@ -470,6 +470,51 @@ async def test_destination_states_are_shared_and_lifted(store: Any) -> None:
     states = {d.destination: d for d in await store.destination_states()}
     assert not states.get("google") or not states["google"].paused_until
     assert states["example.net"].rate == 5.0  # only the lifted one changed
+
+
+async def test_a_pause_in_force_outlives_another_processs_record_until_lifted(store: Any) -> None:
+    """One process records a pause; another, slowed down by the same server, records its
+    rate without the pause (it records only pauses it began): the pause stays, with its
+    reason, and only a longer pause or an operator's lift replaces it."""
+    paused = DestinationStatus("relay", 20.0, 40.0, T0 + 30, "shaping rule 1", updated_at=T0)
+    await store.save_destination_states([paused])
+    slower = DestinationStatus("relay", 5.0, 40.0, None, "throttled: 421", updated_at=T0 + 1)
+    await store.save_destination_states([slower])
+    [state] = await store.destination_states()
+    assert (state.paused_until, state.reason, state.rate) == (T0 + 30, "shaping rule 1", 5.0)
+    assert state.updated_at == T0 + 1
+    shorter = DestinationStatus("relay", 5.0, 40.0, T0 + 10, "shorter", updated_at=T0 + 2)
+    await store.save_destination_states([shorter])
+    [state] = await store.destination_states()
+    assert (state.paused_until, state.reason) == (T0 + 30, "shaping rule 1")
+    longer = DestinationStatus("relay", 5.0, 40.0, T0 + 90, "longer", updated_at=T0 + 3)
+    await store.save_destination_states([longer])
+    [state] = await store.destination_states()
+    assert (state.paused_until, state.reason) == (T0 + 90, "longer")
+    # once the pause is over, a record without one is the state again
+    await store.save_destination_states([dataclasses.replace(slower, updated_at=T0 + 91)])
+    [state] = await store.destination_states()
+    assert (state.paused_until, state.reason) == (None, "throttled: 421")
+    await store.save_destination_states([dataclasses.replace(longer, paused_until=T0 + 200)])
+    await store.lift_destinations(["relay"], T0 + 100)
+    await store.save_destination_states([dataclasses.replace(slower, updated_at=T0 + 101)])
+    [state] = await store.destination_states()
+    assert state.paused_until is None  # lifted: nothing keeps it
+
+
+async def test_pauses_and_lifts_are_news_for_the_processes_that_wait_for_them(store: Any) -> None:
+    assert await store.wait_for_destination_news(0.0) is False
+    await store.save_destination_states(
+        [DestinationStatus("relay", 5.0, 40.0, None, "throttled", updated_at=T0)]
+    )
+    assert await store.wait_for_destination_news(0.0) is False  # a rate is no news
+    await store.save_destination_states(
+        [DestinationStatus("relay", 5.0, 40.0, T0 + 30, "paused", updated_at=T0 + 1)]
+    )
+    assert await store.wait_for_destination_news(5.0) is True
+    assert await store.wait_for_destination_news(0.0) is False  # heard once
+    await store.lift_destinations(None, T0 + 2)
+    assert await store.wait_for_destination_news(5.0) is True
 
 
 async def test_dead_letters_list_with_selectors(store: Any) -> None:

@@ -285,6 +285,33 @@ def test_changes_are_persisted_once_and_other_processes_are_adopted() -> None:
     assert other.paused_until("d", T0 + 3) is None
 
 
+def test_a_pause_recorded_beside_this_processs_own_record_is_adopted() -> None:
+    """The store keeps another process's pause through this one's later record of its rate:
+    read back with this process's time, it is still taken."""
+    t = throttle(rate=50)
+    t.observe("d", SLOW, T0)
+    [mine] = t.changes(T0 + 1)  # this process records its slow-down at T0 + 1
+    merged = DestinationStatus("d", mine.rate, 50, T0 + 30, "paused by another", updated_at=T0 + 1)
+    t.adopt(merged, T0 + 1)
+    assert t.paused_until("d", T0 + 1) == T0 + 30
+
+
+def test_only_the_process_that_began_a_pause_records_it() -> None:
+    """An adopted pause is not recorded again: an operator's lift the process has not heard
+    of yet is not undone by its next record of a rate."""
+    t = throttle(rate=50)
+    t.adopt(DestinationStatus("d", None, 50, T0 + 30, "paused by another", updated_at=T0), T0)
+    assert t.news is False
+    t.observe("d", SLOW, T0 + 1)
+    [change] = t.changes(T0 + 1)
+    assert change.paused_until is None and change.rate is not None and change.rate < 50
+    mine = throttle(pause_after=1)
+    send(mine, T0, DOWN)
+    assert mine.news is True  # the fleet should hear at once
+    [change] = mine.changes(T0)
+    assert change.paused_until == T0 + 30 and mine.news is False
+
+
 def test_a_disabled_throttle_admits_everything() -> None:
     t = Throttle(ThrottleConfig(enabled=False), {"d": DestinationLimits(rate=1, concurrency=1)})
     assert all(t.admit(["d"], T0).admitted for _ in range(100))

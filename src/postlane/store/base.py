@@ -233,6 +233,13 @@ class ThrottleStore(Protocol):
 
     async def forget_shares(self, owner: str) -> None: ...
 
+    async def wait_for_destination_news(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a destination to be paused or lifted; True when
+        one was (read the states again), False on timeout. Every process's news on PostgreSQL
+        (LISTEN/NOTIFY, heard while this process also waits for work, as a worker does
+        between claims); this process's on SQLite (others' are read at the next sync)."""
+        ...
+
     async def lift_destinations(self, destinations: Sequence[str] | None, now: float) -> int:
         """End pauses and slow-downs (all when None) and make their deferred deliveries due
         now; returns how many deliveries became due."""

@@ -100,6 +100,8 @@ class Dialect:
     row_locks: bool = False
     #: a query run in the enqueue's transaction when it stored something (wake-ups)
     notify_query: str | None = None
+    #: a query run in the transaction that pauses or lifts a destination (other processes')
+    notify_destinations_query: str | None = None
 
     def param(self, name: str) -> str:
         """The placeholder of a named parameter."""
@@ -210,6 +212,14 @@ class Database(Protocol):
 
     def enqueued(self) -> None:
         """An enqueue of this process committed (in-process wake-ups)."""
+        ...
+
+    async def wait_for_destination_news(self, timeout: float) -> bool:
+        """See :meth:`postlane.store.base.ThrottleStore.wait_for_destination_news`."""
+        ...
+
+    def destinations_changed(self) -> None:
+        """A pause or a lift of this process committed (in-process news)."""
         ...
 
 

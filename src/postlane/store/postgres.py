@@ -42,7 +42,7 @@ from postlane.store import delivery
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
-from postlane.waits import settle
+from postlane.waits import settle, took
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -53,6 +53,8 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 #: the LISTEN/NOTIFY channel enqueues notify on (the payload names the tables' schema)
 CHANNEL = "postlane_enqueued"
+#: the channel a pause or a lift of a destination notifies on (same payload)
+DESTINATIONS_CHANNEL = "postlane_destinations"
 #: a transaction PostgreSQL rolled back to break a deadlock is run again this many times in all
 TRANSACTION_TRIES = 3
 
@@ -62,6 +64,7 @@ class PostgresDialect(Dialect):
 
     row_locks = True
     notify_query = "notify_enqueued"
+    notify_destinations_query = "notify_destinations"
 
     def param(self, name: str) -> str:
         return f"%({name})s"
@@ -300,6 +303,8 @@ class PostgresDatabase:
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._listener: Conn | None = None
         self._listen_lock = asyncio.Lock()
+        #: set when any process pauses or lifts a destination (heard on the LISTEN connection)
+        self._destination_news = asyncio.Event()
         #: the notification payload meant for this store (the schema of its tables)
         self._payload: str | None = None
         #: each combine function's gatherer of concurrent calls (write_combined)
@@ -421,6 +426,15 @@ class PostgresDatabase:
     def enqueued(self) -> None:
         """Other processes hear of it through NOTIFY, sent in the enqueue's transaction."""
 
+    def destinations_changed(self) -> None:
+        """Other processes hear of it through NOTIFY, sent in the same transaction."""
+        self._destination_news.set()
+
+    async def wait_for_destination_news(self, timeout: float) -> bool:
+        """Heard while some task of this process waits for work (:meth:`wait_for_work` reads
+        the LISTEN connection): a worker always does between claims."""
+        return await took(self._destination_news, timeout)
+
     async def _run(self, plan: Callable[[], Plan[T]], *, snapshot: bool) -> T:
         """A plan in one transaction on a pooled connection. A transaction PostgreSQL rolled
         back to break a deadlock or a serialisation conflict is run again; connection trouble
@@ -464,6 +478,7 @@ class PostgresDatabase:
         try:
             if self._listener is None or self._listener.closed:
                 self._listener = await self._listen()
+                self._destination_news.set()  # what was missed meanwhile: read it again
                 return True
             listener = self._listener
             try:
@@ -492,8 +507,12 @@ class PostgresDatabase:
         """Whether a notification for this store arrives within ``timeout`` (0: already here)."""
         async with aclosing(conn.notifies(timeout=max(0.0, timeout))) as notifications:
             async for notification in notifications:
-                if notification.channel == CHANNEL and notification.payload == self._payload:
+                if notification.payload != self._payload:
+                    continue  # a store in another schema of the same database
+                if notification.channel == CHANNEL:
                     return True
+                if notification.channel == DESTINATIONS_CHANNEL:
+                    self._destination_news.set()
         return False
 
 

@@ -30,7 +30,7 @@ from postlane.errors import StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
-from postlane.waits import settle
+from postlane.waits import settle, took
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -449,6 +449,8 @@ class SQLiteDatabase:
         self._lock = threading.Lock()
         #: set when an enqueue of this process commits (wait_for_work)
         self._enqueued = asyncio.Event()
+        #: set when a pause or lift of this process commits (wait_for_destination_news)
+        self._destination_news = asyncio.Event()
         #: each combine function's job runner (the key that groups its jobs)
         self._combiners: dict[Callable[[list[Any]], Plan[list[Any]]], Combine] = {}
 
@@ -527,12 +529,14 @@ class SQLiteDatabase:
 
     async def wait_for_work(self, timeout: float) -> bool:
         """Wait for an enqueue of this process (other processes' are found by polling)."""
-        try:
-            await asyncio.wait_for(self._enqueued.wait(), timeout=max(0.0, timeout))
-        except TimeoutError:
-            return False
-        self._enqueued.clear()
-        return True
+        return await took(self._enqueued, timeout)
+
+    def destinations_changed(self) -> None:
+        self._destination_news.set()
+
+    async def wait_for_destination_news(self, timeout: float) -> bool:
+        """This process's pauses and lifts (other processes' are read at the next sync)."""
+        return await took(self._destination_news, timeout)
 
 
 class SQLiteStore(SQLStore):

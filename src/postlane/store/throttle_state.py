@@ -47,7 +47,25 @@ class SQLThrottle(SQLRole):
             }
             for s in latest.values()
         ]
-        await self.db.write(lambda: batch("save_destination_states", states))
+        # a pause is news for every process: told at once, not at each one's next sync
+        announce = any(s.paused_until is not None for s in latest.values())
+
+        def run() -> Plan[None]:
+            yield from batch("save_destination_states", states)
+            if announce:
+                yield from self._announce()
+
+        await self.db.write(run)
+        if announce:
+            self.db.destinations_changed()
+
+    def _announce(self) -> Plan[None]:
+        """Tell other processes, at the commit, that a destination was paused or lifted."""
+        if self.dialect.notify_destinations_query is not None:
+            yield from execute(self.dialect.notify_destinations_query)
+
+    async def wait_for_destination_news(self, timeout: float) -> bool:
+        return await self.db.wait_for_destination_news(timeout)
 
     async def destination_states(self) -> list[DestinationStatus]:
         def run() -> Plan[list[DestinationStatus]]:
@@ -73,9 +91,12 @@ class SQLThrottle(SQLRole):
             else:
                 names = list(destinations)
                 yield from execute("lift_destinations", {"destinations": names, "now": now})
+            yield from self._announce()
             return (yield from execute("flush_destinations", {"destinations": names, "now": now}))
 
-        return await self.db.write(run)
+        made_due = await self.db.write(run)
+        self.db.destinations_changed()
+        return made_due
 
     async def share_destinations(
         self, owner: str, demands: Mapping[str, float], now: float, lease_until: float

@@ -62,13 +62,20 @@ SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 SELECT pg_notify('postlane_enqueued', relnamespace::regnamespace::text)
 FROM pg_class WHERE oid = 'messages'::regclass;
 
+-- name: notify_destinations
+-- Tell listening workers that a destination was paused or its pause lifted (at COMMIT, as
+-- notify_enqueued): the fleet stops and starts together, not at each process's next sync.
+SELECT pg_notify('postlane_destinations', relnamespace::regnamespace::text)
+FROM pg_class WHERE oid = 'messages'::regclass;
+
 -- name: tables_schema
 -- The schema holding postlane's tables, as notify_enqueued names it.
 SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = 'messages'::regclass;
 
 -- name: listen
--- Subscribe this connection to enqueue notifications.
+-- Subscribe this connection to enqueue notifications, and to destinations paused or lifted.
 LISTEN postlane_enqueued;
+LISTEN postlane_destinations;
 
 -- name: insert_messages
 -- Store new messages (content once per message); one whose idempotency key is already stored
@@ -320,13 +327,23 @@ FROM unnest(%(id)s::bigint[], %(next_attempt_at)s::float8[]) AS o (id, next_atte
 WHERE d.id = o.id AND d.lease_owner = %(owner)s AND d.state = 'sending';
 
 -- name: save_destination_states
--- Record destinations' pauses and rates (upsert; one row per destination in a batch).
+-- Record destinations' pauses and rates (upsert; one row per destination in a batch). A pause
+-- in force outlives a record that does not mention it or mentions a shorter one: a process records only
+-- the pauses it began, and another's rate must not end them (only an operator's lift does).
 INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
 SELECT *
 FROM unnest(%(destination)s::text[], %(rate)s::float8[], %(paused_until)s::float8[],
             %(reason)s::text[], %(updated_at)s::float8[])
 ON CONFLICT (destination) DO UPDATE
-SET rate = excluded.rate, paused_until = excluded.paused_until, reason = excluded.reason,
+SET rate = excluded.rate,
+    paused_until = CASE
+        WHEN destination_state.paused_until > excluded.updated_at
+         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
+        THEN destination_state.paused_until ELSE excluded.paused_until END,
+    reason = CASE
+        WHEN destination_state.paused_until > excluded.updated_at
+         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
+        THEN destination_state.reason ELSE excluded.reason END,
     updated_at = excluded.updated_at;
 
 -- name: sending_by_destination

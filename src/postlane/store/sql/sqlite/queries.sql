@@ -191,11 +191,21 @@ SET state = CASE WHEN hold_after = 1 THEN 'held'
 WHERE id = :id AND lease_owner = :owner AND state = 'sending';
 
 -- name: save_destination_states
--- Record a destination's pause and rate (upsert).
+-- Record a destination's pause and rate (upsert). A pause in force
+-- outlives a record that does not mention it or mentions a shorter one: a process records only
+-- the pauses it began, and another's rate must not end them (only an operator's lift does).
 INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
 VALUES (:destination, :rate, :paused_until, :reason, :updated_at)
 ON CONFLICT (destination) DO UPDATE
-SET rate = excluded.rate, paused_until = excluded.paused_until, reason = excluded.reason,
+SET rate = excluded.rate,
+    paused_until = CASE
+        WHEN destination_state.paused_until > excluded.updated_at
+         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
+        THEN destination_state.paused_until ELSE excluded.paused_until END,
+    reason = CASE
+        WHEN destination_state.paused_until > excluded.updated_at
+         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
+        THEN destination_state.reason ELSE excluded.reason END,
     updated_at = excluded.updated_at;
 
 -- name: sending_by_destination
