@@ -87,6 +87,7 @@ def batch(
 
 
 _ANY = re.compile(r"@any\(([\w.]+), (\w+), (\w+)\)")
+_ROWS = re.compile(r"@rows\(([\w\s,]+)\)")
 
 
 class Dialect:
@@ -115,6 +116,11 @@ class Dialect:
         """A condition on ``messages.metadata``: each key holds that string."""
         raise NotImplementedError
 
+    def rows_of(self, columns: Sequence[tuple[str, str]]) -> str:
+        """The rows of a batch, as an INSERT takes them: one per row of the batch, with these
+        (parameter, SQL type) columns."""
+        raise NotImplementedError
+
     def __init__(self, name: str) -> None:
         shared = {query: self.render(text) for query, text in load_common_queries().items()}
         own = load_queries(name)
@@ -123,8 +129,10 @@ class Dialect:
         self.queries = {**shared, **own}
 
     def render(self, text: str) -> str:
-        """A shared query in this database's form (its ``@any(...)`` conditions)."""
-        return _ANY.sub(lambda m: self.any_of(m[1], m[2], m[3]), text)
+        """A shared query in this database's form: its ``@any(column, param, type)``
+        conditions and ``@rows(param type, ...)`` batch rows."""
+        text = _ANY.sub(lambda m: self.any_of(m[1], m[2], m[3]), text)
+        return _ROWS.sub(lambda m: self.rows_of(_columns(m[1])), text)
 
     def sql(self, statement: Statement) -> str:
         """The text of a statement, its placeholders filled."""
@@ -132,6 +140,13 @@ class Dialect:
         for name, fragment in statement.fill.items():
             text = text.replace("{" + name + "}", fragment)
         return text
+
+
+def _columns(declared: str) -> list[tuple[str, str]]:
+    pairs = [column.split() for column in declared.split(",")]
+    if any(len(pair) != 2 for pair in pairs):
+        raise RuntimeError(f"@rows({declared}): each column is a parameter and its SQL type")
+    return [(name, sql_type) for name, sql_type in pairs]
 
 
 def selection(

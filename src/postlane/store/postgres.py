@@ -76,6 +76,11 @@ class PostgresDialect(Dialect):
     def any_of(self, column: str, param: str, sql_type: str) -> str:
         return f"{column} = ANY(%({param})s::{sql_type}[])"
 
+    def rows_of(self, columns: Sequence[tuple[str, str]]) -> str:
+        """The batch's columns travel as arrays; ``unnest`` turns them back into rows."""
+        arrays = ", ".join(f"%({name})s::{sql_type}[]" for name, sql_type in columns)
+        return f"SELECT * FROM unnest({arrays})"
+
     def metadata_matches(self, metadata: Mapping[str, str], params: dict[str, Any]) -> str:
         # containment of {"key": "value", ...}: each key must hold that JSON string
         params["metadata"] = Jsonb(dict(metadata))

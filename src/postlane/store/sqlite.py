@@ -20,7 +20,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,6 +336,10 @@ class SQLiteDialect(Dialect):
 
     def any_of(self, column: str, param: str, sql_type: str) -> str:
         return f"{column} IN (SELECT value FROM json_each(:{param}))"
+
+    def rows_of(self, columns: Sequence[tuple[str, str]]) -> str:
+        """One row a run: a batch runs once per row."""
+        return "VALUES (" + ", ".join(f":{name}" for name, _ in columns) + ")"
 
     def metadata_matches(self, metadata: Mapping[str, str], params: dict[str, Any]) -> str:
         clauses = []

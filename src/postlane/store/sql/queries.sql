@@ -2,7 +2,9 @@
 -- header with one line saying what it does; the algorithms that run them are written once, in
 -- postlane/store/*.py. Parameters are :named (PostgreSQL's dialect turns them into psycopg's
 -- %(named)s); @any(column, parameter, type) is "column is one of the array parameter's values"
--- in each database's own form (json_each in SQLite, = ANY(array) in PostgreSQL). Booleans are
+-- in each database's own form (json_each in SQLite, = ANY(array) in PostgreSQL), and
+-- @rows(parameter type, ...) a batch's rows as an INSERT takes them (VALUES run once per row in
+-- SQLite, unnest of one array per column in PostgreSQL). Booleans are
 -- written TRUE and FALSE, which SQLite reads as 1 and 0. A query only one database can run as
 -- written lives in that database's folder under the same kind of header.
 
@@ -264,6 +266,31 @@ WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now AND reason = :r
 -- Every destination's recorded pause and rate.
 SELECT destination, rate, paused_until, reason, updated_at FROM destination_state
 ORDER BY destination;
+
+-- name: insert_attempts
+-- Tries in deliveries' histories.
+INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
+                      duration_ms, counted)
+@rows(delivery_id bigint, at float8, class text, code integer, enhanced text, text text,
+      relay text, destination text, duration_ms integer, counted boolean);
+
+-- name: save_destination_states
+-- Record destinations' pauses and rates (upsert; one row per destination in a batch). A pause
+-- in force outlives a record that does not mention it or mentions a shorter one: a process
+-- records only the pauses it began, and another's rate must not end them (only an operator's lift does).
+INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
+@rows(destination text, rate float8, paused_until float8, reason text, updated_at float8)
+ON CONFLICT (destination) DO UPDATE
+SET rate = excluded.rate,
+    paused_until = CASE
+        WHEN destination_state.paused_until > excluded.updated_at
+         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
+        THEN destination_state.paused_until ELSE excluded.paused_until END,
+    reason = CASE
+        WHEN destination_state.paused_until > excluded.updated_at
+         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
+        THEN destination_state.reason ELSE excluded.reason END,
+    updated_at = excluded.updated_at;
 
 -- name: lift_destinations
 -- An operator's flush ends some destinations' pauses and slow-downs.

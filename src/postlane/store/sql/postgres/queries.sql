@@ -206,15 +206,6 @@ FROM unnest(%(id)s::bigint[], %(state)s::text[], %(attempts)s::integer[],
 WHERE d.id = o.id AND d.state = 'sending' AND d.lease_owner = %(owner)s
 RETURNING d.id, d.queue_id, d.address;
 
--- name: insert_attempts
--- Tries in deliveries' histories.
-INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
-                      duration_ms, counted)
-SELECT *
-FROM unnest(%(delivery_id)s::bigint[], %(at)s::float8[], %(class)s::text[],
-            %(code)s::integer[], %(enhanced)s::text[], %(text)s::text[], %(relay)s::text[],
-            %(destination)s::text[], %(duration_ms)s::integer[], %(counted)s::boolean[]);
-
 -- name: insert_suppression
 -- Add addresses to the suppression list in their scopes (the first entry wins, unless it
 -- expired; an address twice in one batch: its first row).
@@ -325,26 +316,6 @@ SET state = CASE WHEN d.hold_after THEN 'held'
     hold_after = false, reason = %(reason)s, updated_at = %(now)s
 FROM unnest(%(id)s::bigint[], %(next_attempt_at)s::float8[]) AS o (id, next_attempt_at)
 WHERE d.id = o.id AND d.lease_owner = %(owner)s AND d.state = 'sending';
-
--- name: save_destination_states
--- Record destinations' pauses and rates (upsert; one row per destination in a batch). A pause
--- in force outlives a record that does not mention it or mentions a shorter one: a process records only
--- the pauses it began, and another's rate must not end them (only an operator's lift does).
-INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
-SELECT *
-FROM unnest(%(destination)s::text[], %(rate)s::float8[], %(paused_until)s::float8[],
-            %(reason)s::text[], %(updated_at)s::float8[])
-ON CONFLICT (destination) DO UPDATE
-SET rate = excluded.rate,
-    paused_until = CASE
-        WHEN destination_state.paused_until > excluded.updated_at
-         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
-        THEN destination_state.paused_until ELSE excluded.paused_until END,
-    reason = CASE
-        WHEN destination_state.paused_until > excluded.updated_at
-         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
-        THEN destination_state.reason ELSE excluded.reason END,
-    updated_at = excluded.updated_at;
 
 -- name: sending_by_destination
 -- Deliveries being sent now, by destination.

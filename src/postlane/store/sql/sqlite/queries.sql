@@ -83,13 +83,6 @@ SET state = CASE WHEN hold_after = 1 AND :state IN ('queued', 'deferred') THEN '
 WHERE id = :id AND state = 'sending' AND lease_owner = :owner
 RETURNING id, queue_id, address;
 
--- name: insert_attempts
--- One try in a delivery's history.
-INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
-                      duration_ms, counted)
-VALUES (:delivery_id, :at, :class, :code, :enhanced, :text, :relay, :destination,
-        :duration_ms, :counted);
-
 -- name: insert_suppression
 -- Add an address to the suppression list in a scope (the first entry wins, unless it expired).
 INSERT INTO suppressions (address, scope, reason, created_at, expires_at, detail, source, code,
@@ -189,24 +182,6 @@ SET state = CASE WHEN hold_after = 1 THEN 'held'
     next_attempt_at = :next_attempt_at, lease_owner = NULL, lease_expires_at = NULL,
     hold_after = 0, reason = :reason, updated_at = :now
 WHERE id = :id AND lease_owner = :owner AND state = 'sending';
-
--- name: save_destination_states
--- Record a destination's pause and rate (upsert). A pause in force
--- outlives a record that does not mention it or mentions a shorter one: a process records only
--- the pauses it began, and another's rate must not end them (only an operator's lift does).
-INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
-VALUES (:destination, :rate, :paused_until, :reason, :updated_at)
-ON CONFLICT (destination) DO UPDATE
-SET rate = excluded.rate,
-    paused_until = CASE
-        WHEN destination_state.paused_until > excluded.updated_at
-         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
-        THEN destination_state.paused_until ELSE excluded.paused_until END,
-    reason = CASE
-        WHEN destination_state.paused_until > excluded.updated_at
-         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
-        THEN destination_state.reason ELSE excluded.reason END,
-    updated_at = excluded.updated_at;
 
 -- name: sending_by_destination
 -- Deliveries being sent now, by destination.
