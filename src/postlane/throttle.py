@@ -550,13 +550,15 @@ class Throttle:
             state.own_pause = False
             state.probing = False
             state.reason = status.reason
+        if status.reason == LIFTED:
+            if status.updated_at > state.lifted_at:  # once per lift, whatever we recorded since
+                self._lift(state)
+                state.lifted_at = status.updated_at
+                state.synced_at = max(state.synced_at, status.updated_at)
+            return
         if status.updated_at <= state.synced_at:
             return
         state.synced_at = status.updated_at
-        if status.reason == LIFTED:
-            self._lift(state)
-            state.lifted_at = status.updated_at
-            return
         if status.rate is not None and (state.rate is None or status.rate < state.rate):
             state.rate = status.rate
             state.reason = status.reason

@@ -237,6 +237,31 @@ async def test_a_pause_is_recorded_and_another_processs_pause_adopted(
     assert g.is_paused("google")
 
 
+async def test_a_pause_one_gate_begins_is_news_that_stops_a_slowed_down_neighbour(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    """Two workers on one store: one slowed down by the relay, the other pausing it. The
+    pause is news at once (no waiting for the next periodic sync), survives the slowed-down
+    one's record of its rate, and pauses the neighbour; a lift is news again."""
+    one = gate(app, Relay("relay"), {"relay": DestinationLimits(rate=40)})
+    two = gate(app, Relay("relay"), {"relay": DestinationLimits(rate=40)}, pause_after=1)
+    m = message("a@example.net")
+    one.observe(m, m.deliveries[0], SLOW, None, clock.now())
+    assert await one.wait_for_news(0) is False  # a slow-down waits for the periodic sync
+    two.observe(m, m.deliveries[0], DOWN, None, clock.now())
+    assert await two.wait_for_news(0) is True  # its own pause: sync at once
+    await two.sync()
+    await clock.advance(0.5)
+    await one.sync()  # records its slower rate a moment later, without the pause
+    assert one.relay_paused_until() == T0 + 30
+    [state] = [s for s in await app.store.destination_states() if s.destination == "relay"]
+    assert state.paused_until == T0 + 30 and state.rate is not None and state.rate < 40
+    await app.store.lift_destinations(None, clock.now())  # `queue flush` in this process
+    assert await one.wait_for_news(0) is True
+    await one.sync()
+    assert one.relay_paused_until() is None
+
+
 async def test_while_the_relay_is_paused_nothing_may_be_claimed(app: AsyncPostlane) -> None:
     g = gate(app, Relay("relay"), pause_after=1, pause=30)
     assert g.relay_paused_until() is None
