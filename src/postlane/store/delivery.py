@@ -74,8 +74,10 @@ def _enqueue(
         latest = max(at.values())
         found = yield from fetch("suppressed_among", {"addresses": addresses, "now": latest})
         listed = rows.scopes_by_address(found)
-    suppressed = {
+    suppressed: dict[str, set[str]] = {
         m.id: {r.address for r in m.recipients if rows.listed_for(listed, r.address, m.sender)}
+        if listed
+        else set()
         for m in messages
     }
 

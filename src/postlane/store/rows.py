@@ -208,6 +208,8 @@ def sample(row: Row) -> Sample:
 
 
 def compact_json(value: Mapping[str, Any]) -> str:
+    if not value:
+        return "{}"  # most messages carry no metadata: no encoder for them
     return json.dumps(dict(value), separators=(",", ":"))
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import queue
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -355,16 +357,23 @@ DIALECT = SQLiteDialect("sqlite")
 Q = DIALECT.queries
 
 
-def _bound(params: Mapping[str, Any]) -> Mapping[str, Any]:
+def _bound(params: Mapping[str, Any], arrays: frozenset[str]) -> Mapping[str, Any]:
     """Parameters as sqlite3 binds them: an array as its JSON text (for json_each). Most
     statements have no array: they keep their mapping as it is (this runs for every row)."""
-    arrays = [name for name, value in params.items() if type(value) in _ARRAYS]
     if not arrays:
         return params
     bound = dict(params)
     for name in arrays:
-        bound[name] = json.dumps(list(params[name]))
+        if type(params.get(name)) in _ARRAYS:
+            bound[name] = json.dumps(list(params[name]))
     return bound
+
+
+@functools.cache
+def _arrays_of(sql: str) -> frozenset[str]:
+    """The parameters a statement reads as arrays (``json_each(:name)``): only these are
+    looked at, not every parameter of every row."""
+    return frozenset(re.findall(r"json_each\(:(\w+)\)", sql))
 
 
 _ARRAYS = (list, tuple)
@@ -397,18 +406,33 @@ def _execute(conn: sqlite3.Connection, statement: Statement) -> Result:
     sql = DIALECT.sql(statement)
     if statement.rows is None:
         sql, params = _with_short_arrays(sql, statement.params)
-        cursor = conn.execute(sql, _bound(params))
+        cursor = conn.execute(sql, _bound(params, _arrays_of(sql)))
         found = cursor.fetchall()
         return Result(found, cursor.rowcount if cursor.rowcount >= 0 else len(found))
     if not statement.rows:
         return EMPTY
-    shared = _bound(statement.params)
+    arrays = _arrays_of(sql)
+    shared = _bound(statement.params, arrays)
+    rows = (
+        [{**shared, **_bound(row, arrays)} for row in statement.rows]
+        if shared
+        else [_bound(row, arrays) for row in statement.rows]
+    )
+    if not _returns_rows(sql):  # one call, sqlite3 loops over the rows in C
+        cursor = conn.executemany(sql, rows)
+        return Result([], max(cursor.rowcount, 0))
     found, changed = [], 0
-    for row in statement.rows:  # in-process: a statement per row costs no round trip
-        cursor = conn.execute(sql, {**shared, **_bound(row)} if shared else _bound(row))
+    for params in rows:  # in-process: a statement per row costs no round trip
+        cursor = conn.execute(sql, params)
         found += cursor.fetchall()
         changed += max(cursor.rowcount, 0)
     return Result(found, changed)
+
+
+@functools.cache
+def _returns_rows(sql: str) -> bool:
+    """Whether a batch statement answers each row (``executemany`` cannot fetch them)."""
+    return "RETURNING" in sql.upper() or sql.lstrip().upper().startswith("SELECT")
 
 
 def run_plan(conn: sqlite3.Connection, plan: Plan[T]) -> T:
