@@ -32,7 +32,7 @@ from postlane.errors import StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
-from postlane.waits import settle, took
+from postlane.waits import report, took
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -146,18 +146,9 @@ class _Job:
 _Outcome = tuple[_Job, Any, BaseException | None]
 
 
-def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, result, error in outcomes:
-        settle(future, result, error)
-
-
 def _report(outcomes: list[_Outcome]) -> None:
     """Resolve the futures, one wake-up per event loop (not one per job)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-    for job, result, error in outcomes:
-        by_loop.setdefault(job.loop, []).append((job.future, result, error))
-    for loop, settled in by_loop.items():
-        loop.call_soon_threadsafe(_settle, settled)
+    report([(job.loop, job.future, result, error) for job, result, error in outcomes])
 
 
 def _groups(batch: list[_Job]) -> list[list[_Job]]:
