@@ -1,8 +1,11 @@
 """What only the SQLite store does with its files: they are private, an operator command never
-creates one, and a damaged file is the store's failure (StoreUnavailable), never a refusal."""
+creates one, processes opening a new one together all get it, and a damaged file is the
+store's failure (StoreUnavailable), never a refusal."""
 
 from __future__ import annotations
 
+import multiprocessing
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -75,3 +78,42 @@ async def test_a_damaged_database_is_the_stores_failure_not_the_callers(tmp_path
     with pytest.raises(StoreUnavailable) as caught:  # and opening it again says so
         await SQLiteStore(path).open()
     assert "malformed" in caught.value.message
+
+
+def _open_and_close(path: str, together: object, results: object) -> None:
+    """In a process of its own: open the store's file as its writer does (WAL, migrations)."""
+    from postlane.store.sqlite import connect, migrate
+
+    together.wait()  # type: ignore[attr-defined]
+    try:
+        conn = connect(Path(path))
+        version = migrate(conn)
+        conn.close()
+        results.put(str(version))  # type: ignore[attr-defined]
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+def test_processes_opening_a_new_database_together_all_get_it(tmp_path: Path) -> None:
+    """A Django project and its ``postlane_events`` started together open the same new file at
+    once: the switch to WAL takes an exclusive lock without waiting for the busy timeout, so
+    without trying it again one of them failed with "database is locked" (a third of the time
+    with three processes)."""
+    from postlane.store.sqlite import SCHEMA_VERSION
+
+    context = multiprocessing.get_context("fork")  # started together at once, as in the field
+    for round_ in range(25):
+        path = tmp_path / f"new-{round_}.db"
+        together, results = context.Barrier(3), context.Queue()
+        processes = [
+            context.Process(target=_open_and_close, args=(str(path), together, results))
+            for _ in range(3)
+        ]
+        for process in processes:
+            process.start()
+        answers = [results.get(timeout=60) for _ in processes]
+        for process in processes:
+            process.join(timeout=60)
+        assert answers == [str(SCHEMA_VERSION)] * 3
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -22,6 +22,7 @@ import queue
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,10 +68,27 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def _switch_to_wal(conn: sqlite3.Connection) -> str:
+    """``PRAGMA journal_mode = WAL``, tried again while another process holds the file: the
+    switch takes an exclusive lock without waiting for the busy timeout, so processes opening a
+    new database together (a Django project and its ``postlane_events``) would otherwise fail
+    with "database is locked" (tests/integration/test_sqlite_opening.py)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.005
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)  # in the opening thread, never on an event loop
+        pause = min(pause * 2, 0.1)
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring a database to :data:`SCHEMA_VERSION`; each step is one transaction."""
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
+    mode = _switch_to_wal(conn)
+    if mode.lower() != "wal":
         raise StoreUnavailable(f"cannot switch the SQLite database to WAL mode (got {mode})")
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version > SCHEMA_VERSION:
