@@ -116,6 +116,21 @@ def report(outcomes: Sequence[Outcome]) -> None:
         loop.call_soon_threadsafe(_settle_all, settled)
 
 
+def take_queued(queued: queue.SimpleQueue[T | None], first: T, most: int) -> tuple[list[T], bool]:
+    """``first`` and what else is queued already, up to ``most`` in all, without waiting;
+    True when the stop mark (None) was met, which is taken off the queue."""
+    batch = [first]
+    while len(batch) < most:
+        try:
+            more = queued.get_nowait()
+        except queue.Empty:
+            break
+        if more is None:
+            return batch, True
+        batch.append(more)
+    return batch, False
+
+
 class OffLoop:
     """One thread that runs calls beside the event loop (work that releases the GIL, such as
     OpenSSL's RSA). It takes every call queued at once (up to ``batch``) and wakes each waiting
@@ -152,16 +167,9 @@ class OffLoop:
             first = self._calls.get()
             if first is None:
                 return
-            calls = [first]
-            while len(calls) < self.batch:
-                try:
-                    more = self._calls.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._calls.put(None)  # end after this batch
-                    break
-                calls.append(more)
+            calls, stop = take_queued(self._calls, first, self.batch)
+            if stop:
+                self._calls.put(None)  # end after this batch
             outcomes: list[Outcome] = []
             for call, args, loop, future in calls:
                 try:

@@ -33,7 +33,7 @@ from postlane.errors import StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
-from postlane.waits import report, took
+from postlane.waits import report, take_queued, took
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -242,17 +242,7 @@ class _Writer:
                 job = self._jobs.get()
                 if job is None:
                     return
-                batch = [job]
-                stop = False
-                while len(batch) < self._max_jobs:
-                    try:
-                        more = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stop = True
-                        break
-                    batch.append(more)
+                batch, stop = take_queued(self._jobs, job, self._max_jobs)
                 self._commit(conn, batch)
                 if stop:
                     return
