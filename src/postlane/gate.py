@@ -222,16 +222,17 @@ class ThrottleGate:
         if misconfigured is not None:
             if self.throttle.misconfigured(feedback, misconfigured, now):
                 log.error("%s is misconfigured: %s; its mail waits", feedback, misconfigured)
-                self._news.set()
-            return self.throttle.cool_down(feedback, now)
-        self.throttle.observe(feedback, verdict, now)
-        if feedback != delivery.destination and verdict.cls is ReplyClass.DELIVERED:
-            self.throttle.observe(delivery.destination, verdict, now)
-        if self.throttle.news:
+            wait: float | None = self.throttle.cool_down(feedback, now)
+        else:
+            self.throttle.observe(feedback, verdict, now)
+            if feedback != delivery.destination and verdict.cls is ReplyClass.DELIVERED:
+                self.throttle.observe(delivery.destination, verdict, now)
+            wait = retry_after
+            if retry_after is None and verdict.cls is ReplyClass.THROTTLED:
+                wait = self.throttle.cool_down(feedback, now)
+        if self.throttle.news:  # a pause began: the fleet hears of it at once
             self._news.set()
-        if retry_after is None and verdict.cls is ReplyClass.THROTTLED:
-            return self.throttle.cool_down(feedback, now)
-        return retry_after
+        return wait
 
     # -- the store ---------------------------------------------------------------------------
 

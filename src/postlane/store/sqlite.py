@@ -72,7 +72,7 @@ def _switch_to_wal(conn: sqlite3.Connection) -> str:
     """``PRAGMA journal_mode = WAL``, tried again while another process holds the file: the
     switch takes an exclusive lock without waiting for the busy timeout, so processes opening a
     new database together (a Django project and its ``postlane_events``) would otherwise fail
-    with "database is locked" (tests/integration/test_sqlite_opening.py)."""
+    with "database is locked" (tests/integration/test_sqlite_files.py)."""
     deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
     pause = 0.005
     while True:

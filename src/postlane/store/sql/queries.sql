@@ -277,18 +277,21 @@ INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, desti
 -- name: save_destination_states
 -- Record destinations' pauses and rates (upsert; one row per destination in a batch). A pause
 -- in force outlives a record that does not mention it or mentions a shorter one: a process
--- records only the pauses it began, and another's rate must not end them (only an operator's lift does).
+-- records only the pauses it began, and another's rate must not end them (an operator's lift
+-- does).
 INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
 @rows(destination text, rate float8, paused_until float8, reason text, updated_at float8)
 ON CONFLICT (destination) DO UPDATE
 SET rate = excluded.rate,
     paused_until = CASE
         WHEN destination_state.paused_until > excluded.updated_at
-         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
+         AND (excluded.paused_until IS NULL
+              OR excluded.paused_until < destination_state.paused_until)
         THEN destination_state.paused_until ELSE excluded.paused_until END,
     reason = CASE
         WHEN destination_state.paused_until > excluded.updated_at
-         AND (excluded.paused_until IS NULL OR excluded.paused_until < destination_state.paused_until)
+         AND (excluded.paused_until IS NULL
+              OR excluded.paused_until < destination_state.paused_until)
         THEN destination_state.reason ELSE excluded.reason END,
     updated_at = excluded.updated_at;
 
