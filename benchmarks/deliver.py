@@ -10,17 +10,20 @@ before answering 250, and relay everything to an smtp-sink that exits after N me
   ../shared/anchors/postfix-relay.sh: run it once, as root);
 - postlane: smtp-source -> `postlane serve` (SQLite, SMTP submission) -> smtp-sink.
 
-A second postlane row enqueues the same N messages through the Python API first and then times
-delivery alone (the worker's side). ``--processes N`` adds a row for ``postlane serve
---processes N`` (the same SMTP-in test, N processes on the same ports), on the store ``--store``
-names (default: SQLite; a PostgreSQL URL puts every postlane row on it, in a fresh schema).
-Ratios are printed; absolute numbers drift on a shared
-machine, ratios measured in one run do not.
+A first row measures smtp-source straight into smtp-sink, nothing between: what the load
+generator and the sink do alone on this machine, in this run (every relay's ceiling: it does
+their work and its own). A later postlane row enqueues the same N messages through the Python
+API first and then times delivery alone (the worker's side). ``--processes N`` adds a row for
+``postlane serve --processes N`` (the same SMTP-in test, N processes on the same ports), on the
+store ``--store`` names (default: SQLite; a PostgreSQL URL puts every postlane row on it, in a
+fresh schema). Ratios are printed; absolute numbers drift on a shared machine, ratios measured
+in one run do not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -138,6 +141,19 @@ def measure_postfix(count: int, size: int, sessions: int) -> tuple[float, float]
     return accepted, time.perf_counter() - start
 
 
+def measure_nothing_between(count: int, size: int, sessions: int) -> float:
+    """smtp-source straight into smtp-sink, no queue between: what the two tools do alone on
+    this machine in this run, the ceiling of every other row (a relay receives *and* sends)."""
+    port = free_port()
+    sink = start_sink(port, count)
+    start = time.perf_counter()
+    # smtp-sink -M exits at its N-th message, perhaps before smtp-source's last QUIT
+    with contextlib.suppress(subprocess.CalledProcessError):
+        inject(port, count, size, sessions)
+    wait_sink(sink, timeout=600)
+    return time.perf_counter() - start
+
+
 def write_config(
     folder: Path, sink_port: int, smtp_port: int, http_port: int, store: str | None = None
 ) -> Path:
@@ -242,6 +258,8 @@ def main() -> None:
         sys.exit("run as root: smtp-sink drops privileges to 'nobody' and postsuper needs root")
     n = args.n
 
+    progress(f"no queue: {n} messages from smtp-source straight into smtp-sink")
+    nothing = measure_nothing_between(n, args.size, args.sessions)
     postfix = None
     if not args.skip_postfix:
         progress(f"Postfix: {n} messages through smtp-source -> postfix -> smtp-sink")
@@ -261,7 +279,9 @@ def main() -> None:
     def versus(seconds: float) -> str:
         return f"{postfix[1] / seconds:.2f}x" if postfix else "-"
 
-    rows = []
+    rows = [
+        ("no queue (smtp-source -> smtp-sink)", "-", "-", f"{n / nothing:,.0f}", versus(nothing))
+    ]
     if postfix is not None:
         rows.append(
             ("Postfix (SMTP in)", f"{n / postfix[0]:,.0f}", "-", f"{n / postfix[1]:,.0f}", "1.00x")

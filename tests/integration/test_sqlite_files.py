@@ -4,7 +4,10 @@ store's failure (StoreUnavailable), never a refusal."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import multiprocessing
+import os
 import sqlite3
 import stat
 from pathlib import Path
@@ -40,8 +43,43 @@ async def test_finding_8_the_database_and_its_wal_are_readable_by_their_owner_on
     await store.open()
     try:
         await store.enqueue([mail()], T0)  # type: ignore[list-item]
-        for name in ("postlane.db", "postlane.db-wal", "postlane.db-shm"):
+        for name in (
+            "postlane.db",
+            "postlane.db-wal",
+            "postlane.db-shm",
+            "postlane.db-writer.lock",
+        ):
             assert mode(tmp_path / name) == 0o600, name
+    finally:
+        await store.close()
+
+
+async def test_writers_of_all_processes_take_turns_on_the_lock_file(tmp_path: Path) -> None:
+    """Another process's writer holds the turn (its own open file of the lock, as another
+    process has): a write here waits for it in the kernel, not in SQLite's sleeping busy
+    handler, and goes through the moment the turn is handed over."""
+    path = tmp_path / "postlane.db"
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        other = os.open(tmp_path / "postlane.db-writer.lock", os.O_RDWR)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            write = asyncio.ensure_future(store.enqueue([mail(1)], T0))  # type: ignore[list-item]
+            done, _ = await asyncio.wait([write], timeout=0.5)
+            assert not done, "a write went ahead while another process held the turn"
+            fcntl.flock(other, fcntl.LOCK_UN)
+            (result,) = await asyncio.wait_for(write, timeout=10)
+            assert not result.duplicate
+        finally:
+            os.close(other)
+        # and the turn is given back after each commit: another process gets it at once
+        await store.enqueue([mail(2)], T0)  # type: ignore[list-item]
+        other = os.open(tmp_path / "postlane.db-writer.lock", os.O_RDWR)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
     finally:
         await store.close()
 
