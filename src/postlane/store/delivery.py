@@ -254,15 +254,17 @@ class SQLDelivery(SQLRole):
                 {"owner": owner, "now": now},
             )
             applied = {row["id"]: (row["queue_id"], row["address"]) for row in applied_rows.rows}
-            attempts, suppressions, done, sent = [], [], set(), []
+            #: requeued dead letters among them (most batches have none: two statements saved)
+            revived = {row["id"] for row in applied_rows.rows if row["dead_since"] is not None}
+            attempts, suppressions, done, recovered = [], [], set(), []
             for o in todo:
                 if o.delivery_id not in applied:
                     continue  # no longer ours: deleted or reaped meanwhile
                 queue_id, address = applied[o.delivery_id]
                 if o.state in FINAL_STATES:
                     done.add(queue_id)
-                if o.state is RecipientState.SENT:
-                    sent.append(o.delivery_id)
+                if o.state is RecipientState.SENT and o.delivery_id in revived:
+                    recovered.append(o.delivery_id)
                 if o.attempt is not None:
                     attempts.append(rows.attempt_params(o.delivery_id, o.attempt))
                 if o.suppress:
@@ -275,9 +277,9 @@ class SQLDelivery(SQLRole):
             yield from batch("insert_suppression", suppressions)
             if done:
                 yield from execute("mark_done", {"ids": sorted(done), "now": now})
-            if sent:  # requeued dead letters that got through: their recovery time
-                yield from execute("insert_recoveries", {"ids": sent, "now": now})
-                yield from execute("clear_dead_since", {"ids": sent})
+            if recovered:  # requeued dead letters that got through: their recovery time
+                yield from execute("insert_recoveries", {"ids": recovered, "now": now})
+                yield from execute("clear_dead_since", {"ids": recovered})
             return len(applied)
 
         return await self.db.write(record)

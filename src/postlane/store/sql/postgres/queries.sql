@@ -204,7 +204,7 @@ FROM unnest(%(id)s::bigint[], %(state)s::text[], %(attempts)s::integer[],
             %(enhanced)s::text[], %(text)s::text[], %(class)s::text[], %(reason)s::text[])
      AS o (id, state, attempts, deferrals, next_attempt_at, code, enhanced, text, class, reason)
 WHERE d.id = o.id AND d.state = 'sending' AND d.lease_owner = %(owner)s
-RETURNING d.id, d.queue_id, d.address;
+RETURNING d.id, d.queue_id, d.address, d.dead_since;
 
 -- name: insert_suppression
 -- Add addresses to the suppression list in their scopes (the first entry wins, unless it

@@ -81,7 +81,7 @@ SET state = CASE WHEN hold_after = 1 AND :state IN ('queued', 'deferred') THEN '
     last_class = coalesce(:class, last_class),
     reason = :reason, updated_at = :now
 WHERE id = :id AND state = 'sending' AND lease_owner = :owner
-RETURNING id, queue_id, address;
+RETURNING id, queue_id, address, dead_since;
 
 -- name: insert_suppression
 -- Add an address to the suppression list in a scope (the first entry wins, unless it expired).
