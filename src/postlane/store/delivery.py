@@ -190,6 +190,9 @@ class SQLDelivery(SQLRole):
             leased: list[Row] = []
             held = {lane: n for lane, n in (reserved or {}).items() if n > 0}
             only = {lane: n for lane, n in (kept or {}).items() if n > 0}
+            #: lanes that gave fewer than asked: nothing more is due in them (this transaction
+            #: is the only writer), so filling does not ask them again
+            exhausted: set[Lane] = set()
 
             def lease(lane: Lane, wanted: int, *, filling: bool) -> Plan[None]:
                 """Up to ``wanted`` of ``lane``, short of the slots held for the others (and,
@@ -199,12 +202,14 @@ class SQLDelivery(SQLRole):
                 if filling:
                     others += sum(n for other, n in only.items() if other is not lane)
                 wanted = min(wanted, limit - len(leased) - others)
-                if wanted <= 0:
+                if wanted <= 0 or lane in exhausted:
                     return
                 got = yield from fetch(
                     "claim_lane", {**params, "lane": lane.value, "limit": wanted}
                 )
                 leased += got
+                if len(got) < wanted:
+                    exhausted.add(lane)
                 if lane in held:  # short of what was asked: the lane is empty, free its slots
                     held[lane] = 0 if len(got) < wanted else max(0, held[lane] - len(got))
 
