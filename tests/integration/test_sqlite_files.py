@@ -84,6 +84,38 @@ async def test_writers_of_all_processes_take_turns_on_the_lock_file(tmp_path: Pa
         await store.close()
 
 
+async def test_a_holder_of_the_turn_that_hangs_is_waited_for_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process stopped in the middle of a commit (Ctrl-Z on a command) keeps its turn: the
+    others wait as long as SQLite would wait for its lock, then write without turns (SQLite's
+    lock still guards) until it lets go, and take turns again from then on."""
+    monkeypatch.setattr("postlane.store.sqlite.BUSY_TIMEOUT_MS", 300)
+    path = tmp_path / "postlane.db"
+    store = SQLiteStore(path)
+    await store.open()
+    stuck = os.open(tmp_path / "postlane.db-writer.lock", os.O_RDWR)
+    try:
+        fcntl.flock(stuck, fcntl.LOCK_EX)
+        (first,) = await asyncio.wait_for(store.enqueue([mail(1)], T0), timeout=10)  # type: ignore[list-item]
+        (second,) = await asyncio.wait_for(store.enqueue([mail(2)], T0), timeout=10)  # type: ignore[list-item]
+        assert not first.duplicate and not second.duplicate
+        fcntl.flock(stuck, fcntl.LOCK_UN)  # it lets go: the abandoned wait ends and gives back
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # turns again: the next write waits for a holder
+            fcntl.flock(stuck, fcntl.LOCK_EX)
+            write = asyncio.ensure_future(store.enqueue([mail(3)], T0))  # type: ignore[list-item]
+            done, _ = await asyncio.wait([write], timeout=0.15)
+            fcntl.flock(stuck, fcntl.LOCK_UN)
+            await asyncio.wait_for(write, timeout=10)
+            if not done:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "turns never came back"
+    finally:
+        os.close(stuck)
+        await store.close()
+
+
 async def test_an_operator_command_never_creates_a_queue(tmp_path: Path) -> None:
     path = tmp_path / "elsewhere" / "postlane.db"
     store = open_store_url(f"sqlite:///{path}", create=False)

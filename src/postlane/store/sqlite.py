@@ -9,7 +9,7 @@ and each caller still hears back only after its data is durable (WAL, ``synchron
 Reads run on a small pool of reader threads with their own connections; WAL lets them read while
 the writer writes. Other processes (the CLI next to ``postlane serve``, the processes of
 ``serve --processes N``) open the same file; their writer threads take turns on a lock file
-beside it (``_open_turns``), SQLite's own lock (``busy_timeout``) staying the guard.
+beside it (``_Turns``), SQLite's own lock (``busy_timeout``) staying the guard.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -199,8 +199,8 @@ class _Writer:
         )
         self._started = threading.Event()
         self._start_error: BaseException | None = None
-        #: the file whose lock the writers of every process take in turn (None: not writable)
-        self._turns: int | None = None
+        #: the turns every process's writer takes (None: the lock file could not be made)
+        self._turns: _Turns | None = None
         self.commits = 0
         #: jobs that ran combined with others of their kind (see write_combined)
         self.combined = 0
@@ -240,7 +240,7 @@ class _Writer:
             self._start_error = _unavailable(exc, self._path)
             self._started.set()
             return
-        self._turns = _open_turns(self._path)
+        self._turns = _open_turns(self._path, BUSY_TIMEOUT_MS / 1000)
         self._started.set()
         try:
             while True:
@@ -254,17 +254,16 @@ class _Writer:
         finally:
             conn.close()
             if self._turns is not None:
-                os.close(self._turns)
+                self._turns.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        if self._turns is None:
+        if self._turns is None or not self._turns.take():
             self._commit_now(conn, batch)
             return
-        fcntl.flock(self._turns, fcntl.LOCK_EX)
         try:
             self._commit_now(conn, batch)
         finally:
-            fcntl.flock(self._turns, fcntl.LOCK_UN)
+            self._turns.give_back()
 
     def _commit_now(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         try:
@@ -462,18 +461,90 @@ def run_plan(conn: sqlite3.Connection, plan: Plan[T]) -> T:
         return result
 
 
-def _open_turns(path: Path) -> int | None:
-    """The lock file beside the database that writers of all processes queue on.
+def _open_turns(path: Path, timeout: float) -> _Turns | None:
+    """The lock file beside the database that writers of all processes queue on (None where
+    it cannot be made: a read-only folder, SQLite's lock alone then)."""
+    try:
+        fd = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    return _Turns(fd, timeout)
+
+
+@dataclass
+class _TurnRequest:
+    granted: threading.Event = field(default_factory=threading.Event)
+    #: set once a turn taken after its writer stopped waiting has been given back
+    released: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Turns:
+    """Whose turn it is to write, among every process's writer (a lock file's ``flock``).
 
     SQLite's own lock makes a second writer sleep and retry (1, 2, 5, 10 ms ... as its busy
     handler backs off), so with two ``serve`` processes every collision cost milliseconds and
-    two processes delivered less than one. Waiting on this file's lock in the kernel instead
-    hands the turn over the moment the other commit ends. SQLite's lock still decides what is
-    safe: a process without this file (an older postlane, the sqlite3 shell) only waits longer."""
-    try:
-        return os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return None  # a read-only folder: SQLite's lock alone
+    two processes delivered less than one. Waiting for this file's lock in the kernel hands the
+    turn over the moment the other commit ends. Never for longer than SQLite would wait: a
+    holder that hangs (a stopped ``postlane`` command in the middle of a commit) is waited for
+    ``timeout``, then writes go ahead without turns until it lets go, and SQLite's lock, which
+    stays the guard either way, refuses them as before (``StoreUnavailable``)."""
+
+    def __init__(self, fd: int, timeout: float) -> None:
+        self._fd = fd
+        self._timeout = timeout
+        self._requests: queue.SimpleQueue[_TurnRequest | None] = queue.SimpleQueue()
+        self._waiter: threading.Thread | None = None
+        #: a turn given up on, still awaited: no turns until it has come and gone
+        self._stuck: _TurnRequest | None = None
+
+    def take(self) -> bool:
+        """Whether this writer holds the turn now (then :meth:`give_back` after the commit)."""
+        if self._stuck is not None:
+            if not self._stuck.released.is_set():
+                return False
+            self._stuck = None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        # blocking, but in a thread of its own, so that the wait has an end
+        if self._waiter is None:
+            self._waiter = threading.Thread(
+                target=self._wait, name="postlane-sqlite-turns", daemon=True
+            )
+            self._waiter.start()
+        request = _TurnRequest()
+        self._requests.put(request)
+        request.granted.wait(self._timeout)
+        with request.lock:
+            if request.granted.is_set():
+                return True
+            request.abandoned = True
+        self._stuck = request
+        return False
+
+    def give_back(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _wait(self) -> None:
+        while (request := self._requests.get()) is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            with request.lock:
+                if not request.abandoned:
+                    request.granted.set()
+                    continue
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            request.released.set()
+
+    def close(self) -> None:
+        if self._waiter is not None:
+            self._requests.put(None)
+        if self._stuck is None or self._stuck.released.is_set():
+            os.close(self._fd)
+        # else the waiting thread still has the descriptor (a daemon: it ends with the process)
 
 
 def _create_private(path: Path) -> None:
