@@ -510,6 +510,8 @@ class _Turns:
             return True
         except BlockingIOError:
             pass
+        except OSError:
+            return False  # a file system without flock: SQLite's lock alone
         # blocking, but in a thread of its own, so that the wait has an end
         if self._waiter is None:
             self._waiter = threading.Thread(
@@ -527,7 +529,8 @@ class _Turns:
         return False
 
     def give_back(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):  # a lock it cannot drop ends with the descriptor
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _wait(self) -> None:
         while (request := self._requests.get()) is not None:
