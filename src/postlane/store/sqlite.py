@@ -258,20 +258,21 @@ class _Writer:
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         if self._turns is None or not self._turns.take():
-            self._commit_now(conn, batch)
+            _report(self._transaction(conn, batch))
             return
         try:
-            self._commit_now(conn, batch)
+            outcomes = self._transaction(conn, batch)
         finally:
-            self._turns.give_back()
+            self._turns.give_back()  # before waking the callers: the next process goes first
+        _report(outcomes)
 
-    def _commit_now(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+    def _transaction(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[_Outcome]:
+        """The batch's transaction; what became of each job (reported by the caller)."""
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             refusal = _unavailable(exc, self._path)
-            _report([(job, None, refusal) for job in batch])
-            return
+            return [(job, None, refusal) for job in batch]
         outcomes: list[_Outcome] = []
         try:
             if len(batch) == 1:
@@ -280,8 +281,7 @@ class _Writer:
                     outcomes.append((job, job.run(conn), None))
                 except Exception as exc:
                     conn.execute("ROLLBACK")
-                    _report([(job, None, _translate(exc))])
-                    return
+                    return [(job, None, _translate(exc))]
             else:
                 for group in _groups(batch):
                     if len(group) == 1 or not self._run_combined(conn, group, outcomes):
@@ -293,9 +293,8 @@ class _Writer:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             failure = _unavailable(exc, self._path)
-            _report([(job, None, failure) for job in batch])
-            return
-        _report(outcomes)
+            return [(job, None, failure) for job in batch]
+        return outcomes
 
     @staticmethod
     def _run_alone(conn: sqlite3.Connection, job: _Job, outcomes: list[_Outcome]) -> None:
