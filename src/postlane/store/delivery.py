@@ -210,8 +210,8 @@ class SQLDelivery(SQLRole):
                 leased += got
                 if len(got) < wanted:
                     exhausted.add(lane)
-                if lane in held:  # short of what was asked: the lane is empty, free its slots
-                    held[lane] = 0 if len(got) < wanted else max(0, held[lane] - len(got))
+                if lane in held:  # an exhausted lane frees the slots held for it
+                    held[lane] = 0 if lane in exhausted else max(0, held[lane] - len(got))
 
             for lane, quota in quotas:
                 yield from lease(lane, quota, filling=False)

@@ -257,13 +257,12 @@ class _Writer:
                 self._turns.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        if self._turns is None or not self._turns.take():
-            _report(self._transaction(conn, batch))
-            return
+        turns = self._turns if self._turns is not None and self._turns.take() else None
         try:
             outcomes = self._transaction(conn, batch)
         finally:
-            self._turns.give_back()  # before waking the callers: the next process goes first
+            if turns is not None:
+                turns.give_back()  # before waking the callers: the next process goes first
         _report(outcomes)
 
     def _transaction(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[_Outcome]:
