@@ -17,7 +17,10 @@ API first and then times delivery alone (the worker's side). ``--processes N`` a
 ``postlane serve --processes N`` (the same SMTP-in test, N processes on the same ports), on the
 store ``--store`` names (default: SQLite; a PostgreSQL URL puts every postlane row on it, in a
 fresh schema). Ratios are printed; absolute numbers drift on a shared machine, ratios measured
-in one run do not.
+in one run do not. Each row also gives the CPU time the queue's own processes used per message
+(read from /proc: Postfix's master with its daemons, postlane's processes), which says how much
+of the machine a rate takes: a relay's rate can only rise while its CPU, the load generator's
+and the sink's together fit in the cores.
 """
 
 from __future__ import annotations
@@ -75,6 +78,42 @@ def wait_port(port: int, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (None: gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) of these processes and all their descendants alive now, plus
+    what the children they already waited for used (a daemon's finished workers count)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks, todo, seen = 0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or (fields := _stat(pid)) is None:
+            continue
+        seen.add(pid)
+        ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+        todo += parents.get(pid, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postfix_master() -> list[int]:
+    """Postfix's master process (its daemons are its children), if it runs."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry.name}/comm").read_text().strip() == "master":
+                    return [int(entry.name)]
+    return []
+
+
 def start_sink(port: int, count: int) -> subprocess.Popen[bytes]:
     sink = subprocess.Popen(
         [need("smtp-sink"), "-u", SINK_USER, "-M", str(count), f"127.0.0.1:{port}", "1000"],
@@ -130,15 +169,22 @@ def wait_sink(
         raise SystemExit(f"the sink did not receive every message in time: {failed}") from None
 
 
-def measure_postfix(count: int, size: int, sessions: int) -> tuple[float, float] | None:
+#: seconds to accept every message, seconds until the sink had them all, CPU seconds the queue's
+#: own processes used meanwhile
+Run = tuple[float, float, float]
+
+
+def measure_postfix(count: int, size: int, sessions: int) -> Run | None:
     if not port_open(25):
         return None
     subprocess.run(["postsuper", "-d", "ALL"], capture_output=True, check=False)
+    master = postfix_master()
     start = time.perf_counter()
     sink = start_sink(2525, count)
+    cpu = cpu_seconds(master)
     accepted = inject(25, count, size, sessions)
     wait_sink(sink, timeout=600)
-    return accepted, time.perf_counter() - start
+    return accepted, time.perf_counter() - start, cpu_seconds(master) - cpu
 
 
 def measure_nothing_between(count: int, size: int, sessions: int) -> float:
@@ -186,7 +232,7 @@ def fresh_store(store: str | None, name: str) -> str | None:
 
 def measure_postlane_smtp(
     count: int, size: int, sessions: int, processes: int = 1, store: str | None = None
-) -> tuple[float, float]:
+) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sink_port, smtp_port, http_port = free_port(), free_port(), free_port()
@@ -202,15 +248,19 @@ def measure_postlane_smtp(
             serve.wait_until_blocking(  # SMTP and HTTP listening, a worker started, in each
                 lambda: serve.output().count(RUNNING) >= processes, "every process running"
             )
+            cpu = cpu_seconds([serve.pid])
             start = time.perf_counter()
             accepted = inject(smtp_port, count, size, sessions)
             wait_sink(sink, timeout=600, feeder=serve)
-            return accepted, time.perf_counter() - start
+            return accepted, time.perf_counter() - start, cpu_seconds([serve.pid]) - cpu
 
 
-def measure_postlane_api(count: int, size: int, store: str | None = None) -> tuple[float, float]:
+def measure_postlane_api(
+    count: int, size: int, store: str | None = None
+) -> tuple[float, float, float]:
     """Enqueue through the Python API (batches of 100, each acknowledged after its durable
-    commit), then deliver with `postlane worker --burst`; returns (enqueue, delivery) seconds."""
+    commit), then deliver with `postlane worker`; returns the enqueue's and the delivery's
+    seconds, and the CPU seconds of both (this process's while enqueueing, the worker's)."""
     from postlane.app import Postlane
     from postlane.config import load_config
     from postlane.message import Message
@@ -224,7 +274,7 @@ def measure_postlane_api(count: int, size: int, store: str | None = None) -> tup
         line = "x" * 70 + "\n"
         text = line * max(1, size // len(line))
         mail = Postlane(load_config(config_path))
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         for start in range(0, count, 100):
             mail.send_many(
                 [
@@ -232,15 +282,17 @@ def measure_postlane_api(count: int, size: int, store: str | None = None) -> tup
                     for _ in range(start, min(count, start + 100))
                 ]
             )
-        enqueued = time.perf_counter() - began
+        enqueued, cpu = time.perf_counter() - began, time.process_time() - cpu
         mail.close()
         sink = start_sink(sink_port, count)
         began = time.perf_counter()
         log = folder / "worker.log"
         with start_postlane("worker", config=config_path, log=log, stop_timeout=60) as worker:
+            worker_cpu = cpu_seconds([worker.pid])
             wait_sink(sink, timeout=600, feeder=worker)
             delivered = time.perf_counter() - began
-        return enqueued, delivered
+            worker_cpu = cpu_seconds([worker.pid]) - worker_cpu
+        return enqueued, delivered, cpu + worker_cpu
 
 
 def main() -> None:
@@ -265,7 +317,7 @@ def main() -> None:
         progress(f"Postfix: {n} messages through smtp-source -> postfix -> smtp-sink")
         postfix = measure_postfix(n, args.size, args.sessions)
     progress(f"postlane: {n} messages through smtp-source -> postlane serve -> smtp-sink")
-    accepted, end_to_end = measure_postlane_smtp(n, args.size, args.sessions, store=args.store)
+    serve = measure_postlane_smtp(n, args.size, args.sessions, store=args.store)
     several = None
     if args.processes > 1:
         progress(f"postlane: the same through serve --processes {args.processes}")
@@ -273,38 +325,41 @@ def main() -> None:
             n, args.size, args.sessions, args.processes, store=args.store
         )
     progress(f"postlane: {n} messages enqueued by the API, then delivered by a worker")
-    enqueued, delivered = measure_postlane_api(n, args.size, store=args.store)
+    enqueued, delivered, api_cpu = measure_postlane_api(n, args.size, store=args.store)
     done_progress()
 
     def versus(seconds: float) -> str:
         return f"{postfix[1] / seconds:.2f}x" if postfix else "-"
 
-    rows = [
-        ("no queue (smtp-source -> smtp-sink)", "-", "-", f"{n / nothing:,.0f}", versus(nothing))
-    ]
-    if postfix is not None:
-        rows.append(
-            ("Postfix (SMTP in)", f"{n / postfix[0]:,.0f}", "-", f"{n / postfix[1]:,.0f}", "1.00x")
-        )
-    rows.append(
-        (
-            "postlane serve (SMTP in)",
+    def per_message(cpu: float) -> str:
+        return f"{cpu / n * 1e6:,.0f} µs"
+
+    def row(name: str, run: Run) -> tuple[str, str, str, str, str, str]:
+        accepted, end_to_end, cpu = run
+        return (
+            name,
             f"{n / accepted:,.0f}",
             "-",
             f"{n / end_to_end:,.0f}",
             versus(end_to_end),
+            per_message(cpu),
         )
-    )
+
+    rows = [
+        (
+            "no queue (smtp-source -> smtp-sink)",
+            "-",
+            "-",
+            f"{n / nothing:,.0f}",
+            versus(nothing),
+            "-",
+        )
+    ]
+    if postfix is not None:
+        rows.append(row("Postfix (SMTP in)", postfix))
+    rows.append(row("postlane serve (SMTP in)", serve))
     if several is not None:
-        rows.append(
-            (
-                f"postlane serve --processes {args.processes} (SMTP in)",
-                f"{n / several[0]:,.0f}",
-                "-",
-                f"{n / several[1]:,.0f}",
-                versus(several[1]),
-            )
-        )
+        rows.append(row(f"postlane serve --processes {args.processes} (SMTP in)", several))
     total = enqueued + delivered
     rows.append(
         (
@@ -313,13 +368,20 @@ def main() -> None:
             f"{n / delivered:,.0f}",
             f"{n / total:,.0f}",
             versus(total),
+            per_message(api_cpu),
         )
     )
     print(
         f"{n} messages of {args.size} bytes into smtp-sink; "
         "every one stored durably before it was acknowledged"
     )
-    print(table(["", "accepted/s", "delivery alone/s", "end to end/s", "vs Postfix"], rows))
+    headers = ["", "accepted/s", "delivery alone/s", "end to end/s", "vs Postfix", "CPU/msg"]
+    print(table(headers, rows))
+    print(
+        f"CPU/msg: the queue's own processes (Postfix's master and its daemons; postlane's "
+        f"processes), user + system, per message; this machine has {os.cpu_count()} cores for "
+        "them, smtp-source and smtp-sink together"
+    )
     if postfix is None:
         print("(Postfix is not listening on 127.0.0.1:25: run ../shared/anchors/postfix-relay.sh)")
 
