@@ -10,6 +10,8 @@ import multiprocessing
 import os
 import sqlite3
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,50 @@ async def test_writers_of_all_processes_take_turns_on_the_lock_file(tmp_path: Pa
         finally:
             os.close(other)
     finally:
+        await store.close()
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_writes_that_queue_while_another_process_writes_share_the_next_commit(
+    tmp_path: Path,
+) -> None:
+    """The writer gathers its batch once the turn is its own: what arrived while another
+    process was writing goes into one commit with the write that waited first, not into one
+    more commit after it (with two serve processes, half the commits, measured in
+    docs/benchmarks.md)."""
+    path = tmp_path / "postlane.db"
+    store = SQLiteStore(path)
+    await store.open()
+    jobs = store.sqlite.writer._jobs
+    other = os.open(tmp_path / "postlane.db-writer.lock", os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        before = store.commits
+        first = asyncio.ensure_future(store.enqueue([mail(1)], T0))  # type: ignore[list-item]
+        await until(
+            lambda: (
+                jobs.qsize() == 0
+                and any(t.name == "postlane-sqlite-turns" for t in threading.enumerate())
+            ),
+            "the writer took the first write and waits for the turn",
+        )
+        more = [
+            asyncio.ensure_future(store.enqueue([mail(n)], T0))  # type: ignore[list-item]
+            for n in (2, 3)
+        ]
+        await until(lambda: jobs.qsize() == 2, "the next two writes queued behind it")
+        fcntl.flock(other, fcntl.LOCK_UN)
+        results = await asyncio.wait_for(asyncio.gather(first, *more), timeout=10)
+        assert [result.duplicate for (result,) in results] == [False, False, False]
+        assert store.commits - before == 1
+    finally:
+        os.close(other)
         await store.close()
 
 

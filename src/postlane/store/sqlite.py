@@ -247,8 +247,11 @@ class _Writer:
                 job = self._jobs.get()
                 if job is None:
                     return
+                turns = self._turns if self._turns is not None and self._turns.take() else None
+                # gathered once the turn is ours: what arrived while another process wrote
+                # goes in this commit, not in one more after it
                 batch, stop = take_queued(self._jobs, job, self._max_jobs)
-                self._commit(conn, batch)
+                self._commit(conn, batch, turns)
                 if stop:
                     return
         finally:
@@ -256,8 +259,8 @@ class _Writer:
             if self._turns is not None:
                 self._turns.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        turns = self._turns if self._turns is not None and self._turns.take() else None
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job], turns: _Turns | None) -> None:
+        """The batch's transaction, holding ``turns`` (taken by the caller) until it ends."""
         try:
             outcomes = self._transaction(conn, batch)
         finally:
