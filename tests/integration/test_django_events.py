@@ -48,6 +48,7 @@ from tests.integration.test_django import (  # noqa: F401 (fixtures: used by nam
     with_schema,
     write_config,
 )
+from tests.polling import until
 
 METADATA = {"user": "42", "plan": "pro"}
 
@@ -149,15 +150,6 @@ def run_command(*args: str, **options: Any) -> str:
 async def command(*args: str, **options: Any) -> str:
     """The command in a thread: the loop stays free for the SMTP server and postlane."""
     return await asyncio.to_thread(run_command, *args, **options)
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    """Poll ``check`` until it holds, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def saved_cursor(path: Path) -> str | None:

@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import sqlite3
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from postlane.message import Message, prepare
 from postlane.records import Selector
 from postlane.store import open_store_url
 from postlane.store.sqlite import SQLiteStore
+from tests.polling import until
 
 T0 = 1_800_000_000.0
 
@@ -83,13 +83,6 @@ async def test_writers_of_all_processes_take_turns_on_the_lock_file(tmp_path: Pa
             os.close(other)
     finally:
         await store.close()
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
-        await asyncio.sleep(0.01)
 
 
 async def test_writes_that_queue_while_another_process_writes_share_the_next_commit(

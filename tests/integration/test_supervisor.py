@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from postlane.config import parse_processes
 from postlane.supervisor import ProcessSlot, Supervisor, parse_descriptors
+from tests.polling import until
 
 
 def supervisor(code: str, tmp_path: Path, *, processes: int = 1, grace: float = 5.0) -> Supervisor:
@@ -25,13 +25,6 @@ def supervisor(code: str, tmp_path: Path, *, processes: int = 1, grace: float = 
         grace=grace,
         metrics_dir=tmp_path,
     )
-
-
-async def until(condition: object, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_child_dying_young_is_started_again_after_a_growing_delay(
