@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -187,17 +188,25 @@ def measure_postfix(count: int, size: int, sessions: int) -> Run | None:
     return accepted, time.perf_counter() - start, cpu_seconds(master) - cpu
 
 
-def measure_nothing_between(count: int, size: int, sessions: int) -> float:
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's children it has waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_nothing_between(count: int, size: int, sessions: int) -> tuple[float, float]:
     """smtp-source straight into smtp-sink, no queue between: what the two tools do alone on
-    this machine in this run, the ceiling of every other row (a relay receives *and* sends)."""
+    this machine in this run, the ceiling of every other row (a relay receives *and* sends);
+    returns the seconds and the two tools' CPU seconds (what they take in every other row too)."""
     port = free_port()
+    cpu = children_cpu()
     sink = start_sink(port, count)
     start = time.perf_counter()
     # smtp-sink -M exits at its N-th message, perhaps before smtp-source's last QUIT
     with contextlib.suppress(subprocess.CalledProcessError):
         inject(port, count, size, sessions)
     wait_sink(sink, timeout=600)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, children_cpu() - cpu
 
 
 def write_config(
@@ -311,7 +320,7 @@ def main() -> None:
     n = args.n
 
     progress(f"no queue: {n} messages from smtp-source straight into smtp-sink")
-    nothing = measure_nothing_between(n, args.size, args.sessions)
+    nothing, tools_cpu = measure_nothing_between(n, args.size, args.sessions)
     postfix = None
     if not args.skip_postfix:
         progress(f"Postfix: {n} messages through smtp-source -> postfix -> smtp-sink")
@@ -352,7 +361,7 @@ def main() -> None:
             "-",
             f"{n / nothing:,.0f}",
             versus(nothing),
-            "-",
+            per_message(tools_cpu),
         )
     ]
     if postfix is not None:
@@ -380,7 +389,8 @@ def main() -> None:
     print(
         f"CPU/msg: the queue's own processes (Postfix's master and its daemons; postlane's "
         f"processes), user + system, per message; this machine has {os.cpu_count()} cores for "
-        "them, smtp-source and smtp-sink together"
+        "them, smtp-source and smtp-sink together (the no-queue row: those two tools' own CPU, "
+        "which they take beside every queue)"
     )
     if postfix is None:
         print("(Postfix is not listening on 127.0.0.1:25: run ../shared/anchors/postfix-relay.sh)")
