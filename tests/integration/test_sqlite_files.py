@@ -32,6 +32,12 @@ def mail(n: int = 0) -> object:
     )
 
 
+def lock_file_of_another_process(folder: Path) -> int:
+    """The writers' lock file beside ``folder``'s database, opened as another process opens it
+    (a descriptor of its own: ``flock`` on it competes with the store's)."""
+    return os.open(folder / "postlane.db-writer.lock", os.O_RDWR)
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -63,7 +69,7 @@ async def test_writers_of_all_processes_take_turns_on_the_lock_file(tmp_path: Pa
     store = SQLiteStore(path)
     await store.open()
     try:
-        other = os.open(tmp_path / "postlane.db-writer.lock", os.O_RDWR)
+        other = lock_file_of_another_process(tmp_path)
         try:
             fcntl.flock(other, fcntl.LOCK_EX)
             write = asyncio.ensure_future(store.enqueue([mail(1)], T0))  # type: ignore[list-item]
@@ -76,7 +82,7 @@ async def test_writers_of_all_processes_take_turns_on_the_lock_file(tmp_path: Pa
             os.close(other)
         # and the turn is given back after each commit: another process gets it at once
         await store.enqueue([mail(2)], T0)  # type: ignore[list-item]
-        other = os.open(tmp_path / "postlane.db-writer.lock", os.O_RDWR)
+        other = lock_file_of_another_process(tmp_path)
         try:
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
@@ -96,7 +102,7 @@ async def test_writes_that_queue_while_another_process_writes_share_the_next_com
     store = SQLiteStore(path)
     await store.open()
     jobs = store.sqlite.writer._jobs
-    other = os.open(tmp_path / "postlane.db-writer.lock", os.O_RDWR)
+    other = lock_file_of_another_process(tmp_path)
     try:
         fcntl.flock(other, fcntl.LOCK_EX)
         before = store.commits
@@ -131,7 +137,7 @@ async def test_a_holder_of_the_turn_that_hangs_is_waited_for_only_so_long(
     path = tmp_path / "postlane.db"
     store = SQLiteStore(path)
     await store.open()
-    stuck = os.open(tmp_path / "postlane.db-writer.lock", os.O_RDWR)
+    stuck = lock_file_of_another_process(tmp_path)
     try:
         fcntl.flock(stuck, fcntl.LOCK_EX)
         (first,) = await asyncio.wait_for(store.enqueue([mail(1)], T0), timeout=10)  # type: ignore[list-item]
