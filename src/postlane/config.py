@@ -705,27 +705,17 @@ def _read(data: Mapping[str, Any], reader: Reader, source: str, base_dir: Path) 
     provider_webhooks = provider_webhooks_from_config(
         data.get("webhooks", {}), lambda table, where, keys: reader.resolved(table, where, keys)
     )
-    http: HttpConfig = sections["http"]
     api_token = reader.env.get("POSTLANE_API_TOKEN")
     if api_token:
         reader.remember("tokens", api_token)
-        http = dataclasses.replace(http, tokens=(*http.tokens, api_token))
+        http: HttpConfig = sections["http"]
+        sections["http"] = dataclasses.replace(http, tokens=(*http.tokens, api_token))
     smtp: SmtpConfig = sections["smtp"]
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         raise ConfigError("smtp.tls_cert and smtp.tls_key must be set together")
     return Config(
-        store=sections["store"],
-        delivery=sections["delivery"],
-        retry=sections["retry"],
+        **sections,
         lanes=lanes,
-        http=http,
-        smtp=smtp,
-        bounces=sections["bounces"],
-        throttle=sections["throttle"],
-        alerts=sections["alerts"],
-        unsubscribe=sections["unsubscribe"],
-        log=sections["log"],
-        serve=sections["serve"],
         destinations=destinations,
         shaping=shaping,
         dkim=dkim,
