@@ -498,6 +498,10 @@ class LogConfig:
 _LANE_SECTIONS = tuple(lane.value for lane in Lane)
 
 
+#: :attr:`Config.source` when no configuration file was read
+NO_FILE = "built-in defaults"
+
+
 @dataclass(frozen=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -522,13 +526,19 @@ class Config:
     webhooks_out: tuple[WebhookEndpoint, ...] = ()
     #: ``[webhooks.ses]``, ``[webhooks.sendgrid]``, ...: the providers' signed event webhooks
     provider_webhooks: ProviderWebhooks = field(default_factory=ProviderWebhooks)
-    #: where the configuration came from, for messages ("built-in defaults" when no file)
-    source: str = "built-in defaults"
+    #: where the configuration came from, for messages (:data:`NO_FILE` when no file)
+    source: str = NO_FILE
     #: the directory relative paths are resolved against
     base_dir: Path = field(default_factory=Path.cwd)
     #: every secret the configuration holds (passwords, tokens, URL credentials, the contents
     #: of ``*_file`` keys), for :meth:`redact`
     secrets: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    @property
+    def from_file(self) -> bool:
+        """Whether a configuration file was read (else the built-in defaults, and the store
+        is a guess from the working directory)."""
+        return self.source != NO_FILE
 
     def resolve_path(self, path: str) -> Path:
         candidate = Path(path).expanduser()
@@ -646,7 +656,7 @@ def load_config(
     return config_from_dict(
         data,
         env=env,
-        source=str(chosen) if chosen else "built-in defaults",
+        source=str(chosen) if chosen else NO_FILE,
         base_dir=(chosen.resolve().parent if chosen else cwd),
     )
 
@@ -655,7 +665,7 @@ def config_from_dict(
     data: Mapping[str, Any],
     *,
     env: Mapping[str, str] | None = None,
-    source: str = "built-in defaults",
+    source: str = NO_FILE,
     base_dir: Path | None = None,
 ) -> Config:
     """Build a :class:`Config` from an already-parsed TOML document (tests use this directly).
