@@ -47,6 +47,7 @@ from postlane.records import (
     Suppression,
 )
 from postlane.store import Store, open_store_url
+from postlane.transports import shared_destinations
 
 T = TypeVar("T")
 #: listings are bounded; a caller wanting more pages narrows the selector
@@ -320,12 +321,16 @@ class AsyncPostlane:
 
         The destinations are those stored with the selected deliveries at enqueue, so a domain
         that reached a provider through its MX hosts lifts that provider's pause; deliveries
-        being sent count too (their destination may be what holds the rest back)."""
+        being sent count too (their destination may be what holds the rest back). So do the
+        relays and provider APIs the configuration sends through (``relay``, ``ses``, ...),
+        whose pause holds back every delivery that goes through them."""
         if not selector.domains and not selector.ids and not selector.recipient:
             await self.store.lift_destinations(None, self.clock.now())
             return
         states = (*ACTION_STATES[QueueAction.FLUSH], "sending")
         names = set(await self.store.selected_destinations(selector, states))
+        if names or selector.domains:
+            names |= shared_destinations(self.config)
         for domain in selector.domains:  # named by the operator, even with nothing waiting
             names |= {domain, self.destinations.for_domain(domain)}
         await self.store.lift_destinations(sorted(names), self.clock.now())

@@ -634,6 +634,27 @@ async def test_a_flush_lifts_only_the_destinations_of_what_it_selects(
     assert (await recipient(app, bob)).next_attempt_at == T0 + 600
 
 
+@pytest.mark.parametrize(
+    ("relay", "shared"),
+    [("smtp://127.0.0.1:2", "relay"), ("ses://AKIAEXAMPLE:secret@eu-west-1", "ses")],
+)
+async def test_a_flush_of_some_mail_lifts_the_pause_of_the_relay_it_goes_through(
+    store: Store, tmp_path: Path, relay: str, shared: str
+) -> None:
+    """With a relay (or a provider's API), every delivery also goes through it, and its pause
+    (``relay``, ``ses``) is what holds the mail back: flushing one message lifts it, as the
+    contract's "lift the pause on their destinations" means; another destination's stays."""
+    clock = FakeClock(T0)
+    config = make_config(tmp_path, delivery={"relay": relay})
+    app = AsyncPostlane(config, store=store, clock=clock)  # opened by the fixture
+    ada = await enqueue_routed(app, "ada@example.org", "example.org")
+    for destination in (shared, "elsewhere.example"):
+        await pause(store, destination, at=T0 - 10, until=T0 + 600)
+    assert await app.act(QueueAction.FLUSH, Selector(ids=(ada,))) == 1
+    assert (await recorded(store, shared)).paused_until is None
+    assert (await recorded(store, "elsewhere.example")).paused_until == T0 + 600
+
+
 class OperatorRacesTheWorker:
     """The store as a worker sees it, while an operator's flush from another process commits
     at one chosen moment: just before the worker's next claim, or while it defers a paused

@@ -109,6 +109,34 @@ def capture_folder(config: Config) -> str:
     return str(config.resolve_path(rest or "postlane-capture"))
 
 
+def shared_destination(relay: str, where: str = "delivery.relay") -> str | None:
+    """The throttle destination every delivery through ``relay`` (the URL of ``where``) is
+    charged to as well: an SMTP relay's (``relay`` for ``[delivery] relay``; a routed relay is
+    one of its own, ``relay:HOST:PORT``), a provider API's (its name); none for MX delivery and
+    capture, where each recipient domain is its own destination."""
+    scheme = relay.split(":", 1)[0].lower()
+    factory = SCHEMES.get(scheme)
+    if factory is _smtp:
+        if where == "delivery.relay":
+            return "relay"
+        parts = urlsplit(relay)
+        return f"relay:{parts.hostname}:{parts.port or ''}".rstrip(":")
+    if factory is not None and factory not in (_mx, _capture):
+        return scheme  # a provider's transport: ``ProviderTransport.provider``
+    return None
+
+
+def shared_destinations(config: Config) -> set[str]:
+    """The shared destinations of every relay ``[delivery]`` and ``[[routes]]`` name (a flush
+    lifts their pauses too: what it selects goes through one of them)."""
+    relays = [(config.delivery.relay, "delivery.relay")]
+    for number, route in enumerate(config.routes, 1):
+        relays.append((route.relay, f"routes[{number}].relay"))
+        if route.fallback:
+            relays.append((route.fallback, f"routes[{number}].fallback"))
+    return {name for relay, where in relays if (name := shared_destination(relay, where))}
+
+
 def _one(
     config: Config,
     relay: str,
@@ -128,12 +156,9 @@ def _one(
         delivery = dataclasses.replace(config.delivery, relay=relay)
         relay_config = dataclasses.replace(config, delivery=delivery)
         if factory is _smtp:
-            # a routed SMTP relay is a destination of its own, apart from [delivery] relay
-            parts = urlsplit(relay)
-            name = f"relay:{parts.hostname}:{parts.port or ''}".rstrip(":")
-            transport = _smtp(
-                relay_config, "relay" if where == "delivery.relay" else name, verp_key
-            )
+            name = shared_destination(relay, where)
+            assert name is not None
+            transport = _smtp(relay_config, name, verp_key)
         elif factory is _mx:
             transport = _verp(config, _mx(relay_config), verp_key)
         else:
