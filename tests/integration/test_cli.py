@@ -354,7 +354,9 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
 
 def test_an_unreachable_store_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "postlane.toml").write_text('[store]\nurl = "sqlite:////proc/no/such/dir/q.db"\n')
-    one_line_error(postlane("stats", cwd=tmp_path), "cannot create /proc/no/such/dir/q.db")
+    one_line_error(postlane("stats", cwd=tmp_path), "there is no queue at /proc/no/such/dir/q.db")
+    send = ["send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x"]
+    one_line_error(postlane(*send, cwd=tmp_path), "cannot create /proc/no/such/dir/q.db")
     one_line_error(postlane("worker", "--burst", cwd=tmp_path), "cannot")
 
 
@@ -427,32 +429,24 @@ def test_issue_17_2_commands_run_from_another_directory_never_start_a_new_queue(
     assert len(listed) == 1
 
 
-def test_a_store_a_configuration_file_names_is_made_by_the_first_command(tmp_path: Path) -> None:
+def test_the_first_send_makes_the_store_a_configuration_file_names(tmp_path: Path) -> None:
     """A configuration file says where the queue is, whatever the directory: the first
-    ``send`` (before ``serve`` ever ran) makes it there, as the Python API does, and listing
-    commands answer an empty queue; only the built-in defaults' guess must already exist."""
+    ``send`` (before ``serve`` ever ran) makes it there, as the Python API does, and the server
+    started on that file delivers it. Read and operator commands still make no store, and
+    without a configuration file ``send`` neither (issue 17's item 2)."""
     config = tmp_path / "conf" / "postlane.toml"
     config.parent.mkdir()
     store = tmp_path / "data" / "queue.db"
     config.write_text(f'[store]\nurl = "sqlite:///{store}"\n')
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    assert json.loads(ok("--config", str(config), "queue", "list", "--json", cwd=elsewhere)) == []
-    sent = json.loads(
-        ok(
-            "--config",
-            str(config),
-            "send",
-            "--from",
-            "a@example.com",
-            "--to",
-            "b@example.net",
-            "--text",
-            "x",
-            "--json",
-            cwd=elsewhere,
-        )
+    one_line_error(
+        postlane("--config", str(config), "queue", "list", cwd=elsewhere),
+        f"there is no queue at {store}",
     )
+    assert not store.exists()
+    send = ["send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", "--json"]
+    sent = json.loads(ok("--config", str(config), *send, cwd=elsewhere))
     listed = json.loads(ok("--config", str(config), "queue", "list", "--json", cwd=elsewhere))
     assert [m["id"] for m in listed] == [sent["id"]] and sent["duplicate"] is False
     assert store.is_file() and list(elsewhere.iterdir()) == []

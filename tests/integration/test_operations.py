@@ -454,7 +454,7 @@ def test_an_unreachable_store_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "postlane.toml").write_text('[store]\nurl = "sqlite:////proc/none/q.db"\n')
     config = make_config(tmp_path)
     code, _, err = cli(config, "queue", "list")
-    assert code != 0 and len(err.strip().splitlines()) == 1 and "cannot create" in err
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "there is no queue at" in err
 
 
 # -- racing a running worker ---------------------------------------------------------------------

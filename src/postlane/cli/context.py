@@ -172,11 +172,9 @@ def with_app(
     action: Callable[[AsyncPostlane], Coroutine[Any, Any, T]], *, create: bool = False
 ) -> T:
     """Run ``action`` on the application (the store the configuration names), then close it.
-    A store a configuration file names is made when it is not there yet (the first ``send``
-    before ``serve`` ever ran); on the built-in defaults, the store is a guess from the working
-    directory and must exist (a command run from the wrong directory must not start a new,
-    empty queue there) unless ``create=True`` (``serve``, ``worker``)."""
+    The store must exist (a command run from the wrong directory must not start a new, empty
+    queue there): only ``create=True`` (``serve``, ``worker``, ``send`` on a configuration
+    file) makes one."""
     current = invocation()
     config = current.config()
-    create = create or config.from_file
     return run_async(_with_app(config, action, create=create, verbose=current.verbose))

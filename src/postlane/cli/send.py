@@ -152,7 +152,10 @@ def send(
     # checked before the store is opened: a bad message is refused whether or not there is one
     config = invocation().config()
     prepared = prepare(message, max_size=config.smtp.max_size, now=now)
-    [result] = with_app(lambda app: app.send_prepared([prepared]))
+    # the store a configuration file names is made by the first send (before serve ever ran),
+    # as by the Python API; without one, ./postlane.db is only a guess from the working
+    # directory, and a message stored in a new queue there would never be delivered
+    [result] = with_app(lambda app: app.send_prepared([prepared]), create=config.from_file)
     if as_json:
         print_json(result.as_json())
     else:
