@@ -433,10 +433,12 @@ class AsyncPostlane:
     async def events(
         self, after: str | int | None = None, *, limit: int = 100, types: Sequence[str] = ()
     ) -> EventPage:
-        """Events after the event ``after`` (None: from the oldest kept), in the order they
-        were committed, at most ``limit``, of ``types`` (default: all). Raises
-        :class:`ValidationError` for a bad cursor or type, :class:`NotFound` for a cursor
-        whose event retention removed (``[store] event_retention``)."""
+        """Events after the event ``after`` (None or 0, the cursor before any event: from the
+        oldest kept), in the order they were committed, at most ``limit``, of ``types``
+        (default: all); the page's ``next`` is the cursor to read on from, "0" while the log
+        has nothing yet. Raises :class:`ValidationError` for a bad cursor or type,
+        :class:`NotFound` for a cursor whose event retention removed (``[store]
+        event_retention``)."""
         from postlane.events import EVENT_TYPES
 
         unknown = sorted(set(types) - set(EVENT_TYPES))
@@ -453,8 +455,8 @@ class AsyncPostlane:
                 f"event {cursor} is no longer kept ([store] event_retention); start again "
                 "without after= to read from the oldest event kept"
             ) from None
-        following = found[-1].id if found else cursor
-        return EventPage(found, None if following is None else str(following))
+        following = found[-1].id if found else cursor or 0
+        return EventPage(found, str(following))
 
     # -- suppression -----------------------------------------------------------------------------
 
@@ -633,10 +635,10 @@ def _message_from_fields(fields: dict[str, Any]) -> Message:
 @dataclasses.dataclass(frozen=True)
 class EventPage:
     """A page of the event log, and the cursor to read on from (``next``: the last event's id,
-    or the cursor given when there was nothing new)."""
+    or the cursor given when there was nothing new: "0", before any event, for an empty log)."""
 
     events: list[Event]
-    next: str | None
+    next: str
 
     def as_json(self) -> dict[str, Any]:
         return {"events": [event.as_json() for event in self.events], "next": self.next}

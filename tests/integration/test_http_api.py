@@ -722,6 +722,12 @@ async def test_suppressions_take_reason_scope_expiry_and_detail_over_http(
 async def test_the_event_log_pages_in_order_with_a_cursor(
     client: httpx.AsyncClient, app: AsyncPostlane
 ) -> None:
+    # an empty log: the cursor to start from is 0, and reading after it is reading from the start
+    assert (await client.get("/v1/events")).json() == {"events": [], "next": "0"}
+    assert (await client.get("/v1/events", params={"after": "0"})).json() == {
+        "events": [],
+        "next": "0",
+    }
     body = {"from": "a@example.com", "text": "x"}
     ids = [
         (await client.post("/v1/messages", json={**body, "to": [f"u{i}@example.net"]})).json()["id"]
@@ -731,6 +737,7 @@ async def test_the_event_log_pages_in_order_with_a_cursor(
     await client.post("/v1/messages", json={**body, "to": ["late@example.net"]})
     first = (await client.get("/v1/events", params={"limit": 2})).json()
     assert [e["message_id"] for e in first["events"]] == ids[:2]
+    assert (await client.get("/v1/events", params={"limit": 2, "after": "0"})).json() == first
     assert first["next"] == first["events"][-1]["id"]
     rest = (await client.get("/v1/events", params={"after": first["next"]})).json()
     assert [e["type"] for e in rest["events"]] == ["queued", "suppressed"]

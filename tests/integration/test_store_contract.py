@@ -1014,6 +1014,8 @@ async def test_every_change_of_a_recipient_is_an_event_in_order(store: Any) -> N
     assert await store.events_after(events[-1].id, limit=10) == []
     with pytest.raises(NotFound):
         await store.events_after(events[-1].id + 1000, limit=10)
+    # 0 is the cursor before any event: from the oldest kept, as None
+    assert await store.events_after(0, limit=10) == await store.events_after(None, limit=10)
 
 
 async def test_reaped_and_requeued_deliveries_are_events_and_events_expire(store: Any) -> None:

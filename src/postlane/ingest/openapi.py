@@ -474,9 +474,7 @@ def _event_paths() -> dict[str, Any]:
         },
         required=("id", "type", "at", "message_id"),
     )
-    page = _object(
-        {"events": _array(event), "next": _type("string", "null")}, required=("events", "next")
-    )
+    page = _object({"events": _array(event), "next": _type("string")}, required=("events", "next"))
     parameters: list[dict[str, Any]] = [
         {"name": "after", "in": "query", "schema": _type("string", pattern="^[0-9]{1,19}$")},
         {"name": "limit", "in": "query", "schema": _type("integer", minimum=1, maximum=1000)},
@@ -495,7 +493,9 @@ def _event_paths() -> dict[str, Any]:
                 {"200": _json(page, "A page of events and the cursor to read on from")},
                 (400, 401, 404),
                 description="`next` is the cursor for the following call (the cursor given "
-                "when nothing new came). 404: the cursor's event is no longer kept.",
+                "when nothing new came; `0`, before any event, while the log is empty: "
+                "`after=0` reads from the oldest event kept). 404: the cursor's event is no "
+                "longer kept.",
                 parameters=parameters,
             )
         }

@@ -253,7 +253,7 @@ class HistoryStore(Protocol):
     async def events_after(
         self, after: int | None, *, limit: int, types: Sequence[str] = ()
     ) -> list[Event]:
-        """Events after the event ``after`` (None: from the oldest kept), in commit order, at
+        """Events after the event ``after`` (None or 0: from the oldest kept), in commit order, at
         most ``limit``; only of ``types`` when given. An event is written in the transaction of
         the change it tells, so none is lost or invented by a crash, and none ever appears
         behind a cursor a reader has passed (on PostgreSQL too, across processes). Raises

@@ -20,13 +20,14 @@ class SQLHistory(SQLRole):
     async def events_after(
         self, after: int | None, *, limit: int, types: Sequence[str] = ()
     ) -> list[Event]:
-        """Events after the event ``after`` (None: from the oldest kept), in order, at most
-        ``limit``; only of ``types`` when given. Raises :class:`NotFound` for a cursor that is
-        not kept (purged, or never was): reading on would skip events unseen."""
+        """Events after the event ``after`` (None or 0, before any event: from the oldest
+        kept), in order, at most ``limit``; only of ``types`` when given. Raises
+        :class:`NotFound` for a cursor that is not kept (purged, or never was): reading on
+        would skip events unseen."""
 
         def run() -> Plan[list[Event]]:
             tx, position = "0", 0
-            if after is not None:
+            if after:
                 cursor = yield from fetch_one("event_cursor", {"id": after})
                 if cursor is None:
                     raise NotFound(f"no event {after} is kept (expired by retention, or unknown)")
