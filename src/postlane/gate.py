@@ -58,6 +58,8 @@ class Clearance:
     waiting: list[tuple[int, float]] = field(default_factory=list)
     #: the relays whose slot this message holds (one each, whatever its recipients)
     relays: list[str] = field(default_factory=list)
+    #: the slots taken in the store for caps the fleet shares (a name per slot)
+    fleet: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -76,6 +78,8 @@ class ThrottleGate:
     _deferred_until: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     #: set when a reply here began a pause: the fleet should hear of it now (:meth:`sync`)
     _news: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    #: store slots the store could not take back yet (given again at the next sync)
+    _owed: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         #: the relay (or provider account) every delivery goes through, None when routed
@@ -125,12 +129,16 @@ class ThrottleGate:
             # a relay takes a message's recipients in one transaction: one slot for all of them
             if relay is not None:
                 admission = self.throttle.admit([relay], now, urgent=urgent)
+                if admission.at is None:
+                    admission = await self._fleet_slot(relay, now, clearance, urgent)
                 if admission.at is not None:
                     clearance.waiting.extend((d.id, admission.at) for d in group)
                     continue
             admitted = []
             for delivery in group:
                 admission = await self._admit_to(delivery.destination, now, checked, urgent=urgent)
+                if admission.at is None:
+                    admission = await self._fleet_slot(delivery.destination, now, clearance, urgent)
                 if admission.at is None:
                     admitted.append(delivery)
                 else:
@@ -140,11 +148,54 @@ class ThrottleGate:
                     clearance.relays.append(relay)
                 else:
                     self.throttle.release([relay])
+                    await self._give_fleet_slots(clearance, [relay])
             clearance.to_send.extend(admitted)
         return clearance
 
-    def release(self, clearance: Clearance) -> None:
+    async def _fleet_slot(
+        self, name: str, now: float, clearance: Clearance, urgent: bool
+    ) -> Admission:
+        """With other processes sharing ``name``'s concurrency cap, the slot this process's
+        throttle gave is only its own: the send also takes one in the store, where every
+        process's sends in flight are counted, so that the cap holds for all of them together
+        at every moment (their shares of it settle only a sync later). Refused: the throttle's
+        slot goes back and the delivery waits for the next one."""
+        cap = self.throttle.fleet_cap(name)
+        if cap is None:
+            return Admission(None)
+        if await self.store.take_fleet_slot(self.owner, name, cap, now, now + SHARE_LEASE):
+            clearance.fleet.append(name)
+            return Admission(None)
+        return Admission(self.throttle.fleet_full(name, now, urgent=urgent))
+
+    async def _give_fleet_slots(self, clearance: Clearance, names: Sequence[str]) -> None:
+        """Give back the store's slots of ``names`` that ``clearance`` holds."""
+        given = []
+        for name in names:
+            if name in clearance.fleet:
+                clearance.fleet.remove(name)
+                given.append(name)
+        await self._give(given)
+
+    async def _give(self, names: Sequence[str]) -> None:
+        """Slots back to the fleet; ones the store could not take back now are given with the
+        next :meth:`sync` (until then they count as in flight: never more than the cap)."""
+        names = [*self._owed, *names]
+        self._owed = []
+        if not names:
+            return
+        try:
+            await self.store.give_fleet_slots(self.owner, names)
+        except Exception:
+            self._owed = names
+            log.exception(
+                "could not give back %d send slot(s); trying at the next sync", len(names)
+            )
+
+    async def release(self, clearance: Clearance) -> None:
         """Give back the slots :meth:`admit` took: the send is over."""
+        await self._give(clearance.fleet)
+        clearance.fleet = []
         self.throttle.release(clearance.relays)
         self.throttle.release([d.destination for d in clearance.to_send])
 
@@ -253,6 +304,8 @@ class ThrottleGate:
                 self.wake.set()
         for status in await self.store.destination_states():
             self.throttle.adopt(status, now)
+        if self._owed:
+            await self._give([])
         shares = await self.store.share_destinations(
             self.owner, self.throttle.demands(now), now, now + SHARE_LEASE
         )

@@ -155,6 +155,8 @@ class Throttle:
         self._rule_hits: dict[tuple[int, str], deque[float]] = {}
         #: the share a destination not yet shared starts with: 1 / the processes sharing
         self._first_share = 1.0
+        #: processes holding shares at the last :meth:`set_shares` (1: alone, as far as known)
+        self._fleet = 1
         #: a pause began here since :meth:`changes` last ran: the fleet should hear at once
         self.news = False
 
@@ -196,23 +198,43 @@ class Throttle:
             wait, state, paused = worst
             if paused:
                 return Admission(now + wait, paused_destination=state.name)
-            if state.reserved_until <= now:
-                state.slotted_rate = state.rate
-            interval = self._interval(state, now)
-            if urgent:
-                slot = min(max(now + wait, state.urgent_until), now + MAX_SLOT_AHEAD)
-                state.urgent_until = slot + interval
-                state.reserved_until = max(state.reserved_until, slot) + interval
-                return Admission(slot)
-            slot = min(max(now + wait, state.reserved_until), now + MAX_SLOT_AHEAD)
-            state.reserved_until = slot + interval
-            return Admission(slot)
+            return Admission(self._slot(state, now, wait, urgent))
         for state in states:
             self._refill(state, now)
             if state.local_rate is not None:
                 state.tokens -= 1.0
             state.in_flight += 1
         return Admission(None)
+
+    def _slot(self, state: _Destination, now: float, wait: float, urgent: bool) -> float:
+        """When a delivery sent back to wait ``wait`` seconds (at least) comes back: the next
+        free slot, spaced by :meth:`_interval`; an urgent one ahead of the others' slots."""
+        if state.reserved_until <= now:
+            state.slotted_rate = state.rate
+        interval = self._interval(state, now)
+        if urgent:
+            slot = min(max(now + wait, state.urgent_until), now + MAX_SLOT_AHEAD)
+            state.urgent_until = slot + interval
+            state.reserved_until = max(state.reserved_until, slot) + interval
+            return slot
+        slot = min(max(now + wait, state.reserved_until), now + MAX_SLOT_AHEAD)
+        state.reserved_until = slot + interval
+        return slot
+
+    def fleet_cap(self, key: str) -> int | None:
+        """The concurrency cap of ``key`` that other live processes share with this one (each
+        send then takes a slot in the store: :meth:`ThrottleGate.admit`), or None: no cap, or
+        this process alone."""
+        if not self.enabled or self._fleet < 2:
+            return None
+        return self._get(key).limits.concurrency or None
+
+    def fleet_full(self, key: str, now: float, *, urgent: bool = False) -> float:
+        """The fleet's sends in flight to ``key`` fill its cap: undo the slot :meth:`admit`
+        took here, and say when to come back (the next slot, as for this process's own cap)."""
+        self.release([key])
+        state = self._get(key)
+        return self._slot(state, now, self._interval(state, now), urgent)
 
     def _wait(self, state: _Destination, now: float) -> tuple[float, bool]:
         """(seconds to wait, whether because of a pause or a probe)."""
@@ -443,6 +465,7 @@ class Throttle:
         starting, and will); a destination seen for the first time starts with an even share
         among the processes sharing."""
         self._first_share = 1.0 / max(1, shares.owners)
+        self._fleet = max(1, shares.owners)
         joining = {
             other
             for (name, other), since in shares.since.items()

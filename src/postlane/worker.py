@@ -430,7 +430,7 @@ class Worker:
             try:
                 outcomes.extend(await self._send(message, clearance.to_send))
             finally:
-                self.gate.release(clearance)
+                await self.gate.release(clearance)
         await self.recorder.record(outcomes)
 
     async def _send(self, message: ClaimedMessage, deliveries: Sequence[Delivery]) -> list[Outcome]:

@@ -2,7 +2,8 @@
 processes on one PostgreSQL against a server that refuses above 40 messages/s send at most
 40/s together (+10%), with few refusals once they have converged; one killed mid-run gives its
 share back within a lease and nothing is lost; a pause one worker learns stops the others
-within a second."""
+within a second; two workers on one SQLite file or one PostgreSQL database never have more
+sends in flight together than the destination's concurrency, from their first send on."""
 
 from __future__ import annotations
 
@@ -70,7 +71,9 @@ async def limited_peer() -> AsyncIterator[tuple[str, RateLimitedHandler]]:
     await server.wait_closed()
 
 
-def write_config(folder: Path, url: str, relay: str, **extra: str) -> Path:
+def write_config(
+    folder: Path, url: str, relay: str, relay_limit: str = f"rate = {LIMIT}", **extra: str
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "postlane.toml"
     lines = [
@@ -82,7 +85,7 @@ def write_config(folder: Path, url: str, relay: str, **extra: str) -> Path:
         'lease = "3s"',
         'shutdown_grace = "2s"',
         "[destinations.relay]",
-        f"rate = {LIMIT}",
+        relay_limit,
         "[http]",
         f'listen = "127.0.0.1:{free_port()}"',
         "[smtp]",
@@ -197,3 +200,61 @@ async def test_a_pause_one_worker_learns_stops_the_others_within_a_second(
             assert late == [], f"{len(late)} tries more than a second after the pause"
     finally:
         await store.close()
+
+
+class CountingHandler(ScriptedHandler):
+    """Holds each DATA a while and records how many are in its hands at once."""
+
+    def __init__(self) -> None:
+        super().__init__(data_delay=0.3)
+        self.in_flight = 0
+        self.peak = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            return await super().handle_DATA(server, session, envelope)
+        finally:
+            self.in_flight -= 1
+
+
+async def two_workers_under_a_cap(url: str, folder: Path) -> CountingHandler:
+    """16 messages through two `postlane worker` processes sharing ``url``, to a peer whose
+    ``[destinations.relay] concurrency`` is 2; returns the peer once it has them all."""
+    handler = CountingHandler()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTPServer(handler, hostname="capped.test", loop=loop), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = write_config(folder, url, f"smtp://127.0.0.1:{port}", "concurrency = 2")
+        count = 16
+        await enqueue(url, count, "capped")
+        workers = [
+            start_postlane("worker", config=config, log=folder / f"worker{n}.log") for n in (1, 2)
+        ]
+        async with stopping(workers, timeout=60):
+            await workers[0].wait_until(
+                lambda: len(handler.received) >= count, f"all {count} received", timeout=60
+            )
+        assert len(set(handler.message_ids())) == count
+        return handler
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_two_workers_on_one_sqlite_file_keep_a_shared_concurrency_cap(
+    tmp_path: Path,
+) -> None:
+    handler = await two_workers_under_a_cap(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "w")
+    assert handler.peak == 2, f"{handler.peak} sends in flight under a cap of 2"
+
+
+async def test_two_workers_on_postgresql_keep_a_shared_concurrency_cap(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    handler = await two_workers_under_a_cap(pg_schema, tmp_path / "w")
+    assert handler.peak == 2, f"{handler.peak} sends in flight under a cap of 2"

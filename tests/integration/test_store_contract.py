@@ -1327,3 +1327,38 @@ async def test_processes_share_a_destination_by_demand_for_a_lease(store: Any) -
     await store.forget_shares("a")
     left = await store.share_destinations("c", {"google": 1.0}, T0 + 5, T0 + 8)
     assert left.demands["google"] == {"c": 1.0}
+
+
+async def test_the_fleets_sends_in_flight_stay_within_a_shared_cap(store: Any) -> None:
+    """Each send to a destination whose cap processes share takes a slot in the store; a
+    slot is granted only while every live process's sends in flight stay within the cap,
+    given back when the send ends, and gone with a process that stopped renewing its shares."""
+    take = store.take_fleet_slot
+    await store.share_destinations("a", {"google": 1.0}, T0, T0 + 3)
+    assert await take("a", "google", 2, T0, T0 + 3)
+    assert await take("b", "google", 2, T0, T0 + 3)
+    assert not await take("a", "google", 2, T0, T0 + 3)  # a's and b's: the cap is full
+    assert await take("a", "example.net", 2, T0, T0 + 3)  # another destination's are its own
+    await store.give_fleet_slots("b", ["google"])
+    assert not await take("b", "example.net", 1, T0, T0 + 3)
+    assert await take("b", "google", 2, T0 + 1, T0 + 4)
+    # a stopped renewing: past its lease, its sends no longer count (b's, renewed, do)
+    await store.share_destinations("b", {"google": 1.0}, T0 + 2, T0 + 5)
+    assert await take("c", "google", 2, T0 + 3.5, T0 + 6.5)
+    assert not await take("c", "google", 2, T0 + 3.5, T0 + 6.5)
+    # a process that stops hands its slots back at once
+    await store.forget_shares("b")
+    assert await take("d", "google", 2, T0 + 4, T0 + 7)
+    # a slot given back twice (a retried give) never counts below none
+    await store.give_fleet_slots("d", ["google", "google"])
+    assert await take("d", "google", 2, T0 + 4, T0 + 7)
+    assert not await take("e", "google", 2, T0 + 4, T0 + 7)  # c's and d's
+
+
+async def test_concurrent_takes_of_the_last_slot_grant_it_once(store: Any) -> None:
+    """Many processes asking at once for a destination's slots (each in its own transaction,
+    on PostgreSQL from the pool's connections at the same time): exactly the cap is granted."""
+    granted = await asyncio.gather(
+        *(store.take_fleet_slot(f"p{n}", "google", 3, T0, T0 + 3) for n in range(12))
+    )
+    assert sum(granted) == 3

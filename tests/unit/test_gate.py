@@ -113,7 +113,7 @@ async def test_deliveries_within_the_concurrency_cap_go_and_the_rest_wait(
     [(waiting, at)] = clearance.waiting
     assert waiting == c.id and at > T0  # back later, no attempt used
     assert (await admit(g, message("d@example.net"))).to_send == []  # still full
-    g.release(clearance)
+    await g.release(clearance)
     assert len((await admit(g, message("e@example.net"))).to_send) == 1
 
 
@@ -141,8 +141,40 @@ async def test_a_message_through_a_relay_takes_one_relay_slot_for_all_its_recipi
     refused = await admit(g, second)
     assert refused.to_send == [] and refused.relays == []
     assert ids(second.deliveries) == [w for w, _ in refused.waiting]
-    g.release(first)
+    await g.release(first)
     assert len((await admit(g, message("d@example.net"))).to_send) == 1
+
+
+async def test_processes_sharing_a_cap_never_have_more_in_flight_together(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    """Two processes' gates on one store, from their first send (before their shares of the
+    cap have settled, each would let the whole cap through): every send also takes a slot in
+    the store, so together they stay within the cap; a slot given back lets the other go; a
+    relay refused by the fleet waits with its whole message."""
+    limits = {"example.net": DestinationLimits(concurrency=2)}
+    one, two = gate(app, limits=limits), gate(app, limits=limits)
+    one.owner, two.owner = "one", "two"
+    for g in (one, two, one):  # both have joined the fleet
+        await g.sync()
+    first = await admit(one, message("a@example.net", "b@example.net"))
+    assert len(first.to_send) == 2 and first.fleet == ["example.net", "example.net"]
+    refused = await admit(two, message("c@example.net"))
+    assert refused.to_send == [] and refused.fleet == [] and refused.waiting[0][1] > T0
+    await one.release(first)
+    later = await admit(two, message("d@example.net"))
+    assert len(later.to_send) == 1 and later.fleet == ["example.net"]
+    relayed = gate(app, Relay("relay"), limits={"relay": DestinationLimits(concurrency=1)})
+    relayed.owner = "three"
+    await relayed.sync()
+    await one.sync()
+    held = await admit(relayed, message("e@example.org", "f@example.org"))
+    assert held.relays == ["relay"] and held.fleet == ["relay"]
+    other = gate(app, Relay("relay"), limits={"relay": DestinationLimits(concurrency=1)})
+    other.owner = "four"
+    await other.sync()
+    waiting = await admit(other, message("g@example.org", "h@example.org"))
+    assert waiting.to_send == [] and len(waiting.waiting) == 2 and waiting.relays == []
 
 
 async def test_with_throttling_off_everything_goes(app: AsyncPostlane) -> None:
@@ -190,7 +222,7 @@ async def test_a_paused_destination_defers_its_backlog_once_per_pause(
     await clock.advance(60)
     probe = await admit(g, claimed[2])
     assert len(probe.to_send) == 1
-    g.release(probe)
+    await g.release(probe)
     g.throttle.observe("down.example", DOWN, clock.now())
     again = await admit(g, message("v@down.example"))
     assert again.waiting[0][1] == T0 + 60 + 120

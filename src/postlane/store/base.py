@@ -233,6 +233,19 @@ class ThrottleStore(Protocol):
 
     async def forget_shares(self, owner: str) -> None: ...
 
+    async def take_fleet_slot(
+        self, owner: str, destination: str, cap: int, now: float, lease_until: float
+    ) -> bool:
+        """One more send in flight to ``destination`` for process ``owner``, if the live sends
+        in flight of every process stay within ``cap``: True when granted (then
+        :meth:`give_fleet_slots` once the send is over). Sends of a process that stopped
+        renewing its shares (:meth:`share_destinations`) no longer count."""
+        ...
+
+    async def give_fleet_slots(self, owner: str, destinations: Sequence[str]) -> None:
+        """Sends :meth:`take_fleet_slot` granted are over, one per name given."""
+        ...
+
     async def wait_for_destination_news(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a destination to be paused or lifted; True when
         one was (read the states again), False on timeout. Every process's news on PostgreSQL

@@ -5,6 +5,7 @@ rates, shared by every process, and the deliveries that wait on them
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from postlane.records import DestinationStatus, FleetShares
@@ -121,6 +122,38 @@ class SQLThrottle(SQLRole):
             return FleetShares(demands_by, int(owners["n"]) if owners else 0, since)
 
         return await self.db.write(run)
+
+    async def take_fleet_slot(
+        self, owner: str, destination: str, cap: int, now: float, lease_until: float
+    ) -> bool:
+        """One more send in flight to ``destination`` for ``owner``, if the live sends in
+        flight of all processes stay within ``cap`` (the row lives as long as the owner's
+        shares, renewed by :meth:`share_destinations`)."""
+        params = {
+            "owner": owner,
+            "destination": destination,
+            "cap": cap,
+            "now": now,
+            "expires_at": lease_until,
+        }
+
+        def run() -> Plan[bool]:
+            if self.dialect.row_locks:
+                yield from execute("lock_fleet_slots", {"destination": destination})
+            return (yield from fetch_one("take_fleet_slot", params)) is not None
+
+        return await self.db.write(run)
+
+    async def give_fleet_slots(self, owner: str, destinations: Sequence[str]) -> None:
+        """Sends that :meth:`take_fleet_slot` let go are over: one slot back per name."""
+        counts = Counter(destinations)
+
+        def run() -> Plan[None]:
+            for name, n in sorted(counts.items()):
+                params = {"owner": owner, "destination": name, "n": n}
+                yield from execute("give_fleet_slots", params)
+
+        await self.db.write(run)
 
     async def forget_shares(self, owner: str) -> None:
         """A process stops: its shares go back to the others at once."""

@@ -488,6 +488,26 @@ SELECT c.domain, t.total, c.bucket, c.n
 FROM counts c JOIN totals t ON t.domain = c.domain
 ORDER BY t.total DESC, c.domain, c.bucket;
 
+-- name: take_fleet_slot
+-- One more send in flight to a destination for a process, if the live sends in flight of all
+-- processes stay within the cap (answers a row when granted). A row of its own that expired
+-- counts from none.
+INSERT INTO destination_shares (destination, owner, demand, since, expires_at, in_flight)
+SELECT :destination, :owner, 0, :now, :expires_at, 1
+WHERE (SELECT coalesce(sum(in_flight), 0) FROM destination_shares
+       WHERE destination = :destination AND expires_at > :now) < :cap
+ON CONFLICT (destination, owner) DO UPDATE
+SET in_flight = CASE WHEN destination_shares.expires_at > :now
+                     THEN destination_shares.in_flight ELSE 0 END + 1,
+    expires_at = excluded.expires_at
+RETURNING in_flight;
+
+-- name: give_fleet_slots
+-- :n sends of a process to a destination are over.
+UPDATE destination_shares
+SET in_flight = CASE WHEN in_flight > :n THEN in_flight - :n ELSE 0 END
+WHERE owner = :owner AND destination = :destination;
+
 -- name: forget_expired_shares
 -- Shares whose process stopped renewing them.
 DELETE FROM destination_shares WHERE expires_at <= :now;

@@ -400,6 +400,11 @@ FROM unnest(%(id)s::bigint[], %(state)s::text[], %(code)s::integer[], %(enhanced
      AS f (id, state, code, enhanced, text, class, reason)
 WHERE d.id = f.id;
 
+-- name: lock_fleet_slots
+-- Taking a slot reads the destination's sends in flight, then adds one: concurrent takes of
+-- the same destination queue here, or two could both see room for the last slot.
+SELECT pg_advisory_xact_lock(hashtextextended('postlane.fleet:' || current_schema() || ':' || %(destination)s, 0));
+
 -- name: renew_shares
 -- One process's demands on destinations, for a lease.
 INSERT INTO destination_shares (destination, owner, demand, since, expires_at)
