@@ -286,13 +286,18 @@ def test_while_secrets_rotate_each_one_signs_and_either_verifies() -> None:
 
 def test_retries_start_within_seconds_and_back_off_to_an_hour() -> None:
     schedule = RetrySchedule()
-    assert [schedule.ceiling(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 32, 64]
-    assert schedule.ceiling(13) == 3600 and schedule.ceiling(10_000) == 3600
+    assert [schedule.ceiling(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    # a recovered endpoint gets its backlog within a minute (the contract) while the outage is
+    # young: the ceiling stays at 30 s for its first 30 failures, at least 6 minutes failing
+    assert all(schedule.ceiling(n) == 30 for n in range(6, 31))
+    assert sum(schedule.ceiling(n) / 2 for n in range(1, 31)) > 6 * 60
+    assert [schedule.ceiling(n) for n in range(31, 38)] == [60, 120, 240, 480, 960, 1920, 3600]
+    assert schedule.ceiling(10_000) == 3600
     rng = random.Random(7)
     for failures in range(1, 30):
         assert 0 <= schedule.delay(failures, rng) <= schedule.ceiling(failures)
     # full jitter: spread over the whole range, not bunched at its top
-    delays = [schedule.delay(20, rng) for _ in range(2000)]
+    delays = [schedule.delay(40, rng) for _ in range(2000)]  # at the cap
     assert min(delays) < 360 and max(delays) > 3240
     # in expectation a short outage is found again within a minute
     assert sum(schedule.ceiling(n) / 2 for n in range(1, 7)) < 60
