@@ -681,7 +681,9 @@ async def test_a_body_over_the_limit_is_refused(site: Site) -> None:
     assert answer.json()["error"]["code"]
 
 
-async def test_an_unconfigured_provider_is_not_found(tmp_path: Path) -> None:
+async def test_an_unconfigured_provider_cannot_verify_anything_401(tmp_path: Path) -> None:
+    """Without its table nothing can verify the provider's proof: 401, as for a wrong one
+    (the contract: an unverifiable request gets 401 and changes nothing), naming the table."""
     from postlane.store.sqlite import SQLiteStore
 
     config = make_config(tmp_path, webhooks={"mailgun": {"signing_key": MAILGUN_KEY}})
@@ -693,8 +695,11 @@ async def test_an_unconfigured_provider_is_not_found(tmp_path: Path) -> None:
         async with serving(asgi) as base_url, httpx.AsyncClient(base_url=base_url) as client:
             for provider in ("ses", "sendgrid", "postmark"):
                 answer = await client.post(f"/v1/webhooks/{provider}", content=b"[]")
-                assert answer.status_code == 404
-                assert f"[webhooks.{provider}]" in answer.json()["error"]["message"]
+                assert answer.status_code == 401
+                assert answer.json()["error"]["code"] == "unauthorized"
+                assert (
+                    f"[webhooks.{provider}] is not configured" in answer.json()["error"]["message"]
+                )
             assert (await client.post("/v1/webhooks/mailgun", content=b"{}")).status_code == 401
     finally:
         await store.close()

@@ -698,16 +698,16 @@ def _provider_webhook_paths() -> dict[str, Any]:
         operation = _operation(
             f"{summary} (no token: the provider's signature is the proof)",
             {"200": _json(result, "The events were recorded, kept unmatched or ignored")},
-            (400, 401, 404, 413, 503),
-            description=description + " 404: not configured. 503: the store cannot record, "
+            (400, 401, 413, 503),
+            description=description + " 503: the store cannot record, "
             "or a delivery the events name is still being sent (the provider sends it again).",
             body={"required": True, "content": media},
             public=True,
         )
         operation["responses"].pop("415", None)  # whatever type the provider says it posts
         operation["responses"]["401"]["description"] = (
-            "Not verified: no, a wrong, an expired or a replayed signature (or credentials); "
-            "nothing changed"
+            "Not verified: no, a wrong, an expired or a replayed signature (or credentials), or "
+            "the provider's [webhooks] table is not configured; nothing changed"
         )
         paths[f"/v1/webhooks/{provider}"] = {"post": operation}
     return paths

@@ -10,9 +10,9 @@ request budget, and every error is JSON.
   recorded, kept for the operator or ignored (an event about a message postlane does not know is
   never an error: the provider would send it again forever).
 - ``401`` ``unauthorized``: the proof is missing, wrong, expired or replayed, the SNS topic is
-  not listed, or its certificate is not Amazon's. Nothing changes.
+  not listed, or its certificate is not Amazon's; or that provider's ``[webhooks.NAME]`` table
+  is not configured (nothing can verify it; the message says so). Nothing changes.
 - ``400`` ``invalid_json``: not JSON, or not the provider's shape.
-- ``404`` ``not_found``: that provider's ``[webhooks.NAME]`` table is not configured.
 - ``413``: over :data:`MAX_BODY`. ``503`` (with ``Retry-After``): the store cannot record, or a
   delivery the events name is still being sent; the provider sends them again.
 """
@@ -105,7 +105,11 @@ async def provider_webhook(request: Request, caller: Caller) -> Response:
     hooks: ProviderWebhooks | None = getattr(request.app.state, "provider_webhooks", None)
     receiver = hooks.receivers.get(provider) if hooks is not None else None
     if hooks is None or receiver is None:
-        raise ApiError(404, "not_found", f"[webhooks.{provider}] is not configured")
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"[webhooks.{provider}] is not configured: nothing here can verify this request",
+        )
     api = context_of(request)
     body = bytes(await read_body(request, MAX_BODY))
     try:
