@@ -118,10 +118,23 @@ class ThrottleGate:
     ) -> Clearance:
         """Take slots for what may go of ``deliveries`` (of ``message``) now; say when the rest
         should come back. Call :meth:`release` with the answer once the send is over."""
+        clearance = Clearance()
+        try:
+            return await self._admit(message, deliveries, now, clearance)
+        except Exception:
+            await self._give(clearance.fleet)  # a store slot held by no send would stay taken
+            raise
+
+    async def _admit(
+        self,
+        message: ClaimedMessage,
+        deliveries: Sequence[Delivery],
+        now: float,
+        clearance: Clearance,
+    ) -> Clearance:
         by_relay: dict[str | None, list[Delivery]] = {}
         for delivery in deliveries:
             by_relay.setdefault(self.relay_for(message, delivery), []).append(delivery)
-        clearance = Clearance()
         urgent = message.lane is Lane.HIGH  # ahead of the other lanes' waiting deliveries
         #: paused destinations whose recorded state was read again for this message
         checked: set[str] = set()

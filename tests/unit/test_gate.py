@@ -177,6 +177,33 @@ async def test_processes_sharing_a_cap_never_have_more_in_flight_together(
     assert waiting.to_send == [] and len(waiting.waiting) == 2 and waiting.relays == []
 
 
+async def test_a_store_failing_mid_admission_leaves_no_fleet_slot_taken(
+    app: AsyncPostlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's slot was taken in the store, then the store failed for a destination's:
+    the admission fails, and the relay's slot goes back (no send holds it)."""
+    limits = {
+        "relay": DestinationLimits(concurrency=1),
+        "example.org": DestinationLimits(concurrency=5),
+    }
+    one, two = gate(app, Relay("relay"), limits=limits), gate(app, Relay("relay"), limits=limits)
+    one.owner, two.owner = "one", "two"
+    for g in (one, two, one):
+        await g.sync()
+    take = app.store.take_fleet_slot
+
+    async def failing(owner: str, name: str, *args: float) -> bool:
+        if name == "example.org":
+            raise RuntimeError("the store went away")
+        return await take(owner, name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app.store, "take_fleet_slot", failing)
+    with pytest.raises(RuntimeError):
+        await admit(one, message("a@example.org"))
+    monkeypatch.setattr(app.store, "take_fleet_slot", take)
+    assert (await admit(two, message("b@example.net"))).relays == ["relay"]  # it was given back
+
+
 async def test_with_throttling_off_everything_goes(app: AsyncPostlane) -> None:
     g = gate(app, Relay("relay"), enabled=False)
     clearance = await admit(g, message(*(f"u{i}@example.net" for i in range(50))))
