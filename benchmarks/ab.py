@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import done_progress, progress, table
 
-NUMBER = re.compile(r"^-?[\d,]+(?:\.\d+)?x?$")
+#: a figure: a number, perhaps a ratio (``1.2x``) or a time with its unit (``923 µs``)
+NUMBER = re.compile(r"^(-?[\d,]+(?:\.\d+)?)(?:x| µs| ms| s)?$")
 
 
 def figures(output: str) -> dict[str, float]:
@@ -42,6 +43,9 @@ def figures(output: str) -> dict[str, float]:
         if n == 0 or not line.strip() or set(line) - {"-", " "}:
             continue
         headers = re.split(r"\s{2,}", lines[n - 1].strip())
+        first = re.split(r"\s{2,}", lines[n + 1].strip()) if n + 1 < len(lines) else []
+        if len(first) == len(headers) + 1:  # the row names' column has no header
+            headers = ["", *headers]
         rows = []
         for row in lines[n + 1 :]:
             cells = re.split(r"\s{2,}", row.strip())
@@ -53,8 +57,8 @@ def figures(output: str) -> dict[str, float]:
             named += 1
         for cells in rows:
             for header, cell in zip(headers[named:], cells[named:], strict=True):
-                if NUMBER.match(cell):
-                    value = float(cell.rstrip("x").replace(",", ""))
+                if number := NUMBER.match(cell):
+                    value = float(number[1].replace(",", ""))
                     found[f"{' '.join(cells[:named])} / {header}"] = value
     return found
 

@@ -1,7 +1,7 @@
 """End-to-end deliveries per second into Postfix's smtp-sink: postlane beside Postfix, same run.
 
     python benchmarks/deliver.py [-n 10000] [--size 2048] [--sessions 20] [--skip-postfix]
-                                 [--processes N] [--store URL]
+                                 [--processes N] [--store URL] [--relay-concurrency N]
 
 Both receive N messages of SIZE bytes from smtp-source over 20 SMTP sessions, store each durably
 before answering 250, and relay everything to an smtp-sink that exits after N messages:
@@ -16,11 +16,13 @@ their work and its own). A later postlane row enqueues the same N messages throu
 API first and then times delivery alone (the worker's side). ``--processes N`` adds a row for
 ``postlane serve --processes N`` (the same SMTP-in test, N processes on the same ports), on the
 store ``--store`` names (default: SQLite; a PostgreSQL URL puts every postlane row on it, in a
-fresh schema). Ratios are printed; absolute numbers drift on a shared machine, ratios measured
-in one run do not. Each row also gives the CPU time the queue's own processes used per message
-(read from /proc: Postfix's master with its daemons, postlane's processes), which says how much
-of the machine a rate takes: a relay's rate can only rise while its CPU, the load generator's
-and the sink's together fit in the cores.
+fresh schema); ``--relay-concurrency N`` caps postlane's sends in flight to the relay
+(``[destinations.relay] concurrency``: what the cap costs, with the fleet's slots in the store
+when several processes share it). Ratios are printed; absolute numbers drift on a shared
+machine, ratios measured in one run do not. Each row also gives the CPU time the queue's own
+processes used per message (read from /proc: Postfix's master with its daemons, postlane's
+processes), which says how much of the machine a rate takes: a relay's rate can only rise while
+its CPU, the load generator's and the sink's together fit in the cores.
 """
 
 from __future__ import annotations
@@ -210,9 +212,19 @@ def measure_nothing_between(count: int, size: int, sessions: int) -> tuple[float
 
 
 def write_config(
-    folder: Path, sink_port: int, smtp_port: int, http_port: int, store: str | None = None
+    folder: Path,
+    sink_port: int,
+    smtp_port: int,
+    http_port: int,
+    store: str | None = None,
+    relay_concurrency: int = 0,
 ) -> Path:
+    """postlane's configuration for a run; ``relay_concurrency``: a cap on the relay's sends
+    in flight (``[destinations.relay] concurrency``; 0: none)."""
     config = folder / "postlane.toml"
+    limits = (
+        f"[destinations.relay]\nconcurrency = {relay_concurrency}\n" if relay_concurrency else ""
+    )
     url = store or f"sqlite:///{folder / 'bench.db'}"
     config.write_text(
         f"""
@@ -226,7 +238,7 @@ messages_per_connection = 1000
 listen = "127.0.0.1:{http_port}"
 [smtp]
 listen = "127.0.0.1:{smtp_port}"
-"""
+{limits}"""
     )
     return config
 
@@ -240,13 +252,23 @@ def fresh_store(store: str | None, name: str) -> str | None:
 
 
 def measure_postlane_smtp(
-    count: int, size: int, sessions: int, processes: int = 1, store: str | None = None
+    count: int,
+    size: int,
+    sessions: int,
+    processes: int = 1,
+    store: str | None = None,
+    relay_concurrency: int = 0,
 ) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sink_port, smtp_port, http_port = free_port(), free_port(), free_port()
         config = write_config(
-            folder, sink_port, smtp_port, http_port, fresh_store(store, f"smtp{processes}")
+            folder,
+            sink_port,
+            smtp_port,
+            http_port,
+            fresh_store(store, f"smtp{processes}"),
+            relay_concurrency,
         )
         sink = start_sink(sink_port, count)
         several = ("--processes", str(processes)) if processes > 1 else ()
@@ -265,7 +287,7 @@ def measure_postlane_smtp(
 
 
 def measure_postlane_api(
-    count: int, size: int, store: str | None = None
+    count: int, size: int, store: str | None = None, relay_concurrency: int = 0
 ) -> tuple[float, float, float]:
     """Enqueue through the Python API (batches of 100, each acknowledged after its durable
     commit), then deliver with `postlane worker`; returns the enqueue's and the delivery's
@@ -278,7 +300,12 @@ def measure_postlane_api(
         folder = Path(tmp)
         sink_port = free_port()
         config_path = write_config(
-            folder, sink_port, free_port(), free_port(), fresh_store(store, "api")
+            folder,
+            sink_port,
+            free_port(),
+            free_port(),
+            fresh_store(store, "api"),
+            relay_concurrency,
         )
         line = "x" * 70 + "\n"
         text = line * max(1, size // len(line))
@@ -314,6 +341,12 @@ def main() -> None:
     parser.add_argument("--skip-postfix", action="store_true")
     parser.add_argument("--processes", type=int, default=1, help="also serve --processes N")
     parser.add_argument("--store", help="a PostgreSQL URL for postlane (default: SQLite)")
+    parser.add_argument(
+        "--relay-concurrency",
+        type=int,
+        default=0,
+        help="cap postlane's sends in flight to the relay ([destinations.relay] concurrency)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: smtp-sink drops privileges to 'nobody' and postsuper needs root")
@@ -326,15 +359,20 @@ def main() -> None:
         progress(f"Postfix: {n} messages through smtp-source -> postfix -> smtp-sink")
         postfix = measure_postfix(n, args.size, args.sessions)
     progress(f"postlane: {n} messages through smtp-source -> postlane serve -> smtp-sink")
-    serve = measure_postlane_smtp(n, args.size, args.sessions, store=args.store)
+    cap = args.relay_concurrency
+    serve = measure_postlane_smtp(
+        n, args.size, args.sessions, store=args.store, relay_concurrency=cap
+    )
     several = None
     if args.processes > 1:
         progress(f"postlane: the same through serve --processes {args.processes}")
         several = measure_postlane_smtp(
-            n, args.size, args.sessions, args.processes, store=args.store
+            n, args.size, args.sessions, args.processes, store=args.store, relay_concurrency=cap
         )
     progress(f"postlane: {n} messages enqueued by the API, then delivered by a worker")
-    enqueued, delivered, api_cpu = measure_postlane_api(n, args.size, store=args.store)
+    enqueued, delivered, api_cpu = measure_postlane_api(
+        n, args.size, store=args.store, relay_concurrency=cap
+    )
     done_progress()
 
     def versus(seconds: float) -> str:
