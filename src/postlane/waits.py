@@ -116,6 +116,26 @@ def report(outcomes: Sequence[Outcome]) -> None:
         loop.call_soon_threadsafe(_settle_all, settled)
 
 
+async def in_own_thread(call: Callable[[], T]) -> T:
+    """``call()`` in a thread of its own, awaited: for a blocking step that must also run while
+    the interpreter exits (an ``atexit`` handler closing a store), when the loop's default
+    executor (``asyncio.to_thread``) no longer takes work ("cannot schedule new futures after
+    shutdown")."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = call()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, future, result, None)
+
+    threading.Thread(target=run, name="postlane-blocking-step", daemon=True).start()
+    return await future
+
+
 def take_queued(queued: queue.SimpleQueue[T | None], first: T, most: int) -> tuple[list[T], bool]:
     """``first`` and what else is queued already, up to ``most`` in all, without waiting;
     True when the stop mark (None) was met, which is taken off the queue."""

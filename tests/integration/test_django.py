@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -42,6 +45,7 @@ from postlane.transports import transport_for
 from postlane.worker import Worker
 from tests.conftest import SMTPPeer, free_port, postgres_url_or_skip
 from tests.integration.django_project.views import RECEIPT_PDF
+from tests.processes import clean_environment
 
 SETTINGS_MODULE = "tests.integration.django_project.settings"
 TOKEN = "django-test-token"
@@ -394,3 +398,33 @@ def test_the_outbox_refuses_a_store_that_is_not_postgresql(local_postlane: Confi
         pytest.raises(ImproperlyConfigured, match=r"store\.url to be the PostgreSQL database"),
     ):
         django_mail.send_mail("Hi", "Hello", None, ["ada@example.net"], fail_silently=True)
+
+
+SCRIPT = """
+import sys
+import django
+from django.conf import settings
+settings.configure(EMAIL_BACKEND="postlane.django.EmailBackend", POSTLANE_CONFIG=sys.argv[1])
+django.setup()
+from django.core.mail import send_mail
+assert send_mail("Hi", "Body", "app@example.com", ["ada@example.net"]) == 1
+"""
+
+
+def test_a_process_that_sent_mail_exits_without_a_traceback(tmp_path: Path) -> None:
+    """The backend closes its local store at exit (atexit): by then the interpreter has shut
+    down the default thread pool, and closing through it printed "Exception ignored in atexit
+    callback ... cannot schedule new futures after shutdown" after every script and shell."""
+    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'q.db'}", "capture://captured")
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_environment(),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    stored = sqlite3.connect(tmp_path / "q.db").execute("SELECT count(*) FROM messages").fetchone()
+    assert stored == (1,)

@@ -35,7 +35,7 @@ from postlane.errors import StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import load_migrations
 from postlane.store.sqlstore import SQLStore
-from postlane.waits import report, take_queued, took
+from postlane.waits import in_own_thread, report, take_queued, took
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -601,7 +601,9 @@ class SQLiteDatabase:
         )
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.writer.stop)
+        # in a thread of its own: a store closed by an atexit handler (the Django backend's, a
+        # script's) finds the default executor already shut down
+        await in_own_thread(self.writer.stop)
         if self._reader_pool is not None:
             self._reader_pool.shutdown(wait=True)
             self._reader_pool = None
