@@ -580,6 +580,11 @@ def test_send_schedules_with_at_and_expires_and_a_flush_leaves_it(queue_dir: Pat
     recipient = shown["recipients"][0]
     assert recipient["state"] == "queued"
     assert datetime.fromisoformat(recipient["next_attempt_at"]).timestamp() == at
+    human = ok("queue", "show", queued["id"], cwd=queue_dir).splitlines()
+    assert any(line.split()[:2] == ["Send", "at:"] for line in human), human  # both times
+    assert any(line.split()[:1] == ["Expires:"] for line in human), human
+    plain = json.loads(ok("send", *send[1:], cwd=queue_dir))["id"]
+    assert "Expires:" not in ok("queue", "show", plain, cwd=queue_dir)  # no schedule, no line
 
     ok("queue", "flush", "--all", cwd=queue_dir)  # not late: not yet due
     shown = json.loads(ok("queue", "show", queued["id"], "--json", cwd=queue_dir))

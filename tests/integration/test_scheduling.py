@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from postlane.app import AsyncPostlane, QueueAction
+from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
 from postlane.errors import ValidationError
 from postlane.message import RecipientState, parse_when
@@ -92,6 +93,14 @@ async def test_scheduled_mail_waits_for_its_time_and_expired_mail_never_goes(
         assert (await app.get(code.id)).recipients[0].state is RecipientState.DEAD
         events = [e.type for e in await app.store.events_after(None, limit=100)]
         assert "expired" in events
+        # an operator's grouped listing says why, though no reply ever came
+        [group] = await app.dead_groups(Selector(all=True), limit=10)
+        assert group.count == 1 and group.reply == "expired"
+        # a sweep of temporary failures leaves it dead: an expired code is not resent unasked
+        assert (
+            await app.act(QueueAction.REQUEUE, Selector(all=True, classes=(ReplyClass.TEMPORARY,)))
+            == 0
+        )
 
         await clock.advance(3600)
         assert await worker.run_until_idle() == 1

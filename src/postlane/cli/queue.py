@@ -107,10 +107,13 @@ def queue_show(queue_id: str, raw: bool, as_json: bool) -> None:
         ("From", message.sender),
         ("Subject", message.subject),
         ("Arrived", when(message.created_at)),
+        ("Send at", when(message.send_at) if message.send_at is not None else None),
+        ("Expires", when(message.expires_at) if message.expires_at is not None else None),
         ("Size", f"{message.size} bytes"),
         ("Idempotency key", message.idempotency_key or "-"),
     ):
-        out.print(f"  {label + ':':<17}{value}".rstrip(), markup=False)
+        if value is not None:  # a schedule only when the message has one
+            out.print(f"  {label + ':':<17}{value}".rstrip(), markup=False)
     if message.metadata:
         out.print(f"  {'Metadata:':<17}{json.dumps(dict(message.metadata))}", markup=False)
     for r in message.recipients:

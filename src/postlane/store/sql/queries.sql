@@ -151,8 +151,10 @@ WHERE {selection}
 ORDER BY 1;
 
 -- name: dead_groups
--- Dead letters that failed alike (before masking the replies' details in Python).
-SELECT last_class, domain, last_code, last_enhanced, last_text, count(*) AS n,
+-- Dead letters that failed alike (before masking the replies' details in Python); one never
+-- tried (expired, or past its limits before a try) is told by its reason.
+SELECT last_class, domain, last_code, last_enhanced, coalesce(last_text, reason) AS last_text,
+       count(*) AS n,
        min(updated_at) AS first_dead_at, max(updated_at) AS last_dead_at,
        min(queue_id) AS sample_id
 FROM deliveries d
