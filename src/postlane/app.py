@@ -453,7 +453,7 @@ class AsyncPostlane:
         except NotFound:
             raise NotFound(
                 f"event {cursor} is no longer kept ([store] event_retention); start again "
-                "without after= to read from the oldest event kept"
+                "from after=0 to read from the oldest event kept"
             ) from None
         following = found[-1].id if found else cursor or 0
         return EventPage(found, str(following))
