@@ -47,6 +47,7 @@ from postlane.records import (
     Suppression,
 )
 from postlane.store import Store, open_store_url
+from postlane.toml_values import is_decimal
 from postlane.transports import shared_destinations
 
 T = TypeVar("T")
@@ -648,7 +649,7 @@ def _event_id(value: str | int | None) -> int | None:
     if value is None or value == "":
         return None
     text = str(value).strip()
-    if not text.isdigit() or len(text) > 19:
+    if not is_decimal(text) or len(text) > 19:
         raise ValidationError(f"after must be an event id, got {value!r}", field="after")
     return int(text)
 

@@ -40,6 +40,13 @@ _SIZE_UNITS = {
 # -- the syntax of durations, sizes and addresses ----------------------------------------------
 
 
+def is_decimal(text: str) -> bool:
+    """Whether ``text`` is a plain decimal number (ASCII digits, at least one): ``isdigit``
+    alone is also true of "²" and other digits that ``int()`` refuses, so an outside value
+    checked with it could still raise."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_duration(text: str) -> float:
     """``"1h30m"`` -> 5400.0 seconds. Raises ValueError on anything else."""
     text = text.strip()

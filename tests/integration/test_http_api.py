@@ -780,3 +780,17 @@ async def test_unmatched_reports_are_listed_without_content_and_shown_one_by_one
     assert (await client.get("/v1/feedback/unmatched/999999")).status_code == 404
     assert (await client.get("/v1/feedback/unmatched/x")).status_code == 404
     assert (await client.get("/v1/feedback/unmatched", params={"limit": "0"})).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/messages", "/v1/queue", "/v1/dlq", "/v1/dlq/groups", "/v1/events"]
+)
+@pytest.mark.parametrize("limit", ["²", "1²", "١٠", "-1", "1e3"])
+async def test_a_limit_that_is_not_plain_digits_is_400_not_500(
+    client: httpx.AsyncClient, path: str, limit: str
+) -> None:
+    """ "²".isdigit() is true and int("²") raises: such a limit was a 500 with a traceback."""
+    r = await client.get(path, params={"limit": limit})
+    assert r.status_code == 400, (path, limit, r.text)
+    assert r.json()["error"]["code"]
+    assert (await client.get(path, params={"limit": "2"})).status_code == 200  # still serving

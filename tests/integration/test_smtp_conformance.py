@@ -316,6 +316,19 @@ async def test_bdat_chunks_make_one_message_taken_as_is(trusted: Listener) -> No
     assert (await trusted.app.content(message.id)).endswith(b"\r\n\r\n" + second)
 
 
+async def test_sizes_that_are_not_plain_digits_are_syntax_errors(trusted: Listener) -> None:
+    """ "²".isdigit() is true and int("²") raises: a SIZE or BDAT size like it is a 501, and
+    the session goes on."""
+    said = await converse(
+        trusted.port,
+        "EHLO sizes\r\nMAIL FROM:<app@example.com> SIZE=²\r\n"
+        "MAIL FROM:<app@example.com>\r\nRCPT TO:<ada@example.net>\r\n"
+        "BDAT ² LAST\r\nNOOP\r\nQUIT\r\n".encode(),
+    )
+    assert codes(said) == [b"220", b"250", b"501", b"250", b"250", b"501", b"250", b"221"], said
+    assert await trusted.app.messages() == []
+
+
 async def test_a_refused_chunk_is_still_read_and_never_run_as_commands(trusted: Listener) -> None:
     smuggled = b"MAIL FROM:<evil@example.com>\r\n"
     said = await converse(

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from postlane.errors import NotFound, PostlaneError
+from postlane.toml_values import is_decimal
 
 if TYPE_CHECKING:
     from postlane.config import Config
@@ -276,7 +277,7 @@ class CursorFile:
             ) from None
         if after is None:
             return None
-        if not str(after).isdigit():
+        if not is_decimal(str(after)):
             raise CursorFileError(f"the cursor file {self.path} holds a bad event id {after!r}")
         return str(after)
 

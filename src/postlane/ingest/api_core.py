@@ -59,6 +59,7 @@ from postlane.message import Attachment, Message
 from postlane.metrics import Metrics
 from postlane.records import Selector
 from postlane.selectors import SELECTOR_FIELDS, optional_string, parse_selector, string_list
+from postlane.toml_values import is_decimal
 
 if TYPE_CHECKING:
     from postlane.ingest.door import FrontDoor
@@ -484,7 +485,7 @@ def query_selector(request: Request) -> tuple[Selector, int]:
     if "all" in params:
         params["all"] = params["all"] in ("1", "true", "yes")
     limit_text = request.query_params.get("limit", "100")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST:
+    if not is_decimal(limit_text) or not 1 <= int(limit_text) <= MAX_LIST:
         raise ApiError(400, "invalid_field", f"limit must be 1 to {MAX_LIST}")
     return selector_of(request, params), int(limit_text)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
+from postlane.toml_values import is_decimal
+
 __all__ = [
     "JSON_TYPES",
     "NDJSON",
@@ -107,7 +109,7 @@ async def read_body(
     (503 when the server is already reading as much as it may)."""
     too_large = ApiError(413, "message_too_large", f"the request body is over {limit} bytes")
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit():
+    if length is not None and is_decimal(length):
         if int(length) > limit:
             raise too_large
         reservation.hold(int(length))

@@ -22,6 +22,7 @@ from postlane.ingest.api_core import (
 from postlane.ingest.bodies import ApiError
 from postlane.message import check_text
 from postlane.selectors import optional_string
+from postlane.toml_values import is_decimal
 
 if TYPE_CHECKING:
     pass
@@ -83,7 +84,7 @@ async def list_events(request: Request, caller: Caller) -> Response:
     if unknown:
         raise ApiError(400, "unknown_field", f"unknown parameter {unknown[0]!r}")
     limit_text = query.get("limit", "100")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST:
+    if not is_decimal(limit_text) or not 1 <= int(limit_text) <= MAX_LIST:
         raise ApiError(400, "invalid_field", f"limit must be 1 to {MAX_LIST}")
     with invalid_field():
         page = await context_of(request).postlane.events(
@@ -97,7 +98,7 @@ async def list_events(request: Request, caller: Caller) -> Response:
 
 async def list_unmatched(request: Request, caller: Caller) -> Response:
     limit_text = request.query_params.get("limit", "100")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST:
+    if not is_decimal(limit_text) or not 1 <= int(limit_text) <= MAX_LIST:
         raise ApiError(400, "invalid_field", f"limit must be 1 to {MAX_LIST}")
     reports = await context_of(request).postlane.store.list_unmatched(limit=int(limit_text))
     return ApiJSON([report.as_json() for report in reports])
@@ -105,7 +106,7 @@ async def list_unmatched(request: Request, caller: Caller) -> Response:
 
 async def get_unmatched(request: Request, caller: Caller) -> Response:
     text = request.path_params["report_id"]
-    if not text.isdigit() or len(text) > 19:
+    if not is_decimal(text) or len(text) > 19:
         raise NotFound(f"no unmatched report {text!r}")
     report = await context_of(request).postlane.store.get_unmatched(int(text))
     content = (report.content or b"").decode("utf-8", "replace")
@@ -187,6 +188,6 @@ async def _has_body(request: Request) -> bool:
 
 def _event_cursor(value: Any) -> int:
     text = str(value)
-    if isinstance(value, bool) or not text.isdigit() or len(text) > 19:
+    if isinstance(value, bool) or not is_decimal(text) or len(text) > 19:
         raise ValidationError(f"after must be an event id, got {value!r}", field="after")
     return int(text)

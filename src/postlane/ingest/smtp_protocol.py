@@ -44,6 +44,7 @@ from postlane.ingest.smtp_syntax import (
     parse_parameters,
     parse_path,
 )
+from postlane.toml_values import is_decimal
 
 __all__ = [
     "Envelope",
@@ -461,7 +462,7 @@ class SmtpConnection(asyncio.Protocol):
             return
         size = params.pop("SIZE", None)
         if size is not None:
-            if not isinstance(size, str) or not size.isdigit():
+            if not isinstance(size, str) or not is_decimal(size):
                 self._path_syntax_error("FROM:")
                 return
             if int(size) > self.settings.max_size:
@@ -556,7 +557,8 @@ class SmtpConnection(asyncio.Protocol):
     def smtp_BDAT(self, arg: str | None) -> None:
         words = (arg or "").split()
         last = len(words) == 2 and words[1].upper() == "LAST"
-        if not words or len(words) > 2 or not words[0].isdigit() or (len(words) == 2 and not last):
+        malformed = not words or len(words) > 2 or (len(words) == 2 and not last)
+        if malformed or not is_decimal(words[0]):
             # without a size the chunk cannot be told from what follows: nothing is read
             self._reply("501 5.5.4 Syntax: BDAT <chunk-size> [LAST]")
             return

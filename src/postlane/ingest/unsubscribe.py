@@ -33,6 +33,7 @@ from starlette.routing import Route
 from postlane.errors import StoreUnavailable
 from postlane.feedback import Feedback, FeedbackKind
 from postlane.feedback.unsubscribe import UnsubscribeLinks
+from postlane.toml_values import is_decimal
 
 if TYPE_CHECKING:
     from postlane.app import AsyncPostlane
@@ -155,7 +156,7 @@ async def _body_within(request: Request, limit: int) -> bool:
     """Read the body (``List-Unsubscribe=One-Click``, or anything, or nothing: its content
     changes nothing) unless it passes ``limit`` bytes."""
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
+    if is_decimal(length) and int(length) > limit:
         return False
     size = 0
     async for chunk in request.stream():

@@ -49,6 +49,7 @@ from postlane.classify import ReplyClass, classify
 from postlane.clock import Clock, SystemClock
 from postlane.config import DeliveryConfig
 from postlane.errors import ConfigError
+from postlane.toml_values import is_decimal
 from postlane.transports.base import BaseTransport, Envelope, Response, interrupted
 
 __all__ = [
@@ -211,7 +212,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if is_decimal(value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)

@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 
 from postlane.classify import ReplyClass
+from postlane.toml_values import is_decimal
 from postlane.transports import http_api
 from postlane.transports.base import Envelope
 from postlane.transports.parsed_message import BUILT_HEADERS, ParsedMessage
@@ -143,7 +144,7 @@ class SendGridTransport(http_api.ProviderTransport):
     def retry_after(self, answer: httpx.Response) -> float | None:
         wait = super().retry_after(answer)
         reset = answer.headers.get("x-ratelimit-reset", "")
-        if wait is None and reset.isdigit():
+        if wait is None and is_decimal(reset):
             wait = max(0.0, int(reset) - self.clock.now())
         return wait
 

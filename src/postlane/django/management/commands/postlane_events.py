@@ -24,6 +24,7 @@ from django.core.management.base import (  # type: ignore[import-untyped]
 
 from postlane.errors import PostlaneError
 from postlane.events import EVENT_TYPES
+from postlane.toml_values import is_decimal
 
 
 def _setting(name: str, default: Any) -> Any:
@@ -101,7 +102,7 @@ class Command(BaseCommand):  # type: ignore[misc]
                 "postlane_events keeps its place in the event log across restarts"
             )
         after = options["after"]
-        if after is not None and not str(after).isdigit():
+        if after is not None and not is_decimal(str(after)):
             raise CommandError(f"--after must be an event id, got {after!r}")
         verbosity = int(options.get("verbosity", 1))
 
