@@ -639,11 +639,13 @@ def load_config(
     if path is not None:
         chosen = Path(path)
         if not chosen.is_file():
-            raise ConfigError(f"configuration file {chosen} does not exist")
+            raise ConfigError(f"configuration file {chosen} {_missing(chosen)}")
     elif env.get("POSTLANE_CONFIG"):
         chosen = Path(env["POSTLANE_CONFIG"])
         if not chosen.is_file():
-            raise ConfigError(f"configuration file {chosen} (from $POSTLANE_CONFIG) does not exist")
+            raise ConfigError(
+                f"configuration file {chosen} (from $POSTLANE_CONFIG) {_missing(chosen)}"
+            )
     elif (cwd / "postlane.toml").is_file():
         chosen = cwd / "postlane.toml"
     data: dict[str, Any] = {}
@@ -652,6 +654,8 @@ def load_config(
             data = tomllib.loads(chosen.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{chosen}: not a TOML file (not UTF-8 text)") from None
         except OSError as exc:
             raise ConfigError(f"cannot read {chosen}: {exc.strerror}") from None
     return config_from_dict(
@@ -660,6 +664,11 @@ def load_config(
         source=str(chosen) if chosen else NO_FILE,
         base_dir=(chosen.resolve().parent if chosen else cwd),
     )
+
+
+def _missing(path: Path) -> str:
+    """Why ``path`` is no configuration file."""
+    return "is a directory, not a file" if path.is_dir() else "does not exist"
 
 
 def config_from_dict(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,8 @@ def test_dlq_and_suppression_commands(queue_dir: Path) -> None:
         (["dlq", "requeue", "--all", "--state", "dead"], "--state"),
         (["queue", "import", "/nonexistent/export.jsonl"], "cannot read"),
         (["--config", "/nonexistent.toml", "stats"], "does not exist"),
+        (["--config", "/", "stats"], "is a directory, not a file"),
+        (["--config", sys.executable, "stats"], "not a TOML file (not UTF-8 text)"),
         (["suppress", "add", "not an address"], "not a valid address"),
     ],
 )
@@ -279,6 +282,28 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(
     one_line_error(postlane(*args, cwd=tmp_path), contains)
     if args[0] == "send":
         assert json.loads(ok("queue", "list", "--json", cwd=tmp_path)) == []  # nothing half-stored
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [b"queue", b"list", b"--domain", b"\xff"],
+        [b"suppress", b"remove", b"s\xff@example.com"],
+        [b"send", b"--from", b"a@example.com", b"--to", b"\xffb@example.net", b"--text", b"x"],
+    ],
+)
+def test_an_argument_that_is_not_utf_8_is_one_line_not_an_internal_error(
+    queue_dir: Path, args: list[bytes]
+) -> None:
+    """Bytes the locale cannot decode reach Python as surrogate escapes, which every later
+    encode refused with an "internal error"."""
+    done = subprocess.run(
+        [b"postlane", *args], cwd=queue_dir, capture_output=True, text=True, timeout=60,
+        env=clean_environment(),
+    )  # fmt: skip
+    one_line_error(done, "an argument is not valid UTF-8: b'")
+    assert done.returncode == 2
+    assert json.loads(ok("queue", "list", "--json", cwd=queue_dir)) == []
 
 
 @pytest.mark.parametrize(

@@ -97,8 +97,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:]
     )
     unwrap_when_piped()
+    arguments = list(argv if argv is not None else sys.argv[1:])
+    for argument in arguments:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the locale could not decode (surrogate escapes)
+            raw = argument.encode("utf-8", "surrogateescape")
+            click.echo(f"postlane: error: an argument is not valid UTF-8: {raw!r}", err=True)
+            sys.exit(EXIT_USAGE)
     try:
-        code = cli.main(args=argv, prog_name="postlane", standalone_mode=False)
+        code = cli.main(args=arguments, prog_name="postlane", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.UsageError as exc:
