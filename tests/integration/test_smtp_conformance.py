@@ -329,6 +329,15 @@ async def test_sizes_that_are_not_plain_digits_are_syntax_errors(trusted: Listen
     assert await trusted.app.messages() == []
 
 
+async def test_a_chunk_larger_than_any_message_ends_the_session_at_once(trusted: Listener) -> None:
+    """BDAT 10^20 would otherwise be read (a refused chunk is read) until data_timeout."""
+    said = await converse(
+        trusted.port, ENVELOPE + b"BDAT 99999999999999999999 LAST\r\n" + b"x" * 1000
+    )  # no QUIT: the server closes
+    assert codes(said) == [b"220", b"250", b"250", b"250", b"552"], said
+    assert await trusted.app.messages() == []
+
+
 async def test_a_refused_chunk_is_still_read_and_never_run_as_commands(trusted: Listener) -> None:
     smuggled = b"MAIL FROM:<evil@example.com>\r\n"
     said = await converse(

@@ -563,6 +563,14 @@ class SmtpConnection(asyncio.Protocol):
             self._reply("501 5.5.4 Syntax: BDAT <chunk-size> [LAST]")
             return
         assert self.session is not None
+        if int(words[0]) > self.settings.max_size:
+            # a chunk no message could hold: reading it (as a refused chunk is read) would tie
+            # the connection up for as long as the client cares to send; it cannot be told from
+            # what follows unread, so the session ends here
+            self.say_and_close(
+                "552 5.3.4 Error: chunk size exceeds fixed maximum message size, closing"
+            )
+            return
         refusal = None
         if not self.session.host_name or not self.session.extended_smtp:
             refusal = "503 5.5.1 Error: send EHLO first"
