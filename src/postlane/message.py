@@ -345,9 +345,9 @@ def parse_when(value: datetime | str | float | None, what: str) -> float | None:
         seconds = value.timestamp()
     elif isinstance(value, str):
         text = value.strip()
-        try:
+        if _UNIX_SECONDS.fullmatch(text):
             seconds = float(text)
-        except ValueError:
+        else:
             try:
                 parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
             except ValueError:
@@ -356,12 +356,23 @@ def parse_when(value: datetime | str | float | None, what: str) -> float | None:
                     f"seconds, got {value!r}",
                     field=what,
                 ) from None
-            return parse_when(parsed, what)
+            if parsed.tzinfo is None or parsed.utcoffset() is None:
+                raise ValidationError(
+                    f"{what} has no time zone (whose {text} would it be?): add one, as in "
+                    "2026-12-02T09:30:00Z or 2026-12-02T09:30:00+01:00",
+                    field=what,
+                )
+            seconds = parsed.timestamp()
     else:
         raise ValidationError(f"{what} must be a time, not {type(value).__name__}", field=what)
     if not math.isfinite(seconds) or seconds < 0:
-        raise ValidationError(f"{what} must be a time, got {value!r}", field=what)
+        shown = value.isoformat() if isinstance(value, datetime) else value
+        raise ValidationError(f"{what} must be a time after 1970, got {shown!r}", field=what)
     return seconds
+
+
+#: Unix seconds as text: ASCII digits, perhaps a fraction (not float()'s "1_700", "inf", "1e9")
+_UNIX_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def _check_schedule(message: Message, now: float | None) -> tuple[float | None, float | None]:

@@ -81,6 +81,12 @@ async def test_idempotency_key_in_body_or_header(client: httpx.AsyncClient) -> N
     second = await client.post("/v1/messages", json=MESSAGE, headers={"Idempotency-Key": "k"})
     assert second.status_code == 202
     assert second.json() == {"id": first["id"], "duplicate": True}
+    both = {**MESSAGE, "idempotency_key": "k"}
+    same = await client.post("/v1/messages", json=both, headers={"Idempotency-Key": "k"})
+    assert same.json() == {"id": first["id"], "duplicate": True}
+    # two different keys for one message: neither is silently dropped
+    differ = await client.post("/v1/messages", json=both, headers={"Idempotency-Key": "k2"})
+    assert differ.status_code == 400 and "differ" in differ.json()["error"]["message"]
 
 
 async def test_attachments_and_raw(client: httpx.AsyncClient, app: AsyncPostlane) -> None:

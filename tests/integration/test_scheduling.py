@@ -44,6 +44,13 @@ def test_times_are_read_in_every_form_the_contract_gives() -> None:
         (True, "must be a time"),
         (-5, "must be a time"),
         (float("nan"), "must be a time"),
+        # said in the words of the text given, not of Python's objects
+        ("0001-01-01T00:00:00Z", r"after 1970, got '0001-01-01T00:00:00Z'"),
+        ("2027-01-15T08:00:00", r"add one, as in 2026-12-02T09:30:00Z"),
+        # Unix seconds are digits: not float()'s other spellings
+        ("1_800_000_000", "ISO 8601"),
+        ("1e9", "ISO 8601"),
+        ("inf", "ISO 8601"),
     ],
 )
 def test_a_time_that_could_mean_two_things_is_refused_naming_the_field(
@@ -52,6 +59,8 @@ def test_a_time_that_could_mean_two_things_is_refused_naming_the_field(
     with pytest.raises(ValidationError, match=says) as caught:
         parse_when(value, "send_at")  # type: ignore[arg-type]
     assert caught.value.field == "send_at"
+    if isinstance(value, str):  # HTTP and CLI users: no Python words
+        assert "datetime" not in caught.value.message and "aware" not in caught.value.message
 
 
 async def test_scheduled_mail_waits_for_its_time_and_expired_mail_never_goes(

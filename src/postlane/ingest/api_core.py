@@ -411,6 +411,13 @@ def message_from_json(data: Any, idempotency_header: str | None = None) -> Messa
     attachments = _attachments(data.get("attachments") or [])
     with invalid_field():
         key = optional_string(data.get("idempotency_key"), "idempotency_key")
+        if key and idempotency_header and key != idempotency_header:
+            raise ApiError(
+                400,
+                "invalid_field",
+                "the Idempotency-Key header and the body's idempotency_key differ: give one, "
+                "or the same in both",
+            )
         return Message(
             sender=optional_string(data.get("from"), "from") or "",
             to=string_list(data.get("to"), "to"),
