@@ -619,8 +619,17 @@ _SMTPUTF8_POLICY = email_policy.SMTPUTF8
 _MAX_LINE = 998
 
 
+#: a run no header line could hold with its name (RFC 5322 2.1.1: 998 characters a line)
+_UNFOLDABLE = re.compile(r"\S{900,}")
+
+
 def _header_value(value: str) -> str | Header:
-    return value if value.isascii() else Header(value, _UTF8)
+    """Non-ASCII text, or a word too long for any line, as RFC 2047 encoded words: they fold
+    anywhere, where plain text folds only at spaces (a 2,000-character subject made one
+    2,000-character line, which receivers may refuse)."""
+    if value.isascii() and not _UNFOLDABLE.search(value):
+        return value
+    return Header(value, _UTF8)
 
 
 def _address_header(boxes: Sequence[_Mailbox]) -> str:

@@ -112,6 +112,31 @@ def test_client_message_id_is_kept() -> None:
     assert prepared.message_id == "<mine@app.example>"
 
 
+def test_a_word_too_long_for_a_header_line_still_makes_lines_of_at_most_998() -> None:
+    """RFC 5322 2.1.1: plain text folds only at spaces, so a 2,000-character subject made one
+    2,000-character line; as encoded words it folds anywhere, and reads back the same."""
+    subject, value = "x" * 2000, "v" * 100_000
+    prepared = prepare(
+        Message(
+            sender="a@example.com", to=["b@example.net"], subject=subject, text="x",
+            headers={"X-Long": value},
+        ),
+        max_size=10**7,
+    )  # fmt: skip
+    assert max(len(line) for line in prepared.content.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(prepared.content, policy=policy.default)
+    assert parsed["Subject"] == subject and parsed["X-Long"] == value
+    assert prepared.subject == subject
+    # ordinary text stays plain
+    assert (
+        b"Subject: Hello there"
+        in prepare(
+            Message(sender="a@example.com", to=["b@example.net"], subject="Hello there", text="x"),
+            max_size=10**7,
+        ).content
+    )
+
+
 def test_extra_headers_are_added() -> None:
     parsed = render(
         sender="a@example.com",
