@@ -47,7 +47,6 @@ from postlane.redact import mask_url, redact
 
 # The value syntax lives in toml_values; postlane's modules import these four from here.
 from postlane.toml_values import format_duration as format_duration
-from postlane.toml_values import is_decimal
 from postlane.toml_values import parse_duration as parse_duration
 from postlane.toml_values import parse_listen as parse_listen
 from postlane.toml_values import parse_size as parse_size
@@ -469,7 +468,7 @@ def parse_processes(value: Any) -> int:
         if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (a container's)
             return len(os.sched_getaffinity(0)) or 1
         return os.cpu_count() or 1
-    if isinstance(value, str) and is_decimal(value.strip()):
+    if isinstance(value, str) and toml_values.is_decimal(value.strip()):
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise toml_values.expected('a positive integer or "auto"', value)
