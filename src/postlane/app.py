@@ -32,6 +32,7 @@ from postlane.config import Config, load_config
 from postlane.destinations import DestinationMap
 from postlane.errors import NotFound, SuppressedRecipients, ValidationError
 from postlane.events import Event
+from postlane.gate import WAITING_FOR_DESTINATION
 from postlane.message import Message, PreparedMessage, prepare
 from postlane.records import (
     SUPPRESSION_REASONS,
@@ -334,7 +335,18 @@ class AsyncPostlane:
             names |= shared_destinations(self.config)
         for domain in selector.domains:  # named by the operator, even with nothing waiting
             names |= {domain, self.destinations.for_domain(domain)}
-        await self.store.lift_destinations(sorted(names), self.clock.now())
+        await self.lift_destinations(names)
+
+    async def lift_destinations(self, names: Iterable[str]) -> None:
+        """Lift the pauses and slow-downs of ``names`` and make due what they deferred. A
+        relay's (or a provider API's) pause sent its mail back to wait under the recipients'
+        destinations, not under the relay's name: lifting it calls back every delivery waiting
+        for a destination."""
+        now = self.clock.now()
+        lifted = sorted(set(names))
+        await self.store.lift_destinations(lifted, now)
+        if set(lifted) & shared_destinations(self.config):
+            await self.store.hasten(None, now, WAITING_FOR_DESTINATION)
 
     async def _apply(self, action: QueueAction, ids: list[int], states: Sequence[str]) -> int:
         now = self.clock.now()

@@ -655,6 +655,28 @@ async def test_a_flush_of_some_mail_lifts_the_pause_of_the_relay_it_goes_through
     assert (await recorded(store, "elsewhere.example")).paused_until == T0 + 600
 
 
+async def test_lifting_a_relays_pause_calls_back_the_mail_it_sent_back_to_wait(
+    store: Store, tmp_path: Path
+) -> None:
+    """The relay's pause sent mail back to wait under its recipients' destinations, not the
+    relay's name: lifting the relay (the dashboard's Lift pause) makes that mail due."""
+    from postlane.gate import WAITING_FOR_DESTINATION
+
+    clock = FakeClock(T0)
+    config = make_config(tmp_path, delivery={"relay": "smtp://127.0.0.1:2"})
+    app = AsyncPostlane(config, store=store, clock=clock)  # opened by the fixture
+    ada = await enqueue_routed(app, "ada@down.example", "down.example")
+    [claimed] = await store.claim_due(
+        "w1", [(Lane.NORMAL, 10)], limit=10, now=T0, lease_until=T0 + 60
+    )
+    [delivery] = claimed.deliveries
+    await store.defer_unattempted("w1", [(delivery.id, T0 + 600)], T0, WAITING_FOR_DESTINATION)
+    await pause(store, "relay", at=T0, until=T0 + 600)
+    await app.lift_destinations(["relay"])
+    assert (await recorded(store, "relay")).paused_until is None
+    assert (await recipient(app, ada)).next_attempt_at == T0
+
+
 class OperatorRacesTheWorker:
     """The store as a worker sees it, while an operator's flush from another process commits
     at one chosen moment: just before the worker's next claim, or while it defers a paused

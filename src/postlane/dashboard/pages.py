@@ -184,7 +184,7 @@ async def lift(request: Request, session: Session) -> Response:
     name = str(form.get("destination", "")).strip()
     if not name:
         raise PostlaneError("which destination?")
-    await app.store.lift_destinations([name], app.clock.now())
+    await app.lift_destinations([name])
     app.wake.set()
     return back_to("/destinations", f"lifted the pause and slow-down on {name}")
 
