@@ -31,7 +31,7 @@ from postlane.clock import Clock, SystemClock
 from postlane.config import Config, load_config
 from postlane.destinations import DestinationMap
 from postlane.errors import NotFound, SuppressedRecipients, ValidationError
-from postlane.events import Event
+from postlane.events import Event, event_cursor
 from postlane.gate import WAITING_FOR_DESTINATION
 from postlane.message import Message, PreparedMessage, prepare
 from postlane.records import (
@@ -48,7 +48,6 @@ from postlane.records import (
     Suppression,
 )
 from postlane.store import Store, open_store_url
-from postlane.toml_values import is_decimal
 from postlane.transports import shared_destinations
 
 T = TypeVar("T")
@@ -660,10 +659,7 @@ class EventPage:
 def _event_id(value: str | int | None) -> int | None:
     if value is None or value == "":
         return None
-    text = str(value).strip()
-    if not is_decimal(text) or len(text) > 19:
-        raise ValidationError(f"after must be an event id, got {value!r}", field="after")
-    return int(text)
+    return event_cursor(str(value).strip() if isinstance(value, str) else value)
 
 
 def _check_id(queue_id: str) -> str:

@@ -9,7 +9,9 @@ from typing import Any
 
 from postlane.classify import ReplyClass
 from postlane.clock import iso
+from postlane.errors import ValidationError
 from postlane.message import Lane
+from postlane.toml_values import is_decimal
 
 #: the event types, in the order a recipient can meet them
 EVENT_TYPES = (
@@ -85,3 +87,12 @@ class WebhookEndpointState:
             "last_success_at": iso(self.last_success_at) if self.last_success_at else None,
             "delivered": self.delivered,
         }
+
+
+def event_cursor(value: Any) -> int:
+    """An event id given as a cursor (``after``): decimal digits, else a
+    :class:`ValidationError` naming ``after`` (the HTTP API, the CLI and the Python API alike)."""
+    text = str(value)
+    if isinstance(value, bool) or not is_decimal(text) or len(text) > 19:
+        raise ValidationError(f"after must be an event id, got {value!r}", field="after")
+    return int(text)

@@ -10,7 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from postlane.auth import Caller
-from postlane.errors import NotFound, ValidationError
+from postlane.errors import NotFound
+from postlane.events import event_cursor
 from postlane.ingest.api_core import (
     MAX_LIST,
     ApiJSON,
@@ -163,7 +164,7 @@ async def webhook_replay(request: Request, caller: Caller) -> Response:
     after = data.get("after")
     if after is not None:
         with invalid_field():
-            after = _event_cursor(after)
+            after = event_cursor(after)
     postlane = context_of(request).postlane
     name = request.path_params["name"]
     await replay(
@@ -184,10 +185,3 @@ async def webhook_resume(request: Request, caller: Caller) -> Response:
 async def _has_body(request: Request) -> bool:
     length = request.headers.get("content-length")
     return length not in (None, "0") or "transfer-encoding" in request.headers
-
-
-def _event_cursor(value: Any) -> int:
-    text = str(value)
-    if isinstance(value, bool) or not is_decimal(text) or len(text) > 19:
-        raise ValidationError(f"after must be an event id, got {value!r}", field="after")
-    return int(text)
