@@ -79,6 +79,10 @@ SESSION_LIFETIME = 12 * 3600.0
 MIN_TOKEN_LENGTH = 16
 
 
+#: the store's shared secret (``store.secret(name)``) that keys the dashboard's CSRF tokens
+CSRF_SECRET = "dashboard-csrf"
+
+
 class Scope(StrEnum):
     SEND = "send"
     ADMIN = "admin"
@@ -102,6 +106,8 @@ class Session:
     identity: str
     #: authenticated by the browser's cookie (or as a local visitor): forms need the CSRF token
     browser: bool
+    #: the session cookie's ID (None for a bearer token or a local visitor)
+    session_id: str | None = None
 
 
 class Refused(Exception):
@@ -324,8 +330,8 @@ class Sessions:
     """The dashboard's sessions: ``ID.ISSUED.SIGNATURE`` cookies, signed (HMAC-SHA256) with a
     key derived from an admin token, so they hold across restarts and processes, die when the
     token is rotated, and never reveal it. A session ends :data:`SESSION_LIFETIME` after its
-    login whatever is done with it, or at logout: a logged-out ID is remembered (in this
-    process) until it would have expired anyway."""
+    login whatever is done with it, or at logout: a logged-out ID is remembered here until it
+    would have expired anyway (and, by the dashboard, in the store, for every process)."""
 
     def __init__(
         self,
@@ -361,15 +367,17 @@ class Sessions:
             return None
         return sid
 
-    def end(self, cookie: str) -> None:
-        """Log a session out: its cookie is refused from now on."""
+    def end(self, cookie: str) -> tuple[str, float] | None:
+        """Log a session out: its cookie is refused (here) from now on. Returns its ID and
+        when it would have expired, or None for a cookie that was no live session."""
         sid = self.identity(cookie)
         if sid is None:
-            return
+            return None
         now = self._clock()
-        issued = int(cookie.split(".")[1])
+        until = int(cookie.split(".")[1]) + self.lifetime
         self._revoked = {s: t for s, t in self._revoked.items() if t > now}
-        self._revoked[sid] = issued + self.lifetime
+        self._revoked[sid] = until
+        return sid, until
 
     @staticmethod
     def _sign(key: bytes, payload: str) -> str:
@@ -461,10 +469,10 @@ class Tokens:
         index = self.attempts.verify(client_key(request), "login", lambda: self._admin_index(token))
         return self.sessions.start(index)
 
-    def logout(self, request: HTTPConnection) -> None:
-        """End the request's session (its cookie is refused from now on, here and wherever
-        this process answers)."""
-        self.sessions.end(request.cookies.get(SESSION_COOKIE, ""))
+    def logout(self, request: HTTPConnection) -> tuple[str, float] | None:
+        """End the request's session in this process (its cookie is refused here from now on);
+        returns its ID and when it would have expired, for the other processes to hear of."""
+        return self.sessions.end(request.cookies.get(SESSION_COOKIE, ""))
 
     def session(self, request: HTTPConnection) -> Session:
         """The dashboard's visitor: an admin bearer token or a live session cookie, or a local
@@ -480,19 +488,33 @@ class Tokens:
         sid = self.sessions.identity(request.cookies.get(SESSION_COOKIE, ""))
         if sid is None:  # none, expired, logged out or forged: log in again
             raise MissingToken
-        return Session(sid, browser=True)
+        return Session(sid, browser=True, session_id=sid)
 
 
 class Csrf:
-    """CSRF tokens for the dashboard's forms: an HMAC of the session under a key made at start,
-    so another site open in the operator's browser cannot post to the dashboard."""
+    """CSRF tokens for the dashboard's forms: an HMAC of the session, so another site open in
+    the operator's browser cannot post to the dashboard. The key is the store's shared secret
+    (:data:`CSRF_SECRET`), so a form rendered by one process of ``serve --processes`` posts to
+    any other, and across restarts; it is set once the store has answered (:meth:`use`)."""
 
     def __init__(self, key: bytes | None = None) -> None:
-        self._key = key if key is not None else secrets.token_bytes(32)
+        self._key = key
+
+    @property
+    def keyed(self) -> bool:
+        return self._key is not None
+
+    def use(self, key: bytes) -> None:
+        self._key = key
 
     def token(self, session: Session) -> str:
+        """The session's token ("" before the key is known: such a page's forms are refused)."""
+        if self._key is None:
+            return ""
         return hmac.new(self._key, session.identity.encode(), hashlib.sha256).hexdigest()
 
     def check(self, session: Session, submitted: str) -> bool:
         """A form's token is right (a bearer-token script posts without one)."""
-        return not session.browser or hmac.compare_digest(submitted, self.token(session))
+        if not session.browser:
+            return True
+        return self._key is not None and hmac.compare_digest(submitted, self.token(session))

@@ -198,6 +198,43 @@ async def test_finding_11_login_guessing_is_slowed_counted_and_logged(
     assert "guess-" not in " ".join(lines) and TOKEN not in " ".join(lines)
 
 
+async def test_processes_of_one_store_share_forms_and_logouts(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Two apps on one SQLite file, as two processes of ``serve --processes 2`` are: a form one
+    renders posts to the other, a logout at one is refused by the other, and a form rendered
+    before a restart still posts after it."""
+    config = make_config(tmp_path, http={"tokens": [TOKEN]})
+    async with AsyncPostlane(config, clock=clock) as one, AsyncPostlane(config, clock=clock) as two:
+        result = await one.send(sender="a@example.com", to=["b@example.net"], text="hi")
+        form = {"action": "hold", "ids": result.id, "back": "/queue"}
+        async for first in client_for(one):
+            async for second in client_for(two):
+                login = await first.post("/login", data={"token": TOKEN, "next": "/queue"})
+                second.cookies.set(SESSION_COOKIE, login.cookies[SESSION_COOKIE])
+                token = csrf_of((await first.get("/queue")).text)
+                held = await second.post("/queue/action", data={**form, "csrf": token})
+                assert held.status_code == 303, held.text
+                assert (await two.get(result.id)).recipients[0].state is RecipientState.HELD
+
+                out = await first.post("/logout", data={"csrf": token})
+                assert out.status_code == 303
+                refused = await second.get("/queue")
+                assert refused.status_code == 303
+                assert refused.headers["location"].startswith("/login")
+
+                kept = await first.post("/login", data={"token": TOKEN, "next": "/queue"})
+                kept_cookie = kept.cookies[SESSION_COOKIE]
+                kept_token = csrf_of((await first.get("/queue")).text)
+    async with AsyncPostlane(config, clock=clock) as restarted:
+        async for client in client_for(restarted):
+            client.cookies.set(SESSION_COOKIE, kept_cookie)
+            release = {**form, "action": "release", "csrf": kept_token}
+            released = await client.post("/queue/action", data=release)
+            assert released.status_code == 303, released.text
+        assert (await restarted.get(result.id)).recipients[0].state is RecipientState.QUEUED
+
+
 async def test_finding_11_a_session_ends_at_logout_and_after_its_lifetime(
     locked_app: AsyncPostlane, clock: FakeClock
 ) -> None:

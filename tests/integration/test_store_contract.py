@@ -1260,6 +1260,19 @@ async def test_a_shared_secret_is_made_once(store: Any) -> None:
     assert await store.secret("unsubscribe", T0) != first
 
 
+async def test_a_logged_out_session_is_refused_until_it_would_have_expired(store: Any) -> None:
+    assert not await store.session_ended("s1", T0)
+    await store.end_session("s1", T0 + 100, T0)
+    await store.end_session("s1", T0 + 100, T0 + 1)  # twice (two clicks): still one logout
+    assert await store.session_ended("s1", T0 + 99)
+    assert not await store.session_ended("s2", T0 + 99)
+    assert not await store.session_ended("s1", T0 + 100)  # its cookie has expired by then
+    await store.end_session("s2", T0 + 500, T0 + 200)  # forgets s1's logout, now moot
+    assert await store.session_ended("s2", T0 + 200)
+    await store.end_session("s1", T0 + 300, T0 + 200)  # so the same ID can be logged out again
+    assert await store.session_ended("s1", T0 + 250)
+
+
 # -- outbound webhook endpoints -------------------------------------------------------------------
 
 

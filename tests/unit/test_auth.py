@@ -177,8 +177,12 @@ def test_a_csrf_token_is_bound_to_its_session_and_key() -> None:
     assert csrf.check(mine, token)
     assert not csrf.check(mine, "")
     assert not csrf.check(Session("bbbb", browser=True), token)
-    assert not Csrf(b"j" * 32).check(mine, token)  # a restart makes a new key
+    assert not Csrf(b"j" * 32).check(mine, token)  # another store's key
     assert csrf.check(Session("aaaa", browser=False), "")  # a script with a bearer token
+    unkeyed = Csrf()  # the store has not answered yet: no page has a token, no form passes
+    assert unkeyed.token(mine) == "" and not unkeyed.check(mine, "")
+    unkeyed.use(b"k" * 32)
+    assert unkeyed.check(mine, token)
 
 
 # -- audit finding 11: guessing is slowed, sessions end --------------------------------------------

@@ -415,8 +415,14 @@ def login_refused(next_page: str, exc: TooManyAttempts) -> HTMLResponse:
 
 
 async def logout(request: Request, session: Session) -> Response:
-    """End the session here (its cookie no longer works, even if kept), and in the browser."""
-    context(request).tokens.logout(request)
+    """End the session in every process (its cookie no longer works, even if kept), and in the
+    browser."""
+    dashboard = context(request)
+    ended = dashboard.tokens.logout(request)
+    if ended is not None:
+        session_id, until = ended
+        now = dashboard.postlane.clock.now()
+        await dashboard.postlane.store.end_session(session_id, until, now)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response

@@ -24,6 +24,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from postlane.app import AsyncPostlane
 from postlane.auth import (
+    CSRF_SECRET,
     Csrf,
     NotLocal,
     Session,
@@ -109,8 +110,21 @@ class DashboardContext:
 
     postlane: AsyncPostlane
     tokens: Tokens
-    #: made at start: a restart invalidates open forms, never a session
+    #: keyed by the store's shared secret: one key for every process, kept across restarts
     csrf: Csrf
+
+    async def ready(self) -> None:
+        """Key the CSRF tokens, the first time the store answers."""
+        if not self.csrf.keyed:
+            now = self.postlane.clock.now()
+            self.csrf.use(await self.postlane.store.secret(CSRF_SECRET, now))
+
+    async def logged_out(self, session: Session) -> bool:
+        """The session's cookie was logged out, by this process or another."""
+        if session.session_id is None:
+            return False
+        now = self.postlane.clock.now()
+        return await self.postlane.store.session_ended(session.session_id, now)
 
 
 def install(
@@ -186,11 +200,13 @@ def page(handler: Page, *, post: bool = False) -> Callable[[Request], Awaitable[
                 headers={**SECURITY_HEADERS, "Retry-After": str(exc.retry_after)},
             )
         except Unauthenticated:
-            target = "/login?" + urlencode({"next": request.url.path})
-            return RedirectResponse(target, status_code=303)
+            return _to_login(request)
         if post and (refusal := refused_cross_site(request)) is not None:
             return refusal
         try:
+            await dashboard.ready()
+            if await dashboard.logged_out(session):
+                return _to_login(request)
             if post:
                 form = await read_form(request)
                 if not dashboard.csrf.check(session, str(form.get("csrf", ""))):
@@ -210,6 +226,11 @@ def page(handler: Page, *, post: bool = False) -> Callable[[Request], Awaitable[
             return _store_unavailable(request, session, failure)
 
     return run
+
+
+def _to_login(request: Request) -> RedirectResponse:
+    """To the login page, back here after it (no session, or one expired or logged out)."""
+    return RedirectResponse("/login?" + urlencode({"next": request.url.path}), status_code=303)
 
 
 def _store_unavailable(request: Request, session: Session, exc: StoreUnavailable) -> HTMLResponse:

@@ -375,8 +375,22 @@ class FeedbackStore(Protocol):
 
     async def purge_unmatched(self, before: float) -> int: ...
 
+
+class AccessStore(Protocol):
+    """What every process of the store must agree on about access: the keys they share, the
+    dashboard sessions logged out."""
+
     async def secret(self, name: str, now: float) -> bytes:
         """A random key made once and shared by every process of this store."""
+        ...
+
+    async def end_session(self, session_id: str, until: float, now: float) -> None:
+        """A dashboard session was logged out: refuse it everywhere until ``until`` (when it
+        would have expired anyway); forgets the logouts whose ``until`` has passed."""
+        ...
+
+    async def session_ended(self, session_id: str, now: float) -> bool:
+        """The session was logged out (and has not yet expired)."""
         ...
 
 
@@ -420,6 +434,7 @@ class Store(
     SuppressionStore,
     FeedbackStore,
     WebhookStore,
+    AccessStore,
     Protocol,
 ):
     """Everything the queue keeps. Every method is one transaction."""

@@ -1,12 +1,11 @@
 """The feedback role, written once for both databases: what is heard about a delivery after its
 first hop (DSNs, complaints, provider events, unsubscribes) recorded in one transaction with its
-state change, history entry, event and suppression; reports nothing matched, kept for review;
-and the keys behind the tokens that name a delivery (:class:`postlane.store.base.FeedbackStore`).
+state change, history entry, event and suppression; reports nothing matched, kept for review
+(:class:`postlane.store.base.FeedbackStore`).
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,19 +104,6 @@ class SQLFeedback(SQLRole):
 
     async def purge_unmatched(self, before: float) -> int:
         return await self.db.write(lambda: execute("purge_unmatched", {"before": before}))
-
-    async def secret(self, name: str, now: float) -> bytes:
-        """A random key made once and shared by every process of this store (the key behind
-        VERP and unsubscribe tokens)."""
-
-        def run() -> Plan[bytes]:
-            params = {"name": name, "value": secrets.token_bytes(32), "now": now}
-            yield from execute("insert_secret", params)
-            row = yield from fetch_one("secret", {"name": name})
-            assert row is not None
-            return bytes(row["value"])
-
-        return await self.db.write(run)
 
 
 def _unsubscribed(

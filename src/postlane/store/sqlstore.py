@@ -4,16 +4,17 @@ named queries (:mod:`postlane.store.plans`), run by a :class:`postlane.store.pla
 The operations live by role, as the protocols in :mod:`postlane.store.base` split them:
 :mod:`~postlane.store.delivery`, :mod:`~postlane.store.operator`,
 :mod:`~postlane.store.throttle_state`, :mod:`~postlane.store.history`,
-:mod:`~postlane.store.suppressions`, :mod:`~postlane.store.feedback` and
-:mod:`~postlane.store.webhooks`. The two databases differ only below: SQLite
-(:mod:`postlane.store.sqlite`) runs plans in its writer thread's group commit or on its reader
-threads; PostgreSQL (:mod:`postlane.store.postgres`) runs them on a pooled connection, one
-transaction each, and adds what only it has (``FOR UPDATE SKIP LOCKED`` inside its queries, row
-locks, LISTEN/NOTIFY).
+:mod:`~postlane.store.suppressions`, :mod:`~postlane.store.feedback`,
+:mod:`~postlane.store.webhooks` and :mod:`~postlane.store.access`. The two databases differ
+only below: SQLite (:mod:`postlane.store.sqlite`) runs plans in its writer thread's group
+commit or on its reader threads; PostgreSQL (:mod:`postlane.store.postgres`) runs them on a
+pooled connection, one transaction each, and adds what only it has (``FOR UPDATE SKIP LOCKED``
+inside its queries, row locks, LISTEN/NOTIFY).
 """
 
 from __future__ import annotations
 
+from postlane.store.access import SQLAccess
 from postlane.store.delivery import SQLDelivery
 from postlane.store.feedback import SQLFeedback
 from postlane.store.history import SQLHistory
@@ -32,6 +33,7 @@ class SQLStore(
     SQLSuppressions,
     SQLFeedback,
     SQLWebhooks,
+    SQLAccess,
 ):
     """Every store operation over a :class:`Database`. Each method is one transaction."""
 

@@ -535,3 +535,16 @@ SELECT count(DISTINCT owner) AS n FROM destination_shares WHERE expires_at > :no
 SELECT type, count(*) AS n FROM events
 WHERE at >= :start AND at < :end AND @any(type, types, text)
 GROUP BY type;
+
+-- name: end_session
+-- A dashboard session logged out, refused by every process until it would have expired.
+INSERT INTO dashboard_logouts (session_id, until) VALUES (:session_id, :until)
+ON CONFLICT (session_id) DO NOTHING;
+
+-- name: forget_logouts
+-- Logouts of sessions that have expired by now (their cookies are refused anyway).
+DELETE FROM dashboard_logouts WHERE until <= :now;
+
+-- name: session_ended
+-- Whether a session was logged out.
+SELECT 1 AS ended FROM dashboard_logouts WHERE session_id = :session_id AND until > :now;

@@ -1,0 +1,6 @@
+-- Version 17: dashboard sessions logged out, so that every process of the store refuses a
+-- logged-out cookie (each row is kept until the session would have expired anyway).
+CREATE TABLE dashboard_logouts (
+    session_id TEXT PRIMARY KEY,
+    until      REAL NOT NULL
+);
