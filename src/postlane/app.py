@@ -289,8 +289,10 @@ class AsyncPostlane:
                 raise SuppressedRecipients(suppressed)
         selector = self._scheduled(action, selector)
         states = action_states(action, selector)
-        if action is QueueAction.FLUSH:
-            await self.lift_pauses(selector)
+        # a flush lifts the pauses of what it selects once it has made that due (and counted
+        # it: lifting first would turn deferred mail queued before a ``--state deferred``
+        # flush reads it); the lift then calls back whatever of theirs a worker pushed back
+        lifting = await self._pauses_to_lift(selector) if action is QueueAction.FLUSH else ()
         changed = 0
         async for ids in self._delivery_ids(selector, states, slice_size):
             if export is not None:
@@ -302,6 +304,10 @@ class AsyncPostlane:
             changed += await self._apply(action, ids, states)
             if progress is not None:
                 progress(changed)
+        if lifting is None:
+            await self.store.lift_destinations(None, self.clock.now())
+        elif lifting:
+            await self.lift_destinations(lifting)
         return changed
 
     async def _delivery_ids(
@@ -316,9 +322,9 @@ class AsyncPostlane:
             yield ids
             after = ids[-1]
 
-    async def lift_pauses(self, selector: Selector) -> None:
-        """A flush lifts the pause (and slow-down) of the destinations it touches: all of
-        them when the selector does not narrow by domain or id (``postqueue -f``).
+    async def _pauses_to_lift(self, selector: Selector) -> set[str] | None:
+        """The destinations whose pause (and slow-down) a flush lifts: those it touches, all of
+        them (None) when the selector does not narrow by domain or id (``postqueue -f``).
 
         The destinations are those stored with the selected deliveries at enqueue, so a domain
         that reached a provider through its MX hosts lifts that provider's pause; deliveries
@@ -326,15 +332,14 @@ class AsyncPostlane:
         relays and provider APIs the configuration sends through (``relay``, ``ses``, ...),
         whose pause holds back every delivery that goes through them."""
         if not selector.domains and not selector.ids and not selector.recipient:
-            await self.store.lift_destinations(None, self.clock.now())
-            return
+            return None
         states = (*ACTION_STATES[QueueAction.FLUSH], "sending")
         names = set(await self.store.selected_destinations(selector, states))
         if names or selector.domains:
             names |= shared_destinations(self.config)
         for domain in selector.domains:  # named by the operator, even with nothing waiting
             names |= {domain, self.destinations.for_domain(domain)}
-        await self.lift_destinations(names)
+        return names
 
     async def lift_destinations(self, names: Iterable[str]) -> None:
         """Lift the pauses and slow-downs of ``names`` and make due what they deferred. A

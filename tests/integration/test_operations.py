@@ -873,3 +873,62 @@ def test_issue_17_10_piped_listings_are_neither_padded_nor_wrapped(
         line for line in outputs[("queue", "show", refused)].splitlines() if "  class  " in line
     ]
     assert headers and all(line.startswith("    at ") for line in headers), headers
+
+
+async def defer(app: AsyncPostlane, queue_id: str, until: float) -> None:
+    """What a worker records for a 451: the recipient ``deferred`` until ``until``."""
+    now = app.clock.now()
+    claimed = await app.store.claim_due("w", ALL, limit=100, now=now, lease_until=now + 60)
+    [message] = [m for m in claimed if m.queue_id == queue_id]
+    reply = AttemptRecord(now, ReplyClass.TEMPORARY, 451, None, "451 4.3.0 later", "mx", "x", 5)
+    outcomes = [
+        Outcome(d.id, RecipientState.DEFERRED, 1, 0, until, reply) for d in message.deliveries
+    ]
+    await app.store.record("w", outcomes, now)
+    await app.store.hand_back("w", None, now)
+
+
+async def test_a_flush_of_deferred_mail_counts_what_it_made_due_when_it_lifts_a_pause(
+    store: Store, tmp_path: Path
+) -> None:
+    """``queue flush --state deferred`` of a paused destination: the lift must not turn the
+    deferred mail queued before the flush reads it (the flush then said 0 while it sent)."""
+    clock = FakeClock(T0)
+    app = AsyncPostlane(make_config(tmp_path), store=store, clock=clock)  # opened by the fixture
+    ada = await enqueue_routed(app, "ada@corp.example.net", "google")
+    await defer(app, ada, T0 + 300)
+    await pause(store, "google", at=T0, until=T0 + 600)
+    deferred = Selector(states=(RecipientState.DEFERRED,), all=True)
+    assert await app.act(QueueAction.FLUSH, deferred) == 1
+    assert (await recorded(store, "google")).paused_until is None
+    assert (await recipient(app, ada)).next_attempt_at == T0
+
+
+async def test_lifting_a_pause_leaves_scheduled_mail_for_its_time(
+    store: Store, tmp_path: Path
+) -> None:
+    """A destination's pause pushed back its waiting mail, scheduled mail too; lifting the pause
+    (a flush, the dashboard's Lift pause) makes due what was due, and scheduled mail waits for
+    its own time, not the end of the pause: a 3 a.m. flush must not send tomorrow's campaign."""
+    clock = FakeClock(T0)
+    app = AsyncPostlane(make_config(tmp_path), store=store, clock=clock)  # opened by the fixture
+    now_mail = await app.send(sender="a@example.com", to=["ada@example.net"], text="x")
+    soon = await app.send(
+        sender="a@example.com", to=["bob@example.net"], text="x", send_at=T0 + 300
+    )
+    tomorrow = await app.send(
+        sender="a@example.com", to=["cy@example.net"], text="x", send_at=T0 + 86400
+    )
+    await pause(store, "example.net", at=T0, until=T0 + 600)
+    assert (await recipient(app, soon.id)).next_attempt_at == T0 + 600
+    await clock.advance(60)
+    assert await app.act(QueueAction.FLUSH, Selector(all=True)) == 1
+    assert (await recorded(store, "example.net")).paused_until is None
+    assert (await recipient(app, now_mail.id)).next_attempt_at == T0 + 60
+    assert (await recipient(app, soon.id)).next_attempt_at == T0 + 300
+    assert (await recipient(app, tomorrow.id)).next_attempt_at == T0 + 86400
+
+    await pause(store, "example.net", at=T0 + 60, until=T0 + 600)
+    await app.lift_destinations(["example.net"])  # the dashboard's Lift pause
+    assert (await recipient(app, soon.id)).next_attempt_at == T0 + 300
+    assert (await recipient(app, tomorrow.id)).next_attempt_at == T0 + 86400

@@ -93,7 +93,9 @@ class SQLThrottle(SQLRole):
                 names = list(destinations)
                 yield from execute("lift_destinations", {"destinations": names, "now": now})
             yield from self._announce()
-            return (yield from execute("flush_destinations", {"destinations": names, "now": now}))
+            params = {"destinations": names, "now": now}
+            yield from execute("reschedule_destinations", params)
+            return (yield from execute("flush_destinations", params))
 
         made_due = await self.db.write(run)
         self.db.destinations_changed()

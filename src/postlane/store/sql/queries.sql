@@ -310,11 +310,23 @@ SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_
 RETURNING destination;
 
 -- name: flush_destinations
--- A flush makes the deferred deliveries of these destinations due now.
+-- A lifted pause makes the deferred deliveries of these destinations due now, except mail
+-- scheduled for later (a pause pushed it back too: it goes back to its send_at).
 UPDATE deliveries
 SET state = 'queued', next_attempt_at = :now, reason = 'flushed', updated_at = :now
 WHERE @any(destination, destinations, text)
-  AND state IN ('queued', 'deferred') AND next_attempt_at > :now;
+  AND state IN ('queued', 'deferred') AND next_attempt_at > :now
+  AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = deliveries.queue_id
+                  AND m.send_at > :now);
+
+-- name: reschedule_destinations
+-- Mail scheduled for later that a pause of these destinations pushed past its send_at.
+UPDATE deliveries
+SET next_attempt_at = (SELECT m.send_at FROM messages m WHERE m.id = deliveries.queue_id),
+    updated_at = :now
+WHERE @any(destination, destinations, text) AND state IN ('queued', 'deferred')
+  AND EXISTS (SELECT 1 FROM messages m WHERE m.id = deliveries.queue_id
+              AND m.send_at > :now AND m.send_at < deliveries.next_attempt_at);
 
 -- name: purge_samples
 -- Forget history older than the retention.
