@@ -15,10 +15,12 @@ import pytest
 
 from postlane.app import AsyncPostlane
 from postlane.auth import SESSION_COOKIE
+from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
 from postlane.ingest.door import FrontDoor
-from postlane.message import RecipientState
+from postlane.message import Lane, RecipientState
 from postlane.metrics import Metrics
+from postlane.records import AttemptRecord, Outcome
 from postlane.serve import build_app
 from tests.conftest import make_config
 
@@ -258,3 +260,40 @@ async def test_finding_11_a_session_ends_at_logout_and_after_its_lifetime(
         await clock.advance(20)  # twelve hours after the login, however busy
         expired = await client.get("/queue")
         assert expired.status_code == 303 and expired.headers["location"].startswith("/login")
+
+
+async def test_requeueing_suppressed_dead_letters_offers_to_lift_their_suppression(
+    open_app: AsyncPostlane,
+) -> None:
+    """Requeued as they are, dead letters whose addresses are suppressed would never be tried:
+    the confirmation says so and offers to lift the suppression (as ``dlq requeue
+    --unsuppress`` does); a plain requeue is refused, changing nothing."""
+    result = await open_app.send(sender="a@example.com", to=["gone@example.net"], text="x")
+    now = open_app.clock.now()
+    lanes = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
+    [claimed] = await open_app.store.claim_due("w", lanes, limit=10, now=now, lease_until=now + 60)
+    bounce = AttemptRecord(
+        now, ReplyClass.HARD_BOUNCE, 550, "5.1.1", "550 no such user", "mx", "x", 5
+    )
+    outcomes = [Outcome(d.id, RecipientState.DEAD, 1, 0, None, bounce) for d in claimed.deliveries]
+    await open_app.store.record("w", outcomes, now)
+    await open_app.suppress("gone@example.net", reason="hard bounce")
+    form = {"action": "requeue", "ids": result.id, "back": "/dlq"}
+    async for client in client_for(open_app):
+        token = csrf_of((await client.get("/dlq")).text)
+        confirm = await client.post("/queue/action", data={**form, "csrf": token})
+        assert confirm.status_code == 200
+        assert "on the suppression list" in confirm.text and "gone@example.net" in confirm.text
+        assert 'name="unsuppress" value="1"' in confirm.text
+
+        plain = await client.post("/queue/action", data={**form, "csrf": token, "confirm": "1"})
+        assert plain.status_code == 400 and "nothing was requeued" in plain.text
+        assert (await open_app.get(result.id)).recipients[0].state is RecipientState.DEAD
+
+        lifted = {**form, "csrf": token, "confirm": "1", "unsuppress": "1"}
+        done = await client.post("/queue/action", data=lifted)
+        assert done.status_code == 303
+        assert "requeued+1+recipient" in done.headers["location"]
+        assert "1+address%28es%29+taken+off+the+suppression+list" in done.headers["location"]
+    assert (await open_app.get(result.id)).recipients[0].state is RecipientState.QUEUED
+    assert await open_app.suppressions() == []

@@ -250,6 +250,9 @@ async def act(request: Request, session: Session) -> Response:
         return back_to(back, choice)
     if action in CONFIRMED and form.get("confirm") != "1":
         counts = await app.summarize(action, choice.selector)
+        suppressed = []
+        if action is QueueAction.REQUEUE:  # requeued as they are, they would never be tried
+            suppressed = await app.suppressed_dead_letters(choice.selector)
         return render(
             request,
             session,
@@ -259,9 +262,15 @@ async def act(request: Request, session: Session) -> Response:
             total=sum(c.count for c in counts),
             hidden=[("action", action.value), ("back", back), *choice.fields],
             back=back,
+            suppressed=suppressed,
         )
     if action in EXPORTABLE and form.get("export") == "1":
         return await _download(app, action, choice.selector)
+    if action is QueueAction.REQUEUE:
+        requeued = await app.requeue(choice.selector, unsuppress=form.get("unsuppress") == "1")
+        lifted = len(requeued.unsuppressed)
+        lifted_note = f", {lifted:,} address(es) taken off the suppression list" if lifted else ""
+        return back_to(back, f"requeued {requeued.count:,} recipient(s){lifted_note}")
     count = await app.act(action, choice.selector)
     verb = {"flush": "flushed", "hold": "held", "release": "released"}.get(
         action.value, action.value + "d"
