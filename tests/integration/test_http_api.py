@@ -800,3 +800,17 @@ async def test_a_limit_that_is_not_plain_digits_is_400_not_500(
     assert r.status_code == 400, (path, limit, r.text)
     assert r.json()["error"]["code"]
     assert (await client.get(path, params={"limit": "2"})).status_code == 200  # still serving
+
+
+async def test_one_key_on_two_different_messages_of_a_batch_is_refused_saying_so(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    """The batch names no stored message (none was stored): it is the batch that is wrong."""
+    first = {**MESSAGE, "idempotency_key": "order-7"}
+    other = {**first, "subject": "something else"}
+    r = await client.post("/v1/messages/batch", json={"messages": [MESSAGE, first, other]})
+    body = r.json()
+    assert r.status_code == 422, body
+    assert body["error"]["code"] == "invalid_message"
+    assert "two different messages of this batch" in body["error"]["message"]
+    assert await app.messages() == []

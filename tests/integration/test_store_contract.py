@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from postlane.classify import ReplyClass
-from postlane.errors import IdempotencyConflict, NotFound
+from postlane.errors import IdempotencyConflict, NotFound, ValidationError
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector, Suppression
 
@@ -878,8 +878,10 @@ async def test_a_key_reused_with_another_payload_is_a_conflict(store: Any) -> No
         await store.enqueue([msg("carol@example.net"), other], T0 + 1)
     assert raised.value.existing_id == first.id and raised.value.key == "k"
     assert [m.id for m in await store.list_messages(Selector(), limit=10)] == [first.id]
-    with pytest.raises(IdempotencyConflict):  # two payloads under one key in one batch
+    # two payloads under one key in one batch: no stored message to name, the batch is wrong
+    with pytest.raises(ValidationError, match="two different messages of this batch") as bad:
         await store.enqueue([msg("x@example.net", key="j"), msg("y@example.net", key="j")], T0)
+    assert bad.value.field == "idempotency_key"
     assert len(await store.list_messages(Selector(), limit=10)) == 1
 
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
-from postlane.errors import IdempotencyConflict, StoreUnavailable
+from postlane.errors import IdempotencyConflict, StoreUnavailable, ValidationError
 from postlane.message import FINAL_STATES, Lane, PreparedMessage, RecipientState
 from postlane.records import ClaimedMessage, Delivery, EnqueueResult, Outcome
 from postlane.store import rows
@@ -86,7 +86,12 @@ def _enqueue(
         key = _key(message)
         if key is not None:
             first = candidates.setdefault(key, message)
-            _same_payload(first, message.fingerprint, key[1], first.id)
+            if message.fingerprint is not None and first.fingerprint not in (None, message.fingerprint):
+                raise ValidationError(
+                    f"idempotency key {key[1]!r} is given to two different messages of this "
+                    "batch; nothing was stored (a key names one message: give each its own)",
+                    field="idempotency_key",
+                )
     keyless = [m for m in messages if m.idempotency_key is None]
     pending = [candidates[key] for key in sorted(candidates)] + keyless
     stored: set[str] = set()
