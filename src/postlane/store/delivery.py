@@ -86,7 +86,8 @@ def _enqueue(
         key = _key(message)
         if key is not None:
             first = candidates.setdefault(key, message)
-            if message.fingerprint is not None and first.fingerprint not in (None, message.fingerprint):
+            fingerprints = (first.fingerprint, message.fingerprint)
+            if None not in fingerprints and fingerprints[0] != fingerprints[1]:
                 raise ValidationError(
                     f"idempotency key {key[1]!r} is given to two different messages of this "
                     "batch; nothing was stored (a key names one message: give each its own)",
