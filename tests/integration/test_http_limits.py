@@ -92,6 +92,31 @@ async def test_finding_7_half_sent_requests_are_closed_after_the_header_timeout(
         writer.close()
 
 
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header Line\r\n\r\n",
+        b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\n",
+    ],
+)
+async def test_a_request_no_parser_can_read_gets_the_apis_json_error(
+    served: Served, garbage: bytes
+) -> None:
+    """What h11 refuses before the application sees a request is still said the API's way."""
+    connection = await served.connect()
+    connection[1].write(garbage)
+    answer = await answer_of(connection)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "malformed_request" and error["message"].startswith("HTTP: ")
+    connection[1].close()
+    assert await healthy(served.address)
+
+
 async def test_finding_7_a_kept_alive_connection_must_finish_its_next_head_in_time(
     served: Served,
 ) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import resource
 import socket
@@ -190,6 +191,26 @@ class GuardedH11(H11Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot read (a malformed request line or header, a bad chunk size):
+        the API's JSON error, not uvicorn's plain text, and the connection closed."""
+        body = json.dumps(
+            {"error": {"code": "malformed_request", "message": f"HTTP: {msg.rstrip('.')}"}},
+            separators=(",", ":"),
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _make_room(self) -> None:
         self._forget()
