@@ -145,7 +145,8 @@ def test_the_dashboard_lets_in_an_admin_by_token_or_cookie() -> None:
     assert by_token == Session(fingerprint(ADMIN), browser=False)
     cookie = tokens.login(request(), ADMIN)
     by_cookie = tokens.session(request(peer="192.0.2.7", cookie=cookie))
-    assert by_cookie == Session(cookie.split(".")[0], browser=True)
+    sid = cookie.split(".")[0]
+    assert by_cookie == Session(sid, browser=True, session_id=sid)
     other = Tokens([ADMIN + "-rotated"], [SEND])
     for refused in (
         request(),  # loopback is not enough once an admin token is set
