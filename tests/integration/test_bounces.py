@@ -247,7 +247,7 @@ async def test_a_redacted_complaint_at_the_feedback_address_is_matched_by_its_re
 async def test_a_complaint_without_a_token_is_matched_by_message_id_and_recipient(
     world: World,
 ) -> None:
-    sent = await world.send("ada@mailbox.example.com", "bob@mailbox.example.com")
+    sent = await world.send("ada@mailbox.example.com")
     arf = sample(
         "rfc5965-abuse.eml",
         return_path="app@shop.example",
@@ -255,7 +255,45 @@ async def test_a_complaint_without_a_token_is_matched_by_message_id_and_recipien
     )
     result = await world.processor.process(arf, mail_from="abusedesk@x", rcpt_to=[f"fbl@{DOMAIN}"])
     assert [i.delivery_id for i in result.recorded] == [sent.ids["ada@mailbox.example.com"]]
-    assert await world.state(sent, "bob@mailbox.example.com") is RecipientState.SENT
+
+
+async def test_a_message_id_proves_nothing_for_a_message_with_several_recipients(
+    world: World,
+) -> None:
+    """Every recipient of a message sees its Message-ID and its To header: without a token,
+    bob could complain (or bounce) for ada. Such a report is kept for review."""
+    sent = await world.send("ada@mailbox.example.com", "bob@mailbox.example.com")
+    arf = sample(
+        "rfc5965-abuse.eml",
+        return_path="app@shop.example",
+        **{"deals-2005-03-08.7@shop.example": sent.message_id.strip("<>")},
+    )
+    result = await world.processor.process(arf, mail_from="bob@x", rcpt_to=[f"fbl@{DOMAIN}"])
+    assert result.disposition is Disposition.UNMATCHED and result.recorded == ()
+    assert result.reason is not None and "sent to that address alone" in result.reason
+    assert await world.state(sent, "ada@mailbox.example.com") is RecipientState.SENT
+    assert await world.suppressions() == set()
+
+
+async def test_a_recipients_own_token_says_nothing_about_the_other_recipients(
+    world: World,
+) -> None:
+    """A DSN sent to one recipient's return path (which its copy shows) naming the others of
+    the message: only what it says of the token's own recipient counts."""
+    to = ("arathib@vnet.example.com", "johnh@hpnjld.example.com", "wsnell@sdcc13.example.edu")
+    sent = await world.send(*to)
+    own = world.verp(sent, "johnh@hpnjld.example.com")
+    dsn = sample(
+        "rfc3464-multiple.eml",
+        **{"<199407081321.JAA13162@shop.example>": sent.message_id},
+    )
+    result = await world.processor.process(dsn, mail_from="", rcpt_to=[own])
+    assert [(i.kind, i.delivery_id) for i in result.recorded] == [
+        (FeedbackKind.DELAYED, sent.ids["johnh@hpnjld.example.com"])
+    ]
+    assert result.reason is not None and "its token names another recipient" in result.reason
+    assert [await world.state(sent, a) for a in to] == [RecipientState.SENT] * 3
+    assert await world.suppressions() == set()
 
 
 @pytest.mark.parametrize(
@@ -293,7 +331,8 @@ async def test_a_bounce_about_an_unknown_message_is_kept_with_the_reason(world: 
     )
     assert result.disposition is Disposition.UNMATCHED
     assert result.reason == (
-        "no delivery matches nobody@example.net (Message-ID <m1@shop.example>; no valid VERP token)"
+        "no delivery matches nobody@example.net (Message-ID <m1@shop.example>; no valid VERP "
+        "token, and a Message-ID names only a message sent to that address alone)"
     )
     assert await world.suppressions() == set()
 
@@ -322,32 +361,60 @@ async def test_a_forged_return_path_inside_a_report_names_nothing(world: World) 
     assert await world.state(sent, "nobody@example.net") is RecipientState.SENT
 
 
-async def test_a_report_on_several_recipients_is_matched_by_message_id(world: World) -> None:
+async def test_a_report_on_several_recipients_is_matched_by_message_id_one_by_one(
+    world: World,
+) -> None:
+    """Without a token, each recipient the report names is matched by the Message-ID of a
+    message sent to it alone; one sent to several is kept for review."""
     to = ("arathib@vnet.example.com", "johnh@hpnjld.example.com", "wsnell@sdcc13.example.edu")
-    sent = await world.send(*to)
-    dsn = sample(
-        "rfc3464-multiple.eml",
-        **{"<199407081321.JAA13162@shop.example>": sent.message_id},
-    )
-    result = await world.processor.process(dsn, mail_from="", rcpt_to=[f"fbl@{DOMAIN}"])
-    assert [(i.kind, i.delivery_id) for i in result.recorded] == [
-        (FeedbackKind.BOUNCED, sent.ids[to[0]]),
-        (FeedbackKind.DELAYED, sent.ids[to[1]]),
-        (FeedbackKind.BOUNCED, sent.ids[to[2]]),
-    ]
-    assert [await world.state(sent, a) for a in to] == [
-        RecipientState.BOUNCED, RecipientState.SENT, RecipientState.BOUNCED,
-    ]  # fmt: skip
+    alone = await world.send(to[0])
+    shared = await world.send(to[1], to[2])
+    for sent in (alone, shared):
+        dsn = sample(
+            "rfc3464-multiple.eml",
+            **{"<199407081321.JAA13162@shop.example>": sent.message_id},
+        )
+        result = await world.processor.process(dsn, mail_from="", rcpt_to=[f"fbl@{DOMAIN}"])
+        if sent is alone:
+            assert [(i.kind, i.delivery_id) for i in result.recorded] == [
+                (FeedbackKind.BOUNCED, sent.ids[to[0]])
+            ]
+        else:
+            assert result.recorded == () and result.disposition is Disposition.UNMATCHED
+    assert await world.state(alone, to[0]) is RecipientState.BOUNCED
+    assert [await world.state(shared, a) for a in to[1:]] == [RecipientState.SENT] * 2
 
 
 async def test_a_forwarded_recipient_is_matched_by_its_token(world: World) -> None:
+    """The address forwarded to failed: the delivery bounced, but the address postlane sent
+    to is not proven bad, so it is not suppressed."""
     sent = await world.send("old-name@example.net")
     verp = world.verp(sent, "old-name@example.net")
     result = await world.processor.process(
         sample("postfix-failed.eml", return_path=verp), mail_from="", rcpt_to=[verp]
     )
     assert await world.state(sent, "old-name@example.net") is RecipientState.BOUNCED
-    assert result.recorded[0].delivery_id == sent.ids["old-name@example.net"]
+    [item] = result.recorded
+    assert item.delivery_id == sent.ids["old-name@example.net"]
+    assert item.text is not None
+    assert "(for nobody@example.net, reached through old-name@example.net)" in item.text
+    assert await world.suppressions() == set()
+
+
+async def test_one_failing_member_of_a_list_never_suppresses_the_list(world: World) -> None:
+    """A DSN about one member (``Final-Recipient``) of the list postlane sent to (its
+    ``Original-Recipient``) arrives at the list's own return path."""
+    sent = await world.send("list@lists.example")
+    verp = world.verp(sent, "list@lists.example")
+    content = sample("postfix-failed.eml", return_path=verp).replace(
+        b"Original-Recipient: rfc822;nobody@example.net",
+        b"Original-Recipient: rfc822;list@lists.example",
+    )
+    result = await world.processor.process(content, mail_from="", rcpt_to=[verp])
+    assert [i.delivery_id for i in result.recorded] == [sent.ids["list@lists.example"]]
+    assert await world.suppressions() == set()
+    again = await world.send("list@lists.example", sender="news@other.example")
+    assert await world.state(again, "list@lists.example") is RecipientState.SENT
 
 
 async def test_a_list_expansions_failures_never_bounce_the_list(world: World) -> None:

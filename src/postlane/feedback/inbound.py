@@ -12,9 +12,15 @@ Matching
        ``X-Postfix-Sender``, a complaint's ``Original-Mail-From``) are used the same way.
        A report naming one recipient is matched to the one delivery a token names even when
        the addresses differ (forwarding rewrote it); a report naming several matches a
-       token's delivery by address only (a list's expansion never bounces the list).
-    2. Else the original's ``Message-ID`` (from its returned headers) and the recipient's
-       address: ``store.find_deliveries(address, message_id=...)``.
+       token's delivery by address only (a list's expansion never bounces the list). What a
+       report with a token says about other recipients is ignored (kept for review): a
+       recipient's own token must not let it report on the others of its message.
+    2. Else (no token anywhere) the original's ``Message-ID`` (from its returned headers) and
+       the recipient's address, for a message sent to that address alone:
+       ``store.find_deliveries(address, message_id=..., sole=True)``. The Message-ID and the
+       ``To`` header are what every recipient of a message sees, so for a message with
+       several recipients they prove nothing: one of them could otherwise bounce or
+       complain for another.
 
 Classification and recording (``classify()`` on the diagnostic, with the DSN's ``Status``
 put in when the text has none; see :meth:`RecipientStatus.reply`)
@@ -176,8 +182,13 @@ def feedback_for(
     suppression = None
     if status.action is Action.FAILED:
         kind = FeedbackKind.BOUNCED
-        if verdict.cls is ReplyClass.HARD_BOUNCE:
+        # a failure of another final recipient (a list's member, an alias's or a forward's
+        # target) is no proof that the address postlane sent to is bad: never suppress it
+        elsewhere = status.recipient is not None and status.recipient.lower() != ref.address.lower()
+        if verdict.cls is ReplyClass.HARD_BOUNCE and not elsewhere:
             suppression = ("*", "hard_bounce", None)
+        elif elsewhere:
+            reply = f"{reply} (for {status.recipient}, reached through {ref.address})"
     elif status.action is Action.DELAYED:
         if verdict.cls is ReplyClass.DELIVERED:
             verdict = replace(verdict, cls=ReplyClass.TEMPORARY)
@@ -371,7 +382,7 @@ class BounceProcessor:
             ids = list(self.return_paths.find(text))
         by_token = await self.store.delivery_refs(list(dict.fromkeys(ids))) if ids else []
         if parsed.kind is ReportKind.ARF:
-            return await self._match_complaint(parsed, by_token)
+            return await self._match_complaint(parsed, by_token, had_token=bool(ids))
         statuses = parsed.recipients
         if not statuses:
             return [], ["the report names no recipient"]
@@ -381,7 +392,7 @@ class BounceProcessor:
             refs = [r for r in by_token if r.address.lower() in status.addresses]
             if not refs and len(by_token) == 1 and len(statuses) == 1:
                 refs = by_token  # the one recipient the token names, whatever it is called now
-            if not refs and parsed.message_id:
+            if not refs and not ids and parsed.message_id:
                 refs = await self._by_message_id(status.addresses, parsed.message_id)
             if refs:
                 matches.extend(_Match(status, ref) for ref in refs)
@@ -390,22 +401,24 @@ class BounceProcessor:
         return _unique(matches), notes
 
     async def _match_complaint(
-        self, parsed: ParsedReport, by_token: Sequence[DeliveryRef]
+        self, parsed: ParsedReport, by_token: Sequence[DeliveryRef], *, had_token: bool
     ) -> tuple[list[_Match], list[str]]:
         assert parsed.complaint is not None
         recipients = parsed.complaint.recipients
         refs = [r for r in by_token if r.address.lower() in recipients]
         if not refs and len(by_token) == 1:
             refs = list(by_token)  # feedback loops redact the recipient: the token is enough
-        if not refs and parsed.message_id:
+        if not refs and not had_token and parsed.message_id:
             refs = await self._by_message_id(recipients, parsed.message_id)
         if not refs:
-            return [], [_unmatched_note(recipients, parsed.message_id, bool(by_token))]
+            return [], [_unmatched_note(recipients, parsed.message_id, had_token)]
         return _unique([_Match(None, ref) for ref in refs]), []
 
     async def _by_message_id(self, addresses: Sequence[str], message_id: str) -> list[DeliveryRef]:
+        """The delivery to one of ``addresses`` of a message with ``message_id`` sent to that
+        address alone (see the module docstring: Matching)."""
         for address in addresses:
-            found = await self.store.find_deliveries(address, message_id=message_id)
+            found = await self.store.find_deliveries(address, message_id=message_id, sole=True)
             if found:
                 return found
         return []
@@ -482,7 +495,11 @@ def _not_feedback(parsed: ParsedReport) -> str | None:
 def _unmatched_note(addresses: Sequence[str], message_id: str | None, had_token: bool) -> str:
     who = ", ".join(addresses) or "an unnamed recipient"
     by = f"Message-ID {message_id}" if message_id else "no Message-ID"
-    token = "its token names another recipient" if had_token else "no valid VERP token"
+    token = (
+        "its token names another recipient"
+        if had_token
+        else "no valid VERP token, and a Message-ID names only a message sent to that address alone"
+    )
     return f"no delivery matches {who} ({by}; {token})"
 
 

@@ -349,10 +349,16 @@ class FeedbackStore(Protocol):
         ...
 
     async def find_deliveries(
-        self, address: str, *, queue_id: str | None = None, message_id: str | None = None
+        self,
+        address: str,
+        *,
+        queue_id: str | None = None,
+        message_id: str | None = None,
+        sole: bool = False,
     ) -> list[DeliveryRef]:
         """The deliveries to ``address`` of the message with postlane's id ``queue_id``, or
-        with the Message-ID header ``message_id``."""
+        with the Message-ID header ``message_id``; with ``sole``, only of messages that had no
+        other recipient (whose Message-ID no one else saw)."""
         ...
 
     async def record_feedback(self, items: Sequence[Feedback], now: float) -> list[FeedbackResult]:

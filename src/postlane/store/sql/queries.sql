@@ -405,6 +405,14 @@ FROM messages m JOIN deliveries d ON d.queue_id = m.id
 WHERE m.message_id = :message_id AND lower(d.address) = :address
 ORDER BY d.id;
 
+-- name: sole_deliveries_of_message_id_to
+-- The same, of messages sent to that address alone (whose Message-ID no other recipient saw).
+SELECT d.id, d.queue_id, d.address, d.state, d.lane, m.sender
+FROM messages m JOIN deliveries d ON d.queue_id = m.id
+WHERE m.message_id = :message_id AND lower(d.address) = :address
+  AND NOT EXISTS (SELECT 1 FROM deliveries o WHERE o.queue_id = m.id AND o.id <> d.id)
+ORDER BY d.id;
+
 -- name: insert_unmatched
 -- Keep a report nothing matched, for the operator.
 INSERT INTO feedback_unmatched (received_at, source, kind, reason, mail_from, rcpt_to, content)
