@@ -182,6 +182,8 @@ def test_mailgun_tokens_are_taken_once_until_they_expire() -> None:
         ("-1000", "X-Timestamp is not Unix seconds"),
         ("1e3", "X-Timestamp is not Unix seconds"),
         ("\u0661\u0662", "X-Timestamp is not Unix seconds"),  # digits, but not ASCII ones
+        ("9" * 5000, "X-Timestamp is not Unix seconds"),  # more digits than int() takes
+        ("0" * 19, "X-Timestamp is not Unix seconds"),
     ],
 )
 def test_a_signed_timestamp_is_unix_seconds_within_max_age(

@@ -182,13 +182,8 @@ def feedback_for(
     suppression = None
     if status.action is Action.FAILED:
         kind = FeedbackKind.BOUNCED
-        # a failure of another final recipient (a list's member, an alias's or a forward's
-        # target) is no proof that the address postlane sent to is bad: never suppress it
-        elsewhere = status.recipient is not None and status.recipient.lower() != ref.address.lower()
-        if verdict.cls is ReplyClass.HARD_BOUNCE and not elsewhere:
+        if verdict.cls is ReplyClass.HARD_BOUNCE:
             suppression = ("*", "hard_bounce", None)
-        elif elsewhere:
-            reply = f"{reply} (for {status.recipient}, reached through {ref.address})"
     elif status.action is Action.DELAYED:
         if verdict.cls is ReplyClass.DELIVERED:
             verdict = replace(verdict, cls=ReplyClass.TEMPORARY)
@@ -460,7 +455,14 @@ class BounceProcessor:
 
     def _feedback(self, parsed: ParsedReport, match: _Match, source: str, now: float) -> Feedback:
         if match.status is not None:
-            return feedback_for(match.status, match.ref, source=source, at=now)[0]
+            item = feedback_for(match.status, match.ref, source=source, at=now)[0]
+            final = match.status.recipient
+            if item.kind is FeedbackKind.BOUNCED and final not in (None, match.ref.address.lower()):
+                # another final recipient failed (a list's member, an alias's or a forward's
+                # target): no proof that the address postlane sent to is bad
+                text = f"{item.text} (for {final}, reached through {match.ref.address})"
+                item = replace(item, suppression=None, text=text)
+            return item
         assert parsed.complaint is not None
         return Feedback(
             FeedbackKind.COMPLAINED,

@@ -146,7 +146,8 @@ def read_json(body: bytes) -> Any:
 def check_timestamp(timestamp: str, now: float, max_age: float, name: str) -> None:
     """Refuse (:class:`Unverified`) a signed timestamp, called ``name`` in the error, that is not
     Unix seconds or is older (or further ahead) than ``max_age`` seconds."""
-    if not timestamp.isascii() or not timestamp.isdigit():
+    # past 18 digits it is no time (and past 4,300 Python's int() refuses it: a 500)
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 18:
         raise Unverified(f"{name} is not Unix seconds")
     if abs(now - int(timestamp)) > max_age:
         raise Unverified(f"{name} is outside max_age")
