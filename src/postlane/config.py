@@ -288,6 +288,8 @@ class BouncesConfig:
     #: a client idle this long, or one message's reading and recording, is cut off
     timeout: float = _setting(300.0, _timeout)
     max_connections: int = _setting(100, _positive_int)
+    #: clients connected at once from one address (an IPv6 /64); the next is told 421
+    max_connections_per_address: int = _setting(10, _positive_int)
     #: local parts at the domain taken without a token: a feedback loop's address ("fbl")
     report_addresses: tuple[str, ...] = _setting((), _strings)
     #: where a complaint suppresses its recipient: "sender-domain" (mail from the complained-

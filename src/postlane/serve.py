@@ -134,6 +134,7 @@ def _bounce_listener(
         listen=bounces.listen,
         max_size=bounces.max_size,
         max_connections=bounces.max_connections,
+        max_connections_per_address=bounces.max_connections_per_address,
         timeout=bounces.timeout,
         hostname=config.smtp.hostname,
         report_addresses=bounces.report_addresses,

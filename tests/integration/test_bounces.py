@@ -869,6 +869,65 @@ async def test_clients_over_the_connection_cap_are_told_421(sqlite_world: World)
     assert counted.refusals == ["connections"]
 
 
+async def test_one_address_gets_only_its_share_of_the_connections(sqlite_world: World) -> None:
+    """One client cannot hold every connection and keep the internet's bounces out."""
+    async with listening(sqlite_world, max_connections=10, max_connections_per_address=2) as (
+        port,
+        counted,
+    ):
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for reader, _ in held:
+            assert (await reader.readline()).startswith(b"220")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await reader.readline() == (
+            b"421 4.7.0 Too many connections from your address, try again later\r\n"
+        )
+        writer.close()
+        held[0][1].close()
+        await held[0][1].wait_closed()
+        async with asyncio.timeout(5):  # its place is free again once the server notices
+            while True:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                greeting = await reader.readline()
+                writer.close()
+                if greeting.startswith(b"220"):
+                    break
+        held[1][1].close()
+    assert counted.refusals[0] == "connections"
+
+
+async def test_a_client_saying_only_noop_is_dropped_after_100(sqlite_world: World) -> None:
+    """Without the limit a NOOP before each timeout would hold a connection for ever."""
+    async with listening(sqlite_world) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await reader.readline()).startswith(b"220")
+        writer.write(b"EHLO mta.example\r\n" + b"NOOP\r\n" * 101)
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+        writer.close()
+    lines = answer.splitlines()
+    assert lines.count(b"250 OK") == 100
+    assert lines[-1] == b"421 4.7.0 Error: too many commands that move no mail, goodbye"
+
+
+async def test_a_client_moving_mail_may_noop_between_messages(sqlite_world: World) -> None:
+    world = sqlite_world
+    sent = await world.send("nobody@example.net")
+    verp = world.verp(sent, "nobody@example.net")
+    dsn = sample("postfix-failed.eml", return_path=verp)
+    async with listening(world) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await reader.readline()).startswith(b"220")
+        writer.write(b"EHLO mta.example\r\n" + b"NOOP\r\n" * 90)
+        writer.write(b"MAIL FROM:<>\r\nRCPT TO:<" + verp.encode() + b">\r\nDATA\r\n")
+        writer.write(dsn + b"\r\n.\r\n" + b"NOOP\r\n" * 90 + b"QUIT\r\n")
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+    lines = answer.splitlines()
+    assert lines.count(b"250 OK") == 180 and lines[-1].startswith(b"221")
+
+
 async def test_an_idle_client_is_dropped_after_the_timeout(sqlite_world: World) -> None:
     async with listening(sqlite_world, timeout=0.3) as (port, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

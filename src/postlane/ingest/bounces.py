@@ -14,7 +14,9 @@ Limits
     large attachment is handled) is read to its end, as RFC 5321 asks, and refused with 552.
     Of a message within the limit at most ``keep`` bytes are held in memory and parsed (every
     report puts its report before the returned message); an idle client is dropped after
-    ``timeout``; at most ``max_connections`` clients at once, the next is told 421.
+    ``timeout``, and one saying only NOOP, RSET and the like after 100 of them; at most
+    ``max_connections`` clients at once and ``max_connections_per_address`` from one address
+    (an IPv6 /64), the next is told 421.
 Durability
     Each message is processed by :class:`postlane.feedback.inbound.BounceProcessor` and
     answered 250 only once its feedback is recorded or the message is kept unmatched. A
@@ -25,6 +27,7 @@ Durability
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -34,6 +37,7 @@ from typing import Protocol
 
 from postlane.feedback.inbound import BounceProcessor, InboundResult
 from postlane.feedback.reports import PARSE_LIMIT
+from postlane.ingest.smtp_auth import address_key
 from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
 from postlane.waits import MailFirst
 
@@ -71,6 +75,8 @@ class BounceListenerSettings:
     #: address a feedback loop was registered with (its reports are matched by the original's
     #: return path instead)
     report_addresses: tuple[str, ...] = ()
+    #: clients connected at once from one address (an IPv6 /64)
+    max_connections_per_address: int = 10
 
 
 class BounceObserver(Protocol):
@@ -116,18 +122,30 @@ class BounceHandler:
         self.report_addresses = frozenset(a.lower() for a in settings.report_addresses)
         #: clients connected now (the cap counts them), closed when the listener stops
         self.sessions: set[SmtpConnection] = set()
+        self._per_address: collections.Counter[str] = collections.Counter()
         self.processed = 0
         self.closing = False
 
     def admit(self, connection: SmtpConnection, host: str) -> str | None:
+        key = address_key(host)
         if len(self.sessions) >= self.settings.max_connections:
             self.observer.refused("connections")
             return "421 4.7.0 Too many connections, try again later"
+        if self._per_address[key] >= self.settings.max_connections_per_address:
+            self.observer.refused("connections")
+            return "421 4.7.0 Too many connections from your address, try again later"
         self.sessions.add(connection)
+        self._per_address[key] += 1
         return None
 
     def release(self, connection: SmtpConnection, host: str) -> None:
+        if connection not in self.sessions:
+            return
         self.sessions.discard(connection)
+        key = address_key(host)
+        self._per_address[key] -= 1
+        if self._per_address[key] <= 0:
+            del self._per_address[key]
 
     def accepts(self, address: str) -> bool:
         """Whether mail for ``address`` is taken: at the bounce domain, with a valid token (or

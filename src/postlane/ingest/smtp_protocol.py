@@ -60,6 +60,11 @@ log = logging.getLogger("postlane.smtp")
 
 #: unknown commands before the connection is closed
 BOGUS_LIMIT = 5
+#: commands that move no mail (NOOP, RSET, VRFY, EXPN, HELP) between two messages before the
+#: connection is closed, as Postfix's ``smtpd_junk_command_limit``: a client cannot hold a
+#: connection (one of the listener's few) forever by saying NOOP before each timeout
+JUNK_LIMIT = 100
+_JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 #: input buffered while a command is being answered; past it, reading pauses
 BUFFER_LIMIT = 64 * 1024
 #: the reply to a MAIL or RCPT path that cannot be parsed, by its keyword (ESMTP adds to it)
@@ -92,6 +97,7 @@ class SmtpConnection(asyncio.Protocol):
         self._close_after_flush = False
         self._skipping_line = False  # the rest of an over-long line is being dropped
         self._bogus = BOGUS_LIMIT
+        self._junk = JUNK_LIMIT
         self._auth_failures = 0
         self._paused = False
         self._task: asyncio.Task[None] | None = None
@@ -322,6 +328,13 @@ class SmtpConnection(asyncio.Protocol):
                 return
             self._reply(f'500 Error: command "{command}" not recognized')
             return
+        if command in _JUNK:
+            self._junk -= 1
+            if self._junk < 0:
+                self._reply("421 4.7.0 Error: too many commands that move no mail, goodbye")
+                self._close_after_flush = True
+                self.phase = _BUSY
+                return
         self._set_deadline(self.settings.command_timeout)
         try:
             method(self, arg)
@@ -541,6 +554,8 @@ class SmtpConnection(asyncio.Protocol):
             reply = await self.handler.data(session, envelope)
         except Exception as error:
             reply = self.handler.failed(session, error)
+        if reply.startswith("2"):
+            self._junk = JUNK_LIMIT  # a client moving mail may RSET or NOOP between messages
         self._task = None
         self.envelope = Envelope()
         self.phase = _COMMAND
