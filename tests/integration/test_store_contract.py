@@ -1256,6 +1256,24 @@ async def test_unmatched_reports_are_kept_for_review(store: Any) -> None:
     assert await store.purge_unmatched(T0 + 1) == 1
 
 
+async def test_unmatched_reports_are_kept_up_to_a_total_size_the_oldest_going_first(
+    store: Any,
+) -> None:
+    """Anybody may send to the bounce domain: what nothing matched must not fill the disk."""
+    from postlane.feedback import Report
+
+    store.unmatched_limit = 10 * (1000 + 512)  # ten reports of 1,000 bytes
+    store.unmatched_trim_every = 5
+    ids = [
+        await store.record_unmatched(Report("bounce listener", "unknown", b"x" * 1000), "junk", T0)
+        for _ in range(24)
+    ]
+    kept = [u.id for u in await store.list_unmatched(limit=100)]
+    assert kept[0] == ids[-1] and ids[-5] in kept  # the newest stay
+    assert ids[0] not in kept and len(kept) <= 10 + 4  # trimmed at every fifth, at most 4 over
+    assert len(kept) >= 10
+
+
 async def test_a_shared_secret_is_made_once(store: Any) -> None:
     first = await store.secret("verp", T0)
     assert len(first) == 32 and await store.secret("verp", T0 + 1) == first

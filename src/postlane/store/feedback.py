@@ -46,6 +46,13 @@ UNMATCHED_CONTENT_LIMIT = 256 * 1024
 class SQLFeedback(SQLRole):
     """Feedback after the first hop."""
 
+    #: unmatched reports kept at most, in bytes of content (each counted 512 bytes more for
+    #: its row): the oldest beyond it are forgotten, so whoever may send to the bounce domain
+    #: (anybody, at a report address or a return path of theirs) cannot fill the disk
+    unmatched_limit = 64 * 1024 * 1024
+    #: the limit is enforced at every this many-th report kept (the sum is a scan)
+    unmatched_trim_every = 50
+
     async def delivery_refs(self, delivery_ids: Sequence[int]) -> list[DeliveryRef]:
         """The deliveries with these ids that exist (a token names one by id)."""
         found = await self.db.read(lambda: fetch("deliveries_by_id", {"ids": list(delivery_ids)}))
@@ -82,7 +89,8 @@ class SQLFeedback(SQLRole):
 
     async def record_unmatched(self, report: Report, reason: str, now: float) -> int:
         """Keep a report nothing matched (or nothing could read) for the operator, saying
-        why; returns its id. The content is kept up to :data:`UNMATCHED_CONTENT_LIMIT` bytes."""
+        why; returns its id. The content is kept up to :data:`UNMATCHED_CONTENT_LIMIT` bytes,
+        and the reports kept up to :attr:`unmatched_limit` bytes in all (the oldest go)."""
         params = {
             "received_at": now,
             "source": report.source,
@@ -92,9 +100,17 @@ class SQLFeedback(SQLRole):
             "rcpt_to": report.rcpt_to,
             "content": report.content[:UNMATCHED_CONTENT_LIMIT],
         }
-        row = await self.db.write(lambda: fetch_one("insert_unmatched", params))
-        assert row is not None
-        return int(row["id"])
+        trim_every, limit = self.unmatched_trim_every, self.unmatched_limit
+
+        def run() -> Plan[int]:
+            row = yield from fetch_one("insert_unmatched", params)
+            assert row is not None
+            kept = int(row["id"])
+            if kept % trim_every == 0:
+                yield from execute("trim_unmatched", {"max_bytes": limit})
+            return kept
+
+        return await self.db.write(run)
 
     async def list_unmatched(self, *, limit: int) -> list[UnmatchedFeedback]:
         """Unmatched reports, newest first (without their contents)."""

@@ -430,6 +430,15 @@ SELECT id, received_at, source, kind, reason, mail_from, rcpt_to, length(content
        content
 FROM feedback_unmatched WHERE id = :id;
 
+-- name: trim_unmatched
+-- Forget the oldest unmatched reports beyond a total size (each row counted 512 bytes more).
+DELETE FROM feedback_unmatched WHERE id IN (
+    SELECT id FROM (
+        SELECT id, sum(length(content) + 512) OVER (ORDER BY id DESC) AS kept
+        FROM feedback_unmatched
+    ) AS newest WHERE kept > :max_bytes
+);
+
 -- name: purge_unmatched
 -- Forget unmatched reports older than their retention.
 DELETE FROM feedback_unmatched WHERE received_at < :before;
