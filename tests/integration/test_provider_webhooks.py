@@ -600,6 +600,28 @@ async def test_postmark_without_the_right_credentials_is_refused(site: Site) -> 
     await site.unchanged()
 
 
+async def test_guessing_postmarks_password_is_slowed_and_logged_once_a_minute(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API's wrong-token rule at the webhook door: five free tries, then 429 with
+    Retry-After before the next is even looked at; one log line, not one per guess."""
+    body = sample("postmark-bounce.json", **site.values())
+    caplog.set_level("WARNING", logger="postlane")
+    answers = [await site.post_postmark(body, (POSTMARK_USER, f"guess-{i}")) for i in range(30)]
+    assert [a.status_code for a in answers[:5]] == [401] * 5
+    assert {a.status_code for a in answers[6:]} == {429}
+    assert int(answers[-1].headers["retry-after"]) >= 1
+    assert answers[-1].json()["error"]["code"] == "too_many_attempts"
+    right = await site.post_postmark(body)  # the right password, from the same client, waits
+    assert right.status_code == 429
+    await site.unchanged()
+    site.asgi.state.provider_webhooks.refusals.flush()
+    lines = [m for r in caplog.records if "provider webhooks refused" in (m := r.getMessage())]
+    assert 1 <= len(lines) <= 2  # the first refusal at once, the rest in the minute's line
+    assert "postmark" in lines[-1] and "wrong basic auth credentials" in lines[-1]
+    assert all("guess-" not in r.getMessage() for r in caplog.records)
+
+
 # -- Mailgun ---------------------------------------------------------------------------------
 
 

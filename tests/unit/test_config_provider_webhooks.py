@@ -99,6 +99,23 @@ def test_a_bad_verification_key_is_refused_without_being_shown() -> None:
         assert "verification_key" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("provider", "table", "key"),
+    [
+        ("postmark", {"username": "postmark", "password": "hunter2"}, "password"),
+        ("mailgun", {"signing_key": "k3y-0f-12-chars"}, "signing_key"),
+    ],
+)
+def test_a_secret_a_guesser_could_find_is_refused_without_being_shown(
+    provider: str, table: dict[str, str], key: str
+) -> None:
+    """Postmark's basic auth is a password anybody may try: as the API's tokens, it needs 16
+    characters or more."""
+    with pytest.raises(ConfigError, match=f"webhooks.{provider}.{key}: .* at least 16") as bad:
+        config_from_dict({"webhooks": {provider: table}})
+    assert table[key] not in bad.value.message
+
+
 def test_a_secret_and_its_file_together_are_refused(tmp_path: Path) -> None:
     (tmp_path / "k").write_text(SIGNING_KEY)
     table = {"mailgun": {"signing_key": SIGNING_KEY, "signing_key_file": "k"}}

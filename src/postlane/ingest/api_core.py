@@ -246,7 +246,8 @@ class _DoorMetrics(Collector):
         attempts = self.api.tokens.attempts
         failures = CounterMetricFamily(
             "postlane_http_auth_failures",
-            "Wrong tokens, by door (api: a bearer token; dashboard; login: the login form)",
+            "Wrong tokens, by door (api: a bearer token; dashboard; login: the login form; "
+            "webhook: a provider webhook's signature or password)",
             labels=["door"],
         )
         throttled = CounterMetricFamily(
@@ -274,7 +275,7 @@ class _DoorMetrics(Collector):
         yield refused
 
 
-_DOORS = ("api", "dashboard", "login")
+_DOORS = ("api", "dashboard", "login", "webhook")
 
 
 def install(

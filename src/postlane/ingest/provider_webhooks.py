@@ -11,7 +11,10 @@ request budget, and every error is JSON.
   never an error: the provider would send it again forever).
 - ``401`` ``unauthorized``: the proof is missing, wrong, expired or replayed, the SNS topic is
   not listed, or its certificate is not Amazon's; or that provider's ``[webhooks.NAME]`` table
-  is not configured (nothing can verify it; the message says so). Nothing changes.
+  is not configured (nothing can verify it; the message says so). Nothing changes. Refusals
+  count as the API's wrong tokens do (door ``webhook``): a client refused too often waits
+  (``429`` with ``Retry-After``) before its next request is looked at, so Postmark's password
+  cannot be guessed at speed; they are logged as one line a minute, with the last reason.
 - ``400`` ``invalid_json``: not JSON, or not the provider's shape.
 - ``413``: over :data:`MAX_BODY`. ``503`` (with ``Retry-After``): the store cannot record, or a
   delivery the events name is still being sent; the provider sends them again.
@@ -21,14 +24,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import Response
 
-from postlane.auth import Caller
+from postlane.auth import Caller, TooManyAttempts, client_key
 from postlane.feedback.inbound import ComplaintScope
 from postlane.feedback.providers import Malformed, Received, Unverified
 from postlane.feedback.providers.mailgun import MailgunReceiver
@@ -39,6 +42,7 @@ from postlane.feedback.providers.ses import SESReceiver
 from postlane.feedback.providers.sns import SigningCertificates
 from postlane.ingest.api_core import STORE_RETRY_AFTER, ApiJSON, context_of, read_body
 from postlane.ingest.bodies import ApiError
+from postlane.ingest.tally import Tally
 
 if TYPE_CHECKING:
     from postlane.ingest.door import FrontDoor
@@ -70,6 +74,23 @@ class ProviderWebhooks:
     recorder: EventRecorder
     certificates: SigningCertificates
     metrics: Metrics | None = None
+    #: why each provider's last refused request was refused
+    last_refusals: dict[str, str] = field(default_factory=dict)
+    #: refused requests by provider, logged as a line a minute (with the last reasons)
+    refusals: Tally = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.refusals = Tally(log, self._describe_refusals)
+
+    def refused(self, provider: str, reason: str) -> None:
+        self.last_refusals[provider] = reason[:200]
+        self.refusals.count(provider)
+
+    def _describe_refusals(self, counts: dict[str, int]) -> str:
+        return "provider webhooks refused since the last such line: " + "; ".join(
+            f"{provider} {n} (last: {self.last_refusals.get(provider, '?')})"
+            for provider, n in sorted(counts.items())
+        )
 
 
 def install_provider_webhooks(
@@ -111,12 +132,23 @@ async def provider_webhook(request: Request, caller: Caller) -> Response:
             f"[webhooks.{provider}] is not configured: nothing here can verify this request",
         )
     api = context_of(request)
+    client = client_key(request)
+    try:
+        api.tokens.attempts.check(client, "webhook")
+    except TooManyAttempts as exc:
+        raise ApiError(
+            429,
+            "too_many_attempts",
+            f"too many refused requests from this client: retry after {exc.retry_after} s",
+            {"Retry-After": str(exc.retry_after)},
+        ) from None
     body = bytes(await read_body(request, MAX_BODY))
     try:
         received = await receiver.receive(request.headers, body, api.postlane.clock.now())
     except Unverified as exc:
         _count(hooks, provider, "unverified")
-        log.warning("a %s webhook was refused: %s", provider, exc)
+        api.tokens.attempts.failed(client, "webhook")
+        hooks.refused(provider, str(exc))
         headers = {"WWW-Authenticate": 'Basic realm="postlane"'} if provider == "postmark" else None
         raise ApiError(
             401, "unauthorized", f"not verified as {provider}'s: {exc}", headers

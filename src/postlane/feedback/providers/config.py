@@ -177,6 +177,21 @@ def _text(value: Any) -> str:
     return text
 
 
+#: the shortest secret a guesser is to meet (the API's tokens need as many characters)
+MIN_SECRET_LENGTH = 16
+
+
+def _strong(value: Any) -> str:
+    """A secret long enough not to be guessed (never shown in the error)."""
+    text = _text(value)
+    if len(text) < MIN_SECRET_LENGTH:
+        raise ValueError(
+            f"{len(text)} characters; a secret needs at least {MIN_SECRET_LENGTH} (make one "
+            "with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    return text
+
+
 def _topic_arns(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise toml_values.expected(
@@ -224,13 +239,13 @@ def _sendgrid(table: _Table) -> SendGridWebhook:
 
 def _postmark(table: _Table) -> PostmarkWebhook:
     return PostmarkWebhook(
-        username=table.get("username", _text), password=table.get("password", _text)
+        username=table.get("username", _text), password=table.get("password", _strong)
     )
 
 
 def _mailgun(table: _Table) -> MailgunWebhook:
     return MailgunWebhook(
-        signing_key=table.get("signing_key", _text),
+        signing_key=table.get("signing_key", _strong),
         max_age=table.get("max_age", toml_values.duration, DEFAULT_MAX_AGE),
     )
 
