@@ -219,6 +219,40 @@ def test_headers_that_are_not_utf8_are_read_with_replacement_characters() -> Non
     report.subject.encode("utf-8")  # no lone surrogates left
 
 
+_UTF8_DSN = (
+    "From: MAILER-DAEMON@mx.example\r\nTo: b-7-x@bounce.example\r\nMIME-Version: 1.0\r\n"
+    "Content-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
+    "--B\r\nContent-Type: text/plain\r\n\r\nUnzustellbar\r\n"
+    "--B\r\nContent-Type: {status_type}\r\n\r\nReporting-MTA: dns; mx.example\r\n\r\n"
+    "Final-Recipient: {address_type}; j\u00f6rg@dest.example\r\nAction: failed\r\n"
+    "Status: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 Empf\u00e4nger unbekannt\r\n\r\n"
+    "--B\r\nContent-Type: {headers_type}\r\n\r\nMessage-ID: <m1@shop.example>\r\n"
+    "To: j\u00f6rg@dest.example\r\n\r\n--B--\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("status_type", "address_type", "headers_type"),
+    [
+        ("message/delivery-status", "rfc822", "text/rfc822-headers"),
+        ("message/global-delivery-status", "utf-8", "message/global-headers"),  # RFC 6533
+    ],
+)
+def test_a_utf8_dsn_keeps_its_words_and_its_address(
+    status_type: str, address_type: str, headers_type: str
+) -> None:
+    """8-bit UTF-8 in a DSN's fields (SMTPUTF8, RFC 6533) is read as UTF-8: the address can be
+    matched, the diagnostic says what the server said."""
+    content = _UTF8_DSN.format(
+        status_type=status_type, address_type=address_type, headers_type=headers_type
+    ).encode("utf-8")
+    report = parse_report(content)
+    [status] = report.recipients
+    assert status.recipient == "j\u00f6rg@dest.example"
+    assert status.diagnostic == "550 5.1.1 Empf\u00e4nger unbekannt"
+    assert report.message_id == "<m1@shop.example>"
+
+
 @pytest.mark.parametrize(
     "content",
     [

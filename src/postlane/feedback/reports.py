@@ -275,7 +275,12 @@ def _original(parts: Sequence[Message]) -> Message | None:
             payload = part.get_payload()
             if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 return payload[0]
-        if kind in ("text/rfc822-headers", "message/rfc822-headers", "text/global-headers"):
+        if kind in (
+            "text/rfc822-headers",
+            "message/rfc822-headers",
+            "text/global-headers",
+            "message/global-headers",  # RFC 6533 3
+        ):
             return HeaderParser(policy=policy.compat32).parsestr(_part_text(part))
     return None
 
@@ -315,10 +320,13 @@ def _decoded_part(part: Message) -> str:
 def _fields_text(block: Message) -> str:
     """A parsed block back as text: its fields as they were written (folding kept), then
     whatever the parser could not read as fields (much cheaper than ``as_string()``)."""
-    lines = [f"{name}: {value}" for name, value in block.items()]
-    body = block.get_payload()
-    if isinstance(body, str) and body:
-        lines.append(f"\n{body}")
+    # raw_items: the values as received (8-bit bytes as surrogate escapes, which _clean
+    # reads as UTF-8), not items(), which turns them into Header objects printing U+FFFD
+    lines = [f"{name}: {value}" for name, value in block.raw_items()]
+    # the bytes as received, as surrogate escapes too (get_payload() would put U+FFFD for 8-bit)
+    body = None if block.is_multipart() else block.get_payload(decode=True)
+    if isinstance(body, bytes) and body:
+        lines.append("\n" + body.decode("ascii", "surrogateescape"))
     return "\n".join(lines) + "\n"
 
 
