@@ -32,7 +32,6 @@ from postlane.config import Config, load_config
 from postlane.destinations import DestinationMap
 from postlane.errors import NotFound, SuppressedRecipients, ValidationError
 from postlane.events import Event, event_cursor
-from postlane.gate import WAITING_FOR_DESTINATION
 from postlane.message import Message, PreparedMessage, prepare
 from postlane.records import (
     SUPPRESSION_REASONS,
@@ -342,15 +341,13 @@ class AsyncPostlane:
         return names
 
     async def lift_destinations(self, names: Iterable[str]) -> None:
-        """Lift the pauses and slow-downs of ``names`` and make due what they deferred. A
-        relay's (or a provider API's) pause sent its mail back to wait under the recipients'
-        destinations, not under the relay's name: lifting it calls back every delivery waiting
-        for a destination."""
-        now = self.clock.now()
+        """Lift the pauses and slow-downs of ``names`` and make due what they held back (not
+        what waits for a retry of its own). A relay's (or a provider API's) pause or rate
+        sent its mail back to wait under the recipients' destinations, not under the relay's
+        name: lifting it calls back every delivery waiting for a destination."""
         lifted = sorted(set(names))
-        await self.store.lift_destinations(lifted, now)
-        if set(lifted) & shared_destinations(self.config):
-            await self.store.hasten(None, now, WAITING_FOR_DESTINATION)
+        shared = bool(set(lifted) & shared_destinations(self.config))
+        await self.store.lift_destinations(lifted, self.clock.now(), every_waiting=shared)
 
     async def _apply(self, action: QueueAction, ids: list[int], states: Sequence[str]) -> int:
         now = self.clock.now()

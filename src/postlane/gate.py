@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock
 from postlane.message import Lane
-from postlane.records import ClaimedMessage, Delivery
+from postlane.records import WAITING_FOR_DESTINATION, ClaimedMessage, Delivery, paused_reason
 from postlane.store.base import Store
 from postlane.throttle import Admission, Throttle
 from postlane.transports.base import Transport
@@ -44,8 +44,6 @@ log = logging.getLogger("postlane.worker")
 #: how long a process's share of a destination's limits lasts unless renewed (it renews about
 #: once a second; a process that dies gives its share back within this)
 SHARE_LEASE = 3.0
-#: the reason recorded on deliveries sent back to wait for their destination (no attempt)
-WAITING_FOR_DESTINATION = "waiting for the destination's rate, cap or pause"
 
 
 @dataclass
@@ -236,7 +234,7 @@ class ThrottleGate:
         if self._deferred_until.get(destination, 0.0) >= until:
             return True
         self._deferred_until[destination] = until
-        reason = f"destination {destination} is paused"
+        reason = paused_reason(destination)
         paused = self.throttle.paused_until(destination, now) is not None  # else a probe waits
         moved = await self.store.defer_destination(destination, until, now, reason)
         if paused and (
@@ -310,13 +308,13 @@ class ThrottleGate:
         changes = self.throttle.changes(now)
         if changes:
             await self.store.save_destination_states(changes)
-        for name in self.throttle.to_hasten(now):
+        for status in await self.store.destination_states():
+            self.throttle.adopt(status, now)
+        for name in self.throttle.to_hasten(now):  # a lift adopted just now included
             # the relay's rate governs every destination: call back all that wait for it
             destination = None if name == self.relay else name
             if await self.store.hasten(destination, now, WAITING_FOR_DESTINATION):
                 self.wake.set()
-        for status in await self.store.destination_states():
-            self.throttle.adopt(status, now)
         if self._owed:
             await self._give([])
         shares = await self.store.share_destinations(

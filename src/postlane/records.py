@@ -410,6 +410,17 @@ class Selector:
     send_at_by: float | None = None
 
 
+#: the reason recorded on deliveries sent back to wait for their destination (no attempt): a
+#: lift of the destination's limits calls them back
+WAITING_FOR_DESTINATION = "waiting for the destination's rate, cap or pause"
+
+
+def paused_reason(destination: str) -> str:
+    """The reason recorded on a paused destination's backlog, pushed to the pause's end (a
+    lift of the pause calls it back: ``flush_destinations`` matches it)."""
+    return f"destination {destination} is paused"
+
+
 @dataclass(frozen=True)
 class DestinationStatus:
     """What ``stats`` and the HTTP API show about a destination (also what is persisted)."""

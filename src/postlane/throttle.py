@@ -109,6 +109,8 @@ class _Destination:
     urgent_until: float = 0.0
     #: the rate those slots were spaced at (they are pulled in when it grows well past it)
     slotted_rate: float | None = None
+    #: a lift cleared the slots of deliveries still waiting for them: call them back
+    recall: bool = False
     changed: bool = False
     #: the pause is this process's own (it saw the replies): recorded for the fleet. A pause
     #: adopted from the store is not recorded again, so an operator's lift is never undone
@@ -514,6 +516,8 @@ class Throttle:
                 state.changed = True
 
     def _lift(self, state: _Destination) -> None:
+        if state.reserved_until > 0.0:  # deliveries wait for slots at the old rate
+            state.recall = True
         state.paused_until = None
         state.own_pause = False
         state.probing = False
@@ -529,10 +533,15 @@ class Throttle:
         state.reason = None
 
     def to_hasten(self, now: float) -> list[str]:
-        """Destinations whose waiting deliveries were spaced for a rate well below today's:
-        they should be made due now, to be spaced again (call about once a second)."""
+        """Destinations whose waiting deliveries were spaced for a rate well below today's, or
+        whose limits were lifted: they should be made due now, to be spaced again (call about
+        once a second)."""
         names = []
         for state in self._destinations.values():
+            if state.recall:  # lifted: whatever it spaced may go now
+                state.recall = False
+                names.append(state.name)
+                continue
             slotted = state.slotted_rate
             if state.reserved_until <= now or slotted is None:
                 continue

@@ -29,13 +29,19 @@ from typing import Protocol, TypedDict, Unpack
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, DeliveryConfig, ThrottleConfig
-from postlane.gate import WAITING_FOR_DESTINATION, ThrottleGate
+from postlane.gate import ThrottleGate
 from postlane.lanes import HighDemand, LaneScheduler
 from postlane.leases import lease_owner_id, owner_is_dead
 from postlane.message import Lane, RecipientState
 from postlane.policy import Action, Decision, Policy, untried
 from postlane.recorder import Recorder
-from postlane.records import AttemptRecord, ClaimedMessage, Delivery, Outcome
+from postlane.records import (
+    WAITING_FOR_DESTINATION,
+    AttemptRecord,
+    ClaimedMessage,
+    Delivery,
+    Outcome,
+)
 from postlane.store.base import Store
 from postlane.throttle import Throttle
 from postlane.transports.base import Envelope, Response, Transport, interrupted

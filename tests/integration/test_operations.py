@@ -932,3 +932,29 @@ async def test_lifting_a_pause_leaves_scheduled_mail_for_its_time(
     await app.lift_destinations(["example.net"])  # the dashboard's Lift pause
     assert (await recipient(app, soon.id)).next_attempt_at == T0 + 300
     assert (await recipient(app, tomorrow.id)).next_attempt_at == T0 + 86400
+
+
+async def test_a_flush_of_one_message_leaves_the_rest_of_its_destination_to_its_schedule(
+    store: Store, tmp_path: Path
+) -> None:
+    """``queue flush ID`` (``postqueue -i``) retries that message; the other deferred mail of
+    its destination keeps its own retry times (an audit saw 392 recipients go for one)."""
+    clock = FakeClock(T0)
+    app = AsyncPostlane(make_config(tmp_path), store=store, clock=clock)  # opened by the fixture
+    mine = await enqueue_routed(app, "ada@yahoo.com", "yahoo.com")
+    others = [await enqueue_routed(app, f"u{i}@yahoo.com", "yahoo.com") for i in range(3)]
+    for queue_id in (mine, *others):
+        await defer(app, queue_id, T0 + 1200)
+    assert await app.act(QueueAction.FLUSH, Selector(ids=(mine,))) == 1
+    assert (await recipient(app, mine)).next_attempt_at == T0
+    assert [(await recipient(app, q)).next_attempt_at for q in others] == [T0 + 1200] * 3
+
+    # paused: the lift calls back the backlog the pause pushed to its end, not the mail whose
+    # own retry comes after the pause would have ended
+    backlog = await enqueue_routed(app, "bob@yahoo.com", "yahoo.com")
+    await pause(store, "yahoo.com", at=T0, until=T0 + 900)
+    assert (await recipient(app, backlog)).next_attempt_at == T0 + 900
+    assert await app.act(QueueAction.FLUSH, Selector(ids=(others[0],))) == 1
+    assert (await recipient(app, backlog)).next_attempt_at == T0
+    assert (await recipient(app, others[0])).next_attempt_at == T0
+    assert [(await recipient(app, q)).next_attempt_at for q in others[1:]] == [T0 + 1200] * 2

@@ -270,6 +270,22 @@ def test_flush_lifts_pauses_and_slow_downs() -> None:
     assert t.admit(["d"], T0).admitted
 
 
+def test_a_lift_calls_back_what_waits_for_slots_at_the_old_rate() -> None:
+    """Deliveries sent back to wait were given slots at the slowed rate (some minutes away):
+    once an operator's lift is adopted they are made due at the next sync, not left to
+    their slots while nothing limits the destination any more."""
+    t = throttle(min_rate=0.5)
+    assert send(t, T0)
+    t.observe("d", SLOW, T0 + 0.1)
+    slots = [t.admit(["d"], T0 + 0.1).at for _ in range(100)]
+    assert max(s or 0 for s in slots) > T0 + 60  # spaced far ahead at 0.5/s
+    assert t.to_hasten(T0 + 1) == []
+    t.adopt(DestinationStatus("d", None, None, None, LIFTED, updated_at=T0 + 2), T0 + 2)
+    assert t.to_hasten(T0 + 2) == ["d"]
+    assert t.to_hasten(T0 + 3) == []  # once
+    assert t.admit(["d"], T0 + 3).admitted  # and new mail is not slotted behind the old
+
+
 def test_changes_are_persisted_once_and_other_processes_are_adopted() -> None:
     t = throttle(pause_after=1)
     send(t, T0, DOWN)

@@ -253,9 +253,12 @@ class ThrottleStore(Protocol):
         between claims); this process's on SQLite (others' are read at the next sync)."""
         ...
 
-    async def lift_destinations(self, destinations: Sequence[str] | None, now: float) -> int:
-        """End pauses and slow-downs (all when None) and make their deferred deliveries due
-        now; returns how many deliveries became due."""
+    async def lift_destinations(
+        self, destinations: Sequence[str] | None, now: float, *, every_waiting: bool = False
+    ) -> int:
+        """End pauses and slow-downs (all when None) and make due what they held back (the
+        backlog a pause pushed back, what waits for a rate or cap; with ``every_waiting`` or
+        None, what waits for any destination); returns how many deliveries became due."""
         ...
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from postlane.records import DestinationStatus, FleetShares
+from postlane.records import WAITING_FOR_DESTINATION, DestinationStatus, FleetShares
 from postlane.store import rows
 from postlane.store.plans import Plan, SQLRole, batch, execute, fetch, fetch_one
 
@@ -84,7 +84,15 @@ class SQLThrottle(SQLRole):
 
         return await self.db.read(run)
 
-    async def lift_destinations(self, destinations: Sequence[str] | None, now: float) -> int:
+    async def lift_destinations(
+        self, destinations: Sequence[str] | None, now: float, *, every_waiting: bool = False
+    ) -> int:
+        """End the pauses and slow-downs of ``destinations`` (None: all) and make due what
+        they held back: their backlog a pause pushed to its end, and what waits for their
+        rate or cap; with ``every_waiting`` (or None), everything waiting for any destination
+        (a relay's limits hold back mail of every destination). Mail deferred for a retry of
+        its own is left to its schedule; mail scheduled for later goes back to its time."""
+
         def run() -> Plan[int]:
             if destinations is None:
                 lifted = yield from fetch("lift_all_destinations", {"now": now})
@@ -93,9 +101,13 @@ class SQLThrottle(SQLRole):
                 names = list(destinations)
                 yield from execute("lift_destinations", {"destinations": names, "now": now})
             yield from self._announce()
-            params = {"destinations": names, "now": now}
+            params = {"destinations": names, "now": now, "waiting": WAITING_FOR_DESTINATION}
             yield from execute("reschedule_destinations", params)
-            return (yield from execute("flush_destinations", params))
+            made_due = yield from execute("flush_destinations", params)
+            if destinations is None or every_waiting:
+                waiting = {"now": now, "reason": WAITING_FOR_DESTINATION}
+                made_due += yield from execute("hasten_all", waiting)
+            return made_due
 
         made_due = await self.db.write(run)
         self.db.destinations_changed()

@@ -310,12 +310,15 @@ SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_
 RETURNING destination;
 
 -- name: flush_destinations
--- A lifted pause makes the deferred deliveries of these destinations due now, except mail
--- scheduled for later (a pause pushed it back too: it goes back to its send_at).
+-- A lifted pause or slow-down makes due what it held back of these destinations (the backlog
+-- the pause pushed to its end, what waits for their rate or cap), not what waits for a retry
+-- of its own, nor mail scheduled for later (a pause pushed it back too: it goes back to its
+-- send_at).
 UPDATE deliveries
 SET state = 'queued', next_attempt_at = :now, reason = 'flushed', updated_at = :now
 WHERE @any(destination, destinations, text)
   AND state IN ('queued', 'deferred') AND next_attempt_at > :now
+  AND (reason = 'destination ' || destination || ' is paused' OR reason = :waiting)
   AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = deliveries.queue_id
                   AND m.send_at > :now);
 
