@@ -135,6 +135,20 @@ def test_every_selector_of_queue_list(queue: tuple[Config, dict[str, str]]) -> N
     assert names("--lane", "low", "--domain", "example.net") == {"news"}
 
 
+def test_a_listing_cut_at_its_limit_says_so(queue: tuple[Config, dict[str, str]]) -> None:
+    """mailq's footer is the queue's total: a listing cut at --limit must not pass for it."""
+    config, _ = queue
+    code, out, err = cli(config, "queue", "list", "--limit", "2")
+    assert code == 0 and "in 2 messages shown," in out
+    assert "the first 2 messages are shown; more match (--limit to see more)" in err
+    code, out, err = cli(config, "queue", "list", "--limit", "2", "--json")
+    assert code == 0 and len(json.loads(out)) == 2 and "more match" in err
+    code, out, err = cli(config, "queue", "list", "--limit", "1000")
+    assert code == 0 and "shown" not in out and "more match" not in err
+    code, _, err = cli(config, "dlq", "list", "--rows", "--limit", "1")
+    assert code == 0 and "the first 1 dead letters are shown" in err
+
+
 def test_older_than_selects_what_arrived_before(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 

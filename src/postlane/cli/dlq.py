@@ -11,6 +11,7 @@ from postlane.app import QueueAction
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import (
+    first,
     json_or_empty,
     listing,
     out,
@@ -46,7 +47,9 @@ def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> 
     if rows is None:
         rows = as_json
     if not rows:
-        groups = with_app(lambda app: app.dead_groups(selector, limit=limit))
+        groups = first(
+            with_app(lambda app: app.dead_groups(selector, limit=limit + 1)), limit, "groups"
+        )
         if json_or_empty(groups, as_json=as_json, empty="No dead letters"):
             return
         table = listing("Count", "Class", "Domain", "Reply", "Last died", "e.g.", right={"Count"})
@@ -60,7 +63,9 @@ def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> 
             f"-- {sum(g.count for g in groups):,} dead recipient(s) in {len(groups)} group(s)"
         )
         return
-    letters = with_app(lambda app: app.dead_letters(selector, limit=limit))
+    letters = first(
+        with_app(lambda app: app.dead_letters(selector, limit=limit + 1)), limit, "dead letters"
+    )
     if json_or_empty(letters, as_json=as_json, empty="No dead letters"):
         return
     columns = ("Queue ID", "Recipient", "Class", "Attempts", "Died", "Last reply")

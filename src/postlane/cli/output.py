@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import click
 from rich.console import Console, RenderableType
@@ -19,6 +19,8 @@ from rich.table import Table
 from postlane.config import format_duration
 
 out = Console(highlight=False, soft_wrap=True)
+T = TypeVar("T")
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -54,6 +56,16 @@ class Row(Protocol):
     """A listing's row: a record the API also returns as JSON."""
 
     def as_json(self) -> Any: ...
+
+
+def first(rows: Sequence[T], limit: int, what: str) -> Sequence[T]:
+    """The first ``limit`` of ``rows``, read with one more than that to know whether more
+    match: then a note on stderr says so (a listing's footer must never pass for the queue's
+    total, as ``mailq``'s does)."""
+    if len(rows) <= limit:
+        return rows
+    err.print(f"postlane: the first {limit:,} {what} are shown; more match (--limit to see more)")
+    return rows[:limit]
 
 
 def json_or_empty(rows: Sequence[Row], *, as_json: bool, empty: str) -> bool:

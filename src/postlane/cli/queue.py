@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import IO, Any
 
 import click
@@ -14,6 +15,7 @@ from postlane.app import QueueAction
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import (
+    first,
     json_or_empty,
     listing,
     out,
@@ -51,9 +53,11 @@ def queue() -> None:
 def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
     """List messages not yet finished (--state sent/dead for the others)."""
     selector = build_selector(**selectors)
-    messages = with_app(lambda app: app.messages(selector, limit=limit))
+    found = with_app(lambda app: app.messages(selector, limit=limit + 1))
+    messages = first(found, limit, "messages")
     if json_or_empty(messages, as_json=as_json, empty="Mail queue is empty"):
         return
+    now = time.time()
     columns = ("Queue ID", "Lane", "Size", "Arrival", "Sender / Recipients")
     table = listing(*columns, wrap={"Sender / Recipients"})
     for message in messages:
@@ -62,15 +66,16 @@ def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
             message.lane.value,
             str(message.size),
             when(message.created_at),
-            _recipients_cell(message),
+            _recipients_cell(message, now),
         )
     show(table)
     total = sum(len(m.recipients) for m in messages)
     size_kb = sum(m.size for m in messages) / 1024
-    out.print(f"-- {size_kb:.0f} Kbytes in {len(messages)} messages, {total} recipients")
+    shown = " shown" if len(found) > limit else ""
+    out.print(f"-- {size_kb:.0f} Kbytes in {len(messages)} messages{shown}, {total} recipients")
 
 
-def _recipients_cell(message: MessageView) -> Text:
+def _recipients_cell(message: MessageView, now: float) -> Text:
     cell = Text(message.sender)
     for r in message.recipients:
         cell.append(f"\n  {r.address} ", style="")
@@ -79,6 +84,10 @@ def _recipients_cell(message: MessageView) -> Text:
             cell.append(f", {r.attempts} attempt(s)")
         if r.state is RecipientState.DEFERRED and r.next_attempt_at:
             cell.append(f", next {when(r.next_attempt_at)}")
+        elif r.state is RecipientState.QUEUED and r.next_attempt_at and r.next_attempt_at > now:
+            # not due yet: scheduled (send_at), or held back by its destination's limits
+            label = "send at" if message.send_at == r.next_attempt_at else "next"
+            cell.append(f", {label} {when(r.next_attempt_at)}")
         cell.append("]", style=STATE_STYLE.get(r.state, ""))
         if r.last_response is not None and r.state is not RecipientState.SENT:
             reply = r.last_response
