@@ -78,8 +78,8 @@ class Delivery:
     attempts: int
     #: tries that used up no attempt (throttled, connection), for backoff spacing
     deferrals: int
-    #: when this recipient joined the queue (its message's arrival, or its requeue from the
-    #: dead-letter queue): max_age counts from here
+    #: when this recipient joined the queue (its message's arrival, its send_at when it was
+    #: scheduled, or its requeue from the dead-letter queue): max_age counts from here
     created_at: float
     #: the class of its last reply (None before any)
     last_class: ReplyClass | None = None

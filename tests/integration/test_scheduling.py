@@ -134,3 +134,30 @@ async def test_a_flush_leaves_scheduled_mail_for_its_time_unless_asked(tmp_path:
         assert sum(c.count for c in counts) == 0
         assert await app.act(QueueAction.FLUSH, Selector(all=True, scheduled=True)) == 1
         assert (await app.get(scheduled.id)).recipients[0].next_attempt_at == T0
+
+
+async def test_scheduled_mail_is_young_until_its_time_and_max_age_counts_from_there(
+    tmp_path: Path,
+) -> None:
+    """Mail scheduled three days ahead (past the default max_age of two) is tried at its time,
+    not dead-lettered on arrival; until then it makes no lane look stale (the queue-age
+    metrics and alerts), and once due its age counts from its send_at."""
+    clock = FakeClock(T0)
+    config = make_config(tmp_path, delivery={"relay": "smtp://127.0.0.1:9"})  # nobody there
+    async with AsyncPostlane(config, clock=clock) as app:
+        later = await app.send(
+            sender="a@example.com", to=["ada@example.net"], text="x", send_at=T0 + 3 * 86400
+        )
+        await clock.advance(3600)
+        stats = await app.stats()
+        assert stats.lanes["normal"].oldest_age_seconds == 0.0
+        await clock.advance(3 * 86400 - 3600 + 60)
+        assert (await app.stats()).lanes["normal"].oldest_age_seconds == 60.0
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        try:
+            await worker.run_until_idle()
+        finally:
+            await worker.transport.close()
+        [recipient] = (await app.get(later.id)).recipients
+        assert recipient.state is RecipientState.DEFERRED and recipient.attempts == 0
+        assert recipient.last_response is not None  # tried: the relay did not answer

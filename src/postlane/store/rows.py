@@ -244,7 +244,9 @@ def delivery_params(
     message: PreparedMessage, recipient: Recipient, *, now: float, suppressed: bool
 ) -> dict[str, Any]:
     """``insert_deliveries``'s row: one recipient of a new message, due at once or at its
-    ``send_at`` (or suppressed, never attempted)."""
+    ``send_at`` (or suppressed, never attempted). Scheduled, it joins the queue at its
+    ``send_at``: its age (the queue-age metrics and alerts) and ``max_age`` count from there,
+    not from the day it was handed over."""
     scheduled = message.send_at is not None and message.send_at > now
     reason = "scheduled" if scheduled else None
     return {
@@ -253,7 +255,7 @@ def delivery_params(
         "domain": recipient.domain,
         "destination": recipient.destination or destination_for(recipient.domain),
         "lane": message.lane.value,
-        "created_at": now,
+        "created_at": message.send_at if scheduled else now,
         "next_attempt_at": message.send_at if scheduled else now,
         "expires_at": message.expires_at,
         "state": "suppressed" if suppressed else "queued",
