@@ -291,6 +291,39 @@ async def test_a_failing_endpoint_backs_off_on_the_schedule_pauses_and_recovers(
     assert_all_arrived_in_order(receiver, log)
 
 
+async def test_one_message_the_endpoint_refuses_holds_up_only_itself(
+    sqlite: SQLiteStore, receiver: WebhookReceiver
+) -> None:
+    """A handler that chokes on one payload: every other message, arriving one at a time on a
+    quiet system, goes at once (the fake clock stands still while it does), and the endpoint
+    is never paused, nor alerted on, for that one message."""
+    clock = FakeClock(time.time())
+    [first, *_] = await make_events(sqlite, 1, recipients=1, now=clock.now())
+    poison = first.queue_id
+    receiver.answer = lambda request: (
+        Answer(500, body=b"KeyError: 'x'")
+        if request.data["message_id"] == poison
+        else signed_ok(request)
+    )
+    endpoint = endpoint_to(receiver, concurrency=2)
+    known = {e.id for e in await sqlite.events_after(None, limit=1000)}
+    async with running(sender_for(sqlite, endpoint, clock=clock)):
+        await eventually(lambda: _failed(sqlite, endpoint.name, 1), "the poison's first failure")
+        for _ in range(12):  # another message now and then, while the poison keeps failing
+            log = await make_events(sqlite, 1, recipients=1, now=clock.now())
+            fresh = {e.id for e in log} - known
+            known |= fresh
+            await receiver.wait_until(
+                lambda f=fresh: f <= {int(r.data["id"]) for r in receiver.accepted},
+                "another message's events, with the clock standing still",
+            )
+            await clock.advance(60)
+        state = await state_of(sqlite, endpoint.name)
+    assert state.failures < RetrySchedule().pause_after
+    assert not [r for r in receiver.accepted if r.data["message_id"] == poison]
+    assert len([r for r in receiver.received if r.data["message_id"] == poison]) >= 3
+
+
 async def _failed(store: Any, name: str, count: int) -> Any:
     state = await state_of(store, name)
     return state if state is not None and state.failures == count else None

@@ -361,33 +361,49 @@ class _Health:
         self.probing = False
         #: requests acknowledged so far
         self.acknowledged = 0
+        #: requests waiting to go whose message never failed (while the endpoint fails, one of
+        #: them probes it before a message that failed: that one may be all that fails)
+        self.fresh = 0
+        #: the messages whose failures make the current run of failures
+        self.culprits: set[str | None] = set()
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def admit(self, ended: asyncio.Event) -> int:
-        """Wait until a request may go; its generation."""
-        while True:
-            if ended.is_set():
-                raise _Ended
-            changed = self._changed
-            now = self.clock.now()
-            if self.paused_until is not None and now < self.paused_until:
-                await first_of(
-                    changed.wait(),
-                    ended.wait(),
-                    self.clock.sleep(self.paused_until - now),
-                    timeout=None,
-                )
-                continue
-            if self.failures == 0:
-                return self.generation
-            if not self.probing:
-                self.probing = True
-                return self.generation
-            await first_of(changed.wait(), ended.wait(), timeout=None)
+    async def admit(self, ended: asyncio.Event, *, suspect: bool = False) -> int:
+        """Wait until a request may go; its generation. A ``suspect`` request (its message
+        failed before) probes a failing endpoint only when no other message is waiting to; a
+        request of another message does not wait for a pause that one message's failures
+        alone made (that message may be all the endpoint refuses)."""
+        if not suspect:
+            self.fresh += 1
+        try:
+            while True:
+                if ended.is_set():
+                    raise _Ended
+                changed = self._changed
+                now = self.clock.now()
+                alone = not suspect and len(self.culprits) == 1
+                if self.paused_until is not None and now < self.paused_until and not alone:
+                    await first_of(
+                        changed.wait(),
+                        ended.wait(),
+                        self.clock.sleep(self.paused_until - now),
+                        timeout=None,
+                    )
+                    continue
+                if self.failures == 0:
+                    return self.generation
+                if not self.probing and not (suspect and self.fresh):
+                    self.probing = True
+                    return self.generation
+                await first_of(changed.wait(), ended.wait(), timeout=None)
+        finally:
+            if not suspect:
+                self.fresh -= 1
+                self._notify()
 
     def succeeded(self) -> bool:
         """A 2xx: the endpoint works. True when it was failing."""
@@ -397,17 +413,24 @@ class _Health:
         self.failures = 0
         self.paused_until = None
         self.probing = False
+        self.culprits.clear()
         self.generation += 1
         self._notify()
         return True
 
     def failed(
-        self, generation: int, *, retry_after: float | None, status: int | None
+        self,
+        generation: int,
+        message: str | None,
+        *,
+        retry_after: float | None,
+        status: int | None,
     ) -> float | None:
-        """A failure of a request admitted at ``generation``; the time of the next try, or
-        None when a failure since then was counted already."""
+        """A failure of a request of ``message`` admitted at ``generation``; the time of the
+        next try, or None when a failure since then was counted already."""
         if generation != self.generation:
             return None
+        self.culprits.add(message)
         self.failures += 1
         self.generation += 1
         self.probing = False
@@ -457,6 +480,9 @@ class _Tenure:
         self.ready: asyncio.Queue[str | None] = asyncio.Queue()
         #: messages waiting after a refusal: their refusals in a row and their wait
         self.message_failures: dict[str | None, int] = {}
+        #: messages whose last try failed, with the endpoint's acknowledgements then: if it
+        #: acknowledged others since, the next failure is the message's own, not the endpoint's
+        self.failed_at: dict[str | None, int] = {}
         self.waiting: dict[str | None, asyncio.Task[None]] = {}
         self.warned_purge = False
 
@@ -580,7 +606,7 @@ class _Tenure:
                 message = await self.ready.get()
                 chain = self.chains[message]
                 slot, event = chain[0]
-                outcome = await self._deliver(client, event)
+                outcome = await self._deliver(client, event, message)
                 if outcome == "failed":  # the endpoint's failure: its pause gates every message
                     self.ready.put_nowait(message)
                     continue
@@ -589,6 +615,7 @@ class _Tenure:
                     continue
                 chain.popleft()
                 self.message_failures.pop(message, None)
+                self.failed_at.pop(message, None)
                 if chain:
                     self.ready.put_nowait(message)
                 else:
@@ -618,17 +645,21 @@ class _Tenure:
         task = asyncio.create_task(later(), name=f"postlane-webhook-{self.endpoint.name}-wait")
         self.waiting[message] = task
 
-    async def _deliver(self, client: EndpointClient, event: Event) -> _Outcome:
+    async def _deliver(self, client: EndpointClient, event: Event, message: str | None) -> _Outcome:
         """POST one event once the endpoint may be tried: acknowledged; refused while the
-        endpoint acknowledged other events (this message's failure); or failed with nothing
-        acknowledged meanwhile (the endpoint's failure, as far as anyone can tell)."""
+        endpoint acknowledged other events, during this request or since this message's last
+        failure (this message's failure: it waits on its own, the endpoint is not paused for
+        it); or failed with nothing acknowledged meanwhile (the endpoint's failure, as far as
+        anyone can tell)."""
         body = payload(event)
         msg_id = webhook_id(event.id)
         name = self.endpoint.name
         observer = self.sender.observer
         await self.sender.mail_first.turn(self.clock.now() - event.at)
-        generation = await self.health.admit(self.ended)
+        failed_before = self.failed_at.get(message)
+        generation = await self.health.admit(self.ended, suspect=failed_before is not None)
         acknowledged = self.health.acknowledged
+        healthy = self.health.failures == 0
         headers = self.sender.signer.headers(msg_id, self.clock.now(), body)
         started = time.monotonic()
         self.in_flight += 1
@@ -660,8 +691,22 @@ class _Tenure:
                 log.info("webhook endpoint %s: delivering again", name)
             return "acked"
         self.sender.failed_request(DeliveryFailure(self.clock.now(), name, msg_id, outcome, error))
+        acknowledged_now = self.health.acknowledged
+        self.failed_at[message] = acknowledged_now
+        if acknowledged_now != acknowledged or (
+            healthy and failed_before is not None and acknowledged_now != failed_before
+        ):
+            log.warning(
+                "webhook endpoint %s: %s for %s, while it acknowledges other events "
+                "(this message waits on its own)",
+                name,
+                error,
+                msg_id,
+            )
+            return "refused"
         next_try = self.health.failed(
             generation,
+            message,
             retry_after=reply.retry_after if reply is not None else None,
             status=reply.status if reply is not None else None,
         )
@@ -679,7 +724,7 @@ class _Tenure:
                 ", paused" if paused else "",
                 iso(next_try),
             )
-        return "refused" if self.health.acknowledged != acknowledged else "failed"
+        return "failed"
 
     # -- keeping the store up to date ------------------------------------------------------------
 
