@@ -261,9 +261,14 @@ class AsyncPostlane:
 
     def _scheduled(self, action: QueueAction, selector: Selector) -> Selector:
         """A flush leaves mail scheduled for later alone unless ``selector.scheduled``: it is
-        not late, and a 3 a.m. ``postqueue -f`` must not send tomorrow's campaign."""
+        not late, and a 3 a.m. ``postqueue -f`` must not send tomorrow's campaign. A requeue
+        that names no message (a sweep: ``--all``, a class, a domain, a dashboard group)
+        leaves mail past its ``expires_at`` dead: a one-time code is not resent by a clean-up
+        after an outage (naming its message overrides the time)."""
         if action is QueueAction.FLUSH and not selector.scheduled:
             return dataclasses.replace(selector, send_at_by=self.clock.now())
+        if action is QueueAction.REQUEUE and not selector.ids:
+            return dataclasses.replace(selector, expires_after=self.clock.now())
         return selector
 
     async def act(
@@ -392,7 +397,9 @@ class AsyncPostlane:
     async def suppressed_dead_letters(
         self, selector: Selector, *, slice_size: int = 500
     ) -> list[str]:
-        """The addresses on the suppression list among the dead letters ``selector`` picks."""
+        """The addresses on the suppression list among the dead letters a requeue of
+        ``selector`` would pick."""
+        selector = self._scheduled(QueueAction.REQUEUE, selector)
         states = action_states(QueueAction.REQUEUE, selector)
         found: set[str] = set()
         async for ids in self._delivery_ids(selector, states, slice_size):

@@ -408,6 +408,9 @@ class Selector:
     #: only mail whose ``send_at`` is at most this time, or none (set by the app, from
     #: ``scheduled`` and the clock)
     send_at_by: float | None = None
+    #: only mail with no ``expires_at`` or one after this time (set by the app: a requeue that
+    #: names no message leaves expired mail dead)
+    expires_after: float | None = None
 
 
 #: the reason recorded on deliveries sent back to wait for their destination (no attempt): a

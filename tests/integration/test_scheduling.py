@@ -161,3 +161,32 @@ async def test_scheduled_mail_is_young_until_its_time_and_max_age_counts_from_th
         [recipient] = (await app.get(later.id)).recipients
         assert recipient.state is RecipientState.DEFERRED and recipient.attempts == 0
         assert recipient.last_response is not None  # tried: the relay did not answer
+
+
+async def test_a_requeue_sweep_leaves_mail_that_expired_after_failing_dead(
+    tmp_path: Path,
+) -> None:
+    """A code tried while the relay was down (class ``connection``), then expired: the usual
+    clean-up after the outage (``dlq requeue --all --class connection``) must not send it;
+    naming its message does."""
+    clock = FakeClock(T0)
+    config = make_config(tmp_path, delivery={"relay": "smtp://127.0.0.1:9"})  # nobody there
+    async with AsyncPostlane(config, clock=clock) as app:
+        code = await app.send(
+            sender="a@example.com", to=["ada@example.net"], text="123456", expires_at=T0 + 60
+        )
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        try:
+            await worker.run_until_idle()
+            await clock.advance(61)
+            await worker.run_until_idle()
+        finally:
+            await worker.transport.close()
+        [letter] = await app.dead_letters(Selector(all=True), limit=10)
+        assert letter.id == code.id and letter.cls is ReplyClass.CONNECTION
+        sweep = Selector(all=True, classes=(ReplyClass.CONNECTION,))
+        counts = await app.summarize(QueueAction.REQUEUE, sweep)
+        assert sum(c.count for c in counts) == 0
+        assert (await app.requeue(sweep)).count == 0
+        assert (await app.get(code.id)).recipients[0].state is RecipientState.DEAD
+        assert (await app.requeue(Selector(ids=(code.id,)))).count == 1

@@ -184,6 +184,9 @@ def selection(
             f"AND m.send_at > {dialect.param('send_at_by')})"
         )
         params["send_at_by"] = selector.send_at_by
+    if selector.expires_after is not None:
+        clauses.append(f"(d.expires_at IS NULL OR d.expires_at > {dialect.param('expires_after')})")
+        params["expires_after"] = selector.expires_after
     if selector.recipient:
         clauses.append(f"lower(d.address) = {dialect.param('recipient')}")
         params["recipient"] = selector.recipient.lower()
