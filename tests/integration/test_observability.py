@@ -548,6 +548,39 @@ async def test_the_alerts_command_reads_the_recorded_history_and_this_minute(
     assert "FIRING" in human.stdout and "runbooks:" in human.stdout
 
 
+async def test_the_alerts_command_and_the_dashboard_see_a_failing_webhook_endpoint(
+    tmp_path: Path,
+) -> None:
+    """``PostlaneWebhookEndpointFailing`` fires in `postlane alerts` as in serve's own loop."""
+    from click.testing import CliRunner
+
+    from postlane.cli import main
+
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config) as app:
+        now = app.clock.now()
+        await app.store.claim_webhook_endpoint(
+            "app", "w", now=now, lease_until=now + 30, start_after=0
+        )
+        for n in range(10):
+            await app.store.webhook_failed(
+                "app", "w", error="HTTP 500", paused_until=now + 60, now=now + n
+            )
+    (tmp_path / "postlane.toml").write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path / "postlane.db"}"\n'
+    )
+
+    def alerts_json() -> str:
+        with CliRunner().isolation() as (out, _err, _), contextlib.suppress(SystemExit):
+            main(["--config", str(tmp_path / "postlane.toml"), "alerts", "--json"])
+        return out.getvalue().decode()
+
+    listed = json.loads(await asyncio.to_thread(alerts_json))
+    verdicts = {(a["alert"], tuple(sorted(a["labels"].items()))): a for a in listed}
+    failing = verdicts[("PostlaneWebhookEndpointFailing", (("endpoint", "app"),))]
+    assert failing["firing"] is True
+
+
 async def test_serve_evaluates_the_rules_on_its_own_and_notifies_the_webhook(
     tmp_path: Path,
 ) -> None:

@@ -103,7 +103,8 @@ def alerts_command(rules: bool, as_json: bool) -> None:
         history = await app.store.samples(now - history_needed())
         if not history or history[-1].at < now - now % 60:  # serve did not record this minute
             history = [*history, *await AlertMonitor(app).sample(now)]
-        return firing_first(evaluate(history, now))
+        webhooks = await app.store.webhook_endpoints()  # their failures fire an alert too
+        return firing_first(evaluate(history, now, webhooks=webhooks))
 
     verdicts = with_app(go)
     if as_json:

@@ -40,6 +40,7 @@ from postlane.dashboard.rendering import (
 )
 from postlane.destinations import provider_names
 from postlane.errors import PostlaneError
+from postlane.events import WebhookEndpointState
 from postlane.message import Lane, RecipientState, check_text
 from postlane.records import Sample, Selector
 
@@ -67,7 +68,8 @@ async def overview(request: Request, session: Session) -> Response:
     start = now - WINDOWS[window]
     stats = await app.stats()
     samples = await app.store.samples(start)
-    firing = firing_alerts(await app.store.alerts_firing(), samples, now)
+    webhooks = await app.store.webhook_endpoints()
+    firing = firing_alerts(await app.store.alerts_firing(), samples, now, webhooks)
     lanes = [(lane.value, stats.lanes.get(lane)) for lane in Lane]
     return render(
         request,
@@ -97,12 +99,18 @@ class FiringAlert:
 
 
 def firing_alerts(
-    firing: Sequence[tuple[str, float]], samples: Sequence[Sample], now: float
+    firing: Sequence[tuple[str, float]],
+    samples: Sequence[Sample],
+    now: float,
+    webhooks: Sequence[WebhookEndpointState] = (),
 ) -> list[FiringAlert]:
     """The alerts the monitor recorded as firing (``key``, since when), each with its rule's
-    summary and runbook, and the detail of an evaluation of ``samples`` now."""
+    summary and runbook, and the detail of an evaluation of ``samples`` (and the webhook
+    endpoints' state) now."""
     recent = [s for s in samples if s.at >= now - history_needed()]
-    verdicts = {a.key: a.as_json() for a in evaluate(recent, now)} if firing else {}
+    verdicts = (
+        {a.key: a.as_json() for a in evaluate(recent, now, webhooks=webhooks)} if firing else {}
+    )
     rules = {rule.name: rule for rule in load_rules()}
     shown = []
     for key, since in firing:
