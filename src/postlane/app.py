@@ -460,8 +460,10 @@ class AsyncPostlane:
         has nothing yet. Raises :class:`ValidationError` for a bad cursor or type,
         :class:`NotFound` for a cursor whose event retention removed (``[store]
         event_retention``)."""
-        from postlane.events import EVENT_TYPES
+        from postlane.events import EVENT_TYPES, read_events
 
+        if isinstance(types, str):  # one type, not its letters
+            types = (types,)
         unknown = sorted(set(types) - set(EVENT_TYPES))
         if unknown:
             raise ValidationError(
@@ -470,14 +472,15 @@ class AsyncPostlane:
             )
         cursor = _event_id(after)
         try:
-            found = await self.store.events_after(cursor, limit=_limit(limit), types=tuple(types))
+            found, following = await read_events(
+                self.store, cursor or None, limit=_limit(limit), types=types
+            )
         except NotFound:
             raise NotFound(
                 f"event {cursor} is no longer kept ([store] event_retention); start again "
                 "from after=0 to read from the oldest event kept"
             ) from None
-        following = found[-1].id if found else cursor or 0
-        return EventPage(found, str(following))
+        return EventPage(found, str(following or 0))
 
     # -- suppression -----------------------------------------------------------------------------
 

@@ -3,9 +3,9 @@ webhooks and in-process subscribers tell it; and each webhook endpoint's place i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from postlane.classify import ReplyClass
 from postlane.clock import iso
@@ -96,3 +96,44 @@ def event_cursor(value: Any) -> int:
     if isinstance(value, bool) or not is_decimal(text) or len(text) > 19:
         raise ValidationError(f"after must be an event id, got {value!r}", field="after")
     return int(text)
+
+
+class EventLog(Protocol):
+    """What reading the log needs of a store."""
+
+    async def events_after(
+        self, after: int | None, *, limit: int, types: Sequence[str] = ()
+    ) -> list[Event]: ...
+
+
+#: events looked at, at most, for one page of a reader of some types only
+SCAN_LIMIT = 10_000
+
+
+async def read_events(
+    log: EventLog, after: int | None, *, limit: int, types: Collection[str] = ()
+) -> tuple[list[Event], int | None]:
+    """Up to ``limit`` events after ``after`` (of ``types``, default all), and the cursor to
+    read on from: the last event looked at, whether it matched or not, so that a reader of
+    rare types moves on with the log (instead of reading it all again at each poll, and
+    being told retention removed its cursor while it had missed nothing). At most
+    :data:`SCAN_LIMIT` events are looked at for one page. Raises
+    :class:`~postlane.errors.NotFound` for a cursor that is not kept."""
+    wanted = frozenset(types)
+    if not wanted:
+        found = await log.events_after(after, limit=limit)
+        return found, (found[-1].id if found else after)
+    matched: list[Event] = []
+    cursor, scanned, batch = after, 0, max(limit, 500)
+    while scanned < SCAN_LIMIT:
+        events = await log.events_after(cursor, limit=batch)
+        for event in events:
+            cursor = event.id
+            if event.type in wanted:
+                matched.append(event)
+                if len(matched) == limit:
+                    return matched, cursor
+        scanned += len(events)
+        if len(events) < batch:
+            break
+    return matched, cursor

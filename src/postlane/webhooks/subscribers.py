@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from postlane.clock import Clock, SystemClock
 from postlane.errors import NotFound, ValidationError
-from postlane.events import EVENT_TYPES, Event
+from postlane.events import EVENT_TYPES, Event, read_events
 from postlane.store.base import HistoryStore
 
 log = logging.getLogger("postlane.events")
@@ -86,7 +86,7 @@ async def follow_events(
     cursor = await latest_event_id(store) if after == "latest" else after
     while stop is None or not stop.is_set():
         try:
-            events = await store.events_after(cursor, limit=batch, types=chosen)
+            events, cursor = await read_events(store, cursor, limit=batch, types=chosen)
         except NotFound:
             log.warning(
                 "events after %s were removed by retention before they were read; going on "
@@ -97,7 +97,6 @@ async def follow_events(
             continue
         for event in events:
             yield event
-            cursor = event.id
         if len(events) < batch:
             await _wait(stop, clock, poll)
 
