@@ -24,6 +24,7 @@ EVENT_TYPES = (
     "dead",
     "suppressed",
     "expired",
+    "deleted",
 )
 
 

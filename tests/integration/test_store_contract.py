@@ -697,6 +697,34 @@ async def test_flush_hold_and_release(store: Any) -> None:
     assert (await store.get_message(prepared.id)).recipients[1].next_attempt_at == T0 + 6
 
 
+async def test_a_recipient_deleted_before_it_was_sent_is_an_event_and_so_is_its_import(
+    store: Any,
+) -> None:
+    """The application heard "queued": it hears the end of it when an operator deletes it
+    (not of one already final, whose end it heard), and "queued" again when it is imported."""
+    prepared = msg("a@example.net", "b@example.net")
+    await store.enqueue([prepared], T0)
+    a, b = deliveries(await claim(store))
+    await store.record(
+        "w1",
+        [
+            Outcome(a.id, RecipientState.DEFERRED, 1, 0, T0 + 900, attempt(ReplyClass.TEMPORARY)),
+            Outcome(b.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED, 250)),
+        ],
+        T0,
+    )
+    [exported] = await store.export_deliveries([a.id, b.id])
+    assert await store.delete_deliveries([a.id, b.id], (*WAITING, "sent")) == 2
+    events = await read_events(store, lambda es: last_type(es) == "deleted")
+    [deleted] = [e for e in events if e.type == "deleted"]
+    assert deleted.recipient == "a@example.net" and deleted.text == "deleted by an operator"
+    assert deleted.queue_id == prepared.id
+    assert await store.import_messages([exported], T0 + 10) == 2
+    events = await read_events(store, lambda es: last_type(es) == "queued")
+    assert (events[-1].recipient, events[-1].text) == ("a@example.net", "restored by an import")
+    assert [e.type for e in events].count("queued") == 3  # two at enqueue, one imported
+
+
 async def test_a_pending_hold_is_cancelled_by_a_release(store: Any) -> None:
     await store.enqueue([msg()], T0)
     [d] = deliveries(await claim(store))

@@ -36,6 +36,7 @@ __all__ = [
     "complained",
     "dead",
     "deferred",
+    "deleted",
     "expired",
     "mail_event",
     "queued",
@@ -57,6 +58,7 @@ unsubscribed = Signal()
 dead = Signal()
 suppressed = Signal()
 expired = Signal()
+deleted = Signal()
 
 #: the signal of each event type
 SIGNALS: dict[str, Signal] = {
@@ -69,5 +71,6 @@ SIGNALS: dict[str, Signal] = {
     "dead": dead,
     "suppressed": suppressed,
     "expired": expired,
+    "deleted": deleted,
 }
 assert tuple(SIGNALS) == EVENT_TYPES, "a signal for every event type"

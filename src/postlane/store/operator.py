@@ -289,6 +289,7 @@ class SQLOperator(SQLRole):
         now = time.time()
 
         def run() -> Plan[int]:
+            yield from execute("insert_deleted_events", {**params, "now": now})
             deleted = yield from fetch("delete_deliveries", params)
             touched = sorted({row["queue_id"] for row in deleted})
             if touched:
@@ -308,15 +309,7 @@ class SQLOperator(SQLRole):
                 yield from batch(
                     "insert_events",
                     [
-                        {
-                            "type": "queued",
-                            "at": now,
-                            "delivery_id": row["id"],
-                            "class": None,
-                            "code": None,
-                            "enhanced": None,
-                            "text": "requeued from the dead-letter queue",
-                        }
+                        _queued_event(row["id"], now, "requeued from the dead-letter queue")
                         for row in requeued
                     ],
                 )
@@ -380,11 +373,25 @@ _IMPORTED_STATE = {
 }
 
 
+def _queued_event(delivery_id: int, now: float, text: str) -> dict[str, object]:
+    """``insert_events``' row: a recipient waiting again (requeued, imported)."""
+    return {
+        "type": "queued",
+        "at": now,
+        "delivery_id": delivery_id,
+        "class": None,
+        "code": None,
+        "enhanced": None,
+        "text": text,
+    }
+
+
 def _import_plan(messages: Sequence[ExportedMessage], now: float) -> Plan[int]:
     """Bring back exported messages with their ids, Message-IDs, content and histories: a
     message already stored keeps its row, a recipient already present is skipped, an
     idempotency key held by another message is dropped from the imported one."""
     restored = 0
+    imported: list[dict[str, object]] = []
     for message in messages:
         found = yield from fetch_one(
             "message_or_key", {"id": message.id, "scope": "", "key": message.idempotency_key}
@@ -438,7 +445,12 @@ def _import_plan(messages: Sequence[ExportedMessage], now: float) -> Plan[int]:
             yield from batch(
                 "insert_attempts", [rows.attempt_params(inserted["id"], a) for a in r.history]
             )
+            if state in (RecipientState.QUEUED, RecipientState.HELD):
+                # waiting again: the application, told "deleted", hears it is back
+                imported.append(_queued_event(inserted["id"], now, "restored by an import"))
             restored += 1
+        yield from batch("insert_events", imported)
+        imported.clear()
         yield from execute("reopen_messages", {"ids": [message.id]})
         yield from execute("mark_done", {"ids": [message.id], "now": now})
     return restored

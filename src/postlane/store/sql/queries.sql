@@ -21,7 +21,7 @@ WHERE @any(address, addresses, text) AND coalesce(expires_at > :now, TRUE);
 -- The events of new messages' recipients: queued, or suppressed (never attempted), at the time
 -- they joined the queue.
 INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane, metadata)
-SELECT CASE WHEN d.state = 'suppressed' THEN 'suppressed' ELSE 'queued' END, d.created_at,
+SELECT CASE WHEN d.state = 'suppressed' THEN 'suppressed' ELSE 'queued' END, m.created_at,
        d.queue_id, d.id, d.address, d.lane, m.metadata
 FROM deliveries d JOIN messages m ON m.id = d.queue_id
 WHERE @any(d.queue_id, ids, text)
@@ -185,6 +185,17 @@ WHERE @any(id, ids, bigint) AND state = 'held';
 -- name: release_after_send
 -- Cancel a pending hold of a delivery being sent.
 UPDATE deliveries SET hold_after = FALSE WHERE @any(id, ids, bigint) AND state = 'sending';
+
+-- name: insert_deleted_events
+-- The event of each recipient an operator deletes before it was sent: the application hears
+-- the end of every recipient it heard queued (not of one already final: it heard that).
+INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane, text, metadata)
+SELECT 'deleted', :now, d.queue_id, d.id, d.address, d.lane, 'deleted by an operator',
+       m.metadata
+FROM deliveries d JOIN messages m ON m.id = d.queue_id
+WHERE @any(d.id, ids, bigint) AND @any(d.state, states, text)
+  AND d.state IN ('queued', 'deferred', 'held')
+ORDER BY d.id;
 
 -- name: delete_deliveries
 -- Remove deliveries still in the given states (one a worker claimed meanwhile is left alone);
