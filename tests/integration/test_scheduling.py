@@ -184,6 +184,10 @@ async def test_a_requeue_sweep_leaves_mail_that_expired_after_failing_dead(
             await worker.transport.close()
         [letter] = await app.dead_letters(Selector(all=True), limit=10)
         assert letter.id == code.id and letter.cls is ReplyClass.CONNECTION
+        # its event says what the dead letter says: the last reply before it expired
+        [expired] = (await app.events(types=["expired"])).events
+        assert expired.as_json()["class"] == "connection"
+        assert "(last reply: " in (expired.text or "")
         sweep = Selector(all=True, classes=(ReplyClass.CONNECTION,))
         counts = await app.summarize(QueueAction.REQUEUE, sweep)
         assert sum(c.count for c in counts) == 0

@@ -388,14 +388,15 @@ class SQLDelivery(SQLRole):
             yield from batch(
                 "insert_events",
                 [
-                    {
+                    {  # with its last reply, if it was tried (what the dead letter shows)
                         "type": "expired",
                         "at": now,
                         "delivery_id": row["id"],
-                        "class": None,
-                        "code": None,
-                        "enhanced": None,
-                        "text": "expired before it could be delivered",
+                        "class": row["last_class"],
+                        "code": row["last_code"],
+                        "enhanced": row["last_enhanced"],
+                        "text": "expired before it could be delivered"
+                        + (f" (last reply: {row['last_text']})" if row["last_text"] else ""),
                     }
                     for row in expired
                 ],

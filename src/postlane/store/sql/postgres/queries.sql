@@ -277,7 +277,7 @@ WHERE id IN (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, queue_id;
+RETURNING id, queue_id, last_class, last_code, last_enhanced, last_text;
 
 -- name: purge_finished
 -- Remove a slice of messages past their retention (all recipients final; dead letters kept for

@@ -144,7 +144,7 @@ WHERE id IN (
       AND state IN ('queued', 'deferred', 'held')
     LIMIT :limit
 )
-RETURNING id, queue_id;
+RETURNING id, queue_id, last_class, last_code, last_enhanced, last_text;
 
 -- name: purge_finished
 -- Remove a slice of messages past their retention (all recipients final; dead letters kept for
