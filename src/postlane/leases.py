@@ -32,14 +32,29 @@ def lease_owner_id() -> str:
     )
 
 
-def process_start_ticks(pid: int) -> int:
-    """The process's start time in clock ticks since boot (Linux), 0 when unknown."""
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command's name (Linux), [] when unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read().decode("ascii", "replace")
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
+        return stat.rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def process_start_ticks(pid: int) -> int:
+    """The process's start time in clock ticks since boot (Linux), 0 when unknown."""
+    try:
+        return int(_stat_fields(pid)[19])
+    except (ValueError, IndexError):
         return 0
+
+
+def is_zombie(pid: int) -> bool:
+    """The process has ended and waits for its parent to collect it (state Z: its pid still
+    answers signals, but it does nothing any more)."""
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] == "Z"
 
 
 @functools.cache
@@ -84,4 +99,6 @@ def owner_is_dead(owner: str) -> bool:
         return True
     except PermissionError:
         pass  # alive, someone else's
+    if is_zombie(pid):  # killed, not yet collected by its parent (a supervisor, a shell)
+        return True
     return started != 0 and process_start_ticks(pid) not in (0, started)

@@ -11,12 +11,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from postlane.clock import SystemClock
-from postlane.leases import boot_id, lease_owner_id, owner_is_dead, pid_namespace
+from postlane.leases import (
+    boot_id,
+    is_zombie,
+    lease_owner_id,
+    owner_is_dead,
+    pid_namespace,
+    process_start_ticks,
+)
 from postlane.message import Message, prepare
 from postlane.policy import Policy
 from postlane.store.sqlite import SQLiteStore
@@ -37,6 +45,26 @@ def test_this_process_is_alive_and_a_finished_one_is_dead() -> None:
     host, _pid, _start, boot, namespace, tag = me.split("/")
     gone = "/".join((host, out.strip(), "1", boot, namespace, tag))
     assert owner_is_dead(gone)
+
+
+def test_a_killed_process_its_parent_has_not_collected_yet_is_dead() -> None:
+    """After a kill -9 the pid stays a zombie until its parent waits for it (seen for seconds
+    under a shell): it answers signals, but holds nothing any more."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host, _pid, _start, boot, namespace, tag = lease_owner_id().split("/")
+        start = process_start_ticks(child.pid)
+        owner = "/".join((host, str(child.pid), str(start), boot, namespace, tag))
+        assert not owner_is_dead(owner)
+        child.kill()
+        deadline = time.monotonic() + 10
+        while not is_zombie(child.pid):  # not waited for: a zombie
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        assert owner_is_dead(owner)
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize(
