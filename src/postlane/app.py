@@ -129,15 +129,19 @@ class AsyncPostlane:
 
     def __init__(
         self,
-        config: Config | None = None,
+        config: Config | str | Path | None = None,
         *,
         config_path: str | Path | None = None,
         store: Store | None = None,
         clock: Clock | None = None,
         create: bool = True,
     ) -> None:
-        """``create=False``: the store must exist already (a SQLite file that does not is a
-        :class:`~postlane.errors.StoreUnavailable` when opened, not a new empty queue)."""
+        """``config``: a :class:`Config`, or the path of a configuration file (as
+        ``config_path``). ``create=False``: the store must exist already (a SQLite file that
+        does not is a :class:`~postlane.errors.StoreUnavailable` when opened, not a new empty
+        queue)."""
+        if isinstance(config, (str, Path)):
+            config, config_path = None, config
         self.config = config if config is not None else load_config(config_path)
         self.clock: Clock = clock or SystemClock()
         self.store: Store = store or open_store_url(
@@ -726,11 +730,13 @@ class Postlane:
 
     def __init__(
         self,
-        config: Config | None = None,
+        config: Config | str | Path | None = None,
         *,
         config_path: str | Path | None = None,
         clock: Clock | None = None,
     ) -> None:
+        """``config``: a :class:`Config`, or the path of a configuration file (as
+        ``config_path``); neither: ``postlane.toml`` here, or ``$POSTLANE_CONFIG``."""
         self._portal = _LoopThread()
         try:
             self._async = self._portal.run(_build(config, config_path, clock))
@@ -792,7 +798,7 @@ class Postlane:
 
 
 async def _build(
-    config: Config | None, path: str | Path | None, clock: Clock | None
+    config: Config | str | Path | None, path: str | Path | None, clock: Clock | None
 ) -> AsyncPostlane:
     app = AsyncPostlane(config, config_path=path, clock=clock)
     await app.open()

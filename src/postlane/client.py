@@ -122,6 +122,12 @@ def _when_json(value: Any, what: str) -> str | float | None:
                 f"{what} has no time zone; give an aware datetime (e.g. tzinfo=UTC)", field=what
             )
         return value.isoformat()
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        raise ValidationError(  # a date has no time of day, a timedelta no origin: say so
+            f"{what} must be a time (an aware datetime, ISO 8601 text with a zone, or Unix "
+            f"seconds), not {type(value).__name__}",
+            field=what,
+        )
     result: str | float | None = value
     return result
 

@@ -331,8 +331,10 @@ def parse_when(value: datetime | str | float | None, what: str) -> float | None:
     """Epoch seconds of ``value``: an aware datetime, ISO 8601 text with a zone
     (``2026-12-02T09:30:00+01:00``, ``...Z``), or Unix seconds (a number or its text).
     A time without a zone is refused: whose 9:30 would it be?"""
-    if value is None or value == "":
+    if value is None:
         return None
+    if isinstance(value, str) and not value.strip():  # a blank template value: not "now"
+        raise ValidationError(f"{what} is empty: give a time, or leave it out", field=what)
     if isinstance(value, bool):
         raise ValidationError(f"{what} must be a time, not {value!r}", field=what)
     if isinstance(value, (int, float)):

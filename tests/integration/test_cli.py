@@ -618,8 +618,14 @@ def test_send_schedules_with_at_and_expires_and_a_flush_leaves_it(queue_dir: Pat
     shown = json.loads(ok("queue", "show", queued["id"], "--json", cwd=queue_dir))
     assert datetime.fromisoformat(shown["recipients"][0]["next_attempt_at"]).timestamp() < at
 
-    one_line_error(postlane(*send, "--at", "2027-01-15T08:00:00", cwd=queue_dir), "no time zone")
-    one_line_error(postlane(*send, "--expires", "1700000000", cwd=queue_dir), "already passed")
+    one_line_error(
+        postlane(*send, "--at", "2027-01-15T08:00:00", cwd=queue_dir), "--at has no time zone"
+    )
+    one_line_error(
+        postlane(*send, "--expires", "1700000000", cwd=queue_dir), "--expires has already passed"
+    )
+    # a blank value (an unset shell variable) is not "now"
+    one_line_error(postlane(*send, "--at", "", cwd=queue_dir), "--at is empty")
 
 
 def test_suppress_add_takes_reason_scope_and_expiry_and_lists_them_as_json(

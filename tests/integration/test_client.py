@@ -146,6 +146,17 @@ def test_a_flask_view_sends_through_the_client_once_per_idempotency_key(
     assert base64.b64encode(b"order 8812") in content
 
 
+def test_a_time_that_is_no_time_is_refused_before_any_request(live_api: LiveAPI) -> None:
+    import datetime
+
+    with postlane.Client(live_api.url, token=TOKEN) as mail:
+        for when in (datetime.date(2027, 1, 15), datetime.timedelta(hours=1)):
+            with pytest.raises(postlane.ValidationError, match="must be a time") as caught:
+                mail.send(sender="a@example.com", to=["b@example.net"], text="x", send_at=when)
+            assert caught.value.field == "send_at"
+    assert live_api.messages() == []
+
+
 # -- a FastAPI app with the async client ---------------------------------------------------------
 
 

@@ -59,6 +59,17 @@ def test_the_sync_api_works_where_an_event_loop_runs(tmp_path: Path) -> None:
     assert asyncio.run(inside_a_loop())
 
 
+def test_a_configuration_file_may_be_named_as_the_first_argument(tmp_path: Path) -> None:
+    """What a developer writes on day one: ``Postlane("postlane.toml")``."""
+    path = tmp_path / "postlane.toml"
+    path.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "queue.db"}"\n')
+    with postlane.Postlane(str(path)) as mail:
+        sent = mail.send(sender="a@example.com", to=["b@example.net"], text="x")
+    with postlane.Postlane(path) as mail:
+        assert mail.get(sent.id).recipients[0].address == "b@example.net"
+    assert (tmp_path / "queue.db").exists()
+
+
 async def test_the_async_api(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     async with postlane.AsyncPostlane(config) as mail:

@@ -51,6 +51,9 @@ def test_times_are_read_in_every_form_the_contract_gives() -> None:
         ("1_800_000_000", "ISO 8601"),
         ("1e9", "ISO 8601"),
         ("inf", "ISO 8601"),
+        # a blank template value is a mistake, not "at once"
+        ("", "send_at is empty"),
+        ("  ", "send_at is empty"),
     ],
 )
 def test_a_time_that_could_mean_two_things_is_refused_naming_the_field(

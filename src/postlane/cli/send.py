@@ -12,6 +12,7 @@ import click
 from postlane.cli.context import config_option, invocation, json_option, with_app
 from postlane.cli.output import print_json
 from postlane.cli.selectors import lane_choice, metadata_pairs
+from postlane.errors import ValidationError
 from postlane.message import Attachment, Message, prepare
 from postlane.toml_values import parse_duration
 
@@ -151,7 +152,15 @@ def send(
 
     # checked before the store is opened: a bad message is refused whether or not there is one
     config = invocation().config()
-    prepared = prepare(message, max_size=config.smtp.max_size, now=now)
+    try:
+        prepared = prepare(message, max_size=config.smtp.max_size, now=now)
+    except ValidationError as exc:  # in the words of the command line
+        option = {"send_at": "--at", "expires_at": "--expires"}.get(exc.field or "")
+        if option is None:
+            raise
+        raise ValidationError(
+            exc.message.replace(exc.field or "", option), field=exc.field
+        ) from None
     # the store a configuration file names is made by the first send (before serve ever ran),
     # as by the Python API; without one, ./postlane.db is only a guess from the working
     # directory, and a message stored in a new queue there would never be delivered
