@@ -628,6 +628,11 @@ def test_send_schedules_with_at_and_expires_and_a_flush_leaves_it(queue_dir: Pat
     one_line_error(postlane(*send, "--at", "", cwd=queue_dir), "--at is empty")
 
 
+def test_with_no_webhook_endpoint_the_listing_is_empty(queue_dir: Path) -> None:
+    assert json.loads(ok("webhooks", "list", "--json", cwd=queue_dir)) == []
+    assert "No webhook endpoint is configured" in ok("webhooks", "list", cwd=queue_dir)
+
+
 def test_suppress_add_takes_reason_scope_and_expiry_and_lists_them_as_json(
     queue_dir: Path,
 ) -> None:

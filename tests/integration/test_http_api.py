@@ -821,3 +821,10 @@ async def test_one_key_on_two_different_messages_of_a_batch_is_refused_saying_so
     assert body["error"]["code"] == "invalid_message"
     assert "two different messages of this batch" in body["error"]["message"]
     assert await app.messages() == []
+
+
+async def test_with_no_webhook_endpoint_the_listing_is_empty(client: httpx.AsyncClient) -> None:
+    """A listing lists what there is, nothing included (naming an endpoint is another matter)."""
+    listed = await client.get("/v1/webhooks/out")
+    assert listed.status_code == 200 and listed.json() == []
+    assert (await client.get("/v1/webhooks/out/app/failures")).status_code == 404

@@ -9,7 +9,7 @@ import click
 
 from postlane.app import AsyncPostlane
 from postlane.cli.context import config_option, invocation, json_option, with_app
-from postlane.cli.output import first_line, listing, print_json, show
+from postlane.cli.output import first_line, listing, out, print_json, show
 from postlane.errors import PostlaneError
 
 
@@ -35,11 +35,15 @@ def webhooks_list(as_json: bool) -> None:
     from postlane.webhooks.operations import endpoint_statuses
 
     async def go(app: AsyncPostlane) -> list[dict[str, Any]]:
-        return await endpoint_statuses(app.store, _endpoints(app), now=app.clock.now())
+        endpoints = app.config.webhooks_out  # none: an empty listing, as every listing
+        return await endpoint_statuses(app.store, endpoints, now=app.clock.now())
 
     statuses = with_app(go)
     if as_json:
         print_json(statuses)
+        return
+    if not statuses:
+        out.print("No webhook endpoint is configured ([[webhooks.out]])")
         return
     table = listing(
         "endpoint", "state", "cursor", "lag", "failures", "next try", "delivered", "last error",
@@ -55,7 +59,8 @@ def webhooks_list(as_json: bool) -> None:
             str(s.get("failures") or 0),
             str(s.get("next_attempt_at") or "-"),
             str(s.get("delivered") or 0),
-            first_line(str(s.get("last_error") or "")),
+            # kept after a recovery, for the operator: say when
+            f"{s.get('last_error_at') or ''} {first_line(str(s.get('last_error') or ''))}".strip(),
         )
     show(table)
 
