@@ -481,7 +481,8 @@ class AsyncPostlane:
             )
         except NotFound:
             raise NotFound(
-                f"event {cursor} is no longer kept ([store] event_retention); start again "
+                f"event {cursor} is not kept (removed by [store] event_retention, or never "
+                "written: a cursor from another store?); start again "
                 "from after=0 to read from the oldest event kept"
             ) from None
         return EventPage(found, str(following or 0))

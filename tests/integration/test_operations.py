@@ -149,6 +149,21 @@ def test_a_listing_cut_at_its_limit_says_so(queue: tuple[Config, dict[str, str]]
     assert code == 0 and "the first 1 dead letters are shown" in err
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_an_export_that_cannot_be_written_removes_nothing_and_says_so(
+    queue: tuple[Config, dict[str, str]],
+) -> None:
+    config, _ = queue
+    before = listed(config)
+    code, _, err = cli(config, "queue", "delete", "--all", "--yes", "--export", "/dev/full")
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "postlane: error: cannot write /dev/full: No space left on device; what was not "
+        "exported was not removed"
+    )
+    assert listed(config) == before
+
+
 def test_older_than_selects_what_arrived_before(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 

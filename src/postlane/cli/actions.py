@@ -107,7 +107,15 @@ def run_action(
                 requeued = await app.requeue(selector, unsuppress=unsuppress, progress=progress)
                 unsuppressed = requeued.unsuppressed
                 return requeued.count
-            return await app.act(action, selector, export=export, progress=progress)
+            try:
+                return await app.act(action, selector, export=export, progress=progress)
+            except OSError as exc:  # each slice is written before it is removed: this one stays
+                if export is None:
+                    raise
+                raise PostlaneError(
+                    f"cannot write {export_path}: {exc.strerror or exc}; what was not exported "
+                    "was not removed"
+                ) from None
 
     export = open_export(export_path) if export_path else None
     try:
@@ -116,7 +124,10 @@ def run_action(
         raise PostlaneError(_suppressed_refusal(exc.addresses)) from None
     finally:
         if export is not None:
-            export.close()
+            # each slice was flushed to disk before it was removed: a close that fails (the
+            # write that failed, tried again) loses nothing, and that failure was said above
+            with contextlib.suppress(OSError):
+                export.close()
     if done is None:
         click.echo(f"nothing to {action.value}", err=True)
         return
