@@ -732,7 +732,11 @@ def test_webhooks_commands_show_the_configured_endpoints(tmp_path: Path) -> None
     assert "app" in ok("webhooks", "list", cwd=tmp_path)
     one_line_error(postlane("webhooks", "resume", "crm", cwd=tmp_path), "crm")
     (tmp_path / "postlane.toml").write_text("")
-    one_line_error(postlane("webhooks", "list", cwd=tmp_path), "no webhook endpoint")
+    # a listing of none is empty; an endpoint named that is not configured is an error
+    assert "No webhook endpoint is configured ([[webhooks.out]])" in ok(
+        "webhooks", "list", cwd=tmp_path
+    )
+    one_line_error(postlane("webhooks", "resume", "app", cwd=tmp_path), "no webhook endpoint")
 
 
 def test_feedback_lists_and_shows_unmatched_reports(queue_dir: Path) -> None:

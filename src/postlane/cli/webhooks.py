@@ -43,7 +43,7 @@ def webhooks_list(as_json: bool) -> None:
         print_json(statuses)
         return
     if not statuses:
-        out.print("No webhook endpoint is configured ([[webhooks.out]])")
+        out.print("No webhook endpoint is configured ([[webhooks.out]])", markup=False)
         return
     table = listing(
         "endpoint", "state", "cursor", "lag", "failures", "next try", "delivered", "last error",
@@ -74,7 +74,9 @@ def webhooks_failures(name: str | None, as_json: bool) -> None:
     from postlane.webhooks.operations import failures
 
     async def go(app: AsyncPostlane) -> list[dict[str, Any]]:
-        return await failures(app.store, _endpoints(app), name=name)
+        # a listing: none configured is no failure; an endpoint named is looked for
+        endpoints = _endpoints(app) if name is not None else app.config.webhooks_out
+        return await failures(app.store, endpoints, name=name)
 
     found = with_app(go)
     if as_json:
