@@ -345,11 +345,13 @@ SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bo
 FROM metric_samples WHERE at >= %(since)s ORDER BY at, lane;
 
 -- name: finished_between
--- Recipients delivered, dead-lettered, and hard-bounced in a time range.
-SELECT (SELECT count(*) FROM deliveries
-        WHERE state = 'sent' AND updated_at >= %(start)s AND updated_at < %(end)s) AS sent,
-       count(*) AS dead, count(*) FILTER (WHERE last_class = 'hard_bounce') AS hard_bounces
-FROM deliveries WHERE state = 'dead' AND updated_at >= %(start)s AND updated_at < %(end)s;
+-- Recipients delivered, dead-lettered (expired included), and hard-bounced in a time range, by
+-- their events: what happened then, whatever became of them since (requeued, purged, bounced).
+SELECT count(*) FILTER (WHERE type = 'sent') AS sent,
+       count(*) FILTER (WHERE type IN ('dead', 'expired')) AS dead,
+       count(*) FILTER (WHERE type = 'dead' AND class = 'hard_bounce') AS hard_bounces
+FROM events
+WHERE at >= %(start)s AND at < %(end)s AND type IN ('sent', 'dead', 'expired');
 
 -- name: events_after
 -- Events after a cursor, in (tx, id) order, of transactions that finished before every write

@@ -205,12 +205,13 @@ SELECT at, lane, ready, deferred, held, sending, oldest_age, sent, dead, hard_bo
 FROM metric_samples WHERE at >= :since ORDER BY at, lane;
 
 -- name: finished_between
--- Recipients delivered, dead-lettered, and hard-bounced in a time range.
-SELECT (SELECT count(*) FROM deliveries INDEXED BY deliveries_sent_at
-        WHERE state = 'sent' AND updated_at >= :start AND updated_at < :end) AS sent,
-       count(*) AS dead, coalesce(sum(last_class = 'hard_bounce'), 0) AS hard_bounces
-FROM deliveries INDEXED BY deliveries_dead
-WHERE state = 'dead' AND updated_at >= :start AND updated_at < :end;
+-- Recipients delivered, dead-lettered (expired included), and hard-bounced in a time range, by
+-- their events: what happened then, whatever became of them since (requeued, purged, bounced).
+SELECT coalesce(sum(type = 'sent'), 0) AS sent,
+       coalesce(sum(type IN ('dead', 'expired')), 0) AS dead,
+       coalesce(sum(type = 'dead' AND class = 'hard_bounce'), 0) AS hard_bounces
+FROM events INDEXED BY events_at
+WHERE at >= :start AND at < :end AND type IN ('sent', 'dead', 'expired');
 
 -- name: events_after
 -- Events after a cursor, in order (one writer: ids are in commit order).
