@@ -103,6 +103,11 @@ BOUNCES = {
         [(Action.FAILED, "heidi@uni.example", ReplyClass.HARD_BOUNCE)],
         "<order-48@shop.example>",
     ),
+    "microsoft-delay-text.eml": (  # Outlook's delay notice: still trying, nobody bounced
+        ReportKind.PLAIN,
+        [(Action.DELAYED, "ivan@corp.example", ReplyClass.TEMPORARY)],
+        "<order-53@shop.example>",
+    ),
     "malformed-mime.eml": (  # an unclosed boundary and a base64 delivery-status part
         ReportKind.DSN,
         [(Action.FAILED, "mallory@broken.example", ReplyClass.HARD_BOUNCE)],
@@ -137,6 +142,14 @@ def test_the_diagnostic_keeps_the_remote_servers_words() -> None:
     )
     [qmail] = parse_report(sample("qmail-failure.eml")).recipients
     assert qmail.status == "5.1.1" and "no mailbox here by that name" in qmail.reply()
+    # Gmail's multi-line reply folded into one field: its lines' text, as a synchronous reply
+    [gmail] = parse_report(sample("gmail-dsn.eml")).recipients
+    assert gmail.reply() == (
+        "550 5.1.1 The email account that you tried to reach does not exist. Please try "
+        "double-checking the recipient's email address for typos or unnecessary spaces. For "
+        "more information, go to https://support.google.example/mail/?p=NoSuchUser "
+        "a1si12345qkb.123 - gsmtp"
+    )
 
 
 def test_a_status_without_a_diagnostic_gets_a_code_that_suppresses_nobody_by_accident() -> None:
@@ -285,6 +298,18 @@ def test_only_the_head_of_a_huge_report_is_parsed() -> None:
     assert len(huge) > 25_000_000
     report = parse_report(huge)
     assert report.kind is ReportKind.DSN and report.recipients[0].recipient == "nobody@example.net"
+
+
+def test_a_report_whose_status_part_is_past_the_head_read_is_not_guessed_from_its_prose() -> None:
+    """A 2 MB first part, then the delivery status (5.1.1): what is read is a bounce's prose
+    without its status; its class would be a guess (it was read as a policy block)."""
+    notice = sample("postfix-failed.eml")
+    boundary = b"--BD3862226C4.1796196203/postfix.test\r\nContent-Description: Delivery report"
+    at = notice.index(boundary)
+    huge = notice[:at] + b"x" * 76 * 30_000 + b"\r\n" + notice[at:]
+    assert len(huge) > 2_000_000
+    report = parse_report(huge)
+    assert report.kind is ReportKind.UNREADABLE and "status part" in report.note
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

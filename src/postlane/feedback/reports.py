@@ -134,6 +134,10 @@ class RecipientStatus:
         match = _LEADING_CODE.match(text)
         if match is not None:
             code, rest = match.group(1), match.group(2)
+            # a multi-line reply folded into one field repeats its codes on every line
+            # ("550-5.1.1 ... 550-5.1.1 ... 550 5.1.1 ..."): read as its lines' text, as a
+            # synchronous reply is
+            rest = re.sub(rf"\s{code}[ -][245]\.\d{{1,3}}\.\d{{1,3}}(?=\s)", "", rest)
             if self.status and not _LEADING_ENHANCED.match(rest):
                 return f"{code} {self.status} {rest}".rstrip()
             return f"{code} {rest}".rstrip()
@@ -187,6 +191,18 @@ def parse_report(content: bytes) -> ParsedReport:
     except Exception as exc:  # the email package's parsers are lenient; this is a last resort
         return ParsedReport(ReportKind.UNREADABLE, note=f"not a readable message: {exc}")
     try:
+        if len(content) > PARSE_LIMIT and message.get_content_type() == "multipart/report":
+            # a report whose status part lies past the head read: never guessed from its prose
+            parsed = _read(message)
+            if parsed.kind not in (ReportKind.DSN, ReportKind.ARF):
+                return ParsedReport(
+                    ReportKind.UNREADABLE,
+                    subject=parsed.subject,
+                    author=parsed.author,
+                    note=f"a report whose status part is past the first {PARSE_LIMIT:,} bytes "
+                    "read (a huge first part)",
+                )
+            return parsed
         return _read(message)
     except Exception as exc:  # a report is never lost to a parser bug: it is kept unreadable
         return ParsedReport(
@@ -553,6 +569,7 @@ _SPECIFIC_MARKERS = [
     ("microsoft", r"delivery has failed to these recipients or (groups|distribution lists)"),
     ("microsoft", r"your message to .{1,200} couldn'?t be delivered"),
     ("microsoft", r"remote server returned '"),
+    ("microsoft", r"delivery is delayed to these recipients or (groups|distribution lists)"),
     ("gmail", r"delivery to the following recipients? failed permanently"),
     ("gmail", r"delivery to the following recipients? has been delayed"),
     ("gmail", r"your message wasn'?t delivered to"),
@@ -604,7 +621,7 @@ def _generic_bounce(message: Message, subject: str, author: str, notice: str) ->
 _DELAY = re.compile(
     r"delivery status notification \(delay\)|has not (yet )?been delivered|been delayed"
     r"|will (continue to |keep )?(re)?try|delivery attempts will continue|still (being )?(re)?tr"
-    r"|warning: message .{0,80} delayed|delayed mail|message delayed",
+    r"|warning: message .{0,80} delayed|delayed mail|message delayed|delivery is delayed",
     re.IGNORECASE,
 )
 _PERMANENT = re.compile(
