@@ -164,6 +164,27 @@ def test_an_export_that_cannot_be_written_removes_nothing_and_says_so(
     assert listed(config) == before
 
 
+def test_a_delete_says_what_it_left_because_it_was_being_sent(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+
+    async def setup() -> None:
+        async with AsyncPostlane(config) as app:
+            await app.send(sender="a@example.com", to=["ada@example.net"], text="x")
+            await app.send(sender="a@example.com", to=["bob@example.net"], text="x")
+            now = time.time()
+            await app.store.claim_due("w", ALL, limit=1, now=now, lease_until=now + 600)
+
+    asyncio.run(setup())
+    code, _, err = cli(config, "queue", "delete", "--all", "--yes")
+    assert code == 0
+    lines = err.strip().splitlines()
+    assert "deleted 1 recipient(s)" in lines[-2]
+    assert lines[-1] == (
+        "1 recipient(s) of the selection were being sent and were left alone; delete again "
+        "once their tries are recorded"
+    )
+
+
 def test_older_than_selects_what_arrived_before(tmp_path: Path) -> None:
     config = write_config(tmp_path)
 

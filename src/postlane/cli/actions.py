@@ -75,9 +75,14 @@ def run_action(
     goes through :meth:`AsyncPostlane.requeue` (refused for suppressed addresses unless
     ``unsuppress``)."""
     unsuppressed: tuple[str, ...] = ()
+    in_flight = 0
 
     async def go(app: AsyncPostlane) -> int | None:
-        nonlocal unsuppressed
+        nonlocal unsuppressed, in_flight
+        if action is QueueAction.DELETE:
+            # being sent now: left alone (the send's outcome is recorded); said, not hidden
+            sending = await app.store.summarize(selector, ("sending",))
+            in_flight = sum(c.count for c in sending)
         counts = await app.summarize(action, selector)
         total = (
             _show_selection(action, counts)
@@ -130,11 +135,22 @@ def run_action(
                 export.close()
     if done is None:
         click.echo(f"nothing to {action.value}", err=True)
+        _left_in_flight(action, in_flight)
         return
     for address in unsuppressed:
         click.echo(f"{address}: removed from the suppression list", err=True)
     suffix = f" (exported to {export_path})" if export_path else ""
     click.echo(f"{_PAST[action]} {done:,} recipient(s){suffix}", err=True)
+    _left_in_flight(action, in_flight)
+
+
+def _left_in_flight(action: QueueAction, count: int) -> None:
+    if count:
+        click.echo(
+            f"{count:,} recipient(s) of the selection were being sent and were left alone; "
+            f"{action.value} again once their tries are recorded",
+            err=True,
+        )
 
 
 def _suppressed_refusal(addresses: Sequence[str]) -> str:
