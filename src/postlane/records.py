@@ -521,6 +521,9 @@ class ExportedRecipient:
     last_response: Reply | None
     reason: str | None
     history: tuple[AttemptView, ...]
+    #: when it last changed: a dead letter's time of death, kept across an export and an import
+    #: (its dead-letter retention counts from there); None in exports older than this field
+    updated_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -565,6 +568,7 @@ class ExportedMessage:
                     "created_at": r.created_at,
                     "last_response": r.last_response.as_json() if r.last_response else None,
                     "reason": r.reason,
+                    "updated_at": r.updated_at,
                     "history": [{**a.as_json(), "at": a.at} for a in r.history],
                 }
                 for r in self.recipients
@@ -599,6 +603,9 @@ class ExportedMessage:
                         else None
                     ),
                     reason=r.get("reason"),
+                    updated_at=(
+                        float(r["updated_at"]) if r.get("updated_at") is not None else None
+                    ),
                     history=tuple(
                         AttemptView(
                             at=float(a["at"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,7 +14,14 @@ import pytest
 from postlane.classify import ReplyClass
 from postlane.errors import IdempotencyConflict, NotFound, ValidationError
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
-from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector, Suppression
+from postlane.records import (
+    AttemptRecord,
+    DestinationStatus,
+    ExportedMessage,
+    Outcome,
+    Selector,
+    Suppression,
+)
 
 T0 = 1_800_000_000.0
 ALL_LANES = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
@@ -723,6 +731,26 @@ async def test_a_recipient_deleted_before_it_was_sent_is_an_event_and_so_is_its_
     events = await read_events(store, lambda es: last_type(es) == "queued")
     assert (events[-1].recipient, events[-1].text) == ("a@example.net", "restored by an import")
     assert [e.type for e in events].count("queued") == 3  # two at enqueue, one imported
+
+
+async def test_a_dead_letter_keeps_its_time_of_death_through_an_export_and_an_import(
+    store: Any,
+) -> None:
+    """Its dead-letter retention counts from its death, not from the import (a purge with
+    an export, then an import, must not make it young again)."""
+    prepared = msg("gone@example.net")
+    await store.enqueue([prepared], T0)
+    [d] = deliveries(await claim(store))
+    bounce = attempt(ReplyClass.HARD_BOUNCE, 550, now=T0 + 5)
+    await store.record("w1", [Outcome(d.id, RecipientState.DEAD, 1, 0, None, bounce)], T0 + 5)
+    [dead] = await store.list_dead(Selector(), limit=10)
+    [exported] = await store.export_deliveries([d.id])
+    assert exported.recipients[0].updated_at == dead.dead_at
+    again = ExportedMessage.from_json(json.loads(json.dumps(exported.as_json())))
+    assert await store.delete_deliveries([d.id], ("dead",)) == 1
+    assert await store.import_messages([again], T0 + 86400) == 1
+    [back] = await store.list_dead(Selector(), limit=10)
+    assert back.dead_at == dead.dead_at
 
 
 async def test_a_pending_hold_is_cancelled_by_a_release(store: Any) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from postlane.errors import NotFound
-from postlane.message import Lane, RecipientState
+from postlane.message import FINAL_STATES, Lane, RecipientState
 from postlane.records import (
     AttemptView,
     DeadGroup,
@@ -438,7 +438,13 @@ def _import_plan(messages: Sequence[ExportedMessage], now: float) -> Plan[int]:
                     "text": reply.text if reply else None,
                     "class": reply.cls.value if reply else None,
                     "reason": "imported" if state is not r.state else r.reason,
-                    "now": now,
+                    # a final recipient keeps its time (a dead letter's death); one waiting
+                    # again starts now
+                    "updated_at": (
+                        r.updated_at
+                        if state is r.state and state in FINAL_STATES and r.updated_at
+                        else now
+                    ),
                 },
             )
             assert inserted is not None

@@ -229,7 +229,8 @@ WHERE @any(id, ids, text) AND done_at IS NOT NULL;
 -- name: export_recipients
 -- Some deliveries, everything about them, in id order.
 SELECT queue_id, id, address, domain, destination, state, attempts, deferrals,
-       next_attempt_at, created_at, last_code, last_enhanced, last_text, last_class, reason
+       next_attempt_at, created_at, last_code, last_enhanced, last_text, last_class, reason,
+       updated_at
 FROM deliveries WHERE @any(id, ids, bigint) ORDER BY id;
 
 -- name: messages_with_content
@@ -253,7 +254,7 @@ INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at
                         attempts, deferrals, next_attempt_at, last_code, last_enhanced,
                         last_text, last_class, reason, updated_at)
 VALUES (:queue_id, :address, :domain, :destination, :lane, :created_at, :state, :attempts,
-        :deferrals, :next_attempt_at, :code, :enhanced, :text, :class, :reason, :now)
+        :deferrals, :next_attempt_at, :code, :enhanced, :text, :class, :reason, :updated_at)
 RETURNING id;
 
 -- name: defer_destination
