@@ -1353,6 +1353,19 @@ async def test_unmatched_reports_are_kept_up_to_a_total_size_the_oldest_going_fi
     assert len(kept) >= 10
 
 
+async def test_a_message_id_names_a_sole_delivery_only_of_a_message_to_one_address(
+    store: Any,
+) -> None:
+    alone = msg("ada@example.net")
+    shared = dataclasses.replace(msg("bob@example.net", "cy@example.net"), message_id="<m@x>")
+    alone = dataclasses.replace(alone, message_id="<a@x>")
+    await store.enqueue([alone, shared], T0)
+    [found] = await store.sole_deliveries("ADA@example.net", "<a@x>")
+    assert found.queue_id == alone.id and found.address == "ada@example.net"
+    assert await store.sole_deliveries("bob@example.net", "<m@x>") == []
+    assert len(await store.find_deliveries("bob@example.net", message_id="<m@x>")) == 1
+
+
 async def test_a_shared_secret_is_made_once(store: Any) -> None:
     first = await store.secret("verp", T0)
     assert len(first) == 32 and await store.secret("verp", T0 + 1) == first

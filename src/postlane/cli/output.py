@@ -9,7 +9,7 @@ gets only the result. Piped, nothing wraps and no line is padded: one line per r
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import click
@@ -68,14 +68,17 @@ def first(rows: Sequence[T], limit: int, what: str) -> Sequence[T]:
     return rows[:limit]
 
 
-def json_or_empty(rows: Sequence[Row], *, as_json: bool, empty: str) -> bool:
-    """With ``--json``, print the rows as one JSON list; without rows, print ``empty``. True when
-    that is the whole output, False when the caller prints the rows its own way."""
+def json_or_empty(
+    rows: Sequence[Row] | Sequence[Mapping[str, Any]], *, as_json: bool, empty: str
+) -> bool:
+    """With ``--json``, print the rows (records, or mappings already in their JSON form) as
+    one JSON list; without rows, print ``empty``. True when that is the whole output, False
+    when the caller prints the rows its own way."""
     if as_json:
-        print_json([row.as_json() for row in rows])
+        print_json([row if isinstance(row, Mapping) else row.as_json() for row in rows])
         return True
     if not rows:
-        out.print(empty)
+        out.print(empty, markup=False)
         return True
     return False
 

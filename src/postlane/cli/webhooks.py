@@ -9,7 +9,7 @@ import click
 
 from postlane.app import AsyncPostlane
 from postlane.cli.context import config_option, invocation, json_option, with_app
-from postlane.cli.output import first_line, listing, out, print_json, show
+from postlane.cli.output import first_line, json_or_empty, listing, print_json, show
 from postlane.errors import PostlaneError
 
 
@@ -39,11 +39,8 @@ def webhooks_list(as_json: bool) -> None:
         return await endpoint_statuses(app.store, endpoints, now=app.clock.now())
 
     statuses = with_app(go)
-    if as_json:
-        print_json(statuses)
-        return
-    if not statuses:
-        out.print("No webhook endpoint is configured ([[webhooks.out]])", markup=False)
+    empty = "No webhook endpoint is configured ([[webhooks.out]])"
+    if json_or_empty(statuses, as_json=as_json, empty=empty):
         return
     table = listing(
         "endpoint", "state", "cursor", "lag", "failures", "next try", "delivered", "last error",
@@ -79,11 +76,7 @@ def webhooks_failures(name: str | None, as_json: bool) -> None:
         return await failures(app.store, endpoints, name=name)
 
     found = with_app(go)
-    if as_json:
-        print_json(found)
-        return
-    if not found:
-        click.echo("No failures", err=True)
+    if json_or_empty(found, as_json=as_json, empty="No failures"):
         return
     table = listing("at", "endpoint", "outcome", "error")
     for failure in found:

@@ -17,7 +17,7 @@ Matching
        recipient's own token must not let it report on the others of its message.
     2. Else (no token anywhere) the original's ``Message-ID`` (from its returned headers) and
        the recipient's address, for a message sent to that address alone:
-       ``store.find_deliveries(address, message_id=..., sole=True)``. The Message-ID and the
+       ``store.sole_deliveries(address, message_id)``. The Message-ID and the
        ``To`` header are what every recipient of a message sees, so for a message with
        several recipients they prove nothing: one of them could otherwise bounce or
        complain for another.
@@ -413,7 +413,7 @@ class BounceProcessor:
         """The delivery to one of ``addresses`` of a message with ``message_id`` sent to that
         address alone (see the module docstring: Matching)."""
         for address in addresses:
-            found = await self.store.find_deliveries(address, message_id=message_id, sole=True)
+            found = await self.store.sole_deliveries(address, message_id)
             if found:
                 return found
         return []

@@ -176,6 +176,16 @@ def invalid_field() -> Iterator[None]:
         raise ApiError(400, "invalid_field", exc.message) from None
 
 
+def too_many_attempts(exc: TooManyAttempts, what: str) -> ApiError:
+    """The 429 of a client that failed too often lately (``what``: what it got wrong)."""
+    return ApiError(
+        429,
+        "too_many_attempts",
+        f"too many {what} from this client: retry after {exc.retry_after} s",
+        {"Retry-After": str(exc.retry_after)},
+    )
+
+
 # -- what the endpoints share ----------------------------------------------------------------------
 
 
@@ -360,12 +370,7 @@ def _caller(request: Request, scope: Scope | None) -> Caller:
     try:
         caller = context_of(request).tokens.caller(request)
     except TooManyAttempts as exc:
-        raise ApiError(
-            429,
-            "too_many_attempts",
-            f"too many wrong tokens from this client: retry after {exc.retry_after} s",
-            {"Retry-After": str(exc.retry_after)},
-        ) from None
+        raise too_many_attempts(exc, "wrong tokens") from None
     except Refused as exc:
         raise ApiError(*_REFUSALS[type(exc)]) from None
     if scope is Scope.ADMIN and caller.scope is not Scope.ADMIN:

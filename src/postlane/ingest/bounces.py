@@ -27,7 +27,6 @@ Durability
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import socket
@@ -37,7 +36,7 @@ from typing import Protocol
 
 from postlane.feedback.inbound import BounceProcessor, InboundResult
 from postlane.feedback.reports import PARSE_LIMIT
-from postlane.ingest.smtp_auth import address_key
+from postlane.ingest.smtp_listener import OpenConnections
 from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
 from postlane.waits import MailFirst
 
@@ -120,32 +119,23 @@ class BounceHandler:
         self.observer: BounceObserver = observer or _NoObserver()
         self.domain = processor.return_paths.domain
         self.report_addresses = frozenset(a.lower() for a in settings.report_addresses)
-        #: clients connected now (the cap counts them), closed when the listener stops
-        self.sessions: set[SmtpConnection] = set()
-        self._per_address: collections.Counter[str] = collections.Counter()
+        #: clients connected now (the caps count them), closed when the listener stops
+        self.sessions = OpenConnections()
         self.processed = 0
         self.closing = False
 
     def admit(self, connection: SmtpConnection, host: str) -> str | None:
-        key = address_key(host)
         if len(self.sessions) >= self.settings.max_connections:
             self.observer.refused("connections")
             return "421 4.7.0 Too many connections, try again later"
-        if self._per_address[key] >= self.settings.max_connections_per_address:
+        if self.sessions.from_address(host) >= self.settings.max_connections_per_address:
             self.observer.refused("connections")
             return "421 4.7.0 Too many connections from your address, try again later"
-        self.sessions.add(connection)
-        self._per_address[key] += 1
+        self.sessions.add(connection, host)
         return None
 
     def release(self, connection: SmtpConnection, host: str) -> None:
-        if connection not in self.sessions:
-            return
-        self.sessions.discard(connection)
-        key = address_key(host)
-        self._per_address[key] -= 1
-        if self._per_address[key] <= 0:
-            del self._per_address[key]
+        self.sessions.discard(connection, host)
 
     def accepts(self, address: str) -> bool:
         """Whether mail for ``address`` is taken: at the bounce domain, with a valid token (or
@@ -261,7 +251,7 @@ async def start_bounce_listener(
     finally:
         server.close()
         handler.closing = True
-        for session in list(handler.sessions):  # a stop does not wait for idle clients
+        for session in handler.sessions:  # a stop does not wait for idle clients
             session.shut_down()
         await server.wait_closed()
         await processor.close()

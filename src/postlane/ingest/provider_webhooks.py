@@ -40,7 +40,13 @@ from postlane.feedback.providers.recorder import EventRecorder
 from postlane.feedback.providers.sendgrid import SendGridReceiver
 from postlane.feedback.providers.ses import SESReceiver
 from postlane.feedback.providers.sns import SigningCertificates
-from postlane.ingest.api_core import STORE_RETRY_AFTER, ApiJSON, context_of, read_body
+from postlane.ingest.api_core import (
+    STORE_RETRY_AFTER,
+    ApiJSON,
+    context_of,
+    read_body,
+    too_many_attempts,
+)
 from postlane.ingest.bodies import ApiError
 from postlane.ingest.tally import Tally
 
@@ -136,12 +142,7 @@ async def provider_webhook(request: Request, caller: Caller) -> Response:
     try:
         api.tokens.attempts.check(client, "webhook")
     except TooManyAttempts as exc:
-        raise ApiError(
-            429,
-            "too_many_attempts",
-            f"too many refused requests from this client: retry after {exc.retry_after} s",
-            {"Retry-After": str(exc.retry_after)},
-        ) from None
+        raise too_many_attempts(exc, "refused requests") from None
     body = bytes(await read_body(request, MAX_BODY))
     try:
         received = await receiver.receive(request.headers, body, api.postlane.clock.now())

@@ -30,7 +30,6 @@ silently send in the wrong lane), but the capture folder's own envelope lines, w
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import ipaddress
@@ -52,9 +51,10 @@ from postlane.errors import (
     StoreUnavailable,
     ValidationError,
 )
-from postlane.ingest.smtp_auth import AuthGuard, address_key
+from postlane.ingest.smtp_auth import AuthGuard
 from postlane.ingest.smtp_auth import hash_password as hash_password
 from postlane.ingest.smtp_auth import verify_password as verify_password
+from postlane.ingest.smtp_listener import OpenConnections
 from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
 from postlane.message import MAX_RECIPIENTS, Message, parse_address
 from postlane.metrics import SmtpMetrics
@@ -345,8 +345,7 @@ class Sessions:
         self.trusted = trusted
         self.guard = guard
         self.metrics = metrics
-        self.open: set[SmtpConnection] = set()
-        self._per_address: collections.Counter[str] = collections.Counter()
+        self.open = OpenConnections()
         self._all_closed = asyncio.Event()
         #: set at shutdown: sessions still open are told 421 and closed
         self.closing = False
@@ -354,13 +353,12 @@ class Sessions:
     def admit(self, server: SmtpConnection, host: str) -> str | None:
         """None when the connection may go on, else the 421 it gets before being closed."""
         trusted = host in self.trusted
-        key = address_key(host)
         if self.closing:
             refusal = f"421 4.3.2 {self.hostname} Service shutting down, try again later"
         elif len(self.open) >= self.max_total:
             self.metrics.connections_refused.labels("total").inc()
             refusal = f"421 4.7.0 {self.hostname} Too many connections, try again later"
-        elif not trusted and self._per_address[key] >= self.max_per_address:
+        elif not trusted and self.open.from_address(host) >= self.max_per_address:
             self.metrics.connections_refused.labels("address").inc()
             refusal = (
                 f"421 4.7.0 {self.hostname} Too many connections from your address, try again later"
@@ -369,8 +367,7 @@ class Sessions:
             self.metrics.connections_refused.labels("auth").inc()
             refusal = f"421 4.7.0 {self.hostname} Too many failed authentications, try again later"
         else:
-            self.open.add(server)
-            self._per_address[key] += 1
+            self.open.add(server, host)
             self._all_closed.clear()
             self.metrics.connections.set(len(self.open))
             return None
@@ -379,13 +376,8 @@ class Sessions:
         return refusal
 
     def release(self, server: SmtpConnection, host: str) -> None:
-        if server not in self.open:
+        if not self.open.discard(server, host):
             return
-        self.open.discard(server)
-        key = address_key(host)
-        self._per_address[key] -= 1
-        if self._per_address[key] <= 0:
-            del self._per_address[key]
         self.metrics.connections.set(len(self.open))
         if not self.open:
             self._all_closed.set()
@@ -394,13 +386,13 @@ class Sessions:
         """Tell every session 421 and close it, except those storing a message: they get up
         to ``grace`` seconds to store it and answer, then are closed too."""
         self.closing = True
-        for server in list(self.open):
+        for server in self.open:
             if server.phase != "storing":
                 server.shut_down()
         if self.open:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), timeout=grace)
-        for server in list(self.open):
+        for server in self.open:
             server.shut_down()
         if self.open:  # connection_lost comes on the next turns of the loop
             with contextlib.suppress(TimeoutError):

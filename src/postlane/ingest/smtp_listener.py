@@ -6,16 +6,55 @@
 
 from __future__ import annotations
 
+import collections
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from postlane.ingest.smtp_auth import AuthGuard
+from postlane.ingest.smtp_auth import AuthGuard, address_key
 
 if TYPE_CHECKING:
     from postlane.ingest.smtp_protocol import SmtpConnection
 
-__all__ = ["Envelope", "Gate", "ServerSettings", "Session", "SmtpHandler"]
+__all__ = ["Envelope", "Gate", "OpenConnections", "ServerSettings", "Session", "SmtpHandler"]
+
+
+class OpenConnections:
+    """A listener's connections open now, in all and by client address (an IPv6 /64): what
+    its caps count, and what it closes when it stops."""
+
+    def __init__(self) -> None:
+        self._open: set[SmtpConnection] = set()
+        self._by_address: collections.Counter[str] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __iter__(self) -> Iterator[SmtpConnection]:
+        return iter(list(self._open))
+
+    def __contains__(self, connection: object) -> bool:
+        return connection in self._open
+
+    def from_address(self, host: str) -> int:
+        """How many are open from ``host``'s address (its /64 for IPv6)."""
+        return self._by_address[address_key(host)]
+
+    def add(self, connection: SmtpConnection, host: str) -> None:
+        self._open.add(connection)
+        self._by_address[address_key(host)] += 1
+
+    def discard(self, connection: SmtpConnection, host: str) -> bool:
+        """Forget a connection; False when it was not counted (refused at its start)."""
+        if connection not in self._open:
+            return False
+        self._open.discard(connection)
+        key = address_key(host)
+        self._by_address[key] -= 1
+        if self._by_address[key] <= 0:
+            del self._by_address[key]
+        return True
 
 
 class Session:

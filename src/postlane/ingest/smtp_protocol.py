@@ -322,24 +322,26 @@ class SmtpConnection(asyncio.Protocol):
         if method is None:
             self._bogus -= 1
             if self._bogus < 1:
-                self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
-                self._close_after_flush = True
-                self.phase = _BUSY
-                return
-            self._reply(f'500 Error: command "{command}" not recognized')
+                self._goodbye("502 5.5.1 Too many unrecognized commands, goodbye.")
+            else:
+                self._reply(f'500 Error: command "{command}" not recognized')
             return
         if command in _JUNK:
             self._junk -= 1
             if self._junk < 0:
-                self._reply("421 4.7.0 Error: too many commands that move no mail, goodbye")
-                self._close_after_flush = True
-                self.phase = _BUSY
+                self._goodbye("421 4.7.0 Error: too many commands that move no mail, goodbye")
                 return
         self._set_deadline(self.settings.command_timeout)
         try:
             method(self, arg)
         except Exception as error:
             self._reply(self.handler.failed(session, error))
+
+    def _goodbye(self, reply: str) -> None:
+        """Answer, then close: nothing more is read."""
+        self._reply(reply)
+        self._close_after_flush = True
+        self.phase = _BUSY
 
     def _helo_needed(self, verb: str = "HELO") -> bool:
         assert self.session is not None
@@ -402,9 +404,7 @@ class SmtpConnection(asyncio.Protocol):
         if arg:
             self._reply("501 Syntax: QUIT")
             return
-        self._reply("221 Bye")
-        self._close_after_flush = True
-        self.phase = _BUSY
+        self._goodbye("221 Bye")
 
     def smtp_VRFY(self, arg: str | None) -> None:
         if not arg:

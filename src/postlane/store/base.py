@@ -352,16 +352,15 @@ class FeedbackStore(Protocol):
         ...
 
     async def find_deliveries(
-        self,
-        address: str,
-        *,
-        queue_id: str | None = None,
-        message_id: str | None = None,
-        sole: bool = False,
+        self, address: str, *, queue_id: str | None = None, message_id: str | None = None
     ) -> list[DeliveryRef]:
         """The deliveries to ``address`` of the message with postlane's id ``queue_id``, or
-        with the Message-ID header ``message_id``; with ``sole``, only of messages that had no
-        other recipient (whose Message-ID no one else saw)."""
+        with the Message-ID header ``message_id``."""
+        ...
+
+    async def sole_deliveries(self, address: str, message_id: str) -> list[DeliveryRef]:
+        """The deliveries to ``address`` of messages with the Message-ID header
+        ``message_id`` that had no other recipient (whose Message-ID no one else saw)."""
         ...
 
     async def record_feedback(self, items: Sequence[Feedback], now: float) -> list[FeedbackResult]:

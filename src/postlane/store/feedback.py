@@ -59,24 +59,22 @@ class SQLFeedback(SQLRole):
         return [rows.delivery_ref(row) for row in found]
 
     async def find_deliveries(
-        self,
-        address: str,
-        *,
-        queue_id: str | None = None,
-        message_id: str | None = None,
-        sole: bool = False,
+        self, address: str, *, queue_id: str | None = None, message_id: str | None = None
     ) -> list[DeliveryRef]:
         """The deliveries to ``address`` of the message with postlane's id ``queue_id``, or
-        with the Message-ID header ``message_id`` (a bounce quoting the original's headers);
-        with ``sole``, only of messages that had no other recipient."""
+        with the Message-ID header ``message_id`` (a bounce quoting the original's headers)."""
         params = {"address": address.lower(), "queue_id": queue_id, "message_id": message_id}
         if queue_id is not None:
             found = await self.db.read(lambda: fetch("deliveries_of_message_to", params))
         elif message_id is not None:
-            name = "sole_deliveries_of_message_id_to" if sole else "deliveries_of_message_id_to"
-            found = await self.db.read(lambda: fetch(name, params))
+            found = await self.db.read(lambda: fetch("deliveries_of_message_id_to", params))
         else:
             return []
+        return [rows.delivery_ref(row) for row in found]
+
+    async def sole_deliveries(self, address: str, message_id: str) -> list[DeliveryRef]:
+        params = {"address": address.lower(), "message_id": message_id}
+        found = await self.db.read(lambda: fetch("sole_deliveries_of_message_id_to", params))
         return [rows.delivery_ref(row) for row in found]
 
     async def record_feedback(self, items: Sequence[Feedback], now: float) -> list[FeedbackResult]:
