@@ -20,7 +20,15 @@ import json
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future
 from datetime import datetime
 from enum import StrEnum
@@ -134,15 +142,21 @@ class AsyncPostlane:
         config_path: str | Path | None = None,
         store: Store | None = None,
         clock: Clock | None = None,
-        create: bool = True,
+        create: bool | None = None,
     ) -> None:
         """``config``: a :class:`Config`, or the path of a configuration file (as
         ``config_path``). ``create=False``: the store must exist already (a SQLite file that
         does not is a :class:`~postlane.errors.StoreUnavailable` when opened, not a new empty
-        queue)."""
+        queue). By default the store is made when the configuration names it (a file, or a
+        :class:`Config` given), and must exist when no configuration file was found: then
+        ``./postlane.db`` is only a guess from the working directory, and mail stored in a
+        new queue there would wait for a worker that never comes (as the CLI refuses to)."""
         if isinstance(config, (str, Path)):
             config, config_path = None, config
+        given = config is not None
         self.config = config if config is not None else load_config(config_path)
+        if create is None:
+            create = given or self.config.from_file
         self.clock: Clock = clock or SystemClock()
         self.store: Store = store or open_store_url(
             self.config.store.url, base_dir=self.config.base_dir, create=create
@@ -179,22 +193,28 @@ class AsyncPostlane:
         """Validate and render a message (raises :class:`ValidationError`), storing nothing."""
         return prepare(message, max_size=self.config.smtp.max_size, now=self.clock.now())
 
-    async def send(self, message: Message | None = None, /, **fields: Any) -> EnqueueResult:
+    async def send(
+        self, message: Message | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> EnqueueResult:
         """Enqueue one message; returns once it is durably stored.
 
-        Pass a :class:`Message`, or its fields as keywords (``sender``, ``to``, ``subject``,
-        ``text``, ``html``, ``lane``, ``idempotency_key``, ...)."""
+        Pass a :class:`Message`, its fields as keywords (``sender``, ``to``, ``subject``,
+        ``text``, ``html``, ``lane``, ``idempotency_key``, ...), or a mapping of them (the
+        HTTP API's JSON shape: ``"from"`` for the sender), as :class:`postlane.Client` takes."""
         if message is None:
             message = _message_from_fields(fields)
         elif fields:
             raise TypeError("pass a Message or keyword fields, not both")
-        results = await self.send_prepared([self.prepare(message)])
+        results = await self.send_prepared([self.prepare(_as_message(message))])
         return results[0]
 
-    async def send_many(self, messages: Sequence[Message]) -> list[EnqueueResult]:
-        """Enqueue several messages in one durable commit. All are validated first: one bad
-        message refuses the whole batch and stores nothing."""
-        return await self.send_prepared([self.prepare(m) for m in messages])
+    async def send_many(
+        self, messages: Sequence[Message | Mapping[str, Any]]
+    ) -> list[EnqueueResult]:
+        """Enqueue several messages (each a :class:`Message` or a mapping) in one durable
+        commit. All are validated first: one bad message refuses the whole batch and stores
+        nothing."""
+        return await self.send_prepared([self.prepare(_as_message(m)) for m in messages])
 
     async def send_prepared(self, prepared: Sequence[PreparedMessage]) -> list[EnqueueResult]:
         prepared = await self._with_destinations(prepared)
@@ -651,14 +671,31 @@ def _check_record(record: ExportedMessage) -> None:
         raise ValueError("times are seconds since the epoch, before the year 10000")
 
 
-def _message_from_fields(fields: dict[str, Any]) -> Message:
+def _message_from_fields(fields: Mapping[str, Any]) -> Message:
+    """A :class:`Message` from its fields, as keywords or a mapping (the HTTP API's JSON
+    shape too: ``"from"`` is the sender)."""
     fields = dict(fields)
-    if "from_" in fields:
-        fields["sender"] = fields.pop("from_")
-    try:
-        return Message(**fields)
-    except TypeError as exc:
-        raise ValidationError(f"unknown message field: {exc}") from None
+    for alias in ("from_", "from"):
+        if alias in fields:
+            fields["sender"] = fields.pop(alias)
+    known = {f.name for f in dataclasses.fields(Message)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValidationError(
+            f"unknown message field {unknown[0]!r} (known: {', '.join(sorted(known))}; the "
+            "sender is sender=, or from_)"
+        )
+    return Message(**fields)
+
+
+def _as_message(message: Message | Mapping[str, Any]) -> Message:
+    if isinstance(message, Message):
+        return message
+    if isinstance(message, Mapping):
+        return _message_from_fields(message)
+    raise ValidationError(
+        f"a message is a postlane.Message or a mapping, not {type(message).__name__}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -757,10 +794,12 @@ class Postlane:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send(self, message: Message | None = None, /, **fields: Any) -> EnqueueResult:
+    def send(
+        self, message: Message | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> EnqueueResult:
         return self._portal.run(self._async.send(message, **fields))
 
-    def send_many(self, messages: Sequence[Message]) -> list[EnqueueResult]:
+    def send_many(self, messages: Sequence[Message | Mapping[str, Any]]) -> list[EnqueueResult]:
         return self._portal.run(self._async.send_many(messages))
 
     def get(self, queue_id: str, *, history: bool = True) -> MessageView:

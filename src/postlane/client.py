@@ -40,6 +40,7 @@ from urllib.parse import quote
 import httpx
 
 from postlane.errors import (
+    ConfigError,
     IdempotencyConflict,
     MessageTooLarge,
     NotFound,
@@ -327,6 +328,23 @@ class _Try:
         return False
 
 
+def _base_url(url: str) -> str:
+    """The server's base URL, checked when the client is made: a mistake there would fail every
+    request (and be retried as if the server were down)."""
+    base = str(url).strip().rstrip("/")
+    scheme, _, rest = base.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest:
+        raise ConfigError(
+            f"postlane's URL must start with http:// or https:// (http://127.0.0.1:8025), "
+            f"got {url!r}"
+        )
+    if base.lower().endswith("/v1"):
+        raise ConfigError(
+            f"postlane's URL is the server's base, without /v1 (the client adds it): {url!r}"
+        )
+    return base
+
+
 class _Base(Generic[_TransportT, _HttpT]):
     """What both clients share: their arguments, headers and the calls they make; each opens
     its own kind of httpx client (:meth:`_open`) and waits its own way between tries."""
@@ -343,7 +361,7 @@ class _Base(Generic[_TransportT, _HttpT]):
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be 0 or more")
-        self.url = url.rstrip("/")
+        self.url = _base_url(url)
         self.backoff = _Backoff(retries, backoff)
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if token:

@@ -27,6 +27,7 @@ import django
 import psycopg
 import pytest
 from django.core import mail as django_mail
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.test import Client as DjangoClient
 from django.test import override_settings
@@ -243,10 +244,36 @@ def test_refused_messages_raise_unless_fail_silently(local_postlane: Config) -> 
     )
     with pytest.raises(ValidationError, match="must be a JSON object"):
         bad_metadata.send()
+    # a mistyped control header is refused, as SMTP submission refuses it: it would send mail
+    # in the wrong lane, and show the header to its recipients
+    typo = django_mail.EmailMessage(
+        "Hi", "Hello", to=["ada@example.net"], headers={"X-Postlane-Lanes": "high"}
+    )
+    with pytest.raises(ValidationError, match="unknown control header X-Postlane-Lanes"):
+        typo.send()
     # a message with no recipient at all is skipped, as Django's SMTP backend does
     assert django_mail.EmailMessage("Hi", "Hello").send() == 0
     with postlane.Postlane(local_postlane) as app:
         assert app.messages() == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ({"POSTLANE_URL": "127.0.0.1:8025"}, "must start with http:// or https://"),
+        ({"POSTLANE_URL": "http://127.0.0.1:8025/v1"}, "without /v1"),
+        ({"POSTLANE_URL": "http://127.0.0.1:8025", "POSTLANE_TIMEOUT": "abc"}, "POSTLANE_TIMEOUT"),
+        ({"POSTLANE_DEFAULT_LANE": "urgent"}, "POSTLANE_DEFAULT_LANE: unknown lane"),
+    ],
+)
+def test_wrong_settings_are_never_silent(
+    local_postlane: Config, settings: dict[str, str], error: str
+) -> None:
+    """fail_silently swallows what is wrong with a message, never what is wrong with the
+    settings (docs/frameworks.md)."""
+    with override_settings(**settings), pytest.raises(Exception, match=error) as raised:
+        django_mail.send_mail("Hi", "Hello", None, ["ada@example.net"], fail_silently=True)
+    assert isinstance(raised.value, (postlane.ConfigError, ImproperlyConfigured))
 
 
 def test_schedule_headers_become_send_at_and_expires_at(local_postlane: Config) -> None:
@@ -337,6 +364,15 @@ async def test_http_mode_reports_a_refusal_as_one_postlane_error(
 
     with pytest.raises(PostlaneError, match=r"\(HTTP 401 unauthorized\): the token is not valid"):
         await asyncio.to_thread(send_with_a_wrong_token)
+
+    def silently_with_a_wrong_token() -> int:  # a wrong token is the settings' fault
+        with override_settings(POSTLANE_TOKEN="wrong"):
+            return django_mail.send_mail(
+                "Hi", "Hello", None, ["ada@example.net"], fail_silently=True
+            )
+
+    with pytest.raises(PostlaneError, match="unauthorized"):
+        await asyncio.to_thread(silently_with_a_wrong_token)
     assert await postlane_server.messages() == []
 
 

@@ -70,6 +70,33 @@ def test_a_configuration_file_may_be_named_as_the_first_argument(tmp_path: Path)
     assert (tmp_path / "queue.db").exists()
 
 
+def test_without_a_configuration_file_no_new_queue_is_made_where_no_worker_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from another folder than serve's, the defaults' ./postlane.db is only a guess: a
+    new queue there would keep the mail from every worker. It must exist (as for the CLI)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("POSTLANE_CONFIG", raising=False)
+    with pytest.raises(postlane.StoreUnavailable, match="there is no queue at"):
+        postlane.Postlane()
+    assert not (tmp_path / "postlane.db").exists()
+    with postlane.Postlane(make_config(tmp_path)):  # a configuration given: made
+        pass
+    with postlane.Postlane() as mail:  # now it exists
+        assert mail.send(sender="a@example.com", to=["b@example.net"], text="x").id
+
+
+def test_a_message_may_be_a_mapping_as_for_the_http_client(tmp_path: Path) -> None:
+    with postlane.Postlane(make_config(tmp_path)) as mail:
+        one = mail.send({"from": "a@example.com", "to": ["b@example.net"], "text": "x"})
+        [two] = mail.send_many([{"sender": "a@example.com", "to": ["c@example.net"], "text": "y"}])
+        assert one.id != two.id
+        with pytest.raises(postlane.ValidationError, match="unknown message field 'txt'"):
+            mail.send(sender="a@example.com", to=["b@example.net"], txt="x")
+        with pytest.raises(postlane.ValidationError, match=r"a postlane\.Message or a mapping"):
+            mail.send(["not", "a", "message"])  # type: ignore[arg-type]
+
+
 async def test_the_async_api(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     async with postlane.AsyncPostlane(config) as mail:

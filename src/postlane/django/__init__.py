@@ -52,7 +52,7 @@ from django.core.signals import setting_changed  # type: ignore[import-untyped]
 
 from postlane.config import Config, load_config
 from postlane.django.signals import mail_event
-from postlane.errors import ConfigError, PostlaneError, ValidationError
+from postlane.errors import ConfigError, NotFound, PostlaneError, ValidationError
 from postlane.message import Message, parse_lane
 from postlane.records import EnqueueResult
 
@@ -98,6 +98,14 @@ def to_postlane_message(email: Any, default_lane: str = "normal") -> Message:
         for name, value in (email.extra_headers or {}).items()
         if str(name).lower() in _CONTROL_HEADERS
     }
+    for name in email.extra_headers or {}:
+        lowered = str(name).lower()
+        if lowered.startswith("x-postlane-") and lowered not in _CONTROL_HEADERS:
+            # a typo must not send mail in the wrong lane, nor show the header to recipients
+            raise ValidationError(
+                f"unknown control header {name} (known: {', '.join(_CONTROL_NAMES)})",
+                field="headers",
+            )
     mime = email.message()
     for name in _STRIPPED:
         del mime[name]
@@ -286,7 +294,10 @@ def _sender() -> _Sender:
         )
     if url:
         token = getattr(settings, "POSTLANE_TOKEN", None)
-        timeout = float(getattr(settings, "POSTLANE_TIMEOUT", 10))
+        try:
+            timeout = float(getattr(settings, "POSTLANE_TIMEOUT", 10))
+        except (TypeError, ValueError):
+            raise ImproperlyConfigured("POSTLANE_TIMEOUT must be a number of seconds") from None
         return _shared(("http", url, token, timeout), lambda: _HttpSender(url, token, timeout))
     key = id(config) if isinstance(config, Config) else config
     return _shared(("local", key), lambda: _LocalSender(config))
@@ -308,6 +319,10 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
             return 0
         default_lane = getattr(settings, "POSTLANE_DEFAULT_LANE", None) or "normal"
         try:
+            parse_lane(default_lane)
+        except ValidationError as exc:
+            raise ImproperlyConfigured(f"POSTLANE_DEFAULT_LANE: {exc.message}") from None
+        try:
             sender = _sender()
         except PostlaneError as exc:
             if self.fail_silently and not isinstance(exc, ConfigError):
@@ -319,10 +334,16 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
                 continue  # as Django's SMTP backend: nothing to send
             try:
                 result = sender.send(to_postlane_message(email, default_lane))
-            except PostlaneError:
-                if self.fail_silently:
+            except PostlaneError as exc:
+                if self.fail_silently and not _misconfigured(exc):
                     continue
                 raise
             email.postlane_id = result.id
             accepted += 1
         return accepted
+
+
+def _misconfigured(exc: PostlaneError) -> bool:
+    """An error that says the settings are wrong, never the message: it is never silent (a
+    wrong token, a URL that reaches no postlane route, a configuration error)."""
+    return isinstance(exc, (ConfigError, NotFound)) or exc.code in ("unauthorized", "forbidden")

@@ -592,7 +592,8 @@ class SQLiteDatabase:
             if not self.create:
                 raise StoreUnavailable(
                     f"there is no queue at {self.path} (postlane serve creates it; run where "
-                    "postlane.toml is, or give --config)"
+                    "postlane.toml is, or name it: --config, $POSTLANE_CONFIG, or "
+                    "Postlane('path/to/postlane.toml'))"
                 )
             _create_private(self.path)
         await asyncio.to_thread(self.writer.start)
