@@ -118,6 +118,15 @@ class NotLocal(Refused):
     """No token is configured, and the request is not from and to this machine."""
 
 
+class NoAdminToken(Refused):
+    """Send tokens are configured and no admin token: the API is locked, so is the dashboard
+    (nobody gets in; a send token never does)."""
+
+
+class NotAdmin(Refused):
+    """A valid send token at the dashboard: it may send, never look or act (not a guess)."""
+
+
 class Unauthenticated(Refused):
     """No credential this door accepts."""
 
@@ -478,12 +487,18 @@ class Tokens:
         """The dashboard's visitor: an admin bearer token or a live session cookie, or a local
         request when no admin token is configured. Raises :class:`Refused`."""
         if not self.admin_configured:
+            if self.configured:  # send tokens only: locked, as the API is
+                raise NoAdminToken
             if not is_local(request):
                 raise NotLocal
             return Session("loopback", browser=True)
         token = bearer_token(request)
         if token is not None:
-            self.attempts.verify(client_key(request), "dashboard", lambda: self._admin_index(token))
+            client = client_key(request)
+            self.attempts.check(client, "dashboard")
+            if self._admin_index(token) is None and Scope.SEND in self._scopes(token):
+                raise NotAdmin  # a right token for another door: no guess to count
+            self.attempts.verify(client, "dashboard", lambda: self._admin_index(token))
             return Session(fingerprint(token), browser=False)
         sid = self.sessions.identity(request.cookies.get(SESSION_COOKIE, ""))
         if sid is None:  # none, expired, logged out or forged: log in again

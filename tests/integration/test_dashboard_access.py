@@ -103,7 +103,20 @@ async def test_an_admin_token_logs_in_and_nothing_else_does(locked_app: AsyncPos
         script.headers["Authorization"] = f"Bearer {TOKEN}"
         assert (await script.get("/dlq")).status_code == 200
         script.headers["Authorization"] = f"Bearer {SEND_TOKEN}"
-        assert (await script.get("/dlq")).status_code == 303  # a send token is not an admin
+        refused = await script.get("/dlq")  # a send token is not an admin, nor a guess
+        assert refused.status_code == 403 and "never use the dashboard" in refused.text
+
+
+async def test_with_send_tokens_alone_nobody_gets_in_not_even_locally(tmp_path: Path) -> None:
+    """The API is locked for everyone then; so is the dashboard (a security audit deleted an
+    application's message through it from this host, with no token at all)."""
+    config = make_config(tmp_path, http={"send_tokens": [SEND_TOKEN]})
+    async with AsyncPostlane(config) as app:
+        async for local in client_for(app):
+            page = await local.get("/queue")
+            assert page.status_code == 403 and "needs an admin token" in page.text
+            local.headers["Authorization"] = f"Bearer {SEND_TOKEN}"
+            assert (await local.get("/queue")).status_code == 403
 
 
 async def test_a_form_without_its_csrf_token_changes_nothing(open_app: AsyncPostlane) -> None:

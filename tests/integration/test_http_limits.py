@@ -117,6 +117,46 @@ async def test_a_request_no_parser_can_read_gets_the_apis_json_error(
     assert await healthy(served.address)
 
 
+@pytest.mark.parametrize("size", [17_000, 100_000])
+async def test_a_request_head_over_16_kib_is_refused_even_when_it_arrives_whole(
+    served: Served, size: int
+) -> None:
+    connection = await served.connect()
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+    connection[1].write(head)  # one write: h11 alone would take it whole
+    answer = await answer_of(connection)
+    connection[1].close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+    assert b"over 16 KiB" in answer
+    assert await healthy(served.address)  # a head within the limit still goes
+
+
+async def test_a_forwarded_for_header_does_not_make_a_guesser_a_new_client(
+    tmp_path: Path,
+) -> None:
+    """uvicorn believes X-Forwarded-For from loopback by default: each guess would count for
+    another "client" and the guessing limit would never hold (a security audit: 200 guesses
+    in 2 s, every one checked)."""
+    token = "admin-t0ken-for-the-tests"
+    config = make_config(tmp_path, http={"listen": f"127.0.0.1:{free_port()}", "tokens": [token]})
+    async with AsyncPostlane(config) as app:
+        asgi = build_app(FrontDoor(config, app))
+        async with (
+            serve_http(asgi, config, refusals=asgi.state.api.refusals) as address,
+            httpx.AsyncClient(base_url=address) as client,
+        ):
+            statuses = []
+            for n in range(12):
+                headers = {
+                    "Authorization": f"Bearer guess-{n:04d}-xxxxxxxxxxxx",
+                    "X-Forwarded-For": f"203.0.113.{n + 1}",
+                    "Forwarded": f"for=198.51.100.{n + 1}",
+                }
+                statuses.append((await client.get("/v1/stats", headers=headers)).status_code)
+    assert statuses[:5] == [401] * 5
+    assert 429 in statuses[5:]  # one client, whatever it says it forwards
+
+
 async def test_finding_7_a_kept_alive_connection_must_finish_its_next_head_in_time(
     served: Served,
 ) -> None:

@@ -656,3 +656,17 @@ async def test_two_listeners_can_share_one_socket(tmp_path: Path) -> None:
         for _ in range(4):
             await in_thread(lambda: submit_one(port))
         assert len(await app.messages()) == 4
+
+
+async def test_a_helo_name_is_one_word_never_a_header_break(trusted: Listener) -> None:
+    """A security audit put a bare CR in its EHLO name: the Received line carried it into the
+    stored message as header breaks, forging X-Postlane-Lane and other headers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", trusted.port)
+    assert (await reader.readline()).startswith(b"220")
+    for hello in (b"EHLO x\rX-Postlane-Lane: high\r\n", b"HELO two words\r\n", b"EHLO a\x00b\r\n"):
+        writer.write(hello)
+        assert (await reader.readline()).startswith(b"501 Syntax: ")
+    writer.write(b"QUIT\r\n")
+    await writer.drain()
+    writer.close()
+    assert await trusted.app.messages() == []

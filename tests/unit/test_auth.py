@@ -12,6 +12,8 @@ from postlane.auth import (
     Csrf,
     InvalidToken,
     MissingToken,
+    NoAdminToken,
+    NotAdmin,
     NotLocal,
     Scope,
     Session,
@@ -156,19 +158,29 @@ def test_the_dashboard_lets_in_an_admin_by_token_or_cookie() -> None:
     ):
         with pytest.raises(MissingToken):
             tokens.session(refused)
-    with pytest.raises(InvalidToken):
-        tokens.session(request(authorization=f"Bearer {SEND}"))  # a send token is not an admin
+    with pytest.raises(NotAdmin):  # a send token is not an admin: refused, not a guess
+        tokens.session(request(authorization=f"Bearer {SEND}"))
+    assert tokens.attempts.failures["dashboard"] == 0
     with pytest.raises(MissingToken):
         other.session(request(cookie=cookie))  # a rotated token ends its sessions
 
 
-def test_without_an_admin_token_the_dashboard_is_for_local_requests() -> None:
-    tokens = Tokens([], [SEND])  # send tokens alone keep the API locked, not the dashboard
+def test_without_any_token_the_dashboard_is_for_local_requests() -> None:
+    tokens = Tokens([], [])
     assert tokens.session(request()) == Session("loopback", browser=True)
     with pytest.raises(NotLocal):
         tokens.session(request(host="evil.example"))
     with pytest.raises(NotLocal):
-        tokens.session(request(peer="192.0.2.7", authorization=f"Bearer {SEND}"))
+        tokens.session(request(peer="192.0.2.7"))
+
+
+def test_with_send_tokens_alone_the_dashboard_is_locked_as_the_api_is() -> None:
+    """A security audit: with send tokens only, any local client (or a proxy on this host)
+    got the admin dashboard without a token, while the API said 401 to everyone."""
+    tokens = Tokens([], [SEND])
+    for visitor in (request(), request(authorization=f"Bearer {SEND}")):
+        with pytest.raises(NoAdminToken):
+            tokens.session(visitor)
 
 
 def test_a_csrf_token_is_bound_to_its_session_and_key() -> None:

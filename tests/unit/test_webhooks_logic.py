@@ -199,9 +199,17 @@ def test_a_new_secret_is_valid_and_random() -> None:
         ("224.0.0.1", "multicast"),
         ("100.64.0.1", "reserved"),  # carrier-grade NAT
         ("::ffff:127.0.0.1", "loopback"),
+        # an IPv4 address inside an IPv6 one, where the network translates it (a security
+        # audit: these passed both checks)
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64's well-known prefix
+        ("::7f00:1", "loopback"),  # IPv4-compatible
+        ("::ffff:0:a9fe:a9fe", "link-local"),  # SIIT's IPv4-translated
+        ("2002:a9fe:a9fe::1", "link-local"),  # 6to4
+        ("64:ff9b:1::a00:1", "NAT64 local-use"),
         ("8.8.8.8", None),
         ("2606:4700:4700::1111", None),
         ("::ffff:8.8.8.8", None),
+        ("64:ff9b::808:808", None),  # NAT64 to a public address
     ],
 )
 def test_which_addresses_webhooks_may_reach(address: str, refused: str | None) -> None:

@@ -26,6 +26,8 @@ from postlane.app import AsyncPostlane
 from postlane.auth import (
     CSRF_SECRET,
     Csrf,
+    NoAdminToken,
+    NotAdmin,
     NotLocal,
     Session,
     Tokens,
@@ -57,6 +59,10 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+_NO_ADMIN_TOKEN = (
+    "the dashboard needs an admin token ([http] tokens): with send tokens alone, the API and "
+    "the dashboard are locked for everyone"
+)
 _NOT_LOCAL = (
     "no admin token is configured: loopback clients only, addressing this server as "
     "localhost or 127.0.0.1"
@@ -192,6 +198,10 @@ def page(handler: Page, *, post: bool = False) -> Callable[[Request], Awaitable[
             session = dashboard.tokens.session(request)
         except NotLocal:
             return forbidden(_NOT_LOCAL)
+        except NoAdminToken:
+            return forbidden(_NO_ADMIN_TOKEN)
+        except NotAdmin:
+            return forbidden("a send token may send mail, never use the dashboard")
         except TooManyAttempts as exc:
             return HTMLResponse(
                 f"<h1>429</h1><p>Too many wrong tokens from your address: retry in "

@@ -132,6 +132,19 @@ _HEAD_TIMEOUT_BODY = (
 )
 
 
+#: a request's head (request line and headers) at most; h11 holds to it only while a head is
+#: incomplete, so one that arrives whole in a read is measured here
+HEAD_LIMIT = 16 * 1024
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+_HEAD_TOO_LARGE_BODY = (
+    b'{"error":{"code":"malformed_request","message":"HTTP: the request line and headers are '
+    b'over 16 KiB"}}'
+)
+
+
 class GuardedH11(H11Protocol):
     """uvicorn's h11 protocol with a deadline on each request head and a connection cap (see
     the module's docstring). :func:`guarded_protocol` makes one per listener, with its limits.
@@ -148,6 +161,8 @@ class GuardedH11(H11Protocol):
     idle: ClassVar[dict[GuardedH11, None]]
 
     _head_timer: asyncio.TimerHandle | None = None
+    #: what arrived of the request head under way (until its blank line)
+    _head: bytearray | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -161,6 +176,13 @@ class GuardedH11(H11Protocol):
         self._wait_for_head()
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+            self._forget()
+            self.transport.write(
+                _HEAD_TOO_LARGE % (len(_HEAD_TOO_LARGE_BODY), _HEAD_TOO_LARGE_BODY)
+            )
+            self.transport.close()
+            return
         super().data_received(data)
         if self.transport.is_closing():
             self._forget()
@@ -178,6 +200,15 @@ class GuardedH11(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()
         super().connection_lost(exc)
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """Count ``data`` into the head under way; True when the head is over
+        :data:`HEAD_LIMIT` (complete or not)."""
+        head = self._head if self._head is not None else bytearray()
+        head += data
+        end = head.find(b"\r\n\r\n")
+        self._head = None if end >= 0 else head  # a whole head: the next one starts afresh
+        return (end + 4 if end >= 0 else len(head)) > HEAD_LIMIT
 
     def _wait_for_head(self) -> None:
         self.idle.setdefault(self, None)
@@ -290,6 +321,9 @@ async def serve_http(
             lifespan="off",
             access_log=False,
             server_header=False,
+            # the peer is who connected: X-Forwarded-For from a proxy (or from anyone on this
+            # host) would let a guesser be a new client at every request (docs/security.md)
+            proxy_headers=False,
         )
     )
     task = asyncio.create_task(server.serve(sockets=[sock]), name="postlane-http")

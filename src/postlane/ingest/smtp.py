@@ -320,7 +320,10 @@ class SubmissionHandler:
         return "451 4.3.0 Local error in processing, try again later"
 
     def _received_header(self, session: Session) -> bytes:
-        helo = session.host_name or "unknown"
+        # what the client said of itself, never a header break or a control character
+        helo = "".join(
+            c if c.isprintable() and c != " " else "?" for c in session.host_name or "unknown"
+        )
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.tls:
             protocol += "S"

@@ -76,6 +76,12 @@ _PATH_SYNTAX = {
 _COMMAND, _DATA, _CHUNK, _STORING, _BUSY = "command", "data", "chunk", "storing", "busy"
 
 
+def _one_word(name: str) -> bool:
+    """A HELO/EHLO name is one word (RFC 5321: a domain or an address literal): no space, no
+    control character. A bare CR in it would become a header break in the Received line."""
+    return not any(ord(c) < 33 or ord(c) == 127 for c in name)
+
+
 class SmtpConnection(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
@@ -351,7 +357,7 @@ class SmtpConnection(asyncio.Protocol):
         return False
 
     def smtp_HELO(self, arg: str | None) -> None:
-        if not arg:
+        if not arg or not _one_word(arg):
             self._reply("501 Syntax: HELO hostname")
             return
         assert self.session is not None
@@ -362,7 +368,7 @@ class SmtpConnection(asyncio.Protocol):
         self._reply(f"250 {self.settings.hostname}")
 
     def smtp_EHLO(self, arg: str | None) -> None:
-        if not arg:
+        if not arg or not _one_word(arg):
             self._reply("501 Syntax: EHLO hostname")
             return
         session = self.session

@@ -37,11 +37,41 @@ class AddressRefused(WebhookDeliveryError):
     code = "webhook_address_refused"
 
 
+#: IPv6 prefixes that carry an IPv4 address in their last 32 bits: IPv4-compatible (::/96),
+#: SIIT's IPv4-translated (::ffff:0:0:0/96) and NAT64's well-known prefix (64:ff9b::/96)
+_IPV4_IN_LAST_32 = tuple(
+    ipaddress.IPv6Network(prefix) for prefix in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96")
+)
+#: NAT64's local-use prefix (RFC 8215): the IPv4 address may sit anywhere in it
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, compatible, translated, NAT64, 6to4,
+    Teredo's client), where a network that translates it would reach that IPv4 address."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if any(address in network for network in _IPV4_IN_LAST_32):
+        low = int(address) & 0xFFFFFFFF
+        if int(address) >> 32 or low > 1:  # not :: nor ::1, IPv6's own
+            return ipaddress.IPv4Address(low)
+    return None
+
+
 def refusal(address: IPAddress) -> str | None:
     """Why ``address`` is no place for a webhook without ``allow_private``, or None when it is
-    a public address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    a public address. An IPv6 address carrying an IPv4 one (``::ffff:169.254.169.254``,
+    NAT64's ``64:ff9b::a9fe:a9fe``, 6to4, ...) is judged as that IPv4 address too."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _LOCAL_NAT64:
+            return "a NAT64 local-use address (it may reach any IPv4 address)"
+        inner = embedded_ipv4(address)
+        if inner is not None and (why := refusal(inner)) is not None:
+            return f"{why}, inside an IPv6 address"
     if address.is_loopback:
         return "a loopback address"
     if address.is_link_local:
