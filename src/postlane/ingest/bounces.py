@@ -143,8 +143,8 @@ class BounceHandler:
         local, at, domain = address.rpartition("@")
         if not at or domain.lower().rstrip(".") != self.domain:
             return False
-        if local.lower() in self.report_addresses:
-            return True
+        if local.lower() in self.report_addresses or local.lower() == "postmaster":
+            return True  # postmaster: RFC 5321 4.5.1 (read as a report address is)
         return self.processor.return_paths.verify_token(local) is not None
 
     def mail(self, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
