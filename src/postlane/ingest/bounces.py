@@ -5,8 +5,9 @@ starts it).
 Who may send what
     Any client, any envelope sender, the null sender ``<>`` included (what DSNs use): the
     security is in the recipient. RCPT TO is accepted only at the bounce domain and only for
-    a valid VERP token (or a local part listed in ``report_addresses``, a feedback loop's
-    fixed address); everything else is refused at RCPT with ``550 5.1.1``, so the listener
+    a valid VERP token (or ``postmaster``, which RFC 5321 requires, or a local part listed in
+    ``report_addresses``, a feedback loop's fixed address); everything else is refused at
+    RCPT with ``550 5.1.1``, so the listener
     never relays, never accepts mail it would have to bounce (no backscatter), and a forged
     token gets nowhere near the store.
 Limits
