@@ -7,9 +7,8 @@ Who may send what
     security is in the recipient. RCPT TO is accepted only at the bounce domain and only for
     a valid VERP token (or ``postmaster``, which RFC 5321 requires, or a local part listed in
     ``report_addresses``, a feedback loop's fixed address); everything else is refused at
-    RCPT with ``550 5.1.1``, so the listener
-    never relays, never accepts mail it would have to bounce (no backscatter), and a forged
-    token gets nowhere near the store.
+    RCPT with ``550 5.1.1``, so the listener never relays, never accepts mail it would have
+    to bounce (no backscatter), and a forged token gets nowhere near the store.
 Limits
     ``SIZE`` is announced; a message over ``max_size`` (25 MB by default: a bounce returning a
     large attachment is handled) is read to its end, as RFC 5321 asks, and refused with 552.
