@@ -29,6 +29,7 @@ from typing import Protocol, TypedDict, Unpack
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, DeliveryConfig, ThrottleConfig
+from postlane.errors import StoreUnavailable
 from postlane.gate import ThrottleGate
 from postlane.lanes import HighDemand, LaneScheduler
 from postlane.leases import lease_owner_id, owner_is_dead
@@ -56,6 +57,9 @@ PURGE_INTERVAL = 600.0
 #: how long a worker waits before its first claim for processes starting beside it to show
 #: up in the fleet's shares of destinations' limits (only when there are such limits)
 JOIN_DELAY = 1.0
+#: while the store cannot answer, the first wait before claiming again, and the longest
+STORE_RETRY_FIRST = 0.5
+STORE_RETRY_MAX = 10.0
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,24 @@ class Worker:
         return self.attempts - before
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
+        """Claim until ``stop``; while the store cannot answer (a lost PostgreSQL connection, a
+        failover, a full disk), wait and claim again, longer each time up to
+        :data:`STORE_RETRY_MAX`, instead of ending the process: the store's return resumes
+        delivery with nobody restarting anything. Sends under way go on."""
+        wait = STORE_RETRY_FIRST
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self._claims(stop)
+                return
+            except StoreUnavailable as exc:
+                if time.monotonic() - started > STORE_RETRY_MAX * 6:
+                    wait = STORE_RETRY_FIRST  # it had worked a while: a new outage
+                log.warning("the store cannot answer: %s; claiming again in %.1f s", exc, wait)
+                await first_of(stop.wait(), timeout=wait)
+                wait = min(wait * 2, STORE_RETRY_MAX)
+
+    async def _claims(self, stop: asyncio.Event) -> None:
         """Claim in batches while there is room; when the slots are nearly all busy, wait for
         one to free or for new mail. New mail (an enqueue here, a NOTIFY, the poll) is claimed
         as soon as one slot is free, not when a batch's worth are: it may be a password reset,
@@ -563,6 +585,8 @@ class Worker:
                 if time.monotonic() - last_purge > PURGE_INTERVAL:
                     last_purge = time.monotonic()
                     await self._purge()
+            except StoreUnavailable as exc:  # said in one line: the claims say it too
+                log.warning("housekeeping: the store cannot answer: %s", exc)
             except Exception:
                 log.exception("housekeeping failed")
             await first_of(stop.wait(), timeout=interval)
@@ -576,10 +600,14 @@ class Worker:
         while not stop.is_set():
             try:
                 await self.sync_throttle()
+                if await self.gate.wait_for_news(interval):
+                    self.wake.set()  # a lift may have made mail due: claim again
+            except StoreUnavailable as exc:
+                log.warning("could not sync destinations' limits: %s", exc)
+                await first_of(stop.wait(), timeout=interval)
             except Exception:
                 log.exception("could not sync destinations' limits with the store")
-            if await self.gate.wait_for_news(interval):
-                self.wake.set()  # a lift may have made mail due: claim again
+                await first_of(stop.wait(), timeout=interval)
 
     async def sync_throttle(self) -> None:
         """Persist this worker's pauses and slow-downs; adopt other processes' and operators'."""

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from postlane import worker as worker_module
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock, SystemClock
+from postlane.errors import StoreUnavailable
 from postlane.message import Lane, Message, RecipientState
 from postlane.records import Selector, Suppression
 from postlane.transports import transport_for
@@ -494,6 +496,46 @@ async def test_a_send_that_outlasts_the_lease_keeps_it_and_is_sent_once(
         await transport.close()
     assert reaped == 0
     assert len(smtp_peer.handler.received) == 1
+
+
+async def test_a_store_that_cannot_answer_for_a_while_pauses_the_worker_not_ends_it(
+    tmp_path: Path,
+    smtp_peer: SMTPPeer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A PostgreSQL connection lost (a failover, a restart): the worker ended with the first
+    error, and a bare `postlane worker` stayed dead (a fleet audit). It waits and claims again,
+    and delivers once the store answers."""
+    monkeypatch.setattr(worker_module, "STORE_RETRY_FIRST", 0.01)
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url})
+    async with AsyncPostlane(config) as app:
+        queue_id = (await app.send(sender="a@example.com", to=["b@example.net"], text="x")).id
+        claim_due = app.store.claim_due
+        failures = [3]
+
+        async def unavailable_for_a_while(*args: Any, **kwargs: Any) -> Any:
+            if failures[0]:
+                failures[0] -= 1
+                raise StoreUnavailable("cannot use the PostgreSQL database: connection lost")
+            return await claim_due(*args, **kwargs)
+
+        monkeypatch.setattr(app.store, "claim_due", unavailable_for_a_while)
+        transport = transport_for(config)
+        worker = Worker.from_config(config, app.store, transport)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + 20
+        while (await app.get(queue_id)).state is not RecipientState.SENT:
+            assert not running.done(), running
+            assert time.monotonic() < deadline, "never delivered after the store came back"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await running
+        await transport.close()
+    assert failures == [0] and len(smtp_peer.handler.received) == 1
+    waits = [r.getMessage() for r in caplog.records if "cannot answer" in r.getMessage()]
+    assert len(waits) == 3 and "claiming again in" in waits[0]
 
 
 class ExplodingTransport(BaseTransport):

@@ -21,6 +21,7 @@ from postlane.errors import NotFound, StoreUnavailable
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.outbox import enqueue_in_transaction, enqueue_in_transaction_sync
 from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector
+from postlane.store import open_store_url
 from postlane.store.base import Store
 from postlane.store.postgres import SCHEMA_VERSION, PostgresStore, Q
 from postlane.store.sqlite import SQLiteStore
@@ -143,6 +144,28 @@ async def test_open_creates_the_schema_and_opening_again_changes_nothing(
     assert [v for v, _ in versions] == list(range(1, SCHEMA_VERSION + 1))
     await open_store()
     assert await tables_and_versions(pg_url, schema) == (tables, versions)
+
+
+async def test_a_command_that_must_not_create_finds_no_queue_and_makes_none(
+    pg_url: str, schema: str, open_store: OpenStore
+) -> None:
+    """`postlane queue list` pointed at the wrong database (or a mistyped ?schema=) said the
+    queue was empty and made postlane's tables there (a fleet audit)."""
+    separator = "&" if "?" in pg_url else "?"
+    url = f"{pg_url}{separator}schema={schema}"
+    lookout = open_store_url(url, create=False)
+    with pytest.raises(StoreUnavailable, match="there is no postlane queue in"):
+        await lookout.open()
+    await lookout.close()
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        found = await conn.execute(
+            "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (schema,)
+        )
+        assert await found.fetchone() is None  # nothing made
+    await open_store()  # serve makes it
+    existing = open_store_url(url, create=False)
+    await existing.open()  # now there is a queue: found
+    await existing.close()
 
 
 async def test_the_schema_can_come_from_the_url(pg_url: str, schema: str) -> None:

@@ -15,8 +15,9 @@ def open_store_url(
     url: str, *, base_dir: Path | None = None, clock: Clock | None = None, create: bool = True
 ) -> Store:
     """The store for a ``store.url`` (not yet opened: call ``await store.open()``).
-    ``create=False``: a SQLite file that does not exist is an error when opened, not a new
-    empty queue (operator commands run from the wrong directory)."""
+    ``create=False``: a SQLite file that does not exist, or a PostgreSQL database (or schema)
+    without postlane's tables, is an error when opened, not a new empty queue (operator
+    commands run from the wrong directory, or pointed at the wrong database)."""
     if url.startswith("sqlite://"):
         from postlane.store.sqlite import SQLiteStore
 
@@ -29,7 +30,7 @@ def open_store_url(
                 f"store.url is PostgreSQL but psycopg is missing ({exc}); "
                 "install postlane[postgres]"
             ) from None
-        store: Store = PostgresStore(url)
+        store: Store = PostgresStore(url, create=create)
         return store
     raise ConfigError(
         f"store.url {url.split(':', 1)[0]!r} is not supported "

@@ -295,8 +295,12 @@ class PostgresDatabase:
         min_size: int,
         max_size: int,
         timeout: float,
+        create: bool = True,
     ) -> None:
         conninfo, url_schema = split_schema(url)
+        #: False: a database (or schema) without postlane's tables is an error, not a new
+        #: empty queue made in it (an operator's command pointed at the wrong one)
+        self._create = create
         self.schema = schema if schema is not None else url_schema
         self.description = masked(url)
         if schema is not None:
@@ -384,6 +388,12 @@ class PostgresDatabase:
                     ):
                         await conn.execute(
                             sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema))
+                        )
+                    # (a schema made just above goes with the transaction this undoes)
+                    if not self._create and not await _scalar(conn, Q["version_table_exists"]):
+                        raise StoreUnavailable(
+                            f"there is no postlane queue in {self.description} (postlane serve "
+                            "creates it; check store.url and its ?schema=)"
                         )
                     if not await _scalar(conn, Q["version_table_exists"]):
                         await conn.execute(Q["create_version_table"])
@@ -539,9 +549,15 @@ class PostgresStore(SQLStore):
         min_size: int = 1,
         max_size: int = 10,
         timeout: float = 10.0,
+        create: bool = True,
     ) -> None:
         self.postgres = PostgresDatabase(
-            url, schema=schema, min_size=min_size, max_size=max_size, timeout=timeout
+            url,
+            schema=schema,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            create=create,
         )
         super().__init__(self.postgres)
 
