@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any, TypedDict, TypeVar, Unpack
 
 from postlane.clock import Clock, SystemClock
-from postlane.config import Config, load_config
+from postlane.config import Config, destination_limits, load_config
 from postlane.destinations import DestinationMap
 from postlane.errors import NotFound, SuppressedRecipients, ValidationError
 from postlane.events import Event, event_cursor
@@ -45,6 +45,7 @@ from postlane.records import (
     SUPPRESSION_REASONS,
     DeadGroup,
     DeadLetter,
+    DestinationStatus,
     EnqueueResult,
     ExportedMessage,
     MessageView,
@@ -256,7 +257,7 @@ class AsyncPostlane:
 
     async def stats(self) -> Stats:
         stats = await self.store.stats(self.clock.now())
-        destinations = await self.store.destination_states()
+        destinations = [self._with_limits(d) for d in await self.store.destination_states()]
         now = self.clock.now()
         busy = tuple(
             d
@@ -264,6 +265,18 @@ class AsyncPostlane:
             if d.in_flight or d.rate is not None or (d.paused_until or 0) > now
         )
         return dataclasses.replace(stats, destinations=busy)
+
+    def _with_limits(self, status: DestinationStatus) -> DestinationStatus:
+        """A destination's recorded state with its configured limits (the store keeps only
+        what changed them): its ``rate`` is the configured one while nothing slowed it."""
+        limits = destination_limits(self.config.destinations, status.destination)
+        configured = limits.rate or None
+        return dataclasses.replace(
+            status,
+            configured_rate=configured,
+            concurrency=limits.concurrency or None,
+            rate=status.rate if status.rate is not None else configured,
+        )
 
     async def dead_letters(
         self, selector: Selector | None = None, *, limit: int = 1000

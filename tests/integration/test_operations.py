@@ -1008,3 +1008,20 @@ async def test_a_flush_of_one_message_leaves_the_rest_of_its_destination_to_its_
     assert (await recipient(app, backlog)).next_attempt_at == T0
     assert (await recipient(app, others[0])).next_attempt_at == T0
     assert [(await recipient(app, q)).next_attempt_at for q in others[1:]] == [T0 + 1200] * 2
+
+
+async def test_stats_show_a_destinations_configured_limits(store: Store, tmp_path: Path) -> None:
+    """The store keeps what changed a destination's limits; its configured ones come from the
+    configuration: stats and postlane_destination_rate showed "no limit" (+Inf) for a
+    destination limited to 20/s (a fleet audit)."""
+    clock = FakeClock(T0)
+    config = make_config(
+        tmp_path, destinations={"limited.example.net": {"rate": 20, "concurrency": 3}}
+    )
+    app = AsyncPostlane(config, store=store, clock=clock)  # opened by the fixture
+    await pause(store, "limited.example.net", at=T0, until=T0 + 600)
+    [status] = [
+        d for d in (await app.stats()).destinations if d.destination == "limited.example.net"
+    ]
+    assert (status.rate, status.configured_rate, status.concurrency) == (20, 20, 3)
+    assert status.paused_until == T0 + 600
