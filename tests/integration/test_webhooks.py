@@ -434,6 +434,25 @@ async def test_a_graceful_stop_saves_the_cursor_and_hands_the_endpoint_back(
     assert len(receiver.received) == len(log)
 
 
+async def test_a_process_waiting_for_an_endpoint_takes_it_soon_after_a_graceful_stop(
+    sqlite: SQLiteStore, receiver: WebhookReceiver
+) -> None:
+    """A fleet audit: the waiting process looked again only every third of the lease (10 s
+    with the default 30 s), so webhooks stopped for 9 s after a graceful stop."""
+    await make_events(sqlite, 2)
+    endpoint = endpoint_to(receiver)
+    settings = SenderSettings(lease=30, poll=0.02, save_every=0.05)
+    first = running(sender_for(sqlite, endpoint, settings=settings, owner="first"))
+    await first.__aenter__()
+    await eventually(lambda: _held_by(sqlite, endpoint.name, "first"), "the first claim")
+    async with running(sender_for(sqlite, endpoint, settings=settings, owner="second")):
+        await asyncio.sleep(0.1)  # the second is waiting, the lease held elsewhere
+        await first.__aexit__(None, None, None)  # a graceful stop: the lease handed back
+        stopped = time.monotonic()
+        await eventually(lambda: _held_by(sqlite, endpoint.name, "second"), "the takeover")
+        assert time.monotonic() - stopped < 3.0  # not a third of the 30 s lease
+
+
 async def _held_by(store: Any, name: str, owner: str) -> bool:
     state = await state_of(store, name)
     return state is not None and state.lease_owner == owner

@@ -74,6 +74,11 @@ OUTCOMES = ("delivered", "rejected", "timeout", "connection", "refused")
 RECENT_FAILURES = 20
 
 
+#: how often a process that does not hold an endpoint tries to claim it (one small write): a
+#: graceful stop hands it back, and another process takes it within this
+WATCH_INTERVAL = 1.0
+
+
 class WebhookSenderStore(HistoryStore, WebhookStore, Protocol):
     """What the sender needs of the store: the event log and the endpoints' state."""
 
@@ -277,8 +282,8 @@ class EndpointSender:
                 log.warning("webhook endpoint %s: cannot claim it: %s", self.name, exc)
                 await first_of(stop.wait(), timeout=min(30.0, retry_in * trouble))
                 continue
-            if state is None:
-                await first_of(stop.wait(), timeout=retry_in)
+            if state is None:  # held elsewhere: look again soon (a graceful stop hands it back)
+                await first_of(stop.wait(), timeout=min(retry_in, WATCH_INTERVAL))
                 continue
             self.holding = True
             tenure = self._tenure = _Tenure(self, state)
