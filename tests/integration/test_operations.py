@@ -175,6 +175,12 @@ def test_a_delete_says_what_it_left_because_it_was_being_sent(tmp_path: Path) ->
             await app.store.claim_due("w", ALL, limit=1, now=now, lease_until=now + 600)
 
     asyncio.run(setup())
+    code, _, err = cli(config, "queue", "hold", "--all")
+    assert code == 0 and err.strip().splitlines()[-1] == (
+        "1 of them were being sent: each is held once its try is recorded, unless the try "
+        "delivers it"
+    )
+    assert cli(config, "queue", "release", "--all")[0] == 0
     code, _, err = cli(config, "queue", "delete", "--all", "--yes")
     assert code == 0
     lines = err.strip().splitlines()

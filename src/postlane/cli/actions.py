@@ -79,8 +79,8 @@ def run_action(
 
     async def go(app: AsyncPostlane) -> int | None:
         nonlocal unsuppressed, in_flight
-        if action is QueueAction.DELETE:
-            # being sent now: left alone (the send's outcome is recorded); said, not hidden
+        if action in (QueueAction.DELETE, QueueAction.HOLD):
+            # being sent now: left alone (delete) or held after the try (hold); said, not hidden
             sending = await app.store.summarize(selector, ("sending",))
             in_flight = sum(c.count for c in sending)
         counts = await app.summarize(action, selector)
@@ -145,12 +145,20 @@ def run_action(
 
 
 def _left_in_flight(action: QueueAction, count: int) -> None:
-    if count:
+    if not count:
+        return
+    if action is QueueAction.HOLD:
         click.echo(
-            f"{count:,} recipient(s) of the selection were being sent and were left alone; "
-            f"{action.value} again once their tries are recorded",
+            f"{count:,} of them were being sent: each is held once its try is recorded, unless "
+            "the try delivers it",
             err=True,
         )
+        return
+    click.echo(
+        f"{count:,} recipient(s) of the selection were being sent and were left alone; "
+        f"{action.value} again once their tries are recorded",
+        err=True,
+    )
 
 
 def _suppressed_refusal(addresses: Sequence[str]) -> str:
