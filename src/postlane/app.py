@@ -293,10 +293,10 @@ class AsyncPostlane:
         Raises :class:`NotFound` for a message id that does not exist."""
         for queue_id in selector.ids:
             await self.store.get_message(_check_id(queue_id), history=False)
-        selector = self._scheduled(action, selector)
+        selector = self._selection_for(action, selector)
         return await self.store.summarize(selector, action_states(action, selector))
 
-    def _scheduled(self, action: QueueAction, selector: Selector) -> Selector:
+    def _selection_for(self, action: QueueAction, selector: Selector) -> Selector:
         """A flush leaves mail scheduled for later alone unless ``selector.scheduled``: it is
         not late, and a 3 a.m. ``postqueue -f`` must not send tomorrow's campaign. A requeue
         that names no message (a sweep: ``--all``, a class, a domain, a dashboard group)
@@ -328,7 +328,7 @@ class AsyncPostlane:
             suppressed = await self.suppressed_dead_letters(selector)
             if suppressed:
                 raise SuppressedRecipients(suppressed)
-        selector = self._scheduled(action, selector)
+        selector = self._selection_for(action, selector)
         states = action_states(action, selector)
         # a flush lifts the pauses of what it selects once it has made that due (and counted
         # it: lifting first would turn deferred mail queued before a ``--state deferred``
@@ -436,7 +436,7 @@ class AsyncPostlane:
     ) -> list[str]:
         """The addresses on the suppression list among the dead letters a requeue of
         ``selector`` would pick."""
-        selector = self._scheduled(QueueAction.REQUEUE, selector)
+        selector = self._selection_for(QueueAction.REQUEUE, selector)
         states = action_states(QueueAction.REQUEUE, selector)
         found: set[str] = set()
         async for ids in self._delivery_ids(selector, states, slice_size):

@@ -496,9 +496,10 @@ class Tokens:
         if token is not None:
             client = client_key(request)
             self.attempts.check(client, "dashboard")
-            if self._admin_index(token) is None and Scope.SEND in self._scopes(token):
+            index = self._admin_index(token)
+            if index is None and Scope.SEND in self._scopes(token):
                 raise NotAdmin  # a right token for another door: no guess to count
-            self.attempts.verify(client, "dashboard", lambda: self._admin_index(token))
+            self.attempts.verify(client, "dashboard", lambda: index)
             return Session(fingerprint(token), browser=False)
         sid = self.sessions.identity(request.cookies.get(SESSION_COOKIE, ""))
         if sid is None:  # none, expired, logged out or forged: log in again

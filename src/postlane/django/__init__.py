@@ -93,14 +93,12 @@ def to_postlane_message(email: Any, default_lane: str = "normal") -> Message:
     Django's own rendering as ``raw``, the envelope from ``from_email`` and ``recipients()``,
     lane, idempotency key and metadata from the ``X-Postlane-*`` headers (which are removed).
     Raises :class:`~postlane.ValidationError` for a bad lane or metadata header."""
-    controls = {
-        str(name).lower(): str(value)
-        for name, value in (email.extra_headers or {}).items()
-        if str(name).lower() in _CONTROL_HEADERS
-    }
-    for name in email.extra_headers or {}:
+    controls: dict[str, str] = {}
+    for name, value in (email.extra_headers or {}).items():
         lowered = str(name).lower()
-        if lowered.startswith("x-postlane-") and lowered not in _CONTROL_HEADERS:
+        if lowered in _CONTROL_HEADERS:
+            controls[lowered] = str(value)
+        elif lowered.startswith("x-postlane-"):
             # a typo must not send mail in the wrong lane, nor show the header to recipients
             raise ValidationError(
                 f"unknown control header {name} (known: {', '.join(_CONTROL_NAMES)})",

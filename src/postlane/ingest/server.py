@@ -204,11 +204,17 @@ class GuardedH11(H11Protocol):
     def _head_too_large(self, data: bytes) -> bool:
         """Count ``data`` into the head under way; True when the head is over
         :data:`HEAD_LIMIT` (complete or not)."""
-        head = self._head if self._head is not None else bytearray()
-        head += data
-        end = head.find(b"\r\n\r\n")
-        self._head = None if end >= 0 else head  # a whole head: the next one starts afresh
-        return (end + 4 if end >= 0 else len(head)) > HEAD_LIMIT
+        if self._head is None:  # the usual case: a whole head in one read, nothing copied
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                return end + 4 > HEAD_LIMIT
+            self._head = bytearray()
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        size = end + 4 if end >= 0 else len(self._head)
+        if end >= 0:
+            self._head = None  # a whole head: the next one starts afresh
+        return size > HEAD_LIMIT
 
     def _wait_for_head(self) -> None:
         self.idle.setdefault(self, None)

@@ -408,7 +408,8 @@ class _Health:
         finally:
             if not suspect:
                 self.fresh -= 1
-                self._notify()
+                if self.failures:  # a suspect may wait for no other message to be waiting
+                    self._notify()
 
     def succeeded(self) -> bool:
         """A 2xx: the endpoint works. True when it was failing."""
