@@ -340,6 +340,9 @@ class Suppression:
         }
 
 
+#: the version tag on every line of an export (``queue delete --export``)
+EXPORT_FORMAT = "postlane-export/1"
+
 #: why an address is suppressed
 SUPPRESSION_REASONS = ("hard_bounce", "complaint", "unsubscribe", "manual")
 
@@ -546,7 +549,7 @@ class ExportedMessage:
         import base64
 
         return {
-            "format": "postlane-export/1",
+            "format": EXPORT_FORMAT,
             "id": self.id,
             "lane": self.lane,
             "sender": self.sender,
@@ -580,8 +583,8 @@ class ExportedMessage:
         """The inverse of :meth:`as_json` (raises KeyError/ValueError/TypeError on bad input)."""
         import base64
 
-        if data.get("format") != "postlane-export/1":
-            raise ValueError("not a postlane export line (format postlane-export/1)")
+        if data.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"not a postlane export line (format {EXPORT_FORMAT})")
         recipients = []
         for r in data["recipients"]:
             last = r.get("last_response")

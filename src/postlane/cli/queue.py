@@ -178,7 +178,7 @@ queue.add_command(
 def queue_import(path: str) -> None:
     """Bring back what `queue delete --export` wrote ('-': stdin). Every line is checked
     before anything is stored: a bad line imports nothing."""
-    from postlane.app import check_export
+    from postlane.exports import check_export
 
     try:
         handle = _spool_stdin() if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115

@@ -34,9 +34,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from postlane.app import AsyncPostlane, QueueAction, check_export
+from postlane.app import AsyncPostlane, QueueAction
 from postlane.auth import Caller, Scope
 from postlane.errors import NotFound, PostlaneError, StoreUnavailable, ValidationError
+from postlane.exports import check_export
 from postlane.ingest.api_core import (
     MAX_BATCH,
     STORE_RETRY_AFTER,
