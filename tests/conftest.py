@@ -155,6 +155,8 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes
+    #: the parameters of its MAIL command (BODY=8BITMIME, SMTPUTF8, SIZE=...)
+    mail_options: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -172,6 +174,8 @@ class ScriptedHandler:
     #: close the connection (no reply) on the next DATA this many times
     drop_data: int = 0
     data_delay: float = 0.0
+    #: offer SMTPUTF8 (aiosmtpd does not by default)
+    smtputf8: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle_MAIL(
@@ -182,6 +186,7 @@ class ScriptedHandler:
             if not reply.startswith("2"):
                 return reply
         envelope.mail_from = address
+        envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(
@@ -205,7 +210,12 @@ class ScriptedHandler:
             if not reply.startswith("2"):
                 return reply
         self.received.append(
-            Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.original_content))
+            Received(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                bytes(envelope.original_content),
+                list(envelope.mail_options),
+            )
         )
         self.event.set()
         return "250 2.0.0 OK queued"
@@ -238,7 +248,9 @@ async def smtp_peer() -> AsyncIterator[SMTPPeer]:
 
     def factory() -> SMTPServer:
         handler.connections += 1
-        return SMTPServer(handler, hostname="peer.test", loop=loop)
+        return SMTPServer(
+            handler, hostname="peer.test", loop=loop, enable_SMTPUTF8=handler.smtputf8
+        )
 
     server = await loop.create_server(factory, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -189,9 +189,11 @@ class AsyncPostlane:
 
     # -- sending ---------------------------------------------------------------------------------
 
-    def prepare(self, message: Message) -> PreparedMessage:
-        """Validate and render a message (raises :class:`ValidationError`), storing nothing."""
-        return prepare(message, max_size=self.config.smtp.max_size, now=self.clock.now())
+    def prepare(self, message: Message, *, max_size: int | None = None) -> PreparedMessage:
+        """Validate and render a message (raises :class:`ValidationError`), storing nothing.
+        ``max_size``: its limit in bytes when not the configured one (``smtp.max_size``)."""
+        limit = self.config.smtp.max_size if max_size is None else max_size
+        return prepare(message, max_size=limit, now=self.clock.now())
 
     async def send(
         self, message: Message | Mapping[str, Any] | None = None, /, **fields: Any

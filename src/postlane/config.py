@@ -716,7 +716,7 @@ def _read(data: Mapping[str, Any], reader: Reader, source: str, base_dir: Path) 
     destinations = reader.tables_by_name(data, "destinations", DestinationLimits, "google")
     shaping = reader.array_of_tables(data, "shaping", ShapingRule, _check_shaping)
     dkim = {
-        domain.lower(): key
+        _dkim_domain(domain): key
         for domain, key in reader.tables_by_name(
             data, "dkim", DkimKey, '"example.com"', _check_dkim
         ).items()
@@ -779,6 +779,17 @@ def _webhooks_out(data: Mapping[str, Any], reader: Reader) -> tuple[WebhookEndpo
 def _check_shaping(rule: ShapingRule, where: str) -> None:
     if rule.match is None and rule.enhanced is None:
         raise ConfigError(f"{where}: give match (a regex) or enhanced (a code)")
+
+
+def _dkim_domain(name: str) -> str:
+    """The domain a ``[dkim."DOMAIN"]`` table signs for, lower-cased (a typo signs nothing)."""
+    try:
+        _mail_domain(name.encode("idna").decode("ascii"))
+    except (ValueError, UnicodeError):
+        raise ConfigError(
+            f'[dkim."{name}"]: {name!r} is not a domain name (the table is [dkim."example.com"])'
+        ) from None
+    return name.lower()
 
 
 def _check_dkim(key: DkimKey, where: str) -> None:

@@ -215,6 +215,12 @@ class DkimSigner:
                 slots.append(
                     ("ed25519_", KeyType.ED25519, table.ed25519_selector, table.ed25519_private_key)
                 )
+                if table.ed25519_selector == table.selector:
+                    # one DNS record per selector: the other key's signatures would all fail
+                    raise ConfigError(
+                        f"{where}.ed25519_selector: {table.selector!r} is the RSA key's selector "
+                        "too; each key needs its own (one DNS record per selector)"
+                    )
             for prefix, kind, selector, path in slots:
                 keys.append(_read_key(domain, kind, selector, path, f"{where}.{prefix}", base_dir))
         return cls(keys, clock=clock)
@@ -356,6 +362,10 @@ def _valid_selector(selector: str) -> bool:
     )
 
 
+class _ShortKey(ValueError):
+    """An RSA key receivers refuse."""
+
+
 def _load_private_key(pem: bytes) -> PrivateKey:
     try:
         private = serialization.load_pem_private_key(pem, password=None)
@@ -363,7 +373,10 @@ def _load_private_key(pem: bytes) -> PrivateKey:
         raise ValueError(f"not a PEM private key without a password ({exc})") from None
     if isinstance(private, rsa.RSAPrivateKey):
         if private.key_size < MIN_RSA_BITS:
-            raise ValueError(f"a {private.key_size}-bit RSA key: receivers refuse under 1024")
+            raise _ShortKey(
+                f"a {private.key_size}-bit RSA key, too short: receivers refuse keys under "
+                f"{MIN_RSA_BITS} bits (postlane dkim keygen makes 2048-bit ones)"
+            )
         return private
     if isinstance(private, ed25519.Ed25519PrivateKey):
         return private
@@ -387,6 +400,8 @@ def _read_key(
     name = "RSA" if kind is KeyType.RSA else "Ed25519"
     try:
         key = DkimKey(domain, selector, pem)
+    except _ShortKey as exc:
+        raise ConfigError(f"{where}private_key: {file} holds {exc}") from None
     except ValueError as exc:
         raise ConfigError(
             f"{where}private_key: {file} is not a PEM {name} private key ({exc})"

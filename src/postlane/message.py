@@ -19,17 +19,18 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email import encoders
 from email import policy as email_policy
 from email.charset import BASE64, QP, Charset
 from email.header import Header, decode_header, make_header
 from email.headerregistry import Address
+from email.message import Message as HeaderBlock
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.parser import BytesHeaderParser
-from email.utils import formataddr, formatdate, getaddresses
+from email.utils import format_datetime, formataddr, getaddresses
 from enum import StrEnum
 from typing import Any
 
@@ -99,8 +100,17 @@ _RESERVED_HEADERS = {
     "content-type": None,
     "content-transfer-encoding": None,
 }
+#: a raw message's ``sender`` that asks for the null return path (``MAIL FROM:<>``)
+NULL_SENDER = "<>"
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+
+
+def rfc5322_date(now: float | None = None) -> str:
+    """``Fri, 04 Dec 2026 20:28:26 +0000``: a Date header's value in UTC, with the numeric
+    zone RFC 5322 3.3 asks for (``GMT`` is its obsolete form, which must not be generated)."""
+    when = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return format_datetime(when.replace(microsecond=0))
 
 
 def new_message_id(now: float | None = None) -> str:
@@ -447,7 +457,7 @@ def prepare(
         rendered = _prepare_raw(message, queue_id, max_size, now)
     else:
         rendered = _prepare_parts(message, queue_id, now)
-    _check_size(rendered.content, max_size)
+        _check_size(rendered.content, max_size)
     return PreparedMessage(
         id=queue_id,
         sender=rendered.sender,
@@ -531,6 +541,12 @@ def _without_boundary(name: str, value: str) -> str:
 def _prepare_parts(message: Message, queue_id: str, now: float | None) -> _Rendered:
     """A message from its parts: headers written here, the body rendered as MIME."""
 
+    if message.sender.strip() == NULL_SENDER:
+        raise ValidationError(
+            "the null sender <> is for raw messages (a bounce, an auto-reply): give raw, with "
+            "a From header",
+            field="from",
+        )
     sender = parse_address(message.sender, "from")
     to = _mailboxes(message.to, "to")
     cc = _mailboxes(message.cc, "cc")
@@ -553,7 +569,7 @@ def _prepare_parts(message: Message, queue_id: str, now: float | None) -> _Rende
     if not to and not cc:
         headers.append(("To", "undisclosed-recipients:;"))
     headers.append(("Subject", subject))
-    headers.append(("Date", formatdate(now, usegmt=True)))
+    headers.append(("Date", rfc5322_date(now)))
     message_id = f"<{queue_id}@{sender.domain}>"
     extra: list[tuple[str, str]] = []
     for name, value in (message.headers or {}).items():
@@ -734,25 +750,39 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
         raw = bytes(message.raw or b"")
     if b"\x00" in raw:
         raise ValidationError("raw contains a NUL character", field="raw")
+    _check_size(raw, max_size)  # the bytes given (what postlane adds does not count)
     raw = _LINE_ENDINGS.sub(b"\r\n", raw)
+    if not raw.endswith(b"\r\n"):
+        raw += b"\r\n"
     head, sep, _body = raw.partition(b"\r\n\r\n")
-    if not sep:
-        raise ValidationError(
-            "the raw message has no blank line between headers and body", field="raw"
-        )
-    _check_size(raw, max_size)
+    if not sep:  # headers only (RFC 5322 3.5: the body is optional)
+        raw += b"\r\n"
+        head = raw[:-4]
     # compat32: header values as plain strings; the modern policy re-parses every value it is
     # asked for, several times slower, and we only need addresses, Message-ID and Subject
     headers = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head + b"\r\n\r\n")
     if headers.defects or not head or head[:1].isspace():
         raise ValidationError("the raw message's header section is malformed", field="raw")
 
-    sender_text = message.sender or _first_address(headers.get_all("From") or [])
-    if not sender_text:
-        raise ValidationError(
-            "no sender: give from, or a From header in the raw message", field="from"
-        )
-    sender = parse_address(sender_text, "from")
+    _check_singletons(headers)
+    from_header = _first_address(headers.get_all("From") or [])
+    if message.sender.strip() == NULL_SENDER:
+        # a bounce, a DSN, an auto-reply (RFC 5321 4.5.5, RFC 3834): sent with the null
+        # return path, so nothing ever answers it; its From names the Message-ID's domain
+        if not from_header:
+            raise ValidationError(
+                "a message from the null sender <> needs a From header", field="from"
+            )
+        author = parse_address(from_header, "From header")
+        envelope_sender = ""
+    else:
+        sender_text = message.sender or from_header
+        if not sender_text:
+            raise ValidationError(
+                "no sender: give from, or a From header in the raw message", field="from"
+            )
+        author = parse_address(sender_text, "from")
+        envelope_sender = author.address
     envelope = [*_as_list(message.to), *_as_list(message.cc), *_as_list(message.bcc)]
     if not envelope:
         envelope = [
@@ -768,20 +798,45 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
         raw = _drop_header(raw, b"bcc")
     message_id = headers.get("Message-ID")
     if message_id is None:
-        message_id = f"<{queue_id}@{sender.domain}>"
+        message_id = f"<{queue_id}@{author.domain}>"
         added += b"Message-ID: " + message_id.encode("ascii") + b"\r\n"
     else:
         message_id = str(message_id).strip()
     if headers.get("Date") is None:
-        added += b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
+        added += b"Date: " + rfc5322_date(now).encode("ascii") + b"\r\n"
     # missing headers go at the end of the header section (as Postfix's cleanup does), so trace
     # headers such as Received stay on top
     head, _, body = raw.partition(b"\r\n\r\n")
     content = head + b"\r\n" + added + b"\r\n" + body
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"
     subject = _decoded(headers.get("Subject"))
-    return _Rendered(sender.address, recipients, subject, message_id, content)
+    return _Rendered(envelope_sender, recipients, subject, message_id, content)
+
+
+#: the headers RFC 5322 3.6 allows once at most; a second one is refused (receivers such as
+#: Gmail refuse the message, and a DKIM signature cannot say which one it covers)
+_SINGLETONS = (
+    "From",
+    "Sender",
+    "Reply-To",
+    "To",
+    "Cc",
+    "Bcc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+)
+
+
+def _check_singletons(headers: HeaderBlock) -> None:
+    for name in _SINGLETONS:
+        values = headers.get_all(name)
+        if values is not None and len(values) > 1:
+            raise ValidationError(
+                f"the raw message has {len(values)} {name} headers; RFC 5322 allows one",
+                field="raw",
+            )
 
 
 def _decoded(value: Any) -> str:

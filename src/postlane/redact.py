@@ -21,7 +21,7 @@ MASK = "****"
 #: keys whose values are secrets: shown in no message, masked in every one
 _SECRET_WORDS = ("password", "secret", "token", "tokens", "key", "users", "signature")
 #: keys named like secrets that hold the path of a file holding one (the path is no secret)
-_PATHS = frozenset({"private_key", "tls_key"})
+_PATHS = frozenset({"private_key", "ed25519_private_key", "tls_key"})
 #: schemes whose user info may be a user name alone, no secret (``smtp://user@host``)
 _USER_NAMES = frozenset({"smtp", "smtps", "postgresql", "postgres"})
 #: URL schemes whose credentials are the whole part before ``@`` (or, without one, the host

@@ -19,8 +19,15 @@ _MASKS = (
     (re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b"), "<ip>"),
     (re.compile(r"\b[0-9a-f]{2,4}(?::[0-9a-f]{0,4}){2,7}\b", re.IGNORECASE), "<ip>"),
     (re.compile(r"https?://\S+"), "<url>"),
-    # tokens mixing letters and digits (queue ids, session ids, gsmtp suffixes)
-    (re.compile(r"\b(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{8,}\b"), "<id>"),
+    # tokens mixing letters and digits (queue ids, session ids, gsmtp suffixes), but not the
+    # SMTP extensions a reply names
+    (
+        re.compile(
+            r"\b(?!(?:SMTPUTF8|8BITMIME|BINARYMIME)\b)"
+            r"(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{8,}\b"
+        ),
+        "<id>",
+    ),
     (re.compile(r"\b\d{4,}\b"), "<n>"),
     (re.compile(r"\s+"), " "),
 )

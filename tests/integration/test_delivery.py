@@ -16,7 +16,7 @@ from postlane import worker as worker_module
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock, SystemClock
-from postlane.errors import StoreUnavailable
+from postlane.errors import StoreUnavailable, ValidationError
 from postlane.message import Lane, Message, RecipientState
 from postlane.records import Selector, Suppression
 from postlane.transports import transport_for
@@ -52,7 +52,11 @@ class Harness:
 
 
 async def harness(
-    tmp_path: Path, clock: FakeClock, relay: str, **sections: dict[str, Any]
+    tmp_path: Path,
+    clock: FakeClock,
+    relay: str,
+    verp_key: bytes | None = None,
+    **sections: dict[str, Any],
 ) -> Harness:
     sections.setdefault("delivery", {})
     sections["delivery"] = {
@@ -64,7 +68,8 @@ async def harness(
     config = make_config(tmp_path, **sections)
     app = AsyncPostlane(config, clock=clock)
     await app.open()
-    worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+    transport = transport_for(config, verp_key=verp_key)
+    worker = Worker.from_config(config, app.store, transport, clock=clock)
     return Harness(app, worker, clock)
 
 
@@ -607,3 +612,72 @@ async def test_finding_13_a_stop_that_cuts_a_send_after_its_final_dot_says_so(
         await h.app.close()
     assert "stopping cut off 1 send(s) after the message was handed over" in caplog.text
     assert "handed back 1 delivery(ies)" in caplog.text
+
+
+NULL_SENDER_BOUNCE = (
+    b"From: Mail Delivery System <MAILER-DAEMON@relay.example.com>\r\n"
+    b"To: app@example.com\r\n"
+    b"Subject: Undelivered Mail Returned to Sender\r\n"
+    b"\r\n"
+    b"This is the mail system at host relay.example.com.\r\n"
+)
+
+
+async def test_a_bounce_from_the_null_sender_goes_on_from_the_null_sender(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    """An audit relayed Postfix into postlane: Postfix's own bounces (``MAIL FROM:<>``) were
+    refused and lost. They are sent on from ``<>`` (RFC 5321 4.5.5), never from a VERP
+    return path: nothing must answer a bounce."""
+    h = await harness(
+        tmp_path,
+        clock,
+        smtp_peer.url,
+        verp_key=bytes(range(32)),
+        bounces={"domain": "bounce.example.com"},
+    )
+    try:
+        sent = await h.app.send(sender="<>", to=["app@example.com"], raw=NULL_SENDER_BOUNCE)
+        await h.send("ada@example.net")  # an ordinary message still gets its return path
+        assert await h.run() == 2
+        by_rcpt = {r.rcpt_tos[0]: r for r in smtp_peer.handler.received}
+        assert by_rcpt["app@example.com"].mail_from == "<>"
+        assert by_rcpt["ada@example.net"].mail_from.endswith("@bounce.example.com")
+        view = await h.app.get(sent.id)
+        assert view.sender == "" and view.state is RecipientState.SENT
+        assert view.message_id.endswith("@relay.example.com>")  # its From's domain
+    finally:
+        await h.worker.transport.close()
+        await h.app.close()
+
+
+async def test_the_null_sender_needs_a_raw_message_with_a_from_header(
+    h: Harness,
+) -> None:
+    with pytest.raises(ValidationError, match="null sender <> is for raw messages"):
+        await h.send("ada@example.net", sender="<>")
+    with pytest.raises(ValidationError, match="needs a From header"):
+        await h.app.send(sender="<>", to=["ada@example.net"], raw=b"Subject: x\r\n\r\nhi\r\n")
+    assert await h.app.messages() == []
+
+
+async def test_8bit_content_is_declared_as_8bitmime_and_utf8_headers_as_smtputf8(
+    h: Harness, smtp_peer: SMTPPeer
+) -> None:
+    """An audit's relay logged a bare ``MAIL FROM:<...>`` for an 8-bit body (RFC 6152 3 asks
+    for BODY=8BITMIME) and for UTF-8 headers (RFC 6531 3.4: SMTPUTF8 where it is offered)."""
+    smtp_peer.handler.smtputf8 = True
+    ascii_id = await h.send("ada@example.net", text="plain")
+    eight_bit = "From: app@example.com\r\nSubject: menu\r\n\r\ncaf\u00e9\r\n".encode()
+    utf8_head = "From: Zo\u00eb <app@example.com>\r\nSubject: x\r\n\r\ncaf\u00e9\r\n".encode()
+    body_id = (await h.app.send(sender="app@example.com", to=["bob@example.net"], raw=eight_bit)).id
+    head_id = (await h.app.send(sender="app@example.com", to=["cy@example.net"], raw=utf8_head)).id
+    assert await h.run() == 3
+    options = {r.rcpt_tos[0]: r.mail_options for r in smtp_peer.handler.received}
+    assert "BODY=8BITMIME" not in options["ada@example.net"]
+    assert "SMTPUTF8" not in options["ada@example.net"]
+    assert "BODY=8BITMIME" in options["bob@example.net"]
+    assert "SMTPUTF8" not in options["bob@example.net"]  # an 8-bit body, ASCII headers
+    assert {"BODY=8BITMIME", "SMTPUTF8"} <= set(options["cy@example.net"])
+    for queue_id in (ascii_id, body_id, head_id):
+        assert (await h.app.get(queue_id)).state is RecipientState.SENT

@@ -549,3 +549,62 @@ def test_keygen_writes_a_private_key_and_prints_the_record_that_verifies(tmp_pat
     assert as_json["record"].startswith("v=DKIM1; k=rsa; p=")
     assert as_json["algorithm"] == "rsa"
     assert (tmp_path / "keys" / "o.pem").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+#: a 512-bit RSA key (``openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:512``)
+SHORT_RSA_KEY = """-----BEGIN PRIVATE KEY-----
+MIIBVAIBADANBgkqhkiG9w0BAQEFAASCAT4wggE6AgEAAkEAlFC3W1tb/iv5t748
+nHsh47OqylAdWx6YxQuQqBZt6+/wTKR6qyWIxScmv9qBbLdbUKsVS+Ec6M72GPRn
+KMYnpQIDAQABAkAeW18MPejYX1vfdfql9LX9Czs76aX4joyqWDGlleGt1sDORxRH
+JuvNgCmLR8FIBjnlzbfBh6MHL6fG56CSX/xJAiEAwyG61zhUU9Ei4006ZVmJWsPC
+bEBqIIb3V/FF7kLpi38CIQDClHPMx/zaoxlQF6TLMuhYVrdQ7T8Yf0HwPvndvZUu
+2wIhAMAv5Ho9PLEg9p+xXKadvS7sR/2eo+hNhifTtvCobqW5AiA9B+s6dA/vU/EA
+minqQlF2Q9zD2WZM/L1l6Zrd3jUIuQIgW+TSOqmOrn+T+2/b77GMlNk5+C7jKf2d
+Badrt6o7DOE=
+-----END PRIVATE KEY-----
+"""
+
+
+def test_configuration_mistakes_an_audit_made_are_named_at_start(
+    tmp_path: Path, key: GeneratedKey, ed25519_key: GeneratedKey
+) -> None:
+    """One selector for both keys started, and every Ed25519 signature then failed (one DNS
+    record per selector); the Ed25519 key's path was masked as a secret in its errors; a
+    512-bit key was called "not a PEM RSA private key"; a table named by no domain signed
+    nothing, silently."""
+    from postlane.cli.context import check_transports
+
+    (tmp_path / "sender.pem").write_bytes(key.private_pem)
+    (tmp_path / "sender.ed25519.pem").write_bytes(ed25519_key.private_pem)
+    (tmp_path / "short.pem").write_text(SHORT_RSA_KEY)  # (cryptography makes none this short)
+
+    def refused(table: dict[str, str], domain: str = "example.com") -> str:
+        data = {"dkim": {domain: table}, "store": {"url": f"sqlite:///{tmp_path / 'q.db'}"}}
+        with pytest.raises(ConfigError) as caught:
+            config = config_from_dict(data, base_dir=tmp_path)
+            check_transports(config)
+        return caught.value.message
+
+    same = refused(
+        {
+            "selector": "s1",
+            "private_key": "sender.pem",
+            "ed25519_selector": "s1",
+            "ed25519_private_key": "sender.ed25519.pem",
+        }
+    )
+    assert "ed25519_selector" in same and "each key needs its own" in same
+    missing = refused(
+        {
+            "selector": "s1",
+            "private_key": "sender.pem",
+            "ed25519_selector": "s2",
+            "ed25519_private_key": "nope-ed.pem",
+        }
+    )
+    assert "ed25519_private_key: cannot read" in missing and "nope-ed.pem" in missing
+    assert "****" not in missing
+    weak = refused({"selector": "s1", "private_key": "short.pem"})
+    assert "512-bit RSA key, too short" in weak and "not a PEM" not in weak
+    not_a_domain = refused({"selector": "s1", "private_key": "sender.pem"}, "not a domain")
+    assert "'not a domain' is not a domain name" in not_a_domain

@@ -4,6 +4,7 @@ AUTH only after STARTTLS, per-recipient answers, SIZE, and 250 only after the du
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import shutil
 import smtplib
@@ -670,3 +671,164 @@ async def test_a_helo_name_is_one_word_never_a_header_break(trusted: Listener) -
     await writer.drain()
     writer.close()
     assert await trusted.app.messages() == []
+
+
+# -- what a relaying MTA sends (an audit put Postfix in front of postlane) ----------------------
+
+
+async def test_the_null_sender_is_accepted_for_bounces(trusted: Listener) -> None:
+    """RFC 5321 4.5.5: bounces and DSNs come from ``<>``; refusing it lost every bounce a
+    relaying Postfix sent through postlane."""
+    bounce = (
+        b"From: MAILER-DAEMON@relay.example.com\r\nTo: app@example.com\r\n"
+        b"Subject: Undelivered Mail Returned to Sender\r\n\r\nsorry\r\n"
+    )
+
+    def submit() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10) as s:
+            s.ehlo()
+            assert s.mail("")[0] == 250  # MAIL FROM:<>
+            assert s.rcpt("app@example.com")[0] == 250
+            return s.data(bounce)
+
+    code, _ = await in_thread(submit)
+    assert code == 250
+    [message] = await trusted.app.messages()
+    assert message.sender == ""  # sent on from <>
+    assert message.message_id.endswith("@relay.example.com>")
+
+
+async def test_a_message_of_headers_only_is_accepted(trusted: Listener) -> None:
+    """RFC 5322 3.5: the body is optional; Postfix's sendmail sends such a message as is."""
+    head_only = b"From: app@example.com\r\nTo: ada@example.net\r\nSubject: ping\r\n"
+
+    def submit() -> dict[str, Any]:
+        with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10) as s:
+            return s.sendmail("app@example.com", ["ada@example.net"], head_only)
+
+    assert await in_thread(submit) == {}
+    [message] = await trusted.app.messages()
+    content = await trusted.app.content(message.id)
+    head, blank, body = content.partition(b"\r\n\r\n")
+    assert blank and body == b"" and b"Subject: ping" in head
+
+
+async def test_the_size_limit_counts_the_clients_octets_and_says_5_3_4(trusted: Listener) -> None:
+    """An audit's message of exactly max_size bytes was refused: the limit counted the
+    Received line postlane adds. Every 552 carries its enhanced code (RFC 3463 5.3.4)."""
+    limit = 50_000
+    head = b"From: app@example.com\r\nTo: ada@example.net\r\nSubject: big\r\n\r\n"
+    line = b"x" * 98 + b"\r\n"
+    body = line * ((limit - len(head)) // len(line))
+    exact = head + body + b"y" * (limit - len(head) - len(body) - 2) + b"\r\n"
+    assert len(exact) == limit
+
+    def submit() -> tuple[tuple[int, bytes], tuple[int, bytes], tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10) as s:
+            s.ehlo()
+            s.mail("app@example.com", [f"SIZE={limit}"])
+            s.rcpt("ada@example.net")
+            fits = s.data(exact)
+            announced = s.mail("app@example.com", [f"SIZE={limit + 1}"])
+            s.rset()
+            s.mail("app@example.com")
+            s.rcpt("ada@example.net")
+            over = s.data(exact + b"z\r\n")
+            return fits, announced, over
+
+    fits, announced, over = await in_thread(submit)
+    assert fits[0] == 250
+    assert announced[0] == 552 and announced[1].startswith(b"5.3.4 ")
+    assert over[0] == 552 and over[1].startswith(b"5.3.4 ")
+    assert len(await trusted.app.messages()) == 1
+
+
+async def test_a_second_from_or_subject_header_is_refused(trusted: Listener) -> None:
+    """RFC 5322 3.6 allows From and Subject once: an audit's message with two From headers was
+    accepted and signed with both (receivers refuse it; DKIM verifiers fail it)."""
+    two_froms = b"From: app@example.com\r\nFrom: evil@example.org\r\nSubject: x\r\n\r\nhi\r\n"
+    two_subjects = b"From: app@example.com\r\nSubject: x\r\nSubject: y\r\n\r\nhi\r\n"
+
+    def submit(content: bytes) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10) as s:
+            s.ehlo()
+            s.mail("app@example.com")
+            s.rcpt("ada@example.net")
+            return s.data(content)
+
+    for content, name in ((two_froms, b"From"), (two_subjects, b"Subject")):
+        code, text = await in_thread(lambda content=content: submit(content))
+        assert code == 554 and text.startswith(b"5.6.0 ") and b"2 " + name in text
+    assert await trusted.app.messages() == []
+
+
+async def test_non_ascii_addresses_need_smtputf8_and_valid_utf8(trusted: Listener) -> None:
+    """RFC 6531 3.4: a non-ASCII address in a transaction whose MAIL did not say SMTPUTF8 gets
+    553 5.6.7; bytes that are not UTF-8 are a malformed address (not Python's surrogates)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", trusted.port)
+
+    async def say(line: bytes) -> bytes:
+        writer.write(line + b"\r\n")
+        reply = b""
+        while reply[3:4] != b" ":
+            reply = await reader.readline()
+        return reply
+
+    assert (await reader.readline()).startswith(b"220")
+    await say(b"EHLO client.example")
+    assert (await say(b"MAIL FROM:<app@example.com>")).startswith(b"250")
+    assert (await say("RCPT TO:<z\u00fc@example.org>".encode())).startswith(b"553 5.6.7")
+    assert (await say(b"RSET")).startswith(b"250")
+    assert (await say(b"MAIL FROM:<app@example.com> SMTPUTF8")).startswith(b"250")
+    bad = await say(b"RCPT TO:<\xfc@example.org>")
+    assert bad.startswith(b"553 5.1.3") and b"UTF-8" in bad and b"surrogate" not in bad
+    assert (await say("RCPT TO:<z\u00fc@example.org>".encode())).startswith(b"250")
+    await say(b"QUIT")
+    writer.close()
+    assert await trusted.app.messages() == []
+
+
+async def test_the_received_line_is_ascii_and_dates_use_a_numeric_zone(trusted: Listener) -> None:
+    """RFC 5322 3.3: ``GMT`` is the obsolete zone form (never generated); an EHLO name with
+    8-bit bytes went raw into a message that was not SMTPUTF8."""
+
+    def submit() -> None:
+        with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10, local_hostname="caf\u00e9") as s:
+            s.command_encoding = "utf-8"  # the EHLO name goes as UTF-8 bytes
+            s.sendmail("app@example.com", ["ada@example.net"], MESSAGE)
+
+    await in_thread(submit)
+    [message] = await trusted.app.messages()
+    content = await trusted.app.content(message.id)
+    head = content.partition(b"\r\n\r\n")[0]
+    assert head.isascii()
+    assert head.startswith(b"Received: from caf? ([127.0.0.1])")
+    received, date = head.split(b"\r\n\tby ")[1], head.split(b"\r\nDate: ")[1]
+    assert received.split(b";\r\n\t")[1].split(b"\r\n")[0].endswith(b" +0000")
+    assert date.split(b"\r\n")[0].endswith(b" +0000")
+
+
+async def test_auth_on_mail_is_read_and_plain_auth_acts_only_as_itself(
+    auth_only: Listener,
+) -> None:
+    """RFC 4954 5: a server offering AUTH reads MAIL's AUTH= parameter (Postfix sends
+    ``AUTH=<>``); RFC 4616 2: a login cannot ask to act as another identity."""
+    assert auth_only.ca is not None
+    context = client_context(auth_only.ca)
+
+    def submit() -> tuple[int, int]:
+        with smtplib.SMTP("127.0.0.1", auth_only.port, timeout=10) as s:
+            s.starttls(context=context)
+            s.ehlo()
+            other = base64.b64encode(b"plain\x00app\x00s3cret").decode()
+            as_other = s.docmd("AUTH", f"PLAIN {other}")[0]
+            s.login("app", "s3cret")
+            mail = s.mail("app@example.com", ["AUTH=<>"])[0]
+            s.rcpt("ada@example.net")
+            s.data(MESSAGE)
+            return as_other, mail
+
+    as_other, mail = await in_thread(submit)
+    assert as_other == 535
+    assert mail == 250
+    assert len(await auth_only.app.messages()) == 1

@@ -587,3 +587,19 @@ def test_webhook_endpoints_read_variables_and_secret_files_and_never_show_the_se
     with pytest.raises(ConfigError, match=r"webhooks\.out\[1\]\.secret") as caught:
         config_from_dict(bad)
     assert WHSEC[:-4] not in caught.value.message
+
+
+def test_a_missing_tls_file_is_named(tmp_path: Path) -> None:
+    """An audit's missing certificate read 'smtp.tls_cert/tls_key: cannot load ([Errno 2] No
+    such file or directory)': which one?"""
+    import trustme
+
+    from postlane.ingest.smtp import server_tls_context
+
+    cert = trustme.CA().issue_cert("localhost")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    config = config_from_dict(
+        {"smtp": {"tls_cert": "missing.pem", "tls_key": "key.pem"}}, base_dir=tmp_path
+    )
+    with pytest.raises(ConfigError, match=r"smtp\.tls_cert: cannot read .*missing\.pem"):
+        server_tls_context(config)

@@ -241,7 +241,7 @@ def test_raw_message_keeps_its_message_id_and_envelope() -> None:
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
-        (b"no header section at all", "no blank line"),
+        (b"no header section at all", "malformed"),
         (b" folded: first\r\n\r\nbody", "malformed"),
         (b"Subject: x\r\n\r\nbody", "no sender"),
     ],

@@ -38,7 +38,6 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
-from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 from postlane.app import AsyncPostlane
@@ -56,7 +55,7 @@ from postlane.ingest.smtp_auth import hash_password as hash_password
 from postlane.ingest.smtp_auth import verify_password as verify_password
 from postlane.ingest.smtp_listener import OpenConnections
 from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
-from postlane.message import MAX_RECIPIENTS, Message, parse_address
+from postlane.message import MAX_RECIPIENTS, NULL_SENDER, Message, parse_address, rfc5322_date
 from postlane.metrics import SmtpMetrics
 
 if TYPE_CHECKING:
@@ -222,12 +221,11 @@ class SubmissionHandler:
             if session.tls_offered and not session.tls:
                 return "530 5.7.0 Must issue a STARTTLS command first, then AUTH"
             return "530 5.7.0 Authentication required"
-        if not address:
-            return "553 5.1.7 A sender address is required (the null sender is not accepted)"
-        try:
-            parse_address(address, "sender")
-        except ValidationError as exc:
-            return f"553 5.1.7 {exc.message}"
+        if address != NULL_SENDER:  # <>: a bounce or an auto-reply, sent on as it came
+            try:
+                parse_address(address, "sender")
+            except ValidationError as exc:
+                return f"553 5.1.7 {exc.message}"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -252,10 +250,11 @@ class SubmissionHandler:
         except ValidationError as exc:
             return f"550 5.6.0 {exc.message}"
         try:
+            received = self._received_header(session)
             message = Message(
                 sender=envelope.mail_from or "",
                 to=list(envelope.rcpt_tos),
-                raw=self._received_header(session) + content,
+                raw=received + content,
                 lane=controls.lane,
                 idempotency_key=controls.idempotency_key,
                 metadata=controls.metadata,
@@ -264,7 +263,10 @@ class SubmissionHandler:
             )
             user = session.auth_data
             submitter = f"smtp:{user}" if user else "smtp:trusted"
-            prepared = dataclasses.replace(self.app.prepare(message), submitter=submitter)
+            # the size limit counts the client's octets (RFC 1870), not the Received line
+            limit = self.app.config.smtp.max_size + len(received)
+            prepared = self.app.prepare(message, max_size=limit)
+            prepared = dataclasses.replace(prepared, submitter=submitter)
         except MessageTooLarge as exc:
             return f"552 5.3.4 {exc.message}"
         except ValidationError as exc:
@@ -300,7 +302,7 @@ class SubmissionHandler:
         return f"250 2.0.0 Ok: queued as {result.id}"
 
     def too_big(self, session: Session) -> str:
-        return "552 Error: Too much mail data"
+        return "552 5.3.4 Message size exceeds fixed maximum message size"
 
     def failed(self, session: Session, error: Exception) -> str:
         # never aiosmtpd's "500 Error: (TypeName) text": permanent, and telling
@@ -320,9 +322,11 @@ class SubmissionHandler:
         return "451 4.3.0 Local error in processing, try again later"
 
     def _received_header(self, session: Session) -> bytes:
-        # what the client said of itself, never a header break or a control character
+        # what the client said of itself, in ASCII (the message may not be SMTPUTF8), never a
+        # header break or a control character
         helo = "".join(
-            c if c.isprintable() and c != " " else "?" for c in session.host_name or "unknown"
+            c if c.isascii() and c.isprintable() and c != " " else "?"
+            for c in session.host_name or "unknown"
         )
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.tls:
@@ -331,7 +335,7 @@ class SubmissionHandler:
             protocol += "A"
         line = (
             f"Received: from {helo} ([{session.peer}])\r\n\tby {self.hostname} (postlane) "
-            f"with {protocol};\r\n\t{formatdate(usegmt=True)}\r\n"
+            f"with {protocol};\r\n\t{rfc5322_date()}\r\n"
         )
         return line.encode("utf-8", "replace")
 
@@ -406,13 +410,17 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
     if not config.smtp.tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert = config.resolve_path(config.smtp.tls_cert)
+    key = config.resolve_path(config.smtp.tls_key or config.smtp.tls_cert)
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            raise ConfigError(f"smtp.{name}: cannot read {path}: {exc.strerror}") from None
     try:
-        context.load_cert_chain(
-            str(config.resolve_path(config.smtp.tls_cert)),
-            str(config.resolve_path(config.smtp.tls_key or config.smtp.tls_cert)),
-        )
+        context.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"smtp.tls_cert/tls_key: cannot load ({exc})") from None
+        raise ConfigError(f"smtp.tls_cert/tls_key: cannot load {cert} and {key} ({exc})") from None
     return context
 
 

@@ -64,6 +64,19 @@ BOGUS_LIMIT = 5
 #: connection is closed, as Postfix's ``smtpd_junk_command_limit``: a client cannot hold a
 #: connection (one of the listener's few) forever by saying NOOP before each timeout
 JUNK_LIMIT = 100
+#: RFC 6531 3.4: a non-ASCII address in a transaction whose MAIL did not say SMTPUTF8
+_NEEDS_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send non-ASCII addresses"
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether a command's text was valid UTF-8 (invalid bytes arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 #: input buffered while a command is being answered; past it, reading pauses
 BUFFER_LIMIT = 64 * 1024
@@ -427,7 +440,7 @@ class SmtpConnection(asyncio.Protocol):
         self._reply("502 EXPN not implemented")
 
     def smtp_HELP(self, arg: str | None) -> None:
-        self._reply(f"250 Supported commands: {' '.join(sorted(_COMMANDS))}")
+        self._reply(f"214 Supported commands: {' '.join(sorted(_COMMANDS))}")
 
     def _path(self, keyword: str, arg: str | None) -> tuple[str, list[str]] | None:
         """The address of MAIL or RCPT and the words of its parameters, or None once the error
@@ -439,6 +452,9 @@ class SmtpConnection(asyncio.Protocol):
         address, rest = parse_path(arg[len(keyword) :].strip())
         if address is None:
             self._reply("553 5.1.3 Error: malformed address")
+            return None
+        if not address.isascii() and not _is_utf8(address):
+            self._reply("553 5.1.3 Error: malformed address (not valid UTF-8)")
             return None
         if not address or (rest and not self.session.extended_smtp):
             self._path_syntax_error(keyword)
@@ -485,10 +501,17 @@ class SmtpConnection(asyncio.Protocol):
                 self._path_syntax_error("FROM:")
                 return
             if int(size) > self.settings.max_size:
-                self._reply("552 Error: message size exceeds fixed maximum message size")
+                self._reply("552 5.3.4 Message size exceeds fixed maximum message size")
                 return
+        if self.settings.guard is not None and self.session is not None and self.session.tls:
+            # AUTH is offered, so (RFC 4954 5) AUTH=<mailbox> or AUTH=<> is read and set aside:
+            # postlane never passes the submitter's word on who authored the mail further on
+            params.pop("AUTH", None)
         if params:
             self._reply("555 MAIL FROM parameters not recognized or not implemented")
+            return
+        if not smtputf8 and not address.isascii():
+            self._reply(_NEEDS_SMTPUTF8)
             return
         assert self.session is not None
         reply = self.handler.mail(self.session, envelope, address, options)
@@ -511,6 +534,9 @@ class SmtpConnection(asyncio.Protocol):
             return
         if params:
             self._reply("555 RCPT TO parameters not recognized or not implemented")
+            return
+        if not self.envelope.smtp_utf8 and not address.isascii():
+            self._reply(_NEEDS_SMTPUTF8)
             return
         assert self.session is not None
         self._reply(self.handler.rcpt(self.session, self.envelope, address, options))

@@ -39,7 +39,11 @@ class SaslExchange:
             if len(parts) != 3:
                 self._reply("501 5.5.2 Can't split auth value")
                 return None
-            login, password = parts[1], parts[2]
+            authorize_as, login, password = parts
+            if authorize_as and authorize_as != login:
+                # RFC 4616 2: a login acts as itself only (no user may act for another)
+                self._reply("535 5.7.8 Authentication credentials invalid")
+                return None
         else:
             login_or_none = (
                 self._decoded(initial)

@@ -230,6 +230,7 @@ async def open_session(server: Server, tls: TLSPolicy, address: str | None = Non
         pipelining=client.supports_extension("pipelining"),
         size=client.supports_extension("size"),
         smtputf8=client.supports_extension("smtputf8"),
+        eightbitmime=client.supports_extension("8bitmime"),
     )
 
 
@@ -415,6 +416,7 @@ class Session:
     pipelining: bool
     size: bool
     smtputf8: bool
+    eightbitmime: bool = False
     #: kept by the pool holding the session: messages carried, and idle since when
     sent: int = 0
     idle_since: float = field(default_factory=time.monotonic)
@@ -435,12 +437,17 @@ class Session:
         mail = b"MAIL FROM:" + _address(envelope.sender, "utf-8")
         if self.size:
             mail += b" SIZE=%d" % len(envelope.content)
+        content = envelope.content
         if not all(value.isascii() for value in (envelope.sender, *envelope.recipients)):
             if not self.smtputf8:
                 text = "553 5.6.7 the relay does not support SMTPUTF8 for non-ASCII addresses"
                 return [Response(553, text, relay) for _ in range(count)], True
             mail += b" SMTPUTF8"
             encoding = "utf-8"
+        elif self.smtputf8 and not content.isascii() and not _head(content).isascii():
+            mail += b" SMTPUTF8"  # UTF-8 headers (RFC 6532): declared where the relay offers it
+        if self.eightbitmime and not content.isascii():
+            mail += b" BODY=8BITMIME"  # RFC 6152: 8-bit content is declared
         commands = [mail] + [b"RCPT TO:" + _address(r, encoding) for r in envelope.recipients]
         commands.append(b"DATA")
 
@@ -559,6 +566,12 @@ class Session:
 
 #: the QUITs under way in the background (kept referenced until they finish)
 _BACKGROUND: set[asyncio.Future[None]] = set()
+
+
+def _head(content: bytes) -> bytes:
+    """A message's header section."""
+    end = content.find(b"\r\n\r\n")
+    return content if end < 0 else content[:end]
 
 
 def _address(value: str, encoding: str) -> bytes:
