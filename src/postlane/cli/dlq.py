@@ -22,6 +22,7 @@ from postlane.cli.output import (
 )
 from postlane.cli.selectors import build_selector, dead_letter_selector_options
 from postlane.clock import when
+from postlane.message import NULL_SENDER
 
 
 @click.group()
@@ -94,7 +95,8 @@ def dlq_show(queue_id: str, as_json: bool) -> None:
         return
     for d in letters:
         out.print(f"[bold]{d.id}[/] {d.address}  [red]{d.cls.value}[/]  died {when(d.dead_at)}")
-        out.print(f"  from {d.sender}, subject {d.subject!r}, lane {d.lane.value}", markup=False)
+        sender = d.sender or NULL_SENDER
+        out.print(f"  from {sender}, subject {d.subject!r}, lane {d.lane.value}", markup=False)
         if d.reason:
             out.print(f"  reason: {d.reason}", markup=False)
         for a in d.history or ():

@@ -27,7 +27,7 @@ from postlane.cli.output import (
 from postlane.cli.selectors import build_selector, selector_options
 from postlane.clock import when
 from postlane.errors import PostlaneError
-from postlane.message import RecipientState
+from postlane.message import NULL_SENDER, RecipientState
 from postlane.records import MessageView
 
 #: how a recipient's state is coloured in listings
@@ -76,7 +76,7 @@ def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
 
 
 def _recipients_cell(message: MessageView, now: float) -> Text:
-    cell = Text(message.sender)
+    cell = Text(message.sender or NULL_SENDER)
     for r in message.recipients:
         cell.append(f"\n  {r.address} ", style="")
         cell.append(f"[{r.state.value}", style=STATE_STYLE.get(r.state, ""))
@@ -113,7 +113,7 @@ def queue_show(queue_id: str, raw: bool, as_json: bool) -> None:
     out.print(f"[bold]{message.id}[/]  {message.state.value}  lane {message.lane.value}")
     for label, value in (
         ("Message-ID", message.message_id),
-        ("From", message.sender),
+        ("From", message.sender or NULL_SENDER),
         ("Subject", message.subject),
         ("Arrived", when(message.created_at)),
         ("Send at", when(message.send_at) if message.send_at is not None else None),
