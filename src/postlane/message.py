@@ -104,6 +104,8 @@ _RESERVED_HEADERS = {
 NULL_SENDER = "<>"
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+#: a line of more than 998 characters (RFC 5322 2.1.1), once line endings are CRLF
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")
 
 
 def rfc5322_date(now: float | None = None) -> str:
@@ -754,6 +756,15 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
     raw = _LINE_ENDINGS.sub(b"\r\n", raw)
     if not raw.endswith(b"\r\n"):
         raw += b"\r\n"
+    long_line = _LONG_LINE.search(raw)
+    if long_line is not None:
+        number = raw.count(b"\n", 0, long_line.start()) + 1
+        raise ValidationError(
+            f"line {number} of the raw message is longer than 998 characters, the most RFC "
+            "5322 2.1.1 allows (a relay would break it, and its DKIM signature with it): "
+            "encode the part as quoted-printable or base64",
+            field="raw",
+        )
     head, sep, _body = raw.partition(b"\r\n\r\n")
     if not sep:  # headers only (RFC 5322 3.5: the body is optional)
         raw += b"\r\n"

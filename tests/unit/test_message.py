@@ -251,6 +251,21 @@ def test_bad_raw_messages_are_refused(raw: bytes, match: str) -> None:
         prepare(Message(sender="", to=["b@example.net"], raw=raw), max_size=LIMIT)
 
 
+def test_a_raw_line_over_998_characters_is_refused_naming_it() -> None:
+    """RFC 5322 2.1.1: a relay wraps a longer line (Postfix's smtp_line_length_limit), which
+    breaks the DKIM signature made before it; 998 characters are taken, 999 are not."""
+    head = b"From: a@example.com\r\nSubject: x\r\n\r\n"
+    fits = prepare(
+        Message(sender="", to=["b@example.net"], raw=head + b"a" * 998 + b"\r\n"),
+        max_size=LIMIT,
+    )
+    assert b"a" * 998 + b"\r\n" in fits.content
+    for ending in (b"\r\n", b"\n"):
+        raw = head + b"short\r\n" + b"a" * 999 + ending
+        with pytest.raises(ValidationError, match="line 5 of the raw message is longer than 998"):
+            prepare(Message(sender="", to=["b@example.net"], raw=raw), max_size=LIMIT)
+
+
 def test_raw_with_other_fields_is_refused() -> None:
     with pytest.raises(ValidationError, match="raw"):
         prepare(
