@@ -161,11 +161,28 @@ class StoreConfig:
     event_retention: float = _setting(30 * 86400.0, _duration)
 
 
+#: the shortest lease: renewed every third of it, a shorter one lapses at the first pause of a
+#: busy process or store, and the mail is sent again (an audit's "0s" sent each message 8 times)
+MIN_LEASE = 1.0
+
+
+def _lease(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds < MIN_LEASE:
+        raise ValueError(
+            f"expected at least {MIN_LEASE:g}s, got {value!r}: a delivery whose lease lapses "
+            "while it is being sent is sent again (the default, 60s, suits nearly everyone)"
+        )
+    return seconds
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     relay: str = _setting("capture://postlane-capture", _relay, file=True)
     concurrency: int = _setting(100, _positive_int)
-    lease: float = _setting(60.0, _duration)
+    #: how long a claimed delivery stays a worker's without being renewed (every third of it);
+    #: past it, another worker sends it again
+    lease: float = _setting(60.0, _lease)
     #: deliveries claimed per store round trip
     batch_size: int = _setting(50, _positive_int)
     #: in-flight slots kept for the high lane (low and normal borrow them only while no high

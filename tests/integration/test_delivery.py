@@ -482,8 +482,8 @@ async def test_a_send_that_outlasts_the_lease_keeps_it_and_is_sent_once(
 ) -> None:
     """The worker renews its leases while a slow server holds the DATA reply, so another
     worker's reaper never takes the delivery back to send it again."""
-    smtp_peer.handler.data_delay = 1.5  # two and a half leases
-    config = make_config(tmp_path, delivery={"relay": smtp_peer.url, "lease": "600ms"})
+    smtp_peer.handler.data_delay = 2.5  # two and a half leases
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url, "lease": "1s"})
     async with AsyncPostlane(config) as app:
         queue_id = (await app.send(sender="a@example.com", to=["b@example.net"], text="x")).id
         transport = transport_for(config)

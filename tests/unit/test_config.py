@@ -126,6 +126,8 @@ def test_env_names_the_file(tmp_path: Path) -> None:
         ({"lanes": {"high": {"max_age": "1y"}}}, "lanes.high.max_age"),
         ({"stor": {}}, "stor"),
         ({"smtp": {"tls_cert": "c.pem"}}, "tls_key"),
+        ({"delivery": {"lease": "0s"}}, "delivery.lease"),
+        ({"delivery": {"lease": "500ms"}}, "delivery.lease"),
     ],
 )
 def test_unknown_keys_and_bad_values_name_the_key(data: dict[str, object], named: str) -> None:
