@@ -61,6 +61,12 @@ def when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def when_utc(ts: float | None) -> str:
+    """:func:`when` saying its zone, for a time written among other words (``next 2026-11-29
+    09:27:54 UTC``); a table says it once, in its heading."""
+    return "-" if ts is None else when(ts) + " UTC"
+
+
 def iso(ts: float | None) -> str | None:
     """An epoch time as an ISO 8601 UTC string (the contract's JSON time format)."""
     if ts is None:

@@ -30,11 +30,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from postlane.classify import ReplyClass, Verdict
-from postlane.clock import Clock
+from postlane.clock import Clock, when_utc
 from postlane.message import Lane
-from postlane.records import WAITING_FOR_DESTINATION, ClaimedMessage, Delivery, paused_reason
+from postlane.records import (
+    WAITING_FOR_DESTINATION,
+    ClaimedMessage,
+    Delivery,
+    DestinationStatus,
+    paused_reason,
+)
 from postlane.store.base import Store
-from postlane.throttle import Admission, Throttle
+from postlane.throttle import MISCONFIGURED, Admission, Throttle
 from postlane.transports.base import Transport
 from postlane.waits import first_of
 
@@ -281,6 +287,7 @@ class ThrottleGate:
         misconfigured pauses it (its mail waits, held, until an operator fixes and flushes it
         or the pause ends and a probe finds it fixed)."""
         feedback = self.feedback_key(message, delivery)
+        before = self.throttle.status_of(feedback, now)
         if misconfigured is not None:
             if self.throttle.misconfigured(feedback, misconfigured, now):
                 log.error("%s is misconfigured: %s; its mail waits", feedback, misconfigured)
@@ -294,6 +301,7 @@ class ThrottleGate:
                 wait = self.throttle.cool_down(feedback, now)
         if self.throttle.news:  # a pause began: the fleet hears of it at once
             self._news.set()
+        _log_change(feedback, before, self.throttle.status_of(feedback, now))
         return wait
 
     # -- the store ---------------------------------------------------------------------------
@@ -340,3 +348,39 @@ class ThrottleGate:
         """Give this process's shares back at once (a graceful stop)."""
         if self.throttle.enabled:
             await self.store.forget_shares(self.owner)
+
+
+def _log_change(
+    name: str, before: DestinationStatus | None, after: DestinationStatus | None
+) -> None:
+    """One line when a reply pauses a destination, slows it down or opens it again: what an
+    operator greps the log for ("paused", "slowed"), with why."""
+    if after is None:
+        return
+    was_paused = before is not None and before.paused_until is not None
+    if after.paused_until is not None and (
+        not was_paused or (before is not None and after.paused_until != before.paused_until)
+    ):
+        if (after.reason or "").startswith(MISCONFIGURED):
+            return  # logged as an error where it is found
+        log.warning(
+            "destination %s paused until %s (all its mail waits, then one probe goes): %s",
+            name,
+            when_utc(after.paused_until),
+            after.reason or "",
+            extra={"event": "destination_paused", "destination": name, "until": after.paused_until},
+        )
+    elif was_paused and after.paused_until is None:
+        log.info("destination %s open again: a probe went through", name)
+    elif (
+        after.rate is not None
+        and after.paused_until is None
+        and (before is None or before.rate is None or after.rate < before.rate)
+    ):
+        log.info(
+            "destination %s slowed down to %.2f/s: %s",
+            name,
+            after.rate,
+            after.reason or "",
+            extra={"event": "destination_slowed", "destination": name, "rate": after.rate},
+        )

@@ -501,6 +501,11 @@ class Throttle:
             return max(self.settings.cool_down, state.paused_until - now)
         return self.settings.cool_down
 
+    def status_of(self, key: str, now: float) -> DestinationStatus | None:
+        """``key``'s limits as they stand, if this process knows of it."""
+        state = self._destinations.get(key)
+        return None if state is None else self._status(state, now)
+
     def paused_until(self, key: str, now: float) -> float | None:
         state = self._destinations.get(key)
         if state is None or state.paused_until is None or state.paused_until <= now:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -681,9 +683,10 @@ def _log_attempt(
     if not attempt_log.isEnabledFor(logging.INFO):
         return
     recipient = logged_recipient(delivery.address, recipients)
+    reply = logged_reply(verdict.text, delivery.address, recipient)
     attempt_log.info(
         "attempt id=%s domain=%s%s destination=%s class=%s code=%s enhanced=%s "
-        "duration_ms=%d next=%s%s",
+        "duration_ms=%d next=%s%s reply=%s",
         message.queue_id,
         delivery.domain,
         f" recipient={recipient}" if recipient else "",
@@ -694,6 +697,7 @@ def _log_attempt(
         duration_ms,
         decision.action.value,
         f' misconfigured="{misconfigured}"' if misconfigured else "",
+        json.dumps(reply, ensure_ascii=False),
         extra={
             "event": "attempt",
             **({"misconfigured": misconfigured} if misconfigured else {}),
@@ -707,8 +711,23 @@ def _log_attempt(
             "duration_ms": duration_ms,
             "decision": decision.action.value,
             "lane": message.lane.value,
+            "reply": reply,
         },
     )
+
+
+#: the most of a reply an attempt line carries
+LOGGED_REPLY_CHARS = 300
+
+
+def logged_reply(text: str, address: str, shown: str | None) -> str:
+    """A reply's text as an attempt line carries it (what a 3 a.m. operator needs: ``Connection
+    refused``, ``4.7.0 try again later``): one line, cut at :data:`LOGGED_REPLY_CHARS`, the
+    recipient's address in it shown as ``[log] recipients`` says (``<recipient>`` by default)."""
+    line = " ".join(text.split())
+    if address:
+        line = re.sub(re.escape(address), shown or "<recipient>", line, flags=re.IGNORECASE)
+    return line[:LOGGED_REPLY_CHARS]
 
 
 def logged_recipient(address: str, mode: str) -> str | None:

@@ -632,3 +632,51 @@ async def test_destination_labels_are_bounded_and_go_to_the_busiest_first(
         assert label("brand-new.example") == "other"
         assert label("google") == "google"  # known providers are always their own label
         assert label("busy0.example") == "busy0.example"  # a label never changes
+
+
+async def test_attempt_lines_carry_the_reply_and_a_pause_is_logged_with_why(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator audit found each failed attempt logged as ``class=connection code=-`` with
+    no reason, and no line ever saying the relay (all its mail) was paused, until when or why:
+    only ``postlane stats`` knew."""
+    handler = ScriptedHandler(rcpt={"ada@y.example": "550 5.1.1 <ada@y.example>: no such user"})
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTPServer(handler, loop=loop), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dead_port = free_port()  # nothing listens there
+    try:
+        config = make_config(
+            tmp_path,
+            delivery={"relay": f"smtp://127.0.0.1:{port}"},
+            routes=[
+                {"recipient_domain": ["down.example"], "relay": f"smtp://127.0.0.1:{dead_port}"}
+            ],
+            throttle={"pause_after": 2},
+        )
+        caplog.set_level(logging.INFO)
+        async with AsyncPostlane(config, clock=clock) as app:
+            worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+            await app.send(sender="a@x.example", to=["ada@y.example"], text="x")
+            for n in range(2):
+                await app.send(sender="a@x.example", to=[f"u{n}@down.example"], text="x")
+            await worker.run_until_idle()
+            await worker.transport.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    attempts = [r for r in caplog.records if r.name == "postlane.attempts"]
+    [refused] = [r.getMessage() for r in attempts if "code=550" in r.getMessage()]
+    assert 'reply="<<recipient>>: no such user"' in refused  # the address not shown
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("postlane")]
+    assert not any("ada@" in line for line in ours)
+    failed = [r for r in attempts if "class=connection" in r.getMessage()]
+    assert len(failed) == 2
+    why = f"Error connecting to 127.0.0.1 on port {dead_port}"
+    assert all(why in r.getMessage() for r in failed)
+    assert "Error connecting" in json.loads(JSONFormatter().format(failed[0]))["reply"]
+    [paused] = [r for r in caplog.records if "paused until" in r.getMessage()]
+    assert paused.levelno == logging.WARNING
+    text = paused.getMessage()
+    assert f"relay:127.0.0.1:{dead_port} paused until " in text and " UTC " in text
+    assert "2 connection failure(s)" in text and "Error connecting" in text

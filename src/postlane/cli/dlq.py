@@ -21,7 +21,7 @@ from postlane.cli.output import (
     show,
 )
 from postlane.cli.selectors import build_selector, dead_letter_selector_options
-from postlane.clock import when
+from postlane.clock import when, when_utc
 from postlane.message import NULL_SENDER
 
 
@@ -53,7 +53,8 @@ def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> 
         )
         if json_or_empty(groups, as_json=as_json, empty="No dead letters"):
             return
-        table = listing("Count", "Class", "Domain", "Reply", "Last died", "e.g.", right={"Count"})
+        columns = ("Count", "Class", "Domain", "Reply", "Last died (UTC)", "e.g.")
+        table = listing(*columns, right={"Count"})
         for g in groups:
             reply = reply_line(g.code, g.enhanced, g.reply)
             table.add_row(
@@ -69,7 +70,7 @@ def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> 
     )
     if json_or_empty(letters, as_json=as_json, empty="No dead letters"):
         return
-    columns = ("Queue ID", "Recipient", "Class", "Attempts", "Died", "Last reply")
+    columns = ("Queue ID", "Recipient", "Class", "Attempts", "Died (UTC)", "Last reply")
     table = listing(*columns, wrap={"Last reply"})
     for d in letters:
         last = d.last_response
@@ -94,7 +95,7 @@ def dlq_show(queue_id: str, as_json: bool) -> None:
         print_json([d.as_json() for d in letters])
         return
     for d in letters:
-        out.print(f"[bold]{d.id}[/] {d.address}  [red]{d.cls.value}[/]  died {when(d.dead_at)}")
+        out.print(f"[bold]{d.id}[/] {d.address}  [red]{d.cls.value}[/]  died {when_utc(d.dead_at)}")
         sender = d.sender or NULL_SENDER
         out.print(f"  from {sender}, subject {d.subject!r}, lane {d.lane.value}", markup=False)
         if d.reason:
@@ -102,7 +103,7 @@ def dlq_show(queue_id: str, as_json: bool) -> None:
         for a in d.history or ():
             code = reply_code(a.code, a.enhanced)
             out.print(
-                f"  {when(a.at)}  {a.cls.value:<13} {code:<10} {a.text}  "
+                f"  {when_utc(a.at)}  {a.cls.value:<13} {code:<10} {a.text}  "
                 f"[{a.relay} -> {a.destination}, {a.duration_ms} ms]",
                 markup=False,
             )

@@ -71,7 +71,7 @@ def events_command(
     if not page.events:
         click.echo("No events" + (f" after {after}" if after else ""), err=True)
         return
-    table = listing("id", "at", "type", "message", "recipient", "lane", "reply", right={"id"})
+    table = listing("id", "at (UTC)", "type", "message", "recipient", "lane", "reply", right={"id"})
     for event in page.events:
         table.add_row(*_cells(event))
     show(table)

@@ -10,7 +10,7 @@ import click
 
 from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import first, first_line, json_or_empty, listing, print_json, show
-from postlane.clock import when
+from postlane.clock import when, when_utc
 
 
 @click.group()
@@ -29,7 +29,7 @@ def feedback_list(limit: int, as_json: bool) -> None:
     )
     if json_or_empty(reports, as_json=as_json, empty="No unmatched reports"):
         return
-    table = listing("id", "received", "source", "kind", "from", "to", "size", "why",
+    table = listing("id", "received (UTC)", "source", "kind", "from", "to", "size", "why",
                     right={"id", "size"})  # fmt: skip
     for r in reports:
         table.add_row(
@@ -60,7 +60,8 @@ def feedback_show(report_id: int, raw: bool, as_json: bool) -> None:
     if as_json:
         print_json({**report.as_json(), "content": content.decode("utf-8", "replace")})
         return
-    click.echo(f"report {report.id}  {when(report.received_at)}  {report.source}  {report.kind}")
+    received = when_utc(report.received_at)
+    click.echo(f"report {report.id}  {received}  {report.source}  {report.kind}")
     click.echo(
         f"from {report.mail_from or '<>'} to {report.rcpt_to or '-'}  ({report.size:,} bytes)"
     )

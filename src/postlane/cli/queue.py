@@ -25,7 +25,7 @@ from postlane.cli.output import (
     show,
 )
 from postlane.cli.selectors import build_selector, selector_options
-from postlane.clock import when
+from postlane.clock import when, when_utc
 from postlane.errors import PostlaneError
 from postlane.message import NULL_SENDER, RecipientState
 from postlane.records import MessageView
@@ -58,7 +58,7 @@ def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
     if json_or_empty(messages, as_json=as_json, empty="Mail queue is empty"):
         return
     now = time.time()
-    columns = ("Queue ID", "Lane", "Size", "Arrival", "Sender / Recipients")
+    columns = ("Queue ID", "Lane", "Size", "Arrival (UTC)", "Sender / Recipients")
     table = listing(*columns, wrap={"Sender / Recipients"})
     for message in messages:
         table.add_row(
@@ -83,11 +83,11 @@ def _recipients_cell(message: MessageView, now: float) -> Text:
         if r.attempts:
             cell.append(f", {r.attempts} attempt(s)")
         if r.state is RecipientState.DEFERRED and r.next_attempt_at:
-            cell.append(f", next {when(r.next_attempt_at)}")
+            cell.append(f", next {when_utc(r.next_attempt_at)}")
         elif r.state is RecipientState.QUEUED and r.next_attempt_at and r.next_attempt_at > now:
             # not due yet: scheduled (send_at), or held back by its destination's limits
             label = "send at" if message.send_at == r.next_attempt_at else "next"
-            cell.append(f", {label} {when(r.next_attempt_at)}")
+            cell.append(f", {label} {when_utc(r.next_attempt_at)}")
         cell.append("]", style=STATE_STYLE.get(r.state, ""))
         if r.last_response is not None and r.state is not RecipientState.SENT:
             reply = r.last_response
@@ -115,9 +115,9 @@ def queue_show(queue_id: str, raw: bool, as_json: bool) -> None:
         ("Message-ID", message.message_id),
         ("From", message.sender or NULL_SENDER),
         ("Subject", message.subject),
-        ("Arrived", when(message.created_at)),
-        ("Send at", when(message.send_at) if message.send_at is not None else None),
-        ("Expires", when(message.expires_at) if message.expires_at is not None else None),
+        ("Arrived", when_utc(message.created_at)),
+        ("Send at", when_utc(message.send_at) if message.send_at is not None else None),
+        ("Expires", when_utc(message.expires_at) if message.expires_at is not None else None),
         ("Size", f"{message.size} bytes"),
         ("Idempotency key", message.idempotency_key or "-"),
     ):
@@ -131,12 +131,12 @@ def queue_show(queue_id: str, raw: bool, as_json: bool) -> None:
         line.append(r.state.value, style=STATE_STYLE.get(r.state, ""))
         line.append(f"  attempts {r.attempts}  destination {r.destination}")
         if r.state in (RecipientState.DEFERRED, RecipientState.QUEUED) and r.next_attempt_at:
-            line.append(f"  next {when(r.next_attempt_at)}")
+            line.append(f"  next {when_utc(r.next_attempt_at)}")
         if r.reason:
             line.append(f"  ({r.reason})")
         out.print(line)
         if r.history:
-            table = listing("at", "class", "code", "text", "ms", "relay", right={"ms"})
+            table = listing("at (UTC)", "class", "code", "text", "ms", "relay", right={"ms"})
             table.header_style = "dim"
             for a in r.history:
                 code = reply_code(a.code, a.enhanced)

@@ -51,7 +51,7 @@ def stats(shape: bool, limit: int, as_json: bool) -> None:
         markup=False,
     )
     if result.destinations:
-        busy = listing("destination", "in flight", "rate/s", "paused until", "why")
+        busy = listing("destination", "in flight", "rate/s", "paused until (UTC)", "why")
         for d in result.destinations:
             busy.add_row(
                 d.destination,

@@ -29,7 +29,7 @@ def suppress_list(limit: int, as_json: bool) -> None:
     entries = first(with_app(lambda app: app.suppressions(limit=limit + 1)), limit, "entries")
     if json_or_empty(entries, as_json=as_json, empty="The suppression list is empty"):
         return
-    table = listing("Address", "Reason", "Scope", "Since", "Until", "Source", "Detail")
+    table = listing("Address", "Reason", "Scope", "Since (UTC)", "Until (UTC)", "Source", "Detail")
     for e in entries:
         until = when(e.expires_at) if e.expires_at is not None else "never"
         detail = first_line(e.detail or e.text or "")

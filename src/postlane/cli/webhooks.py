@@ -78,7 +78,7 @@ def webhooks_failures(name: str | None, as_json: bool) -> None:
     found = with_app(go)
     if json_or_empty(found, as_json=as_json, empty="No failures"):
         return
-    table = listing("at", "endpoint", "outcome", "error")
+    table = listing("at (UTC)", "endpoint", "outcome", "error")
     for failure in found:
         table.add_row(
             str(failure.get("at") or "-"),
