@@ -129,6 +129,7 @@ class _StoreGauges(Collector):
                 lane_stats = stats.lanes[lane]
                 for state, value in (
                     ("queued", lane_stats.ready),
+                    ("scheduled", lane_stats.scheduled),
                     ("deferred", lane_stats.deferred),
                     ("held", lane_stats.held),
                     ("sending", lane_stats.sending),

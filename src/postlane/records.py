@@ -349,11 +349,14 @@ SUPPRESSION_REASONS = ("hard_bounce", "complaint", "unsubscribe", "manual")
 
 @dataclass(frozen=True)
 class LaneStats(JsonRecord):
+    #: queued and due: what a worker takes next
     ready: int = 0
     deferred: int = 0
     held: int = 0
     sending: int = 0
     oldest_age_seconds: float = field(default=0.0, metadata=in_json(render=round_ms))
+    #: queued for later (``send_at`` in the future): not late, not waiting on anything
+    scheduled: int = 0
 
 
 @dataclass(frozen=True)

@@ -352,7 +352,7 @@ def test_issue_17_9_overview_numbers_stand_under_their_headers(seeded: Seeded, p
           [...row.children].slice(1).map((cell, i) => right(cell) - right(heads[i + 1])));
       }"""
     )
-    assert len(offsets) == 3 * 6 and all(abs(o) < 2 for o in offsets), offsets
+    assert len(offsets) == 3 * 7 and all(abs(o) < 2 for o in offsets), offsets
 
 
 def test_issue_17_9_a_firing_alert_says_what_and_links_its_runbook(

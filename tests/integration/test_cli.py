@@ -134,6 +134,7 @@ def test_send_list_show_stats_with_json(queue_dir: Path) -> None:
         "held",
         "sending",
         "oldest_age_seconds",
+        "scheduled",
     }
     assert stats["lanes"]["high"]["ready"] == 2
 

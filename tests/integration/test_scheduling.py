@@ -197,3 +197,45 @@ async def test_a_requeue_sweep_leaves_mail_that_expired_after_failing_dead(
         assert (await app.requeue(sweep)).count == 0
         assert (await app.get(code.id)).recipients[0].state is RecipientState.DEAD
         assert (await app.requeue(Selector(ids=(code.id,)))).count == 1
+
+
+async def test_scheduled_mail_is_counted_apart_and_pages_nobody(tmp_path: Path) -> None:
+    """An operator audit scheduled one message a day ahead and nothing else: fifteen minutes
+    later PostlaneNoDeliveries (critical) fired, and stats called the message "ready", pointing
+    at the stuck-worker runbook. Scheduled mail is its own count (stats, /metrics), and only
+    mail that is due, deferred or being sent counts as waiting."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from postlane.alerts import AlertMonitor
+    from postlane.metrics import Metrics
+
+    clock = FakeClock(T0)
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send(sender="a@example.com", to=["ada@example.net"], text="x", send_at=T0 + 86400)
+        await app.send(sender="a@example.com", to=["bob@example.net"], text="x")
+        normal = (await app.stats()).lanes["normal"]
+        assert (normal.ready, normal.scheduled) == (1, 1)
+        assert normal.as_json()["scheduled"] == 1
+        metrics = Metrics(app)
+        await metrics.refresh()
+        [depth] = [
+            family
+            for family in text_string_to_metric_families((await metrics.exposition()).decode())
+            if family.name == "postlane_queue_depth"
+        ]
+        normal_depth = {
+            s.labels["state"]: s.value for s in depth.samples if s.labels["lane"] == "normal"
+        }
+        assert normal_depth["queued"] == 1 and normal_depth["scheduled"] == 1
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        try:
+            await worker.run_until_idle()  # bob's goes (capture); ada's waits for tomorrow
+        finally:
+            await worker.transport.close()
+        monitor = AlertMonitor(app)
+        for _ in range(25):  # 25 minutes of samples, nothing delivered after the first
+            await clock.advance(60)
+            verdicts = await monitor.run_once(clock.now())
+        [stalled] = [a for a in verdicts if a.rule.name == "PostlaneNoDeliveries"]
+        assert not stalled.firing, stalled.detail

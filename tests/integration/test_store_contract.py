@@ -369,6 +369,7 @@ async def test_stats_count_by_lane_and_state(store: Any) -> None:
         "held": 0,
         "sending": 0,
         "oldest_age_seconds": 100.0,
+        "scheduled": 0,
     }
     claimed = deliveries(await claim(store, now=T0 + 100, limit=1))
     await store.record(

@@ -48,12 +48,13 @@ def test_an_attempt_shows_its_time_in_iso_and_every_field_in_order() -> None:
 
 
 def test_lane_stats_round_the_oldest_age_to_the_millisecond() -> None:
-    assert LaneStats(1, 2, 3, 4, 5.12345).as_json() == {
+    assert LaneStats(1, 2, 3, 4, 5.12345, 6).as_json() == {
         "ready": 1,
         "deferred": 2,
         "held": 3,
         "sending": 4,
         "oldest_age_seconds": 5.123,
+        "scheduled": 6,
     }
 
 

@@ -29,7 +29,8 @@ def stats(shape: bool, limit: int, as_json: bool) -> None:
         return
     result, store = with_app(_stats_of_store)
     if as_json:
-        # the contract's "ready" stays the JSON key of what --state and the metrics call queued
+        # the contract's "ready": queued and due (the metrics' state="queued"); "scheduled":
+        # queued for later; the table's "queued" column is both, as `--state queued` lists them
         print_json({**result.as_json(), "store": store})
         return
     columns = ("lane", "queued", "deferred", "held", "sending", "oldest")
@@ -38,13 +39,17 @@ def stats(shape: bool, limit: int, as_json: bool) -> None:
         s = result.lanes[lane]
         table.add_row(
             lane.value,
-            str(s.ready),
+            str(s.ready + s.scheduled),  # what `queue list --state queued` lists
             str(s.deferred),
             str(s.held),
             str(s.sending),
             age(s.oldest_age_seconds),
         )
     show(table)
+    later = {lane.value: result.lanes[lane].scheduled for lane in Lane}
+    if any(later.values()):
+        counts = ", ".join(f"{n} {lane}" for lane, n in later.items() if n)
+        out.print(f"of the queued, scheduled for later (not yet due): {counts}")
     out.print(
         f"sent {result.sent}   dead {result.dead}   suppressed {result.suppressed}   "
         f"suppression list {result.suppression_list}",

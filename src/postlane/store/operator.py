@@ -159,7 +159,7 @@ class SQLOperator(SQLRole):
 
     async def stats(self, now: float) -> Stats:
         def run() -> Plan[Stats]:
-            counts = yield from fetch("counts_by_lane_state")
+            counts = yield from fetch("counts_by_lane_state", {"now": now})
             listed = yield from fetch_one("suppression_count")
             return _stats(counts, now, int(listed["n"]) if listed else 0)
 
@@ -464,18 +464,22 @@ def _import_plan(messages: Sequence[ExportedMessage], now: float) -> Plan[int]:
 
 def _stats(counts: Sequence[Row], now: float, suppression_list: int) -> Stats:
     by_lane_state: dict[tuple[str, str], int] = {}
+    scheduled: dict[str, int] = defaultdict(int)
     oldest: dict[str, float] = {}
     finals: dict[str, int] = defaultdict(int)
     for row in counts:
         lane, state, n, min_created = row["lane"], row["state"], row["n"], row["oldest"]
         by_lane_state[(lane, state)] = n
+        if state == "queued":
+            scheduled[lane] = int(row["later"] or 0)
         if state in ("queued", "deferred", "sending") and min_created is not None:
             oldest[lane] = min(oldest.get(lane, min_created), min_created)
         if state in ("sent", "dead", "suppressed", "bounced", "complained"):
             finals[state] += n
     lanes = {
         lane: LaneStats(
-            ready=by_lane_state.get((lane.value, "queued"), 0),
+            ready=by_lane_state.get((lane.value, "queued"), 0) - scheduled[lane.value],
+            scheduled=scheduled[lane.value],
             deferred=by_lane_state.get((lane.value, "deferred"), 0),
             held=by_lane_state.get((lane.value, "held"), 0),
             sending=by_lane_state.get((lane.value, "sending"), 0),

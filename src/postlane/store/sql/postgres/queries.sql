@@ -295,8 +295,11 @@ WHERE id IN (
 RETURNING id;
 
 -- name: counts_by_lane_state
--- Depth by lane and state, and the oldest creation time in each (covered by an index).
-SELECT lane, state, count(*) AS n, min(created_at) AS oldest FROM deliveries GROUP BY lane, state;
+-- Depth by lane and state, the oldest creation time in each, and how many join the queue later
+-- (scheduled: a scheduled recipient's created_at is its send_at) (covered by an index).
+SELECT lane, state, count(*) AS n, min(created_at) AS oldest,
+       count(*) FILTER (WHERE created_at > %(now)s) AS later
+FROM deliveries GROUP BY lane, state;
 
 -- name: import_message
 -- An exported message, back with its id, Message-ID and content.

@@ -161,8 +161,10 @@ WHERE id IN (
 RETURNING id;
 
 -- name: counts_by_lane_state
--- Depth by lane and state, and the oldest creation time in each (covered by an index).
-SELECT lane, state, count(*) AS n, min(created_at) AS oldest
+-- Depth by lane and state, the oldest creation time in each, and how many join the queue later
+-- (scheduled: a scheduled recipient's created_at is its send_at) (covered by an index).
+SELECT lane, state, count(*) AS n, min(created_at) AS oldest,
+       sum(created_at > :now) AS later
 FROM deliveries INDEXED BY deliveries_lane_state
 GROUP BY lane, state;
 
