@@ -72,7 +72,9 @@ class DecidedAttempt:
     destination: str
     verdict: Verdict
     decision: Decision
-    #: when the message was enqueued (delivery latency counts from here)
+    #: when the recipient joined the queue (delivery latency counts from here): its message's
+    #: arrival, or its ``send_at`` when it was scheduled (a campaign scheduled for tomorrow is
+    #: not a day late), or its requeue from the dead-letter queue
     created_at: float
     now: float
 
@@ -536,7 +538,7 @@ class Worker:
         )
         self.observer.attempted(
             DecidedAttempt(
-                message.lane, delivery.destination, verdict, decision, message.created_at, now
+                message.lane, delivery.destination, verdict, decision, delivery.created_at, now
             )
         )
         attempt = AttemptRecord(

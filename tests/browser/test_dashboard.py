@@ -369,7 +369,7 @@ def test_issue_17_9_a_firing_alert_says_what_and_links_its_runbook(
 
 def test_issue_17_9_dead_letters_are_drawn_in_red(seeded: Seeded, page: Page) -> None:
     page.goto(seeded.http + "/")
-    flow = page.locator("figure.chart-box", has_text="Recipients per minute")
+    flow = page.locator("figure.chart-box", has_text="Per minute: recipients delivered")
     dead = flow.locator(".legend .key", has_text="dead").locator("rect")
     assert dead.get_attribute("fill") == "#b3261e"
     assert flow.locator('polyline[stroke="#b3261e"]').count() == 1

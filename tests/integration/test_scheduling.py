@@ -239,3 +239,27 @@ async def test_scheduled_mail_is_counted_apart_and_pages_nobody(tmp_path: Path) 
             verdicts = await monitor.run_once(clock.now())
         [stalled] = [a for a in verdicts if a.rule.name == "PostlaneNoDeliveries"]
         assert not stalled.firing, stalled.detail
+
+
+async def test_delivery_latency_counts_from_the_send_at(tmp_path: Path) -> None:
+    """An audit's message scheduled 40 s ahead moved postlane_delivery_latency_seconds' sum
+    by 38.4 s: a campaign scheduled for tomorrow would push its p99 to a day."""
+    from postlane.metrics import Metrics
+
+    clock = FakeClock(T0)
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        metrics = Metrics(app)
+        await app.send(sender="a@example.com", to=["ada@example.net"], text="x", send_at=T0 + 40)
+        await clock.advance(41)
+        worker = Worker.from_config(
+            config, app.store, transport_for(config), clock=clock, observer=metrics
+        )
+        try:
+            assert await worker.run_until_idle() == 1
+        finally:
+            await worker.transport.close()
+        latency = metrics.registry.get_sample_value(
+            "postlane_delivery_latency_seconds_sum", {"lane": "normal"}
+        )
+        assert latency is not None and latency <= 1.5

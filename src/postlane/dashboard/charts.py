@@ -141,7 +141,8 @@ def overview_charts(samples: Sequence[Sample], start: float, end: float) -> dict
     wide = by_lane.get("*", [])
     per_minute = [
         Series("delivered", [(s.at, s.sent) for s in wide]),
-        Series("deferred", [(s.at, s.deferrals) for s in wide]),
+        # tries, not recipients: one recipient retried five times in the window counts five
+        Series("tries deferred", [(s.at, s.deferrals) for s in wide]),
         Series("dead", [(s.at, s.dead) for s in wide], colour=FAILURE),
     ]
     bounces = [
@@ -165,7 +166,12 @@ def overview_charts(samples: Sequence[Sample], start: float, end: float) -> dict
             end=end,
             unit="s",
         ),
-        "flow": line_chart("Recipients per minute", per_minute, start=start, end=end),
+        "flow": line_chart(
+            "Per minute: recipients delivered and dead, tries deferred",
+            per_minute,
+            start=start,
+            end=end,
+        ),
         "bounces": line_chart("Bounces per minute", bounces, start=start, end=end),
         "totals": {
             "delivered": sum(s.sent for s in wide),
