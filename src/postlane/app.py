@@ -259,11 +259,22 @@ class AsyncPostlane:
     async def stats(self) -> Stats:
         stats = await self.store.stats(self.clock.now())
         destinations = [self._with_limits(d) for d in await self.store.destination_states()]
+        # a destination held at its configured limits has nothing recorded (nothing slowed or
+        # paused it) but is what an operator asks about when its mail waits: listed too
+        recorded = {d.destination for d in destinations}
+        destinations += [
+            self._with_limits(DestinationStatus(name, None, None, None, None))
+            for name, limits in self.config.destinations.items()
+            if name != "default" and name not in recorded and (limits.rate or limits.concurrency)
+        ]
         now = self.clock.now()
         busy = tuple(
             d
             for d in destinations
-            if d.in_flight or d.rate is not None or (d.paused_until or 0) > now
+            if d.in_flight
+            or d.rate is not None
+            or d.concurrency is not None
+            or (d.paused_until or 0) > now
         )
         return dataclasses.replace(stats, destinations=busy)
 

@@ -1031,3 +1031,34 @@ async def test_stats_show_a_destinations_configured_limits(store: Store, tmp_pat
     ]
     assert (status.rate, status.configured_rate, status.concurrency) == (20, 20, 3)
     assert status.paused_until == T0 + 600
+
+
+async def test_stats_list_a_destination_held_at_its_configured_rate(
+    store: Store, tmp_path: Path
+) -> None:
+    """An operator audit limited ok.example to 10/s and queued 1,000 for it: `stats` said
+    "deferred 385" and listed no destination (nothing had slowed or paused it, so nothing was
+    recorded), and postlane_destination_rate had no series for it."""
+    from postlane.metrics import Metrics
+
+    clock = FakeClock(T0)
+    config = make_config(
+        tmp_path,
+        destinations={
+            "ok.example": {"rate": 10, "concurrency": 4},
+            "capped.example": {"concurrency": 2},
+            "default": {"rate": 50},
+        },
+    )
+    app = AsyncPostlane(config, store=store, clock=clock)  # opened by the fixture
+    listed = {d.destination: d for d in (await app.stats()).destinations}
+    assert set(listed) == {"ok.example", "capped.example"}  # not the default: no name
+    ok = listed["ok.example"]
+    assert (ok.rate, ok.configured_rate, ok.concurrency, ok.paused_until) == (10, 10, 4, None)
+    assert (listed["capped.example"].rate, listed["capped.example"].concurrency) == (None, 2)
+    metrics = Metrics(app)
+    await metrics.refresh()
+    rate = metrics.registry.get_sample_value(
+        "postlane_destination_rate", {"destination": "ok.example"}
+    )
+    assert rate == 10
