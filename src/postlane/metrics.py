@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 MAX_DOMAIN_LABELS = 20
 LATENCY_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400)
 RECOVERY_BUCKETS = (60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400)
+#: recoveries recorded longer ago than this, and never taken by a scrape, are dropped (a
+#: process starting on an old store does not count its history)
+RECOVERY_HORIZON = 600.0
 
 
 class DestinationLabels:
@@ -217,8 +220,6 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
-        #: the last dead_letter_recoveries row observed; -1 until the first scrape
-        self._recovery_seen = -1
         self.scrape_errors = Counter(
             "postlane_store_read_errors",
             "Scrapes whose store read failed (queue gauges then stale)",
@@ -343,21 +344,20 @@ class Metrics:
         await self.observe_recoveries()
 
     async def observe_recoveries(self) -> None:
-        """Count the recoveries recorded since the last look (requeued dead letters delivered,
-        whoever requeued them), if this process is the one that counts them."""
+        """Count the recoveries recorded since any process last looked (requeued dead letters
+        delivered, whoever requeued them), if this process counts them: the store hands each
+        to one process only, so a fleet's counts add up (a serve and a worker both counted
+        every one: an audit)."""
         if self.app is None or not self.observes_recoveries:
             return
         try:
-            recoveries = await self.app.store.recoveries_after(self._recovery_seen)
+            since = self.app.clock.now() - RECOVERY_HORIZON
+            recoveries = await self.app.store.claim_recoveries(since)
         except Exception:
             self.scrape_errors.inc()
             return
-        first = self._recovery_seen < 0  # the first look only learns where history ends
-        for row_id, seconds in recoveries:
-            if not first:
-                self.recovered(seconds)
-            self._recovery_seen = max(self._recovery_seen, row_id)
-        self._recovery_seen = max(self._recovery_seen, 0)
+        for seconds in recoveries:
+            self.recovered(seconds)
 
     async def exposition(self) -> bytes:
         await self.refresh()

@@ -328,6 +328,36 @@ async def test_recovery_time_runs_from_dead_to_delivered_whoever_requeued(
         assert metric(text, "postlane_dead_letter_recovery_seconds_sum") == pytest.approx(4200)
 
 
+async def test_a_recovery_is_counted_once_in_a_fleet(tmp_path: Path, clock: FakeClock) -> None:
+    """An audit scraped a serve and a postlane worker on one store: each counted the one
+    recovered dead letter, so the sum over targets (what the docs tell operators to take)
+    said two. The store hands each recovery to one process's scrape."""
+    config = make_config(tmp_path)
+    async with (
+        AsyncPostlane(config, clock=clock) as app,
+        AsyncPostlane(config, clock=clock) as other,
+    ):
+        here, there = Metrics(app), Metrics(other)  # two processes' metrics
+        [result] = await app.send_many(
+            [Message(sender="a@x.example", to=["b@y.example"], text="x")]
+        )
+        now = clock.now()
+        [m] = await app.store.claim_due("w", ALL, limit=1, now=now, lease_until=now + 60)
+        fail = AttemptRecord(now, ReplyClass.POLICY_BLOCK, 554, "5.7.1", "blocked", "r", "d", 1)
+        await app.store.record(
+            "w", [Outcome(m.deliveries[0].id, RecipientState.DEAD, 1, 0, None, fail)], now
+        )
+        await clock.advance(300)
+        await app.act(QueueAction.REQUEUE, Selector(ids=(result.id,)))
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        assert await worker.run_until_idle() == 1
+        counts = []
+        for metrics in (there, here, there):
+            text = (await metrics.exposition()).decode()
+            counts.append(metric(text, "postlane_dead_letter_recovery_seconds_count"))
+        assert counts == [1, 0, 1]  # the first scrape took it; the other process never saw it
+
+
 def test_the_shipped_rules_are_the_generated_ones_and_their_runbooks_exist() -> None:
     shipped = (ROOT / "deploy/prometheus/postlane.rules.yml").read_text()
     assert shipped == prometheus_rules(), "regenerate: postlane alerts --prometheus-rules"

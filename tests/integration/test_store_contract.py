@@ -859,6 +859,10 @@ async def test_dead_letters_are_requeued_grouped_and_recovered(store: Any) -> No
     assert sorted(seconds for _id, seconds in recoveries) == [120.0, 120.0]
     assert await store.recoveries_after(max(i for i, _ in recoveries)) == []
     assert await store.finished_between(T0 + 100, T0 + 200) == (2, 0, 0)
+    # each recovery is taken once (one process's scrape counts it); older ones are dropped
+    assert await store.claim_recoveries(T0 + 130, limit=1) == [120.0]
+    assert await store.claim_recoveries(T0 + 131) == []  # the other: older than asked, dropped
+    assert await store.claim_recoveries(0) == []
 
 
 async def test_shape_counts_waiting_recipients_by_domain_and_age(store: Any) -> None:

@@ -308,6 +308,13 @@ class HistoryStore(Protocol):
 
     async def purge_samples(self, before: float) -> int: ...
 
+    async def claim_recoveries(self, since: float, *, limit: int = 1000) -> list[float]:
+        """Take up to ``limit`` recorded recoveries (requeued dead letters delivered), oldest
+        first: each is taken once, by whichever process asks first. Returns the seconds each
+        was dead, of those recovered at ``since`` or later (older ones are dropped: history
+        from before this process's metrics began)."""
+        ...
+
     async def recoveries_after(self, after_id: int) -> list[tuple[int, float]]:
         """Requeued dead letters recorded after row ``after_id``: (row id, seconds dead)."""
         ...

@@ -87,6 +87,10 @@ class SQLHistory(SQLRole):
     async def purge_samples(self, before: float) -> int:
         return await self.db.write(lambda: execute("purge_samples", {"before": before}))
 
+    async def claim_recoveries(self, since: float, *, limit: int = 1000) -> list[float]:
+        found = await self.db.write(lambda: fetch("claim_recoveries", {"limit": limit}))
+        return [float(r["seconds"]) for r in found if float(r["recovered_at"]) >= since]
+
     async def recoveries_after(self, after_id: int) -> list[tuple[int, float]]:
         found = await self.db.read(lambda: fetch("recoveries_after", {"after": after_id}))
         return [(int(row["id"]), float(row["seconds"])) for row in found]

@@ -352,6 +352,13 @@ DELETE FROM metric_samples WHERE at < :before;
 SELECT id, recovered_at - dead_at AS seconds FROM dead_letter_recoveries
 WHERE id > :after ORDER BY id;
 
+-- name: claim_recoveries
+-- Take recorded recoveries for one process's histogram: a row taken is gone, so each is
+-- counted once in a fleet, by whichever process's scrape takes it first.
+DELETE FROM dead_letter_recoveries
+WHERE id IN (SELECT id FROM dead_letter_recoveries ORDER BY id LIMIT :limit)
+RETURNING recovered_at - dead_at AS seconds, recovered_at;
+
 -- name: alert_fire
 -- An alert starts firing: a change only for the process that made it.
 INSERT INTO alert_state (name, firing, since, updated_at) VALUES (:name, TRUE, :now, :now)
