@@ -14,7 +14,8 @@ them all up, while the store's gauges are read once, by that process.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -61,9 +62,16 @@ class DestinationLabels:
         for destination in busiest:
             self(destination)
 
+    def name(self, names: Iterable[str]) -> None:
+        """Always label these (the destinations the configuration names: they are few, and an
+        operator looks for them)."""
+        self._known = self._known | set(names)
+
     def __call__(self, destination: str) -> str:
         if destination in self._known or destination in self._seen:
             return destination
+        if destination == "relay" or destination.startswith("relay:"):
+            return destination  # a relay of the configuration (throttling.md names it so)
         if len(self._seen) < self._limit:
             self._seen.add(destination)
             return destination
@@ -116,18 +124,25 @@ class _StoreGauges(Collector):
         stats = self.stats
         if stats is not None:
             now = self.read_at
-            seen: set[str] = set()
+            # by label: "other" stands for several, and says the worst of them (a pause
+            # there must not hide behind a destination that is fine)
+            rates: dict[str, float] = {}
+            flags: dict[str, tuple[float, float]] = {}
+            sending: dict[str, int] = defaultdict(int)
             for d in stats.destinations:
-                name = self.label(d.destination)
-                if name in seen:
-                    continue  # bounded label: the first of the "other" ones speaks for them
-                seen.add(name)
-                rate.add_metric([name], math.inf if d.rate is None else d.rate)
                 is_paused = (d.paused_until or 0) > now
-                paused.add_metric([name], 1.0 if is_paused else 0.0)
+                name = self.label(d.destination)
+                allowed = math.inf if d.rate is None else d.rate
+                rates[name] = min(rates.get(name, math.inf), allowed)
                 wrong = is_paused and (d.reason or "").startswith(MISCONFIGURED)
-                misconfigured.add_metric([name], 1.0 if wrong else 0.0)
-                in_flight.add_metric([name], d.in_flight)
+                was = flags.get(name, (0.0, 0.0))
+                flags[name] = (max(was[0], float(is_paused)), max(was[1], float(wrong)))
+                sending[name] += d.in_flight
+            for name, allowed in rates.items():
+                rate.add_metric([name], allowed)
+                paused.add_metric([name], flags[name][0])
+                misconfigured.add_metric([name], flags[name][1])
+                in_flight.add_metric([name], sending[name])
             for lane in Lane:
                 lane_stats = stats.lanes[lane]
                 for state, value in (
@@ -171,6 +186,8 @@ class Metrics:
         self.app = app
         self.registry = CollectorRegistry()
         self.destination_label = DestinationLabels()
+        if app is not None:
+            self.destination_label.name(n for n in app.config.destinations if n != "default")
         self._gauges = _StoreGauges(self.destination_label)
         self.registry.register(self._gauges)
         self.observes_recoveries = observes_recoveries

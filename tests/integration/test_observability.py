@@ -34,7 +34,7 @@ from postlane.ingest.door import FrontDoor
 from postlane.logs import JSONFormatter, setup_logging
 from postlane.message import Lane, Message, RecipientState
 from postlane.metrics import Metrics
-from postlane.records import AttemptRecord, Outcome, Selector
+from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector
 from postlane.transports import transport_for
 from postlane.worker import Worker
 from tests.conftest import IN_CI, ScriptedHandler, free_port, make_config
@@ -662,6 +662,35 @@ async def test_destination_labels_are_bounded_and_go_to_the_busiest_first(
         assert label("brand-new.example") == "other"
         assert label("google") == "google"  # known providers are always their own label
         assert label("busy0.example") == "busy0.example"  # a label never changes
+
+
+async def test_relays_and_configured_destinations_keep_their_labels_and_other_hides_no_pause(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """An operator audit saw the relay reported as ``other`` (throttling.md tells operators to
+    watch destination="relay"), and a paused destination folded into ``other`` next to one
+    that was fine: ``other`` said paused 0, and the pause disappeared from /metrics."""
+    config = make_config(tmp_path, destinations={"ok.example": {"rate": 10}})
+    async with AsyncPostlane(config, clock=clock) as app:
+        metrics = Metrics(app)
+        label = metrics.destination_label
+        for n in range(25):
+            label(f"filler{n}.example")  # the bounded labels all given
+        assert label("relay") == "relay"
+        assert label("relay:127.0.0.1:2525") == "relay:127.0.0.1:2525"
+        assert label("ok.example") == "ok.example"  # [destinations.NAME]: always its own
+        assert label("late.example") == label("later.example") == "other"
+        now = clock.now()
+        await app.store.save_destination_states(
+            [
+                DestinationStatus("late.example", 5.0, None, None, "throttled: slow"),
+                DestinationStatus("later.example", None, None, now + 600, "3 connection failures"),
+            ]
+        )
+        text = (await metrics.exposition()).decode()
+        assert metric(text, "postlane_destination_paused", destination="other") == 1
+        assert metric(text, "postlane_destination_rate", destination="other") == 5.0
+        assert metric(text, "postlane_destination_rate", destination="ok.example") == 10.0
 
 
 async def test_attempt_lines_carry_the_reply_and_a_pause_is_logged_with_why(
