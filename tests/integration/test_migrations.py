@@ -97,7 +97,8 @@ def test_claim_and_stats_queries_use_their_indexes(tmp_path: Path) -> None:
     )
     assert "USING INDEX deliveries_due" in plan
     plan = " ".join(
-        str(tuple(row)) for row in conn.execute("EXPLAIN QUERY PLAN " + Q["counts_by_lane_state"])
+        str(tuple(row))
+        for row in conn.execute("EXPLAIN QUERY PLAN " + Q["counts_by_lane_state"], {"now": 0.0})
     )
     assert "COVERING INDEX deliveries_lane_state" in plan
     conn.close()
