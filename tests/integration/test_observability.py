@@ -299,6 +299,17 @@ async def test_bounces_heard_after_delivery_count_in_the_hard_bounce_ratio(
         assert "PostlaneHardBounceRatio" in firing(verdicts)
 
 
+async def dead_letter(app: AsyncPostlane, now: float) -> str:
+    """A message whose one recipient a worker dead-lettered at ``now`` (554 5.7.1)."""
+    [result] = await app.send_many([Message(sender="a@x.example", to=["b@y.example"], text="x")])
+    [m] = await app.store.claim_due("w", ALL, limit=1, now=now, lease_until=now + 60)
+    fail = AttemptRecord(now, ReplyClass.POLICY_BLOCK, 554, "5.7.1", "blocked", "r", "d", 1)
+    await app.store.record(
+        "w", [Outcome(m.deliveries[0].id, RecipientState.DEAD, 1, 0, None, fail)], now
+    )
+    return result.id
+
+
 async def test_recovery_time_runs_from_dead_to_delivered_whoever_requeued(
     tmp_path: Path, clock: FakeClock
 ) -> None:
@@ -306,18 +317,10 @@ async def test_recovery_time_runs_from_dead_to_delivered_whoever_requeued(
     async with AsyncPostlane(config, clock=clock) as app:
         metrics = Metrics(app)
         await metrics.exposition()  # the first scrape learns where history ends
-        [result] = await app.send_many(
-            [Message(sender="a@x.example", to=["b@y.example"], text="x")]
-        )
-        now = clock.now()
-        [m] = await app.store.claim_due("w", ALL, limit=1, now=now, lease_until=now + 60)
-        fail = AttemptRecord(now, ReplyClass.POLICY_BLOCK, 554, "5.7.1", "blocked", "r", "d", 1)
-        await app.store.record(
-            "w", [Outcome(m.deliveries[0].id, RecipientState.DEAD, 1, 0, None, fail)], now
-        )
+        queue_id = await dead_letter(app, clock.now())
         await clock.advance(3600)
         async with AsyncPostlane(config, clock=clock) as operator:  # e.g. the CLI
-            await operator.act(QueueAction.REQUEUE, Selector(ids=(result.id,)))
+            await operator.act(QueueAction.REQUEUE, Selector(ids=(queue_id,)))
         text = (await metrics.exposition()).decode()
         assert metric(text, "postlane_dead_letter_recovery_seconds_count") == 0  # not yet delivered
         await clock.advance(600)
@@ -338,17 +341,9 @@ async def test_a_recovery_is_counted_once_in_a_fleet(tmp_path: Path, clock: Fake
         AsyncPostlane(config, clock=clock) as other,
     ):
         here, there = Metrics(app), Metrics(other)  # two processes' metrics
-        [result] = await app.send_many(
-            [Message(sender="a@x.example", to=["b@y.example"], text="x")]
-        )
-        now = clock.now()
-        [m] = await app.store.claim_due("w", ALL, limit=1, now=now, lease_until=now + 60)
-        fail = AttemptRecord(now, ReplyClass.POLICY_BLOCK, 554, "5.7.1", "blocked", "r", "d", 1)
-        await app.store.record(
-            "w", [Outcome(m.deliveries[0].id, RecipientState.DEAD, 1, 0, None, fail)], now
-        )
+        queue_id = await dead_letter(app, clock.now())
         await clock.advance(300)
-        await app.act(QueueAction.REQUEUE, Selector(ids=(result.id,)))
+        await app.act(QueueAction.REQUEUE, Selector(ids=(queue_id,)))
         worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
         assert await worker.run_until_idle() == 1
         counts = []
