@@ -6,11 +6,18 @@ half that :func:`evaluate` runs on postlane's own recorded history: one :class:`
 lane per minute (depth, oldest age) and one queue-wide (the minute's deliveries, dead letters,
 hard bounces, paused destinations), kept in the store by :class:`AlertMonitor`.
 
+A check says whether the rule's ``expr`` holds at one moment; :func:`evaluate` honours the rule's
+``for`` as Prometheus does: an alert whose condition holds is *pending* until it has held at
+every minute of the last ``for``, then *firing*. It asks the check again at each of those
+earlier minutes on the recorded history, so serve's monitor, ``postlane alerts`` and the
+dashboard agree with each other and, within a minute, with Prometheus.
+
 ``postlane serve`` runs the monitor every ``[alerts] interval``: it records the minute's
 samples, evaluates the rules, and, when ``[alerts] webhook`` is set, POSTs firing alerts (again
 on every evaluation, as Prometheus does) and resolved ones (once) to it as Alertmanager-
 compatible JSON (``POST /api/v2/alerts``: a list of ``{labels, annotations, startsAt,
-endsAt}``). ``postlane alerts`` evaluates on demand.
+endsAt}``); pending alerts are not sent, as Prometheus sends none. ``postlane alerts``
+evaluates on demand.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import logging
 import math
 import tomllib
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +57,15 @@ _CHECKS = (
     "stalled",
     "webhook_failing",
 )
+#: checks that read the present state from the store, not the recorded history: they cannot
+#: be asked about earlier minutes, so their rules take no ``for``
+_PRESENT_ONLY = frozenset({"webhook_failing"})
 _LANES = tuple(lane.value for lane in Lane)
+#: the recorded history's step: one sample per lane per minute
+STEP = 60.0
+#: how long the latest sample stands for the present, as a Prometheus series does for the
+#: default lookback delta (5m): a minute the monitor missed does not interrupt a ``for``
+LOOKBACK = 300.0
 
 
 @dataclass(frozen=True)
@@ -74,21 +90,39 @@ class AlertRule:
         value = self.params[key]
         return parse_duration(value) if isinstance(value, str) else float(value)
 
+    @property
+    def hold(self) -> float:
+        """The rule's ``for`` in seconds: how long its condition must hold before it fires."""
+        return parse_duration(self.duration)
+
+    @property
+    def window(self) -> float:
+        """How far back the check reads the history at one moment (0: the latest sample)."""
+        return self.seconds("window") if "window" in self.params else 0.0
+
 
 @dataclass(frozen=True)
 class Alert:
-    """One rule's verdict for one lane or destination (or the whole queue)."""
+    """One rule's verdict for one lane or destination (or the whole queue): ``firing`` once
+    its condition has held for the rule's ``for``, ``pending`` while it holds but not yet that
+    long (as Prometheus says of an alert)."""
 
     rule: AlertRule
     labels: Mapping[str, str]
     firing: bool
     value: float
     detail: str
+    pending: bool = False
 
     @property
     def key(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
         return f"{self.rule.name}{{{extra}}}" if extra else self.rule.name
+
+    @property
+    def state(self) -> str:
+        """``firing``, ``pending`` or ``inactive``: Prometheus's words for an alert's state."""
+        return "firing" if self.firing else "pending" if self.pending else "inactive"
 
     def _text(self, template: str) -> str:
         return template.format(
@@ -103,6 +137,8 @@ class Alert:
             "labels": dict(self.labels),
             "severity": self.rule.severity,
             "firing": self.firing,
+            "state": self.state,
+            "for": self.rule.duration,
             "value": None if math.isnan(self.value) else round(self.value, 4),
             "detail": self.detail,
             "summary": self._text(self.rule.summary),
@@ -143,6 +179,15 @@ def rules_from_toml(text: str) -> tuple[AlertRule, ...]:
             raise ConfigError(f"alerts: rule {number} lacks {', '.join(sorted(missing))}")
         if entry["check"] not in _CHECKS:
             raise ConfigError(f"alerts: rule {entry['name']}: unknown check {entry['check']!r}")
+        try:
+            hold = parse_duration(entry["for"])
+        except ValueError as exc:
+            raise ConfigError(f"alerts: rule {entry['name']}: for: {exc}") from exc
+        if hold and entry["check"] in _PRESENT_ONLY:
+            raise ConfigError(
+                f"alerts: rule {entry['name']}: check {entry['check']!r} reads the present "
+                "state, not the recorded history, so it cannot wait `for` (use 0m)"
+            )
         params = {
             k: v for k, v in entry.items() if k not in fixed | {"per_lane", "per_destination"}
         }
@@ -169,8 +214,9 @@ def rules_from_toml(text: str) -> tuple[AlertRule, ...]:
 
 def history_needed(rules: Sequence[AlertRule] | None = None) -> float:
     """How far back evaluation reads the recorded history: the longest window of any rule
-    (the complaint rate's day), at least an hour."""
-    return max([3600.0, *(rule.seconds("window") for rule in rules or load_rules())])
+    (the complaint rate's day) plus its ``for`` (the check is asked again at each minute of
+    it) and the lookback, at least an hour."""
+    return max([3600.0, *(r.window + r.hold + LOOKBACK for r in rules or load_rules())])
 
 
 def _quoted(text: str) -> str:
@@ -222,9 +268,157 @@ def _slope(points: Sequence[tuple[float, float]]) -> float:
     return sum((t - mean_t) * (v - mean_v) for t, v in points) / var
 
 
-def _covers(samples: Sequence[Sample], now: float, window: float) -> bool:
-    """The samples span most of the window (a rule needs history before it can fire)."""
-    return bool(samples) and samples[0].at <= now - window * 0.8
+class _History:
+    """The recorded samples by lane (``"*"``: queue-wide), oldest first, read as of a moment:
+    an evaluation at ``t`` sees only what was recorded by then."""
+
+    def __init__(self, samples: Iterable[Sample]) -> None:
+        by_lane: dict[str, list[Sample]] = defaultdict(list)
+        for sample in samples:
+            by_lane[sample.lane].append(sample)
+        self._lanes = {lane: sorted(found, key=lambda s: s.at) for lane, found in by_lane.items()}
+        self._times = {lane: [s.at for s in found] for lane, found in self._lanes.items()}
+
+    def between(self, lane: str, start: float, end: float) -> list[Sample]:
+        """The samples recorded at ``start`` to ``end`` (both included)."""
+        times = self._times.get(lane, [])
+        return self._lanes.get(lane, [])[bisect_left(times, start) : bisect_right(times, end)]
+
+    def events(self, at: float, window: float) -> list[Sample]:
+        """The queue-wide samples telling of the events of the window before ``at``: a sample
+        tells of the minute before it, so one recorded at the window's start does not (as a
+        counter's ``increase`` over the window does not count what came before it)."""
+        times = self._times.get("*", [])
+        start = bisect_right(times, at - window)
+        return self._lanes.get("*", [])[start : bisect_right(times, at)]
+
+    def latest(self, lane: str, at: float) -> Sample | None:
+        """The last sample up to ``at``, unless it is older than the lookback (the history
+        stopped: serve was not running)."""
+        found = self.between(lane, at - LOOKBACK, at)
+        return found[-1] if found else None
+
+    def covers(self, lane: str, at: float, window: float) -> bool:
+        """Whether the history reaches back over the whole window: a sample tells of the minute
+        before it, so one recorded within a minute after the window's start (and not more than
+        the lookback before it), as Prometheus asks with ``offset``."""
+        start = at - window
+        return bool(self.between(lane, start - LOOKBACK, start + STEP))
+
+    def named_since(self, at: float, attr: str, name: str) -> float:
+        """When the run of queue-wide samples up to ``at`` naming ``name`` in ``attr`` (say,
+        among the paused destinations) began; a gap longer than the lookback ends a run."""
+        since = at
+        for sample in reversed(self.between("*", -math.inf, at)):
+            if name not in getattr(sample, attr) or since - sample.at > LOOKBACK:
+                break
+            since = sample.at
+        return since
+
+
+@dataclass(frozen=True)
+class _Condition:
+    """What a check says at one moment: whether the rule's expr holds for these labels."""
+
+    labels: Mapping[str, str]
+    holds: bool
+    value: float
+    detail: str
+
+    @property
+    def key(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted(self.labels.items()))
+
+
+def _named(history: _History, at: float, horizon: float, attr: str) -> list[str]:
+    """The destinations named in the queue-wide samples' ``attr`` over the horizon (those no
+    longer named stay listed a while, not holding, so a firing alert resolves)."""
+    names: set[str] = set()
+    for sample in history.between("*", at - horizon, at):
+        names.update(getattr(sample, attr))
+    return sorted(names)
+
+
+def _conditions(
+    rule: AlertRule, history: _History, at: float, webhooks: Sequence[WebhookEndpointState]
+) -> list[_Condition]:
+    """The rule's ``expr`` as of ``at``, read from the recorded history, per label set."""
+    window = rule.window
+    wide = history.events(at, window)
+    found: list[_Condition] = []
+    if rule.check == "growing":  # deriv(age[window]) > slope and age > floor
+        for lane in _LANES:
+            recent = history.between(lane, at - window, at)
+            slope = _slope([(s.at, s.oldest_age) for s in recent])
+            latest = history.latest(lane, at)
+            last = latest.oldest_age if latest else 0.0
+            holds = (
+                len(recent) >= 2  # deriv() needs two points
+                and slope > float(rule.params["slope"])
+                and last > rule.seconds("floor")
+            )
+            detail = f"oldest {last:.0f}s, growing {slope:.2f}s/s over {len(recent)} samples"
+            found.append(_Condition({"lane": lane}, holds, slope, detail))
+    elif rule.check == "above":  # age > threshold, now
+        lane_name = str(rule.params["lane"])
+        latest = history.latest(lane_name, at)
+        value = latest.oldest_age if latest else 0.0
+        holds = value > rule.seconds("threshold")
+        found.append(_Condition({"lane": lane_name}, holds, value, f"oldest {value:.0f}s"))
+    elif rule.check == "dead_spike":
+        dead = sum(s.dead for s in wide)
+        holds = dead > int(rule.params["count"])
+        found.append(_Condition({}, holds, dead, f"{dead} dead-lettered"))
+    elif rule.check == "hard_bounce_ratio":
+        # refused at once, or bounced after it was sent (a DSN, a provider's event)
+        hard = sum(s.hard_bounces + s.bounced for s in wide)
+        finished = sum(s.sent + s.dead for s in wide)
+        ratio = hard / finished if finished else 0.0
+        holds = finished >= int(rule.params["minimum"]) and ratio > float(rule.params["ratio"])
+        found.append(_Condition({}, holds, ratio, f"{hard} hard of {finished} finished"))
+    elif rule.check == "complaint_rate":
+        complaints = sum(s.complaints for s in wide)
+        sent = sum(s.sent for s in wide)
+        rate = complaints / sent if sent else 0.0
+        holds = sent >= int(rule.params["minimum"]) and rate > float(rule.params["rate"])
+        detail = f"{complaints} complaint(s) for {sent} delivered ({rate:.2%})"
+        found.append(_Condition({}, holds, rate, detail))
+    elif rule.check == "paused":  # paused == 1, now
+        latest = history.latest("*", at)
+        for name in _named(history, at, rule.hold + LOOKBACK, "paused"):
+            if latest is not None and name in latest.paused:
+                since = history.named_since(at, "paused", name)
+                minutes = (at - since) // 60
+                holds, detail = True, f"paused throughout the last {minutes:.0f} min"
+            else:
+                holds, detail = False, "not paused"
+            found.append(_Condition({"destination": name}, holds, float(holds), detail))
+    elif rule.check == "misconfigured":
+        # at once: nothing gets through until someone fixes the configuration
+        latest_names = wide[-1].misconfigured if wide else ()
+        for name in _named(history, at, window, "misconfigured"):
+            holds = name in latest_names
+            found.append(_Condition({"destination": name}, holds, 1.0, "misconfigured"))
+    elif rule.check == "stalled":
+        # mail waiting throughout the window (recorded over all of it), none delivered
+        sent = sum(s.sent for s in wide)
+        depth_at: dict[float, int] = defaultdict(int)
+        for lane in _LANES:
+            for sample in history.between(lane, at - window, at):
+                depth_at[sample.at] += sample.depth
+        depths = [depth_at[t] for t in sorted(depth_at)]
+        holds = history.covers("*", at, window) and sent == 0 and bool(depths) and min(depths) > 0
+        waiting = depths[-1] if depths else 0
+        found.append(_Condition({}, holds, waiting, f"{sent} delivered, {waiting} waiting"))
+    elif rule.check == "webhook_failing":  # the endpoints' state now (a rule without `for`)
+        threshold = int(rule.params["failures"])
+        for state in webhooks:
+            detail = f"{state.failures} failure(s) in a row"
+            if state.failures and state.last_error:
+                detail += f"; last: {state.last_error}"
+            holds = state.failures >= threshold
+            found.append(_Condition({"endpoint": state.name}, holds, float(state.failures), detail))
+    return found
 
 
 def evaluate(
@@ -233,91 +427,33 @@ def evaluate(
     rules: Sequence[AlertRule] | None = None,
     webhooks: Sequence[WebhookEndpointState] = (),
 ) -> list[Alert]:
-    """Every rule's verdict on the recorded history (``samples``, oldest first) and on the
-    outbound webhook endpoints' state (``webhooks``, as the store keeps it)."""
-    by_lane: dict[str, list[Sample]] = defaultdict(list)
-    for sample in samples:
-        by_lane[sample.lane].append(sample)
-    wide = by_lane.get("*", [])
+    """Every rule's verdict on the recorded history (``samples``) and on the outbound webhook
+    endpoints' state (``webhooks``, as the store keeps it).
+
+    A rule with a ``for`` fires once its condition has held at every minute of it, as
+    Prometheus's ``for`` (evaluated each minute) does: the check is asked again on the history
+    as it stood 1, 2, ... ``for`` minutes ago. Until then a holding condition is pending."""
+    history = _History(samples)
     alerts: list[Alert] = []
     for rule in rules or load_rules():
-        window = rule.seconds("window")
-        recent_wide = [s for s in wide if s.at >= now - window]
-        if rule.check == "growing":
-            for lane in Lane:
-                recent = [s for s in by_lane.get(lane.value, []) if s.at >= now - window]
-                slope = _slope([(s.at, s.oldest_age) for s in recent])
-                last = recent[-1].oldest_age if recent else 0.0
-                firing = (
-                    _covers(recent, now, window)
-                    and slope > float(rule.params["slope"])
-                    and last > rule.seconds("floor")
-                )
-                detail = f"oldest {last:.0f}s, growing {slope:.2f}s/s over {len(recent)} samples"
-                alerts.append(Alert(rule, {"lane": lane.value}, firing, slope, detail))
-        elif rule.check == "above":
-            lane_name = str(rule.params["lane"])
-            recent = [s for s in by_lane.get(lane_name, []) if s.at >= now - window]
-            threshold = rule.seconds("threshold")
-            firing = _covers(recent, now, window) and all(s.oldest_age > threshold for s in recent)
-            value = recent[-1].oldest_age if recent else 0.0
-            alerts.append(Alert(rule, {"lane": lane_name}, firing, value, f"oldest {value:.0f}s"))
-        elif rule.check == "dead_spike":
-            dead = sum(s.dead for s in recent_wide)
-            firing = dead > int(rule.params["count"])
-            alerts.append(Alert(rule, {}, firing, dead, f"{dead} dead-lettered"))
-        elif rule.check == "hard_bounce_ratio":
-            # refused at once, or bounced after it was sent (a DSN, a provider's event)
-            hard = sum(s.hard_bounces + s.bounced for s in recent_wide)
-            finished = sum(s.sent + s.dead for s in recent_wide)
-            ratio = hard / finished if finished else 0.0
-            firing = finished >= int(rule.params["minimum"]) and ratio > float(rule.params["ratio"])
-            alerts.append(Alert(rule, {}, firing, ratio, f"{hard} hard of {finished} finished"))
-        elif rule.check == "complaint_rate":
-            complaints = sum(s.complaints for s in recent_wide)
-            sent = sum(s.sent for s in recent_wide)
-            rate = complaints / sent if sent else 0.0
-            firing = sent >= int(rule.params["minimum"]) and rate > float(rule.params["rate"])
-            detail = f"{complaints} complaint(s) for {sent} delivered ({rate:.2%})"
-            alerts.append(Alert(rule, {}, firing, rate, detail))
-        elif rule.check == "paused":
-            names = set().union(*(set(s.paused) for s in recent_wide)) if recent_wide else set()
-            for name in sorted(names):
-                firing = _covers(recent_wide, now, window) and all(
-                    name in s.paused for s in recent_wide
-                )
-                alerts.append(Alert(rule, {"destination": name}, firing, 1.0, "paused throughout"))
-        elif rule.check == "misconfigured":
-            # at once: nothing gets through until someone fixes the configuration
-            latest = recent_wide[-1].misconfigured if recent_wide else ()
-            names = (
-                set().union(*(set(s.misconfigured) for s in recent_wide)) if recent_wide else set()
+        current = _conditions(rule, history, now, webhooks)
+        steps = math.ceil(rule.hold / STEP)
+        # the label sets that have held at every minute so far, going back a minute at a time
+        holding = {c.key for c in current if c.holds}
+        for step in range(1, steps + 1):
+            if not holding:
+                break
+            earlier = _conditions(rule, history, now - step * STEP, webhooks)
+            holding &= {c.key for c in earlier if c.holds}
+        for condition in current:
+            firing = condition.holds and condition.key in holding
+            pending = condition.holds and not firing
+            detail = condition.detail
+            if pending:
+                detail += f"; pending until it has held for {rule.duration}"
+            alerts.append(
+                Alert(rule, condition.labels, firing, condition.value, detail, pending=pending)
             )
-            for name in sorted(names):
-                firing = name in latest
-                alerts.append(Alert(rule, {"destination": name}, firing, 1.0, "misconfigured"))
-        elif rule.check == "stalled":
-            sent = sum(s.sent for s in recent_wide)
-            times = sorted({s.at for s in samples if s.at >= now - window and s.lane != "*"})
-            depths = [
-                sum(s.depth for name in _LANES for s in by_lane.get(name, []) if s.at == at)
-                for at in times
-            ]
-            firing = (
-                _covers(recent_wide, now, window) and sent == 0 and bool(depths) and min(depths) > 0
-            )
-            waiting = depths[-1] if depths else 0
-            alerts.append(Alert(rule, {}, firing, waiting, f"{sent} delivered, {waiting} waiting"))
-        elif rule.check == "webhook_failing":
-            threshold = int(rule.params["failures"])
-            for state in webhooks:
-                detail = f"{state.failures} failure(s) in a row"
-                if state.failures and state.last_error:
-                    detail += f"; last: {state.last_error}"
-                firing = state.failures >= threshold
-                alerts.append(
-                    Alert(rule, {"endpoint": state.name}, firing, float(state.failures), detail)
-                )
     return alerts
 
 
@@ -434,10 +570,31 @@ class AlertMonitor:
                 to_send.append(alert.alertmanager(now, firing_before.get(alert.key, now)))
             elif changed:
                 to_send.append(alert.alertmanager(now, firing_before.get(alert.key)))
+        for gone in self._no_longer_evaluated(firing_before, alerts):
+            if await self.app.store.alert_transition(gone.key, False, now):
+                log.info("alert %s resolved: %s", gone.key, gone.detail)
+                to_send.append(gone.alertmanager(now, firing_before.get(gone.key)))
         if self.webhook and to_send:
             await self._post(to_send)
         await self.app.store.purge_samples(now - self.history)
         return alerts
+
+    def _no_longer_evaluated(
+        self, firing: Mapping[str, float], alerts: Sequence[Alert]
+    ) -> list[Alert]:
+        """Alerts recorded as firing that no verdict speaks of any more (a webhook endpoint
+        taken out of the configuration, a destination long forgotten): resolved, or the store
+        would keep them firing for ever."""
+        rules = {rule.name: rule for rule in self.rules}
+        evaluated = {alert.key for alert in alerts}
+        gone = []
+        for key in firing:
+            name, _, inside = key.partition("{")
+            if key in evaluated or name not in rules:
+                continue
+            labels = dict(item.split("=", 1) for item in inside.rstrip("}").split(",") if item)
+            gone.append(Alert(rules[name], labels, False, math.nan, "no longer evaluated"))
+        return gone
 
     async def _post(self, body: list[dict[str, Any]]) -> None:
         import httpx
@@ -459,4 +616,5 @@ def _masked(url: str) -> str:
 
 
 def firing_first(alerts: Iterable[Alert]) -> list[Alert]:
-    return sorted(alerts, key=lambda a: (not a.firing, a.rule.name, a.key))
+    """Firing alerts first, then pending ones, then the rest; by name within each."""
+    return sorted(alerts, key=lambda a: (not a.firing, not a.pending, a.rule.name, a.key))

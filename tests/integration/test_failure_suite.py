@@ -911,6 +911,11 @@ def firing_keys(verdicts: Iterable[Alert]) -> set[str]:
     return {alert.key for alert in verdicts if alert.firing}
 
 
+def pending_keys(verdicts: Iterable[Alert]) -> set[str]:
+    """Alerts whose condition holds, not yet for their rule's ``for``."""
+    return {alert.key for alert in verdicts if alert.pending}
+
+
 def outage_rehearsal(
     tmp_path: Path, clock: FakeClock
 ) -> contextlib.AbstractAsyncContextManager[Rehearsal]:
@@ -964,8 +969,12 @@ async def test_a_relay_outage_fires_the_alerts_with_runbooks_and_recovery_resolv
         [relay] = [d for d in (await run.app.stats()).destinations if d.destination == "relay"]
         assert relay.paused_until is not None and "connection failure" in (relay.reason or "")
         assert set(outage.first_fired) == OUTAGE_ALERTS
-        assert outage.first_fired["PostlaneNoDeliveries"] >= 12 * 60  # 15-minute windows
-        assert outage.first_fired["PostlaneDestinationPausedTooLong{destination=relay}"] >= 24 * 60
+        # none before its window and its `for` (as Prometheus): 15 minutes recorded, then 5
+        assert outage.first_fired["PostlaneNoDeliveries"] >= 19 * 60
+        assert outage.first_fired["PostlaneDestinationPausedTooLong{destination=relay}"] >= 30 * 60
+        # over 5 (10) minutes old, then 5 minutes (`for`)
+        assert outage.first_fired["PostlaneHighLaneStale{lane=high}"] >= 10 * 60
+        assert outage.first_fired["PostlaneOldestMessageAgeGrowing{lane=normal}"] >= 15 * 60
         for alert in outage.fired.values():
             check_runbook(alert)
         assert {key for key, _ in await run.app.store.alerts_firing()} == OUTAGE_ALERTS
@@ -1008,6 +1017,11 @@ async def test_a_bounce_storm_fires_the_bounce_alerts_with_runbooks_then_they_re
         )
         await run.minute(monitor)
         verdicts = await run.minute(monitor)
+        # the dead letters at once (for 0m); the ratio once it has held 5 minutes (for 5m)
+        assert firing_keys(verdicts) == {"PostlaneDeadLetterSpike"}
+        assert pending_keys(verdicts) == {"PostlaneHardBounceRatio"}
+        for _ in range(5):
+            verdicts = await run.minute(monitor)
         assert firing_keys(verdicts) == BOUNCE_ALERTS
         for alert in verdicts:
             if alert.firing:
@@ -1134,7 +1148,12 @@ async def test_complaints_over_the_providers_thresholds_fire_the_complaint_alert
         )
         fired: dict[str, Alert] = {}
         for _ in range(2):  # the minute they came in is recorded once it has passed
-            fired.update((a.key, a) for a in await run.minute(monitor) if a.firing)
+            verdicts = await run.minute(monitor)
+        assert pending_keys(verdicts) == COMPLAINT_ALERTS  # both rules wait 15 minutes (`for`)
+        for _ in range(15):
+            assert not firing_keys(verdicts)
+            verdicts = await run.minute(monitor)
+        fired.update((a.key, a) for a in verdicts if a.firing)
         assert set(fired) == COMPLAINT_ALERTS
         for alert in fired.values():
             check_runbook(alert)

@@ -77,6 +77,11 @@ def firing(alerts: list[Any]) -> set[str]:
     return {a.key for a in alerts if a.firing}
 
 
+def pending(alerts: list[Any]) -> set[str]:
+    """Alerts whose condition holds, not yet for their rule's ``for``."""
+    return {a.key for a in alerts if a.pending}
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus exposition text (labels in any order)."""
     for family in text_string_to_metric_families(text):
@@ -223,6 +228,15 @@ async def test_dead_letter_spike_and_hard_bounce_ratio(tmp_path: Path, clock: Fa
         )
         await clock.advance(60)
         verdicts = await monitor.run_once(clock.now())
+        assert "PostlaneDeadLetterSpike" in firing(verdicts)  # for 0m: at once
+        # for 5m, as Prometheus: pending while the ratio has held for less
+        assert "PostlaneHardBounceRatio" in pending(verdicts) - firing(verdicts)
+        for _ in range(4):
+            await clock.advance(60)
+            verdicts = await monitor.run_once(clock.now())
+            assert "PostlaneHardBounceRatio" in pending(verdicts) - firing(verdicts)
+        await clock.advance(60)
+        verdicts = await monitor.run_once(clock.now())
         assert {"PostlaneDeadLetterSpike", "PostlaneHardBounceRatio"} <= firing(verdicts)
         for _ in range(31):
             await clock.advance(60)
@@ -265,11 +279,23 @@ async def test_complaints_over_a_tenth_and_three_tenths_of_a_percent_fire_the_co
         await complaints(delivered[:3])  # 0.15%: over Gmail's 0.1%, under 0.3%
         await clock.advance(60)
         verdicts = await monitor.run_once(clock.now())
+        # both rules wait 15 minutes (`for`), as Prometheus does
+        assert "PostlaneComplaintRateHigh" in pending(verdicts)
+        assert "PostlaneComplaintRateCritical" not in pending(verdicts) | firing(verdicts)
+        for _ in range(15):
+            assert "PostlaneComplaintRateHigh" not in firing(verdicts)
+            await clock.advance(60)
+            verdicts = await monitor.run_once(clock.now())
         assert "PostlaneComplaintRateHigh" in firing(verdicts)
         assert "PostlaneComplaintRateCritical" not in firing(verdicts)
         await complaints(delivered[3:8])  # 0.4%
         await clock.advance(60)
         verdicts = await monitor.run_once(clock.now())
+        assert "PostlaneComplaintRateHigh" in firing(verdicts)  # still holding: still firing
+        assert "PostlaneComplaintRateCritical" in pending(verdicts)
+        for _ in range(15):
+            await clock.advance(60)
+            verdicts = await monitor.run_once(clock.now())
         assert {"PostlaneComplaintRateHigh", "PostlaneComplaintRateCritical"} <= firing(verdicts)
         detail = next(a.detail for a in verdicts if a.key == "PostlaneComplaintRateCritical")
         assert detail == "8 complaint(s) for 2000 delivered (0.40%)"
@@ -296,6 +322,10 @@ async def test_bounces_heard_after_delivery_count_in_the_hard_bounce_ratio(
         )
         await clock.advance(60)
         verdicts = await monitor.run_once(clock.now())
+        assert "PostlaneHardBounceRatio" in pending(verdicts)  # then 5 minutes (`for`)
+        for _ in range(5):
+            await clock.advance(60)
+            verdicts = await monitor.run_once(clock.now())
         assert "PostlaneHardBounceRatio" in firing(verdicts)
 
 
@@ -571,6 +601,46 @@ async def test_the_alerts_command_reads_the_recorded_history_and_this_minute(
     assert verdicts[("PostlaneOldestMessageAgeGrowing", (("lane", "high"),))]["firing"] is False
     human = await asyncio.to_thread(postlane, "alerts")
     assert "FIRING" in human.stdout and "runbooks:" in human.stdout
+
+
+async def test_the_alerts_command_shows_an_alert_pending_until_it_has_held_for_its_for(
+    tmp_path: Path,
+) -> None:
+    """A high-lane message over 5 minutes old for the last 4 minutes only: the rule holds, but
+    not yet for its 5 minutes, so `postlane alerts` says pending (and the webhook hears
+    nothing), as Prometheus would."""
+    from click.testing import CliRunner
+
+    from postlane.cli import main
+
+    config = make_config(tmp_path)
+    clock = FakeClock(start=time.time() - 10 * 60)
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send(sender="a@x.example", to=["b@y.example"], text="code", lane="high")
+        await clock.advance(6 * 60)
+        monitor = AlertMonitor(app)  # records the history only, notifies nobody
+        for _ in range(4):
+            await monitor.record(clock.now())
+            await clock.advance(60)
+    (tmp_path / "postlane.toml").write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path / "postlane.db"}"\n'
+    )
+
+    def alerts(*args: str) -> str:
+        with CliRunner().isolation() as (out, _err, _), contextlib.suppress(SystemExit):
+            main(["--config", str(tmp_path / "postlane.toml"), "alerts", *args])
+        return out.getvalue().decode()
+
+    listed = json.loads(await asyncio.to_thread(alerts, "--json"))
+    verdicts = {(a["alert"], tuple(sorted(a["labels"].items()))): a for a in listed}
+    stale = verdicts[("PostlaneHighLaneStale", (("lane", "high"),))]
+    assert (stale["state"], stale["firing"], stale["for"]) == ("pending", False, "5m")
+    states = [a["state"] for a in listed]
+    assert "firing" not in states
+    assert states == sorted(states, key=["pending", "inactive"].index)  # pending ones first
+    human = await asyncio.to_thread(alerts)
+    [line] = [line for line in human.splitlines() if "PostlaneHighLaneStale" in line]
+    assert "pending" in line and "FIRING" not in human
 
 
 async def test_the_alerts_command_and_the_dashboard_see_a_failing_webhook_endpoint(

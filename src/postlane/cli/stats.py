@@ -118,6 +118,8 @@ def alerts_command(rules: bool, as_json: bool) -> None:
     table = listing("state", "alert", "labels", "value", "detail")
     for alert in verdicts:
         state_text = Text("FIRING", style="bold red") if alert.firing else Text("ok", style="green")
+        if alert.pending:  # holding, not yet for the rule's `for`
+            state_text = Text("pending", style="yellow")
         labels = ",".join(f"{k}={v}" for k, v in alert.labels.items())
         table.add_row(state_text, alert.rule.name, labels, f"{alert.value:g}", alert.detail)
     show(table)
