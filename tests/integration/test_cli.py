@@ -769,3 +769,40 @@ def test_feedback_lists_and_shows_unmatched_reports(queue_dir: Path) -> None:
     )
     assert raw.returncode == 0 and raw.stdout == content  # the bytes as received
     one_line_error(postlane("feedback", "show", "999", cwd=queue_dir), "no unmatched report 999")
+
+
+def test_a_flush_naming_a_relay_lifts_its_pause_though_no_recipient_is_named_so(
+    queue_dir: Path,
+) -> None:
+    """The destination-paused runbook's `queue flush --domain D`, with D the alert's label
+    relay:HOST:PORT: an audit got "nothing to flush" and the pause stayed (nothing selected,
+    so nothing was done at all)."""
+    import asyncio
+    import time
+
+    from postlane.records import DestinationStatus
+    from postlane.store.sqlite import SQLiteStore
+
+    relay = "relay:127.0.0.1:9"
+
+    async def states(pause: bool) -> list[str]:
+        store = SQLiteStore(queue_dir / "postlane.db")
+        await store.open()
+        try:
+            if pause:
+                until = time.time() + 1800
+                status = DestinationStatus(relay, None, None, until, "3 connection failure(s)")
+                await store.save_destination_states([status])
+            now = time.time()
+            return [
+                d.destination
+                for d in await store.destination_states()
+                if (d.paused_until or 0) > now
+            ]
+        finally:
+            await store.close()
+
+    assert asyncio.run(states(pause=True)) == [relay]
+    result = postlane("queue", "flush", "--domain", relay, cwd=queue_dir)
+    assert result.returncode == 0 and "nothing to flush" in result.stderr
+    assert asyncio.run(states(pause=False)) == []

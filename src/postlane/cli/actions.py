@@ -90,6 +90,10 @@ def run_action(
             else sum(c.count for c in counts)
         )
         if total == 0:
+            if action is QueueAction.FLUSH:
+                # nothing waits there, but a pause or slow-down it names is lifted all the same
+                # (a relay's pause, named relay:HOST:PORT, selects no recipient by domain)
+                await app.act(action, selector)
             return None
         question = f"{action.value.capitalize()} {total:,} recipient(s)?"
         if confirm and not yes and not click.confirm(question, default=False, err=True):
