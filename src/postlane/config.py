@@ -407,12 +407,24 @@ class Route:
     fallback: str | None = _setting(None, _opt(_relay), file=True)
 
 
+def _alert_interval(value: Any) -> float:
+    seconds = _timeout(value)
+    if seconds > 300.0:
+        raise ValueError(
+            f"expected at most 5m, got {value!r}: the rules' samples stand for 5 minutes (as "
+            "Prometheus's lookback), so a longer interval would leave no rule firing"
+        )
+    return seconds
+
+
 @dataclass(frozen=True)
 class AlertsConfig:
     #: Alertmanager-compatible endpoint for firing and resolved alerts (none: log only)
     webhook: str | None = _setting(None, _opt(_http_url), file=True)
-    #: how often serve records the history and evaluates the rules
-    interval: float = _setting(60.0, _duration)
+    #: how often serve records the history and evaluates the rules (at most 5 minutes: a
+    #: sample stands for the present that long, as in Prometheus, so a longer gap would break
+    #: every rule's ``for``)
+    interval: float = _setting(60.0, _alert_interval)
     #: how long the recorded history (one row per lane per minute) is kept
     history: float = _setting(7 * 86400.0, _duration)
 

@@ -128,6 +128,8 @@ def test_env_names_the_file(tmp_path: Path) -> None:
         ({"smtp": {"tls_cert": "c.pem"}}, "tls_key"),
         ({"delivery": {"lease": "0s"}}, "delivery.lease"),
         ({"delivery": {"lease": "500ms"}}, "delivery.lease"),
+        ({"alerts": {"interval": "10m"}}, "alerts.interval"),
+        ({"alerts": {"interval": "0s"}}, "alerts.interval"),
     ],
 )
 def test_unknown_keys_and_bad_values_name_the_key(data: dict[str, object], named: str) -> None:
