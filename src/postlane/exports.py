@@ -8,8 +8,8 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from postlane.addresses import parse_address
 from postlane.errors import ValidationError
-from postlane.message import parse_address
 from postlane.records import EXPORT_FORMAT, ExportedMessage
 
 __all__ = ["EXPORT_FORMAT", "check_export", "parse_export_line", "read_export"]

@@ -10,7 +10,6 @@ Nothing here knows about storage or networks.
 from __future__ import annotations
 
 import email
-import functools
 import hashlib
 import json
 import math
@@ -34,8 +33,7 @@ from email.utils import format_datetime, formataddr, getaddresses
 from enum import StrEnum
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
-
+from postlane.addresses import Mailbox, check_text, mailboxes, no_line_breaks, parse_address
 from postlane.errors import MessageTooLarge, ValidationError
 
 
@@ -207,88 +205,7 @@ def parse_lane(value: Lane | str | None) -> Lane:
         ) from None
 
 
-#: everything str.splitlines() breaks on: the email package treats them all as line ends
-_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
-#: what no text postlane stores may hold: NUL (SMTP and PostgreSQL refuse it, C readers stop at
-#: it) and lone surrogates (half a UTF-16 pair: not Unicode text, cannot be written as UTF-8)
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def check_text(value: str, what: str) -> str:
-    """Refuse a text holding a NUL character or a lone surrogate, naming the field. Every front
-    door (Python API, HTTP, SMTP, CLI) stores text only through this check."""
-    found = _UNSTORABLE.search(value)
-    if found is not None:
-        char = found.group()
-        kind = "a NUL character" if char == "\x00" else f"a lone surrogate {char!r}"
-        raise ValidationError(f"{what} contains {kind}", field=what)
-    return value
-
-
-def _no_line_breaks(value: str, what: str) -> str:
-    """Refuse header values that could start a new header line (header injection)."""
-    check_text(value, what)
-    for char in value:
-        if char in _LINE_BREAKS:
-            raise ValidationError(
-                f"{what} contains a line break (header injection refused)", field=what
-            )
-        if (char < " " and char != "\t") or char == "\x7f":
-            raise ValidationError(f"{what} contains a control character {char!r}", field=what)
-    return value
-
-
-@dataclass(frozen=True)
-class _Mailbox:
-    display_name: str
-    address: str  # addr-spec, domain lower-cased
-    local_part: str
-    domain: str  # ASCII (IDNA) form, lower-cased
-
-
-def parse_address(value: str, what: str = "address") -> _Mailbox:
-    """Validate one address (``a@b.example`` or ``Name <a@b.example>``) with email-validator."""
-    if not isinstance(value, str) or not value.strip():
-        raise ValidationError(f"{what} is empty", field=what)
-    _no_line_breaks(value, what)  # also refuses NUL and lone surrogates
-    found = _validated(value.strip())
-    if isinstance(found, str):
-        raise ValidationError(f"{what} {value!r} is not a valid address: {found}", field=what)
-    return found
-
-
-@functools.lru_cache(maxsize=4096)
-def _validated(value: str) -> _Mailbox | str:
-    """email-validator's verdict (cached: senders repeat), or why the address is invalid."""
-    if value.endswith(">") and "<" in value:
-        name, _, _ = value.rpartition("<")
-        name = name.strip()
-        if name and not name.isascii() and not name.startswith('"'):
-            # RFC 6532 allows UTF-8 display names; email-validator wants them quoted
-            quoted = name.replace("\\", "\\\\").replace('"', '\\"')
-            value = f'"{quoted}" <{value.rpartition("<")[2]}'
-    try:
-        valid = validate_email(
-            value, check_deliverability=False, allow_smtputf8=True, allow_display_name=True
-        )
-    except EmailNotValidError as exc:
-        return str(exc)
-    domain = (valid.ascii_domain or valid.domain).lower()
-    return _Mailbox(
-        display_name=valid.display_name or "",
-        address=f"{valid.local_part}@{domain}",
-        local_part=valid.local_part,
-        domain=domain,
-    )
-
-
-def _mailboxes(values: Sequence[str] | str, what: str) -> list[_Mailbox]:
-    if isinstance(values, str):
-        values = [values]
-    return [parse_address(value, what) for value in values]
-
-
-def _unique_recipients(mailboxes: Sequence[_Mailbox]) -> tuple[Recipient, ...]:
+def _unique_recipients(mailboxes: Sequence[Mailbox]) -> tuple[Recipient, ...]:
     seen: set[str] = set()
     out: list[Recipient] = []
     for box in mailboxes:
@@ -550,11 +467,11 @@ def _prepare_parts(message: Message, queue_id: str, now: float | None) -> _Rende
             field="from",
         )
     sender = parse_address(message.sender, "from")
-    to = _mailboxes(message.to, "to")
-    cc = _mailboxes(message.cc, "cc")
-    bcc = _mailboxes(message.bcc, "bcc")
+    to = mailboxes(message.to, "to")
+    cc = mailboxes(message.cc, "cc")
+    bcc = mailboxes(message.bcc, "bcc")
     recipients = _unique_recipients([*to, *cc, *bcc])
-    subject = _no_line_breaks(message.subject or "", "subject")
+    subject = no_line_breaks(message.subject or "", "subject")
     text = _body_text(message.text, "text")
     html = _body_text(message.html, "html")
     if text is None and html is None and not message.attachments:
@@ -603,7 +520,7 @@ def _check_header(name: Any, value: Any) -> None:
         raise ValidationError(f"{name!r} is not a valid header name", field="headers")
     if not isinstance(value, str):
         raise ValidationError(f"header {name} must be a string", field="headers")
-    _no_line_breaks(value, f"header {name}")
+    no_line_breaks(value, f"header {name}")
     lowered = name.lower()
     if lowered in _RESERVED_HEADERS:
         instead = _RESERVED_HEADERS[lowered]
@@ -652,11 +569,11 @@ def _header_value(value: str) -> str | Header:
     return Header(value, _UTF8)
 
 
-def _address_header(boxes: Sequence[_Mailbox]) -> str:
+def _address_header(boxes: Sequence[Mailbox]) -> str:
     return ", ".join(_mailbox_text(box) for box in boxes)
 
 
-def _mailbox_text(box: _Mailbox) -> str:
+def _mailbox_text(box: Mailbox) -> str:
     if box.address.isascii():
         return formataddr((box.display_name, box.address), charset=_UTF8)
     # an SMTPUTF8 address: written as UTF-8, name and all (RFC 6532)
@@ -673,7 +590,7 @@ def _text_part(text: str, subtype: str) -> MIMEText:
 def _attachment_part(attachment: Attachment) -> MIMEBase:
     if not isinstance(attachment, Attachment):
         raise ValidationError("attachments must be Attachment values", field="attachments")
-    filename = _no_line_breaks(attachment.filename or "attachment", "attachment filename")
+    filename = no_line_breaks(attachment.filename or "attachment", "attachment filename")
     content_type = attachment.content_type or ""
     maintype, _, subtype = content_type.partition("/")
     if not maintype or not subtype or not _HEADER_NAME.fullmatch(maintype + subtype):

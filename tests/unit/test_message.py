@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postlane.addresses import parse_address
 from postlane.errors import MessageTooLarge, ValidationError
 from postlane.message import (
     Attachment,
     Lane,
     Message,
     new_message_id,
-    parse_address,
     prepare,
     submission_fingerprint,
 )

@@ -6,11 +6,11 @@ import time
 
 import click
 
+from postlane.addresses import parse_address
 from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import first, first_line, json_or_empty, listing, show
 from postlane.clock import when
 from postlane.errors import PostlaneError
-from postlane.message import parse_address
 from postlane.toml_values import parse_duration
 
 

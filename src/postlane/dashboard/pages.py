@@ -18,6 +18,7 @@ from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from postlane.addresses import check_text
 from postlane.alerts import evaluate, history_needed, load_rules
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.auth import SESSION_COOKIE, InvalidToken, Session, TooManyAttempts
@@ -41,7 +42,7 @@ from postlane.dashboard.rendering import (
 from postlane.destinations import provider_names
 from postlane.errors import PostlaneError
 from postlane.events import WebhookEndpointState
-from postlane.message import Lane, RecipientState, check_text
+from postlane.message import Lane, RecipientState
 from postlane.records import Sample, Selector
 
 PAGE_SIZE = 50

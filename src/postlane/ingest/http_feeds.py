@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from postlane.addresses import check_text
 from postlane.auth import Caller
 from postlane.errors import NotFound
 from postlane.events import event_cursor
@@ -21,7 +22,6 @@ from postlane.ingest.api_core import (
     time_field,
 )
 from postlane.ingest.bodies import ApiError
-from postlane.message import check_text
 from postlane.selectors import optional_string
 from postlane.toml_values import is_decimal
 

@@ -40,6 +40,7 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from postlane.addresses import parse_address
 from postlane.app import AsyncPostlane
 from postlane.config import Config
 from postlane.errors import (
@@ -55,7 +56,7 @@ from postlane.ingest.smtp_auth import hash_password as hash_password
 from postlane.ingest.smtp_auth import verify_password as verify_password
 from postlane.ingest.smtp_listener import OpenConnections
 from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
-from postlane.message import MAX_RECIPIENTS, NULL_SENDER, Message, parse_address, rfc5322_date
+from postlane.message import MAX_RECIPIENTS, NULL_SENDER, Message, rfc5322_date
 from postlane.metrics import SmtpMetrics
 
 if TYPE_CHECKING:
