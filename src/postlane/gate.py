@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from postlane.clock import Clock
 from postlane.message import Lane
 from postlane.records import WAITING_FOR_DESTINATION, ClaimedMessage, Delivery, paused_reason
 from postlane.store.base import Store
-from postlane.throttle import Admission, Throttle
+from postlane.throttle import MAX_SLOT_AHEAD, Admission, Throttle
 from postlane.transports.base import Transport
 from postlane.waits import first_of
 
@@ -44,6 +45,30 @@ log = logging.getLogger("postlane.worker")
 #: how long a process's share of a destination's limits lasts unless renewed (it renews about
 #: once a second; a process that dies gives its share back within this)
 SHARE_LEASE = 3.0
+#: the fleet's slots of a rate are taken from the store this many seconds' worth at a time
+#: (one write for many deliveries sent back to wait)
+SLOT_BLOCK = 0.25
+
+
+@dataclass
+class _SlotBlock:
+    """Successive slots of a destination's rate taken from the fleet's schedule, given to
+    this process's deliveries one by one."""
+
+    first: float
+    count: int
+    interval: float
+    used: int = 0
+
+    def take(self, earliest: float) -> float | None:
+        """The next slot not before ``earliest``; None when none is left. (A rate that moved
+        meanwhile applies from the next block: a block lasts a fraction of a second.)"""
+        skip = math.ceil((earliest - self.first) / self.interval - 1e-9)
+        self.used = max(self.used, skip)
+        if self.used >= self.count:
+            return None
+        self.used += 1
+        return self.first + (self.used - 1) * self.interval
 
 
 @dataclass
@@ -78,6 +103,9 @@ class ThrottleGate:
     _news: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     #: store slots the store could not take back yet (given again at the next sync)
     _owed: list[str] = field(default_factory=list, init=False, repr=False)
+    #: slots of the fleet's schedule of each shared rate taken and not all given yet
+    _slots: dict[str, _SlotBlock] = field(default_factory=dict, init=False, repr=False)
+    _taking_slots: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         #: the relay (or provider account) every delivery goes through, None when routed
@@ -143,7 +171,8 @@ class ThrottleGate:
                 if admission.at is None:
                     admission = await self._fleet_slot(relay, now, clearance, urgent)
                 if admission.at is not None:
-                    clearance.waiting.extend((d.id, admission.at) for d in group)
+                    at = await self._come_back_at(admission, now)
+                    clearance.waiting.extend((d.id, at) for d in group)
                     continue
             admitted = []
             for delivery in group:
@@ -153,7 +182,8 @@ class ThrottleGate:
                 if admission.at is None:
                     admitted.append(delivery)
                 else:
-                    clearance.waiting.append((delivery.id, admission.at))
+                    at = await self._come_back_at(admission, now)
+                    clearance.waiting.append((delivery.id, at))
             if relay is not None:
                 if admitted:
                     clearance.relays.append(relay)
@@ -178,6 +208,32 @@ class ThrottleGate:
             clearance.fleet.append(name)
             return Admission(None)
         return Admission(self.throttle.fleet_full(name, now, urgent=urgent))
+
+    async def _come_back_at(self, admission: Admission, now: float) -> float:
+        """When a delivery the throttle sent back comes back: the throttle's slot, or, for a
+        rate other processes share, the next slot of the fleet's schedule of that rate. What
+        comes back due is claimed by whichever process claims first, so the slots must add up
+        to the rate for the fleet: each process spacing its own at its share made a schedule
+        as thin as the shares were when it was made, and kept it (a process that claimed most
+        of a backlog while its share was small spaced it all at that share)."""
+        assert admission.at is not None
+        schedule = admission.fleet_schedule
+        if schedule is None:
+            return admission.at
+        name, interval = schedule.destination, schedule.interval
+        async with self._taking_slots:  # one block at a time: none is left half given
+            block = self._slots.get(name)
+            at = None if block is None else block.take(admission.at)
+            if at is None:
+                count = max(1, math.ceil(SLOT_BLOCK / interval))
+                first = await self.store.take_destination_slots(
+                    name, count, admission.at, interval, now + MAX_SLOT_AHEAD
+                )
+                block = self._slots[name] = _SlotBlock(first, count, interval)
+                at = block.take(first)
+                assert at is not None
+        self.throttle.fleet_slotted(name, at, now)
+        return at
 
     async def _give_fleet_slots(self, clearance: Clearance, names: Sequence[str]) -> None:
         """Give back the store's slots of ``names`` that ``clearance`` holds."""
@@ -313,6 +369,10 @@ class ThrottleGate:
         for name in self.throttle.to_hasten(now):  # a lift adopted just now included
             # the relay's rate governs every destination: call back all that wait for it
             destination = None if name == self.relay else name
+            if destination is None:
+                self._slots.clear()
+            else:
+                self._slots.pop(name, None)
             if await self.store.hasten(destination, now, WAITING_FOR_DESTINATION):
                 self.wake.set()
         if self._owed:

@@ -19,7 +19,10 @@ Each destination (a provider such as ``google``, a recipient domain, or the rela
 Limits hold for the whole fleet: every process sending to a limited destination tells the store
 its demand about once a second (:meth:`Throttle.demands`) and takes the share of the rate and
 of the concurrency its demand is of all live demands (:meth:`Throttle.set_shares`); a process
-alone has all of it, and one that stops returns its share within a lease.
+alone has all of it, and one that stops returns its share within a lease. Its token bucket runs
+at its share, but what it sends back to wait for a rate it shares comes back due to every
+process, so it is given the next slot of the fleet's schedule of that rate, in the store
+(:class:`FleetSchedule`), not a slot spaced at its own share.
 
 The :class:`Throttle` is pure bookkeeping with explicit times; the worker's
 :class:`~postlane.gate.ThrottleGate` is its only user: it asks :meth:`Throttle.admit` before
@@ -30,6 +33,7 @@ the HTTP API and other workers see pauses and rates.
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import math
 import re
@@ -63,11 +67,35 @@ HASTEN_FACTOR = 1.5
 MEASURE_WINDOW = 2.0
 #: a destination's demand is what was asked of it over this window
 DEMAND_WINDOW = 2.0
+#: the fleet's schedule of a shared rate gives this much more slots than the rate: what comes
+#: back due goes to whichever process claims first, not in proportion to the shares, and one
+#: whose share is spent for the moment sends it back to the schedule's end while another's
+#: tokens go unused; a few more slots than the rate keep every share busy (the token buckets,
+#: not the schedule, hold the fleet to the rate)
+FLEET_SURPLUS = 0.25
 #: a process that joined the fleet this recently is still starting (see :meth:`set_shares`)
 JOINING = 3.0
 #: the name under which every process says it is alive in the fleet's shares (so that one
 #: starting beside others takes an even share of a destination before its first demand)
 PRESENCE = "*"
+
+
+class _Why(enum.Enum):
+    """What a delivery that cannot go now waits for."""
+
+    PAUSE = "pause"  # a pause, or the probe after one
+    CAP = "cap"  # a concurrency cap
+    RATE = "rate"  # a rate's next token
+
+
+@dataclass(frozen=True)
+class FleetSchedule:
+    """A rate other processes share: a delivery sent back to wait for it takes the next slot
+    of the fleet's schedule of that rate (in the store), not one of this process's own."""
+
+    destination: str
+    #: the slots' spacing: one over the fleet's rate
+    interval: float
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,9 @@ class Admission:
     #: set when a destination is paused (or probing after a pause): the gate defers that
     #: destination's whole backlog instead of sending deliveries back one by one
     paused_destination: str | None = None
+    #: set when the wait is for a rate the fleet shares: ``at`` is then the earliest the
+    #: delivery may come back, and its slot comes from the fleet's schedule
+    fleet_schedule: FleetSchedule | None = None
 
     @property
     def admitted(self) -> bool:
@@ -105,6 +136,9 @@ class _Destination:
     sent: deque[float] = field(default_factory=deque)
     #: slots promised to deliveries sent back to wait: the next one goes after this
     reserved_until: float = 0.0
+    #: the last slot of the fleet's schedule this process gave a delivery (see
+    #: :class:`FleetSchedule`)
+    fleet_slotted_until: float = 0.0
     #: slots promised to waiting high-lane deliveries: they go ahead of the others' slots
     urgent_until: float = 0.0
     #: the rate those slots were spaced at (they are pulled in when it grows well past it)
@@ -127,6 +161,8 @@ class _Destination:
     slots: int | None = None
     #: when sends to it were asked for, admitted or not (its demand)
     asked: deque[float] = field(default_factory=deque)
+    #: how many processes asked for it, this one included, at the last sync
+    askers: int = 1
 
     @property
     def configured_rate(self) -> float | None:
@@ -191,15 +227,21 @@ class Throttle:
         states = [self._get(key) for key in keys]
         for state in states:
             state.asked.append(now)
-        worst: tuple[float, _Destination, bool] | None = None
+        worst: tuple[float, _Destination, _Why] | None = None
         for state in states:
-            wait, paused = self._wait(state, now)
+            wait, why = self._wait(state, now)
             if wait > 0 and (worst is None or wait > worst[0]):
-                worst = (wait, state, paused)
+                worst = (wait, state, why)
         if worst is not None:
-            wait, state, paused = worst
-            if paused:
+            wait, state, why = worst
+            if why is _Why.PAUSE:
                 return Admission(now + wait, paused_destination=state.name)
+            if why is _Why.RATE and not urgent and self._fleet > 1 and state.rate is not None:
+                # other processes claim what comes back due as much as this one: its slot is
+                # the fleet's next, spaced at the fleet's rate (see FleetSchedule)
+                interval = 1.0 / max(state.rate * (1.0 + FLEET_SURPLUS), 1e-6)
+                schedule = FleetSchedule(state.name, interval)
+                return Admission(now + wait, fleet_schedule=schedule)
             return Admission(self._slot(state, now, wait, urgent))
         for state in states:
             self._refill(state, now)
@@ -211,7 +253,7 @@ class Throttle:
     def _slot(self, state: _Destination, now: float, wait: float, urgent: bool) -> float:
         """When a delivery sent back to wait ``wait`` seconds (at least) comes back: the next
         free slot, spaced by :meth:`_interval`; an urgent one ahead of the others' slots."""
-        if state.reserved_until <= now:
+        if self._waiting_until(state) <= now:
             state.slotted_rate = state.rate
         interval = self._interval(state, now)
         if urgent:
@@ -222,6 +264,21 @@ class Throttle:
         slot = min(max(now + wait, state.reserved_until), now + MAX_SLOT_AHEAD)
         state.reserved_until = slot + interval
         return slot
+
+    def fleet_slotted(self, key: str, at: float, now: float) -> None:
+        """A delivery sent back to wait for ``key``'s rate was given the fleet's slot ``at``
+        (so that, should the rate grow well past the one it was spaced at, it is called back:
+        :meth:`to_hasten`)."""
+        state = self._get(key)
+        if self._waiting_until(state) <= now:
+            state.slotted_rate = state.rate
+        state.fleet_slotted_until = max(state.fleet_slotted_until, at)
+
+    @staticmethod
+    def _waiting_until(state: _Destination) -> float:
+        """The last slot given to a delivery that waits for ``state``, this process's or the
+        fleet's."""
+        return max(state.reserved_until, state.fleet_slotted_until)
 
     def fleet_cap(self, key: str) -> int | None:
         """The concurrency cap of ``key`` that other live processes share with this one (each
@@ -238,26 +295,26 @@ class Throttle:
         state = self._get(key)
         return self._slot(state, now, self._interval(state, now), urgent)
 
-    def _wait(self, state: _Destination, now: float) -> tuple[float, bool]:
-        """(seconds to wait, whether because of a pause or a probe)."""
+    def _wait(self, state: _Destination, now: float) -> tuple[float, _Why]:
+        """(seconds to wait, and what for)."""
         if state.paused_until is not None:
             if now < state.paused_until:
-                return state.paused_until - now, True
+                return state.paused_until - now, _Why.PAUSE
             state.probing = True  # the pause is over: one delivery probes first
         if state.probing and state.in_flight >= 1:
-            return min(5.0, self.settings.cool_down), True
+            return min(5.0, self.settings.cool_down), _Why.PAUSE
         cap = state.limits.concurrency or None
         if cap is not None and state.slots is not None:
             cap = state.slots  # this process's part of the fleet's cap
         if cap is not None and state.in_flight >= cap:
-            return self._interval(state, now), False
+            return self._interval(state, now), _Why.CAP
         rate = state.local_rate
         if rate is None:
-            return 0.0, False
+            return 0.0, _Why.RATE
         self._refill(state, now)
         if state.tokens >= 1.0:
-            return 0.0, False
-        return (1.0 - state.tokens) / max(rate, 1e-6), False
+            return 0.0, _Why.RATE
+        return (1.0 - state.tokens) / max(rate, 1e-6), _Why.RATE
 
     def _interval(self, state: _Destination, now: float) -> float:
         """The spacing of slots given to waiting deliveries: the rate's, or for a concurrency
@@ -455,7 +512,15 @@ class Throttle:
             while state.asked and state.asked[0] < now - DEMAND_WINDOW:
                 state.asked.popleft()
             if state.limited and (state.asked or state.in_flight):
-                out[state.name] = len(state.asked) / DEMAND_WINDOW + state.in_flight
+                asked = len(state.asked) / DEMAND_WINDOW
+                if state.rate is not None:
+                    # what comes back due goes to whichever process claims first, so a process
+                    # that asks for more than its part of the rate says no more than that: a
+                    # backlog claimed at once (thousands of asks in a second) takes no more
+                    # than the others' share, and processes that all want more than their part
+                    # share evenly instead of by the noise of who claimed first
+                    asked = min(asked, state.rate / state.askers)
+                out[state.name] = asked + state.in_flight
         out[PRESENCE] = 1.0
         return out
 
@@ -477,6 +542,7 @@ class Throttle:
             if name == PRESENCE:
                 continue
             state = self._get(name)
+            state.askers = max(1, len(by_owner))
             mine = by_owner.get(owner, 0.0)
             demands = {**{other: mine for other in joining}, **by_owner}
             total = sum(demands.values())
@@ -516,7 +582,7 @@ class Throttle:
                 state.changed = True
 
     def _lift(self, state: _Destination) -> None:
-        if state.reserved_until > 0.0:  # deliveries wait for slots at the old rate
+        if self._waiting_until(state) > 0.0:  # deliveries wait for slots at the old rate
             state.recall = True
         state.paused_until = None
         state.own_pause = False
@@ -529,6 +595,7 @@ class Throttle:
         state.rate = state.configured_rate
         state.tokens = max(state.tokens, 1.0)
         state.reserved_until = 0.0
+        state.fleet_slotted_until = 0.0
         state.urgent_until = 0.0
         state.reason = None
 
@@ -543,10 +610,11 @@ class Throttle:
                 names.append(state.name)
                 continue
             slotted = state.slotted_rate
-            if state.reserved_until <= now or slotted is None:
+            if self._waiting_until(state) <= now or slotted is None:
                 continue
             if state.rate is None or state.rate >= HASTEN_FACTOR * slotted:
                 state.reserved_until = now
+                state.fleet_slotted_until = now
                 state.urgent_until = min(state.urgent_until, now)
                 state.slotted_rate = state.rate
                 names.append(state.name)

@@ -3,13 +3,15 @@ processes on one PostgreSQL against a server that refuses above 40 messages/s se
 40/s together (+10%), with few refusals once they have converged; one killed mid-run gives its
 share back within a lease and nothing is lost; a pause one worker learns stops the others
 within a second; two workers on one SQLite file or one PostgreSQL database never have more
-sends in flight together than the destination's concurrency, from their first send on."""
+sends in flight together than the destination's concurrency, from their first send on; three
+workers send a backlog one of them claimed at close to the rate, on either store."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from psycopg import sql
 from postlane.app import AsyncPostlane
 from postlane.config import config_from_dict
 from postlane.store.postgres import PostgresStore, split_schema
-from tests.conftest import ScriptedHandler, free_port
+from tests.conftest import ScriptedHandler, free_port, postgres_schema
 from tests.integration.test_postgres_workers import enqueue
 from tests.processes import start_postlane, stopping
 
@@ -72,7 +74,13 @@ async def limited_peer() -> AsyncIterator[tuple[str, RateLimitedHandler]]:
 
 
 def write_config(
-    folder: Path, url: str, relay: str, relay_limit: str = f"rate = {LIMIT}", **extra: str
+    folder: Path,
+    url: str,
+    relay: str,
+    relay_limit: str = f"rate = {LIMIT}",
+    delivery: Sequence[str] = (),
+    concurrency: int = 20,
+    **extra: str,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "postlane.toml"
@@ -81,9 +89,10 @@ def write_config(
         f'url = "{url}"',
         "[delivery]",
         f'relay = "{relay}"',
-        "concurrency = 20",
+        f"concurrency = {concurrency}",
         'lease = "3s"',
         'shutdown_grace = "2s"',
+        *delivery,
         "[destinations.relay]",
         relay_limit,
         "[http]",
@@ -160,6 +169,103 @@ async def test_three_workers_share_a_destinations_rate(
         f"{len(refused_late)} refused after convergence, {len(steady)} accepted"
     )
     assert len(set(handler.message_ids())) == count  # nothing lost
+
+
+class TimedHandler(ScriptedHandler):
+    """Takes every message and records when."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted_at: list[float] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.accepted_at.append(time.monotonic())
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def live_owners(url: str) -> int:
+    """How many processes say they are alive in the fleet's shares (``destination_shares``)."""
+    query = "SELECT count(*) FROM {}destination_shares WHERE destination = '*' AND expires_at > "
+    if url.startswith("sqlite:"):
+        with sqlite3.connect(f"file:{url.removeprefix('sqlite:///')}?mode=ro", uri=True) as conn:
+            row = conn.execute(query.format("") + "?", [time.time()]).fetchone()
+    else:
+        base, schema = split_schema(url)
+        async with await psycopg.AsyncConnection.connect(base, autocommit=True) as pg:
+            cursor = await pg.execute(
+                sql.SQL(query + "%s").format(sql.Identifier(schema or "public") + sql.SQL(".")),
+                [time.time()],
+            )
+            row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def fleet_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A store URL for a fleet: a SQLite file, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'q.db'}"
+        return
+    async with postgres_schema() as url:
+        yield url
+
+
+async def test_a_fleet_sends_a_backlog_one_worker_claimed_at_its_shared_rate(
+    fleet_store: str, tmp_path: Path
+) -> None:
+    """Three workers share the relay's rate; one claims 50 deliveries at a time, the two
+    others 4 (less concurrency). A backlog arrives, and the first claims most of it at once
+    while its share is a third: what they cannot send now they send back to wait, and it
+    comes back due to all three, whoever claims first. Together they must send at close to
+    the rate, never above it. When each worker spaced what it sent back at its own share, the
+    backlog came back at a third to a half of the rate, and the fleet sent 13.5/s (SQLite) and
+    19/s (PostgreSQL) under a limit of 40/s until the backlog was gone."""
+    handler = TimedHandler()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTPServer(handler, hostname="sink.test", loop=loop), "127.0.0.1", 0
+    )
+    relay = f"smtp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    count = 600  # 15 s at the rate: a backlog through the whole window
+    configs = [
+        write_config(tmp_path / name, fleet_store, relay, concurrency=concurrency)
+        for name, concurrency in (("big", 100), ("small", 4))
+    ]
+    workers = [
+        start_postlane("worker", config=configs[n > 1], log=tmp_path / f"worker{n}.log")
+        for n in (1, 2, 3)
+    ]
+    try:
+        async with stopping(workers, timeout=60):
+
+            async def formed() -> bool:
+                return await live_owners(fleet_store) == 3
+
+            await workers[0].wait_until(
+                formed,
+                "three workers in the fleet",
+                timeout=30,
+                ignoring=(sqlite3.Error, psycopg.Error),  # no tables yet
+            )
+            await enqueue(fleet_store, count, "backlog")
+            await workers[0].wait_until(
+                lambda: len(handler.accepted_at) >= 1, "the backlog's first message", timeout=30
+            )
+            first = handler.accepted_at[0]
+            start, end = first + 3.0, first + 11.0  # once every worker has its share
+            await workers[0].wait_until(
+                lambda: time.monotonic() >= end, "the measured window", timeout=30, every=0.1
+            )
+            for worker in workers:
+                worker.check_running()
+    finally:
+        server.close()
+        await server.wait_closed()
+    steady = [t for t in handler.accepted_at if start <= t < end]
+    rate = len(steady) / (end - start)
+    assert rate >= 0.85 * LIMIT, f"the fleet sent {rate:.1f}/s under a limit of {LIMIT}/s"
+    assert rate <= 1.1 * LIMIT, f"the fleet sent {rate:.1f}/s under a limit of {LIMIT}/s"
+    assert busiest(steady, 2.0) <= 2 * LIMIT * 1.1 + 1
 
 
 async def test_a_pause_one_worker_learns_stops_the_others_within_a_second(

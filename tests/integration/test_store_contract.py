@@ -15,6 +15,7 @@ from postlane.classify import ReplyClass
 from postlane.errors import IdempotencyConflict, NotFound, ValidationError
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.records import (
+    WAITING_FOR_DESTINATION,
     AttemptRecord,
     DestinationStatus,
     ExportedMessage,
@@ -1487,3 +1488,28 @@ async def test_concurrent_takes_of_the_last_slot_grant_it_once(store: Any) -> No
         *(store.take_fleet_slot(f"p{n}", "google", 3, T0, T0 + 3) for n in range(12))
     )
     assert sum(granted) == 3
+
+
+async def test_a_destinations_slots_are_one_sequence_for_the_fleet(store: Any) -> None:
+    """Deliveries any process sends back to wait for a rate the fleet shares take successive
+    slots of one schedule: each take continues after the last (whoever took it), starts no
+    sooner than asked, waits at the horizon when the schedule reaches it, and starts again
+    when what waited is called back (a grown rate, an operator's lift)."""
+    take = store.take_destination_slots
+    assert await take("google", 3, T0, 0.1, T0 + 120) == pytest.approx(T0)
+    assert await take("google", 2, T0, 0.1, T0 + 120) == pytest.approx(T0 + 0.3)  # after those
+    assert await take("google", 1, T0 + 5, 0.1, T0 + 120) == pytest.approx(T0 + 5)  # not sooner
+    assert await take("google", 1, T0, 0.2, T0 + 120) == pytest.approx(T0 + 5.1)
+    assert await take("example.net", 1, T0, 0.1, T0 + 120) == pytest.approx(T0)  # its own
+    assert await take("google", 1, T0, 0.1, T0 + 5) == pytest.approx(T0 + 5)  # the horizon
+    assert await take("google", 1, T0, 0.1, T0 + 5) == pytest.approx(T0 + 5)
+    # concurrent takes (PostgreSQL: from the pool's connections at once) never share a slot
+    firsts = await asyncio.gather(*(take("yahoo", 2, T0, 0.5, T0 + 120) for _ in range(8)))
+    assert sorted(firsts) == pytest.approx([T0 + n for n in range(8)])
+    await store.hasten("google", T0 + 1, WAITING_FOR_DESTINATION)  # its rate grew: called back
+    assert await take("google", 1, T0 + 1, 0.1, T0 + 121) == pytest.approx(T0 + 1)
+    assert await take("yahoo", 1, T0, 0.5, T0 + 120) == pytest.approx(T0 + 8)  # untouched
+    await store.lift_destinations(["yahoo"], T0 + 2)  # an operator's flush
+    assert await take("yahoo", 1, T0 + 2, 0.5, T0 + 122) == pytest.approx(T0 + 2)
+    await store.hasten(None, T0 + 3, WAITING_FOR_DESTINATION)  # the relay's rate: everything
+    assert await take("example.net", 1, T0 + 3, 0.1, T0 + 123) == pytest.approx(T0 + 3)

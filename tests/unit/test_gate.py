@@ -21,7 +21,7 @@ from postlane.gate import Clearance, ThrottleGate
 from postlane.message import Lane
 from postlane.records import ClaimedMessage, Delivery, DestinationStatus
 from postlane.store.sqlite import SQLiteStore
-from postlane.throttle import Throttle
+from postlane.throttle import FLEET_SURPLUS, Throttle
 from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response
 from postlane.transports.router import Router, RouteRule
 from tests.conftest import make_config
@@ -175,6 +175,34 @@ async def test_processes_sharing_a_cap_never_have_more_in_flight_together(
     await other.sync()
     waiting = await admit(other, message("g@example.org", "h@example.org"))
     assert waiting.to_send == [] and len(waiting.waiting) == 2 and waiting.relays == []
+
+
+async def test_processes_sharing_a_rate_send_back_to_one_schedule_at_the_fleets_rate(
+    app: AsyncPostlane,
+) -> None:
+    """Three processes share example.net's 40/s, a third each; one claims a backlog of 100 at
+    once. What it cannot send now comes back due to any of them, so it waits for slots of the
+    fleet's schedule, at the fleet's rate (and a quarter more: FLEET_SURPLUS), not at its own
+    13/s: spaced at its share, a backlog one process claimed came back at a third of the rate
+    for everyone. Another process's slots follow the first's, none given twice."""
+    limits = {"example.net": DestinationLimits(rate=40)}
+    one, two, three = gate(app, limits=limits), gate(app, limits=limits), gate(app, limits=limits)
+    one.owner, two.owner, three.owner = "one", "two", "three"
+    for g in (one, two, three, one, two):  # all three have joined the fleet
+        await g.sync()
+    backlog = [await admit(one, message(f"u{n}@example.net")) for n in range(100)]
+    sent = sum(len(c.to_send) for c in backlog)
+    assert sent == 13  # a third of the rate's second saved up
+    slots = [at for c in backlog for _, at in c.waiting]
+    interval = 1 / (40 * (1 + FLEET_SURPLUS))
+    assert slots == sorted(slots) and slots[0] <= T0 + 0.1
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
+    assert max(gaps) == pytest.approx(interval, abs=1e-4)  # times near 1.7e9 s: float's grain
+    assert min(gaps) == pytest.approx(interval, abs=1e-4)
+    more = [await admit(two, message(f"v{n}@example.net")) for n in range(20)]
+    later = [at for c in more for _, at in c.waiting]
+    assert later and min(later) > max(slots)  # after the first's: the fleet's next slots
+    assert len(set(slots + later)) == len(slots) + len(later)
 
 
 async def test_a_store_failing_mid_admission_leaves_no_fleet_slot_taken(

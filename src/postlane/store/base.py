@@ -246,6 +246,17 @@ class ThrottleStore(Protocol):
         """Sends :meth:`take_fleet_slot` granted are over, one per name given."""
         ...
 
+    async def take_destination_slots(
+        self, destination: str, count: int, earliest: float, interval: float, latest: float
+    ) -> float:
+        """``count`` successive slots of ``destination``'s rate, ``interval`` apart, for
+        deliveries the fleet's processes send back to wait: from the fleet's next free slot,
+        or ``earliest`` if later, never past ``latest``. Returns the first; the next call
+        continues after the last. One schedule for every process, so what comes back due adds
+        up to the rate whoever claims it. :meth:`hasten` and :meth:`lift_destinations` start
+        it again."""
+        ...
+
     async def wait_for_destination_news(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a destination to be paused or lifted; True when
         one was (read the states again), False on timeout. Every process's news on PostgreSQL

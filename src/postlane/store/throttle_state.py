@@ -34,7 +34,38 @@ class SQLThrottle(SQLRole):
     async def hasten(self, destination: str | None, now: float, reason: str) -> int:
         params = {"destination": destination, "now": now, "reason": reason}
         query = "hasten_all" if destination is None else "hasten_destination"
-        return await self.db.write(lambda: execute(query, params))
+
+        def run() -> Plan[int]:
+            # what waited for the fleet's slots is called back: its schedule starts again
+            yield from self._forget_slots(None if destination is None else [destination])
+            return (yield from execute(query, params))
+
+        return await self.db.write(run)
+
+    def _forget_slots(self, destinations: Sequence[str] | None) -> Plan[None]:
+        if destinations is None:
+            yield from execute("forget_all_destination_slots")
+        else:
+            names = {"destinations": list(destinations)}
+            yield from execute("forget_destination_slots", names)
+
+    async def take_destination_slots(
+        self, destination: str, count: int, earliest: float, interval: float, latest: float
+    ) -> float:
+        """``count`` successive slots of ``destination``'s rate for the fleet, ``interval``
+        apart, from its next free slot or ``earliest`` (if later), never past ``latest``;
+        returns the first."""
+        earliest = min(earliest, latest)
+        params = {
+            "destination": destination,
+            "count": count,
+            "earliest": earliest,
+            "interval": interval,
+            "latest": latest,
+        }
+        row = await self.db.write(lambda: fetch_one("take_destination_slots", params))
+        assert row is not None  # an upsert's RETURNING always answers
+        return float(row["next_slot"]) - count * interval
 
     async def save_destination_states(self, statuses: Sequence[DestinationStatus]) -> None:
         latest = {s.destination: s for s in statuses}  # one row per destination: the last wins
@@ -101,6 +132,8 @@ class SQLThrottle(SQLRole):
                 names = list(destinations)
                 yield from execute("lift_destinations", {"destinations": names, "now": now})
             yield from self._announce()
+            every = destinations is None or every_waiting
+            yield from self._forget_slots(None if every else names)
             params = {"destinations": names, "now": now, "waiting": WAITING_FOR_DESTINATION}
             yield from execute("reschedule_destinations", params)
             made_due = yield from execute("flush_destinations", params)

@@ -549,6 +549,27 @@ SET in_flight = CASE WHEN destination_shares.expires_at > :now
     expires_at = excluded.expires_at
 RETURNING in_flight;
 
+-- name: take_destination_slots
+-- :count successive slots of a destination's rate, :interval apart, for deliveries sent back to
+-- wait by any process: from the fleet's next free slot (or :earliest, if later), never past
+-- :latest (a backlog beyond the horizon waits there). Answers the next free slot after them.
+INSERT INTO destination_slots (destination, next_slot)
+VALUES (:destination, :earliest + :count * :interval)
+ON CONFLICT (destination) DO UPDATE
+SET next_slot = CASE WHEN destination_slots.next_slot >= :latest THEN :latest
+                     WHEN destination_slots.next_slot > :earliest THEN destination_slots.next_slot
+                     ELSE :earliest END + :count * :interval
+RETURNING next_slot;
+
+-- name: forget_destination_slots
+-- Some destinations' schedules start again from the next slot asked for (their rate grew, or
+-- an operator lifted their limits: what waited was called back).
+DELETE FROM destination_slots WHERE @any(destination, destinations, text);
+
+-- name: forget_all_destination_slots
+-- Every destination's schedule starts again (everything waiting was called back).
+DELETE FROM destination_slots;
+
 -- name: give_fleet_slots
 -- :n sends of a process to a destination are over.
 UPDATE destination_shares
