@@ -175,8 +175,11 @@ class _Destination:
 
     @property
     def limited(self) -> bool:
-        """Whether the fleet shares a configured limit of this destination."""
-        return bool(self.limits.rate or self.limits.concurrency)
+        """Whether the fleet shares a limit of this destination: a configured rate or
+        concurrency, or a rate in force on one that has none configured (a slow-down, a
+        shaping rule's). Each process runs its bucket at its share of that rate, so the fleet
+        sends the rate ``stats`` shows, not that rate once per process."""
+        return bool(self.limits.rate or self.limits.concurrency or self.rate is not None)
 
 
 class Throttle:
@@ -504,9 +507,10 @@ class Throttle:
     # -- the fleet's shares ----------------------------------------------------------------------
 
     def demands(self, now: float) -> dict[str, float]:
-        """This process's demand on each limited destination it sends to (sends asked for per
-        second over the last :data:`DEMAND_WINDOW`, plus those in flight); a destination left
-        alone for the window is not listed (its share goes back to the others)."""
+        """This process's demand on each limited destination it sends to, a slowed-down one
+        included (sends asked for per second over the last :data:`DEMAND_WINDOW`, plus those
+        in flight); a destination left alone for the window is not listed (its share goes
+        back to the others)."""
         out = {}
         for state in self._destinations.values():
             while state.asked and state.asked[0] < now - DEMAND_WINDOW:

@@ -205,6 +205,38 @@ async def test_processes_sharing_a_rate_send_back_to_one_schedule_at_the_fleets_
     assert len(set(slots + later)) == len(slots) + len(later)
 
 
+async def test_a_slowed_down_rate_without_a_configured_limit_holds_for_the_fleet(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    """Three processes send through a relay with no configured limit, each from before its
+    first sync (a worker claims at once when nothing has limits); then the relay asks to slow
+    down and the rate it was given (10/s, as ``stats`` shows it) is adopted by all three.
+    Together they send 10/s, not 10/s each: a slowed-down rate is shared by demand as a
+    configured one is. (Each kept the share it started with, all of it, and the fleet sent
+    three times what stats showed.)"""
+    gates = [gate(app, Relay("relay")) for _ in range(3)]
+    for g, owner in zip(gates, ("one", "two", "three"), strict=True):
+        g.owner = owner
+        await g.release(await admit(g, message("a@example.net")))  # before any sync
+    for g in gates:  # the fleet has formed
+        await g.sync()
+    slowed = DestinationStatus("relay", 10.0, None, None, "throttled: 421 4.7.28", 0, 0, T0)
+    await app.store.save_destination_states([slowed])
+    sent = 0
+    for _second in range(10):
+        for g in gates:
+            await g.sync()  # adopts the slowed rate; shares settle once a second
+        for _tenth in range(10):  # each is offered far more than the rate, a tenth at a time
+            for g in gates:
+                for n in range(5):
+                    clearance = await admit(g, message(f"{n}@example.net"))
+                    sent += len(clearance.to_send)
+                    await g.release(clearance)
+            await clock.advance(0.1)
+    # 10 s at 10/s, and the second's worth saved up before (324 when each sent 10/s)
+    assert 85 <= sent <= 10 * 10 * 1.1 + 10, f"{sent} sent in 10 s at a rate of 10/s"
+
+
 async def test_a_store_failing_mid_admission_leaves_no_fleet_slot_taken(
     app: AsyncPostlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
