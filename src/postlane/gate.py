@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock
 from postlane.message import Lane
-from postlane.records import WAITING_FOR_DESTINATION, ClaimedMessage, Delivery, paused_reason
+from postlane.records import (
+    WAITING_FOR_DESTINATION,
+    ClaimedMessage,
+    Delivery,
+    ProbeTurn,
+    paused_reason,
+)
 from postlane.store.base import Store
 from postlane.throttle import MAX_SLOT_AHEAD, Admission, Throttle
 from postlane.transports.base import Transport
@@ -48,6 +54,9 @@ SHARE_LEASE = 3.0
 #: the fleet's slots of a rate are taken from the store this many seconds' worth at a time
 #: (one write for many deliveries sent back to wait)
 SLOT_BLOCK = 0.25
+#: the fleet's probe after a pause is its process's to finish for this long at most (then, or
+#: as soon as that process stops renewing its shares, another may probe)
+PROBE_LEASE = 60.0
 
 
 @dataclass
@@ -167,7 +176,9 @@ class ThrottleGate:
         for relay, group in by_relay.items():
             # a relay takes a message's recipients in one transaction: one slot for all of them
             if relay is not None:
-                admission = self.throttle.admit([relay], now, urgent=urgent)
+                admission = await self._probe_turn(
+                    self.throttle.admit([relay], now, urgent=urgent), now
+                )
                 if admission.at is None:
                     admission = await self._fleet_slot(relay, now, clearance, urgent)
                 if admission.at is not None:
@@ -273,7 +284,9 @@ class ThrottleGate:
         recorded state is read again first (once per message, in ``checked``): a pause an
         operator lifted from another process is adopted and the delivery goes; otherwise the
         destination's backlog is deferred to the end of the pause."""
-        admission = self.throttle.admit([destination], now, urgent=urgent)
+        admission = await self._probe_turn(
+            self.throttle.admit([destination], now, urgent=urgent), now
+        )
         paused = admission.paused_destination
         if paused is None or admission.at is None:
             return admission
@@ -281,7 +294,32 @@ class ThrottleGate:
         checked.add(paused)
         if not lifted:
             lifted = not await self._defer_backlog(paused, admission.at, now)
-        return self.throttle.admit([destination], now, urgent=urgent) if lifted else admission
+        if not lifted:
+            return admission
+        return await self._probe_turn(self.throttle.admit([destination], now, urgent=urgent), now)
+
+    async def _probe_turn(self, admission: Admission, now: float) -> Admission:
+        """An admission that would probe a destination after its pause, while other processes
+        share it: one probe for the fleet. The store says whether this process probes (it
+        goes), another does (it waits, the destination's backlog with it, and asks again
+        after a while) or already found the destination open (it goes)."""
+        probe = admission.fleet_probe
+        if probe is None:
+            return admission
+        name = probe.destination
+        try:
+            turn = await self.store.take_probe(name, self.owner, probe.pause_end, now, PROBE_LEASE)
+        except BaseException:
+            self.throttle.release([name])  # the slot admit took: no send holds it
+            raise
+        if turn is ProbeTurn.PROBE:
+            self.throttle.probe_granted(name, probe.pause_end)
+            return admission
+        if turn is ProbeTurn.OPEN:
+            self.throttle.opened_elsewhere(name)
+            log.info("destination %s: open again (another process's probe went through)", name)
+            return admission
+        return Admission(self.throttle.probe_elsewhere(name, now), paused_destination=name)
 
     async def _defer_backlog(self, destination: str, until: float, now: float) -> bool:
         """Push a paused destination's backlog to the end of its pause (once per pause).
@@ -377,6 +415,8 @@ class ThrottleGate:
                 self.wake.set()
         if self._owed:
             await self._give([])
+        for name, pause_end, opened in self.throttle.probe_outcomes():
+            await self.store.end_probe(name, self.owner, pause_end, opened)
         shares = await self.store.share_destinations(
             self.owner, self.throttle.demands(now), now, now + SHARE_LEASE
         )

@@ -99,6 +99,18 @@ class FleetSchedule:
 
 
 @dataclass(frozen=True)
+class FleetProbe:
+    """The delivery admitted would probe ``destination`` after its pause (which ended at
+    ``pause_end``). One probe for the fleet: the gate asks the store whether this process
+    probes (:meth:`Throttle.probe_granted`), waits for another's
+    (:meth:`Throttle.probe_elsewhere`) or finds the destination open already
+    (:meth:`Throttle.opened_elsewhere`)."""
+
+    destination: str
+    pause_end: float
+
+
+@dataclass(frozen=True)
 class Admission:
     """The answer of :meth:`Throttle.admit`: ``at`` None means go now."""
 
@@ -109,6 +121,9 @@ class Admission:
     #: set when the wait is for a rate the fleet shares: ``at`` is then the earliest the
     #: delivery may come back, and its slot comes from the fleet's schedule
     fleet_schedule: FleetSchedule | None = None
+    #: set when the delivery admitted would probe a destination after its pause: it goes only
+    #: if this process is the fleet's prober
+    fleet_probe: FleetProbe | None = None
 
     @property
     def admitted(self) -> bool:
@@ -127,6 +142,11 @@ class _Destination:
     pause_level: int = 0
     paused_until: float | None = None
     probing: bool = False
+    #: the end of the pause after which this process is the fleet's prober (its probe's
+    #: outcome is recorded for the others)
+    fleet_probe: float | None = None
+    #: another process probes: wait until then before asking again
+    probe_wait_until: float = float("-inf")
     reason: str | None = None
     last_decrease: float = float("-inf")
     #: a shaping rule's rate: the ceiling until ``held_until``, whatever successes say
@@ -198,8 +218,11 @@ class Throttle:
         self._first_share = 1.0
         #: processes holding shares at the last :meth:`set_shares` (1: alone, as far as known)
         self._fleet = 1
-        #: a pause began here since :meth:`changes` last ran: the fleet should hear at once
+        #: a pause began here, or the fleet's probe this process sent answered, since
+        #: :meth:`changes` last ran: the fleet should hear at once
         self.news = False
+        #: see :meth:`probe_outcomes`
+        self._probe_outcomes: list[tuple[str, float, bool]] = []
 
     @classmethod
     def from_config(cls, config: Config) -> Throttle:
@@ -246,12 +269,18 @@ class Throttle:
                 schedule = FleetSchedule(state.name, interval)
                 return Admission(now + wait, fleet_schedule=schedule)
             return Admission(self._slot(state, now, wait, urgent))
+        probe = None
         for state in states:
             self._refill(state, now)
             if state.local_rate is not None:
                 state.tokens -= 1.0
             state.in_flight += 1
-        return Admission(None)
+            # the probe after a pause is the fleet's (whatever this process knows of the
+            # others): unless known to be this process's already, the store says whose
+            pause_end = state.paused_until
+            if state.probing and pause_end is not None and state.fleet_probe != pause_end:
+                probe = FleetProbe(state.name, pause_end)
+        return Admission(None, fleet_probe=probe)
 
     def _slot(self, state: _Destination, now: float, wait: float, urgent: bool) -> float:
         """When a delivery sent back to wait ``wait`` seconds (at least) comes back: the next
@@ -306,6 +335,8 @@ class Throttle:
             state.probing = True  # the pause is over: one delivery probes first
         if state.probing and state.in_flight >= 1:
             return min(5.0, self.settings.cool_down), _Why.PAUSE
+        if state.probing and now < state.probe_wait_until:  # another process probes
+            return state.probe_wait_until - now, _Why.PAUSE
         cap = state.limits.concurrency or None
         if cap is not None and state.slots is not None:
             cap = state.slots  # this process's part of the fleet's cap
@@ -369,6 +400,7 @@ class Throttle:
             # from a send started before it, and lifts nothing.
             ended = state.paused_until is not None and state.paused_until <= now
             if state.probing or ended:
+                self._probed(state, opened=True)
                 state.probing = False
                 state.own_pause = False
                 state.paused_until = None
@@ -395,6 +427,7 @@ class Throttle:
         if duration is None:
             duration = min(self.settings.max_pause, self.settings.pause * 2**state.pause_level)
             state.pause_level += 1
+        self._probed(state, opened=False)
         state.paused_until = now + duration
         state.own_pause = True
         state.probing = False
@@ -402,6 +435,46 @@ class Throttle:
         state.reason = reason
         state.changed = True
         self.news = True
+
+    def _probed(self, state: _Destination, *, opened: bool) -> None:
+        """The fleet's probe this process sent after ``state``'s pause answered: the others
+        hear it at once (:meth:`probe_outcomes`)."""
+        if state.fleet_probe is not None:
+            self._probe_outcomes.append((state.name, state.fleet_probe, opened))
+            state.fleet_probe = None
+            self.news = True
+
+    # -- the fleet's probe after a pause ---------------------------------------------------------
+
+    def probe_granted(self, key: str, pause_end: float) -> None:
+        """This process is the fleet's prober of ``key`` after its pause that ended at
+        ``pause_end``: the delivery admitted goes."""
+        self._get(key).fleet_probe = pause_end
+
+    def probe_elsewhere(self, key: str, now: float) -> float:
+        """Another process probes ``key`` (or its probe failed, and a longer pause is
+        recorded): undo the slot :meth:`admit` took and say when to ask again."""
+        self.release([key])
+        state = self._get(key)
+        state.probe_wait_until = now + min(5.0, self.settings.cool_down)
+        return state.probe_wait_until
+
+    def opened_elsewhere(self, key: str) -> None:
+        """Another process's probe after ``key``'s pause went through: open here too."""
+        state = self._get(key)
+        state.probing = False
+        state.own_pause = False
+        state.paused_until = None
+        state.pause_level = 0
+        state.failures = 0
+        state.reason = None
+        state.probe_wait_until = float("-inf")
+
+    def probe_outcomes(self) -> list[tuple[str, float, bool]]:
+        """(destination, end of the pause, opened) of the fleet's probes this process sent
+        that answered since the last call, to record for the others."""
+        outcomes, self._probe_outcomes = self._probe_outcomes, []
+        return outcomes
 
     def _sent_rate(self, state: _Destination, now: float) -> float:
         while state.sent and state.sent[0] < now - MEASURE_WINDOW:
@@ -591,6 +664,8 @@ class Throttle:
         state.paused_until = None
         state.own_pause = False
         state.probing = False
+        state.fleet_probe = None
+        state.probe_wait_until = float("-inf")
         state.pause_level = 0
         state.failures = 0
         state.held_rate = None

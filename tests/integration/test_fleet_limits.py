@@ -9,6 +9,7 @@ workers send a backlog one of them claimed at close to the rate, on either store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -306,6 +307,76 @@ async def test_a_pause_one_worker_learns_stops_the_others_within_a_second(
             assert late == [], f"{len(late)} tries more than a second after the pause"
     finally:
         await store.close()
+
+
+class DownRelay:
+    """A relay that is down: it answers every connection ``421`` and closes it (a connection
+    failure for the client). Records when each connection came."""
+
+    def __init__(self) -> None:
+        self.connected_at: list[float] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connected_at.append(time.monotonic())
+        writer.write(b"421 4.3.2 Service not available, closing transmission channel\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+
+def rounds(times: Sequence[float], gap: float) -> list[int]:
+    """How many of ``times`` came together, in each run separated by more than ``gap``."""
+    counts: list[int] = []
+    for n, at in enumerate(times):
+        if n and at - times[n - 1] <= gap:
+            counts[-1] += 1
+        else:
+            counts.append(1)
+    return counts
+
+
+async def test_when_a_pause_ends_one_worker_of_the_fleet_probes(
+    fleet_store: str, tmp_path: Path
+) -> None:
+    """Three workers on one store send through a relay that is down: they pause it, and each
+    time the pause ends one delivery probes for the whole fleet, not one per worker; its
+    failure pauses the relay again for all of them. (Each worker sent a probe of its own: three
+    connections at each pause's end.)"""
+    relay = DownRelay()
+    server = await asyncio.start_server(relay.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = write_config(tmp_path, fleet_store, f"smtp://127.0.0.1:{port}")
+    with config.open("a") as out:  # pauses of 2 s, then 4 s: a few rounds in a few seconds
+        out.write('[throttle]\npause = "2s"\nmax_pause = "4s"\n')
+    await enqueue(fleet_store, 300, "down")
+    workers = [
+        start_postlane("worker", config=config, log=tmp_path / f"worker{n}.log") for n in (1, 2, 3)
+    ]
+    try:
+        async with (
+            stopping(workers, timeout=60),
+            AsyncPostlane(config_from_dict({"store": {"url": fleet_store}})) as app,
+        ):
+
+            async def paused() -> bool:
+                states = {s.destination: s for s in await app.store.destination_states()}
+                return bool(states.get("relay") and states["relay"].paused_until)
+
+            await workers[0].wait_until(paused, "the relay paused", timeout=30)
+            # every worker has heard of the pause within a sync: from then on, only probes
+            settled = time.monotonic() + 1.5
+            await workers[0].wait_until(
+                lambda: len(rounds([t for t in relay.connected_at if t > settled], 1.0)) >= 3,
+                "three pauses' ends",
+                timeout=30,
+            )
+            for worker in workers:
+                worker.check_running()
+    finally:
+        server.close()
+        await server.wait_closed()
+    probes = rounds([t for t in relay.connected_at if t > settled], 1.0)
+    assert probes[:3] == [1, 1, 1], f"connections at each pause's end: {probes}"
 
 
 class CountingHandler(ScriptedHandler):

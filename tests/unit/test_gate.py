@@ -316,6 +316,64 @@ async def test_a_paused_destination_defers_its_backlog_once_per_pause(
     assert store.deferred == [("down.example", T0 + 60), ("down.example", T0 + 180)]
 
 
+async def test_one_process_of_the_fleet_probes_a_destination_when_its_pause_ends(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    """Two processes share a paused destination. When the pause ends, the first to have a
+    delivery for it probes; the other's waits (its backlog with it) for the probe's outcome,
+    and goes once the probe went through. A probe that fails pauses the destination again for
+    the fleet: the other waits, and adopts the new pause. (Each process sent a probe of its
+    own.)"""
+    store = app.store
+    assert isinstance(store, CountingStore)
+    one, two = gate(app, pause_after=1, pause=60), gate(app, pause_after=1, pause=60)
+    one.owner, two.owner = "one", "two"
+    for g in (one, two, one):  # both in the fleet
+        await g.sync()
+    one.throttle.observe("down.example", DOWN, T0)  # paused until T0 + 60
+    await one.sync()  # recorded at once (news)
+    await two.sync()  # adopted
+    assert two.is_paused("down.example")
+
+    await clock.advance(60)
+    for g in (one, two):  # alive: each renews its shares about once a second
+        await g.sync()
+    probe = await admit(one, message("a@down.example"))
+    assert len(probe.to_send) == 1  # one's delivery probes
+    waiting = await admit(two, message("b@down.example"))
+    assert waiting.to_send == [] and waiting.waiting[0][1] == T0 + 65  # asks again in 5 s
+    assert store.deferred[-1] == ("down.example", T0 + 65)  # with its backlog
+    assert (await admit(two, message("c@down.example"))).to_send == []  # not asked again
+    await one.release(probe)
+    one.throttle.observe("down.example", OK, clock.now())  # the probe went through
+    await one.sync()
+    await clock.advance(5)
+    for g in (one, two):
+        await g.sync()
+    opened = await admit(two, message("d@down.example"))
+    assert len(opened.to_send) == 1 and not two.is_paused("down.example")  # open
+    await two.release(opened)
+
+    # the next pause: the probe fails, and the fleet waits for the longer pause
+    one.throttle.observe("down.example", DOWN, clock.now())
+    await one.sync()
+    await two.sync()
+    await clock.advance(60)
+    for g in (one, two):
+        await g.sync()
+    probe = await admit(two, message("e@down.example"))  # two asks first this time
+    assert len(probe.to_send) == 1
+    assert (await admit(one, message("f@down.example"))).to_send == []
+    await two.release(probe)
+    two.throttle.observe("down.example", DOWN, clock.now())  # paused again
+    await two.sync()
+    again = two.throttle.paused_until("down.example", clock.now())
+    assert again is not None and again > clock.now()
+    assert (await admit(one, message("g@down.example"))).to_send == []
+    await one.sync()  # adopted
+    assert one.throttle.paused_until("down.example", clock.now()) == again
+
+
 async def test_an_operators_lift_from_another_process_is_read_back_before_deferring(
     app: AsyncPostlane, clock: FakeClock
 ) -> None:

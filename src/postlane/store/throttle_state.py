@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from postlane.records import WAITING_FOR_DESTINATION, DestinationStatus, FleetShares
+from postlane.records import WAITING_FOR_DESTINATION, DestinationStatus, FleetShares, ProbeTurn
 from postlane.store import rows
-from postlane.store.plans import Plan, SQLRole, batch, execute, fetch, fetch_one
+from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one
 
 
 class SQLThrottle(SQLRole):
@@ -191,6 +191,36 @@ class SQLThrottle(SQLRole):
 
         return await self.db.write(run)
 
+    async def take_probe(
+        self, destination: str, owner: str, pause_end: float, now: float, timeout: float
+    ) -> ProbeTurn:
+        """Whether ``owner`` probes ``destination`` after its pause that ended at
+        ``pause_end``, waits for another process's probe, or finds it open (one transaction)."""
+        key = {"destination": destination}
+
+        def run() -> Plan[ProbeTurn]:
+            if self.dialect.row_locks:
+                yield from execute("lock_destination_probe", key)
+            row = yield from fetch_one("destination_probe", {**key, "now": now})
+            turn = _probe_turn(row, owner, pause_end, now, timeout)
+            if turn is ProbeTurn.PROBE:
+                params = {**key, "pause_end": pause_end, "owner": owner, "now": now}
+                yield from execute("take_destination_probe", params)
+            return turn
+
+        return await self.db.write(run)
+
+    async def end_probe(self, destination: str, owner: str, pause_end: float, opened: bool) -> None:
+        """What ``owner``'s probe of ``destination`` after the pause that ended at
+        ``pause_end`` found: the destination open, or failed (a longer pause)."""
+        params = {
+            "destination": destination,
+            "owner": owner,
+            "pause_end": pause_end,
+            "outcome": "open" if opened else "failed",
+        }
+        await self.db.write(lambda: execute("end_destination_probe", params))
+
     async def give_fleet_slots(self, owner: str, destinations: Sequence[str]) -> None:
         """Sends that :meth:`take_fleet_slot` let go are over: one slot back per name."""
         counts = Counter(destinations)
@@ -205,3 +235,20 @@ class SQLThrottle(SQLRole):
     async def forget_shares(self, owner: str) -> None:
         """A process stops: its shares go back to the others at once."""
         await self.db.write(lambda: execute("forget_shares", {"owner": owner}))
+
+
+def _probe_turn(
+    row: Row | None, owner: str, pause_end: float, now: float, timeout: float
+) -> ProbeTurn:
+    """The probe after a pause, as the last probe's row says: one process probes, the others
+    wait for its outcome. A probe of an earlier pause is over (this pause's probe is this
+    process's); one under way is its process's to finish, for ``timeout`` seconds at most
+    while that process lives; one that answered says open, or wait (its failure recorded a
+    longer pause, which this process adopts at its next sync)."""
+    if row is None or float(row["pause_end"]) < pause_end:
+        return ProbeTurn.PROBE
+    if row["outcome"] is None:
+        if row["owner"] != owner and row["alive"] and now - float(row["started_at"]) < timeout:
+            return ProbeTurn.WAIT
+        return ProbeTurn.PROBE
+    return ProbeTurn.OPEN if row["outcome"] == "open" else ProbeTurn.WAIT

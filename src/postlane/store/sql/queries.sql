@@ -570,6 +570,29 @@ DELETE FROM destination_slots WHERE @any(destination, destinations, text);
 -- Every destination's schedule starts again (everything waiting was called back).
 DELETE FROM destination_slots;
 
+-- name: destination_probe
+-- The probe that followed a destination's last pause: after which pause, whose, since when,
+-- its outcome, and whether its process is alive (it renews its presence in the fleet's shares,
+-- under the name '*').
+SELECT pause_end, owner, started_at, outcome,
+       EXISTS (SELECT 1 FROM destination_shares s
+               WHERE s.owner = p.owner AND s.destination = '*' AND s.expires_at > :now) AS alive
+FROM destination_probes p
+WHERE destination = :destination;
+
+-- name: take_destination_probe
+-- A process probes a destination after its pause.
+INSERT INTO destination_probes (destination, pause_end, owner, started_at, outcome)
+VALUES (:destination, :pause_end, :owner, :now, NULL)
+ON CONFLICT (destination) DO UPDATE
+SET pause_end = excluded.pause_end, owner = excluded.owner, started_at = excluded.started_at,
+    outcome = NULL;
+
+-- name: end_destination_probe
+-- What a process's probe after a pause found ('open' or 'failed').
+UPDATE destination_probes SET outcome = :outcome
+WHERE destination = :destination AND owner = :owner AND pause_end = :pause_end;
+
 -- name: give_fleet_slots
 -- :n sends of a process to a destination are over.
 UPDATE destination_shares
