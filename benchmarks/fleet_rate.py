@@ -180,14 +180,16 @@ async def trace(url: str, destination: str, sink: Sink, lines: list[str], every:
     """Every ``every`` seconds: what the sink took since, and each process's recorded demand."""
     taken = 0
     names: dict[str, str] = {}
-    started = time.monotonic()
+    started = last = time.monotonic()
     while True:
         await asyncio.sleep(every)
         now = len(sink.accepted_at)
+        elapsed, last = time.monotonic() - last, time.monotonic()
         try:
             demands, schedule = await read_store(url, destination)
-        except Exception as exc:  # a locked file now and then: say so, go on
-            lines.append(f"{time.monotonic() - started:5.1f}s  ({exc})")
+        except Exception as exc:  # no tables yet, a locked file now and then: say so, go on
+            lines.append(f"{time.monotonic() - started:5.1f}s  ({str(exc).splitlines()[0]})")
+            taken = now
             continue
         for owner in demands:
             names.setdefault(owner, f"p{len(names) + 1}")
@@ -197,7 +199,7 @@ async def trace(url: str, destination: str, sink: Sink, lines: list[str], every:
         )
         due, soon, later, far = schedule
         lines.append(
-            f"{time.monotonic() - started:5.1f}s  sink {(now - taken) / every:5.1f}/s  "
+            f"{time.monotonic() - started:5.1f}s  sink {(now - taken) / elapsed:5.1f}/s  "
             f"waiting: due {due:4d}, next 5 s {soon / 5:5.1f}/s, 5-30 s {later / 25:5.1f}/s, "
             f"later {far:4d}  demands: {shown}"
         )
