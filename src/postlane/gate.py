@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,10 +38,11 @@ from postlane.records import (
     ClaimedMessage,
     Delivery,
     DestinationStatus,
+    ProbeTurn,
     paused_reason,
 )
 from postlane.store.base import Store
-from postlane.throttle import MISCONFIGURED, Admission, Throttle
+from postlane.throttle import MAX_SLOT_AHEAD, MISCONFIGURED, Admission, Throttle
 from postlane.transports.base import Transport
 from postlane.waits import first_of
 
@@ -50,6 +52,33 @@ log = logging.getLogger("postlane.worker")
 #: how long a process's share of a destination's limits lasts unless renewed (it renews about
 #: once a second; a process that dies gives its share back within this)
 SHARE_LEASE = 3.0
+#: the fleet's slots of a rate are taken from the store this many seconds' worth at a time
+#: (one write for many deliveries sent back to wait)
+SLOT_BLOCK = 0.25
+#: the fleet's probe after a pause is its process's to finish for this long at most (then, or
+#: as soon as that process stops renewing its shares, another may probe)
+PROBE_LEASE = 60.0
+
+
+@dataclass
+class _SlotBlock:
+    """Successive slots of a destination's rate taken from the fleet's schedule, given to
+    this process's deliveries one by one."""
+
+    first: float
+    count: int
+    interval: float
+    used: int = 0
+
+    def take(self, earliest: float) -> float | None:
+        """The next slot not before ``earliest``; None when none is left. (A rate that moved
+        meanwhile applies from the next block: a block lasts a fraction of a second.)"""
+        skip = math.ceil((earliest - self.first) / self.interval - 1e-9)
+        self.used = max(self.used, skip)
+        if self.used >= self.count:
+            return None
+        self.used += 1
+        return self.first + (self.used - 1) * self.interval
 
 
 @dataclass
@@ -84,6 +113,9 @@ class ThrottleGate:
     _news: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     #: store slots the store could not take back yet (given again at the next sync)
     _owed: list[str] = field(default_factory=list, init=False, repr=False)
+    #: slots of the fleet's schedule of each shared rate taken and not all given yet
+    _slots: dict[str, _SlotBlock] = field(default_factory=dict, init=False, repr=False)
+    _taking_slots: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         #: the relay (or provider account) every delivery goes through, None when routed
@@ -145,11 +177,14 @@ class ThrottleGate:
         for relay, group in by_relay.items():
             # a relay takes a message's recipients in one transaction: one slot for all of them
             if relay is not None:
-                admission = self.throttle.admit([relay], now, urgent=urgent)
+                admission = await self._probe_turn(
+                    self.throttle.admit([relay], now, urgent=urgent), now
+                )
                 if admission.at is None:
                     admission = await self._fleet_slot(relay, now, clearance, urgent)
                 if admission.at is not None:
-                    clearance.waiting.extend((d.id, admission.at) for d in group)
+                    at = await self._come_back_at(admission, now)
+                    clearance.waiting.extend((d.id, at) for d in group)
                     continue
             admitted = []
             for delivery in group:
@@ -159,7 +194,8 @@ class ThrottleGate:
                 if admission.at is None:
                     admitted.append(delivery)
                 else:
-                    clearance.waiting.append((delivery.id, admission.at))
+                    at = await self._come_back_at(admission, now)
+                    clearance.waiting.append((delivery.id, at))
             if relay is not None:
                 if admitted:
                     clearance.relays.append(relay)
@@ -184,6 +220,32 @@ class ThrottleGate:
             clearance.fleet.append(name)
             return Admission(None)
         return Admission(self.throttle.fleet_full(name, now, urgent=urgent))
+
+    async def _come_back_at(self, admission: Admission, now: float) -> float:
+        """When a delivery the throttle sent back comes back: the throttle's slot, or, for a
+        rate other processes share, the next slot of the fleet's schedule of that rate. What
+        comes back due is claimed by whichever process claims first, so the slots must add up
+        to the rate for the fleet: each process spacing its own at its share made a schedule
+        as thin as the shares were when it was made, and kept it (a process that claimed most
+        of a backlog while its share was small spaced it all at that share)."""
+        assert admission.at is not None
+        schedule = admission.fleet_schedule
+        if schedule is None:
+            return admission.at
+        name, interval = schedule.destination, schedule.interval
+        async with self._taking_slots:  # one block at a time: none is left half given
+            block = self._slots.get(name)
+            at = None if block is None else block.take(admission.at)
+            if at is None:
+                count = max(1, math.ceil(SLOT_BLOCK / interval))
+                first = await self.store.take_destination_slots(
+                    name, count, admission.at, interval, now + MAX_SLOT_AHEAD
+                )
+                block = self._slots[name] = _SlotBlock(first, count, interval)
+                at = block.take(first)
+                assert at is not None
+        self.throttle.fleet_slotted(name, at, now)
+        return at
 
     async def _give_fleet_slots(self, clearance: Clearance, names: Sequence[str]) -> None:
         """Give back the store's slots of ``names`` that ``clearance`` holds."""
@@ -223,7 +285,9 @@ class ThrottleGate:
         recorded state is read again first (once per message, in ``checked``): a pause an
         operator lifted from another process is adopted and the delivery goes; otherwise the
         destination's backlog is deferred to the end of the pause."""
-        admission = self.throttle.admit([destination], now, urgent=urgent)
+        admission = await self._probe_turn(
+            self.throttle.admit([destination], now, urgent=urgent), now
+        )
         paused = admission.paused_destination
         if paused is None or admission.at is None:
             return admission
@@ -231,7 +295,32 @@ class ThrottleGate:
         checked.add(paused)
         if not lifted:
             lifted = not await self._defer_backlog(paused, admission.at, now)
-        return self.throttle.admit([destination], now, urgent=urgent) if lifted else admission
+        if not lifted:
+            return admission
+        return await self._probe_turn(self.throttle.admit([destination], now, urgent=urgent), now)
+
+    async def _probe_turn(self, admission: Admission, now: float) -> Admission:
+        """An admission that would probe a destination after its pause, while other processes
+        share it: one probe for the fleet. The store says whether this process probes (it
+        goes), another does (it waits, the destination's backlog with it, and asks again
+        after a while) or already found the destination open (it goes)."""
+        probe = admission.fleet_probe
+        if probe is None:
+            return admission
+        name = probe.destination
+        try:
+            turn = await self.store.take_probe(name, self.owner, probe.pause_end, now, PROBE_LEASE)
+        except BaseException:
+            self.throttle.release([name])  # the slot admit took: no send holds it
+            raise
+        if turn is ProbeTurn.PROBE:
+            self.throttle.probe_granted(name, probe.pause_end)
+            return admission
+        if turn is ProbeTurn.OPEN:
+            self.throttle.opened_elsewhere(name)
+            log.info("destination %s: open again (another process's probe went through)", name)
+            return admission
+        return Admission(self.throttle.probe_elsewhere(name, now), paused_destination=name)
 
     async def _defer_backlog(self, destination: str, until: float, now: float) -> bool:
         """Push a paused destination's backlog to the end of its pause (once per pause).
@@ -321,10 +410,16 @@ class ThrottleGate:
         for name in self.throttle.to_hasten(now):  # a lift adopted just now included
             # the relay's rate governs every destination: call back all that wait for it
             destination = None if name == self.relay else name
+            if destination is None:
+                self._slots.clear()
+            else:
+                self._slots.pop(name, None)
             if await self.store.hasten(destination, now, WAITING_FOR_DESTINATION):
                 self.wake.set()
         if self._owed:
             await self._give([])
+        for name, pause_end, opened in self.throttle.probe_outcomes():
+            await self.store.end_probe(name, self.owner, pause_end, opened)
         shares = await self.store.share_destinations(
             self.owner, self.throttle.demands(now), now, now + SHARE_LEASE
         )

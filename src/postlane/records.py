@@ -4,6 +4,7 @@ the read-side views the CLI, HTTP API and dashboard render (with their contract 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -458,6 +459,18 @@ class DestinationStatus:
 
 
 # -- operator side -------------------------------------------------------------------------------
+
+
+class ProbeTurn(enum.StrEnum):
+    """What the fleet's probe after a destination's pause says to a process that asks for it
+    (:meth:`postlane.store.base.ThrottleStore.take_probe`)."""
+
+    #: this process probes: one delivery goes, and its reply opens or pauses again
+    PROBE = "probe"
+    #: another process probes, or its probe failed (a longer pause is recorded): wait
+    WAIT = "wait"
+    #: another process's probe went through: the destination is open again
+    OPEN = "open"
 
 
 @dataclass(frozen=True)

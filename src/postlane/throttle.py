@@ -19,7 +19,10 @@ Each destination (a provider such as ``google``, a recipient domain, or the rela
 Limits hold for the whole fleet: every process sending to a limited destination tells the store
 its demand about once a second (:meth:`Throttle.demands`) and takes the share of the rate and
 of the concurrency its demand is of all live demands (:meth:`Throttle.set_shares`); a process
-alone has all of it, and one that stops returns its share within a lease.
+alone has all of it, and one that stops returns its share within a lease. Its token bucket runs
+at its share, but what it sends back to wait for a rate it shares comes back due to every
+process, so it is given the next slot of the fleet's schedule of that rate, in the store
+(:class:`FleetSchedule`), not a slot spaced at its own share.
 
 The :class:`Throttle` is pure bookkeeping with explicit times; the worker's
 :class:`~postlane.gate.ThrottleGate` is its only user: it asks :meth:`Throttle.admit` before
@@ -30,6 +33,7 @@ the HTTP API and other workers see pauses and rates.
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import math
 import re
@@ -63,11 +67,47 @@ HASTEN_FACTOR = 1.5
 MEASURE_WINDOW = 2.0
 #: a destination's demand is what was asked of it over this window
 DEMAND_WINDOW = 2.0
+#: the fleet's schedule of a shared rate gives this much more slots than the rate: what comes
+#: back due goes to whichever process claims first, not in proportion to the shares, and one
+#: whose share is spent for the moment sends it back to the schedule's end while another's
+#: tokens go unused; a few more slots than the rate keep every share busy (the token buckets,
+#: not the schedule, hold the fleet to the rate)
+FLEET_SURPLUS = 0.25
 #: a process that joined the fleet this recently is still starting (see :meth:`set_shares`)
 JOINING = 3.0
 #: the name under which every process says it is alive in the fleet's shares (so that one
 #: starting beside others takes an even share of a destination before its first demand)
 PRESENCE = "*"
+
+
+class _Why(enum.Enum):
+    """What a delivery that cannot go now waits for."""
+
+    PAUSE = "pause"  # a pause, or the probe after one
+    CAP = "cap"  # a concurrency cap
+    RATE = "rate"  # a rate's next token
+
+
+@dataclass(frozen=True)
+class FleetSchedule:
+    """A rate other processes share: a delivery sent back to wait for it takes the next slot
+    of the fleet's schedule of that rate (in the store), not one of this process's own."""
+
+    destination: str
+    #: the slots' spacing: one over the fleet's rate
+    interval: float
+
+
+@dataclass(frozen=True)
+class FleetProbe:
+    """The delivery admitted would probe ``destination`` after its pause (which ended at
+    ``pause_end``). One probe for the fleet: the gate asks the store whether this process
+    probes (:meth:`Throttle.probe_granted`), waits for another's
+    (:meth:`Throttle.probe_elsewhere`) or finds the destination open already
+    (:meth:`Throttle.opened_elsewhere`)."""
+
+    destination: str
+    pause_end: float
 
 
 @dataclass(frozen=True)
@@ -78,6 +118,12 @@ class Admission:
     #: set when a destination is paused (or probing after a pause): the gate defers that
     #: destination's whole backlog instead of sending deliveries back one by one
     paused_destination: str | None = None
+    #: set when the wait is for a rate the fleet shares: ``at`` is then the earliest the
+    #: delivery may come back, and its slot comes from the fleet's schedule
+    fleet_schedule: FleetSchedule | None = None
+    #: set when the delivery admitted would probe a destination after its pause: it goes only
+    #: if this process is the fleet's prober
+    fleet_probe: FleetProbe | None = None
 
     @property
     def admitted(self) -> bool:
@@ -96,6 +142,11 @@ class _Destination:
     pause_level: int = 0
     paused_until: float | None = None
     probing: bool = False
+    #: the end of the pause after which this process is the fleet's prober (its probe's
+    #: outcome is recorded for the others)
+    fleet_probe: float | None = None
+    #: another process probes: wait until then before asking again
+    probe_wait_until: float = float("-inf")
     reason: str | None = None
     last_decrease: float = float("-inf")
     #: a shaping rule's rate: the ceiling until ``held_until``, whatever successes say
@@ -105,6 +156,9 @@ class _Destination:
     sent: deque[float] = field(default_factory=deque)
     #: slots promised to deliveries sent back to wait: the next one goes after this
     reserved_until: float = 0.0
+    #: the last slot of the fleet's schedule this process gave a delivery (see
+    #: :class:`FleetSchedule`)
+    fleet_slotted_until: float = 0.0
     #: slots promised to waiting high-lane deliveries: they go ahead of the others' slots
     urgent_until: float = 0.0
     #: the rate those slots were spaced at (they are pulled in when it grows well past it)
@@ -127,6 +181,8 @@ class _Destination:
     slots: int | None = None
     #: when sends to it were asked for, admitted or not (its demand)
     asked: deque[float] = field(default_factory=deque)
+    #: how many processes asked for it, this one included, at the last sync
+    askers: int = 1
 
     @property
     def configured_rate(self) -> float | None:
@@ -139,8 +195,11 @@ class _Destination:
 
     @property
     def limited(self) -> bool:
-        """Whether the fleet shares a configured limit of this destination."""
-        return bool(self.limits.rate or self.limits.concurrency)
+        """Whether the fleet shares a limit of this destination: a configured rate or
+        concurrency, or a rate in force on one that has none configured (a slow-down, a
+        shaping rule's). Each process runs its bucket at its share of that rate, so the fleet
+        sends the rate ``stats`` shows, not that rate once per process."""
+        return bool(self.limits.rate or self.limits.concurrency or self.rate is not None)
 
 
 class Throttle:
@@ -159,8 +218,11 @@ class Throttle:
         self._first_share = 1.0
         #: processes holding shares at the last :meth:`set_shares` (1: alone, as far as known)
         self._fleet = 1
-        #: a pause began here since :meth:`changes` last ran: the fleet should hear at once
+        #: a pause began here, or the fleet's probe this process sent answered, since
+        #: :meth:`changes` last ran: the fleet should hear at once
         self.news = False
+        #: see :meth:`probe_outcomes`
+        self._probe_outcomes: list[tuple[str, float, bool]] = []
 
     @classmethod
     def from_config(cls, config: Config) -> Throttle:
@@ -191,27 +253,39 @@ class Throttle:
         states = [self._get(key) for key in keys]
         for state in states:
             state.asked.append(now)
-        worst: tuple[float, _Destination, bool] | None = None
+        worst: tuple[float, _Destination, _Why] | None = None
         for state in states:
-            wait, paused = self._wait(state, now)
+            wait, why = self._wait(state, now)
             if wait > 0 and (worst is None or wait > worst[0]):
-                worst = (wait, state, paused)
+                worst = (wait, state, why)
         if worst is not None:
-            wait, state, paused = worst
-            if paused:
+            wait, state, why = worst
+            if why is _Why.PAUSE:
                 return Admission(now + wait, paused_destination=state.name)
+            if why is _Why.RATE and not urgent and self._fleet > 1 and state.rate is not None:
+                # other processes claim what comes back due as much as this one: its slot is
+                # the fleet's next, spaced at the fleet's rate (see FleetSchedule)
+                interval = 1.0 / max(state.rate * (1.0 + FLEET_SURPLUS), 1e-6)
+                schedule = FleetSchedule(state.name, interval)
+                return Admission(now + wait, fleet_schedule=schedule)
             return Admission(self._slot(state, now, wait, urgent))
+        probe = None
         for state in states:
             self._refill(state, now)
             if state.local_rate is not None:
                 state.tokens -= 1.0
             state.in_flight += 1
-        return Admission(None)
+            # the probe after a pause is the fleet's (whatever this process knows of the
+            # others): unless known to be this process's already, the store says whose
+            pause_end = state.paused_until
+            if state.probing and pause_end is not None and state.fleet_probe != pause_end:
+                probe = FleetProbe(state.name, pause_end)
+        return Admission(None, fleet_probe=probe)
 
     def _slot(self, state: _Destination, now: float, wait: float, urgent: bool) -> float:
         """When a delivery sent back to wait ``wait`` seconds (at least) comes back: the next
         free slot, spaced by :meth:`_interval`; an urgent one ahead of the others' slots."""
-        if state.reserved_until <= now:
+        if self._waiting_until(state) <= now:
             state.slotted_rate = state.rate
         interval = self._interval(state, now)
         if urgent:
@@ -222,6 +296,21 @@ class Throttle:
         slot = min(max(now + wait, state.reserved_until), now + MAX_SLOT_AHEAD)
         state.reserved_until = slot + interval
         return slot
+
+    def fleet_slotted(self, key: str, at: float, now: float) -> None:
+        """A delivery sent back to wait for ``key``'s rate was given the fleet's slot ``at``
+        (so that, should the rate grow well past the one it was spaced at, it is called back:
+        :meth:`to_hasten`)."""
+        state = self._get(key)
+        if self._waiting_until(state) <= now:
+            state.slotted_rate = state.rate
+        state.fleet_slotted_until = max(state.fleet_slotted_until, at)
+
+    @staticmethod
+    def _waiting_until(state: _Destination) -> float:
+        """The last slot given to a delivery that waits for ``state``, this process's or the
+        fleet's."""
+        return max(state.reserved_until, state.fleet_slotted_until)
 
     def fleet_cap(self, key: str) -> int | None:
         """The concurrency cap of ``key`` that other live processes share with this one (each
@@ -238,26 +327,28 @@ class Throttle:
         state = self._get(key)
         return self._slot(state, now, self._interval(state, now), urgent)
 
-    def _wait(self, state: _Destination, now: float) -> tuple[float, bool]:
-        """(seconds to wait, whether because of a pause or a probe)."""
+    def _wait(self, state: _Destination, now: float) -> tuple[float, _Why]:
+        """(seconds to wait, and what for)."""
         if state.paused_until is not None:
             if now < state.paused_until:
-                return state.paused_until - now, True
+                return state.paused_until - now, _Why.PAUSE
             state.probing = True  # the pause is over: one delivery probes first
         if state.probing and state.in_flight >= 1:
-            return min(5.0, self.settings.cool_down), True
+            return min(5.0, self.settings.cool_down), _Why.PAUSE
+        if state.probing and now < state.probe_wait_until:  # another process probes
+            return state.probe_wait_until - now, _Why.PAUSE
         cap = state.limits.concurrency or None
         if cap is not None and state.slots is not None:
             cap = state.slots  # this process's part of the fleet's cap
         if cap is not None and state.in_flight >= cap:
-            return self._interval(state, now), False
+            return self._interval(state, now), _Why.CAP
         rate = state.local_rate
         if rate is None:
-            return 0.0, False
+            return 0.0, _Why.RATE
         self._refill(state, now)
         if state.tokens >= 1.0:
-            return 0.0, False
-        return (1.0 - state.tokens) / max(rate, 1e-6), False
+            return 0.0, _Why.RATE
+        return (1.0 - state.tokens) / max(rate, 1e-6), _Why.RATE
 
     def _interval(self, state: _Destination, now: float) -> float:
         """The spacing of slots given to waiting deliveries: the rate's, or for a concurrency
@@ -309,6 +400,7 @@ class Throttle:
             # from a send started before it, and lifts nothing.
             ended = state.paused_until is not None and state.paused_until <= now
             if state.probing or ended:
+                self._probed(state, opened=True)
                 state.probing = False
                 state.own_pause = False
                 state.paused_until = None
@@ -335,6 +427,7 @@ class Throttle:
         if duration is None:
             duration = min(self.settings.max_pause, self.settings.pause * 2**state.pause_level)
             state.pause_level += 1
+        self._probed(state, opened=False)
         state.paused_until = now + duration
         state.own_pause = True
         state.probing = False
@@ -342,6 +435,46 @@ class Throttle:
         state.reason = reason
         state.changed = True
         self.news = True
+
+    def _probed(self, state: _Destination, *, opened: bool) -> None:
+        """The fleet's probe this process sent after ``state``'s pause answered: the others
+        hear it at once (:meth:`probe_outcomes`)."""
+        if state.fleet_probe is not None:
+            self._probe_outcomes.append((state.name, state.fleet_probe, opened))
+            state.fleet_probe = None
+            self.news = True
+
+    # -- the fleet's probe after a pause ---------------------------------------------------------
+
+    def probe_granted(self, key: str, pause_end: float) -> None:
+        """This process is the fleet's prober of ``key`` after its pause that ended at
+        ``pause_end``: the delivery admitted goes."""
+        self._get(key).fleet_probe = pause_end
+
+    def probe_elsewhere(self, key: str, now: float) -> float:
+        """Another process probes ``key`` (or its probe failed, and a longer pause is
+        recorded): undo the slot :meth:`admit` took and say when to ask again."""
+        self.release([key])
+        state = self._get(key)
+        state.probe_wait_until = now + min(5.0, self.settings.cool_down)
+        return state.probe_wait_until
+
+    def opened_elsewhere(self, key: str) -> None:
+        """Another process's probe after ``key``'s pause went through: open here too."""
+        state = self._get(key)
+        state.probing = False
+        state.own_pause = False
+        state.paused_until = None
+        state.pause_level = 0
+        state.failures = 0
+        state.reason = None
+        state.probe_wait_until = float("-inf")
+
+    def probe_outcomes(self) -> list[tuple[str, float, bool]]:
+        """(destination, end of the pause, opened) of the fleet's probes this process sent
+        that answered since the last call, to record for the others."""
+        outcomes, self._probe_outcomes = self._probe_outcomes, []
+        return outcomes
 
     def _sent_rate(self, state: _Destination, now: float) -> float:
         while state.sent and state.sent[0] < now - MEASURE_WINDOW:
@@ -447,15 +580,24 @@ class Throttle:
     # -- the fleet's shares ----------------------------------------------------------------------
 
     def demands(self, now: float) -> dict[str, float]:
-        """This process's demand on each limited destination it sends to (sends asked for per
-        second over the last :data:`DEMAND_WINDOW`, plus those in flight); a destination left
-        alone for the window is not listed (its share goes back to the others)."""
+        """This process's demand on each limited destination it sends to, a slowed-down one
+        included (sends asked for per second over the last :data:`DEMAND_WINDOW`, plus those
+        in flight); a destination left alone for the window is not listed (its share goes
+        back to the others)."""
         out = {}
         for state in self._destinations.values():
             while state.asked and state.asked[0] < now - DEMAND_WINDOW:
                 state.asked.popleft()
             if state.limited and (state.asked or state.in_flight):
-                out[state.name] = len(state.asked) / DEMAND_WINDOW + state.in_flight
+                asked = len(state.asked) / DEMAND_WINDOW
+                if state.rate is not None:
+                    # what comes back due goes to whichever process claims first, so a process
+                    # that asks for more than its part of the rate says no more than that: a
+                    # backlog claimed at once (thousands of asks in a second) takes no more
+                    # than the others' share, and processes that all want more than their part
+                    # share evenly instead of by the noise of who claimed first
+                    asked = min(asked, state.rate / state.askers)
+                out[state.name] = asked + state.in_flight
         out[PRESENCE] = 1.0
         return out
 
@@ -477,6 +619,7 @@ class Throttle:
             if name == PRESENCE:
                 continue
             state = self._get(name)
+            state.askers = max(1, len(by_owner))
             mine = by_owner.get(owner, 0.0)
             demands = {**{other: mine for other in joining}, **by_owner}
             total = sum(demands.values())
@@ -521,11 +664,13 @@ class Throttle:
                 state.changed = True
 
     def _lift(self, state: _Destination) -> None:
-        if state.reserved_until > 0.0:  # deliveries wait for slots at the old rate
+        if self._waiting_until(state) > 0.0:  # deliveries wait for slots at the old rate
             state.recall = True
         state.paused_until = None
         state.own_pause = False
         state.probing = False
+        state.fleet_probe = None
+        state.probe_wait_until = float("-inf")
         state.pause_level = 0
         state.failures = 0
         state.held_rate = None
@@ -534,6 +679,7 @@ class Throttle:
         state.rate = state.configured_rate
         state.tokens = max(state.tokens, 1.0)
         state.reserved_until = 0.0
+        state.fleet_slotted_until = 0.0
         state.urgent_until = 0.0
         state.reason = None
 
@@ -548,10 +694,11 @@ class Throttle:
                 names.append(state.name)
                 continue
             slotted = state.slotted_rate
-            if state.reserved_until <= now or slotted is None:
+            if self._waiting_until(state) <= now or slotted is None:
                 continue
             if state.rate is None or state.rate >= HASTEN_FACTOR * slotted:
                 state.reserved_until = now
+                state.fleet_slotted_until = now
                 state.urgent_until = min(state.urgent_until, now)
                 state.slotted_rate = state.rate
                 names.append(state.name)

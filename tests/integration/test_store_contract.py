@@ -15,10 +15,12 @@ from postlane.classify import ReplyClass
 from postlane.errors import IdempotencyConflict, NotFound, ValidationError
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.records import (
+    WAITING_FOR_DESTINATION,
     AttemptRecord,
     DestinationStatus,
     ExportedMessage,
     Outcome,
+    ProbeTurn,
     Selector,
     Suppression,
 )
@@ -1493,3 +1495,64 @@ async def test_concurrent_takes_of_the_last_slot_grant_it_once(store: Any) -> No
         *(store.take_fleet_slot(f"p{n}", "google", 3, T0, T0 + 3) for n in range(12))
     )
     assert sum(granted) == 3
+
+
+async def test_a_destinations_slots_are_one_sequence_for_the_fleet(store: Any) -> None:
+    """Deliveries any process sends back to wait for a rate the fleet shares take successive
+    slots of one schedule: each take continues after the last (whoever took it), starts no
+    sooner than asked, waits at the horizon when the schedule reaches it, and starts again
+    when what waited is called back (a grown rate, an operator's lift)."""
+    take = store.take_destination_slots
+    assert await take("google", 3, T0, 0.1, T0 + 120) == pytest.approx(T0)
+    assert await take("google", 2, T0, 0.1, T0 + 120) == pytest.approx(T0 + 0.3)  # after those
+    assert await take("google", 1, T0 + 5, 0.1, T0 + 120) == pytest.approx(T0 + 5)  # not sooner
+    assert await take("google", 1, T0, 0.2, T0 + 120) == pytest.approx(T0 + 5.1)
+    assert await take("example.net", 1, T0, 0.1, T0 + 120) == pytest.approx(T0)  # its own
+    assert await take("google", 1, T0, 0.1, T0 + 5) == pytest.approx(T0 + 5)  # the horizon
+    assert await take("google", 1, T0, 0.1, T0 + 5) == pytest.approx(T0 + 5)
+    # concurrent takes (PostgreSQL: from the pool's connections at once) never share a slot
+    firsts = await asyncio.gather(*(take("yahoo", 2, T0, 0.5, T0 + 120) for _ in range(8)))
+    assert sorted(firsts) == pytest.approx([T0 + n for n in range(8)])
+    await store.hasten("google", T0 + 1, WAITING_FOR_DESTINATION)  # its rate grew: called back
+    assert await take("google", 1, T0 + 1, 0.1, T0 + 121) == pytest.approx(T0 + 1)
+    assert await take("yahoo", 1, T0, 0.5, T0 + 120) == pytest.approx(T0 + 8)  # untouched
+    await store.lift_destinations(["yahoo"], T0 + 2)  # an operator's flush
+    assert await take("yahoo", 1, T0 + 2, 0.5, T0 + 122) == pytest.approx(T0 + 2)
+    await store.hasten(None, T0 + 3, WAITING_FOR_DESTINATION)  # the relay's rate: everything
+    assert await take("example.net", 1, T0 + 3, 0.1, T0 + 123) == pytest.approx(T0 + 3)
+
+
+async def test_one_process_probes_a_destination_after_its_pause(store: Any) -> None:
+    """When a pause ends, the first process to ask probes; the others wait for its outcome:
+    open (they go) or failed (they wait for the longer pause it recorded). A probe of an
+    earlier pause is over; one under way lasts while its process renews its shares, and no
+    longer than the timeout."""
+    end = T0 + 30
+    for owner in ("a", "b", "c"):  # alive: each renews its presence in the fleet's shares
+        await store.share_destinations(owner, {"*": 1.0}, end, end + 3)
+    take = store.take_probe
+    assert await take("google", "a", end, end, 60) == ProbeTurn.PROBE
+    assert await take("google", "b", end, end + 0.1, 60) == ProbeTurn.WAIT
+    assert await take("google", "a", end, end + 0.2, 60) == ProbeTurn.PROBE  # still a's
+    assert await take("example.net", "b", end, end, 60) == ProbeTurn.PROBE  # its own probe
+    await store.end_probe("google", "a", end, opened=True)
+    assert await take("google", "b", end, end + 1, 60) == ProbeTurn.OPEN
+    assert await take("google", "c", end - 10, end + 1, 60) == ProbeTurn.OPEN  # an older pause
+    # the next pause: its probe fails, and the others wait (for the longer pause recorded)
+    again = end + 100
+    for owner in ("a", "b", "c"):
+        await store.share_destinations(owner, {"*": 1.0}, again, again + 3)
+    assert await take("google", "b", again, again, 60) == ProbeTurn.PROBE
+    assert await take("google", "a", again, again, 60) == ProbeTurn.WAIT
+    await store.end_probe("google", "b", again, opened=False)
+    assert await take("google", "a", again, again + 1, 60) == ProbeTurn.WAIT
+    # a probe whose process stopped renewing its shares, or that never answered, is over
+    later = again + 60  # the end of the longer pause
+    await store.share_destinations("a", {"*": 1.0}, later, later + 3)
+    await store.share_destinations("c", {"*": 1.0}, later, later + 300)
+    assert await take("google", "a", later, later + 1, 60) == ProbeTurn.PROBE  # a newer pause
+    assert await take("google", "c", later, later + 2, 60) == ProbeTurn.WAIT
+    assert await take("google", "c", later, later + 4, 60) == ProbeTurn.PROBE  # a: gone
+    await store.share_destinations("b", {"*": 1.0}, later + 4, later + 300)
+    assert await take("google", "b", later, later + 5, 60) == ProbeTurn.WAIT  # c's, alive
+    assert await take("google", "b", later, later + 4 + 60, 60) == ProbeTurn.PROBE  # too long

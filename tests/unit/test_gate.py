@@ -21,7 +21,7 @@ from postlane.gate import Clearance, ThrottleGate
 from postlane.message import Lane
 from postlane.records import ClaimedMessage, Delivery, DestinationStatus
 from postlane.store.sqlite import SQLiteStore
-from postlane.throttle import Throttle
+from postlane.throttle import FLEET_SURPLUS, Throttle
 from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response
 from postlane.transports.router import Router, RouteRule
 from tests.conftest import make_config
@@ -177,6 +177,66 @@ async def test_processes_sharing_a_cap_never_have_more_in_flight_together(
     assert waiting.to_send == [] and len(waiting.waiting) == 2 and waiting.relays == []
 
 
+async def test_processes_sharing_a_rate_send_back_to_one_schedule_at_the_fleets_rate(
+    app: AsyncPostlane,
+) -> None:
+    """Three processes share example.net's 40/s, a third each; one claims a backlog of 100 at
+    once. What it cannot send now comes back due to any of them, so it waits for slots of the
+    fleet's schedule, at the fleet's rate (and a quarter more: FLEET_SURPLUS), not at its own
+    13/s: spaced at its share, a backlog one process claimed came back at a third of the rate
+    for everyone. Another process's slots follow the first's, none given twice."""
+    limits = {"example.net": DestinationLimits(rate=40)}
+    one, two, three = gate(app, limits=limits), gate(app, limits=limits), gate(app, limits=limits)
+    one.owner, two.owner, three.owner = "one", "two", "three"
+    for g in (one, two, three, one, two):  # all three have joined the fleet
+        await g.sync()
+    backlog = [await admit(one, message(f"u{n}@example.net")) for n in range(100)]
+    sent = sum(len(c.to_send) for c in backlog)
+    assert sent == 13  # a third of the rate's second saved up
+    slots = [at for c in backlog for _, at in c.waiting]
+    interval = 1 / (40 * (1 + FLEET_SURPLUS))
+    assert slots == sorted(slots) and slots[0] <= T0 + 0.1
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
+    assert max(gaps) == pytest.approx(interval, abs=1e-4)  # times near 1.7e9 s: float's grain
+    assert min(gaps) == pytest.approx(interval, abs=1e-4)
+    more = [await admit(two, message(f"v{n}@example.net")) for n in range(20)]
+    later = [at for c in more for _, at in c.waiting]
+    assert later and min(later) > max(slots)  # after the first's: the fleet's next slots
+    assert len(set(slots + later)) == len(slots) + len(later)
+
+
+async def test_a_slowed_down_rate_without_a_configured_limit_holds_for_the_fleet(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    """Three processes send through a relay with no configured limit, each from before its
+    first sync (a worker claims at once when nothing has limits); then the relay asks to slow
+    down and the rate it was given (10/s, as ``stats`` shows it) is adopted by all three.
+    Together they send 10/s, not 10/s each: a slowed-down rate is shared by demand as a
+    configured one is. (Each kept the share it started with, all of it, and the fleet sent
+    three times what stats showed.)"""
+    gates = [gate(app, Relay("relay")) for _ in range(3)]
+    for g, owner in zip(gates, ("one", "two", "three"), strict=True):
+        g.owner = owner
+        await g.release(await admit(g, message("a@example.net")))  # before any sync
+    for g in gates:  # the fleet has formed
+        await g.sync()
+    slowed = DestinationStatus("relay", 10.0, None, None, "throttled: 421 4.7.28", 0, 0, T0)
+    await app.store.save_destination_states([slowed])
+    sent = 0
+    for _second in range(10):
+        for g in gates:
+            await g.sync()  # adopts the slowed rate; shares settle once a second
+        for _tenth in range(10):  # each is offered far more than the rate, a tenth at a time
+            for g in gates:
+                for n in range(5):
+                    clearance = await admit(g, message(f"{n}@example.net"))
+                    sent += len(clearance.to_send)
+                    await g.release(clearance)
+            await clock.advance(0.1)
+    # 10 s at 10/s, and the second's worth saved up before (324 when each sent 10/s)
+    assert 85 <= sent <= 10 * 10 * 1.1 + 10, f"{sent} sent in 10 s at a rate of 10/s"
+
+
 async def test_a_store_failing_mid_admission_leaves_no_fleet_slot_taken(
     app: AsyncPostlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -254,6 +314,64 @@ async def test_a_paused_destination_defers_its_backlog_once_per_pause(
     again = await admit(g, message("v@down.example"))
     assert again.waiting[0][1] == T0 + 60 + 120
     assert store.deferred == [("down.example", T0 + 60), ("down.example", T0 + 180)]
+
+
+async def test_one_process_of_the_fleet_probes_a_destination_when_its_pause_ends(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    """Two processes share a paused destination. When the pause ends, the first to have a
+    delivery for it probes; the other's waits (its backlog with it) for the probe's outcome,
+    and goes once the probe went through. A probe that fails pauses the destination again for
+    the fleet: the other waits, and adopts the new pause. (Each process sent a probe of its
+    own.)"""
+    store = app.store
+    assert isinstance(store, CountingStore)
+    one, two = gate(app, pause_after=1, pause=60), gate(app, pause_after=1, pause=60)
+    one.owner, two.owner = "one", "two"
+    for g in (one, two, one):  # both in the fleet
+        await g.sync()
+    one.throttle.observe("down.example", DOWN, T0)  # paused until T0 + 60
+    await one.sync()  # recorded at once (news)
+    await two.sync()  # adopted
+    assert two.is_paused("down.example")
+
+    await clock.advance(60)
+    for g in (one, two):  # alive: each renews its shares about once a second
+        await g.sync()
+    probe = await admit(one, message("a@down.example"))
+    assert len(probe.to_send) == 1  # one's delivery probes
+    waiting = await admit(two, message("b@down.example"))
+    assert waiting.to_send == [] and waiting.waiting[0][1] == T0 + 65  # asks again in 5 s
+    assert store.deferred[-1] == ("down.example", T0 + 65)  # with its backlog
+    assert (await admit(two, message("c@down.example"))).to_send == []  # not asked again
+    await one.release(probe)
+    one.throttle.observe("down.example", OK, clock.now())  # the probe went through
+    await one.sync()
+    await clock.advance(5)
+    for g in (one, two):
+        await g.sync()
+    opened = await admit(two, message("d@down.example"))
+    assert len(opened.to_send) == 1 and not two.is_paused("down.example")  # open
+    await two.release(opened)
+
+    # the next pause: the probe fails, and the fleet waits for the longer pause
+    one.throttle.observe("down.example", DOWN, clock.now())
+    await one.sync()
+    await two.sync()
+    await clock.advance(60)
+    for g in (one, two):
+        await g.sync()
+    probe = await admit(two, message("e@down.example"))  # two asks first this time
+    assert len(probe.to_send) == 1
+    assert (await admit(one, message("f@down.example"))).to_send == []
+    await two.release(probe)
+    two.throttle.observe("down.example", DOWN, clock.now())  # paused again
+    await two.sync()
+    again = two.throttle.paused_until("down.example", clock.now())
+    assert again is not None and again > clock.now()
+    assert (await admit(one, message("g@down.example"))).to_send == []
+    await one.sync()  # adopted
+    assert one.throttle.paused_until("down.example", clock.now()) == again
 
 
 async def test_an_operators_lift_from_another_process_is_read_back_before_deferring(

@@ -372,3 +372,78 @@ def test_the_fleets_shares_split_rate_and_concurrency_by_demand() -> None:
     t.set_shares(joining, "a", T0)
     assert state.share == pytest.approx(0.5) and state.slots == 5
     assert "d" in t.demands(T0) and t.demands(T0)[PRESENCE] == 1.0
+
+
+def fleet_of(t: Throttle, owners: int, owner: str = "a") -> None:
+    """``t`` learns that ``owners`` processes (``owner`` among them) are in the fleet."""
+    from postlane.records import FleetShares
+    from postlane.throttle import PRESENCE
+
+    names = [owner, *(f"other{n}" for n in range(owners - 1))]
+    present = {name: 1.0 for name in names}
+    since = {(PRESENCE, name): T0 - 60 for name in names}
+    t.set_shares(FleetShares({PRESENCE: present}, owners, since), owner, T0)
+
+
+def test_a_delivery_waiting_for_a_rate_the_fleet_shares_takes_the_fleets_next_slot() -> None:
+    """Alone, a process spaces what it sends back at its rate; sharing the rate, what it sends
+    back comes back due to every process, so it takes the next slot of the fleet's schedule
+    (spaced at the fleet's rate, with a surplus), only no sooner than its own next token. A
+    high-lane delivery still gets this process's next slot, ahead of the backlog."""
+    from postlane.throttle import FLEET_SURPLUS, FleetSchedule
+
+    alone = throttle(rate=40)
+    for _ in range(40):
+        assert alone.admit(["d"], T0).admitted
+    waiting = alone.admit(["d"], T0)
+    assert waiting.fleet_schedule is None and waiting.at == pytest.approx(T0 + 1 / 40)
+    shared = throttle(rate=40)
+    fleet_of(shared, 3)
+    for _ in range(13):  # its third of the second saved up
+        assert shared.admit(["d"], T0).admitted
+    waiting = shared.admit(["d"], T0)
+    assert waiting.fleet_schedule == FleetSchedule("d", 1 / (40 * (1 + FLEET_SURPLUS)))
+    assert waiting.at is not None and T0 < waiting.at <= T0 + 3 / 40  # its next token
+    urgent = shared.admit(["d"], T0, urgent=True)
+    assert urgent.fleet_schedule is None and urgent.at is not None and urgent.at < T0 + 0.1
+    # a cap, not the rate: its own slots, as before
+    capped = throttle(concurrency=1)
+    fleet_of(capped, 3)
+    assert capped.admit(["d"], T0).admitted
+    assert capped.admit(["d"], T0).fleet_schedule is None
+
+
+def test_a_backlog_claimed_at_once_asks_for_no_more_than_its_part_of_the_rate() -> None:
+    """Thousands of sends asked for in a second (a backlog claimed at once) say no more than
+    the process's part of the rate among those asking: the others claim what comes back due
+    as much as it does. Below that part, the demand is what was asked for."""
+    from postlane.records import FleetShares
+    from postlane.throttle import PRESENCE
+
+    t = throttle(rate=40)
+    for _ in range(600):
+        if t.admit(["d"], T0).admitted:
+            t.release(["d"])  # sent at once: none in flight
+    assert t.demands(T0)["d"] == pytest.approx(40)  # alone so far: the whole rate at most
+    owners = {"a": 1.0, "b": 1.0, "c": 1.0}
+    since = {(PRESENCE, o): T0 - 60 for o in owners} | {("d", o): T0 - 60 for o in owners}
+    t.set_shares(
+        FleetShares({"d": {"a": 40.0, "b": 5.0, "c": 5.0}, PRESENCE: owners}, 3, since), "a", T0
+    )
+    assert t.demands(T0)["d"] == pytest.approx(40 / 3)
+    quiet = throttle(rate=40)
+    for n in range(10):
+        send(quiet, T0 + n * 0.1)
+    assert quiet.demands(T0 + 1)["d"] == pytest.approx(10 / 2)  # ten over the last two seconds
+
+
+def test_deliveries_given_the_fleets_slots_are_called_back_when_the_rate_is_lifted() -> None:
+    """Slots of the fleet's schedule given at a slowed rate count as waiting deliveries: an
+    operator's lift (or a rate grown well past theirs) calls them back, as for its own."""
+    t = throttle(rate=40)
+    fleet_of(t, 2)
+    t.observe("d", SLOW, T0)  # halved
+    t.fleet_slotted("d", T0 + 60, T0)
+    assert t.to_hasten(T0 + 1) == []
+    t.lift(["d"])
+    assert t.to_hasten(T0 + 1) == ["d"]

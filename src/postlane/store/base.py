@@ -25,6 +25,7 @@ from postlane.records import (
     FleetShares,
     MessageView,
     Outcome,
+    ProbeTurn,
     Sample,
     SelectionCount,
     Selector,
@@ -244,6 +245,33 @@ class ThrottleStore(Protocol):
 
     async def give_fleet_slots(self, owner: str, destinations: Sequence[str]) -> None:
         """Sends :meth:`take_fleet_slot` granted are over, one per name given."""
+        ...
+
+    async def take_destination_slots(
+        self, destination: str, count: int, earliest: float, interval: float, latest: float
+    ) -> float:
+        """``count`` successive slots of ``destination``'s rate, ``interval`` apart, for
+        deliveries the fleet's processes send back to wait: from the fleet's next free slot,
+        or ``earliest`` if later, never past ``latest``. Returns the first; the next call
+        continues after the last. One schedule for every process, so what comes back due adds
+        up to the rate whoever claims it. :meth:`hasten` and :meth:`lift_destinations` start
+        it again."""
+        ...
+
+    async def take_probe(
+        self, destination: str, owner: str, pause_end: float, now: float, timeout: float
+    ) -> ProbeTurn:
+        """When ``destination``'s pause (which ended at ``pause_end``) is over, one process of
+        the fleet probes: PROBE for the first to ask (or the one probing already), WAIT while
+        another live process's probe is under way (for ``timeout`` seconds at most) or after
+        it failed (its longer pause is recorded), OPEN once it went through
+        (:meth:`end_probe`). A probe of an earlier pause, or of a process that stopped
+        renewing its shares, is over."""
+        ...
+
+    async def end_probe(self, destination: str, owner: str, pause_end: float, opened: bool) -> None:
+        """The outcome of ``owner``'s probe of ``destination`` after the pause that ended at
+        ``pause_end``: open again, or failed."""
         ...
 
     async def wait_for_destination_news(self, timeout: float) -> bool:

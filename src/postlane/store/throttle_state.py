@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from postlane.records import WAITING_FOR_DESTINATION, DestinationStatus, FleetShares
+from postlane.records import WAITING_FOR_DESTINATION, DestinationStatus, FleetShares, ProbeTurn
 from postlane.store import rows
-from postlane.store.plans import Plan, SQLRole, batch, execute, fetch, fetch_one
+from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one
 
 
 class SQLThrottle(SQLRole):
@@ -34,7 +34,38 @@ class SQLThrottle(SQLRole):
     async def hasten(self, destination: str | None, now: float, reason: str) -> int:
         params = {"destination": destination, "now": now, "reason": reason}
         query = "hasten_all" if destination is None else "hasten_destination"
-        return await self.db.write(lambda: execute(query, params))
+
+        def run() -> Plan[int]:
+            # what waited for the fleet's slots is called back: its schedule starts again
+            yield from self._forget_slots(None if destination is None else [destination])
+            return (yield from execute(query, params))
+
+        return await self.db.write(run)
+
+    def _forget_slots(self, destinations: Sequence[str] | None) -> Plan[None]:
+        if destinations is None:
+            yield from execute("forget_all_destination_slots")
+        else:
+            names = {"destinations": list(destinations)}
+            yield from execute("forget_destination_slots", names)
+
+    async def take_destination_slots(
+        self, destination: str, count: int, earliest: float, interval: float, latest: float
+    ) -> float:
+        """``count`` successive slots of ``destination``'s rate for the fleet, ``interval``
+        apart, from its next free slot or ``earliest`` (if later), never past ``latest``;
+        returns the first."""
+        earliest = min(earliest, latest)
+        params = {
+            "destination": destination,
+            "count": count,
+            "earliest": earliest,
+            "interval": interval,
+            "latest": latest,
+        }
+        row = await self.db.write(lambda: fetch_one("take_destination_slots", params))
+        assert row is not None  # an upsert's RETURNING always answers
+        return float(row["next_slot"]) - count * interval
 
     async def save_destination_states(self, statuses: Sequence[DestinationStatus]) -> None:
         latest = {s.destination: s for s in statuses}  # one row per destination: the last wins
@@ -101,6 +132,8 @@ class SQLThrottle(SQLRole):
                 names = list(destinations)
                 yield from execute("lift_destinations", {"destinations": names, "now": now})
             yield from self._announce()
+            every = destinations is None or every_waiting
+            yield from self._forget_slots(None if every else names)
             params = {"destinations": names, "now": now, "waiting": WAITING_FOR_DESTINATION}
             yield from execute("reschedule_destinations", params)
             made_due = yield from execute("flush_destinations", params)
@@ -158,6 +191,36 @@ class SQLThrottle(SQLRole):
 
         return await self.db.write(run)
 
+    async def take_probe(
+        self, destination: str, owner: str, pause_end: float, now: float, timeout: float
+    ) -> ProbeTurn:
+        """Whether ``owner`` probes ``destination`` after its pause that ended at
+        ``pause_end``, waits for another process's probe, or finds it open (one transaction)."""
+        key = {"destination": destination}
+
+        def run() -> Plan[ProbeTurn]:
+            if self.dialect.row_locks:
+                yield from execute("lock_destination_probe", key)
+            row = yield from fetch_one("destination_probe", {**key, "now": now})
+            turn = _probe_turn(row, owner, pause_end, now, timeout)
+            if turn is ProbeTurn.PROBE:
+                params = {**key, "pause_end": pause_end, "owner": owner, "now": now}
+                yield from execute("take_destination_probe", params)
+            return turn
+
+        return await self.db.write(run)
+
+    async def end_probe(self, destination: str, owner: str, pause_end: float, opened: bool) -> None:
+        """What ``owner``'s probe of ``destination`` after the pause that ended at
+        ``pause_end`` found: the destination open, or failed (a longer pause)."""
+        params = {
+            "destination": destination,
+            "owner": owner,
+            "pause_end": pause_end,
+            "outcome": "open" if opened else "failed",
+        }
+        await self.db.write(lambda: execute("end_destination_probe", params))
+
     async def give_fleet_slots(self, owner: str, destinations: Sequence[str]) -> None:
         """Sends that :meth:`take_fleet_slot` let go are over: one slot back per name."""
         counts = Counter(destinations)
@@ -172,3 +235,20 @@ class SQLThrottle(SQLRole):
     async def forget_shares(self, owner: str) -> None:
         """A process stops: its shares go back to the others at once."""
         await self.db.write(lambda: execute("forget_shares", {"owner": owner}))
+
+
+def _probe_turn(
+    row: Row | None, owner: str, pause_end: float, now: float, timeout: float
+) -> ProbeTurn:
+    """The probe after a pause, as the last probe's row says: one process probes, the others
+    wait for its outcome. A probe of an earlier pause is over (this pause's probe is this
+    process's); one under way is its process's to finish, for ``timeout`` seconds at most
+    while that process lives; one that answered says open, or wait (its failure recorded a
+    longer pause, which this process adopts at its next sync)."""
+    if row is None or float(row["pause_end"]) < pause_end:
+        return ProbeTurn.PROBE
+    if row["outcome"] is None:
+        if row["owner"] != owner and row["alive"] and now - float(row["started_at"]) < timeout:
+            return ProbeTurn.WAIT
+        return ProbeTurn.PROBE
+    return ProbeTurn.OPEN if row["outcome"] == "open" else ProbeTurn.WAIT

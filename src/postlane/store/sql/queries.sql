@@ -556,6 +556,50 @@ SET in_flight = CASE WHEN destination_shares.expires_at > :now
     expires_at = excluded.expires_at
 RETURNING in_flight;
 
+-- name: take_destination_slots
+-- :count successive slots of a destination's rate, :interval apart, for deliveries sent back to
+-- wait by any process: from the fleet's next free slot (or :earliest, if later), never past
+-- :latest (a backlog beyond the horizon waits there). Answers the next free slot after them.
+INSERT INTO destination_slots (destination, next_slot)
+VALUES (:destination, :earliest + :count * :interval)
+ON CONFLICT (destination) DO UPDATE
+SET next_slot = CASE WHEN destination_slots.next_slot >= :latest THEN :latest
+                     WHEN destination_slots.next_slot > :earliest THEN destination_slots.next_slot
+                     ELSE :earliest END + :count * :interval
+RETURNING next_slot;
+
+-- name: forget_destination_slots
+-- Some destinations' schedules start again from the next slot asked for (their rate grew, or
+-- an operator lifted their limits: what waited was called back).
+DELETE FROM destination_slots WHERE @any(destination, destinations, text);
+
+-- name: forget_all_destination_slots
+-- Every destination's schedule starts again (everything waiting was called back).
+DELETE FROM destination_slots;
+
+-- name: destination_probe
+-- The probe that followed a destination's last pause: after which pause, whose, since when,
+-- its outcome, and whether its process is alive (it renews its presence in the fleet's shares,
+-- under the name '*').
+SELECT pause_end, owner, started_at, outcome,
+       EXISTS (SELECT 1 FROM destination_shares s
+               WHERE s.owner = p.owner AND s.destination = '*' AND s.expires_at > :now) AS alive
+FROM destination_probes p
+WHERE destination = :destination;
+
+-- name: take_destination_probe
+-- A process probes a destination after its pause.
+INSERT INTO destination_probes (destination, pause_end, owner, started_at, outcome)
+VALUES (:destination, :pause_end, :owner, :now, NULL)
+ON CONFLICT (destination) DO UPDATE
+SET pause_end = excluded.pause_end, owner = excluded.owner, started_at = excluded.started_at,
+    outcome = NULL;
+
+-- name: end_destination_probe
+-- What a process's probe after a pause found ('open' or 'failed').
+UPDATE destination_probes SET outcome = :outcome
+WHERE destination = :destination AND owner = :owner AND pause_end = :pause_end;
+
 -- name: give_fleet_slots
 -- :n sends of a process to a destination are over.
 UPDATE destination_shares

@@ -410,6 +410,11 @@ WHERE d.id = f.id;
 -- the same destination queue here, or two could both see room for the last slot.
 SELECT pg_advisory_xact_lock(hashtextextended('postlane.fleet:' || current_schema() || ':' || %(destination)s, 0));
 
+-- name: lock_destination_probe
+-- Taking the probe after a pause reads who probes, then takes it: concurrent takes of the same
+-- destination queue here, or two could both find it free.
+SELECT pg_advisory_xact_lock(hashtextextended('postlane.probe:' || current_schema() || ':' || %(destination)s, 0));
+
 -- name: renew_shares
 -- One process's demands on destinations, for a lease.
 INSERT INTO destination_shares (destination, owner, demand, since, expires_at)
