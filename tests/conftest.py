@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +63,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+#: the lock the test processes of one run (pytest-xdist's workers) share: a test marked
+#: ``alone`` holds it alone, every other test shares it (see :func:`_machine_to_itself`)
+_RUN_LOCKS = Path(tempfile.gettempdir()) / (
+    "postlane-tests-" + os.environ.get("PYTEST_XDIST_TESTRUNUID", f"solo-{os.getpid()}")
+)
+
+
+@pytest.fixture(autouse=True)
+def _machine_to_itself(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked ``alone`` runs while no other test of the run does: the fleet tests time a
+    destination's rate at a sink in this process, and on a 2-core machine another worker's
+    tests beside three postlane processes stall the sink's event loop, so it stamps what
+    arrived on time as a burst. The others share the machine as usual. A waiting ``alone``
+    test holds the gate, so the others cannot keep it from the machine for ever."""
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(f"{_RUN_LOCKS}.gate", "a") as gate, open(f"{_RUN_LOCKS}.run", "a") as run:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(run, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(run, fcntl.LOCK_UN)
 
 
 def make_config(tmp_path: Path, **sections: Any) -> Config:

@@ -116,6 +116,7 @@ def busiest(times: list[float], window: float) -> int:
     return most
 
 
+@pytest.mark.alone
 async def test_three_workers_share_a_destinations_rate(
     pg_schema: str,
     limited_peer: tuple[str, RateLimitedHandler],
@@ -211,6 +212,7 @@ async def fleet_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         yield url
 
 
+@pytest.mark.alone
 async def test_a_fleet_sends_a_backlog_one_worker_claimed_at_its_shared_rate(
     fleet_store: str, tmp_path: Path
 ) -> None:
