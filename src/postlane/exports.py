@@ -95,6 +95,7 @@ def _check_record(record: ExportedMessage) -> None:
     if not record.recipients:
         raise ValueError("no recipients")
     times = [record.created_at]
+    times += [t for t in (record.send_at, record.expires_at) if t is not None]
     for r in record.recipients:
         mailbox = parse_address(r.address, "recipient")
         if mailbox.domain != r.domain.lower():
@@ -107,6 +108,8 @@ def _check_record(record: ExportedMessage) -> None:
             if not 0 <= count <= _MAX_COUNT:
                 raise ValueError(f"attempts and deferrals are 0 to {_MAX_COUNT}")
         times += [r.next_attempt_at, r.created_at]
+        if r.expires_at is not None:
+            times.append(r.expires_at)
         replies: list[tuple[Any, Any, Any]] = [(a.code, a.enhanced, a.text) for a in r.history]
         if r.last_response is not None:
             last = r.last_response

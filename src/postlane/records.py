@@ -543,6 +543,8 @@ class ExportedRecipient:
     #: when it last changed: a dead letter's time of death, kept across an export and an import
     #: (its dead-letter retention counts from there); None in exports older than this field
     updated_at: float | None = None
+    #: never sent after this time (None: max_age decides, and in exports older than the field)
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -560,6 +562,10 @@ class ExportedMessage:
     created_at: float
     content: bytes
     recipients: tuple[ExportedRecipient, ...]
+    #: not sent before this time (None: at once, and in exports older than the field)
+    send_at: float | None = None
+    #: never sent after this time (None: max_age decides, and in exports older than the field)
+    expires_at: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         import base64
@@ -574,6 +580,8 @@ class ExportedMessage:
             "idempotency_key": self.idempotency_key,
             "metadata": dict(self.metadata),
             "created_at": self.created_at,
+            "send_at": self.send_at,
+            "expires_at": self.expires_at,
             "content": base64.b64encode(self.content).decode("ascii"),
             "recipients": [
                 {
@@ -588,6 +596,7 @@ class ExportedMessage:
                     "last_response": r.last_response.as_json() if r.last_response else None,
                     "reason": r.reason,
                     "updated_at": r.updated_at,
+                    "expires_at": r.expires_at,
                     "history": [{**a.as_json(), "at": a.at} for a in r.history],
                 }
                 for r in self.recipients
@@ -625,6 +634,9 @@ class ExportedMessage:
                     updated_at=(
                         float(r["updated_at"]) if r.get("updated_at") is not None else None
                     ),
+                    expires_at=(
+                        float(r["expires_at"]) if r.get("expires_at") is not None else None
+                    ),
                     history=tuple(
                         AttemptView(
                             at=float(a["at"]),
@@ -652,6 +664,8 @@ class ExportedMessage:
             created_at=float(data["created_at"]),
             content=base64.b64decode(data["content"]),
             recipients=tuple(recipients),
+            send_at=float(data["send_at"]) if data.get("send_at") is not None else None,
+            expires_at=float(data["expires_at"]) if data.get("expires_at") is not None else None,
         )
 
 

@@ -413,6 +413,8 @@ def _import_plan(messages: Sequence[ExportedMessage], now: float) -> Plan[int]:
                     "metadata": rows.compact_json(message.metadata),
                     "created_at": message.created_at,
                     "content": message.content,
+                    "send_at": message.send_at,
+                    "expires_at": message.expires_at,
                 },
             )
         for r in message.recipients:
@@ -432,7 +434,14 @@ def _import_plan(messages: Sequence[ExportedMessage], now: float) -> Plan[int]:
                     "state": state.value,
                     "attempts": r.attempts,
                     "deferrals": r.deferrals,
-                    "next_attempt_at": now if state is RecipientState.QUEUED else r.next_attempt_at,
+                    # waiting again: due now, or at its send_at while that is ahead (a
+                    # campaign exported and imported the night before still goes tomorrow)
+                    "next_attempt_at": (
+                        max(now, message.send_at or now)
+                        if state is RecipientState.QUEUED
+                        else r.next_attempt_at
+                    ),
+                    "expires_at": r.expires_at,
                     "code": reply.code if reply else None,
                     "enhanced": reply.enhanced if reply else None,
                     "text": reply.text if reply else None,

@@ -230,12 +230,13 @@ WHERE @any(id, ids, text) AND done_at IS NOT NULL;
 -- Some deliveries, everything about them, in id order.
 SELECT queue_id, id, address, domain, destination, state, attempts, deferrals,
        next_attempt_at, created_at, last_code, last_enhanced, last_text, last_class, reason,
-       updated_at
+       updated_at, expires_at
 FROM deliveries WHERE @any(id, ids, bigint) ORDER BY id;
 
 -- name: messages_with_content
 -- Some messages' stored fields and bytes.
-SELECT id, lane, sender, subject, message_id, idempotency_key, metadata, created_at, content
+SELECT id, lane, sender, subject, message_id, idempotency_key, metadata, created_at, content,
+       send_at, expires_at
 FROM messages WHERE @any(id, ids, text);
 
 -- name: message_or_key
@@ -252,9 +253,10 @@ SELECT 1 AS found FROM deliveries WHERE queue_id = :queue_id AND lower(address) 
 -- An exported recipient, back with its state and history.
 INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at, state,
                         attempts, deferrals, next_attempt_at, last_code, last_enhanced,
-                        last_text, last_class, reason, updated_at)
+                        last_text, last_class, reason, updated_at, expires_at)
 VALUES (:queue_id, :address, :domain, :destination, :lane, :created_at, :state, :attempts,
-        :deferrals, :next_attempt_at, :code, :enhanced, :text, :class, :reason, :updated_at)
+        :deferrals, :next_attempt_at, :code, :enhanced, :text, :class, :reason, :updated_at,
+        :expires_at)
 RETURNING id;
 
 -- name: defer_destination

@@ -304,10 +304,10 @@ FROM deliveries GROUP BY lane, state;
 -- name: import_message
 -- An exported message, back with its id, Message-ID and content.
 INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_scope, idempotency_key,
-                      size, metadata, created_at, submitter, content)
+                      size, metadata, created_at, submitter, content, send_at, expires_at)
 VALUES (%(id)s, %(lane)s, %(sender)s, %(subject)s, %(message_id)s, %(scope)s,
         %(idempotency_key)s, %(size)s, %(metadata)s::jsonb, %(created_at)s, %(submitter)s,
-        %(content)s);
+        %(content)s, %(send_at)s, %(expires_at)s);
 
 -- name: defer_unattempted
 -- Hand leased deliveries back to wait until given times, without an attempt (a destination

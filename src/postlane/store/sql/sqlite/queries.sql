@@ -171,9 +171,9 @@ GROUP BY lane, state;
 -- name: import_message
 -- An exported message, back with its id, Message-ID and content.
 INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_scope, idempotency_key,
-                      size, metadata, created_at, submitter, content)
+                      size, metadata, created_at, submitter, content, send_at, expires_at)
 VALUES (:id, :lane, :sender, :subject, :message_id, :scope, :idempotency_key, :size, :metadata,
-        :created_at, :submitter, :content);
+        :created_at, :submitter, :content, :send_at, :expires_at);
 
 -- name: defer_unattempted
 -- Hand a leased delivery back to wait until a given time, without an attempt (a destination
