@@ -60,6 +60,9 @@ from postlane.transports import shared_destinations
 T = TypeVar("T")
 #: listings are bounded; a caller wanting more pages narrows the selector
 MAX_LIMIT = 10_000
+#: the suppression list reads further (small rows, and no selector to narrow it): entries
+#: past 10,000 were cut off without a word (a scale audit)
+MAX_SUPPRESSIONS = 100_001
 
 
 class QueueAction(StrEnum):
@@ -535,7 +538,10 @@ class AsyncPostlane:
     # -- suppression -----------------------------------------------------------------------------
 
     async def suppressions(self, *, limit: int = 1000) -> list[Suppression]:
-        return await self.store.list_suppressions(limit=_limit(limit))
+        """The suppression list, newest first: up to ``limit`` entries, at most
+        :data:`MAX_SUPPRESSIONS` (one more than the CLI shows, so that it can say more match)."""
+        _limit(limit)  # at least 1
+        return await self.store.list_suppressions(limit=min(limit, MAX_SUPPRESSIONS))
 
     async def suppress(
         self,

@@ -21,7 +21,7 @@ from postlane.cli import main
 from postlane.clock import FakeClock
 from postlane.config import Config
 from postlane.message import Lane, Message, RecipientState
-from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector
+from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector, Suppression
 from postlane.store import Store
 from postlane.throttle import LIFTED
 from postlane.transports import transport_for
@@ -1062,3 +1062,52 @@ async def test_stats_list_a_destination_held_at_its_configured_rate(
         "postlane_destination_rate", {"destination": "ok.example"}
     )
     assert rate == 10
+
+
+async def test_events_of_a_rare_type_are_found_past_a_page_of_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scale audit asked `postlane events --type dead` with 120,000 dead events behind 1.4M
+    others: "No events" (a typed page looks at a slice of the log, and the table dropped the
+    cursor to read on). The command reads on until it finds some or reaches the end."""
+    from postlane import events as events_module
+
+    monkeypatch.setattr(events_module, "SCAN_LIMIT", 1)  # one batch of 500 per page
+    config = write_config(tmp_path)
+    async with AsyncPostlane(config) as app:
+        await app.send_many(
+            [Message(sender="a@x.example", to=[f"u{n}@y.example"], text="x") for n in range(600)]
+        )
+        now = time.time()
+        [m] = await app.store.claim_due("w", ALL, limit=1, now=now, lease_until=now + 60)
+        fail = AttemptRecord(now, ReplyClass.POLICY_BLOCK, 554, "5.7.1", "blocked", "r", "d", 1)
+        await app.store.record(
+            "w", [Outcome(m.deliveries[0].id, RecipientState.DEAD, 1, 0, None, fail)], now
+        )
+    code, out, err = await asyncio.to_thread(cli, config, "events", "--type", "dead")
+    assert code == 0, err
+    assert " dead " in out and "No events" not in err
+    code, out, err = await asyncio.to_thread(cli, config, "events", "--type", "bounced")
+    assert code == 0 and "No events" in err and out == ""  # the end of the log: nothing more
+
+
+async def test_suppress_list_reads_past_the_listing_cap_and_says_when_more_match(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scale audit listed 20,000 suppressions with --limit 15000 (the help allows 100,000):
+    10,000 came back (the cap of other listings), without the note listings print when more
+    match. Here the listings' cap is 10, to keep the list short."""
+    from postlane import app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_LIMIT", 10)
+    config = write_config(tmp_path)
+    async with AsyncPostlane(config) as app:
+        for n in range(15):
+            entry = Suppression(f"u{n}@gone.example", float(n), "operator", "manual")
+            assert await app.store.add_suppression(entry)
+    code, out, err = await asyncio.to_thread(
+        cli, config, "suppress", "list", "--limit", "12", "--json"
+    )
+    assert code == 0, err
+    assert len(json.loads(out)) == 12
+    assert "the first 12 entries are shown; more match" in err

@@ -11,10 +11,11 @@ import click
 from rich.padding import Padding
 from rich.text import Text
 
-from postlane.app import QueueAction
+from postlane.app import AsyncPostlane, QueueAction
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import (
+    err,
     first,
     json_or_empty,
     listing,
@@ -186,14 +187,42 @@ def queue_import(path: str) -> None:
         raise PostlaneError(f"cannot read {path}: {exc.strerror}") from None
     try:
         try:
-            check_export(handle)
+            messages = check_export(handle)
         except UnicodeDecodeError:
             raise PostlaneError(f"{path}: not UTF-8 text (not a postlane export)") from None
         handle.seek(0)
-        restored = with_app(lambda app: app.import_(handle))
+        restored = with_app(lambda app: _import_with_progress(app, handle, messages))
     finally:
         handle.close()
     click.echo(f"imported {restored:,} recipient(s)", err=True)
+
+
+async def _import_with_progress(app: AsyncPostlane, lines: IO[str], messages: int) -> int:
+    """``app.import_`` with a progress bar by message on a terminal: an import of 300,000
+    recipients took 90 s in silence (a scale audit)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("import (messages)", total=messages)
+        done = 0
+
+        def counted(record: str) -> str:
+            nonlocal done
+            if record.strip():
+                done += 1
+                if done % 100 == 0:
+                    bar.update(task, completed=done)
+            return record
+
+        return await app.import_(counted(line) for line in lines)
 
 
 def _spool_stdin() -> IO[str]:
