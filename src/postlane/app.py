@@ -429,22 +429,47 @@ class AsyncPostlane:
         *,
         unsuppress: bool = False,
         progress: Callable[[int], None] | None = None,
+        unsuppressed: Callable[[str], None] | None = None,
+        slice_size: int = 500,
     ) -> Requeued:
         """Requeue the dead letters ``selector`` picks, saying what will happen to them.
 
         A dead letter whose address is on the suppression list (a hard bounce's, usually)
         would be marked ``suppressed`` by the worker at once, never attempted: unless
         ``unsuppress``, such a requeue is refused with :class:`SuppressedRecipients` naming the
-        addresses, and nothing changes. With ``unsuppress``, their suppression is lifted first
-        (new mail to them is sent again too), then everything selected is requeued."""
+        addresses, and nothing changes. With ``unsuppress``, a slice at a time, the suppression
+        of its addresses is lifted (new mail to them is sent again too; ``unsuppressed`` is told
+        each address as it goes), then the slice is requeued: stopped half-way, what was lifted
+        was requeued with it (lifting them all first, then requeueing, emptied the list of a
+        requeue a scale audit stopped with Ctrl-C, and requeued nothing)."""
         for queue_id in selector.ids:  # an unknown id is an error, as for every action
             await self.store.get_message(_check_id(queue_id), history=False)
-        suppressed = await self.suppressed_dead_letters(selector) if unsuppress else []
-        for address in suppressed:
-            await self.store.remove_suppression(address)
-        # act refuses, naming them, if the addresses of some are (still) suppressed
-        requeued = await self.act(QueueAction.REQUEUE, selector, progress=progress)
-        return Requeued(requeued, tuple(suppressed))
+        if not unsuppress:
+            # act refuses, naming them, if the addresses of some are suppressed
+            requeued = await self.act(QueueAction.REQUEUE, selector, progress=progress)
+            return Requeued(requeued, ())
+        selector = self._selection_for(QueueAction.REQUEUE, selector)
+        states = action_states(QueueAction.REQUEUE, selector)
+        lifted: list[str] = []
+        changed = 0
+        async for ids in self._delivery_ids(selector, states, slice_size):
+            for address in await self._suppressed_among(ids):
+                if await self.store.remove_suppression(address):
+                    lifted.append(address)
+                    if unsuppressed is not None:
+                        unsuppressed(address)
+            changed += await self._apply(QueueAction.REQUEUE, ids, states)
+            if progress is not None:
+                progress(changed)
+        return Requeued(changed, tuple(lifted))
+
+    async def _suppressed_among(self, delivery_ids: Sequence[int]) -> list[str]:
+        """The addresses on the suppression list among these dead letters."""
+        letters = await self.store.list_dead(
+            Selector(delivery_ids=tuple(delivery_ids)), limit=len(delivery_ids)
+        )
+        listed = await self.store.is_suppressed(sorted({d.address for d in letters}))
+        return [address for address, suppressed in listed.items() if suppressed]
 
     async def suppressed_dead_letters(
         self, selector: Selector, *, slice_size: int = 500
@@ -455,9 +480,7 @@ class AsyncPostlane:
         states = action_states(QueueAction.REQUEUE, selector)
         found: set[str] = set()
         async for ids in self._delivery_ids(selector, states, slice_size):
-            letters = await self.store.list_dead(Selector(delivery_ids=tuple(ids)), limit=len(ids))
-            listed = await self.store.is_suppressed(sorted({d.address for d in letters}))
-            found.update(address for address, suppressed in listed.items() if suppressed)
+            found.update(await self._suppressed_among(ids))
         return sorted(found)
 
     async def import_(

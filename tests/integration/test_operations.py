@@ -1111,3 +1111,36 @@ async def test_suppress_list_reads_past_the_listing_cap_and_says_when_more_match
     assert code == 0, err
     assert len(json.loads(out)) == 12
     assert "the first 12 entries are shown; more match" in err
+
+
+async def test_a_requeue_that_lifts_suppressions_stopped_half_way_lifted_only_what_it_requeued(
+    queue: tuple[Config, dict[str, str]],
+) -> None:
+    """A scale audit stopped `dlq requeue --all --unsuppress` with Ctrl-C after 10 s: every
+    suppression was gone (20,000 hard bounces) and nothing was requeued, because all were
+    lifted first. Now a slice's suppressions are lifted with that slice's requeue."""
+    config, ids = queue
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_the_first_slice(done: int) -> None:
+        raise Stopped  # as a Ctrl-C between two slices
+
+    async with AsyncPostlane(config) as app:
+        for address in ("bounce1@example.net", "bounce2@example.net"):
+            await app.suppress(address)
+        said: list[str] = []
+        with pytest.raises(Stopped):
+            await app.requeue(
+                Selector(all=True, classes=(ReplyClass.HARD_BOUNCE,)),
+                unsuppress=True,
+                progress=stop_after_the_first_slice,
+                unsuppressed=said.append,
+                slice_size=1,
+            )
+        left = [s.address for s in await app.suppressions()]
+        dead = {d.id for d in await app.dead_letters()}
+    assert said == ["bounce1@example.net"]  # told as it happened
+    assert left == ["bounce2@example.net"]  # the second slice's: not requeued, still listed
+    assert dead == {ids["dead2"]}

@@ -74,11 +74,10 @@ def run_action(
     """Show what an action touches, ask when it destroys, apply it with progress. A requeue
     goes through :meth:`AsyncPostlane.requeue` (refused for suppressed addresses unless
     ``unsuppress``)."""
-    unsuppressed: tuple[str, ...] = ()
     in_flight = 0
 
     async def go(app: AsyncPostlane) -> int | None:
-        nonlocal unsuppressed, in_flight
+        nonlocal in_flight
         if action in (QueueAction.DELETE, QueueAction.HOLD):
             # being sent now: left alone (delete) or held after the try (hold); said, not hidden
             sending = await app.store.summarize(selector, ("sending",))
@@ -113,8 +112,13 @@ def run_action(
                 bar.update(task, completed=n)
 
             if action is QueueAction.REQUEUE:
-                requeued = await app.requeue(selector, unsuppress=unsuppress, progress=progress)
-                unsuppressed = requeued.unsuppressed
+
+                def lifted(address: str) -> None:  # said as it happens: a Ctrl-C keeps it
+                    bar.console.print(f"{address}: removed from the suppression list", markup=False)
+
+                requeued = await app.requeue(
+                    selector, unsuppress=unsuppress, progress=progress, unsuppressed=lifted
+                )
                 return requeued.count
             try:
                 return await app.act(action, selector, export=export, progress=progress)
@@ -141,8 +145,6 @@ def run_action(
         click.echo(f"nothing to {action.value}", err=True)
         _left_in_flight(action, in_flight)
         return
-    for address in unsuppressed:
-        click.echo(f"{address}: removed from the suppression list", err=True)
     suffix = f" (exported to {export_path})" if export_path else ""
     click.echo(f"{_PAST[action]} {done:,} recipient(s){suffix}", err=True)
     _left_in_flight(action, in_flight)
