@@ -651,3 +651,21 @@ async def test_operator_actions_answer_as_the_sqlite_store_does(
     finally:
         await sqlite.close()
     assert await operator_scenario(store, messages) == expected
+
+
+async def test_a_dead_letters_last_attempt_is_read_by_index(
+    pg_url: str, schema: str, open_store: OpenStore
+) -> None:
+    """A scale audit listed 40,000 dead letters on a PostgreSQL without statistics in 9 s:
+    each one's last attempt was found by walking the attempts' primary key backwards. An index
+    on (delivery_id, id) answers it whatever the planner knows."""
+    await open_store()
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        await conn.execute("SET enable_seqscan = off")
+        cursor = await conn.execute(
+            "EXPLAIN SELECT relay FROM attempts a WHERE a.delivery_id = 7 "
+            "ORDER BY a.id DESC LIMIT 1"
+        )
+        plan = " ".join(str(row[0]) for row in await cursor.fetchall())
+    assert "attempts_delivery_order" in plan and "Sort" not in plan, plan
