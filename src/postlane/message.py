@@ -102,8 +102,10 @@ _RESERVED_HEADERS = {
 NULL_SENDER = "<>"
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
-#: a line of more than 998 characters (RFC 5322 2.1.1), once line endings are CRLF
-_LONG_LINE = re.compile(rb"[^\r\n]{999}")
+#: a line of more than 998 characters (RFC 5322 2.1.1), once line endings are CRLF; tried at
+#: line starts only (``^``): unanchored, it was tried at every byte, 4.3 s for 2 MB of 998-
+#: character lines against 16 ms
+_LONG_LINE = re.compile(rb"(?m)^[^\r\n]{999}")
 
 
 def rfc5322_date(now: float | None = None) -> str:
