@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -806,3 +807,46 @@ def test_a_flush_naming_a_relay_lifts_its_pause_though_no_recipient_is_named_so(
     result = postlane("queue", "flush", "--domain", relay, cwd=queue_dir)
     assert result.returncode == 0 and "nothing to flush" in result.stderr
     assert asyncio.run(states(pause=False)) == []
+
+
+def test_a_listing_bigger_than_a_pipe_arrives_whole_with_pythonunbuffered(
+    queue_dir: Path,
+) -> None:
+    """With PYTHONUNBUFFERED=1 (usual in containers) a Python text stream drops what a short
+    write leaves: `queue list --json | jq` with a reader slower than postlane got the first
+    64 KiB of the JSON, and exit 0 (found by a browser test on a loaded machine)."""
+    import asyncio
+
+    async def fill() -> None:
+        from postlane.app import AsyncPostlane
+        from postlane.config import load_config
+
+        async with AsyncPostlane(load_config(cwd=queue_dir)) as app:
+            await app.send_many(
+                [
+                    {"sender": "a@x.example", "to": [f"u{n}@y.example"], "text": "x"}
+                    for n in range(400)
+                ]
+            )
+
+    asyncio.run(fill())
+    environment = clean_environment({"PYTHONUNBUFFERED": "1"})
+    with subprocess.Popen(
+        ["postlane", "queue", "list", "--json"],
+        cwd=queue_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=environment,
+    ) as writer:
+        assert writer.stdout is not None
+        # read nothing until postlane has filled the pipe: gone (its short write dropped the
+        # rest), or waiting in the kernel for the pipe to take more (as it should)
+        wchan = Path(f"/proc/{writer.pid}/wchan")
+        deadline = time.monotonic() + 30
+        while writer.poll() is None and "pipe_write" not in wchan.read_text():
+            assert time.monotonic() < deadline, "postlane neither wrote a full pipe nor ended"
+            time.sleep(0.05)
+        output = writer.stdout.read()
+        assert writer.wait(timeout=30) == 0
+    assert len(output) > 65536
+    assert len(json.loads(output)) == 400

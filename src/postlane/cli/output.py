@@ -9,10 +9,11 @@ gets only the result. Piped, nothing wraps and no line is padded: one line per r
 from __future__ import annotations
 
 import json
+import select
+import sys
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
-import click
 from rich.console import Console, RenderableType
 from rich.table import Table
 
@@ -44,12 +45,34 @@ def show(renderable: RenderableType, *, console: Console = out) -> None:
     with console.capture() as captured:
         console.print(renderable)
     text = "\n".join(line.rstrip() for line in captured.get().splitlines())
-    console.file.write(text + "\n")
-    console.file.flush()
+    emit(text + "\n", console.file)
 
 
 def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    emit(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def emit(text: str, stream: IO[str] | None = None) -> None:
+    """Write all of ``text`` to ``stream`` (stdout), whatever the stream does with a write too
+    big for the pipe at once: with PYTHONUNBUFFERED=1 (usual in containers) a text stream
+    writes straight to the file and drops what a short write did not take, so `queue list
+    --json | jq` got the first 64 KiB of the JSON and no error."""
+    stream = sys.stdout if stream is None else stream
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:  # a test's capture, a StringIO
+        stream.write(text)
+        stream.flush()
+        return
+    stream.flush()
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    data = memoryview(text.encode(encoding, getattr(stream, "errors", None) or "strict"))
+    while data:
+        written = buffer.write(data)
+        if written is None:  # a non-blocking pipe that is full: wait until it takes more
+            select.select([], [buffer], [])
+            continue
+        data = data[written:]
+    buffer.flush()
 
 
 class Row(Protocol):
