@@ -470,6 +470,7 @@ def _log_change(
     elif (
         after.rate is not None
         and after.paused_until is None
+        and (after.configured_rate is None or after.rate < after.configured_rate)
         and (before is None or before.rate is None or after.rate < before.rate)
     ):
         log.info(

@@ -777,6 +777,7 @@ async def test_attempt_lines_carry_the_reply_and_a_pause_is_logged_with_why(
                 {"recipient_domain": ["down.example"], "relay": f"smtp://127.0.0.1:{dead_port}"}
             ],
             throttle={"pause_after": 2},
+            destinations={"relay": {"rate": 100}},  # its own limit is no slow-down
         )
         caplog.set_level(logging.INFO)
         async with AsyncPostlane(config, clock=clock) as app:
@@ -804,3 +805,4 @@ async def test_attempt_lines_carry_the_reply_and_a_pause_is_logged_with_why(
     text = paused.getMessage()
     assert f"relay:127.0.0.1:{dead_port} paused until " in text and " UTC " in text
     assert "2 connection failure(s)" in text and "Error connecting" in text
+    assert not any("slowed down" in r.getMessage() for r in caplog.records)
