@@ -15,11 +15,10 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any, TypeVar
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.cli.context import config_option, with_app
-from postlane.cli.output import err, listing, show
+from postlane.cli.output import err, listing, progress_bar, show
 from postlane.cli.selectors import build_selector, dead_letter_selector_options, selector_options
 from postlane.errors import PostlaneError, SuppressedRecipients
 from postlane.records import SelectionCount, Selector
@@ -97,15 +96,7 @@ def run_action(
         question = f"{action.value.capitalize()} {total:,} recipient(s)?"
         if confirm and not yes and not click.confirm(question, default=False, err=True):
             raise click.Abort()
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-            disable=not err.is_terminal,
-        ) as bar:
+        with progress_bar() as bar:
             task = bar.add_task(action.value, total=total)
 
             def progress(n: int) -> None:

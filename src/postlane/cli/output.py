@@ -15,6 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import IO, Any, Protocol, TypeVar
 
 from rich.console import Console, RenderableType
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from postlane.config import format_duration
@@ -46,6 +47,19 @@ def show(renderable: RenderableType, *, console: Console = out) -> None:
         console.print(renderable)
     text = "\n".join(line.rstrip() for line in captured.get().splitlines())
     emit(text + "\n", console.file)
+
+
+def progress_bar() -> Progress:
+    """A long operation's progress on stderr: on a terminal only, gone once it is done."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
 
 
 def print_json(data: Any) -> None:

@@ -15,12 +15,12 @@ from postlane.app import AsyncPostlane, QueueAction
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import (
-    err,
     first,
     json_or_empty,
     listing,
     out,
     print_json,
+    progress_bar,
     reply_code,
     reply_line,
     show,
@@ -200,17 +200,7 @@ def queue_import(path: str) -> None:
 async def _import_with_progress(app: AsyncPostlane, lines: IO[str], messages: int) -> int:
     """``app.import_`` with a progress bar by message on a terminal: an import of 300,000
     recipients took 90 s in silence (a scale audit)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    ) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("import (messages)", total=messages)
         done = 0
 
