@@ -173,6 +173,17 @@ async def seed(directory: Path) -> Seeded:
                     reason="421 4.7.0 Too many connections from your host",
                     updated_at=now,
                 ),
+                # paused too, for the test that lifts a pause: slow.example's stays, and so
+                # does the alert it fires (the monitor in serve would resolve it within a
+                # minute of a lift, whichever test looks at it next)
+                DestinationStatus(
+                    destination="lift.example",
+                    rate=None,
+                    configured_rate=None,
+                    paused_until=now + 1800,
+                    reason="3 connection failure(s): Connection refused",
+                    updated_at=now,
+                ),
                 # the relay itself asked to slow down: every delivery goes through it
                 DestinationStatus(
                     destination="relay",
