@@ -376,7 +376,7 @@ class ThrottleGate:
         misconfigured pauses it (its mail waits, held, until an operator fixes and flushes it
         or the pause ends and a probe finds it fixed)."""
         feedback = self.feedback_key(message, delivery)
-        before = self.throttle.status_of(feedback, now)
+        before = self.throttle.pause_and_rate(feedback, now)
         if misconfigured is not None:
             if self.throttle.misconfigured(feedback, misconfigured, now):
                 log.error("%s is misconfigured: %s; its mail waits", feedback, misconfigured)
@@ -390,7 +390,8 @@ class ThrottleGate:
                 wait = self.throttle.cool_down(feedback, now)
         if self.throttle.news:  # a pause began: the fleet hears of it at once
             self._news.set()
-        _log_change(feedback, before, self.throttle.status_of(feedback, now))
+        if self.throttle.pause_and_rate(feedback, now) != before:
+            _log_change(feedback, before, self.throttle.status_of(feedback, now))
         return wait
 
     # -- the store ---------------------------------------------------------------------------
@@ -446,16 +447,15 @@ class ThrottleGate:
 
 
 def _log_change(
-    name: str, before: DestinationStatus | None, after: DestinationStatus | None
+    name: str, before: tuple[float | None, float | None], after: DestinationStatus | None
 ) -> None:
     """One line when a reply pauses a destination, slows it down or opens it again: what an
-    operator greps the log for ("paused", "slowed"), with why."""
+    operator greps the log for ("paused", "slowed"), with why. ``before``: its pause in force
+    and rate before the reply."""
     if after is None:
         return
-    was_paused = before is not None and before.paused_until is not None
-    if after.paused_until is not None and (
-        not was_paused or (before is not None and after.paused_until != before.paused_until)
-    ):
+    paused_before, rate_before = before
+    if after.paused_until is not None and after.paused_until != paused_before:
         if (after.reason or "").startswith(MISCONFIGURED):
             return  # logged as an error where it is found
         log.warning(
@@ -465,13 +465,13 @@ def _log_change(
             after.reason or "",
             extra={"event": "destination_paused", "destination": name, "until": after.paused_until},
         )
-    elif was_paused and after.paused_until is None:
+    elif paused_before is not None and after.paused_until is None:
         log.info("destination %s open again: a probe went through", name)
     elif (
         after.rate is not None
         and after.paused_until is None
         and (after.configured_rate is None or after.rate < after.configured_rate)
-        and (before is None or before.rate is None or after.rate < before.rate)
+        and (rate_before is None or after.rate < rate_before)
     ):
         log.info(
             "destination %s slowed down to %.2f/s: %s",

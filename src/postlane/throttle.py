@@ -644,6 +644,15 @@ class Throttle:
             return max(self.settings.cool_down, state.paused_until - now)
         return self.settings.cool_down
 
+    def pause_and_rate(self, key: str, now: float) -> tuple[float | None, float | None]:
+        """``key``'s pause in force (its end) and rate: what a reply may change, read without
+        building its status (this runs twice for every reply)."""
+        state = self._destinations.get(key)
+        if state is None:
+            return None, None
+        paused = state.paused_until if state.paused_until and state.paused_until > now else None
+        return paused, state.rate
+
     def status_of(self, key: str, now: float) -> DestinationStatus | None:
         """``key``'s limits as they stand, if this process knows of it."""
         state = self._destinations.get(key)
