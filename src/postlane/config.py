@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import ipaddress
 import os
 import re
 import tomllib
@@ -32,7 +31,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from postlane import toml_values
 from postlane.config_reader import Reader
@@ -43,7 +41,7 @@ from postlane.feedback.providers.config import (
     provider_webhooks_from_config,
 )
 from postlane.message import Lane
-from postlane.redact import mask_url, redact
+from postlane.redact import redact
 
 # The value syntax lives in toml_values; postlane's modules import these four from here.
 from postlane.toml_values import format_duration as format_duration
@@ -74,61 +72,12 @@ _users = toml_values.string_table
 _mail_domain = toml_values.mail_domain
 _regex = toml_values.regex
 _http_url = toml_values.http_url
+_relay = toml_values.relay_url
+_store_url = toml_values.store_url
+_unsubscribe_url = toml_values.unsubscribe_url
 
-
-#: the relay forms, as the documentation writes them, by scheme (``transports.SCHEMES`` has a
-#: transport for each; a test keeps the two in step)
-RELAY_FORMS: dict[str, str] = {
-    "smtp": "smtp://[user:pass@]host[:port]",
-    "smtps": "smtps://host[:port]",
-    "mx": '"mx"',
-    "capture": "capture:///path",
-    "sendgrid": "sendgrid://KEY",
-    "postmark": "postmark://TOKEN",
-    "mailgun": "mailgun://KEY@DOMAIN",
-    "ses": "ses://ACCESS:SECRET@REGION",
-}
-
-
-def _relay(value: Any) -> str:
-    """A relay URL of a known form; an SMTP relay's host and port are checked here too (a
-    provider's credentials and options when its transport is built: ``postlane.transports``)."""
-    text = _str(value)
-    scheme, sep, rest = text.partition("://")
-    scheme = scheme.lower()
-    if text.lower() == "mx" or (sep and scheme == "mx"):
-        return text
-    if not sep or scheme not in RELAY_FORMS:
-        forms = list(RELAY_FORMS.values())
-        raise toml_values.expected(", ".join(forms[:-1]) + " or " + forms[-1], mask_url(text))
-    if scheme in ("smtp", "smtps"):
-        _check_host_and_port(rest, mask_url(text))
-    return text
-
-
-def _check_host_and_port(rest: str, shown: str) -> None:
-    """The host and the port (1 to 65535, in decimal) of ``[user:pass@]host[:port][/...]``."""
-    host_port = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
-    if host_port.startswith("["):  # [IPv6]:port
-        host, _, after = host_port[1:].partition("]")
-        port = after[1:] if after.startswith(":") else None
-    else:
-        host, colon, port_text = host_port.rpartition(":")
-        host, port = (host, port_text) if colon else (host_port, None)
-    if not host:
-        raise ValueError(f"no host in {shown!r}")
-    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"bad port {port!r} in {shown!r} (a number from 1 to 65535)")
-
-
-def _store_url(value: Any) -> str:
-    text = _str(value)
-    if not text.startswith(("sqlite://", "postgresql://", "postgres://")):
-        raise toml_values.expected(
-            '"sqlite:///path.db" or "postgresql://user:pass@host:5432/db"',
-            mask_url(text),
-        )
-    return text
+# the relay forms by scheme, as the documentation writes them
+RELAY_FORMS = toml_values.RELAY_FORMS
 
 
 def _opt(parse: Any) -> Any:
@@ -427,45 +376,6 @@ class AlertsConfig:
     interval: float = _setting(60.0, _alert_interval)
     #: how long the recorded history (one row per lane per minute) is kept
     history: float = _setting(7 * 86400.0, _duration)
-
-
-def _unsubscribe_url(value: Any) -> str:
-    """An https URL (http only to a loopback host: a test, a proxy on this machine), without
-    query, fragment or credentials: the base each recipient's ``<url>/<token>`` link is made
-    from."""
-    text = _str(value).strip().rstrip("/")
-    shown = mask_url(text)
-    try:
-        parts = urlsplit(text)
-        host = parts.hostname or ""
-        credentials = parts.username is not None or parts.password is not None
-    except ValueError:
-        raise toml_values.expected("an https:// URL", shown) from None
-    plain = text.isascii() and not any(c in text for c in ' <>"\\') and len(text) <= 400
-    if parts.scheme not in ("https", "http") or not host or parts.query or parts.fragment:
-        raise toml_values.expected(
-            'an https:// URL without query or fragment, like "https://mail.example.com/unsubscribe"',
-            shown,
-        )
-    if credentials or not plain:
-        raise toml_values.expected(
-            "an https:// URL of at most 400 ASCII characters, without credentials or spaces", shown
-        )
-    if parts.scheme == "http" and not _is_loopback(host):
-        raise ValueError(
-            f"{shown!r}: mail providers only take https:// unsubscribe links (http:// is allowed "
-            "for loopback hosts, to test)"
-        )
-    return text
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _unsubscribe_lanes(value: Any) -> tuple[str, ...]:

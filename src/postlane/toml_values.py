@@ -16,6 +16,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from postlane.redact import mask_url
 
@@ -272,3 +273,99 @@ def http_url(value: Any) -> str:
     if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
         raise expected("an http:// or https:// URL", mask_url(text))
     return text
+
+
+# -- URLs of the configuration -------------------------------------------------------------
+
+#: the relay forms, as the documentation writes them, by scheme (``transports.SCHEMES`` has a
+#: transport for each; a test keeps the two in step)
+RELAY_FORMS: dict[str, str] = {
+    "smtp": "smtp://[user:pass@]host[:port]",
+    "smtps": "smtps://host[:port]",
+    "mx": '"mx"',
+    "capture": "capture:///path",
+    "sendgrid": "sendgrid://KEY",
+    "postmark": "postmark://TOKEN",
+    "mailgun": "mailgun://KEY@DOMAIN",
+    "ses": "ses://ACCESS:SECRET@REGION",
+}
+
+
+def relay_url(value: Any) -> str:
+    """A relay URL of a known form; an SMTP relay's host and port are checked here too (a
+    provider's credentials and options when its transport is built: ``postlane.transports``)."""
+    text = string(value)
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if text.lower() == "mx" or (sep and scheme == "mx"):
+        return text
+    if not sep or scheme not in RELAY_FORMS:
+        forms = list(RELAY_FORMS.values())
+        raise expected(", ".join(forms[:-1]) + " or " + forms[-1], mask_url(text))
+    if scheme in ("smtp", "smtps"):
+        check_host_and_port(rest, mask_url(text))
+    return text
+
+
+def check_host_and_port(rest: str, shown: str) -> None:
+    """The host and the port (1 to 65535, in decimal) of ``[user:pass@]host[:port][/...]``."""
+    host_port = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    if host_port.startswith("["):  # [IPv6]:port
+        host, _, after = host_port[1:].partition("]")
+        port = after[1:] if after.startswith(":") else None
+    else:
+        host, colon, port_text = host_port.rpartition(":")
+        host, port = (host, port_text) if colon else (host_port, None)
+    if not host:
+        raise ValueError(f"no host in {shown!r}")
+    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"bad port {port!r} in {shown!r} (a number from 1 to 65535)")
+
+
+def store_url(value: Any) -> str:
+    text = string(value)
+    if not text.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise expected(
+            '"sqlite:///path.db" or "postgresql://user:pass@host:5432/db"',
+            mask_url(text),
+        )
+    return text
+
+
+def unsubscribe_url(value: Any) -> str:
+    """An https URL (http only to a loopback host: a test, a proxy on this machine), without
+    query, fragment or credentials: the base each recipient's ``<url>/<token>`` link is made
+    from."""
+    text = string(value).strip().rstrip("/")
+    shown = mask_url(text)
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        credentials = parts.username is not None or parts.password is not None
+    except ValueError:
+        raise expected("an https:// URL", shown) from None
+    plain = text.isascii() and not any(c in text for c in ' <>"\\') and len(text) <= 400
+    if parts.scheme not in ("https", "http") or not host or parts.query or parts.fragment:
+        raise expected(
+            'an https:// URL without query or fragment, like "https://mail.example.com/unsubscribe"',
+            shown,
+        )
+    if credentials or not plain:
+        raise expected(
+            "an https:// URL of at most 400 ASCII characters, without credentials or spaces", shown
+        )
+    if parts.scheme == "http" and not is_loopback_host(host):
+        raise ValueError(
+            f"{shown!r}: mail providers only take https:// unsubscribe links (http:// is allowed "
+            "for loopback hosts, to test)"
+        )
+    return text
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
