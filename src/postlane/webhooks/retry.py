@@ -12,13 +12,20 @@ always try at once (``replay``/``resume``).
 After ``pause_after`` failures in a row an endpoint counts as *paused*: it is still retried on
 the schedule, but an alert fires and ``postlane webhooks list`` says so.
 
-The policy is an immutable value that returns decisions (as procrastinate's ``retry.py``).
+The policy is an immutable value that returns decisions (as procrastinate's ``retry.py``);
+:class:`EndpointHealth` applies it to one endpoint as its requests succeed and fail (the
+failures in a row, the time of the next try, the one probe while it fails), shared by that
+endpoint's request lanes in :mod:`postlane.webhooks.sender`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
+
+from postlane.clock import Clock
+from postlane.waits import first_of
 
 #: HTTP 410 Gone: the receiver asks to stop (the specification: disable the endpoint)
 GONE = 410
@@ -65,3 +72,110 @@ class RetrySchedule:
 
     def paused(self, failures: int) -> bool:
         return failures >= self.pause_after
+
+
+class Ended(Exception):
+    """The tenure is over: stop sending."""
+
+
+class EndpointHealth:
+    """The endpoint's failures in a row and the time of the next try, shared by its request
+    lanes. While it fails, one request (the probe) goes at a time."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        retry: RetrySchedule,
+        rng: random.Random,
+        failures: int,
+        paused_until: float | None,
+    ) -> None:
+        self.clock = clock
+        self.retry = retry
+        self.rng = rng
+        self.failures = failures
+        self.paused_until = paused_until
+        #: increases whenever failures or the pause change: a request admitted before a
+        #: failure was counted does not count its own failure again
+        self.generation = 0
+        self.probing = False
+        #: requests acknowledged so far
+        self.acknowledged = 0
+        #: requests waiting to go whose message never failed (while the endpoint fails, one of
+        #: them probes it before a message that failed: that one may be all that fails)
+        self.fresh = 0
+        #: the messages whose failures make the current run of failures
+        self.culprits: set[str | None] = set()
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def admit(self, ended: asyncio.Event, *, suspect: bool = False) -> int:
+        """Wait until a request may go; its generation. A ``suspect`` request (its message
+        failed before) probes a failing endpoint only when no other message is waiting to; a
+        request of another message does not wait for a pause that one message's failures
+        alone made (that message may be all the endpoint refuses)."""
+        if not suspect:
+            self.fresh += 1
+        try:
+            while True:
+                if ended.is_set():
+                    raise Ended
+                changed = self._changed
+                now = self.clock.now()
+                alone = not suspect and len(self.culprits) == 1
+                if self.paused_until is not None and now < self.paused_until and not alone:
+                    await first_of(
+                        changed.wait(),
+                        ended.wait(),
+                        self.clock.sleep(self.paused_until - now),
+                        timeout=None,
+                    )
+                    continue
+                if self.failures == 0:
+                    return self.generation
+                if not self.probing and not (suspect and self.fresh):
+                    self.probing = True
+                    return self.generation
+                await first_of(changed.wait(), ended.wait(), timeout=None)
+        finally:
+            if not suspect:
+                self.fresh -= 1
+                if self.failures:  # a suspect may wait for no other message to be waiting
+                    self._notify()
+
+    def succeeded(self) -> bool:
+        """A 2xx: the endpoint works. True when it was failing."""
+        self.acknowledged += 1
+        if self.failures == 0 and self.paused_until is None:
+            return False
+        self.failures = 0
+        self.paused_until = None
+        self.probing = False
+        self.culprits.clear()
+        self.generation += 1
+        self._notify()
+        return True
+
+    def failed(
+        self,
+        generation: int,
+        message: str | None,
+        *,
+        retry_after: float | None,
+        status: int | None,
+    ) -> float | None:
+        """A failure of a request of ``message`` admitted at ``generation``; the time of the
+        next try, or None when a failure since then was counted already."""
+        if generation != self.generation:
+            return None
+        self.culprits.add(message)
+        self.failures += 1
+        self.generation += 1
+        self.probing = False
+        delay = self.retry.delay(self.failures, self.rng, retry_after=retry_after, status=status)
+        self.paused_until = self.clock.now() + delay
+        self._notify()
+        return self.paused_until

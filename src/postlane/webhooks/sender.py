@@ -63,7 +63,7 @@ from postlane.webhooks.addresses import (
 )
 from postlane.webhooks.endpoints import WebhookEndpoint
 from postlane.webhooks.http import EndpointClient, Reply, TimedOut
-from postlane.webhooks.retry import RetrySchedule
+from postlane.webhooks.retry import Ended, EndpointHealth, RetrySchedule
 from postlane.webhooks.signing import Signer, payload, webhook_id
 
 log = logging.getLogger("postlane.webhooks")
@@ -330,10 +330,6 @@ class EndpointSender:
 _Outcome = Literal["acked", "refused", "failed"]
 
 
-class _Ended(Exception):
-    """The tenure is over: stop sending."""
-
-
 @dataclass
 class _Slot:
     """One event read and not yet passed by the cursor."""
@@ -341,109 +337,6 @@ class _Slot:
     id: int
     wanted: bool
     done: bool = False
-
-
-class _Health:
-    """The endpoint's failures in a row and the time of the next try, shared by its request
-    lanes. While it fails, one request (the probe) goes at a time."""
-
-    def __init__(
-        self,
-        clock: Clock,
-        retry: RetrySchedule,
-        rng: random.Random,
-        failures: int,
-        paused_until: float | None,
-    ) -> None:
-        self.clock = clock
-        self.retry = retry
-        self.rng = rng
-        self.failures = failures
-        self.paused_until = paused_until
-        #: increases whenever failures or the pause change: a request admitted before a
-        #: failure was counted does not count its own failure again
-        self.generation = 0
-        self.probing = False
-        #: requests acknowledged so far
-        self.acknowledged = 0
-        #: requests waiting to go whose message never failed (while the endpoint fails, one of
-        #: them probes it before a message that failed: that one may be all that fails)
-        self.fresh = 0
-        #: the messages whose failures make the current run of failures
-        self.culprits: set[str | None] = set()
-        self._changed = asyncio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def admit(self, ended: asyncio.Event, *, suspect: bool = False) -> int:
-        """Wait until a request may go; its generation. A ``suspect`` request (its message
-        failed before) probes a failing endpoint only when no other message is waiting to; a
-        request of another message does not wait for a pause that one message's failures
-        alone made (that message may be all the endpoint refuses)."""
-        if not suspect:
-            self.fresh += 1
-        try:
-            while True:
-                if ended.is_set():
-                    raise _Ended
-                changed = self._changed
-                now = self.clock.now()
-                alone = not suspect and len(self.culprits) == 1
-                if self.paused_until is not None and now < self.paused_until and not alone:
-                    await first_of(
-                        changed.wait(),
-                        ended.wait(),
-                        self.clock.sleep(self.paused_until - now),
-                        timeout=None,
-                    )
-                    continue
-                if self.failures == 0:
-                    return self.generation
-                if not self.probing and not (suspect and self.fresh):
-                    self.probing = True
-                    return self.generation
-                await first_of(changed.wait(), ended.wait(), timeout=None)
-        finally:
-            if not suspect:
-                self.fresh -= 1
-                if self.failures:  # a suspect may wait for no other message to be waiting
-                    self._notify()
-
-    def succeeded(self) -> bool:
-        """A 2xx: the endpoint works. True when it was failing."""
-        self.acknowledged += 1
-        if self.failures == 0 and self.paused_until is None:
-            return False
-        self.failures = 0
-        self.paused_until = None
-        self.probing = False
-        self.culprits.clear()
-        self.generation += 1
-        self._notify()
-        return True
-
-    def failed(
-        self,
-        generation: int,
-        message: str | None,
-        *,
-        retry_after: float | None,
-        status: int | None,
-    ) -> float | None:
-        """A failure of a request of ``message`` admitted at ``generation``; the time of the
-        next try, or None when a failure since then was counted already."""
-        if generation != self.generation:
-            return None
-        self.culprits.add(message)
-        self.failures += 1
-        self.generation += 1
-        self.probing = False
-        delay = self.retry.delay(self.failures, self.rng, retry_after=retry_after, status=status)
-        self.paused_until = self.clock.now() + delay
-        self._notify()
-        return self.paused_until
 
 
 class _Tenure:
@@ -466,7 +359,7 @@ class _Tenure:
         self.pending: deque[_Slot] = deque()
         #: wanted events passed by the cursor since the last save
         self.unsaved = 0
-        self.health = _Health(
+        self.health = EndpointHealth(
             self.clock, self.settings.retry, sender.rng, state.failures, state.paused_until
         )
         self.recovered = False
@@ -535,7 +428,7 @@ class _Tenure:
     async def _guard(self, work: Awaitable[None]) -> None:
         try:
             await work
-        except (_Ended, asyncio.CancelledError):
+        except (Ended, asyncio.CancelledError):
             pass
         except Exception:
             log.exception("webhook endpoint %s: sending stopped by an error", self.endpoint.name)
