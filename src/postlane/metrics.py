@@ -52,7 +52,8 @@ class DestinationLabels:
     each series stays continuous."""
 
     def __init__(self, limit: int = MAX_DOMAIN_LABELS) -> None:
-        self._known = provider_names()
+        self._providers = frozenset(provider_names())
+        self._known: set[str] = set(self._providers)
         self._seen: set[str] = set()
         self._limit = limit
 
@@ -66,6 +67,11 @@ class DestinationLabels:
         """Always label these (the destinations the configuration names: they are few, and an
         operator looks for them)."""
         self._known = self._known | set(names)
+
+    def given(self) -> list[str]:
+        """The labels given so far and the configuration's names (not the providers': they
+        are labelled when used)."""
+        return sorted((self._known - self._providers) | self._seen)
 
     def __call__(self, destination: str) -> str:
         if destination in self._known or destination in self._seen:
@@ -247,6 +253,9 @@ class Metrics:
                 self.dead_letters.labels(cls.value)
         for kind in ("hard", "soft"):
             self.bounces.labels(kind)
+        #: destination labels whose attempt series are shown (at 0 until counted)
+        self._labelled: set[str] = set()
+        self._show_labelled()
         #: SMTP submission's own counters (SmtpMetrics, below)
         self.smtp = SmtpMetrics(self.registry)
         #: what is heard after the first hop (FeedbackMetrics, below)
@@ -287,12 +296,23 @@ class Metrics:
                     child = counter.labels(**sample.labels) if sample.labels else counter
                     child.inc(sample.value - (copied or 0.0))  # (0 the first time: the series)
 
+    def _attempt_series(self, lane: str, destination: str, cls: str) -> Counter:
+        """The attempts counter of (lane, destination label, class); the first time a label is
+        used, every lane and class of it is shown at 0 first, so the first try of each class
+        after that counts in ``increase()`` and ``rate()`` (a series that appears with its first
+        count already in it shows no increase: Prometheus's "initialise what you know")."""
+        if destination not in self._labelled:
+            self._labelled.add(destination)
+            for each_lane in Lane:
+                for each_class in ReplyClass:
+                    self.attempts.labels(each_lane.value, destination, each_class.value)
+        return self.attempts.labels(lane, destination, cls)
+
     def attempted(self, attempt: DecidedAttempt) -> None:
         """Count one decided try (the worker's :class:`~postlane.worker.DeliveryObserver`)."""
         verdict, lane = attempt.verdict, attempt.lane.value
-        self.attempts.labels(
-            lane, self.destination_label(attempt.destination), verdict.cls.value
-        ).inc()
+        destination = self.destination_label(attempt.destination)
+        self._attempt_series(lane, destination, verdict.cls.value).inc()
         if verdict.cls is ReplyClass.HARD_BOUNCE:
             self.bounces.labels("hard").inc()
         elif verdict.cls is ReplyClass.SOFT_BOUNCE:
@@ -313,6 +333,13 @@ class Metrics:
         ):
             totals[destination] = totals.get(destination, 0) + count
         self.destination_label.seed(sorted(totals, key=lambda d: (-totals[d], d)))
+        self._show_labelled()
+
+    def _show_labelled(self) -> None:
+        """Show the attempts of every destination that has a label of its own at 0 (the
+        configuration's, the busiest of the last day), before their first try."""
+        for destination in self.destination_label.given():
+            self._attempt_series(Lane.NORMAL.value, destination, ReplyClass.DELIVERED.value)
 
     # the bounce listener's observer (postlane.ingest.bounces.BounceObserver)
 

@@ -729,6 +729,46 @@ async def test_destination_labels_are_bounded_and_go_to_the_busiest_first(
         assert label("busy0.example") == "busy0.example"  # a label never changes
 
 
+async def test_attempt_series_are_shown_at_zero_before_their_first_try(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A series that appears with its first count in it shows no ``increase()``: an audit's
+    first hard bounce to a destination after a restart never reached a bounce-rate alert.
+    Every lane and class of a labelled destination is shown at 0 before it counts."""
+    config = make_config(tmp_path, destinations={"ok.example": {"rate": 10}})
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send(Message(sender="a@x.example", to=["u@busy.example"], text="x"))
+        await Worker.from_config(
+            config, app.store, transport_for(config), clock=clock
+        ).run_until_idle()
+        await clock.advance(60)
+
+        metrics = Metrics(app)  # a process starting later: busy.example is seeded
+        await metrics.seed_destinations()
+        text = (await metrics.exposition()).decode()
+        name = "postlane_delivery_attempts_total"
+        for destination in ("ok.example", "busy.example"):  # configured, seeded
+            for lane in Lane:
+                for cls in ReplyClass:
+                    labels = {"lane": lane.value, "destination": destination, "class": cls.value}
+                    assert metric(text, name, **labels) == 0
+        assert "google" not in text  # providers are shown once used, not all at start
+
+        worker = Worker.from_config(
+            config, app.store, transport_for(config), clock=clock, observer=metrics
+        )
+        await app.send(Message(sender="a@x.example", to=["u@fresh.example"], text="x"))
+        await worker.run_until_idle()
+        text = (await metrics.exposition()).decode()
+        fresh = {"lane": "normal", "destination": "fresh.example"}
+        assert metric(text, name, **fresh, **{"class": "delivered"}) == 1
+        assert metric(text, name, **fresh, **{"class": "hard_bounce"}) == 0
+        assert (
+            metric(text, name, lane="high", destination="fresh.example", **{"class": "temporary"})
+            == 0
+        )
+
+
 async def test_relays_and_configured_destinations_keep_their_labels_and_other_hides_no_pause(
     tmp_path: Path, clock: FakeClock
 ) -> None:
