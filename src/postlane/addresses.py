@@ -1,7 +1,21 @@
 """Addresses and header text as postlane accepts them: one address checked with
-email-validator (display names, IDNA domains, SMTPUTF8 local parts), and text refused when it
-could break a header or a store (line breaks, NUL, lone surrogates). Every front door parses
-addresses through :func:`parse_address`."""
+email-validator (display names, IDNA domains, SMTPUTF8 local parts, RFC 5321 quoted local parts
+and address literals), and text refused when it could break a header or a store (line breaks,
+NUL, lone surrogates). Every front door parses addresses through :func:`parse_address`.
+
+The normal form of an address (:attr:`Mailbox.address`): what is stored, sent in ``MAIL FROM``
+and ``RCPT TO``, written in headers, and compared (case-insensitively) by suppressions,
+idempotency and duplicate recipients:
+
+- the local part as given, but quoted only when it must be (RFC 5321 4.1.2: every quoted form
+  is equivalent, and the one with the least quoting is the one sent): ``"john"@example.com`` is
+  ``john@example.com``; ``"john doe"@example.com`` and ``"a@b"@example.com`` keep their
+  quotes, with a backslash only before ``"`` and ``\\``;
+- the domain lower-cased, in its ASCII (IDNA) form;
+- an address literal as RFC 5321 4.1.3 writes it, the IPv6 address compressed:
+  ``user@[192.0.2.1]``, ``user@[IPv6:2001:db8::1]``. Only IPv4 and IPv6 literals exist; any
+  other text in brackets is refused.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +28,14 @@ from email_validator import EmailNotValidError, validate_email
 
 from postlane.errors import ValidationError
 
-__all__ = ["Mailbox", "check_text", "mailboxes", "no_line_breaks", "parse_address"]
+__all__ = [
+    "Mailbox",
+    "check_text",
+    "mailboxes",
+    "no_line_breaks",
+    "parse_address",
+    "unquote_local_part",
+]
 
 
 #: everything str.splitlines() breaks on: the email package treats them all as line ends
@@ -51,13 +72,40 @@ def no_line_breaks(value: str, what: str) -> str:
 @dataclass(frozen=True)
 class Mailbox:
     display_name: str
-    address: str  # addr-spec, domain lower-cased
+    #: addr-spec in its normal form (the module docstring): what is sent and stored
+    address: str
+    #: as in ``address``: quoted (``"john doe"``) only when it must be
     local_part: str
-    domain: str  # ASCII (IDNA) form, lower-cased
+    #: ASCII (IDNA) form, lower-cased; an address literal lower-cased too (``[ipv6:2001:db8::1]``):
+    #: the key that destinations, selectors and the store compare
+    domain: str
+
+    @property
+    def is_literal(self) -> bool:
+        """Whether the domain is an address literal (``[192.0.2.1]``): mail for it goes to that
+        address, with no DNS lookup (RFC 5321 5.1)."""
+        return self.domain.startswith("[")
+
+    @property
+    def unquoted_local_part(self) -> str:
+        """The local part without its quotes and backslashes (``john doe``), as the email
+        package's ``Address(username=...)`` takes it."""
+        return unquote_local_part(self.local_part)
+
+
+def unquote_local_part(local_part: str) -> str:
+    """``"john doe"`` -> ``john doe`` (backslash escapes undone); a dot-atom as it is."""
+    if len(local_part) >= 2 and local_part.startswith('"') and local_part.endswith('"'):
+        return _QUOTED_PAIR.sub(r"\1", local_part[1:-1])
+    return local_part
+
+
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 
 def parse_address(value: str, what: str = "address") -> Mailbox:
-    """Validate one address (``a@b.example`` or ``Name <a@b.example>``) with email-validator."""
+    """Validate one address (``a@b.example``, ``Name <a@b.example>``, ``"john doe"@b.example``,
+    ``a@[192.0.2.1]``) with email-validator, and give its normal form."""
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(f"{what} is empty", field=what)
     no_line_breaks(value, what)  # also refuses NUL and lone surrogates
@@ -70,26 +118,52 @@ def parse_address(value: str, what: str = "address") -> Mailbox:
 @functools.lru_cache(maxsize=4096)
 def _validated(value: str) -> Mailbox | str:
     """email-validator's verdict (cached: senders repeat), or why the address is invalid."""
-    if value.endswith(">") and "<" in value:
-        name, _, _ = value.rpartition("<")
-        name = name.strip()
-        if name and not name.isascii() and not name.startswith('"'):
-            # RFC 6532 allows UTF-8 display names; email-validator wants them quoted
-            quoted = name.replace("\\", "\\\\").replace('"', '\\"')
-            value = f'"{quoted}" <{value.rpartition("<")[2]}'
+    if value.endswith(">"):
+        split = _display_name_split(value)
+        if split is not None:
+            name, addr_spec = split
+            if name and not name.isascii() and not name.startswith('"'):
+                # RFC 6532 allows UTF-8 display names; email-validator wants them quoted
+                quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+                value = f'"{quoted}" <{addr_spec}>'
     try:
         valid = validate_email(
-            value, check_deliverability=False, allow_smtputf8=True, allow_display_name=True
+            value,
+            check_deliverability=False,
+            allow_smtputf8=True,
+            allow_display_name=True,
+            allow_quoted_local=True,  # RFC 5321 4.1.2 Quoted-string
+            allow_domain_literal=True,  # RFC 5321 4.1.3 address literals
         )
     except EmailNotValidError as exc:
         return str(exc)
-    domain = (valid.ascii_domain or valid.domain).lower()
+    # a literal comes normalised ("[IPv6:" and the address compressed); a name in ASCII form
+    written = valid.ascii_domain or valid.domain
+    domain = written.lower()
+    if not domain.startswith("["):
+        written = domain
     return Mailbox(
         display_name=valid.display_name or "",
-        address=f"{valid.local_part}@{domain}",
+        address=f"{valid.local_part}@{written}",
         local_part=valid.local_part,
         domain=domain,
     )
+
+
+def _display_name_split(value: str) -> tuple[str, str] | None:
+    """``Name <addr-spec>`` -> (``Name``, ``addr-spec``), splitting at the first ``<`` outside
+    quotes (a quoted local part may hold one: ``"a<b"@example.com``); None without one."""
+    quoted = escaped = False
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "<" and not quoted:
+            return value[:index].strip(), value[index + 1 : -1]
+    return None
 
 
 def mailboxes(values: Sequence[str] | str, what: str) -> list[Mailbox]:

@@ -604,9 +604,17 @@ class AsyncPostlane:
         )
 
     async def unsuppress(self, address: str, *, scope: str | None = None) -> bool:
-        """Take ``address`` off the list: in one scope, or (None) in every scope."""
+        """Take ``address`` off the list: in one scope, or (None) in every scope. The address is
+        read as :meth:`suppress` stores it (``"john"@example.com`` is ``john@example.com``);
+        text that is no address is looked up as it is, so any entry can be removed."""
+        from postlane.addresses import parse_address
+
+        try:
+            address = parse_address(address, "address").address
+        except ValidationError:
+            address = address.strip()
         return await self.store.remove_suppression(
-            address.strip(), None if scope is None else suppression_scope(scope)
+            address, None if scope is None else suppression_scope(scope)
         )
 
 

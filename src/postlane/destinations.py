@@ -3,8 +3,9 @@
 A recipient domain belongs to a known provider (google, microsoft, yahoo, ...) when it is one of
 the provider's domains, or, with MX lookups on, when its MX hosts end with one of the provider's
 suffixes (a company on Google Workspace is ``google`` too); else the domain is its own
-destination. The table is data: ``data/providers.toml``, extended by ``[destinations.NAME]``
-``domains`` and ``mx_suffixes`` in the configuration.
+destination, as an address literal (``[192.0.2.1]``, never looked up in DNS) always is. The
+table is data: ``data/providers.toml``, extended by ``[destinations.NAME]`` ``domains`` and
+``mx_suffixes`` in the configuration.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class DestinationMap:
         lookups = []
         for domain in {d.lower().rstrip(".") for d in domains}:
             known = self._by_domain.get(domain)
-            if known is not None or not self.mx_lookup:
+            if known is not None or not self.mx_lookup or domain.startswith("["):
+                # an address literal ([192.0.2.1]) has no MX: it is its own destination
                 out[domain] = known or domain
                 continue
             cached = self._mx_cache.get(domain)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import encoders
 from email import policy as email_policy
+from email._header_value_parser import SPECIALS, quote_string
 from email.charset import BASE64, QP, Charset
 from email.header import Header, decode_header, make_header
-from email.headerregistry import Address
 from email.message import Message as HeaderBlock
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
@@ -578,8 +578,13 @@ def _address_header(boxes: Sequence[Mailbox]) -> str:
 def _mailbox_text(box: Mailbox) -> str:
     if box.address.isascii():
         return formataddr((box.display_name, box.address), charset=_UTF8)
-    # an SMTPUTF8 address: written as UTF-8, name and all (RFC 6532)
-    return str(Address(display_name=box.display_name, username=box.local_part, domain=box.domain))
+    # an SMTPUTF8 address: written as UTF-8, name and all (RFC 6532); the address as parsed,
+    # quoted as RFC 5321 wants (headerregistry.Address would drop the quotes of "ä."), the name
+    # quoted as Address quotes it
+    name = box.display_name
+    if not name:
+        return box.address
+    return f"{quote_string(name) if not SPECIALS.isdisjoint(name) else name} <{box.address}>"
 
 
 def _text_part(text: str, subtype: str) -> MIMEText:

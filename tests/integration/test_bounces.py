@@ -1086,3 +1086,46 @@ async def test_serve_gives_each_recipient_a_return_path_and_records_what_comes_b
     finally:
         stop.set()
         await asyncio.wait_for(running, 60)
+
+
+async def test_a_bounce_for_a_quoted_recipient_or_a_literal_bounces_it_by_its_token(
+    sqlite_world: World,
+) -> None:
+    """The return path names the delivery, not the address: a recipient with quotes, a space,
+    an ``@`` or an address literal is bounced and suppressed as any other."""
+    world = sqlite_world
+    to = ['"john doe"@example.net', '"a@b"@example.net', "ann@[192.0.2.1]"]
+    sent = await world.send(*to)
+    async with listening(world) as (port, _):
+        for address in to:
+            verp = world.verp(sent, address)
+            dsn = sample("postfix-failed.eml", return_path=verp, **{"nobody@example.net": address})
+            _, data = await asyncio.to_thread(smtp_send, port, "", [verp], dsn)
+            assert data[0] == 250
+    assert [await world.state(sent, address) for address in to] == [RecipientState.BOUNCED] * 3
+    assert {address for address, _, _ in await world.suppressions()} == set(to)
+
+
+async def test_the_bounce_listener_takes_no_address_literal_but_its_own_quoting(
+    sqlite_world: World,
+) -> None:
+    """Only the bounce domain is served: a literal (this very host's) is refused like any other
+    domain. A token or postmaster needlessly quoted is the same address (RFC 5321 4.1.2)."""
+    world = sqlite_world
+    sent = await world.send("nobody@example.net")
+    verp = world.verp(sent, "nobody@example.net")
+    token = verp.rpartition("@")[0]
+    candidates = [
+        "postmaster@[127.0.0.1]",
+        f"{token}@[127.0.0.1]",
+        f'"{token}"@{DOMAIN}',
+        f'"postmaster"@{DOMAIN}',
+    ]
+    async with listening(world) as (port, counted):
+        rcpt, data = await asyncio.to_thread(
+            smtp_send, port, "", candidates, sample("postfix-failed.eml", return_path=verp)
+        )
+    assert [code for code, _ in rcpt] == [550, 550, 250, 250]
+    assert counted.refusals == ["recipient"] * 2
+    assert data[0] == 250
+    assert await world.state(sent, "nobody@example.net") is RecipientState.BOUNCED

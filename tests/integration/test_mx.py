@@ -582,3 +582,24 @@ async def test_the_queue_gives_domains_on_the_same_mx_hosts_one_destination(
             "mx1.hoster.test",
             "google",
         ]
+
+
+async def test_an_address_literal_is_delivered_to_its_address_without_dns(
+    hosts: MXHosts, dns_server: DNSServer, make_transport: Transports
+) -> None:
+    """RFC 5321 5.1: a literal names the host; no MX (nor A) is looked up for it."""
+    server = await hosts.start("127.0.0.2")
+    responses = await make_transport().send(envelope('"john doe"@[127.0.0.2]', "ann@[127.0.0.2]"))
+    assert classes(responses) == [ReplyClass.DELIVERED] * 2
+    assert [r.rcpt_tos for r in server.received] == [['"john doe"@[127.0.0.2]', "ann@[127.0.0.2]"]]
+    assert dns_server.queries == []
+
+
+async def test_an_ipv6_address_literal_is_delivered_to_its_address_without_dns(
+    hosts: MXHosts, dns_server: DNSServer, make_transport: Transports
+) -> None:
+    server = await hosts.start("::1")
+    [response] = await make_transport().send(envelope("ann@[IPv6:::1]"))
+    assert response.verdict().cls is ReplyClass.DELIVERED
+    assert [r.rcpt_tos for r in server.received] == [["ann@[IPv6:::1]"]]
+    assert dns_server.queries == []

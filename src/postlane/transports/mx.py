@@ -322,8 +322,9 @@ class MXTransport(BaseTransport):
         )
         refusals: list[Refusal] = []
         relay = self.name
+        literal = _address_literal(domain) is not None
         for host in route.hosts:
-            pool = self._pool(host, verified)
+            pool = self._pool(host, verified, literal=literal)
             try:
                 return await pool.send(envelope, messages_per_connection=per_connection)
             except _HostUnavailable as unavailable:
@@ -332,11 +333,15 @@ class MXTransport(BaseTransport):
         refusal = _combine(refusals, f"no MX host of {domain} could be reached")
         return [refusal.response(relay)] * count
 
-    def _pool(self, host: str, verified: bool) -> _MXHostPool:
-        pool = self._pools.get((host, verified))
+    def _pool(self, host: str, verified: bool, *, literal: bool = False) -> _MXHostPool:
+        """The pool of ``host``: an MX host name (its addresses from DNS), or, for an address
+        literal's route, the address itself (kept apart from a host named like it)."""
+        key = (f"[{host}]" if literal else host, verified)
+        pool = self._pools.get(key)
         if pool is None:
             settings = dataclasses.replace(self.host_settings, host=host, tls_verify=verified)
-            pool = self._pools[(host, verified)] = _MXHostPool(settings, self.addresses)
+            addresses = _the_address_itself if literal else self.addresses
+            pool = self._pools[key] = _MXHostPool(settings, addresses)
         return pool
 
     def _sweep(self) -> None:
@@ -499,6 +504,11 @@ def _address_literal(domain: str) -> str | None:
         return str(ipaddress.ip_address(inner))
     except ValueError:
         return None
+
+
+async def _the_address_itself(address: str) -> list[str]:
+    """Where an address literal's host is: that address (no DNS, RFC 5321 5.1)."""
+    return [address]
 
 
 def _host_text(name: dns.name.Name) -> str:
