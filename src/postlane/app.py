@@ -581,7 +581,7 @@ class AsyncPostlane:
         manual entry), for every sender (``scope`` "*", the default) or for one sender domain,
         until ``expires_at`` (None: for good). False when it was already there in that scope."""
         from postlane.addresses import parse_address
-        from postlane.message import parse_when
+        from postlane.clock import parse_when
 
         mailbox = parse_address(address, "address")
         if reason is not None and reason not in SUPPRESSION_REASONS:

@@ -1,4 +1,5 @@
-"""Time, injectable: policy, scheduling and leases ask a :class:`Clock`, never ``time.time()``.
+"""Time, injectable: policy, scheduling and leases ask a :class:`Clock`, never ``time.time()``;
+and times as people write them (:func:`when`, :func:`iso`, :func:`parse_when`).
 
 :class:`SystemClock` is real time. :class:`FakeClock` only moves when a test calls
 :meth:`FakeClock.advance`, and wakes whoever sleeps on it, so retry and lease tests need not sleep.
@@ -7,9 +8,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import time
 from datetime import UTC, datetime
 from typing import Protocol
+
+from postlane.errors import ValidationError
 
 
 class Clock(Protocol):
@@ -72,3 +77,53 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_when(value: datetime | str | float | None, what: str) -> float | None:
+    """Epoch seconds of ``value``: an aware datetime, ISO 8601 text with a zone
+    (``2026-12-02T09:30:00+01:00``, ``...Z``), or Unix seconds (a number or its text).
+    A time without a zone is refused: whose 9:30 would it be?"""
+    if value is None:
+        return None
+    if isinstance(value, str) and not value.strip():  # a blank template value: not "now"
+        raise ValidationError(f"{what} is empty: give a time, or leave it out", field=what)
+    if isinstance(value, bool):
+        raise ValidationError(f"{what} must be a time, not {value!r}", field=what)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValidationError(
+                f"{what} has no time zone; give an aware datetime (e.g. tzinfo=UTC)", field=what
+            )
+        seconds = value.timestamp()
+    elif isinstance(value, str):
+        text = value.strip()
+        if _UNIX_SECONDS.fullmatch(text):
+            seconds = float(text)
+        else:
+            try:
+                parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError:
+                raise ValidationError(
+                    f"{what} must be ISO 8601 with a time zone (2026-12-02T09:30:00Z) or Unix "
+                    f"seconds, got {value!r}",
+                    field=what,
+                ) from None
+            if parsed.tzinfo is None or parsed.utcoffset() is None:
+                raise ValidationError(
+                    f"{what} has no time zone (whose {text} would it be?): add one, as in "
+                    "2026-12-02T09:30:00Z or 2026-12-02T09:30:00+01:00",
+                    field=what,
+                )
+            seconds = parsed.timestamp()
+    else:
+        raise ValidationError(f"{what} must be a time, not {type(value).__name__}", field=what)
+    if not math.isfinite(seconds) or seconds < 0:
+        shown = value.isoformat() if isinstance(value, datetime) else value
+        raise ValidationError(f"{what} must be a time after 1970, got {shown!r}", field=what)
+    return seconds
+
+
+#: Unix seconds as text: ASCII digits, perhaps a fraction (not float()'s "1_700", "inf", "1e9")
+_UNIX_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")

@@ -34,6 +34,7 @@ from enum import StrEnum
 from typing import Any
 
 from postlane.addresses import Mailbox, check_text, mailboxes, no_line_breaks, parse_address
+from postlane.clock import parse_when
 from postlane.errors import MessageTooLarge, ValidationError
 
 
@@ -256,56 +257,6 @@ def _check_common(message: Message) -> tuple[Lane, str | None, dict[str, Any]]:
 
 #: the furthest ahead send_at and expires_at may be (a year): a typo'd year is an error
 MAX_SCHEDULE_AHEAD = 366 * 86400.0
-
-
-def parse_when(value: datetime | str | float | None, what: str) -> float | None:
-    """Epoch seconds of ``value``: an aware datetime, ISO 8601 text with a zone
-    (``2026-12-02T09:30:00+01:00``, ``...Z``), or Unix seconds (a number or its text).
-    A time without a zone is refused: whose 9:30 would it be?"""
-    if value is None:
-        return None
-    if isinstance(value, str) and not value.strip():  # a blank template value: not "now"
-        raise ValidationError(f"{what} is empty: give a time, or leave it out", field=what)
-    if isinstance(value, bool):
-        raise ValidationError(f"{what} must be a time, not {value!r}", field=what)
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, datetime):
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValidationError(
-                f"{what} has no time zone; give an aware datetime (e.g. tzinfo=UTC)", field=what
-            )
-        seconds = value.timestamp()
-    elif isinstance(value, str):
-        text = value.strip()
-        if _UNIX_SECONDS.fullmatch(text):
-            seconds = float(text)
-        else:
-            try:
-                parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-            except ValueError:
-                raise ValidationError(
-                    f"{what} must be ISO 8601 with a time zone (2026-12-02T09:30:00Z) or Unix "
-                    f"seconds, got {value!r}",
-                    field=what,
-                ) from None
-            if parsed.tzinfo is None or parsed.utcoffset() is None:
-                raise ValidationError(
-                    f"{what} has no time zone (whose {text} would it be?): add one, as in "
-                    "2026-12-02T09:30:00Z or 2026-12-02T09:30:00+01:00",
-                    field=what,
-                )
-            seconds = parsed.timestamp()
-    else:
-        raise ValidationError(f"{what} must be a time, not {type(value).__name__}", field=what)
-    if not math.isfinite(seconds) or seconds < 0:
-        shown = value.isoformat() if isinstance(value, datetime) else value
-        raise ValidationError(f"{what} must be a time after 1970, got {shown!r}", field=what)
-    return seconds
-
-
-#: Unix seconds as text: ASCII digits, perhaps a fraction (not float()'s "1_700", "inf", "1e9")
-_UNIX_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def _check_schedule(message: Message, now: float | None) -> tuple[float | None, float | None]:

@@ -13,9 +13,9 @@ import pytest
 
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
-from postlane.clock import FakeClock
+from postlane.clock import FakeClock, parse_when
 from postlane.errors import ValidationError
-from postlane.message import RecipientState, parse_when
+from postlane.message import RecipientState
 from postlane.records import Selector
 from postlane.transports import transport_for
 from postlane.worker import Worker

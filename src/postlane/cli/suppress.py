@@ -67,7 +67,7 @@ def suppress_add(
 ) -> None:
     """Suppress ADDRESS: mail to it is never attempted (queued mail to it included)."""
     from postlane.app import suppression_scope
-    from postlane.message import parse_when
+    from postlane.clock import parse_when
 
     parse_address(address, "address")  # refused before the store is opened
     suppression_scope(scope)
