@@ -41,6 +41,9 @@ from postlane.ingest.smtp_syntax import (
     COMMAND_LIMIT,
     LINE_LIMIT,
     MAIL_LIMIT,
+    PATH_SYNTAX,
+    is_one_word,
+    is_utf8,
     parse_parameters,
     parse_path,
 )
@@ -68,31 +71,10 @@ JUNK_LIMIT = 100
 _NEEDS_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send non-ASCII addresses"
 
 
-def _is_utf8(text: str) -> bool:
-    """Whether a command's text was valid UTF-8 (invalid bytes arrive as lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 _JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 #: input buffered while a command is being answered; past it, reading pauses
 BUFFER_LIMIT = 64 * 1024
-#: the reply to a MAIL or RCPT path that cannot be parsed, by its keyword (ESMTP adds to it)
-_PATH_SYNTAX = {
-    "FROM:": "501 Syntax: MAIL FROM: <address>",
-    "TO:": "501 Syntax: RCPT TO: <address>",
-}
-
 _COMMAND, _DATA, _CHUNK, _STORING, _BUSY = "command", "data", "chunk", "storing", "busy"
-
-
-def _one_word(name: str) -> bool:
-    """A HELO/EHLO name is one word (RFC 5321: a domain or an address literal): no space, no
-    control character. A bare CR in it would become a header break in the Received line."""
-    return not any(ord(c) < 33 or ord(c) == 127 for c in name)
 
 
 class SmtpConnection(asyncio.Protocol):
@@ -370,7 +352,7 @@ class SmtpConnection(asyncio.Protocol):
         return False
 
     def smtp_HELO(self, arg: str | None) -> None:
-        if not arg or not _one_word(arg):
+        if not arg or not is_one_word(arg):
             self._reply("501 Syntax: HELO hostname")
             return
         assert self.session is not None
@@ -381,7 +363,7 @@ class SmtpConnection(asyncio.Protocol):
         self._reply(f"250 {self.settings.hostname}")
 
     def smtp_EHLO(self, arg: str | None) -> None:
-        if not arg or not _one_word(arg):
+        if not arg or not is_one_word(arg):
             self._reply("501 Syntax: EHLO hostname")
             return
         session = self.session
@@ -453,7 +435,7 @@ class SmtpConnection(asyncio.Protocol):
         if address is None:
             self._reply("553 5.1.3 Error: malformed address")
             return None
-        if not address.isascii() and not _is_utf8(address):
+        if not address.isascii() and not is_utf8(address):
             self._reply("553 5.1.3 Error: malformed address (not valid UTF-8)")
             return None
         if not address or (rest and not self.session.extended_smtp):
@@ -470,7 +452,7 @@ class SmtpConnection(asyncio.Protocol):
 
     def _path_syntax_error(self, keyword: str) -> None:
         assert self.session is not None
-        syntax = _PATH_SYNTAX[keyword]
+        syntax = PATH_SYNTAX[keyword]
         self._reply(syntax + (" [SP <mail-parameters>]" if self.session.extended_smtp else ""))
 
     def smtp_MAIL(self, arg: str | None) -> None:

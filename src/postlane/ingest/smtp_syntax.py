@@ -8,13 +8,43 @@ import re
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
-__all__ = ["COMMAND_LIMIT", "LINE_LIMIT", "MAIL_LIMIT", "parse_parameters", "parse_path"]
+__all__ = [
+    "COMMAND_LIMIT",
+    "LINE_LIMIT",
+    "MAIL_LIMIT",
+    "PATH_SYNTAX",
+    "is_one_word",
+    "is_utf8",
+    "parse_parameters",
+    "parse_path",
+]
 
 #: the longest command line (RFC 5321 4.5.3.1.4), with what SIZE and SMTPUTF8 add to MAIL
 COMMAND_LIMIT = 512
 MAIL_LIMIT = COMMAND_LIMIT + 26 + 10
 #: a line this long without its end is cut off unread, then answered 500 (aiosmtpd's limit)
 LINE_LIMIT = 1001
+#: the reply to a MAIL or RCPT path that cannot be parsed, by its keyword (ESMTP adds to it)
+PATH_SYNTAX = {
+    "FROM:": "501 Syntax: MAIL FROM: <address>",
+    "TO:": "501 Syntax: RCPT TO: <address>",
+}
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a command's text was valid UTF-8 (invalid bytes arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_one_word(name: str) -> bool:
+    """A HELO/EHLO name is one word (RFC 5321: a domain or an address literal): no space, no
+    control character. A bare CR in it would become a header break in the Received line."""
+    return not any(ord(c) < 33 or ord(c) == 127 for c in name)
+
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 #: a plain ``<local@domain>`` path, which needs no RFC 5322 parser
