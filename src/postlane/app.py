@@ -35,6 +35,14 @@ from typing import IO, Any, TypedDict, TypeVar, Unpack
 
 from postlane.clock import Clock, SystemClock
 from postlane.config import Config, destination_limits, load_config
+from postlane.cursors import (
+    DeadLetterKey,
+    MessageKey,
+    Page,
+    SuppressionKey,
+    decode_cursor,
+    encode_cursor,
+)
 from postlane.destinations import DestinationMap
 from postlane.errors import NotFound, SuppressedRecipients, ValidationError
 from postlane.events import Event, event_cursor
@@ -297,6 +305,31 @@ class AsyncPostlane:
         self, selector: Selector | None = None, *, limit: int = 1000
     ) -> list[DeadLetter]:
         return await self.store.list_dead(selector or Selector(), limit=_limit(limit))
+
+    async def message_page(
+        self, selector: Selector | None = None, *, cursor: str | None = None, limit: int = 100
+    ) -> Page[MessageView]:
+        """A page of the messages :meth:`messages` lists, in arrival order, from ``cursor`` (a
+        page's ``next_cursor``; None: the first page). Raises :class:`ValidationError` (field
+        ``cursor``) for a cursor no page of this listing gave."""
+        after = 0 if cursor is None else decode_cursor(cursor, MessageKey).after_row
+        views, next_after = await self.store.page_messages(
+            selector or Selector(), after=after, limit=_limit(limit)
+        )
+        return Page(views, None if next_after is None else encode_cursor(MessageKey(next_after)))
+
+    async def dead_letter_page(
+        self, selector: Selector | None = None, *, cursor: str | None = None, limit: int = 100
+    ) -> Page[DeadLetter]:
+        """A page of the dead letters, newest death first, from ``cursor`` (as
+        :meth:`message_page`)."""
+        after = None if cursor is None else decode_cursor(cursor, DeadLetterKey)
+        limit = _limit(limit)
+        found = await self.store.list_dead(selector or Selector(), limit=limit + 1, after=after)
+        if len(found) <= limit:
+            return Page(found, None)
+        last = found[limit - 1]
+        return Page(found[:limit], encode_cursor(DeadLetterKey(last.dead_at, last.delivery_id)))
 
     async def dead_letter(self, queue_id: str) -> list[DeadLetter]:
         return await self.store.get_dead(_check_id(queue_id))
@@ -566,6 +599,20 @@ class AsyncPostlane:
         _limit(limit)  # at least 1
         return await self.store.list_suppressions(limit=min(limit, MAX_SUPPRESSIONS))
 
+    async def suppression_page(
+        self, *, cursor: str | None = None, limit: int = 1000
+    ) -> Page[Suppression]:
+        """A page of the suppression list, newest first, from ``cursor`` (as
+        :meth:`message_page`)."""
+        after = None if cursor is None else decode_cursor(cursor, SuppressionKey)
+        limit = _limit(limit)
+        found = await self.store.list_suppressions(limit=limit + 1, after=after)
+        if len(found) <= limit:
+            return Page(found, None)
+        last = found[limit - 1]
+        key = SuppressionKey(last.created_at, last.address, last.scope)
+        return Page(found[:limit], encode_cursor(key))
+
     async def suppress(
         self,
         address: str,
@@ -766,6 +813,21 @@ class Postlane:
         self, selector: Selector | None = None, *, limit: int = 1000
     ) -> list[DeadLetter]:
         return self._portal.run(self._async.dead_letters(selector, limit=limit))
+
+    def message_page(
+        self, selector: Selector | None = None, *, cursor: str | None = None, limit: int = 100
+    ) -> Page[MessageView]:
+        return self._portal.run(self._async.message_page(selector, cursor=cursor, limit=limit))
+
+    def dead_letter_page(
+        self, selector: Selector | None = None, *, cursor: str | None = None, limit: int = 100
+    ) -> Page[DeadLetter]:
+        return self._portal.run(self._async.dead_letter_page(selector, cursor=cursor, limit=limit))
+
+    def suppression_page(
+        self, *, cursor: str | None = None, limit: int = 1000
+    ) -> Page[Suppression]:
+        return self._portal.run(self._async.suppression_page(cursor=cursor, limit=limit))
 
     def suppress(self, address: str, **options: Unpack[_SuppressOptions]) -> bool:
         """See :meth:`AsyncPostlane.suppress`."""

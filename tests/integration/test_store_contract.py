@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from postlane.classify import ReplyClass
+from postlane.cursors import DeadLetterKey, SuppressionKey
 from postlane.errors import IdempotencyConflict, NotFound, ValidationError
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.records import (
@@ -437,6 +438,81 @@ async def test_message_pages_follow_arrival_order_and_never_repeat(store: Any) -
     assert after is not None
     page, last = await store.page_messages(Selector(), after=0, limit=23)
     assert len(page) == 23 and last is None
+
+
+async def test_a_message_whose_recipients_are_not_consecutive_rows_is_on_one_page(
+    store: Any,
+) -> None:
+    # a recipient added to message a after b arrived (here an import; on PostgreSQL, also two
+    # enqueue transactions taking row ids in turns): a's rows are 1 and 3, b's is 2
+    a, b = msg("a1@example.net"), msg("b1@example.net")
+    await store.enqueue([a], T0)
+    await store.enqueue([b], T0)
+    [row] = await store.select_delivery_ids(Selector(ids=(a.id,)), ["queued"], after=0, limit=5)
+    [exported] = await store.export_deliveries([row])
+    added = dataclasses.replace(exported.recipients[0], address="a2@example.net")
+    assert await store.import_messages([dataclasses.replace(exported, recipients=(added,))], T0)
+    for size in (1, 2, 3):
+        seen: list[str] = []
+        after: int | None = 0
+        while after is not None:
+            page, after = await store.page_messages(Selector(), after=after, limit=size)
+            seen += [m.id for m in page]
+        assert seen == [a.id, b.id], size
+    page, _ = await store.page_messages(Selector(), after=0, limit=1)
+    assert [r.address for r in page[0].recipients] == ["a1@example.net", "a2@example.net"]
+
+
+async def test_dead_letters_and_suppressions_page_on_a_keyset(store: Any) -> None:
+    # 10 dead letters dying in batches (shared death times), newest first, then by row
+    await store.enqueue([msg(f"d{i}@example.net") for i in range(10)], T0)
+    queued = deliveries(await claim(store))
+
+    def dead(d: Any) -> Outcome:
+        return Outcome(d.id, RecipientState.DEAD, 1, 0, None, attempt(ReplyClass.HARD_BOUNCE, 550))
+
+    for batch, when in ((queued[:4], T0 + 1), (queued[4:7], T0 + 2), (queued[7:], T0 + 2.5)):
+        await store.record("w1", [dead(d) for d in batch], when)
+    everything = await store.list_dead(Selector(), limit=100)
+    assert len(everything) == 10
+    assert [x.dead_at for x in everything] == sorted((x.dead_at for x in everything), reverse=True)
+    walked: list[Any] = []
+    key = None
+    while True:
+        page = await store.list_dead(Selector(), limit=3, after=key)
+        walked += page
+        if len(page) < 3:
+            break
+        key = DeadLetterKey(page[-1].dead_at, page[-1].delivery_id)
+        # a death after the walk began is newer than every cursor: not listed on a later page
+        await store.enqueue([msg(f"late{len(walked)}@example.net")], T0)
+        [late] = deliveries(await claim(store))  # the others are dead
+        await store.record("w1", [dead(late)], T0 + 10)
+    assert walked == everything
+    narrowed = Selector(classes=(ReplyClass.POLICY_BLOCK,))
+    assert await store.list_dead(narrowed, limit=3, after=key) == []
+
+    # the suppression list: newest first, then address and scope (one address, two scopes)
+    for i in range(8):
+        await store.add_suppression(
+            Suppression(f"s{i % 6}@example.net", T0 + i // 3, "operator", "manual",
+                        scope="*" if i < 6 else "shop.example")
+        )  # fmt: skip
+    listed = await store.list_suppressions(limit=100)
+    assert len(listed) == 8
+    paged: list[Suppression] = []
+    after = None
+    while True:
+        chunk = await store.list_suppressions(limit=3, after=after)
+        paged += chunk
+        if len(chunk) < 3:
+            break
+        last = chunk[-1]
+        after = SuppressionKey(last.created_at, last.address, last.scope)
+        await store.add_suppression(
+            Suppression(f"new{len(paged)}@example.net", T0 + 100, "operator", "manual")
+        )
+    assert paged == listed
 
 
 async def test_attempts_are_counted_by_minute_class_and_destination(store: Any) -> None:

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -36,6 +36,7 @@ from postlane.auth import (
     cross_site,
 )
 from postlane.config import Config
+from postlane.cursors import Page
 from postlane.errors import (
     IdempotencyConflict,
     MessageTooLarge,
@@ -68,11 +69,16 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("postlane.http")
+T = TypeVar("T")
 
 MAX_BATCH = 1000
 #: a batch's body is at most this many times a message's
 BATCH_BODIES = 4
 MAX_LIST = 1000
+#: the suppression list answers up to this many entries a page (and that many by default)
+MAX_SUPPRESSION_PAGE = 10_000
+#: the header naming the next page's cursor (also in ``Link: <...>; rel="next"``)
+NEXT_CURSOR = "X-Next-Cursor"
 #: an export (and so an import) body is at most this large, and at least two messages of
 #: max_size (JSON and base64 included)
 EXPORT_BYTES = 64 * 1024 * 1024
@@ -487,20 +493,59 @@ def selector_of(request: Request, fields: dict[str, Any]) -> Selector:
         raise ApiError(400, code, exc.message) from None
 
 
-def query_selector(request: Request) -> tuple[Selector, int]:
-    """The selector and the limit of a listing's query string."""
+def query_selector(request: Request, *, paged: bool = False) -> tuple[Selector, int]:
+    """The selector and the limit of a listing's query string (``paged``: the listing also
+    takes ``cursor``, read by :func:`query_cursor`; elsewhere it is an unknown field)."""
     params: dict[str, Any] = {}
     for key in request.query_params:
-        if key == "limit":
+        if key == "limit" or (paged and key == "cursor"):
             continue
         values = request.query_params.getlist(key)
         params[key] = values if key in _REPEATABLE else values[-1]
     if "all" in params:
         params["all"] = params["all"] in ("1", "true", "yes")
-    limit_text = request.query_params.get("limit", "100")
-    if not is_decimal(limit_text) or not 1 <= int(limit_text) <= MAX_LIST:
-        raise ApiError(400, "invalid_field", f"limit must be 1 to {MAX_LIST}")
-    return selector_of(request, params), int(limit_text)
+    limit = query_limit(request, default=100, most=MAX_LIST)
+    return selector_of(request, params), limit
+
+
+def query_limit(request: Request, *, default: int, most: int) -> int:
+    """A listing's ``limit``: 1 to ``most``, ``default`` when not given."""
+    text = request.query_params.get("limit", str(default))
+    if not is_decimal(text) or not 1 <= int(text) <= most:
+        raise ApiError(400, "invalid_field", f"limit must be 1 to {most}")
+    return int(text)
+
+
+def query_cursor(request: Request) -> str | None:
+    """A paged listing's ``cursor`` (None: the first page). An empty one is refused, not read
+    as the first page: a script that passes on a missing next cursor must not start over."""
+    cursor = request.query_params.get("cursor")
+    if cursor is not None and not cursor:
+        raise ApiError(
+            400,
+            "invalid_field",
+            "cursor is empty: pass the cursor a page gave (X-Next-Cursor), or leave cursor out "
+            "for the first page",
+        )
+    return cursor
+
+
+async def read_page(fetch: Awaitable[Page[T]]) -> Page[T]:
+    """A page of a listing; a cursor it did not give is a 400 ``invalid_field`` naming it."""
+    with invalid_field():
+        return await fetch
+
+
+def page_response(request: Request, page: Page[Any]) -> ApiJSON:
+    """A page as the listing's JSON array (the shape it always had), and where the next page
+    starts: ``Link: <...>; rel="next"`` (this request with the next ``cursor``) and
+    ``X-Next-Cursor``. The last page has neither."""
+    headers: dict[str, str] = {}
+    if page.next_cursor is not None:
+        url = request.url.include_query_params(cursor=page.next_cursor)
+        headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+        headers[NEXT_CURSOR] = page.next_cursor
+    return ApiJSON([item.as_json() for item in page.items], headers=headers)
 
 
 def body_flag(data: dict[str, Any], name: str) -> bool:

@@ -15,10 +15,15 @@ from postlane.errors import NotFound
 from postlane.events import event_cursor
 from postlane.ingest.api_core import (
     MAX_LIST,
+    MAX_SUPPRESSION_PAGE,
     ApiJSON,
     context_of,
     invalid_field,
+    page_response,
+    query_cursor,
+    query_limit,
     read_json,
+    read_page,
     time_field,
 )
 from postlane.ingest.bodies import ApiError
@@ -33,8 +38,13 @@ if TYPE_CHECKING:
 
 
 async def list_suppressions(request: Request, caller: Caller) -> Response:
-    entries = await context_of(request).postlane.suppressions(limit=10_000)
-    return ApiJSON([e.as_json() for e in entries])
+    """``GET /v1/suppressions?limit=N&cursor=C``: a page of the list, newest first (up to
+    10,000 entries unless told fewer), the next page's cursor in the headers."""
+    limit = query_limit(request, default=MAX_SUPPRESSION_PAGE, most=MAX_SUPPRESSION_PAGE)
+    cursor = query_cursor(request)
+    postlane = context_of(request).postlane
+    page = await read_page(postlane.suppression_page(cursor=cursor, limit=limit))
+    return page_response(request, page)
 
 
 async def add_suppression(request: Request, caller: Caller) -> Response:

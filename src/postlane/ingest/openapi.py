@@ -140,14 +140,46 @@ def _operation(
     return operation
 
 
-def _listing(summary: str, items: Schema, description: str) -> dict[str, Any]:
-    """A GET of a list narrowed by the selector's query parameters."""
+def _listing(
+    summary: str, items: Schema, description: str, *, paged: bool = True
+) -> dict[str, Any]:
+    """A GET of a list narrowed by the selector's query parameters (``paged``: and paged with
+    ``cursor``, the next page's cursor in the answer's headers)."""
+    answer = _json(_array(items), description)
     return _operation(
         summary,
-        {"200": _json(_array(items), description)},
+        {"200": _page(answer) if paged else answer},
         (400, 401, 403, 503),
-        parameters=_SELECTOR_PARAMS,
+        parameters=[*_SELECTOR_PARAMS, _CURSOR] if paged else _SELECTOR_PARAMS,
     )
+
+
+def _page(answer: dict[str, Any]) -> dict[str, Any]:
+    """A listing's answer, with the headers saying where its next page starts."""
+    return {**answer, "headers": _NEXT_PAGE}
+
+
+_CURSOR = {
+    "name": "cursor",
+    "in": "query",
+    "required": False,
+    "description": "Where the page starts: the X-Next-Cursor (or the Link rel=next) of the page "
+    "before; none for the first page. Opaque; one this listing did not give (or an empty one) "
+    "is a 400 invalid_field. Pages follow a stable keyset, so entries added between requests "
+    "are neither skipped nor repeated.",
+    "schema": _type("string", minLength=1, maxLength=2048),
+}
+_NEXT_PAGE = {
+    "Link": {
+        "description": 'The next page: `<PATH?QUERY&cursor=...>; rel="next"` (this request with '
+        "the next cursor). Absent on the last page.",
+        "schema": _type("string"),
+    },
+    "X-Next-Cursor": {
+        "description": "The next page's cursor (pass it as `cursor`). Absent on the last page.",
+        "schema": _type("string"),
+    },
+}
 
 
 _ERROR = _ref("Error")
@@ -448,7 +480,8 @@ def _operator_paths() -> dict[str, Any]:
             "get": _listing(
                 "Dead letters grouped by class, domain and reply (admin)",
                 _type("object"),
-                "Groups",
+                "Groups, largest first (not paged: page a group's letters through /v1/dlq)",
+                paged=False,
             )
         },
         "/v1/dlq/{action}": _action_path(["requeue", "purge"]),
@@ -606,9 +639,17 @@ def _suppression_paths() -> dict[str, Any]:
     return {
         "/v1/suppressions": {
             "get": _operation(
-                "The suppression list (admin)",
-                {"200": _json(_array(_type("object")), "Entries")},
-                (401, 403, 503),
+                "The suppression list, newest first (admin)",
+                {"200": _page(_json(_array(_type("object")), "Entries"))},
+                (400, 401, 403, 503),
+                parameters=[
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": _type("integer", minimum=1, maximum=10_000, default=10_000),
+                    },
+                    _CURSOR,
+                ],
             ),
             "post": _operation(
                 "Add an address to the suppression list (admin)",

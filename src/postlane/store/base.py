@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from postlane.cursors import DeadLetterKey, SuppressionKey
 from postlane.events import Event, WebhookEndpointState
 from postlane.feedback import DeliveryRef, Feedback, FeedbackResult, Report, UnmatchedFeedback
 from postlane.message import Lane, PreparedMessage
@@ -123,14 +124,22 @@ class OperatorStore(Protocol):
     async def page_messages(
         self, selector: Selector, *, after: int, limit: int
     ) -> tuple[list[MessageView], int | None]:
-        """Messages with a selected recipient in arrival order, after the cursor ``after`` (0
-        for the first page): the page and the next page's cursor (None on the last page). Walks
-        the primary key and stops at the page's end, so a page costs the same at any depth."""
+        """Messages with a selected recipient in arrival order (each at its first selected
+        recipient's row), after the cursor ``after`` (0 for the first page): the page and the
+        next page's cursor (None on the last page). Walks the primary key and stops at the
+        page's end, so a page costs the same at any depth. No message is on two pages; one
+        enqueued after a page was read comes after it (on PostgreSQL, an enqueue whose
+        transaction was still open then may sit behind it: row ids are taken before commit)."""
         ...
 
     async def stats(self, now: float) -> Stats: ...
 
-    async def list_dead(self, selector: Selector, *, limit: int) -> list[DeadLetter]: ...
+    async def list_dead(
+        self, selector: Selector, *, limit: int, after: DeadLetterKey | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters, newest death first (then by row): the first ``limit`` after the keyset
+        ``after`` (None: from the first), so a listing pages without skipping or repeating."""
+        ...
 
     async def get_dead(self, queue_id: str) -> list[DeadLetter]: ...
 
@@ -358,8 +367,12 @@ class HistoryStore(Protocol):
 class SuppressionStore(Protocol):
     """The suppression list: addresses never to be sent to."""
 
-    async def list_suppressions(self, *, limit: int) -> list[Suppression]:
-        """The list, newest first (expired entries included: they say when they ended)."""
+    async def list_suppressions(
+        self, *, limit: int, after: SuppressionKey | None = None
+    ) -> list[Suppression]:
+        """The list, newest first (then by address and scope; expired entries included: they
+        say when they ended): the first ``limit`` after the keyset ``after`` (None: from the
+        first)."""
         ...
 
     async def add_suppression(self, suppression: Suppression) -> bool:

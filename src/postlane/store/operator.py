@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from postlane.cursors import DeadLetterKey
 from postlane.errors import NotFound
 from postlane.message import FINAL_STATES, Lane, RecipientState
 from postlane.records import (
@@ -33,8 +34,10 @@ PENDING = ("queued", "sending", "deferred", "held")
 
 
 class Pager:
-    """Collects a page of distinct messages from delivery rows read in id order (a message's
-    deliveries are consecutive rows); the next page starts at the first message left out."""
+    """Collects a page of distinct messages from delivery rows read in id order: a message
+    sits at its first selected row, so one whose first selected row is at or before the page's
+    cursor belongs to an earlier page and is left out (:meth:`earlier`: a message's rows are
+    not always consecutive); the next page starts at the first message left out."""
 
     def __init__(self, limit: int, after: int) -> None:
         self.limit = limit
@@ -48,6 +51,16 @@ class Pager:
     @property
     def chunk(self) -> int:
         return max(4 * self.limit, 200)
+
+    def unseen(self, found: Sequence[Row]) -> list[str]:
+        """The messages of a chunk of rows not met yet on this page."""
+        return list(
+            dict.fromkeys(str(r["queue_id"]) for r in found if r["queue_id"] not in self.seen)
+        )
+
+    def earlier(self, queue_ids: Iterable[str]) -> None:
+        """These messages belong to an earlier page: their rows here are skipped."""
+        self.seen.update(queue_ids)
 
     def feed(self, found: Sequence[Row]) -> bool:
         """Take a chunk of delivery rows (``id``, ``queue_id``); True when the page is complete
@@ -150,6 +163,14 @@ class SQLOperator(SQLRole):
                     {**params, "after": pager.last_row, "limit": pager.chunk},
                     fill=fill,
                 )
+                candidates = pager.unseen(found) if after else []
+                if candidates:
+                    listed = yield from fetch(
+                        "listed_before",
+                        {**params, "candidates": candidates, "after": after},
+                        fill=fill,
+                    )
+                    pager.earlier(str(r["queue_id"]) for r in listed)
                 if pager.feed(found):
                     break
             views = yield from self._message_views(pager.ids, history=False)
@@ -169,11 +190,16 @@ class SQLOperator(SQLRole):
         histories = (yield from self._histories([r["id"] for r in found])) if history else {}
         return [rows.dead_letter(r, histories[r["id"]] if history else None) for r in found]
 
-    async def list_dead(self, selector: Selector, *, limit: int) -> list[DeadLetter]:
+    async def list_dead(
+        self, selector: Selector, *, limit: int, after: DeadLetterKey | None = None
+    ) -> list[DeadLetter]:
         fill, params = self._selection(selector, ("dead",), ("dead",))
+        keyset = _dead_keyset(after)
 
         def run() -> Plan[list[DeadLetter]]:
-            found = yield from fetch("dead_letters", {**params, "limit": limit}, fill=fill)
+            found = yield from fetch(
+                "dead_letters", {**params, **keyset, "limit": limit}, fill=fill
+            )
             return (yield from self._dead_letters(found, history=False))
 
         return await self.db.read(run)
@@ -183,7 +209,11 @@ class SQLOperator(SQLRole):
 
         def run() -> Plan[list[DeadLetter]]:
             found = sorted(
-                (yield from fetch("dead_letters", {**params, "limit": 10**6}, fill=fill)),
+                (
+                    yield from fetch(
+                        "dead_letters", {**params, **_dead_keyset(None), "limit": 10**6}, fill=fill
+                    )
+                ),
                 key=lambda row: int(row["id"]),
             )
             if not found:
@@ -363,6 +393,13 @@ class SQLOperator(SQLRole):
         return [
             ShapeRow(domain, totals[domain], tuple(counts)) for domain, counts in shaped.items()
         ]
+
+
+def _dead_keyset(after: DeadLetterKey | None) -> dict[str, Any]:
+    """``dead_letters``' keyset parameters: after ``after``, or (None) from the first."""
+    if after is None:
+        return {"dead_at": None, "after_id": None}
+    return {"dead_at": after.dead_at, "after_id": after.delivery_id}
 
 
 #: what an imported recipient comes back as: waiting or being sent -> due now

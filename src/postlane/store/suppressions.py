@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from postlane.cursors import SuppressionKey
 from postlane.records import Suppression
 from postlane.store import rows
 from postlane.store.plans import SQLRole, batch, execute, fetch
@@ -15,8 +16,15 @@ from postlane.store.plans import SQLRole, batch, execute, fetch
 class SQLSuppressions(SQLRole):
     """The suppression list."""
 
-    async def list_suppressions(self, *, limit: int) -> list[Suppression]:
-        found = await self.db.read(lambda: fetch("suppressions", {"limit": limit}))
+    async def list_suppressions(
+        self, *, limit: int, after: SuppressionKey | None = None
+    ) -> list[Suppression]:
+        keyset = (
+            {"created_at": after.created_at, "address": after.address, "scope": after.scope}
+            if after is not None
+            else {"created_at": None, "address": None, "scope": None}
+        )
+        found = await self.db.read(lambda: fetch("suppressions", {**keyset, "limit": limit}))
         return [rows.suppression(row) for row in found]
 
     async def add_suppression(self, suppression: Suppression) -> bool:

@@ -115,13 +115,21 @@ SELECT d.id, d.queue_id FROM deliveries d
 WHERE d.id > :after AND {selection}
 ORDER BY d.id LIMIT :limit;
 
+-- name: listed_before
+-- Which of some messages have a selected delivery at or before the cursor :after: a page
+-- after it leaves them out, for they belong to an earlier page (a message's recipients are not
+-- always consecutive rows: concurrent PostgreSQL enqueues, recipients added by an import).
+SELECT DISTINCT d.queue_id FROM deliveries d
+WHERE @any(d.queue_id, candidates, text) AND d.id <= :after AND {selection};
+
 -- name: suppression_count
 -- How many addresses are on the suppression list.
 SELECT count(*) AS n FROM suppressions;
 
 -- name: dead_letters
 -- Dead recipients with their message's sender and subject and their last relay, newest first
--- ({selection} as above).
+-- ({selection} as above), after the keyset (:dead_at, :after_id) of a page before (NULL: from
+-- the first).
 SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
        d.last_class, d.updated_at, d.last_code, d.last_enhanced, d.last_text, d.reason,
        m.sender, m.subject,
@@ -129,6 +137,7 @@ SELECT d.id, d.queue_id, d.address, d.domain, d.destination, d.lane, d.attempts,
            AS relay
 FROM deliveries d JOIN messages m ON m.id = d.queue_id
 WHERE {selection}
+  AND coalesce(d.updated_at < :dead_at OR (d.updated_at = :dead_at AND d.id > :after_id), TRUE)
 ORDER BY d.updated_at DESC, d.id LIMIT :limit;
 
 -- name: select_delivery_ids
@@ -386,10 +395,14 @@ SELECT destination, class, count(*) AS n FROM attempts WHERE at >= :since
 GROUP BY destination, class;
 
 -- name: suppressions
--- The suppression list, newest first.
+-- The suppression list, newest first, after the keyset (:created_at, :address, :scope) of a
+-- page before (NULL: from the first).
 SELECT address, scope, reason, created_at, expires_at, detail, source, code, enhanced, text,
        queue_id
-FROM suppressions ORDER BY created_at DESC, address, scope LIMIT :limit;
+FROM suppressions
+WHERE coalesce(created_at < :created_at
+               OR (created_at = :created_at AND (address, scope) > (:address, :scope)), TRUE)
+ORDER BY created_at DESC, address, scope LIMIT :limit;
 
 -- name: delete_suppression
 -- Take an address off the suppression list, in every scope.
