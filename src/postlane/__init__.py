@@ -8,7 +8,8 @@ result = mail.send(sender="app@example.com", to=["ada@example.net"],
 print(result.id, result.duplicate)
 """
 
-from postlane.app import AsyncPostlane, Postlane
+from postlane.app import AsyncPostlane
+from postlane.blocking import Postlane
 from postlane.classify import ReplyClass, Verdict, classify
 from postlane.client import AsyncClient, Client
 from postlane.config import Config, load_config

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from postlane.app import Postlane
+    from postlane.blocking import Postlane
     from postlane.config import Config
     from postlane.records import EnqueueResult
 
@@ -85,7 +85,7 @@ class PostlaneMail:
     :attr:`messages`. Whatever ``delivery.relay`` says, deliveries are captured, never sent."""
 
     def __init__(self, config: Config) -> None:
-        from postlane.app import Postlane
+        from postlane.blocking import Postlane
         from postlane.transports import capture_folder
 
         self.config = config

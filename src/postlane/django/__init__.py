@@ -144,7 +144,7 @@ class _LocalSender:
     """A postlane store on this host (the sync :class:`~postlane.Postlane`, thread-safe)."""
 
     def __init__(self, config: Config | str | None) -> None:
-        from postlane.app import Postlane
+        from postlane.blocking import Postlane
 
         if isinstance(config, Config):
             self.postlane = Postlane(config)

@@ -231,7 +231,7 @@ class StoreEventSource:
     local store or the outbox."""
 
     def __init__(self, config: Config | str | None) -> None:
-        from postlane.app import Postlane
+        from postlane.blocking import Postlane
         from postlane.config import Config
 
         if isinstance(config, Config):
