@@ -3,12 +3,14 @@ ends up identical to a database built fresh."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from postlane.errors import StoreUnavailable
+from postlane.message import Message, PreparedMessage, prepare
 from postlane.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, _split_statements
 
 
@@ -66,6 +68,53 @@ async def test_an_old_database_is_migrated_with_its_data(tmp_path: Path) -> None
     conn = sqlite3.connect(old)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
+
+
+def build_version(path: Path, last: int) -> sqlite3.Connection:
+    """A database as postlane's migrations 1 to ``last`` left it (an older postlane's)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for _version, _name, sql in MIGRATIONS[:last]:
+        for statement in _split_statements(sql):
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {last}")
+    return conn
+
+
+async def test_an_idempotency_key_stored_before_keys_were_scoped_is_still_its_submitters(
+    tmp_path: Path,
+) -> None:
+    """An upgrade audit: a key an HTTP client stored before version 10 was given the local
+    scope, so the client's retry after the upgrade was stored and sent again."""
+    path = tmp_path / "old.db"
+    conn = build_version(path, 9)
+    for queue_id, key, submitter in [("old1", "k1", "token:abc"), ("old2", "k2", None)]:
+        conn.execute(
+            "INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, "
+            "created_at, submitter, content) VALUES (?, 'normal', 'a@example.com', 's', "
+            "'<x@example.com>', ?, 3, 1.0, ?, x'616263')",
+            (queue_id, key, submitter),
+        )
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+
+        def keyed(key: str, submitter: str | None) -> PreparedMessage:
+            message = Message(
+                sender="a@example.com", to=["b@example.net"], text="x", idempotency_key=key
+            )
+            return dataclasses.replace(prepare(message, max_size=10_000), submitter=submitter)
+
+        retry, local = keyed("k1", "token:abc"), keyed("k2", None)
+        other = dataclasses.replace(retry, id="other", submitter="token:def")
+        results = await store.enqueue([retry, local, other], 2.0)
+        assert [(r.id, r.duplicate) for r in results] == [
+            ("old1", True),  # the token's own retry: the first message, nothing stored
+            ("old2", True),  # a local key stays local
+            ("other", False),  # another token's key is its own
+        ]
+    finally:
+        await store.close()
 
 
 async def test_a_database_from_a_newer_postlane_is_refused(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ actions answering exactly as the SQLite store does. Every test gets its own sche
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from postlane.outbox import enqueue_in_transaction, enqueue_in_transaction_sync
 from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector
 from postlane.store import open_store_url
 from postlane.store.base import Store
-from postlane.store.postgres import SCHEMA_VERSION, PostgresStore, Q
+from postlane.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore, Q
 from postlane.store.sqlite import SQLiteStore
 from postlane.transports import transport_for
 from postlane.worker import Worker
@@ -181,6 +182,30 @@ async def test_the_schema_can_come_from_the_url(pg_url: str, schema: str) -> Non
     finally:
         await store.drop_schema()
         await store.close()
+
+
+async def test_an_idempotency_key_stored_before_keys_were_scoped_is_still_its_submitters(
+    pg_url: str, schema: str, open_store: OpenStore
+) -> None:
+    """An upgrade audit: a key an HTTP client stored before version 8 was given the local scope,
+    so the client's retry after the upgrade was stored and sent again (twice at the sink)."""
+    async with await connect(pg_url, autocommit=True) as conn:
+        await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        await conn.execute(Q["create_version_table"])
+        for number, name, text in MIGRATIONS[:7]:  # a postlane of 2026-11-29
+            await conn.execute(text)
+            await conn.execute(Q["record_migration"], {"version": number, "name": name})
+        await conn.execute(
+            "INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, "
+            "created_at, submitter, content) VALUES ('old1', 'normal', 'a@example.com', 's', "
+            "'<x@example.com>', 'k1', 3, 1.0, 'token:abc', 'abc')"
+        )
+    store = await open_store()
+    retry = dataclasses.replace(msg(key="k1"), submitter="token:abc")
+    other = dataclasses.replace(msg(key="k1"), submitter="token:def")
+    results = await store.enqueue([retry, other], T0)
+    assert [(r.id, r.duplicate) for r in results] == [("old1", True), (other.id, False)]
 
 
 async def test_a_schema_newer_than_this_postlane_is_refused(
