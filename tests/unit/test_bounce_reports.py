@@ -312,6 +312,15 @@ def test_a_report_whose_status_part_is_past_the_head_read_is_not_guessed_from_it
     assert report.kind is ReportKind.UNREADABLE and "status part" in report.note
 
 
+def test_a_header_in_a_charset_named_in_8_bit_is_read_as_it_is() -> None:
+    """Found by the fuzz test below: an encoded word whose charset name holds a non-ASCII byte
+    raised CharsetError out of parse_report (and out of its own fallback, which reads the
+    Subject again), so the bounce listener could neither keep nor refuse the report."""
+    raw = b"From: MAILER-DAEMON@x.example\r\nSubject: =?x-unknown\xff?q?abc?=\r\n\r\nbody\r\n"
+    report = parse_report(raw)
+    assert report.kind is not ReportKind.DSN and "x-unknown" in report.subject
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=st.sampled_from(sorted(p.name for p in DATA.glob("*.eml"))),

@@ -51,6 +51,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from email import policy
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
@@ -359,8 +360,8 @@ def _header(message: Message, name: str) -> str:
         return ""
     try:
         text = str(make_header(decode_header(str(value))))
-    except (LookupError, UnicodeError, ValueError, binascii.Error):
-        text = str(value)
+    except (LookupError, UnicodeError, ValueError, binascii.Error, MessageError):
+        text = str(value)  # (a charset name that is not ASCII is a CharsetError)
     return " ".join(_clean(text).split())
 
 
