@@ -591,8 +591,46 @@ def test_migrate_creates_the_store_says_its_schema_and_exits(tmp_path: Path) -> 
 
     out = ok("migrate", cwd=tmp_path)
     assert (tmp_path / "postlane.db").exists()
-    assert out.strip().endswith(f"schema version {SCHEMA_VERSION}")
-    assert ok("migrate", cwd=tmp_path) == out  # again: nothing left to do
+    assert out.strip().endswith(f"created at schema version {SCHEMA_VERSION}")
+    again = ok("migrate", cwd=tmp_path)  # nothing left to do, and it says so
+    assert again.strip().endswith(f"schema version {SCHEMA_VERSION}, nothing to migrate")
+
+
+def test_only_serve_worker_and_migrate_upgrade_a_store_and_they_say_so(tmp_path: Path) -> None:
+    """An upgrade audit: a read-only `postlane stats` of a new postlane silently migrated the
+    store under a running older serve, whose batches then failed against the new schema (and
+    mail it had delivered was sent again after its restart)."""
+    import sqlite3
+
+    from postlane.store.sqlite import MIGRATIONS, SCHEMA_VERSION, _split_statements
+
+    db = tmp_path / "postlane.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    for _number, _name, sql in MIGRATIONS[:-1]:  # as the postlane before the last migration
+        for statement in _split_statements(sql):
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    conn.close()
+    for command in (["stats"], ["queue", "list"], ["dlq", "list"], ["queue", "flush"]):
+        result = postlane(*command, cwd=tmp_path)
+        assert result.returncode == 1, (command, result.stdout)
+        [line] = result.stderr.strip().splitlines()
+        assert f"schema version {SCHEMA_VERSION - 1}" in line and "postlane migrate" in line
+        assert "Traceback" not in result.stderr
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1  # untouched
+    conn.close()
+    out = ok("migrate", cwd=tmp_path)
+    assert f"schema version {SCHEMA_VERSION - 1} -> {SCHEMA_VERSION}" in out
+    assert postlane("stats", cwd=tmp_path).returncode == 0
+
+
+def test_version_says_the_store_schemas_it_brings_a_store_to(tmp_path: Path) -> None:
+    from postlane.store.postgres import SCHEMA_VERSION as POSTGRES
+    from postlane.store.sqlite import SCHEMA_VERSION as SQLITE
+
+    out = ok("--version", cwd=tmp_path)
+    assert out.strip().endswith(f"(store schema: SQLite {SQLITE}, PostgreSQL {POSTGRES})")
 
 
 def test_send_schedules_with_at_and_expires_and_a_flush_leaves_it(queue_dir: Path) -> None:

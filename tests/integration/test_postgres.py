@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -189,13 +190,8 @@ async def test_an_idempotency_key_stored_before_keys_were_scoped_is_still_its_su
 ) -> None:
     """An upgrade audit: a key an HTTP client stored before version 8 was given the local scope,
     so the client's retry after the upgrade was stored and sent again (twice at the sink)."""
-    async with await connect(pg_url, autocommit=True) as conn:
-        await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-        await conn.execute(Q["create_version_table"])
-        for number, name, text in MIGRATIONS[:7]:  # a postlane of 2026-11-29
-            await conn.execute(text)
-            await conn.execute(Q["record_migration"], {"version": number, "name": name})
+    await build_schema_at(pg_url, schema, 7)  # a postlane of 2026-11-29
+    async with await connect(pg_url, schema, autocommit=True) as conn:
         await conn.execute(
             "INSERT INTO messages (id, lane, sender, subject, message_id, idempotency_key, size, "
             "created_at, submitter, content) VALUES ('old1', 'normal', 'a@example.com', 's', "
@@ -206,6 +202,63 @@ async def test_an_idempotency_key_stored_before_keys_were_scoped_is_still_its_su
     other = dataclasses.replace(msg(key="k1"), submitter="token:def")
     results = await store.enqueue([retry, other], T0)
     assert [(r.id, r.duplicate) for r in results] == [("old1", True), (other.id, False)]
+
+
+async def build_schema_at(pg_url: str, schema: str, last: int) -> None:
+    """A schema as postlane's migrations 1 to ``last`` left it (an older postlane's)."""
+    async with await connect(pg_url, autocommit=True) as conn:
+        await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        await conn.execute(Q["create_version_table"])
+        for number, name, text in MIGRATIONS[:last]:
+            await conn.execute(text)
+            await conn.execute(Q["record_migration"], {"version": number, "name": name})
+
+
+async def test_an_older_schema_is_migrated_only_by_what_may_create_and_it_says_so(
+    pg_url: str, schema: str, open_store: OpenStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upgrade audit: operators' read-only commands migrated the schema under the fleet's
+    running older postlanes, silently."""
+    await build_schema_at(pg_url, schema, SCHEMA_VERSION - 1)
+    reader = PostgresStore(pg_url, schema=schema, create=False)  # `postlane stats`, ...
+    with pytest.raises(StoreUnavailable, match=r"schema version \d+ and this postlane needs"):
+        await reader.open()
+    await reader.close()
+    _, versions = await tables_and_versions(pg_url, schema)
+    assert versions[-1][0] == SCHEMA_VERSION - 1  # untouched
+    with caplog.at_level(logging.WARNING, logger="postlane.store"):
+        store = await open_store()  # serve, worker, migrate
+    done = store.migration
+    assert done is not None
+    assert (done.from_version, done.to_version) == (SCHEMA_VERSION - 1, SCHEMA_VERSION)
+    said = [r.getMessage() for r in caplog.records if r.name == "postlane.store"]
+    assert any(f"from schema version {SCHEMA_VERSION - 1} to {SCHEMA_VERSION}" in m for m in said)
+    assert any(m.startswith("migrated ") for m in said)
+    assert (await open_store()).migration is None  # nothing left to do
+
+
+async def test_a_migration_gives_up_on_tables_another_session_holds_and_says_why(
+    pg_url: str, schema: str, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade audit: a new worker migrating beside an older serve that held the tables
+    deadlocked with it, and both ended with only 'deadlock detected' said. The migration waits
+    a bounded time for the tables, tries again, then says what to do."""
+    from postlane.store import postgres
+
+    monkeypatch.setattr(postgres, "MIGRATION_LOCK_TIMEOUT", "200ms")
+    monkeypatch.setattr(postgres, "MIGRATION_RETRY_PAUSE", 0.01)
+    await build_schema_at(pg_url, schema, SCHEMA_VERSION - 1)
+    async with await connect(pg_url, schema) as holder:  # an older postlane's transaction
+        await holder.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+        with pytest.raises(StoreUnavailable, match="stop every older postlane using it") as caught:
+            await open_store()
+        assert "lock timeout" in str(caught.value)
+        await holder.rollback()
+    _, versions = await tables_and_versions(pg_url, schema)
+    assert versions[-1][0] == SCHEMA_VERSION - 1  # nothing half-done
+    store = await open_store()  # the tables free: it migrates
+    assert store.migration is not None
 
 
 async def test_a_schema_newer_than_this_postlane_is_refused(

@@ -56,7 +56,14 @@ EXIT_INTERNAL = 70
     is_flag=True,
     help="Say which configuration and store a command uses (on stderr).",
 )
-@click.version_option(package_name="postlane")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
+    help="Show the version and the store schema versions it brings a store to, and exit.",
+)
 @click.pass_context
 def cli(ctx: click.Context, config: str | None, debug: bool, verbose: bool) -> None:
     """postlane: a durable outbound email queue.
@@ -68,6 +75,20 @@ def cli(ctx: click.Context, config: str | None, debug: bool, verbose: bool) -> N
         current.config_path = config
     current.debug = debug
     current.verbose = current.verbose or verbose
+
+
+def _print_version(ctx: click.Context) -> None:
+    """``postlane 0.1.0 (store schema: SQLite 20, PostgreSQL 19)``: the schema versions say
+    which stores this postlane can open without migrating them (docs/upgrading.md)."""
+    from importlib.metadata import version
+
+    from postlane.store.sql import load_migrations
+
+    sqlite, postgres = (load_migrations(name)[-1][0] for name in ("sqlite", "postgres"))
+    click.echo(
+        f"postlane {version('postlane')} (store schema: SQLite {sqlite}, PostgreSQL {postgres})"
+    )
+    ctx.exit()
 
 
 for command in (

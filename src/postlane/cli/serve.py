@@ -104,7 +104,14 @@ async def _migrate(config: Config) -> None:
     from postlane.store import schema_version
 
     async with AsyncPostlane(config, create=True) as app:
-        click.echo(f"{app.store.description}: schema version {schema_version(config.store.url)}")
+        done = app.store.migration
+        if done is None:
+            version = schema_version(config.store.url)
+            click.echo(f"{app.store.description}: schema version {version}, nothing to migrate")
+        elif done.from_version == 0:
+            click.echo(f"{app.store.description}: created at schema version {done.to_version}")
+        else:
+            click.echo(done.describe())
 
 
 async def _burst(config: Config) -> None:

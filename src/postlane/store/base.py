@@ -34,6 +34,7 @@ from postlane.records import (
     Stats,
     Suppression,
 )
+from postlane.store.sql import Migration
 
 
 class DeliveryStore(Protocol):
@@ -498,8 +499,14 @@ class Store(
     #: where the data lives, for messages (never includes a password)
     description: str
 
+    @property
+    def migration(self) -> Migration | None:
+        """What :meth:`open` did to the schema (None: nothing, or not opened yet)."""
+        ...
+
     async def open(self) -> None:
-        """Connect, and bring the schema to the current version (migrations run here)."""
+        """Connect, and bring the schema to the current version (migrations run here), or
+        refuse an older schema when the store was made with ``create=False``."""
         ...
 
     async def close(self) -> None: ...

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from postlane.records import Selector
-from postlane.store.sql import load_common_queries, load_queries
+from postlane.store.sql import Migration, load_common_queries, load_queries
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -207,6 +207,11 @@ class Database(Protocol):
 
     description: str
     dialect: Dialect
+
+    @property
+    def migration(self) -> Migration | None:
+        """What opening did to the schema (None: nothing)."""
+        ...
 
     async def open(self) -> None: ...
 

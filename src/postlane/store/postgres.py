@@ -22,6 +22,7 @@ installations (or test runs) can share one database.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,7 +41,7 @@ from postlane.message import PreparedMessage
 from postlane.records import EnqueueResult
 from postlane.store import delivery
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
-from postlane.store.sql import load_migrations
+from postlane.store.sql import Migration, load_migrations, migration_done, migration_starts
 from postlane.store.sqlstore import SQLStore
 from postlane.waits import settle, took
 
@@ -50,6 +51,14 @@ Conn = psycopg.AsyncConnection[Any]
 
 MIGRATIONS = load_migrations("postgres")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: how long a migration waits for a table another session holds before it gives up (waiting
+#: longer would queue every later statement of every session behind it), how many times it is
+#: tried, and the pause before the next try (times the tries so far)
+MIGRATION_LOCK_TIMEOUT = "5s"
+MIGRATION_TRIES = 3
+MIGRATION_RETRY_PAUSE = 1.0
+
+log = logging.getLogger("postlane.store")
 
 #: the LISTEN/NOTIFY channel enqueues notify on (the payload names the tables' schema)
 CHANNEL = "postlane_enqueued"
@@ -318,6 +327,8 @@ class PostgresDatabase:
         self._payload: str | None = None
         #: each combine function's gatherer of concurrent calls (write_combined)
         self._combiners: dict[Callable[[list[Any]], Plan[list[Any]]], _Combiner] = {}
+        #: what opening did to the schema (None: nothing)
+        self.migration: Migration | None = None
 
     async def open(self) -> None:
         """Bring the schema to the current version, then open the connection pool."""
@@ -378,7 +389,30 @@ class PostgresDatabase:
 
     async def _migrate(self) -> None:
         """Apply pending migrations in one transaction, under an advisory lock: several
-        processes starting together wait for the first, then find nothing left to do."""
+        processes starting together wait for the first, then find nothing left to do. A table
+        other sessions hold (an older postlane still running, or a long transaction) makes
+        the migration give up after :data:`MIGRATION_LOCK_TIMEOUT` rather than queue every
+        session of the database behind it; it is tried again, then refused in one line."""
+        for attempt in range(1, MIGRATION_TRIES + 1):
+            try:
+                await self._migrate_once()
+                return
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "lock timeout"
+                if attempt == MIGRATION_TRIES:
+                    raise StoreUnavailable(
+                        f"cannot migrate {self.description}: its tables stay in use by other "
+                        f"sessions ({reason}); stop every older postlane using it, then run "
+                        "`postlane migrate` (docs/upgrading.md)"
+                    ) from None
+                log.warning(
+                    "migrating %s: its tables are in use (%s); trying again",
+                    self.description,
+                    reason,
+                )
+                await asyncio.sleep(MIGRATION_RETRY_PAUSE * attempt)
+
+    async def _migrate_once(self) -> None:
         async with await self._connect() as conn:
             try:
                 async with conn.transaction():
@@ -401,16 +435,32 @@ class PostgresDatabase:
                     if version > SCHEMA_VERSION:
                         raise StoreUnavailable(
                             f"the database {self.description} is at schema version {version}, "
-                            f"newer than this postlane ({SCHEMA_VERSION}); upgrade postlane"
+                            f"newer than this postlane ({SCHEMA_VERSION}); upgrade postlane "
+                            "(docs/upgrading.md)"
                         )
+                    if version == SCHEMA_VERSION:
+                        return
+                    migration_starts(
+                        self.description, version, SCHEMA_VERSION, allowed=self._create
+                    )
+                    started = time.monotonic()
+                    await conn.execute(
+                        Q["migration_lock_timeout"], {"timeout": MIGRATION_LOCK_TIMEOUT}
+                    )
                     for number, name, text in MIGRATIONS:
                         if number > version:
                             await conn.execute(text)
                             await conn.execute(
                                 Q["record_migration"], {"version": number, "name": name}
                             )
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected):
+                raise
             except psycopg.Error as exc:
                 raise self._unavailable(exc) from exc
+        self.migration = Migration(
+            self.description, version, SCHEMA_VERSION, time.monotonic() - started
+        )
+        migration_done(self.migration)
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

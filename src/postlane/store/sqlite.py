@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from postlane.errors import StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
-from postlane.store.sql import load_migrations
+from postlane.store.sql import Migration, load_migrations, migration_done, migration_starts
 from postlane.store.sqlstore import SQLStore
 from postlane.waits import in_own_thread, report, take_queued, took
 
@@ -87,17 +87,22 @@ def _switch_to_wal(conn: sqlite3.Connection) -> str:
         pause = min(pause * 2, 0.1)
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring a database to :data:`SCHEMA_VERSION`; each step is one transaction."""
+def migrate(
+    conn: sqlite3.Connection, *, allowed: bool = True, description: str = "the SQLite database"
+) -> int:
+    """Bring a database to :data:`SCHEMA_VERSION`; each step is one transaction. ``allowed``
+    False: an older schema is refused, not migrated (see :func:`migration_starts`)."""
     mode = _switch_to_wal(conn)
     if mode.lower() != "wal":
         raise StoreUnavailable(f"cannot switch the SQLite database to WAL mode (got {mode})")
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version > SCHEMA_VERSION:
         raise StoreUnavailable(
-            f"the database is at schema version {version}, newer than this postlane "
-            f"({SCHEMA_VERSION}); upgrade postlane"
+            f"{description} is at schema version {version}, newer than this postlane "
+            f"({SCHEMA_VERSION}); upgrade postlane (docs/upgrading.md)"
         )
+    if version < SCHEMA_VERSION:
+        migration_starts(description, version, SCHEMA_VERSION, allowed=allowed)
     for number, _name, sql in MIGRATIONS:
         if number <= version:
             continue
@@ -190,9 +195,14 @@ def _groups(batch: list[_Job]) -> list[list[_Job]]:
 class _Writer:
     """The writer thread: runs queued jobs in group commits (see the module docstring)."""
 
-    def __init__(self, path: Path, max_jobs: int = MAX_JOBS_PER_COMMIT) -> None:
+    def __init__(
+        self, path: Path, max_jobs: int = MAX_JOBS_PER_COMMIT, *, may_migrate: bool = True
+    ) -> None:
         self._path = path
         self._max_jobs = max_jobs
+        self._may_migrate = may_migrate
+        #: what opening did to the schema (None: nothing)
+        self.migration: Migration | None = None
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, name="postlane-sqlite-writer", daemon=True
@@ -235,7 +245,13 @@ class _Writer:
     def _run(self) -> None:
         try:
             conn = connect(self._path)
-            migrate(conn)
+            before = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            started = time.monotonic()
+            description = f"sqlite:///{self._path}"
+            after = migrate(conn, allowed=self._may_migrate, description=description)
+            if after != before:
+                self.migration = Migration(description, before, after, time.monotonic() - started)
+                migration_done(self.migration)
         except BaseException as exc:  # reported to open()
             self._start_error = _unavailable(exc, self._path)
             self._started.set()
@@ -573,8 +589,9 @@ class SQLiteDatabase:
         #: whether opening may create the file (operator commands only read an existing queue)
         self.create = create
         self.description = f"sqlite:///{path}"
-        #: the writer thread (its counters: commits, combined)
-        self.writer = _Writer(path, max_jobs_per_commit)
+        #: the writer thread (its counters: commits, combined); it migrates only a store it
+        #: may create (serve, worker, migrate, the library), never for an operator's command
+        self.writer = _Writer(path, max_jobs_per_commit, may_migrate=create)
         self._readers = readers
         self._reader_pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -586,6 +603,11 @@ class SQLiteDatabase:
         self._destination_news = asyncio.Event()
         #: each combine function's job runner (the key that groups its jobs)
         self._combiners: dict[Callable[[list[Any]], Plan[list[Any]]], Combine] = {}
+
+    @property
+    def migration(self) -> Migration | None:
+        """What opening did to the schema (None: nothing)."""
+        return self.writer.migration
 
     async def open(self) -> None:
         if not self.path.exists():

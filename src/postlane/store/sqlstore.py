@@ -20,6 +20,7 @@ from postlane.store.feedback import SQLFeedback
 from postlane.store.history import SQLHistory
 from postlane.store.operator import SQLOperator
 from postlane.store.plans import Database, execute
+from postlane.store.sql import Migration
 from postlane.store.suppressions import SQLSuppressions
 from postlane.store.throttle_state import SQLThrottle
 from postlane.store.webhooks import SQLWebhooks
@@ -42,6 +43,11 @@ class SQLStore(
         self.dialect = db.dialect
         #: where the data lives, for messages (never includes a password)
         self.description = db.description
+
+    @property
+    def migration(self) -> Migration | None:
+        """What opening did to the schema (None: nothing)."""
+        return self.db.migration
 
     async def open(self) -> None:
         await self.db.open()

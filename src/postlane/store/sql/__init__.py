@@ -4,9 +4,15 @@ queries only it can run (``<database>/queries.sql``)."""
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
+
+from postlane.errors import StoreUnavailable
+
+log = logging.getLogger("postlane.store")
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
@@ -41,3 +47,47 @@ def load_migrations(dialect: str) -> list[tuple[int, str, str]]:
         if match:
             found.append((int(match.group(1)), match.group(2), entry.read_text("utf-8")))
     return sorted(found)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """What opening a store did to its schema: from one version to another, in so long."""
+
+    description: str
+    from_version: int
+    to_version: int
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.description}: schema version {self.from_version} -> {self.to_version} "
+            f"in {self.seconds:.1f} s"
+        )
+
+
+def migration_starts(description: str, version: int, target: int, *, allowed: bool) -> None:
+    """Say that ``description`` is about to be migrated from ``version`` to ``target``, or
+    refuse when this opening may not migrate (an operator's command: only ``serve``,
+    ``worker`` and ``migrate`` change a schema, so a ``postlane stats`` never upgrades a store
+    under a running older postlane)."""
+    if not allowed and version == 0:
+        raise StoreUnavailable(f"there is no postlane queue in {description} (serve creates it)")
+    if not allowed:
+        raise StoreUnavailable(
+            f"the queue in {description} is at schema version {version} and this postlane "
+            f"needs {target}: stop every older postlane using it, then run `postlane migrate` "
+            "(docs/upgrading.md)"
+        )
+    if version > 0:  # a new, empty store is made, not migrated: nothing to say
+        log.warning(
+            "migrating %s from schema version %d to %d (keep older postlane processes "
+            "stopped until it is done: docs/upgrading.md)",
+            description,
+            version,
+            target,
+        )
+
+
+def migration_done(migration: Migration) -> None:
+    if migration.from_version > 0:
+        log.warning("migrated %s", migration.describe())

@@ -14,6 +14,11 @@
 -- Serialise schema changes of one schema: processes starting together queue up here.
 SELECT pg_advisory_xact_lock(hashtextextended('postlane.migrate:' || %(schema)s, 0));
 
+-- name: migration_lock_timeout
+-- How long the migration's statements wait for a table another session holds (this
+-- transaction only); then it gives up and is tried again.
+SELECT set_config('lock_timeout', %(timeout)s, true);
+
 -- name: schema_exists
 -- Whether a schema exists (checked first: CREATE SCHEMA IF NOT EXISTS would still need the
 -- CREATE privilege on the database, which a DBA-made schema's user may lack).
