@@ -106,6 +106,24 @@ def make_config(tmp_path: Path, **sections: Any) -> Config:
     return config_from_dict(data, base_dir=tmp_path)
 
 
+@contextlib.asynccontextmanager
+async def api_client(app: Any, token: str | None = None) -> AsyncIterator[Any]:
+    """An httpx client of ``app``'s HTTP API in process (ASGI), from a client that is not
+    loopback (10.1.2.3), with ``token`` as its bearer token."""
+    import httpx
+
+    from postlane.ingest.door import FrontDoor
+    from postlane.ingest.http import build_app
+    from postlane.metrics import Metrics
+
+    asgi = build_app(FrontDoor(app.config, app, Metrics(app)))
+    transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as client:
+        if token is not None:
+            client.headers["Authorization"] = f"Bearer {token}"
+        yield client
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

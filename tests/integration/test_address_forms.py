@@ -27,14 +27,12 @@ from postlane.destinations import DestinationMap
 from postlane.errors import ValidationError
 from postlane.feedback.verp import ReturnPaths
 from postlane.ingest.door import FrontDoor
-from postlane.ingest.http import build_app
 from postlane.ingest.smtp import start_smtp
 from postlane.message import RecipientState
-from postlane.metrics import Metrics
 from postlane.records import Selector
 from postlane.transports import transport_for
 from postlane.worker import Worker
-from tests.conftest import ScriptedHandler, free_port, make_config
+from tests.conftest import ScriptedHandler, api_client, free_port, make_config
 from tests.dns_server import running_dns_server
 from tests.processes import clean_environment
 
@@ -130,10 +128,7 @@ async def test_an_idempotency_key_holds_for_a_quoted_recipient(app: AsyncPostlan
 
 @pytest.fixture
 async def client(app: AsyncPostlane) -> AsyncIterator[httpx.AsyncClient]:
-    asgi = build_app(FrontDoor(app.config, app, Metrics(app)))
-    transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
-    async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
-        c.headers["Authorization"] = f"Bearer {TOKEN}"
+    async with api_client(app, TOKEN) as c:
         yield c
 
 

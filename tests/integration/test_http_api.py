@@ -23,7 +23,7 @@ from postlane.ingest.http import build_app, start_http
 from postlane.message import Lane, RecipientState
 from postlane.metrics import Metrics
 from postlane.records import AttemptRecord, Outcome
-from tests.conftest import free_port, make_config
+from tests.conftest import api_client, free_port, make_config
 
 TOKEN = "t0ken-for-the-tests"
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -39,10 +39,7 @@ async def app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[AsyncPostlane]:
 
 @pytest.fixture
 async def client(app: AsyncPostlane) -> AsyncIterator[httpx.AsyncClient]:
-    asgi = build_app(FrontDoor(app.config, app, Metrics(app)))
-    transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
-    async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
-        c.headers["Authorization"] = f"Bearer {TOKEN}"
+    async with api_client(app, TOKEN) as c:
         yield c
 
 
@@ -53,10 +50,7 @@ async def small_exports(
     """A client of an API whose export (and import) size limit is its floor: twice the body
     limit (about 180 kB with max_size 20KB)."""
     monkeypatch.setattr(api_core, "EXPORT_BYTES", 0)
-    asgi = build_app(FrontDoor(app.config, app, Metrics(app)))
-    transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
-    async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
-        c.headers["Authorization"] = f"Bearer {TOKEN}"
+    async with api_client(app, TOKEN) as c:
         yield c
 
 

@@ -19,12 +19,9 @@ import pytest
 from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
-from postlane.ingest.door import FrontDoor
-from postlane.ingest.http import build_app
 from postlane.message import Lane, RecipientState
-from postlane.metrics import Metrics
 from postlane.records import AttemptRecord, Outcome
-from tests.conftest import make_config, postgres_schema
+from tests.conftest import api_client, make_config, postgres_schema
 
 TOKEN = "t0ken-for-the-paging-tests"
 ALL_LANES = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
@@ -47,10 +44,7 @@ async def app(
 
 @pytest.fixture
 async def client(app: AsyncPostlane) -> AsyncIterator[httpx.AsyncClient]:
-    asgi = build_app(FrontDoor(app.config, app, Metrics(app)))
-    transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
-    async with httpx.AsyncClient(transport=transport, base_url="http://postlane") as c:
-        c.headers["Authorization"] = f"Bearer {TOKEN}"
+    async with api_client(app, TOKEN) as c:
         yield c
 
 
