@@ -566,6 +566,9 @@ class PostgresDatabase:
         except psycopg.Error as exc:
             await conn.close()
             raise self._unavailable(exc) from exc
+        except BaseException:  # cancelled: a worker woken by something else stops waiting
+            await conn.close()
+            raise
         return conn
 
     async def _next_notification(self, conn: Conn, timeout: float) -> bool:
