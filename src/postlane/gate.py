@@ -18,8 +18,13 @@ Pauses. A paused destination's whole backlog is deferred to the end of its pause
 pause, instead of deliveries being sent back one by one. Before deferring, the gate reads the
 destination's recorded state again: an operator may have lifted the pause from another process
 (``queue flush``), and what the flush made due must go now, not at the end of the old pause.
-The transport is told which relays are paused (``follow_pauses``), so a router takes a route's
-fallback meanwhile.
+That read alone cannot settle it: a lift may commit between it and the deferral, after the
+lift's own call-back of waiting mail passed over the deliveries this worker still held. So every
+deferral carries the number of operator lifts of its destination the gate knew of when it
+decided (:class:`~postlane.records.Deferral`, taken before anything in :meth:`ThrottleGate.admit`
+awaits), and the store, which counts lifts, makes due at once what was decided on a pause lifted
+since. The transport is told which relays are paused (``follow_pauses``), so a router takes a
+route's fallback meanwhile.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from postlane.message import Lane
 from postlane.records import (
     WAITING_FOR_DESTINATION,
     ClaimedMessage,
+    Deferral,
     Delivery,
     DestinationStatus,
     ProbeTurn,
@@ -87,8 +93,9 @@ class Clearance:
 
     #: go now: their slots are taken until :meth:`ThrottleGate.release`
     to_send: list[Delivery] = field(default_factory=list)
-    #: (delivery id, when to come back): sent back to wait, using no attempt
-    waiting: list[tuple[int, float]] = field(default_factory=list)
+    #: sent back to wait, using no attempt (each with the lifts of what it waits for that the
+    #: gate knew of when it decided)
+    waiting: list[Deferral] = field(default_factory=list)
     #: the relays whose slot this message holds (one each, whatever its recipients)
     relays: list[str] = field(default_factory=list)
     #: the slots taken in the store for caps the fleet shares (a name per slot)
@@ -171,6 +178,11 @@ class ThrottleGate:
         by_relay: dict[str | None, list[Delivery]] = {}
         for delivery in deliveries:
             by_relay.setdefault(self.relay_for(message, delivery), []).append(delivery)
+        # the operator lifts known now, before any await: every decision below rests on what
+        # the throttle knew then or learns later, never earlier (a lift adopted meanwhile only
+        # makes a deferral due at once, needlessly but safely)
+        keys = {d.destination for d in deliveries} | {r for r in by_relay if r is not None}
+        lifts = {key: self.throttle.lifts(key) for key in keys}
         urgent = message.lane is Lane.HIGH  # ahead of the other lanes' waiting deliveries
         #: paused destinations whose recorded state was read again for this message
         checked: set[str] = set()
@@ -184,18 +196,19 @@ class ThrottleGate:
                     admission = await self._fleet_slot(relay, now, clearance, urgent)
                 if admission.at is not None:
                     at = await self._come_back_at(admission, now)
-                    clearance.waiting.extend((d.id, at) for d in group)
+                    clearance.waiting.extend(Deferral(d.id, at, relay, lifts[relay]) for d in group)
                     continue
             admitted = []
             for delivery in group:
-                admission = await self._admit_to(delivery.destination, now, checked, urgent=urgent)
+                name = delivery.destination
+                admission = await self._admit_to(name, now, checked, lifts[name], urgent=urgent)
                 if admission.at is None:
-                    admission = await self._fleet_slot(delivery.destination, now, clearance, urgent)
+                    admission = await self._fleet_slot(name, now, clearance, urgent)
                 if admission.at is None:
                     admitted.append(delivery)
                 else:
                     at = await self._come_back_at(admission, now)
-                    clearance.waiting.append((delivery.id, at))
+                    clearance.waiting.append(Deferral(delivery.id, at, name, lifts[name]))
             if relay is not None:
                 if admitted:
                     clearance.relays.append(relay)
@@ -279,12 +292,13 @@ class ThrottleGate:
         self.throttle.release([d.destination for d in clearance.to_send])
 
     async def _admit_to(
-        self, destination: str, now: float, checked: set[str], *, urgent: bool = False
+        self, destination: str, now: float, checked: set[str], lifts: int, *, urgent: bool = False
     ) -> Admission:
         """The throttle's answer for one delivery. When the destination is paused, its
         recorded state is read again first (once per message, in ``checked``): a pause an
         operator lifted from another process is adopted and the delivery goes; otherwise the
-        destination's backlog is deferred to the end of the pause."""
+        destination's backlog is deferred to the end of the pause, unless the store has
+        recorded more lifts of it than ``lifts`` (those the gate knew of when it began)."""
         admission = await self._probe_turn(
             self.throttle.admit([destination], now, urgent=urgent), now
         )
@@ -294,7 +308,7 @@ class ThrottleGate:
         lifted = paused not in checked and await self._pause_lifted(paused, now)
         checked.add(paused)
         if not lifted:
-            lifted = not await self._defer_backlog(paused, admission.at, now)
+            lifted = not await self._defer_backlog(paused, admission.at, now, lifts)
         if not lifted:
             return admission
         return await self._probe_turn(self.throttle.admit([destination], now, urgent=urgent), now)
@@ -322,22 +336,21 @@ class ThrottleGate:
             return admission
         return Admission(self.throttle.probe_elsewhere(name, now), paused_destination=name)
 
-    async def _defer_backlog(self, destination: str, until: float, now: float) -> bool:
+    async def _defer_backlog(self, destination: str, until: float, now: float, lifts: int) -> bool:
         """Push a paused destination's backlog to the end of its pause (once per pause).
         Returns False when the pause turned out lifted meanwhile (an operator's flush that
-        committed while we deferred): the backlog is then given back at once."""
+        committed before the deferral, which the store then refuses: ``lifts`` are the lifts
+        the decision knew of): the lift is adopted, and what the flush made due goes now. A
+        lift that commits after the deferral calls the backlog back itself."""
         if self._deferred_until.get(destination, 0.0) >= until:
             return True
         self._deferred_until[destination] = until
         reason = paused_reason(destination)
-        paused = self.throttle.paused_until(destination, now) is not None  # else a probe waits
-        moved = await self.store.defer_destination(destination, until, now, reason)
-        if paused and (
-            self.throttle.paused_until(destination, now) is None
-            or await self._pause_lifted(destination, now)
-        ):
+        moved = await self.store.defer_destination(destination, until, now, reason, lifts=lifts)
+        if moved is None:
             self._deferred_until.pop(destination, None)
-            await self.store.hasten(destination, now, reason)
+            await self._adopt_recorded(destination, now)  # now, not at the next sync
+            log.info("destination %s: pause lifted by an operator", destination)
             return False
         if moved:
             log.info("destination %s paused: %d waiting delivery(ies) deferred", destination, moved)
@@ -350,14 +363,18 @@ class ThrottleGate:
         the pause it ended."""
         if self.throttle.paused_until(destination, now) is None:
             return False
-        for status in await self.store.destination_states():
-            if status.destination == destination:
-                self.throttle.adopt(status, now)
+        await self._adopt_recorded(destination, now)
         if self.throttle.paused_until(destination, now) is not None:
             return False
         self._deferred_until.pop(destination, None)
         log.info("destination %s: pause lifted by an operator", destination)
         return True
+
+    async def _adopt_recorded(self, destination: str, now: float) -> None:
+        """Read ``destination``'s recorded state and adopt it (a lift, a pause, a rate)."""
+        for status in await self.store.destination_states():
+            if status.destination == destination:
+                self.throttle.adopt(status, now)
 
     # -- after a send ------------------------------------------------------------------------
 

@@ -425,6 +425,25 @@ class Selector:
 WAITING_FOR_DESTINATION = "waiting for the destination's rate, cap or pause"
 
 
+@dataclass(frozen=True)
+class Deferral:
+    """A leased delivery handed back, unattempted, to wait until ``until``: its destination
+    (or the relay it goes through) cannot take it now.
+
+    ``lifts`` is how many operator lifts of ``waits_for`` the deciding process had heard of.
+    An operator's ``queue flush`` in another process may end the pause (or slow-down) the
+    decision rested on before the deferral is written; the store then finds more lifts
+    recorded, and the delivery is made due now instead of pushed to the end of a pause that is
+    over (the flush's own call-back of waiting mail ran while the delivery was still leased,
+    and did not see it)."""
+
+    delivery_id: int
+    until: float
+    #: the destination or relay whose pause or limits sent it back (None: nothing to check)
+    waits_for: str | None = None
+    lifts: int = 0
+
+
 def paused_reason(destination: str) -> str:
     """The reason recorded on a paused destination's backlog, pushed to the pause's end (a
     lift of the pause calls it back: ``flush_destinations`` matches it)."""
@@ -445,6 +464,9 @@ class DestinationStatus:
     in_flight: int = 0
     concurrency: int | None = None
     updated_at: float = 0.0
+    #: how many operator lifts of it are recorded (in the store), or the process recording it
+    #: had heard of (a generation: see :class:`Deferral`)
+    lifts: int = 0
 
     def as_json(self) -> dict[str, object]:
         return {

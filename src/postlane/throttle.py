@@ -172,9 +172,10 @@ class _Destination:
     own_pause: bool = False
     #: the newest recorded state this process has seen (its own or another's)
     synced_at: float = float("-inf")
-    #: when the last operator's lift this process adopted was recorded (a pause read in a
-    #: record older than that is over)
-    lifted_at: float = float("-inf")
+    #: how many operator lifts of it this process has adopted (the store counts them): a
+    #: record showing fewer was read before the last of them, and its pause is over; one
+    #: showing more says a lift to adopt. Deferrals carry it (:class:`Deferral`).
+    lifts: int = 0
     #: this process's part of the fleet's rate (1.0: alone, or not yet shared)
     share: float = 1.0
     #: this process's part of the concurrency cap (None: the whole cap)
@@ -658,6 +659,12 @@ class Throttle:
         state = self._destinations.get(key)
         return None if state is None else self._status(state, now)
 
+    def lifts(self, key: str) -> int:
+        """How many operator lifts of ``key`` this process has adopted (a generation the store
+        compares with its own count before deferring for ``key``)."""
+        state = self._destinations.get(key)
+        return 0 if state is None else state.lifts
+
     def paused_until(self, key: str, now: float) -> float | None:
         state = self._destinations.get(key)
         if state is None or state.paused_until is None or state.paused_until <= now:
@@ -731,23 +738,26 @@ class Throttle:
         return out
 
     def adopt(self, status: DestinationStatus, now: float) -> None:
-        """Take what another process (or an operator's flush) recorded: a longer pause in
-        force (a fact for the whole fleet until it ends or is lifted, even in a record this
-        process made itself since: the store keeps another's pause through it), a lower rate
-        or a lift recorded since we last looked."""
+        """Take what another process (or an operator's flush) recorded: a lift recorded since
+        we last looked, a longer pause in force (a fact for the whole fleet until it ends or
+        is lifted, even in a record this process made itself since: the store keeps another's
+        pause through it), a lower rate. Lifts are counted, not timed: a record read before a
+        lift this process adopted already (it shows fewer) changes nothing."""
         state = self._get(status.destination)
+        if status.lifts < state.lifts:
+            return
+        if status.lifts > state.lifts:  # once per lift, whatever we recorded since
+            self._lift(state)
+            state.lifts = status.lifts
         longer = state.paused_until is None or (status.paused_until or 0) > state.paused_until
         paused = status.paused_until is not None and status.paused_until > now
-        if paused and longer and status.updated_at > state.lifted_at:
+        if paused and longer:  # recorded after the lift (a record made before it is dropped)
             state.paused_until = status.paused_until
             state.own_pause = False
             state.probing = False
             state.reason = status.reason
         if status.reason == LIFTED:
-            if status.updated_at > state.lifted_at:  # once per lift, whatever we recorded since
-                self._lift(state)
-                state.lifted_at = status.updated_at
-                state.synced_at = max(state.synced_at, status.updated_at)
+            state.synced_at = max(state.synced_at, status.updated_at)
             return
         if status.updated_at <= state.synced_at:
             return
@@ -772,6 +782,7 @@ class Throttle:
             in_flight=state.in_flight,
             concurrency=state.limits.concurrency or None,
             updated_at=now,
+            lifts=state.lifts,
         )
 
 

@@ -252,6 +252,11 @@ class Worker:
         await self.store.expire_due(self.clock.now())
         try:
             while True:
+                if await self.store.wait_for_destination_news(0):
+                    # a pause or a lift was recorded (or a deferral met a lift this worker
+                    # had not adopted, and made its delivery due): adopt it before claiming
+                    # again, as a running worker's _follow_destinations does
+                    await self.sync_throttle()
                 claimed = await self._claim_batch()
                 if not claimed and not self._tasks:
                     break

@@ -21,7 +21,14 @@ from postlane.cli import main
 from postlane.clock import FakeClock
 from postlane.config import Config
 from postlane.message import Lane, Message, RecipientState
-from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector, Suppression
+from postlane.records import (
+    AttemptRecord,
+    Deferral,
+    DestinationStatus,
+    Outcome,
+    Selector,
+    Suppression,
+)
 from postlane.store import Store
 from postlane.throttle import LIFTED
 from postlane.transports import transport_for
@@ -726,7 +733,9 @@ async def test_lifting_a_relays_pause_calls_back_the_mail_it_sent_back_to_wait(
         "w1", [(Lane.NORMAL, 10)], limit=10, now=T0, lease_until=T0 + 60
     )
     [delivery] = claimed.deliveries
-    await store.defer_unattempted("w1", [(delivery.id, T0 + 600)], T0, WAITING_FOR_DESTINATION)
+    await store.defer_unattempted(
+        "w1", [Deferral(delivery.id, T0 + 600)], T0, WAITING_FOR_DESTINATION
+    )
     await pause(store, "relay", at=T0, until=T0 + 600)
     await app.lift_destinations(["relay"])
     assert (await recorded(store, "relay")).paused_until is None
@@ -735,8 +744,9 @@ async def test_lifting_a_relays_pause_calls_back_the_mail_it_sent_back_to_wait(
 
 class OperatorRacesTheWorker:
     """The store as a worker sees it, while an operator's flush from another process commits
-    at one chosen moment: just before the worker's next claim, or while it defers a paused
-    destination's backlog (after it last read the destination's recorded state)."""
+    at one chosen moment: just before the worker's next claim, while it defers a paused
+    destination's backlog (after it last read the destination's recorded state), or just
+    before it hands back, to wait for the end of the pause, what it had claimed."""
 
     def __init__(self, store: Store, moment: str, flush: Any) -> None:
         self._store = store
@@ -759,14 +769,21 @@ class OperatorRacesTheWorker:
         await self._maybe_flush("while deferring")
         return await self._store.defer_destination(*args, **kwargs)
 
+    async def defer_unattempted(self, *args: Any, **kwargs: Any) -> Any:
+        await self._maybe_flush("while handing back")
+        return await self._store.defer_unattempted(*args, **kwargs)
 
-@pytest.mark.parametrize("moment", ["before the claim", "while deferring"])
+
+@pytest.mark.parametrize("moment", ["before the claim", "while deferring", "while handing back"])
 async def test_a_worker_holding_a_lifted_pause_does_not_push_flushed_mail_back(
     tmp_path: Path, moment: str
 ) -> None:
     """The worker adopted google's pause; an operator lifts it from another process before
     the worker adopts the lift. What the flush made due is delivered now, not at the end of the
-    old pause (and mail claimed meanwhile goes too)."""
+    old pause (and mail claimed meanwhile goes too). "While handing back": the worker had
+    claimed ``fresh`` and read google's recorded state (still paused) when the lift
+    committed; the lift's call-back of waiting mail passed over ``fresh`` (leased), and the
+    worker then handed it back to wait for the old pause's end (a scale audit's 4%)."""
     config = make_config(tmp_path)
     clock = FakeClock(T0)
     async with (
@@ -792,6 +809,37 @@ async def test_a_worker_holding_a_lifted_pause_does_not_push_flushed_mail_back(
         assert (await recipient(app, fresh)).state is RecipientState.SENT
         assert worker.sent == 2
         assert worker.throttle.paused_until("google", clock.now()) is None
+
+
+async def test_a_burst_worker_holding_a_lifted_slow_down_sends_what_it_claims_after_the_lift(
+    tmp_path: Path,
+) -> None:
+    """The worker adopted slow.example's slowed rate (0.5/s); an operator's flush lifts it from
+    another process just before the worker's claim. What the worker would space out at the old
+    rate goes now: the store makes those deferrals due (decided before a lift it records), and
+    the worker adopts the lift instead of claiming them back and deferring them again."""
+    config = make_config(tmp_path)
+    clock = FakeClock(T0)
+    async with (
+        AsyncPostlane(config, clock=clock) as app,
+        AsyncPostlane(config, clock=clock) as operator,
+    ):
+        ids = [await enqueue_routed(app, f"u{i}@slow.example", "slow.example") for i in range(5)]
+        slowed = DestinationStatus("slow.example", 0.5, None, None, "throttled", updated_at=T0)
+        await app.store.save_destination_states([slowed])
+        racing = OperatorRacesTheWorker(
+            app.store,
+            "before the claim",
+            lambda: operator.act(QueueAction.FLUSH, Selector(domains=("slow.example",))),
+        )
+        transport = transport_for(config)
+        worker = Worker.from_config(config, racing, transport, clock=clock)  # type: ignore[arg-type]
+        try:
+            await asyncio.wait_for(worker.run_until_idle(), timeout=30)
+        finally:
+            await transport.close()
+        assert racing._flush is None
+        assert [(await recipient(app, i)).state for i in ids] == [RecipientState.SENT] * 5
 
 
 # -- requeue of suppressed addresses (new user's item 1) ---------------------------------------

@@ -22,7 +22,7 @@ from postlane.clock import FakeClock
 from postlane.errors import NotFound, StoreUnavailable
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.outbox import enqueue_in_transaction, enqueue_in_transaction_sync
-from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector
+from postlane.records import AttemptRecord, Deferral, DestinationStatus, Outcome, Selector
 from postlane.store import open_store_url
 from postlane.store.base import Store
 from postlane.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore, Q
@@ -673,7 +673,10 @@ async def throttling_scenario(store: Any, messages: list[PreparedMessage]) -> di
     out["claimed"] = [(m.queue_id, [d.address for d in m.deliveries]) for m in claimed]
     ids = [d.id for m in claimed for d in m.deliveries]
     out["deferred"] = await store.defer_unattempted(
-        "w", [(ids[0], T0 + 30), (ids[0], T0 + 99), (ids[1], T0)], T0, "rate"
+        "w",
+        [Deferral(ids[0], T0 + 30), Deferral(ids[0], T0 + 99), Deferral(ids[1], T0)],
+        T0,
+        "rate",
     )
     out["paused"] = await store.defer_destination("google", T0 + 600, T0, "421 slow down")
     await store.save_destination_states(

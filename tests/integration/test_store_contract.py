@@ -18,6 +18,7 @@ from postlane.message import Lane, Message, PreparedMessage, RecipientState, pre
 from postlane.records import (
     WAITING_FOR_DESTINATION,
     AttemptRecord,
+    Deferral,
     DestinationStatus,
     ExportedMessage,
     Outcome,
@@ -25,6 +26,7 @@ from postlane.records import (
     Selector,
     Suppression,
 )
+from postlane.throttle import LIFTED
 
 T0 = 1_800_000_000.0
 ALL_LANES = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
@@ -960,8 +962,9 @@ async def test_unattempted_deferrals_use_no_attempt(store: Any) -> None:
     await store.enqueue([prepared], T0)
     a, b = deliveries(await claim(store))
     reason = "waiting for the destination"
-    assert await store.defer_unattempted("w1", [(a.id, T0 + 30), (b.id, T0)], T0, reason) == 2
-    assert await store.defer_unattempted("w1", [(a.id, T0 + 30)], T0, reason) == 0  # not leased
+    deferrals = [Deferral(a.id, T0 + 30), Deferral(b.id, T0)]
+    assert await store.defer_unattempted("w1", deferrals, T0, reason) == 2
+    assert await store.defer_unattempted("w1", deferrals[:1], T0, reason) == 0  # not leased
     view = await store.get_message(prepared.id, history=True)
     by_address = {r.address: r for r in view.recipients}
     assert by_address["a@example.net"].state is RecipientState.DEFERRED
@@ -985,6 +988,79 @@ async def test_a_paused_destination_is_deferred_then_hastened(store: Any) -> Non
     await store.defer_destination("google", T0 + 600, T0 + 2, reason)
     await store.defer_destination("example.org", T0 + 600, T0 + 2, reason)
     assert await store.hasten(None, T0 + 3, reason) == 2  # every destination
+
+
+async def test_a_deferral_decided_before_a_lift_it_had_not_heard_of_is_due_now(
+    store: Any,
+) -> None:
+    """A worker read google's pause and sent a and b back to wait for its end; an operator
+    lifted it (from another process) before the worker handed them back. The lift's own call-back
+    of waiting mail could not see them (they were leased): the store, which counts lifts,
+    makes due now what was decided knowing fewer lifts than it recorded. A deferral that knew of
+    the lift stands, and so does one for a destination never lifted."""
+    first, second, third = msg("a@gmail.com"), msg("b@gmail.com"), msg("c@example.net")
+    await store.enqueue([first, second, third], T0)
+    paused = DestinationStatus("google", None, None, T0 + 600, "paused", updated_at=T0)
+    await store.save_destination_states([paused])
+    a, b, c = sorted(deliveries(await claim(store)), key=lambda d: d.address)
+    await store.lift_destinations(["google"], T0 + 1)
+    [google] = [s for s in await store.destination_states() if s.destination == "google"]
+    assert google.lifts == 1 and google.paused_until is None
+    deferrals = [
+        Deferral(a.id, T0 + 600, "google", lifts=0),
+        Deferral(b.id, T0 + 600, "google", lifts=1),
+        Deferral(c.id, T0 + 30, "example.net", lifts=0),
+    ]
+    assert await store.defer_unattempted("w1", deferrals, T0 + 2, WAITING_FOR_DESTINATION) == 3
+    due = {}
+    for prepared in (first, second, third):
+        [r] = (await store.get_message(prepared.id, history=False)).recipients
+        due[r.address] = (r.state, r.next_attempt_at, r.attempts)
+    assert due == {
+        "a@gmail.com": (RecipientState.QUEUED, T0 + 2, 0),
+        "b@gmail.com": (RecipientState.DEFERRED, T0 + 600, 0),
+        "c@example.net": (RecipientState.DEFERRED, T0 + 30, 0),
+    }
+
+
+async def test_a_backlog_deferral_refused_once_its_pause_was_lifted(store: Any) -> None:
+    """Pushing a paused destination's backlog to the end of its pause says None, and moves
+    nothing, when more lifts of it are recorded than the caller knew of."""
+    reason = "destination google is paused"
+    await store.save_destination_states(
+        [DestinationStatus("google", None, None, T0 + 600, "paused", updated_at=T0)]
+    )
+    await store.lift_destinations(["google"], T0 + 1)
+    await store.enqueue([msg("a@gmail.com"), msg("b@gmail.com")], T0 + 2)
+    assert await store.defer_destination("google", T0 + 600, T0 + 2, reason, lifts=0) is None
+    assert await store.next_due_at() == T0 + 2
+    assert await store.defer_destination("google", T0 + 600, T0 + 2, reason, lifts=1) == 2
+    assert await store.defer_destination("example.net", T0 + 600, T0 + 2, reason, lifts=0) == 0
+
+
+async def test_a_record_made_before_its_process_heard_of_a_lift_does_not_undo_it(
+    store: Any,
+) -> None:
+    """The worker that began google's pause records it again (with its rate) after an
+    operator lifted it, before it read the lift: the lift stands. Once it knows of the lift,
+    what it records is recorded."""
+    mine = DestinationStatus(
+        "google", 1.0, None, T0 + 600, "3 connection failure(s)", updated_at=T0
+    )
+    await store.save_destination_states([mine])
+    await store.lift_destinations(["google"], T0 + 1)
+    await store.save_destination_states([dataclasses.replace(mine, updated_at=T0 + 2)])
+    [google] = [s for s in await store.destination_states() if s.destination == "google"]
+    assert (google.paused_until, google.rate, google.reason, google.lifts) == (
+        None,
+        None,
+        LIFTED,
+        1,
+    )
+    later = dataclasses.replace(mine, paused_until=T0 + 900, updated_at=T0 + 3, lifts=1)
+    await store.save_destination_states([later])
+    [google] = [s for s in await store.destination_states() if s.destination == "google"]
+    assert (google.paused_until, google.rate, google.lifts) == (T0 + 900, 1.0, 1)
 
 
 async def test_samples_are_recorded_once_per_minute_and_purged(store: Any) -> None:

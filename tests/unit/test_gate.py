@@ -19,7 +19,12 @@ from postlane.clock import FakeClock
 from postlane.config import DestinationLimits, ThrottleConfig
 from postlane.gate import Clearance, ThrottleGate
 from postlane.message import Lane
-from postlane.records import ClaimedMessage, Delivery, DestinationStatus
+from postlane.records import (
+    WAITING_FOR_DESTINATION,
+    ClaimedMessage,
+    Delivery,
+    DestinationStatus,
+)
 from postlane.store.sqlite import SQLiteStore
 from postlane.throttle import FLEET_SURPLUS, Throttle
 from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response
@@ -55,10 +60,10 @@ class CountingStore(SQLiteStore):
     deferred: list[tuple[str, float]]
 
     async def defer_destination(
-        self, destination: str, until: float, now: float, reason: str
-    ) -> int:
+        self, destination: str, until: float, now: float, reason: str, *, lifts: int | None = None
+    ) -> int | None:
         self.deferred.append((destination, until))
-        return await super().defer_destination(destination, until, now, reason)
+        return await super().defer_destination(destination, until, now, reason, lifts=lifts)
 
 
 @pytest.fixture
@@ -99,6 +104,11 @@ def ids(deliveries: Sequence[Delivery]) -> list[int]:
     return [d.id for d in deliveries]
 
 
+def waits(clearance: Clearance) -> list[tuple[int, float]]:
+    """(delivery id, when it comes back) of what ``clearance`` sends back to wait."""
+    return [(d.delivery_id, d.until) for d in clearance.waiting]
+
+
 # -- admission ---------------------------------------------------------------------------------
 
 
@@ -110,7 +120,7 @@ async def test_deliveries_within_the_concurrency_cap_go_and_the_rest_wait(
     a, b, c = first.deliveries
     clearance = await admit(g, first)
     assert ids(clearance.to_send) == [a.id, b.id]
-    [(waiting, at)] = clearance.waiting
+    [(waiting, at)] = waits(clearance)
     assert waiting == c.id and at > T0  # back later, no attempt used
     assert (await admit(g, message("d@example.net"))).to_send == []  # still full
     await g.release(clearance)
@@ -126,7 +136,7 @@ async def test_a_refused_delivery_is_given_the_time_its_destinations_rate_allows
     clearance = await admit(g, m)
     assert ids(clearance.to_send) == [a.id]
     # one a second: each one sent back gets a slot of its own, not all the same moment
-    assert clearance.waiting == [(b.id, T0 + 1.0), (c.id, T0 + 2.0)]
+    assert waits(clearance) == [(b.id, T0 + 1.0), (c.id, T0 + 2.0)]
     await clock.advance(1.0)
     assert len((await admit(g, message("d@example.net"))).to_send) == 1
 
@@ -140,7 +150,7 @@ async def test_a_message_through_a_relay_takes_one_relay_slot_for_all_its_recipi
     second = message("c@example.net")
     refused = await admit(g, second)
     assert refused.to_send == [] and refused.relays == []
-    assert ids(second.deliveries) == [w for w, _ in refused.waiting]
+    assert ids(second.deliveries) == [w for w, _ in waits(refused)]
     await g.release(first)
     assert len((await admit(g, message("d@example.net"))).to_send) == 1
 
@@ -160,7 +170,7 @@ async def test_processes_sharing_a_cap_never_have_more_in_flight_together(
     first = await admit(one, message("a@example.net", "b@example.net"))
     assert len(first.to_send) == 2 and first.fleet == ["example.net", "example.net"]
     refused = await admit(two, message("c@example.net"))
-    assert refused.to_send == [] and refused.fleet == [] and refused.waiting[0][1] > T0
+    assert refused.to_send == [] and refused.fleet == [] and waits(refused)[0][1] > T0
     await one.release(first)
     later = await admit(two, message("d@example.net"))
     assert len(later.to_send) == 1 and later.fleet == ["example.net"]
@@ -193,14 +203,14 @@ async def test_processes_sharing_a_rate_send_back_to_one_schedule_at_the_fleets_
     backlog = [await admit(one, message(f"u{n}@example.net")) for n in range(100)]
     sent = sum(len(c.to_send) for c in backlog)
     assert sent == 13  # a third of the rate's second saved up
-    slots = [at for c in backlog for _, at in c.waiting]
+    slots = [at for c in backlog for _, at in waits(c)]
     interval = 1 / (40 * (1 + FLEET_SURPLUS))
     assert slots == sorted(slots) and slots[0] <= T0 + 0.1
     gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert max(gaps) == pytest.approx(interval, abs=1e-4)  # times near 1.7e9 s: float's grain
     assert min(gaps) == pytest.approx(interval, abs=1e-4)
     more = [await admit(two, message(f"v{n}@example.net")) for n in range(20)]
-    later = [at for c in more for _, at in c.waiting]
+    later = [at for c in more for _, at in waits(c)]
     assert later and min(later) > max(slots)  # after the first's: the fleet's next slots
     assert len(set(slots + later)) == len(slots) + len(later)
 
@@ -297,12 +307,12 @@ async def test_a_paused_destination_defers_its_backlog_once_per_pause(
     g.throttle.observe("down.example", DOWN, T0)  # paused until T0 + 60
 
     first = await admit(g, claimed[0])
-    assert first.to_send == [] and first.waiting == [(claimed[0].deliveries[0].id, T0 + 60)]
+    assert first.to_send == [] and waits(first) == [(claimed[0].deliveries[0].id, T0 + 60)]
     assert store.deferred == [("down.example", T0 + 60)]
     assert await store.next_due_at() == T0 + 60  # the two waiting in the store: not before
 
     second = await admit(g, claimed[1])  # the same pause: its backlog is already deferred
-    assert second.waiting == [(claimed[1].deliveries[0].id, T0 + 60)]
+    assert waits(second) == [(claimed[1].deliveries[0].id, T0 + 60)]
     assert store.deferred == [("down.example", T0 + 60)]
 
     # the pause ends: one delivery probes, fails, and the destination pauses twice as long
@@ -312,7 +322,7 @@ async def test_a_paused_destination_defers_its_backlog_once_per_pause(
     await g.release(probe)
     g.throttle.observe("down.example", DOWN, clock.now())
     again = await admit(g, message("v@down.example"))
-    assert again.waiting[0][1] == T0 + 60 + 120
+    assert waits(again)[0][1] == T0 + 60 + 120
     assert store.deferred == [("down.example", T0 + 60), ("down.example", T0 + 180)]
 
 
@@ -341,7 +351,7 @@ async def test_one_process_of_the_fleet_probes_a_destination_when_its_pause_ends
     probe = await admit(one, message("a@down.example"))
     assert len(probe.to_send) == 1  # one's delivery probes
     waiting = await admit(two, message("b@down.example"))
-    assert waiting.to_send == [] and waiting.waiting[0][1] == T0 + 65  # asks again in 5 s
+    assert waiting.to_send == [] and waits(waiting)[0][1] == T0 + 65  # asks again in 5 s
     assert store.deferred[-1] == ("down.example", T0 + 65)  # with its backlog
     assert (await admit(two, message("c@down.example"))).to_send == []  # not asked again
     await one.release(probe)
@@ -393,6 +403,55 @@ async def test_an_operators_lift_from_another_process_is_read_back_before_deferr
     clearance = await admit(g, claimed)
     assert len(clearance.to_send) == 1 and clearance.waiting == []  # it goes now
     assert store.deferred == []  # nothing was pushed back to the end of the lifted pause
+    assert g.throttle.paused_until("down.example", clock.now()) is None
+
+
+async def test_a_lift_between_the_gates_decision_and_the_hand_back_sends_back_nothing(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    """The gate reads the recorded pause (still in force) and sends ada back to wait for its
+    end; an operator's ``queue flush`` in another process lifts it before the worker hands
+    ada back. The lift's call-back of waiting mail passed over ada (leased): the deferral
+    carries the lifts the gate knew of, so the store makes ada due now, and the worker hears
+    of the lift at once."""
+    store = app.store
+    g = gate(app, pause_after=1, pause=600)
+    g.throttle.observe("down.example", DOWN, T0)
+    await g.sync()
+    await clock.advance(5)
+    await queue(app, "ada@down.example")
+    [claimed] = await claim(app, 1)
+    clearance = await admit(g, claimed)
+    assert waits(clearance) == [(claimed.deliveries[0].id, T0 + 600)]
+
+    await store.lift_destinations(["down.example"], clock.now())  # `queue flush`, elsewhere
+    await store.wait_for_destination_news(0)  # (this process's own lift: not what we test)
+    await store.defer_unattempted(
+        "gate-test/1/1/x", clearance.waiting, clock.now(), WAITING_FOR_DESTINATION
+    )
+    assert await store.next_due_at() == clock.now()  # not T0 + 600
+    assert await store.wait_for_destination_news(0)  # news: adopt the lift now
+    await g.sync()
+    assert g.throttle.paused_until("down.example", clock.now()) is None
+    [again] = await claim(app, 1)
+    assert len((await admit(g, again)).to_send) == 1
+
+
+async def test_a_pause_this_gate_began_and_records_again_after_a_lift_stays_lifted(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    """The gate began down.example's pause and recorded it; an operator lifts it; a late reply
+    then makes the gate record the destination again (its rate) before it reads the lift.
+    That record does not undo the lift, and the gate adopts the lift at the same sync."""
+    g = gate(app, pause_after=1, pause=600)
+    g.throttle.observe("down.example", DOWN, T0)
+    await g.sync()
+    await clock.advance(5)
+    await app.store.lift_destinations(["down.example"], clock.now())
+    g.throttle.observe("down.example", SLOW, clock.now())  # a send started before the pause
+    await g.sync()
+    [status] = [s for s in await app.store.destination_states() if s.destination == "down.example"]
+    assert status.paused_until is None and status.lifts == 1
     assert g.throttle.paused_until("down.example", clock.now()) is None
 
 

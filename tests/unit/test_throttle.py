@@ -280,7 +280,7 @@ def test_a_lift_calls_back_what_waits_for_slots_at_the_old_rate() -> None:
     slots = [t.admit(["d"], T0 + 0.1).at for _ in range(100)]
     assert max(s or 0 for s in slots) > T0 + 60  # spaced far ahead at 0.5/s
     assert t.to_hasten(T0 + 1) == []
-    t.adopt(DestinationStatus("d", None, None, None, LIFTED, updated_at=T0 + 2), T0 + 2)
+    t.adopt(DestinationStatus("d", None, None, None, LIFTED, updated_at=T0 + 2, lifts=1), T0 + 2)
     assert t.to_hasten(T0 + 2) == ["d"]
     assert t.to_hasten(T0 + 3) == []  # once
     assert t.admit(["d"], T0 + 3).admitted  # and new mail is not slotted behind the old
@@ -295,10 +295,29 @@ def test_changes_are_persisted_once_and_other_processes_are_adopted() -> None:
     other = throttle()
     other.adopt(change, T0 + 1)
     assert other.paused_until("d", T0 + 1) == T0 + 30
-    other.adopt(DestinationStatus("d", None, None, None, LIFTED, updated_at=T0 + 2), T0 + 2)
+    other.adopt(
+        DestinationStatus("d", None, None, None, LIFTED, updated_at=T0 + 2, lifts=1), T0 + 2
+    )
     assert other.paused_until("d", T0 + 2) is None
     other.adopt(change, T0 + 3)  # older than what it knows: ignored
     assert other.paused_until("d", T0 + 3) is None
+
+
+def test_lifts_are_counted_so_one_is_adopted_whatever_was_recorded_after_it() -> None:
+    """Another process recorded its rate after the operator's lift (the reason is no longer
+    "lifted by an operator"): the lift is adopted all the same, as the store counts it, and
+    the slow-down recorded after it too. A record read before the lift changes nothing then."""
+    t = throttle()
+    paused = DestinationStatus("d", None, None, T0 + 600, "paused by another", updated_at=T0)
+    t.adopt(paused, T0)
+    assert t.paused_until("d", T0 + 1) == T0 + 600 and t.lifts("d") == 0
+    after = DestinationStatus("d", 2.0, None, None, "throttled: 421", updated_at=T0 + 2, lifts=1)
+    t.adopt(after, T0 + 2)
+    assert t.pause_and_rate("d", T0 + 2) == (None, 2.0) and t.lifts("d") == 1
+    t.adopt(paused, T0 + 3)  # read before the lift
+    assert t.paused_until("d", T0 + 3) is None
+    status = t.status_of("d", T0 + 4)
+    assert status is not None and status.lifts == 1  # what it records says it knows the lift
 
 
 def test_a_pause_recorded_beside_this_processs_own_record_is_adopted() -> None:

@@ -20,6 +20,7 @@ from postlane.records import (
     ClaimedMessage,
     DeadGroup,
     DeadLetter,
+    Deferral,
     DestinationStatus,
     EnqueueResult,
     ExportedMessage,
@@ -209,16 +210,20 @@ class ThrottleStore(Protocol):
     """Destinations' shared state: pauses and rates, and the deliveries waiting on them."""
 
     async def defer_unattempted(
-        self, owner: str, deferrals: Sequence[tuple[int, float]], now: float, reason: str
+        self, owner: str, deferrals: Sequence[Deferral], now: float, reason: str
     ) -> int:
         """Hand leased deliveries back to wait until the given times, using no attempt (their
-        destination cannot take them now)."""
+        destination cannot take them now). One whose ``waits_for`` has more operator lifts
+        recorded than the deferral knew of is made due now instead (see :class:`Deferral`);
+        the process then hears of it as news (:meth:`wait_for_destination_news`)."""
         ...
 
     async def defer_destination(
-        self, destination: str, until: float, now: float, reason: str
-    ) -> int:
-        """Push every waiting delivery of a paused destination to the end of its pause."""
+        self, destination: str, until: float, now: float, reason: str, *, lifts: int | None = None
+    ) -> int | None:
+        """Push every waiting delivery of a paused destination to the end of its pause; how
+        many moved. With ``lifts`` (the operator lifts of it the caller knew of), nothing moves
+        and None is returned when more are recorded: the pause was lifted meanwhile."""
         ...
 
     async def hasten(self, destination: str | None, now: float, reason: str) -> int:

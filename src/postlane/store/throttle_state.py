@@ -8,7 +8,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from postlane.records import WAITING_FOR_DESTINATION, DestinationStatus, FleetShares, ProbeTurn
+from postlane.records import (
+    WAITING_FOR_DESTINATION,
+    Deferral,
+    DestinationStatus,
+    FleetShares,
+    ProbeTurn,
+)
 from postlane.store import rows
 from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one
 
@@ -17,19 +23,63 @@ class SQLThrottle(SQLRole):
     """Destinations' shared state."""
 
     async def defer_unattempted(
-        self, owner: str, deferrals: Sequence[tuple[int, float]], now: float, reason: str
+        self, owner: str, deferrals: Sequence[Deferral], now: float, reason: str
     ) -> int:
-        first = dict(reversed(deferrals))  # a delivery listed twice: its first time wins
-        deferred = [{"id": i, "next_attempt_at": at} for i, at in first.items()]
+        first: dict[int, Deferral] = {}
+        for deferral in deferrals:  # a delivery listed twice: its first time wins
+            first.setdefault(deferral.delivery_id, deferral)
+        names = sorted({d.waits_for for d in first.values() if d.waits_for is not None})
         shared = {"owner": owner, "now": now, "reason": reason}
-        result = await self.db.write(lambda: batch("defer_unattempted", deferred, shared))
-        return result.rowcount
+        lifted_since = False
+
+        def run() -> Plan[int]:
+            nonlocal lifted_since
+            recorded = yield from self._lifts(names)
+            deferred = []
+            for d in first.values():
+                # decided before an operator's lift it had not heard of: due now, not at the
+                # end of the pause (or the slot of the slowed rate) that lift ended
+                lifted = d.waits_for is not None and recorded.get(d.waits_for, 0) > d.lifts
+                lifted_since = lifted_since or lifted
+                deferred.append(
+                    {"id": d.delivery_id, "next_attempt_at": now if lifted else d.until}
+                )
+            return (yield from batch("defer_unattempted", deferred, shared)).rowcount
+
+        moved = await self.db.write(run)
+        if lifted_since:  # this process has yet to adopt that lift: news for its workers
+            self.db.destinations_changed()
+        return moved
 
     async def defer_destination(
-        self, destination: str, until: float, now: float, reason: str
-    ) -> int:
+        self, destination: str, until: float, now: float, reason: str, *, lifts: int | None = None
+    ) -> int | None:
         params = {"destination": destination, "until": until, "now": now, "reason": reason}
-        return await self.db.write(lambda: execute("defer_destination", params))
+
+        def run() -> Plan[int | None]:
+            if lifts is not None:
+                recorded = yield from self._lifts([destination])
+                if recorded.get(destination, 0) > lifts:
+                    return None
+            return (yield from execute("defer_destination", params))
+
+        moved = await self.db.write(run)
+        if moved is None:
+            self.db.destinations_changed()
+        return moved
+
+    def _lifts(self, destinations: Sequence[str]) -> Plan[dict[str, int]]:
+        """How many times an operator lifted each of ``destinations`` (those never lifted or
+        never recorded: 0). Read in a deferral's transaction, before it defers: on SQLite no
+        lift can commit in between (one writer), on PostgreSQL the lifts wait for the shared
+        lock this takes, so a lift either comes first and is seen here, or comes after and
+        calls back what this deferred."""
+        if not destinations:
+            return {}
+        if self.dialect.row_locks:
+            yield from execute("share_destination_lifts")
+        found = yield from fetch("destination_lifts", {"destinations": list(destinations)})
+        return {row["destination"]: int(row["lifts"]) for row in found}
 
     async def hasten(self, destination: str | None, now: float, reason: str) -> int:
         params = {"destination": destination, "now": now, "reason": reason}
@@ -76,6 +126,7 @@ class SQLThrottle(SQLRole):
                 "paused_until": s.paused_until,
                 "reason": s.reason,
                 "updated_at": s.updated_at,
+                "lifts": s.lifts,
             }
             for s in latest.values()
         ]
@@ -125,6 +176,8 @@ class SQLThrottle(SQLRole):
         its own is left to its schedule; mail scheduled for later goes back to its time."""
 
         def run() -> Plan[int]:
+            if self.dialect.row_locks:  # after the deferrals under way (see _lifts)
+                yield from execute("lock_destination_lifts")
             if destinations is None:
                 lifted = yield from fetch("lift_all_destinations", {"now": now})
                 names = [row["destination"] for row in lifted]

@@ -288,9 +288,14 @@ UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
 WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now AND reason = :reason;
 
 -- name: destination_states
--- Every destination's recorded pause and rate.
-SELECT destination, rate, paused_until, reason, updated_at FROM destination_state
+-- Every destination's recorded pause and rate, and how many times an operator lifted them.
+SELECT destination, rate, paused_until, reason, updated_at, lifts FROM destination_state
 ORDER BY destination;
+
+-- name: destination_lifts
+-- How many times an operator lifted these destinations' pauses and slow-downs (those with a
+-- recorded state).
+SELECT destination, lifts FROM destination_state WHERE @any(destination, destinations, text);
 
 -- name: insert_attempts
 -- Tries in deliveries' histories.
@@ -303,9 +308,11 @@ INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, desti
 -- Record destinations' pauses and rates (upsert; one row per destination in a batch). A pause
 -- in force outlives a record that does not mention it or mentions a shorter one: a process
 -- records only the pauses it began, and another's rate must not end them (an operator's lift
--- does).
-INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at)
-@rows(destination text, rate float8, paused_until float8, reason text, updated_at float8)
+-- does). A record made before its process heard of the last lift (fewer lifts) is dropped: it
+-- would undo the lift.
+INSERT INTO destination_state (destination, rate, paused_until, reason, updated_at, lifts)
+@rows(destination text, rate float8, paused_until float8, reason text, updated_at float8,
+      lifts bigint)
 ON CONFLICT (destination) DO UPDATE
 SET rate = excluded.rate,
     paused_until = CASE
@@ -318,18 +325,21 @@ SET rate = excluded.rate,
          AND (excluded.paused_until IS NULL
               OR excluded.paused_until < destination_state.paused_until)
         THEN destination_state.reason ELSE excluded.reason END,
-    updated_at = excluded.updated_at;
+    updated_at = excluded.updated_at
+WHERE destination_state.lifts <= excluded.lifts;
 
 -- name: lift_destinations
--- An operator's flush ends some destinations' pauses and slow-downs.
+-- An operator's flush ends some destinations' pauses and slow-downs (one more lift of each).
 UPDATE destination_state
-SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now,
+    lifts = lifts + 1
 WHERE @any(destination, destinations, text);
 
 -- name: lift_all_destinations
 -- An operator's flush of everything ends every pause and slow-down; returns the destinations.
 UPDATE destination_state
-SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now
+SET rate = NULL, paused_until = NULL, reason = 'lifted by an operator', updated_at = :now,
+    lifts = lifts + 1
 RETURNING destination;
 
 -- name: flush_destinations

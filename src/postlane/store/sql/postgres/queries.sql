@@ -415,6 +415,16 @@ WHERE d.id = f.id;
 -- the same destination queue here, or two could both see room for the last slot.
 SELECT pg_advisory_xact_lock(hashtextextended('postlane.fleet:' || current_schema() || ':' || %(destination)s, 0));
 
+-- name: share_destination_lifts
+-- A deferral reads the lifts recorded of its destinations, then defers: no lift may commit in
+-- between, or neither would see the other (the lift's call-back of waiting mail would not see
+-- the deferral, the deferral would not see the lift). Deferrals share the lock.
+SELECT pg_advisory_xact_lock_shared(hashtextextended('postlane.lifts:' || current_schema(), 0));
+
+-- name: lock_destination_lifts
+-- A lift waits for the deferrals under way, and they for it (see share_destination_lifts).
+SELECT pg_advisory_xact_lock(hashtextextended('postlane.lifts:' || current_schema(), 0));
+
 -- name: lock_destination_probe
 -- Taking the probe after a pause reads who probes, then takes it: concurrent takes of the same
 -- destination queue here, or two could both find it free.
