@@ -60,6 +60,7 @@ async def poll(check: Callable[[], Awaitable[bool]], what: str, timeout: float) 
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # 10,000 deliveries on two cores: the tests that time things run apart
 async def test_a_flush_from_another_process_sends_a_paused_backlog_the_workers_still_hold(
     store_url: str, smtp_peer: SMTPPeer, tmp_path: Path
 ) -> None:
