@@ -250,7 +250,14 @@ async def test_a_migration_gives_up_on_tables_another_session_holds_and_says_why
     monkeypatch.setattr(postgres, "MIGRATION_RETRY_PAUSE", 0.01)
     await build_schema_at(pg_url, schema, SCHEMA_VERSION - 1)
     async with await connect(pg_url, schema) as holder:  # an older postlane's transaction
-        await holder.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+        # every table (whichever the newest migration changes), but the versions' own
+        cursor = await holder.execute(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_schema = %s AND table_name <> 'postlane_schema_version'",
+            [schema],
+        )
+        held = sql.SQL(", ").join(sql.Identifier(row[0]) for row in await cursor.fetchall())
+        await holder.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(held))
         with pytest.raises(StoreUnavailable, match="stop every older postlane using it") as caught:
             await open_store()
         assert "lock timeout" in str(caught.value)
