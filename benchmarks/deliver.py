@@ -292,7 +292,7 @@ def measure_postlane_api(
     """Enqueue through the Python API (batches of 100, each acknowledged after its durable
     commit), then deliver with `postlane worker`; returns the enqueue's and the delivery's
     seconds, and the CPU seconds of both (this process's while enqueueing, the worker's)."""
-    from postlane.blocking import Postlane
+    from postlane import Postlane
     from postlane.config import load_config
     from postlane.message import Message
 
