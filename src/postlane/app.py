@@ -156,7 +156,8 @@ class AsyncPostlane:
         ``config_path``). ``create=False``: the store must exist already (a SQLite file that
         does not is a :class:`~postlane.errors.StoreUnavailable` when opened, not a new empty
         queue) at this postlane's schema (an older one is refused, not migrated: an
-        operator's command never upgrades a store under running older postlanes). By default the store is made when the configuration names it (a file, or a
+        operator's command never upgrades a store under running older postlanes). By default
+        the store is made (or migrated) when the configuration names it (a file, or a
         :class:`Config` given), and must exist when no configuration file was found: then
         ``./postlane.db`` is only a guess from the working directory, and mail stored in a
         new queue there would wait for a worker that never comes (as the CLI refuses to)."""

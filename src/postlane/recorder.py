@@ -2,8 +2,11 @@
 
 Sends finish one by one; writing each result on its own would cost a commit per recipient. The
 recorder queues outcomes, writes everything waiting in one :meth:`Store.record` call, and wakes
-each caller once its outcome is durable. A store briefly unavailable is retried for up to half
-a lease: a result that is never recorded would be sent again after the lease runs out.
+each caller once its outcome is durable. While the store cannot answer (a database failover, a
+full disk) the outcomes are kept and written again, with a growing pause, until it answers: a
+result never recorded would be sent again, though this worker is alive and the remote server
+said 250. The worker's own leases are not reaped meanwhile (housekeeping keeps them), so the
+result still lands on its rows. Any other error is retried for half a lease, then raised.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from postlane.clock import Clock
+from postlane.errors import StoreUnavailable
 from postlane.records import Outcome
 from postlane.store.base import DeliveryStore
 
 log = logging.getLogger("postlane.worker")
+
+#: the longest pause between two tries of a record while the store cannot answer
+MAX_RETRY_PAUSE = 5.0
 
 
 @dataclass
@@ -94,13 +101,26 @@ class Recorder:
     async def _write(self, outcomes: list[Outcome]) -> None:
         delay = 0.05
         deadline = time.monotonic() + max(self.lease / 2, 1.0)
+        failing = False
         while True:
             try:
                 await self.store.record(self.owner, outcomes, self.clock.now())
-                return
+            except StoreUnavailable as exc:
+                if not failing:
+                    log.warning(
+                        "could not record %d outcome(s): %s; keeping them, trying again until "
+                        "the store answers",
+                        len(outcomes),
+                        exc,
+                    )
+                    failing = True
             except Exception:
                 if time.monotonic() > deadline:
                     log.exception("could not record %d outcome(s)", len(outcomes))
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            else:
+                if failing:
+                    log.warning("recorded %d outcome(s) once the store answered", len(outcomes))
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_PAUSE)

@@ -210,7 +210,7 @@ class Worker:
         if dead:
             await self.store.expire_owner_leases(dead, now)
             log.info("reclaimed leases of %d stopped process(es) on this host", len(dead))
-        return await self.store.reap_expired_leases(now)
+        return await self.store.reap_expired_leases(now, keep=self.owner)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set, then shut down gracefully."""
@@ -562,16 +562,23 @@ class Worker:
     # -- leases, housekeeping, shutdown ------------------------------------------------------------
 
     async def _renew_leases(self, stop: asyncio.Event) -> None:
+        """Renew this worker's leases every third of a lease; after a failure, every second
+        until the store answers again (a lease that ran out meanwhile is still this worker's:
+        housekeeping never reaps its own, so its sends are recorded, not made again)."""
         interval = max(self.settings.lease / 3, 0.05)
+        wait = interval
         while not stop.is_set():
-            await first_of(stop.wait(), timeout=interval)
-            if self._in_flight:
-                try:
-                    await self.store.renew_leases(
-                        self.owner, self.clock.now() + self.settings.lease
-                    )
-                except Exception:
-                    log.exception("could not renew leases")
+            await first_of(stop.wait(), timeout=wait)
+            wait = interval
+            if not self._in_flight:
+                continue
+            try:
+                await self.store.renew_leases(self.owner, self.clock.now() + self.settings.lease)
+            except StoreUnavailable as exc:  # one line: the claims and records say it too
+                log.warning("could not renew leases (trying again in 1 s): %s", exc)
+                wait = min(1.0, interval)
+            except Exception:
+                log.exception("could not renew leases")
 
     def _housekeeping_interval(self) -> float:
         return max(min(self.settings.lease / 2, 1.0), 0.05)
@@ -582,7 +589,7 @@ class Worker:
         last_purge = 0.0
         while not stop.is_set():
             try:
-                reaped = await self.store.reap_expired_leases(self.clock.now())
+                reaped = await self.store.reap_expired_leases(self.clock.now(), keep=self.owner)
                 if reaped:
                     log.warning(
                         "%d delivery(ies) returned after their worker's lease ran out", reaped

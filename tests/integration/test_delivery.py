@@ -543,6 +543,53 @@ async def test_a_store_that_cannot_answer_for_a_while_pauses_the_worker_not_ends
     assert len(waits) == 3 and "claiming again in" in waits[0]
 
 
+async def test_a_result_the_store_cannot_take_for_longer_than_a_lease_is_kept_not_resent(
+    tmp_path: Path,
+    smtp_peer: SMTPPeer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A durability audit: a live worker got the server's 250, the store could not answer for
+    longer than half a lease (a failover, a full disk), the recorder gave up, the worker's own
+    housekeeping made the delivery due again when its lease ran out, and the mail was sent a
+    second time (76 copies in one run, no process stopped). The result is kept and recorded
+    once the store answers; the worker's own lease is not reaped meanwhile."""
+    clock = FakeClock(time.time())
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url, "lease": "1s"})
+    async with AsyncPostlane(config, clock=clock) as app:
+        queue_id = (await app.send(sender="a@example.com", to=["b@example.net"], text="x")).id
+        record = app.store.record
+        down = {"failures": 0}
+
+        async def unavailable_past_the_lease(*args: Any, **kwargs: Any) -> Any:
+            if down["failures"] < 5:  # 1.55 s of the recorder's pauses: past the old deadline
+                down["failures"] += 1
+                await clock.advance(1.0)  # and 5 s of the store's time: the lease ran out
+                raise StoreUnavailable("cannot use the PostgreSQL database: connection lost")
+            return await record(*args, **kwargs)
+
+        monkeypatch.setattr(app.store, "record", unavailable_past_the_lease)
+        transport = transport_for(config)
+        worker = Worker.from_config(config, app.store, transport, clock=clock)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + 20
+        while (await app.get(queue_id)).state is not RecipientState.SENT:
+            assert not running.done(), running
+            assert time.monotonic() < deadline, "the result was never recorded"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await running
+        await transport.close()
+        view = await app.get(queue_id, history=True)
+    assert down["failures"] == 5 and len(smtp_peer.handler.received) == 1  # sent once
+    [attempt] = view.recipients[0].history or ()
+    assert attempt.cls is ReplyClass.DELIVERED  # the real 250, not "lease expired"
+    said = [r.getMessage() for r in caplog.records if "outcome(s)" in r.getMessage()]
+    assert len(said) == 2 and "keeping them" in said[0]  # one line down, one line back
+    assert not [r for r in caplog.records if r.exc_info]  # no tracebacks
+
+
 class ExplodingTransport(BaseTransport):
     name = "exploding://"
 

@@ -350,6 +350,24 @@ async def test_an_expired_lease_is_reaped_with_an_attempt(store: Any) -> None:
     assert d.attempts == 1
 
 
+async def test_a_reaper_keeps_its_own_expired_leases_and_records_on_them(store: Any) -> None:
+    """A durability audit: a live worker's leases ran out while the store could not answer
+    (longer than the lease), its own housekeeping made them due again, and what the remote
+    server had taken was sent a second time. The reaper's own leases are its to record."""
+    prepared = msg()
+    await store.enqueue([prepared], T0)
+    [d] = deliveries(await claim(store, owner="w1", lease=60))
+    assert await store.reap_expired_leases(T0 + 120, keep="w1") == 0  # its own: kept
+    outcome = Outcome(d.id, RecipientState.SENT, 1, 0, None, attempt(ReplyClass.DELIVERED))
+    await store.record("w1", [outcome], T0 + 121)  # the outage over: the send is recorded
+    view = await store.get_message(prepared.id, history=True)
+    assert view.recipients[0].state is RecipientState.SENT
+    assert [a.cls for a in view.recipients[0].history or ()] == [ReplyClass.DELIVERED]
+    await store.enqueue([msg()], T0)
+    await claim(store, owner="w1", lease=60)
+    assert await store.reap_expired_leases(T0 + 120, keep="w2") == 1  # another's: reaped
+
+
 async def test_leases_of_dead_owners_can_be_ended_at_once(store: Any) -> None:
     await store.enqueue([msg(), msg()], T0)
     await claim(store, owner="host/1/1/a", limit=1)

@@ -81,9 +81,11 @@ class DeliveryStore(Protocol):
         """Return leased deliveries unattempted (graceful shutdown): no attempt is recorded."""
         ...
 
-    async def reap_expired_leases(self, now: float) -> int:
+    async def reap_expired_leases(self, now: float, *, keep: str | None = None) -> int:
         """Make deliveries whose lease ran out due again, recording an attempt with an unknown
-        outcome (the worker may have sent before it died)."""
+        outcome (the worker may have sent before it died). Not the leases of ``keep``: the
+        reaping worker's own, which it renews while it lives (one that ran out while the store
+        could not answer is a send it still has to record, not one to make again)."""
         ...
 
     async def expire_owner_leases(self, owners: Sequence[str], now: float) -> int:

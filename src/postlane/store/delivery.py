@@ -309,13 +309,15 @@ class SQLDelivery(SQLRole):
         params = {"owner": owner, "now": now, "ids": list(delivery_ids)}
         return await self.db.write(lambda: execute("hand_back_some", params))
 
-    async def reap_expired_leases(self, now: float) -> int:
+    async def reap_expired_leases(self, now: float, *, keep: str | None = None) -> int:
         def reap() -> Plan[int]:
             """Deliveries whose lease ran out are due again, each with an attempt of unknown
             outcome (the worker may have sent before it died)."""
             total = 0
             while True:
-                expired = yield from fetch("expired_leases", {"now": now, "limit": REAP_SLICE})
+                expired = yield from fetch(
+                    "expired_leases", {"now": now, "limit": REAP_SLICE, "keep": keep}
+                )
                 if expired:
                     ids = [row["id"] for row in expired]
                     reaped = yield from fetch("reap_leases", {"ids": ids, "now": now})

@@ -341,7 +341,7 @@ class PostgresDatabase:
             # autocommit: a connection is never left inside a transaction it did not ask for;
             # every method opens its own with conn.transaction()
             kwargs={"autocommit": True},
-            configure=self._configure,
+            configure=self._configure_pooled,
             timeout=self._timeout,
             name="postlane",
         )
@@ -386,6 +386,15 @@ class PostgresDatabase:
     async def _configure(self, conn: Conn) -> None:
         if self.schema:
             await conn.execute(Q["set_search_path"], {"schema": self.schema, "local": False})
+
+    async def _configure_pooled(self, conn: Conn) -> None:
+        """A pooled connection waits for a lock at most the pool's timeout: a table another
+        session holds (a long transaction, an older postlane's migration) makes an enqueue a
+        ``503 store_unavailable`` within it, not a request that hangs until the client gives
+        up and retries what was then stored anyway (a durability audit)."""
+        await self._configure(conn)
+        timeout = f"{max(1, round(self._timeout * 1000))}ms"
+        await conn.execute(Q["session_lock_timeout"], {"timeout": timeout})
 
     async def _migrate(self) -> None:
         """Apply pending migrations in one transaction, under an advisory lock: several

@@ -14,6 +14,10 @@
 -- Serialise schema changes of one schema: processes starting together queue up here.
 SELECT pg_advisory_xact_lock(hashtextextended('postlane.migrate:' || %(schema)s, 0));
 
+-- name: session_lock_timeout
+-- How long a pooled connection's statements wait for a lock (the pool's timeout).
+SELECT set_config('lock_timeout', %(timeout)s, false);
+
 -- name: migration_lock_timeout
 -- How long the migration's statements wait for a table another session holds (this
 -- transaction only); then it gives up and is tried again.
@@ -234,9 +238,11 @@ WHERE suppressions.expires_at IS NOT NULL AND suppressions.expires_at <= exclude
 -- name: expired_leases
 -- A slice of deliveries whose worker stopped renewing its lease, locked for this reap. SKIP
 -- LOCKED: a row locked by its worker's late record is that worker's to settle, and two
--- reapers on two hosts split the rows instead of waiting on each other.
+-- reapers on two hosts split the rows instead of waiting on each other. Not those of keep
+-- (the reaping process itself: its own lease that ran out in an outage is its send to record).
 SELECT id FROM deliveries
 WHERE state = 'sending' AND lease_expires_at <= %(now)s
+  AND (%(keep)s::text IS NULL OR lease_owner <> %(keep)s::text)
 ORDER BY id
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;

@@ -96,9 +96,12 @@ SET reason = excluded.reason, created_at = excluded.created_at, expires_at = exc
 WHERE suppressions.expires_at IS NOT NULL AND suppressions.expires_at <= excluded.created_at;
 
 -- name: expired_leases
--- Deliveries whose worker stopped renewing its lease, a slice at a time.
+-- Deliveries whose worker stopped renewing its lease, a slice at a time; not those of :keep
+-- (the reaping process itself: it renews its own while it lives, and a lease of its own that
+-- ran out while the store could not answer is still its send to record).
 SELECT id FROM deliveries INDEXED BY deliveries_leased
 WHERE state = 'sending' AND lease_expires_at <= :now
+  AND (:keep IS NULL OR lease_owner <> :keep)
 LIMIT :limit;
 
 -- name: reap_leases
