@@ -143,6 +143,9 @@ class DeliveryConfig:
     poll_interval: float = _setting(1.0, _duration)
     connect_timeout: float = _setting(30.0, _duration)
     command_timeout: float = _setting(120.0, _duration)
+    #: the reply to the message's final dot (RFC 5321 4.5.3.2.6 and Postfix: 10 minutes; a
+    #: reply given up on is ambiguous, and the message is sent again)
+    data_timeout: float = _setting(600.0, _duration)
     #: messages sent over one SMTP connection before it is closed and replaced
     messages_per_connection: int = _setting(100, _positive_int)
     #: open connections kept per relay or MX host

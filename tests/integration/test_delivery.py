@@ -280,10 +280,35 @@ async def test_a_dropped_connection_mid_data_is_retried_not_lost(
     r = await h.recipient(queue_id, "a@example.net")
     assert r.state is RecipientState.DEFERRED
     assert r.last_response.cls is ReplyClass.CONNECTION and r.attempts == 0
+    # the ambiguous case said as such (a durability audit: the history hid it)
+    assert "it may have been delivered" in r.last_response.text
     await h.advance_to_next_due()
     await h.run()
     assert (await h.recipient(queue_id, "a@example.net")).state is RecipientState.SENT
     assert len(smtp_peer.handler.received) == 1
+
+
+async def test_a_server_slow_to_answer_the_final_dot_gets_the_message_once(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    """A durability audit: the reply to the final dot waited only command_timeout (2 minutes),
+    a fifth of RFC 5321's 10; a slower server (a content filter) had the message and got it
+    again. The final dot has its own timeout, data_timeout."""
+    h = await harness(
+        tmp_path,
+        clock,
+        smtp_peer.url,
+        delivery={"command_timeout": "1s", "data_timeout": "10s"},
+    )
+    try:
+        smtp_peer.handler.data_delay = 1.5  # past command_timeout, within data_timeout
+        queue_id = await h.send("a@example.net")
+        await h.run()
+        r = await h.recipient(queue_id, "a@example.net")
+        assert r.state is RecipientState.SENT and len(smtp_peer.handler.received) == 1
+    finally:
+        await h.worker.transport.close()
+        await h.app.close()
 
 
 async def test_max_age_dead_letters_before_the_next_try(
@@ -462,12 +487,14 @@ async def test_a_server_that_stalls_after_the_data_times_out_per_command(
     tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
 ) -> None:
     smtp_peer.handler.data_delay = 5.0  # the reply to the final dot never comes in time
-    h = await harness(tmp_path, clock, smtp_peer.url, delivery={"command_timeout": "300ms"})
+    # the final dot's reply has its own timeout (data_timeout), the other replies command_timeout
+    delivery = {"command_timeout": "300ms", "data_timeout": "300ms"}
+    h = await harness(tmp_path, clock, smtp_peer.url, delivery=delivery)
     try:
         queue_id = await h.send("a@example.net")
         started = time.monotonic()
         await h.run()
-        assert time.monotonic() - started < 4.0  # the command timeout, not the server, ended it
+        assert time.monotonic() - started < 4.0  # the timeout, not the server, ended it
         r = await h.recipient(queue_id, "a@example.net")
         assert r.state is RecipientState.DEFERRED  # may have arrived: retried, never dropped
         assert r.last_response.cls is ReplyClass.CONNECTION

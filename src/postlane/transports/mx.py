@@ -87,6 +87,7 @@ _DELIVERY_SETTINGS = (
     "tls_ca",
     "connect_timeout",
     "command_timeout",
+    "data_timeout",
     "messages_per_connection",
     "connections_per_host",
 )
@@ -224,6 +225,7 @@ class MXTransport(BaseTransport):
         destinations: DestinationMap | None = None,
         connect_timeout: float = 30.0,
         command_timeout: float = 120.0,
+        data_timeout: float = 600.0,
         dns_timeout: float = DNS_TIMEOUT,
         messages_per_connection: int = 100,
         connections_per_host: int = 20,
@@ -249,6 +251,7 @@ class MXTransport(BaseTransport):
             connections=connections_per_host,
             tls_verify=False,
             tls_ca=tls_ca,
+            data_timeout=data_timeout,
         )
         self.require_tls = frozenset(entry.lower().rstrip(".") for entry in require_tls)
         self.signer = signer

@@ -118,7 +118,12 @@ class Server(Protocol):
 
     @property
     def command_timeout(self) -> float:
-        """How long any reply may take."""
+        """How long any reply may take, but the one to the message's final dot."""
+        ...
+
+    @property
+    def data_timeout(self) -> float:
+        """How long the reply to the message's final dot may take (RFC 5321 4.5.3.2.6)."""
         ...
 
     @property
@@ -227,6 +232,7 @@ async def open_session(server: Server, tls: TLSPolicy, address: str | None = Non
         reader=reader,
         relay=server.name,
         timeout=server.command_timeout,
+        data_timeout=server.data_timeout,
         pipelining=client.supports_extension("pipelining"),
         size=client.supports_extension("size"),
         smtputf8=client.supports_extension("smtputf8"),
@@ -411,12 +417,14 @@ class Session:
     reader: ReplyReader
     #: the name the responses carry
     relay: str
-    #: how long any reply may take
+    #: how long any reply may take, but the one to the final dot
     timeout: float
     pipelining: bool
     size: bool
     smtputf8: bool
     eightbitmime: bool = False
+    #: how long the reply to the final dot may take
+    data_timeout: float = 600.0
     #: kept by the pool holding the session: messages carried, and idle since when
     sent: int = 0
     idle_since: float = field(default_factory=time.monotonic)
@@ -515,12 +523,17 @@ class Session:
         try:
             reader.write(_payload(envelope.content))
             with interrupted.counting():  # the whole message is the server's from here
-                await reader.drain(timeout)
-                code, text = await reader.reply(timeout)
+                await reader.drain(self.data_timeout)
+                code, text = await reader.reply(self.data_timeout)
         except Disconnected as exc:
             # No final reply: the message may or may not have been taken. Retried (at most one
-            # duplicate), never dropped.
-            answer = no_reply(f"{relay}: DATA: {exc}", relay)
+            # duplicate), never dropped; said so in the history and the log, as Postfix says
+            # "message may be sent more than once"
+            answer = no_reply(
+                f"{relay}: DATA: {exc} after the whole message was sent: it may have been "
+                "delivered, and is sent again",
+                relay,
+            )
             for index in accepted:
                 results[index] = answer
             return [r for r in results if r is not None], False

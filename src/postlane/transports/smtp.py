@@ -57,6 +57,8 @@ class RelaySettings:
     connections: int
     tls_verify: bool
     tls_ca: str | None
+    #: the reply to the message's final dot (RFC 5321 4.5.3.2.6)
+    data_timeout: float = 600.0
 
     @property
     def name(self) -> str:
@@ -92,6 +94,7 @@ class RelaySettings:
             helo_name=delivery.helo_name or socket.gethostname(),
             connect_timeout=delivery.connect_timeout,
             command_timeout=delivery.command_timeout,
+            data_timeout=delivery.data_timeout,
             messages_per_connection=(
                 (limits and limits.messages_per_connection) or delivery.messages_per_connection
             ),
