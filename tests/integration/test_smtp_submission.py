@@ -358,9 +358,13 @@ def queue_of(count: int) -> list[Any]:
     ]
 
 
-async def test_finding_6_a_corrupted_sqlite_file_answers_421_never_5xx(tmp_path: Path) -> None:
+async def test_finding_6_a_corrupted_sqlite_file_answers_421_never_5xx(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The database file is damaged under a running listener: every client is told 421 4.3.0
-    (try later), never 5xx (the sender would bounce the mail) nor the database's own words."""
+    (try later), never 5xx (the sender would bounce the mail) nor the database's own words.
+    The log says it at once, then a line a minute with the count, not a line per client (a
+    durability audit: a full disk wrote one ERROR line per refused message)."""
     path = tmp_path / "queue.db"
     store = SQLiteStore(path)
     await store.open()
@@ -385,11 +389,14 @@ async def test_finding_6_a_corrupted_sqlite_file_answers_421_never_5xx(tmp_path:
                     return code, text, True
                 return code, text, False
 
-        for _ in range(2):
+        for _ in range(3):
             code, text, hung_up = await in_thread(submit_then_noop)
             assert code == 421 and text.startswith(b"4.3.0"), (code, text)
             assert b"malformed" not in text and b"Error" not in text
             assert hung_up  # 421: "closing transmission channel" (RFC 5321 4.2.2)
+    said = [r.getMessage() for r in caplog.records if "not stored" in r.getMessage()]
+    # the first refusal at once; the next ones join the line a minute later
+    assert len(said) == 1 and said[0].startswith("SMTP: 1 submitted message(s) not stored"), said
     path.write_bytes(whole)  # nothing was half stored: the queue is as it was
     store = SQLiteStore(path)
     await store.open()

@@ -56,6 +56,7 @@ from postlane.ingest.smtp_auth import hash_password as hash_password
 from postlane.ingest.smtp_auth import verify_password as verify_password
 from postlane.ingest.smtp_listener import OpenConnections
 from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
+from postlane.ingest.tally import Tally
 from postlane.message import MAX_RECIPIENTS, NULL_SENDER, Message, rfc5322_date
 from postlane.metrics import SmtpMetrics
 
@@ -200,6 +201,17 @@ def _header_text(value: bytes, name: str) -> str:
         raise ValidationError(f"{name} is not UTF-8 text") from None
 
 
+def _describe_not_stored(reasons: dict[str, int]) -> str:
+    """``SMTP: 59 submitted message(s) not stored (answered 421/451, the clients try again):
+    database or disk is full``."""
+    total = sum(reasons.values())
+    said = "; ".join(f"{reason} (x{n})" if n > 1 else reason for reason, n in reasons.items())
+    return (
+        f"SMTP: {total} submitted message(s) not stored (answered 421/451, the clients try "
+        f"again): {said}"
+    )
+
+
 class SubmissionHandler:
     """What the submission listener decides (its
     :class:`~postlane.ingest.smtp_protocol.SmtpHandler`): who may submit, per-recipient answers,
@@ -213,6 +225,9 @@ class SubmissionHandler:
         self.trusted = _Networks(config.smtp.trusted_networks)
         self.hostname = config.smtp.hostname or socket.gethostname()
         self.accepted = 0
+        #: messages the store could not take, logged as a line a minute by reason (a full disk
+        #: refuses every client: one line for the condition, not one per client)
+        self.not_stored = Tally(log, _describe_not_stored, logging.ERROR)
 
     def _may_submit(self, session: Session) -> bool:
         return session.authenticated or session.peer in self.trusted
@@ -286,11 +301,11 @@ class SubmissionHandler:
             return f"554 5.6.0 {exc.message}"
         except StoreUnavailable as exc:
             # the store's text may name its file or host: it goes to the log, not the client
-            log.error("SMTP: a submitted message was not stored: %s", exc.message)
+            self.not_stored.count(exc.message)
             self.smtp_metrics.temporary_failures.labels("store").inc()
             return "421 4.3.0 The queue cannot take the message now, try again later"
         except PostlaneError as exc:
-            log.error("SMTP: a submitted message was not stored: %s", exc.message)
+            self.not_stored.count(exc.message)
             self.smtp_metrics.temporary_failures.labels("store").inc()
             return "451 4.3.0 The queue cannot take the message now, try again later"
         except Exception:

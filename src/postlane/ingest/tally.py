@@ -22,9 +22,15 @@ class Tally:
 
     INTERVAL = 60.0
 
-    def __init__(self, logger: logging.Logger, describe: Callable[[dict[str, int]], str]) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        describe: Callable[[dict[str, int]], str],
+        level: int = logging.WARNING,
+    ) -> None:
         """``describe`` turns the counts not yet logged into the line to log."""
         self._logger = logger
+        self._level = level
         self._describe = describe
         self.counts: collections.Counter[str] = collections.Counter()
         self._unlogged: collections.Counter[str] = collections.Counter()
@@ -53,4 +59,4 @@ class Tally:
         self._logged_at = time.monotonic()
         line = self._describe(dict(self._unlogged))
         self._unlogged.clear()
-        self._logger.warning("%s", line)
+        self._logger.log(self._level, "%s", line)
