@@ -180,6 +180,9 @@ class _Destination:
     share: float = 1.0
     #: this process's part of the concurrency cap (None: the whole cap)
     slots: int | None = None
+    #: the share and slots the last :meth:`Throttle.set_shares` computed (a rise takes
+    #: effect only once two syncs in a row say so; see there)
+    offered: tuple[float, int | None] | None = None
     #: when sends to it were asked for, admitted or not (its demand)
     asked: deque[float] = field(default_factory=deque)
     #: how many processes asked for it, this one included, at the last sync
@@ -624,9 +627,20 @@ class Throttle:
             mine = by_owner.get(owner, 0.0)
             demands = {**{other: mine for other in joining}, **by_owner}
             total = sum(demands.values())
-            state.share = mine / total if total > 0 else 1.0
+            share = mine / total if total > 0 else 1.0
             cap = state.limits.concurrency
-            state.slots = _split(cap, demands).get(owner, 0) if cap else None
+            slots = _split(cap, demands).get(owner, 0) if cap else None
+            # A fall takes effect at once, a rise only once the next sync says so too: each
+            # process reads the others' demands as they were at their last sync, so when the
+            # demands move (a process stopped, a backlog arrived) one whose view is fresher
+            # would take more while another, not yet seeing that, keeps its own; together
+            # they sent above the rate (48/s under 40/s for a second after a process died).
+            # A sync later every process has lowered what it must, and the rise is safe.
+            # (a destination seen for the first time had an even share of each)
+            before = state.offered or (state.share, None if cap is None else int(cap * state.share))
+            state.offered = (share, slots)
+            state.share = min(share, before[0])
+            state.slots = slots if slots is None or before[1] is None else min(slots, before[1])
 
     @property
     def has_limits(self) -> bool:
@@ -664,6 +678,22 @@ class Throttle:
         compares with its own count before deferring for ``key``)."""
         state = self._destinations.get(key)
         return 0 if state is None else state.lifts
+
+    def fleet_room(self, key: str, now: float, pending: int = 0) -> tuple[int, float] | None:
+        """While other processes share ``key``'s rate: how many sends this process's bucket
+        lets go now beyond ``pending`` ones about to take their tokens, and, when none, how
+        long until one may. None: the rate is not shared (or there is none)."""
+        if not self.enabled or self._fleet < 2:
+            return None
+        state = self._get(key)
+        rate = state.local_rate
+        if rate is None:
+            return None
+        self._refill(state, now)
+        room = state.tokens - pending
+        if room >= 1.0:
+            return int(room), 0.0
+        return 0, (1.0 - room) / max(rate, 1e-6)
 
     def paused_until(self, key: str, now: float) -> float | None:
         state = self._destinations.get(key)

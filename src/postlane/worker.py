@@ -165,6 +165,8 @@ class Worker:
         self._in_flight = 0
         #: of which high-lane deliveries (the reserve is kept for them)
         self._in_flight_high = 0
+        #: messages claimed whose admission has not run yet (see :meth:`ThrottleGate.relay_room`)
+        self._unadmitted: set[str] = set()
         #: slots the other lanes never take, sized to the high lane's recent traffic
         self._high_demand = HighDemand(self.settings.concurrency)
         self._slot_freed = asyncio.Event()
@@ -326,6 +328,9 @@ class Worker:
         paused = self.gate.relay_paused_until()
         if paused is not None:
             next_due = paused if next_due is None else max(next_due, paused)
+        room = self.gate.relay_room(len(self._unadmitted))
+        if next_due is not None and room is not None and room[0] == 0:
+            next_due = max(next_due, self.clock.now() + room[1])  # this process's next token
         timeout = poll
         if next_due is not None:
             timeout = max(0.0, min(poll, next_due - self.clock.now()))
@@ -365,6 +370,11 @@ class Worker:
         if free <= 0 or self.gate.relay_paused_until() is not None:
             return 0
         limit = min(free, self.settings.batch_size)
+        room = self.gate.relay_room(len(self._unadmitted))
+        if room is not None:
+            limit = min(limit, room[0])
+            if limit <= 0:
+                return 0
         quotas = self.lanes.quotas(limit)
         now = self.clock.now()
         # the high lane's slots: those kept from the others (its recent traffic), and those of
@@ -426,6 +436,7 @@ class Worker:
         high = size if message.lane is Lane.HIGH else 0
         self._in_flight += size
         self._in_flight_high += high
+        self._unadmitted.add(message.queue_id)
         if high:
             self._high_demand.started(self._in_flight_high, self.clock.now())
         task = asyncio.create_task(
@@ -435,6 +446,7 @@ class Worker:
 
         def finished(done: asyncio.Task[None]) -> None:
             self._tasks.discard(done)
+            self._unadmitted.discard(message.queue_id)  # cancelled before its admission
             self._in_flight -= size
             self._in_flight_high -= high
             self._slot_freed.set()
@@ -458,7 +470,10 @@ class Worker:
             outcomes.append(untried(delivery, RecipientState.DEAD, refusal))
             # counted under its last reply's class, as its dead letter shows it
             self.observer.dead_without_try(delivery.last_class or ReplyClass.TEMPORARY)
-        clearance = await self.gate.admit(message, alive, now)
+        try:
+            clearance = await self.gate.admit(message, alive, now)
+        finally:
+            self._unadmitted.discard(message.queue_id)
         if clearance.waiting:
             await self.store.defer_unattempted(
                 self.owner, clearance.waiting, now, WAITING_FOR_DESTINATION

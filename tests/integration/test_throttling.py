@@ -356,3 +356,49 @@ async def test_without_a_destination_limit_the_delivery_setting_applies(
         await worker.transport.close()
     assert len(smtp_peer.handler.received) == 7
     assert smtp_peer.handler.connections == 2  # 4 + 3
+
+
+async def test_workers_sharing_the_relays_rate_claim_no_more_than_their_buckets_let_go(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    """Two workers share the relay's rate (20/s). What comes back due goes to whichever claims
+    first, so each claims no more than its own bucket lets go now: the backlog stays queued,
+    in order, for whichever can send it, and nothing is sent back to wait for the rate. When
+    each claimed a batch whatever its bucket held, it sent most of it back to the end of the
+    fleet's schedule while the other, its share unspent, found nothing due, saved its tokens
+    up and spent them at once: the fleet sent 45/s for seconds under a limit of 40/s."""
+    count = 60
+    config = make_config(
+        tmp_path,
+        delivery={"relay": smtp_peer.url, "concurrency": 20, "batch_size": 20},
+        destinations={"relay": {"rate": 20}},
+    )
+    async with AsyncPostlane(config) as app:
+        backlog = [
+            Message(sender="a@example.com", to=[f"u{i}@example.net"], text="x")
+            for i in range(count)
+        ]
+        await app.send_many(backlog)
+        workers = [
+            Worker.from_config(config, app.store, transport_for(config), owner=owner)
+            for owner in ("first", "second")
+        ]
+        stop = asyncio.Event()
+        runs = [asyncio.create_task(worker.run(stop)) for worker in workers]
+        sent_back = 0
+        try:
+            deadline = time.monotonic() + 30
+            while (stats := await app.stats()).sent < count:
+                assert time.monotonic() < deadline, f"{stats.sent} of {count} sent in 30 s"
+                for task in runs:
+                    if task.done():
+                        task.result()  # a worker that stopped says why
+                sent_back = max(sent_back, sum(lane.deferred for lane in stats.lanes.values()))
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.gather(*runs)
+            for worker in workers:
+                await worker.transport.close()
+    assert len(set(smtp_peer.handler.message_ids())) == count
+    assert sent_back == 0, f"{sent_back} deliveries sent back to wait for the relay's rate"

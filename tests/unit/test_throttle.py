@@ -370,27 +370,74 @@ def test_the_fleets_shares_split_rate_and_concurrency_by_demand() -> None:
     from postlane.records import FleetShares
     from postlane.throttle import PRESENCE
 
-    t = throttle(rate=40, concurrency=10)
     shares = FleetShares(
         {"d": {"a": 30.0, "b": 10.0}, PRESENCE: {"a": 1.0, "b": 1.0}},
         2,
         {("d", "a"): T0, ("d", "b"): T0, (PRESENCE, "a"): T0 - 60, (PRESENCE, "b"): T0 - 60},
     )
-    t.set_shares(shares, "a", T0)
-    assert t.admit(["d"], T0).admitted  # a holds 3/4: 30 messages/s, 8 of the 10 slots
-    state = t._get("d")
-    assert state.share == pytest.approx(0.75) and state.slots == 8
-    t.set_shares(shares, "b", T0)
-    assert state.share == pytest.approx(0.25) and state.slots == 2
+    a, b = throttle(rate=40, concurrency=10), throttle(rate=40, concurrency=10)
+    a.set_shares(shares, "a", T0)
+    b.set_shares(shares, "b", T0)
+    # a new destination starts at an even share: b falls to its part at once, a rises to its
+    # part (3/4: 30 messages/s, 8 of the 10 slots) a sync later, when b has surely fallen
+    assert (a._get("d").share, a._get("d").slots) == (pytest.approx(0.5), 5)
+    assert (b._get("d").share, b._get("d").slots) == (pytest.approx(0.25), 2)
+    a.set_shares(shares, "a", T0 + 1)
+    assert a.admit(["d"], T0 + 1).admitted
+    assert (a._get("d").share, a._get("d").slots) == (pytest.approx(0.75), 8)
     # a process that has just joined and not asked yet counts as wanting as much
     joining = FleetShares(
         {"d": {"a": 30.0}, PRESENCE: {"a": 1.0, "c": 1.0}},
         2,
-        {("d", "a"): T0, (PRESENCE, "a"): T0 - 60, (PRESENCE, "c"): T0 - 1},
+        {("d", "a"): T0, (PRESENCE, "a"): T0 - 60, (PRESENCE, "c"): T0 + 1},
     )
-    t.set_shares(joining, "a", T0)
-    assert state.share == pytest.approx(0.5) and state.slots == 5
-    assert "d" in t.demands(T0) and t.demands(T0)[PRESENCE] == 1.0
+    a.set_shares(joining, "a", T0 + 2)
+    assert (a._get("d").share, a._get("d").slots) == (pytest.approx(0.5), 5)
+    assert "d" in a.demands(T0 + 2) and a.demands(T0 + 2)[PRESENCE] == 1.0
+
+
+def test_a_share_falls_at_once_and_rises_only_when_two_syncs_in_a_row_say_so() -> None:
+    """Each process reads the others' demands as they were at their last sync: when demands
+    move, one whose view is fresher would take more while another, not yet seeing that, keeps
+    its part, and together they sent above the rate (48/s under 40/s after a process died).
+    So a share (and a part of the cap) falls at once and rises only a sync later."""
+    from postlane.records import FleetShares
+    from postlane.throttle import PRESENCE
+
+    def sync(t: Throttle, mine: float, theirs: float, at: float) -> tuple[float, int | None]:
+        owners = {"a": 1.0, "b": 1.0}
+        since = {(name, o): T0 - 60 for name in ("d", PRESENCE) for o in owners}
+        demands = {"d": {"a": mine, "b": theirs}, PRESENCE: owners}
+        t.set_shares(FleetShares(demands, 2, since), "a", at)
+        state = t._get("d")
+        return state.share, state.slots
+
+    t = throttle(rate=40, concurrency=10)
+    assert sync(t, 10, 10, T0) == (pytest.approx(0.5), 5)
+    assert sync(t, 30, 10, T0 + 1) == (pytest.approx(0.5), 5)  # more, but not yet
+    assert sync(t, 30, 10, T0 + 2) == (pytest.approx(0.75), 8)  # said twice: taken
+    assert sync(t, 10, 30, T0 + 3) == (pytest.approx(0.25), 3)  # less: at once
+    assert sync(t, 30, 10, T0 + 4) == (pytest.approx(0.25), 3)
+    assert sync(t, 20, 20, T0 + 5) == (pytest.approx(0.5), 5)  # the lesser of the two
+
+
+def test_a_process_sharing_a_rate_has_room_for_what_its_bucket_lets_go() -> None:
+    """What a worker may claim for a relay whose rate the fleet shares: the tokens its bucket
+    holds beyond the messages it claimed and has yet to admit; none, and when one comes."""
+    alone = throttle(rate=40)
+    assert alone.fleet_room("d", T0) is None  # alone: claims as usual
+    t = throttle(rate=40)
+    fleet_of(t, 2)
+    assert t.fleet_room("d", T0) == (20, 0.0)  # half the rate: a second's worth saved up
+    assert t.fleet_room("d", T0, pending=5) == (15, 0.0)
+    for _ in range(20):
+        assert t.admit(["d"], T0).admitted
+    room, wait = t.fleet_room("d", T0) or (None, None)
+    assert room == 0 and wait == pytest.approx(1 / 20)
+    room, wait = t.fleet_room("d", T0, pending=1) or (None, None)
+    assert room == 0 and wait == pytest.approx(2 / 20)
+    assert t.fleet_room("d", T0 + 0.5) == (10, 0.0)
+    assert throttle(concurrency=2).fleet_room("d", T0) is None  # no rate
 
 
 def fleet_of(t: Throttle, owners: int, owner: str = "a") -> None:
