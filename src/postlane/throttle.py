@@ -22,7 +22,7 @@ of the concurrency its demand is of all live demands (:meth:`Throttle.set_shares
 alone has all of it, and one that stops returns its share within a lease. Its token bucket runs
 at its share, but what it sends back to wait for a rate it shares comes back due to every
 process, so it is given the next slot of the fleet's schedule of that rate, in the store
-(:class:`FleetSchedule`), not a slot spaced at its own share.
+(:class:`~postlane.fleet.FleetSchedule`), not a slot spaced at its own share.
 
 The :class:`Throttle` is pure bookkeeping with explicit times; the worker's
 :class:`~postlane.gate.ThrottleGate` is its only user: it asks :meth:`Throttle.admit` before
@@ -38,7 +38,7 @@ import fnmatch
 import math
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from postlane.classify import ReplyClass, Verdict
@@ -50,6 +50,7 @@ from postlane.config import (
     destination_limits,
     format_duration,
 )
+from postlane.fleet import FLEET_SURPLUS, PRESENCE, FleetProbe, FleetSchedule, parts_of
 from postlane.records import DestinationStatus, FleetShares
 
 #: the reason recorded when an operator lifts a pause or slow-down (``queue flush``)
@@ -67,17 +68,6 @@ HASTEN_FACTOR = 1.5
 MEASURE_WINDOW = 2.0
 #: a destination's demand is what was asked of it over this window
 DEMAND_WINDOW = 2.0
-#: the fleet's schedule of a shared rate gives this much more slots than the rate: what comes
-#: back due goes to whichever process claims first, not in proportion to the shares, and one
-#: whose share is spent for the moment sends it back to the schedule's end while another's
-#: tokens go unused; a few more slots than the rate keep every share busy (the token buckets,
-#: not the schedule, hold the fleet to the rate)
-FLEET_SURPLUS = 0.25
-#: a process that joined the fleet this recently is still starting (see :meth:`set_shares`)
-JOINING = 3.0
-#: the name under which every process says it is alive in the fleet's shares (so that one
-#: starting beside others takes an even share of a destination before its first demand)
-PRESENCE = "*"
 
 
 class _Why(enum.Enum):
@@ -86,28 +76,6 @@ class _Why(enum.Enum):
     PAUSE = "pause"  # a pause, or the probe after one
     CAP = "cap"  # a concurrency cap
     RATE = "rate"  # a rate's next token
-
-
-@dataclass(frozen=True)
-class FleetSchedule:
-    """A rate other processes share: a delivery sent back to wait for it takes the next slot
-    of the fleet's schedule of that rate (in the store), not one of this process's own."""
-
-    destination: str
-    #: the slots' spacing: one over the fleet's rate
-    interval: float
-
-
-@dataclass(frozen=True)
-class FleetProbe:
-    """The delivery admitted would probe ``destination`` after its pause (which ended at
-    ``pause_end``). One probe for the fleet: the gate asks the store whether this process
-    probes (:meth:`Throttle.probe_granted`), waits for another's
-    (:meth:`Throttle.probe_elsewhere`) or finds the destination open already
-    (:meth:`Throttle.opened_elsewhere`)."""
-
-    destination: str
-    pause_end: float
 
 
 @dataclass(frozen=True)
@@ -606,41 +574,31 @@ class Throttle:
         return out
 
     def set_shares(self, shares: FleetShares, owner: str, now: float) -> None:
-        """Take this process's share of each destination's limits: its demand's part of all
-        live demands, of the rate and (largest remainders first, the same on every process)
-        of the concurrency cap. A process that joined the fleet within :data:`JOINING` and
-        has not asked for a destination yet counts as wanting as much as this one (it is
-        starting, and will); a destination seen for the first time starts with an even share
-        among the processes sharing."""
+        """Take this process's part of each destination's limits (:func:`~postlane.fleet.parts_of`):
+        a smaller part at once, a larger one a sync later; a destination seen for the first
+        time starts with an even share among the processes sharing."""
         self._first_share = 1.0 / max(1, shares.owners)
         self._fleet = max(1, shares.owners)
-        joining = {
-            other
-            for (name, other), since in shares.since.items()
-            if name == PRESENCE and other != owner and now - since < JOINING
+        caps = {
+            name: self._get(name).limits.concurrency for name in shares.demands if name != PRESENCE
         }
-        for name, by_owner in shares.demands.items():
-            if name == PRESENCE:
-                continue
+        for name, part in parts_of(shares, owner, now, caps).items():
             state = self._get(name)
-            state.askers = max(1, len(by_owner))
-            mine = by_owner.get(owner, 0.0)
-            demands = {**{other: mine for other in joining}, **by_owner}
-            total = sum(demands.values())
-            share = mine / total if total > 0 else 1.0
-            cap = state.limits.concurrency
-            slots = _split(cap, demands).get(owner, 0) if cap else None
+            state.askers = part.askers
             # A fall takes effect at once, a rise only once the next sync says so too: each
             # process reads the others' demands as they were at their last sync, so when the
             # demands move (a process stopped, a backlog arrived) one whose view is fresher
             # would take more while another, not yet seeing that, keeps its own; together
             # they sent above the rate (48/s under 40/s for a second after a process died).
-            # A sync later every process has lowered what it must, and the rise is safe.
-            # (a destination seen for the first time had an even share of each)
-            before = state.offered or (state.share, None if cap is None else int(cap * state.share))
-            state.offered = (share, slots)
-            state.share = min(share, before[0])
-            state.slots = slots if slots is None or before[1] is None else min(slots, before[1])
+            # A sync later every process has lowered what it must, and the rise is safe. (A
+            # destination seen for the first time had an even share of each.)
+            cap = caps[name]
+            before = state.offered or (state.share, int(cap * state.share) if cap else None)
+            state.offered = (part.share, part.slots)
+            state.share = min(part.share, before[0])
+            state.slots = part.slots
+            if part.slots is not None and before[1] is not None:
+                state.slots = min(part.slots, before[1])
 
     @property
     def has_limits(self) -> bool:
@@ -814,20 +772,6 @@ class Throttle:
             updated_at=now,
             lifts=state.lifts,
         )
-
-
-def _split(cap: int, demands: Mapping[str, float]) -> dict[str, int]:
-    """``cap`` slots split by demand: whole parts first, then one more each by largest
-    remainder (ties by owner), so every process computes the same split."""
-    total = sum(demands.values())
-    if total <= 0:
-        return {owner: 0 for owner in demands}
-    exact = {owner: cap * demand / total for owner, demand in demands.items()}
-    slots = {owner: int(value) for owner, value in exact.items()}
-    left = cap - sum(slots.values())
-    for owner in sorted(exact, key=lambda o: (-(exact[o] - slots[o]), o))[:left]:
-        slots[owner] += 1
-    return slots
 
 
 def _compile(rule: ShapingRule) -> re.Pattern[str] | None:

@@ -17,6 +17,7 @@ from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import FakeClock
 from postlane.config import DestinationLimits, ThrottleConfig
+from postlane.fleet import FLEET_SURPLUS
 from postlane.gate import Clearance, ThrottleGate
 from postlane.message import Lane
 from postlane.records import (
@@ -26,7 +27,7 @@ from postlane.records import (
     DestinationStatus,
 )
 from postlane.store.sqlite import SQLiteStore
-from postlane.throttle import FLEET_SURPLUS, Throttle
+from postlane.throttle import Throttle
 from postlane.transports.base import BaseTransport, Envelope, PauseCheck, Response
 from postlane.transports.router import Router, RouteRule
 from tests.conftest import make_config

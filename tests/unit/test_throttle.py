@@ -367,8 +367,8 @@ def test_a_success_from_a_send_started_before_a_pause_does_not_lift_it() -> None
 
 
 def test_the_fleets_shares_split_rate_and_concurrency_by_demand() -> None:
+    from postlane.fleet import PRESENCE
     from postlane.records import FleetShares
-    from postlane.throttle import PRESENCE
 
     shares = FleetShares(
         {"d": {"a": 30.0, "b": 10.0}, PRESENCE: {"a": 1.0, "b": 1.0}},
@@ -401,8 +401,8 @@ def test_a_share_falls_at_once_and_rises_only_when_two_syncs_in_a_row_say_so() -
     move, one whose view is fresher would take more while another, not yet seeing that, keeps
     its part, and together they sent above the rate (48/s under 40/s after a process died).
     So a share (and a part of the cap) falls at once and rises only a sync later."""
+    from postlane.fleet import PRESENCE
     from postlane.records import FleetShares
-    from postlane.throttle import PRESENCE
 
     def sync(t: Throttle, mine: float, theirs: float, at: float) -> tuple[float, int | None]:
         owners = {"a": 1.0, "b": 1.0}
@@ -442,8 +442,8 @@ def test_a_process_sharing_a_rate_has_room_for_what_its_bucket_lets_go() -> None
 
 def fleet_of(t: Throttle, owners: int, owner: str = "a") -> None:
     """``t`` learns that ``owners`` processes (``owner`` among them) are in the fleet."""
+    from postlane.fleet import PRESENCE
     from postlane.records import FleetShares
-    from postlane.throttle import PRESENCE
 
     names = [owner, *(f"other{n}" for n in range(owners - 1))]
     present = {name: 1.0 for name in names}
@@ -456,7 +456,7 @@ def test_a_delivery_waiting_for_a_rate_the_fleet_shares_takes_the_fleets_next_sl
     back comes back due to every process, so it takes the next slot of the fleet's schedule
     (spaced at the fleet's rate, with a surplus), only no sooner than its own next token. A
     high-lane delivery still gets this process's next slot, ahead of the backlog."""
-    from postlane.throttle import FLEET_SURPLUS, FleetSchedule
+    from postlane.fleet import FLEET_SURPLUS, FleetSchedule
 
     alone = throttle(rate=40)
     for _ in range(40):
@@ -483,8 +483,8 @@ def test_a_backlog_claimed_at_once_asks_for_no_more_than_its_part_of_the_rate() 
     """Thousands of sends asked for in a second (a backlog claimed at once) say no more than
     the process's part of the rate among those asking: the others claim what comes back due
     as much as it does. Below that part, the demand is what was asked for."""
+    from postlane.fleet import PRESENCE
     from postlane.records import FleetShares
-    from postlane.throttle import PRESENCE
 
     t = throttle(rate=40)
     for _ in range(600):
