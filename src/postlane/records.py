@@ -25,18 +25,24 @@ class _JsonSpec:
     key: str | None = None
     render: Callable[[Any], Any] | None = None
     shown: bool = True
+    #: left out while None (a part read only on request), rather than shown as null
+    only_when_set: bool = False
 
 
 _PLAIN = _JsonSpec()
 
 
 def in_json(
-    *, key: str | None = None, render: Callable[[Any], Any] | None = None
+    *,
+    key: str | None = None,
+    render: Callable[[Any], Any] | None = None,
+    only_when_set: bool = False,
 ) -> Mapping[str, Any]:
     """The metadata of a :class:`JsonRecord`'s field shown under ``key`` (instead of its own
     name), its value passed through ``render`` (e.g. :func:`~postlane.clock.iso`):
-    ``field(metadata=in_json(key="class"))``."""
-    return {_JSON: _JsonSpec(key, render)}
+    ``field(metadata=in_json(key="class"))``. ``only_when_set``: the key is absent while the
+    value is None (a recipient's history, which a listing does not read), not null."""
+    return {_JSON: _JsonSpec(key, render, only_when_set=only_when_set)}
 
 
 #: the metadata of a :class:`JsonRecord`'s field left out of its JSON
@@ -59,9 +65,10 @@ class JsonRecord:
         data: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             spec: _JsonSpec = f.metadata.get(_JSON, _PLAIN)
-            if spec.shown:
-                value = getattr(self, f.name)
-                data[spec.key or f.name] = value if spec.render is None else spec.render(value)
+            value = getattr(self, f.name)
+            if not spec.shown or (spec.only_when_set and value is None):
+                continue
+            data[spec.key or f.name] = value if spec.render is None else spec.render(value)
         return data
 
 
@@ -161,32 +168,36 @@ class AttemptView(JsonRecord):
     counted: bool
 
 
+def _reply_json(reply: Reply | None) -> dict[str, Any] | None:
+    return reply.as_json() if reply else None
+
+
+def _history_json(history: tuple[AttemptView, ...]) -> list[dict[str, Any]]:
+    return [attempt.as_json() for attempt in history]
+
+
+#: a recipient's or a dead letter's attempts: in its JSON when they were read (one recipient's
+#: or message's details), absent from a listing's
+_HISTORY = in_json(render=_history_json, only_when_set=True)
+
+
 @dataclass(frozen=True)
-class RecipientView:
+class RecipientView(JsonRecord):
     address: str
     domain: str
     destination: str
     state: RecipientState
     attempts: int
-    next_attempt_at: float | None
-    last_response: Reply | None
-    updated_at: float
+    next_attempt_at: float | None = field(metadata=in_json(render=iso))
+    last_response: Reply | None = field(metadata=in_json(render=_reply_json))
+    updated_at: float = field(metadata=NOT_IN_JSON)
     reason: str | None = None
-    history: tuple[AttemptView, ...] | None = None
+    history: tuple[AttemptView, ...] | None = field(default=None, metadata=_HISTORY)
 
     def as_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "address": self.address,
-            "domain": self.domain,
-            "destination": self.destination,
-            "state": self.state,
-            "attempts": self.attempts,
-            "next_attempt_at": iso(self.next_attempt_at) if self.state in _WAITING else None,
-            "last_response": self.last_response.as_json() if self.last_response else None,
-            "reason": self.reason,
-        }
-        if self.history is not None:
-            data["history"] = [attempt.as_json() for attempt in self.history]
+        data = super().as_json()
+        if self.state not in _WAITING:
+            data["next_attempt_at"] = None  # only a waiting recipient has a next attempt
         return data
 
 
@@ -255,8 +266,14 @@ class MessageView:
         }
 
 
+def _reply_without_class(reply: Reply | None) -> dict[str, Any] | None:
+    if reply is None:
+        return None
+    return {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
+
+
 @dataclass(frozen=True)
-class DeadLetter:
+class DeadLetter(JsonRecord):
     """One dead recipient (the DLQ is one row per dead recipient; ``id`` is its message's id)."""
 
     id: str
@@ -265,44 +282,17 @@ class DeadLetter:
     destination: str
     lane: Lane
     attempts: int
-    cls: ReplyClass
-    dead_at: float
-    last_response: Reply | None
+    cls: ReplyClass = field(metadata=in_json(key="class"))
+    dead_at: float = field(metadata=in_json(render=iso))
+    #: its class is the dead letter's own ``class``
+    last_response: Reply | None = field(metadata=in_json(render=_reply_without_class))
     relay: str
     reason: str | None
     sender: str
     subject: str
-    history: tuple[AttemptView, ...] | None = None
+    history: tuple[AttemptView, ...] | None = field(default=None, metadata=_HISTORY)
     #: the store's row of this recipient (not part of the JSON: selects exactly this one)
-    delivery_id: int = 0
-
-    def as_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "id": self.id,
-            "address": self.address,
-            "domain": self.domain,
-            "destination": self.destination,
-            "lane": self.lane,
-            "attempts": self.attempts,
-            "class": self.cls,
-            "dead_at": iso(self.dead_at),
-            "last_response": (
-                {
-                    "code": self.last_response.code,
-                    "enhanced": self.last_response.enhanced,
-                    "text": self.last_response.text,
-                }
-                if self.last_response
-                else None
-            ),
-            "relay": self.relay,
-            "reason": self.reason,
-            "sender": self.sender,
-            "subject": self.subject,
-        }
-        if self.history is not None:
-            data["history"] = [attempt.as_json() for attempt in self.history]
-        return data
+    delivery_id: int = field(default=0, metadata=NOT_IN_JSON)
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import click
 
 from postlane.app import AsyncPostlane
+from postlane.cli.output import first
 from postlane.config import Config, load_config
 from postlane.errors import ConfigError
 
@@ -178,3 +179,12 @@ def with_app(
     current = invocation()
     config = current.config()
     return run_async(_with_app(config, action, create=create, verbose=current.verbose))
+
+
+def read_first(
+    read: Callable[[AsyncPostlane, int], Coroutine[Any, Any, Sequence[T]]], limit: int, what: str
+) -> Sequence[T]:
+    """The first ``limit`` rows a listing reads with ``read(app, n)``, asked for one more than
+    that so that :func:`~postlane.cli.output.first` can say on stderr when more match (each
+    listing would otherwise repeat the ``limit + 1``)."""
+    return first(with_app(lambda app: read(app, limit + 1)), limit, what)

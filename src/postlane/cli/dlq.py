@@ -3,15 +3,15 @@ context; requeued or purged by the same selectors as the queue's actions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import click
 
 from postlane.app import QueueAction
 from postlane.cli.actions import action_command
-from postlane.cli.context import config_option, json_option, limit_option, with_app
+from postlane.cli.context import config_option, json_option, limit_option, read_first, with_app
 from postlane.cli.output import (
-    first,
     json_or_empty,
     listing,
     out,
@@ -23,6 +23,10 @@ from postlane.cli.output import (
 from postlane.cli.selectors import build_selector, dead_letter_selector_options
 from postlane.clock import when, when_utc
 from postlane.message import NULL_SENDER
+from postlane.records import DeadGroup, DeadLetter
+
+#: what a listing says when nothing matches, grouped or not
+_NO_DEAD_LETTERS = "No dead letters"
 
 
 @click.group()
@@ -47,29 +51,33 @@ def dlq_list(limit: int, rows: bool | None, as_json: bool, **selectors: Any) -> 
     selector = build_selector(**selectors)
     if rows is None:
         rows = as_json
-    if not rows:
-        groups = first(
-            with_app(lambda app: app.dead_groups(selector, limit=limit + 1)), limit, "groups"
+    if rows:
+        letters = read_first(
+            lambda app, n: app.dead_letters(selector, limit=n), limit, "dead letters"
         )
-        if json_or_empty(groups, as_json=as_json, empty="No dead letters"):
-            return
-        columns = ("Count", "Class", "Domain", "Reply", "Last died (UTC)", "e.g.")
-        table = listing(*columns, right={"Count"})
-        for g in groups:
-            reply = reply_line(g.code, g.enhanced, g.reply)
-            table.add_row(
-                f"{g.count:,}", g.cls.value, g.domain, reply, when(g.last_dead_at), g.sample_id
-            )
-        show(table)
-        out.print(
-            f"-- {sum(g.count for g in groups):,} dead recipient(s) in {len(groups)} group(s)"
+        if not json_or_empty(letters, as_json=as_json, empty=_NO_DEAD_LETTERS):
+            _show_letters(letters)
+    else:
+        groups = read_first(lambda app, n: app.dead_groups(selector, limit=n), limit, "groups")
+        if not json_or_empty(groups, as_json=as_json, empty=_NO_DEAD_LETTERS):
+            _show_groups(groups)
+
+
+def _show_groups(groups: Sequence[DeadGroup]) -> None:
+    """One line per group of identical failures, and how many recipients they hold."""
+    columns = ("Count", "Class", "Domain", "Reply", "Last died (UTC)", "e.g.")
+    table = listing(*columns, right={"Count"})
+    for g in groups:
+        reply = reply_line(g.code, g.enhanced, g.reply)
+        table.add_row(
+            f"{g.count:,}", g.cls.value, g.domain, reply, when(g.last_dead_at), g.sample_id
         )
-        return
-    letters = first(
-        with_app(lambda app: app.dead_letters(selector, limit=limit + 1)), limit, "dead letters"
-    )
-    if json_or_empty(letters, as_json=as_json, empty="No dead letters"):
-        return
+    show(table)
+    out.print(f"-- {sum(g.count for g in groups):,} dead recipient(s) in {len(groups)} group(s)")
+
+
+def _show_letters(letters: Sequence[DeadLetter]) -> None:
+    """One line per dead recipient, with its last reply (or, without one, the reason)."""
     columns = ("Queue ID", "Recipient", "Class", "Attempts", "Died (UTC)", "Last reply")
     table = listing(*columns, wrap={"Last reply"})
     for d in letters:

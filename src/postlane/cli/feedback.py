@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from postlane.cli.context import config_option, json_option, limit_option, with_app
-from postlane.cli.output import first, first_line, json_or_empty, listing, print_json, show
+from postlane.cli.context import config_option, json_option, limit_option, read_first, with_app
+from postlane.cli.output import first_line, json_or_empty, listing, print_json, show
 from postlane.clock import when, when_utc
 
 
@@ -24,9 +24,7 @@ def feedback() -> None:
 @json_option
 def feedback_list(limit: int, as_json: bool) -> None:
     """The unmatched reports, newest first, each with why nothing matched."""
-    reports = first(
-        with_app(lambda app: app.store.list_unmatched(limit=limit + 1)), limit, "reports"
-    )
+    reports = read_first(lambda app, n: app.store.list_unmatched(limit=n), limit, "reports")
     if json_or_empty(reports, as_json=as_json, empty="No unmatched reports"):
         return
     table = listing("id", "received (UTC)", "source", "kind", "from", "to", "size", "why",

@@ -7,8 +7,8 @@ import time
 import click
 
 from postlane.addresses import parse_address
-from postlane.cli.context import config_option, json_option, limit_option, with_app
-from postlane.cli.output import first, first_line, json_or_empty, listing, show
+from postlane.cli.context import config_option, json_option, limit_option, read_first, with_app
+from postlane.cli.output import first_line, json_or_empty, listing, show
 from postlane.clock import when
 from postlane.errors import PostlaneError
 from postlane.toml_values import parse_duration
@@ -26,7 +26,7 @@ def suppress() -> None:
 def suppress_list(limit: int, as_json: bool) -> None:
     """The suppressed addresses, newest first: why (reason), for whose mail (scope: * for
     every sender, or a sender domain), since and until when."""
-    entries = first(with_app(lambda app: app.suppressions(limit=limit + 1)), limit, "entries")
+    entries = read_first(lambda app, n: app.suppressions(limit=n), limit, "entries")
     if json_or_empty(entries, as_json=as_json, empty="The suppression list is empty"):
         return
     table = listing("Address", "Reason", "Scope", "Since (UTC)", "Until (UTC)", "Source", "Detail")
