@@ -1008,6 +1008,32 @@ async def test_a_paused_destination_is_deferred_then_hastened(store: Any) -> Non
     assert await store.hasten(None, T0 + 3, reason) == 2  # every destination
 
 
+async def test_what_a_pause_holds_back_is_deferred_not_ready_until_called_back(
+    store: Any,
+) -> None:
+    """A paused destination's backlog waits for the pause's end: ``stats`` show it deferred,
+    not ready (an operator read a queue of ready mail that no worker would touch for ten
+    minutes); mail scheduled for later stays scheduled. Called back, it is ready again."""
+    later = dataclasses.replace(msg("s@gmail.com"), send_at=T0 + 60)
+    await store.enqueue([msg("a@gmail.com"), msg("b@gmail.com"), msg("c@example.net")], T0)
+    await store.enqueue([later], T0)
+    lane = (await store.stats(T0)).lanes[Lane.NORMAL]
+    assert (lane.ready, lane.deferred, lane.scheduled) == (3, 0, 1)
+    reason = "destination google is paused"
+    assert await store.defer_destination("google", T0 + 600, T0, reason) == 3
+    lane = (await store.stats(T0)).lanes[Lane.NORMAL]
+    assert (lane.ready, lane.deferred, lane.scheduled) == (1, 2, 1)
+    # one sent back to wait for a rate, then called back (the rate grew)
+    waiting = "waiting for the destination's rate"
+    [c] = deliveries(await claim(store, now=T0 + 1))
+    await store.defer_unattempted("w1", [Deferral(c.id, T0 + 30)], T0 + 1, waiting)
+    lane = (await store.stats(T0 + 1)).lanes[Lane.NORMAL]
+    assert (lane.ready, lane.deferred) == (0, 3)
+    assert await store.hasten(None, T0 + 2, waiting) == 1
+    lane = (await store.stats(T0 + 2)).lanes[Lane.NORMAL]
+    assert (lane.ready, lane.deferred, lane.scheduled) == (1, 2, 1)
+
+
 async def test_a_deferral_decided_before_a_lift_it_had_not_heard_of_is_due_now(
     store: Any,
 ) -> None:

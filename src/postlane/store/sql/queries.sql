@@ -270,21 +270,23 @@ RETURNING id;
 
 -- name: defer_destination
 -- Push every waiting delivery of a paused destination to the end of its pause, so claims do
--- not walk over them meanwhile (uses deliveries_destination).
+-- not walk over them meanwhile (uses deliveries_destination). They wait: deferred, not ready
+-- (mail scheduled for later stays queued: it was not ready yet either).
 UPDATE deliveries
-SET next_attempt_at = :until, reason = :reason, updated_at = :now
+SET next_attempt_at = :until, reason = :reason, updated_at = :now,
+    state = CASE WHEN created_at > :now THEN state ELSE 'deferred' END
 WHERE destination = :destination AND state IN ('queued', 'deferred')
   AND next_attempt_at < :until;
 
 -- name: hasten_destination
 -- Call back a destination's deliveries that wait for a slot, to be spaced at its new rate.
-UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
+UPDATE deliveries SET state = 'queued', next_attempt_at = :now, updated_at = :now
 WHERE destination = :destination AND state IN ('queued', 'deferred')
   AND next_attempt_at > :now AND reason = :reason;
 
 -- name: hasten_all
 -- Call back every delivery that waits for a slot (the relay's rate grew).
-UPDATE deliveries SET next_attempt_at = :now, updated_at = :now
+UPDATE deliveries SET state = 'queued', next_attempt_at = :now, updated_at = :now
 WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now AND reason = :reason;
 
 -- name: destination_states
