@@ -778,3 +778,25 @@ async def test_a_dead_letters_last_attempt_is_read_by_index(
         )
         plan = " ".join(str(row[0]) for row in await cursor.fetchall())
     assert "attempts_delivery_order" in plan and "Sort" not in plan, plan
+
+
+async def test_pooled_connections_the_server_closed_cost_no_request(
+    open_store: OpenStore, pg_url: str
+) -> None:
+    """A restart or a failover closes every connection waiting in the pool; the first request
+    on each used to fail with a 503. Nothing was sent on them but a BEGIN: the pool drops
+    them and the request goes on a fresh one."""
+    store = await open_store()
+    await store.enqueue([msg()], T0)
+    pool = store.postgres._pool
+    assert pool is not None
+    held = [await pool.getconn() for _ in range(3)]  # three connections waiting in the pool
+    pids = [conn.info.backend_pid for conn in held]
+    for conn in held:
+        await pool.putconn(conn)
+    async with await connect(pg_url, autocommit=True) as admin:
+        for pid in pids:
+            await admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+    for _ in range(3):  # whichever connection each takes
+        assert (await store.stats(T0)).lanes[Lane.NORMAL].ready == 1
+    assert len(await store.enqueue([msg()], T0)) == 1

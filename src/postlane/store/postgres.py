@@ -472,7 +472,7 @@ class PostgresDatabase:
         migration_done(self.migration)
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = _first_line(exc)
         return StoreUnavailable(f"cannot use the PostgreSQL database {self.description}: {detail}")
 
     async def write(self, plan: Callable[[], Plan[T]]) -> T:
@@ -515,11 +515,14 @@ class PostgresDatabase:
         becomes :class:`StoreUnavailable`. ``snapshot``: one consistent view for all reads."""
         if self._pool is None:
             raise StoreUnavailable(f"the PostgreSQL store {self.description} is not open")
-        tries = 0
+        tries = stale = 0
         while True:
             tries += 1
+            conn: Conn | None = None
+            begun = False
             try:
                 async with self._pool.connection() as conn, conn.transaction():
+                    begun = True
                     if snapshot:
                         await conn.execute(Q["read_snapshot"])
                     return await run_plan(conn, plan())
@@ -527,6 +530,14 @@ class PostgresDatabase:
                 if tries >= TRANSACTION_TRIES:
                     raise self._unavailable(exc) from exc
             except psycopg.OperationalError as exc:
+                # A pooled connection the server closed while it waited in the pool (a restart,
+                # a failover, a proxy's idle timeout) fails at its BEGIN: nothing was sent, the
+                # pool drops it, and the next is tried; each used to cost a client a 503
+                if conn is not None and conn.broken and not begun and stale <= self._max_size:
+                    stale += 1
+                    tries -= 1
+                    log.info("a pooled PostgreSQL connection had been closed: %s", _first_line(exc))
+                    continue
                 raise self._unavailable(exc) from exc
 
     # -- wake-ups --------------------------------------------------------------------------------
@@ -646,3 +657,9 @@ async def _scalar(conn: Conn, query: str, params: Mapping[str, Any] | None = Non
     cursor = await conn.execute(query, params)
     row = await cursor.fetchone()
     return None if row is None else row[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    """What an error says, in one line (psycopg's add the server's detail on more)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
