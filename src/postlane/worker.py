@@ -59,6 +59,12 @@ PURGE_INTERVAL = 600.0
 #: how long a worker waits before its first claim for processes starting beside it to show
 #: up in the fleet's shares of destinations' limits (only when there are such limits)
 JOIN_DELAY = 1.0
+#: once the store answers again after housekeeping found it could not, no lease is reaped for
+#: this long: every live worker of the fleet lost the store too, and renews its leases within
+#: a second of its return (:meth:`Worker._renew_leases`). Leases that ran out during an outage
+#: longer than they are were reaped at once by the first host back, and what their live
+#: workers had sent was sent again
+REAP_AFTER_OUTAGE = 5.0
 #: while the store cannot answer, the first wait before claiming again, and the longest
 STORE_RETRY_FIRST = 0.5
 STORE_RETRY_MAX = 10.0
@@ -602,14 +608,11 @@ class Worker:
         """Return deliveries of dead workers (lease expired) and remove old finished messages."""
         interval = self._housekeeping_interval()
         last_purge = 0.0
+        reap_from = 0.0  # (monotonic) see REAP_AFTER_OUTAGE
         while not stop.is_set():
             try:
-                reaped = await self.store.reap_expired_leases(self.clock.now(), keep=self.owner)
-                if reaped:
-                    log.warning(
-                        "%d delivery(ies) returned after their worker's lease ran out", reaped
-                    )
-                    self.wake.set()
+                if time.monotonic() >= reap_from:
+                    await self._reap()
                 expired = await self.store.expire_due(self.clock.now())
                 if expired:
                     log.info("%d delivery(ies) expired before they could be sent", expired)
@@ -618,9 +621,17 @@ class Worker:
                     await self._purge()
             except StoreUnavailable as exc:  # said in one line: the claims say it too
                 log.warning("housekeeping: the store cannot answer: %s", exc)
+                reap_from = time.monotonic() + REAP_AFTER_OUTAGE
             except Exception:
                 log.exception("housekeeping failed")
             await first_of(stop.wait(), timeout=interval)
+
+    async def _reap(self) -> None:
+        """Make due again what workers that stopped without recording a result held."""
+        reaped = await self.store.reap_expired_leases(self.clock.now(), keep=self.owner)
+        if reaped:
+            log.warning("%d delivery(ies) returned after their worker's lease ran out", reaped)
+            self.wake.set()
 
     async def _follow_destinations(self, stop: asyncio.Event) -> None:
         """Sync destinations' pauses, rates and fleet shares with the store about once a

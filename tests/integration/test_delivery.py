@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -615,6 +617,94 @@ async def test_a_result_the_store_cannot_take_for_longer_than_a_lease_is_kept_no
     said = [r.getMessage() for r in caplog.records if "outcome(s)" in r.getMessage()]
     assert len(said) == 2 and "keeping them" in said[0]  # one line down, one line back
     assert not [r for r in caplog.records if r.exc_info]  # no tracebacks
+
+
+class HostsStore:
+    """One host's way to the store: every call fails while ``down`` (the host lost the
+    database), and the calls answered are counted by name."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.down = False
+        self.answered: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable("cannot use the PostgreSQL database: connection lost")
+            result = await attr(*args, **kwargs)
+            self.answered[name] += 1
+            return result
+
+        return call
+
+
+async def test_after_an_outage_longer_than_a_lease_another_host_leaves_a_live_workers_leases(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    """Two hosts lose the database for longer than a lease while one of them is sending.
+    The other, back first, used to reap the live worker's lease at once (it had run out in
+    the store's terms) and send the message again. Housekeeping reaps nothing for a few
+    seconds after the store answers again: the live worker renews its leases within a second
+    of its return, and records its own result."""
+    clock = FakeClock(time.time())
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url, "lease": "1s"})
+    smtp_peer.handler.data_delay = 1.0  # the send is under way when the database goes
+    async with AsyncPostlane(config, clock=clock) as app:
+        queue_id = (await app.send(sender="a@example.com", to=["b@example.net"], text="x")).id
+        first, second = HostsStore(app.store), HostsStore(app.store)
+        transports = [transport_for(config), transport_for(config)]
+        workers = [
+            Worker.from_config(config, first, transports[0], clock=clock, owner="first"),
+            Worker.from_config(config, second, transports[1], clock=clock, owner="second"),
+        ]
+        stop = asyncio.Event()
+        runs = [asyncio.create_task(workers[0].run(stop))]
+
+        async def until(condition: Any, what: str) -> None:
+            deadline = time.monotonic() + 20
+            while not await condition():
+                assert time.monotonic() < deadline, f"never {what}"
+                for run in runs:
+                    if run.done():
+                        run.result()
+                await asyncio.sleep(0.02)
+
+        async def sending() -> bool:
+            return (await app.get(queue_id)).state is RecipientState.SENDING
+
+        async def received() -> bool:
+            return len(smtp_peer.handler.received) >= 1
+
+        async def housekeeping_back() -> bool:
+            return second.answered["expire_due"] >= 2
+
+        async def sent() -> bool:
+            return (await app.get(queue_id)).state is RecipientState.SENT
+
+        try:
+            await until(sending, "claimed")
+            first.down = second.down = True  # the database goes away for both hosts
+            runs.append(asyncio.create_task(workers[1].run(stop)))
+            await clock.advance(5)  # longer than the lease
+            await until(received, "sent")  # the server took it: the result waits
+            second.down = False  # the second host is back first
+            await until(housekeeping_back, "back for the second host's housekeeping")
+            first.down = False
+            await until(sent, "recorded")
+        finally:
+            stop.set()
+            await asyncio.gather(*runs)
+            for transport in transports:
+                await transport.close()
+        view = await app.get(queue_id, history=True)
+    assert len(smtp_peer.handler.received) == 1  # sent once
+    [attempt] = view.recipients[0].history or ()
+    assert attempt.cls is ReplyClass.DELIVERED  # the first host's own 250, not "lease expired"
 
 
 class ExplodingTransport(BaseTransport):
