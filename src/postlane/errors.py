@@ -95,5 +95,11 @@ class StoreUnavailable(PostlaneError):
     code = "store_unavailable"
 
 
+class StoreFull(StoreUnavailable):
+    """The store's disk (or SQLite's page limit) is full: nothing more can be written until
+    room is made. Still :class:`StoreUnavailable` to every caller (HTTP 503, the same code);
+    SMTP says ``452 4.3.1`` (insufficient system storage) as Postfix does."""
+
+
 class TransportError(PostlaneError):
     code = "transport_error"

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import shutil
 import smtplib
+import sqlite3
 import ssl
 import time
 import uuid
@@ -27,6 +28,7 @@ from postlane.ingest.smtp import hash_password, start_smtp, verify_password
 from postlane.message import Message, prepare
 from postlane.metrics import Metrics
 from postlane.records import Selector
+from postlane.store import sqlite as sqlite_module
 from postlane.store.sqlite import SQLiteStore
 from postlane.transports import transport_for
 from postlane.worker import Worker
@@ -404,6 +406,47 @@ async def test_finding_6_a_corrupted_sqlite_file_answers_421_never_5xx(
         assert len(await store.list_messages(Selector(), limit=1000)) == 200
     finally:
         await store.close()
+
+
+async def test_a_full_disk_answers_452_4_3_1_and_the_session_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's disk is full (SQLite's own SQLITE_FULL: the file may not grow past a few
+    pages more): a client is told ``452 4.3.1`` (insufficient system storage), as Postfix
+    says it, not 421 and a closed connection; it may go on and try later. Nothing is half
+    stored."""
+    path = tmp_path / "queue.db"
+    store = SQLiteStore(path)
+    await store.open()  # migrated: the file only has to hold messages from now on
+    await store.close()
+    opened = sqlite_module.connect
+
+    def with_little_room(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = opened(*args, **kwargs)
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 4}")
+        return conn
+
+    monkeypatch.setattr(sqlite_module, "connect", with_little_room)
+    body = MESSAGE + (b"x" * 70 + b"\r\n") * 60  # 4 KB
+    async with listen(tmp_path, None, store=SQLiteStore(path)) as listener:
+
+        def submit_until_full() -> tuple[int, bytes, int, int]:
+            with smtplib.SMTP("127.0.0.1", listener.port, timeout=30) as s:
+                s.ehlo()
+                for stored in range(100):
+                    s.mail("app@example.com")
+                    s.rcpt("ada@example.net")
+                    code, text = s.data(body)
+                    if code != 250:
+                        return code, text, stored, s.noop()[0]
+            raise AssertionError("100 messages stored in a few pages")
+
+        code, text, stored, noop = await in_thread(submit_until_full)
+        assert (code, noop) == (452, 250), (code, text)
+        assert text.startswith(b"4.3.1 Insufficient system storage")
+        views = await listener.app.store.list_messages(Selector(), limit=1000)
+        assert len(views) == stored and all(len(v.recipients) == 1 for v in views)
 
 
 class CuttablePostgres:

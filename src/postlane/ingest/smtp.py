@@ -16,7 +16,8 @@ What the listener bounds (``[smtp]`` keys; docs/ingest.md has the table):
   (:mod:`postlane.ingest.smtp_auth`).
 
 Answers that are postlane's own trouble are temporary, never 5xx: the store failing is
-``421 4.3.0`` (and the connection closes, as 421 says), any unexpected error ``451 4.3.0`` or
+``421 4.3.0`` (and the connection closes, as 421 says), its disk full ``452 4.3.1`` (as
+Postfix says it; the session goes on), any unexpected error ``451 4.3.0`` or
 ``421 4.3.0``, never with the exception's text; a client retries later and nothing is half
 stored (an enqueue is one transaction).
 
@@ -48,6 +49,7 @@ from postlane.errors import (
     IdempotencyConflict,
     MessageTooLarge,
     PostlaneError,
+    StoreFull,
     StoreUnavailable,
     ValidationError,
 )
@@ -299,6 +301,10 @@ class SubmissionHandler:
             return f"554 5.6.0 {exc.message}"
         except IdempotencyConflict as exc:
             return f"554 5.6.0 {exc.message}"
+        except StoreFull as exc:  # as Postfix says it: the session may go on
+            self.not_stored.count(exc.message)
+            self.smtp_metrics.temporary_failures.labels("store").inc()
+            return "452 4.3.1 Insufficient system storage, try again later"
         except StoreUnavailable as exc:
             # the store's text may name its file or host: it goes to the log, not the client
             self.not_stored.count(exc.message)

@@ -36,7 +36,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from postlane.errors import ConfigError, StoreUnavailable
+from postlane.errors import ConfigError, StoreFull, StoreUnavailable
 from postlane.message import PreparedMessage
 from postlane.records import EnqueueResult
 from postlane.store import delivery
@@ -472,8 +472,8 @@ class PostgresDatabase:
         migration_done(self.migration)
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
-        detail = _first_line(exc)
-        return StoreUnavailable(f"cannot use the PostgreSQL database {self.description}: {detail}")
+        failure = StoreFull if isinstance(exc, psycopg.errors.DiskFull) else StoreUnavailable
+        return failure(f"cannot use the PostgreSQL database {self.description}: {_first_line(exc)}")
 
     async def write(self, plan: Callable[[], Plan[T]]) -> T:
         return await self._run(plan, snapshot=False)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from postlane.errors import StoreUnavailable
+from postlane.errors import StoreFull, StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import Migration, load_migrations, migration_done, migration_starts
 from postlane.store.sqlstore import SQLStore
@@ -350,15 +350,24 @@ def _translate(exc: Exception) -> BaseException:
     """Any database error is the store's failure (a locked, full or corrupted file): callers
     answer it as such (SMTP 421, HTTP 503), never as a refusal of what they were given."""
     if isinstance(exc, sqlite3.Error):
-        return StoreUnavailable(f"SQLite: {exc}")
+        return _failure(exc)(f"SQLite: {exc}")
     return exc
+
+
+def _failure(exc: sqlite3.Error) -> type[StoreUnavailable]:
+    """A full disk (``SQLITE_FULL``, extended codes included) is told apart: SMTP clients are
+    told so."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        StoreFull if code is not None and code & 0xFF == sqlite3.SQLITE_FULL else StoreUnavailable
+    )
 
 
 def _unavailable(exc: BaseException, path: Path) -> BaseException:
     if isinstance(exc, StoreUnavailable):
         return exc
     if isinstance(exc, sqlite3.Error):
-        return StoreUnavailable(f"cannot use the SQLite database {path}: {exc}")
+        return _failure(exc)(f"cannot use the SQLite database {path}: {exc}")
     return exc
 
 
