@@ -13,8 +13,69 @@ deliveries wait for their lease to run out, which a live worker keeps renewing.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from postlane.clock import Clock
+    from postlane.store.base import Store
+
+#: a host's clock this far from the database's is said in the log (a lease is compared with
+#: the clock of whichever host claims or reaps it; NTP keeps hosts within milliseconds)
+CLOCK_SKEW_WARNING = 1.0
+#: how often a worker's housekeeping compares its clock with the database's, and how often a
+#: clock still off is said again
+CLOCK_CHECK_INTERVAL = 60.0
+CLOCK_WARNING_REPEAT = 600.0
+
+log = logging.getLogger("postlane.worker")
+
+
+async def clock_skew(store: Store, clock: Clock) -> float | None:
+    """How far ``clock`` (this process's, the one its leases are written with) is ahead of the
+    database's, in seconds (negative: behind), taking the middle of the round trip as the
+    moment the database read its own; None for a store that is this host's file."""
+    before = clock.now()
+    database = await store.database_clock()
+    after = clock.now()
+    return None if database is None else (before + after) / 2 - database
+
+
+class ClockWatch:
+    """Housekeeping's look at this host's clock beside the database's, every
+    :data:`CLOCK_CHECK_INTERVAL`: a clock off by more than
+    :data:`CLOCK_SKEW_WARNING` is said at once and every
+    :data:`CLOCK_WARNING_REPEAT` while it lasts, and once more when it is right again."""
+
+    def __init__(self) -> None:
+        self._next = time.monotonic() + CLOCK_CHECK_INTERVAL
+        self._said: float | None = None  # (monotonic) when a skew was last said
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+    def saw(self, skew: float | None) -> None:
+        now = time.monotonic()
+        self._next = now + CLOCK_CHECK_INTERVAL
+        if skew is None:
+            return
+        if abs(skew) <= CLOCK_SKEW_WARNING:
+            if self._said is not None:
+                log.warning("this host's clock is within %.1f s of the database's again", abs(skew))
+                self._said = None
+            return
+        if self._said is None or now - self._said >= CLOCK_WARNING_REPEAT:
+            self._said = now
+            log.warning(
+                "this host's clock is %.1f s %s the database's: leases are compared with the "
+                "clocks of the hosts that claim and reap them, so another host may take this "
+                "one's deliveries early or late; synchronise the clocks (NTP)",
+                abs(skew),
+                "ahead of" if skew > 0 else "behind",
+            )
 
 
 def lease_owner_id() -> str:

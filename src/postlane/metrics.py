@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from postlane.classify import ReplyClass
 from postlane.destinations import provider_names
+from postlane.leases import clock_skew
 from postlane.message import Lane
 from postlane.policy import Action
 from postlane.records import Stats
@@ -248,6 +249,13 @@ class Metrics:
             "Scrapes whose store read failed (queue gauges then stale)",
             registry=self.registry,
         )
+        self.clock_skew = Gauge(
+            "postlane_clock_skew_seconds",
+            "How far this host's clock is ahead of the database's (negative: behind; 0 on "
+            "SQLite, a file of this host): leases are compared with hosts' clocks",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
         for cls in ReplyClass:
             if cls is not ReplyClass.DELIVERED:
                 self.dead_letters.labels(cls.value)
@@ -369,6 +377,7 @@ class Metrics:
         try:
             self._gauges.stats = await self.app.stats()
             self._gauges.read_at = self.app.clock.now()
+            self.clock_skew.set(await clock_skew(self.app.store, self.app.clock) or 0.0)
         except Exception:
             self.scrape_errors.inc()
             return

@@ -34,7 +34,7 @@ from postlane.config import Config, DeliveryConfig, ThrottleConfig
 from postlane.errors import StoreUnavailable
 from postlane.gate import ThrottleGate
 from postlane.lanes import HighDemand, LaneScheduler
-from postlane.leases import lease_owner_id, owner_is_dead
+from postlane.leases import ClockWatch, clock_skew, lease_owner_id, owner_is_dead
 from postlane.message import Lane, RecipientState
 from postlane.policy import Action, Decision, Policy, untried
 from postlane.recorder import Recorder
@@ -609,10 +609,13 @@ class Worker:
         interval = self._housekeeping_interval()
         last_purge = 0.0
         reap_from = 0.0  # (monotonic) see REAP_AFTER_OUTAGE
+        clock = ClockWatch()
         while not stop.is_set():
             try:
                 if time.monotonic() >= reap_from:
                     await self._reap()
+                if clock.due():
+                    clock.saw(await clock_skew(self.store, self.clock))
                 expired = await self.store.expire_due(self.clock.now())
                 if expired:
                     log.info("%d delivery(ies) expired before they could be sent", expired)

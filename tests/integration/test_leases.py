@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from postlane import leases
+from postlane.app import AsyncPostlane
 from postlane.clock import SystemClock
 from postlane.leases import (
     boot_id,
@@ -26,8 +28,10 @@ from postlane.leases import (
     process_start_ticks,
 )
 from postlane.message import Message, prepare
+from postlane.metrics import Metrics
 from postlane.policy import Policy
 from postlane.store.sqlite import SQLiteStore
+from postlane.transports import transport_for
 from postlane.transports.capture import CaptureTransport
 from postlane.worker import Worker
 from tests.conftest import IN_CI, SMTPPeer, make_config
@@ -147,3 +151,57 @@ async def test_finding_4_a_worker_in_another_pid_namespace_keeps_its_leases(
             await asyncio.sleep(0)
     finally:
         await store.close()
+
+
+class ShiftedClock(SystemClock):
+    """This host's clock, off by ``offset`` seconds (NTP stopped, a VM resumed)."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+
+async def test_a_worker_says_when_its_clock_is_off_from_the_databases(
+    pg_schema: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Leases are compared with the clocks of the hosts that claim and reap them: a host 30 s
+    ahead of the others takes their deliveries 30 s early. A worker compares its clock with
+    the database server's in housekeeping: off by more than a second, it says so (once, not
+    at every check), and once more when it is right again; ``/metrics`` shows it."""
+    monkeypatch.setattr(leases, "CLOCK_CHECK_INTERVAL", 0.05)
+    clock = ShiftedClock(30.0)
+    config = make_config(tmp_path, store={"url": pg_schema})
+    async with AsyncPostlane(config, clock=clock) as app:
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+
+        def said() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "clock is" in r.getMessage()]
+
+        async def until(count: int) -> None:
+            deadline = time.monotonic() + 20
+            while len(said()) < count:
+                assert not running.done(), running
+                assert time.monotonic() < deadline, said()
+                await asyncio.sleep(0.02)
+
+        await until(1)
+        metrics = Metrics(app=app)
+        exposed = (await metrics.exposition()).decode()
+        clock.offset = 0.0
+        await until(2)
+        stop.set()
+        await running
+        await worker.transport.close()
+    ahead, back = said()
+    assert ahead.startswith("this host's clock is 30.0 s ahead of the database's")
+    assert "synchronise the clocks (NTP)" in ahead
+    assert back.startswith("this host's clock is within 0.")
+    [skew] = [line for line in exposed.splitlines() if line.startswith("postlane_clock_skew")]
+    assert 29 < float(skew.split()[-1]) < 31

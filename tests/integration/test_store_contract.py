@@ -1333,6 +1333,19 @@ async def test_the_readiness_check_writes(store: Any) -> None:
     await store.check(T0 + 1)  # again: one row, updated
 
 
+async def test_the_database_clock_is_the_servers_or_none_for_a_file(store: Any) -> None:
+    """Hosts compare leases with their own clocks; a worker compares its clock with the
+    database server's (PostgreSQL: here, the same machine's). A SQLite file has no clock but
+    its host's: nothing to compare."""
+    before = time.time()
+    clock = await store.database_clock()
+    after = time.time()
+    if store.description.startswith("sqlite"):
+        assert clock is None
+    else:
+        assert before - 0.5 <= clock <= after + 0.5
+
+
 # -- suppressions: scopes and expiry --------------------------------------------------------------
 
 

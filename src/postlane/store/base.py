@@ -518,6 +518,12 @@ class Store(
 
     async def close(self) -> None: ...
 
+    async def database_clock(self) -> float | None:
+        """The database server's clock now (Unix seconds); None for a store that is a file of
+        this host (its clock is this host's). Hosts compare leases with their own clocks, so
+        one far from it risks the others' leases (:func:`postlane.leases.clock_skew`)."""
+        ...
+
     async def check(self, now: float) -> None:
         """Make one small write now; raises :class:`postlane.errors.StoreUnavailable` when the
         store cannot take writes (a full disk, a corrupted file, a lost server)."""

@@ -19,7 +19,7 @@ from postlane.store.delivery import SQLDelivery
 from postlane.store.feedback import SQLFeedback
 from postlane.store.history import SQLHistory
 from postlane.store.operator import SQLOperator
-from postlane.store.plans import Database, execute
+from postlane.store.plans import Database, execute, fetch_one
 from postlane.store.sql import Migration
 from postlane.store.suppressions import SQLSuppressions
 from postlane.store.throttle_state import SQLThrottle
@@ -54,6 +54,10 @@ class SQLStore(
 
     async def close(self) -> None:
         await self.db.close()
+
+    async def database_clock(self) -> float | None:
+        row = await self.db.read(lambda: fetch_one("database_clock"))
+        return None if row is None or row["now"] is None else float(row["now"])
 
     async def check(self, now: float) -> None:
         """Make one small write now; raises :class:`postlane.errors.StoreUnavailable` when the

@@ -443,3 +443,8 @@ SELECT destination, %(owner)s, demand, %(now)s, %(expires_at)s
 FROM unnest(%(destination)s::text[], %(demand)s::float8[]) AS s (destination, demand)
 ON CONFLICT (destination, owner) DO UPDATE
 SET demand = excluded.demand, expires_at = excluded.expires_at;
+
+-- name: database_clock
+-- The database server's clock now (Unix seconds): hosts compare leases with their own clocks,
+-- so a host's distance from it is worth knowing.
+SELECT extract(epoch FROM clock_timestamp())::float8 AS now;

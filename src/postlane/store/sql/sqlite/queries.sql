@@ -247,3 +247,7 @@ INSERT INTO destination_shares (destination, owner, demand, since, expires_at)
 VALUES (:destination, :owner, :demand, :now, :expires_at)
 ON CONFLICT (destination, owner) DO UPDATE
 SET demand = excluded.demand, expires_at = excluded.expires_at;
+
+-- name: database_clock
+-- The database's clock: none of its own (the file is this host's, and so is the clock).
+SELECT NULL AS now;
