@@ -158,13 +158,12 @@ class ThrottleGate:
         """While other processes share the rate of the relay every delivery goes through: how
         many deliveries this one may claim now (what its bucket lets go beyond the ``pending``
         messages it claimed and has yet to admit), and, when none, how long until it may claim
-        again. What comes back due goes to whichever process claims
-        first, so one that claimed past its bucket only sent the rest back to the end of the
-        fleet's schedule, while another, its share unspent, found nothing due and saved its
-        tokens up to spend them at once on top of the others' (the fleet sent 45/s for
-        seconds under a limit of 40/s). Claimed no faster than its bucket lets go, the backlog
-        stays queued in order for whichever process can send it. None: no shared relay rate
-        (claim as usual)."""
+        again. What comes back due goes to whichever process claims first, so one that claimed
+        past its bucket only sent the rest back to the end of the fleet's schedule, while
+        another, its share unspent, found nothing due and saved its tokens up to spend them at
+        once on top of the others' (the fleet sent 44-48/s for seconds under a limit of 40/s).
+        Claimed no faster than its bucket lets go, the backlog stays queued in order for
+        whichever process can send it. None: no shared relay rate (claim as usual)."""
         if self.relay is None:
             return None
         return self.throttle.fleet_room(self.relay, self.clock.now(), pending)
