@@ -19,6 +19,7 @@ idempotency and duplicate recipients:
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import re
 from collections.abc import Sequence
@@ -106,10 +107,20 @@ _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 def parse_address(value: str, what: str = "address") -> Mailbox:
     """Validate one address (``a@b.example``, ``Name <a@b.example>``, ``"john doe"@b.example``,
     ``a@[192.0.2.1]``) with email-validator, and give its normal form."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value:
+        raise ValidationError(f"{what} is missing: give an address (app@example.com)", field=what)
+    if not value.strip():
         raise ValidationError(f"{what} is empty", field=what)
     no_line_breaks(value, what)  # also refuses NUL and lone surrogates
     found = _validated(value.strip())
+    if isinstance(found, str) and len(several := _several(value)) > 1:
+        # "b@example.net, c@example.net" where one address goes: email-validator only says
+        # "invalid characters: ',', '@', SPACE"
+        raise ValidationError(
+            f"{what} {value!r} holds {len(several)} addresses: give one address each "
+            f"(a list for several recipients)",
+            field=what,
+        )
     if isinstance(found, str):
         raise ValidationError(f"{what} {value!r} is not a valid address: {found}", field=what)
     return found
@@ -170,3 +181,10 @@ def mailboxes(values: Sequence[str] | str, what: str) -> list[Mailbox]:
     if isinstance(values, str):
         values = [values]
     return [parse_address(value, what) for value in values]
+
+
+def _several(value: str) -> list[str]:
+    """The addresses a comma-separated list names (one or none for anything else)."""
+    if "," not in value:
+        return []
+    return [address for _, address in email.utils.getaddresses([value]) if "@" in address]

@@ -223,7 +223,11 @@ def test_classify_explains(tmp_path: Path) -> None:
     )
     assert out["class"] == "hard_bounce" and out["code"] == 550 and out["enhanced"] == "5.1.1"
     human = ok("classify", "421 4.7.0 Try again later, closing connection", cwd=tmp_path)
-    assert "rule" in human
+    assert "rule" in human and "no reply code" not in human
+    # text with no code is read as an error before any reply, and it says so (a day-one
+    # user's "hello" came back "connection (no code)" with nothing more)
+    hello = ok("classify", "hello", cwd=tmp_path)
+    assert "no reply code in it: read as an error before any reply" in hello
 
 
 def test_dlq_and_suppression_commands(queue_dir: Path) -> None:

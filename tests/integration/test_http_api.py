@@ -289,6 +289,50 @@ async def test_a_send_token_cannot_operate(
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
 
 
+async def test_a_message_without_a_sender_is_told_it_is_missing(
+    scoped: tuple[AsyncPostlane, Any],
+) -> None:
+    _, client = scoped
+    async with client(TOKEN) as c:
+        r = await c.post("/v1/messages", json={"to": ["u@example.net"], "text": "x"})
+        blank = await c.post("/v1/messages", json={**MESSAGE, "from": "  "})
+    assert r.status_code == 422
+    assert r.json()["error"]["message"] == "from is missing: give an address (app@example.com)"
+    assert blank.status_code == 422 and blank.json()["error"]["message"] == "from is empty"
+
+
+async def test_the_queue_listing_selects_on_metadata_in_its_query_string(
+    scoped: tuple[AsyncPostlane, Any],
+) -> None:
+    """``metadata=KEY=VALUE``, repeated for each key, as ``postlane queue list --metadata``
+    takes it: a query string carries strings, so the JSON object form could never be sent."""
+    _, client = scoped
+    async with client(TOKEN) as c:
+        ids = [
+            (
+                await c.post(
+                    "/v1/messages",
+                    json={**MESSAGE, "to": [f"u{n}@example.net"], "metadata": metadata},
+                )
+            ).json()["id"]
+            for n, metadata in enumerate(
+                [{"user": "7", "tenant": "acme"}, {"user": "7", "tenant": "other"}, {"user": "8"}]
+            )
+        ]
+        one = await c.get("/v1/queue", params={"metadata": "user=7"})
+        assert one.status_code == 200 and {m["id"] for m in one.json()} == set(ids[:2])
+        both = await c.get(
+            "/v1/messages", params=[("metadata", "user=7"), ("metadata", "tenant=acme")]
+        )
+        assert [m["id"] for m in both.json()] == ids[:1]
+        bad = await c.get("/v1/queue", params={"metadata": "user"})
+        assert bad.status_code == 400
+        assert bad.json()["error"] == {
+            "code": "invalid_field",
+            "message": "metadata: 'user' is not KEY=VALUE",
+        }
+
+
 async def test_admin_operations_over_http(scoped: tuple[AsyncPostlane, Any]) -> None:
     _, client = scoped
     async with client(TOKEN) as c:

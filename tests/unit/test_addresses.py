@@ -165,3 +165,21 @@ def test_any_quoted_local_part_round_trips_through_the_header(local: str, name: 
     in_header, recipients = _rendered_to([given_])
     assert in_header == recipients == [f"{mailbox.unquoted_local_part} @ example.com"]
     assert _to_line([given_]).endswith(f"<{mailbox.address}>" if name else mailbox.address)
+
+
+def test_several_addresses_where_one_goes_are_told_apart_from_a_bad_one() -> None:
+    """``"to": "b@example.net, c@example.net"`` (a day-one user's guess) got email-validator's
+    "invalid characters: ',', '@', SPACE"; it says what is wrong. A display name with a comma
+    is one address, and text with no address in it is refused as before."""
+    with pytest.raises(ValidationError) as caught:
+        parse_address("b@example.net, c@example.net", "to")
+    assert caught.value.message == (
+        "to 'b@example.net, c@example.net' holds 2 addresses: give one address each "
+        "(a list for several recipients)"
+    )
+    assert parse_address('"Doe, John" <j@example.net>').address == "j@example.net"
+    with pytest.raises(ValidationError, match="is not a valid address"):
+        parse_address("x, y", "to")
+    with pytest.raises(ValidationError) as missing:
+        parse_address("", "from")
+    assert missing.value.message == "from is missing: give an address (app@example.com)"

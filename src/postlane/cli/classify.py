@@ -38,3 +38,9 @@ def classify_command(reply: str, as_json: bool) -> None:
     out.print(f"[bold]{verdict.cls.value}[/]  ({code})", markup=True)
     explanation = f": {verdict.explanation}" if verdict.explanation else ""
     out.print(f"rule: {verdict.rule}{explanation}", markup=False)
+    if verdict.code is None:  # "hello": text a server never answers, read as an error message
+        out.print(
+            "no reply code in it: read as an error before any reply (a refused connection, a "
+            'TLS failure); a server\'s reply starts with its code, e.g. "550 5.1.1 ..."',
+            markup=False,
+        )

@@ -59,7 +59,13 @@ from postlane.ingest.server import HttpLimits, Refusals, escaped_store_error
 from postlane.message import Attachment, Message
 from postlane.metrics import Metrics
 from postlane.records import Selector
-from postlane.selectors import SELECTOR_FIELDS, optional_string, parse_selector, string_list
+from postlane.selectors import (
+    SELECTOR_FIELDS,
+    metadata_pairs,
+    optional_string,
+    parse_selector,
+    string_list,
+)
 from postlane.toml_values import is_decimal
 
 if TYPE_CHECKING:
@@ -504,6 +510,11 @@ def query_selector(request: Request, *, paged: bool = False) -> tuple[Selector, 
         params[key] = values if key in _REPEATABLE else values[-1]
     if "all" in params:
         params["all"] = params["all"] in ("1", "true", "yes")
+    if "metadata" in params:  # ?metadata=order%3D8812&metadata=tenant%3Dacme, as the CLI takes it
+        try:
+            params["metadata"] = metadata_pairs(request.query_params.getlist("metadata"))
+        except ValidationError as exc:
+            raise ApiError(400, "invalid_field", exc.message) from None
     limit = query_limit(request, default=100, most=MAX_LIST)
     return selector_of(request, params), limit
 
