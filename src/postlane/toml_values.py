@@ -88,8 +88,10 @@ def parse_size(text: str) -> int:
 def parse_listen(text: str) -> tuple[str, int]:
     """``"127.0.0.1:8025"`` or ``"[::1]:8025"`` -> (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not port.isdigit():
         raise expected('HOST:PORT like "127.0.0.1:8025"', text)
+    if not 0 <= int(port) <= 65535:
+        raise expected("HOST:PORT with a port from 1 to 65535 (0: any free port)", text)
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 

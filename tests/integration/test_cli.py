@@ -168,6 +168,22 @@ def test_send_reads_an_eml_and_stdin(queue_dir: Path) -> None:
         "send", "--from", "a@example.com", "--to", "b@example.net", cwd=tmp_path, input="piped body"
     ).strip()
     assert "piped body" in ok("queue", "show", queue_id, "--raw", cwd=tmp_path)
+    # --html beside --text, as --html-file (a day-one user looked for it)
+    queue_id = ok(
+        *("send", "--from", "a@example.com", "--to", "b@example.net", "--text", "plain"),
+        *("--html", "<p>rich</p>"),
+        cwd=tmp_path,
+    ).strip()
+    raw = ok("queue", "show", queue_id, "--raw", cwd=tmp_path)
+    assert "multipart/alternative" in raw and "<p>rich</p>" in raw and "plain" in raw
+    one_line_error(
+        postlane(
+            *("send", "--from", "a@example.com", "--to", "b@example.net", "--html", "<p>x</p>"),
+            *("--html-file", str(eml)),
+            cwd=tmp_path,
+        ),
+        "give --html or --html-file, not both",
+    )
 
 
 def test_config_before_or_after_the_command(tmp_path: Path) -> None:

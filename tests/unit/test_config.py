@@ -50,6 +50,8 @@ def test_listen_parses_ipv4_and_ipv6() -> None:
     assert parse_listen("[::1]:2587") == ("::1", 2587)
     with pytest.raises(ValueError):
         parse_listen("localhost")
+    with pytest.raises(ValueError, match="a port from 1 to 65535"):
+        parse_listen("127.0.0.1:99999")  # said as such, not as a malformed HOST:PORT
 
 
 def test_defaults_work_with_no_file(tmp_path: Path) -> None:

@@ -67,10 +67,13 @@ def _attachment(path: str) -> Attachment:
 @click.option("--from", "sender", metavar="ADDR", help="Sender (taken from --eml when omitted).")
 @click.option("--to", "to", multiple=True, metavar="ADDR", help="Recipient (repeatable).")
 @click.option("--cc", multiple=True, metavar="ADDR", help="Cc recipient (repeatable).")
-@click.option("--bcc", multiple=True, metavar="ADDR", help="Bcc recipient, never in headers.")
+@click.option(
+    "--bcc", multiple=True, metavar="ADDR", help="Bcc recipient, never in headers (repeatable)."
+)
 @click.option("--subject", help="Subject line.")
 @click.option("--text", help="Plain-text body.")
 @click.option("--text-file", metavar="FILE", help="Plain-text body from a file ('-': stdin).")
+@click.option("--html", metavar="HTML", help="HTML body (beside --text: both parts).")
 @click.option("--html-file", metavar="FILE", help="HTML body from a file.")
 @click.option("--eml", metavar="FILE", help="A complete RFC 5322 message ('-': stdin).")
 @click.option("--attach", multiple=True, metavar="FILE", help="Attach a file (repeatable).")
@@ -100,6 +103,7 @@ def send(
     subject: str | None,
     text: str | None,
     text_file: str | None,
+    html: str | None,
     html_file: str | None,
     eml: str | None,
     attach: tuple[str, ...],
@@ -114,6 +118,8 @@ def send(
     """Enqueue a message; prints its id once it is durably stored."""
     if text is not None and text_file is not None:
         raise click.UsageError("give --text or --text-file, not both")
+    if html is not None and html_file is not None:
+        raise click.UsageError("give --html or --html-file, not both")
     now = time.time()
     at, expires = _when(send_at, now), _when(expires_at, now)
     meta = metadata_pairs(metadata)
@@ -122,14 +128,15 @@ def send(
     body = text
     if eml is not None:
         raw = _read(eml)
-        if subject or text or text_file or html_file or header or attach:
+        if subject or text or text_file or html or html_file or header or attach:
             raise click.UsageError("--eml carries its own subject, body and headers")
     else:
         if not sender:
             raise click.UsageError("--from is required (or give --eml)")
         if text_file:
             body = _text(text_file)
-        if body is None and html_file is None and not attach and not sys.stdin.isatty():
+        no_body = body is None and html is None and html_file is None and not attach
+        if no_body and not sys.stdin.isatty():
             body = sys.stdin.read()
     # with --eml, every body and header option is unset (checked above)
     message = Message(
@@ -139,7 +146,7 @@ def send(
         bcc=bcc,
         subject=subject,
         text=body,
-        html=_text(html_file) if html_file else None,
+        html=_text(html_file) if html_file else html,
         attachments=[_attachment(path) for path in attach],
         headers=_headers(header),
         raw=raw,
