@@ -336,6 +336,13 @@ class Throttle:
         if rate is None:
             return
         burst = max(1.0, rate)  # at most a second's worth saved up
+        if state.refilled_at == 0.0 and self._fleet > 1:
+            # joining processes that send already: nothing saved up (one send, then the rate).
+            # A process starting late went out with a whole second of its share at once on
+            # top of the others, before they had made room for it (a third worker started
+            # 4 s after two others: 21-22 sends in a quarter second under 40/s, 89-91 in the
+            # busiest two seconds, and the server refused one)
+            state.refilled_at = now
         if now > state.refilled_at:
             state.tokens = min(burst, state.tokens + (now - state.refilled_at) * rate)
         state.refilled_at = now

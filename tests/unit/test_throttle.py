@@ -428,15 +428,30 @@ def test_a_process_sharing_a_rate_has_room_for_what_its_bucket_lets_go() -> None
     assert alone.fleet_room("d", T0) is None  # alone: claims as usual
     t = throttle(rate=40)
     fleet_of(t, 2)
-    assert t.fleet_room("d", T0) == (20, 0.0)  # half the rate: a second's worth saved up
-    assert t.fleet_room("d", T0, pending=5) == (15, 0.0)
-    for _ in range(20):
-        assert t.admit(["d"], T0).admitted
-    room, wait = t.fleet_room("d", T0) or (None, None)
-    assert room == 0 and wait == pytest.approx(1 / 20)
+    assert t.fleet_room("d", T0) == (1, 0.0)  # half the rate, nothing saved up yet
     room, wait = t.fleet_room("d", T0, pending=1) or (None, None)
-    assert room == 0 and wait == pytest.approx(2 / 20)
-    assert t.fleet_room("d", T0 + 0.5) == (10, 0.0)
+    assert room == 0 and wait == pytest.approx(1 / 20)  # the one claimed takes it
+    assert t.fleet_room("d", T0 + 0.5) == (11, 0.0)
+    assert t.fleet_room("d", T0 + 0.5, pending=5) == (6, 0.0)
+    for _ in range(11):
+        assert t.admit(["d"], T0 + 0.5).admitted
+    room, wait = t.fleet_room("d", T0 + 0.5) or (None, None)
+    assert room == 0 and wait == pytest.approx(1 / 20)
+    assert t.fleet_room("d", T0 + 5) == (20, 0.0)  # a second's worth of its share at most
+
+
+def test_a_process_joining_others_has_nothing_saved_up() -> None:
+    """A process alone starts with a second's worth of the rate (as the provider's own bucket
+    is full after a quiet while). One that joins processes already sending starts with one
+    send, then its share's rate: with a whole second of its share at once on top of theirs,
+    before they had made room for it, a third worker started 4 s late sent 21-22 messages in a
+    quarter second under 40/s, and the server refused one."""
+    alone = throttle(rate=40)
+    assert sum(alone.admit(["d"], T0).admitted for _ in range(60)) == 40
+    joining = throttle(rate=40)
+    fleet_of(joining, 3)
+    assert sum(joining.admit(["d"], T0).admitted for _ in range(60)) == 1
+    assert sum(joining.admit(["d"], T0 + 0.31).admitted for _ in range(60)) == 4  # 40/3 a second
     assert throttle(concurrency=2).fleet_room("d", T0) is None  # no rate
 
 
@@ -465,8 +480,7 @@ def test_a_delivery_waiting_for_a_rate_the_fleet_shares_takes_the_fleets_next_sl
     assert waiting.fleet_schedule is None and waiting.at == pytest.approx(T0 + 1 / 40)
     shared = throttle(rate=40)
     fleet_of(shared, 3)
-    for _ in range(13):  # its third of the second saved up
-        assert shared.admit(["d"], T0).admitted
+    assert shared.admit(["d"], T0).admitted  # joining the others: one send, nothing saved up
     waiting = shared.admit(["d"], T0)
     assert waiting.fleet_schedule == FleetSchedule("d", 1 / (40 * (1 + FLEET_SURPLUS)))
     assert waiting.at is not None and T0 < waiting.at <= T0 + 3 / 40  # its next token
