@@ -26,6 +26,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import django
 import psycopg
 import pytest
+from django.conf import settings
 from django.core import mail as django_mail
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
@@ -37,6 +38,7 @@ import postlane
 import postlane.django
 from postlane.app import AsyncPostlane
 from postlane.config import Config, load_config
+from postlane.django import SettingsError
 from postlane.errors import PostlaneError, ValidationError
 from postlane.ingest.door import FrontDoor
 from postlane.ingest.http import start_http
@@ -258,22 +260,61 @@ def test_refused_messages_raise_unless_fail_silently(local_postlane: Config) -> 
 
 
 @pytest.mark.parametrize(
-    ("settings", "error"),
+    ("settings", "setting", "error"),
     [
-        ({"POSTLANE_URL": "127.0.0.1:8025"}, "must start with http:// or https://"),
-        ({"POSTLANE_URL": "http://127.0.0.1:8025/v1"}, "without /v1"),
-        ({"POSTLANE_URL": "http://127.0.0.1:8025", "POSTLANE_TIMEOUT": "abc"}, "POSTLANE_TIMEOUT"),
-        ({"POSTLANE_DEFAULT_LANE": "urgent"}, "POSTLANE_DEFAULT_LANE: unknown lane"),
+        ({"POSTLANE_URL": "127.0.0.1:8025"}, "POSTLANE_URL", "must start with http://"),
+        ({"POSTLANE_URL": "http://127.0.0.1:8025/v1"}, "POSTLANE_URL", "without /v1"),
+        (
+            {"POSTLANE_URL": "http://127.0.0.1:8025", "POSTLANE_TIMEOUT": "abc"},
+            "POSTLANE_TIMEOUT",
+            "must be a number of seconds above 0",
+        ),
+        (
+            {"POSTLANE_URL": "http://127.0.0.1:8025", "POSTLANE_TIMEOUT": 0},
+            "POSTLANE_TIMEOUT",
+            "must be a number of seconds above 0",
+        ),
+        ({"POSTLANE_DEFAULT_LANE": "urgent"}, "POSTLANE_DEFAULT_LANE", "unknown lane"),
+        ({"POSTLANE_CONFIG": 42}, "POSTLANE_CONFIG", "must be a path or a postlane.Config"),
+        ({"POSTLANE_CONFIG": "/nonexistent/postlane.toml"}, "POSTLANE_CONFIG", "/nonexistent"),
+        (
+            {"POSTLANE_URL": "http://127.0.0.1:8025", "POSTLANE_OUTBOX": True},
+            "POSTLANE_URL",
+            "not both",
+        ),
     ],
 )
-def test_wrong_settings_are_never_silent(
-    local_postlane: Config, settings: dict[str, str], error: str
+def test_wrong_settings_are_never_silent_and_name_the_setting(
+    local_postlane: Config, settings: dict[str, object], setting: str, error: str
 ) -> None:
     """fail_silently swallows what is wrong with a message, never what is wrong with the
-    settings (docs/frameworks.md)."""
-    with override_settings(**settings), pytest.raises(Exception, match=error) as raised:
+    settings; and the error is one class, both postlane's ConfigError and Django's
+    ImproperlyConfigured, naming the setting (a bad POSTLANE_URL was a ConfigError without
+    the setting's name, a bad POSTLANE_TIMEOUT an ImproperlyConfigured only)."""
+    with override_settings(**settings), pytest.raises(SettingsError) as raised:
         django_mail.send_mail("Hi", "Hello", None, ["ada@example.net"], fail_silently=True)
-    assert isinstance(raised.value, (postlane.ConfigError, ImproperlyConfigured))
+    assert isinstance(raised.value, postlane.ConfigError)
+    assert isinstance(raised.value, ImproperlyConfigured)
+    assert raised.value.setting == setting
+    assert setting in str(raised.value)
+    assert error in str(raised.value)
+
+
+def test_without_postlane_config_the_error_names_the_django_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With only EMAIL_BACKEND and DEFAULT_FROM_EMAIL set, send_mail said to name the queue
+    with "--config, $POSTLANE_CONFIG, or Postlane('path/to/postlane.toml')": none of them a
+    Django setting. No new queue is made in the working directory either."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("POSTLANE_CONFIG", raising=False)
+    with override_settings(POSTLANE_CONFIG=None), pytest.raises(SettingsError) as raised:
+        django_mail.send_mail("Hi", "Hello", None, ["ada@example.net"])
+    assert raised.value.setting == "POSTLANE_CONFIG"
+    assert f"there is no queue at {tmp_path / 'postlane.db'}" in str(raised.value)
+    assert 'set POSTLANE_CONFIG = "/path/to/postlane.toml"' in str(raised.value)
+    assert "--config" not in str(raised.value)
+    assert not (tmp_path / "postlane.db").exists()
 
 
 def test_schedule_headers_become_send_at_and_expires_at(local_postlane: Config) -> None:
@@ -362,8 +403,14 @@ async def test_http_mode_reports_a_refusal_as_one_postlane_error(
         with override_settings(POSTLANE_TOKEN="wrong"):
             return django_mail.send_mail("Hi", "Hello", None, ["ada@example.net"])
 
-    with pytest.raises(PostlaneError, match=r"\(HTTP 401 unauthorized\): the token is not valid"):
+    # a configuration error (the token is the settings' fault), and still a PostlaneError
+    with pytest.raises(SettingsError) as raised:
         await asyncio.to_thread(send_with_a_wrong_token)
+    assert isinstance(raised.value, PostlaneError)
+    assert isinstance(raised.value, ImproperlyConfigured)
+    assert raised.value.setting == "POSTLANE_TOKEN"
+    assert str(raised.value).startswith("POSTLANE_TOKEN: ")
+    assert "(HTTP 401 unauthorized): the token is not valid" in str(raised.value)
 
     def silently_with_a_wrong_token() -> int:  # a wrong token is the settings' fault
         with override_settings(POSTLANE_TOKEN="wrong"):
@@ -374,6 +421,19 @@ async def test_http_mode_reports_a_refusal_as_one_postlane_error(
     with pytest.raises(PostlaneError, match="unauthorized"):
         await asyncio.to_thread(silently_with_a_wrong_token)
     assert await postlane_server.messages() == []
+
+
+async def test_http_mode_names_postlane_url_when_it_reaches_no_postlane_route(
+    postlane_server: AsyncPostlane,
+) -> None:
+    def send_to_a_path_in_front() -> int:
+        with override_settings(POSTLANE_URL=f"{settings.POSTLANE_URL}/mail"):
+            return django_mail.send_mail(
+                "Hi", "Hello", None, ["ada@example.net"], fail_silently=True
+            )
+
+    with pytest.raises(SettingsError, match=r"^POSTLANE_URL: .*reaches no postlane"):
+        await asyncio.to_thread(send_to_a_path_in_front)
 
 
 # -- the transactional outbox on PostgreSQL ------------------------------------------------------

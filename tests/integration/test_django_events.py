@@ -37,8 +37,10 @@ from postlane.config import Config, load_config
 from postlane.django.events import CursorFile, EventRelay, connect_subscribers
 from postlane.django.signals import SIGNALS, mail_event
 from postlane.errors import NotFound
+from postlane.ingest.door import FrontDoor
+from postlane.ingest.http import start_http
 from postlane.webhooks.subscribers import EventSubscribers
-from tests.conftest import SMTPPeer, postgres_url_or_skip
+from tests.conftest import SMTPPeer, free_port, postgres_url_or_skip
 from tests.integration.test_django import (  # noqa: F401 (fixtures: used by name)
     SETTINGS_MODULE,
     TOKEN,
@@ -51,6 +53,8 @@ from tests.integration.test_django import (  # noqa: F401 (fixtures: used by nam
 from tests.polling import until
 
 METADATA = {"user": "42", "plan": "pro"}
+#: a token with the send scope only: what an application's POSTLANE_TOKEN usually is
+SEND_TOKEN = "django-test-send-token"
 
 
 @dataclass
@@ -339,9 +343,116 @@ async def test_http_mode_needs_an_admin_token(
 ) -> None:
     with (
         override_settings(POSTLANE_EVENTS_TOKEN="wrong"),
-        pytest.raises(CommandError, match=r"HTTP 401"),
+        pytest.raises(CommandError, match=r"^POSTLANE_EVENTS_TOKEN: .*HTTP 401"),
     ):
         await command()
+
+
+async def test_a_send_token_is_refused_naming_the_setting_that_wants_an_admin_token(
+    tmp_path: Path, smtp_peer: SMTPPeer, cursor_file: Path
+) -> None:
+    """The application's POSTLANE_TOKEN is a send token, usually: the command used it, and the
+    error said "this needs a token with the admin scope" without naming where to put one."""
+    path = write_config(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'server.db'}",
+        smtp_peer.url,
+        listen=f"127.0.0.1:{free_port()}",
+        tokens=[TOKEN],
+        send_tokens=[SEND_TOKEN],
+    )
+    config = load_config(path)
+    async with AsyncPostlane(config) as app, start_http(FrontDoor(config, app)) as address:
+        with (
+            override_settings(POSTLANE_URL=address, POSTLANE_TOKEN=SEND_TOKEN),
+            pytest.raises(CommandError) as fallback,
+        ):
+            await command()
+        with (
+            override_settings(POSTLANE_URL=address, POSTLANE_EVENTS_TOKEN=SEND_TOKEN),
+            pytest.raises(CommandError) as events_token,
+        ):
+            await command()
+    assert "admin scope" in str(fallback.value)
+    assert "set POSTLANE_EVENTS_TOKEN to a token with the admin scope" in str(fallback.value)
+    assert str(events_token.value).startswith("POSTLANE_EVENTS_TOKEN: ")
+    assert "admin scope" in str(events_token.value)
+
+
+# -- options and settings the command refuses ----------------------------------------------------
+
+
+def run_with_a_deadline(*args: str, seconds: float = 10) -> str:
+    """The command, stopped after ``seconds`` if it is still following: a refused option must
+    fail at once, and without a refusal the test fails instead of spinning for ever."""
+    stop = threading.Event()
+    deadline = threading.Timer(seconds, stop.set)
+    deadline.start()
+    try:
+        return run_command(*args, stop=stop)
+    finally:
+        deadline.cancel()
+
+
+@pytest.mark.parametrize("poll", ["0", "-1", "nan", "inf", "soon"])
+def test_a_poll_interval_that_is_no_positive_number_is_refused(
+    local_postlane: Config, cursor_file: Path, poll: str
+) -> None:
+    """--poll -1 --follow spun the CPU: waiting -1 s returns at once, and so does every look."""
+    with pytest.raises(CommandError, match=r"argument --poll: must be a number of seconds"):
+        run_with_a_deadline("--follow", "--poll", poll)
+
+
+@pytest.mark.parametrize("poll", [0, -1, "soon"])
+def test_a_poll_setting_that_is_no_positive_number_is_refused(
+    local_postlane: Config, cursor_file: Path, poll: object
+) -> None:
+    with (
+        override_settings(POSTLANE_EVENTS_POLL=poll),
+        pytest.raises(CommandError, match=r"^POSTLANE_EVENTS_POLL must be a number of seconds"),
+    ):
+        run_with_a_deadline("--follow")
+
+
+@pytest.mark.parametrize("batch", ["0", "-5", "1001", "5000", "many"])
+def test_a_batch_out_of_1_to_1000_is_refused_naming_the_option(
+    local_postlane: Config, cursor_file: Path, batch: str
+) -> None:
+    """--batch 0 printed a traceback (ValueError); --batch 5000 went through on a local store
+    and, in HTTP mode, failed naming the API's "limit" field."""
+    with pytest.raises(CommandError, match=r"argument --batch: must be 1 to 1000"):
+        run_command("--batch", batch)
+    assert "0 event(s) relayed" in run_command("--batch", "1000")  # the most is fine
+
+
+# -- a cursor the store does not keep ------------------------------------------------------------
+
+
+async def test_a_cursor_the_store_never_wrote_is_refused_not_replayed_from_the_start(
+    local_postlane: Config, heard: Heard, cursor_file: Path
+) -> None:
+    """--after 999999 (or a cursor file from another store) said "removed by retention" and
+    told every receiver the whole log again; only a cursor older than the oldest event kept
+    was removed by retention."""
+    await asyncio.to_thread(send_welcome)
+    with pytest.raises(CommandError, match=r"^event 999999 is not kept .*given as after"):
+        await command("--after", "999999")
+    CursorFile(cursor_file).save("999999")
+    with pytest.raises(CommandError, match=rf"event 999999 is not kept .*read from {cursor_file}"):
+        await command()
+    assert heard.told == []
+    assert saved_cursor(cursor_file) == "999999"  # kept as it was, for the operator to look at
+
+
+async def test_http_mode_refuses_a_cursor_the_server_never_wrote(
+    postlane_server: AsyncPostlane,  # noqa: F811 (the fixture imported from test_django)
+    heard: Heard,
+    cursor_file: Path,
+) -> None:
+    await asyncio.to_thread(send_welcome)
+    with pytest.raises(CommandError, match=r"^event 999999 is not kept .*given as after"):
+        await command("--after", "999999")
+    assert heard.told == []
 
 
 # -- the cursor file -----------------------------------------------------------------------------
@@ -402,9 +513,22 @@ def test_a_cursor_removed_by_retention_goes_on_from_the_oldest_event_kept(
     source = _Source()
     relay = EventRelay(source, CursorFile(tmp_path / "c.json"), after="5")
     assert relay.run() == 1
-    assert source.reads == ["5", None]
+    # the oldest event kept (9) is after the cursor: retention removed it; then read from 9
+    assert source.reads == ["5", None, None]
     assert heard.types() == ["sent"]
     assert CursorFile(tmp_path / "c.json").load() == "9"
+
+
+async def test_the_command_names_the_store_as_serve_does(
+    tmp_path: Path, smtp_peer: SMTPPeer, cursor_file: Path
+) -> None:
+    """A store.url relative to postlane.toml was printed as it is written (sqlite:///q.db),
+    where serve prints the file it opened."""
+    path = write_config(tmp_path, "sqlite:///q.db", smtp_peer.url)
+    with override_settings(POSTLANE_CONFIG=str(path)):
+        await asyncio.to_thread(send_welcome)
+        output = await command()
+    assert f"1 event(s) relayed from sqlite:///{tmp_path / 'q.db'};" in output
 
 
 # -- in process: EventSubscribers ----------------------------------------------------------------

@@ -24,6 +24,10 @@ headers. Per message, the headers ``X-Postlane-Lane``, ``X-Postlane-Idempotency-
 the schedule;
 they are removed before the message is stored. ``POSTLANE_DEFAULT_LANE`` is the lane otherwise.
 
+A wrong setting raises :class:`SettingsError`, which is both postlane's
+:class:`~postlane.ConfigError` and Django's ``ImproperlyConfigured`` and names the setting to fix
+(``POSTLANE_URL``, ``POSTLANE_TOKEN``, ``POSTLANE_CONFIG``, ...); ``fail_silently`` never hides it.
+
 ``send_messages`` returns how many messages postlane accepted (a duplicate idempotency key
 counts: that message is queued already) and sets ``message.postlane_id`` on each. With
 ``fail_silently``, postlane's errors (a refused message, an unreachable server) are swallowed;
@@ -39,11 +43,12 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from django.conf import settings  # type: ignore[import-untyped]
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
@@ -52,15 +57,26 @@ from django.core.signals import setting_changed  # type: ignore[import-untyped]
 
 from postlane.config import Config, load_config
 from postlane.django.signals import mail_event
-from postlane.errors import ConfigError, NotFound, PostlaneError, ValidationError
+from postlane.errors import (
+    ConfigError,
+    NotFound,
+    PostlaneError,
+    StoreUnavailable,
+    ValidationError,
+)
 from postlane.message import Message, parse_lane
 from postlane.records import EnqueueResult
+
+if TYPE_CHECKING:
+    from postlane.blocking import Postlane
+    from postlane.client import Client
 
 __all__ = [
     "IDEMPOTENCY_KEY_HEADER",
     "LANE_HEADER",
     "METADATA_HEADER",
     "EmailBackend",
+    "SettingsError",
     "mail_event",
     "reset",
     "to_postlane_message",
@@ -83,6 +99,103 @@ _CONTROL_NAMES = (
 _CONTROL_HEADERS = frozenset(name.lower() for name in _CONTROL_NAMES)
 #: never in what recipients see (Django leaves Bcc out, but an app may put it in ``headers=``)
 _STRIPPED = (*_CONTROL_NAMES, "Bcc")
+#: the error codes of a server that refuses the token (its JSON code, or the bare status of a
+#: proxy in front of it)
+_TOKEN_REFUSED = frozenset({"unauthorized", "forbidden", "http_401", "http_403"})
+
+
+# -- the settings --------------------------------------------------------------------------------
+
+
+class SettingsError(ConfigError, ImproperlyConfigured):  # type: ignore[misc]
+    """A ``POSTLANE_*`` setting that is wrong: malformed, naming nothing, or refused by the
+    server it points at (a token answered with 401 or 403). It is postlane's
+    :class:`~postlane.ConfigError` (so a :class:`~postlane.PostlaneError`) and Django's
+    ``ImproperlyConfigured`` alike, so either ``except`` catches it; the message names the
+    setting, and :attr:`setting` holds it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def token_refused(exc: PostlaneError, setting: str, hint: str = "") -> SettingsError | None:
+    """The server's refusal of the token in ``setting`` as a :class:`SettingsError` (a 401 or
+    403 says the settings are wrong, not the request), or None for any other error."""
+    if exc.code not in _TOKEN_REFUSED:
+        return None
+    return SettingsError(setting, f"{setting}: {exc.message}{hint}")
+
+
+def timeout_setting() -> float:
+    """``POSTLANE_TIMEOUT``, the seconds each HTTP try may take (10)."""
+    value = getattr(settings, "POSTLANE_TIMEOUT", None)
+    if value is None:
+        return 10.0
+    try:
+        timeout = float(value)
+    except (TypeError, ValueError):
+        timeout = math.nan
+    if not (math.isfinite(timeout) and timeout > 0):  # NaN fails both
+        raise SettingsError(
+            "POSTLANE_TIMEOUT",
+            f"POSTLANE_TIMEOUT must be a number of seconds above 0, got {value!r}",
+        )
+    return timeout
+
+
+def http_client(url: str, token: str | None, timeout: float, **options: Any) -> Client:
+    """The :class:`postlane.Client` of ``POSTLANE_URL`` (``options`` are the client's own); a
+    URL it refuses (no ``http://``, ``/v1`` at the end) is a :class:`SettingsError` naming the
+    setting."""
+    from postlane.client import Client
+
+    try:
+        return Client(url, token=token, timeout=timeout, **options)
+    except ConfigError as exc:
+        raise SettingsError("POSTLANE_URL", f"POSTLANE_URL: {exc.message}") from None
+
+
+def open_local(config: Config | str | None) -> Postlane:
+    """The postlane of ``POSTLANE_CONFIG`` (a :class:`~postlane.config.Config`, a path, or None:
+    ``$POSTLANE_CONFIG``, else ``./postlane.toml``), opened. A configuration file names its
+    store, which is made when missing; with none found, the store must exist already, since a
+    new queue in the working directory would wait for a worker that never comes. Either
+    mistake is a :class:`SettingsError` naming ``POSTLANE_CONFIG``: the store's own message
+    names the command line's ways (``--config``), not Django's."""
+    from postlane.blocking import Postlane
+
+    try:
+        if isinstance(config, Config):
+            return Postlane(config)
+        return Postlane(config_path=config)
+    except ConfigError as exc:
+        raise SettingsError("POSTLANE_CONFIG", f"POSTLANE_CONFIG: {exc.message}") from None
+    except StoreUnavailable:
+        missing = _missing_queue(config)
+        if missing is None:
+            raise
+        raise SettingsError(
+            "POSTLANE_CONFIG",
+            f"there is no queue at {missing}, and no configuration names one (POSTLANE_CONFIG "
+            f"is not set, nor $POSTLANE_CONFIG, and there is no {Path.cwd() / 'postlane.toml'}): "
+            'set POSTLANE_CONFIG = "/path/to/postlane.toml" in the Django settings, the file '
+            "postlane serve runs with",
+        ) from None
+
+
+def _missing_queue(config: Config | str | None) -> Path | None:
+    """The SQLite file postlane guessed, and did not find, when no configuration file was
+    found (None: the store failed for another reason)."""
+    from postlane.store import sqlite_path
+
+    if config is not None:
+        return None
+    loaded = load_config(None)
+    if loaded.from_file or not loaded.store.url.startswith("sqlite://"):
+        return None
+    path = sqlite_path(loaded.store.url, loaded.base_dir)
+    return None if path.exists() else path
 
 
 # -- converting a Django message -----------------------------------------------------------------
@@ -144,12 +257,7 @@ class _LocalSender:
     """A postlane store on this host (the sync :class:`~postlane.Postlane`, thread-safe)."""
 
     def __init__(self, config: Config | str | None) -> None:
-        from postlane.blocking import Postlane
-
-        if isinstance(config, Config):
-            self.postlane = Postlane(config)
-        else:
-            self.postlane = Postlane(config_path=config)
+        self.postlane = open_local(config)
 
     def send(self, message: Message) -> EnqueueResult:
         return self.postlane.send(message)
@@ -162,12 +270,22 @@ class _HttpSender:
     """A postlane server over HTTP, through :class:`postlane.Client` (thread-safe)."""
 
     def __init__(self, url: str, token: str | None, timeout: float) -> None:
-        from postlane.client import Client
-
-        self.client = Client(url, token=token, timeout=timeout)
+        self.client = http_client(url, token, timeout)
+        self.url = url
 
     def send(self, message: Message) -> EnqueueResult:
-        return self.client.send(message)
+        try:
+            return self.client.send(message)
+        except NotFound as exc:
+            # a path in front of /v1/messages that is not postlane's: no message is at fault
+            raise SettingsError(
+                "POSTLANE_URL", f"POSTLANE_URL: {self.url} reaches no postlane: {exc.message}"
+            ) from None
+        except PostlaneError as exc:
+            refused = token_refused(exc, "POSTLANE_TOKEN")
+            if refused is None:
+                raise
+            raise refused from None
 
     def close(self) -> None:
         self.client.close()
@@ -181,10 +299,11 @@ class _OutboxSender:
         from postlane.store.postgres import split_schema
 
         if not config.store.url.startswith(("postgresql://", "postgres://")):
-            raise ImproperlyConfigured(
+            raise SettingsError(
+                "POSTLANE_OUTBOX",
                 "POSTLANE_OUTBOX = True needs postlane's store.url to be the PostgreSQL "
                 f"database of DATABASES[{alias!r}] (it is {config.store.url.split(':')[0]}://"
-                f"... in {config.source}): otherwise no worker would ever see the mail"
+                f"... in {config.source}): otherwise no worker would ever see the mail",
             )
         conninfo, self.schema = split_schema(config.store.url)
         self.alias = alias
@@ -199,22 +318,25 @@ class _OutboxSender:
 
         connection = connections[self.alias]
         if connection.vendor != "postgresql":
-            raise ImproperlyConfigured(
-                f"POSTLANE_OUTBOX = True needs DATABASES[{self.alias!r}] to be PostgreSQL "
-                f"(it is {connection.vendor})"
+            raise SettingsError(
+                "POSTLANE_OUTBOX_DATABASE",
+                f"POSTLANE_OUTBOX = True needs DATABASES[{self.alias!r}] "
+                f"(POSTLANE_OUTBOX_DATABASE) to be PostgreSQL (it is {connection.vendor})",
             )
         connection.ensure_connection()
         raw = connection.connection
         if not isinstance(raw, psycopg.Connection):
-            raise ImproperlyConfigured(
+            raise SettingsError(
+                "POSTLANE_OUTBOX",
                 "POSTLANE_OUTBOX = True needs Django's PostgreSQL backend on psycopg 3 "
-                f"(found {type(raw).__module__}.{type(raw).__name__})"
+                f"(found {type(raw).__module__}.{type(raw).__name__})",
             )
         if self.dbname and raw.info.dbname != self.dbname:
-            raise ImproperlyConfigured(
-                f"POSTLANE_OUTBOX: DATABASES[{self.alias!r}] is the database "
-                f"{raw.info.dbname!r} but postlane's store.url names {self.dbname!r}: the "
-                "workers would never see the mail"
+            raise SettingsError(
+                "POSTLANE_OUTBOX_DATABASE",
+                f"POSTLANE_OUTBOX: DATABASES[{self.alias!r}] (POSTLANE_OUTBOX_DATABASE) is the "
+                f"database {raw.info.dbname!r} but postlane's store.url names {self.dbname!r}: "
+                "the workers would never see the mail",
             )
         return enqueue_in_transaction_sync(raw, message, schema=self.schema, max_size=self.max_size)
 
@@ -275,7 +397,10 @@ def _config_setting() -> Config | str | None:
         return value
     if isinstance(value, str | Path):
         return str(value) or None
-    raise ImproperlyConfigured("POSTLANE_CONFIG must be a path or a postlane.Config")
+    raise SettingsError(
+        "POSTLANE_CONFIG",
+        f"POSTLANE_CONFIG must be a path or a postlane.Config, got {type(value).__name__}",
+    )
 
 
 def _sender() -> _Sender:
@@ -284,7 +409,7 @@ def _sender() -> _Sender:
     url = getattr(settings, "POSTLANE_URL", None)
     if getattr(settings, "POSTLANE_OUTBOX", False):
         if url:
-            raise ImproperlyConfigured("set POSTLANE_OUTBOX or POSTLANE_URL, not both")
+            raise SettingsError("POSTLANE_URL", "set POSTLANE_OUTBOX or POSTLANE_URL, not both")
         alias = getattr(settings, "POSTLANE_OUTBOX_DATABASE", "default")
         return _shared(
             ("outbox", alias, id(config) if isinstance(config, Config) else config),
@@ -292,17 +417,19 @@ def _sender() -> _Sender:
         )
     if url:
         token = getattr(settings, "POSTLANE_TOKEN", None)
-        try:
-            timeout = float(getattr(settings, "POSTLANE_TIMEOUT", 10))
-        except (TypeError, ValueError):
-            raise ImproperlyConfigured("POSTLANE_TIMEOUT must be a number of seconds") from None
+        timeout = timeout_setting()
         return _shared(("http", url, token, timeout), lambda: _HttpSender(url, token, timeout))
     key = id(config) if isinstance(config, Config) else config
     return _shared(("local", key), lambda: _LocalSender(config))
 
 
 def _load(config: Config | str | None) -> Config:
-    return config if isinstance(config, Config) else load_config(config)
+    if isinstance(config, Config):
+        return config
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        raise SettingsError("POSTLANE_CONFIG", f"POSTLANE_CONFIG: {exc.message}") from None
 
 
 class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
@@ -319,7 +446,9 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
         try:
             parse_lane(default_lane)
         except ValidationError as exc:
-            raise ImproperlyConfigured(f"POSTLANE_DEFAULT_LANE: {exc.message}") from None
+            raise SettingsError(
+                "POSTLANE_DEFAULT_LANE", f"POSTLANE_DEFAULT_LANE: {exc.message}"
+            ) from None
         try:
             sender = _sender()
         except PostlaneError as exc:
@@ -333,15 +462,11 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
             try:
                 result = sender.send(to_postlane_message(email, default_lane))
             except PostlaneError as exc:
-                if self.fail_silently and not _misconfigured(exc):
+                # wrong settings (a refused token, a URL that reaches no postlane) are a
+                # SettingsError by now, a ConfigError: never silent, unlike a refused message
+                if self.fail_silently and not isinstance(exc, ConfigError):
                     continue
                 raise
             email.postlane_id = result.id
             accepted += 1
         return accepted
-
-
-def _misconfigured(exc: PostlaneError) -> bool:
-    """An error that says the settings are wrong, never the message: it is never silent (a
-    wrong token, a URL that reaches no postlane route, a configuration error)."""
-    return isinstance(exc, (ConfigError, NotFound)) or exc.code in ("unauthorized", "forbidden")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -64,6 +65,8 @@ EventJSON = dict[str, Any]
 
 DEFAULT_RETRIES = 3
 DEFAULT_RETRY_DELAY = 1.0
+#: the most events read per page: what ``GET /v1/events`` gives at most (``limit``)
+MAX_BATCH = 1000
 #: the cursor is saved at least this often while events are relayed (and at the end of a page)
 SAVE_INTERVAL = 1.0
 
@@ -208,18 +211,37 @@ class EventSource(Protocol):
 
 class HttpEventSource:
     """A postlane server's ``GET /v1/events`` (an admin token), through :class:`postlane.Client`
-    (which retries connection failures, timeouts and 503)."""
+    (which retries connection failures, timeouts and 503). The server's refusal of the token
+    (401, 403) is a :class:`~postlane.django.SettingsError` naming ``token_setting``, the
+    Django setting the token came from, with ``token_hint`` after the server's reason."""
 
     def __init__(
-        self, url: str, token: str | None = None, timeout: float = 10, **client: Any
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 10,
+        *,
+        token_setting: str = "POSTLANE_TOKEN",
+        token_hint: str = "",
+        **client: Any,
     ) -> None:
-        from postlane.client import Client
+        from postlane.django import http_client
 
-        self.client = Client(url, token=token, timeout=timeout, **client)
+        self.client = http_client(url, token, timeout, **client)
         self.description = url
+        self.token_setting = token_setting
+        self.token_hint = token_hint
 
     def read(self, after: str | None, limit: int, types: Sequence[str]) -> list[EventJSON]:
-        page = self.client.events(after, limit=limit, types=types)
+        from postlane.django import token_refused
+
+        try:
+            page = self.client.events(after, limit=limit, types=types)
+        except PostlaneError as exc:
+            refused = token_refused(exc, self.token_setting, self.token_hint)
+            if refused is None:
+                raise
+            raise refused from None
         return list(page["events"])
 
     def close(self) -> None:
@@ -231,14 +253,10 @@ class StoreEventSource:
     local store or the outbox."""
 
     def __init__(self, config: Config | str | None) -> None:
-        from postlane.blocking import Postlane
-        from postlane.config import Config
+        from postlane.django import open_local
 
-        if isinstance(config, Config):
-            self.postlane = Postlane(config)
-        else:
-            self.postlane = Postlane(config_path=config)
-        self.description = self.postlane.config.store.url.split("?")[0]
+        self.postlane = open_local(config)
+        self.description = _store_description(self.postlane.config)
 
     def read(self, after: str | None, limit: int, types: Sequence[str]) -> list[EventJSON]:
         page = self.postlane.events(after, limit=limit, types=types)
@@ -246,6 +264,20 @@ class StoreEventSource:
 
     def close(self) -> None:
         self.postlane.close()
+
+
+def _store_description(config: Config) -> str:
+    """The store as ``postlane serve`` names it when it starts: a SQLite file by its absolute
+    path (``store.url`` may be relative to the configuration file), a PostgreSQL URL without
+    its password."""
+    url = config.store.url
+    if url.startswith("sqlite://"):
+        from postlane.store import sqlite_path
+
+        return f"sqlite:///{sqlite_path(url, config.base_dir)}"
+    from postlane.store.postgres import masked
+
+    return masked(url)
 
 
 # -- the cursor ------------------------------------------------------------------------------------
@@ -369,8 +401,11 @@ class EventRelay:
         stop: threading.Event | None = None,
         on_event: Callable[[EventJSON, list[ReceiverFailure]], None] | None = None,
     ) -> None:
-        if batch < 1:
-            raise ValueError("batch must be at least 1")
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be 1 to {MAX_BATCH}")
+        if not (math.isfinite(poll) and poll > 0):
+            # stop.wait(0) returns at once: a following relay would spin the CPU for ever
+            raise ValueError("poll must be a number of seconds above 0")
         if retries < 0 or retry_delay < 0:
             raise ValueError("retries and retry_delay must be 0 or more")
         self.source = source
@@ -385,6 +420,10 @@ class EventRelay:
         self.on_event = on_event
         #: the last event relayed (its id), what the cursor file is given
         self.after: str | None = after if after is not None else self._load()
+        #: where :attr:`after` came from, for a cursor the store never wrote
+        self._origin = (
+            "given as after" if after is not None or cursor is None else f"read from {cursor.path}"
+        )
         self._saved: str | None = self.after
         self._saved_at = time.monotonic()
         #: events relayed, and of them the ones with a receiver that failed every try
@@ -412,9 +451,9 @@ class EventRelay:
         """Relay one page; True once caught up (or stopping)."""
         try:
             events = self.source.read(self.after, self.batch, self.types)
-        except NotFound:
-            if self.after is None:
-                raise
+        except NotFound as exc:
+            if self.after is None or not self._removed_by_retention(self.after):
+                raise NotFound(f"{exc.message} (the cursor {self._origin})") from None
             log.warning(
                 "the events after %s were removed by retention ([store] event_retention) "
                 "before they were relayed; going on from the oldest event kept",
@@ -448,6 +487,15 @@ class EventRelay:
         _close_old_connections()
         self._save()
         return len(events) < self.batch
+
+    def _removed_by_retention(self, after: str) -> bool:
+        """Whether a cursor the store does not keep is older than the oldest event it keeps
+        (or it keeps none): retention removed it, and reading on from the oldest kept loses
+        nothing that is still there. A cursor at or past the oldest kept was never written
+        in this store (a cursor from another one, or a typo): going on from the oldest would
+        tell every receiver the whole log again, so that is an error."""
+        oldest = self.source.read(None, 1, ())
+        return not oldest or int(after) < int(oldest[0]["id"])
 
     def _save(self) -> None:
         if self.cursor is None or self.after == self._saved:

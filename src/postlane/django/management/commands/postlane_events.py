@@ -9,11 +9,13 @@ Where the events are read: ``POSTLANE_URL`` set, a postlane server's ``GET /v1/e
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings  # type: ignore[import-untyped]
 from django.core.management.base import (  # type: ignore[import-untyped]
@@ -23,6 +25,9 @@ from django.core.management.base import (  # type: ignore[import-untyped]
 )
 
 from postlane.errors import PostlaneError
+
+if TYPE_CHECKING:
+    from postlane.django.events import HttpEventSource
 from postlane.events import EVENT_TYPES
 from postlane.toml_values import is_decimal
 
@@ -30,6 +35,46 @@ from postlane.toml_values import is_decimal
 def _setting(name: str, default: Any) -> Any:
     value = getattr(settings, name, None)
     return default if value is None else value
+
+
+def _seconds(value: Any) -> float | None:
+    """``value`` as a number of seconds above 0, or None: a wait of 0 (or less) returns at
+    once, and a following relay would look again and again, spinning the CPU."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
+def _poll_option(text: str) -> float:
+    seconds = _seconds(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return seconds
+
+
+def _batch_option(text: str) -> int:
+    from postlane.django.events import MAX_BATCH
+
+    try:
+        batch = int(text)
+    except ValueError:
+        batch = 0
+    if not 1 <= batch <= MAX_BATCH:
+        # the HTTP API's limit: said here, rather than as the API's "limit" field
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH}, got {text!r}")
+    return batch
+
+
+def _poll_setting() -> float:
+    value = _setting("POSTLANE_EVENTS_POLL", 1.0)
+    seconds = _seconds(value)
+    if seconds is None:
+        raise CommandError(
+            f"POSTLANE_EVENTS_POLL must be a number of seconds above 0, got {value!r}"
+        )
+    return seconds
 
 
 class Command(BaseCommand):  # type: ignore[misc]
@@ -68,11 +113,14 @@ class Command(BaseCommand):  # type: ignore[misc]
             help="Only events of this type (repeatable; the others are passed over).",
         )
         parser.add_argument(
-            "--batch", type=int, default=100, help="Events read per request (default 100)."
+            "--batch",
+            type=_batch_option,
+            default=100,
+            help="Events read per request, 1 to 1000 (default 100).",
         )
         parser.add_argument(
             "--poll",
-            type=float,
+            type=_poll_option,
             default=None,
             help="--follow: seconds between looks once caught up (default "
             "POSTLANE_EVENTS_POLL, 1).",
@@ -85,12 +133,11 @@ class Command(BaseCommand):  # type: ignore[misc]
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from postlane.django import _config_setting
+        from postlane.django import _config_setting, timeout_setting
         from postlane.django.events import (
             CursorFile,
             EventRelay,
             EventSource,
-            HttpEventSource,
             ReceiverFailure,
             StoreEventSource,
         )
@@ -114,15 +161,13 @@ class Command(BaseCommand):  # type: ignore[misc]
                     f"{event.get('recipient') or '-'}{failed}"
                 )
 
+        poll = options["poll"] if options["poll"] is not None else _poll_setting()
         stop: threading.Event = options.get("stop") or threading.Event()
         url = _setting("POSTLANE_URL", None)
         source: EventSource
         try:
             if url:
-                token = _setting("POSTLANE_EVENTS_TOKEN", None) or _setting("POSTLANE_TOKEN", None)
-                source = HttpEventSource(
-                    url, token=token, timeout=float(_setting("POSTLANE_TIMEOUT", 10))
-                )
+                source = self._http_source(url, timeout_setting())
             else:
                 source = StoreEventSource(_config_setting())
         except PostlaneError as exc:
@@ -135,7 +180,7 @@ class Command(BaseCommand):  # type: ignore[misc]
                 after=after,
                 types=options["types"],
                 batch=options["batch"],
-                poll=float(options["poll"] or _setting("POSTLANE_EVENTS_POLL", 1.0)),
+                poll=poll,
                 retries=int(_setting("POSTLANE_EVENTS_RETRIES", 3)),
                 retry_delay=float(_setting("POSTLANE_EVENTS_RETRY_DELAY", 1.0)),
                 stop_on_error=options["stop_on_error"],
@@ -156,6 +201,27 @@ class Command(BaseCommand):  # type: ignore[misc]
                 f"{relay.relayed} event(s) relayed from {source.description}{failed}; "
                 f"cursor {relay.after or '(start)'}"
             )
+
+    @staticmethod
+    def _http_source(url: str, timeout: float) -> HttpEventSource:
+        """``GET /v1/events`` of ``POSTLANE_URL`` with ``POSTLANE_EVENTS_TOKEN``, else
+        ``POSTLANE_TOKEN`` (an application's send token, usually: the hint says which setting
+        wants the admin token)."""
+        from postlane.django.events import HttpEventSource
+
+        token = _setting("POSTLANE_EVENTS_TOKEN", None)
+        if token is not None:
+            return HttpEventSource(
+                url, token=token, timeout=timeout, token_setting="POSTLANE_EVENTS_TOKEN"
+            )
+        return HttpEventSource(
+            url,
+            token=_setting("POSTLANE_TOKEN", None),
+            timeout=timeout,
+            token_setting="POSTLANE_TOKEN",
+            token_hint=" (POSTLANE_EVENTS_TOKEN is not set, so postlane_events used "
+            "POSTLANE_TOKEN: set POSTLANE_EVENTS_TOKEN to a token with the admin scope)",
+        )
 
     @staticmethod
     def _stop_on_sigterm(stop: threading.Event) -> Any:
