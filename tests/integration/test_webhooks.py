@@ -26,6 +26,7 @@ import trustme
 from postlane.alerts import evaluate, load_rules
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
+from postlane.errors import NotFound
 from postlane.events import Event
 from postlane.message import Lane, Message, RecipientState, prepare
 from postlane.records import AttemptRecord, Outcome
@@ -629,7 +630,6 @@ async def test_replay_sends_again_from_an_event_while_the_sender_runs(
         )
     replayed = [int(r.data["id"]) for r in receiver.accepted[len(log) :]]
     assert sorted(replayed) == [e.id for e in log[10:]]
-    from postlane.errors import NotFound
 
     with pytest.raises(NotFound, match="no event 999999 is kept"):
         await replay(sqlite, [endpoint], endpoint.name, after=999_999, now=time.time())
@@ -732,6 +732,37 @@ async def test_follow_events_waits_for_new_events_and_filters_types(sqlite: SQLi
     stop.set()
     await asyncio.wait_for(task, timeout=2)
     assert [e.id for e in seen] == [e.id for e in log + more if e.type == "sent"]
+
+
+async def test_follow_events_stops_at_once_and_refuses_a_cursor_never_written(
+    sqlite: SQLiteStore,
+) -> None:
+    """A day-one audit: ``stop`` set after the 2nd event still delivered the 4 of the page;
+    and a cursor this store never wrote (another store's, a typo) went on from the oldest
+    event kept, telling the whole log again. Stopped, nothing more comes; a cursor never
+    written is NotFound; one retention removed still goes on from the oldest kept."""
+    log = await make_events(sqlite, 4, recipients=1)
+    stop = asyncio.Event()
+    seen: list[Event] = []
+    async for event in follow_events(sqlite, poll=0.05, stop=stop):
+        seen.append(event)
+        if len(seen) == 2:
+            stop.set()
+    assert [e.id for e in seen] == [e.id for e in log[:2]]
+    with pytest.raises(NotFound):
+        async for _ in follow_events(sqlite, after=log[-1].id + 1000, poll=0.05):
+            pass
+    assert await sqlite.purge_events(log[1].at + 0.001) > 0  # the oldest go: a cursor removed
+    kept = [e async for e in _first(follow_events(sqlite, after=log[0].id, poll=0.05), 1)]
+    assert kept and kept[0].id > log[0].id
+
+
+async def _first(events: AsyncIterator[Event], count: int) -> AsyncIterator[Event]:
+    async for event in events:
+        yield event
+        count -= 1
+        if count <= 0:
+            return
 
 
 async def test_subscribers_hear_new_events_in_order_sync_ones_off_the_event_loop(

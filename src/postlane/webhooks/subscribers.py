@@ -79,8 +79,9 @@ async def follow_events(
 ) -> AsyncIterator[Event]:
     """The events after ``after`` (None: from the oldest kept; ``"latest"``: only new ones), of
     ``types`` (default all), for ever or until ``stop`` is set. Once caught up it looks again
-    every ``poll`` seconds. A cursor removed by retention meanwhile is logged, and following
-    goes on from the oldest event kept."""
+    every ``poll`` seconds; nothing is yielded once ``stop`` is set. A cursor removed by
+    retention meanwhile is logged, and following goes on from the oldest event kept; one this
+    store never wrote raises :class:`~postlane.errors.NotFound`."""
     chosen = check_types(types)
     clock = clock or SystemClock()
     cursor = await latest_event_id(store) if after == "latest" else after
@@ -88,6 +89,8 @@ async def follow_events(
         try:
             events, cursor = await read_events(store, cursor, limit=batch, types=chosen)
         except NotFound:
+            if cursor is None or not await _removed_by_retention(store, cursor):
+                raise  # never written here: going on from the oldest would repeat the whole log
             log.warning(
                 "events after %s were removed by retention before they were read; going on "
                 "from the oldest event kept",
@@ -96,9 +99,19 @@ async def follow_events(
             cursor = None
             continue
         for event in events:
+            if stop is not None and stop.is_set():
+                return  # nothing more once stopped, not the rest of the page
             yield event
         if len(events) < batch:
             await _wait(stop, clock, poll)
+
+
+async def _removed_by_retention(store: HistoryStore, cursor: int) -> bool:
+    """Whether a cursor the store does not keep is older than the oldest event it keeps (or
+    it keeps none): retention removed it. One at or past the oldest kept was never written in
+    this store (a cursor from another one, or a typo)."""
+    oldest, _ = await read_events(store, None, limit=1)
+    return not oldest or cursor < oldest[0].id
 
 
 async def _wait(stop: asyncio.Event | None, clock: Clock, seconds: float) -> None:
