@@ -68,6 +68,11 @@ HASTEN_FACTOR = 1.5
 MEASURE_WINDOW = 2.0
 #: a destination's demand is what was asked of it over this window
 DEMAND_WINDOW = 2.0
+#: a recovering rate is recorded (for stats and the fleet) each time it has grown this much
+RECORD_GROWTH = 1.25
+#: a slow-down of a destination with no configured rate ends when it has not asked to slow
+#: down for this long (it stayed "throttled" at its slowed rate in stats for good)
+SLOW_DOWN_MEMORY = 300.0
 
 
 class _Why(enum.Enum):
@@ -148,6 +153,9 @@ class _Destination:
     share: float = 1.0
     #: this process's part of the concurrency cap (None: the whole cap)
     slots: int | None = None
+    #: the rate last recorded (:meth:`Throttle.changes`), and the last throttling reply
+    recorded_rate: float | None = None
+    throttled_at: float = float("-inf")
     #: the share and slots the last :meth:`Throttle.set_shares` computed (a rise takes
     #: effect only once two syncs in a row say so; see there)
     offered: tuple[float, int | None] | None = None
@@ -367,12 +375,10 @@ class Throttle:
                 return  # results of sends started before the pause: already counted
             state.failures += 1
             if state.probing or state.failures >= self.settings.pause_after:
-                self._pause(
-                    state, now, f"{state.failures} connection failure(s): {verdict.text[:200]}"
-                )
+                self._pause(state, now, f"{state.failures} connection failure(s): {_said(verdict)}")
         elif cls is ReplyClass.THROTTLED:
             state.failures = 0
-            self._slow_down(state, now, f"throttled: {verdict.text[:200]}")
+            self._slow_down(state, now, f"throttled: {_said(verdict)}")
         else:
             state.failures = 0
             # the probe after a pause went through: open again. A success during a pause comes
@@ -461,6 +467,7 @@ class Throttle:
         return len(state.sent) / MEASURE_WINDOW
 
     def _slow_down(self, state: _Destination, now: float, reason: str) -> None:
+        state.throttled_at = now
         if now - state.last_decrease < DECREASE_INTERVAL:
             return
         state.last_decrease = now
@@ -494,6 +501,9 @@ class Throttle:
         # estimate of the fleet's rate: each grows it as a lone sender would.
         state.rate += self.settings.increase / max(state.rate * state.share, 1e-6)
         ceiling = self._ceiling(state, now)
+        recorded = state.recorded_rate
+        if recorded is not None and state.rate >= recorded * RECORD_GROWTH:
+            state.changed = True  # stats and the other processes see it come back, in steps
         if ceiling is not None and state.rate >= ceiling:
             state.rate = ceiling
             # back at the ceiling: the slow-down is over (a held rate keeps its rule's reason)
@@ -509,6 +519,18 @@ class Throttle:
         if state.held_rate is None:
             return state.configured_rate
         return min(state.held_rate, state.configured_rate or state.held_rate)
+
+    def _end_slow_down(self, state: _Destination, now: float) -> None:
+        """A destination with no configured rate (and no shaping rule's) that has not asked
+        to slow down for :data:`SLOW_DOWN_MEMORY` is no longer limited (its own successes only
+        raise the rate, never end the slow-down)."""
+        if state.rate is None or state.configured_rate is not None or state.held_rate is not None:
+            return
+        if now - state.throttled_at <= SLOW_DOWN_MEMORY or state.paused_until is not None:
+            return
+        state.rate = None
+        state.reason = None
+        state.changed = True
 
     def _end_hold(self, state: _Destination, now: float) -> None:
         """A shaping rule's rate has held for its duration: from now on the rate creeps back
@@ -723,9 +745,11 @@ class Throttle:
         out = []
         for state in self._destinations.values():
             self._end_hold(state, now)
+            self._end_slow_down(state, now)
             if state.changed:
                 state.changed = False
                 state.synced_at = now
+                state.recorded_rate = state.rate
                 status = self._status(state, now)
                 if not state.own_pause and status.paused_until is not None:
                     status = replace(status, paused_until=None, reason=None)
@@ -760,6 +784,8 @@ class Throttle:
         if status.rate is not None and (state.rate is None or status.rate < state.rate):
             state.rate = status.rate
             state.reason = status.reason
+            # another process's slow-down: it lasts from when it was asked (SLOW_DOWN_MEMORY)
+            state.throttled_at = max(state.throttled_at, status.updated_at)
 
     def statuses(self, now: float) -> list[DestinationStatus]:
         for state in self._destinations.values():
@@ -783,3 +809,11 @@ class Throttle:
 
 def _compile(rule: ShapingRule) -> re.Pattern[str] | None:
     return re.compile(rule.match, re.IGNORECASE) if rule.match else None
+
+
+def _said(verdict: Verdict) -> str:
+    """A reply as one line for a reason: its codes first, its text's lines joined (a
+    provider's multi-line 421 made four log lines and no code), at most 200 characters."""
+    codes = " ".join(str(part) for part in (verdict.code, verdict.enhanced) if part)
+    text = " ".join(verdict.text.split())
+    return " ".join(part for part in (codes, text) if part)[:200]

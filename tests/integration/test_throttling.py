@@ -275,7 +275,9 @@ async def test_stats_the_api_and_metrics_show_a_slowed_down_and_a_paused_destina
         slow, down = stats["slow.example"], stats["down.example"]
         # "slow down" with one send in flight: half of 1/s (min_rate 0.5 sets the floor)
         assert slow.rate == 0.5 and slow.paused_until is None
-        assert (slow.reason or "").startswith("throttled: Our system has detected an unusual rate")
+        assert (
+            slow.reason == "throttled: 421 4.7.28 Our system has detected an unusual rate of mail"
+        )
         assert down.paused_until == pytest.approx(now + 300, abs=1)
         assert "3 connection failure(s)" in (down.reason or "")
 

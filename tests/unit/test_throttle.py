@@ -3,6 +3,8 @@ pauses and probes, shaping rules. Nothing sleeps."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from postlane.classify import ReplyClass, Verdict
@@ -195,6 +197,38 @@ def shaped(rate: float = 20.0, **settings: float) -> Throttle:
     rule = ShapingRule(enhanced="4.7.28", action="rate", rate=2.0, duration=600)
     limits = {"d": DestinationLimits(rate=rate)}
     return Throttle(ThrottleConfig(**settings), limits, [rule])  # type: ignore[arg-type]
+
+
+def test_a_recovering_rate_is_recorded_and_a_slow_down_with_no_limit_ends() -> None:
+    """An outside audit: after a provider slowed the relay down (no rate configured), stats
+    showed the slowed rate and "throttled" six minutes after the queue was empty, while the
+    worker sent 24/s: the recovering rate was never recorded, and with no ceiling the
+    slow-down never ended. It is recorded each time it has grown by a quarter, and ends once
+    the destination has not asked to slow down for five minutes, mail or none. The reason is
+    one line, with the reply's codes."""
+    from postlane.throttle import SLOW_DOWN_MEMORY
+
+    t = throttle(increase=4.0, min_rate=1.0)
+    multi_line = Verdict(
+        ReplyClass.THROTTLED, 421, "4.7.28", "Our system has detected\nan unusual rate of\n  mail"
+    )
+    for n in range(20):  # sending 20/s, until the provider says so
+        send(t, T0 + n / 20)
+    t.observe("d", multi_line, T0 + 1)
+    [cut] = t.changes(T0 + 1)
+    assert cut.rate is not None and cut.rate <= 10
+    assert cut.reason == "throttled: 421 4.7.28 Our system has detected an unusual rate of mail"
+    recorded, now = [cut.rate], T0 + 1
+    while now < T0 + 30:  # asking as fast as admitted: the rate binds, and grows
+        now += 0.01
+        send(t, now)
+        recorded += [c.rate for c in t.changes(now) if c.rate is not None]
+    assert len(recorded) >= 3 and recorded == sorted(recorded)  # stats follow it back up
+    assert all(b <= a * 1.25 + 1 for a, b in itertools.pairwise(recorded))  # in steps
+    assert t.changes(T0 + 1 + SLOW_DOWN_MEMORY - 1) == []  # not yet: it asked 5 min ago
+    [over] = t.changes(T0 + 1 + SLOW_DOWN_MEMORY + 1)  # no mail for a while: over all the same
+    assert over.rate is None and over.reason is None
+    assert t.admit(["d"], T0 + 1 + SLOW_DOWN_MEMORY + 1).admitted
 
 
 def send_for(t: Throttle, start: float, seconds: float, step: float = 0.05) -> tuple[int, float]:
