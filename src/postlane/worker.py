@@ -217,8 +217,16 @@ class Worker:
         now = self.clock.now()
         if dead:
             await self.store.expire_owner_leases(dead, now)
-            log.info("reclaimed leases of %d stopped process(es) on this host", len(dead))
-        return await self.store.reap_expired_leases(now, keep=self.owner)
+        reaped = await self.store.reap_expired_leases(now, keep=self.owner)
+        if dead or reaped:
+            # as housekeeping says it: what they were sending may have gone out already
+            log.warning(
+                "%d delivery(ies) returned from %d stopped process(es) on this host that had "
+                "not recorded a result: those recipients may get the message twice",
+                reaped,
+                len(dead),
+            )
+        return reaped
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set, then shut down gracefully."""

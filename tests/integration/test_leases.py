@@ -27,7 +27,7 @@ from postlane.leases import (
     pid_namespace,
     process_start_ticks,
 )
-from postlane.message import Message, prepare
+from postlane.message import Lane, Message, prepare
 from postlane.metrics import Metrics
 from postlane.policy import Policy
 from postlane.store.sqlite import SQLiteStore
@@ -93,6 +93,43 @@ def test_the_owner_names_this_boot_and_pid_namespace() -> None:
     host, pid, _start, boot, namespace, _tag = lease_owner_id().split("/")
     assert host == socket.gethostname() and int(pid) == os.getpid()
     assert boot == boot_id() and namespace == pid_namespace() and boot and namespace
+
+
+async def test_a_restart_says_how_many_deliveries_it_took_back_and_that_they_may_repeat(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's audit: after kill -9 and a restart, the log said only "reclaimed leases
+    of 1 stopped process(es)", not how many recipients came back nor that they may get the
+    message twice (what docs/observability.md tells operators to look for)."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import os; print(os.getpid())", stdout=subprocess.PIPE
+    )
+    out, _ = await child.communicate()
+    host, _pid, _start, boot, namespace, tag = lease_owner_id().split("/")
+    killed = "/".join((host, out.decode().strip(), "1", boot, namespace, tag))  # gone
+    store = SQLiteStore(tmp_path / "queue.db")
+    await store.open()
+    try:
+        messages = [
+            prepare(Message(sender="a@example.com", to=[f"u{n}@example.net"], text="x"),
+                    max_size=10**6)
+            for n in range(3)
+        ]  # fmt: skip
+        now = time.time()
+        await store.enqueue(messages, now)
+        lanes = [(lane, 0) for lane in Lane]
+        claimed = await store.claim_due(killed, lanes, limit=10, now=now, lease_until=now + 60)
+        assert len(claimed) == 3
+        restarted = Worker(store, CaptureTransport(tmp_path / "captured"),
+                           Policy.from_config(make_config(tmp_path)))  # fmt: skip
+        assert await restarted.reclaim_dead_owners() == 3
+    finally:
+        await store.close()
+    [said] = [r.getMessage() for r in caplog.records if "stopped process" in r.getMessage()]
+    assert said == (
+        "3 delivery(ies) returned from 1 stopped process(es) on this host that had not "
+        "recorded a result: those recipients may get the message twice"
+    )
 
 
 def can_unshare() -> bool:
