@@ -860,7 +860,17 @@ def test_issue_17_1_requeue_of_a_suppressed_address_is_refused_naming_it_and_the
     dead = {d["id"] for d in json.loads(cli(config, "dlq", "list", "--json")[1])}
     assert dead == {ids["dead1"], ids["dead2"]}  # nothing was requeued, the other neither
 
-    code, _, err = cli(config, "dlq", "requeue", "--all", "--class", "hard_bounce", "--unsuppress")
+    # lifting a suppression is shown and asked first, as a purge is (an operator audit: 200
+    # suppressions went at once); answered no, nothing changes
+    requeue = ("dlq", "requeue", "--all", "--class", "hard_bounce", "--unsuppress")
+    code, _, err = cli(config, *requeue, input="n\n")
+    assert code == 1
+    assert "--unsuppress takes 1 address(es) off the suppression list: bounce1@example.net" in err
+    assert "Requeue 2 recipient(s) and lift the suppression of 1 address(es)?" in err
+    assert [e["address"] for e in json.loads(cli(config, "suppress", "list", "--json")[1])] == [
+        "bounce1@example.net"
+    ]
+    code, _, err = cli(config, *requeue, "--yes")
     assert code == 0, err
     assert "bounce1@example.net: removed from the suppression list" in err
     assert "requeued 2 recipient(s)" in err

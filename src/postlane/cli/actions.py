@@ -94,7 +94,26 @@ def run_action(
                 await app.act(action, selector)
             return None
         question = f"{action.value.capitalize()} {total:,} recipient(s)?"
-        if confirm and not yes and not click.confirm(question, default=False, err=True):
+        lifting: list[str] = []
+        if action is QueueAction.REQUEUE and unsuppress:
+            # lifting suppressions loses what put them there and may hurt the sender's name:
+            # shown, and asked, as a purge is (it went ahead at once, a line per address)
+            lifting = await app.suppressed_dead_letters(selector)
+        if lifting:
+            shown = ", ".join(lifting[:5]) + (
+                f" and {len(lifting) - 5:,} more" if len(lifting) > 5 else ""
+            )
+            err.print(
+                f"--unsuppress takes {len(lifting):,} address(es) off the suppression list: "
+                f"{shown}",
+                markup=False,
+            )
+            question = (
+                f"Requeue {total:,} recipient(s) and lift the suppression of "
+                f"{len(lifting):,} address(es)?"
+            )
+        asks = confirm or bool(lifting)
+        if asks and not yes and not click.confirm(question, default=False, err=True):
             raise click.Abort()
         with progress_bar() as bar:
             task = bar.add_task(action.value, total=total)
@@ -236,8 +255,9 @@ def action_command(
     if action in _ACTION_FLAGS:
         flag, flag_help = _ACTION_FLAGS[action]
         command = click.option(flag, is_flag=True, help=flag_help)(command)
-    if destructive:
+    if destructive or action is QueueAction.REQUEUE:  # a requeue asks before --unsuppress
         command = click.option("--yes", is_flag=True, help="Do not ask.")(command)
+    if destructive:
         command = click.option(
             "--export",
             "export_path",
