@@ -28,6 +28,7 @@ _MASKS = (
         ),
         "<id>",
     ),
+    (re.compile(r"\S+(?= - gsmtp\b)"), "<id>"),  # Gmail's reply id, however short
     (re.compile(r"\b\d{4,}\b"), "<n>"),
     (re.compile(r"\s+"), " "),
 )
