@@ -5,7 +5,11 @@ plain functions (``postlane.Postlane``)."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import functools
 import threading
+import weakref
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from datetime import datetime
@@ -73,8 +77,14 @@ class Postlane:
             self._portal.stop()
             raise
         self.config = self._async.config
+        # a script that never closes it: closed at exit, before the interpreter tears down its
+        # loop's thread (a PostgreSQL pool's tasks said "Task was destroyed but it is
+        # pending!" three times)
+        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
 
     def close(self) -> None:
+        atexit.unregister(self._at_exit)
         if self._portal.loop.is_running():
             self._portal.run(self._async.close())
             self._portal.stop()
@@ -149,3 +159,10 @@ async def _build(
     app = AsyncPostlane(config, config_path=path, clock=clock)
     await app.open()
     return app
+
+
+def _close_at_exit(ref: weakref.ref[Postlane]) -> None:
+    mail = ref()
+    if mail is not None:
+        with contextlib.suppress(Exception):  # the store gone already: nothing left to close
+            mail.close()

@@ -157,3 +157,25 @@ def test_the_sync_api_passes_suppression_keywords_on(tmp_path: Path) -> None:
         assert (bob.reason, bob.detail) == ("manual", "asked by phone")
         assert mail.unsuppress("ada@example.net")
         assert [s.address for s in mail.suppressions()] == ["bob@example.net"]
+
+
+def test_a_script_that_never_closes_postlane_exits_cleanly(pg_schema: str, tmp_path: Path) -> None:
+    """An operator's audit: a script using ``postlane.Postlane()`` on PostgreSQL, never
+    closed (the README's example does not), printed "Task was destroyed but it is pending!"
+    three times at exit. It is closed at exit; the message was stored."""
+    import subprocess
+    import sys
+
+    (tmp_path / "postlane.toml").write_text(f'[store]\nurl = "{pg_schema}"\n')
+    script = (
+        "import postlane\n"
+        "mail = postlane.Postlane('postlane.toml')\n"
+        "print(mail.send(sender='a@example.com', to=['b@example.net'], text='x').id)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr
+    with postlane.Postlane(tmp_path / "postlane.toml") as mail:
+        assert mail.get(done.stdout.strip()).recipients[0].address == "b@example.net"
