@@ -157,6 +157,21 @@ def test_burst_worker_delivers_to_the_capture_folder(queue_dir: Path) -> None:
     assert json.loads(ok("queue", "list", "--json", cwd=tmp_path)) == []
 
 
+def test_a_listing_that_matches_nothing_says_so_not_that_the_queue_is_empty(
+    queue_dir: Path,
+) -> None:
+    """An operator's audit: `queue list --domain nosuch.example` on a queue of 5,000 messages
+    printed "Mail queue is empty"."""
+    ok("send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", cwd=queue_dir)
+    assert ok("queue", "list", "--domain", "nosuch.example", cwd=queue_dir).strip() == (
+        "No message matches the selection"
+    )
+    assert "b@example.net" in ok("queue", "list", cwd=queue_dir)
+    assert ok("queue", "list", "--state", "dead", cwd=queue_dir).strip() == (
+        "No message matches the selection"
+    )
+
+
 def test_send_reads_an_eml_and_stdin(queue_dir: Path) -> None:
     tmp_path = queue_dir
     eml = tmp_path / "m.eml"

@@ -932,6 +932,23 @@ def test_issue_17_10_nothing_to_flush_is_said_once(tmp_path: Path) -> None:
     assert code == 0 and out == "" and err == "nothing to flush\n"
 
 
+def test_a_flush_of_held_mail_says_it_is_held_and_how_to_send_it(
+    queue: tuple[Config, dict[str, str]],
+) -> None:
+    """An operator's audit: `queue flush ID` of a held message said "nothing to flush", rc 0;
+    and a delete that matched nothing printed an empty table first."""
+    config, ids = queue
+    assert cli(config, "queue", "hold", ids["news"])[0] == 0
+    code, out, err = cli(config, "queue", "flush", ids["news"])
+    assert code == 0 and out == ""
+    assert err == (
+        "nothing to flush: 2 recipient(s) of the selection are held (postlane queue release "
+        "sends them)\n"
+    )
+    code, _, err = cli(config, "queue", "delete", "--all", "--domain", "nosuch.example")
+    assert code == 0 and err == "nothing to delete\n"
+
+
 def test_issue_17_10_piped_listings_are_neither_padded_nor_wrapped(
     queue: tuple[Config, dict[str, str]],
 ) -> None:

@@ -73,25 +73,25 @@ def run_action(
     """Show what an action touches, ask when it destroys, apply it with progress. A requeue
     goes through :meth:`AsyncPostlane.requeue` (refused for suppressed addresses unless
     ``unsuppress``)."""
-    in_flight = 0
+    in_flight = held = 0
 
     async def go(app: AsyncPostlane) -> int | None:
-        nonlocal in_flight
+        nonlocal in_flight, held
         if action in (QueueAction.DELETE, QueueAction.HOLD):
             # being sent now: left alone (delete) or held after the try (hold); said, not hidden
             sending = await app.store.summarize(selector, ("sending",))
             in_flight = sum(c.count for c in sending)
         counts = await app.summarize(action, selector)
-        total = (
+        total = sum(c.count for c in counts)
+        if total and (confirm or err.is_terminal):
             _show_selection(action, counts)
-            if (confirm or err.is_terminal)
-            else sum(c.count for c in counts)
-        )
         if total == 0:
             if action is QueueAction.FLUSH:
                 # nothing waits there, but a pause or slow-down it names is lifted all the same
                 # (a relay's pause, named relay:HOST:PORT, selects no recipient by domain)
                 await app.act(action, selector)
+                # a held message is not flushed: said, with the way out
+                held = sum(c.count for c in await app.store.summarize(selector, ("held",)))
             return None
         question = f"{action.value.capitalize()} {total:,} recipient(s)?"
         lifting: list[str] = []
@@ -152,7 +152,14 @@ def run_action(
             with contextlib.suppress(OSError):
                 export.close()
     if done is None:
-        click.echo(f"nothing to {action.value}", err=True)
+        if held:
+            click.echo(
+                f"nothing to flush: {held:,} recipient(s) of the selection are held (postlane "
+                "queue release sends them)",
+                err=True,
+            )
+        else:
+            click.echo(f"nothing to {action.value}", err=True)
         _left_in_flight(action, in_flight)
         return
     suffix = f" (exported to {export_path})" if export_path else ""

@@ -56,7 +56,10 @@ def queue_list(limit: int, as_json: bool, **selectors: Any) -> None:
     selector = build_selector(**selectors)
     found = with_app(lambda app: app.messages(selector, limit=limit + 1))
     messages = first(found, limit, "messages")
-    if json_or_empty(messages, as_json=as_json, empty="Mail queue is empty"):
+    narrowed = any(value not in (None, (), False) for value in selectors.values())
+    # "empty" with a --domain that matches nothing read as an empty queue at 3 a.m.
+    empty = "No message matches the selection" if narrowed else "Mail queue is empty"
+    if json_or_empty(messages, as_json=as_json, empty=empty):
         return
     now = time.time()
     columns = ("Queue ID", "Lane", "Size", "Arrival (UTC)", "Sender / Recipients")
