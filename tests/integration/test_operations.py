@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from postlane.app import AsyncPostlane, QueueAction
 from postlane.classify import ReplyClass
-from postlane.cli import main
+from postlane.cli import actions, main
 from postlane.clock import FakeClock
 from postlane.config import Config
 from postlane.message import Lane, Message, RecipientState
@@ -846,7 +846,7 @@ async def test_a_burst_worker_holding_a_lifted_slow_down_sends_what_it_claims_af
 
 
 def test_issue_17_1_requeue_of_a_suppressed_address_is_refused_naming_it_and_the_way_out(
-    queue: tuple[Config, dict[str, str]],
+    queue: tuple[Config, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A hard bounce's address is on the suppression list: requeued as it is, the worker would
     mark it suppressed with no attempt, and it would leave the dead letters without a word."""
@@ -860,9 +860,11 @@ def test_issue_17_1_requeue_of_a_suppressed_address_is_refused_naming_it_and_the
     dead = {d["id"] for d in json.loads(cli(config, "dlq", "list", "--json")[1])}
     assert dead == {ids["dead1"], ids["dead2"]}  # nothing was requeued, the other neither
 
-    # lifting a suppression is shown and asked first, as a purge is (an operator audit: 200
-    # suppressions went at once); answered no, nothing changes
+    # at a terminal, lifting a suppression is shown and asked first, as a purge is (an
+    # operator audit: 200 suppressions went at once); answered no, nothing changes. (A script
+    # that says --unsuppress is not asked.)
     requeue = ("dlq", "requeue", "--all", "--class", "hard_bounce", "--unsuppress")
+    monkeypatch.setattr(actions, "interactive", lambda: True)
     code, _, err = cli(config, *requeue, input="n\n")
     assert code == 1
     assert "--unsuppress takes 1 address(es) off the suppression list: bounce1@example.net" in err
@@ -870,8 +872,10 @@ def test_issue_17_1_requeue_of_a_suppressed_address_is_refused_naming_it_and_the
     assert [e["address"] for e in json.loads(cli(config, "suppress", "list", "--json")[1])] == [
         "bounce1@example.net"
     ]
-    code, _, err = cli(config, *requeue, "--yes")
+    monkeypatch.undo()  # a script (stdin not a terminal) that says --unsuppress means it
+    code, _, err = cli(config, *requeue)
     assert code == 0, err
+    assert "--unsuppress takes" not in err
     assert "bounce1@example.net: removed from the suppression list" in err
     assert "requeued 2 recipient(s)" in err
     assert json.loads(cli(config, "suppress", "list", "--json")[1]) == []

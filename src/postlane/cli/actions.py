@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import stat
+import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, TypeVar
 
@@ -95,9 +96,10 @@ def run_action(
             return None
         question = f"{action.value.capitalize()} {total:,} recipient(s)?"
         lifting: list[str] = []
-        if action is QueueAction.REQUEUE and unsuppress:
+        if action is QueueAction.REQUEUE and unsuppress and not yes and interactive():
             # lifting suppressions loses what put them there and may hurt the sender's name:
-            # shown, and asked, as a purge is (it went ahead at once, a line per address)
+            # an operator at a terminal is shown them and asked, as a purge asks (it went
+            # ahead at once, a line per address); a script that says --unsuppress means it
             lifting = await app.suppressed_dead_letters(selector)
         if lifting:
             shown = ", ".join(lifting[:5]) + (
@@ -165,6 +167,11 @@ def run_action(
     suffix = f" (exported to {export_path})" if export_path else ""
     click.echo(f"{_PAST[action]} {done:,} recipient(s){suffix}", err=True)
     _left_in_flight(action, in_flight)
+
+
+def interactive() -> bool:
+    """Whether an operator answers at a terminal (not a script's pipe)."""
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 def _left_in_flight(action: QueueAction, count: int) -> None:
