@@ -530,11 +530,18 @@ class ShapeRow:
     total: int
     buckets: tuple[int, ...]
 
+    @property
+    def later(self) -> int:
+        """Recipients scheduled for later (``send_at`` ahead): in the total, in no age bucket
+        (they have not been waiting at all)."""
+        return self.total - sum(self.buckets)
+
     def as_json(self, edges: Sequence[float]) -> dict[str, Any]:
         labels = [f"{int(e // 60)}m" for e in edges] + [f"{int(edges[-1] // 60)}m+"]
         return {
             "domain": self.domain,
             "total": self.total,
+            "later": self.later,
             "buckets": dict(zip(labels, self.buckets, strict=True)),
         }
 

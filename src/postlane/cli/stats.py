@@ -79,12 +79,19 @@ def _print_shape(rows: Sequence[ShapeRow], as_json: bool) -> None:
         print_json([row.as_json(QSHAPE_EDGES) for row in rows])
         return
     labels = [f"{int(e // 60)}" for e in QSHAPE_EDGES] + [f"{int(QSHAPE_EDGES[-1] // 60)}+"]
-    table = listing("domain", "T", *labels, right={"T", *labels})
+    # "later": scheduled mail, counted in T but in no age bucket (so each row adds up)
+    table = listing("domain", "T", "later", *labels, right={"T", "later", *labels})
     totals = [sum(row.buckets[i] for row in rows) for i in range(len(labels))]
-    table.add_row("TOTAL", str(sum(r.total for r in rows)), *map(str, totals), style="bold")
+    table.add_row(
+        "TOTAL",
+        str(sum(r.total for r in rows)),
+        str(sum(r.later for r in rows)),
+        *map(str, totals),
+        style="bold",
+    )
     for row in rows:
-        table.add_row(row.domain, str(row.total), *map(str, row.buckets))
-    out.print("waiting recipients by domain and age in minutes (qshape)")
+        table.add_row(row.domain, str(row.total), str(row.later), *map(str, row.buckets))
+    out.print("waiting recipients by domain and age in minutes (qshape; later: scheduled)")
     show(table)
 
 
