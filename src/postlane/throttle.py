@@ -374,7 +374,10 @@ class Throttle:
             if state.paused_until is not None and now < state.paused_until:
                 return  # results of sends started before the pause: already counted
             state.failures += 1
-            if state.probing or state.failures >= self.settings.pause_after:
+            if state.probing:  # "1 connection failure(s)" read as a new, milder trouble
+                reason = f"the probe after pause {state.pause_level} failed: {_said(verdict)}"
+                self._pause(state, now, reason)
+            elif state.failures >= self.settings.pause_after:
                 self._pause(state, now, f"{state.failures} connection failure(s): {_said(verdict)}")
         elif cls is ReplyClass.THROTTLED:
             state.failures = 0

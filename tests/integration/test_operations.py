@@ -279,6 +279,13 @@ def test_delete_asks_and_no_changes_nothing(queue: tuple[Config, dict[str, str]]
     assert "delete will touch 4 recipient(s)" in err
     assert "example.net" in err and "deferred" in err  # counts by domain and state shown
     assert listed(config) == before
+    # a script with nothing on stdin is told why, and the way on (it printed "Aborted!")
+    code, _, err = cli(config, "queue", "delete", "--all", input="")
+    assert code == 1 and listed(config) == before
+    assert err.splitlines()[-2:] == [
+        "Delete 4 recipient(s)? [y/N]: ",
+        "postlane: error: no answer came (stdin is not a terminal): add --yes to go ahead",
+    ]
 
 
 def test_export_then_import_restores_content_ids_and_history(

@@ -115,7 +115,7 @@ def run_action(
                 f"{len(lifting):,} address(es)?"
             )
         asks = confirm or bool(lifting)
-        if asks and not yes and not click.confirm(question, default=False, err=True):
+        if asks and not yes and not _agreed(question):
             raise click.Abort()
         with progress_bar() as bar:
             task = bar.add_task(action.value, total=total)
@@ -167,6 +167,20 @@ def run_action(
     suffix = f" (exported to {export_path})" if export_path else ""
     click.echo(f"{_PAST[action]} {done:,} recipient(s){suffix}", err=True)
     _left_in_flight(action, in_flight)
+
+
+def _agreed(question: str) -> bool:
+    """The operator's answer; no answer at all (a script's empty stdin) is said as such, with
+    the way on, not a bare "Aborted!"."""
+    try:
+        return click.confirm(question, default=False, err=True)
+    except click.Abort:
+        if interactive():
+            raise
+        click.echo(err=True)  # the question's line ends
+        raise PostlaneError(
+            "no answer came (stdin is not a terminal): add --yes to go ahead"
+        ) from None
 
 
 def interactive() -> bool:
