@@ -375,7 +375,10 @@ class Throttle:
                 return  # results of sends started before the pause: already counted
             state.failures += 1
             if state.probing:  # "1 connection failure(s)" read as a new, milder trouble
-                reason = f"the probe after pause {state.pause_level} failed: {_said(verdict)}"
+                reason = (
+                    f"connection failure of the probe after pause {state.pause_level}: "
+                    f"{_said(verdict)}"
+                )
                 self._pause(state, now, reason)
             elif state.failures >= self.settings.pause_after:
                 self._pause(state, now, f"{state.failures} connection failure(s): {_said(verdict)}")

@@ -146,7 +146,7 @@ def test_repeated_connection_failures_pause_then_a_probe_decides() -> None:
     assert t.paused_until("d", T0 + 31) == T0 + 31 + 60
     # said as such (it read "1 connection failure(s)", a new and milder trouble at 3 a.m.)
     [status] = t.statuses(T0 + 31)
-    assert (status.reason or "").startswith("the probe after pause 1 failed: ")
+    assert (status.reason or "").startswith("connection failure of the probe after pause 1: ")
     assert t.admit(["d"], T0 + 91).admitted  # probe again
     t.release(["d"])
     t.observe("d", OK, T0 + 92)  # it worked: open
