@@ -200,6 +200,21 @@ def test_the_default_lane_applies_without_a_header(local_postlane: Config) -> No
             assert app.get(message.postlane_id).lane is Lane.LOW
 
 
+def test_a_sender_django_chose_names_the_setting_when_refused(local_postlane: Config) -> None:
+    """mail_admins with Django's default SERVER_EMAIL (root@localhost): the refusal said only
+    "... It should have a period." (a day-one audit); it names the setting to change."""
+    admins = override_settings(ADMINS=[("Ops", "ops@example.net")], SERVER_EMAIL="root@localhost")
+    with admins, pytest.raises(postlane.ValidationError) as refused:
+        django_mail.mail_admins("Disk", "is full")
+    assert refused.value.field == "from"
+    assert refused.value.message.endswith(
+        "(Django's SERVER_EMAIL chose it: set SERVER_EMAIL to an address of yours)"
+    )
+    with pytest.raises(postlane.ValidationError) as own:  # one the application gave: as it is
+        django_mail.send_mail("Hi", "x", "not-an-address", ["ada@example.net"])
+    assert "Django's" not in own.value.message
+
+
 def test_mail_is_handed_over_on_commit_and_never_for_a_rollback(
     web: DjangoClient, local_postlane: Config
 ) -> None:

@@ -466,7 +466,22 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
                 # SettingsError by now, a ConfigError: never silent, unlike a refused message
                 if self.fail_silently and not isinstance(exc, ConfigError):
                     continue
+                if isinstance(exc, ValidationError) and exc.field == "from":
+                    raise _named_sender_setting(exc, email.from_email) from None
                 raise
             email.postlane_id = result.id
             accepted += 1
         return accepted
+
+
+def _named_sender_setting(refused: ValidationError, sender: str) -> ValidationError:
+    """A sender refused because it is Django's default (``root@localhost`` for
+    ``mail_admins``, ``webmaster@localhost`` for ``send_mail``): the refusal names the setting
+    that chose it (a day-one user got email-validator's "It should have a period" alone)."""
+    for name in ("SERVER_EMAIL", "DEFAULT_FROM_EMAIL"):
+        if sender and sender == getattr(settings, name, None):
+            return ValidationError(
+                f"{refused.message} (Django's {name} chose it: set {name} to an address of yours)",
+                field="from",
+            )
+    return refused
