@@ -112,6 +112,15 @@ def explain(verdict: Verdict) -> str:
     return f"{verdict.cls}: matched rule {verdict.rule}{why}"
 
 
+def one_line(verdict: Verdict, limit: int = 200) -> str:
+    """The reply on one line, its codes first and its text's lines joined (a provider's
+    multi-line 421 made four log lines and no code), at most ``limit`` characters: what a
+    destination's pause or slow-down gives as its reason."""
+    codes = " ".join(str(part) for part in (verdict.code, verdict.enhanced) if part)
+    text = " ".join(verdict.text.split())
+    return " ".join(part for part in (codes, text) if part)[:limit]
+
+
 # --- parsing ----------------------------------------------------------------------------------
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")

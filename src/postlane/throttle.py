@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from postlane.classify import ReplyClass, Verdict
+from postlane.classify import ReplyClass, Verdict, one_line
 from postlane.config import (
     Config,
     DestinationLimits,
@@ -377,14 +377,16 @@ class Throttle:
             if state.probing:  # "1 connection failure(s)" read as a new, milder trouble
                 reason = (
                     f"connection failure of the probe after pause {state.pause_level}: "
-                    f"{_said(verdict)}"
+                    f"{one_line(verdict)}"
                 )
                 self._pause(state, now, reason)
             elif state.failures >= self.settings.pause_after:
-                self._pause(state, now, f"{state.failures} connection failure(s): {_said(verdict)}")
+                self._pause(
+                    state, now, f"{state.failures} connection failure(s): {one_line(verdict)}"
+                )
         elif cls is ReplyClass.THROTTLED:
             state.failures = 0
-            self._slow_down(state, now, f"throttled: {_said(verdict)}")
+            self._slow_down(state, now, f"throttled: {one_line(verdict)}")
         else:
             state.failures = 0
             # the probe after a pause went through: open again. A success during a pause comes
@@ -815,11 +817,3 @@ class Throttle:
 
 def _compile(rule: ShapingRule) -> re.Pattern[str] | None:
     return re.compile(rule.match, re.IGNORECASE) if rule.match else None
-
-
-def _said(verdict: Verdict) -> str:
-    """A reply as one line for a reason: its codes first, its text's lines joined (a
-    provider's multi-line 421 made four log lines and no code), at most 200 characters."""
-    codes = " ".join(str(part) for part in (verdict.code, verdict.enhanced) if part)
-    text = " ".join(verdict.text.split())
-    return " ".join(part for part in (codes, text) if part)[:200]
