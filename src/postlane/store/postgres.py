@@ -530,10 +530,20 @@ class PostgresDatabase:
                 if tries >= TRANSACTION_TRIES:
                     raise self._unavailable(exc) from exc
             except psycopg.OperationalError as exc:
-                # A pooled connection the server closed while it waited in the pool (a restart,
-                # a failover, a proxy's idle timeout) fails at its BEGIN: nothing was sent, the
-                # pool drops it, and the next is tried; each used to cost a client a 503
-                if conn is not None and conn.broken and not begun and stale <= self._max_size:
+                # A pooled connection the server ended while it waited in the pool (a restart,
+                # an administrator) fails at its BEGIN: nothing was sent, the pool drops it,
+                # and the next is tried; each used to cost a client a 503. Only for the
+                # server's own word: a connection lost to the network (the server may be gone)
+                # fails at once, as before, rather than wait for the pool while it reconnects
+                # (the wait pushed its reconnection back past the server's return)
+                ended = isinstance(exc, psycopg.errors.AdminShutdown)
+                if (
+                    ended
+                    and conn is not None
+                    and conn.broken
+                    and not begun
+                    and stale <= self._max_size
+                ):
                     stale += 1
                     tries -= 1
                     log.info("a pooled PostgreSQL connection had been closed: %s", _first_line(exc))
