@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP as SMTPServer
 
 from postlane.app import AsyncPostlane
-from postlane.feedback.inbound import BounceProcessor
+from postlane.feedback.inbound import BounceProcessor, InboundResult
 from postlane.feedback.verp import ReturnPaths, VerpTransport
 from postlane.ingest.bounces import BounceListenerSettings, start_bounce_listener
 from postlane.message import Message, RecipientState
@@ -86,24 +87,28 @@ async def test_postfixs_own_dsn_bounces_and_suppresses_the_refused_recipient(
         key = await app.store.secret("verp", app.clock.now())
         transport = VerpTransport(transport_for(config), BOUNCE_DOMAIN, key)
         worker = Worker.from_config(config, app.store, transport, clock=app.clock)
-        processor = BounceProcessor(app.store, ReturnPaths(BOUNCE_DOMAIN, key), clock=app.clock)
+        processor = HeldProcessor(app.store, ReturnPaths(BOUNCE_DOMAIN, key), clock=app.clock)
         listener = BounceListenerSettings(listen=f"127.0.0.1:{bounce_port}")
         await postfix.start()
         try:
             async with start_bounce_listener(processor, listener):
-                result = await app.send(
-                    Message(
-                        sender="Shop <app@shop.example>",
-                        to=["ada@example.net", "nobody@example.net"],
-                        subject="Your order",
-                        text="It shipped.",
+                try:
+                    result = await app.send(
+                        Message(
+                            sender="Shop <app@shop.example>",
+                            to=["ada@example.net", "nobody@example.net"],
+                            subject="Your order",
+                            text="It shipped.",
+                        )
                     )
-                )
-                assert await worker.run_until_idle() == 2
-                sent = await recipients(app, result.id)
-                # Postfix took both: to postlane they are sent
-                assert {r.state for r in sent.values()} == {RecipientState.SENT}
-                nobody = await wait_for_state(app, result.id, "nobody@example.net")
+                    assert await worker.run_until_idle() == 2
+                    sent = await recipients(app, result.id)
+                    # Postfix took both: to postlane they are sent
+                    assert {r.state for r in sent.values()} == {RecipientState.SENT}
+                    processor.release.set()
+                    nobody = await wait_for_state(app, result.id, "nobody@example.net")
+                finally:  # a failed check must not leave the DSN held at the stop
+                    processor.release.set()
         finally:
             await transport.close()
             await postfix.stop()
@@ -127,6 +132,22 @@ async def test_postfixs_own_dsn_bounces_and_suppresses_the_refused_recipient(
     assert b"From: Shop <app@shop.example>" in arrival.content
     assert "sender non-delivery notification" in log
     assert f"relay=127.0.0.1[127.0.0.1]:{bounce_port}" in log and "status=sent" in log
+
+
+class HeldProcessor(BounceProcessor):
+    """Holds a received DSN (its SMTP session stays open, as a slow listener's would) until
+    the test has seen both recipients ``sent``: Postfix can write and deliver its DSN before
+    the worker's run returns, and the check of the state in between must not race it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = asyncio.Event()
+
+    async def process(
+        self, content: bytes, *, mail_from: str | None = None, rcpt_to: Sequence[str] = ()
+    ) -> InboundResult:
+        await self.release.wait()
+        return await super().process(content, mail_from=mail_from, rcpt_to=rcpt_to)
 
 
 async def recipients(app: AsyncPostlane, queue_id: str) -> dict[str, RecipientView]:
