@@ -8,7 +8,7 @@ result = mail.send(sender="app@example.com", to=["ada@example.net"],
 print(result.id, result.duplicate)
 """
 
-from postlane.app import AsyncPostlane
+from postlane.app import AsyncPostlane, Cancelled
 from postlane.blocking import Postlane
 from postlane.classify import ReplyClass, Verdict, classify
 from postlane.client import AsyncClient, Client
@@ -32,6 +32,7 @@ __all__ = [
     "AsyncClient",
     "AsyncPostlane",
     "Attachment",
+    "Cancelled",
     "Client",
     "Config",
     "ConfigError",

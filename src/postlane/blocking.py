@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, Unpack
 
-from postlane.app import AsyncPostlane, EventPage
+from postlane.app import AsyncPostlane, Cancelled, EventPage
 from postlane.clock import Clock
 from postlane.config import Config
 from postlane.cursors import Page
@@ -109,6 +109,10 @@ class Postlane:
     def content(self, queue_id: str) -> bytes:
         """The stored message's bytes, as they are sent."""
         return self._portal.run(self._async.content(queue_id))
+
+    def cancel(self, queue_id: str) -> Cancelled:
+        """Cancel what of a message has not gone yet (see :meth:`AsyncPostlane.cancel`)."""
+        return self._portal.run(self._async.cancel(queue_id))
 
     def messages(self, selector: Selector | None = None, *, limit: int = 1000) -> list[MessageView]:
         return self._portal.run(self._async.messages(selector, limit=limit))

@@ -194,6 +194,9 @@ class _Call:
     body: Any = None
     #: query parameters (a list of pairs: a name may repeat, as ``type`` does)
     params: tuple[tuple[str, str], ...] = ()
+    #: the answer when a retry finds the resource gone (404): an earlier try whose answer was
+    #: lost did the work (a cancel); None: a 404 is :class:`NotFound` whatever the try
+    gone: Any = None
 
     @property
     def content(self) -> bytes | None:
@@ -250,6 +253,13 @@ def _interpret(response: httpx.Response) -> Any:
         error = PostlaneError(f"postlane refused the request (HTTP {status} {code}): {message}")
     error.code = code
     raise error
+
+
+def _answer(call: _Call, attempt: _Try, response: httpx.Response) -> Any:
+    """:func:`_interpret`, but for a call whose work a lost earlier try may have done."""
+    if call.gone is not None and attempt.number > 1 and response.status_code == 404:
+        return call.gone
+    return _interpret(response)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -411,6 +421,11 @@ class _Base(Generic[_TransportT, _HttpT]):
         return _Call("GET", f"/v1/messages/{quote(str(queue_id), safe='')}")
 
     @staticmethod
+    def _cancel_call(queue_id: str) -> _Call:
+        gone: dict[str, Any] = {"id": str(queue_id), "cancelled": None, "left": []}
+        return _Call("DELETE", f"/v1/messages/{quote(str(queue_id), safe='')}", gone=gone)
+
+    @staticmethod
     def _events_call(after: str | int | None, limit: int, types: Sequence[str]) -> _Call:
         if isinstance(types, str):
             types = [types]
@@ -449,6 +464,16 @@ class Client(_Base[httpx.BaseTransport, httpx.Client]):
         data: dict[str, Any] = self._request(self._get_call(queue_id))
         return data
 
+    def cancel(self, queue_id: str) -> dict[str, Any]:
+        """Cancel what of a message has not gone yet (``DELETE /v1/messages/ID``; a send token
+        cancels only its own messages): ``{"id", "cancelled", "left"}``, how many recipients
+        were removed before they were sent and the recipients it left with their states
+        (already sent, or ``sending`` at that moment: it may still go). ``cancelled`` is None
+        when a retry found the message gone: the try whose answer was lost cancelled it.
+        :class:`~postlane.NotFound` for a message that does not exist (or is not yours)."""
+        data: dict[str, Any] = self._request(self._cancel_call(queue_id))
+        return data
+
     def events(
         self, after: str | int | None = None, *, limit: int = 100, types: Sequence[str] = ()
     ) -> dict[str, Any]:
@@ -472,7 +497,7 @@ class Client(_Base[httpx.BaseTransport, httpx.Client]):
         for attempt in self._tries(call):
             time.sleep(attempt.wait)
             with attempt:
-                return _interpret(self._http.send(self._build(call)))
+                return _answer(call, attempt, self._http.send(self._build(call)))
 
 
 class AsyncClient(_Base[httpx.AsyncBaseTransport, httpx.AsyncClient]):
@@ -495,6 +520,11 @@ class AsyncClient(_Base[httpx.AsyncBaseTransport, httpx.AsyncClient]):
         data: dict[str, Any] = await self._request(self._get_call(queue_id))
         return data
 
+    async def cancel(self, queue_id: str) -> dict[str, Any]:
+        """Cancel what of a message has not gone yet (see :meth:`Client.cancel`)."""
+        data: dict[str, Any] = await self._request(self._cancel_call(queue_id))
+        return data
+
     async def events(
         self, after: str | int | None = None, *, limit: int = 100, types: Sequence[str] = ()
     ) -> dict[str, Any]:
@@ -515,4 +545,4 @@ class AsyncClient(_Base[httpx.AsyncBaseTransport, httpx.AsyncClient]):
         for attempt in self._tries(call):
             await asyncio.sleep(attempt.wait)
             with attempt:
-                return _interpret(await self._http.send(self._build(call)))
+                return _answer(call, attempt, await self._http.send(self._build(call)))

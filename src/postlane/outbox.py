@@ -18,11 +18,15 @@ then atomic, like :meth:`postlane.store.postgres.PostgresStore.enqueue`).
 The statements are the store's (:func:`postlane.store.postgres.enqueue_plan`), so a message
 enqueued here is stored exactly as one enqueued through the API. psycopg errors reach the
 caller unchanged: they concern the caller's transaction, which the caller retries or abandons.
+(Tables missing, a database no postlane has opened yet: the error carries a note saying to run
+``postlane migrate``.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -33,7 +37,7 @@ from postlane.records import EnqueueResult
 from postlane.store.plans import Plan
 from postlane.store.postgres import enqueue_plan, in_schema, run_plan, run_plan_sync
 
-__all__ = ["enqueue_in_transaction", "enqueue_in_transaction_sync"]
+__all__ = ["enqueue_in_transaction", "enqueue_in_transaction_sync", "missing_tables"]
 
 #: the default size limit, as postlane's own ``ingest.max_size``
 DEFAULT_MAX_SIZE = 25_000_000
@@ -48,6 +52,28 @@ def _enqueue_plan(
     if not isinstance(message, PreparedMessage):
         message = prepare(message, max_size=max_size, now=at)
     return in_schema(enqueue_plan([message], at), schema)
+
+
+def missing_tables(schema: str | None) -> str:
+    """What to do when postlane's tables are not where the outbox writes (a database no
+    postlane has opened yet: the outbox does not create or migrate tables in the caller's
+    transaction)."""
+    where = f"the schema {schema!r}" if schema else "this database (its search_path)"
+    return (
+        f"postlane's tables are not in {where}: create them once with "
+        "`postlane --config FILE migrate`, FILE naming this database as store.url "
+        "(starting postlane serve or a worker on it does the same)"
+    )
+
+
+@contextlib.contextmanager
+def _tables_explained(schema: str | None) -> Iterator[None]:
+    """psycopg's UndefinedTable, unchanged, with a note saying what to do."""
+    try:
+        yield
+    except psycopg.errors.UndefinedTable as exc:
+        exc.add_note(missing_tables(schema))
+        raise
 
 
 def _outside_transaction(conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> bool:
@@ -70,11 +96,12 @@ async def enqueue_in_transaction(
     Returns the queue id (``duplicate`` set when the idempotency key was already stored, or is
     being stored by a concurrent transaction that then commits)."""
     plan = _enqueue_plan(message, schema, max_size, now)
-    if _outside_transaction(conn):
-        async with conn.transaction():
+    with _tables_explained(schema):
+        if _outside_transaction(conn):
+            async with conn.transaction():
+                [result] = await run_plan(conn, plan)
+        else:
             [result] = await run_plan(conn, plan)
-    else:
-        [result] = await run_plan(conn, plan)
     return result
 
 
@@ -89,9 +116,10 @@ def enqueue_in_transaction_sync(
     """:func:`enqueue_in_transaction` on a blocking psycopg connection (Django, SQLAlchemy,
     any synchronous application)."""
     plan = _enqueue_plan(message, schema, max_size, now)
-    if _outside_transaction(conn):
-        with conn.transaction():
+    with _tables_explained(schema):
+        if _outside_transaction(conn):
+            with conn.transaction():
+                [result] = run_plan_sync(conn, plan)
+        else:
             [result] = run_plan_sync(conn, plan)
-    else:
-        [result] = run_plan_sync(conn, plan)
     return result

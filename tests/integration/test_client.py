@@ -323,6 +323,28 @@ async def test_the_async_client_retries_503_and_keeps_its_key(
     assert [m.id for m in await asyncio.to_thread(live_api.messages)] == [result.id]
 
 
+def test_an_application_cancels_its_message_and_a_lost_answer_is_no_error(
+    proxy: FlakyProxy, live_api: LiveAPI
+) -> None:
+    with postlane.Client(proxy.url, token=TOKEN, backoff=0.01) as mail:
+        first = mail.send(**MESSAGE, send_at=live_api.app.clock.now() + 3600)
+        assert mail.cancel(first.id) == {"id": first.id, "cancelled": 1, "left": []}
+        with pytest.raises(NotFound):  # gone: a second cancel says so
+            mail.cancel(first.id)
+        second = mail.send(**MESSAGE, send_at=live_api.app.clock.now() + 3600)
+        proxy.script = ["lose"]  # the cancel is done, its answer lost: the retry finds it gone
+        assert mail.cancel(second.id) == {"id": second.id, "cancelled": None, "left": []}
+    assert live_api.messages() == []
+
+
+async def test_the_async_client_cancels(live_api: LiveAPI) -> None:
+    async with postlane.AsyncClient(live_api.url, token=TOKEN) as mail:
+        sent = await mail.send(**MESSAGE, send_at=live_api.app.clock.now() + 3600)
+        assert (await mail.cancel(sent.id))["cancelled"] == 1
+        with pytest.raises(NotFound):
+            await mail.cancel("nosuchmessage")
+
+
 def test_a_callers_own_key_is_kept_for_its_retries(proxy: FlakyProxy, live_api: LiveAPI) -> None:
     proxy.script = ["503"]
     with postlane.Client(proxy.url, token=TOKEN, backoff=0.01) as mail:

@@ -332,6 +332,38 @@ def test_without_postlane_config_the_error_names_the_django_setting(
     assert not (tmp_path / "postlane.db").exists()
 
 
+def test_a_scheduled_reminder_is_cancelled_by_its_postlane_id(local_postlane: Config) -> None:
+    import time
+
+    email = django_mail.EmailMessage(
+        "Your trial ends tomorrow",
+        "Upgrade?",
+        to=["ada@example.net"],
+        headers={"X-Postlane-Send-At": str(int(time.time()) + 86400)},
+    )
+    assert email.send() == 1
+    cancelled = postlane.django.cancel(email.postlane_id)
+    assert cancelled == {"id": email.postlane_id, "cancelled": 1, "left": []}
+    with pytest.raises(postlane.NotFound):
+        postlane.django.cancel(email.postlane_id)
+    with postlane.Postlane(local_postlane) as app:
+        assert app.messages() == []
+
+
+def test_the_outbox_cancels_through_the_store(
+    web: DjangoClient, outbox_schema: tuple[Path, str]
+) -> None:
+    path, _ = outbox_schema
+    with override_settings(
+        POSTLANE_CONFIG=str(path), POSTLANE_OUTBOX=True, POSTLANE_OUTBOX_DATABASE="postgres"
+    ):
+        email = django_mail.EmailMessage("Hi", "Hello", "app@example.com", ["ada@example.net"])
+        assert email.send() == 1
+        assert postlane.django.cancel(email.postlane_id)["cancelled"] == 1
+    with postlane.Postlane(config_path=path) as app:
+        assert app.messages() == []
+
+
 def test_schedule_headers_become_send_at_and_expires_at(local_postlane: Config) -> None:
     import time
     from datetime import UTC, datetime
@@ -499,6 +531,32 @@ def test_the_outbox_commits_the_mail_with_the_views_transaction_or_not_at_all(
     with connections["postgres"].cursor() as cursor:
         cursor.execute(f'SELECT email FROM "{schema}".signups')
         assert cursor.fetchall() == [("new@example.net",)]
+
+
+def test_an_outbox_on_a_database_postlane_never_opened_says_to_migrate(tmp_path: Path) -> None:
+    """A day-one audit got psycopg's raw ``relation "suppressions" does not exist``: the
+    outbox writes in the caller's transaction and creates no tables there."""
+    from django.core.exceptions import ImproperlyConfigured
+    from django.db import transaction
+
+    url = postgres_url_or_skip("the outbox test needs PostgreSQL: set")
+    schema = f"dj_{uuid.uuid4().hex[:12]}"  # never opened by postlane: no tables
+    path = write_config(tmp_path, with_schema(url, schema), f"capture://{tmp_path / 'captured'}")
+    try:
+        with (
+            override_settings(
+                POSTLANE_CONFIG=str(path), POSTLANE_OUTBOX=True, POSTLANE_OUTBOX_DATABASE="postgres"
+            ),
+            pytest.raises(ImproperlyConfigured, match="POSTLANE_OUTBOX") as caught,
+            transaction.atomic(using="postgres"),
+        ):
+            django_mail.send_mail("Hi", "Hello", "app@example.com", ["ada@example.net"])
+    finally:
+        connections["postgres"].close()
+    message = str(caught.value)
+    assert f"postlane's tables are not in the schema {schema!r}" in message
+    assert "postlane --config FILE migrate" in message
+    assert isinstance(caught.value.__cause__, psycopg.errors.UndefinedTable)
 
 
 def test_the_outbox_refuses_a_store_that_is_not_postgresql(local_postlane: Config) -> None:

@@ -244,6 +244,30 @@ async def test_a_send_token_reads_only_its_own_messages(scoped: tuple[AsyncPostl
         assert (await admin.get(f"/v1/messages/{queue_id}")).status_code == 200
 
 
+async def test_a_send_token_cancels_only_its_own_messages(
+    scoped: tuple[AsyncPostlane, Any],
+) -> None:
+    app, client = scoped
+    later = {**MESSAGE, "send_at": app.clock.now() + 3600}
+    async with client(SEND_TOKEN) as mine, client(OTHER_TOKEN) as theirs, client(TOKEN) as admin:
+        queue_id = (await mine.post("/v1/messages", json=later)).json()["id"]
+        r = await theirs.delete(f"/v1/messages/{queue_id}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert (await app.get(queue_id)).recipients[0].state is RecipientState.QUEUED
+        r = await mine.delete(f"/v1/messages/{queue_id}")
+        assert r.status_code == 200
+        assert r.json() == {"id": queue_id, "cancelled": 1, "left": []}
+        assert (await mine.get(f"/v1/messages/{queue_id}")).status_code == 404
+        r = await mine.delete(f"/v1/messages/{queue_id}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        # an admin token cancels any message
+        queue_id = (await theirs.post("/v1/messages", json=later)).json()["id"]
+        r = await admin.delete(f"/v1/messages/{queue_id}")
+        assert r.status_code == 200 and r.json()["cancelled"] == 1
+        [deleted, _] = (await admin.get("/v1/events", params={"type": "deleted"})).json()["events"]
+        assert deleted["text"] == "cancelled by the application"
+
+
 async def test_finding_3_idempotency_keys_are_scoped_to_the_submitter_and_payload_compared(
     scoped: tuple[AsyncPostlane, Any],
 ) -> None:

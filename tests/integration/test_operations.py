@@ -1238,3 +1238,33 @@ async def test_a_requeue_that_lifts_suppressions_stopped_half_way_lifted_only_wh
     assert said == ["bounce1@example.net"]  # told as it happened
     assert left == ["bounce2@example.net"]  # the second slice's: not requeued, still listed
     assert dead == {ids["dead2"]}
+
+
+async def test_an_expired_dead_letter_says_expired_with_its_last_reply(tmp_path: Path) -> None:
+    """A day-one audit: a code greylisted once, then past its expires_at, was listed by `dlq
+    list` as the greylisting reply, class temporary, as if it had failed; only --json said
+    expired."""
+    config = write_config(tmp_path)
+    greylisted = "Recipient address rejected: Greylisted"
+    async with AsyncPostlane(config) as app:
+        code = await app.send(
+            sender="app@example.com",
+            to=["ada@example.net"],
+            text="123456",
+            expires_at=time.time() + 600,
+        )
+        now = time.time()
+        [claimed] = await app.store.claim_due("w", ALL, limit=10, now=now, lease_until=now + 60)
+        [d] = claimed.deliveries
+        deferral = attempt(ReplyClass.TEMPORARY, 450, greylisted)
+        outcome = Outcome(d.id, RecipientState.DEFERRED, 1, 0, now + 900, deferral)
+        await app.store.record("w", [outcome], now)
+        assert await app.store.expire_due(now + 601) == 1
+        [group] = await app.dead_groups(Selector(all=True), limit=10)
+        assert (group.reply, group.code, group.count) == ("expired", None, 1)
+    status, out, err = await asyncio.to_thread(cli, config, "dlq", "list")
+    assert status == 0, err
+    assert "expired" in out and "Greylisted" not in out
+    status, out, err = await asyncio.to_thread(cli, config, "dlq", "list", "--rows")
+    assert status == 0, err
+    assert code.id in out and "expired (last reply: 450 Recipient address" in " ".join(out.split())

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from postlane.app import AsyncPostlane, QueueAction
+from postlane.app import AsyncPostlane, Cancelled, QueueAction
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock, parse_when
-from postlane.errors import ValidationError
-from postlane.message import RecipientState
+from postlane.errors import NotFound, ValidationError
+from postlane.message import Lane, RecipientState
 from postlane.records import Selector
 from postlane.transports import transport_for
 from postlane.worker import Worker
@@ -296,3 +296,60 @@ async def test_an_export_and_import_keep_a_messages_schedule_and_expiry(tmp_path
             assert await worker.run_until_idle() == 0  # not before its time
         finally:
             await worker.transport.close()
+
+
+async def test_an_application_cancels_a_scheduled_reminder_and_hears_it(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    config = make_config(tmp_path)
+    async with AsyncPostlane(config, clock=clock) as app:
+        reminder = await app.send(
+            sender="a@example.com",
+            to=["ada@example.net", "bob@example.net"],
+            text="your trial ends tomorrow",
+            send_at=T0 + 3600,
+        )
+        other = await app.send(
+            sender="a@example.com", to=["cy@example.net"], text="x", send_at=T0 + 3600
+        )
+        cancelled = await app.cancel(reminder.id)
+        assert cancelled == Cancelled(reminder.id, 2, ())
+        assert cancelled.as_json() == {"id": reminder.id, "cancelled": 2, "left": []}
+        with pytest.raises(NotFound):  # nothing is left of it
+            await app.get(reminder.id)
+        with pytest.raises(NotFound):  # cancelling again: it is gone
+            await app.cancel(reminder.id)
+        page = await app.events(types=["deleted"])
+        assert sorted((e.recipient, e.text) for e in page.events) == [
+            ("ada@example.net", "cancelled by the application"),
+            ("bob@example.net", "cancelled by the application"),
+        ]
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        await clock.advance(3600)
+        assert await worker.run_until_idle() == 1  # only the other message's recipient
+        assert (await app.get(other.id)).recipients[0].state is RecipientState.SENT
+        # a message whose recipients are all final: nothing to cancel, all of it left
+        done = await app.cancel(other.id)
+        assert done == Cancelled(other.id, 0, (("cy@example.net", RecipientState.SENT),))
+        await worker.transport.close()
+
+
+async def test_a_cancel_leaves_a_recipient_being_sent_to_its_result(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    async with AsyncPostlane(make_config(tmp_path), clock=clock) as app:
+        sent = await app.send(
+            sender="a@example.com", to=["ada@example.net", "bob@example.net"], text="x"
+        )
+        # bob's is held by an operator; ada's is then claimed by a worker
+        held = Selector(ids=(sent.id,), recipient="bob@example.net")
+        assert await app.act(QueueAction.HOLD, held) == 1
+        [claimed] = await app.store.claim_due(
+            "w", [(lane, 10) for lane in Lane], limit=10, now=T0, lease_until=T0 + 60
+        )
+        assert [d.address for d in claimed.deliveries] == ["ada@example.net"]
+        cancelled = await app.cancel(sent.id)
+        assert cancelled.cancelled == 1  # the held one
+        assert cancelled.left == (("ada@example.net", RecipientState.SENDING),)
+        view = await app.get(sent.id)
+        assert [(r.address, r.state) for r in view.recipients] == [
+            ("ada@example.net", RecipientState.SENDING)
+        ]

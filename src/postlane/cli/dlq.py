@@ -27,6 +27,8 @@ from postlane.records import DeadGroup, DeadLetter
 
 #: what a listing says when nothing matches, grouped or not
 _NO_DEAD_LETTERS = "No dead letters"
+#: the reason the store gives a recipient dead-lettered when its expires_at passed
+EXPIRED = "expired"
 
 
 @click.group()
@@ -85,7 +87,9 @@ def _show_letters(letters: Sequence[DeadLetter]) -> None:
         text = ""
         if last is not None:
             text = reply_line(last.code, last.enhanced, last.text)
-        if d.reason and not text:
+        if d.reason == EXPIRED:  # its time ran out: that is why it is here, not the reply
+            text = f"{EXPIRED} (last reply: {text})" if text else EXPIRED
+        elif d.reason and not text:
             text = d.reason
         table.add_row(d.id, d.address, d.cls.value, str(d.attempts), when(d.dead_at), text)
     show(table)

@@ -77,6 +77,7 @@ __all__ = [
     "METADATA_HEADER",
     "EmailBackend",
     "SettingsError",
+    "cancel",
     "mail_event",
     "reset",
     "to_postlane_message",
@@ -250,6 +251,8 @@ def to_postlane_message(email: Any, default_lane: str = "normal") -> Message:
 class _Sender(Protocol):
     def send(self, message: Message) -> EnqueueResult: ...
 
+    def cancel(self, queue_id: str) -> dict[str, Any]: ...
+
     def close(self) -> None: ...
 
 
@@ -261,6 +264,9 @@ class _LocalSender:
 
     def send(self, message: Message) -> EnqueueResult:
         return self.postlane.send(message)
+
+    def cancel(self, queue_id: str) -> dict[str, Any]:
+        return self.postlane.cancel(queue_id).as_json()
 
     def close(self) -> None:
         self.postlane.close()
@@ -287,6 +293,9 @@ class _HttpSender:
                 raise
             raise refused from None
 
+    def cancel(self, queue_id: str) -> dict[str, Any]:
+        return self.client.cancel(queue_id)
+
     def close(self) -> None:
         self.client.close()
 
@@ -306,7 +315,10 @@ class _OutboxSender:
                 f"... in {config.source}): otherwise no worker would ever see the mail",
             )
         conninfo, self.schema = split_schema(config.store.url)
+        self.config = config
         self.alias = alias
+        #: the store itself, opened for a cancel (mail goes in through the caller's connection)
+        self._store: Postlane | None = None
         self.max_size = config.smtp.max_size
         self.dbname = _dbname(conninfo)
 
@@ -314,7 +326,7 @@ class _OutboxSender:
         import psycopg
         from django.db import connections  # type: ignore[import-untyped]
 
-        from postlane.outbox import enqueue_in_transaction_sync
+        from postlane.outbox import enqueue_in_transaction_sync, missing_tables
 
         connection = connections[self.alias]
         if connection.vendor != "postgresql":
@@ -338,10 +350,25 @@ class _OutboxSender:
                 f"database {raw.info.dbname!r} but postlane's store.url names {self.dbname!r}: "
                 "the workers would never see the mail",
             )
-        return enqueue_in_transaction_sync(raw, message, schema=self.schema, max_size=self.max_size)
+        try:
+            return enqueue_in_transaction_sync(
+                raw, message, schema=self.schema, max_size=self.max_size
+            )
+        except psycopg.errors.UndefinedTable as exc:
+            raise SettingsError(
+                "POSTLANE_OUTBOX",
+                f"POSTLANE_OUTBOX: {missing_tables(self.schema)} (then send again: this "
+                "transaction failed)",
+            ) from exc
+
+    def cancel(self, queue_id: str) -> dict[str, Any]:
+        if self._store is None:
+            self._store = open_local(self.config)
+        return self._store.cancel(queue_id).as_json()
 
     def close(self) -> None:
-        return None
+        if self._store is not None:
+            self._store.close()
 
 
 def _dbname(conninfo: str) -> str | None:
@@ -359,6 +386,16 @@ def _dbname(conninfo: str) -> str | None:
 # that a process forked after the first send (a pre-forking server) opens its own.
 _senders: dict[tuple[Any, ...], _Sender] = {}
 _senders_lock = threading.Lock()
+
+
+def cancel(queue_id: str) -> dict[str, Any]:
+    """Cancel what of a message has not gone yet (``message.postlane_id``: a scheduled
+    reminder no longer wanted), through the postlane the settings choose: ``{"id",
+    "cancelled", "left"}``, how many recipients were removed and those it left (already sent,
+    or being sent at that moment) with their states; see docs/scheduling.md. Raises
+    :class:`~postlane.NotFound` for a message that does not exist (or, over HTTP with a send
+    token, that this application did not send)."""
+    return _sender().cancel(queue_id)
 
 
 def _shared(key: tuple[Any, ...], build: Callable[[], _Sender]) -> _Sender:

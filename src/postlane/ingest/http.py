@@ -150,6 +150,15 @@ async def get_message(request: Request, caller: Caller) -> Response:
     return ApiJSON(view.as_json())
 
 
+async def cancel_message(request: Request, caller: Caller) -> Response:
+    """Cancel what of a message has not gone yet; a send token, only its own messages."""
+    submitter = caller.submitter if caller.scope is Scope.SEND else None
+    cancelled = await context_of(request).postlane.cancel(
+        request.path_params["queue_id"], submitter=submitter
+    )
+    return ApiJSON(cancelled.as_json())
+
+
 Listing = Callable[[AsyncPostlane, Selector, int], Awaitable[Sequence[Any]]]
 PagedListing = Callable[[AsyncPostlane, Selector, str | None, int], Awaitable[Page[Any]]]
 
@@ -405,6 +414,7 @@ _ROUTES: tuple[tuple[str, str, Handler, Scope | None], ...] = (
     ("/v1/messages", "GET", list_messages, _ADMIN),
     ("/v1/messages/batch", "POST", post_batch, _SEND),
     ("/v1/messages/{queue_id}", "GET", get_message, _SEND),
+    ("/v1/messages/{queue_id}", "DELETE", cancel_message, _SEND),
     ("/v1/stats", "GET", get_stats, _ADMIN),
     ("/v1/queue", "GET", list_messages, _ADMIN),
     ("/v1/queue/import", "POST", import_export, _ADMIN),

@@ -435,7 +435,20 @@ def _message_paths() -> dict[str, Any]:
                 {"200": _json(_ref("Message"), "The message")},
                 (401, 403, 404, 503),
                 parameters=[_path_parameter("queue_id")],
-            )
+            ),
+            "delete": _operation(
+                "Cancel what of the message has not gone yet: its waiting recipients (queued, "
+                "scheduled, deferred, held) are removed, each with a `deleted` event; one being "
+                "sent or already final is left (a send token: its own messages only)",
+                {
+                    "200": _json_object(
+                        "What was cancelled: id, cancelled (recipients removed), left (the "
+                        "recipients left, each an address and its state)"
+                    )
+                },
+                (401, 403, 404, 503),
+                parameters=[_path_parameter("queue_id")],
+            ),
         },
         "/v1/stats": {
             "get": _operation(

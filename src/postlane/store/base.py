@@ -37,6 +37,11 @@ from postlane.records import (
 )
 from postlane.store.sql import Migration
 
+#: the text of the ``deleted`` event of a recipient an operator deleted before it was sent
+DELETED_BY_OPERATOR = "deleted by an operator"
+#: ... and of one its application cancelled (``DELETE /v1/messages/ID``, ``cancel()``)
+CANCELLED_BY_APPLICATION = "cancelled by the application"
+
 
 class DeliveryStore(Protocol):
     """What ingest and workers need: enqueue, claim under a lease, record results, reap."""
@@ -183,9 +188,12 @@ class OperatorStore(Protocol):
         """Held deliveries become due now."""
         ...
 
-    async def delete_deliveries(self, delivery_ids: Sequence[int], states: Sequence[str]) -> int:
+    async def delete_deliveries(
+        self, delivery_ids: Sequence[int], states: Sequence[str], *, why: str = DELETED_BY_OPERATOR
+    ) -> int:
         """Remove deliveries still in ``states`` (with their attempts); a message left without
-        any goes too. A delivery that moved to another state meanwhile is left alone."""
+        any goes too. A delivery that moved to another state meanwhile is left alone. Each one
+        removed before it was sent gets a ``deleted`` event saying ``why``."""
         ...
 
     async def requeue_dead(self, delivery_ids: Sequence[int], now: float) -> list[float]:

@@ -26,6 +26,7 @@ from postlane.records import (
     Stats,
 )
 from postlane.store import rows
+from postlane.store.base import DELETED_BY_OPERATOR
 from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one, selection
 from postlane.triage import group_dead_letters
 
@@ -314,12 +315,14 @@ class SQLOperator(SQLRole):
 
         return await self.db.write(run)
 
-    async def delete_deliveries(self, delivery_ids: Sequence[int], states: Sequence[str]) -> int:
+    async def delete_deliveries(
+        self, delivery_ids: Sequence[int], states: Sequence[str], *, why: str = DELETED_BY_OPERATOR
+    ) -> int:
         params = {"ids": list(delivery_ids), "states": list(states)}
         now = time.time()
 
         def run() -> Plan[int]:
-            yield from execute("insert_deleted_events", {**params, "now": now})
+            yield from execute("insert_deleted_events", {**params, "now": now, "why": why})
             deleted = yield from fetch("delete_deliveries", params)
             touched = sorted({row["queue_id"] for row in deleted})
             if touched:

@@ -161,8 +161,13 @@ ORDER BY 1;
 
 -- name: dead_groups
 -- Dead letters that failed alike (before masking the replies' details in Python); one never
--- tried (expired, or past its limits before a try) is told by its reason.
-SELECT last_class, domain, last_code, last_enhanced, coalesce(last_text, reason) AS last_text,
+-- tried (past its limits before a try) is told by its reason, and an expired one is grouped as
+-- "expired" whatever its last reply was (it did not fail: its time ran out; dlq show has the
+-- reply).
+SELECT last_class, domain,
+       CASE WHEN reason = 'expired' THEN NULL ELSE last_code END AS last_code,
+       CASE WHEN reason = 'expired' THEN NULL ELSE last_enhanced END AS last_enhanced,
+       CASE WHEN reason = 'expired' THEN reason ELSE coalesce(last_text, reason) END AS last_text,
        count(*) AS n,
        min(updated_at) AS first_dead_at, max(updated_at) AS last_dead_at,
        min(queue_id) AS sample_id
@@ -196,11 +201,11 @@ WHERE @any(id, ids, bigint) AND state = 'held';
 UPDATE deliveries SET hold_after = FALSE WHERE @any(id, ids, bigint) AND state = 'sending';
 
 -- name: insert_deleted_events
--- The event of each recipient an operator deletes before it was sent: the application hears
--- the end of every recipient it heard queued (not of one already final: it heard that).
+-- The event of each recipient deleted before it was sent (by an operator, or cancelled by the
+-- application: :why): the application hears the end of every recipient it heard queued (not
+-- of one already final: it heard that).
 INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane, text, metadata)
-SELECT 'deleted', :now, d.queue_id, d.id, d.address, d.lane, 'deleted by an operator',
-       m.metadata
+SELECT 'deleted', :now, d.queue_id, d.id, d.address, d.lane, :why, m.metadata
 FROM deliveries d JOIN messages m ON m.id = d.queue_id
 WHERE @any(d.id, ids, bigint) AND @any(d.state, states, text)
   AND d.state IN ('queued', 'deferred', 'held')
