@@ -25,9 +25,11 @@ postlane installed costs every pytest run nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.policy
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
@@ -103,15 +105,22 @@ class PostlaneMail:
         """Enqueue a message, as :meth:`postlane.Postlane.send` (a Message or keywords)."""
         return self.app.send(*args, **fields)
 
-    def deliver(self) -> int:
+    def deliver(self, *, at: datetime | float | None = None) -> int:
         """Run a worker until nothing is due, as ``postlane worker`` would, with every delivery
         captured; returns the number of delivery attempts. Deferred deliveries (none, unless
-        the test set them up) stay for a later call."""
+        the test set them up) stay for a later call.
+
+        Mail goes out as in production: with the configuration's DKIM signatures, ``[bounces]``
+        return paths and ``[unsubscribe]`` links, whatever ``delivery.relay`` and ``[[routes]]``
+        say (they are not used: everything is captured). ``at`` (an aware datetime or Unix
+        seconds): deliver as if it were then, to test ``send_at`` and ``expires_at`` without
+        waiting (mail scheduled up to then goes; mail past its ``expires_at`` is dead-lettered).
+        """
         # a thread of its own: works the same from sync tests and from inside a running event
         # loop (an async test), and shares nothing with the app's loop thread
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postlane-deliver")
         try:
-            future = pool.submit(asyncio.run, self._deliver())
+            future = pool.submit(asyncio.run, self._deliver(at))
             try:
                 return future.result(timeout=DELIVER_TIMEOUT)
             except TimeoutError:
@@ -121,14 +130,22 @@ class PostlaneMail:
         finally:
             pool.shutdown(wait=False)
 
-    async def _deliver(self) -> int:
+    async def _deliver(self, at: datetime | float | None) -> int:
         from postlane.app import AsyncPostlane
-        from postlane.transports.capture import CaptureTransport
+        from postlane.clock import Clock, FakeClock, SystemClock, parse_when
+        from postlane.transports import delivery_transport
         from postlane.worker import Worker
 
-        async with AsyncPostlane(self.config) as app:
-            transport = CaptureTransport(self.capture_folder)
-            worker = Worker.from_config(self.config, app.store, transport)
+        # every relay and route captured, the rest of the configuration as it is
+        delivery = dataclasses.replace(
+            self.config.delivery, relay=f"capture://{self.capture_folder.resolve()}"
+        )
+        config = dataclasses.replace(self.config, delivery=delivery, routes=())
+        when = parse_when(at, "at")
+        clock: Clock = SystemClock() if when is None else FakeClock(when)
+        async with AsyncPostlane(config, clock=clock) as app:
+            transport = await delivery_transport(config, app.store, clock.now())
+            worker = Worker.from_config(config, app.store, transport, clock=clock)
             try:
                 return await worker.run_until_idle()
             finally:

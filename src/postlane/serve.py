@@ -20,7 +20,7 @@ from postlane.app import AsyncPostlane
 from postlane.clock import Clock
 from postlane.config import Config, format_duration
 from postlane.ingest.door import FrontDoor
-from postlane.transports import transport_for
+from postlane.transports import delivery_transport
 from postlane.transports.base import Transport
 from postlane.worker import Worker
 
@@ -204,13 +204,7 @@ async def run(
     stop = stop or asyncio.Event()
     remove_handlers = _install_signal_handlers(stop)
     async with AsyncPostlane(config, clock=clock) as app:
-        verp_key = None
-        if config.bounces.domain is not None:
-            verp_key = await app.store.secret("verp", app.clock.now())
-        unsubscribe_key = None
-        if config.unsubscribe.url is not None:
-            unsubscribe_key = await app.store.secret("unsubscribe", app.clock.now())
-        transport = transport_for(config, verp_key=verp_key, unsubscribe_key=unsubscribe_key)
+        transport = await delivery_transport(config, app.store, app.clock.now())
         announce(config, app, transport)
         from postlane.metrics import Metrics
 
@@ -251,13 +245,13 @@ async def run(
                         ident="postlane" if slot is None else f"postlane process {slot.index}",
                     )
                 )
-                if verp_key is not None:
+                if config.bounces.domain is not None:
                     await servers.enter_async_context(
                         _bounce_listener(
                             config,
                             app,
                             metrics,
-                            verp_key,
+                            await app.store.secret("verp", app.clock.now()),
                             sockets.get("bounces"),
                             mail_activity=lambda: worker.attempts,
                         )

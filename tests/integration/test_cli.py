@@ -157,6 +157,24 @@ def test_burst_worker_delivers_to_the_capture_folder(queue_dir: Path) -> None:
     assert json.loads(ok("queue", "list", "--json", cwd=tmp_path)) == []
 
 
+def test_a_burst_worker_sends_with_return_paths_and_unsubscribe_links(tmp_path: Path) -> None:
+    """A session's review: ``worker --burst`` built its transport without the store's keys, so
+    mail sent by a cron burst had no VERP return path and no unsubscribe link (serve's had)."""
+    (tmp_path / "postlane.toml").write_text(
+        '[store]\nurl = "sqlite:///q.db"\n'
+        '[delivery]\nrelay = "capture://captured"\n'
+        '[bounces]\ndomain = "bounces.example.com"\n'
+        '[unsubscribe]\nurl = "https://mail.example.com/u"\n'
+    )
+    ok("send", "--from", "news@example.com", "--to", "b@example.net", "--text", "x",
+       "--lane", "low", cwd=tmp_path)  # fmt: skip
+    ok("worker", "--burst", cwd=tmp_path)
+    [eml] = (tmp_path / "captured").glob("*.eml")
+    content = eml.read_bytes()
+    assert b"List-Unsubscribe: <https://mail.example.com/u/" in content
+    assert b"@bounces.example.com" in content.split(b"\r\n\r\n", 1)[0]
+
+
 def test_a_listing_that_matches_nothing_says_so_not_that_the_queue_is_empty(
     queue_dir: Path,
 ) -> None:

@@ -93,6 +93,65 @@ def test_the_overridden_limit_applies(postlane_mail):
 """
 
 
+AS_IN_PRODUCTION = """
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from postlane.pytest_plugin import throwaway_config
+
+
+@pytest.fixture
+def postlane_config(tmp_path):
+    return throwaway_config(
+        tmp_path,
+        unsubscribe={"url": "https://mail.example.com/unsubscribe", "lanes": ["low"]},
+        bounces={"domain": "bounces.example.com"},
+        # a real relay (that does not exist): the plugin captures all the same
+        delivery={"relay": "smtp://relay.invalid:587"},
+    )
+
+
+def test_a_newsletter_carries_its_unsubscribe_link_and_return_path(postlane_mail):
+    postlane_mail.send(sender="news@example.com", to=["ada@example.net"], text="x", lane="low")
+    postlane_mail.send(sender="app@example.com", to=["bob@example.net"], text="x", lane="high")
+    assert postlane_mail.deliver() == 2
+    news, reset = postlane_mail.messages
+    assert news["List-Unsubscribe"].startswith("<https://mail.example.com/unsubscribe/")
+    assert news["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert reset["List-Unsubscribe"] is None  # the high lane carries none
+    assert news.envelope_from.startswith("b-")
+    assert news.envelope_from.endswith("@bounces.example.com")
+
+
+def test_scheduled_and_expiring_mail_without_waiting(postlane_mail):
+    now = datetime.now(UTC)
+    postlane_mail.send(
+        sender="app@example.com", to=["ada@example.net"], text="reminder",
+        send_at=now + timedelta(days=1),
+    )
+    code = postlane_mail.send(
+        sender="app@example.com", to=["bob@example.net"], text="123456",
+        expires_at=now + timedelta(minutes=10), send_at=now + timedelta(minutes=5),
+    )
+    assert postlane_mail.deliver() == 0  # nothing is due yet
+    assert postlane_mail.deliver(at=now + timedelta(hours=1)) == 0  # the code expired first
+    assert postlane_mail.app.get(code.id).recipients[0].state == "dead"
+    assert postlane_mail.deliver(at=now + timedelta(days=1, seconds=1)) == 1
+    [reminder] = postlane_mail.messages
+    assert reminder.envelope_to == ["ada@example.net"]
+"""
+
+
+def test_the_plugin_delivers_as_production_and_travels_in_time(pytester: pytest.Pytester) -> None:
+    """A day-one audit: the plugin's deliver() skipped the unsubscribe, VERP and DKIM wrappers
+    production puts around the transport, and scheduled mail could only be tested by waiting."""
+    pytester.makepyfile(test_production=AS_IN_PRODUCTION)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    result = pytester.runpytest_subprocess("-W", "error", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
 def test_issue_17_fresh_install_a_projects_tests_use_the_plugin_under_w_error(
     pytester: pytest.Pytester,
 ) -> None:

@@ -116,11 +116,12 @@ async def _migrate(config: Config) -> None:
 
 async def _burst(config: Config) -> None:
     """Deliver what is due now (arq's burst mode), then say what happened."""
-    from postlane.transports import transport_for
+    from postlane.transports import delivery_transport
     from postlane.worker import Worker
 
-    transport = transport_for(config)
     async with AsyncPostlane(config, create=True) as app:
+        # with the store's keys, as serve: mail sent in bursts keeps its return paths and links
+        transport = await delivery_transport(config, app.store, app.clock.now())
         worker = Worker.from_config(config, app.store, transport, clock=app.clock)
         await worker.reclaim_dead_owners()
         try:

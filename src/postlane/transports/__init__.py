@@ -16,9 +16,10 @@ from postlane.transports.base import Envelope, Response, Transport
 
 if TYPE_CHECKING:
     from postlane.dkim import DkimSigner
+    from postlane.store.base import AccessStore
     from postlane.transports.http_api import ProviderTransport
 
-__all__ = ["Envelope", "Response", "Transport", "transport_for"]
+__all__ = ["Envelope", "Response", "Transport", "delivery_transport", "transport_for"]
 
 
 def _capture(config: Config) -> Transport:
@@ -45,13 +46,17 @@ def _smtp(config: Config, destination: str = "relay", verp_key: bytes | None = N
     limits = destination_limits(config.destinations, destination)
     settings = RelaySettings.from_url(config.delivery.relay, config.delivery, limits)
     relay: Transport = SMTPRelayTransport(settings, destination=destination)
-    relay = _verp(config, relay, verp_key)
+    return _signed(config, _verp(config, relay, verp_key))
+
+
+def _signed(config: Config, transport: Transport) -> Transport:
+    """``transport`` signing with ``[dkim."domain"]`` keys, when there are any."""
     signer = _signer(config)
     if signer is None:
-        return relay
+        return transport
     from postlane.dkim import SigningTransport
 
-    return SigningTransport(relay, signer)
+    return SigningTransport(transport, signer)
 
 
 def _verp(config: Config, transport: Transport, verp_key: bytes | None) -> Transport:
@@ -161,6 +166,8 @@ def _one(
             transport = _smtp(relay_config, name, verp_key)
         elif factory is _mx:
             transport = _verp(config, _mx(relay_config), verp_key)
+        elif factory is _capture:  # what would go out, as it would: return paths, signatures
+            transport = _signed(config, _verp(config, _capture(relay_config), verp_key))
         else:
             transport = factory(relay_config)
         built[relay] = transport
@@ -177,6 +184,20 @@ def _unsubscribe(config: Config, transport: Transport, key: bytes | None) -> Tra
 
     links = UnsubscribeLinks(config.unsubscribe.url, key)
     return UnsubscribeTransport(transport, links, config.unsubscribe.lanes)
+
+
+async def delivery_transport(config: Config, store: AccessStore, now: float) -> Transport:
+    """:func:`transport_for` with the store's keys for what the configuration turns on (the
+    return paths of ``[bounces] domain``, the links of ``[unsubscribe] url``): what serve,
+    ``worker --burst`` and the pytest plugin deliver through, so that mail goes out alike
+    whichever runs."""
+    verp_key = None
+    if config.bounces.domain is not None:
+        verp_key = await store.secret("verp", now)
+    unsubscribe_key = None
+    if config.unsubscribe.url is not None:
+        unsubscribe_key = await store.secret("unsubscribe", now)
+    return transport_for(config, verp_key=verp_key, unsubscribe_key=unsubscribe_key)
 
 
 def transport_for(
