@@ -244,6 +244,19 @@ async def test_a_send_token_reads_only_its_own_messages(scoped: tuple[AsyncPostl
         assert (await admin.get(f"/v1/messages/{queue_id}")).status_code == 200
 
 
+async def test_json_answers_tell_browsers_not_to_guess_their_type(
+    client: httpx.AsyncClient,
+) -> None:
+    """A security audit: an unknown path is repeated in the error answer; without nosniff an old
+    browser could read that JSON as a page."""
+    missing = await client.get("/v1/<script>alert(1)</script>")
+    ok = await client.get("/v1/stats")
+    for answer in (missing, ok):
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["content-type"] == "application/json"
+    assert missing.status_code == 404
+
+
 async def test_a_send_token_cancels_only_its_own_messages(
     scoped: tuple[AsyncPostlane, Any],
 ) -> None:

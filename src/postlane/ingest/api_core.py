@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -119,7 +119,13 @@ _REPEATABLE = ("ids", "lane", "state", "domain", "class")
 class ApiJSON(JSONResponse):
     """A JSON answer that renders whatever a store holds: a value strict JSON cannot carry (a
     NaN, a lone surrogate, kept by an older version that let them in) is written as null or
-    as an escape, not a 500 on every later read."""
+    as an escape, not a 500 on every later read. Browsers are told not to guess its type
+    (``nosniff``): an answer that repeats what a request said (an unknown path) is never read
+    as a page."""
+
+    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
+        super().init_headers(headers)
+        self.raw_headers.append((b"x-content-type-options", b"nosniff"))
 
     def render(self, content: Any) -> bytes:
         try:
