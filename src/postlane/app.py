@@ -41,7 +41,7 @@ from postlane.cursors import (
     encode_cursor,
 )
 from postlane.destinations import DestinationMap
-from postlane.errors import NotFound, SuppressedRecipients, ValidationError
+from postlane.errors import NoQueue, NotFound, SuppressedRecipients, ValidationError
 from postlane.events import Event, event_cursor
 from postlane.exports import read_export
 from postlane.message import Message, PreparedMessage, RecipientState, prepare
@@ -166,8 +166,10 @@ class AsyncPostlane:
             config, config_path = None, config
         given = config is not None
         self.config = config if config is not None else load_config(config_path)
+        #: no configuration named the store: ./postlane.db is a guess (see :meth:`open`)
+        self._guessed = not (given or self.config.from_file)
         if create is None:
-            create = given or self.config.from_file
+            create = not self._guessed
         self.clock: Clock = clock or SystemClock()
         self.store: Store = store or open_store_url(
             self.config.store.url, base_dir=self.config.base_dir, create=create
@@ -183,7 +185,15 @@ class AsyncPostlane:
 
     async def open(self) -> AsyncPostlane:
         if not self._opened:
-            await self.store.open()
+            try:
+                await self.store.open()
+            except NoQueue as exc:
+                if not self._guessed:
+                    raise
+                raise NoQueue(
+                    f"{exc.message}; if postlane runs elsewhere, name its configuration: "
+                    "Postlane('path/to/postlane.toml'), or $POSTLANE_CONFIG"
+                ) from None
             self._opened = True
         return self
 

@@ -95,6 +95,12 @@ class StoreUnavailable(PostlaneError):
     code = "store_unavailable"
 
 
+class NoQueue(StoreUnavailable):
+    """The store named does not exist (a SQLite file, postlane's tables in a database), and
+    this caller may not make it: an operator's command, or a guess of ``./postlane.db`` without
+    a configuration file. Front doors add how to name the right one their own way."""
+
+
 class StoreFull(StoreUnavailable):
     """The store's disk (or SQLite's page limit) is full: nothing more can be written until
     room is made. Still :class:`StoreUnavailable` to every caller (HTTP 503, the same code);

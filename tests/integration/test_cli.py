@@ -500,6 +500,9 @@ def test_issue_17_2_commands_run_from_another_directory_never_start_a_new_queue(
         one_line_error(
             postlane(*args, cwd=elsewhere), f"there is no queue at {elsewhere / 'postlane.db'}"
         )
+    said = postlane("stats", cwd=elsewhere).stderr
+    assert "run where its postlane.toml is, or give --config" in said
+    assert "Postlane(" not in said  # the command line's ways only
     assert list(elsewhere.iterdir()) == []  # no postlane.db, no capture folder
     # with its configuration, the server's queue is found from anywhere
     (server / "postlane.toml").write_text("")
@@ -522,8 +525,12 @@ def test_the_first_send_makes_the_store_a_configuration_file_names(tmp_path: Pat
     elsewhere.mkdir()
     one_line_error(
         postlane("--config", str(config), "queue", "list", cwd=elsewhere),
-        f"there is no queue at {store}",
+        f"there is no queue at {store} (postlane serve, postlane worker or postlane migrate "
+        "creates it)",
     )
+    # the configuration was given: no hint to give it, nor the Python API's (a day-one audit)
+    said = postlane("--config", str(config), "stats", cwd=elsewhere).stderr
+    assert "--config" not in said and "Postlane(" not in said
     assert not store.exists()
     send = ["send", "--from", "a@example.com", "--to", "b@example.net", "--text", "x", "--json"]
     sent = json.loads(ok("--config", str(config), *send, cwd=elsewhere))

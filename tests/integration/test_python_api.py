@@ -77,8 +77,10 @@ def test_without_a_configuration_file_no_new_queue_is_made_where_no_worker_looks
     new queue there would keep the mail from every worker. It must exist (as for the CLI)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("POSTLANE_CONFIG", raising=False)
-    with pytest.raises(postlane.StoreUnavailable, match="there is no queue at"):
+    with pytest.raises(postlane.StoreUnavailable, match="there is no queue at") as caught:
         postlane.Postlane()
+    assert "Postlane('path/to/postlane.toml')" in caught.value.message
+    assert "--config" not in caught.value.message  # Python's ways, not the command line's
     assert not (tmp_path / "postlane.db").exists()
     with postlane.Postlane(make_config(tmp_path)):  # a configuration given: made
         pass

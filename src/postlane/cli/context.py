@@ -14,7 +14,7 @@ import click
 from postlane.app import AsyncPostlane
 from postlane.cli.output import first
 from postlane.config import Config, load_config
-from postlane.errors import ConfigError
+from postlane.errors import ConfigError, NoQueue
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -165,6 +165,15 @@ async def _with_app(
     app = AsyncPostlane(config, create=create)
     if verbose:
         click.echo(f"store: {app.store.description}", err=True)
+    try:
+        await app.open()
+    except NoQueue as exc:
+        if config.from_file:
+            raise
+        raise NoQueue(
+            f"{exc.message}; if postlane runs elsewhere, run where its postlane.toml is, or "
+            "give --config"
+        ) from None
     async with app:
         return await action(app)
 

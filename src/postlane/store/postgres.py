@@ -36,7 +36,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from postlane.errors import ConfigError, StoreFull, StoreUnavailable
+from postlane.errors import ConfigError, NoQueue, StoreFull, StoreUnavailable
 from postlane.message import PreparedMessage
 from postlane.records import EnqueueResult
 from postlane.store import delivery
@@ -434,9 +434,10 @@ class PostgresDatabase:
                         )
                     # (a schema made just above goes with the transaction this undoes)
                     if not self._create and not await _scalar(conn, Q["version_table_exists"]):
-                        raise StoreUnavailable(
-                            f"there is no postlane queue in {self.description} (postlane serve "
-                            "creates it; check store.url and its ?schema=)"
+                        raise NoQueue(
+                            f"there is no postlane queue in {self.description} (postlane "
+                            "serve, postlane worker or postlane migrate creates it; check "
+                            "store.url and its ?schema=)"
                         )
                     if not await _scalar(conn, Q["version_table_exists"]):
                         await conn.execute(Q["create_version_table"])

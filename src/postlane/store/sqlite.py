@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from postlane.errors import StoreFull, StoreUnavailable
+from postlane.errors import NoQueue, StoreFull, StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
 from postlane.store.sql import Migration, load_migrations, migration_done, migration_starts
 from postlane.store.sqlstore import SQLStore
@@ -621,10 +621,9 @@ class SQLiteDatabase:
     async def open(self) -> None:
         if not self.path.exists():
             if not self.create:
-                raise StoreUnavailable(
-                    f"there is no queue at {self.path} (postlane serve creates it; run where "
-                    "postlane.toml is, or name it: --config, $POSTLANE_CONFIG, or "
-                    "Postlane('path/to/postlane.toml'))"
+                raise NoQueue(
+                    f"there is no queue at {self.path} (postlane serve, postlane worker or "
+                    "postlane migrate creates it)"
                 )
             _create_private(self.path)
         await asyncio.to_thread(self.writer.start)
