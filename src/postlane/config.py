@@ -261,6 +261,10 @@ class BouncesConfig:
     max_connections_per_address: int = _setting(10, _positive_int)
     #: local parts at the domain taken without a token: a feedback loop's address ("fbl")
     report_addresses: tuple[str, ...] = _setting((), _strings)
+    #: apply a report without a VERP token that the original's Message-ID matches (a message
+    #: sent to that recipient alone); off: kept for review. A Message-ID is no proof: anyone
+    #: who knows or guesses one could bounce or complain for its recipient
+    match_message_id: bool = _setting(False, _bool)
     #: where a complaint suppresses its recipient: "sender-domain" (mail from the complained-
     #: about sender's domain) or "global" (all mail)
     complaint_scope: str = _setting("sender-domain", _choice("sender-domain", "global"))

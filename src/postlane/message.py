@@ -87,18 +87,35 @@ MAX_METADATA_BYTES = 16 * 1024
 #: metadata nests at most this deep (a 100,000-deep value would break every later read)
 MAX_METADATA_DEPTH = 32
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ':'
-#: headers the model sets itself; an app sets them through the fields, not `headers`
+#: headers `headers` may not set, and what to do instead: those the model sets itself (an app
+#: sets them through the fields), ``Return-Path`` (RFC 5321 4.4: the receiving server adds it
+#: from the envelope sender; the sender must not) and postlane's control headers, which the
+#: SMTP and Django front doors read and remove (here they would reach every recipient)
 _RESERVED_HEADERS = {
-    "from": "from",
-    "to": "to",
-    "cc": "cc",
-    "bcc": "bcc",
-    "subject": "subject",
-    "date": None,
-    "mime-version": None,
-    "content-type": None,
-    "content-transfer-encoding": None,
+    "from": "use the 'from' field",
+    "to": "use the 'to' field",
+    "cc": "use the 'cc' field",
+    "bcc": "use the 'bcc' field",
+    "subject": "use the 'subject' field",
+    "date": "postlane sets it",
+    "mime-version": "postlane sets it",
+    "content-type": "postlane sets it",
+    "content-transfer-encoding": "postlane sets it",
+    "return-path": (
+        "the receiving server adds it from the envelope sender, RFC 5321 4.4; the envelope "
+        "sender is the 'from' field's address, or a VERP return path with [bounces] domain"
+    ),
+    "x-postlane-lane": "use the 'lane' field",
+    "x-postlane-idempotency-key": "use the 'idempotency_key' field",
+    "x-postlane-metadata": "use the 'metadata' field",
+    "x-postlane-send-at": "use the 'send_at' field",
+    "x-postlane-expires-at": "use the 'expires_at' field",
 }
+#: any other ``X-Postlane-*`` name
+_POSTLANE_HEADERS = (
+    "X-Postlane-* headers are postlane's own: use the lane, idempotency_key, metadata, send_at "
+    "and expires_at fields"
+)
 #: a raw message's ``sender`` that asks for the null return path (``MAIL FROM:<>``)
 NULL_SENDER = "<>"
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -475,9 +492,10 @@ def _check_header(name: Any, value: Any) -> None:
         raise ValidationError(f"header {name} must be a string", field="headers")
     no_line_breaks(value, f"header {name}")
     lowered = name.lower()
-    if lowered in _RESERVED_HEADERS:
-        instead = _RESERVED_HEADERS[lowered]
-        hint = f"use the {instead!r} field" if instead else "postlane sets it"
+    hint = _RESERVED_HEADERS.get(lowered)
+    if hint is None and lowered.startswith("x-postlane-"):
+        hint = _POSTLANE_HEADERS
+    if hint is not None:
         raise ValidationError(f"header {name} cannot be set in headers ({hint})", field="headers")
 
 

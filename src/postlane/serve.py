@@ -129,6 +129,7 @@ def _bounce_listener(
         ReturnPaths(bounces.domain, verp_key),
         clock=app.clock,
         complaint_scope=ComplaintScope(bounces.complaint_scope),
+        match_message_id=bounces.match_message_id,
     )
     settings = BounceListenerSettings(
         listen=bounces.listen,

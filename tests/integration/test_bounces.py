@@ -247,6 +247,8 @@ async def test_a_redacted_complaint_at_the_feedback_address_is_matched_by_its_re
 async def test_a_complaint_without_a_token_is_matched_by_message_id_and_recipient(
     world: World,
 ) -> None:
+    # Message-ID matching is opt-in ([bounces] match_message_id): this is what it does when on
+    world.processor.match_message_id = True
     sent = await world.send("ada@mailbox.example.com")
     arf = sample(
         "rfc5965-abuse.eml",
@@ -262,6 +264,8 @@ async def test_a_message_id_proves_nothing_for_a_message_with_several_recipients
 ) -> None:
     """Every recipient of a message sees its Message-ID and its To header: without a token,
     bob could complain (or bounce) for ada. Such a report is kept for review."""
+    # even with Message-ID matching on ([bounces] match_message_id), which this is about
+    world.processor.match_message_id = True
     sent = await world.send("ada@mailbox.example.com", "bob@mailbox.example.com")
     arf = sample(
         "rfc5965-abuse.eml",
@@ -366,6 +370,8 @@ async def test_a_report_on_several_recipients_is_matched_by_message_id_one_by_on
 ) -> None:
     """Without a token, each recipient the report names is matched by the Message-ID of a
     message sent to it alone; one sent to several is kept for review."""
+    # Message-ID matching is opt-in ([bounces] match_message_id): this is what it does when on
+    world.processor.match_message_id = True
     to = ("arathib@vnet.example.com", "johnh@hpnjld.example.com", "wsnell@sdcc13.example.edu")
     alone = await world.send(to[0])
     shared = await world.send(to[1], to[2])
@@ -536,6 +542,8 @@ async def test_a_plain_bounce_without_a_token_is_matched_by_its_quoted_message_i
     sqlite_world: World,
 ) -> None:
     world = sqlite_world
+    # Message-ID matching is opt-in ([bounces] match_message_id): this is what it does when on
+    world.processor.match_message_id = True
     sent = await world.send("ada@mailbox.example")
     bounce = sample("exim-failure.eml", **{"<order-44@shop.example>": sent.message_id})
     result = await world.processor.process(bounce, mail_from="", rcpt_to=[f"fbl@{DOMAIN}"])
@@ -1129,3 +1137,196 @@ async def test_the_bounce_listener_takes_no_address_literal_but_its_own_quoting(
     assert counted.refusals == ["recipient"] * 2
     assert data[0] == 250
     assert await world.state(sent, "nobody@example.net") is RecipientState.BOUNCED
+
+
+# -- proof: without a VERP token, a Message-ID alone applies nothing (security audit) ------------
+
+
+def forged_dsn(victim: str, message_id: str) -> bytes:
+    """The audit's forgery: a DSN anybody can write, saying ``victim`` failed with 5.1.1 and
+    quoting the headers of the message with ``message_id`` (no return path in it)."""
+    return (
+        "From: Mail Delivery System <MAILER-DAEMON@mx.attacker.example>\r\n"
+        f"To: postmaster@{DOMAIN}\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="F"\r\n'
+        "\r\n"
+        "--F\r\n"
+        "Content-Type: text/plain\r\n"
+        "\r\n"
+        "Your message could not be delivered.\r\n"
+        "--F\r\n"
+        "Content-Type: message/delivery-status\r\n"
+        "\r\n"
+        "Reporting-MTA: dns; mx.attacker.example\r\n"
+        "\r\n"
+        f"Final-Recipient: rfc822; {victim}\r\n"
+        "Action: failed\r\n"
+        "Status: 5.1.1\r\n"
+        f"Diagnostic-Code: smtp; 550 5.1.1 <{victim}>: Recipient address rejected: User unknown\r\n"
+        "--F\r\n"
+        "Content-Type: text/rfc822-headers\r\n"
+        "\r\n"
+        "From: Shop <app@shop.example>\r\n"
+        f"To: {victim}\r\n"
+        "Subject: hello\r\n"
+        f"Message-ID: {message_id}\r\n"
+        "--F--\r\n"
+    ).encode()
+
+
+def not_applied(delivery_id: int, message_id: str) -> str:
+    """The note of a report that only a Message-ID matched, with match_message_id off."""
+    return (
+        f"matches delivery {delivery_id} of {message_id} by Message-ID only, without a VERP "
+        "token: not applied ([bounces] match_message_id is off)"
+    )
+
+
+@pytest.mark.parametrize("match_message_id", [None, True])
+async def test_a_send_token_cannot_bounce_a_recipient_with_a_forged_dsn_to_postmaster(
+    tmp_path: Path, smtp_peer: SMTPPeer, match_message_id: bool | None
+) -> None:
+    """The audit's reproduction, end to end through serve: a caller with only a send token
+    sends one message to the victim, reads its Message-ID back, and mails a DSN naming it to
+    postmaster@ of the bounce domain. By default (None: the setting left out) the victim stays
+    sent and unsuppressed, and the report is kept for review saying what it would have
+    matched; with ``[bounces] match_message_id = true`` it bounces and suppresses, as before."""
+    import httpx
+
+    from postlane import serve
+    from postlane.app import AsyncPostlane
+    from tests.conftest import make_config
+
+    victim, send_token = "victim@example.net", "send-scope-token-for-the-audit"
+    bounce_port, http_port, smtp_port = free_port(), free_port(), free_port()
+    bounces: dict[str, Any] = {"domain": DOMAIN, "listen": f"127.0.0.1:{bounce_port}"}
+    if match_message_id is not None:
+        bounces["match_message_id"] = match_message_id
+    config = make_config(
+        tmp_path,
+        delivery={"relay": smtp_peer.url, "poll_interval": "100ms"},
+        bounces=bounces,
+        http={"listen": f"127.0.0.1:{http_port}", "send_tokens": [send_token]},
+        smtp={"listen": f"127.0.0.1:{smtp_port}"},
+    )
+    stop = asyncio.Event()
+    started: asyncio.Future[AsyncPostlane] = asyncio.get_running_loop().create_future()
+
+    async def on_ready(app: AsyncPostlane) -> None:
+        started.set_result(app)
+
+    running = asyncio.create_task(serve.run(config, stop=stop, on_ready=on_ready))
+    try:
+        app = await asyncio.wait_for(started, 30)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{http_port}",
+            headers={"Authorization": f"Bearer {send_token}"},
+        ) as sender:
+            sent = await sender.post(
+                "/v1/messages",
+                json={"from": "app@shop.example", "to": [victim], "subject": "hi", "text": "b"},
+            )
+            assert sent.status_code == 202, sent.text
+            queue_id = sent.json()["id"]
+            message_id = (await sender.get(f"/v1/messages/{queue_id}")).json()["message_id"]
+        deadline = time.monotonic() + 30
+        while (await app.get(queue_id)).recipients[0].state is not RecipientState.SENT:
+            assert time.monotonic() < deadline, "the worker did not deliver"
+            await asyncio.sleep(0.02)
+        rcpt, data = await asyncio.to_thread(
+            smtp_send, bounce_port, "", [f"postmaster@{DOMAIN}"], forged_dsn(victim, message_id)
+        )
+        assert rcpt == [(250, b"2.1.5 OK")] and data[0] == 250
+        [recipient] = (await app.get(queue_id)).recipients
+        suppressions = {(s.address, s.scope, s.reason) for s in await app.suppressions()}
+        unmatched = await app.store.list_unmatched(limit=10)
+        if match_message_id:
+            assert recipient.state is RecipientState.BOUNCED
+            assert suppressions == {(victim, "*", "hard_bounce")}
+            assert unmatched == []
+        else:
+            assert recipient.state is RecipientState.SENT
+            assert suppressions == set()
+            [kept] = unmatched
+            assert kept.kind == "dsn" and kept.rcpt_to == f"postmaster@{DOMAIN}"
+            [ref] = await app.store.find_deliveries(victim, queue_id=queue_id)
+            assert kept.reason == f"{victim} " + not_applied(ref.delivery_id, message_id)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 60)
+
+
+@pytest.mark.parametrize("match_message_id", [False, True])
+async def test_a_complaint_without_a_token_at_a_report_address_applies_only_by_choice(
+    world: World, match_message_id: bool
+) -> None:
+    """The same forgery as an ARF complaint at the feedback loop's address: its original
+    names the recipient and the Message-ID, but no return path of postlane's."""
+    world.processor.match_message_id = match_message_id
+    sent = await world.send("ada@mailbox.example.com")
+    arf = sample(
+        "rfc5965-abuse.eml",
+        return_path="app@shop.example",
+        **{"deals-2005-03-08.7@shop.example": sent.message_id.strip("<>")},
+    )
+    async with listening(world, report_addresses=("fbl",)) as (port, counted):
+        rcpt, data = await asyncio.to_thread(
+            smtp_send, port, "abusedesk@mailbox.example.com", [f"fbl@{DOMAIN}"], arf
+        )
+    assert rcpt == [(250, b"2.1.5 OK")] and data[0] == 250
+    [result] = counted.reports
+    state = await world.state(sent, "ada@mailbox.example.com")
+    if match_message_id:
+        assert result.disposition is Disposition.RECORDED
+        assert state is RecipientState.COMPLAINED
+        assert await world.suppressions() == {
+            ("ada@mailbox.example.com", "shop.example", "complaint")
+        }
+    else:
+        assert result.disposition is Disposition.UNMATCHED and result.recorded == ()
+        assert state is RecipientState.SENT
+        assert await world.suppressions() == set()
+        assert result.unmatched_id is not None
+        kept = await world.store.get_unmatched(result.unmatched_id)
+        assert kept.kind == "arf"
+        assert kept.reason == "ada@mailbox.example.com " + not_applied(
+            sent.ids["ada@mailbox.example.com"], sent.message_id
+        )
+
+
+async def test_a_forged_dsn_naming_a_recipient_of_several_is_kept_without_a_match_note(
+    world: World,
+) -> None:
+    """A Message-ID seen by several recipients is never a match, on or off: the note says
+    nothing matched (it must not point the operator at a delivery)."""
+    sent = await world.send("victim@example.net", "other@example.net")
+    result = await world.processor.process(
+        forged_dsn("victim@example.net", sent.message_id),
+        mail_from="",
+        rcpt_to=[f"postmaster@{DOMAIN}"],
+    )
+    assert result.disposition is Disposition.UNMATCHED
+    assert result.reason is not None and result.reason.startswith("no delivery matches victim@")
+    assert await world.state(sent, "victim@example.net") is RecipientState.SENT
+    assert await world.suppressions() == set()
+
+
+@pytest.mark.parametrize("where", ["rcpt to", "quoted return path"])
+async def test_a_bounce_with_a_token_still_applies_with_message_id_matching_off(
+    world: World, where: str
+) -> None:
+    """Proof is a valid VERP token: at RCPT TO, or quoted in the report (the original's
+    Return-Path, X-Postfix-Sender) when it comes to postmaster@ or a report address."""
+    assert world.processor.match_message_id is False  # the default
+    sent = await world.send("nobody@example.net")
+    verp = world.verp(sent, "nobody@example.net")
+    rcpt_to = verp if where == "rcpt to" else f"postmaster@{DOMAIN}"
+    dsn = sample("postfix-failed.eml", return_path=verp, **{"<m1@shop.example>": sent.message_id})
+    async with listening(world) as (port, counted):
+        _, data = await asyncio.to_thread(smtp_send, port, "", [rcpt_to], dsn)
+    assert data[0] == 250 and b"1 bounced" in data[1]
+    assert [r.disposition for r in counted.reports] == [Disposition.RECORDED]
+    assert await world.state(sent, "nobody@example.net") is RecipientState.BOUNCED
+    assert await world.suppressions() == {("nobody@example.net", "*", "hard_bounce")}

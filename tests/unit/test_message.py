@@ -179,6 +179,43 @@ def test_refusals_are_clear(fields: dict[str, object], match: str) -> None:
         prepare(Message(**base), max_size=LIMIT)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("Return-Path", "the receiving server adds it from the envelope sender, RFC 5321 4.4"),
+        ("return-path", "the receiving server adds it from the envelope sender, RFC 5321 4.4"),
+        ("X-Postlane-Lane", "use the 'lane' field"),
+        ("x-postlane-idempotency-key", "use the 'idempotency_key' field"),
+        ("X-Postlane-Metadata", "use the 'metadata' field"),
+        ("X-Postlane-Send-At", "use the 'send_at' field"),
+        ("X-Postlane-Expires-At", "use the 'expires_at' field"),
+        ("X-Postlane-Envelope-To", "X-Postlane-* headers are postlane's own"),
+        ("X-POSTLANE-PRIORITY", "X-Postlane-* headers are postlane's own"),
+    ],
+)
+def test_return_path_and_postlane_headers_are_refused_in_headers(name: str, says: str) -> None:
+    """RFC 5321 4.4: the sender must not write Return-Path (the receiving server adds it);
+    X-Postlane-* are postlane's control headers, read and removed by SMTP submission and the
+    Django backend: in ``headers`` they would go out to every recipient."""
+    message = Message(sender="a@example.com", to=["b@example.net"], text="x", headers={name: "v"})
+    with pytest.raises(ValidationError) as refused:
+        prepare(message, max_size=LIMIT)
+    assert refused.value.field == "headers"
+    assert refused.value.message.startswith(f"header {name} cannot be set in headers (")
+    assert says in refused.value.message
+
+
+def test_headers_that_merely_resemble_reserved_ones_are_kept() -> None:
+    parsed = render(
+        sender="a@example.com",
+        to=["b@example.net"],
+        text="x",
+        headers={"X-Return-Path": "a", "X-Postlaneish": "b", "X-Mailer-Postlane-Lane": "c"},
+    )
+    assert (parsed["X-Return-Path"], parsed["X-Postlaneish"]) == ("a", "b")
+    assert parsed["X-Mailer-Postlane-Lane"] == "c"
+
+
 def test_over_max_size_is_refused() -> None:
     with pytest.raises(MessageTooLarge, match="over the limit"):
         prepare(

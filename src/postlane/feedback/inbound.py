@@ -15,12 +15,17 @@ Matching
        token's delivery by address only (a list's expansion never bounces the list). What a
        report with a token says about other recipients is ignored (kept for review): a
        recipient's own token must not let it report on the others of its message.
-    2. Else (no token anywhere) the original's ``Message-ID`` (from its returned headers) and
-       the recipient's address, for a message sent to that address alone:
-       ``store.sole_deliveries(address, message_id)``. The Message-ID and the
-       ``To`` header are what every recipient of a message sees, so for a message with
-       several recipients they prove nothing: one of them could otherwise bounce or
-       complain for another.
+    2. Else (no token anywhere), only with ``match_message_id`` (``[bounces]
+       match_message_id``, off by default): the original's ``Message-ID`` (from its returned
+       headers) and the recipient's address, for a message sent to that address alone:
+       ``store.sole_deliveries(address, message_id)``. A Message-ID is no proof: postlane
+       hands its own (``<queue id@sender domain>``) back to every submitter, and
+       applications' are often predictable, so anyone who may send one message could
+       otherwise forge a report bouncing (and suppressing, for every sender) its recipient.
+       With the setting off, a report this would have matched is kept for review, its note
+       naming the delivery. The Message-ID and the ``To`` header are what every recipient
+       of a message sees, so for a message with several recipients they are never used: one
+       of them could otherwise bounce or complain for another.
 
 Classification and recording (``classify()`` on the diagnostic, with the DSN's ``Status``
 put in when the text has none; see :meth:`RecipientStatus.reply`)
@@ -41,11 +46,12 @@ put in when the text has none; see :meth:`RecipientStatus.reply`)
 
 Kept unmatched (``store.record_unmatched``), never an exception, never silently dropped:
 automatic replies (kind ``auto-reply``), messages that are no report, unreadable ones, ARF
-reports that are no complaint, recipients nothing matches, and reports about a recipient that
-was never sent (``record_feedback`` would change nothing). A repeat of a bounce or complaint
-already recorded changes nothing and is counted as a duplicate. A report about a delivery still
-being sent (the bounce can beat the worker's own record of ``sent``) is waited for a few
-seconds, then left ``pending``: the listener answers 451 and the bouncing MTA tries again.
+reports that are no complaint, recipients nothing matches (or only a Message-ID, with
+``match_message_id`` off), and reports about a recipient that was never sent
+(``record_feedback`` would change nothing). A repeat of a bounce or complaint already recorded
+changes nothing and is counted as a duplicate. A report about a delivery still being sent (the
+bounce can beat the worker's own record of ``sent``) is waited for a few seconds, then left
+``pending``: the listener answers 451 and the bouncing MTA tries again.
 
 A complaint storm (thousands of reports at once) is written in batches: concurrent reports
 share one ``record_feedback`` transaction (:class:`FeedbackBatcher`).
@@ -281,7 +287,8 @@ class BounceProcessor:
     ``store`` needs only the feedback role; ``return_paths`` holds the bounce domain and the
     VERP key (``await store.secret("verp", now)``). ``in_flight_wait`` bounds how long a
     report about a delivery still being sent waits for the worker's record before it is
-    answered "try again later"."""
+    answered "try again later". ``match_message_id`` applies a report without a VERP token
+    that a Message-ID matches (Matching, step 2): only where every submitter is trusted."""
 
     def __init__(
         self,
@@ -294,6 +301,7 @@ class BounceProcessor:
         in_flight_wait: float = 10.0,
         poll_interval: float = 0.2,
         batcher: FeedbackBatcher | None = None,
+        match_message_id: bool = False,
     ) -> None:
         self.store = store
         self.return_paths = return_paths
@@ -303,6 +311,7 @@ class BounceProcessor:
         self.in_flight_wait = in_flight_wait
         self.poll_interval = poll_interval
         self.batcher = batcher or FeedbackBatcher(store, self.clock)
+        self.match_message_id = match_message_id
 
     async def process(
         self, content: bytes, *, mail_from: str | None = None, rcpt_to: Sequence[str] = ()
@@ -387,12 +396,15 @@ class BounceProcessor:
             refs = [r for r in by_token if r.address.lower() in status.addresses]
             if not refs and len(by_token) == 1 and len(statuses) == 1:
                 refs = by_token  # the one recipient the token names, whatever it is called now
+            unproven: str | None = None
             if not refs and not ids and parsed.message_id:
-                refs = await self._by_message_id(status.addresses, parsed.message_id)
+                refs, unproven = await self._by_message_id(status.addresses, parsed.message_id)
             if refs:
                 matches.extend(_Match(status, ref) for ref in refs)
             else:
-                notes.append(_unmatched_note(status.addresses, parsed.message_id, bool(ids)))
+                notes.append(
+                    unproven or _unmatched_note(status.addresses, parsed.message_id, bool(ids))
+                )
         return _unique(matches), notes
 
     async def _match_complaint(
@@ -403,20 +415,27 @@ class BounceProcessor:
         refs = [r for r in by_token if r.address.lower() in recipients]
         if not refs and len(by_token) == 1:
             refs = list(by_token)  # feedback loops redact the recipient: the token is enough
+        unproven: str | None = None
         if not refs and not had_token and parsed.message_id:
-            refs = await self._by_message_id(recipients, parsed.message_id)
+            refs, unproven = await self._by_message_id(recipients, parsed.message_id)
         if not refs:
-            return [], [_unmatched_note(recipients, parsed.message_id, had_token)]
+            return [], [unproven or _unmatched_note(recipients, parsed.message_id, had_token)]
         return _unique([_Match(None, ref) for ref in refs]), []
 
-    async def _by_message_id(self, addresses: Sequence[str], message_id: str) -> list[DeliveryRef]:
+    async def _by_message_id(
+        self, addresses: Sequence[str], message_id: str
+    ) -> tuple[list[DeliveryRef], str | None]:
         """The delivery to one of ``addresses`` of a message with ``message_id`` sent to that
-        address alone (see the module docstring: Matching)."""
+        address alone (see the module docstring: Matching). With ``match_message_id`` off,
+        no delivery but a note naming the one found: a Message-ID is no proof, so the
+        operator judges."""
         for address in addresses:
             found = await self.store.sole_deliveries(address, message_id)
+            if found and self.match_message_id:
+                return found, None
             if found:
-                return found
-        return []
+                return [], _unproven_note(address, found, message_id)
+        return [], None
 
     async def _sent_only(
         self, matches: list[_Match], notes: list[str]
@@ -503,6 +522,15 @@ def _unmatched_note(addresses: Sequence[str], message_id: str | None, had_token:
         else "no valid VERP token, and a Message-ID names only a message sent to that address alone"
     )
     return f"no delivery matches {who} ({by}; {token})"
+
+
+def _unproven_note(address: str, found: Sequence[DeliveryRef], message_id: str) -> str:
+    deliveries = ", ".join(str(ref.delivery_id) for ref in found)
+    which = f"delivery {deliveries}" if len(found) == 1 else f"deliveries {deliveries}"
+    return (
+        f"{address} matches {which} of {message_id} by Message-ID only, without a VERP "
+        "token: not applied ([bounces] match_message_id is off)"
+    )
 
 
 def _unique(matches: list[_Match]) -> list[_Match]:
