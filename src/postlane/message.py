@@ -632,7 +632,8 @@ _ADDRESS_HEADERS = frozenset({"From", "To", "Cc"})
 
 
 def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | None) -> _Rendered:
-    """A raw message as given, with the Message-ID and Date it lacks added and Bcc dropped."""
+    """A raw message as given, with the Message-ID and Date it lacks added, and Bcc,
+    Resent-Bcc and Return-Path dropped."""
     if message.subject or message.text or message.html or message.headers or message.attachments:
         raise ValidationError(
             "a raw message carries its own subject, body and headers; "
@@ -698,8 +699,12 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
     recipients = _unique_recipients([parse_address(value, "to") for value in envelope])
 
     added = b""
-    if "Bcc" in headers:
-        raw = _drop_header(raw, b"bcc")
+    # as Postfix's cleanup does (message_drop_headers): Bcc would tell every recipient who
+    # else got it; a Return-Path is the receiving server's to add, from the envelope (RFC 5321
+    # 4.4), and one given here would only mislead whoever reads the delivered copy
+    for name in ("Bcc", "Resent-Bcc", "Return-Path"):
+        if name in headers:
+            raw = _drop_header(raw, name.lower().encode("ascii"))
     message_id = headers.get("Message-ID")
     if message_id is None:
         message_id = f"<{queue_id}@{author.domain}>"

@@ -275,6 +275,22 @@ def test_raw_message_keeps_its_message_id_and_envelope() -> None:
     assert prepared.sender == "bounce@example.com"
 
 
+def test_a_raw_message_loses_its_bcc_resent_bcc_and_return_path_as_with_postfix() -> None:
+    """A security audit: a Return-Path in a submitted message went out to recipients (RFC 5321
+    4.4: the receiving server adds it from the envelope)."""
+    raw = (
+        b"Return-Path: <b-1-forged@bounces.example.com>\r\n"
+        b"Resent-Bcc: secret@example.org,\r\n other@example.org\r\n" + RAW
+    )
+    prepared = prepare(
+        Message(sender="app@example.com", to=["x@example.net"], raw=raw), max_size=LIMIT
+    )
+    head = prepared.content.split(b"\r\n\r\n", 1)[0].lower()
+    for gone in (b"return-path", b"bcc", b"forged", b"hidden", b"secret", b"other@"):
+        assert gone not in head
+    assert prepared.content.endswith(b"body line\r\n")
+
+
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
