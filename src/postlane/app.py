@@ -44,7 +44,7 @@ from postlane.destinations import DestinationMap
 from postlane.errors import NoQueue, NotFound, SuppressedRecipients, ValidationError
 from postlane.events import Event, event_cursor
 from postlane.exports import read_export
-from postlane.message import Message, PreparedMessage, RecipientState, prepare
+from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
 from postlane.records import (
     SUPPRESSION_REASONS,
     DeadGroup,
@@ -123,6 +123,29 @@ def action_states(action: QueueAction, selector: Selector) -> tuple[str, ...]:
             f"(it applies to: {', '.join(allowed)})"
         )
     return chosen
+
+
+def suppression_lanes(lanes: Iterable[Lane | str] | None) -> tuple[Lane, ...] | None:
+    """The lanes a suppression stops, in lane order; None (every lane) for None. Raises
+    :class:`ValidationError` for an unknown lane or for none at all (an entry that stops no
+    mail is a mistake: leave ``lanes`` out for every lane)."""
+    if lanes is None:
+        return None
+    if isinstance(lanes, str):  # one lane, not its letters
+        lanes = [lanes]
+    chosen: set[Lane] = set()
+    for lane in lanes:
+        try:
+            chosen.add(Lane(str(lane).strip().lower()))
+        except ValueError:
+            raise ValidationError(
+                f"unknown lane {lane!r} (lanes are high, normal, low)", field="lanes"
+            ) from None
+    if not chosen:
+        raise ValidationError(
+            "lanes names no lane (leave it out to stop mail of every lane)", field="lanes"
+        )
+    return tuple(sorted(chosen, key=lambda lane: lane.rank))
 
 
 def suppression_scope(scope: str | None) -> str:
@@ -533,8 +556,14 @@ class AsyncPostlane:
         letters = await self.store.list_dead(
             Selector(delivery_ids=tuple(delivery_ids)), limit=len(delivery_ids)
         )
-        listed = await self.store.is_suppressed(sorted({d.address for d in letters}))
-        return [address for address, suppressed in listed.items() if suppressed]
+        # an entry for some lanes (an unsubscribe from bulk mail) stops only their mail: a
+        # dead letter of another lane is requeued as it is, and its entry left alone
+        found: set[str] = set()
+        for lane in sorted({d.lane for d in letters}, key=lambda lane: lane.rank):
+            addresses = sorted({d.address for d in letters if d.lane is lane})
+            listed = await self.store.is_suppressed(addresses, lane=lane)
+            found.update(address for address, suppressed in listed.items() if suppressed)
+        return sorted(found)
 
     async def suppressed_dead_letters(
         self, selector: Selector, *, slice_size: int = 500
@@ -654,11 +683,14 @@ class AsyncPostlane:
         expires_at: datetime | str | float | None = None,
         detail: str | None = None,
         source: str = "operator",
+        lanes: Iterable[Lane | str] | None = None,
     ) -> bool:
         """Put ``address`` on the suppression list: ``reason`` one of hard_bounce, complaint,
         unsubscribe or manual (the default; any other text is kept as the ``detail`` of a
         manual entry), for every sender (``scope`` "*", the default) or for one sender domain,
-        until ``expires_at`` (None: for good). False when it was already there in that scope."""
+        for mail of every lane (``lanes`` None, the default) or of those named, until
+        ``expires_at`` (None: for good). False when it was already there in that scope for
+        those lanes; an entry there for fewer lanes is widened to these."""
         from postlane.addresses import parse_address
         from postlane.clock import parse_when
 
@@ -667,6 +699,7 @@ class AsyncPostlane:
             detail = f"{reason}; {detail}" if detail else reason
             reason = None
         until = parse_when(expires_at, "expires_at")
+        stopped = suppression_lanes(lanes)
         now = self.clock.now()
         if until is not None and until <= now:
             raise ValidationError("expires_at has already passed", field="expires_at")
@@ -679,6 +712,7 @@ class AsyncPostlane:
                 scope=suppression_scope(scope),
                 expires_at=until,
                 detail=detail,
+                lanes=stopped,
             )
         )
 

@@ -10,7 +10,7 @@ import contextlib
 import functools
 import threading
 import weakref
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +20,7 @@ from postlane.app import AsyncPostlane, Cancelled, EventPage
 from postlane.clock import Clock
 from postlane.config import Config
 from postlane.cursors import Page
-from postlane.message import Message
+from postlane.message import Lane, Message
 from postlane.records import DeadLetter, EnqueueResult, MessageView, Selector, Stats, Suppression
 
 __all__ = ["Postlane"]
@@ -55,6 +55,7 @@ class _SuppressOptions(TypedDict, total=False):
     scope: str | None
     expires_at: datetime | str | float | None
     detail: str | None
+    lanes: Iterable[Lane | str] | None
 
 
 class Postlane:

@@ -298,7 +298,7 @@ class DeadLetter(JsonRecord):
 @dataclass(frozen=True)
 class Suppression:
     """An address postlane never sends to: for every sender (``scope`` "*") or for one sender
-    domain, until ``expires_at`` (None: for good)."""
+    domain, mail of every lane or (``lanes``) of some, until ``expires_at`` (None: for good)."""
 
     address: str
     created_at: float
@@ -314,6 +314,9 @@ class Suppression:
     expires_at: float | None = None
     #: a note: an operator's words, or the reply or report that caused it
     detail: str | None = None
+    #: the lanes whose mail it stops, in lane order (None: every lane; a one-click unsubscribe
+    #: stops [unsubscribe] lanes, the bulk mail that offered it)
+    lanes: tuple[Lane, ...] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -328,6 +331,7 @@ class Suppression:
             "enhanced": self.enhanced,
             "text": self.text,
             "id": self.queue_id,
+            "lanes": None if self.lanes is None else [lane.value for lane in self.lanes],
         }
 
 

@@ -416,29 +416,50 @@ class Worker:
 
     async def _without_suppressed(self, claimed: Sequence[ClaimedMessage]) -> list[ClaimedMessage]:
         """Recipients put on the suppression list after their message was queued (a hard
-        bounce of another message, an operator) are recorded ``suppressed``, never sent."""
+        bounce of another message, an operator, an unsubscribe from their lane's mail) are
+        recorded ``suppressed``, never sent."""
         # a suppression holds for every sender or for one sender domain: one look-up per
-        # sender domain in the batch (usually one)
+        # sender domain in the batch (usually one), for mail of any lane; an entry may stop
+        # some lanes only (an unsubscribe from bulk mail), so what it finds is looked up again
+        # for its message's lane (rare: most batches find nobody)
         by_domain: dict[str, list[str]] = {}
         for message in claimed:
             domain = message.sender.rpartition("@")[2].lower()
             by_domain.setdefault(domain, []).extend(d.address for d in message.deliveries)
         now = self.clock.now()
-        listed: dict[tuple[str, str], bool] = {}
+        found: set[tuple[str, str]] = set()
         for domain, addresses in by_domain.items():
-            found = await self.store.is_suppressed(addresses, sender=f"@{domain}", now=now)
-            listed.update(((domain, a), hit) for a, hit in found.items())
-        if not any(listed.values()):
+            hits = await self.store.is_suppressed(addresses, sender=f"@{domain}", now=now)
+            found.update((domain, a) for a, hit in hits.items() if hit)
+        if not found:
+            return list(claimed)
+        by_lane: dict[tuple[str, Lane], list[str]] = {}
+        for message in claimed:
+            domain = message.sender.rpartition("@")[2].lower()
+            by_lane.setdefault((domain, message.lane), []).extend(
+                d.address for d in message.deliveries if (domain, d.address) in found
+            )
+        listed: set[tuple[str, Lane, str]] = set()
+        for (domain, lane), addresses in by_lane.items():
+            if addresses:
+                hits = await self.store.is_suppressed(
+                    addresses, sender=f"@{domain}", lane=lane, now=now
+                )
+                listed.update((domain, lane, a) for a, hit in hits.items() if hit)
+        if not listed:
             return list(claimed)
         outcomes = []
         kept = []
         for message in claimed:
             domain = message.sender.rpartition("@")[2].lower()
-            keep = tuple(d for d in message.deliveries if not listed.get((domain, d.address)))
+            stopped = {
+                d.id for d in message.deliveries if (domain, message.lane, d.address) in listed
+            }
+            keep = tuple(d for d in message.deliveries if d.id not in stopped)
             outcomes += [
                 untried(d, RecipientState.SUPPRESSED, "on the suppression list")
                 for d in message.deliveries
-                if listed.get((domain, d.address))
+                if d.id in stopped
             ]
             if keep:
                 kept.append(dataclasses.replace(message, deliveries=keep))

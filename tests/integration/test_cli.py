@@ -784,6 +784,41 @@ def test_suppress_add_takes_reason_scope_and_expiry_and_lists_them_as_json(
     assert remaining == ["bob@example.net"]
 
 
+def test_suppress_add_takes_lanes_and_lists_them(queue_dir: Path) -> None:
+    """An entry can stop some lanes only (an unsubscribe's, or an operator's), as the list
+    shows, and a lane that does not exist is refused before anything is stored."""
+    added = postlane("suppress", "add", "ada@example.net", "--scope", "shop.example",
+                     "--lane", "low", "--lane", "Normal", cwd=queue_dir)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "ada@example.net (mail of lane normal, low from shop.example): added" in added.stderr
+    ok("suppress", "add", "bob@example.net", cwd=queue_dir)
+    entries = {e["address"]: e for e in json.loads(ok("suppress", "list", "--json", cwd=queue_dir))}
+    assert entries["ada@example.net"]["lanes"] == ["normal", "low"]
+    assert entries["bob@example.net"]["lanes"] is None
+    rows = {
+        line.split()[0]: line
+        for line in ok("suppress", "list", cwd=queue_dir).splitlines()
+        if "@" in line
+    }
+    assert "normal, low" in rows["ada@example.net"] and "every" in rows["bob@example.net"]
+
+    send = ("send", "--from", "news@shop.example", "--to", "ada@example.net", "--text", "t")
+
+    def state_of(lane: str) -> str:
+        queued = json.loads(ok(*send, "--lane", lane, "--json", cwd=queue_dir))
+        return str(json.loads(ok("queue", "show", queued["id"], "--json", cwd=queue_dir))["state"])
+
+    state = {lane: state_of(lane) for lane in ("high", "normal", "low")}
+    assert state == {"high": "queued", "normal": "suppressed", "low": "suppressed"}
+
+    one_line_error(
+        postlane("suppress", "add", "c@example.net", "--lane", "urgent", cwd=queue_dir),
+        "unknown lane 'urgent' (lanes are high, normal, low)",
+    )
+    listed = [e["address"] for e in json.loads(ok("suppress", "list", "--json", cwd=queue_dir))]
+    assert "c@example.net" not in listed
+
+
 def test_events_lists_the_log_and_follow_prints_what_happens_next(queue_dir: Path) -> None:
     import select
 

@@ -800,6 +800,37 @@ async def test_suppressions_take_reason_scope_expiry_and_detail_over_http(
     assert r.status_code == 200
 
 
+async def test_suppressions_take_lanes_over_http(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    r = await client.post(
+        "/v1/suppressions",
+        json={"address": "ada@example.net", "scope": "shop.example", "lanes": ["LOW", "normal"]},
+    )
+    assert r.status_code == 201, r.text
+    r = await client.post("/v1/suppressions", json={"address": "bob@example.net", "lanes": None})
+    assert r.status_code == 201, r.text
+    listed = {e["address"]: e for e in (await client.get("/v1/suppressions")).json()}
+    assert listed["ada@example.net"]["lanes"] == ["normal", "low"]
+    assert listed["bob@example.net"]["lanes"] is None
+    # the same lanes again: already there; a high-lane reset from the shop still goes
+    again = {"address": "ada@example.net", "scope": "shop.example", "lanes": ["low"]}
+    r = await client.post("/v1/suppressions", json=again)
+    assert (r.status_code, r.json()["added"]) == (200, False)
+    sent = await app.send(sender="accounts@shop.example", to=["ada@example.net"], text="t",
+                          lane="high")  # fmt: skip
+    assert (await app.get(sent.id)).state is RecipientState.QUEUED
+    for bad, status, says in (
+        (["urgent"], 422, "unknown lane 'urgent'"),
+        ([], 422, "lanes names no lane"),
+        ([1], 400, "lanes must be a string or a list of strings"),
+    ):
+        r = await client.post("/v1/suppressions", json={"address": "c@example.net", "lanes": bad})
+        assert r.status_code == status, r.text
+        assert says in r.json()["error"]["message"]
+    assert "c@example.net" not in {s.address for s in await app.suppressions()}
+
+
 async def test_the_event_log_pages_in_order_with_a_cursor(
     client: httpx.AsyncClient, app: AsyncPostlane
 ) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from postlane.errors import StoreUnavailable
-from postlane.message import Message, PreparedMessage, prepare
+from postlane.message import Lane, Message, PreparedMessage, prepare
 from postlane.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore, _split_statements
 
 
@@ -113,6 +113,30 @@ async def test_an_idempotency_key_stored_before_keys_were_scoped_is_still_its_su
             ("old2", True),  # a local key stays local
             ("other", False),  # another token's key is its own
         ]
+    finally:
+        await store.close()
+
+
+async def test_a_suppression_stored_before_lanes_stops_every_lane(tmp_path: Path) -> None:
+    """Entries made before version 22 (an unsubscribe among them) name no lanes: after the
+    upgrade they go on stopping every lane until an operator narrows them."""
+    path = tmp_path / "old.db"
+    conn = build_version(path, 21)
+    conn.execute(
+        "INSERT INTO suppressions (address, scope, reason, created_at, source) "
+        "VALUES ('ada@example.net', 'shop.example', 'unsubscribe', 1.0, 'unsubscribe')"
+    )
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        [entry] = await store.list_suppressions(limit=10)
+        assert (entry.reason, entry.lanes) == ("unsubscribe", None)
+        for lane in Lane:
+            found = await store.is_suppressed(
+                ["ada@example.net"], sender="a@shop.example", lane=lane, now=2.0
+            )
+            assert found == {"ada@example.net": True}
     finally:
         await store.close()
 

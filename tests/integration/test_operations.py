@@ -922,6 +922,29 @@ async def test_issue_17_1_the_requeue_of_the_python_api_says_what_will_happen(
         assert await app.dead_letters() == []
 
 
+async def test_a_requeue_is_refused_only_for_an_entry_that_stops_the_dead_letters_lane(
+    queue: tuple[Config, dict[str, str]],
+) -> None:
+    """An unsubscribe from low-lane mail does not stop a normal-lane dead letter's requeue, and
+    is not lifted by one (dead1 and dead2 are normal-lane mail)."""
+    from postlane.app import Requeued
+    from postlane.errors import SuppressedRecipients
+
+    config, ids = queue
+    async with AsyncPostlane(config) as app:
+        await app.suppress("bounce2@example.net", reason="unsubscribe", lanes=["low"])
+        await app.suppress("bounce1@example.net", lanes=["normal"])
+        assert await app.suppressed_dead_letters(Selector(all=True)) == ["bounce1@example.net"]
+        with pytest.raises(SuppressedRecipients):
+            await app.requeue(Selector(ids=(ids["dead1"],)))
+        assert await app.requeue(Selector(ids=(ids["dead2"],))) == Requeued(1, ())
+        assert await app.requeue(Selector(all=True), unsuppress=True) == Requeued(
+            1, ("bounce1@example.net",)
+        )
+        [kept] = await app.suppressions()
+        assert (kept.address, kept.lanes) == ("bounce2@example.net", (Lane.LOW,))
+
+
 # -- export files (audit 8) and CLI polish (new user's item 10) ---------------------------------
 
 

@@ -216,6 +216,27 @@ async def build_schema_at(pg_url: str, schema: str, last: int) -> None:
             await conn.execute(Q["record_migration"], {"version": number, "name": name})
 
 
+async def test_a_suppression_stored_before_lanes_stops_every_lane(
+    pg_url: str, schema: str, open_store: OpenStore
+) -> None:
+    """Entries made before version 21 (an unsubscribe among them) name no lanes: after the
+    upgrade they go on stopping every lane until an operator narrows them."""
+    await build_schema_at(pg_url, schema, 20)
+    async with await connect(pg_url, schema, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO suppressions (address, scope, reason, created_at, source) "
+            "VALUES ('ada@example.net', 'shop.example', 'unsubscribe', 1.0, 'unsubscribe')"
+        )
+    store = await open_store()
+    [entry] = await store.list_suppressions(limit=10)
+    assert (entry.reason, entry.lanes) == ("unsubscribe", None)
+    for lane in Lane:
+        found = await store.is_suppressed(
+            ["ada@example.net"], sender="a@shop.example", lane=lane, now=2.0
+        )
+        assert found == {"ada@example.net": True}
+
+
 async def test_an_older_schema_is_migrated_only_by_what_may_create_and_it_says_so(
     pg_url: str, schema: str, open_store: OpenStore, caplog: pytest.LogCaptureFixture
 ) -> None:

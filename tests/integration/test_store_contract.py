@@ -1404,6 +1404,158 @@ async def test_an_expired_suppression_is_replaced_and_scopes_are_removed_apart(s
     assert await store.list_suppressions(limit=10) == []
 
 
+# -- suppressions: lanes ---------------------------------------------------------------------------
+
+
+def state_of(view: Any, address: str) -> RecipientState:
+    return next(r.state for r in view.recipients if r.address == address)
+
+
+async def test_an_entry_for_some_lanes_stops_only_their_mail(store: Any) -> None:
+    """A day-one audit: an unsubscribe from a low-lane newsletter suppressed the recipient's
+    next password reset (lane high) from the same sender domain."""
+    await store.add_suppression(
+        Suppression("ada@example.net", T0, "unsubscribe", "unsubscribe", scope="shop.example",
+                    lanes=(Lane.LOW,))
+    )  # fmt: skip
+    for lane, stopped in ((Lane.HIGH, False), (Lane.NORMAL, False), (Lane.LOW, True), (None, True)):
+        found = await store.is_suppressed(
+            ["ada@example.net"], sender="news@shop.example", lane=lane, now=T0
+        )
+        assert found == {"ada@example.net": stopped}, lane
+    other = await store.is_suppressed(["ada@example.net"], sender="a@other.example", now=T0)
+    assert other == {"ada@example.net": False}
+    # at enqueue
+    reset = msg("ada@example.net", lane="high", sender="accounts@shop.example")
+    news = msg("ada@example.net", "bob@example.net", lane="low", sender="news@shop.example")
+    await store.enqueue([reset, news], T0)
+    assert (await store.get_message(reset.id)).state is RecipientState.QUEUED
+    view = await store.get_message(news.id)
+    assert state_of(view, "ada@example.net") is RecipientState.SUPPRESSED
+    assert state_of(view, "bob@example.net") is RecipientState.QUEUED
+    [entry] = await store.list_suppressions(limit=10)
+    assert entry.lanes == (Lane.LOW,)
+    assert entry.as_json()["lanes"] == ["low"]
+    # every lane, said as such or by naming them all, is an entry without lanes
+    await store.add_suppression(
+        Suppression("bob@example.net", T0, "operator", "manual", lanes=tuple(Lane))
+    )
+    listed = {s.address: s for s in await store.list_suppressions(limit=10)}
+    assert listed["bob@example.net"].lanes is None
+    assert listed["bob@example.net"].as_json()["lanes"] is None
+
+
+async def test_an_entry_for_more_lanes_widens_the_one_in_its_scope(store: Any) -> None:
+    """The first entry wins, but never over one that stops more: the widened entry stops the
+    lanes of both, as long as the longer of the two."""
+    low = Suppression("ada@example.net", T0, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,),
+                      expires_at=T0 + 100)  # fmt: skip
+    assert await store.add_suppression(low)
+    assert not await store.add_suppression(dataclasses.replace(low, created_at=T0 + 1))  # a repeat
+    normal = Suppression("ada@example.net", T0 + 2, "operator", "manual", lanes=(Lane.NORMAL,),
+                         expires_at=T0 + 50, detail="asked by phone")  # fmt: skip
+    assert await store.add_suppression(normal)
+    [entry] = await store.list_suppressions(limit=10)
+    assert entry.lanes == (Lane.NORMAL, Lane.LOW)
+    assert (entry.reason, entry.detail, entry.expires_at) == ("manual", "asked by phone", T0 + 100)
+    assert not await store.add_suppression(
+        Suppression("ada@example.net", T0 + 3, "operator", "manual", lanes=(Lane.LOW,))
+    )  # fewer lanes: nothing changes
+    # every lane, for a while, after lanes for good: every lane, for good
+    assert await store.add_suppression(
+        Suppression("ada@example.net", T0 + 4, "operator", "manual", expires_at=T0 + 60)
+    )
+    [entry] = await store.list_suppressions(limit=10)
+    assert (entry.lanes, entry.expires_at) == (None, T0 + 100)
+    # an entry for every lane is never narrowed
+    assert not await store.add_suppression(
+        Suppression("ada@example.net", T0 + 5, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,))
+    )
+    [entry] = await store.list_suppressions(limit=10)
+    assert (entry.lanes, entry.reason) == (None, "manual")
+    # an expired entry is replaced as it was, lanes and all
+    assert await store.add_suppression(
+        Suppression("ada@example.net", T0 + 200, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,))
+    )
+    [entry] = await store.list_suppressions(limit=10)
+    assert (entry.lanes, entry.expires_at, entry.reason) == ((Lane.LOW,), None, "unsubscribe")
+
+
+async def test_a_hard_bounce_after_an_unsubscribe_stops_every_lane(store: Any) -> None:
+    """A hard-bounced address must get no more mail of any lane, though an unsubscribe from
+    bulk mail got to its scope first."""
+    await store.add_suppression(
+        Suppression("ada@example.net", T0, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,))
+    )
+    reset = msg("ada@example.net", lane="high")
+    await store.enqueue([reset], T0)
+    [d] = deliveries(await claim(store))
+    await store.record(
+        "w1",
+        [Outcome(d.id, RecipientState.DEAD, 1, 0, None, attempt(ReplyClass.HARD_BOUNCE, 550),
+                 suppress=True)],
+        T0 + 1,
+    )  # fmt: skip
+    [entry] = await store.list_suppressions(limit=10)
+    assert (entry.reason, entry.lanes, entry.source, entry.queue_id) == (
+        "hard_bounce",
+        None,
+        "bounce",
+        reset.id,
+    )
+    again = msg("ada@example.net", lane="high")
+    await store.enqueue([again], T0 + 2)
+    assert (await store.get_message(again.id)).state is RecipientState.SUPPRESSED
+
+
+async def test_an_unsubscribe_and_a_complaint_in_one_batch_stop_every_lane(store: Any) -> None:
+    """One statement writes a batch's entries (PostgreSQL can change a row once in it): the
+    one for every lane wins there too, as one after the other would."""
+    from postlane.feedback import Feedback, FeedbackKind
+
+    [ada] = await sent_message(store, "ada@example.net")
+    unsubscribe = Feedback(
+        FeedbackKind.UNSUBSCRIBED,
+        ada.id,
+        T0 + 5,
+        "unsubscribe",
+        suppression=("*", "unsubscribe", None),
+        suppression_lanes=(Lane.LOW,),
+    )
+    complaint = Feedback(FeedbackKind.COMPLAINED, ada.id, T0 + 6, "arf",
+                         suppression=("*", "complaint", None))  # fmt: skip
+    results = await store.record_feedback([unsubscribe, complaint], T0 + 10)
+    assert [r.changed for r in results] == [True, True]
+    [entry] = await store.list_suppressions(limit=10)
+    assert (entry.reason, entry.lanes) == ("complaint", None)
+
+
+async def test_an_unsubscribe_for_more_lanes_is_no_repeat(store: Any) -> None:
+    """[unsubscribe] lanes widened since a recipient's first click: their next click stops the
+    new lanes too, and is told."""
+    from postlane.feedback import Feedback, FeedbackKind
+
+    [ada] = await sent_message(store, "ada@example.net")
+
+    def click(at: float, *lanes: Lane) -> Feedback:
+        return Feedback(
+            FeedbackKind.UNSUBSCRIBED, ada.id, at, "unsubscribe",
+            suppression=("example.com", "unsubscribe", None), suppression_lanes=lanes,
+        )  # fmt: skip
+
+    async def changed(at: float, *lanes: Lane) -> bool:
+        [result] = await store.record_feedback([click(at, *lanes)], at)
+        return bool(result.changed)
+
+    assert await changed(T0 + 5, Lane.LOW)
+    assert not await changed(T0 + 6, Lane.LOW)  # a second click
+    assert await changed(T0 + 7, Lane.NORMAL, Lane.LOW)
+    [entry] = await store.list_suppressions(limit=10)
+    assert entry.lanes == (Lane.NORMAL, Lane.LOW)
+    events = await read_events(store, lambda e: len(e) >= 2, types=["unsubscribed"])
+    assert len(events) == 2
+
+
 # -- feedback after the first hop -----------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ from postlane.transports.mailgun import MailgunTransport
 from postlane.transports.postmark import PostmarkTransport
 from postlane.transports.sendgrid import SendGridTransport
 from postlane.transports.ses import SESTransport
+from postlane.worker import Worker
 from tests.conftest import SMTPPeer, free_port, make_config
 from tests.integration.test_dkim import published, signature_fields, signed_field_names
 from tests.integration.test_provider_apis import serving
@@ -334,6 +335,85 @@ async def test_a_one_click_post_suppresses_the_recipient_and_tells_the_app(shop:
     same = await shop.app.store.is_suppressed(["ada@example.net"], sender="deals@shop.example")
     other = await shop.app.store.is_suppressed(["ada@example.net"], sender="it@other.example")
     assert (same["ada@example.net"], other["ada@example.net"]) == (True, scope == "*")
+
+
+async def test_an_unsubscribe_stops_the_bulk_lane_and_never_a_password_reset(
+    shop: Shop, smtp_peer: SMTPPeer, tmp_path: Path
+) -> None:
+    """A day-one audit: with [unsubscribe] lanes = ["low"], a recipient who unsubscribed from a
+    newsletter had their next password reset (lane high) from the same domain recorded
+    suppressed. An unsubscribe stops the kind of mail that offered it, at enqueue and at send
+    time, whatever the scope."""
+    app = shop.app
+
+    def to_ada(lane: Lane, subject: str) -> Message:
+        sender = "accounts@shop.example" if lane is Lane.HIGH else "news@shop.example"
+        return Message(sender=sender, to=["ada@example.net"], subject=subject, text="b", lane=lane)
+
+    # queued before the click: checked again when a worker picks it up
+    reset_before = await app.send(to_ada(Lane.HIGH, "reset before"))
+    answer = await shop.client.post(
+        shop.path("ada@example.net"), content=b"List-Unsubscribe=One-Click", headers=ONE_CLICK
+    )
+    assert answer.status_code == 200
+    # at enqueue: the next reset is queued, the next newsletter suppressed
+    reset_after = await app.send(to_ada(Lane.HIGH, "reset after"))
+    deals_after = await app.send(to_ada(Lane.LOW, "deals after"))
+    assert (await app.get(reset_after.id)).state is RecipientState.QUEUED
+    assert (await app.get(deals_after.id)).state is RecipientState.SUPPRESSED
+    # at send time: both resets are delivered; the newsletter queued before the click goes to
+    # bob only
+    relay = make_config(tmp_path, delivery={"relay": smtp_peer.url, "tls_verify": False})
+    transport = transport_for(relay)
+    worker = Worker.from_config(relay, app.store, transport, clock=app.clock)
+    try:
+        await worker.run_until_idle()
+    finally:
+        await transport.close()
+    received = sorted((r.rcpt_tos[0], r.content) for r in smtp_peer.handler.received)
+    subjects = [
+        (address, next(line for line in content.splitlines() if line.startswith(b"Subject:")))
+        for address, content in received
+    ]
+    assert subjects == [
+        ("ada@example.net", b"Subject: reset after"),
+        ("ada@example.net", b"Subject: reset before"),
+        ("bob@example.net", b"Subject: Deals"),
+    ]
+    for sent in (reset_before, reset_after):
+        assert (await app.get(sent.id)).state is RecipientState.SENT
+    deals = {r.address: r.state for r in (await app.get(shop.queue_id)).recipients}
+    assert deals == {
+        "ada@example.net": RecipientState.SUPPRESSED,
+        "bob@example.net": RecipientState.SENT,
+    }
+    [entry] = await app.suppressions()  # as the operator sees it
+    assert (entry.reason, entry.lanes) == ("unsubscribe", (Lane.LOW,))
+    assert entry.as_json()["lanes"] == ["low"]
+
+
+async def test_an_unsubscribe_from_mail_of_a_lane_no_longer_configured_stops_that_lane_too(
+    store: Any, tmp_path: Path
+) -> None:
+    """[unsubscribe] lanes moved from low to normal after a newsletter left: its link still
+    stops the newsletter's lane, beside the lanes configured now."""
+    config = make_config(tmp_path, unsubscribe={"url": URL, "lanes": ["normal"]})
+    app = AsyncPostlane(config, store=store, clock=FakeClock(T0))
+    deals = prepare(
+        Message(sender="news@shop.example", to=["ada@example.net"], text="b", lane=Lane.LOW),
+        max_size=1_000_000,
+    )
+    await store.enqueue([deals], T0)
+    [ref] = await store.find_deliveries("ada@example.net", queue_id=deals.id)
+    links = UnsubscribeLinks(URL, await store.secret("unsubscribe", T0))
+    asgi = serve.build_app(FrontDoor(config, app, Metrics(app)))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=asgi), base_url="http://mail.example.test"
+    ) as client:
+        answer = await client.post("/u/" + links.token(ref.delivery_id), headers=ONE_CLICK)
+    assert answer.status_code == 200
+    [entry] = await store.list_suppressions(limit=10)
+    assert (entry.scope, entry.lanes) == ("shop.example", (Lane.NORMAL, Lane.LOW))
 
 
 async def test_a_repeated_post_answers_the_same_and_changes_nothing_more(shop: Shop) -> None:

@@ -25,16 +25,20 @@ def suppress() -> None:
 @json_option
 def suppress_list(limit: int, as_json: bool) -> None:
     """The suppressed addresses, newest first: why (reason), for whose mail (scope: * for
-    every sender, or a sender domain), since and until when."""
+    every sender, or a sender domain; lanes: every lane, or those named), since and until
+    when."""
     entries = read_first(lambda app, n: app.suppressions(limit=n), limit, "entries")
     if json_or_empty(entries, as_json=as_json, empty="The suppression list is empty"):
         return
-    table = listing("Address", "Reason", "Scope", "Since (UTC)", "Until (UTC)", "Source", "Detail")
+    table = listing(
+        "Address", "Reason", "Scope", "Lanes", "Since (UTC)", "Until (UTC)", "Source", "Detail"
+    )
     for e in entries:
         until = when(e.expires_at) if e.expires_at is not None else "never"
         detail = first_line(e.detail or e.text or "")
+        lanes = "every" if e.lanes is None else ", ".join(e.lanes)
         table.add_row(
-            e.address, e.reason or "", e.scope, when(e.created_at), until, e.source, detail
+            e.address, e.reason or "", e.scope, lanes, when(e.created_at), until, e.source, detail
         )
     show(table)
 
@@ -62,23 +66,39 @@ def suppress_list(limit: int, as_json: bool) -> None:
     help="Lift it by itself then: a delay (90d) or a time (ISO 8601 with a zone).",
 )
 @click.option("--detail", metavar="TEXT", help="A note kept with the entry.")
+@click.option(
+    "--lane",
+    "lanes",
+    multiple=True,
+    metavar="LANE",
+    help="Only mail of this lane: high, normal or low (repeat it for more; none: every lane).",
+)
 def suppress_add(
-    address: str, reason: str, scope: str, expires: str | None, detail: str | None
+    address: str,
+    reason: str,
+    scope: str,
+    expires: str | None,
+    detail: str | None,
+    lanes: tuple[str, ...],
 ) -> None:
     """Suppress ADDRESS: mail to it is never attempted (queued mail to it included)."""
-    from postlane.app import suppression_scope
+    from postlane.app import suppression_lanes, suppression_scope
     from postlane.clock import parse_when
 
     parse_address(address, "address")  # refused before the store is opened
     suppression_scope(scope)
+    stopped = suppression_lanes(lanes or None)
     until = _until(expires)
     parse_when(until, "expires")
     added = with_app(
         lambda app: app.suppress(
-            address, reason=reason, scope=scope, expires_at=until, detail=detail
+            address, reason=reason, scope=scope, expires_at=until, detail=detail, lanes=stopped
         )
     )
-    where = "" if scope == "*" else f" (mail from {scope})"
+    mail = "mail" if stopped is None else f"mail of lane {', '.join(stopped)}"
+    if scope != "*":
+        mail += f" from {scope}"
+    where = "" if mail == "mail" else f" ({mail})"
     click.echo(f"{address}{where}: {'added' if added else 'already suppressed'}", err=True)
 
 

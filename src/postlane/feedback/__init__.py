@@ -46,6 +46,8 @@ class Feedback:
     text: str | None = None
     #: add the address to the suppression list: (scope, reason, expires_at)
     suppression: tuple[str, str, float | None] | None = None
+    #: the lanes that suppression stops (None: every lane; an unsubscribe: the bulk lanes)
+    suppression_lanes: tuple[Lane, ...] | None = None
 
 
 @dataclass(frozen=True)

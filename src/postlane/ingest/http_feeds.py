@@ -27,7 +27,7 @@ from postlane.ingest.api_core import (
     time_field,
 )
 from postlane.ingest.bodies import ApiError
-from postlane.selectors import optional_string
+from postlane.selectors import optional_string, string_list
 from postlane.toml_values import is_decimal
 
 if TYPE_CHECKING:
@@ -47,21 +47,30 @@ async def list_suppressions(request: Request, caller: Caller) -> Response:
     return page_response(request, page)
 
 
+#: the fields ``POST /v1/suppressions`` takes
+_SUPPRESSION_FIELDS = ("address", "reason", "scope", "expires_at", "detail", "lanes")
+
+
 async def add_suppression(request: Request, caller: Caller) -> Response:
+    """``POST /v1/suppressions``: add an entry (``lanes``: the lanes whose mail it stops; left
+    out or null, every lane). 201 when added, 200 when it was there already; an unknown lane
+    is a 422 and nothing is stored."""
     data = await read_json(request, 64 * 1024)
     if not isinstance(data, dict) or not isinstance(data.get("address"), str):
         raise ApiError(
             400,
             "invalid_field",
-            'send {"address": ..., "reason": ..., "scope": ..., "expires_at": ..., "detail": ...}',
+            'send {"address": ..., "reason": ..., "scope": ..., "expires_at": ..., "detail": ..., '
+            '"lanes": [...]}',
         )
-    unknown = sorted(set(data) - {"address", "reason", "scope", "expires_at", "detail"})
+    unknown = sorted(set(data) - set(_SUPPRESSION_FIELDS))
     if unknown:
         raise ApiError(400, "unknown_field", f"unknown field {unknown[0]!r}")
     with invalid_field():
         reason = optional_string(data.get("reason"), "reason")
         scope = optional_string(data.get("scope"), "scope")
         detail = optional_string(data.get("detail"), "detail")
+        lanes = None if data.get("lanes") is None else string_list(data["lanes"], "lanes")
     for value, what in ((reason, "reason"), (scope, "scope"), (detail, "detail")):
         if value is not None:
             check_text(value, what)  # a ValidationError: 422, as a message's fields
@@ -72,6 +81,7 @@ async def add_suppression(request: Request, caller: Caller) -> Response:
         expires_at=time_field(data.get("expires_at"), "expires_at"),
         detail=detail,
         source="api",
+        lanes=lanes,
     )
     return ApiJSON({"address": data["address"], "added": added}, status_code=201 if added else 200)
 

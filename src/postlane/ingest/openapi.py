@@ -644,6 +644,12 @@ def _suppression_paths() -> dict[str, Any]:
                 "scope": _type("string", description="* (every sender) or a sender domain"),
                 "expires_at": _WHEN,
                 "detail": _type("string"),
+                "lanes": {
+                    **_type("array", "null"),
+                    "items": _ref("Lane"),
+                    "minItems": 1,
+                    "description": "the lanes whose mail it stops (null or left out: every lane)",
+                },
             },
             required=("address",),
         ),

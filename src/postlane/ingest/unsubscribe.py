@@ -3,21 +3,23 @@
 url``.
 
 - ``POST /u/{token}`` unsubscribes the recipient the token names: an event ``unsubscribed`` and
-  a suppression (reason ``unsubscribe``, scope the message's sender domain or ``*``), in one
-  transaction, then ``200`` with a short page. It needs no bearer token and no CSRF token: the
-  token is the proof, and mail providers POST it from their own servers (``List-Unsubscribe=
-  One-Click``, RFC 8058 3.1), cross-site by design. A repeat changes nothing and answers the
-  same. A forged, mangled or forgotten token gets ``404`` (``not_found``, the same whatever
-  the reason); a store that cannot record gets ``503`` and nothing is lost but the click.
+  a suppression (reason ``unsubscribe``, scope the message's sender domain or ``*``, lanes
+  ``[unsubscribe] lanes``: the bulk mail that offers the link, never the password resets and
+  receipts of the other lanes), in one transaction, then ``200`` with a short page. It needs
+  no bearer token and no CSRF token: the token is the proof, and mail providers POST it from
+  their own servers (``List-Unsubscribe=One-Click``, RFC 8058 3.1), cross-site by design. A
+  repeat changes nothing and answers the same. A forged, mangled or forgotten token gets
+  ``404`` (``not_found``, the same whatever the reason); a store that cannot record gets
+  ``503`` and nothing is lost but the click.
 - ``GET /u/{token}`` never unsubscribes (link scanners and mail security gateways fetch every
   URL of a message): it shows a page whose button POSTs to the same address, without
   JavaScript.
 
 What an attacker gains: without a token, nothing (a MAC of 130 bits; no address is ever
 shown). With one (from the message itself), what the recipient's own mail client could do:
-unsubscribe that one address from that one sender domain. So the POST is open cross-site, as
-RFC 8058 requires; the pages still refuse framing, send no referrer (the token is in the URL),
-are never cached, and load nothing.
+unsubscribe that one address from that one sender domain's bulk mail. So the POST is open
+cross-site, as RFC 8058 requires; the pages still refuse framing, send no referrer (the
+token is in the URL), are never cached, and load nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from starlette.routing import Route
 from postlane.errors import StoreUnavailable
 from postlane.feedback import Feedback, FeedbackKind
 from postlane.feedback.unsubscribe import UnsubscribeLinks
+from postlane.message import Lane
 from postlane.toml_values import is_decimal
 
 if TYPE_CHECKING:
@@ -98,6 +101,7 @@ class _Endpoint:
         assert config.unsubscribe.url is not None
         self.url = config.unsubscribe.url
         self.global_scope = config.unsubscribe.scope == "global"
+        self.lanes = frozenset(Lane(lane) for lane in config.unsubscribe.lanes)
         self.app = app
         self.metrics = metrics
         self._links: UnsubscribeLinks | None = None
@@ -132,6 +136,9 @@ class _Endpoint:
                 return _error(404, "not_found", _NOT_FOUND)
             [ref] = refs
             scope = "*" if self.global_scope else ref.sender.rpartition("@")[2].lower() or "*"
+            # the kind of mail that offered the link, and only it: the lanes that carry links
+            # (and the message's own, should [unsubscribe] lanes have changed since it left)
+            lanes = tuple(sorted(self.lanes | {ref.lane}, key=lambda lane: lane.rank))
             now = self.app.clock.now()
             item = Feedback(
                 FeedbackKind.UNSUBSCRIBED,
@@ -140,13 +147,19 @@ class _Endpoint:
                 SOURCE,
                 text="one-click unsubscribe (List-Unsubscribe)",
                 suppression=(scope, "unsubscribe", None),
+                suppression_lanes=lanes,
             )
             [result] = await self.app.store.record_feedback([item], now)
         except StoreUnavailable as exc:
             log.warning("an unsubscribe could not be recorded: %s", exc)
             return _error(503, exc.code, "the unsubscribe could not be recorded; try again later")
         if result.changed:
-            log.info("delivery %d unsubscribed (scope %s)", delivery_id, scope)
+            log.info(
+                "delivery %d unsubscribed (scope %s, lanes %s)",
+                delivery_id,
+                scope,
+                ", ".join(lanes),
+            )
             if self.metrics is not None:
                 self.metrics.feedback.recorded_feedback([item])
         return _page("Unsubscribed", "<p>You will not receive these emails any more.</p>")

@@ -392,8 +392,10 @@ class SuppressionStore(Protocol):
         ...
 
     async def add_suppression(self, suppression: Suppression) -> bool:
-        """Add an entry; False when the address is already suppressed in that scope (the
-        first entry wins, unless it has expired)."""
+        """Add an entry; False when the address is already suppressed in that scope for those
+        lanes (the first entry wins, unless it has expired). An entry that stops lanes the one
+        in its scope does not (a hard bounce after an unsubscribe from bulk mail) widens it to
+        them, and to the later expiry of the two."""
         ...
 
     async def remove_suppression(self, address: str, scope: str | None = None) -> bool:
@@ -401,10 +403,16 @@ class SuppressionStore(Protocol):
         ...
 
     async def is_suppressed(
-        self, addresses: Sequence[str], *, sender: str = "", now: float | None = None
+        self,
+        addresses: Sequence[str],
+        *,
+        sender: str = "",
+        lane: Lane | None = None,
+        now: float | None = None,
     ) -> Mapping[str, bool]:
-        """Which addresses mail from ``sender`` must not go to: suppressed for every sender or
-        for ``sender``'s domain, and (with ``now``) not expired."""
+        """Which addresses mail of ``lane`` from ``sender`` must not go to: suppressed for
+        every sender or for ``sender``'s domain, for every lane or for ``lane`` (None: any
+        entry counts), and (with ``now``) not expired."""
         ...
 
 

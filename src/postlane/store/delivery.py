@@ -68,14 +68,16 @@ def _enqueue(
     messages = [message for message, _now in entries]
     at = {message.id: now for message, now in entries}
     addresses = sorted({r.address.lower() for m in messages for r in m.recipients})
-    listed: dict[str, set[str]] = {}
+    listed: dict[str, rows.Listed] = {}
     # most queues' suppression list is empty: one cheap statement instead of the look-up
     if addresses and (yield from fetch_one("any_suppression")) is not None:
         latest = max(at.values())
         found = yield from fetch("suppressed_among", {"addresses": addresses, "now": latest})
         listed = rows.scopes_by_address(found)
     suppressed: dict[str, set[str]] = {
-        m.id: {r.address for r in m.recipients if rows.listed_for(listed, r.address, m.sender)}
+        m.id: {
+            r.address for r in m.recipients if rows.listed_for(listed, r.address, m.sender, m.lane)
+        }
         if listed
         else set()
         for m in messages

@@ -18,7 +18,7 @@ from postlane.feedback import (
     Report,
     UnmatchedFeedback,
 )
-from postlane.message import RecipientState
+from postlane.message import Lane, RecipientState
 from postlane.store import rows
 from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one
 
@@ -81,8 +81,8 @@ class SQLFeedback(SQLRole):
         """Apply each item in one transaction: a bounce moves a sent recipient to ``bounced``
         and a complaint to ``complained`` (a repeat of either changes nothing), each item with
         a history entry, its event and its suppression. An unsubscribe whose address is already
-        suppressed in its scope (a second click) changes nothing: no event, no entry. A
-        delivery that does not exist gets a result with no state."""
+        suppressed in its scope for its lanes (a second click) changes nothing: no event, no
+        entry. A delivery that does not exist gets a result with no state."""
         return await self.db.write(lambda: _feedback_plan(items, now))
 
     async def record_unmatched(self, report: Report, reason: str, now: float) -> int:
@@ -129,9 +129,10 @@ class SQLFeedback(SQLRole):
 
 def _unsubscribed(
     items: Sequence[Feedback], current: dict[int, Row], now: float
-) -> Plan[set[tuple[str, str]]]:
-    """The (address, scope) entries of the suppression list that the batch's unsubscribes
-    would add and that are already there (active): those unsubscribes are repeats."""
+) -> Plan[dict[tuple[str, str], frozenset[Lane] | None]]:
+    """The (address, scope) entries of the suppression list (active) that the batch's
+    unsubscribes would add to, with the lanes each stops: an unsubscribe whose lanes its entry
+    already stops is a repeat."""
     addresses = sorted(
         {
             current[item.delivery_id]["address"].lower()
@@ -140,9 +141,13 @@ def _unsubscribed(
         }
     )
     if not addresses:
-        return set()
+        return {}
     found = yield from fetch("suppressed_among", {"addresses": addresses, "now": now})
-    return {(row["address"], row["scope"]) for row in found}
+    return {
+        (address, scope): lanes
+        for address, scopes in rows.scopes_by_address(found).items()
+        for scope, lanes in scopes.items()
+    }
 
 
 def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackResult]]:
@@ -167,10 +172,14 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
         state = states[item.delivery_id]
         if item.kind is FeedbackKind.UNSUBSCRIBED and item.suppression is not None:
             entry = (row["address"].lower(), item.suppression[0].lower())
-            if entry in listed:  # a repeat: the address is already off this scope's list
+            asked = item.suppression_lanes
+            if entry in listed and rows.covers(listed[entry], asked):
+                # a repeat: the address is already off this scope's list for these lanes
                 results.append(FeedbackResult(item.delivery_id, state, False))
                 continue
-            listed.add(entry)
+            held = listed.get(entry, frozenset())
+            # what the insert leaves: the entry widened to these lanes too (or every lane)
+            listed[entry] = None if asked is None or held is None else held.union(asked)
         move = _MOVES.get(item.kind)
         if move is not None:
             target, leaves = move
@@ -219,6 +228,7 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
                     "enhanced": item.enhanced,
                     "text": item.text,
                     "queue_id": row["queue_id"],
+                    "lanes": rows.lanes_column(item.suppression_lanes),
                 }
             )
         event = _EVENTS[item.kind]

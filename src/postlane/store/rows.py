@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from postlane.classify import ReplyClass
@@ -152,7 +152,15 @@ def dead_letter(row: Row, history: tuple[AttemptView, ...] | None) -> DeadLetter
 
 
 def suppression(row: Row) -> Suppression:
-    return build(Suppression, row)
+    return build(Suppression, row, lanes=suppression_lanes(row["lanes"]))
+
+
+def suppression_lanes(value: Any) -> tuple[Lane, ...] | None:
+    """A suppression's ``lanes`` column: None (NULL: every lane) or the lanes it names, in lane
+    order."""
+    if value is None:
+        return None
+    return tuple(sorted({Lane(name) for name in json_value(value)}, key=lambda lane: lane.rank))
 
 
 def delivery_ref(row: Row) -> DeliveryRef:
@@ -321,6 +329,21 @@ def attempt_params(delivery_id: int, attempt: AttemptRecord | AttemptView) -> di
     }
 
 
+def lanes_column(lanes: Iterable[Lane | str] | None) -> str | None:
+    """Lanes as a suppression's ``lanes`` column keeps them: NULL for every lane (None, or all
+    of them: one way to say it, so that the insert's widening rule compares like with like),
+    else a JSON array of lane names in lane order (a JSON array, as ``metric_samples`` keeps
+    its lists: text in SQLite, jsonb in PostgreSQL)."""
+    if lanes is None:
+        return None
+    chosen = {Lane(lane) for lane in lanes}
+    if not chosen:
+        raise ValueError("a suppression stops at least one lane (None: every lane)")
+    if chosen == set(Lane):
+        return None
+    return json.dumps([lane.value for lane in sorted(chosen, key=lambda lane: lane.rank)])
+
+
 def suppression_params(s: Suppression) -> dict[str, Any]:
     return {
         "address": s.address.lower(),
@@ -334,13 +357,15 @@ def suppression_params(s: Suppression) -> dict[str, Any]:
         "enhanced": s.enhanced,
         "text": s.text,
         "queue_id": s.queue_id,
+        "lanes": lanes_column(s.lanes),
     }
 
 
 def bounce_suppression(
     address: str, queue_id: str, attempt: AttemptRecord | None, now: float
 ) -> dict[str, Any]:
-    """The suppression a hard bounce adds, for every sender (first reason wins)."""
+    """The suppression a hard bounce adds, for every sender and every lane (first reason
+    wins, but it widens an entry for fewer lanes: see ``insert_suppression``)."""
     return {
         "address": address.lower(),
         "scope": "*",
@@ -353,6 +378,7 @@ def bounce_suppression(
         "enhanced": attempt.enhanced if attempt else None,
         "text": attempt.text if attempt else None,
         "queue_id": queue_id,
+        "lanes": None,
     }
 
 
@@ -361,16 +387,42 @@ def sender_domain(sender: str) -> str:
     return sender.rpartition("@")[2].lower()
 
 
-def scopes_by_address(found: Sequence[Row]) -> dict[str, set[str]]:
-    """Active suppressions (``suppressed_among`` rows) as address -> scopes."""
-    listed: dict[str, set[str]] = {}
+#: an address's active suppressions: scope -> the lanes its entry stops (None: every lane)
+Listed = dict[str, frozenset[Lane] | None]
+
+
+def scopes_by_address(found: Sequence[Row]) -> dict[str, Listed]:
+    """Active suppressions (``suppressed_among`` rows) as address -> scope -> lanes (one
+    entry per address and scope: the primary key)."""
+    listed: dict[str, Listed] = {}
     for row in found:
-        listed.setdefault(row["address"], set()).add(row["scope"])
+        lanes = suppression_lanes(row["lanes"])
+        listed.setdefault(row["address"], {})[row["scope"]] = (
+            None if lanes is None else frozenset(lanes)
+        )
     return listed
 
 
-def listed_for(listed: Mapping[str, set[str]], address: str, sender: str) -> bool:
-    """Whether mail from ``sender`` to ``address`` is suppressed: for every sender, or for
-    the sender's domain."""
-    scopes = listed.get(address.lower(), set())
-    return "*" in scopes or sender_domain(sender) in scopes
+def stops(lanes: frozenset[Lane] | None, lane: Lane | None) -> bool:
+    """Whether an entry for ``lanes`` (None: every lane) stops mail of ``lane``; a caller that
+    names no lane asks about mail of any lane, so every entry counts (the cautious answer)."""
+    return lanes is None or lane is None or lane in lanes
+
+
+def covers(held: frozenset[Lane] | None, asked: Iterable[Lane] | None) -> bool:
+    """Whether an entry for ``held`` lanes already stops every lane of ``asked`` (None: every
+    lane), so that a new entry for ``asked`` in its scope changes nothing."""
+    if held is None:
+        return True
+    return asked is not None and held.issuperset(asked)
+
+
+def listed_for(
+    listed: Mapping[str, Listed], address: str, sender: str, lane: Lane | None = None
+) -> bool:
+    """Whether mail of ``lane`` from ``sender`` to ``address`` is suppressed: by an entry for
+    every sender or for the sender's domain, that stops every lane or ``lane``."""
+    scopes = listed.get(address.lower(), {})
+    return any(
+        scope in scopes and stops(scopes[scope], lane) for scope in ("*", sender_domain(sender))
+    )

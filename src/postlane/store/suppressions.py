@@ -1,5 +1,6 @@
 """The suppression role, written once for both databases: the addresses never to be sent to,
-for every sender or one sender domain, for good or until they expire
+for every sender or one sender domain, mail of every lane or of some, for good or until they
+expire
 (:class:`postlane.store.base.SuppressionStore`).
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from postlane.cursors import SuppressionKey
+from postlane.message import Lane
 from postlane.records import Suppression
 from postlane.store import rows
 from postlane.store.plans import SQLRole, batch, execute, fetch
@@ -28,8 +30,8 @@ class SQLSuppressions(SQLRole):
         return [rows.suppression(row) for row in found]
 
     async def add_suppression(self, suppression: Suppression) -> bool:
-        """False when the address is already suppressed in that scope (the first entry wins,
-        unless it has expired)."""
+        """False when the address is already suppressed in that scope for those lanes (the
+        first entry wins unless it has expired; one for more lanes widens it)."""
         params = [rows.suppression_params(suppression)]
         result = await self.db.write(lambda: batch("insert_suppression", params))
         return bool(result.rowcount)
@@ -45,6 +47,7 @@ class SQLSuppressions(SQLRole):
         addresses: Sequence[str],
         *,
         sender: str = "",
+        lane: Lane | None = None,
         now: float | None = None,
     ) -> Mapping[str, bool]:
         lowered = sorted({a.lower() for a in addresses})
@@ -52,4 +55,4 @@ class SQLSuppressions(SQLRole):
             lambda: fetch("suppressed_among", {"addresses": lowered, "now": now})
         )
         listed = rows.scopes_by_address(found)
-        return {a: rows.listed_for(listed, a, sender) for a in addresses}
+        return {a: rows.listed_for(listed, a, sender, lane) for a in addresses}

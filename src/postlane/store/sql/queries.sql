@@ -13,8 +13,9 @@
 SELECT 1 AS found FROM suppressions LIMIT 1;
 
 -- name: suppressed_among
--- Active suppressions of some lower-cased addresses, with their scopes (a NULL :now: any).
-SELECT address, scope FROM suppressions
+-- Active suppressions of some lower-cased addresses, with their scopes and lanes (a NULL :now:
+-- any).
+SELECT address, scope, lanes FROM suppressions
 WHERE @any(address, addresses, text) AND coalesce(expires_at > :now, TRUE);
 
 -- name: insert_enqueue_events
@@ -415,7 +416,7 @@ GROUP BY destination, class;
 -- The suppression list, newest first, after the keyset (:created_at, :address, :scope) of a
 -- page before (NULL: from the first).
 SELECT address, scope, reason, created_at, expires_at, detail, source, code, enhanced, text,
-       queue_id
+       queue_id, lanes
 FROM suppressions
 WHERE coalesce(created_at < :created_at
                OR (created_at = :created_at AND (address, scope) > (:address, :scope)), TRUE)

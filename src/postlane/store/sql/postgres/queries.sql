@@ -216,24 +216,41 @@ WHERE d.id = o.id AND d.state = 'sending' AND d.lease_owner = %(owner)s
 RETURNING d.id, d.queue_id, d.address, d.dead_since;
 
 -- name: insert_suppression
--- Add addresses to the suppression list in their scopes (the first entry wins, unless it
--- expired; an address twice in one batch: its first row).
+-- Add addresses to the suppression list in their scopes. The first entry wins, unless it
+-- expired (then replaced) or the new one stops lanes it does not (a hard bounce, every lane,
+-- after an unsubscribe from bulk mail): then it is widened to every lane (lanes NULL) or to
+-- both's lanes, lasts as long as the longer of the two (stopping less, for less long, would
+-- undo a recipient's unsubscribe or a bounce), and takes the new entry's reason, detail and
+-- reply. An address twice in one batch (one statement may change a row once): its first row
+-- for every lane if it has one, else its first row.
 INSERT INTO suppressions (address, scope, reason, created_at, expires_at, detail, source, code,
-                          enhanced, text, queue_id)
+                          enhanced, text, queue_id, lanes)
 SELECT DISTINCT ON (address, scope) address, scope, reason, created_at, expires_at, detail,
-       source, code, enhanced, text, queue_id
+       source, code, enhanced, text, queue_id, lanes::jsonb
 FROM unnest(%(address)s::text[], %(scope)s::text[], %(reason)s::text[],
             %(created_at)s::float8[], %(expires_at)s::float8[], %(detail)s::text[],
             %(source)s::text[], %(code)s::integer[], %(enhanced)s::text[], %(text)s::text[],
-            %(queue_id)s::text[]) WITH ORDINALITY
+            %(queue_id)s::text[], %(lanes)s::text[]) WITH ORDINALITY
      AS s (address, scope, reason, created_at, expires_at, detail, source, code, enhanced,
-           text, queue_id, n)
-ORDER BY address, scope, n
+           text, queue_id, lanes, n)
+ORDER BY address, scope, lanes IS NOT NULL, n
 ON CONFLICT (address, scope) DO UPDATE
-SET reason = excluded.reason, created_at = excluded.created_at, expires_at = excluded.expires_at,
+SET reason = excluded.reason, created_at = excluded.created_at,
+    expires_at = CASE
+        WHEN suppressions.expires_at <= excluded.created_at THEN excluded.expires_at
+        WHEN suppressions.expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL
+        ELSE greatest(suppressions.expires_at, excluded.expires_at) END,
     detail = excluded.detail, source = excluded.source, code = excluded.code,
-    enhanced = excluded.enhanced, text = excluded.text, queue_id = excluded.queue_id
-WHERE suppressions.expires_at IS NOT NULL AND suppressions.expires_at <= excluded.created_at;
+    enhanced = excluded.enhanced, text = excluded.text, queue_id = excluded.queue_id,
+    lanes = CASE
+        WHEN suppressions.expires_at <= excluded.created_at OR excluded.lanes IS NULL
+        THEN excluded.lanes
+        ELSE (SELECT jsonb_agg(DISTINCT lane ORDER BY lane)
+              FROM jsonb_array_elements_text(suppressions.lanes || excluded.lanes) AS l (lane))
+        END
+WHERE (suppressions.expires_at IS NOT NULL AND suppressions.expires_at <= excluded.created_at)
+   OR (suppressions.lanes IS NOT NULL
+       AND (excluded.lanes IS NULL OR NOT suppressions.lanes @> excluded.lanes));
 
 -- name: expired_leases
 -- A slice of deliveries whose worker stopped renewing its lease, locked for this reap. SKIP

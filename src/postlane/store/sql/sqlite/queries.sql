@@ -84,16 +84,35 @@ WHERE id = :id AND state = 'sending' AND lease_owner = :owner
 RETURNING id, queue_id, address, dead_since;
 
 -- name: insert_suppression
--- Add an address to the suppression list in a scope (the first entry wins, unless it expired).
+-- Add an address to the suppression list in a scope. The first entry wins, unless it expired
+-- (then replaced) or the new one stops lanes it does not (a hard bounce, every lane, after an
+-- unsubscribe from bulk mail): then it is widened to every lane (lanes NULL) or to both's
+-- lanes, lasts as long as the longer of the two (stopping less, for less long, would undo a
+-- recipient's unsubscribe or a bounce), and takes the new entry's reason, detail and reply.
 INSERT INTO suppressions (address, scope, reason, created_at, expires_at, detail, source, code,
-                          enhanced, text, queue_id)
+                          enhanced, text, queue_id, lanes)
 VALUES (:address, :scope, :reason, :created_at, :expires_at, :detail, :source, :code, :enhanced,
-        :text, :queue_id)
+        :text, :queue_id, :lanes)
 ON CONFLICT (address, scope) DO UPDATE
-SET reason = excluded.reason, created_at = excluded.created_at, expires_at = excluded.expires_at,
+SET reason = excluded.reason, created_at = excluded.created_at,
+    expires_at = CASE
+        WHEN suppressions.expires_at <= excluded.created_at THEN excluded.expires_at
+        WHEN suppressions.expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL
+        ELSE max(suppressions.expires_at, excluded.expires_at) END,
     detail = excluded.detail, source = excluded.source, code = excluded.code,
-    enhanced = excluded.enhanced, text = excluded.text, queue_id = excluded.queue_id
-WHERE suppressions.expires_at IS NOT NULL AND suppressions.expires_at <= excluded.created_at;
+    enhanced = excluded.enhanced, text = excluded.text, queue_id = excluded.queue_id,
+    lanes = CASE
+        WHEN suppressions.expires_at <= excluded.created_at OR excluded.lanes IS NULL
+        THEN excluded.lanes
+        ELSE (SELECT json_group_array(value)
+              FROM (SELECT value FROM json_each(suppressions.lanes)
+                    UNION SELECT value FROM json_each(excluded.lanes))) END
+WHERE (suppressions.expires_at IS NOT NULL AND suppressions.expires_at <= excluded.created_at)
+   OR (suppressions.lanes IS NOT NULL
+       AND (excluded.lanes IS NULL
+            OR EXISTS (SELECT 1 FROM json_each(excluded.lanes) AS asked
+                       WHERE asked.value NOT IN (SELECT value
+                                                 FROM json_each(suppressions.lanes)))));
 
 -- name: expired_leases
 -- Deliveries whose worker stopped renewing its lease, a slice at a time; not those of :keep
