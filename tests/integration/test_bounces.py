@@ -1330,3 +1330,53 @@ async def test_a_bounce_with_a_token_still_applies_with_message_id_matching_off(
     assert [r.disposition for r in counted.reports] == [Disposition.RECORDED]
     assert await world.state(sent, "nobody@example.net") is RecipientState.BOUNCED
     assert await world.suppressions() == {("nobody@example.net", "*", "hard_bounce")}
+
+
+async def test_an_operator_applies_a_report_kept_for_its_message_id_only(
+    sqlite_world: World, tmp_path: Path
+) -> None:
+    """A report without a token is kept, not applied (the security audit); `postlane feedback
+    apply ID` records it once an operator has judged it genuine, and forgets the kept copy."""
+    from click.testing import CliRunner
+
+    from postlane.cli import main
+
+    world = sqlite_world
+    sent = await world.send("ada@example.net")
+    kept = await world.processor.process(
+        forged_dsn("ada@example.net", sent.message_id),
+        mail_from="",
+        rcpt_to=[f"postmaster@{DOMAIN}"],
+    )
+    assert kept.unmatched_id is not None and kept.recorded == ()
+    config = tmp_path / "postlane.toml"
+    config.write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path / "bounces.db"}"\n[bounces]\ndomain = "{DOMAIN}"\n'
+    )
+
+    def cli(*args: str) -> tuple[int, str]:
+        with CliRunner().isolation() as (out, err, _):
+            try:
+                main(["--config", str(config), *args])
+            except SystemExit as exc:
+                return int(exc.code or 0), out.getvalue().decode() + err.getvalue().decode()
+        return 0, out.getvalue().decode()
+
+    code, said = await asyncio.to_thread(cli, "feedback", "apply", str(kept.unmatched_id))
+    assert code == 0, said
+    assert said.strip() == f"report {kept.unmatched_id}: 1 bounced"
+    assert await world.state(sent, "ada@example.net") is RecipientState.BOUNCED
+    assert await world.suppressions() == {("ada@example.net", "*", "hard_bounce")}
+    assert await world.store.list_unmatched(limit=10) == []
+    code, said = await asyncio.to_thread(cli, "feedback", "apply", str(kept.unmatched_id))
+    assert code == 1 and f"no unmatched report {kept.unmatched_id}" in said
+    # a report that names nothing sent is said so, and stays kept, once
+    other = await world.processor.process(
+        forged_dsn("nobody@example.net", "<unknown@shop.example>"),
+        mail_from="",
+        rcpt_to=[f"postmaster@{DOMAIN}"],
+    )
+    assert other.unmatched_id is not None
+    code, said = await asyncio.to_thread(cli, "feedback", "apply", str(other.unmatched_id))
+    assert code == 1 and "names no delivery that was sent" in said
+    assert [r.id for r in await world.store.list_unmatched(limit=10)] == [other.unmatched_id]

@@ -1,16 +1,23 @@
 """``postlane feedback``: the reports the bounce listener (or a provider's webhook) could not
 match to a delivery, kept for an operator to look at: auto-replies, humans' replies, bounces
-about mail postlane never sent, unreadable messages."""
+about mail postlane never sent, unreadable messages, and reports that name a delivery only by
+its Message-ID (``feedback apply`` records one once an operator has judged it genuine)."""
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from postlane.cli.context import config_option, json_option, limit_option, read_first, with_app
 from postlane.cli.output import first_line, json_or_empty, listing, print_json, show
 from postlane.clock import when, when_utc
+from postlane.errors import ConfigError, ValidationError
+
+if TYPE_CHECKING:
+    from postlane.app import AsyncPostlane
+    from postlane.feedback.inbound import InboundResult
 
 
 @click.group()
@@ -66,3 +73,54 @@ def feedback_show(report_id: int, raw: bool, as_json: bool) -> None:
     click.echo(f"why: {report.reason}")
     click.echo()
     click.echo(content.decode("utf-8", "replace"))
+
+
+@feedback.command("apply")
+@config_option
+@click.argument("report_id", metavar="ID", type=int)
+def feedback_apply(report_id: int) -> None:
+    """Record a kept bounce or complaint as if it had carried its return path: for a report
+    matched by Message-ID only, which the listener does not trust by itself ([bounces]
+    match_message_id is off). Look at it first (feedback show ID): whoever knows a
+    Message-ID can write such a report."""
+    result = with_app(lambda app: _apply(app, report_id))
+    click.echo(f"report {report_id}: {result.summary()}")
+    if not result.recorded and not result.duplicates:
+        raise click.ClickException(f"report {report_id} names no delivery that was sent")
+
+
+async def _apply(app: AsyncPostlane, report_id: int) -> InboundResult:
+    from postlane.feedback.inbound import BounceProcessor, ComplaintScope
+    from postlane.feedback.verp import ReturnPaths
+
+    domain = app.config.bounces.domain
+    if domain is None:
+        raise ConfigError("feedback apply needs [bounces] domain, as the bounce listener does")
+    report = await app.store.get_unmatched(report_id)
+    if report.source != "bounce listener" or report.content is None:
+        raise ValidationError(
+            f"report {report_id} came from {report.source}: only what the bounce listener kept "
+            "can be applied (a provider's event names its delivery itself)"
+        )
+    key = await app.store.secret("verp", app.clock.now())
+    processor = BounceProcessor(
+        app.store,
+        ReturnPaths(domain, key),
+        clock=app.clock,
+        complaint_scope=ComplaintScope(app.config.bounces.complaint_scope),
+        in_flight_wait=0.0,
+        match_message_id=True,  # the operator's judgement stands in for the token
+    )
+    try:
+        rcpt_to = [a for a in (report.rcpt_to or "").split(", ") if a]
+        result = await processor.process(
+            report.content, mail_from=report.mail_from, rcpt_to=rcpt_to
+        )
+    finally:
+        await processor.close()
+    if result.recorded or result.duplicates:
+        # done with: what is left of it (other recipients' notes) was kept again, as a new report
+        await app.store.delete_unmatched(report_id)
+    elif result.unmatched_id is not None:
+        await app.store.delete_unmatched(result.unmatched_id)  # the same report, kept twice
+    return result

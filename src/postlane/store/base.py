@@ -455,6 +455,10 @@ class FeedbackStore(Protocol):
 
     async def purge_unmatched(self, before: float) -> int: ...
 
+    async def delete_unmatched(self, report_id: int) -> bool:
+        """Forget one unmatched report (an operator applied it); False if it was not kept."""
+        ...
+
 
 class AccessStore(Protocol):
     """What every process of the store must agree on about access: the keys they share, the

@@ -126,6 +126,9 @@ class SQLFeedback(SQLRole):
     async def purge_unmatched(self, before: float) -> int:
         return await self.db.write(lambda: execute("purge_unmatched", {"before": before}))
 
+    async def delete_unmatched(self, report_id: int) -> bool:
+        return bool(await self.db.write(lambda: execute("delete_unmatched", {"id": report_id})))
+
 
 def _unsubscribed(
     items: Sequence[Feedback], current: dict[int, Row], now: float

@@ -499,6 +499,10 @@ DELETE FROM feedback_unmatched WHERE id IN (
 -- Forget unmatched reports older than their retention.
 DELETE FROM feedback_unmatched WHERE received_at < :before;
 
+-- name: delete_unmatched
+-- Forget one unmatched report (an operator applied it).
+DELETE FROM feedback_unmatched WHERE id = :id;
+
 -- name: insert_secret
 -- Make a shared key once (the first process to ask makes it).
 INSERT INTO secrets (name, value, created_at) VALUES (:name, :value, :now)
