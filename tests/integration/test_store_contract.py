@@ -1702,6 +1702,10 @@ async def test_unmatched_reports_are_kept_for_review(store: Any) -> None:
     with pytest.raises(NotFound):
         await store.get_unmatched(second + 1000)
     assert await store.purge_unmatched(T0 + 1) == 1
+    # an operator applied the other one (feedback apply): forgotten, once
+    assert await store.delete_unmatched(second) is True
+    assert await store.delete_unmatched(second) is False
+    assert await store.list_unmatched(limit=10) == []
 
 
 async def test_unmatched_reports_are_kept_up_to_a_total_size_the_oldest_going_first(
