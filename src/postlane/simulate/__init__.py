@@ -5,9 +5,12 @@ ones in ``postlane/data/scenarios/``) saying what a provider answers, recipient 
 accept; defer with 451; throttle a client above a rate with Gmail's ``421-4.7.28``; hard-bounce
 with ``550-5.1.1``; block for spam, reputation or DMARC; report a full mailbox; refuse a message
 that is too large; answer slowly; drop the connection after DATA without a reply; require
-STARTTLS; or turn every connection away. When it stops it reports, as JSON, what it accepted and
-how it answered, so a benchmark or a test can check a queue against it: nothing lost, nothing
-delivered twice (duplicates by Message-ID), throttling obeyed (accepted messages per second).
+STARTTLS; or turn every connection away. Or accept, and a second or two later send a bounce (a
+DSN) or a spam complaint (an ARF report) to the message's return path, at postlane's bounce
+listener, as relays and feedback loops do. When it stops it reports, as JSON, what it accepted,
+how it answered and what it reported afterwards, so a benchmark or a test can check a queue
+against it: nothing lost, nothing delivered twice (duplicates by Message-ID), throttling obeyed
+(accepted messages per second).
 
 Modules::
 
@@ -15,9 +18,12 @@ Modules::
                Strict: an unknown key or a bad value is a ConfigError naming the key.
     replies    Reply, a reply template with placeholders ({address}, {ip}...)
     simulator  Simulator, the server on the running event loop: await start() -> (host, port),
-               await wait() (until max_messages), await stop(), report() -> dict;
-               run_until_stopped(), what ``postlane simulate`` runs (postlane.cli.simulate)
+               await wait() (until max_messages), await wait_for_reports(), await stop(),
+               report() -> dict; run_until_stopped(), what ``postlane simulate`` runs
+               (postlane.cli.simulate)
     provider   the aiosmtpd server and handler that play the scenario
+    feedback   the DSNs and complaints of stage "later" rules: composed, delivered to
+               reports_to with retries, counted (LateReports)
     report     the counts behind the report; find_message_id
     tls        the STARTTLS certificate: the scenario's, or a self-signed one
 

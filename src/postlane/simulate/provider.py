@@ -23,6 +23,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from postlane.clock import Clock
 from postlane.ingest.smtpd import FastSMTP
+from postlane.simulate.feedback import Arrival, LateReport, LateReports
 from postlane.simulate.replies import Reply
 from postlane.simulate.report import ReportCounts
 from postlane.simulate.scenario import Delay, Rule, Scenario, Stage, TLSMode
@@ -68,6 +69,8 @@ class Transaction(Envelope):
         super().__init__()
         #: the first data-stage rule a recipient matched: it decides the end of DATA
         self.data_rule: Rule | None = None
+        #: recipients accepted with a report to come (stage "later"), and their rules
+        self.later: list[tuple[str, Rule]] = []
         self.throttle_checked = False
         self.throttled = False
 
@@ -166,6 +169,8 @@ class Provider:
     store_dir: Path | None
     max_messages: int | None
     on_limit: Callable[[], None]
+    #: where the reports of stage "later" rules are scheduled
+    late: LateReports
 
     def __post_init__(self) -> None:
         scenario = self.scenario
@@ -213,10 +218,16 @@ class Provider:
             return self.pick(throttle.replies)
         return None
 
+    def draw(self, delay: Delay | None) -> float:
+        """Seconds of ``delay``: its value, or a pick in its range."""
+        if delay is None:
+            return 0.0
+        low, high = delay
+        return low if low == high else self.rng.uniform(low, high)
+
     async def pause(self, delay: Delay | None) -> None:
         if delay is not None:
-            low, high = delay
-            await self.clock.sleep(low if low == high else self.rng.uniform(low, high))
+            await self.clock.sleep(self.draw(delay))
 
     def render(
         self, reply: Reply, server: ProviderSMTP, envelope: Envelope | None, address: str
@@ -378,6 +389,8 @@ class Provider:
             if rule.stage is Stage.DATA:
                 if envelope.data_rule is None:
                     envelope.data_rule = rule
+            elif rule.stage is Stage.LATER:
+                envelope.later.append((address, rule))
             elif rule.drop:
                 return self.drop(Stage.RCPT, server)
             elif rule.replies:
@@ -425,10 +438,46 @@ class Provider:
                 reply = Reply.parse(f"451 4.3.0 cannot store the message ({exc.strerror})")
                 return self.say(Stage.DATA, reply, server, envelope, first)
         text = self.say(Stage.DATA, self.pick(accept), server, envelope, first)
+        if envelope.later:
+            self.report_later(server, session, envelope, content)
         self.stats.accept(recipients, content)
         if self.max_messages is not None and self.stats.messages >= self.max_messages:
             self.on_limit()
         return text
+
+    def report_later(
+        self, server: ProviderSMTP, session: Session, envelope: Transaction, content: bytes
+    ) -> None:
+        """Schedule the reports of the accepted message's stage "later" recipients: one DSN
+        per rule (its recipients together, each with its reply), one complaint per recipient."""
+        sender = str(envelope.mail_from or "")
+        arrival = Arrival(
+            return_path="" if sender == "<>" else sender,  # aiosmtpd's null sender is "<>"
+            content=content,
+            client_ip=server.client_ip,
+            helo=str(session.host_name or ""),
+            at=self.clock.now(),
+            queue_id=f"{self.stats.messages + 1:010X}",
+        )
+        groups: list[tuple[Rule, list[str]]] = []
+        for address, rule in envelope.later:
+            for known, addresses in groups:
+                if known is rule:
+                    addresses.append(address)
+                    break
+            else:
+                groups.append((rule, [address]))
+        for rule, addresses in groups:
+            delay = self.draw(rule.delay)
+            if rule.complaint:
+                for address in addresses:
+                    self.late.schedule(LateReport.complaint(arrival, address), delay)
+            else:
+                replies = [
+                    self.render(self.pick(rule.replies), server, envelope, address)
+                    for address in addresses
+                ]
+                self.late.schedule(LateReport.dsn(arrival, addresses, replies), delay)
 
 
 def _split(address: str) -> tuple[str, str]:

@@ -122,7 +122,10 @@ class ReportCounts:
     def report(self) -> dict[str, Any]:
         end = self.stopped_at if self.stopped_at is not None else self.clock.now()
         elapsed = max(0.0, end - self.started_at)
-        by_stage: dict[str, dict[str, int]] = {stage.value: {} for stage in Stage}
+        # replies given in the session: what stage "later" rules report is the reports' part
+        by_stage: dict[str, dict[str, int]] = {
+            stage.value: {} for stage in Stage if stage is not Stage.LATER
+        }
         total: Counter[str] = Counter()
         for (stage, cls), count in sorted(self.by_stage.items()):
             by_stage[stage][cls] = count

@@ -39,6 +39,9 @@ class Stage(StrEnum):
     MAIL = "mail"  # MAIL FROM
     RCPT = "rcpt"  # RCPT TO
     DATA = "data"  # after the message, at the end of DATA
+    #: after the session: the recipient was accepted, and a DSN (or a complaint) about it is
+    #: sent to the envelope sender afterwards (postlane.simulate.feedback)
+    LATER = "later"
 
 
 class TLSMode(StrEnum):
@@ -51,11 +54,20 @@ class TLSMode(StrEnum):
 
 Delay = tuple[float, float]
 
+#: where a ``stage = "later"`` rule's reports go unless told otherwise: postlane's bounce
+#: listener at its default address (``[bounces] listen``)
+DEFAULT_REPORTS_TO = ("127.0.0.1", 2526)
+#: how long after a message is accepted a ``stage = "later"`` rule reports, unless its
+#: ``delay`` says otherwise: a second or two, as a relay's queue would take
+DEFAULT_LATER_DELAY: Delay = (1.0, 2.0)
+
 
 @dataclass(frozen=True)
 class Rule:
     """What happens to recipients that match: a reply, a dropped connection, or acceptance
-    (optionally slow), with some probability, at RCPT, at the end of DATA, or at MAIL."""
+    (optionally slow), with some probability, at RCPT, at the end of DATA, or at MAIL; or
+    acceptance, then a report sent ``delay`` later (stage "later"): a DSN carrying the reply,
+    or a complaint."""
 
     name: str
     stage: Stage
@@ -68,6 +80,8 @@ class Rule:
     delay: Delay | None
     #: the class a correct client puts these replies in (documentation, checked by the tests)
     cls: ReplyClass | None
+    #: stage "later": an ARF complaint (feedback type abuse) instead of a DSN
+    complaint: bool = False
 
     def matches(self, subject: tuple[str, str, str, str]) -> bool:
         return all(pattern.search(subject[index]) for index, pattern in self.conditions)
@@ -147,6 +161,8 @@ class Scenario:
     connect: Connect = Connect()
     throttle: Throttle | None = None
     rules: tuple[Rule, ...] = ()
+    #: (host, port) where the reports of stage "later" rules are delivered
+    reports_to: tuple[str, int] = DEFAULT_REPORTS_TO
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike[str]) -> Scenario:
@@ -194,6 +210,11 @@ class Scenario:
 
     def with_seed(self, seed: int | None) -> Scenario:
         return self if seed is None else replace(self, seed=seed)
+
+    @property
+    def reports_later(self) -> bool:
+        """Whether a rule sends reports after the session (stage "later")."""
+        return any(rule.stage is Stage.LATER for rule in self.rules)
 
 
 def builtin_scenarios() -> list[str]:
@@ -277,6 +298,20 @@ def _delay(value: Any) -> Delay | None:
     return None if high == 0 else (low, high)
 
 
+def reports_address(value: Any) -> tuple[str, int]:
+    """``"HOST:PORT"`` where reports are delivered: (host, port), the port from 1 to 65535."""
+    host, port = toml_values.parse_listen(_string(value))
+    if port == 0:
+        raise toml_values.expected("HOST:PORT with a port from 1 to 65535", value)
+    return host, port
+
+
+def show_address(address: tuple[str, int]) -> str:
+    """``host:port`` as written in a setting (``[::1]:2526`` for an IPv6 host)."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _replies(value: Any) -> tuple[Reply, ...]:
     """A reply, or a list of replies one of which is picked at random each time."""
     items = value if isinstance(value, list) else [value]
@@ -325,6 +360,7 @@ _TOP_KEYS = (
     "connect",
     "throttle",
     "rules",
+    "reports_to",
 )
 _RULE_KEYS = (
     "name",
@@ -338,6 +374,7 @@ _RULE_KEYS = (
     "drop",
     "probability",
     "delay",
+    "complaint",
 )
 _SUBJECTS = {"address": 0, "local": 1, "domain": 2, "sender": 3}
 
@@ -379,6 +416,7 @@ class _ScenarioReader:
             connect=self._connect(top),
             throttle=self._throttle(top),
             rules=self._rules(top),
+            reports_to=top.get("reports_to", reports_address, DEFAULT_REPORTS_TO),
         )
 
     def _server_replies(self, top: _Table) -> ServerReplies:
@@ -439,7 +477,7 @@ class _ScenarioReader:
             path = f"{path} ({entry['name']})"
         table = _Table(entry, path, self.source, _RULE_KEYS)
         name = table.get("name", _string, f"rules[{number}]")
-        stage = table.get("stage", _member(Stage, ("mail", "rcpt", "data")), Stage.RCPT)
+        stage = table.get("stage", _member(Stage, ("mail", "rcpt", "data", "later")), Stage.RCPT)
         conditions = tuple(
             (index, table.get(key, _patterns, re.compile("")))
             for key, index in _SUBJECTS.items()
@@ -452,6 +490,14 @@ class _ScenarioReader:
         drop = table.get("drop", _boolean, False)
         if drop and replies:
             raise table.error("drop", "a rule either replies or drops the connection, not both")
+        complaint = table.get("complaint", _boolean, False)
+        delay = table.get("delay", _delay, None)
+        if stage is Stage.LATER:
+            self._check_later(table, replies, drop, complaint)
+            if "delay" not in table.data:
+                delay = DEFAULT_LATER_DELAY
+        elif complaint:
+            raise table.error("complaint", 'a complaint comes later: it needs stage = "later"')
         cls = table.get("class", _member(ReplyClass), None)
         return Rule(
             name=name,
@@ -460,6 +506,26 @@ class _ScenarioReader:
             replies=replies,
             drop=drop,
             probability=table.get("probability", _probability, 1.0),
-            delay=table.get("delay", _delay, None),
+            delay=delay,
             cls=cls,
+            complaint=complaint,
         )
+
+    @staticmethod
+    def _check_later(
+        table: _Table, replies: tuple[Reply, ...], drop: bool, complaint: bool
+    ) -> None:
+        """A stage "later" rule reports a 4xx/5xx reply in a DSN, or complains; nothing else."""
+        if drop:
+            raise table.error("drop", 'a rule at stage "later" has accepted: it cannot drop')
+        if complaint and replies:
+            raise table.error("complaint", "a rule either complains or reports a reply, not both")
+        if not complaint and not replies:
+            raise table.error(
+                "reply", 'a rule at stage "later" needs a reply to report (or complaint = true)'
+            )
+        if any(reply.code < 400 for reply in replies):
+            raise table.error(
+                "reply",
+                'at stage "later" a reply must be 4xx (a delayed DSN) or 5xx (a failed one)',
+            )

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ from aiosmtpd.smtp import SMTP
 
 from postlane.clock import Clock, SystemClock
 from postlane.errors import ConfigError
+from postlane.simulate.feedback import LateReports
 from postlane.simulate.provider import Provider, ProviderSMTP
 from postlane.simulate.replies import BANNER_PLACEHOLDERS, check_placeholders
 from postlane.simulate.report import ReportCounts
-from postlane.simulate.scenario import Scenario
+from postlane.simulate.scenario import Scenario, reports_address
 from postlane.simulate.tls import tls_context
 
 
@@ -31,6 +33,9 @@ class Simulator:
             host, port = simulator.address
             ...  # deliver to host:port
         print(simulator.report())
+
+    ``reports_to`` (``"HOST:PORT"`` or a pair) overrides the scenario's ``reports_to``: where
+    the DSNs and complaints of its stage "later" rules are delivered.
     """
 
     def __init__(
@@ -43,7 +48,16 @@ class Simulator:
         seed: int | None = None,
         store_dir: str | os.PathLike[str] | None = None,
         max_messages: int | None = None,
+        reports_to: str | tuple[str, int] | None = None,
     ) -> None:
+        if reports_to is not None:
+            try:
+                destination = (
+                    reports_address(reports_to) if isinstance(reports_to, str) else reports_to
+                )
+            except ValueError as exc:
+                raise ConfigError(f"reports_to: {exc}") from None
+            scenario = replace(scenario, reports_to=destination)
         self.scenario = scenario.with_seed(seed)
         if self.scenario.seed is None:
             self.scenario = self.scenario.with_seed(random.SystemRandom().randrange(2**32))
@@ -55,6 +69,7 @@ class Simulator:
         self._server: asyncio.Server | None = None
         self._stats: ReportCounts | None = None
         self._provider: Provider | None = None
+        self._late: LateReports | None = None
         self._finished: asyncio.Event | None = None
         self._address: tuple[str, int] | None = None
 
@@ -77,6 +92,7 @@ class Simulator:
         loop = asyncio.get_running_loop()
         finished = self._finished = asyncio.Event()
         stats = self._stats = ReportCounts(self.clock)
+        late = self._late = LateReports(scenario.reports_to, scenario.hostname, self.clock)
         provider = self._provider = Provider(
             scenario,
             random.Random(scenario.seed),
@@ -85,6 +101,7 @@ class Simulator:
             store_dir=self.store_dir,
             max_messages=self.max_messages,
             on_limit=finished.set,
+            late=late,
         )
         banner_templated = check_placeholders(scenario.banner, BANNER_PLACEHOLDERS)
 
@@ -129,8 +146,16 @@ class Simulator:
             raise RuntimeError("the simulator is not started")
         await self._finished.wait()
 
+    async def wait_for_reports(self) -> None:
+        """Until every report scheduled so far (stage "later" rules) was delivered or given
+        up on."""
+        if self._late is None:
+            raise RuntimeError("the simulator is not started")
+        await self._late.wait()
+
     async def stop(self, grace: float = 0.0) -> None:
-        """Stop listening; give open sessions ``grace`` seconds to QUIT, then close them."""
+        """Stop listening; give open sessions ``grace`` seconds to QUIT, then close them; send
+        the reports still waiting at once (given up after a few seconds)."""
         server, provider = self._server, self._provider
         if server is None or provider is None:
             return
@@ -148,7 +173,9 @@ class Simulator:
             await asyncio.wait(tasks, timeout=5)
         await server.wait_closed()
         if self._stats is not None:
-            self._stats.stopped_at = self.clock.now()
+            self._stats.stopped_at = self.clock.now()  # the rate is the SMTP service's
+        if self._late is not None:
+            await self._late.close()
         if self._finished is not None:
             self._finished.set()
 
@@ -161,9 +188,9 @@ class Simulator:
             "seed": scenario.seed,
             "listen": None if self._address is None else "{}:{}".format(*self._address),
         }
-        if self._stats is None:
+        if self._stats is None or self._late is None:
             return head
-        return head | self._stats.report()
+        return head | self._stats.report() | {"reports": self._late.report()}
 
     async def __aenter__(self) -> Simulator:
         await self.start()
