@@ -11,7 +11,8 @@ The HTTP API and the dashboard ask the same questions here and differ only in ho
         └── InvalidToken     a token that is not configured (or, at /login, not an admin's)
 
 ``[http] tokens`` (and ``$POSTLANE_API_TOKEN``) have the ``admin`` scope: everything. ``[http]
-send_tokens`` have ``send``: enqueue, and read back what that token enqueued. A token is at
+send_tokens`` have ``send``: enqueue, and read back what that token enqueued; one bound to
+``senders`` enqueues mail from those sender domains only (:attr:`Caller.senders`). A token is at
 least :data:`MIN_TOKEN_LENGTH` characters. With no token configured only a *local* request gets
 in: a loopback peer that also names this machine in its Host header (a web page whose name an
 attacker re-points at 127.0.0.1, DNS rebinding, sends its own name).
@@ -40,7 +41,7 @@ from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
-from postlane.config import HttpConfig
+from postlane.config import HttpConfig, SendToken
 from postlane.errors import ConfigError
 from postlane.ingest.tally import Tally
 
@@ -95,6 +96,13 @@ class Caller:
     scope: Scope
     #: recorded with what this caller enqueues: a token's fingerprint, never the token
     submitter: str | None
+    #: the sender domains it may enqueue mail from (a send token's ``senders``, lower-cased,
+    #: exact); None: any domain
+    senders: tuple[str, ...] | None = None
+
+    def may_send_from(self, domain: str) -> bool:
+        """Whether this caller may enqueue mail from sender domain ``domain``."""
+        return self.senders is None or domain.lower() in self.senders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,14 +409,15 @@ class Tokens:
     def __init__(
         self,
         admin: Sequence[str] = (),
-        send: Sequence[str] = (),
+        send: Sequence[str | SendToken] = (),
         *,
         clock: Callable[[], float] = time.time,
         session_lifetime: float = SESSION_LIFETIME,
     ) -> None:
-        self._known = [(t.encode(), Scope.ADMIN) for t in admin] + [
-            (t.encode(), Scope.SEND) for t in send
-        ]
+        bound = [t if isinstance(t, SendToken) else SendToken(t) for t in send]
+        self._known: list[tuple[bytes, Scope, tuple[str, ...] | None]] = [
+            (t.encode(), Scope.ADMIN, None) for t in admin
+        ] + [(t.token.encode(), Scope.SEND, _lower(t.senders)) for t in bound]
         self._admin = [t.encode() for t in admin]
         self.attempts = Attempts(clock)
         self.sessions = Sessions(admin, session_lifetime, clock)
@@ -417,7 +426,8 @@ class Tokens:
     def from_config(cls, http: HttpConfig, *, clock: Callable[[], float] = time.time) -> Tokens:
         """The tokens of ``[http]``; a token shorter than :data:`MIN_TOKEN_LENGTH` is a
         :class:`ConfigError` naming its key and place (never the token)."""
-        for key, tokens in (("http.tokens", http.tokens), ("http.send_tokens", http.send_tokens)):
+        send = tuple(t.token for t in http.send_tokens)
+        for key, tokens in (("http.tokens", http.tokens), ("http.send_tokens", send)):
             for number, token in enumerate(tokens, 1):
                 if len(token) < MIN_TOKEN_LENGTH:
                     where = f"{key} (or $POSTLANE_API_TOKEN)" if key == "http.tokens" else key
@@ -442,15 +452,32 @@ class Tokens:
 
     def scope_of(self, token: str) -> Scope | None:
         """The scope of a token, or None for an unknown one (``send`` if it is listed as both)."""
-        scopes = self._scopes(token)
-        return Scope.SEND if Scope.SEND in scopes else Scope.ADMIN if scopes else None
+        grant = self._grant(token)
+        return None if grant is None else grant[0]
 
     def _scopes(self, token: str) -> set[Scope]:
-        found = set()
-        for known, scope in self._known:  # compare with every token: no timing hint
+        return {scope for scope, _ in self._matches(token)}
+
+    def _matches(self, token: str) -> list[tuple[Scope, tuple[str, ...] | None]]:
+        found = []
+        for known, scope, senders in self._known:  # compare with every token: no timing hint
             if hmac.compare_digest(token.encode(), known):
-                found.add(scope)
+                found.append((scope, senders))
         return found
+
+    def _grant(self, token: str) -> tuple[Scope, tuple[str, ...] | None] | None:
+        """What a token may do: its scope (``send`` if it is listed as both) and the sender
+        domains it may send from (None: any); None for an unknown token."""
+        matches = self._matches(token)
+        if not matches:
+            return None
+        if all(scope is Scope.ADMIN for scope, _ in matches):
+            return Scope.ADMIN, None
+        senders: tuple[str, ...] | None = None
+        for scope, bound in matches:  # listed more than once: the narrowest binding holds
+            if scope is Scope.SEND and bound is not None:
+                senders = bound if senders is None else tuple(d for d in senders if d in bound)
+        return Scope.SEND, senders
 
     def _admin_index(self, token: str) -> int | None:
         found = None
@@ -469,8 +496,10 @@ class Tokens:
         token = bearer_token(request)
         if token is None:
             raise MissingToken
-        scope = self.attempts.verify(client_key(request), "api", lambda: self.scope_of(token))
-        return Caller(scope, fingerprint(token))
+        scope, senders = self.attempts.verify(
+            client_key(request), "api", lambda: self._grant(token)
+        )
+        return Caller(scope, fingerprint(token), senders)
 
     def login(self, request: HTTPConnection, token: str) -> str:
         """A new session's cookie value for an admin token. Raises :class:`TooManyAttempts`
@@ -505,6 +534,10 @@ class Tokens:
         if sid is None:  # none, expired, logged out or forged: log in again
             raise MissingToken
         return Session(sid, browser=True, session_id=sid)
+
+
+def _lower(domains: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    return None if domains is None else tuple(domain.lower() for domain in domains)
 
 
 class Csrf:

@@ -196,12 +196,118 @@ def _timeout(value: Any) -> float:
 
 
 @dataclass(frozen=True)
+class SendToken:
+    """One of ``[http] send_tokens``: a bearer token that may enqueue mail and read back what
+    it enqueued, and, with ``senders``, only mail from those sender domains (one token per
+    application or tenant, so none sends as another's domain)."""
+
+    token: str = field(repr=False)
+    #: the sender domains its mail may come from, lower-cased; exact (a subdomain is listed
+    #: on its own). None: any domain
+    senders: tuple[str, ...] | None = None
+
+
+#: the keys of a ``[http] send_tokens`` table
+_SEND_TOKEN_KEYS = ("token", "senders")
+
+
+class _SendTokenError(toml_values.UnexpectedValue):
+    """What is wrong with one of ``[http] send_tokens``, said by its place ("token 2 of 3",
+    "sender 1 of 2"), never by its value: the key holds secrets, and its values (the domains
+    beside the tokens too) are masked in every configuration error."""
+
+    def __init__(self, problem: str) -> None:
+        ValueError.__init__(self, problem)
+        self.what = problem
+        self.value = None
+
+    def without_value(self) -> str:
+        return self.what
+
+
+def _send_tokens(value: Any) -> tuple[SendToken, ...]:
+    """``[http] send_tokens``: tokens as strings (they may send from any domain), or tables
+    ``{ token = "...", senders = ["shop.example.com"] }`` (``[[http.send_tokens]]`` too) bound
+    to the sender domains they may send from."""
+    if not isinstance(value, list):
+        raise toml_values.expected(
+            'a list of tokens, or of tables like { token = "...", senders = ["example.com"] }',
+            value,
+        )
+    tokens = tuple(
+        _send_token(item, f"token {number} of {len(value)}") for number, item in enumerate(value, 1)
+    )
+    first: dict[str, int] = {}
+    for number, token in enumerate(tokens, 1):
+        seen = first.setdefault(token.token, number)
+        if tokens[seen - 1].senders != token.senders:
+            raise _SendTokenError(
+                f"token {number} of {len(tokens)} is token {seen} again, with other senders: "
+                "list a token once, with all the domains it may send from"
+            )
+    return tokens
+
+
+def _send_token(item: Any, where: str) -> SendToken:
+    if isinstance(item, str):
+        return SendToken(item)
+    if not isinstance(item, Mapping):
+        raise _SendTokenError(
+            f'{where}: expected a token (a string) or a table {{ token = "...", senders = '
+            f'["example.com"] }}, got {toml_values.kind_of(item)}'
+        )
+    unknown = [key for key in item if key not in _SEND_TOKEN_KEYS]
+    if unknown:  # the key itself is not shown: it might be a token written in the wrong place
+        near = difflib.get_close_matches(str(unknown[0]), _SEND_TOKEN_KEYS, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise _SendTokenError(f"{where}: a table takes the keys token and senders only{hint}")
+    token = item.get("token")
+    if token is None:
+        raise _SendTokenError(f'{where}: the table has no token (token = "...")')
+    if not isinstance(token, str):
+        raise _SendTokenError(f"{where}: token must be a string, got {toml_values.kind_of(token)}")
+    if "senders" not in item:
+        return SendToken(token)
+    return SendToken(token, _sender_domains(item["senders"], where))
+
+
+def _sender_domains(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _SendTokenError(
+            f"{where}: senders must be a list of domains like "
+            f'["shop.example.com"], got {toml_values.kind_of(value)}'
+        )
+    if not value:
+        raise _SendTokenError(
+            f"{where}: senders is empty, so the token could send nothing: list the domains it "
+            "may send from, or leave senders out for a token that may send from any domain"
+        )
+    domains = []
+    for number, domain in enumerate(value, 1):
+        try:
+            domains.append(_mail_domain(domain))
+        except ValueError:
+            text = domain if isinstance(domain, str) else ""
+            hint = ""
+            if "@" in text:
+                hint = " (a domain, not an address)"
+            elif "*" in text:
+                hint = " (no wildcards: list each subdomain)"
+            raise _SendTokenError(
+                f"{where}: sender {number} of {len(value)} is not a domain name like "
+                f"shop.example.com{hint}"
+            ) from None
+    return tuple(dict.fromkeys(domains))
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     listen: str = _setting("127.0.0.1:8025", _listen)
     #: bearer tokens with the "admin" scope: everything, operations included
     tokens: tuple[str, ...] = _setting((), _strings)
-    #: bearer tokens with the "send" scope: enqueue, and read back their own messages
-    send_tokens: tuple[str, ...] = _setting((), _strings)
+    #: bearer tokens with the "send" scope: enqueue, and read back their own messages; each
+    #: may be bound to the sender domains it may send from
+    send_tokens: tuple[SendToken, ...] = _setting((), _send_tokens)
     #: the web dashboard at / (admin tokens log in; without tokens, loopback clients only)
     dashboard: bool = _setting(True, _bool)
     # -- limits of the HTTP listener (docs/security.md) --
@@ -218,6 +324,14 @@ class HttpConfig:
     max_request_bytes: int = _setting(0, _size)
     #: a dashboard login lasts this long, however it is used
     session_lifetime: float = _setting(43200.0, _timeout)
+
+
+def _public_senders(http: HttpConfig) -> set[str]:
+    """The sender domains of ``[http] send_tokens``. Read under a secret key they were
+    remembered as secrets, but they are none: a relay's host name or an error holding one is
+    shown as written (a token is masked still, even one written as a domain)."""
+    tokens = {*http.tokens, *(token.token for token in http.send_tokens)}
+    return {d for token in http.send_tokens for d in token.senders or ()} - tokens
 
 
 @dataclass(frozen=True)
@@ -691,7 +805,7 @@ def _read(data: Mapping[str, Any], reader: Reader, source: str, base_dir: Path) 
         provider_webhooks=provider_webhooks,
         source=source,
         base_dir=base_dir,
-        secrets=frozenset(reader.secrets),
+        secrets=frozenset(reader.secrets - _public_senders(sections["http"])),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -15,6 +16,7 @@ import pytest
 from postlane.app import AsyncPostlane
 from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
+from postlane.config import Config
 from postlane.errors import StoreUnavailable
 from postlane.ingest import api_core
 from postlane.ingest import http as http_module
@@ -220,6 +222,13 @@ async def scoped(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[AsyncP
     config = make_config(
         tmp_path, http={"tokens": [TOKEN], "send_tokens": [SEND_TOKEN, OTHER_TOKEN]}
     )
+    async with clients_of(config, clock) as scoped:
+        yield scoped
+
+
+@contextlib.asynccontextmanager
+async def clients_of(config: Config, clock: FakeClock) -> AsyncIterator[tuple[AsyncPostlane, Any]]:
+    """The application of ``config``, and a maker of its API's clients by bearer token."""
     async with AsyncPostlane(config, clock=clock) as postlane:
         asgi = build_app(FrontDoor(config, postlane, Metrics(postlane)))
         transport = httpx.ASGITransport(app=asgi, client=("10.1.2.3", 5555))
@@ -232,6 +241,162 @@ async def scoped(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[AsyncP
             )
 
         yield postlane, client
+
+
+SHOP_TOKEN = "shop-send-token-0003"
+BRANDS_TOKEN = "brands-send-token-0004"
+SHOP = {**MESSAGE, "from": "orders@shop.example.com"}
+
+
+@pytest.fixture
+async def tenants(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[AsyncPostlane, Any]]:
+    """Send tokens of tenants, each bound to its sender domains, beside a plain send token
+    (any sender) and an admin token."""
+    bound = [
+        {"token": SHOP_TOKEN, "senders": ["shop.example.com"]},
+        {"token": BRANDS_TOKEN, "senders": ["brand.example", "Mail.Brand.Example"]},
+    ]
+    config = make_config(tmp_path, http={"tokens": [TOKEN], "send_tokens": [SEND_TOKEN, *bound]})
+    async with clients_of(config, clock) as scoped:
+        yield scoped
+
+
+async def test_a_token_bound_to_senders_enqueues_mail_from_them(
+    tenants: tuple[AsyncPostlane, Any],
+) -> None:
+    app, client = tenants
+    async with client(SHOP_TOKEN) as shop, client(BRANDS_TOKEN) as brands:
+        sent = await shop.post("/v1/messages", json=SHOP)
+        assert sent.status_code == 202, sent.text
+        assert (await shop.get(f"/v1/messages/{sent.json()['id']}")).status_code == 200
+        for sender in ("news@brand.example", "Team@MAIL.Brand.example"):  # any case
+            r = await brands.post("/v1/messages", json={**MESSAGE, "from": sender})
+            assert r.status_code == 202, r.text
+    assert len(await app.messages()) == 3
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "ceo@other.example",
+        "orders@news.shop.example.com",  # a subdomain is a domain of its own: listed, or refused
+        "orders@example.com",
+        "Shop <orders@shop.example.com.evil.example>",
+    ],
+)
+async def test_a_token_bound_to_senders_is_refused_any_other_and_nothing_is_stored(
+    tenants: tuple[AsyncPostlane, Any], sender: str
+) -> None:
+    """A security audit: a send token enqueued mail from any address, so one tenant sent as
+    another's domain through the shared, DKIM-signing queue."""
+    app, client = tenants
+    async with client(SHOP_TOKEN) as shop:
+        r = await shop.post("/v1/messages", json={**MESSAGE, "from": sender})
+    assert r.status_code == 403
+    domain = sender.rstrip(">").rpartition("@")[2]
+    assert r.json() == {
+        "error": {
+            "code": "sender_not_allowed",
+            "message": f"this token may send from shop.example.com only, not from {domain}",
+        }
+    }
+    assert await queue_is_empty(app)
+
+
+async def test_a_bound_token_is_told_every_domain_it_may_use(
+    tenants: tuple[AsyncPostlane, Any],
+) -> None:
+    _, client = tenants
+    async with client(BRANDS_TOKEN) as brands:
+        r = await brands.post("/v1/messages", json=SHOP)
+    assert r.status_code == 403
+    assert r.json()["error"]["message"] == (
+        "this token may send from brand.example, mail.brand.example only, not from shop.example.com"
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "From: ceo@other.example\r\nTo: ada@example.net\r\nSubject: x\r\n\r\nbody\r\n",
+        "From: a@shop.example.com, ceo@other.example\r\nSender: a@shop.example.com\r\n"
+        "To: ada@example.net\r\n\r\nbody\r\n",
+        # a first line a mail parser takes for an mbox separator, a receiver for a From field
+        "From : ceo@other.example\r\nFrom: a@shop.example.com\r\nTo: ada@example.net\r\n"
+        "\r\nbody\r\n",
+    ],
+)
+async def test_a_bound_token_is_refused_a_raw_message_whose_from_header_is_another_domain(
+    tenants: tuple[AsyncPostlane, Any], raw: str
+) -> None:
+    """The From header is what a reader sees, what DKIM signs for and DMARC checks: a raw
+    message's may differ from its envelope sender."""
+    app, client = tenants
+    async with client(SHOP_TOKEN) as shop:
+        r = await shop.post("/v1/messages", json={"raw": raw, "from": "a@shop.example.com"})
+        bounce = await shop.post("/v1/messages", json={"raw": raw, "from": "<>"})
+    for refused in (r, bounce):
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"] == {
+            "code": "sender_not_allowed",
+            "message": "this token may send from shop.example.com only, not from "
+            "other.example (its From header)",
+        }
+    assert await queue_is_empty(app)
+    raw = "From: a@shop.example.com\r\nTo: ada@example.net\r\n\r\nbody\r\n"
+    async with client(SHOP_TOKEN) as shop:
+        assert (await shop.post("/v1/messages", json={"raw": raw})).status_code == 202
+
+
+async def test_a_batch_refuses_each_message_from_another_domain_and_stores_the_rest(
+    tenants: tuple[AsyncPostlane, Any],
+) -> None:
+    app, client = tenants
+    items = [SHOP, {**MESSAGE, "from": "ceo@other.example"}]
+    async with client(SHOP_TOKEN) as shop:
+        r = await shop.post("/v1/messages/batch", json={"messages": items})
+    assert r.status_code == 207
+    body = r.json()
+    assert body["accepted"] == 1 and body["refused"] == 1
+    assert "id" in body["results"][0]
+    assert body["results"][1] == {
+        "error": {
+            "code": "sender_not_allowed",
+            "message": "this token may send from shop.example.com only, not from other.example",
+        }
+    }
+    [stored] = await app.messages()
+    assert stored.id == body["results"][0]["id"] and stored.sender == "orders@shop.example.com"
+
+
+async def test_plain_send_tokens_and_admin_tokens_send_from_any_domain(
+    tenants: tuple[AsyncPostlane, Any],
+) -> None:
+    app, client = tenants
+    other = {**MESSAGE, "from": "ceo@other.example"}
+    async with client(SEND_TOKEN) as plain, client(TOKEN) as admin:
+        assert (await plain.post("/v1/messages", json=other)).status_code == 202
+        assert (await admin.post("/v1/messages", json=other)).status_code == 202
+        r = await plain.post("/v1/messages/batch", json={"messages": [other, SHOP]})
+        assert r.status_code == 202 and r.json()["accepted"] == 2
+    assert len(await app.messages()) == 4
+
+
+async def test_a_bound_token_cannot_learn_who_unsubscribed_from_another_domain(
+    tenants: tuple[AsyncPostlane, Any],
+) -> None:
+    """The audit's second half: a recipient suppressed for a sender domain is recorded
+    suppressed at enqueue, and its submitter reads that state back; a token sending "from"
+    another tenant's domain learnt who had unsubscribed from it."""
+    app, client = tenants
+    await app.suppress("ada@example.net", reason="unsubscribe", scope="other.example")
+    async with client(SHOP_TOKEN) as shop:
+        probe = await shop.post("/v1/messages", json={**MESSAGE, "from": "x@other.example"})
+        assert probe.status_code == 403 and "id" not in probe.json()
+        own = (await shop.post("/v1/messages", json=SHOP)).json()["id"]
+        [recipient] = (await shop.get(f"/v1/messages/{own}")).json()["recipients"]
+    assert recipient["state"] == "queued"  # its own domain's mail: not suppressed
+    assert [m.id for m in await app.messages()] == [own]
 
 
 async def test_a_send_token_reads_only_its_own_messages(scoped: tuple[AsyncPostlane, Any]) -> None:

@@ -25,7 +25,7 @@ from postlane.auth import (
     fingerprint,
     is_local,
 )
-from postlane.config import config_from_dict
+from postlane.config import SendToken, config_from_dict
 from postlane.errors import ConfigError
 
 ADMIN = "admin-t0ken-for-the-tests"
@@ -106,6 +106,32 @@ def test_tokens_have_the_scope_they_were_configured_with() -> None:
     assert tokens.scope_of(SEND) is Scope.SEND
     assert tokens.scope_of("nope") is None
     assert Tokens([ADMIN], [ADMIN]).scope_of(ADMIN) is Scope.SEND  # listed twice: the lesser
+
+
+def test_a_send_token_bound_to_senders_makes_a_caller_that_may_send_from_them_only() -> None:
+    bound = SendToken("shop-t0ken-for-the-tests", ("shop.example.com", "mail.shop.example.com"))
+    tokens = Tokens([ADMIN, bound.token], [SEND, bound])
+
+    def caller(token: str) -> Caller:
+        return tokens.caller(request(peer="192.0.2.7", authorization=f"Bearer {token}"))
+
+    shop = caller(bound.token)  # listed as admin too: the lesser, send, with its senders
+    assert shop == Caller(Scope.SEND, fingerprint(bound.token), bound.senders)
+    assert shop.may_send_from("shop.example.com") and shop.may_send_from("Mail.Shop.Example.COM")
+    assert not shop.may_send_from("other.example")
+    assert not shop.may_send_from("news.shop.example.com")  # exact: subdomains are listed
+    assert caller(SEND).senders is None and caller(SEND).may_send_from("other.example")
+    assert caller(ADMIN).senders is None and caller(ADMIN).may_send_from("other.example")
+
+
+def test_a_short_token_in_a_send_token_table_is_refused_at_start_without_showing_it() -> None:
+    config = config_from_dict(
+        {"http": {"send_tokens": [SEND, {"token": "short-one", "senders": ["shop.example.com"]}]}}
+    )
+    with pytest.raises(ConfigError) as refused:
+        Tokens.from_config(config.http)
+    assert refused.value.message.startswith("http.send_tokens: token 2 of 2 is 9 characters")
+    assert "short-one" not in refused.value.message and "\n" not in refused.value.message
 
 
 def test_without_tokens_the_api_answers_local_requests_only() -> None:

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postlane.config import (
+    SendToken,
     config_from_dict,
     format_duration,
     load_config,
@@ -469,7 +470,7 @@ def test_issue_17_3_env_sets_lists_and_tables_too() -> None:
         },
     )
     assert config.http.tokens == ("t1", "t2")
-    assert config.http.send_tokens == ("s1",)
+    assert config.http.send_tokens == (SendToken("s1"),)
     assert config.smtp.users == {"app": "scrypt$1$2$3", "web": "pw"}
     assert config.delivery.require_tls == ("google", "example.com")
     assert config.throttle.min_rate == 0.5
@@ -609,3 +610,81 @@ def test_a_missing_tls_file_is_named(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"smtp\.tls_cert: cannot read .*missing\.pem"):
         server_tls_context(config)
+
+
+# -- send tokens bound to sender domains (a security audit) -------------------------------------
+
+SHOP_TOKEN = "Sh0pT0ken-for-the-tests"
+
+
+def test_a_send_token_may_be_bound_to_sender_domains_in_an_inline_table_or_an_array(
+    tmp_path: Path,
+) -> None:
+    """Plain strings stay tokens for any sender; a table binds its token to its senders,
+    lower-cased, without a final dot, each once."""
+    inline = tmp_path / "inline.toml"
+    inline.write_text(
+        '[http]\nsend_tokens = ["plain-token-for-the-tests", { token = "${SHOP_TOKEN}", '
+        'senders = ["${SHOP_DOMAIN}", "mail.shop.example.com.", "shop.example.com"] }]\n'
+    )
+    array = tmp_path / "array.toml"
+    array.write_text(
+        '[[http.send_tokens]]\ntoken = "plain-token-for-the-tests"\n\n'
+        '[[http.send_tokens]]\ntoken = "${SHOP_TOKEN}"\n'
+        'senders = ["Shop.Example.com", "mail.shop.example.com.", "shop.example.com"]\n'
+    )
+    expected = (
+        SendToken("plain-token-for-the-tests"),
+        SendToken(SHOP_TOKEN, ("shop.example.com", "mail.shop.example.com")),
+    )
+    for path in (inline, array):
+        config = load_config(
+            path, env={"SHOP_TOKEN": SHOP_TOKEN, "SHOP_DOMAIN": "Shop.Example.com"}
+        )
+        assert config.http.send_tokens == expected
+        assert SHOP_TOKEN in config.secrets and SHOP_TOKEN not in repr(config)
+        # the domains are no secret: a relay or an error naming one shows it
+        assert config.redact(f"smtp://mail.shop.example.com {SHOP_TOKEN}") == (
+            "smtp://mail.shop.example.com ****"
+        )
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"token": SHOP_TOKEN, "senders": []}, "token 2 of 2: senders is empty"),
+        ({"token": SHOP_TOKEN, "senders": ["localhost"]}, "sender 1 of 1 is not a domain"),
+        ({"token": SHOP_TOKEN, "senders": ["a.example", "bad_domain.example"]}, "sender 2 of 2"),
+        ({"token": SHOP_TOKEN, "senders": ["orders@shop.example.com"]}, "not an address"),
+        ({"token": SHOP_TOKEN, "senders": ["*.shop.example.com"]}, "no wildcards"),
+        ({"token": SHOP_TOKEN, "senders": [5]}, "sender 1 of 1 is not a domain"),
+        ({"token": SHOP_TOKEN, "senders": "shop.example.com"}, "senders must be a list"),
+        ({"token": SHOP_TOKEN, "sender": ["shop.example.com"]}, "did you mean senders?"),
+        ({SHOP_TOKEN: ["shop.example.com"]}, "takes the keys token and senders only"),
+        ({"senders": ["shop.example.com"]}, "the table has no token"),
+        ({"token": 5, "senders": ["shop.example.com"]}, "token must be a string"),
+        (5, "token 2 of 2: expected a token (a string) or a table"),
+    ],
+)
+def test_a_bad_send_token_table_is_one_line_naming_the_key_and_never_the_token(
+    entry: Any, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict({"http": {"send_tokens": ["plain-token-for-the-tests", entry]}})
+    message = raised.value.message
+    assert message.startswith("http.send_tokens: ") and problem in message
+    assert "\n" not in message
+    assert SHOP_TOKEN not in message and "plain-token-for-the-tests" not in message
+
+
+def test_one_token_bound_twice_to_other_senders_is_refused() -> None:
+    twice = [
+        {"token": SHOP_TOKEN, "senders": ["shop.example.com"]},
+        {"token": SHOP_TOKEN, "senders": ["other.example"]},
+    ]
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict({"http": {"send_tokens": twice}})
+    assert raised.value.message == (
+        "http.send_tokens: token 2 of 2 is token 1 again, with other senders: list a token "
+        "once, with all the domains it may send from"
+    )

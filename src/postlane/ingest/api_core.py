@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -23,6 +24,7 @@ from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from postlane.addresses import parse_address
 from postlane.app import AsyncPostlane
 from postlane.auth import (
     Caller,
@@ -56,7 +58,7 @@ from postlane.ingest.bodies import (
 )
 from postlane.ingest.bodies import read_body as read_within
 from postlane.ingest.server import HttpLimits, Refusals, escaped_store_error
-from postlane.message import Attachment, Message
+from postlane.message import Attachment, Message, PreparedMessage
 from postlane.metrics import Metrics
 from postlane.records import Selector
 from postlane.selectors import (
@@ -394,6 +396,59 @@ def _caller(request: Request, scope: Scope | None) -> Caller:
     if scope is Scope.ADMIN and caller.scope is not Scope.ADMIN:
         raise ApiError(403, "forbidden", "this needs a token with the admin scope")
     return caller
+
+
+def check_sender(caller: Caller, message: PreparedMessage) -> None:
+    """Refuse (403 ``sender_not_allowed``) a message from a domain the caller's token is not
+    bound to (``[http] send_tokens`` with ``senders``): its envelope sender's, and its From
+    header's (a raw message's may differ), the domain DKIM signs for and DMARC checks."""
+    if caller.senders is None:
+        return
+    for domain, which in sender_domains(message):
+        if not caller.may_send_from(domain):
+            allowed = ", ".join(caller.senders) or "no domain"
+            raise ApiError(
+                403,
+                "sender_not_allowed",
+                f"this token may send from {allowed} only, not from {domain}{which}",
+            )
+
+
+def sender_domains(message: PreparedMessage) -> Iterator[tuple[str, str]]:
+    """The domains ``message`` is sent from, each with what says so in a refusal: the
+    envelope sender's (``""``; none for the null sender), then those of every address in
+    every From field (``" (its From header)"``), lower-cased, in their ASCII (IDNA) form."""
+    if message.sender:
+        yield message.sender.rpartition("@")[2].lower(), ""
+    for _, address in getaddresses(_from_fields(message.content)):
+        if "@" not in address:
+            continue
+        try:
+            domain = parse_address(address, "From header").domain
+        except ValidationError:  # compared as written: a domain no token is bound to
+            domain = address.rpartition("@")[2].strip().lower()
+        yield domain, " (its From header)"
+
+
+def _from_fields(content: bytes) -> list[str]:
+    """The values of every field of the header section named From, unfolded. Read as
+    leniently as a receiver (and the DKIM signer) reads them: a name with spaces before its
+    colon counts, and so does a first line ``From :`` that a mail parser would take for an
+    mbox separator."""
+    end = content.find(b"\r\n\r\n")
+    head = (content if end < 0 else content[:end]).decode("utf-8", "replace")
+    fields: list[list[str]] = []
+    current: list[str] | None = None
+    for line in head.replace("\r\n", "\n").split("\n"):
+        if line[:1] in (" ", "\t"):
+            if current is not None:
+                current.append(line)
+            continue
+        name, colon, value = line.partition(":")
+        current = [value] if colon and name.rstrip(" \t").lower() == "from" else None
+        if current is not None:
+            fields.append(current)
+    return [" ".join(parts) for parts in fields]
 
 
 # -- reading requests ------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from postlane.ingest.api_core import (
     ApiJSON,
     Handler,
     body_flag,
+    check_sender,
     context_of,
     endpoint,
     error_response,
@@ -104,6 +105,7 @@ async def post_message(request: Request, caller: Caller) -> Response:
     data = await read_json(request, api.body_limit)
     message = message_from_json(data, request.headers.get("idempotency-key"))
     prepared = dataclasses.replace(api.postlane.prepare(message), submitter=caller.submitter)
+    check_sender(caller, prepared)
     [result] = await api.postlane.send_prepared([prepared])
     if api.metrics is not None and not result.duplicate:
         api.metrics.enqueued.labels("http").inc()
@@ -125,6 +127,7 @@ async def post_batch(request: Request, caller: Caller) -> Response:
         items[index] = None  # its JSON goes as its rendering comes: held once, not twice
         try:
             message = api.postlane.prepare(message_from_json(item))
+            check_sender(caller, message)
             prepared.append(dataclasses.replace(message, submitter=caller.submitter))
             positions.append(index)
         except (ApiError, PostlaneError) as exc:
