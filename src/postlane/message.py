@@ -668,6 +668,7 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
     headers = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head + b"\r\n\r\n")
     if headers.defects or not head or head[:1].isspace():
         raise ValidationError("the raw message's header section is malformed", field="raw")
+    _check_field_names(head)
 
     _check_singletons(headers)
     from_header = _first_address(headers.get_all("From") or [])
@@ -719,6 +720,25 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
     content = head + b"\r\n" + added + b"\r\n" + body
     subject = _decoded(headers.get("Subject"))
     return _Rendered(envelope_sender, recipients, subject, message_id, content)
+
+
+#: a header line's start: a field name (RFC 5322 2.2: printable ASCII but the colon) and its colon
+_FIELD_NAME = re.compile(rb"[!-9;-~]+:")
+
+
+def _check_field_names(head: bytes) -> None:
+    """Refuse a header line that is not ``name:`` (continuations aside): an mbox ``From ``
+    line, or ``From :`` (the obsolete space before the colon). Python's parser reads the first
+    as no header at all and a DKIM signer the second as a From, so a message could pass the
+    one-From check here and be signed for another domain."""
+    for number, line in enumerate(head.split(b"\r\n"), 1):
+        if line[:1] not in (b" ", b"\t") and not _FIELD_NAME.match(line):
+            shown = line[:40].decode("ascii", "replace")
+            raise ValidationError(
+                f"line {number} of the raw message's header section is no header field "
+                f"(a name, then a colon at once): {shown!r}",
+                field="raw",
+            )
 
 
 #: the headers RFC 5322 3.6 allows once at most; a second one is refused (receivers such as

@@ -275,6 +275,21 @@ def test_raw_message_keeps_its_message_id_and_envelope() -> None:
     assert prepared.sender == "bounce@example.com"
 
 
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"From : CEO <ceo@other.example>\r\n",  # obsolete syntax: a DKIM signer's From
+        b"From ceo@other.example Mon Jan  1 00:00:00 2024\r\n",  # an mbox separator line
+    ],
+)
+def test_a_raw_header_line_that_is_no_field_is_refused(first: bytes) -> None:
+    """An audit: Python's parser reads ``From :`` on the first line as an mbox separator, not
+    a header, so the one-From check passed while a DKIM signer signed for other.example."""
+    with pytest.raises(ValidationError, match="is no header field") as caught:
+        prepare(Message(sender="app@example.com", raw=first + RAW), max_size=LIMIT)
+    assert caught.value.field == "raw" and "line 1 " in caught.value.message
+
+
 def test_a_raw_message_loses_its_bcc_resent_bcc_and_return_path_as_with_postfix() -> None:
     """A security audit: a Return-Path in a submitted message went out to recipients (RFC 5321
     4.4: the receiving server adds it from the envelope)."""

@@ -21,8 +21,9 @@ Schema = dict[str, Any]
 _ERROR_TEXT = {
     400: "Malformed request",
     401: "Missing or invalid token",
-    403: "The token's scope does not allow this, or a browser says another site's page sent "
-    "it (code cross_site)",
+    403: "The token's scope does not allow this, a send token bound to sender domains was "
+    "given another (code sender_not_allowed), or a browser says another site's page sent it "
+    "(code cross_site)",
     404: "Not found",
     408: "The request body stalled (no byte for the body timeout): the connection is closed",
     409: "Refused as asked, nothing changed: a requeue of suppressed addresses (the error's "
