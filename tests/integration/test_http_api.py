@@ -321,9 +321,6 @@ async def test_a_bound_token_is_told_every_domain_it_may_use(
         "From: ceo@other.example\r\nTo: ada@example.net\r\nSubject: x\r\n\r\nbody\r\n",
         "From: a@shop.example.com, ceo@other.example\r\nSender: a@shop.example.com\r\n"
         "To: ada@example.net\r\n\r\nbody\r\n",
-        # a first line a mail parser takes for an mbox separator, a receiver for a From field
-        "From : ceo@other.example\r\nFrom: a@shop.example.com\r\nTo: ada@example.net\r\n"
-        "\r\nbody\r\n",
     ],
 )
 async def test_a_bound_token_is_refused_a_raw_message_whose_from_header_is_another_domain(
@@ -342,6 +339,23 @@ async def test_a_bound_token_is_refused_a_raw_message_whose_from_header_is_anoth
             "message": "this token may send from shop.example.com only, not from "
             "other.example (its From header)",
         }
+    assert await queue_is_empty(app)
+
+
+async def test_a_first_line_a_parser_skips_but_a_signer_reads_is_refused_for_every_token(
+    tenants: tuple[AsyncPostlane, Any],
+) -> None:
+    """A first line a mail parser takes for an mbox separator, a DKIM signer for a From field:
+    refused as no header field (422), before any token's senders are looked at, so an admin
+    or unbound token cannot have it signed for another domain either."""
+    app, client = tenants
+    raw = "From : ceo@other.example\r\nFrom: a@shop.example.com\r\nTo: ada@example.net\r\n\r\nx\r\n"
+    async with client(SHOP_TOKEN) as shop, client(TOKEN) as admin:
+        for caller in (shop, admin):
+            r = await caller.post("/v1/messages", json={"raw": raw, "from": "a@shop.example.com"})
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["code"] == "invalid_message"
+            assert "line 1 of the raw message's header section is no header field" in r.text
     assert await queue_is_empty(app)
     raw = "From: a@shop.example.com\r\nTo: ada@example.net\r\n\r\nbody\r\n"
     async with client(SHOP_TOKEN) as shop:
