@@ -1291,3 +1291,17 @@ async def test_an_expired_dead_letter_says_expired_with_its_last_reply(tmp_path:
     status, out, err = await asyncio.to_thread(cli, config, "dlq", "list", "--rows")
     assert status == 0, err
     assert code.id in out and "expired (last reply: 450 Recipient address" in " ".join(out.split())
+
+
+def test_listings_show_brackets_as_they_are(tmp_path: Path) -> None:
+    """An audit: `feedback list` showed "not applied ( match_message_id is off)" and `suppress
+    list` "see  42": Rich read [bounces] and [ticket] in the cells as markup and dropped them."""
+    config = write_config(tmp_path)
+    assert cli(config, "migrate")[0] == 0
+    code, _, err = cli(
+        config, "suppress", "add", "ada@example.net", "--detail", "see [ticket] 42 [b]"
+    )
+    assert code == 0, err
+    code, out, err = cli(config, "suppress", "list")
+    assert code == 0, err
+    assert "see [ticket] 42 [b]" in out

@@ -17,6 +17,7 @@ from typing import IO, Any, Protocol, TypeVar
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from postlane.config import format_duration
 
@@ -120,6 +121,16 @@ def json_or_empty(
     return False
 
 
+class Listing(Table):
+    """A table whose text cells are shown as they are: a reply, a detail or a reason may hold
+    ``[bounces]`` or ``[ticket 42]``, which Rich would take for markup and drop."""
+
+    def add_row(self, *renderables: RenderableType | None, **options: Any) -> None:
+        super().add_row(
+            *(Text(cell) if isinstance(cell, str) else cell for cell in renderables), **options
+        )
+
+
 def listing(
     *columns: str,
     right: Collection[str] = (),
@@ -129,7 +140,7 @@ def listing(
     """A borderless table with bold headings: ``right`` columns are right-aligned, and only the
     ``wrap`` ones wrap (all do when it is None). No padding at the edges: the first column
     starts at the line's start."""
-    table = Table(box=None, show_edge=False, header_style="bold", pad_edge=pad_edge)
+    table = Listing(box=None, show_edge=False, header_style="bold", pad_edge=pad_edge)
     for column in columns:
         table.add_column(
             column,
