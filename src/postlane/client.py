@@ -206,12 +206,17 @@ class _Call:
 
 
 class _Retry(Exception):
-    """Why a try failed in a way worth another (its text ends up in the final error)."""
+    """Why a try failed in a way worth another (its text ends up in the final error).
+    ``reached``: the server may have acted on the request (its answer was lost, or a proxy's
+    502/504 stood for it), as opposed to a connection never made or postlane's own 503."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, retry_after: float | None = None, *, reached: bool = True
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.reached = reached
 
 
 def _error_body(response: httpx.Response) -> tuple[str, str]:
@@ -229,7 +234,8 @@ def _interpret(response: httpx.Response) -> Any:
     status = response.status_code
     if status in RETRY_STATUSES:
         code, message = _error_body(response)
-        raise _Retry(f"HTTP {status} {code}: {message}", _retry_after(response))
+        reached = not (status == 503 and code == StoreUnavailable.code)  # postlane did nothing
+        raise _Retry(f"HTTP {status} {code}: {message}", _retry_after(response), reached=reached)
     if status < 400:
         try:
             return response.json()
@@ -256,8 +262,9 @@ def _interpret(response: httpx.Response) -> Any:
 
 
 def _answer(call: _Call, attempt: _Try, response: httpx.Response) -> Any:
-    """:func:`_interpret`, but for a call whose work a lost earlier try may have done."""
-    if call.gone is not None and attempt.number > 1 and response.status_code == 404:
+    """:func:`_interpret`, but for a call whose work an earlier try that may have reached the
+    server did (a 404 after a connection that was never made is a 404)."""
+    if call.gone is not None and attempt.reached_before and response.status_code == 404:
         return call.gone
     return _interpret(response)
 
@@ -272,7 +279,9 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _transport_retry(exc: httpx.TransportError) -> _Retry:
     kind = "timed out" if isinstance(exc, httpx.TimeoutException) else "failed"
-    return _Retry(f"the connection {kind}: {exc or type(exc).__name__}")
+    # a connection never made sent nothing; anything later may have reached the server
+    reached = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+    return _Retry(f"the connection {kind}: {exc or type(exc).__name__}", reached=reached)
 
 
 def _unavailable(call: _Call, url: str, tries: int, last: _Retry) -> StoreUnavailable:
@@ -320,10 +329,12 @@ class _Try:
     another try (a 502/503/504 answer, a connection error or timeout) ends the block quietly
     and is kept as :attr:`failure`; any other error passes through."""
 
-    def __init__(self, number: int, wait: float) -> None:
+    def __init__(self, number: int, wait: float, *, reached_before: bool = False) -> None:
         self.number = number
         #: seconds to wait before this try (none before the first)
         self.wait = wait
+        #: an earlier try may have reached the server (see :attr:`_Retry.reached`)
+        self.reached_before = reached_before
         self.failure: _Retry | None = None
 
     def __enter__(self) -> None:
@@ -400,7 +411,11 @@ class _Base(Generic[_TransportT, _HttpT]):
             assert failure is not None, "a try that neither returned nor raised"
             if attempt.number > self.backoff.retries:
                 raise _unavailable(call, self.url, attempt.number, failure)
-            attempt = _Try(attempt.number + 1, self.backoff.delay(attempt.number, failure))
+            attempt = _Try(
+                attempt.number + 1,
+                self.backoff.delay(attempt.number, failure),
+                reached_before=attempt.reached_before or failure.reached,
+            )
 
     def _build(self, call: _Call) -> httpx.Request:
         return self._http.build_request(

@@ -334,6 +334,11 @@ def test_an_application_cancels_its_message_and_a_lost_answer_is_no_error(
         second = mail.send(**MESSAGE, send_at=live_api.app.clock.now() + 3600)
         proxy.script = ["lose"]  # the cancel is done, its answer lost: the retry finds it gone
         assert mail.cancel(second.id) == {"id": second.id, "cancelled": None, "left": []}
+        # postlane's own 503 did nothing: a 404 after it is a 404 (an audit: a typo'd id came
+        # back "cancelled" after a failed first try)
+        proxy.script = ["503"]
+        with pytest.raises(NotFound):
+            mail.cancel("nosuchmessage0000")
     assert live_api.messages() == []
 
 
@@ -423,3 +428,22 @@ def test_a_raw_message_that_is_not_utf8_is_refused_before_sending(live_api: Live
     ):
         mail.send(postlane.Message(sender="a@example.com", to=["b@example.net"], raw=raw))
     assert live_api.messages() == []
+
+
+def test_a_cancel_after_a_connection_never_made_is_not_found(live_api: LiveAPI) -> None:
+    """A refused connection sent nothing: the retry's 404 is the answer."""
+
+    class RefusedOnce(httpx.HTTPTransport):
+        refused = False
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            if not self.refused:
+                self.refused = True
+                raise httpx.ConnectError("refused", request=request)
+            return super().handle_request(request)
+
+    with (
+        postlane.Client(live_api.url, token=TOKEN, backoff=0.01, transport=RefusedOnce()) as mail,
+        pytest.raises(NotFound),
+    ):
+        mail.cancel("nosuchmessage0000")
