@@ -1378,5 +1378,22 @@ async def test_an_operator_applies_a_report_kept_for_its_message_id_only(
     )
     assert other.unmatched_id is not None
     code, said = await asyncio.to_thread(cli, "feedback", "apply", str(other.unmatched_id))
-    assert code == 1 and "names no delivery that was sent" in said
+    assert code == 1
+    [line] = said.strip().splitlines()  # one line, postlane's way, saying why
+    assert line.startswith(f"postlane: refused: report {other.unmatched_id} was not applied, ")
+    assert "nobody@example.net" in line and "kept for review" not in line
     assert [r.id for r in await world.store.list_unmatched(limit=10)] == [other.unmatched_id]
+    # a message with several recipients: its Message-ID proves nothing, even to apply, and the
+    # operator is told so (an audit was told "names no delivery that was sent")
+    several = await world.send("c1@example.net", "c2@example.net")
+    kept_several = await world.processor.process(
+        forged_dsn("c1@example.net", several.message_id),
+        mail_from="",
+        rcpt_to=[f"postmaster@{DOMAIN}"],
+    )
+    assert kept_several.unmatched_id is not None
+    code, said = await asyncio.to_thread(
+        cli, "feedback", "apply", str(kept_several.unmatched_id)
+    )
+    assert code == 1 and "a Message-ID names only a message sent to that address alone" in said
+    assert kept_several.reason is not None and kept_several.reason in said

@@ -85,8 +85,6 @@ def feedback_apply(report_id: int) -> None:
     Message-ID can write such a report."""
     result = with_app(lambda app: _apply(app, report_id))
     click.echo(f"report {report_id}: {result.summary()}")
-    if not result.recorded and not result.duplicates:
-        raise click.ClickException(f"report {report_id} names no delivery that was sent")
 
 
 async def _apply(app: AsyncPostlane, report_id: int) -> InboundResult:
@@ -121,6 +119,10 @@ async def _apply(app: AsyncPostlane, report_id: int) -> InboundResult:
     if result.recorded or result.duplicates:
         # done with: what is left of it (other recipients' notes) was kept again, as a new report
         await app.store.delete_unmatched(report_id)
-    elif result.unmatched_id is not None:
+        return result
+    if result.unmatched_id is not None:
         await app.store.delete_unmatched(result.unmatched_id)  # the same report, kept twice
-    return result
+    raise ValidationError(
+        f"report {report_id} was not applied, and stays kept: "
+        f"{result.reason or 'it names no delivery that was sent'}"
+    )
