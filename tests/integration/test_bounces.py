@@ -1392,8 +1392,6 @@ async def test_an_operator_applies_a_report_kept_for_its_message_id_only(
         rcpt_to=[f"postmaster@{DOMAIN}"],
     )
     assert kept_several.unmatched_id is not None
-    code, said = await asyncio.to_thread(
-        cli, "feedback", "apply", str(kept_several.unmatched_id)
-    )
+    code, said = await asyncio.to_thread(cli, "feedback", "apply", str(kept_several.unmatched_id))
     assert code == 1 and "a Message-ID names only a message sent to that address alone" in said
     assert kept_several.reason is not None and kept_several.reason in said
