@@ -8,7 +8,7 @@ result = mail.send(sender="app@example.com", to=["ada@example.net"],
 print(result.id, result.duplicate)
 """
 
-from postlane.app import AsyncPostlane, Cancelled
+from postlane.app import AsyncPostlane
 from postlane.blocking import Postlane
 from postlane.classify import ReplyClass, Verdict, classify
 from postlane.client import AsyncClient, Client
@@ -24,7 +24,7 @@ from postlane.errors import (
     ValidationError,
 )
 from postlane.message import Attachment, Lane, Message, RecipientState
-from postlane.records import EnqueueResult, Selector
+from postlane.records import Cancelled, EnqueueResult, Selector
 
 __version__ = "0.1.0"
 

@@ -44,9 +44,10 @@ from postlane.destinations import DestinationMap
 from postlane.errors import NoQueue, NotFound, SuppressedRecipients, ValidationError
 from postlane.events import Event, event_cursor
 from postlane.exports import read_export
-from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
+from postlane.message import Lane, Message, PreparedMessage, prepare
 from postlane.records import (
     SUPPRESSION_REASONS,
+    Cancelled,
     DeadGroup,
     DeadLetter,
     DestinationStatus,
@@ -60,7 +61,6 @@ from postlane.records import (
     Suppression,
 )
 from postlane.store import Store, open_store_url
-from postlane.store.base import CANCELLED_BY_APPLICATION
 from postlane.transports import shared_destinations
 
 T = TypeVar("T")
@@ -301,20 +301,12 @@ class AsyncPostlane:
         one already final. A message left with no recipient goes too. ``submitter``: cancel
         only a message that caller handed in (another's is :class:`NotFound`, as the API's
         send tokens see it). Raises :class:`NotFound` for a message that does not exist."""
-        view = await self.get(queue_id, history=False)
-        if submitter is not None and view.submitter != submitter:
-            raise NotFound(f"no message with id {view.id}")  # not yours: as if it did not exist
-        states = ACTION_STATES[QueueAction.DELETE]
-        cancelled = 0
-        async for ids in self._delivery_ids(Selector(ids=(view.id,)), states, 500):
-            cancelled += await self.store.delete_deliveries(
-                ids, states, why=CANCELLED_BY_APPLICATION
-            )
-        try:
-            left = (await self.get(view.id, history=False)).recipients
-        except NotFound:  # every recipient was cancelled: the message is gone
-            left = ()
-        return Cancelled(view.id, cancelled, tuple((r.address, r.state) for r in left))
+        cancelled = await self.store.cancel_message(
+            _check_id(queue_id), submitter=submitter, now=self.clock.now()
+        )
+        if cancelled is None:  # another's is as if it did not exist
+            raise NotFound(f"no message with id {queue_id}")
+        return cancelled
 
     async def messages(
         self, selector: Selector | None = None, *, limit: int = 1000
@@ -756,25 +748,6 @@ def _as_message(message: Message | Mapping[str, Any]) -> Message:
     raise ValidationError(
         f"a message is a postlane.Message or a mapping, not {type(message).__name__}"
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class Cancelled:
-    """What :meth:`AsyncPostlane.cancel` did."""
-
-    id: str
-    #: recipients removed before they were sent
-    cancelled: int
-    #: the recipients it left, with their states: already sent (or otherwise final), or being
-    #: sent at that moment (``sending``: it may still go; its result decides)
-    left: tuple[tuple[str, RecipientState], ...] = ()
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "cancelled": self.cancelled,
-            "left": [{"address": address, "state": state} for address, state in self.left],
-        }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,12 +16,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, Unpack
 
-from postlane.app import AsyncPostlane, Cancelled, EventPage
+from postlane.app import AsyncPostlane, EventPage
 from postlane.clock import Clock
 from postlane.config import Config
 from postlane.cursors import Page
 from postlane.message import Lane, Message
-from postlane.records import DeadLetter, EnqueueResult, MessageView, Selector, Stats, Suppression
+from postlane.records import (
+    Cancelled,
+    DeadLetter,
+    EnqueueResult,
+    MessageView,
+    Selector,
+    Stats,
+    Suppression,
+)
 
 __all__ = ["Postlane"]
 

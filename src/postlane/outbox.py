@@ -27,17 +27,27 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from postlane.errors import NotFound
 from postlane.message import Message, PreparedMessage, prepare
-from postlane.records import EnqueueResult
+from postlane.records import Cancelled, EnqueueResult
+from postlane.store.operator import cancel_plan
 from postlane.store.plans import Plan
 from postlane.store.postgres import enqueue_plan, in_schema, run_plan, run_plan_sync
 
-__all__ = ["enqueue_in_transaction", "enqueue_in_transaction_sync", "missing_tables"]
+__all__ = [
+    "cancel_in_transaction",
+    "cancel_in_transaction_sync",
+    "enqueue_in_transaction",
+    "enqueue_in_transaction_sync",
+    "missing_tables",
+]
+
+T = TypeVar("T")
 
 #: the default size limit, as postlane's own ``ingest.max_size``
 DEFAULT_MAX_SIZE = 25_000_000
@@ -95,13 +105,7 @@ async def enqueue_in_transaction(
     one: it applies to these statements only, the caller's search_path is left as it was.
     Returns the queue id (``duplicate`` set when the idempotency key was already stored, or is
     being stored by a concurrent transaction that then commits)."""
-    plan = _enqueue_plan(message, schema, max_size, now)
-    with _tables_explained(schema):
-        if _outside_transaction(conn):
-            async with conn.transaction():
-                [result] = await run_plan(conn, plan)
-        else:
-            [result] = await run_plan(conn, plan)
+    [result] = await _run(conn, _enqueue_plan(message, schema, max_size, now), schema)
     return result
 
 
@@ -115,11 +119,55 @@ def enqueue_in_transaction_sync(
 ) -> EnqueueResult:
     """:func:`enqueue_in_transaction` on a blocking psycopg connection (Django, SQLAlchemy,
     any synchronous application)."""
-    plan = _enqueue_plan(message, schema, max_size, now)
+    [result] = _run_sync(conn, _enqueue_plan(message, schema, max_size, now), schema)
+    return result
+
+
+async def cancel_in_transaction(
+    conn: psycopg.AsyncConnection[Any],
+    queue_id: str,
+    *,
+    schema: str | None = None,
+    now: float | None = None,
+) -> Cancelled:
+    """Cancel what of a message has not gone yet (see :meth:`postlane.AsyncPostlane.cancel`)
+    on the caller's async connection, in its transaction: it sees the mail that transaction
+    enqueued, and a rollback undoes the cancel. Raises :class:`NotFound` for no such
+    message."""
+    plan = cancel_plan(str(queue_id), None, time.time() if now is None else now)
+    return _found(await _run(conn, in_schema(plan, schema), schema), queue_id)
+
+
+def cancel_in_transaction_sync(
+    conn: psycopg.Connection[Any],
+    queue_id: str,
+    *,
+    schema: str | None = None,
+    now: float | None = None,
+) -> Cancelled:
+    """:func:`cancel_in_transaction` on a blocking psycopg connection (Django)."""
+    plan = cancel_plan(str(queue_id), None, time.time() if now is None else now)
+    return _found(_run_sync(conn, in_schema(plan, schema), schema), queue_id)
+
+
+def _found(cancelled: Cancelled | None, queue_id: str) -> Cancelled:
+    if cancelled is None:
+        raise NotFound(f"no message with id {queue_id}")
+    return cancelled
+
+
+async def _run(conn: psycopg.AsyncConnection[Any], plan: Plan[T], schema: str | None) -> T:
+    """``plan`` in the caller's transaction (in one of its own on an idle autocommit one)."""
+    with _tables_explained(schema):
+        if _outside_transaction(conn):
+            async with conn.transaction():
+                return await run_plan(conn, plan)
+        return await run_plan(conn, plan)
+
+
+def _run_sync(conn: psycopg.Connection[Any], plan: Plan[T], schema: str | None) -> T:
     with _tables_explained(schema):
         if _outside_transaction(conn):
             with conn.transaction():
-                [result] = run_plan_sync(conn, plan)
-        else:
-            [result] = run_plan_sync(conn, plan)
-    return result
+                return run_plan_sync(conn, plan)
+        return run_plan_sync(conn, plan)

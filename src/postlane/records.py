@@ -734,3 +734,22 @@ class Sample(JsonRecord):
         values["paused"] = json.dumps(list(self.paused))
         values["misconfigured"] = json.dumps(list(self.misconfigured))
         return values
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What a cancel did (:meth:`postlane.AsyncPostlane.cancel`)."""
+
+    id: str
+    #: recipients removed before they were sent
+    cancelled: int
+    #: the recipients it left, with their states: already sent (or otherwise final), or being
+    #: sent at that moment (``sending``: it may still go; its result decides)
+    left: tuple[tuple[str, RecipientState], ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "cancelled": self.cancelled,
+            "left": [{"address": address, "state": state} for address, state in self.left],
+        }

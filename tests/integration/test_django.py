@@ -350,18 +350,37 @@ def test_a_scheduled_reminder_is_cancelled_by_its_postlane_id(local_postlane: Co
         assert app.messages() == []
 
 
-def test_the_outbox_cancels_through_the_store(
+def test_the_outbox_cancels_in_the_callers_transaction(
     web: DjangoClient, outbox_schema: tuple[Path, str]
 ) -> None:
+    """An audit: the outbox's cancel ran on a connection of its own, so inside the transaction
+    that sent the mail it said NotFound and the reminder went; and it committed even when the
+    view's transaction rolled back."""
+    from django.db import transaction
+
     path, _ = outbox_schema
+
+    def reminder() -> Any:
+        email = django_mail.EmailMessage("Hi", "Hello", "app@example.com", ["ada@example.net"])
+        assert email.send() == 1
+        return email
+
     with override_settings(
         POSTLANE_CONFIG=str(path), POSTLANE_OUTBOX=True, POSTLANE_OUTBOX_DATABASE="postgres"
     ):
-        email = django_mail.EmailMessage("Hi", "Hello", "app@example.com", ["ada@example.net"])
-        assert email.send() == 1
-        assert postlane.django.cancel(email.postlane_id)["cancelled"] == 1
+        with transaction.atomic(using="postgres"):  # sent and cancelled in one transaction
+            sent = reminder()
+            assert postlane.django.cancel(sent.postlane_id) == {
+                "id": sent.postlane_id,
+                "cancelled": 1,
+                "left": [],
+            }
+        kept = reminder()  # committed on its own
+        with pytest.raises(RuntimeError), transaction.atomic(using="postgres"):
+            assert postlane.django.cancel(kept.postlane_id)["cancelled"] == 1
+            raise RuntimeError("the view failed: its cancel goes with it")
     with postlane.Postlane(config_path=path) as app:
-        assert app.messages() == []
+        assert [m.id for m in app.messages()] == [kept.postlane_id]
 
 
 def test_schedule_headers_become_send_at_and_expires_at(local_postlane: Config) -> None:

@@ -21,7 +21,12 @@ from postlane.classify import ReplyClass
 from postlane.clock import FakeClock
 from postlane.errors import NotFound, StoreUnavailable
 from postlane.message import Lane, Message, PreparedMessage, RecipientState, prepare
-from postlane.outbox import enqueue_in_transaction, enqueue_in_transaction_sync
+from postlane.outbox import (
+    cancel_in_transaction,
+    cancel_in_transaction_sync,
+    enqueue_in_transaction,
+    enqueue_in_transaction_sync,
+)
 from postlane.records import AttemptRecord, Deferral, DestinationStatus, Outcome, Selector
 from postlane.store import open_store_url
 from postlane.store.base import Store
@@ -512,6 +517,27 @@ async def test_an_outbox_enqueue_rolled_back_with_its_transaction_leaves_nothing
     assert await store.list_messages(Selector(), limit=10) == []
     assert await store.claim_due("w", ALL_LANES, limit=10, now=T0, lease_until=T0 + 60) == []
     assert await store.wait_for_work(0.2) is False  # a rolled-back NOTIFY is never sent
+
+
+async def test_an_outbox_cancel_sees_its_transactions_mail_and_goes_with_its_rollback(
+    pg_url: str, schema: str, store: PostgresStore
+) -> None:
+    async with await connect(pg_url) as conn:
+        sent = await enqueue_in_transaction(conn, signup(), schema=schema, now=T0)
+        cancelled = await cancel_in_transaction(conn, sent.id, schema=schema, now=T0)
+        assert (cancelled.cancelled, cancelled.left) == (1, ())
+        with pytest.raises(NotFound):
+            await cancel_in_transaction(conn, sent.id, schema=schema, now=T0)
+        await conn.commit()
+        kept = await enqueue_in_transaction(conn, signup("kept@example.net"), schema=schema,
+                                            now=T0)  # fmt: skip
+        await conn.commit()
+        assert (await cancel_in_transaction(conn, kept.id, schema=schema)).cancelled == 1
+        await conn.rollback()  # the cancel goes with its transaction
+    assert [m.id for m in await store.list_messages(Selector(), limit=10)] == [kept.id]
+    with psycopg.connect(pg_url) as blocking:  # and on a blocking connection
+        assert cancel_in_transaction_sync(blocking, kept.id, schema=schema).cancelled == 1
+    assert await store.list_messages(Selector(), limit=10) == []
 
 
 async def test_an_event_committed_later_is_never_behind_a_passed_cursor(

@@ -42,11 +42,12 @@ process by :func:`postlane.django.events.connect_subscribers` (:mod:`postlane.dj
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -68,6 +69,8 @@ from postlane.message import Message, parse_lane
 from postlane.records import EnqueueResult
 
 if TYPE_CHECKING:
+    import psycopg
+
     from postlane.blocking import Postlane
     from postlane.client import Client
 
@@ -315,18 +318,31 @@ class _OutboxSender:
                 f"... in {config.source}): otherwise no worker would ever see the mail",
             )
         conninfo, self.schema = split_schema(config.store.url)
-        self.config = config
         self.alias = alias
-        #: the store itself, opened for a cancel (mail goes in through the caller's connection)
-        self._store: Postlane | None = None
         self.max_size = config.smtp.max_size
         self.dbname = _dbname(conninfo)
 
     def send(self, message: Message) -> EnqueueResult:
+        from postlane.outbox import enqueue_in_transaction_sync
+
+        with self._tables("then send again"):
+            return enqueue_in_transaction_sync(
+                self._connection(), message, schema=self.schema, max_size=self.max_size
+            )
+
+    def cancel(self, queue_id: str) -> dict[str, Any]:
+        """On the caller's connection too: a cancel sees the mail its transaction sent, and
+        a rollback undoes it, as it undoes a send."""
+        from postlane.outbox import cancel_in_transaction_sync
+
+        with self._tables("then cancel again"):
+            cancelled = cancel_in_transaction_sync(self._connection(), queue_id, schema=self.schema)
+        return cancelled.as_json()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The psycopg connection of Django's database, checked to be postlane's."""
         import psycopg
         from django.db import connections  # type: ignore[import-untyped]
-
-        from postlane.outbox import enqueue_in_transaction_sync, missing_tables
 
         connection = connections[self.alias]
         if connection.vendor != "postgresql":
@@ -350,25 +366,25 @@ class _OutboxSender:
                 f"database {raw.info.dbname!r} but postlane's store.url names {self.dbname!r}: "
                 "the workers would never see the mail",
             )
+        return raw
+
+    @contextlib.contextmanager
+    def _tables(self, then: str) -> Iterator[None]:
+        """postlane's tables missing (a schema no postlane opened) as a SettingsError."""
+        import psycopg
+
+        from postlane.outbox import missing_tables
+
         try:
-            return enqueue_in_transaction_sync(
-                raw, message, schema=self.schema, max_size=self.max_size
-            )
+            yield
         except psycopg.errors.UndefinedTable as exc:
             raise SettingsError(
                 "POSTLANE_OUTBOX",
-                f"POSTLANE_OUTBOX: {missing_tables(self.schema)} (then send again: this "
-                "transaction failed)",
+                f"POSTLANE_OUTBOX: {missing_tables(self.schema)} ({then}: this transaction failed)",
             ) from exc
 
-    def cancel(self, queue_id: str) -> dict[str, Any]:
-        if self._store is None:
-            self._store = open_local(self.config)
-        return self._store.cancel(queue_id).as_json()
-
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
+        return None
 
 
 def _dbname(conninfo: str) -> str | None:

@@ -17,6 +17,7 @@ from postlane.events import Event, WebhookEndpointState
 from postlane.feedback import DeliveryRef, Feedback, FeedbackResult, Report, UnmatchedFeedback
 from postlane.message import Lane, PreparedMessage
 from postlane.records import (
+    Cancelled,
     ClaimedMessage,
     DeadGroup,
     DeadLetter,
@@ -194,6 +195,14 @@ class OperatorStore(Protocol):
         """Remove deliveries still in ``states`` (with their attempts); a message left without
         any goes too. A delivery that moved to another state meanwhile is left alone. Each one
         removed before it was sent gets a ``deleted`` event saying ``why``."""
+        ...
+
+    async def cancel_message(
+        self, queue_id: str, *, submitter: str | None = None, now: float
+    ) -> Cancelled | None:
+        """Remove what of a message still waits (queued, deferred, held), each with a
+        ``deleted`` event "cancelled by the application", in one transaction; what it left
+        with their states. None for no such message, or one ``submitter`` did not hand in."""
         ...
 
     async def requeue_dead(self, delivery_ids: Sequence[int], now: float) -> list[float]:

@@ -15,6 +15,7 @@ from postlane.errors import NotFound
 from postlane.message import FINAL_STATES, Lane, RecipientState
 from postlane.records import (
     AttemptView,
+    Cancelled,
     DeadGroup,
     DeadLetter,
     ExportedMessage,
@@ -26,7 +27,7 @@ from postlane.records import (
     Stats,
 )
 from postlane.store import rows
-from postlane.store.base import DELETED_BY_OPERATOR
+from postlane.store.base import CANCELLED_BY_APPLICATION, DELETED_BY_OPERATOR
 from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one, selection
 from postlane.triage import group_dead_letters
 
@@ -318,20 +319,13 @@ class SQLOperator(SQLRole):
     async def delete_deliveries(
         self, delivery_ids: Sequence[int], states: Sequence[str], *, why: str = DELETED_BY_OPERATOR
     ) -> int:
-        params = {"ids": list(delivery_ids), "states": list(states)}
         now = time.time()
+        return await self.db.write(lambda: _delete_plan(delivery_ids, states, why, now))
 
-        def run() -> Plan[int]:
-            yield from execute("insert_deleted_events", {**params, "now": now, "why": why})
-            deleted = yield from fetch("delete_deliveries", params)
-            touched = sorted({row["queue_id"] for row in deleted})
-            if touched:
-                yield from execute("delete_empty_messages", {"ids": touched})
-                # what is left of a message may now all be final
-                yield from execute("mark_done", {"ids": touched, "now": now})
-            return len(deleted)
-
-        return await self.db.write(run)
+    async def cancel_message(
+        self, queue_id: str, *, submitter: str | None = None, now: float
+    ) -> Cancelled | None:
+        return await self.db.write(lambda: cancel_plan(queue_id, submitter, now))
 
     async def requeue_dead(self, delivery_ids: Sequence[int], now: float) -> list[float]:
         def run() -> Plan[list[float]]:
@@ -544,4 +538,47 @@ def _stats(counts: Sequence[Row], now: float, suppression_list: int) -> Stats:
         suppression_list=suppression_list,
         bounced=finals["bounced"],
         complained=finals["complained"],
+    )
+
+
+def _delete_plan(
+    delivery_ids: Sequence[int], states: Sequence[str], why: str, now: float
+) -> Plan[int]:
+    """Remove deliveries still in ``states`` with a ``deleted`` event saying ``why``, and the
+    messages left without any; how many went."""
+    params = {"ids": list(delivery_ids), "states": list(states)}
+    yield from execute("insert_deleted_events", {**params, "now": now, "why": why})
+    deleted = yield from fetch("delete_deliveries", params)
+    touched = sorted({row["queue_id"] for row in deleted})
+    if touched:
+        yield from execute("delete_empty_messages", {"ids": touched})
+        # what is left of a message may now all be final
+        yield from execute("mark_done", {"ids": touched, "now": now})
+    return len(deleted)
+
+
+#: what a cancel removes: what waits (a delivery being sent is its worker's to finish)
+CANCELLABLE = ("queued", "deferred", "held")
+
+
+def cancel_plan(queue_id: str, submitter: str | None, now: float) -> Plan[Cancelled | None]:
+    """Cancel what of a message has not gone yet, in one transaction (the store's, or an
+    application's own: the transactional outbox); None when there is no such message, or
+    ``submitter`` is given and did not hand it in."""
+    found = yield from fetch("messages", {"ids": [queue_id]})
+    if not found or submitter not in (None, found[0]["submitter"]):
+        return None
+    waiting = [
+        row["id"]
+        for row in (yield from fetch("recipients_of", {"ids": [queue_id]}))
+        if row["state"] in CANCELLABLE
+    ]
+    cancelled = (
+        (yield from _delete_plan(waiting, CANCELLABLE, CANCELLED_BY_APPLICATION, now))
+        if waiting
+        else 0
+    )
+    left = yield from fetch("recipients_of", {"ids": [queue_id]})
+    return Cancelled(
+        queue_id, cancelled, tuple((row["address"], RecipientState(row["state"])) for row in left)
     )
