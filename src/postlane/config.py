@@ -754,12 +754,29 @@ def config_from_dict(
         raise ConfigError(redact(exc.message, secrets)) from None
 
 
+def _keep_bound_send_tokens(http: Any, overrides: Mapping[str, tuple[str, str]]) -> None:
+    """The environment replaces a key of the file; for send tokens bound to sender domains
+    that would silently unbind them (a deployment's secret variable re-opening what the file
+    closed): refused, saying how to keep both."""
+    tokens = http.get("send_tokens") if isinstance(http, Mapping) else None
+    bound = isinstance(tokens, list) and any(isinstance(t, Mapping) for t in tokens)
+    replacing = [
+        overrides[key][0] for key in ("send_tokens", "send_tokens_file") if key in overrides
+    ]
+    if bound and replacing:
+        raise ConfigError(
+            f"{replacing[0]} would replace [http] send_tokens, whose tokens are bound to sender "
+            'domains, and unbind them: give the token in the file instead, as token = "${VAR}"'
+        )
+
+
 def _read(data: Mapping[str, Any], reader: Reader, source: str, base_dir: Path) -> Config:
     tables = {"lanes", *_TABLE_SECTIONS}
     unknown = set(data) - set(_SECTIONS) - tables
     if unknown:
         known = ", ".join(sorted([*_SECTIONS, *tables]))
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}] (known sections: {known})")
+    _keep_bound_send_tokens(data.get("http", {}), reader.overrides.get("http", {}))
     sections = {
         name: reader.section(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()
     }

@@ -649,6 +649,24 @@ def test_a_send_token_may_be_bound_to_sender_domains_in_an_inline_table_or_an_ar
         )
 
 
+def test_the_environment_may_not_silently_unbind_send_tokens(tmp_path: Path) -> None:
+    """An audit: POSTLANE_HTTP_SEND_TOKENS replaced the file's bound tokens without a word, and
+    the bound tenant could then send from any domain."""
+    path = tmp_path / "postlane.toml"
+    path.write_text(
+        '[http]\nsend_tokens = [{ token = "${SHOP_TOKEN}", senders = ["shop.example.com"] }]\n'
+    )
+    for variable in ("POSTLANE_HTTP_SEND_TOKENS", "POSTLANE_HTTP_SEND_TOKENS_FILE"):
+        env = {"SHOP_TOKEN": SHOP_TOKEN, variable: str(tmp_path / "x")}
+        with pytest.raises(ConfigError, match=f"^{variable} would replace") as caught:
+            load_config(path, env=env)
+        assert SHOP_TOKEN not in caught.value.message
+    # plain tokens in the file: the environment replaces them, as any key
+    path.write_text('[http]\nsend_tokens = ["plain-token-for-the-tests"]\n')
+    replaced = load_config(path, env={"POSTLANE_HTTP_SEND_TOKENS": SHOP_TOKEN})
+    assert [t.token for t in replaced.http.send_tokens] == [SHOP_TOKEN]
+
+
 @pytest.mark.parametrize(
     ("entry", "problem"),
     [
