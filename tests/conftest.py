@@ -107,6 +107,33 @@ def make_config(tmp_path: Path, **sections: Any) -> Config:
 
 
 @contextlib.asynccontextmanager
+async def serve_in_process(config: Config, *, ready_within: float = 30.0) -> AsyncIterator[Any]:
+    """``postlane serve`` in this process (worker, API, SMTP, listeners) for the block; yields
+    its ``AsyncPostlane`` once it is ready, and stops it after. A serve that fails before it is
+    ready raises its own error here, not a timeout."""
+    from postlane import serve
+
+    stop = asyncio.Event()
+    started: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def on_ready(app: Any) -> None:
+        started.set_result(app)
+
+    running = asyncio.create_task(serve.run(config, stop=stop, on_ready=on_ready))
+    try:
+        await asyncio.wait({started, running}, timeout=ready_within, return_when="FIRST_COMPLETED")
+        if running.done():
+            running.result()  # its error
+            raise AssertionError("serve stopped before it was ready")
+        if not started.done():
+            raise TimeoutError(f"serve was not ready within {ready_within:.0f}s")
+        yield started.result()
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 60)
+
+
+@contextlib.asynccontextmanager
 async def api_client(app: Any, token: str | None = None) -> AsyncIterator[Any]:
     """An httpx client of ``app``'s HTTP API in process (ASGI), from a client that is not
     loopback (10.1.2.3), with ``token`` as its bearer token."""

@@ -37,7 +37,7 @@ from postlane.records import AttemptRecord, Outcome
 from postlane.store.sqlite import SQLiteStore
 from postlane.transports.base import BaseTransport, Envelope, Response
 from postlane.waits import MailFirst
-from tests.conftest import SMTPPeer, free_port
+from tests.conftest import SMTPPeer, free_port, serve_in_process
 
 DATA = Path(__file__).parent.parent / "data" / "feedback"
 T0 = 1_800_000_000.0
@@ -1040,8 +1040,6 @@ async def test_serve_gives_each_recipient_a_return_path_and_records_what_comes_b
 
     import httpx
 
-    from postlane import serve
-    from postlane.app import AsyncPostlane
     from tests.conftest import make_config
 
     bounce_port, http_port, smtp_port = free_port(), free_port(), free_port()
@@ -1052,15 +1050,7 @@ async def test_serve_gives_each_recipient_a_return_path_and_records_what_comes_b
         http={"listen": f"127.0.0.1:{http_port}"},
         smtp={"listen": f"127.0.0.1:{smtp_port}"},
     )
-    stop = asyncio.Event()
-    started: asyncio.Future[AsyncPostlane] = asyncio.get_running_loop().create_future()
-
-    async def on_ready(app: AsyncPostlane) -> None:
-        started.set_result(app)
-
-    running = asyncio.create_task(serve.run(config, stop=stop, on_ready=on_ready))
-    try:
-        app = await asyncio.wait_for(started, 30)
+    async with serve_in_process(config) as app:
         to = ["ada@example.net", "bob@example.net"]
         queued = await app.send(Message(sender="app@shop.example", to=to, subject="s", text="b"))
         deadline = time.monotonic() + 30
@@ -1091,9 +1081,6 @@ async def test_serve_gives_each_recipient_a_return_path_and_records_what_comes_b
         assert 'postlane_feedback_total{source="dsn",type="bounced"} 1.0' in metrics
         assert 'postlane_bounces_total{type="hard"} 1.0' in metrics
         assert 'postlane_feedback_reports_total{disposition="recorded",kind="dsn"} 1.0' in metrics
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 60)
 
 
 async def test_a_bounce_for_a_quoted_recipient_or_a_literal_bounces_it_by_its_token(
@@ -1195,8 +1182,6 @@ async def test_a_send_token_cannot_bounce_a_recipient_with_a_forged_dsn_to_postm
     matched; with ``[bounces] match_message_id = true`` it bounces and suppresses, as before."""
     import httpx
 
-    from postlane import serve
-    from postlane.app import AsyncPostlane
     from tests.conftest import make_config
 
     victim, send_token = "victim@example.net", "send-scope-token-for-the-audit"
@@ -1211,15 +1196,7 @@ async def test_a_send_token_cannot_bounce_a_recipient_with_a_forged_dsn_to_postm
         http={"listen": f"127.0.0.1:{http_port}", "send_tokens": [send_token]},
         smtp={"listen": f"127.0.0.1:{smtp_port}"},
     )
-    stop = asyncio.Event()
-    started: asyncio.Future[AsyncPostlane] = asyncio.get_running_loop().create_future()
-
-    async def on_ready(app: AsyncPostlane) -> None:
-        started.set_result(app)
-
-    running = asyncio.create_task(serve.run(config, stop=stop, on_ready=on_ready))
-    try:
-        app = await asyncio.wait_for(started, 30)
+    async with serve_in_process(config) as app:
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{http_port}",
             headers={"Authorization": f"Bearer {send_token}"},
@@ -1253,9 +1230,6 @@ async def test_a_send_token_cannot_bounce_a_recipient_with_a_forged_dsn_to_postm
             assert kept.kind == "dsn" and kept.rcpt_to == f"postmaster@{DOMAIN}"
             [ref] = await app.store.find_deliveries(victim, queue_id=queue_id)
             assert kept.reason == f"{victim} " + not_applied(ref.delivery_id, message_id)
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 60)
 
 
 @pytest.mark.parametrize("match_message_id", [False, True])

@@ -41,7 +41,7 @@ from postlane.transports.postmark import PostmarkTransport
 from postlane.transports.sendgrid import SendGridTransport
 from postlane.transports.ses import SESTransport
 from postlane.worker import Worker
-from tests.conftest import SMTPPeer, free_port, make_config
+from tests.conftest import SMTPPeer, free_port, make_config, serve_in_process
 from tests.integration.test_dkim import published, signature_fields, signed_field_names
 from tests.integration.test_provider_apis import serving
 
@@ -552,15 +552,7 @@ async def test_serve_sends_low_lane_mail_with_a_link_that_unsubscribes_over_http
         # is the link's host itself (http is allowed to loopback)
         unsubscribe={"url": f"http://127.0.0.1:{http_port}/u", "lanes": ["low"]},
     )
-    stop = asyncio.Event()
-    started: asyncio.Future[AsyncPostlane] = asyncio.get_running_loop().create_future()
-
-    async def on_ready(app: AsyncPostlane) -> None:
-        started.set_result(app)
-
-    running = asyncio.create_task(serve.run(config, stop=stop, on_ready=on_ready))
-    try:
-        app = await asyncio.wait_for(started, 30)
+    async with serve_in_process(config) as app:
         to = ["ada@example.net", "bob@example.net"]
         deals = Message(sender="news@shop.example", to=to, subject="d", text="b", lane=Lane.LOW)
         receipt = Message(sender="news@shop.example", to=to, subject="r", text="b")
@@ -586,6 +578,3 @@ async def test_serve_sends_low_lane_mail_with_a_link_that_unsubscribes_over_http
         states = {r.address: r.state for r in (await app.get(again.id)).recipients}
         assert states["ada@example.net"] is RecipientState.SUPPRESSED
         assert states["bob@example.net"] is not RecipientState.SUPPRESSED  # only ada left
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 60)

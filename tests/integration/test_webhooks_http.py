@@ -16,7 +16,7 @@ import pytest
 from postlane.webhooks.addresses import AddressRefused
 from postlane.webhooks.endpoints import check_url
 from postlane.webhooks.http import ConnectionFailed, EndpointClient, TimedOut
-from tests.conftest import SMTPPeer
+from tests.conftest import SMTPPeer, serve_in_process
 
 Script = Callable[[bytes], bytes | None]
 
@@ -233,8 +233,6 @@ async def test_serve_sends_signed_events_to_the_configured_endpoint_and_shows_it
 ) -> None:
     import httpx
 
-    from postlane import serve
-    from postlane.app import AsyncPostlane
     from postlane.webhooks.endpoints import new_secret
     from tests.conftest import free_port, make_config
     from tests.webhook_receiver import WebhookReceiver
@@ -261,15 +259,7 @@ async def test_serve_sends_signed_events_to_the_configured_endpoint_and_shows_it
             },
         )
         assert secret not in repr(config)
-        stop = asyncio.Event()
-        started: asyncio.Future[AsyncPostlane] = asyncio.get_running_loop().create_future()
-
-        async def on_ready(app: AsyncPostlane) -> None:
-            started.set_result(app)
-
-        running = asyncio.create_task(serve.run(config, stop=stop, on_ready=on_ready))
-        try:
-            app = await asyncio.wait_for(started, 30)
+        async with serve_in_process(config) as app:
             queued = await app.send(
                 sender="a@example.com", to=["ada@example.net"], text="x", metadata={"user": 7}
             )
@@ -299,6 +289,3 @@ async def test_serve_sends_signed_events_to_the_configured_endpoint_and_shows_it
                 )
                 assert 'postlane_webhook_consecutive_failures{endpoint="app"} 0.0' in metrics
                 assert (await client.post("/v1/webhooks/out/nope/resume")).status_code == 404
-        finally:
-            stop.set()
-            await asyncio.wait_for(running, 60)
