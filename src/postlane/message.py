@@ -722,8 +722,9 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
     return _Rendered(envelope_sender, recipients, subject, message_id, content)
 
 
-#: a header line's start: a field name (RFC 5322 2.2: printable ASCII but the colon) and its colon
-_FIELD_NAME = re.compile(rb"[!-9;-~]+:")
+#: a header line that is neither a continuation nor a field name (RFC 5322 2.2: printable
+#: ASCII but the colon) followed at once by its colon; one search over the whole section
+_NOT_A_FIELD = re.compile(rb"(?:\A|\r\n)(?![ \t]|[!-9;-~]+:)")
 
 
 def _check_field_names(head: bytes) -> None:
@@ -731,14 +732,16 @@ def _check_field_names(head: bytes) -> None:
     line, or ``From :`` (the obsolete space before the colon). Python's parser reads the first
     as no header at all and a DKIM signer the second as a From, so a message could pass the
     one-From check here and be signed for another domain."""
-    for number, line in enumerate(head.split(b"\r\n"), 1):
-        if line[:1] not in (b" ", b"\t") and not _FIELD_NAME.match(line):
-            shown = line[:40].decode("ascii", "replace")
-            raise ValidationError(
-                f"line {number} of the raw message's header section is no header field "
-                f"(a name, then a colon at once): {shown!r}",
-                field="raw",
-            )
+    found = _NOT_A_FIELD.search(head)
+    if found is not None:
+        start = found.end()
+        number = head.count(b"\r\n", 0, start) + 1
+        shown = head[start : start + 40].split(b"\r\n", 1)[0].decode("ascii", "replace")
+        raise ValidationError(
+            f"line {number} of the raw message's header section is no header field "
+            f"(a name, then a colon at once): {shown!r}",
+            field="raw",
+        )
 
 
 #: the headers RFC 5322 3.6 allows once at most; a second one is refused (receivers such as
