@@ -163,6 +163,26 @@ async def test_bad_input_gets_a_page_saying_what_is_wrong(open_app: AsyncPostlan
     assert await open_app.suppressions() == []
 
 
+async def test_the_suppression_form_adds_an_entry_for_some_lanes(open_app: AsyncPostlane) -> None:
+    """An audit: narrowing an old unsubscribe to the bulk lanes, as unsubscribe.md tells, was
+    possible from the command line and the API only."""
+    async for client in client_for(open_app):
+        page = await client.get("/suppressions")
+        assert 'name="lanes" value="low"' in page.text
+        token = csrf_of(page.text)
+        form = {"address": "ada@example.net", "csrf": token, "reason": "unsubscribe"}
+        added = await client.post("/suppressions", data={**form, "lanes": ["normal", "low"]})
+        assert added.status_code == 303
+        every = await client.post(
+            "/suppressions", data={"address": "bob@example.net", "csrf": token}
+        )
+        assert every.status_code == 303
+        bad = await client.post("/suppressions", data={**form, "lanes": ["urgent"]})
+        assert bad.status_code == 400 and "urgent" in bad.text
+    lanes = {s.address: s.lanes for s in await open_app.suppressions()}
+    assert lanes == {"ada@example.net": (Lane.NORMAL, Lane.LOW), "bob@example.net": None}
+
+
 async def test_the_dashboard_can_be_turned_off(tmp_path: Path) -> None:
     config = make_config(tmp_path, http={"dashboard": False})
     async with AsyncPostlane(config) as app:

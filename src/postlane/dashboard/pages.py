@@ -367,7 +367,8 @@ async def suppress(request: Request, session: Session) -> Response:
         note = f"removed {address}" if removed else f"{address} was not on the list"
     else:
         reason = check_text(str(form.get("reason", "")).strip(), "reason") or None
-        added = await app.suppress(address, reason=reason, scope=scope)
+        lanes = form.getlist("lanes") or None  # none ticked: every lane
+        added = await app.suppress(address, reason=reason, scope=scope, lanes=lanes)
         note = f"added {address}" if added else f"{address} was already on the list"
     return back_to("/suppressions", note)
 
