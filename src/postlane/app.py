@@ -44,7 +44,7 @@ from postlane.destinations import DestinationMap
 from postlane.errors import NoQueue, NotFound, SuppressedRecipients, ValidationError
 from postlane.events import Event, event_cursor
 from postlane.exports import read_export
-from postlane.message import Lane, Message, PreparedMessage, prepare
+from postlane.message import Lane, Message, PreparedMessage, in_lane_order, prepare
 from postlane.records import (
     SUPPRESSION_REASONS,
     Cancelled,
@@ -145,7 +145,7 @@ def suppression_lanes(lanes: Iterable[Lane | str] | None) -> tuple[Lane, ...] | 
         raise ValidationError(
             "lanes names no lane (leave it out to stop mail of every lane)", field="lanes"
         )
-    return tuple(sorted(chosen, key=lambda lane: lane.rank))
+    return in_lane_order(chosen)
 
 
 def suppression_scope(scope: str | None) -> str:
@@ -550,12 +550,8 @@ class AsyncPostlane:
         )
         # an entry for some lanes (an unsubscribe from bulk mail) stops only their mail: a
         # dead letter of another lane is requeued as it is, and its entry left alone
-        found: set[str] = set()
-        for lane in sorted({d.lane for d in letters}, key=lambda lane: lane.rank):
-            addresses = sorted({d.address for d in letters if d.lane is lane})
-            listed = await self.store.is_suppressed(addresses, lane=lane)
-            found.update(address for address, suppressed in listed.items() if suppressed)
-        return sorted(found)
+        stopped = await self.store.suppressed_mail([(d.address, "", d.lane) for d in letters])
+        return sorted({d.address for d, hit in zip(letters, stopped, strict=True) if hit})
 
     async def suppressed_dead_letters(
         self, selector: Selector, *, slice_size: int = 500

@@ -16,7 +16,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import encoders
@@ -50,6 +50,11 @@ class Lane(StrEnum):
 
 
 _LANE_RANK = {Lane.HIGH: 0, Lane.NORMAL: 1, Lane.LOW: 2}
+
+
+def in_lane_order(lanes: Iterable[Lane]) -> tuple[Lane, ...]:
+    """Each of ``lanes`` once, in the order lanes are served (high, normal, low)."""
+    return tuple(sorted(set(lanes), key=lambda lane: lane.rank))
 
 
 class RecipientState(StrEnum):

@@ -418,43 +418,19 @@ class Worker:
         """Recipients put on the suppression list after their message was queued (a hard
         bounce of another message, an operator, an unsubscribe from their lane's mail) are
         recorded ``suppressed``, never sent."""
-        # a suppression holds for every sender or for one sender domain: one look-up per
-        # sender domain in the batch (usually one), for mail of any lane; an entry may stop
-        # some lanes only (an unsubscribe from bulk mail), so what it finds is looked up again
-        # for its message's lane (rare: most batches find nobody)
-        by_domain: dict[str, list[str]] = {}
-        for message in claimed:
-            domain = message.sender.rpartition("@")[2].lower()
-            by_domain.setdefault(domain, []).extend(d.address for d in message.deliveries)
-        now = self.clock.now()
-        found: set[tuple[str, str]] = set()
-        for domain, addresses in by_domain.items():
-            hits = await self.store.is_suppressed(addresses, sender=f"@{domain}", now=now)
-            found.update((domain, a) for a, hit in hits.items() if hit)
-        if not found:
-            return list(claimed)
-        by_lane: dict[tuple[str, Lane], list[str]] = {}
-        for message in claimed:
-            domain = message.sender.rpartition("@")[2].lower()
-            by_lane.setdefault((domain, message.lane), []).extend(
-                d.address for d in message.deliveries if (domain, d.address) in found
-            )
-        listed: set[tuple[str, Lane, str]] = set()
-        for (domain, lane), addresses in by_lane.items():
-            if addresses:
-                hits = await self.store.is_suppressed(
-                    addresses, sender=f"@{domain}", lane=lane, now=now
-                )
-                listed.update((domain, lane, a) for a, hit in hits.items() if hit)
-        if not listed:
+        # a suppression holds for every sender or for one sender domain, and for every lane or
+        # some (an unsubscribe from bulk mail): each delivery asks with its message's sender
+        # and lane, all in one look-up
+        deliveries = [(m, d) for m in claimed for d in m.deliveries]
+        hits = await self.store.suppressed_mail(
+            [(d.address, m.sender, m.lane) for m, d in deliveries], now=self.clock.now()
+        )
+        stopped = {d.id for (_m, d), hit in zip(deliveries, hits, strict=True) if hit}
+        if not stopped:
             return list(claimed)
         outcomes = []
         kept = []
         for message in claimed:
-            domain = message.sender.rpartition("@")[2].lower()
-            stopped = {
-                d.id for d in message.deliveries if (domain, message.lane, d.address) in listed
-            }
             keep = tuple(d for d in message.deliveries if d.id not in stopped)
             outcomes += [
                 untried(d, RecipientState.SUPPRESSED, "on the suppression list")

@@ -1425,6 +1425,14 @@ async def test_an_entry_for_some_lanes_stops_only_their_mail(store: Any) -> None
         assert found == {"ada@example.net": stopped}, lane
     other = await store.is_suppressed(["ada@example.net"], sender="a@other.example", now=T0)
     assert other == {"ada@example.net": False}
+    # many mails in one look-up, each with its own sender and lane (a worker's batch)
+    mails = [
+        ("ada@example.net", "news@shop.example", Lane.LOW),
+        ("ADA@example.net", "accounts@shop.example", Lane.HIGH),
+        ("ada@example.net", "news@other.example", Lane.LOW),
+        ("bob@example.net", "news@shop.example", Lane.LOW),
+    ]
+    assert await store.suppressed_mail(mails, now=T0) == [True, False, False, False]
     # at enqueue
     reset = msg("ada@example.net", lane="high", sender="accounts@shop.example")
     news = msg("ada@example.net", "bob@example.net", lane="low", sender="news@shop.example")

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from postlane.errors import StoreUnavailable
 from postlane.feedback import Feedback, FeedbackKind
 from postlane.feedback.unsubscribe import UnsubscribeLinks
-from postlane.message import Lane
+from postlane.message import Lane, in_lane_order
 from postlane.toml_values import is_decimal
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class _Endpoint:
             scope = "*" if self.global_scope else ref.sender.rpartition("@")[2].lower() or "*"
             # the kind of mail that offered the link, and only it: the lanes that carry links
             # (and the message's own, should [unsubscribe] lanes have changed since it left)
-            lanes = tuple(sorted(self.lanes | {ref.lane}, key=lambda lane: lane.rank))
+            lanes = in_lane_order(self.lanes | {ref.lane})
             now = self.app.clock.now()
             item = Feedback(
                 FeedbackKind.UNSUBSCRIBED,

@@ -424,6 +424,13 @@ class SuppressionStore(Protocol):
         entry counts), and (with ``now``) not expired."""
         ...
 
+    async def suppressed_mail(
+        self, mail: Sequence[tuple[str, str, Lane | None]], *, now: float | None = None
+    ) -> list[bool]:
+        """:meth:`is_suppressed` for many mails at once, each its own ``(address, sender,
+        lane)``: whether an entry stops it, in the order given; one look-up for all."""
+        ...
+
 
 class FeedbackStore(Protocol):
     """What is heard after the first hop: DSNs, complaints, provider events, unsubscribes."""

@@ -15,7 +15,7 @@ from postlane.classify import ReplyClass
 from postlane.destinations import destination_for
 from postlane.events import Event, WebhookEndpointState
 from postlane.feedback import DeliveryRef, UnmatchedFeedback
-from postlane.message import Lane, PreparedMessage, Recipient, RecipientState
+from postlane.message import Lane, PreparedMessage, Recipient, RecipientState, in_lane_order
 from postlane.records import (
     AttemptRecord,
     AttemptView,
@@ -160,7 +160,7 @@ def suppression_lanes(value: Any) -> tuple[Lane, ...] | None:
     order."""
     if value is None:
         return None
-    return tuple(sorted({Lane(name) for name in json_value(value)}, key=lambda lane: lane.rank))
+    return in_lane_order(Lane(name) for name in json_value(value))
 
 
 def delivery_ref(row: Row) -> DeliveryRef:
@@ -341,7 +341,7 @@ def lanes_column(lanes: Iterable[Lane | str] | None) -> str | None:
         raise ValueError("a suppression stops at least one lane (None: every lane)")
     if chosen == set(Lane):
         return None
-    return json.dumps([lane.value for lane in sorted(chosen, key=lambda lane: lane.rank)])
+    return json.dumps([lane.value for lane in in_lane_order(chosen)])
 
 
 def suppression_params(s: Suppression) -> dict[str, Any]:

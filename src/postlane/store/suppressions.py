@@ -50,9 +50,15 @@ class SQLSuppressions(SQLRole):
         lane: Lane | None = None,
         now: float | None = None,
     ) -> Mapping[str, bool]:
-        lowered = sorted({a.lower() for a in addresses})
+        stopped = await self.suppressed_mail([(a, sender, lane) for a in addresses], now=now)
+        return dict(zip(addresses, stopped, strict=True))
+
+    async def suppressed_mail(
+        self, mail: Sequence[tuple[str, str, Lane | None]], *, now: float | None = None
+    ) -> list[bool]:
+        lowered = sorted({address.lower() for address, _sender, _lane in mail})
         found = await self.db.read(
             lambda: fetch("suppressed_among", {"addresses": lowered, "now": now})
         )
         listed = rows.scopes_by_address(found)
-        return {a: rows.listed_for(listed, a, sender, lane) for a in addresses}
+        return [rows.listed_for(listed, address, sender, lane) for address, sender, lane in mail]
