@@ -15,6 +15,8 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from email import policy as email_policy
+from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -431,24 +433,12 @@ def sender_domains(message: PreparedMessage) -> Iterator[tuple[str, str]]:
 
 
 def _from_fields(content: bytes) -> list[str]:
-    """The values of every field of the header section named From, unfolded. Read as
-    leniently as a receiver (and the DKIM signer) reads them: a name with spaces before its
-    colon counts, and so does a first line ``From :`` that a mail parser would take for an
-    mbox separator."""
-    end = content.find(b"\r\n\r\n")
-    head = (content if end < 0 else content[:end]).decode("utf-8", "replace")
-    fields: list[list[str]] = []
-    current: list[str] | None = None
-    for line in head.replace("\r\n", "\n").split("\n"):
-        if line[:1] in (" ", "\t"):
-            if current is not None:
-                current.append(line)
-            continue
-        name, colon, value = line.partition(":")
-        current = [value] if colon and name.rstrip(" \t").lower() == "from" else None
-        if current is not None:
-            fields.append(current)
-    return [" ".join(parts) for parts in fields]
+    """The values of every From field of a prepared message. Its header section holds only
+    well-formed fields (``prepare`` refuses ``From :`` and mbox lines, which a parser and a DKIM
+    signer read differently), so the standard parser sees every one."""
+    head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    parsed = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
+    return [str(value) for value in parsed.get_all("From") or []]
 
 
 # -- reading requests ------------------------------------------------------------------------------
