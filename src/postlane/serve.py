@@ -118,19 +118,11 @@ def _bounce_listener(
 ) -> contextlib.AbstractAsyncContextManager[str]:
     """The listener for what comes back to ``[bounces] domain`` (docs/bounces.md); while
     ``mail_activity`` moves (the worker delivers), reports yield to mail."""
-    from postlane.feedback.inbound import BounceProcessor, ComplaintScope
-    from postlane.feedback.verp import ReturnPaths
+    from postlane.feedback.inbound import BounceProcessor
     from postlane.ingest.bounces import BounceListenerSettings, start_bounce_listener
 
     bounces = config.bounces
-    assert bounces.domain is not None
-    processor = BounceProcessor(
-        app.store,
-        ReturnPaths(bounces.domain, verp_key),
-        clock=app.clock,
-        complaint_scope=ComplaintScope(bounces.complaint_scope),
-        match_message_id=bounces.match_message_id,
-    )
+    processor = BounceProcessor.from_config(bounces, app.store, verp_key, clock=app.clock)
     settings = BounceListenerSettings(
         listen=bounces.listen,
         max_size=bounces.max_size,

@@ -88,11 +88,9 @@ def feedback_apply(report_id: int) -> None:
 
 
 async def _apply(app: AsyncPostlane, report_id: int) -> InboundResult:
-    from postlane.feedback.inbound import BounceProcessor, ComplaintScope
-    from postlane.feedback.verp import ReturnPaths
+    from postlane.feedback.inbound import BounceProcessor
 
-    domain = app.config.bounces.domain
-    if domain is None:
+    if app.config.bounces.domain is None:
         raise ConfigError("feedback apply needs [bounces] domain, as the bounce listener does")
     report = await app.store.get_unmatched(report_id)
     if report.source != "bounce listener" or report.content is None:
@@ -101,11 +99,11 @@ async def _apply(app: AsyncPostlane, report_id: int) -> InboundResult:
             "can be applied (a provider's event names its delivery itself)"
         )
     key = await app.store.secret("verp", app.clock.now())
-    processor = BounceProcessor(
+    processor = BounceProcessor.from_config(
+        app.config.bounces,
         app.store,
-        ReturnPaths(domain, key),
+        key,
         clock=app.clock,
-        complaint_scope=ComplaintScope(app.config.bounces.complaint_scope),
         in_flight_wait=0.0,
         match_message_id=True,  # the operator's judgement stands in for the token
     )

@@ -66,6 +66,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
 from postlane.classify import ReplyClass, Verdict, classify
 from postlane.clock import Clock, SystemClock
@@ -82,6 +83,9 @@ from postlane.feedback.reports import (
 from postlane.feedback.verp import ReturnPaths
 from postlane.message import RecipientState
 from postlane.store.base import FeedbackStore
+
+if TYPE_CHECKING:
+    from postlane.config import BouncesConfig
 
 __all__ = [
     "BounceProcessor",
@@ -312,6 +316,26 @@ class BounceProcessor:
         self.poll_interval = poll_interval
         self.batcher = batcher or FeedbackBatcher(store, self.clock)
         self.match_message_id = match_message_id
+
+    @classmethod
+    def from_config(
+        cls,
+        bounces: BouncesConfig,
+        store: FeedbackStore,
+        verp_key: bytes,
+        *,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> BounceProcessor:
+        """The processor ``[bounces]`` describes (its domain, complaint scope and Message-ID
+        matching); ``options`` as the constructor's (``match_message_id`` overrides)."""
+        assert bounces.domain is not None, "[bounces] domain names where reports come back"
+        settings: dict[str, Any] = {
+            "complaint_scope": ComplaintScope(bounces.complaint_scope),
+            "match_message_id": bounces.match_message_id,
+            **options,
+        }
+        return cls(store, ReturnPaths(bounces.domain, verp_key), clock=clock, **settings)
 
     async def process(
         self, content: bytes, *, mail_from: str | None = None, rcpt_to: Sequence[str] = ()
