@@ -35,6 +35,7 @@ from postlane.store.sqlite import SQLiteStore
 from postlane.transports import transport_for
 from postlane.worker import Worker
 from tests.conftest import IN_CI, _postgres_url, make_config
+from tests.integration.test_migrations import old_unsubscribe_stops_every_lane
 from tests.integration.test_store_contract import read_events
 
 T0 = 1_800_000_000.0
@@ -232,14 +233,7 @@ async def test_a_suppression_stored_before_lanes_stops_every_lane(
             "INSERT INTO suppressions (address, scope, reason, created_at, source) "
             "VALUES ('ada@example.net', 'shop.example', 'unsubscribe', 1.0, 'unsubscribe')"
         )
-    store = await open_store()
-    [entry] = await store.list_suppressions(limit=10)
-    assert (entry.reason, entry.lanes) == ("unsubscribe", None)
-    for lane in Lane:
-        found = await store.is_suppressed(
-            ["ada@example.net"], sender="a@shop.example", lane=lane, now=2.0
-        )
-        assert found == {"ada@example.net": True}
+    await old_unsubscribe_stops_every_lane(await open_store())
 
 
 async def test_an_older_schema_is_migrated_only_by_what_may_create_and_it_says_so(

@@ -689,15 +689,20 @@ def test_cli_prints_the_report_on_sigterm(tmp_path: Path) -> None:
     assert report["replies"]["by_stage"]["rcpt"] == {"delivered": 1, "hard_bounce": 1}
 
 
-def test_cli_a_bad_scenario_is_a_one_line_error(tmp_path: Path) -> None:
-    result = subprocess.run(
-        ["postlane", "simulate", "--scenario", "nope", "--listen", "127.0.0.1:0"],
-        cwd=tmp_path,
+def simulate_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``postlane simulate ARGS`` run to its end by the real console script."""
+    return subprocess.run(
+        ["postlane", "simulate", *args],
+        cwd=cwd,
         env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_cli_a_bad_scenario_is_a_one_line_error(tmp_path: Path) -> None:
+    result = simulate_cli("--scenario", "nope", "--listen", "127.0.0.1:0", cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -705,28 +710,14 @@ def test_cli_a_bad_scenario_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_cli_lists_the_builtin_scenarios(tmp_path: Path) -> None:
-    result = subprocess.run(
-        ["postlane", "simulate", "--list"],
-        cwd=tmp_path,
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = simulate_cli("--list", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == builtin_scenarios()
 
 
 def test_cli_stops_after_duration(tmp_path: Path) -> None:
-    result = subprocess.run(
-        ["postlane", "simulate", "--listen", "127.0.0.1:0", "--duration", "200ms"],
-        cwd=tmp_path,
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = simulate_cli("--listen", "127.0.0.1:0", "--duration", "200ms", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["messages"] == 0

@@ -16,7 +16,6 @@ import asyncio
 import json
 import signal
 import smtplib
-import subprocess
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -35,9 +34,8 @@ from postlane.simulate import Scenario, Simulator
 from postlane.transports import transport_for
 from postlane.worker import Worker
 from tests.conftest import SMTPPeer, free_port, make_config
-from tests.integration.test_simulator import simulate
+from tests.integration.test_simulator import simulate, simulate_cli
 from tests.polling import until
-from tests.processes import clean_environment
 
 BOUNCE_DOMAIN = "bounces.test"
 #: the longest a test waits for the simulator's reports (each comes a second or two late)
@@ -295,13 +293,6 @@ async def test_cli_reports_to_sends_the_late_bounces_there(
 
 
 def test_cli_a_bad_reports_to_is_a_one_line_error(tmp_path: Path) -> None:
-    result = subprocess.run(
-        ["postlane", "simulate", "--listen", "127.0.0.1:0", "--reports-to", "nowhere"],
-        cwd=tmp_path,
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = simulate_cli("--listen", "127.0.0.1:0", "--reports-to", "nowhere", cwd=tmp_path)
     assert result.returncode != 0
     assert "--reports-to" in result.stderr and "HOST:PORT" in result.stderr
