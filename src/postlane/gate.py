@@ -337,7 +337,14 @@ class ThrottleGate:
             return admission
         name = probe.destination
         try:
-            turn = await self.store.take_probe(name, self.owner, probe.pause_end, now, PROBE_LEASE)
+            turn = await self.store.take_probe(
+                name,
+                self.owner,
+                probe.pause_end,
+                now,
+                PROBE_LEASE,
+                presence_until=now + SHARE_LEASE,
+            )
         except BaseException:
             self.throttle.release([name])  # the slot admit took: no send holds it
             raise

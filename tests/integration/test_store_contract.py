@@ -1903,7 +1903,12 @@ async def test_one_process_probes_a_destination_after_its_pause(store: Any) -> N
     end = T0 + 30
     for owner in ("a", "b", "c"):  # alive: each renews its presence in the fleet's shares
         await store.share_destinations(owner, {"*": 1.0}, end, end + 3)
-    take = store.take_probe
+
+    async def take(destination: str, owner: str, pause_end: float, now: float, timeout: float):
+        return await store.take_probe(
+            destination, owner, pause_end, now, timeout, presence_until=now + 3
+        )
+
     assert await take("google", "a", end, end, 60) == ProbeTurn.PROBE
     assert await take("google", "b", end, end + 0.1, 60) == ProbeTurn.WAIT
     assert await take("google", "a", end, end + 0.2, 60) == ProbeTurn.PROBE  # still a's
@@ -1929,3 +1934,20 @@ async def test_one_process_probes_a_destination_after_its_pause(store: Any) -> N
     await store.share_destinations("b", {"*": 1.0}, later + 4, later + 300)
     assert await take("google", "b", later, later + 5, 60) == ProbeTurn.WAIT  # c's, alive
     assert await take("google", "b", later, later + 4 + 60, 60) == ProbeTurn.PROBE  # too long
+
+
+async def test_a_process_that_takes_a_probe_is_alive_though_its_sync_is_late(store: Any) -> None:
+    """Taking the probe renews the taker's presence: the others wait for its probe even when
+    its last sync (which renews its presence too) is older than the presence lasts. (A
+    worker's sync came late on a loaded machine and, moments after it took the probe, another
+    took it too: two probes at one pause's end.)"""
+    end = T0 + 30
+    await store.share_destinations("a", {"*": 1.0}, end - 10, end - 7)  # lapsed at end - 7
+    await store.share_destinations("b", {"*": 1.0}, end, end + 3)  # forgets a's presence
+    turn = await store.take_probe("relay", "a", end, end, 60, presence_until=end + 3)
+    assert turn == ProbeTurn.PROBE
+    turn = await store.take_probe("relay", "b", end, end + 0.1, 60, presence_until=end + 3.1)
+    assert turn == ProbeTurn.WAIT
+    # the probe's taker is alive for as long as the presence it renewed, and no longer
+    turn = await store.take_probe("relay", "b", end, end + 3.5, 60, presence_until=end + 6.5)
+    assert turn == ProbeTurn.PROBE

@@ -293,14 +293,22 @@ class ThrottleStore(Protocol):
         ...
 
     async def take_probe(
-        self, destination: str, owner: str, pause_end: float, now: float, timeout: float
+        self,
+        destination: str,
+        owner: str,
+        pause_end: float,
+        now: float,
+        timeout: float,
+        *,
+        presence_until: float,
     ) -> ProbeTurn:
         """When ``destination``'s pause (which ended at ``pause_end``) is over, one process of
         the fleet probes: PROBE for the first to ask (or the one probing already), WAIT while
         another live process's probe is under way (for ``timeout`` seconds at most) or after
         it failed (its longer pause is recorded), OPEN once it went through
         (:meth:`end_probe`). A probe of an earlier pause, or of a process that stopped
-        renewing its shares, is over."""
+        renewing its shares, is over. Taking the probe renews the taker's presence in the
+        fleet until ``presence_until``."""
         ...
 
     async def end_probe(self, destination: str, owner: str, pause_end: float, opened: bool) -> None:

@@ -245,10 +245,18 @@ class SQLThrottle(SQLRole):
         return await self.db.write(run)
 
     async def take_probe(
-        self, destination: str, owner: str, pause_end: float, now: float, timeout: float
+        self,
+        destination: str,
+        owner: str,
+        pause_end: float,
+        now: float,
+        timeout: float,
+        *,
+        presence_until: float,
     ) -> ProbeTurn:
         """Whether ``owner`` probes ``destination`` after its pause that ended at
-        ``pause_end``, waits for another process's probe, or finds it open (one transaction)."""
+        ``pause_end``, waits for another process's probe, or finds it open (one transaction).
+        The probe's taker renews its presence in the fleet until ``presence_until``."""
         key = {"destination": destination}
 
         def run() -> Plan[ProbeTurn]:
@@ -259,6 +267,10 @@ class SQLThrottle(SQLRole):
             if turn is ProbeTurn.PROBE:
                 params = {**key, "pause_end": pause_end, "owner": owner, "now": now}
                 yield from execute("take_destination_probe", params)
+                # its presence is what tells the others its probe is under way: a process that
+                # takes one lives, though its next sync (which renews it) may come late
+                presence = {"owner": owner, "now": now, "expires_at": presence_until}
+                yield from execute("renew_presence", presence)
             return turn
 
         return await self.db.write(run)

@@ -632,6 +632,15 @@ ON CONFLICT (destination) DO UPDATE
 SET pause_end = excluded.pause_end, owner = excluded.owner, started_at = excluded.started_at,
     outcome = NULL;
 
+-- name: renew_presence
+-- A process shows it lives (its presence in the fleet's shares, under the name '*') until
+-- :expires_at, or longer if renewed so already.
+INSERT INTO destination_shares (destination, owner, demand, since, expires_at)
+VALUES ('*', :owner, 1.0, :now, :expires_at)
+ON CONFLICT (destination, owner) DO UPDATE
+SET expires_at = CASE WHEN excluded.expires_at > destination_shares.expires_at
+                      THEN excluded.expires_at ELSE destination_shares.expires_at END;
+
 -- name: end_destination_probe
 -- What a process's probe after a pause found ('open' or 'failed').
 UPDATE destination_probes SET outcome = :outcome
