@@ -34,7 +34,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from enum import StrEnum
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -103,6 +103,21 @@ class Caller:
     def may_send_from(self, domain: str) -> bool:
         """Whether this caller may enqueue mail from sender domain ``domain``."""
         return self.senders is None or domain.lower() in self.senders
+
+
+def sender_refusal(senders: Sequence[str] | None, domains: Iterable[tuple[str, str]]) -> str | None:
+    """Why mail from ``domains`` (each with what says so: ``""`` for the envelope sender,
+    ``" (its From header)"``, see :func:`postlane.message.sender_domains`) is refused to a
+    token or an SMTP user bound to ``senders``: ``"may send from a.example only, not from
+    b.example (its From header)"``; None when every domain is allowed (or ``senders`` is None:
+    any domain)."""
+    if senders is None:
+        return None
+    for domain, which in domains:
+        if domain.lower() not in senders:
+            allowed = ", ".join(senders) or "no domain"
+            return f"may send from {allowed} only, not from {domain}{which}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

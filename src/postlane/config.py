@@ -271,7 +271,8 @@ def _send_token(item: Any, where: str) -> SendToken:
     return SendToken(token, _sender_domains(item["senders"], where))
 
 
-def _sender_domains(value: Any, where: str) -> tuple[str, ...]:
+def _sender_domains(value: Any, where: str, holder: str = "token") -> tuple[str, ...]:
+    """The sender domains a ``holder`` (a send token, an SMTP user) may send from."""
     if not isinstance(value, list):
         raise _SendTokenError(
             f"{where}: senders must be a list of domains like "
@@ -279,8 +280,8 @@ def _sender_domains(value: Any, where: str) -> tuple[str, ...]:
         )
     if not value:
         raise _SendTokenError(
-            f"{where}: senders is empty, so the token could send nothing: list the domains it "
-            "may send from, or leave senders out for a token that may send from any domain"
+            f"{where}: senders is empty, so the {holder} could send nothing: list the domains "
+            f"it may send from, or leave it out for a {holder} that may send from any domain"
         )
     domains = []
     for number, domain in enumerate(value, 1):
@@ -298,6 +299,17 @@ def _sender_domains(value: Any, where: str) -> tuple[str, ...]:
                 f"shop.example.com{hint}"
             ) from None
     return tuple(dict.fromkeys(domains))
+
+
+def _user_senders(value: Any) -> dict[str, tuple[str, ...]]:
+    """``[smtp] user_senders``: SMTP users (of ``users``) bound to the sender domains they
+    may send from, ``{ shop = ["shop.example.com"] }``; a user not named may send from any."""
+    if not isinstance(value, Mapping):
+        raise toml_values.expected('a table like { shop = ["shop.example.com"] }', value)
+    return {
+        str(user): _sender_domains(senders, f"user {user}", "user")
+        for user, senders in value.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -339,6 +351,9 @@ class SmtpConfig:
     listen: str = _setting("127.0.0.1:2587", _listen)
     trusted_networks: tuple[str, ...] = _setting(("127.0.0.0/8", "::1/128"), _networks)
     users: dict[str, str] = _setting({}, _users)  # noqa: RUF009 (a field())
+    #: users bound to the sender domains they may send from (envelope and From header);
+    #: users not named here may send from any domain
+    user_senders: dict[str, tuple[str, ...]] = _setting({}, _user_senders)  # noqa: RUF009
     tls_cert: str | None = _setting(None, _opt(_str))
     tls_key: str | None = _setting(None, _opt(_str))
     max_size: int = _setting(25 * 1000 * 1000, _size)
@@ -811,6 +826,14 @@ def _read(data: Mapping[str, Any], reader: Reader, source: str, base_dir: Path) 
     smtp: SmtpConfig = sections["smtp"]
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         raise ConfigError("smtp.tls_cert and smtp.tls_key must be set together")
+    for user in smtp.user_senders:
+        if user not in smtp.users:
+            near = difflib.get_close_matches(user, list(smtp.users), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(
+                f"smtp.user_senders: {user} is not one of smtp.users{hint}: bind the users that "
+                "log in"
+            )
     return Config(
         **sections,
         lanes=lanes,

@@ -16,7 +16,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import encoders
@@ -217,6 +217,31 @@ class PreparedMessage:
     @property
     def size(self) -> int:
         return len(self.content)
+
+
+def sender_domains(message: PreparedMessage) -> Iterator[tuple[str, str]]:
+    """The domains ``message`` is sent from, each with what says so in a refusal: the
+    envelope sender's (``""``; none for the null sender), then those of every address in
+    every From field (``" (its From header)"``), lower-cased, in their ASCII (IDNA) form."""
+    if message.sender:
+        yield message.sender.rpartition("@")[2].lower(), ""
+    for _, address in getaddresses(_from_fields(message.content)):
+        if "@" not in address:
+            continue
+        try:
+            domain = parse_address(address, "From header").domain
+        except ValidationError:  # compared as written: a domain no token is bound to
+            domain = address.rpartition("@")[2].strip().lower()
+        yield domain, " (its From header)"
+
+
+def _from_fields(content: bytes) -> list[str]:
+    """The values of every From field of a prepared message. Its header section holds only
+    well-formed fields (``prepare`` refuses ``From :`` and mbox lines, which a parser and a DKIM
+    signer read differently), so the standard parser sees every one."""
+    head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    parsed = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
+    return [str(value) for value in parsed.get_all("From") or []]
 
 
 def parse_lane(value: Lane | str | None) -> Lane:

@@ -196,6 +196,68 @@ async def test_plain_password_in_config_works_too(auth_only: Listener) -> None:
     await in_thread(submit)
 
 
+@pytest.fixture
+async def bound(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[Listener]:
+    users = {"shop": hash_password("s3cret"), "any": "clear-pass"}
+    async with listen(
+        tmp_path,
+        ca,
+        trusted_networks=[],
+        users=users,
+        user_senders={"shop": ["shop.example.com"]},
+    ) as listener:
+        yield listener
+
+
+def submit_as(
+    listener: Listener, user: str, password: str, sender: str, content: bytes
+) -> tuple[tuple[int, bytes], tuple[int, bytes] | None]:
+    """MAIL FROM ``sender`` after AUTH as ``user``, then (if MAIL was taken) the message:
+    the answers to MAIL and to the final dot."""
+    assert listener.ca is not None
+    with smtplib.SMTP("127.0.0.1", listener.port, timeout=10) as s:
+        s.starttls(context=client_context(listener.ca))
+        s.login(user, password)
+        mail = s.mail(sender)
+        if mail[0] != 250:
+            return mail, None
+        assert s.rcpt("ada@example.net")[0] == 250
+        return mail, s.data(content)
+
+
+async def test_a_user_bound_to_sender_domains_sends_only_from_them(bound: Listener) -> None:
+    """``[smtp] user_senders``: one application's SMTP login may not send as another's domain,
+    neither in the envelope (refused at MAIL, as Postfix's reject_sender_login_mismatch does)
+    nor in the From header (refused at the final dot); nothing is stored. Users not named there
+    send from any domain, as before."""
+    shop = b"From: Shop <orders@shop.example.com>\r\nTo: ada@example.net\r\n\r\nhello\r\n"
+    bank = b"From: Bank <alerts@bank.example>\r\nTo: ada@example.net\r\n\r\nhello\r\n"
+
+    mail, _ = await in_thread(lambda: submit_as(bound, "shop", "s3cret", "ceo@bank.example", shop))
+    assert mail[0] == 553 and mail[1].startswith(b"5.7.1 ")
+    assert b"shop.example.com only" in mail[1] and b"bank.example" in mail[1]
+
+    mail, data = await in_thread(
+        lambda: submit_as(bound, "shop", "s3cret", "orders@shop.example.com", bank)
+    )
+    assert mail[0] == 250
+    assert data is not None and data[0] == 550 and data[1].startswith(b"5.7.1 ")
+    assert b"bank.example (its From header)" in data[1]
+    assert await bound.app.messages() == []
+
+    mail, data = await in_thread(
+        lambda: submit_as(bound, "shop", "s3cret", "Orders@Shop.Example.COM", shop)
+    )
+    assert data is not None and data[0] == 250, data
+    _, data = await in_thread(lambda: submit_as(bound, "any", "clear-pass", "x@bank.example", bank))
+    assert data is not None and data[0] == 250, data
+    # the domain is stored lower-cased, as prepare always does
+    assert sorted(m.sender for m in await bound.app.messages()) == [
+        "Orders@shop.example.com",
+        "x@bank.example",
+    ]
+
+
 async def test_wrong_credentials_get_535_and_nothing_is_stored(auth_only: Listener) -> None:
     assert auth_only.ca is not None
     context = client_context(auth_only.ca)

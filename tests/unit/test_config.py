@@ -706,3 +706,43 @@ def test_one_token_bound_twice_to_other_senders_is_refused() -> None:
         "http.send_tokens: token 2 of 2 is token 1 again, with other senders: list a token "
         "once, with all the domains it may send from"
     )
+
+
+def test_smtp_users_may_be_bound_to_sender_domains() -> None:
+    """``[smtp] user_senders`` binds SMTP users to the domains they may send from (lower-cased,
+    the trailing dot and repeats dropped); users not named there may send from any domain."""
+    config = config_from_dict(
+        {
+            "smtp": {
+                "users": {"shop": "pass-one", "blog": "pass-two", "ops": "pass-three"},
+                "user_senders": {
+                    "shop": ["Shop.Example.com", "mail.shop.example.com.", "shop.example.com"],
+                    "blog": ["blog.example.org"],
+                },
+            }
+        }
+    )
+    assert config.smtp.user_senders == {
+        "shop": ("shop.example.com", "mail.shop.example.com"),
+        "blog": ("blog.example.org",),
+    }
+
+
+@pytest.mark.parametrize(
+    ("senders", "problem"),
+    [
+        ({"shop": []}, "user shop: senders is empty"),
+        ({"shop": ["localhost"]}, "user shop: sender 1 of 1 is not a domain"),
+        ({"shop": ["orders@shop.example.com"]}, "not an address"),
+        ({"shop": ["*.shop.example.com"]}, "no wildcards"),
+        ({"shop": "shop.example.com"}, "user shop: senders must be a list"),
+        ({"shpo": ["shop.example.com"]}, "shpo is not one of smtp.users (did you mean shop?)"),
+        (["shop.example.com"], "expected a table"),
+    ],
+)
+def test_a_bad_smtp_user_binding_is_one_line(senders: Any, problem: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config_from_dict({"smtp": {"users": {"shop": "pass-one"}, "user_senders": senders}})
+    message = raised.value.message
+    assert message.startswith("smtp.user_senders") and problem in message, message
+    assert "\n" not in message and "pass-one" not in message

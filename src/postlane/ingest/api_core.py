@@ -15,9 +15,6 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from email import policy as email_policy
-from email.parser import BytesHeaderParser
-from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -26,7 +23,6 @@ from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from postlane.addresses import parse_address
 from postlane.app import AsyncPostlane
 from postlane.auth import (
     Caller,
@@ -38,6 +34,7 @@ from postlane.auth import (
     Tokens,
     TooManyAttempts,
     cross_site,
+    sender_refusal,
 )
 from postlane.config import Config
 from postlane.cursors import Page
@@ -60,7 +57,7 @@ from postlane.ingest.bodies import (
 )
 from postlane.ingest.bodies import read_body as read_within
 from postlane.ingest.server import HttpLimits, Refusals, escaped_store_error
-from postlane.message import Attachment, Message, PreparedMessage
+from postlane.message import Attachment, Message, PreparedMessage, sender_domains
 from postlane.metrics import Metrics
 from postlane.records import Selector
 from postlane.selectors import (
@@ -402,43 +399,10 @@ def _caller(request: Request, scope: Scope | None) -> Caller:
 
 def check_sender(caller: Caller, message: PreparedMessage) -> None:
     """Refuse (403 ``sender_not_allowed``) a message from a domain the caller's token is not
-    bound to (``[http] send_tokens`` with ``senders``): its envelope sender's, and its From
-    header's (a raw message's may differ), the domain DKIM signs for and DMARC checks."""
-    if caller.senders is None:
-        return
-    for domain, which in sender_domains(message):
-        if not caller.may_send_from(domain):
-            allowed = ", ".join(caller.senders) or "no domain"
-            raise ApiError(
-                403,
-                "sender_not_allowed",
-                f"this token may send from {allowed} only, not from {domain}{which}",
-            )
-
-
-def sender_domains(message: PreparedMessage) -> Iterator[tuple[str, str]]:
-    """The domains ``message`` is sent from, each with what says so in a refusal: the
-    envelope sender's (``""``; none for the null sender), then those of every address in
-    every From field (``" (its From header)"``), lower-cased, in their ASCII (IDNA) form."""
-    if message.sender:
-        yield message.sender.rpartition("@")[2].lower(), ""
-    for _, address in getaddresses(_from_fields(message.content)):
-        if "@" not in address:
-            continue
-        try:
-            domain = parse_address(address, "From header").domain
-        except ValidationError:  # compared as written: a domain no token is bound to
-            domain = address.rpartition("@")[2].strip().lower()
-        yield domain, " (its From header)"
-
-
-def _from_fields(content: bytes) -> list[str]:
-    """The values of every From field of a prepared message. Its header section holds only
-    well-formed fields (``prepare`` refuses ``From :`` and mbox lines, which a parser and a DKIM
-    signer read differently), so the standard parser sees every one."""
-    head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-    parsed = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
-    return [str(value) for value in parsed.get_all("From") or []]
+    bound to (``[http] send_tokens`` with ``senders``)."""
+    refusal = sender_refusal(caller.senders, sender_domains(message))
+    if refusal is not None:
+        raise ApiError(403, "sender_not_allowed", f"this token {refusal}")
 
 
 # -- reading requests ------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from postlane.addresses import parse_address
 from postlane.app import AsyncPostlane
+from postlane.auth import sender_refusal
 from postlane.config import Config
 from postlane.errors import (
     ConfigError,
@@ -59,7 +60,7 @@ from postlane.ingest.smtp_auth import verify_password as verify_password
 from postlane.ingest.smtp_listener import OpenConnections
 from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
 from postlane.ingest.tally import Tally
-from postlane.message import MAX_RECIPIENTS, NULL_SENDER, Message, rfc5322_date
+from postlane.message import MAX_RECIPIENTS, NULL_SENDER, Message, rfc5322_date, sender_domains
 from postlane.metrics import SmtpMetrics
 
 if TYPE_CHECKING:
@@ -234,6 +235,13 @@ class SubmissionHandler:
     def _may_submit(self, session: Session) -> bool:
         return session.authenticated or session.peer in self.trusted
 
+    def _senders_of(self, session: Session) -> tuple[str, ...] | None:
+        """The sender domains the session's user is bound to (``[smtp] user_senders``); None:
+        any domain (an unbound user, a client of a trusted network)."""
+        if not session.authenticated or session.auth_data is None:
+            return None
+        return self.config.smtp.user_senders.get(session.auth_data)
+
     def mail(self, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if not self._may_submit(session):
             if session.tls_offered and not session.tls:
@@ -244,6 +252,10 @@ class SubmissionHandler:
                 parse_address(address, "sender")
             except ValidationError as exc:
                 return f"553 5.1.7 {exc.message}"
+            domain = address.rpartition("@")[2]
+            refusal = sender_refusal(self._senders_of(session), [(domain, "")])
+            if refusal is not None:  # Postfix's reject_sender_login_mismatch answers so too
+                return f"553 5.7.1 <{address}>: this user {refusal}"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -285,6 +297,9 @@ class SubmissionHandler:
             limit = self.app.config.smtp.max_size + len(received)
             prepared = self.app.prepare(message, max_size=limit)
             prepared = dataclasses.replace(prepared, submitter=submitter)
+            refusal = sender_refusal(self._senders_of(session), sender_domains(prepared))
+            if refusal is not None:
+                return f"550 5.7.1 this user {refusal}"
         except MessageTooLarge as exc:
             return f"552 5.3.4 {exc.message}"
         except ValidationError as exc:
