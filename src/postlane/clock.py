@@ -63,7 +63,14 @@ def when(ts: float | None) -> str:
     """A time for people: ``2026-11-29 09:27:54`` (UTC), or ``-`` for none."""
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return _utc(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _utc(ts: float) -> datetime:
+    """``ts`` as an aware UTC datetime; a time past the year 9999 (stored before
+    :func:`parse_when` refused them) as the last second of 9999, so that one such row cannot
+    break a listing."""
+    return datetime.fromtimestamp(min(ts, LATEST), UTC)
 
 
 def when_utc(ts: float | None) -> str:
@@ -76,7 +83,7 @@ def iso(ts: float | None) -> str | None:
     """An epoch time as an ISO 8601 UTC string (the contract's JSON time format)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _utc(ts).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_when(value: datetime | str | float | None, what: str) -> float | None:
@@ -90,7 +97,10 @@ def parse_when(value: datetime | str | float | None, what: str) -> float | None:
     if isinstance(value, bool):
         raise ValidationError(f"{what} must be a time, not {value!r}", field=what)
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float: far past the year 9999
+            seconds = math.inf
     elif isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValidationError(
@@ -119,10 +129,25 @@ def parse_when(value: datetime | str | float | None, what: str) -> float | None:
             seconds = parsed.timestamp()
     else:
         raise ValidationError(f"{what} must be a time, not {type(value).__name__}", field=what)
-    if not math.isfinite(seconds) or seconds < 0:
+    if math.isnan(seconds) or seconds < 0:
         shown = value.isoformat() if isinstance(value, datetime) else value
-        raise ValidationError(f"{what} must be a time after 1970, got {shown!r}", field=what)
+        raise ValidationError(f"{what} must be a time after 1970, got {_short(shown)}", field=what)
+    if seconds > LATEST:
+        raise ValidationError(
+            f"{what} must be a time before the year 10000, got {_short(value)}", field=what
+        )
     return seconds
+
+
+#: the latest time a ``send_at``, ``expires_at`` or suppression's expiry may name
+#: (9999-12-31T23:59:59Z): what every time shown, ISO 8601 or in a table, can still write
+LATEST = 253402300799.0
+
+
+def _short(value: object) -> str:
+    """A refused value as an error shows it: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 #: Unix seconds as text: ASCII digits, perhaps a fraction (not float()'s "1_700", "inf", "1e9")

@@ -549,6 +549,32 @@ async def test_the_queue_listing_selects_on_metadata_in_its_query_string(
         }
 
 
+async def test_a_time_past_the_year_9999_is_refused_and_the_lists_keep_working(
+    scoped: tuple[AsyncPostlane, Any],
+) -> None:
+    """An audit stored a suppression expiring at 1e300 (201), after which every listing of
+    suppressions answered 500; and a send_at of 10**400 (an integer JSON allows) gave 500."""
+    app, client = scoped
+    async with client(TOKEN) as c:
+        for expires in (1e300, 10**400, "9999-12-31T23:59:59-01:00"):
+            r = await c.post(
+                "/v1/suppressions", json={"address": "far@example.net", "expires_at": expires}
+            )
+            assert r.status_code in (400, 422), r.text
+            assert r.json()["error"]["message"].startswith("expires_at must be a time before"), (
+                r.text
+            )
+        for field in ("send_at", "expires_at"):
+            one = {"from": "a@example.com", "to": ["b@example.net"], "text": "x", field: 10**400}
+            r = await c.post("/v1/messages", json=one)
+            assert r.status_code == 422 and "before the year 10000" in r.text, r.text
+            r = await c.post("/v1/messages/batch", json={"messages": [one]})
+            assert r.status_code == 207, r.text
+            assert "before the year 10000" in r.json()["results"][0]["error"]["message"]
+        assert await app.messages() == []
+        assert (await c.get("/v1/suppressions")).json() == []
+
+
 async def test_admin_operations_over_http(scoped: tuple[AsyncPostlane, Any]) -> None:
     _, client = scoped
     async with client(TOKEN) as c:

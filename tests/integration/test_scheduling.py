@@ -13,7 +13,7 @@ import pytest
 
 from postlane.app import AsyncPostlane, Cancelled, QueueAction
 from postlane.classify import ReplyClass
-from postlane.clock import FakeClock, parse_when
+from postlane.clock import FakeClock, iso, parse_when, when
 from postlane.errors import NotFound, ValidationError
 from postlane.message import Lane, RecipientState
 from postlane.records import Selector
@@ -22,6 +22,14 @@ from postlane.worker import Worker
 from tests.conftest import make_config
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+
+
+def test_the_last_second_of_9999_is_a_time_and_one_stored_later_is_shown_as_it() -> None:
+    assert parse_when(253402300799, "expires_at") == 253402300799.0
+    assert iso(253402300799.0) == "9999-12-31T23:59:59.000Z"
+    # a row stored before such times were refused: listings show it, not a 500
+    assert iso(1e300) == "9999-12-31T23:59:59.000Z"
+    assert when(1e300) == "9999-12-31 23:59:59"
 
 
 def test_times_are_read_in_every_form_the_contract_gives() -> None:
@@ -54,6 +62,12 @@ def test_times_are_read_in_every_form_the_contract_gives() -> None:
         # a blank template value is a mistake, not "at once"
         ("", "send_at is empty"),
         ("  ", "send_at is empty"),
+        # past what a time can be written as: refused, not stored to break every listing
+        (10**400, "before the year 10000"),
+        (1e300, "before the year 10000"),
+        (float("inf"), "before the year 10000"),
+        ("9" * 900, r"before the year 10000, got '9{36}\.\.\.$"),
+        (253402300800, "before the year 10000"),
     ],
 )
 def test_a_time_that_could_mean_two_things_is_refused_naming_the_field(

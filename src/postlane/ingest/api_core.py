@@ -476,7 +476,7 @@ def time_field(value: Any, what: str) -> str | float | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return value  # an int past any float's range is the message's to refuse, not a 500
     raise ApiError(400, "invalid_field", f"{what} must be ISO 8601 text or Unix seconds")
 
 
