@@ -219,6 +219,21 @@ class PreparedMessage:
         return len(self.content)
 
 
+class _Utf8Headers(email_policy.Compat32):
+    """compat32 (header values as plain strings, parsed once), but a value holding 8-bit
+    bytes read as the UTF-8 that RFC 6532 makes them, not as unknown bytes (which compat32
+    shows as U+FFFD: a stored subject ``grüße`` came out ``gr����e``)."""
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        if isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value):
+            return value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+        return super().header_fetch_parse(name, value)
+
+
+#: how prepared and raw messages' header sections are read
+_HEADERS = _Utf8Headers()
+
+
 def sender_domains(message: PreparedMessage) -> Iterator[tuple[str, str]]:
     """The domains ``message`` is sent from, each with what says so in a refusal: the
     envelope sender's (``""``; none for the null sender), then those of every address in
@@ -240,7 +255,7 @@ def _from_fields(content: bytes) -> list[str]:
     well-formed fields (``prepare`` refuses ``From :`` and mbox lines, which a parser and a DKIM
     signer read differently), so the standard parser sees every one."""
     head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-    parsed = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head)
+    parsed = BytesHeaderParser(policy=_HEADERS).parsebytes(head)
     return [str(value) for value in parsed.get_all("From") or []]
 
 
@@ -695,7 +710,7 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
         head = raw[:-4]
     # compat32: header values as plain strings; the modern policy re-parses every value it is
     # asked for, several times slower, and we only need addresses, Message-ID and Subject
-    headers = BytesHeaderParser(policy=email_policy.compat32).parsebytes(head + b"\r\n\r\n")
+    headers = BytesHeaderParser(policy=_HEADERS).parsebytes(head + b"\r\n\r\n")
     if headers.defects or not head or head[:1].isspace():
         raise ValidationError("the raw message's header section is malformed", field="raw")
     _check_field_names(head)

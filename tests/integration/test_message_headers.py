@@ -88,3 +88,22 @@ async def test_the_fields_do_what_the_control_headers_would(
     content = await app.content(view.id)
     assert b"Reply-To: help@example.com\r\n" in content
     assert b"X-Postlane" not in content and b"Return-Path" not in content
+
+
+async def test_a_raw_messages_utf8_subject_is_stored_as_written(
+    app: AsyncPostlane, client: httpx.AsyncClient
+) -> None:
+    """RFC 6532: a raw (or SMTP) message's header may hold UTF-8. The bytes were kept, but the
+    stored subject (the API's, `queue show`'s) came out ``gr����e``; and a bound token's
+    refusal named a From domain just as garbled."""
+    raw = (
+        "From: Jörg <jorg@example.com>\r\nTo: ada@example.net\r\n"
+        "Subject: grüße, =?utf-8?q?caf=C3=A9?=\r\n\r\nhi\r\n"
+    )
+    r = await client.post(
+        "/v1/messages", json={"from": "jorg@example.com", "to": ["ada@example.net"], "raw": raw}
+    )
+    assert r.status_code == 202, r.text
+    shown = (await client.get(f"/v1/messages/{r.json()['id']}")).json()
+    assert shown["subject"].startswith("grüße, ")
+    assert "grüße".encode() in await app.content(r.json()["id"])  # the bytes as sent
