@@ -628,7 +628,21 @@ def _attachment_part(attachment: Attachment) -> MIMEBase:
     encoders.encode_base64(part)
     name: str | tuple[str, str, str] = filename if filename.isascii() else ("utf-8", "", filename)
     part.add_header("Content-Disposition", "attachment", filename=name)
+    for header, value in part.items():
+        if len(header) + 2 + len(str(value)) > _MAX_LINE:  # unfoldable: one token
+            raise ValidationError(
+                f"attachment {_cut(filename)}: its {header} header would be longer than "
+                f"{_MAX_LINE} characters, the most RFC 5322 2.1.1 allows: shorten its "
+                + ("filename" if header == "Content-Disposition" else "content type"),
+                field="attachments",
+            )
     return part
+
+
+def _cut(text: str, most: int = 40) -> str:
+    """``text`` quoted for an error, cut to ``most`` characters."""
+    shown = repr(text)
+    return shown if len(shown) <= most else shown[: most - 3] + "..."
 
 
 def _body(text: str | None, html: str | None, attachments: Sequence[Attachment]) -> MIMEBase:

@@ -509,3 +509,30 @@ def test_issue_17_7_a_message_needs_a_non_empty_body(
 def test_issue_17_7_an_empty_text_beside_html_is_no_plain_part() -> None:
     parsed = render(sender="a@example.com", to=["b@example.net"], text="", html="<p>hi</p>")
     assert parsed.get_content_type() == "text/html"
+
+
+@pytest.mark.parametrize(
+    ("attachment", "says"),
+    [
+        (Attachment("b" * 3000 + ".txt", b"hi", "text/plain"), "shorten its filename"),
+        (Attachment("ü" * 400, b"hi", "text/plain"), "shorten its filename"),  # RFC 2231 form
+        (Attachment("x.txt", b"hi", "application/" + "x" * 3000), "shorten its content type"),
+    ],
+)
+def test_an_attachment_whose_header_no_line_could_hold_is_refused(
+    attachment: Attachment, says: str
+) -> None:
+    """postlane refuses raw lines over 998 characters (RFC 5322 2.1.1) but wrote them itself:
+    a 3,000-character filename made a 3,016-character Content-Disposition line."""
+    message = Message(
+        sender="a@example.com", to=["b@example.net"], text="t", attachments=[attachment]
+    )
+    with pytest.raises(ValidationError, match=says) as caught:
+        prepare(message, max_size=10**6)
+    assert caught.value.field == "attachments" and len(caught.value.message) < 200
+    fits = Attachment("b" * 900 + ".txt", b"hi", "text/plain")  # long, but one line holds it
+    content = prepare(
+        Message(sender="a@example.com", to=["b@example.net"], text="t", attachments=[fits]),
+        max_size=10**6,
+    ).content
+    assert max(len(line) for line in content.split(b"\r\n")) <= 998
