@@ -691,8 +691,8 @@ _ADDRESS_HEADERS = frozenset({"From", "To", "Cc"})
 
 
 def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | None) -> _Rendered:
-    """A raw message as given, with the Message-ID and Date it lacks added, and Bcc,
-    Resent-Bcc and Return-Path dropped."""
+    """A raw message as given, with the Message-ID, Date and From (its envelope sender) it
+    lacks added, as Postfix's cleanup does, and Bcc, Resent-Bcc and Return-Path dropped."""
     if message.subject or message.text or message.html or message.headers or message.attachments:
         raise ValidationError(
             "a raw message carries its own subject, body and headers; "
@@ -773,6 +773,8 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
         message_id = str(message_id).strip()
     if headers.get("Date") is None:
         added += b"Date: " + rfc5322_date(now).encode("ascii") + b"\r\n"
+    if not headers.get_all("From"):  # RFC 5322 3.6 requires one; receivers refuse mail without
+        added += b"From: " + envelope_sender.encode("utf-8") + b"\r\n"
     # missing headers go at the end of the header section (as Postfix's cleanup does), so trace
     # headers such as Received stay on top
     head, _, body = raw.partition(b"\r\n\r\n")

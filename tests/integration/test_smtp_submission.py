@@ -196,6 +196,25 @@ async def test_plain_password_in_config_works_too(auth_only: Listener) -> None:
     await in_thread(submit)
 
 
+async def test_an_empty_message_is_refused(trusted: Listener) -> None:
+    """DATA then the final dot at once (or BDAT 0 LAST) was stored: the Received line postlane
+    puts on top passed for a header section, while the API refuses an empty raw message."""
+
+    def submit() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10) as s:
+            s.ehlo()
+            s.mail("app@example.com")
+            s.rcpt("ada@example.net")
+            try:
+                return s.data(b"")
+            except smtplib.SMTPDataError as exc:
+                return exc.smtp_code, exc.smtp_error
+
+    code, text = await in_thread(submit)
+    assert code == 554 and b"empty" in text
+    assert await trusted.app.messages() == []
+
+
 @pytest.fixture
 async def bound(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[Listener]:
     users = {"shop": hash_password("s3cret"), "any": "clear-pass"}

@@ -536,3 +536,21 @@ def test_an_attachment_whose_header_no_line_could_hold_is_refused(
         max_size=10**6,
     ).content
     assert max(len(line) for line in content.split(b"\r\n")) <= 998
+
+
+def test_a_raw_message_without_a_from_header_gets_its_envelope_sender_as_one() -> None:
+    """RFC 5322 3.6 requires a From field and receivers refuse mail without one (and a bound
+    token's From-header check had nothing to check): as Postfix's cleanup adds a missing
+    From, Date and Message-ID, postlane adds the envelope sender."""
+    raw = "Subject: no author\r\n\r\nhi\r\n"
+    prepared = prepare(
+        Message(sender="app@Example.com", to=["b@example.net"], raw=raw), max_size=10**6
+    )
+    parsed = email.message_from_bytes(prepared.content, policy=policy.SMTP)
+    assert parsed.get_all("From") == ["app@example.com"]
+    given = "From: Shop <orders@example.com>\r\n" + raw  # one given is kept as it is
+    prepared = prepare(
+        Message(sender="bounces@example.com", to=["b@example.net"], raw=given), max_size=10**6
+    )
+    parsed = email.message_from_bytes(prepared.content, policy=policy.SMTP)
+    assert parsed.get_all("From") == ["Shop <orders@example.com>"]

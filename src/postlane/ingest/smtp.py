@@ -275,6 +275,8 @@ class SubmissionHandler:
         content = envelope.content
         if b"\x00" in content:
             return "554 5.6.0 Message refused: it contains NUL bytes, which RFC 5322 forbids"
+        if not content.strip():  # the Received line added below would pass for a header
+            return "554 5.6.0 Message refused: it is empty"
         try:
             controls, content = take_control_headers(content)
         except ValidationError as exc:
