@@ -659,7 +659,7 @@ class AsyncPostlane:
         if len(found) <= limit:
             return Page(found, None)
         last = found[limit - 1]
-        key = SuppressionKey(last.created_at, last.address, last.scope)
+        key = SuppressionKey(last.created_at, last.address, last.scope, last.reason or "")
         return Page(found[:limit], encode_cursor(key))
 
     async def suppress(
@@ -677,8 +677,10 @@ class AsyncPostlane:
         unsubscribe or manual (the default; any other text is kept as the ``detail`` of a
         manual entry), for every sender (``scope`` "*", the default) or for one sender domain,
         for mail of every lane (``lanes`` None, the default) or of those named, until
-        ``expires_at`` (None: for good). False when it was already there in that scope for
-        those lanes; an entry there for fewer lanes is widened to these."""
+        ``expires_at`` (None: for good). False when it was already there in that scope, for
+        that reason, for those lanes; an entry there for fewer lanes is widened to these. Each
+        reason is an entry of its own: a hard bounce after an unsubscribe is a second entry,
+        and removing it leaves the unsubscribe."""
         from postlane.addresses import parse_address
         from postlane.clock import parse_when
 
@@ -704,18 +706,27 @@ class AsyncPostlane:
             )
         )
 
-    async def unsuppress(self, address: str, *, scope: str | None = None) -> bool:
-        """Take ``address`` off the list: in one scope, or (None) in every scope. The address is
-        read as :meth:`suppress` stores it (``"john"@example.com`` is ``john@example.com``);
-        text that is no address is looked up as it is, so any entry can be removed."""
+    async def unsuppress(
+        self, address: str, *, scope: str | None = None, reason: str | None = None
+    ) -> bool:
+        """Take ``address`` off the list: in one scope, or (None) in every scope; its entries
+        for one ``reason`` (a mistaken ``hard_bounce``, leaving an ``unsubscribe``), or (None)
+        all. The address is read as :meth:`suppress` stores it (``"john"@example.com`` is
+        ``john@example.com``); text that is no address is looked up as it is, so any entry
+        can be removed."""
         from postlane.addresses import parse_address
 
         try:
             address = parse_address(address, "address").address
         except ValidationError:
             address = address.strip()
+        if reason is not None and reason not in SUPPRESSION_REASONS:
+            raise ValidationError(
+                f"reason must be one of {', '.join(SUPPRESSION_REASONS)}, not {reason!r}",
+                field="reason",
+            )
         return await self.store.remove_suppression(
-            address, None if scope is None else suppression_scope(scope)
+            address, None if scope is None else suppression_scope(scope), reason
         )
 
 

@@ -153,8 +153,11 @@ class Postlane:
         """See :meth:`AsyncPostlane.suppress`."""
         return self._portal.run(self._async.suppress(address, **options))
 
-    def unsuppress(self, address: str, *, scope: str | None = None) -> bool:
-        return self._portal.run(self._async.unsuppress(address, scope=scope))
+    def unsuppress(
+        self, address: str, *, scope: str | None = None, reason: str | None = None
+    ) -> bool:
+        """See :meth:`AsyncPostlane.unsuppress`."""
+        return self._portal.run(self._async.unsuppress(address, scope=scope, reason=reason))
 
     def suppressions(self, *, limit: int = 1000) -> list[Suppression]:
         return self._portal.run(self._async.suppressions(limit=limit))

@@ -7,7 +7,8 @@ listing                        order                                   the next 
 messages (``/v1/messages``)    arrival: each message's first selected  ``MessageKey``: a delivery
                                recipient's row                         row (``page_messages``)
 dead letters (``/v1/dlq``)     newest death first, then row id         ``DeadLetterKey``
-suppressions                   newest first, then address and scope    ``SuppressionKey``
+suppressions                   newest first, then address, scope       ``SuppressionKey``
+                               and reason
 =============================  ======================================  =========================
 
 A keyset, not an offset: a page starts strictly after the last entry of the page before, so
@@ -75,12 +76,14 @@ class DeadLetterKey(_Key):
 
 @dataclass(frozen=True)
 class SuppressionKey(_Key):
-    """The suppression list (newest first, then address and scope) starts after this entry."""
+    """The suppression list (newest first, then address, scope and reason) starts after this
+    entry."""
 
     KIND: ClassVar[str] = "s"
     created_at: float
     address: str
     scope: str
+    reason: str
 
 
 K = TypeVar("K", bound=_Key)

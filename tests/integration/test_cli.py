@@ -293,6 +293,14 @@ def test_dlq_and_suppression_commands(queue_dir: Path) -> None:
         postlane("suppress", "remove", "gone@example.net", cwd=tmp_path),
         "not on the suppression list",
     )
+    # a mistaken hard bounce removed on its own: the recipient's unsubscribe stays
+    ok("suppress", "add", "ada@example.net", "--reason", "unsubscribe", "--lane", "low",
+       cwd=tmp_path)  # fmt: skip
+    ok("suppress", "add", "ada@example.net", "--reason", "hard_bounce", cwd=tmp_path)
+    assert len(json.loads(ok("suppress", "list", "--json", cwd=tmp_path))) == 2
+    ok("suppress", "remove", "ada@example.net", "--reason", "hard_bounce", cwd=tmp_path)
+    [left] = json.loads(ok("suppress", "list", "--json", cwd=tmp_path))
+    assert (left["reason"], left["lanes"]) == ("unsubscribe", ["low"])
 
 
 @pytest.mark.parametrize(

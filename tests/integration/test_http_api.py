@@ -615,6 +615,19 @@ async def test_admin_operations_over_http(scoped: tuple[AsyncPostlane, Any]) -> 
         ]
         assert (await c.delete("/v1/suppressions/gone@example.net")).status_code == 200
         assert (await c.delete("/v1/suppressions/gone@example.net")).status_code == 404
+        # one reason's entry at a time: a mistaken bounce goes, the unsubscribe stays
+        for reason, lanes in (("unsubscribe", ["low"]), ("hard_bounce", None)):
+            entry = {"address": "ada@example.net", "reason": reason, "lanes": lanes}
+            assert (await c.post("/v1/suppressions", json=entry)).status_code == 201
+        r = await c.delete("/v1/suppressions/ada@example.net", params={"reason": "hard_bounce"})
+        assert r.status_code == 200
+        [left] = (await c.get("/v1/suppressions")).json()
+        assert (left["reason"], left["lanes"]) == ("unsubscribe", ["low"])
+        r = await c.delete("/v1/suppressions/ada@example.net", params={"reason": "bounce"})
+        assert r.status_code == 422 and "reason must be one of" in r.text
+        r = await c.delete("/v1/suppressions/ada@example.net", params={"reasons": "x"})
+        assert r.status_code == 400
+        assert (await c.delete("/v1/suppressions/ada@example.net")).status_code == 200
         assert (await c.get("/v1/dlq")).json() == []
         assert (await c.get("/v1/dlq/groups")).json() == []
 

@@ -528,7 +528,7 @@ async def test_dead_letters_and_suppressions_page_on_a_keyset(store: Any) -> Non
         if len(chunk) < 3:
             break
         last = chunk[-1]
-        after = SuppressionKey(last.created_at, last.address, last.scope)
+        after = SuppressionKey(last.created_at, last.address, last.scope, last.reason or "")
         await store.add_suppression(
             Suppression(f"new{len(paged)}@example.net", T0 + 100, "operator", "manual")
         )
@@ -677,8 +677,8 @@ async def test_dead_letters_list_with_selectors(store: Any) -> None:
 
 
 async def test_suppression_list_add_and_remove(store: Any) -> None:
-    assert await store.add_suppression(Suppression("a@example.net", T0, "operator", "asked"))
-    assert not await store.add_suppression(Suppression("A@example.net", T0, "operator", "again"))
+    assert await store.add_suppression(Suppression("a@example.net", T0, "operator", "manual"))
+    assert not await store.add_suppression(Suppression("A@example.net", T0, "operator", "manual"))
     assert [s.address for s in await store.list_suppressions(limit=10)] == ["a@example.net"]
     assert await store.remove_suppression("A@EXAMPLE.NET")
     assert not await store.remove_suppression("a@example.net")
@@ -1390,10 +1390,10 @@ async def test_an_expired_suppression_is_replaced_and_scopes_are_removed_apart(s
     assert await store.add_suppression(old)
     again = Suppression("a@example.net", T0 + 5, "operator", "manual", detail="still")
     assert not await store.add_suppression(again)  # the first holds while it lasts
-    later = Suppression("a@example.net", T0 + 20, "unsubscribe", "unsubscribe")
+    later = Suppression("a@example.net", T0 + 20, "operator", "manual", detail="for good")
     assert await store.add_suppression(later)  # it had ended: replaced
     [entry] = await store.list_suppressions(limit=10)
-    assert (entry.reason, entry.expires_at) == ("unsubscribe", None)
+    assert (entry.detail, entry.expires_at) == ("for good", None)
     await store.add_suppression(Suppression("a@example.net", T0, "arf", "complaint",
                                             scope="shop.example"))  # fmt: skip
     assert await store.remove_suppression("A@example.net", "SHOP.example")
@@ -1453,25 +1453,31 @@ async def test_an_entry_for_some_lanes_stops_only_their_mail(store: Any) -> None
     assert listed["bob@example.net"].as_json()["lanes"] is None
 
 
-async def test_an_entry_for_more_lanes_widens_the_one_in_its_scope(store: Any) -> None:
-    """The first entry wins, but never over one that stops more: the widened entry stops the
-    lanes of both, as long as the longer of the two."""
+async def test_an_entry_for_more_lanes_widens_the_one_of_its_scope_and_reason(store: Any) -> None:
+    """The first entry wins, but never over one for the same reason that stops more: the
+    widened entry stops the lanes of both, as long as the longer of the two. An entry for
+    another reason is an entry of its own."""
     low = Suppression("ada@example.net", T0, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,),
                       expires_at=T0 + 100)  # fmt: skip
     assert await store.add_suppression(low)
     assert not await store.add_suppression(dataclasses.replace(low, created_at=T0 + 1))  # a repeat
-    normal = Suppression("ada@example.net", T0 + 2, "operator", "manual", lanes=(Lane.NORMAL,),
-                         expires_at=T0 + 50, detail="asked by phone")  # fmt: skip
+    normal = Suppression("ada@example.net", T0 + 2, "unsubscribe", "unsubscribe",
+                         lanes=(Lane.NORMAL,), expires_at=T0 + 50,
+                         detail="second link")  # fmt: skip
     assert await store.add_suppression(normal)
     [entry] = await store.list_suppressions(limit=10)
     assert entry.lanes == (Lane.NORMAL, Lane.LOW)
-    assert (entry.reason, entry.detail, entry.expires_at) == ("manual", "asked by phone", T0 + 100)
+    assert (entry.reason, entry.detail, entry.expires_at) == (
+        "unsubscribe",
+        "second link",
+        T0 + 100,
+    )
     assert not await store.add_suppression(
-        Suppression("ada@example.net", T0 + 3, "operator", "manual", lanes=(Lane.LOW,))
+        Suppression("ada@example.net", T0 + 3, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,))
     )  # fewer lanes: nothing changes
     # every lane, for a while, after lanes for good: every lane, for good
     assert await store.add_suppression(
-        Suppression("ada@example.net", T0 + 4, "operator", "manual", expires_at=T0 + 60)
+        Suppression("ada@example.net", T0 + 4, "unsubscribe", "unsubscribe", expires_at=T0 + 60)
     )
     [entry] = await store.list_suppressions(limit=10)
     assert (entry.lanes, entry.expires_at) == (None, T0 + 100)
@@ -1480,8 +1486,14 @@ async def test_an_entry_for_more_lanes_widens_the_one_in_its_scope(store: Any) -
         Suppression("ada@example.net", T0 + 5, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,))
     )
     [entry] = await store.list_suppressions(limit=10)
-    assert (entry.lanes, entry.reason) == (None, "manual")
+    assert entry.lanes is None
+    # an operator's entry beside it is another entry, and so are its lanes
+    manual = Suppression("ada@example.net", T0 + 6, "operator", "manual", lanes=(Lane.LOW,))
+    assert await store.add_suppression(manual)
+    listed = {s.reason: s for s in await store.list_suppressions(limit=10)}
+    assert (listed["manual"].lanes, listed["unsubscribe"].lanes) == ((Lane.LOW,), None)
     # an expired entry is replaced as it was, lanes and all
+    assert await store.remove_suppression("ada@example.net", reason="manual")
     assert await store.add_suppression(
         Suppression("ada@example.net", T0 + 200, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,))
     )
@@ -1489,9 +1501,13 @@ async def test_an_entry_for_more_lanes_widens_the_one_in_its_scope(store: Any) -
     assert (entry.lanes, entry.expires_at, entry.reason) == ((Lane.LOW,), None, "unsubscribe")
 
 
-async def test_a_hard_bounce_after_an_unsubscribe_stops_every_lane(store: Any) -> None:
+async def test_a_hard_bounce_after_an_unsubscribe_stops_every_lane_and_leaves_it(
+    store: Any,
+) -> None:
     """A hard-bounced address must get no more mail of any lane, though an unsubscribe from
-    bulk mail got to its scope first."""
+    bulk mail got to its scope first; and removing the bounce (a mistake) leaves the
+    unsubscribe. (The bounce used to widen the unsubscribe's entry and take its reason:
+    removing it sent the recipient the bulk mail they had unsubscribed from.)"""
     await store.add_suppression(
         Suppression("ada@example.net", T0, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,))
     )
@@ -1504,16 +1520,24 @@ async def test_a_hard_bounce_after_an_unsubscribe_stops_every_lane(store: Any) -
                  suppress=True)],
         T0 + 1,
     )  # fmt: skip
-    [entry] = await store.list_suppressions(limit=10)
-    assert (entry.reason, entry.lanes, entry.source, entry.queue_id) == (
-        "hard_bounce",
-        None,
-        "bounce",
-        reset.id,
-    )
+    listed = {s.reason: s for s in await store.list_suppressions(limit=10)}
+    assert sorted(listed) == ["hard_bounce", "unsubscribe"]
+    bounce = listed["hard_bounce"]
+    assert (bounce.lanes, bounce.source, bounce.queue_id) == (None, "bounce", reset.id)
+    assert listed["unsubscribe"].lanes == (Lane.LOW,)
     again = msg("ada@example.net", lane="high")
     await store.enqueue([again], T0 + 2)
     assert (await store.get_message(again.id)).state is RecipientState.SUPPRESSED
+    # the bounce was a mistake: lifted, the unsubscribe still stops the bulk lane only
+    assert await store.remove_suppression("ada@example.net", reason="hard_bounce")
+    assert not await store.remove_suppression("ada@example.net", reason="hard_bounce")
+    [left] = await store.list_suppressions(limit=10)
+    assert (left.reason, left.lanes) == ("unsubscribe", (Lane.LOW,))
+    stopped = await store.is_suppressed(["ada@example.net"], lane=Lane.LOW)
+    assert stopped == {"ada@example.net": True}
+    assert await store.is_suppressed(["ada@example.net"], lane=Lane.HIGH) == {
+        "ada@example.net": False
+    }
 
 
 async def test_an_unsubscribe_and_a_complaint_in_one_batch_stop_every_lane(store: Any) -> None:
@@ -1534,8 +1558,35 @@ async def test_an_unsubscribe_and_a_complaint_in_one_batch_stop_every_lane(store
                          suppression=("*", "complaint", None))  # fmt: skip
     results = await store.record_feedback([unsubscribe, complaint], T0 + 10)
     assert [r.changed for r in results] == [True, True]
-    [entry] = await store.list_suppressions(limit=10)
-    assert (entry.reason, entry.lanes) == ("complaint", None)
+    listed = {s.reason: s.lanes for s in await store.list_suppressions(limit=10)}
+    assert listed == {"complaint": None, "unsubscribe": (Lane.LOW,)}
+    assert await store.is_suppressed(["ada@example.net"], lane=Lane.HIGH) == {
+        "ada@example.net": True
+    }
+
+
+async def test_an_unsubscribe_after_a_hard_bounce_is_kept_on_its_own(store: Any) -> None:
+    """A recipient who unsubscribes after their address hard-bounced (a link in mail sent
+    before) asked something the bounce does not say: it is kept, so that removing the bounce
+    later leaves it. (It counted as a repeat of the bounce's entry for every lane.)"""
+    from postlane.feedback import Feedback, FeedbackKind
+
+    [ada] = await sent_message(store, "ada@example.net")
+    bounce = Suppression("ada@example.net", T0 + 1, "bounce", "hard_bounce")
+    assert await store.add_suppression(bounce)
+    unsubscribe = Feedback(
+        FeedbackKind.UNSUBSCRIBED,
+        ada.id,
+        T0 + 5,
+        "unsubscribe",
+        suppression=("*", "unsubscribe", None),
+        suppression_lanes=(Lane.LOW,),
+    )
+    [result] = await store.record_feedback([unsubscribe], T0 + 10)
+    assert result.changed
+    assert await store.remove_suppression("ada@example.net", reason="hard_bounce")
+    [left] = await store.list_suppressions(limit=10)
+    assert (left.reason, left.lanes) == ("unsubscribe", (Lane.LOW,))
 
 
 async def test_an_unsubscribe_for_more_lanes_is_no_repeat(store: Any) -> None:

@@ -11,6 +11,7 @@ from postlane.cli.context import config_option, json_option, limit_option, read_
 from postlane.cli.output import first_line, json_or_empty, listing, show
 from postlane.clock import when
 from postlane.errors import PostlaneError
+from postlane.records import SUPPRESSION_REASONS
 from postlane.toml_values import parse_duration
 
 
@@ -116,10 +117,16 @@ def _until(value: str | None) -> str | float | None:
 @config_option
 @click.argument("address")
 @click.option("--scope", metavar="DOMAIN", help="Only the entry for this sender domain (* too).")
-def suppress_remove(address: str, scope: str | None) -> None:
-    """Remove ADDRESS from the suppression list (in every scope, or --scope's): mail to it is
-    attempted again (dead letters to it are not requeued: `postlane dlq requeue`)."""
-    removed = with_app(lambda app: app.unsuppress(address, scope=scope))
+@click.option(
+    "--reason",
+    type=click.Choice(SUPPRESSION_REASONS),
+    help="Only the entry for this reason (a mistaken hard_bounce, keeping an unsubscribe).",
+)
+def suppress_remove(address: str, scope: str | None, reason: str | None) -> None:
+    """Remove ADDRESS from the suppression list (in every scope, or --scope's; for every
+    reason, or --reason's): mail to it is attempted again (dead letters to it are not
+    requeued: `postlane dlq requeue`)."""
+    removed = with_app(lambda app: app.unsuppress(address, scope=scope, reason=reason))
     if not removed:
         raise PostlaneError(f"{address} is not on the suppression list")
     click.echo(f"{address}: removed", err=True)

@@ -363,7 +363,9 @@ async def suppress(request: Request, session: Session) -> Response:
     address = str(form.get("address", "")).strip()
     scope = check_text(str(form.get("scope", "")).strip(), "scope") or None
     if str(form.get("remove", "")) == "1":
-        removed = await app.unsuppress(address, scope=scope)
+        # one row's entry: its scope and reason (an unsubscribe stays when a bounce goes)
+        reason = str(form.get("reason", "")).strip() or None
+        removed = await app.unsuppress(address, scope=scope, reason=reason)
         note = f"removed {address}" if removed else f"{address} was not on the list"
     else:
         reason = check_text(str(form.get("reason", "")).strip(), "reason") or None

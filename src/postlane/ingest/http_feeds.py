@@ -88,8 +88,12 @@ async def add_suppression(request: Request, caller: Caller) -> Response:
 
 async def remove_suppression(request: Request, caller: Caller) -> Response:
     address = request.path_params["address"]
+    unknown = sorted(set(request.query_params) - {"scope", "reason"})
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown parameter {unknown[0]!r}")
     scope = request.query_params.get("scope")
-    if not await context_of(request).postlane.unsuppress(address, scope=scope):
+    reason = request.query_params.get("reason")
+    if not await context_of(request).postlane.unsuppress(address, scope=scope, reason=reason):
         raise NotFound(f"{address} is not on the suppression list")
     return ApiJSON({"address": address, "removed": True})
 

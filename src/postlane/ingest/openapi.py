@@ -15,6 +15,7 @@ from typing import Any
 from postlane import __version__
 from postlane.classify import ReplyClass
 from postlane.message import Lane, RecipientState
+from postlane.records import SUPPRESSION_REASONS
 
 Schema = dict[str, Any]
 
@@ -680,10 +681,19 @@ def _suppression_paths() -> dict[str, Any]:
         },
         "/v1/suppressions/{address}": {
             "delete": _operation(
-                "Take an address off the suppression list (admin)",
+                "Take an address off the suppression list (admin): its entries of one scope and "
+                "one reason when given, else all",
                 {"200": _json_object("Removed")},
-                (401, 403, 404, 503),
-                parameters=[_path_parameter("address")],
+                (400, 401, 403, 404, 422, 503),
+                parameters=[
+                    _path_parameter("address"),
+                    {"name": "scope", "in": "query", "schema": _type("string")},
+                    {
+                        "name": "reason",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": list(SUPPRESSION_REASONS)},
+                    },
+                ],
             )
         },
     }

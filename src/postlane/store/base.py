@@ -403,20 +403,25 @@ class SuppressionStore(Protocol):
     async def list_suppressions(
         self, *, limit: int, after: SuppressionKey | None = None
     ) -> list[Suppression]:
-        """The list, newest first (then by address and scope; expired entries included: they
-        say when they ended): the first ``limit`` after the keyset ``after`` (None: from the
-        first)."""
+        """The list, newest first (then by address, scope and reason; expired entries
+        included: they say when they ended): the first ``limit`` after the keyset ``after``
+        (None: from the first)."""
         ...
 
     async def add_suppression(self, suppression: Suppression) -> bool:
-        """Add an entry; False when the address is already suppressed in that scope for those
-        lanes (the first entry wins, unless it has expired). An entry that stops lanes the one
-        in its scope does not (a hard bounce after an unsubscribe from bulk mail) widens it to
-        them, and to the later expiry of the two."""
+        """Add an entry; False when the address is already suppressed in that scope, for that
+        reason, for those lanes (the first entry wins, unless it has expired). Each reason is
+        an entry of its own (a hard bounce after an unsubscribe from bulk mail is a second
+        entry: removing it leaves the unsubscribe); one that stops lanes the entry of its
+        scope and reason does not (an unsubscribe from one kind of mail, then another) widens
+        it to them, and to the later expiry of the two."""
         ...
 
-    async def remove_suppression(self, address: str, scope: str | None = None) -> bool:
-        """Take an address off the list, in one scope or (None) in every scope."""
+    async def remove_suppression(
+        self, address: str, scope: str | None = None, reason: str | None = None
+    ) -> bool:
+        """Take an address off the list, in one scope or (None) in every scope, for one
+        reason or (None) every reason."""
         ...
 
     async def is_suppressed(

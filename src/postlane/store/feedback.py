@@ -133,9 +133,10 @@ class SQLFeedback(SQLRole):
 def _unsubscribed(
     items: Sequence[Feedback], current: dict[int, Row], now: float
 ) -> Plan[dict[tuple[str, str], frozenset[Lane] | None]]:
-    """The (address, scope) entries of the suppression list (active) that the batch's
+    """The (address, scope) unsubscribes on the suppression list (active) that the batch's
     unsubscribes would add to, with the lanes each stops: an unsubscribe whose lanes its entry
-    already stops is a repeat."""
+    already stops is a repeat. Entries for other reasons do not count: an unsubscribe after a
+    hard bounce is kept, so that removing the bounce (a mistake) leaves it."""
     addresses = sorted(
         {
             current[item.delivery_id]["address"].lower()
@@ -146,9 +147,10 @@ def _unsubscribed(
     if not addresses:
         return {}
     found = yield from fetch("suppressed_among", {"addresses": addresses, "now": now})
+    unsubscribes = [row for row in found if row["reason"] == "unsubscribe"]
     return {
         (address, scope): lanes
-        for address, scopes in rows.scopes_by_address(found).items()
+        for address, scopes in rows.scopes_by_address(unsubscribes).items()
         for scope, lanes in scopes.items()
     }
 

@@ -392,14 +392,15 @@ Listed = dict[str, frozenset[Lane] | None]
 
 
 def scopes_by_address(found: Sequence[Row]) -> dict[str, Listed]:
-    """Active suppressions (``suppressed_among`` rows) as address -> scope -> lanes (one
-    entry per address and scope: the primary key)."""
+    """Active suppressions (``suppressed_among`` rows) as address -> scope -> the lanes they
+    stop (the entries of an address and scope, one per reason, together: None when one stops
+    every lane)."""
     listed: dict[str, Listed] = {}
     for row in found:
         lanes = suppression_lanes(row["lanes"])
-        listed.setdefault(row["address"], {})[row["scope"]] = (
-            None if lanes is None else frozenset(lanes)
-        )
+        scopes = listed.setdefault(row["address"], {})
+        held = scopes.get(row["scope"], frozenset())
+        scopes[row["scope"]] = None if lanes is None or held is None else held.union(lanes)
     return listed
 
 

@@ -22,25 +22,37 @@ class SQLSuppressions(SQLRole):
         self, *, limit: int, after: SuppressionKey | None = None
     ) -> list[Suppression]:
         keyset = (
-            {"created_at": after.created_at, "address": after.address, "scope": after.scope}
+            {
+                "created_at": after.created_at,
+                "address": after.address,
+                "scope": after.scope,
+                "reason": after.reason,
+            }
             if after is not None
-            else {"created_at": None, "address": None, "scope": None}
+            else {"created_at": None, "address": None, "scope": None, "reason": None}
         )
         found = await self.db.read(lambda: fetch("suppressions", {**keyset, "limit": limit}))
         return [rows.suppression(row) for row in found]
 
     async def add_suppression(self, suppression: Suppression) -> bool:
-        """False when the address is already suppressed in that scope for those lanes (the
-        first entry wins unless it has expired; one for more lanes widens it)."""
+        """False when the address is already suppressed in that scope, for that reason, for
+        those lanes (the first entry wins unless it has expired; one for more lanes widens
+        it)."""
         params = [rows.suppression_params(suppression)]
         result = await self.db.write(lambda: batch("insert_suppression", params))
         return bool(result.rowcount)
 
-    async def remove_suppression(self, address: str, scope: str | None = None) -> bool:
-        """Take an address off the list, in one scope or (None) in all."""
-        params = {"address": address.lower(), "scope": scope.lower() if scope else None}
-        query = "delete_suppression" if scope is None else "delete_suppression_in_scope"
-        return bool(await self.db.write(lambda: execute(query, params)))
+    async def remove_suppression(
+        self, address: str, scope: str | None = None, reason: str | None = None
+    ) -> bool:
+        """Take an address off the list, in one scope or (None) in all, for one reason or
+        (None) all."""
+        params = {
+            "address": address.lower(),
+            "scope": scope.lower() if scope else None,
+            "reason": reason,
+        }
+        return bool(await self.db.write(lambda: execute("delete_suppression", params)))
 
     async def is_suppressed(
         self,

@@ -15,7 +15,7 @@ SELECT 1 AS found FROM suppressions LIMIT 1;
 -- name: suppressed_among
 -- Active suppressions of some lower-cased addresses, with their scopes and lanes (a NULL :now:
 -- any).
-SELECT address, scope, lanes FROM suppressions
+SELECT address, scope, reason, lanes FROM suppressions
 WHERE @any(address, addresses, text) AND coalesce(expires_at > :now, TRUE);
 
 -- name: insert_enqueue_events
@@ -124,7 +124,8 @@ SELECT DISTINCT d.queue_id FROM deliveries d
 WHERE @any(d.queue_id, candidates, text) AND d.id <= :after AND {selection};
 
 -- name: suppression_count
--- How many addresses are on the suppression list.
+-- How many entries the suppression list holds (an address may have several: a scope and a
+-- reason each).
 SELECT count(*) AS n FROM suppressions;
 
 -- name: dead_letters
@@ -413,22 +414,21 @@ SELECT destination, class, count(*) AS n FROM attempts WHERE at >= :since
 GROUP BY destination, class;
 
 -- name: suppressions
--- The suppression list, newest first, after the keyset (:created_at, :address, :scope) of a
--- page before (NULL: from the first).
+-- The suppression list, newest first, after the keyset (:created_at, :address, :scope,
+-- :reason) of a page before (NULL: from the first).
 SELECT address, scope, reason, created_at, expires_at, detail, source, code, enhanced, text,
        queue_id, lanes
 FROM suppressions
 WHERE coalesce(created_at < :created_at
-               OR (created_at = :created_at AND (address, scope) > (:address, :scope)), TRUE)
-ORDER BY created_at DESC, address, scope LIMIT :limit;
+               OR (created_at = :created_at
+                   AND (address, scope, reason) > (:address, :scope, :reason)), TRUE)
+ORDER BY created_at DESC, address, scope, reason LIMIT :limit;
 
 -- name: delete_suppression
--- Take an address off the suppression list, in every scope.
-DELETE FROM suppressions WHERE address = :address;
-
--- name: delete_suppression_in_scope
--- Take an address off the suppression list in one scope.
-DELETE FROM suppressions WHERE address = :address AND scope = :scope;
+-- Take an address off the suppression list: in one scope or (NULL) every scope, for one reason
+-- or (NULL) every reason.
+DELETE FROM suppressions
+WHERE address = :address AND coalesce(scope = :scope, TRUE) AND coalesce(reason = :reason, TRUE);
 
 -- name: purge_events
 -- Forget events older than their retention, but the newest: a reader caught up on a quiet

@@ -216,16 +216,17 @@ WHERE d.id = o.id AND d.state = 'sending' AND d.lease_owner = %(owner)s
 RETURNING d.id, d.queue_id, d.address, d.dead_since;
 
 -- name: insert_suppression
--- Add addresses to the suppression list in their scopes. The first entry wins, unless it
--- expired (then replaced) or the new one stops lanes it does not (a hard bounce, every lane,
--- after an unsubscribe from bulk mail): then it is widened to every lane (lanes NULL) or to
--- both's lanes, lasts as long as the longer of the two (stopping less, for less long, would
--- undo a recipient's unsubscribe or a bounce), and takes the new entry's reason, detail and
--- reply. An address twice in one batch (one statement may change a row once): its first row
--- for every lane if it has one, else its first row.
+-- Add addresses to the suppression list in their scopes, for their reasons (each reason an
+-- entry of its own: removing a mistaken hard bounce leaves the recipient's unsubscribe). The
+-- first entry wins, unless it expired (then replaced) or the new one, for the same reason,
+-- stops lanes it does not (an unsubscribe from one kind of mail, then from another): then it is
+-- widened to every lane (lanes NULL) or to both's lanes, lasts as long as the longer of the two
+-- (stopping less, for less long, would undo what the recipient asked), and takes the new one's
+-- detail and reply. An entry twice in one batch (one statement may change a row once): its
+-- first row for every lane if it has one, else its first row.
 INSERT INTO suppressions (address, scope, reason, created_at, expires_at, detail, source, code,
                           enhanced, text, queue_id, lanes)
-SELECT DISTINCT ON (address, scope) address, scope, reason, created_at, expires_at, detail,
+SELECT DISTINCT ON (address, scope, reason) address, scope, reason, created_at, expires_at, detail,
        source, code, enhanced, text, queue_id, lanes::jsonb
 FROM unnest(%(address)s::text[], %(scope)s::text[], %(reason)s::text[],
             %(created_at)s::float8[], %(expires_at)s::float8[], %(detail)s::text[],
@@ -233,9 +234,9 @@ FROM unnest(%(address)s::text[], %(scope)s::text[], %(reason)s::text[],
             %(queue_id)s::text[], %(lanes)s::text[]) WITH ORDINALITY
      AS s (address, scope, reason, created_at, expires_at, detail, source, code, enhanced,
            text, queue_id, lanes, n)
-ORDER BY address, scope, lanes IS NOT NULL, n
-ON CONFLICT (address, scope) DO UPDATE
-SET reason = excluded.reason, created_at = excluded.created_at,
+ORDER BY address, scope, reason, lanes IS NOT NULL, n
+ON CONFLICT (address, scope, reason) DO UPDATE
+SET created_at = excluded.created_at,
     expires_at = CASE
         WHEN suppressions.expires_at <= excluded.created_at THEN excluded.expires_at
         WHEN suppressions.expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL

@@ -84,17 +84,19 @@ WHERE id = :id AND state = 'sending' AND lease_owner = :owner
 RETURNING id, queue_id, address, dead_since;
 
 -- name: insert_suppression
--- Add an address to the suppression list in a scope. The first entry wins, unless it expired
--- (then replaced) or the new one stops lanes it does not (a hard bounce, every lane, after an
--- unsubscribe from bulk mail): then it is widened to every lane (lanes NULL) or to both's
--- lanes, lasts as long as the longer of the two (stopping less, for less long, would undo a
--- recipient's unsubscribe or a bounce), and takes the new entry's reason, detail and reply.
+-- Add an address to the suppression list in a scope, for a reason (each reason an entry of its
+-- own: removing a mistaken hard bounce leaves the recipient's unsubscribe). The first entry
+-- wins, unless it expired (then replaced) or the new one, for the same reason, stops lanes it
+-- does not (an unsubscribe from one kind of mail, then from another): then it is widened to
+-- every lane (lanes NULL) or to both's lanes, lasts as long as the longer of the two (stopping
+-- less, for less long, would undo what the recipient asked), and takes the new one's detail
+-- and reply.
 INSERT INTO suppressions (address, scope, reason, created_at, expires_at, detail, source, code,
                           enhanced, text, queue_id, lanes)
 VALUES (:address, :scope, :reason, :created_at, :expires_at, :detail, :source, :code, :enhanced,
         :text, :queue_id, :lanes)
-ON CONFLICT (address, scope) DO UPDATE
-SET reason = excluded.reason, created_at = excluded.created_at,
+ON CONFLICT (address, scope, reason) DO UPDATE
+SET created_at = excluded.created_at,
     expires_at = CASE
         WHEN suppressions.expires_at <= excluded.created_at THEN excluded.expires_at
         WHEN suppressions.expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL
