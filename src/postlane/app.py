@@ -533,25 +533,30 @@ class AsyncPostlane:
         lifted: list[str] = []
         changed = 0
         async for ids in self._delivery_ids(selector, states, slice_size):
-            for address in await self._suppressed_among(ids):
-                if await self.store.remove_suppression(address):
-                    lifted.append(address)
-                    if unsuppressed is not None:
-                        unsuppressed(address)
+            # only the entries that stop these letters: an unsubscribe from the bulk lane
+            # stays when a password reset's mistaken bounce is lifted
+            for address in await self.store.lift_suppressions(await self._suppressed_mail(ids)):
+                lifted.append(address)
+                if unsuppressed is not None:
+                    unsuppressed(address)
             changed += await self._apply(QueueAction.REQUEUE, ids, states)
             if progress is not None:
                 progress(changed)
         return Requeued(changed, tuple(lifted))
 
-    async def _suppressed_among(self, delivery_ids: Sequence[int]) -> list[str]:
-        """The addresses on the suppression list among these dead letters."""
+    async def _suppressed_mail(self, delivery_ids: Sequence[int]) -> list[tuple[str, Lane]]:
+        """The (address, lane) of those among these dead letters the suppression list stops."""
         letters = await self.store.list_dead(
             Selector(delivery_ids=tuple(delivery_ids)), limit=len(delivery_ids)
         )
         # an entry for some lanes (an unsubscribe from bulk mail) stops only their mail: a
         # dead letter of another lane is requeued as it is, and its entry left alone
         stopped = await self.store.suppressed_mail([(d.address, "", d.lane) for d in letters])
-        return sorted({d.address for d, hit in zip(letters, stopped, strict=True) if hit})
+        return [(d.address, d.lane) for d, hit in zip(letters, stopped, strict=True) if hit]
+
+    async def _suppressed_among(self, delivery_ids: Sequence[int]) -> list[str]:
+        """The addresses on the suppression list among these dead letters."""
+        return sorted({address for address, _lane in await self._suppressed_mail(delivery_ids)})
 
     async def suppressed_dead_letters(
         self, selector: Selector, *, slice_size: int = 500

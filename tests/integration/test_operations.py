@@ -945,6 +945,28 @@ async def test_a_requeue_is_refused_only_for_an_entry_that_stops_the_dead_letter
         assert (kept.address, kept.lanes) == ("bounce2@example.net", (Lane.LOW,))
 
 
+async def test_a_requeue_that_lifts_a_bounce_leaves_the_recipients_unsubscribe(
+    queue: tuple[Config, dict[str, str]],
+) -> None:
+    """The 3 a.m. case: a wave of mistaken hard bounces, requeued with --unsuppress. Each
+    address's bounce is lifted; its unsubscribe from the bulk lane stays (it was removed with
+    the bounce: the recipient got the newsletters they had left)."""
+    from postlane.app import Requeued
+
+    config, _ids = queue
+    async with AsyncPostlane(config) as app:
+        await app.suppress("bounce1@example.net", reason="unsubscribe", lanes=["low"])
+        await app.suppress("bounce1@example.net", reason="hard_bounce")
+        done = await app.requeue(Selector(all=True), unsuppress=True)
+        assert done == Requeued(2, ("bounce1@example.net",))
+        [kept] = await app.suppressions()
+        assert (kept.address, kept.reason, kept.lanes) == (
+            "bounce1@example.net",
+            "unsubscribe",
+            (Lane.LOW,),
+        )
+
+
 # -- export files (audit 8) and CLI polish (new user's item 10) ---------------------------------
 
 

@@ -1565,6 +1565,34 @@ async def test_an_unsubscribe_and_a_complaint_in_one_batch_stop_every_lane(store
     }
 
 
+async def test_lifting_suppressions_removes_only_the_entries_that_stop_the_mail(
+    store: Any,
+) -> None:
+    """A requeue's lift: the entries for every sender that stop each (address, lane); an
+    unsubscribe from another lane and an entry for one sender domain stay."""
+    for entry in (
+        Suppression("ada@example.net", T0, "bounce", "hard_bounce"),
+        Suppression("ada@example.net", T0, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,)),
+        Suppression("ada@example.net", T0, "arf", "complaint", scope="shop.example"),
+        Suppression("bob@example.net", T0, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,)),
+        Suppression("cy@example.net", T0, "operator", "manual", lanes=(Lane.LOW,)),
+    ):
+        assert await store.add_suppression(entry)
+    mail = [
+        ("Ada@example.net", Lane.NORMAL),
+        ("bob@example.net", Lane.NORMAL),
+        ("cy@example.net", Lane.LOW),
+    ]
+    assert await store.lift_suppressions(mail) == ["ada@example.net", "cy@example.net"]
+    left = sorted((s.address, s.scope, s.reason) for s in await store.list_suppressions(limit=10))
+    assert left == [
+        ("ada@example.net", "*", "unsubscribe"),
+        ("ada@example.net", "shop.example", "complaint"),
+        ("bob@example.net", "*", "unsubscribe"),
+    ]
+    assert await store.lift_suppressions([("dan@example.net", Lane.HIGH)]) == []
+
+
 async def test_an_unsubscribe_after_a_hard_bounce_is_kept_on_its_own(store: Any) -> None:
     """A recipient who unsubscribes after their address hard-bounced (a link in mail sent
     before) asked something the bounce does not say: it is kept, so that removing the bounce

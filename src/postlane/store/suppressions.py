@@ -12,7 +12,7 @@ from postlane.cursors import SuppressionKey
 from postlane.message import Lane
 from postlane.records import Suppression
 from postlane.store import rows
-from postlane.store.plans import SQLRole, batch, execute, fetch
+from postlane.store.plans import Plan, SQLRole, batch, execute, fetch
 
 
 class SQLSuppressions(SQLRole):
@@ -53,6 +53,34 @@ class SQLSuppressions(SQLRole):
             "reason": reason,
         }
         return bool(await self.db.write(lambda: execute("delete_suppression", params)))
+
+    async def lift_suppressions(self, mail: Sequence[tuple[str, Lane]]) -> list[str]:
+        """Remove the entries for every sender that stop mail of ``lane`` to ``address``, for
+        each ``(address, lane)``; the others stay (an unsubscribe from the bulk lane, when a
+        dead letter of another lane is requeued). Returns the addresses that had some, in
+        order (one transaction)."""
+        addresses = sorted({address.lower() for address, _lane in mail})
+        lanes_of: dict[str, set[Lane]] = {}
+        for address, lane in mail:
+            lanes_of.setdefault(address.lower(), set()).add(lane)
+
+        def run() -> Plan[list[str]]:
+            found = yield from fetch("suppressed_among", {"addresses": addresses, "now": None})
+            lifted: list[str] = []
+            for row in found:
+                lanes = rows.suppression_lanes(row["lanes"])
+                held = None if lanes is None else frozenset(lanes)
+                if row["scope"] != "*" or not any(
+                    rows.stops(held, lane) for lane in lanes_of[row["address"]]
+                ):
+                    continue
+                key = {"address": row["address"], "scope": "*", "reason": row["reason"]}
+                yield from execute("delete_suppression", key)
+                if row["address"] not in lifted:
+                    lifted.append(row["address"])
+            return sorted(lifted)
+
+        return await self.db.write(run)
 
     async def is_suppressed(
         self,
