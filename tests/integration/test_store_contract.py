@@ -1540,20 +1540,27 @@ async def test_a_hard_bounce_after_an_unsubscribe_stops_every_lane_and_leaves_it
     }
 
 
+def low_lane_unsubscribe(delivery_id: int, at: float) -> Any:
+    """A one-click unsubscribe from the low lane's mail, for every sender."""
+    from postlane.feedback import Feedback, FeedbackKind
+
+    return Feedback(
+        FeedbackKind.UNSUBSCRIBED,
+        delivery_id,
+        at,
+        "unsubscribe",
+        suppression=("*", "unsubscribe", None),
+        suppression_lanes=(Lane.LOW,),
+    )
+
+
 async def test_an_unsubscribe_and_a_complaint_in_one_batch_stop_every_lane(store: Any) -> None:
     """One statement writes a batch's entries (PostgreSQL can change a row once in it): the
     one for every lane wins there too, as one after the other would."""
     from postlane.feedback import Feedback, FeedbackKind
 
     [ada] = await sent_message(store, "ada@example.net")
-    unsubscribe = Feedback(
-        FeedbackKind.UNSUBSCRIBED,
-        ada.id,
-        T0 + 5,
-        "unsubscribe",
-        suppression=("*", "unsubscribe", None),
-        suppression_lanes=(Lane.LOW,),
-    )
+    unsubscribe = low_lane_unsubscribe(ada.id, T0 + 5)
     complaint = Feedback(FeedbackKind.COMPLAINED, ada.id, T0 + 6, "arf",
                          suppression=("*", "complaint", None))  # fmt: skip
     results = await store.record_feedback([unsubscribe, complaint], T0 + 10)
@@ -1597,20 +1604,10 @@ async def test_an_unsubscribe_after_a_hard_bounce_is_kept_on_its_own(store: Any)
     """A recipient who unsubscribes after their address hard-bounced (a link in mail sent
     before) asked something the bounce does not say: it is kept, so that removing the bounce
     later leaves it. (It counted as a repeat of the bounce's entry for every lane.)"""
-    from postlane.feedback import Feedback, FeedbackKind
-
     [ada] = await sent_message(store, "ada@example.net")
     bounce = Suppression("ada@example.net", T0 + 1, "bounce", "hard_bounce")
     assert await store.add_suppression(bounce)
-    unsubscribe = Feedback(
-        FeedbackKind.UNSUBSCRIBED,
-        ada.id,
-        T0 + 5,
-        "unsubscribe",
-        suppression=("*", "unsubscribe", None),
-        suppression_lanes=(Lane.LOW,),
-    )
-    [result] = await store.record_feedback([unsubscribe], T0 + 10)
+    [result] = await store.record_feedback([low_lane_unsubscribe(ada.id, T0 + 5)], T0 + 10)
     assert result.changed
     assert await store.remove_suppression("ada@example.net", reason="hard_bounce")
     [left] = await store.list_suppressions(limit=10)
