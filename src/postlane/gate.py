@@ -138,6 +138,13 @@ class ThrottleGate:
             message.lane.value, message.sender, delivery.domain
         )
 
+    def held_by(self, message: ClaimedMessage, delivery: Delivery) -> ReplyClass | None:
+        """The class of the trouble that has ``delivery``'s relay or destination paused (or
+        probing after a pause): what kept it from going (None: nothing)."""
+        relay = self.relay_for(message, delivery)
+        held = self.throttle.held_by(relay) if relay is not None else None
+        return held or self.throttle.held_by(delivery.destination)
+
     def feedback_key(self, message: ClaimedMessage, delivery: Delivery) -> str:
         """Whose limits a slow-down or a connection failure speaks about: the relay's when
         relaying (the relay answered), else the destination's."""

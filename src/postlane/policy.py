@@ -80,9 +80,12 @@ class Decision:
         )
 
 
-def untried(delivery: Delivery, state: RecipientState, reason: str) -> Outcome:
+def untried(
+    delivery: Delivery, state: RecipientState, reason: str, cls: ReplyClass | None = None
+) -> Outcome:
     """``delivery``'s new state when it gets no try (dead-lettered past its limits, or on the
-    suppression list): its counts stay, and its last real reply stays its last response."""
+    suppression list): its counts stay, and its last real reply stays its last response;
+    ``cls``: the class it is recorded under (None: its last reply's)."""
     return Outcome(
         delivery_id=delivery.id,
         state=state,
@@ -91,6 +94,7 @@ def untried(delivery: Delivery, state: RecipientState, reason: str) -> Outcome:
         next_attempt_at=None,
         attempt=None,
         reason=reason,
+        cls=cls,
     )
 
 

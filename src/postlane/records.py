@@ -142,6 +142,10 @@ class Outcome:
     #: the event this change is told as, when not the state's own (``expired`` for a dead
     #: letter whose time ran out)
     event: str | None = None
+    #: without an attempt: the class it is recorded under (a dead letter's, and its event's),
+    #: e.g. ``connection`` for one that expired while its relay was paused (None: its last
+    #: reply's stays)
+    cls: ReplyClass | None = None
 
 
 # -- read side -----------------------------------------------------------------------------------

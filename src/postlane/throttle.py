@@ -57,6 +57,8 @@ from postlane.records import DestinationStatus, FleetShares
 LIFTED = "lifted by an operator"
 #: how the reason of a pause for a misconfiguration begins (alerts and metrics look for it)
 MISCONFIGURED = "misconfigured: "
+#: how a shaping rule's pause begins its reason
+SHAPING_PAUSE = "shaping rule "
 #: a shaping rule or a slow-down never acts on one destination more than once per this
 DECREASE_INTERVAL = 1.0
 #: deliveries sent back to wait are given slots at most this far ahead
@@ -437,6 +439,18 @@ class Throttle:
             state.fleet_probe = None
             self.news = True
 
+    def held_by(self, key: str) -> ReplyClass | None:
+        """The class of the trouble that paused ``key``, while the pause or the probe after it
+        lasts (None: not paused): ``throttled`` for a shaping rule's pause, else
+        ``connection`` (connection failures, a misconfiguration; another process's pause
+        adopted too, said by its reason)."""
+        state = self._destinations.get(key)
+        if state is None or state.paused_until is None:
+            return None
+        if (state.reason or "").startswith(SHAPING_PAUSE):
+            return ReplyClass.THROTTLED
+        return ReplyClass.CONNECTION
+
     # -- the fleet's probe after a pause ---------------------------------------------------------
 
     def probe_granted(self, key: str, pause_end: float) -> None:
@@ -572,7 +586,7 @@ class Throttle:
             hits.clear()
             what = rule.match or rule.enhanced
             if rule.action == "pause":
-                self._pause(state, now, f"shaping rule {number + 1} ({what})", rule.duration)
+                self._pause(state, now, f"{SHAPING_PAUSE}{number + 1} ({what})", rule.duration)
             else:
                 self._hold(state, now, rule, f"shaping rule {number + 1} ({what})")
 

@@ -478,9 +478,13 @@ class Worker:
             if refusal is None:
                 alive.append(delivery)
                 continue
-            outcomes.append(untried(delivery, RecipientState.DEAD, refusal))
-            # counted under its last reply's class, as its dead letter shows it
-            self.observer.dead_without_try(delivery.last_class or ReplyClass.TEMPORARY)
+            # under its last reply's class, or that of the trouble that held it back (a relay
+            # paused for connection failures: 'dlq requeue --class connection' after the
+            # outage takes it with those that were tried), as its dead letter shows it
+            cls = delivery.last_class or self.gate.held_by(message, delivery)
+            outcomes.append(untried(delivery, RecipientState.DEAD, refusal, cls))
+            self.observer.dead_without_try(cls or ReplyClass.TEMPORARY)
+            _log_expiry(message, delivery, refusal, cls, self.log_recipients)
         try:
             clearance = await self.gate.admit(message, alive, now)
         finally:
@@ -760,6 +764,39 @@ def _log_attempt(
             "decision": decision.action.value,
             "lane": message.lane.value,
             "reply": reply,
+        },
+    )
+
+
+def _log_expiry(
+    message: ClaimedMessage,
+    delivery: Delivery,
+    refusal: str,
+    cls: ReplyClass | None,
+    recipients: str = "none",
+) -> None:
+    """One line for a delivery dead-lettered without a try (its time or its tries ran out
+    while it waited), as an attempt's line says a dead letter: an operator reading the log
+    sees every recipient that went to the dead letters."""
+    recipient = logged_recipient(delivery.address, recipients)
+    attempt_log.warning(
+        "expired id=%s domain=%s%s destination=%s class=%s next=dead reason=%s",
+        message.queue_id,
+        delivery.domain,
+        f" recipient={recipient}" if recipient else "",
+        delivery.destination,
+        cls.value if cls else "-",
+        json.dumps(refusal),
+        extra={
+            "event": "expired",
+            "id": message.queue_id,
+            "domain": delivery.domain,
+            **({"recipient": recipient} if recipient else {}),
+            "destination": delivery.destination,
+            "class": cls.value if cls else None,
+            "decision": "dead",
+            "lane": message.lane.value,
+            "reason": refusal,
         },
     )
 

@@ -5,6 +5,7 @@ one down; a relay's connections carry no more messages than its destination allo
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -298,6 +299,42 @@ async def test_stats_the_api_and_metrics_show_a_slowed_down_and_a_paused_destina
     assert gauge(metrics, "postlane_destination_paused", "slow.example") == 0
     assert gauge(metrics, "postlane_destination_rate", "down.example") == math.inf
     assert gauge(metrics, "postlane_destination_paused", "down.example") == 1
+
+
+async def test_mail_that_expires_while_its_relay_is_paused_is_a_connection_dead_letter(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's audit: with the relay down, the recipients the pause held back expired
+    untried and were dead letters of class ``temporary`` (their events' class null), with no
+    log line: after the outage, 'dlq requeue --class connection' took 4 of 10. Now each is a
+    ``connection`` dead letter, its ``dead`` event says so, and the log has a line for it."""
+    config = make_config(
+        tmp_path,
+        delivery={"concurrency": 1, "batch_size": 1, "connect_timeout": "1s"},
+        throttle={"pause_after": 3, "pause": "30s"},
+        retry={"delays": ["5s"], "max_age": "15s"},
+    )
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send_many(
+            [Message(sender="a@example.com", to=[f"r{i}@example.net"], text="x") for i in range(10)]
+        )
+        worker = Worker.from_config(config, app.store, relay(free_port(), config), clock=clock)
+        await worker.run_until_idle()  # three refused connections pause the relay for 30 s
+        tried = [m for m in await app.messages() if m.recipients[0].last_response is not None]
+        assert len(tried) == 3  # the other seven never reached the relay
+        await clock.advance(31)  # the pause is over; every recipient is past its 15 s
+        with caplog.at_level(logging.INFO, logger="postlane.attempts"):
+            await worker.run_until_idle()
+        await worker.transport.close()
+        letters = await app.dead_letters()
+        assert len(letters) == 10
+        assert {letter.cls for letter in letters} == {ReplyClass.CONNECTION}
+        assert len(await app.dead_letters(Selector(classes=(ReplyClass.CONNECTION,)))) == 10
+        dead = (await app.events(types=["dead"], limit=100)).events
+        assert len(dead) == 10 and {e.cls for e in dead} == {ReplyClass.CONNECTION}
+    expired = [r for r in caplog.records if r.getMessage().startswith("expired id=")]
+    assert len(expired) == 10
+    assert all("class=connection next=dead" in r.getMessage() for r in expired)
 
 
 def gauge(text: str, name: str, destination: str) -> float:

@@ -289,7 +289,7 @@ def outcome_event(outcome: Outcome, now: float) -> dict[str, Any]:
         "type": outcome.event or EVENT_OF_STATE[outcome.state],
         "at": a.at if a else now,
         "delivery_id": outcome.delivery_id,
-        "class": a.cls.value if a else None,
+        "class": a.cls.value if a else (outcome.cls.value if outcome.cls else None),
         "code": a.code if a else None,
         "enhanced": a.enhanced if a else None,
         "text": a.text if a else outcome.reason,
@@ -308,7 +308,7 @@ def outcome_params(outcome: Outcome) -> dict[str, Any]:
         "code": a.code if a else None,
         "enhanced": a.enhanced if a else None,
         "text": a.text if a else None,
-        "class": a.cls.value if a else None,
+        "class": a.cls.value if a else (outcome.cls.value if outcome.cls else None),
         "reason": outcome.reason,
     }
 
