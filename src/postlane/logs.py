@@ -52,3 +52,41 @@ def setup_logging(settings: LogConfig, *, debug: bool = False) -> None:
         for noisy in _NOISY:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("postlane.attempts").disabled = not settings.attempts
+
+
+class OutageLog:
+    """The lines of a task that keeps failing while the store cannot answer: the first failure
+    at once, then one line a minute saying how many more, and one when it works again. (A
+    store that could not be written made two warnings a second for as long as it lasted.)"""
+
+    INTERVAL = 60.0
+
+    def __init__(self, logger: logging.Logger, what: str, clock: Any = None) -> None:
+        import time
+
+        self._logger = logger
+        self._what = what
+        self._clock = clock or time.monotonic
+        self._since: float | None = None
+        self._logged_at = 0.0
+        self._unlogged = 0
+
+    def failed(self, error: object) -> None:
+        now = self._clock()
+        if self._since is None:
+            self._since = now
+        elif now - self._logged_at < self.INTERVAL:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more time(s) since the last line)" if self._unlogged else ""
+        self._logger.warning("%s: the store cannot answer: %s%s", self._what, error, more)
+        self._logged_at = now
+        self._unlogged = 0
+
+    def answered(self) -> None:
+        if self._since is None:
+            return
+        lasted = self._clock() - self._since
+        self._logger.warning("%s: the store answers again (after %.0f s)", self._what, lasted)
+        self._since = None
+        self._unlogged = 0

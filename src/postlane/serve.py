@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 from postlane.app import AsyncPostlane
 from postlane.clock import Clock
 from postlane.config import Config, format_duration
+from postlane.errors import StoreUnavailable
 from postlane.ingest.door import FrontDoor
+from postlane.logs import OutageLog
 from postlane.transports import delivery_transport
 from postlane.transports.base import Transport
 from postlane.worker import Worker
@@ -82,9 +84,13 @@ async def _monitor(
 
     monitor = AlertMonitor.from_config(app, config)
     log.info("alerts: evaluating the rules every %s", format_duration(config.alerts.interval))
+    outage = OutageLog(log, "alerts not evaluated")
     while not stop.is_set():
         try:
             await monitor.run_once(app.clock.now())
+            outage.answered()
+        except StoreUnavailable as exc:  # one line, not a traceback: /readyz says it too
+            outage.failed(exc)
         except Exception:
             log.exception("alert evaluation failed")
         if metrics is not None:

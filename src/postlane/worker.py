@@ -35,6 +35,7 @@ from postlane.errors import StoreUnavailable
 from postlane.gate import ThrottleGate
 from postlane.lanes import HighDemand, LaneScheduler
 from postlane.leases import ClockWatch, clock_skew, lease_owner_id, owner_is_dead
+from postlane.logs import OutageLog
 from postlane.message import Lane, RecipientState
 from postlane.policy import Action, Decision, Policy, untried
 from postlane.recorder import Recorder
@@ -619,6 +620,7 @@ class Worker:
         last_purge = 0.0
         reap_from = 0.0  # (monotonic) see REAP_AFTER_OUTAGE
         clock = ClockWatch()
+        outage = OutageLog(log, "housekeeping")
         while not stop.is_set():
             try:
                 if time.monotonic() >= reap_from:
@@ -631,8 +633,9 @@ class Worker:
                 if time.monotonic() - last_purge > PURGE_INTERVAL:
                     last_purge = time.monotonic()
                     await self._purge()
+                outage.answered()
             except StoreUnavailable as exc:  # said in one line: the claims say it too
-                log.warning("housekeeping: the store cannot answer: %s", exc)
+                outage.failed(exc)
                 reap_from = time.monotonic() + REAP_AFTER_OUTAGE
             except Exception:
                 log.exception("housekeeping failed")
@@ -651,13 +654,15 @@ class Worker:
         another process or an operator. So a pause one worker learns stops the fleet within
         moments, and a flush starts it again as soon."""
         interval = self._housekeeping_interval()
+        outage = OutageLog(log, "destinations' limits not synced")
         while not stop.is_set():
             try:
                 await self.sync_throttle()
+                outage.answered()
                 if await self.gate.wait_for_news(interval):
                     self.wake.set()  # a lift may have made mail due: claim again
             except StoreUnavailable as exc:
-                log.warning("could not sync destinations' limits: %s", exc)
+                outage.failed(exc)
                 await first_of(stop.wait(), timeout=interval)
             except Exception:
                 log.exception("could not sync destinations' limits with the store")
