@@ -663,6 +663,12 @@ def _text_part(text: str, subtype: str) -> MIMEText:
     return MIMEText(text, subtype, "us-ascii" if plain else _UTF8)  # type: ignore[arg-type]
 
 
+#: the containers an attachment cannot be: it is sent base64-encoded, and RFC 2046 5.1 and 5.2
+#: allow neither a multipart body (its parts need a boundary) nor these message bodies (only
+#: 7bit, 8bit or binary) so encoded; message/global may be (RFC 6532 3.7)
+_NOT_ATTACHABLE = re.compile(r"multipart/.*|message/(?!global$).*", re.IGNORECASE)
+
+
 def _attachment_part(attachment: Attachment) -> MIMEBase:
     if not isinstance(attachment, Attachment):
         raise ValidationError(
@@ -683,6 +689,14 @@ def _attachment_part(attachment: Attachment) -> MIMEBase:
     if not maintype or not subtype or not _HEADER_NAME.fullmatch(maintype + subtype):
         raise ValidationError(
             f"attachment {filename!r}: content type {content_type!r} is not type/subtype",
+            field="attachments",
+        )
+    if _NOT_ATTACHABLE.fullmatch(content_type):
+        raise ValidationError(
+            f"attachment {filename!r}: content type {content_type} cannot be an attachment: "
+            "attachments are sent base64-encoded, which MIME forbids for multipart/* and "
+            "message/* (message/global aside); attach each part on its own or the whole as "
+            "application/octet-stream, or send a complete message as raw",
             field="attachments",
         )
     if not isinstance(attachment.content, bytes | bytearray):

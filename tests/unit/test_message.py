@@ -509,3 +509,23 @@ def test_issue_17_7_a_message_needs_a_non_empty_body(
 def test_issue_17_7_an_empty_text_beside_html_is_no_plain_part() -> None:
     parsed = render(sender="a@example.com", to=["b@example.net"], text="", html="<p>hi</p>")
     assert parsed.get_content_type() == "text/html"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["multipart/mixed", "MULTIPART/ALTERNATIVE", "message/rfc822", "message/partial"],
+)
+def test_an_attachment_cannot_be_a_multipart_or_a_message_other_than_message_global(
+    content_type: str,
+) -> None:
+    """An attachment is sent base64-encoded: a multipart so sent has no boundary, and RFC 2046
+    5.2 allows message/rfc822 (and the other message types but RFC 6532's message/global)
+    only 7bit, 8bit or binary."""
+    fields = {"sender": "a@example.com", "to": ["b@example.net"], "text": "see attached"}
+    attached = Attachment("part.bin", b"Content-Type: text/plain\r\n\r\nhi\r\n", content_type)
+    with pytest.raises(ValidationError, match="cannot be an attachment") as refused:
+        prepare(Message(**fields, attachments=[attached]), max_size=LIMIT)  # type: ignore[arg-type]
+    assert refused.value.field == "attachments"
+    fine = dataclasses.replace(attached, content_type="message/global")
+    parsed = render(**fields, attachments=[fine])
+    assert [part.get_content_type() for part in parsed.iter_attachments()] == ["message/global"]
