@@ -183,3 +183,16 @@ def test_several_addresses_where_one_goes_are_told_apart_from_a_bad_one() -> Non
     with pytest.raises(ValidationError) as missing:
         parse_address("", "from")
     assert missing.value.message == "from is missing: give an address (app@example.com)"
+
+
+def test_a_long_address_is_repeated_cut_in_its_refusal() -> None:
+    """A refusal repeats the address to its 100th character, then an ellipsis: the reason
+    after it stays in view (and an SMTP reply within its 512 octets)."""
+    with pytest.raises(ValidationError) as refused:
+        parse_address("x" * 5000, "to")
+    message = refused.value.message
+    assert message.startswith("to '" + "x" * 100 + "...' is not a valid address: ")
+    assert len(message) < 300
+    with pytest.raises(ValidationError) as refused:
+        parse_address("it's " + "y" * 200, "to")  # repr quotes it with "
+    assert "\"it's " + "y" * 95 + '..."' in refused.value.message
