@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 
+#: RFC 5321 4.5.3.1.1: a local part is at most 64 octets (email-validator checks it only in its
+#: strict mode); counted in the normal form, as sent in RCPT TO, in UTF-8 for SMTPUTF8
+MAX_LOCAL_PART = 64
 #: an address an error repeats is cut to this many characters: an SMTP reply line holds 512
 #: octets (RFC 5321 4.5.3.1.5), and a refusal need not repeat a megabyte of input
 SHOWN_ADDRESS = 100
@@ -160,6 +163,12 @@ def _validated(value: str) -> Mailbox | str:
         )
     except EmailNotValidError as exc:
         return str(exc)
+    octets = len(valid.local_part.encode("utf-8"))
+    if octets > MAX_LOCAL_PART:
+        return (
+            f"the part before the @ is {octets} octets; RFC 5321 4.5.3.1.1 allows at most "
+            f"{MAX_LOCAL_PART}"
+        )
     # a literal comes normalised ("[IPv6:" and the address compressed); a name in ASCII form
     written = valid.ascii_domain or valid.domain
     domain = written.lower()

@@ -994,3 +994,17 @@ async def test_a_long_bad_address_is_repeated_cut_and_the_reason_still_said(
     assert code == 554 and _reply_line_octets(code, text) <= 512, text
     assert b"x" * 100 + b"...'" in text and b"is not a valid address: " in text
     assert b"too long" in text or b"RFC 5321 4.5.3.1.1" in text, text
+
+
+async def test_a_local_part_over_64_octets_is_refused_at_rcpt(trusted: Listener) -> None:
+    """RFC 5321 4.5.3.1.1: a local part is at most 64 octets."""
+
+    def submit() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10) as s:
+            s.ehlo()
+            s.mail("app@example.com")
+            return s.rcpt("a" * 64 + "@example.net"), s.rcpt("a" * 65 + "@example.net")
+
+    fits, over = await in_thread(submit)
+    assert fits[0] == 250
+    assert over[0] == 553 and b"65 octets" in over[1] and b"at most 64" in over[1], over
