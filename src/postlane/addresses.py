@@ -39,6 +39,12 @@ __all__ = [
 ]
 
 
+#: RFC 5321 4.5.3.1.1: a local part is at most 64 octets (email-validator checks it only in its
+#: strict mode); counted in the normal form, as sent in RCPT TO, in UTF-8 for SMTPUTF8
+MAX_LOCAL_PART = 64
+#: an address an error repeats is cut to this many characters: an SMTP reply line holds 512
+#: octets (RFC 5321 4.5.3.1.5), and a refusal need not repeat a megabyte of input
+SHOWN_ADDRESS = 100
 #: everything str.splitlines() breaks on: the email package treats them all as line ends
 _LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 #: what no text postlane stores may hold: NUL (SMTP and PostgreSQL refuse it, C readers stop at
@@ -117,13 +123,22 @@ def parse_address(value: str, what: str = "address") -> Mailbox:
         # "b@example.net, c@example.net" where one address goes: email-validator only says
         # "invalid characters: ',', '@', SPACE"
         raise ValidationError(
-            f"{what} {value!r} holds {len(several)} addresses: give one address each "
+            f"{what} {_shown(value)} holds {len(several)} addresses: give one address each "
             f"(a list for several recipients)",
             field=what,
         )
     if isinstance(found, str):
-        raise ValidationError(f"{what} {value!r} is not a valid address: {found}", field=what)
+        raise ValidationError(f"{what} {_shown(value)} is not a valid address: {found}", field=what)
     return found
+
+
+def _shown(value: str) -> str:
+    """``value`` as an error repeats it: quoted, and cut with an ellipsis past
+    :data:`SHOWN_ADDRESS` characters."""
+    if len(value) <= SHOWN_ADDRESS:
+        return repr(value)
+    quoted = repr(value[:SHOWN_ADDRESS])
+    return f"{quoted[:-1]}...{quoted[-1]}"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -148,6 +163,12 @@ def _validated(value: str) -> Mailbox | str:
         )
     except EmailNotValidError as exc:
         return str(exc)
+    octets = len(valid.local_part.encode("utf-8"))
+    if octets > MAX_LOCAL_PART:
+        return (
+            f"the part before the @ is {octets} octets; RFC 5321 4.5.3.1.1 allows at most "
+            f"{MAX_LOCAL_PART}"
+        )
     # a literal comes normalised ("[IPv6:" and the address compressed); a name in ASCII form
     written = valid.ascii_domain or valid.domain
     domain = written.lower()

@@ -133,8 +133,19 @@ def suppression_lanes(lanes: Iterable[Lane | str] | None) -> tuple[Lane, ...] | 
         return None
     if isinstance(lanes, str):  # one lane, not its letters
         lanes = [lanes]
+    if not isinstance(lanes, Iterable) or isinstance(lanes, bytes | bytearray | Mapping):
+        raise ValidationError(
+            f"lanes must be a lane or a list of lanes (high, normal, low), not {_kind(lanes)}",
+            field="lanes",
+        )
     chosen: set[Lane] = set()
     for lane in lanes:
+        if not isinstance(lane, str):
+            raise ValidationError(
+                f"lanes must be a lane or a list of lanes (high, normal, low), not a list "
+                f"holding {_kind(lane)}",
+                field="lanes",
+            )
         try:
             chosen.add(Lane(str(lane).strip().lower()))
         except ValueError:
@@ -151,6 +162,10 @@ def suppression_lanes(lanes: Iterable[Lane | str] | None) -> tuple[Lane, ...] | 
 def suppression_scope(scope: str | None) -> str:
     """``*`` (every sender) or a sender domain, as the suppression list keeps it: lower case,
     without a leading ``@``. Raises :class:`ValidationError` for anything else."""
+    if scope is not None and not isinstance(scope, str):
+        raise ValidationError(
+            f"scope must be * or a sender domain (a string), not {_kind(scope)}", field="scope"
+        )
     if scope is None or scope.strip() == "*":
         return "*"
     domain = scope.strip().lstrip("@").lower().rstrip(".")
@@ -260,6 +275,11 @@ class AsyncPostlane:
         """Enqueue several messages (each a :class:`Message` or a mapping) in one durable
         commit. All are validated first: one bad message refuses the whole batch and stores
         nothing."""
+        if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Iterable):
+            raise ValidationError(
+                "send_many takes a list of messages (postlane.Message or mappings), "
+                f"not {_kind(messages)}"
+            )
         return await self.send_prepared([self.prepare(_as_message(m)) for m in messages])
 
     async def send_prepared(self, prepared: Sequence[PreparedMessage]) -> list[EnqueueResult]:
@@ -689,6 +709,11 @@ class AsyncPostlane:
         from postlane.addresses import parse_address
         from postlane.clock import parse_when
 
+        _check_string(address, "address")
+        _check_string(source, "source")
+        for value, name in ((reason, "reason"), (detail, "detail")):
+            if value is not None:
+                _check_string(value, name)
         mailbox = parse_address(address, "address")
         if reason is not None and reason not in SUPPRESSION_REASONS:
             detail = f"{reason}; {detail}" if detail else reason
@@ -721,6 +746,7 @@ class AsyncPostlane:
         can be removed."""
         from postlane.addresses import parse_address
 
+        _check_string(address, "address")
         try:
             address = parse_address(address, "address").address
         except ValidationError:
@@ -733,6 +759,17 @@ class AsyncPostlane:
         return await self.store.remove_suppression(
             address, None if scope is None else suppression_scope(scope), reason
         )
+
+
+def _kind(value: object) -> str:
+    """What a refused value is, for an error: ``None``, ``int``, ``list``, ..."""
+    return "None" if value is None else type(value).__name__
+
+
+def _check_string(value: object, name: str) -> None:
+    """Refuse (:class:`ValidationError`) an argument that should be text and is not."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a string, not {_kind(value)}", field=name)
 
 
 def _message_from_fields(fields: Mapping[str, Any]) -> Message:

@@ -17,6 +17,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import encoders
@@ -179,6 +180,74 @@ class Message:
     send_at: datetime | str | float | None = None
     #: never after this time (same forms): a recipient not sent by then is dead, ``expired``
     expires_at: datetime | str | float | None = None
+
+
+def _kind(value: Any) -> str:
+    """What a refused value is, for an error: ``None``, ``int``, ``list``, ..."""
+    return "None" if value is None else type(value).__name__
+
+
+#: the text fields of a Message (None: not given) and what each takes
+_STRING_FIELDS = {
+    "subject": "a string",
+    "text": "a string",
+    "html": "a string",
+    "lane": "high, normal or low (a string)",
+}
+#: the mappings of a Message (None: none) and what each takes
+_MAPPING_FIELDS = {
+    "headers": "a mapping of header names to values (a dict)",
+    "metadata": "an object (a dict or another mapping)",
+}
+
+
+def _check_types(message: Message) -> None:
+    """Refuse a field of the wrong type, naming it and what it takes, before any check reads it
+    as what it should be (a Python caller is not type-checked: ``bytes(5)`` is five NUL bytes,
+    ``None`` has no ``strip``). What each value holds is checked after."""
+    if not isinstance(message, Message):
+        raise ValidationError(f"a message is a postlane.Message, not {_kind(message)}")
+    if not isinstance(message.sender, str):
+        raise ValidationError(
+            f"sender must be an address (a string), not {_kind(message.sender)}", field="from"
+        )
+    for name in ("to", "cc", "bcc"):
+        values = getattr(message, name)
+        if isinstance(values, str):
+            continue
+        if not isinstance(values, Sequence | AbstractSet) or isinstance(values, bytes | bytearray):
+            raise ValidationError(
+                f"{name} must be an address or a list of addresses (strings), not {_kind(values)}",
+                field=name,
+            )
+        for value in values:
+            if not isinstance(value, str):
+                raise ValidationError(
+                    f"{name} must be an address or a list of addresses (strings), not a list "
+                    f"holding {_kind(value)}",
+                    field=name,
+                )
+    for name, expected in _STRING_FIELDS.items():
+        value = getattr(message, name)
+        if value is not None and not isinstance(value, str):
+            raise ValidationError(f"{name} must be {expected}, not {_kind(value)}", field=name)
+    for name, expected in _MAPPING_FIELDS.items():  # None: none
+        value = getattr(message, name)
+        if value is not None and not isinstance(value, Mapping):
+            raise ValidationError(f"{name} must be {expected}, not {_kind(value)}", field=name)
+    if not isinstance(message.attachments, Sequence) or isinstance(
+        message.attachments, str | bytes | bytearray
+    ):
+        raise ValidationError(
+            f"attachments must be a list of postlane.Attachment, not {_kind(message.attachments)}",
+            field="attachments",
+        )
+    if message.raw is not None and not isinstance(
+        message.raw, str | bytes | bytearray | memoryview
+    ):
+        raise ValidationError(
+            f"raw must be a whole message as bytes or str, not {_kind(message.raw)}", field="raw"
+        )
 
 
 @dataclass(frozen=True)
@@ -384,6 +453,7 @@ def prepare(
     message_id: str | None = None,
 ) -> PreparedMessage:
     """Validate ``message`` and render its final bytes. Raises :class:`ValidationError`."""
+    _check_types(message)
     lane, key, metadata = _check_common(message)
     send_at, expires_at = _check_schedule(message, now)
     queue_id = message_id or new_message_id(now)
@@ -608,20 +678,46 @@ def _text_part(text: str, subtype: str) -> MIMEText:
     return MIMEText(text, subtype, "us-ascii" if plain else _UTF8)  # type: ignore[arg-type]
 
 
+#: the containers an attachment cannot be: it is sent base64-encoded, and RFC 2046 5.1 and 5.2
+#: allow neither a multipart body (its parts need a boundary) nor these message bodies (only
+#: 7bit, 8bit or binary) so encoded; message/global may be (RFC 6532 3.7)
+_NOT_ATTACHABLE = re.compile(r"multipart/.*|message/(?!global$).*", re.IGNORECASE)
+
+
 def _attachment_part(attachment: Attachment) -> MIMEBase:
     if not isinstance(attachment, Attachment):
-        raise ValidationError("attachments must be Attachment values", field="attachments")
+        raise ValidationError(
+            f"attachments must be postlane.Attachment values, not {_kind(attachment)}",
+            field="attachments",
+        )
+    for value, what in (
+        (attachment.filename, "filename"),
+        (attachment.content_type, "content_type"),
+    ):
+        if value is not None and not isinstance(value, str):
+            raise ValidationError(
+                f"an attachment's {what} must be a string, not {_kind(value)}", field="attachments"
+            )
     filename = no_line_breaks(attachment.filename or "attachment", "attachment filename")
     content_type = attachment.content_type or ""
     maintype, _, subtype = content_type.partition("/")
     if not maintype or not subtype or not _HEADER_NAME.fullmatch(maintype + subtype):
         raise ValidationError(
-            f"attachment {filename!r}: content type {content_type!r} is not type/subtype",
+            f"attachment {_cut(filename)}: content type {content_type!r} is not type/subtype",
+            field="attachments",
+        )
+    if _NOT_ATTACHABLE.fullmatch(content_type):
+        raise ValidationError(
+            f"attachment {_cut(filename)}: content type {content_type} cannot be an attachment: "
+            "attachments are sent base64-encoded, which MIME forbids for multipart/* and "
+            "message/* (message/global aside); attach each part on its own or the whole as "
+            "application/octet-stream, or send a complete message as raw",
             field="attachments",
         )
     if not isinstance(attachment.content, bytes | bytearray):
         raise ValidationError(
-            f"attachment {filename!r}: content must be bytes", field="attachments"
+            f"attachment {_cut(filename)}: content must be bytes, not {_kind(attachment.content)}",
+            field="attachments",
         )
     part = MIMEBase(maintype, subtype)
     part.set_payload(bytes(attachment.content))

@@ -1152,3 +1152,144 @@ async def test_with_no_webhook_endpoint_the_listing_is_empty(client: httpx.Async
     listed = await client.get("/v1/webhooks/out")
     assert listed.status_code == 200 and listed.json() == []
     assert (await client.get("/v1/webhooks/out/app/failures")).status_code == 404
+
+
+async def test_a_batch_refuses_an_idempotency_key_header_and_stores_nothing(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    """The header used to be ignored: the same batch sent twice made four messages."""
+    batch = {"messages": [MESSAGE, {**MESSAGE, "to": ["bob@example.net"]}]}
+    for key in ("batch-7", ""):
+        r = await client.post("/v1/messages/batch", json=batch, headers={"Idempotency-Key": key})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_field"
+        assert "its own idempotency_key" in error["message"]
+    assert await queue_is_empty(app)
+    # each message's own key is the way
+    keyed = {
+        "messages": [{**m, "idempotency_key": f"k{i}"} for i, m in enumerate(batch["messages"])]
+    }
+    for _ in range(2):
+        assert (await client.post("/v1/messages/batch", json=keyed)).status_code == 202
+    assert len(await app.messages()) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"messages": [MESSAGE], "extra": 1}, "unknown field 'extra'"),
+        ({"message": [MESSAGE]}, "unknown field 'message' (did you mean 'messages'?)"),
+    ],
+)
+async def test_a_batch_refuses_a_top_level_field_it_does_not_know(
+    client: httpx.AsyncClient, app: AsyncPostlane, body: dict[str, Any], named: str
+) -> None:
+    r = await client.post("/v1/messages/batch", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"code": "unknown_field", "message": named}
+    assert await queue_is_empty(app)
+
+
+ATTACHMENT = {"filename": "a.txt", "content": base64.b64encode(b"hi").decode()}
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"headers": []}, "headers must be an object"),
+        ({"headers": ""}, "headers must be an object"),
+        ({"headers": 0}, "headers must be an object"),
+        ({"headers": False}, "headers must be an object"),
+        ({"attachments": {}}, "attachments must be a list"),
+        ({"attachments": ""}, "attachments must be a list"),
+        ({"attachments": 0}, "attachments must be a list"),
+        ({"attachments": [{**ATTACHMENT, "filename": {"a": "b"}}]}, "filename must be a string"),
+        ({"attachments": [{**ATTACHMENT, "filename": 5}]}, "filename must be a string"),
+        ({"attachments": [{**ATTACHMENT, "content_type": 5}]}, "content_type must be a string"),
+        ({"attachments": [{**ATTACHMENT, "content_type": ["text/plain"]}]}, "content_type must"),
+    ],
+)
+async def test_headers_and_attachments_of_another_type_are_refused_not_read_as_none(
+    client: httpx.AsyncClient, app: AsyncPostlane, fields: dict[str, Any], said: str
+) -> None:
+    """``"headers": []`` was read as no headers (``or {}``), a filename ``{"a": "b"}`` became
+    the file name ``{'a': 'b'}``: a wrong type is a 400, and nothing is stored."""
+    r = await client.post("/v1/messages", json={**MESSAGE, **fields})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_field" and said in error["message"]
+    r = await client.post("/v1/messages/batch", json={"messages": [{**MESSAGE, **fields}]})
+    assert r.status_code == 207 and r.json()["results"][0]["error"]["code"] == "invalid_field"
+    assert await queue_is_empty(app)
+
+
+async def test_null_headers_attachments_and_attachment_fields_are_as_if_absent(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    """null is absent, as for every optional field of a message."""
+    for fields in (
+        {"headers": None, "attachments": None},
+        {"attachments": [{**ATTACHMENT, "filename": None, "content_type": None}]},
+    ):
+        r = await client.post("/v1/messages", json={**MESSAGE, **fields})
+        assert r.status_code == 202, r.text
+    content = await app.content(r.json()["id"])
+    assert b"application/octet-stream" in content and b'filename="attachment"' in content
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ({"disposition": "inline"}, "unknown attachment field 'disposition'"),
+        ({"filname": "b.txt"}, "unknown attachment field 'filname' (did you mean 'filename'?)"),
+        ({"contenttype": "text/plain"}, "(did you mean 'content_type'?)"),
+    ],
+)
+async def test_an_attachment_field_postlane_does_not_know_is_refused_naming_it(
+    client: httpx.AsyncClient, app: AsyncPostlane, extra: dict[str, Any], said: str
+) -> None:
+    attachment = {**ATTACHMENT, **extra}
+    r = await client.post("/v1/messages", json={**MESSAGE, "attachments": [attachment]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "unknown_field" and said in error["message"], error
+    assert await queue_is_empty(app)
+
+
+async def test_a_message_field_postlane_does_not_know_is_named_with_the_nearest_one(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/v1/messages", json={**MESSAGE, "form": "typo@example.com"})
+    assert r.json()["error"] == {
+        "code": "unknown_field",
+        "message": "unknown field 'form' (did you mean 'from'?)",
+    }
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["multipart/mixed", "Multipart/Alternative", "multipart/related", "message/rfc822"],
+)
+async def test_a_multipart_or_message_attachment_is_refused_as_it_cannot_be_valid_mime(
+    client: httpx.AsyncClient, app: AsyncPostlane, content_type: str
+) -> None:
+    """It was rendered as a base64 part: a multipart without a boundary, a message/rfc822 in
+    an encoding RFC 2046 5.2.1 forbids. Refused, saying what to do instead."""
+    attachment = {**ATTACHMENT, "content_type": content_type}
+    r = await client.post("/v1/messages", json={**MESSAGE, "attachments": [attachment]})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_message"
+    assert f"content type {content_type} cannot be an attachment" in error["message"]
+    assert "application/octet-stream" in error["message"]
+    assert await queue_is_empty(app)
+
+
+async def test_a_message_global_attachment_is_taken_as_rfc_6532_allows_it_base64(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    attachment = {**ATTACHMENT, "filename": "fwd.eml", "content_type": "message/global"}
+    r = await client.post("/v1/messages", json={**MESSAGE, "attachments": [attachment]})
+    assert r.status_code == 202, r.text
+    assert b"Content-Type: message/global" in await app.content(r.json()["id"])

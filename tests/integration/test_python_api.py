@@ -146,7 +146,8 @@ def test_the_sync_api_passes_suppression_keywords_on(tmp_path: Path) -> None:
             expires_at="2099-01-01T00:00:00Z",
             detail="ticket 12",
         )
-        assert not mail.suppress("ada@example.net", scope="example.com")
+        # the same reason again is a repeat (another reason would be an entry of its own)
+        assert not mail.suppress("ada@example.net", reason="complaint", scope="example.com")
         assert mail.suppress("bob@example.net", reason="asked by phone")
         ada, bob = sorted(mail.suppressions(), key=lambda s: s.address)
         assert (ada.reason, ada.scope, ada.detail, ada.source) == (
@@ -181,3 +182,122 @@ def test_a_script_that_never_closes_postlane_exits_cleanly(pg_schema: str, tmp_p
     assert done.stderr == "", done.stderr
     with postlane.Postlane(tmp_path / "postlane.toml") as mail:
         assert mail.get(done.stdout.strip()).recipients[0].address == "b@example.net"
+
+
+_GOOD = {"sender": "a@example.com", "to": ["b@example.net"], "text": "x"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "said"),
+    [
+        ({"to": None}, "to", "to must be an address or a list of addresses (strings), not None"),
+        ({"to": 5}, "to", "not int"),
+        ({"to": ["b@example.net", None]}, "to", "not a list holding None"),
+        ({"cc": b"c@example.net"}, "cc", "not bytes"),
+        ({"sender": None}, "from", "sender must be an address (a string), not None"),
+        ({"sender": b"a@example.com"}, "from", "not bytes"),
+        ({"subject": 5}, "subject", "subject must be a string, not int"),
+        ({"subject": b"x"}, "subject", "subject must be a string, not bytes"),
+        ({"text": 5}, "text", "text must be a string, not int"),
+        ({"html": ["<p>"]}, "html", "html must be a string, not list"),
+        ({"lane": 5}, "lane", "lane must be high, normal or low (a string), not int"),
+        ({"headers": [("X-A", "b")]}, "headers", "headers must be a mapping"),
+        ({"metadata": []}, "metadata", "metadata must be an object"),
+        ({"attachments": 5}, "attachments", "attachments must be a list of postlane.Attachment"),
+        ({"attachments": [b"x"]}, "attachments", "postlane.Attachment values, not bytes"),
+        (
+            {"attachments": [postlane.Attachment(5, b"x")]},  # type: ignore[arg-type]
+            "attachments",
+            "an attachment's filename must be a string, not int",
+        ),
+        (
+            {"attachments": [postlane.Attachment("a.txt", b"x", 5)]},  # type: ignore[arg-type]
+            "attachments",
+            "an attachment's content_type must be a string, not int",
+        ),
+        (
+            {"attachments": [postlane.Attachment("a.txt", "x")]},  # type: ignore[arg-type]
+            "attachments",
+            "content must be bytes, not str",
+        ),
+        (
+            {"text": None, "raw": 5},
+            "raw",
+            "raw must be a whole message as bytes or str, not int",
+        ),
+        ({"text": None, "raw": 10**6}, "raw", "not int"),  # bytes(10**6): a megabyte of NULs
+    ],
+)
+async def test_a_field_of_the_wrong_type_is_a_validation_error_naming_it(
+    tmp_path: Path, fields: dict[str, object], field: str, said: str
+) -> None:
+    """A wrong type raised TypeError or AttributeError from deep inside (``None`` has no
+    ``strip``), and ``raw=5`` was read as five NUL bytes: each is a ValidationError naming
+    the field and what it takes, and nothing is stored, whichever way the message comes."""
+    config = make_config(tmp_path)
+    async with postlane.AsyncPostlane(config) as mail:
+        message = {**_GOOD, **fields}
+        for attempt in (
+            lambda: mail.send(**message),
+            lambda: mail.send(postlane.Message(**message)),  # type: ignore[arg-type]
+            lambda: mail.send_many([message]),
+        ):
+            with pytest.raises(ValidationError) as refused:
+                await attempt()
+            assert refused.value.field == field
+            assert said in refused.value.message
+        assert await mail.messages() == []
+
+
+def test_the_sync_api_refuses_wrong_types_as_validation_errors(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    with postlane.Postlane(config) as mail:
+        with pytest.raises(ValidationError, match="to must be an address or a list"):
+            mail.send(sender="a@example.com", to=None, text="x")
+        with pytest.raises(ValidationError, match="raw must be a whole message"):
+            mail.send(sender="a@example.com", to=["b@example.net"], raw=5)
+        with pytest.raises(ValidationError, match="send_many takes a list of messages"):
+            mail.send_many(None)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="send_many takes a list of messages"):
+            mail.send_many(_GOOD)  # type: ignore[arg-type]
+        assert mail.messages() == []
+
+
+def test_the_types_a_field_may_take_are_still_taken(tmp_path: Path) -> None:
+    """One address as a string, a tuple or a set of them, raw as bytearray or memoryview."""
+    raw = b"From: a@example.com\r\nTo: b@example.net\r\nSubject: s\r\n\r\nbody\r\n"
+    config = make_config(tmp_path)
+    with postlane.Postlane(config) as mail:
+        mail.send(sender="a@example.com", to="b@example.net", text="x")
+        mail.send(sender="a@example.com", to=("b@example.net",), cc={"c@example.net"}, text="x")
+        mail.send(sender="a@example.com", to=[], raw=bytearray(raw))
+        mail.send(sender="a@example.com", to=[], raw=memoryview(raw), lane=postlane.Lane.HIGH)
+        assert len(mail.messages()) == 4
+
+
+@pytest.mark.parametrize(
+    ("keywords", "field", "said"),
+    [
+        ({"scope": 5}, "scope", "scope must be * or a sender domain (a string), not int"),
+        ({"lanes": 5}, "lanes", "lanes must be a lane or a list of lanes"),
+        ({"lanes": ["high", 1]}, "lanes", "not a list holding int"),
+        ({"reason": 5}, "reason", "reason must be a string, not int"),
+        ({"detail": b"x"}, "detail", "detail must be a string, not bytes"),
+        ({"source": None}, "source", "source must be a string, not None"),
+    ],
+)
+async def test_suppress_refuses_wrong_types_as_validation_errors(
+    tmp_path: Path, keywords: dict[str, object], field: str, said: str
+) -> None:
+    config = make_config(tmp_path)
+    async with postlane.AsyncPostlane(config) as mail:
+        with pytest.raises(ValidationError) as refused:
+            await mail.suppress("ada@example.net", **keywords)  # type: ignore[arg-type]
+        assert refused.value.field == field and said in refused.value.message
+        with pytest.raises(ValidationError, match="address must be a string, not int"):
+            await mail.suppress(5)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="address must be a string, not None"):
+            await mail.unsuppress(None)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="scope must be"):
+            await mail.unsuppress("ada@example.net", scope=5)  # type: ignore[arg-type]
+        assert await mail.suppressions() == []

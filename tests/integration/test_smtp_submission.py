@@ -963,3 +963,67 @@ async def test_auth_on_mail_is_read_and_plain_auth_acts_only_as_itself(
     assert as_other == 535
     assert mail == 250
     assert len(await auth_only.app.messages()) == 1
+
+
+def _reply_line_octets(code: int, text: bytes) -> int:
+    """The octets of the reply line smtplib read: ``550 `` (or ``550-``), text, CRLF."""
+    return len(str(code)) + 1 + len(text) + 2
+
+
+async def test_a_refusal_repeating_a_long_value_stays_within_a_512_octet_reply_line(
+    trusted: Listener,
+) -> None:
+    """RFC 5321 4.5.3.1.5: a reply line is at most 512 octets. A 900-digit X-Postlane-Send-At
+    was repeated whole (a 554 of about 1,000 octets); it is cut, with an ellipsis."""
+    digits = b"9" * 900
+    message = b"X-Postlane-Send-At: " + digits + b"\r\n" + MESSAGE
+    code, text = await in_thread(lambda: submit_one(trusted.port, message))
+    assert code == 554 and text.startswith(b"5.6.0 send_at"), text
+    assert _reply_line_octets(code, text) <= 512
+    assert text.endswith(b"...") and b"9" * 30 in text  # the value, cut where errors cut it
+    # an unknown control header's name is repeated too
+    name = b"X-Postlane-" + b"n" * 900
+    code, text = await in_thread(lambda: submit_one(trusted.port, name + b": 1\r\n" + MESSAGE))
+    assert code == 550 and _reply_line_octets(code, text) <= 512, text
+    # non-ASCII text is cut between characters, never inside one
+    lane = "ü".encode() * 600
+    code, text = await in_thread(
+        lambda: submit_one(trusted.port, b"X-Postlane-Lane: " + lane + b"\r\n" + MESSAGE)
+    )
+    assert code == 550 and _reply_line_octets(code, text) <= 512, text
+    text.decode("utf-8")  # whole characters
+    assert await trusted.app.messages() == []
+
+
+async def test_a_long_bad_address_is_repeated_cut_and_the_reason_still_said(
+    trusted: Listener,
+) -> None:
+    """A From header's address is repeated in the refusal: a long one is cut to its start, so
+    the reason after it still fits the reply line."""
+    bounce = b"From: " + b"x" * 900 + b"@example.com\r\nTo: app@example.com\r\n\r\nsorry\r\n"
+
+    def submit() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10) as s:
+            s.ehlo()
+            assert s.mail("")[0] == 250  # MAIL FROM:<>: the From header is read
+            assert s.rcpt("app@example.com")[0] == 250
+            return s.data(bounce)
+
+    code, text = await in_thread(submit)
+    assert code == 554 and _reply_line_octets(code, text) <= 512, text
+    assert b"x" * 100 + b"...'" in text and b"is not a valid address: " in text
+    assert b"too long" in text or b"RFC 5321 4.5.3.1.1" in text, text
+
+
+async def test_a_local_part_over_64_octets_is_refused_at_rcpt(trusted: Listener) -> None:
+    """RFC 5321 4.5.3.1.1: a local part is at most 64 octets."""
+
+    def submit() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", trusted.port, timeout=10) as s:
+            s.ehlo()
+            s.mail("app@example.com")
+            return s.rcpt("a" * 64 + "@example.net"), s.rcpt("a" * 65 + "@example.net")
+
+    fits, over = await in_thread(submit)
+    assert fits[0] == 250
+    assert over[0] == 553 and b"65 octets" in over[1] and b"at most 64" in over[1], over

@@ -183,3 +183,49 @@ def test_several_addresses_where_one_goes_are_told_apart_from_a_bad_one() -> Non
     with pytest.raises(ValidationError) as missing:
         parse_address("", "from")
     assert missing.value.message == "from is missing: give an address (app@example.com)"
+
+
+@pytest.mark.parametrize(
+    "given_",
+    [
+        "a" * 64 + "@example.com",
+        "Ada <" + "a" * 64 + "@example.com>",
+        '"' + "a" * 64 + '"@example.com',  # its needless quotes are not sent
+        '"a b' + "c" * 59 + '"@example.com',  # 64 with the quotes it keeps
+        "ä" * 32 + "@example.com",  # 64 octets in UTF-8
+    ],
+)
+def test_a_local_part_of_64_octets_is_taken(given_: str) -> None:
+    assert parse_address(given_).address.endswith("@example.com")
+
+
+@pytest.mark.parametrize(
+    ("given_", "octets"),
+    [
+        ("a" * 65 + "@example.com", 65),
+        ("Ada <" + "a" * 65 + "@example.com>", 65),
+        ('"' + "a" * 65 + '"@example.com', 65),
+        ('"a b' + "c" * 60 + '"@example.com', 65),  # the quotes are sent, so they count
+        ("ä" * 33 + "@example.com", 66),  # 33 characters, 66 octets
+    ],
+)
+def test_a_local_part_over_64_octets_is_refused(given_: str, octets: int) -> None:
+    """RFC 5321 4.5.3.1.1; email-validator checks it only in its strict mode."""
+    with pytest.raises(ValidationError) as refused:
+        parse_address(given_, "to")
+    assert refused.value.field == "to"
+    assert f"the part before the @ is {octets} octets" in refused.value.message
+    assert "RFC 5321 4.5.3.1.1 allows at most 64" in refused.value.message
+
+
+def test_a_long_address_is_repeated_cut_in_its_refusal() -> None:
+    """A refusal repeats the address to its 100th character, then an ellipsis: the reason
+    after it stays in view (and an SMTP reply within its 512 octets)."""
+    with pytest.raises(ValidationError) as refused:
+        parse_address("x" * 5000, "to")
+    message = refused.value.message
+    assert message.startswith("to '" + "x" * 100 + "...' is not a valid address: ")
+    assert len(message) < 300
+    with pytest.raises(ValidationError) as refused:
+        parse_address("it's " + "y" * 200, "to")  # repr quotes it with "
+    assert "\"it's " + "y" * 95 + '..."' in refused.value.message

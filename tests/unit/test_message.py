@@ -554,3 +554,23 @@ def test_a_raw_message_without_a_from_header_gets_its_envelope_sender_as_one() -
     )
     parsed = email.message_from_bytes(prepared.content, policy=policy.SMTP)
     assert parsed.get_all("From") == ["Shop <orders@example.com>"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["multipart/mixed", "MULTIPART/ALTERNATIVE", "message/rfc822", "message/partial"],
+)
+def test_an_attachment_cannot_be_a_multipart_or_a_message_other_than_message_global(
+    content_type: str,
+) -> None:
+    """An attachment is sent base64-encoded: a multipart so sent has no boundary, and RFC 2046
+    5.2 allows message/rfc822 (and the other message types but RFC 6532's message/global)
+    only 7bit, 8bit or binary."""
+    fields = {"sender": "a@example.com", "to": ["b@example.net"], "text": "see attached"}
+    attached = Attachment("part.bin", b"Content-Type: text/plain\r\n\r\nhi\r\n", content_type)
+    with pytest.raises(ValidationError, match="cannot be an attachment") as refused:
+        prepare(Message(**fields, attachments=[attached]), max_size=LIMIT)  # type: ignore[arg-type]
+    assert refused.value.field == "attachments"
+    fine = dataclasses.replace(attached, content_type="message/global")
+    parsed = render(**fields, attachments=[fine])
+    assert [part.get_content_type() for part in parsed.iter_attachments()] == ["message/global"]

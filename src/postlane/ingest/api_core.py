@@ -10,11 +10,12 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -110,6 +111,10 @@ _MESSAGE_FIELDS = {
     "send_at",
     "expires_at",
 }
+#: the fields of an attachment in a message's JSON
+_ATTACHMENT_FIELDS = ("filename", "content", "content_type")
+#: the fields of a batch's JSON object
+_BATCH_FIELDS = ("messages",)
 #: query parameters that may repeat (a list); the others take their last value
 _REPEATABLE = ("ids", "lane", "state", "domain", "class")
 
@@ -425,23 +430,36 @@ async def read_json(request: Request, limit: int) -> Any:
     return parse_json(await read_body(request, limit))
 
 
+def refuse_unknown_fields(given: Any, known: Collection[str], what: str = "field") -> None:
+    """Refuse (400 ``unknown_field``) a key of ``given`` not in ``known``, with the known key it
+    is closest to: a typo is not silently dropped."""
+    unknown = sorted(set(given) - set(known), key=str)
+    if unknown:
+        near = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ApiError(400, "unknown_field", f"unknown {what} {unknown[0]!r}{hint}")
+
+
 def message_from_json(data: Any, idempotency_header: str | None = None) -> Message:
     """A :class:`Message` from the API's JSON shape (raises :class:`ApiError` on bad shapes;
-    the message itself is validated when it is prepared)."""
+    the message itself is validated when it is prepared). An optional field may be null (as
+    if absent), never a value of another type (``"headers": []`` is refused, not read as none)."""
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_field", "a message must be a JSON object")
-    unknown = sorted(set(data) - _MESSAGE_FIELDS)
-    if unknown:
-        raise ApiError(400, "unknown_field", f"unknown field {unknown[0]!r}")
-    headers = data.get("headers") or {}
+    refuse_unknown_fields(data, _MESSAGE_FIELDS)
+    headers = data.get("headers")
+    if headers is None:
+        headers = {}
     if not isinstance(headers, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
-        raise ApiError(400, "invalid_field", "headers must be an object of strings")
+        raise ApiError(
+            400, "invalid_field", "headers must be an object of strings (a name to its value)"
+        )
     metadata = data.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ApiError(400, "invalid_field", "metadata must be an object")
-    attachments = _attachments(data.get("attachments") or [])
+    attachments = _attachments(data.get("attachments"))
     with invalid_field():
         key = optional_string(data.get("idempotency_key"), "idempotency_key")
         if key and idempotency_header and key != idempotency_header:
@@ -470,6 +488,33 @@ def message_from_json(data: Any, idempotency_header: str | None = None) -> Messa
         )
 
 
+def refuse_batch_idempotency_header(request: Request) -> None:
+    """A batch takes no ``Idempotency-Key`` header (400): one key cannot name many messages,
+    and each message of a batch takes its own ``idempotency_key``."""
+    if "idempotency-key" in request.headers:
+        raise ApiError(
+            400,
+            "invalid_field",
+            "a batch takes no Idempotency-Key header: give each message of the batch its own "
+            "idempotency_key",
+        )
+
+
+def batch_from_json(data: Any) -> list[Any]:
+    """The messages of a batch's JSON (``{"messages": [...]}``, or the bare list), each still
+    JSON; any other key of the object is refused, as a message's unknown fields are."""
+    if isinstance(data, dict):
+        refuse_unknown_fields(data, _BATCH_FIELDS)
+        data = data.get("messages")
+    if not isinstance(data, list) or not data:
+        raise ApiError(
+            400, "invalid_field", f'send {{"messages": [...]}} with 1 to {MAX_BATCH} messages'
+        )
+    if len(data) > MAX_BATCH:
+        raise ApiError(413, "batch_too_large", f"at most {MAX_BATCH} messages per batch")
+    return data
+
+
 def time_field(value: Any, what: str) -> str | float | None:
     """``send_at``/``expires_at`` as JSON gives them: ISO 8601 text or Unix seconds (the
     message checks the rest)."""
@@ -481,28 +526,41 @@ def time_field(value: Any, what: str) -> str | float | None:
 
 
 def _attachments(items: Any) -> list[Attachment]:
+    if items is None:
+        return []
     if not isinstance(items, list):
-        raise ApiError(400, "invalid_field", "attachments must be a list")
-    attachments = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("content"), str):
-            raise ApiError(
-                400,
-                "invalid_field",
-                "each attachment is {filename, content (base64), content_type}",
-            )
-        try:
-            content = base64.b64decode(item["content"], validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "invalid_field", "attachment content must be base64") from None
-        attachments.append(
-            Attachment(
-                filename=str(item.get("filename") or "attachment"),
-                content=content,
-                content_type=str(item.get("content_type") or "application/octet-stream"),
-            )
+        raise ApiError(
+            400,
+            "invalid_field",
+            "attachments must be a list of {filename, content (base64), content_type} objects",
         )
-    return attachments
+    return [_attachment(item) for item in items]
+
+
+def _attachment(item: Any) -> Attachment:
+    """One attachment of a message's JSON; filename and content_type may be left out (or null):
+    ``attachment`` and ``application/octet-stream``."""
+    if not isinstance(item, dict) or not isinstance(item.get("content"), str):
+        raise ApiError(
+            400,
+            "invalid_field",
+            "each attachment is {filename, content (base64), content_type}",
+        )
+    refuse_unknown_fields(item, _ATTACHMENT_FIELDS, "attachment field")
+    filename = item.get("filename")
+    content_type = item.get("content_type")
+    for value, name in ((filename, "filename"), (content_type, "content_type")):
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, "invalid_field", f"an attachment's {name} must be a string")
+    try:
+        content = base64.b64decode(item["content"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_field", "attachment content must be base64") from None
+    return Attachment(
+        filename=filename or "attachment",
+        content=content,
+        content_type=content_type or "application/octet-stream",
+    )
 
 
 def selector_of(request: Request, fields: dict[str, Any]) -> Selector:

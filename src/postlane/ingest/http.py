@@ -40,11 +40,11 @@ from postlane.cursors import Page
 from postlane.errors import NotFound, PostlaneError, StoreUnavailable, ValidationError
 from postlane.exports import check_export
 from postlane.ingest.api_core import (
-    MAX_BATCH,
     STORE_RETRY_AFTER,
     ApiContext,
     ApiJSON,
     Handler,
+    batch_from_json,
     body_flag,
     check_sender,
     context_of,
@@ -58,6 +58,7 @@ from postlane.ingest.api_core import (
     read_body,
     read_json,
     read_page,
+    refuse_batch_idempotency_header,
     selector_of,
 )
 from postlane.ingest.bodies import NDJSON, NDJSON_TYPES, ApiError, require_media_type
@@ -114,12 +115,8 @@ async def post_message(request: Request, caller: Caller) -> Response:
 
 async def post_batch(request: Request, caller: Caller) -> Response:
     api = context_of(request)
-    data = await read_json(request, api.batch_limit)
-    items = data.get("messages") if isinstance(data, dict) else data
-    if not isinstance(items, list) or not items:
-        raise ApiError(400, "invalid_field", 'send {"messages": [...]} with 1 to 1000 messages')
-    if len(items) > MAX_BATCH:
-        raise ApiError(413, "batch_too_large", f"at most {MAX_BATCH} messages per batch")
+    refuse_batch_idempotency_header(request)
+    items = batch_from_json(await read_json(request, api.batch_limit))
     results: list[dict[str, Any] | None] = [None] * len(items)
     prepared = []
     positions = []

@@ -251,14 +251,22 @@ def _recipient() -> Schema:
 
 
 def _new_message() -> Schema:
-    attachment = _object(
-        {
-            "filename": _type("string"),
-            "content": _type("string", contentEncoding="base64"),
-            "content_type": _type("string", example="application/pdf"),
-        },
-        required=("content",),
-    )
+    attachment = {
+        **_object(
+            {
+                "filename": _type("string"),
+                "content": _type("string", contentEncoding="base64"),
+                "content_type": _type(
+                    "string",
+                    example="application/pdf",
+                    description="type/subtype; neither multipart/* nor message/* "
+                    "(message/global aside): an attachment is sent base64-encoded",
+                ),
+            },
+            required=("content",),
+        ),
+        "additionalProperties": False,
+    }
     return {
         "type": "object",
         "additionalProperties": False,
@@ -394,17 +402,20 @@ def _action_path(actions: list[str]) -> dict[str, Any]:
 
 
 def _message_paths() -> dict[str, Any]:
-    batch = _object(
-        {
-            "messages": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 1000,
-                "items": _ref("NewMessage"),
-            }
-        },
-        required=("messages",),
-    )
+    batch = {
+        **_object(
+            {
+                "messages": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 1000,
+                    "items": _ref("NewMessage"),
+                }
+            },
+            required=("messages",),
+        ),
+        "additionalProperties": False,
+    }
     return {
         "/v1/messages": {
             "post": _operation(
@@ -428,6 +439,8 @@ def _message_paths() -> dict[str, Any]:
                     "207": _json_object("Some refused: one result per item"),
                 },
                 (400, 401, 403, 413, 503),
+                description="An Idempotency-Key header is refused (400): each message of a "
+                "batch takes its own idempotency_key.",
                 body=_body(batch),
             )
         },

@@ -71,6 +71,8 @@ log = logging.getLogger("postlane.smtp")
 
 #: failed AUTH attempts on one connection before it is closed
 MAX_AUTH_FAILURES = 3
+#: RFC 5321 4.5.3.1.5: a reply line is at most 512 octets, its code and CRLF included
+MAX_REPLY_LINE = 512
 #: the control headers a submitted message may carry (those the Django backend reads)
 CONTROL_HEADERS = frozenset(
     {
@@ -204,6 +206,17 @@ def _header_text(value: bytes, name: str) -> str:
         raise ValidationError(f"{name} is not UTF-8 text") from None
 
 
+def _refusal(code: str, text: str) -> str:
+    """The reply ``code text`` within :data:`MAX_REPLY_LINE` octets: a text that repeats what
+    the client sent (a control header's value, an address) is cut, with an ellipsis."""
+    reply = f"{code} {text}"
+    room = MAX_REPLY_LINE - len(b"\r\n")
+    encoded = reply.encode("utf-8")
+    if len(encoded) <= room:
+        return reply
+    return encoded[: room - len("...")].decode("utf-8", "ignore") + "..."
+
+
 def _describe_not_stored(reasons: dict[str, int]) -> str:
     """``SMTP: 59 submitted message(s) not stored (answered 421/451, the clients try again):
     database or disk is full``."""
@@ -251,11 +264,11 @@ class SubmissionHandler:
             try:
                 parse_address(address, "sender")
             except ValidationError as exc:
-                return f"553 5.1.7 {exc.message}"
+                return _refusal("553 5.1.7", exc.message)
             domain = address.rpartition("@")[2]
             refusal = sender_refusal(self._senders_of(session), [(domain, "")])
             if refusal is not None:  # Postfix's reject_sender_login_mismatch answers so too
-                return f"553 5.7.1 <{address}>: this user {refusal}"
+                return _refusal("553 5.7.1", f"<{address}>: this user {refusal}")
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -266,7 +279,7 @@ class SubmissionHandler:
         try:
             parse_address(address, "recipient")
         except ValidationError as exc:
-            return f"553 5.1.3 {exc.message}"
+            return _refusal("553 5.1.3", exc.message)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 OK"
@@ -280,7 +293,7 @@ class SubmissionHandler:
         try:
             controls, content = take_control_headers(content)
         except ValidationError as exc:
-            return f"550 5.6.0 {exc.message}"
+            return _refusal("550 5.6.0", exc.message)
         try:
             received = self._received_header(session)
             message = Message(
@@ -301,23 +314,23 @@ class SubmissionHandler:
             prepared = dataclasses.replace(prepared, submitter=submitter)
             refusal = sender_refusal(self._senders_of(session), sender_domains(prepared))
             if refusal is not None:
-                return f"550 5.7.1 this user {refusal}"
+                return _refusal("550 5.7.1", f"this user {refusal}")
         except MessageTooLarge as exc:
-            return f"552 5.3.4 {exc.message}"
+            return _refusal("552 5.3.4", exc.message)
         except ValidationError as exc:
             if exc.field == "lane":
-                return f"550 5.6.0 X-Postlane-Lane: {exc.message}"
+                return _refusal("550 5.6.0", f"X-Postlane-Lane: {exc.message}")
             if exc.field == "idempotency_key":
-                return f"550 5.6.0 X-Postlane-Idempotency-Key: {exc.message}"
-            return f"554 5.6.0 {exc.message}"
+                return _refusal("550 5.6.0", f"X-Postlane-Idempotency-Key: {exc.message}")
+            return _refusal("554 5.6.0", exc.message)
         except Exception:
             return self._internal_error(session)
         try:
             result = (await self.app.send_prepared([prepared]))[0]
         except ValidationError as exc:
-            return f"554 5.6.0 {exc.message}"
+            return _refusal("554 5.6.0", exc.message)
         except IdempotencyConflict as exc:
-            return f"554 5.6.0 {exc.message}"
+            return _refusal("554 5.6.0", exc.message)
         except StoreFull as exc:  # as Postfix says it: the session may go on
             self.not_stored.count(exc.message)
             self.smtp_metrics.temporary_failures.labels("store").inc()
