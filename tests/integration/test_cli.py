@@ -279,6 +279,31 @@ def test_classify_explains(tmp_path: Path) -> None:
     assert "no reply code in it: read as an error before any reply" in hello
 
 
+def test_a_bad_expiry_is_a_usage_error_saying_what_it_takes(queue_dir: Path) -> None:
+    """``--expires 5q`` exited 1 saying only "ISO 8601 or Unix seconds", though a delay is
+    what most give: a bad value is a usage error (exit 2, docs/operations.md)."""
+    for value in ("5q", "99999999999d"):
+        bad = postlane("suppress", "add", "x@example.net", "--expires", value, cwd=queue_dir)
+        assert bad.returncode == 2, bad.stderr
+        assert "neither a delay (90d, 12h) nor a time" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_store_in_a_directory_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    """A mistyped SQLite path made the directory and an empty queue, and serve ran on it as if
+    the mail were gone; a path under a file said only 'File exists'."""
+    (tmp_path / "a-file").write_text("")
+    for where in (tmp_path / "no-such-dir" / "q.db", tmp_path / "a-file" / "q.db"):
+        config = tmp_path / "postlane.toml"
+        config.write_text(f'[store]\nurl = "sqlite:///{where}"\n')
+        result = postlane("--config", str(config), "migrate", cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert f"{where.parent} is not a directory (create it, or correct [store] url)" in (
+            result.stderr
+        )
+    assert not (tmp_path / "no-such-dir").exists()
+
+
 def test_dlq_and_suppression_commands(queue_dir: Path) -> None:
     tmp_path = queue_dir
     added = postlane("suppress", "add", "gone@example.net", "--reason", "asked us", cwd=tmp_path)
@@ -528,6 +553,7 @@ def test_the_first_send_makes_the_store_a_configuration_file_names(tmp_path: Pat
     config = tmp_path / "conf" / "postlane.toml"
     config.parent.mkdir()
     store = tmp_path / "data" / "queue.db"
+    store.parent.mkdir()  # made by its owner: a missing one is a mistyped path (test below)
     config.write_text(f'[store]\nurl = "sqlite:///{store}"\n')
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -10,7 +10,7 @@ from postlane.addresses import parse_address
 from postlane.cli.context import config_option, json_option, limit_option, read_first, with_app
 from postlane.cli.output import first_line, json_or_empty, listing, show
 from postlane.clock import when
-from postlane.errors import PostlaneError
+from postlane.errors import PostlaneError, ValidationError
 from postlane.records import SUPPRESSION_REASONS
 from postlane.toml_values import parse_duration
 
@@ -90,7 +90,14 @@ def suppress_add(
     suppression_scope(scope)
     stopped = suppression_lanes(lanes or None)
     until = _until(expires)
-    parse_when(until, "expires")
+    try:
+        parse_when(until, "expires")
+    except ValidationError:  # a bad value, in the option's words: a usage error (exit 2)
+        raise click.BadParameter(
+            f"{expires!r} is neither a delay (90d, 12h) nor a time (ISO 8601 with a zone, "
+            "or Unix seconds) before the year 10000",
+            param_hint="--expires",
+        ) from None
     added = with_app(
         lambda app: app.suppress(
             address, reason=reason, scope=scope, expires_at=until, detail=detail, lanes=stopped

@@ -579,8 +579,14 @@ class _Turns:
 def _create_private(path: Path) -> None:
     """Create the database file readable by its owner only: it holds whole messages. SQLite
     gives its WAL and shared-memory files the database file's permissions."""
+    # its directory must exist: a mistyped path made a new directory and an empty queue, and
+    # serve ran on it as if the mail were gone
+    if not path.parent.is_dir():
+        raise StoreUnavailable(
+            f"cannot create {path}: {path.parent} is not a directory (create it, or correct "
+            "[store] url)"
+        )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     except OSError as exc:
         raise StoreUnavailable(f"cannot create {path}: {exc.strerror}") from None
