@@ -93,6 +93,7 @@ def _machine_to_itself(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def make_config(tmp_path: Path, **sections: Any) -> Config:
+    tmp_path.mkdir(parents=True, exist_ok=True)  # the store's directory: made by its owner
     data: dict[str, Any] = {
         "store": {"url": f"sqlite:///{tmp_path / 'postlane.db'}"},
         "delivery": {"relay": f"capture://{tmp_path / 'captured'}"},

@@ -85,7 +85,7 @@ def untried(
 ) -> Outcome:
     """``delivery``'s new state when it gets no try (dead-lettered past its limits, or on the
     suppression list): its counts stay, and its last real reply stays its last response;
-    ``cls``: the class it is recorded under (None: its last reply's)."""
+    ``cls``: the class it is recorded under, its event's too (None: its last reply's)."""
     return Outcome(
         delivery_id=delivery.id,
         state=state,

@@ -479,9 +479,10 @@ class Worker:
             if refusal is None:
                 alive.append(delivery)
                 continue
-            # under its last reply's class, or that of the trouble that held it back (a relay
-            # paused for connection failures: 'dlq requeue --class connection' after the
-            # outage takes it with those that were tried), as its dead letter shows it
+            # under its last reply's class (the reply stays its last response), or, never
+            # tried, that of the trouble that held it back (a relay paused for connection
+            # failures: 'dlq requeue --class connection' after the outage takes it with those
+            # that were tried), as its dead letter shows it
             cls = delivery.last_class or self.gate.held_by(message, delivery)
             outcomes.append(untried(delivery, RecipientState.DEAD, refusal, cls))
             self.observer.dead_without_try(cls or ReplyClass.TEMPORARY)
@@ -598,6 +599,7 @@ class Worker:
         housekeeping never reaps its own, so its sends are recorded, not made again)."""
         interval = max(self.settings.lease / 3, 0.05)
         wait = interval
+        outage = OutageLog(log, "leases not renewed (trying again every second)")
         while not stop.is_set():
             await first_of(stop.wait(), timeout=wait)
             wait = interval
@@ -606,10 +608,13 @@ class Worker:
             try:
                 await self.store.renew_leases(self.owner, self.clock.now() + self.settings.lease)
             except StoreUnavailable as exc:  # one line: the claims and records say it too
-                log.warning("could not renew leases (trying again in 1 s): %s", exc)
+                outage.failed(exc)
                 wait = min(1.0, interval)
+                continue
             except Exception:
                 log.exception("could not renew leases")
+                continue
+            outage.answered()
 
     def _housekeeping_interval(self) -> float:
         return max(min(self.settings.lease / 2, 1.0), 0.05)

@@ -212,6 +212,9 @@ async def test_an_empty_message_is_refused(trusted: Listener) -> None:
 
     code, text = await in_thread(submit)
     assert code == 554 and b"empty" in text
+    content = b"X-Postlane-Lane: high\r\n\r\n"  # postlane's control headers only
+    code, text = await in_thread(lambda: submit_one(trusted.port, content))
+    assert code == 554 and b"empty" in text
     assert await trusted.app.messages() == []
 
 
@@ -223,7 +226,7 @@ async def bound(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[Listener]:
         ca,
         trusted_networks=[],
         users=users,
-        user_senders={"shop": ["shop.example.com"]},
+        user_senders={"shop": ["shop.example.com", "xn--bcher-kva.example"]},
     ) as listener:
         yield listener
 
@@ -254,7 +257,16 @@ async def test_a_user_bound_to_sender_domains_sends_only_from_them(bound: Listen
 
     mail, _ = await in_thread(lambda: submit_as(bound, "shop", "s3cret", "ceo@bank.example", shop))
     assert mail[0] == 553 and mail[1].startswith(b"5.7.1 ")
-    assert b"shop.example.com only" in mail[1] and b"bank.example" in mail[1]
+    assert b"shop.example.com, xn--bcher-kva.example only" in mail[1] and b"bank.example" in mail[1]
+
+    def idn_mail() -> tuple[int, bytes]:  # a domain listed in its ASCII form, sent in Unicode
+        assert bound.ca is not None
+        with smtplib.SMTP("127.0.0.1", bound.port, timeout=10) as s:
+            s.starttls(context=client_context(bound.ca))
+            s.login("shop", "s3cret")
+            return s.mail("orders@bücher.example", ["SMTPUTF8"])
+
+    assert (await in_thread(idn_mail))[0] == 250
 
     mail, data = await in_thread(
         lambda: submit_as(bound, "shop", "s3cret", "orders@shop.example.com", bank)

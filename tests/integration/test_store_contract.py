@@ -1235,6 +1235,42 @@ async def test_expired_mail_is_never_claimed_and_is_dead_lettered(store: Any) ->
 # -- the event log --------------------------------------------------------------------------------
 
 
+async def test_a_dead_letter_without_a_try_keeps_its_last_reply_and_takes_a_given_class(
+    store: Any,
+) -> None:
+    """An outcome without an attempt keeps the delivery's last reply; the class it gives (what
+    held a never-tried one back: its relay's pause) is the dead letter's and its event's. (A
+    review: giving a class to one tried before blanked its reply.)"""
+    tried, never = msg("ada@example.net"), msg("bob@example.net")
+    await store.enqueue([tried, never], T0)
+    claimed = {d.address: d for d in deliveries(await claim(store))}
+    first, other = claimed["ada@example.net"], claimed["bob@example.net"]
+    retry = Outcome(first.id, RecipientState.DEFERRED, 1, 0, T0 + 1,
+                    attempt(ReplyClass.TEMPORARY, 451))  # fmt: skip
+    deferred = Outcome(other.id, RecipientState.DEFERRED, 0, 1, T0 + 1, None)
+    await store.record("w1", [retry, deferred], T0)
+    again = deliveries(await claim(store, now=T0 + 1))
+    assert len(again) == 2
+    expired = [
+        Outcome(d.id, RecipientState.DEAD, d.attempts, d.deferrals, None, None,
+                reason="max_age 1s exceeded",
+                cls=ReplyClass.TEMPORARY if d.id == first.id else ReplyClass.CONNECTION)
+        for d in again
+    ]  # fmt: skip
+    await store.record("w1", expired, T0 + 2)
+    letters = {letter.address: letter for letter in await store.list_dead(Selector(), limit=10)}
+    ada, bob = letters["ada@example.net"], letters["bob@example.net"]
+    assert ada.cls is ReplyClass.TEMPORARY
+    assert ada.last_response is not None and ada.last_response.code == 451
+    assert bob.cls is ReplyClass.CONNECTION  # never answered: a reply with nothing in it
+    assert bob.as_json()["last_response"] == {"code": None, "enhanced": None, "text": ""}
+    dead = await read_events(store, lambda es: len(es) >= 2, types=["dead"])
+    assert {(e.recipient, e.cls) for e in dead} == {
+        ("ada@example.net", ReplyClass.TEMPORARY),
+        ("bob@example.net", ReplyClass.CONNECTION),
+    }
+
+
 async def test_every_change_of_a_recipient_is_an_event_in_order(store: Any) -> None:
     await store.add_suppression(Suppression("gone@example.net", T0, "operator", None))
     prepared = msg("ok@example.net", "later@example.net", "gone@example.net",

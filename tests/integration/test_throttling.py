@@ -329,6 +329,11 @@ async def test_mail_that_expires_while_its_relay_is_paused_is_a_connection_dead_
         letters = await app.dead_letters()
         assert len(letters) == 10
         assert {letter.cls for letter in letters} == {ReplyClass.CONNECTION}
+        # those tried keep their last reply (a review: giving them a class lost it)
+        tried_letters = [letter for letter in letters if letter.id in {m.id for m in tried}]
+        assert len(tried_letters) == 3
+        for letter in tried_letters:
+            assert letter.last_response is not None and "connect" in letter.last_response.text
         assert len(await app.dead_letters(Selector(classes=(ReplyClass.CONNECTION,)))) == 10
         dead = (await app.events(types=["dead"], limit=100)).events
         assert len(dead) == 10 and {e.cls for e in dead} == {ReplyClass.CONNECTION}

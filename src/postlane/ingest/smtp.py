@@ -262,10 +262,9 @@ class SubmissionHandler:
             return "530 5.7.0 Authentication required"
         if address != NULL_SENDER:  # <>: a bounce or an auto-reply, sent on as it came
             try:
-                parse_address(address, "sender")
+                domain = parse_address(address, "sender").domain  # ASCII, as user_senders
             except ValidationError as exc:
                 return _refusal("553 5.1.7", exc.message)
-            domain = address.rpartition("@")[2]
             refusal = sender_refusal(self._senders_of(session), [(domain, "")])
             if refusal is not None:  # Postfix's reject_sender_login_mismatch answers so too
                 return _refusal("553 5.7.1", f"<{address}>: this user {refusal}")
@@ -288,12 +287,12 @@ class SubmissionHandler:
         content = envelope.content
         if b"\x00" in content:
             return "554 5.6.0 Message refused: it contains NUL bytes, which RFC 5322 forbids"
-        if not content.strip():  # the Received line added below would pass for a header
-            return "554 5.6.0 Message refused: it is empty"
         try:
             controls, content = take_control_headers(content)
         except ValidationError as exc:
             return _refusal("550 5.6.0", exc.message)
+        if not content.strip():  # the Received line added below would pass for a header
+            return "554 5.6.0 Message refused: it is empty"
         try:
             received = self._received_header(session)
             message = Message(

@@ -195,17 +195,18 @@ FOR NO KEY UPDATE;
 
 -- name: record_outcomes
 -- Apply a batch of outcomes, each only if its delivery is still leased by this worker. An
--- operator's hold during the send wins over a retry; an outcome without an attempt (class
--- NULL) keeps the previous reply.
+-- operator's hold during the send wins over a retry; an outcome without an attempt (text
+-- NULL) keeps the previous reply, and its class unless it gives one (what held a never-tried
+-- one back).
 UPDATE deliveries AS d
 SET state = CASE WHEN d.hold_after AND o.state IN ('queued', 'deferred') THEN 'held'
                  ELSE o.state END,
     attempts = o.attempts, deferrals = o.deferrals,
     next_attempt_at = coalesce(o.next_attempt_at, d.next_attempt_at),
     lease_owner = NULL, lease_expires_at = NULL, hold_after = false,
-    last_code = CASE WHEN o.class IS NULL THEN d.last_code ELSE o.code END,
-    last_enhanced = CASE WHEN o.class IS NULL THEN d.last_enhanced ELSE o.enhanced END,
-    last_text = CASE WHEN o.class IS NULL THEN d.last_text ELSE o.text END,
+    last_code = CASE WHEN o.text IS NULL THEN d.last_code ELSE o.code END,
+    last_enhanced = CASE WHEN o.text IS NULL THEN d.last_enhanced ELSE o.enhanced END,
+    last_text = coalesce(o.text, d.last_text),
     last_class = coalesce(o.class, d.last_class),
     reason = o.reason, updated_at = %(now)s
 FROM unnest(%(id)s::bigint[], %(state)s::text[], %(attempts)s::integer[],

@@ -67,17 +67,17 @@ RETURNING id, queue_id, address, domain, destination, attempts, deferrals, creat
 
 -- name: record_outcomes
 -- Apply one outcome, only if the delivery is still leased by this worker. An operator's hold
--- during the send wins over a retry; an outcome without an attempt (class NULL) keeps the
--- previous reply.
+-- during the send wins over a retry; an outcome without an attempt (text NULL) keeps the
+-- previous reply, and its class unless it gives one (what held a never-tried one back).
 UPDATE deliveries
 SET state = CASE WHEN hold_after = 1 AND :state IN ('queued', 'deferred') THEN 'held'
                  ELSE :state END,
     attempts = :attempts, deferrals = :deferrals,
     next_attempt_at = coalesce(:next_attempt_at, next_attempt_at),
     lease_owner = NULL, lease_expires_at = NULL, hold_after = 0,
-    last_code = CASE WHEN :class IS NULL THEN last_code ELSE :code END,
-    last_enhanced = CASE WHEN :class IS NULL THEN last_enhanced ELSE :enhanced END,
-    last_text = CASE WHEN :class IS NULL THEN last_text ELSE :text END,
+    last_code = CASE WHEN :text IS NULL THEN last_code ELSE :code END,
+    last_enhanced = CASE WHEN :text IS NULL THEN last_enhanced ELSE :enhanced END,
+    last_text = coalesce(:text, last_text),
     last_class = coalesce(:class, last_class),
     reason = :reason, updated_at = :now
 WHERE id = :id AND state = 'sending' AND lease_owner = :owner
