@@ -306,11 +306,15 @@ _HEADERS = _Utf8Headers()
 def sender_domains(message: PreparedMessage) -> Iterator[tuple[str, str]]:
     """The domains ``message`` is sent from, each with what says so in a refusal: the
     envelope sender's (``""``; none for the null sender), then those of every address in
-    every From field (``" (its From header)"``), lower-cased, in their ASCII (IDNA) form."""
+    every From field (``" (its From header)"``), lower-cased, in their ASCII (IDNA) form. An
+    address in a From field with no domain (an encoded word a reader shows as an address, an
+    empty group) is given as written, which no sender list holds: a From must name an
+    address (RFC 5322 3.6.2), and one that names none cannot be checked."""
     if message.sender:
         yield message.sender.rpartition("@")[2].lower(), ""
     for _, address in getaddresses(_from_fields(message.content)):
         if "@" not in address:
+            yield (address.strip() or "no address"), " (its From header)"
             continue
         try:
             domain = parse_address(address, "From header").domain
