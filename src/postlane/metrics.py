@@ -91,6 +91,10 @@ class _StoreGauges(Collector):
         #: when ``stats`` was read (the app's clock: a paused_until is compared with it)
         self.read_at = 0.0
         self.label = label
+        #: the destination labels shown so far: one no longer slowed, paused or sending to
+        #: stays, at its unlimited values (a flush lifting a slow-down made its series vanish,
+        #: and a graph or alert on it went blank instead of showing the rate come back)
+        self._shown: set[str] = set()
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -145,11 +149,13 @@ class _StoreGauges(Collector):
                 was = flags.get(name, (0.0, 0.0))
                 flags[name] = (max(was[0], float(is_paused)), max(was[1], float(wrong)))
                 sending[name] += d.in_flight
-            for name, allowed in rates.items():
-                rate.add_metric([name], allowed)
-                paused.add_metric([name], flags[name][0])
-                misconfigured.add_metric([name], flags[name][1])
-                in_flight.add_metric([name], sending[name])
+            self._shown.update(rates)
+            for name in sorted(self._shown):
+                rate.add_metric([name], rates.get(name, math.inf))
+                was_paused, was_wrong = flags.get(name, (0.0, 0.0))
+                paused.add_metric([name], was_paused)
+                misconfigured.add_metric([name], was_wrong)
+                in_flight.add_metric([name], sending.get(name, 0))
             for lane in Lane:
                 lane_stats = stats.lanes[lane]
                 for state, value in (

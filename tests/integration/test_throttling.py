@@ -289,6 +289,14 @@ async def test_stats_the_api_and_metrics_show_a_slowed_down_and_a_paused_destina
         ) as client:
             body = (await client.get("/v1/stats")).json()
             metrics = (await client.get("/metrics")).text
+            # an operator's flush lifts both: the series stay, showing the limits gone (they
+            # vanished, and a graph or an alert on them went blank)
+            await app.store.lift_destinations(["slow.example", "down.example"], clock.now())
+            lifted = (await client.get("/metrics")).text
+    for destination in ("slow.example", "down.example"):
+        assert gauge(lifted, "postlane_destination_rate", destination) == math.inf
+        assert gauge(lifted, "postlane_destination_paused", destination) == 0
+        assert gauge(lifted, "postlane_destination_in_flight", destination) == 0
     listed = {d["destination"]: d for d in body["destinations"]}
     assert listed["slow.example"]["rate"] == 0.5
     assert listed["slow.example"]["paused_until"] is None
