@@ -102,7 +102,7 @@ class Caller:
 
     def may_send_from(self, domain: str) -> bool:
         """Whether this caller may enqueue mail from sender domain ``domain``."""
-        return self.senders is None or domain.lower() in self.senders
+        return sender_refusal(self.senders, [(domain, "")]) is None
 
 
 def sender_refusal(senders: Sequence[str] | None, domains: Iterable[tuple[str, str]]) -> str | None:

@@ -14,7 +14,7 @@ import time
 from datetime import UTC, datetime
 from typing import Protocol
 
-from postlane.errors import ValidationError
+from postlane.errors import ValidationError, quoted
 
 
 class Clock(Protocol):
@@ -131,10 +131,10 @@ def parse_when(value: datetime | str | float | None, what: str) -> float | None:
         raise ValidationError(f"{what} must be a time, not {type(value).__name__}", field=what)
     if math.isnan(seconds) or seconds < 0:
         shown = value.isoformat() if isinstance(value, datetime) else value
-        raise ValidationError(f"{what} must be a time after 1970, got {_short(shown)}", field=what)
+        raise ValidationError(f"{what} must be a time after 1970, got {quoted(shown)}", field=what)
     if seconds > LATEST:
         raise ValidationError(
-            f"{what} must be a time before the year 10000, got {_short(value)}", field=what
+            f"{what} must be a time before the year 10000, got {quoted(value)}", field=what
         )
     return seconds
 
@@ -142,12 +142,6 @@ def parse_when(value: datetime | str | float | None, what: str) -> float | None:
 #: the latest time a ``send_at``, ``expires_at`` or suppression's expiry may name
 #: (9999-12-31T23:59:59Z): what every time shown, ISO 8601 or in a table, can still write
 LATEST = 253402300799.0
-
-
-def _short(value: object) -> str:
-    """A refused value as an error shows it: its repr, cut to 40 characters."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 #: Unix seconds as text: ASCII digits, perhaps a fraction (not float()'s "1_700", "inf", "1e9")

@@ -109,3 +109,10 @@ class StoreFull(StoreUnavailable):
 
 class TransportError(PostlaneError):
     code = "transport_error"
+
+
+def quoted(value: object, most: int = 40) -> str:
+    """A refused value as an error shows it: its repr, cut to ``most`` characters (a value
+    the client sent may be any length, and the error goes back to it, and to the log)."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."

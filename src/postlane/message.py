@@ -36,7 +36,7 @@ from typing import Any
 
 from postlane.addresses import Mailbox, check_text, mailboxes, no_line_breaks, parse_address
 from postlane.clock import parse_when
-from postlane.errors import MessageTooLarge, ValidationError
+from postlane.errors import MessageTooLarge, ValidationError, quoted
 
 
 class Lane(StrEnum):
@@ -294,7 +294,11 @@ class _Utf8Headers(email_policy.Compat32):
     shows as U+FFFD: a stored subject ``grüße`` came out ``gr����e``)."""
 
     def header_fetch_parse(self, name: str, value: str) -> Any:
-        if isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value):
+        if (
+            isinstance(value, str)
+            and not value.isascii()
+            and any("\udc80" <= c <= "\udcff" for c in value)
+        ):
             return value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
         return super().header_fetch_parse(name, value)
 
@@ -707,12 +711,12 @@ def _attachment_part(attachment: Attachment) -> MIMEBase:
     maintype, _, subtype = content_type.partition("/")
     if not maintype or not subtype or not _HEADER_NAME.fullmatch(maintype + subtype):
         raise ValidationError(
-            f"attachment {_cut(filename)}: content type {content_type!r} is not type/subtype",
+            f"attachment {quoted(filename)}: content type {content_type!r} is not type/subtype",
             field="attachments",
         )
     if _NOT_ATTACHABLE.fullmatch(content_type):
         raise ValidationError(
-            f"attachment {_cut(filename)}: content type {content_type} cannot be an attachment: "
+            f"attachment {quoted(filename)}: content type {content_type} cannot be an attachment: "
             "attachments are sent base64-encoded, which MIME forbids for multipart/* and "
             "message/* (message/global aside); attach each part on its own or the whole as "
             "application/octet-stream, or send a complete message as raw",
@@ -720,7 +724,8 @@ def _attachment_part(attachment: Attachment) -> MIMEBase:
         )
     if not isinstance(attachment.content, bytes | bytearray):
         raise ValidationError(
-            f"attachment {_cut(filename)}: content must be bytes, not {_kind(attachment.content)}",
+            f"attachment {quoted(filename)}: content must be bytes, "
+            f"not {_kind(attachment.content)}",
             field="attachments",
         )
     part = MIMEBase(maintype, subtype)
@@ -731,18 +736,12 @@ def _attachment_part(attachment: Attachment) -> MIMEBase:
     for header, value in part.items():
         if len(header) + 2 + len(str(value)) > _MAX_LINE:  # unfoldable: one token
             raise ValidationError(
-                f"attachment {_cut(filename)}: its {header} header would be longer than "
+                f"attachment {quoted(filename)}: its {header} header would be longer than "
                 f"{_MAX_LINE} characters, the most RFC 5322 2.1.1 allows: shorten its "
                 + ("filename" if header == "Content-Disposition" else "content type"),
                 field="attachments",
             )
     return part
-
-
-def _cut(text: str, most: int = 40) -> str:
-    """``text`` quoted for an error, cut to ``most`` characters."""
-    shown = repr(text)
-    return shown if len(shown) <= most else shown[: most - 3] + "..."
 
 
 def _body(text: str | None, html: str | None, attachments: Sequence[Attachment]) -> MIMEBase:

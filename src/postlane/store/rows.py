@@ -397,11 +397,17 @@ def scopes_by_address(found: Sequence[Row]) -> dict[str, Listed]:
     every lane)."""
     listed: dict[str, Listed] = {}
     for row in found:
-        lanes = suppression_lanes(row["lanes"])
+        lanes = stopped_lanes(row)
         scopes = listed.setdefault(row["address"], {})
         held = scopes.get(row["scope"], frozenset())
-        scopes[row["scope"]] = None if lanes is None or held is None else held.union(lanes)
+        scopes[row["scope"]] = None if lanes is None or held is None else held | lanes
     return listed
+
+
+def stopped_lanes(row: Row) -> frozenset[Lane] | None:
+    """The lanes a suppression row stops (None: every lane)."""
+    lanes = suppression_lanes(row["lanes"])
+    return None if lanes is None else frozenset(lanes)
 
 
 def stops(lanes: frozenset[Lane] | None, lane: Lane | None) -> bool:

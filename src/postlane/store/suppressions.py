@@ -68,8 +68,7 @@ class SQLSuppressions(SQLRole):
             found = yield from fetch("suppressed_among", {"addresses": addresses, "now": None})
             lifted: list[str] = []
             for row in found:
-                lanes = rows.suppression_lanes(row["lanes"])
-                held = None if lanes is None else frozenset(lanes)
+                held = rows.stopped_lanes(row)
                 if row["scope"] != "*" or not any(
                     rows.stops(held, lane) for lane in lanes_of[row["address"]]
                 ):
