@@ -330,6 +330,14 @@ async def test_mail_that_expires_while_its_relay_is_paused_is_a_connection_dead_
         await worker.run_until_idle()  # three refused connections pause the relay for 30 s
         tried = [m for m in await app.messages() if m.recipients[0].last_response is not None]
         assert len(tried) == 3  # the other seven never reached the relay
+        # and wait for the pause's end: `queue list` says so (it showed times long past)
+        paused_until = worker.gate.relay_paused_until()
+        assert paused_until is not None
+        untried = [m.recipients[0] for m in await app.messages() if m not in tried]
+        assert len(untried) == 7
+        assert {(r.next_attempt_at, r.reason) for r in untried} == {
+            (paused_until, "destination relay is paused")
+        }
         await clock.advance(31)  # the pause is over; every recipient is past its 15 s
         with caplog.at_level(logging.INFO, logger="postlane.attempts"):
             await worker.run_until_idle()
