@@ -23,7 +23,8 @@ from postlane.errors import (
     TransportError,
     ValidationError,
 )
-from postlane.message import Attachment, Lane, Message, RecipientState
+from postlane.message import Lane, Message, RecipientState
+from postlane.mime import Attachment
 from postlane.records import Cancelled, EnqueueResult, Selector
 
 __version__ = "0.1.0"

@@ -48,7 +48,8 @@ from postlane.errors import (
     StoreUnavailable,
     ValidationError,
 )
-from postlane.message import Attachment, Message
+from postlane.message import Message
+from postlane.mime import Attachment
 from postlane.records import EnqueueResult
 
 __all__ = ["AsyncClient", "BatchRefused", "Client"]

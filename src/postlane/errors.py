@@ -111,6 +111,11 @@ class TransportError(PostlaneError):
     code = "transport_error"
 
 
+def kind_of(value: object) -> str:
+    """What a refused value is, for an error: ``None``, ``int``, ``list``, ..."""
+    return "None" if value is None else type(value).__name__
+
+
 def quoted(value: object, most: int = 40) -> str:
     """A refused value as an error shows it: its repr, cut to ``most`` characters (a value
     the client sent may be any length, and the error goes back to it, and to the log)."""

@@ -20,23 +20,27 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email import encoders
 from email import policy as email_policy
-from email._header_value_parser import SPECIALS, quote_string
-from email.charset import BASE64, QP, Charset
-from email.header import Header, decode_header, make_header
-from email.message import Message as HeaderBlock
-from email.mime.base import MIMEBase
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from email.parser import BytesHeaderParser
-from email.utils import format_datetime, formataddr, getaddresses
+from email.utils import format_datetime, getaddresses
 from enum import StrEnum
 from typing import Any
 
 from postlane.addresses import Mailbox, check_text, mailboxes, no_line_breaks, parse_address
 from postlane.clock import parse_when
-from postlane.errors import MessageTooLarge, ValidationError, quoted
+from postlane.errors import MessageTooLarge, ValidationError, kind_of
+from postlane.mime import (
+    HEADER_NAME,
+    Attachment,
+    address_header,
+    check_field_names,
+    check_singletons,
+    decoded,
+    drop_header,
+    first_address,
+    mime_body,
+    render,
+)
 
 
 class Lane(StrEnum):
@@ -92,7 +96,6 @@ MAX_IDEMPOTENCY_KEY = 255
 MAX_METADATA_BYTES = 16 * 1024
 #: metadata nests at most this deep (a 100,000-deep value would break every later read)
 MAX_METADATA_DEPTH = 32
-_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ':'
 #: headers `headers` may not set, and what to do instead: those the model sets itself (an app
 #: sets them through the fields), ``Return-Path`` (RFC 5321 4.4: the receiving server adds it
 #: from the envelope sender; the sender must not) and postlane's control headers, which the
@@ -150,13 +153,6 @@ def new_message_id(now: float | None = None) -> str:
     return "".join(reversed(chars))
 
 
-@dataclass(frozen=True)
-class Attachment:
-    filename: str
-    content: bytes
-    content_type: str = "application/octet-stream"
-
-
 @dataclass
 class Message:
     """An email as an application hands it to postlane (Python API, HTTP API, CLI)."""
@@ -182,11 +178,6 @@ class Message:
     expires_at: datetime | str | float | None = None
 
 
-def _kind(value: Any) -> str:
-    """What a refused value is, for an error: ``None``, ``int``, ``list``, ..."""
-    return "None" if value is None else type(value).__name__
-
-
 #: the text fields of a Message (None: not given) and what each takes
 _STRING_FIELDS = {
     "subject": "a string",
@@ -206,10 +197,10 @@ def _check_types(message: Message) -> None:
     as what it should be (a Python caller is not type-checked: ``bytes(5)`` is five NUL bytes,
     ``None`` has no ``strip``). What each value holds is checked after."""
     if not isinstance(message, Message):
-        raise ValidationError(f"a message is a postlane.Message, not {_kind(message)}")
+        raise ValidationError(f"a message is a postlane.Message, not {kind_of(message)}")
     if not isinstance(message.sender, str):
         raise ValidationError(
-            f"sender must be an address (a string), not {_kind(message.sender)}", field="from"
+            f"sender must be an address (a string), not {kind_of(message.sender)}", field="from"
         )
     for name in ("to", "cc", "bcc"):
         values = getattr(message, name)
@@ -217,36 +208,38 @@ def _check_types(message: Message) -> None:
             continue
         if not isinstance(values, Sequence | AbstractSet) or isinstance(values, bytes | bytearray):
             raise ValidationError(
-                f"{name} must be an address or a list of addresses (strings), not {_kind(values)}",
+                f"{name} must be an address or a list of addresses (strings), "
+                f"not {kind_of(values)}",
                 field=name,
             )
         for value in values:
             if not isinstance(value, str):
                 raise ValidationError(
                     f"{name} must be an address or a list of addresses (strings), not a list "
-                    f"holding {_kind(value)}",
+                    f"holding {kind_of(value)}",
                     field=name,
                 )
     for name, expected in _STRING_FIELDS.items():
         value = getattr(message, name)
         if value is not None and not isinstance(value, str):
-            raise ValidationError(f"{name} must be {expected}, not {_kind(value)}", field=name)
+            raise ValidationError(f"{name} must be {expected}, not {kind_of(value)}", field=name)
     for name, expected in _MAPPING_FIELDS.items():  # None: none
         value = getattr(message, name)
         if value is not None and not isinstance(value, Mapping):
-            raise ValidationError(f"{name} must be {expected}, not {_kind(value)}", field=name)
+            raise ValidationError(f"{name} must be {expected}, not {kind_of(value)}", field=name)
     if not isinstance(message.attachments, Sequence) or isinstance(
         message.attachments, str | bytes | bytearray
     ):
         raise ValidationError(
-            f"attachments must be a list of postlane.Attachment, not {_kind(message.attachments)}",
+            "attachments must be a list of postlane.Attachment, "
+            f"not {kind_of(message.attachments)}",
             field="attachments",
         )
     if message.raw is not None and not isinstance(
         message.raw, str | bytes | bytearray | memoryview
     ):
         raise ValidationError(
-            f"raw must be a whole message as bytes or str, not {_kind(message.raw)}", field="raw"
+            f"raw must be a whole message as bytes or str, not {kind_of(message.raw)}", field="raw"
         )
 
 
@@ -573,11 +566,11 @@ def _prepare_parts(message: Message, queue_id: str, now: float | None) -> _Rende
             field="text",
         )
 
-    headers: list[tuple[str, str]] = [("From", _address_header([sender]))]
+    headers: list[tuple[str, str]] = [("From", address_header([sender]))]
     if to:
-        headers.append(("To", _address_header(to)))
+        headers.append(("To", address_header(to)))
     if cc:
-        headers.append(("Cc", _address_header(cc)))
+        headers.append(("Cc", address_header(cc)))
     if not to and not cc:
         headers.append(("To", "undisclosed-recipients:;"))
     headers.append(("Subject", subject))
@@ -593,7 +586,7 @@ def _prepare_parts(message: Message, queue_id: str, now: float | None) -> _Rende
     headers.append(("Message-ID", message_id))
     headers.extend(extra)
 
-    content = _render(_body(text, html, message.attachments), headers)
+    content = render(mime_body(text, html, message.attachments), headers)
     return _Rendered(sender.address, recipients, subject, message_id, content)
 
 
@@ -609,7 +602,7 @@ def _body_text(value: str | None, what: str) -> str | None:
 
 
 def _check_header(name: Any, value: Any) -> None:
-    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+    if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
         raise ValidationError(f"{name!r} is not a valid header name", field="headers")
     if not isinstance(value, str):
         raise ValidationError(f"header {name} must be a string", field="headers")
@@ -632,161 +625,6 @@ def _check_message_id(value: str) -> str:
             f"Message-ID {value!r} must look like <unique@domain>", field="headers"
         )
     return value
-
-
-# -- rendering ------------------------------------------------------------------------------------
-#
-# The bytes are rendered with the email package's MIME classes and its compat32 generator: about
-# six times faster than EmailMessage under policy.SMTP (whose header objects re-parse every
-# value), which matters because every enqueue renders once. Non-ASCII header text is encoded
-# with email.header.Header (RFC 2047); addresses with non-ASCII local parts need SMTPUTF8 and are
-# written as UTF-8.
-
-_UTF8 = Charset("utf-8")
-_UTF8.header_encoding = BASE64
-_UTF8.body_encoding = QP
-_GENERATOR_POLICY = email_policy.compat32.clone(linesep="\r\n")
-_SMTPUTF8_POLICY = email_policy.SMTPUTF8
-_MAX_LINE = 998
-
-
-#: a run no header line could hold with its name (RFC 5322 2.1.1: 998 characters a line)
-_UNFOLDABLE = re.compile(r"\S{900,}")
-
-
-def _header_value(value: str) -> str | Header:
-    """Non-ASCII text, or a word too long for any line, as RFC 2047 encoded words: they fold
-    anywhere, where plain text folds only at spaces (a 2,000-character subject made one
-    2,000-character line, which receivers may refuse)."""
-    if value.isascii() and not _UNFOLDABLE.search(value):
-        return value
-    return Header(value, _UTF8)
-
-
-def _address_header(boxes: Sequence[Mailbox]) -> str:
-    return ", ".join(_mailbox_text(box) for box in boxes)
-
-
-def _mailbox_text(box: Mailbox) -> str:
-    if box.address.isascii():
-        return formataddr((box.display_name, box.address), charset=_UTF8)
-    # an SMTPUTF8 address: written as UTF-8, name and all (RFC 6532); the address as parsed,
-    # quoted as RFC 5321 wants (headerregistry.Address would drop the quotes of "ä."), the name
-    # quoted as Address quotes it
-    name = box.display_name
-    if not name:
-        return box.address
-    return f"{quote_string(name) if not SPECIALS.isdisjoint(name) else name} <{box.address}>"
-
-
-def _text_part(text: str, subtype: str) -> MIMEText:
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    plain = text.isascii() and all(len(line) <= _MAX_LINE for line in text.split("\n"))
-    # MIMEText takes a Charset too (typeshed says str): ours makes UTF-8 text quoted-printable
-    return MIMEText(text, subtype, "us-ascii" if plain else _UTF8)  # type: ignore[arg-type]
-
-
-#: the containers an attachment cannot be: it is sent base64-encoded, and RFC 2046 5.1 and 5.2
-#: allow neither a multipart body (its parts need a boundary) nor these message bodies (only
-#: 7bit, 8bit or binary) so encoded; message/global may be (RFC 6532 3.7)
-_NOT_ATTACHABLE = re.compile(r"multipart/.*|message/(?!global$).*", re.IGNORECASE)
-
-
-def _attachment_part(attachment: Attachment) -> MIMEBase:
-    if not isinstance(attachment, Attachment):
-        raise ValidationError(
-            f"attachments must be postlane.Attachment values, not {_kind(attachment)}",
-            field="attachments",
-        )
-    for value, what in (
-        (attachment.filename, "filename"),
-        (attachment.content_type, "content_type"),
-    ):
-        if value is not None and not isinstance(value, str):
-            raise ValidationError(
-                f"an attachment's {what} must be a string, not {_kind(value)}", field="attachments"
-            )
-    filename = no_line_breaks(attachment.filename or "attachment", "attachment filename")
-    content_type = attachment.content_type or ""
-    maintype, _, subtype = content_type.partition("/")
-    if not maintype or not subtype or not _HEADER_NAME.fullmatch(maintype + subtype):
-        raise ValidationError(
-            f"attachment {quoted(filename)}: content type {content_type!r} is not type/subtype",
-            field="attachments",
-        )
-    if _NOT_ATTACHABLE.fullmatch(content_type):
-        raise ValidationError(
-            f"attachment {quoted(filename)}: content type {content_type} cannot be an attachment: "
-            "attachments are sent base64-encoded, which MIME forbids for multipart/* and "
-            "message/* (message/global aside); attach each part on its own or the whole as "
-            "application/octet-stream, or send a complete message as raw",
-            field="attachments",
-        )
-    if not isinstance(attachment.content, bytes | bytearray):
-        raise ValidationError(
-            f"attachment {quoted(filename)}: content must be bytes, "
-            f"not {_kind(attachment.content)}",
-            field="attachments",
-        )
-    part = MIMEBase(maintype, subtype)
-    part.set_payload(bytes(attachment.content))
-    encoders.encode_base64(part)
-    name: str | tuple[str, str, str] = filename if filename.isascii() else ("utf-8", "", filename)
-    part.add_header("Content-Disposition", "attachment", filename=name)
-    for header, value in part.items():
-        if len(header) + 2 + len(str(value)) > _MAX_LINE:  # unfoldable: one token
-            raise ValidationError(
-                f"attachment {quoted(filename)}: its {header} header would be longer than "
-                f"{_MAX_LINE} characters, the most RFC 5322 2.1.1 allows: shorten its "
-                + ("filename" if header == "Content-Disposition" else "content type"),
-                field="attachments",
-            )
-    return part
-
-
-def _body(text: str | None, html: str | None, attachments: Sequence[Attachment]) -> MIMEBase:
-    parts: list[MIMEBase] = []
-    if text is not None and html is not None:
-        alternative = MIMEMultipart("alternative")
-        alternative.attach(_text_part(text, "plain"))
-        alternative.attach(_text_part(html, "html"))
-        parts.append(alternative)
-    elif html is not None:
-        parts.append(_text_part(html, "html"))
-    elif text is not None:
-        parts.append(_text_part(text, "plain"))
-    parts.extend(_attachment_part(a) for a in attachments)
-    if len(parts) == 1:
-        return parts[0]
-    mixed = MIMEMultipart("mixed")
-    for part in parts:
-        mixed.attach(part)
-    return mixed
-
-
-def _render(body: MIMEBase, headers: list[tuple[str, str]]) -> bytes:
-    """The final bytes: our headers first, then the body's MIME headers, CRLF line ends."""
-    for part in body.walk():
-        if part is not body:
-            del part["MIME-Version"]
-    mime_headers = list(body.items())
-    for name, _ in mime_headers:
-        del body[name]
-    utf8 = any(not value.isascii() for name, value in headers if name in _ADDRESS_HEADERS)
-    for name, value in headers:
-        # a Header is a valid header value (typeshed's Message is generic over str only)
-        body[name] = value if utf8 else _header_value(value)  # type: ignore[assignment]
-    for name, value in mime_headers:
-        body[name] = value
-    try:
-        if utf8:  # non-ASCII mailbox names: SMTPUTF8 (RFC 6532) headers, written as UTF-8
-            return body.as_bytes(policy=_SMTPUTF8_POLICY.clone(linesep="\r\n"))
-        return body.as_bytes(policy=_GENERATOR_POLICY)
-    except (ValueError, UnicodeError) as exc:  # the email package's own refusals
-        raise ValidationError(f"cannot render the message: {exc}") from None
-
-
-_ADDRESS_HEADERS = frozenset({"From", "To", "Cc"})
 
 
 def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | None) -> _Rendered:
@@ -826,10 +664,10 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
     headers = BytesHeaderParser(policy=_HEADERS).parsebytes(head + b"\r\n\r\n")
     if headers.defects or not head or head[:1].isspace():
         raise ValidationError("the raw message's header section is malformed", field="raw")
-    _check_field_names(head)
+    check_field_names(head)
 
-    _check_singletons(headers)
-    from_header = _first_address(headers.get_all("From") or [])
+    check_singletons(headers)
+    from_header = first_address(headers.get_all("From") or [])
     if message.sender.strip() == NULL_SENDER:
         # a bounce, a DSN, an auto-reply (RFC 5321 4.5.5, RFC 3834): sent with the null
         # return path, so nothing ever answers it; its From names the Message-ID's domain
@@ -858,12 +696,12 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
     recipients = _unique_recipients([parse_address(value, "to") for value in envelope])
 
     added = b""
-    # as Postfix's cleanup does (message_drop_headers): Bcc would tell every recipient who
+    # as Postfix's cleanup does (messagedrop_headers): Bcc would tell every recipient who
     # else got it; a Return-Path is the receiving server's to add, from the envelope (RFC 5321
     # 4.4), and one given here would only mislead whoever reads the delivered copy
     for name in ("Bcc", "Resent-Bcc", "Return-Path"):
         if name in headers:
-            raw = _drop_header(raw, name.lower().encode("ascii"))
+            raw = drop_header(raw, name.lower().encode("ascii"))
     message_id = headers.get("Message-ID")
     if message_id is None:
         message_id = f"<{queue_id}@{author.domain}>"
@@ -878,90 +716,9 @@ def _prepare_raw(message: Message, queue_id: str, max_size: int, now: float | No
     # headers such as Received stay on top
     head, _, body = raw.partition(b"\r\n\r\n")
     content = head + b"\r\n" + added + b"\r\n" + body
-    subject = _decoded(headers.get("Subject"))
+    subject = decoded(headers.get("Subject"))
     return _Rendered(envelope_sender, recipients, subject, message_id, content)
-
-
-#: a header line that is neither a continuation nor a field name (RFC 5322 2.2: printable
-#: ASCII but the colon) followed at once by its colon; one search over the whole section
-_NOT_A_FIELD = re.compile(rb"(?:\A|\r\n)(?![ \t]|[!-9;-~]+:)")
-
-
-def _check_field_names(head: bytes) -> None:
-    """Refuse a header line that is not ``name:`` (continuations aside): an mbox ``From ``
-    line, or ``From :`` (the obsolete space before the colon). Python's parser reads the first
-    as no header at all and a DKIM signer the second as a From, so a message could pass the
-    one-From check here and be signed for another domain."""
-    found = _NOT_A_FIELD.search(head)
-    if found is not None:
-        start = found.end()
-        number = head.count(b"\r\n", 0, start) + 1
-        shown = head[start : start + 40].split(b"\r\n", 1)[0].decode("ascii", "replace")
-        raise ValidationError(
-            f"line {number} of the raw message's header section is no header field "
-            f"(a name, then a colon at once): {shown!r}",
-            field="raw",
-        )
-
-
-#: the headers RFC 5322 3.6 allows once at most; a second one is refused (receivers such as
-#: Gmail refuse the message, and a DKIM signature cannot say which one it covers)
-_SINGLETONS = (
-    "From",
-    "Sender",
-    "Reply-To",
-    "To",
-    "Cc",
-    "Bcc",
-    "Subject",
-    "Date",
-    "Message-ID",
-    "In-Reply-To",
-    "References",
-)
-
-
-def _check_singletons(headers: HeaderBlock) -> None:
-    for name in _SINGLETONS:
-        values = headers.get_all(name)
-        if values is not None and len(values) > 1:
-            raise ValidationError(
-                f"the raw message has {len(values)} {name} headers; RFC 5322 allows one",
-                field="raw",
-            )
-
-
-def _decoded(value: Any) -> str:
-    """A header value with RFC 2047 encoded words decoded (for display; the bytes stay as sent)."""
-    if value is None:
-        return ""
-    text = str(value)
-    try:
-        return str(make_header(decode_header(text)))
-    except (ValueError, LookupError, UnicodeError):
-        return text
 
 
 def _as_list(values: Sequence[str] | str) -> list[str]:
     return [values] if isinstance(values, str) else list(values)
-
-
-def _first_address(values: Sequence[Any]) -> str:
-    found = getaddresses([str(value) for value in values])
-    return found[0][1] if found else ""
-
-
-def _drop_header(raw: bytes, lowered_name: bytes) -> bytes:
-    """Remove every occurrence of one header (with its folded continuation lines) from ``raw``."""
-    head, _, body = raw.partition(b"\r\n\r\n")
-    kept: list[bytes] = []
-    dropping = False
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        dropping = line.split(b":", 1)[0].strip().lower() == lowered_name
-        if not dropping:
-            kept.append(line)
-    return b"\r\n".join(kept) + b"\r\n\r\n" + body

@@ -13,7 +13,8 @@ from postlane.cli.context import config_option, invocation, json_option, with_ap
 from postlane.cli.output import print_json
 from postlane.cli.selectors import lane_choice, metadata_pairs
 from postlane.errors import ValidationError
-from postlane.message import Attachment, Message, prepare
+from postlane.message import Message, prepare
+from postlane.mime import Attachment
 from postlane.toml_values import parse_duration
 
 

@@ -58,8 +58,9 @@ from postlane.ingest.bodies import (
 )
 from postlane.ingest.bodies import read_body as read_within
 from postlane.ingest.server import HttpLimits, Refusals, escaped_store_error
-from postlane.message import Attachment, Message, PreparedMessage, sender_domains
+from postlane.message import Message, PreparedMessage, sender_domains
 from postlane.metrics import Metrics
+from postlane.mime import Attachment
 from postlane.records import Selector
 from postlane.selectors import (
     SELECTOR_FIELDS,
