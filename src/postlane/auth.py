@@ -41,9 +41,10 @@ from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 
-from postlane.config import HttpConfig, SendToken
+from postlane.config import HttpConfig
 from postlane.errors import ConfigError
 from postlane.ingest.tally import Tally
+from postlane.sender_bindings import SendToken
 
 log = logging.getLogger("postlane.auth")
 
