@@ -537,6 +537,104 @@ async def test_signed_sendgrid_events_bounce_defer_and_ignore_the_rest(site: Sit
     assert ("bob@example.net", "shop.example", "complaint") in await site.suppressions()
 
 
+def sendgrid_event(site: Site, event: str, event_id: str, **more: Any) -> dict[str, Any]:
+    """One item of SendGrid's array about ada's copy of the site's message."""
+    return {
+        "email": "ada@example.net",
+        "timestamp": int(T0),
+        "smtp-id": site.prepared.message_id,
+        "event": event,
+        "sg_event_id": event_id,
+        "postlane_queue_id": site.queue_id,
+        **more,
+    }
+
+
+async def test_a_provider_sending_its_events_again_changes_nothing(site: Site) -> None:
+    """An outside audit: SendGrid (and Postmark) deliver events at least once, and a batch
+    sent again added a second ``deferred`` event (and outbound webhook) and a second history
+    entry for each delay and delivery: only bounces and complaints were repeats. An event is
+    now a repeat by its id (``sg_event_id``); another delay, with an id of its own, is news."""
+    delay = sendgrid_event(site, "deferred", "dly-1", response="451 4.7.1 greylisted")
+    delivered = sendgrid_event(site, "delivered", "dlv-1", response="250 2.0.0 OK")
+    delivered["email"] = "bob@example.net"
+    body = json.dumps([delay, delivered]).encode()
+    first = (await site.post_sendgrid(body)).json()
+    assert (first["recorded"], first["duplicates"]) == (2, 0)
+    again = (await site.post_sendgrid(body)).json()
+    assert (again["recorded"], again["duplicates"]) == (0, 2)
+    assert len(await site.events("deferred", at_least=1)) == 1
+    assert [h.relay for h in await site.history("ada@example.net")].count("webhook:sendgrid") == 1
+    assert [h.relay for h in await site.history("bob@example.net")].count("webhook:sendgrid") == 1
+    later = sendgrid_event(site, "deferred", "dly-2", response="451 4.7.1 greylisted")
+    assert (await site.post_sendgrid(json.dumps([later]).encode())).json()["recorded"] == 1
+    assert len(await site.events("deferred", at_least=2)) == 2
+
+    postmark = sample("postmark-delivery.json", **site.values("bob@example.net"))
+    assert (await site.post_postmark(postmark)).json()["recorded"] == 1
+    assert (await site.post_postmark(postmark)).json()["duplicates"] == 1
+    assert [h.relay for h in await site.history("bob@example.net")].count("webhook:postmark") == 1
+
+
+async def test_a_delay_heard_after_the_bounce_is_history_not_news(site: Site) -> None:
+    """An outside audit: reports come out of order (a provider's batch, a late DSN), and a
+    delay heard after the recipient bounced told the application, in a ``deferred`` event,
+    that it was still being tried after it was told it failed. The delay is kept in the
+    recipient's history; no event; the recipient stays bounced."""
+    bounce = sendgrid_event(site, "bounce", "bnc-1", reason="550 5.1.1 no such user")
+    bounce.update(status="5.1.1", type="bounce")
+    delay = sendgrid_event(site, "deferred", "dly-9", response="451 4.7.1 greylisted")
+    answer = await site.post_sendgrid(json.dumps([bounce, delay]).encode())
+    assert answer.json()["recorded"] == 2
+    assert await site.state("ada@example.net") is RecipientState.BOUNCED
+    await site.events("bounced", at_least=1)
+    assert await site.app.store.events_after(None, limit=10, types=["deferred"]) == []
+    assert "greylisted" in (await site.history("ada@example.net"))[-1].text
+
+
+async def test_an_event_whose_message_id_names_two_messages_is_kept_not_applied(
+    site: Site,
+) -> None:
+    """An outside audit: an application sent the same raw message (one Message-ID) twice to
+    ada; one SendGrid bounce matched by that Message-ID alone bounced both. Which message
+    the event is about cannot be told: it is kept for review, and both stay sent."""
+    twice = "<order-8812@shop.example>"
+    store = site.app.store
+    copies = []
+    for _ in range(2):
+        raw = (
+            f"From: news@shop.example\r\nTo: ada@example.net\r\nMessage-ID: {twice}\r\n"
+            "Subject: Order\r\n\r\nYour order.\r\n"
+        )
+        prepared = prepare(Message(sender="news@shop.example", raw=raw), max_size=1_000_000)
+        await store.enqueue([prepared], T0)
+        copies.append(prepared.id)
+    claimed = await store.claim_due("w1", ALL_LANES, limit=100, now=T0, lease_until=T0 + 600)
+    attempt = AttemptRecord(
+        T0 + 1, ReplyClass.DELIVERED, 250, "2.0.0", "250 ok", "sendgrid", "sendgrid", 5
+    )
+    await store.record(
+        "w1",
+        [
+            Outcome(d.id, RecipientState.SENT, 1, 0, T0, attempt)
+            for m in claimed
+            for d in m.deliveries
+        ],
+        T0 + 1,
+    )
+    bounce = sendgrid_event(site, "bounce", "bnc-2", reason="550 5.1.1 no such user")
+    bounce.update({"smtp-id": twice, "status": "5.1.1", "type": "bounce"})
+    del bounce["postlane_queue_id"]
+    answer = (await site.post_sendgrid(json.dumps([bounce]).encode())).json()
+    assert (answer["recorded"], answer["unmatched"]) == (0, 1)
+    for queue_id in copies:
+        [ref] = await store.find_deliveries("ada@example.net", queue_id=queue_id)
+        assert ref.state is RecipientState.SENT
+    [kept] = await store.list_unmatched(limit=10)
+    assert twice in kept.reason and "names 2 messages" in kept.reason
+    assert await site.suppressions() == set()
+
+
 async def test_sendgrid_requests_altered_unsigned_or_expired_are_refused(site: Site) -> None:
     body = sample("sendgrid-events.json", **site.values()).encode()
     headers = site.sendgrid_headers(body)

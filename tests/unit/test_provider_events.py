@@ -160,6 +160,38 @@ def test_mailgun_events() -> None:
     assert mailgun_events({**data, "event": "opened"}) == []
 
 
+def test_each_event_carries_the_providers_id_of_it() -> None:
+    """What a repeat of an event is known by (a provider delivers at least once): its id, or,
+    for the deliveries and delays of providers that give them none, the message and time."""
+    [ses_bounce] = ses_events(sample("ses-bounce.json"))
+    assert ses_bounce.key == (
+        "webhook:ses:Bounce/0100017b2f5a2b61-c1f2b1e3-0c2c-4a6b-9b4e-5e7d0a8c3f21-000000"
+    )
+    [ses_delay] = ses_events(sample("ses-delivery-delay.json"))
+    [ses_delivery] = ses_events(sample("ses-delivery.json"))
+    for event, kind in ((ses_delay, "DeliveryDelay"), (ses_delivery, "Delivery")):
+        assert event.event_id is not None and event.event_id.startswith(f"{kind}/")
+        assert event.event_id.count("/") == 2  # SES's message id, then the time
+    keys = [e.key for e in sendgrid_events_of(sample("sendgrid-events.json"))]
+    assert keys == [
+        "webhook:sendgrid:rbtnWrG1DVDGGGFHFyun0A==",
+        "webhook:sendgrid:6g4ZI7SA-xmRDv57GoPIPw==",
+    ]
+    [failed] = mailgun_events(sample("mailgun-failed-permanent.json")["event-data"])
+    assert failed.key == "webhook:mailgun:G9Bn5sl1TC6nu79C8C0bwg"
+    [bounce] = postmark_events(sample("postmark-bounce.json"))
+    assert bounce.key == "webhook:postmark:Bounce/4323372036854775807"
+    [delivered] = postmark_events(sample("postmark-delivery.json"))
+    assert delivered.key == (
+        "webhook:postmark:Delivery/00000000-0000-0000-0000-000000000000/2021-02-21T16:34:52Z"
+    )
+    assert ProviderEvent("sendgrid", Heard.DELAYED, "a@example.net").key is None
+
+
+def sendgrid_events_of(items: list[Any]) -> list[ProviderEvent]:
+    return [event for item in items for event in sendgrid_events(item)]
+
+
 def test_mailgun_tokens_are_taken_once_until_they_expire() -> None:
     seen = SeenTokens(max_age=300)
     assert seen.claim("a", 0.0)

@@ -48,6 +48,9 @@ class Feedback:
     suppression: tuple[str, str, float | None] | None = None
     #: the lanes that suppression stops (None: every lane; an unsubscribe: the bulk lanes)
     suppression_lanes: tuple[Lane, ...] | None = None
+    #: the report's own id, when it has one (``webhook:sendgrid:<sg_event_id>``): a report
+    #: whose id the recipient's history holds already is a repeat and changes nothing
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class FeedbackResult:
     delivery_id: int
     state: RecipientState | None
     changed: bool
+    #: the report was heard before (its :attr:`Feedback.key` is in the history)
+    repeat: bool = False
 
 
 @dataclass(frozen=True)

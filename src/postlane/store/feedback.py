@@ -39,6 +39,8 @@ _EVENTS = {
     FeedbackKind.DELAYED: "deferred",
     FeedbackKind.DELIVERED: None,
 }
+#: a recipient in these states is done: a later delay report is no news for the application
+_FINAL_STATES = frozenset({RecipientState.BOUNCED, RecipientState.COMPLAINED})
 #: the most kept of an unmatched report's content
 UNMATCHED_CONTENT_LIMIT = 256 * 1024
 
@@ -155,6 +157,15 @@ def _unsubscribed(
     }
 
 
+def _report_keys(items: Sequence[Feedback]) -> Plan[set[tuple[int, str]]]:
+    """(delivery id, report id) of the reports the batch's deliveries' histories hold."""
+    ids = sorted({item.delivery_id for item in items if item.key is not None})
+    if not ids:
+        return set()
+    found = yield from fetch("report_keys", {"ids": ids})
+    return {(row["delivery_id"], row["report_key"]) for row in found}
+
+
 def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackResult]]:
     if not items:
         return []
@@ -164,6 +175,7 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
     }
     states = {i: RecipientState(row["state"]) for i, row in current.items()}
     listed = yield from _unsubscribed(items, current, now)
+    heard = yield from _report_keys(items)
     results: list[FeedbackResult] = []
     moves: list[dict[str, Any]] = []
     attempts: list[dict[str, Any]] = []
@@ -175,6 +187,11 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
             results.append(FeedbackResult(item.delivery_id, None, False))
             continue
         state = states[item.delivery_id]
+        if item.key is not None:
+            if (item.delivery_id, item.key) in heard:  # sent again (at least once)
+                results.append(FeedbackResult(item.delivery_id, state, False, repeat=True))
+                continue
+            heard.add((item.delivery_id, item.key))
         if item.kind is FeedbackKind.UNSUBSCRIBED and item.suppression is not None:
             entry = (row["address"].lower(), item.suppression[0].lower())
             asked = item.suppression_lanes
@@ -216,6 +233,7 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
                     "destination": row["destination"],
                     "duration_ms": 0,
                     "counted": False,
+                    "report_key": item.key,
                 }
             )
         if item.suppression is not None:
@@ -237,6 +255,10 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
                 }
             )
         event = _EVENTS[item.kind]
+        if event == "deferred" and state in _FINAL_STATES:
+            # a delay heard after the recipient bounced or complained (reports come out of
+            # order): its history has it, but the application is not told it is still trying
+            event = None
         if event is not None:
             events.append(
                 {
@@ -251,7 +273,7 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
             )
         results.append(FeedbackResult(item.delivery_id, state, True))
     yield from batch("feedback_state", moves, {"now": now})
-    yield from batch("insert_attempts", attempts)
+    yield from batch("insert_reports", attempts)
     yield from batch("insert_events", events)
     yield from batch("insert_suppression", suppressions)
     return results

@@ -96,6 +96,9 @@ class ProviderEvent:
     complaint_type: str | None = None
     #: the provider's own words for the event (``Bounce/Permanent/General``), for the records
     label: str = ""
+    #: the provider's id of the event (SendGrid's ``sg_event_id``, Mailgun's ``id``, ...), the
+    #: same when the provider sends it again: a repeat of it changes nothing
+    event_id: str | None = None
     #: the event as the provider sent it, kept when nothing matches it
     raw: Any = field(default=None, compare=False, repr=False)
 
@@ -103,6 +106,11 @@ class ProviderEvent:
     def source(self) -> str:
         """Where it came from (``Feedback.source``, the history's relay, a metric label)."""
         return f"webhook:{self.provider}"
+
+    @property
+    def key(self) -> str | None:
+        """The event's id among every report's (``Feedback.key``), when it has one."""
+        return None if self.event_id is None else f"{self.source}:{self.event_id}"
 
     def recipient_status(self) -> RecipientStatus:
         """The event as a DSN's per-recipient block (not for complaints)."""

@@ -140,6 +140,7 @@ def mailgun_events(data: Any) -> list[ProviderEvent]:
         message_id=message_id_header(headers.get("message-id"))
         if isinstance(headers, dict)
         else None,
+        event_id=text_of(data.get("id")),
         raw=data,
     )
     status = data.get("delivery-status")

@@ -95,6 +95,16 @@ class PostmarkReceiver:
             raise Unverified("wrong basic auth credentials")
 
 
+def _event_id(record: str | None, data: Mapping[str, Any]) -> str | None:
+    """Postmark's id of a bounce or a complaint (``ID``); a delivery has none, so its message
+    and time stand for one."""
+    found = text_of(data.get("ID"))
+    if found is not None:
+        return f"{record}/{found}"
+    message, at = text_of(data.get("MessageID")), text_of(data.get("DeliveredAt"))
+    return f"{record}/{message}/{at}" if record == "Delivery" and message and at else None
+
+
 def postmark_events(data: Mapping[str, Any]) -> list[ProviderEvent]:
     """The event one Postmark webhook tells (none for what postlane does not take)."""
     record = text_of(data.get("RecordType"))
@@ -108,6 +118,7 @@ def postmark_events(data: Mapping[str, Any]) -> list[ProviderEvent]:
         PROVIDER,
         recipient=recipient,
         queue_id=text_of(metadata.get("postlane_queue_id")) if isinstance(metadata, dict) else None,
+        event_id=_event_id(record, data),
         raw=data,
     )
     if record == "Bounce":

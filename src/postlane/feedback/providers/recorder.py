@@ -3,7 +3,8 @@ listener's reports are (:mod:`postlane.feedback.inbound`).
 
 1. **Match.** The deliveries to the event's recipient of the message its ``postlane_queue_id``
    names (``store.find_deliveries(address, queue_id=...)``); else of the message with its
-   Message-ID header.
+   Message-ID header, when only one message to that recipient has it (an application that
+   sent the same Message-ID twice: the event is kept, applied to neither).
 2. **Classify.** A failure, a delay or a delivery is read as a DSN's recipient block would be
    and goes through :func:`~postlane.feedback.inbound.feedback_for`: the same
    :func:`postlane.classify.classify`, the same table (a hard bounce is ``bounced`` and
@@ -16,15 +17,17 @@ Kept unmatched (``store.record_unmatched``, source ``webhook:<provider>``, kind 
 event's JSON as content): failures, delays and complaints nothing matches, complaints that are
 none (``not-spam``), and events about a recipient that was never sent. A delivery nothing matches
 is only counted (the provider's account may send more than postlane's mail). A repeat changes
-nothing and is counted as a duplicate. An event about a delivery still being sent (the
-provider's event can beat the worker's own record of ``sent``) is waited for a few seconds; if
-it is still being sent, nothing of the request is recorded and the caller asks the provider to
-send it again later.
+nothing and is counted as a duplicate: a bounce or complaint already recorded, or an event whose
+id (``sg_event_id``, Mailgun's ``id``, ...) the recipient's history already holds. An event
+about a delivery still being sent (the provider's event can beat the worker's own record of
+``sent``) is waited for a few seconds; if it is still being sent, nothing of the request is
+recorded and the caller asks the provider to send it again later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,7 +107,9 @@ class EventRecorder:
                 kept.append((event, f"a {event.complaint_type} feedback report, not a complaint"))
                 continue
             refs = await self._find(event)
-            if refs:
+            if len({ref.queue_id for ref in refs}) > 1:
+                kept.append((event, _ambiguous_note(event, refs)))
+            elif refs:
                 matched.extend(_Matched(event, ref) for ref in refs)
             elif event.heard is Heard.DELIVERED and event.queue_id is None:
                 ignored += 1  # another sender's mail through the same account
@@ -133,7 +138,7 @@ class EventRecorder:
         for (event, item), applied in zip(items, results, strict=True):
             if applied.changed:
                 recorded.append(item)
-            elif applied.state in _FINAL_FEEDBACK_STATES:
+            elif applied.repeat or applied.state in _FINAL_FEEDBACK_STATES:
                 duplicates += 1
             else:
                 state = applied.state or "gone"
@@ -172,7 +177,7 @@ class EventRecorder:
         event = match.event
         if event.heard is not Heard.COMPLAINED:
             item, _ = feedback_for(event.recipient_status(), match.ref, source=event.source, at=now)
-            return item
+            return dataclasses.replace(item, key=event.key)
         return Feedback(
             FeedbackKind.COMPLAINED,
             match.ref.delivery_id,
@@ -180,7 +185,20 @@ class EventRecorder:
             event.source,
             text=event.describe(),
             suppression=self.complaint_scope.complaint_suppression(match.ref),
+            key=event.key,
         )
+
+
+def _ambiguous_note(event: ProviderEvent, refs: Sequence[DeliveryRef]) -> str:
+    """Why an event its Message-ID matches to several messages is kept, not applied: it
+    speaks of one of them (an application sent the same Message-ID twice), and which one
+    cannot be told; applied to all, one bounce would bounce them all."""
+    messages = sorted({ref.queue_id for ref in refs})
+    return (
+        f"Message-ID {event.message_id} names {len(messages)} messages to {event.recipient} "
+        f"({', '.join(messages[:5])}{', ...' if len(messages) > 5 else ''}): "
+        "which one the event is about cannot be told, so it was applied to none"
+    )
 
 
 def _unmatched_note(event: ProviderEvent) -> str:

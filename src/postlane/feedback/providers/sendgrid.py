@@ -106,6 +106,7 @@ def sendgrid_events(item: Any) -> list[ProviderEvent]:
         recipient=recipient,
         queue_id=text_of(item.get("postlane_queue_id")),
         message_id=message_id_header(item.get("smtp-id")),
+        event_id=text_of(item.get("sg_event_id")),
         raw=item,
     )
     reason = text_of(item.get("reason"))

@@ -98,6 +98,7 @@ def ses_events(event: Any) -> list[ProviderEvent]:
         PROVIDER,
         queue_id=queue_id,
         message_id=message_id_header(_mapping(mail.get("commonHeaders")).get("messageId")),
+        event_id=_event_id(kind, event, mail),
         raw=event,
     )
     if kind == "Bounce":
@@ -134,6 +135,26 @@ def ses_events(event: Any) -> list[ProviderEvent]:
             for address in _plain_addresses(delivery.get("recipients"))
         ]
     return []
+
+
+#: each SES event's part that holds its feedback id or its time
+_EVENT_PARTS = {
+    "Bounce": "bounce",
+    "Complaint": "complaint",
+    "Delivery": "delivery",
+    "DeliveryDelay": "deliveryDelay",
+}
+
+
+def _event_id(kind: Any, event: Mapping[str, Any], mail: Mapping[str, Any]) -> str | None:
+    """SES's id of a bounce or a complaint (``feedbackId``); a delivery or a delay has none,
+    so its message (SES's ``messageId``) and time stand for one."""
+    part = _mapping(event.get(_EVENT_PARTS.get(text_of(kind) or "", "")))
+    found = text_of(part.get("feedbackId"))
+    if found is not None:
+        return f"{kind}/{found}"
+    message, at = text_of(mail.get("messageId")), text_of(part.get("timestamp"))
+    return f"{kind}/{message}/{at}" if message and at else None
 
 
 def _bounce(

@@ -334,6 +334,19 @@ ORDER BY destination;
 -- recorded state).
 SELECT destination, lifts FROM destination_state WHERE @any(destination, destinations, text);
 
+-- name: insert_reports
+-- Reports heard after the first hop in deliveries' histories, each with its own id when it has
+-- one (a provider event's).
+INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
+                      duration_ms, counted, report_key)
+@rows(delivery_id bigint, at float8, class text, code integer, enhanced text, text text,
+      relay text, destination text, duration_ms integer, counted boolean, report_key text);
+
+-- name: report_keys
+-- The ids of the reports some deliveries' histories hold (a repeat of one changes nothing).
+SELECT delivery_id, report_key FROM attempts
+WHERE @any(delivery_id, ids, bigint) AND report_key IS NOT NULL;
+
 -- name: insert_attempts
 -- Tries in deliveries' histories.
 INSERT INTO attempts (delivery_id, at, class, code, enhanced, text, relay, destination,
