@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["MASK", "is_secret_key", "mask_url", "redact", "url_secrets"]
+__all__ = ["MASK", "is_secret_key", "mask_url", "misplaced_userinfo", "redact", "url_secrets"]
 
 #: what a secret is replaced with
 MASK = "****"
@@ -50,6 +50,14 @@ def mask_url(url: str) -> str:
     if not sep:
         return url
     scheme_name = scheme.lower()
+    if misplaced_userinfo(rest):
+        # a password holding "/", "?" or "#" unencoded ends the URL's user info early: the
+        # whole of it, to the last "@", is masked (more than needed at worst, never less)
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        masked = f"{user}:{MASK}" if scheme_name in _USER_NAMES and colon else MASK
+        rest, question, query = rest.partition("?")
+        return f"{scheme}://{masked}@{rest}{question}{_masked_query(query)}"
     rest, question, query = rest.partition("?")
     path_start = rest.find("/")
     netloc, path = (rest, "") if path_start < 0 else (rest[:path_start], rest[path_start:])
@@ -62,13 +70,27 @@ def mask_url(url: str) -> str:
         netloc = f"{userinfo}@{host}"
     elif scheme_name in _CREDENTIALS_IN_HOST and netloc:
         netloc = MASK
-    if question:
-        pairs = []
-        for pair in query.split("&"):
-            name, equals, _value = pair.partition("=")
-            pairs.append(f"{name}={MASK}" if equals and is_secret_key(name) else pair)
-        query = "&".join(pairs)
-    return f"{scheme}://{netloc}{path}{question}{query}"
+    return f"{scheme}://{netloc}{path}{question}{_masked_query(query)}"
+
+
+def _masked_query(query: str) -> str:
+    """A URL's query with the values of secret names masked (``token=****``)."""
+    pairs = []
+    for pair in query.split("&") if query else ():
+        name, equals, _value = pair.partition("=")
+        pairs.append(f"{name}={MASK}" if equals and is_secret_key(name) else pair)
+    return "&".join(pairs)
+
+
+def misplaced_userinfo(rest: str) -> bool:
+    """Whether the part of a URL after ``scheme://`` has an ``@`` only past where its
+    authority ends (the first ``/``, ``?`` or ``#``): a password holding one of those
+    unencoded, such as ``smtp://user:Zx9/kLm2@host``, which a URL parser splits inside the
+    password (a "port" ``Zx9``, a path ``/kLm2@host``)."""
+    if rest.startswith("/"):  # no authority at all (sqlite:///path, capture:///path)
+        return False
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return "@" not in rest[:end] and "@" in rest[end:]
 
 
 def url_secrets(url: str) -> set[str]:

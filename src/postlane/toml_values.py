@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from postlane.redact import mask_url
+from postlane.redact import mask_url, misplaced_userinfo
 
 T = TypeVar("T")
 #: checks one TOML value and returns it typed; ValueError saying what it expected
@@ -305,8 +305,19 @@ def relay_url(value: Any) -> str:
         forms = list(RELAY_FORMS.values())
         raise expected(", ".join(forms[:-1]) + " or " + forms[-1], mask_url(text))
     if scheme in ("smtp", "smtps"):
+        check_userinfo(rest, mask_url(text))
         check_host_and_port(rest, mask_url(text))
     return text
+
+
+def check_userinfo(rest: str, shown: str) -> None:
+    """Refuse a user name or password holding ``/``, ``?`` or ``#`` as written (the URL would
+    end its user info there, and read a piece of the password as a port or a path)."""
+    if misplaced_userinfo(rest):
+        raise ValueError(
+            f"{shown!r}: the user name or password holds /, ? or #, which end a URL's user "
+            "info: percent-encode them (/ as %2F, ? as %3F, # as %23, @ as %40)"
+        )
 
 
 def check_host_and_port(rest: str, shown: str) -> None:
@@ -331,6 +342,8 @@ def store_url(value: Any) -> str:
             '"sqlite:///path.db" or "postgresql://user:pass@host:5432/db"',
             mask_url(text),
         )
+    if not text.startswith("sqlite://"):
+        check_userinfo(text.partition("://")[2], mask_url(text))
     return text
 
 
