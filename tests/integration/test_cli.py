@@ -760,6 +760,15 @@ def test_send_schedules_with_at_and_expires_and_a_flush_leaves_it(queue_dir: Pat
     )
     # a blank value (an unset shell variable) is not "now"
     one_line_error(postlane(*send, "--at", "", cwd=queue_dir), "--at is empty")
+    # a new user's audit: a refusal named the HTTP API's fields, not the command's options
+    one_line_error(
+        postlane(*send, "--header", "X-Postlane-Lane: high", cwd=queue_dir),
+        "header X-Postlane-Lane cannot be set with --header (use --lane)",
+    )
+    one_line_error(
+        postlane(*send, "--header", "From: b@example.com", cwd=queue_dir),
+        "header From cannot be set with --header (use --from)",
+    )
 
 
 def test_with_no_webhook_endpoint_the_listing_is_empty(queue_dir: Path) -> None:

@@ -1208,6 +1208,22 @@ async def test_a_batch_refuses_a_top_level_field_it_does_not_know(
     assert await queue_is_empty(app)
 
 
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [("sender", "from"), ("from_email", "from"), ("recipients", "to"), ("body", "text")],
+)
+async def test_another_apis_name_for_a_field_is_refused_naming_the_field_meant(
+    client: httpx.AsyncClient, app: AsyncPostlane, name: str, meant: str
+) -> None:
+    """A new user's audit: the Python API's ``sender=`` sent as JSON got "did you mean
+    'send_at'?" (the nearest spelling), not the field it stands for, ``from``."""
+    body = {k: v for k, v in MESSAGE.items() if k != meant}
+    r = await client.post("/v1/messages", json={**body, name: MESSAGE[meant]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == f"unknown field {name!r} (did you mean {meant!r}?)"
+    assert await queue_is_empty(app)
+
+
 ATTACHMENT = {"filename": "a.txt", "content": base64.b64encode(b"hi").decode()}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -163,12 +164,7 @@ def send(
     try:
         prepared = prepare(message, max_size=config.smtp.max_size, now=now)
     except ValidationError as exc:  # in the words of the command line
-        option = {"send_at": "--at", "expires_at": "--expires"}.get(exc.field or "")
-        if option is None:
-            raise
-        raise ValidationError(
-            exc.message.replace(exc.field or "", option), field=exc.field
-        ) from None
+        raise ValidationError(_in_option_words(exc), field=exc.field) from None
     # the store a configuration file names is made by the first send (before serve ever ran),
     # as by the Python API; without one, ./postlane.db is only a guess from the working
     # directory, and a message stored in a new queue there would never be delivered
@@ -179,3 +175,34 @@ def send(
         click.echo(result.id)
         if result.duplicate:
             click.echo(f"duplicate: idempotency key already used by {result.id}", err=True)
+
+
+#: the option of ``postlane send`` that gives each field of a message
+_OPTIONS = {
+    "from": "--from",
+    "to": "--to",
+    "cc": "--cc",
+    "bcc": "--bcc",
+    "subject": "--subject",
+    "text": "--text",
+    "html": "--html",
+    "raw": "--eml",
+    "attachments": "--attach",
+    "headers": "--header",
+    "lane": "--lane",
+    "idempotency_key": "--idempotency-key",
+    "metadata": "--metadata",
+    "send_at": "--at",
+    "expires_at": "--expires",
+}
+_FIELD_NAMED = re.compile(r"the '(\w+)' field")
+
+
+def _in_option_words(exc: ValidationError) -> str:
+    """A refusal in the command line's words: the option, where the message names a field
+    (``use the 'lane' field`` is ``use --lane`` here; ``send_at: ...`` is ``--at: ...``)."""
+    text = _FIELD_NAMED.sub(lambda m: _OPTIONS.get(m[1], m[0]), exc.message)
+    text = text.replace("cannot be set in headers", "cannot be set with --header")
+    if exc.field in ("send_at", "expires_at"):
+        text = text.replace(exc.field, _OPTIONS[exc.field])
+    return text

@@ -431,12 +431,31 @@ async def read_json(request: Request, limit: int) -> Any:
     return parse_json(await read_body(request, limit))
 
 
+#: fields of other APIs (postlane's Python API, Django's, other providers') that a message
+#: sent as JSON names otherwise: the refusal names the field meant
+_MESSAGE_FIELD_ALIASES = {
+    "sender": "from",
+    "from_email": "from",
+    "frm": "from",
+    "recipients": "to",
+    "recipient_list": "to",
+    "body": "text",
+    "html_message": "html",
+}
+
+
 def refuse_unknown_fields(given: Any, known: Collection[str], what: str = "field") -> None:
     """Refuse (400 ``unknown_field``) a key of ``given`` not in ``known``, with the known key it
-    is closest to: a typo is not silently dropped."""
+    is closest to (or, for a message, the field another API's name stands for: ``sender`` is
+    ``from``): a typo is not silently dropped."""
     unknown = sorted(set(given) - set(known), key=str)
     if unknown:
-        near = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+        alias = _MESSAGE_FIELD_ALIASES.get(str(unknown[0]))
+        near = (
+            [alias]
+            if alias in known
+            else difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+        )
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ApiError(400, "unknown_field", f"unknown {what} {unknown[0]!r}{hint}")
 
