@@ -27,8 +27,8 @@ def open_store_url(
             from postlane.store.postgres import PostgresStore
         except ImportError as exc:
             raise ConfigError(
-                f"store.url is PostgreSQL but psycopg is missing ({exc}); "
-                "install postlane[postgres]"
+                f"store.url is PostgreSQL but psycopg is missing ({exc}): install it with "
+                "pip install 'psycopg[binary,pool]>=3.2' (what postlane's [postgres] extra holds)"
             ) from None
         store: Store = PostgresStore(url, create=create)
         return store
