@@ -437,6 +437,8 @@ class Tokens:
         self._admin = [t.encode() for t in admin]
         self.attempts = Attempts(clock)
         self.sessions = Sessions(admin, session_lifetime, clock)
+        #: a bearer token came to a server that has none to check it against (said once)
+        self._unchecked_token_said = False
 
     @classmethod
     def from_config(cls, http: HttpConfig, *, clock: Callable[[], float] = time.time) -> Tokens:
@@ -508,6 +510,15 @@ class Tokens:
         if not self.configured:
             if not is_local(request):
                 raise NotLocal
+            if not self._unchecked_token_said and bearer_token(request) is not None:
+                # a client set up with a token it believes checked (a wrong one would pass
+                # here unseen until production): said once, the token never shown
+                self._unchecked_token_said = True
+                log.warning(
+                    "a request presented a bearer token, but no [http] tokens are configured: "
+                    "no token is checked, and every loopback client is admin (configure "
+                    "[http] tokens for the token to be checked)"
+                )
             return Caller(Scope.ADMIN, None)
         token = bearer_token(request)
         if token is None:

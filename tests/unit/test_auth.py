@@ -25,8 +25,9 @@ from postlane.auth import (
     fingerprint,
     is_local,
 )
-from postlane.config import SendToken, config_from_dict
+from postlane.config import config_from_dict
 from postlane.errors import ConfigError
+from postlane.sender_bindings import SendToken
 
 ADMIN = "admin-t0ken-for-the-tests"
 SEND = "send-t0ken-for-the-tests"
@@ -142,6 +143,24 @@ def test_without_tokens_the_api_answers_local_requests_only() -> None:
         tokens.caller(request(peer="192.0.2.7"))
     with pytest.raises(NotLocal):
         tokens.caller(request(host="evil.example"))
+
+
+def test_a_token_sent_to_a_server_without_tokens_is_said_once_never_shown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A new user's audit: a client set up with a wrong token passed unseen against a local
+    server without tokens (every loopback client is admin), until production refused it.
+    The server says once that it checks no token; the token is never written."""
+    tokens = Tokens()
+    caplog.set_level("WARNING", logger="postlane.auth")
+    assert tokens.caller(request()) == Caller(Scope.ADMIN, None)
+    assert caplog.records == []  # no token, nothing to say
+    for _ in range(3):
+        bearer = request(authorization="Bearer wrongtoken-wrongtoken")
+        assert tokens.caller(bearer) == Caller(Scope.ADMIN, None)
+    [said] = caplog.records
+    assert "no [http] tokens are configured" in said.getMessage()
+    assert "wrongtoken" not in said.getMessage()
 
 
 def test_with_tokens_the_api_wants_a_known_bearer_token() -> None:

@@ -8,7 +8,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postlane.config import (
-    SendToken,
     config_from_dict,
     format_duration,
     load_config,
@@ -17,6 +16,7 @@ from postlane.config import (
     parse_size,
 )
 from postlane.errors import ConfigError
+from postlane.sender_bindings import SendToken
 from postlane.simulate import Scenario
 
 
