@@ -38,6 +38,7 @@ from postlane.store.sqlite import SQLiteStore
 from postlane.transports.base import BaseTransport, Envelope, Response
 from postlane.waits import MailFirst
 from tests.conftest import SMTPPeer, free_port, serve_in_process
+from tests.integration.test_store_contract import read_events
 
 DATA = Path(__file__).parent.parent / "data" / "feedback"
 T0 = 1_800_000_000.0
@@ -200,6 +201,35 @@ async def test_a_delayed_mailbox_full_report_is_a_soft_bounce_that_changes_no_st
     assert await world.suppressions() == set()
     [event] = [e for e in await world.store.events_after(None, limit=100) if e.type == "deferred"]
     assert event.cls == "soft_bounce"
+
+
+async def test_a_delay_report_heard_after_the_bounce_is_history_not_a_deferred_event(
+    world: World,
+) -> None:
+    """An outside audit: a relay's delay DSN that arrives after its failure DSN (reports come
+    out of order) told the application, in a ``deferred`` event, that the recipient was still
+    being tried after its ``bounced`` event. The delay goes into the history only."""
+    sent = await world.send("slow@example.net")
+    verp = world.verp(sent, "slow@example.net")
+    failed = sample("postfix-failed.eml", return_path=verp, **{"nobody@": "slow@"})
+    await world.processor.process(failed, mail_from="", rcpt_to=[verp])
+    assert await world.state(sent, "slow@example.net") is RecipientState.BOUNCED
+    late = await world.processor.process(
+        sample("postfix-delayed.eml", return_path=verp), mail_from="", rcpt_to=[verp]
+    )
+    assert late.disposition is Disposition.RECORDED
+    assert await world.state(sent, "slow@example.net") is RecipientState.BOUNCED
+    view = await world.store.get_message(sent.prepared.id, history=True)
+    [slow] = view.recipients
+    # PostgreSQL shows events once older transactions end (another test's may run): once a
+    # message enqueued after the late report shows, whatever the report wrote shows too
+    marker = await world.send("later@example.net", sent=False)
+    events = await read_events(
+        world.store, lambda es: any(e.queue_id == marker.prepared.id for e in es)
+    )
+    types = [e.type for e in events if e.queue_id == sent.prepared.id]
+    assert "bounced" in types and "deferred" not in types
+    assert [h.relay for h in slow.history or ()][-2:] == ["dsn", "dsn"]
 
 
 @pytest.mark.parametrize(
