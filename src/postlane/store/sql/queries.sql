@@ -287,11 +287,14 @@ WHERE destination = :destination AND state IN ('queued', 'deferred')
 
 -- name: defer_all
 -- Push every waiting delivery to the end of the pause of the relay they all go through (the
--- worker claims nothing meanwhile), as defer_destination does a destination's.
+-- worker claims nothing meanwhile), as defer_destination does a destination's. Run again for
+-- mail enqueued during the pause: the lanes named, so that it reads the due mail only
+-- (deliveries_due by lane, then time), not the backlog it already pushed.
 UPDATE deliveries
 SET next_attempt_at = :until, reason = :reason, updated_at = :now,
     state = CASE WHEN created_at > :now THEN state ELSE 'deferred' END
-WHERE state IN ('queued', 'deferred') AND next_attempt_at < :until;
+WHERE lane IN ('high', 'normal', 'low') AND state IN ('queued', 'deferred')
+  AND next_attempt_at < :until;
 
 -- name: flush_paused_by
 -- A lifted relay's pause makes due the backlog defer_all pushed to its end (recorded with the
