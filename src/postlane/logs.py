@@ -1,19 +1,25 @@
 """Logging: readable lines by default, one JSON object per line with ``[log] format = "json"``.
 
 Every delivery attempt is one line on the ``postlane.attempts`` logger (queue id, recipient
-domain, destination, class, code, enhanced code, duration, decision); the JSON format carries
+domain, destination, class, code, enhanced code, duration, decision; :func:`log_attempt`), and
+so is every recipient dead-lettered without one (:func:`log_expiry`); the JSON format carries
 those as fields. Nothing postlane logs contains a message body, a password or a token.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from postlane.classify import ReplyClass, Verdict
 from postlane.config import LogConfig
+from postlane.policy import Decision
+from postlane.records import ClaimedMessage, Delivery
 
 #: attributes every LogRecord has; the rest came from ``extra=`` and become JSON fields
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -90,3 +96,112 @@ class OutageLog:
         self._logger.warning("%s: the store answers again (after %.0f s)", self._what, lasted)
         self._since = None
         self._unlogged = 0
+
+
+# -- the attempts' lines -----------------------------------------------------------------------
+
+#: one line per delivery attempt (and per recipient dead-lettered without one)
+attempt_log = logging.getLogger("postlane.attempts")
+
+
+def log_attempt(
+    message: ClaimedMessage,
+    delivery: Delivery,
+    verdict: Verdict,
+    decision: Decision,
+    duration_ms: int,
+    recipients: str = "none",
+    misconfigured: str | None = None,
+) -> None:
+    """One line per attempt, never the content; the recipient as ``[log] recipients`` says
+    (by default the domain only); for a misconfiguration, what is wrong."""
+    if not attempt_log.isEnabledFor(logging.INFO):
+        return
+    recipient = logged_recipient(delivery.address, recipients)
+    reply = logged_reply(verdict.text, delivery.address, recipient)
+    attempt_log.info(
+        "attempt id=%s domain=%s%s destination=%s class=%s code=%s enhanced=%s "
+        "duration_ms=%d next=%s%s reply=%s",
+        message.queue_id,
+        delivery.domain,
+        f" recipient={recipient}" if recipient else "",
+        delivery.destination,
+        verdict.cls.value,
+        verdict.code if verdict.code is not None else "-",
+        verdict.enhanced or "-",
+        duration_ms,
+        decision.action.value,
+        f' misconfigured="{misconfigured}"' if misconfigured else "",
+        json.dumps(reply, ensure_ascii=False),
+        extra={
+            "event": "attempt",
+            **({"misconfigured": misconfigured} if misconfigured else {}),
+            "id": message.queue_id,
+            "domain": delivery.domain,
+            **({"recipient": recipient} if recipient else {}),
+            "destination": delivery.destination,
+            "class": verdict.cls.value,
+            "code": verdict.code,
+            "enhanced": verdict.enhanced,
+            "duration_ms": duration_ms,
+            "decision": decision.action.value,
+            "lane": message.lane.value,
+            "reply": reply,
+        },
+    )
+
+
+def log_expiry(
+    message: ClaimedMessage,
+    delivery: Delivery,
+    refusal: str,
+    cls: ReplyClass | None,
+    recipients: str = "none",
+) -> None:
+    """One line for a delivery dead-lettered without a try (its time or its tries ran out
+    while it waited), as an attempt's line says a dead letter: an operator reading the log
+    sees every recipient that went to the dead letters."""
+    recipient = logged_recipient(delivery.address, recipients)
+    attempt_log.warning(
+        "expired id=%s domain=%s%s destination=%s class=%s next=dead reason=%s",
+        message.queue_id,
+        delivery.domain,
+        f" recipient={recipient}" if recipient else "",
+        delivery.destination,
+        cls.value if cls else "-",
+        json.dumps(refusal),
+        extra={
+            "event": "expired",
+            "id": message.queue_id,
+            "domain": delivery.domain,
+            **({"recipient": recipient} if recipient else {}),
+            "destination": delivery.destination,
+            "class": cls.value if cls else None,
+            "decision": "dead",
+            "lane": message.lane.value,
+            "reason": refusal,
+        },
+    )
+
+
+#: the most of a reply an attempt line carries
+LOGGED_REPLY_CHARS = 300
+
+
+def logged_reply(text: str, address: str, shown: str | None) -> str:
+    """A reply's text as an attempt line carries it (what a 3 a.m. operator needs: ``Connection
+    refused``, ``4.7.0 try again later``): one line, cut at :data:`LOGGED_REPLY_CHARS`, the
+    recipient's address in it shown as ``[log] recipients`` says (``<recipient>`` by default)."""
+    line = " ".join(text.split())
+    if address:
+        line = re.sub(re.escape(address), shown or "<recipient>", line, flags=re.IGNORECASE)
+    return line[:LOGGED_REPLY_CHARS]
+
+
+def logged_recipient(address: str, mode: str) -> str | None:
+    """A recipient as an attempt line shows it: nothing, a pseudonym, or the address."""
+    if mode == "full":
+        return address
+    if mode == "hash":
+        return hashlib.sha256(address.lower().encode("utf-8")).hexdigest()[:16]
+    return None

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import json
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -35,7 +32,7 @@ from postlane.errors import StoreUnavailable
 from postlane.gate import ThrottleGate
 from postlane.lanes import HighDemand, LaneScheduler
 from postlane.leases import ClockWatch, clock_skew, lease_owner_id, owner_is_dead
-from postlane.logs import OutageLog
+from postlane.logs import OutageLog, log_attempt, log_expiry
 from postlane.message import Lane, RecipientState
 from postlane.policy import Action, Decision, Policy, untried
 from postlane.recorder import Recorder
@@ -53,7 +50,6 @@ from postlane.waits import first_of
 
 log = logging.getLogger("postlane.worker")
 #: one line per delivery attempt (never the address's local part, never the content)
-attempt_log = logging.getLogger("postlane.attempts")
 
 #: how often finished messages past their retention are removed
 PURGE_INTERVAL = 600.0
@@ -488,7 +484,7 @@ class Worker:
             cls = delivery.last_class or self.gate.held_by(message, delivery)
             outcomes.append(untried(delivery, RecipientState.DEAD, refusal, cls))
             self.observer.dead_without_try(cls or ReplyClass.TEMPORARY)
-            _log_expiry(message, delivery, refusal, cls, self.log_recipients)
+            log_expiry(message, delivery, refusal, cls, self.log_recipients)
         try:
             clearance = await self.gate.admit(message, alive, now)
         finally:
@@ -566,7 +562,7 @@ class Worker:
         self.attempts += 1
         if decision.action is Action.SEND:
             self.sent += 1
-        _log_attempt(
+        log_attempt(
             message,
             delivery,
             verdict,
@@ -731,106 +727,3 @@ class Worker:
             await self.gate.leave_fleet()
         except Exception:
             log.exception("could not give back this worker's shares of destinations' limits")
-
-
-def _log_attempt(
-    message: ClaimedMessage,
-    delivery: Delivery,
-    verdict: Verdict,
-    decision: Decision,
-    duration_ms: int,
-    recipients: str = "none",
-    misconfigured: str | None = None,
-) -> None:
-    """One line per attempt, never the content; the recipient as ``[log] recipients`` says
-    (by default the domain only); for a misconfiguration, what is wrong."""
-    if not attempt_log.isEnabledFor(logging.INFO):
-        return
-    recipient = logged_recipient(delivery.address, recipients)
-    reply = logged_reply(verdict.text, delivery.address, recipient)
-    attempt_log.info(
-        "attempt id=%s domain=%s%s destination=%s class=%s code=%s enhanced=%s "
-        "duration_ms=%d next=%s%s reply=%s",
-        message.queue_id,
-        delivery.domain,
-        f" recipient={recipient}" if recipient else "",
-        delivery.destination,
-        verdict.cls.value,
-        verdict.code if verdict.code is not None else "-",
-        verdict.enhanced or "-",
-        duration_ms,
-        decision.action.value,
-        f' misconfigured="{misconfigured}"' if misconfigured else "",
-        json.dumps(reply, ensure_ascii=False),
-        extra={
-            "event": "attempt",
-            **({"misconfigured": misconfigured} if misconfigured else {}),
-            "id": message.queue_id,
-            "domain": delivery.domain,
-            **({"recipient": recipient} if recipient else {}),
-            "destination": delivery.destination,
-            "class": verdict.cls.value,
-            "code": verdict.code,
-            "enhanced": verdict.enhanced,
-            "duration_ms": duration_ms,
-            "decision": decision.action.value,
-            "lane": message.lane.value,
-            "reply": reply,
-        },
-    )
-
-
-def _log_expiry(
-    message: ClaimedMessage,
-    delivery: Delivery,
-    refusal: str,
-    cls: ReplyClass | None,
-    recipients: str = "none",
-) -> None:
-    """One line for a delivery dead-lettered without a try (its time or its tries ran out
-    while it waited), as an attempt's line says a dead letter: an operator reading the log
-    sees every recipient that went to the dead letters."""
-    recipient = logged_recipient(delivery.address, recipients)
-    attempt_log.warning(
-        "expired id=%s domain=%s%s destination=%s class=%s next=dead reason=%s",
-        message.queue_id,
-        delivery.domain,
-        f" recipient={recipient}" if recipient else "",
-        delivery.destination,
-        cls.value if cls else "-",
-        json.dumps(refusal),
-        extra={
-            "event": "expired",
-            "id": message.queue_id,
-            "domain": delivery.domain,
-            **({"recipient": recipient} if recipient else {}),
-            "destination": delivery.destination,
-            "class": cls.value if cls else None,
-            "decision": "dead",
-            "lane": message.lane.value,
-            "reason": refusal,
-        },
-    )
-
-
-#: the most of a reply an attempt line carries
-LOGGED_REPLY_CHARS = 300
-
-
-def logged_reply(text: str, address: str, shown: str | None) -> str:
-    """A reply's text as an attempt line carries it (what a 3 a.m. operator needs: ``Connection
-    refused``, ``4.7.0 try again later``): one line, cut at :data:`LOGGED_REPLY_CHARS`, the
-    recipient's address in it shown as ``[log] recipients`` says (``<recipient>`` by default)."""
-    line = " ".join(text.split())
-    if address:
-        line = re.sub(re.escape(address), shown or "<recipient>", line, flags=re.IGNORECASE)
-    return line[:LOGGED_REPLY_CHARS]
-
-
-def logged_recipient(address: str, mode: str) -> str | None:
-    """A recipient as an attempt line shows it: nothing, a pseudonym, or the address."""
-    if mode == "full":
-        return address
-    if mode == "hash":
-        return hashlib.sha256(address.lower().encode("utf-8")).hexdigest()[:16]
-    return None
