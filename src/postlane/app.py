@@ -41,7 +41,7 @@ from postlane.cursors import (
     encode_cursor,
 )
 from postlane.destinations import DestinationMap
-from postlane.errors import NoQueue, NotFound, SuppressedRecipients, ValidationError
+from postlane.errors import NoQueue, NotFound, SuppressedRecipients, ValidationError, kind_of
 from postlane.events import Event, event_cursor
 from postlane.exports import read_export
 from postlane.message import Lane, Message, PreparedMessage, in_lane_order, prepare
@@ -135,7 +135,7 @@ def suppression_lanes(lanes: Iterable[Lane | str] | None) -> tuple[Lane, ...] | 
         lanes = [lanes]
     if not isinstance(lanes, Iterable) or isinstance(lanes, bytes | bytearray | Mapping):
         raise ValidationError(
-            f"lanes must be a lane or a list of lanes (high, normal, low), not {_kind(lanes)}",
+            f"lanes must be a lane or a list of lanes (high, normal, low), not {kind_of(lanes)}",
             field="lanes",
         )
     chosen: set[Lane] = set()
@@ -143,7 +143,7 @@ def suppression_lanes(lanes: Iterable[Lane | str] | None) -> tuple[Lane, ...] | 
         if not isinstance(lane, str):
             raise ValidationError(
                 f"lanes must be a lane or a list of lanes (high, normal, low), not a list "
-                f"holding {_kind(lane)}",
+                f"holding {kind_of(lane)}",
                 field="lanes",
             )
         try:
@@ -164,7 +164,7 @@ def suppression_scope(scope: str | None) -> str:
     without a leading ``@``. Raises :class:`ValidationError` for anything else."""
     if scope is not None and not isinstance(scope, str):
         raise ValidationError(
-            f"scope must be * or a sender domain (a string), not {_kind(scope)}", field="scope"
+            f"scope must be * or a sender domain (a string), not {kind_of(scope)}", field="scope"
         )
     if scope is None or scope.strip() == "*":
         return "*"
@@ -278,7 +278,7 @@ class AsyncPostlane:
         if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Iterable):
             raise ValidationError(
                 "send_many takes a list of messages (postlane.Message or mappings), "
-                f"not {_kind(messages)}"
+                f"not {kind_of(messages)}"
             )
         return await self.send_prepared([self.prepare(_as_message(m)) for m in messages])
 
@@ -761,15 +761,10 @@ class AsyncPostlane:
         )
 
 
-def _kind(value: object) -> str:
-    """What a refused value is, for an error: ``None``, ``int``, ``list``, ..."""
-    return "None" if value is None else type(value).__name__
-
-
 def _check_string(value: object, name: str) -> None:
     """Refuse (:class:`ValidationError`) an argument that should be text and is not."""
     if not isinstance(value, str):
-        raise ValidationError(f"{name} must be a string, not {_kind(value)}", field=name)
+        raise ValidationError(f"{name} must be a string, not {kind_of(value)}", field=name)
 
 
 def _message_from_fields(fields: Mapping[str, Any]) -> Message:
