@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import smtplib
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -201,6 +202,32 @@ async def test_a_delayed_mailbox_full_report_is_a_soft_bounce_that_changes_no_st
     assert await world.suppressions() == set()
     [event] = [e for e in await world.store.events_after(None, limit=100) if e.type == "deferred"]
     assert event.cls == "soft_bounce"
+
+
+async def test_a_delay_report_sent_again_is_a_repeat_by_its_message_id(world: World) -> None:
+    """A relay sends its delay DSN again (its retry after our answer was lost): one deferred
+    event and one history entry, the second counted as a duplicate, not kept for review. The
+    relay's next delay report (a Message-ID of its own) is news."""
+    sent = await world.send("slow@example.net")
+    verp = world.verp(sent, "slow@example.net")
+    delayed = sample("postfix-delayed.eml", return_path=verp)
+    first = await world.processor.process(delayed, mail_from="", rcpt_to=[verp])
+    again = await world.processor.process(delayed, mail_from="", rcpt_to=[verp])
+    assert first.disposition is Disposition.RECORDED
+    assert (again.disposition, again.duplicates, again.unmatched_id) == (
+        Disposition.DUPLICATE, 1, None,
+    )  # fmt: skip
+    message_id = re.search(rb"^Message-Id: (<[^>]+>)", delayed, re.MULTILINE | re.IGNORECASE)
+    assert message_id is not None
+    later = delayed.replace(message_id[1], b"<the-next-delay-report@relay.example>")
+    assert (await world.processor.process(later, mail_from="", rcpt_to=[verp])).recorded
+    marker = await world.send("later@example.net", sent=False)
+    events = await read_events(
+        world.store, lambda es: any(e.queue_id == marker.prepared.id for e in es)
+    )
+    assert [e.type for e in events if e.queue_id == sent.prepared.id].count("deferred") == 2
+    view = await world.store.get_message(sent.prepared.id, history=True)
+    assert [h.relay for h in view.recipients[0].history or ()].count("dsn") == 2
 
 
 async def test_a_delay_report_heard_after_the_bounce_is_history_not_a_deferred_event(

@@ -378,7 +378,7 @@ class BounceProcessor:
         for item, applied in zip(items, results, strict=True):
             if applied.changed:
                 recorded.append(item)
-            elif applied.state in _FINAL_FEEDBACK_STATES:
+            elif applied.repeat or applied.state in _FINAL_FEEDBACK_STATES:
                 duplicates += 1
             elif applied.state is None:
                 notes.append(f"delivery {item.delivery_id} no longer exists")
@@ -497,8 +497,11 @@ class BounceProcessor:
     # -- recording --------------------------------------------------------------------------------
 
     def _feedback(self, parsed: ParsedReport, match: _Match, source: str, now: float) -> Feedback:
+        # a report sent again (its sender's retry after a lost answer) is a repeat by its own
+        # Message-ID: a delay heard twice is one deferred event
+        key = f"{source}:{parsed.report_id}" if parsed.report_id else None
         if match.status is not None:
-            item = feedback_for(match.status, match.ref, source=source, at=now)[0]
+            item = replace(feedback_for(match.status, match.ref, source=source, at=now)[0], key=key)
             final = match.status.recipient
             if item.kind is FeedbackKind.BOUNCED and final not in (None, match.ref.address.lower()):
                 # another final recipient failed (a list's member, an alias's or a forward's
@@ -514,6 +517,7 @@ class BounceProcessor:
             source,
             text=parsed.complaint.describe(),
             suppression=self.complaint_scope.complaint_suppression(match.ref),
+            key=key,
         )
 
     async def _keep(self, parsed: ParsedReport, report: Report, notes: list[str]) -> InboundResult:

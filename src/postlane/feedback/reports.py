@@ -49,7 +49,7 @@ import html
 import quopri
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email import policy
 from email.errors import MessageError
 from email.header import decode_header, make_header
@@ -183,6 +183,17 @@ class ParsedReport:
     #: which format or signal was recognised (``postfix``, ``qmail``, ``X-Autoreply``, ...), or
     #: why it could not be read
     note: str = ""
+    #: the report's own ``Message-ID`` (the same when its sender sends it again)
+    report_id: str | None = None
+
+
+def _with_report_id(parsed: ParsedReport, message: Message) -> ParsedReport:
+    found = _header(message, "message-id").strip()
+    return replace(parsed, report_id=found) if _REPORT_ID.fullmatch(found) else parsed
+
+
+#: a report's Message-ID worth telling a repeat by (a blank or odd one tells nothing)
+_REPORT_ID = re.compile(r"<[^<>\s]{3,250}>")
 
 
 def parse_report(content: bytes) -> ParsedReport:
@@ -203,8 +214,8 @@ def parse_report(content: bytes) -> ParsedReport:
                     note=f"a report whose status part is past the first {PARSE_LIMIT:,} bytes "
                     "read (a huge first part)",
                 )
-            return parsed
-        return _read(message)
+            return _with_report_id(parsed, message)
+        return _with_report_id(_read(message), message)
     except Exception as exc:  # a report is never lost to a parser bug: it is kept unreadable
         return ParsedReport(
             ReportKind.UNREADABLE,
