@@ -179,3 +179,47 @@ def test_claim_and_stats_queries_use_their_indexes(tmp_path: Path) -> None:
     )
     assert "COVERING INDEX deliveries_lane_state" in plan
     conn.close()
+
+
+async def test_after_the_upgrade_no_delivery_id_is_given_out_twice(tmp_path: Path) -> None:
+    """A security audit: SQLite handed out the ids of deleted deliveries again, and tokens
+    (VERP return paths, unsubscribe links) name a delivery by its id. Version 25 rebuilds
+    deliveries with AUTOINCREMENT; ids given out before the upgrade whose rows were already
+    gone (still named by their events) are not given out again either."""
+    path = tmp_path / "old.db"
+    conn = build_version(path, 24)
+    conn.execute(
+        "INSERT INTO messages (id, lane, sender, subject, message_id, size, created_at, content) "
+        "VALUES ('old1', 'normal', 'a@example.com', 's', '<old1@example.com>', 3, 1.0, x'61')"
+    )
+    for delivery_id in (1, 2):
+        conn.execute(
+            "INSERT INTO deliveries (id, queue_id, address, domain, destination, lane, "
+            "created_at, state, next_attempt_at, updated_at) VALUES (?, 'old1', ?, "
+            "'example.net', 'example.net', 'normal', 1.0, 'deferred', 2.0, 1.0)",
+            (delivery_id, f"r{delivery_id}@example.net"),
+        )
+    # deliveries 3 to 7 were sent (their tokens went out) and purged; their events remain
+    conn.execute(
+        "INSERT INTO events (type, at, queue_id, delivery_id, recipient, lane) "
+        "VALUES ('deferred', 1.5, 'gone', 7, 'x@example.net', 'normal')"
+    )
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        view = await store.get_message("old1")
+        assert [r.address for r in view.recipients] == ["r1@example.net", "r2@example.net"]
+        fresh = prepare(Message(sender="a@example.com", to=["n@example.net"], text="x"),
+                        max_size=10_000)  # fmt: skip
+        await store.enqueue([fresh], 3.0)
+        [ref] = await store.find_deliveries("n@example.net", queue_id=fresh.id)
+        assert ref.delivery_id == 8
+        await store.delete_deliveries([ref.delivery_id], ["queued"])
+        again = prepare(Message(sender="a@example.com", to=["m@example.net"], text="x"),
+                        max_size=10_000)  # fmt: skip
+        await store.enqueue([again], 4.0)
+        [after] = await store.find_deliveries("m@example.net", queue_id=again.id)
+        assert after.delivery_id == 9
+    finally:
+        await store.close()

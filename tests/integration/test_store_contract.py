@@ -1124,6 +1124,25 @@ async def test_a_relays_pause_defers_the_whole_queue_and_its_lift_calls_it_back(
     }
 
 
+async def test_a_deleted_deliverys_id_is_never_given_to_another(store: Any) -> None:
+    """A security audit: SQLite gave the highest ids out again once their rows were gone, and a
+    delivery's id is what its VERP and unsubscribe tokens name: a send token cancelled its own
+    deferred message, and its tokens then named another tenant's next recipient."""
+    first = msg("grab@attacker.example")
+    await store.enqueue([first], T0)
+    [gone] = await store.find_deliveries("grab@attacker.example", queue_id=first.id)
+    assert await store.cancel_message(first.id, now=T0 + 1) is not None
+    second = msg("victim@rcpt.example")
+    await store.enqueue([second], T0 + 2)
+    [ref] = await store.find_deliveries("victim@rcpt.example", queue_id=second.id)
+    assert ref.delivery_id > gone.delivery_id
+    await store.delete_deliveries([ref.delivery_id], ["queued"])  # an operator's delete too
+    third = msg("next@rcpt.example")
+    await store.enqueue([third], T0 + 3)
+    [after] = await store.find_deliveries("next@rcpt.example", queue_id=third.id)
+    assert after.delivery_id > ref.delivery_id
+
+
 async def test_a_record_made_before_its_process_heard_of_a_lift_does_not_undo_it(
     store: Any,
 ) -> None:
