@@ -46,7 +46,8 @@ _UTF8.header_encoding = BASE64
 _UTF8.body_encoding = QP
 _GENERATOR_POLICY = email_policy.compat32.clone(linesep="\r\n")
 _SMTPUTF8_POLICY = email_policy.SMTPUTF8
-_MAX_LINE = 998
+#: the longest line RFC 5322 2.1.1 allows, without its CRLF
+MAX_LINE = 998
 
 
 #: a run no header line could hold with its name (RFC 5322 2.1.1: 998 characters a line)
@@ -80,7 +81,7 @@ def _mailbox_text(box: Mailbox) -> str:
 
 def text_part(text: str, subtype: str) -> MIMEText:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    plain = text.isascii() and all(len(line) <= _MAX_LINE for line in text.split("\n"))
+    plain = text.isascii() and all(len(line) <= MAX_LINE for line in text.split("\n"))
     # MIMEText takes a Charset too (typeshed says str): ours makes UTF-8 text quoted-printable
     return MIMEText(text, subtype, "us-ascii" if plain else _UTF8)  # type: ignore[arg-type]
 
@@ -134,10 +135,10 @@ def attachment_part(attachment: Attachment) -> MIMEBase:
     name: str | tuple[str, str, str] = filename if filename.isascii() else ("utf-8", "", filename)
     part.add_header("Content-Disposition", "attachment", filename=name)
     for header, value in part.items():
-        if len(header) + 2 + len(str(value)) > _MAX_LINE:  # unfoldable: one token
+        if len(header) + 2 + len(str(value)) > MAX_LINE:  # unfoldable: one token
             raise ValidationError(
                 f"attachment {quoted(filename)}: its {header} header would be longer than "
-                f"{_MAX_LINE} characters, the most RFC 5322 2.1.1 allows: shorten its "
+                f"{MAX_LINE} characters, the most RFC 5322 2.1.1 allows: shorten its "
                 + ("filename" if header == "Content-Disposition" else "content type"),
                 field="attachments",
             )

@@ -218,6 +218,23 @@ async def test_an_empty_message_is_refused(trusted: Listener) -> None:
     assert await trusted.app.messages() == []
 
 
+async def test_a_header_section_past_its_limit_is_refused_without_reading_it_line_by_line(
+    tmp_path: Path,
+) -> None:
+    """A security audit: millions of short header fields held the event loop for seconds (the
+    control headers are read line by line, then the header parser). Past 1 MiB the section
+    is refused before either: 554 5.6.0, nothing stored."""
+    content = (
+        b"From: app@example.com\r\nTo: ada@example.net\r\nX-Postlane-Lane: high\r\n"
+        + b"X-A: b\r\n" * 140_000
+        + b"Subject: s\r\n\r\nbody\r\n"
+    )
+    async with listen(tmp_path, None, max_size="25MB") as listener:
+        code, text = await in_thread(lambda: submit_one(listener.port, content))
+        assert code == 554 and b"header section is" in text
+        assert await listener.app.messages() == []
+
+
 @pytest.fixture
 async def bound(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[Listener]:
     users = {"shop": hash_password("s3cret"), "any": "clear-pass"}

@@ -60,7 +60,14 @@ from postlane.ingest.smtp_auth import verify_password as verify_password
 from postlane.ingest.smtp_listener import OpenConnections
 from postlane.ingest.smtp_protocol import Envelope, ServerSettings, Session, SmtpConnection
 from postlane.ingest.tally import Tally
-from postlane.message import MAX_RECIPIENTS, NULL_SENDER, Message, rfc5322_date, sender_domains
+from postlane.message import (
+    MAX_HEADER_BYTES,
+    MAX_RECIPIENTS,
+    NULL_SENDER,
+    Message,
+    rfc5322_date,
+    sender_domains,
+)
 from postlane.metrics import SmtpMetrics
 
 if TYPE_CHECKING:
@@ -141,6 +148,8 @@ def take_control_headers(content: bytes) -> tuple[Controls, bytes]:
     ends = [i for i in (content.find(b"\r\n\r\n"), content.find(b"\n\n")) if i >= 0]
     if ends:
         head_end = min(ends) + 4
+        if head_end > MAX_HEADER_BYTES:  # too large to be read line by line: prepare refuses it
+            return Controls(), content
         if b"x-postlane-" not in content[:head_end].lower():
             return Controls(), content
         head, body = content[:head_end], content[head_end:]
