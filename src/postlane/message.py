@@ -309,33 +309,42 @@ class _Utf8Headers(email_policy.Compat32):
 _HEADERS = _Utf8Headers()
 
 
+#: the fields that say who a message is from, as readers show them (From; Sender, shown as
+#: "X on behalf of Y"; a resent message's own)
+_AUTHOR_FIELDS = ("From", "Sender", "Resent-From", "Resent-Sender")
+
+
 def sender_domains(message: PreparedMessage) -> Iterator[tuple[str, str]]:
     """The domains ``message`` is sent from, each with what says so in a refusal: the
     envelope sender's (``""``; none for the null sender), then those of every address in
-    every From field (``" (its From header)"``), lower-cased, in their ASCII (IDNA) form. An
-    address in a From field with no domain (an encoded word a reader shows as an address, an
-    empty group) is given as written, which no sender list holds: a From must name an
-    address (RFC 5322 3.6.2), and one that names none cannot be checked."""
+    every From, Sender, Resent-From and Resent-Sender field (``" (its From header)"``),
+    lower-cased, in their ASCII (IDNA) form. An address in such a field with no domain (an
+    encoded word a reader shows as an address, an empty group) is given as written, which no
+    sender list holds: a From must name an address (RFC 5322 3.6.2), and one that names none
+    cannot be checked."""
     if message.sender:
         yield message.sender.rpartition("@")[2].lower(), ""
-    for _, address in getaddresses(_from_fields(message.content)):
-        if "@" not in address:
-            yield (address.strip() or "no address"), " (its From header)"
-            continue
-        try:
-            domain = parse_address(address, "From header").domain
-        except ValidationError:  # compared as written: a domain no token is bound to
-            domain = address.rpartition("@")[2].strip().lower()
-        yield domain, " (its From header)"
+    for name, values in _author_fields(message.content):
+        which = f" (its {name} header)"
+        for _, address in getaddresses(values):
+            if "@" not in address:
+                yield (address.strip() or "no address"), which
+                continue
+            try:
+                domain = parse_address(address, f"{name} header").domain
+            except ValidationError:  # compared as written: a domain no token is bound to
+                domain = address.rpartition("@")[2].strip().lower()
+            yield domain, which
 
 
-def _from_fields(content: bytes) -> list[str]:
-    """The values of every From field of a prepared message. Its header section holds only
-    well-formed fields (``prepare`` refuses ``From :`` and mbox lines, which a parser and a DKIM
-    signer read differently), so the standard parser sees every one."""
+def _author_fields(content: bytes) -> list[tuple[str, list[str]]]:
+    """The values of every From (and Sender, Resent-From, Resent-Sender) field of a prepared
+    message. Its header section holds only well-formed fields (``prepare`` refuses ``From :``
+    and mbox lines, which a parser and a DKIM signer read differently), so the standard parser
+    sees every one."""
     head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
     parsed = BytesHeaderParser(policy=_HEADERS).parsebytes(head)
-    return [str(value) for value in parsed.get_all("From") or []]
+    return [(name, [str(value) for value in parsed.get_all(name) or []]) for name in _AUTHOR_FIELDS]
 
 
 def parse_lane(value: Lane | str | None) -> Lane:

@@ -359,6 +359,33 @@ async def test_a_bound_token_is_refused_a_raw_message_whose_from_header_is_anoth
     assert await queue_is_empty(app)
 
 
+@pytest.mark.parametrize("name", ["Sender", "Resent-From", "Resent-Sender"])
+async def test_a_bound_token_is_refused_a_sender_or_resent_header_of_another_domain(
+    tenants: tuple[AsyncPostlane, Any], name: str
+) -> None:
+    """A security audit: a bound token's Sender (which readers show as "ceo@bank.example on
+    behalf of ...") and Resent-From could name any domain, signed by the token's own DKIM
+    key. In headers and in a raw message alike, refused; the token's own domain goes."""
+    app, client = tenants
+    raw = (
+        f"From: a@shop.example.com\r\n{name}: ceo@bank.example\r\nTo: ada@example.net\r\n\r\nx\r\n"
+    )
+    async with client(SHOP_TOKEN) as shop:
+        built = await shop.post(
+            "/v1/messages", json={**SHOP, "headers": {name: "ceo@bank.example"}}
+        )
+        whole = await shop.post("/v1/messages", json={"raw": raw})
+        for refused in (built, whole):
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["error"]["message"] == (
+                f"this token may send from shop.example.com only, not from bank.example "
+                f"(its {name} header)"
+            )
+        assert await queue_is_empty(app)
+        own = {**SHOP, "headers": {name: "desk@shop.example.com"}}
+        assert (await shop.post("/v1/messages", json=own)).status_code == 202
+
+
 async def test_a_first_line_a_parser_skips_but_a_signer_reads_is_refused_for_every_token(
     tenants: tuple[AsyncPostlane, Any],
 ) -> None:
