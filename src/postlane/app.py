@@ -54,6 +54,7 @@ from postlane.records import (
     EnqueueResult,
     ExportedMessage,
     MessageView,
+    RelayPause,
     SelectionCount,
     Selector,
     ShapeRow,
@@ -61,7 +62,7 @@ from postlane.records import (
     Suppression,
 )
 from postlane.store import Store, open_store_url
-from postlane.transports import shared_destinations
+from postlane.transports import shared_destination, shared_destinations
 
 T = TypeVar("T")
 #: listings are bounded; a caller wanting more pages narrows the selector
@@ -309,7 +310,31 @@ class AsyncPostlane:
     # -- reading ---------------------------------------------------------------------------------
 
     async def get(self, queue_id: str, *, history: bool = True) -> MessageView:
-        return await self.store.get_message(_check_id(queue_id), history=history)
+        view = await self.store.get_message(_check_id(queue_id), history=history)
+        return await self.as_due(view)
+
+    async def relay_pause(self) -> RelayPause | None:
+        """The recorded pause of the relay every delivery goes through, while it lasts (None:
+        no such relay, routes choose one per message, or it is not paused)."""
+        if self._relay_name() is None:
+            return None
+        return self._relay_pause_in(await self.store.destination_states())
+
+    def _relay_name(self) -> str | None:
+        return None if self.config.routes else shared_destination(self.config.delivery.relay)
+
+    def _relay_pause_in(self, statuses: Sequence[DestinationStatus]) -> RelayPause | None:
+        name, now = self._relay_name(), self.clock.now()
+        for status in statuses:
+            if status.destination == name and (status.paused_until or 0) > now:
+                return RelayPause(name, status.paused_until or now)
+        return None
+
+    async def as_due(self, view: MessageView) -> MessageView:
+        """``view`` with its waiting recipients' next attempts as they will be: no sooner than
+        the end of the relay's pause (:class:`RelayPause`)."""
+        pause = await self.relay_pause()
+        return view if pause is None else pause.view(view)
 
     async def content(self, queue_id: str) -> bytes:
         return await self.store.get_content(_check_id(queue_id))
@@ -332,11 +357,14 @@ class AsyncPostlane:
         self, selector: Selector | None = None, *, limit: int = 1000
     ) -> list[MessageView]:
         """Messages matching ``selector`` (default: those not yet finished), oldest first."""
-        return await self.store.list_messages(selector or Selector(), limit=_limit(limit))
+        views = await self.store.list_messages(selector or Selector(), limit=_limit(limit))
+        pause = await self.relay_pause()
+        return views if pause is None else [pause.view(v) for v in views]
 
     async def stats(self) -> Stats:
         stats = await self.store.stats(self.clock.now())
-        destinations = [self._with_limits(d) for d in await self.store.destination_states()]
+        recorded_states = await self.store.destination_states()
+        destinations = [self._with_limits(d) for d in recorded_states]
         # a destination held at its configured limits has nothing recorded (nothing slowed or
         # paused it) but is what an operator asks about when its mail waits: listed too
         recorded = {d.destination for d in destinations}
@@ -354,7 +382,9 @@ class AsyncPostlane:
             or d.concurrency is not None
             or (d.paused_until or 0) > now
         )
-        return dataclasses.replace(stats, destinations=busy)
+        stats = dataclasses.replace(stats, destinations=busy)
+        pause = self._relay_pause_in(recorded_states)
+        return stats if pause is None else pause.stats(stats)
 
     def _with_limits(self, status: DestinationStatus) -> DestinationStatus:
         """A destination's recorded state with its configured limits (the store keeps only
@@ -383,6 +413,9 @@ class AsyncPostlane:
         views, next_after = await self.store.page_messages(
             selector or Selector(), after=after, limit=_limit(limit)
         )
+        pause = await self.relay_pause()
+        if pause is not None:
+            views = [pause.view(v) for v in views]
         return Page(views, None if next_after is None else encode_cursor(MessageKey(next_after)))
 
     async def dead_letter_page(

@@ -64,9 +64,6 @@ SLOT_BLOCK = 0.25
 #: the fleet's probe after a pause is its process's to finish for this long at most (then, or
 #: as soon as that process stops renewing its shares, another may probe)
 PROBE_LEASE = 60.0
-#: while the relay is paused, mail enqueued meanwhile is pushed to the pause's end this often
-#: at most (one statement over what arrived since)
-RELAY_DEFER_EVERY = 1.0
 
 
 @dataclass
@@ -119,9 +116,6 @@ class ThrottleGate:
     owner: str = ""
     #: the end of the pause each paused destination's backlog was deferred to
     _deferred_until: dict[str, float] = field(default_factory=dict, init=False, repr=False)
-    #: when the relay's backlog was last deferred to the end of its pause (see
-    #: :meth:`defer_relay_backlog`)
-    _relay_deferred_at: float = field(default=float("-inf"), init=False, repr=False)
     #: set when a reply here began a pause: the fleet should hear of it now (:meth:`sync`)
     _news: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     #: store slots the store could not take back yet (given again at the next sync)
@@ -166,25 +160,6 @@ class ThrottleGate:
         if self.relay is None:
             return None
         return self.throttle.paused_until(self.relay, self.clock.now())
-
-    async def defer_relay_backlog(self) -> None:
-        """While the relay every delivery goes through is paused nothing is claimed, so no
-        admission defers its mail one message at a time: push the whole waiting queue to the
-        end of the pause, as a paused destination's backlog is, so that ``queue list`` says
-        when it goes instead of a time long past. Mail enqueued during the pause is pushed
-        when the worker next looks, at most every :data:`RELAY_DEFER_EVERY` seconds. A lift
-        recorded meanwhile (an operator's flush) is adopted instead, and the mail goes."""
-        if self.relay is None:
-            return
-        now = self.clock.now()
-        until = self.throttle.paused_until(self.relay, now)
-        if until is None or now - self._relay_deferred_at < RELAY_DEFER_EVERY:
-            return
-        self._relay_deferred_at = now
-        self._deferred_until.pop(self.relay, None)  # for mail enqueued since, too
-        await self._defer_backlog(
-            self.relay, until, now, self.throttle.lifts(self.relay), every=True
-        )
 
     def relay_room(self, pending: int) -> tuple[int, float] | None:
         """While other processes share the rate of the relay every delivery goes through: how
@@ -389,11 +364,8 @@ class ThrottleGate:
             return admission
         return Admission(self.throttle.probe_elsewhere(name, now), paused_destination=name)
 
-    async def _defer_backlog(
-        self, destination: str, until: float, now: float, lifts: int, *, every: bool = False
-    ) -> bool:
-        """Push a paused destination's backlog to the end of its pause (once per pause;
-        ``every``: the whole waiting queue, which goes through relay ``destination``).
+    async def _defer_backlog(self, destination: str, until: float, now: float, lifts: int) -> bool:
+        """Push a paused destination's backlog to the end of its pause (once per pause).
         Returns False when the pause turned out lifted meanwhile (an operator's flush that
         committed before the deferral, which the store then refuses: ``lifts`` are the lifts
         the decision knew of): the lift is adopted, and what the flush made due goes now. A
@@ -402,9 +374,7 @@ class ThrottleGate:
             return True
         self._deferred_until[destination] = until
         reason = paused_reason(destination)
-        moved = await self.store.defer_destination(
-            destination, until, now, reason, lifts=lifts, every=every
-        )
+        moved = await self.store.defer_destination(destination, until, now, reason, lifts=lifts)
         if moved is None:
             self._deferred_until.pop(destination, None)
             await self._adopt_recorded(destination, now)  # now, not at the next sync

@@ -378,8 +378,6 @@ class Worker:
 
     async def _claim_batch(self) -> int:
         free = self.settings.concurrency - self._in_flight
-        if free > 0 and self.gate.relay_paused_until() is not None:
-            await self.gate.defer_relay_backlog()  # or it adopts a lift made meanwhile
         if free <= 0 or self.gate.relay_paused_until() is not None:
             return 0
         limit = min(free, self.settings.batch_size)

@@ -757,6 +757,44 @@ async def test_lifting_a_relays_pause_calls_back_the_mail_it_sent_back_to_wait(
     assert (await recipient(app, ada)).next_attempt_at == T0
 
 
+@pytest.mark.parametrize("routed", [False, True])
+async def test_while_the_relay_is_paused_the_queue_shows_its_mail_due_at_the_pauses_end(
+    store: Store, tmp_path: Path, routed: bool
+) -> None:
+    """An operator's audit: with the relay every delivery goes through paused, nothing is
+    claimed, and `queue list` showed next attempts long past, `stats` the mail as ready. The
+    views now say when it goes (mail scheduled after the pause keeps its time); a lift shows
+    the mail due at once. With routes there is no one relay: each message's own admission
+    sends it back to wait, so nothing is changed in the views."""
+    clock = FakeClock(T0)
+    routes = [{"relay": "smtp://127.0.0.1:3", "lane": ["high"]}] if routed else []
+    config = make_config(tmp_path, delivery={"relay": "smtp://127.0.0.1:2"}, routes=routes)
+    app = AsyncPostlane(config, store=store, clock=clock)  # opened by the fixture
+    ada = await enqueue_routed(app, "ada@down.example", "down.example")
+    later = await app.send(sender="app@example.com", to=["bob@x.example"], text="x",
+                           send_at=T0 + 900)  # fmt: skip
+    await store.save_destination_states(
+        [DestinationStatus("relay", None, None, T0 + 600, "3 connection failure(s)", 0, None, T0)]
+    )
+    shown = await recipient(app, ada)
+    lane = (await app.stats()).lanes[Lane.NORMAL]
+    if routed:
+        assert (shown.next_attempt_at, shown.reason) == (T0, None)
+        assert (lane.ready, lane.deferred) == (1, 0)
+        return
+    assert (shown.next_attempt_at, shown.state, shown.reason) == (
+        T0 + 600, RecipientState.DEFERRED, "destination relay is paused",
+    )  # fmt: skip
+    assert [r.next_attempt_at for m in await app.messages() for r in m.recipients] == [
+        T0 + 600, T0 + 900,
+    ]  # fmt: skip
+    assert (await recipient(app, later.id)).next_attempt_at == T0 + 900
+    assert (lane.ready, lane.deferred, lane.scheduled) == (0, 1, 1)
+    await app.lift_destinations(["relay"])  # the dashboard's Lift pause
+    assert (await recipient(app, ada)).next_attempt_at == T0
+    assert (await app.stats()).lanes[Lane.NORMAL].ready == 1
+
+
 class OperatorRacesTheWorker:
     """The store as a worker sees it, while an operator's flush from another process commits
     at one chosen moment: just before the worker's next claim, while it defers a paused

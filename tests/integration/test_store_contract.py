@@ -1082,48 +1082,6 @@ async def test_a_backlog_deferral_refused_once_its_pause_was_lifted(store: Any) 
     assert await store.defer_destination("example.net", T0 + 600, T0 + 2, reason, lifts=0) == 0
 
 
-async def test_a_relays_pause_defers_the_whole_queue_and_its_lift_calls_it_back(
-    store: Any,
-) -> None:
-    """The relay every delivery goes through is paused: every waiting delivery, whatever its
-    destination, waits for the pause's end under the relay's name (nothing is claimed
-    meanwhile). A lift recorded since refuses the deferral; lifting the relay calls back what it
-    pushed (mail scheduled for later goes back to its time), and not what waits for a retry."""
-    reason = "destination relay is paused"
-    later = dataclasses.replace(msg("s@gmail.com"), send_at=T0 + 60)
-    every_lane = [msg("a@gmail.com", lane="high"), msg("b@example.net", lane="low")]
-    await store.enqueue([*every_lane, later], T0)
-    await store.save_destination_states(
-        [DestinationStatus("relay", None, None, T0 + 600, "paused", updated_at=T0)]
-    )
-    assert await store.defer_destination("relay", T0 + 600, T0, reason, lifts=0, every=True) == 3
-    assert await store.next_due_at() == T0 + 600
-    stats = (await store.stats(T0)).lanes
-    assert [(stats[n].ready, stats[n].deferred) for n in Lane] == [(0, 1), (0, 0), (0, 1)]
-    assert stats[Lane.NORMAL].scheduled == 1
-    await store.enqueue([msg("r@example.org")], T0 + 1)
-    [r] = deliveries(await claim(store, now=T0 + 1))  # the only one due
-    await store.defer_unattempted("w1", [Deferral(r.id, T0 + 900)], T0 + 1, "a retry of its own")
-    await store.enqueue([msg("c@example.org")], T0 + 1)  # during the pause
-    assert await store.defer_destination("relay", T0 + 600, T0 + 2, reason, every=True) == 1
-    await store.lift_destinations(["relay"], T0 + 3, every_waiting=True)
-    assert (
-        await store.defer_destination("relay", T0 + 600, T0 + 4, reason, lifts=0, every=True)
-        is None
-    )
-    due = {}
-    for view in await store.list_messages(Selector(), limit=10):
-        [recipient] = view.recipients
-        due[recipient.address] = recipient.next_attempt_at
-    assert due == {
-        "a@gmail.com": T0 + 3,
-        "b@example.net": T0 + 3,
-        "c@example.org": T0 + 3,
-        "s@gmail.com": T0 + 60,
-        "r@example.org": T0 + 900,
-    }
-
-
 async def test_a_deleted_deliverys_id_is_never_given_to_another(store: Any) -> None:
     """A security audit: SQLite gave the highest ids out again once their rows were gone, and a
     delivery's id is what its VERP and unsubscribe tokens name: a send token cancelled its own

@@ -23,7 +23,7 @@ from postlane.clock import FakeClock, iso
 from postlane.config import Config
 from postlane.ingest.door import FrontDoor
 from postlane.ingest.http import build_app
-from postlane.message import Message, RecipientState
+from postlane.message import Lane, Message, RecipientState
 from postlane.metrics import Metrics
 from postlane.records import DestinationStatus, MessageView, Selector
 from postlane.simulate import Scenario, Simulator
@@ -316,9 +316,15 @@ async def test_mail_that_expires_while_its_relay_is_paused_is_a_connection_dead_
     untried and were dead letters of class ``temporary`` (their events' class null), with no
     log line: after the outage, 'dlq requeue --class connection' took 4 of 10. Now each is a
     ``connection`` dead letter, its ``dead`` event says so, and the log has a line for it."""
+    port = free_port()
     config = make_config(
         tmp_path,
-        delivery={"concurrency": 1, "batch_size": 1, "connect_timeout": "1s"},
+        delivery={
+            "concurrency": 1,
+            "batch_size": 1,
+            "connect_timeout": "1s",
+            "relay": f"smtp://127.0.0.1:{port}",
+        },
         throttle={"pause_after": 3, "pause": "30s"},
         retry={"delays": ["5s"], "max_age": "15s"},
     )
@@ -326,17 +332,26 @@ async def test_mail_that_expires_while_its_relay_is_paused_is_a_connection_dead_
         await app.send_many(
             [Message(sender="a@example.com", to=[f"r{i}@example.net"], text="x") for i in range(10)]
         )
-        worker = Worker.from_config(config, app.store, relay(free_port(), config), clock=clock)
+        worker = Worker.from_config(config, app.store, relay(port, config), clock=clock)
         await worker.run_until_idle()  # three refused connections pause the relay for 30 s
         tried = [m for m in await app.messages() if m.recipients[0].last_response is not None]
         assert len(tried) == 3  # the other seven never reached the relay
-        # and wait for the pause's end: `queue list` says so (it showed times long past)
+        # an operator's audit: they go when the pause ends, and queue list and stats say so
+        # (they showed next attempts long past, counted ready: nothing is claimed meanwhile)
         paused_until = worker.gate.relay_paused_until()
         assert paused_until is not None
         untried = [m.recipients[0] for m in await app.messages() if m not in tried]
         assert len(untried) == 7
-        assert {(r.next_attempt_at, r.reason) for r in untried} == {
-            (paused_until, "destination relay is paused")
+        assert {(r.next_attempt_at, r.state, r.reason) for r in untried} == {
+            (paused_until, RecipientState.DEFERRED, "destination relay is paused")
+        }
+        shown = await app.get(untried_id := (await app.messages())[-1].id)
+        assert shown.recipients[0].next_attempt_at == paused_until
+        lane = (await app.stats()).lanes[Lane.NORMAL]
+        assert (lane.ready, lane.deferred) == (0, 10)
+        page = await app.message_page(limit=100)
+        assert {v.recipients[0].next_attempt_at for v in page.items if v.id == untried_id} == {
+            paused_until
         }
         await clock.advance(31)  # the pause is over; every recipient is past its 15 s
         with caplog.at_level(logging.INFO, logger="postlane.attempts"):

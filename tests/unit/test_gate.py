@@ -25,7 +25,6 @@ from postlane.records import (
     ClaimedMessage,
     Delivery,
     DestinationStatus,
-    Selector,
 )
 from postlane.store.sqlite import SQLiteStore
 from postlane.throttle import Throttle
@@ -62,19 +61,10 @@ class CountingStore(SQLiteStore):
     deferred: list[tuple[str, float]]
 
     async def defer_destination(
-        self,
-        destination: str,
-        until: float,
-        now: float,
-        reason: str,
-        *,
-        lifts: int | None = None,
-        every: bool = False,
+        self, destination: str, until: float, now: float, reason: str, *, lifts: int | None = None
     ) -> int | None:
         self.deferred.append((destination, until))
-        return await super().defer_destination(
-            destination, until, now, reason, lifts=lifts, every=every
-        )
+        return await super().defer_destination(destination, until, now, reason, lifts=lifts)
 
 
 @pytest.fixture
@@ -514,80 +504,6 @@ async def test_while_the_relay_is_paused_nothing_may_be_claimed(app: AsyncPostla
     assert g.relay_paused_until() is None
     g.throttle.observe("relay", DOWN, T0)
     assert g.relay_paused_until() == T0 + 30
-
-
-async def waiting_until(app: AsyncPostlane) -> dict[str, tuple[float, str, str | None]]:
-    """Each waiting recipient's address: (next attempt, state, reason), as ``queue list``
-    shows them."""
-    found = {}
-    for m in await app.messages(Selector()):
-        for r in m.recipients:
-            assert r.next_attempt_at is not None
-            found[r.address] = (r.next_attempt_at, str(r.state), r.reason)
-    return found
-
-
-async def test_the_relays_pause_pushes_the_whole_queue_to_its_end(
-    app: AsyncPostlane, clock: FakeClock
-) -> None:
-    """An operator's audit: with the relay paused nothing is claimed, so no admission pushed
-    the waiting mail back one message at a time, and ``queue list`` showed next-attempt
-    times long past for mail that would not go before the pause's end. The whole queue (every
-    destination goes through the relay) is now pushed to the pause's end, under the relay's
-    name; mail enqueued during the pause too, at most once a second."""
-    store = app.store
-    assert isinstance(store, CountingStore)
-    await queue(app, "ada@one.example", "bob@two.example")
-    later = await app.send(
-        sender="app@example.com", to=["cy@two.example"], text="x", send_at=T0 + 10
-    )
-    g = gate(app, Relay("relay"), pause_after=1, pause=30)
-    await g.defer_relay_backlog()  # not paused: nothing to do
-    assert store.deferred == []
-    g.throttle.observe("relay", DOWN, T0)
-    await g.defer_relay_backlog()
-    assert store.deferred == [("relay", T0 + 30)]
-    waiting = await waiting_until(app)
-    assert waiting["ada@one.example"] == (T0 + 30, "deferred", "destination relay is paused")
-    assert waiting["bob@two.example"] == (T0 + 30, "deferred", "destination relay is paused")
-    assert waiting["cy@two.example"][0] == T0 + 30  # scheduled before the pause's end
-    assert await store.next_due_at() == T0 + 30
-
-    await queue(app, "dee@three.example")  # during the pause
-    await g.defer_relay_backlog()  # within the second: not looked at again
-    assert len(store.deferred) == 1
-    await clock.advance(1)
-    await g.defer_relay_backlog()
-    assert store.deferred[-1] == ("relay", T0 + 30)
-    assert (await waiting_until(app))["dee@three.example"][0] == T0 + 30
-
-    # the dashboard's Lift pause on the relay (or a flush naming it) calls it all back; the
-    # scheduled message goes back to its own time
-    await store.lift_destinations(["relay"], clock.now(), every_waiting=True)
-    waiting = await waiting_until(app)
-    for address in ("ada@one.example", "bob@two.example", "dee@three.example"):
-        assert waiting[address][0] == clock.now()
-    assert waiting["cy@two.example"][0] == T0 + 10
-    assert later.id
-
-
-async def test_a_lift_recorded_before_the_relays_backlog_is_deferred_is_adopted(
-    app: AsyncPostlane, clock: FakeClock
-) -> None:
-    """The worker holds the relay's pause; an operator lifted it from another process, and
-    the worker has not synced yet: the deferral finds the lift recorded, pushes nothing back
-    and adopts it (the mail goes now)."""
-    store = app.store
-    assert isinstance(store, CountingStore)
-    g = gate(app, Relay("relay"), pause_after=1, pause=600)
-    g.throttle.observe("relay", DOWN, T0)
-    await g.sync()  # recorded, as every worker records its pauses
-    await queue(app, "ada@one.example")
-    await clock.advance(5)
-    await store.lift_destinations(["relay"], clock.now(), every_waiting=True)  # elsewhere
-    await g.defer_relay_backlog()
-    assert g.relay_paused_until() is None
-    assert (await waiting_until(app))["ada@one.example"][0] == T0  # due as it was
 
 
 async def test_the_transport_is_handed_the_gates_pause_check(app: AsyncPostlane) -> None:

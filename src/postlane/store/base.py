@@ -238,21 +238,11 @@ class ThrottleStore(Protocol):
         ...
 
     async def defer_destination(
-        self,
-        destination: str,
-        until: float,
-        now: float,
-        reason: str,
-        *,
-        lifts: int | None = None,
-        every: bool = False,
+        self, destination: str, until: float, now: float, reason: str, *, lifts: int | None = None
     ) -> int | None:
         """Push every waiting delivery of a paused destination to the end of its pause; how
         many moved. With ``lifts`` (the operator lifts of it the caller knew of), nothing moves
-        and None is returned when more are recorded: the pause was lifted meanwhile. With
-        ``every``, ``destination`` is a relay every delivery goes through: every waiting
-        delivery moves, whatever its destination (a lift of the relay calls back those with
-        ``reason``, see :meth:`lift_destinations`)."""
+        and None is returned when more are recorded: the pause was lifted meanwhile."""
         ...
 
     async def hasten(self, destination: str | None, now: float, reason: str) -> int:

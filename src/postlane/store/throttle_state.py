@@ -14,7 +14,6 @@ from postlane.records import (
     DestinationStatus,
     FleetShares,
     ProbeTurn,
-    paused_reason,
 )
 from postlane.store import rows
 from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one
@@ -53,24 +52,16 @@ class SQLThrottle(SQLRole):
         return moved
 
     async def defer_destination(
-        self,
-        destination: str,
-        until: float,
-        now: float,
-        reason: str,
-        *,
-        lifts: int | None = None,
-        every: bool = False,
+        self, destination: str, until: float, now: float, reason: str, *, lifts: int | None = None
     ) -> int | None:
         params = {"destination": destination, "until": until, "now": now, "reason": reason}
-        query = "defer_all" if every else "defer_destination"
 
         def run() -> Plan[int | None]:
             if lifts is not None:
                 recorded = yield from self._lifts([destination])
                 if recorded.get(destination, 0) > lifts:
                     return None
-            return (yield from execute(query, params))
+            return (yield from execute("defer_destination", params))
 
         moved = await self.db.write(run)
         if moved is None:
@@ -202,11 +193,6 @@ class SQLThrottle(SQLRole):
             if destinations is None or every_waiting:
                 waiting = {"now": now, "reason": WAITING_FOR_DESTINATION}
                 made_due += yield from execute("hasten_all", waiting)
-                # a relay's pause pushed the whole queue to its end (defer_destination's
-                # ``every``), under the relay's name, not the recipients' destinations
-                reasons = {"now": now, "reasons": [paused_reason(name) for name in names]}
-                yield from execute("reschedule_paused_by", reasons)
-                made_due += yield from execute("flush_paused_by", reasons)
             return made_due
 
         made_due = await self.db.write(run)

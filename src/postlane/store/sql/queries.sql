@@ -285,37 +285,6 @@ SET next_attempt_at = :until, reason = :reason, updated_at = :now,
 WHERE destination = :destination AND state IN ('queued', 'deferred')
   AND next_attempt_at < :until;
 
--- name: defer_all
--- Push every waiting delivery to the end of the pause of the relay they all go through (the
--- worker claims nothing meanwhile), as defer_destination does a destination's. Run again for
--- mail enqueued during the pause: the lanes named, so that it reads the due mail only
--- (deliveries_due by lane, then time), not the backlog it already pushed.
-UPDATE deliveries
-SET next_attempt_at = :until, reason = :reason, updated_at = :now,
-    state = CASE WHEN created_at > :now THEN state ELSE 'deferred' END
-WHERE lane IN ('high', 'normal', 'low') AND state IN ('queued', 'deferred')
-  AND next_attempt_at < :until;
-
--- name: flush_paused_by
--- A lifted relay's pause makes due the backlog defer_all pushed to its end (recorded with the
--- pause's reason), not mail scheduled for later (it goes back to its send_at).
-UPDATE deliveries
-SET state = 'queued', next_attempt_at = :now, reason = 'flushed', updated_at = :now
-WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now
-  AND @any(reason, reasons, text)
-  AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = deliveries.queue_id
-                  AND m.send_at > :now);
-
--- name: reschedule_paused_by
--- Mail scheduled for later that defer_all pushed past its send_at, when the relay's pause is
--- lifted.
-UPDATE deliveries
-SET next_attempt_at = (SELECT m.send_at FROM messages m WHERE m.id = deliveries.queue_id),
-    updated_at = :now
-WHERE state IN ('queued', 'deferred') AND @any(reason, reasons, text)
-  AND EXISTS (SELECT 1 FROM messages m WHERE m.id = deliveries.queue_id
-              AND m.send_at > :now AND m.send_at < deliveries.next_attempt_at);
-
 -- name: hasten_destination
 -- Call back a destination's deliveries that wait for a slot, to be spaced at its new rate.
 UPDATE deliveries SET state = 'queued', next_attempt_at = :now, updated_at = :now
