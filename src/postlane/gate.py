@@ -486,9 +486,18 @@ class ThrottleGate:
             self._news.set()
 
     async def leave_fleet(self) -> None:
-        """Give this process's shares back at once (a graceful stop)."""
-        if self.throttle.enabled:
-            await self.store.forget_shares(self.owner)
+        """Record this process's pauses and what its probes found, then give its shares back
+        at once (a graceful stop). The fleet waits for a probe's outcome while its process
+        lives; one that left without saying would have another process probe again at once
+        (seen in a fleet test stopped just after a failed probe: two probes for one pause)."""
+        if not self.throttle.enabled:
+            return
+        changes = self.throttle.changes(self.clock.now())
+        if changes:
+            await self.store.save_destination_states(changes)
+        for name, pause_end, opened in self.throttle.probe_outcomes():
+            await self.store.end_probe(name, self.owner, pause_end, opened)
+        await self.store.forget_shares(self.owner)
 
 
 def _log_change(

@@ -385,6 +385,32 @@ async def test_one_process_of_the_fleet_probes_a_destination_when_its_pause_ends
     assert one.throttle.paused_until("down.example", clock.now()) == again
 
 
+async def test_a_process_that_stops_after_its_probe_failed_leaves_the_fleet_waiting(
+    app: AsyncPostlane, clock: FakeClock
+) -> None:
+    """A fleet test stopped its workers just after a failed probe: the prober left the fleet
+    before it recorded what its probe found, and another process, seeing a probe with no
+    outcome and no live owner, probed the same pause's end again. Leaving records it first."""
+    one, two = gate(app, pause_after=1, pause=60), gate(app, pause_after=1, pause=60)
+    one.owner, two.owner = "one", "two"
+    for g in (one, two, one):
+        await g.sync()
+    one.throttle.observe("down.example", DOWN, T0)
+    await one.sync()
+    await two.sync()
+    await clock.advance(60)
+    for g in (one, two):
+        await g.sync()
+    probe = await admit(one, message("a@down.example"))
+    assert len(probe.to_send) == 1
+    await one.release(probe)
+    one.throttle.observe("down.example", DOWN, clock.now())  # the probe failed
+    await one.leave_fleet()  # a graceful stop, before its next sync
+    assert (await admit(two, message("b@down.example"))).to_send == []  # waits: no 2nd probe
+    await two.sync()  # and adopts the longer pause
+    assert two.throttle.paused_until("down.example", clock.now()) == T0 + 60 + 120
+
+
 async def test_an_operators_lift_from_another_process_is_read_back_before_deferring(
     app: AsyncPostlane, clock: FakeClock
 ) -> None:
