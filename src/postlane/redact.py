@@ -28,6 +28,10 @@ _USER_NAMES = frozenset({"smtp", "smtps", "postgresql", "postgres"})
 #: part itself: ``postmark://TOKEN``)
 _CREDENTIALS_IN_HOST = frozenset({"sendgrid", "postmark"})
 _PROVIDER_SCHEMES = frozenset({"sendgrid", "postmark", "mailgun", "ses"})
+#: the URLs whose user info holds credentials (the relay's, the store's, a provider's)
+_CREDENTIAL_SCHEMES = _USER_NAMES | _PROVIDER_SCHEMES
+#: the URLs libpq reads (their authority ends at "/" only)
+_LIBPQ = frozenset({"postgresql", "postgres"})
 #: a secret shorter than this is not replaced in free text (it would mangle the words around)
 _SHORTEST = 4
 
@@ -50,17 +54,19 @@ def mask_url(url: str) -> str:
     if not sep:
         return url
     scheme_name = scheme.lower()
-    if misplaced_userinfo(rest):
-        # a password holding "/", "?" or "#" unencoded ends the URL's user info early: the
-        # whole of it, to the last "@", is masked (more than needed at worst, never less)
-        userinfo, _, rest = rest.rpartition("@")
+    if misplaced_userinfo(rest, scheme_name):
+        # a password holding what ends the user info unencoded (see misplaced_userinfo): the
+        # whole of it, to the "@" that ends it, is masked (more than needed at worst, never less)
+        region = rest.partition("?")[0] if scheme_name in _LIBPQ else rest
+        cut = region.rfind("@")
+        userinfo, rest = rest[:cut], rest[cut + 1 :]
         user, colon, _ = userinfo.partition(":")
         masked = f"{user}:{MASK}" if scheme_name in _USER_NAMES and colon else MASK
         rest, question, query = rest.partition("?")
         return f"{scheme}://{masked}@{rest}{question}{_masked_query(query)}"
-    rest, question, query = rest.partition("?")
-    path_start = rest.find("/")
-    netloc, path = (rest, "") if path_start < 0 else (rest[:path_start], rest[path_start:])
+    end = _authority_end(scheme_name, rest)
+    netloc, remainder = rest[:end], rest[end:]
+    path, question, query = remainder.partition("?")
     userinfo, at, host = netloc.rpartition("@")
     if at:
         if scheme_name in _USER_NAMES and ":" in userinfo:
@@ -73,6 +79,15 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{netloc}{path}{question}{_masked_query(query)}"
 
 
+def _authority_end(scheme: str, rest: str) -> int:
+    """Where the authority (user info, host, port) of ``scheme://rest`` ends, as the program
+    that reads the URL decides: libpq (PostgreSQL) at the first ``/`` only (a password may hold
+    ``?`` and ``#``), Python's URL parser (relays, providers) at the first ``/``, ``?`` or
+    ``#``; other URLs here at the first ``/`` or ``?``."""
+    ends = "/" if scheme in _LIBPQ else "/?#" if scheme in _CREDENTIAL_SCHEMES else "/?"
+    return min((i for i in (rest.find(c) for c in ends) if i >= 0), default=len(rest))
+
+
 def _masked_query(query: str) -> str:
     """A URL's query with the values of secret names masked (``token=****``)."""
     pairs = []
@@ -82,15 +97,18 @@ def _masked_query(query: str) -> str:
     return "&".join(pairs)
 
 
-def misplaced_userinfo(rest: str) -> bool:
-    """Whether the part of a URL after ``scheme://`` has an ``@`` only past where its
-    authority ends (the first ``/``, ``?`` or ``#``): a password holding one of those
-    unencoded, such as ``smtp://user:Zx9/kLm2@host``, which a URL parser splits inside the
-    password (a "port" ``Zx9``, a path ``/kLm2@host``)."""
-    if rest.startswith("/"):  # no authority at all (sqlite:///path, capture:///path)
+def misplaced_userinfo(rest: str, scheme: str) -> bool:
+    """Whether the part of a ``scheme`` URL (one that carries credentials) after ``scheme://``
+    has its ``@`` only past where its authority ends (:func:`_authority_end`): a password
+    holding that character unencoded, such as ``smtp://user:Zx9/kLm2@host``, which the URL's
+    reader splits inside the password (a "port" ``Zx9``, a path ``/kLm2@host``). An ``@`` in a
+    PostgreSQL URL's query is a parameter's value (``?user=app@tenant``), not user info."""
+    scheme = scheme.lower()
+    if scheme not in _CREDENTIAL_SCHEMES or rest.startswith("/"):  # sqlite:///, capture:///
         return False
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    return "@" not in rest[:end] and "@" in rest[end:]
+    end = _authority_end(scheme, rest)
+    after = rest[end:].partition("?")[0] if scheme in _LIBPQ else rest[end:]
+    return "@" not in rest[:end] and "@" in after
 
 
 def url_secrets(url: str) -> set[str]:

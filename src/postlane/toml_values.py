@@ -305,17 +305,19 @@ def relay_url(value: Any) -> str:
         forms = list(RELAY_FORMS.values())
         raise expected(", ".join(forms[:-1]) + " or " + forms[-1], mask_url(text))
     if scheme in ("smtp", "smtps"):
-        check_userinfo(rest, mask_url(text))
+        check_userinfo(scheme, rest, mask_url(text))
         check_host_and_port(rest, mask_url(text))
     return text
 
 
-def check_userinfo(rest: str, shown: str) -> None:
-    """Refuse a user name or password holding ``/``, ``?`` or ``#`` as written (the URL would
-    end its user info there, and read a piece of the password as a port or a path)."""
-    if misplaced_userinfo(rest):
+def check_userinfo(scheme: str, rest: str, shown: str) -> None:
+    """Refuse a user name or password holding, as written, what ends the URL's user info for
+    its reader (``/``, and for a relay ``?`` or ``#`` too): a piece of the password would be
+    read as a port or a path."""
+    if misplaced_userinfo(rest, scheme):
+        ends = "/" if scheme.startswith("postgres") else "/, ? or #"
         raise ValueError(
-            f"{shown!r}: the user name or password holds /, ? or #, which end a URL's user "
+            f"{shown!r}: the user name or password holds {ends}, which end a URL's user "
             "info: percent-encode them (/ as %2F, ? as %3F, # as %23, @ as %40)"
         )
 
@@ -343,7 +345,8 @@ def store_url(value: Any) -> str:
             mask_url(text),
         )
     if not text.startswith("sqlite://"):
-        check_userinfo(text.partition("://")[2], mask_url(text))
+        scheme, _, rest = text.partition("://")
+        check_userinfo(scheme, rest, mask_url(text))
     return text
 
 

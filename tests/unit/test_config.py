@@ -292,22 +292,23 @@ def test_url_masking() -> None:
     assert mask_url("sqlite:////var/lib/a@b/postlane.db") == "sqlite:////var/lib/a@b/postlane.db"
 
 
-@pytest.mark.parametrize("password", ["Zx9/kLm2Qp", "pa?ss1234", "Top#Secret"])
 @pytest.mark.parametrize(
-    ("section", "key", "url"),
+    ("section", "key", "url", "password"),
     [
-        ("delivery", "relay", "smtps://apikey:{}@smtp.example.com"),
-        ("delivery", "relay", "smtp://user:{}@smtp.example.com:587"),
-        ("store", "url", "postgresql://postlane:{}@127.0.0.1:5432/postlane"),
+        ("delivery", "relay", "smtps://apikey:{}@smtp.example.com", "Zx9/kLm2Qp"),
+        ("delivery", "relay", "smtp://user:{}@smtp.example.com:587", "pa?ss1234"),
+        ("delivery", "relay", "smtp://user:{}@smtp.example.com:587", "Top#Secret"),
+        ("store", "url", "postgresql://postlane:{}@127.0.0.1:5432/postlane", "S3cr/et99"),
     ],
 )
 def test_a_password_holding_url_delimiters_is_refused_masked_saying_how_to_encode_it(
     section: str, key: str, url: str, password: str
 ) -> None:
-    """A new user's audit: a generated password with "/", "?" or "#" written into a relay or
-    store URL was shown in clear in the error, which blamed a "bad port" (the URL parser read
-    a piece of the password as one) or a host named after the user. Both forms (the file and
-    the environment) now say to percent-encode it, the password masked."""
+    """A new user's audit: a generated password with "/" ("?" or "#" too, for a relay URL)
+    written into a relay or store URL was shown in clear in the error, which blamed a "bad
+    port" (the URL parser read a piece of the password as one) or a host named after the user.
+    Both forms (the file and the environment) now say to percent-encode it, the password
+    masked."""
     written = url.format(password)
     for source in ({section: {key: written}}, None):
         env = {f"POSTLANE_{section.upper()}_{key.upper()}": written} if source is None else {}
@@ -320,6 +321,37 @@ def test_a_password_holding_url_delimiters_is_refused_masked_saying_how_to_encod
     encoded = url.format(password.replace("/", "%2F").replace("?", "%3F").replace("#", "%23"))
     config = config_from_dict({section: {key: encoded}})
     assert getattr(getattr(config, section), key) == encoded
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postlane:pa?ss1234@127.0.0.1:5432/postlane",  # libpq reads these whole
+        "postgresql://postlane:Top#Secret@127.0.0.1:5432/postlane",
+        "postgresql://db.example.com:5432/mail?user=app@tenant",  # "@" in a parameter
+    ],
+)
+def test_store_urls_libpq_reads_as_meant_are_taken(url: str) -> None:
+    """A review: libpq ends a URL's user info at "/" only, so "?" and "#" in a password, and
+    "@" in a query parameter, are what was meant; refusing them stopped working deployments.
+    The password is still masked in every message."""
+    from postlane.redact import mask_url
+
+    assert config_from_dict({"store": {"url": url}}).store.url == url
+    assert "pa?ss1234" not in mask_url(url) and "Top#Secret" not in mask_url(url)
+    assert "db.example.com:5432" in mask_url(url) or "127.0.0.1:5432" in mask_url(url)
+
+
+def test_an_at_sign_in_a_web_urls_query_hides_nothing_else() -> None:
+    """A review: "@" in a webhook URL's query made the redaction take the host for a secret
+    ("could not reach ****")."""
+    from postlane.redact import redact, url_secrets
+
+    url = "https://alerts.example.com:8443/hook?owner=ops@example.com"
+    assert url_secrets(url) == set()
+    assert redact("could not reach alerts.example.com", url_secrets(url)) == (
+        "could not reach alerts.example.com"
+    )
 
 
 def test_a_provider_secret_holding_a_slash_is_masked_whole() -> None:
