@@ -146,15 +146,13 @@ def take_control_headers(content: bytes) -> tuple[Controls, bytes]:
     # or LF LF is: only that much is looked at, and split in lines only if it names X-Postlane
     # (a 25 MB body is neither copied nor split)
     ends = [i for i in (content.find(b"\r\n\r\n"), content.find(b"\n\n")) if i >= 0]
-    if ends:
-        head_end = min(ends) + 4
-        if head_end > MAX_HEADER_BYTES:  # too large to be read line by line: prepare refuses it
-            return Controls(), content
-        if b"x-postlane-" not in content[:head_end].lower():
-            return Controls(), content
-        head, body = content[:head_end], content[head_end:]
-    else:
-        head, body = content, b""
+    head_size = min(ends) if ends else len(content)
+    if head_size > MAX_HEADER_BYTES:  # too large to be read line by line: prepare refuses it
+        return Controls(), content
+    head_end = head_size + 4 if ends else len(content)
+    if b"x-postlane-" not in content[:head_end].lower():
+        return Controls(), content
+    head, body = content[:head_end], content[head_end:]
     values: dict[str, str] = {}
     kept: list[bytes] = []
     lines = head.splitlines(keepends=True)
