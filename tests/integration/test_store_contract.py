@@ -1159,6 +1159,24 @@ async def test_finding_3_an_idempotency_key_belongs_to_its_submitter(store: Any)
     assert again.duplicate and again.id == mine.id  # a retry: the same payload
 
 
+async def test_a_raw_messages_key_stored_before_its_fingerprint_changed_is_a_retry(
+    store: Any,
+) -> None:
+    """A raw message's fingerprint is made another way since a review (``raw2:``): one stored
+    before says nothing about the payload now, so a client's retry across the upgrade gets its
+    first message back instead of a conflict; two of the new kind still tell payloads apart."""
+    first = dataclasses.replace(msg("ada@example.net", key="k"), fingerprint="ab" * 32)
+    await store.enqueue([first], T0)
+    retry = dataclasses.replace(msg("ada@example.net", key="k"), fingerprint="raw2:" + "cd" * 32)
+    [again] = await store.enqueue([retry], T0 + 1)
+    assert again.duplicate and again.id == first.id
+    new = dataclasses.replace(msg("bob@example.net", key="j"), fingerprint="raw2:" + "01" * 32)
+    await store.enqueue([new], T0)
+    other = dataclasses.replace(msg("bob@example.net", key="j"), fingerprint="raw2:" + "02" * 32)
+    with pytest.raises(IdempotencyConflict):
+        await store.enqueue([other], T0 + 1)
+
+
 async def test_a_key_reused_with_another_payload_is_a_conflict(store: Any) -> None:
     first = msg("ada@example.net", key="k")
     await store.enqueue([first], T0)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from postlane.errors import IdempotencyConflict, StoreUnavailable, ValidationError
-from postlane.message import FINAL_STATES, Lane, PreparedMessage, RecipientState
+from postlane.message import FINAL_STATES, RAW_FINGERPRINT, Lane, PreparedMessage, RecipientState
 from postlane.records import ClaimedMessage, Delivery, EnqueueResult, Outcome
 from postlane.store import rows
 from postlane.store.plans import Plan, Row, SQLRole, Statement, batch, execute, fetch, fetch_one
@@ -88,8 +88,9 @@ def _enqueue(
         key = _key(message)
         if key is not None:
             first = candidates.setdefault(key, message)
-            fingerprints = (first.fingerprint, message.fingerprint)
-            if None not in fingerprints and fingerprints[0] != fingerprints[1]:
+            if first.fingerprint != message.fingerprint and _comparable(
+                first.fingerprint, message.fingerprint
+            ):
                 raise ValidationError(
                     f"idempotency key {key[1]!r} is given to two different messages of this "
                     "batch; nothing was stored (a key names one message: give each its own)",
@@ -159,9 +160,19 @@ def _key(message: PreparedMessage) -> tuple[str, str] | None:
 
 def _same_payload(message: PreparedMessage, fingerprint: str | None, key: str, first: str) -> None:
     """A repeated key must come with the payload it first came with (unknown on either side,
-    as for messages stored before fingerprints: a retry)."""
-    if fingerprint is not None and message.fingerprint not in (None, fingerprint):
+    as for messages stored before fingerprints, or made in another way: a retry)."""
+    if not _comparable(fingerprint, message.fingerprint):
+        return
+    if fingerprint != message.fingerprint:
         raise IdempotencyConflict(key, first)
+
+
+def _comparable(first: str | None, again: str | None) -> bool:
+    """Whether two fingerprints were made the same way (a raw message's changed: see
+    :data:`postlane.message.RAW_FINGERPRINT`), so that they tell one payload from another."""
+    if first is None or again is None:
+        return False
+    return first.startswith(RAW_FINGERPRINT) == again.startswith(RAW_FINGERPRINT)
 
 
 class SQLDelivery(SQLRole):
