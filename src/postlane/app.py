@@ -44,7 +44,7 @@ from postlane.destinations import DestinationMap
 from postlane.errors import NoQueue, NotFound, SuppressedRecipients, ValidationError, kind_of
 from postlane.events import Event, event_cursor
 from postlane.exports import read_export
-from postlane.message import Lane, Message, PreparedMessage, in_lane_order, prepare
+from postlane.message import Lane, Message, PreparedMessage, prepare
 from postlane.records import (
     SUPPRESSION_REASONS,
     Cancelled,
@@ -61,6 +61,7 @@ from postlane.records import (
     Stats,
     Suppression,
 )
+from postlane.selectors import suppression_lanes, suppression_scope
 from postlane.store import Store, open_store_url
 from postlane.transports import shared_destination, shared_destinations
 
@@ -124,60 +125,6 @@ def action_states(action: QueueAction, selector: Selector) -> tuple[str, ...]:
             f"(it applies to: {', '.join(allowed)})"
         )
     return chosen
-
-
-def suppression_lanes(lanes: Iterable[Lane | str] | None) -> tuple[Lane, ...] | None:
-    """The lanes a suppression stops, in lane order; None (every lane) for None. Raises
-    :class:`ValidationError` for an unknown lane or for none at all (an entry that stops no
-    mail is a mistake: leave ``lanes`` out for every lane)."""
-    if lanes is None:
-        return None
-    if isinstance(lanes, str):  # one lane, not its letters
-        lanes = [lanes]
-    if not isinstance(lanes, Iterable) or isinstance(lanes, bytes | bytearray | Mapping):
-        raise ValidationError(
-            f"lanes must be a lane or a list of lanes (high, normal, low), not {kind_of(lanes)}",
-            field="lanes",
-        )
-    chosen: set[Lane] = set()
-    for lane in lanes:
-        if not isinstance(lane, str):
-            raise ValidationError(
-                f"lanes must be a lane or a list of lanes (high, normal, low), not a list "
-                f"holding {kind_of(lane)}",
-                field="lanes",
-            )
-        try:
-            chosen.add(Lane(str(lane).strip().lower()))
-        except ValueError:
-            raise ValidationError(
-                f"unknown lane {lane!r} (lanes are high, normal, low)", field="lanes"
-            ) from None
-    if not chosen:
-        raise ValidationError(
-            "lanes names no lane (leave it out to stop mail of every lane)", field="lanes"
-        )
-    return in_lane_order(chosen)
-
-
-def suppression_scope(scope: str | None) -> str:
-    """``*`` (every sender) or a sender domain, as the suppression list keeps it: lower case,
-    without a leading ``@``. Raises :class:`ValidationError` for anything else."""
-    if scope is not None and not isinstance(scope, str):
-        raise ValidationError(
-            f"scope must be * or a sender domain (a string), not {kind_of(scope)}", field="scope"
-        )
-    if scope is None or scope.strip() == "*":
-        return "*"
-    domain = scope.strip().lstrip("@").lower().rstrip(".")
-    labels = domain.split(".")
-    if len(labels) < 2 or not all(
-        label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels
-    ):
-        raise ValidationError(
-            f"scope must be * or a sender domain like example.com, got {scope!r}", field="scope"
-        )
-    return domain
 
 
 class AsyncPostlane:

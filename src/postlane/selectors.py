@@ -1,4 +1,5 @@
-"""Selectors read one way for every door: which deliveries an operator command touches.
+"""Selectors read one way for every door: which deliveries an operator command touches (and
+what a suppression stops: its lanes and its scope).
 
 The HTTP API (a JSON body or a query string), the dashboard (its filter form) and the CLI (its
 options) each turn what they were given into a plain mapping of field to value(s) and call
@@ -16,8 +17,8 @@ from typing import TypeVar
 from postlane.classify import ReplyClass
 from postlane.clock import Clock
 from postlane.config import parse_duration
-from postlane.errors import ValidationError
-from postlane.message import Lane, RecipientState
+from postlane.errors import ValidationError, kind_of
+from postlane.message import Lane, RecipientState, in_lane_order
 from postlane.records import Selector
 
 __all__ = [
@@ -127,3 +128,57 @@ def _older_than(duration: str | None, clock: Clock) -> float | None:
         return clock.now() - parse_duration(duration)
     except ValueError as exc:
         raise ValidationError(f"older_than: {exc}", field="older_than") from None
+
+
+def suppression_lanes(lanes: Iterable[Lane | str] | None) -> tuple[Lane, ...] | None:
+    """The lanes a suppression stops, in lane order; None (every lane) for None. Raises
+    :class:`ValidationError` for an unknown lane or for none at all (an entry that stops no
+    mail is a mistake: leave ``lanes`` out for every lane)."""
+    if lanes is None:
+        return None
+    if isinstance(lanes, str):  # one lane, not its letters
+        lanes = [lanes]
+    if not isinstance(lanes, Iterable) or isinstance(lanes, bytes | bytearray | Mapping):
+        raise ValidationError(
+            f"lanes must be a lane or a list of lanes (high, normal, low), not {kind_of(lanes)}",
+            field="lanes",
+        )
+    chosen: set[Lane] = set()
+    for lane in lanes:
+        if not isinstance(lane, str):
+            raise ValidationError(
+                f"lanes must be a lane or a list of lanes (high, normal, low), not a list "
+                f"holding {kind_of(lane)}",
+                field="lanes",
+            )
+        try:
+            chosen.add(Lane(str(lane).strip().lower()))
+        except ValueError:
+            raise ValidationError(
+                f"unknown lane {lane!r} (lanes are high, normal, low)", field="lanes"
+            ) from None
+    if not chosen:
+        raise ValidationError(
+            "lanes names no lane (leave it out to stop mail of every lane)", field="lanes"
+        )
+    return in_lane_order(chosen)
+
+
+def suppression_scope(scope: str | None) -> str:
+    """``*`` (every sender) or a sender domain, as the suppression list keeps it: lower case,
+    without a leading ``@``. Raises :class:`ValidationError` for anything else."""
+    if scope is not None and not isinstance(scope, str):
+        raise ValidationError(
+            f"scope must be * or a sender domain (a string), not {kind_of(scope)}", field="scope"
+        )
+    if scope is None or scope.strip() == "*":
+        return "*"
+    domain = scope.strip().lstrip("@").lower().rstrip(".")
+    labels = domain.split(".")
+    if len(labels) < 2 or not all(
+        label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels
+    ):
+        raise ValidationError(
+            f"scope must be * or a sender domain like example.com, got {scope!r}", field="scope"
+        )
+    return domain

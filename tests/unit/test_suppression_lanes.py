@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from postlane.app import suppression_lanes
 from postlane.errors import ValidationError
 from postlane.message import Lane
+from postlane.selectors import suppression_lanes
 from postlane.store import rows
 
 HIGH, NORMAL, LOW = Lane.HIGH, Lane.NORMAL, Lane.LOW

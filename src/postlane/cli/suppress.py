@@ -83,8 +83,8 @@ def suppress_add(
     lanes: tuple[str, ...],
 ) -> None:
     """Suppress ADDRESS: mail to it is never attempted (queued mail to it included)."""
-    from postlane.app import suppression_lanes, suppression_scope
     from postlane.clock import parse_when
+    from postlane.selectors import suppression_lanes, suppression_scope
 
     parse_address(address, "address")  # refused before the store is opened
     suppression_scope(scope)
