@@ -239,12 +239,16 @@ async def test_issue_17_4_a_relay_refusing_our_credentials_holds_its_mail_and_sa
             later = await app.send(sender="app@example.com", to=["v@example.net"], text="y")
             await worker.run_until_idle()
             assert len(tls_peer.auth_attempts) == tried  # held: nothing tried while paused
-            # while the relay is paused nothing is even claimed: the new mail waits queued
+            # while the relay is paused nothing is even claimed: the new mail waits, and is
+            # shown waiting for the pause's end (not due at once, as its row still says)
             waiting = (await app.get(later.id)).recipients[0]
-            assert waiting.state is RecipientState.QUEUED and waiting.attempts == 0
             [relay_state] = [d for d in (await app.stats()).destinations
                              if d.destination == "relay"]  # fmt: skip
             assert relay_state.paused_until is not None
+            assert (waiting.state, waiting.attempts, waiting.next_attempt_at) == (
+                RecipientState.DEFERRED, 0, relay_state.paused_until,
+            )  # fmt: skip
+            assert waiting.reason == "destination relay is paused"
             assert (relay_state.reason or "").startswith("misconfigured: the relay refused")
             line = next(r.getMessage() for r in caplog.records if r.name == "postlane.attempts")
             assert 'misconfigured="the relay refused the configured credentials (535)' in line
