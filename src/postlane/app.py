@@ -804,6 +804,10 @@ def _check_id(queue_id: str) -> str:
 
 
 def _limit(limit: int) -> int:
+    """A listing's limit: at most one past :data:`MAX_LIMIT`, so that a caller showing the
+    largest listing, and reading one more to learn whether more match, learns it (a scale
+    audit: at ``--limit 10000`` the CLI read 10,000, and its footer passed for the queue's
+    total)."""
     if limit < 1:
         raise ValidationError("limit must be at least 1")
-    return min(limit, MAX_LIMIT)
+    return min(limit, MAX_LIMIT + 1)

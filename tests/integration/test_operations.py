@@ -142,12 +142,22 @@ def test_every_selector_of_queue_list(queue: tuple[Config, dict[str, str]]) -> N
     assert names("--lane", "low", "--domain", "example.net") == {"news"}
 
 
-def test_a_listing_cut_at_its_limit_says_so(queue: tuple[Config, dict[str, str]]) -> None:
+def test_a_listing_cut_at_its_limit_says_so(
+    queue: tuple[Config, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """mailq's footer is the queue's total: a listing cut at --limit must not pass for it."""
     config, _ = queue
     code, out, err = cli(config, "queue", "list", "--limit", "2")
     assert code == 0 and "in 2 messages shown," in out
-    assert "the first 2 messages are shown; more match (--limit to see more)" in err
+    assert "the first 2 messages are shown; more match (narrow the selection, raise" in err
+    # a scale audit: at the largest listing (MAX_LIMIT, here made 2) the one more read to
+    # know whether more match was cut off, and the footer passed for the queue's total
+    monkeypatch.setattr("postlane.app.MAX_LIMIT", 2)
+    code, out, err = cli(config, "queue", "list", "--limit", "2")
+    assert code == 0 and "in 2 messages shown," in out and "more match" in err
+    code, out, err = cli(config, "dlq", "list", "--rows", "--limit", "2")
+    assert code == 0 and "more match" not in err  # one dead letter: all of them
+    monkeypatch.undo()
     code, out, err = cli(config, "queue", "list", "--limit", "2", "--json")
     assert code == 0 and len(json.loads(out)) == 2 and "more match" in err
     code, out, err = cli(config, "queue", "list", "--limit", "1000")

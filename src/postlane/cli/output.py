@@ -102,7 +102,10 @@ def first(rows: Sequence[T], limit: int, what: str) -> Sequence[T]:
     total, as ``mailq``'s does)."""
     if len(rows) <= limit:
         return rows
-    err.print(f"postlane: the first {limit:,} {what} are shown; more match (--limit to see more)")
+    err.print(
+        f"postlane: the first {limit:,} {what} are shown; more match (narrow the selection, "
+        "raise --limit, or page through them all with the HTTP API)"
+    )
     return rows[:limit]
 
 

@@ -88,9 +88,15 @@ class SQLOperator(SQLRole):
         selector: Selector,
         default_states: Sequence[str],
         forced_states: Sequence[str] | None = None,
+        *,
+        by_row: bool = False,
     ) -> tuple[dict[str, str], dict[str, Any]]:
         where, params = selection(
-            self.dialect, selector, default_states=default_states, forced_states=forced_states
+            self.dialect,
+            selector,
+            default_states=default_states,
+            forced_states=forced_states,
+            by_row=by_row,
         )
         return {"selection": where}, params
 
@@ -239,7 +245,7 @@ class SQLOperator(SQLRole):
     async def select_delivery_ids(
         self, selector: Selector, states: Sequence[str], *, after: int, limit: int
     ) -> list[int]:
-        fill, params = self._selection(selector, states, states)
+        fill, params = self._selection(selector, states, states, by_row=True)
         found = await self.db.read(
             lambda: fetch(
                 "select_delivery_ids", {**params, "after": after, "limit": limit}, fill=fill

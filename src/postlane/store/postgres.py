@@ -90,10 +90,12 @@ class PostgresDialect(Dialect):
         arrays = ", ".join(f"%({name})s::{sql_type}[]" for name, sql_type in columns)
         return f"SELECT * FROM unnest({arrays})"
 
-    def metadata_matches(self, metadata: Mapping[str, str], params: dict[str, Any]) -> str:
+    def metadata_matches(
+        self, metadata: Mapping[str, str], params: dict[str, Any], alias: str
+    ) -> str:
         # containment of {"key": "value", ...}: each key must hold that JSON string
         params["metadata"] = Jsonb(dict(metadata))
-        return "metadata @> %(metadata)s"
+        return f"{alias}.metadata @> %(metadata)s"
 
 
 DIALECT = PostgresDialect("postgres")

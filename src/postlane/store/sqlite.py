@@ -384,12 +384,14 @@ class SQLiteDialect(Dialect):
         """One row a run: a batch runs once per row."""
         return "VALUES (" + ", ".join(f":{name}" for name, _ in columns) + ")"
 
-    def metadata_matches(self, metadata: Mapping[str, str], params: dict[str, Any]) -> str:
+    def metadata_matches(
+        self, metadata: Mapping[str, str], params: dict[str, Any], alias: str
+    ) -> str:
         clauses = []
         for i, (key, value) in enumerate(metadata.items()):
             params[f"mk{i}"] = "$." + json.dumps(key)
             params[f"mv{i}"] = value
-            clauses.append(f"json_extract(metadata, :mk{i}) = :mv{i}")
+            clauses.append(f"json_extract({alias}.metadata, :mk{i}) = :mv{i}")
         return " AND ".join(clauses)
 
 
