@@ -653,6 +653,14 @@ class AsyncPostlane:
         _limit(limit)  # at least 1
         return await self.store.list_suppressions(limit=min(limit, MAX_SUPPRESSIONS))
 
+    async def suppressions_of(self, addresses: Iterable[str]) -> list[Suppression]:
+        """Every entry of these addresses on the suppression list (one per scope and reason),
+        newest first: what an operator looks up to lift one, however long the list."""
+        wanted = [a for a in addresses]
+        for address in wanted:
+            _check_string(address, "address")
+        return await self.store.suppressions_of(wanted) if wanted else []
+
     async def suppression_page(
         self, *, cursor: str | None = None, limit: int = 1000
     ) -> Page[Suppression]:

@@ -183,6 +183,24 @@ async def test_the_suppression_form_adds_an_entry_for_some_lanes(open_app: Async
     assert lanes == {"ada@example.net": (Lane.NORMAL, Lane.LOW), "bob@example.net": None}
 
 
+async def test_an_address_is_found_on_a_suppression_list_past_its_first_page(
+    open_app: AsyncPostlane,
+) -> None:
+    """A scale audit: the page showed the newest 1,000 entries, with no way to find an older
+    one to lift, and sent the operator to a command that does not list them all."""
+    await open_app.suppress("old@example.net", reason="hard_bounce")
+    await open_app.suppress("old@example.net", reason="unsubscribe", lanes=["low"])
+    await open_app.suppress("new@example.net")
+    async for client in client_for(open_app):
+        found = await client.get("/suppressions", params={"address": "OLD@example.net"})
+        assert found.status_code == 200
+        assert found.text.count('data-address="old@example.net"') == 2
+        assert 'data-address="new@example.net"' not in found.text
+        assert "2 entries for OLD@example.net" in found.text
+        page = await client.get("/suppressions")
+        assert 'data-address="new@example.net"' in page.text and "lists them all" not in page.text
+
+
 async def test_the_dashboard_can_be_turned_off(tmp_path: Path) -> None:
     config = make_config(tmp_path, http={"dashboard": False})
     async with AsyncPostlane(config) as app:

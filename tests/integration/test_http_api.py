@@ -619,6 +619,25 @@ async def test_a_time_past_the_year_9999_is_refused_and_the_lists_keep_working(
         assert (await c.get("/v1/suppressions")).json() == []
 
 
+async def test_an_addresss_suppression_entries_are_found_by_address(
+    scoped: tuple[AsyncPostlane, Any],
+) -> None:
+    app, client = scoped
+    await app.suppress("ada@example.net", reason="hard_bounce")
+    await app.suppress("ada@example.net", reason="unsubscribe", lanes=["low"])
+    await app.suppress("bob@example.net")
+    async with client(TOKEN) as c:
+        r = await c.get("/v1/suppressions", params={"address": ["Ada@example.net", "x@y.example"]})
+        assert r.status_code == 200, r.text
+        assert sorted(e["reason"] for e in r.json()) == ["hard_bounce", "unsubscribe"]
+        assert {e["address"] for e in r.json()} == {"ada@example.net"}
+        assert "link" not in r.headers  # one page
+    assert [s.address for s in await app.suppressions_of(["BOB@example.net"])] == [
+        "bob@example.net"
+    ]
+    assert await app.suppressions_of([]) == []
+
+
 async def test_admin_operations_over_http(scoped: tuple[AsyncPostlane, Any]) -> None:
     _, client = scoped
     async with client(TOKEN) as c:

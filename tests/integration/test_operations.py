@@ -166,6 +166,18 @@ def test_a_listing_cut_at_its_limit_says_so(
     assert code == 0 and "the first 1 dead letters are shown" in err
 
 
+def test_suppress_list_finds_an_address_entries(queue: tuple[Config, dict[str, str]]) -> None:
+    config, _ = queue
+    assert cli(config, "suppress", "add", "old@example.net", "--reason", "hard_bounce")[0] == 0
+    code, out, err = cli(config, "suppress", "list", "OLD@example.net", "--json")
+    assert code == 0, err
+    assert [(e["address"], e["reason"]) for e in json.loads(out)] == [
+        ("old@example.net", "hard_bounce")
+    ]
+    code, out, _ = cli(config, "suppress", "list", "none@example.net")
+    assert code == 0 and "No entry for none@example.net" in out
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 def test_an_export_that_cannot_be_written_removes_nothing_and_says_so(
     queue: tuple[Config, dict[str, str]],

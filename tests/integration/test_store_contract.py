@@ -1677,6 +1677,23 @@ async def test_an_unsubscribe_and_a_complaint_in_one_batch_stop_every_lane(store
     }
 
 
+async def test_an_addresss_entries_are_read_whatever_the_case_expired_ones_too(
+    store: Any,
+) -> None:
+    for entry in (
+        Suppression("ada@example.net", T0, "bounce", "hard_bounce"),
+        Suppression("ada@example.net", T0 + 1, "arf", "complaint", scope="shop.example"),
+        Suppression("ada@example.net", T0 + 2, "op", "manual", expires_at=T0 + 3),
+        Suppression("bob@example.net", T0, "op", "manual"),
+    ):
+        assert await store.add_suppression(entry)
+    found = await store.suppressions_of(["ADA@example.net", "nobody@example.net"])
+    assert [(s.reason, s.scope) for s in found] == [
+        ("manual", "*"), ("complaint", "shop.example"), ("hard_bounce", "*"),
+    ]  # fmt: skip
+    assert await store.suppressions_of([]) == []
+
+
 async def test_lifting_suppressions_removes_only_the_entries_that_stop_the_mail(
     store: Any,
 ) -> None:

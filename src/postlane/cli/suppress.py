@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import click
 
@@ -11,7 +12,7 @@ from postlane.cli.context import config_option, json_option, limit_option, read_
 from postlane.cli.output import first_line, json_or_empty, listing, show
 from postlane.clock import when
 from postlane.errors import PostlaneError, ValidationError
-from postlane.records import SUPPRESSION_REASONS
+from postlane.records import SUPPRESSION_REASONS, Suppression
 from postlane.toml_values import parse_duration
 
 
@@ -21,15 +22,22 @@ def suppress() -> None:
 
 
 @suppress.command("list")
+@click.argument("addresses", nargs=-1, metavar="[ADDRESS]...")
 @config_option
 @limit_option(1000, most=100_000)
 @json_option
-def suppress_list(limit: int, as_json: bool) -> None:
+def suppress_list(addresses: tuple[str, ...], limit: int, as_json: bool) -> None:
     """The suppressed addresses, newest first: why (reason), for whose mail (scope: * for
     every sender, or a sender domain; lanes: every lane, or those named), since and until
-    when."""
-    entries = read_first(lambda app, n: app.suppressions(limit=n), limit, "entries")
-    if json_or_empty(entries, as_json=as_json, empty="The suppression list is empty"):
+    when. With ADDRESS: that address's entries only, however long the list."""
+    entries: Sequence[Suppression]
+    if addresses:
+        entries = with_app(lambda app: app.suppressions_of(addresses))
+        empty = f"No entry for {', '.join(addresses)} on the suppression list"
+    else:
+        entries = read_first(lambda app, n: app.suppressions(limit=n), limit, "entries")
+        empty = "The suppression list is empty"
+    if json_or_empty(entries, as_json=as_json, empty=empty):
         return
     table = listing(
         "Address", "Reason", "Scope", "Lanes", "Since (UTC)", "Until (UTC)", "Source", "Detail"

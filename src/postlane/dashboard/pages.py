@@ -355,9 +355,15 @@ async def dlq(request: Request, session: Session) -> Response:
 
 async def suppressions(request: Request, session: Session) -> Response:
     app = _postlane(request)
-    entries = await app.suppressions(limit=1000)
+    sought = request.query_params.get("address", "").strip()
+    if sought:  # one address's entries, however long the list
+        entries = await app.suppressions_of([check_text(sought, "address")])
+    else:
+        entries = await app.suppressions(limit=1000)
     total = (await app.stats()).suppression_list
-    return render(request, session, "suppressions.html", entries=entries, total=total)
+    return render(
+        request, session, "suppressions.html", entries=entries, total=total, sought=sought
+    )
 
 
 async def suppress(request: Request, session: Session) -> Response:

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from postlane.addresses import check_text
 from postlane.auth import Caller
+from postlane.cursors import Page
 from postlane.errors import NotFound
 from postlane.events import event_cursor
 from postlane.ingest.api_core import (
@@ -39,7 +40,12 @@ if TYPE_CHECKING:
 
 async def list_suppressions(request: Request, caller: Caller) -> Response:
     """``GET /v1/suppressions?limit=N&cursor=C``: a page of the list, newest first (up to
-    10,000 entries unless told fewer), the next page's cursor in the headers."""
+    10,000 entries unless told fewer), the next page's cursor in the headers;
+    ``?address=A`` (repeatable): those addresses' entries, one page."""
+    addresses = request.query_params.getlist("address")
+    if addresses:  # one page, whatever its length: an address has an entry a reason at most
+        found = await context_of(request).postlane.suppressions_of(addresses)
+        return page_response(request, Page(found, None))
     limit = query_limit(request, default=MAX_SUPPRESSION_PAGE, most=MAX_SUPPRESSION_PAGE)
     cursor = query_cursor(request)
     postlane = context_of(request).postlane

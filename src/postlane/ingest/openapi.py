@@ -683,6 +683,12 @@ def _suppression_paths() -> dict[str, Any]:
                         "schema": _type("integer", minimum=1, maximum=10_000, default=10_000),
                     },
                     _CURSOR,
+                    {
+                        "name": "address",
+                        "in": "query",
+                        "description": "only these addresses' entries (repeatable; one page)",
+                        "schema": _type("string"),
+                    },
                 ],
             ),
             "post": _operation(

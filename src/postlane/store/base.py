@@ -408,6 +408,10 @@ class SuppressionStore(Protocol):
         (None: from the first)."""
         ...
 
+    async def suppressions_of(self, addresses: Sequence[str]) -> list[Suppression]:
+        """Every entry of these addresses (case aside), newest first, expired ones too."""
+        ...
+
     async def add_suppression(self, suppression: Suppression) -> bool:
         """Add an entry; False when the address is already suppressed in that scope, for that
         reason, for those lanes (the first entry wins, unless it has expired). Each reason is

@@ -18,6 +18,11 @@ from postlane.store.plans import Plan, SQLRole, batch, execute, fetch
 class SQLSuppressions(SQLRole):
     """The suppression list."""
 
+    async def suppressions_of(self, addresses: Sequence[str]) -> list[Suppression]:
+        lowered = sorted({address.strip().lower() for address in addresses})
+        found = await self.db.read(lambda: fetch("suppressions_of", {"addresses": lowered}))
+        return [rows.suppression(row) for row in found]
+
     async def list_suppressions(
         self, *, limit: int, after: SuppressionKey | None = None
     ) -> list[Suppression]:

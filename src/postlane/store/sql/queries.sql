@@ -426,6 +426,13 @@ SELECT class, count(*) AS n FROM attempts WHERE at >= :start AND at < :end GROUP
 SELECT destination, class, count(*) AS n FROM attempts WHERE at >= :since
 GROUP BY destination, class;
 
+-- name: suppressions_of
+-- The entries of some lower-cased addresses, newest first (expired ones too, as the list).
+SELECT address, scope, reason, created_at, expires_at, detail, source, code, enhanced, text,
+       queue_id, lanes
+FROM suppressions WHERE @any(address, addresses, text)
+ORDER BY created_at DESC, address, scope, reason;
+
 -- name: suppressions
 -- The suppression list, newest first, after the keyset (:created_at, :address, :scope,
 -- :reason) of a page before (NULL: from the first).
