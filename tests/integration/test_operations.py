@@ -166,6 +166,34 @@ def test_a_listing_cut_at_its_limit_says_so(
     assert code == 0 and "the first 1 dead letters are shown" in err
 
 
+def test_an_interrupted_action_says_what_it_had_done(
+    queue: tuple[Config, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scale audit: Ctrl-C half-way through a bulk action said only "Aborted.", though
+    40,500 recipients had been deleted (and exported) by then: the operator could not tell
+    whether anything had happened. It says how many, the rest being as it was."""
+    config, _ = queue
+    act, apply = AsyncPostlane.act, AsyncPostlane._apply
+    slices: list[list[int]] = []
+
+    async def in_slices_of_one(self: AsyncPostlane, *args: Any, **kwargs: Any) -> Any:
+        return await act(self, *args, **{**kwargs, "slice_size": 1})
+
+    async def until_the_second(self: AsyncPostlane, action: Any, ids: Any, states: Any) -> int:
+        if slices:
+            raise KeyboardInterrupt  # Ctrl-C during the second slice
+        slices.append(ids)
+        return await apply(self, action, ids, states)
+
+    monkeypatch.setattr(AsyncPostlane, "act", in_slices_of_one)
+    monkeypatch.setattr(AsyncPostlane, "_apply", until_the_second)
+    code, _, err = cli(config, "queue", "hold", "--all")
+    assert code != 0
+    assert (
+        "interrupted: 1 recipient(s) had been held; the rest of the selection is as it was" in err
+    )
+
+
 def test_suppress_list_finds_an_address_entries(queue: tuple[Config, dict[str, str]]) -> None:
     config, _ = queue
     assert cli(config, "suppress", "add", "old@example.net", "--reason", "hard_bounce")[0] == 0

@@ -62,6 +62,17 @@ def _show_selection(action: QueueAction, counts: Sequence[SelectionCount]) -> in
     return total
 
 
+#: what an action did to a recipient, said when it is interrupted half-way
+_DONE = {
+    QueueAction.FLUSH: "flushed",
+    QueueAction.HOLD: "held",
+    QueueAction.RELEASE: "released",
+    QueueAction.DELETE: "deleted",
+    QueueAction.REQUEUE: "requeued",
+    QueueAction.PURGE: "purged",
+}
+
+
 def run_action(
     action: QueueAction,
     selector: Selector,
@@ -74,7 +85,7 @@ def run_action(
     """Show what an action touches, ask when it destroys, apply it with progress. A requeue
     goes through :meth:`AsyncPostlane.requeue` (refused for suppressed addresses unless
     ``unsuppress``)."""
-    in_flight = held = 0
+    in_flight = held = changed = 0
 
     async def go(app: AsyncPostlane) -> int | None:
         nonlocal in_flight, held
@@ -121,6 +132,8 @@ def run_action(
             task = bar.add_task(action.value, total=total)
 
             def progress(n: int) -> None:
+                nonlocal changed
+                changed = n
                 bar.update(task, completed=n)
 
             if action is QueueAction.REQUEUE:
@@ -145,6 +158,15 @@ def run_action(
     export = open_export(export_path) if export_path else None
     try:
         done = with_app(go)
+    except KeyboardInterrupt:
+        if changed:  # a slice at a time, each whole: said, so that nobody runs it all again
+            exported = f" (and written to {export_path} first)" if export_path else ""
+            err.print(
+                f"postlane: interrupted: {changed:,} recipient(s) had been {_DONE[action]}"
+                f"{exported}; the rest of the selection is as it was",
+                markup=False,
+            )
+        raise
     except SuppressedRecipients as exc:
         raise PostlaneError(_suppressed_refusal(exc.addresses)) from None
     finally:
