@@ -26,6 +26,7 @@ from postlane.records import SelectionCount, Selector
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: what an action did to a recipient (its outcome, and how far an interrupted one got)
 _PAST = {
     QueueAction.FLUSH: "flushed",
     QueueAction.HOLD: "held",
@@ -60,17 +61,6 @@ def _show_selection(action: QueueAction, counts: Sequence[SelectionCount]) -> in
     err.print(f"{action.value} will touch {total:,} recipient(s):")
     show(table, console=err)
     return total
-
-
-#: what an action did to a recipient, said when it is interrupted half-way
-_DONE = {
-    QueueAction.FLUSH: "flushed",
-    QueueAction.HOLD: "held",
-    QueueAction.RELEASE: "released",
-    QueueAction.DELETE: "deleted",
-    QueueAction.REQUEUE: "requeued",
-    QueueAction.PURGE: "purged",
-}
 
 
 def run_action(
@@ -162,7 +152,7 @@ def run_action(
         if changed:  # a slice at a time, each whole: said, so that nobody runs it all again
             exported = f" (and written to {export_path} first)" if export_path else ""
             err.print(
-                f"postlane: interrupted: {changed:,} recipient(s) had been {_DONE[action]}"
+                f"postlane: interrupted: {changed:,} recipient(s) had been {_PAST[action]}"
                 f"{exported}; the rest of the selection is as it was",
                 markup=False,
             )
