@@ -544,19 +544,21 @@ class AsyncPostlane:
                 progress(changed)
         return Requeued(changed, tuple(lifted))
 
-    async def _suppressed_mail(self, delivery_ids: Sequence[int]) -> list[tuple[str, Lane]]:
-        """The (address, lane) of those among these dead letters the suppression list stops."""
+    async def _suppressed_mail(self, delivery_ids: Sequence[int]) -> list[tuple[str, str, Lane]]:
+        """The (address, sender, lane) of those among these dead letters the suppression list
+        stops: an entry for every sender or for the letter's sender domain (a complaint about
+        its mail), for every lane or the letter's (an unsubscribe from bulk mail stops only
+        its lanes: a dead letter of another lane is requeued as it is, its entry left alone)."""
         letters = await self.store.list_dead(
             Selector(delivery_ids=tuple(delivery_ids)), limit=len(delivery_ids)
         )
-        # an entry for some lanes (an unsubscribe from bulk mail) stops only their mail: a
-        # dead letter of another lane is requeued as it is, and its entry left alone
-        stopped = await self.store.suppressed_mail([(d.address, "", d.lane) for d in letters])
-        return [(d.address, d.lane) for d, hit in zip(letters, stopped, strict=True) if hit]
+        mail = [(d.address, d.sender, d.lane) for d in letters]
+        stopped = await self.store.suppressed_mail(mail)
+        return [one for one, hit in zip(mail, stopped, strict=True) if hit]
 
     async def _suppressed_among(self, delivery_ids: Sequence[int]) -> list[str]:
         """The addresses on the suppression list among these dead letters."""
-        return sorted({address for address, _lane in await self._suppressed_mail(delivery_ids)})
+        return sorted({one[0] for one in await self._suppressed_mail(delivery_ids)})
 
     async def suppressed_dead_letters(
         self, selector: Selector, *, slice_size: int = 500

@@ -1055,6 +1055,30 @@ async def test_a_requeue_that_lifts_a_bounce_leaves_the_recipients_unsubscribe(
         )
 
 
+async def test_a_requeue_sees_a_complaint_about_its_senders_mail(
+    queue: tuple[Config, dict[str, str]],
+) -> None:
+    """A dead letter whose recipient complained about its sender's mail (an entry for that
+    sender domain) was requeued without a word, then marked suppressed by the worker, never
+    tried: the requeue's check looked at entries for every sender only. It is refused, naming
+    the address; with --unsuppress that complaint is lifted; another domain's complaint stays."""
+    from postlane.app import Requeued
+    from postlane.errors import SuppressedRecipients
+
+    config, ids = queue
+    async with AsyncPostlane(config) as app:  # dead1 and dead2 come from app@example.com
+        await app.suppress("bounce1@example.net", reason="complaint", scope="example.com")
+        await app.suppress("bounce2@example.net", reason="complaint", scope="other.example")
+        assert await app.suppressed_dead_letters(Selector(all=True)) == ["bounce1@example.net"]
+        with pytest.raises(SuppressedRecipients):
+            await app.requeue(Selector(ids=(ids["dead1"],)))
+        assert await app.requeue(Selector(all=True), unsuppress=True) == Requeued(
+            2, ("bounce1@example.net",)
+        )
+        [kept] = await app.suppressions()
+        assert (kept.address, kept.scope) == ("bounce2@example.net", "other.example")
+
+
 # -- export files (audit 8) and CLI polish (new user's item 10) ---------------------------------
 
 

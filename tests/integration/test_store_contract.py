@@ -1697,8 +1697,9 @@ async def test_an_addresss_entries_are_read_whatever_the_case_expired_ones_too(
 async def test_lifting_suppressions_removes_only_the_entries_that_stop_the_mail(
     store: Any,
 ) -> None:
-    """A requeue's lift: the entries for every sender that stop each (address, lane); an
-    unsubscribe from another lane and an entry for one sender domain stay."""
+    """A requeue's lift: the entries that stop each (address, sender, lane), for every sender
+    or the sender's domain; an unsubscribe from another lane and an entry for another sender
+    domain stay."""
     for entry in (
         Suppression("ada@example.net", T0, "bounce", "hard_bounce"),
         Suppression("ada@example.net", T0, "unsubscribe", "unsubscribe", lanes=(Lane.LOW,)),
@@ -1708,9 +1709,9 @@ async def test_lifting_suppressions_removes_only_the_entries_that_stop_the_mail(
     ):
         assert await store.add_suppression(entry)
     mail = [
-        ("Ada@example.net", Lane.NORMAL),
-        ("bob@example.net", Lane.NORMAL),
-        ("cy@example.net", Lane.LOW),
+        ("Ada@example.net", "app@example.com", Lane.NORMAL),
+        ("bob@example.net", "app@example.com", Lane.NORMAL),
+        ("cy@example.net", "app@example.com", Lane.LOW),
     ]
     assert await store.lift_suppressions(mail) == ["ada@example.net", "cy@example.net"]
     left = sorted((s.address, s.scope, s.reason) for s in await store.list_suppressions(limit=10))
@@ -1719,7 +1720,12 @@ async def test_lifting_suppressions_removes_only_the_entries_that_stop_the_mail(
         ("ada@example.net", "shop.example", "complaint"),
         ("bob@example.net", "*", "unsubscribe"),
     ]
-    assert await store.lift_suppressions([("dan@example.net", Lane.HIGH)]) == []
+    assert await store.lift_suppressions([("dan@example.net", "a@x.example", Lane.HIGH)]) == []
+    # a letter from shop.example: the complaint about its mail is what stops it, and goes
+    lifted = await store.lift_suppressions([("ada@example.net", "news@Shop.example", Lane.NORMAL)])
+    assert lifted == ["ada@example.net"]
+    left = sorted((s.address, s.scope, s.reason) for s in await store.list_suppressions(limit=10))
+    assert ("ada@example.net", "shop.example", "complaint") not in left
 
 
 async def test_an_unsubscribe_after_a_hard_bounce_is_kept_on_its_own(store: Any) -> None:

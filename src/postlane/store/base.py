@@ -441,10 +441,11 @@ class SuppressionStore(Protocol):
         entry counts), and (with ``now``) not expired."""
         ...
 
-    async def lift_suppressions(self, mail: Sequence[tuple[str, Lane]]) -> list[str]:
-        """Remove the entries for every sender that stop mail of ``lane`` to ``address``, for
-        each ``(address, lane)`` (a requeue of dead letters that lifts their suppression);
-        entries that stop other lanes only stay. The addresses that had some, sorted."""
+    async def lift_suppressions(self, mail: Sequence[tuple[str, str, Lane]]) -> list[str]:
+        """Remove the entries that stop mail of ``lane`` from ``sender`` to ``address`` (for
+        every sender or for the sender's domain), for each ``(address, sender, lane)`` (a
+        requeue of dead letters that lifts their suppression); entries that stop other lanes
+        only, or another sender's mail, stay. The addresses that had some, sorted."""
         ...
 
     async def suppressed_mail(

@@ -59,26 +59,27 @@ class SQLSuppressions(SQLRole):
         }
         return bool(await self.db.write(lambda: execute("delete_suppression", params)))
 
-    async def lift_suppressions(self, mail: Sequence[tuple[str, Lane]]) -> list[str]:
-        """Remove the entries for every sender that stop mail of ``lane`` to ``address``, for
-        each ``(address, lane)``; the others stay (an unsubscribe from the bulk lane, when a
-        dead letter of another lane is requeued). Returns the addresses that had some, in
-        order (one transaction)."""
-        addresses = sorted({address.lower() for address, _lane in mail})
-        lanes_of: dict[str, set[Lane]] = {}
-        for address, lane in mail:
-            lanes_of.setdefault(address.lower(), set()).add(lane)
+    async def lift_suppressions(self, mail: Sequence[tuple[str, str, Lane]]) -> list[str]:
+        """Remove the entries that stop mail of ``lane`` from ``sender`` to ``address`` (for
+        every sender, or for the sender's domain), for each ``(address, sender, lane)``; the
+        others stay (an unsubscribe from the bulk lane, when a dead letter of another lane is
+        requeued; a complaint about another sender's mail). Returns the addresses that had
+        some, in order (one transaction)."""
+        addresses = sorted({address.lower() for address, _sender, _lane in mail})
+        stopped: dict[tuple[str, str], set[Lane]] = {}
+        for address, sender, lane in mail:
+            for scope in ("*", rows.sender_domain(sender)):
+                stopped.setdefault((address.lower(), scope), set()).add(lane)
 
         def run() -> Plan[list[str]]:
             found = yield from fetch("suppressed_among", {"addresses": addresses, "now": None})
             lifted: list[str] = []
             for row in found:
                 held = rows.stopped_lanes(row)
-                if row["scope"] != "*" or not any(
-                    rows.stops(held, lane) for lane in lanes_of[row["address"]]
-                ):
+                lanes = stopped.get((row["address"], row["scope"]), set())
+                if not any(rows.stops(held, lane) for lane in lanes):
                     continue
-                key = {"address": row["address"], "scope": "*", "reason": row["reason"]}
+                key = {"address": row["address"], "scope": row["scope"], "reason": row["reason"]}
                 yield from execute("delete_suppression", key)
                 if row["address"] not in lifted:
                     lifted.append(row["address"])
