@@ -258,9 +258,10 @@ class AsyncPostlane:
 
     async def get(self, queue_id: str, *, history: bool = True) -> MessageView:
         view = await self.store.get_message(_check_id(queue_id), history=history)
-        return await self.as_due(view)
+        [shown] = await self.as_due([view])
+        return shown
 
-    async def relay_pause(self) -> RelayPause | None:
+    async def _relay_pause(self) -> RelayPause | None:
         """The recorded pause of the relay every delivery goes through, while it lasts (None:
         no such relay, routes choose one per message, or it is not paused)."""
         if self._relay_name() is None:
@@ -277,11 +278,11 @@ class AsyncPostlane:
                 return RelayPause(name, status.paused_until or now)
         return None
 
-    async def as_due(self, view: MessageView) -> MessageView:
-        """``view`` with its waiting recipients' next attempts as they will be: no sooner than
-        the end of the relay's pause (:class:`RelayPause`)."""
-        pause = await self.relay_pause()
-        return view if pause is None else pause.view(view)
+    async def as_due(self, views: Sequence[MessageView]) -> list[MessageView]:
+        """``views`` with their waiting recipients' next attempts as they will be: no sooner
+        than the end of the relay's pause (:class:`RelayPause`)."""
+        pause = await self._relay_pause() if views else None
+        return list(views) if pause is None else [pause.view(v) for v in views]
 
     async def content(self, queue_id: str) -> bytes:
         return await self.store.get_content(_check_id(queue_id))
@@ -305,8 +306,7 @@ class AsyncPostlane:
     ) -> list[MessageView]:
         """Messages matching ``selector`` (default: those not yet finished), oldest first."""
         views = await self.store.list_messages(selector or Selector(), limit=_limit(limit))
-        pause = await self.relay_pause()
-        return views if pause is None else [pause.view(v) for v in views]
+        return await self.as_due(views)
 
     async def stats(self) -> Stats:
         stats = await self.store.stats(self.clock.now())
@@ -360,9 +360,7 @@ class AsyncPostlane:
         views, next_after = await self.store.page_messages(
             selector or Selector(), after=after, limit=_limit(limit)
         )
-        pause = await self.relay_pause()
-        if pause is not None:
-            views = [pause.view(v) for v in views]
+        views = await self.as_due(views)
         return Page(views, None if next_after is None else encode_cursor(MessageKey(next_after)))
 
     async def dead_letter_page(
@@ -658,7 +656,7 @@ class AsyncPostlane:
     async def suppressions_of(self, addresses: Iterable[str]) -> list[Suppression]:
         """Every entry of these addresses on the suppression list (one per scope and reason),
         newest first: what an operator looks up to lift one, however long the list."""
-        wanted = [a for a in addresses]
+        wanted = list(addresses)
         for address in wanted:
             _check_string(address, "address")
         return await self.store.suppressions_of(wanted) if wanted else []

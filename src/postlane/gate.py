@@ -448,9 +448,7 @@ class ThrottleGate:
         if not self.throttle.enabled:
             return
         now = self.clock.now()
-        changes = self.throttle.changes(now)
-        if changes:
-            await self.store.save_destination_states(changes)
+        await self._save_changes(now)
         for status in await self.store.destination_states():
             self.throttle.adopt(status, now)
         for name in self.throttle.to_hasten(now):  # a lift adopted just now included
@@ -464,8 +462,7 @@ class ThrottleGate:
                 self.wake.set()
         if self._owed:
             await self._give([])
-        for name, pause_end, opened in self.throttle.probe_outcomes():
-            await self.store.end_probe(name, self.owner, pause_end, opened)
+        await self._end_probes()
         shares = await self.store.share_destinations(
             self.owner, self.throttle.demands(now), now, now + SHARE_LEASE
         )
@@ -492,12 +489,20 @@ class ThrottleGate:
         (seen in a fleet test stopped just after a failed probe: two probes for one pause)."""
         if not self.throttle.enabled:
             return
-        changes = self.throttle.changes(self.clock.now())
+        await self._save_changes(self.clock.now())
+        await self._end_probes()
+        await self.store.forget_shares(self.owner)
+
+    async def _save_changes(self, now: float) -> None:
+        """Record the pauses and rates this process changed since it last recorded them."""
+        changes = self.throttle.changes(now)
         if changes:
             await self.store.save_destination_states(changes)
+
+    async def _end_probes(self) -> None:
+        """Record what this process's probes after pauses found."""
         for name, pause_end, opened in self.throttle.probe_outcomes():
             await self.store.end_probe(name, self.owner, pause_end, opened)
-        await self.store.forget_shares(self.owner)
 
 
 def _log_change(

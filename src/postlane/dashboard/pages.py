@@ -211,9 +211,7 @@ async def queue(request: Request, session: Session) -> Response:
     after_text = request.query_params.get("after", "0")
     after = int(after_text) if after_text.isdigit() else 0
     views, next_after = await app.store.page_messages(selector, after=after, limit=PAGE_SIZE)
-    pause = await app.relay_pause()
-    if pause is not None:
-        views = [pause.view(view) for view in views]
+    views = await app.as_due(views)
     return render(
         request,
         session,

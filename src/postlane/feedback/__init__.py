@@ -53,6 +53,11 @@ class Feedback:
     key: str | None = None
 
 
+#: where a bounce or a complaint leaves a recipient for good: a repeat of either changes nothing,
+#: and a delay heard after them is no news
+FINAL_FEEDBACK_STATES = frozenset({RecipientState.BOUNCED, RecipientState.COMPLAINED})
+
+
 @dataclass(frozen=True)
 class FeedbackResult:
     """How a :class:`Feedback` was applied: the recipient's state after it (None: no such
@@ -63,6 +68,11 @@ class FeedbackResult:
     changed: bool
     #: the report was heard before (its :attr:`Feedback.key` is in the history)
     repeat: bool = False
+
+    @property
+    def duplicate(self) -> bool:
+        """Heard before: a report by its id, or a bounce or complaint already recorded."""
+        return self.repeat or (not self.changed and self.state in FINAL_FEEDBACK_STATES)
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,6 @@ log = logging.getLogger("postlane.bounces")
 
 #: what a report about a recipient in these states may apply to (it was handed on)
 _SENT_STATES = frozenset({RecipientState.SENT, RecipientState.BOUNCED, RecipientState.COMPLAINED})
-#: where a repeat of a bounce or a complaint leaves a recipient
-_FINAL_FEEDBACK_STATES = frozenset({RecipientState.BOUNCED, RecipientState.COMPLAINED})
 #: reports larger than this are parsed in a worker thread, off the event loop
 _THREAD_PARSE = 64 * 1024
 #: the longest reason kept with an unmatched report
@@ -378,7 +376,7 @@ class BounceProcessor:
         for item, applied in zip(items, results, strict=True):
             if applied.changed:
                 recorded.append(item)
-            elif applied.repeat or applied.state in _FINAL_FEEDBACK_STATES:
+            elif applied.duplicate:
                 duplicates += 1
             elif applied.state is None:
                 notes.append(f"delivery {item.delivery_id} no longer exists")

@@ -11,6 +11,7 @@ from typing import Any
 
 from postlane.errors import NotFound
 from postlane.feedback import (
+    FINAL_FEEDBACK_STATES,
     DeliveryRef,
     Feedback,
     FeedbackKind,
@@ -39,8 +40,6 @@ _EVENTS = {
     FeedbackKind.DELAYED: "deferred",
     FeedbackKind.DELIVERED: None,
 }
-#: a recipient in these states is done: a later delay report is no news for the application
-_FINAL_STATES = frozenset({RecipientState.BOUNCED, RecipientState.COMPLAINED})
 #: the most kept of an unmatched report's content
 UNMATCHED_CONTENT_LIMIT = 256 * 1024
 
@@ -255,7 +254,7 @@ def _feedback_plan(items: Sequence[Feedback], now: float) -> Plan[list[FeedbackR
                 }
             )
         event = _EVENTS[item.kind]
-        if event == "deferred" and state in _FINAL_STATES:
+        if event == "deferred" and state in FINAL_FEEDBACK_STATES:
             # a delay heard after the recipient bounced or complained (reports come out of
             # order): its history has it, but the application is not told it is still trying
             event = None

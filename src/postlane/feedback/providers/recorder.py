@@ -44,7 +44,6 @@ __all__ = ["EventRecorder", "RecordedEvents"]
 
 #: what an event about a recipient in these states may apply to (it was handed on)
 _SENT_STATES = frozenset({RecipientState.SENT, RecipientState.BOUNCED, RecipientState.COMPLAINED})
-_FINAL_FEEDBACK_STATES = frozenset({RecipientState.BOUNCED, RecipientState.COMPLAINED})
 #: the kind an unmatched provider event is kept as
 UNMATCHED_KIND = "event"
 
@@ -138,7 +137,7 @@ class EventRecorder:
         for (event, item), applied in zip(items, results, strict=True):
             if applied.changed:
                 recorded.append(item)
-            elif applied.repeat or applied.state in _FINAL_FEEDBACK_STATES:
+            elif applied.duplicate:
                 duplicates += 1
             else:
                 state = applied.state or "gone"
