@@ -26,7 +26,6 @@ from collections.abc import (
     Sequence,
 )
 from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -45,6 +44,7 @@ from postlane.errors import NoQueue, NotFound, SuppressedRecipients, ValidationE
 from postlane.events import Event, event_cursor
 from postlane.exports import read_export
 from postlane.message import Lane, Message, PreparedMessage, prepare
+from postlane.queue_actions import ACTION_STATES, QueueAction, Requeued, action_states
 from postlane.records import (
     SUPPRESSION_REASONS,
     Cancelled,
@@ -73,58 +73,8 @@ MAX_LIMIT = 10_000
 MAX_SUPPRESSIONS = 100_001
 
 
-class QueueAction(StrEnum):
-    """What an operator can do to selected deliveries (Postfix's postqueue/postsuper verbs)."""
-
-    FLUSH = "flush"
-    HOLD = "hold"
-    RELEASE = "release"
-    DELETE = "delete"
-    REQUEUE = "requeue"
-    PURGE = "purge"
-
-
-#: the states each action applies to (a selector's --state narrows within them)
-ACTION_STATES: dict[QueueAction, tuple[str, ...]] = {
-    QueueAction.FLUSH: ("queued", "deferred"),
-    QueueAction.HOLD: ("queued", "deferred", "sending"),
-    QueueAction.RELEASE: ("held", "sending"),
-    # a delivery being sent is never deleted under its worker: its result decides
-    QueueAction.DELETE: ("queued", "deferred", "held"),
-    QueueAction.REQUEUE: ("dead",),
-    QueueAction.PURGE: ("dead",),
-}
-#: delete may also remove finished recipients when asked for them by --state
-_DELETABLE = ("queued", "deferred", "held", "sent", "dead", "suppressed")
 #: qshape's age buckets (minutes: 5 10 20 40 80 160 320 640 1280), in seconds
 QSHAPE_EDGES: tuple[float, ...] = tuple(60.0 * m for m in (5, 10, 20, 40, 80, 160, 320, 640, 1280))
-
-
-@dataclasses.dataclass(frozen=True)
-class Requeued:
-    """What :meth:`AsyncPostlane.requeue` did."""
-
-    #: recipients requeued
-    count: int
-    #: addresses whose suppression was lifted for the requeue (``unsuppress=True``)
-    unsuppressed: tuple[str, ...] = ()
-
-    def as_json(self) -> dict[str, Any]:
-        return {"requeued": self.count, "unsuppressed": list(self.unsuppressed)}
-
-
-def action_states(action: QueueAction, selector: Selector) -> tuple[str, ...]:
-    allowed = _DELETABLE if action is QueueAction.DELETE else ACTION_STATES[action]
-    if not selector.states:
-        return ACTION_STATES[action]
-    chosen = tuple(s.value for s in selector.states if s.value in allowed)
-    if not chosen:
-        wanted = ", ".join(s.value for s in selector.states)
-        raise ValidationError(
-            f"{action.value} does not apply to {wanted} recipients "
-            f"(it applies to: {', '.join(allowed)})"
-        )
-    return chosen
 
 
 class AsyncPostlane:

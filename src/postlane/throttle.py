@@ -34,12 +34,9 @@ the HTTP API and other workers see pauses and rates.
 from __future__ import annotations
 
 import enum
-import fnmatch
 import math
-import re
-from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from postlane.classify import ReplyClass, Verdict, one_line
 from postlane.config import (
@@ -52,6 +49,8 @@ from postlane.config import (
 )
 from postlane.fleet import FLEET_SURPLUS, PRESENCE, FleetProbe, FleetSchedule, parts_of
 from postlane.records import DestinationStatus, FleetShares
+from postlane.shaping import ShapingRules
+from postlane.throttle_state import DestinationState
 
 #: the reason recorded when an operator lifts a pause or slow-down (``queue flush``)
 LIFTED = "lifted by an operator"
@@ -105,85 +104,6 @@ class Admission:
         return self.at is None
 
 
-@dataclass
-class _Destination:
-    name: str
-    limits: DestinationLimits
-    rate: float | None  # allowed now; None: no limit
-    tokens: float = 1.0
-    refilled_at: float = 0.0
-    in_flight: int = 0
-    failures: int = 0  # consecutive connection failures
-    pause_level: int = 0
-    paused_until: float | None = None
-    probing: bool = False
-    #: the end of the pause after which this process is the fleet's prober (its probe's
-    #: outcome is recorded for the others)
-    fleet_probe: float | None = None
-    #: another process probes: wait until then before asking again
-    probe_wait_until: float = float("-inf")
-    reason: str | None = None
-    last_decrease: float = float("-inf")
-    #: a shaping rule's rate: the ceiling until ``held_until``, whatever successes say
-    held_rate: float | None = None
-    held_until: float = float("-inf")
-    held_reason: str | None = None
-    sent: deque[float] = field(default_factory=deque)
-    #: slots promised to deliveries sent back to wait: the next one goes after this
-    reserved_until: float = 0.0
-    #: the last slot of the fleet's schedule this process gave a delivery (see
-    #: :class:`FleetSchedule`)
-    fleet_slotted_until: float = 0.0
-    #: slots promised to waiting high-lane deliveries: they go ahead of the others' slots
-    urgent_until: float = 0.0
-    #: the rate those slots were spaced at (they are pulled in when it grows well past it)
-    slotted_rate: float | None = None
-    #: a lift cleared the slots of deliveries still waiting for them: call them back
-    recall: bool = False
-    changed: bool = False
-    #: the pause is this process's own (it saw the replies): recorded for the fleet. A pause
-    #: adopted from the store is not recorded again, so an operator's lift is never undone
-    #: by a process that had not heard of it yet.
-    own_pause: bool = False
-    #: the newest recorded state this process has seen (its own or another's)
-    synced_at: float = float("-inf")
-    #: how many operator lifts of it this process has adopted (the store counts them): a
-    #: record showing fewer was read before the last of them, and its pause is over; one
-    #: showing more says a lift to adopt. Deferrals carry it (:class:`Deferral`).
-    lifts: int = 0
-    #: this process's part of the fleet's rate (1.0: alone, or not yet shared)
-    share: float = 1.0
-    #: this process's part of the concurrency cap (None: the whole cap)
-    slots: int | None = None
-    #: the rate last recorded (:meth:`Throttle.changes`), and the last throttling reply
-    recorded_rate: float | None = None
-    throttled_at: float = float("-inf")
-    #: the share and slots the last :meth:`Throttle.set_shares` computed (a rise takes
-    #: effect only once two syncs in a row say so; see there)
-    offered: tuple[float, int | None] | None = None
-    #: when sends to it were asked for, admitted or not (its demand)
-    asked: deque[float] = field(default_factory=deque)
-    #: how many processes asked for it, this one included, at the last sync
-    askers: int = 1
-
-    @property
-    def configured_rate(self) -> float | None:
-        return self.limits.rate or None
-
-    @property
-    def local_rate(self) -> float | None:
-        """The rate this process may send at: its share of the fleet's."""
-        return None if self.rate is None else self.rate * self.share
-
-    @property
-    def limited(self) -> bool:
-        """Whether the fleet shares a limit of this destination: a configured rate or
-        concurrency, or a rate in force on one that has none configured (a slow-down, a
-        shaping rule's). Each process runs its bucket at its share of that rate, so the fleet
-        sends the rate ``stats`` shows, not that rate once per process."""
-        return bool(self.limits.rate or self.limits.concurrency or self.rate is not None)
-
-
 class Throttle:
     def __init__(
         self,
@@ -193,9 +113,8 @@ class Throttle:
     ) -> None:
         self.settings = settings
         self._limits = dict(limits or {})
-        self._destinations: dict[str, _Destination] = {}
-        self._rules = [(rule, _compile(rule)) for rule in rules]
-        self._rule_hits: dict[tuple[int, str], deque[float]] = {}
+        self._destinations: dict[str, DestinationState] = {}
+        self._rules = ShapingRules(rules)
         #: the share a destination not yet shared starts with: 1 / the processes sharing
         self._first_share = 1.0
         #: processes holding shares at the last :meth:`set_shares` (1: alone, as far as known)
@@ -214,11 +133,13 @@ class Throttle:
     def enabled(self) -> bool:
         return self.settings.enabled
 
-    def _get(self, name: str) -> _Destination:
+    def _get(self, name: str) -> DestinationState:
         state = self._destinations.get(name)
         if state is None:
             limits = destination_limits(self._limits, name)
-            state = _Destination(name, limits, rate=limits.rate or None, share=self._first_share)
+            state = DestinationState(
+                name, limits, rate=limits.rate or None, share=self._first_share
+            )
             self._destinations[name] = state
         return state
 
@@ -235,7 +156,7 @@ class Throttle:
         states = [self._get(key) for key in keys]
         for state in states:
             state.asked.append(now)
-        worst: tuple[float, _Destination, _Why] | None = None
+        worst: tuple[float, DestinationState, _Why] | None = None
         for state in states:
             wait, why = self._wait(state, now)
             if wait > 0 and (worst is None or wait > worst[0]):
@@ -264,7 +185,7 @@ class Throttle:
                 probe = FleetProbe(state.name, pause_end)
         return Admission(None, fleet_probe=probe)
 
-    def _slot(self, state: _Destination, now: float, wait: float, urgent: bool) -> float:
+    def _slot(self, state: DestinationState, now: float, wait: float, urgent: bool) -> float:
         """When a delivery sent back to wait ``wait`` seconds (at least) comes back: the next
         free slot, spaced by :meth:`_interval`; an urgent one ahead of the others' slots."""
         if self._waiting_until(state) <= now:
@@ -289,7 +210,7 @@ class Throttle:
         state.fleet_slotted_until = max(state.fleet_slotted_until, at)
 
     @staticmethod
-    def _waiting_until(state: _Destination) -> float:
+    def _waiting_until(state: DestinationState) -> float:
         """The last slot given to a delivery that waits for ``state``, this process's or the
         fleet's."""
         return max(state.reserved_until, state.fleet_slotted_until)
@@ -309,7 +230,7 @@ class Throttle:
         state = self._get(key)
         return self._slot(state, now, self._interval(state, now), urgent)
 
-    def _wait(self, state: _Destination, now: float) -> tuple[float, _Why]:
+    def _wait(self, state: DestinationState, now: float) -> tuple[float, _Why]:
         """(seconds to wait, and what for)."""
         if state.paused_until is not None:
             if now < state.paused_until:
@@ -332,7 +253,7 @@ class Throttle:
             return 0.0, _Why.RATE
         return (1.0 - state.tokens) / max(rate, 1e-6), _Why.RATE
 
-    def _interval(self, state: _Destination, now: float) -> float:
+    def _interval(self, state: DestinationState, now: float) -> float:
         """The spacing of slots given to waiting deliveries: the rate's, or for a concurrency
         cap the rate at which sends are finishing."""
         rate = state.local_rate
@@ -341,7 +262,7 @@ class Throttle:
         finishing = max(self._sent_rate(state, now), float(state.limits.concurrency or 1))
         return 1.0 / finishing
 
-    def _refill(self, state: _Destination, now: float) -> None:
+    def _refill(self, state: DestinationState, now: float) -> None:
         rate = state.local_rate
         if rate is None:
             return
@@ -417,7 +338,7 @@ class Throttle:
         return True
 
     def _pause(
-        self, state: _Destination, now: float, reason: str, duration: float | None = None
+        self, state: DestinationState, now: float, reason: str, duration: float | None = None
     ) -> None:
         if duration is None:
             duration = min(self.settings.max_pause, self.settings.pause * 2**state.pause_level)
@@ -431,7 +352,7 @@ class Throttle:
         state.changed = True
         self.news = True
 
-    def _probed(self, state: _Destination, *, opened: bool) -> None:
+    def _probed(self, state: DestinationState, *, opened: bool) -> None:
         """The fleet's probe this process sent after ``state``'s pause answered: the others
         hear it at once (:meth:`probe_outcomes`)."""
         if state.fleet_probe is not None:
@@ -483,12 +404,12 @@ class Throttle:
         outcomes, self._probe_outcomes = self._probe_outcomes, []
         return outcomes
 
-    def _sent_rate(self, state: _Destination, now: float) -> float:
+    def _sent_rate(self, state: DestinationState, now: float) -> float:
         while state.sent and state.sent[0] < now - MEASURE_WINDOW:
             state.sent.popleft()
         return len(state.sent) / MEASURE_WINDOW
 
-    def _slow_down(self, state: _Destination, now: float, reason: str) -> None:
+    def _slow_down(self, state: DestinationState, now: float, reason: str) -> None:
         state.throttled_at = now
         if now - state.last_decrease < DECREASE_INTERVAL:
             return
@@ -505,14 +426,14 @@ class Throttle:
         state.reason = reason
         state.changed = True
 
-    def _cut(self, state: _Destination, rate: float, now: float) -> None:
+    def _cut(self, state: DestinationState, rate: float, now: float) -> None:
         """Lower the rate from ``now`` on: the bucket is emptied, so the next send waits for
         the new rate (a destination that had no limit had no bucket to refill until now)."""
         state.rate = rate
         state.tokens = min(state.tokens, 0.0)
         state.refilled_at = now
 
-    def _speed_up(self, state: _Destination, now: float) -> None:
+    def _speed_up(self, state: DestinationState, now: float) -> None:
         state.sent.append(now)
         while state.sent[0] < now - MEASURE_WINDOW:
             state.sent.popleft()
@@ -534,7 +455,7 @@ class Throttle:
                 state.reason = reason
                 state.changed = True
 
-    def _ceiling(self, state: _Destination, now: float) -> float | None:
+    def _ceiling(self, state: DestinationState, now: float) -> float | None:
         """The most the rate may grow to now: the configured rate, or a shaping rule's held
         rate until it ends."""
         self._end_hold(state, now)
@@ -542,7 +463,7 @@ class Throttle:
             return state.configured_rate
         return min(state.held_rate, state.configured_rate or state.held_rate)
 
-    def _end_slow_down(self, state: _Destination, now: float) -> None:
+    def _end_slow_down(self, state: DestinationState, now: float) -> None:
         """A destination with no configured rate (and no shaping rule's) that has not asked
         to slow down for :data:`SLOW_DOWN_MEMORY` is no longer limited (its own successes only
         raise the rate, never end the slow-down)."""
@@ -554,7 +475,7 @@ class Throttle:
         state.reason = None
         state.changed = True
 
-    def _end_hold(self, state: _Destination, now: float) -> None:
+    def _end_hold(self, state: DestinationState, now: float) -> None:
         """A shaping rule's rate has held for its duration: from now on the rate creeps back
         toward the configured rate, as after a slow-down."""
         if state.held_rate is None or now < state.held_until:
@@ -567,30 +488,14 @@ class Throttle:
         state.held_until = float("-inf")
         state.held_reason = None
 
-    def _apply_rules(self, state: _Destination, verdict: Verdict, now: float) -> None:
-        for number, (rule, pattern) in enumerate(self._rules):
-            if rule.destinations and not any(
-                fnmatch.fnmatchcase(state.name, glob) for glob in rule.destinations
-            ):
-                continue
-            if rule.enhanced is not None and not (verdict.enhanced or "").startswith(rule.enhanced):
-                continue
-            if pattern is not None and not pattern.search(verdict.text):
-                continue
-            hits = self._rule_hits.setdefault((number, state.name), deque())
-            hits.append(now)
-            while hits and hits[0] < now - rule.within:
-                hits.popleft()
-            if len(hits) < rule.after:
-                continue
-            hits.clear()
-            what = rule.match or rule.enhanced
-            if rule.action == "pause":
-                self._pause(state, now, f"{SHAPING_PAUSE}{number + 1} ({what})", rule.duration)
+    def _apply_rules(self, state: DestinationState, verdict: Verdict, now: float) -> None:
+        for fired in self._rules.fired(state.name, verdict, now):
+            if fired.rule.action == "pause":
+                self._pause(state, now, f"{SHAPING_PAUSE}{fired.name}", fired.rule.duration)
             else:
-                self._hold(state, now, rule, f"shaping rule {number + 1} ({what})")
+                self._hold(state, now, fired.rule, f"shaping rule {fired.name}")
 
-    def _hold(self, state: _Destination, now: float, rule: ShapingRule, name: str) -> None:
+    def _hold(self, state: DestinationState, now: float, rule: ShapingRule, name: str) -> None:
         """Set ``rule``'s rate (never above the configured one) and hold it for its duration."""
         rate = min(rule.rate, state.configured_rate or rule.rate)
         self._cut(state, rate, now)
@@ -718,7 +623,7 @@ class Throttle:
                 self._lift(state)
                 state.changed = True
 
-    def _lift(self, state: _Destination) -> None:
+    def _lift(self, state: DestinationState) -> None:
         if self._waiting_until(state) > 0.0:  # deliveries wait for slots at the old rate
             state.recall = True
         state.paused_until = None
@@ -814,7 +719,7 @@ class Throttle:
             self._end_hold(state, now)
         return [self._status(s, now) for s in self._destinations.values()]
 
-    def _status(self, state: _Destination, now: float) -> DestinationStatus:
+    def _status(self, state: DestinationState, now: float) -> DestinationStatus:
         paused = state.paused_until if state.paused_until and state.paused_until > now else None
         return DestinationStatus(
             destination=state.name,
@@ -827,7 +732,3 @@ class Throttle:
             updated_at=now,
             lifts=state.lifts,
         )
-
-
-def _compile(rule: ShapingRule) -> re.Pattern[str] | None:
-    return re.compile(rule.match, re.IGNORECASE) if rule.match else None

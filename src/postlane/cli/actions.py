@@ -17,11 +17,12 @@ from typing import IO, Any, TypeVar
 
 import click
 
-from postlane.app import AsyncPostlane, QueueAction
+from postlane.app import AsyncPostlane
 from postlane.cli.context import config_option, with_app
 from postlane.cli.output import err, listing, progress_bar, show
 from postlane.cli.selectors import build_selector, dead_letter_selector_options, selector_options
 from postlane.errors import PostlaneError, SuppressedRecipients
+from postlane.queue_actions import QueueAction
 from postlane.records import SelectionCount, Selector
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from postlane.app import QueueAction
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, limit_option, read_first, with_app
 from postlane.cli.output import (
@@ -23,6 +22,7 @@ from postlane.cli.output import (
 from postlane.cli.selectors import build_selector, dead_letter_selector_options
 from postlane.clock import when, when_utc
 from postlane.message import NULL_SENDER
+from postlane.queue_actions import QueueAction
 from postlane.records import DeadGroup, DeadLetter
 
 #: what a listing says when nothing matches, grouped or not

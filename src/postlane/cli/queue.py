@@ -11,7 +11,7 @@ import click
 from rich.padding import Padding
 from rich.text import Text
 
-from postlane.app import AsyncPostlane, QueueAction
+from postlane.app import AsyncPostlane
 from postlane.cli.actions import action_command
 from postlane.cli.context import config_option, json_option, limit_option, with_app
 from postlane.cli.output import (
@@ -29,6 +29,7 @@ from postlane.cli.selectors import build_selector, selector_options
 from postlane.clock import when, when_utc
 from postlane.errors import PostlaneError
 from postlane.message import NULL_SENDER, RecipientState
+from postlane.queue_actions import QueueAction
 from postlane.records import MessageView
 
 #: how a recipient's state is coloured in listings

@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from postlane.addresses import check_text
 from postlane.alerts import evaluate, history_needed, load_rules
-from postlane.app import AsyncPostlane, QueueAction
+from postlane.app import AsyncPostlane
 from postlane.auth import SESSION_COOKIE, InvalidToken, Session, TooManyAttempts
 from postlane.classify import ReplyClass
 from postlane.dashboard.charts import overview_charts
@@ -43,6 +43,7 @@ from postlane.destinations import provider_names
 from postlane.errors import PostlaneError
 from postlane.events import WebhookEndpointState
 from postlane.message import Lane, RecipientState
+from postlane.queue_actions import QueueAction
 from postlane.records import Sample, Selector
 
 PAGE_SIZE = 50

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from postlane.app import AsyncPostlane, QueueAction
+from postlane.app import AsyncPostlane
 from postlane.auth import Caller, Scope
 from postlane.cursors import Page
 from postlane.errors import NotFound, PostlaneError, StoreUnavailable, ValidationError
@@ -78,6 +78,7 @@ from postlane.ingest.http_feeds import (
 from postlane.ingest.openapi import openapi_document
 from postlane.ingest.provider_webhooks import install_provider_webhooks, provider_webhook
 from postlane.ingest.server import HttpLimits, bind, serve_http
+from postlane.queue_actions import QueueAction
 from postlane.records import Selector
 
 if TYPE_CHECKING:
