@@ -110,15 +110,18 @@ def unquote_local_part(local_part: str) -> str:
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 
 
-def parse_address(value: str, what: str = "address") -> Mailbox:
+def parse_address(value: str, what: str = "address", *, any_length: bool = False) -> Mailbox:
     """Validate one address (``a@b.example``, ``Name <a@b.example>``, ``"john doe"@b.example``,
-    ``a@[192.0.2.1]``) with email-validator, and give its normal form."""
+    ``a@[192.0.2.1]``) with email-validator, and give its normal form. ``any_length``: a local
+    part over :data:`MAX_LOCAL_PART` octets passes where nothing is sent to it: mail queued
+    before postlane refused them, brought back by ``queue import`` (the receiving server
+    decides), and the suppression list."""
     if not isinstance(value, str) or not value:
         raise ValidationError(f"{what} is missing: give an address (app@example.com)", field=what)
     if not value.strip():
         raise ValidationError(f"{what} is empty", field=what)
     no_line_breaks(value, what)  # also refuses NUL and lone surrogates
-    found = _validated(value.strip())
+    found = _validated(value.strip(), None if any_length else MAX_LOCAL_PART)
     if isinstance(found, str) and len(several := _several(value)) > 1:
         # "b@example.net, c@example.net" where one address goes: email-validator only says
         # "invalid characters: ',', '@', SPACE"
@@ -142,7 +145,7 @@ def _shown(value: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _validated(value: str) -> Mailbox | str:
+def _validated(value: str, max_local_part: int | None) -> Mailbox | str:
     """email-validator's verdict (cached: senders repeat), or why the address is invalid."""
     if value.endswith(">"):
         split = _display_name_split(value)
@@ -164,7 +167,7 @@ def _validated(value: str) -> Mailbox | str:
     except EmailNotValidError as exc:
         return str(exc)
     octets = len(valid.local_part.encode("utf-8"))
-    if octets > MAX_LOCAL_PART:
+    if max_local_part is not None and octets > max_local_part:
         return (
             f"the part before the @ is {octets} octets; RFC 5321 4.5.3.1.1 allows at most "
             f"{MAX_LOCAL_PART}"

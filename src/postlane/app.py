@@ -652,7 +652,7 @@ class AsyncPostlane:
         for value, name in ((reason, "reason"), (detail, "detail")):
             if value is not None:
                 _check_string(value, name)
-        mailbox = parse_address(address, "address")
+        mailbox = parse_address(address, "address", any_length=True)
         if reason is not None and reason not in SUPPRESSION_REASONS:
             detail = f"{reason}; {detail}" if detail else reason
             reason = None
@@ -686,7 +686,7 @@ class AsyncPostlane:
 
         _check_string(address, "address")
         try:
-            address = parse_address(address, "address").address
+            address = parse_address(address, "address", any_length=True).address
         except ValidationError:
             address = address.strip()
         if reason is not None and reason not in SUPPRESSION_REASONS:

@@ -943,6 +943,25 @@ async def test_a_valid_import_line_is_queued_due_now(
     assert view.recipients[0].state is RecipientState.QUEUED
 
 
+async def test_an_export_from_before_the_local_part_limit_imports(
+    client: httpx.AsyncClient, app: AsyncPostlane
+) -> None:
+    """Older versions queued local parts over 64 octets (the doors refuse them now): what they
+    exported comes back, and the receiving server decides."""
+    long = "bounces+" + "x" * 70
+    r = await client.post("/v1/messages", json={**MESSAGE, "to": [f"{long}@example.net"]})
+    assert r.status_code == 422 and "64" in r.json()["error"]["message"], r.text
+    line = _valid_line(sender=f"{long}@example.com", recipient={"address": f"{long}@example.net"})
+    r = await client.post("/v1/queue/import", headers=NDJSON, content=_line(line))
+    assert r.json() == {"records": 1, "imported": 1}, r.text
+    view = await app.get("AAAA1111")
+    assert view.sender == f"{long}@example.com"
+    assert [r.address for r in view.recipients] == [f"{long}@example.net"]
+    # and an operator can suppress it (its bounce suppresses it too) and lift that again
+    assert await app.suppress(f"{long}@example.net", reason="hard_bounce")
+    assert await app.unsuppress(f"{long}@example.net")
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status"),
     [

@@ -94,7 +94,7 @@ def suppress_add(
     from postlane.clock import parse_when
     from postlane.selectors import suppression_lanes, suppression_scope
 
-    parse_address(address, "address")  # refused before the store is opened
+    parse_address(address, "address", any_length=True)  # refused before the store opens
     suppression_scope(scope)
     stopped = suppression_lanes(lanes or None)
     until = _until(expires)
