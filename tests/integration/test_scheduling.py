@@ -153,6 +153,30 @@ async def test_a_flush_leaves_scheduled_mail_for_its_time_unless_asked(tmp_path:
         assert (await app.get(scheduled.id)).recipients[0].next_attempt_at == T0
 
 
+async def test_a_hold_and_release_leave_scheduled_mail_for_its_time(tmp_path: Path) -> None:
+    """The runbooks hold and release by domain or lane, where campaigns wait for their time: a
+    release made them due at once (an operator audit saw a day-early campaign go out)."""
+    clock = FakeClock(T0)
+    async with AsyncPostlane(make_config(tmp_path), clock=clock) as app:
+        scheduled = await app.send(
+            sender="a@example.com", to=["ada@example.net"], text="x", send_at=T0 + 86400
+        )
+        now = await app.send(sender="a@example.com", to=["bob@example.net"], text="x")
+        await clock.advance(60)
+        assert await app.act(QueueAction.HOLD, Selector(all=True)) == 2
+        await clock.advance(60)
+        assert await app.act(QueueAction.RELEASE, Selector(all=True)) == 2
+        [waiting] = (await app.get(scheduled.id)).recipients
+        assert waiting.state is RecipientState.QUEUED and waiting.next_attempt_at == T0 + 86400
+        [due] = (await app.get(now.id)).recipients
+        assert due.state is RecipientState.QUEUED and due.next_attempt_at == T0 + 120
+        # once its time has come, a release makes it due now, as any other
+        assert await app.act(QueueAction.HOLD, Selector(all=True)) == 2
+        await clock.advance(86400)
+        assert await app.act(QueueAction.RELEASE, Selector(all=True)) == 2
+        assert (await app.get(scheduled.id)).recipients[0].next_attempt_at == T0 + 86520
+
+
 async def test_scheduled_mail_is_young_until_its_time_and_max_age_counts_from_there(
     tmp_path: Path,
 ) -> None:

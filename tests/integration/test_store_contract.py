@@ -1280,6 +1280,20 @@ async def test_scheduled_mail_waits_queued_until_its_time(store: Any) -> None:
     assert (await store.get_message(past.id)).recipients[0].next_attempt_at == T0
 
 
+async def test_a_release_leaves_mail_scheduled_for_later_to_its_time(store: Any) -> None:
+    later = dataclasses.replace(msg("a@example.net"), send_at=T0 + 3600)
+    now = msg("b@example.net")
+    await store.enqueue([later, now], T0)
+    ids = await store.select_delivery_ids(Selector(), ["queued"], after=0, limit=5)
+    assert await store.hold(ids, T0 + 1) == 2
+    assert await store.release(ids, T0 + 2) == 2
+    assert (await store.get_message(later.id)).recipients[0].next_attempt_at == T0 + 3600
+    assert (await store.get_message(now.id)).recipients[0].next_attempt_at == T0 + 2
+    assert await claim(store, now=T0 + 3599) != []  # the other one
+    assert await claim(store, now=T0 + 3599) == []
+    assert len(await claim(store, now=T0 + 3600)) == 1
+
+
 async def test_expired_mail_is_never_claimed_and_is_dead_lettered(store: Any) -> None:
     soon = dataclasses.replace(msg("a@example.net", "b@example.net"), expires_at=T0 + 60)
     await store.enqueue([soon], T0)

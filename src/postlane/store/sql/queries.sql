@@ -193,9 +193,11 @@ WHERE @any(id, ids, bigint) AND state IN ('queued', 'deferred');
 UPDATE deliveries SET hold_after = TRUE WHERE @any(id, ids, bigint) AND state = 'sending';
 
 -- name: release
--- Release held deliveries, due now (postsuper -H).
+-- Release held deliveries, due now (postsuper -H), but mail scheduled for later: at its send_at.
 UPDATE deliveries
-SET state = 'queued', next_attempt_at = :now, updated_at = :now, reason = 'released'
+SET state = 'queued', updated_at = :now, reason = 'released',
+    next_attempt_at = coalesce((SELECT m.send_at FROM messages m
+                                WHERE m.id = deliveries.queue_id AND m.send_at > :now), :now)
 WHERE @any(id, ids, bigint) AND state = 'held';
 
 -- name: release_after_send
