@@ -414,13 +414,19 @@ class ThrottleGate:
         retry_after: float | None,
         now: float,
         misconfigured: str | None = None,
+        *,
+        per_recipient: bool = False,
     ) -> float | None:
         """Adapt the limits to one reply, and return how long its delivery must wait before a
         retry: the server's ``Retry-After``, else for a slow-down the cool-down of whoever
         asked for it (None: the retry schedule alone decides). A reply that says the relay is
         misconfigured pauses it (its mail waits, held, until an operator fixes and flushes it
-        or the pause ends and a probe finds it fixed)."""
+        or the pause ends and a probe finds it fixed). ``per_recipient``: the reply was to
+        this recipient's RCPT TO alone (see ``Response.per_recipient``)."""
         feedback = self.feedback_key(message, delivery)
+        if per_recipient and verdict.cls is ReplyClass.THROTTLED:
+            # a relay's "slow down" to one RCPT TO speaks of that recipient's destination
+            feedback = delivery.destination
         before = self.throttle.pause_and_rate(feedback, now)
         if misconfigured is not None:
             if self.throttle.misconfigured(feedback, misconfigured, now):

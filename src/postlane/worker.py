@@ -546,7 +546,13 @@ class Worker:
         """One reply: the gate adapts the limits to it, the policy decides what follows."""
         verdict = response.verdict()
         cool_down = self.gate.observe(
-            message, delivery, verdict, response.retry_after, now, response.misconfigured
+            message,
+            delivery,
+            verdict,
+            response.retry_after,
+            now,
+            response.misconfigured,
+            per_recipient=response.per_recipient,
         )
         decision = self.policy.decide(
             verdict,

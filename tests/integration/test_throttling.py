@@ -309,6 +309,54 @@ async def test_stats_the_api_and_metrics_show_a_slowed_down_and_a_paused_destina
     assert gauge(metrics, "postlane_destination_paused", "down.example") == 1
 
 
+SLOW_DOWN = "452 4.2.2 rate limit exceeded for this domain, slow down"
+
+
+async def test_a_relays_slow_down_to_one_recipient_slows_its_destination_not_the_relay(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    """A relay answering one RCPT TO with "slow down" speaks of that recipient's domain: the
+    relay's other mail goes on at its pace (it went at 0.5/s for good while one message to the
+    throttled domain came back every minute: an operator audit)."""
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url}, retry={"delays": ["5m"]})
+    smtp_peer.handler.rcpt["u@slow.example"] = SLOW_DOWN
+    async with AsyncPostlane(config, clock=clock) as app:
+        throttled = await app.send(sender="a@example.com", to=["u@slow.example"], text="x")
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        await worker.run_until_idle()
+        others = [Message(sender="a@example.com", to=[f"u{i}@fast.example"], text="x")
+                  for i in range(30)]  # fmt: skip
+        await app.send_many(others)
+        await worker.run_until_idle()  # all at once: nothing waits for a rate
+        await worker.transport.close()
+        stats = await app.stats()
+        assert stats.sent == 30
+        limits = {d.destination: d for d in stats.destinations}
+        assert limits["slow.example"].rate is not None
+        assert (limits["slow.example"].reason or "").startswith("throttled: 452 4.2.2")
+        relay = limits.get("relay")
+        assert relay is None or (relay.rate is None and relay.reason is None), relay
+        [recipient] = (await app.get(throttled.id)).recipients
+        assert recipient.state is RecipientState.DEFERRED and recipient.attempts == 0
+        assert recipient.next_attempt_at == clock.now() + 60  # [throttle] cool_down
+
+
+async def test_a_relays_slow_down_to_the_whole_transaction_slows_the_relay(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url})
+    smtp_peer.handler.mail = ["452 4.7.0 rate limit exceeded, slow down"]
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send(sender="a@example.com", to=["u@fast.example"], text="x")
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        await worker.run_until_idle()
+        await worker.transport.close()
+        limits = {d.destination: d for d in (await app.stats()).destinations}
+        assert limits["relay"].rate is not None
+        assert (limits["relay"].reason or "").startswith("throttled: 452 4.7.0")
+        assert "fast.example" not in limits
+
+
 async def test_mail_that_expires_while_its_relay_is_paused_is_a_connection_dead_letter(
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:

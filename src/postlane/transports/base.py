@@ -53,6 +53,10 @@ class Response:
     #: relay without the TLS that AUTH needs, an API key the provider rejects): the relay is
     #: paused with this reason, an alert fires, nothing is tried meanwhile
     misconfigured: str | None = None
+    #: the reply was to this recipient's RCPT TO alone (not to the connection, MAIL or DATA):
+    #: through a relay, a slow-down it asks for speaks of the recipient's destination, not of
+    #: the relay, whose other mail goes on at its pace (as Postfix defers that recipient only)
+    per_recipient: bool = False
 
     def verdict(self) -> Verdict:
         if self.failure is not None:

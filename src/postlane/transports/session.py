@@ -495,7 +495,7 @@ class Session:
                 if code in (250, 251):
                     accepted.append(index)
                     continue
-                results[index] = Response(code, text, relay)
+                results[index] = Response(code, text, relay, per_recipient=code != 421)
                 if code == 421:
                     closing = results[index]
             else:
@@ -622,7 +622,7 @@ def _fill(
     for index in range(count):
         if 1 + index < len(replies) and replies[1 + index][0] not in (250, 251):
             code, text = replies[1 + index]
-            out.append(Response(code, text, relay))
+            out.append(Response(code, text, relay, per_recipient=code != 421))
         else:
             out.append(missing)
     return out
