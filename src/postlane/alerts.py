@@ -305,14 +305,25 @@ class _History:
         start = at - window
         return bool(self.between(lane, start - LOOKBACK, start + STEP))
 
+    def named_within(self, at: float, attr: str, name: str) -> float | None:
+        """The last queue-wide sample naming ``name`` in ``attr`` (say, among the paused
+        destinations) within the lookback before ``at`` (PromQL's ``max_over_time(...[5m])``),
+        None without one."""
+        for sample in reversed(self.between("*", at - LOOKBACK, at)):
+            if sample.at > at - LOOKBACK and name in getattr(sample, attr):
+                return sample.at
+        return None
+
     def named_since(self, at: float, attr: str, name: str) -> float:
-        """When the run of queue-wide samples up to ``at`` naming ``name`` in ``attr`` (say,
-        among the paused destinations) began; a gap longer than the lookback ends a run."""
+        """When the run of queue-wide samples up to ``at`` naming ``name`` in ``attr`` began:
+        samples not naming it between two that do, up to the lookback apart, do not end it (a
+        probe between two pauses), a longer gap does."""
         since = at
         for sample in reversed(self.between("*", -math.inf, at)):
-            if name not in getattr(sample, attr) or since - sample.at > LOOKBACK:
+            if since - sample.at > LOOKBACK:
                 break
-            since = sample.at
+            if name in getattr(sample, attr):
+                since = sample.at
         return since
 
 
@@ -383,11 +394,11 @@ def _conditions(
         holds = sent >= int(rule.params["minimum"]) and rate > float(rule.params["rate"])
         detail = f"{complaints} complaint(s) for {sent} delivered ({rate:.2%})"
         found.append(_Condition({}, holds, rate, detail))
-    elif rule.check == "paused":  # paused == 1, now
-        latest = history.latest("*", at)
+    elif rule.check == "paused":  # paused within the last 5 minutes (a probe's gap is none)
         for name in _named(history, at, rule.hold + LOOKBACK, "paused"):
-            if latest is not None and name in latest.paused:
-                since = history.named_since(at, "paused", name)
+            seen = history.named_within(at, "paused", name)
+            if seen is not None:
+                since = history.named_since(seen, "paused", name)
                 minutes = (at - since) // 60
                 holds, detail = True, f"paused throughout the last {minutes:.0f} min"
             else:

@@ -77,12 +77,32 @@ def test_a_pause_fires_once_it_has_lasted_30_minutes() -> None:
     assert alert.detail == "paused throughout the last 39 min"
 
 
-def test_a_pause_that_ends_and_starts_again_counts_its_30_minutes_again() -> None:
+def test_the_probe_between_two_pauses_does_not_start_the_30_minutes_again() -> None:
+    """While the probe after a pause is under way the destination is not counted paused (a
+    relay that never answers: the connect timeout, every time): the alert could never fire
+    for a relay that is down for hours (an operator audit). A gap under 5 minutes is none."""
     paused = rule("PostlaneDestinationPausedTooLong")
     on = Minute(paused=("example.org",))
     samples = history([on] * 21 + [Minute()] + [on] * 40)  # off at minute 21, on from 22
     key = "PostlaneDestinationPausedTooLong{destination=example.org}"
-    assert states(samples, [20, 21, 22, 51, 52], [paused], key) == [
+    assert states(samples, [20, 21, 22, 29, 30, 45], [paused], key) == [
+        "pending",
+        "pending",
+        "pending",
+        "pending",
+        "firing",
+        "firing",
+    ]
+
+
+def test_a_pause_that_ends_and_starts_again_counts_its_30_minutes_again() -> None:
+    paused = rule("PostlaneDestinationPausedTooLong")
+    on = Minute(paused=("example.org",))
+    samples = history([on] * 21 + [Minute()] * 7 + [on] * 40)  # off 21-27, on from 28
+    key = "PostlaneDestinationPausedTooLong{destination=example.org}"
+    # paused within the last 5 minutes (PromQL's range leaves out its start): so at 24, not 25
+    assert states(samples, [20, 24, 25, 28, 57, 58], [paused], key) == [
+        "pending",
         "pending",
         "inactive",
         "pending",
