@@ -64,6 +64,7 @@ from postlane.records import (
 from postlane.selectors import suppression_lanes, suppression_scope
 from postlane.store import Store, open_store_url
 from postlane.transports import shared_destination, shared_destinations
+from postlane.waits import to_its_end
 
 T = TypeVar("T")
 #: listings are bounded; a caller wanting more pages narrows the selector
@@ -359,10 +360,14 @@ class AsyncPostlane:
         export: IO[str] | None = None,
         progress: Callable[[int], None] | None = None,
         slice_size: int = 500,
+        being_sent: Callable[[int], None] | None = None,
     ) -> int:
         """Apply ``action`` to every delivery ``selector`` picks, a slice at a time; returns how
         many changed. With ``export``, each slice is written there (JSON Lines, flushed to disk)
         before it is deleted, so an exported delete can always be undone with :meth:`import_`.
+        A hold (or release) of deliveries being sent applies once their tries are recorded: they
+        are counted among those changed, and ``being_sent`` is told how many of a slice they
+        were (a hold does not hold one its try delivers).
 
         A requeue refuses, as :meth:`requeue` does without ``unsuppress``, dead letters whose
         addresses are suppressed (:class:`SuppressedRecipients`): whoever asks (the dashboard,
@@ -385,9 +390,14 @@ class AsyncPostlane:
                 export.flush()
                 with contextlib.suppress(OSError, ValueError):
                     os.fsync(export.fileno())
-            changed += await self._apply(action, ids, states)
+            (count, noted), cancelled = await to_its_end(self._apply(action, ids, states))
+            changed += count + noted
+            if noted and being_sent is not None:
+                being_sent(noted)
             if progress is not None:
                 progress(changed)
+            if cancelled:  # after the slice's count: an interrupted action says it whole
+                raise asyncio.CancelledError
         if lifting is None:
             await self.store.lift_destinations(None, self.clock.now())
         elif lifting:
@@ -434,14 +444,19 @@ class AsyncPostlane:
         shared = bool(set(lifted) & shared_destinations(self.config))
         await self.store.lift_destinations(lifted, self.clock.now(), every_waiting=shared)
 
-    async def _apply(self, action: QueueAction, ids: list[int], states: Sequence[str]) -> int:
+    async def _apply(
+        self, action: QueueAction, ids: list[int], states: Sequence[str]
+    ) -> tuple[int, int]:
+        """How many of ``ids`` ``action`` changed, and how many being sent it noted for once
+        their tries are recorded (a hold or a release)."""
         now = self.clock.now()
+        noted = 0
         if action is QueueAction.FLUSH:
             count = await self.store.flush(ids, now)
         elif action is QueueAction.HOLD:
-            count = await self.store.hold(ids, now)
+            count, noted = await self.store.hold(ids, now)
         elif action is QueueAction.RELEASE:
-            count = await self.store.release(ids, now)
+            count, noted = await self.store.release(ids, now)
         elif action is QueueAction.REQUEUE:
             # each requeue is recorded with how long it was dead (the recovery-time metric)
             count = len(await self.store.requeue_dead(ids, now))
@@ -449,7 +464,7 @@ class AsyncPostlane:
             count = await self.store.delete_deliveries(ids, states)
         if action in (QueueAction.FLUSH, QueueAction.RELEASE, QueueAction.REQUEUE):
             self.wake.set()
-        return count
+        return count, noted
 
     async def requeue(
         self,
@@ -487,9 +502,12 @@ class AsyncPostlane:
                 lifted.append(address)
                 if unsuppressed is not None:
                     unsuppressed(address)
-            changed += await self._apply(QueueAction.REQUEUE, ids, states)
+            (count, _), cancelled = await to_its_end(self._apply(QueueAction.REQUEUE, ids, states))
+            changed += count
             if progress is not None:
                 progress(changed)
+            if cancelled:
+                raise asyncio.CancelledError
         return Requeued(changed, tuple(lifted))
 
     async def _suppressed_mail(self, delivery_ids: Sequence[int]) -> list[tuple[str, str, Lane]]:

@@ -22,6 +22,21 @@ async def first_of(*waits: Awaitable[object], timeout: float | None) -> None:
             task.cancel()
 
 
+async def to_its_end(work: Awaitable[T]) -> tuple[T, bool]:
+    """Run ``work`` to its end even when the caller is cancelled meanwhile (a Ctrl-C), and say
+    whether it was: a slice of a bulk action handed to the store commits whatever happens,
+    so what it changed must be counted before the cancellation goes on (re-raise it then)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            return await asyncio.shield(task), cancelled
+        except asyncio.CancelledError:
+            if task.done():  # the work itself was cancelled, not only its caller
+                raise
+            cancelled = True
+
+
 async def took(event: asyncio.Event, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for ``event``; True (and the event cleared) when it was
     set, False on timeout."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import signal
 import time
 from collections import Counter
 from datetime import datetime
@@ -194,6 +196,40 @@ def test_an_interrupted_action_says_what_it_had_done(
     )
 
 
+def test_a_ctrl_c_while_a_slice_is_being_written_counts_that_slice(
+    queue: tuple[Config, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C cancels the command's task while the store commits a slice: the slice is the
+    store's by then, and it is counted (an operator audit saw 13,500 said for 14,000 deleted
+    and exported, two runs in four)."""
+    config, _ = queue
+    act, apply = AsyncPostlane.act, AsyncPostlane._apply
+    slices: list[list[int]] = []
+
+    async def in_slices_of_one(self: AsyncPostlane, *args: Any, **kwargs: Any) -> Any:
+        return await act(self, *args, **{**kwargs, "slice_size": 1})
+
+    async def ctrl_c_during_the_second(
+        self: AsyncPostlane, action: Any, ids: Any, states: Any
+    ) -> Any:
+        slices.append(ids)
+        if len(slices) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the runner cancels the command's task
+            await asyncio.sleep(0)  # ... which is waiting for this slice's commit
+        return await apply(self, action, ids, states)
+
+    monkeypatch.setattr(AsyncPostlane, "act", in_slices_of_one)
+    monkeypatch.setattr(AsyncPostlane, "_apply", ctrl_c_during_the_second)
+    code, _, err = cli(config, "queue", "hold", "--all")
+    assert code != 0 and len(slices) == 2, err
+    assert (
+        "interrupted: 2 recipient(s) had been held; the rest of the selection is as it was" in err
+    )
+    monkeypatch.undo()
+    held = [m for m in listed(config) if m["recipients"][0]["state"] == "held"]
+    assert len(held) == 2
+
+
 def test_suppress_list_finds_an_address_entries(queue: tuple[Config, dict[str, str]]) -> None:
     config, _ = queue
     assert cli(config, "suppress", "add", "old@example.net", "--reason", "hard_bounce")[0] == 0
@@ -232,12 +268,20 @@ def test_a_delete_says_what_it_left_because_it_was_being_sent(tmp_path: Path) ->
             await app.store.claim_due("w", ALL, limit=1, now=now, lease_until=now + 600)
 
     asyncio.run(setup())
-    code, _, err = cli(config, "queue", "hold", "--all")
-    assert code == 0 and err.strip().splitlines()[-1] == (
-        "1 of them were being sent: each is held once its try is recorded, unless the try "
-        "delivers it"
-    )
-    assert cli(config, "queue", "release", "--all")[0] == 0
+    # counted as the hold went, not in a count taken before it (an operator audit saw "held
+    # 15,756" with 32 being sent, 670 more having been delivered meanwhile); --yes is taken
+    # by every action, for scripts that pass it to all of them
+    code, _, err = cli(config, "queue", "hold", "--all", "--yes")
+    assert code == 0, err
+    assert err.strip().splitlines()[-2:] == [
+        "held 1 recipient(s)",
+        "1 more were being sent: each is held once its try is recorded, unless the try delivers it",
+    ]
+    code, _, err = cli(config, "queue", "release", "--all")
+    assert code == 0 and err.strip().splitlines()[-2:] == [
+        "released 1 recipient(s)",
+        "1 more were being sent with a hold pending: it is cancelled, their tries decide",
+    ]
     code, _, err = cli(config, "queue", "delete", "--all", "--yes")
     assert code == 0
     lines = err.strip().splitlines()

@@ -777,7 +777,7 @@ async def test_flush_hold_and_release(store: Any) -> None:
         T0,
     )
     # b is being sent: a hold applies once its try is recorded
-    assert await store.hold([a.id, b.id], T0 + 1) == 2
+    assert await store.hold([a.id, b.id], T0 + 1) == (1, 1)  # a now, b after its try
     states = {r.address: r.state for r in (await store.get_message(prepared.id)).recipients}
     assert states == {"a@example.net": RecipientState.HELD, "b@example.net": RecipientState.SENDING}
     await store.record(
@@ -788,7 +788,7 @@ async def test_flush_hold_and_release(store: Any) -> None:
     states = {r.address: r.state for r in (await store.get_message(prepared.id)).recipients}
     assert set(states.values()) == {RecipientState.HELD}
     assert await store.flush([a.id], T0 + 3) == 0  # held deliveries are not flushed
-    assert await store.release([a.id, b.id], T0 + 3) == 2
+    assert await store.release([a.id, b.id], T0 + 3) == (2, 0)
     view = await store.get_message(prepared.id)
     assert all(r.state is RecipientState.QUEUED for r in view.recipients)
     assert all(r.next_attempt_at == T0 + 3 for r in view.recipients)
@@ -855,8 +855,8 @@ async def test_a_dead_letter_keeps_its_time_of_death_through_an_export_and_an_im
 async def test_a_pending_hold_is_cancelled_by_a_release(store: Any) -> None:
     await store.enqueue([msg()], T0)
     [d] = deliveries(await claim(store))
-    assert await store.hold([d.id], T0) == 1
-    assert await store.release([d.id], T0) == 1
+    assert await store.hold([d.id], T0) == (0, 1)
+    assert await store.release([d.id], T0) == (0, 1)
     await store.record(
         "w1",
         [Outcome(d.id, RecipientState.DEFERRED, 1, 0, T0 + 60, attempt(ReplyClass.TEMPORARY))],
@@ -1285,8 +1285,8 @@ async def test_a_release_leaves_mail_scheduled_for_later_to_its_time(store: Any)
     now = msg("b@example.net")
     await store.enqueue([later, now], T0)
     ids = await store.select_delivery_ids(Selector(), ["queued"], after=0, limit=5)
-    assert await store.hold(ids, T0 + 1) == 2
-    assert await store.release(ids, T0 + 2) == 2
+    assert await store.hold(ids, T0 + 1) == (2, 0)
+    assert await store.release(ids, T0 + 2) == (2, 0)
     assert (await store.get_message(later.id)).recipients[0].next_attempt_at == T0 + 3600
     assert (await store.get_message(now.id)).recipients[0].next_attempt_at == T0 + 2
     assert await claim(store, now=T0 + 3599) != []  # the other one

@@ -76,12 +76,16 @@ def run_action(
     """Show what an action touches, ask when it destroys, apply it with progress. A requeue
     goes through :meth:`AsyncPostlane.requeue` (refused for suppressed addresses unless
     ``unsuppress``)."""
-    in_flight = held = changed = 0
+    in_flight = held = changed = noted = 0
+
+    def being_sent(count: int) -> None:
+        nonlocal noted
+        noted += count
 
     async def go(app: AsyncPostlane) -> int | None:
         nonlocal in_flight, held
-        if action in (QueueAction.DELETE, QueueAction.HOLD):
-            # being sent now: left alone (delete) or held after the try (hold); said, not hidden
+        if action is QueueAction.DELETE:
+            # being sent now: left alone; said, not hidden
             sending = await app.store.summarize(selector, ("sending",))
             in_flight = sum(c.count for c in sending)
         counts = await app.summarize(action, selector)
@@ -137,7 +141,9 @@ def run_action(
                 )
                 return requeued.count
             try:
-                return await app.act(action, selector, export=export, progress=progress)
+                return await app.act(
+                    action, selector, export=export, progress=progress, being_sent=being_sent
+                )
             except OSError as exc:  # each slice is written before it is removed: this one stays
                 if export is None:
                     raise
@@ -153,10 +159,11 @@ def run_action(
         if changed:  # a slice at a time, each whole: said, so that nobody runs it all again
             exported = f" (and written to {export_path} first)" if export_path else ""
             err.print(
-                f"postlane: interrupted: {changed:,} recipient(s) had been {_PAST[action]}"
-                f"{exported}; the rest of the selection is as it was",
+                f"postlane: interrupted: {changed - noted:,} recipient(s) had been "
+                f"{_PAST[action]}{exported}; the rest of the selection is as it was",
                 markup=False,
             )
+            _noted_in_flight(action, noted)
         raise
     except SuppressedRecipients as exc:
         raise PostlaneError(_suppressed_refusal(exc.addresses)) from None
@@ -178,8 +185,28 @@ def run_action(
         _left_in_flight(action, in_flight)
         return
     suffix = f" (exported to {export_path})" if export_path else ""
-    click.echo(f"{_PAST[action]} {done:,} recipient(s){suffix}", err=True)
+    click.echo(f"{_PAST[action]} {done - noted:,} recipient(s){suffix}", err=True)
     _left_in_flight(action, in_flight)
+    _noted_in_flight(action, noted)
+
+
+def _noted_in_flight(action: QueueAction, count: int) -> None:
+    """What a hold or a release did to deliveries being sent (counted as the action went,
+    slice by slice: a count taken before it began was a snapshot of another moment)."""
+    if not count:
+        return
+    if action is QueueAction.HOLD:
+        click.echo(
+            f"{count:,} more were being sent: each is held once its try is recorded, unless the "
+            "try delivers it",
+            err=True,
+        )
+    elif action is QueueAction.RELEASE:
+        click.echo(
+            f"{count:,} more were being sent with a hold pending: it is cancelled, their tries "
+            "decide",
+            err=True,
+        )
 
 
 def _agreed(question: str) -> bool:
@@ -203,13 +230,6 @@ def interactive() -> bool:
 
 def _left_in_flight(action: QueueAction, count: int) -> None:
     if not count:
-        return
-    if action is QueueAction.HOLD:
-        click.echo(
-            f"{count:,} of them were being sent: each is held once its try is recorded, unless "
-            "the try delivers it",
-            err=True,
-        )
         return
     click.echo(
         f"{count:,} recipient(s) of the selection were being sent and were left alone; "
@@ -298,6 +318,10 @@ def action_command(
         command = click.option(flag, is_flag=True, help=flag_help)(command)
     if destructive or action is QueueAction.REQUEUE:  # a requeue asks before --unsuppress
         command = click.option("--yes", is_flag=True, help="Do not ask.")(command)
+    else:  # scripts pass --yes to every action: taken, though this one never asks
+        command = click.option("--yes", is_flag=True, help="Taken; this action never asks.")(
+            command
+        )
     if destructive:
         command = click.option(
             "--export",

@@ -181,12 +181,16 @@ class OperatorStore(Protocol):
         """Queued or deferred deliveries become due now."""
         ...
 
-    async def hold(self, delivery_ids: Sequence[int], now: float) -> int:
-        """Queued or deferred deliveries become held; one being sent is held after its try."""
+    async def hold(self, delivery_ids: Sequence[int], now: float) -> tuple[int, int]:
+        """Queued or deferred deliveries become held; one being sent is held after its try
+        (unless the try delivers it). Returns how many were held, and how many being sent
+        were noted."""
         ...
 
-    async def release(self, delivery_ids: Sequence[int], now: float) -> int:
-        """Held deliveries become due now."""
+    async def release(self, delivery_ids: Sequence[int], now: float) -> tuple[int, int]:
+        """Held deliveries become due now (mail scheduled for later: at its time); one being
+        sent has its pending hold cancelled. Returns how many were released, and how many
+        being sent had a hold cancelled."""
         ...
 
     async def delete_deliveries(

@@ -303,22 +303,22 @@ class SQLOperator(SQLRole):
         params = {"ids": list(delivery_ids), "now": now}
         return await self.db.write(lambda: execute("flush", params))
 
-    async def hold(self, delivery_ids: Sequence[int], now: float) -> int:
+    async def hold(self, delivery_ids: Sequence[int], now: float) -> tuple[int, int]:
         return await self._also_after_send("hold", "hold_after_send", delivery_ids, now)
 
-    async def release(self, delivery_ids: Sequence[int], now: float) -> int:
+    async def release(self, delivery_ids: Sequence[int], now: float) -> tuple[int, int]:
         return await self._also_after_send("release", "release_after_send", delivery_ids, now)
 
     async def _also_after_send(
         self, query: str, after_send: str, delivery_ids: Sequence[int], now: float
-    ) -> int:
+    ) -> tuple[int, int]:
         """An action on waiting deliveries, and the same one noted on deliveries being sent
-        (applied once their try is recorded), in one transaction."""
+        (applied once their try is recorded), in one transaction: how many of each."""
         params = {"ids": list(delivery_ids), "now": now}
 
-        def run() -> Plan[int]:
+        def run() -> Plan[tuple[int, int]]:
             waiting = yield from execute(query, params)
-            return waiting + (yield from execute(after_send, params))
+            return waiting, (yield from execute(after_send, params))
 
         return await self.db.write(run)
 
