@@ -44,7 +44,11 @@ class Recorder:
         self.clock = clock
         self.lease = lease
         self._queue: list[_Pending] = []
+        #: the batch being written now (taken off the queue)
+        self._writing: list[_Pending] = []
         self._wake = asyncio.Event()
+        #: set each time a batch is over (written, or failed)
+        self._written = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -64,24 +68,36 @@ class Recorder:
         self._wake.set()
         await asyncio.gather(*waits)
 
-    async def stop(self) -> None:
-        """Write what is queued, then stop."""
+    async def stop(self, timeout: float | None = None) -> int:
+        """Write what is queued, then stop. While the store cannot answer, waits up to
+        ``timeout`` (None: until it answers) and gives up what is left: returns how many
+        outcomes were not recorded (their deliveries are sent again once their leases lapse).
+        A stop that waited for a store that never came back kept its process from ending,
+        busy on a core (a durability audit)."""
         if self._task is None:
-            return
-        while self._queue:
-            self._wake.set()
-            await asyncio.sleep(0)
+            return 0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained(), timeout)
+        left = len(self._writing) + len(self._queue)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        return left
+
+    async def _drained(self) -> None:
+        while self._queue or self._writing:
+            self._written.clear()
+            self._wake.set()
+            await self._written.wait()
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch, self._queue = self._queue, []
+                batch = self._writing = self._queue
+                self._queue = []
                 try:
                     await self._write([p.outcome for p in batch])
                 except asyncio.CancelledError:
@@ -94,9 +110,13 @@ class Recorder:
                         if not p.done.done():
                             p.done.set_exception(exc)
                     continue
-                for p in batch:
-                    if not p.done.done():
-                        p.done.set_result(None)
+                else:
+                    for p in batch:
+                        if not p.done.done():
+                            p.done.set_result(None)
+                finally:
+                    self._writing = []
+                    self._written.set()
 
     async def _write(self, outcomes: list[Outcome]) -> None:
         delay = 0.05

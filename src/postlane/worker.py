@@ -65,6 +65,9 @@ REAP_AFTER_OUTAGE = 5.0
 #: while the store cannot answer, the first wait before claiming again, and the longest
 STORE_RETRY_FIRST = 0.5
 STORE_RETRY_MAX = 10.0
+#: on stop, how long the results of finished sends are waited for beyond what is left of
+#: ``shutdown_grace`` while the store cannot answer
+RECORD_AT_STOP = 5.0
 
 
 @dataclass(frozen=True)
@@ -706,6 +709,7 @@ class Worker:
             await asyncio.wait(pending)
 
     async def _shutdown(self) -> None:
+        started = time.monotonic()
         in_flight = len(self._tasks)
         if in_flight:
             log.info(
@@ -723,11 +727,30 @@ class Worker:
                 "it twice; a longer delivery.shutdown_grace avoids this",
                 cut,
             )
-        await self.recorder.stop()
-        returned = await self.store.hand_back(self.owner, None, self.clock.now())
-        if returned:
-            log.info("handed back %d delivery(ies) to be tried again", returned)
+        # what the grace left, and a little more: the results of sends that went through are
+        # worth waiting for, but a store that does not answer must not keep the process up
+        grace = self.settings.shutdown_grace - (time.monotonic() - started)
+        unrecorded = await self.recorder.stop(timeout=max(grace, RECORD_AT_STOP))
+        if unrecorded:
+            log.error(
+                "stopping without recording %d outcome(s): the store cannot answer; those "
+                "recipients are sent again once their leases lapse",
+                unrecorded,
+            )
+        try:
+            returned = await self.store.hand_back(self.owner, None, self.clock.now())
+        except StoreUnavailable as exc:
+            log.warning(
+                "could not hand back this worker's deliveries (%s): they are tried again once "
+                "their leases lapse",
+                exc,
+            )
+        else:
+            if returned:
+                log.info("handed back %d delivery(ies) to be tried again", returned)
         try:
             await self.gate.leave_fleet()
+        except StoreUnavailable as exc:
+            log.warning("could not give back this worker's shares of limits (%s)", exc)
         except Exception:
             log.exception("could not give back this worker's shares of destinations' limits")

@@ -707,6 +707,44 @@ async def test_after_an_outage_longer_than_a_lease_another_host_leaves_a_live_wo
     assert attempt.cls is ReplyClass.DELIVERED  # the first host's own 250, not "lease expired"
 
 
+async def test_a_stop_while_the_store_cannot_answer_ends_within_its_grace(
+    tmp_path: Path, smtp_peer: SMTPPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A durability audit: SIGTERM to a worker whose database had gone waited for it without
+    end (10 minutes in one run), a core busy, until systemd or Kubernetes killed it. It waits
+    what is left of its grace (and a few seconds) for the results of sends that went through,
+    says what it could not record, and ends: those recipients go again once their leases
+    lapse, as after any crash."""
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url, "shutdown_grace": "1s"})
+    async with AsyncPostlane(config) as app:
+        queue_id = (await app.send(sender="a@example.com", to=["b@example.net"], text="x")).id
+        host = HostsStore(app.store)
+        transport = transport_for(config)
+        worker = Worker.from_config(config, host, transport)
+        stop = asyncio.Event()
+        smtp_peer.handler.data_delay = 0.5
+        running = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + 20
+        while (await app.get(queue_id)).state is not RecipientState.SENDING:
+            assert time.monotonic() < deadline and not running.done(), "never claimed"
+            await asyncio.sleep(0.02)
+        host.down = True  # the database goes while the message is being sent
+        while not smtp_peer.handler.received:
+            assert time.monotonic() < deadline, "never sent"
+            await asyncio.sleep(0.02)
+        stop.set()  # SIGTERM
+        started = time.monotonic()
+        await asyncio.wait_for(running, timeout=1 + worker_module.RECORD_AT_STOP + 5)
+        took = time.monotonic() - started
+        await transport.close()
+        state = (await app.get(queue_id)).state
+    assert took < 1 + worker_module.RECORD_AT_STOP + 1
+    assert state is RecipientState.SENDING  # its lease lapses; another worker sends it again
+    said = [r.getMessage() for r in caplog.records]
+    assert any("stopping without recording 1 outcome(s)" in line for line in said), said
+    assert not [r for r in caplog.records if r.exc_info]  # one line each, no tracebacks
+
+
 class ExplodingTransport(BaseTransport):
     name = "exploding://"
 
