@@ -157,10 +157,14 @@ class Policy:
         created_at: float,
         now: float,
         cool_down: float | None = None,
+        flushed: bool = False,
     ) -> Decision:
         """Decide what follows one try. ``attempts``/``deferrals`` are the counts before it;
         ``cool_down`` is how long the destination asked us to wait (throttling, Retry-After):
-        the next try is never sooner, whatever the class."""
+        the next try is never sooner, whatever the class. ``flushed``: an operator made the
+        try due (``queue flush``), not the schedule: a failure for a while uses no attempt, so
+        flushing again and again never dead-letters mail sooner (as ``postqueue -f`` never
+        bounces it), and the next try waits as long as after the last try that used one."""
         cls = verdict.cls
         if cls is ReplyClass.DELIVERED:
             return Decision(Action.SEND)
@@ -171,8 +175,10 @@ class Policy:
             return Decision(Action.DEAD, reason=cls.value.replace("_", " "))
 
         retry = self._lanes[lane]
-        counted = cls not in _UNCOUNTED
-        if counted:
+        counted = cls not in _UNCOUNTED and not flushed
+        if cls not in _UNCOUNTED and flushed:
+            wait = retry.delay(max(attempts, 1), self._rng)
+        elif counted:
             used = attempts + 1
             if used >= retry.max_attempts:
                 return Decision(Action.DEAD, reason=f"max_attempts {retry.max_attempts} reached")

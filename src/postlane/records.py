@@ -93,6 +93,9 @@ class Delivery:
     last_class: ReplyClass | None = None
     #: never sent after this time (None: max_age decides)
     expires_at: float | None = None
+    #: made due by an operator (``queue flush``) rather than by its retry schedule: a try
+    #: that fails for a while uses no attempt
+    flushed: bool = False
 
 
 @dataclass(frozen=True)

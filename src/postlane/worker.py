@@ -565,6 +565,7 @@ class Worker:
             created_at=delivery.created_at,
             now=now,
             cool_down=cool_down,
+            flushed=delivery.flushed,
         )
         self.attempts += 1
         if decision.action is Action.SEND:

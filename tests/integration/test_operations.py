@@ -230,6 +230,38 @@ def test_a_ctrl_c_while_a_slice_is_being_written_counts_that_slice(
     assert len(held) == 2
 
 
+async def test_flushing_again_and_again_never_dead_letters_mail_sooner(
+    tmp_path: Path, smtp_peer: SMTPPeer
+) -> None:
+    """An operator audit: a tired operator flushed a deferred message seven times in twelve
+    seconds, and it was dead ("max_attempts 8 reached") with two days of max_age ahead.
+    Postfix's postqueue -f never bounces mail sooner: a flushed try that fails for a while uses
+    no attempt; the schedule's own tries still count."""
+    clock = FakeClock()
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url}, retry={"max_attempts": 3})
+    smtp_peer.handler.rcpt["x@defer.example"] = "450 4.2.0 mailbox busy, try again later"
+    async with AsyncPostlane(config, clock=clock) as app:
+        queue_id = (await app.send(sender="a@example.com", to=["x@defer.example"], text="x")).id
+        transport = transport_for(config)
+        worker = Worker.from_config(config, app.store, transport, clock=clock)
+        await worker.run_until_idle()  # the first try: one attempt
+        for _ in range(7):
+            await clock.advance(1.5)
+            assert await app.act(QueueAction.FLUSH, Selector(ids=(queue_id,))) == 1
+            await worker.run_until_idle()
+        [recipient] = (await app.get(queue_id, history=True)).recipients
+        assert recipient.state is RecipientState.DEFERRED and recipient.attempts == 1
+        assert len(recipient.history or ()) == 8  # every try is in its history
+        # the schedule's next tries count: the third attempt dead-letters, as configured
+        for _ in range(2):
+            await clock.advance(recipient.next_attempt_at - clock.now())
+            await worker.run_until_idle()
+            [recipient] = (await app.get(queue_id)).recipients
+        await transport.close()
+    assert recipient.state is RecipientState.DEAD and recipient.attempts == 3
+    assert "max_attempts 3" in (recipient.reason or "")
+
+
 def test_suppress_list_finds_an_address_entries(queue: tuple[Config, dict[str, str]]) -> None:
     config, _ = queue
     assert cli(config, "suppress", "add", "old@example.net", "--reason", "hard_bounce")[0] == 0

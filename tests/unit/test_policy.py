@@ -58,6 +58,23 @@ def test_max_attempts_dead_letters() -> None:
     assert d.action is Action.DEAD and "max_attempts 3" in (d.reason or "")
 
 
+@pytest.mark.parametrize("cls", [ReplyClass.TEMPORARY, ReplyClass.SOFT_BOUNCE])
+def test_a_flushed_try_that_fails_for_a_while_uses_no_attempt(cls: ReplyClass) -> None:
+    """An operator audit: seven flushes in twelve seconds dead-lettered a message with its
+    two days of max_age ahead (max_attempts reached). A try an operator made due uses none."""
+    p = policy(max_attempts=5)
+    d = decide(p, verdict(cls), attempts=4, flushed=True)
+    assert d.action is Action.RETRY and not d.counted
+    assert d.next_attempt_at == T0 + DELAYS[-1]  # as long as after the last counted try
+    assert decide(p, verdict(cls), attempts=0, flushed=True).next_attempt_at == T0 + DELAYS[0]
+    # the schedule's own try counts, and the fifth dead-letters as before
+    assert decide(p, verdict(cls), attempts=4).action is Action.DEAD
+    # a flushed try's permanent failure is as final as any, and max_age still bounds it
+    assert decide(p, verdict(ReplyClass.HARD_BOUNCE, 550), flushed=True).action is Action.DEAD
+    late = decide(p, verdict(cls), attempts=1, now=T0 + 86400 - 30, flushed=True)
+    assert late.action is Action.DEAD
+
+
 @pytest.mark.parametrize("cls", [ReplyClass.THROTTLED, ReplyClass.CONNECTION])
 def test_throttled_and_connection_use_no_attempt(cls: ReplyClass) -> None:
     p = policy(max_attempts=2)

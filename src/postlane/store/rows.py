@@ -79,7 +79,9 @@ def last_reply(row: Row) -> Reply | None:
 
 
 def delivery(row: Row) -> Delivery:
-    return build(Delivery, row, last_class=reply_class(row["last_class"]))
+    return build(
+        Delivery, row, last_class=reply_class(row["last_class"]), flushed=bool(row["flushed"])
+    )
 
 
 def claimed_message(row: Row, deliveries: Sequence[Delivery]) -> ClaimedMessage:

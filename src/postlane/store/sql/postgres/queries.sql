@@ -163,7 +163,7 @@ WHERE id IN (
     FOR UPDATE SKIP LOCKED
 )
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
-          last_class, expires_at;
+          last_class, expires_at, reason = 'flushed' AS flushed;
 
 -- name: claim_rest_of_messages
 -- Lease the other due deliveries of messages a claim reached, so one message's recipients go
@@ -180,7 +180,7 @@ WHERE id IN (
     FOR UPDATE SKIP LOCKED
 )
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
-          last_class, expires_at;
+          last_class, expires_at, reason = 'flushed' AS flushed;
 
 -- name: lock_messages_of
 -- Lock, in id order, the messages of deliveries about to reach a final state. Two workers

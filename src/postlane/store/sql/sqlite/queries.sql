@@ -52,7 +52,7 @@ WHERE id IN (
     LIMIT :limit
 )
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
-          last_class, expires_at;
+          last_class, expires_at, reason = 'flushed' AS flushed;
 
 -- name: claim_rest_of_messages
 -- Lease the other due deliveries of messages a claim reached, so one message's recipients go
@@ -63,7 +63,7 @@ WHERE queue_id IN (SELECT value FROM json_each(:queue_ids))
   AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
   AND (expires_at IS NULL OR expires_at > :now)
 RETURNING id, queue_id, address, domain, destination, attempts, deferrals, created_at,
-          last_class, expires_at;
+          last_class, expires_at, reason = 'flushed' AS flushed;
 
 -- name: record_outcomes
 -- Apply one outcome, only if the delivery is still leased by this worker. An operator's hold
