@@ -271,6 +271,18 @@ class AsyncPostlane:
             for name, limits in self.config.destinations.items()
             if name != "default" and name not in recorded and (limits.rate or limits.concurrency)
         ]
+        relay = self._relay_name()
+        if relay is not None:
+            # every delivery being sent goes through the relay (the store counts them by their
+            # recipients' destinations: the relay's row said 0 with 20 in flight)
+            sending = sum(lane.sending for lane in stats.lanes.values())
+            if relay not in {d.destination for d in destinations}:
+                unrecorded = DestinationStatus(relay, None, None, None, None)
+                destinations.append(self._with_limits(unrecorded))
+            destinations = [
+                dataclasses.replace(d, in_flight=sending) if d.destination == relay else d
+                for d in destinations
+            ]
         now = self.clock.now()
         busy = tuple(
             d

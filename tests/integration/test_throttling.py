@@ -357,6 +357,33 @@ async def test_a_relays_slow_down_to_the_whole_transaction_slows_the_relay(
         assert "fast.example" not in limits
 
 
+async def test_the_relays_in_flight_counts_every_delivery_being_sent(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    """An operator audit: stats and postlane_destination_in_flight said 0 for the relay while
+    20 to 34 sends went through it (being sent was counted by the recipients' destinations
+    only)."""
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url})
+    clock.set(time.time())
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send_many(
+            [Message(sender="a@example.com", to=[f"u@d{i}.example"], text="x") for i in range(3)]
+        )
+        now = clock.now()
+        lanes = [(lane, 0) for lane in Lane]
+        await app.store.claim_due("w", lanes, limit=10, now=now, lease_until=now + 60)
+        limits = {d.destination: d for d in (await app.stats()).destinations}
+        assert limits["relay"].in_flight == 3
+        assert [limits[f"d{i}.example"].in_flight for i in range(3)] == [1, 1, 1]
+        api = build_app(FrontDoor(config, app, Metrics(app)))
+        transport = httpx.ASGITransport(app=api, client=("127.0.0.1", 1234))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1:8025"
+        ) as client:
+            metrics = (await client.get("/metrics")).text
+    assert gauge(metrics, "postlane_destination_in_flight", "relay") == 3
+
+
 async def test_mail_that_expires_while_its_relay_is_paused_is_a_connection_dead_letter(
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
