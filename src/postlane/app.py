@@ -256,7 +256,8 @@ class AsyncPostlane:
         self, selector: Selector | None = None, *, limit: int = 1000
     ) -> list[MessageView]:
         """Messages matching ``selector`` (default: those not yet finished), oldest first."""
-        views = await self.store.list_messages(selector or Selector(), limit=_limit(limit))
+        selector = await self._as_seen(selector or Selector())
+        views = await self.store.list_messages(selector, limit=_limit(limit))
         return await self.as_due(views)
 
     async def stats(self) -> Stats:
@@ -321,7 +322,7 @@ class AsyncPostlane:
         ``cursor``) for a cursor no page of this listing gave."""
         after = 0 if cursor is None else decode_cursor(cursor, MessageKey).after_row
         views, next_after = await self.store.page_messages(
-            selector or Selector(), after=after, limit=_limit(limit)
+            await self._as_seen(selector or Selector()), after=after, limit=_limit(limit)
         )
         views = await self.as_due(views)
         return Page(views, None if next_after is None else encode_cursor(MessageKey(next_after)))
@@ -349,15 +350,27 @@ class AsyncPostlane:
         Raises :class:`NotFound` for a message id that does not exist."""
         for queue_id in selector.ids:
             await self.store.get_message(_check_id(queue_id), history=False)
-        selector = self._selection_for(action, selector)
+        selector = await self._selection_for(action, selector)
         return await self.store.summarize(selector, action_states(action, selector))
 
-    def _selection_for(self, action: QueueAction, selector: Selector) -> Selector:
+    async def _as_seen(self, selector: Selector) -> Selector:
+        """``selector`` reading states as the views show them: while the relay every delivery
+        goes through is paused, waiting mail due before the pause's end is ``deferred``
+        (:class:`RelayPause`); a ``--state deferred`` selected a seventh of what ``queue
+        list`` showed deferred (an operator audit)."""
+        pause = await self._relay_pause()
+        if pause is None:
+            return selector
+        return dataclasses.replace(selector, relay_paused_until=pause.until)
+
+    async def _selection_for(self, action: QueueAction, selector: Selector) -> Selector:
         """A flush leaves mail scheduled for later alone unless ``selector.scheduled``: it is
         not late, and a 3 a.m. ``postqueue -f`` must not send tomorrow's campaign. A requeue
         that names no message (a sweep: ``--all``, a class, a domain, a dashboard group)
         leaves mail past its ``expires_at`` dead: a one-time code is not resent by a clean-up
-        after an outage (naming its message overrides the time)."""
+        after an outage (naming its message overrides the time). States are read as the
+        views show them (:meth:`_as_seen`)."""
+        selector = await self._as_seen(selector)
         if action is QueueAction.FLUSH and not selector.scheduled:
             return dataclasses.replace(selector, send_at_by=self.clock.now())
         if action is QueueAction.REQUEUE and not selector.ids:
@@ -388,7 +401,7 @@ class AsyncPostlane:
             suppressed = await self.suppressed_dead_letters(selector)
             if suppressed:
                 raise SuppressedRecipients(suppressed)
-        selector = self._selection_for(action, selector)
+        selector = await self._selection_for(action, selector)
         states = action_states(action, selector)
         # a flush lifts the pauses of what it selects once it has made that due (and counted
         # it: lifting first would turn deferred mail queued before a ``--state deferred``
@@ -503,7 +516,7 @@ class AsyncPostlane:
             # act refuses, naming them, if the addresses of some are suppressed
             requeued = await self.act(QueueAction.REQUEUE, selector, progress=progress)
             return Requeued(requeued, ())
-        selector = self._selection_for(QueueAction.REQUEUE, selector)
+        selector = await self._selection_for(QueueAction.REQUEUE, selector)
         states = action_states(QueueAction.REQUEUE, selector)
         lifted: list[str] = []
         changed = 0
@@ -543,7 +556,7 @@ class AsyncPostlane:
     ) -> list[str]:
         """The addresses on the suppression list among the dead letters a requeue of
         ``selector`` would pick."""
-        selector = self._selection_for(QueueAction.REQUEUE, selector)
+        selector = await self._selection_for(QueueAction.REQUEUE, selector)
         states = action_states(QueueAction.REQUEUE, selector)
         found: set[str] = set()
         async for ids in self._delivery_ids(selector, states, slice_size):

@@ -61,4 +61,8 @@ def action_states(action: QueueAction, selector: Selector) -> tuple[str, ...]:
             f"{action.value} does not apply to {wanted} recipients "
             f"(it applies to: {', '.join(allowed)})"
         )
+    paused = selector.relay_paused_until is not None
+    if paused and "queued" in allowed and "deferred" in chosen and "queued" not in chosen:
+        # what the views show deferred while the relay is paused is queued in the store
+        return (*chosen, "queued")
     return chosen

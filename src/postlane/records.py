@@ -419,6 +419,9 @@ class Selector:
     #: only mail with no ``expires_at`` or one after this time (set by the app: a requeue that
     #: names no message leaves expired mail dead)
     expires_after: float | None = None
+    #: the end of the pause of the relay every delivery goes through (set by the app): states
+    #: are then read as the views show them, waiting mail due before it being ``deferred``
+    relay_paused_until: float | None = None
 
 
 #: the reason recorded on deliveries sent back to wait for their destination (no attempt): a

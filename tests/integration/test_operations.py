@@ -921,6 +921,35 @@ async def test_while_the_relay_is_paused_the_queue_shows_its_mail_due_at_the_pau
     assert (await app.stats()).lanes[Lane.NORMAL].ready == 1
 
 
+async def test_while_the_relay_is_paused_a_state_selects_what_the_queue_shows(
+    store: Store, tmp_path: Path
+) -> None:
+    """An operator audit: with the relay paused, `queue list` showed 301 recipients deferred
+    but `--state deferred` selected 49 (the rest being queued in the store, due before the
+    pause's end), `--state queued` 251 rows each shown deferred, and a `delete --state
+    deferred` offered 49 with a table saying queued. States are read as the views show them."""
+    clock = FakeClock(T0)
+    config = make_config(tmp_path, delivery={"relay": "smtp://127.0.0.1:2"})
+    app = AsyncPostlane(config, store=store, clock=clock)  # opened by the fixture
+    ada = (await app.send(sender="app@example.com", to=["ada@x.example"], text="x")).id
+    later = await app.send(sender="app@example.com", to=["bob@x.example"], text="x",
+                           send_at=T0 + 900)  # fmt: skip
+    await store.save_destination_states(
+        [DestinationStatus("relay", None, None, T0 + 600, "3 connection failure(s)", 0, None, T0)]
+    )
+    deferred = Selector(all=True, states=(RecipientState.DEFERRED,))
+    queued = Selector(all=True, states=(RecipientState.QUEUED,))
+    assert [m.id for m in await app.messages(deferred)] == [ada]
+    assert [m.id for m in await app.messages(queued)] == [later.id]
+    assert [m.id for m in (await app.message_page(deferred)).items] == [ada]
+    [count] = await app.summarize(QueueAction.DELETE, deferred)
+    assert (count.state, count.count) == (RecipientState.DEFERRED, 1)
+    counts = {c.state: c.count for c in await app.summarize(QueueAction.HOLD, Selector(all=True))}
+    assert counts == {RecipientState.DEFERRED: 1, RecipientState.QUEUED: 1}
+    assert await app.act(QueueAction.DELETE, deferred) == 1
+    assert [m.id for m in await app.messages()] == [later.id]
+
+
 class OperatorRacesTheWorker:
     """The store as a worker sees it, while an operator's flush from another process commits
     at one chosen moment: just before the worker's next claim, while it defers a paused

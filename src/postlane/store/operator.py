@@ -255,6 +255,12 @@ class SQLOperator(SQLRole):
 
     async def summarize(self, selector: Selector, states: Sequence[str]) -> list[SelectionCount]:
         fill, params = self._selection(selector, states, states)
+        state = "d.state"
+        if selector.relay_paused_until is not None:  # as the views show it (RelayPause)
+            params["relay_paused_until"] = selector.relay_paused_until
+            due = f"d.next_attempt_at < {self.dialect.param('relay_paused_until')}"
+            state = f"CASE WHEN d.state = 'queued' AND {due} THEN 'deferred' ELSE d.state END"
+        fill = {**fill, "state": state}
         found = await self.db.read(lambda: fetch("summarize", params, fill=fill))
         return [
             SelectionCount(

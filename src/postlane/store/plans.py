@@ -172,6 +172,17 @@ def selection(
         states = [s for s in states if s in forced_states]
     clauses = [dialect.any_of("d.state", "states", "text")]
     params: dict[str, Any] = {"states": states}
+    pause = selector.relay_paused_until
+    if pause is not None and ("queued" in states) != ("deferred" in states):
+        # while the relay is paused the views show waiting mail due before the pause's end
+        # as deferred (RelayPause): a --state selects what it shows
+        due_before = f"d.next_attempt_at < {dialect.param('relay_paused_until')}"
+        params["relay_paused_until"] = pause
+        if "deferred" in states and (forced_states is None or "queued" in forced_states):
+            params["states"] = [*states, "queued"]
+            clauses.append(f"(d.state <> 'queued' OR {due_before})")
+        elif "queued" in states:
+            clauses.append(f"(d.state <> 'queued' OR NOT {due_before})")
     arrays: list[tuple[str, str, str, list[Any]]] = [
         ("d.queue_id", "ids", "text", list(selector.ids)),
         ("d.id", "delivery_ids", "bigint", [int(i) for i in selector.delivery_ids]),

@@ -151,7 +151,7 @@ ORDER BY d.id LIMIT :limit;
 
 -- name: summarize
 -- What an action would touch: counts by lane, domain, state and last reply class.
-SELECT lane, domain, state, last_class, count(*) AS n FROM deliveries d
+SELECT lane, domain, {state} AS state, last_class, count(*) AS n FROM deliveries d
 WHERE {selection}
 GROUP BY 1, 2, 3, 4 ORDER BY 5 DESC, 1, 2;
 
