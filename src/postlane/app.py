@@ -41,8 +41,9 @@ from postlane.cursors import (
 )
 from postlane.destinations import DestinationMap
 from postlane.errors import NoQueue, NotFound, SuppressedRecipients, ValidationError, kind_of
-from postlane.events import Event, event_cursor
+from postlane.events import Event
 from postlane.exports import read_export
+from postlane.inputs import as_message, check_id, check_string, event_id, message_from_fields
 from postlane.message import Lane, Message, PreparedMessage, prepare
 from postlane.queue_actions import ACTION_STATES, QueueAction, Requeued, action_states
 from postlane.records import (
@@ -54,13 +55,13 @@ from postlane.records import (
     EnqueueResult,
     ExportedMessage,
     MessageView,
-    RelayPause,
     SelectionCount,
     Selector,
     ShapeRow,
     Stats,
     Suppression,
 )
+from postlane.relay_pause import RelayPause
 from postlane.selectors import suppression_lanes, suppression_scope
 from postlane.store import Store, open_store_url
 from postlane.transports import shared_destination, shared_destinations
@@ -162,10 +163,10 @@ class AsyncPostlane:
         ``text``, ``html``, ``lane``, ``idempotency_key``, ...), or a mapping of them (the
         HTTP API's JSON shape: ``"from"`` for the sender), as :class:`postlane.Client` takes."""
         if message is None:
-            message = _message_from_fields(fields)
+            message = message_from_fields(fields)
         elif fields:
             raise TypeError("pass a Message or keyword fields, not both")
-        results = await self.send_prepared([self.prepare(_as_message(message))])
+        results = await self.send_prepared([self.prepare(as_message(message))])
         return results[0]
 
     async def send_many(
@@ -179,7 +180,7 @@ class AsyncPostlane:
                 "send_many takes a list of messages (postlane.Message or mappings), "
                 f"not {kind_of(messages)}"
             )
-        return await self.send_prepared([self.prepare(_as_message(m)) for m in messages])
+        return await self.send_prepared([self.prepare(as_message(m)) for m in messages])
 
     async def send_prepared(self, prepared: Sequence[PreparedMessage]) -> list[EnqueueResult]:
         prepared = await self._with_destinations(prepared)
@@ -208,7 +209,7 @@ class AsyncPostlane:
     # -- reading ---------------------------------------------------------------------------------
 
     async def get(self, queue_id: str, *, history: bool = True) -> MessageView:
-        view = await self.store.get_message(_check_id(queue_id), history=history)
+        view = await self.store.get_message(check_id(queue_id), history=history)
         [shown] = await self.as_due([view])
         return shown
 
@@ -236,7 +237,7 @@ class AsyncPostlane:
         return list(views) if pause is None else [pause.view(v) for v in views]
 
     async def content(self, queue_id: str) -> bytes:
-        return await self.store.get_content(_check_id(queue_id))
+        return await self.store.get_content(check_id(queue_id))
 
     async def cancel(self, queue_id: str, *, submitter: str | None = None) -> Cancelled:
         """Cancel what of a message has not gone yet (a scheduled reminder, a digest no longer
@@ -246,7 +247,7 @@ class AsyncPostlane:
         only a message that caller handed in (another's is :class:`NotFound`, as the API's
         send tokens see it). Raises :class:`NotFound` for a message that does not exist."""
         cancelled = await self.store.cancel_message(
-            _check_id(queue_id), submitter=submitter, now=self.clock.now()
+            check_id(queue_id), submitter=submitter, now=self.clock.now()
         )
         if cancelled is None:  # another's is as if it did not exist
             raise NotFound(f"no message with id {queue_id}")
@@ -341,7 +342,7 @@ class AsyncPostlane:
         return Page(found[:limit], encode_cursor(DeadLetterKey(last.dead_at, last.delivery_id)))
 
     async def dead_letter(self, queue_id: str) -> list[DeadLetter]:
-        return await self.store.get_dead(_check_id(queue_id))
+        return await self.store.get_dead(check_id(queue_id))
 
     # -- operator actions --------------------------------------------------------------------------
 
@@ -349,7 +350,7 @@ class AsyncPostlane:
         """What ``action`` would touch: counts by lane, domain, state and last reply class.
         Raises :class:`NotFound` for a message id that does not exist."""
         for queue_id in selector.ids:
-            await self.store.get_message(_check_id(queue_id), history=False)
+            await self.store.get_message(check_id(queue_id), history=False)
         selector = await self._selection_for(action, selector)
         return await self.store.summarize(selector, action_states(action, selector))
 
@@ -511,7 +512,7 @@ class AsyncPostlane:
         was requeued with it (lifting them all first, then requeueing, emptied the list of a
         requeue a scale audit stopped with Ctrl-C, and requeued nothing)."""
         for queue_id in selector.ids:  # an unknown id is an error, as for every action
-            await self.store.get_message(_check_id(queue_id), history=False)
+            await self.store.get_message(check_id(queue_id), history=False)
         if not unsuppress:
             # act refuses, naming them, if the addresses of some are suppressed
             requeued = await self.act(QueueAction.REQUEUE, selector, progress=progress)
@@ -625,7 +626,7 @@ class AsyncPostlane:
                 f"unknown event type {unknown[0]!r} (known: {', '.join(EVENT_TYPES)})",
                 field="type",
             )
-        cursor = _event_id(after)
+        cursor = event_id(after)
         try:
             found, following = await read_events(
                 self.store, cursor or None, limit=_limit(limit), types=types
@@ -651,7 +652,7 @@ class AsyncPostlane:
         newest first: what an operator looks up to lift one, however long the list."""
         wanted = list(addresses)
         for address in wanted:
-            _check_string(address, "address")
+            check_string(address, "address")
         return await self.store.suppressions_of(wanted) if wanted else []
 
     async def suppression_page(
@@ -690,11 +691,11 @@ class AsyncPostlane:
         from postlane.addresses import parse_address
         from postlane.clock import parse_when
 
-        _check_string(address, "address")
-        _check_string(source, "source")
+        check_string(address, "address")
+        check_string(source, "source")
         for value, name in ((reason, "reason"), (detail, "detail")):
             if value is not None:
-                _check_string(value, name)
+                check_string(value, name)
         mailbox = parse_address(address, "address", any_length=True)
         if reason is not None and reason not in SUPPRESSION_REASONS:
             detail = f"{reason}; {detail}" if detail else reason
@@ -727,7 +728,7 @@ class AsyncPostlane:
         can be removed."""
         from postlane.addresses import parse_address
 
-        _check_string(address, "address")
+        check_string(address, "address")
         try:
             address = parse_address(address, "address", any_length=True).address
         except ValidationError:
@@ -742,39 +743,6 @@ class AsyncPostlane:
         )
 
 
-def _check_string(value: object, name: str) -> None:
-    """Refuse (:class:`ValidationError`) an argument that should be text and is not."""
-    if not isinstance(value, str):
-        raise ValidationError(f"{name} must be a string, not {kind_of(value)}", field=name)
-
-
-def _message_from_fields(fields: Mapping[str, Any]) -> Message:
-    """A :class:`Message` from its fields, as keywords or a mapping (the HTTP API's JSON
-    shape too: ``"from"`` is the sender)."""
-    fields = dict(fields)
-    for alias in ("from_", "from"):
-        if alias in fields:
-            fields["sender"] = fields.pop(alias)
-    known = {f.name for f in dataclasses.fields(Message)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValidationError(
-            f"unknown message field {unknown[0]!r} (known: {', '.join(sorted(known))}; the "
-            "sender is sender=, or from_)"
-        )
-    return Message(**fields)
-
-
-def _as_message(message: Message | Mapping[str, Any]) -> Message:
-    if isinstance(message, Message):
-        return message
-    if isinstance(message, Mapping):
-        return _message_from_fields(message)
-    raise ValidationError(
-        f"a message is a postlane.Message or a mapping, not {type(message).__name__}"
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class EventPage:
     """A page of the event log, and the cursor to read on from (``next``: the last event's id,
@@ -785,23 +753,6 @@ class EventPage:
 
     def as_json(self) -> dict[str, Any]:
         return {"events": [event.as_json() for event in self.events], "next": self.next}
-
-
-def _event_id(value: str | int | None) -> int | None:
-    if value is None or value == "":
-        return None
-    return event_cursor(str(value).strip() if isinstance(value, str) else value)
-
-
-def _check_id(queue_id: str) -> str:
-    if (
-        not isinstance(queue_id, str)
-        or not queue_id
-        or len(queue_id) > 64
-        or not queue_id.isalnum()
-    ):
-        raise NotFound(f"no message with id {queue_id!r}")
-    return queue_id
 
 
 def _limit(limit: int) -> int:
