@@ -218,13 +218,20 @@ class Worker:
         if dead:
             await self.store.expire_owner_leases(dead, now)
         reaped = await self.store.reap_expired_leases(now, keep=self.owner)
-        if dead or reaped:
+        if dead:
             # as housekeeping says it: what they were sending may have gone out already
             log.warning(
                 "%d delivery(ies) returned from %d stopped process(es) on this host that had "
                 "not recorded a result: those recipients may get the message twice",
                 reaped,
                 len(dead),
+            )
+        elif reaped:  # leases of another host's, or an older postlane's, that ran out
+            log.warning(
+                "%d delivery(ies) returned whose leases had lapsed without a recorded result "
+                "(their process stopped, or lost the store): those recipients may get the "
+                "message twice",
+                reaped,
             )
         return reaped
 

@@ -132,6 +132,31 @@ async def test_a_restart_says_how_many_deliveries_it_took_back_and_that_they_may
     )
 
 
+async def test_a_restart_says_leases_that_lapsed_for_what_they_are(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upgrade audit: leases of an older postlane (its owner names carry no host) that had
+    run out were said to come "from 0 stopped process(es) on this host"."""
+    store = SQLiteStore(tmp_path / "queue.db")
+    await store.open()
+    try:
+        message = prepare(Message(sender="a@example.com", to=["u@example.net"], text="x"),
+                          max_size=10**6)  # fmt: skip
+        now = time.time()
+        await store.enqueue([message], now - 120)
+        lanes = [(lane, 0) for lane in Lane]
+        claimed = await store.claim_due("w-1234", lanes, limit=10, now=now - 120,
+                                        lease_until=now - 60)  # fmt: skip
+        assert len(claimed) == 1
+        restarted = Worker(store, CaptureTransport(tmp_path / "captured"),
+                           Policy.from_config(make_config(tmp_path)))  # fmt: skip
+        assert await restarted.reclaim_dead_owners() == 1
+    finally:
+        await store.close()
+    [said] = [r.getMessage() for r in caplog.records if "returned" in r.getMessage()]
+    assert said.startswith("1 delivery(ies) returned whose leases had lapsed")
+
+
 def can_unshare() -> bool:
     if shutil.which("unshare") is None:
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,33 @@ def test_claim_and_stats_queries_use_their_indexes(tmp_path: Path) -> None:
     )
     assert "COVERING INDEX deliveries_lane_state" in plan
     conn.close()
+
+
+async def test_a_migration_is_refused_while_another_postlane_uses_the_queue(
+    tmp_path: Path,
+) -> None:
+    """An upgrade audit (on PostgreSQL; SQLite alike): a migration went through beside a live
+    older postlane, whose statements then failed against the new schema. A live process shows
+    in the queue: a delivery it leases, or the presence it renews about once a second."""
+    path = tmp_path / "old.db"
+    conn = build_version(path, SCHEMA_VERSION - 1)
+    conn.execute(
+        "INSERT INTO destination_shares (destination, owner, demand, since, expires_at) "
+        "VALUES ('*', 'oldhost:4242:serve', 1, ?, ?)",
+        (time.time(), time.time() + 5),
+    )
+    conn.close()
+    with pytest.raises(StoreUnavailable, match="in use by 1 postlane process") as caught:
+        await SQLiteStore(path).open()
+    assert "oldhost:4242:serve" in str(caught.value)
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
+    conn.execute("UPDATE destination_shares SET expires_at = 0")  # it stopped
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    assert store.migration is not None
 
 
 async def test_after_the_upgrade_no_delivery_id_is_given_out_twice(tmp_path: Path) -> None:

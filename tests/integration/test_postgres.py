@@ -259,6 +259,47 @@ async def test_an_older_schema_is_migrated_only_by_what_may_create_and_it_says_s
     assert (await open_store()).migration is None  # nothing left to do
 
 
+@pytest.mark.parametrize("using", ["a lease", "a presence"])
+async def test_a_migration_is_refused_while_another_postlane_uses_the_queue(
+    pg_url: str, schema: str, open_store: OpenStore, using: str
+) -> None:
+    """An upgrade audit: `postlane migrate` went through beside a live older serve (an idle
+    one holds no lock to wait for); its next results failed against the new schema, and five
+    messages were sent twice. A live process shows in the queue itself: a delivery it leases,
+    or the presence it renews about once a second."""
+    await build_schema_at(pg_url, schema, SCHEMA_VERSION - 1)
+    now = time.time()
+    async with await connect(pg_url, schema, autocommit=True) as conn:
+        if using == "a lease":
+            await conn.execute(
+                "INSERT INTO messages (id, lane, sender, subject, message_id, size, created_at,"
+                " content, fingerprint) VALUES ('old1', 'normal', 'a@example.com', 's',"
+                " '<old1@example.com>', 1, 1.0, 'x', 'f')"
+            )
+            await conn.execute(
+                "INSERT INTO deliveries (queue_id, address, domain, destination, lane, created_at,"
+                " state, next_attempt_at, updated_at, lease_owner, lease_expires_at) VALUES"
+                " ('old1', 'r@example.net', 'example.net', 'example.net', 'normal', 1.0,"
+                " 'sending', 1.0, 1.0, 'oldhost:4242:serve', %s)",
+                [now + 60],
+            )
+        else:
+            await conn.execute(
+                "INSERT INTO destination_shares (destination, owner, demand, since, expires_at)"
+                " VALUES ('*', 'oldhost:4242:worker', 1, %s, %s)",
+                [now, now + 5],
+            )
+    with pytest.raises(StoreUnavailable, match="in use by 1 postlane process") as caught:
+        await open_store()
+    assert "oldhost:4242" in str(caught.value) and "nothing was changed" in str(caught.value)
+    _, versions = await tables_and_versions(pg_url, schema)
+    assert versions[-1][0] == SCHEMA_VERSION - 1  # untouched
+    async with await connect(pg_url, schema, autocommit=True) as conn:  # it stopped
+        await conn.execute("UPDATE deliveries SET lease_expires_at = 0")
+        await conn.execute("UPDATE destination_shares SET expires_at = 0")
+    assert (await open_store()).migration is not None
+
+
 async def test_a_migration_gives_up_on_tables_another_session_holds_and_says_why(
     pg_url: str, schema: str, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

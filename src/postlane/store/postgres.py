@@ -41,7 +41,14 @@ from postlane.message import PreparedMessage
 from postlane.records import EnqueueResult
 from postlane.store import delivery
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
-from postlane.store.sql import Migration, load_migrations, migration_done, migration_starts
+from postlane.store.sql import (
+    Migration,
+    live_owners_sql,
+    load_migrations,
+    migration_done,
+    migration_starts,
+    refuse_while_in_use,
+)
 from postlane.store.sqlstore import SQLStore
 from postlane.waits import settle, took
 
@@ -51,6 +58,8 @@ Conn = psycopg.AsyncConnection[Any]
 
 MIGRATIONS = load_migrations("postgres")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: the version that added the fleet's shares (each live process's presence)
+SHARES_FROM = 11
 #: how long a migration waits for a table another session holds before it gives up (waiting
 #: longer would queue every later statement of every session behind it), how many times it is
 #: tried, and the pause before the next try (times the tries so far)
@@ -455,6 +464,12 @@ class PostgresDatabase:
                     migration_starts(
                         self.description, version, SCHEMA_VERSION, allowed=self._create
                     )
+                    if version > 0:
+                        owners = live_owners_sql(version, SHARES_FROM, "%(now)s")
+                        found = await conn.execute(owners, {"now": time.time()})
+                        refuse_while_in_use(
+                            self.description, [r[0] for r in await found.fetchall()]
+                        )
                     started = time.monotonic()
                     await conn.execute(
                         Q["migration_lock_timeout"], {"timeout": MIGRATION_LOCK_TIMEOUT}

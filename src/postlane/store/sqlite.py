@@ -33,7 +33,14 @@ from typing import Any, TypeVar
 
 from postlane.errors import NoQueue, StoreFull, StoreUnavailable
 from postlane.store.plans import EMPTY, Dialect, Plan, Result, Statement
-from postlane.store.sql import Migration, load_migrations, migration_done, migration_starts
+from postlane.store.sql import (
+    Migration,
+    live_owners_sql,
+    load_migrations,
+    migration_done,
+    migration_starts,
+    refuse_while_in_use,
+)
 from postlane.store.sqlstore import SQLStore
 from postlane.waits import in_own_thread, report, take_queued, took
 
@@ -41,6 +48,8 @@ T = TypeVar("T")
 Item = TypeVar("Item")
 MIGRATIONS = load_migrations("sqlite")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+#: the version that added the fleet's shares (each live process's presence)
+SHARES_FROM = 13
 
 #: how long a writer waits for another process's write lock before giving up
 BUSY_TIMEOUT_MS = 10_000
@@ -103,6 +112,11 @@ def migrate(
         )
     if version < SCHEMA_VERSION:
         migration_starts(description, version, SCHEMA_VERSION, allowed=allowed)
+        if version > 0:
+            owners = conn.execute(
+                live_owners_sql(version, SHARES_FROM, ":now"), {"now": time.time()}
+            )
+            refuse_while_in_use(description, [row[0] for row in owners.fetchall()])
     for number, _name, sql in MIGRATIONS:
         if number <= version:
             continue

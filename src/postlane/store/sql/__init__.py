@@ -88,6 +88,39 @@ def migration_starts(description: str, version: int, target: int, *, allowed: bo
         )
 
 
+def live_owners_sql(version: int, shares_from: int, param: str) -> str:
+    """The processes using a queue at schema ``version``: the lease owners of deliveries being
+    sent, and (from ``shares_from``, the version that added the fleet's shares) every live
+    process's presence, renewed about once a second while it runs. ``param`` is how the
+    dialect writes the parameter ``now``."""
+    owners = (
+        "SELECT lease_owner AS owner FROM deliveries "
+        f"WHERE state = 'sending' AND lease_expires_at > {param}"
+    )
+    if version >= shares_from:
+        owners += f" UNION SELECT owner FROM destination_shares WHERE expires_at > {param}"
+    return owners
+
+
+def refuse_while_in_use(description: str, owners: list[str]) -> None:
+    """Refuse to migrate a queue other processes use: an older postlane left running against
+    the new schema fails its statements (a result it cannot record: the mail sent again after
+    it stops), and an idle one holds no lock a migration would wait for (an upgrade audit:
+    a migration went through beside a live older serve, whose next five messages were sent
+    twice)."""
+    if not owners:
+        return
+    shown = ", ".join(sorted(owners)[:5]) + (
+        f" and {len(owners) - 5} more" if len(owners) > 5 else ""
+    )
+    raise StoreUnavailable(
+        f"the queue in {description} is in use by {len(owners)} postlane process(es) ({shown}): "
+        "stop every older postlane using it, then migrate (docs/upgrading.md); nothing was "
+        "changed (a process that stopped without handing back holds its leases for at most "
+        "[delivery] lease)"
+    )
+
+
 def migration_done(migration: Migration) -> None:
     if migration.from_version > 0:
         log.warning("migrated %s", migration.describe())
