@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from postlane.classify import ReplyClass, Verdict
 from postlane.clock import Clock, when_utc
+from postlane.fleet import PRESENCE
 from postlane.message import Lane
 from postlane.records import (
     WAITING_FOR_DESTINATION,
@@ -424,8 +425,12 @@ class ThrottleGate:
         or the pause ends and a probe finds it fixed). ``per_recipient``: the reply was to
         this recipient's RCPT TO alone (see ``Response.per_recipient``)."""
         feedback = self.feedback_key(message, delivery)
-        if per_recipient and verdict.cls is ReplyClass.THROTTLED:
-            # a relay's "slow down" to one RCPT TO speaks of that recipient's destination
+        if per_recipient and verdict.cls is ReplyClass.THROTTLED and _of_the_recipient(verdict):
+            # a relay's "slow down" to one RCPT TO about the mailbox or address (RFC 3463
+            # X.1.X, X.2.X: "4.2.1 receiving mail at a rate...") speaks of that recipient's
+            # destination; one about the sender's rate ("4.7.1 rate limit exceeded for
+            # sender", a policy daemon at RCPT) or the transaction's ("4.5.3 too many
+            # recipients") speaks of the relay, as does one with no enhanced code
             feedback = delivery.destination
         before = self.throttle.pause_and_rate(feedback, now)
         if misconfigured is not None:
@@ -451,9 +456,12 @@ class ThrottleGate:
         """Persist this worker's pauses and slow-downs; adopt other processes' and operators'.
         Deliveries spaced for a rate well below today's are made due again (and the worker
         woken)."""
-        if not self.throttle.enabled:
-            return
         now = self.clock.now()
+        if not self.throttle.enabled:
+            # no limits to share, but the presence that says this process runs: a migration
+            # is refused while one does (docs/upgrading.md)
+            await self.store.share_destinations(self.owner, {PRESENCE: 1.0}, now, now + SHARE_LEASE)
+            return
         await self._save_changes(now)
         for status in await self.store.destination_states():
             self.throttle.adopt(status, now)
@@ -493,10 +501,9 @@ class ThrottleGate:
         at once (a graceful stop). The fleet waits for a probe's outcome while its process
         lives; one that left without saying would have another process probe again at once
         (seen in a fleet test stopped just after a failed probe: two probes for one pause)."""
-        if not self.throttle.enabled:
-            return
-        await self._save_changes(self.clock.now())
-        await self._end_probes()
+        if self.throttle.enabled:
+            await self._save_changes(self.clock.now())
+            await self._end_probes()
         await self.store.forget_shares(self.owner)
 
     async def _save_changes(self, now: float) -> None:
@@ -509,6 +516,11 @@ class ThrottleGate:
         """Record what this process's probes after pauses found."""
         for name, pause_end, opened in self.throttle.probe_outcomes():
             await self.store.end_probe(name, self.owner, pause_end, opened)
+
+
+def _of_the_recipient(verdict: Verdict) -> bool:
+    """Whether a reply's enhanced status code is about the recipient's address or mailbox."""
+    return (verdict.enhanced or "").split(".")[1:2] in (["1"], ["2"])
 
 
 def _log_change(

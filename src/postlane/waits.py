@@ -32,8 +32,10 @@ async def to_its_end(work: Awaitable[T]) -> tuple[T, bool]:
         try:
             return await asyncio.shield(task), cancelled
         except asyncio.CancelledError:
-            if task.done():  # the work itself was cancelled, not only its caller
+            if task.cancelled():  # the work itself was cancelled, not only its caller
                 raise
+            if task.done():  # it ended as the cancellation came: its result counts
+                return task.result(), True
             cancelled = True
 
 

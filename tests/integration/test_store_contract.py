@@ -855,7 +855,9 @@ async def test_a_dead_letter_keeps_its_time_of_death_through_an_export_and_an_im
 async def test_a_pending_hold_is_cancelled_by_a_release(store: Any) -> None:
     await store.enqueue([msg()], T0)
     [d] = deliveries(await claim(store))
+    assert await store.release([d.id], T0) == (0, 0)  # no hold pending: nothing cancelled
     assert await store.hold([d.id], T0) == (0, 1)
+    assert await store.hold([d.id], T0) == (0, 0)  # noted once, counted once
     assert await store.release([d.id], T0) == (0, 1)
     await store.record(
         "w1",

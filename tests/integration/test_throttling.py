@@ -341,6 +341,30 @@ async def test_a_relays_slow_down_to_one_recipient_slows_its_destination_not_the
         assert recipient.next_attempt_at == clock.now() + 60  # [throttle] cool_down
 
 
+async def test_a_relays_slow_down_to_one_rcpt_about_the_senders_rate_slows_the_relay(
+    tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
+) -> None:
+    """A review: a relay's policy daemon refuses the sender's rate at RCPT TO (Postfix's
+    smtpd_recipient_restrictions): charged to each recipient's domain, a newsletter to
+    thousands of domains kept hitting the relay at full speed. A slow-down about the sender
+    or the transaction (X.7.X, X.5.3, or no enhanced code) is the relay's."""
+    config = make_config(tmp_path, delivery={"relay": smtp_peer.url})
+    sender_rate = "450 4.7.1 Recipient address rejected: rate limit exceeded for sender"
+    for i in range(3):
+        smtp_peer.handler.rcpt[f"u@d{i}.example"] = sender_rate
+    async with AsyncPostlane(config, clock=clock) as app:
+        await app.send_many(
+            [Message(sender="a@example.com", to=[f"u@d{i}.example"], text="x") for i in range(3)]
+        )
+        worker = Worker.from_config(config, app.store, transport_for(config), clock=clock)
+        await worker.run_until_idle()
+        await worker.transport.close()
+        limits = {d.destination: d for d in (await app.stats()).destinations}
+    assert limits["relay"].rate is not None
+    assert (limits["relay"].reason or "").startswith("throttled: 450 4.7.1")
+    assert not any(f"d{i}.example" in limits and limits[f"d{i}.example"].rate for i in range(3))
+
+
 async def test_a_relays_slow_down_to_the_whole_transaction_slows_the_relay(
     tmp_path: Path, clock: FakeClock, smtp_peer: SMTPPeer
 ) -> None:

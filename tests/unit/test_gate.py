@@ -619,3 +619,15 @@ async def test_a_slow_down_while_paused_waits_for_the_end_of_the_pause(
     m = message("ada@example.net")
     g.throttle.observe("relay", DOWN, T0)
     assert g.observe(m, m.deliveries[0], SLOW, None, T0 + 10) == 290
+
+
+async def test_a_process_without_throttling_still_says_it_runs(app: AsyncPostlane) -> None:
+    """A review: presence was renewed only with throttling on, so an idle serve with
+    `[throttle] enabled = false` was invisible to the migration's check for live processes."""
+    g = gate(app, enabled=False)
+    await g.sync()
+    shares = await app.store.share_destinations("other", {}, app.clock.now(), app.clock.now())
+    assert shares.owners == 1  # this gate's presence (the asking process holds none)
+    await g.leave_fleet()
+    shares = await app.store.share_destinations("other", {}, app.clock.now(), app.clock.now())
+    assert shares.owners == 0

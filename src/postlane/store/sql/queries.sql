@@ -190,7 +190,8 @@ WHERE @any(id, ids, bigint) AND state IN ('queued', 'deferred');
 
 -- name: hold_after_send
 -- A delivery being sent is held once its try is recorded (unless it was delivered).
-UPDATE deliveries SET hold_after = TRUE WHERE @any(id, ids, bigint) AND state = 'sending';
+UPDATE deliveries SET hold_after = TRUE
+WHERE @any(id, ids, bigint) AND state = 'sending' AND NOT hold_after;
 
 -- name: release
 -- Release held deliveries, due now (postsuper -H), but mail scheduled for later: at its send_at.
@@ -202,7 +203,8 @@ WHERE @any(id, ids, bigint) AND state = 'held';
 
 -- name: release_after_send
 -- Cancel a pending hold of a delivery being sent.
-UPDATE deliveries SET hold_after = FALSE WHERE @any(id, ids, bigint) AND state = 'sending';
+UPDATE deliveries SET hold_after = FALSE
+WHERE @any(id, ids, bigint) AND state = 'sending' AND hold_after;
 
 -- name: insert_deleted_events
 -- The event of each recipient deleted before it was sent (by an operator, or cancelled by the
