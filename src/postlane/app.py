@@ -729,6 +729,9 @@ class AsyncPostlane:
         from postlane.addresses import parse_address
 
         check_string(address, "address")
+        for value, name in ((scope, "scope"), (reason, "reason")):
+            if value is not None:
+                check_string(value, name)
         try:
             address = parse_address(address, "address", any_length=True).address
         except ValidationError:

@@ -8,15 +8,19 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from postlane.addresses import check_text
 from postlane.errors import NotFound, ValidationError, kind_of
 from postlane.events import event_cursor
 from postlane.message import Message
 
 
 def check_string(value: object, name: str) -> None:
-    """Refuse (:class:`ValidationError`) an argument that should be text and is not."""
+    """Refuse (:class:`ValidationError`) an argument that should be text and is not, or holds
+    what no text postlane stores or looks up may (a NUL: PostgreSQL refused it as a store
+    failure, a 503 that took the node out of its load balancer: a dashboard audit)."""
     if not isinstance(value, str):
         raise ValidationError(f"{name} must be a string, not {kind_of(value)}", field=name)
+    check_text(value, name)
 
 
 def message_from_fields(fields: Mapping[str, Any]) -> Message:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import TypeVar
 
+from postlane.addresses import check_text
 from postlane.classify import ReplyClass
 from postlane.clock import Clock
 from postlane.config import parse_duration
@@ -66,9 +67,17 @@ def parse_selector(fields: Mapping[str, object], clock: Clock) -> Selector:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise ValidationError("metadata must be an object of strings", field="metadata")
+    for key, value in metadata.items():
+        check_text(key, "metadata")
+        check_text(value, "metadata")
     all_ = fields.get("all", False)
     if not isinstance(all_, bool):
         raise ValidationError("all must be true or false", field="all")
+    for name in ("ids", "domain", "sender", "recipient"):
+        # what no text postlane stores or looks up may hold: PostgreSQL refused a NUL as a
+        # store failure (503, and /readyz unavailable for 30 s: a dashboard audit)
+        for value in string_list(fields.get(name), name):
+            check_text(value, name)
     return Selector(
         ids=tuple(string_list(fields.get("ids"), "ids")),
         all=all_,

@@ -1391,3 +1391,30 @@ async def test_a_message_global_attachment_is_taken_as_rfc_6532_allows_it_base64
     r = await client.post("/v1/messages", json={**MESSAGE, "attachments": [attachment]})
     assert r.status_code == 202, r.text
     assert b"Content-Type: message/global" in await app.content(r.json()["id"])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("GET", "/v1/queue?domain=%00", None, 400),
+        ("GET", "/v1/queue?sender=a%00b@example.com", None, 400),
+        ("GET", "/v1/queue?recipient=%00", None, 400),
+        ("GET", "/v1/queue?metadata=k%3D%00", None, 400),
+        ("GET", "/v1/dlq?domain=%00", None, 400),
+        ("POST", "/v1/queue/hold", {"all": True, "domain": "\u0000"}, 400),
+        # as a suppression's other arguments are refused (an unknown reason: 422)
+        ("GET", "/v1/suppressions?address=%00", None, 422),
+        ("DELETE", "/v1/suppressions/x%00@example.com", None, 422),
+        ("DELETE", "/v1/suppressions/x@example.com?scope=%00", None, 422),
+    ],
+)
+async def test_a_nul_in_a_selector_or_address_is_refused_at_the_door(
+    client: httpx.AsyncClient, method: str, path: str, body: Any, status: int
+) -> None:
+    """A dashboard audit: a NUL in an admin selector reached PostgreSQL, which refused it as a
+    store failure: a 503, and /readyz said unavailable for 30 s (a load balancer takes the node
+    out). Refused at the door, naming the field."""
+    r = await client.request(method, path, json=body)
+    assert r.status_code == status, r.text
+    assert "NUL" in r.json()["error"]["message"]
+    assert (await client.get("/readyz")).status_code == 200
