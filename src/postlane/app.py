@@ -461,14 +461,15 @@ class AsyncPostlane:
             names |= {domain, self.destinations.for_domain(domain)}
         return names
 
-    async def lift_destinations(self, names: Iterable[str]) -> None:
+    async def lift_destinations(self, names: Iterable[str]) -> int:
         """Lift the pauses and slow-downs of ``names`` and make due what they held back (not
-        what waits for a retry of its own). A relay's (or a provider API's) pause or rate
-        sent its mail back to wait under the recipients' destinations, not under the relay's
-        name: lifting it calls back every delivery waiting for a destination."""
+        what waits for a retry of its own); returns how many recipients that made due. A
+        relay's (or a provider API's) pause or rate sent its mail back to wait under the
+        recipients' destinations, not under the relay's name: lifting it calls back every
+        delivery waiting for a destination."""
         lifted = sorted(set(names))
         shared = bool(set(lifted) & shared_destinations(self.config))
-        await self.store.lift_destinations(lifted, self.clock.now(), every_waiting=shared)
+        return await self.store.lift_destinations(lifted, self.clock.now(), every_waiting=shared)
 
     async def _apply(
         self, action: QueueAction, ids: list[int], states: Sequence[str]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from postlane.clock import FakeClock
 from postlane.ingest.door import FrontDoor
 from postlane.message import Lane, RecipientState
 from postlane.metrics import Metrics
-from postlane.records import AttemptRecord, Outcome
+from postlane.records import AttemptRecord, DestinationStatus, Outcome
 from postlane.serve import build_app
 from tests.conftest import make_config
 
@@ -348,3 +349,44 @@ async def test_requeueing_suppressed_dead_letters_offers_to_lift_their_suppressi
         assert "1+address%28es%29+taken+off+the+suppression+list" in done.headers["location"]
     assert (await open_app.get(result.id)).recipients[0].state is RecipientState.QUEUED
     assert await open_app.suppressions() == []
+
+
+async def test_deleting_from_a_messages_own_page_goes_back_to_the_queue(
+    open_app: AsyncPostlane,
+) -> None:
+    """A dashboard audit: deleting from a message's page landed on its page again, now "Cannot
+    do that: no message with id ..." under the note saying it was deleted."""
+    gone = await open_app.send(sender="a@example.com", to=["b@example.net"], text="t")
+    kept = await open_app.send(sender="a@example.com", to=["c@example.net"], text="t")
+    async for client in client_for(open_app):
+        token = csrf_of((await client.get(f"/queue/{gone.id}")).text)
+        form = {"ids": gone.id, "back": f"/queue/{gone.id}", "csrf": token, "confirm": "1"}
+        done = await client.post("/queue/action", data={**form, "action": "delete"})
+        assert done.status_code == 303
+        assert done.headers["location"] == "/queue?done=deleted+1+recipient%28s%29"
+        # a message still there is gone back to, as before
+        form = {"ids": kept.id, "back": f"/queue/{kept.id}", "csrf": token}
+        done = await client.post("/queue/action", data={**form, "action": "hold"})
+        assert done.headers["location"] == f"/queue/{kept.id}?done=held+1+recipient%28s%29"
+
+
+async def test_lifting_a_destination_says_whether_anything_was_held(
+    open_app: AsyncPostlane,
+) -> None:
+    """A dashboard audit: "Lift pause" said "lifted the pause ... on no-such-destination" for
+    any name typed, and never how many recipients it made due."""
+    await open_app.store.save_destination_states(
+        [DestinationStatus("down.example", None, None, 1e12, "3 connection failure(s)")]
+    )
+    async for client in client_for(open_app):
+        token = csrf_of((await client.get("/destinations")).text)
+        for name, said in (
+            ("no-such.example", "no-such.example was neither paused nor slowed down"),
+            ("down.example", "lifted the pause and slow-down on down.example: 0 recipient(s) due"),
+        ):
+            done = await client.post(
+                "/destinations/lift", data={"destination": name, "csrf": token}
+            )
+            assert done.status_code == 303
+            note = urllib.parse.parse_qs(urllib.parse.urlsplit(done.headers["location"]).query)
+            assert note["done"][0].startswith(said), note

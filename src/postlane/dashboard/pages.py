@@ -40,7 +40,7 @@ from postlane.dashboard.rendering import (
     templates,
 )
 from postlane.destinations import provider_names
-from postlane.errors import PostlaneError
+from postlane.errors import NotFound, PostlaneError
 from postlane.events import WebhookEndpointState
 from postlane.message import Lane, RecipientState
 from postlane.queue_actions import QueueAction
@@ -194,9 +194,18 @@ async def lift(request: Request, session: Session) -> Response:
     name = str(form.get("destination", "")).strip()
     if not name:
         raise PostlaneError("which destination?")
-    await app.lift_destinations([name])
+    held = {
+        s.destination
+        for s in await app.store.destination_states()
+        if s.paused_until is not None or s.rate is not None or s.reason
+    }
+    due = await app.lift_destinations([name])
     app.wake.set()
-    return back_to("/destinations", f"lifted the pause and slow-down on {name}")
+    if name not in held and not due:  # a name typed wrong said "lifted" all the same
+        return back_to("/destinations", f"{name} was neither paused nor slowed down")
+    return back_to(
+        "/destinations", f"lifted the pause and slow-down on {name}: {due:,} recipient(s) due now"
+    )
 
 
 # -- queue -----------------------------------------------------------------------------------------
@@ -286,7 +295,22 @@ async def act(request: Request, session: Session) -> Response:
     verb = {"flush": "flushed", "hold": "held", "release": "released"}.get(
         action.value, action.value + "d"
     )
+    if action in EXPORTABLE:
+        back = await _still_there(app, back)
     return back_to(back, f"{verb} {count:,} recipient(s)")
+
+
+async def _still_there(app: AsyncPostlane, back: str) -> str:
+    """``back``, or the queue's list when it is the page of a message the action removed
+    (deleting from a message's own page landed on "no message with id ...": an audit)."""
+    prefix, _, queue_id = back.partition("/queue/")
+    if prefix or not queue_id or "/" in queue_id or "?" in queue_id:
+        return back
+    try:
+        await app.get(queue_id, history=False)
+    except NotFound:
+        return "/queue"
+    return back
 
 
 async def _chosen(app: AsyncPostlane, form: ImmutableMultiDict[str, str]) -> _Choice | str:
