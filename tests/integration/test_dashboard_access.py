@@ -50,6 +50,13 @@ async def locked_app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[AsyncPos
         yield app
 
 
+def total_of(html: str) -> str:
+    """The count a confirmation page asked about, as its form posts it back."""
+    match = re.search(r'name="total" value="(\d+)"', html)
+    assert match, "the page asks about no count"
+    return match.group(1)
+
+
 def csrf_of(html: str) -> str:
     match = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
     assert match, "the page has no CSRF token"
@@ -337,6 +344,7 @@ async def test_requeueing_suppressed_dead_letters_offers_to_lift_their_suppressi
         assert confirm.status_code == 200
         assert "on the suppression list" in confirm.text and "gone@example.net" in confirm.text
         assert 'name="unsuppress" value="1"' in confirm.text
+        form["total"] = total_of(confirm.text)  # what the confirmation's form carries
 
         plain = await client.post("/queue/action", data={**form, "csrf": token, "confirm": "1"})
         assert plain.status_code == 400 and "nothing was requeued" in plain.text
@@ -360,7 +368,9 @@ async def test_deleting_from_a_messages_own_page_goes_back_to_the_queue(
     kept = await open_app.send(sender="a@example.com", to=["c@example.net"], text="t")
     async for client in client_for(open_app):
         token = csrf_of((await client.get(f"/queue/{gone.id}")).text)
-        form = {"ids": gone.id, "back": f"/queue/{gone.id}", "csrf": token, "confirm": "1"}
+        form = {"ids": gone.id, "back": f"/queue/{gone.id}", "csrf": token}
+        asked = await client.post("/queue/action", data={**form, "action": "delete"})
+        form |= {"confirm": "1", "total": total_of(asked.text)}
         done = await client.post("/queue/action", data={**form, "action": "delete"})
         assert done.status_code == 303
         assert done.headers["location"] == "/queue?done=deleted+1+recipient%28s%29"
@@ -390,3 +400,29 @@ async def test_lifting_a_destination_says_whether_anything_was_held(
             assert done.status_code == 303
             note = urllib.parse.parse_qs(urllib.parse.urlsplit(done.headers["location"]).query)
             assert note["done"][0].startswith(said), note
+
+
+async def test_a_delete_confirmed_for_some_recipients_deletes_no_more(
+    open_app: AsyncPostlane,
+) -> None:
+    """A dashboard audit: "Delete 30 recipient(s)?" was confirmed after 70 more had arrived
+    matching the filter, and 100 were deleted. What changed since it was counted is asked
+    about again; nothing is deleted unseen."""
+    for i in range(3):
+        await open_app.send(sender="a@example.com", to=[f"u{i}@race.example"], text="t")
+    async for client in client_for(open_app):
+        token = csrf_of((await client.get("/queue")).text)
+        form = {"action": "delete", "all": "1", "domain": "race.example", "back": "/queue"}
+        asked = await client.post("/queue/action", data={**form, "csrf": token})
+        assert "Delete 3 recipient(s)?" in asked.text
+        counted = total_of(asked.text)
+        for i in range(7):  # more mail matching the filter arrives meanwhile
+            await open_app.send(sender="a@example.com", to=[f"v{i}@race.example"], text="t")
+        confirmed = {**form, "csrf": token, "confirm": "1", "export": "0", "total": counted}
+        again = await client.post("/queue/action", data=confirmed)
+        assert again.status_code == 200 and "Delete 10 recipient(s)?" in again.text
+        assert "The selection changed since it was counted" in again.text
+        assert len(await open_app.messages()) == 10  # nothing deleted
+        confirmed["total"] = total_of(again.text)
+        done = await client.post("/queue/action", data=confirmed)
+        assert done.status_code == 303 and "deleted+10+recipient" in done.headers["location"]

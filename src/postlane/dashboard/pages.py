@@ -268,8 +268,17 @@ async def act(request: Request, session: Session) -> Response:
     choice = await _chosen(app, form)
     if isinstance(choice, str):
         return back_to(back, choice)
-    if action in CONFIRMED and form.get("confirm") != "1":
+    counts = None
+    if action in CONFIRMED and form.get("confirm") == "1":
+        # what is confirmed is what was counted: mail that joined the selection since (a
+        # filter, "every message matching") is asked about again, not removed unseen (an
+        # audit: "Delete 30?" deleted 100)
         counts = await app.summarize(action, choice.selector)
+        if str(sum(c.count for c in counts)) != str(form.get("total", "")):
+            form = _unconfirmed(form)
+    if action in CONFIRMED and form.get("confirm") != "1":
+        counts = counts if counts is not None else await app.summarize(action, choice.selector)
+        total = sum(c.count for c in counts)
         suppressed = []
         if action is QueueAction.REQUEUE:  # requeued as they are, they would never be tried
             suppressed = await app.suppressed_dead_letters(choice.selector)
@@ -279,10 +288,11 @@ async def act(request: Request, session: Session) -> Response:
             "confirm.html",
             action=action.value,
             counts=counts,
-            total=sum(c.count for c in counts),
-            hidden=[("action", action.value), ("back", back), *choice.fields],
+            total=total,
+            hidden=[("action", action.value), ("back", back), ("total", total), *choice.fields],
             back=back,
             suppressed=suppressed,
+            changed=form.get("changed") == "1",
         )
     if action in EXPORTABLE and form.get("export") == "1":
         return await _download(app, action, choice.selector)
@@ -311,6 +321,12 @@ async def _still_there(app: AsyncPostlane, back: str) -> str:
     except NotFound:
         return "/queue"
     return back
+
+
+def _unconfirmed(form: ImmutableMultiDict[str, str]) -> ImmutableMultiDict[str, str]:
+    """``form`` to be confirmed again, saying the selection changed since it was counted."""
+    items = [(k, v) for k, v in form.multi_items() if k != "confirm"]
+    return ImmutableMultiDict([*items, ("changed", "1")])
 
 
 async def _chosen(app: AsyncPostlane, form: ImmutableMultiDict[str, str]) -> _Choice | str:
