@@ -21,7 +21,7 @@ from postlane.clock import FakeClock
 from postlane.ingest.door import FrontDoor
 from postlane.message import Lane, RecipientState
 from postlane.metrics import Metrics
-from postlane.records import AttemptRecord, DestinationStatus, Outcome
+from postlane.records import AttemptRecord, DestinationStatus, Outcome, Selector
 from postlane.serve import build_app
 from tests.conftest import make_config
 
@@ -426,3 +426,50 @@ async def test_a_delete_confirmed_for_some_recipients_deletes_no_more(
         confirmed["total"] = total_of(again.text)
         done = await client.post("/queue/action", data=confirmed)
         assert done.status_code == 303 and "deleted+10+recipient" in done.headers["location"]
+
+
+async def test_a_dead_letter_group_older_than_the_newest_of_its_kind_can_be_requeued(
+    open_app: AsyncPostlane, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dashboard audit: behind 10,050 newer dead letters of the same class and domain, an
+    older group was listed with its 100 but "empty now" when requeued (only the newest 10,000
+    of the class and domain were read). Here the limit is made 4."""
+    from postlane.dashboard import groups
+
+    monkeypatch.setattr(groups, "GROUP_LIMIT", 4)
+    lanes = [(Lane.HIGH, 0), (Lane.NORMAL, 0), (Lane.LOW, 0)]
+
+    async def dead(count: int, reply: str) -> list[str]:
+        ids = []
+        for i in range(count):
+            result = await open_app.send(
+                sender="a@example.com", to=[f"u{len(reply)}{i}@refuse.example"], text="x"
+            )
+            ids.append(result.id)
+        now = clock.now()
+        claimed = await open_app.store.claim_due("w", lanes, limit=100, now=now,
+                                                 lease_until=now + 60)  # fmt: skip
+        block = AttemptRecord(now, ReplyClass.POLICY_BLOCK, 554, "5.7.1", reply, "mx", "x", 5)
+        outcomes = [
+            Outcome(d.id, RecipientState.DEAD, 1, 0, None, block)
+            for m in claimed
+            for d in m.deliveries
+        ]
+        await open_app.store.record("w", outcomes, now)
+        await clock.advance(60)
+        return ids
+
+    old = await dead(3, "554 5.7.1 blocked using zen.spamhaus.org")
+    await dead(6, "554 5.7.1 rejected by policy")  # newer, more of them than the limit
+    [older] = [g for g in await open_app.dead_groups(Selector()) if "spamhaus" in g.reply]
+    form = {"action": "requeue", "group": groups.key_of_group(older), "back": "/dlq",
+            "domain": "refuse.example", "class": "policy_block"}  # fmt: skip
+    async for client in client_for(open_app):
+        token = csrf_of((await client.get("/dlq")).text)
+        asked = await client.post("/queue/action", data={**form, "csrf": token})
+        assert asked.status_code == 200 and "Requeue 3 recipient(s)?" in asked.text, asked.text
+        confirmed = {**form, "csrf": token, "confirm": "1", "total": total_of(asked.text)}
+        done = await client.post("/queue/action", data=confirmed)
+        assert "requeued+3+recipient" in done.headers["location"]
+    for queue_id in old:
+        assert (await open_app.get(queue_id)).recipients[0].state is RecipientState.QUEUED

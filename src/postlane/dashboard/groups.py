@@ -42,7 +42,16 @@ def _key_of_letter(d: DeadLetter) -> str:
 async def group_rows(app: AsyncPostlane, key: str, filters: Mapping[str, str]) -> list[int]:
     """The dead recipients (store rows) in group ``key``: the most recent ``GROUP_LIMIT`` of
     its class and domain (given with the form) whose reply reads the same. Exactly those:
-    a message's other dead recipients, in other groups, are left alone."""
+    a message's other dead recipients, in other groups, are left alone. The class and
+    domain's dead letters are read a page at a time until the group has its fill: a group
+    older than the newest 10,000 of them was listed but said to be "empty now" (an audit)."""
     selector = selector_from_filters(app.clock, filters)
-    letters = await app.dead_letters(selector, limit=GROUP_LIMIT)
-    return sorted(d.delivery_id for d in letters if _key_of_letter(d) == key)
+    rows: list[int] = []
+    cursor = None
+    while len(rows) < GROUP_LIMIT:
+        page = await app.dead_letter_page(selector, cursor=cursor, limit=GROUP_LIMIT)
+        rows += [d.delivery_id for d in page.items if _key_of_letter(d) == key]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    return sorted(rows[:GROUP_LIMIT])
