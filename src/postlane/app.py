@@ -233,8 +233,7 @@ class AsyncPostlane:
     async def as_due(self, views: Sequence[MessageView]) -> list[MessageView]:
         """``views`` with their waiting recipients' next attempts as they will be: no sooner
         than the end of the relay's pause (:class:`RelayPause`)."""
-        pause = await self._relay_pause() if views else None
-        return list(views) if pause is None else [pause.view(v) for v in views]
+        return RelayPause.views(await self._relay_pause() if views else None, views)
 
     async def content(self, queue_id: str) -> bytes:
         return await self.store.get_content(check_id(queue_id))
@@ -257,9 +256,10 @@ class AsyncPostlane:
         self, selector: Selector | None = None, *, limit: int = 1000
     ) -> list[MessageView]:
         """Messages matching ``selector`` (default: those not yet finished), oldest first."""
-        selector = await self._as_seen(selector or Selector())
+        pause = await self._relay_pause()  # read once: for the states selected and shown
+        selector = RelayPause.selection(pause, selector or Selector())
         views = await self.store.list_messages(selector, limit=_limit(limit))
-        return await self.as_due(views)
+        return RelayPause.views(pause, views)
 
     async def stats(self) -> Stats:
         stats = await self.store.stats(self.clock.now())
@@ -322,10 +322,11 @@ class AsyncPostlane:
         page's ``next_cursor``; None: the first page). Raises :class:`ValidationError` (field
         ``cursor``) for a cursor no page of this listing gave."""
         after = 0 if cursor is None else decode_cursor(cursor, MessageKey).after_row
+        pause = await self._relay_pause()
         views, next_after = await self.store.page_messages(
-            await self._as_seen(selector or Selector()), after=after, limit=_limit(limit)
+            RelayPause.selection(pause, selector or Selector()), after=after, limit=_limit(limit)
         )
-        views = await self.as_due(views)
+        views = RelayPause.views(pause, views)
         return Page(views, None if next_after is None else encode_cursor(MessageKey(next_after)))
 
     async def dead_letter_page(
@@ -354,24 +355,14 @@ class AsyncPostlane:
         selector = await self._selection_for(action, selector)
         return await self.store.summarize(selector, action_states(action, selector))
 
-    async def _as_seen(self, selector: Selector) -> Selector:
-        """``selector`` reading states as the views show them: while the relay every delivery
-        goes through is paused, waiting mail due before the pause's end is ``deferred``
-        (:class:`RelayPause`); a ``--state deferred`` selected a seventh of what ``queue
-        list`` showed deferred (an operator audit)."""
-        pause = await self._relay_pause()
-        if pause is None:
-            return selector
-        return dataclasses.replace(selector, relay_paused_until=pause.until)
-
     async def _selection_for(self, action: QueueAction, selector: Selector) -> Selector:
         """A flush leaves mail scheduled for later alone unless ``selector.scheduled``: it is
         not late, and a 3 a.m. ``postqueue -f`` must not send tomorrow's campaign. A requeue
         that names no message (a sweep: ``--all``, a class, a domain, a dashboard group)
         leaves mail past its ``expires_at`` dead: a one-time code is not resent by a clean-up
         after an outage (naming its message overrides the time). States are read as the
-        views show them (:meth:`_as_seen`)."""
-        selector = await self._as_seen(selector)
+        views show them (:meth:`RelayPause.selection`)."""
+        selector = RelayPause.selection(await self._relay_pause(), selector)
         if action is QueueAction.FLUSH and not selector.scheduled:
             return dataclasses.replace(selector, send_at_by=self.clock.now())
         if action is QueueAction.REQUEUE and not selector.ids:

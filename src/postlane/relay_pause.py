@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from postlane.message import RecipientState
-from postlane.records import MessageView, RecipientView, Stats, paused_reason
+from postlane.records import MessageView, RecipientView, Selector, Stats, paused_reason
 
 #: the states of recipients waiting for a try
 WAITING = frozenset({RecipientState.QUEUED, RecipientState.DEFERRED})
@@ -23,6 +24,20 @@ class RelayPause:
     #: the relay's name among the destinations (``relay``, ``ses``, ...)
     name: str
     until: float
+
+    @staticmethod
+    def views(pause: RelayPause | None, views: Sequence[MessageView]) -> list[MessageView]:
+        """``views`` as they show while ``pause`` lasts (None: no pause, as they are)."""
+        return list(views) if pause is None else [pause.view(v) for v in views]
+
+    @staticmethod
+    def selection(pause: RelayPause | None, selector: Selector) -> Selector:
+        """``selector`` reading states as the views show them: waiting mail due before the
+        pause's end is ``deferred`` (a ``--state deferred`` selected a seventh of what ``queue
+        list`` showed deferred: an operator audit)."""
+        if pause is None:
+            return selector
+        return dataclasses.replace(selector, relay_paused_until=pause.until)
 
     def view(self, message: MessageView) -> MessageView:
         """``message`` with its waiting recipients due no sooner than the pause's end."""

@@ -28,7 +28,17 @@ from postlane.records import (
 )
 from postlane.store import rows
 from postlane.store.base import CANCELLED_BY_APPLICATION, DELETED_BY_OPERATOR
-from postlane.store.plans import Plan, Row, SQLRole, batch, execute, fetch, fetch_one, selection
+from postlane.store.plans import (
+    Plan,
+    Row,
+    SQLRole,
+    batch,
+    execute,
+    fetch,
+    fetch_one,
+    selection,
+    shown_state,
+)
 from postlane.triage import group_dead_letters
 
 #: states a waiting recipient can be in (what the queue's listings show by default)
@@ -255,12 +265,7 @@ class SQLOperator(SQLRole):
 
     async def summarize(self, selector: Selector, states: Sequence[str]) -> list[SelectionCount]:
         fill, params = self._selection(selector, states, states)
-        state = "d.state"
-        if selector.relay_paused_until is not None:  # as the views show it (RelayPause)
-            params["relay_paused_until"] = selector.relay_paused_until
-            due = f"d.next_attempt_at < {self.dialect.param('relay_paused_until')}"
-            state = f"CASE WHEN d.state = 'queued' AND {due} THEN 'deferred' ELSE d.state END"
-        fill = {**fill, "state": state}
+        fill = {**fill, "state": shown_state(self.dialect, selector, params)}
         found = await self.db.read(lambda: fetch("summarize", params, fill=fill))
         return [
             SelectionCount(

@@ -152,6 +152,21 @@ def _columns(declared: str) -> list[tuple[str, str]]:
     return [(name, sql_type) for name, sql_type in pairs]
 
 
+def _due_before_pause(dialect: Dialect, selector: Selector, params: dict[str, Any]) -> str:
+    """The condition of a delivery due before the relay's pause ends, its parameter set."""
+    params["relay_paused_until"] = selector.relay_paused_until
+    return f"d.next_attempt_at < {dialect.param('relay_paused_until')}"
+
+
+def shown_state(dialect: Dialect, selector: Selector, params: dict[str, Any]) -> str:
+    """A delivery's state as the views show it (:class:`~postlane.relay_pause.RelayPause`):
+    while the relay is paused, waiting mail due before the pause's end is ``deferred``."""
+    if selector.relay_paused_until is None:
+        return "d.state"
+    due = _due_before_pause(dialect, selector, params)
+    return f"CASE WHEN d.state = 'queued' AND {due} THEN 'deferred' ELSE d.state END"
+
+
 def selection(
     dialect: Dialect,
     selector: Selector,
@@ -172,12 +187,10 @@ def selection(
         states = [s for s in states if s in forced_states]
     clauses = [dialect.any_of("d.state", "states", "text")]
     params: dict[str, Any] = {"states": states}
-    pause = selector.relay_paused_until
-    if pause is not None and ("queued" in states) != ("deferred" in states):
+    if selector.relay_paused_until is not None and ("queued" in states) != ("deferred" in states):
         # while the relay is paused the views show waiting mail due before the pause's end
         # as deferred (RelayPause): a --state selects what it shows
-        due_before = f"d.next_attempt_at < {dialect.param('relay_paused_until')}"
-        params["relay_paused_until"] = pause
+        due_before = _due_before_pause(dialect, selector, params)
         if "deferred" in states and (forced_states is None or "queued" in forced_states):
             params["states"] = [*states, "queued"]
             clauses.append(f"(d.state <> 'queued' OR {due_before})")
